@@ -1,0 +1,314 @@
+"""
+ipcd itself: the lookup protocol on C{RUNDIR/ipc} and the resolver behind it.
+
+L{resolve} is pure: a config, a service name and maybe the client's route in;
+a L{LocalTarget} or L{RemoteTarget} (or L{Refused}) out.  L{Broker} connects
+targets, locally or through a transport; L{LookupProtocol} speaks to clients
+and hands the connected socket over with C{ok}.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ipcd.config import Config
+from ipcd.errors import Refused
+from ipcd.identity import Peer, local_peer
+from ipcd.names import InvalidServiceName, socket_path, validate_service_name
+from ipcd.routes import (
+    URI,
+    LocalURI,
+    PathURI,
+    RemoteURI,
+    RouteError,
+    parse_lookup,
+)
+from ipcd.sockets import connect_unix
+from ipcd.transports import ITransport
+from ipcd.transports.external import ExternalDaemon
+from ipcd.wire import MessageProtocol
+
+# Redirections and unix:// hops a lookup may take before it is called a loop.
+MAX_HOPS = 32
+
+
+@dataclass(frozen=True)
+class LocalTarget:
+    """A local UNIX socket: service C{name} at C{path}."""
+
+    name: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix://{self.path}"
+
+
+@dataclass(frozen=True)
+class RemoteTarget:
+    """A remote route: ask the daemon at C{uri} for C{service}."""
+
+    uri: RemoteURI
+    service: str
+
+    def __str__(self) -> str:
+        return str(self.uri)
+
+
+Target = LocalTarget | RemoteTarget
+
+
+def _follow_redirects(name: str, redirects: Mapping[str, str], chain: list[str]) -> str:
+    while name in redirects:
+        name = redirects[name]
+        _visit(name, chain)
+    return name
+
+
+def _visit(name: str, chain: list[str]) -> None:
+    if name in chain or len(chain) > MAX_HOPS:
+        raise Refused(f"redirect loop: {' -> '.join([*chain, name])}")
+    chain.append(name)
+
+
+def resolve(config: Config, service: str, client_route: URI | None = None) -> Target:
+    """
+    Where C{service} is: admin redirections rewrite the name (chained), then
+    the client's route (if given) or the admin's route for the name decides;
+    with no route, it is the local service of that name.  A C{unix://NAME}
+    route is a redirection and is followed in turn.
+    """
+    chain = [service]
+    name = service
+    route = client_route
+    from_client = route is not None
+    while True:
+        name = _follow_redirects(name, config.redirects, chain)
+        if route is None:
+            route = config.routes.get(name)
+            from_client = False
+        match route:
+            case None:
+                return LocalTarget(name, socket_path(config.rundir, name))
+            case LocalURI(name=next_name) if next_name == name:
+                return LocalTarget(name, socket_path(config.rundir, name))
+            case LocalURI(name=next_name):
+                _visit(next_name, chain)
+                name, route = next_name, None
+            case PathURI(path=path):
+                if from_client:
+                    raise Refused(
+                        "routes to absolute socket paths are for the admin's "
+                        f"configuration only: {route}"
+                    )
+                return LocalTarget(name, path)
+            case RemoteURI():
+                return RemoteTarget(route, route.service or name)
+
+
+class Broker:
+    """
+    Resolves and connects: for local clients through L{open}, for remote
+    peers (arriving through a transport's listener) through L{open_inbound}.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        transports: Mapping[str, ITransport] | None = None,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.transports: dict[str, ITransport] = dict(transports or {})
+
+    def open(self, payload: bytes, client: Peer) -> Deferred[socket.socket]:
+        """Serve one lookup payload for a local client."""
+        try:
+            lookup = parse_lookup(payload)
+            route = lookup.route_for(lookup.service)
+            uri = route.uri if route and self.config.allow_client_routes else None
+            target = resolve(self.config, lookup.service, uri)
+        except (RouteError, InvalidServiceName) as e:
+            return self._refuse(client, payload[:80], Refused(f"bad lookup: {e}"))
+        except Refused as e:
+            return self._refuse(client, payload[:80], e)
+        return self._connect(lookup.service, target, client)
+
+    def open_inbound(self, service: str, peer: Peer) -> Deferred[socket.socket]:
+        """Serve a remote peer asking for C{service}: no client routes, ever."""
+        try:
+            name = validate_service_name(service)
+            target = resolve(self.config, name)
+        except InvalidServiceName as e:
+            return self._refuse(peer, service, Refused(str(e)))
+        except Refused as e:
+            return self._refuse(peer, service, e)
+        return self._connect(name, target, peer)
+
+    def _refuse(self, who: Peer, what: Any, error: Refused) -> Deferred[Any]:
+        self.log.info(
+            "refused {what!r} for {who}: {reason}",
+            what=what,
+            who=who,
+            reason=error.reason,
+            outcome="refused",
+        )
+        return fail(error)
+
+    def _connect(self, service: str, target: Target, who: Peer) -> Deferred[Any]:
+        if isinstance(target, LocalTarget):
+            d = connect_unix(
+                self.reactor, target.path, target.name, self.config.connect_timeout
+            )
+        else:
+            d = maybeDeferred(
+                self.transport_for(target.uri.scheme).connect, target, who
+            )
+
+        def done(result: Any) -> Any:
+            ok = not isinstance(result, Failure)
+            self.log.info(
+                "{service} for {who} -> {target}: {outcome}",
+                service=service,
+                who=who,
+                target=str(target),
+                outcome="ok" if ok else _reason(result),
+            )
+            return result
+
+        return d.addBoth(done)
+
+    def transport_for(self, scheme: str) -> ITransport:
+        """The in-process transport for C{scheme}, else an external daemon."""
+        if scheme in self.transports:
+            return self.transports[scheme]
+        try:
+            path = socket_path(self.config.rundir, scheme)
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return ExternalDaemon(
+                    self.reactor, scheme, path, self.config.connect_timeout
+                )
+        except (OSError, InvalidServiceName):
+            pass
+        raise Refused(f"no transport for scheme {scheme!r}")
+
+
+def _reason(failure: Failure) -> str:
+    if failure.check(Refused):
+        return failure.value.reason
+    if failure.check(CancelledError):
+        return "cancelled"
+    return f"internal error: {failure.getErrorMessage()}"
+
+
+class LookupProtocol(MessageProtocol):
+    """
+    One lookup per connection: read it, answer C{ok} with the connected fd in
+    SCM_RIGHTS, or C{ne <reason>} with no fd; then close.
+    """
+
+    log = Logger()
+
+    def __init__(self, broker: Broker, clock: IReactorTime) -> None:
+        self.broker = broker
+        self.clock = clock
+        self.maxMessageSize = broker.config.max_message_size
+        self._deadline: Any = None
+        self._pending: Deferred[socket.socket] | None = None
+        self._handed: socket.socket | None = None
+        self._answered = False
+
+    def connectionMade(self) -> None:
+        try:
+            self.client = local_peer(self.transport.getHandle())
+        except (OSError, AttributeError):
+            self.client = Peer("unknown local client")
+        timeout = self.broker.config.lookup_timeout
+        self._deadline = self.clock.callLater(timeout, self._timedOut, timeout)
+
+    def _timedOut(self, timeout: float) -> None:
+        self._deadline = None
+        self.log.info(
+            "{who} sent no lookup within {timeout:g} s",
+            who=self.client,
+            timeout=timeout,
+        )
+        self._answer_no(f"no lookup received within {timeout:g} s")
+
+    def messageReceived(self, payload: bytes) -> None:
+        if self._answered or self._pending is not None:
+            return  # one lookup per connection; anything after it is ignored
+        self._cancelDeadline()
+        self._pending = self.broker.open(payload, self.client)
+        self._pending.addCallbacks(self._answer_ok, self._answer_failure)
+
+    def messageTooLarge(self, size: int) -> None:
+        self._answer_no(f"lookup of {size} bytes exceeds {self.maxMessageSize} bytes")
+
+    def _answer_ok(self, sock: socket.socket) -> None:
+        self._pending = None
+        if self._answered:
+            sock.close()
+            return
+        self._answered = True
+        # Keep our copy open until the write buffer (and the fd) is flushed:
+        # it is closed in connectionLost.
+        self._handed = sock
+        self.transport.sendFileDescriptor(sock.fileno())
+        self.transport.write(b"ok")
+        self.transport.loseConnection()
+
+    def _answer_failure(self, failure: Failure) -> None:
+        self._pending = None
+        if failure.check(CancelledError) and self._answered:
+            return
+        if not failure.check(Refused):
+            self.log.failure("lookup for {who} failed", failure, who=self.client)
+        self._answer_no(_reason(failure))
+
+    def _answer_no(self, reason: str) -> None:
+        if self._answered:
+            return
+        self._answered = True
+        self.transport.write(b"ne " + reason.encode("utf-8", "replace"))
+        self.transport.loseConnection()
+
+    def _cancelDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._cancelDeadline()
+        self._answered = True
+        if self._pending is not None:
+            self._pending.cancel()
+        if self._handed is not None:
+            self._handed.close()
+            self._handed = None
+
+
+class LookupFactory(Factory):
+    """Builds a L{LookupProtocol} per client of C{RUNDIR/ipc}."""
+
+    def __init__(self, broker: Broker, clock: IReactorTime | None = None) -> None:
+        self.broker = broker
+        self.clock = clock if clock is not None else broker.reactor
+
+    def buildProtocol(self, addr: Any) -> LookupProtocol:
+        protocol = LookupProtocol(self.broker, self.clock)
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,69 @@
+"""
+The client side, blocking: connect to a libipc service the way libipc does,
+and exchange framed messages.
+
+    sock = connect("pong")
+    send_message(sock, b"hello")
+    assert recv_message(sock) == b"hello"
+
+For Twisted programs, see L{ipcd.endpoints.IPCClientEndpoint} (or the
+C{ipc:} endpoint strings).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from ipcd.endpoints import BROKER_NAME, IPCClientEndpoint, IPCServerEndpoint
+from ipcd.handoff import HandoffError, receive_fd
+from ipcd.names import resolve_rundir, socket_path, validate_service_name
+from ipcd.routes import encode_lookup
+from ipcd.wire import recv_message, send_message
+
+__all__ = [
+    "HandoffError",
+    "IPCClientEndpoint",
+    "IPCServerEndpoint",
+    "connect",
+    "recv_message",
+    "send_message",
+]
+
+
+def connect(
+    service: str,
+    *,
+    rundir: str | None = None,
+    network: str | None = None,
+    timeout: float | None = 5.0,
+) -> socket.socket:
+    """
+    A blocking socket connected to C{service}.
+
+    libipc's rule: when C{network} (default: C{$IPC_NETWORK}) is set, ask ipcd
+    at C{RUNDIR/ipc} and use the connection it hands over; otherwise connect
+    straight to C{RUNDIR/NAME}.  Failures raise C{OSError} (a
+    L{HandoffError} says what ipcd answered).  C{timeout} bounds the connect
+    and the lookup; the returned socket is blocking with no timeout.
+    """
+    validate_service_name(service)
+    directory = resolve_rundir(rundir)
+    if network is None:
+        network = os.environ.get("IPC_NETWORK", "")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        if not network:
+            sock.connect(socket_path(directory, service))
+            sock.settimeout(None)
+            return sock
+        sock.connect(socket_path(directory, BROKER_NAME))
+        send_message(sock, encode_lookup(service, network))
+        handed = receive_fd(sock, timeout)
+    except BaseException:
+        sock.close()
+        raise
+    sock.close()
+    handed.setblocking(True)
+    return handed

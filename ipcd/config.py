@@ -1,0 +1,218 @@
+"""
+Configuration: a TOML file and command-line options become one validated,
+immutable L{Config}.
+
+Every key is optional: the defaults below make a useful local instance.  The
+command line is applied as a second TOML-shaped layer over the file, so both
+go through the same validation and errors name where the bad value came from.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ipcd.names import InvalidServiceName, resolve_rundir, validate_service_name
+from ipcd.routes import URI, RouteError, parse_uri
+from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
+
+DEFAULT_TCP_LISTEN = "tcp:9000:interface=127.0.0.1"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Config:
+    rundir: str
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    lookup_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    allow_client_routes: bool = True
+    redirects: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    routes: Mapping[str, URI] = field(default_factory=lambda: MappingProxyType({}))
+    pongd: bool = True
+    tcp_listen: str | None = DEFAULT_TCP_LISTEN
+    tcp_handshake_timeout: float = 5.0
+    source: str | None = None
+
+
+# section -> key -> (checker, Config attribute); checkers return the value to
+# keep or raise _Bad(expectation).
+class _Bad(Exception):
+    pass
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise _Bad("a number of seconds greater than 0")
+    return float(value)
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _Bad("a whole number greater than 0")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad("true or false")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Bad("a non-empty string")
+    return value
+
+
+def _endpoint(value: Any) -> str:
+    if not isinstance(value, str) or ":" not in value:
+        raise _Bad("an endpoint string like 'tcp:9000:interface=127.0.0.1'")
+    return value
+
+
+_SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
+    None: {
+        "rundir": (_string, "rundir"),
+        "max_message_size": (_positive_int, "max_message_size"),
+    },
+    "ipcd": {
+        "lookup_timeout": (_positive_number, "lookup_timeout"),
+        "connect_timeout": (_positive_number, "connect_timeout"),
+        "allow_client_routes": (_boolean, "allow_client_routes"),
+    },
+    "pongd": {"enabled": (_boolean, "pongd")},
+    "tcpd": {
+        "enabled": (_boolean, "_tcp_enabled"),
+        "listen": (_endpoint, "tcp_listen"),
+        "handshake_timeout": (_positive_number, "tcp_handshake_timeout"),
+    },
+}
+_NAME_TABLES = ("redirects", "routes")
+
+
+def _where(source: str, section: str | None, key: str) -> str:
+    return f"{source}: [{section}] {key}" if section else f"{source}: {key}"
+
+
+def _shown(value: Any) -> str:
+    return (
+        repr(value)
+        if isinstance(value, str)
+        else str(value).lower()
+        if isinstance(value, bool)
+        else str(value)
+    )
+
+
+def _validate_layer(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Check one TOML-shaped layer; return Config keyword arguments."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _NAME_TABLES:
+            out[key] = _validate_names_table(key, value, source)
+        elif key in _SCHEMA and key is not None:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: [{key}]: expected a table")
+            for sub, subvalue in value.items():
+                out.update(_check(key, sub, subvalue, source))
+        else:
+            out.update(_check(None, key, value, source))
+    return out
+
+
+def _check(section: str | None, key: str, value: Any, source: str) -> dict[str, Any]:
+    spec = _SCHEMA.get(section, {}).get(key)
+    if spec is None:
+        known = ", ".join(sorted(k for k in _SCHEMA.get(section, {})))
+        raise ConfigError(
+            f"{_where(source, section, key)}: unknown key (known: {known})"
+        )
+    checker, attribute = spec
+    try:
+        return {attribute: checker(value)}
+    except _Bad as e:
+        raise ConfigError(
+            f"{_where(source, section, key)}: expected {e}, got {_shown(value)}"
+        ) from None
+
+
+def _validate_names_table(table: str, value: Any, source: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f'{source}: [{table}]: expected a table of NAME = "..."')
+    out: dict[str, Any] = {}
+    for name, target in value.items():
+        where = _where(source, table, name)
+        try:
+            validate_service_name(name)
+        except InvalidServiceName as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if not isinstance(target, str):
+            raise ConfigError(f"{where}: expected a string, got {_shown(target)}")
+        try:
+            if table == "redirects":
+                out[name] = validate_service_name(target)
+            else:
+                out[name] = parse_uri(target)
+        except (InvalidServiceName, RouteError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return out
+
+
+def _check_redirect_loops(redirects: Mapping[str, str], source: str) -> None:
+    for start in redirects:
+        seen = [start]
+        name = start
+        while name in redirects:
+            name = redirects[name]
+            if name in seen:
+                chain = " -> ".join([*seen, name])
+                raise ConfigError(f"{source}: [redirects]: loop {chain}")
+            seen.append(name)
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Read a TOML file; syntax errors become L{ConfigError} naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+def load_config(
+    path: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """
+    Build the L{Config}: embedded defaults, then the file at C{path}, then
+    C{overrides} (the command line, in the file's shape).
+    """
+    layers = []
+    if path is not None:
+        layers.append(_validate_layer(read_toml(path), path))
+    if overrides:
+        layers.append(_validate_layer(overrides, "command line"))
+    merged: dict[str, Any] = {"redirects": {}, "routes": {}}
+    for layer in layers:
+        for key, value in layer.items():
+            if key in _NAME_TABLES:
+                merged[key].update(value)
+            else:
+                merged[key] = value
+    _check_redirect_loops(merged["redirects"], path or "command line")
+    if merged.pop("_tcp_enabled", True) is False:
+        merged["tcp_listen"] = None
+    merged["redirects"] = MappingProxyType(merged["redirects"])
+    merged["routes"] = MappingProxyType(merged["routes"])
+    merged["rundir"] = resolve_rundir(merged.get("rundir"), environ)
+    return Config(source=path, **merged)

@@ -1,0 +1,79 @@
+"""
+File descriptors across processes: receiving the C{ok} + SCM_RIGHTS reply of
+a lookup, and adopting a received fd into the reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet.interfaces import IProtocolFactory
+
+OK = b"ok"
+
+
+class HandoffError(ConnectionError):
+    """ipcd (or a daemon) did not hand over a connection; the reason is given."""
+
+
+def check_reply(data: bytes, fds: list[int]) -> int:
+    """
+    Judge a lookup reply as upstream clients do: exactly C{ok} with one fd.
+    Extra fds are closed; the one fd is returned.
+    """
+    fd = fds[0] if fds else None
+    for extra in fds[1:]:
+        os.close(extra)
+    if data == OK and fd is not None:
+        return fd
+    if fd is not None:
+        os.close(fd)
+    if data.startswith(b"ne "):
+        raise HandoffError(data[3:].decode("utf-8", "replace"))
+    if data == OK:
+        raise HandoffError("ipcd answered ok without a file descriptor")
+    if not data:
+        raise HandoffError("ipcd closed the connection without an answer")
+    raise HandoffError(f"unexpected answer from ipcd: {data[:80]!r}")
+
+
+def receive_fd(sock: socket.socket, timeout: float | None = None) -> socket.socket:
+    """
+    Read a lookup reply on a blocking socket and return the handed-over
+    connection as a socket object (close-on-exec).
+    """
+    sock.settimeout(timeout)
+    data = b""
+    fds: list[int] = []
+    # ok comes in one sendmsg and is final; ne <reason> is final at EOF.
+    while data[:2] != OK and len(data) < 4096:
+        chunk, more_fds, _flags, _addr = socket.recv_fds(sock, 4096, 4)
+        fds.extend(more_fds)
+        if not chunk:
+            break
+        data += chunk
+    fd = check_reply(data, fds)
+    return adopt_socket(fd)
+
+
+def adopt_socket(fd: int) -> socket.socket:
+    """Wrap a received fd as a socket of the right family, close-on-exec."""
+    os.set_inheritable(fd, False)
+    return socket.socket(fileno=fd)
+
+
+def adopt_into_reactor(reactor: Any, fd: int, factory: IProtocolFactory) -> Any:
+    """
+    Adopt a received connected fd into the reactor with C{factory}; returns
+    the protocol built for it.  The original C{fd} is closed (the reactor
+    works on a duplicate).
+    """
+    sock = adopt_socket(fd)
+    try:
+        sock.setblocking(False)
+        transport = reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
+    finally:
+        sock.close()
+    return None if transport is None else transport.protocol

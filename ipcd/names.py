@@ -1,0 +1,136 @@
+"""
+Service names, the socket directory (RUNDIR) and listening on
+C{RUNDIR/NAME} with upstream's permissions and better stale-socket handling.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import stat
+from collections.abc import Mapping
+from typing import Any
+
+DEFAULT_RUNDIR = "/tmp/libipc-run"
+RUNDIR_MODE = 0o770
+SOCKET_MODE = 0o660
+# Upstream creates its sockets under umask(0o117): 0660 from the first instant.
+_SOCKET_UMASK = 0o117
+
+_NAME = re.compile(rb"[A-Za-z0-9._-]{1,255}")
+
+
+class InvalidServiceName(ValueError):
+    """A service name that libipc cannot map to a socket in RUNDIR."""
+
+
+class SocketInUse(RuntimeError):
+    """Another live process already listens on the socket path."""
+
+
+def validate_service_name(name: str | bytes) -> str:
+    """
+    Return C{name} as text if it is 1-255 bytes of C{[A-Za-z0-9._-]} not
+    starting with a dot; raise L{InvalidServiceName} with the reason otherwise.
+    """
+    raw = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
+    if not raw:
+        raise InvalidServiceName("empty service name")
+    if len(raw) > 255:
+        raise InvalidServiceName(f"service name longer than 255 bytes ({len(raw)})")
+    if not _NAME.fullmatch(raw):
+        raise InvalidServiceName(
+            f"invalid service name {_show(raw)}: only letters, digits, '.', '_' "
+            "and '-' are allowed"
+        )
+    if raw.startswith(b"."):
+        raise InvalidServiceName(
+            f"invalid service name {_show(raw)}: may not start with '.'"
+        )
+    return raw.decode("ascii")
+
+
+def _show(raw: bytes) -> str:
+    text = raw[:64].decode("utf-8", "backslashreplace")
+    return repr(text + ("..." if len(raw) > 64 else ""))
+
+
+def resolve_rundir(
+    configured: str | None = None, environ: Mapping[str, str] | None = None
+) -> str:
+    """The socket directory: configured, else C{$RUNDIR}, else the default."""
+    if configured:
+        return configured
+    env = os.environ if environ is None else environ
+    return env.get("RUNDIR") or DEFAULT_RUNDIR
+
+
+def ensure_rundir(rundir: str) -> None:
+    """Create RUNDIR (mode 0770) when it is missing."""
+    if not os.path.isdir(rundir):
+        os.makedirs(rundir, mode=RUNDIR_MODE, exist_ok=True)
+        # makedirs' mode is filtered by the umask; say exactly what we mean.
+        os.chmod(rundir, RUNDIR_MODE)
+
+
+def socket_path(rundir: str, name: str) -> str:
+    """The path of service C{name}: C{RUNDIR/NAME}, no suffix."""
+    return os.path.join(rundir, validate_service_name(name))
+
+
+def clear_stale_socket(path: str) -> None:
+    """
+    Make C{path} free to bind: remove a stale socket left by a dead process,
+    refuse (L{SocketInUse}) when a live process still accepts on it, and refuse
+    to touch anything that is not a socket.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SocketInUse(f"{path} exists and is not a socket; not removing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            _unlink_quietly(path)
+            return
+        if e.errno == errno.EAGAIN:
+            # Backlog full: somebody is definitely listening.
+            raise SocketInUse(f"another process is listening on {path}")
+        raise
+    finally:
+        probe.close()
+    raise SocketInUse(f"another process is listening on {path}")
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def listen_unix(
+    reactor: Any,
+    path: str,
+    factory: Any,
+    mode: int = SOCKET_MODE,
+    backlog: int = 128,
+) -> Any:
+    """
+    Listen on C{path} with C{mode}, clearing a stale socket first.  The
+    returned port removes the socket file when it stops listening.
+    """
+    ensure_rundir(os.path.dirname(path) or ".")
+    clear_stale_socket(path)
+    old = os.umask(_SOCKET_UMASK)
+    try:
+        return reactor.listenUNIX(path, factory, backlog=backlog, mode=mode)
+    finally:
+        os.umask(old)

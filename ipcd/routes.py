@@ -1,0 +1,164 @@
+"""
+Lookup payloads, C{IPC_NETWORK} values and the URIs in them.
+
+Pure parsing: values in, immutable values or L{RouteError} out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ipcd.names import InvalidServiceName, validate_service_name
+
+
+class RouteError(ValueError):
+    """A lookup, route or URI that cannot be understood."""
+
+
+@dataclass(frozen=True)
+class LocalURI:
+    """A local service by name: C{NAME}, C{unix://NAME}, C{unix:///NAME}."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"unix://{self.name}"
+
+
+@dataclass(frozen=True)
+class PathURI:
+    """A UNIX socket by absolute path: C{unix:///abs/path.sock}."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix://{self.path}"
+
+
+@dataclass(frozen=True)
+class RemoteURI:
+    """C{SCHEME://HOST:PORT/SERVICE}; C{service} is None for an empty path."""
+
+    scheme: str
+    host: str
+    port: int | None
+    service: str | None
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+    @property
+    def hostport(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+URI = LocalURI | PathURI | RemoteURI
+
+
+@dataclass(frozen=True)
+class Route:
+    """C{SERVICE URI}: reach SERVICE through URI."""
+
+    service: str
+    uri: URI
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What a client asked ipcd: a service and the routes it brought."""
+
+    service: str
+    routes: tuple[Route, ...] = ()
+
+    def route_for(self, name: str) -> Route | None:
+        """The last route for C{name}: upstream's rule."""
+        for route in reversed(self.routes):
+            if route.service == name:
+                return route
+        return None
+
+
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+_AUTHORITY = re.compile(
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/\[\]]+))(?::(?P<port>\d+))?"
+)
+
+
+def parse_uri(text: str) -> URI:
+    """Parse one route target."""
+    text = text.strip()
+    if not text:
+        raise RouteError("empty URI")
+    if "://" not in text:
+        return LocalURI(_name(text, "route target"))
+    scheme, rest = text.split("://", 1)
+    scheme = scheme.lower()
+    if not _SCHEME.fullmatch(scheme):
+        raise RouteError(f"invalid scheme in URI {text!r}")
+    if scheme == "unix":
+        return _parse_unix(rest, text)
+    authority, slash, path = rest.partition("/")
+    match = _AUTHORITY.fullmatch(authority)
+    if not match:
+        raise RouteError(f"invalid host in URI {text!r}: expected HOST:PORT")
+    host = match.group("v6") or match.group("host")
+    port = None
+    if match.group("port") is not None:
+        port = int(match.group("port"))
+        if not 0 < port < 65536:
+            raise RouteError(f"invalid port in URI {text!r}")
+    service = _name(path, f"service in URI {text!r}") if path else None
+    return RemoteURI(scheme, host, port, service, text)
+
+
+def _parse_unix(rest: str, text: str) -> URI:
+    if rest.startswith("/"):
+        inner = rest[1:]
+        if "/" in inner:
+            return PathURI(rest)
+        rest = inner
+    return LocalURI(_name(rest, f"service in URI {text!r}"))
+
+
+def _name(text: str, what: str) -> str:
+    try:
+        return validate_service_name(text)
+    except InvalidServiceName as e:
+        raise RouteError(f"{what}: {e}") from None
+
+
+def parse_routes(parts: list[str] | tuple[str, ...]) -> tuple[Route, ...]:
+    """Parse C{NAME URI} entries; blank entries (a trailing C{;}) are noise."""
+    routes = []
+    for part in parts:
+        part = part.strip()
+        if not part:
+            continue
+        name, _, target = part.partition(" ")
+        if not target.strip():
+            raise RouteError(f"malformed route {part!r}: expected 'SERVICE URI'")
+        routes.append(Route(_name(name, f"route {part!r}"), parse_uri(target)))
+    return tuple(routes)
+
+
+def parse_network(value: str) -> tuple[Route, ...]:
+    """Parse an C{IPC_NETWORK} value: routes separated by C{;}."""
+    return parse_routes(value.split(";"))
+
+
+def parse_lookup(payload: bytes) -> Lookup:
+    """Parse a lookup payload: C{SERVICE;} followed by C{IPC_NETWORK}."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RouteError("lookup is not valid UTF-8") from None
+    head, *parts = text.split(";")
+    return Lookup(_name(head.strip(), "requested service"), parse_routes(parts))
+
+
+def encode_lookup(service: str, network: str) -> bytes:
+    """The lookup payload an upstream client sends."""
+    return f"{service};{network}".encode()

@@ -1,0 +1,36 @@
+"""
+Writing a libipc service: a protocol on L{ipcd.wire.MessageProtocol} and an
+L{IPCService} that listens on C{RUNDIR/NAME}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.interfaces import IProtocolFactory
+
+from ipcd.endpoints import IPCServerEndpoint
+
+
+class IPCService(StreamServerEndpointService):
+    """
+    A Twisted service listening as libipc service C{name} (socket
+    C{RUNDIR/NAME}, 0660, stale sockets cleared, removed on stop).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        factory: IProtocolFactory,
+        rundir: str | None = None,
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        super().__init__(IPCServerEndpoint(reactor, name, rundir), factory)
+        self.setName(name)
+        # Let a failure to listen (a live instance, bad RUNDIR) stop startup.
+        self._raiseSynchronously = True

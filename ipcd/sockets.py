@@ -1,0 +1,169 @@
+"""
+Non-blocking socket steps driven by the reactor, on sockets the reactor does
+not own.
+
+Sockets that ipcd hands to a client must stay pristine: a Twisted transport
+would read past a handshake reply and shut the socket down when it closes.
+So connects and handshakes run here on plain sockets, waiting for readiness
+with C{addReader}/C{addWriter}, and read exactly the bytes they are owed.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.internet.task import deferLater
+from zope.interface import implementer
+
+from ipcd.errors import Refused
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _Readiness:
+    """Fires a Deferred once when C{sock} becomes readable or writable."""
+
+    def __init__(self, reactor: Any, sock: socket.socket, writing: bool) -> None:
+        self._reactor = reactor
+        self._sock = sock
+        self._writing = writing
+        self.deferred: Deferred[None] = Deferred(lambda d: self._stop())
+        (reactor.addWriter if writing else reactor.addReader)(self)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted's name)
+        return "ipcd.sockets"
+
+    def _stop(self) -> None:
+        (self._reactor.removeWriter if self._writing else self._reactor.removeReader)(
+            self
+        )
+
+    def _ready(self) -> None:
+        self._stop()
+        if not self.deferred.called:
+            self.deferred.callback(None)
+
+    doRead = doWrite = _ready  # noqa: N815 (Twisted's names)
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        if not self.deferred.called:
+            self.deferred.errback(reason)
+
+
+def wait_readable(reactor: Any, sock: socket.socket) -> Deferred[None]:
+    return _Readiness(reactor, sock, writing=False).deferred
+
+
+def wait_writable(reactor: Any, sock: socket.socket) -> Deferred[None]:
+    return _Readiness(reactor, sock, writing=True).deferred
+
+
+def with_deadline(
+    d: Deferred[Any], seconds: float, clock: Any, what: str
+) -> Deferred[Any]:
+    """Cancel C{d} after C{seconds}; the failure then says C{what} timed out."""
+
+    def on_timeout(result: Any, timeout: float) -> Any:
+        raise Refused(f"{what} timed out after {timeout:g} s")
+
+    return d.addTimeout(seconds, clock, onTimeoutCancel=on_timeout)
+
+
+def new_socket(family: int) -> socket.socket:
+    return socket.socket(
+        family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+    )
+
+
+async def open_unix(reactor: Any, path: str, service: str) -> socket.socket:
+    sock = new_socket(socket.AF_UNIX)
+    try:
+        delay = 0.001
+        while True:
+            try:
+                sock.connect(path)
+                return sock
+            except FileNotFoundError:
+                raise Refused(f"no route to service {service!r}: {path} does not exist")
+            except ConnectionRefusedError:
+                raise Refused(
+                    f"service {service!r} is not running (stale socket {path})"
+                )
+            except BlockingIOError:
+                # The listener's backlog is full; AF_UNIX gives no completion
+                # event, so try again shortly (the caller's deadline bounds it).
+                await deferLater(reactor, delay, lambda: None)
+                delay = min(delay * 2, 0.05)
+            except OSError as e:
+                raise Refused(f"cannot connect to service {service!r}: {e.strerror}")
+    except BaseException:
+        sock.close()
+        raise
+
+
+def connect_unix(
+    reactor: Any, path: str, service: str, timeout: float
+) -> Deferred[socket.socket]:
+    """Connect to the UNIX socket C{path} (service C{service}, for messages)."""
+    return with_deadline(
+        ensureDeferred(open_unix(reactor, path, service)),
+        timeout,
+        reactor,
+        f"connecting to service {service!r}",
+    )
+
+
+async def read_exactly(reactor: Any, sock: socket.socket, count: int) -> bytes:
+    """Read exactly C{count} bytes, not one more, from a non-blocking socket."""
+    data = b""
+    while len(data) < count:
+        try:
+            chunk = sock.recv(count - len(data))
+        except BlockingIOError:
+            await wait_readable(reactor, sock)
+            continue
+        except OSError as e:
+            raise ConnectionLost(e.strerror)
+        if not chunk:
+            raise ConnectionLost(f"closed after {len(data)} of {count} bytes")
+        data += chunk
+    return data
+
+
+async def write_all(reactor: Any, sock: socket.socket, data: bytes) -> None:
+    """Write all of C{data} to a non-blocking socket."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            await wait_writable(reactor, sock)
+            continue
+        except OSError as e:
+            raise ConnectionLost(e.strerror)
+        view = view[sent:]
+
+
+async def connect_tcp(
+    reactor: Any, address: tuple[Any, ...], family: int
+) -> socket.socket:
+    """Connect a non-blocking TCP socket to a resolved C{address}."""
+    sock = new_socket(family)
+    try:
+        err = sock.connect_ex(address)
+        if err == errno.EINPROGRESS:
+            await wait_writable(reactor, sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, errno.errorcode.get(err, str(err)))
+        return sock
+    except BaseException:
+        sock.close()
+        raise

@@ -1,0 +1,134 @@
+"""
+C{twistd ipcd}: command-line options and the service tree they build.
+
+The plugin in C{twisted/plugins/ipcd_plugin.py} names this module by string,
+so C{twistd --help} imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from ipcd.broker import Broker, LookupFactory
+from ipcd.config import Config, ConfigError, load_config
+from ipcd.endpoints import BROKER_NAME
+from ipcd.names import SocketInUse, clear_stale_socket, socket_path
+from ipcd.services import IPCService
+from ipcd.services.pongd import pongd
+
+
+def _pair(option: str, value: str) -> tuple[str, str]:
+    words = value.split()
+    if len(words) != 2:
+        raise usage.UsageError(f'--{option} takes "FROM TO" (two words), got {value!r}')
+    return words[0], words[1]
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "ipcd: finds libipc services, local or remote, applies the admin's "
+        "redirections and routes, and hands the connected socket to the client."
+    )
+    optParameters = [
+        ["config", "c", None, "The TOML configuration file."],
+        [
+            "rundir",
+            None,
+            None,
+            "The socket directory (else config, else $RUNDIR, else /tmp/libipc-run).",
+        ],
+        [
+            "tcp",
+            None,
+            None,
+            "tcpd's listener, an endpoint string "
+            "(default tcp:9000:interface=127.0.0.1).",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["redirects"] = []
+        self["routes"] = []
+        self["pongd"] = None
+        self["no-tcp"] = False
+
+    def opt_redirect(self, value: str) -> None:
+        """Admin redirection "FROM TO" (repeatable)."""
+        self["redirects"].append(_pair("redirect", value))
+
+    def opt_route(self, value: str) -> None:
+        """Admin route "SERVICE URI" (repeatable)."""
+        self["routes"].append(_pair("route", value))
+
+    def opt_pongd(self) -> None:
+        """Run pongd, the echo service (the default)."""
+        self["pongd"] = True
+
+    def opt_no_pongd(self) -> None:
+        """Do not run pongd."""
+        self["pongd"] = False
+
+    def opt_no_tcp(self) -> None:
+        """Do not run tcpd."""
+        self["no-tcp"] = True
+
+    def overrides(self) -> dict[str, Any]:
+        """The command line, in the configuration file's shape."""
+        layer: dict[str, Any] = {}
+        if self["rundir"]:
+            layer["rundir"] = self["rundir"]
+        if self["redirects"]:
+            layer["redirects"] = dict(self["redirects"])
+        if self["routes"]:
+            layer["routes"] = dict(self["routes"])
+        if self["pongd"] is not None:
+            layer["pongd"] = {"enabled": self["pongd"]}
+        if self["tcp"]:
+            layer["tcpd"] = {"enabled": True, "listen": self["tcp"]}
+        if self["no-tcp"]:
+            layer["tcpd"] = {"enabled": False}
+        return layer
+
+    def postOptions(self) -> None:
+        try:
+            self.config = load_config(self["config"], self.overrides())
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
+
+class IPCDService(MultiService):
+    """ipcd and its enabled components, sharing one L{Broker}."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.setName("ipcd")
+        self.config = config
+        self.broker = Broker(config, reactor)
+        IPCService(
+            BROKER_NAME, LookupFactory(self.broker), config.rundir, reactor
+        ).setServiceParent(self)
+        if config.pongd:
+            pongd(config.rundir, reactor=reactor).setServiceParent(self)
+
+    def socket_paths(self) -> list[str]:
+        return [socket_path(self.config.rundir, s.name) for s in self]
+
+
+def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: N802
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    service = IPCDService(options.config, reactor)
+    # Say clearly, before anything starts, that another instance is running.
+    try:
+        for path in service.socket_paths():
+            clear_stale_socket(path)
+    except SocketInUse as e:
+        raise SystemExit(f"ipcd: {e}")
+    return service

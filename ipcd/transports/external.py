@@ -1,0 +1,56 @@
+"""
+An external protocol daemon listening on C{RUNDIR/SCHEME}, driven by the
+upstream control protocol: send the whole URI as one framed message, wait for
+a framed C{ok}, then the same UNIX connection carries the service.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ConnectionLost
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ipcd import wire
+from ipcd.errors import Refused
+from ipcd.sockets import open_unix, read_exactly, with_deadline, write_all
+from ipcd.transports import ITransport
+
+_OK = wire.encode(b"ok")
+
+
+@implementer(ITransport)
+class ExternalDaemon:
+    log = Logger()
+
+    def __init__(self, reactor: Any, scheme: str, path: str, timeout: float) -> None:
+        self.scheme = scheme
+        self._reactor = reactor
+        self._path = path
+        self._timeout = timeout
+
+    def connect(self, target: Any, client: Any) -> Deferred[socket.socket]:
+        return with_deadline(
+            ensureDeferred(self._connect(str(target.uri))),
+            self._timeout,
+            self._reactor,
+            f"{self.scheme} daemon at {self._path}",
+        )
+
+    async def _connect(self, uri: str) -> socket.socket:
+        sock = await open_unix(self._reactor, self._path, self.scheme)
+        try:
+            await write_all(self._reactor, sock, wire.encode(uri.encode()))
+            try:
+                reply = await read_exactly(self._reactor, sock, len(_OK))
+            except ConnectionLost:
+                raise Refused(f"{self.scheme} daemon refused {uri}")
+            if reply != _OK:
+                raise Refused(f"{self.scheme} daemon answered {reply!r} for {uri}")
+            return sock
+        except BaseException:
+            sock.close()
+            raise
