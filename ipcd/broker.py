@@ -26,6 +26,7 @@ from ipcd.config import Config
 from ipcd.errors import Refused
 from ipcd.identity import Peer, local_peer
 from ipcd.names import InvalidServiceName, socket_path, validate_service_name
+from ipcd.policy import decide
 from ipcd.routes import (
     URI,
     LocalURI,
@@ -145,18 +146,67 @@ class Broker:
             return self._refuse(client, payload[:80], Refused(f"bad lookup: {e}"))
         except Refused as e:
             return self._refuse(client, payload[:80], e)
+        if isinstance(target, LocalTarget):
+            verdict = self._police("local", [lookup.service], client)
+        else:
+            verdict = self._police_out(lookup.service, target, client)
+        if verdict is not None:
+            return self._refuse(client, lookup.service, verdict)
         return self._connect(lookup.service, target, client)
+
+    def open_uri(self, uri: RemoteURI, client: Peer) -> Deferred[socket.socket]:
+        """
+        Connect a remote URI for a local client that named it itself (the
+        upstream control protocol on a daemon's C{RUNDIR/SCHEME} socket).
+        """
+        if uri.service is None:
+            return self._refuse(client, str(uri), Refused(f"no service in {uri}"))
+        target = RemoteTarget(uri, uri.service)
+        verdict = self._police_out(uri.service, target, client)
+        if verdict is not None:
+            return self._refuse(client, str(uri), verdict)
+        return self._connect(uri.service, target, client)
+
+    def _police_out(
+        self, service: str, target: RemoteTarget, client: Peer
+    ) -> Refused | None:
+        destination = [f"host:{target.uri.host}"]
+        if target.uri.port is not None:
+            destination.append(f"port:{target.uri.port}")
+        names = list(dict.fromkeys([service, target.service]))
+        return self._police("out", names, client, destination)
 
     def open_inbound(self, service: str, peer: Peer) -> Deferred[socket.socket]:
         """Serve a remote peer asking for C{service}: no client routes, ever."""
         try:
             name = validate_service_name(service)
-            target = resolve(self.config, name)
         except InvalidServiceName as e:
             return self._refuse(peer, service, Refused(str(e)))
+        verdict = self._police("in", [name], peer)
+        if verdict is not None:
+            return self._refuse(peer, name, verdict)
+        try:
+            target = resolve(self.config, name)
         except Refused as e:
-            return self._refuse(peer, service, e)
+            return self._refuse(peer, name, e)
         return self._connect(name, target, peer)
+
+    def _police(
+        self, direction: str, names: list[str], who: Peer, extra: list[str] = ()
+    ) -> Refused | None:
+        """Apply the rules once for this connection; a refusal if denied."""
+        decision = decide(self.config.rules, direction, names, [*who.labels, *extra])
+        self.log.info(
+            "policy {direction} {names} for {who}: {decision}",
+            direction=direction,
+            names=names,
+            who=who,
+            decision=str(decision),
+            allowed=decision.allowed,
+        )
+        if decision.allowed:
+            return None
+        return Refused(f"{direction} connection to {names[0]!r} {decision}")
 
     def _refuse(self, who: Peer, what: Any, error: Refused) -> Deferred[Any]:
         self.log.info(

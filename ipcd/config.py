@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ipcd.names import InvalidServiceName, resolve_rundir, validate_service_name
+from ipcd.policy import Rule, RuleError, parse_rule
 from ipcd.routes import URI, RouteError, parse_uri
 from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -38,6 +39,7 @@ class Config:
     pongd: bool = True
     tcp_listen: str | None = DEFAULT_TCP_LISTEN
     tcp_handshake_timeout: float = 5.0
+    rules: tuple[Rule, ...] = ()
     source: str | None = None
 
 
@@ -117,6 +119,8 @@ def _validate_layer(data: Mapping[str, Any], source: str) -> dict[str, Any]:
     for key, value in data.items():
         if key in _NAME_TABLES:
             out[key] = _validate_names_table(key, value, source)
+        elif key == "rules":
+            out[key] = _validate_rules(value, source)
         elif key in _SCHEMA and key is not None:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: [{key}]: expected a table")
@@ -165,6 +169,23 @@ def _validate_names_table(table: str, value: Any, source: str) -> dict[str, Any]
     return out
 
 
+def _validate_rules(value: Any, source: str) -> tuple[Rule, ...]:
+    expected = "a list of strings like 'allow in pong *'"
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: rules: expected {expected}, got {_shown(value)}")
+    rules = []
+    for index, text in enumerate(value):
+        if not isinstance(text, str):
+            raise ConfigError(
+                f"{source}: rules[{index}]: expected {expected}, got {_shown(text)}"
+            )
+        try:
+            rules.append(parse_rule(text))
+        except RuleError as e:
+            raise ConfigError(f"{source}: rules[{index}]: {e}") from None
+    return tuple(rules)
+
+
 def _check_redirect_loops(redirects: Mapping[str, str], source: str) -> None:
     for start in redirects:
         seen = [start]
@@ -202,11 +223,14 @@ def load_config(
         layers.append(_validate_layer(read_toml(path), path))
     if overrides:
         layers.append(_validate_layer(overrides, "command line"))
-    merged: dict[str, Any] = {"redirects": {}, "routes": {}}
+    merged: dict[str, Any] = {"redirects": {}, "routes": {}, "rules": ()}
     for layer in layers:
         for key, value in layer.items():
             if key in _NAME_TABLES:
                 merged[key].update(value)
+            elif key == "rules":
+                # Command-line rules come after the file's: appended in order.
+                merged[key] += value
             else:
                 merged[key] = value
     _check_redirect_loops(merged["redirects"], path or "command line")

@@ -18,6 +18,7 @@ from ipcd.endpoints import BROKER_NAME
 from ipcd.names import SocketInUse, clear_stale_socket, socket_path
 from ipcd.services import IPCService
 from ipcd.services.pongd import pongd
+from ipcd.transports.tcp import SCHEME, TcpService
 
 
 def _pair(option: str, value: str) -> tuple[str, str]:
@@ -53,6 +54,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["redirects"] = []
+        self["rules"] = []
         self["routes"] = []
         self["pongd"] = None
         self["no-tcp"] = False
@@ -64,6 +66,14 @@ class Options(usage.Options):
     def opt_route(self, value: str) -> None:
         """Admin route "SERVICE URI" (repeatable)."""
         self["routes"].append(_pair("route", value))
+
+    def opt_allow(self, value: str) -> None:
+        """Firewall rule "DIRECTION SERVICE [PEER]" (repeatable, in order)."""
+        self["rules"].append(f"allow {value}")
+
+    def opt_deny(self, value: str) -> None:
+        """Firewall rule "DIRECTION SERVICE [PEER]" (repeatable, in order)."""
+        self["rules"].append(f"deny {value}")
 
     def opt_pongd(self) -> None:
         """Run pongd, the echo service (the default)."""
@@ -86,6 +96,8 @@ class Options(usage.Options):
             layer["redirects"] = dict(self["redirects"])
         if self["routes"]:
             layer["routes"] = dict(self["routes"])
+        if self["rules"]:
+            layer["rules"] = list(self["rules"])
         if self["pongd"] is not None:
             layer["pongd"] = {"enabled": self["pongd"]}
         if self["tcp"]:
@@ -114,9 +126,17 @@ class IPCDService(MultiService):
         ).setServiceParent(self)
         if config.pongd:
             pongd(config.rundir, reactor=reactor).setServiceParent(self)
+        if config.tcp_listen is not None:
+            TcpService(self.broker, config.tcp_listen).setServiceParent(self)
 
     def socket_paths(self) -> list[str]:
-        return [socket_path(self.config.rundir, s.name) for s in self]
+        """The C{RUNDIR} sockets of this instance and its components."""
+        names = [BROKER_NAME]
+        if self.config.pongd:
+            names.append("pong")
+        if self.config.tcp_listen is not None:
+            names.append(SCHEME)
+        return [socket_path(self.config.rundir, name) for name in names]
 
 
 def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: N802

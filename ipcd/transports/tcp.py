@@ -1,0 +1,337 @@
+"""
+tcpd: libipc services over TCP.
+
+Outbound (C{tcp://HOST:PORT/SERVICE} routes): connect, send the raw service
+name, wait for the raw C{ok}, and give the broker the TCP socket itself, so
+after the handoff no process on the client's host relays a byte.
+
+Inbound: a TCP listener reads the service request (upstream's raw name, or a
+framed one), asks the broker's inbound resolver, answers C{ok} in the same
+form, and relays.  For upstream's ipcd, C{RUNDIR/tcp} speaks the upstream
+control protocol (framed URI, framed C{ok}, then relay).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ipcd import wire
+from ipcd.errors import Refused
+from ipcd.identity import Peer, local_peer, remote_peer
+from ipcd.relay import RelayProtocol, RelayStats, adopt_relay_side, join
+from ipcd.routes import RemoteURI, RouteError, parse_uri
+from ipcd.services import IPCService
+from ipcd.sockets import connect_tcp, read_exactly, with_deadline, write_all
+from ipcd.transports import ITransport
+
+SCHEME = "tcp"
+DEFAULT_PORT = 9000
+OK = b"ok"
+# The longest handshake we wait for: a framed name (255) or a control URI.
+MAX_HANDSHAKE = 4096
+
+
+async def _addresses(reactor: Any, host: str, port: int) -> list[tuple[int, Any]]:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        return [(family, (host, port))]
+    infos = await deferToThreadPool(
+        reactor,
+        reactor.getThreadPool(),
+        socket.getaddrinfo,
+        host,
+        port,
+        0,
+        socket.SOCK_STREAM,
+    )
+    return [(family, addr) for family, _t, _p, _c, addr in infos]
+
+
+async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socket:
+    """
+    Open a TCP connection to the tcpd at C{host:port} and ask it for
+    C{service} the upstream way; return the socket, positioned right after
+    the C{ok}.
+    """
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        addresses = await _addresses(reactor, host, port)
+    except OSError as e:
+        raise Refused(f"cannot resolve {host!r}: {e.strerror or e}")
+    sock = None
+    error: OSError | None = None
+    for family, address in addresses:
+        try:
+            sock = await connect_tcp(reactor, address, family)
+            break
+        except OSError as e:
+            error = e
+    if sock is None:
+        reason = error.strerror if error is not None else "no address"
+        raise Refused(f"cannot connect to tcpd at {where}: {reason}")
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await write_all(reactor, sock, service.encode("ascii"))
+        try:
+            reply = await read_exactly(reactor, sock, len(OK))
+        except ConnectionLost:
+            raise Refused(f"tcpd at {where} closed the connection for {service!r}")
+        if reply != OK:
+            detail = await _rest_of_refusal(reactor, sock, reply)
+            raise Refused(f"tcpd at {where} refused {service!r}: {detail}")
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _rest_of_refusal(reactor: Any, sock: socket.socket, head: bytes) -> str:
+    """Read the rest of an C{ne <reason>} answer, up to EOF or a bound."""
+    data = head
+    try:
+        while len(data) < MAX_HANDSHAKE:
+            data += await read_exactly(reactor, sock, 1)
+    except ConnectionLost:
+        pass
+    if data.startswith(b"ne "):
+        data = data[3:]
+    return data.decode("utf-8", "replace")
+
+
+@implementer(ITransport)
+class TcpTransport:
+    """The broker's C{tcp://} transport: direct handoff of the TCP socket."""
+
+    scheme = SCHEME
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+
+    def connect(self, target: Any, client: Any) -> Deferred[socket.socket]:
+        uri: RemoteURI = target.uri
+        return with_deadline(
+            ensureDeferred(
+                dial(self._reactor, uri.host, uri.port or DEFAULT_PORT, target.service)
+            ),
+            self._timeout,
+            self._reactor,
+            f"connecting to {uri}",
+        )
+
+
+class _Handshaking(RelayProtocol):
+    """
+    A relay side that first reads a request, asks for the other side, and
+    joins it; common to the TCP listener and the control socket.
+    """
+
+    log = Logger()
+    framed = True
+    who: Peer
+
+    def __init__(self, factory: _HandshakeFactory) -> None:
+        self.factory = factory
+        self._handshake: bytes | None = b""
+        self._deadline: Any = None
+        self._pending: Deferred[socket.socket] | None = None
+
+    def connectionMade(self) -> None:
+        self.who = self.identify()
+        timeout = self.factory.handshake_timeout
+        self._deadline = self.factory.reactor.callLater(timeout, self._timedOut)
+
+    def identify(self) -> Peer:
+        raise NotImplementedError
+
+    def parse(self, data: bytes) -> tuple[bytes, bytes] | None:
+        """C{(request, rest)} once the request is complete, else None."""
+        raise NotImplementedError
+
+    def request(self, text: str) -> Deferred[socket.socket]:
+        raise NotImplementedError
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._handshake is None:
+            self.relayData(data)
+            return
+        self._handshake += data
+        try:
+            parsed = self.parse(self._handshake)
+        except Refused as e:
+            self._refuse(e.reason)
+            return
+        if parsed is None:
+            if len(self._handshake) > MAX_HANDSHAKE:
+                self._refuse("handshake too long")
+            return
+        request, rest = parsed
+        self._handshake = None
+        self._cancelDeadline()
+        if rest:
+            self.relayData(rest)
+        try:
+            text = request.decode("ascii")
+        except UnicodeDecodeError:
+            self._refuse("request is not ASCII")
+            return
+        self._pending = maybeDeferred(self.request, text)
+        self._pending.addCallbacks(self._joined, self._failed)
+
+    def _joined(self, sock: socket.socket) -> None:
+        self._pending = None
+        if self._gone:
+            sock.close()
+            return
+        other = adopt_relay_side(self.factory.reactor, sock)
+        self.transport.write(wire.encode(OK) if self.framed else OK)
+        join(self, other, RelayStats(f"{self.who} <-> {other.transport.getPeer()}"))
+
+    def _failed(self, failure: Failure) -> None:
+        self._pending = None
+        if self._gone:
+            return
+        if failure.check(Refused):
+            self._refuse(failure.value.reason)
+        else:
+            self.log.failure("request from {who} failed", failure, who=self.who)
+            self._refuse("internal error")
+
+    def _refuse(self, reason: str) -> None:
+        self._handshake = None
+        self._cancelDeadline()
+        answer = b"ne " + reason.encode("utf-8", "replace")
+        self.transport.write(wire.encode(answer) if self.framed else answer)
+        self.transport.loseConnection()
+
+    def _timedOut(self) -> None:
+        self._deadline = None
+        self.log.info("dropping {who}: no request in time", who=self.who)
+        self._refuse("handshake timed out")
+
+    def _cancelDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def readConnectionLost(self) -> None:
+        if self._handshake is not None or self._pending is not None:
+            self.transport.loseConnection()  # EOF before we could answer
+            return
+        super().readConnectionLost()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._cancelDeadline()
+        super().connectionLost(reason)
+        if self._pending is not None:
+            self._pending.cancel()
+
+
+def _framed(buffer: bytes, limit: int) -> tuple[bytes, bytes] | None:
+    if len(buffer) < wire.HEADER.size:
+        return None
+    (size,) = wire.HEADER.unpack_from(buffer)
+    if size > limit:
+        raise Refused(f"request of {size} bytes is too long")
+    end = wire.HEADER.size + size
+    if len(buffer) < end:
+        return None
+    return buffer[wire.HEADER.size : end], buffer[end:]
+
+
+class TcpInbound(_Handshaking):
+    """A remote peer on tcpd's listener asking for a local service."""
+
+    def identify(self) -> Peer:
+        self.transport.setTcpNoDelay(True)
+        address = self.transport.getPeer()
+        return remote_peer(address.host, address.port)
+
+    def parse(self, data: bytes) -> tuple[bytes, bytes] | None:
+        # A NUL first byte can only be a frame header (names have no NUL);
+        # otherwise upstream's form: the first read is the raw name.
+        self.framed = data[:1] == b"\0"
+        if self.framed:
+            return _framed(data, 255)
+        return data, b""
+
+    def request(self, text: str) -> Deferred[socket.socket]:
+        return self.factory.broker.open_inbound(text, self.who)
+
+
+class TcpControl(_Handshaking):
+    """Upstream's ipcd on C{RUNDIR/tcp}: a framed URI, then relay."""
+
+    def identify(self) -> Peer:
+        try:
+            return local_peer(self.transport.getHandle())
+        except OSError:
+            return Peer("unknown local client")
+
+    def parse(self, data: bytes) -> tuple[bytes, bytes] | None:
+        return _framed(data, MAX_HANDSHAKE)
+
+    def request(self, text: str) -> Deferred[socket.socket]:
+        try:
+            uri = parse_uri(text)
+        except RouteError as e:
+            raise Refused(str(e)) from None
+        if not isinstance(uri, RemoteURI) or uri.scheme != SCHEME:
+            raise Refused(f"tcpd serves tcp:// URIs only, not {text!r}")
+        return self.factory.broker.open_uri(uri, self.who)
+
+
+class _HandshakeFactory(Factory):
+    noisy = False
+
+    def __init__(
+        self, protocol: type[_Handshaking], broker: Any, timeout: float
+    ) -> None:
+        self.protocol = protocol
+        self.broker = broker
+        self.reactor = broker.reactor
+        self.handshake_timeout = timeout
+
+    def buildProtocol(self, addr: Any) -> _Handshaking:
+        return self.protocol(self)
+
+
+class TcpService(MultiService):
+    """tcpd: the TCP listener and the C{RUNDIR/tcp} control socket."""
+
+    def __init__(self, broker: Any, listen: str) -> None:
+        super().__init__()
+        self.setName("tcpd")
+        config = broker.config
+        reactor = broker.reactor
+        broker.transports[SCHEME] = TcpTransport(reactor, config.connect_timeout)
+        timeout = config.tcp_handshake_timeout
+        listener = StreamServerEndpointService(
+            serverFromString(reactor, listen),
+            _HandshakeFactory(TcpInbound, broker, timeout),
+        )
+        listener._raiseSynchronously = True
+        listener.setServiceParent(self)
+        IPCService(
+            SCHEME,
+            _HandshakeFactory(TcpControl, broker, timeout),
+            config.rundir,
+            reactor,
+        ).setServiceParent(self)
