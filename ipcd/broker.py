@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ from ipcd.routes import (
     RouteError,
     parse_lookup,
 )
-from ipcd.sockets import connect_unix
+from ipcd.sockets import connect_unix, with_deadline
 from ipcd.transports import ITransport
 from ipcd.transports.external import ExternalDaemon
 from ipcd.wire import MessageProtocol
@@ -134,9 +135,13 @@ class Broker:
         self.config = config
         self.reactor = reactor
         self.transports: dict[str, ITransport] = dict(transports or {})
+        # Live relayed connections (ipcd.relay.RelayStats), for status.
+        self.relays: set[Any] = set()
+        self.counters: Counter[str] = Counter()
 
     def open(self, payload: bytes, client: Peer) -> Deferred[socket.socket]:
         """Serve one lookup payload for a local client."""
+        self.counters["lookups"] += 1
         try:
             lookup = parse_lookup(payload)
             route = lookup.route_for(lookup.service)
@@ -159,6 +164,7 @@ class Broker:
         Connect a remote URI for a local client that named it itself (the
         upstream control protocol on a daemon's C{RUNDIR/SCHEME} socket).
         """
+        self.counters["control requests"] += 1
         if uri.service is None:
             return self._refuse(client, str(uri), Refused(f"no service in {uri}"))
         target = RemoteTarget(uri, uri.service)
@@ -178,6 +184,7 @@ class Broker:
 
     def open_inbound(self, service: str, peer: Peer) -> Deferred[socket.socket]:
         """Serve a remote peer asking for C{service}: no client routes, ever."""
+        self.counters["inbound requests"] += 1
         try:
             name = validate_service_name(service)
         except InvalidServiceName as e:
@@ -195,24 +202,29 @@ class Broker:
         self, direction: str, names: list[str], who: Peer, extra: list[str] = ()
     ) -> Refused | None:
         """Apply the rules once for this connection; a refusal if denied."""
-        decision = decide(self.config.rules, direction, names, [*who.labels, *extra])
+        labels = [*who.labels, *extra]
+        decision = decide(self.config.rules, direction, names, labels)
         self.log.info(
             "policy {direction} {names} for {who}: {decision}",
             direction=direction,
             names=names,
-            who=who,
+            who=str(who),
+            labels=sorted(labels),
             decision=str(decision),
+            rule=None if decision.rule is None else str(decision.rule),
             allowed=decision.allowed,
         )
         if decision.allowed:
             return None
+        self.counters[str(decision)] += 1
         return Refused(f"{direction} connection to {names[0]!r} {decision}")
 
     def _refuse(self, who: Peer, what: Any, error: Refused) -> Deferred[Any]:
+        self.counters["refused"] += 1
         self.log.info(
             "refused {what!r} for {who}: {reason}",
-            what=what,
-            who=who,
+            what=what if isinstance(what, str) else what.decode("utf-8", "replace"),
+            who=str(who),
             reason=error.reason,
             outcome="refused",
         )
@@ -224,16 +236,29 @@ class Broker:
                 self.reactor, target.path, target.name, self.config.connect_timeout
             )
         else:
-            d = maybeDeferred(
-                self.transport_for(target.uri.scheme).connect, target, who
+            # The deadline is the broker's, so transports need not keep one
+            # and a reload's new timeout applies to the next connection.
+            d = with_deadline(
+                maybeDeferred(
+                    self.transport_for(target.uri.scheme).connect, target, who
+                ),
+                self.config.connect_timeout,
+                self.reactor,
+                f"connecting to {target}",
             )
 
         def done(result: Any) -> Any:
             ok = not isinstance(result, Failure)
+            if ok:
+                self.counters["connected"] += 1
+            elif result.check(Refused, CancelledError):
+                self.counters["connect failures"] += 1
+            else:
+                self.counters["errors"] += 1
             self.log.info(
                 "{service} for {who} -> {target}: {outcome}",
                 service=service,
-                who=who,
+                who=str(who),
                 target=str(target),
                 outcome="ok" if ok else _reason(result),
             )
@@ -248,9 +273,7 @@ class Broker:
         try:
             path = socket_path(self.config.rundir, scheme)
             if stat.S_ISSOCK(os.stat(path).st_mode):
-                return ExternalDaemon(
-                    self.reactor, scheme, path, self.config.connect_timeout
-                )
+                return ExternalDaemon(self.reactor, scheme, path)
         except (OSError, InvalidServiceName):
             pass
         raise Refused(f"no transport for scheme {scheme!r}")
@@ -293,7 +316,7 @@ class LookupProtocol(MessageProtocol):
         self._deadline = None
         self.log.info(
             "{who} sent no lookup within {timeout:g} s",
-            who=self.client,
+            who=str(self.client),
             timeout=timeout,
         )
         self._answer_no(f"no lookup received within {timeout:g} s")
@@ -326,7 +349,7 @@ class LookupProtocol(MessageProtocol):
         if failure.check(CancelledError) and self._answered:
             return
         if not failure.check(Refused):
-            self.log.failure("lookup for {who} failed", failure, who=self.client)
+            self.log.failure("lookup for {who} failed", failure, who=str(self.client))
         self._answer_no(_reason(failure))
 
     def _answer_no(self, reason: str) -> None:
@@ -353,6 +376,8 @@ class LookupProtocol(MessageProtocol):
 
 class LookupFactory(Factory):
     """Builds a L{LookupProtocol} per client of C{RUNDIR/ipc}."""
+
+    noisy = False
 
     def __init__(self, broker: Broker, clock: IReactorTime | None = None) -> None:
         self.broker = broker

@@ -40,6 +40,7 @@ class Config:
     tcp_listen: str | None = DEFAULT_TCP_LISTEN
     tcp_handshake_timeout: float = 5.0
     rules: tuple[Rule, ...] = ()
+    control_group: str | None = None
     source: str | None = None
 
 
@@ -90,6 +91,7 @@ _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
         "allow_client_routes": (_boolean, "allow_client_routes"),
     },
     "pongd": {"enabled": (_boolean, "pongd")},
+    "control": {"group": (_string, "control_group")},
     "tcpd": {
         "enabled": (_boolean, "_tcp_enabled"),
         "listen": (_endpoint, "tcp_listen"),

@@ -51,16 +51,24 @@ class IPCServerEndpoint:
         rundir: str | None = None,
         mode: int = SOCKET_MODE,
         backlog: int = 128,
+        group: str | None = None,
     ) -> None:
         self._reactor = reactor
         self.name = validate_service_name(name)
         self.path = socket_path(resolve_rundir(rundir), self.name)
         self._mode = mode
         self._backlog = backlog
+        self._group = group
 
     def listen(self, factory: IProtocolFactory) -> Deferred[Any]:
         return execute(
-            listen_unix, self._reactor, self.path, factory, self._mode, self._backlog
+            listen_unix,
+            self._reactor,
+            self.path,
+            factory,
+            self._mode,
+            self._backlog,
+            self._group,
         )
 
 

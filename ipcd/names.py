@@ -6,6 +6,7 @@ C{RUNDIR/NAME} with upstream's permissions and better stale-socket handling.
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import re
 import socket
@@ -122,15 +123,28 @@ def listen_unix(
     factory: Any,
     mode: int = SOCKET_MODE,
     backlog: int = 128,
+    group: str | None = None,
 ) -> Any:
     """
-    Listen on C{path} with C{mode}, clearing a stale socket first.  The
-    returned port removes the socket file when it stops listening.
+    Listen on C{path} with C{mode} (and C{group}, if given), clearing a stale
+    socket first.  The returned port removes the socket file when it stops
+    listening.
     """
+    gid = -1
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError(f"no such group {group!r} for {path}") from None
     ensure_rundir(os.path.dirname(path) or ".")
     clear_stale_socket(path)
-    old = os.umask(_SOCKET_UMASK)
+    # Narrowest umask while binding: the socket never exists with more
+    # permissions than asked, even before the chmod.
+    old = os.umask(0o777 & ~mode | _SOCKET_UMASK)
     try:
-        return reactor.listenUNIX(path, factory, backlog=backlog, mode=mode)
+        port = reactor.listenUNIX(path, factory, backlog=backlog, mode=mode)
     finally:
         os.umask(old)
+    if gid != -1:
+        os.chown(path, -1, gid)
+    return port

@@ -24,14 +24,36 @@ from zope.interface import implementer
 READ_SIZE = 256 * 1024
 
 
-@dataclass
+@dataclass(eq=False)
 class RelayStats:
-    """What a relay carried: C{forward} is from side A to side B."""
+    """
+    What a relay carries: C{forward} counts bytes from side A (the peer that
+    asked) to side B (the service).  While the relay lives it sits in
+    C{registry}, which status reporting lists.
+    """
 
     description: str = ""
+    direction: str = ""
+    service: str = ""
+    route: str = ""
+    labels: tuple[str, ...] = ()
     forward: int = 0
     backward: int = 0
     started: float = field(default_factory=time.monotonic)
+    registry: set[RelayStats] | None = None
+
+    def as_dict(self, now: float | None = None) -> dict[str, Any]:
+        now = time.monotonic() if now is None else now
+        return {
+            "peer": self.description,
+            "direction": self.direction,
+            "service": self.service,
+            "route": self.route,
+            "labels": sorted(self.labels),
+            "bytes_in": self.forward,
+            "bytes_out": self.backward,
+            "age": round(now - self.started, 3),
+        }
 
 
 @implementer(IHalfCloseableProtocol)
@@ -79,6 +101,8 @@ class RelayProtocol(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._gone = True
+        if self.stats is not None and self.stats.registry is not None:
+            self.stats.registry.discard(self.stats)
         peer = self.peer
         if peer is not None and not peer._gone:
             peer.transport.loseConnection()
@@ -92,6 +116,8 @@ def join(
     either side buffered before the join is passed on first.
     """
     stats = stats if stats is not None else RelayStats()
+    if stats.registry is not None:
+        stats.registry.add(stats)
     a.peer, b.peer = b, a
     a.stats = b.stats = stats
     a._outgoing, b._outgoing = True, False

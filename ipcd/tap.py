@@ -7,13 +7,18 @@ so C{twistd --help} imports nothing of ours.
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from ipcd.broker import Broker, LookupFactory
 from ipcd.config import Config, ConfigError, load_config
+from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_report
 from ipcd.endpoints import BROKER_NAME
 from ipcd.names import SocketInUse, clear_stale_socket, socket_path
 from ipcd.services import IPCService
@@ -114,15 +119,38 @@ class Options(usage.Options):
 
 
 class IPCDService(MultiService):
-    """ipcd and its enabled components, sharing one L{Broker}."""
+    """
+    ipcd and its enabled components, sharing one L{Broker}, plus the control
+    socket.  C{reload_config}, when given, re-reads the configuration for
+    L{reload} (SIGHUP or C{ipcd reload}).
+    """
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        reload_config: Callable[[], Config] | None = None,
+    ) -> None:
         super().__init__()
         self.setName("ipcd")
         self.config = config
+        self.reactor = reactor
         self.broker = Broker(config, reactor)
+        self._reload_config = reload_config
+        self._previous_hup: Any = None
         IPCService(
             BROKER_NAME, LookupFactory(self.broker), config.rundir, reactor
+        ).setServiceParent(self)
+        handlers = {"status": lambda: status_report(self.broker), "reload": self.reload}
+        IPCService(
+            CONTROL_NAME,
+            ControlFactory(handlers),
+            config.rundir,
+            reactor,
+            mode=CONTROL_MODE if config.control_group is None else 0o660,
+            group=config.control_group,
         ).setServiceParent(self)
         if config.pongd:
             pongd(config.rundir, reactor=reactor).setServiceParent(self)
@@ -131,12 +159,66 @@ class IPCDService(MultiService):
 
     def socket_paths(self) -> list[str]:
         """The C{RUNDIR} sockets of this instance and its components."""
-        names = [BROKER_NAME]
+        names = [BROKER_NAME, CONTROL_NAME]
         if self.config.pongd:
             names.append("pong")
         if self.config.tcp_listen is not None:
             names.append(SCHEME)
         return [socket_path(self.config.rundir, name) for name in names]
+
+    def reload(self) -> dict[str, Any]:
+        """
+        Re-read the configuration.  A valid one applies to new connections
+        (existing ones are untouched); an invalid one is refused and the old
+        one stays.
+        """
+        if self._reload_config is None:
+            return {
+                "ok": False,
+                "error": "this instance has no configuration to reload",
+            }
+        try:
+            new = self._reload_config()
+        except ConfigError as e:
+            self.log.error(
+                "reload refused, keeping the old configuration: {error}", error=str(e)
+            )
+            return {"ok": False, "error": str(e)}
+        restart = [
+            key
+            for key in _RESTART_KEYS
+            if getattr(new, key) != getattr(self.config, key)
+        ]
+        if restart:
+            self.log.warn(
+                "reload: changes to {keys} apply after a restart",
+                keys=", ".join(restart),
+            )
+            new = replace(new, **{key: getattr(self.config, key) for key in restart})
+        self.config = self.broker.config = new
+        self.log.info("configuration reloaded from {source}", source=new.source)
+        return {"ok": True, "restart_needed": restart}
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
+        except ValueError:
+            self._previous_hup = None  # not the main thread: no signal handling
+
+    def stopService(self) -> Any:
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+            self._previous_hup = None
+        return super().stopService()
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+
+# Settings bound to listeners or sockets already open: a reload keeps the old
+# value and says a restart is needed.
+_RESTART_KEYS = ("rundir", "pongd", "tcp_listen", "control_group")
 
 
 def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: N802
@@ -144,7 +226,11 @@ def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: 
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    service = IPCDService(options.config, reactor)
+    service = IPCDService(
+        options.config,
+        reactor,
+        lambda: load_config(options["config"], options.overrides()),
+    )
     # Say clearly, before anything starts, that another instance is running.
     try:
         for path in service.socket_paths():

@@ -1,5 +1,9 @@
 """
-ipcd: run the same service as `twistd -n ipcd`, in the foreground.
+ipcd: run the same service as `twistd -n ipcd`, in the foreground; or talk
+to a running one:
+
+    ipcd status [--json] [--rundir DIR]
+    ipcd reload [--rundir DIR]
 
 Besides twistd's quoted style (`--redirect "authd nextversion-authd"`), it
 takes the seed's unquoted one:
@@ -43,11 +47,50 @@ def join_words(argv: list[str]) -> list[str]:
     return out
 
 
+def control(argv: list[str]) -> int:
+    """C{ipcd status} and C{ipcd reload}: ask the running instance."""
+    import argparse
+    import json
+
+    from ipcd.control import format_status, request
+
+    parser = argparse.ArgumentParser(prog=f"ipcd {argv[0]}")
+    parser.add_argument("--rundir", help="socket directory (default: $RUNDIR)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv[1:])
+    try:
+        answer = request(argv[0], args.rundir)
+    except (OSError, ValueError, EOFError) as e:
+        print(
+            f"ipcd {argv[0]}: cannot reach ipcd's control socket: {e}", file=sys.stderr
+        )
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif argv[0] == "status":
+        print(format_status(answer))
+    elif answer.get("ok"):
+        restart = answer.get("restart_needed")
+        print(
+            "reloaded"
+            + (f"; restart needed for {', '.join(restart)}" if restart else "")
+        )
+    else:
+        print(f"ipcd reload: refused: {answer.get('error')}", file=sys.stderr)
+    return 0 if answer.get("ok", True) else 1
+
+
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in ("status", "reload"):
+        sys.exit(control(args))
     from twisted.scripts.twistd import run
 
-    args = join_words(sys.argv[1:] if argv is None else argv)
-    sys.argv = ["ipcd", "--nodaemon", "--pidfile=", "ipcd", *args]
+    twistd_options = ["--nodaemon", "--pidfile="]
+    if "--json-log" in args:
+        args.remove("--json-log")
+        twistd_options += ["--logger", "ipcd.logs.json_observer"]
+    sys.argv = ["ipcd", *twistd_options, "ipcd", *join_words(args)]
     run()
 
 

@@ -11,6 +11,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.interfaces import IProtocolFactory
 
 from ipcd.endpoints import IPCServerEndpoint
+from ipcd.names import SOCKET_MODE
 
 
 class IPCService(StreamServerEndpointService):
@@ -25,12 +26,15 @@ class IPCService(StreamServerEndpointService):
         factory: IProtocolFactory,
         rundir: str | None = None,
         reactor: Any = None,
+        mode: int = SOCKET_MODE,
+        group: str | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        super().__init__(IPCServerEndpoint(reactor, name, rundir), factory)
+        endpoint = IPCServerEndpoint(reactor, name, rundir, mode, group=group)
+        super().__init__(endpoint, factory)
         self.setName(name)
         # Let a failure to listen (a live instance, bad RUNDIR) stop startup.
         self._raiseSynchronously = True

@@ -19,4 +19,6 @@ def pongd(
     rundir: str | None = None, name: str = "pong", reactor: Any = None
 ) -> IPCService:
     """The echo service, listening at C{RUNDIR/pong}."""
-    return IPCService(name, Factory.forProtocol(Pong), rundir, reactor)
+    factory = Factory.forProtocol(Pong)
+    factory.noisy = False
+    return IPCService(name, factory, rundir, reactor)

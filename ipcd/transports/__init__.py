@@ -24,5 +24,7 @@ class ITransport(Interface):
         Connect C{target} (an L{ipcd.broker.RemoteTarget}) on behalf of
         C{client} (an L{ipcd.identity.Peer}).  Fires with a connected socket
         that the broker hands to the client as is, or fails with
-        L{ipcd.errors.Refused}.
+        L{ipcd.errors.Refused}.  The broker bounds it with its connect
+        deadline and cancels the Deferred when that passes: a transport must
+        then close whatever socket it opened.
         """

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from ipcd import wire
 from ipcd.errors import Refused
-from ipcd.sockets import open_unix, read_exactly, with_deadline, write_all
+from ipcd.sockets import open_unix, read_exactly, write_all
 from ipcd.transports import ITransport
 
 _OK = wire.encode(b"ok")
@@ -26,19 +26,13 @@ _OK = wire.encode(b"ok")
 class ExternalDaemon:
     log = Logger()
 
-    def __init__(self, reactor: Any, scheme: str, path: str, timeout: float) -> None:
+    def __init__(self, reactor: Any, scheme: str, path: str) -> None:
         self.scheme = scheme
         self._reactor = reactor
         self._path = path
-        self._timeout = timeout
 
     def connect(self, target: Any, client: Any) -> Deferred[socket.socket]:
-        return with_deadline(
-            ensureDeferred(self._connect(str(target.uri))),
-            self._timeout,
-            self._reactor,
-            f"{self.scheme} daemon at {self._path}",
-        )
+        return ensureDeferred(self._connect(str(target.uri)))
 
     async def _connect(self, uri: str) -> socket.socket:
         sock = await open_unix(self._reactor, self._path, self.scheme)

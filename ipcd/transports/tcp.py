@@ -34,7 +34,7 @@ from ipcd.identity import Peer, local_peer, remote_peer
 from ipcd.relay import RelayProtocol, RelayStats, adopt_relay_side, join
 from ipcd.routes import RemoteURI, RouteError, parse_uri
 from ipcd.services import IPCService
-from ipcd.sockets import connect_tcp, read_exactly, with_deadline, write_all
+from ipcd.sockets import connect_tcp, read_exactly, write_all
 from ipcd.transports import ITransport
 
 SCHEME = "tcp"
@@ -121,20 +121,13 @@ class TcpTransport:
 
     scheme = SCHEME
 
-    def __init__(self, reactor: Any, timeout: float) -> None:
+    def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
-        self._timeout = timeout
 
     def connect(self, target: Any, client: Any) -> Deferred[socket.socket]:
         uri: RemoteURI = target.uri
-        return with_deadline(
-            ensureDeferred(
-                dial(self._reactor, uri.host, uri.port or DEFAULT_PORT, target.service)
-            ),
-            self._timeout,
-            self._reactor,
-            f"connecting to {uri}",
-        )
+        port = uri.port or DEFAULT_PORT
+        return ensureDeferred(dial(self._reactor, uri.host, port, target.service))
 
 
 class _Handshaking(RelayProtocol):
@@ -145,6 +138,9 @@ class _Handshaking(RelayProtocol):
 
     log = Logger()
     framed = True
+    direction = ""
+    requested = ""
+    route = ""
     who: Peer
 
     def __init__(self, factory: _HandshakeFactory) -> None:
@@ -192,6 +188,7 @@ class _Handshaking(RelayProtocol):
         except UnicodeDecodeError:
             self._refuse("request is not ASCII")
             return
+        self.requested = text
         self._pending = maybeDeferred(self.request, text)
         self._pending.addCallbacks(self._joined, self._failed)
 
@@ -202,7 +199,15 @@ class _Handshaking(RelayProtocol):
             return
         other = adopt_relay_side(self.factory.reactor, sock)
         self.transport.write(wire.encode(OK) if self.framed else OK)
-        join(self, other, RelayStats(f"{self.who} <-> {other.transport.getPeer()}"))
+        stats = RelayStats(
+            description=str(self.who),
+            direction=self.direction,
+            service=self.requested,
+            route=self.route,
+            labels=tuple(self.who.labels),
+            registry=self.factory.broker.relays,
+        )
+        join(self, other, stats)
 
     def _failed(self, failure: Failure) -> None:
         self._pending = None
@@ -211,7 +216,7 @@ class _Handshaking(RelayProtocol):
         if failure.check(Refused):
             self._refuse(failure.value.reason)
         else:
-            self.log.failure("request from {who} failed", failure, who=self.who)
+            self.log.failure("request from {who} failed", failure, who=str(self.who))
             self._refuse("internal error")
 
     def _refuse(self, reason: str) -> None:
@@ -223,7 +228,7 @@ class _Handshaking(RelayProtocol):
 
     def _timedOut(self) -> None:
         self._deadline = None
-        self.log.info("dropping {who}: no request in time", who=self.who)
+        self.log.info("dropping {who}: no request in time", who=str(self.who))
         self._refuse("handshake timed out")
 
     def _cancelDeadline(self) -> None:
@@ -259,6 +264,9 @@ def _framed(buffer: bytes, limit: int) -> tuple[bytes, bytes] | None:
 class TcpInbound(_Handshaking):
     """A remote peer on tcpd's listener asking for a local service."""
 
+    direction = "in"
+    route = "tcp inbound"
+
     def identify(self) -> Peer:
         self.transport.setTcpNoDelay(True)
         address = self.transport.getPeer()
@@ -278,6 +286,9 @@ class TcpInbound(_Handshaking):
 
 class TcpControl(_Handshaking):
     """Upstream's ipcd on C{RUNDIR/tcp}: a framed URI, then relay."""
+
+    direction = "out"
+    route = "tcp control socket"
 
     def identify(self) -> Peer:
         try:
@@ -301,13 +312,15 @@ class TcpControl(_Handshaking):
 class _HandshakeFactory(Factory):
     noisy = False
 
-    def __init__(
-        self, protocol: type[_Handshaking], broker: Any, timeout: float
-    ) -> None:
+    def __init__(self, protocol: type[_Handshaking], broker: Any) -> None:
         self.protocol = protocol
         self.broker = broker
         self.reactor = broker.reactor
-        self.handshake_timeout = timeout
+
+    @property
+    def handshake_timeout(self) -> float:
+        # Read at each connection, so a reload applies to new ones.
+        return self.broker.config.tcp_handshake_timeout
 
     def buildProtocol(self, addr: Any) -> _Handshaking:
         return self.protocol(self)
@@ -321,17 +334,15 @@ class TcpService(MultiService):
         self.setName("tcpd")
         config = broker.config
         reactor = broker.reactor
-        broker.transports[SCHEME] = TcpTransport(reactor, config.connect_timeout)
-        timeout = config.tcp_handshake_timeout
+        broker.transports[SCHEME] = TcpTransport(reactor)
         listener = StreamServerEndpointService(
-            serverFromString(reactor, listen),
-            _HandshakeFactory(TcpInbound, broker, timeout),
+            serverFromString(reactor, listen), _HandshakeFactory(TcpInbound, broker)
         )
         listener._raiseSynchronously = True
         listener.setServiceParent(self)
         IPCService(
             SCHEME,
-            _HandshakeFactory(TcpControl, broker, timeout),
+            _HandshakeFactory(TcpControl, broker),
             config.rundir,
             reactor,
         ).setServiceParent(self)

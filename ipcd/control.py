@@ -1,0 +1,132 @@
+"""
+The operator's control socket, C{RUNDIR/ipcd-control} (0600 by default):
+one framed command in (C{status} or C{reload}), one framed JSON answer out.
+
+    ipcd status [--json]      what ipcd is doing now
+    ipcd reload               re-read the configuration (as SIGHUP does)
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.protocol import Factory
+
+from ipcd.config import Config
+from ipcd.names import resolve_rundir, socket_path
+from ipcd.wire import MessageProtocol, recv_message, send_message
+
+CONTROL_NAME = "ipcd-control"
+CONTROL_MODE = 0o600
+COMMANDS = ("status", "reload")
+
+
+def config_summary(config: Config) -> dict[str, Any]:
+    """The configuration in force, as plain JSON values."""
+    return {
+        "source": config.source,
+        "rundir": config.rundir,
+        "max_message_size": config.max_message_size,
+        "lookup_timeout": config.lookup_timeout,
+        "connect_timeout": config.connect_timeout,
+        "allow_client_routes": config.allow_client_routes,
+        "redirects": dict(config.redirects),
+        "routes": {name: str(uri) for name, uri in config.routes.items()},
+        "rules": [str(rule) for rule in config.rules],
+        "pongd": config.pongd,
+        "tcp_listen": config.tcp_listen,
+    }
+
+
+def status_report(broker: Any) -> dict[str, Any]:
+    """Live relayed connections, counters and the configuration in force."""
+    now = time.monotonic()
+    connections = sorted(
+        (stats.as_dict(now) for stats in broker.relays), key=lambda c: -c["age"]
+    )
+    return {
+        "connections": connections,
+        "counters": dict(sorted(broker.counters.items())),
+        "config": config_summary(broker.config),
+    }
+
+
+class ControlProtocol(MessageProtocol):
+    maxMessageSize = 1024
+
+    def messageReceived(self, payload: bytes) -> None:
+        command = payload.decode("utf-8", "replace").strip()
+        handler = self.factory.handlers.get(command)
+        if handler is None:
+            answer = {"ok": False, "error": f"unknown command {command!r}"}
+        else:
+            answer = handler()
+        self.sendMessage(json.dumps(answer).encode())
+        self.transport.loseConnection()
+
+
+class ControlFactory(Factory):
+    protocol = ControlProtocol
+    noisy = False
+
+    def __init__(self, handlers: dict[str, Callable[[], dict[str, Any]]]) -> None:
+        self.handlers = handlers
+
+
+def request(
+    command: str, rundir: str | None = None, timeout: float = 5.0
+) -> dict[str, Any]:
+    """Send one command to a running ipcd and return its JSON answer."""
+    path = socket_path(resolve_rundir(rundir), CONTROL_NAME)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        send_message(sock, command.encode())
+        return json.loads(recv_message(sock))
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """A plain-text rendering of L{status_report} for people."""
+    lines = []
+    connections = report["connections"]
+    lines.append(f"connections: {len(connections)}")
+    if connections:
+        header = ("DIR", "SERVICE", "ROUTE", "PEER", "IN", "OUT", "AGE")
+        rows = [header] + [
+            (
+                c["direction"],
+                c["service"],
+                c["route"],
+                c["peer"],
+                _size(c["bytes_in"]),
+                _size(c["bytes_out"]),
+                f"{c['age']:.0f}s",
+            )
+            for c in connections
+        ]
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+        for row in rows:
+            lines.append(
+                "  ".join(
+                    str(v).ljust(w) for v, w in zip(row, widths, strict=True)
+                ).rstrip()
+            )
+    lines.append("counters:")
+    for name, value in report["counters"].items():
+        lines.append(f"  {name}: {value}")
+    lines.append("config:")
+    for name, value in report["config"].items():
+        lines.append(f"  {name}: {json.dumps(value)}")
+    return "\n".join(lines)
