@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from ipcd.config import Config
 from ipcd.errors import Refused
+from ipcd.handoff import send_ok
 from ipcd.identity import Peer, local_peer
 from ipcd.names import InvalidServiceName, socket_path, validate_service_name
 from ipcd.policy import decide
@@ -340,8 +341,7 @@ class LookupProtocol(MessageProtocol):
         # Keep our copy open until the write buffer (and the fd) is flushed:
         # it is closed in connectionLost.
         self._handed = sock
-        self.transport.sendFileDescriptor(sock.fileno())
-        self.transport.write(b"ok")
+        send_ok(self.transport, sock.fileno())
         self.transport.loseConnection()
 
     def _answer_failure(self, failure: Failure) -> None:

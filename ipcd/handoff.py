@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from array import array
 from typing import Any
 
 from twisted.internet.interfaces import IProtocolFactory
@@ -16,6 +17,33 @@ OK = b"ok"
 
 class HandoffError(ConnectionError):
     """ipcd (or a daemon) did not hand over a connection; the reason is given."""
+
+
+def send_ok(transport: Any, fd: int) -> None:
+    """
+    Answer C{ok} with C{fd} the way upstream clients need it: ONE sendmsg
+    whose data is exactly C{ok}.
+
+    Twisted's C{sendFileDescriptor} sends each fd with a single byte (C{o}),
+    then the rest (C{k}) in a later send; an upstream client reads once and
+    would see C{o}.  So while nothing else is queued on the transport, send
+    it ourselves; fall back to Twisted's way only if the socket is full.
+    """
+    handle = transport.getHandle()
+    if not transport.dataBuffer and not transport._tempDataBuffer:
+        try:
+            sent = handle.sendmsg(
+                [OK], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]))]
+            )
+        except BlockingIOError:
+            pass
+        else:
+            if sent == len(OK):
+                return
+            transport.write(OK[sent:])  # the fd went with the first byte
+            return
+    transport.sendFileDescriptor(fd)
+    transport.write(OK)
 
 
 def check_reply(data: bytes, fds: list[int]) -> int:

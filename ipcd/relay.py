@@ -101,11 +101,12 @@ class RelayProtocol(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._gone = True
-        if self.stats is not None and self.stats.registry is not None:
-            self.stats.registry.discard(self.stats)
         peer = self.peer
         if peer is not None and not peer._gone:
             peer.transport.loseConnection()
+        elif self.stats is not None and self.stats.registry is not None:
+            # Both sides are gone: the relay leaves the live list.
+            self.stats.registry.discard(self.stats)
 
 
 def join(

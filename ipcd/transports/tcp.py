@@ -335,7 +335,7 @@ class TcpService(MultiService):
         config = broker.config
         reactor = broker.reactor
         broker.transports[SCHEME] = TcpTransport(reactor)
-        listener = StreamServerEndpointService(
+        self.listener = listener = StreamServerEndpointService(
             serverFromString(reactor, listen), _HandshakeFactory(TcpInbound, broker)
         )
         listener._raiseSynchronously = True
@@ -346,3 +346,14 @@ class TcpService(MultiService):
             config.rundir,
             reactor,
         ).setServiceParent(self)
+
+    def listening(self) -> Deferred[Any]:
+        """Fires with the listening port once started (C{getHost()} for it)."""
+        result: Deferred[Any] = Deferred()
+
+        def passOn(port: Any) -> Any:
+            result.callback(port)
+            return port
+
+        self.listener._waitingForPort.addCallback(passOn)
+        return result

@@ -1,0 +1,307 @@
+"""
+Policy and operations on a running instance: the seed's rule set, local
+uid/group rules, reload (control command and SIGHUP), status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from ipcd import control
+from ipcd.config import load_config
+from ipcd.scripts.ipcd import join_words
+from ipcd.services import IPCService
+from ipcd.services.pongd import Pong
+from ipcd.tap import IPCDService, Options
+from ipcd.wire import encode
+
+TIMEOUT = 10
+
+
+def _tcp_request(
+    port: int, service: bytes, message: bytes | None
+) -> tuple[bytes, bytes]:
+    """Ask tcpd at C{port} for C{service} (raw, as upstream); echo C{message}."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(service)
+        answer = sock.recv(2)
+        if answer != b"ok":
+            rest = b""
+            while chunk := sock.recv(4096):
+                rest += chunk
+            return answer + rest, b""
+        if message is None:
+            return answer, b""
+        sock.sendall(encode(message))
+        echo = b""
+        while len(echo) < len(message) + 4:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            echo += chunk
+        return answer, echo
+
+
+def _lookup(rundir: str, payload: bytes) -> tuple[bytes, int]:
+    """A plain upstream-style lookup: reply bytes and how many fds came."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(os.path.join(rundir, "ipc"))
+        sock.sendall(encode(payload))
+        data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 4)
+        for fd in fds:
+            os.close(fd)
+        return data, len(fds)
+
+
+class _Instance:
+    """An in-process ipcd (with tcpd on a free loopback port)."""
+
+    def __init__(self, test: TestCase, argv: list[str], config_file: str | None = None):
+        self.rundir = tempfile.mkdtemp(prefix="ipcd-ops-", dir="/tmp")
+        test.addCleanup(shutil.rmtree, self.rundir, True)
+        options = Options()
+        args = ["--rundir", self.rundir, "--tcp", "tcp:0:interface=127.0.0.1"]
+        if config_file:
+            args += ["--config", config_file]
+        options.parseOptions(args + join_words(argv))
+        self.service = IPCDService(
+            options.config,
+            reactor,
+            lambda: load_config(options["config"], options.overrides()),
+        )
+
+    @inlineCallbacks
+    def start(self, test: TestCase) -> Any:
+        self.service.startService()
+        test.addCleanup(self.service.stopService)
+        test.addCleanup(self.relays_closed)
+        port = yield self.service.getServiceNamed("tcpd").listening()
+        self.port = port.getHost().port
+
+    @inlineCallbacks
+    def relays_closed(self) -> Any:
+        """Wait (bounded) until every relayed connection has closed."""
+        for _ in range(500):
+            if not self.service.broker.relays:
+                return
+            yield deferLater(reactor, 0.01, lambda: None)
+        raise AssertionError(f"relays still open: {self.service.broker.relays}")
+
+
+class SeedRulesTests(TestCase):
+    """`ipcd --allow in authd --deny in '*' '*' --allow out pong`, as written."""
+
+    @inlineCallbacks
+    def test_seed_rule_set(self) -> Any:
+        # Host B runs the seed's rules and two services: authd and pong.
+        b = _Instance(
+            self,
+            [
+                "--allow",
+                "in",
+                "authd",
+                "--deny",
+                "in",
+                "*",
+                "*",
+                "--allow",
+                "out",
+                "pong",
+            ],
+        )
+        authd = IPCService("authd", _pong_factory(), b.rundir, reactor)
+        authd.setServiceParent(b.service)
+        yield b.start(self)
+        self.assertEqual(
+            [str(r) for r in b.service.config.rules],
+            ["allow in authd *", "deny in * *", "allow out pong *"],
+        )
+        answer, echo = yield deferToThread(_tcp_request, b.port, b"authd", b"hi")
+        self.assertEqual((answer, echo), (b"ok", encode(b"hi")))
+        answer, _ = yield deferToThread(_tcp_request, b.port, b"pong", None)
+        self.assertTrue(answer.startswith(b"ne "), answer)
+        self.assertIn(b"rule 2", answer)
+        # A local client of B reaches pong remotely (on host A) through `out`.
+        a = _Instance(self, ["--allow", "in", "pong"])
+        yield a.start(self)
+        route = f"pong;pong tcp://127.0.0.1:{a.port}/pong".encode()
+        data, fds = yield deferToThread(_lookup, b.rundir, route)
+        self.assertEqual((data, fds), (b"ok", 1))
+        self.assertEqual(b.service.broker.counters["denied by rule 2 (deny in * *)"], 1)
+
+
+def _pong_factory() -> Any:
+    from twisted.internet.protocol import Factory
+
+    return Factory.forProtocol(Pong)
+
+
+_CHILD = textwrap.dedent(
+    """
+    import os, socket, struct, sys
+    os.setgid(int(sys.argv[3]))
+    os.setuid(int(sys.argv[2]))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(sys.argv[1])
+    payload = b"pong;"
+    s.sendall(struct.pack("!I", len(payload)) + payload)
+    data, fds, _, _ = socket.recv_fds(s, 4096, 4)
+    print(data.decode(), len(fds))
+    """
+)
+
+
+class LocalIdentityTests(TestCase):
+    """`local` rules on uid/user/group labels from SO_PEERCRED."""
+
+    @inlineCallbacks
+    def test_one_user_allowed_another_refused(self) -> Any:
+        if os.getuid() != 0:
+            raise SkipTest("needs root to run a client under a second uid")
+        try:
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            raise SkipTest("no 'nobody' user on this machine")
+        root_group = __import__("grp").getgrgid(0).gr_name
+        rules = [
+            "--allow",
+            "local",
+            "pong",
+            "uid:0",
+            "--allow",
+            "local",
+            "pong",
+            f"group:{root_group}",
+            "--deny",
+            "local",
+            "pong",
+            "*",
+        ]
+        inst = _Instance(self, rules)
+        yield inst.start(self)
+        # Let the second user reach RUNDIR/ipc at all: the firewall decides.
+        os.chmod(inst.rundir, 0o777)
+        os.chmod(os.path.join(inst.rundir, "ipc"), 0o777)
+        path = os.path.join(inst.rundir, "ipc")
+
+        def run_as(uid: int, gid: int) -> str:
+            result = subprocess.run(
+                [sys.executable, "-c", _CHILD, path, str(uid), str(gid)],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+                check=True,
+            )
+            return result.stdout.strip()
+
+        allowed = yield deferToThread(run_as, 0, 0)
+        self.assertEqual(allowed, "ok 1")
+        refused = yield deferToThread(run_as, nobody.pw_uid, nobody.pw_gid)
+        self.assertTrue(refused.startswith("ne "), refused)
+        self.assertIn("rule 3", refused)
+        self.assertTrue(refused.endswith(" 0"), "a refusal carries no fd")
+
+
+class ReloadAndStatusTests(TestCase):
+    def _write(self, path: str, text: str) -> None:
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text))
+
+    @inlineCallbacks
+    def test_reload_valid_and_invalid(self) -> Any:
+        config = os.path.join(tempfile.mkdtemp(dir="/tmp"), "ipcd.toml")
+        self.addCleanup(shutil.rmtree, os.path.dirname(config), True)
+        self._write(config, 'rules = ["allow in pong"]\n')
+        inst = _Instance(self, [], config)
+        yield inst.start(self)
+
+        # A live relayed connection, opened under the old rules.
+        live = socket.create_connection(("127.0.0.1", inst.port), timeout=TIMEOUT)
+        self.addCleanup(live.close)
+        yield deferToThread(live.sendall, b"pong")
+        self.assertEqual((yield deferToThread(live.recv, 2)), b"ok")
+
+        # Invalid file: refused, the old config stays.
+        self._write(config, 'rules = ["allow sideways pong"]\n')
+        answer = yield deferToThread(control.request, "reload", inst.rundir)
+        self.assertFalse(answer["ok"])
+        self.assertIn("rules[0]", answer["error"])
+        answer, echo = yield deferToThread(_tcp_request, inst.port, b"pong", b"x")
+        self.assertEqual(answer, b"ok")
+
+        # Valid file, applied by SIGHUP: new inbound connections are denied...
+        self._write(config, 'rules = ["deny in pong"]\n')
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(200):
+            if str(inst.service.config.rules[0]) == "deny in pong *":
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(
+            [str(r) for r in inst.service.broker.config.rules], ["deny in pong *"]
+        )
+        answer, _ = yield deferToThread(_tcp_request, inst.port, b"pong", None)
+        self.assertTrue(answer.startswith(b"ne "), answer)
+        # ...and the existing one is untouched.
+        yield deferToThread(live.sendall, encode(b"still here"))
+        echo = yield deferToThread(live.recv, 100)
+        self.assertEqual(echo, encode(b"still here"))
+
+    @inlineCallbacks
+    def test_status_lists_live_relay_with_bytes(self) -> Any:
+        inst = _Instance(self, ["--allow", "in", "pong"])
+        yield inst.start(self)
+        live = socket.create_connection(("127.0.0.1", inst.port), timeout=TIMEOUT)
+        self.addCleanup(live.close)
+        yield deferToThread(live.sendall, b"pong")
+        self.assertEqual((yield deferToThread(live.recv, 2)), b"ok")
+        yield deferToThread(live.sendall, encode(b"hello"))
+        self.assertEqual((yield deferToThread(live.recv, 100)), encode(b"hello"))
+
+        report = yield deferToThread(control.request, "status", inst.rundir)
+        [connection] = report["connections"]
+        self.assertEqual(connection["direction"], "in")
+        self.assertEqual(connection["service"], "pong")
+        self.assertIn("ip:127.0.0.1", connection["labels"])
+        self.assertEqual((connection["bytes_in"], connection["bytes_out"]), (9, 9))
+        self.assertEqual(report["counters"]["inbound requests"], 1)
+        self.assertEqual(report["config"]["rules"], ["allow in pong *"])
+        text = control.format_status(report)
+        self.assertIn("pong", text)
+        self.assertIn("9 B", text)
+        json.dumps(report)  # the --json form is plain JSON
+
+        # Closed connections leave the list.
+        live.close()
+        for _ in range(200):
+            if not inst.service.broker.relays:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        report = yield deferToThread(control.request, "status", inst.rundir)
+        self.assertEqual(report["connections"], [])
+
+    @inlineCallbacks
+    def test_control_socket_is_private(self) -> Any:
+        inst = _Instance(self, [])
+        yield inst.start(self)
+        mode = os.stat(os.path.join(inst.rundir, "ipcd-control")).st_mode & 0o777
+        self.assertEqual(mode, 0o600)
+        answer = yield deferToThread(control.request, "bogus", inst.rundir)
+        self.assertEqual(answer, {"ok": False, "error": "unknown command 'bogus'"})
