@@ -103,7 +103,10 @@ def resolve(config: Config, service: str, client_route: URI | None = None) -> Ta
         match route:
             case None:
                 return LocalTarget(name, socket_path(config.rundir, name))
-            case LocalURI(name=next_name) if next_name == name:
+            case LocalURI(name=next_name) if next_name == name or (
+                from_client and next_name == service
+            ):
+                # Itself (a client's "pong unix://pong", after any redirect).
                 return LocalTarget(name, socket_path(config.rundir, name))
             case LocalURI(name=next_name):
                 _visit(next_name, chain)

@@ -136,7 +136,10 @@ def _validate_layer(data: Mapping[str, Any], source: str) -> dict[str, Any]:
 def _check(section: str | None, key: str, value: Any, source: str) -> dict[str, Any]:
     spec = _SCHEMA.get(section, {}).get(key)
     if spec is None:
-        known = ", ".join(sorted(k for k in _SCHEMA.get(section, {})))
+        names = [*_SCHEMA.get(section, {})]
+        if section is None:  # at the top level, tables are keys too
+            names += [*filter(None, _SCHEMA), *_NAME_TABLES, "rules"]
+        known = ", ".join(sorted(names))
         raise ConfigError(
             f"{_where(source, section, key)}: unknown key (known: {known})"
         )

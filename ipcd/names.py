@@ -36,7 +36,7 @@ def validate_service_name(name: str | bytes) -> str:
     Return C{name} as text if it is 1-255 bytes of C{[A-Za-z0-9._-]} not
     starting with a dot; raise L{InvalidServiceName} with the reason otherwise.
     """
-    raw = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
+    raw = name.encode("utf-8", "surrogatepass") if isinstance(name, str) else name
     if not raw:
         raise InvalidServiceName("empty service name")
     if len(raw) > 255:

@@ -83,7 +83,7 @@ class Lookup:
 
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
 _AUTHORITY = re.compile(
-    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/\[\]]+))(?::(?P<port>\d+))?"
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/\[\]]+))(?::(?P<port>[0-9]+))?"
 )
 
 
@@ -107,7 +107,9 @@ def parse_uri(text: str) -> URI:
     host = match.group("v6") or match.group("host")
     port = None
     if match.group("port") is not None:
-        port = int(match.group("port"))
+        digits = match.group("port")
+        # Bounded before int(): thousands of digits would raise ValueError.
+        port = int(digits) if len(digits) <= 5 else 0
         if not 0 < port < 65536:
             raise RouteError(f"invalid port in URI {text!r}")
     service = _name(path, f"service in URI {text!r}") if path else None

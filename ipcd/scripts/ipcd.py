@@ -38,7 +38,7 @@ def join_words(argv: list[str]) -> list[str]:
             continue
         _least, most = MULTI_WORD[arg]
         words: list[str] = []
-        while i < len(argv) and len(words) < most and not argv[i].startswith("--"):
+        while i < len(argv) and len(words) < most and not argv[i].startswith("-"):
             words.extend(argv[i].split())
             i += 1
             if len(words) >= most:

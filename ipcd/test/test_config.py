@@ -1,0 +1,412 @@
+"""
+Tests for L{ipcd.config} (the TOML file and its validation) and for the
+command-line options of C{twistd ipcd} (L{ipcd.tap.Options}).
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from ipcd.config import (
+    DEFAULT_TCP_LISTEN,
+    Config,
+    ConfigError,
+    load_config,
+)
+from ipcd.routes import LocalURI, PathURI, RemoteURI
+from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
+
+FULL = """\
+rundir = "/srv/ipc"
+max_message_size = 4096
+rules = []
+
+[ipcd]
+lookup_timeout = 2.5
+connect_timeout = 3
+allow_client_routes = false
+
+[pongd]
+enabled = false
+
+[tcpd]
+enabled = true
+listen = "tcp:9100:interface=::1"
+handshake_timeout = 7
+
+[redirects]
+authd = "nextversion-authd"
+a = "b"
+b = "c"
+
+[routes]
+pong = "tcp://10.0.0.1:9000/pong"
+local = "unix:///var/run/local.sock"
+other = "unix://pong"
+"""
+
+
+class ConfigFileMixin:
+    def write(self, text: str) -> str:
+        path = self.mktemp()  # type: ignore[attr-defined]
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def error(self, text: str, overrides: dict | None = None) -> str:
+        path = self.write(text)
+        error = self.assertRaises(  # type: ignore[attr-defined]
+            ConfigError, load_config, path, overrides, {}
+        )
+        message = str(error)
+        self.assertTrue(  # type: ignore[attr-defined]
+            message.startswith(path + ": "), f"{message!r} does not name {path}"
+        )
+        return message[len(path) + 2 :]
+
+
+class DefaultsTests(SynchronousTestCase):
+    def test_noFile(self) -> None:
+        """With no file, the embedded defaults make a useful local instance."""
+        config = load_config(None, None, {})
+        self.assertIsInstance(config, Config)
+        self.assertEqual(config.rundir, "/tmp/libipc-run")
+        self.assertEqual(config.max_message_size, DEFAULT_MAX_MESSAGE_SIZE)
+        self.assertEqual(config.lookup_timeout, 5.0)
+        self.assertEqual(config.connect_timeout, 5.0)
+        self.assertTrue(config.allow_client_routes)
+        self.assertEqual(dict(config.redirects), {})
+        self.assertEqual(dict(config.routes), {})
+        self.assertTrue(config.pongd)
+        self.assertEqual(config.tcp_listen, DEFAULT_TCP_LISTEN)
+        self.assertEqual(DEFAULT_TCP_LISTEN, "tcp:9000:interface=127.0.0.1")
+        self.assertEqual(config.rules, ())
+        self.assertIsNone(config.source)
+
+    def test_rundirFromEnvironment(self) -> None:
+        self.assertEqual(load_config(None, None, {"RUNDIR": "/env"}).rundir, "/env")
+
+    def test_immutable(self) -> None:
+        config = load_config(None, {"redirects": {"a": "b"}}, {})
+
+        def assign(mapping, value) -> None:
+            mapping["x"] = value
+
+        self.assertRaises(TypeError, assign, config.redirects, "y")
+        self.assertRaises(TypeError, assign, config.routes, LocalURI("y"))
+        self.assertRaises(AttributeError, setattr, config, "pongd", False)
+
+
+class FileTests(ConfigFileMixin, SynchronousTestCase):
+    def test_full(self) -> None:
+        path = self.write(FULL)
+        config = load_config(path, None, {"RUNDIR": "/env"})
+        self.assertEqual(config.source, path)
+        self.assertEqual(config.rundir, "/srv/ipc")
+        self.assertEqual(config.max_message_size, 4096)
+        self.assertEqual(config.lookup_timeout, 2.5)
+        self.assertEqual(config.connect_timeout, 3.0)
+        self.assertIsInstance(config.connect_timeout, float)
+        self.assertFalse(config.allow_client_routes)
+        self.assertFalse(config.pongd)
+        self.assertEqual(config.tcp_listen, "tcp:9100:interface=::1")
+        self.assertEqual(config.tcp_handshake_timeout, 7.0)
+        self.assertEqual(
+            dict(config.redirects),
+            {"authd": "nextversion-authd", "a": "b", "b": "c"},
+        )
+        self.assertEqual(
+            dict(config.routes),
+            {
+                "pong": RemoteURI(
+                    "tcp", "10.0.0.1", 9000, "pong", "tcp://10.0.0.1:9000/pong"
+                ),
+                "local": PathURI("/var/run/local.sock"),
+                "other": LocalURI("pong"),
+            },
+        )
+
+    def test_empty(self) -> None:
+        path = self.write("")
+        config = load_config(path, None, {})
+        self.assertEqual(config.lookup_timeout, 5.0)
+        self.assertTrue(config.pongd)
+        self.assertEqual(config.source, path)
+
+    def test_rules(self) -> None:
+        path = self.write('rules = ["allow in authd", "deny in * *"]\n')
+        config = load_config(path, None, {})
+        self.assertEqual(
+            [str(rule) for rule in config.rules],
+            ["allow in authd *", "deny in * *"],
+        )
+
+    def test_tcpdDisabled(self) -> None:
+        """C{[tcpd] enabled = false} means no TCP listener at all."""
+        path = self.write('[tcpd]\nenabled = false\nlisten = "tcp:9100"\n')
+        self.assertIsNone(load_config(path, None, {}).tcp_listen)
+
+    def test_tcpdEnabledDefault(self) -> None:
+        path = self.write("[tcpd]\nenabled = true\n")
+        self.assertEqual(load_config(path, None, {}).tcp_listen, DEFAULT_TCP_LISTEN)
+
+
+class ErrorTests(ConfigFileMixin, SynchronousTestCase):
+    def test_notANumber(self) -> None:
+        """The message names file, key, expectation and the value."""
+        self.assertEqual(
+            self.error('[ipcd]\nlookup_timeout = "x"\n'),
+            "[ipcd] lookup_timeout: expected a number of seconds greater than 0, "
+            "got 'x'",
+        )
+
+    def test_notPositive(self) -> None:
+        self.assertEqual(
+            self.error("[ipcd]\nconnect_timeout = 0\n"),
+            "[ipcd] connect_timeout: expected a number of seconds greater than 0, "
+            "got 0",
+        )
+        self.assertIn(
+            "expected a number of seconds greater than 0, got -1.5",
+            self.error("[tcpd]\nhandshake_timeout = -1.5\n"),
+        )
+
+    def test_boolIsNotANumber(self) -> None:
+        self.assertIn("got true", self.error("[ipcd]\nlookup_timeout = true\n"))
+
+    def test_notBoolean(self) -> None:
+        self.assertEqual(
+            self.error('[pongd]\nenabled = "yes"\n'),
+            "[pongd] enabled: expected true or false, got 'yes'",
+        )
+
+    def test_topLevel(self) -> None:
+        self.assertEqual(
+            self.error("max_message_size = 1.5\n"),
+            "max_message_size: expected a whole number greater than 0, got 1.5",
+        )
+        self.assertEqual(
+            self.error('rundir = ""\n'),
+            "rundir: expected a non-empty string, got ''",
+        )
+
+    def test_badEndpoint(self) -> None:
+        message = self.error('[tcpd]\nlisten = "9000"\n')
+        self.assertTrue(message.startswith("[tcpd] listen: expected an endpoint"))
+        self.assertIn("got '9000'", message)
+
+    def test_unknownKey(self) -> None:
+        message = self.error("[ipcd]\nlookup_timout = 3\n")
+        self.assertTrue(message.startswith("[ipcd] lookup_timout: unknown key"))
+        self.assertIn("lookup_timeout", message)
+
+    def test_unknownTopLevelKey(self) -> None:
+        message = self.error("bogus = 1\n")
+        self.assertTrue(message.startswith("bogus: unknown key"), message)
+        self.assertIn("rundir", message)
+
+    def test_unknownSection(self) -> None:
+        """A misspelt section lists the real sections among the known keys."""
+        message = self.error("[ipdc]\nlookup_timeout = 3\n")
+        self.assertTrue(message.startswith("ipdc: unknown key"), message)
+        for name in ["ipcd", "pongd", "tcpd", "redirects", "routes", "rules"]:
+            self.assertIn(name, message)
+
+    def test_sectionNotATable(self) -> None:
+        self.assertIn("[ipcd]", self.error("ipcd = 3\n"))
+
+    def test_badRedirect(self) -> None:
+        self.assertTrue(
+            self.error('[redirects]\nauthd = "../etc"\n').startswith(
+                "[redirects] authd: "
+            )
+        )
+        self.assertTrue(
+            self.error('[redirects]\n".x" = "b"\n').startswith("[redirects] .x: ")
+        )
+        self.assertIn(
+            "expected a string, got 3", self.error("[redirects]\nauthd = 3\n")
+        )
+
+    def test_badRoute(self) -> None:
+        message = self.error('[routes]\npong = "tcp://h:notaport/pong"\n')
+        self.assertTrue(message.startswith("[routes] pong: "), message)
+        self.assertIn("tcp://h:notaport/pong", message)
+
+    def test_badRule(self) -> None:
+        message = self.error('rules = ["allow sideways pong"]\n')
+        self.assertTrue(message.startswith("rules[0]: "), message)
+        self.assertIn("sideways", message)
+        self.assertTrue(self.error("rules = [3]\n").startswith("rules[0]: expected"))
+        self.assertTrue(self.error('rules = "x"\n').startswith("rules: expected"))
+
+    def test_badToml(self) -> None:
+        message = self.error("[ipcd\nlookup_timeout = 3\n")
+        self.assertTrue(message.startswith("invalid TOML"), message)
+
+    def test_missingFile(self) -> None:
+        path = self.mktemp()
+        error = self.assertRaises(ConfigError, load_config, path, None, {})
+        self.assertTrue(str(error).startswith(path + ": cannot read"), str(error))
+
+    def test_directory(self) -> None:
+        path = self.mktemp()
+        os.mkdir(path)
+        error = self.assertRaises(ConfigError, load_config, path, None, {})
+        self.assertTrue(str(error).startswith(path + ": "))
+
+    def test_redirectLoop(self) -> None:
+        message = self.error('[redirects]\na = "b"\nb = "c"\nc = "a"\n')
+        self.assertIn("loop", message)
+        self.assertIn("a -> b -> c -> a", message)
+
+    def test_redirectSelfLoop(self) -> None:
+        self.assertIn("a -> a", self.error('[redirects]\na = "a"\n'))
+
+    def test_commandLineErrorsNamed(self) -> None:
+        """Bad values from the command line say they came from there."""
+        error = self.assertRaises(
+            ConfigError, load_config, None, {"redirects": {"a": "../x"}}, {}
+        )
+        self.assertTrue(str(error).startswith("command line: [redirects] a: "))
+
+
+class OverrideTests(ConfigFileMixin, SynchronousTestCase):
+    def test_overridesBeatFile(self) -> None:
+        path = self.write(FULL)
+        config = load_config(
+            path,
+            {
+                "rundir": "/cmd",
+                "pongd": {"enabled": True},
+                "redirects": {"authd": "authd2"},
+                "routes": {"pong": "unix://pong"},
+                "tcpd": {"enabled": False},
+            },
+            {},
+        )
+        self.assertEqual(config.rundir, "/cmd")
+        self.assertTrue(config.pongd)
+        self.assertIsNone(config.tcp_listen)
+        # Tables merge name by name: the file's other entries stay.
+        self.assertEqual(
+            dict(config.redirects), {"authd": "authd2", "a": "b", "b": "c"}
+        )
+        self.assertEqual(config.routes["pong"], LocalURI("pong"))
+        self.assertEqual(config.routes["local"], PathURI("/var/run/local.sock"))
+        # Untouched file values stay.
+        self.assertEqual(config.lookup_timeout, 2.5)
+
+    def test_commandLineEnablesTcp(self) -> None:
+        path = self.write("[tcpd]\nenabled = false\n")
+        config = load_config(path, {"tcpd": {"enabled": True, "listen": "tcp:1"}}, {})
+        self.assertEqual(config.tcp_listen, "tcp:1")
+
+    def test_rulesAppended(self) -> None:
+        path = self.write('rules = ["allow in authd"]\n')
+        config = load_config(path, {"rules": ["deny in * *"]}, {})
+        self.assertEqual(
+            [str(rule) for rule in config.rules],
+            ["allow in authd *", "deny in * *"],
+        )
+
+    def test_loopAcrossLayers(self) -> None:
+        """A loop made of a file redirect and a command-line one is refused."""
+        path = self.write('[redirects]\na = "b"\n')
+        error = self.assertRaises(
+            ConfigError, load_config, path, {"redirects": {"b": "a"}}, {}
+        )
+        self.assertIn("a -> b -> a", str(error))
+
+
+class OptionsTests(ConfigFileMixin, SynchronousTestCase):
+    def parse(self, *argv: str):
+        from ipcd.tap import Options
+
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults(self) -> None:
+        config = self.parse("--rundir", "/r").config
+        self.assertEqual(config.rundir, "/r")
+        self.assertTrue(config.pongd)
+        self.assertEqual(dict(config.redirects), {})
+
+    def test_redirect(self) -> None:
+        config = self.parse(
+            "--rundir", "/r", "--redirect", "a b", "--redirect", "c  d"
+        ).config
+        self.assertEqual(dict(config.redirects), {"a": "b", "c": "d"})
+
+    def test_redirectOneWord(self) -> None:
+        error = self.assertRaises(usage.UsageError, self.parse, "--redirect", "a")
+        self.assertIn("--redirect", str(error))
+
+    def test_redirectBadName(self) -> None:
+        self.assertRaises(usage.UsageError, self.parse, "--redirect", "a ../b")
+
+    def test_route(self) -> None:
+        config = self.parse(
+            "--rundir", "/r", "--route", "pong tcp://127.0.0.1:9000/pong"
+        ).config
+        self.assertEqual(
+            config.routes["pong"],
+            RemoteURI("tcp", "127.0.0.1", 9000, "pong", "tcp://127.0.0.1:9000/pong"),
+        )
+
+    def test_routeBad(self) -> None:
+        self.assertRaises(usage.UsageError, self.parse, "--route", "pong")
+        self.assertRaises(
+            usage.UsageError, self.parse, "--route", "pong tcp://h:x/pong"
+        )
+
+    def test_noPongd(self) -> None:
+        self.assertFalse(self.parse("--rundir", "/r", "--no-pongd").config.pongd)
+        self.assertTrue(
+            self.parse("--rundir", "/r", "--no-pongd", "--pongd").config.pongd
+        )
+
+    def test_configFile(self) -> None:
+        path = self.write("[pongd]\nenabled = false\n[ipcd]\nlookup_timeout = 2\n")
+        config = self.parse("--config", path).config
+        self.assertFalse(config.pongd)
+        self.assertEqual(config.lookup_timeout, 2.0)
+        self.assertEqual(config.source, path)
+
+    def test_commandLineBeatsConfig(self) -> None:
+        path = self.write('rundir = "/file"\n[pongd]\nenabled = false\n')
+        config = self.parse("--config", path, "--rundir", "/cmd", "--pongd").config
+        self.assertEqual(config.rundir, "/cmd")
+        self.assertTrue(config.pongd)
+
+    def test_configError(self) -> None:
+        """A bad config file is a usage error naming file, key and expectation."""
+        path = self.write('[ipcd]\nlookup_timeout = "x"\n')
+        error = self.assertRaises(usage.UsageError, self.parse, "--config", path)
+        self.assertIn(path, str(error))
+        self.assertIn("[ipcd] lookup_timeout: expected", str(error))
+
+    def test_configMissing(self) -> None:
+        path = self.mktemp()
+        error = self.assertRaises(usage.UsageError, self.parse, "--config", path)
+        self.assertIn(path, str(error))
+
+    def test_rules(self) -> None:
+        config = self.parse(
+            "--rundir",
+            "/r",
+            "--allow",
+            "in authd",
+            "--deny",
+            "in * *",
+            "--allow",
+            "out pong",
+        ).config
+        self.assertEqual(
+            [str(rule) for rule in config.rules],
+            ["allow in authd *", "deny in * *", "allow out pong *"],
+        )

@@ -1,0 +1,325 @@
+"""
+Tests for L{ipcd.names}: service names, RUNDIR, stale sockets and listening
+on C{RUNDIR/NAME}.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import tempfile
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ipcd.names import (
+    DEFAULT_RUNDIR,
+    InvalidServiceName,
+    SocketInUse,
+    clear_stale_socket,
+    ensure_rundir,
+    listen_unix,
+    resolve_rundir,
+    socket_path,
+    validate_service_name,
+)
+
+
+def short_tempdir(case: SynchronousTestCase) -> str:
+    """
+    A fresh directory under /tmp, removed after the test: trial's own
+    temporary paths can exceed the 108-byte AF_UNIX limit.
+    """
+    path = tempfile.mkdtemp(prefix="ipcd-", dir="/tmp")
+    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def umask(case: SynchronousTestCase, mask: int) -> None:
+    """Set the process umask for the rest of the test."""
+    old = os.umask(mask)
+    case.addCleanup(os.umask, old)
+
+
+def mode_of(path: str) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+class ServiceNameTests(SynchronousTestCase):
+    def test_good(self) -> None:
+        for name in ["pong", "ipc", "tcp", "a", "nextversion-authd", "x.y_z-1", "A9"]:
+            self.assertEqual(validate_service_name(name), name)
+
+    def test_bytes(self) -> None:
+        self.assertEqual(validate_service_name(b"pong"), "pong")
+        self.assertIsInstance(validate_service_name(b"pong"), str)
+
+    def test_length(self) -> None:
+        """255 bytes is the longest name; 256 is refused."""
+        self.assertEqual(validate_service_name("a" * 255), "a" * 255)
+        error = self.assertRaises(InvalidServiceName, validate_service_name, "a" * 256)
+        self.assertIn("255", str(error))
+
+    def test_bad(self) -> None:
+        for name in [
+            "",
+            b"",
+            ".x",
+            ".",
+            "..",
+            "../etc",
+            "a/b",
+            "/abs",
+            "a\x00b",
+            b"a\x00",
+            "caf\u00e9",
+            "caf\u00e9".encode(),
+            b"\xff",
+            "a b",
+            "pong\n",
+            "a;b",
+            "a:b",
+            "*",
+        ]:
+            self.assertRaises(InvalidServiceName, validate_service_name, name)
+
+    def test_reasons(self) -> None:
+        """The message says what is wrong and shows the name."""
+        error = self.assertRaises(InvalidServiceName, validate_service_name, "")
+        self.assertIn("empty", str(error))
+        error = self.assertRaises(InvalidServiceName, validate_service_name, ".x")
+        self.assertIn("'.x'", str(error))
+        self.assertIn("'.'", str(error))
+        error = self.assertRaises(InvalidServiceName, validate_service_name, "a/b")
+        self.assertIn("'a/b'", str(error))
+
+    def test_loneSurrogate(self) -> None:
+        """
+        Text that is not encodable at all is an invalid name, not a
+        L{UnicodeEncodeError}.
+        """
+        for name in ["\ud800", "a\udfff", "\udcff"]:
+            self.assertRaises(InvalidServiceName, validate_service_name, name)
+
+    def test_isValueError(self) -> None:
+        self.assertTrue(issubclass(InvalidServiceName, ValueError))
+
+    @given(st.text(max_size=300))
+    def test_anyText(self, name: str) -> None:
+        """
+        Any text either validates to itself or raises L{InvalidServiceName}
+        (never another exception).
+        """
+        try:
+            result = validate_service_name(name)
+        except InvalidServiceName:
+            return
+        self.assertEqual(result, name)
+        self.assertNotIn("/", result)
+        self.assertFalse(result.startswith("."))
+
+    @given(st.binary(max_size=300))
+    def test_anyBytes(self, name: bytes) -> None:
+        try:
+            result = validate_service_name(name)
+        except InvalidServiceName:
+            return
+        self.assertEqual(result.encode("ascii"), name)
+
+    def test_socketPath(self) -> None:
+        self.assertEqual(socket_path("/run/x", "pong"), "/run/x/pong")
+        self.assertRaises(InvalidServiceName, socket_path, "/run/x", "../etc")
+
+
+class RundirTests(SynchronousTestCase):
+    def test_configuredWins(self) -> None:
+        self.assertEqual(resolve_rundir("/conf", {"RUNDIR": "/env"}), "/conf")
+
+    def test_environment(self) -> None:
+        self.assertEqual(resolve_rundir(None, {"RUNDIR": "/env"}), "/env")
+
+    def test_default(self) -> None:
+        self.assertEqual(resolve_rundir(None, {}), "/tmp/libipc-run")
+        self.assertEqual(DEFAULT_RUNDIR, "/tmp/libipc-run")
+
+    def test_emptyMeansUnset(self) -> None:
+        self.assertEqual(resolve_rundir("", {"RUNDIR": ""}), DEFAULT_RUNDIR)
+        self.assertEqual(resolve_rundir("", {"RUNDIR": "/env"}), "/env")
+
+    def test_processEnvironment(self) -> None:
+        """Without an injected mapping, C{os.environ} is read."""
+        old = os.environ.get("RUNDIR")
+        os.environ["RUNDIR"] = "/from-os-environ"
+        self.addCleanup(
+            lambda: (
+                os.environ.pop("RUNDIR", None)
+                if old is None
+                else os.environ.__setitem__("RUNDIR", old)
+            )
+        )
+        self.assertEqual(resolve_rundir(), "/from-os-environ")
+
+    def test_ensureCreates0770(self) -> None:
+        for mask in (0o022, 0o077, 0o000):
+            umask(self, mask)
+            base = short_tempdir(self)
+            rundir = os.path.join(base, "a", "run")
+            ensure_rundir(rundir)
+            self.assertTrue(os.path.isdir(rundir))
+            self.assertEqual(mode_of(rundir), 0o770, f"umask {mask:03o}")
+
+    def test_ensureLeavesExisting(self) -> None:
+        """An existing directory is the admin's: its mode is not changed."""
+        rundir = short_tempdir(self)
+        os.chmod(rundir, 0o755)
+        ensure_rundir(rundir)
+        self.assertEqual(mode_of(rundir), 0o755)
+
+
+class StaleSocketTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.rundir = short_tempdir(self)
+        self.path = os.path.join(self.rundir, "pong")
+
+    def bound(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(self.path)
+        return sock
+
+    def test_missing(self) -> None:
+        clear_stale_socket(self.path)
+        self.assertFalse(os.path.lexists(self.path))
+
+    def test_stale(self) -> None:
+        """A socket file nobody listens on is removed."""
+        sock = self.bound()
+        sock.listen(1)
+        sock.close()
+        self.assertTrue(stat.S_ISSOCK(os.lstat(self.path).st_mode))
+        clear_stale_socket(self.path)
+        self.assertFalse(os.path.lexists(self.path))
+
+    def test_staleNeverListened(self) -> None:
+        self.bound().close()
+        clear_stale_socket(self.path)
+        self.assertFalse(os.path.lexists(self.path))
+
+    def test_live(self) -> None:
+        """A socket somebody accepts on is refused and left alone."""
+        self.bound().listen(1)
+        error = self.assertRaises(SocketInUse, clear_stale_socket, self.path)
+        self.assertIn(self.path, str(error))
+        self.assertTrue(os.path.lexists(self.path))
+
+    def test_regularFile(self) -> None:
+        """A regular file is refused and not removed."""
+        with open(self.path, "w") as f:
+            f.write("precious")
+        error = self.assertRaises(SocketInUse, clear_stale_socket, self.path)
+        self.assertIn(self.path, str(error))
+        self.assertIn("not a socket", str(error))
+        with open(self.path) as f:
+            self.assertEqual(f.read(), "precious")
+
+    def test_directory(self) -> None:
+        os.mkdir(self.path)
+        self.assertRaises(SocketInUse, clear_stale_socket, self.path)
+        self.assertTrue(os.path.isdir(self.path))
+
+    def test_symlink(self) -> None:
+        """A symlink (even to a stale socket) is not a socket: refused."""
+        target = os.path.join(self.rundir, "target")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(target)
+        sock.close()
+        os.symlink(target, self.path)
+        self.assertRaises(SocketInUse, clear_stale_socket, self.path)
+        self.assertTrue(os.path.islink(self.path))
+        self.assertTrue(os.path.lexists(target))
+
+
+class ListenTests(TestCase):
+    """L{listen_unix} with the real reactor."""
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.rundir = short_tempdir(self)
+        self.path = os.path.join(self.rundir, "pong")
+        self.factory = Factory.forProtocol(Protocol)
+
+    def listen(self, path: str | None = None):
+        port = listen_unix(self.reactor, path or self.path, self.factory)
+        self.addCleanup(lambda: port.connected and port.stopListening())
+        return port
+
+    def test_mode0660(self) -> None:
+        umask(self, 0o022)
+        self.listen()
+        self.assertTrue(stat.S_ISSOCK(os.lstat(self.path).st_mode))
+        self.assertEqual(mode_of(self.path), 0o660)
+
+    def test_mode0660RestrictiveUmask(self) -> None:
+        umask(self, 0o077)
+        self.listen()
+        self.assertEqual(mode_of(self.path), 0o660)
+
+    def test_umaskRestored(self) -> None:
+        umask(self, 0o027)
+        self.listen()
+        self.assertEqual(os.umask(0o027), 0o027)
+
+    def test_accepts(self) -> None:
+        self.listen()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.settimeout(10)
+        client.connect(self.path)
+
+    def test_removedOnStop(self) -> None:
+        port = self.listen()
+        self.assertTrue(os.path.lexists(self.path))
+        d = port.stopListening()
+
+        def check(_: object) -> None:
+            self.assertFalse(os.path.lexists(self.path))
+
+        return d.addCallback(check) if d is not None else check(None)
+
+    def test_secondInstanceRefused(self) -> None:
+        self.listen()
+        error = self.assertRaises(
+            SocketInUse, listen_unix, self.reactor, self.path, self.factory
+        )
+        self.assertIn(self.path, str(error))
+        # The first instance's socket is untouched and still answers.
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.settimeout(10)
+        client.connect(self.path)
+
+    def test_staleReplaced(self) -> None:
+        old = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(old.close)
+        old.bind(self.path)
+        old.close()
+        self.listen()
+        self.assertEqual(mode_of(self.path), 0o660)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.settimeout(10)
+        client.connect(self.path)
+
+    def test_createsRundir(self) -> None:
+        umask(self, 0o022)
+        path = os.path.join(self.rundir, "new", "pong")
+        self.listen(path)
+        self.assertEqual(mode_of(os.path.dirname(path)), 0o770)
+        self.assertTrue(stat.S_ISSOCK(os.lstat(path).st_mode))

@@ -1,0 +1,153 @@
+"""
+Tests for the packaging of ipcd: the Twisted plugins (C{twistd ipcd}, the
+C{ipc:} endpoint strings) and the files that make them ship.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib import metadata
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.testing import MemoryReactor
+from twisted.plugin import getPlugins
+from twisted.trial.runner import TestLoader
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+import ipcd
+from ipcd.endpoints import IPCClientEndpoint, IPCServerEndpoint
+
+# The checkout this ipcd was imported from, if it is one.
+SOURCE = os.path.dirname(os.path.dirname(os.path.abspath(ipcd.__file__ or "")))
+
+
+def source_tree() -> str:
+    if not os.path.exists(os.path.join(SOURCE, "setup.cfg")):
+        raise SkipTest(f"ipcd was not imported from a source tree ({SOURCE})")
+    return SOURCE
+
+
+class PluginTests(SynchronousTestCase):
+    def test_serviceMaker(self) -> None:
+        """C{twistd ipcd} exists and takes L{ipcd.tap.Options}."""
+        from ipcd.tap import Options
+
+        makers = [m for m in getPlugins(IServiceMaker) if m.tapname == "ipcd"]
+        self.assertTrue(makers, "no IServiceMaker plugin with tapname 'ipcd'")
+        for maker in makers:
+            self.assertIs(maker.options, Options)
+            self.assertTrue(maker.description)
+
+    def test_clientFromString(self) -> None:
+        reactor = MemoryReactor()
+        endpoint = clientFromString(reactor, "ipc:pong")
+        self.assertIsInstance(endpoint, IPCClientEndpoint)
+        self.assertEqual(endpoint.service, "pong")
+
+    def test_clientFromStringArguments(self) -> None:
+        endpoint = clientFromString(
+            MemoryReactor(), "ipc:pong:rundir=/x:network=pong unix\\://pong"
+        )
+        self.assertIsInstance(endpoint, IPCClientEndpoint)
+        self.assertEqual(endpoint.rundir, "/x")
+        self.assertEqual(endpoint.network, "pong unix://pong")
+
+    def test_serverFromString(self) -> None:
+        reactor = MemoryReactor()
+        endpoint = serverFromString(reactor, "ipc:pong:rundir=/x")
+        self.assertIsInstance(endpoint, IPCServerEndpoint)
+        self.assertEqual(endpoint.name, "pong")
+        self.assertEqual(endpoint.path, "/x/pong")
+        # Nothing happened yet: no listening, no files.
+        self.assertEqual(reactor.unixServers, [])
+        self.assertFalse(os.path.exists("/x/pong"))
+
+    def test_badNameInString(self) -> None:
+        self.assertRaises(
+            ValueError, serverFromString, MemoryReactor(), "ipc:..:rundir=/x"
+        )
+
+    def test_noReactorImport(self) -> None:
+        """
+        Importing the plugin module and the service module does not import
+        the reactor (that would break C{twistd -r ...}).
+        """
+        code = (
+            "import sys\n"
+            "import twisted.plugins.ipcd_plugin, ipcd.tap\n"
+            "print('twisted.internet.reactor' in sys.modules)\n"
+        )
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or "." for p in sys.path))
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=SOURCE if os.path.isdir(SOURCE) else None,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), "False", result.stderr)
+
+
+class DiscoveryTests(SynchronousTestCase):
+    def test_regularPackage(self) -> None:
+        """
+        C{ipcd} is a regular package: as a namespace package,
+        C{python -m twisted.trial ipcd} would quietly run no tests at all.
+        """
+        self.assertIsNotNone(ipcd.__file__)
+        self.assertTrue(ipcd.__file__.endswith("__init__.py"))
+
+    def test_trialFindsTests(self) -> None:
+        """C{trial ipcd} finds this very test."""
+        suite = TestLoader().loadByName("ipcd", recurse=True)
+        found = set()
+
+        def walk(test) -> None:
+            if hasattr(test, "_tests"):
+                for sub in test._tests:
+                    walk(sub)
+            else:
+                found.add(test.id())
+
+        walk(suite)
+        self.assertIn(self.id(), found)
+
+
+class SourceTreeTests(SynchronousTestCase):
+    def test_pluginFile(self) -> None:
+        tree = source_tree()
+        self.assertTrue(
+            os.path.isfile(os.path.join(tree, "twisted", "plugins", "ipcd_plugin.py"))
+        )
+
+    def test_noNamespaceInits(self) -> None:
+        """
+        C{twisted/} and C{twisted/plugins/} are Twisted's namespace: an
+        C{__init__.py} in either would shadow Twisted itself.
+        """
+        tree = source_tree()
+        for path in ["twisted/__init__.py", "twisted/plugins/__init__.py"]:
+            self.assertFalse(
+                os.path.exists(os.path.join(tree, path)), f"{path} must not exist"
+            )
+
+
+class InstalledTests(SynchronousTestCase):
+    def test_pluginShips(self) -> None:
+        """The installed distribution includes the plugin file."""
+        try:
+            dist = metadata.distribution("ipcd")
+        except metadata.PackageNotFoundError:
+            raise SkipTest("ipcd is not installed") from None
+        files = dist.files
+        if files is None:
+            raise SkipTest("the installed ipcd has no file list")
+        names = {str(f).replace(os.sep, "/") for f in files}
+        self.assertIn("twisted/plugins/ipcd_plugin.py", names)
+        self.assertNotIn("twisted/__init__.py", names)
+        self.assertNotIn("twisted/plugins/__init__.py", names)

@@ -1,0 +1,317 @@
+"""
+Tests for L{ipcd.routes}: lookup payloads, C{IPC_NETWORK} values and URIs.
+"""
+
+from __future__ import annotations
+
+from hypothesis import example, given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from ipcd.names import InvalidServiceName
+from ipcd.routes import (
+    LocalURI,
+    Lookup,
+    PathURI,
+    RemoteURI,
+    Route,
+    RouteError,
+    encode_lookup,
+    parse_lookup,
+    parse_network,
+    parse_uri,
+)
+
+
+class LookupTests(SynchronousTestCase):
+    def test_upstreamTcp(self) -> None:
+        """The first lookup of libipc-wire.md, byte for byte."""
+        framed = bytes.fromhex("00000023") + b"pong;pong tcp://127.0.0.1:9000/pong"
+        self.assertEqual(int.from_bytes(framed[:4], "big"), len(framed) - 4)
+        lookup = parse_lookup(framed[4:])
+        self.assertEqual(lookup.service, "pong")
+        self.assertEqual(
+            lookup.routes,
+            (
+                Route(
+                    "pong",
+                    RemoteURI(
+                        "tcp", "127.0.0.1", 9000, "pong", "tcp://127.0.0.1:9000/pong"
+                    ),
+                ),
+            ),
+        )
+        self.assertEqual(lookup.route_for("pong"), lookup.routes[0])
+
+    def test_upstreamTwoRoutes(self) -> None:
+        """
+        The second lookup of libipc-wire.md: the space before C{;} is noise,
+        and the route for C{p} is C{unix://pong}.
+        """
+        framed = (
+            bytes.fromhex("00000030")
+            + b"p;audio https://example.com/audio ;p unix://pong"
+        )
+        self.assertEqual(int.from_bytes(framed[:4], "big"), len(framed) - 4)
+        lookup = parse_lookup(framed[4:])
+        self.assertEqual(lookup.service, "p")
+        self.assertEqual(len(lookup.routes), 2)
+        audio = lookup.route_for("audio")
+        assert audio is not None
+        self.assertEqual(
+            audio.uri,
+            RemoteURI(
+                "https", "example.com", None, "audio", "https://example.com/audio"
+            ),
+        )
+        self.assertEqual(lookup.route_for("p"), Route("p", LocalURI("pong")))
+        self.assertIsNone(lookup.route_for("pong"))
+
+    def test_encodeLookup(self) -> None:
+        self.assertEqual(
+            encode_lookup("pong", "pong tcp://127.0.0.1:9000/pong"),
+            b"pong;pong tcp://127.0.0.1:9000/pong",
+        )
+        self.assertEqual(
+            encode_lookup("p", "audio https://example.com/audio ;p unix://pong"),
+            b"p;audio https://example.com/audio ;p unix://pong",
+        )
+
+    def test_noRoutes(self) -> None:
+        self.assertEqual(parse_lookup(b"pong;"), Lookup("pong", ()))
+        self.assertEqual(parse_lookup(b"pong"), Lookup("pong", ()))
+
+    def test_lastRouteWins(self) -> None:
+        lookup = parse_lookup(b"pong;pong unix://a;other unix://b;pong unix://c")
+        self.assertEqual(lookup.route_for("pong"), Route("pong", LocalURI("c")))
+        self.assertEqual(lookup.route_for("other"), Route("other", LocalURI("b")))
+
+    def test_spacesAreNoise(self) -> None:
+        lookup = parse_lookup(b" pong ;  pong unix://x  ; other   unix://y ")
+        self.assertEqual(lookup.service, "pong")
+        self.assertEqual(
+            lookup.routes,
+            (Route("pong", LocalURI("x")), Route("other", LocalURI("y"))),
+        )
+
+    def test_trailingSemicolons(self) -> None:
+        lookup = parse_lookup(b"pong;pong unix://x;;  ;")
+        self.assertEqual(lookup.routes, (Route("pong", LocalURI("x")),))
+
+    def test_malformedRoute(self) -> None:
+        """A route with no target is an error naming the route."""
+        error = self.assertRaises(RouteError, parse_lookup, b"pong;pong")
+        self.assertIn("'pong'", str(error))
+        self.assertRaises(RouteError, parse_lookup, b"pong;pong   ")
+
+    def test_badRouteTarget(self) -> None:
+        for payload in [
+            b"pong;pong unix://../etc",
+            b"pong;pong tcp://h:notaport/pong",
+            b"pong;pong ://x",
+            b"pong;pong tcp://h:9000/a/b",
+        ]:
+            self.assertRaises(RouteError, parse_lookup, payload)
+
+    def test_invalidNames(self) -> None:
+        for payload in [
+            b"",
+            b";",
+            b"../etc",
+            b"../etc;",
+            b".x;",
+            b"a/b",
+            b"a\x00b;",
+            b"caf\xc3\xa9;",
+            b"pong;../etc unix://pong",
+            b"pong;.x unix://pong",
+        ]:
+            self.assertRaises(RouteError, parse_lookup, payload)
+
+    def test_notUtf8(self) -> None:
+        error = self.assertRaises(RouteError, parse_lookup, b"pong;pong unix://\xff")
+        self.assertIn("UTF-8", str(error))
+
+    def test_errorsAreValueErrors(self) -> None:
+        self.assertTrue(issubclass(RouteError, ValueError))
+
+    def test_parseNetwork(self) -> None:
+        self.assertEqual(
+            parse_network("audio https://example.com/audio ;pong unix://pong"),
+            (
+                Route(
+                    "audio",
+                    RemoteURI(
+                        "https",
+                        "example.com",
+                        None,
+                        "audio",
+                        "https://example.com/audio",
+                    ),
+                ),
+                Route("pong", LocalURI("pong")),
+            ),
+        )
+        self.assertEqual(parse_network(""), ())
+
+
+class URITests(SynchronousTestCase):
+    def test_bareName(self) -> None:
+        self.assertEqual(parse_uri("pong"), LocalURI("pong"))
+        self.assertEqual(parse_uri("  pong "), LocalURI("pong"))
+
+    def test_unixName(self) -> None:
+        self.assertEqual(parse_uri("unix://pong"), LocalURI("pong"))
+        self.assertEqual(str(parse_uri("unix://pong")), "unix://pong")
+
+    def test_unixRootedName(self) -> None:
+        """C{unix:///NAME} is the local service NAME, not a path."""
+        self.assertEqual(parse_uri("unix:///pong"), LocalURI("pong"))
+
+    def test_unixPath(self) -> None:
+        uri = parse_uri("unix:///abs/path.sock")
+        self.assertEqual(uri, PathURI("/abs/path.sock"))
+        self.assertEqual(str(uri), "unix:///abs/path.sock")
+
+    def test_unixBad(self) -> None:
+        for text in [
+            "unix://",
+            "unix:///",
+            "unix://a/b",
+            "unix://../etc",
+            "unix://.x",
+            "unix:///.x",
+        ]:
+            self.assertRaises(RouteError, parse_uri, text)
+
+    def test_schemeCase(self) -> None:
+        self.assertEqual(parse_uri("UNIX://pong"), LocalURI("pong"))
+
+    def test_tcp(self) -> None:
+        uri = parse_uri("tcp://h:9000/pong")
+        self.assertEqual(uri, RemoteURI("tcp", "h", 9000, "pong", "tcp://h:9000/pong"))
+        assert isinstance(uri, RemoteURI)
+        self.assertEqual(uri.hostport, "h:9000")
+        self.assertEqual(str(uri), "tcp://h:9000/pong")
+
+    def test_emptyPath(self) -> None:
+        """An empty path means: the requested name (service None)."""
+        for text in ["tcp://h:9000/", "tcp://h:9000"]:
+            uri = parse_uri(text)
+            assert isinstance(uri, RemoteURI)
+            self.assertIsNone(uri.service)
+            self.assertEqual((uri.host, uri.port), ("h", 9000))
+
+    def test_noPort(self) -> None:
+        uri = parse_uri("wss://example.com/pong")
+        assert isinstance(uri, RemoteURI)
+        self.assertIsNone(uri.port)
+        self.assertEqual(uri.hostport, "example.com")
+
+    def test_ipv6(self) -> None:
+        uri = parse_uri("tcp://[::1]:9000/pong")
+        self.assertEqual(
+            uri, RemoteURI("tcp", "::1", 9000, "pong", "tcp://[::1]:9000/pong")
+        )
+        assert isinstance(uri, RemoteURI)
+        self.assertEqual(uri.hostport, "[::1]:9000")
+
+    def test_ports(self) -> None:
+        self.assertEqual(parse_uri("tcp://h:1/p").port, 1)  # type: ignore[union-attr]
+        self.assertEqual(parse_uri("tcp://h:65535/p").port, 65535)  # type: ignore[union-attr]
+        for text in [
+            "tcp://h:0/pong",
+            "tcp://h:65536/pong",
+            "tcp://h:99999/pong",
+            "tcp://h:-1/pong",
+            "tcp://h:abc/pong",
+            "tcp://h:/pong",
+        ]:
+            self.assertRaises(RouteError, parse_uri, text)
+
+    def test_hugePort(self) -> None:
+        """
+        A port of thousands of digits is a L{RouteError}, not Python's
+        integer-conversion C{ValueError}.
+        """
+        self.assertRaises(RouteError, parse_uri, "tcp://h:" + "1" * 5000 + "/pong")
+
+    def test_nonAsciiDigitPort(self) -> None:
+        """Only ASCII digits make a port."""
+        self.assertRaises(RouteError, parse_uri, "tcp://h:\u0669\u0660\u0660\u0660/p")
+
+    def test_junk(self) -> None:
+        for text in [
+            "",
+            "   ",
+            "://x",
+            "1tcp://h:9000/p",
+            "tcp://",
+            "tcp://:9000/p",
+            "tcp://[::1/p",
+            "tcp://h:9000:1/p",
+            "tcp://h:9000/a/b",
+            "tcp://h:9000/.x",
+            "t_p://h/p",
+            "a/b",
+            "../etc",
+        ]:
+            self.assertRaises(RouteError, parse_uri, text)
+
+
+class PropertyTests(SynchronousTestCase):
+    @given(st.binary(max_size=200))
+    @example(b"pong;pong tcp://h:" + b"9" * 5000 + b"/p")
+    @example(b"\xff")
+    @example(b"pong;pong")
+    def test_parseLookupBytes(self, payload: bytes) -> None:
+        """
+        Whatever a client sends, parsing either succeeds or raises
+        L{RouteError}/L{InvalidServiceName}: a junk lookup cannot crash ipcd.
+        """
+        try:
+            lookup = parse_lookup(payload)
+        except (RouteError, InvalidServiceName):
+            return
+        self.assertIsInstance(lookup, Lookup)
+
+    @given(
+        st.lists(
+            st.text(
+                alphabet=st.sampled_from(list("pong:/;[] .9-_tcpunix\x00é1")),
+                max_size=40,
+            ),
+            max_size=6,
+        ).map(";".join)
+    )
+    def test_parseLookupRouteLike(self, text: str) -> None:
+        """The same with inputs that look like routes more often."""
+        try:
+            lookup = parse_lookup(text.encode())
+        except (RouteError, InvalidServiceName):
+            return
+        for route in lookup.routes:
+            self.assertIsInstance(route.uri, LocalURI | PathURI | RemoteURI)
+
+    @given(
+        st.sampled_from(["pong", "a", "x.y-z_1"]),
+        st.lists(
+            st.tuples(
+                st.sampled_from(["pong", "a", "other"]),
+                st.sampled_from(["unix://pong", "b", "tcp://h:9000/x", "ws://h/"]),
+            ),
+            max_size=5,
+        ),
+    )
+    def test_lastRouteWinsProperty(
+        self, service: str, routes: list[tuple[str, str]]
+    ) -> None:
+        network = ";".join(f"{name} {uri}" for name, uri in routes)
+        lookup = parse_lookup(encode_lookup(service, network))
+        expected = [uri for name, uri in routes if name == service]
+        route = lookup.route_for(service)
+        if not expected:
+            self.assertIsNone(route)
+        else:
+            assert route is not None
+            self.assertEqual(route.uri, parse_uri(expected[-1]))
