@@ -14,7 +14,7 @@ import socket
 import stat
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
@@ -28,7 +28,7 @@ from ipcd.errors import Refused
 from ipcd.handoff import send_ok
 from ipcd.identity import Peer, local_peer
 from ipcd.names import InvalidServiceName, socket_path, validate_service_name
-from ipcd.policy import decide
+from ipcd.policy import Decision, decide
 from ipcd.routes import (
     URI,
     LocalURI,
@@ -146,22 +146,18 @@ class Broker:
     def open(self, payload: bytes, client: Peer) -> Deferred[socket.socket]:
         """Serve one lookup payload for a local client."""
         self.counters["lookups"] += 1
+        event = _Event("local", client, payload[:80].decode("utf-8", "replace"))
         try:
             lookup = parse_lookup(payload)
+            event.service = lookup.service
             route = lookup.route_for(lookup.service)
             uri = route.uri if route and self.config.allow_client_routes else None
             target = resolve(self.config, lookup.service, uri)
         except (RouteError, InvalidServiceName) as e:
-            return self._refuse(client, payload[:80], Refused(f"bad lookup: {e}"))
+            return self._refuse(event, Refused(f"bad lookup: {e}"))
         except Refused as e:
-            return self._refuse(client, payload[:80], e)
-        if isinstance(target, LocalTarget):
-            verdict = self._police("local", [lookup.service], client)
-        else:
-            verdict = self._police_out(lookup.service, target, client)
-        if verdict is not None:
-            return self._refuse(client, lookup.service, verdict)
-        return self._connect(lookup.service, target, client)
+            return self._refuse(event, e)
+        return self._police_and_connect(event, target)
 
     def open_uri(self, uri: RemoteURI, client: Peer) -> Deferred[socket.socket]:
         """
@@ -169,72 +165,57 @@ class Broker:
         upstream control protocol on a daemon's C{RUNDIR/SCHEME} socket).
         """
         self.counters["control requests"] += 1
+        event = _Event("out", client, uri.service or str(uri))
         if uri.service is None:
-            return self._refuse(client, str(uri), Refused(f"no service in {uri}"))
-        target = RemoteTarget(uri, uri.service)
-        verdict = self._police_out(uri.service, target, client)
-        if verdict is not None:
-            return self._refuse(client, str(uri), verdict)
-        return self._connect(uri.service, target, client)
-
-    def _police_out(
-        self, service: str, target: RemoteTarget, client: Peer
-    ) -> Refused | None:
-        destination = [f"host:{target.uri.host}"]
-        if target.uri.port is not None:
-            destination.append(f"port:{target.uri.port}")
-        names = list(dict.fromkeys([service, target.service]))
-        return self._police("out", names, client, destination)
+            return self._refuse(event, Refused(f"no service in {uri}"))
+        return self._police_and_connect(event, RemoteTarget(uri, uri.service))
 
     def open_inbound(self, service: str, peer: Peer) -> Deferred[socket.socket]:
         """Serve a remote peer asking for C{service}: no client routes, ever."""
         self.counters["inbound requests"] += 1
+        event = _Event("in", peer, service)
         try:
             name = validate_service_name(service)
         except InvalidServiceName as e:
-            return self._refuse(peer, service, Refused(str(e)))
-        verdict = self._police("in", [name], peer)
-        if verdict is not None:
-            return self._refuse(peer, name, verdict)
+            return self._refuse(event, Refused(str(e)))
+        # Policy first: a denied peer learns nothing about routes.
+        if not self._police(event, [name]):
+            return self._refuse(event, _denied(event))
         try:
             target = resolve(self.config, name)
         except Refused as e:
-            return self._refuse(peer, name, e)
-        return self._connect(name, target, peer)
+            return self._refuse(event, e)
+        return self._connect(event, target)
 
-    def _police(
-        self, direction: str, names: list[str], who: Peer, extra: list[str] = ()
-    ) -> Refused | None:
-        """Apply the rules once for this connection; a refusal if denied."""
-        labels = [*who.labels, *extra]
-        decision = decide(self.config.rules, direction, names, labels)
-        self.log.info(
-            "policy {direction} {names} for {who}: {decision}",
-            direction=direction,
-            names=names,
-            who=str(who),
-            labels=sorted(labels),
-            decision=str(decision),
-            rule=None if decision.rule is None else str(decision.rule),
-            allowed=decision.allowed,
-        )
-        if decision.allowed:
-            return None
-        self.counters[str(decision)] += 1
-        return Refused(f"{direction} connection to {names[0]!r} {decision}")
+    def _police_and_connect(self, event: _Event, target: Target) -> Deferred[Any]:
+        if isinstance(target, LocalTarget):
+            allowed = self._police(event, [event.service])
+        else:
+            event.direction = "out"
+            uri = target.uri
+            destination = [f"host:{uri.host}"]
+            if uri.port is not None:
+                destination.append(f"port:{uri.port}")
+            names = list(dict.fromkeys([event.service, target.service]))
+            allowed = self._police(event, names, destination)
+        if not allowed:
+            return self._refuse(event, _denied(event))
+        return self._connect(event, target)
 
-    def _refuse(self, who: Peer, what: Any, error: Refused) -> Deferred[Any]:
+    def _police(self, event: _Event, names: list[str], extra: list[str] = ()) -> bool:
+        """Apply the rules, once for this connection."""
+        event.labels = [*event.who.labels, *extra]
+        event.decision = decide(self.config.rules, event.direction, names, event.labels)
+        if not event.decision.allowed:
+            self.counters[str(event.decision)] += 1
+        return event.decision.allowed
+
+    def _refuse(self, event: _Event, error: Refused) -> Deferred[Any]:
         self.counters["refused"] += 1
-        self.log.info(
-            "refused {what!r} for {who}: {reason}",
-            what=what if isinstance(what, str) else what.decode("utf-8", "replace"),
-            who=str(who),
-            reason=error.reason,
-            outcome="refused",
-        )
+        self._record(event, None, error.reason)
         return fail(error)
 
-    def _connect(self, service: str, target: Target, who: Peer) -> Deferred[Any]:
+    def _connect(self, event: _Event, target: Target) -> Deferred[Any]:
         if isinstance(target, LocalTarget):
             d = connect_unix(
                 self.reactor, target.path, target.name, self.config.connect_timeout
@@ -244,7 +225,9 @@ class Broker:
             # and a reload's new timeout applies to the next connection.
             d = with_deadline(
                 maybeDeferred(
-                    self.transport_for(target.uri.scheme).connect, target, who
+                    lambda: self.transport_for(target.uri.scheme).connect(
+                        target, event.who
+                    )
                 ),
                 self.config.connect_timeout,
                 self.reactor,
@@ -252,23 +235,36 @@ class Broker:
             )
 
         def done(result: Any) -> Any:
-            ok = not isinstance(result, Failure)
-            if ok:
+            if not isinstance(result, Failure):
                 self.counters["connected"] += 1
-            elif result.check(Refused, CancelledError):
+                self._record(event, target, "ok")
+                return result
+            if result.check(Refused, CancelledError):
                 self.counters["connect failures"] += 1
             else:
                 self.counters["errors"] += 1
-            self.log.info(
-                "{service} for {who} -> {target}: {outcome}",
-                service=service,
-                who=str(who),
-                target=str(target),
-                outcome="ok" if ok else _reason(result),
-            )
+            self._record(event, target, _reason(result))
             return result
 
         return d.addBoth(done)
+
+    def _record(self, event: _Event, target: Target | None, outcome: str) -> None:
+        """One structured log event per decision: who, what, rule, outcome."""
+        decision = event.decision
+        self.log.info(
+            "{direction} {service!r} for {who} -> {target}: {outcome} ({verdict})",
+            direction=event.direction,
+            service=event.service,
+            who=str(event.who),
+            labels=sorted(event.labels),
+            target=None if target is None else str(target),
+            verdict="not policed" if decision is None else str(decision),
+            rule=None
+            if decision is None or decision.rule is None
+            else str(decision.rule),
+            allowed=None if decision is None else decision.allowed,
+            outcome=outcome,
+        )
 
     def transport_for(self, scheme: str) -> ITransport:
         """The in-process transport for C{scheme}, else an external daemon."""
@@ -281,6 +277,23 @@ class Broker:
         except (OSError, InvalidServiceName):
             pass
         raise Refused(f"no transport for scheme {scheme!r}")
+
+
+@dataclass
+class _Event:
+    """What is known of one request as it is decided, for its log event."""
+
+    direction: str
+    who: Peer
+    service: str
+    labels: list[str] = field(default_factory=list)
+    decision: Decision | None = None
+
+
+def _denied(event: _Event) -> Refused:
+    return Refused(
+        f"{event.direction} connection to {event.service!r} {event.decision}"
+    )
 
 
 def _reason(failure: Failure) -> str:
