@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 from ipcd.endpoints import BROKER_NAME, IPCClientEndpoint, IPCServerEndpoint
 from ipcd.handoff import HandoffError, receive_fd
@@ -29,6 +30,24 @@ __all__ = [
     "recv_message",
     "send_message",
 ]
+
+
+def _connect_unix(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """
+    connect(), waiting while the listener's backlog is full: AF_UNIX reports
+    that as EAGAIN at once instead of waiting out the timeout.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise TimeoutError(f"{path}: listener busy (backlog full)") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
 
 def connect(
@@ -55,10 +74,10 @@ def connect(
     try:
         sock.settimeout(timeout)
         if not network:
-            sock.connect(socket_path(directory, service))
+            _connect_unix(sock, socket_path(directory, service), timeout)
             sock.settimeout(None)
             return sock
-        sock.connect(socket_path(directory, BROKER_NAME))
+        _connect_unix(sock, socket_path(directory, BROKER_NAME), timeout)
         send_message(sock, encode_lookup(service, network))
         handed = receive_fd(sock, timeout)
     except BaseException:
