@@ -1,0 +1,372 @@
+"""
+Helpers for integration tests on real sockets: a temporary short RUNDIR, an
+in-process ipcd, a plain upstream-style client, a fake external daemon, and
+an fd counter.
+
+Blocking clients run in threads (L{deferToThread}) so the reactor keeps
+serving ipcd meanwhile; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase
+
+from ipcd.config import Config, load_config
+from ipcd.names import listen_unix
+from ipcd.tap import IPCDService
+from ipcd.wire import HEADER, encode
+
+# Every blocking socket operation and every poll in these tests is bounded.
+TIMEOUT = 10.0
+# The repository root: twistd finds twisted/plugins/ipcd_plugin.py there.
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def short_rundir(case: SynchronousTestCase, prefix: str = "ipcd-") -> str:
+    """A fresh directory under /tmp (AF_UNIX paths are short), removed after."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def make_config(rundir: str, **overrides: Any) -> Config:
+    """
+    A validated config for an in-process ipcd on C{rundir}: tcpd off, and
+    C{overrides} in the configuration file's shape (C{redirects={...}},
+    C{ipcd={"lookup_timeout": 0.3}}, C{max_message_size=64}, ...).
+    """
+    layer: dict[str, Any] = {"rundir": rundir, "tcpd": {"enabled": False}}
+    layer.update(overrides)
+    return load_config(None, layer, environ={})
+
+
+@inlineCallbacks
+def start_ipcd(case: SynchronousTestCase, config: Config) -> Any:
+    """Start ipcd (and pongd, unless disabled) in this process; stopped after."""
+    service = IPCDService(config, reactor)
+    service.startService()
+    case.addCleanup(service.stopService)
+    yield wait_until(
+        lambda: all(os.path.exists(path) for path in service.socket_paths()),
+        "ipcd's sockets",
+    )
+    return service
+
+
+@inlineCallbacks
+def wait_until(
+    predicate: Callable[[], Any], what: str, timeout: float = TIMEOUT
+) -> Any:
+    """Poll C{predicate} from the reactor until it is true; fail after C{timeout}."""
+    steps = int(timeout / 0.01)
+    for _ in range(steps):
+        value = predicate()
+        if value:
+            return value
+        yield deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+# File descriptors.
+
+
+def open_fds() -> dict[int, str]:
+    """This process's open fds and what they point at."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the directory listing's own fd, already closed
+    return fds
+
+
+def count_fds() -> int:
+    return len(open_fds())
+
+
+@inlineCallbacks
+def fd_baseline() -> Any:
+    """
+    The fds open once the reactor runs: trial (re)starts the reactor for each
+    test after its first wait, and that installs a signal pipe, so count
+    only after one turn of the reactor.
+    """
+    yield deferLater(reactor, 0, lambda: None)
+    return open_fds()
+
+
+@inlineCallbacks
+def assert_no_fd_leak(before: dict[int, str], timeout: float = TIMEOUT) -> Any:
+    """Wait (bounded) until no fd is open beyond those of C{before}."""
+
+    def settled() -> bool:
+        return len(open_fds()) <= len(before)
+
+    try:
+        yield wait_until(settled, "fds to be closed", timeout)
+    except AssertionError:
+        now = open_fds()
+        extra = {fd: now[fd] for fd in now.keys() - before.keys()}
+        raise AssertionError(
+            f"fds leaked: {len(now)} open, {len(before)} before; new ones: {extra}"
+        )
+
+
+# A plain upstream-style client.
+
+
+@dataclass
+class Reply:
+    """What ipcd answered: the first recvmsg, everything, and the fds."""
+
+    first: bytes
+    data: bytes
+    fds: list[int] = field(default_factory=list)
+    closed: bool = False
+
+    def take_socket(self, case: SynchronousTestCase) -> socket.socket:
+        """The one handed-over fd as a blocking socket, closed after the test."""
+        [fd] = self.fds
+        sock = socket.socket(fileno=fd)
+        sock.settimeout(TIMEOUT)
+        case.addCleanup(sock.close)
+        self.fds = []
+        return sock
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def connect_unix(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(TIMEOUT)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def read_reply(sock: socket.socket) -> Reply:
+    """Read a lookup reply as an upstream client would, then on to EOF."""
+    first, fds, _flags, _addr = socket.recv_fds(sock, 4096, 4)
+    reply = Reply(first, first, list(fds))
+    while first:
+        chunk, more, _flags, _addr = socket.recv_fds(sock, 4096, 4)
+        reply.fds.extend(more)
+        if not chunk:
+            break
+        reply.data += chunk
+    reply.closed = True
+    return reply
+
+
+def raw_lookup(rundir: str, raw: bytes) -> Reply:
+    """Send C{raw} bytes (a framed lookup, or not) to RUNDIR/ipc; read the reply."""
+    with connect_unix(os.path.join(rundir, "ipc")) as sock:
+        if raw:
+            sock.sendall(raw)
+        return read_reply(sock)
+
+
+def lookup(rundir: str, payload: bytes) -> Reply:
+    """A framed lookup of C{payload}, exactly as upstream sends it."""
+    return raw_lookup(rundir, encode(payload))
+
+
+def exchange(sock: socket.socket, raw: bytes, expected: int) -> bytes:
+    """Send C{raw} and read C{expected} bytes back (fewer at EOF)."""
+    sock.sendall(raw)
+    data = b""
+    while len(data) < expected:
+        chunk = sock.recv(expected - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def bounce(sock: socket.socket, payload: bytes = b"bounce me") -> bytes:
+    """Send one framed message, return the framed answer of the same size."""
+    return exchange(sock, encode(payload), HEADER.size + len(payload))
+
+
+def accepts(path: str) -> bool:
+    """Whether something listens on the UNIX socket C{path} (never blocks long)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.connect(path)
+    except BlockingIOError:
+        return True  # a full backlog: somebody listens
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
+def stale_socket(path: str) -> None:
+    """Leave a socket file at C{path} with nothing listening on it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    finally:
+        sock.close()
+
+
+# A fake external daemon speaking the upstream control protocol.
+
+
+class FakeDaemonProtocol(Protocol):
+    """
+    Reads one framed URI, then answers as C{factory.mode} says: C{ok} (a
+    framed C{ok}, then C{factory.greeting} in the same write, then echo),
+    C{hold} (answer C{ok} only when C{factory.release()} is called),
+    C{refuse} (a framed C{no}), C{garbage} (unframed C{ne x}) or C{close}.
+    """
+
+    def connectionMade(self) -> None:
+        self._buffer = b""
+        self.uri: bytes | None = None
+        self.lost: Deferred[None] = Deferred()
+        self.factory.connections.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.uri is not None:
+            self.transport.write(data)  # echo, byte for byte
+            return
+        self._buffer += data
+        if len(self._buffer) < HEADER.size:
+            return
+        (size,) = HEADER.unpack(self._buffer[: HEADER.size])
+        if len(self._buffer) < HEADER.size + size:
+            return
+        self.raw = self._buffer[: HEADER.size + size]
+        self.uri = self._buffer[HEADER.size : HEADER.size + size]
+        rest = self._buffer[HEADER.size + size :]
+        self.factory.uris.append(self.raw)
+        mode = self.factory.mode
+        if mode == "ok":
+            self.accept()
+            if rest:
+                self.transport.write(rest)
+        elif mode == "hold":
+            self.factory.held.append(self)
+        elif mode == "refuse":
+            self.transport.write(encode(b"no"))
+            self.transport.loseConnection()
+        elif mode == "garbage":
+            self.transport.write(b"ne x")
+            self.transport.loseConnection()
+        else:
+            self.transport.loseConnection()
+
+    def accept(self) -> None:
+        self.transport.write(encode(b"ok") + self.factory.greeting)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+class FakeDaemonFactory(Factory):
+    protocol = FakeDaemonProtocol
+    noisy = False
+
+    def __init__(self, mode: str = "ok", greeting: bytes = b"") -> None:
+        self.mode = mode
+        self.greeting = greeting
+        self.uris: list[bytes] = []
+        self.connections: list[FakeDaemonProtocol] = []
+        self.held: list[FakeDaemonProtocol] = []
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for protocol in held:
+            if protocol.transport.connected:
+                protocol.accept()
+
+
+def fake_daemon(
+    case: SynchronousTestCase, rundir: str, scheme: str = "fake", **kwargs: Any
+) -> FakeDaemonFactory:
+    """Listen as an external daemon on C{RUNDIR/SCHEME}; stopped after."""
+    factory = FakeDaemonFactory(**kwargs)
+    port = listen_unix(reactor, os.path.join(rundir, scheme), factory)
+    case.addCleanup(port.stopListening)
+
+    def drop_connections() -> Any:
+        for protocol in factory.connections:
+            protocol.transport.loseConnection()
+        return wait_until(
+            lambda: all(p.lost.called for p in factory.connections),
+            "the fake daemon's connections to close",
+        )
+
+    case.addCleanup(drop_connections)
+    return factory
+
+
+# Subprocesses.
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python that imports ipcd from the tree."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [REPO, *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    env.pop("IPC_NETWORK", None)
+    env.update(extra)
+    return env
+
+
+def spawn(
+    case: SynchronousTestCase,
+    args: list[str],
+    log_path: str,
+    env: Mapping[str, str],
+    cwd: str,
+) -> subprocess.Popen[bytes]:
+    """Start C{sys.executable ARGS}, output to C{log_path}; killed after."""
+    log = open(log_path, "wb")
+    case.addCleanup(log.close)
+    process = subprocess.Popen(
+        [sys.executable, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(env),
+        cwd=cwd,
+    )
+
+    def kill() -> None:
+        if process.poll() is None:
+            process.kill()
+        process.wait(TIMEOUT)
+
+    case.addCleanup(kill)
+    return process
+
+
+def read_text(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", "replace")

@@ -1,0 +1,300 @@
+"""
+ipcd's lookup broker on real sockets: a plain client sends the exact bytes
+upstream clients send and gets C{ok} with a working fd, or C{ne <reason>}
+with no fd; ipcd keeps serving and leaks no fd.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from ipcd.test.support import (
+    Reply,
+    assert_no_fd_leak,
+    bounce,
+    connect_unix,
+    fake_daemon,
+    fd_baseline,
+    lookup,
+    make_config,
+    raw_lookup,
+    read_reply,
+    short_rundir,
+    stale_socket,
+    start_ipcd,
+    wait_until,
+)
+from ipcd.wire import encode
+
+BOUNCE = b"\x00\x00\x00\x09bounce me"
+
+
+class BrokerTestCase(TestCase):
+    @inlineCallbacks
+    def start(self, **overrides: Any) -> Any:
+        self.rundir = short_rundir(self)
+        self.service = yield start_ipcd(self, make_config(self.rundir, **overrides))
+        return self.service
+
+    def assertOk(self, reply: Reply) -> Any:
+        """Exactly C{ok}, in one recvmsg, with one fd, then EOF."""
+        self.assertEqual((reply.first, reply.data), (b"ok", b"ok"))
+        self.assertEqual(len(reply.fds), 1, "ok carries exactly one fd")
+        self.assertTrue(reply.closed)
+        return reply.take_socket(self)
+
+    def assertRefused(self, reply: Reply, *reason: bytes) -> None:
+        """C{ne <reason>}, no fd, connection closed."""
+        fds = len(reply.fds)
+        reply.close_fds()
+        self.assertEqual(fds, 0, f"a refusal carries no fd: {reply.data!r}")
+        self.assertTrue(reply.data.startswith(b"ne "), reply.data)
+        self.assertTrue(reply.closed)
+        for part in reason:
+            self.assertIn(part, reply.data)
+
+    @inlineCallbacks
+    def assertWorks(self, reply: Reply) -> Any:
+        """The handed-over fd is a working connection to pongd."""
+        sock = self.assertOk(reply)
+        try:
+            echo = yield deferToThread(bounce, sock)
+        finally:
+            sock.close()
+        self.assertEqual(echo, BOUNCE)
+
+
+class UpstreamBytesTests(BrokerTestCase):
+    @inlineCallbacks
+    def test_exactUpstreamLookup(self) -> Any:
+        """C{00 00 00 15 "pong;pong unix://pong"}: ok, one fd, to pongd."""
+        yield self.start()
+        raw = b"\x00\x00\x00\x15pong;pong unix://pong"
+        self.assertEqual(raw, encode(b"pong;pong unix://pong"))
+        reply = yield deferToThread(raw_lookup, self.rundir, raw)
+        yield self.assertWorks(reply)
+
+    @inlineCallbacks
+    def test_routeForAnotherService(self) -> Any:
+        """C{p;audio https://example.com/audio ;p unix://pong}: p is pongd."""
+        yield self.start()
+        payload = b"p;audio https://example.com/audio ;p unix://pong"
+        raw = b"\x00\x00\x00\x30" + payload
+        self.assertEqual(raw, encode(payload))
+        reply = yield deferToThread(raw_lookup, self.rundir, raw)
+        yield self.assertWorks(reply)
+
+    @inlineCallbacks
+    def test_noRoute(self) -> Any:
+        """C{pong;} (no IPC_NETWORK routes): the local pongd."""
+        yield self.start()
+        reply = yield deferToThread(lookup, self.rundir, b"pong;")
+        yield self.assertWorks(reply)
+
+    @inlineCallbacks
+    def test_lastRouteWins(self) -> Any:
+        yield self.start()
+        payload = b"pong;pong unix://missing;pong unix://pong"
+        reply = yield deferToThread(lookup, self.rundir, payload)
+        yield self.assertWorks(reply)
+
+
+class FailureTests(BrokerTestCase):
+    @inlineCallbacks
+    def test_failuresThenStillServingNoLeak(self) -> Any:
+        """
+        Every failure gets C{ne ...}, no fd, and a close; afterwards ipcd
+        still answers a good lookup and has no more fds open than before.
+        """
+        yield self.start(
+            max_message_size=64,
+            ipcd={"lookup_timeout": 0.3},
+            redirects={"b": "a"},
+            routes={"loop1": "unix://loop2", "loop2": "unix://loop1"},
+        )
+        stale_socket(os.path.join(self.rundir, "dead"))
+        # Warm up (the thread pool, lazy imports), then count.
+        yield self.assertWorks((yield deferToThread(lookup, self.rundir, b"pong;")))
+        before = yield fd_baseline()
+
+        framed = [
+            (b"nosuch;", [b"nosuch", b"does not exist"]),
+            (b"../etc", [b"../etc"]),
+            (b"../etc;", [b"../etc"]),
+            (b"", [b"empty service name"]),
+            (b"pong;pong", [b"malformed route"]),
+            (b"pong;pong bogus://x", [b"no transport for scheme 'bogus'"]),
+            (b"pong;pong unix://../x", [b"../x"]),
+            (b"pong;pong unix:///etc/passwd", [b"admin"]),
+            (b"\xff\xfe;", [b"UTF-8"]),
+            # Client route a -> b, admin redirect b -> a.
+            (b"a;a unix://b", [b"redirect loop", b"a -> b -> a"]),
+            # Admin routes loop1 -> loop2 -> loop1.
+            (b"loop1;", [b"redirect loop"]),
+            (b"dead;", [b"not running", b"stale"]),
+            (b"pong;pong unix://dead", [b"not running"]),
+            (b"missing;", [b"does not exist"]),
+        ]
+        for payload, reason in framed:
+            reply = yield deferToThread(lookup, self.rundir, payload)
+            self.assertRefused(reply, *reason)
+
+        # The empty payload, byte for byte.
+        reply = yield deferToThread(raw_lookup, self.rundir, b"\x00\x00\x00\x00")
+        self.assertRefused(reply, b"empty")
+        # A header announcing more than max_message_size.
+        reply = yield deferToThread(raw_lookup, self.rundir, b"\x00\x00\x03\xe8pong;")
+        self.assertRefused(reply, b"1000 bytes exceeds 64")
+        # A client that says nothing; one that sends half a header.
+        reply = yield deferToThread(raw_lookup, self.rundir, b"")
+        self.assertRefused(reply, b"no lookup received within 0.3 s")
+        reply = yield deferToThread(raw_lookup, self.rundir, b"\x00\x00")
+        self.assertRefused(reply, b"no lookup received")
+
+        # Still serving, and nothing leaked.
+        yield self.assertWorks((yield deferToThread(lookup, self.rundir, b"pong;")))
+        yield assert_no_fd_leak(before)
+        counters = self.service.broker.counters
+        self.assertGreaterEqual(counters["refused"], 10)
+
+    @inlineCallbacks
+    def test_clientDisconnectsBeforeAnswer(self) -> Any:
+        """
+        A client that leaves while ipcd connects: the connection ipcd made
+        is closed, nothing leaks, ipcd serves the next client.
+        """
+        yield self.start()
+        daemon = fake_daemon(self, self.rundir, mode="hold")
+        yield self.assertWorks((yield deferToThread(lookup, self.rundir, b"pong;")))
+        before = yield fd_baseline()
+
+        def leave() -> None:
+            with connect_unix(os.path.join(self.rundir, "ipc")) as sock:
+                sock.sendall(encode(b"pong;pong fake://host:1/pong"))
+
+        yield deferToThread(leave)
+        yield wait_until(lambda: daemon.held, "the lookup to reach the daemon")
+        [held] = daemon.held
+        yield wait_until(lambda: held.lost.called, "ipcd to drop the daemon")
+        daemon.release()
+        yield self.assertWorks((yield deferToThread(lookup, self.rundir, b"pong;")))
+        yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
+    def test_silentClientDoesNotBlockOthers(self) -> Any:
+        yield self.start(ipcd={"lookup_timeout": 5})
+        silent = yield deferToThread(connect_unix, os.path.join(self.rundir, "ipc"))
+        self.addCleanup(silent.close)
+        yield self.assertWorks((yield deferToThread(lookup, self.rundir, b"pong;")))
+
+
+class ConcurrencyTests(BrokerTestCase):
+    @inlineCallbacks
+    def test_twoLookupsInFlight(self) -> Any:
+        """A slow lookup does not hold up a quick one; both are answered."""
+        yield self.start()
+        daemon = fake_daemon(self, self.rundir, mode="hold")
+        slow = deferToThread(lookup, self.rundir, b"pong;pong fake://host:1/pong")
+        yield wait_until(lambda: daemon.held, "the slow lookup to reach the daemon")
+        quick = yield deferToThread(lookup, self.rundir, b"pong;")
+        yield self.assertWorks(quick)
+        self.assertFalse(slow.called)
+        daemon.release()
+        reply = yield slow
+        sock = self.assertOk(reply)
+        echo = yield deferToThread(bounce, sock, b"through the daemon")
+        self.assertEqual(echo, encode(b"through the daemon"))
+
+    @inlineCallbacks
+    def test_manyConcurrentLookups(self) -> Any:
+        yield self.start()
+        replies = yield gatherResults(
+            [deferToThread(lookup, self.rundir, b"pong;") for _ in range(8)]
+        )
+        for reply in replies:
+            yield self.assertWorks(reply)
+
+
+class RoutingTests(BrokerTestCase):
+    @inlineCallbacks
+    def test_redirectFromConfig(self) -> Any:
+        """C{--redirect "echo pong"}: a lookup for echo reaches pongd."""
+        yield self.start(redirects={"echo": "pong", "old": "echo"})
+        for name in (b"echo;", b"old;"):
+            reply = yield deferToThread(lookup, self.rundir, name)
+            yield self.assertWorks(reply)
+
+    @inlineCallbacks
+    def test_adminRoute(self) -> Any:
+        """C{--route "p2 unix://pong"}."""
+        yield self.start(routes={"p2": "unix://pong"})
+        reply = yield deferToThread(lookup, self.rundir, b"p2;")
+        yield self.assertWorks(reply)
+
+    @inlineCallbacks
+    def test_adminAbsolutePathRoute(self) -> Any:
+        rundir = short_rundir(self)
+        path = os.path.join(rundir, "pong")
+        self.rundir = short_rundir(self)
+        # pongd of a first instance, reached by absolute path from a second.
+        yield start_ipcd(self, make_config(rundir))
+        yield start_ipcd(
+            self,
+            make_config(
+                self.rundir, pongd={"enabled": False}, routes={"far": "unix://" + path}
+            ),
+        )
+        self.assertFalse(os.path.exists(os.path.join(self.rundir, "pong")))
+        reply = yield deferToThread(lookup, self.rundir, b"far;")
+        yield self.assertWorks(reply)
+
+    @inlineCallbacks
+    def test_clientRoutesDisabled(self) -> Any:
+        """C{allow_client_routes = false}: the client's route is ignored."""
+        yield self.start(ipcd={"allow_client_routes": False}, redirects={"x": "pong"})
+        reply = yield deferToThread(lookup, self.rundir, b"pong;pong unix://missing")
+        yield self.assertWorks(reply)
+        reply = yield deferToThread(lookup, self.rundir, b"y;y unix://pong")
+        self.assertRefused(reply, b"'y'", b"does not exist")
+        reply = yield deferToThread(lookup, self.rundir, b"x;x unix://missing")
+        yield self.assertWorks(reply)
+
+    @inlineCallbacks
+    def test_clientRouteOverridesAdminRoute(self) -> Any:
+        yield self.start(routes={"p": "unix://missing"})
+        reply = yield deferToThread(lookup, self.rundir, b"p;")
+        self.assertRefused(reply, b"missing")
+        reply = yield deferToThread(lookup, self.rundir, b"p;p unix://pong")
+        yield self.assertWorks(reply)
+
+
+class ReplyShapeTests(BrokerTestCase):
+    @inlineCallbacks
+    def test_okIsOneSendmsg(self) -> Any:
+        """The first recvmsg holds all of C{ok} and the fd: upstream reads once."""
+        yield self.start()
+
+        def once() -> tuple[bytes, int]:
+            with connect_unix(os.path.join(self.rundir, "ipc")) as sock:
+                sock.sendall(encode(b"pong;"))
+                reply = read_reply(sock)
+                first = reply.first
+                count = len(reply.fds)
+                reply.close_fds()
+                return first, count
+
+        for _ in range(20):
+            self.assertEqual((yield deferToThread(once)), (b"ok", 1))
+
+    @inlineCallbacks
+    def test_secondMessageIgnored(self) -> Any:
+        """A lookup and more bytes coalesced: one answer, for the lookup."""
+        yield self.start()
+        raw = encode(b"pong;") + encode(b"nosuch;")
+        reply = yield deferToThread(raw_lookup, self.rundir, raw)
+        yield self.assertWorks(reply)

@@ -1,0 +1,239 @@
+"""
+The blocking client, the C{pong} command, and C{twistd -n ipcd} as a real
+process: started, used through ipcd by C{pong}, stopped by SIGTERM; a second
+instance on the same RUNDIR refused; a killed one's stale sockets replaced.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from ipcd import control
+from ipcd.client import connect
+from ipcd.handoff import HandoffError
+from ipcd.scripts import pong
+from ipcd.test.support import (
+    TIMEOUT,
+    accepts,
+    make_config,
+    python_env,
+    read_text,
+    short_rundir,
+    spawn,
+    start_ipcd,
+    wait_until,
+)
+from ipcd.test.test_endpoints import set_network
+from ipcd.wire import recv_message, send_message
+
+
+def echo_once(sock: Any, payload: bytes) -> bytes:
+    with sock:
+        sock.settimeout(TIMEOUT)
+        send_message(sock, payload)
+        return recv_message(sock)
+
+
+class BlockingClientTests(TestCase):
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        set_network(self, None)
+        self.rundir = short_rundir(self)
+        self.service = yield start_ipcd(self, make_config(self.rundir))
+        self.counters = self.service.broker.counters
+
+    def connect_and_echo(self, payload: bytes = b"hi", **kwargs: Any) -> Any:
+        def run() -> bytes:
+            sock = connect("pong", rundir=self.rundir, timeout=TIMEOUT, **kwargs)
+            self.assertTrue(sock.getblocking())
+            self.assertFalse(sock.get_inheritable())
+            return echo_once(sock, payload)
+
+        return deferToThread(run)
+
+    @inlineCallbacks
+    def test_direct(self) -> Any:
+        self.assertEqual((yield self.connect_and_echo(b"direct")), b"direct")
+        self.assertEqual(self.counters["lookups"], 0)
+
+    @inlineCallbacks
+    def test_throughIpcd(self) -> Any:
+        echo = yield self.connect_and_echo(b"via", network="pong unix://pong")
+        self.assertEqual(echo, b"via")
+        self.assertEqual(self.counters["lookups"], 1)
+
+    @inlineCallbacks
+    def test_environment(self) -> Any:
+        set_network(self, "pong unix://pong")
+        self.assertEqual((yield self.connect_and_echo(b"env")), b"env")
+        self.assertEqual(self.counters["lookups"], 1)
+
+    @inlineCallbacks
+    def test_refused(self) -> Any:
+        error = yield self.assertFailure(
+            self.connect_and_echo(network="pong unix://missing"), HandoffError
+        )
+        self.assertIn("no route to service 'missing'", str(error))
+
+    @inlineCallbacks
+    def test_noService(self) -> Any:
+        rundir = short_rundir(self)
+        yield self.assertFailure(
+            deferToThread(connect, "pong", rundir=rundir, timeout=TIMEOUT), OSError
+        )
+
+
+class PongCommandTests(TestCase):
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        set_network(self, None)
+        self.rundir = short_rundir(self)
+        self.service = yield start_ipcd(self, make_config(self.rundir))
+
+    @inlineCallbacks
+    def pong(self, *argv: str) -> Any:
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = yield deferToThread(
+            pong.main, ["--rundir", self.rundir, "--timeout", str(TIMEOUT), *argv]
+        )
+        return code, out.getvalue(), err.getvalue()
+
+    @inlineCallbacks
+    def test_direct(self) -> Any:
+        self.assertEqual((yield self.pong("hello", "world")), (0, "hello world\n", ""))
+        self.assertEqual(self.service.broker.counters["lookups"], 0)
+
+    @inlineCallbacks
+    def test_throughIpcd(self) -> Any:
+        set_network(self, "pong unix://pong")
+        self.assertEqual((yield self.pong("hello")), (0, "hello\n", ""))
+        self.assertEqual(self.service.broker.counters["lookups"], 1)
+
+    @inlineCallbacks
+    def test_refusedByIpcd(self) -> Any:
+        set_network(self, "pong unix://missing")
+        code, out, err = yield self.pong("hello")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("pong: cannot reach service 'pong'", err)
+        self.assertIn("no route to service 'missing'", err)
+
+    @inlineCallbacks
+    def test_noSuchService(self) -> Any:
+        code, out, err = yield self.pong("-s", "nosuch", "hello")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("pong: cannot reach service 'nosuch'", err)
+
+    @inlineCallbacks
+    def test_badServiceName(self) -> Any:
+        code, out, err = yield self.pong("-s", "../etc", "hello")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("'../etc'", err)
+
+
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+class TwistdTests(TestCase):
+    """C{twistd -n ipcd} in a subprocess, found through the plugin."""
+
+    def setUp(self) -> None:
+        self.rundir = short_rundir(self)
+        self.work = short_rundir(self, "ipcd-work-")
+        self.env = python_env()
+        self.sockets = [
+            os.path.join(self.rundir, name) for name in ("ipc", "ipcd-control", "pong")
+        ]
+
+    def twistd(self, name: str, *options: str) -> tuple[subprocess.Popen[bytes], str]:
+        log = os.path.join(self.work, f"{name}.log")
+        args = ["-c", TWISTD, "-n", "--pidfile=", "ipcd"]
+        args += ["--rundir", self.rundir, "--no-tcp", *options]
+        return spawn(self, args, log, self.env, self.work), log
+
+    @inlineCallbacks
+    def started(self, process: subprocess.Popen[bytes], log: str) -> Any:
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"twistd exited with {process.returncode}:\n{read_text(log)}"
+                )
+            return all(accepts(path) for path in self.sockets)
+
+        yield wait_until(ready, "twistd ipcd to listen", timeout=30)
+
+    def run_python(self, args: list[str], **env: str) -> Any:
+        return deferToThread(
+            subprocess.run,
+            [sys.executable, *args],
+            capture_output=True,
+            env=python_env(**env),
+            cwd=self.work,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+
+    @inlineCallbacks
+    def test_runPongStop(self) -> Any:
+        process, log = self.twistd("first")
+        yield self.started(process, log)
+        result = yield self.run_python(
+            ["-m", "ipcd.scripts.pong", "hello", "through", "ipcd"],
+            IPC_NETWORK="pong unix://pong",
+            RUNDIR=self.rundir,
+        )
+        self.assertEqual(
+            (result.returncode, result.stdout, result.stderr),
+            (0, b"hello through ipcd\n", b""),
+        )
+        report = yield deferToThread(control.request, "status", self.rundir, TIMEOUT)
+        self.assertEqual(report["counters"]["lookups"], 1)
+
+        # A second instance on the same RUNDIR refuses, naming the path.
+        second = yield self.run_python(
+            ["-c", TWISTD, "-n", "--pidfile=", "ipcd", "--rundir", self.rundir]
+            + ["--no-tcp"]
+        )
+        output = (second.stdout + second.stderr).decode("utf-8", "replace")
+        self.assertNotEqual(second.returncode, 0, output)
+        self.assertIn(os.path.join(self.rundir, "ipc"), output)
+        self.assertIn("another process is listening", output)
+        # ...and leaves the first one's sockets alone.
+        self.assertTrue(all(accepts(path) for path in self.sockets))
+
+        process.send_signal(signal.SIGTERM)
+        code = yield deferToThread(process.wait, 30)
+        self.assertIn(code, (0, -signal.SIGTERM), read_text(log))
+        for path in self.sockets:
+            self.assertFalse(os.path.lexists(path), f"{path} left behind")
+
+    @inlineCallbacks
+    def test_staleSocketsAfterKill(self) -> Any:
+        """A killed instance leaves its sockets; the next one replaces them."""
+        process, log = self.twistd("killed")
+        yield self.started(process, log)
+        process.kill()
+        yield deferToThread(process.wait, 30)
+        self.assertTrue(all(os.path.lexists(path) for path in self.sockets))
+
+        process, log = self.twistd("next")
+        yield self.started(process, log)
+        result = yield self.run_python(
+            ["-m", "ipcd.scripts.pong", "again"],
+            IPC_NETWORK="pong unix://pong",
+            RUNDIR=self.rundir,
+        )
+        self.assertEqual((result.returncode, result.stdout), (0, b"again\n"))
+        process.send_signal(signal.SIGTERM)
+        code = yield deferToThread(process.wait, 30)
+        self.assertIn(code, (0, -signal.SIGTERM), read_text(log))
