@@ -1,0 +1,871 @@
+"""
+In-memory tests of ipcd's protocols: the lookup protocol, tcpd's handshakes,
+the relay, the control socket, the JSON log observer and the framing over a
+simulated connection.  No real socket, no real reactor, a fake clock.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import (
+    MemoryReactorClock,
+    StringTransport,
+    StringTransportWithDisconnection,
+)
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from ipcd import wire
+from ipcd.broker import Broker, LookupFactory, LookupProtocol
+from ipcd.config import Config
+from ipcd.control import ControlFactory, format_status, status_report
+from ipcd.errors import Refused
+from ipcd.identity import Peer
+from ipcd.logs import json_observer
+from ipcd.policy import parse_rule
+from ipcd.relay import RelayProtocol, RelayStats, join
+from ipcd.routes import RemoteURI
+from ipcd.transports import ITransport
+from ipcd.transports.tcp import TcpControl, TcpInbound, _HandshakeFactory
+
+RUNDIR = "/nonexistent/ipcd-test-rundir"
+
+
+def config(**overrides: Any) -> Config:
+    return Config(rundir=RUNDIR, **overrides)
+
+
+# Test doubles.
+
+
+class RecordingTransport(StringTransportWithDisconnection):
+    """
+    A transport that runs C{connectionLost} when closed and records the
+    calls a TCP transport has and L{StringTransport} lacks.
+    """
+
+    writeClosed = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[Any] = []
+        self.noDelay: bool | None = None
+
+    def write(self, data: bytes) -> None:
+        self.events.append(data)
+        super().write(data)
+
+    def loseWriteConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        self.events.append("loseWriteConnection")
+        self.writeClosed = True
+
+    def loseConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        self.events.append("loseConnection")
+        self.disconnecting = True
+        super().loseConnection()
+
+    def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802 (Twisted's name)
+        self.noDelay = enabled
+
+
+class HalfCloseTransport(StringTransport):
+    """A plain L{StringTransport} (closing it does nothing) with half-close."""
+
+    writeClosed = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[Any] = []
+
+    def write(self, data: bytes) -> None:
+        self.events.append(data)
+        super().write(data)
+
+    def loseWriteConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        self.events.append("loseWriteConnection")
+        self.writeClosed = True
+
+    def loseConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        self.events.append("loseConnection")
+        super().loseConnection()
+
+
+def connect(protocol: Any, transport: Any = None) -> Any:
+    transport = transport if transport is not None else RecordingTransport()
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    return transport
+
+
+class FakeSocket:
+    """Stands for a connected socket: a descriptor number and C{close}."""
+
+    family = socket.AF_UNIX
+
+    def __init__(self, fd: int = 42) -> None:
+        self.fd = fd
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@implementer(ITransport)
+class PendingTransport:
+    """A C{fake://} transport whose connects never complete on their own."""
+
+    scheme = "fake"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, Any]] = []
+        self.cancelled: list[Any] = []
+
+    def connect(self, target: Any, client: Any) -> Deferred[Any]:
+        self.calls.append((target, client))
+        return Deferred(lambda d: self.cancelled.append(target))
+
+
+# The lookup protocol.
+
+
+class LookupProtocolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.fake = PendingTransport()
+
+    def lookup(self, **overrides: Any) -> tuple[Broker, LookupProtocol, Any]:
+        broker = Broker(config(**overrides), self.clock, {"fake": self.fake})
+        protocol = LookupFactory(broker).buildProtocol(None)
+        transport = connect(protocol)
+        return broker, protocol, transport
+
+    def test_unknown_client_without_handle(self) -> None:
+        """With no socket to ask SO_PEERCRED, the client is still named."""
+        _, protocol, _ = self.lookup()
+        self.assertEqual(protocol.client, Peer("unknown local client"))
+
+    def test_silent_client_dropped_at_deadline(self) -> None:
+        _, _, transport = self.lookup(lookup_timeout=3.0)
+        self.clock.advance(2.999)
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.001)
+        self.assertEqual(transport.value(), b"ne no lookup received within 3 s")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_oversized_lookup(self) -> None:
+        """
+        A header announcing more than C{max_message_size} is answered and
+        closed at once; the payload is never parsed.
+        """
+        broker, _, transport = self.lookup(max_message_size=16)
+        payload = b"pong;" + b"x" * 12
+        transport.protocol.dataReceived(wire.encode(payload))
+        self.assertEqual(transport.value(), b"ne lookup of 17 bytes exceeds 16 bytes")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(broker.counters["lookups"], 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_lookup_at_size_limit_is_read(self) -> None:
+        lookup = b"pong;pong fake://h"  # 18 bytes
+        broker, protocol, transport = self.lookup(max_message_size=len(lookup))
+        protocol.dataReceived(wire.encode(lookup))
+        self.assertEqual(broker.counters["lookups"], 1)
+        self.assertEqual(len(self.fake.calls), 1)
+        self.assertEqual(transport.value(), b"")
+
+    def test_malformed_lookup(self) -> None:
+        _, protocol, transport = self.lookup()
+        protocol.dataReceived(wire.encode(b"pong;pong"))
+        self.assertTrue(transport.value().startswith(b"ne bad lookup: "), transport)
+        self.assertIn(b"malformed route", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_lookup_in_pieces(self) -> None:
+        """Header and payload may arrive a byte at a time."""
+        _, protocol, _ = self.lookup()
+        for byte in wire.encode(b"pong;pong fake://h/pong"):
+            protocol.dataReceived(bytes([byte]))
+        self.assertEqual(len(self.fake.calls), 1)
+        target, client = self.fake.calls[0]
+        self.assertEqual(target.uri.host, "h")
+        self.assertEqual(target.service, "pong")
+        self.assertEqual(client, Peer("unknown local client"))
+
+    def test_second_message_ignored_while_pending(self) -> None:
+        broker, protocol, transport = self.lookup()
+        protocol.dataReceived(
+            wire.encode(b"pong;pong fake://h/pong") + wire.encode(b"pong;pong")
+        )
+        protocol.dataReceived(wire.encode(b"other;other fake://h/other"))
+        self.assertEqual(len(self.fake.calls), 1)
+        self.assertEqual(broker.counters["lookups"], 1)
+        self.assertEqual(transport.value(), b"")
+
+    def test_second_message_ignored_after_answer(self) -> None:
+        transport = StringTransport()  # stays open: later bytes still arrive
+        broker = Broker(config(), self.clock, {"fake": self.fake})
+        protocol = LookupFactory(broker).buildProtocol(None)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(wire.encode(b"../etc"))
+        answer = transport.value()
+        self.assertTrue(answer.startswith(b"ne "), answer)
+        protocol.dataReceived(wire.encode(b"pong;pong fake://h/pong"))
+        self.assertEqual(transport.value(), answer)
+        self.assertEqual(self.fake.calls, [])
+        self.assertEqual(broker.counters["lookups"], 1)
+
+    def test_lookup_deadline_ends_with_the_lookup(self) -> None:
+        """
+        Once the lookup is in, the lookup deadline no longer applies; the
+        connect has its own.
+        """
+        _, protocol, transport = self.lookup(lookup_timeout=1.0, connect_timeout=10.0)
+        protocol.dataReceived(wire.encode(b"pong;pong fake://h/pong"))
+        self.clock.advance(5.0)
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.fake.cancelled, [])
+
+    def test_connection_lost_cancels_pending_connect(self) -> None:
+        broker, protocol, transport = self.lookup()
+        protocol.dataReceived(wire.encode(b"pong;pong fake://h/pong"))
+        self.assertEqual(self.fake.cancelled, [])
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.fake.cancelled), 1)
+        self.assertEqual(transport.value(), b"")
+        # Neither the lookup deadline nor the connect deadline is left over.
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(broker.counters["connect failures"], 1)
+
+    def test_connect_deadline(self) -> None:
+        """A transport that never answers is cancelled at the connect deadline."""
+        _, protocol, transport = self.lookup(connect_timeout=2.0)
+        protocol.dataReceived(wire.encode(b"pong;pong fake://h/pong"))
+        self.clock.advance(1.999)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0.001)
+        self.assertEqual(len(self.fake.cancelled), 1)
+        self.assertEqual(
+            transport.value(), b"ne connecting to fake://h/pong timed out after 2 s"
+        )
+        self.assertTrue(transport.disconnecting)
+
+    def test_ok_hands_the_socket_in_one_sendmsg(self) -> None:
+        """
+        C{ok} and the fd go in one C{sendmsg}; ipcd's copy of the socket is
+        closed only once the connection (and its write buffer) is gone.
+        """
+        sent: list[Any] = []
+
+        class Handle:
+            def sendmsg(self, buffers: Any, ancillary: Any) -> int:
+                sent.append((buffers, ancillary))
+                return 2
+
+            def getsockopt(self, *args: Any) -> bytes:
+                raise OSError("not a unix socket")
+
+        class UnixLikeTransport(RecordingTransport):
+            dataBuffer = b""
+            _tempDataBuffer: list[bytes] = []
+
+            def getHandle(self) -> Handle:  # noqa: N802 (Twisted's name)
+                return Handle()
+
+        sock = FakeSocket(fd=42)
+        connected: Deferred[Any] = Deferred()
+        self.fake.connect = lambda target, client: connected  # type: ignore[method-assign]
+        broker = Broker(config(), self.clock, {"fake": self.fake})
+        protocol = LookupFactory(broker).buildProtocol(None)
+        transport = connect(protocol, UnixLikeTransport())
+        protocol.dataReceived(wire.encode(b"pong;pong fake://h/pong"))
+        self.assertEqual(sent, [])
+        connected.callback(sock)
+        [(buffers, ancillary)] = sent
+        self.assertEqual(buffers, [b"ok"])
+        [(level, kind, data)] = ancillary
+        self.assertEqual((level, kind), (socket.SOL_SOCKET, socket.SCM_RIGHTS))
+        self.assertEqual(list(data), [42])
+        self.assertEqual(transport.value(), b"")  # nothing else written
+        self.assertTrue(sock.closed)  # connectionLost ran on loseConnection
+        self.assertEqual(broker.counters["connected"], 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+# tcpd's handshakes.
+
+
+class StubBroker:
+    """
+    What tcpd's listeners need of a broker, answering with Deferreds the
+    test fires (and whose cancellation it sees).
+    """
+
+    def __init__(self, reactor: Any, **overrides: Any) -> None:
+        self.config = config(**overrides)
+        self.reactor = reactor
+        self.relays: set[RelayStats] = set()
+        self.inbound: list[tuple[str, Peer, Deferred[Any]]] = []
+        self.uris: list[tuple[RemoteURI, Peer, Deferred[Any]]] = []
+        self.cancelled: list[Any] = []
+
+    def _pending(self, what: Any) -> Deferred[Any]:
+        return Deferred(lambda d: self.cancelled.append(what))
+
+    def open_inbound(self, service: str, peer: Peer) -> Deferred[Any]:
+        d = self._pending(service)
+        self.inbound.append((service, peer, d))
+        return d
+
+    def open_uri(self, uri: RemoteURI, peer: Peer) -> Deferred[Any]:
+        d = self._pending(uri)
+        self.uris.append((uri, peer, d))
+        return d
+
+
+class AdoptingReactor(MemoryReactorClock):
+    """
+    A memory reactor whose C{adoptStreamConnection} connects the factory's
+    protocol to an in-memory transport, as a real reactor would to the fd.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adopted: list[tuple[int, Any]] = []
+
+    def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> Any:  # noqa: N802
+        protocol = factory.buildProtocol(None)
+        transport = connect(protocol)
+        self.adopted.append((fd, transport))
+        return transport
+
+
+class HandleTransport(RecordingTransport):
+    """A UNIX-socket-like transport whose handle has no SO_PEERCRED."""
+
+    def getHandle(self) -> Any:  # noqa: N802 (Twisted's name)
+        class Handle:
+            def getsockopt(self, *args: Any) -> bytes:
+                raise OSError("no credentials here")
+
+        return Handle()
+
+
+class TcpHandshakeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = AdoptingReactor()
+        self.broker = StubBroker(self.reactor, tcp_handshake_timeout=4.0)
+
+    def inbound(self) -> tuple[TcpInbound, RecordingTransport]:
+        protocol = _HandshakeFactory(TcpInbound, self.broker).buildProtocol(None)
+        transport = connect(protocol)
+        return protocol, transport
+
+    def control(self) -> tuple[TcpControl, RecordingTransport]:
+        protocol = _HandshakeFactory(TcpControl, self.broker).buildProtocol(None)
+        transport = connect(protocol, HandleTransport())
+        return protocol, transport
+
+    def test_identify_remote_peer(self) -> None:
+        protocol, transport = self.inbound()
+        self.assertIs(transport.noDelay, True)
+        self.assertEqual(str(protocol.who), "192.168.1.1:54321")
+        self.assertIn("ip:192.168.1.1", protocol.who.labels)
+
+    def test_raw_request(self) -> None:
+        protocol, transport = self.inbound()
+        protocol.dataReceived(b"pong")
+        [(service, peer, _)] = self.broker.inbound
+        self.assertEqual(service, "pong")
+        self.assertIs(peer, protocol.who)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_framed_request(self) -> None:
+        protocol, _ = self.inbound()
+        protocol.dataReceived(bytes.fromhex("00000004") + b"pong")
+        [(service, _, _)] = self.broker.inbound
+        self.assertEqual(service, "pong")
+
+    def test_framed_request_in_pieces(self) -> None:
+        protocol, _ = self.inbound()
+        for byte in bytes.fromhex("00000004") + b"pong":
+            self.assertEqual(self.broker.inbound, [])
+            protocol.dataReceived(bytes([byte]))
+        [(service, _, _)] = self.broker.inbound
+        self.assertEqual(service, "pong")
+
+    def test_raw_refusal_is_raw(self) -> None:
+        protocol, transport = self.inbound()
+        protocol.dataReceived(b"secret")
+        self.broker.inbound[0][2].errback(Refused("denied by default"))
+        self.assertEqual(transport.value(), b"ne denied by default")
+        self.assertTrue(transport.disconnecting)
+
+    def test_framed_refusal_is_framed(self) -> None:
+        protocol, transport = self.inbound()
+        protocol.dataReceived(wire.encode(b"secret"))
+        self.broker.inbound[0][2].errback(Refused("denied by default"))
+        self.assertEqual(transport.value(), wire.encode(b"ne denied by default"))
+        self.assertTrue(transport.disconnecting)
+
+    def test_internal_error_is_refused(self) -> None:
+        protocol, transport = self.inbound()
+        protocol.dataReceived(b"pong")
+        self.broker.inbound[0][2].errback(ZeroDivisionError("boom"))
+        self.assertEqual(transport.value(), b"ne internal error")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_framed_too_long(self) -> None:
+        protocol, transport = self.inbound()
+        protocol.dataReceived(wire.HEADER.pack(256))
+        self.assertEqual(self.broker.inbound, [])
+        answer = transport.value()
+        (size,) = wire.HEADER.unpack_from(answer)
+        self.assertEqual(answer[4:], b"ne request of 256 bytes is too long")
+        self.assertEqual(size, len(answer) - 4)
+        self.assertTrue(transport.disconnecting)
+
+    def test_not_ascii(self) -> None:
+        protocol, transport = self.inbound()
+        protocol.dataReceived("pöng".encode())
+        self.assertEqual(self.broker.inbound, [])
+        self.assertEqual(transport.value(), b"ne request is not ASCII")
+
+    def test_handshake_deadline(self) -> None:
+        protocol, transport = self.inbound()
+        self.reactor.advance(3.999)
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(0.001)
+        self.assertTrue(transport.value().endswith(b"ne handshake timed out"))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.broker.inbound, [])
+
+    def test_partial_frame_then_deadline(self) -> None:
+        protocol, transport = self.inbound()
+        protocol.dataReceived(b"\0\0\0\x04po")
+        self.reactor.advance(4.0)
+        self.assertEqual(transport.value(), wire.encode(b"ne handshake timed out"))
+        self.assertEqual(self.broker.inbound, [])
+
+    def test_eof_during_handshake_closes(self) -> None:
+        protocol, transport = self.inbound()
+        protocol.dataReceived(b"\0\0")
+        protocol.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_eof_while_pending_cancels(self) -> None:
+        protocol, transport = self.inbound()
+        protocol.dataReceived(b"pong")
+        protocol.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.broker.cancelled, ["pong"])
+        self.assertEqual(transport.value(), b"")
+
+    def test_accepted_raw(self) -> None:
+        """
+        On success the raw peer gets a raw C{ok}, the service's socket is
+        adopted as the relay's other side, and bytes flow both ways.
+        """
+        protocol, transport = self.inbound()
+        protocol.dataReceived(b"pong")
+        sock = FakeSocket(fd=7)
+        self.broker.inbound[0][2].callback(sock)
+        self.assertEqual(transport.value(), b"ok")
+        self.assertTrue(sock.closed)
+        [(fd, service)] = self.reactor.adopted
+        self.assertEqual(fd, 7)
+        [stats] = self.broker.relays
+        self.assertEqual(
+            (stats.direction, stats.service, stats.description),
+            ("in", "pong", "192.168.1.1:54321"),
+        )
+        protocol.dataReceived(wire.encode(b"hello"))
+        self.assertEqual(service.value(), wire.encode(b"hello"))
+        service.protocol.dataReceived(wire.encode(b"hello"))
+        self.assertEqual(transport.value(), b"ok" + wire.encode(b"hello"))
+        self.assertEqual((stats.forward, stats.backward), (9, 9))
+
+    def test_accepted_framed_with_early_data(self) -> None:
+        """
+        A framed request gets a framed C{ok}; bytes the peer sent right after
+        its request reach the service first.
+        """
+        protocol, transport = self.inbound()
+        protocol.dataReceived(wire.encode(b"pong") + wire.encode(b"early"))
+        self.broker.inbound[0][2].callback(FakeSocket())
+        self.assertEqual(transport.value(), wire.encode(b"ok"))
+        [(_, service)] = self.reactor.adopted
+        protocol.dataReceived(wire.encode(b"late"))
+        self.assertEqual(service.value(), wire.encode(b"early") + wire.encode(b"late"))
+
+    def test_connection_lost_while_pending(self) -> None:
+        protocol, transport = self.inbound()
+        protocol.dataReceived(b"pong")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.broker.cancelled, ["pong"])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(transport.value(), b"")
+
+    def test_control_uri(self) -> None:
+        protocol, transport = self.control()
+        self.assertEqual(protocol.who, Peer("unknown local client"))
+        protocol.dataReceived(wire.encode(b"tcp://127.0.0.1:9/pong"))
+        [(uri, _, d)] = self.broker.uris
+        self.assertIsInstance(uri, RemoteURI)
+        self.assertEqual(
+            (uri.scheme, uri.host, uri.port, uri.service),
+            ("tcp", "127.0.0.1", 9, "pong"),
+        )
+        d.callback(FakeSocket())
+        self.assertEqual(transport.value(), wire.encode(b"ok"))
+
+    def test_control_refuses_other_schemes(self) -> None:
+        for request in (b"tls://127.0.0.1:9/pong", b"pong", b"unix:///x/y"):
+            protocol, transport = self.control()
+            protocol.dataReceived(wire.encode(request))
+            answer = transport.value()
+            self.assertTrue(
+                answer.startswith(wire.HEADER.pack(len(answer) - 4) + b"ne "),
+                answer,
+            )
+            self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.broker.uris, [])
+
+    def test_control_refuses_junk(self) -> None:
+        protocol, transport = self.control()
+        protocol.dataReceived(wire.encode(b"tcp://[nope/pong"))
+        answer = transport.value()
+        self.assertEqual(wire.HEADER.unpack_from(answer)[0], len(answer) - 4)
+        self.assertTrue(answer[4:].startswith(b"ne "), answer)
+        self.assertEqual(self.broker.uris, [])
+
+    def test_control_refusal_is_framed(self) -> None:
+        protocol, transport = self.control()
+        protocol.dataReceived(wire.encode(b"tcp://127.0.0.1:9/pong"))
+        self.broker.uris[0][2].errback(Refused("out connection denied"))
+        self.assertEqual(transport.value(), wire.encode(b"ne out connection denied"))
+
+    def test_control_deadline(self) -> None:
+        _, transport = self.control()
+        self.reactor.advance(4.0)
+        self.assertEqual(transport.value(), wire.encode(b"ne handshake timed out"))
+        self.assertTrue(transport.disconnecting)
+
+    def test_control_eof_closes(self) -> None:
+        protocol, transport = self.control()
+        protocol.dataReceived(b"\0\0\0\x20tcp://")
+        protocol.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.broker.uris, [])
+
+
+# The relay.
+
+
+class RelayTests(SynchronousTestCase):
+    def sides(
+        self, transport: type = HalfCloseTransport
+    ) -> tuple[RelayProtocol, RelayProtocol]:
+        a, b = RelayProtocol(), RelayProtocol()
+        connect(a, transport())
+        connect(b, transport())
+        return a, b
+
+    def test_both_ways_and_counted(self) -> None:
+        a, b = self.sides()
+        stats = join(a, b)
+        a.dataReceived(b"hello")
+        b.dataReceived(b"hi")
+        b.dataReceived(b"!")
+        self.assertEqual(b.transport.value(), b"hello")
+        self.assertEqual(a.transport.value(), b"hi!")
+        self.assertEqual((stats.forward, stats.backward), (5, 3))
+
+    def test_producers_registered(self) -> None:
+        a, b = self.sides()
+        join(a, b)
+        self.assertIs(a.transport.producer, b.transport)
+        self.assertIs(b.transport.producer, a.transport)
+        self.assertIs(a.transport.streaming, True)
+        self.assertIs(b.transport.streaming, True)
+
+    def test_buffered_before_join(self) -> None:
+        a, b = self.sides()
+        a.dataReceived(b"1")
+        a.dataReceived(b"2")
+        b.dataReceived(b"x")
+        self.assertEqual((a.transport.value(), b.transport.value()), (b"", b""))
+        stats = join(a, b)
+        a.dataReceived(b"3")
+        self.assertEqual(b.transport.value(), b"123")
+        self.assertEqual(a.transport.value(), b"x")
+        self.assertEqual((stats.forward, stats.backward), (3, 1))
+
+    def test_half_close(self) -> None:
+        a, b = self.sides()
+        join(a, b)
+        a.readConnectionLost()
+        self.assertTrue(b.transport.writeClosed)
+        self.assertFalse(a.transport.writeClosed)
+        self.assertFalse(a.transport.disconnecting or b.transport.disconnecting)
+        # B still talks to A after A's EOF.
+        b.dataReceived(b"reply")
+        self.assertEqual(a.transport.value(), b"reply")
+        b.readConnectionLost()
+        self.assertTrue(a.transport.writeClosed)
+        self.assertTrue(a.transport.disconnecting)
+        self.assertTrue(b.transport.disconnecting)
+
+    def test_eof_before_join_follows_data(self) -> None:
+        a, b = self.sides()
+        a.dataReceived(b"last words")
+        a.readConnectionLost()
+        join(a, b)
+        self.assertEqual(b.transport.events, [b"last words", "loseWriteConnection"])
+        self.assertFalse(b.transport.disconnecting)
+
+    def test_death_closes_other_side(self) -> None:
+        a, b = self.sides()
+        registry: set[RelayStats] = set()
+        stats = join(a, b, RelayStats(registry=registry))
+        self.assertEqual(registry, {stats})
+        a.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(b.transport.disconnecting)
+        self.assertEqual(registry, {stats})  # B is still closing
+        b.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(registry, set())
+
+    def test_death_before_join(self) -> None:
+        a, b = self.sides()
+        registry: set[RelayStats] = set()
+        a.connectionLost(Failure(ConnectionDone()))
+        join(a, b, RelayStats(registry=registry))
+        self.assertTrue(b.transport.disconnecting)
+        b.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(registry, set())
+
+    def test_registry_with_closing_transports(self) -> None:
+        """Closing runs connectionLost: both sides go, the stats leave."""
+        a, b = self.sides(RecordingTransport)
+        registry: set[RelayStats] = set()
+        join(a, b, RelayStats(registry=registry))
+        a.readConnectionLost()
+        b.readConnectionLost()
+        self.assertEqual(registry, set())
+        self.assertFalse(a.transport.connected or b.transport.connected)
+
+    def test_over_simulated_connections(self) -> None:
+        """
+        A relay between a client and a service, each connection simulated
+        by iosim: a message goes through and the echo comes back.
+        """
+
+        class Echo(wire.MessageProtocol):
+            def messageReceived(self, payload: bytes) -> None:
+                self.sendMessage(payload)
+
+        class Client(wire.MessageProtocol):
+            def __init__(self) -> None:
+                self.received: list[bytes] = []
+
+            def messageReceived(self, payload: bytes) -> None:
+                self.received.append(payload)
+
+        client, a, pump_a = iosim.connectedServerAndClient(RelayProtocol, Client)
+        b, service, pump_b = iosim.connectedServerAndClient(Echo, RelayProtocol)
+        stats = join(a, b)
+        client.sendMessage(b"x" * 100_000)
+        for _ in range(10):
+            pump_a.pump()
+            pump_b.pump()
+        self.assertEqual(client.received, [b"x" * 100_000])
+        self.assertEqual(stats.forward, stats.backward)
+        self.assertEqual(stats.forward, 100_004)
+
+
+# The control socket.
+
+
+class ControlTests(SynchronousTestCase):
+    def ask(self, command: bytes, handlers: dict[str, Any]) -> tuple[Any, Any]:
+        protocol = ControlFactory(handlers).buildProtocol(None)
+        transport = connect(protocol)
+        protocol.dataReceived(wire.encode(command))
+        answer = transport.value()
+        (size,) = wire.HEADER.unpack_from(answer)
+        self.assertEqual(size, len(answer) - 4)
+        return json.loads(answer[4:]), transport
+
+    def test_status(self) -> None:
+        answer, transport = self.ask(b"status", {"status": lambda: {"ok": True}})
+        self.assertEqual(answer, {"ok": True})
+        self.assertTrue(transport.disconnecting)
+
+    def test_unknown_command(self) -> None:
+        answer, _ = self.ask(b"explode", {"status": lambda: {"ok": True}})
+        self.assertEqual(answer["ok"], False)
+        self.assertIn("explode", answer["error"])
+
+    def test_oversized_command(self) -> None:
+        protocol = ControlFactory({}).buildProtocol(None)
+        transport = connect(protocol)
+        protocol.dataReceived(wire.HEADER.pack(2048))
+        self.assertTrue(transport.disconnecting)
+
+    def broker(self) -> Broker:
+        broker = Broker(
+            config(rules=(parse_rule("deny in secret *"),)), MemoryReactorClock()
+        )
+        broker.counters.update({"lookups": 3, "refused": 1})
+        broker.relays.add(
+            RelayStats(
+                description="10.0.0.2:5555",
+                direction="in",
+                service="pong",
+                route="tcp inbound",
+                labels=("ip:10.0.0.2",),
+                forward=2048,
+                backward=10,
+            )
+        )
+        return broker
+
+    def test_status_report(self) -> None:
+        report = status_report(self.broker())
+        json.dumps(report)  # plain JSON values only
+        [connection] = report["connections"]
+        self.assertEqual(connection["service"], "pong")
+        self.assertEqual(connection["labels"], ["ip:10.0.0.2"])
+        self.assertEqual((connection["bytes_in"], connection["bytes_out"]), (2048, 10))
+        self.assertEqual(report["counters"], {"lookups": 3, "refused": 1})
+        self.assertEqual(report["config"]["rules"], ["deny in secret *"])
+        self.assertEqual(report["config"]["rundir"], RUNDIR)
+
+    def test_format_status(self) -> None:
+        broker = self.broker()
+        broker.relays.add(RelayStats(description="pid 1 uid 0", service="auth"))
+        text = format_status(status_report(broker))
+        lines = text.splitlines()
+        self.assertIn("connections: 2", lines)
+        self.assertIn("counters:", lines)
+        self.assertIn("  lookups: 3", lines)
+        self.assertIn("  refused: 1", lines)
+        [header] = [line for line in lines if line.startswith("DIR")]
+        self.assertEqual(
+            header.split(), ["DIR", "SERVICE", "ROUTE", "PEER", "IN", "OUT", "AGE"]
+        )
+        rows = [line for line in lines if "10.0.0.2:5555" in line or "pid 1" in line]
+        self.assertEqual(len(rows), 2)
+        [pong] = [row for row in rows if "pong" in row]
+        self.assertIn("2.0 KiB", pong)
+        self.assertIn("10 B", pong)
+        self.assertIn("tcp inbound", pong)
+
+    def test_format_status_no_connections(self) -> None:
+        broker = Broker(config(), MemoryReactorClock())
+        text = format_status(status_report(broker))
+        self.assertIn("connections: 0", text.splitlines())
+        self.assertNotIn("DIR", text)
+
+
+# The JSON log.
+
+
+class JsonLogTests(SynchronousTestCase):
+    def test_policy_decision_as_json(self) -> None:
+        out = io.StringIO()
+        observer = json_observer(out)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        broker = Broker(
+            config(
+                rules=(
+                    parse_rule("allow local pong uid:0"),
+                    parse_rule("deny local pong *"),
+                )
+            ),
+            MemoryReactorClock(),
+        )
+        client = Peer("pid 9 uid 1000", frozenset({"uid:1000", "user:alice"}), 9, 1000)
+        self.failureResultOf(broker.open(b"pong;", client), Refused)
+
+        events = [json.loads(line) for line in out.getvalue().splitlines() if line]
+        [event] = [e for e in events if "direction" in e]
+        self.assertEqual(event["direction"], "local")
+        self.assertEqual(event["service"], "pong")
+        self.assertEqual(event["who"], "pid 9 uid 1000")
+        self.assertEqual(event["labels"], ["uid:1000", "user:alice"])
+        self.assertEqual(event["rule"], "deny local pong *")
+        self.assertIs(event["allowed"], False)
+        self.assertEqual(event["verdict"], "denied by rule 2 (deny local pong *)")
+        self.assertIsNone(event["target"])
+        self.assertIn("denied", event["outcome"])
+        for key in ("direction", "service", "who", "labels", "rule", "allowed"):
+            # Plain values, not {"unpersistable": true}.
+            self.assertIsInstance(event[key], (str, list, bool))
+
+
+# The framing over a simulated connection.
+
+
+class SmallWrites(iosim.FakeTransport):
+    """Hands at most C{chunk} bytes to the pump at a time."""
+
+    chunk = 4093  # odd-sized: headers land across reads
+
+    def getOutBuffer(self) -> bytes | None:  # noqa: N802 (iosim's name)
+        data = b"".join(self.stream)
+        if not data:
+            return None
+        out, rest = data[: self.chunk], data[self.chunk :]
+        self.stream = [rest] if rest else []
+        return out
+
+
+class FramingOverIOSimTests(SynchronousTestCase):
+    def test_large_message_in_small_pieces(self) -> None:
+        class Peer(wire.MessageProtocol):
+            def __init__(self) -> None:
+                self.received: list[bytes] = []
+
+            def messageReceived(self, payload: bytes) -> None:
+                self.received.append(payload)
+
+        client, server, pump = iosim.connectedServerAndClient(
+            Peer,
+            Peer,
+            clientTransportFactory=lambda p: SmallWrites(p, isServer=False),
+            serverTransportFactory=lambda p: SmallWrites(p, isServer=True),
+        )
+        big = bytes(range(256)) * 4096  # 1 MiB: exactly the default limit
+        client.sendMessage(big)
+        client.sendMessage(b"after")
+        server.sendMessage(b"small")
+        pumps = 0
+        while pump.pump():
+            pumps += 1
+        self.assertGreater(pumps, 200)
+        self.assertEqual(len(server.received), 2)
+        self.assertTrue(server.received[0] == big, "1 MiB message corrupted")
+        self.assertEqual(server.received[1], b"after")
+        self.assertEqual(client.received, [b"small"])
+        self.assertFalse(server.transport.disconnecting)
