@@ -266,6 +266,7 @@ class TcpInbound(_Handshaking):
 
     direction = "in"
     route = "tcp inbound"
+    framed = False  # until a request says otherwise: upstream speaks raw
 
     def identify(self) -> Peer:
         self.transport.setTcpNoDelay(True)
@@ -293,7 +294,7 @@ class TcpControl(_Handshaking):
     def identify(self) -> Peer:
         try:
             return local_peer(self.transport.getHandle())
-        except OSError:
+        except (OSError, AttributeError):
             return Peer("unknown local client")
 
     def parse(self, data: bytes) -> tuple[bytes, bytes] | None:
