@@ -357,6 +357,9 @@ class LookupProtocol(MessageProtocol):
         # Keep our copy open until the write buffer (and the fd) is flushed:
         # it is closed in connectionLost.
         self._handed = sock
+        # O_NONBLOCK belongs to the shared open file, not to our fd: clients
+        # (upstream's do a plain blocking read) must get a blocking socket.
+        sock.setblocking(True)
         send_ok(self.transport, sock.fileno())
         self.transport.loseConnection()
 

@@ -142,6 +142,8 @@ class Reply:
     def take_socket(self, case: SynchronousTestCase) -> socket.socket:
         """The one handed-over fd as a blocking socket, closed after the test."""
         [fd] = self.fds
+        # Upstream clients read with plain blocking read()s.
+        case.assertTrue(os.get_blocking(fd), "the handed-over fd is non-blocking")
         sock = socket.socket(fileno=fd)
         sock.settimeout(TIMEOUT)
         case.addCleanup(sock.close)
