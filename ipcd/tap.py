@@ -153,7 +153,11 @@ class IPCDService(MultiService):
             group=config.control_group,
         ).setServiceParent(self)
         if config.pongd:
-            pongd(config.rundir, reactor=reactor).setServiceParent(self)
+            pongd(
+                config.rundir,
+                reactor=reactor,
+                max_message_size=config.max_message_size,
+            ).setServiceParent(self)
         if config.tcp_listen is not None:
             TcpService(self.broker, config.tcp_listen).setServiceParent(self)
 

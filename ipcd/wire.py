@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import struct
 
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 
@@ -75,6 +76,28 @@ class MessageProtocol(Int32StringReceiver):
 
     def sendMessage(self, payload: bytes) -> None:
         self.transport.write(encode(payload))
+
+
+class MessageFactory(Factory):
+    """
+    A factory of L{MessageProtocol}s that share one maximum message size
+    (e.g. the configuration's C{max_message_size}).
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        protocol: type[MessageProtocol],
+        maxMessageSize: int = DEFAULT_MAX_MESSAGE_SIZE,  # noqa: N803
+    ) -> None:
+        self.protocol = protocol
+        self.maxMessageSize = maxMessageSize
+
+    def buildProtocol(self, addr: object) -> MessageProtocol:  # noqa: N802
+        protocol = super().buildProtocol(addr)
+        protocol.maxMessageSize = self.maxMessageSize
+        return protocol
 
 
 # Blocking helpers for plain sockets.

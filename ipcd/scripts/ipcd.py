@@ -90,7 +90,18 @@ def main(argv: list[str] | None = None) -> None:
     if "--json-log" in args:
         args.remove("--json-log")
         twistd_options += ["--logger", "ipcd.logs.json_observer"]
-    sys.argv = ["ipcd", *twistd_options, "ipcd", *join_words(args)]
+    args = join_words(args)
+    # Check the options here: twistd would bury the error under its help.
+    from twisted.python import usage
+
+    from ipcd.tap import Options
+
+    try:
+        Options().parseOptions(args)
+    except usage.UsageError as e:
+        print(f"ipcd: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = ["ipcd", *twistd_options, "ipcd", *args]
     run()
 
 

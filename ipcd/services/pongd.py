@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.protocol import Factory
-
 from ipcd.services import IPCService
-from ipcd.wire import MessageProtocol
+from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE, MessageFactory, MessageProtocol
 
 
 class Pong(MessageProtocol):
@@ -16,9 +14,10 @@ class Pong(MessageProtocol):
 
 
 def pongd(
-    rundir: str | None = None, name: str = "pong", reactor: Any = None
+    rundir: str | None = None,
+    name: str = "pong",
+    reactor: Any = None,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
 ) -> IPCService:
     """The echo service, listening at C{RUNDIR/pong}."""
-    factory = Factory.forProtocol(Pong)
-    factory.noisy = False
-    return IPCService(name, factory, rundir, reactor)
+    return IPCService(name, MessageFactory(Pong, max_message_size), rundir, reactor)

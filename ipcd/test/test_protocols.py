@@ -114,9 +114,13 @@ class FakeSocket:
     def __init__(self, fd: int = 42) -> None:
         self.fd = fd
         self.closed = False
+        self.blocking = False
 
     def fileno(self) -> int:
         return self.fd
+
+    def setblocking(self, flag: bool) -> None:
+        self.blocking = flag
 
     def close(self) -> None:
         self.closed = True
@@ -301,6 +305,7 @@ class LookupProtocolTests(SynchronousTestCase):
         [(level, kind, data)] = ancillary
         self.assertEqual((level, kind), (socket.SOL_SOCKET, socket.SCM_RIGHTS))
         self.assertEqual(list(data), [42])
+        self.assertTrue(sock.blocking, "clients must get a blocking socket")
         self.assertEqual(transport.value(), b"")  # nothing else written
         self.assertTrue(sock.closed)  # connectionLost ran on loseConnection
         self.assertEqual(broker.counters["connected"], 1)
