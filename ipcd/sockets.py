@@ -11,6 +11,7 @@ with C{addReader}/C{addWriter}, and read exactly the bytes they are owed.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from typing import Any
 
@@ -159,10 +160,17 @@ async def connect_tcp(
     try:
         err = sock.connect_ex(address)
         if err == errno.EINPROGRESS:
-            await wait_writable(reactor, sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            try:
+                await wait_writable(reactor, sock)
+            except ConnectionLost:
+                # The reactor saw an error or hangup (a refused connect, under
+                # epoll) instead of writability: SO_ERROR says which.
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                err = err or errno.ECONNABORTED
+            else:
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            raise OSError(err, errno.errorcode.get(err, str(err)))
+            raise OSError(err, os.strerror(err))
         return sock
     except BaseException:
         sock.close()

@@ -1,0 +1,221 @@
+"""
+Helpers for tcpd's integration tests: in-process "hosts" (an ipcd with tcpd
+on an ephemeral loopback port and its own RUNDIR), local test services, and
+plain blocking TCP peers (run them in threads; every wait is bounded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from ipcd.names import listen_unix
+from ipcd.relay import RelayProtocol
+from ipcd.tap import IPCDService
+from ipcd.test.support import (
+    TIMEOUT,
+    make_config,
+    short_rundir,
+    start_ipcd,
+    wait_until,
+)
+from ipcd.transports.tcp import TcpInbound
+
+# tcpd listens on loopback, on a port the kernel picks.
+TCP_LISTEN = "tcp:0:interface=127.0.0.1"
+
+
+@dataclass
+class Host:
+    """One in-process ipcd instance standing for a host."""
+
+    service: IPCDService
+    rundir: str
+    port: int
+
+    @property
+    def broker(self) -> Any:
+        return self.service.broker
+
+    def route(self, service: str, remote: str | None = None) -> str:
+        """The C{tcp://} URI of C{remote} (default C{service}) on this host."""
+        return f"tcp://127.0.0.1:{self.port}/{remote or service}"
+
+
+@inlineCallbacks
+def start_host(
+    case: SynchronousTestCase,
+    rules: list[str] | tuple[str, ...] = (),
+    pongd: bool = True,
+    handshake_timeout: float = 5.0,
+    **overrides: Any,
+) -> Any:
+    """Start an ipcd with pongd (unless disabled) and tcpd; stopped after."""
+    rundir = short_rundir(case, "ipcd-tcp-")
+    config = make_config(
+        rundir,
+        tcpd={"listen": TCP_LISTEN, "handshake_timeout": handshake_timeout},
+        rules=list(rules),
+        pongd={"enabled": pongd},
+        **overrides,
+    )
+    service = yield start_ipcd(case, config)
+    port = yield service.getServiceNamed("tcpd").listening()
+    host = Host(service, rundir, port.getHost().port)
+    # Runs after the test's own cleanups (which close its sockets): relays
+    # end in a turn or two of the reactor.
+    case.addCleanup(
+        wait_until,
+        lambda: not service.broker.relays and not inbound_relays(),
+        "relays to end",
+    )
+    return host
+
+
+# Local services for the far end of a relay.
+
+
+@implementer(IHalfCloseableProtocol)
+class DigestService(Protocol):
+    """
+    Hashes everything it reads.  At EOF it answers C{b"COUNT HEXDIGEST"} and
+    closes; or, as the factory says, just closes (C{on_eof="close"}) or
+    ignores it (C{"ignore"}: a half-closeable service that keeps its side).
+    It starts with reading paused when the factory says so (a receiver that
+    is not reading).
+    """
+
+    def connectionMade(self) -> None:
+        self.digest = hashlib.sha256()
+        self.count = 0
+        self.eof = False
+        self.lost: Deferred[None] = Deferred()
+        self.factory.connections.append(self)
+        if self.factory.start_paused:
+            self.transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.count += len(data)
+
+    def readConnectionLost(self) -> None:
+        self.eof = True
+        if self.factory.on_eof == "answer":
+            answer = f"{self.count} {self.digest.hexdigest()}".encode()
+            self.transport.write(answer)
+        if self.factory.on_eof != "ignore":
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+class DigestFactory(Factory):
+    protocol = DigestService
+    noisy = False
+
+    def __init__(self, on_eof: str = "answer", start_paused: bool = False) -> None:
+        self.on_eof = on_eof
+        self.start_paused = start_paused
+        self.connections: list[DigestService] = []
+
+
+def digest_service(
+    case: SynchronousTestCase, rundir: str, name: str, **kwargs: Any
+) -> DigestFactory:
+    """Listen as local service C{name} in C{rundir}; stopped (and closed) after."""
+    factory = DigestFactory(**kwargs)
+    port = listen_unix(reactor, os.path.join(rundir, name), factory)
+    case.addCleanup(port.stopListening)
+
+    def drop_connections() -> Any:
+        waits = []
+        for protocol in factory.connections:
+            protocol.transport.abortConnection()
+            waits.append(protocol.lost)
+        return gatherResults(waits)
+
+    case.addCleanup(drop_connections)
+    return factory
+
+
+def inbound_relays() -> list[TcpInbound]:
+    """tcpd's inbound connections that the reactor currently watches."""
+    found: list[TcpInbound] = []
+    for selectable in {*reactor.getReaders(), *reactor.getWriters()}:
+        protocol = getattr(selectable, "protocol", None)
+        if isinstance(protocol, RelayProtocol):
+            for side in (protocol, protocol.peer):
+                if isinstance(side, TcpInbound) and side not in found:
+                    found.append(side)
+    return found
+
+
+def buffered(transport: Any) -> int:
+    """Bytes a Twisted transport holds in its write buffer."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+# Plain blocking peers.
+
+
+def tcp_connect(port: int, host: str = "127.0.0.1") -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, count: int) -> bytes:
+    """Read C{count} bytes (fewer at EOF)."""
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def recv_all(sock: socket.socket, limit: int = 1 << 20) -> bytes:
+    """Read up to EOF (bounded by the socket's timeout and by C{limit})."""
+    data = b""
+    while len(data) < limit:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def recv_eof(sock: socket.socket) -> bytes:
+    """
+    What a peer reads until its connection ends: data, then EOF or a reset
+    (both mean the other side closed).
+    """
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0): the connection dies, no FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

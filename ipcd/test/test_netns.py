@@ -1,0 +1,222 @@
+"""
+Two hosts for real: each C{twistd -n ipcd} in its own network namespace,
+joined by a veth pair (link-local IPv4, or IPv6 ULA, on the veth only).  A
+client on host A reaches pongd on host B through a C{tcp://} route.
+
+Needs root and a working C{ip netns}; skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from ipcd.test.support import (
+    REPO,
+    TIMEOUT,
+    accepts,
+    python_env,
+    read_text,
+    short_rundir,
+)
+
+# twisted.scripts.twistd has no __main__ block: call its run().
+TWISTD = ["-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+PORT = 9000
+_names = itertools.count()
+
+
+def ip(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run C{ip ARGS}; a failure raises with ip's own message."""
+    result = subprocess.run(
+        ["ip", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    if result.returncode:
+        raise OSError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+    return result
+
+
+def poll(predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    """Wait (blocking, bounded) until C{predicate} is true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def spawn_in(case: SynchronousTestCase, ns: str, args: list[str], log_path: str) -> Any:
+    """
+    C{sys.executable ARGS} in namespace C{ns}, from the repository root (so
+    twistd finds C{twisted/plugins/ipcd_plugin.py}); stopped after.
+    C{ip netns exec} execs the command: the process is Python itself.
+    """
+    log = open(log_path, "wb")
+    case.addCleanup(log.close)
+    process = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=python_env(),
+        cwd=REPO,
+    )
+
+    def stop() -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(TIMEOUT)
+                return
+            except subprocess.TimeoutExpired:
+                process.kill()
+        process.wait(TIMEOUT)
+
+    case.addCleanup(stop)
+    return process
+
+
+def pong_in(ns: str, rundir: str, route: str, *words: str) -> Any:
+    """The C{pong} command in namespace C{ns} with C{IPC_NETWORK=route}."""
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "ipcd.scripts.pong", *words],
+        capture_output=True,
+        env=python_env(IPC_NETWORK=route, RUNDIR=rundir),
+        cwd=REPO,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+class TwoNamespacesMixin:
+    """
+    Namespaces C{A} and C{B} joined by a veth pair; C{ADDRESS_A} and
+    C{ADDRESS_B} (with C{PREFIX}) on its two ends.
+    """
+
+    ADDRESS_A: str
+    ADDRESS_B: str
+    PREFIX: int
+
+    def setUp(self: Any) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("network namespaces need root")
+        if shutil.which("ip") is None:
+            raise SkipTest("network namespaces need iproute2's ip command")
+        tag = f"{os.getpid() % 100000}{next(_names)}"
+        self.ns_a, self.ns_b = f"ipcd-a{tag}", f"ipcd-b{tag}"
+        try:
+            ip("netns", "add", self.ns_a)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise SkipTest(f"cannot create a network namespace: {e}")
+        self.addCleanup(ip, "netns", "del", self.ns_a)
+        try:
+            ip("netns", "add", self.ns_b)
+            self.addCleanup(ip, "netns", "del", self.ns_b)
+            # Interface names: at most 15 bytes.
+            veth_a = ["link", "add", f"va{tag}", "netns", self.ns_a, "type", "veth"]
+            ip(*veth_a, "peer", "name", f"vb{tag}", "netns", self.ns_b)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise SkipTest(f"cannot join network namespaces with veth: {e}")
+        extra = ["nodad"] if ":" in self.ADDRESS_A else []
+        for ns, link, address in [
+            (self.ns_a, f"va{tag}", self.ADDRESS_A),
+            (self.ns_b, f"vb{tag}", self.ADDRESS_B),
+        ]:
+            ip("-n", ns, "link", "set", "lo", "up")
+            cidr = f"{address}/{self.PREFIX}"
+            ip("-n", ns, "address", "add", cidr, "dev", link, *extra)
+            ip("-n", ns, "link", "set", link, "up")
+        self.work = short_rundir(self, "ipcd-ns-")
+
+    def twistd(self: Any, ns: str, name: str, *options: str) -> Any:
+        """C{twistd -n ipcd} in namespace C{ns}, run from the repository."""
+        rundir = os.path.join(self.work, name)
+        os.mkdir(rundir)
+        log = os.path.join(self.work, f"{name}.log")
+        args = [*TWISTD, "ipcd", "--rundir", rundir, *options]
+        return spawn_in(self, ns, args, log), rundir, log
+
+    def started(self: Any, process: Any, log: str, rundir: str, *names: str) -> None:
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"twistd exited with {process.returncode}:\n{read_text(log)}"
+                )
+            return all(accepts(os.path.join(rundir, name)) for name in names)
+
+        poll(ready, f"twistd ipcd to listen in {rundir}")
+
+    def start_hosts(self: Any, *options_b: str) -> tuple[str, str, str, str]:
+        """
+        Host B (pongd; tcpd on its veth address) and host A (no pongd; tcpd
+        on its own loopback, for its outbound transport); return the route
+        to B's pongd, A's RUNDIR, and both logs.
+        """
+        escaped = self.ADDRESS_B.replace(":", "\\:")
+        kind = "tcp6" if ":" in self.ADDRESS_B else "tcp"
+        listen_b = f"{kind}:{PORT}:interface={escaped}"
+        b, rundir_b, log_b = self.twistd(self.ns_b, "b", "--tcp", listen_b, *options_b)
+        listen_a = f"tcp:{PORT}:interface=127.0.0.1"
+        a, rundir_a, log_a = self.twistd(
+            self.ns_a, "a", "--no-pongd", "--tcp", listen_a
+        )
+        self.started(b, log_b, rundir_b, "ipc", "pong", "tcp")
+        self.started(a, log_a, rundir_a, "ipc", "tcp")
+        host = f"[{self.ADDRESS_B}]" if ":" in self.ADDRESS_B else self.ADDRESS_B
+        return f"pong tcp://{host}:{PORT}/pong", rundir_a, log_a, log_b
+
+    def test_pongAcrossNamespaces(self: Any) -> None:
+        """
+        C{IPC_NETWORK="pong tcp://ADDRESS_B:9000/pong" pong} in namespace A
+        reaches host B's pongd (A runs none), and B saw the peer at A's veth
+        address.
+        """
+        route, rundir_a, log_a, log_b = self.start_hosts("--allow", "in pong")
+        result = pong_in(self.ns_a, rundir_a, route, "hello", "over", "veth")
+        self.assertEqual(
+            (result.returncode, result.stdout, result.stderr),
+            (0, b"hello over veth\n", b""),
+            f"host A:\n{read_text(log_a)}\nhost B:\n{read_text(log_b)}",
+        )
+        poll(
+            lambda: (
+                f"for {self.ADDRESS_A}" in read_text(log_b)
+                or f"for [{self.ADDRESS_A}]" in read_text(log_b)
+            ),
+            "host B to log the peer's address",
+            TIMEOUT,
+        )
+
+    def test_deniedAcrossNamespaces(self: Any) -> None:
+        """Without C{--allow in pong}, B refuses and A's client says why."""
+        route, rundir_a, log_a, log_b = self.start_hosts()
+        result = pong_in(self.ns_a, rundir_a, route, "hello")
+        self.assertEqual(result.returncode, 1, result)
+        self.assertIn(b"denied by default", result.stderr)
+
+
+class IPv4NamespaceTests(TwoNamespacesMixin, SynchronousTestCase):
+    ADDRESS_A = "169.254.77.1"
+    ADDRESS_B = "169.254.77.2"
+    PREFIX = 30
+
+
+class IPv6NamespaceTests(TwoNamespacesMixin, SynchronousTestCase):
+    ADDRESS_A = "fd00:77::1"
+    ADDRESS_B = "fd00:77::2"
+    PREFIX = 64

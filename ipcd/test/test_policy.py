@@ -1,0 +1,370 @@
+"""The firewall's rules and decisions: plain function calls, no I/O."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from ipcd.policy import (
+    DEFAULTS,
+    Decision,
+    Rule,
+    RuleError,
+    decide,
+    parse_rule,
+    peer_matches,
+)
+
+ALICE = ("uid:1000", "gid:1000", "user:alice", "group:alice", "group:wheel")
+
+
+def rules(*texts: str) -> list[Rule]:
+    return [parse_rule(text) for text in texts]
+
+
+class ParseRuleTests(SynchronousTestCase):
+    def test_threeWords(self) -> None:
+        self.assertEqual(parse_rule("allow in authd"), Rule("allow", "in", "authd"))
+
+    def test_fourWords(self) -> None:
+        self.assertEqual(
+            parse_rule("deny local pong user:bob"),
+            Rule("deny", "local", "pong", "user:bob"),
+        )
+
+    def test_peerDefaultsToStar(self) -> None:
+        self.assertEqual(parse_rule("deny out *").peer, "*")
+
+    def test_extraSpaces(self) -> None:
+        self.assertEqual(
+            parse_rule("  allow\tout   pong  \n"), Rule("allow", "out", "pong")
+        )
+
+    def test_actionGiven(self) -> None:
+        """The C{--allow}/C{--deny} form: the action comes separately."""
+        self.assertEqual(
+            parse_rule("in authd ip:10.0.0.0/8", "deny"),
+            Rule("deny", "in", "authd", "ip:10.0.0.0/8"),
+        )
+
+    def test_str(self) -> None:
+        self.assertEqual(str(parse_rule("allow in pong")), "allow in pong *")
+
+    def test_allows(self) -> None:
+        self.assertTrue(parse_rule("allow in pong").allows)
+        self.assertFalse(parse_rule("deny in pong").allows)
+
+    def test_errors(self) -> None:
+        for text, expected in [
+            ("", "expected"),
+            ("allow in", "expected"),
+            ("allow in pong * extra", "expected"),
+            ("permit in pong", "action must be allow or deny"),
+            ("Allow in pong", "action must be allow or deny"),
+            ("allow * pong", "direction must be in, out or local"),
+            ("allow inbound pong", "direction must be in, out or local"),
+            ("allow in pong alice", "KIND:VALUE"),
+            ("allow in pong user:", "KIND:VALUE"),
+            ("allow in pong :alice", "KIND:VALUE"),
+            ("allow in pong ip:300.1.2.3", "not an IP address or CIDR"),
+            ("allow in pong ip:10.0.0.0/33", "not an IP address or CIDR"),
+            ("allow in pong ip:::1/129", "not an IP address or CIDR"),
+            ("allow in pong ip:example.com", "not an IP address or CIDR"),
+        ]:
+            with self.subTest(text=text):
+                e = self.assertRaises(RuleError, parse_rule, text)
+                self.assertIn(expected, str(e))
+                self.assertIn(repr(text), str(e))
+
+    def test_errorWithActionGiven(self) -> None:
+        self.assertRaises(RuleError, parse_rule, "allow in pong", "deny")
+        self.assertRaises(RuleError, parse_rule, "in", "allow")
+
+    def test_ipGlobAccepted(self) -> None:
+        """An C{ip:} pattern with glob characters is a glob, not a network."""
+        self.assertEqual(parse_rule("allow in pong ip:10.*").peer, "ip:10.*")
+
+    def test_ipNonStrictNetwork(self) -> None:
+        """Host bits set in a CIDR are accepted (C{10.1.2.3/8} = C{10/8})."""
+        self.assertEqual(
+            parse_rule("allow in pong ip:10.1.2.3/8").peer, "ip:10.1.2.3/8"
+        )
+
+
+class PeerMatchesTests(SynchronousTestCase):
+    def test_star(self) -> None:
+        self.assertTrue(peer_matches("*", []))
+        self.assertTrue(peer_matches("*", ["ip:1.2.3.4"]))
+
+    def test_exactLabel(self) -> None:
+        self.assertTrue(peer_matches("uid:1000", ALICE))
+        self.assertFalse(peer_matches("uid:100", ALICE))
+        self.assertFalse(peer_matches("uid:1000", []))
+
+    def test_userAndGroupGlobs(self) -> None:
+        self.assertTrue(peer_matches("user:al*", ALICE))
+        self.assertTrue(peer_matches("group:whe?l", ALICE))
+        self.assertTrue(peer_matches("group:[vw]heel", ALICE))
+        self.assertFalse(peer_matches("user:bob*", ALICE))
+        self.assertFalse(peer_matches("group:adm", ALICE))
+
+    def test_globIsCaseSensitive(self) -> None:
+        self.assertFalse(peer_matches("user:Alice", ALICE))
+
+    def test_kindMatters(self) -> None:
+        """C{user:alice} does not match a C{group:alice} pattern's kind."""
+        self.assertFalse(peer_matches("user:wheel", ALICE))
+
+    def test_ipv4Cidr(self) -> None:
+        self.assertTrue(peer_matches("ip:10.0.0.0/8", ["ip:10.1.2.3"]))
+        self.assertTrue(peer_matches("ip:10.1.2.3", ["ip:10.1.2.3"]))
+        self.assertTrue(peer_matches("ip:192.168.1.0/24", ["ip:192.168.1.255"]))
+        self.assertFalse(peer_matches("ip:192.168.1.0/24", ["ip:192.168.2.1"]))
+        self.assertFalse(peer_matches("ip:10.0.0.0/8", ["ip:11.0.0.1"]))
+        self.assertTrue(peer_matches("ip:0.0.0.0/0", ["ip:203.0.113.9"]))
+
+    def test_ipv6Cidr(self) -> None:
+        self.assertTrue(peer_matches("ip:fd00::/8", ["ip:fd12:3456::1"]))
+        self.assertTrue(peer_matches("ip:::1", ["ip:::1"]))
+        self.assertTrue(peer_matches("ip:2001:db8::/32", ["ip:2001:db8:0:1::5"]))
+        self.assertFalse(peer_matches("ip:2001:db8::/32", ["ip:2001:db9::5"]))
+
+    def test_ipv6Scope(self) -> None:
+        """A link-local peer's scope (C{%eth0}) does not hide its address."""
+        self.assertTrue(peer_matches("ip:fe80::/10", ["ip:fe80::1%eth0"]))
+
+    def test_ipv4MappedV6(self) -> None:
+        """A dual-stack listener's C{::ffff:a.b.c.d} peer is an IPv4 peer."""
+        self.assertTrue(peer_matches("ip:127.0.0.0/8", ["ip:::ffff:127.0.0.1"]))
+        self.assertTrue(peer_matches("ip:10.1.2.3", ["ip:::ffff:10.1.2.3"]))
+        self.assertFalse(peer_matches("ip:10.0.0.0/8", ["ip:::ffff:11.0.0.1"]))
+
+    def test_versionsDoNotMix(self) -> None:
+        self.assertFalse(peer_matches("ip:0.0.0.0/0", ["ip:::1"]))
+        self.assertFalse(peer_matches("ip:::/0", ["ip:127.0.0.1"]))
+
+    def test_ipPatternIgnoresOtherLabels(self) -> None:
+        self.assertFalse(peer_matches("ip:10.0.0.0/8", ["host:10.1.2.3", *ALICE]))
+        self.assertFalse(peer_matches("ip:10.0.0.0/8", ["ip:not-an-address"]))
+
+    def test_ipGlob(self) -> None:
+        self.assertTrue(peer_matches("ip:10.*", ["ip:10.9.9.9"]))
+        self.assertFalse(peer_matches("ip:10.*", ["ip:110.9.9.9"]))
+
+    def test_anyLabelMatches(self) -> None:
+        labels = ["ip:192.0.2.1", "cert:client.example", "psk:sensor-7"]
+        self.assertTrue(peer_matches("psk:sensor-*", labels))
+        self.assertTrue(peer_matches("cert:*.example", labels))
+        self.assertTrue(peer_matches("ip:192.0.2.0/24", labels))
+
+
+class DecideTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        self.assertEqual(DEFAULTS, {"local": True, "out": True, "in": False})
+        for direction, allowed in DEFAULTS.items():
+            with self.subTest(direction=direction):
+                self.assertEqual(
+                    decide([], direction, ["pong"], ALICE), Decision(allowed, None)
+                )
+
+    def test_firstMatchWins(self) -> None:
+        policy = rules("deny in pong ip:10.0.0.9", "allow in pong", "deny in *")
+        self.assertFalse(decide(policy, "in", ["pong"], ["ip:10.0.0.9"]).allowed)
+        decision = decide(policy, "in", ["pong"], ["ip:10.0.0.8"])
+        self.assertEqual(decision, Decision(True, policy[1], 2))
+        decision = decide(policy, "in", ["authd"], ["ip:10.0.0.8"])
+        self.assertEqual(decision, Decision(False, policy[2], 3))
+
+    def test_otherDirectionsIgnored(self) -> None:
+        policy = rules("deny local pong", "deny out pong")
+        self.assertEqual(decide(policy, "in", ["pong"], []), Decision(False, None))
+        policy = rules("allow in pong", "allow out pong")
+        self.assertEqual(decide(policy, "local", ["pong"], ALICE).index, None)
+
+    def test_serviceGlobs(self) -> None:
+        policy = rules("allow in auth*", "allow in pong?", "allow in [xy]d")
+        for name, allowed in [
+            ("authd", True),
+            ("auth", True),
+            ("pong1", True),
+            ("pong", False),
+            ("xd", True),
+            ("zd", False),
+            ("Authd", False),
+        ]:
+            with self.subTest(name=name):
+                self.assertEqual(decide(policy, "in", [name], []).allowed, allowed)
+
+    def test_anyServiceName(self) -> None:
+        """For C{out}, the asked name or the remote one: either may match."""
+        policy = rules("deny out authd")
+        self.assertFalse(decide(policy, "out", ["a", "authd"], []).allowed)
+        self.assertTrue(decide(policy, "out", ["a", "b"], []).allowed)
+
+    def test_peerPattern(self) -> None:
+        policy = rules("deny local pong group:wheel", "deny local pong uid:0")
+        self.assertFalse(decide(policy, "local", ["pong"], ALICE).allowed)
+        self.assertTrue(decide(policy, "local", ["pong"], ["uid:5"]).allowed)
+        self.assertFalse(decide(policy, "local", ["pong"], ["uid:0"]).allowed)
+
+    def test_seedRules(self) -> None:
+        """C{--allow in authd --deny in '*' '*' --allow out pong}."""
+        policy = [
+            parse_rule("in authd", "allow"),
+            parse_rule("in * *", "deny"),
+            parse_rule("out pong", "allow"),
+        ]
+        self.assertTrue(decide(policy, "in", ["authd"], ["ip:1.2.3.4"]).allowed)
+        self.assertFalse(decide(policy, "in", ["pong"], ["ip:1.2.3.4"]).allowed)
+        self.assertTrue(decide(policy, "out", ["x"], ALICE).allowed)
+
+    def test_destinationLabels(self) -> None:
+        policy = rules("deny out * port:22", "allow out * host:*.example")
+        labels = [*ALICE, "host:db.example", "port:22"]
+        self.assertEqual(decide(policy, "out", ["db"], labels).index, 1)
+        labels = [*ALICE, "host:db.example", "port:5432"]
+        self.assertEqual(decide(policy, "out", ["db"], labels).index, 2)
+
+    def test_decisionText(self) -> None:
+        policy = rules("allow in pong")
+        self.assertEqual(
+            str(decide(policy, "in", ["pong"], [])),
+            "allowed by rule 1 (allow in pong *)",
+        )
+        self.assertEqual(str(decide(policy, "in", ["x"], [])), "denied by default")
+        self.assertEqual(str(decide(policy, "out", ["x"], [])), "allowed by default")
+
+    def test_iterablesOnce(self) -> None:
+        """Generators are fine: each is consumed once."""
+        policy = rules("deny in a ip:10.0.0.0/8", "allow in b ip:10.0.0.0/8")
+        decision = decide(
+            iter(policy), "in", (n for n in ["b"]), (x for x in ["ip:10.1.1.1"])
+        )
+        self.assertEqual(decision.index, 2)
+
+
+# Property tests.
+
+DIRECTIONS = st.sampled_from(["in", "out", "local"])
+NAMES = st.sampled_from(["pong", "authd", "a", "ab", "tcp", "x.y", "P"])
+GLOBS = st.one_of(NAMES, st.sampled_from(["*", "a*", "?", "[ap]*", "*d", "p?ng"]))
+LABELS = st.sampled_from(
+    [
+        "uid:0",
+        "uid:1000",
+        "user:alice",
+        "group:wheel",
+        "ip:10.1.2.3",
+        "ip:192.168.0.7",
+        "ip:::1",
+        "ip:::ffff:10.9.9.9",
+        "ip:fd00::5",
+        "host:db.example",
+        "port:22",
+        "psk:sensor-1",
+    ]
+)
+PEERS = st.one_of(
+    st.just("*"),
+    LABELS,
+    st.sampled_from(
+        [
+            "ip:10.0.0.0/8",
+            "ip:192.168.0.0/16",
+            "ip:::/0",
+            "ip:0.0.0.0/0",
+            "ip:fd00::/8",
+            "user:*",
+            "group:wh*",
+            "uid:1*",
+            "host:*.example",
+            "psk:*",
+        ]
+    ),
+)
+RULES = st.builds(Rule, st.sampled_from(["allow", "deny"]), DIRECTIONS, GLOBS, PEERS)
+
+
+class PropertyTests(SynchronousTestCase):
+    @settings(max_examples=500, deadline=None)
+    @given(st.text())
+    def test_parseOnlyRaisesRuleError(self, text: str) -> None:
+        """Whatever the text, parse_rule returns a Rule or raises RuleError."""
+        try:
+            rule = parse_rule(text)
+        except RuleError:
+            return
+        self.assertIsInstance(rule, Rule)
+        # A parsed rule can be used: its pattern never crashes a match.
+        peer_matches(rule.peer, ["ip:10.1.2.3", "ip:::1", "user:x"])
+        self.assertEqual(parse_rule(str(rule)), rule)
+
+    @settings(max_examples=500, deadline=None)
+    @given(
+        st.lists(
+            st.sampled_from(["allow", "deny", "in", "out", "local", "*", "pong"])
+            | st.sampled_from(["ip:", "ip:10.0.0.0/8", "ip:::1/200", "user:a", ":"])
+            | st.text(min_size=1, max_size=12),
+            max_size=5,
+        )
+    )
+    def test_parseWordsOnlyRaisesRuleError(self, words: list[str]) -> None:
+        """Near-valid rules, word by word: a Rule or RuleError."""
+        try:
+            rule = parse_rule(" ".join(words))
+        except RuleError:
+            return
+        peer_matches(rule.peer, ["ip:10.1.2.3", "ip:fe80::1%lo"])
+
+    @settings(max_examples=500, deadline=None)
+    @given(
+        st.lists(RULES, max_size=8),
+        DIRECTIONS,
+        st.lists(NAMES, min_size=1, max_size=2),
+        st.lists(LABELS, max_size=4),
+    )
+    def test_finalDenyAllowsOnlyWhatAnAllowRuleMatches(
+        self,
+        policy: list[Rule],
+        direction: str,
+        names: list[str],
+        labels: list[str],
+    ) -> None:
+        """
+        With C{deny in|out|local * *} last, nothing is allowed that no
+        earlier allow rule matches, and the deciding rule is the first one
+        (of the direction) that matches.
+        """
+        final = rules("deny in * *", "deny out * *", "deny local * *")
+        full = [*policy, *final]
+        decision = decide(full, direction, names, labels)
+        self.assertIsNotNone(decision.rule)
+
+        def matches(rule: Rule) -> bool:
+            return (
+                rule.direction == direction
+                and any(fnmatchcase(name, rule.service) for name in names)
+                and peer_matches(rule.peer, labels)
+            )
+
+        first = next(i for i, rule in enumerate(full, 1) if matches(rule))
+        self.assertEqual((decision.index, decision.rule), (first, full[first - 1]))
+        if decision.allowed:
+            self.assertTrue(any(r.allows and matches(r) for r in policy))
+        else:
+            self.assertFalse(any(r.allows and matches(r) for r in policy[: first - 1]))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(RULES, max_size=8), DIRECTIONS, NAMES, st.lists(LABELS))
+    def test_noMatchMeansDefault(
+        self, policy: list[Rule], direction: str, name: str, labels: list[str]
+    ) -> None:
+        """Rules of other directions never decide."""
+        others = [rule for rule in policy if rule.direction != direction]
+        self.assertEqual(
+            decide(others, direction, [name], labels),
+            Decision(DEFAULTS[direction], None),
+        )

@@ -1,0 +1,536 @@
+"""
+tcpd on real sockets: two in-process ipcd instances ("host A" and "host B",
+each with its own RUNDIR and loopback port) and plain TCP peers speaking
+upstream's wire format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import stat
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from ipcd.relay import READ_SIZE
+from ipcd.test.support import (
+    assert_no_fd_leak,
+    bounce,
+    connect_unix,
+    fd_baseline,
+    lookup,
+    open_fds,
+    wait_until,
+)
+from ipcd.test.tcpsupport import (
+    abort,
+    buffered,
+    digest_service,
+    inbound_relays,
+    recv_all,
+    recv_eof,
+    recv_exactly,
+    start_host,
+    tcp_connect,
+)
+from ipcd.wire import HEADER, encode
+
+OK = b"ok"
+FRAMED_OK = b"\x00\x00\x00\x02ok"
+B_RULES = [
+    "deny in secret*",
+    "allow in pong",
+    "allow in missing",
+    "allow in sink",
+    "allow in digest",
+]
+
+
+def raw_request(port: int, request: bytes, answer: int = 2) -> tuple[Any, bytes]:
+    """Connect to tcpd, send C{request} as is, read C{answer} bytes."""
+    sock = tcp_connect(port)
+    try:
+        sock.sendall(request)
+        return sock, recv_exactly(sock, answer)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def refused(port: int, request: bytes) -> bytes:
+    """Send C{request} and read everything tcpd says before closing."""
+    with tcp_connect(port) as sock:
+        if request:
+            sock.sendall(request)
+        return recv_eof(sock)
+
+
+def serves_pong(port: int) -> bytes:
+    """A good raw request for pong on C{port}, then one echo."""
+    sock, answer = raw_request(port, b"pong")
+    with sock:
+        if answer != OK:
+            return answer
+        return bounce(sock, b"still serving")
+
+
+def framed_reply(sock: socket.socket) -> bytes:
+    """Read one framed message (its payload) from a blocking socket."""
+    (size,) = HEADER.unpack(recv_exactly(sock, HEADER.size))
+    return recv_exactly(sock, size)
+
+
+class TwoHostsTestCase(TestCase):
+    """Host A (a client's ipcd) and host B (pongd, C{allow in pong})."""
+
+    handshake_timeout = 5.0
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.a = yield start_host(self, pongd=False)
+        self.b = yield start_host(
+            self, rules=B_RULES, handshake_timeout=self.handshake_timeout
+        )
+
+    def handed(self, reply: Any) -> socket.socket:
+        self.assertEqual((reply.first, reply.data, len(reply.fds)), (OK, OK, 1))
+        return reply.take_socket(self)
+
+    @inlineCallbacks
+    def lookupOnA(self, service: str, remote: str | None = None) -> Any:
+        """A client on host A asks for C{service} routed to host B."""
+        payload = f"{service};{service} {self.b.route(service, remote)}"
+        reply = yield deferToThread(lookup, self.a.rundir, payload.encode())
+        return self.handed(reply)
+
+    def assertServing(self) -> Any:
+        d = deferToThread(serves_pong, self.b.port)
+        d.addCallback(self.assertEqual, encode(b"still serving"))
+        return d
+
+
+class EndToEndTests(TwoHostsTestCase):
+    @inlineCallbacks
+    def test_tcpRouteHandsTheTcpSocket(self) -> Any:
+        """
+        A lookup on A with a C{tcp://} route to B gets C{ok} and an fd that
+        is the TCP socket to B's tcpd itself, and echoes through B's pongd.
+        """
+        sock = yield self.lookupOnA("pong")
+        self.assertEqual(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN), socket.AF_INET
+        )
+        self.assertEqual(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE), socket.SOCK_STREAM
+        )
+        self.assertEqual(sock.getpeername(), ("127.0.0.1", self.b.port))
+        self.assertTrue(stat.S_ISSOCK(os.fstat(sock.fileno()).st_mode))
+        # A closed its own copy (a dup: same inode) without shutting the
+        # connection down: the client's fd is the only one left, and works.
+        link = f"socket:[{os.fstat(sock.fileno()).st_ino}]"
+        yield wait_until(
+            lambda: list(open_fds().values()).count(link) == 1,
+            "host A to close its copy of the socket",
+        )
+        for payload in (b"bounce me", b"again", b"x" * 70000):
+            echo = yield deferToThread(bounce, sock, payload)
+            self.assertEqual(echo, encode(payload))
+        # No relay on the client's host; one on B.
+        self.assertEqual(self.a.broker.relays, set())
+        self.assertEqual(len(self.b.broker.relays), 1)
+
+    @inlineCallbacks
+    def test_upstreamBytes(self) -> Any:
+        """The spec's lookup bytes, with B's port, reach B's pongd."""
+        route = f"tcp://127.0.0.1:{self.b.port}/pong".encode()
+        payload = b"pong;pong " + route
+        reply = yield deferToThread(lookup, self.a.rundir, payload)
+        sock = self.handed(reply)
+        echo = yield deferToThread(bounce, sock)
+        self.assertEqual(echo, b"\x00\x00\x00\x09bounce me")
+
+    @inlineCallbacks
+    def test_remoteRefusalReachesTheClient(self) -> Any:
+        """B's refusal comes back to A's client as C{ne ...}, without an fd."""
+        payload = f"secret;secret {self.b.route('secret')}".encode()
+        reply = yield deferToThread(lookup, self.a.rundir, payload)
+        fds = len(reply.fds)
+        reply.close_fds()
+        self.assertEqual(fds, 0)
+        self.assertTrue(reply.data.startswith(b"ne "), reply.data)
+        self.assertIn(b"denied by rule 1", reply.data)
+
+    @inlineCallbacks
+    def test_nobodyListening(self) -> Any:
+        """A route to a port where nothing listens: C{ne ...}, A keeps serving."""
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        payload = f"pong;pong tcp://127.0.0.1:{port}/pong".encode()
+        reply = yield deferToThread(lookup, self.a.rundir, payload)
+        reply.close_fds()
+        self.assertTrue(reply.data.startswith(b"ne cannot connect"), reply.data)
+        self.assertIn(b"Connection refused", reply.data)
+        sock = yield self.lookupOnA("pong")
+        echo = yield deferToThread(bounce, sock)
+        self.assertEqual(echo, encode(b"bounce me"))
+
+
+class HandshakeTests(TwoHostsTestCase):
+    """B's listener, with a plain TCP socket as the peer (upstream's tcpd)."""
+
+    handshake_timeout = 0.3
+
+    @inlineCallbacks
+    def test_rawRequestRawOk(self) -> Any:
+        """Upstream's form: raw name in, exactly C{ok} out, then messages."""
+        sock, answer = yield deferToThread(raw_request, self.b.port, b"pong")
+        self.addCleanup(sock.close)
+        self.assertEqual(answer, OK)
+        echo = yield deferToThread(bounce, sock)
+        self.assertEqual(echo, encode(b"bounce me"))
+
+    @inlineCallbacks
+    def test_framedRequestFramedOk(self) -> Any:
+        """A framed request gets a framed C{ok}; early data is relayed."""
+        request = encode(b"pong") + encode(b"early")
+        sock, answer = yield deferToThread(raw_request, self.b.port, request, 6)
+        self.addCleanup(sock.close)
+        self.assertEqual(answer, FRAMED_OK)
+        echo = yield deferToThread(recv_exactly, sock, 4 + 5)
+        self.assertEqual(echo, encode(b"early"))
+        echo = yield deferToThread(bounce, sock)
+        self.assertEqual(echo, encode(b"bounce me"))
+
+    @inlineCallbacks
+    def assertRefused(self, request: bytes, *reasons: bytes) -> Any:
+        answer = yield deferToThread(refused, self.b.port, request)
+        self.assertTrue(answer.startswith(b"ne "), answer)
+        for reason in reasons:
+            self.assertIn(reason, answer)
+        yield self.assertServing()
+        return answer
+
+    def test_unknownService(self) -> Any:
+        return self.assertRefused(b"missing", b"does not exist")
+
+    def test_deniedByDefault(self) -> Any:
+        """No rule allows C{ipc}: the default for C{in} denies."""
+        return self.assertRefused(b"ipc", b"denied by default")
+
+    def test_deniedByRule(self) -> Any:
+        return self.assertRefused(b"secret", b"denied by rule 1 (deny in secret* *)")
+
+    def test_invalidName(self) -> Any:
+        return self.assertRefused(b"../ipc")
+
+    def test_nulInName(self) -> Any:
+        return self.assertRefused(b"po\0ng")
+
+    def test_notAscii(self) -> Any:
+        return self.assertRefused(b"p\xffng", b"not ASCII")
+
+    def test_tooLongRawName(self) -> Any:
+        return self.assertRefused(b"p" * 300)
+
+    @inlineCallbacks
+    def test_framedRefusalIsFramed(self) -> Any:
+        answer = yield deferToThread(refused, self.b.port, encode(b"missing"))
+        (size,) = HEADER.unpack(answer[:4])
+        self.assertEqual(size, len(answer) - 4)
+        self.assertTrue(answer[4:].startswith(b"ne "), answer)
+        yield self.assertServing()
+
+    @inlineCallbacks
+    def test_framedTooLong(self) -> Any:
+        """A framed request announcing more than a name's 255 bytes."""
+        answer = yield deferToThread(
+            refused, self.b.port, HEADER.pack(256) + b"p" * 256
+        )
+        self.assertIn(b"ne request of 256 bytes is too long", answer)
+        yield self.assertServing()
+
+    @inlineCallbacks
+    def test_silentPeerDropped(self) -> Any:
+        """A peer that says nothing is dropped at the handshake deadline."""
+        answer = yield deferToThread(refused, self.b.port, b"")
+        self.assertEqual(answer, b"ne handshake timed out")
+        yield self.assertServing()
+
+    @inlineCallbacks
+    def test_partialFrameDropped(self) -> Any:
+        """Half a framed request, then silence: dropped (framed answer)."""
+        answer = yield deferToThread(refused, self.b.port, HEADER.pack(4) + b"po")
+        self.assertEqual(answer, encode(b"ne handshake timed out"))
+        yield self.assertServing()
+
+    @inlineCallbacks
+    def test_eofBeforeRequest(self) -> Any:
+        """A peer that connects and half-closes at once is closed."""
+
+        def connect_and_shut() -> bytes:
+            with tcp_connect(self.b.port) as sock:
+                sock.shutdown(socket.SHUT_WR)
+                return recv_eof(sock)
+
+        answer = yield deferToThread(connect_and_shut)
+        self.assertEqual(answer, b"")
+        yield self.assertServing()
+
+    @inlineCallbacks
+    def test_manyRefusalsThenServing(self) -> Any:
+        """Refusals of every kind leave no fd behind."""
+        before = yield fd_baseline()
+        for request in (b"missing", b"ipc", b"secret", b"../x", encode(b"missing")):
+            yield deferToThread(refused, self.b.port, request)
+        yield self.assertServing()
+        yield assert_no_fd_leak(before)
+
+
+class LifetimeTests(TwoHostsTestCase):
+    """Either end dying closes the other; no fd leaks."""
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        yield super().setUp()
+        self.sink = digest_service(self, self.b.rundir, "sink", on_eof="ignore")
+        self.digest = digest_service(self, self.b.rundir, "digest")
+        self.before = yield fd_baseline()
+
+    @inlineCallbacks
+    def sinkConnection(self) -> Any:
+        """A's client connected to B's sink, with a few bytes through."""
+        sock = yield self.lookupOnA("sink")
+        yield deferToThread(sock.sendall, b"x" * 1000)
+        yield wait_until(
+            lambda: self.sink.connections and self.sink.connections[0].count == 1000,
+            "the sink to read",
+        )
+        return sock, self.sink.connections[0]
+
+    @inlineCallbacks
+    def test_clientResetClosesService(self) -> Any:
+        """
+        The client dies (reset): B's relay closes the service side, which
+        reads EOF, even though that service keeps its own side open.
+        """
+        sock, service = yield self.sinkConnection()
+        abort(sock)
+        yield wait_until(lambda: service.eof, "the service to read EOF")
+        yield wait_until(lambda: not self.b.broker.relays, "B's relay to end")
+        service.transport.loseConnection()
+        yield assert_no_fd_leak(self.before)
+
+    @inlineCallbacks
+    def test_clientCloseClosesPongd(self) -> Any:
+        """The client closes mid-conversation: pongd's side and the relay end."""
+        sock = yield self.lookupOnA("pong")
+        echo = yield deferToThread(bounce, sock)
+        self.assertEqual(echo, encode(b"bounce me"))
+        sock.sendall(b"\x00\x00\x00\x10half a mess")  # mid-message
+        sock.close()
+        yield wait_until(lambda: not self.b.broker.relays, "B's relay to end")
+        yield assert_no_fd_leak(self.before)
+
+    @inlineCallbacks
+    def test_serviceDeathClosesClient(self) -> Any:
+        """The service dies: A's client reads EOF."""
+        sock, service = yield self.sinkConnection()
+        service.transport.abortConnection()
+        data = yield deferToThread(recv_eof, sock)
+        self.assertEqual(data, b"")
+        sock.close()
+        yield wait_until(lambda: not self.b.broker.relays, "B's relay to end")
+        yield assert_no_fd_leak(self.before)
+
+    @inlineCallbacks
+    def test_relayDeathClosesBoth(self) -> Any:
+        """B's relay loses its TCP side: the client and the service both end."""
+        sock, service = yield self.sinkConnection()
+        [inbound] = inbound_relays()
+        inbound.transport.abortConnection()
+        data = yield deferToThread(recv_eof, sock)
+        self.assertEqual(data, b"")
+        sock.close()
+        yield wait_until(lambda: service.eof, "the service to read EOF")
+        yield wait_until(lambda: not self.b.broker.relays, "B's relay to end")
+        service.transport.loseConnection()
+        yield assert_no_fd_leak(self.before)
+
+    @inlineCallbacks
+    def test_halfClose(self) -> Any:
+        """
+        The client shuts down its sending side: the service sees EOF, and its
+        answer still comes back.
+        """
+        sock = yield self.lookupOnA("digest")
+
+        def send_and_shut() -> bytes:
+            sock.sendall(b"hello, half-closed world")
+            sock.shutdown(socket.SHUT_WR)
+            return recv_all(sock)
+
+        answer = yield deferToThread(send_and_shut)
+        expected = hashlib.sha256(b"hello, half-closed world").hexdigest()
+        self.assertEqual(answer, f"24 {expected}".encode())
+        self.assertTrue(self.digest.connections[0].eof)
+        sock.close()
+        yield wait_until(lambda: not self.b.broker.relays, "B's relay to end")
+        yield assert_no_fd_leak(self.before)
+
+
+MB = 1024 * 1024
+
+
+def send_bulk(sock: socket.socket, megabytes: int) -> tuple[str, bytes]:
+    """Send C{megabytes} MiB, half-close, read the answer; return our digest."""
+    block = os.urandom(MB)
+    digest = hashlib.sha256()
+    for i in range(megabytes):
+        chunk = i.to_bytes(8, "big") + block[8:]
+        digest.update(chunk)
+        sock.sendall(chunk)
+    sock.shutdown(socket.SHUT_WR)
+    return digest.hexdigest(), recv_all(sock)
+
+
+class BulkTests(TwoHostsTestCase):
+    @inlineCallbacks
+    def test_100MBUnderBackpressure(self) -> Any:
+        """
+        100 MiB from A's client to a service on B that does not read at
+        first: B's relay pauses reading from TCP instead of buffering, and
+        once the service reads, everything arrives intact.
+        """
+        megabytes = 100
+        sink = digest_service(self, self.b.rundir, "digest", start_paused=True)
+        sock = yield self.lookupOnA("digest")
+        sock.settimeout(60)  # the bulk send waits on the paused receiver
+        sending = deferToThread(send_bulk, sock, megabytes)
+        yield wait_until(lambda: sink.connections, "the service to be connected")
+        [inbound] = inbound_relays()
+        local = inbound.peer.transport
+        samples: list[int] = []
+
+        def sample() -> None:
+            samples.append(buffered(local) + buffered(inbound.transport))
+
+        sampler = LoopingCall(sample)
+        sampler.start(0.005)
+        self.addCleanup(lambda: sampler.running and sampler.stop())
+        # The receiver does not read: the relay pauses its TCP side.
+        yield wait_until(lambda: local.producerPaused, "the relay to pause TCP")
+        paused_at = sum(c.count for c in sink.connections)
+        self.assertEqual(paused_at, 0)
+        self.assertFalse(sending.called)
+        sink.connections[0].transport.resumeProducing()
+        mine, answer = yield sending
+        sampler.stop()
+        self.assertEqual(answer, f"{megabytes * MB} {mine}".encode())
+        # Never more than a couple of reads' worth held by the relay.
+        self.assertLessEqual(max(samples), 4 * READ_SIZE)
+        self.assertEqual(self.b.broker.relays, set())
+        stats = sink.connections[0]
+        self.assertEqual(stats.count, megabytes * MB)
+
+
+class ControlSocketTests(TwoHostsTestCase):
+    """A fake upstream ipcd on A's C{RUNDIR/tcp}."""
+
+    def control(self, uri: bytes) -> tuple[socket.socket, bytes]:
+        sock = connect_unix(os.path.join(self.a.rundir, "tcp"))
+        try:
+            sock.sendall(encode(uri))
+            return sock, framed_reply(sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    @inlineCallbacks
+    def test_uriOkThenRelay(self) -> Any:
+        uri = self.b.route("pong").encode()
+        sock, answer = yield deferToThread(self.control, uri)
+        self.addCleanup(sock.close)
+        self.assertEqual(answer, OK)
+        for payload in (b"bounce me", b"second", b"y" * 100000):
+            echo = yield deferToThread(bounce, sock, payload)
+            self.assertEqual(echo, encode(payload))
+        [stats] = self.a.broker.relays
+        self.assertEqual((stats.direction, stats.service), ("out", uri.decode()))
+        self.assertEqual(stats.forward, stats.backward)
+        self.assertEqual(stats.forward, 3 * 4 + 9 + 6 + 100000)
+
+    @inlineCallbacks
+    def test_upstreamBytes(self) -> Any:
+        """Exactly C{00 00 00 02 6f 6b} once the remote side accepted."""
+
+        def exchange() -> bytes:
+            with connect_unix(os.path.join(self.a.rundir, "tcp")) as sock:
+                sock.sendall(encode(self.b.route("pong").encode()))
+                return recv_exactly(sock, 6)
+
+        answer = yield deferToThread(exchange)
+        self.assertEqual(answer, b"\x00\x00\x00\x02\x6f\x6b")
+
+    @inlineCallbacks
+    def assertControlRefused(self, uri: bytes, reason: bytes) -> Any:
+        sock, answer = yield deferToThread(self.control, uri)
+        with sock:
+            rest = yield deferToThread(recv_eof, sock)
+        self.assertEqual(rest, b"")
+        self.assertTrue(answer.startswith(b"ne "), answer)
+        self.assertIn(reason, answer)
+        sock, answer = yield deferToThread(self.control, self.b.route("pong").encode())
+        sock.close()
+        self.assertEqual(answer, OK)
+
+    def test_badUri(self) -> Any:
+        return self.assertControlRefused(b"not a uri", b"ne ")
+
+    def test_otherScheme(self) -> Any:
+        return self.assertControlRefused(b"udp://127.0.0.1:9/pong", b"tcp:// URIs only")
+
+    def test_remoteRefusal(self) -> Any:
+        return self.assertControlRefused(
+            self.b.route("secret").encode(), b"denied by rule 1"
+        )
+
+
+class StatsTests(TwoHostsTestCase):
+    @inlineCallbacks
+    def test_countersAfterRoundTrip(self) -> Any:
+        """B's relay counts bytes after the handshake, each way."""
+        sock, answer = yield deferToThread(raw_request, self.b.port, b"pong")
+        self.addCleanup(sock.close)
+        self.assertEqual(answer, OK)
+        for payload in (b"bounce me", b"z" * 1000):
+            yield deferToThread(bounce, sock, payload)
+        [stats] = self.b.broker.relays
+        self.assertEqual((stats.forward, stats.backward), (13 + 1004, 13 + 1004))
+        self.assertEqual((stats.direction, stats.service), ("in", "pong"))
+        self.assertEqual(stats.labels, ("ip:127.0.0.1",))
+        report = stats.as_dict()
+        self.assertEqual((report["bytes_in"], report["bytes_out"]), (1017, 1017))
+        sock.close()
+        yield wait_until(lambda: not self.b.broker.relays, "the relay to end")
+
+    @inlineCallbacks
+    def test_oneWayCounts(self) -> Any:
+        """Bytes only one way: the other counter stays 0."""
+        sink = digest_service(self, self.b.rundir, "sink", on_eof="ignore")
+        sock, answer = yield deferToThread(raw_request, self.b.port, b"sink")
+        self.addCleanup(sock.close)
+        self.assertEqual(answer, OK)
+        yield deferToThread(sock.sendall, b"q" * 5000)
+        yield wait_until(
+            lambda: sink.connections and sink.connections[0].count == 5000,
+            "the sink to read",
+        )
+        [stats] = self.b.broker.relays
+        self.assertEqual((stats.forward, stats.backward), (5000, 0))
