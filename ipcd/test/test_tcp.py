@@ -462,7 +462,9 @@ class ControlSocketTests(TwoHostsTestCase):
             echo = yield deferToThread(bounce, sock, payload)
             self.assertEqual(echo, encode(payload))
         [stats] = self.a.broker.relays
-        self.assertEqual((stats.direction, stats.service), ("out", uri.decode()))
+        self.assertEqual(
+            (stats.direction, stats.service, stats.route), ("out", "pong", uri.decode())
+        )
         self.assertEqual(stats.forward, stats.backward)
         self.assertEqual(stats.forward, 3 * 4 + 9 + 6 + 100000)
 

@@ -88,8 +88,8 @@ async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socke
         raise Refused(f"cannot connect to tcpd at {where}: {reason}")
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await write_all(reactor, sock, service.encode("ascii"))
         try:
+            await write_all(reactor, sock, service.encode("ascii"))
             reply = await read_exactly(reactor, sock, len(OK))
         except ConnectionLost:
             raise Refused(f"tcpd at {where} closed the connection for {service!r}")
@@ -307,6 +307,8 @@ class TcpControl(_Handshaking):
             raise Refused(str(e)) from None
         if not isinstance(uri, RemoteURI) or uri.scheme != SCHEME:
             raise Refused(f"tcpd serves tcp:// URIs only, not {text!r}")
+        # For status: the service asked for, and the route it takes.
+        self.requested, self.route = uri.service or text, text
         return self.factory.broker.open_uri(uri, self.who)
 
 
