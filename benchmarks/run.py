@@ -1,0 +1,762 @@
+"""
+ipcd benchmark: one command, one table.
+
+    python benchmarks/run.py            # full run, a minute or two
+    python benchmarks/run.py --quick    # smoke run, a few seconds
+
+It starts everything it measures on loopback (pongd, two ipcd instances, a
+socat chain when socat is installed), in a temporary directory with free
+ports, and stops all of it at exit, including on Ctrl-C and errors.  Each row
+is the median of several runs; each ratio is taken against a reference
+measured in the same run.  See benchmarks/README.md for what each row means.
+
+Standard library and ipcd only.  The ipcd measured is the one in this
+checkout (its root goes first on the path, for this process and children).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+try:
+    from ipcd import client
+    from ipcd.wire import encode
+except ImportError as e:  # Twisted missing: say how to get it
+    raise SystemExit(
+        f"benchmarks/run.py: cannot import ipcd ({e}); run it with a Python "
+        f"where `pip install {ROOT}` works (Twisted and ipcd's dependencies)."
+    )
+
+PAYLOAD = 100  # bytes per latency message
+BULK_MESSAGE = 64 * 1024  # bytes per bulk message
+WANTED_FDS = 65536
+READY_TIMEOUT = 20.0
+IO_TIMEOUT = 30.0
+
+
+@dataclass
+class Settings:
+    runs: int
+    memory_runs: int
+    lookup_seconds: float
+    round_trips: int
+    bulk_bytes: int
+    memory_counts: tuple[int, ...]
+
+
+FULL = Settings(
+    runs=5,
+    memory_runs=3,
+    lookup_seconds=1.0,
+    round_trips=10_000,
+    bulk_bytes=128 * 1024 * 1024,
+    memory_counts=(1_000, 10_000),
+)
+QUICK = Settings(
+    runs=3,
+    memory_runs=1,
+    lookup_seconds=0.3,
+    round_trips=1_000,
+    bulk_bytes=16 * 1024 * 1024,
+    memory_counts=(1_000, 10_000),
+)
+
+
+def say(text: str) -> None:
+    """Progress goes to stderr; stdout carries the table only."""
+    print(text, file=sys.stderr, flush=True)
+
+
+# Processes -----------------------------------------------------------------
+
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    _LIBC = None
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the harness dies without cleaning up."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class Stopped(Exception):
+    pass
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: str
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Harness:
+    """Owns the temporary directory and every process the benchmark starts."""
+
+    tmp: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="ipcd-bench-"))
+    children: list[Child] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.env = dict(os.environ)
+        path = self.env.get("PYTHONPATH")
+        self.env["PYTHONPATH"] = ROOT + (os.pathsep + path if path else "")
+        self.env.pop("IPC_NETWORK", None)
+        self.env.pop("RUNDIR", None)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.tmp, *parts)
+
+    def rundir(self, name: str) -> str:
+        directory = self.path(name)
+        os.makedirs(directory, exist_ok=True)
+        return directory
+
+    def spawn(self, name: str, argv: list[str]) -> Child:
+        log = self.path(f"{name}.log")
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.tmp,
+                # Its own process group: Ctrl-C reaches the harness only, and
+                # stop() takes socat's forked children along.
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        child = Child(name, proc, log)
+        self.children.append(child)
+        return child
+
+    def ipcd(self, name: str, rundir: str, port: int, *extra: str) -> Child:
+        argv = [
+            sys.executable,
+            "-m",
+            "ipcd.scripts.ipcd",
+            "--rundir",
+            rundir,
+            "--tcp",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--no-pongd",
+            *extra,
+        ]
+        child = self.spawn(name, argv)
+        self.wait_unix(child, os.path.join(rundir, "ipc"))
+        self.wait_tcp(child, port)
+        return child
+
+    def stop(self, child: Child) -> None:
+        if child.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.proc.pid, signal.SIGTERM)
+            try:
+                child.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        # The group may still hold forked children (socat), or the leader
+        # ignored SIGTERM: finish them.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(5)
+        if child in self.children:
+            self.children.remove(child)
+
+    def close(self) -> None:
+        for child in reversed(list(self.children)):
+            with contextlib.suppress(Exception):
+                self.stop(child)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _wait(self, child: Child, what: str, ready: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if child.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{child.name} exited ({child.proc.returncode}) before "
+                    f"{what} was ready; its log:\n{child.tail()}"
+                )
+            if ready():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{child.name}: {what} not ready; its log:\n{child.tail()}")
+
+    def wait_unix(self, child: Child, path: str, connect: bool = True) -> None:
+        def ready() -> bool:
+            if not connect:
+                return os.path.exists(path)
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(path)
+                except OSError:
+                    return False
+                return True
+
+        self._wait(child, path, ready)
+
+    def wait_tcp(self, child: Child, port: int) -> None:
+        def ready() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                return False
+            return True
+
+        self._wait(child, f"127.0.0.1:{port}", ready)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE (children inherit it); return the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = WANTED_FDS
+    want = min(WANTED_FDS, ceiling)
+    for new in ((max(want, soft), max(want, hard)), (max(min(want, hard), soft), hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, new)
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+# Measurements --------------------------------------------------------------
+
+Opener = Callable[[], socket.socket]
+
+
+def _rotated(names: list[str], turn: int) -> list[str]:
+    k = turn % len(names)
+    return names[k:] + names[:k]
+
+
+def lookup_rates(
+    openers: dict[str, Opener], seconds: float, slice_s: float = 0.05
+) -> dict[str, float]:
+    """
+    Connections opened (and closed) per second by each opener.  The openers
+    take turns in slices of C{slice_s}, so a slow phase of the machine hits
+    every path alike, until each has run C{seconds}.
+    """
+    names = list(openers)
+    counts = dict.fromkeys(names, 0)
+    spent = dict.fromkeys(names, 0.0)
+    turn = 0
+    while min(spent.values()) < seconds:
+        for name in _rotated(names, turn):
+            opener = openers[name]
+            n = 0
+            start = time.perf_counter()
+            end = start + slice_s
+            while True:
+                opener().close()
+                n += 1
+                now = time.perf_counter()
+                if now >= end:
+                    break
+            counts[name] += n
+            spent[name] += now - start
+        turn += 1
+    return {name: counts[name] / spent[name] for name in names}
+
+
+def blocking_with_deadline(sock: socket.socket) -> socket.socket:
+    """
+    Blocking mode (settimeout() would add a poll() before every call) with
+    kernel-side timeouts, so a broken path fails instead of hanging.
+    """
+    sock.settimeout(None)
+    timeval = struct.pack("ll", int(IO_TIMEOUT), 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    return sock
+
+
+def _recv_exactly_into(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    size = len(view)
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise EOFError("echo closed the connection")
+        got += n
+
+
+def _rtt_batch(sock: socket.socket, frame: bytes, count: int) -> float:
+    """C{count} round trips of C{frame}; seconds spent."""
+    buf = bytearray(len(frame))
+    view = memoryview(buf)
+    send, recv_into = sock.sendall, _recv_exactly_into
+    start = time.perf_counter()
+    for _ in range(count):
+        send(frame)
+        recv_into(sock, view)
+    elapsed = time.perf_counter() - start
+    if buf != frame:
+        raise RuntimeError("the echo is not the message sent")
+    return elapsed
+
+
+def round_trips_us(
+    socks: dict[str, socket.socket], count: int, batch: int = 50
+) -> dict[str, float]:
+    """
+    Mean round trip of a 100-byte message on each connection, in
+    microseconds: C{count} round trips each, in batches taken in turn.
+    """
+    frame = encode(os.urandom(PAYLOAD))
+    names = list(socks)
+    for name in names:  # warm-up
+        _rtt_batch(socks[name], frame, 200)
+    rounds = max(1, count // batch)
+    spent = dict.fromkeys(names, 0.0)
+    for turn in range(rounds):
+        for name in _rotated(names, turn):
+            spent[name] += _rtt_batch(socks[name], frame, batch)
+    return {name: spent[name] / (rounds * batch) * 1e6 for name in names}
+
+
+def _stream(sock: socket.socket, frame: bytes, count: int) -> float:
+    """
+    Write C{count} copies of C{frame} from a thread while reading the echo
+    back; seconds from the first write to the last byte read.
+    """
+    expected = count * len(frame)
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for _ in range(count):
+                sock.sendall(frame)
+        except BaseException as e:  # reported on the reading side
+            errors.append(e)
+
+    view = memoryview(bytearray(1 << 20))
+    received = 0
+    tail = b""
+    thread = threading.Thread(target=writer, daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    while received < expected:
+        n = sock.recv_into(view)
+        if not n:
+            raise EOFError(f"echo closed after {received} of {expected} bytes")
+        received += n
+        tail = (tail + bytes(view[max(0, n - 64) : n]))[-64:]
+    elapsed = time.perf_counter() - start
+    thread.join(IO_TIMEOUT)
+    if errors:
+        raise RuntimeError(f"writer failed: {errors[0]!r}")
+    if received != expected or tail != frame[-64:]:
+        raise RuntimeError("the echoed stream is not the stream sent")
+    return elapsed
+
+
+def throughputs_mb_s(
+    socks: dict[str, socket.socket], total: int, chunk: int = 16 * 1024 * 1024
+) -> dict[str, float]:
+    """
+    Stream C{total} payload bytes of 64 KiB messages through each connection
+    and read the echo back concurrently, in chunks taken in turn; payload MB
+    (10^6 bytes) per second, one way.
+    """
+    frame = encode(os.urandom(BULK_MESSAGE))
+    names = list(socks)
+    for name in names:  # warm-up
+        _stream(socks[name], frame, 16)
+    per_chunk = max(1, min(chunk, total) // BULK_MESSAGE)
+    rounds = max(1, total // (per_chunk * BULK_MESSAGE))
+    spent = dict.fromkeys(names, 0.0)
+    for turn in range(rounds):
+        for name in _rotated(names, turn):
+            spent[name] += _stream(socks[name], frame, per_chunk)
+    moved = rounds * per_chunk * BULK_MESSAGE
+    return {name: moved / spent[name] / 1e6 for name in names}
+
+
+def open_relays(port: int, count: int, into: list[socket.socket]) -> None:
+    """Open C{count} relayed connections to a tcpd, the upstream way."""
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        into.append(sock)
+        sock.sendall(b"pong")
+        reply = b""
+        while len(reply) < 2:
+            chunk = sock.recv(2 - len(reply))
+            if not chunk:
+                raise RuntimeError(f"tcpd closed a request: {reply!r}")
+            reply += chunk
+        if reply != b"ok":
+            raise RuntimeError(f"tcpd refused a request: {reply!r}")
+
+
+# The benchmark -------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    label: str
+    values: list[float] = field(default_factory=list)
+    unit: str = ""
+    reference: Row | None = None  # ratio = value / reference
+    target: str = ""
+    note: str = ""
+    skipped: str = ""
+    digits: int = 1
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def ratios(self) -> list[float]:
+        assert self.reference is not None
+        return [v / r for v, r in zip(self.values, self.reference.values, strict=True)]
+
+
+def _fmt(value: float, digits: int) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def render(rows: list[Row], header: list[str], footer: list[str]) -> str:
+    table = [("measurement", "median", "range", "reference", "ratio", "target")]
+    skipped: dict[int, tuple[str, str]] = {}
+    for row in rows:
+        if row.skipped:
+            skipped[len(table)] = (row.label, row.skipped)
+            table.append(("",) * 6)
+            continue
+        value = f"{_fmt(row.median, row.digits)} {row.unit}".strip()
+        spread = (
+            f"{_fmt(min(row.values), row.digits)}-{_fmt(max(row.values), row.digits)}"
+            if len(row.values) > 1
+            else ""
+        )
+        reference = ratio = ""
+        if row.reference is not None and not row.reference.skipped:
+            reference = row.reference.label.split(",")[-1].strip()
+            # The ratio of each run against its own reference, then the median.
+            ratio = f"{statistics.median(row.ratios()):.2f}"
+        elif row.reference is not None:
+            reference = f"{row.reference.label.split(',')[-1].strip()} (skipped)"
+        if row.note:
+            reference = f"{reference} {row.note}".strip()
+        table.append((row.label, value, spread, reference, ratio, row.target))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = []
+    for n, r in enumerate(table):
+        if n in skipped:
+            label, reason = skipped[n]
+            lines.append(f"{label.ljust(widths[0])}  skipped: {reason}")
+            continue
+        cells = [
+            c.rjust(w) if 0 < i < 3 or i == 4 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    rule = "=" * max(len(line) for line in lines)
+    return "\n".join([*header, rule, *lines, rule, *footer])
+
+
+def socat_version() -> str | None:
+    if shutil.which("socat") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["socat", "-V"], capture_output=True, text=True, timeout=5
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "socat"
+    for line in out.splitlines():
+        if "socat version" in line:
+            return line.split(" on ")[0].strip()
+    return "socat"
+
+
+def benchmark(settings: Settings, h: Harness) -> str:
+    fd_limit = raise_fd_limit()
+    socat = socat_version()
+    a_dir, b_dir, m_dir = h.rundir("a"), h.rundir("b"), h.rundir("m")
+
+    say("starting pongd, ipcd A, ipcd B" + (", socat chain" if socat else ""))
+    pong = h.spawn(
+        "pongd", [sys.executable, os.path.join(HERE, "_pongd.py"), a_dir, b_dir, m_dir]
+    )
+    for d in (a_dir, b_dir, m_dir):
+        h.wait_unix(pong, os.path.join(d, "pong"))
+    h.ipcd("ipcd-a", a_dir, free_port())
+    port_b = free_port()
+    h.ipcd("ipcd-b", b_dir, port_b, "--allow", "in pong")
+    socat_path = h.path("socat-pong")
+    if socat:
+        port_s = free_port()
+        # Both hops as an admin would tune them for the job: TCP_NODELAY like
+        # tcpd, and 64 KiB transfers instead of socat's 8 KiB default.
+        far = h.spawn(
+            "socat-far",
+            [
+                "socat",
+                "-b65536",
+                f"TCP-LISTEN:{port_s},bind=127.0.0.1,reuseaddr,fork,nodelay",
+                f"UNIX-CONNECT:{os.path.join(b_dir, 'pong')}",
+            ],
+        )
+        h.wait_tcp(far, port_s)
+        near = h.spawn(
+            "socat-near",
+            [
+                "socat",
+                "-b65536",
+                f"UNIX-LISTEN:{socat_path},fork",
+                f"TCP:127.0.0.1:{port_s},nodelay",
+            ],
+        )
+        h.wait_unix(near, socat_path, connect=False)
+
+    unix_route = "pong unix://pong"
+    tcp_route = f"pong tcp://127.0.0.1:{port_b}/pong"
+
+    def direct() -> socket.socket:
+        # Blocking connect: with a timeout, a full listen backlog fails at
+        # once with EAGAIN (AF_UNIX) instead of waiting for pongd to accept.
+        return client.connect("pong", rundir=a_dir, network="", timeout=None)
+
+    def via_unix() -> socket.socket:
+        return client.connect("pong", rundir=a_dir, network=unix_route)
+
+    def via_tcp() -> socket.socket:
+        sock = client.connect("pong", rundir=a_dir, network=tcp_route)
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            sock.close()
+            raise RuntimeError("the tcp route did not hand over a TCP socket")
+        return sock
+
+    def via_socat() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(socat_path)
+        return sock
+
+    no_socat = "socat not installed"
+    rows: list[Row] = []
+
+    # Lookups.
+    look_direct = Row("lookups, direct connect", unit="/s", digits=0)
+    look_ipcd = Row(
+        "lookups, via ipcd unix route",
+        unit="/s",
+        digits=0,
+        reference=look_direct,
+    )
+    rows += [look_direct, look_ipcd]
+    for run in range(settings.runs):
+        say(f"lookups: run {run + 1}/{settings.runs}")
+        rates = lookup_rates(
+            {"direct": direct, "ipcd": via_unix}, settings.lookup_seconds
+        )
+        look_direct.values.append(rates["direct"])
+        look_ipcd.values.append(rates["ipcd"])
+
+    # Round trips and bulk over the same paths: fresh connections each run,
+    # all paths measured in turns within the run.
+    paths: dict[str, Opener] = {
+        "direct UNIX": direct,
+        "ipcd unix route": via_unix,
+        "ipcd tcp route A->B": via_tcp,
+    }
+    if socat:
+        paths["socat chain"] = via_socat
+    names = [*paths] if socat else [*paths, "socat chain"]
+    rtt = {name: Row(f"RTT 100 B, {name}", unit="us") for name in names}
+    bulk = {name: Row(f"bulk 64 KiB msgs, {name}", unit="MB/s") for name in names}
+    for table in (rtt, bulk):
+        table["ipcd unix route"].reference = table["direct UNIX"]
+        table["ipcd tcp route A->B"].reference = table["socat chain"]
+        if not socat:
+            table["socat chain"].skipped = no_socat
+    rtt["ipcd unix route"].target = "<= 1.05"
+    rtt["ipcd tcp route A->B"].target = "<= 1.00"
+    bulk["ipcd tcp route A->B"].target = ">= 1.00"
+    for kind, table, measure, amount in (
+        ("round trips", rtt, round_trips_us, settings.round_trips),
+        ("bulk", bulk, throughputs_mb_s, settings.bulk_bytes),
+    ):
+        for run in range(settings.runs):
+            say(f"{kind}: run {run + 1}/{settings.runs}")
+            with contextlib.ExitStack() as stack:
+                socks = {
+                    name: stack.enter_context(blocking_with_deadline(opener()))
+                    for name, opener in paths.items()
+                }
+                for name, value in measure(socks, amount).items():
+                    table[name].values.append(value)
+    rows += [*rtt.values(), *bulk.values()]
+
+    # Memory of one ipcd (host B, tcpd) holding idle relayed connections.
+    # ipcd B holds two fds per relay (TCP and UNIX): cap the counts to what
+    # RLIMIT_NOFILE allows here, and say so.
+    cap = (fd_limit - 256) // 2
+    notes: list[str] = []
+    counts = sorted({min(n, cap) for n in settings.memory_counts})
+    base = Row("RSS ipcd B, idle baseline", unit="MiB")
+    held: dict[int, Row] = {}
+    for wanted in settings.memory_counts:
+        n = min(wanted, cap)
+        label = f"RSS ipcd B, {n:,} idle relays"
+        if n < wanted:
+            label += " *"
+            notes.append(
+                f"* {wanted:,} wanted, capped at {n:,}: RLIMIT_NOFILE is "
+                f"{fd_limit:,} here and cannot be raised; {wanted:,} relays "
+                f"need about {2 * wanted + 256:,} fds in ipcd B."
+            )
+        held.setdefault(n, Row(label, unit="MiB", reference=base))
+    per_conn: dict[int, list[float]] = {n: [] for n in counts}
+    rows += [base, *held.values()]
+    for run in range(settings.memory_runs):
+        say(f"memory: run {run + 1}/{settings.memory_runs}")
+        port_m = free_port()
+        ipcd_m = h.ipcd("ipcd-m", m_dir, port_m, "--allow", "in pong")
+        socks: list[socket.socket] = []
+        try:
+            open_relays(port_m, 20, socks)  # warm-up: code paths, buffers
+            for sock in socks:
+                sock.close()
+            socks.clear()
+            time.sleep(0.5)
+            baseline = rss_kib(ipcd_m.proc.pid)
+            base.values.append(baseline / 1024)
+            for n in counts:
+                open_relays(port_m, n - len(socks), socks)
+                time.sleep(0.5)
+                now = rss_kib(ipcd_m.proc.pid)
+                held[n].values.append(now / 1024)
+                per_conn[n].append((now - baseline) / n)
+        finally:
+            h.stop(ipcd_m)
+            for sock in socks:
+                sock.close()
+    for n, row in held.items():
+        row.note = f"(+{statistics.median(per_conn[n]):.1f} KiB/relay)"
+
+    header = [
+        f"ipcd benchmark ({'quick' if settings is QUICK else 'full'}): "
+        f"median of {settings.runs} runs (memory: {settings.memory_runs}), "
+        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+        f"{socat or 'no socat'}, CPUs used: "
+        f"{','.join(map(str, sorted(os.sched_getaffinity(0))))}",
+        f"  ipcd from {ROOT}; lookups: {settings.lookup_seconds:g} s per run; RTT: "
+        f"{settings.round_trips:,} round trips per run; bulk: "
+        f"{settings.bulk_bytes // 2**20} MiB each way per run",
+    ]
+    footer = [
+        "ratio = path / its reference, per run, median of the runs "
+        "(lookups, bulk: higher is better; RTT, RSS: lower is better).",
+        "Targets: unix-route RTT <= 1.05 x direct UNIX; tcp-route RTT <= 1.00 x "
+        "socat chain; tcp-route bulk >= 1.00 x socat chain.",
+        *notes,
+    ]
+    return render(rows, header, footer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run")
+    parser.add_argument("--runs", type=int, help="runs per row (default 5, quick 3)")
+    parser.add_argument(
+        "--cpus",
+        help="pin the harness and everything it starts to these CPUs, e.g. 0 or "
+        "0,1 (default: no pinning)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (logs)"
+    )
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    if args.runs:
+        settings.runs = args.runs
+    if args.cpus:
+        cpus = {int(c) for c in args.cpus.split(",")}
+        os.sched_setaffinity(0, cpus)  # inherited by every child
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _on_signal)
+    h = Harness()
+    try:
+        print(benchmark(settings, h), flush=True)
+        return 0
+    except (KeyboardInterrupt, Stopped) as e:
+        say(f"interrupted ({str(e) or 'SIGINT'}); cleaning up")
+        return 130
+    except Exception as e:
+        say(f"benchmark failed: {e}")
+        for child in h.children:
+            say(f"--- {child.name} log tail:\n{child.tail()}")
+        return 1
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # let the cleanup finish
+        if args.keep:
+            say(f"kept {h.tmp}")
+            for child in reversed(list(h.children)):
+                h.stop(child)
+        else:
+            h.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
