@@ -194,16 +194,21 @@ def lookup(rundir: str, payload: bytes) -> Reply:
     return raw_lookup(rundir, encode(payload))
 
 
-def exchange(sock: socket.socket, raw: bytes, expected: int) -> bytes:
-    """Send C{raw} and read C{expected} bytes back (fewer at EOF)."""
-    sock.sendall(raw)
+def recv_upto(sock: socket.socket, count: int) -> bytes:
+    """Read C{count} bytes (fewer at EOF)."""
     data = b""
-    while len(data) < expected:
-        chunk = sock.recv(expected - len(data))
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
         if not chunk:
             break
         data += chunk
     return data
+
+
+def exchange(sock: socket.socket, raw: bytes, expected: int) -> bytes:
+    """Send C{raw} and read C{expected} bytes back (fewer at EOF)."""
+    sock.sendall(raw)
+    return recv_upto(sock, expected)
 
 
 def bounce(sock: socket.socket, payload: bytes = b"bounce me") -> bytes:

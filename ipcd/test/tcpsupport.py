@@ -26,6 +26,7 @@ from ipcd.tap import IPCDService
 from ipcd.test.support import (
     TIMEOUT,
     make_config,
+    recv_upto,
     short_rundir,
     start_ipcd,
     wait_until,
@@ -179,15 +180,8 @@ def tcp_connect(port: int, host: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
-def recv_exactly(sock: socket.socket, count: int) -> bytes:
-    """Read C{count} bytes (fewer at EOF)."""
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
+# Read C{count} bytes (fewer at EOF).
+recv_exactly = recv_upto
 
 
 def recv_all(sock: socket.socket, limit: int = 1 << 20) -> bytes:
