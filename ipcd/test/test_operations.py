@@ -25,6 +25,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from ipcd import control
 from ipcd.config import load_config
+from ipcd.identity import local_labels
 from ipcd.scripts.ipcd import join_words
 from ipcd.services import IPCService
 from ipcd.services.pongd import Pong
@@ -218,6 +219,69 @@ class LocalIdentityTests(TestCase):
         self.assertTrue(refused.startswith("ne "), refused)
         self.assertIn("rule 3", refused)
         self.assertTrue(refused.endswith(" 0"), "a refusal carries no fd")
+
+
+class SupplementaryGroupTests(TestCase):
+    """C{group:} labels include the user's supplementary groups."""
+
+    def setUp(self) -> None:
+        if os.getuid() != 0 or not shutil.which("useradd"):
+            raise SkipTest("needs root and useradd to make a user with a group")
+        suffix = f"{os.getpid() % 100000}"
+        self.group, self.user = f"ipcdg{suffix}", f"ipcdu{suffix}"
+        subprocess.run(["groupadd", self.group], check=True, timeout=TIMEOUT)
+        self.addCleanup(subprocess.run, ["groupdel", self.group], timeout=TIMEOUT)
+        subprocess.run(
+            ["useradd", "-M", "-N", "-G", self.group, self.user],
+            check=True,
+            timeout=TIMEOUT,
+        )
+        self.addCleanup(subprocess.run, ["userdel", self.user], timeout=TIMEOUT)
+        entry = pwd.getpwnam(self.user)
+        self.uid, self.gid = entry.pw_uid, entry.pw_gid
+
+    def test_labels(self) -> None:
+        labels = local_labels(self.uid, self.gid)
+        self.assertIn(f"uid:{self.uid}", labels)
+        self.assertIn(f"user:{self.user}", labels)
+        self.assertIn(f"group:{self.group}", labels)
+        primary = __import__("grp").getgrgid(self.gid).gr_name
+        self.assertNotEqual(primary, self.group, "the group must be supplementary")
+        self.assertIn(f"group:{primary}", labels)
+
+    @inlineCallbacks
+    def test_rule_on_a_supplementary_group(self) -> Any:
+        rules = [
+            "--allow",
+            "local",
+            "pong",
+            f"group:{self.group}",
+            "--deny",
+            "local",
+            "pong",
+            "*",
+        ]
+        inst = _Instance(self, rules)
+        yield inst.start(self)
+        os.chmod(inst.rundir, 0o777)
+        path = os.path.join(inst.rundir, "ipc")
+        os.chmod(path, 0o777)
+
+        def run_as(uid: int, gid: int) -> str:
+            result = subprocess.run(
+                [sys.executable, "-c", _CHILD, path, str(uid), str(gid)],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+                check=True,
+            )
+            return result.stdout.strip()
+
+        # The child keeps only its primary gid: the label comes from the
+        # user's group list, as the product says, not the process's groups.
+        self.assertEqual((yield deferToThread(run_as, self.uid, self.gid)), "ok 1")
+        refused = yield deferToThread(run_as, 0, 0)
+        self.assertTrue(refused.startswith("ne "), refused)
 
 
 class ReloadAndStatusTests(TestCase):

@@ -151,3 +151,37 @@ class InstalledTests(SynchronousTestCase):
         self.assertIn("twisted/plugins/ipcd_plugin.py", names)
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
+
+
+class PluginCacheTests(SynchronousTestCase):
+    def test_unwritableCache(self) -> None:
+        """
+        Discovery works where Twisted cannot write C{dropin.cache} (a
+        read-only site-packages).  A directory in the cache's place makes the
+        write fail even for root, which ignores file permissions.
+        """
+        tree = source_tree()
+        site = self.mktemp()
+        plugins = os.path.join(site, "twisted", "plugins")
+        os.makedirs(plugins)
+        with open(os.path.join(tree, "twisted", "plugins", "ipcd_plugin.py")) as f:
+            source = f.read()
+        with open(os.path.join(plugins, "ipcd_plugin.py"), "w") as f:
+            f.write(source)
+        os.mkdir(os.path.join(plugins, "dropin.cache"))
+        code = (
+            "from twisted.plugin import getPlugins\n"
+            "from twisted.application.service import IServiceMaker\n"
+            "print(sorted(m.tapname for m in getPlugins(IServiceMaker)))\n"
+        )
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, tree]))
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=site,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("'ipcd'", result.stdout)
