@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from ipcd.names import listen_unix
-from ipcd.relay import RelayProtocol
+from ipcd.relay import RelayLoop, Side
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
     TIMEOUT,
@@ -31,7 +31,6 @@ from ipcd.test.support import (
     start_ipcd,
     wait_until,
 )
-from ipcd.transports.tcp import TcpInbound
 
 # tcpd listens on loopback, on a port the kernel picks.
 TCP_LISTEN = "tcp:0:interface=127.0.0.1"
@@ -78,7 +77,7 @@ def start_host(
     # end in a turn or two of the reactor.
     case.addCleanup(
         wait_until,
-        lambda: not service.broker.relays and not inbound_relays(),
+        lambda: not service.broker.relays and not inbound_relays(service),
         "relays to end",
     )
     return host
@@ -154,21 +153,18 @@ def digest_service(
     return factory
 
 
-def inbound_relays() -> list[TcpInbound]:
-    """tcpd's inbound connections that the reactor currently watches."""
-    found: list[TcpInbound] = []
-    for selectable in {*reactor.getReaders(), *reactor.getWriters()}:
-        protocol = getattr(selectable, "protocol", None)
-        if isinstance(protocol, RelayProtocol):
-            for side in (protocol, protocol.peer):
-                if isinstance(side, TcpInbound) and side not in found:
-                    found.append(side)
-    return found
+def relay_loop(service: IPCDService) -> RelayLoop:
+    """The loop that runs an ipcd's tcpd relays."""
+    return service.getServiceNamed("tcpd").relays
 
 
-def buffered(transport: Any) -> int:
-    """Bytes a Twisted transport holds in its write buffer."""
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+def inbound_relays(service: IPCDService) -> list[Side]:
+    """
+    The remote peers' sides (TCP, side A) of the inbound relays an ipcd's
+    tcpd runs; C{side.peer} is the local service's.
+    """
+    sides = relay_loop(service).sides()
+    return [s for s in sides if s.forward and s.stats.direction == "in"]
 
 
 # Plain blocking peers.

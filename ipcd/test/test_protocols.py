@@ -1,7 +1,8 @@
 """
-In-memory tests of ipcd's protocols: the lookup protocol, tcpd's handshakes,
-the relay, the control socket, the JSON log observer and the framing over a
-simulated connection.  No real socket, no real reactor, a fake clock.
+In-memory tests of ipcd's protocols: the lookup protocol, tcpd's handshakes
+(up to the hand-over to the relay loop, tested in test_relay), the control
+socket, the JSON log observer and the framing over a simulated connection.
+No real socket, no real reactor, a fake clock.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -32,7 +34,7 @@ from ipcd.errors import Refused
 from ipcd.identity import Peer
 from ipcd.logs import json_observer
 from ipcd.policy import parse_rule
-from ipcd.relay import RelayProtocol, RelayStats, join
+from ipcd.relay import READ_SIZE, RelayStats
 from ipcd.routes import RemoteURI
 from ipcd.transports import ITransport
 from ipcd.transports.tcp import TcpControl, TcpInbound, _HandshakeFactory
@@ -59,6 +61,16 @@ class RecordingTransport(StringTransportWithDisconnection):
         super().__init__(*args, **kwargs)
         self.events: list[Any] = []
         self.noDelay: bool | None = None
+        self.handle: Any = object()  # the connection's socket
+
+    def stopReading(self) -> None:  # noqa: N802 (Twisted's name)
+        self.events.append("stopReading")
+
+    def stopWriting(self) -> None:  # noqa: N802 (Twisted's name)
+        self.events.append("stopWriting")
+
+    def getHandle(self) -> Any:  # noqa: N802 (Twisted's name)
+        return self.handle
 
     def write(self, data: bytes) -> None:
         self.events.append(data)
@@ -75,28 +87,6 @@ class RecordingTransport(StringTransportWithDisconnection):
 
     def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802 (Twisted's name)
         self.noDelay = enabled
-
-
-class HalfCloseTransport(StringTransport):
-    """A plain L{StringTransport} (closing it does nothing) with half-close."""
-
-    writeClosed = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[Any] = []
-
-    def write(self, data: bytes) -> None:
-        self.events.append(data)
-        super().write(data)
-
-    def loseWriteConnection(self) -> None:  # noqa: N802 (Twisted's name)
-        self.events.append("loseWriteConnection")
-        self.writeClosed = True
-
-    def loseConnection(self) -> None:  # noqa: N802 (Twisted's name)
-        self.events.append("loseConnection")
-        super().loseConnection()
 
 
 def connect(protocol: Any, transport: Any = None) -> Any:
@@ -343,46 +333,64 @@ class StubBroker:
         return d
 
 
-class AdoptingReactor(MemoryReactorClock):
-    """
-    A memory reactor whose C{adoptStreamConnection} connects the factory's
-    protocol to an in-memory transport, as a real reactor would to the fd.
-    """
+@dataclass
+class Joined:
+    a: Any
+    b: Any
+    stats: RelayStats
+    greeting: bytes
+    early: bytes
+
+
+class RecordingRelays:
+    """Stands for tcpd's relay loop: records the relays it is asked for."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.adopted: list[tuple[int, Any]] = []
+        self.joined: list[Joined] = []
 
-    def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> Any:  # noqa: N802
-        protocol = factory.buildProtocol(None)
-        transport = connect(protocol)
-        self.adopted.append((fd, transport))
-        return transport
+    def join(
+        self,
+        a: Any,
+        b: Any,
+        stats: RelayStats,
+        greeting: bytes = b"",
+        early: bytes = b"",
+    ) -> RelayStats:
+        if stats.registry is not None:
+            stats.registry.add(stats)
+        self.joined.append(Joined(a, b, stats, greeting, early))
+        return stats
 
 
 class HandleTransport(RecordingTransport):
     """A UNIX-socket-like transport whose handle has no SO_PEERCRED."""
 
-    def getHandle(self) -> Any:  # noqa: N802 (Twisted's name)
+    def __init__(self) -> None:
+        super().__init__()
+
         class Handle:
             def getsockopt(self, *args: Any) -> bytes:
                 raise OSError("no credentials here")
 
-        return Handle()
+        self.handle = Handle()
 
 
 class TcpHandshakeTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.reactor = AdoptingReactor()
+        self.reactor = MemoryReactorClock()
         self.broker = StubBroker(self.reactor, tcp_handshake_timeout=4.0)
+        self.relays = RecordingRelays()
+
+    def factory(self, protocol: type) -> _HandshakeFactory:
+        return _HandshakeFactory(protocol, self.broker, self.relays)
 
     def inbound(self) -> tuple[TcpInbound, RecordingTransport]:
-        protocol = _HandshakeFactory(TcpInbound, self.broker).buildProtocol(None)
+        protocol = self.factory(TcpInbound).buildProtocol(None)
         transport = connect(protocol)
         return protocol, transport
 
     def control(self) -> tuple[TcpControl, RecordingTransport]:
-        protocol = _HandshakeFactory(TcpControl, self.broker).buildProtocol(None)
+        protocol = self.factory(TcpControl).buildProtocol(None)
         transport = connect(protocol, HandleTransport())
         return protocol, transport
 
@@ -487,40 +495,57 @@ class TcpHandshakeTests(SynchronousTestCase):
 
     def test_accepted_raw(self) -> None:
         """
-        On success the raw peer gets a raw C{ok}, the service's socket is
-        adopted as the relay's other side, and bytes flow both ways.
+        On success the peer's socket is taken from its transport and handed
+        with the service's socket to the relay loop, with a raw C{ok} for
+        the raw peer to get first; nothing goes through the transport.
         """
         protocol, transport = self.inbound()
         protocol.dataReceived(b"pong")
         sock = FakeSocket(fd=7)
         self.broker.inbound[0][2].callback(sock)
-        self.assertEqual(transport.value(), b"ok")
-        self.assertTrue(sock.closed)
-        [(fd, service)] = self.reactor.adopted
-        self.assertEqual(fd, 7)
+        [joined] = self.relays.joined
+        self.assertIs(joined.a, transport.handle)
+        self.assertIs(joined.b, sock)
+        self.assertEqual((joined.greeting, joined.early), (b"ok", b""))
+        self.assertEqual(transport.events, ["stopReading", "stopWriting"])
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+        self.assertFalse(sock.closed)
         [stats] = self.broker.relays
+        self.assertIs(joined.stats, stats)
         self.assertEqual(
-            (stats.direction, stats.service, stats.description),
-            ("in", "pong", "192.168.1.1:54321"),
+            (stats.direction, stats.service, stats.description, stats.labels),
+            ("in", "pong", "192.168.1.1:54321", ("ip:192.168.1.1",)),
         )
-        protocol.dataReceived(wire.encode(b"hello"))
-        self.assertEqual(service.value(), wire.encode(b"hello"))
-        service.protocol.dataReceived(wire.encode(b"hello"))
-        self.assertEqual(transport.value(), b"ok" + wire.encode(b"hello"))
-        self.assertEqual((stats.forward, stats.backward), (9, 9))
 
     def test_accepted_framed_with_early_data(self) -> None:
         """
-        A framed request gets a framed C{ok}; bytes the peer sent right after
-        its request reach the service first.
+        A framed request gets a framed C{ok}; bytes the peer sent after its
+        request, before the relay starts, go to the service first.
         """
         protocol, transport = self.inbound()
         protocol.dataReceived(wire.encode(b"pong") + wire.encode(b"early"))
-        self.broker.inbound[0][2].callback(FakeSocket())
-        self.assertEqual(transport.value(), wire.encode(b"ok"))
-        [(_, service)] = self.reactor.adopted
         protocol.dataReceived(wire.encode(b"late"))
-        self.assertEqual(service.value(), wire.encode(b"early") + wire.encode(b"late"))
+        self.broker.inbound[0][2].callback(FakeSocket())
+        [joined] = self.relays.joined
+        self.assertEqual(joined.greeting, wire.encode(b"ok"))
+        self.assertEqual(joined.early, wire.encode(b"early") + wire.encode(b"late"))
+        self.assertEqual(transport.value(), b"")
+
+    def test_early_data_is_bounded(self) -> None:
+        """
+        While the request is served, the peer's further bytes are held up to
+        a read's worth; then reading pauses (the rest waits in the kernel).
+        """
+        protocol, transport = self.inbound()
+        protocol.dataReceived(b"pong")
+        protocol.dataReceived(b"x" * (READ_SIZE - 1))
+        self.assertEqual(transport.producerState, "producing")
+        protocol.dataReceived(b"x")
+        self.assertEqual(transport.producerState, "paused")
+        self.broker.inbound[0][2].callback(FakeSocket())
+        [joined] = self.relays.joined
+        self.assertEqual(joined.early, b"x" * READ_SIZE)
 
     def test_connection_lost_while_pending(self) -> None:
         protocol, transport = self.inbound()
@@ -540,8 +565,12 @@ class TcpHandshakeTests(SynchronousTestCase):
             (uri.scheme, uri.host, uri.port, uri.service),
             ("tcp", "127.0.0.1", 9, "pong"),
         )
-        d.callback(FakeSocket())
-        self.assertEqual(transport.value(), wire.encode(b"ok"))
+        sock = FakeSocket()
+        d.callback(sock)
+        [joined] = self.relays.joined
+        self.assertEqual((joined.a, joined.b), (transport.handle, sock))
+        self.assertEqual(joined.greeting, wire.encode(b"ok"))
+        self.assertEqual(joined.stats.direction, "out")
 
     def test_control_refuses_other_schemes(self) -> None:
         for request in (b"tls://127.0.0.1:9/pong", b"pong", b"unix:///x/y"):
@@ -581,130 +610,6 @@ class TcpHandshakeTests(SynchronousTestCase):
         protocol.readConnectionLost()
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.broker.uris, [])
-
-
-# The relay.
-
-
-class RelayTests(SynchronousTestCase):
-    def sides(
-        self, transport: type = HalfCloseTransport
-    ) -> tuple[RelayProtocol, RelayProtocol]:
-        a, b = RelayProtocol(), RelayProtocol()
-        connect(a, transport())
-        connect(b, transport())
-        return a, b
-
-    def test_both_ways_and_counted(self) -> None:
-        a, b = self.sides()
-        stats = join(a, b)
-        a.dataReceived(b"hello")
-        b.dataReceived(b"hi")
-        b.dataReceived(b"!")
-        self.assertEqual(b.transport.value(), b"hello")
-        self.assertEqual(a.transport.value(), b"hi!")
-        self.assertEqual((stats.forward, stats.backward), (5, 3))
-
-    def test_producers_registered(self) -> None:
-        a, b = self.sides()
-        join(a, b)
-        self.assertIs(a.transport.producer, b.transport)
-        self.assertIs(b.transport.producer, a.transport)
-        self.assertIs(a.transport.streaming, True)
-        self.assertIs(b.transport.streaming, True)
-
-    def test_buffered_before_join(self) -> None:
-        a, b = self.sides()
-        a.dataReceived(b"1")
-        a.dataReceived(b"2")
-        b.dataReceived(b"x")
-        self.assertEqual((a.transport.value(), b.transport.value()), (b"", b""))
-        stats = join(a, b)
-        a.dataReceived(b"3")
-        self.assertEqual(b.transport.value(), b"123")
-        self.assertEqual(a.transport.value(), b"x")
-        self.assertEqual((stats.forward, stats.backward), (3, 1))
-
-    def test_half_close(self) -> None:
-        a, b = self.sides()
-        join(a, b)
-        a.readConnectionLost()
-        self.assertTrue(b.transport.writeClosed)
-        self.assertFalse(a.transport.writeClosed)
-        self.assertFalse(a.transport.disconnecting or b.transport.disconnecting)
-        # B still talks to A after A's EOF.
-        b.dataReceived(b"reply")
-        self.assertEqual(a.transport.value(), b"reply")
-        b.readConnectionLost()
-        self.assertTrue(a.transport.writeClosed)
-        self.assertTrue(a.transport.disconnecting)
-        self.assertTrue(b.transport.disconnecting)
-
-    def test_eof_before_join_follows_data(self) -> None:
-        a, b = self.sides()
-        a.dataReceived(b"last words")
-        a.readConnectionLost()
-        join(a, b)
-        self.assertEqual(b.transport.events, [b"last words", "loseWriteConnection"])
-        self.assertFalse(b.transport.disconnecting)
-
-    def test_death_closes_other_side(self) -> None:
-        a, b = self.sides()
-        registry: set[RelayStats] = set()
-        stats = join(a, b, RelayStats(registry=registry))
-        self.assertEqual(registry, {stats})
-        a.connectionLost(Failure(ConnectionDone()))
-        self.assertTrue(b.transport.disconnecting)
-        self.assertEqual(registry, {stats})  # B is still closing
-        b.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(registry, set())
-
-    def test_death_before_join(self) -> None:
-        a, b = self.sides()
-        registry: set[RelayStats] = set()
-        a.connectionLost(Failure(ConnectionDone()))
-        join(a, b, RelayStats(registry=registry))
-        self.assertTrue(b.transport.disconnecting)
-        b.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(registry, set())
-
-    def test_registry_with_closing_transports(self) -> None:
-        """Closing runs connectionLost: both sides go, the stats leave."""
-        a, b = self.sides(RecordingTransport)
-        registry: set[RelayStats] = set()
-        join(a, b, RelayStats(registry=registry))
-        a.readConnectionLost()
-        b.readConnectionLost()
-        self.assertEqual(registry, set())
-        self.assertFalse(a.transport.connected or b.transport.connected)
-
-    def test_over_simulated_connections(self) -> None:
-        """
-        A relay between a client and a service, each connection simulated
-        by iosim: a message goes through and the echo comes back.
-        """
-
-        class Echo(wire.MessageProtocol):
-            def messageReceived(self, payload: bytes) -> None:
-                self.sendMessage(payload)
-
-        class Client(wire.MessageProtocol):
-            def __init__(self) -> None:
-                self.received: list[bytes] = []
-
-            def messageReceived(self, payload: bytes) -> None:
-                self.received.append(payload)
-
-        client, a, pump_a = iosim.connectedServerAndClient(RelayProtocol, Client)
-        b, service, pump_b = iosim.connectedServerAndClient(Echo, RelayProtocol)
-        stats = join(a, b)
-        client.sendMessage(b"x" * 100_000)
-        for _ in range(10):
-            pump_a.pump()
-            pump_b.pump()
-        self.assertEqual(client.received, [b"x" * 100_000])
-        self.assertEqual(stats.forward, stats.backward)
-        self.assertEqual(stats.forward, 100_004)
 
 
 # The control socket.

@@ -22,7 +22,8 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionLost
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,7 +32,7 @@ from zope.interface import implementer
 from ipcd import wire
 from ipcd.errors import Refused
 from ipcd.identity import Peer, local_peer, remote_peer
-from ipcd.relay import RelayProtocol, RelayStats, adopt_relay_side, join
+from ipcd.relay import READ_SIZE, RelayLoop, RelayStats, take_socket
 from ipcd.routes import RemoteURI, RouteError, parse_uri
 from ipcd.services import IPCService
 from ipcd.sockets import connect_tcp, read_exactly, write_all
@@ -130,10 +131,12 @@ class TcpTransport:
         return ensureDeferred(dial(self._reactor, uri.host, port, target.service))
 
 
-class _Handshaking(RelayProtocol):
+@implementer(IHalfCloseableProtocol)
+class _Handshaking(Protocol):
     """
-    A relay side that first reads a request, asks for the other side, and
-    joins it; common to the TCP listener and the control socket.
+    Reads a request, asks for the other side, answers, and hands both
+    sockets to the factory's relay loop; common to the TCP listener and the
+    control socket.
     """
 
     log = Logger()
@@ -148,6 +151,9 @@ class _Handshaking(RelayProtocol):
         self._handshake: bytes | None = b""
         self._deadline: Any = None
         self._pending: Deferred[socket.socket] | None = None
+        self._early: list[bytes] = []  # sent after the request, for the service
+        self._earlySize = 0
+        self._gone = False
 
     def connectionMade(self) -> None:
         self.who = self.identify()
@@ -166,7 +172,7 @@ class _Handshaking(RelayProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._handshake is None:
-            self.relayData(data)
+            self._keep(data)
             return
         self._handshake += data
         try:
@@ -182,7 +188,7 @@ class _Handshaking(RelayProtocol):
         self._handshake = None
         self._cancelDeadline()
         if rest:
-            self.relayData(rest)
+            self._keep(rest)
         try:
             text = request.decode("ascii")
         except UnicodeDecodeError:
@@ -192,13 +198,19 @@ class _Handshaking(RelayProtocol):
         self._pending = maybeDeferred(self.request, text)
         self._pending.addCallbacks(self._joined, self._failed)
 
+    def _keep(self, data: bytes) -> None:
+        """Hold data that arrives while the request is served, for the relay."""
+        self._early.append(data)
+        self._earlySize += len(data)
+        if self._earlySize >= READ_SIZE:
+            # Bounded: the rest waits in the kernel for the relay to read it.
+            self.transport.pauseProducing()
+
     def _joined(self, sock: socket.socket) -> None:
         self._pending = None
         if self._gone:
             sock.close()
             return
-        other = adopt_relay_side(self.factory.reactor, sock)
-        self.transport.write(wire.encode(OK) if self.framed else OK)
         stats = RelayStats(
             description=str(self.who),
             direction=self.direction,
@@ -207,7 +219,16 @@ class _Handshaking(RelayProtocol):
             labels=tuple(self.who.labels),
             registry=self.factory.broker.relays,
         )
-        join(self, other, stats)
+        # From here on the relay loop owns the peer's socket: this protocol
+        # and its transport are done with it (and dropped).
+        early, self._early = b"".join(self._early), []
+        self.factory.relays.join(
+            take_socket(self.transport),
+            sock,
+            stats,
+            greeting=wire.encode(OK) if self.framed else OK,
+            early=early,
+        )
 
     def _failed(self, failure: Failure) -> None:
         self._pending = None
@@ -236,15 +257,15 @@ class _Handshaking(RelayProtocol):
             self._deadline.cancel()
         self._deadline = None
 
-    def readConnectionLost(self) -> None:
-        if self._handshake is not None or self._pending is not None:
-            self.transport.loseConnection()  # EOF before we could answer
-            return
-        super().readConnectionLost()
+    def readConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
+        self.transport.loseConnection()  # EOF before we could answer
+
+    def writeConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
+        pass
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self._gone = True
         self._cancelDeadline()
-        super().connectionLost(reason)
         if self._pending is not None:
             self._pending.cancel()
 
@@ -315,10 +336,13 @@ class TcpControl(_Handshaking):
 class _HandshakeFactory(Factory):
     noisy = False
 
-    def __init__(self, protocol: type[_Handshaking], broker: Any) -> None:
+    def __init__(
+        self, protocol: type[_Handshaking], broker: Any, relays: RelayLoop
+    ) -> None:
         self.protocol = protocol
         self.broker = broker
         self.reactor = broker.reactor
+        self.relays = relays
 
     @property
     def handshake_timeout(self) -> float:
@@ -338,17 +362,29 @@ class TcpService(MultiService):
         config = broker.config
         reactor = broker.reactor
         broker.transports[SCHEME] = TcpTransport(reactor)
+        # tcpd's relays (inbound, and for upstream's control socket).
+        self.relays = RelayLoop(reactor)
         self.listener = listener = StreamServerEndpointService(
-            serverFromString(reactor, listen), _HandshakeFactory(TcpInbound, broker)
+            serverFromString(reactor, listen),
+            _HandshakeFactory(TcpInbound, broker, self.relays),
         )
         listener._raiseSynchronously = True
         listener.setServiceParent(self)
         IPCService(
             SCHEME,
-            _HandshakeFactory(TcpControl, broker),
+            _HandshakeFactory(TcpControl, broker, self.relays),
             config.rundir,
             reactor,
         ).setServiceParent(self)
+
+    def startService(self) -> None:
+        self.relays.start()
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        stopped = super().stopService()
+        self.relays.stop()  # closes the relayed connections
+        return stopped
 
     def listening(self) -> Deferred[Any]:
         """Fires with the listening port once started (C{getHost()} for it)."""
