@@ -170,6 +170,36 @@ _CHILD = textwrap.dedent(
 )
 
 
+@inlineCallbacks
+def _open_to_all(test: TestCase, rules: list[str]) -> Any:
+    """
+    Start an instance with C{rules} whose RUNDIR/ipc any user may reach (the
+    firewall decides); fire with C{run_as(uid, gid)}, which makes one lookup
+    of pong from a child process under those ids and returns its answer line
+    (C{"ok 1"}, or the refusal and its fd count).
+    """
+    inst = _Instance(test, rules)
+    yield inst.start(test)
+    path = os.path.join(inst.rundir, "ipc")
+    os.chmod(inst.rundir, 0o777)
+    os.chmod(path, 0o777)
+
+    def run_as(uid: int, gid: int) -> Any:
+        def child() -> str:
+            result = subprocess.run(
+                [sys.executable, "-c", _CHILD, path, str(uid), str(gid)],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+                check=True,
+            )
+            return result.stdout.strip()
+
+        return deferToThread(child)
+
+    return run_as
+
+
 class LocalIdentityTests(TestCase):
     """`local` rules on uid/user/group labels from SO_PEERCRED."""
 
@@ -196,26 +226,10 @@ class LocalIdentityTests(TestCase):
             "pong",
             "*",
         ]
-        inst = _Instance(self, rules)
-        yield inst.start(self)
-        # Let the second user reach RUNDIR/ipc at all: the firewall decides.
-        os.chmod(inst.rundir, 0o777)
-        os.chmod(os.path.join(inst.rundir, "ipc"), 0o777)
-        path = os.path.join(inst.rundir, "ipc")
-
-        def run_as(uid: int, gid: int) -> str:
-            result = subprocess.run(
-                [sys.executable, "-c", _CHILD, path, str(uid), str(gid)],
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT,
-                check=True,
-            )
-            return result.stdout.strip()
-
-        allowed = yield deferToThread(run_as, 0, 0)
+        run_as = yield _open_to_all(self, rules)
+        allowed = yield run_as(0, 0)
         self.assertEqual(allowed, "ok 1")
-        refused = yield deferToThread(run_as, nobody.pw_uid, nobody.pw_gid)
+        refused = yield run_as(nobody.pw_uid, nobody.pw_gid)
         self.assertTrue(refused.startswith("ne "), refused)
         self.assertIn("rule 3", refused)
         self.assertTrue(refused.endswith(" 0"), "a refusal carries no fd")
@@ -261,26 +275,12 @@ class SupplementaryGroupTests(TestCase):
             "pong",
             "*",
         ]
-        inst = _Instance(self, rules)
-        yield inst.start(self)
-        os.chmod(inst.rundir, 0o777)
-        path = os.path.join(inst.rundir, "ipc")
-        os.chmod(path, 0o777)
-
-        def run_as(uid: int, gid: int) -> str:
-            result = subprocess.run(
-                [sys.executable, "-c", _CHILD, path, str(uid), str(gid)],
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT,
-                check=True,
-            )
-            return result.stdout.strip()
+        run_as = yield _open_to_all(self, rules)
 
         # The child keeps only its primary gid: the label comes from the
         # user's group list, as the product says, not the process's groups.
-        self.assertEqual((yield deferToThread(run_as, self.uid, self.gid)), "ok 1")
-        refused = yield deferToThread(run_as, 0, 0)
+        self.assertEqual((yield run_as(self.uid, self.gid)), "ok 1")
+        refused = yield run_as(0, 0)
         self.assertTrue(refused.startswith("ne "), refused)
 
 
