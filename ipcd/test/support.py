@@ -23,7 +23,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd.config import Config, load_config
 from ipcd.names import listen_unix
@@ -377,3 +377,31 @@ def spawn(
 def read_text(path: str) -> str:
     with open(path, "rb") as f:
         return f.read().decode("utf-8", "replace")
+
+
+def set_network(case: TestCase, value: str | None) -> None:
+    """Set (or unset) C{IPC_NETWORK} for the rest of the test."""
+    old = os.environ.get("IPC_NETWORK")
+
+    def restore() -> None:
+        if old is None:
+            os.environ.pop("IPC_NETWORK", None)
+        else:
+            os.environ["IPC_NETWORK"] = old
+
+    case.addCleanup(restore)
+    if value is None:
+        os.environ.pop("IPC_NETWORK", None)
+    else:
+        os.environ["IPC_NETWORK"] = value
+
+
+class RunningIpcdTestCase(TestCase):
+    """A test with ipcd and pongd running in a fresh RUNDIR, IPC_NETWORK unset."""
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        set_network(self, None)
+        self.rundir = short_rundir(self)
+        self.service = yield start_ipcd(self, make_config(self.rundir))
+        self.counters = self.service.broker.counters

@@ -23,16 +23,15 @@ from ipcd.handoff import HandoffError
 from ipcd.scripts import pong
 from ipcd.test.support import (
     TIMEOUT,
+    RunningIpcdTestCase,
     accepts,
-    make_config,
     python_env,
     read_text,
+    set_network,
     short_rundir,
     spawn,
-    start_ipcd,
     wait_until,
 )
-from ipcd.test.test_endpoints import set_network
 from ipcd.wire import recv_message, send_message
 
 
@@ -43,14 +42,7 @@ def echo_once(sock: Any, payload: bytes) -> bytes:
         return recv_message(sock)
 
 
-class BlockingClientTests(TestCase):
-    @inlineCallbacks
-    def setUp(self) -> Any:
-        set_network(self, None)
-        self.rundir = short_rundir(self)
-        self.service = yield start_ipcd(self, make_config(self.rundir))
-        self.counters = self.service.broker.counters
-
+class BlockingClientTests(RunningIpcdTestCase):
     def connect_and_echo(self, payload: bytes = b"hi", **kwargs: Any) -> Any:
         def run() -> bytes:
             sock = connect("pong", rundir=self.rundir, timeout=TIMEOUT, **kwargs)
@@ -92,13 +84,7 @@ class BlockingClientTests(TestCase):
         )
 
 
-class PongCommandTests(TestCase):
-    @inlineCallbacks
-    def setUp(self) -> Any:
-        set_network(self, None)
-        self.rundir = short_rundir(self)
-        self.service = yield start_ipcd(self, make_config(self.rundir))
-
+class PongCommandTests(RunningIpcdTestCase):
     @inlineCallbacks
     def pong(self, *argv: str) -> Any:
         out, err = io.StringIO(), io.StringIO()

@@ -22,30 +22,13 @@ from ipcd.handoff import HandoffError
 from ipcd.services.pongd import Pong
 from ipcd.test.support import (
     TIMEOUT,
+    RunningIpcdTestCase,
     assert_no_fd_leak,
     fd_baseline,
-    make_config,
+    set_network,
     short_rundir,
-    start_ipcd,
     wait_until,
 )
-
-
-def set_network(case: TestCase, value: str | None) -> None:
-    """Set (or unset) C{IPC_NETWORK} for the rest of the test."""
-    old = os.environ.get("IPC_NETWORK")
-
-    def restore() -> None:
-        if old is None:
-            os.environ.pop("IPC_NETWORK", None)
-        else:
-            os.environ["IPC_NETWORK"] = old
-
-    case.addCleanup(restore)
-    if value is None:
-        os.environ.pop("IPC_NETWORK", None)
-    else:
-        os.environ["IPC_NETWORK"] = value
 
 
 class EchoClient(Pong):
@@ -114,14 +97,7 @@ class ServerEndpointTests(TestCase):
         self.assertIn(self.path, str(error))
 
 
-class ClientEndpointTests(TestCase):
-    @inlineCallbacks
-    def setUp(self) -> Any:
-        set_network(self, None)
-        self.rundir = short_rundir(self)
-        self.service = yield start_ipcd(self, make_config(self.rundir))
-        self.counters = self.service.broker.counters
-
+class ClientEndpointTests(RunningIpcdTestCase):
     def client(self, extra: str = "") -> Any:
         endpoint = clientFromString(reactor, f"ipc:pong:rundir={self.rundir}{extra}")
         self.assertIsInstance(endpoint, IPCClientEndpoint)
