@@ -106,13 +106,12 @@ def _where(source: str, section: str | None, key: str) -> str:
 
 
 def _shown(value: Any) -> str:
-    return (
-        repr(value)
-        if isinstance(value, str)
-        else str(value).lower()
-        if isinstance(value, bool)
-        else str(value)
-    )
+    """A value as the TOML file spells it, for error messages."""
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def _validate_layer(data: Mapping[str, Any], source: str) -> dict[str, Any]:
