@@ -138,6 +138,23 @@ async def read_exactly(reactor: Any, sock: socket.socket, count: int) -> bytes:
     return data
 
 
+async def read_to_eof(reactor: Any, sock: socket.socket, limit: int) -> bytes:
+    """Read until the peer closes (or errs), at most C{limit} bytes."""
+    data = b""
+    while len(data) < limit:
+        try:
+            chunk = sock.recv(limit - len(data))
+        except BlockingIOError:
+            await wait_readable(reactor, sock)
+            continue
+        except OSError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 async def write_all(reactor: Any, sock: socket.socket, data: bytes) -> None:
     """Write all of C{data} to a non-blocking socket."""
     view = memoryview(data)

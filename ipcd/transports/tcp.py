@@ -35,7 +35,7 @@ from ipcd.identity import Peer, local_peer, remote_peer
 from ipcd.relay import READ_SIZE, RelayLoop, RelayStats, take_socket
 from ipcd.routes import RemoteURI, RouteError, parse_uri
 from ipcd.services import IPCService
-from ipcd.sockets import connect_tcp, read_exactly, write_all
+from ipcd.sockets import connect_tcp, read_exactly, read_to_eof, write_all
 from ipcd.transports import ITransport
 
 SCHEME = "tcp"
@@ -105,12 +105,7 @@ async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socke
 
 async def _rest_of_refusal(reactor: Any, sock: socket.socket, head: bytes) -> str:
     """Read the rest of an C{ne <reason>} answer, up to EOF or a bound."""
-    data = head
-    try:
-        while len(data) < MAX_HANDSHAKE:
-            data += await read_exactly(reactor, sock, 1)
-    except ConnectionLost:
-        pass
+    data = head + await read_to_eof(reactor, sock, MAX_HANDSHAKE - len(head))
     if data.startswith(b"ne "):
         data = data[3:]
     return data.decode("utf-8", "replace")
