@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from typing import Any
 
 DEFAULT_RUNDIR = "/tmp/libipc-run"
-RUNDIR_MODE = 0o770
+# Sticky, rwx for owner and group: members may add services but not remove
+# or replace anybody else's socket.
+RUNDIR_MODE = 0o1770
 SOCKET_MODE = 0o660
 # Upstream creates its sockets under umask(0o117): 0660 from the first instant.
 _SOCKET_UMASK = 0o117
@@ -69,11 +71,29 @@ def resolve_rundir(
 
 
 def ensure_rundir(rundir: str) -> None:
-    """Create RUNDIR (mode 0770) when it is missing."""
-    if not os.path.isdir(rundir):
-        os.makedirs(rundir, mode=RUNDIR_MODE, exist_ok=True)
-        # makedirs' mode is filtered by the umask; say exactly what we mean.
-        os.chmod(rundir, RUNDIR_MODE)
+    """
+    Create RUNDIR (mode 1770: sticky, rwx for owner and group) when it is
+    missing.  An existing directory is left as it is: it is the admin's.
+    """
+    if os.path.isdir(rundir):
+        return
+    path = rundir.rstrip(os.sep) or os.sep
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(path, RUNDIR_MODE)
+    except FileExistsError:
+        if os.path.isdir(path):
+            return  # created meanwhile by someone else: not ours to chmod
+        raise
+    # mkdir's mode is filtered by the umask; say exactly what we mean, on the
+    # directory just made (never through a symlink swapped in since).
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, RUNDIR_MODE)
+    finally:
+        os.close(fd)
 
 
 def socket_path(rundir: str, name: str) -> str:

@@ -163,14 +163,14 @@ class RundirTests(SynchronousTestCase):
         )
         self.assertEqual(resolve_rundir(), "/from-os-environ")
 
-    def test_ensureCreates0770(self) -> None:
+    def test_ensureCreates1770(self) -> None:
         for mask in (0o022, 0o077, 0o000):
             umask(self, mask)
             base = short_tempdir(self)
             rundir = os.path.join(base, "a", "run")
             ensure_rundir(rundir)
             self.assertTrue(os.path.isdir(rundir))
-            self.assertEqual(mode_of(rundir), 0o770, f"umask {mask:03o}")
+            self.assertEqual(mode_of(rundir), 0o1770, f"umask {mask:03o}")
 
     def test_ensureLeavesExisting(self) -> None:
         """An existing directory is the admin's: its mode is not changed."""
@@ -321,5 +321,5 @@ class ListenTests(TestCase):
         umask(self, 0o022)
         path = os.path.join(self.rundir, "new", "pong")
         self.listen(path)
-        self.assertEqual(mode_of(os.path.dirname(path)), 0o770)
+        self.assertEqual(mode_of(os.path.dirname(path)), 0o1770)
         self.assertTrue(stat.S_ISSOCK(os.lstat(path).st_mode))
