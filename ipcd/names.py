@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import grp
 import os
+import pwd
 import re
 import socket
 import stat
@@ -31,6 +32,13 @@ class InvalidServiceName(ValueError):
 
 class SocketInUse(RuntimeError):
     """Another live process already listens on the socket path."""
+
+
+class UnsafeRundir(ValueError):
+    """
+    RUNDIR is not safe to serve from: another user could remove or replace
+    its sockets.  The message is one line naming the problem and the fix.
+    """
 
 
 def validate_service_name(name: str | bytes) -> str:
@@ -73,7 +81,8 @@ def resolve_rundir(
 def ensure_rundir(rundir: str) -> None:
     """
     Create RUNDIR (mode 1770: sticky, rwx for owner and group) when it is
-    missing.  An existing directory is left as it is: it is the admin's.
+    missing.  An existing directory is left as it is: it is the admin's (and
+    L{check_rundir}'s to judge).
     """
     if os.path.isdir(rundir):
         return
@@ -94,6 +103,123 @@ def ensure_rundir(rundir: str) -> None:
         os.fchmod(fd, RUNDIR_MODE)
     finally:
         os.close(fd)
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_rundir(rundir: str) -> None:
+    """
+    Raise L{UnsafeRundir} unless C{rundir} is a directory that only this
+    process's effective user and, with the sticky bit, its group and others
+    can write to:
+
+      - it must be a directory (a symlink to one is followed only when the
+        link itself belongs to this user or root);
+      - it must be owned by this process's effective uid;
+      - group or other write permission needs the sticky bit, so that
+        nobody but a socket's owner (and RUNDIR's) can remove or replace it.
+
+    Reads only metadata; creates and changes nothing.
+    """
+    euid = os.geteuid()
+    me = _user(euid)
+    where = f"unsafe RUNDIR {rundir}"
+    # "link/" would follow the link: look at the name itself.
+    path = rundir.rstrip(os.sep) or os.sep
+    try:
+        link = os.lstat(path)
+    except FileNotFoundError:
+        raise UnsafeRundir(f"{where}: does not exist; mkdir -m 1770 {rundir}") from None
+    except OSError as e:
+        raise UnsafeRundir(f"{where}: cannot inspect it: {e.strerror}") from None
+    if stat.S_ISLNK(link.st_mode):
+        try:
+            target = _printable(os.readlink(path))
+        except OSError as e:
+            raise UnsafeRundir(
+                f"{where}: cannot read the symlink: {e.strerror}"
+            ) from None
+        if link.st_uid not in (euid, 0):
+            raise UnsafeRundir(
+                f"{where}: is a symlink (to {target}) owned by "
+                f"{_user(link.st_uid)}, not by ipcd's user {me} or root; "
+                f"remove it: rm {rundir}"
+            )
+        where = f"unsafe RUNDIR {rundir} (a symlink to {target})"
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise UnsafeRundir(
+                f"{where}: the target does not exist; create it or rm {rundir}"
+            ) from None
+        except OSError as e:
+            raise UnsafeRundir(
+                f"{where}: cannot inspect the target: {e.strerror}"
+            ) from None
+    else:
+        st = link
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeRundir(
+            f"{where}: not a directory ({_kind(st.st_mode)}); "
+            f"remove it or choose another --rundir"
+        )
+    if st.st_uid != euid:
+        raise UnsafeRundir(
+            f"{where}: owned by {_user(st.st_uid)}, not by ipcd's user {me}; "
+            f"remove it, or chown {euid} {rundir}"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & stat.S_ISVTX:
+        if mode & stat.S_IWOTH:
+            raise UnsafeRundir(
+                f"{where}: mode {mode:04o} lets other users replace sockets; "
+                f"chmod 1770 {rundir} (sticky bit)"
+            )
+        if mode & stat.S_IWGRP:
+            raise UnsafeRundir(
+                f"{where}: mode {mode:04o} lets group members replace sockets; "
+                f"chmod 1770 {rundir} (sticky bit), or 0750 to let them only "
+                f"connect"
+            )
+
+
+def _printable(text: str) -> str:
+    """C{text}, or its repr when it holds a newline or other control."""
+    return text if text.isprintable() else repr(text)
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return f"file type {stat.S_IFMT(mode):o}"
+
+
+def prepare_rundir(rundir: str) -> None:
+    """
+    What ipcd does at start, before it creates anything in RUNDIR: create
+    RUNDIR (1770) when nothing is at that path, then L{check_rundir}.
+    Raises L{UnsafeRundir} (one line) when RUNDIR cannot be created or used.
+    """
+    if not os.path.lexists(rundir):
+        try:
+            ensure_rundir(rundir)
+        except OSError as e:
+            where = e.filename if e.filename not in (None, rundir) else None
+            detail = f"{where}: {e.strerror}" if where else e.strerror
+            raise UnsafeRundir(f"cannot create RUNDIR {rundir}: {detail}") from None
+    check_rundir(rundir)
 
 
 def socket_path(rundir: str, name: str) -> str:

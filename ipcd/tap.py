@@ -20,7 +20,13 @@ from ipcd.broker import Broker, LookupFactory
 from ipcd.config import Config, ConfigError, load_config
 from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_report
 from ipcd.endpoints import BROKER_NAME
-from ipcd.names import SocketInUse, clear_stale_socket, socket_path
+from ipcd.names import (
+    SocketInUse,
+    UnsafeRundir,
+    clear_stale_socket,
+    prepare_rundir,
+    socket_path,
+)
 from ipcd.services import IPCService
 from ipcd.services.pongd import pongd
 from ipcd.transports.tcp import SCHEME, TcpService
@@ -204,6 +210,10 @@ class IPCDService(MultiService):
         return {"ok": True, "restart_needed": restart}
 
     def startService(self) -> None:
+        # Before any socket is created in it: RUNDIR must be ours and safe.
+        # makeService already checked (and said so in one line); this covers
+        # an IPCDService built directly.  Raises UnsafeRundir.
+        prepare_rundir(self.config.rundir)
         super().startService()
         try:
             self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
@@ -235,10 +245,12 @@ def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: 
         reactor,
         lambda: load_config(options["config"], options.overrides()),
     )
-    # Say clearly, before anything starts, that another instance is running.
+    # Say clearly, in one line, before anything is created in RUNDIR, that it
+    # is unsafe or that another instance is running.
     try:
+        prepare_rundir(options.config.rundir)
         for path in service.socket_paths():
             clear_stale_socket(path)
-    except SocketInUse as e:
+    except (UnsafeRundir, SocketInUse) as e:
         raise SystemExit(f"ipcd: {e}")
     return service

@@ -1,0 +1,373 @@
+"""
+RUNDIR is checked before ipcd creates anything in it: L{check_rundir} case by
+case, RUNDIR created 1770, and the real C{ipcd} command (and C{twistd ipcd})
+refusing an unsafe RUNDIR in one line, with status 1, leaving it empty.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+import subprocess
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from ipcd.names import (
+    UnsafeRundir,
+    check_rundir,
+    ensure_rundir,
+    prepare_rundir,
+)
+from ipcd.tap import IPCDService, Options, makeService
+from ipcd.test.support import (
+    TIMEOUT,
+    make_config,
+    python_env,
+    read_text,
+    short_rundir,
+    spawn,
+    start_ipcd,
+)
+
+
+def mode_of(path: str) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def user(uid: int) -> str:
+    """How the messages name a user: C{uid 0 (root)}."""
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def other_uid() -> int:
+    """The uid of C{nobody}, to own things; skip when that cannot be done."""
+    if os.geteuid() != 0:
+        raise SkipTest("needs root: only root can give a file to another user")
+    try:
+        uid = pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        raise SkipTest("no 'nobody' user to own the directory") from None
+    if uid == os.geteuid():
+        raise SkipTest("'nobody' is this process's own user")
+    return uid
+
+
+def umask(case: SynchronousTestCase, mask: int) -> None:
+    old = os.umask(mask)
+    case.addCleanup(os.umask, old)
+
+
+class CheckRundirTests(SynchronousTestCase):
+    """L{check_rundir}: what is refused, with which one-line message."""
+
+    def setUp(self) -> None:
+        self.base = short_rundir(self, "ipcd-rd-")
+        self.rundir = os.path.join(self.base, "run")
+        os.mkdir(self.rundir)
+        self.me = user(os.geteuid())
+
+    def refused(self, path: str | None = None) -> str:
+        path = self.rundir if path is None else path
+        error = self.assertRaises(UnsafeRundir, check_rundir, path)
+        message = str(error)
+        self.assertNotIn("\n", message)
+        self.assertIn(path, message)
+        return message
+
+    def test_otherOwner(self) -> None:
+        uid = other_uid()
+        os.chmod(self.rundir, 0o700)
+        os.chown(self.rundir, uid, -1)
+        euid = os.geteuid()
+        self.assertEqual(
+            self.refused(),
+            f"unsafe RUNDIR {self.rundir}: owned by {user(uid)}, not by ipcd's "
+            f"user {self.me}; remove it, or chown {euid} {self.rundir}",
+        )
+
+    def test_otherOwnerEvenWithSticky(self) -> None:
+        """The owner may remove anything in it: the sticky bit does not help."""
+        uid = other_uid()
+        os.chmod(self.rundir, 0o1770)
+        os.chown(self.rundir, uid, -1)
+        self.assertIn(f"owned by {user(uid)}", self.refused())
+
+    def test_worldWritable(self) -> None:
+        os.chmod(self.rundir, 0o777)
+        self.assertEqual(
+            self.refused(),
+            f"unsafe RUNDIR {self.rundir}: mode 0777 lets other users replace "
+            f"sockets; chmod 1770 {self.rundir} (sticky bit)",
+        )
+
+    def test_otherWritableOnly(self) -> None:
+        os.chmod(self.rundir, 0o702)
+        self.assertIn("mode 0702 lets other users replace sockets", self.refused())
+
+    def test_groupWritable(self) -> None:
+        os.chmod(self.rundir, 0o770)
+        self.assertEqual(
+            self.refused(),
+            f"unsafe RUNDIR {self.rundir}: mode 0770 lets group members replace "
+            f"sockets; chmod 1770 {self.rundir} (sticky bit), or 0750 to let "
+            "them only connect",
+        )
+
+    def test_groupWritableSetgid(self) -> None:
+        """Setgid (new sockets get RUNDIR's group) is no substitute for sticky."""
+        os.chmod(self.rundir, 0o2770)
+        self.assertIn("mode 2770 lets group members", self.refused())
+
+    def test_accepted(self) -> None:
+        for mode in (0o1777, 0o1770, 0o3770, 0o700, 0o750, 0o755, 0o2750):
+            os.chmod(self.rundir, mode)
+            self.assertEqual(mode_of(self.rundir), mode)
+            check_rundir(self.rundir)
+
+    def test_notADirectory(self) -> None:
+        path = os.path.join(self.base, "file")
+        with open(path, "w"):
+            pass
+        self.assertEqual(
+            self.refused(path),
+            f"unsafe RUNDIR {path}: not a directory (a regular file); "
+            "remove it or choose another --rundir",
+        )
+
+    def test_missing(self) -> None:
+        path = os.path.join(self.base, "missing")
+        self.assertEqual(
+            self.refused(path),
+            f"unsafe RUNDIR {path}: does not exist; mkdir -m 1770 {path}",
+        )
+
+    def test_symlinkOwnedByAnotherUser(self) -> None:
+        uid = other_uid()
+        os.chmod(self.rundir, 0o1770)
+        link = os.path.join(self.base, "link")
+        os.symlink(self.rundir, link)
+        os.lchown(link, uid, -1)
+        self.assertEqual(
+            self.refused(link),
+            f"unsafe RUNDIR {link}: is a symlink (to {self.rundir}) owned by "
+            f"{user(uid)}, not by ipcd's user {self.me} or root; remove it: "
+            f"rm {link}",
+        )
+
+    def test_symlinkWithTrailingSlash(self) -> None:
+        """C{link/} is still the link: its owner is checked."""
+        uid = other_uid()
+        os.chmod(self.rundir, 0o1770)
+        link = os.path.join(self.base, "link")
+        os.symlink(self.rundir, link)
+        os.lchown(link, uid, -1)
+        self.assertIn(f"is a symlink (to {self.rundir})", self.refused(link + "/"))
+
+    def test_symlinkTargetOnOneLine(self) -> None:
+        """A target with a newline cannot add a line to the message."""
+        link = os.path.join(self.base, "link")
+        target = os.path.join(self.base, "two\nlines")
+        os.symlink(target, link)
+        self.assertIn(f"(a symlink to {target!r})", self.refused(link))
+
+    def test_symlinkOfMineToSafeDirectory(self) -> None:
+        os.chmod(self.rundir, 0o1770)
+        link = os.path.join(self.base, "link")
+        os.symlink(self.rundir, link)
+        check_rundir(link)
+
+    def test_symlinkTargetChecked(self) -> None:
+        """A link of ours is followed: the directory it names is checked."""
+        os.chmod(self.rundir, 0o777)
+        link = os.path.join(self.base, "link")
+        os.symlink(self.rundir, link)
+        self.assertEqual(
+            self.refused(link),
+            f"unsafe RUNDIR {link} (a symlink to {self.rundir}): mode 0777 lets "
+            f"other users replace sockets; chmod 1770 {link} (sticky bit)",
+        )
+
+    def test_symlinkTargetOwnedByAnotherUser(self) -> None:
+        uid = other_uid()
+        os.chmod(self.rundir, 0o700)
+        os.chown(self.rundir, uid, -1)
+        link = os.path.join(self.base, "link")
+        os.symlink(self.rundir, link)
+        self.assertIn(f"owned by {user(uid)}", self.refused(link))
+
+    def test_danglingSymlink(self) -> None:
+        link = os.path.join(self.base, "link")
+        target = os.path.join(self.base, "nowhere")
+        os.symlink(target, link)
+        self.assertEqual(
+            self.refused(link),
+            f"unsafe RUNDIR {link} (a symlink to {target}): the target does not "
+            f"exist; create it or rm {link}",
+        )
+
+
+class PrepareRundirTests(SynchronousTestCase):
+    """Creating RUNDIR: 1770 whatever the umask, then checked."""
+
+    def setUp(self) -> None:
+        self.base = short_rundir(self, "ipcd-rd-")
+
+    def test_ensureCreates1770(self) -> None:
+        for mask in (0o022, 0o077, 0o777):
+            umask(self, mask)
+            rundir = os.path.join(self.base, f"{mask:o}", "run")
+            ensure_rundir(rundir)
+            self.assertEqual(mode_of(rundir), 0o1770, f"umask {mask:03o}")
+
+    def test_ensureTrailingSlash(self) -> None:
+        rundir = os.path.join(self.base, "run") + "/"
+        ensure_rundir(rundir)
+        self.assertEqual(mode_of(rundir), 0o1770)
+
+    def test_prepareCreatesAndAccepts(self) -> None:
+        umask(self, 0o022)
+        rundir = os.path.join(self.base, "run")
+        prepare_rundir(rundir)
+        self.assertEqual(mode_of(rundir), 0o1770)
+        self.assertEqual(os.lstat(rundir).st_uid, os.geteuid())
+
+    def test_prepareLeavesExistingAlone(self) -> None:
+        """An unsafe RUNDIR is refused, not repaired, and stays empty."""
+        rundir = os.path.join(self.base, "run")
+        os.mkdir(rundir)
+        os.chmod(rundir, 0o777)
+        self.assertRaises(UnsafeRundir, prepare_rundir, rundir)
+        self.assertEqual(mode_of(rundir), 0o777)
+        self.assertEqual(os.listdir(rundir), [])
+
+    def test_prepareFile(self) -> None:
+        """A file in RUNDIR's place gets the check's message, not mkdir's."""
+        path = os.path.join(self.base, "file")
+        with open(path, "w"):
+            pass
+        error = self.assertRaises(UnsafeRundir, prepare_rundir, path)
+        self.assertIn("not a directory (a regular file)", str(error))
+
+    def test_prepareCannotCreate(self) -> None:
+        """Creation failing is one line too."""
+        path = os.path.join(self.base, "file")
+        with open(path, "w"):
+            pass
+        rundir = os.path.join(path, "run")
+        error = self.assertRaises(UnsafeRundir, prepare_rundir, rundir)
+        self.assertEqual(
+            str(error), f"cannot create RUNDIR {rundir}: {path}: File exists"
+        )
+
+
+class ServiceTests(TestCase):
+    """The check where ipcd starts: makeService and IPCDService.startService."""
+
+    def setUp(self) -> None:
+        self.base = short_rundir(self, "ipcd-rd-")
+        self.rundir = os.path.join(self.base, "run")
+        os.mkdir(self.rundir)
+        os.chmod(self.rundir, 0o777)
+
+    def test_makeServiceExits(self) -> None:
+        options = Options()
+        options.parseOptions(["--rundir", self.rundir, "--no-tcp"])
+        error = self.assertRaises(SystemExit, makeService, options, reactor)
+        self.assertEqual(
+            error.code,
+            f"ipcd: unsafe RUNDIR {self.rundir}: mode 0777 lets other users "
+            f"replace sockets; chmod 1770 {self.rundir} (sticky bit)",
+        )
+        self.assertEqual(os.listdir(self.rundir), [])
+
+    def test_startServiceRefuses(self) -> None:
+        service = IPCDService(make_config(self.rundir), reactor)
+        self.assertRaises(UnsafeRundir, service.startService)
+        self.assertFalse(service.running)
+        self.assertEqual(os.listdir(self.rundir), [])
+
+    @inlineCallbacks
+    def test_startServiceCreates1770(self) -> Any:
+        umask(self, 0o022)
+        rundir = os.path.join(self.base, "new")
+        service = yield start_ipcd(self, make_config(rundir))
+        self.assertEqual(mode_of(rundir), 0o1770)
+        self.assertTrue(all(os.path.exists(p) for p in service.socket_paths()))
+
+
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+class CommandTests(SynchronousTestCase):
+    """
+    The real command on an unsafe RUNDIR: status 1 within a bounded time, one
+    line of output naming the reason, and nothing created in RUNDIR.
+    """
+
+    def setUp(self) -> None:
+        self.base = short_rundir(self, "ipcd-rd-")
+        self.rundir = os.path.join(self.base, "run")
+        os.mkdir(self.rundir)
+        self.work = short_rundir(self, "ipcd-work-")
+
+    def refused(self, args: list[str]) -> str:
+        log = os.path.join(self.work, "out.log")
+        process = spawn(self, args, log, python_env(), self.work)
+        try:
+            code = process.wait(3 * TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.fail(
+                f"still running after {3 * TIMEOUT:g} s (killed); output:\n"
+                + read_text(log)
+            )
+        output = read_text(log)
+        self.assertEqual(code, 1, output)
+        self.assertEqual(os.listdir(self.rundir), [], output)
+        lines = output.splitlines()
+        self.assertEqual(len(lines), 1, output)
+        return lines[0]
+
+    def ipcd(self) -> str:
+        return self.refused(
+            ["-m", "ipcd.scripts.ipcd", "--rundir", self.rundir, "--no-tcp"]
+        )
+
+    def test_otherOwner(self) -> None:
+        uid = other_uid()
+        os.chmod(self.rundir, 0o1770)
+        os.chown(self.rundir, uid, -1)
+        euid = os.geteuid()
+        self.assertEqual(
+            self.ipcd(),
+            f"ipcd: unsafe RUNDIR {self.rundir}: owned by {user(uid)}, not by "
+            f"ipcd's user {user(euid)}; remove it, or chown {euid} {self.rundir}",
+        )
+
+    def test_worldWritable(self) -> None:
+        os.chmod(self.rundir, 0o777)
+        self.assertEqual(
+            self.ipcd(),
+            f"ipcd: unsafe RUNDIR {self.rundir}: mode 0777 lets other users "
+            f"replace sockets; chmod 1770 {self.rundir} (sticky bit)",
+        )
+
+    def test_twistdGroupWritable(self) -> None:
+        """C{twistd -n ipcd} says the same in the same way."""
+        os.chmod(self.rundir, 0o770)
+        line = self.refused(
+            ["-c", TWISTD, "-n", "--pidfile=", "ipcd", "--rundir", self.rundir]
+            + ["--no-tcp"]
+        )
+        self.assertEqual(
+            line,
+            f"ipcd: unsafe RUNDIR {self.rundir}: mode 0770 lets group members "
+            f"replace sockets; chmod 1770 {self.rundir} (sticky bit), or 0750 to "
+            "let them only connect",
+        )
