@@ -147,7 +147,8 @@ def check_rundir(rundir: str) -> None:
         if link.st_uid not in (euid, 0):
             raise UnsafeRundir(
                 f"{where}: is a symlink (to {target}) owned by "
-                f"{_user(link.st_uid)}, not by ipcd's user {me} or root; "
+                f"{_user(link.st_uid)}, not by ipcd's user {me}"
+                f"{'' if euid == 0 else ' or root'}; "
                 f"remove it: rm {rundir}"
             )
         where = f"unsafe RUNDIR {rundir} (a symlink to {target})"
