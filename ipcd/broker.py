@@ -1,10 +1,12 @@
 """
 ipcd itself: the lookup protocol on C{RUNDIR/ipc} and the resolver behind it.
 
-L{resolve} is pure: a config, a service name and maybe the client's route in;
-a L{LocalTarget} or L{RemoteTarget} (or L{Refused}) out.  L{Broker} connects
-targets, locally or through a transport; L{LookupProtocol} speaks to clients
-and hands the connected socket over with C{ok}.
+L{plan} is pure: a config, a service name and maybe the client's route in;
+a L{LocalTarget} or L{RemoteTarget} (or L{Refused}) out, with the names the
+policy must decide.  L{Broker} polices and connects targets, locally (as the
+client could itself: L{ipcd.access}) or through a transport;
+L{LookupProtocol} speaks to clients and hands the connected socket over with
+C{ok}.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import socket
 import stat
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +25,18 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ipcd.access import AccessDenied, OpenedSocket, open_socket
 from ipcd.config import Config
 from ipcd.errors import Refused
 from ipcd.handoff import send_ok
 from ipcd.identity import Peer, local_peer
-from ipcd.names import InvalidServiceName, socket_path, validate_service_name
-from ipcd.policy import Decision, decide
+from ipcd.names import (
+    OWN_NAMES,
+    InvalidServiceName,
+    socket_path,
+    validate_service_name,
+)
+from ipcd.policy import Decision, decide, find_grant
 from ipcd.routes import (
     URI,
     LocalURI,
@@ -84,7 +92,20 @@ def _visit(name: str, chain: list[str]) -> None:
     chain.append(name)
 
 
-def resolve(config: Config, service: str, client_route: URI | None = None) -> Target:
+@dataclass(frozen=True)
+class Plan:
+    """
+    Where a lookup goes, and the names the policy decides for it: the
+    requested one, then each name the client's own route names.  Names that
+    only the admin's redirections and routes lead to are the admin's
+    decision and are not in C{names}.
+    """
+
+    target: Target
+    names: tuple[str, ...]
+
+
+def plan(config: Config, service: str, client_route: URI | None = None) -> Plan:
     """
     Where C{service} is: admin redirections rewrite the name (chained), then
     the client's route (if given) or the admin's route for the name decides;
@@ -92,6 +113,7 @@ def resolve(config: Config, service: str, client_route: URI | None = None) -> Ta
     route is a redirection and is followed in turn.
     """
     chain = [service]
+    names = [service]
     name = service
     route = client_route
     from_client = route is not None
@@ -102,13 +124,19 @@ def resolve(config: Config, service: str, client_route: URI | None = None) -> Ta
             from_client = False
         match route:
             case None:
-                return LocalTarget(name, socket_path(config.rundir, name))
+                target: Target = LocalTarget(name, socket_path(config.rundir, name))
+                break
             case LocalURI(name=next_name) if next_name == name or (
                 from_client and next_name == service
             ):
                 # Itself (a client's "pong unix://pong", after any redirect).
-                return LocalTarget(name, socket_path(config.rundir, name))
+                if from_client:
+                    names.append(next_name)
+                target = LocalTarget(name, socket_path(config.rundir, name))
+                break
             case LocalURI(name=next_name):
+                if from_client:
+                    names.append(next_name)
                 _visit(next_name, chain)
                 name, route = next_name, None
             case PathURI(path=path):
@@ -117,9 +145,34 @@ def resolve(config: Config, service: str, client_route: URI | None = None) -> Ta
                         "routes to absolute socket paths are for the admin's "
                         f"configuration only: {route}"
                     )
-                return LocalTarget(name, path)
+                target = LocalTarget(name, path)
+                break
             case RemoteURI():
-                return RemoteTarget(route, route.service or name)
+                if from_client and route.service is not None:
+                    names.append(route.service)
+                target = RemoteTarget(route, route.service or name)
+                break
+    return Plan(target, tuple(dict.fromkeys(names)))
+
+
+def resolve(config: Config, service: str, client_route: URI | None = None) -> Target:
+    """Where C{service} is (see L{plan})."""
+    return plan(config, service, client_route).target
+
+
+def direction_of(target: Target) -> str:
+    """The policy direction of a local client's lookup that goes to C{target}."""
+    return "local" if isinstance(target, LocalTarget) else "out"
+
+
+def destination_labels(target: Target) -> list[str]:
+    """For C{out}: the route's host and port, as labels besides the client's."""
+    if isinstance(target, LocalTarget):
+        return []
+    labels = [f"host:{target.uri.host}"]
+    if target.uri.port is not None:
+        labels.append(f"port:{target.uri.port}")
+    return labels
 
 
 class Broker:
@@ -152,12 +205,12 @@ class Broker:
             event.service = lookup.service
             route = lookup.route_for(lookup.service)
             uri = route.uri if route and self.config.allow_client_routes else None
-            target = resolve(self.config, lookup.service, uri)
+            where = plan(self.config, lookup.service, uri)
         except (RouteError, InvalidServiceName) as e:
             return self._refuse(event, Refused(f"bad lookup: {e}"))
         except Refused as e:
             return self._refuse(event, e)
-        return self._police_and_connect(event, target)
+        return self._police_and_connect(event, where.target, where.names)
 
     def open_uri(self, uri: RemoteURI, client: Peer) -> Deferred[socket.socket]:
         """
@@ -168,7 +221,8 @@ class Broker:
         event = _Event("out", client, uri.service or str(uri))
         if uri.service is None:
             return self._refuse(event, Refused(f"no service in {uri}"))
-        return self._police_and_connect(event, RemoteTarget(uri, uri.service))
+        target = RemoteTarget(uri, uri.service)
+        return self._police_and_connect(event, target, (uri.service,))
 
     def open_inbound(self, service: str, peer: Peer) -> Deferred[socket.socket]:
         """Serve a remote peer asking for C{service}: no client routes, ever."""
@@ -187,22 +241,17 @@ class Broker:
             return self._refuse(event, e)
         return self._connect(event, target)
 
-    def _police_and_connect(self, event: _Event, target: Target) -> Deferred[Any]:
-        if isinstance(target, LocalTarget):
-            allowed = self._police(event, [event.service])
-        else:
-            event.direction = "out"
-            uri = target.uri
-            destination = [f"host:{uri.host}"]
-            if uri.port is not None:
-                destination.append(f"port:{uri.port}")
-            names = list(dict.fromkeys([event.service, target.service]))
-            allowed = self._police(event, names, destination)
-        if not allowed:
+    def _police_and_connect(
+        self, event: _Event, target: Target, names: tuple[str, ...]
+    ) -> Deferred[Any]:
+        event.direction = direction_of(target)
+        if not self._police(event, names, destination_labels(target)):
             return self._refuse(event, _denied(event))
         return self._connect(event, target)
 
-    def _police(self, event: _Event, names: list[str], extra: list[str] = ()) -> bool:
+    def _police(
+        self, event: _Event, names: Sequence[str], extra: Sequence[str] = ()
+    ) -> bool:
         """Apply the rules, once for this connection."""
         event.labels = [*event.who.labels, *extra]
         event.decision = decide(self.config.rules, event.direction, names, event.labels)
@@ -217,9 +266,19 @@ class Broker:
 
     def _connect(self, event: _Event, target: Target) -> Deferred[Any]:
         if isinstance(target, LocalTarget):
-            d = connect_unix(
-                self.reactor, target.path, target.name, self.config.connect_timeout
-            )
+            try:
+                opened = self._open_local(event, target)
+            except Refused as e:
+                d: Deferred[Any] = fail(e)
+            else:
+                d = connect_unix(
+                    self.reactor,
+                    opened.connect_path(),
+                    target.name,
+                    self.config.connect_timeout,
+                    shown=target.path,
+                )
+                d.addBoth(_closing(opened))
         else:
             # The deadline is the broker's, so transports need not keep one
             # and a reload's new timeout applies to the next connection.
@@ -248,9 +307,72 @@ class Broker:
 
         return d.addBoth(done)
 
+    def _open_local(self, event: _Event, target: LocalTarget) -> OpenedSocket:
+        """
+        Open C{target}'s socket as the client could itself (remote peers:
+        never through a symbolic link), or as an admin's grant lets it;
+        never one of ipcd's own sockets.
+        """
+        name, path = target.name, target.path
+        if name in self.own_names():
+            raise Refused(f"{name!r} is ipcd's own socket, never a lookup target")
+        try:
+            if event.direction == "in":
+                opened = open_socket(path, None, follow_last_symlink=False)
+            else:
+                opened = self._open_as_client(event, target)
+        except FileNotFoundError:
+            raise Refused(f"no route to service {name!r}: {path} does not exist")
+        except Refused:
+            raise
+        except OSError as e:
+            raise Refused(f"cannot connect to service {name!r}: {e.strerror}")
+        if opened.inode in self._own_inodes():
+            opened.close()
+            raise Refused(f"{path} is ipcd's own socket, never a lookup target")
+        return opened
+
+    def _open_as_client(self, event: _Event, target: LocalTarget) -> OpenedSocket:
+        who = event.who.credentials
+        try:
+            if who is None:
+                raise AccessDenied("permission denied: the client's uid is unknown")
+            opened = open_socket(target.path, who)
+            event.access = "the client may connect itself"
+            return opened
+        except AccessDenied as denied:
+            found = find_grant(self.config.grants, target.name, event.labels)
+            if found is None:
+                self.counters["access denied"] += 1
+                raise AccessDenied(f"service {target.name!r}: {denied}") from None
+        index, grant = found
+        # A grant is for the service's own socket, never through a link
+        # that somebody with write access to RUNDIR could plant.
+        opened = open_socket(target.path, None, follow_last_symlink=False)
+        event.access = f"granted by grant {index} ({grant})"
+        self.counters["granted"] += 1
+        return opened
+
+    def own_names(self) -> set[str]:
+        """The RUNDIR names of ipcd's own sockets and its daemons' sockets."""
+        return {*OWN_NAMES, *self.transports, *self.config.external_daemons}
+
+    def _own_inodes(self) -> set[tuple[int, int]]:
+        inodes = set()
+        for name in self.own_names():
+            try:
+                st = os.stat(socket_path(self.config.rundir, name))
+            except (OSError, InvalidServiceName):
+                continue
+            inodes.add((st.st_dev, st.st_ino))
+        return inodes
+
     def _record(self, event: _Event, target: Target | None, outcome: str) -> None:
         """One structured log event per decision: who, what, rule, outcome."""
         decision = event.decision
+        verdict = "not policed" if decision is None else str(decision)
+        if event.access is not None:
+            verdict = f"{verdict}; {event.access}"
         self.log.info(
             "{direction} {service!r} for {who} -> {target}: {outcome} ({verdict})",
             direction=event.direction,
@@ -258,7 +380,8 @@ class Broker:
             who=str(event.who),
             labels=sorted(event.labels),
             target=None if target is None else str(target),
-            verdict="not policed" if decision is None else str(decision),
+            verdict=verdict,
+            access=event.access,
             rule=None
             if decision is None or decision.rule is None
             else str(decision.rule),
@@ -267,16 +390,27 @@ class Broker:
         )
 
     def transport_for(self, scheme: str) -> ITransport:
-        """The in-process transport for C{scheme}, else an external daemon."""
+        """
+        The in-process transport for C{scheme}, else the external daemon the
+        admin configured for it; never a socket a client names by scheme.
+        """
         if scheme in self.transports:
             return self.transports[scheme]
+        if scheme not in self.config.external_daemons:
+            raise Refused(f"no transport for scheme {scheme!r}")
+        path = socket_path(self.config.rundir, scheme)
         try:
-            path = socket_path(self.config.rundir, scheme)
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                return ExternalDaemon(self.reactor, scheme, path)
-        except (OSError, InvalidServiceName):
-            pass
-        raise Refused(f"no transport for scheme {scheme!r}")
+            st = os.lstat(path)
+        except OSError as e:
+            raise Refused(f"the {scheme} daemon is not running: {path}: {e.strerror}")
+        if not stat.S_ISSOCK(st.st_mode):
+            raise Refused(f"the {scheme} daemon is not running: {path} is not a socket")
+        if st.st_uid not in (0, os.geteuid()):
+            raise Refused(
+                f"{path} belongs to uid {st.st_uid}, not to root or ipcd's user: "
+                f"not trusted as the {scheme} daemon"
+            )
+        return ExternalDaemon(self.reactor, scheme, path)
 
 
 @dataclass
@@ -288,6 +422,17 @@ class _Event:
     service: str
     labels: list[str] = field(default_factory=list)
     decision: Decision | None = None
+    access: str | None = None  # how a local socket was reached, when it was
+
+
+def _closing(opened: OpenedSocket) -> Any:
+    """A callback that closes C{opened} and passes the result on."""
+
+    def close(result: Any) -> Any:
+        opened.close()
+        return result
+
+    return close
 
 
 def _denied(event: _Event) -> Refused:

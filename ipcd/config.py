@@ -9,14 +9,20 @@ go through the same validation and errors name where the bad value came from.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ipcd.names import InvalidServiceName, resolve_rundir, validate_service_name
-from ipcd.policy import Rule, RuleError, parse_rule
+from ipcd.names import (
+    OWN_NAMES,
+    InvalidServiceName,
+    resolve_rundir,
+    validate_service_name,
+)
+from ipcd.policy import Grant, Rule, RuleError, parse_grant, parse_rule
 from ipcd.routes import URI, RouteError, parse_uri
 from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -40,6 +46,9 @@ class Config:
     tcp_listen: str | None = DEFAULT_TCP_LISTEN
     tcp_handshake_timeout: float = 5.0
     rules: tuple[Rule, ...] = ()
+    grants: tuple[Grant, ...] = ()
+    # Schemes served by an external daemon listening on RUNDIR/SCHEME.
+    external_daemons: tuple[str, ...] = ()
     control_group: str | None = None
     source: str | None = None
 
@@ -80,6 +89,25 @@ def _endpoint(value: Any) -> str:
     return value
 
 
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+
+
+def _schemes(value: Any) -> tuple[str, ...]:
+    expected = "a list of URI schemes like ['tls']"
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Bad(expected)
+    for scheme in value:
+        if not _SCHEME.fullmatch(scheme) or scheme == "unix":
+            raise _Bad(f"{expected} ({scheme!r} is not a daemon's scheme)")
+        if scheme in OWN_NAMES:
+            raise _Bad(f"{expected} ({scheme!r} is ipcd's own socket)")
+        try:
+            validate_service_name(scheme)
+        except InvalidServiceName:
+            raise _Bad(f"{expected} ({scheme!r} cannot be a socket in RUNDIR)")
+    return tuple(dict.fromkeys(value))
+
+
 _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
     None: {
         "rundir": (_string, "rundir"),
@@ -89,6 +117,7 @@ _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
         "lookup_timeout": (_positive_number, "lookup_timeout"),
         "connect_timeout": (_positive_number, "connect_timeout"),
         "allow_client_routes": (_boolean, "allow_client_routes"),
+        "external_daemons": (_schemes, "external_daemons"),
     },
     "pongd": {"enabled": (_boolean, "pongd")},
     "control": {"group": (_string, "control_group")},
@@ -120,8 +149,8 @@ def _validate_layer(data: Mapping[str, Any], source: str) -> dict[str, Any]:
     for key, value in data.items():
         if key in _NAME_TABLES:
             out[key] = _validate_names_table(key, value, source)
-        elif key == "rules":
-            out[key] = _validate_rules(value, source)
+        elif key in _LISTS:
+            out[key] = _validate_list(key, value, source)
         elif key in _SCHEMA and key is not None:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: [{key}]: expected a table")
@@ -137,7 +166,7 @@ def _check(section: str | None, key: str, value: Any, source: str) -> dict[str, 
     if spec is None:
         names = [*_SCHEMA.get(section, {})]
         if section is None:  # at the top level, tables are keys too
-            names += [*filter(None, _SCHEMA), *_NAME_TABLES, "rules"]
+            names += [*filter(None, _SCHEMA), *_NAME_TABLES, *_LISTS]
         known = ", ".join(sorted(names))
         raise ConfigError(
             f"{_where(source, section, key)}: unknown key (known: {known})"
@@ -173,21 +202,29 @@ def _validate_names_table(table: str, value: Any, source: str) -> dict[str, Any]
     return out
 
 
-def _validate_rules(value: Any, source: str) -> tuple[Rule, ...]:
-    expected = "a list of strings like 'allow in pong *'"
+# Top-level lists of one-line entries: key -> (parser, an example).
+_LISTS: dict[str, tuple[Any, str]] = {
+    "rules": (parse_rule, "allow in pong *"),
+    "grants": (parse_grant, "secret group:ops"),
+}
+
+
+def _validate_list(key: str, value: Any, source: str) -> tuple[Any, ...]:
+    parse, example = _LISTS[key]
+    expected = f"a list of strings like {example!r}"
     if not isinstance(value, list):
-        raise ConfigError(f"{source}: rules: expected {expected}, got {_shown(value)}")
-    rules = []
+        raise ConfigError(f"{source}: {key}: expected {expected}, got {_shown(value)}")
+    entries = []
     for index, text in enumerate(value):
         if not isinstance(text, str):
             raise ConfigError(
-                f"{source}: rules[{index}]: expected {expected}, got {_shown(text)}"
+                f"{source}: {key}[{index}]: expected {expected}, got {_shown(text)}"
             )
         try:
-            rules.append(parse_rule(text))
+            entries.append(parse(text))
         except RuleError as e:
-            raise ConfigError(f"{source}: rules[{index}]: {e}") from None
-    return tuple(rules)
+            raise ConfigError(f"{source}: {key}[{index}]: {e}") from None
+    return tuple(entries)
 
 
 def _check_redirect_loops(redirects: Mapping[str, str], source: str) -> None:
@@ -227,12 +264,12 @@ def load_config(
         layers.append(_validate_layer(read_toml(path), path))
     if overrides:
         layers.append(_validate_layer(overrides, "command line"))
-    merged: dict[str, Any] = {"redirects": {}, "routes": {}, "rules": ()}
+    merged: dict[str, Any] = {"redirects": {}, "routes": {}, "rules": (), "grants": ()}
     for layer in layers:
         for key, value in layer.items():
             if key in _NAME_TABLES:
                 merged[key].update(value)
-            elif key == "rules":
+            elif key in _LISTS:
                 # Command-line rules come after the file's: appended in order.
                 merged[key] += value
             else:

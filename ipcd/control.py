@@ -17,10 +17,9 @@ from typing import Any
 from twisted.internet.protocol import Factory
 
 from ipcd.config import Config
-from ipcd.names import resolve_rundir, socket_path
+from ipcd.names import CONTROL_NAME, resolve_rundir, socket_path
 from ipcd.wire import MessageProtocol, recv_message, send_message
 
-CONTROL_NAME = "ipcd-control"
 CONTROL_MODE = 0o600
 COMMANDS = ("status", "reload")
 
@@ -37,6 +36,8 @@ def config_summary(config: Config) -> dict[str, Any]:
         "redirects": dict(config.redirects),
         "routes": {name: str(uri) for name, uri in config.routes.items()},
         "rules": [str(rule) for rule in config.rules],
+        "grants": [str(grant) for grant in config.grants],
+        "external_daemons": list(config.external_daemons),
         "pongd": config.pongd,
         "tcp_listen": config.tcp_listen,
     }

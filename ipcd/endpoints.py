@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from ipcd.handoff import HandoffError, adopt_into_reactor, check_reply
 from ipcd.names import (
+    BROKER_NAME,
     SOCKET_MODE,
     listen_unix,
     resolve_rundir,
@@ -36,8 +37,6 @@ from ipcd.names import (
 )
 from ipcd.routes import encode_lookup
 from ipcd.wire import encode
-
-BROKER_NAME = "ipc"
 
 
 @implementer(IStreamServerEndpoint)

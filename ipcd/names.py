@@ -16,6 +16,10 @@ from collections.abc import Mapping
 from typing import Any
 
 DEFAULT_RUNDIR = "/tmp/libipc-run"
+# ipcd's own sockets in RUNDIR: never a lookup, route or inbound target.
+BROKER_NAME = "ipc"
+CONTROL_NAME = "ipcd-control"
+OWN_NAMES = (BROKER_NAME, CONTROL_NAME)
 # Sticky, rwx for owner and group: members may add services but not remove
 # or replace anybody else's socket.
 RUNDIR_MODE = 0o1770

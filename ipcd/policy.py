@@ -7,6 +7,13 @@ Rules are tried in order, the first match wins; with no match, C{local} and
 C{out} are allowed and C{in} is denied.  A PEER-PATTERN matches one of the
 peer's identity labels (C{uid:1000}, C{user:alice}, C{ip:10.0.0.0/8}, ...);
 C{*} matches anything.
+
+A request that involves several names (the requested one, and each one the
+client's own route names) is decided name by name, and all must allow.
+
+Grants (C{SERVICE-GLOB PEER-PATTERN}) are the admin's explicit word that a
+local client may reach a service's socket although its own permissions
+would not let it connect (see L{ipcd.access}).
 """
 
 from __future__ import annotations
@@ -45,12 +52,16 @@ class Decision:
     allowed: bool
     rule: Rule | None  # None: the direction's default decided
     index: int | None = None  # position of the rule, from 1
+    # The name this decision is about, when a request involved several.
+    service: str | None = None
 
     def __str__(self) -> str:
         verdict = "allowed" if self.allowed else "denied"
         if self.rule is None:
-            return f"{verdict} by default"
-        return f"{verdict} by rule {self.index} ({self.rule})"
+            text = f"{verdict} by default"
+        else:
+            text = f"{verdict} by rule {self.index} ({self.rule})"
+        return text if self.service is None else f"{text} for {self.service!r}"
 
 
 def parse_rule(text: str, action: str | None = None) -> Rule:
@@ -78,17 +89,17 @@ def parse_rule(text: str, action: str | None = None) -> Rule:
     return Rule(act, direction, service, pattern)
 
 
-def _check_peer_pattern(pattern: str, text: str) -> None:
+def _check_peer_pattern(pattern: str, text: str, what: str = "rule") -> None:
     if pattern == "*":
         return
     kind, sep, value = pattern.partition(":")
     if not sep or not kind or not value:
-        raise RuleError(f"rule {text!r}: peer pattern must be '*' or KIND:VALUE")
+        raise RuleError(f"{what} {text!r}: peer pattern must be '*' or KIND:VALUE")
     if kind == "ip" and not _has_glob(value):
         try:
             ipaddress.ip_network(value, strict=False)
         except ValueError:
-            raise RuleError(f"rule {text!r}: {value!r} is not an IP address or CIDR")
+            raise RuleError(f"{what} {text!r}: {value!r} is not an IP address or CIDR")
 
 
 def _has_glob(value: str) -> bool:
@@ -129,16 +140,69 @@ def decide(
     labels: Iterable[str],
 ) -> Decision:
     """
-    The first rule of C{direction} whose glob matches one of C{services} and
-    whose peer pattern matches one of C{labels} decides; else the default.
+    Decide each of C{services} on its own: the first rule of C{direction}
+    whose glob matches the name and whose peer pattern matches one of
+    C{labels}, else the default.  All must allow.  The answer is the first
+    denial, else the decision for the first name (the one requested); with
+    several distinct names it says which name it is about.
     """
-    names = tuple(services)
+    names = tuple(dict.fromkeys(services))
     labels = tuple(labels)
+    rules = tuple(rules)
+    several = len(names) > 1
+    first: Decision | None = None
+    for name in names:
+        decision = _decide_one(rules, direction, name, labels)
+        if several:
+            decision = Decision(decision.allowed, decision.rule, decision.index, name)
+        if not decision.allowed:
+            return decision
+        if first is None:
+            first = decision
+    return first if first is not None else Decision(DEFAULTS[direction], None)
+
+
+def _decide_one(
+    rules: tuple[Rule, ...], direction: str, name: str, labels: tuple[str, ...]
+) -> Decision:
     for index, rule in enumerate(rules, 1):
-        if rule.direction != direction:
-            continue
-        if not any(fnmatchcase(name, rule.service) for name in names):
+        if rule.direction != direction or not fnmatchcase(name, rule.service):
             continue
         if peer_matches(rule.peer, labels):
             return Decision(rule.allows, rule, index)
     return Decision(DEFAULTS[direction], None)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The admin lets clients matching C{peer} reach C{service}'s socket."""
+
+    service: str
+    peer: str
+
+    def __str__(self) -> str:
+        return f"{self.service} {self.peer}"
+
+
+def parse_grant(text: str) -> Grant:
+    """Parse C{"SERVICE-GLOB PEER-PATTERN"}: both are required."""
+    words = text.split()
+    if len(words) != 2:
+        raise RuleError(
+            f"grant {text!r}: expected 'SERVICE-GLOB PEER-PATTERN' "
+            "(both, to grant explicitly)"
+        )
+    service, peer = words
+    _check_peer_pattern(peer, text, "grant")
+    return Grant(service, peer)
+
+
+def find_grant(
+    grants: Iterable[Grant], service: str, labels: Iterable[str]
+) -> tuple[int, Grant] | None:
+    """The first grant (and its position, from 1) for C{service} and C{labels}."""
+    labels = tuple(labels)
+    for index, grant in enumerate(grants, 1):
+        if fnmatchcase(service, grant.service) and peer_matches(grant.peer, labels):
+            return index, grant
+    return None

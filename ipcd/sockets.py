@@ -83,7 +83,11 @@ def new_socket(family: int) -> socket.socket:
     )
 
 
-async def open_unix(reactor: Any, path: str, service: str) -> socket.socket:
+async def open_unix(
+    reactor: Any, path: str, service: str, shown: str | None = None
+) -> socket.socket:
+    """Connect to C{path}; messages name C{shown} (default: C{path})."""
+    shown = path if shown is None else shown
     sock = new_socket(socket.AF_UNIX)
     try:
         delay = 0.001
@@ -92,10 +96,12 @@ async def open_unix(reactor: Any, path: str, service: str) -> socket.socket:
                 sock.connect(path)
                 return sock
             except FileNotFoundError:
-                raise Refused(f"no route to service {service!r}: {path} does not exist")
+                raise Refused(
+                    f"no route to service {service!r}: {shown} does not exist"
+                )
             except ConnectionRefusedError:
                 raise Refused(
-                    f"service {service!r} is not running (stale socket {path})"
+                    f"service {service!r} is not running (stale socket {shown})"
                 )
             except BlockingIOError:
                 # The listener's backlog is full; AF_UNIX gives no completion
@@ -110,11 +116,14 @@ async def open_unix(reactor: Any, path: str, service: str) -> socket.socket:
 
 
 def connect_unix(
-    reactor: Any, path: str, service: str, timeout: float
+    reactor: Any, path: str, service: str, timeout: float, shown: str | None = None
 ) -> Deferred[socket.socket]:
-    """Connect to the UNIX socket C{path} (service C{service}, for messages)."""
+    """
+    Connect to the UNIX socket C{path} (service C{service} at C{shown}, for
+    messages).
+    """
     return with_deadline(
-        ensureDeferred(open_unix(reactor, path, service)),
+        ensureDeferred(open_unix(reactor, path, service, shown)),
         timeout,
         reactor,
         f"connecting to service {service!r}",

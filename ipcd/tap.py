@@ -66,6 +66,8 @@ class Options(usage.Options):
         super().__init__()
         self["redirects"] = []
         self["rules"] = []
+        self["grants"] = []
+        self["external-daemons"] = []
         self["routes"] = []
         self["pongd"] = None
         self["no-tcp"] = False
@@ -85,6 +87,17 @@ class Options(usage.Options):
     def opt_deny(self, value: str) -> None:
         """Firewall rule "DIRECTION SERVICE [PEER]" (repeatable, in order)."""
         self["rules"].append(f"deny {value}")
+
+    def opt_grant(self, value: str) -> None:
+        """
+        Let clients matching PEER reach SERVICE's socket although their own
+        permissions would not: "SERVICE PEER" (repeatable).
+        """
+        self["grants"].append(value)
+
+    def opt_external_daemon(self, value: str) -> None:
+        """A scheme served by an external daemon on RUNDIR/SCHEME (repeatable)."""
+        self["external-daemons"].append(value)
 
     def opt_pongd(self) -> None:
         """Run pongd, the echo service (the default)."""
@@ -109,6 +122,10 @@ class Options(usage.Options):
             layer["routes"] = dict(self["routes"])
         if self["rules"]:
             layer["rules"] = list(self["rules"])
+        if self["grants"]:
+            layer["grants"] = list(self["grants"])
+        if self["external-daemons"]:
+            layer["ipcd"] = {"external_daemons": list(self["external-daemons"])}
         if self["pongd"] is not None:
             layer["pongd"] = {"enabled": self["pongd"]}
         if self["tcp"]:

@@ -10,6 +10,7 @@ takes the seed's unquoted one:
 
     ipcd --allow in authd --deny in '*' '*' --allow out pong
     ipcd --redirect authd nextversion-authd
+    ipcd --grant secret group:ops
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ MULTI_WORD = {
     "--route": (2, 2),
     "--allow": (2, 3),
     "--deny": (2, 3),
+    "--grant": (2, 2),
 }
 
 

@@ -23,7 +23,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd.config import Config, load_config
 from ipcd.names import listen_unix
@@ -248,7 +249,8 @@ class FakeDaemonProtocol(Protocol):
     Reads one framed URI, then answers as C{factory.mode} says: C{ok} (a
     framed C{ok}, then C{factory.greeting} in the same write, then echo),
     C{hold} (answer C{ok} only when C{factory.release()} is called),
-    C{refuse} (a framed C{no}), C{garbage} (unframed C{ne x}) or C{close}.
+    C{refuse} (a framed C{no}), C{garbage} (unframed C{ne x}), C{leak} (what
+    a service that is no daemon might say) or C{close}.
     """
 
     def connectionMade(self) -> None:
@@ -283,6 +285,9 @@ class FakeDaemonProtocol(Protocol):
             self.transport.loseConnection()
         elif mode == "garbage":
             self.transport.write(b"ne x")
+            self.transport.loseConnection()
+        elif mode == "leak":
+            self.transport.write(b"SECRET BYTES OF A SERVICE")
             self.transport.loseConnection()
         else:
             self.transport.loseConnection()
@@ -377,6 +382,70 @@ def spawn(
 def read_text(path: str) -> str:
     with open(path, "rb") as f:
         return f.read().decode("utf-8", "replace")
+
+
+# Clients under other uids: a child process that drops to the ids given
+# (setgroups, setgid, setuid) and then does one thing on a UNIX socket.
+
+_AS_USER = """
+import json, os, socket, struct, sys
+path, uid, gid, groups, what = sys.argv[1:6]
+os.setgroups([int(g) for g in groups.split(",") if g])
+os.setgid(int(gid))
+os.setuid(int(uid))
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+try:
+    s.connect(path)
+except OSError as e:
+    print(json.dumps({"error": e.strerror}))
+    sys.exit()
+if what == "connect":
+    print(json.dumps({"connected": True}))
+    sys.exit()
+payload = what.encode()
+s.sendall(struct.pack("!I", len(payload)) + payload)
+data, fds, _, _ = socket.recv_fds(s, 4096, 4)
+while True:
+    more, extra, _, _ = socket.recv_fds(s, 4096, 4)
+    fds += extra
+    if not more:
+        break
+    data += more
+print(json.dumps({"reply": data.decode("utf-8", "replace"), "fds": len(fds)}))
+"""
+
+
+def needs_root() -> None:
+    """Skip unless root: running clients under other uids needs it."""
+    if os.getuid() != 0:
+        raise SkipTest("needs root to run clients under other uids")
+
+
+def as_user(
+    path: str, uid: int, gid: int, groups: tuple[int, ...], what: str
+) -> Deferred[dict[str, Any]]:
+    """
+    In a child under C{uid}, C{gid} and C{groups}: connect to C{path}, then
+    send the framed lookup C{what} and read the reply to EOF (C{{"reply":
+    ..., "fds": N}}), or with C{what="connect"} only connect
+    (C{{"connected": True}}); C{{"error": strerror}} when connect fails.
+    """
+
+    def child() -> dict[str, Any]:
+        import json
+
+        result = subprocess.run(
+            [sys.executable, "-c", _AS_USER, path, str(uid), str(gid)]
+            + [",".join(map(str, groups)), what],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=True,
+        )
+        return json.loads(result.stdout)
+
+    return deferToThread(child)
 
 
 def set_network(case: TestCase, value: str | None) -> None:

@@ -168,7 +168,7 @@ class FailureTests(BrokerTestCase):
         A client that leaves while ipcd connects: the connection ipcd made
         is closed, nothing leaks, ipcd serves the next client.
         """
-        yield self.start()
+        yield self.start(ipcd={"external_daemons": ["fake"]})
         daemon = fake_daemon(self, self.rundir, mode="hold")
         yield self.assertWorks((yield deferToThread(lookup, self.rundir, b"pong;")))
         before = yield fd_baseline()
@@ -197,7 +197,7 @@ class ConcurrencyTests(BrokerTestCase):
     @inlineCallbacks
     def test_twoLookupsInFlight(self) -> Any:
         """A slow lookup does not hold up a quick one; both are answered."""
-        yield self.start()
+        yield self.start(ipcd={"external_daemons": ["fake"]})
         daemon = fake_daemon(self, self.rundir, mode="hold")
         slow = deferToThread(lookup, self.rundir, b"pong;pong fake://host:1/pong")
         yield wait_until(lambda: daemon.held, "the slow lookup to reach the daemon")

@@ -144,6 +144,43 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
             ["allow in authd *", "deny in * *"],
         )
 
+    def test_grantsAndExternalDaemons(self) -> None:
+        path = self.write(
+            'grants = ["secret group:ops", "db* uid:1000"]\n'
+            '[ipcd]\nexternal_daemons = ["tls", "udp", "tls"]\n'
+        )
+        config = load_config(path, {"grants": ["x *"]}, {})
+        self.assertEqual(
+            [str(grant) for grant in config.grants],
+            ["secret group:ops", "db* uid:1000", "x *"],
+        )
+        self.assertEqual(config.external_daemons, ("tls", "udp"))
+        self.assertEqual(load_config(None, None, {}).grants, ())
+        self.assertEqual(load_config(None, None, {}).external_daemons, ())
+
+    def test_badGrant(self) -> None:
+        """A grant names both the service and the peer: nothing implicit."""
+        message = self.error('grants = ["secret"]\n')
+        self.assertTrue(message.startswith("grants[0]: grant 'secret'"), message)
+        self.assertIn("SERVICE-GLOB PEER-PATTERN", message)
+        message = self.error('grants = ["secret alice"]\n')
+        self.assertIn("peer pattern must be '*' or KIND:VALUE", message)
+        self.assertTrue(self.error('grants = "x"\n').startswith("grants: expected"))
+
+    def test_badExternalDaemon(self) -> None:
+        for value, why in [
+            ('["ipcd-control"]', "is ipcd's own socket"),
+            ('["ipc"]', "is ipcd's own socket"),
+            ('["unix"]', "is not a daemon's scheme"),
+            ('["TLS"]', "is not a daemon's scheme"),
+            ('"tls"', "expected a list of URI schemes"),
+        ]:
+            message = self.error(f"[ipcd]\nexternal_daemons = {value}\n")
+            self.assertTrue(
+                message.startswith("[ipcd] external_daemons: expected"), message
+            )
+            self.assertIn(why, message)
+
     def test_tcpdDisabled(self) -> None:
         """C{[tcpd] enabled = false} means no TCP listener at all."""
         path = self.write('[tcpd]\nenabled = false\nlisten = "tcp:9100"\n')
@@ -212,7 +249,7 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         """A misspelt section lists the real sections among the known keys."""
         message = self.error("[ipdc]\nlookup_timeout = 3\n")
         self.assertTrue(message.startswith("ipdc: unknown key"), message)
-        for name in ["ipcd", "pongd", "tcpd", "redirects", "routes", "rules"]:
+        for name in ["ipcd", "pongd", "tcpd", "redirects", "routes", "rules", "grants"]:
             self.assertIn(name, message)
 
     def test_sectionNotATable(self) -> None:
@@ -394,6 +431,21 @@ class OptionsTests(ConfigFileMixin, SynchronousTestCase):
         path = self.mktemp()
         error = self.assertRaises(usage.UsageError, self.parse, "--config", path)
         self.assertIn(path, str(error))
+
+    def test_grantsAndDaemonsOptions(self) -> None:
+        config = self.parse(
+            "--rundir",
+            "/r",
+            "--grant",
+            "secret group:ops",
+            "--external-daemon",
+            "tls",
+            "--external-daemon",
+            "udp",
+        ).config
+        self.assertEqual([str(g) for g in config.grants], ["secret group:ops"])
+        self.assertEqual(config.external_daemons, ("tls", "udp"))
+        self.assertRaises(usage.UsageError, self.parse, "--grant", "secret")
 
     def test_rules(self) -> None:
         config = self.parse(

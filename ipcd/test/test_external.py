@@ -1,8 +1,9 @@
 """
-The external-daemon path: a scheme with no in-process transport but a
-C{RUNDIR/SCHEME} socket is served with the upstream control protocol
-(framed URI, framed C{ok}, then that connection is handed over), against a
-fake daemon.
+The external-daemon path: a scheme the admin configured as served by an
+external daemon on C{RUNDIR/SCHEME} is served with the upstream control
+protocol (framed URI, framed C{ok}, then that connection is handed over),
+against a fake daemon.  A socket that is not a configured daemon is never
+one, whatever a client's route says.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
+from ipcd.config import ConfigError
 from ipcd.test.support import (
     assert_no_fd_leak,
     bounce,
@@ -30,12 +32,16 @@ from ipcd.test.support import (
 )
 from ipcd.wire import encode
 
+DAEMONS = ["fake", "tcp"]
+
 
 class ExternalDaemonTests(TestCase):
     @inlineCallbacks
     def setUp(self) -> Any:
         self.rundir = short_rundir(self)
-        self.service = yield start_ipcd(self, make_config(self.rundir))
+        self.service = yield start_ipcd(
+            self, make_config(self.rundir, ipcd={"external_daemons": DAEMONS})
+        )
 
     def assertHanded(self, reply: Any) -> Any:
         self.assertEqual((reply.first, reply.data, len(reply.fds)), (b"ok", b"ok", 1))
@@ -105,7 +111,10 @@ class ExternalDaemonTests(TestCase):
         yield start_ipcd(
             self,
             make_config(
-                rundir, pongd={"enabled": False}, routes={"x": "fake://h:2/svc"}
+                rundir,
+                pongd={"enabled": False},
+                routes={"x": "fake://h:2/svc"},
+                ipcd={"external_daemons": ["fake"]},
             ),
         )
         daemon = fake_daemon(self, rundir)
@@ -123,8 +132,8 @@ class ExternalDaemonTests(TestCase):
         reply.close_fds()
         before = yield fd_baseline()
         for mode, reason in [
-            ("refuse", b"fake daemon answered b'\\x00\\x00\\x00\\x02no'"),
-            ("garbage", b"fake daemon"),
+            ("refuse", b"fake daemon did not answer ok for fake://h:1/pong"),
+            ("garbage", b"fake daemon refused fake://h:1/pong"),
             ("close", b"fake daemon refused fake://h:1/pong"),
         ]:
             daemon.mode = mode
@@ -134,16 +143,63 @@ class ExternalDaemonTests(TestCase):
         yield assert_no_fd_leak(before)
 
     @inlineCallbacks
+    def test_refusalNeverEchoesTheDaemon(self) -> Any:
+        """What a daemon answers instead of C{ok} is not shown to the client."""
+        daemon = fake_daemon(self, self.rundir, mode="leak")
+        reply = yield deferToThread(lookup, self.rundir, b"pong;pong fake://h:1/p")
+        self.assertRefused(reply, b"did not answer ok")
+        self.assertNotIn(b"SECRET", reply.data)
+        self.assertEqual(len(daemon.uris), 1)
+
+    @inlineCallbacks
     def test_noDaemonSocket(self) -> Any:
         reply = yield deferToThread(lookup, self.rundir, b"pong;pong fake://h:1/pong")
-        self.assertRefused(reply, b"no transport for scheme 'fake'")
+        self.assertRefused(reply, b"the fake daemon is not running")
 
     @inlineCallbacks
     def test_notASocket(self) -> Any:
         with open(os.path.join(self.rundir, "fake"), "w"):
             pass
         reply = yield deferToThread(lookup, self.rundir, b"pong;pong fake://h:1/pong")
-        self.assertRefused(reply, b"no transport for scheme 'fake'")
+        self.assertRefused(reply, b"is not a socket")
+
+    @inlineCallbacks
+    def test_unconfiguredSchemeIsNoDaemon(self) -> Any:
+        """
+        A client's C{SCHEME://} route to a socket in RUNDIR that the admin did
+        not configure as a daemon is refused, and nothing is written to it
+        (pongd would echo a request back as if it were an answer).
+        """
+        daemon = fake_daemon(self, self.rundir, scheme="other")
+        before = yield fd_baseline()
+        for route in [b"x;x other://h:1/y", b"x;x pong://h:1/y", b"pong;pong ipc://h/"]:
+            reply = yield deferToThread(lookup, self.rundir, route)
+            self.assertRefused(reply, b"no transport for scheme")
+        self.assertEqual((daemon.uris, daemon.connections), ([], []))
+        self.assertEqual(self.service.broker.counters["connected"], 0)
+        yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
+    def test_daemonSocketOfAnotherUserNotTrusted(self) -> Any:
+        """A configured daemon's socket must be root's or ipcd's own."""
+        if os.getuid() != 0:
+            raise SkipTest("needs root to give the socket to another user")
+        daemon = fake_daemon(self, self.rundir)
+        os.chown(os.path.join(self.rundir, "fake"), 65534, -1)
+        reply = yield deferToThread(lookup, self.rundir, b"pong;pong fake://h:1/p")
+        self.assertRefused(reply, b"belongs to uid 65534")
+        self.assertIn(b"not trusted as the fake daemon", reply.data)
+        self.assertEqual(daemon.uris, [])
+
+    def test_daemonSchemeChecked(self) -> None:
+        """Only URI schemes that can be sockets, and not ipcd's own names."""
+        for bad in [["ipc"], ["ipcd-control"], ["unix"], ["Tls"], "tls", [3]]:
+            self.assertRaises(
+                ConfigError,
+                make_config,
+                self.rundir,
+                ipcd={"external_daemons": bad},
+            )
 
     @inlineCallbacks
     def test_staleDaemonSocket(self) -> Any:
@@ -158,7 +214,9 @@ class ExternalDaemonTests(TestCase):
         yield start_ipcd(
             self,
             make_config(
-                rundir, pongd={"enabled": False}, ipcd={"connect_timeout": 0.3}
+                rundir,
+                pongd={"enabled": False},
+                ipcd={"connect_timeout": 0.3, "external_daemons": ["fake"]},
             ),
         )
         daemon = fake_daemon(self, rundir, mode="hold")

@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import textwrap
 from typing import Any
@@ -30,6 +29,7 @@ from ipcd.scripts.ipcd import join_words
 from ipcd.services import IPCService
 from ipcd.services.pongd import Pong
 from ipcd.tap import IPCDService, Options
+from ipcd.test.support import as_user
 from ipcd.wire import encode
 
 TIMEOUT = 10
@@ -154,48 +154,26 @@ def _pong_factory() -> Any:
     return Factory.forProtocol(Pong)
 
 
-_CHILD = textwrap.dedent(
-    """
-    import os, socket, struct, sys
-    os.setgid(int(sys.argv[3]))
-    os.setuid(int(sys.argv[2]))
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(sys.argv[1])
-    payload = b"pong;"
-    s.sendall(struct.pack("!I", len(payload)) + payload)
-    data, fds, _, _ = socket.recv_fds(s, 4096, 4)
-    print(data.decode(), len(fds))
-    """
-)
-
-
 @inlineCallbacks
 def _open_to_all(test: TestCase, rules: list[str]) -> Any:
     """
-    Start an instance with C{rules} whose RUNDIR/ipc any user may reach (the
-    firewall decides); fire with C{run_as(uid, gid)}, which makes one lookup
-    of pong from a child process under those ids and returns its answer line
-    (C{"ok 1"}, or the refusal and its fd count).
+    Start an instance with C{rules} whose RUNDIR/ipc and pong any user may
+    reach (so the firewall alone decides); fire with C{run_as(uid, gid)},
+    which makes one lookup of pong from a child process under those ids (and
+    no supplementary groups) and returns its answer line (C{"ok 1"}, or the
+    refusal and its fd count).
     """
     inst = _Instance(test, rules)
     yield inst.start(test)
     path = os.path.join(inst.rundir, "ipc")
     os.chmod(inst.rundir, 0o777)
     os.chmod(path, 0o777)
+    os.chmod(os.path.join(inst.rundir, "pong"), 0o666)
 
+    @inlineCallbacks
     def run_as(uid: int, gid: int) -> Any:
-        def child() -> str:
-            result = subprocess.run(
-                [sys.executable, "-c", _CHILD, path, str(uid), str(gid)],
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT,
-                check=True,
-            )
-            return result.stdout.strip()
-
-        return deferToThread(child)
+        answer = yield as_user(path, uid, gid, (), "pong;")
+        return f"{answer['reply']} {answer['fds']}"
 
     return run_as
 

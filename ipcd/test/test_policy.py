@@ -199,10 +199,31 @@ class DecideTests(SynchronousTestCase):
                 self.assertEqual(decide(policy, "in", [name], []).allowed, allowed)
 
     def test_anyServiceName(self) -> None:
-        """For C{out}, the asked name or the remote one: either may match."""
+        """For C{out}, the asked name or the remote one: either may deny."""
         policy = rules("deny out authd")
-        self.assertFalse(decide(policy, "out", ["a", "authd"], []).allowed)
+        decision = decide(policy, "out", ["a", "authd"], [])
+        self.assertEqual(
+            str(decision), "denied by rule 1 (deny out authd *) for 'authd'"
+        )
         self.assertTrue(decide(policy, "out", ["a", "b"], []).allowed)
+
+    def test_everyNameOnItsOwn(self) -> None:
+        """
+        An allow rule for one name does not carry another: each name's own
+        first match decides it, and all must allow.
+        """
+        policy = rules("allow out pong", "deny out * *")
+        self.assertTrue(decide(policy, "out", ["pong"], []).allowed)
+        decision = decide(policy, "out", ["pong", "secret"], [])
+        self.assertEqual(
+            (decision.allowed, decision.index, decision.service),
+            (False, 2, "secret"),
+        )
+        decision = decide(policy, "out", ["pong", "pong"], [])
+        self.assertEqual((decision.allowed, decision.service), (True, None))
+        policy = rules("deny local pong *")
+        self.assertFalse(decide(policy, "local", ["x", "pong"], []).allowed)
+        self.assertTrue(decide(policy, "local", ["x", "y"], []).allowed)
 
     def test_peerPattern(self) -> None:
         policy = rules("deny local pong group:wheel", "deny local pong uid:0")
@@ -334,28 +355,35 @@ class PropertyTests(SynchronousTestCase):
         labels: list[str],
     ) -> None:
         """
-        With C{deny in|out|local * *} last, nothing is allowed that no
-        earlier allow rule matches, and the deciding rule is the first one
-        (of the direction) that matches.
+        With C{deny in|out|local * *} last, each name is decided by the first
+        rule (of the direction) that matches it; the request is allowed only
+        if every name's rule is an allow rule, and the decision names the
+        first name whose rule denies.
         """
         final = rules("deny in * *", "deny out * *", "deny local * *")
         full = [*policy, *final]
         decision = decide(full, direction, names, labels)
         self.assertIsNotNone(decision.rule)
 
-        def matches(rule: Rule) -> bool:
-            return (
-                rule.direction == direction
-                and any(fnmatchcase(name, rule.service) for name in names)
+        def first(name: str) -> int:
+            return next(
+                i
+                for i, rule in enumerate(full, 1)
+                if rule.direction == direction
+                and fnmatchcase(name, rule.service)
                 and peer_matches(rule.peer, labels)
             )
 
-        first = next(i for i, rule in enumerate(full, 1) if matches(rule))
-        self.assertEqual((decision.index, decision.rule), (first, full[first - 1]))
-        if decision.allowed:
-            self.assertTrue(any(r.allows and matches(r) for r in policy))
+        deciding = {name: first(name) for name in names}
+        allowed = all(full[i - 1].allows for i in deciding.values())
+        self.assertEqual(decision.allowed, allowed)
+        if allowed:
+            self.assertEqual(decision.index, deciding[names[0]])
         else:
-            self.assertFalse(any(r.allows and matches(r) for r in policy[: first - 1]))
+            denier = next(n for n in names if not full[deciding[n] - 1].allows)
+            self.assertEqual(decision.index, deciding[denier])
+            if len(set(names)) > 1:
+                self.assertEqual(decision.service, denier)
 
     @settings(max_examples=300, deadline=None)
     @given(st.lists(RULES, max_size=8), DIRECTIONS, NAMES, st.lists(LABELS))

@@ -5,14 +5,26 @@ routes, loops.  Pure: a L{Config} built directly, no reactor, no sockets.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import MappingProxyType
+from typing import Any
 
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd.broker import LocalTarget, RemoteTarget, resolve
+from ipcd.broker import (
+    LocalTarget,
+    RemoteTarget,
+    destination_labels,
+    direction_of,
+    plan,
+    resolve,
+)
 from ipcd.config import Config
 from ipcd.errors import Refused
 from ipcd.names import InvalidServiceName
+from ipcd.policy import decide, parse_rule
 from ipcd.routes import URI, LocalURI, PathURI, RemoteURI, parse_lookup, parse_uri
 
 RUNDIR = "/run/ipc-test"
@@ -222,3 +234,122 @@ class ClientRouteTests(SynchronousTestCase):
             Refused, resolve, config({"x": "p"}), "p", client("unix://x")
         )
         self.assertIn("p -> x -> p", error.reason)
+
+
+class PlanNamesTests(SynchronousTestCase):
+    """The names a lookup is policed by: requested, then the client's own."""
+
+    def test_requestedOnly(self) -> None:
+        self.assertEqual(plan(config({"a": "b"}), "a").names, ("a",))
+        self.assertEqual(plan(config(routes={"a": "unix://b"}), "a").names, ("a",))
+
+    def test_clientLocalRoute(self) -> None:
+        where = plan(config({"b": "c"}), "a", client("unix://b"))
+        self.assertEqual((where.target, where.names), (local("c"), ("a", "b")))
+
+    def test_clientRemoteService(self) -> None:
+        where = plan(config(), "pong", client("tcp://h:1/secret"))
+        self.assertEqual(where.names, ("pong", "secret"))
+        self.assertEqual(plan(config(), "pong", client("tcp://h:1/")).names, ("pong",))
+
+    def test_adminRouteAfterClientRoute(self) -> None:
+        """The admin's route from the client's name is the admin's decision."""
+        where = plan(config(routes={"b": "tcp://h:1/z"}), "a", client("unix://b"))
+        self.assertEqual(
+            (where.target, where.names), (remote("tcp://h:1/z", "z"), ("a", "b"))
+        )
+
+    def test_clientNamesTheRedirectedName(self) -> None:
+        """C{a;a unix://b} with the admin's C{a -> b}: b is named, so policed."""
+        where = plan(config({"a": "b"}), "a", client("unix://b"))
+        self.assertEqual((where.target, where.names), (local("b"), ("a", "b")))
+
+
+# Property: no lookup reaches a name that a direct lookup of that name would
+# be refused, unless an admin redirection or route leads there.
+
+P_NAMES = ["a", "b", "c"]
+P_LABELS = ["uid:1000", "group:staff", "host:h", "port:1"]
+p_name = st.sampled_from(P_NAMES)
+p_rule = st.builds(
+    lambda action, direction, glob, peer: parse_rule(
+        f"{action} {direction} {glob} {peer}"
+    ),
+    st.sampled_from(["allow", "deny"]),
+    st.sampled_from(["local", "out"]),
+    st.one_of(p_name, st.sampled_from(["*", "[ab]*", "?"])),
+    st.sampled_from(["*", *P_LABELS]),
+)
+p_uri = st.one_of(
+    p_name.map(lambda n: f"unix://{n}"),
+    p_name.map(lambda n: f"tcp://h:1/{n}"),
+    st.just("tcp://h:1/"),
+)
+
+
+class DeputyPropertyTests(SynchronousTestCase):
+    # The walk-arounds found by hand, then whatever hypothesis finds.
+    @example({}, {}, [parse_rule("deny local b *")], "a", "unix://b", [])
+    @example({"a": "b"}, {}, [parse_rule("deny local b *")], "a", "unix://b", [])
+    @example(
+        {},
+        {},
+        [parse_rule("allow out a"), parse_rule("deny out * *")],
+        "a",
+        "tcp://h:1/b",
+        [],
+    )
+    @settings(max_examples=1000, deadline=None)
+    @given(
+        st.dictionaries(p_name, p_name, max_size=3),
+        st.dictionaries(p_name, p_uri, max_size=3),
+        st.lists(p_rule, max_size=6),
+        p_name,
+        st.one_of(st.none(), p_uri),
+        st.lists(st.sampled_from(P_LABELS[:2]), max_size=2),
+    )
+    def test_clientNamesNothingItCouldNotAskFor(
+        self,
+        redirects: dict[str, str],
+        routes: dict[str, str],
+        rules: list[Any],
+        service: str,
+        route_text: str | None,
+        labels: list[str],
+    ) -> None:
+        cfg = replace(config(redirects, routes), rules=tuple(rules))
+        route = None if route_text is None else parse_uri(route_text)
+        try:
+            where = plan(cfg, service, route)
+        except Refused:
+            return  # loops are refused outright
+        target = where.target
+        direction = direction_of(target)
+        all_labels = [*labels, *destination_labels(target)]
+        if not decide(cfg.rules, direction, where.names, all_labels).allowed:
+            return
+        # The names the client chose itself: the one it asked for, and the
+        # one its own route names.
+        chosen = {service}
+        if isinstance(route, LocalURI):
+            chosen.add(route.name)
+        elif isinstance(route, RemoteURI) and route.service is not None:
+            chosen.add(route.service)
+        reached = target.name if isinstance(target, LocalTarget) else target.service
+        for name in chosen:
+            # Each, asked for directly, would be allowed (first match only).
+            direct = decide(cfg.rules, direction, [name], all_labels)
+            self.assertTrue(direct.allowed, (name, direct))
+        if reached not in chosen:
+            # Then the admin's redirections or routes led there.
+            self.assertIn(reached, {*cfg.redirects.values(), *_route_names(cfg)})
+
+
+def _route_names(cfg: Config) -> set[str]:
+    names = set()
+    for uri in cfg.routes.values():
+        if isinstance(uri, LocalURI):
+            names.add(uri.name)
+        elif isinstance(uri, RemoteURI):
+            names.add(uri.service or "")
+    return names

@@ -34,6 +34,13 @@ class JoinWordsTests(SynchronousTestCase):
             ["--route", "pong tcp://127.0.0.1:9000/pong"],
         )
 
+    def test_grant(self) -> None:
+        """C{ipcd --grant secret group:ops}"""
+        self.assertEqual(
+            join_words(["--grant", "secret", "group:ops", "--no-tcp"]),
+            ["--grant", "secret group:ops", "--no-tcp"],
+        )
+
     def test_quotedPassesThrough(self) -> None:
         argv = [
             "--redirect",

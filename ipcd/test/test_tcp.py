@@ -19,6 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from ipcd.relay import READ_SIZE
 from ipcd.test.support import (
+    TIMEOUT,
     assert_no_fd_leak,
     bounce,
     connect_unix,
@@ -164,6 +165,38 @@ class EndToEndTests(TwoHostsTestCase):
         self.assertEqual(fds, 0)
         self.assertTrue(reply.data.startswith(b"ne "), reply.data)
         self.assertIn(b"denied by rule 1", reply.data)
+
+    @inlineCallbacks
+    def test_notATcpdIsNotEchoed(self) -> Any:
+        """
+        A route to a TCP service that is no tcpd: refused, and what it said
+        is not passed on; a real refusal's control characters are escaped.
+        """
+        answers = [b"SSH-2.0-OpenSSH_9.2 secret banner\r\n", b"ne bad\x1b[2Jthing"]
+        server = socket.socket()
+        self.addCleanup(server.close)
+        server.settimeout(TIMEOUT)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def serve() -> None:
+            for answer in answers:
+                conn, _ = server.accept()
+                with conn:
+                    conn.settimeout(TIMEOUT)
+                    conn.recv(64)
+                    conn.sendall(answer)
+
+        served = deferToThread(serve)
+        payload = f"x;x tcp://127.0.0.1:{port}/x".encode()
+        first = yield deferToThread(lookup, self.a.rundir, payload)
+        second = yield deferToThread(lookup, self.a.rundir, payload)
+        yield served
+        self.assertEqual((first.fds, second.fds), ([], []))
+        self.assertIn(b"did not answer ok", first.data)
+        self.assertNotIn(b"SSH", first.data)
+        self.assertTrue(second.data.endswith(b"refused 'x': bad\\x1b[2Jthing"))
 
     @inlineCallbacks
     def test_nobodyListening(self) -> Any:

@@ -43,7 +43,8 @@ class ExternalDaemon:
             except ConnectionLost:
                 raise Refused(f"{self.scheme} daemon refused {uri}")
             if reply != _OK:
-                raise Refused(f"{self.scheme} daemon answered {reply!r} for {uri}")
+                # Never echo what came back: it need not be a daemon's.
+                raise Refused(f"{self.scheme} daemon did not answer ok for {uri}")
             return sock
         except BaseException:
             sock.close()

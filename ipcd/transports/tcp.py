@@ -104,11 +104,22 @@ async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socke
 
 
 async def _rest_of_refusal(reactor: Any, sock: socket.socket, head: bytes) -> str:
-    """Read the rest of an C{ne <reason>} answer, up to EOF or a bound."""
-    data = head + await read_to_eof(reactor, sock, MAX_HANDSHAKE - len(head))
-    if data.startswith(b"ne "):
-        data = data[3:]
-    return data.decode("utf-8", "replace")
+    """
+    Read the rest of an C{ne <reason>} answer, up to EOF or a bound.  Any
+    other answer is not repeated: the peer need not be a tcpd, and its
+    bytes are not the client's to read through ipcd.
+    """
+    if head != b"ne":
+        return "it did not answer ok (not a tcpd?)"
+    data = await read_to_eof(reactor, sock, MAX_HANDSHAKE - len(head))
+    return printable(data.removeprefix(b" ").decode("utf-8", "replace"))
+
+
+def printable(text: str) -> str:
+    """C{text} with control characters escaped, fit for one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 @implementer(ITransport)

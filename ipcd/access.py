@@ -1,0 +1,163 @@
+"""
+Access as the client would have it: ipcd is nobody's deputy.
+
+A local client may reach through a lookup only a socket it could connect to
+itself.  L{open_socket} walks a path one component at a time, as the kernel
+would for the client: search permission on every directory, write permission
+on the socket, symbolic links followed (at most 40) and checked on the way.
+It returns an C{O_PATH} descriptor of the very inode it checked, and
+L{connect_path} is that inode's address (C{/proc/self/fd/N}), so a path
+swapped after the check cannot send the connection elsewhere.
+
+Kernel rules not modelled: POSIX ACLs, capabilities other than root's, and
+LSMs.  They can only make the kernel more generous than this check, never
+less, so the check fails closed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections import deque
+from dataclasses import dataclass
+
+from ipcd.errors import Refused
+
+# The kernel's own bound on symbolic links in one path walk (ELOOP).
+MAX_SYMLINKS = 40
+
+SEARCH = 0o1
+WRITE = 0o2
+
+_OPEN_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the kernel checks a process by: its uid, gid and groups."""
+
+    uid: int
+    gid: int
+    groups: frozenset[int] = frozenset()
+
+    def __str__(self) -> str:
+        return f"uid {self.uid}"
+
+
+class AccessDenied(Refused):
+    """The client could not connect to this socket itself."""
+
+
+def permitted(st: os.stat_result, who: Credentials, want: int) -> bool:
+    """
+    Whether C{who} has the C{want} bits (L{SEARCH}, L{WRITE}) on a file of
+    mode, owner and group C{st}: owner bits for its owner, group bits for a
+    member of its group, other bits for the rest; root passes (it would for
+    directories and sockets).
+    """
+    if who.uid == 0:
+        return True
+    mode = st.st_mode
+    if st.st_uid == who.uid:
+        bits = mode >> 6
+    elif st.st_gid == who.gid or st.st_gid in who.groups:
+        bits = mode >> 3
+    else:
+        bits = mode
+    return bits & want == want
+
+
+class OpenedSocket:
+    """An C{O_PATH} descriptor of a checked socket inode; close it after use."""
+
+    def __init__(self, fd: int, st: os.stat_result, via_symlink: bool) -> None:
+        self.fd = fd
+        self.stat = st
+        self.via_symlink = via_symlink
+
+    @property
+    def inode(self) -> tuple[int, int]:
+        return self.stat.st_dev, self.stat.st_ino
+
+    def connect_path(self) -> str:
+        """The address of exactly this inode, for C{connect()}."""
+        return f"/proc/self/fd/{self.fd}"
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_socket(
+    path: str, who: Credentials | None, *, follow_last_symlink: bool = True
+) -> OpenedSocket:
+    """
+    Open the socket at absolute C{path} as C{who} could (C{None}: no
+    permission check, for the admin's own grants and remote peers).  With
+    C{follow_last_symlink} false, a symbolic link as the last component is
+    refused: only the directories above it are the admin's.
+
+    Raises L{AccessDenied} when C{who} could not connect itself,
+    C{FileNotFoundError} when a component is missing, and L{Refused} for
+    anything else that is not a socket one may connect to.
+    """
+    if not path.startswith("/"):
+        raise Refused(f"{path} is not an absolute path")
+    parts = deque(path.split("/"))
+    fd = os.open("/", _OPEN_FLAGS | os.O_DIRECTORY)
+    try:
+        st = os.fstat(fd)
+        links = 0
+        via_symlink = False
+        while parts:
+            name = parts.popleft()
+            if name in ("", "."):
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise Refused(f"{path}: a component is not a directory")
+            if who is not None and not permitted(st, who, SEARCH):
+                raise _denied(who, path)
+            child = os.open(name, _OPEN_FLAGS, dir_fd=fd)
+            child_st = os.fstat(child)
+            if stat.S_ISLNK(child_st.st_mode):
+                try:
+                    last = not any(p not in ("", ".") for p in parts)
+                    if last and not follow_last_symlink:
+                        raise Refused(
+                            f"{path} is a symbolic link; only the socket itself "
+                            "may be reached this way"
+                        )
+                    links += 1
+                    if links > MAX_SYMLINKS:
+                        raise Refused(f"{path}: too many levels of symbolic links")
+                    # The link this descriptor holds, not whatever is there now.
+                    target = os.readlink("", dir_fd=child)
+                finally:
+                    os.close(child)
+                via_symlink = True
+                parts.extendleft(reversed(target.split("/")))
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd = -1
+                    fd = os.open("/", _OPEN_FLAGS | os.O_DIRECTORY)
+                    st = os.fstat(fd)
+                continue
+            os.close(fd)
+            fd, st = child, child_st
+        if not stat.S_ISSOCK(st.st_mode):
+            raise Refused(f"{path} is not a socket")
+        if who is not None and not permitted(st, who, WRITE):
+            raise _denied(who, path)
+        opened = OpenedSocket(fd, st, via_symlink)
+        fd = -1
+        return opened
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _denied(who: Credentials, path: str) -> AccessDenied:
+    # The same answer for a directory and the socket: no more is told than
+    # the client's own connect() would tell it.
+    return AccessDenied(f"permission denied: {who} may not connect to {path}")

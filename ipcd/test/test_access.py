@@ -1,0 +1,430 @@
+"""
+ipcd is nobody's deputy: a local client reaches through a lookup only a
+socket it could connect to itself (or what an admin's grant names), never
+ipcd's own sockets, and remote peers never reach those either.
+
+The integration tests run clients as other users (children that drop to
+other uids and groups), so they need root.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ipcd.access import (
+    SEARCH,
+    WRITE,
+    AccessDenied,
+    Credentials,
+    open_socket,
+    permitted,
+)
+from ipcd.errors import Refused
+from ipcd.names import listen_unix
+from ipcd.services.pongd import Pong
+from ipcd.test.support import (
+    TIMEOUT,
+    as_user,
+    bounce,
+    lookup,
+    make_config,
+    needs_root,
+    recv_upto,
+    short_rundir,
+    start_ipcd,
+)
+from ipcd.test.tcpsupport import start_host, tcp_connect
+
+# Numeric ids need no entry in /etc/passwd: the kernel checks numbers.
+SHARED_GROUP = 61010
+ALICE = Credentials(61001, 61001, frozenset({SHARED_GROUP}))
+BOB = Credentials(61002, 61002, frozenset({SHARED_GROUP}))
+CAROL = Credentials(61003, 61003, frozenset({SHARED_GROUP}))
+
+
+def _stat(mode: int, uid: int = 1, gid: int = 1) -> os.stat_result:
+    return os.stat_result((mode, 0, 0, 1, uid, gid, 0, 0, 0, 0))
+
+
+class PermittedTests(SynchronousTestCase):
+    """The kernel's owner/group/other rule, as a pure function."""
+
+    def test_ownerBits(self) -> None:
+        who = Credentials(1, 99)
+        self.assertTrue(permitted(_stat(0o200, uid=1), who, WRITE))
+        self.assertFalse(permitted(_stat(0o077, uid=1), who, WRITE))
+        self.assertTrue(permitted(_stat(0o100, uid=1), who, SEARCH))
+
+    def test_groupBitsByPrimaryOrSupplementaryGroup(self) -> None:
+        self.assertTrue(permitted(_stat(0o020, gid=5), Credentials(2, 5), WRITE))
+        member = Credentials(2, 9, frozenset({5}))
+        self.assertTrue(permitted(_stat(0o020, gid=5), member, WRITE))
+        self.assertFalse(permitted(_stat(0o702, gid=5), member, WRITE))
+
+    def test_otherBits(self) -> None:
+        self.assertTrue(permitted(_stat(0o002), Credentials(3, 3), WRITE))
+        self.assertFalse(permitted(_stat(0o770), Credentials(3, 3), WRITE))
+
+    def test_ownerBitsWinOverOthers(self) -> None:
+        """As in the kernel, the owner gets the owner bits even if others get more."""
+        self.assertFalse(permitted(_stat(0o077, uid=3, gid=3), Credentials(3, 3), 2))
+
+    def test_rootPasses(self) -> None:
+        self.assertTrue(permitted(_stat(0o000), Credentials(0, 0), WRITE | SEARCH))
+
+
+def _listen(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen()
+    return sock
+
+
+class OpenSocketTests(SynchronousTestCase):
+    """The path walk, on real files (other owners need root)."""
+
+    def setUp(self) -> None:
+        self.dir = short_rundir(self, "ipcd-access-")
+        os.chmod(self.dir, 0o755)
+        self.path = os.path.join(self.dir, "s")
+        self.addCleanup(_listen(self.path).close)
+        os.chmod(self.path, 0o666)
+
+    def open(self, path: str, who: Credentials | None, **kw: Any) -> Any:
+        opened = open_socket(path, who, **kw)
+        self.addCleanup(opened.close)
+        return opened
+
+    def test_opensTheSocketItself(self) -> None:
+        opened = self.open(self.path, Credentials(7, 7))
+        st = os.stat(self.path)
+        self.assertEqual(opened.inode, (st.st_dev, st.st_ino))
+        self.assertTrue(stat.S_ISSOCK(opened.stat.st_mode))
+        self.assertFalse(opened.via_symlink)
+
+    def test_socketWithoutWritePermission(self) -> None:
+        needs_root()
+        os.chmod(self.path, 0o664)
+        self.assertRaises(AccessDenied, open_socket, self.path, Credentials(7, 7))
+        os.chown(self.path, 7, -1)
+        self.open(self.path, Credentials(7, 7))
+
+    def test_directoryWithoutSearchPermission(self) -> None:
+        needs_root()
+        os.chmod(self.dir, 0o750)
+        error = self.assertRaises(
+            AccessDenied, open_socket, self.path, Credentials(7, 7)
+        )
+        self.assertIn("uid 7 may not connect to", str(error))
+        # Missing or not, the answer is the same: nothing leaks past the
+        # directory the client may not search.
+        missing = os.path.join(self.dir, "nothing")
+        self.assertRaises(AccessDenied, open_socket, missing, Credentials(7, 7))
+        self.assertRaises(FileNotFoundError, open_socket, missing, None)
+
+    def test_symlinksFollowedAndChecked(self) -> None:
+        needs_root()
+        relative = os.path.join(self.dir, "rel")
+        os.symlink("s", relative)
+        absolute = os.path.join(self.dir, "abs")
+        os.symlink(self.path, absolute)
+        chained = os.path.join(self.dir, "chain")
+        os.symlink("rel", chained)
+        for link in (relative, absolute, chained):
+            opened = self.open(link, Credentials(7, 7))
+            self.assertTrue(opened.via_symlink)
+            self.assertEqual(opened.inode[1], os.stat(self.path).st_ino)
+        # The link's target is checked as the client: a hidden directory.
+        hidden = short_rundir(self, "ipcd-hidden-")
+        os.chmod(hidden, 0o700)
+        secret = os.path.join(hidden, "secret")
+        self.addCleanup(_listen(secret).close)
+        os.chmod(secret, 0o666)
+        evil = os.path.join(self.dir, "evil")
+        os.symlink(secret, evil)
+        self.assertRaises(AccessDenied, open_socket, evil, Credentials(7, 7))
+
+    def test_lastSymlinkRefusedWhenAsked(self) -> None:
+        link = os.path.join(self.dir, "link")
+        os.symlink(self.path, link)
+        error = self.assertRaises(
+            Refused, open_socket, link, None, follow_last_symlink=False
+        )
+        self.assertIn("symbolic link", str(error))
+        self.open(self.path, None, follow_last_symlink=False)
+
+    def test_symlinkLoop(self) -> None:
+        a, b = os.path.join(self.dir, "a"), os.path.join(self.dir, "b")
+        os.symlink("b", a)
+        os.symlink("a", b)
+        error = self.assertRaises(Refused, open_socket, a, None)
+        self.assertIn("too many levels", str(error))
+
+    def test_notASocket(self) -> None:
+        plain = os.path.join(self.dir, "plain")
+        open(plain, "w").close()
+        error = self.assertRaises(Refused, open_socket, plain, None)
+        self.assertIn("is not a socket", str(error))
+        self.assertRaises(Refused, open_socket, self.dir, None)
+
+    def test_connectsToTheCheckedInodeEvenIfSwapped(self) -> None:
+        """
+        A path replaced between the check and the connect changes nothing:
+        the connection goes to the inode that was checked.
+        """
+        opened = self.open(self.path, None)
+        os.rename(self.path, self.path + ".old")
+        impostor = _listen(self.path)
+        self.addCleanup(impostor.close)
+        impostor.setblocking(False)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.connect(opened.connect_path())
+        self.assertRaises(BlockingIOError, impostor.accept)
+
+
+class _LogEvents:
+    """Broker decision events, collected while a test runs."""
+
+    def __init__(self, case: TestCase) -> None:
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.observe)
+        case.addCleanup(globalLogPublisher.removeObserver, self.observe)
+
+    def observe(self, event: dict[str, Any]) -> None:
+        if "outcome" in event and "direction" in event:
+            self.events.append(event)
+
+
+class ClientAccessTests(TestCase):
+    """
+    The group setup docs/securing.rst recommends: RUNDIR and RUNDIR/ipc
+    shared with a group, ipcd as root.  Alice is in the group; Bob owns a
+    private (0600) service; a directory only root may enter holds another.
+    """
+
+    @inlineCallbacks
+    def start(self, **overrides: Any) -> Any:
+        needs_root()
+        self.rundir = short_rundir(self)
+        os.chown(self.rundir, 0, SHARED_GROUP)
+        os.chmod(self.rundir, 0o1770)
+        overrides.setdefault("tcpd", {"listen": "tcp:0:interface=127.0.0.1"})
+        self.service = yield start_ipcd(self, make_config(self.rundir, **overrides))
+        self.counters = self.service.broker.counters
+        for name in ("ipc", "pong"):
+            os.chown(os.path.join(self.rundir, name), 0, SHARED_GROUP)
+        self.ipc = os.path.join(self.rundir, "ipc")
+        # Bob's private service, and a socket in a directory only root enters.
+        self.secret = self.serve(os.path.join(self.rundir, "secret"))
+        os.chown(os.path.join(self.rundir, "secret"), BOB.uid, BOB.gid)
+        os.chmod(os.path.join(self.rundir, "secret"), 0o600)
+        hidden = short_rundir(self, "ipcd-hidden-")
+        os.chmod(hidden, 0o700)
+        self.hidden = self.serve(os.path.join(hidden, "private.sock"))
+        os.chmod(os.path.join(hidden, "private.sock"), 0o666)
+        # What a group member can plant: links to both, and to pong.
+        os.symlink(os.path.join(hidden, "private.sock"), self.at("evil"))
+        os.symlink(self.at("secret"), self.at("evil2"))
+        os.symlink("pong", self.at("alias"))
+        self.log = _LogEvents(self)
+
+    def at(self, name: str) -> str:
+        return os.path.join(self.rundir, name)
+
+    def serve(self, path: str) -> Factory:
+        factory = Factory.forProtocol(Pong)
+        factory.noisy = False
+        factory.connections = 0
+        build = factory.buildProtocol
+
+        def counted(addr: Any) -> Any:
+            factory.connections += 1
+            return build(addr)
+
+        factory.buildProtocol = counted
+        port = listen_unix(reactor, path, factory)
+        self.addCleanup(port.stopListening)
+        return factory
+
+    def connect_as(self, who: Credentials, name: str) -> Any:
+        """What C{who}'s own connect() to RUNDIR/NAME does."""
+        return as_user(self.at(name), who.uid, who.gid, tuple(who.groups), "connect")
+
+    def lookup_as(self, who: Credentials, payload: str) -> Any:
+        return as_user(self.ipc, who.uid, who.gid, tuple(who.groups), payload)
+
+    @inlineCallbacks
+    def assertRefused(self, who: Credentials, payload: str, *reason: str) -> Any:
+        answer = yield self.lookup_as(who, payload)
+        self.assertEqual(answer["fds"], 0, f"a refusal carries no fd: {answer}")
+        self.assertTrue(answer["reply"].startswith("ne "), answer)
+        for part in reason:
+            self.assertIn(part, answer["reply"])
+        return answer["reply"]
+
+    @inlineCallbacks
+    def test_reachableServiceOk(self) -> Any:
+        """Alice may connect to pong herself, so a lookup hands it over."""
+        yield self.start()
+        direct = yield as_user(
+            self.at("pong"), ALICE.uid, ALICE.gid, (61010,), "connect"
+        )
+        self.assertEqual(direct, {"connected": True})
+        answer = yield self.lookup_as(ALICE, "pong;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+        # A link to a socket she may reach is followed.
+        answer = yield self.lookup_as(ALICE, "alias;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+        [event, _] = self.log.events
+        self.assertEqual(event["access"], "the client may connect itself")
+
+    @inlineCallbacks
+    def test_anotherUsersPrivateSocket(self) -> Any:
+        """By name, through her own route, through a link: refused."""
+        yield self.start()
+        direct = yield self.connect_as(ALICE, "secret")
+        self.assertEqual(direct, {"error": "Permission denied"})
+        for payload in [
+            "secret;",
+            "x;x unix://secret",
+            "x;x unix:///secret",
+            "evil2;",
+            "x;x unix://evil2",
+        ]:
+            yield self.assertRefused(
+                ALICE, payload, "permission denied: uid 61001 may not connect"
+            )
+        self.assertEqual(self.secret.connections, 0)
+        # Bob, its owner, gets it.
+        answer = yield self.lookup_as(BOB, "secret;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+        self.assertEqual(self.counters["access denied"], 5)
+
+    @inlineCallbacks
+    def test_linkIntoAHiddenDirectory(self) -> Any:
+        """A planted link does not lend ipcd's (root's) reach to the client."""
+        yield self.start()
+        reply = yield self.assertRefused(ALICE, "evil;", "permission denied")
+        self.assertNotIn("private.sock", reply, "the link's target is not told")
+        self.assertEqual(self.hidden.connections, 0)
+
+    @inlineCallbacks
+    def test_adminRedirectGrantsNothing(self) -> Any:
+        yield self.start(redirects={"x": "secret"})
+        yield self.assertRefused(ALICE, "x;", "permission denied")
+        self.assertEqual(self.secret.connections, 0)
+
+    @inlineCallbacks
+    def test_ownSocketsNeverTargets(self) -> Any:
+        """Not for a member, not for root, not by name, route or link."""
+        yield self.start()
+        # A link to ipc, which Alice may connect to herself: still refused.
+        os.symlink("ipc", self.at("ctl"))
+        root = Credentials(0, 0)
+        for who in (ALICE, root):
+            for name in ("ipcd-control", "ipc", "tcp"):
+                for payload in (f"{name};", f"x;x unix://{name}"):
+                    yield self.assertRefused(
+                        who, payload, f"'{name}' is ipcd's own socket"
+                    )
+            yield self.assertRefused(who, "ctl;", "is ipcd's own socket")
+        self.assertEqual(self.counters["connected"], 0)
+
+    @inlineCallbacks
+    def test_grant(self) -> Any:
+        """An explicit grant lets Alice through, and the log names it."""
+        yield self.start(grants=["secret uid:61001", "evil *"])
+        answer = yield self.lookup_as(ALICE, "secret;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+        self.assertEqual(
+            self.log.events[-1]["access"], "granted by grant 1 (secret uid:61001)"
+        )
+        self.assertIn("granted by grant 1", formatEvent(self.log.events[-1]))
+        # Only to whom it names...
+        yield self.assertRefused(CAROL, "secret;", "permission denied")
+        # ...and never through a link someone planted in RUNDIR.
+        yield self.assertRefused(ALICE, "evil;", "symbolic link")
+        self.assertEqual(self.hidden.connections, 0)
+        self.assertEqual(self.secret.connections, 1)
+
+    @inlineCallbacks
+    def test_grantNeverReachesOwnSockets(self) -> Any:
+        yield self.start(grants=["* *"])
+        for name in ("ipcd-control", "ipc", "tcp"):
+            yield self.assertRefused(ALICE, f"{name};", "ipcd's own socket")
+
+
+class RemoteOwnSocketsTests(TestCase):
+    """Under C{allow in *}, remote peers still never reach ipcd's sockets."""
+
+    def ask(self, port: int, name: bytes) -> Any:
+        def request() -> bytes:
+            with tcp_connect(port) as sock:
+                sock.sendall(name)
+                return recv_upto(sock, 4096)
+
+        return deferToThread(request)
+
+    @inlineCallbacks
+    def test_ownSocketsAndLinksRefused(self) -> Any:
+        host = yield start_host(self, ["allow in *"])
+        os.symlink("ipcd-control", os.path.join(host.rundir, "ctl"))
+        os.symlink("pong", os.path.join(host.rundir, "alias"))
+        for name in (b"ipcd-control", b"tcp", b"ipc"):
+            answer = yield self.ask(host.port, name)
+            self.assertEqual(
+                answer, b"ne '%s' is ipcd's own socket, never a lookup target" % name
+            )
+        for name in (b"ctl", b"alias"):
+            answer = yield self.ask(host.port, name)
+            self.assertTrue(answer.startswith(b"ne "), answer)
+            self.assertIn(b"symbolic link", answer)
+        self.assertEqual(host.broker.counters["connected"], 0)
+
+        # pong itself is served.
+        def echo() -> bytes:
+            with tcp_connect(host.port) as sock:
+                sock.settimeout(TIMEOUT)
+                sock.sendall(b"pong")
+                assert recv_upto(sock, 2) == b"ok"
+                return bounce(sock)
+
+        self.assertEqual((yield deferToThread(echo)), b"\0\0\0\x09bounce me")
+
+
+class EveryNameDecidedTests(TestCase):
+    """Each name a lookup involves is decided on its own; all must allow."""
+
+    @inlineCallbacks
+    def test_localRuleNotWalkedAround(self) -> Any:
+        rundir = short_rundir(self)
+        yield start_ipcd(self, make_config(rundir, rules=["deny local pong *"]))
+        for payload in (b"pong;", b"x;x unix://pong", b"x;x unix:///pong"):
+            reply = yield deferToThread(lookup, rundir, payload)
+            self.assertEqual(reply.fds, [])
+            self.assertIn(b"denied by rule 1 (deny local pong *)", reply.data)
+
+    @inlineCallbacks
+    def test_outNeedsEveryName(self) -> Any:
+        """C{allow out pong} does not let C{pong;pong tcp://H:P/secret} by."""
+        rundir = short_rundir(self)
+        yield start_ipcd(
+            self,
+            make_config(rundir, rules=["allow out pong", "deny out * *"]),
+        )
+        reply = yield deferToThread(
+            lookup, rundir, b"pong;pong tcp://127.0.0.1:9/secret"
+        )
+        self.assertEqual(reply.fds, [])
+        self.assertIn(b"denied by rule 2 (deny out * *) for 'secret'", reply.data)
