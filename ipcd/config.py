@@ -50,6 +50,14 @@ class Config:
     # Schemes served by an external daemon listening on RUNDIR/SCHEME.
     external_daemons: tuple[str, ...] = ()
     control_group: str | None = None
+    # [limits]: what one peer, or all of them, may hold of ipcd.
+    max_connections: int = 1024  # per listener
+    max_connections_per_peer: int = 128  # per uid, or per address prefix
+    peer_prefix_ipv4: int = 32
+    peer_prefix_ipv6: int = 64
+    partial_message_budget: int = 64 * 1024 * 1024  # bytes, all connections
+    idle_timeout: float = 300.0  # service connections and relays; 0: none
+    control_timeout: float = 10.0  # a control request, start to answer
     source: str | None = None
 
 
@@ -69,6 +77,23 @@ def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _Bad("a whole number greater than 0")
     return value
+
+
+def _non_negative_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise _Bad("a number of seconds, 0 or more (0: no deadline)")
+    return float(value)
+
+
+def _prefix(bits: int) -> Any:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad(f"a prefix length from 0 to {bits}")
+        if not 0 <= value <= bits:
+            raise _Bad(f"a prefix length from 0 to {bits}")
+        return value
+
+    return check
 
 
 def _boolean(value: Any) -> bool:
@@ -121,6 +146,15 @@ _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
     },
     "pongd": {"enabled": (_boolean, "pongd")},
     "control": {"group": (_string, "control_group")},
+    "limits": {
+        "max_connections": (_positive_int, "max_connections"),
+        "max_connections_per_peer": (_positive_int, "max_connections_per_peer"),
+        "peer_prefix_ipv4": (_prefix(32), "peer_prefix_ipv4"),
+        "peer_prefix_ipv6": (_prefix(128), "peer_prefix_ipv6"),
+        "partial_message_budget": (_positive_int, "partial_message_budget"),
+        "idle_timeout": (_non_negative_number, "idle_timeout"),
+        "control_timeout": (_positive_number, "control_timeout"),
+    },
     "tcpd": {
         "enabled": (_boolean, "_tcp_enabled"),
         "listen": (_endpoint, "tcp_listen"),

@@ -158,6 +158,31 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(load_config(None, None, {}).grants, ())
         self.assertEqual(load_config(None, None, {}).external_daemons, ())
 
+    def test_limits(self) -> None:
+        config = load_config(None, None, {})
+        self.assertEqual(
+            (config.max_connections, config.max_connections_per_peer),
+            (1024, 128),
+        )
+        self.assertEqual((config.idle_timeout, config.control_timeout), (300, 10))
+        path = self.write(
+            "[limits]\nidle_timeout = 0\npeer_prefix_ipv6 = 48\n"
+            "partial_message_budget = 1000\n"
+        )
+        config = load_config(path, None, {})
+        self.assertEqual(config.idle_timeout, 0)
+        self.assertEqual(config.peer_prefix_ipv6, 48)
+        self.assertEqual(config.partial_message_budget, 1000)
+        for text, why in [
+            ("max_connections = 0", "greater than 0"),
+            ("peer_prefix_ipv4 = 33", "from 0 to 32"),
+            ("idle_timeout = -1", "0 or more"),
+            ("control_timeout = 0", "greater than 0"),
+        ]:
+            message = self.error(f"[limits]\n{text}\n")
+            self.assertTrue(message.startswith("[limits] "), message)
+            self.assertIn(why, message)
+
     def test_badGrant(self) -> None:
         """A grant names both the service and the peer: nothing implicit."""
         message = self.error('grants = ["secret"]\n')
