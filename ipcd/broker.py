@@ -30,6 +30,7 @@ from ipcd.config import Config
 from ipcd.errors import Refused
 from ipcd.handoff import send_ok
 from ipcd.identity import Peer, local_peer
+from ipcd.limits import ConnectionLimits, own_uid_key
 from ipcd.names import (
     OWN_NAMES,
     InvalidServiceName,
@@ -45,7 +46,7 @@ from ipcd.routes import (
     RouteError,
     parse_lookup,
 )
-from ipcd.sockets import connect_unix, with_deadline
+from ipcd.sockets import connect_unix, discard_unread, with_deadline
 from ipcd.transports import ITransport
 from ipcd.transports.external import ExternalDaemon
 from ipcd.wire import MessageProtocol
@@ -189,12 +190,39 @@ class Broker:
         reactor: Any,
         transports: Mapping[str, ITransport] | None = None,
     ) -> None:
-        self.config = config
         self.reactor = reactor
         self.transports: dict[str, ITransport] = dict(transports or {})
         # Live relayed connections (ipcd.relay.RelayStats), for status.
         self.relays: set[Any] = set()
         self.counters: Counter[str] = Counter()
+        # Each listener's connection limits, by listener name.
+        self.limits: dict[str, ConnectionLimits] = {}
+        self.config = config
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        # A reload's limits apply to new connections at once.
+        self._config = config
+        for limits in self.limits.values():
+            limits.max_total = config.max_connections
+            limits.max_per_peer = config.max_connections_per_peer
+
+    def limits_for(self, listener: str) -> ConnectionLimits:
+        """The connection limits of C{listener} (made on first use)."""
+        if listener not in self.limits:
+            self.limits[listener] = ConnectionLimits(
+                listener,
+                self.config.max_connections,
+                self.config.max_connections_per_peer,
+                self.reactor,
+                self.counters,
+                exempt=own_uid_key(),
+            )
+        return self.limits[listener]
 
     def open(self, payload: bytes, client: Peer) -> Deferred[socket.socket]:
         """Serve one lookup payload for a local client."""
@@ -465,12 +493,24 @@ class LookupProtocol(MessageProtocol):
         self._pending: Deferred[socket.socket] | None = None
         self._handed: socket.socket | None = None
         self._answered = False
+        self._admitted: str | None = None  # the peer key counted in limits
+        self._refused_by: ConnectionLimits | None = None
 
     def connectionMade(self) -> None:
         try:
             self.client = local_peer(self.transport.getHandle())
         except (OSError, AttributeError):
             self.client = Peer("unknown local client")
+        limits = self.factory.limits if self.factory is not None else None
+        if limits is not None:
+            key = f"uid:{self.client.uid}"
+            refusal = limits.admit(key)
+            if refusal is not None:
+                self._answered = True
+                self._refused_by = limits
+                limits.refuse(self.transport, b"ne " + refusal.encode())
+                return
+            self._admitted = key
         timeout = self.broker.config.lookup_timeout
         self._deadline = self.clock.callLater(timeout, self._timedOut, timeout)
 
@@ -520,6 +560,7 @@ class LookupProtocol(MessageProtocol):
         if self._answered:
             return
         self._answered = True
+        discard_unread(self.transport)
         self.transport.write(b"ne " + reason.encode("utf-8", "replace"))
         self.transport.loseConnection()
 
@@ -531,6 +572,11 @@ class LookupProtocol(MessageProtocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._cancelDeadline()
         self._answered = True
+        if self._admitted is not None:
+            self.factory.limits.release(self._admitted)
+            self._admitted = None
+        if self._refused_by is not None:
+            self._refused_by.refused_gone(self.transport)
         if self._pending is not None:
             self._pending.cancel()
         if self._handed is not None:
@@ -543,9 +589,17 @@ class LookupFactory(Factory):
 
     noisy = False
 
-    def __init__(self, broker: Broker, clock: IReactorTime | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        clock: IReactorTime | None = None,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
         self.broker = broker
         self.clock = clock if clock is not None else broker.reactor
+        # Counted here rather than by a wrapping factory: lookups are the hot
+        # path, and the protocol reads the peer's uid anyway.
+        self.limits = limits
 
     def buildProtocol(self, addr: Any) -> LookupProtocol:
         protocol = LookupProtocol(self.broker, self.clock)

@@ -65,6 +65,8 @@ class RelayStats:
     backward: int = 0
     started: float = field(default_factory=time.monotonic)
     registry: set[RelayStats] | None = None
+    # Called in the reactor's thread once the relay has ended.
+    on_end: Callable[[], None] | None = None
 
     def as_dict(self, now: float | None = None) -> dict[str, Any]:
         now = time.monotonic() if now is None else now
@@ -317,9 +319,7 @@ class RelayLoop:
                 if each.mask:
                     self._epoll.unregister(each.fd)
             each.sock.close()
-        registry = side.stats.registry
-        if registry is not None:
-            self._report(registry.discard, side.stats)
+        self._report(_ended, side.stats)
 
     def _abort(self, stats: RelayStats) -> None:
         for side in list(self._sides.values()):
@@ -331,6 +331,14 @@ class RelayLoop:
         for side in list(self._sides.values()):
             if side.fd in self._sides:
                 self._end(side)
+
+
+def _ended(stats: RelayStats) -> None:
+    if stats.registry is not None:
+        stats.registry.discard(stats)
+    on_end, stats.on_end = stats.on_end, None  # once, however it ended
+    if on_end is not None:
+        on_end()
 
 
 def _shut(side: Side) -> None:

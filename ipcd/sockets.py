@@ -66,6 +66,27 @@ def wait_writable(reactor: Any, sock: socket.socket) -> Deferred[None]:
     return _Readiness(reactor, sock, writing=True).deferred
 
 
+def discard_unread(transport: Any, limit: int = 256 * 1024) -> None:
+    """
+    Read and drop what the peer of a Twisted C{transport} has sent and
+    nobody will read (up to C{limit} bytes): closing a socket with unread
+    data resets the connection, and the peer could lose the answer written
+    just before.
+    """
+    handle = getattr(transport, "getHandle", None)
+    recv = getattr(handle() if handle is not None else None, "recv", None)
+    if recv is None:
+        return  # not a socket: an in-memory transport
+    try:
+        while limit > 0:
+            chunk = recv(min(limit, 65536), socket.MSG_DONTWAIT)
+            if not chunk:
+                return
+            limit -= len(chunk)
+    except OSError:
+        pass  # nothing more now (EAGAIN), or the peer is gone
+
+
 def with_deadline(
     d: Deferred[Any], seconds: float, clock: Any, what: str
 ) -> Deferred[Any]:

@@ -20,6 +20,7 @@ from ipcd.broker import Broker, LookupFactory
 from ipcd.config import Config, ConfigError, load_config
 from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_report
 from ipcd.endpoints import BROKER_NAME
+from ipcd.limits import LimitedFactory
 from ipcd.names import (
     SocketInUse,
     UnsafeRundir,
@@ -163,23 +164,31 @@ class IPCDService(MultiService):
         self.broker = Broker(config, reactor)
         self._reload_config = reload_config
         self._previous_hup: Any = None
+        limits = self.broker.limits_for(BROKER_NAME)
         IPCService(
-            BROKER_NAME, LookupFactory(self.broker), config.rundir, reactor
+            BROKER_NAME,
+            LookupFactory(self.broker, limits=limits),
+            config.rundir,
+            reactor,
+            limits=limits,
         ).setServiceParent(self)
         handlers = {"status": lambda: status_report(self.broker), "reload": self.reload}
+        limits = self.broker.limits_for(CONTROL_NAME)
         IPCService(
             CONTROL_NAME,
-            ControlFactory(handlers),
+            LimitedFactory(ControlFactory(handlers), limits),
             config.rundir,
             reactor,
             mode=CONTROL_MODE if config.control_group is None else 0o660,
             group=config.control_group,
+            limits=limits,
         ).setServiceParent(self)
         if config.pongd:
             pongd(
                 config.rundir,
                 reactor=reactor,
                 max_message_size=config.max_message_size,
+                limits=self.broker.limits_for("pong"),
             ).setServiceParent(self)
         if config.tcp_listen is not None:
             TcpService(self.broker, config.tcp_listen).setServiceParent(self)

@@ -11,6 +11,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.interfaces import IProtocolFactory
 
 from ipcd.endpoints import IPCServerEndpoint
+from ipcd.limits import ConnectionLimits, LimitedEndpoint
 from ipcd.names import SOCKET_MODE
 
 
@@ -28,12 +29,16 @@ class IPCService(StreamServerEndpointService):
         reactor: Any = None,
         mode: int = SOCKET_MODE,
         group: str | None = None,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        endpoint = IPCServerEndpoint(reactor, name, rundir, mode, group=group)
+        endpoint: Any = IPCServerEndpoint(reactor, name, rundir, mode, group=group)
+        if limits is not None:
+            # So that the listener can stop accepting at its maximum.
+            endpoint = LimitedEndpoint(endpoint, limits)
         super().__init__(endpoint, factory)
         self.setName(name)
         # Let a failure to listen (a live instance, bad RUNDIR) stop startup.

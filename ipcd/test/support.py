@@ -357,8 +357,12 @@ def spawn(
     log_path: str,
     env: Mapping[str, str],
     cwd: str,
+    **popen: Any,
 ) -> subprocess.Popen[bytes]:
-    """Start C{sys.executable ARGS}, output to C{log_path}; killed after."""
+    """
+    Start C{sys.executable ARGS}, output to C{log_path}; killed after.
+    C{popen}: more arguments for C{subprocess.Popen} (C{preexec_fn}, ...).
+    """
     log = open(log_path, "wb")
     case.addCleanup(log.close)
     process = subprocess.Popen(
@@ -368,6 +372,7 @@ def spawn(
         stderr=subprocess.STDOUT,
         env=dict(env),
         cwd=cwd,
+        **popen,
     )
 
     def kill() -> None:

@@ -32,6 +32,7 @@ from zope.interface import implementer
 from ipcd import wire
 from ipcd.errors import Refused
 from ipcd.identity import Peer, local_peer, remote_peer
+from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.relay import READ_SIZE, RelayLoop, RelayStats, take_socket
 from ipcd.routes import RemoteURI, RouteError, parse_uri
 from ipcd.services import IPCService
@@ -225,6 +226,9 @@ class _Handshaking(Protocol):
             labels=tuple(self.who.labels),
             registry=self.factory.broker.relays,
         )
+        # The connection counts against its listener's limits until the
+        # relay ends (a limits wrapper hands that over, if there is one).
+        stats.on_end = getattr(self.transport, "handOff", lambda: None)()
         # From here on the relay loop owns the peer's socket: this protocol
         # and its transport are done with it (and dropped).
         early, self._early = b"".join(self._early), []
@@ -370,17 +374,37 @@ class TcpService(MultiService):
         broker.transports[SCHEME] = TcpTransport(reactor)
         # tcpd's relays (inbound, and for upstream's control socket).
         self.relays = RelayLoop(reactor)
+        limits = broker.limits_for("tcpd")
+
+        def peer_key(transport: Any) -> str:
+            config = broker.config  # read per connection: reloads apply
+            return network_peer_key(
+                transport.getPeer(), config.peer_prefix_ipv4, config.peer_prefix_ipv6
+            )
+
         self.listener = listener = StreamServerEndpointService(
-            serverFromString(reactor, listen),
-            _HandshakeFactory(TcpInbound, broker, self.relays),
+            LimitedEndpoint(serverFromString(reactor, listen), limits),
+            LimitedFactory(
+                _HandshakeFactory(TcpInbound, broker, self.relays),
+                limits,
+                peer_key,
+                # Before any request: upstream's raw form, as for a silent peer.
+                lambda reason: b"ne " + reason.encode(),
+            ),
         )
         listener._raiseSynchronously = True
         listener.setServiceParent(self)
+        limits = broker.limits_for(SCHEME)
         IPCService(
             SCHEME,
-            _HandshakeFactory(TcpControl, broker, self.relays),
+            LimitedFactory(
+                _HandshakeFactory(TcpControl, broker, self.relays),
+                limits,
+                refusal=lambda reason: wire.encode(b"ne " + reason.encode()),
+            ),
             config.rundir,
             reactor,
+            limits=limits,
         ).setServiceParent(self)
 
     def startService(self) -> None:

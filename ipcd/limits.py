@@ -1,0 +1,313 @@
+"""
+Fair limits on listeners: so many connections in all, so many per peer.
+
+One L{ConnectionLimits} per listener counts its live connections, in all and
+per peer key (C{uid:1000} on UNIX listeners, from SO_PEERCRED at accept; the
+address prefix on network listeners).  A peer at its maximum is refused at
+once, so one peer cannot starve the others.  At the listener's maximum the
+listener stops accepting until a connection ends: new clients wait in the
+kernel's backlog, within their own deadlines.
+
+Refusals and the accept errors Twisted logs on EMFILE are counted, and logged
+at a bounded rate (L{RateLimitedObserver}), so a flood cannot fill the disk.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamServerEndpoint
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from zope.interface import alsoProvides, implementer
+
+from ipcd.identity import credentials
+from ipcd.sockets import discard_unread
+
+# A refused peer has this long to read its refusal and close; then it is cut.
+REFUSAL_GRACE = 1.0
+# At most this many log lines per listener per LOG_PERIOD seconds.
+LOG_BURST = 5
+LOG_PERIOD = 10.0
+
+
+@implementer(ILogObserver)
+class RateLimitedObserver:
+    """
+    Passes events on to C{observer}, at most C{burst} per C{period} seconds;
+    the first one after a quiet spell says how many were left out.
+    """
+
+    def __init__(
+        self,
+        observer: ILogObserver,
+        clock: Any,
+        burst: int = LOG_BURST,
+        period: float = LOG_PERIOD,
+    ) -> None:
+        self._observer = observer
+        self._clock = clock
+        self._burst = burst
+        self._period = period
+        self._window = float("-inf")
+        self._passed = 0
+        self.dropped = 0  # in the current window, not yet reported
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        now = self._clock.seconds()
+        if now - self._window >= self._period:
+            self._window, self._passed = now, 0
+            if self.dropped:
+                dropped, self.dropped = self.dropped, 0
+                self._observer(
+                    {
+                        **event,
+                        "log_format": "{ipcd_dropped} similar log lines left out; "
+                        + event.get("log_format", ""),
+                        "ipcd_dropped": dropped,
+                    }
+                )
+                self._passed += 1
+                return
+        if self._passed < self._burst:
+            self._passed += 1
+            self._observer(event)
+        else:
+            self.dropped += 1
+
+
+class ConnectionLimits:
+    """
+    The live connections of one listener, in all and per peer key.  The
+    maxima are attributes, so a reload can change them for new connections.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        max_total: int,
+        max_per_peer: int,
+        clock: Any,
+        counters: Counter[str] | None = None,
+        observer: ILogObserver | None = None,
+        exempt: frozenset[str] = frozenset(),
+    ) -> None:
+        self.name = name
+        # Peers counted in the total but never held to the per-peer maximum.
+        self.exempt = exempt
+        self.max_total = max_total
+        self.max_per_peer = max_per_peer
+        self.total = 0
+        self.per_peer: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter() if counters is None else counters
+        self.clock = clock
+        self.log = Logger(
+            namespace=f"ipcd.limits.{name}",
+            observer=RateLimitedObserver(observer or globalLogPublisher, clock),
+        )
+        self.port: Any = None  # set once listening: paused at max_total
+        self._paused = False
+        self._cuts: dict[Any, Any] = {}  # refused connections' grace timers
+
+    def admit(self, key: str) -> str | None:
+        """Count a new connection from C{key}; or say why it is refused."""
+        if self.per_peer[key] >= self.max_per_peer and key not in self.exempt:
+            self.counters[f"{self.name}: refused, per-peer limit"] += 1
+            reason = f"too many connections from {key} (at most {self.max_per_peer})"
+            self.log.warn("{listener}: {reason}", listener=self.name, reason=reason)
+            return reason
+        self.per_peer[key] += 1
+        self.total += 1
+        if self.total >= self.max_total and self.port is not None and not self._paused:
+            self._paused = True
+            self.port.stopReading()
+            self.counters[f"{self.name}: paused at the connection limit"] += 1
+            self.log.warn(
+                "{listener}: {total} connections, the maximum: not accepting more "
+                "until one ends",
+                listener=self.name,
+                total=self.total,
+            )
+        return None
+
+    def release(self, key: str) -> None:
+        """A connection admitted for C{key} has ended."""
+        self.total -= 1
+        left = self.per_peer[key] - 1
+        if left > 0:
+            self.per_peer[key] = left
+        else:
+            del self.per_peer[key]
+        if self._paused and self.total < self.max_total:
+            self._paused = False
+            if self.port.connected:  # not once it has stopped listening
+                self.port.startReading()
+
+    def refuse(self, transport: Any, refusal: bytes) -> None:
+        """
+        Answer C{refusal} and end the connection without a reset: what the
+        peer has sent is read and dropped, the answer is followed by an EOF,
+        and the peer has L{REFUSAL_GRACE} seconds to close before it is cut.
+        Closing at once with the peer's request unread would reset the
+        connection, and the peer could lose the answer.
+        """
+        discard_unread(transport)
+        if refusal:
+            transport.write(refusal)
+        transport.loseWriteConnection()
+        cut = self.clock.callLater(REFUSAL_GRACE, transport.abortConnection)
+        self._cuts[transport] = cut
+
+    def refused_gone(self, transport: Any) -> None:
+        """A refused connection has ended: no need to cut it."""
+        cut = self._cuts.pop(transport, None)
+        if cut is not None and cut.active():
+            cut.cancel()
+
+    def listening(self, port: Any) -> Any:
+        """Watch C{port}: its accept errors are logged at a bounded rate."""
+        self.port = port
+        observer = self.log.observer
+        # Twisted's accept loop logs every EMFILE through the port's logger.
+        logger = getattr(port, "_logger", None)
+        if logger is not None:
+            port._logger = Logger(
+                namespace=logger.namespace, observer=self._accept_error(observer)
+            )
+        return port
+
+    def _accept_error(self, observer: ILogObserver) -> Callable[[Any], None]:
+        def count(event: dict[str, Any]) -> None:
+            self.counters[f"{self.name}: accept errors"] += 1
+            observer(event)
+
+        return count
+
+
+def own_uid_key() -> frozenset[str]:
+    """
+    ipcd's own uid, as UNIX listeners see it: every connection ipcd makes
+    (relays, and the connections it hands over to clients, which keep the
+    credentials of the process that connected) comes from it, so it is
+    exempt from the per-peer maximum.
+    """
+    return frozenset({f"uid:{os.geteuid()}"})
+
+
+def unix_peer_key(transport: Any) -> str:
+    """C{uid:N} of a UNIX transport's peer."""
+    try:
+        return f"uid:{credentials(transport.getHandle())[1]}"
+    except (OSError, AttributeError):
+        return "uid:unknown"
+
+
+def network_peer_key(address: Any, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    """The address prefix a network peer is counted under (C{10.1.2.3/32})."""
+    host = getattr(address, "host", str(address))
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return f"ip:{host}"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
+    return f"ip:{ipaddress.ip_network(f'{ip}/{prefix}', strict=False)}"
+
+
+class _LimitedProtocol(ProtocolWrapper):
+    """Admitted or refused when the connection is made; released when lost."""
+
+    key: str | None = None
+    _handedOff = False
+
+    def makeConnection(self, transport: Any) -> None:  # noqa: N802
+        factory: LimitedFactory = self.factory
+        key = factory.peer_key(transport)
+        reason = factory.limits.admit(key)
+        if reason is not None:
+            self.transport = transport
+            factory.limits.refuse(transport, factory.refusal(reason))
+            return
+        self.key = key
+        super().makeConnection(transport)
+        # Half-close reaches the wrapped protocol only if it wants it.
+        if IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
+            alsoProvides(self, IHalfCloseableProtocol)
+
+    def handOff(self) -> Callable[[], None]:  # noqa: N802
+        """
+        The connection's socket leaves its Twisted transport (a relay takes
+        it): it still counts until the returned function is called.
+        """
+        key, self.key = self.key, None
+        self._handedOff = True
+        self.factory.unregisterProtocol(self)
+        limits = self.factory.limits
+
+        def release() -> None:
+            if key is not None:
+                limits.release(key)
+
+        return release
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.key is not None:
+            super().dataReceived(data)
+
+    def readConnectionLost(self) -> None:  # noqa: N802
+        self.wrappedProtocol.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        self.wrappedProtocol.writeConnectionLost()
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        if self.key is None:
+            if not self._handedOff:
+                self.factory.limits.refused_gone(self.transport)
+            return
+        self.factory.limits.release(self.key)
+        self.key = None
+        super().connectionLost(reason)
+
+
+class LimitedFactory(WrappingFactory):
+    """
+    Wraps any factory: connections over its L{ConnectionLimits} are refused
+    with C{refusal(reason)} (bytes, or nothing) and closed.
+    """
+
+    protocol = _LimitedProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        wrapped: Any,
+        limits: ConnectionLimits,
+        peer_key: Callable[[Any], str] = unix_peer_key,
+        refusal: Callable[[str], bytes] = lambda reason: b"",
+    ) -> None:
+        super().__init__(wrapped)
+        self.limits = limits
+        self.peer_key = peer_key
+        self.refusal = refusal
+
+
+@implementer(IStreamServerEndpoint)
+class LimitedEndpoint:
+    """An endpoint whose listening port its L{ConnectionLimits} may pause."""
+
+    def __init__(self, endpoint: Any, limits: ConnectionLimits) -> None:
+        self._endpoint = endpoint
+        self.limits = limits
+
+    def listen(self, factory: Any) -> Any:
+        return self._endpoint.listen(factory).addCallback(self.limits.listening)
+
+    def __getattr__(self, name: str) -> Any:
+        # The wrapped endpoint's other attributes (its socket path, ...).
+        return getattr(self._endpoint, name)

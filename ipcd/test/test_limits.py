@@ -1,0 +1,393 @@
+"""
+Fair limits: connections per listener and per peer, so one peer cannot
+starve the others; refusals and accept errors logged at a bounded rate.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ipcd.limits import (
+    LOG_BURST,
+    REFUSAL_GRACE,
+    ConnectionLimits,
+    RateLimitedObserver,
+    network_peer_key,
+)
+from ipcd.test.support import (
+    TIMEOUT,
+    as_user,
+    bounce,
+    connect_unix,
+    make_config,
+    needs_root,
+    python_env,
+    read_reply,
+    read_text,
+    recv_upto,
+    short_rundir,
+    spawn,
+    start_ipcd,
+    wait_until,
+)
+from ipcd.test.tcpsupport import start_host
+from ipcd.wire import encode
+
+
+class _Port:
+    def __init__(self) -> None:
+        self.reading = True
+
+    def stopReading(self) -> None:  # noqa: N802
+        self.reading = False
+
+    def startReading(self) -> None:  # noqa: N802
+        self.reading = True
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written = b""
+        self.halfClosed = self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def loseWriteConnection(self) -> None:  # noqa: N802
+        self.halfClosed = True
+
+    def abortConnection(self) -> None:  # noqa: N802
+        self.aborted = True
+
+
+class ConnectionLimitsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.clock = Clock()
+        self.limits = ConnectionLimits(
+            "ipc", 4, 2, self.clock, observer=self.events.append
+        )
+        self.port = _Port()
+        self.port.connected = True
+        self.limits.listening(self.port)
+
+    def test_perPeer(self) -> None:
+        self.assertIsNone(self.limits.admit("uid:1"))
+        self.assertIsNone(self.limits.admit("uid:1"))
+        reason = self.limits.admit("uid:1")
+        self.assertEqual(reason, "too many connections from uid:1 (at most 2)")
+        self.assertIsNone(self.limits.admit("uid:2"), "another peer is not affected")
+        self.limits.release("uid:1")
+        self.assertIsNone(self.limits.admit("uid:1"))
+        self.assertEqual(self.limits.counters["ipc: refused, per-peer limit"], 1)
+
+    def test_totalPausesAndResumesAccepting(self) -> None:
+        for key in ("uid:1", "uid:2", "uid:3"):
+            self.limits.admit(key)
+        self.assertTrue(self.port.reading)
+        self.limits.admit("uid:4")
+        self.assertFalse(self.port.reading, "at the maximum: stop accepting")
+        self.limits.release("uid:2")
+        self.assertTrue(self.port.reading)
+        self.assertEqual(self.limits.total, 3)
+        self.assertEqual(
+            dict(self.limits.per_peer), {"uid:1": 1, "uid:3": 1, "uid:4": 1}
+        )
+
+    def test_exemptPeer(self) -> None:
+        limits = ConnectionLimits("pong", 4, 1, self.clock, exempt=frozenset({"uid:0"}))
+        self.assertIsNone(limits.admit("uid:0"))
+        self.assertIsNone(limits.admit("uid:0"), "ipcd's own uid: no per-peer cap")
+        self.assertIsNone(limits.admit("uid:1"))
+        self.assertIsNotNone(limits.admit("uid:1"))
+        self.assertEqual(limits.total, 3)
+
+    def test_stoppedPortNotRestarted(self) -> None:
+        for key in ("uid:1", "uid:2", "uid:3", "uid:4"):
+            self.limits.admit(key)
+        self.port.connected = False
+        self.limits.release("uid:1")
+        self.assertFalse(self.port.reading)
+
+    def test_refusalThenGraceThenCut(self) -> None:
+        """A refused peer gets the answer and an EOF, and is cut if it lingers."""
+        transport = _Transport()
+        self.limits.refuse(transport, b"ne no")
+        self.assertEqual((transport.written, transport.halfClosed), (b"ne no", True))
+        self.clock.advance(REFUSAL_GRACE)
+        self.assertTrue(transport.aborted)
+        # One that closes in time is not cut.
+        polite = _Transport()
+        self.limits.refuse(polite, b"")
+        self.limits.refused_gone(polite)
+        self.clock.advance(REFUSAL_GRACE)
+        self.assertFalse(polite.aborted)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_reloadedMaxima(self) -> None:
+        self.limits.max_per_peer = 1
+        self.limits.admit("uid:1")
+        self.assertIsNotNone(self.limits.admit("uid:1"))
+
+    def test_refusalsLoggedAtABoundedRate(self) -> None:
+        self.limits.admit("uid:1")
+        self.limits.admit("uid:1")
+        for _ in range(1000):
+            self.limits.admit("uid:1")
+        self.assertEqual(len(self.events), LOG_BURST)
+        self.assertEqual(self.limits.counters["ipc: refused, per-peer limit"], 1000)
+        self.clock.advance(60)
+        self.limits.admit("uid:1")
+        self.assertEqual(len(self.events), LOG_BURST + 1)
+        self.assertEqual(self.events[-1]["ipcd_dropped"], 1000 - LOG_BURST)
+
+
+class RateLimitedObserverTests(SynchronousTestCase):
+    def test_burstThenSummary(self) -> None:
+        seen: list[dict[str, Any]] = []
+        clock = Clock()
+        observer = RateLimitedObserver(seen.append, clock, burst=2, period=10)
+        for i in range(5):
+            observer({"log_format": "x {i}", "i": i})
+        self.assertEqual([e["i"] for e in seen], [0, 1])
+        clock.advance(10)
+        observer({"log_format": "x {i}", "i": 9})
+        self.assertEqual(seen[-1]["ipcd_dropped"], 3)
+        self.assertTrue(seen[-1]["log_format"].startswith("{ipcd_dropped} similar"))
+
+
+class NetworkPeerKeyTests(SynchronousTestCase):
+    def test_prefixes(self) -> None:
+        self.assertEqual(network_peer_key("10.1.2.3", 32, 64), "ip:10.1.2.3/32")
+        self.assertEqual(network_peer_key("10.1.2.3", 24, 64), "ip:10.1.2.0/24")
+        self.assertEqual(network_peer_key("2001:db8::1:2", 32, 64), "ip:2001:db8::/64")
+        self.assertEqual(network_peer_key("::ffff:10.0.0.1", 32, 64), "ip:10.0.0.1/32")
+        self.assertEqual(network_peer_key("fe80::1%lo", 32, 64), "ip:fe80::/64")
+
+
+class LookupLimitsTests(TestCase):
+    """One uid at its maximum does not stop another uid's lookups."""
+
+    @inlineCallbacks
+    def test_oneUidAtItsMaximum(self) -> Any:
+        needs_root()
+        rundir = short_rundir(self)
+        os.chmod(rundir, 0o755)
+        service = yield start_ipcd(
+            self, make_config(rundir, limits={"max_connections_per_peer": 8})
+        )
+        ipc = os.path.join(rundir, "ipc")
+        for name in ("ipc", "pong"):
+            os.chmod(os.path.join(rundir, name), 0o666)
+        limits = service.broker.limits["ipc"]
+        # Mallory (uid 61002) holds 8 silent lookups: her maximum.
+        holder = _hold(self, ipc, 61002, 8)
+        yield wait_until(lambda: limits.per_peer["uid:61002"] == 8, "8 held lookups")
+        # Her ninth is refused at once, with the reason.
+        answer = yield as_user(ipc, 61002, 61002, (), "pong;")
+        self.assertEqual(
+            answer,
+            {"reply": "ne too many connections from uid:61002 (at most 8)", "fds": 0},
+        )
+        # Alice is served meanwhile.
+        answer = yield as_user(ipc, 61001, 61001, (), "pong;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+        # Once Mallory lets go, she is served again.
+        holder.kill()
+        holder.wait(TIMEOUT)
+        yield wait_until(lambda: not limits.per_peer["uid:61002"], "held to end")
+        answer = yield as_user(ipc, 61002, 61002, (), "pong;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+        self.assertEqual(limits.total, 0)
+        self.assertEqual(service.broker.counters["ipc: refused, per-peer limit"], 1)
+
+    @inlineCallbacks
+    def test_listenerMaximumQueuesNewClients(self) -> Any:
+        """
+        At pongd's maximum a new client waits in the backlog, and is served
+        as soon as a connection ends.
+        """
+        rundir = short_rundir(self)
+        service = yield start_ipcd(
+            self, make_config(rundir, limits={"max_connections": 3})
+        )
+        path = os.path.join(rundir, "pong")
+        limits = service.broker.limits["pong"]
+        first = [connect_unix(path) for _ in range(3)]
+        self.addCleanup(lambda: [sock.close() for sock in first])
+        yield wait_until(lambda: limits.total == 3, "three connections")
+        waiting = connect_unix(path)  # in the kernel's backlog
+        self.addCleanup(waiting.close)
+        waiting.sendall(encode(b"queued"))
+        self.assertEqual(
+            service.broker.counters["pong: paused at the connection limit"], 1
+        )
+        self.assertEqual(limits.total, 3)
+        first[0].close()
+        echo = yield deferToThread(recv_upto, waiting, 4 + len(b"queued"))
+        self.assertEqual(echo, encode(b"queued"))
+
+
+_HOLD = """
+import os, socket, sys
+path, uid, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+os.setgroups([])
+os.setgid(uid)
+os.setuid(uid)
+held = []
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    held.append(s)
+sys.stdin.read()
+"""
+
+
+def _hold(case: TestCase, path: str, uid: int, count: int) -> Any:
+    """A child under C{uid} holding C{count} idle connections to C{path}."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, path, str(uid), str(count)],
+        stdin=subprocess.PIPE,
+    )
+
+    def stop() -> None:
+        if child.poll() is None:
+            child.kill()
+        child.wait(TIMEOUT)
+        child.stdin.close()
+
+    case.addCleanup(stop)
+    return child
+
+
+class TcpLimitsTests(TestCase):
+    """tcpd counts peers by address prefix, relays included."""
+
+    @inlineCallbacks
+    def test_perAddressAndRelays(self) -> Any:
+        host = yield start_host(
+            self, ["allow in pong"], limits={"max_connections_per_peer": 2}
+        )
+        limits = host.broker.limits["tcpd"]
+
+        def relay(source: str) -> socket.socket:
+            sock = socket.create_connection(
+                ("127.0.0.1", host.port), timeout=TIMEOUT, source_address=(source, 0)
+            )
+            sock.sendall(b"pong")
+            assert sock.recv(2) == b"ok"
+            return sock
+
+        def refused(source: str) -> bytes:
+            with socket.create_connection(
+                ("127.0.0.1", host.port), timeout=TIMEOUT, source_address=(source, 0)
+            ) as sock:
+                data = b""
+                while chunk := sock.recv(4096):
+                    data += chunk
+                return data
+
+        relays = []
+        self.addCleanup(lambda: [sock.close() for sock in relays])
+        for _ in range(2):
+            relays.append((yield deferToThread(relay, "127.0.0.1")))
+        answer = yield deferToThread(refused, "127.0.0.1")
+        self.assertEqual(
+            answer, b"ne too many connections from ip:127.0.0.1/32 (at most 2)"
+        )
+        # Another address is not affected.
+        other = yield deferToThread(relay, "127.0.0.2")
+        self.addCleanup(other.close)
+        echo = yield deferToThread(bounce, other)
+        self.assertEqual(echo, encode(b"bounce me"))
+        # A relay counts until it ends.
+        relays.pop().close()
+        yield wait_until(
+            lambda: limits.per_peer["ip:127.0.0.1/32"] == 1, "the relay to end"
+        )
+        again = yield deferToThread(relay, "127.0.0.1")
+        self.addCleanup(again.close)
+
+
+class AcceptErrorTests(TestCase):
+    """Out of file descriptors: ipcd keeps serving and logs at a bounded rate."""
+
+    @inlineCallbacks
+    def test_emfileFlood(self) -> Any:
+        rundir = short_rundir(self)
+        config = os.path.join(short_rundir(self, "ipcd-conf-"), "ipcd.toml")
+        with open(config, "w") as f:
+            f.write(
+                "[limits]\nmax_connections = 100000\n"
+                "max_connections_per_peer = 100000\n"
+                "[ipcd]\nlookup_timeout = 60\n"
+            )
+        log = os.path.join(rundir + ".log")
+        self.addCleanup(lambda: os.path.exists(log) and os.unlink(log))
+        limit = 64
+
+        def low_fd_limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+        process = spawn(
+            self,
+            [
+                "-m",
+                "ipcd.scripts.ipcd",
+                "--config",
+                config,
+                "--rundir",
+                rundir,
+                "--no-tcp",
+                "--no-pongd",
+            ],
+            log,
+            python_env(),
+            rundir,
+            preexec_fn=low_fd_limit,
+        )
+        ipc = os.path.join(rundir, "ipc")
+        yield wait_until(lambda: os.path.exists(ipc), "ipcd to listen")
+        held: list[socket.socket] = []
+        self.addCleanup(lambda: [sock.close() for sock in held])
+
+        def flood() -> None:
+            for _ in range(3 * limit):
+                for _ in range(1000):  # a full backlog: wait for accepts
+                    try:
+                        held.append(connect_unix(ipc))
+                        break
+                    except BlockingIOError:
+                        time.sleep(0.01)
+
+        yield deferToThread(flood)
+        # Each connection past the limit is accepted and closed by Twisted's
+        # reserved descriptor, and each would log; give it time to try all.
+        yield wait_until(
+            lambda: read_text(log).count("EMFILE") > 0, "ipcd to run out of fds"
+        )
+        for sock in held:
+            sock.close()
+        held.clear()
+
+        def served() -> bool:
+            with connect_unix(ipc) as sock:
+                sock.sendall(encode(b"nosuch;"))
+                return read_reply(sock).data.startswith(b"ne no route")
+
+        self.assertTrue((yield deferToThread(served)))
+        self.assertIsNone(process.poll(), "ipcd is still running")
+        lines = [line for line in read_text(log).splitlines() if "EMFILE" in line]
+        self.assertLessEqual(len(lines), LOG_BURST + 1, "\n".join(lines))
