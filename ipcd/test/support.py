@@ -357,8 +357,12 @@ def spawn(
     log_path: str,
     env: Mapping[str, str],
     cwd: str,
+    preexec_fn: Callable[[], Any] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start C{sys.executable ARGS}, output to C{log_path}; killed after."""
+    """
+    Start C{sys.executable ARGS}, output to C{log_path}; killed after.
+    C{preexec_fn} runs in the child before the exec (to set a limit, say).
+    """
     log = open(log_path, "wb")
     case.addCleanup(log.close)
     process = subprocess.Popen(
@@ -368,6 +372,7 @@ def spawn(
         stderr=subprocess.STDOUT,
         env=dict(env),
         cwd=cwd,
+        preexec_fn=preexec_fn,
     )
 
     def kill() -> None:
