@@ -261,7 +261,10 @@ class IPCDService(MultiService):
             )
             new = replace(new, **{key: getattr(self.config, key) for key in restart})
         self.config = self.broker.config = new
-        self.log.info("configuration reloaded from {source}", source=new.source)
+        self.log.info(
+            "configuration reloaded from {source}",
+            source=new.source or "the command line only (no --config file)",
+        )
         return {"ok": True, "restart_needed": restart}
 
     def privilegedStartService(self) -> None:  # noqa: N802

@@ -3,7 +3,7 @@ Start-up failures are one line naming what failed and the way out, exit
 status 1, nothing left in RUNDIR and no traceback: the real C{ipcd} command
 and C{twistd ipcd} in subprocesses, and L{IPCDService} in this process.
 Also what start-up does besides: the open-files limit, and the warning for
-twistd's own C{--rundir}.
+twistd's own C{--rundir}; and a reload, which goes through the same checks.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import time
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from ipcd.config import load_config
 from ipcd.tap import IPCDService, StartupError
 from ipcd.test.support import (
     TIMEOUT,
@@ -254,4 +257,50 @@ class RunningCommandTests(SynchronousTestCase):
             f"twistd --rundir {self.work} is twistd's working directory, not "
             f"ipcd's RUNDIR, which is {self.rundir}; put ipcd's after the plugin "
             "name: twistd ipcd --rundir DIR"
+        )
+
+
+class ReloadTests(SynchronousTestCase):
+    """A reload goes through L{load_config}: its checks and its source."""
+
+    def setUp(self) -> None:
+        self.rundir = short_rundir(self, "ipcd-su-")
+        self.work = short_rundir(self, "ipcd-work-")
+        self.config = os.path.join(self.work, "ipcd.toml")
+        self.write("")
+
+    def write(self, text: str) -> None:
+        with open(self.config, "w") as f:
+            f.write(text)
+
+    def service(self, path: str | None) -> IPCDService:
+        layer = {"rundir": self.rundir, "tcpd": {"enabled": False}}
+        return IPCDService(
+            load_config(path, layer, {}),
+            reactor,
+            lambda: load_config(path, layer, {}),
+        )
+
+    def test_badGroupOrEndpointRefused(self) -> None:
+        service = self.service(self.config)
+        before = service.config
+        self.write('[control]\ngroup = "nosuchgroup"\n')
+        answer = service.reload()
+        self.assertFalse(answer["ok"])
+        self.assertIn("no such group 'nosuchgroup'", answer["error"])
+        self.write('[tcpd]\nlisten = "foo:bar"\n')
+        answer = service.reload()
+        self.assertFalse(answer["ok"])
+        self.assertIn("unknown endpoint type 'foo'", answer["error"])
+        self.assertIs(service.config, before)
+
+    def test_commandLineOnly(self) -> None:
+        """Without a file, the log does not say "reloaded from None"."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.assertTrue(self.service(None).reload()["ok"])
+        [text] = [
+            formatEvent(e) for e in events if "reloaded" in e.get("log_format", "")
+        ]
+        self.assertEqual(
+            text, "configuration reloaded from the command line only (no --config file)"
         )
