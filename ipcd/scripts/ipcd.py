@@ -56,6 +56,7 @@ def control(argv: list[str]) -> int:
     import json
 
     from ipcd.control import format_status, request
+    from ipcd.names import CONTROL_NAME, resolve_rundir, socket_path
 
     parser = argparse.ArgumentParser(prog=f"ipcd {argv[0]}")
     parser.add_argument("--rundir", help="socket directory (default: $RUNDIR)")
@@ -64,8 +65,10 @@ def control(argv: list[str]) -> int:
     try:
         answer = request(argv[0], args.rundir)
     except (OSError, ValueError, EOFError) as e:
+        path = socket_path(resolve_rundir(args.rundir), CONTROL_NAME)
         print(
-            f"ipcd {argv[0]}: cannot reach ipcd's control socket: {e}", file=sys.stderr
+            f"ipcd {argv[0]}: cannot reach ipcd's control socket {path}: {e}",
+            file=sys.stderr,
         )
         return 1
     if args.json:
