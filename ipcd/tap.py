@@ -352,22 +352,25 @@ def _why(error: Exception, leaf: Any, rundir: str) -> str:
     cause: Any = error
     if isinstance(error, CannotListenError):
         cause = error.socketError
-        if path is None:
+        if path is not None:
+            where = path
+        elif error.interface is None:  # a UNIX socket: the port is its path
+            where = str(error.port)
+        else:
             host = error.interface or "*"
             where = f"[{host}]:{error.port}" if ":" in host else f"{host}:{error.port}"
-        else:
-            where = path
     else:
-        where = path or leaf.name
+        where = path or leaf.name or type(endpoint).__name__
     code = getattr(cause, "errno", None)
-    reason = os.strerror(code).lower() if code else str(cause)
+    # One line, whatever the exception says.
+    reason = os.strerror(code).lower() if code else " ".join(str(cause).split())
     if path is None:  # tcpd's listener
         another = "another ipcd? " if code == errno.EADDRINUSE else ""
         hint = f"{another}use --tcp ENDPOINT or --no-tcp"
     elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
         hint = f"make RUNDIR {rundir} writable for ipcd, or use another --rundir"
     else:
-        hint = "or use another --rundir"
+        hint = "use another --rundir"
     return f"cannot listen on {where}: {reason} ({hint})"
 
 
@@ -423,6 +426,21 @@ def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: 
             rundir=options.config.rundir,
         )
     raise_open_files_limit(_log)
+    listen = options.config.tcp_listen
+    if listen is not None:
+        # A plugin's parser (systemd:, ...) runs only with a reactor, so the
+        # config could not: try it here, as TcpService will, to say in one
+        # line what is wrong (systemd passed no socket at that index, say).
+        from twisted.internet.endpoints import serverFromString
+
+        try:
+            serverFromString(reactor, listen)
+        except Exception as e:
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            raise SystemExit(
+                f"ipcd: cannot make tcpd's listener {listen!r}: {reason} "
+                "(use --tcp ENDPOINT or --no-tcp)"
+            ) from None
     service = IPCDService(
         options.config,
         reactor,

@@ -147,6 +147,14 @@ class CommandFailureTests(SynchronousTestCase):
                 line,
             )
 
+    def test_pluginEndpointFails(self) -> None:
+        """A plugin's endpoint that cannot be made: systemd passed no socket."""
+        self.assertEqual(
+            self.ipcd("--tcp", "systemd:domain=INET:index=0"),
+            "ipcd: cannot make tcpd's listener 'systemd:domain=INET:index=0': "
+            "IndexError: list index out of range (use --tcp ENDPOINT or --no-tcp)",
+        )
+
     def test_unknownGroup(self) -> None:
         config = os.path.join(self.work, "ipcd.toml")
         with open(config, "w") as f:
