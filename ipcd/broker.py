@@ -401,8 +401,11 @@ class Broker:
         verdict = "not policed" if decision is None else str(decision)
         if event.access is not None:
             verdict = f"{verdict}; {event.access}"
+        # A refusal's reason already says the verdict: do not say it twice.
+        said = verdict in outcome
         self.log.info(
-            "{direction} {service!r} for {who} -> {target}: {outcome} ({verdict})",
+            "{direction} {service!r} for {who} -> {target}: {outcome}"
+            + ("" if said else " ({verdict})"),
             direction=event.direction,
             service=event.service,
             who=str(event.who),

@@ -9,6 +9,7 @@ go through the same validation and errors name where the bad value came from.
 
 from __future__ import annotations
 
+import grp
 import re
 import tomllib
 from collections.abc import Mapping
@@ -67,6 +68,10 @@ class _Bad(Exception):
     pass
 
 
+class _Invalid(Exception):
+    """A value of the right shape that names nothing usable: said as it is."""
+
+
 def _positive_number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise _Bad("a number of seconds greater than 0")
@@ -111,7 +116,61 @@ def _string(value: Any) -> str:
 def _endpoint(value: Any) -> str:
     if not isinstance(value, str) or ":" not in value:
         raise _Bad("an endpoint string like 'tcp:9000:interface=127.0.0.1'")
+    check_server_endpoint(value)
     return value
+
+
+def _server_endpoint_types() -> list[str]:
+    from twisted.internet.endpoints import _serverParsers
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
+
+    plugins = getPlugins(IStreamServerEndpointStringParser)
+    return sorted({*_serverParsers, *(p.prefix.lower() for p in plugins)})
+
+
+def check_server_endpoint(description: str) -> None:
+    """
+    Raise L{_Invalid} unless Twisted's C{serverFromString} would accept
+    C{description}: a known type (built in or a plugin) and, for the built-in
+    C{tcp} and C{unix}, arguments their parsers take.  Needs no reactor and
+    listens on nothing, so a bad listener is refused when the configuration
+    loads (and a reload with one keeps the old configuration).
+    """
+    # Twisted's own strports machinery: no reactor is imported by these.
+    from twisted.internet.endpoints import _parse, _parseServer
+
+    try:
+        kind = _parse(description)[0][0].lower()
+    except (ValueError, IndexError) as e:
+        raise _Invalid(f"invalid endpoint string {description!r}: {e}") from None
+    known = _server_endpoint_types()
+    if kind not in known:
+        raise _Invalid(
+            f"unknown endpoint type {kind!r} in {description!r} "
+            f"(known: {', '.join(known)})"
+        )
+    if kind == "ssl":
+        return  # its parser reads the key and certificate files: not here
+    try:
+        _parseServer(description, None)
+    except (ValueError, TypeError) as e:
+        # "_parseTCP() got an unexpected keyword argument": not our name.
+        reason = re.sub(r"^_?\w+\(\) ", "", str(e))
+        if "::" in description:
+            reason += r" (a ':' inside a value is written '\:', as in interface=\:\:1)"
+        raise _Invalid(f"invalid endpoint {description!r}: {reason}") from None
+
+
+def _group(value: Any) -> str:
+    name = _string(value)
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        raise _Invalid(
+            f"no such group {name!r} (create it, or name one that exists: getent group)"
+        ) from None
+    return name
 
 
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
@@ -145,7 +204,7 @@ _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
         "external_daemons": (_schemes, "external_daemons"),
     },
     "pongd": {"enabled": (_boolean, "pongd")},
-    "control": {"group": (_string, "control_group")},
+    "control": {"group": (_group, "control_group")},
     "limits": {
         "max_connections": (_positive_int, "max_connections"),
         "max_connections_per_peer": (_positive_int, "max_connections_per_peer"),
@@ -212,6 +271,8 @@ def _check(section: str | None, key: str, value: Any, source: str) -> dict[str, 
         raise ConfigError(
             f"{_where(source, section, key)}: expected {e}, got {_shown(value)}"
         ) from None
+    except _Invalid as e:
+        raise ConfigError(f"{_where(source, section, key)}: {e}") from None
 
 
 def _validate_names_table(table: str, value: Any, source: str) -> dict[str, Any]:

@@ -222,8 +222,16 @@ def prepare_rundir(rundir: str) -> None:
             ensure_rundir(rundir)
         except OSError as e:
             where = e.filename if e.filename not in (None, rundir) else None
-            detail = f"{where}: {e.strerror}" if where else e.strerror
-            raise UnsafeRundir(f"cannot create RUNDIR {rundir}: {detail}") from None
+            if where and os.path.lexists(where) and not os.path.isdir(where):
+                # makedirs says "File exists" of a file in the way.
+                detail = (
+                    f"{where} is not a directory ({_kind(os.lstat(where).st_mode)})"
+                )
+            else:
+                detail = f"{where}: {e.strerror}" if where else e.strerror
+            raise UnsafeRundir(
+                f"cannot create RUNDIR {rundir}: {detail}; choose another --rundir"
+            ) from None
     check_rundir(rundir)
 
 

@@ -7,15 +7,22 @@ so C{twistd --help} imports nothing of ours.
 
 from __future__ import annotations
 
+import errno
+import os
+import resource
 import signal
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
+from ipcd import version
 from ipcd.broker import Broker, LookupFactory
 from ipcd.config import Config, ConfigError, load_config
 from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_report
@@ -52,7 +59,9 @@ class Options(usage.Options):
             "rundir",
             None,
             None,
-            "The socket directory (else config, else $RUNDIR, else /tmp/libipc-run).",
+            "The socket directory (else config, else $RUNDIR, else "
+            "/tmp/libipc-run).  Under twistd it goes after 'ipcd': "
+            "twistd's own --rundir, before it, is twistd's working directory.",
         ],
         [
             "tcp",
@@ -72,6 +81,22 @@ class Options(usage.Options):
         self["routes"] = []
         self["pongd"] = None
         self["no-tcp"] = False
+
+    def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            # Under twistd (our parent): its handler would print all of its
+            # help before the one line that matters.  SystemExit with a
+            # message prints just that line and exits with status 1.
+            raise SystemExit(f"ipcd: {usage_line(e, 'twistd ipcd')}") from None
+
+    def opt_version(self) -> None:
+        """Print ipcd's version and exit."""
+        print(f"ipcd {version()}")
+        sys.exit(0)
 
     def opt_redirect(self, value: str) -> None:
         """Admin redirection "FROM TO" (repeatable)."""
@@ -139,7 +164,19 @@ class Options(usage.Options):
         try:
             self.config = load_config(self["config"], self.overrides())
         except ConfigError as e:
-            raise usage.UsageError(str(e))
+            raise BadConfig(str(e)) from None
+
+
+class BadConfig(usage.UsageError):
+    """The configuration (file or command line) is invalid: the message says
+    where and why, so no pointer to the options' help follows it."""
+
+
+def usage_line(error: usage.UsageError, command: str) -> str:
+    """An option error in one line: the error, and where the help is."""
+    if isinstance(error, BadConfig):
+        return str(error)
+    return f"{error} (see {command} --help)"
 
 
 class IPCDService(MultiService):
@@ -164,6 +201,7 @@ class IPCDService(MultiService):
         self.broker = Broker(config, reactor)
         self._reload_config = reload_config
         self._previous_hup: Any = None
+        self._listening = False
         limits = self.broker.limits_for(BROKER_NAME)
         IPCService(
             BROKER_NAME,
@@ -232,14 +270,39 @@ class IPCDService(MultiService):
             )
             new = replace(new, **{key: getattr(self.config, key) for key in restart})
         self.config = self.broker.config = new
-        self.log.info("configuration reloaded from {source}", source=new.source)
+        self.log.info(
+            "configuration reloaded from {source}",
+            source=new.source or "the command line only (no --config file)",
+        )
         return {"ok": True, "restart_needed": restart}
 
-    def startService(self) -> None:
+    def privilegedStartService(self) -> None:  # noqa: N802
+        """
+        Listen on every socket, or on none: when one cannot be listened on,
+        close those already open (their files leave RUNDIR at once) and
+        raise L{StartupError}, one line naming what failed and the way out.
+        makeService calls this, so that twistd's own call finds it done.
+        """
+        if self._listening:
+            return
         # Before any socket is created in it: RUNDIR must be ours and safe.
-        # makeService already checked (and said so in one line); this covers
-        # an IPCDService built directly.  Raises UnsafeRundir.
+        # Raises UnsafeRundir (one line).
         prepare_rundir(self.config.rundir)
+        opened: list[Any] = []
+        for leaf in _leaves(self):
+            try:
+                leaf.privilegedStartService()
+            except Exception as e:
+                for port in reversed(opened):
+                    _close_now(port)
+                raise StartupError(_why(e, leaf, self.config.rundir)) from None
+            waiting = getattr(leaf, "_waitingForPort", None)
+            if waiting is not None:  # a listener: fired already, with its port
+                waiting.addCallback(lambda port: opened.append(port) or port)
+        self._listening = True
+
+    def startService(self) -> None:
+        self.privilegedStartService()
         super().startService()
         try:
             self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
@@ -247,6 +310,7 @@ class IPCDService(MultiService):
             self._previous_hup = None  # not the main thread: no signal handling
 
     def stopService(self) -> Any:
+        self._listening = False
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
             self._previous_hup = None
@@ -261,22 +325,143 @@ class IPCDService(MultiService):
 _RESTART_KEYS = ("rundir", "pongd", "tcp_listen", "control_group")
 
 
+class StartupError(RuntimeError):
+    """ipcd cannot start; the message is one line: what failed, the way out."""
+
+
+def _leaves(service: Any) -> Iterator[Any]:
+    """The services under C{service} that are no L{MultiService}, in order."""
+    for child in service:
+        if isinstance(child, MultiService):
+            yield from _leaves(child)
+        else:
+            yield child
+
+
+def _close_now(port: Any) -> None:
+    """
+    Close a listening port at once.  stopListening() would close it (and
+    remove a UNIX socket's file) on the next reactor turn, which a start-up
+    that gives up never reaches.
+    """
+    lost = getattr(port, "connectionLost", None)
+    if lost is None or not getattr(port, "connected", False):
+        port.stopListening()  # not a reactor's port (a test double)
+        return
+    # What stopListening's delayed call would do: close, unlink, doStop.
+    lost(Failure(ConnectionDone()))
+
+
+def _why(error: Exception, leaf: Any, rundir: str) -> str:
+    """What failed when C{leaf} started, in one line with the way out."""
+    if isinstance(error, UnsafeRundir | SocketInUse):
+        return str(error)
+    endpoint = getattr(leaf, "endpoint", None)
+    path = getattr(endpoint, "path", None)
+    cause: Any = error
+    if isinstance(error, CannotListenError):
+        cause = error.socketError
+        if path is not None:
+            where = path
+        elif error.interface is None:  # a UNIX socket: the port is its path
+            where = str(error.port)
+        else:
+            host = error.interface or "*"
+            where = f"[{host}]:{error.port}" if ":" in host else f"{host}:{error.port}"
+    else:
+        where = path or leaf.name or type(endpoint).__name__
+    code = getattr(cause, "errno", None)
+    # One line, whatever the exception says.
+    reason = os.strerror(code).lower() if code else " ".join(str(cause).split())
+    if path is None:  # tcpd's listener
+        another = "another ipcd? " if code == errno.EADDRINUSE else ""
+        hint = f"{another}use --tcp ENDPOINT or --no-tcp"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = f"make RUNDIR {rundir} writable for ipcd, or use another --rundir"
+    else:
+        hint = "use another --rundir"
+    return f"cannot listen on {where}: {reason} ({hint})"
+
+
+def raise_open_files_limit(log: Logger) -> tuple[int, int]:
+    """
+    Raise the soft RLIMIT_NOFILE to the hard limit: every client, relay and
+    handed-over socket is an fd, and 1024 is soon reached.  Logged once with
+    both numbers; a failure is a warning.  Returns the (soft, hard) in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        log.info("open files: the soft limit is the hard limit, {hard}", hard=hard)
+        return soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warn(
+            "open files: cannot raise the soft limit {soft} to the hard "
+            "limit {hard}: {error}",
+            soft=soft,
+            hard=hard,
+            error=e,
+        )
+        return soft, hard
+    log.info(
+        "open files: raised the soft limit from {soft} to the hard limit {hard}",
+        soft=soft,
+        hard=hard,
+    )
+    return hard, hard
+
+
+_log = Logger(namespace="ipcd")
+
+
 def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: N802
+    """
+    Build ipcd and listen on its sockets here, before twistd starts logging
+    or daemonizes: a failure is then one line on the terminal (SystemExit,
+    exit status 1) with nothing left in RUNDIR.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    twistd_rundir = (getattr(options, "parent", None) or {}).get("rundir")
+    if not options["rundir"] and twistd_rundir not in (None, "."):
+        _log.warn(
+            "twistd --rundir {chdir} is twistd's working directory, not ipcd's "
+            "RUNDIR, which is {rundir}; put ipcd's after the plugin name: "
+            "twistd ipcd --rundir DIR",
+            chdir=twistd_rundir,
+            rundir=options.config.rundir,
+        )
+    raise_open_files_limit(_log)
+    listen = options.config.tcp_listen
+    if listen is not None:
+        # A plugin's parser (systemd:, ...) runs only with a reactor, so the
+        # config could not: try it here, as TcpService will, to say in one
+        # line what is wrong (systemd passed no socket at that index, say).
+        from twisted.internet.endpoints import serverFromString
+
+        try:
+            serverFromString(reactor, listen)
+        except Exception as e:
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            raise SystemExit(
+                f"ipcd: cannot make tcpd's listener {listen!r}: {reason} "
+                "(use --tcp ENDPOINT or --no-tcp)"
+            ) from None
     service = IPCDService(
         options.config,
         reactor,
         lambda: load_config(options["config"], options.overrides()),
     )
     # Say clearly, in one line, before anything is created in RUNDIR, that it
-    # is unsafe or that another instance is running.
+    # is unsafe or that another instance is running; then listen.
     try:
         prepare_rundir(options.config.rundir)
         for path in service.socket_paths():
             clear_stale_socket(path)
-    except (UnsafeRundir, SocketInUse) as e:
-        raise SystemExit(f"ipcd: {e}")
+        service.privilegedStartService()
+    except (UnsafeRundir, SocketInUse, StartupError) as e:
+        raise SystemExit(f"ipcd: {e}") from None
     return service

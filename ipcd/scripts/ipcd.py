@@ -16,6 +16,7 @@ takes the seed's unquoted one:
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 # option -> (words it takes, at least, at most); unquoted words after it are
 # joined into its one value.
@@ -55,6 +56,7 @@ def control(argv: list[str]) -> int:
     import json
 
     from ipcd.control import format_status, request
+    from ipcd.names import CONTROL_NAME, resolve_rundir, socket_path
 
     parser = argparse.ArgumentParser(prog=f"ipcd {argv[0]}")
     parser.add_argument("--rundir", help="socket directory (default: $RUNDIR)")
@@ -63,8 +65,10 @@ def control(argv: list[str]) -> int:
     try:
         answer = request(argv[0], args.rundir)
     except (OSError, ValueError, EOFError) as e:
+        path = socket_path(resolve_rundir(args.rundir), CONTROL_NAME)
         print(
-            f"ipcd {argv[0]}: cannot reach ipcd's control socket: {e}", file=sys.stderr
+            f"ipcd {argv[0]}: cannot reach ipcd's control socket {path}: {e}",
+            file=sys.stderr,
         )
         return 1
     if args.json:
@@ -82,27 +86,53 @@ def control(argv: list[str]) -> int:
     return 0 if answer.get("ok", True) else 1
 
 
+def _command_options() -> Any:
+    """twistd ipcd's options, with the C{ipcd} command's synopsis and flag."""
+    from ipcd.tap import Options
+
+    class CommandOptions(Options):
+        synopsis = (
+            "Usage: ipcd [options]         run ipcd in the foreground "
+            "(twistd -n ipcd)\n"
+            "       ipcd status [--json] [--rundir DIR]\n"
+            "                              ask the running ipcd how it is\n"
+            "       ipcd reload [--rundir DIR]\n"
+            "                              make it re-read its configuration"
+        )
+        optFlags = [
+            [
+                "json-log",
+                None,
+                "Log one JSON object per line (twistd's --logger "
+                "ipcd.logs.json_observer).",
+            ]
+        ]
+
+    return CommandOptions()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in ("status", "reload"):
         sys.exit(control(args))
-    from twisted.scripts.twistd import run
-
-    twistd_options = ["--nodaemon", "--pidfile="]
-    if "--json-log" in args:
-        args.remove("--json-log")
-        twistd_options += ["--logger", "ipcd.logs.json_observer"]
-    args = join_words(args)
-    # Check the options here: twistd would bury the error under its help.
     from twisted.python import usage
 
-    from ipcd.tap import Options
+    from ipcd.tap import usage_line
 
+    args = join_words(args)
+    # Check the options here: twistd would bury the error under its help.
+    options = _command_options()
     try:
-        Options().parseOptions(args)
+        options.parseOptions(args)
     except usage.UsageError as e:
-        print(f"ipcd: {e}", file=sys.stderr)
-        sys.exit(2)
+        # One line, status 1 as for every other start-up failure.
+        sys.exit(f"ipcd: {usage_line(e, 'ipcd')}")
+    twistd_options = ["--nodaemon", "--pidfile="]
+    if options["json-log"]:
+        twistd_options += ["--logger", "ipcd.logs.json_observer"]
+    args = [arg for arg in args if arg != "--json-log"]
+    from twisted.scripts.twistd import run
+
     sys.argv = ["ipcd", *twistd_options, "ipcd", *args]
     run()
 

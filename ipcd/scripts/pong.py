@@ -8,11 +8,22 @@ pong: send one message to a libipc echo service and print the answer.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ipcd.client import connect
-from ipcd.names import InvalidServiceName
+from ipcd.names import InvalidServiceName, resolve_rundir, socket_path
 from ipcd.wire import MessageTooLarge, recv_message, send_message
+
+
+def _where(service: str, rundir: str | None) -> str:
+    """The socket pong used, as libipc chooses it, for its error message."""
+    try:
+        if os.environ.get("IPC_NETWORK"):
+            return f" through ipcd at {socket_path(resolve_rundir(rundir), 'ipc')}"
+        return f" at {socket_path(resolve_rundir(rundir), service)}"
+    except InvalidServiceName:
+        return ""  # the name itself is what is wrong, and the error says so
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
             send_message(sock, message.encode())
             answer = recv_message(sock)
     except (OSError, EOFError, InvalidServiceName, MessageTooLarge) as e:
-        print(f"pong: cannot reach service {args.service!r}: {e}", file=sys.stderr)
+        where = _where(args.service, args.rundir)
+        print(
+            f"pong: cannot reach service {args.service!r}{where}: {e}",
+            file=sys.stderr,
+        )
         return 1
     print(answer.decode("utf-8", "replace"))
     return 0

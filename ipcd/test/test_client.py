@@ -111,14 +111,17 @@ class PongCommandTests(RunningIpcdTestCase):
         set_network(self, "pong unix://missing")
         code, out, err = yield self.pong("hello")
         self.assertEqual((code, out), (1, ""))
-        self.assertIn("pong: cannot reach service 'pong'", err)
+        ipc = os.path.join(self.rundir, "ipc")
+        self.assertIn(f"pong: cannot reach service 'pong' through ipcd at {ipc}: ", err)
         self.assertIn("no route to service 'missing'", err)
 
     @inlineCallbacks
     def test_noSuchService(self) -> Any:
         code, out, err = yield self.pong("-s", "nosuch", "hello")
         self.assertEqual((code, out), (1, ""))
-        self.assertIn("pong: cannot reach service 'nosuch'", err)
+        # Which socket: the one the service would listen on.
+        path = os.path.join(self.rundir, "nosuch")
+        self.assertIn(f"pong: cannot reach service 'nosuch' at {path}: ", err)
 
     @inlineCallbacks
     def test_badServiceName(self) -> Any:

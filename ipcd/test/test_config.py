@@ -5,6 +5,7 @@ command-line options of C{twistd ipcd} (L{ipcd.tap.Options}).
 
 from __future__ import annotations
 
+import grp
 import os
 
 from twisted.python import usage
@@ -34,7 +35,7 @@ enabled = false
 
 [tcpd]
 enabled = true
-listen = "tcp:9100:interface=::1"
+listen = 'tcp:9100:interface=\\:\\:1'
 handshake_timeout = 7
 
 [redirects]
@@ -112,7 +113,7 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
         self.assertIsInstance(config.connect_timeout, float)
         self.assertFalse(config.allow_client_routes)
         self.assertFalse(config.pongd)
-        self.assertEqual(config.tcp_listen, "tcp:9100:interface=::1")
+        self.assertEqual(config.tcp_listen, r"tcp:9100:interface=\:\:1")
         self.assertEqual(config.tcp_handshake_timeout, 7.0)
         self.assertEqual(
             dict(config.redirects),
@@ -259,6 +260,67 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         message = self.error('[tcpd]\nlisten = "9000"\n')
         self.assertTrue(message.startswith("[tcpd] listen: expected an endpoint"))
         self.assertIn("got '9000'", message)
+
+    def test_unknownEndpointType(self) -> None:
+        """
+        An endpoint type Twisted does not know is refused when the config
+        loads (not when tcpd listens), naming the types it knows.
+        """
+        error = self.assertRaises(
+            ConfigError, load_config, None, {"tcpd": {"listen": "foo:bar"}}, {}
+        )
+        message = str(error)
+        self.assertTrue(
+            message.startswith(
+                "command line: [tcpd] listen: unknown endpoint type 'foo' in "
+                "'foo:bar' (known: "
+            ),
+            message,
+        )
+        # Built-in types and plugins (ipcd's own ipc:) are both listed.
+        self.assertIn("tcp", message)
+        self.assertIn("ipc", message)
+        self.assertNotIn("\n", message)
+
+    def test_badEndpointArguments(self) -> None:
+        """The built-in tcp and unix parsers check their arguments too."""
+        self.assertEqual(
+            self.error('[tcpd]\nlisten = "tcp:x"\n'),
+            "[tcpd] listen: invalid endpoint 'tcp:x': invalid literal for int() "
+            "with base 10: 'x'",
+        )
+        self.assertEqual(
+            self.error('[tcpd]\nlisten = "tcp:9000:colour=red"\n'),
+            "[tcpd] listen: invalid endpoint 'tcp:9000:colour=red': got an "
+            "unexpected keyword argument 'colour'",
+        )
+
+    def test_unescapedColon(self) -> None:
+        """An IPv6 address's colons must be escaped: the message says how."""
+        self.assertEqual(
+            self.error("[tcpd]\nlisten = 'tcp:9000:interface=::1'\n"),
+            "[tcpd] listen: invalid endpoint 'tcp:9000:interface=::1': got "
+            "multiple values for argument 'interface' (a ':' inside a value is "
+            "written '\\:', as in interface=\\:\\:1)",
+        )
+
+    def test_pluginEndpointAccepted(self) -> None:
+        """A plugin's type is accepted without building it (no reactor)."""
+        for listen in ("systemd:domain=INET:index=0", "tcp6:9000", "ipc:tcp"):
+            config = load_config(None, {"tcpd": {"listen": listen}}, {})
+            self.assertEqual(config.tcp_listen, listen)
+
+    def test_unknownGroup(self) -> None:
+        self.assertEqual(
+            self.error('[control]\ngroup = "nosuchgroup"\n'),
+            "[control] group: no such group 'nosuchgroup' (create it, or name one "
+            "that exists: getent group)",
+        )
+
+    def test_knownGroup(self) -> None:
+        name = grp.getgrgid(os.getgid()).gr_name
+        path = self.write(f'[control]\ngroup = "{name}"\n')
+        self.assertEqual(load_config(path, None, {}).control_group, name)
 
     def test_unknownKey(self) -> None:
         message = self.error("[ipcd]\nlookup_timout = 3\n")

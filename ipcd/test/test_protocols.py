@@ -20,7 +20,7 @@ from twisted.internet.testing import (
     StringTransport,
     StringTransportWithDisconnection,
 )
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -732,6 +732,10 @@ class JsonLogTests(SynchronousTestCase):
         for key in ("direction", "service", "who", "labels", "rule", "allowed"):
             # Plain values, not {"unpersistable": true}.
             self.assertIsInstance(event[key], (str, list, bool))
+        # The text says the verdict once, although the outcome holds it.
+        text = formatEvent(event)
+        self.assertEqual(text.count("denied by rule 2"), 1, text)
+        self.assertTrue(text.endswith(" denied by rule 2 (deny local pong *)"), text)
 
 
 # The framing over a simulated connection.

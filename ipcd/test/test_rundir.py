@@ -262,7 +262,9 @@ class PrepareRundirTests(SynchronousTestCase):
         rundir = os.path.join(path, "run")
         error = self.assertRaises(UnsafeRundir, prepare_rundir, rundir)
         self.assertEqual(
-            str(error), f"cannot create RUNDIR {rundir}: {path}: File exists"
+            str(error),
+            f"cannot create RUNDIR {rundir}: {path} is not a directory (a regular "
+            "file); choose another --rundir",
         )
 
 

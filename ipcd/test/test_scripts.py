@@ -1,13 +1,34 @@
 """
-Tests for L{ipcd.scripts.ipcd.join_words}: the seed's unquoted flag style
-becomes twistd's quoted one.
+Tests for L{ipcd.scripts.ipcd}: L{join_words} (the seed's unquoted flag
+style becomes twistd's quoted one), and what C{ipcd status} says when no
+ipcd answers.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import sys
+import tempfile
+
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd.scripts.ipcd import join_words
+from ipcd.scripts.ipcd import control, join_words
+
+
+class ControlTests(SynchronousTestCase):
+    def test_noIpcdNamesTheSocket(self) -> None:
+        rundir = tempfile.mkdtemp(prefix="ipcd-", dir="/tmp")
+        self.addCleanup(os.rmdir, rundir)
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.assertEqual(control(["status", "--rundir", rundir]), 1)
+        path = os.path.join(rundir, "ipcd-control")
+        self.assertEqual(
+            err.getvalue(),
+            f"ipcd status: cannot reach ipcd's control socket {path}: "
+            "[Errno 2] No such file or directory\n",
+        )
 
 
 class JoinWordsTests(SynchronousTestCase):

@@ -1,0 +1,314 @@
+"""
+Start-up failures are one line naming what failed and the way out, exit
+status 1, nothing left in RUNDIR and no traceback: the real C{ipcd} command
+and C{twistd ipcd} in subprocesses, and L{IPCDService} in this process.
+Also what start-up does besides: the open-files limit, and the warning for
+twistd's own C{--rundir}; and a reload, which goes through the same checks.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from ipcd.config import load_config
+from ipcd.tap import IPCDService, StartupError
+from ipcd.test.support import (
+    TIMEOUT,
+    accepts,
+    make_config,
+    python_env,
+    read_text,
+    short_rundir,
+    spawn,
+)
+
+TWISTD = "from twisted.scripts.twistd import run; run()"
+IPCD = ["-m", "ipcd.scripts.ipcd"]
+
+
+def busy_port(case: SynchronousTestCase) -> int:
+    """A port on 127.0.0.1 that something listens on for the whole test."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    case.addCleanup(sock.close)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    return int(sock.getsockname()[1])
+
+
+class CommandFailureTests(SynchronousTestCase):
+    """
+    The real commands refusing to start: status 1 within a bounded time,
+    exactly one line of output, and RUNDIR as it was (empty).
+    """
+
+    def setUp(self) -> None:
+        self.rundir = short_rundir(self, "ipcd-su-")
+        os.chmod(self.rundir, 0o1770)
+        self.work = short_rundir(self, "ipcd-work-")
+
+    def refused(self, args: list[str], rundir: str | None = None) -> str:
+        rundir = self.rundir if rundir is None else rundir
+        log = os.path.join(self.work, "out.log")
+        process = spawn(self, args, log, python_env(), self.work)
+        try:
+            code = process.wait(3 * TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.fail(f"still running after {3 * TIMEOUT:g} s:\n{read_text(log)}")
+        output = read_text(log)
+        self.assertEqual(code, 1, output)
+        if os.path.isdir(rundir):
+            self.assertEqual(os.listdir(rundir), [], output)
+        lines = output.splitlines()
+        self.assertEqual(len(lines), 1, output)
+        return lines[0]
+
+    def ipcd(self, *options: str) -> str:
+        return self.refused([*IPCD, "--rundir", self.rundir, *options])
+
+    def twistd(self, *options: str) -> str:
+        return self.refused(
+            ["-c", TWISTD, "-n", "--pidfile=", "ipcd", "--rundir", self.rundir]
+            + list(options)
+        )
+
+    def test_portInUse(self) -> None:
+        """
+        tcpd's listener is the last to start: ipcd, the control socket and
+        pongd listened already, and their sockets are gone again.
+        """
+        port = busy_port(self)
+        expected = (
+            f"ipcd: cannot listen on 127.0.0.1:{port}: address already in use "
+            "(another ipcd? use --tcp ENDPOINT or --no-tcp)"
+        )
+        listen = f"tcp:{port}:interface=127.0.0.1"
+        self.assertEqual(self.ipcd("--tcp", listen), expected)
+        self.assertEqual(self.twistd("--tcp", listen), expected)
+
+    def test_rundirReadOnly(self) -> None:
+        if os.geteuid() == 0:
+            # Permissions do not stop root: a read-only file system does.
+            mounted = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "ro,mode=1770", "ipcd-ro", self.rundir],
+                capture_output=True,
+                timeout=TIMEOUT,
+            )
+            if mounted.returncode != 0:
+                raise SkipTest(f"cannot mount a read-only tmpfs: {mounted.stderr!r}")
+            self.addCleanup(
+                subprocess.run, ["umount", self.rundir], timeout=TIMEOUT, check=True
+            )
+            reason = "read-only file system"
+        else:
+            os.chmod(self.rundir, 0o500)
+            self.addCleanup(os.chmod, self.rundir, 0o700)
+            reason = "permission denied"
+        self.assertEqual(
+            self.ipcd("--no-tcp"),
+            f"ipcd: cannot listen on {self.rundir}/ipc: {reason} (make RUNDIR "
+            f"{self.rundir} writable for ipcd, or use another --rundir)",
+        )
+
+    def test_rundirNotADirectory(self) -> None:
+        path = os.path.join(self.work, "file")
+        with open(path, "w"):
+            pass
+        line = self.refused([*IPCD, "--rundir", path, "--no-tcp"], rundir=path)
+        self.assertEqual(
+            line,
+            f"ipcd: unsafe RUNDIR {path}: not a directory (a regular file); "
+            "remove it or choose another --rundir",
+        )
+        inside = os.path.join(path, "run")
+        line = self.refused([*IPCD, "--rundir", inside, "--no-tcp"], rundir=inside)
+        self.assertEqual(
+            line,
+            f"ipcd: cannot create RUNDIR {inside}: {path} is not a directory (a "
+            "regular file); choose another --rundir",
+        )
+
+    def test_unknownEndpointType(self) -> None:
+        for line in (self.ipcd("--tcp", "foo:bar"), self.twistd("--tcp", "foo:bar")):
+            self.assertTrue(
+                line.startswith(
+                    "ipcd: command line: [tcpd] listen: unknown endpoint type "
+                    "'foo' in 'foo:bar' (known: "
+                ),
+                line,
+            )
+
+    def test_pluginEndpointFails(self) -> None:
+        """A plugin's endpoint that cannot be made: systemd passed no socket."""
+        self.assertEqual(
+            self.ipcd("--tcp", "systemd:domain=INET:index=0"),
+            "ipcd: cannot make tcpd's listener 'systemd:domain=INET:index=0': "
+            "IndexError: list index out of range (use --tcp ENDPOINT or --no-tcp)",
+        )
+
+    def test_unknownGroup(self) -> None:
+        config = os.path.join(self.work, "ipcd.toml")
+        with open(config, "w") as f:
+            f.write('[control]\ngroup = "nosuchgroup"\n')
+        expected = (
+            f"ipcd: {config}: [control] group: no such group 'nosuchgroup' "
+            "(create it, or name one that exists: getent group)"
+        )
+        self.assertEqual(self.ipcd("--no-tcp", "--config", config), expected)
+        self.assertEqual(self.twistd("--no-tcp", "--config", config), expected)
+
+    def test_optionError(self) -> None:
+        """Not after twistd's 20 lines of help, and status 1 from both."""
+        self.assertEqual(
+            self.ipcd("--bogus"),
+            "ipcd: option --bogus not recognized (see ipcd --help)",
+        )
+        self.assertEqual(
+            self.twistd("--bogus"),
+            "ipcd: option --bogus not recognized (see twistd ipcd --help)",
+        )
+        self.assertEqual(
+            self.ipcd("--redirect", "a"),
+            "ipcd: --redirect takes \"FROM TO\" (two words), got 'a' (see ipcd --help)",
+        )
+
+
+class ServiceFailureTests(SynchronousTestCase):
+    """L{IPCDService} started in this process: all sockets or none."""
+
+    def test_portInUse(self) -> None:
+        rundir = short_rundir(self, "ipcd-su-")
+        port = busy_port(self)
+        config = make_config(
+            rundir, tcpd={"enabled": True, "listen": f"tcp:{port}:interface=127.0.0.1"}
+        )
+        service = IPCDService(config, reactor)
+        error = self.assertRaises(StartupError, service.startService)
+        self.assertEqual(
+            str(error),
+            f"cannot listen on 127.0.0.1:{port}: address already in use "
+            "(another ipcd? use --tcp ENDPOINT or --no-tcp)",
+        )
+        self.assertFalse(service.running)
+        # Closed at once, not on a later reactor turn: nothing is left.
+        self.assertEqual(os.listdir(rundir), [])
+
+
+class RunningCommandTests(SynchronousTestCase):
+    """What a start-up that succeeds does besides listening."""
+
+    def setUp(self) -> None:
+        self.rundir = short_rundir(self, "ipcd-su-")
+        self.work = short_rundir(self, "ipcd-work-")
+        self.log = os.path.join(self.work, "out.log")
+
+    def started(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        env = python_env(RUNDIR=self.rundir)
+        process = spawn(self, args, self.log, env, self.work, **kwargs)
+        control = os.path.join(self.rundir, "ipcd-control")
+        deadline = time.monotonic() + 3 * TIMEOUT
+        while not accepts(control):
+            if process.poll() is not None:
+                self.fail(f"exited with {process.returncode}:\n{read_text(self.log)}")
+            if time.monotonic() > deadline:
+                self.fail(f"not listening after {3 * TIMEOUT:g} s")
+            time.sleep(0.05)
+        return process
+
+    def assertLogged(self, text: str) -> None:
+        """
+        Wait (bounded) for C{text} in the output: the sockets accept before
+        twistd starts logging (and replays what start-up logged).
+        """
+        deadline = time.monotonic() + 3 * TIMEOUT
+        while text not in read_text(self.log):
+            if time.monotonic() > deadline:
+                self.fail(f"{text!r} not logged:\n{read_text(self.log)}")
+            time.sleep(0.05)
+
+    def test_openFilesLimitRaised(self) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        low = min(256, hard)
+        if low == hard:
+            raise SkipTest(f"the hard limit ({hard}) leaves nothing to raise")
+
+        def lower() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+        process = self.started([*IPCD, "--no-tcp"], preexec_fn=lower)
+        with open(f"/proc/{process.pid}/limits") as f:
+            [line] = [row for row in f if row.startswith("Max open files")]
+        self.assertEqual(line.split()[3:5], [str(hard), str(hard)], line)
+        self.assertLogged(
+            f"open files: raised the soft limit from {low} to the hard limit {hard}"
+        )
+
+    def test_twistdRundirWarning(self) -> None:
+        """
+        C{twistd --rundir DIR ipcd}: DIR is twistd's working directory, and
+        ipcd, left on its default RUNDIR, says so.
+        """
+        self.started(
+            ["-c", TWISTD, "-n", "--pidfile=", "--rundir", self.work, "ipcd"]
+            + ["--no-tcp"]
+        )
+        self.assertLogged(
+            f"twistd --rundir {self.work} is twistd's working directory, not "
+            f"ipcd's RUNDIR, which is {self.rundir}; put ipcd's after the plugin "
+            "name: twistd ipcd --rundir DIR"
+        )
+
+
+class ReloadTests(SynchronousTestCase):
+    """A reload goes through L{load_config}: its checks and its source."""
+
+    def setUp(self) -> None:
+        self.rundir = short_rundir(self, "ipcd-su-")
+        self.work = short_rundir(self, "ipcd-work-")
+        self.config = os.path.join(self.work, "ipcd.toml")
+        self.write("")
+
+    def write(self, text: str) -> None:
+        with open(self.config, "w") as f:
+            f.write(text)
+
+    def service(self, path: str | None) -> IPCDService:
+        layer = {"rundir": self.rundir, "tcpd": {"enabled": False}}
+        return IPCDService(
+            load_config(path, layer, {}),
+            reactor,
+            lambda: load_config(path, layer, {}),
+        )
+
+    def test_badGroupOrEndpointRefused(self) -> None:
+        service = self.service(self.config)
+        before = service.config
+        self.write('[control]\ngroup = "nosuchgroup"\n')
+        answer = service.reload()
+        self.assertFalse(answer["ok"])
+        self.assertIn("no such group 'nosuchgroup'", answer["error"])
+        self.write('[tcpd]\nlisten = "foo:bar"\n')
+        answer = service.reload()
+        self.assertFalse(answer["ok"])
+        self.assertIn("unknown endpoint type 'foo'", answer["error"])
+        self.assertIs(service.config, before)
+
+    def test_commandLineOnly(self) -> None:
+        """Without a file, the log does not say "reloaded from None"."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.assertTrue(self.service(None).reload()["ok"])
+        [text] = [
+            formatEvent(e) for e in events if "reloaded" in e.get("log_format", "")
+        ]
+        self.assertEqual(
+            text, "configuration reloaded from the command line only (no --config file)"
+        )
