@@ -197,6 +197,7 @@ class Broker:
         self.counters: Counter[str] = Counter()
         # Each listener's connection limits, by listener name.
         self.limits: dict[str, ConnectionLimits] = {}
+        self._fixed_inodes: set[tuple[int, int]] | None = None
         self.config = config
 
     @property
@@ -385,9 +386,24 @@ class Broker:
         """The RUNDIR names of ipcd's own sockets and its daemons' sockets."""
         return {*OWN_NAMES, *self.transports, *self.config.external_daemons}
 
+    def own_sockets_listening(self, listening: bool = True) -> None:
+        """
+        ipcd's in-process sockets are listening (or no longer): their inodes
+        are fixed while it runs, so they need not be looked up per lookup.
+        """
+        self._fixed_inodes = None
+        if listening:
+            self._fixed_inodes = self._inodes({*OWN_NAMES, *self.transports})
+
     def _own_inodes(self) -> set[tuple[int, int]]:
+        if self._fixed_inodes is None:
+            return self._inodes(self.own_names())
+        # External daemons restart on their own: looked up each time.
+        return self._fixed_inodes | self._inodes(self.config.external_daemons)
+
+    def _inodes(self, names: Any) -> set[tuple[int, int]]:
         inodes = set()
-        for name in self.own_names():
+        for name in names:
             try:
                 st = os.stat(socket_path(self.config.rundir, name))
             except (OSError, InvalidServiceName):

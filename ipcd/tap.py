@@ -300,6 +300,8 @@ class IPCDService(MultiService):
             if waiting is not None:  # a listener: fired already, with its port
                 waiting.addCallback(lambda port: opened.append(port) or port)
         self._listening = True
+        # ipcd's own sockets exist now, and stay what they are while it runs.
+        self.broker.own_sockets_listening()
 
     def startService(self) -> None:
         self.privilegedStartService()
@@ -311,6 +313,7 @@ class IPCDService(MultiService):
 
     def stopService(self) -> Any:
         self._listening = False
+        self.broker.own_sockets_listening(False)
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
             self._previous_hup = None
