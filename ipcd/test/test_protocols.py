@@ -340,6 +340,7 @@ class Joined:
     stats: RelayStats
     greeting: bytes
     early: bytes
+    idle_timeout: float
 
 
 class RecordingRelays:
@@ -355,10 +356,11 @@ class RecordingRelays:
         stats: RelayStats,
         greeting: bytes = b"",
         early: bytes = b"",
+        idle_timeout: float = 0.0,
     ) -> RelayStats:
         if stats.registry is not None:
             stats.registry.add(stats)
-        self.joined.append(Joined(a, b, stats, greeting, early))
+        self.joined.append(Joined(a, b, stats, greeting, early, idle_timeout))
         return stats
 
 
@@ -517,6 +519,18 @@ class TcpHandshakeTests(SynchronousTestCase):
             (stats.direction, stats.service, stats.description, stats.labels),
             ("in", "pong", "192.168.1.1:54321", ("ip:192.168.1.1",)),
         )
+
+    def test_idle_timeout_as_of_the_join(self) -> None:
+        """
+        A relay gets the idle deadline configured when it starts: a reload
+        while its request is served applies to it.
+        """
+        protocol, transport = self.inbound()
+        protocol.dataReceived(b"pong")
+        self.broker.config = config(idle_timeout=7.5)
+        self.broker.inbound[0][2].callback(FakeSocket())
+        [joined] = self.relays.joined
+        self.assertEqual(joined.idle_timeout, 7.5)
 
     def test_accepted_framed_with_early_data(self) -> None:
         """

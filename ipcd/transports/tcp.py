@@ -234,6 +234,7 @@ class _Handshaking(Protocol):
             stats,
             greeting=wire.encode(OK) if self.framed else OK,
             early=early,
+            idle_timeout=self.factory.idle_timeout,
         )
 
     def _failed(self, failure: Failure) -> None:
@@ -354,6 +355,11 @@ class _HandshakeFactory(Factory):
     def handshake_timeout(self) -> float:
         # Read at each connection, so a reload applies to new ones.
         return self.broker.config.tcp_handshake_timeout
+
+    @property
+    def idle_timeout(self) -> float:
+        # Read at each join, so a reload applies to new relays.
+        return self.broker.config.idle_timeout
 
     def buildProtocol(self, addr: Any) -> _Handshaking:
         return self.protocol(self)
