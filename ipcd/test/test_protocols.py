@@ -20,7 +20,7 @@ from twisted.internet.testing import (
     StringTransport,
     StringTransportWithDisconnection,
 )
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -35,7 +35,7 @@ from ipcd.identity import Peer
 from ipcd.logs import json_observer
 from ipcd.policy import parse_rule
 from ipcd.relay import READ_SIZE, RelayStats
-from ipcd.routes import RemoteURI
+from ipcd.routes import RemoteURI, parse_uri
 from ipcd.transports import ITransport
 from ipcd.transports.tcp import TcpControl, TcpInbound, _HandshakeFactory
 
@@ -747,8 +747,43 @@ class JsonLogTests(SynchronousTestCase):
             # Plain values, not {"unpersistable": true}.
             self.assertIsInstance(event[key], (str, list, bool))
 
+    # The framing over a simulated connection.
 
-# The framing over a simulated connection.
+    def test_peer_text_escaped(self) -> None:
+        """
+        Text a peer controls (a requested name, an error's message) reaches
+        the log with its control characters escaped, in the text and the
+        JSON form alike.
+        """
+        out = io.StringIO()
+        observer = json_observer(out)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+        class Broken:
+            scheme = "fake"
+
+            def connect(self, target: Any, client: Any) -> Deferred[Any]:
+                raise ValueError("bo\x1b[2Jom")
+
+        routes = {"x": parse_uri("fake://h:1/x")}
+        broker = Broker(config(routes=routes), MemoryReactorClock(), {"fake": Broken()})
+        client = Peer("pid 9 uid 0", frozenset({"uid:0"}), 9, 0)
+        self.failureResultOf(broker.open(b"x;", client), ValueError)
+        self.failureResultOf(broker.open(b"\x1b[2J;", client), Refused)
+        remote = Peer("10.0.0.1:1", frozenset({"ip:10.0.0.1"}))
+        self.failureResultOf(broker.open_inbound("po\x1bng", remote), Refused)
+
+        events = [json.loads(line) for line in out.getvalue().splitlines() if line]
+        events = [e for e in events if "direction" in e]
+        self.assertEqual(len(events), 3)
+        for event in events:
+            for key in ("service", "who", "target", "outcome", "verdict"):
+                self.assertTrue(str(event[key]).isprintable(), (key, event[key]))
+            self.assertTrue(formatEvent(event).isprintable(), formatEvent(event))
+        self.assertEqual(events[0]["outcome"], "internal error: bo\\x1b[2Jom")
+        self.assertEqual(events[1]["service"], "\\x1b[2J;")
+        self.assertIn("po\\x1bng", events[2]["outcome"])
 
 
 class SmallWrites(iosim.FakeTransport):

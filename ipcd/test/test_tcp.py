@@ -12,11 +12,13 @@ import socket
 import stat
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from ipcd.errors import Refused
 from ipcd.relay import READ_SIZE
 from ipcd.test.support import (
     TIMEOUT,
@@ -39,6 +41,7 @@ from ipcd.test.tcpsupport import (
     start_host,
     tcp_connect,
 )
+from ipcd.transports.tcp import dial
 from ipcd.wire import HEADER, encode
 
 OK = b"ok"
@@ -214,6 +217,22 @@ class EndToEndTests(TwoHostsTestCase):
         sock = yield self.lookupOnA("pong")
         echo = yield deferToThread(bounce, sock)
         self.assertEqual(echo, encode(b"bounce me"))
+
+
+class DialTests(TestCase):
+    def test_unresolvableNameIsRefused(self) -> Any:
+        """
+        A name the resolver call cannot even encode (IDNA) is a refusal
+        with a reason, not an internal error, even if no route check ran.
+        """
+        d = ensureDeferred(dial(reactor, "a..b", 9000, "pong"))
+        d = self.assertFailure(d, Refused)
+        d.addCallback(
+            lambda e: self.assertEqual(
+                e.reason, "cannot resolve 'a..b': not a valid host name"
+            )
+        )
+        return d
 
 
 class HandshakeTests(TwoHostsTestCase):
