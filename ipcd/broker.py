@@ -31,6 +31,7 @@ from ipcd.errors import Refused
 from ipcd.handoff import send_ok
 from ipcd.identity import Peer, local_peer
 from ipcd.limits import ConnectionLimits, own_uid_key
+from ipcd.logs import printable
 from ipcd.names import (
     OWN_NAMES,
     InvalidServiceName,
@@ -228,7 +229,8 @@ class Broker:
     def open(self, payload: bytes, client: Peer) -> Deferred[socket.socket]:
         """Serve one lookup payload for a local client."""
         self.counters["lookups"] += 1
-        event = _Event("local", client, payload[:80].decode("utf-8", "replace"))
+        shown = printable(payload[:80].decode("utf-8", "replace"))
+        event = _Event("local", client, shown)
         try:
             lookup = parse_lookup(payload)
             event.service = lookup.service
@@ -423,17 +425,17 @@ class Broker:
             "{direction} {service!r} for {who} -> {target}: {outcome}"
             + ("" if said else " ({verdict})"),
             direction=event.direction,
-            service=event.service,
-            who=str(event.who),
+            service=printable(event.service),
+            who=printable(str(event.who)),
             labels=sorted(event.labels),
-            target=None if target is None else str(target),
+            target=None if target is None else printable(str(target)),
             verdict=verdict,
             access=event.access,
             rule=None
             if decision is None or decision.rule is None
             else str(decision.rule),
             allowed=None if decision is None else decision.allowed,
-            outcome=outcome,
+            outcome=printable(outcome),
         )
 
     def transport_for(self, scheme: str) -> ITransport:
@@ -493,7 +495,7 @@ def _reason(failure: Failure) -> str:
         return failure.value.reason
     if failure.check(CancelledError):
         return "cancelled"
-    return f"internal error: {failure.getErrorMessage()}"
+    return f"internal error: {printable(failure.getErrorMessage())}"
 
 
 class LookupProtocol(MessageProtocol):

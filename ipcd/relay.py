@@ -22,11 +22,32 @@ until it is flushed: at most one read is held per direction, and the
 kernel's socket buffers push back on a fast sender.  An EOF is passed on as
 C{shutdown(SHUT_WR)} once everything before it is delivered; when both
 directions have ended, or on any error on either side, both are closed.
+
+Every side stays in the epoll, even with nothing to read or write, because
+a hangup or an error is reported only for a registered fd:
+
+  - C{EPOLLERR} (a TCP reset; an AF_UNIX peer that closed without reading
+    all we sent it): the connection is broken and nothing more can be
+    delivered either way: the relay ends at once.
+  - C{EPOLLHUP} without an error (an AF_UNIX peer that closed; both halves
+    of a TCP connection shut): the far end takes nothing more, so the
+    direction towards it is over.  What it sent before it went is still in
+    the socket and is delivered, like the data before a FIN (a service's
+    answer followed by C{close} is how AF_UNIX services end); then the
+    relay ends, as the other side's bytes have nowhere to go.
+  - A plain FIN (C{EPOLLRDHUP}, reported with C{EPOLLIN}) is a half-close:
+    the far end may still read, so the other direction goes on.  It is
+    found by the read that returns 0, in order after the data.
+
+A receiver that never reads, behind a sender that has half-closed or hung
+up, is the one case left; the idle deadline (C{join}'s C{idle_timeout})
+ends a relay on which no byte has moved for that long.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import os
 import select
 import socket
@@ -44,8 +65,10 @@ from twisted.python.failure import Failure
 READ_SIZE = 256 * 1024
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
-# A hangup or an error is answered by the next read or write, which meets it.
-_BROKEN = select.EPOLLHUP | select.EPOLLERR
+_HUP, _ERR = select.EPOLLHUP, select.EPOLLERR
+# Idle deadlines are checked at most this often (seconds): a sweep looks at
+# every relay, and a deadline of minutes needs no finer grain.
+SWEEP_INTERVAL = 0.5
 
 
 @dataclass(eq=False)
@@ -64,6 +87,7 @@ class RelayStats:
     forward: int = 0
     backward: int = 0
     started: float = field(default_factory=time.monotonic)
+    moved: float = 0.0  # when a byte last moved (the loop's clock)
     registry: set[RelayStats] | None = None
     # Called in the reactor's thread once the relay has ended.
     on_end: Callable[[], None] | None = None
@@ -85,7 +109,18 @@ class RelayStats:
 class Side:
     """One socket of a relay (state owned by the loop's thread)."""
 
-    __slots__ = ("sock", "fd", "peer", "stats", "forward", "pending", "eof", "mask")
+    __slots__ = (
+        "sock",
+        "fd",
+        "peer",
+        "stats",
+        "forward",
+        "pending",
+        "eof",
+        "hup",
+        "mask",
+        "timeout",
+    )
 
     def __init__(self, sock: socket.socket, stats: RelayStats, forward: bool) -> None:
         self.sock = sock
@@ -95,25 +130,46 @@ class Side:
         self.forward = forward  # what it reads counts as stats.forward (side A)
         self.pending = memoryview(b"")  # bytes for this socket it has not taken
         self.eof = False  # this socket's far end has stopped sending
-        self.mask = 0  # the events the loop's epoll watches for
+        self.hup = False  # ... and takes nothing more: it hung up
+        self.mask: int | None = None  # what the epoll watches for; None: not in it
+        self.timeout = 0.0  # the relay's idle deadline in seconds; 0: none
 
     @property
     def reading(self) -> bool:
-        """Read while the far end sends and the peer has taken everything."""
-        return not self.eof and not self.peer.pending
+        """
+        Read while the far end sends and the peer has taken everything, and
+        while there is somewhere to send it.
+        """
+        return not self.eof and not self.peer.pending and not self.peer.hup
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more can move on this side's relay: it may end."""
+        peer = self.peer
+        if self.pending or peer.pending:
+            return False
+        # Each direction is over once its sender's EOF was passed on, or
+        # once its receiver hung up (nothing can reach it any more).
+        return (self.eof or peer.hup) and (peer.eof or self.hup)
 
 
 class RelayLoop:
     """
     Relays between pairs of sockets, in a thread started by L{start}.
     L{start}C{(threaded=False)} starts no thread; L{turn} then runs the loop
-    one step at a time (for tests).
+    one step at a time (for tests).  C{clock} gives the time in seconds for
+    idle deadlines (tests pass a fake one).
     """
 
     log = Logger()
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(
+        self, reactor: Any, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._reactor = reactor
+        self._clock = clock
+        self._now = clock()  # as of the current turn: one clock read per turn
+        self._sweep_at = math.inf  # when the next idle deadline may be due
         self._sides: dict[int, Side] = {}
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._buffer = bytearray(READ_SIZE)
@@ -165,12 +221,14 @@ class RelayLoop:
         stats: RelayStats | None = None,
         greeting: bytes = b"",
         early: bytes = b"",
+        idle_timeout: float = 0.0,
     ) -> RelayStats:
         """
         Relay between connected sockets C{a} and C{b}, which the loop now
         owns (and closes).  C{greeting} goes to A before anything else (not
         counted: tcpd's C{ok}); C{early}, bytes A sent before the join, goes
-        to B first and counts as C{forward}.
+        to B first and counts as C{forward}.  A relay on which no byte moves
+        either way for C{idle_timeout} seconds is closed (0: never).
         """
         stats = stats if stats is not None else RelayStats()
         if self._stopped:
@@ -182,7 +240,7 @@ class RelayLoop:
         stats.forward += len(early)
         for sock in (a, b):
             sock.setblocking(False)
-        self._call(lambda: self._add(a, b, stats, greeting, early))
+        self._call(lambda: self._add(a, b, stats, greeting, early, idle_timeout))
         return stats
 
     def abort(self, stats: RelayStats) -> None:
@@ -215,8 +273,16 @@ class RelayLoop:
             self._stop()
 
     def turn(self, timeout: float = -1) -> None:
-        """Wait up to C{timeout} seconds for events and handle them."""
-        for fd, events in self._epoll.poll(timeout):
+        """
+        Wait up to C{timeout} seconds (-1: until something happens) for
+        events and handle them; end relays whose idle deadline has passed.
+        """
+        if self._sweep_at < math.inf:
+            due = max(0.0, self._sweep_at - self._clock())
+            timeout = due if timeout < 0 else min(timeout, due)
+        ready = self._epoll.poll(timeout)
+        self._now = self._clock()
+        for fd, events in ready:
             if fd == self._wake:
                 os.eventfd_read(self._wake)
                 while self._calls:
@@ -225,10 +291,18 @@ class RelayLoop:
             side = self._sides.get(fd)
             if side is None:
                 continue  # its relay ended earlier in this batch
+            if events & _ERR:
+                self._end(side)  # a reset: nothing more can be delivered
+                continue
             try:
-                if events & (_IN | _BROKEN) and side.reading:
+                if events & _HUP and not side.hup:
+                    # The far end is gone: nothing more goes to it, but
+                    # what it sent before is read on, up to its EOF.
+                    side.hup = True
+                    side.pending = memoryview(b"")
+                if events & (_IN | _HUP) and side.reading:
                     self._read(side)
-                if events & (_OUT | _BROKEN) and side.pending:
+                if events & _OUT and side.pending:
                     self._write(side)
             except OSError:
                 self._end(side)  # a reset, a broken pipe: the relay is over
@@ -237,12 +311,13 @@ class RelayLoop:
                 self._report(self.log.failure, "relay failed", Failure())
                 self._end(side)
                 continue
-            peer = side.peer
-            if side.eof and peer.eof and not side.pending and not peer.pending:
-                self._end(side)  # both directions ended and were passed on
+            if side.finished:
+                self._end(side)
             else:
                 self._watch(side)
-                self._watch(peer)
+                self._watch(side.peer)
+        if self._now >= self._sweep_at:
+            self._expire()
 
     def _read(self, side: Side) -> None:
         try:
@@ -255,10 +330,12 @@ class RelayLoop:
             if not peer.pending:
                 _shut(peer)
             return
+        stats = side.stats
+        stats.moved = self._now
         if side.forward:
-            side.stats.forward += count
+            stats.forward += count
         else:
-            side.stats.backward += count
+            stats.backward += count
         data = self._view[:count]
         try:
             sent = peer.sock.send(data)
@@ -274,20 +351,28 @@ class RelayLoop:
             sent = side.sock.send(side.pending)
         except (BlockingIOError, InterruptedError):
             return
+        if sent:
+            side.stats.moved = self._now
         side.pending = side.pending[sent:]
         if not side.pending and side.peer.eof:
             _shut(side)
 
     def _watch(self, side: Side) -> None:
-        """Make the epoll watch for what C{side} waits for now, if anything."""
-        mask = (_IN if side.reading else 0) | (_OUT if side.pending else 0)
+        """
+        Make the epoll watch for what C{side} waits for now.  With an empty
+        mask a side stays registered: its hangup or error is still reported.
+        """
+        mask: int | None = (_IN if side.reading else 0) | (_OUT if side.pending else 0)
+        if not mask and side.hup:
+            # Hung up and waiting for its peer to catch up: a hangup is
+            # reported for as long as it lasts, so out of the epoll until
+            # it can be read again (nothing new can happen to it).
+            mask = None
         if mask == side.mask:
             return
-        # Nothing to wait for: out of the epoll altogether, or a hangup there
-        # would be reported over and over while the other side catches up.
-        if not mask:
+        if mask is None:
             self._epoll.unregister(side.fd)
-        elif not side.mask:
+        elif side.mask is None:
             self._epoll.register(side.fd, mask)
         else:
             self._epoll.modify(side.fd, mask)
@@ -300,6 +385,7 @@ class RelayLoop:
         stats: RelayStats,
         greeting: bytes,
         early: bytes,
+        idle_timeout: float,
     ) -> None:
         side_a, side_b = Side(a, stats, True), Side(b, stats, False)
         side_a.peer, side_b.peer = side_b, side_a
@@ -307,6 +393,10 @@ class RelayLoop:
         if not self._running:
             self._end(side_a)
             return
+        stats.moved = self._now = self._clock()
+        if idle_timeout > 0:
+            side_a.timeout = side_b.timeout = idle_timeout
+            self._sweep_at = min(self._sweep_at, self._now + idle_timeout)
         for side in (side_a, side_b):
             self._sides[side.fd] = side
             self._watch(side)
@@ -316,10 +406,35 @@ class RelayLoop:
         for each in (side, side.peer):
             if self._sides.get(each.fd) is each:
                 del self._sides[each.fd]
-                if each.mask:
+                if each.mask is not None:
                     self._epoll.unregister(each.fd)
             each.sock.close()
         self._report(_ended, side.stats)
+
+    def _expire(self) -> None:
+        """End the relays idle past their deadline; find the next one."""
+        now, earliest = self._now, math.inf
+        for side in list(self._sides.values()):
+            if not side.forward or not side.timeout or side.fd not in self._sides:
+                continue  # one look per relay (at side A), if it has a deadline
+            deadline = side.stats.moved + side.timeout
+            if deadline > now:
+                earliest = min(earliest, deadline)
+                continue
+            stats = side.stats
+            self._report(
+                self.log.info,
+                "closing the relay of {peer} for {service!r}: idle for {timeout:g} s",
+                peer=stats.description,
+                service=stats.service,
+                timeout=side.timeout,
+            )
+            self._end(side)
+        # Not sooner than SWEEP_INTERVAL from now: busy relays whose
+        # deadlines keep moving need not be looked at on every turn.
+        if earliest < math.inf:
+            earliest = max(earliest, now + SWEEP_INTERVAL)
+        self._sweep_at = earliest
 
     def _abort(self, stats: RelayStats) -> None:
         for side in list(self._sides.values()):

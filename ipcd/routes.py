@@ -6,6 +6,7 @@ Pure parsing: values in, immutable values or L{RouteError} out.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -85,6 +86,69 @@ _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
 _AUTHORITY = re.compile(
     r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/\[\]]+))(?::(?P<port>[0-9]+))?"
 )
+# DNS names (RFC 1035, 1123): letters, digits and '-' inside labels.
+MAX_HOST_NAME = 253
+MAX_LABEL = 63
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
+_DOTTED = re.compile(r"[0-9.]+")
+
+
+def _show(text: str, limit: int = 64) -> str:
+    """C{text} quoted for a message: escaped (repr), and cut if long."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def check_host(host: str) -> str:
+    """
+    C{host} as a route may name it (IPv6 addresses go in brackets, and are
+    checked by L{parse_uri}): an IPv4 address, or a DNS name
+    of at most 253 characters in labels of 1 to 63 letters, digits and
+    C{-} (not first or last), where a C{xn--} label must be valid IDNA.  A
+    name with non-ASCII letters is converted to IDNA (Python's C{idna}
+    codec, as the resolver call would) and must then fit the same rules;
+    its ASCII form is returned, so that one name has one spelling for
+    rules and logs.  Raises L{ValueError} saying what is wrong.
+    """
+    if not host.isprintable():
+        raise ValueError("control characters are not allowed")
+    if _DOTTED.fullmatch(host):
+        # Digits and dots are an address, never a name: the resolver would
+        # take "10.1" as 10.0.0.1.
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError("not a valid IPv4 address (a.b.c.d)") from None
+        return host
+    name = host
+    if not host.isascii():
+        try:
+            name = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError("not a valid international (IDNA) host name") from None
+    if len(name) > MAX_HOST_NAME:
+        raise ValueError(
+            f"a host name has at most {MAX_HOST_NAME} characters, not {len(name)}"
+        )
+    for label in name.split("."):
+        if not label:
+            raise ValueError("empty label (two dots, or a dot first or last)")
+        if len(label) > MAX_LABEL:
+            raise ValueError(
+                f"label {_show(label, 16)} is longer than {MAX_LABEL} characters"
+            )
+        if not _LABEL.fullmatch(label):
+            raise ValueError(
+                f"label {_show(label)} may have only letters, digits and '-' "
+                "(not first or last)"
+            )
+        if label[:4].lower() == "xn--":
+            try:
+                label.encode("ascii").decode("idna")
+            except UnicodeError:
+                raise ValueError(f"label {_show(label)} is not valid IDNA") from None
+    return name
 
 
 def parse_uri(text: str) -> URI:
@@ -103,8 +167,18 @@ def parse_uri(text: str) -> URI:
     authority, slash, path = rest.partition("/")
     match = _AUTHORITY.fullmatch(authority)
     if not match:
-        raise RouteError(f"invalid host in URI {text!r}: expected HOST:PORT")
-    host = match.group("v6") or match.group("host")
+        raise RouteError(f"invalid host in URI {_show(text)}: expected HOST:PORT")
+    host = match.group("v6")
+    try:
+        if host is not None:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError as e:
+                raise ValueError(f"not a valid IPv6 address ({e})") from None
+        else:
+            host = check_host(match.group("host"))
+    except ValueError as e:
+        raise RouteError(f"invalid host in URI {_show(text)}: {e}") from None
     port = None
     if match.group("port") is not None:
         digits = match.group("port")

@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from ipcd.test.support import (
@@ -191,6 +192,74 @@ class FailureTests(BrokerTestCase):
         silent = yield deferToThread(connect_unix, os.path.join(self.rundir, "ipc"))
         self.addCleanup(silent.close)
         yield self.assertWorks((yield deferToThread(lookup, self.rundir, b"pong;")))
+
+
+class CleanLogTests(BrokerTestCase):
+    """
+    Lookups that a client can make up to abuse ipcd's log: each is refused
+    with a clear reason and is one log event, on one printable line, with
+    no traceback.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        yield self.start(tcpd={"listen": "tcp:0:interface=127.0.0.1"})
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    @inlineCallbacks
+    def assertOneCleanEvent(self, payload: bytes, *reason: bytes) -> Any:
+        del self.events[:]
+        reply = yield deferToThread(lookup, self.rundir, payload)
+        self.assertRefused(reply, *reason)
+        self.assertTrue(reply.data.decode().isprintable(), reply.data)
+        yield wait_until(lambda: self.events, "the lookup's log event")
+        self.assertEqual([e for e in self.events if "log_failure" in e], [])
+        [event] = [e for e in self.events if e["log_namespace"].startswith("ipcd.")]
+        text = formatEvent(event)
+        self.assertTrue(text.isprintable(), text)
+        self.assertNotIn("Traceback", text)
+        self.assertIn(reason[-1].decode(), text)
+        return text
+
+    @inlineCallbacks
+    def test_badHosts(self) -> Any:
+        """
+        Hosts that used to reach the resolver (and fail there, in IDNA, as
+        an internal error with a traceback) are refused when parsed.
+        """
+        for host, why in [
+            (b"x" * 300, b"at most 253 characters, not 300"),
+            (b"a" * 64 + b".com", b"longer than 63 characters"),
+            (b"xn--a.com", b"label 'xn--a' is not valid IDNA"),
+            (b"a..b", b"empty label"),
+            (b"\xe2\x98\x83" * 100, b"not a valid international (IDNA) host name"),
+        ]:
+            yield self.assertOneCleanEvent(
+                b"pong;pong tcp://" + host + b":9000/pong",
+                b"bad lookup: invalid host in URI",
+                why,
+            )
+
+    @inlineCallbacks
+    def test_controlCharacters(self) -> Any:
+        """
+        An ESC in a route's host is refused; in a requested name, too; and
+        neither reaches the log raw.
+        """
+        text = yield self.assertOneCleanEvent(
+            b"pong;pong tcp://evil\x1bhost:9000/pong",
+            b"bad lookup: invalid host in URI 'tcp://evil\\x1bhost:9000/pong': "
+            b"control characters are not allowed",
+        )
+        self.assertIn("\\x1b", text)
+        yield self.assertOneCleanEvent(
+            b"po\x1bng\x07;", b"invalid service name 'po\\x1bng\\x07'"
+        )
+        yield self.assertOneCleanEvent(
+            b"pong;pong ev\x1bil:9000/pong", b"invalid service name 'ev\\x1bil:9000"
+        )
 
 
 class ConcurrencyTests(BrokerTestCase):

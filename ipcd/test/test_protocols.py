@@ -35,7 +35,7 @@ from ipcd.identity import Peer
 from ipcd.logs import json_observer
 from ipcd.policy import parse_rule
 from ipcd.relay import READ_SIZE, RelayStats
-from ipcd.routes import RemoteURI
+from ipcd.routes import RemoteURI, parse_uri
 from ipcd.transports import ITransport
 from ipcd.transports.tcp import TcpControl, TcpInbound, _HandshakeFactory
 
@@ -340,6 +340,7 @@ class Joined:
     stats: RelayStats
     greeting: bytes
     early: bytes
+    idle_timeout: float
 
 
 class RecordingRelays:
@@ -355,10 +356,11 @@ class RecordingRelays:
         stats: RelayStats,
         greeting: bytes = b"",
         early: bytes = b"",
+        idle_timeout: float = 0.0,
     ) -> RelayStats:
         if stats.registry is not None:
             stats.registry.add(stats)
-        self.joined.append(Joined(a, b, stats, greeting, early))
+        self.joined.append(Joined(a, b, stats, greeting, early, idle_timeout))
         return stats
 
 
@@ -517,6 +519,18 @@ class TcpHandshakeTests(SynchronousTestCase):
             (stats.direction, stats.service, stats.description, stats.labels),
             ("in", "pong", "192.168.1.1:54321", ("ip:192.168.1.1",)),
         )
+
+    def test_idle_timeout_as_of_the_join(self) -> None:
+        """
+        A relay gets the idle deadline configured when it starts: a reload
+        while its request is served applies to it.
+        """
+        protocol, transport = self.inbound()
+        protocol.dataReceived(b"pong")
+        self.broker.config = config(idle_timeout=7.5)
+        self.broker.inbound[0][2].callback(FakeSocket())
+        [joined] = self.relays.joined
+        self.assertEqual(joined.idle_timeout, 7.5)
 
     def test_accepted_framed_with_early_data(self) -> None:
         """
@@ -737,8 +751,43 @@ class JsonLogTests(SynchronousTestCase):
         self.assertEqual(text.count("denied by rule 2"), 1, text)
         self.assertTrue(text.endswith(" denied by rule 2 (deny local pong *)"), text)
 
+    # The framing over a simulated connection.
 
-# The framing over a simulated connection.
+    def test_peer_text_escaped(self) -> None:
+        """
+        Text a peer controls (a requested name, an error's message) reaches
+        the log with its control characters escaped, in the text and the
+        JSON form alike.
+        """
+        out = io.StringIO()
+        observer = json_observer(out)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+        class Broken:
+            scheme = "fake"
+
+            def connect(self, target: Any, client: Any) -> Deferred[Any]:
+                raise ValueError("bo\x1b[2Jom")
+
+        routes = {"x": parse_uri("fake://h:1/x")}
+        broker = Broker(config(routes=routes), MemoryReactorClock(), {"fake": Broken()})
+        client = Peer("pid 9 uid 0", frozenset({"uid:0"}), 9, 0)
+        self.failureResultOf(broker.open(b"x;", client), ValueError)
+        self.failureResultOf(broker.open(b"\x1b[2J;", client), Refused)
+        remote = Peer("10.0.0.1:1", frozenset({"ip:10.0.0.1"}))
+        self.failureResultOf(broker.open_inbound("po\x1bng", remote), Refused)
+
+        events = [json.loads(line) for line in out.getvalue().splitlines() if line]
+        events = [e for e in events if "direction" in e]
+        self.assertEqual(len(events), 3)
+        for event in events:
+            for key in ("service", "who", "target", "outcome", "verdict"):
+                self.assertTrue(str(event[key]).isprintable(), (key, event[key]))
+            self.assertTrue(formatEvent(event).isprintable(), formatEvent(event))
+        self.assertEqual(events[0]["outcome"], "internal error: bo\\x1b[2Jom")
+        self.assertEqual(events[1]["service"], "\\x1b[2J;")
+        self.assertIn("po\\x1bng", events[2]["outcome"])
 
 
 class SmallWrites(iosim.FakeTransport):

@@ -22,7 +22,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from ipcd.relay import READ_SIZE, RelayLoop, RelayStats, take_socket
+from ipcd.relay import READ_SIZE, SWEEP_INTERVAL, RelayLoop, RelayStats, take_socket
 from ipcd.test.support import (
     TIMEOUT,
     assert_no_fd_leak,
@@ -63,7 +63,8 @@ def send_some(sock: socket.socket, data: memoryview) -> int:
 class StepTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.fds = len(open_fds())
-        self.loop = RelayLoop(reactor=None)
+        self.now = 1000.0  # the loop's clock, for idle deadlines
+        self.loop = RelayLoop(reactor=None, clock=lambda: self.now)
         self.loop.start(threaded=False)
         self.addCleanup(self.loop.stop)
         self.registry: set[RelayStats] = set()
@@ -198,6 +199,123 @@ class StepTests(SynchronousTestCase):
         self.turns()
         self.assertEqual(drain(self.service), (b"", True))
         self.assertEnded()
+
+    def fill(self, towards: socket.socket, sender: socket.socket) -> int:
+        """
+        C{sender} sends until everything between it and C{towards}, which
+        does not read, is full: the relay holds a read it cannot pass on.
+        """
+        data = memoryview(os.urandom(8 << 20))
+        sent = 0
+        for _ in range(100):
+            sent += send_some(sender, data[sent:])
+            self.turns(1)
+        self.assertLess(sent, len(data))
+        self.assertGreater(self.loop.buffered(), 0)
+        return sent
+
+    def test_reset_while_backed_up(self) -> None:
+        """
+        The client dies (a reset: it left bytes unread) while the relay holds
+        its bytes for a service that does not read, so the relay is reading
+        neither side: the error still ends the relay.
+        """
+        self.join()
+        self.service.send(b"never read")
+        self.turns()
+        self.fill(self.service, self.client)
+        [side_a] = [s for s in self.loop.sides() if s.forward]
+        self.assertEqual((side_a.reading, bytes(side_a.pending)), (False, b""))
+        self.client.close()
+        self.turns()
+        self.assertEnded()
+
+    def test_service_reset_while_client_backed_up(self) -> None:
+        """The same the other way: the service dies, the client does not read."""
+        self.join()
+        self.client.send(b"never read")
+        self.turns()
+        self.fill(self.client, self.service)
+        self.service.close()
+        self.turns()
+        self.assertEnded()
+
+    def test_hangup_delivers_what_was_sent(self) -> None:
+        """
+        The service sends more than the client takes at once and closes (a
+        hangup, not a reset: it read all it was sent).  The client still
+        gets every byte, then EOF, and then the relay ends at once, without
+        waiting for the client's own EOF: the service is gone.
+        """
+        stats = self.join()
+        self.client.send(b"question")
+        self.turns()
+        self.assertEqual(drain(self.service), (b"question", False))
+        sent = self.fill(self.client, self.service)
+        self.service.close()
+        self.turns()
+        self.assertEqual(self.loop._epoll.poll(0), [])  # quiet: no busy loop
+        received, eof = b"", False
+        for _ in range(1000):
+            chunk, eof = drain(self.client)
+            received += chunk
+            if eof:
+                break
+            self.turns(1)
+        self.assertEqual((len(received), eof), (sent, True))
+        self.assertEqual(stats.backward, sent)
+        self.assertEnded()
+
+    def test_client_gone_ends_relay(self) -> None:
+        """
+        The client closes (nothing unread): its last bytes and EOF reach the
+        service, and the relay ends though the service keeps its side open.
+        """
+        self.join()
+        self.client.send(b"last words")
+        self.client.close()
+        self.turns()
+        self.assertEqual(drain(self.service), (b"last words", True))
+        self.assertEnded()
+
+    def test_idle_deadline(self) -> None:
+        """
+        A relay on which nothing moves for its idle timeout is closed; a byte
+        either way starts the wait again.
+        """
+        self.join(idle_timeout=10)
+        self.turns()
+        self.now += 6
+        self.service.send(b"x")
+        self.turns()
+        self.now += 9.9
+        self.turns()
+        self.assertEqual(len(self.registry), 1)  # 9.9 s since the byte
+        self.now += 0.1 + SWEEP_INTERVAL  # checked at most this often
+        self.turns()
+        self.assertEqual(drain(self.client), (b"x", True))
+        self.assertEqual(drain(self.service), (b"", True))
+        self.assertEnded()
+
+    def test_idle_deadline_while_backed_up(self) -> None:
+        """
+        A service that never reads behind a client that half-closed: the
+        relay could wait forever, and the idle deadline ends it.
+        """
+        self.join(idle_timeout=10)
+        self.fill(self.service, self.client)
+        self.client.shutdown(socket.SHUT_WR)
+        self.turns()
+        self.now += 10 + SWEEP_INTERVAL
+        self.turns()
+        self.assertEnded()
+
+    def test_no_idle_deadline(self) -> None:
+        self.join()
+        self.turns()
+        self.now += 1e9
+        self.turns()
+        self.assertEqual(len(self.registry), 1)
 
     def test_death_before_join(self) -> None:
         """A client reset before the relay started: it ends at once."""

@@ -16,6 +16,7 @@ from ipcd.routes import (
     RemoteURI,
     Route,
     RouteError,
+    check_host,
     encode_lookup,
     parse_lookup,
     parse_network,
@@ -258,8 +259,83 @@ class URITests(SynchronousTestCase):
         ]:
             self.assertRaises(RouteError, parse_uri, text)
 
+    def test_hosts(self) -> None:
+        """IP addresses and DNS names; a non-ASCII name in its IDNA form."""
+        for text, host in [
+            ("tcp://127.0.0.1:9000/p", "127.0.0.1"),
+            ("tcp://[2001:db8::1]/p", "2001:db8::1"),
+            ("tcp://localhost/p", "localhost"),
+            ("tcp://a-b.example.COM/p", "a-b.example.COM"),
+            ("tcp://9gag.com/p", "9gag.com"),
+            ("tcp://xn--bcher-kva.example/p", "xn--bcher-kva.example"),
+            ("tcp://Bücher.example/p", "xn--bcher-kva.example"),
+            ("tcp://" + "a" * 63 + ".example/p", "a" * 63 + ".example"),
+            ("tcp://" + "a." * 126 + "b/p", "a." * 126 + "b"),
+        ]:
+            uri = parse_uri(text)
+            assert isinstance(uri, RemoteURI)
+            self.assertEqual(uri.host, host)
+            self.assertEqual(str(uri), text)
+
+    def test_badHosts(self) -> None:
+        """
+        Hosts that no resolver call should see are refused when the route is
+        parsed, saying why, with control characters escaped and long input
+        cut short.
+        """
+        x300 = "x" * 300
+        for host, why in [
+            (x300, "a host name has at most 253 characters, not 300"),
+            ("a." * 127 + "b", "at most 253 characters, not 255"),
+            (
+                "a" * 64 + ".com",
+                "label 'aaaaaaaaaaaaaaaa'... (64 characters) is longer",
+            ),
+            ("a..b", "empty label"),
+            ("a.b.", "empty label"),
+            (".a", "empty label"),
+            ("xn--a.com", "label 'xn--a' is not valid IDNA"),
+            ("-a.com", "label '-a' may have only letters, digits and '-'"),
+            ("a-.com", "label 'a-' may have only"),
+            ("a_b.com", "label 'a_b' may have only"),
+            ("a b", "label 'a b' may have only"),
+            ("e\x1bvil", "control characters are not allowed"),
+            ("e\u202evil", "control characters are not allowed"),
+            ("\x00", "control characters are not allowed"),
+            ("10.1", "not a valid IPv4 address"),
+            ("1.2.3.256", "not a valid IPv4 address"),
+            ("ü" * 300, "not a valid international (IDNA) host name"),
+            ("[1.2.3.4]", "not a valid IPv6 address"),
+            ("[1::2::3]", "not a valid IPv6 address"),
+        ]:
+            text = f"tcp://{host}:9000/pong"
+            error = self.assertRaises(RouteError, parse_uri, text)
+            message = str(error)
+            self.assertIn(why, message)
+            self.assertTrue(message.startswith("invalid host in URI 'tcp://"), message)
+            self.assertTrue(message.isprintable(), message)
+            self.assertLess(len(message), 200, message)
+
 
 class PropertyTests(SynchronousTestCase):
+    @given(st.text(max_size=300))
+    @example("x" * 300)
+    @example("xn--a.com")
+    @example("a..b")
+    def test_acceptedHostsResolve(self, host: str) -> None:
+        """
+        A host that passes is printable ASCII, at most 253 characters, and
+        encodes with the codec C{getaddrinfo} applies (no C{UnicodeError}
+        later, at lookup time).
+        """
+        try:
+            checked = check_host(host)
+        except ValueError:
+            return
+        self.assertTrue(checked.isascii() and checked.isprintable(), checked)
+        self.assertLessEqual(len(checked), 253)
+        checked.encode("idna")
+
     @given(st.binary(max_size=200))
     @example(b"pong;pong tcp://h:" + b"9" * 5000 + b"/p")
     @example(b"\xff")

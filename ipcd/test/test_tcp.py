@@ -12,11 +12,13 @@ import socket
 import stat
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from ipcd.errors import Refused
 from ipcd.relay import READ_SIZE
 from ipcd.test.support import (
     TIMEOUT,
@@ -39,6 +41,7 @@ from ipcd.test.tcpsupport import (
     start_host,
     tcp_connect,
 )
+from ipcd.transports.tcp import dial
 from ipcd.wire import HEADER, encode
 
 OK = b"ok"
@@ -49,6 +52,7 @@ B_RULES = [
     "allow in missing",
     "allow in sink",
     "allow in digest",
+    "allow in stalled",
 ]
 
 
@@ -213,6 +217,22 @@ class EndToEndTests(TwoHostsTestCase):
         sock = yield self.lookupOnA("pong")
         echo = yield deferToThread(bounce, sock)
         self.assertEqual(echo, encode(b"bounce me"))
+
+
+class DialTests(TestCase):
+    def test_unresolvableNameIsRefused(self) -> Any:
+        """
+        A name the resolver call cannot even encode (IDNA) is a refusal
+        with a reason, not an internal error, even if no route check ran.
+        """
+        d = ensureDeferred(dial(reactor, "a..b", 9000, "pong"))
+        d = self.assertFailure(d, Refused)
+        d.addCallback(
+            lambda e: self.assertEqual(
+                e.reason, "cannot resolve 'a..b': not a valid host name"
+            )
+        )
+        return d
 
 
 class HandshakeTests(TwoHostsTestCase):
@@ -419,6 +439,167 @@ class LifetimeTests(TwoHostsTestCase):
         sock.close()
         yield wait_until(lambda: not self.b.broker.relays, "B's relay to end")
         yield assert_no_fd_leak(self.before)
+
+
+def stalled(sock: socket.socket, inbound: Any) -> Any:
+    """
+    Send from C{sock} until it blocks with B's relay (side C{inbound})
+    holding bytes for a service that does not read; what was sent, hashed.
+    """
+    sock.setblocking(False)
+    chunk = os.urandom(1 << 20)
+    digest = hashlib.sha256()
+    sent = 0
+
+    def full() -> bool:
+        nonlocal sent
+        try:
+            count = sock.send(chunk)
+        except BlockingIOError:
+            return not inbound.reading
+        digest.update(chunk[:count])
+        sent += count
+        return False
+
+    d = wait_until(full, "the client's sends to stall")
+    d.addCallback(lambda _: (sent, digest))
+    return d
+
+
+class RelayOnBTestCase(TestCase):
+    """
+    Host B alone, with a sink and a service that does not read (until
+    told to), and plain TCP clients of its tcpd.
+    """
+
+    limits: dict[str, Any] = {}
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.b = yield start_host(self, rules=B_RULES, limits=self.limits)
+        self.sink = digest_service(self, self.b.rundir, "sink", on_eof="ignore")
+        self.stalled = digest_service(self, self.b.rundir, "stalled", start_paused=True)
+        self.before = yield fd_baseline()
+
+    @inlineCallbacks
+    def request(self, service: str) -> Any:
+        """A raw request on B for C{service}: the client's socket and B's relay."""
+        sock, answer = yield deferToThread(raw_request, self.b.port, service.encode())
+        self.addCleanup(sock.close)
+        self.assertEqual(answer, OK)
+        [inbound] = yield wait_until(
+            lambda: inbound_relays(self.b.service), "B's relay"
+        )
+        return sock, inbound
+
+    @inlineCallbacks
+    def ended(self, sock: socket.socket, *services: Any) -> Any:
+        """
+        B's relay ends; once the client and the services close, no fd is
+        left open.
+        """
+        yield wait_until(lambda: not self.b.broker.relays, "B's relay to end")
+        self.assertEqual(inbound_relays(self.b.service), [])
+        sock.close()
+        for service in services:
+            service.transport.abortConnection()
+            yield service.lost
+        yield assert_no_fd_leak(self.before)
+
+
+class HangupTests(RelayOnBTestCase):
+    """
+    A hangup or a reset on either side ends B's relay even while it reads
+    neither side (its receiver does not read); a half-close does not.
+    """
+
+    @inlineCallbacks
+    def test_clientResetWhileServiceStalls(self) -> Any:
+        """
+        The client sends to a service that does not read until everything
+        is full, and dies with a reset (SO_LINGER 0): B's relay, which was
+        reading neither side, ends.
+        """
+        sock, inbound = yield self.request("stalled")
+        yield stalled(sock, inbound)
+        abort(sock)
+        yield self.ended(sock, *self.stalled.connections)
+
+    @inlineCallbacks
+    def test_serviceDeathWhileClientStalls(self) -> Any:
+        """
+        The service sends to a client that does not read until the relay
+        holds bytes for it, and dies leaving the client's bytes unread (a
+        reset on AF_UNIX): B's relay ends, and the client reads EOF.
+        """
+        sock, inbound = yield self.request("stalled")
+        yield deferToThread(sock.sendall, b"never read")
+        [service] = yield wait_until(lambda: self.stalled.connections, "the service")
+        service.transport.write(b"y" * (16 << 20))
+        yield wait_until(lambda: inbound.pending, "the relay to hold bytes")
+        service.transport.abortConnection()
+        yield wait_until(lambda: not self.b.broker.relays, "B's relay to end")
+        yield deferToThread(recv_eof, sock)
+        yield self.ended(sock, service)
+
+    @inlineCallbacks
+    def test_serviceCloseEndsRelay(self) -> Any:
+        """
+        The service answers and closes (a hangup): the client gets the
+        answer and EOF, and the relay ends without waiting for the client,
+        which keeps its socket open (the service is gone).
+        """
+        sock, inbound = yield self.request("sink")
+        [service] = yield wait_until(lambda: self.sink.connections, "the service")
+        service.transport.write(b"bye")
+        service.transport.loseConnection()
+        yield wait_until(lambda: not self.b.broker.relays, "B's relay to end")
+        self.assertEqual((yield deferToThread(recv_all, sock)), b"bye")
+        yield self.ended(sock)
+
+    @inlineCallbacks
+    def test_halfCloseWithPendingData(self) -> Any:
+        """
+        The client half-closes while the relay holds its bytes for a service
+        that does not read yet: once the service reads, every byte arrives,
+        then the EOF, and the service's answer comes back.
+        """
+        sock, inbound = yield self.request("stalled")
+        sent, digest = yield stalled(sock, inbound)
+        sock.shutdown(socket.SHUT_WR)
+        [service] = self.stalled.connections
+        service.transport.resumeProducing()
+        sock.settimeout(TIMEOUT)
+        answer = yield deferToThread(recv_all, sock)
+        self.assertEqual(answer, f"{sent} {digest.hexdigest()}".encode())
+        yield service.lost
+        yield self.ended(sock)
+
+
+class IdleTests(RelayOnBTestCase):
+    """B's relays with a short idle deadline."""
+
+    limits = {"idle_timeout": 1}
+
+    @inlineCallbacks
+    def test_idleRelayClosed(self) -> Any:
+        """Nothing moves: the relay is closed, and both ends read EOF."""
+        sock, inbound = yield self.request("sink")
+        yield wait_until(lambda: not self.b.broker.relays, "the relay to end")
+        self.assertEqual((yield deferToThread(recv_eof, sock)), b"")
+        [service] = self.sink.connections
+        yield wait_until(lambda: service.eof, "the service to read EOF")
+        yield self.ended(sock, service)
+
+    @inlineCallbacks
+    def test_stalledRelayClosed(self) -> Any:
+        """A service that never reads: the stalled relay is closed."""
+        sock, inbound = yield self.request("stalled")
+        try:
+            yield stalled(sock, inbound)
+        except ConnectionError:
+            pass  # the relay was closed first: the deadline's work too
+        yield self.ended(sock, *self.stalled.connections)
 
 
 MB = 1024 * 1024

@@ -37,8 +37,8 @@ class ExternalDaemon:
     async def _connect(self, uri: str) -> socket.socket:
         sock = await open_unix(self._reactor, self._path, self.scheme)
         try:
-            await write_all(self._reactor, sock, wire.encode(uri.encode()))
             try:
+                await write_all(self._reactor, sock, wire.encode(uri.encode()))
                 reply = await read_exactly(self._reactor, sock, len(_OK))
             except ConnectionLost:
                 raise Refused(f"{self.scheme} daemon refused {uri}")

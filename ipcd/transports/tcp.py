@@ -33,6 +33,7 @@ from ipcd import wire
 from ipcd.errors import Refused
 from ipcd.identity import Peer, local_peer, remote_peer
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
+from ipcd.logs import printable
 from ipcd.relay import READ_SIZE, RelayLoop, RelayStats, take_socket
 from ipcd.routes import RemoteURI, RouteError, parse_uri
 from ipcd.services import IPCService
@@ -75,8 +76,12 @@ async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socke
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         addresses = await _addresses(reactor, host, port)
-    except OSError as e:
+    except OSError as e:  # socket.gaierror among them
         raise Refused(f"cannot resolve {host!r}: {e.strerror or e}")
+    except UnicodeError:
+        # The IDNA codec getaddrinfo applies; routes.check_host keeps such
+        # names out, this keeps any other caller's from being a traceback.
+        raise Refused(f"cannot resolve {host!r}: not a valid host name")
     sock = None
     error: OSError | None = None
     for family, address in addresses:
@@ -93,11 +98,11 @@ async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socke
         try:
             await write_all(reactor, sock, service.encode("ascii"))
             reply = await read_exactly(reactor, sock, len(OK))
+            if reply != OK:
+                detail = await _rest_of_refusal(reactor, sock, reply)
+                raise Refused(f"tcpd at {where} refused {service!r}: {detail}")
         except ConnectionLost:
             raise Refused(f"tcpd at {where} closed the connection for {service!r}")
-        if reply != OK:
-            detail = await _rest_of_refusal(reactor, sock, reply)
-            raise Refused(f"tcpd at {where} refused {service!r}: {detail}")
         return sock
     except BaseException:
         sock.close()
@@ -114,13 +119,6 @@ async def _rest_of_refusal(reactor: Any, sock: socket.socket, head: bytes) -> st
         return "it did not answer ok (not a tcpd?)"
     data = await read_to_eof(reactor, sock, MAX_HANDSHAKE - len(head))
     return printable(data.removeprefix(b" ").decode("utf-8", "replace"))
-
-
-def printable(text: str) -> str:
-    """C{text} with control characters escaped, fit for one line."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 @implementer(ITransport)
@@ -238,6 +236,7 @@ class _Handshaking(Protocol):
             stats,
             greeting=wire.encode(OK) if self.framed else OK,
             early=early,
+            idle_timeout=self.factory.idle_timeout,
         )
 
     def _failed(self, failure: Failure) -> None:
@@ -358,6 +357,11 @@ class _HandshakeFactory(Factory):
     def handshake_timeout(self) -> float:
         # Read at each connection, so a reload applies to new ones.
         return self.broker.config.tcp_handshake_timeout
+
+    @property
+    def idle_timeout(self) -> float:
+        # Read at each join, so a reload applies to new relays.
+        return self.broker.config.idle_timeout
 
     def buildProtocol(self, addr: Any) -> _Handshaking:
         return self.protocol(self)
