@@ -48,7 +48,7 @@ from ipcd.routes import (
 from ipcd.sockets import connect_unix, with_deadline
 from ipcd.transports import ITransport
 from ipcd.transports.external import ExternalDaemon
-from ipcd.wire import MessageProtocol
+from ipcd.wire import MessageProtocol, PartialMessageBudget
 
 # Redirections and unix:// hops a lookup may take before it is called a loop.
 MAX_HOPS = 32
@@ -456,11 +456,19 @@ class LookupProtocol(MessageProtocol):
     """
 
     log = Logger()
+    # The lookup deadline below bounds the connection: no idle timer too.
+    idleTimeout = 0
 
-    def __init__(self, broker: Broker, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        clock: IReactorTime,
+        partialBudget: PartialMessageBudget | None = None,  # noqa: N803
+    ) -> None:
         self.broker = broker
         self.clock = clock
         self.maxMessageSize = broker.config.max_message_size
+        self.partialBudget = partialBudget
         self._deadline: Any = None
         self._pending: Deferred[socket.socket] | None = None
         self._handed: socket.socket | None = None
@@ -473,6 +481,9 @@ class LookupProtocol(MessageProtocol):
             self.client = Peer("unknown local client")
         timeout = self.broker.config.lookup_timeout
         self._deadline = self.clock.callLater(timeout, self._timedOut, timeout)
+
+    def peerName(self) -> str:
+        return str(self.client)
 
     def _timedOut(self, timeout: float) -> None:
         self._deadline = None
@@ -529,6 +540,7 @@ class LookupProtocol(MessageProtocol):
         self._deadline = None
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
         self._cancelDeadline()
         self._answered = True
         if self._pending is not None:
@@ -539,15 +551,31 @@ class LookupProtocol(MessageProtocol):
 
 
 class LookupFactory(Factory):
-    """Builds a L{LookupProtocol} per client of C{RUNDIR/ipc}."""
+    """
+    Builds a L{LookupProtocol} per client of C{RUNDIR/ipc}.  Their partial
+    lookups count against C{partialBudget}: ipcd's shared one, else a
+    private one of the configured size.
+    """
 
     noisy = False
 
-    def __init__(self, broker: Broker, clock: IReactorTime | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        clock: IReactorTime | None = None,
+        partialBudget: PartialMessageBudget | None = None,  # noqa: N803
+    ) -> None:
         self.broker = broker
         self.clock = clock if clock is not None else broker.reactor
+        if partialBudget is None:
+            partialBudget = PartialMessageBudget(
+                lambda: self.broker.config.partial_message_budget,
+                broker.counters,
+                self.clock,
+            )
+        self.partialBudget = partialBudget
 
     def buildProtocol(self, addr: Any) -> LookupProtocol:
-        protocol = LookupProtocol(self.broker, self.clock)
+        protocol = LookupProtocol(self.broker, self.clock, self.partialBudget)
         protocol.factory = self
         return protocol

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from ipcd.services import IPCService
-from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE, MessageFactory, MessageProtocol
+from ipcd.wire import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    MessageFactory,
+    MessageProtocol,
+    PartialMessageBudget,
+)
 
 
 class Pong(MessageProtocol):
@@ -18,6 +26,20 @@ def pongd(
     name: str = "pong",
     reactor: Any = None,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    idle_timeout: float | Callable[[], float] = DEFAULT_IDLE_TIMEOUT,
+    partial_budget: PartialMessageBudget | None = None,
+    counters: Counter[str] | None = None,
 ) -> IPCService:
-    """The echo service, listening at C{RUNDIR/pong}."""
-    return IPCService(name, MessageFactory(Pong, max_message_size), rundir, reactor)
+    """
+    The echo service, listening at C{RUNDIR/pong}.  L{MessageFactory} bounds
+    each connection (backpressure, idle timeout, C{partial_budget}).
+    """
+    factory = MessageFactory(
+        Pong,
+        max_message_size,
+        idleTimeout=idle_timeout,
+        clock=reactor,
+        partialBudget=partial_budget,
+        counters=counters,
+    )
+    return IPCService(name, factory, rundir, reactor)
