@@ -30,6 +30,7 @@ from ipcd.names import (
 from ipcd.services import IPCService
 from ipcd.services.pongd import pongd
 from ipcd.transports.tcp import SCHEME, TcpService
+from ipcd.wire import PartialMessageBudget
 
 
 def _pair(option: str, value: str) -> tuple[str, str]:
@@ -163,13 +164,28 @@ class IPCDService(MultiService):
         self.broker = Broker(config, reactor)
         self._reload_config = reload_config
         self._previous_hup: Any = None
+        counters = self.broker.counters
+        # One budget for the partial messages of all of ipcd's connections;
+        # the limits are read when used, so a reload applies.
+        self.partial_budget = budget = PartialMessageBudget(
+            lambda: self.config.partial_message_budget, counters, reactor
+        )
         IPCService(
-            BROKER_NAME, LookupFactory(self.broker), config.rundir, reactor
+            BROKER_NAME,
+            LookupFactory(self.broker, reactor, budget),
+            config.rundir,
+            reactor,
         ).setServiceParent(self)
         handlers = {"status": lambda: status_report(self.broker), "reload": self.reload}
         IPCService(
             CONTROL_NAME,
-            ControlFactory(handlers),
+            ControlFactory(
+                handlers,
+                lambda: self.config.control_timeout,
+                reactor,
+                budget,
+                counters,
+            ),
             config.rundir,
             reactor,
             mode=CONTROL_MODE if config.control_group is None else 0o660,
@@ -180,6 +196,9 @@ class IPCDService(MultiService):
                 config.rundir,
                 reactor=reactor,
                 max_message_size=config.max_message_size,
+                idle_timeout=lambda: self.config.idle_timeout,
+                partial_budget=budget,
+                counters=counters,
             ).setServiceParent(self)
         if config.tcp_listen is not None:
             TcpService(self.broker, config.tcp_listen).setServiceParent(self)
