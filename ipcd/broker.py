@@ -50,7 +50,7 @@ from ipcd.routes import (
 from ipcd.sockets import connect_unix, discard_unread, with_deadline
 from ipcd.transports import ITransport
 from ipcd.transports.external import ExternalDaemon
-from ipcd.wire import MessageProtocol
+from ipcd.wire import MessageProtocol, PartialMessageBudget
 
 # Redirections and unix:// hops a lookup may take before it is called a loop.
 MAX_HOPS = 32
@@ -505,11 +505,19 @@ class LookupProtocol(MessageProtocol):
     """
 
     log = Logger()
+    # The lookup deadline below bounds the connection: no idle timer too.
+    idleTimeout = 0
 
-    def __init__(self, broker: Broker, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        clock: IReactorTime,
+        partialBudget: PartialMessageBudget | None = None,  # noqa: N803
+    ) -> None:
         self.broker = broker
         self.clock = clock
         self.maxMessageSize = broker.config.max_message_size
+        self.partialBudget = partialBudget
         self._deadline: Any = None
         self._pending: Deferred[socket.socket] | None = None
         self._handed: socket.socket | None = None
@@ -534,6 +542,9 @@ class LookupProtocol(MessageProtocol):
             self._admitted = key
         timeout = self.broker.config.lookup_timeout
         self._deadline = self.clock.callLater(timeout, self._timedOut, timeout)
+
+    def peerName(self) -> str:
+        return str(self.client)
 
     def _timedOut(self, timeout: float) -> None:
         self._deadline = None
@@ -591,6 +602,7 @@ class LookupProtocol(MessageProtocol):
         self._deadline = None
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
         self._cancelDeadline()
         self._answered = True
         if self._admitted is not None:
@@ -606,7 +618,11 @@ class LookupProtocol(MessageProtocol):
 
 
 class LookupFactory(Factory):
-    """Builds a L{LookupProtocol} per client of C{RUNDIR/ipc}."""
+    """
+    Builds a L{LookupProtocol} per client of C{RUNDIR/ipc}.  Their partial
+    lookups count against C{partialBudget}: ipcd's shared one, else a
+    private one of the configured size.
+    """
 
     noisy = False
 
@@ -614,15 +630,23 @@ class LookupFactory(Factory):
         self,
         broker: Broker,
         clock: IReactorTime | None = None,
+        partialBudget: PartialMessageBudget | None = None,  # noqa: N803
         limits: ConnectionLimits | None = None,
     ) -> None:
         self.broker = broker
         self.clock = clock if clock is not None else broker.reactor
+        if partialBudget is None:
+            partialBudget = PartialMessageBudget(
+                lambda: self.broker.config.partial_message_budget,
+                broker.counters,
+                self.clock,
+            )
+        self.partialBudget = partialBudget
         # Counted here rather than by a wrapping factory: lookups are the hot
         # path, and the protocol reads the peer's uid anyway.
         self.limits = limits
 
     def buildProtocol(self, addr: Any) -> LookupProtocol:
-        protocol = LookupProtocol(self.broker, self.clock)
+        protocol = LookupProtocol(self.broker, self.clock, self.partialBudget)
         protocol.factory = self
         return protocol

@@ -11,14 +11,22 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IReactorTime
 
 from ipcd.config import Config
 from ipcd.names import CONTROL_NAME, resolve_rundir, socket_path
-from ipcd.wire import MessageProtocol, recv_message, send_message
+from ipcd.wire import (
+    LimitLog,
+    MessageFactory,
+    MessageProtocol,
+    PartialMessageBudget,
+    recv_message,
+    send_message,
+)
 
 CONTROL_MODE = 0o600
 COMMANDS = ("status", "reload")
@@ -57,7 +65,25 @@ def status_report(broker: Any) -> dict[str, Any]:
 
 
 class ControlProtocol(MessageProtocol):
+    """
+    One command, one answer, then close; all of it within the factory's
+    C{timeout} from connecting, or the connection is aborted.
+    """
+
     maxMessageSize = 1024
+    idleTimeout = 0  # the deadline below is stricter
+
+    def connectionMade(self) -> None:
+        # TimeoutMixin's timer, never reset: a deadline, not an idle timer.
+        timeout = self.factory.timeout
+        self.setTimeout(timeout() if callable(timeout) else timeout)
+
+    def timeoutConnection(self) -> None:
+        self._limitClosed(
+            self.factory.timeouts,
+            "closing {peer}: no command answered within {timeout:g} s",
+            timeout=self.timeOut,
+        )
 
     def messageReceived(self, payload: bytes) -> None:
         command = payload.decode("utf-8", "replace").strip()
@@ -70,12 +96,34 @@ class ControlProtocol(MessageProtocol):
         self.transport.loseConnection()
 
 
-class ControlFactory(Factory):
-    protocol = ControlProtocol
-    noisy = False
+class ControlFactory(MessageFactory):
+    """
+    The control socket's protocols: C{handlers} by command, a C{timeout}
+    (seconds, or a callable returning the current one) timed on C{clock}
+    (default: the global reactor), partial commands counted against
+    C{partialBudget} (default: a private one), timeouts counted in
+    C{counters}.
+    """
 
-    def __init__(self, handlers: dict[str, Callable[[], dict[str, Any]]]) -> None:
+    def __init__(
+        self,
+        handlers: dict[str, Callable[[], dict[str, Any]]],
+        timeout: float | Callable[[], float] = 10.0,
+        clock: IReactorTime | None = None,
+        partialBudget: PartialMessageBudget | None = None,  # noqa: N803
+        counters: Counter[str] | None = None,
+    ) -> None:
+        super().__init__(
+            ControlProtocol,
+            ControlProtocol.maxMessageSize,
+            idleTimeout=0,
+            clock=clock,
+            partialBudget=partialBudget,
+            counters=counters,
+        )
         self.handlers = handlers
+        self.timeout = timeout
+        self.timeouts = LimitLog("control requests timed out", counters, clock)
 
 
 def request(

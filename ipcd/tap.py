@@ -38,6 +38,7 @@ from ipcd.names import (
 from ipcd.services import IPCService
 from ipcd.services.pongd import pongd
 from ipcd.transports.tcp import SCHEME, TcpService
+from ipcd.wire import PartialMessageBudget
 
 
 def _pair(option: str, value: str) -> tuple[str, str]:
@@ -202,10 +203,16 @@ class IPCDService(MultiService):
         self._reload_config = reload_config
         self._previous_hup: Any = None
         self._listening = False
+        counters = self.broker.counters
+        # One budget for the partial messages of all of ipcd's connections;
+        # the limits are read when used, so a reload applies.
+        self.partial_budget = budget = PartialMessageBudget(
+            lambda: self.config.partial_message_budget, counters, reactor
+        )
         limits = self.broker.limits_for(BROKER_NAME)
         IPCService(
             BROKER_NAME,
-            LookupFactory(self.broker, limits=limits),
+            LookupFactory(self.broker, reactor, budget, limits=limits),
             config.rundir,
             reactor,
             limits=limits,
@@ -214,7 +221,16 @@ class IPCDService(MultiService):
         limits = self.broker.limits_for(CONTROL_NAME)
         IPCService(
             CONTROL_NAME,
-            LimitedFactory(ControlFactory(handlers), limits),
+            LimitedFactory(
+                ControlFactory(
+                    handlers,
+                    lambda: self.config.control_timeout,
+                    reactor,
+                    budget,
+                    counters,
+                ),
+                limits,
+            ),
             config.rundir,
             reactor,
             mode=CONTROL_MODE if config.control_group is None else 0o660,
@@ -227,6 +243,9 @@ class IPCDService(MultiService):
                 reactor=reactor,
                 max_message_size=config.max_message_size,
                 limits=self.broker.limits_for("pong"),
+                idle_timeout=lambda: self.config.idle_timeout,
+                partial_budget=budget,
+                counters=counters,
             ).setServiceParent(self)
         if config.tcp_listen is not None:
             TcpService(self.broker, config.tcp_listen).setServiceParent(self)

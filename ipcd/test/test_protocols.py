@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -631,7 +632,9 @@ class TcpHandshakeTests(SynchronousTestCase):
 
 class ControlTests(SynchronousTestCase):
     def ask(self, command: bytes, handlers: dict[str, Any]) -> tuple[Any, Any]:
-        protocol = ControlFactory(handlers).buildProtocol(None)
+        protocol = ControlFactory(handlers, clock=MemoryReactorClock()).buildProtocol(
+            None
+        )
         transport = connect(protocol)
         protocol.dataReceived(wire.encode(command))
         answer = transport.value()
@@ -650,10 +653,47 @@ class ControlTests(SynchronousTestCase):
         self.assertIn("explode", answer["error"])
 
     def test_oversized_command(self) -> None:
-        protocol = ControlFactory({}).buildProtocol(None)
+        protocol = ControlFactory({}, clock=MemoryReactorClock()).buildProtocol(None)
         transport = connect(protocol)
         protocol.dataReceived(wire.HEADER.pack(2048))
         self.assertTrue(transport.disconnecting)
+
+    def test_deadline(self) -> None:
+        """
+        The command must arrive and be answered within the timeout, counted
+        from the connect, whatever arrives meanwhile; then the client is
+        aborted and counted.
+        """
+        clock = MemoryReactorClock()
+        counters: Counter[str] = Counter()
+        factory = ControlFactory({}, 10.0, clock, counters=counters)
+        protocol = factory.buildProtocol(None)
+        transport = connect(protocol)
+        clock.advance(6)
+        protocol.dataReceived(wire.HEADER.pack(6) + b"sta")  # slowly...
+        clock.advance(3.9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.1)
+        self.assertTrue(transport.disconnected, "not aborted")
+        self.assertEqual(counters["control requests timed out"], 1)
+        self.assertEqual(transport.value(), b"")
+
+    def test_deadline_current_value(self) -> None:
+        """A callable timeout is read at each connect (reload)."""
+        clock = MemoryReactorClock()
+        factory = ControlFactory({}, lambda: 2.0, clock)
+        transport = connect(factory.buildProtocol(None))
+        clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_deadline_cancelled_when_closed(self) -> None:
+        clock = MemoryReactorClock()
+        factory = ControlFactory({"status": lambda: {"ok": True}}, 10.0, clock)
+        protocol = factory.buildProtocol(None)
+        connect(protocol)
+        protocol.dataReceived(wire.encode(b"status"))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def broker(self) -> Broker:
         broker = Broker(
@@ -807,6 +847,8 @@ class SmallWrites(iosim.FakeTransport):
 class FramingOverIOSimTests(SynchronousTestCase):
     def test_large_message_in_small_pieces(self) -> None:
         class Peer(wire.MessageProtocol):
+            clock = MemoryReactorClock()  # the idle timers: not the reactor's
+
             def __init__(self) -> None:
                 self.received: list[bytes] = []
 

@@ -6,16 +6,26 @@ blocking sockets.
 from __future__ import annotations
 
 import socket
+from collections import Counter
+from typing import Any
 
-from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.internet.testing import (
+    EventLoggingObserver,
+    MemoryReactorClock,
+    StringTransport,
+)
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from ipcd import wire
 from ipcd.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER,
+    PIECE_OVERHEAD,
+    MessageFactory,
     MessageProtocol,
     MessageTooLarge,
+    PartialMessageBudget,
     encode,
     recv_exactly,
     recv_message,
@@ -44,6 +54,7 @@ class Recorder(MessageProtocol):
     def __init__(self, maxMessageSize: int | None = None) -> None:  # noqa: N803
         self.messages: list[bytes] = []
         self.tooLarge: list[int] = []
+        self.clock = MemoryReactorClock()  # the idle timer: not the reactor's
         if maxMessageSize is not None:
             self.maxMessageSize = maxMessageSize
 
@@ -229,6 +240,7 @@ class MessageProtocolTests(SynchronousTestCase):
     def test_defaultMessageReceived(self) -> None:
         """The base class insists on being subclassed."""
         protocol = MessageProtocol()
+        protocol.clock = MemoryReactorClock()
         protocol.makeConnection(StringTransport())
         self.assertRaises(NotImplementedError, protocol.messageReceived, b"x")
 
@@ -317,3 +329,280 @@ class BlockingHelperTests(SynchronousTestCase):
         a.sendall(HEADER.pack(DEFAULT_MAX_MESSAGE_SIZE + 1))
         error = self.assertRaises(MessageTooLarge, recv_message, b)
         self.assertEqual(error.limit, DEFAULT_MAX_MESSAGE_SIZE)
+
+
+class LinearFramingTests(SynchronousTestCase):
+    """
+    Assembling a message costs copies linear in its size, whatever the size
+    of each read: every copy of payload bytes goes through C{wire._join},
+    counted here.  (C{Int32StringReceiver} re-joined the whole partial
+    buffer on every read: 1 MiB in 512-byte reads copied about 1 GiB.)
+    """
+
+    def countCopies(self) -> list[int]:
+        copied: list[int] = []
+        real = wire._join
+
+        def counting(pieces: Any) -> bytes:
+            joined = real(pieces)
+            copied.append(len(joined))
+            return joined
+
+        self.patch(wire, "_join", counting)
+        return copied
+
+    def test_megabyteIn512BytePieces(self) -> None:
+        copied = self.countCopies()
+        protocol = Recorder()
+        connected(protocol)
+        big = bytes(range(256)) * 4096  # 1 MiB, the default limit
+        stream = encode(big)
+        for start in range(0, len(stream), 512):
+            protocol.dataReceived(stream[start : start + 512])
+        self.assertTrue(protocol.messages == [big], "1 MiB message corrupted")
+        # The first read's tail (it follows the header), then one join of
+        # the whole message: each byte copied at most twice, most once.
+        self.assertEqual(copied, [512 - HEADER.size, len(big)])
+
+    def test_anyReadSizeAtMostTwoCopies(self) -> None:
+        """
+        Coalesced messages of several sizes, cut in reads of odd sizes: no
+        byte is copied more than twice (a read's tail that starts a message,
+        then the message).
+        """
+        payloads = [bytes([i % 251]) * size for i, size in enumerate([0, 1, 70_000])]
+        payloads *= 3
+        stream = b"".join(encode(p) for p in payloads)
+        for size in (1, 7, 512, 4093, 65536):
+            copied = self.countCopies()
+            protocol = Recorder()
+            connected(protocol)
+            for start in range(0, len(stream), size):
+                protocol.dataReceived(stream[start : start + size])
+            self.assertTrue(protocol.messages == payloads, f"corrupted at {size}")
+            self.assertLessEqual(sum(copied), 2 * len(stream), f"reads of {size}")
+
+
+class BackpressureTests(SynchronousTestCase):
+    def test_pausesReadingWhileWriteBufferFull(self) -> None:
+        """
+        The transport gets a streaming producer that pauses and resumes the
+        transport itself: Twisted's transports pause it while their write
+        buffer is over their bound, so we stop reading.
+        """
+        protocol = Recorder()
+        transport = connected(protocol)
+        self.assertTrue(transport.streaming)
+        transport.producer.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        transport.producer.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_subclassConnectionMadeKeepsIt(self) -> None:
+        class Own(Recorder):
+            def connectionMade(self) -> None:
+                self.made = True
+
+        protocol = Own()
+        transport = connected(protocol)
+        self.assertIsNotNone(transport.producer)
+
+
+class Echo(MessageProtocol):
+    def messageReceived(self, payload: bytes) -> None:
+        self.sendMessage(payload)
+
+
+class IdleTimeoutTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.counters: Counter[str] = Counter()
+        self.factory = MessageFactory(
+            Echo, idleTimeout=5.0, clock=self.clock, counters=self.counters
+        )
+
+    def connect(self) -> tuple[MessageProtocol, StringTransport]:
+        protocol = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_closedWhenNothingMoves(self) -> None:
+        _, transport = self.connect()
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnected, "not aborted")
+        self.assertEqual(self.counters["idle connections closed"], 1)
+
+    def test_bytesInEitherDirectionRestartIt(self) -> None:
+        protocol, transport = self.connect()
+        self.clock.advance(4)
+        protocol.dataReceived(encode(b"x")[:2])  # in: part of a message
+        self.clock.advance(4)
+        protocol.sendMessage(b"unsolicited")  # out
+        self.clock.advance(4)
+        transport.producer.resumeProducing()  # out: the write buffer drained
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_zeroMeansNever(self) -> None:
+        self.factory.idleTimeout = 0
+        _, transport = self.connect()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_currentValue(self) -> None:
+        """A callable timeout is read for each new connection (reload)."""
+        timeouts = iter([2.0, 7.0])
+        self.factory.idleTimeout = lambda: next(timeouts)
+        self.assertEqual(self.connect()[0].idleTimeout, 2.0)
+        self.assertEqual(self.connect()[0].idleTimeout, 7.0)
+
+    def test_cancelledWhenLost(self) -> None:
+        """
+        Also when a subclass's connectionLost forgets ours: the transport
+        stops its producer as the connection is lost.
+        """
+        protocol, transport = self.connect()
+        protocol.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+        class Forgetful(Echo):
+            def connectionLost(self, reason: Any = None) -> None:
+                pass
+
+        self.factory.protocol = Forgetful
+        protocol, transport = self.connect()
+        transport.producer.stopProducing()  # what FileDescriptor does
+        protocol.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_logBounded(self) -> None:
+        """100 idle closes at once: all counted, one log line."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        for _ in range(100):
+            self.connect()
+        self.clock.advance(5)
+        self.assertEqual(self.counters["idle connections closed"], 100)
+        lines = [e for e in events if "nothing moved" in e["log_format"]]
+        self.assertEqual(len(lines), 1)
+        self.connect()
+        self.clock.advance(10)
+        [_, second] = [e for e in events if "nothing moved" in e["log_format"]]
+        self.assertEqual(second["unlogged"], 99)
+
+
+class Holder(MessageProtocol):
+    """Holds partial messages; records being closed for the budget."""
+
+    idleTimeout = 0
+
+    def messageReceived(self, payload: bytes) -> None:
+        self.messages = [*getattr(self, "messages", []), payload]
+
+
+class PartialMessageBudgetTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.counters: Counter[str] = Counter()
+        self.budget = PartialMessageBudget(1000, self.counters)
+
+    def holder(self, partial: int = 0) -> tuple[Holder, StringTransport]:
+        protocol = Holder()
+        protocol.partialBudget = self.budget
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        if partial:
+            protocol.dataReceived(HEADER.pack(10_000) + b"p" * partial)
+        return protocol, transport
+
+    def charge(self, payload: int, pieces: int = 1) -> int:
+        return payload + PIECE_OVERHEAD * pieces
+
+    def test_accounting(self) -> None:
+        """Each connection is charged its partial message, released when whole."""
+        a, _ = self.holder(100)
+        b, _ = self.holder(200)
+        self.assertEqual(self.budget.holding(a), self.charge(100))
+        self.assertEqual(self.budget.held, self.charge(100) + self.charge(200))
+        a.dataReceived(b"q" * 50)
+        self.assertEqual(self.budget.holding(a), self.charge(150, 2))
+        a.dataReceived(b"q" * 9_850)
+        self.assertEqual(a.messages, [b"p" * 100 + b"q" * 9_900])
+        self.assertEqual(self.budget.holding(a), 0)
+        self.assertEqual(self.budget.held, self.charge(200))
+        b.connectionLost(None)
+        self.assertEqual((self.budget.held, len(self.budget)), (0, 0))
+
+    def test_wholeMessagesCostNothing(self) -> None:
+        protocol, _ = self.holder()
+        protocol.dataReceived(encode(b"x" * 5000))
+        self.assertEqual(protocol.messages, [b"x" * 5000])
+        self.assertEqual(len(self.budget), 0)
+
+    def test_largestClosed(self) -> None:
+        """Over the budget, the largest holder is closed, not the newcomer."""
+        small, smallTransport = self.holder(100)
+        large, largeTransport = self.holder(500)
+        newcomer, newTransport = self.holder(300)
+        self.assertTrue(largeTransport.disconnected, "largest not aborted")
+        self.assertFalse(smallTransport.disconnecting)
+        self.assertFalse(newTransport.disconnecting)
+        self.assertEqual(self.budget.holding(large), 0)
+        self.assertEqual(self.budget.held, self.charge(100) + self.charge(300))
+        self.assertEqual(self.counters["closed over partial-message budget"], 1)
+        large.dataReceived(b"p" * 9_500)  # what was in flight: ignored
+        self.assertEqual(getattr(large, "messages", []), [])
+        self.assertEqual(self.budget.holding(large), 0)
+
+    def test_growingHolderClosedWhenLargest(self) -> None:
+        other, otherTransport = self.holder(300)
+        grower, growerTransport = self.holder(300)
+        grower.dataReceived(b"p" * 400)
+        self.assertTrue(growerTransport.disconnected)
+        self.assertFalse(otherTransport.disconnecting)
+        self.assertEqual(self.budget.held, self.charge(300))
+
+    def test_neverOver(self) -> None:
+        """Many connections growing by small reads: the sum stays within."""
+        holders = [self.holder(10) for _ in range(30)]
+        for round in range(20):
+            for protocol, _ in holders:
+                protocol.dataReceived(b"r" * (round + 1))
+                self.assertLessEqual(self.budget.held, self.budget.limit)
+        alive = [p for p, t in holders if not t.disconnecting]
+        self.assertEqual(self.budget.held, sum(self.budget.holding(p) for p in alive))
+        self.assertEqual(
+            self.counters["closed over partial-message budget"],
+            len(holders) - len(alive),
+        )
+
+    def test_tricklingIsCharged(self) -> None:
+        """A byte per read costs a piece's overhead, not a byte."""
+        protocol, transport = self.holder()
+        protocol.dataReceived(HEADER.pack(10_000))
+        for _ in range(15):
+            protocol.dataReceived(b"t")
+        self.assertEqual(self.budget.held, self.charge(15, 15))  # 975 bytes
+        protocol.dataReceived(b"t")
+        self.assertTrue(transport.disconnecting)
+
+    def test_currentLimit(self) -> None:
+        limits = [1000]
+        budget = PartialMessageBudget(lambda: limits[0])
+        self.assertEqual(budget.limit, 1000)
+        limits[0] = 5
+        self.assertEqual(budget.limit, 5)
+
+    def test_factoryDefaultIsPrivate(self) -> None:
+        one, two = MessageFactory(Holder), MessageFactory(Holder)
+        self.assertIsNot(one.partialBudget, two.partialBudget)
+        self.assertEqual(one.partialBudget.limit, 64 * 1024 * 1024)
+        shared = PartialMessageBudget(10)
+        self.assertIs(
+            MessageFactory(Holder, partialBudget=shared)
+            .buildProtocol(None)
+            .partialBudget,
+            shared,
+        )
