@@ -183,11 +183,12 @@ def hold_partials(paths: list[str], announced: int, partial: bytes) -> list[Any]
 
 def closed_by_peer(sock: socket.socket) -> bool:
     """Whether ipcd closed C{sock} (never blocks)."""
-    readable, _, _ = select.select([sock], [], [], 0)
-    if not readable:
+    poller = select.poll()  # not select(): fds past 1024 are fine
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
         return False
     try:
-        data = sock.recv(4096)
+        data = sock.recv(4096, socket.MSG_PEEK)
     except ConnectionResetError:
         return True
     return not data  # a lookup has no answer for a partial message
@@ -197,7 +198,7 @@ class PartialMessageBudgetTests(TestCase):
     @inlineCallbacks
     def test_manyPartialMessages(self) -> Any:
         """
-        250 connections (200 lookups, 50 to pongd) each hold 64 KiB of a
+        1,000 connections (900 lookups, 100 to pongd) each hold 64 KiB of a
         1 MiB message, with a budget of 4 MiB: the bytes held never pass
         it, the connections over it are closed and counted, the others are
         untouched, ipcd still answers a lookup, and nothing leaks.
@@ -227,8 +228,8 @@ class PartialMessageBudgetTests(TestCase):
         budget.hold = checked_hold  # type: ignore[method-assign]
         before = yield fd_baseline()
 
-        paths = [os.path.join(rundir, "ipc")] * 200
-        paths += [os.path.join(rundir, "pong")] * 50
+        paths = [os.path.join(rundir, "ipc")] * 900
+        paths += [os.path.join(rundir, "pong")] * 100
         partial = b"p" * (64 * 1024)
         socks = yield deferToThread(hold_partials, paths, MiB, partial)
         self.addCleanup(lambda: [sock.close() for sock in socks])
