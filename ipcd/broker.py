@@ -1,10 +1,9 @@
 """
 ipcd itself: the lookup protocol on C{RUNDIR/ipc} and the resolver behind it.
 
-L{plan} is pure: a config, a service name and maybe the client's route in;
-a L{LocalTarget} or L{RemoteTarget} (or L{Refused}) out, with the names the
-policy must decide.  L{Broker} polices and connects targets, locally (as the
-client could itself: L{ipcd.access}) or through a transport;
+Where a lookup goes is decided by the pure L{ipcd.resolution}.  L{Broker}
+polices and connects targets, locally (as the client could itself:
+L{ipcd.access}) or through a transport;
 L{LookupProtocol} speaks to clients and hands the connected socket over with
 C{ok}.
 """
@@ -39,10 +38,16 @@ from ipcd.names import (
     validate_service_name,
 )
 from ipcd.policy import Decision, decide, find_grant
+from ipcd.resolution import (
+    LocalTarget,
+    RemoteTarget,
+    Target,
+    destination_labels,
+    direction_of,
+    plan,
+    resolve,
+)
 from ipcd.routes import (
-    URI,
-    LocalURI,
-    PathURI,
     RemoteURI,
     RouteError,
     parse_lookup,
@@ -51,130 +56,6 @@ from ipcd.sockets import connect_unix, discard_unread, with_deadline
 from ipcd.transports import ITransport
 from ipcd.transports.external import ExternalDaemon
 from ipcd.wire import MessageProtocol, PartialMessageBudget
-
-# Redirections and unix:// hops a lookup may take before it is called a loop.
-MAX_HOPS = 32
-
-
-@dataclass(frozen=True)
-class LocalTarget:
-    """A local UNIX socket: service C{name} at C{path}."""
-
-    name: str
-    path: str
-
-    def __str__(self) -> str:
-        return f"unix://{self.path}"
-
-
-@dataclass(frozen=True)
-class RemoteTarget:
-    """A remote route: ask the daemon at C{uri} for C{service}."""
-
-    uri: RemoteURI
-    service: str
-
-    def __str__(self) -> str:
-        return str(self.uri)
-
-
-Target = LocalTarget | RemoteTarget
-
-
-def _follow_redirects(name: str, redirects: Mapping[str, str], chain: list[str]) -> str:
-    while name in redirects:
-        name = redirects[name]
-        _visit(name, chain)
-    return name
-
-
-def _visit(name: str, chain: list[str]) -> None:
-    if name in chain or len(chain) > MAX_HOPS:
-        raise Refused(f"redirect loop: {' -> '.join([*chain, name])}")
-    chain.append(name)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """
-    Where a lookup goes, and the names the policy decides for it: the
-    requested one, then each name the client's own route names.  Names that
-    only the admin's redirections and routes lead to are the admin's
-    decision and are not in C{names}.
-    """
-
-    target: Target
-    names: tuple[str, ...]
-
-
-def plan(config: Config, service: str, client_route: URI | None = None) -> Plan:
-    """
-    Where C{service} is: admin redirections rewrite the name (chained), then
-    the client's route (if given) or the admin's route for the name decides;
-    with no route, it is the local service of that name.  A C{unix://NAME}
-    route is a redirection and is followed in turn.
-    """
-    chain = [service]
-    names = [service]
-    name = service
-    route = client_route
-    from_client = route is not None
-    while True:
-        name = _follow_redirects(name, config.redirects, chain)
-        if route is None:
-            route = config.routes.get(name)
-            from_client = False
-        match route:
-            case None:
-                target: Target = LocalTarget(name, socket_path(config.rundir, name))
-                break
-            case LocalURI(name=next_name) if next_name == name or (
-                from_client and next_name == service
-            ):
-                # Itself (a client's "pong unix://pong", after any redirect).
-                if from_client:
-                    names.append(next_name)
-                target = LocalTarget(name, socket_path(config.rundir, name))
-                break
-            case LocalURI(name=next_name):
-                if from_client:
-                    names.append(next_name)
-                _visit(next_name, chain)
-                name, route = next_name, None
-            case PathURI(path=path):
-                if from_client:
-                    raise Refused(
-                        "routes to absolute socket paths are for the admin's "
-                        f"configuration only: {route}"
-                    )
-                target = LocalTarget(name, path)
-                break
-            case RemoteURI():
-                if from_client and route.service is not None:
-                    names.append(route.service)
-                target = RemoteTarget(route, route.service or name)
-                break
-    return Plan(target, tuple(dict.fromkeys(names)))
-
-
-def resolve(config: Config, service: str, client_route: URI | None = None) -> Target:
-    """Where C{service} is (see L{plan})."""
-    return plan(config, service, client_route).target
-
-
-def direction_of(target: Target) -> str:
-    """The policy direction of a local client's lookup that goes to C{target}."""
-    return "local" if isinstance(target, LocalTarget) else "out"
-
-
-def destination_labels(target: Target) -> list[str]:
-    """For C{out}: the route's host and port, as labels besides the client's."""
-    if isinstance(target, LocalTarget):
-        return []
-    labels = [f"host:{target.uri.host}"]
-    if target.uri.port is not None:
-        labels.append(f"port:{target.uri.port}")
-    return labels
 
 
 class Broker:

@@ -1,5 +1,5 @@
 """
-Tests for L{ipcd.broker.resolve}: admin redirections and routes, client
+Tests for L{ipcd.resolution}: admin redirections and routes, client
 routes, loops.  Pure: a L{Config} built directly, no reactor, no sockets.
 """
 
@@ -13,7 +13,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd.broker import (
+from ipcd.config import Config
+from ipcd.errors import Refused
+from ipcd.names import InvalidServiceName
+from ipcd.policy import decide, parse_rule
+from ipcd.resolution import (
     LocalTarget,
     RemoteTarget,
     destination_labels,
@@ -21,10 +25,6 @@ from ipcd.broker import (
     plan,
     resolve,
 )
-from ipcd.config import Config
-from ipcd.errors import Refused
-from ipcd.names import InvalidServiceName
-from ipcd.policy import decide, parse_rule
 from ipcd.routes import URI, LocalURI, PathURI, RemoteURI, parse_lookup, parse_uri
 
 RUNDIR = "/run/ipc-test"
