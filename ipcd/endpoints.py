@@ -4,6 +4,8 @@ parsers that C{twisted/plugins/ipcd_plugin.py} exposes:
 
     serverFromString(reactor, "ipc:pong")   # listen at RUNDIR/pong
     clientFromString(reactor, "ipc:pong")   # connect as libipc does
+
+The grammar of both strings is in L{IPCServerParser} and L{IPCClientParser}.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, execute
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import (
     IFileDescriptorReceiver,
     IProtocolFactory,
@@ -117,6 +120,10 @@ class IPCClientEndpoint:
     Connect to a libipc service as libipc does: straight to C{RUNDIR/NAME},
     or, when C{network} (default: C{$IPC_NETWORK}) is set, through ipcd,
     adopting the connection it hands over.
+
+    C{connect()} may be cancelled, and is after C{timeout} seconds
+    (L{twisted.internet.defer.TimeoutError}): either closes the lookup
+    connection to ipcd.
     """
 
     def __init__(
@@ -141,47 +148,163 @@ class IPCClientEndpoint:
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
         if not self.network:
             return self._unix(self.service).connect(factory)
-        received: Deferred[int] = Deferred()
         payload = encode_lookup(self.service, self.network)
-        lookup = self._unix(BROKER_NAME).connect(
-            Factory.forProtocol(lambda: _LookupClient(payload, received))
-        )
-        lookup.addErrback(received.errback)
+        clients: list[_LookupClient] = []
+
+        def build() -> _LookupClient:
+            clients.append(_LookupClient(payload, received))
+            return clients[-1]
+
+        def cancel(_: Deferred[int]) -> None:
+            connecting.cancel()  # not connected yet: stop trying
+            for client in clients:  # connected: close, and any fd it got
+                client.transport.abortConnection()
+
+        received: Deferred[int] = Deferred(cancel)
+        connecting = self._unix(BROKER_NAME).connect(Factory.forProtocol(build))
+
+        def failed(failure: Failure) -> None:
+            # Our own cancel: received fails with CancelledError right after.
+            if not failure.check(ConnectingCancelledError):
+                received.errback(failure)
+
+        connecting.addErrback(failed)
         received.addTimeout(self._timeout, self._reactor)
         return received.addCallback(
             lambda fd: adopt_into_reactor(self._reactor, fd, factory)
         )
 
 
+def _check_parts(
+    endpoint: str, extra: tuple[str, ...], unknown: dict[str, str], known: str
+) -> None:
+    """
+    An C{ipc:} string has one positional part, the name: another one is
+    mostly a value whose C{:} was not escaped.  Say so, and how to fix it.
+    """
+    if extra:
+        raise ValueError(
+            f"{endpoint}: unexpected part {':'.join(extra)!r} after the service "
+            "name: a ':' inside a value must be escaped as '\\:' (as in "
+            "ipc:cnt:network=cnt unix\\://counter); parameters: " + known
+        )
+    if unknown:
+        raise ValueError(
+            f"{endpoint}: unknown parameter {sorted(unknown)[0]!r}; "
+            "parameters: " + known
+        )
+
+
 @implementer(IPlugin, IStreamServerEndpointStringParser)
 class IPCServerParser:
-    """C{ipc:NAME[:rundir=DIR][:mode=0660][:backlog=N]}"""
+    """
+    C{serverFromString(reactor, "ipc:NAME[:rundir=DIR][:mode=OCTAL]
+    [:backlog=N][:group=GROUP]")}: listen as libipc service NAME at
+    C{RUNDIR/NAME}, with upstream's permissions and stale-socket handling.
+
+      - C{NAME}: the service name, 1-255 of C{[A-Za-z0-9._-]}, the one
+        positional part;
+      - C{rundir}: the socket directory (default: C{$RUNDIR}, else
+        C{/tmp/libipc-run});
+      - C{mode}: the socket's permissions, in octal (default C{0660});
+      - C{backlog}: the listen backlog (default 128);
+      - C{group}: a group name or number to own the socket (default: the
+        process's).
+
+    As in every endpoint string, C{:} separates parts and a C{:} or C{\\}
+    inside a value is escaped with a backslash.  Examples::
+
+        ipc:pong
+        ipc:upper:rundir=/run/libipc:mode=0600
+        ipc:authd:group=wheel:backlog=512
+    """
 
     prefix = "ipc"
+    parameters = "rundir=, mode=, backlog=, group="
 
     def parseStreamServer(  # noqa: N802 (Twisted's name)
+        self, reactor: Any, *args: str, **kwargs: str
+    ) -> IPCServerEndpoint:
+        return self._parseServer(reactor, *args, **kwargs)
+
+    def _parseServer(  # noqa: N802 (as Twisted's own parsers)
         self,
         reactor: Any,
         name: str,
+        *extra: str,
         rundir: str | None = None,
         mode: str = "0660",
         backlog: str = "128",
+        group: str | None = None,
+        **unknown: str,
     ) -> IPCServerEndpoint:
-        return IPCServerEndpoint(reactor, name, rundir, int(mode, 8), int(backlog))
+        _check_parts("ipc: server endpoint", extra, unknown, self.parameters)
+        return IPCServerEndpoint(
+            reactor,
+            name,
+            rundir,
+            _number("mode", mode, 8),
+            _number("backlog", backlog, 10),
+            group,
+        )
 
 
 @implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
 class IPCClientParser:
-    """C{ipc:NAME[:rundir=DIR][:network=ROUTES][:timeout=SECONDS]}"""
+    """
+    C{clientFromString(reactor, "ipc:NAME[:rundir=DIR][:network=ROUTES]
+    [:timeout=SECONDS]")}: connect to libipc service NAME as libipc does.
+
+      - C{NAME}: the service name, the one positional part;
+      - C{rundir}: the socket directory (default: C{$RUNDIR}, else
+        C{/tmp/libipc-run});
+      - C{network}: the C{IPC_NETWORK} routes (default: the variable's
+        value); non-empty, the connection is asked of ipcd at C{RUNDIR/ipc}
+        and the descriptor it hands over is adopted; empty, straight to
+        C{RUNDIR/NAME};
+      - C{timeout}: seconds for the connect and the lookup (default 5).
+
+    The routes' C{://} must be escaped as C{\\://} (a bare C{:} separates
+    parts, and a stray part is an error saying so).  Examples::
+
+        ipc:pong
+        ipc:pong:rundir=/run/libipc:timeout=2
+        ipc:cnt:network=cnt unix\\://counter
+        ipc:pong:network=pong tcp\\://10.0.0.2\\:9000/pong
+        ipc:pong:network=              (direct, whatever $IPC_NETWORK says)
+    """
 
     prefix = "ipc"
+    parameters = "rundir=, network=, timeout="
 
     def parseStreamClient(  # noqa: N802 (Twisted's name)
+        self, reactor: Any, *args: str, **kwargs: str
+    ) -> IPCClientEndpoint:
+        return self._parseClient(reactor, *args, **kwargs)
+
+    def _parseClient(  # noqa: N802 (as Twisted's own parsers)
         self,
         reactor: Any,
         name: str,
+        *extra: str,
         rundir: str | None = None,
         network: str | None = None,
         timeout: str = "5",
+        **unknown: str,
     ) -> IPCClientEndpoint:
-        return IPCClientEndpoint(reactor, name, rundir, network, float(timeout))
+        _check_parts("ipc: client endpoint", extra, unknown, self.parameters)
+        try:
+            seconds = float(timeout)
+        except ValueError:
+            raise ValueError(
+                f"ipc: timeout: expected seconds, got {timeout!r}"
+            ) from None
+        return IPCClientEndpoint(reactor, name, rundir, network, seconds)
+
+
+def _number(key: str, text: str, base: int) -> int:
+    try:
+        return int(text, base)
+    except ValueError:
+        kind = "an octal number" if base == 8 else "a number"
+        raise ValueError(f"ipc: {key}: expected {kind}, got {text!r}") from None

@@ -92,16 +92,34 @@ def adopt_socket(fd: int) -> socket.socket:
     return socket.socket(fileno=fd)
 
 
+class _Capturing:
+    """
+    Builds the adopted connection's protocol with C{factory} and keeps it:
+    C{IReactorSocket.adoptStreamConnection} returns nothing to take it from.
+    """
+
+    def __init__(self, factory: IProtocolFactory) -> None:
+        self._factory = factory
+        self.protocol: Any = None
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 (Twisted's name)
+        self.protocol = self._factory.buildProtocol(addr)
+        return self.protocol
+
+
 def adopt_into_reactor(reactor: Any, fd: int, factory: IProtocolFactory) -> Any:
     """
     Adopt a received connected fd into the reactor with C{factory}; returns
-    the protocol built for it.  The original C{fd} is closed (the reactor
-    works on a duplicate).
+    the protocol built for it (C{HandoffError} if the factory built none).
+    The original C{fd} is closed (the reactor works on a duplicate).
     """
     sock = adopt_socket(fd)
+    capturing = _Capturing(factory)
     try:
         sock.setblocking(False)
-        transport = reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
+        reactor.adoptStreamConnection(sock.fileno(), sock.family, capturing)
     finally:
         sock.close()
-    return None if transport is None else transport.protocol
+    if capturing.protocol is None:
+        raise HandoffError("the protocol factory built no protocol for the connection")
+    return capturing.protocol

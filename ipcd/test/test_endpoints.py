@@ -6,19 +6,37 @@ and adopting the handed-over fd.
 
 from __future__ import annotations
 
+import grp
 import os
+import socket
 import stat
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    inlineCallbacks,
+)
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import ConnectError
-from twisted.internet.protocol import Factory
-from twisted.trial.unittest import TestCase
+from twisted.internet.interfaces import (
+    IStreamClientEndpointStringParserWithReactor,
+    IStreamServerEndpointStringParser,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
 
-from ipcd.endpoints import IPCClientEndpoint, IPCServerEndpoint
-from ipcd.handoff import HandoffError
+from ipcd.endpoints import (
+    IPCClientEndpoint,
+    IPCClientParser,
+    IPCServerEndpoint,
+    IPCServerParser,
+)
+from ipcd.handoff import HandoffError, adopt_into_reactor
 from ipcd.services.pongd import Pong
 from ipcd.test.support import (
     TIMEOUT,
@@ -60,6 +78,80 @@ def round_trip(case: TestCase, endpoint: Any) -> Any:
     return protocol
 
 
+class ParserTests(SynchronousTestCase):
+    """The C{ipc:} strings' grammar, without a socket."""
+
+    def test_interfaces(self) -> None:
+        """Both parsers provide Twisted's parser interfaces, verifiably."""
+        self.assertTrue(
+            verifyObject(IStreamServerEndpointStringParser, IPCServerParser())
+        )
+        self.assertTrue(
+            verifyObject(
+                IStreamClientEndpointStringParserWithReactor, IPCClientParser()
+            )
+        )
+
+    def test_serverParameters(self) -> None:
+        endpoint = serverFromString(
+            reactor, "ipc:authd:rundir=/r:mode=0600:backlog=7:group=wheel"
+        )
+        self.assertIsInstance(endpoint, IPCServerEndpoint)
+        self.assertEqual(endpoint.path, "/r/authd")
+        self.assertEqual(
+            (endpoint._mode, endpoint._backlog, endpoint._group),
+            (0o600, 7, "wheel"),
+        )
+
+    def test_clientParameters(self) -> None:
+        endpoint = clientFromString(
+            reactor, r"ipc:cnt:rundir=/r:network=cnt unix\://counter:timeout=2.5"
+        )
+        self.assertIsInstance(endpoint, IPCClientEndpoint)
+        self.assertEqual(
+            (endpoint.service, endpoint.rundir, endpoint.network, endpoint._timeout),
+            ("cnt", "/r", "cnt unix://counter", 2.5),
+        )
+
+    def test_unescapedColonNamesTheFix(self) -> None:
+        """
+        An unescaped C{:} in a value is an error saying how to escape it, not
+        a C{network='cnt unix'} and a C{rundir='//counter'} read silently.
+        """
+        error = self.assertRaises(
+            ValueError,
+            clientFromString,
+            reactor,
+            "ipc:cnt:network=cnt unix://counter",
+        )
+        self.assertEqual(
+            str(error),
+            "ipc: client endpoint: unexpected part '//counter' after the "
+            r"service name: a ':' inside a value must be escaped as '\:' (as in "
+            r"ipc:cnt:network=cnt unix\://counter); parameters: rundir=, "
+            "network=, timeout=",
+        )
+        error = self.assertRaises(
+            ValueError, serverFromString, reactor, "ipc:pong:/run/libipc"
+        )
+        self.assertIn(r"escaped as '\:'", str(error))
+        self.assertIn("'/run/libipc'", str(error))
+
+    def test_unknownParameter(self) -> None:
+        error = self.assertRaises(
+            ValueError, clientFromString, reactor, "ipc:pong:rundri=/r"
+        )
+        self.assertEqual(
+            str(error),
+            "ipc: client endpoint: unknown parameter 'rundri'; parameters: "
+            "rundir=, network=, timeout=",
+        )
+        error = self.assertRaises(
+            ValueError, serverFromString, reactor, "ipc:pong:mode=rw"
+        )
+        self.assertEqual(str(error), "ipc: mode: expected an octal number, got 'rw'")
+
+
 class ServerEndpointTests(TestCase):
     def setUp(self) -> None:
         self.rundir = short_rundir(self)
@@ -85,6 +177,20 @@ class ServerEndpointTests(TestCase):
         port = yield endpoint.listen(Factory.forProtocol(Pong))
         self.addCleanup(port.stopListening)
         self.assertEqual(stat.S_IMODE(os.lstat(self.path).st_mode), 0o600)
+
+    @inlineCallbacks
+    def test_group(self) -> Any:
+        """C{group=} owns the socket (another group than ours when root)."""
+        gid = os.getgid()
+        if os.geteuid() == 0:
+            gid = next((g.gr_gid for g in grp.getgrall() if g.gr_gid != gid), gid)
+        name = grp.getgrgid(gid).gr_name
+        endpoint = serverFromString(
+            reactor, f"ipc:echo:rundir={self.rundir}:group={name}"
+        )
+        port = yield endpoint.listen(Factory.forProtocol(Pong))
+        self.addCleanup(port.stopListening)
+        self.assertEqual(os.lstat(self.path).st_gid, gid)
 
     @inlineCallbacks
     def test_secondListenerFails(self) -> Any:
@@ -168,3 +274,99 @@ class ClientEndpointTests(RunningIpcdTestCase):
         yield wait_until(
             lambda: all(p.lost.called for p in protocols), "connections to close"
         )
+
+
+class SilentBroker(Protocol):
+    """Stands for an ipcd that reads a lookup and never answers."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.received = b""
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+class CancelTests(TestCase):
+    """A lookup that is never answered: connect() can be given up."""
+
+    def setUp(self) -> Any:
+        self.rundir = short_rundir(self)
+        self.factory = Factory.forProtocol(SilentBroker)
+        self.factory.connections = []
+        d = IPCServerEndpoint(reactor, "ipc", self.rundir).listen(self.factory)
+        return d.addCallback(lambda port: self.addCleanup(port.stopListening))
+
+    @inlineCallbacks
+    def lookupSent(self, timeout: float = TIMEOUT) -> Any:
+        endpoint = IPCClientEndpoint(
+            reactor, "pong", self.rundir, "pong unix://pong", timeout
+        )
+        connecting = endpoint.connect(Factory.forProtocol(EchoClient))
+        yield wait_until(
+            lambda: self.factory.connections and self.factory.connections[0].received,
+            "the lookup to arrive",
+        )
+        return connecting, self.factory.connections[0]
+
+    @inlineCallbacks
+    def test_cancelClosesTheLookup(self) -> Any:
+        before = yield fd_baseline()
+        connecting, broker = yield self.lookupSent()
+        connecting.cancel()
+        yield self.assertFailure(connecting, CancelledError)
+        yield broker.lost.addTimeout(TIMEOUT, reactor)
+        yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
+    def test_timeoutClosesTheLookup(self) -> Any:
+        connecting, broker = yield self.lookupSent(timeout=0.2)
+        yield self.assertFailure(connecting, TimeoutError)
+        yield broker.lost.addTimeout(TIMEOUT, reactor)
+
+    def test_cancelWhileConnecting(self) -> None:
+        """Before ipcd's socket accepted: the connection attempt stops."""
+        memory = MemoryReactorClock()
+        endpoint = IPCClientEndpoint(memory, "pong", "/r", "pong unix://pong")
+        connecting = endpoint.connect(Factory.forProtocol(EchoClient))
+        [(path, *_)] = memory.unixClients
+        self.assertEqual(path, "/r/ipc")
+        connector = memory.connectors[0]
+        connecting.cancel()
+        self.failureResultOf(connecting, CancelledError)
+        self.assertEqual(connector.stoppedConnecting, True)
+        self.assertEqual(memory.getDelayedCalls(), [])
+
+
+class AdoptTests(SynchronousTestCase):
+    """
+    adoptStreamConnection returns nothing by its interface
+    (C{IReactorSocket}): the protocol is taken from the factory's call.
+    """
+
+    def adopt(self, factory: Any) -> Any:
+        built: list[Any] = []
+
+        class Reactor:
+            def adoptStreamConnection(  # noqa: N802 (Twisted's name)
+                self, fd: int, family: int, factory: Any
+            ) -> None:
+                built.append(factory.buildProtocol(None))
+
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        return adopt_into_reactor(Reactor(), theirs.detach(), factory), built
+
+    def test_protocolFromTheFactory(self) -> None:
+        protocol, built = self.adopt(Factory.forProtocol(EchoClient))
+        self.assertIsInstance(protocol, EchoClient)
+        self.assertEqual(built, [protocol])
+
+    def test_noProtocol(self) -> None:
+        factory = Factory()
+        factory.buildProtocol = lambda addr: None  # type: ignore[method-assign]
+        self.assertRaises(HandoffError, self.adopt, factory)
