@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
 
 from ipcd.access import AccessDenied, OpenedSocket, open_socket
 from ipcd.config import Config
@@ -58,6 +59,41 @@ from ipcd.transports.external import ExternalDaemon
 from ipcd.wire import MessageProtocol, PartialMessageBudget
 
 
+class ILookupBroker(Interface):
+    """
+    What L{LookupProtocol} and L{LookupFactory} need of a broker: somebody
+    that serves a lookup payload, and says what bounds a lookup connection.
+    L{Broker} is one; L{ipcd.testing.FakeLookupBroker} another.
+    """
+
+    config = Attribute(
+        "The settings in force, read as each connection starts: "
+        "C{lookup_timeout} (seconds for the client to send its lookup), "
+        "C{max_message_size} (bytes, the longest lookup read) and "
+        "C{partial_message_budget} (bytes, for a factory without a shared "
+        "budget).  An L{ipcd.config.Config} has them."
+    )
+    counters = Attribute(
+        "A C{collections.Counter} of events (budget closes, refusals at the "
+        "connection limit), shown by C{ipcd status}."
+    )
+    reactor = Attribute(
+        "The C{IReactorTime} the lookup deadline runs on when the factory is "
+        "given no clock."
+    )
+
+    def open(payload: bytes, client: Peer) -> Deferred[socket.socket]:
+        """
+        Serve one lookup C{payload} (as framed by the client, unframed) for
+        C{client} (an L{ipcd.identity.Peer}): a C{Deferred} firing with the
+        connected socket to hand over, which the caller then owns and
+        closes, or failing with L{ipcd.errors.Refused} whose reason is
+        answered as C{ne <reason>}.  Cancelled when the client goes away
+        first.
+        """
+
+
+@implementer(ILookupBroker)
 class Broker:
     """
     Resolves and connects: for local clients through L{open}, for remote
@@ -382,16 +418,20 @@ def _reason(failure: Failure) -> str:
 class LookupProtocol(MessageProtocol):
     """
     One lookup per connection: read it, answer C{ok} with the connected fd in
-    SCM_RIGHTS, or C{ne <reason>} with no fd; then close.
+    SCM_RIGHTS, or C{ne <reason>} with no fd; then close.  A client that
+    sends no whole lookup within C{broker.config.lookup_timeout} seconds is
+    answered C{ne no lookup received within N s}: the deadline is
+    L{TimeoutMixin}'s (MessageProtocol's), timed on C{clock}.
     """
 
     log = Logger()
-    # The lookup deadline below bounds the connection: no idle timer too.
+    # The lookup deadline (TimeoutMixin's timer) bounds the connection: it
+    # is not reset by data, and there is no idle timer besides.
     idleTimeout = 0
 
     def __init__(
         self,
-        broker: Broker,
+        broker: ILookupBroker,
         clock: IReactorTime,
         partialBudget: PartialMessageBudget | None = None,  # noqa: N803
     ) -> None:
@@ -399,7 +439,6 @@ class LookupProtocol(MessageProtocol):
         self.clock = clock
         self.maxMessageSize = broker.config.max_message_size
         self.partialBudget = partialBudget
-        self._deadline: Any = None
         self._pending: Deferred[socket.socket] | None = None
         self._handed: socket.socket | None = None
         self._answered = False
@@ -421,14 +460,13 @@ class LookupProtocol(MessageProtocol):
                 limits.refuse(self.transport, b"ne " + refusal.encode())
                 return
             self._admitted = key
-        timeout = self.broker.config.lookup_timeout
-        self._deadline = self.clock.callLater(timeout, self._timedOut, timeout)
+        self.setTimeout(self.broker.config.lookup_timeout)
 
     def peerName(self) -> str:
         return str(self.client)
 
-    def _timedOut(self, timeout: float) -> None:
-        self._deadline = None
+    def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin's name)
+        timeout = self.timeOut
         self.log.info(
             "{who} sent no lookup within {timeout:g} s",
             who=str(self.client),
@@ -439,7 +477,7 @@ class LookupProtocol(MessageProtocol):
     def messageReceived(self, payload: bytes) -> None:
         if self._answered or self._pending is not None:
             return  # one lookup per connection; anything after it is ignored
-        self._cancelDeadline()
+        self.setTimeout(None)
         self._pending = self.broker.open(payload, self.client)
         self._pending.addCallbacks(self._answer_ok, self._answer_failure)
 
@@ -473,18 +511,13 @@ class LookupProtocol(MessageProtocol):
         if self._answered:
             return
         self._answered = True
+        self.setTimeout(None)
         discard_unread(self.transport)
         self.transport.write(b"ne " + reason.encode("utf-8", "replace"))
         self.transport.loseConnection()
 
-    def _cancelDeadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        super().connectionLost(reason)
-        self._cancelDeadline()
+        super().connectionLost(reason)  # and the deadline with it
         self._answered = True
         if self._admitted is not None:
             self.factory.limits.release(self._admitted)
@@ -500,16 +533,17 @@ class LookupProtocol(MessageProtocol):
 
 class LookupFactory(Factory):
     """
-    Builds a L{LookupProtocol} per client of C{RUNDIR/ipc}.  Their partial
-    lookups count against C{partialBudget}: ipcd's shared one, else a
-    private one of the configured size.
+    Builds a L{LookupProtocol} per client of C{RUNDIR/ipc}, for any
+    L{ILookupBroker}.  Their partial lookups count against C{partialBudget}:
+    ipcd's shared one, else a private one of the configured size.
+    Deadlines run on C{clock}, by default the broker's reactor.
     """
 
     noisy = False
 
     def __init__(
         self,
-        broker: Broker,
+        broker: ILookupBroker,
         clock: IReactorTime | None = None,
         partialBudget: PartialMessageBudget | None = None,  # noqa: N803
         limits: ConnectionLimits | None = None,

@@ -29,10 +29,13 @@ def send_ok(transport: Any, fd: int) -> None:
     would see C{o}.  So while nothing else is queued on the transport, send
     it ourselves; fall back to Twisted's way only if the socket is full.
     """
-    handle = transport.getHandle()
-    if not transport.dataBuffer and not transport._tempDataBuffer:
+    # Only on Twisted's own UNIX transport, and while it has nothing queued
+    # (its attributes, not an interface's): other transports, the fakes of
+    # ipcd.testing among them, go Twisted's way.
+    queued = getattr(transport, "dataBuffer", None)
+    if queued is not None and not queued and not transport._tempDataBuffer:
         try:
-            sent = handle.sendmsg(
+            sent = transport.getHandle().sendmsg(
                 [OK], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]))]
             )
         except BlockingIOError:

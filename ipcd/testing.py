@@ -1,0 +1,143 @@
+"""
+In-memory fakes for testing code built on ipcd, as C{treq.testing} does for
+treq: no socket listened on, no reactor running, time on a
+C{MemoryReactorClock}.  Each part of ipcd keeps its fakes in a block of its
+own below.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import Counter
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IUNIXTransport
+from twisted.internet.testing import (
+    MemoryReactorClock,
+    StringTransportWithDisconnection,
+)
+from zope.interface import implementer
+
+from ipcd.broker import ILookupBroker, LookupFactory, LookupProtocol
+from ipcd.config import Config
+from ipcd.errors import Refused
+from ipcd.identity import Peer
+
+# ---------------------------------------------------------------------------
+# Lookups: a fake broker behind ipcd's lookup protocol, and a UNIX transport
+# that records the descriptors handed over.
+# ---------------------------------------------------------------------------
+
+
+@implementer(ILookupBroker)
+class FakeLookupBroker:
+    """
+    An L{ILookupBroker} for L{LookupFactory}: answers each lookup C{ok}
+    with one end of a new socket pair (the other end is appended to
+    C{peers}, for the test to talk through), or, after L{refuse}, C{ne
+    <reason>}; after L{hold}, leaves lookups pending in C{pending} until
+    the test fires them (or the client leaves: C{cancelled}).
+
+    Every lookup is recorded in C{lookups} as C{(payload, client)}: parse
+    a payload with L{ipcd.routes.parse_lookup}.  C{config} defaults to a
+    default L{Config}; C{reactor} (the lookup deadline's clock) to a new
+    C{MemoryReactorClock}.  L{close} closes the peers' ends.
+    """
+
+    def __init__(self, config: Config | None = None, clock: Any = None) -> None:
+        self.config = config if config is not None else Config(rundir="/nonexistent")
+        self.reactor = clock if clock is not None else MemoryReactorClock()
+        self.counters: Counter[str] = Counter()
+        self.lookups: list[tuple[bytes, Peer]] = []
+        self.peers: list[socket.socket] = []
+        self.pending: list[Deferred[socket.socket]] = []
+        self.cancelled: list[Deferred[socket.socket]] = []
+        self._refusal: str | None = None
+        self._holding = False
+
+    def refuse(self, reason: str) -> None:
+        """Answer the next lookups C{ne <reason>}."""
+        self._refusal, self._holding = reason, False
+
+    def hold(self) -> None:
+        """Leave the next lookups unanswered, in C{pending}."""
+        self._refusal, self._holding = None, True
+
+    def accept(self) -> None:
+        """Answer the next lookups C{ok} (the default)."""
+        self._refusal, self._holding = None, False
+
+    def connected(self) -> socket.socket:
+        """A socket to hand over; its other end joins C{peers}."""
+        ours, theirs = socket.socketpair()
+        self.peers.append(ours)
+        return theirs
+
+    def open(self, payload: bytes, client: Peer) -> Deferred[socket.socket]:
+        self.counters["lookups"] += 1
+        self.lookups.append((payload, client))
+        if self._refusal is not None:
+            return fail(Refused(self._refusal))
+        if self._holding:
+            d: Deferred[socket.socket] = Deferred(self.cancelled.append)
+            self.pending.append(d)
+            return d
+        return succeed(self.connected())
+
+    def close(self) -> None:
+        for sock in self.peers:
+            sock.close()
+
+
+@implementer(IUNIXTransport)
+class FakeUNIXTransport(StringTransportWithDisconnection):
+    """
+    A C{StringTransport} for a UNIX socket: C{sendFileDescriptor} keeps a
+    duplicate of each descriptor (as the kernel passes one) in C{handed},
+    as a socket object the test reads and writes and must close (L{close}
+    does); C{loseConnection} runs the protocol's C{connectionLost}.
+
+    C{handle} is what C{getHandle()} returns: a connected AF_UNIX socket
+    makes ipcd read its peer's credentials (this process's, through a
+    socket pair); C{None} leaves the client unknown.
+    """
+
+    def __init__(self, handle: socket.socket | None = None) -> None:
+        super().__init__()
+        self.handle = handle
+        self.handed: list[socket.socket] = []
+
+    def getHandle(self) -> Any:  # noqa: N802 (Twisted's name)
+        return self.handle
+
+    def sendFileDescriptor(self, fd: int) -> None:  # noqa: N802 (Twisted's name)
+        self.handed.append(socket.socket(fileno=os.dup(fd)))
+
+    def loseConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        self.disconnecting = True
+        super().loseConnection()
+
+    def abortConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        self.loseConnection()
+
+    def close(self) -> None:
+        for sock in self.handed:
+            sock.close()
+
+
+def lookup_connection(
+    factory: LookupFactory, transport: FakeUNIXTransport | None = None
+) -> tuple[LookupProtocol, FakeUNIXTransport]:
+    """
+    A client connected to C{factory} (a L{LookupFactory}) over C{transport}
+    (a new L{FakeUNIXTransport} by default): feed it C{protocol.dataReceived
+    (ipcd.wire.encode(payload))}, read C{transport.value()} and
+    C{transport.handed}.
+    """
+    transport = transport if transport is not None else FakeUNIXTransport()
+    protocol = factory.buildProtocol(None)
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    return protocol, transport
