@@ -15,9 +15,14 @@ import os
 import socket
 from typing import Any
 
+from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.internet.interfaces import (
+    IReadDescriptor,
+    IResolutionReceiver,
+    IWriteDescriptor,
+)
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
@@ -222,3 +227,47 @@ async def connect_tcp(
     except BaseException:
         sock.close()
         raise
+
+
+@implementer(IResolutionReceiver)
+class _Addresses:
+    """
+    Collects what C{IHostnameResolver.resolveHostName} finds as socket
+    addresses; C{done} fires with them, in the resolver's order.
+    """
+
+    def __init__(self) -> None:
+        self.found: list[tuple[int, Any]] = []
+        self.done: Deferred[list[tuple[int, Any]]] = Deferred()
+
+    def resolutionBegan(self, resolution: Any) -> None:  # noqa: N802
+        pass
+
+    def addressResolved(self, address: Any) -> None:  # noqa: N802
+        if isinstance(address, IPv6Address):
+            where = (address.host, address.port, address.flowInfo, address.scopeID)
+            self.found.append((socket.AF_INET6, where))
+        else:
+            self.found.append((socket.AF_INET, (address.host, address.port)))
+
+    def resolutionComplete(self) -> None:  # noqa: N802
+        self.done.callback(self.found)
+
+
+async def resolve_host(reactor: Any, host: str, port: int) -> list[tuple[int, Any]]:
+    """
+    C{host}'s stream addresses as C{(family, sockaddr)}, by the reactor's
+    C{nameResolver} (an C{IHostnameResolver}: getaddrinfo in the reactor's
+    thread pool by default, or whatever resolver the application installed).
+    None found raises C{OSError("no address found")} (the resolver does not
+    say why); a name that the IDNA codec cannot encode, C{UnicodeError}.
+    """
+    # getaddrinfo would raise it in the resolver's thread, and the resolver
+    # would never say that it completed.
+    host.encode("idna")
+    receiver = _Addresses()
+    reactor.nameResolver.resolveHostName(receiver, host, port)
+    found = await receiver.done
+    if not found:
+        raise OSError("no address found")
+    return found

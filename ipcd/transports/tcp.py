@@ -24,7 +24,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -37,7 +36,13 @@ from ipcd.logs import printable
 from ipcd.relay import READ_SIZE, RelayLoop, RelayStats, take_socket
 from ipcd.routes import RemoteURI, RouteError, parse_uri
 from ipcd.services import IPCService
-from ipcd.sockets import connect_tcp, read_exactly, read_to_eof, write_all
+from ipcd.sockets import (
+    connect_tcp,
+    read_exactly,
+    read_to_eof,
+    resolve_host,
+    write_all,
+)
 from ipcd.transports import ITransport
 
 SCHEME = "tcp"
@@ -55,16 +60,7 @@ async def _addresses(reactor: Any, host: str, port: int) -> list[tuple[int, Any]
     else:
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         return [(family, (host, port))]
-    infos = await deferToThreadPool(
-        reactor,
-        reactor.getThreadPool(),
-        socket.getaddrinfo,
-        host,
-        port,
-        0,
-        socket.SOCK_STREAM,
-    )
-    return [(family, addr) for family, _t, _p, _c, addr in infos]
+    return await resolve_host(reactor, host, port)
 
 
 async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socket:
@@ -76,10 +72,10 @@ async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socke
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         addresses = await _addresses(reactor, host, port)
-    except OSError as e:  # socket.gaierror among them
+    except OSError as e:  # no address found
         raise Refused(f"cannot resolve {host!r}: {e.strerror or e}")
     except UnicodeError:
-        # The IDNA codec getaddrinfo applies; routes.check_host keeps such
+        # The IDNA codec the resolver applies; routes.check_host keeps such
         # names out, this keeps any other caller's from being a traceback.
         raise Refused(f"cannot resolve {host!r}: not a valid host name")
     sock = None
