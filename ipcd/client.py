@@ -6,8 +6,10 @@ and exchange framed messages.
     send_message(sock, b"hello")
     assert recv_message(sock) == b"hello"
 
-For Twisted programs, see L{ipcd.endpoints.IPCClientEndpoint} (or the
-C{ipc:} endpoint strings).
+It imports no Twisted: a program that only connects need not have it
+loaded.  For Twisted programs, see L{ipcd.endpoints.IPCClientEndpoint} (or
+the C{ipc:} endpoint strings); C{ipcd.client.IPCClientEndpoint} and
+C{IPCServerEndpoint} still name them, imported when first used.
 """
 
 from __future__ import annotations
@@ -15,21 +17,35 @@ from __future__ import annotations
 import os
 import socket
 import time
+from typing import Any
 
-from ipcd.endpoints import BROKER_NAME, IPCClientEndpoint, IPCServerEndpoint
+from ipcd.framing import recv_message, send_message
 from ipcd.handoff import HandoffError, receive_fd
-from ipcd.names import resolve_rundir, socket_path, validate_service_name
+from ipcd.names import (
+    BROKER_NAME,
+    resolve_rundir,
+    socket_path,
+    validate_service_name,
+)
 from ipcd.routes import encode_lookup
-from ipcd.wire import recv_message, send_message
 
 __all__ = [
     "HandoffError",
-    "IPCClientEndpoint",
-    "IPCServerEndpoint",
     "connect",
     "recv_message",
     "send_message",
 ]
+
+_TWISTED_NAMES = ("IPCClientEndpoint", "IPCServerEndpoint")
+
+
+def __getattr__(name: str) -> Any:
+    """The Twisted endpoint classes, imported (with Twisted) on first use."""
+    if name in _TWISTED_NAMES:
+        from ipcd import endpoints
+
+        return getattr(endpoints, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _connect_unix(sock: socket.socket, path: str, timeout: float | None) -> None:

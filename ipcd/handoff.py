@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 import socket
 from array import array
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IProtocolFactory
+if TYPE_CHECKING:  # the blocking client imports this module: no Twisted
+    from twisted.internet.interfaces import IProtocolFactory
 
 OK = b"ok"
 

@@ -28,10 +28,18 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+# The blocking side of the framing needs no Twisted: it lives in
+# ipcd.framing (for ipcd.client), and is this module's too.
+from ipcd.framing import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
+from ipcd.framing import HEADER as HEADER
+from ipcd.framing import MessageTooLarge as MessageTooLarge
+from ipcd.framing import encode as encode
+from ipcd.framing import recv_exactly as recv_exactly
+from ipcd.framing import recv_message as recv_message
+from ipcd.framing import send_message as send_message
+
 DEFAULT_PARTIAL_MESSAGE_BUDGET = 64 * 1024 * 1024
 DEFAULT_IDLE_TIMEOUT = 300.0
-HEADER = struct.Struct("!I")
 _UCRED = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 # What the budget charges per piece of a partial message besides its bytes:
 # a bytes object and its list slot (about 48 bytes in CPython), so a peer
@@ -45,20 +53,6 @@ _join = b"".join
 def _current(value: Any) -> Any:
     """A setting given as a value, or as a callable returning the current one."""
     return value() if callable(value) else value
-
-
-class MessageTooLarge(ValueError):
-    """A peer announced a message larger than the configured maximum."""
-
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"message of {size} bytes exceeds the limit of {limit} bytes")
-        self.size = size
-        self.limit = limit
-
-
-def encode(payload: bytes) -> bytes:
-    """One framed message: header and payload together, ready for one write."""
-    return HEADER.pack(len(payload)) + payload
 
 
 class LimitLog:
@@ -416,36 +410,3 @@ class MessageFactory(Factory):
         protocol.partialBudget = self.partialBudget
         protocol.idleLog = self.idleLog
         return protocol
-
-
-# Blocking helpers for plain sockets.
-
-
-def send_message(sock: socket.socket, payload: bytes) -> None:
-    """Send one framed message on a blocking socket, in one write."""
-    sock.sendall(encode(payload))
-
-
-def recv_exactly(sock: socket.socket, count: int) -> bytes:
-    """Read exactly C{count} bytes or raise C{EOFError}."""
-    chunks = []
-    remaining = count
-    while remaining:
-        chunk = sock.recv(min(remaining, 1 << 20))
-        if not chunk:
-            raise EOFError(
-                f"connection closed after {count - remaining} of {count} bytes"
-            )
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
-def recv_message(
-    sock: socket.socket, max_size: int = DEFAULT_MAX_MESSAGE_SIZE
-) -> bytes:
-    """Read one framed message from a blocking socket."""
-    (size,) = HEADER.unpack(recv_exactly(sock, HEADER.size))
-    if size > max_size:
-        raise MessageTooLarge(size, max_size)
-    return recv_exactly(sock, size)

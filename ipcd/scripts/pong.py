@@ -3,6 +3,8 @@ pong: send one message to a libipc echo service and print the answer.
 
     pong hello                      # to RUNDIR/pong, or through ipcd when
     IPC_NETWORK="pong unix://pong" pong hello   # IPC_NETWORK is set
+
+Like the blocking client it uses, it imports no Twisted.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import os
 import sys
 
 from ipcd.client import connect
+from ipcd.framing import MessageTooLarge, recv_message, send_message
 from ipcd.names import InvalidServiceName, resolve_rundir, socket_path
-from ipcd.wire import MessageTooLarge, recv_message, send_message
 
 
 def _where(service: str, rundir: str | None) -> str:

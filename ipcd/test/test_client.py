@@ -129,6 +129,37 @@ class PongCommandTests(RunningIpcdTestCase):
         self.assertEqual((code, out), (1, ""))
         self.assertIn("'../etc'", err)
 
+    @inlineCallbacks
+    def test_importsNoTwisted(self) -> Any:
+        """
+        The blocking client and pong import no Twisted (nor zope), even
+        when a lookup goes through ipcd; the Twisted endpoint classes are
+        still importable from L{ipcd.client}, Twisted with them.
+        """
+        code = (
+            "import sys\n"
+            "import ipcd.client\n"
+            "from ipcd.scripts import pong\n"
+            f"status = pong.main(['--rundir', {self.rundir!r}, 'through'])\n"
+            "loaded = sorted(m for m in sys.modules\n"
+            "                if m.split('.')[0] in ('twisted', 'zope'))\n"
+            "print(status, loaded)\n"
+            "from ipcd.client import IPCClientEndpoint\n"
+            "print(IPCClientEndpoint.__module__, 'twisted' in sys.modules)\n"
+        )
+        env = python_env(IPC_NETWORK="pong unix://pong", RUNDIR=self.rundir)
+        result = yield deferToThread(
+            subprocess.run,
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        self.assertEqual(result.stderr, "")
+        self.assertEqual(result.stdout, "through\n0 []\nipcd.endpoints True\n")
+        self.assertEqual(self.service.broker.counters["lookups"], 1)
+
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
 
