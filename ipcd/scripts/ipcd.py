@@ -3,7 +3,10 @@ ipcd: run the same service as `twistd -n ipcd`, in the foreground; or talk
 to a running one:
 
     ipcd status [--json] [--rundir DIR]
-    ipcd reload [--rundir DIR]
+    ipcd reload [--json] [--rundir DIR]
+
+(usage.Options subcommands).  The options are parsed, and the configuration
+loaded, once: twistd is handed them parsed (L{run_twistd}).
 
 Besides twistd's quoted style (`--redirect "authd nextversion-authd"`), it
 takes the seed's unquoted one:
@@ -50,30 +53,25 @@ def join_words(argv: list[str]) -> list[str]:
     return out
 
 
-def control(argv: list[str]) -> int:
+def control(command: str, rundir: str | None = None, as_json: bool = False) -> int:
     """C{ipcd status} and C{ipcd reload}: ask the running instance."""
-    import argparse
     import json
 
     from ipcd.control import format_status, request
     from ipcd.names import CONTROL_NAME, resolve_rundir, socket_path
 
-    parser = argparse.ArgumentParser(prog=f"ipcd {argv[0]}")
-    parser.add_argument("--rundir", help="socket directory (default: $RUNDIR)")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    args = parser.parse_args(argv[1:])
     try:
-        answer = request(argv[0], args.rundir)
+        answer = request(command, rundir)
     except (OSError, ValueError, EOFError) as e:
-        path = socket_path(resolve_rundir(args.rundir), CONTROL_NAME)
+        path = socket_path(resolve_rundir(rundir), CONTROL_NAME)
         print(
-            f"ipcd {argv[0]}: cannot reach ipcd's control socket {path}: {e}",
+            f"ipcd {command}: cannot reach ipcd's control socket {path}: {e}",
             file=sys.stderr,
         )
         return 1
-    if args.json:
+    if as_json:
         print(json.dumps(answer, indent=2))
-    elif argv[0] == "status":
+    elif command == "status":
         print(format_status(answer))
     elif answer.get("ok"):
         restart = answer.get("restart_needed")
@@ -87,8 +85,33 @@ def control(argv: list[str]) -> int:
 
 
 def _command_options() -> Any:
-    """twistd ipcd's options, with the C{ipcd} command's synopsis and flag."""
+    """
+    twistd ipcd's options (L{ipcd.tap.Options}), with the C{ipcd} command's
+    synopsis, its C{--json-log} flag and its C{status} and C{reload}
+    subcommands.  Without a subcommand, parsing loads the configuration,
+    once: twistd is then handed these options, not the command line.
+    """
+    from twisted.python import usage
+
     from ipcd.tap import Options
+
+    class ControlOptions(usage.Options):
+        optFlags = [["json", None, "Print ipcd's answer as JSON."]]
+        optParameters = [
+            [
+                "rundir",
+                None,
+                None,
+                "The socket directory (default: ipcd's --rundir before the "
+                "command, else $RUNDIR, else /tmp/libipc-run).",
+            ]
+        ]
+
+    class StatusOptions(ControlOptions):
+        synopsis = "Usage: ipcd status [--json] [--rundir DIR]"
+
+    class ReloadOptions(ControlOptions):
+        synopsis = "Usage: ipcd reload [--json] [--rundir DIR]"
 
     class CommandOptions(Options):
         synopsis = (
@@ -96,7 +119,7 @@ def _command_options() -> Any:
             "(twistd -n ipcd)\n"
             "       ipcd status [--json] [--rundir DIR]\n"
             "                              ask the running ipcd how it is\n"
-            "       ipcd reload [--rundir DIR]\n"
+            "       ipcd reload [--json] [--rundir DIR]\n"
             "                              make it re-read its configuration"
         )
         optFlags = [
@@ -107,34 +130,67 @@ def _command_options() -> Any:
                 "ipcd.logs.json_observer).",
             ]
         ]
+        subCommands = [
+            ["status", None, StatusOptions, "Ask the running ipcd how it is."],
+            [
+                "reload",
+                None,
+                ReloadOptions,
+                "Make the running ipcd re-read its configuration.",
+            ],
+        ]
+
+        def postOptions(self) -> None:
+            if self.subCommand is None:
+                super().postOptions()  # the configuration, loaded here only
 
     return CommandOptions()
 
 
+def run_twistd(options: Any) -> None:
+    """
+    Run C{options} (parsed C{ipcd} options, configuration loaded) as
+    C{twistd --nodaemon --pidfile= ipcd} would, without parsing (and
+    loading) them again: twistd's options are parsed, then given the
+    C{ipcd} subcommand with these as its options, as its parser would.
+    """
+    from twisted.scripts import twistd
+
+    from twisted.plugins.ipcd_plugin import ipcd as service_maker
+
+    server = twistd.ServerOptions()
+    args = ["--nodaemon", "--pidfile="]
+    if options["json-log"]:
+        args += ["--logger", "ipcd.logs.json_observer"]
+    server.parseOptions(args)
+    server.subCommand = service_maker.tapname
+    server.subOptions = options
+    options.parent = server
+    server.loadedPlugins = {service_maker.tapname: service_maker}
+    server["no_save"] = True  # what twistd's postOptions does for a subcommand
+    sys.argv = ["ipcd", *args, "ipcd"]  # for twistd's messages
+    twistd.runApp(server)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] in ("status", "reload"):
-        sys.exit(control(args))
     from twisted.python import usage
 
     from ipcd.tap import usage_line
 
-    args = join_words(args)
-    # Check the options here: twistd would bury the error under its help.
+    args = join_words(sys.argv[1:] if argv is None else list(argv))
     options = _command_options()
     try:
         options.parseOptions(args)
     except usage.UsageError as e:
-        # One line, status 1 as for every other start-up failure.
-        sys.exit(f"ipcd: {usage_line(e, 'ipcd')}")
-    twistd_options = ["--nodaemon", "--pidfile="]
-    if options["json-log"]:
-        twistd_options += ["--logger", "ipcd.logs.json_observer"]
-    args = [arg for arg in args if arg != "--json-log"]
-    from twisted.scripts.twistd import run
-
-    sys.argv = ["ipcd", *twistd_options, "ipcd", *args]
-    run()
+        # One line, status 1 as for every other start-up failure (twistd
+        # would bury the error under its help).
+        command = " ".join(["ipcd", *filter(None, [options.subCommand])])
+        sys.exit(f"ipcd: {usage_line(e, command)}")
+    if options.subCommand is not None:
+        sub = options.subOptions
+        rundir = sub["rundir"] or options["rundir"]
+        sys.exit(control(options.subCommand, rundir, sub["json"]))
+    run_twistd(options)
 
 
 if __name__ == "__main__":

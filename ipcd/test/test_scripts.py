@@ -1,7 +1,8 @@
 """
 Tests for L{ipcd.scripts.ipcd}: L{join_words} (the seed's unquoted flag
-style becomes twistd's quoted one), and what C{ipcd status} says when no
-ipcd answers.
+style becomes twistd's quoted one), the C{status} and C{reload}
+subcommands, what C{ipcd status} says when no ipcd answers, and that the
+C{ipcd} command parses its options (and loads the configuration) once.
 """
 
 from __future__ import annotations
@@ -10,25 +11,91 @@ import io
 import os
 import sys
 import tempfile
+from typing import Any
 
+from twisted.scripts import twistd
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd.scripts.ipcd import control, join_words
+from ipcd import tap
+from ipcd.logs import json_observer
+from ipcd.scripts.ipcd import control, join_words, main
 
 
 class ControlTests(SynchronousTestCase):
-    def test_noIpcdNamesTheSocket(self) -> None:
-        rundir = tempfile.mkdtemp(prefix="ipcd-", dir="/tmp")
-        self.addCleanup(os.rmdir, rundir)
-        err = io.StringIO()
-        self.patch(sys, "stderr", err)
-        self.assertEqual(control(["status", "--rundir", rundir]), 1)
-        path = os.path.join(rundir, "ipcd-control")
-        self.assertEqual(
-            err.getvalue(),
-            f"ipcd status: cannot reach ipcd's control socket {path}: "
-            "[Errno 2] No such file or directory\n",
+    def setUp(self) -> None:
+        self.rundir = tempfile.mkdtemp(prefix="ipcd-", dir="/tmp")
+        self.addCleanup(os.rmdir, self.rundir)
+        self.err = io.StringIO()
+        self.patch(sys, "stderr", self.err)
+
+    def unreachable(self, command: str = "status") -> str:
+        path = os.path.join(self.rundir, "ipcd-control")
+        return (
+            f"ipcd {command}: cannot reach ipcd's control socket {path}: "
+            "[Errno 2] No such file or directory\n"
         )
+
+    def test_noIpcdNamesTheSocket(self) -> None:
+        self.assertEqual(control("status", self.rundir), 1)
+        self.assertEqual(self.err.getvalue(), self.unreachable())
+
+    def test_subcommands(self) -> None:
+        """
+        C{ipcd status} and C{ipcd reload} are subcommands (exit status 1
+        when no ipcd answers); the rundir may come before the command.
+        Neither loads a configuration.
+        """
+        self.patch(tap, "load_config", lambda *a: self.fail("config loaded"))
+        for argv in (
+            ["status", "--rundir", self.rundir],
+            ["status", "--json", "--rundir", self.rundir],
+            ["--rundir", self.rundir, "status"],
+            ["reload", "--rundir", self.rundir],
+        ):
+            self.err.truncate(0)
+            self.err.seek(0)
+            exit = self.assertRaises(SystemExit, main, argv)
+            self.assertEqual(exit.code, 1)
+            command = "reload" if "reload" in argv else "status"
+            self.assertEqual(self.err.getvalue(), self.unreachable(command))
+
+    def test_subcommandError(self) -> None:
+        exit = self.assertRaises(SystemExit, main, ["status", "--bogus"])
+        self.assertEqual(
+            exit.code, "ipcd: option --bogus not recognized (see ipcd status --help)"
+        )
+        exit = self.assertRaises(SystemExit, main, ["restart"])
+        self.assertEqual(exit.code, "ipcd: Unknown command: restart (see ipcd --help)")
+
+
+class RunTests(SynchronousTestCase):
+    """The C{ipcd} command hands twistd its options parsed once."""
+
+    def test_parsedAndLoadedOnce(self) -> None:
+        loads: list[Any] = []
+        load_config = tap.load_config
+
+        def counting(*args: Any) -> Any:
+            loads.append(args)
+            return load_config(*args)
+
+        ran: list[Any] = []
+        self.patch(tap, "load_config", counting)
+        self.patch(twistd, "runApp", ran.append)
+        self.patch(sys, "argv", list(sys.argv))
+        main(["--rundir", "/r", "--no-tcp", "--allow", "in", "authd", "--json-log"])
+        self.assertEqual(len(loads), 1)
+        [server] = ran
+        self.assertEqual(server.subCommand, "ipcd")
+        self.assertEqual(server.loadedPlugins["ipcd"].tapname, "ipcd")
+        options = server.subOptions
+        self.assertIs(options.parent, server)
+        self.assertEqual(options.config.rundir, "/r")
+        self.assertEqual([str(r) for r in options.config.rules], ["allow in authd *"])
+        self.assertEqual(
+            (server["nodaemon"], server["pidfile"], server["no_save"]), (1, "", True)
+        )
+        self.assertIs(server["logger"], json_observer)
 
 
 class JoinWordsTests(SynchronousTestCase):
