@@ -27,6 +27,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from ipcd.access import AccessDenied, OpenedSocket, open_socket
 from ipcd.config import Config
+from ipcd.daemons import BoundOutbound, IOutbound, settings_of
 from ipcd.errors import Refused
 from ipcd.handoff import send_ok
 from ipcd.identity import Peer, local_peer
@@ -54,7 +55,6 @@ from ipcd.routes import (
     parse_lookup,
 )
 from ipcd.sockets import connect_unix, discard_unread, with_deadline
-from ipcd.transports import ITransport
 from ipcd.transports.external import ExternalDaemon
 from ipcd.wire import MessageProtocol, PartialMessageBudget
 
@@ -106,10 +106,12 @@ class Broker:
         self,
         config: Config,
         reactor: Any,
-        transports: Mapping[str, ITransport] | None = None,
+        transports: Mapping[str, IOutbound] | None = None,
     ) -> None:
         self.reactor = reactor
-        self.transports: dict[str, ITransport] = dict(transports or {})
+        # Outbound halves by scheme that take precedence over the protocol
+        # daemons of the registry (config.registry): test doubles, say.
+        self.transports: dict[str, IOutbound] = dict(transports or {})
         # Live relayed connections (ipcd.relay.RelayStats), for status.
         self.relays: set[Any] = set()
         self.counters: Counter[str] = Counter()
@@ -302,8 +304,22 @@ class Broker:
         return opened
 
     def own_names(self) -> set[str]:
-        """The RUNDIR names of ipcd's own sockets and its daemons' sockets."""
-        return {*OWN_NAMES, *self.transports, *self.config.external_daemons}
+        """
+        The RUNDIR names of ipcd's own sockets and its daemons' sockets:
+        every registered protocol daemon's C{RUNDIR/SCHEME}, running or not,
+        and each external daemon's.
+        """
+        return {
+            *OWN_NAMES,
+            *self.config.registry,
+            *self.transports,
+            *self.config.external_daemons,
+        }
+
+    def _in_process_names(self) -> set[str]:
+        """ipcd's own sockets and those of the daemons it runs itself."""
+        running = (d.scheme for d in self.config.registry.enabled(self.config))
+        return {*OWN_NAMES, *running}
 
     def own_sockets_listening(self, listening: bool = True) -> None:
         """
@@ -312,13 +328,16 @@ class Broker:
         """
         self._fixed_inodes = None
         if listening:
-            self._fixed_inodes = self._inodes({*OWN_NAMES, *self.transports})
+            self._fixed_inodes = self._inodes(self._in_process_names())
 
     def _own_inodes(self) -> set[tuple[int, int]]:
         if self._fixed_inodes is None:
             return self._inodes(self.own_names())
-        # External daemons restart on their own: looked up each time.
-        return self._fixed_inodes | self._inodes(self.config.external_daemons)
+        # Other daemons (external ones) restart on their own: looked up each
+        # time.
+        return self._fixed_inodes | self._inodes(
+            self.own_names() - self._in_process_names()
+        )
 
     def _inodes(self, names: Any) -> set[tuple[int, int]]:
         inodes = set()
@@ -355,13 +374,17 @@ class Broker:
             outcome=printable(outcome),
         )
 
-    def transport_for(self, scheme: str) -> ITransport:
+    def transport_for(self, scheme: str) -> IOutbound:
         """
-        The in-process transport for C{scheme}, else the external daemon the
-        admin configured for it; never a socket a client names by scheme.
+        The outbound half for C{scheme}: the in-process protocol daemon's
+        when the configuration enables it, else the external daemon the admin
+        configured for it; never a socket a client names by scheme.
         """
         if scheme in self.transports:
             return self.transports[scheme]
+        daemon = self.config.registry.get(scheme)
+        if daemon is not None and daemon.enabled(settings_of(self.config, daemon)):
+            return BoundOutbound(daemon, self)
         if scheme not in self.config.external_daemons:
             raise Refused(f"no transport for scheme {scheme!r}")
         path = socket_path(self.config.rundir, scheme)

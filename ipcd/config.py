@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ipcd.daemons import Registry, default_registry
 from ipcd.names import (
     OWN_NAMES,
     InvalidServiceName,
@@ -26,8 +27,6 @@ from ipcd.names import (
 from ipcd.policy import Grant, Rule, RuleError, parse_grant, parse_rule
 from ipcd.routes import URI, RouteError, parse_uri
 from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
-
-DEFAULT_TCP_LISTEN = "tcp:9000:interface=127.0.0.1"
 
 
 class ConfigError(ValueError):
@@ -44,8 +43,6 @@ class Config:
     redirects: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     routes: Mapping[str, URI] = field(default_factory=lambda: MappingProxyType({}))
     pongd: bool = True
-    tcp_listen: str | None = DEFAULT_TCP_LISTEN
-    tcp_handshake_timeout: float = 5.0
     rules: tuple[Rule, ...] = ()
     grants: tuple[Grant, ...] = ()
     # Schemes served by an external daemon listening on RUNDIR/SCHEME.
@@ -59,63 +56,72 @@ class Config:
     partial_message_budget: int = 64 * 1024 * 1024  # bytes, all connections
     idle_timeout: float = 300.0  # service connections and relays; 0: none
     control_timeout: float = 10.0  # a control request, start to answer
+    # Each protocol daemon's section (by section name: "tcpd"), as validated;
+    # ipcd.daemons.settings_of fills in the defaults.
+    daemons: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    # The protocol daemons this configuration was validated against.
+    registry: Registry = field(
+        default_factory=default_registry, compare=False, repr=False
+    )
     source: str | None = None
 
 
-# section -> key -> (checker, Config attribute); checkers return the value to
-# keep or raise _Bad(expectation).
-class _Bad(Exception):
-    pass
+# Checkers (the core's, and protocol daemons' settings): each returns the value
+# to keep, or raises Expected(expectation) or Invalid(what is wrong).
+class Expected(Exception):
+    """A value of the wrong shape: C{expected <this>, got <value>}."""
 
 
-class _Invalid(Exception):
+class Invalid(Exception):
     """A value of the right shape that names nothing usable: said as it is."""
 
 
-def _positive_number(value: Any) -> float:
+def positive_number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise _Bad("a number of seconds greater than 0")
+        raise Expected("a number of seconds greater than 0")
     return float(value)
 
 
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise _Bad("a whole number greater than 0")
+        raise Expected("a whole number greater than 0")
     return value
 
 
 def _non_negative_number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise _Bad("a number of seconds, 0 or more (0: no deadline)")
+        raise Expected("a number of seconds, 0 or more (0: no deadline)")
     return float(value)
 
 
 def _prefix(bits: int) -> Any:
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _Bad(f"a prefix length from 0 to {bits}")
+            raise Expected(f"a prefix length from 0 to {bits}")
         if not 0 <= value <= bits:
-            raise _Bad(f"a prefix length from 0 to {bits}")
+            raise Expected(f"a prefix length from 0 to {bits}")
         return value
 
     return check
 
 
-def _boolean(value: Any) -> bool:
+def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _Bad("true or false")
+        raise Expected("true or false")
     return value
 
 
 def _string(value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise _Bad("a non-empty string")
+        raise Expected("a non-empty string")
     return value
 
 
-def _endpoint(value: Any) -> str:
+def endpoint(value: Any) -> str:
     if not isinstance(value, str) or ":" not in value:
-        raise _Bad("an endpoint string like 'tcp:9000:interface=127.0.0.1'")
+        raise Expected("an endpoint string like 'tcp:9000:interface=127.0.0.1'")
     check_server_endpoint(value)
     return value
 
@@ -131,7 +137,7 @@ def _server_endpoint_types() -> list[str]:
 
 def check_server_endpoint(description: str) -> None:
     """
-    Raise L{_Invalid} unless Twisted's C{serverFromString} would accept
+    Raise L{Invalid} unless Twisted's C{serverFromString} would accept
     C{description}: a known type (built in or a plugin) and, for the built-in
     C{tcp} and C{unix}, arguments their parsers take.  Needs no reactor and
     listens on nothing, so a bad listener is refused when the configuration
@@ -143,10 +149,10 @@ def check_server_endpoint(description: str) -> None:
     try:
         kind = _parse(description)[0][0].lower()
     except (ValueError, IndexError) as e:
-        raise _Invalid(f"invalid endpoint string {description!r}: {e}") from None
+        raise Invalid(f"invalid endpoint string {description!r}: {e}") from None
     known = _server_endpoint_types()
     if kind not in known:
-        raise _Invalid(
+        raise Invalid(
             f"unknown endpoint type {kind!r} in {description!r} "
             f"(known: {', '.join(known)})"
         )
@@ -159,7 +165,7 @@ def check_server_endpoint(description: str) -> None:
         reason = re.sub(r"^_?\w+\(\) ", "", str(e))
         if "::" in description:
             reason += r" (a ':' inside a value is written '\:', as in interface=\:\:1)"
-        raise _Invalid(f"invalid endpoint {description!r}: {reason}") from None
+        raise Invalid(f"invalid endpoint {description!r}: {reason}") from None
 
 
 def _group(value: Any) -> str:
@@ -167,7 +173,7 @@ def _group(value: Any) -> str:
     try:
         grp.getgrnam(name)
     except KeyError:
-        raise _Invalid(
+        raise Invalid(
             f"no such group {name!r} (create it, or name one that exists: getent group)"
         ) from None
     return name
@@ -179,16 +185,16 @@ _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
 def _schemes(value: Any) -> tuple[str, ...]:
     expected = "a list of URI schemes like ['tls']"
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Bad(expected)
+        raise Expected(expected)
     for scheme in value:
         if not _SCHEME.fullmatch(scheme) or scheme == "unix":
-            raise _Bad(f"{expected} ({scheme!r} is not a daemon's scheme)")
+            raise Expected(f"{expected} ({scheme!r} is not a daemon's scheme)")
         if scheme in OWN_NAMES:
-            raise _Bad(f"{expected} ({scheme!r} is ipcd's own socket)")
+            raise Expected(f"{expected} ({scheme!r} is ipcd's own socket)")
         try:
             validate_service_name(scheme)
         except InvalidServiceName:
-            raise _Bad(f"{expected} ({scheme!r} cannot be a socket in RUNDIR)")
+            raise Expected(f"{expected} ({scheme!r} cannot be a socket in RUNDIR)")
     return tuple(dict.fromkeys(value))
 
 
@@ -198,12 +204,12 @@ _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
         "max_message_size": (_positive_int, "max_message_size"),
     },
     "ipcd": {
-        "lookup_timeout": (_positive_number, "lookup_timeout"),
-        "connect_timeout": (_positive_number, "connect_timeout"),
-        "allow_client_routes": (_boolean, "allow_client_routes"),
+        "lookup_timeout": (positive_number, "lookup_timeout"),
+        "connect_timeout": (positive_number, "connect_timeout"),
+        "allow_client_routes": (boolean, "allow_client_routes"),
         "external_daemons": (_schemes, "external_daemons"),
     },
-    "pongd": {"enabled": (_boolean, "pongd")},
+    "pongd": {"enabled": (boolean, "pongd")},
     "control": {"group": (_group, "control_group")},
     "limits": {
         "max_connections": (_positive_int, "max_connections"),
@@ -212,12 +218,7 @@ _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
         "peer_prefix_ipv6": (_prefix(128), "peer_prefix_ipv6"),
         "partial_message_budget": (_positive_int, "partial_message_budget"),
         "idle_timeout": (_non_negative_number, "idle_timeout"),
-        "control_timeout": (_positive_number, "control_timeout"),
-    },
-    "tcpd": {
-        "enabled": (_boolean, "_tcp_enabled"),
-        "listen": (_endpoint, "tcp_listen"),
-        "handshake_timeout": (_positive_number, "tcp_handshake_timeout"),
+        "control_timeout": (positive_number, "control_timeout"),
     },
 }
 _NAME_TABLES = ("redirects", "routes")
@@ -236,11 +237,19 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def _validate_layer(data: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Check one TOML-shaped layer; return Config keyword arguments."""
-    out: dict[str, Any] = {}
+def _validate_layer(
+    data: Mapping[str, Any], source: str, registry: Registry
+) -> dict[str, Any]:
+    """
+    Check one TOML-shaped layer; return Config keyword arguments (protocol
+    daemons' sections under C{"daemons"}).
+    """
+    out: dict[str, Any] = {"daemons": {}}
     for key, value in data.items():
-        if key in _NAME_TABLES:
+        daemon = registry.by_section(key)
+        if daemon is not None:
+            out["daemons"][key] = _validate_daemon(daemon, value, source)
+        elif key in _NAME_TABLES:
             out[key] = _validate_names_table(key, value, source)
         elif key in _LISTS:
             out[key] = _validate_list(key, value, source)
@@ -250,28 +259,59 @@ def _validate_layer(data: Mapping[str, Any], source: str) -> dict[str, Any]:
             for sub, subvalue in value.items():
                 out.update(_check(key, sub, subvalue, source))
         else:
-            out.update(_check(None, key, value, source))
+            out.update(_check(None, key, value, source, registry))
     return out
 
 
-def _check(section: str | None, key: str, value: Any, source: str) -> dict[str, Any]:
+def _validate_daemon(daemon: Any, value: Any, source: str) -> dict[str, Any]:
+    """Check a protocol daemon's section against its own settings."""
+    section = daemon.section
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: [{section}]: expected a table")
+    settings = {setting.key: setting for setting in daemon.settings}
+    out = {}
+    for key, subvalue in value.items():
+        setting = settings.get(key)
+        if setting is None:
+            known = ", ".join(sorted(settings))
+            raise ConfigError(
+                f"{_where(source, section, key)}: unknown key (known: {known})"
+            )
+        out[key] = _checked(setting.check, section, key, subvalue, source)
+    return out
+
+
+def _check(
+    section: str | None,
+    key: str,
+    value: Any,
+    source: str,
+    registry: Registry | None = None,
+) -> dict[str, Any]:
     spec = _SCHEMA.get(section, {}).get(key)
     if spec is None:
         names = [*_SCHEMA.get(section, {})]
         if section is None:  # at the top level, tables are keys too
             names += [*filter(None, _SCHEMA), *_NAME_TABLES, *_LISTS]
+            names += registry.sections if registry is not None else []
         known = ", ".join(sorted(names))
         raise ConfigError(
             f"{_where(source, section, key)}: unknown key (known: {known})"
         )
     checker, attribute = spec
+    return {attribute: _checked(checker, section, key, value, source)}
+
+
+def _checked(
+    checker: Any, section: str | None, key: str, value: Any, source: str
+) -> Any:
     try:
-        return {attribute: checker(value)}
-    except _Bad as e:
+        return checker(value)
+    except Expected as e:
         raise ConfigError(
             f"{_where(source, section, key)}: expected {e}, got {_shown(value)}"
         ) from None
-    except _Invalid as e:
+    except Invalid as e:
         raise ConfigError(f"{_where(source, section, key)}: {e}") from None
 
 
@@ -349,20 +389,37 @@ def load_config(
     path: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    registry: Registry | None = None,
 ) -> Config:
     """
     Build the L{Config}: embedded defaults, then the file at C{path}, then
-    C{overrides} (the command line, in the file's shape).
+    C{overrides} (the command line, in the file's shape).  The sections of
+    the protocol daemons in C{registry} (default: those Twisted's plugins
+    provide) are checked by their own settings.
     """
+    if registry is None:
+        registry = default_registry()
     layers = []
     if path is not None:
-        layers.append(_validate_layer(read_toml(path), path))
+        layers.append(_validate_layer(read_toml(path), path, registry))
     if overrides:
-        layers.append(_validate_layer(overrides, "command line"))
-    merged: dict[str, Any] = {"redirects": {}, "routes": {}, "rules": (), "grants": ()}
+        layers.append(_validate_layer(overrides, "command line", registry))
+    merged: dict[str, Any] = {
+        "redirects": {},
+        "routes": {},
+        "rules": (),
+        "grants": (),
+    }
+    daemons: dict[str, dict[str, Any]] = {
+        daemon.section: {s.key: s.default for s in daemon.settings}
+        for daemon in registry.values()
+    }
     for layer in layers:
         for key, value in layer.items():
-            if key in _NAME_TABLES:
+            if key == "daemons":
+                for section, settings in value.items():
+                    daemons[section].update(settings)
+            elif key in _NAME_TABLES:
                 merged[key].update(value)
             elif key in _LISTS:
                 # Command-line rules come after the file's: appended in order.
@@ -370,9 +427,10 @@ def load_config(
             else:
                 merged[key] = value
     _check_redirect_loops(merged["redirects"], path or "command line")
-    if merged.pop("_tcp_enabled", True) is False:
-        merged["tcp_listen"] = None
+    merged["daemons"] = MappingProxyType(
+        {section: MappingProxyType(daemons[section]) for section in sorted(daemons)}
+    )
     merged["redirects"] = MappingProxyType(merged["redirects"])
     merged["routes"] = MappingProxyType(merged["routes"])
     merged["rundir"] = resolve_rundir(merged.get("rundir"), environ)
-    return Config(source=path, **merged)
+    return Config(source=path, registry=registry, **merged)

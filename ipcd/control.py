@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 
 from ipcd.config import Config
+from ipcd.daemons import settings_of
 from ipcd.names import CONTROL_NAME, resolve_rundir, socket_path
 from ipcd.wire import (
     LimitLog,
@@ -33,8 +34,11 @@ COMMANDS = ("status", "reload")
 
 
 def config_summary(config: Config) -> dict[str, Any]:
-    """The configuration in force, as plain JSON values."""
-    return {
+    """
+    The configuration in force, as plain JSON values; each protocol daemon
+    adds its own status lines (tcpd: C{tcp_listen}).
+    """
+    summary = {
         "source": config.source,
         "rundir": config.rundir,
         "max_message_size": config.max_message_size,
@@ -47,8 +51,10 @@ def config_summary(config: Config) -> dict[str, Any]:
         "grants": [str(grant) for grant in config.grants],
         "external_daemons": list(config.external_daemons),
         "pongd": config.pongd,
-        "tcp_listen": config.tcp_listen,
     }
+    for daemon in config.registry.values():
+        summary.update(daemon.status(settings_of(config, daemon)))
+    return summary
 
 
 def status_report(broker: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -26,6 +27,7 @@ from ipcd import version
 from ipcd.broker import Broker, LookupFactory
 from ipcd.config import Config, ConfigError, load_config
 from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_report
+from ipcd.daemons import Flag, Registry, StartupError, default_registry, settings_of
 from ipcd.endpoints import BROKER_NAME
 from ipcd.limits import LimitedFactory
 from ipcd.names import (
@@ -37,7 +39,6 @@ from ipcd.names import (
 )
 from ipcd.services import IPCService
 from ipcd.services.pongd import pongd
-from ipcd.transports.tcp import SCHEME, TcpService
 from ipcd.wire import PartialMessageBudget
 
 
@@ -64,24 +65,35 @@ class Options(usage.Options):
             "/tmp/libipc-run).  Under twistd it goes after 'ipcd': "
             "twistd's own --rundir, before it, is twistd's working directory.",
         ],
-        [
-            "tcp",
-            None,
-            None,
-            "tcpd's listener, an endpoint string "
-            "(default tcp:9000:interface=127.0.0.1).",
-        ],
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, registry: Registry | None = None) -> None:
         super().__init__()
+        self.registry = default_registry() if registry is None else registry
         self["redirects"] = []
         self["rules"] = []
         self["grants"] = []
         self["external-daemons"] = []
         self["routes"] = []
         self["pongd"] = None
-        self["no-tcp"] = False
+        for daemon in self.registry.values():
+            for flag in daemon.flags:
+                self._add_flag(flag)
+
+    def _add_flag(self, flag: Flag) -> None:
+        """A protocol daemon's option, as optParameters/optFlags would add it."""
+        name = flag.name
+        if name in self.synonyms:
+            raise ValueError(f"a protocol daemon's option --{name} is taken")
+        self.longOpt.append(f"{name}=" if flag.takes_value else name)
+        self.docs[name] = flag.doc
+        self.synonyms[name] = name
+        self[name] = self.defaults[name] = None
+
+        def given(option: str, value: str) -> None:
+            self[name] = value if flag.takes_value else True
+
+        self._dispatch[name] = given
 
     def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
         try:
@@ -134,10 +146,6 @@ class Options(usage.Options):
         """Do not run pongd."""
         self["pongd"] = False
 
-    def opt_no_tcp(self) -> None:
-        """Do not run tcpd."""
-        self["no-tcp"] = True
-
     def overrides(self) -> dict[str, Any]:
         """The command line, in the configuration file's shape."""
         layer: dict[str, Any] = {}
@@ -155,15 +163,22 @@ class Options(usage.Options):
             layer["ipcd"] = {"external_daemons": list(self["external-daemons"])}
         if self["pongd"] is not None:
             layer["pongd"] = {"enabled": self["pongd"]}
-        if self["tcp"]:
-            layer["tcpd"] = {"enabled": True, "listen": self["tcp"]}
-        if self["no-tcp"]:
-            layer["tcpd"] = {"enabled": False}
+        for daemon in self.registry.values():
+            # In the order the daemon lists its flags: --no-tcp wins.
+            for flag in daemon.flags:
+                value = self[flag.name]
+                if value is not None:
+                    section = layer.setdefault(daemon.section, {})
+                    section.update(flag.apply(value if flag.takes_value else None))
         return layer
+
+    def load_config(self) -> Config:
+        """The configuration: the file named by --config, then the options."""
+        return load_config(self["config"], self.overrides(), registry=self.registry)
 
     def postOptions(self) -> None:
         try:
-            self.config = load_config(self["config"], self.overrides())
+            self.config = self.load_config()
         except ConfigError as e:
             raise BadConfig(str(e)) from None
 
@@ -247,16 +262,23 @@ class IPCDService(MultiService):
                 partial_budget=budget,
                 counters=counters,
             ).setServiceParent(self)
-        if config.tcp_listen is not None:
-            TcpService(self.broker, config.tcp_listen).setServiceParent(self)
+        # The protocol daemons' listeners (tcpd's, ...), as the registry's
+        # daemons make them.
+        self.daemon_services: dict[str, Any] = {}
+        for daemon in config.registry.enabled(config):
+            daemon_service = daemon.makeService(
+                self.broker, settings_of(config, daemon)
+            )
+            if daemon_service is not None:
+                self.daemon_services[daemon.section] = daemon_service
+                daemon_service.setServiceParent(self)
 
     def socket_paths(self) -> list[str]:
         """The C{RUNDIR} sockets of this instance and its components."""
         names = [BROKER_NAME, CONTROL_NAME]
         if self.config.pongd:
             names.append("pong")
-        if self.config.tcp_listen is not None:
-            names.append(SCHEME)
+        names += [d.scheme for d in self.config.registry.enabled(self.config)]
         return [socket_path(self.config.rundir, name) for name in names]
 
     def reload(self) -> dict[str, Any]:
@@ -282,12 +304,14 @@ class IPCDService(MultiService):
             for key in _RESTART_KEYS
             if getattr(new, key) != getattr(self.config, key)
         ]
+        new = replace(new, **{key: getattr(self.config, key) for key in restart})
+        new, daemon_restart = _keep_daemon_restart_keys(self.config, new)
+        restart += daemon_restart
         if restart:
             self.log.warn(
                 "reload: changes to {keys} apply after a restart",
                 keys=", ".join(restart),
             )
-            new = replace(new, **{key: getattr(self.config, key) for key in restart})
         self.config = self.broker.config = new
         self.log.info(
             "configuration reloaded from {source}",
@@ -314,7 +338,7 @@ class IPCDService(MultiService):
             except Exception as e:
                 for port in reversed(opened):
                     _close_now(port)
-                raise StartupError(_why(e, leaf, self.config.rundir)) from None
+                raise StartupError(_why(e, leaf, self.config)) from None
             waiting = getattr(leaf, "_waitingForPort", None)
             if waiting is not None:  # a listener: fired already, with its port
                 waiting.addCallback(lambda port: opened.append(port) or port)
@@ -344,11 +368,26 @@ class IPCDService(MultiService):
 
 # Settings bound to listeners or sockets already open: a reload keeps the old
 # value and says a restart is needed.
-_RESTART_KEYS = ("rundir", "pongd", "tcp_listen", "control_group")
+_RESTART_KEYS = ("rundir", "pongd", "control_group")
 
 
-class StartupError(RuntimeError):
-    """ipcd cannot start; the message is one line: what failed, the way out."""
+def _keep_daemon_restart_keys(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """
+    C{new}, with the old values of the protocol daemons' restart keys that
+    changed, and those keys as reported (C{SCHEME_KEY}: C{tcp_listen}).
+    """
+    changed: list[str] = []
+    daemons = {section: dict(values) for section, values in new.daemons.items()}
+    for daemon in old.registry.values():
+        before, after = settings_of(old, daemon), settings_of(new, daemon)
+        for key in daemon.restart_keys:
+            if before[key] != after[key]:
+                changed.append(f"{daemon.scheme}_{key}")
+                daemons.setdefault(daemon.section, {})[key] = before[key]
+    if not changed:
+        return new, []
+    frozen = {section: MappingProxyType(values) for section, values in daemons.items()}
+    return replace(new, daemons=MappingProxyType(frozen)), changed
 
 
 def _leaves(service: Any) -> Iterator[Any]:
@@ -374,8 +413,20 @@ def _close_now(port: Any) -> None:
     lost(Failure(ConnectionDone()))
 
 
-def _why(error: Exception, leaf: Any, rundir: str) -> str:
+def _daemon_of(leaf: Any, config: Config) -> Any:
+    """The protocol daemon whose service holds C{leaf}, if any."""
+    service = leaf
+    while service is not None:
+        daemon = config.registry.by_section(getattr(service, "name", None) or "")
+        if daemon is not None:
+            return daemon
+        service = getattr(service, "parent", None)
+    return None
+
+
+def _why(error: Exception, leaf: Any, config: Config) -> str:
     """What failed when C{leaf} started, in one line with the way out."""
+    rundir = config.rundir
     if isinstance(error, UnsafeRundir | SocketInUse):
         return str(error)
     endpoint = getattr(leaf, "endpoint", None)
@@ -395,9 +446,9 @@ def _why(error: Exception, leaf: Any, rundir: str) -> str:
     code = getattr(cause, "errno", None)
     # One line, whatever the exception says.
     reason = os.strerror(code).lower() if code else " ".join(str(cause).split())
-    if path is None:  # tcpd's listener
-        another = "another ipcd? " if code == errno.EADDRINUSE else ""
-        hint = f"{another}use --tcp ENDPOINT or --no-tcp"
+    daemon = _daemon_of(leaf, config)
+    if path is None and daemon is not None:  # a protocol daemon's listener
+        hint = daemon.hint(error)
     elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
         hint = f"make RUNDIR {rundir} writable for ipcd, or use another --rundir"
     else:
@@ -457,26 +508,15 @@ def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: 
             rundir=options.config.rundir,
         )
     raise_open_files_limit(_log)
-    listen = options.config.tcp_listen
-    if listen is not None:
-        # A plugin's parser (systemd:, ...) runs only with a reactor, so the
-        # config could not: try it here, as TcpService will, to say in one
-        # line what is wrong (systemd passed no socket at that index, say).
-        from twisted.internet.endpoints import serverFromString
-
+    config = options.config
+    # What only a reactor can check (an endpoint plugin's parser, say), each
+    # daemon says in one line before anything listens.
+    for daemon in config.registry.enabled(config):
         try:
-            serverFromString(reactor, listen)
-        except Exception as e:
-            reason = " ".join(f"{type(e).__name__}: {e}".split())
-            raise SystemExit(
-                f"ipcd: cannot make tcpd's listener {listen!r}: {reason} "
-                "(use --tcp ENDPOINT or --no-tcp)"
-            ) from None
-    service = IPCDService(
-        options.config,
-        reactor,
-        lambda: load_config(options["config"], options.overrides()),
-    )
+            daemon.verify(reactor, settings_of(config, daemon))
+        except StartupError as e:
+            raise SystemExit(f"ipcd: {e}") from None
+    service = IPCDService(config, reactor, options.load_config)
     # Say clearly, in one line, before anything is created in RUNDIR, that it
     # is unsafe or that another instance is running; then listen.
     try:

@@ -12,13 +12,21 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.config import (
-    DEFAULT_TCP_LISTEN,
     Config,
     ConfigError,
     load_config,
 )
+from ipcd.daemons import settings_of
 from ipcd.routes import LocalURI, PathURI, RemoteURI
+from ipcd.transports.tcp import DEFAULT_LISTEN as DEFAULT_TCP_LISTEN
+from ipcd.transports.tcp import tcpd
 from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
+
+
+def tcp_listen(config: Config) -> str | None:
+    """tcpd's listener in C{config}: its C{tcp_listen} status line (None: off)."""
+    return tcpd.status(settings_of(config, tcpd))["tcp_listen"]
+
 
 FULL = """\
 rundir = "/srv/ipc"
@@ -82,7 +90,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(dict(config.redirects), {})
         self.assertEqual(dict(config.routes), {})
         self.assertTrue(config.pongd)
-        self.assertEqual(config.tcp_listen, DEFAULT_TCP_LISTEN)
+        self.assertEqual(tcp_listen(config), DEFAULT_TCP_LISTEN)
         self.assertEqual(DEFAULT_TCP_LISTEN, "tcp:9000:interface=127.0.0.1")
         self.assertEqual(config.rules, ())
         self.assertIsNone(config.source)
@@ -113,8 +121,8 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
         self.assertIsInstance(config.connect_timeout, float)
         self.assertFalse(config.allow_client_routes)
         self.assertFalse(config.pongd)
-        self.assertEqual(config.tcp_listen, r"tcp:9100:interface=\:\:1")
-        self.assertEqual(config.tcp_handshake_timeout, 7.0)
+        self.assertEqual(tcp_listen(config), r"tcp:9100:interface=\:\:1")
+        self.assertEqual(config.daemons["tcpd"]["handshake_timeout"], 7.0)
         self.assertEqual(
             dict(config.redirects),
             {"authd": "nextversion-authd", "a": "b", "b": "c"},
@@ -210,11 +218,11 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
     def test_tcpdDisabled(self) -> None:
         """C{[tcpd] enabled = false} means no TCP listener at all."""
         path = self.write('[tcpd]\nenabled = false\nlisten = "tcp:9100"\n')
-        self.assertIsNone(load_config(path, None, {}).tcp_listen)
+        self.assertIsNone(tcp_listen(load_config(path, None, {})))
 
     def test_tcpdEnabledDefault(self) -> None:
         path = self.write("[tcpd]\nenabled = true\n")
-        self.assertEqual(load_config(path, None, {}).tcp_listen, DEFAULT_TCP_LISTEN)
+        self.assertEqual(tcp_listen(load_config(path, None, {})), DEFAULT_TCP_LISTEN)
 
 
 class ErrorTests(ConfigFileMixin, SynchronousTestCase):
@@ -308,7 +316,7 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         """A plugin's type is accepted without building it (no reactor)."""
         for listen in ("systemd:domain=INET:index=0", "tcp6:9000", "ipc:tcp"):
             config = load_config(None, {"tcpd": {"listen": listen}}, {})
-            self.assertEqual(config.tcp_listen, listen)
+            self.assertEqual(tcp_listen(config), listen)
 
     def test_unknownGroup(self) -> None:
         self.assertEqual(
@@ -414,7 +422,7 @@ class OverrideTests(ConfigFileMixin, SynchronousTestCase):
         )
         self.assertEqual(config.rundir, "/cmd")
         self.assertTrue(config.pongd)
-        self.assertIsNone(config.tcp_listen)
+        self.assertIsNone(tcp_listen(config))
         # Tables merge name by name: the file's other entries stay.
         self.assertEqual(
             dict(config.redirects), {"authd": "authd2", "a": "b", "b": "c"}
@@ -427,7 +435,7 @@ class OverrideTests(ConfigFileMixin, SynchronousTestCase):
     def test_commandLineEnablesTcp(self) -> None:
         path = self.write("[tcpd]\nenabled = false\n")
         config = load_config(path, {"tcpd": {"enabled": True, "listen": "tcp:1"}}, {})
-        self.assertEqual(config.tcp_listen, "tcp:1")
+        self.assertEqual(tcp_listen(config), "tcp:1")
 
     def test_rulesAppended(self) -> None:
         path = self.write('rules = ["allow in authd"]\n')

@@ -121,9 +121,10 @@ class DiscoveryTests(SynchronousTestCase):
 class SourceTreeTests(SynchronousTestCase):
     def test_pluginFile(self) -> None:
         tree = source_tree()
-        self.assertTrue(
-            os.path.isfile(os.path.join(tree, "twisted", "plugins", "ipcd_plugin.py"))
-        )
+        for name in ("ipcd_plugin.py", "ipcd_daemons.py"):
+            self.assertTrue(
+                os.path.isfile(os.path.join(tree, "twisted", "plugins", name)), name
+            )
 
     def test_noNamespaceInits(self) -> None:
         """

@@ -31,14 +31,15 @@ from ipcd import wire
 from ipcd.broker import Broker, LookupFactory, LookupProtocol
 from ipcd.config import Config
 from ipcd.control import ControlFactory, format_status, status_report
+from ipcd.daemons import IOutbound
 from ipcd.errors import Refused
 from ipcd.identity import Peer
+from ipcd.inbound import ControlHandshake, HandshakeFactory
 from ipcd.logs import json_observer
 from ipcd.policy import parse_rule
 from ipcd.relay import READ_SIZE, RelayStats
 from ipcd.routes import RemoteURI, parse_uri
-from ipcd.transports import ITransport
-from ipcd.transports.tcp import TcpControl, TcpInbound, _HandshakeFactory
+from ipcd.transports.tcp import TcpInbound
 
 RUNDIR = "/nonexistent/ipcd-test-rundir"
 
@@ -117,7 +118,7 @@ class FakeSocket:
         self.closed = True
 
 
-@implementer(ITransport)
+@implementer(IOutbound)
 class PendingTransport:
     """A C{fake://} transport whose connects never complete on their own."""
 
@@ -381,19 +382,28 @@ class HandleTransport(RecordingTransport):
 class TcpHandshakeTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
-        self.broker = StubBroker(self.reactor, tcp_handshake_timeout=4.0)
+        self.broker = StubBroker(
+            self.reactor, daemons={"tcpd": {"handshake_timeout": 4.0}}
+        )
         self.relays = RecordingRelays()
 
-    def factory(self, protocol: type) -> _HandshakeFactory:
-        return _HandshakeFactory(protocol, self.broker, self.relays)
+    def factory(self, protocol: type) -> HandshakeFactory:
+        return HandshakeFactory(
+            protocol,
+            self.broker,
+            self.relays,
+            lambda: self.broker.config.daemons["tcpd"]["handshake_timeout"],
+            scheme="tcp",
+            name="tcpd",
+        )
 
     def inbound(self) -> tuple[TcpInbound, RecordingTransport]:
         protocol = self.factory(TcpInbound).buildProtocol(None)
         transport = connect(protocol)
         return protocol, transport
 
-    def control(self) -> tuple[TcpControl, RecordingTransport]:
-        protocol = self.factory(TcpControl).buildProtocol(None)
+    def control(self) -> tuple[ControlHandshake, RecordingTransport]:
+        protocol = self.factory(ControlHandshake).buildProtocol(None)
         transport = connect(protocol, HandleTransport())
         return protocol, transport
 

@@ -75,9 +75,9 @@ class RunTests(SynchronousTestCase):
         loads: list[Any] = []
         load_config = tap.load_config
 
-        def counting(*args: Any) -> Any:
+        def counting(*args: Any, **kwargs: Any) -> Any:
             loads.append(args)
-            return load_config(*args)
+            return load_config(*args, **kwargs)
 
         ran: list[Any] = []
         self.patch(tap, "load_config", counting)

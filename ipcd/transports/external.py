@@ -15,14 +15,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ipcd import wire
+from ipcd.daemons import IOutbound
 from ipcd.errors import Refused
 from ipcd.sockets import open_unix, read_exactly, write_all
-from ipcd.transports import ITransport
 
 _OK = wire.encode(b"ok")
 
 
-@implementer(ITransport)
+@implementer(IOutbound)
 class ExternalDaemon:
     log = Logger()
 

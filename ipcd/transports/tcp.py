@@ -8,33 +8,47 @@ after the handoff no process on the client's host relays a byte.
 Inbound: a TCP listener reads the service request (upstream's raw name, or a
 framed one), asks the broker's inbound resolver, answers C{ok} in the same
 form, and relays.  For upstream's ipcd, C{RUNDIR/tcp} speaks the upstream
-control protocol (framed URI, framed C{ok}, then relay).
+control protocol (framed URI, framed C{ok}, then relay).  Both listeners
+use the shared handshake of L{ipcd.inbound}.
+
+L{tcpd} is tcpd's L{ipcd.daemons.IProtocolDaemon}, registered as a Twisted
+plugin by C{twisted/plugins/ipcd_daemons.py}.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
-from twisted.python.failure import Failure
+from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ipcd import wire
+from ipcd.config import boolean, endpoint, positive_number
+from ipcd.daemons import Flag, IProtocolDaemon, Setting, StartupError, settings_of
 from ipcd.errors import Refused
-from ipcd.identity import Peer, local_peer, remote_peer
+from ipcd.inbound import (
+    MAX_HANDSHAKE,
+    OK,
+    ControlHandshake,
+    HandshakeFactory,
+    Handshaking,
+    NetworkHandshake,
+    framed,
+    listening,
+)
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.logs import printable
-from ipcd.relay import READ_SIZE, RelayLoop, RelayStats, take_socket
-from ipcd.routes import RemoteURI, RouteError, parse_uri
+from ipcd.relay import RelayLoop
+from ipcd.routes import RemoteURI
 from ipcd.services import IPCService
 from ipcd.sockets import (
     connect_tcp,
@@ -43,13 +57,11 @@ from ipcd.sockets import (
     resolve_host,
     write_all,
 )
-from ipcd.transports import ITransport
 
 SCHEME = "tcp"
+SECTION = "tcpd"
 DEFAULT_PORT = 9000
-OK = b"ok"
-# The longest handshake we wait for: a framed name (255) or a control URI.
-MAX_HANDSHAKE = 4096
+DEFAULT_LISTEN = "tcp:9000:interface=127.0.0.1"
 
 
 async def _addresses(reactor: Any, host: str, port: int) -> list[tuple[int, Any]]:
@@ -117,250 +129,19 @@ async def _rest_of_refusal(reactor: Any, sock: socket.socket, head: bytes) -> st
     return printable(data.removeprefix(b" ").decode("utf-8", "replace"))
 
 
-@implementer(ITransport)
-class TcpTransport:
-    """The broker's C{tcp://} transport: direct handoff of the TCP socket."""
-
-    scheme = SCHEME
-
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-
-    def connect(self, target: Any, client: Any) -> Deferred[socket.socket]:
-        uri: RemoteURI = target.uri
-        port = uri.port or DEFAULT_PORT
-        return ensureDeferred(dial(self._reactor, uri.host, port, target.service))
-
-
-@implementer(IHalfCloseableProtocol)
-class _Handshaking(Protocol):
-    """
-    Reads a request, asks for the other side, answers, and hands both
-    sockets to the factory's relay loop; common to the TCP listener and the
-    control socket.
-    """
-
-    log = Logger()
-    framed = True
-    direction = ""
-    requested = ""
-    route = ""
-    who: Peer
-
-    def __init__(self, factory: _HandshakeFactory) -> None:
-        self.factory = factory
-        self._handshake: bytes | None = b""
-        self._deadline: Any = None
-        self._pending: Deferred[socket.socket] | None = None
-        self._early: list[bytes] = []  # sent after the request, for the service
-        self._earlySize = 0
-        self._gone = False
-
-    def connectionMade(self) -> None:
-        self.who = self.identify()
-        timeout = self.factory.handshake_timeout
-        self._deadline = self.factory.reactor.callLater(timeout, self._timedOut)
-
-    def identify(self) -> Peer:
-        raise NotImplementedError
-
-    def parse(self, data: bytes) -> tuple[bytes, bytes] | None:
-        """C{(request, rest)} once the request is complete, else None."""
-        raise NotImplementedError
-
-    def request(self, text: str) -> Deferred[socket.socket]:
-        raise NotImplementedError
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._handshake is None:
-            self._keep(data)
-            return
-        self._handshake += data
-        try:
-            parsed = self.parse(self._handshake)
-        except Refused as e:
-            self._refuse(e.reason)
-            return
-        if parsed is None:
-            if len(self._handshake) > MAX_HANDSHAKE:
-                self._refuse("handshake too long")
-            return
-        request, rest = parsed
-        self._handshake = None
-        self._cancelDeadline()
-        if rest:
-            self._keep(rest)
-        try:
-            text = request.decode("ascii")
-        except UnicodeDecodeError:
-            self._refuse("request is not ASCII")
-            return
-        self.requested = text
-        self._pending = maybeDeferred(self.request, text)
-        self._pending.addCallbacks(self._joined, self._failed)
-
-    def _keep(self, data: bytes) -> None:
-        """Hold data that arrives while the request is served, for the relay."""
-        self._early.append(data)
-        self._earlySize += len(data)
-        if self._earlySize >= READ_SIZE:
-            # Bounded: the rest waits in the kernel for the relay to read it.
-            self.transport.pauseProducing()
-
-    def _joined(self, sock: socket.socket) -> None:
-        self._pending = None
-        if self._gone:
-            sock.close()
-            return
-        stats = RelayStats(
-            description=str(self.who),
-            direction=self.direction,
-            service=self.requested,
-            route=self.route,
-            labels=tuple(self.who.labels),
-            registry=self.factory.broker.relays,
-        )
-        # The connection counts against its listener's limits until the
-        # relay ends (a limits wrapper hands that over, if there is one).
-        stats.on_end = getattr(self.transport, "handOff", lambda: None)()
-        # From here on the relay loop owns the peer's socket: this protocol
-        # and its transport are done with it (and dropped).
-        early, self._early = b"".join(self._early), []
-        self.factory.relays.join(
-            take_socket(self.transport),
-            sock,
-            stats,
-            greeting=wire.encode(OK) if self.framed else OK,
-            early=early,
-            idle_timeout=self.factory.idle_timeout,
-        )
-
-    def _failed(self, failure: Failure) -> None:
-        self._pending = None
-        if self._gone:
-            return
-        if failure.check(Refused):
-            self._refuse(failure.value.reason)
-        else:
-            self.log.failure("request from {who} failed", failure, who=str(self.who))
-            self._refuse("internal error")
-
-    def _refuse(self, reason: str) -> None:
-        self._handshake = None
-        self._cancelDeadline()
-        answer = b"ne " + reason.encode("utf-8", "replace")
-        self.transport.write(wire.encode(answer) if self.framed else answer)
-        self.transport.loseConnection()
-
-    def _timedOut(self) -> None:
-        self._deadline = None
-        self.log.info("dropping {who}: no request in time", who=str(self.who))
-        self._refuse("handshake timed out")
-
-    def _cancelDeadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-
-    def readConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
-        self.transport.loseConnection()  # EOF before we could answer
-
-    def writeConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
-        pass
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self._gone = True
-        self._cancelDeadline()
-        if self._pending is not None:
-            self._pending.cancel()
-
-
-def _framed(buffer: bytes, limit: int) -> tuple[bytes, bytes] | None:
-    if len(buffer) < wire.HEADER.size:
-        return None
-    (size,) = wire.HEADER.unpack_from(buffer)
-    if size > limit:
-        raise Refused(f"request of {size} bytes is too long")
-    end = wire.HEADER.size + size
-    if len(buffer) < end:
-        return None
-    return buffer[wire.HEADER.size : end], buffer[end:]
-
-
-class TcpInbound(_Handshaking):
+class TcpInbound(NetworkHandshake):
     """A remote peer on tcpd's listener asking for a local service."""
 
-    direction = "in"
     route = "tcp inbound"
     framed = False  # until a request says otherwise: upstream speaks raw
-
-    def identify(self) -> Peer:
-        self.transport.setTcpNoDelay(True)
-        address = self.transport.getPeer()
-        return remote_peer(address.host, address.port)
 
     def parse(self, data: bytes) -> tuple[bytes, bytes] | None:
         # A NUL first byte can only be a frame header (names have no NUL);
         # otherwise upstream's form: the first read is the raw name.
         self.framed = data[:1] == b"\0"
         if self.framed:
-            return _framed(data, 255)
+            return framed(data, 255)
         return data, b""
-
-    def request(self, text: str) -> Deferred[socket.socket]:
-        return self.factory.broker.open_inbound(text, self.who)
-
-
-class TcpControl(_Handshaking):
-    """Upstream's ipcd on C{RUNDIR/tcp}: a framed URI, then relay."""
-
-    direction = "out"
-    route = "tcp control socket"
-
-    def identify(self) -> Peer:
-        try:
-            return local_peer(self.transport.getHandle())
-        except (OSError, AttributeError):
-            return Peer("unknown local client")
-
-    def parse(self, data: bytes) -> tuple[bytes, bytes] | None:
-        return _framed(data, MAX_HANDSHAKE)
-
-    def request(self, text: str) -> Deferred[socket.socket]:
-        try:
-            uri = parse_uri(text)
-        except RouteError as e:
-            raise Refused(str(e)) from None
-        if not isinstance(uri, RemoteURI) or uri.scheme != SCHEME:
-            raise Refused(f"tcpd serves tcp:// URIs only, not {text!r}")
-        # For status: the service asked for, and the route it takes.
-        self.requested, self.route = uri.service or text, text
-        return self.factory.broker.open_uri(uri, self.who)
-
-
-class _HandshakeFactory(Factory):
-    noisy = False
-
-    def __init__(
-        self, protocol: type[_Handshaking], broker: Any, relays: RelayLoop
-    ) -> None:
-        self.protocol = protocol
-        self.broker = broker
-        self.reactor = broker.reactor
-        self.relays = relays
-
-    @property
-    def handshake_timeout(self) -> float:
-        # Read at each connection, so a reload applies to new ones.
-        return self.broker.config.tcp_handshake_timeout
-
-    @property
-    def idle_timeout(self) -> float:
-        # Read at each join, so a reload applies to new relays.
-        return self.broker.config.idle_timeout
-
-    def buildProtocol(self, addr: Any) -> _Handshaking:
-        return self.protocol(self)
 
 
 class TcpService(MultiService):
@@ -368,13 +149,12 @@ class TcpService(MultiService):
 
     def __init__(self, broker: Any, listen: str) -> None:
         super().__init__()
-        self.setName("tcpd")
+        self.setName(SECTION)
         config = broker.config
         reactor = broker.reactor
-        broker.transports[SCHEME] = TcpTransport(reactor)
         # tcpd's relays (inbound, and for upstream's control socket).
         self.relays = RelayLoop(reactor)
-        limits = broker.limits_for("tcpd")
+        limits = broker.limits_for(SECTION)
 
         def peer_key(transport: Any) -> str:
             config = broker.config  # read per connection: reloads apply
@@ -382,10 +162,21 @@ class TcpService(MultiService):
                 transport.getPeer(), config.peer_prefix_ipv4, config.peer_prefix_ipv6
             )
 
+        def handshakes(protocol: type[Handshaking]) -> HandshakeFactory:
+            return HandshakeFactory(
+                protocol,
+                broker,
+                self.relays,
+                # Read at each connection, so a reload applies to new ones.
+                lambda: settings_of(broker.config, tcpd)["handshake_timeout"],
+                scheme=SCHEME,
+                name=SECTION,
+            )
+
         self.listener = listener = StreamServerEndpointService(
             LimitedEndpoint(serverFromString(reactor, listen), limits),
             LimitedFactory(
-                _HandshakeFactory(TcpInbound, broker, self.relays),
+                handshakes(TcpInbound),
                 limits,
                 peer_key,
                 # Before any request: upstream's raw form, as for a silent peer.
@@ -398,7 +189,7 @@ class TcpService(MultiService):
         IPCService(
             SCHEME,
             LimitedFactory(
-                _HandshakeFactory(TcpControl, broker, self.relays),
+                handshakes(ControlHandshake),
                 limits,
                 refusal=lambda reason: wire.encode(b"ne " + reason.encode()),
             ),
@@ -418,11 +209,74 @@ class TcpService(MultiService):
 
     def listening(self) -> Deferred[Any]:
         """Fires with the listening port once started (C{getHost()} for it)."""
-        result: Deferred[Any] = Deferred()
+        return listening(self.listener)
 
-        def passOn(port: Any) -> Any:
-            result.callback(port)
-            return port
 
-        self.listener._waitingForPort.addCallback(passOn)
-        return result
+def _listen(value: str | None) -> dict[str, Any]:
+    return {"enabled": True, "listen": value}
+
+
+@implementer(IPlugin, IProtocolDaemon)
+class TcpDaemon:
+    """
+    tcpd as a protocol daemon: C{tcp://} routes, C{[tcpd]}, C{--tcp
+    ENDPOINT}/C{--no-tcp}, C{RUNDIR/tcp}.
+    """
+
+    scheme = SCHEME
+    section = SECTION
+    settings = (
+        Setting("enabled", boolean, True, "run tcpd"),
+        Setting("listen", endpoint, DEFAULT_LISTEN, "tcpd's listener"),
+        Setting("handshake_timeout", positive_number, 5.0, "seconds"),
+    )
+    flags = (
+        Flag(
+            "tcp",
+            f"tcpd's listener, an endpoint string (default {DEFAULT_LISTEN}).",
+            _listen,
+            takes_value=True,
+        ),
+        Flag("no-tcp", "Do not run tcpd.", lambda _: {"enabled": False}),
+    )
+    restart_keys = ("enabled", "listen")
+
+    def __repr__(self) -> str:
+        return "<tcpd>"
+
+    def enabled(self, settings: Mapping[str, Any]) -> bool:
+        return bool(settings["enabled"])
+
+    def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
+        uri: RemoteURI = target.uri
+        port = uri.port or DEFAULT_PORT
+        return ensureDeferred(dial(broker.reactor, uri.host, port, target.service))
+
+    def makeService(  # noqa: N802 (Twisted's name)
+        self, broker: Any, settings: Mapping[str, Any]
+    ) -> TcpService:
+        return TcpService(broker, settings["listen"])
+
+    def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
+        return {"tcp_listen": settings["listen"] if self.enabled(settings) else None}
+
+    def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
+        # A plugin's parser (systemd:, ...) runs only with a reactor, so the
+        # config could not: try it here, as TcpService will, to say in one
+        # line what is wrong (systemd passed no socket at that index, say).
+        listen = settings["listen"]
+        try:
+            serverFromString(reactor, listen)
+        except Exception as e:
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            raise StartupError(
+                f"cannot make tcpd's listener {listen!r}: {reason} ({self.hint(e)})"
+            ) from None
+
+    def hint(self, error: Exception) -> str:
+        code = getattr(getattr(error, "socketError", error), "errno", None)
+        another = "another ipcd? " if code == errno.EADDRINUSE else ""
+        return f"{another}use --tcp ENDPOINT or --no-tcp"
+
+
+tcpd = TcpDaemon()

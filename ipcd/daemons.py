@@ -1,0 +1,247 @@
+"""
+The one interface for protocol daemons, and the registry that finds them.
+
+A protocol daemon (tcpd, and later tlsd, websocketd, udpd, or a third
+party's) is one object per URI scheme providing L{IProtocolDaemon}: an
+outbound half (connect a route for a local client), an inbound half (its
+listeners, which accept remote peers and ask the broker what they may reach
+through L{ipcd.inbound}), and what it owns of ipcd: its configuration
+section, its command-line flags, its status lines, the settings a reload
+cannot change, its control socket C{RUNDIR/SCHEME} and its start-up hints.
+
+Daemons are Twisted plugins: L{registry} finds every object providing
+L{IProtocolDaemon} in the plugin package (C{twisted.plugins} by default, where
+C{twisted/plugins/ipcd_daemons.py} registers tcpd).  Nothing else in ipcd
+names a daemon: the broker, the configuration, the command line, the control
+socket and the service tree all ask the registry.
+
+Plugin objects are module-level singletons, found by discovery: like Twisted's
+endpoint-parser plugins, which are given the reactor, they are given what
+they need (the broker, their settings) by each call.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from types import MappingProxyType, ModuleType
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface, implementer
+
+
+class StartupError(RuntimeError):
+    """ipcd cannot start; the message is one line: what failed, the way out."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """
+    One key of a daemon's configuration section.  C{check(value)} returns the
+    value to keep, or raises L{ipcd.config.Expected} (C{expected ..., got
+    ...}) or L{ipcd.config.Invalid} (said as it is).  C{default} is used as
+    is (it is not checked).
+    """
+
+    key: str
+    check: Callable[[Any], Any]
+    default: Any
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """
+    A command-line option a daemon contributes to L{ipcd.tap.Options}:
+    C{--NAME VALUE} when C{takes_value}, else C{--NAME}.  C{apply(value)}
+    (C{value} is None for a flag without one) returns the part of the
+    daemon's section the option sets, in the configuration file's shape.
+    When several of a daemon's flags are given, they apply in the order the
+    daemon lists them (so C{--no-tcp}, listed last, wins over C{--tcp}).
+    """
+
+    name: str
+    doc: str
+    apply: Callable[[str | None], Mapping[str, Any]]
+    takes_value: bool = False
+
+
+class IProtocolDaemon(Interface):
+    """
+    A protocol daemon: one provider per URI scheme, found through the
+    registry: a module-level object in a Twisted plugin module that provides
+    L{twisted.plugin.IPlugin} too (C{@implementer(IPlugin, IProtocolDaemon)}),
+    or Twisted's discovery does not see it.
+    """
+
+    scheme: str = Attribute(
+        "The URI scheme it serves (C{'tcp'}), also its control socket's name "
+        "in RUNDIR (C{RUNDIR/tcp}), which is never a lookup target."
+    )
+    section: str = Attribute(
+        "Its configuration section and service name (C{'tcpd'}); its "
+        "listeners' connection limits go by this name too."
+    )
+    settings: Sequence[Setting] = Attribute(
+        "The keys of its section (L{Setting}), with checkers and defaults."
+    )
+    flags: Sequence[Flag] = Attribute(
+        "Its command-line options (L{Flag}), e.g. C{--tcp ENDPOINT}, C{--no-tcp}."
+    )
+    restart_keys: Sequence[str] = Attribute(
+        "Keys of its section bound to open sockets: a reload keeps their old "
+        "values and reports them (as C{SCHEME_KEY}) as needing a restart."
+    )
+
+    def enabled(settings: Mapping[str, Any]) -> bool:
+        """
+        Whether the daemon runs with these settings (its section's, defaults
+        filled in): its outbound half serves routes and its inbound half is
+        made only then.
+        """
+
+    def connect(broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
+        """
+        The outbound half: connect C{target} (an
+        L{ipcd.resolution.RemoteTarget} of this scheme) on behalf of
+        C{client} (an L{ipcd.identity.Peer}) for C{broker}
+        (L{ipcd.broker.Broker}: its C{reactor}, its C{config}).  Fires with a
+        connected socket that the broker hands to the client as is, or fails
+        with L{ipcd.errors.Refused}.  The broker bounds it with its connect
+        deadline and cancels the Deferred when that passes: the daemon must
+        then close whatever socket it opened.
+        """
+
+    def makeService(broker: Any, settings: Mapping[str, Any]) -> Any:  # noqa: N802
+        """
+        The inbound half: its listeners as one
+        L{twisted.application.service.IService} named after L{section}
+        (including C{RUNDIR/SCHEME}), or None.  Called only when enabled.
+        Listeners accept remote peers and ask C{broker.open_inbound} (through
+        L{ipcd.inbound}) what they may reach; the control socket asks
+        C{broker.open_uri}.
+        """
+
+    def status(settings: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Its lines in C{ipcd status}'s configuration: plain JSON values."""
+
+    def verify(reactor: Any, settings: Mapping[str, Any]) -> None:
+        """
+        Before anything listens: check what only a reactor can (an endpoint
+        plugin's parser, say).  Raises L{StartupError} with one line.
+        """
+
+    def hint(error: Exception) -> str:
+        """
+        The way out when one of its network listeners cannot listen
+        (C{use --tcp ENDPOINT or --no-tcp}), for a one-line start-up error.
+        """
+
+
+class IOutbound(Interface):
+    """
+    What the broker calls for a route of one scheme: a daemon's outbound
+    half bound to a broker, an external daemon on C{RUNDIR/SCHEME}, or a test
+    double.
+    """
+
+    scheme: str = Attribute("The URI scheme it serves.")
+
+    def connect(target: Any, client: Any) -> Deferred[socket.socket]:
+        """As L{IProtocolDaemon.connect}, for the broker it is bound to."""
+
+
+@implementer(IOutbound)
+class BoundOutbound:
+    """A daemon's outbound half bound to one broker."""
+
+    def __init__(self, daemon: IProtocolDaemon, broker: Any) -> None:
+        self.scheme = daemon.scheme
+        self.daemon = daemon
+        self.broker = broker
+
+    def connect(self, target: Any, client: Any) -> Deferred[socket.socket]:
+        return self.daemon.connect(self.broker, target, client)
+
+
+class RegistryError(ValueError):
+    """Two daemons claim the same scheme or section."""
+
+
+class Registry(Mapping[str, IProtocolDaemon]):
+    """The protocol daemons by scheme (an immutable mapping)."""
+
+    def __init__(self, daemons: Iterable[IProtocolDaemon] = ()) -> None:
+        by_scheme: dict[str, IProtocolDaemon] = {}
+        by_section: dict[str, IProtocolDaemon] = {}
+        for daemon in daemons:
+            for table, name in (
+                (by_scheme, daemon.scheme),
+                (by_section, daemon.section),
+            ):
+                other = table.get(name)
+                if other is not None and other is not daemon:
+                    raise RegistryError(
+                        f"two protocol daemons claim {name!r}: {other!r} and {daemon!r}"
+                    )
+            by_scheme[daemon.scheme] = by_section[daemon.section] = daemon
+        self._by_scheme = by_scheme
+        self._by_section = by_section
+
+    def __getitem__(self, scheme: str) -> IProtocolDaemon:
+        return self._by_scheme[scheme]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._by_scheme))
+
+    def __len__(self) -> int:
+        return len(self._by_scheme)
+
+    def __repr__(self) -> str:
+        return f"Registry({', '.join(self)})"
+
+    def by_section(self, section: str) -> IProtocolDaemon | None:
+        """The daemon whose configuration section is C{section}, if any."""
+        return self._by_section.get(section)
+
+    @property
+    def sections(self) -> list[str]:
+        return sorted(self._by_section)
+
+    def enabled(self, config: Any) -> list[IProtocolDaemon]:
+        """The daemons C{config} enables, by scheme."""
+        return [d for d in self.values() if d.enabled(settings_of(config, d))]
+
+
+def settings_of(config: Any, daemon: IProtocolDaemon) -> Mapping[str, Any]:
+    """C{daemon}'s section of C{config} (a L{ipcd.config.Config}), with defaults."""
+    given = config.daemons.get(daemon.section, {})
+    return MappingProxyType(
+        {s.key: given.get(s.key, s.default) for s in daemon.settings}
+    )
+
+
+def registry(*packages: ModuleType) -> Registry:
+    """
+    The protocol daemons that Twisted plugins provide in C{packages}
+    (default: C{twisted.plugins}).
+    """
+    from twisted.plugin import getPlugins
+
+    if not packages:
+        import twisted.plugins
+
+        packages = (twisted.plugins,)
+    found: list[IProtocolDaemon] = []
+    for package in packages:
+        found.extend(getPlugins(IProtocolDaemon, package))
+    return Registry(found)
+
+
+@cache
+def default_registry() -> Registry:
+    """L{registry}() of C{twisted.plugins}, found once per process."""
+    return registry()
