@@ -34,7 +34,7 @@ from ipcd.errors import Refused
 from ipcd.identity import Peer, local_peer, remote_peer
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.logs import printable
-from ipcd.relay import READ_SIZE, RelayLoop, RelayStats, take_socket
+from ipcd.relay import READ_SIZE, RelayLoop, RelayStats, SocketRelays, take_socket
 from ipcd.routes import RemoteURI, RouteError, parse_uri
 from ipcd.services import IPCService
 from ipcd.sockets import connect_tcp, read_exactly, read_to_eof, write_all
@@ -377,7 +377,7 @@ class TcpService(MultiService):
         reactor = broker.reactor
         broker.transports[SCHEME] = TcpTransport(reactor)
         # tcpd's relays (inbound, and for upstream's control socket).
-        self.relays = RelayLoop(reactor)
+        self.relays = SocketRelays(reactor)
         limits = broker.limits_for("tcpd")
 
         def peer_key(transport: Any) -> str:
