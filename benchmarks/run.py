@@ -651,6 +651,13 @@ def benchmark(settings: Settings, h: Harness) -> str:
     # ipcd B holds two fds per relay (TCP and UNIX): cap the counts to what
     # RLIMIT_NOFILE allows here, and say so.
     cap = (fd_limit - 256) // 2
+    # Every relay comes from 127.0.0.1: raise the connection limits
+    # ([limits], 1,024 per listener and 128 per peer by default) past them.
+    m_config = os.path.join(os.path.dirname(m_dir), "ipcd-m.toml")
+    with open(m_config, "w") as f:
+        most = max(settings.memory_counts) + 100
+        f.write(f"[limits]\nmax_connections = {most}\n")
+        f.write(f"max_connections_per_peer = {most}\n")
     notes: list[str] = []
     counts = sorted({min(n, cap) for n in settings.memory_counts})
     base = Row("RSS ipcd B, idle baseline", unit="MiB")
@@ -671,7 +678,9 @@ def benchmark(settings: Settings, h: Harness) -> str:
     for run in range(settings.memory_runs):
         say(f"memory: run {run + 1}/{settings.memory_runs}")
         port_m = free_port()
-        ipcd_m = h.ipcd("ipcd-m", m_dir, port_m, "--allow", "in pong")
+        ipcd_m = h.ipcd(
+            "ipcd-m", m_dir, port_m, "--allow", "in pong", "--config", m_config
+        )
         socks: list[socket.socket] = []
         try:
             open_relays(port_m, 20, socks)  # warm-up: code paths, buffers

@@ -1,43 +1,40 @@
 """
-The bidirectional relay: two connected sockets joined byte for byte.
+The bidirectional relay: two connections joined byte for byte.
 
-Relays do not run as Twisted transports in the reactor: a L{RelayLoop} runs
-them in a thread of its own, on plain non-blocking sockets and one epoll.
-Why: relaying a message is one C{recv} and one C{send}, and in the reactor
-each message also paid a reactor turn and the transport and protocol layers.
-With Twisted transports a tcp route's 100-byte round trip was about 1.4x a
-chain of two socats; raw sockets watched by the reactor still made it 1.1x;
-this loop makes it about 0.9x, and moves more bytes per second than either
-(C{benchmarks/run.py --cpus 0}).  The reactor's thread waits in
-C{epoll_wait}, without the GIL, most of the time, so the two rarely compete.
+One interface, L{IRelayEngine}, and two engines that provide it, both run
+by the reactor (no thread of their own):
 
-Ownership: a relay's sockets and state belong to the loop's thread.  Other
-threads only queue calls (L{RelayLoop.join}, L{RelayLoop.abort},
-L{RelayLoop.stop}); the loop reports back with C{reactor.callFromThread} (a
-finished relay leaves its registry).
+  - L{SocketRelays}, the fast path, joins two connected raw sockets.  Each
+    socket is a plain non-blocking socket watched by the reactor's own
+    poller (C{addReader}/C{addWriter}).  tcpd uses it.
+  - L{TransportRelays} joins two Twisted transports (TLS, WebSocket, UDP
+    sessions, anything with a transport) through a pair of
+    L{RelayProtocol}s that register producers both ways, as Twisted's
+    C{portforward} does.
 
-Each direction reads up to L{READ_SIZE} bytes and sends them on at once.
-What the receiver does not take is kept, and the sender is not read again
-until it is flushed: at most one read is held per direction, and the
-kernel's socket buffers push back on a fast sender.  An EOF is passed on as
-C{shutdown(SHUT_WR)} once everything before it is delivered; when both
-directions have ended, or on any error on either side, both are closed.
+Both behave alike: at most one read (or one transport's buffer) held per
+direction, so a slow receiver pushes back on a fast sender instead of
+growing ipcd's memory; an EOF is a half-close passed on after the bytes
+before it; a reset on either side closes both; a relay on which nothing
+moves for its idle deadline is closed; and L{RelayStats} counts the bytes,
+lists the relay in its C{registry} while it lives and calls C{on_end} once
+when it ends.
 
-Every side stays in the epoll, even with nothing to read or write, because
-a hangup or an error is reported only for a registered fd:
+L{SocketRelays} in detail.  Each direction reads up to L{READ_SIZE} bytes
+and sends them on at once.  What the receiver does not take is kept, and
+the sender is not read again until it is flushed.  A side is always watched
+for a hangup: while it is neither read nor written, it sits in the engine's
+own epoll with an empty mask (which reports only hangups and errors), and
+that epoll is one more reader in the reactor:
 
-  - C{EPOLLERR} (a TCP reset; an AF_UNIX peer that closed without reading
-    all we sent it): the connection is broken and nothing more can be
-    delivered either way: the relay ends at once.
-  - C{EPOLLHUP} without an error (an AF_UNIX peer that closed; both halves
-    of a TCP connection shut): the far end takes nothing more, so the
-    direction towards it is over.  What it sent before it went is still in
-    the socket and is delivered, like the data before a FIN (a service's
-    answer followed by C{close} is how AF_UNIX services end); then the
-    relay ends, as the other side's bytes have nowhere to go.
-  - A plain FIN (C{EPOLLRDHUP}, reported with C{EPOLLIN}) is a half-close:
-    the far end may still read, so the other direction goes on.  It is
-    found by the read that returns 0, in order after the data.
+  - an error (a TCP reset; an AF_UNIX peer that closed without reading all
+    we sent it) ends the relay at once;
+  - a hangup without an error (an AF_UNIX peer that closed; both halves of a
+    TCP connection shut) means the far end takes nothing more: the
+    direction towards it is over, and what it sent before is still
+    delivered, then the relay ends;
+  - a plain FIN is a half-close: found by the read that returns 0, in order
+    after the data, and passed on as C{shutdown(SHUT_WR)}.
 
 A receiver that never reads, behind a sender that has half-closed or hung
 up, is the one case left; the idle deadline (C{join}'s C{idle_timeout})
@@ -46,29 +43,48 @@ ends a relay on which no byte has moved for that long.
 
 from __future__ import annotations
 
-import collections
+import errno
 import math
-import os
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IReadDescriptor,
+    IWriteDescriptor,
+)
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
 
-# Big reads: fewer passes through the loop on bulk transfers.  One buffer,
-# reused by every read (the loop is one thread), so no per-read allocation.
+# Big reads: fewer passes on bulk transfers.  One buffer per engine, reused
+# by every read (all in the reactor's thread), so no per-read allocation.
 READ_SIZE = 256 * 1024
 
-_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
-_HUP, _ERR = select.EPOLLHUP, select.EPOLLERR
 # Idle deadlines are checked at most this often (seconds): a sweep looks at
 # every relay, and a deadline of minutes needs no finer grain.
 SWEEP_INTERVAL = 0.5
+
+# Errors that mean the connection is gone (a reset, a broken pipe): the
+# relay ends, quietly.  Anything else is a failure, and is logged.
+_GONE = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.EPIPE,
+        errno.ECONNABORTED,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENOTCONN,
+    }
+)
 
 
 @dataclass(eq=False)
@@ -87,7 +103,7 @@ class RelayStats:
     forward: int = 0
     backward: int = 0
     started: float = field(default_factory=time.monotonic)
-    moved: float = 0.0  # when a byte last moved (the loop's clock)
+    moved: float = 0.0  # when a byte last moved (the engine's clock)
     registry: set[RelayStats] | None = None
     # Called in the reactor's thread once the relay has ended.
     on_end: Callable[[], None] | None = None
@@ -106,10 +122,83 @@ class RelayStats:
         }
 
 
+def ended(stats: RelayStats) -> None:
+    """A relay has ended: it leaves its registry, and C{on_end} runs (once)."""
+    if stats.registry is not None:
+        stats.registry.discard(stats)
+    on_end, stats.on_end = stats.on_end, None  # once, however it ended
+    if on_end is not None:
+        on_end()
+
+
+def _log_idle(log: Logger, stats: RelayStats, timeout: float) -> None:
+    log.info(
+        "closing the relay of {peer} for {service!r}: idle for {timeout:g} s",
+        peer=stats.description,
+        service=stats.service,
+        timeout=timeout,
+    )
+
+
+class IRelayEngine(Interface):
+    """
+    Runs relays: joins pairs of connections and owns them until they end.
+    Every method is called in the reactor's thread.
+    """
+
+    def start() -> None:
+        """Start relaying (before the first L{join})."""
+
+    def stop() -> None:
+        """
+        Close every relay held, without blocking; later joins are refused
+        (their connections closed, their stats ended).
+        """
+
+    def join(
+        a: Any,
+        b: Any,
+        stats: RelayStats | None = None,
+        greeting: bytes = b"",
+        early: bytes = b"",
+        idle_timeout: float = 0.0,
+    ) -> RelayStats:
+        """
+        Relay between C{a} (the peer that asked: side A) and C{b} (the
+        service: side B), which the engine now owns and closes.  What they
+        are depends on the engine: connected sockets (L{SocketRelays}),
+        L{RelayProtocol}s (L{TransportRelays}).  C{greeting} goes to A
+        before anything else (not counted); C{early}, bytes A sent before
+        the join, goes to B first and counts as C{forward}.  A relay on
+        which no byte moves either way for C{idle_timeout} seconds is
+        closed (0: never).  C{stats} (a new L{RelayStats} if None) is
+        added to its registry until the relay ends; returns it.
+        """
+
+    def abort(stats: RelayStats) -> None:
+        """End the relay that C{stats} counts now, closing both sides."""
+
+    def buffered() -> int:
+        """Bytes the relays hold, read but not yet delivered."""
+
+    failure = Attribute(
+        "None while the engine works; once it has failed, why (a string):"
+        " it closed its relays and refuses new ones."
+    )
+
+
+# Where a side is registered: the reactor's readers, its writers, or the
+# engine's own epoll (hangups and errors only).  At most one of those at a
+# time besides READ|WRITE; CLOSED once its relay has ended.
+_READ, _WRITE, _WATCH, _CLOSED = 1, 2, 4, 8
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
 class Side:
-    """One socket of a relay (state owned by the loop's thread)."""
+    """One socket of a relay run by L{SocketRelays}."""
 
     __slots__ = (
+        "engine",
         "sock",
         "fd",
         "peer",
@@ -118,11 +207,18 @@ class Side:
         "pending",
         "eof",
         "hup",
-        "mask",
+        "where",
         "timeout",
     )
 
-    def __init__(self, sock: socket.socket, stats: RelayStats, forward: bool) -> None:
+    def __init__(
+        self,
+        engine: SocketRelays,
+        sock: socket.socket,
+        stats: RelayStats,
+        forward: bool,
+    ) -> None:
+        self.engine = engine
         self.sock = sock
         self.fd = sock.fileno()
         self.peer: Side = self
@@ -131,7 +227,7 @@ class Side:
         self.pending = memoryview(b"")  # bytes for this socket it has not taken
         self.eof = False  # this socket's far end has stopped sending
         self.hup = False  # ... and takes nothing more: it hung up
-        self.mask: int | None = None  # what the epoll watches for; None: not in it
+        self.where = 0  # _READ|_WRITE, _WATCH, or _CLOSED
         self.timeout = 0.0  # the relay's idle deadline in seconds; 0: none
 
     @property
@@ -152,67 +248,86 @@ class Side:
         # once its receiver hung up (nothing can reach it any more).
         return (self.eof or peer.hup) and (peer.eof or self.hup)
 
+    # IReadDescriptor, IWriteDescriptor: the reactor calls these.
 
-class RelayLoop:
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted's name)
+        return "relay"
+
+    def doRead(self) -> None:  # noqa: N802 (Twisted's name)
+        self.engine._ready(self, writable=False)
+
+    def doWrite(self) -> None:  # noqa: N802 (Twisted's name)
+        self.engine._ready(self, writable=True)
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
+        # The reactor saw a hangup or an error on this socket while it was
+        # registered (and has unregistered it).
+        self.where &= ~(_READ | _WRITE)
+        self.engine._hangup(self, None)
+
+
+@implementer(IReadDescriptor)
+class _Watch:
     """
-    Relays between pairs of sockets, in a thread started by L{start}.
-    L{start}C{(threaded=False)} starts no thread; L{turn} then runs the loop
-    one step at a time (for tests).  C{clock} gives the time in seconds for
-    idle deadlines (tests pass a fake one).
+    The engine's own epoll, a reader in the reactor: it holds the sides the
+    reactor does not watch (neither read nor written now) with an empty
+    mask, so their hangups and errors are still reported.
+    """
+
+    def __init__(self, engine: SocketRelays) -> None:
+        self.engine = engine
+        self.epoll = select.epoll()
+
+    def fileno(self) -> int:
+        return self.epoll.fileno()
+
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted's name)
+        return "relays"
+
+    def doRead(self) -> None:  # noqa: N802 (Twisted's name)
+        self.engine._watched()
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
+        self.engine._broken(reason)
+
+
+@implementer(IRelayEngine)
+class SocketRelays:
+    """
+    Relays between pairs of connected sockets, on the reactor's own poller.
+    C{reactor} provides C{IReactorFDSet}; C{clock} (default: C{reactor})
+    provides C{IReactorTime}, for idle deadlines.
     """
 
     log = Logger()
 
-    def __init__(
-        self, reactor: Any, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, reactor: Any, clock: Any = None) -> None:
         self._reactor = reactor
-        self._clock = clock
-        self._now = clock()  # as of the current turn: one clock read per turn
-        self._sweep_at = math.inf  # when the next idle deadline may be due
+        self._clock = clock if clock is not None else reactor
         self._sides: dict[int, Side] = {}
-        self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
-        self._epoll: Any = None
-        self._wake = -1
-        self._thread: threading.Thread | None = None
-        self._running = False  # the loop runs (in its thread)
-        self._stopped = False  # stop() was called
+        self._watch: _Watch | None = None
+        self._sweep: Any = None  # the DelayedCall of the next idle sweep
+        self._sweep_at = math.inf
+        self.failure: str | None = None
 
-    def start(self, threaded: bool = True) -> None:
-        self._epoll = select.epoll()
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._epoll.register(self._wake, _IN)
-        self._running, self._stopped = True, False
-        if threaded:
-            self._report: Callable[..., Any] = self._reactor.callFromThread
-            self._thread = threading.Thread(
-                target=self._run, name="ipcd relays", daemon=True
-            )
-            self._thread.start()
-        else:
-            self._report = lambda f, *args, **kwargs: f(*args, **kwargs)
+    # IRelayEngine
+
+    def start(self) -> None:
+        if self._watch is not None:
+            return
+        self.failure = None
+        self._watch = _Watch(self)
+        self._reactor.addReader(self._watch)
 
     def stop(self) -> None:
-        """Close every relay and end the loop (and its thread)."""
-        if self._stopped or self._epoll is None:
-            return
-        self._stopped = True  # no more calls for the loop from here on
-        if self._thread is None:
-            self._stop()
-        else:
-            self._calls.append(self._stop)
-            os.eventfd_write(self._wake, 1)
-            self._thread.join(10)
-            if self._thread.is_alive():
-                return  # stuck: leave its fds alone rather than pull them away
-        # Joins the loop did not get to: _add closes their sockets.
-        while self._calls:
-            self._calls.popleft()()
-        self._epoll.close()
-        os.close(self._wake)
-        self._epoll = None
+        """Close every relay; joins from now on are refused."""
+        self._close_all()
+        self._unwatch()
 
     def join(
         self,
@@ -223,101 +338,113 @@ class RelayLoop:
         early: bytes = b"",
         idle_timeout: float = 0.0,
     ) -> RelayStats:
-        """
-        Relay between connected sockets C{a} and C{b}, which the loop now
-        owns (and closes).  C{greeting} goes to A before anything else (not
-        counted: tcpd's C{ok}); C{early}, bytes A sent before the join, goes
-        to B first and counts as C{forward}.  A relay on which no byte moves
-        either way for C{idle_timeout} seconds is closed (0: never).
-        """
         stats = stats if stats is not None else RelayStats()
-        if self._stopped:
+        if self._watch is None:
+            if self.failure is not None:
+                self.log.warn(
+                    "refusing the relay of {peer} for {service!r}: {failure}",
+                    peer=stats.description,
+                    service=stats.service,
+                    failure=self.failure,
+                )
             a.close()
             b.close()
+            ended(stats)
             return stats
         if stats.registry is not None:
             stats.registry.add(stats)
         stats.forward += len(early)
-        for sock in (a, b):
-            sock.setblocking(False)
-        self._call(lambda: self._add(a, b, stats, greeting, early, idle_timeout))
+        side_a, side_b = Side(self, a, stats, True), Side(self, b, stats, False)
+        side_a.peer, side_b.peer = side_b, side_a
+        self._sides[side_a.fd] = side_a
+        self._sides[side_b.fd] = side_b
+        stats.moved = now = self._clock.seconds()
+        if idle_timeout > 0:
+            side_a.timeout = side_b.timeout = idle_timeout
+            self._schedule(now + idle_timeout)
+        try:
+            for side in (side_a, side_b):
+                side.sock.setblocking(False)
+            # The greeting and the early bytes go at once if they can.
+            for side, data in ((side_a, greeting), (side_b, early)):
+                side.pending = memoryview(data)
+                if data:
+                    self._write(side)
+        except Exception as e:
+            self._error(side_a, e)
+            return stats
+        self._settle(side_a)
         return stats
 
     def abort(self, stats: RelayStats) -> None:
-        """End the relay that C{stats} counts now, closing both sockets."""
-        self._call(lambda: self._abort(stats))
+        for side in list(self._sides.values()):
+            if side.stats is stats:
+                self._end(side)
 
     def buffered(self) -> int:
-        """Bytes the relays hold, read but not yet sent (an estimate)."""
-        return sum(len(side.pending) for side in list(self._sides.values()))
+        return sum(len(side.pending) for side in self._sides.values())
 
     def sides(self) -> list[Side]:
         """The relays' sides (a snapshot, for tests and status)."""
         return list(self._sides.values())
 
-    # The reactor's thread (whichever thread calls join, abort and stop).
+    # Events, from the reactor.
 
-    def _call(self, f: Callable[[], None]) -> None:
-        if not self._stopped:
-            self._calls.append(f)
-            os.eventfd_write(self._wake, 1)
-
-    # The loop's thread from here on.
-
-    def _run(self) -> None:
+    def _ready(self, side: Side, writable: bool) -> None:
+        if side.where & _CLOSED:
+            return  # its relay ended earlier in this batch of events
         try:
-            while self._running:
-                self.turn()
-        except BaseException:
-            self._report(self.log.failure, "the relay loop failed", Failure())
-            self._stop()
-
-    def turn(self, timeout: float = -1) -> None:
-        """
-        Wait up to C{timeout} seconds (-1: until something happens) for
-        events and handle them; end relays whose idle deadline has passed.
-        """
-        if self._sweep_at < math.inf:
-            due = max(0.0, self._sweep_at - self._clock())
-            timeout = due if timeout < 0 else min(timeout, due)
-        ready = self._epoll.poll(timeout)
-        self._now = self._clock()
-        for fd, events in ready:
-            if fd == self._wake:
-                os.eventfd_read(self._wake)
-                while self._calls:
-                    self._calls.popleft()()
-                continue
-            side = self._sides.get(fd)
-            if side is None:
-                continue  # its relay ended earlier in this batch
-            if events & _ERR:
-                self._end(side)  # a reset: nothing more can be delivered
-                continue
-            try:
-                if events & _HUP and not side.hup:
-                    # The far end is gone: nothing more goes to it, but
-                    # what it sent before is read on, up to its EOF.
-                    side.hup = True
-                    side.pending = memoryview(b"")
-                if events & (_IN | _HUP) and side.reading:
-                    self._read(side)
-                if events & _OUT and side.pending:
+            if writable:
+                if side.pending:
                     self._write(side)
-            except OSError:
-                self._end(side)  # a reset, a broken pipe: the relay is over
-                continue
-            except Exception:
-                self._report(self.log.failure, "relay failed", Failure())
-                self._end(side)
-                continue
-            if side.finished:
-                self._end(side)
-            else:
-                self._watch(side)
-                self._watch(side.peer)
-        if self._now >= self._sweep_at:
-            self._expire()
+            elif side.reading:
+                self._read(side)
+        except Exception as e:
+            self._error(side, e)
+            return
+        self._settle(side)
+
+    def _hangup(self, side: Side, error: bool | None) -> None:
+        """
+        A hangup or an error on C{side}'s socket (C{error} None: unknown,
+        ask the socket).
+        """
+        if side.where & _CLOSED:
+            return
+        try:
+            if error is None:
+                error = bool(side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+            if error:
+                self._end(side)  # a reset: nothing more can be delivered
+                return
+            if not side.hup:
+                # The far end is gone: nothing more goes to it, but what
+                # it sent before is read on, up to its EOF.
+                side.hup = True
+                side.pending = memoryview(b"")
+            if side.reading:
+                self._read(side)
+        except Exception as e:
+            self._error(side, e)
+            return
+        self._settle(side)
+
+    def _watched(self) -> None:
+        """The engine's epoll has events: hangups and errors."""
+        watch = self._watch
+        if watch is None:
+            return
+        try:
+            events = watch.epoll.poll(0)
+        except Exception:
+            self._broken(Failure())
+            return
+        for fd, mask in events:
+            side = self._sides.get(fd)
+            if side is not None and side.where & _WATCH:
+                self._hangup(side, bool(mask & select.EPOLLERR))
+
+    # Moving bytes.
 
     def _read(self, side: Side) -> None:
         try:
@@ -331,7 +458,7 @@ class RelayLoop:
                 _shut(peer)
             return
         stats = side.stats
-        stats.moved = self._now
+        stats.moved = self._clock.seconds()
         if side.forward:
             stats.forward += count
         else:
@@ -352,108 +479,160 @@ class RelayLoop:
         except (BlockingIOError, InterruptedError):
             return
         if sent:
-            side.stats.moved = self._now
+            side.stats.moved = self._clock.seconds()
         side.pending = side.pending[sent:]
         if not side.pending and side.peer.eof:
             _shut(side)
 
-    def _watch(self, side: Side) -> None:
-        """
-        Make the epoll watch for what C{side} waits for now.  With an empty
-        mask a side stays registered: its hangup or error is still reported.
-        """
-        mask: int | None = (_IN if side.reading else 0) | (_OUT if side.pending else 0)
-        if not mask and side.hup:
-            # Hung up and waiting for its peer to catch up: a hangup is
-            # reported for as long as it lasts, so out of the epoll until
-            # it can be read again (nothing new can happen to it).
-            mask = None
-        if mask == side.mask:
-            return
-        if mask is None:
-            self._epoll.unregister(side.fd)
-        elif side.mask is None:
-            self._epoll.register(side.fd, mask)
-        else:
-            self._epoll.modify(side.fd, mask)
-        side.mask = mask
+    # Registration.
 
-    def _add(
-        self,
-        a: socket.socket,
-        b: socket.socket,
-        stats: RelayStats,
-        greeting: bytes,
-        early: bytes,
-        idle_timeout: float,
-    ) -> None:
-        side_a, side_b = Side(a, stats, True), Side(b, stats, False)
-        side_a.peer, side_b.peer = side_b, side_a
-        side_a.pending, side_b.pending = memoryview(greeting), memoryview(early)
-        if not self._running:
-            self._end(side_a)
+    def _settle(self, side: Side) -> None:
+        """After an event on C{side}: end its relay, or watch what it waits for."""
+        try:
+            if side.finished:
+                self._end(side)
+            else:
+                self._place(side)
+                self._place(side.peer)
+        except Exception:
+            self._fail(side)
+
+    def _place(self, side: Side) -> None:
+        """
+        Register C{side} for what it waits for now: reading, writing, or
+        (neither) a hangup, in the engine's epoll.  A side that hung up and
+        waits for its peer to catch up is nowhere: a hangup is reported for
+        as long as it lasts, and nothing new can happen to it.
+        """
+        where = (_READ if side.reading else 0) | (_WRITE if side.pending else 0)
+        if not where and not side.hup:
+            where = _WATCH
+        was = side.where
+        if where == was:
             return
-        stats.moved = self._now = self._clock()
-        if idle_timeout > 0:
-            side_a.timeout = side_b.timeout = idle_timeout
-            self._sweep_at = min(self._sweep_at, self._now + idle_timeout)
-        for side in (side_a, side_b):
-            self._sides[side.fd] = side
-            self._watch(side)
+        side.where = where
+        changed = where ^ was
+        reactor = self._reactor
+        if changed & _WATCH:
+            watch = self._watch
+            if watch is None:
+                raise RuntimeError("the relay engine is not running")
+            if where & _WATCH:
+                watch.epoll.register(side.fd, 0)
+            else:
+                watch.epoll.unregister(side.fd)
+        if changed & _READ:
+            if where & _READ:
+                reactor.addReader(side)
+            else:
+                reactor.removeReader(side)
+        if changed & _WRITE:
+            if where & _WRITE:
+                reactor.addWriter(side)
+            else:
+                reactor.removeWriter(side)
+
+    # Ending.
 
     def _end(self, side: Side) -> None:
         """Close both sockets of C{side}'s relay; its stats leave the registry."""
+        if side.where & _CLOSED:
+            return
         for each in (side, side.peer):
+            where, each.where = each.where, _CLOSED
             if self._sides.get(each.fd) is each:
                 del self._sides[each.fd]
-                if each.mask is not None:
-                    self._epoll.unregister(each.fd)
+            try:
+                if where & _READ:
+                    self._reactor.removeReader(each)
+                if where & _WRITE:
+                    self._reactor.removeWriter(each)
+                if where & _WATCH and self._watch is not None:
+                    self._watch.epoll.unregister(each.fd)
+            except Exception:
+                self.log.failure("unregistering a relay's socket", Failure())
+            each.pending = memoryview(b"")
             each.sock.close()
-        self._report(_ended, side.stats)
+        ended(side.stats)
+
+    def _error(self, side: Side, error: Exception) -> None:
+        """
+        C{error} was raised in C{side}'s relay: a reset or a broken pipe
+        ends it quietly; anything else is a failure.
+        """
+        if isinstance(error, OSError) and error.errno in _GONE:
+            self._end(side)
+        else:
+            self._fail(side)
+
+    def _fail(self, side: Side) -> None:
+        """Something unexpected in C{side}'s relay: log it, and end the relay."""
+        stats = side.stats
+        self.log.failure(
+            "the relay of {peer} for {service!r} failed; closing it",
+            Failure(),
+            peer=stats.description,
+            service=stats.service,
+        )
+        self._end(side)
+
+    def _broken(self, reason: Failure) -> None:
+        """
+        The engine itself failed (its epoll): it can no longer see hangups,
+        so it closes every relay and refuses new ones.
+        """
+        if self._watch is None:
+            return
+        self.failure = f"the relay engine failed: {reason.getErrorMessage()}"
+        self.log.failure(
+            "the relay engine failed; closing its {count} relays and refusing new ones",
+            reason,
+            count=len(self._sides) // 2,
+        )
+        self._close_all()
+        self._unwatch()
+
+    def _close_all(self) -> None:
+        for side in list(self._sides.values()):
+            self._end(side)
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep, self._sweep_at = None, math.inf
+
+    def _unwatch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            self._reactor.removeReader(watch)
+            watch.epoll.close()
+
+    # Idle deadlines.
+
+    def _schedule(self, when: float) -> None:
+        if when >= self._sweep_at:
+            return
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep_at = when
+        delay = max(0.0, when - self._clock.seconds())
+        self._sweep = self._clock.callLater(delay, self._expire)
 
     def _expire(self) -> None:
         """End the relays idle past their deadline; find the next one."""
-        now, earliest = self._now, math.inf
+        self._sweep, self._sweep_at = None, math.inf
+        now, earliest = self._clock.seconds(), math.inf
         for side in list(self._sides.values()):
-            if not side.forward or not side.timeout or side.fd not in self._sides:
+            if not side.forward or not side.timeout or side.where & _CLOSED:
                 continue  # one look per relay (at side A), if it has a deadline
             deadline = side.stats.moved + side.timeout
             if deadline > now:
                 earliest = min(earliest, deadline)
                 continue
-            stats = side.stats
-            self._report(
-                self.log.info,
-                "closing the relay of {peer} for {service!r}: idle for {timeout:g} s",
-                peer=stats.description,
-                service=stats.service,
-                timeout=side.timeout,
-            )
+            _log_idle(self.log, side.stats, side.timeout)
             self._end(side)
         # Not sooner than SWEEP_INTERVAL from now: busy relays whose
-        # deadlines keep moving need not be looked at on every turn.
+        # deadlines keep moving need not be looked at on every event.
         if earliest < math.inf:
-            earliest = max(earliest, now + SWEEP_INTERVAL)
-        self._sweep_at = earliest
-
-    def _abort(self, stats: RelayStats) -> None:
-        for side in list(self._sides.values()):
-            if side.stats is stats and side.fd in self._sides:
-                self._end(side)
-
-    def _stop(self) -> None:
-        self._running = False
-        for side in list(self._sides.values()):
-            if side.fd in self._sides:
-                self._end(side)
-
-
-def _ended(stats: RelayStats) -> None:
-    if stats.registry is not None:
-        stats.registry.discard(stats)
-    on_end, stats.on_end = stats.on_end, None  # once, however it ended
-    if on_end is not None:
-        on_end()
+            self._schedule(max(earliest, now + SWEEP_INTERVAL))
 
 
 def _shut(side: Side) -> None:
@@ -476,3 +655,262 @@ def take_socket(transport: Any) -> socket.socket:
     transport.stopReading()
     transport.stopWriting()
     return transport.getHandle()
+
+
+# Relays between Twisted transports.
+
+
+@implementer(IHalfCloseableProtocol)
+class RelayProtocol(Protocol, TimeoutMixin):
+    """
+    One side of a relay between two Twisted transports: what its transport
+    reads goes to its peer's transport.  Pair two with L{TransportRelays}
+    (or L{pair}), and connect them however they connect (a listening
+    factory, an endpoint, a TLS or WebSocket wrapper).
+
+    Backpressure: once both are connected, each transport is registered as
+    the (streaming) producer of the other, so a transport whose buffer
+    fills pauses reading its peer.  Half-close: an EOF on one side is
+    passed on with the other's C{loseWriteConnection} after its buffer
+    (or C{loseConnection}, for a transport that cannot half-close).
+    Teardown: when one side's connection is lost, the other is closed
+    (after its buffer on a clean close, at once on an error), and the relay
+    ends once both are gone.
+
+    Hooks for subclasses: L{relayed} sees every chunk passed on (it counts
+    them, and restarts the idle deadline); L{timeoutConnection} runs when
+    the idle deadline passes; L{relayEnded} once the relay has ended.
+    """
+
+    log = Logger()
+
+    def __init__(self, stats: RelayStats | None = None, clock: Any = None) -> None:
+        self.stats = stats if stats is not None else RelayStats()
+        self.peer: RelayProtocol | None = None
+        self.forward = False  # what this side reads counts as stats.forward
+        self.clock = clock
+        self.idle_timeout = 0.0
+        self.outgoing = b""  # written to this side first, once both connect
+        self.started = False
+        self.lost = False
+        self.readDone = False  # our far end sent EOF
+        self.writeDone = False  # the EOF was passed on to our far end
+        self._held: list[bytes] = []  # read before the peer was connected
+        self._onEnd: Callable[[], None] | None = None
+
+    def callLater(self, period: float, func: Callable[[], Any]) -> Any:  # noqa: N802
+        if self.clock is None:
+            return TimeoutMixin.callLater(self, period, func)
+        return self.clock.callLater(period, func)
+
+    # Connection.
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        peer = self.peer
+        if peer is None or peer.lost:
+            self.transport.loseConnection()
+            return
+        if peer.transport is not None and not peer.started:
+            _start(peer, self)
+        else:
+            # Until the peer is connected, nothing to send to.
+            self.transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        if not self.started:
+            self._held.append(data)
+            return
+        self.relayed(data)
+        assert self.peer is not None
+        self.peer.transport.write(data)
+
+    def relayed(self, data: bytes) -> None:
+        """C{data} goes on to the peer: count it; the relay is not idle."""
+        if self.forward:
+            self.stats.forward += len(data)
+        else:
+            self.stats.backward += len(data)
+        self.resetTimeout()
+        if self.peer is not None:
+            self.peer.resetTimeout()
+
+    def readConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
+        """Our far end sent EOF: pass it on after what the peer still holds."""
+        self.readDone = True
+        peer = self.peer
+        if peer is None or peer.lost or peer.transport is None:
+            self.transport.loseConnection()
+            return
+        if not self.started:
+            return  # passed on when the relay starts
+        _passEOF(self, peer)
+
+    def writeConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
+        """The EOF reached our far end."""
+        self.writeDone = True
+        if self.readDone:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        self.lost = True
+        self.setTimeout(None)
+        peer = self.peer
+        if peer is not None and not peer.lost and peer.transport is not None:
+            transport = peer.transport
+            if getattr(transport, "producer", None) is not None:
+                transport.unregisterProducer()
+            if isinstance(reason, Failure) and reason.check(ConnectionDone):
+                transport.loseConnection()  # after what it still holds
+            else:
+                getattr(transport, "abortConnection", transport.loseConnection)()
+            if self.idle_timeout and peer.timeOut is None:
+                # Its buffer may never drain: the deadline moves over.
+                peer.setTimeout(self.idle_timeout)
+            return
+        ended(self.stats)
+        self.relayEnded()
+        if peer is not None and peer is not self:
+            peer.relayEnded()
+
+    def timeoutConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        _log_idle(self.log, self.stats, self.idle_timeout)
+        self.abort()
+
+    def relayEnded(self) -> None:  # noqa: N802
+        """Hook: the relay has ended (both sides are gone)."""
+
+    def abort(self) -> None:
+        """End the relay now: both connections are aborted."""
+        for side in (self, self.peer):
+            if side is not None and side.transport is not None and not side.lost:
+                transport = side.transport
+                getattr(transport, "abortConnection", transport.loseConnection)()
+            elif side is not None and side.transport is None:
+                side.lost = True  # never connected: nothing to close
+
+
+def pair(a: RelayProtocol, b: RelayProtocol) -> None:
+    """Make C{a} (side A: its bytes count as forward) and C{b} one relay."""
+    a.peer, b.peer = b, a
+    a.forward, b.forward = True, False
+    b.stats = a.stats
+    b.clock = b.clock if b.clock is not None else a.clock
+
+
+def _start(a: RelayProtocol, b: RelayProtocol) -> None:
+    """Both sides are connected: producers both ways, then relay."""
+    for side in (a, b):
+        side.started = True
+    for side, other in ((a, b), (b, a)):
+        side.transport.registerProducer(other.transport, True)
+    for side in (a, b):
+        if side.outgoing:
+            side.transport.write(side.outgoing)
+            side.outgoing = b""
+    for side, other in ((a, b), (b, a)):
+        held, side._held = side._held, []
+        for data in held:
+            side.relayed(data)
+            other.transport.write(data)
+    for side, other in ((a, b), (b, a)):
+        if side.readDone:
+            _passEOF(side, other)
+        else:
+            side.transport.resumeProducing()
+    timed = a if a.forward else b
+    if timed.idle_timeout:
+        timed.setTimeout(timed.idle_timeout)
+
+
+def _passEOF(side: RelayProtocol, peer: RelayProtocol) -> None:  # noqa: N802
+    transport = peer.transport
+    if getattr(transport, "producer", None) is not None:
+        # The reader is done: its transport produces nothing more.
+        transport.unregisterProducer()
+    if peer.readDone:
+        # Both directions have ended.
+        side.transport.loseConnection()
+        transport.loseConnection()
+        return
+    half = getattr(transport, "loseWriteConnection", None)
+    if half is not None:
+        half()
+    else:
+        transport.loseConnection()
+
+
+@implementer(IRelayEngine)
+class TransportRelays:
+    """
+    Relays between pairs of L{RelayProtocol}s: C{join} pairs them and owns
+    them until they end.  They may be connected before or after the join.
+    C{clock} (an C{IReactorTime}) runs the idle deadlines.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: Any = None) -> None:
+        self.clock = clock
+        self.failure: str | None = None
+        self._running = False
+        self._relays: dict[RelayStats, RelayProtocol] = {}
+
+    def start(self) -> None:
+        self._running = True
+
+    def stop(self) -> None:
+        self._running = False
+        for side in list(self._relays.values()):
+            side.abort()
+
+    def join(
+        self,
+        a: RelayProtocol,
+        b: RelayProtocol,
+        stats: RelayStats | None = None,
+        greeting: bytes = b"",
+        early: bytes = b"",
+        idle_timeout: float = 0.0,
+    ) -> RelayStats:
+        stats = stats if stats is not None else a.stats
+        a.stats = stats
+        if a.clock is None:
+            a.clock = self.clock
+        pair(a, b)
+        if not self._running:
+            a.abort()
+            if a.lost and b.lost:
+                ended(stats)
+            return stats
+        if stats.registry is not None:
+            stats.registry.add(stats)
+        stats.forward += len(early)
+        a.outgoing, b.outgoing = a.outgoing + greeting, b.outgoing + early
+        a.idle_timeout = b.idle_timeout = idle_timeout
+        self._relays[stats] = a
+        relays = self._relays
+        on_end = stats.on_end
+
+        def forget() -> None:
+            relays.pop(stats, None)
+            if on_end is not None:
+                on_end()
+
+        stats.on_end = forget
+        if a.transport is not None and b.transport is not None and not a.started:
+            _start(a, b)
+        return stats
+
+    def abort(self, stats: RelayStats) -> None:
+        side = self._relays.get(stats)
+        if side is not None:
+            side.abort()
+
+    def buffered(self) -> int:
+        total = 0
+        for a in self._relays.values():
+            for side in (a, a.peer):
+                transport = side and side.transport
+                total += len(getattr(transport, "dataBuffer", b""))
+                total += getattr(transport, "_tempDataLen", 0)
+        return total

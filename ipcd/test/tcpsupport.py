@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from ipcd.names import listen_unix
-from ipcd.relay import RelayLoop, Side
+from ipcd.relay import Side, SocketRelays
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
     TIMEOUT,
@@ -153,8 +153,8 @@ def digest_service(
     return factory
 
 
-def relay_loop(service: IPCDService) -> RelayLoop:
-    """The loop that runs an ipcd's tcpd relays."""
+def relay_loop(service: IPCDService) -> SocketRelays:
+    """The engine that runs an ipcd's tcpd relays."""
     return service.getServiceNamed("tcpd").relays
 
 

@@ -1,7 +1,8 @@
 """
-The relay loop on real socket pairs.  Most tests run it without its thread,
-one step at a time (L{RelayLoop.turn}), so every step is deterministic; the
-last ones run it as tcpd does, in its thread.
+The socket relay engine (L{SocketRelays}) on real socket pairs.  Most tests
+run it on a reactor of their own, not running, and turn that reactor one
+poll at a time, so every step is deterministic; the last ones run it as
+tcpd does, on the running reactor.
 
 Each relay joins socket C{a} (the peer that asked) and C{b} (the service);
 the test plays their far ends, C{client} and C{service}.
@@ -17,12 +18,21 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
 
-from ipcd.relay import READ_SIZE, SWEEP_INTERVAL, RelayLoop, RelayStats, take_socket
+from ipcd.relay import (
+    READ_SIZE,
+    SWEEP_INTERVAL,
+    IRelayEngine,
+    RelayStats,
+    SocketRelays,
+    take_socket,
+)
 from ipcd.test.support import (
     TIMEOUT,
     assert_no_fd_leak,
@@ -60,14 +70,31 @@ def send_some(sock: socket.socket, data: memoryview) -> int:
         return 0
 
 
+def private_reactor(case: SynchronousTestCase) -> EPollReactor:
+    """A reactor that is never run: tests turn it (C{doIteration(0)})."""
+    private = EPollReactor()
+
+    def close() -> None:
+        private.removeAll()
+        private.waker.connectionLost(None)
+        private._poller.close()
+
+    case.addCleanup(close)
+    return private
+
+
 class StepTests(SynchronousTestCase):
     def setUp(self) -> None:
+        self.reactor = private_reactor(self)
+        self.clock = Clock()  # for idle deadlines
         self.fds = len(open_fds())
-        self.now = 1000.0  # the loop's clock, for idle deadlines
-        self.loop = RelayLoop(reactor=None, clock=lambda: self.now)
-        self.loop.start(threaded=False)
+        self.loop = SocketRelays(self.reactor, clock=self.clock)
+        self.loop.start()
         self.addCleanup(self.loop.stop)
         self.registry: set[RelayStats] = set()
+
+    def test_interface(self) -> None:
+        self.assertTrue(verifyObject(IRelayEngine, self.loop))
 
     def join(self, **kwargs: Any) -> RelayStats:
         self.a, self.client = pair()
@@ -81,7 +108,11 @@ class StepTests(SynchronousTestCase):
 
     def turns(self, count: int = 4) -> None:
         for _ in range(count):
-            self.loop.turn(0)
+            self.reactor.doIteration(0)
+
+    def quiet(self) -> bool:
+        """No event waits in the reactor: the engine does not spin."""
+        return self.reactor._poller.poll(0) == []
 
     def assertEnded(self) -> None:
         """The relay closed both its sockets and left the registry."""
@@ -181,7 +212,7 @@ class StepTests(SynchronousTestCase):
         self.service.shutdown(socket.SHUT_WR)
         self.turns()
         self.assertEqual(drain(self.client), (b"", True))
-        self.assertEqual(self.loop._epoll.poll(0), [])  # quiet: no busy loop
+        self.assertTrue(self.quiet())  # no busy loop
         received, eof = b"", False
         while not eof:
             self.turns(1)
@@ -254,7 +285,7 @@ class StepTests(SynchronousTestCase):
         sent = self.fill(self.client, self.service)
         self.service.close()
         self.turns()
-        self.assertEqual(self.loop._epoll.poll(0), [])  # quiet: no busy loop
+        self.assertTrue(self.quiet())  # no busy loop
         received, eof = b"", False
         for _ in range(1000):
             chunk, eof = drain(self.client)
@@ -285,13 +316,13 @@ class StepTests(SynchronousTestCase):
         """
         self.join(idle_timeout=10)
         self.turns()
-        self.now += 6
+        self.clock.advance(6)
         self.service.send(b"x")
         self.turns()
-        self.now += 9.9
+        self.clock.advance(9.9)
         self.turns()
         self.assertEqual(len(self.registry), 1)  # 9.9 s since the byte
-        self.now += 0.1 + SWEEP_INTERVAL  # checked at most this often
+        self.clock.advance(0.1 + SWEEP_INTERVAL)  # checked at most this often
         self.turns()
         self.assertEqual(drain(self.client), (b"x", True))
         self.assertEqual(drain(self.service), (b"", True))
@@ -306,14 +337,13 @@ class StepTests(SynchronousTestCase):
         self.fill(self.service, self.client)
         self.client.shutdown(socket.SHUT_WR)
         self.turns()
-        self.now += 10 + SWEEP_INTERVAL
-        self.turns()
+        self.clock.advance(10 + SWEEP_INTERVAL)
         self.assertEnded()
 
     def test_no_idle_deadline(self) -> None:
         self.join()
         self.turns()
-        self.now += 1e9
+        self.clock.advance(1e9)
         self.turns()
         self.assertEqual(len(self.registry), 1)
 
@@ -345,7 +375,7 @@ class StepTests(SynchronousTestCase):
         self.assertEqual({side.stats for side in self.loop.sides()}, {other})
 
     def test_stop_closes_everything(self) -> None:
-        """Stopping closes every relay and the loop's own fds."""
+        """Stopping closes every relay and the engine's own fds."""
         self.join()
         self.turns()
         self.loop.stop()
@@ -361,13 +391,13 @@ class StepTests(SynchronousTestCase):
         self.assertEqual((a.fileno(), b.fileno()), (-1, -1))
 
 
-class ThreadTests(TestCase):
-    """The loop in its thread, reporting to the running reactor."""
+class ReactorTests(TestCase):
+    """The engine on the running reactor, as tcpd runs it."""
 
     @inlineCallbacks
     def setUp(self) -> Any:
         self.before = yield fd_baseline()
-        self.loop = RelayLoop(reactor)
+        self.loop = SocketRelays(reactor)
         self.loop.start()
         self.addCleanup(self.loop.stop)
         self.registry: set[RelayStats] = set()
@@ -393,7 +423,8 @@ class ThreadTests(TestCase):
         yield sending
         answer = yield deferToThread(client.recv, 100)
         self.assertEqual((len(got), answer), (1_000_000, b"done"))
-        self.assertEqual(client.recv(100), b"")  # the service's EOF passed on
+        # The service's EOF passed on (read in a thread: the reactor relays).
+        self.assertEqual((yield deferToThread(client.recv, 100)), b"")
         client.close()
         yield wait_until(lambda: not self.registry, "the relay to end")
         self.assertEqual((stats.forward, stats.backward), (1_000_000, 4))

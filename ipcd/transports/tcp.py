@@ -47,7 +47,7 @@ from ipcd.inbound import (
 )
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.logs import printable
-from ipcd.relay import RelayLoop
+from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
 from ipcd.services import IPCService
 from ipcd.sockets import (
@@ -153,7 +153,7 @@ class TcpService(MultiService):
         config = broker.config
         reactor = broker.reactor
         # tcpd's relays (inbound, and for upstream's control socket).
-        self.relays = RelayLoop(reactor)
+        self.relays = SocketRelays(reactor)
         limits = broker.limits_for(SECTION)
 
         def peer_key(transport: Any) -> str:

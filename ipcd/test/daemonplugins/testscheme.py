@@ -28,7 +28,7 @@ from ipcd.inbound import (
     NetworkHandshake,
     listening,
 )
-from ipcd.relay import RelayLoop
+from ipcd.relay import SocketRelays
 from ipcd.services import IPCService
 from ipcd.sockets import connect_tcp, read_exactly, write_all
 from ipcd.wire import encode
@@ -51,7 +51,7 @@ class TestSchemeService(MultiService):
         super().__init__()
         self.setName(SECTION)
         reactor = broker.reactor
-        self.relays = RelayLoop(reactor)
+        self.relays = SocketRelays(reactor)
 
         def handshakes(protocol: Any) -> HandshakeFactory:
             return HandshakeFactory(
