@@ -1,0 +1,488 @@
+"""
+What the core promises, pinned where a mutation run found it unpinned
+(issue 14; C{benchmarks/mutate.py}).  Each test names the mutant it kills.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import grp
+import os
+import socket
+import stat
+from types import MappingProxyType
+from typing import Any
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from ipcd import names
+from ipcd.access import Credentials
+from ipcd.config import Config, ConfigError, load_config
+from ipcd.errors import Refused
+from ipcd.names import SocketInUse, clear_stale_socket, listen_unix
+from ipcd.policy import Decision, Grant, Rule, decide, parse_rule, peer_matches
+from ipcd.resolution import MAX_HOPS, LocalTarget, Plan, RemoteTarget, plan
+from ipcd.routes import (
+    LocalURI,
+    Lookup,
+    PathURI,
+    RemoteURI,
+    Route,
+    RouteError,
+    parse_lookup,
+    parse_network,
+    parse_uri,
+)
+from ipcd.services.pongd import Pong, pongd
+from ipcd.test.test_config import ConfigFileMixin
+from ipcd.test.test_names import mode_of, short_tempdir, umask
+from ipcd.wire import (
+    HEADER,
+    MessageFactory,
+    MessageProtocol,
+    MessageTooLarge,
+    encode,
+    recv_exactly,
+    recv_message,
+    send_message,
+)
+
+
+def other_group() -> grp.struct_group:
+    """A group that is not this process's own (gid 0 is never used)."""
+    for entry in grp.getgrall():
+        if entry.gr_gid not in (0, 1, os.getegid()):
+            return entry
+    raise AssertionError("no group to test with")
+
+
+class _FakeReactor:
+    """
+    C{listenUNIX} binds a real socket and records, at that instant, the
+    process umask and the mode the socket file was created with.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int]] = []
+        self.sockets: list[socket.socket] = []
+
+    def listenUNIX(self, path: str, factory: Any, backlog: int, mode: int) -> Any:  # noqa: N802
+        mask = os.umask(0o022)
+        os.umask(mask)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sockets.append(sock)
+        sock.bind(path)
+        self.seen.append((mask, mode_of(path)))
+        return sock
+
+
+class ListenPermissionTests(SynchronousTestCase):
+    """
+    Point 1 (C{[control] group}) and point 3 (the umask held while
+    binding): the socket never has more permissions, or another group,
+    than asked.
+    """
+
+    def setUp(self) -> None:
+        self.rundir = short_tempdir(self)
+        self.path = os.path.join(self.rundir, "ipcd-control")
+        self.factory = Factory.forProtocol(Protocol)
+
+    def listen(self, **kwargs: Any) -> _FakeReactor:
+        reactor = _FakeReactor()
+        listen_unix(reactor, self.path, self.factory, **kwargs)
+        for sock in reactor.sockets:
+            self.addCleanup(sock.close)
+        return reactor
+
+    def test_umaskWhileBinding(self) -> None:
+        """
+        Under an open umask, the socket is born with the mode asked (0660),
+        not more (kills C{os.umask(...)} -> C{os.umask(0)}).
+        """
+        umask(self, 0)
+        reactor = self.listen()
+        self.assertEqual(reactor.seen, [(0o117, 0o660)])
+        self.assertEqual(os.umask(0), 0, "umask restored")
+
+    def test_umaskFollowsMode(self) -> None:
+        """A narrower mode narrows the umask too: 0600 is never 0660."""
+        umask(self, 0)
+        reactor = self.listen(mode=0o600)
+        self.assertEqual(reactor.seen, [(0o177, 0o600)])
+
+    def test_realReactorGroupAndMode(self) -> None:
+        """C{group} gives the socket that group, mode 0660 (point 1)."""
+        if os.geteuid() != 0:
+            raise self.skipTest("chown to another group needs root")
+        from twisted.internet import reactor
+
+        group = other_group()
+        port = listen_unix(reactor, self.path, self.factory, group=group.gr_name)
+        self.addCleanup(port.stopListening)
+        st = os.lstat(self.path)
+        self.assertTrue(stat.S_ISSOCK(st.st_mode))
+        self.assertEqual((st.st_gid, mode_of(self.path)), (group.gr_gid, 0o660))
+
+    def test_groupGiven(self) -> None:
+        """Kills dropping the chown and flipping C{gid != -1}."""
+        if os.geteuid() != 0:
+            raise self.skipTest("chown to another group needs root")
+        group = other_group()
+        self.listen(group=group.gr_name)
+        self.assertEqual(os.lstat(self.path).st_gid, group.gr_gid)
+
+    def test_noGroupKeepsOwnGroup(self) -> None:
+        """
+        Without C{group} the socket keeps the creator's group: never group
+        1 or any other (kills C{gid = -1} -> C{gid = 1} and the flipped
+        test).
+        """
+        self.listen()
+        self.assertEqual(os.lstat(self.path).st_gid, os.getegid())
+
+    def test_noSuchGroup(self) -> None:
+        """An unknown group is refused by name, before anything is created."""
+        error = self.assertRaises(ValueError, self.listen, group="ipcd-no-such-group")
+        self.assertEqual(
+            str(error), f"no such group 'ipcd-no-such-group' for {self.path}"
+        )
+        self.assertFalse(os.path.lexists(self.path))
+
+    def test_configControlGroup(self) -> None:
+        """The config's key is C{[control] group}: kills renaming it."""
+        name = grp.getgrgid(os.getegid()).gr_name
+        config = load_config(None, {"control": {"group": name}}, {})
+        self.assertEqual(config.control_group, name)
+        self.assertIsNone(load_config(None, None, {}).control_group)
+        error = self.assertRaises(
+            ConfigError, load_config, None, {"control": {"grup": name}}, {}
+        )
+        self.assertIn("[control] grup: unknown key (known: group)", str(error))
+
+
+class _Socket:
+    """A blocking socket double: C{recv} returns at most C{step} bytes."""
+
+    def __init__(self, data: bytes = b"", step: int = 1) -> None:
+        self.data = data
+        self.step = step
+        self.sent: list[bytes] = []
+        self.errno: int | None = None
+
+    def recv(self, size: int) -> bytes:
+        chunk = self.data[: min(size, self.step)]
+        self.data = self.data[len(chunk) :]
+        return chunk
+
+    def sendall(self, data: bytes) -> None:
+        self.sent.append(bytes(data))
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(bytes(data))
+        return len(data)
+
+
+class BlockingFramingTests(SynchronousTestCase):
+    """Point 7: writes are whole messages, reads reassemble short reads."""
+
+    def test_sendOneWrite(self) -> None:
+        """Kills sending the header and the payload in two C{sendall}s."""
+        sock = _Socket()
+        send_message(sock, b"bounce me")  # type: ignore[arg-type]
+        self.assertEqual(sock.sent, [encode(b"bounce me")])
+
+    def test_recvByteByByte(self) -> None:
+        """Kills C{recv_exactly} returning the first chunk only."""
+        sock = _Socket(encode(b"bounce me") + encode(b"again"), step=1)
+        self.assertEqual(recv_message(sock), b"bounce me")  # type: ignore[arg-type]
+        self.assertEqual(recv_message(sock), b"again")  # type: ignore[arg-type]
+
+    def test_recvExactlyShortReads(self) -> None:
+        sock = _Socket(b"abcdefg", step=3)
+        self.assertEqual(recv_exactly(sock, 7), b"abcdefg")  # type: ignore[arg-type]
+
+    def test_recvEofCountsBytes(self) -> None:
+        sock = _Socket(b"abc", step=2)
+        error = self.assertRaises(EOFError, recv_exactly, sock, 5)
+        self.assertEqual(str(error), "connection closed after 3 of 5 bytes")
+
+    def test_recvAtTheLimit(self) -> None:
+        """Point 10: a message exactly at the limit is read; one more is not."""
+        sock = _Socket(encode(b"x" * 8), step=5)
+        self.assertEqual(recv_message(sock, 8), b"x" * 8)  # type: ignore[arg-type]
+        sock = _Socket(encode(b"x" * 9), step=5)
+        error = self.assertRaises(MessageTooLarge, recv_message, sock, 8)
+        self.assertEqual((error.size, error.limit), (9, 8))
+
+    def test_realSocketShortReads(self) -> None:
+        """The same over a socketpair whose reader forces short reads."""
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        payload = bytes(range(256)) * 64
+        send_message(a, payload)
+        a.shutdown(socket.SHUT_WR)
+
+        class Short:
+            def recv(self, size: int) -> bytes:
+                return b.recv(min(size, 7))
+
+        self.assertEqual(recv_message(Short(), len(payload)), payload)  # type: ignore[arg-type]
+
+
+class MessageSizeTests(SynchronousTestCase):
+    """Point 6: the factory's (and so pongd's) maximum message size."""
+
+    def connect(self, factory: Any) -> tuple[MessageProtocol, StringTransport]:
+        protocol = factory.buildProtocol(None)
+        protocol.idleTimeout = 0
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_factoryPassesLimit(self) -> None:
+        factory = MessageFactory(Pong, 8, idleTimeout=0)
+        protocol, transport = self.connect(factory)
+        self.assertEqual(protocol.maxMessageSize, 8)
+        protocol.dataReceived(encode(b"x" * 8))
+        self.assertEqual(transport.value(), encode(b"x" * 8))
+        protocol.dataReceived(HEADER.pack(9))
+        self.assertTrue(transport.disconnecting)
+
+    def test_pongdLimit(self) -> None:
+        service = pongd("/nonexistent", max_message_size=16, idle_timeout=0)
+        protocol, transport = self.connect(service.factory)
+        protocol.dataReceived(encode(b"y" * 17))
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+
+
+class PolicyTests(SynchronousTestCase):
+    def test_cidrWithHostBits(self) -> None:
+        """
+        Point 2: C{ip:10.1.2.3/8} is accepted by L{parse_rule}, and then
+        decides like C{ip:10.0.0.0/8} (kills C{strict=True} in
+        L{peer_matches}).
+        """
+        rule = parse_rule("allow in pong ip:10.1.2.3/8")
+        self.assertTrue(peer_matches(rule.peer, ["ip:10.200.0.1"]))
+        self.assertFalse(peer_matches(rule.peer, ["ip:11.0.0.1"]))
+        decision = decide([rule], "in", ["pong"], ["ip:10.9.9.9"])
+        self.assertEqual(decision, Decision(True, rule, 1))
+
+    def test_labelsOnce(self) -> None:
+        """
+        Point 8: labels given as a generator reach every rule and every
+        name (kills consuming it once per rule).
+        """
+        rules = [parse_rule("allow in pong user:bob"), parse_rule("allow in * *")]
+        rules.insert(1, parse_rule("allow in pong user:alice"))
+        labels = ("uid:1000", "user:alice")
+        decision = decide(rules, "in", ["pong", "pong2"], (x for x in labels))
+        self.assertEqual(decision, Decision(True, rules[1], 2, "pong"))
+        rules = [parse_rule("deny in a user:bob"), parse_rule("allow in * user:alice")]
+        decision = decide(rules, "in", iter(["a", "b"]), (x for x in labels))
+        self.assertEqual(decision, Decision(True, rules[1], 2, "a"))
+
+    def test_ipGlobs(self) -> None:
+        """Point 10: C{?} and C{[} make an C{ip:} pattern a glob, not a CIDR."""
+        for pattern in ("ip:10.0.0.?", "ip:10.0.0.[12]", "ip:10.0.*"):
+            rule = parse_rule(f"allow in pong {pattern}")
+            self.assertTrue(peer_matches(rule.peer, ["ip:10.0.0.1"]), pattern)
+            self.assertFalse(peer_matches(rule.peer, ["ip:10.1.0.3"]), pattern)
+
+
+class RouteTests(SynchronousTestCase):
+    def test_blankEntryInTheMiddle(self) -> None:
+        """Point 4: a blank entry is skipped, not the end (kills break)."""
+        routes = parse_network("pong unix://x;; ;other unix://y;")
+        self.assertEqual(
+            routes, (Route("pong", LocalURI("x")), Route("other", LocalURI("y")))
+        )
+        lookup = parse_lookup(b"pong;;pong unix://x")
+        self.assertEqual(lookup.routes, routes[:1])
+
+    def test_twoSchemes(self) -> None:
+        """Point 5: C{a://b://c} is a RouteError (kills splitting twice)."""
+        error = self.assertRaises(RouteError, parse_uri, "a://b://c")
+        self.assertIn("invalid host", str(error))
+        self.assertRaises(RouteError, parse_uri, "tcp://h:1/x://y")
+
+    def test_bracketsHoldAnAddress(self) -> None:
+        """
+        Point 10: C{[...]} holds an IPv6 address, nothing else (not even a
+        scoped one, which C{IPv6Address} would take).
+        """
+        for text in (
+            "tcp://[foo]:1/x",
+            "tcp://[]:1/x",
+            "tcp://[10.0.0.1]:1/x",
+            "tcp://[fe80::1%eth0]:1/x",
+            "tcp://[::1]x:1/x",
+        ):
+            self.assertRaises(RouteError, parse_uri, text)
+        uri = parse_uri("tcp://[::1]:1/x")
+        self.assertEqual((uri.host, uri.port), ("::1", 1))  # type: ignore[union-attr]
+
+    def test_portDigits(self) -> None:
+        """Point 10: five digits at most, whatever their value."""
+        self.assertEqual(parse_uri("tcp://h:00080/x").port, 80)  # type: ignore[union-attr]
+        self.assertEqual(parse_uri("tcp://h:65535/x").port, 65535)  # type: ignore[union-attr]
+        for port in ("000080", "065535", "65536", "0", "00000"):
+            self.assertRaises(RouteError, parse_uri, f"tcp://h:{port}/x")
+
+
+def _chain(hops: int) -> Config:
+    redirects = {f"s{i}": f"s{i + 1}" for i in range(hops)}
+    return Config(rundir="/r", redirects=MappingProxyType(redirects))
+
+
+class HopTests(SynchronousTestCase):
+    def test_maxHops(self) -> None:
+        """Point 10: exactly C{MAX_HOPS} redirections are followed, no more."""
+        self.assertEqual(MAX_HOPS, 32)
+        self.assertEqual(
+            plan(_chain(MAX_HOPS), "s0").target, LocalTarget("s32", "/r/s32")
+        )
+        error = self.assertRaises(Refused, plan, _chain(MAX_HOPS + 1), "s0")
+        self.assertTrue(str(error).startswith("redirect loop: s0 -> s1 -> "))
+        self.assertTrue(str(error).endswith(" -> s32 -> s33"), str(error))
+
+
+class FrozenTests(SynchronousTestCase):
+    def test_valuesAreImmutable(self) -> None:
+        """Point 10: the value types are frozen (kills C{frozen=False})."""
+        uri = parse_uri("tcp://h:1/x")
+        values = [
+            LocalURI("a"),
+            PathURI("/a/b"),
+            uri,
+            Route("a", LocalURI("b")),
+            Lookup("a"),
+            Rule("allow", "in", "a"),
+            Decision(True, None),
+            Grant("a", "*"),
+            Config(rundir="/r"),
+            LocalTarget("a", "/r/a"),
+            RemoteTarget(uri, "x"),  # type: ignore[arg-type]
+            Plan(LocalTarget("a", "/r/a"), ("a",)),
+            Credentials(0, 0),
+        ]
+        for value in values:
+            field = dataclasses.fields(value)[0].name
+            self.assertRaises(
+                dataclasses.FrozenInstanceError, setattr, value, field, None
+            )
+        self.assertIsInstance(uri, RemoteURI)
+
+
+_SOCKET = socket.socket  # names.socket.socket is patched below
+
+
+class _RefusingSocket:
+    """A probe whose C{connect} fails with a given errno."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.closed = False
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def connect(self, path: str) -> None:
+        raise OSError(self.code, os.strerror(self.code))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class StaleSocketErrnoTests(SynchronousTestCase):
+    """Point 10: the errno branches of stale-socket clearing."""
+
+    def setUp(self) -> None:
+        self.rundir = short_tempdir(self)
+        self.path = os.path.join(self.rundir, "pong")
+        self.bind()
+
+    def bind(self) -> None:
+        """A stale socket at C{path}."""
+        with _SOCKET(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(self.path)
+
+    def probe(self, code: int) -> list[_RefusingSocket]:
+        made: list[_RefusingSocket] = []
+
+        def factory(*args: Any) -> _RefusingSocket:
+            made.append(_RefusingSocket(code))
+            return made[-1]
+
+        self.patch(names.socket, "socket", factory)
+        return made
+
+    def test_backlogFull(self) -> None:
+        """EAGAIN: somebody listens (backlog full): refused, left alone."""
+        made = self.probe(errno.EAGAIN)
+        error = self.assertRaises(SocketInUse, clear_stale_socket, self.path)
+        self.assertEqual(str(error), f"another process is listening on {self.path}")
+        self.assertTrue(os.path.lexists(self.path))
+        self.assertTrue(made[0].closed)
+
+    def test_otherError(self) -> None:
+        """Any other error is raised as it is, and nothing is removed."""
+        made = self.probe(errno.EACCES)
+        error = self.assertRaises(OSError, clear_stale_socket, self.path)
+        self.assertEqual(error.errno, errno.EACCES)
+        self.assertNotIsInstance(error, SocketInUse)
+        self.assertTrue(os.path.lexists(self.path))
+        self.assertTrue(made[0].closed)
+
+    def test_refusedOrGone(self) -> None:
+        for code in (errno.ECONNREFUSED, errno.ENOENT):
+            self.probe(code)
+            clear_stale_socket(self.path)
+            self.assertFalse(os.path.lexists(self.path))
+            self.bind()
+
+
+class ConfigValueTests(ConfigFileMixin, SynchronousTestCase):
+    """Point 9: values to refuse, as config errors naming file and key."""
+
+    def test_maxMessageSize(self) -> None:
+        for value, shown in (("0", "0"), ("-1", "-1"), ("true", "true")):
+            self.assertEqual(
+                self.error(f"max_message_size = {value}\n"),
+                f"max_message_size: expected a whole number greater than 0, "
+                f"got {shown}",
+            )
+
+    def test_rundirNotString(self) -> None:
+        self.assertEqual(
+            self.error("rundir = 3\n"), "rundir: expected a non-empty string, got 3"
+        )
+
+    def test_listenNotString(self) -> None:
+        self.assertEqual(
+            self.error("[tcpd]\nlisten = 3\n"),
+            "[tcpd] listen: expected an endpoint string like "
+            "'tcp:9000:interface=127.0.0.1', got 3",
+        )
+
+    def test_redirectsNotTable(self) -> None:
+        self.assertEqual(
+            self.error("redirects = 3\n"),
+            '[redirects]: expected a table of NAME = "..."',
+        )
+        self.assertEqual(
+            self.error("routes = 3\n"), '[routes]: expected a table of NAME = "..."'
+        )
+
+    def test_loopFromCommandLine(self) -> None:
+        """With no config file, a loop says it came from the command line."""
+        error = self.assertRaises(
+            ConfigError, load_config, None, {"redirects": {"a": "b", "b": "a"}}, {}
+        )
+        self.assertEqual(str(error), "command line: [redirects]: loop a -> b -> a")
