@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd import names
 from ipcd.access import Credentials
+from ipcd.broker import Broker, _Event
 from ipcd.config import Config, ConfigError, load_config
 from ipcd.errors import Refused
 from ipcd.names import SocketInUse, clear_stale_socket, listen_unix
@@ -486,3 +487,36 @@ class ConfigValueTests(ConfigFileMixin, SynchronousTestCase):
             ConfigError, load_config, None, {"redirects": {"a": "b", "b": "a"}}, {}
         )
         self.assertEqual(str(error), "command line: [redirects]: loop a -> b -> a")
+
+
+class OpenLocalTests(SynchronousTestCase):
+    """L{Broker._open_local}: its errors, and never a leaked descriptor."""
+
+    def setUp(self) -> None:
+        self.rundir = short_tempdir(self)
+        self.broker = Broker(Config(rundir=self.rundir), None)
+        with _SOCKET(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(os.path.join(self.rundir, "ipc"))
+
+    def open(self, name: str, path: str) -> Any:
+        event = _Event("in", None, name)  # type: ignore[arg-type]
+        return self.broker._open_local(event, LocalTarget(name, path))
+
+    def test_otherOSError(self) -> None:
+        """An error other than a missing file is a refusal saying what."""
+        path = os.path.join(self.rundir, "a" * 300)
+        error = self.assertRaises(Refused, self.open, "x", path)
+        self.assertEqual(
+            str(error), "cannot connect to service 'x': File name too long"
+        )
+
+    def test_ownInodeClosed(self) -> None:
+        """ipcd's own socket under another name is refused, its fd closed."""
+        alias = os.path.join(self.rundir, "alias")
+        os.link(os.path.join(self.rundir, "ipc"), alias)
+        before = len(os.listdir("/proc/self/fd"))
+        error = self.assertRaises(Refused, self.open, "alias", alias)
+        self.assertEqual(
+            str(error), f"{alias} is ipcd's own socket, never a lookup target"
+        )
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
