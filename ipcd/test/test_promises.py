@@ -16,15 +16,24 @@ from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from ipcd import names
-from ipcd.access import Credentials
+from ipcd import access, names
+from ipcd.access import Credentials, open_socket
 from ipcd.broker import Broker, _Event
 from ipcd.config import Config, ConfigError, load_config
 from ipcd.errors import Refused
 from ipcd.names import SocketInUse, clear_stale_socket, listen_unix
-from ipcd.policy import Decision, Grant, Rule, decide, parse_rule, peer_matches
+from ipcd.policy import (
+    Decision,
+    Grant,
+    Rule,
+    decide,
+    find_grant,
+    parse_grant,
+    parse_rule,
+    peer_matches,
+)
 from ipcd.resolution import MAX_HOPS, LocalTarget, Plan, RemoteTarget, plan
 from ipcd.routes import (
     LocalURI,
@@ -115,19 +124,6 @@ class ListenPermissionTests(SynchronousTestCase):
         reactor = self.listen(mode=0o600)
         self.assertEqual(reactor.seen, [(0o177, 0o600)])
 
-    def test_realReactorGroupAndMode(self) -> None:
-        """C{group} gives the socket that group, mode 0660 (point 1)."""
-        if os.geteuid() != 0:
-            raise self.skipTest("chown to another group needs root")
-        from twisted.internet import reactor
-
-        group = other_group()
-        port = listen_unix(reactor, self.path, self.factory, group=group.gr_name)
-        self.addCleanup(port.stopListening)
-        st = os.lstat(self.path)
-        self.assertTrue(stat.S_ISSOCK(st.st_mode))
-        self.assertEqual((st.st_gid, mode_of(self.path)), (group.gr_gid, 0o660))
-
     def test_groupGiven(self) -> None:
         """Kills dropping the chown and flipping C{gid != -1}."""
         if os.geteuid() != 0:
@@ -163,6 +159,24 @@ class ListenPermissionTests(SynchronousTestCase):
             ConfigError, load_config, None, {"control": {"grup": name}}, {}
         )
         self.assertIn("[control] grup: unknown key (known: group)", str(error))
+
+
+class ListenGroupTests(TestCase):
+    """Point 1 with the real reactor: the listening socket's group and mode."""
+
+    def test_groupAndMode(self) -> None:
+        if os.geteuid() != 0:
+            raise self.skipTest("chown to another group needs root")
+        from twisted.internet import reactor
+
+        path = os.path.join(short_tempdir(self), "ipcd-control")
+        group = other_group()
+        factory = Factory.forProtocol(Protocol)
+        port = listen_unix(reactor, path, factory, group=group.gr_name)
+        self.addCleanup(port.stopListening)
+        st = os.lstat(path)
+        self.assertTrue(stat.S_ISSOCK(st.st_mode))
+        self.assertEqual((st.st_gid, mode_of(path)), (group.gr_gid, 0o660))
 
 
 class _Socket:
@@ -289,6 +303,33 @@ class PolicyTests(SynchronousTestCase):
         decision = decide(rules, "in", iter(["a", "b"]), (x for x in labels))
         self.assertEqual(decision, Decision(True, rules[1], 2, "a"))
 
+    def test_rulesOnce(self) -> None:
+        """Rules given as a generator are tried for every name."""
+        rules = [parse_rule("deny local b *")]
+        decision = decide((r for r in rules), "local", ["a", "b"], [])
+        self.assertEqual(decision, Decision(False, rules[0], 1, "b"))
+
+    def test_zoneIgnored(self) -> None:
+        """A label's zone (C{%eth0}) is not part of its address."""
+        self.assertTrue(peer_matches("ip:10.0.0.0/8", ["ip:10.1.2.3%lo"]))
+        self.assertTrue(peer_matches("ip:fe80::/10", ["ip:fe80::1%eth0"]))
+
+    def test_findGrant(self) -> None:
+        """The first grant naming the service and one of the labels."""
+        grants = [
+            parse_grant("secret user:bob"),
+            parse_grant("sec* group:ops"),
+            parse_grant("secret *"),
+        ]
+        labels = ("uid:1000", "group:ops")
+        self.assertEqual(
+            find_grant(grants, "secret", (x for x in labels)), (2, grants[1])
+        )
+        self.assertEqual(find_grant(grants, "secret", ["user:bob"]), (1, grants[0]))
+        self.assertEqual(find_grant(grants[:2], "other", labels), None)
+        self.assertEqual(find_grant(grants[:2], "secret", ["user:eve"]), None)
+        self.assertEqual(find_grant(grants[:1], "public", ["user:bob"]), None)
+
     def test_ipGlobs(self) -> None:
         """Point 10: C{?} and C{[} make an C{ip:} pattern a glob, not a CIDR."""
         for pattern in ("ip:10.0.0.?", "ip:10.0.0.[12]", "ip:10.0.*"):
@@ -328,6 +369,22 @@ class RouteTests(SynchronousTestCase):
             self.assertRaises(RouteError, parse_uri, text)
         uri = parse_uri("tcp://[::1]:1/x")
         self.assertEqual((uri.host, uri.port), ("::1", 1))  # type: ignore[union-attr]
+
+    def test_emptyURI(self) -> None:
+        for text in ("", "  "):
+            error = self.assertRaises(RouteError, parse_uri, text)
+            self.assertEqual(str(error), "empty URI")
+
+    def test_longURIShownCut(self) -> None:
+        """A URI in a message is shown whole up to 64 characters, then cut."""
+        for size, shown in ((64, None), (65, "... (65 characters)")):
+            text = "tcp://" + "a" * (size - 11) + "_:1/x"
+            self.assertEqual(len(text), size)
+            error = self.assertRaises(RouteError, parse_uri, text)
+            if shown is None:
+                self.assertIn(f"invalid host in URI {text!r}: ", str(error))
+            else:
+                self.assertIn(f"invalid host in URI {text[:64]!r}{shown}", str(error))
 
     def test_portDigits(self) -> None:
         """Point 10: five digits at most, whatever their value."""
@@ -520,3 +577,101 @@ class OpenLocalTests(SynchronousTestCase):
             str(error), f"{alias} is ipcd's own socket, never a lookup target"
         )
         self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+
+
+def _fds() -> list[str]:
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+class OpenSocketWalkTests(SynchronousTestCase):
+    """L{open_socket}'s walk: its refusals, its bounds, no descriptor leaked."""
+
+    def setUp(self) -> None:
+        self.dir = short_tempdir(self)
+        self.sock = os.path.join(self.dir, "s")
+        with _SOCKET(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(self.sock)
+        self.before = _fds()
+
+    def at(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def opened(self, path: str, **kwargs: Any) -> None:
+        """C{path} opens the socket; every descriptor but its own is closed."""
+        opened = open_socket(path, None, **kwargs)
+        self.assertEqual(opened.inode[1], os.stat(self.sock).st_ino)
+        opened.close()
+        self.assertEqual(_fds(), self.before)
+
+    def refused(self, path: str, message: str, **kwargs: Any) -> None:
+        error = self.assertRaises(Refused, open_socket, path, None, **kwargs)
+        self.assertEqual(str(error), message)
+        self.assertEqual(_fds(), self.before)
+
+    def test_relative(self) -> None:
+        self.refused("s", "s is not an absolute path")
+
+    def test_notADirectory(self) -> None:
+        with open(self.at("file"), "w"):
+            pass
+        path = self.at("file/s")
+        self.refused(path, f"{path}: a component is not a directory")
+
+    def test_notASocket(self) -> None:
+        self.refused(self.dir, f"{self.dir} is not a socket")
+
+    def test_fortySymlinks(self) -> None:
+        """The kernel's bound: 40 links in one walk are followed, 41 are not."""
+        previous = "s"
+        for i in range(41):
+            os.symlink(previous, self.at(f"l{i}"))
+            previous = f"l{i}"
+        self.opened(self.at("l39"))
+        path = self.at("l40")
+        self.refused(path, f"{path}: too many levels of symbolic links")
+
+    def test_absoluteSymlinks(self) -> None:
+        """Links to absolute paths restart at /, and close what they leave."""
+        os.symlink(self.sock, self.at("abs"))
+        os.symlink(self.at("abs"), self.at("abs2"))
+        os.symlink(self.dir, self.at("dir"))
+        self.opened(self.at("abs2"))
+        self.opened(self.at("dir/abs"))
+
+    def test_lastComponentLink(self) -> None:
+        """
+        Without C{follow_last_symlink} a link is refused as the last
+        component, however the path ends, and followed above it.
+        """
+        os.symlink("s", self.at("link"))
+        os.symlink(".", self.at("here"))
+        for path in (self.at("link"), self.at("link/"), self.at("link/.")):
+            self.refused(
+                path,
+                f"{path} is a symbolic link; only the socket itself may be "
+                "reached this way",
+                follow_last_symlink=False,
+            )
+        self.opened(self.at("here/s"), follow_last_symlink=False)
+
+    def test_rootReopenFails(self) -> None:
+        """
+        When reopening / fails (no descriptor left), that error is the one
+        raised: no descriptor is closed twice, none of stdio closed.
+        """
+        os.symlink(self.sock, self.at("abs"))
+        real = os.open
+        opens: list[str] = []
+
+        def failing(path: Any, *args: Any, **kwargs: Any) -> int:
+            opens.append(path)
+            if path == "/" and len(opens) > 1:
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return real(path, *args, **kwargs)
+
+        self.patch(access.os, "open", failing)
+        error = self.assertRaises(OSError, open_socket, self.at("abs"), None)
+        self.assertEqual(error.errno, errno.EMFILE)
+        for fd in (0, 1, 2):
+            os.fstat(fd)
+        self.assertEqual(_fds(), self.before)
