@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import access, names
@@ -448,10 +448,14 @@ class _RefusingSocket:
         self.code = code
         self.closed = False
 
+    blocking = True
+
     def setblocking(self, flag: bool) -> None:
-        pass
+        self.blocking = flag
 
     def connect(self, path: str) -> None:
+        if self.blocking:
+            raise AssertionError("a blocking probe would wait on a full backlog")
         raise OSError(self.code, os.strerror(self.code))
 
     def close(self) -> None:
@@ -675,3 +679,157 @@ class OpenSocketWalkTests(SynchronousTestCase):
         for fd in (0, 1, 2):
             os.fstat(fd)
         self.assertEqual(_fds(), self.before)
+
+
+class ListenCallTests(SynchronousTestCase):
+    """What L{listen_unix} asks of the reactor and of chown, exactly."""
+
+    def setUp(self) -> None:
+        self.rundir = short_tempdir(self)
+        self.path = os.path.join(self.rundir, "pong")
+        self.chowns: list[tuple[str, int, int]] = []
+        self.patch(names.os, "chown", lambda *args: self.chowns.append(args))
+
+    def listen(self, **kwargs: Any) -> Any:
+        reactor = MemoryReactor()
+        listen_unix(reactor, self.path, Factory.forProtocol(Protocol), **kwargs)
+        return reactor.unixServers
+
+    def test_backlogAndMode(self) -> None:
+        (server,) = self.listen()
+        self.assertEqual(server[0], self.path)
+        self.assertEqual((server[2], server[3]), (128, 0o660))
+        self.assertEqual(self.chowns, [])
+
+    def test_groupOnly(self) -> None:
+        """Only the group changes, to exactly the group named: root too."""
+        for name in ("root", grp.getgrgid(1).gr_name, other_group().gr_name):
+            del self.chowns[:]
+            self.listen(group=name)
+            self.assertEqual(self.chowns, [(self.path, -1, grp.getgrnam(name).gr_gid)])
+
+
+class ServiceNameMessageTests(SynchronousTestCase):
+    def test_longNameCut(self) -> None:
+        """A bad name is shown whole up to 64 bytes, then cut."""
+        error = self.assertRaises(ValueError, names.validate_service_name, "!" * 64)
+        self.assertIn(repr("!" * 64) + ":", str(error))
+        error = self.assertRaises(ValueError, names.validate_service_name, "!" * 65)
+        self.assertIn(repr("!" * 64 + "...") + ":", str(error))
+
+
+class RundirRaceTests(SynchronousTestCase):
+    """L{ensure_rundir} and L{check_rundir} when the path is not as expected."""
+
+    def setUp(self) -> None:
+        self.dir = short_tempdir(self)
+        self.path = os.path.join(self.dir, "run")
+        self.before = _fds()
+
+    def swap_in(self, make: Any) -> None:
+        """Make C{mkdir} of RUNDIR find something else there instead."""
+
+        real = os.mkdir
+
+        def mkdir(path: str, mode: int = 0o777) -> None:
+            if path != self.path:
+                return real(path, mode)
+            make(path, real)
+            raise FileExistsError(errno.EEXIST, "File exists", path)
+
+        self.patch(names.os, "mkdir", mkdir)
+
+    def test_fileInTheWay(self) -> None:
+        with open(self.path, "w"):
+            pass
+        self.assertRaises(FileExistsError, names.ensure_rundir, self.path)
+        self.assertEqual(mode_of(self.path) & 0o7000, 0)
+
+    def test_createdMeanwhile(self) -> None:
+        """A directory made by somebody else meanwhile is left as it is."""
+        self.swap_in(lambda path, mkdir: mkdir(path, 0o700))
+        names.ensure_rundir(self.path)
+        self.assertEqual(mode_of(self.path), 0o700)
+
+    def test_noFollow(self) -> None:
+        """The chmod never goes through a link swapped in, nor to a file."""
+        os.mkdir(self.at("elsewhere"), 0o700)
+        self.patch(
+            names.os,
+            "mkdir",
+            lambda path, mode: os.symlink("elsewhere", path),
+        )
+        self.assertRaises(OSError, names.ensure_rundir, self.path)
+        self.assertEqual(mode_of(self.at("elsewhere")), 0o700)
+        self.assertEqual(_fds(), self.before)
+        os.unlink(self.path)
+        self.patch(names.os, "mkdir", lambda path, mode: open(path, "w").close())
+        self.assertRaises(NotADirectoryError, names.ensure_rundir, self.path)
+        self.assertEqual(mode_of(self.path) & 0o7000, 0)
+        self.assertEqual(_fds(), self.before)
+
+    def test_noDescriptorLeft(self) -> None:
+        names.ensure_rundir(self.path)
+        self.assertEqual(mode_of(self.path), 0o1770)
+        self.assertEqual(_fds(), self.before)
+
+    def at(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def unsafe(self, path: str) -> str:
+        return str(self.assertRaises(names.UnsafeRundir, names.check_rundir, path))
+
+    def test_cannotInspect(self) -> None:
+        with open(self.at("file"), "w"):
+            pass
+        path = self.at("file/run")
+        self.assertEqual(
+            self.unsafe(path),
+            f"unsafe RUNDIR {path}: cannot inspect it: Not a directory",
+        )
+
+    def test_cannotReadLink(self) -> None:
+        os.symlink(self.dir, self.path)
+
+        def readlink(path: str) -> str:
+            raise OSError(errno.EIO, "Input/output error")
+
+        self.patch(names.os, "readlink", readlink)
+        self.assertEqual(
+            self.unsafe(self.path),
+            f"unsafe RUNDIR {self.path}: cannot read the symlink: Input/output error",
+        )
+
+    def test_linkLoop(self) -> None:
+        os.symlink("run", self.path)
+        self.assertEqual(
+            self.unsafe(self.path),
+            f"unsafe RUNDIR {self.path} (a symlink to run): cannot inspect the "
+            "target: Too many levels of symbolic links",
+        )
+
+    def test_linkOfUid1(self) -> None:
+        """Only root's and ipcd's own links are followed: uid 1 is neither."""
+        if os.geteuid() != 0:
+            raise self.skipTest("lchown needs root")
+        os.symlink(self.dir, self.path)
+        os.lchown(self.path, 1, -1)
+        self.assertIn("owned by uid 1", self.unsafe(self.path))
+
+    def test_cannotCreate(self) -> None:
+        """The one line names where creating RUNDIR failed, and why."""
+        with open(self.at("file"), "w"):
+            pass
+        path = self.at("file/sub/run")
+        error = self.assertRaises(names.UnsafeRundir, names.prepare_rundir, path)
+        self.assertEqual(
+            str(error),
+            f"cannot create RUNDIR {path}: {self.at('file/sub')}: Not a directory; "
+            "choose another --rundir",
+        )
+        path = self.at("x" * 300)
+        error = self.assertRaises(names.UnsafeRundir, names.prepare_rundir, path)
+        self.assertEqual(
+            str(error),
+            f"cannot create RUNDIR {path}: File name too long; choose another --rundir",
+        )
