@@ -542,6 +542,64 @@ class ConfigValueTests(ConfigFileMixin, SynchronousTestCase):
             self.error("routes = 3\n"), '[routes]: expected a table of NAME = "..."'
         )
 
+    def test_trailingBackslash(self) -> None:
+        """Twisted's parser raises RuntimeError on it: a config error here."""
+        self.assertEqual(
+            self.error("[tcpd]\nlisten = 'tcp:9000\\'\n"),
+            "[tcpd] listen: invalid endpoint string 'tcp:9000\\\\': a '\\' at the "
+            "end escapes nothing",
+        )
+
+    def test_limitsDefaults(self) -> None:
+        config = Config(rundir="/r")
+        self.assertEqual(
+            (
+                config.tcp_handshake_timeout,
+                config.peer_prefix_ipv4,
+                config.peer_prefix_ipv6,
+                config.partial_message_budget,
+            ),
+            (5.0, 32, 64, 64 * 1024 * 1024),
+        )
+        self.assertEqual(load_config(None, None, {"RUNDIR": "/r"}), config)
+
+    def test_boundaries(self) -> None:
+        """The smallest and largest values accepted, and the next ones out."""
+        good = {
+            "lookup_timeout": 1,
+            "connect_timeout": 0.5,
+        }
+        config = load_config(None, {"ipcd": good}, {})
+        self.assertEqual((config.lookup_timeout, config.connect_timeout), (1.0, 0.5))
+        limits = {"max_connections": 1, "peer_prefix_ipv4": 0, "peer_prefix_ipv6": 128}
+        config = load_config(None, {"limits": limits}, {})
+        self.assertEqual(
+            (config.max_connections, config.peer_prefix_ipv4, config.peer_prefix_ipv6),
+            (1, 0, 128),
+        )
+        config = load_config(None, {"limits": {"peer_prefix_ipv4": 32}}, {})
+        self.assertEqual(config.peer_prefix_ipv4, 32)
+        for key, value in (
+            ("peer_prefix_ipv4", -1),
+            ("peer_prefix_ipv4", 33),
+            ("peer_prefix_ipv6", 129),
+            ("peer_prefix_ipv4", True),
+            ("peer_prefix_ipv6", "64"),
+        ):
+            error = self.assertRaises(
+                ConfigError, load_config, None, {"limits": {key: value}}, {}
+            )
+            bits = 32 if key.endswith("4") else 128
+            self.assertIn(f"expected a prefix length from 0 to {bits}, got", str(error))
+
+    def test_schemeNotAName(self) -> None:
+        """A scheme that cannot be a RUNDIR name is no external daemon's."""
+        self.assertEqual(
+            self.error('[ipcd]\nexternal_daemons = ["svn+ssh"]\n'),
+            "[ipcd] external_daemons: expected a list of URI schemes like ['tls'] "
+            "('svn+ssh' cannot be a socket in RUNDIR), got ['svn+ssh']",
+        )
+
     def test_loopFromCommandLine(self) -> None:
         """With no config file, a loop says it came from the command line."""
         error = self.assertRaises(
