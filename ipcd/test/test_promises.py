@@ -15,7 +15,13 @@ from types import MappingProxyType
 from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.task import Clock
+from twisted.internet.testing import (
+    EventLoggingObserver,
+    MemoryReactor,
+    StringTransport,
+)
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import access, names
@@ -51,9 +57,11 @@ from ipcd.test.test_config import ConfigFileMixin
 from ipcd.test.test_names import mode_of, short_tempdir, umask
 from ipcd.wire import (
     HEADER,
+    LimitLog,
     MessageFactory,
     MessageProtocol,
     MessageTooLarge,
+    PartialMessageBudget,
     encode,
     recv_exactly,
     recv_message,
@@ -891,3 +899,138 @@ class RundirRaceTests(SynchronousTestCase):
             str(error),
             f"cannot create RUNDIR {path}: File name too long; choose another --rundir",
         )
+
+
+class _Holder:
+    """A partial-message holder: records being closed by the budget."""
+
+    def __init__(self) -> None:
+        self.closed: list[tuple[int, int]] = []
+
+    def _closeForBudget(self, held: int, limit: int) -> None:  # noqa: N802
+        self.closed.append((held, limit))
+
+
+class BudgetHoldTests(SynchronousTestCase):
+    """L{PartialMessageBudget.hold}'s answers and its ties."""
+
+    def test_answers(self) -> None:
+        budget = PartialMessageBudget(100)
+        a, b, c = _Holder(), _Holder(), _Holder()
+        self.assertIs(budget.hold(a, 0), True)
+        self.assertIs(budget.hold(a, 60), True)
+        self.assertIs(budget.hold(b, 40), True, "exactly at the limit fits")
+        self.assertEqual((budget.held, a.closed, b.closed), (100, [], []))
+        # A tie with the largest holder: the newcomer is closed.
+        self.assertIs(budget.hold(c, 60), False)
+        self.assertEqual((c.closed, a.closed, budget.held), ([(60, 100)], [], 100))
+        # Smaller than the largest: that one goes, the newcomer stays.
+        self.assertIs(budget.hold(c, 30), True)
+        self.assertEqual((a.closed, budget.held), ([(60, 100)], 70))
+
+
+class _NoAbort(StringTransport):
+    abortConnection = None  # noqa: N815 (a transport without it)
+
+
+class _Bare(MessageProtocol):
+    """A L{MessageProtocol} made without L{MessageFactory}."""
+
+    def messageReceived(self, payload: bytes) -> None:
+        self.received = payload
+
+
+class ProtocolEdgeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def test_defaults(self) -> None:
+        """Idle for 300 s; a factory logs nothing when it starts and stops."""
+        factory = MessageFactory(_Bare)
+        self.assertEqual(factory.buildProtocol(None).idleTimeout, 300.0)
+        factory.doStart()
+        factory.doStop()
+        self.assertEqual(len(self.events), 0)
+
+    def test_bareProtocolTimesOut(self) -> None:
+        """
+        Without a factory (no clock, no idle log), the timeout still closes
+        the connection, with a plain log line; a transport without
+        C{abortConnection} is closed with C{loseConnection}.
+        """
+        protocol = _Bare()
+        protocol.idleTimeout = 5
+        transport = _NoAbort()
+        protocol.makeConnection(transport)
+        protocol.timeoutConnection()
+        self.assertTrue(transport.disconnecting)
+        (event,) = self.events
+        self.assertNotIn("more not logged", formatEvent(event))
+        protocol.connectionLost(None)
+
+    def test_unloggedCounted(self) -> None:
+        clock = Clock()
+        log = LimitLog("closes", clock=clock)
+        self.assertEqual([log.hit(), log.hit(), log.hit()], [0, None, None])
+        clock.advance(10)
+        self.assertEqual(log.hit(), 2)
+        protocol = _Bare()
+        protocol.idleTimeout = 0
+        protocol.makeConnection(StringTransport())
+        protocol.idleLog = log
+        clock.advance(10)
+        log.hit()
+        protocol.timeoutConnection()
+        self.assertEqual(len(self.events), 0)
+        clock.advance(10)
+        protocol.timeoutConnection()
+        self.assertIn(
+            "(1 more not logged since the last such line)", formatEvent(self.events[-1])
+        )
+        clock.advance(10)
+        protocol.timeoutConnection()
+        self.assertNotIn("more not logged", formatEvent(self.events[-1]))
+
+    def test_closedForBudgetReadsNothingMore(self) -> None:
+        budget = PartialMessageBudget(10)
+        factory = MessageFactory(_Bare, idleTimeout=0, partialBudget=budget)
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(HEADER.pack(100) + b"x" * 20)
+        self.assertTrue(transport.disconnecting)
+        # Its partial message is let go at once, not at connectionLost.
+        self.assertEqual((protocol._pieces, protocol._have), ((), 0))
+        protocol.dataReceived(b"y" * 80 + encode(b"z"))
+        self.assertEqual((budget.held, len(budget)), (0, 0))
+        self.assertFalse(hasattr(protocol, "received"))
+
+    def test_peerNameOnUnixSockets(self) -> None:
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        transport = StringTransport()
+        transport.getHandle = lambda: a  # type: ignore[method-assign]
+        protocol = _Bare()
+        protocol.transport = transport
+        self.assertEqual(protocol.peerName(), f"pid {os.getpid()} uid {os.getuid()}")
+        self.assertEqual(
+            _Bare.peerName(self._tcpProtocol()), str(StringTransport().getPeer())
+        )
+
+    def _tcpProtocol(self) -> MessageProtocol:
+        a = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(a.close)
+        transport = StringTransport()
+        transport.getHandle = lambda: a  # type: ignore[method-assign]
+        protocol = _Bare()
+        protocol.transport = transport
+        return protocol
+
+    def test_recvAtMostAMebibyte(self) -> None:
+        sock = _Socket(b"x" * (3 << 20), step=4 << 20)
+        sizes: list[int] = []
+        recv = sock.recv
+        sock.recv = lambda size: (sizes.append(size), recv(size))[1]  # type: ignore[method-assign]
+        self.assertEqual(len(recv_exactly(sock, 3 << 20)), 3 << 20)  # type: ignore[arg-type]
+        self.assertEqual(sizes, [1 << 20] * 3)
