@@ -1001,7 +1001,7 @@ class ProtocolEdgeTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         # Its partial message is let go at once, not at connectionLost.
         self.assertEqual((protocol._pieces, protocol._have), ((), 0))
-        protocol.dataReceived(b"y" * 80 + encode(b"z"))
+        protocol.dataReceived(encode(b"z") + HEADER.pack(9) + b"partial")
         self.assertEqual((budget.held, len(budget)), (0, 0))
         self.assertFalse(hasattr(protocol, "received"))
 
