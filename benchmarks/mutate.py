@@ -8,6 +8,8 @@ and report the changes (mutants) no test noticed.
     python3 benchmarks/mutate.py routes policy    # some modules
     python3 benchmarks/mutate.py --list routes    # the mutants, not run
     python3 benchmarks/mutate.py --show routes:12 # one mutant's diff
+    python3 benchmarks/mutate.py --record         # and update the results file
+    python3 benchmarks/mutate.py --issue          # issue 14's mutants, each killed
 
 Standard library only (plus ipcd's test dependencies).  Each job works in a
 private copy of the checkout in a temporary directory: the checkout itself is
@@ -20,8 +22,8 @@ A mutant is killed when the tests fail or time out, survives when they pass.
 Mutants judged equivalent (no behaviour to observe) are listed, with the
 reason, in ``benchmarks/mutation-equivalents.txt`` and left out of the
 score; an entry names the module, the function, the source line and the
-change, so it survives unrelated edits.  The last full run's summary is
-``benchmarks/mutation-results.txt``.
+change, so it survives unrelated edits.  ``--record`` merges a run's
+module sections into ``benchmarks/mutation-results.txt``.
 
 Operators: comparison swaps (``==``/``!=``, ``<``/``<=``, ``in``/``not in``,
 ``is``/``is not``), ``and``/``or``, arithmetic and bitwise swaps, dropping
@@ -721,7 +723,7 @@ def main() -> int:
 
 
 _HEAD = re.compile(
-    r"^(?P<file>\S+): (?P<total>\d+) mutants, (?P<eq>\d+) equivalent, "
+    r"^(?P<file>\S+\.py): (?P<total>\d+) mutants, (?P<eq>\d+) equivalent, "
     r"(?P<dead>\d+) killed \((?P<timeout>\d+) by timeout\), "
     r"(?P<survived>\d+) survived"
 )
