@@ -148,8 +148,10 @@ def check_server_endpoint(description: str) -> None:
 
     try:
         kind = _parse(description)[0][0].lower()
-    except (ValueError, IndexError) as e:
-        raise Invalid(f"invalid endpoint string {description!r}: {e}") from None
+    except (ValueError, IndexError, RuntimeError) as e:
+        # RuntimeError: Twisted's tokenizer on a trailing backslash.
+        why = "a '\\' at the end escapes nothing" if isinstance(e, RuntimeError) else e
+        raise Invalid(f"invalid endpoint string {description!r}: {why}") from None
     known = _server_endpoint_types()
     if kind not in known:
         raise Invalid(

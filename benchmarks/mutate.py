@@ -1,0 +1,779 @@
+#!/usr/bin/env python3
+"""
+Mutation testing for ipcd's pure core and the policy-critical parts of its
+I/O shell: change one thing in the code, run the tests that should notice,
+and report the changes (mutants) no test noticed.
+
+    python3 benchmarks/mutate.py                  # every module, 2 jobs
+    python3 benchmarks/mutate.py routes policy    # some modules
+    python3 benchmarks/mutate.py --list routes    # the mutants, not run
+    python3 benchmarks/mutate.py --show routes:12 # one mutant's diff
+    python3 benchmarks/mutate.py --record         # and update the results file
+    python3 benchmarks/mutate.py --issue          # issue 14's mutants, each killed
+
+Standard library only (plus ipcd's test dependencies).  Each job works in a
+private copy of the checkout in a temporary directory: the checkout itself is
+never written.  Per mutant the job writes the mutated module into its copy
+(``ast.unparse``) and runs only that module's test modules with trial, in a
+child forked from a process that has already imported Twisted and trial (no
+interpreter start-up per mutant), with ``--exitfirst`` and a timeout.
+
+A mutant is killed when the tests fail or time out, survives when they pass.
+Mutants judged equivalent (no behaviour to observe) are listed, with the
+reason, in ``benchmarks/mutation-equivalents.txt`` and left out of the
+score; an entry names the module, the function, the source line and the
+change, so it survives unrelated edits.  ``--record`` merges a run's
+module sections into ``benchmarks/mutation-results.txt``.
+
+Operators: comparison swaps (``==``/``!=``, ``<``/``<=``, ``in``/``not in``,
+``is``/``is not``), ``and``/``or``, arithmetic and bitwise swaps, dropping
+``not`` and unary minus, negating ``if``/``while``/conditional tests,
+integer constants +1/-1, ``True``/``False``, ``break``/``continue``, and
+dropping a call statement, an assignment or a ``raise``.  Strings (messages)
+and annotations are not mutated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EQUIVALENTS = ROOT / "benchmarks" / "mutation-equivalents.txt"
+RESULTS = ROOT / "benchmarks" / "mutation-results.txt"
+
+# module -> (file, scope: qualnames mutated, None for all; test modules)
+MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
+    "routes": (
+        "ipcd/routes.py",
+        None,
+        ("test_promises", "test_routes", "test_resolve", "test_config"),
+    ),
+    "policy": (
+        "ipcd/policy.py",
+        None,
+        ("test_promises", "test_policy", "test_config"),
+    ),
+    "names": (
+        "ipcd/names.py",
+        None,
+        ("test_promises", "test_names", "test_rundir", "test_routes", "test_config"),
+    ),
+    "config": (
+        "ipcd/config.py",
+        None,
+        ("test_promises", "test_config", "test_resolve"),
+    ),
+    "wire": (
+        "ipcd/wire.py",
+        None,
+        ("test_promises", "test_wire", "test_protocols", "test_limits", "test_budgets"),
+    ),
+    "resolution": (
+        "ipcd/resolution.py",
+        ("MAX_HOPS", "_follow_redirects", "_visit", "plan", "resolve"),
+        ("test_promises", "test_resolve"),
+    ),
+    "access": (
+        "ipcd/access.py",
+        ("permitted", "open_socket", "_denied"),
+        ("test_promises", "test_access"),
+    ),
+    "broker": (
+        "ipcd/broker.py",
+        ("Broker.own_names", "Broker._open_local"),
+        ("test_promises", "test_access", "test_broker"),
+    ),
+}
+
+# The survivors issue 14 named, as written there: (point, file, old, new).
+# ``--issue`` checks that each is killed (by its module's tests, which
+# include test_promises).
+ISSUE_MUTANTS: list[tuple[str, str, str, str]] = [
+    ("1", "names", "        os.chown(path, -1, gid)", "        pass"),
+    ("1", "names", "    if gid != -1:", "    if gid == -1:"),
+    ("1", "names", "    gid = -1\n", "    gid = 1\n"),
+    (
+        "1",
+        "names",
+        '            raise ValueError(f"no such group {group!r} for {path}") from None',
+        "            pass",
+    ),
+    ("1", "config", '"control": {"group":', '"control": {"groups":'),
+    (
+        "2",
+        "policy",
+        "network = ipaddress.ip_network(value, strict=False)",
+        "network = ipaddress.ip_network(value, strict=True)",
+    ),
+    (
+        "3",
+        "names",
+        "old = os.umask(0o777 & ~mode | _SOCKET_UMASK)",
+        "old = os.umask(0)",
+    ),
+    (
+        "4",
+        "routes",
+        "        if not part:\n            continue",
+        "        if not part:\n            break",
+    ),
+    ("5", "routes", 'text.split("://", 1)', 'text.split("://", 2)'),
+    ("6", "wire", "        protocol.maxMessageSize = self.maxMessageSize\n", ""),
+    (
+        "7",
+        "wire",
+        "    sock.sendall(encode(payload))",
+        "    sock.sendall(HEADER.pack(len(payload)))\n    sock.sendall(payload)",
+    ),
+    (
+        "7",
+        "wire",
+        '    return b"".join(chunks)',
+        '    return chunks[0] if chunks else b""',
+    ),
+    (
+        "8",
+        "policy",
+        "    labels = tuple(labels)\n    rules = tuple(rules)",
+        "    rules = tuple(rules)",
+    ),
+    (
+        "9",
+        "config",
+        "not isinstance(value, int) or value <= 0",
+        "not isinstance(value, int)",
+    ),
+    (
+        "9",
+        "config",
+        "if isinstance(value, bool) or not isinstance(value, int) or value <= 0",
+        "if not isinstance(value, int) or value <= 0",
+    ),
+    (
+        "9",
+        "config",
+        "    if not isinstance(value, str) or not value:",
+        "    if not value:",
+    ),
+    (
+        "9",
+        "config",
+        'if not isinstance(value, str) or ":" not in value:',
+        'if ":" not in value:',
+    ),
+    (
+        "9",
+        "config",
+        "    if not isinstance(value, Mapping):\n"
+        "        raise ConfigError(f'{source}: [{table}]",
+        "    if False:\n        raise ConfigError(f'{source}: [{table}]",
+    ),
+    ("9", "config", 'path or "command line")', "path)"),
+    ("10", "routes", r"\[(?P<v6>[0-9A-Fa-f:.]+)\]", r"\[(?P<v6>[^\]]*)\]"),
+    ("10", "routes", "if len(digits) <= 5 else 0", "if len(digits) <= 6 else 0"),
+    ("10", "policy", 'for c in "*?["', 'for c in "*"'),
+    ("10", "wire", "    if size > max_size:", "    if size >= max_size:"),
+    ("10", "resolution", "MAX_HOPS = 32", "MAX_HOPS = 31"),
+    ("10", "resolution", "MAX_HOPS = 32", "MAX_HOPS = 33"),
+    (
+        "10",
+        "routes",
+        "@dataclass(frozen=True)\nclass RemoteURI",
+        "@dataclass\nclass RemoteURI",
+    ),
+    ("10", "policy", "@dataclass(frozen=True)\nclass Rule", "@dataclass\nclass Rule"),
+    (
+        "10",
+        "names",
+        'raise SocketInUse(f"another process is listening on {path}")\n        raise',
+        "pass\n        raise",
+    ),
+    (
+        "10",
+        "names",
+        '            raise SocketInUse(f"another process is listening on {path}")\n'
+        "        raise\n",
+        '            raise SocketInUse(f"another process is listening on {path}")\n',
+    ),
+]
+
+_COMPARE = {
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
+    ast.Is: ast.IsNot,
+    ast.IsNot: ast.Is,
+}
+_BINARY = {
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.FloorDiv,
+    ast.Div: ast.Mult,
+    ast.FloorDiv: ast.Mult,
+    ast.Mod: ast.FloorDiv,
+    ast.BitOr: ast.BitAnd,
+    ast.BitAnd: ast.BitOr,
+    ast.BitXor: ast.BitOr,
+    ast.LShift: ast.RShift,
+    ast.RShift: ast.LShift,
+}
+_SKIP_FIELDS = {"annotation", "returns", "type_comment"}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    module: str
+    index: int  # the site's position in the walk
+    choice: int  # which replacement at that site
+    line: int
+    qualname: str
+    source_line: str
+    change: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.module}:{self.number}"
+
+    number: int = 0
+
+    @property
+    def key(self) -> str:
+        """What the equivalents file names: stable across unrelated edits."""
+        where = MODULES[self.module][0]
+        return f"{where} :: {self.qualname} :: {self.source_line} :: {self.change}"
+
+
+def _name(node: ast.AST) -> str:
+    return ast.unparse(node)
+
+
+def _alternatives(node: ast.AST, parent_field: str) -> list[tuple[str, object]]:
+    """The mutations of one node: (description, new node or list of nodes)."""
+    out: list[tuple[str, object]] = []
+    if isinstance(node, ast.Compare):
+        for i, op in enumerate(node.ops):
+            swap = _COMPARE.get(type(op))
+            if swap is not None:
+                new = copy.deepcopy(node)
+                new.ops[i] = swap()
+                out.append((f"{_op(op)} -> {_op(new.ops[i])}", new))
+    elif isinstance(node, ast.BoolOp):
+        other = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+        new = copy.deepcopy(node)
+        new.op = other
+        out.append((f"{_op(node.op)} -> {_op(other)}", new))
+    elif isinstance(node, ast.BinOp):
+        swap = _BINARY.get(type(node.op))
+        if swap is not None:
+            new = copy.deepcopy(node)
+            new.op = swap()
+            out.append((f"{_op(node.op)} -> {_op(new.op)}", new))
+    elif isinstance(node, ast.UnaryOp) and isinstance(
+        node.op, ast.Not | ast.USub | ast.Invert
+    ):
+        out.append((f"drop {_op(node.op)}", copy.deepcopy(node.operand)))
+    elif isinstance(node, ast.Constant):
+        value = node.value
+        if isinstance(value, bool):
+            out.append((f"{value} -> {not value}", ast.Constant(not value)))
+        elif isinstance(value, int):
+            out.append((f"{value} -> {value + 1}", ast.Constant(value + 1)))
+            if value != 0:
+                out.append((f"{value} -> {value - 1}", ast.Constant(value - 1)))
+        elif isinstance(value, float):
+            out.append((f"{value} -> {value + 1}", ast.Constant(value + 1)))
+    elif isinstance(node, ast.Break):
+        out.append(("break -> continue", ast.Continue()))
+    elif isinstance(node, ast.Continue):
+        out.append(("continue -> break", ast.Break()))
+    if isinstance(node, ast.If | ast.While | ast.IfExp | ast.Assert):
+        test = node.test
+        constant = isinstance(test, ast.Constant)
+        if not constant and not (
+            isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
+        ):
+            new = copy.deepcopy(node)
+            new.test = ast.UnaryOp(ast.Not(), new.test)
+            out.append(("negate the test", new))
+    if parent_field in ("body", "orelse", "finalbody", "handlers"):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            out.append(("drop the call", ast.Pass()))
+        elif isinstance(node, ast.Raise):
+            out.append(("drop the raise", ast.Pass()))
+        elif isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
+            out.append(("drop the assignment", ast.Pass()))
+    return out
+
+
+def _op(op: ast.AST) -> str:
+    names = {
+        ast.Eq: "==",
+        ast.NotEq: "!=",
+        ast.Lt: "<",
+        ast.LtE: "<=",
+        ast.Gt: ">",
+        ast.GtE: ">=",
+        ast.In: "in",
+        ast.NotIn: "not in",
+        ast.Is: "is",
+        ast.IsNot: "is not",
+        ast.And: "and",
+        ast.Or: "or",
+        ast.Add: "+",
+        ast.Sub: "-",
+        ast.Mult: "*",
+        ast.Div: "/",
+        ast.FloorDiv: "//",
+        ast.Mod: "%",
+        ast.BitOr: "|",
+        ast.BitAnd: "&",
+        ast.BitXor: "^",
+        ast.LShift: "<<",
+        ast.RShift: ">>",
+        ast.Not: "not",
+        ast.USub: "-",
+        ast.Invert: "~",
+    }
+    return names[type(op)]
+
+
+def _walk(tree: ast.AST, scope: tuple[str, ...] | None):
+    """
+    Yield (node, parent, field, index, qualname) for every mutable node in
+    scope, in a fixed order; docstrings, strings, annotations and
+    C{from __future__} lines are left alone.
+    """
+
+    def visit(node, parent, field, index, qualname, inside):
+        if isinstance(node, ast.ImportFrom | ast.Import):
+            return
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            return  # a docstring
+        if isinstance(node, ast.JoinedStr):
+            return  # messages
+        name = None
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            name = node.name
+        elif parent is tree and isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            name = _name(targets[0])
+        if name is not None:
+            qualname = f"{qualname}.{name}" if qualname else name
+            if scope is not None and not inside:
+                inside = any(
+                    qualname == s or qualname.startswith(s + ".") for s in scope
+                )
+        elif scope is not None and parent is tree:
+            inside = False
+        if scope is None or inside:
+            yield node, parent, field, index, qualname
+        for child_field, value in ast.iter_fields(node):
+            if child_field in _SKIP_FIELDS:
+                continue
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and (
+                child_field == "decorator_list"
+            ):
+                continue
+            if isinstance(value, list):
+                for i, item in enumerate(value):
+                    if isinstance(item, ast.AST):
+                        yield from visit(item, node, child_field, i, qualname, inside)
+            elif isinstance(value, ast.AST):
+                yield from visit(value, node, child_field, None, qualname, inside)
+
+    yield from visit(tree, None, None, None, "", scope is None)
+
+
+def mutants(module: str) -> list[Mutant]:
+    path, scope, _ = MODULES[module]
+    source = (ROOT / path).read_text()
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    found = []
+    for site, (node, _parent, field, _i, qualname) in enumerate(_walk(tree, scope)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str | bytes):
+            continue
+        for choice, (change, _new) in enumerate(_alternatives(node, field or "")):
+            line = getattr(node, "lineno", 0)
+            found.append(
+                Mutant(
+                    module,
+                    site,
+                    choice,
+                    line,
+                    qualname or "<module>",
+                    lines[line - 1].strip() if line else "",
+                    change,
+                    len(found) + 1,
+                )
+            )
+    return found
+
+
+def mutated_source(mutant: Mutant) -> str:
+    path, scope, _ = MODULES[mutant.module]
+    tree = ast.parse((ROOT / path).read_text())
+    for site, (node, parent, field, index, _q) in enumerate(_walk(tree, scope)):
+        if site != mutant.index:
+            continue
+        _change, new = _alternatives(node, field or "")[mutant.choice]
+        if index is None:
+            setattr(parent, field, new)
+        else:
+            getattr(parent, field)[index] = new
+        break
+    else:
+        raise LookupError(mutant.id)
+    return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
+
+
+def load_equivalents() -> dict[str, str]:
+    """The equivalents file: key -> reason."""
+    found: dict[str, str] = {}
+    if not EQUIVALENTS.exists():
+        return found
+    for raw in EQUIVALENTS.read_text().splitlines():
+        if not raw.strip() or raw.startswith("#"):
+            continue
+        key, _, reason = raw.partition(" -- ")
+        found[key.strip()] = reason.strip()
+    return found
+
+
+class Worker:
+    """A private copy of the checkout, and the trial child running in it."""
+
+    def __init__(self, base: Path, number: int) -> None:
+        self.root = base / f"job{number}"
+        shutil.copytree(
+            ROOT,
+            self.root,
+            ignore=shutil.ignore_patterns(
+                ".git", "__pycache__", "_trial_temp*", "*.egg-info", "build", ".venv"
+            ),
+        )
+        self.pid: int | None = None
+        self.mutant: Mutant | None = None
+        self.started = 0.0
+        self.restore: tuple[Path, str] | None = None
+
+    def start(
+        self,
+        mutant: Mutant | None,
+        tests: tuple[str, ...],
+        source: tuple[str, str] | None = None,
+    ) -> None:
+        """Run C{tests} against C{mutant} (or C{source}: path, text)."""
+        if self.restore is not None:
+            self.restore[0].write_text(self.restore[1])
+            self.restore = None
+        if mutant is not None:
+            source = (MODULES[mutant.module][0], mutated_source(mutant))
+        if source is not None:
+            target = self.root / source[0]
+            self.restore = (target, target.read_text())
+            target.write_text(source[1])
+        self.mutant = mutant
+        self.started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:  # the child: run trial in the copy, quietly
+            try:
+                os.setpgid(0, 0)
+                os.chdir(self.root)
+                sys.path.insert(0, str(self.root))
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 1)
+                os.dup2(null, 2)
+                sys.argv = ["trial", "--exitfirst", *(f"ipcd.test.{t}" for t in tests)]
+                from twisted.scripts.trial import run
+
+                run()
+            except SystemExit as e:
+                os._exit(e.code if isinstance(e.code, int) else 1)
+            except BaseException:
+                os._exit(3)
+            os._exit(0)
+        self.pid = pid
+
+    def kill(self) -> None:
+        if self.pid is not None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def run(chosen: list[str], jobs: int, out) -> int:
+    # Import what every child needs once, here (but no reactor, no ipcd).
+    import hypothesis  # noqa: F401
+    import twisted.scripts.trial  # noqa: F401
+    import twisted.trial.runner  # noqa: F401
+
+    assert "twisted.internet.reactor" not in sys.modules
+    assert not any(m == "ipcd" or m.startswith("ipcd.") for m in sys.modules)
+    sys.dont_write_bytecode = True
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+    equivalents = load_equivalents()
+    used: set[str] = set()
+    base = Path(tempfile.mkdtemp(prefix="ipcd-mutate-"))
+    workers = [Worker(base, n) for n in range(jobs)]
+    totals = {}
+    failed = False
+    started = time.monotonic()
+    try:
+        for module in chosen:
+            tests = MODULES[module][2]
+            # The unmutated tests must pass: their time sets the timeout.
+            workers[0].start(None, tests)
+            _, status = os.waitpid(workers[0].pid, 0)
+            baseline = time.monotonic() - workers[0].started
+            if os.waitstatus_to_exitcode(status) != 0:
+                print(f"{module}: the tests fail unmutated; not run", file=out)
+                failed = True
+                continue
+            # Generous: the machine may be busy; a timeout counts as killed.
+            timeout = max(30.0, 5 * baseline + 10)
+            todo = mutants(module)
+            queue = list(todo)
+            results: dict[str, str] = {}
+            busy: dict[int, Worker] = {}
+            idle = list(workers)
+            while queue or busy:
+                while queue and idle:
+                    mutant = queue.pop(0)
+                    if mutant.key in equivalents:
+                        used.add(mutant.key)
+                        results[mutant.id] = "equivalent"
+                        continue
+                    worker = idle.pop()
+                    worker.start(mutant, tests)
+                    busy[worker.pid] = worker
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid in busy:
+                    worker = busy.pop(pid)
+                    code = os.waitstatus_to_exitcode(status)
+                    results[worker.mutant.id] = "survived" if code == 0 else "killed"
+                    idle.append(worker)
+                    continue
+                for worker in list(busy.values()):
+                    if time.monotonic() - worker.started > timeout:
+                        worker.kill()
+                        os.waitpid(worker.pid, 0)
+                        del busy[worker.pid]
+                        results[worker.mutant.id] = "timeout"
+                        idle.append(worker)
+                time.sleep(0.01)
+            counts = {
+                k: sum(1 for v in results.values() if v == k)
+                for k in ("killed", "timeout", "survived", "equivalent")
+            }
+            totals[module] = (len(todo), counts)
+            _report_module(module, todo, results, counts, baseline, out)
+        elapsed = time.monotonic() - started
+        _report_total(totals, elapsed, out)
+        stale = [k for k in equivalents if k not in used]
+        chosen_files = {MODULES[m][0] for m in chosen}
+        stale = [k for k in stale if k.split(" :: ")[0] in chosen_files]
+        if stale:
+            print("\nEquivalents file entries that matched no mutant:", file=out)
+            for key in stale:
+                print(f"  {key}", file=out)
+        return 2 if failed else 0
+    finally:
+        for worker in workers:
+            worker.kill()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def check_issue(jobs: int, out) -> int:
+    """Each of issue 14's mutants must be killed by its module's tests."""
+    import hypothesis  # noqa: F401
+    import twisted.scripts.trial  # noqa: F401
+
+    sys.dont_write_bytecode = True
+    base = Path(tempfile.mkdtemp(prefix="ipcd-mutate-"))
+    worker = Worker(base, 0)
+    alive = 0
+    try:
+        for point, module, old, new in ISSUE_MUTANTS:
+            path, _, tests = MODULES[module]
+            text = (ROOT / path).read_text()
+            if text.count(old) != 1:
+                print(f"point {point}: {path}: {old!r} not found once", file=out)
+                alive += 1
+                continue
+            worker.start(None, tests, (path, text.replace(old, new)))
+            _, status = os.waitpid(worker.pid, 0)
+            killed = os.waitstatus_to_exitcode(status) != 0
+            alive += not killed
+            verdict = "killed" if killed else "SURVIVED"
+            print(
+                f"point {point}: {verdict}: {path}: {old.strip()!r} -> {new.strip()!r}",
+                file=out,
+                flush=True,
+            )
+        return 1 if alive else 0
+    finally:
+        worker.kill()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _report_module(module, todo, results, counts, baseline, out) -> None:
+    scored = len(todo) - counts["equivalent"]
+    dead = counts["killed"] + counts["timeout"]
+    score = 100.0 * dead / scored if scored else 100.0
+    print(
+        f"{MODULES[module][0]}: {len(todo)} mutants, {counts['equivalent']} "
+        f"equivalent, {dead} killed ({counts['timeout']} by timeout), "
+        f"{counts['survived']} survived: {score:.1f}% "
+        f"(tests: {' '.join(MODULES[module][2])}, {baseline:.1f} s unmutated)",
+        file=out,
+        flush=True,
+    )
+    for mutant in todo:
+        if results.get(mutant.id) == "survived":
+            print(f"  SURVIVED {mutant.id} line {mutant.line}: {mutant.key}", file=out)
+
+
+def _report_total(totals, elapsed, out) -> None:
+    total = sum(t for t, _ in totals.values())
+    eq = sum(c["equivalent"] for _, c in totals.values())
+    dead = sum(c["killed"] + c["timeout"] for _, c in totals.values())
+    survived = sum(c["survived"] for _, c in totals.values())
+    score = 100.0 * dead / (total - eq) if total > eq else 100.0
+    print(
+        f"\nTotal: {total} mutants, {eq} equivalent, {dead} killed, "
+        f"{survived} survived: {score:.1f}% killed of {total - eq} "
+        f"({elapsed / 60:.1f} min)",
+        file=out,
+        flush=True,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help=f"some of: {' '.join(MODULES)}")
+    parser.add_argument("--jobs", "-j", type=int, default=2)
+    parser.add_argument("--list", action="store_true", help="list the mutants")
+    parser.add_argument("--show", metavar="MODULE:N", help="print one mutant")
+    parser.add_argument(
+        "--issue", action="store_true", help="check issue 14's mutants are killed"
+    )
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help=f"update the modules' sections of {RESULTS.relative_to(ROOT)}",
+    )
+    args = parser.parse_args()
+    if args.issue:
+        return check_issue(args.jobs, sys.stdout)
+    if args.show:
+        module, _, number = args.show.partition(":")
+        mutant = mutants(module)[int(number) - 1]
+        print(f"{mutant.id} line {mutant.line}: {mutant.key}")
+        import difflib
+
+        path = MODULES[module][0]
+        before = ast.unparse(ast.parse((ROOT / path).read_text())).splitlines()
+        after = mutated_source(mutant).splitlines()
+        sys.stdout.writelines(
+            line + "\n"
+            for line in difflib.unified_diff(before, after, lineterm="", n=2)
+        )
+        return 0
+    chosen = args.modules or list(MODULES)
+    unknown = [m for m in chosen if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module {unknown[0]!r} (known: {' '.join(MODULES)})")
+    if args.list:
+        for module in chosen:
+            for mutant in mutants(module):
+                print(f"{mutant.id} line {mutant.line}: {mutant.key}")
+        return 0
+    if not args.record:
+        return run(chosen, args.jobs, sys.stdout)
+    import io
+
+    class Tee(io.StringIO):
+        def write(self, text: str) -> int:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return super().write(text)
+
+    out = Tee()
+    status = run(chosen, args.jobs, out)
+    record(out.getvalue())
+    return status
+
+
+_HEAD = re.compile(
+    r"^(?P<file>\S+\.py): (?P<total>\d+) mutants, (?P<eq>\d+) equivalent, "
+    r"(?P<dead>\d+) killed \((?P<timeout>\d+) by timeout\), "
+    r"(?P<survived>\d+) survived"
+)
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    """A results text's module sections: file -> lines (head, survivors)."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if _HEAD.match(line):
+            current = sections.setdefault(_HEAD.match(line)["file"], [])
+            current.clear()
+            current.append(line)
+        elif current is not None and line.startswith("  "):
+            current.append(line)
+        else:
+            current = None
+    return sections
+
+
+def record(output: str) -> None:
+    """Merge this run's module sections into the results file; total it."""
+    old = _sections(RESULTS.read_text()) if RESULTS.exists() else {}
+    old.update(_sections(output))
+    order = [path for path, _, _ in MODULES.values()]
+    lines = [
+        "# benchmarks/mutate.py --record: the last run of each module, merged.",
+        f"# Updated {time.strftime('%Y-%m-%d %H:%M')}; the score leaves out the",
+        "# mutants benchmarks/mutation-equivalents.txt lists.",
+        "",
+    ]
+    total = eq = dead = timeouts = survived = 0
+    for path in sorted(old, key=lambda p: order.index(p) if p in order else 99):
+        lines += old[path]
+        head = _HEAD.match(old[path][0])
+        total += int(head["total"])
+        eq += int(head["eq"])
+        dead += int(head["dead"])
+        timeouts += int(head["timeout"])
+        survived += int(head["survived"])
+    scored = total - eq
+    lines += [
+        "",
+        f"Total: {total} mutants, {eq} equivalent, {dead} killed ({timeouts} by "
+        f"timeout), {survived} survived: {100.0 * dead / scored:.1f}% killed of "
+        f"{scored}",
+    ]
+    RESULTS.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
