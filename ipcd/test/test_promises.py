@@ -531,6 +531,14 @@ class ConfigValueTests(ConfigFileMixin, SynchronousTestCase):
                 f"got {shown}",
             )
 
+    def test_daemonSection(self) -> None:
+        """A daemon's section is checked against its own settings."""
+        self.assertEqual(self.error("tcpd = 3\n"), "[tcpd]: expected a table")
+        self.assertEqual(
+            self.error("[tcpd]\nbogus = 1\n"),
+            "[tcpd] bogus: unknown key (known: enabled, handshake_timeout, listen)",
+        )
+
     def test_rundirNotString(self) -> None:
         self.assertEqual(
             self.error("rundir = 3\n"), "rundir: expected a non-empty string, got 3"
