@@ -56,10 +56,16 @@ class CommandFailureTests(SynchronousTestCase):
         os.chmod(self.rundir, 0o1770)
         self.work = short_rundir(self, "ipcd-work-")
 
-    def refused(self, args: list[str], rundir: str | None = None) -> str:
+    def refused(
+        self,
+        args: list[str],
+        rundir: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> str:
         rundir = self.rundir if rundir is None else rundir
         log = os.path.join(self.work, "out.log")
-        process = spawn(self, args, log, python_env(), self.work)
+        env = python_env() if env is None else env
+        process = spawn(self, args, log, env, self.work)
         try:
             code = process.wait(3 * TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -136,6 +142,28 @@ class CommandFailureTests(SynchronousTestCase):
             f"ipcd: cannot create RUNDIR {inside}: {path} is not a directory (a "
             "regular file); choose another --rundir",
         )
+
+    def test_twoPluginsClaimOneScheme(self) -> None:
+        """
+        A third party's plugin claims 'tcp' too: both commands name both
+        plugin modules in one line, and say the way out.
+        """
+        plugins = os.path.join(self.work, "third", "twisted", "plugins")
+        os.makedirs(plugins)
+        with open(os.path.join(plugins, "other_tcpd.py"), "w") as f:
+            f.write("from ipcd.transports.tcp import TcpDaemon\n\nmine = TcpDaemon()\n")
+        env = python_env()
+        env["PYTHONPATH"] += os.pathsep + os.path.join(self.work, "third")
+        expected = (
+            "ipcd: two protocol daemons claim 'tcp': <tcpd> from "
+            "twisted.plugins.ipcd_daemons and <tcpd> from "
+            "twisted.plugins.other_tcpd (remove one of those plugins)"
+        )
+        for args in (
+            [*IPCD, "--rundir", self.rundir],
+            ["-c", TWISTD, "-n", "--pidfile=", "ipcd", "--rundir", self.rundir],
+        ):
+            self.assertEqual(self.refused(args, env=env), expected)
 
     def test_unknownEndpointType(self) -> None:
         for line in (self.ipcd("--tcp", "foo:bar"), self.twistd("--tcp", "foo:bar")):
