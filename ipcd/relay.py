@@ -421,8 +421,8 @@ class SocketRelays:
             if writable:
                 if side.owed:
                     self._write(side)
-            elif side.reading:
-                self._read(side)
+            elif side.reading and self._read(side):
+                return  # passed on whole: nothing to register anew
         except Exception as e:
             self._error(side, e)
             return
@@ -471,18 +471,22 @@ class SocketRelays:
 
     # Moving bytes.
 
-    def _read(self, side: Side) -> None:
+    def _read(self, side: Side) -> bool:
+        """
+        Read C{side} and send on what it read: whether it was all taken
+        (then nothing about the relay's registration has changed).
+        """
         if side.pipe is not None:
             self._splice_in(side)
-            return
+            return False
         try:
             count = side.sock.recv_into(self._buffer)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         peer = side.peer
         if not count:
             self._eof(side)
-            return
+            return False
         self._count(side, count)
         if count >= SPLICE_AT and self._splice:
             _open_pipe(side)
@@ -495,6 +499,8 @@ class SocketRelays:
             # Keep the rest (a copy: the buffer is reused) and stop reading
             # this side until the peer has taken it.
             peer.pending = memoryview(data[sent:].tobytes())
+            return False
+        return True
 
     def _write(self, side: Side) -> None:
         if side.pending:
