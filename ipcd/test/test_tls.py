@@ -12,9 +12,20 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from ipcd.test.support import bounce, lookup, short_rundir
+from ipcd.test.support import (
+    TIMEOUT,
+    assert_no_fd_leak,
+    bounce,
+    fd_baseline,
+    lookup,
+    recv_upto,
+    short_rundir,
+    wait_until,
+)
+from ipcd.test.tcpsupport import recv_eof
 from ipcd.test.tlssupport import (
     ALICE_KEY,
     BOB_KEY,
@@ -33,6 +44,25 @@ class TlsTestCase(TestCase):
     def setUp(self) -> None:
         self.dir = short_rundir(self, "ipcd-tls-files-")
         self.ca = TestCA(self.dir)
+        self.logged: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            self.logged.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def assertLogged(self, *words: str) -> Any:
+        """Wait (bounded) for a log line with all of C{words}."""
+        return wait_until(
+            lambda: any(all(w in line for w in words) for line in self.logged),
+            f"a log line with {words!r}",
+        )
+
+    def keys(self, **lines: str) -> str:
+        """A secrets file with these identities, in a directory of its own."""
+        directory = short_rundir(self, "ipcd-tls-keys-")
+        return secrets_file(directory, lines)
 
     @inlineCallbacks
     def lookup_on(self, a: Any, route: str, service: str = "pong") -> Any:
@@ -73,3 +103,236 @@ class CertificateTests(TlsTestCase):
         )
         a = yield start_tls_host(self, {"trust_roots": self.ca.path}, pongd=False)
         yield self.assertPong(a, b.route("pong"))
+
+    @inlineCallbacks
+    def test_mutualTls(self) -> Any:
+        """
+        B requires client certificates: A's reaches pong, and B's rules see
+        C{cert:} and C{cert-san:} labels; a client without one is refused.
+        """
+        server, client = (
+            self.ca.issue("host-b"),
+            self.ca.issue("host-a", dns=("a.example",)),
+        )
+        b = yield start_tls_host(
+            self,
+            {
+                "certificate": server.cert,
+                "key": server.key,
+                "trust_roots": self.ca.path,
+                "verify_clients": True,
+            },
+            rules=["allow in pong cert-san:a.example"],
+        )
+        a = yield start_tls_host(
+            self,
+            {
+                "certificate": client.cert,
+                "key": client.key,
+                "trust_roots": self.ca.path,
+            },
+            pongd=False,
+        )
+        yield self.assertPong(a, b.route("pong"))
+        [stats] = b.broker.relays
+        self.assertIn("cert:host-a", stats.labels)
+        self.assertEqual(stats.as_dict()["tls"]["peer"], "cert:host-a")
+        anonymous = yield start_tls_host(
+            self, {"trust_roots": self.ca.path}, pongd=False
+        )
+        yield self.assertRefused(
+            anonymous, b.route("pong"), "client authentication required"
+        )
+        yield self.assertLogged("no client certificate or key")
+
+    @inlineCallbacks
+    def test_pskTls13(self) -> Any:
+        """PSK only (no certificate anywhere): TLS 1.3, C{psk:alice} label."""
+        b = yield start_tls_host(
+            self,
+            {"psk_file": self.keys(alice=ALICE_KEY)},
+            rules=["allow in pong psk:alice"],
+        )
+        a = yield start_tls_host(
+            self,
+            {"psk_file": self.keys(alice=ALICE_KEY), "psk_identity": "alice"},
+            pongd=False,
+        )
+        yield self.assertPong(a, b.route("pong"))
+        [stats] = b.broker.relays
+        shown = stats.as_dict()
+        self.assertEqual(shown["tls"]["version"], "TLSv1.3")
+        self.assertEqual(shown["tls"]["peer"], "psk:alice")
+        self.assertIn("psk:alice", shown["labels"])
+        [out] = a.broker.relays
+        self.assertEqual(out.as_dict()["tls"]["version"], "TLSv1.3")
+
+    @inlineCallbacks
+    def test_pskTls12(self) -> Any:
+        """A capped at TLS 1.2: a PSK suite, same label."""
+        b = yield start_tls_host(
+            self,
+            {"psk_file": self.keys(alice=ALICE_KEY)},
+            rules=["allow in pong psk:alice"],
+        )
+        a = yield start_tls_host(
+            self,
+            {
+                "psk_file": self.keys(alice=ALICE_KEY),
+                "psk_hosts": {"localhost": "alice"},
+                "max_version": "1.2",
+            },
+            pongd=False,
+        )
+        yield self.assertPong(a, b.route("pong"))
+        [stats] = b.broker.relays
+        shown = stats.as_dict()["tls"]
+        self.assertEqual(shown["version"], "TLSv1.2")
+        self.assertIn("PSK", shown["cipher"])
+        self.assertEqual(shown["peer"], "psk:alice")
+
+    @inlineCallbacks
+    def test_rulesByIdentity(self) -> Any:
+        """C{in} rules allow C{psk:alice} and deny C{psk:bob}."""
+        b = yield start_tls_host(
+            self,
+            {"psk_file": self.keys(alice=ALICE_KEY, bob=BOB_KEY)},
+            rules=["deny in pong psk:bob", "allow in pong psk:*"],
+        )
+        alice = yield start_tls_host(
+            self,
+            {"psk_file": self.keys(alice=ALICE_KEY), "psk_identity": "alice"},
+            pongd=False,
+        )
+        bob = yield start_tls_host(
+            self,
+            {"psk_file": self.keys(bob=BOB_KEY), "psk_identity": "bob"},
+            pongd=False,
+        )
+        yield self.assertPong(alice, b.route("pong"))
+        yield self.assertRefused(bob, b.route("pong"), "denied")
+
+
+class RefusalTests(TlsTestCase):
+    """
+    Refused and logged, and B keeps serving with no fd growth.  B serves
+    with a certificate and keys; its handshake deadline is short.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        super().setUp()
+        server = self.ca.issue("host-b", dns=("host-b.example",), ips=())
+        self.b = yield start_tls_host(
+            self,
+            {
+                "certificate": server.cert,
+                "key": server.key,
+                "psk_file": self.keys(alice=ALICE_KEY),
+                "handshake_timeout": 0.5,
+            },
+            rules=["allow in pong psk:alice", "allow in pong ip:127.0.0.1"],
+        )
+        self.good = yield start_tls_host(
+            self,
+            {"psk_file": self.keys(alice=ALICE_KEY), "psk_identity": "alice"},
+            pongd=False,
+        )
+        # One good relay first: whatever is made once (contexts, caches)
+        # is made before the baseline.
+        sock = yield self.assertPong(self.good, self.b.route("pong"))
+        sock.close()
+        yield wait_until(lambda: not self.b.broker.relays, "the relay to end")
+        self.before = yield fd_baseline()
+
+    @inlineCallbacks
+    def refusedThenServing(self, a: Any, route: str, *words: str) -> Any:
+        for _ in range(3):
+            yield self.assertRefused(a, route, *words)
+        sock = yield self.assertPong(self.good, self.b.route("pong"))
+        sock.close()
+        yield wait_until(lambda: not self.b.broker.relays, "the relay to end")
+        yield assert_no_fd_leak(self.before)
+
+    @inlineCallbacks
+    def client(self, **tlsd: Any) -> Any:
+        host = yield start_tls_host(self, tlsd, pongd=False)
+        self.before = yield fd_baseline()  # with A's sockets
+        return host
+
+    @inlineCallbacks
+    def test_wrongKey(self) -> Any:
+        a = yield self.client(psk_file=self.keys(alice=BOB_KEY), psk_identity="alice")
+        yield self.refusedThenServing(
+            a, self.b.route("pong"), "TLS handshake", "decrypt error"
+        )
+        yield self.assertLogged("PSK identity 'alice'", "failed")
+
+    @inlineCallbacks
+    def test_unknownIdentity(self) -> Any:
+        """Refused as a wrong key is: the peer cannot tell them apart."""
+        a = yield self.client(psk_file=self.keys(carol=ALICE_KEY), psk_identity="carol")
+        yield self.refusedThenServing(
+            a, self.b.route("pong"), "TLS handshake", "decrypt error"
+        )
+        yield self.assertLogged("unknown PSK identity 'carol'")
+
+    @inlineCallbacks
+    def test_wrongHostname(self) -> Any:
+        """B's certificate (from a CA A trusts) names host-b.example only."""
+        a = yield self.client(trust_roots=self.ca.path)
+        route = self.b.route("pong", host="localhost")
+        yield self.refusedThenServing(
+            a, route, "TLS handshake", "not for this host name"
+        )
+
+    @inlineCallbacks
+    def test_expiredCertificate(self) -> Any:
+        expired = self.ca.issue("old-b", expired=True)
+        yield self.serverWith(expired.cert, expired.key, self.ca.path, "expired")
+
+    @inlineCallbacks
+    def test_untrustedCertificate(self) -> Any:
+        other = TestCA(short_rundir(self, "ipcd-tls-other-"), "other CA")
+        stranger = other.issue("stranger")
+        yield self.serverWith(
+            stranger.cert, stranger.key, self.ca.path, "unable to get local issuer"
+        )
+
+    @inlineCallbacks
+    def serverWith(self, cert: str, key: str, roots: str, word: str) -> Any:
+        """A server with C{cert} is refused by a client trusting C{roots}."""
+        bad = yield start_tls_host(
+            self, {"certificate": cert, "key": key}, rules=["allow in pong"]
+        )
+        a = yield self.client(trust_roots=roots)
+        yield self.refusedThenServing(a, bad.route("pong"), "TLS handshake", word)
+
+    @inlineCallbacks
+    def test_plaintextClient(self) -> Any:
+        """A plaintext request gets no answer in clear, and is logged."""
+
+        def plaintext() -> bytes:
+            with socket.create_connection(("127.0.0.1", self.b.port), TIMEOUT) as s:
+                s.sendall(b"pong")
+                return recv_eof(s)
+
+        for _ in range(3):
+            answer = yield deferToThread(plaintext)
+            self.assertNotIn(b"ok", answer)
+        yield self.assertLogged("TLS handshake with 127.0.0.1", "failed")
+        yield self.refusedThenServing(self.good, self.b.route("missing"), "denied")
+
+    @inlineCallbacks
+    def test_stalledHandshake(self) -> Any:
+        """Half a ClientHello, then silence: dropped at the deadline."""
+
+        def stall() -> bytes:
+            with socket.create_connection(("127.0.0.1", self.b.port), TIMEOUT) as s:
+                s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+                return recv_eof(s)
+
+        answer = yield deferToThread(stall)
+        self.assertEqual(answer, b"")
+        yield self.assertLogged("no TLS handshake in time")
+        yield self.refusedThenServing(self.good, self.b.route("missing"), "denied")

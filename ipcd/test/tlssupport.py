@@ -105,8 +105,10 @@ class TestCA:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         start = now - datetime.timedelta(days=10 if expired else 1)
-        end = now - datetime.timedelta(days=2) if expired else now + (
-            datetime.timedelta(days=10)
+        end = (
+            now - datetime.timedelta(days=2)
+            if expired
+            else now + (datetime.timedelta(days=10))
         )
         names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
@@ -126,7 +128,9 @@ class TestCA:
         base = os.path.join(self.directory, common_name)
         return Issued(
             cert=_write(
-                f"{base}.crt", certificate.public_bytes(serialization.Encoding.PEM), 0o644
+                f"{base}.crt",
+                certificate.public_bytes(serialization.Encoding.PEM),
+                0o644,
             ),
             key=_write(f"{base}.key", _key_pem(key)),
         )

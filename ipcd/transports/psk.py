@@ -127,6 +127,11 @@ def read_secrets(path: str) -> dict[str, bytes]:
     return parse_secrets(text, path)
 
 
+def openssl() -> tuple[Any, Any]:
+    """cryptography's OpenSSL bindings (C{lib}, C{ffi}): the ones pyOpenSSL uses."""
+    return _lib, _ffi
+
+
 def psk_identity(connection: Connection) -> str | None:
     """The PSK identity a server connection was offered, if any."""
     return _offered.get(connection)
@@ -157,7 +162,8 @@ def use_server_keys(
     Make C{context} accept the identities of C{keys} (a mapping, or a
     callable giving the current one).  An unknown identity is refused and
     logged with C{describe(connection)}; the identity offered is
-    remembered for L{psk_identity} (a wrong key fails the handshake later).
+    remembered for L{psk_identity} (a wrong key fails the handshake later, and
+    an unknown identity fails it the same way).
     """
 
     def server(ssl: Any, identity: Any, out: Any, room: int) -> int:
@@ -173,7 +179,10 @@ def use_server_keys(
                     peer=describe(connection),
                     identity=name,
                 )
-                return 0
+                # A key nobody has: the handshake fails exactly as with a
+                # wrong key, so a peer cannot probe for known identities
+                # (and a server with a certificate does not fall back to it).
+                return _copy_key(os.urandom(32), out, room)
             return _copy_key(key, out, room)
         except Exception:
             log.failure("TLS: the PSK server callback failed")

@@ -35,6 +35,7 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
 )
 from twisted.internet.protocol import Factory, Protocol
+from service_identity import VerificationError
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -69,6 +70,7 @@ from ipcd.transports.tlsmaterial import (
     certificate_labels,
     client_creator,
     read_material,
+    verify_error,
 )
 
 SCHEME = "tls"
@@ -229,6 +231,8 @@ class TlsInbound(TcpInbound):
 
 def _why(reason: Failure) -> str:
     value = reason.value
+    if isinstance(value, VerificationError):
+        return "the certificate is not for this host name"
     args = getattr(value, "args", ())
     if args and isinstance(args[0], list) and args[0]:
         return "; ".join(str(e[-1]) for e in args[0] if isinstance(e, tuple))
@@ -357,6 +361,10 @@ class TlsDialer(Protocol):
             self._fail(detail)
         elif not self.handshook:
             why = _why(reason) if reason is not None else "closed"
+            handle = getattr(self.transport, "_tlsConnection", None)
+            unverified = verify_error(handle) if handle is not None else None
+            if unverified is not None:
+                why = f"{why} ({unverified})"
             self.done.errback(Refused(f"TLS handshake with {self.where} failed: {why}"))
         else:
             self.done.errback(

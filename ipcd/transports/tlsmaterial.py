@@ -261,6 +261,15 @@ def read_material(settings: Mapping[str, Any]) -> Material:
     )
 
 
+def verify_error(connection: Connection) -> str | None:
+    """Why OpenSSL did not accept the peer's certificate, if it did not."""
+    lib, ffi = psk.openssl()
+    code = lib.SSL_get_verify_result(connection._ssl)
+    if code == 0:  # X509_V_OK
+        return None
+    return ffi.string(lib.X509_verify_cert_error_string(code)).decode()
+
+
 def certificate_labels(certificate: x509.Certificate) -> list[str]:
     """C{cert:COMMON-NAME} and C{cert-san:DNS-NAME} labels of a peer's certificate."""
     labels = [
