@@ -6,7 +6,6 @@ pre-shared keys (TLS 1.3 and 1.2); refusals cost nothing.
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Any
 
@@ -21,7 +20,6 @@ from ipcd.test.support import (
     bounce,
     fd_baseline,
     lookup,
-    recv_upto,
     short_rundir,
     wait_until,
 )

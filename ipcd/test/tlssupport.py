@@ -61,7 +61,7 @@ class TestCA:
     def __init__(self, directory: str, name: str = "ipcd test CA") -> None:
         self.directory = directory
         self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.certificate = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
@@ -103,7 +103,7 @@ class TestCA:
     ) -> Issued:
         """A leaf certificate for C{common_name} (and SANs), with its key."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         start = now - datetime.timedelta(days=10 if expired else 1)
         end = (
             now - datetime.timedelta(days=2)

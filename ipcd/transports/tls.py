@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from weakref import WeakKeyDictionary
 
+from service_identity import VerificationError
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred
@@ -35,7 +36,6 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
 )
 from twisted.internet.protocol import Factory, Protocol
-from service_identity import VerificationError
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -240,7 +240,7 @@ def _why(reason: Failure) -> str:
 
 
 class TlsHandshakeFactory(HandshakeFactory):
-    """L{HandshakeFactory} for tlsd's listener: knows whether clients must prove who they are."""
+    """tlsd's listener's L{HandshakeFactory}: must clients prove who they are?"""
 
     def must_authenticate(self) -> bool:
         return self.material().verify_clients
@@ -298,7 +298,7 @@ def state_of(broker: Any) -> TlsState:
 
 @implementer(IOpenSSLServerConnectionCreator)
 class _CurrentServer:
-    """The listener's creator: the current one, so a reload applies to new connections."""
+    """The listener's creator: the current one (a reload applies to new peers)."""
 
     def __init__(self, state: TlsState) -> None:
         self.state = state
