@@ -6,6 +6,7 @@ pre-shared keys (TLS 1.3 and 1.2); refusals cost nothing.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -14,6 +15,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from ipcd.control import status_report
 from ipcd.test.support import (
     TIMEOUT,
     assert_no_fd_leak,
@@ -157,11 +159,19 @@ class CertificateTests(TlsTestCase):
             pongd=False,
         )
         yield self.assertPong(a, b.route("pong"))
-        [stats] = b.broker.relays
-        shown = stats.as_dict()
-        self.assertEqual(shown["tls"]["version"], "TLSv1.3")
-        self.assertEqual(shown["tls"]["peer"], "psk:alice")
+        # ipcd status: the relay with its TLS version, cipher and peer.
+        report = status_report(b.broker)
+        [shown] = report["connections"]
+        self.assertEqual(
+            shown["tls"],
+            {
+                "version": "TLSv1.3",
+                "cipher": "TLS_AES_128_GCM_SHA256",
+                "peer": "psk:alice",
+            },
+        )
         self.assertIn("psk:alice", shown["labels"])
+        self.assertEqual(report["config"]["tls_listen"], "tcp:0:interface=127.0.0.1")
         [out] = a.broker.relays
         self.assertEqual(out.as_dict()["tls"]["version"], "TLSv1.3")
 
@@ -209,6 +219,40 @@ class CertificateTests(TlsTestCase):
         )
         yield self.assertPong(alice, b.route("pong"))
         yield self.assertRefused(bob, b.route("pong"), "denied")
+
+
+class ReloadTests(TlsTestCase):
+    @inlineCallbacks
+    def test_reloadReadsTheKeysAgain(self) -> Any:
+        """
+        A reload reads the PSK file again for new connections; relays already
+        running keep going; a file that became unusable keeps the old keys.
+        """
+        secrets = self.keys(alice=ALICE_KEY)
+        b = yield start_tls_host(
+            self, {"psk_file": secrets}, rules=["allow in pong psk:alice"]
+        )
+        hosts = []
+        for key in (ALICE_KEY, BOB_KEY):
+            host = yield start_tls_host(
+                self,
+                {"psk_file": self.keys(alice=key), "psk_identity": "alice"},
+                pongd=False,
+            )
+            hosts.append(host)
+        old, new = hosts
+        running = yield self.assertPong(old, b.route("pong"))
+        yield self.assertRefused(new, b.route("pong"), "decrypt error")
+        secrets_file(os.path.dirname(secrets), {"alice": BOB_KEY})
+        self.assertTrue(b.service.reload()["ok"])
+        yield self.assertPong(new, b.route("pong"))
+        yield self.assertRefused(old, b.route("pong"), "decrypt error")
+        echo = yield deferToThread(bounce, running, b"still here")
+        self.assertEqual(echo, encode(b"still here"))
+        os.chmod(secrets, 0o644)
+        self.assertTrue(b.service.reload()["ok"])
+        yield self.assertPong(new, b.route("pong"))
+        yield self.assertLogged("keeping the previous keys", "mode 0644")
 
 
 class RefusalTests(TlsTestCase):

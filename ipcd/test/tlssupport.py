@@ -168,14 +168,18 @@ def start_tls_host(
 ) -> Any:
     """Start an ipcd with tlsd (C{tlsd}: its section) and pongd; stopped after."""
     rundir = short_rundir(case, "ipcd-tls-")
-    config = make_config(
-        rundir,
-        tlsd={"listen": TLS_LISTEN, **tlsd},
-        rules=list(rules),
-        pongd={"enabled": pongd},
-        **overrides,
-    )
-    service = yield start_ipcd(case, config)
+
+    def load() -> Any:
+        # Each call a new configuration, as a reload reads the files again.
+        return make_config(
+            rundir,
+            tlsd={"listen": TLS_LISTEN, **tlsd},
+            rules=list(rules),
+            pongd={"enabled": pongd},
+            **overrides,
+        )
+
+    service = yield start_ipcd(case, load(), load)
     tls = service.getServiceNamed("tlsd")
     port = None
     if tls.listener is not None:
