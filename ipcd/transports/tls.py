@@ -327,6 +327,10 @@ class TlsDialer(Protocol):
         self.handshook = False
 
     def connectionMade(self) -> None:  # noqa: N802
+        # Small messages go out at once (as tcpd's inbound side does it).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self.transport.write(self.service.encode("ascii"))  # sent after the handshake
 
     def handshakeCompleted(self) -> None:  # noqa: N802
