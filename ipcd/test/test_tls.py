@@ -15,7 +15,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from ipcd.control import status_report
+from ipcd.control import format_status, status_report
 from ipcd.test.support import (
     TIMEOUT,
     assert_no_fd_leak,
@@ -172,6 +172,8 @@ class CertificateTests(TlsTestCase):
         )
         self.assertIn("psk:alice", shown["labels"])
         self.assertEqual(report["config"]["tls_listen"], "tcp:0:interface=127.0.0.1")
+        table = format_status(report)
+        self.assertIn("tls inbound [TLSv1.3, TLS_AES_128_GCM_SHA256, psk:alice]", table)
         [out] = a.broker.relays
         self.assertEqual(out.as_dict()["tls"]["version"], "TLSv1.3")
 

@@ -30,6 +30,8 @@ from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL.SSL import Connection, Context
 from twisted.logger import Logger
 
+from ipcd.logs import printable
+
 log = Logger()
 
 MIN_KEY_BYTES = 16
@@ -48,8 +50,10 @@ TLS12_PSK_CIPHERS = (
 _binding = Binding()
 _ffi, _lib = _binding.ffi, _binding.lib
 
-# The identity each server connection was offered (for labels and logs).
+# The identity each server connection was offered (for logs), and the one
+# it was given a key for (for labels: it holds once the handshake completes).
 _offered: WeakKeyDictionary[Connection, str] = WeakKeyDictionary()
+_accepted: WeakKeyDictionary[Connection, str] = WeakKeyDictionary()
 
 
 class SecretsError(ValueError):
@@ -133,7 +137,15 @@ def openssl() -> tuple[Any, Any]:
 
 
 def psk_identity(connection: Connection) -> str | None:
-    """The PSK identity a server connection was offered, if any."""
+    """
+    The PSK identity a server connection was given a key for, if any: once
+    its handshake has completed, the identity the peer proved.
+    """
+    return _accepted.get(connection)
+
+
+def offered_identity(connection: Connection) -> str | None:
+    """The PSK identity a server connection was offered, known or not."""
     return _offered.get(connection)
 
 
@@ -177,12 +189,13 @@ def use_server_keys(
                 log.warn(
                     "TLS: refusing {peer}: unknown PSK identity {identity!r}",
                     peer=describe(connection),
-                    identity=name,
+                    identity=printable(name),
                 )
                 # A key nobody has: the handshake fails exactly as with a
                 # wrong key, so a peer cannot probe for known identities
                 # (and a server with a certificate does not fall back to it).
                 return _copy_key(os.urandom(32), out, room)
+            _accepted[connection] = name
             return _copy_key(key, out, room)
         except Exception:
             log.failure("TLS: the PSK server callback failed")

@@ -120,6 +120,10 @@ class TlsRelayStats(RelayStats):
     def as_dict(self, now: float | None = None) -> dict[str, Any]:
         shown = super().as_dict(now)
         shown["tls"] = dict(self.tls)
+        # Also in the route, for status's plain-text table.
+        said = ", ".join(str(v) for v in self.tls.values() if v)
+        if said:
+            shown["route"] = f"{self.route} [{said}]"
         return shown
 
 
@@ -218,7 +222,7 @@ class TlsInbound(TcpInbound):
             identity = None
             handle = getattr(self.transport, "_tlsConnection", None)
             if handle is not None:
-                identity = psk._offered.get(handle)
+                identity = psk.offered_identity(handle)
             said = f" (PSK identity {identity!r})" if identity else ""
             log.info(
                 "TLS handshake with {who}{said} failed: {why}",
