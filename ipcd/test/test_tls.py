@@ -64,6 +64,16 @@ class TlsTestCase(TestCase):
         directory = short_rundir(self, "ipcd-tls-keys-")
         return secrets_file(directory, lines)
 
+    def psk_client(self, identity: str, key: str, **tlsd: Any) -> Any:
+        """A host A that dials with C{identity}'s C{key} (and C{tlsd} settings)."""
+        settings = {"psk_file": self.keys(**{identity: key}), **tlsd}
+        settings.setdefault("psk_identity", identity)
+        return start_tls_host(self, settings, pongd=False)
+
+    def psk_server(self, rules: list[str], **keys: str) -> Any:
+        """A host B with pongd, accepting these identities' keys."""
+        return start_tls_host(self, {"psk_file": self.keys(**keys)}, rules=rules)
+
     @inlineCallbacks
     def lookup_on(self, a: Any, route: str, service: str = "pong") -> Any:
         payload = f"{service};{service} {route}".encode()
@@ -148,16 +158,8 @@ class CertificateTests(TlsTestCase):
     @inlineCallbacks
     def test_pskTls13(self) -> Any:
         """PSK only (no certificate anywhere): TLS 1.3, C{psk:alice} label."""
-        b = yield start_tls_host(
-            self,
-            {"psk_file": self.keys(alice=ALICE_KEY)},
-            rules=["allow in pong psk:alice"],
-        )
-        a = yield start_tls_host(
-            self,
-            {"psk_file": self.keys(alice=ALICE_KEY), "psk_identity": "alice"},
-            pongd=False,
-        )
+        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
+        a = yield self.psk_client("alice", ALICE_KEY)
         yield self.assertPong(a, b.route("pong"))
         # ipcd status: the relay with its TLS version, cipher and peer.
         report = status_report(b.broker)
@@ -180,19 +182,13 @@ class CertificateTests(TlsTestCase):
     @inlineCallbacks
     def test_pskTls12(self) -> Any:
         """A capped at TLS 1.2: a PSK suite, same label."""
-        b = yield start_tls_host(
-            self,
-            {"psk_file": self.keys(alice=ALICE_KEY)},
-            rules=["allow in pong psk:alice"],
-        )
-        a = yield start_tls_host(
-            self,
-            {
-                "psk_file": self.keys(alice=ALICE_KEY),
-                "psk_hosts": {"localhost": "alice"},
-                "max_version": "1.2",
-            },
-            pongd=False,
+        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
+        a = yield self.psk_client(
+            "alice",
+            ALICE_KEY,
+            psk_identity="",
+            psk_hosts={"localhost": "alice"},
+            max_version="1.2",
         )
         yield self.assertPong(a, b.route("pong"))
         [stats] = b.broker.relays
@@ -204,21 +200,13 @@ class CertificateTests(TlsTestCase):
     @inlineCallbacks
     def test_rulesByIdentity(self) -> Any:
         """C{in} rules allow C{psk:alice} and deny C{psk:bob}."""
-        b = yield start_tls_host(
-            self,
-            {"psk_file": self.keys(alice=ALICE_KEY, bob=BOB_KEY)},
-            rules=["deny in pong psk:bob", "allow in pong psk:*"],
+        b = yield self.psk_server(
+            ["deny in pong psk:bob", "allow in pong psk:*"],
+            alice=ALICE_KEY,
+            bob=BOB_KEY,
         )
-        alice = yield start_tls_host(
-            self,
-            {"psk_file": self.keys(alice=ALICE_KEY), "psk_identity": "alice"},
-            pongd=False,
-        )
-        bob = yield start_tls_host(
-            self,
-            {"psk_file": self.keys(bob=BOB_KEY), "psk_identity": "bob"},
-            pongd=False,
-        )
+        alice = yield self.psk_client("alice", ALICE_KEY)
+        bob = yield self.psk_client("bob", BOB_KEY)
         yield self.assertPong(alice, b.route("pong"))
         yield self.assertRefused(bob, b.route("pong"), "denied")
 
@@ -234,15 +222,8 @@ class ReloadTests(TlsTestCase):
         b = yield start_tls_host(
             self, {"psk_file": secrets}, rules=["allow in pong psk:alice"]
         )
-        hosts = []
-        for key in (ALICE_KEY, BOB_KEY):
-            host = yield start_tls_host(
-                self,
-                {"psk_file": self.keys(alice=key), "psk_identity": "alice"},
-                pongd=False,
-            )
-            hosts.append(host)
-        old, new = hosts
+        old = yield self.psk_client("alice", ALICE_KEY)
+        new = yield self.psk_client("alice", BOB_KEY)
         running = yield self.assertPong(old, b.route("pong"))
         yield self.assertRefused(new, b.route("pong"), "decrypt error")
         secrets_file(os.path.dirname(secrets), {"alice": BOB_KEY})
@@ -277,11 +258,7 @@ class RefusalTests(TlsTestCase):
             },
             rules=["allow in pong psk:alice", "allow in pong ip:127.0.0.1"],
         )
-        self.good = yield start_tls_host(
-            self,
-            {"psk_file": self.keys(alice=ALICE_KEY), "psk_identity": "alice"},
-            pongd=False,
-        )
+        self.good = yield self.psk_client("alice", ALICE_KEY)
         # One good relay first: whatever is made once (contexts, caches)
         # is made before the baseline.
         sock = yield self.assertPong(self.good, self.b.route("pong"))

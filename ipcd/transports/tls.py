@@ -19,7 +19,6 @@ plugin by C{twisted/plugins/ipcd_daemons.py}.
 
 from __future__ import annotations
 
-import errno
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from service_identity import VerificationError
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, serverFromString
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLServerConnectionCreator,
@@ -42,7 +41,6 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ipcd import wire
 from ipcd.config import Expected, boolean, endpoint, positive_number
 from ipcd.daemons import Flag, IProtocolDaemon, Setting, StartupError, settings_of
 from ipcd.errors import Refused
@@ -51,16 +49,21 @@ from ipcd.identity import Peer
 from ipcd.inbound import (
     MAX_HANDSHAKE,
     OK,
-    ControlHandshake,
     HandshakeFactory,
     listening,
 )
-from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.logs import printable
 from ipcd.relay import RelayProtocol, RelayStats, SocketRelays, TransportRelays
 from ipcd.routes import RemoteURI
-from ipcd.services import IPCService
 from ipcd.transports import psk
+from ipcd.transports.listeners import (
+    check_listener,
+    control_socket,
+    handshakes,
+    listen_flag,
+    listen_hint,
+    network_listener,
+)
 from ipcd.transports.tcp import TcpInbound
 from ipcd.transports.tlsmaterial import (
     VERSIONS,
@@ -439,63 +442,24 @@ class TlsService(MultiService):
     def __init__(self, broker: Any, listen: str) -> None:
         super().__init__()
         self.setName(SECTION)
-        config = broker.config
-        reactor = broker.reactor
         self.state = state = state_of(broker)
         self.relays = state.relays
         # For upstream's control socket: raw sockets both sides.
-        self.control_relays = SocketRelays(reactor)
+        self.control_relays = SocketRelays(broker.reactor)
         self.listener: StreamServerEndpointService | None = None
         if state.material().serves:
-            self._listen(broker, listen)
-        limits = broker.limits_for(SCHEME)
-        IPCService(
-            SCHEME,
-            LimitedFactory(
-                HandshakeFactory(
-                    ControlHandshake,
-                    broker,
-                    self.control_relays,
-                    lambda: settings_of(broker.config, tlsd)["handshake_timeout"],
-                    scheme=SCHEME,
-                    name=SECTION,
-                ),
-                limits,
-                refusal=lambda reason: wire.encode(b"ne " + reason.encode()),
-            ),
-            config.rundir,
-            reactor,
-            limits=limits,
-        ).setServiceParent(self)
-
-    def _listen(self, broker: Any, listen: str) -> None:
-        limits = broker.limits_for(SECTION)
-
-        def peer_key(transport: Any) -> str:
-            config = broker.config  # read per connection: reloads apply
-            return network_peer_key(
-                transport.getPeer(), config.peer_prefix_ipv4, config.peer_prefix_ipv6
+            inbound = handshakes(
+                tlsd, broker, self.relays, TlsInbound, TlsHandshakeFactory
             )
-
-        handshakes = TlsHandshakeFactory(
-            TlsInbound,
-            broker,
-            self.relays,
-            lambda: settings_of(broker.config, tlsd)["handshake_timeout"],
-            scheme=SCHEME,
-            name=SECTION,
-        )
-        self.listener = listener = StreamServerEndpointService(
-            LimitedEndpoint(serverFromString(broker.reactor, listen), limits),
             # Over the limits: closed before TLS, with nothing to say.
-            LimitedFactory(
-                _TLSFactory(_CurrentServer(self.state), False, handshakes),
-                limits,
-                peer_key,
-            ),
-        )
-        listener._raiseSynchronously = True
-        listener.setServiceParent(self)
+            self.listener = network_listener(
+                broker,
+                SECTION,
+                listen,
+                _TLSFactory(_CurrentServer(state), False, inbound),
+            )
+            self.listener.setServiceParent(self)
+        control_socket(tlsd, broker, self.control_relays, self)
 
     def startService(self) -> None:  # noqa: N802
         self.relays.start()
@@ -543,10 +507,6 @@ def _identities(value: Any) -> dict[str, str]:
     return dict(value)
 
 
-def _listen(value: str | None) -> dict[str, Any]:
-    return {"enabled": True, "listen": value}
-
-
 @implementer(IPlugin, IProtocolDaemon)
 class TlsDaemon:
     """
@@ -574,7 +534,7 @@ class TlsDaemon:
         Flag(
             "tls",
             f"tlsd's listener, an endpoint string (default {DEFAULT_LISTEN}).",
-            _listen,
+            listen_flag,
             takes_value=True,
         ),
         Flag("no-tls", "Do not run tlsd.", lambda _: {"enabled": False}),
@@ -644,21 +604,11 @@ class TlsDaemon:
             material = read_material(settings)
         except MaterialError as e:
             raise StartupError(f"{e} (fix it, or use --no-tls)") from None
-        if not material.serves:
-            return
-        listen = settings["listen"]
-        try:
-            serverFromString(reactor, listen)
-        except Exception as e:
-            reason = " ".join(f"{type(e).__name__}: {e}".split())
-            raise StartupError(
-                f"cannot make tlsd's listener {listen!r}: {reason} ({self.hint(e)})"
-            ) from None
+        if material.serves:
+            check_listener(reactor, self, settings["listen"])
 
     def hint(self, error: Exception) -> str:
-        code = getattr(getattr(error, "socketError", error), "errno", None)
-        another = "another ipcd? " if code == errno.EADDRINUSE else ""
-        return f"{another}use --tls ENDPOINT or --no-tls"
+        return listen_hint(error, "tls")
 
 
 def _server_identity(material: Material, host: str) -> str:
