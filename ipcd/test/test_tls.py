@@ -10,9 +10,12 @@ import os
 import socket
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 
 from ipcd.control import format_status, status_report
@@ -20,8 +23,10 @@ from ipcd.test.support import (
     TIMEOUT,
     assert_no_fd_leak,
     bounce,
+    connect_unix,
     fd_baseline,
     lookup,
+    recv_upto,
     short_rundir,
     wait_until,
 )
@@ -33,6 +38,7 @@ from ipcd.test.tlssupport import (
     secrets_file,
     start_tls_host,
 )
+from ipcd.transports.tlsmaterial import Material, ServerCreator
 from ipcd.wire import encode
 
 OK = b"ok"
@@ -357,3 +363,62 @@ class RefusalTests(TlsTestCase):
         self.assertEqual(answer, b"")
         yield self.assertLogged("no TLS handshake in time")
         yield self.refusedThenServing(self.good, self.b.route("missing"), "denied")
+
+
+class OutboundTests(TlsTestCase):
+    @inlineCallbacks
+    def test_controlSocket(self) -> Any:
+        """Upstream's ipcd on A's C{RUNDIR/tls}: framed URI, framed C{ok}, relay."""
+        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
+        a = yield self.psk_client("alice", ALICE_KEY)
+
+        def control() -> tuple[socket.socket, bytes]:
+            sock = connect_unix(os.path.join(a.rundir, "tls"))
+            sock.sendall(encode(b.route("pong").encode()))
+            return sock, recv_upto(sock, 6)
+
+        sock, answer = yield deferToThread(control)
+        self.addCleanup(sock.close)
+        self.assertEqual(answer, encode(OK))
+        echo = yield deferToThread(bounce, sock, b"via RUNDIR/tls")
+        self.assertEqual(echo, encode(b"via RUNDIR/tls"))
+
+    @inlineCallbacks
+    def test_deadlineClosesTheConnection(self) -> Any:
+        """
+        A server that accepts TCP and never speaks, and a tlsd that never
+        answers the request: the lookup is refused at the broker's deadline,
+        and the TLS connection is closed (no fd left).
+        """
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        # A TLS server that completes the handshake and never answers.
+        material = Material(keys={"alice": bytes.fromhex(ALICE_KEY)})
+        mute = reactor.listenTCP(
+            0,
+            TLSMemoryBIOFactory(
+                ServerCreator(material.server_context()),
+                False,
+                Factory.forProtocol(Protocol),
+            ),
+            interface="127.0.0.1",
+        )
+        self.addCleanup(mute.stopListening)
+        a = yield start_tls_host(
+            self,
+            {"psk_file": self.keys(alice=ALICE_KEY), "psk_identity": "alice"},
+            pongd=False,
+            ipcd={"connect_timeout": 0.3},
+        )
+        before = yield fd_baseline()
+        mute_port = mute.getHost().port
+        for route in (
+            f"tls://localhost:{port}/pong",
+            f"tls://localhost:{mute_port}/pong",
+        ):
+            yield self.assertRefused(a, route, "timed out")
+        yield wait_until(lambda: not a.broker.relays, "no relay on A")
+        yield assert_no_fd_leak(before)

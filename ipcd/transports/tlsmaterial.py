@@ -182,8 +182,9 @@ def _read(key: str, path: str, limit: int = 1 << 20) -> bytes:
 
 
 def _certificates(key: str, path: str) -> list[x509.Certificate]:
+    data = _read(key, path)
     try:
-        found = x509.load_pem_x509_certificates(_read(key, path))
+        found = x509.load_pem_x509_certificates(data)
     except ValueError:
         found = []
     if not found:
