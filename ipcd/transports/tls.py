@@ -28,6 +28,7 @@ from weakref import WeakKeyDictionary
 from service_identity import VerificationError
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
@@ -130,6 +131,38 @@ class TlsRelayStats(RelayStats):
         return shown
 
 
+def _socket_of(transport: Any) -> FileDescriptor | None:
+    """The reactor's connection under a transport (TLS, limits wrappers)."""
+    while transport is not None and not isinstance(transport, FileDescriptor):
+        transport = getattr(transport, "transport", None)
+    return transport
+
+
+class EagerRelayProtocol(RelayProtocol):
+    """
+    A relay side that sends what it passes on at once, in the same reactor
+    turn, instead of when the reactor next finds the peer's socket
+    writable: one turn less per hop, which is most of a small message's
+    round trip through two hops of TLS.  Only a plain write is done here;
+    anything else (an error, a close after the buffer) stays the reactor's.
+    """
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        super().dataReceived(data)
+        peer = self.peer
+        if not self.started or peer is None:
+            return
+        connection = _socket_of(peer.transport)
+        if (
+            connection is not None
+            and connection.connected
+            and not connection.disconnecting
+            and not connection._writeDisconnecting
+            and (connection.dataBuffer or connection._tempDataLen)
+        ):
+            connection.doWrite()
+
+
 def _relay_over(
     engine: TransportRelays,
     reactor: Any,
@@ -145,7 +178,7 @@ def _relay_over(
     Relay TLS connection C{tls} (its application protocol replaced) and the
     connected socket C{sock} (adopted into the reactor; closed here).
     """
-    over_tls, over_sock = RelayProtocol(), RelayProtocol()
+    over_tls, over_sock = EagerRelayProtocol(), EagerRelayProtocol()
     a, b = (over_tls, over_sock) if tls_is_a else (over_sock, over_tls)
     engine.join(a, b, stats, greeting=greeting, early=early, idle_timeout=idle_timeout)
     tls.wrappedProtocol = over_tls
