@@ -10,7 +10,9 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from ipcd.config import ConfigError, load_config
 from ipcd.daemons import StartupError
+from ipcd.tap import Options
 from ipcd.test.support import short_rundir
 from ipcd.test.tlssupport import ALICE_KEY, TestCA, secrets_file
 from ipcd.transports.psk import SecretsError, parse_secrets
@@ -111,3 +113,35 @@ class MaterialTests(SynchronousTestCase):
         self.assertIn(
             "above max_version", self.refused(min_version="1.3", max_version="1.2")
         )
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_flags(self) -> None:
+        """C{--tls ENDPOINT} sets C{[tlsd] listen}; C{--no-tls} wins."""
+        options = Options()
+        options.parseOptions(["--tls", "tcp:9443:interface=127.0.0.1"])
+        section = options.config.daemons["tlsd"]
+        self.assertEqual(section["listen"], "tcp:9443:interface=127.0.0.1")
+        self.assertTrue(section["enabled"])
+        options = Options()
+        options.parseOptions(["--tls", "tcp:9443", "--no-tls"])
+        self.assertFalse(options.config.daemons["tlsd"]["enabled"])
+
+    def test_section(self) -> None:
+        """C{[tlsd]} keys are checked, in one line naming key and value."""
+        config = load_config(
+            None, {"tlsd": {"min_version": "1.3", "psk_hosts": {"b": "alice"}}}, {}
+        )
+        self.assertEqual(config.daemons["tlsd"]["psk_hosts"], {"b": "alice"})
+        for section, said in [
+            (
+                {"min_version": "1.1"},
+                "[tlsd] min_version: expected one of '1.2', '1.3'",
+            ),
+            ({"psk_file": 3}, "[tlsd] psk_file: expected a file name"),
+            ({"psk_hosts": {"b": 1}}, "[tlsd] psk_hosts: expected a table of host"),
+            ({"cert": "x"}, "[tlsd] cert: unknown key"),
+        ]:
+            with self.assertRaises(ConfigError) as caught:
+                load_config(None, {"tlsd": section}, {})
+            self.assertIn(said, str(caught.exception))
