@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 from typing import Any
 
@@ -470,3 +471,25 @@ class BulkTests(TlsTestCase):
         self.assertEqual(
             (service.count, service.digest.hexdigest()), (megabytes * MB, mine)
         )
+
+
+class CertificateReloadTests(TlsTestCase):
+    @inlineCallbacks
+    def test_reloadReadsTheCertificateAgain(self) -> Any:
+        """A certificate replaced on disk is presented after a reload."""
+        server = self.ca.issue("host-b")
+        b = yield start_tls_host(
+            self,
+            {"certificate": server.cert, "key": server.key},
+            rules=["allow in pong"],
+        )
+        a = yield start_tls_host(self, {"trust_roots": self.ca.path}, pongd=False)
+        sock = yield self.assertPong(a, b.route("pong"))
+        sock.close()
+        stranger = TestCA(short_rundir(self, "ipcd-tls-other-"), "other CA")
+        replaced = stranger.issue("host-b")
+        shutil.copyfile(replaced.cert, server.cert)
+        shutil.copyfile(replaced.key, server.key)
+        yield self.assertPong(a, b.route("pong"))  # until the reload
+        self.assertTrue(b.service.reload()["ok"])
+        yield self.assertRefused(a, b.route("pong"), "unable to get local issuer")
