@@ -194,6 +194,22 @@ class CommandFailureTests(SynchronousTestCase):
         self.assertEqual(self.ipcd("--no-tcp", "--config", config), expected)
         self.assertEqual(self.twistd("--no-tcp", "--config", config), expected)
 
+    def test_tlsSecretsReadableByOthers(self) -> None:
+        """A PSK secrets file with mode 0644 is refused before anything listens."""
+        secrets = os.path.join(self.work, "psk.txt")
+        with open(secrets, "w") as f:
+            f.write("alice:" + "a1" * 16 + "\n")
+        os.chmod(secrets, 0o644)
+        config = os.path.join(self.work, "ipcd.toml")
+        with open(config, "w") as f:
+            f.write(f'[tlsd]\npsk_file = "{secrets}"\n')
+        expected = (
+            f"ipcd: [tlsd] psk_file: {secrets} is readable by group or others "
+            f"(mode 0644): chmod 600 {secrets} (fix it, or use --no-tls)"
+        )
+        self.assertEqual(self.ipcd("--no-tcp", "--config", config), expected)
+        self.assertEqual(self.twistd("--no-tcp", "--config", config), expected)
+
     def test_optionError(self) -> None:
         """Not after twistd's 20 lines of help, and status 1 from both."""
         self.assertEqual(
