@@ -34,7 +34,12 @@ class Options(usage.Options):
     optFlags = [("binary", "b", "Send binary messages (default: text).")]
     optParameters = [
         ("origin", None, None, "An Origin header to send, as a browser would."),
-        ("ca", None, None, "CA file to verify a wss:// server (default: the platform's)."),
+        (
+            "ca",
+            None,
+            None,
+            "CA file to verify a wss:// server (default: the platform's).",
+        ),
         ("timeout", "t", 10.0, "Seconds to connect and for each reply.", float),
     ]
 
@@ -89,7 +94,9 @@ class Client(WebSocketClientProtocol):
             factory.timer = factory.reactor.callLater(factory.timeout, self._late)
 
     def _late(self) -> None:
-        print(f"websocketc: no reply within {self.factory.timeout:g} s", file=sys.stderr)
+        print(
+            f"websocketc: no reply within {self.factory.timeout:g} s", file=sys.stderr
+        )
         self.factory.status = LOST
         self.dropConnection(abort=True)
 
@@ -157,7 +164,10 @@ def run(reactor: Any, options: Options) -> Deferred[int | None]:
         endpoint = wrapClientTLS(tls, endpoint)
 
     def unreachable(failure: Any) -> int:
-        print(f"websocketc: {options['url']}: {failure.getErrorMessage()}", file=sys.stderr)
+        print(
+            f"websocketc: {options['url']}: {failure.getErrorMessage()}",
+            file=sys.stderr,
+        )
         return UNREACHABLE
 
     connecting = endpoint.connect(factory)

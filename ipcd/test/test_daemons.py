@@ -40,10 +40,13 @@ def with_testscheme() -> Registry:
 
 class RegistryTests(SynchronousTestCase):
     def test_foundThroughPlugins(self) -> None:
-        """Both the built-in tcpd and the test's daemon come from getPlugins."""
+        """The built-in tcpd, websocketd and the test's daemon come from getPlugins."""
         found = with_testscheme()
-        self.assertEqual(list(found), ["tcp", "testscheme"])
+        self.assertEqual(list(found), ["tcp", "testscheme", "ws"])
         self.assertIs(found["tcp"], tcpd)
+        # websocketd serves wss:// too, and is listed once.
+        self.assertIs(found["wss"], found["ws"])
+        self.assertIs(found.by_section("websocketd"), found["ws"])
         self.assertIs(found["testscheme"], testschemed)
         self.assertIs(found.by_section("testschemed"), testschemed)
         self.assertTrue(IProtocolDaemon.providedBy(testschemed))
@@ -59,6 +62,23 @@ class RegistryTests(SynchronousTestCase):
         with self.assertRaises(RegistryError) as caught:
             Registry([tcpd, Other()])
         self.assertIn("'tcp'", str(caught.exception))
+
+    def test_alsoSchemesConflict(self) -> None:
+        """A further scheme (C{also_schemes}) conflicts like an own one."""
+
+        class Extra:
+            scheme, section, also_schemes = "tcp2", "tcp2d", ("tcp",)
+
+        class Own:
+            scheme, section = "tcp2", "other"
+
+        for daemons in ([tcpd, Extra()], [Extra(), tcpd], [Extra(), Own()]):
+            with self.assertRaises(RegistryError):
+                Registry(daemons)
+        registry = Registry([Extra()])
+        self.assertEqual(
+            (list(registry), registry["tcp"]), (["tcp2"], registry["tcp2"])
+        )
 
 
 class ConfigAndOptionsTests(SynchronousTestCase):
@@ -109,7 +129,7 @@ class ConfigAndOptionsTests(SynchronousTestCase):
 
     def test_flags(self) -> None:
         options = Options(with_testscheme())
-        options.parseOptions(["--testscheme", "tcp:0", "--no-tcp"])
+        options.parseOptions(["--testscheme", "tcp:0", "--no-tcp", "--no-ws"])
         settings = options.config.daemons
         self.assertEqual(settings["testschemed"]["listen"], "tcp:0")
         self.assertTrue(settings["testschemed"]["enabled"])
@@ -155,6 +175,7 @@ class EndToEndTests(TestCase):
                 "--rundir",
                 self.rundir,
                 "--no-tcp",
+                "--no-ws",
                 "--testscheme",
                 "tcp:0:interface=127.0.0.1",
             ]

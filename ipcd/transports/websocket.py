@@ -41,7 +41,7 @@ from ipcd.daemons import Flag, IProtocolDaemon, Setting, StartupError, settings_
 from ipcd.errors import Refused
 from ipcd.inbound import ControlHandshake, HandshakeFactory, listening
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
-from ipcd.relay import SocketRelays
+from ipcd.relay import RelayStats, SocketRelays
 from ipcd.routes import RemoteURI
 from ipcd.services import IPCService
 from ipcd.transports.wsclient import connect_websocket
@@ -132,6 +132,8 @@ class WebSocketService(MultiService):
     def stopService(self) -> Deferred[None]:  # noqa: N802
         stopped = super().stopService()
         self.relays.stop()
+        for bridge in list(self.factory.bridges):
+            bridge.abortBridge()
         return stopped
 
     def listening(self) -> Deferred[Any]:
@@ -192,6 +194,14 @@ class WebSocketDaemon:
     def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
         uri: RemoteURI = target.uri
         settings = settings_of(broker.config, self)
+        stats = RelayStats(
+            description=str(client),
+            direction="out",
+            service=target.service,
+            route=str(uri),
+            labels=tuple(getattr(client, "labels", ())),
+            registry=broker.relays,
+        )
         try:
             return connect_websocket(
                 broker.reactor,
@@ -202,6 +212,7 @@ class WebSocketDaemon:
                 settings,
                 settings["max_message_size"],
                 broker.config.idle_timeout,
+                stats,
             )
         except Refused as e:
             return fail(e)

@@ -22,14 +22,38 @@ import socket
 from typing import Any
 
 from twisted.internet.protocol import Factory
-from twisted.python.failure import Failure
 
+from ipcd.relay import RelayStats, ended
 from ipcd.wire import MessageProtocol, encode
 
 # WebSocket close codes (RFC 6455, 7.4.1).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_TOO_BIG = 1009
+
+
+class ReactorTimer:
+    """
+    autobahn's timers (handshake deadlines, pings) on an injected reactor,
+    in place of txaio's batched timers on the global one.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> Any:
+        return _Call(self.reactor.callLater(delay, func, *args, **kwargs))
+
+
+class _Call:
+    """A delayed call that may be cancelled after it ran (autobahn does)."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+
+    def cancel(self) -> None:
+        if self.call.active():
+            self.call.cancel()
 
 
 def as_text(payload: bytes) -> bool:
@@ -60,6 +84,7 @@ class MessageSide(MessageProtocol):
         websocket.registerProducer(transport, True)
 
     def messageReceived(self, payload: bytes) -> None:  # noqa: N802
+        self.bridge.stats.backward += len(payload)
         self.bridge.relayMessage(payload)
 
     def messageTooLarge(self, size: int) -> None:  # noqa: N802
@@ -81,12 +106,30 @@ class WebSocketSide:
 
     messageSide: MessageSide | None = None
     replyBinary = True  # binary until the peer has sent a message
+    stats: RelayStats
+    bridges: set[WebSocketSide] | None = None  # the live ones, to stop them
     _closing = False
+    _lostSides = 0
 
-    def joinSocket(
-        self, reactor: Any, sock: socket.socket, max_message_size: int, idle: float
+    def joinSocket(  # noqa: N802
+        self,
+        reactor: Any,
+        sock: socket.socket,
+        max_message_size: int,
+        idle: float,
+        stats: RelayStats,
+        bridges: set[WebSocketSide] | None = None,
     ) -> None:
-        """Take C{sock} (a connected AF_UNIX socket) as the libipc end."""
+        """
+        Take C{sock} (a connected AF_UNIX socket) as the libipc end.  The
+        bridge is listed in C{stats.registry} (for status) and C{bridges}
+        while it lives.
+        """
+        self.stats, self.bridges = stats, bridges
+        if stats.registry is not None:
+            stats.registry.add(stats)
+        if bridges is not None:
+            bridges.add(self)
         side = MessageSide(self)
         side.maxMessageSize = max_message_size
         side.idleTimeout = idle
@@ -102,6 +145,7 @@ class WebSocketSide:
         self.replyBinary = isBinary
         side = self.messageSide
         if side is not None and side.transport is not None:
+            self.stats.forward += len(payload)
             side.resetTimeout()
             side.transport.write(encode(payload))
 
@@ -125,13 +169,52 @@ class WebSocketSide:
     def messageSideLost(self) -> None:  # noqa: N802
         """The libipc end is gone: close the WebSocket after what it holds."""
         self.closeBridge(CLOSE_NORMAL, "")
+        self._sideEnded()
 
-    def webSocketLost(self, reason: Failure | None = None) -> None:  # noqa: N802
-        """The WebSocket is gone: close the libipc end after its buffer."""
+    def _sideEnded(self) -> None:
+        self._lostSides += 1
+        if self._lostSides == 2:  # both gone: the bridge has ended
+            ended(self.stats)
+            if self.bridges is not None:
+                self.bridges.discard(self)
+
+    def cancelTimers(self) -> None:  # noqa: N802
+        """
+        After the connection is lost: autobahn leaves its closing handshake
+        deadline pending (harmless on txaio's timers, a stray call on ours).
+        """
+        call = getattr(self, "closeHandshakeTimeoutCall", None)
+        if call is not None:
+            call.cancel()
+            self.closeHandshakeTimeoutCall = None
+
+    def abortBridge(self) -> None:  # noqa: N802
+        """Close both ends now (websocketd is stopping)."""
+        for transport in (
+            getattr(self, "transport", None),
+            self.messageSide and self.messageSide.transport,
+        ):
+            if transport is not None:
+                transport.abortConnection()
+
+    def webSocketLost(self, clean: bool) -> None:  # noqa: N802
+        """
+        The WebSocket is gone.  After a clean close the libipc end gets what
+        it is still owed, then EOF (its replies are read and dropped
+        meanwhile); after an unclean one (a reset, a ping timeout) it is
+        closed at once, as a relay passes a reset on.
+        """
         self._closing = True
-        side = self.messageSide
-        if side is not None and side.transport is not None:
+        side, self.messageSide = self.messageSide, None  # once
+        if side is None:
+            return  # never joined
+        if side.transport is not None:
             transport = side.transport
             if getattr(transport, "producer", None) is not None:
                 transport.unregisterProducer()
-            transport.loseConnection()
+            if clean:
+                transport.resumeProducing()
+                transport.loseConnection()
+            else:
+                transport.abortConnection()
+        self._sideEnded()

@@ -20,7 +20,8 @@ from twisted.python.failure import Failure
 
 from ipcd.errors import Refused
 from ipcd.logs import printable
-from ipcd.transports.wsbridge import WebSocketSide
+from ipcd.relay import RelayStats
+from ipcd.transports.wsbridge import ReactorTimer, WebSocketSide
 
 
 class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
@@ -34,11 +35,22 @@ class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
             self.dropConnection(abort=True)
             return
         ours, theirs = factory.pair
-        self.joinSocket(factory.reactor, ours, factory.max_message_size, factory.idle)
+        self.joinSocket(
+            factory.reactor,
+            ours,
+            factory.max_message_size,
+            factory.idle,
+            factory.stats,
+            factory.bridges,
+        )
         factory.result.callback(theirs)
 
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        super().connectionLost(reason)  # type: ignore[arg-type]
+        self.cancelTimers()
+
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:  # noqa: N802, N803
-        self.webSocketLost()
+        self.webSocketLost(wasClean)
         self.factory.failed(reason or self.wasNotCleanReason or "closed")
 
 
@@ -53,9 +65,14 @@ class WebSocketOutboundFactory(WebSocketClientFactory):
         max_message_size: int,
         idle: float,
         settings: Any,
+        stats: RelayStats,
+        bridges: set[WebSocketSide] | None = None,
     ) -> None:
         super().__init__(url)
         self.reactor = reactor
+        self._batched_timer = ReactorTimer(reactor)
+        self.stats = stats
+        self.bridges = bridges
         self.max_message_size = max_message_size
         self.idle = idle
         self.setProtocolOptions(
@@ -115,6 +132,8 @@ def connect_websocket(
     settings: Any,
     max_message_size: int,
     idle: float,
+    stats: RelayStats,
+    bridges: set[WebSocketSide] | None = None,
 ) -> Deferred[socket.socket]:
     """
     Open a WebSocket to C{scheme://host:port/service}; fires with the
@@ -122,11 +141,15 @@ def connect_websocket(
     """
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     url = f"{scheme}://{shown}/{service}"
-    factory = WebSocketOutboundFactory(reactor, url, max_message_size, idle, settings)
+    factory = WebSocketOutboundFactory(
+        reactor, url, max_message_size, idle, settings, stats, bridges
+    )
     endpoint: Any = HostnameEndpoint(reactor, host, port)
     if scheme == "wss":
         try:
-            options = ssl.optionsForClientTLS(host, trustRoot=trust_root(settings["ca"]))
+            options = ssl.optionsForClientTLS(
+                host, trustRoot=trust_root(settings["ca"])
+            )
         except (OSError, ssl.SSL.Error, ValueError) as e:
             factory._close_pair()
             raise Refused(f"cannot verify {url}: bad ca {settings['ca']!r}: {e}")

@@ -24,17 +24,19 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from ipcd.errors import Refused
 from ipcd.identity import remote_peer
 from ipcd.logs import printable
-from ipcd.transports.wsbridge import WebSocketSide
+from ipcd.relay import RelayStats
+from ipcd.transports.wsbridge import ReactorTimer, WebSocketSide
 from ipcd.transports.wspage import page_response
 
-NOT_FOUND = (
-    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-)
+NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 def origin_allowed(origin: str, host: str, allowed: Sequence[str]) -> bool:
@@ -64,6 +66,16 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
     _socket: socket.socket | None = None
     _pending: Deferred[Any] | None = None
     _lost = False
+    _service = ""
+
+    def makeConnection(self, transport: Any) -> None:  # noqa: N802
+        # autobahn reads TLS details off the TLS transport itself, not off
+        # a wrapper that only says it is one (the connection limits').
+        while ISSLTransport.providedBy(transport) and not isinstance(
+            transport, TLSMemoryBIOProtocol
+        ):
+            transport = transport.transport
+        super().makeConnection(transport)
 
     def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:  # noqa: N802
         settings = self.factory.settings()
@@ -72,9 +84,9 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             origin, request.headers.get("host", ""), settings["allowed_origins"]
         ):
             raise ConnectionDeny(403, f"origin {_status_reason(origin)} not allowed")
-        service = request.path.removeprefix("/")
+        self._service = service = request.path.removeprefix("/")
         address = self.transport.getPeer()
-        peer = remote_peer(address.host, address.port)
+        self._peer = peer = remote_peer(address.host, address.port)
         self._pending = d = self.factory.broker.open_inbound(service, peer)
         d.addCallbacks(self._opened, self._refused)
         return d
@@ -92,7 +104,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             reason = failure.value.reason
             code = 404 if reason.startswith("no route to service") else 403
             raise ConnectionDeny(code, _status_reason(reason))
-        self.factory.log.failure("websocket request failed", failure)
+        self.factory.log.failure("websocket request failed", failure)  # type: ignore[attr-defined]
         raise ConnectionDeny(500, "internal error")
 
     def onOpen(self) -> None:  # noqa: N802
@@ -100,16 +112,27 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
         if sock is None:  # cannot happen: onConnect succeeded
             self.dropConnection(abort=True)
             return
-        settings = self.factory.settings()
+        factory = self.factory
+        peer = self._peer
+        stats = RelayStats(
+            description=str(peer),
+            direction="in",
+            service=self._service,
+            route="websocket inbound",
+            labels=tuple(peer.labels),
+            registry=factory.broker.relays,
+        )
         self.joinSocket(
-            self.factory.reactor,
+            factory.reactor,
             sock,
-            settings["max_message_size"],
-            self.factory.broker.config.idle_timeout,
+            factory.settings()["max_message_size"],
+            factory.broker.config.idle_timeout,
+            stats,
+            factory.bridges,
         )
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:  # noqa: N802, N803
-        self.webSocketLost()
+        self.webSocketLost(wasClean)
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         self._lost = True
@@ -119,6 +142,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             self._socket.close()
             self._socket = None
         super().connectionLost(reason)  # type: ignore[arg-type]
+        self.cancelTimers()
 
     # Plain HTTP (no upgrade): autobahn's status page and ?redirect= are
     # replaced by the websocketc page at / and a 404 elsewhere.
@@ -142,6 +166,7 @@ class WebSocketInboundFactory(WebSocketServerFactory):
 
     protocol = WebSocketInbound
     noisy = False
+    log = Logger()
 
     def __init__(
         self,
@@ -154,6 +179,8 @@ class WebSocketInboundFactory(WebSocketServerFactory):
         self.reactor = broker.reactor
         self.settings = settings
         self.isSecure = secure
+        self._batched_timer = ReactorTimer(self.reactor)
+        self.bridges: set[WebSocketSide] = set()
         self.apply(settings())
 
     def apply(self, settings: Mapping[str, Any]) -> None:
@@ -171,6 +198,8 @@ class WebSocketInboundFactory(WebSocketServerFactory):
             allowedOrigins=["*"],
             allowNullOrigin=True,
             webStatus=True,
+            # A protocol error or an oversized message closes with a code.
+            failByDrop=False,
             # No compression: messages are bounded as they come, and
             # compressed ones would not be (and CRIME/BREACH).
             perMessageCompressionAccept=lambda offers: None,
