@@ -151,8 +151,8 @@ class WebSocketSide:
 
     def relayMessage(self, payload: bytes) -> None:  # noqa: N802
         """A message from the libipc end: out as the peer's last type."""
-        if self._closing:
-            return
+        if self._closing or self.state != self.STATE_OPEN:  # type: ignore[attr-defined]
+            return  # the WebSocket is closing: nobody to send it to
         binary = self.replyBinary or not as_text(payload)
         self.sendMessage(payload, isBinary=binary)  # type: ignore[attr-defined]
 
