@@ -56,6 +56,22 @@ class _Call:
             self.call.cancel()
 
 
+def no_delay(transport: Any) -> None:
+    """
+    TCP_NODELAY on the TCP connection under C{transport} (through TLS):
+    autobahn tries before its options are set, and so never does.
+    """
+    while transport is not None:
+        setter = getattr(type(transport), "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                transport.setTcpNoDelay(True)
+            except OSError:
+                pass  # not TCP after all
+            return
+        transport = getattr(transport, "transport", None)
+
+
 def as_text(payload: bytes) -> bool:
     """Whether C{payload} can go out as a text message (valid UTF-8)."""
     try:

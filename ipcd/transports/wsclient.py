@@ -21,13 +21,17 @@ from twisted.python.failure import Failure
 from ipcd.errors import Refused
 from ipcd.logs import printable
 from ipcd.relay import RelayStats
-from ipcd.transports.wsbridge import ReactorTimer, WebSocketSide
+from ipcd.transports.wsbridge import ReactorTimer, WebSocketSide, no_delay
 
 
 class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
     """The WebSocket to the remote websocketd, for one client's route."""
 
     factory: WebSocketOutboundFactory
+
+    def connectionMade(self) -> None:  # noqa: N802
+        super().connectionMade()
+        no_delay(self.transport)
 
     def onOpen(self) -> None:  # noqa: N802
         factory = self.factory

@@ -33,7 +33,7 @@ from ipcd.errors import Refused
 from ipcd.identity import remote_peer
 from ipcd.logs import printable
 from ipcd.relay import RelayStats
-from ipcd.transports.wsbridge import ReactorTimer, WebSocketSide
+from ipcd.transports.wsbridge import ReactorTimer, WebSocketSide, no_delay
 from ipcd.transports.wspage import page_response
 
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -76,6 +76,10 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
         ):
             transport = transport.transport
         super().makeConnection(transport)
+
+    def connectionMade(self) -> None:  # noqa: N802
+        super().connectionMade()
+        no_delay(self.transport)
 
     def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:  # noqa: N802
         settings = self.factory.settings()
