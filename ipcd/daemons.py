@@ -22,6 +22,7 @@ they need (the broker, their settings) by each call.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -144,6 +145,32 @@ class IProtocolDaemon(Interface):
         The way out when one of its network listeners cannot listen
         (C{use --tcp ENDPOINT or --no-tcp}), for a one-line start-up error.
         """
+
+
+def check_listener(
+    reactor: Any, name: str, listen: str, hint: Callable[[Exception], str]
+) -> None:
+    """
+    For L{IProtocolDaemon.verify}: make daemon C{name}'s listener C{listen}
+    as its service will (a plugin's parser, systemd:..., runs only with a
+    reactor, so the config could not), and say in one line what is wrong.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(reactor, listen)
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise StartupError(
+            f"cannot make {name}'s listener {listen!r}: {reason} ({hint(e)})"
+        ) from None
+
+
+def listener_hint(error: Exception, flag: str) -> str:
+    """For L{IProtocolDaemon.hint}: the way out, C{use --FLAG ... or --no-FLAG}."""
+    code = getattr(getattr(error, "socketError", error), "errno", None)
+    another = "another ipcd? " if code == errno.EADDRINUSE else ""
+    return f"{another}use --{flag} ENDPOINT or --no-{flag}"
 
 
 class IOutbound(Interface):

@@ -51,7 +51,7 @@ class RegistryTests(SynchronousTestCase):
         self.assertIs(found.by_section("testschemed"), testschemed)
         self.assertTrue(IProtocolDaemon.providedBy(testschemed))
         self.assertEqual(list(registry(daemonplugins)), ["testscheme"])
-        self.assertEqual(list(registry()), ["tcp"])
+        self.assertEqual(list(registry()), ["tcp", "ws"])
 
     def test_conflict(self) -> None:
         """Two daemons claiming one scheme are an error, naming both."""

@@ -17,7 +17,6 @@ plugin by C{twisted/plugins/ipcd_daemons.py}.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import socket
 from collections.abc import Mapping
@@ -33,7 +32,14 @@ from zope.interface import implementer
 
 from ipcd import wire
 from ipcd.config import boolean, endpoint, positive_number
-from ipcd.daemons import Flag, IProtocolDaemon, Setting, StartupError, settings_of
+from ipcd.daemons import (
+    Flag,
+    IProtocolDaemon,
+    Setting,
+    check_listener,
+    listener_hint,
+    settings_of,
+)
 from ipcd.errors import Refused
 from ipcd.inbound import (
     MAX_HANDSHAKE,
@@ -261,22 +267,10 @@ class TcpDaemon:
         return {"tcp_listen": settings["listen"] if self.enabled(settings) else None}
 
     def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
-        # A plugin's parser (systemd:, ...) runs only with a reactor, so the
-        # config could not: try it here, as TcpService will, to say in one
-        # line what is wrong (systemd passed no socket at that index, say).
-        listen = settings["listen"]
-        try:
-            serverFromString(reactor, listen)
-        except Exception as e:
-            reason = " ".join(f"{type(e).__name__}: {e}".split())
-            raise StartupError(
-                f"cannot make tcpd's listener {listen!r}: {reason} ({self.hint(e)})"
-            ) from None
+        check_listener(reactor, SECTION, settings["listen"], self.hint)
 
     def hint(self, error: Exception) -> str:
-        code = getattr(getattr(error, "socketError", error), "errno", None)
-        another = "another ipcd? " if code == errno.EADDRINUSE else ""
-        return f"{another}use --tcp ENDPOINT or --no-tcp"
+        return listener_hint(error, "tcp")
 
 
 tcpd = TcpDaemon()

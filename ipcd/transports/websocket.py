@@ -16,7 +16,6 @@ Twisted plugin by C{twisted/plugins/ipcd_daemons.py}.
 
 from __future__ import annotations
 
-import errno
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -37,7 +36,14 @@ from ipcd.config import (
     positive_int,
     positive_number,
 )
-from ipcd.daemons import Flag, IProtocolDaemon, Setting, StartupError, settings_of
+from ipcd.daemons import (
+    Flag,
+    IProtocolDaemon,
+    Setting,
+    check_listener,
+    listener_hint,
+    settings_of,
+)
 from ipcd.errors import Refused
 from ipcd.inbound import ControlHandshake, HandshakeFactory, listening
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
@@ -227,20 +233,10 @@ class WebSocketDaemon:
         return {"ws_listen": settings["listen"] if on else None}
 
     def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
-        listen = settings["listen"]
-        try:
-            serverFromString(reactor, listen)
-        except Exception as e:
-            reason = " ".join(f"{type(e).__name__}: {e}".split())
-            raise StartupError(
-                f"cannot make websocketd's listener {listen!r}: {reason} "
-                f"({self.hint(e)})"
-            ) from None
+        check_listener(reactor, SECTION, settings["listen"], self.hint)
 
     def hint(self, error: Exception) -> str:
-        code = getattr(getattr(error, "socketError", error), "errno", None)
-        another = "another ipcd? " if code == errno.EADDRINUSE else ""
-        return f"{another}use --ws ENDPOINT or --no-ws"
+        return listener_hint(error, "ws")
 
 
 websocketd = WebSocketDaemon()

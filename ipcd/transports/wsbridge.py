@@ -56,6 +56,19 @@ class _Call:
             self.call.cancel()
 
 
+def bridge_options(settings: Any) -> dict[str, Any]:
+    """autobahn's protocol options from websocketd's settings, both ways."""
+    size = settings["max_message_size"]
+    return {
+        "maxMessagePayloadSize": size,
+        "maxFramePayloadSize": size,
+        "autoPingInterval": settings["ping_interval"],
+        "autoPingTimeout": settings["ping_timeout"],
+        "openHandshakeTimeout": settings["open_handshake_timeout"],
+        "closeHandshakeTimeout": settings["close_handshake_timeout"],
+    }
+
+
 def no_delay(transport: Any) -> None:
     """
     TCP_NODELAY on the TCP connection under C{transport} (through TLS):

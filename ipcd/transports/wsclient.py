@@ -21,7 +21,12 @@ from twisted.python.failure import Failure
 from ipcd.errors import Refused
 from ipcd.logs import printable
 from ipcd.relay import RelayStats
-from ipcd.transports.wsbridge import ReactorTimer, WebSocketSide, no_delay
+from ipcd.transports.wsbridge import (
+    ReactorTimer,
+    WebSocketSide,
+    bridge_options,
+    no_delay,
+)
 
 
 class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
@@ -79,14 +84,7 @@ class WebSocketOutboundFactory(WebSocketClientFactory):
         self.bridges = bridges
         self.max_message_size = max_message_size
         self.idle = idle
-        self.setProtocolOptions(
-            maxMessagePayloadSize=max_message_size,
-            maxFramePayloadSize=max_message_size,
-            autoPingInterval=settings["ping_interval"],
-            autoPingTimeout=settings["ping_timeout"],
-            openHandshakeTimeout=settings["open_handshake_timeout"],
-            closeHandshakeTimeout=settings["close_handshake_timeout"],
-        )
+        self.setProtocolOptions(**bridge_options(settings))
         self.pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.result: Deferred[socket.socket] = Deferred(self._cancel)
         self.connecting: Deferred[Any] | None = None

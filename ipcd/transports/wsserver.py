@@ -33,7 +33,12 @@ from ipcd.errors import Refused
 from ipcd.identity import remote_peer
 from ipcd.logs import printable
 from ipcd.relay import RelayStats
-from ipcd.transports.wsbridge import ReactorTimer, WebSocketSide, no_delay
+from ipcd.transports.wsbridge import (
+    ReactorTimer,
+    WebSocketSide,
+    bridge_options,
+    no_delay,
+)
 from ipcd.transports.wspage import page_response
 
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -189,14 +194,8 @@ class WebSocketInboundFactory(WebSocketServerFactory):
 
     def apply(self, settings: Mapping[str, Any]) -> None:
         """autobahn's options from websocketd's settings."""
-        size = settings["max_message_size"]
         self.setProtocolOptions(
-            maxMessagePayloadSize=size,
-            maxFramePayloadSize=size,
-            autoPingInterval=settings["ping_interval"],
-            autoPingTimeout=settings["ping_timeout"],
-            openHandshakeTimeout=settings["open_handshake_timeout"],
-            closeHandshakeTimeout=settings["close_handshake_timeout"],
+            **bridge_options(settings),
             maxConnections=settings["max_connections"],
             # websocketd checks origins itself (see origin_allowed).
             allowedOrigins=["*"],
