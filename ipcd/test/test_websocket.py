@@ -61,8 +61,10 @@ def echo(port: int, messages: list[tuple[bytes, int]], path: str = "/pong") -> A
         sock.close()
 
 
-def refusal(port: int, path: str, origin: str | None = None) -> tuple[int, str]:
-    opening = ws_open(port, path, origin)
+def refusal(
+    port: int, path: str, origin: str | None = None, host: str | None = None
+) -> tuple[int, str]:
+    opening = ws_open(port, path, origin, host_header=host)
     opening.sock.close()
     return opening.status, opening.reason
 
@@ -221,6 +223,16 @@ class OriginTests(TestCase):
         for origin in (f"http://127.0.0.1:{port}", "https://app.example.org", None):
             status = yield deferToThread(refusal, port, "/pong", origin)
             self.assertEqual(status[0], 101, origin)
+        local = yield deferToThread(
+            refusal, port, "/pong", f"http://localhost:{port}", f"localhost:{port}"
+        )
+        self.assertEqual(local[0], 101)
+        # DNS rebinding: a page whose name now points here has "our" origin.
+        rebound = f"rebound.example:{port}"
+        status = yield deferToThread(
+            refusal, port, "/pong", f"http://{rebound}", rebound
+        )
+        self.assertEqual(status, (403, f"origin http://{rebound} not allowed"))
 
 
 class LimitTests(TestCase):

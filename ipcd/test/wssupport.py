@@ -143,14 +143,18 @@ class Opening:
 
 
 def ws_open(
-    port: int, path: str, origin: str | None = None, host: str = "127.0.0.1"
+    port: int,
+    path: str,
+    origin: str | None = None,
+    host: str = "127.0.0.1",
+    host_header: str | None = None,
 ) -> Opening:
     """Connect and send an opening handshake; the socket and the answer."""
     sock = socket.create_connection((host, port), timeout=TIMEOUT)
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
         f"GET {path} HTTP/1.1",
-        f"Host: {host}:{port}",
+        f"Host: {host_header or f'{host}:{port}'}",
         "Upgrade: websocket",
         "Connection: Upgrade",
         f"Sec-WebSocket-Key: {key}",

@@ -15,6 +15,7 @@ are not concerned.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
@@ -44,17 +45,36 @@ from ipcd.transports.wspage import page_response
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
+def _address_host(host: str) -> bool:
+    """Whether a C{Host} header names an IP address or C{localhost}."""
+    try:
+        name = urlsplit(f"//{host}").hostname or ""
+    except ValueError:
+        return False
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def origin_allowed(origin: str, host: str, allowed: Sequence[str]) -> bool:
     """
     Whether a browser page from C{origin} (its C{Origin} header) may connect,
-    the request's C{Host} being C{host}: its own origin always; others only
-    when they match one of C{allowed} (exact origins, or globs like
-    C{https://*.example.com}).  A C{null} origin only when listed as such.
+    the request's C{Host} being C{host}: its own origin when websocketd is
+    reached by address (or C{localhost}); others, and its own under a DNS
+    name, only when they match one of C{allowed} (exact origins, or globs
+    like C{https://*.example.com}).  A C{null} origin only when listed.
+
+    A DNS name is not enough for "its own": a page whose name an attacker
+    re-points at this host (DNS rebinding) has the same origin as the host.
     """
-    origin = origin.strip().lower()
-    if origin != "null":
+    origin, host = origin.strip().lower(), host.strip().lower()
+    if origin != "null" and _address_host(host):
         parts = urlsplit(origin)
-        if parts.scheme in ("http", "https") and parts.netloc == host.strip().lower():
+        if parts.scheme in ("http", "https") and parts.netloc == host:
             return True
     return any(fnmatchcase(origin, pattern.lower()) for pattern in allowed)
 
@@ -89,7 +109,9 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
     def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:  # noqa: N802
         settings = self.factory.settings()
         origin = request.origin
-        if "origin" in request.headers and not origin_allowed(
+        headers = request.headers
+        browser = origin or "origin" in headers or "sec-websocket-origin" in headers
+        if browser and not origin_allowed(
             origin, request.headers.get("host", ""), settings["allowed_origins"]
         ):
             raise ConnectionDeny(403, f"origin {_status_reason(origin)} not allowed")
