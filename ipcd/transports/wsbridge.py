@@ -26,6 +26,10 @@ from twisted.internet.protocol import Factory
 from ipcd.relay import RelayStats, ended
 from ipcd.wire import MessageProtocol, encode
 
+# How much a transport of a bridge holds before it pauses the other end
+# (Twisted's default is 64 KiB: one bulk message would pause at each write).
+BRIDGE_BUFFER = 256 * 1024
+
 # WebSocket close codes (RFC 6455, 7.4.1).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -69,6 +73,13 @@ def bridge_options(settings: Any) -> dict[str, Any]:
     }
 
 
+def socket_transport(transport: Any) -> Any:
+    """The transport that owns the socket under C{transport}'s wrappers."""
+    while not hasattr(type(transport), "getHandle") and hasattr(transport, "transport"):
+        transport = transport.transport
+    return transport
+
+
 def no_delay(transport: Any) -> None:
     """
     TCP_NODELAY on the TCP connection under C{transport} (through TLS):
@@ -109,6 +120,9 @@ class MessageSide(MessageProtocol):
         # Ours replace MessageProtocol's pauser: each end pauses the other.
         transport.unregisterProducer()
         websocket = self.bridge.transport
+        for end in (transport, socket_transport(websocket)):
+            if hasattr(end, "bufferSize"):
+                end.bufferSize = BRIDGE_BUFFER
         transport.registerProducer(websocket, True)
         websocket.registerProducer(transport, True)
 
