@@ -197,6 +197,38 @@ class InboundTests(TestCase):
         self.assertNotIn(b"evil.example", redirect)
 
 
+class InboundPathTests(TestCase):
+    @inlineCallbacks
+    def test_redirectionAndStatus(self) -> Any:
+        """
+        The shared inbound path: an admin redirection is followed (echo ->
+        pong, the policy checked on both names), and the live bridge is in
+        the status with its bytes.
+        """
+        host = yield start_ws_host(
+            self, rules=["allow in echo", "allow in pong"], redirects={"echo": "pong"}
+        )
+        opening = yield deferToThread(ws_open, host.port, "/echo")
+        self.addCleanup(opening.sock.close)
+        self.assertEqual(opening.status, 101)
+        reply = yield deferToThread(
+            lambda: (ws_send(opening.sock, b"12345"), ws_message(opening.sock))[1]
+        )
+        self.assertEqual(reply, (TEXT, b"12345"))
+        [stats] = host.broker.relays
+        self.assertEqual(
+            (
+                stats.direction,
+                stats.service,
+                stats.route,
+                stats.forward,
+                stats.backward,
+            ),
+            ("in", "echo", "websocket inbound", 5, 5),
+        )
+        self.assertEqual(stats.labels, ("ip:127.0.0.1",))
+
+
 class UnknownServiceTests(TestCase):
     @inlineCallbacks
     def test_unknownServiceIs404(self) -> Any:

@@ -48,13 +48,18 @@ def start_ws_host(
     rules: list[str] | tuple[str, ...] = ("allow in pong",),
     pongd: bool = True,
     listen: str = WS_LISTEN,
+    redirects: dict[str, str] | None = None,
     **websocketd: Any,
 ) -> Any:
     """Start an ipcd with websocketd (and pongd); stopped after the test."""
     rundir = short_rundir(case, "ipcd-ws-")
     settings = {"listen": listen, "ping_interval": 0, **websocketd}
     config = make_config(
-        rundir, websocketd=settings, rules=list(rules), pongd={"enabled": pongd}
+        rundir,
+        websocketd=settings,
+        rules=list(rules),
+        pongd={"enabled": pongd},
+        redirects=redirects or {},
     )
     service = yield start_ipcd(case, config)
     port = yield service.getServiceNamed("websocketd").listening()
