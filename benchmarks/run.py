@@ -179,6 +179,8 @@ class Harness:
             "--no-pongd",
             *extra,
         ]
+        if "--ws" not in extra:
+            argv.append("--no-ws")  # websocketd's default port is not ours
         child = self.spawn(name, argv)
         self.wait_unix(child, os.path.join(rundir, "ipc"))
         self.wait_tcp(child, port)
@@ -444,6 +446,228 @@ def open_relays(port: int, count: int, into: list[socket.socket]) -> None:
             reply += chunk
         if reply != b"ok":
             raise RuntimeError(f"tcpd refused a request: {reply!r}")
+
+
+# WebSocket paths ------------------------------------------------------------
+
+
+class WsConn:
+    """
+    A minimal blocking WebSocket client (RFC 6455): whole messages out,
+    masked with a zero key (legal, and no per-byte work in Python), payload
+    bytes counted in.  Good for an echo that answers every byte.
+    """
+
+    def __init__(self, port: int, path: str) -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        sock.sendall(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Protocol: binary\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise RuntimeError(f"{path}: closed during the handshake")
+            head += chunk
+        status = head.split(b"\r\n", 1)[0]
+        if b" 101 " not in status + b" ":
+            raise RuntimeError(f"{path}: handshake refused: {status!r}")
+        self.sock = blocking_with_deadline(sock)
+        self.buf = bytearray(head.split(b"\r\n\r\n", 1)[1])
+
+    @staticmethod
+    def frame(payload: bytes) -> bytes:
+        size = len(payload)
+        if size < 126:
+            head = struct.pack("!BB", 0x82, 0x80 | size)
+        elif size < 1 << 16:
+            head = struct.pack("!BBH", 0x82, 0x80 | 126, size)
+        else:
+            head = struct.pack("!BBQ", 0x82, 0x80 | 127, size)
+        return head + b"\0\0\0\0" + payload
+
+    def receive(self, want: int) -> None:
+        """Read frames until C{want} payload bytes have come."""
+        buf, got = self.buf, 0
+        while got < want:
+            while True:
+                if len(buf) >= 2:
+                    size = buf[1] & 0x7F
+                    start = 2 if size < 126 else 4 if size == 126 else 10
+                    if len(buf) >= start:
+                        if size == 126:
+                            (size,) = struct.unpack_from("!H", buf, 2)
+                        elif size == 127:
+                            (size,) = struct.unpack_from("!Q", buf, 2)
+                        if len(buf) >= start + size:
+                            if buf[0] & 0x0F in (0x1, 0x2, 0x0):
+                                got += size
+                            del buf[: start + size]
+                            break
+                chunk = self.sock.recv(1 << 20)
+                if not chunk:
+                    raise EOFError("the WebSocket closed")
+                buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def ws_round_trips_us(
+    conns: dict[str, WsConn], count: int, batch: int = 50
+) -> dict[str, float]:
+    """As L{round_trips_us}, one 100-byte WebSocket message each way."""
+    frame = WsConn.frame(os.urandom(PAYLOAD))
+
+    def trips(conn: WsConn, n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            conn.sock.sendall(frame)
+            conn.receive(PAYLOAD)
+        return time.perf_counter() - start
+
+    names = list(conns)
+    for name in names:  # warm-up
+        trips(conns[name], 200)
+    rounds = max(1, count // batch)
+    spent = dict.fromkeys(names, 0.0)
+    for turn in range(rounds):
+        for name in _rotated(names, turn):
+            spent[name] += trips(conns[name], batch)
+    return {name: spent[name] / (rounds * batch) * 1e6 for name in names}
+
+
+def ws_throughputs_mb_s(
+    conns: dict[str, WsConn], total: int, chunk: int = 16 * 1024 * 1024
+) -> dict[str, float]:
+    """As L{throughputs_mb_s}, 64 KiB WebSocket messages, echoes read meanwhile."""
+    frame = WsConn.frame(os.urandom(BULK_MESSAGE))
+
+    def stream(conn: WsConn, count: int) -> float:
+        errors: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                for _ in range(count):
+                    conn.sock.sendall(frame)
+            except BaseException as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=writer, daemon=True)
+        start = time.perf_counter()
+        thread.start()
+        conn.receive(count * BULK_MESSAGE)
+        elapsed = time.perf_counter() - start
+        thread.join(IO_TIMEOUT)
+        if errors:
+            raise RuntimeError(f"writer failed: {errors[0]!r}")
+        return elapsed
+
+    names = list(conns)
+    for name in names:  # warm-up
+        stream(conns[name], 16)
+    per_chunk = max(1, min(chunk, total) // BULK_MESSAGE)
+    rounds = max(1, total // (per_chunk * BULK_MESSAGE))
+    spent = dict.fromkeys(names, 0.0)
+    for turn in range(rounds):
+        for name in _rotated(names, turn):
+            spent[name] += stream(conns[name], per_chunk)
+    moved = rounds * per_chunk * BULK_MESSAGE
+    return {name: moved / spent[name] / 1e6 for name in names}
+
+
+def websockify_version() -> str | None:
+    if shutil.which("websockify") is None:
+        return None
+    return "websockify"
+
+
+def websocket_rows(settings: Settings, h: Harness, direct: Opener) -> list[Row]:
+    """
+    websocketd -> pongd against websockify relaying to a TCP echo (when
+    installed) and against a direct UNIX echo: 100-byte round trips and
+    64 KiB bulk, all paths measured in turns within each run.
+    """
+    w_dir = h.rundir("w")
+    pong = h.spawn("pongd-w", [sys.executable, os.path.join(HERE, "_pongd.py"), w_dir])
+    h.wait_unix(pong, os.path.join(w_dir, "pong"))
+    port_w = free_port()
+    ipcd_w = h.ipcd(
+        "ipcd-w",
+        w_dir,
+        free_port(),
+        "--ws",
+        f"tcp:{port_w}:interface=127.0.0.1",
+        "--allow",
+        "in pong",
+    )
+    h.wait_tcp(ipcd_w, port_w)
+    openers: dict[str, Callable[[], WsConn]] = {
+        "websocketd->pongd": lambda: WsConn(port_w, "/pong")
+    }
+    websockify = websockify_version()
+    if websockify:
+        port_e, port_k = free_port(), free_port()
+        echo = h.spawn(
+            "tcp-echo", [sys.executable, os.path.join(HERE, "_tcpecho.py"), str(port_e)]
+        )
+        h.wait_tcp(echo, port_e)
+        relay = h.spawn(
+            "websockify", ["websockify", f"127.0.0.1:{port_k}", f"127.0.0.1:{port_e}"]
+        )
+        h.wait_tcp(relay, port_k)
+        openers["websockify->TCP echo"] = lambda: WsConn(port_k, "/")
+
+    def rows_for(kind: str, unit: str, target: str) -> dict[str, Row]:
+        rows = {
+            "direct": Row(f"{kind}, direct UNIX (WS set)", unit=unit),
+            "websockify": Row(f"{kind}, WS websockify->TCP echo", unit=unit),
+            "websocketd": Row(f"{kind}, WS websocketd->pongd", unit=unit),
+            "vs direct": Row(f"{kind}, WS websocketd->pongd vs direct", unit=unit),
+        }
+        rows["websocketd"].reference = rows["websockify"]
+        rows["websocketd"].target = target
+        rows["vs direct"].reference = rows["direct"]
+        if not websockify:
+            rows["websockify"].skipped = "websockify not installed"
+        return rows
+
+    rtt = rows_for("RTT 100 B", "us", "<= 1.00")
+    bulk = rows_for("bulk 64 KiB msgs", "MB/s", ">= 1.00")
+    for kind, table, ws_measure, measure, amount in (
+        (
+            "WS round trips",
+            rtt,
+            ws_round_trips_us,
+            round_trips_us,
+            settings.round_trips,
+        ),
+        ("WS bulk", bulk, ws_throughputs_mb_s, throughputs_mb_s, settings.bulk_bytes),
+    ):
+        for run in range(settings.runs):
+            say(f"{kind}: run {run + 1}/{settings.runs}")
+            conns = {name: opener() for name, opener in openers.items()}
+            try:
+                with blocking_with_deadline(direct()) as sock:
+                    table["direct"].values.append(measure({"d": sock}, amount)["d"])
+                for name, value in ws_measure(conns, amount).items():
+                    key = (
+                        "websocketd" if name.startswith("websocketd") else "websockify"
+                    )
+                    table[key].values.append(value)
+                    if key == "websocketd":
+                        table["vs direct"].values.append(value)
+            finally:
+                for conn in conns.values():
+                    conn.close()
+    return [*rtt.values(), *bulk.values()]
 
 
 # The benchmark -------------------------------------------------------------
@@ -767,6 +991,9 @@ def benchmark(settings: Settings, h: Harness) -> str:
                     table[name].values.append(value)
     rows += [*rtt.values(), *bulk.values()]
 
+    # websocketd against websockify and a direct UNIX echo.
+    rows += websocket_rows(settings, h, direct)
+
     # Memory of one ipcd (host B, tcpd) holding idle relayed connections.
     # ipcd B holds two fds per relay (TCP and UNIX): cap the counts to what
     # RLIMIT_NOFILE allows here, and say so.
@@ -838,7 +1065,8 @@ def benchmark(settings: Settings, h: Harness) -> str:
         "(lookups, bulk: higher is better; RTT, RSS: lower is better).",
         "Targets: unix-route RTT <= 1.05 x direct UNIX; tcp-route RTT <= 1.00 x "
         "socat chain; tcp-route bulk >= 1.00 x socat chain; tls route (TLS 1.3 "
-        "PSK) likewise against a chain of two stunnel processes in PSK mode.",
+        "PSK) likewise against a chain of two stunnel processes in PSK mode; "
+        "websocketd RTT <= 1.00 x websockify, bulk >= 1.00 x websockify.",
         *notes,
     ]
     return render(rows, header, footer)

@@ -84,13 +84,13 @@ def positive_number(value: Any) -> float:
     return float(value)
 
 
-def _positive_int(value: Any) -> int:
+def positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise Expected("a whole number greater than 0")
     return value
 
 
-def _non_negative_number(value: Any) -> float:
+def non_negative_number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise Expected("a number of seconds, 0 or more (0: no deadline)")
     return float(value)
@@ -203,7 +203,7 @@ def _schemes(value: Any) -> tuple[str, ...]:
 _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
     None: {
         "rundir": (_string, "rundir"),
-        "max_message_size": (_positive_int, "max_message_size"),
+        "max_message_size": (positive_int, "max_message_size"),
     },
     "ipcd": {
         "lookup_timeout": (positive_number, "lookup_timeout"),
@@ -214,12 +214,12 @@ _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
     "pongd": {"enabled": (boolean, "pongd")},
     "control": {"group": (_group, "control_group")},
     "limits": {
-        "max_connections": (_positive_int, "max_connections"),
-        "max_connections_per_peer": (_positive_int, "max_connections_per_peer"),
+        "max_connections": (positive_int, "max_connections"),
+        "max_connections_per_peer": (positive_int, "max_connections_per_peer"),
         "peer_prefix_ipv4": (_prefix(32), "peer_prefix_ipv4"),
         "peer_prefix_ipv6": (_prefix(128), "peer_prefix_ipv6"),
-        "partial_message_budget": (_positive_int, "partial_message_budget"),
-        "idle_timeout": (_non_negative_number, "idle_timeout"),
+        "partial_message_budget": (positive_int, "partial_message_budget"),
+        "idle_timeout": (non_negative_number, "idle_timeout"),
         "control_timeout": (positive_number, "control_timeout"),
     },
 }

@@ -91,6 +91,11 @@ class IProtocolDaemon(Interface):
     flags: Sequence[Flag] = Attribute(
         "Its command-line options (L{Flag}), e.g. C{--tcp ENDPOINT}, C{--no-tcp}."
     )
+    also_schemes: Sequence[str] = Attribute(
+        "Optional: further URI schemes whose routes it serves (websocketd: "
+        "C{wss} beside C{ws}); the registry finds it by these too, but "
+        "lists it once, under L{scheme}."
+    )
     restart_keys: Sequence[str] = Attribute(
         "Keys of its section bound to open sockets: a reload keeps their old "
         "values and reports them (as C{SCHEME_KEY}) as needing a restart."
@@ -189,12 +194,16 @@ class Registry(Mapping[str, IProtocolDaemon]):
 
         by_scheme: dict[str, IProtocolDaemon] = {}
         by_section: dict[str, IProtocolDaemon] = {}
+        # Schemes a daemon serves besides its own: found, not listed.
+        extra: dict[str, IProtocolDaemon] = {}
         for daemon in daemons:
-            for table, name in (
-                (by_scheme, daemon.scheme),
-                (by_section, daemon.section),
-            ):
-                other = table.get(name)
+            schemes = [daemon.scheme, *getattr(daemon, "also_schemes", ())]
+            claims = [(by_section, daemon.section)] + [(None, s) for s in schemes]
+            for table, name in claims:
+                if table is None:  # a scheme: its own or another's extra
+                    other = by_scheme.get(name) or extra.get(name)
+                else:
+                    other = table.get(name)
                 if other is not None and other is not daemon:
                     raise RegistryError(
                         f"two protocol daemons claim {name!r}: {other!r} from "
@@ -202,11 +211,16 @@ class Registry(Mapping[str, IProtocolDaemon]):
                         "(remove one of those plugins)"
                     )
             by_scheme[daemon.scheme] = by_section[daemon.section] = daemon
+            for scheme in getattr(daemon, "also_schemes", ()):
+                extra[scheme] = daemon
         self._by_scheme = by_scheme
+        self._extra = extra
         self._by_section = by_section
 
     def __getitem__(self, scheme: str) -> IProtocolDaemon:
-        return self._by_scheme[scheme]
+        if scheme in self._by_scheme:
+            return self._by_scheme[scheme]
+        return self._extra[scheme]
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._by_scheme))

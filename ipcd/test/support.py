@@ -46,11 +46,16 @@ def short_rundir(case: SynchronousTestCase, prefix: str = "ipcd-") -> str:
 
 def make_config(rundir: str, **overrides: Any) -> Config:
     """
-    A validated config for an in-process ipcd on C{rundir}: tcpd off, and
+    A validated config for an in-process ipcd on C{rundir}: tcpd and
+    websocketd off, and
     C{overrides} in the configuration file's shape (C{redirects={...}},
     C{ipcd={"lookup_timeout": 0.3}}, C{max_message_size=64}, ...).
     """
-    layer: dict[str, Any] = {"rundir": rundir, "tcpd": {"enabled": False}}
+    layer: dict[str, Any] = {
+        "rundir": rundir,
+        "tcpd": {"enabled": False},
+        "websocketd": {"enabled": False},
+    }
     layer.update(overrides)
     return load_config(None, layer, environ={})
 

@@ -178,7 +178,7 @@ class TwistdTests(TestCase):
     def twistd(self, name: str, *options: str) -> tuple[subprocess.Popen[bytes], str]:
         log = os.path.join(self.work, f"{name}.log")
         args = ["-c", TWISTD, "-n", "--pidfile=", "ipcd"]
-        args += ["--rundir", self.rundir, "--no-tcp", *options]
+        args += ["--rundir", self.rundir, "--no-tcp", "--no-ws", *options]
         return spawn(self, args, log, self.env, self.work), log
 
     @inlineCallbacks
@@ -222,7 +222,7 @@ class TwistdTests(TestCase):
         # A second instance on the same RUNDIR refuses, naming the path.
         second = yield self.run_python(
             ["-c", TWISTD, "-n", "--pidfile=", "ipcd", "--rundir", self.rundir]
-            + ["--no-tcp"]
+            + ["--no-tcp", "--no-ws"]
         )
         output = (second.stdout + second.stderr).decode("utf-8", "replace")
         self.assertNotEqual(second.returncode, 0, output)

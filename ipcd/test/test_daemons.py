@@ -41,16 +41,19 @@ def with_testscheme() -> Registry:
 
 class RegistryTests(SynchronousTestCase):
     def test_foundThroughPlugins(self) -> None:
-        """The built-in tcpd and tlsd and the test's daemon come from getPlugins."""
+        """The built-in daemons and the test's daemon come from getPlugins."""
         found = with_testscheme()
-        self.assertEqual(list(found), ["tcp", "testscheme", "tls"])
+        self.assertEqual(list(found), ["tcp", "testscheme", "tls", "ws"])
         self.assertIs(found["tls"], tlsd)
         self.assertIs(found["tcp"], tcpd)
+        # websocketd serves wss:// too, and is listed once.
+        self.assertIs(found["wss"], found["ws"])
+        self.assertIs(found.by_section("websocketd"), found["ws"])
         self.assertIs(found["testscheme"], testschemed)
         self.assertIs(found.by_section("testschemed"), testschemed)
         self.assertTrue(IProtocolDaemon.providedBy(testschemed))
         self.assertEqual(list(registry(daemonplugins)), ["testscheme"])
-        self.assertEqual(list(registry()), ["tcp", "tls"])
+        self.assertEqual(list(registry()), ["tcp", "tls", "ws"])
 
     def test_conflict(self) -> None:
         """Two daemons claiming one scheme are an error, naming both."""
@@ -61,6 +64,23 @@ class RegistryTests(SynchronousTestCase):
         with self.assertRaises(RegistryError) as caught:
             Registry([tcpd, Other()])
         self.assertIn("'tcp'", str(caught.exception))
+
+    def test_alsoSchemesConflict(self) -> None:
+        """A further scheme (C{also_schemes}) conflicts like an own one."""
+
+        class Extra:
+            scheme, section, also_schemes = "tcp2", "tcp2d", ("tcp",)
+
+        class Own:
+            scheme, section = "tcp2", "other"
+
+        for daemons in ([tcpd, Extra()], [Extra(), tcpd], [Extra(), Own()]):
+            with self.assertRaises(RegistryError):
+                Registry(daemons)
+        registry = Registry([Extra()])
+        self.assertEqual(
+            (list(registry), registry["tcp"]), (["tcp2"], registry["tcp2"])
+        )
 
 
 class ConfigAndOptionsTests(SynchronousTestCase):
@@ -111,7 +131,7 @@ class ConfigAndOptionsTests(SynchronousTestCase):
 
     def test_flags(self) -> None:
         options = Options(with_testscheme())
-        options.parseOptions(["--testscheme", "tcp:0", "--no-tcp"])
+        options.parseOptions(["--testscheme", "tcp:0", "--no-tcp", "--no-ws"])
         settings = options.config.daemons
         self.assertEqual(settings["testschemed"]["listen"], "tcp:0")
         self.assertTrue(settings["testschemed"]["enabled"])
@@ -157,6 +177,7 @@ class EndToEndTests(TestCase):
                 "--rundir",
                 self.rundir,
                 "--no-tcp",
+                "--no-ws",
                 "--testscheme",
                 "tcp:0:interface=127.0.0.1",
             ]

@@ -352,6 +352,7 @@ class AcceptErrorTests(TestCase):
                 "--rundir",
                 rundir,
                 "--no-tcp",
+                "--no-ws",
                 "--no-pongd",
             ],
             log,

@@ -78,7 +78,13 @@ class _Instance:
         self.rundir = tempfile.mkdtemp(prefix="ipcd-ops-", dir="/tmp")
         test.addCleanup(shutil.rmtree, self.rundir, True)
         options = Options()
-        args = ["--rundir", self.rundir, "--tcp", "tcp:0:interface=127.0.0.1"]
+        args = [
+            "--rundir",
+            self.rundir,
+            "--tcp",
+            "tcp:0:interface=127.0.0.1",
+            "--no-ws",
+        ]
         if config_file:
             args += ["--config", config_file]
         options.parseOptions(args + join_words(argv))

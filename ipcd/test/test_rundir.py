@@ -279,7 +279,7 @@ class ServiceTests(TestCase):
 
     def test_makeServiceExits(self) -> None:
         options = Options()
-        options.parseOptions(["--rundir", self.rundir, "--no-tcp"])
+        options.parseOptions(["--rundir", self.rundir, "--no-tcp", "--no-ws"])
         error = self.assertRaises(SystemExit, makeService, options, reactor)
         self.assertEqual(
             error.code,
@@ -337,7 +337,7 @@ class CommandTests(SynchronousTestCase):
 
     def ipcd(self) -> str:
         return self.refused(
-            ["-m", "ipcd.scripts.ipcd", "--rundir", self.rundir, "--no-tcp"]
+            ["-m", "ipcd.scripts.ipcd", "--rundir", self.rundir, "--no-tcp", "--no-ws"]
         )
 
     def test_otherOwner(self) -> None:
@@ -364,7 +364,7 @@ class CommandTests(SynchronousTestCase):
         os.chmod(self.rundir, 0o770)
         line = self.refused(
             ["-c", TWISTD, "-n", "--pidfile=", "ipcd", "--rundir", self.rundir]
-            + ["--no-tcp"]
+            + ["--no-tcp", "--no-ws"]
         )
         self.assertEqual(
             line,

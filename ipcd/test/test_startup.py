@@ -120,7 +120,7 @@ class CommandFailureTests(SynchronousTestCase):
             self.addCleanup(os.chmod, self.rundir, 0o700)
             reason = "permission denied"
         self.assertEqual(
-            self.ipcd("--no-tcp"),
+            self.ipcd("--no-tcp", "--no-ws"),
             f"ipcd: cannot listen on {self.rundir}/ipc: {reason} (make RUNDIR "
             f"{self.rundir} writable for ipcd, or use another --rundir)",
         )
@@ -129,14 +129,18 @@ class CommandFailureTests(SynchronousTestCase):
         path = os.path.join(self.work, "file")
         with open(path, "w"):
             pass
-        line = self.refused([*IPCD, "--rundir", path, "--no-tcp"], rundir=path)
+        line = self.refused(
+            [*IPCD, "--rundir", path, "--no-tcp", "--no-ws"], rundir=path
+        )
         self.assertEqual(
             line,
             f"ipcd: unsafe RUNDIR {path}: not a directory (a regular file); "
             "remove it or choose another --rundir",
         )
         inside = os.path.join(path, "run")
-        line = self.refused([*IPCD, "--rundir", inside, "--no-tcp"], rundir=inside)
+        line = self.refused(
+            [*IPCD, "--rundir", inside, "--no-tcp", "--no-ws"], rundir=inside
+        )
         self.assertEqual(
             line,
             f"ipcd: cannot create RUNDIR {inside}: {path} is not a directory (a "
@@ -155,7 +159,7 @@ class CommandFailureTests(SynchronousTestCase):
         env = python_env()
         env["PYTHONPATH"] += os.pathsep + os.path.join(self.work, "third")
         expected = (
-            "ipcd: two protocol daemons claim 'tcp': <tcpd> from "
+            "ipcd: two protocol daemons claim 'tcpd': <tcpd> from "
             "twisted.plugins.ipcd_daemons and <tcpd> from "
             "twisted.plugins.other_tcpd (remove one of those plugins)"
         )
@@ -191,8 +195,10 @@ class CommandFailureTests(SynchronousTestCase):
             f"ipcd: {config}: [control] group: no such group 'nosuchgroup' "
             "(create it, or name one that exists: getent group)"
         )
-        self.assertEqual(self.ipcd("--no-tcp", "--config", config), expected)
-        self.assertEqual(self.twistd("--no-tcp", "--config", config), expected)
+        self.assertEqual(self.ipcd("--no-tcp", "--no-ws", "--config", config), expected)
+        self.assertEqual(
+            self.twistd("--no-tcp", "--no-ws", "--config", config), expected
+        )
 
     def test_tlsSecretsReadableByOthers(self) -> None:
         """A PSK secrets file with mode 0644 is refused before anything listens."""
@@ -288,7 +294,7 @@ class RunningCommandTests(SynchronousTestCase):
         def lower() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
 
-        process = self.started([*IPCD, "--no-tcp"], preexec_fn=lower)
+        process = self.started([*IPCD, "--no-tcp", "--no-ws"], preexec_fn=lower)
         with open(f"/proc/{process.pid}/limits") as f:
             [line] = [row for row in f if row.startswith("Max open files")]
         self.assertEqual(line.split()[3:5], [str(hard), str(hard)], line)
@@ -303,7 +309,7 @@ class RunningCommandTests(SynchronousTestCase):
         """
         self.started(
             ["-c", TWISTD, "-n", "--pidfile=", "--rundir", self.work, "ipcd"]
-            + ["--no-tcp"]
+            + ["--no-tcp", "--no-ws"]
         )
         self.assertLogged(
             f"twistd --rundir {self.work} is twistd's working directory, not "

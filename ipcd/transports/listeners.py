@@ -27,15 +27,20 @@ def handshakes(
     relays: Any,
     protocol: type[Handshaking],
     factory: type[HandshakeFactory] = HandshakeFactory,
+    scheme: str | None = None,
+    timeout_key: str = "handshake_timeout",
 ) -> HandshakeFactory:
-    """C{protocol}'s factory for one of C{daemon}'s listeners."""
+    """
+    C{protocol}'s factory for one of C{daemon}'s listeners (for C{scheme},
+    default the daemon's), its deadline the setting C{timeout_key}.
+    """
     return factory(
         protocol,
         broker,
         relays,
         # Read at each connection, so a reload applies to new ones.
-        lambda: settings_of(broker.config, daemon)["handshake_timeout"],
-        scheme=daemon.scheme,
+        lambda: settings_of(broker.config, daemon)[timeout_key],
+        scheme=scheme or daemon.scheme,
         name=daemon.section,
     )
 
@@ -68,14 +73,30 @@ def network_listener(
 
 
 def control_socket(
-    daemon: Any, broker: Any, relays: Any, parent: IServiceCollection
+    daemon: Any,
+    broker: Any,
+    relays: Any,
+    parent: IServiceCollection,
+    scheme: str | None = None,
+    timeout_key: str = "handshake_timeout",
 ) -> IPCService:
-    """C{RUNDIR/SCHEME}: upstream's control protocol, relayed by C{relays}."""
-    limits = broker.limits_for(daemon.scheme)
+    """
+    C{RUNDIR/SCHEME} (default: the daemon's scheme): upstream's control
+    protocol, relayed by C{relays}.
+    """
+    scheme = scheme or daemon.scheme
+    limits = broker.limits_for(scheme)
     service = IPCService(
-        daemon.scheme,
+        scheme,
         LimitedFactory(
-            handshakes(daemon, broker, relays, ControlHandshake),
+            handshakes(
+                daemon,
+                broker,
+                relays,
+                ControlHandshake,
+                scheme=scheme,
+                timeout_key=timeout_key,
+            ),
             limits,
             refusal=lambda reason: wire.encode(b"ne " + reason.encode()),
         ),

@@ -4,5 +4,6 @@
 # or in twisted/: this directory is Twisted's plugin namespace.
 from ipcd.transports.tcp import tcpd
 from ipcd.transports.tls import tlsd
+from ipcd.transports.websocket import websocketd
 
-__all__ = ["tcpd", "tlsd"]
+__all__ = ["tcpd", "tlsd", "websocketd"]

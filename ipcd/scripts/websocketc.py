@@ -1,0 +1,203 @@
+"""
+websocketc: talk to a service behind websocketd, with no libipc.
+
+    websocketc ws://127.0.0.1:8080/pong hello      one message, one reply
+    websocketc ws://127.0.0.1:8080/pong            line by line from stdin
+    websocketc --binary ws://... hello             send binary messages
+
+Each reply is printed on a line of its own (a binary reply as its raw bytes).
+The exit status says what happened: 0 done, 2 bad usage, 3 refused
+(websocketd answered, and did not open the service: the HTTP status and
+reason are printed), 4 unreachable (no connection, or no answer in time),
+5 the connection was lost before every reply came.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.protocols.basic import LineReceiver
+from twisted.python import usage
+
+OK, USAGE, REFUSED, UNREACHABLE, LOST = 0, 2, 3, 4, 5
+
+
+class Options(usage.Options):
+    synopsis = "websocketc [options] ws://HOST:PORT/SERVICE [MESSAGE ...]"
+    optFlags = [("binary", "b", "Send binary messages (default: text).")]
+    optParameters = [
+        ("origin", None, None, "An Origin header to send, as a browser would."),
+        (
+            "ca",
+            None,
+            None,
+            "CA file to verify a wss:// server (default: the platform's).",
+        ),
+        ("timeout", "t", 10.0, "Seconds to connect and for each reply.", float),
+    ]
+
+    def parseArgs(self, url: str, *messages: str) -> None:  # noqa: N802
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise usage.UsageError(f"not a ws:// or wss:// URL: {url!r}")
+        self["url"], self["messages"] = url, list(messages)
+
+
+class Client(WebSocketClientProtocol):
+    """Sends the messages (or stdin's lines), prints each reply."""
+
+    factory: ClientFactory
+
+    def onOpen(self) -> None:  # noqa: N802
+        factory = self.factory
+        factory.opened = True
+        if factory.messages:
+            for message in factory.messages:
+                self.send(message)
+        else:
+            from twisted.internet import stdio
+
+            stdio.StandardIO(_Lines(self), reactor=factory.reactor)
+        self._deadline()
+
+    def send(self, text: str) -> None:
+        self.factory.waiting += 1
+        payload = text.encode("utf-8")
+        self.sendMessage(payload, isBinary=self.factory.binary)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
+        out = sys.stdout.buffer
+        out.write(payload + b"\n")
+        out.flush()
+        self.factory.waiting -= 1
+        self._deadline()
+        self.finishIfDone()
+
+    def finishIfDone(self) -> None:  # noqa: N802
+        factory = self.factory
+        if factory.waiting == 0 and factory.inputDone:
+            factory.status = OK
+            self.sendClose(1000)
+
+    def _deadline(self) -> None:
+        factory = self.factory
+        if factory.timer is not None and factory.timer.active():
+            factory.timer.cancel()
+        if factory.waiting:
+            factory.timer = factory.reactor.callLater(factory.timeout, self._late)
+
+    def _late(self) -> None:
+        print(
+            f"websocketc: no reply within {self.factory.timeout:g} s", file=sys.stderr
+        )
+        self.factory.status = LOST
+        self.dropConnection(abort=True)
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:  # noqa: N802, N803
+        factory = self.factory
+        if factory.timer is not None and factory.timer.active():
+            factory.timer.cancel()
+        if not factory.opened:
+            why = self.wasNotCleanReason or reason or "closed"
+            print(f"websocketc: {factory.url}: {why}", file=sys.stderr)
+            upgrade = "connection upgrade failed" in str(why)
+            factory.status = REFUSED if upgrade else UNREACHABLE
+        elif factory.status is None:
+            print(f"websocketc: connection lost: {reason or code}", file=sys.stderr)
+            factory.status = LOST
+        if not factory.done.called:
+            factory.done.callback(factory.status)
+
+
+class _Lines(LineReceiver):
+    delimiter = b"\n"
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+        self.client.send(line.decode("utf-8", "replace").removesuffix("\r"))
+        self.client._deadline()
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.client.factory.inputDone = True
+        self.client.finishIfDone()
+
+
+class ClientFactory(WebSocketClientFactory):
+    protocol = Client
+    noisy = False
+
+    def __init__(self, reactor: Any, options: Options) -> None:
+        super().__init__(options["url"], origin=options["origin"])
+        self.reactor = reactor
+        self.messages = options["messages"]
+        self.binary = bool(options["binary"])
+        self.timeout = options["timeout"]
+        self.setProtocolOptions(openHandshakeTimeout=self.timeout)
+        self.inputDone = bool(self.messages)
+        self.waiting = 0
+        self.opened = False
+        self.status: int | None = None
+        self.timer: Any = None
+        self.done: Deferred[int | None] = Deferred()
+
+
+def run(reactor: Any, options: Options) -> Deferred[int | None]:
+    factory = ClientFactory(reactor, options)
+    parts = urlsplit(options["url"])
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    endpoint: Any = HostnameEndpoint(reactor, parts.hostname, port, options["timeout"])
+    if parts.scheme == "wss":
+        root = ssl.platformTrust()
+        if options["ca"]:
+            with open(options["ca"], "rb") as f:
+                root = ssl.Certificate.loadPEM(f.read())
+        tls = ssl.optionsForClientTLS(parts.hostname, trustRoot=root)
+        endpoint = wrapClientTLS(tls, endpoint)
+
+    def unreachable(failure: Any) -> int:
+        print(
+            f"websocketc: {options['url']}: {failure.getErrorMessage()}",
+            file=sys.stderr,
+        )
+        return UNREACHABLE
+
+    connecting = endpoint.connect(factory)
+    connecting.addCallbacks(lambda _: factory.done, unreachable)
+    return connecting
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    options = Options()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else list(argv))
+    except usage.UsageError as e:
+        print(f"websocketc: {e}\n{options.synopsis}", file=sys.stderr)
+        sys.exit(USAGE)
+    from twisted.internet import reactor
+
+    status: list[int | None] = [None]
+
+    def finished(code: int | None) -> None:
+        status[0] = code
+        if reactor.running:  # type: ignore[attr-defined]
+            reactor.stop()  # type: ignore[attr-defined]
+
+    def start() -> None:
+        run(reactor, options).addBoth(finished)
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    sys.exit(LOST if status[0] is None else status[0])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,541 @@
+"""
+websocketd end to end, on real sockets: WebSocket clients with no libipc
+(a minimal RFC 6455 client in L{ipcd.test.wssupport}, and the websocketc
+command), libipc clients through C{ws://} and C{wss://} routes across two
+in-process hosts, C{RUNDIR/ws}, and the limits websocketd enforces.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from ipcd.names import listen_unix
+from ipcd.test.support import (
+    TIMEOUT,
+    assert_no_fd_leak,
+    bounce,
+    connect_unix,
+    fd_baseline,
+    lookup,
+    python_env,
+    short_rundir,
+)
+from ipcd.test.wssupport import (
+    BINARY,
+    CLOSE,
+    TEXT,
+    close_code,
+    make_ca,
+    start_ws_host,
+    ws_message,
+    ws_open,
+    ws_send,
+)
+from ipcd.wire import MessageProtocol, encode, recv_message
+
+OK = b"ok"
+
+
+def echo(port: int, messages: list[tuple[bytes, int]], path: str = "/pong") -> Any:
+    """Open C{path}, send each message, return the replies and close."""
+    opening = ws_open(port, path)
+    sock = opening.sock
+    try:
+        assert opening.status == 101, (opening.status, opening.reason)
+        replies = []
+        for payload, opcode in messages:
+            ws_send(sock, payload, opcode)
+            replies.append(ws_message(sock))
+        return replies
+    finally:
+        sock.close()
+
+
+def refusal(
+    port: int, path: str, origin: str | None = None, host: str | None = None
+) -> tuple[int, str]:
+    opening = ws_open(port, path, origin, host_header=host)
+    opening.sock.close()
+    return opening.status, opening.reason
+
+
+def websocketc(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "ipcd.scripts.websocketc", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=30,
+        env=python_env(),
+    )
+
+
+class InboundTests(TestCase):
+    """A WebSocket client with no libipc reaches pongd through websocketd."""
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.host = yield start_ws_host(self)
+
+    def url(self, service: str = "pong") -> str:
+        return f"ws://127.0.0.1:{self.host.port}/{service}"
+
+    @inlineCallbacks
+    def test_textAndBinary(self) -> Any:
+        """
+        One WebSocket message is one libipc message each way, and a reply
+        goes out as the type of the client's most recent message; a reply
+        that is not UTF-8 goes out binary.
+        """
+        replies = yield deferToThread(
+            echo,
+            self.host.port,
+            [
+                (b"hello", TEXT),
+                (b"\x00\xffbin", BINARY),
+                ("h\u00e9llo".encode(), BINARY),
+                ("h\u00e9llo".encode(), TEXT),
+            ],
+        )
+        self.assertEqual(
+            replies,
+            [
+                (TEXT, b"hello"),
+                (BINARY, b"\x00\xffbin"),
+                (BINARY, "h\u00e9llo".encode()),
+                (TEXT, "h\u00e9llo".encode()),
+            ],
+        )
+
+    @inlineCallbacks
+    def test_messagesKeepTheirBounds(self) -> Any:
+        """Empty and large messages arrive whole, as sent."""
+        big = os.urandom(300_000)
+        replies = yield deferToThread(
+            echo, self.host.port, [(b"", BINARY), (big, BINARY), (b"x", TEXT)]
+        )
+        self.assertEqual(replies, [(BINARY, b""), (BINARY, big), (TEXT, b"x")])
+
+    @inlineCallbacks
+    def test_websocketcCommand(self) -> Any:
+        """websocketc sends text, binary, and stdin's lines; 0 when done."""
+        text = yield deferToThread(websocketc, self.url(), "hello", "world")
+        self.assertEqual((text.returncode, text.stdout), (0, b"hello\nworld\n"))
+        binary = yield deferToThread(websocketc, "--binary", self.url(), "hi")
+        self.assertEqual((binary.returncode, binary.stdout), (0, b"hi\n"))
+        lines = yield deferToThread(websocketc, self.url(), stdin=b"one\ntwo\n")
+        self.assertEqual((lines.returncode, lines.stdout), (0, b"one\ntwo\n"))
+
+    @inlineCallbacks
+    def test_websocketcTellsRefusedFromUnreachable(self) -> Any:
+        """Exit 3 with the reason for a refusal, 4 when nobody listens."""
+        refused = yield deferToThread(websocketc, self.url("secret"), "x")
+        self.assertEqual(refused.returncode, 3)
+        self.assertIn(b"403", refused.stderr)
+        self.assertIn(b"'secret' denied", refused.stderr)
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+        free.close()  # nobody listens there now
+        unreachable = yield deferToThread(
+            websocketc, f"ws://127.0.0.1:{port}/pong", "x"
+        )
+        self.assertEqual(unreachable.returncode, 4)
+        self.assertIn(b"refused", unreachable.stderr)
+
+    @inlineCallbacks
+    def test_refusedServices(self) -> Any:
+        """
+        A service the policy denies fails the handshake with 403 and the
+        reason, an unknown one with 404; the daemon keeps serving, no fd
+        leaks.
+        """
+        before = yield fd_baseline()
+        denied = yield deferToThread(refusal, self.host.port, "/secret")
+        self.assertEqual(denied, (403, "in connection to 'secret' denied by default"))
+        bad = yield deferToThread(refusal, self.host.port, "/a/b")
+        self.assertEqual(bad[0], 403)
+        for _ in range(20):
+            status = yield deferToThread(refusal, self.host.port, "/secret")
+            self.assertEqual(status[0], 403)
+        replies = yield deferToThread(echo, self.host.port, [(b"still", TEXT)])
+        self.assertEqual(replies, [(TEXT, b"still")])
+        yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
+    def test_plainRequests(self) -> Any:
+        """GET / serves the page; other plain requests get 404, no redirect."""
+
+        def get(path: str) -> bytes:
+            sock = socket.create_connection(("127.0.0.1", self.host.port), TIMEOUT)
+            with sock:
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+                return data
+
+        page = yield deferToThread(get, "/")
+        self.assertTrue(page.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertIn(b"Content-Security-Policy: default-src 'none'", page)
+        self.assertIn(b"<title>websocketc</title>", page)
+        self.assertNotIn(b"http://", page.split(b"\r\n\r\n", 1)[1])
+        self.assertNotIn(b"https://", page.split(b"\r\n\r\n", 1)[1])
+        other = yield deferToThread(get, "/pong")
+        self.assertTrue(other.startswith(b"HTTP/1.1 404 "))
+        redirect = yield deferToThread(get, "/?redirect=http%3A%2F%2Fevil.example%2F")
+        self.assertTrue(redirect.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertNotIn(b"evil.example", redirect)
+
+
+class InboundPathTests(TestCase):
+    @inlineCallbacks
+    def test_redirectionAndStatus(self) -> Any:
+        """
+        The shared inbound path: an admin redirection is followed (echo ->
+        pong, the policy checked on both names), and the live bridge is in
+        the status with its bytes.
+        """
+        host = yield start_ws_host(
+            self, rules=["allow in echo", "allow in pong"], redirects={"echo": "pong"}
+        )
+        opening = yield deferToThread(ws_open, host.port, "/echo")
+        self.addCleanup(opening.sock.close)
+        self.assertEqual(opening.status, 101)
+        reply = yield deferToThread(
+            lambda: (ws_send(opening.sock, b"12345"), ws_message(opening.sock))[1]
+        )
+        self.assertEqual(reply, (TEXT, b"12345"))
+        [stats] = host.broker.relays
+        self.assertEqual(
+            (
+                stats.direction,
+                stats.service,
+                stats.route,
+                stats.forward,
+                stats.backward,
+            ),
+            ("in", "echo", "websocket inbound", 5, 5),
+        )
+        self.assertEqual(stats.labels, ("ip:127.0.0.1",))
+
+
+class UnknownServiceTests(TestCase):
+    @inlineCallbacks
+    def test_unknownServiceIs404(self) -> Any:
+        """An allowed name that no service listens on: 404 and the reason."""
+        host = yield start_ws_host(self, rules=["allow in *"])
+        status, reason = yield deferToThread(refusal, host.port, "/nosuch")
+        self.assertEqual(status, 404)
+        self.assertIn("no route to service 'nosuch'", reason)
+
+
+class OriginTests(TestCase):
+    @inlineCallbacks
+    def test_origins(self) -> Any:
+        """
+        A browser page from another origin is refused (403), its own origin
+        and a configured one are served; clients without Origin are too.
+        """
+        host = yield start_ws_host(self, allowed_origins=["https://*.example.org"])
+        port = host.port
+        bad = yield deferToThread(refusal, port, "/pong", "http://evil.example")
+        self.assertEqual(bad, (403, "origin http://evil.example not allowed"))
+        null = yield deferToThread(refusal, port, "/pong", "null")
+        self.assertEqual(null[0], 403)
+        for origin in (f"http://127.0.0.1:{port}", "https://app.example.org", None):
+            status = yield deferToThread(refusal, port, "/pong", origin)
+            self.assertEqual(status[0], 101, origin)
+        local = yield deferToThread(
+            refusal, port, "/pong", f"http://localhost:{port}", f"localhost:{port}"
+        )
+        self.assertEqual(local[0], 101)
+        # DNS rebinding: a page whose name now points here has "our" origin.
+        rebound = f"rebound.example:{port}"
+        status = yield deferToThread(
+            refusal, port, "/pong", f"http://{rebound}", rebound
+        )
+        self.assertEqual(status, (403, f"origin http://{rebound} not allowed"))
+
+
+class LimitTests(TestCase):
+    @inlineCallbacks
+    def test_oversizedMessage(self) -> Any:
+        """
+        A message over max_message_size closes that connection with 1009;
+        the daemon keeps serving, no fd leaks.
+        """
+        host = yield start_ws_host(self, max_message_size=1000)
+        before = yield fd_baseline()
+
+        def oversized() -> tuple[int, bytes]:
+            opening = ws_open(host.port, "/pong")
+            with opening.sock as sock:
+                ws_send(sock, b"x" * 1000, BINARY)
+                first = ws_message(sock)
+                ws_send(sock, b"x" * 1001, BINARY)
+                opcode, payload = ws_message(sock)
+                return first, (opcode, close_code(payload))
+
+        first, closed = yield deferToThread(oversized)
+        self.assertEqual(first, (BINARY, b"x" * 1000))
+        self.assertEqual(closed, (CLOSE, 1009))
+        replies = yield deferToThread(echo, host.port, [(b"ok", TEXT)])
+        self.assertEqual(replies, [(TEXT, b"ok")])
+        yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
+    def test_silentClientDropped(self) -> Any:
+        """
+        A client that never completes the opening handshake is dropped
+        after open_handshake_timeout; the daemon keeps serving, no fd leaks.
+        """
+        host = yield start_ws_host(self, open_handshake_timeout=0.5)
+        before = yield fd_baseline()
+
+        def silent() -> bytes:
+            sock = socket.create_connection(("127.0.0.1", host.port), TIMEOUT)
+            data = b""
+            with sock:
+                sock.sendall(b"GET /pong HTTP/1.1\r\nHost: x\r\n")  # never ends
+                try:
+                    while chunk := sock.recv(4096):
+                        data += chunk
+                except ConnectionResetError:
+                    pass  # dropped, as well
+            return data
+
+        answer = yield deferToThread(silent)
+        self.assertNotIn(b"101", answer)
+        replies = yield deferToThread(echo, host.port, [(b"ok", TEXT)])
+        self.assertEqual(replies, [(TEXT, b"ok")])
+        yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
+    def test_maxConnections(self) -> Any:
+        """Past max_connections, the handshake fails with 503."""
+        host = yield start_ws_host(self, max_connections=2)
+        first = yield deferToThread(ws_open, host.port, "/pong")
+        second = yield deferToThread(ws_open, host.port, "/pong")
+        self.addCleanup(first.sock.close)
+        self.addCleanup(second.sock.close)
+        status = yield deferToThread(refusal, host.port, "/pong")
+        self.assertEqual(status[0], 503)
+
+    @inlineCallbacks
+    def test_clientThatStopsReading(self) -> Any:
+        """
+        A client that sends and stops reading: websocketd stops reading it
+        once the buffers are full (pongd's echoes have nowhere to go), keeps
+        serving others, and drops it when it answers no ping; everything
+        it held is freed while the client still holds its socket.
+        """
+        host = yield start_ws_host(self, ping_interval=0.5, ping_timeout=0.5)
+        before = yield fd_baseline()
+        opening = yield deferToThread(ws_open, host.port, "/pong")
+        sock = opening.sock
+        self.addCleanup(sock.close)
+        sock.settimeout(0.5)
+        payload = os.urandom(60_000)
+
+        def flood() -> int:
+            count = 0
+            try:
+                for _ in range(2000):  # 120 MB if nothing pushed back
+                    ws_send(sock, payload, BINARY)
+                    count += 1
+            except (TimeoutError, ConnectionError):
+                pass
+            return count
+
+        sent = yield deferToThread(flood)
+        self.assertLess(sent, 2000, "websocketd read everything: no backpressure")
+        replies = yield deferToThread(echo, host.port, [(b"others", TEXT)])
+        self.assertEqual(replies, [(TEXT, b"others")])
+        # Dropped for the unanswered pings: back to the fds before it came.
+        yield assert_no_fd_leak({**before, sock.fileno(): "the client's socket"})
+        self.assertEqual(host.broker.relays, set())
+
+
+def rss() -> int:
+    """This process's resident set size, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class Firehose(MessageProtocol):
+    """A service that sends C{total} bytes in 64 KiB messages, as fast as allowed."""
+
+    def messageReceived(self, payload: bytes) -> None:
+        pass
+
+    total = 100 * 1000 * 1000
+    chunk = encode(b"z" * 65536)
+
+    def connectionMade(self) -> None:
+        self.left = self.total
+        self.paused = False
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and self.left > 0:
+            self.transport.write(self.chunk)
+            self.left -= 65536
+        if self.left <= 0:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+    def stopProducing(self) -> None:
+        self.left = 0
+
+
+class SlowReaderTests(TestCase):
+    @inlineCallbacks
+    def test_100MBToASlowReader(self) -> Any:
+        """
+        100 MB from a fast service towards a client that reads slowly
+        arrive whole, and the daemon's memory stays bounded meanwhile.
+        """
+        host = yield start_ws_host(self, rules=["allow in firehose"])
+        factory = Factory.forProtocol(Firehose)
+        factory.noisy = False
+        port = listen_unix(reactor, os.path.join(host.rundir, "firehose"), factory)
+        self.addCleanup(port.stopListening)
+        start = rss()
+        peak = [start]
+
+        def sample() -> None:
+            peak[0] = max(peak[0], rss())
+
+        from twisted.internet.task import LoopingCall
+
+        sampler = LoopingCall(sample)
+        sampler.start(0.05)
+        self.addCleanup(sampler.stop)
+
+        def slow_read() -> int:
+            import time
+
+            opening = ws_open(host.port, "/firehose")
+            assert opening.status == 101, opening
+            received = 0
+            with opening.sock as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+                ws_send(sock, b"go", BINARY)
+                while received < Firehose.total:
+                    opcode, payload = ws_message(sock)
+                    if opcode == CLOSE:
+                        break
+                    received += len(payload)
+                    if received % (4 * 1024 * 1024) < 65536:
+                        time.sleep(0.01)  # slower than the service
+            return received
+
+        received = yield deferToThread(slow_read)
+        self.assertGreaterEqual(received, Firehose.total)
+        growth = peak[0] - start
+        self.assertLess(growth, 48 * 1024 * 1024, f"RSS grew by {growth} bytes")
+
+
+class RouteTests(TestCase):
+    """A libipc client on host A reaches pongd on host B through ws:// routes."""
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.a = yield start_ws_host(self, pongd=False, rules=())
+        self.b = yield start_ws_host(self)
+
+    @inlineCallbacks
+    def lookupOnA(self, route: str) -> Any:
+        payload = f"pong;pong {route}".encode()
+        reply = yield deferToThread(lookup, self.a.rundir, payload)
+        return reply
+
+    @inlineCallbacks
+    def test_wsRoute(self) -> Any:
+        """IPC_NETWORK="pong ws://127.0.0.1:PORT/pong" reaches B's pongd."""
+        reply = yield self.lookupOnA(self.b.route("pong"))
+        self.assertEqual((reply.first, len(reply.fds)), (OK, 1))
+        sock = reply.take_socket(self)
+        answer = yield deferToThread(bounce, sock, b"through two instances")
+        self.assertEqual(answer, encode(b"through two instances"))
+        big = os.urandom(500_000)
+        answer = yield deferToThread(bounce, sock, big)
+        self.assertEqual(answer, encode(big))
+
+    @inlineCallbacks
+    def test_remoteRefusalReachesTheClient(self) -> Any:
+        """B refuses the service: A's client is refused, with B's reason logged."""
+        reply = yield self.lookupOnA(self.b.route("secret"))
+        self.assertEqual(len(reply.fds), 0)
+        self.assertNotEqual(reply.first, OK)
+        self.assertIn(b"403", reply.data)
+
+    @inlineCallbacks
+    def test_controlSocket(self) -> Any:
+        """RUNDIR/ws speaks upstream's control protocol: framed URI, framed ok."""
+
+        def control() -> bytes:
+            sock = connect_unix(os.path.join(self.a.rundir, "ws"))
+            with sock:
+                sock.sendall(encode(self.b.route("pong").encode()))
+                if recv_message(sock) != OK:
+                    return b"no ok"
+                return bounce(sock, b"via control")
+
+        answer = yield deferToThread(control)
+        self.assertEqual(answer, encode(b"via control"))
+
+
+class SecureRouteTests(TestCase):
+    """The same over wss://, verified against a test CA."""
+
+    @inlineCallbacks
+    def lookupOverTls(self, trusted: bool) -> Any:
+        """
+        Host B serves wss with a certificate of a test CA; host A trusts that
+        CA (or another one); a client on A asks for B's pongd.
+        """
+        ca, cert, key = make_ca(short_rundir(self, "ipcd-ca-"))
+        if not trusted:
+            ca, _, _ = make_ca(short_rundir(self, "ipcd-ca-"))
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        b = yield start_ws_host(self, listen=listen)
+        a = yield start_ws_host(self, pongd=False, rules=(), ca=ca)
+        payload = f"pong;pong {b.route('pong')}".encode()
+        self.assertTrue(payload.startswith(b"pong;pong wss://"))
+        reply = yield deferToThread(lookup, a.rundir, payload)
+        return reply
+
+    @inlineCallbacks
+    def test_wssRoute(self) -> Any:
+        reply = yield self.lookupOverTls(trusted=True)
+        self.assertEqual((reply.first, len(reply.fds)), (OK, 1))
+        sock = reply.take_socket(self)
+        answer = yield deferToThread(bounce, sock, b"over tls")
+        self.assertEqual(answer, encode(b"over tls"))
+
+    @inlineCallbacks
+    def test_wssUnknownCaRefused(self) -> Any:
+        """A server whose certificate the CA did not sign is refused."""
+        reply = yield self.lookupOverTls(trusted=False)
+        self.assertEqual(len(reply.fds), 0)
+        self.assertTrue(reply.data.startswith(b"ne websocketd at wss://"), reply.data)

@@ -1,0 +1,244 @@
+"""
+Helpers for websocketd's integration tests: in-process hosts with websocketd
+on an ephemeral loopback port, a test CA for C{wss}, and a minimal blocking
+WebSocket client written here from RFC 6455 (no autobahn, no libipc), to
+run in threads; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase
+
+from ipcd.tap import IPCDService
+from ipcd.test.support import TIMEOUT, make_config, short_rundir, start_ipcd, wait_until
+
+WS_LISTEN = "tcp:0:interface=127.0.0.1"
+TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+@dataclass
+class WsHost:
+    """One in-process ipcd with websocketd, standing for a host."""
+
+    service: IPCDService
+    rundir: str
+    port: int
+    scheme: str = "ws"
+
+    @property
+    def broker(self) -> Any:
+        return self.service.broker
+
+    def route(self, service: str) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}/{service}"
+
+
+@inlineCallbacks
+def start_ws_host(
+    case: SynchronousTestCase,
+    rules: list[str] | tuple[str, ...] = ("allow in pong",),
+    pongd: bool = True,
+    listen: str = WS_LISTEN,
+    redirects: dict[str, str] | None = None,
+    **websocketd: Any,
+) -> Any:
+    """Start an ipcd with websocketd (and pongd); stopped after the test."""
+    rundir = short_rundir(case, "ipcd-ws-")
+    settings = {"listen": listen, "ping_interval": 0, **websocketd}
+    config = make_config(
+        rundir,
+        websocketd=settings,
+        rules=list(rules),
+        pongd={"enabled": pongd},
+        redirects=redirects or {},
+    )
+    service = yield start_ipcd(case, config)
+    port = yield service.getServiceNamed("websocketd").listening()
+    host = WsHost(
+        service,
+        rundir,
+        port.getHost().port,
+        "wss" if listen.startswith("ssl:") else "ws",
+    )
+    case.addCleanup(wait_until, lambda: not service.broker.relays, "relays to end")
+    return host
+
+
+# A test CA and a certificate for 127.0.0.1 / localhost.
+
+
+def make_ca(directory: str) -> tuple[str, str, str]:
+    """Write a CA and a server certificate it signs; their paths (ca, cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    def build(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> Any:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name(issuer))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True)
+        )
+        if not ca:
+            import ipaddress
+
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
+                ),
+                False,
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = build("ipcd test CA", ca_key, "ipcd test CA", ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build("localhost", key, "ipcd test CA", ca_key, False)
+    paths = tuple(os.path.join(directory, n) for n in ("ca.pem", "cert.pem", "key.pem"))
+    pem = serialization.Encoding.PEM
+    with open(paths[0], "wb") as f:
+        f.write(ca_cert.public_bytes(pem))
+    with open(paths[1], "wb") as f:
+        f.write(cert.public_bytes(pem))
+    with open(paths[2], "wb") as f:
+        f.write(
+            key.private_bytes(
+                pem,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return paths  # type: ignore[return-value]
+
+
+# A minimal blocking WebSocket client.
+
+
+@dataclass
+class Opening:
+    """The answer to an opening handshake."""
+
+    sock: socket.socket
+    status: int
+    reason: str
+    headers: dict[str, str]
+
+
+def ws_open(
+    port: int,
+    path: str,
+    origin: str | None = None,
+    host: str = "127.0.0.1",
+    host_header: str | None = None,
+) -> Opening:
+    """Connect and send an opening handshake; the socket and the answer."""
+    sock = socket.create_connection((host, port), timeout=TIMEOUT)
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: {host_header or f'{host}:{port}'}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        byte = sock.recv(1)
+        if not byte:
+            break
+        head += byte
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2) + ["", "", ""]
+    headers = {}
+    for line in header_lines:
+        if ":" in line:
+            key_, value = line.split(":", 1)
+            headers[key_.strip().lower()] = value.strip()
+    status = int(parts[1]) if parts[1].isdigit() else 0
+    return Opening(sock, status, parts[2], headers)
+
+
+def ws_send(sock: socket.socket, payload: bytes, opcode: int = TEXT) -> None:
+    """Send one masked frame (a whole message)."""
+    mask = os.urandom(4)
+    size = len(payload)
+    if size < 126:
+        head = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
+    elif size < 1 << 16:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
+    body = (
+        bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        if size < 4096
+        else (_mask_big(payload, mask))
+    )
+    sock.sendall(head + mask + body)
+
+
+def _mask_big(payload: bytes, mask: bytes) -> bytes:
+    n = len(payload)
+    key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
+    return (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
+
+
+def _exactly(sock: socket.socket, count: int) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = sock.recv(min(count - len(data), 1 << 16))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(data)} of {count} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def ws_recv(sock: socket.socket) -> tuple[int, bytes]:
+    """One whole frame from the server (unmasked): C{(opcode, payload)}."""
+    first, second = _exactly(sock, 2)
+    size = second & 0x7F
+    if size == 126:
+        (size,) = struct.unpack("!H", _exactly(sock, 2))
+    elif size == 127:
+        (size,) = struct.unpack("!Q", _exactly(sock, 8))
+    return first & 0x0F, _exactly(sock, size)
+
+
+def ws_message(sock: socket.socket) -> tuple[int, bytes]:
+    """The next data or close frame, answering pings."""
+    while True:
+        opcode, payload = ws_recv(sock)
+        if opcode == PING:
+            ws_send(sock, payload, PONG)
+        elif opcode != PONG:
+            return opcode, payload
+
+
+def close_code(payload: bytes) -> int:
+    return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 0

@@ -1,0 +1,215 @@
+"""
+websocketd: libipc services over WebSockets (autobahn).
+
+Inbound: a listener (an endpoint string: C{tcp:...}, or C{ssl:...} for
+C{wss}) where C{ws://HOST:PORT/SERVICE} reaches local SERVICE through the
+shared inbound path, one WebSocket message per libipc message
+(L{ipcd.transports.wsserver}); a plain C{GET /} serves the websocketc page.
+
+Outbound: C{ws://} and C{wss://} routes (L{ipcd.transports.wsclient}), and
+for upstream's ipcd the control sockets C{RUNDIR/ws} and C{RUNDIR/wss}
+(framed URI, framed C{ok}, then a byte relay to the joined socketpair).
+
+L{websocketd} is its L{ipcd.daemons.IProtocolDaemon}, registered as a
+Twisted plugin by C{twisted/plugins/ipcd_daemons.py}.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, fail
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from ipcd.config import (
+    Expected,
+    boolean,
+    endpoint,
+    non_negative_number,
+    positive_int,
+    positive_number,
+)
+from ipcd.daemons import Flag, IProtocolDaemon, Setting, settings_of
+from ipcd.errors import Refused
+from ipcd.inbound import listening
+from ipcd.relay import RelayStats, SocketRelays
+from ipcd.routes import RemoteURI
+from ipcd.transports.listeners import (
+    check_listener,
+    control_socket,
+    listen_flag,
+    listen_hint,
+    network_listener,
+)
+from ipcd.transports.wsclient import connect_websocket
+from ipcd.transports.wsserver import WebSocketInboundFactory
+
+SCHEME = "ws"
+SECURE_SCHEME = "wss"
+SECTION = "websocketd"
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+DEFAULT_PORTS = {SCHEME: 80, SECURE_SCHEME: 443}
+DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+# What a peer reads at the connection limit, before any request.
+BUSY = b"HTTP/1.1 503 too many connections\r\nContent-Length: 0\r\n\r\n"
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    expected = "a list of origins like ['https://app.example.com'] (globs allowed)"
+    if not isinstance(value, list) or not all(
+        isinstance(o, str) and o.strip() for o in value
+    ):
+        raise Expected(expected)
+    return tuple(o.strip() for o in value)
+
+
+def _non_negative_int(value: Any) -> int:
+    return 0 if value == 0 and not isinstance(value, bool) else positive_int(value)
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Expected("a file path (empty: the platform's trust roots)")
+    return value
+
+
+class WebSocketService(MultiService):
+    """websocketd: the WebSocket listener, C{RUNDIR/ws} and C{RUNDIR/wss}."""
+
+    def __init__(self, broker: Any, settings: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.setName(SECTION)
+        reactor = broker.reactor
+        # Relays for upstream's control sockets (raw sockets both sides).
+        self.relays = SocketRelays(reactor)
+        listen = settings["listen"]
+
+        def current() -> Mapping[str, Any]:
+            return settings_of(broker.config, websocketd)  # reloads apply
+
+        self.factory = WebSocketInboundFactory(
+            broker, current, secure=listen.startswith("ssl:")
+        )
+        self.listener = network_listener(
+            broker, SECTION, listen, self.factory, lambda reason: BUSY
+        )
+        self.listener.setServiceParent(self)
+        for scheme in (SCHEME, SECURE_SCHEME):
+            control_socket(
+                websocketd,
+                broker,
+                self.relays,
+                self,
+                scheme=scheme,
+                timeout_key="open_handshake_timeout",
+            )
+
+    def startService(self) -> None:  # noqa: N802
+        self.relays.start()
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        stopped = super().stopService()
+        self.relays.stop()
+        for bridge in list(self.factory.bridges):
+            bridge.abortBridge()
+        return stopped
+
+    def listening(self) -> Deferred[Any]:
+        """Fires with the listening port once started (C{getHost()} for it)."""
+        return listening(self.listener)
+
+
+@implementer(IPlugin, IProtocolDaemon)
+class WebSocketDaemon:
+    """
+    websocketd as a protocol daemon: C{ws://} and C{wss://} routes,
+    C{[websocketd]}, C{--ws ENDPOINT}/C{--no-ws}, C{RUNDIR/ws}.
+    """
+
+    scheme = SCHEME
+    also_schemes = (SECURE_SCHEME,)
+    section = SECTION
+    settings = (
+        Setting("enabled", boolean, True, "run websocketd"),
+        Setting("listen", endpoint, DEFAULT_LISTEN, "websocketd's listener"),
+        Setting(
+            "max_message_size",
+            positive_int,
+            DEFAULT_MAX_MESSAGE_SIZE,
+            "bytes: the largest message either way",
+        ),
+        Setting("ping_interval", non_negative_number, 30.0, "seconds (0: no pings)"),
+        Setting("ping_timeout", non_negative_number, 10.0, "seconds for the pong"),
+        Setting("open_handshake_timeout", positive_number, 5.0, "seconds"),
+        Setting("close_handshake_timeout", positive_number, 2.0, "seconds"),
+        Setting("max_connections", _non_negative_int, 256, "at once (0: no limit)"),
+        Setting(
+            "allowed_origins", _origins, (), "browser origins besides websocketd's own"
+        ),
+        Setting("ca", _path, "", "CA file for wss routes (empty: the platform's)"),
+    )
+    flags = (
+        Flag(
+            "ws",
+            f"websocketd's listener, an endpoint string (default {DEFAULT_LISTEN}).",
+            listen_flag,
+            takes_value=True,
+        ),
+        Flag("no-ws", "Do not run websocketd.", lambda _: {"enabled": False}),
+    )
+    restart_keys = ("enabled", "listen")
+
+    def __repr__(self) -> str:
+        return "<websocketd>"
+
+    def enabled(self, settings: Mapping[str, Any]) -> bool:
+        return bool(settings["enabled"])
+
+    def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
+        uri: RemoteURI = target.uri
+        settings = settings_of(broker.config, self)
+        stats = RelayStats(
+            description=str(client),
+            direction="out",
+            service=target.service,
+            route=str(uri),
+            labels=tuple(getattr(client, "labels", ())),
+            registry=broker.relays,
+        )
+        try:
+            return connect_websocket(
+                broker.reactor,
+                uri.scheme,
+                uri.host,
+                uri.port or DEFAULT_PORTS[uri.scheme],
+                target.service,
+                settings,
+                settings["max_message_size"],
+                broker.config.idle_timeout,
+                stats,
+            )
+        except Refused as e:
+            return fail(e)
+
+    def makeService(  # noqa: N802 (Twisted's name)
+        self, broker: Any, settings: Mapping[str, Any]
+    ) -> WebSocketService:
+        return WebSocketService(broker, settings)
+
+    def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
+        on = self.enabled(settings)
+        return {"ws_listen": settings["listen"] if on else None}
+
+    def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
+        check_listener(reactor, self, settings["listen"])
+
+    def hint(self, error: Exception) -> str:
+        return listen_hint(error, "ws")
+
+
+websocketd = WebSocketDaemon()

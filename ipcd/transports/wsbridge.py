@@ -1,0 +1,263 @@
+"""
+One WebSocket connection joined to one libipc connection, message for
+message: websocketd's inbound side (a browser and a local service) and its
+outbound side (a remote websocketd and the client's end of a socketpair)
+are both this.
+
+L{MessageSide} is the libipc end: a L{MessageProtocol} whose messages go out
+as WebSocket messages.  L{WebSocketSide} is the mixin for the autobahn
+protocol on the other end: its messages go to the libipc end framed.
+
+Backpressure both ways with Twisted's producers: each end's transport is
+the streaming producer of the other's, so a full write buffer on either
+side pauses reading on the other.  autobahn writes each message it is given
+straight to its transport, and hands over whole messages only (bounded by
+its C{maxMessagePayloadSize}), so neither side holds more than one message
+plus a transport's buffer.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet.protocol import Factory
+
+from ipcd.relay import RelayStats, ended
+from ipcd.wire import MessageProtocol, encode
+
+# How much a transport of a bridge holds before it pauses the other end
+# (Twisted's default is 64 KiB: one bulk message would pause at each write).
+BRIDGE_BUFFER = 256 * 1024
+
+# WebSocket close codes (RFC 6455, 7.4.1).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_TOO_BIG = 1009
+
+
+class ReactorTimer:
+    """
+    autobahn's timers (handshake deadlines, pings) on an injected reactor,
+    in place of txaio's batched timers on the global one.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> Any:
+        return _Call(self.reactor.callLater(delay, func, *args, **kwargs))
+
+
+class _Call:
+    """A delayed call that may be cancelled after it ran (autobahn does)."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+
+    def cancel(self) -> None:
+        if self.call.active():
+            self.call.cancel()
+
+
+def bridge_options(settings: Any) -> dict[str, Any]:
+    """autobahn's protocol options from websocketd's settings, both ways."""
+    size = settings["max_message_size"]
+    return {
+        "maxMessagePayloadSize": size,
+        "maxFramePayloadSize": size,
+        "autoPingInterval": settings["ping_interval"],
+        "autoPingTimeout": settings["ping_timeout"],
+        "openHandshakeTimeout": settings["open_handshake_timeout"],
+        "closeHandshakeTimeout": settings["close_handshake_timeout"],
+    }
+
+
+def socket_transport(transport: Any) -> Any:
+    """The transport that owns the socket under C{transport}'s wrappers."""
+    while not hasattr(type(transport), "getHandle") and hasattr(transport, "transport"):
+        transport = transport.transport
+    return transport
+
+
+def no_delay(transport: Any) -> None:
+    """
+    TCP_NODELAY on the TCP connection under C{transport} (through TLS):
+    autobahn tries before its options are set, and so never does.
+    """
+    while transport is not None:
+        setter = getattr(type(transport), "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                transport.setTcpNoDelay(True)
+            except OSError:
+                pass  # not TCP after all
+            return
+        transport = getattr(transport, "transport", None)
+
+
+def as_text(payload: bytes) -> bool:
+    """Whether C{payload} can go out as a text message (valid UTF-8)."""
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class MessageSide(MessageProtocol):
+    """
+    The libipc end of a bridge: framed messages in and out.  Each message
+    read goes to the WebSocket end (C{bridge}), as text when the peer's most
+    recent message was text and the payload is UTF-8, else binary.
+    """
+
+    def __init__(self, bridge: WebSocketSide) -> None:
+        self.bridge = bridge
+
+    def makeConnection(self, transport: Any) -> None:  # noqa: N802
+        super().makeConnection(transport)
+        # Ours replace MessageProtocol's pauser: each end pauses the other.
+        transport.unregisterProducer()
+        websocket = self.bridge.transport
+        for end in (transport, socket_transport(websocket)):
+            if hasattr(end, "bufferSize"):
+                end.bufferSize = BRIDGE_BUFFER
+        transport.registerProducer(websocket, True)
+        websocket.registerProducer(transport, True)
+
+    def messageReceived(self, payload: bytes) -> None:  # noqa: N802
+        self.bridge.stats.backward += len(payload)
+        self.bridge.relayMessage(payload)
+
+    def messageTooLarge(self, size: int) -> None:  # noqa: N802
+        self.bridge.closeBridge(CLOSE_TOO_BIG, "message too big")
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        super().connectionLost(reason)
+        self.bridge.messageSideLost()
+
+
+class WebSocketSide:
+    """
+    Mixin for an autobahn protocol (server or client) that is one end of a
+    bridge: call L{joinSocket} once the WebSocket is open.  Its messages go
+    to the libipc end framed; the libipc end's come back through
+    L{relayMessage}.
+    """
+
+    messageSide: MessageSide | None = None
+    replyBinary = True  # binary until the peer has sent a message
+    stats: RelayStats
+    bridges: set[WebSocketSide] | None = None  # the live ones, to stop them
+    _closing = False
+    _lostSides = 0
+
+    def joinSocket(  # noqa: N802
+        self,
+        reactor: Any,
+        sock: socket.socket,
+        max_message_size: int,
+        idle: float,
+        stats: RelayStats,
+        bridges: set[WebSocketSide] | None = None,
+    ) -> None:
+        """
+        Take C{sock} (a connected AF_UNIX socket) as the libipc end.  The
+        bridge is listed in C{stats.registry} (for status) and C{bridges}
+        while it lives.
+        """
+        self.stats, self.bridges = stats, bridges
+        if stats.registry is not None:
+            stats.registry.add(stats)
+        if bridges is not None:
+            bridges.add(self)
+        side = MessageSide(self)
+        side.maxMessageSize = max_message_size
+        side.idleTimeout = idle
+        side.clock = reactor
+        factory = Factory.forProtocol(lambda: side)  # type: ignore[arg-type]
+        try:
+            reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, factory)
+        finally:
+            sock.close()  # the reactor holds its own duplicate
+        self.messageSide = side
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
+        self.replyBinary = isBinary
+        side = self.messageSide
+        if side is not None and side.transport is not None:
+            self.stats.forward += len(payload)
+            side.resetTimeout()
+            side.transport.write(encode(payload))
+
+    def relayMessage(self, payload: bytes) -> None:  # noqa: N802
+        """A message from the libipc end: out as the peer's last type."""
+        if self._closing or self.state != self.STATE_OPEN:  # type: ignore[attr-defined]
+            return  # the WebSocket is closing: nobody to send it to
+        binary = self.replyBinary or not as_text(payload)
+        self.sendMessage(payload, isBinary=binary)  # type: ignore[attr-defined]
+
+    def closeBridge(self, code: int, reason: str) -> None:  # noqa: N802
+        """Close the WebSocket (a closing handshake, bounded by autobahn)."""
+        if self._closing:
+            return
+        self._closing = True
+        transport = getattr(self, "transport", None)
+        if transport is not None and getattr(transport, "producer", None):
+            transport.unregisterProducer()
+        self.sendClose(code, reason)  # type: ignore[attr-defined]
+
+    def messageSideLost(self) -> None:  # noqa: N802
+        """The libipc end is gone: close the WebSocket after what it holds."""
+        self.closeBridge(CLOSE_NORMAL, "")
+        self._sideEnded()
+
+    def _sideEnded(self) -> None:
+        self._lostSides += 1
+        if self._lostSides == 2:  # both gone: the bridge has ended
+            ended(self.stats)
+            if self.bridges is not None:
+                self.bridges.discard(self)
+
+    def cancelTimers(self) -> None:  # noqa: N802
+        """
+        After the connection is lost: autobahn leaves its closing handshake
+        deadline pending (harmless on txaio's timers, a stray call on ours).
+        """
+        call = getattr(self, "closeHandshakeTimeoutCall", None)
+        if call is not None:
+            call.cancel()
+            self.closeHandshakeTimeoutCall = None
+
+    def abortBridge(self) -> None:  # noqa: N802
+        """Close both ends now (websocketd is stopping)."""
+        for transport in (
+            getattr(self, "transport", None),
+            self.messageSide and self.messageSide.transport,
+        ):
+            if transport is not None:
+                transport.abortConnection()
+
+    def webSocketLost(self, clean: bool) -> None:  # noqa: N802
+        """
+        The WebSocket is gone.  After a clean close the libipc end gets what
+        it is still owed, then EOF (its replies are read and dropped
+        meanwhile); after an unclean one (a reset, a ping timeout) it is
+        closed at once, as a relay passes a reset on.
+        """
+        self._closing = True
+        side, self.messageSide = self.messageSide, None  # once
+        if side is None:
+            return  # never joined
+        if side.transport is not None:
+            transport = side.transport
+            if getattr(transport, "producer", None) is not None:
+                transport.unregisterProducer()
+            if clean:
+                transport.resumeProducing()
+                transport.loseConnection()
+            else:
+                transport.abortConnection()
+        self._sideEnded()

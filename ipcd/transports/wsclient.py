@@ -1,0 +1,171 @@
+"""
+websocketd's outbound half: a C{ws://HOST:PORT/SERVICE} or C{wss://...}
+route.  The client gets one end of a socketpair; websocketd joins the other
+end to a WebSocket connection to the remote websocketd, message for message.
+C{wss} verifies the server's certificate and name (service_identity, through
+Twisted's C{optionsForClientTLS}) against the platform's trust roots or the
+configured CA file.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import ssl
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.python.failure import Failure
+
+from ipcd.errors import Refused
+from ipcd.logs import printable
+from ipcd.relay import RelayStats
+from ipcd.transports.wsbridge import (
+    ReactorTimer,
+    WebSocketSide,
+    bridge_options,
+    no_delay,
+)
+
+
+class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
+    """The WebSocket to the remote websocketd, for one client's route."""
+
+    factory: WebSocketOutboundFactory
+
+    def connectionMade(self) -> None:  # noqa: N802
+        super().connectionMade()
+        no_delay(self.transport)
+
+    def onOpen(self) -> None:  # noqa: N802
+        factory = self.factory
+        if factory.result.called:  # cancelled meanwhile
+            self.dropConnection(abort=True)
+            return
+        ours, theirs = factory.pair
+        self.joinSocket(
+            factory.reactor,
+            ours,
+            factory.max_message_size,
+            factory.idle,
+            factory.stats,
+            factory.bridges,
+        )
+        factory.result.callback(theirs)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        super().connectionLost(reason)  # type: ignore[arg-type]
+        self.cancelTimers()
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:  # noqa: N802, N803
+        self.webSocketLost(wasClean)
+        self.factory.failed(reason or self.wasNotCleanReason or "closed")
+
+
+class WebSocketOutboundFactory(WebSocketClientFactory):
+    protocol = WebSocketOutbound
+    noisy = False
+
+    def __init__(
+        self,
+        reactor: Any,
+        url: str,
+        max_message_size: int,
+        idle: float,
+        settings: Any,
+        stats: RelayStats,
+        bridges: set[WebSocketSide] | None = None,
+    ) -> None:
+        super().__init__(url)
+        self.reactor = reactor
+        self._batched_timer = ReactorTimer(reactor)
+        self.stats = stats
+        self.bridges = bridges
+        self.max_message_size = max_message_size
+        self.idle = idle
+        self.setProtocolOptions(**bridge_options(settings))
+        self.pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.result: Deferred[socket.socket] = Deferred(self._cancel)
+        self.connecting: Deferred[Any] | None = None
+        self.protocolInstance: WebSocketOutbound | None = None
+
+    def buildProtocol(self, addr: Any) -> WebSocketOutbound:  # noqa: N802
+        self.protocolInstance = super().buildProtocol(addr)
+        return self.protocolInstance
+
+    def failed(self, reason: str) -> None:
+        """The WebSocket did not open (or closed before): refuse the route."""
+        if not self.result.called:
+            self._close_pair()
+            where = self.url
+            self.result.errback(
+                Refused(f"websocketd at {where}: {printable(str(reason))}")
+            )
+
+    def _close_pair(self) -> None:
+        for sock in self.pair:
+            sock.close()
+
+    def _cancel(self, result: Deferred[Any]) -> None:
+        # The broker's connect deadline passed, or the client went away.
+        self._close_pair()
+        if self.connecting is not None:
+            self.connecting.cancel()
+        protocol = self.protocolInstance
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.abortConnection()
+
+
+def trust_root(ca_file: str) -> Any:
+    """The roots that verify a wss server: C{ca_file}'s, else the platform's."""
+    if not ca_file:
+        return ssl.platformTrust()
+    with open(ca_file, "rb") as f:
+        return ssl.Certificate.loadPEM(f.read())
+
+
+def connect_websocket(
+    reactor: Any,
+    scheme: str,
+    host: str,
+    port: int,
+    service: str,
+    settings: Any,
+    max_message_size: int,
+    idle: float,
+    stats: RelayStats,
+    bridges: set[WebSocketSide] | None = None,
+) -> Deferred[socket.socket]:
+    """
+    Open a WebSocket to C{scheme://host:port/service}; fires with the
+    client's end of a socketpair joined to it, or fails with L{Refused}.
+    """
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    url = f"{scheme}://{shown}/{service}"
+    factory = WebSocketOutboundFactory(
+        reactor, url, max_message_size, idle, settings, stats, bridges
+    )
+    endpoint: Any = HostnameEndpoint(reactor, host, port)
+    if scheme == "wss":
+        try:
+            options = ssl.optionsForClientTLS(
+                host, trustRoot=trust_root(settings["ca"])
+            )
+        except (OSError, ssl.SSL.Error, ValueError) as e:
+            factory._close_pair()
+            raise Refused(f"cannot verify {url}: bad ca {settings['ca']!r}: {e}")
+        endpoint = wrapClientTLS(options, endpoint)
+    factory.connecting = connecting = endpoint.connect(factory)
+
+    def unreachable(failure: Failure) -> None:
+        factory.connecting = None
+        if not failure.check(CancelledError):
+            reason = failure.getErrorMessage()
+            factory.failed(f"cannot connect: {reason}")
+
+    def connected(protocol: Any) -> None:
+        factory.connecting = None
+
+    connecting.addCallbacks(connected, unreachable)
+    return factory.result

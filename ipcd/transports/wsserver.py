@@ -1,0 +1,236 @@
+"""
+websocketd's listener: C{ws://HOST:PORT/SERVICE} reaches local SERVICE.
+
+The opening handshake asks the broker's inbound resolver for SERVICE on the
+peer's behalf (redirections, the C{in} policy with the peer's C{ip:} label,
+admin routes; never a host the peer names); a refusal fails the handshake
+with an HTTP status and the reason.  A plain C{GET /} (no upgrade) serves
+the websocketc page; any other plain request is a 404.
+
+The origin check is websocketd's, not autobahn's: with no allowed origins
+configured, a browser page may connect only from websocketd's own origin
+(the page it serves), and clients that send no C{Origin} (not browsers)
+are not concerned.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from fnmatch import fnmatchcase
+from typing import Any
+from urllib.parse import urlsplit
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+
+from ipcd.errors import Refused
+from ipcd.identity import remote_peer
+from ipcd.logs import printable
+from ipcd.relay import RelayStats
+from ipcd.transports.wsbridge import (
+    ReactorTimer,
+    WebSocketSide,
+    bridge_options,
+    no_delay,
+)
+from ipcd.transports.wspage import page_response
+
+NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def _address_host(host: str) -> bool:
+    """Whether a C{Host} header names an IP address or C{localhost}."""
+    try:
+        name = urlsplit(f"//{host}").hostname or ""
+    except ValueError:
+        return False
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def origin_allowed(origin: str, host: str, allowed: Sequence[str]) -> bool:
+    """
+    Whether a browser page from C{origin} (its C{Origin} header) may connect,
+    the request's C{Host} being C{host}: its own origin when websocketd is
+    reached by address (or C{localhost}); others, and its own under a DNS
+    name, only when they match one of C{allowed} (exact origins, or globs
+    like C{https://*.example.com}).  A C{null} origin only when listed.
+
+    A DNS name is not enough for "its own": a page whose name an attacker
+    re-points at this host (DNS rebinding) has the same origin as the host.
+    """
+    origin, host = origin.strip().lower(), host.strip().lower()
+    if origin != "null" and _address_host(host):
+        parts = urlsplit(origin)
+        if parts.scheme in ("http", "https") and parts.netloc == host:
+            return True
+    return any(fnmatchcase(origin, pattern.lower()) for pattern in allowed)
+
+
+def _status_reason(reason: str) -> str:
+    """A refusal's reason as it can go on an HTTP status line."""
+    return " ".join(printable(reason).split())[:200]
+
+
+class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
+    """A remote peer asking for a local service over a WebSocket."""
+
+    factory: WebSocketInboundFactory
+    _socket: socket.socket | None = None
+    _pending: Deferred[Any] | None = None
+    _lost = False
+    _service = ""
+
+    def makeConnection(self, transport: Any) -> None:  # noqa: N802
+        # autobahn reads TLS details off the TLS transport itself, not off
+        # a wrapper that only says it is one (the connection limits').
+        while ISSLTransport.providedBy(transport) and not isinstance(
+            transport, TLSMemoryBIOProtocol
+        ):
+            transport = transport.transport
+        super().makeConnection(transport)
+
+    def connectionMade(self) -> None:  # noqa: N802
+        super().connectionMade()
+        no_delay(self.transport)
+
+    def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:  # noqa: N802
+        settings = self.factory.settings()
+        origin = request.origin
+        headers = request.headers
+        browser = origin or "origin" in headers or "sec-websocket-origin" in headers
+        if browser and not origin_allowed(
+            origin, request.headers.get("host", ""), settings["allowed_origins"]
+        ):
+            raise ConnectionDeny(403, f"origin {_status_reason(origin)} not allowed")
+        self._service = service = request.path.removeprefix("/")
+        address = self.transport.getPeer()
+        self._peer = peer = remote_peer(address.host, address.port)
+        self._pending = d = self.factory.broker.open_inbound(service, peer)
+        d.addCallbacks(self._opened, self._refused)
+        return d
+
+    def _opened(self, sock: socket.socket) -> None:
+        self._pending = None
+        if self._lost:
+            sock.close()
+            raise ConnectionDeny(410, "gone")
+        self._socket = sock
+
+    def _refused(self, failure: Failure) -> None:
+        self._pending = None
+        if failure.check(Refused):
+            reason = failure.value.reason
+            code = 404 if reason.startswith("no route to service") else 403
+            raise ConnectionDeny(code, _status_reason(reason))
+        self.factory.log.failure("websocket request failed", failure)  # type: ignore[attr-defined]
+        raise ConnectionDeny(500, "internal error")
+
+    def onOpen(self) -> None:  # noqa: N802
+        sock, self._socket = self._socket, None
+        if sock is None:  # cannot happen: onConnect succeeded
+            self.dropConnection(abort=True)
+            return
+        factory = self.factory
+        peer = self._peer
+        stats = RelayStats(
+            description=str(peer),
+            direction="in",
+            service=self._service,
+            route="websocket inbound",
+            labels=tuple(peer.labels),
+            registry=factory.broker.relays,
+        )
+        self.joinSocket(
+            factory.reactor,
+            sock,
+            factory.settings()["max_message_size"],
+            factory.broker.config.idle_timeout,
+            stats,
+            factory.bridges,
+        )
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:  # noqa: N802, N803
+        self.webSocketLost(wasClean)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        self._lost = True
+        if self._pending is not None:
+            self._pending.cancel()
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        super().connectionLost(reason)  # type: ignore[arg-type]
+        self.cancelTimers()
+
+    # Plain HTTP (no upgrade): autobahn's status page and ?redirect= are
+    # replaced by the websocketc page at / and a 404 elsewhere.
+
+    def sendServerStatus(self, redirectUrl: Any = None, redirectAfter: int = 0) -> None:  # noqa: N802, N803
+        if self.http_request_path == "/":
+            self.sendData(page_response())
+        else:
+            self.sendData(NOT_FOUND)
+
+    def sendRedirect(self, url: str) -> None:  # noqa: N802
+        self.sendServerStatus()
+
+
+class WebSocketInboundFactory(WebSocketServerFactory):
+    """
+    Builds L{WebSocketInbound}s for one listener.  C{settings} gives
+    websocketd's section as it is now (read per connection, so a reload
+    applies to new ones).
+    """
+
+    protocol = WebSocketInbound
+    noisy = False
+    log = Logger()
+
+    def __init__(
+        self,
+        broker: Any,
+        settings: Callable[[], Mapping[str, Any]],
+        secure: bool = False,
+    ) -> None:
+        super().__init__(server="ipcd-websocketd")
+        self.broker = broker
+        self.reactor = broker.reactor
+        self.settings = settings
+        self.isSecure = secure
+        self._batched_timer = ReactorTimer(self.reactor)
+        self.bridges: set[WebSocketSide] = set()
+        self.apply(settings())
+
+    def apply(self, settings: Mapping[str, Any]) -> None:
+        """autobahn's options from websocketd's settings."""
+        self.setProtocolOptions(
+            **bridge_options(settings),
+            maxConnections=settings["max_connections"],
+            # websocketd checks origins itself (see origin_allowed).
+            allowedOrigins=["*"],
+            allowNullOrigin=True,
+            webStatus=True,
+            # A protocol error or an oversized message closes with a code.
+            failByDrop=False,
+            # No compression: messages are bounded as they come, and
+            # compressed ones would not be (and CRIME/BREACH).
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+    def buildProtocol(self, addr: Any) -> WebSocketInbound:  # noqa: N802
+        # A reload's settings apply to new connections.
+        self.apply(self.settings())
+        return super().buildProtocol(addr)
