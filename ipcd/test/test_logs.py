@@ -33,10 +33,7 @@ def events() -> list[dict[str, Any]]:
         "log_namespace": "ipcd.broker.Broker",
         "log_level": LogLevel.info,
     }
-    try:
-        1 / 0
-    except ZeroDivisionError:
-        failure = Failure()
+    failure = Failure(ZeroDivisionError("division by zero"))
     return [
         {
             **base,
