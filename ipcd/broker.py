@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +29,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
@@ -69,6 +70,9 @@ from ipcd.sockets import (
 )
 from ipcd.transports.external import ExternalDaemon
 from ipcd.wire import HEADER, MessageProtocol, PartialMessageBudget
+
+# Lookup payloads whose plan is kept; past this many, all are forgotten.
+_MAX_PLANS = 256
 
 # What serving a request gives, at once or later: the connected socket, a
 # Failure (Refused: answered ne), or a Deferred of either.
@@ -155,6 +159,7 @@ class Broker:
         self.limits: dict[str, ConnectionLimits] = {}
         self._fixed_inodes: set[tuple[int, int]] | None = None
         self._names_cache: Any = None
+        self._plans: dict[bytes, tuple[Config, str, Any]] = {}
         # Local clients' identity labels, by uid and gid.
         self.labels = LabelCache(config.label_cache_max_age)
         self.config = config
@@ -198,18 +203,29 @@ class Broker:
         L{Failure} (L{Refused} for a C{ne}); else a C{Deferred} as L{open}'s.
         """
         self.counters["lookups"] += 1
+        config = self._config
+        planned = self._plans.get(payload)
+        if planned is not None and planned[0] is config:
+            _config, service, where = planned
+            event = _Event("local", client, service)
+            return self._police_and_connect(event, where.target, where.names)
         shown = printable(payload[:80].decode("utf-8", "replace"))
         event = _Event("local", client, shown)
         try:
             lookup = parse_lookup(payload)
             event.service = lookup.service
             route = lookup.route_for(lookup.service)
-            uri = route.uri if route and self.config.allow_client_routes else None
-            where = plan(self.config, lookup.service, uri)
+            uri = route.uri if route and config.allow_client_routes else None
+            where = plan(config, lookup.service, uri)
         except (RouteError, InvalidServiceName) as e:
             return self._refuse(event, Refused(f"bad lookup: {e}"))
         except Refused as e:
             return self._refuse(event, e)
+        # Parsing and planning are pure: a payload seen before (clients
+        # send the same one again and again) is planned once per config.
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[payload] = (config, lookup.service, where)
         return self._police_and_connect(event, where.target, where.names)
 
     def open_uri(self, uri: RemoteURI, client: Peer) -> Deferred[socket.socket]:
@@ -437,9 +453,9 @@ class Broker:
             verdict = f"{verdict}; {event.access}"
         # A refusal's reason already says the verdict: do not say it twice.
         said = verdict in outcome
-        self.log.info(
-            "{direction} {service!r} for {who} -> {target}: {outcome}"
-            + ("" if said else " ({verdict})"),
+        # Logger.info's event, built here: one per lookup.
+        log = self.log
+        fields = dict(
             direction=event.direction,
             service=printable(event.service),
             who=printable(str(event.who)),
@@ -452,7 +468,14 @@ class Broker:
             else str(decision.rule),
             allowed=None if decision is None else decision.allowed,
             outcome=printable(outcome),
+            log_logger=log,
+            log_level=LogLevel.info,
+            log_namespace=log.namespace,
+            log_source=log.source,
+            log_format=_DECIDED if said else _DECIDED_VERDICT,
+            log_time=time.time(),
         )
+        log.observer(fields)
 
     def transport_for(self, scheme: str) -> IOutbound:
         """
@@ -480,6 +503,10 @@ class Broker:
                 f"not trusted as the {scheme} daemon"
             )
         return ExternalDaemon(self.reactor, scheme, path)
+
+
+_DECIDED = "{direction} {service!r} for {who} -> {target}: {outcome}"
+_DECIDED_VERDICT = _DECIDED + " ({verdict})"
 
 
 @dataclass
