@@ -14,39 +14,46 @@ still to come).
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import unix
-from twisted.internet.tcp import _accept, _BuffersLogs, _reservedFD
 from twisted.logger import Logger
 
 _log = Logger()
+_FAMILY = socket.AF_UNIX
+_TYPE = socket.SOCK_STREAM
 
 
 class LookupPort(unix.Port):
     """C{twisted.internet.unix.Port}, with its factory's fast path first."""
 
     def doRead(self) -> None:  # noqa: N802 (Twisted's name)
-        # Twisted's own accept loop (tcp.Port.doRead): the same accept
-        # batching, and accept errors (EMFILE) logged through the port's
-        # logger as before, which ipcd.limits counts.
+        # Twisted's accept loop (tcp.Port.doRead) in short: the same batch
+        # sizes; an accept error other than "no more" (EMFILE, ...) goes to
+        # Twisted's own loop, which handles and logs it as before (and
+        # ipcd.limits counts it).
+        accept = self.socket._accept
+        accepted = 0
         try:
-            with _BuffersLogs(
-                self._logger.namespace, self._logger.observer
-            ) as buffering:
-                accepted = 0
-                clients = _accept(
-                    buffering, range(self.numberAccepts), self.socket, _reservedFD
-                )
-                for skt, addr in clients:
-                    accepted += 1
-                    self._serve(skt, addr)
-            if accepted == self.numberAccepts:
-                self.numberAccepts += 20
-            else:
-                self.numberAccepts = max(1, accepted)
+            for _ in range(self.numberAccepts):
+                try:
+                    fd, addr = accept()
+                except BlockingIOError:
+                    break
+                except OSError:
+                    super().doRead()
+                    return
+                accepted += 1
+                # What socket.accept() makes of it, without looking up the
+                # family and type of the listener each time.
+                self._serve(socket.socket(_FAMILY, _TYPE, 0, fd), addr)
         except BaseException:
             _log.failure("accepting on {port}", port=self.port)
+        if accepted == self.numberAccepts:
+            self.numberAccepts += 20
+        else:
+            self.numberAccepts = max(1, accepted)
 
     def _serve(self, skt: Any, addr: Any) -> None:
         try:

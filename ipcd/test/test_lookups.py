@@ -114,28 +114,25 @@ class AnsweredAtOnceTests(TestCase):
     def test_wholeLookupAnsweredAtOnce(self) -> Any:
         rundir = short_rundir(self)
         service = yield start_ipcd(self, make_config(rundir))
-        reply = yield deferToThread(lookup, rundir, b"pong;")
-        reply.close_fds()
-        self.assertEqual(reply.data, b"ok")
+        # Sent before the reactor runs again: whole when ipcd accepts.
+        sock = self.connect(rundir)
+        sock.sendall(encode(b"pong;"))
+        data, fds = yield self.answer(sock)
+        self.assertEqual((data, fds), (b"ok", 1))
         counters = service.broker.counters
         self.assertEqual(counters["lookups answered at accept"], 1)
         self.assertEqual(counters["connected"], 1)
 
-    @inlineCallbacks
-    def test_splitLookupStillAnswered(self) -> Any:
-        """A lookup that arrives in pieces goes the general way, to C{ok}."""
-        rundir = short_rundir(self)
-        service = yield start_ipcd(self, make_config(rundir))
-        limits = service.broker.limits["ipc"]
+    def connect(self, rundir: str) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX)
         self.addCleanup(sock.close)
         sock.settimeout(TIMEOUT)
         sock.connect(os.path.join(rundir, "ipc"))
-        framed = encode(b"pong;")
-        sock.sendall(framed[: HEADER.size + 1])
-        # ipcd has accepted it, with a part of the lookup only.
-        yield wait_until(lambda: limits.total == 1, "ipcd to accept")
-        sock.sendall(framed[HEADER.size + 1 :])
+        return sock
+
+    @inlineCallbacks
+    def answer(self, sock: socket.socket) -> Any:
+        """Wait (from the reactor, bounded) for ipcd's answer on C{sock}."""
         sock.setblocking(False)
 
         def answered() -> Any:
@@ -147,7 +144,21 @@ class AnsweredAtOnceTests(TestCase):
         data, fds, _flags, _addr = yield wait_until(answered, "the answer")
         for fd in fds:
             os.close(fd)
-        self.assertEqual((data, len(fds)), (b"ok", 1))
+        return data, len(fds)
+
+    @inlineCallbacks
+    def test_splitLookupStillAnswered(self) -> Any:
+        """A lookup that arrives in pieces goes the general way, to C{ok}."""
+        rundir = short_rundir(self)
+        service = yield start_ipcd(self, make_config(rundir))
+        limits = service.broker.limits["ipc"]
+        sock = self.connect(rundir)
+        framed = encode(b"pong;")
+        sock.sendall(framed[: HEADER.size + 1])
+        # ipcd has accepted it, with a part of the lookup only.
+        yield wait_until(lambda: limits.total == 1, "ipcd to accept")
+        sock.sendall(framed[HEADER.size + 1 :])
+        self.assertEqual((yield self.answer(sock)), (b"ok", 1))
         self.assertEqual(service.broker.counters["lookups answered at accept"], 0)
         self.assertEqual(service.broker.counters["connected"], 1)
 
