@@ -707,14 +707,19 @@ class LookupFactory(Factory):
         protocol.factory = self
         return protocol
 
-    def serve_at_once(self, skt: socket.socket) -> Callable[[Any], None] | None:
+    def serve_at_once(
+        self,
+        skt: socket.socket,
+        close_later: Callable[[socket.socket], None] = socket.socket.close,
+    ) -> Callable[[Any], None] | None:
         """
         Serve a just-accepted client of a L{ipcd.lookupport.LookupPort}
         without a transport, when nothing has to wait: its whole lookup is
         in the socket, it is within its limits, and the broker answers at
-        once.  C{None} when it was answered and closed; else how to carry
-        on once a L{LookupProtocol} has the connection, which answers as
-        it would have from the start.
+        once.  C{None} when it was answered and closed (answered C{ok}:
+        given to C{close_later}); else how to carry on once a
+        L{LookupProtocol} has the connection, which answers as it would
+        have from the start.
         """
         try:
             data = skt.recv(_READ_AT_ONCE, socket.MSG_DONTWAIT)
@@ -767,8 +772,11 @@ class LookupFactory(Factory):
             answer.close()
         if sent < len(reply):
             return _carry_on(b"", None, reply[sent:])
-        skt.close()
         self.broker.counters["lookups answered at accept"] += 1
+        if ancillary and sent > 0:
+            close_later(skt)  # the descriptor may be in flight still
+        else:
+            skt.close()
         return None
 
 

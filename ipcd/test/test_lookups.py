@@ -17,10 +17,12 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd.identity import LabelCache, local_labels
+from ipcd.lookupport import HandedOver
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
     TIMEOUT,
@@ -298,3 +300,58 @@ class GroupChangeTests(TestCase):
         self.assertIn(b"denied", (yield self.answer()))
         self.assertTrue(service.reload()["ok"])
         self.assertEqual((yield self.answer()), b"ok")
+
+
+class HandedOverTests(SynchronousTestCase):
+    """
+    L{HandedOver}: a connection answered with a descriptor ends for the
+    client at once (EOF), and is closed by ipcd when the client has closed,
+    within its grace, or when too many wait.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.handed = HandedOver(self.clock, grace=0.05, most=2)
+
+    def pair(self) -> tuple[socket.socket, socket.socket]:
+        ours, client = socket.socketpair(socket.AF_UNIX)
+        self.addCleanup(ours.close)
+        self.addCleanup(client.close)
+        client.settimeout(TIMEOUT)
+        return ours, client
+
+    def test_clientSeesEof(self) -> None:
+        ours, client = self.pair()
+        self.handed.add(ours)
+        self.assertEqual(client.recv(10), b"")
+        self.assertEqual(len(self.handed), 1)
+
+    def test_closedOnceTheClientCloses(self) -> None:
+        ours, client = self.pair()
+        self.handed.add(ours)
+        self.handed.sweep()
+        self.assertNotEqual(ours.fileno(), -1, "the client has not closed yet")
+        client.close()
+        self.handed.sweep()
+        self.assertEqual(ours.fileno(), -1)
+        self.assertEqual(len(self.handed), 0)
+
+    def test_closedAfterGrace(self) -> None:
+        ours, _client = self.pair()
+        self.handed.add(ours)
+        self.clock.advance(0.05)
+        self.assertEqual(ours.fileno(), -1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_atMost(self) -> None:
+        socks = [self.pair()[0] for _ in range(3)]
+        for sock in socks:
+            self.handed.add(sock)
+        self.assertEqual([s.fileno() == -1 for s in socks], [True, False, False])
+
+    def test_closeAll(self) -> None:
+        ours, _client = self.pair()
+        self.handed.add(ours)
+        self.handed.close_all()
+        self.assertEqual(ours.fileno(), -1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
