@@ -749,10 +749,6 @@ class LookupFactory(Factory):
         if isinstance(answer, Deferred):
             return _carry_on(b"", answer)
         if isinstance(answer, Failure):
-            if not answer.check(Refused):
-                LookupProtocol.log.failure(
-                    "lookup for {who} failed", answer, who=str(client)
-                )
             reply = b"ne " + _reason(answer).encode("utf-8", "replace")
             ancillary = []
         else:
@@ -768,6 +764,11 @@ class LookupFactory(Factory):
             return _carry_on(b"", answer)  # the protocol answers, as usual
         except OSError:
             sent = len(reply)  # the client is gone: nobody to answer
+        if not ancillary and not answer.check(Refused):
+            # As LookupProtocol._answer_failure says it.
+            LookupProtocol.log.failure(
+                "lookup for {who} failed", answer, who=str(client)
+            )
         if ancillary:
             answer.close()
         if sent < len(reply):
