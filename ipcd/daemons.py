@@ -167,14 +167,26 @@ class BoundOutbound:
         return self.daemon.connect(self.broker, target, client)
 
 
-class RegistryError(ValueError):
+class RegistryError(StartupError, ValueError):
     """Two daemons claim the same scheme or section."""
 
 
 class Registry(Mapping[str, IProtocolDaemon]):
-    """The protocol daemons by scheme (an immutable mapping)."""
+    """
+    The protocol daemons by scheme (an immutable mapping).  C{origins} says
+    where each came from (by C{id}), for the error when two collide.
+    """
 
-    def __init__(self, daemons: Iterable[IProtocolDaemon] = ()) -> None:
+    def __init__(
+        self,
+        daemons: Iterable[IProtocolDaemon] = (),
+        origins: Mapping[int, str] | None = None,
+    ) -> None:
+        origins = origins or {}
+
+        def where(daemon: IProtocolDaemon) -> str:
+            return origins.get(id(daemon), type(daemon).__module__)
+
         by_scheme: dict[str, IProtocolDaemon] = {}
         by_section: dict[str, IProtocolDaemon] = {}
         for daemon in daemons:
@@ -185,7 +197,9 @@ class Registry(Mapping[str, IProtocolDaemon]):
                 other = table.get(name)
                 if other is not None and other is not daemon:
                     raise RegistryError(
-                        f"two protocol daemons claim {name!r}: {other!r} and {daemon!r}"
+                        f"two protocol daemons claim {name!r}: {other!r} from "
+                        f"{where(other)} and {daemon!r} from {where(daemon)} "
+                        "(remove one of those plugins)"
                     )
             by_scheme[daemon.scheme] = by_section[daemon.section] = daemon
         self._by_scheme = by_scheme
@@ -238,7 +252,24 @@ def registry(*packages: ModuleType) -> Registry:
     found: list[IProtocolDaemon] = []
     for package in packages:
         found.extend(getPlugins(IProtocolDaemon, package))
-    return Registry(found)
+    return Registry(found, _origins(found, packages))
+
+
+def _origins(
+    daemons: Sequence[IProtocolDaemon], packages: Sequence[ModuleType]
+) -> dict[int, str]:
+    """The plugin module (in C{packages}) that holds each of C{daemons}, by C{id}."""
+    import sys
+
+    wanted = {id(daemon) for daemon in daemons}
+    prefixes = tuple(package.__name__ + "." for package in packages)
+    origins: dict[int, str] = {}
+    for name, module in list(sys.modules.items()):
+        if name.startswith(prefixes):
+            for value in vars(module).values():
+                if id(value) in wanted:
+                    origins.setdefault(id(value), name)
+    return origins
 
 
 @cache

@@ -75,6 +75,7 @@ class Handshaking(Protocol, TimeoutMixin):
     direction = "in"
     requested = ""
     route = ""
+    stats_type: type[RelayStats] = RelayStats
     who: Peer
 
     def __init__(self, factory: HandshakeFactory) -> None:
@@ -146,7 +147,7 @@ class Handshaking(Protocol, TimeoutMixin):
         if self._gone:
             sock.close()
             return
-        stats = RelayStats(
+        stats = self.stats_type(
             description=str(self.who),
             direction=self.direction,
             service=self.requested,
@@ -154,17 +155,26 @@ class Handshaking(Protocol, TimeoutMixin):
             labels=tuple(self.who.labels),
             registry=self.factory.broker.relays,
         )
+        early, self._early = b"".join(self._early), []
+        self.relay(sock, stats, wire.encode(OK) if self.framed else OK, early)
+
+    def relay(
+        self, sock: socket.socket, stats: RelayStats, greeting: bytes, early: bytes
+    ) -> None:
+        """
+        Join the peer to C{sock} (the other side) in the factory's relay
+        loop: by default, the peer's own socket, taken from its transport.
+        """
         # The connection counts against its listener's limits until the
         # relay ends (a limits wrapper hands that over, if there is one).
         stats.on_end = getattr(self.transport, "handOff", lambda: None)()
         # From here on the relay loop owns the peer's socket: this protocol
         # and its transport are done with it (and dropped).
-        early, self._early = b"".join(self._early), []
         self.factory.relays.join(
             take_socket(self.transport),
             sock,
             stats,
-            greeting=wire.encode(OK) if self.framed else OK,
+            greeting=greeting,
             early=early,
             idle_timeout=self.factory.idle_timeout,
         )

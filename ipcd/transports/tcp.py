@@ -17,45 +17,44 @@ plugin by C{twisted/plugins/ipcd_daemons.py}.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import socket
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionLost
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ipcd import wire
 from ipcd.config import boolean, endpoint, positive_number
-from ipcd.daemons import Flag, IProtocolDaemon, Setting, StartupError, settings_of
+from ipcd.daemons import Flag, IProtocolDaemon, Setting
 from ipcd.errors import Refused
 from ipcd.inbound import (
     MAX_HANDSHAKE,
     OK,
-    ControlHandshake,
-    HandshakeFactory,
-    Handshaking,
     NetworkHandshake,
     framed,
     listening,
 )
-from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.logs import printable
 from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
-from ipcd.services import IPCService
 from ipcd.sockets import (
     connect_tcp,
     read_exactly,
     read_to_eof,
     resolve_host,
     write_all,
+)
+from ipcd.transports.listeners import (
+    check_listener,
+    control_socket,
+    handshakes,
+    listen_flag,
+    listen_hint,
+    network_listener,
 )
 
 SCHEME = "tcp"
@@ -150,53 +149,18 @@ class TcpService(MultiService):
     def __init__(self, broker: Any, listen: str) -> None:
         super().__init__()
         self.setName(SECTION)
-        config = broker.config
-        reactor = broker.reactor
         # tcpd's relays (inbound, and for upstream's control socket).
-        self.relays = SocketRelays(reactor)
-        limits = broker.limits_for(SECTION)
-
-        def peer_key(transport: Any) -> str:
-            config = broker.config  # read per connection: reloads apply
-            return network_peer_key(
-                transport.getPeer(), config.peer_prefix_ipv4, config.peer_prefix_ipv6
-            )
-
-        def handshakes(protocol: type[Handshaking]) -> HandshakeFactory:
-            return HandshakeFactory(
-                protocol,
-                broker,
-                self.relays,
-                # Read at each connection, so a reload applies to new ones.
-                lambda: settings_of(broker.config, tcpd)["handshake_timeout"],
-                scheme=SCHEME,
-                name=SECTION,
-            )
-
-        self.listener = listener = StreamServerEndpointService(
-            LimitedEndpoint(serverFromString(reactor, listen), limits),
-            LimitedFactory(
-                handshakes(TcpInbound),
-                limits,
-                peer_key,
-                # Before any request: upstream's raw form, as for a silent peer.
-                lambda reason: b"ne " + reason.encode(),
-            ),
+        self.relays = SocketRelays(broker.reactor)
+        self.listener = network_listener(
+            broker,
+            SECTION,
+            listen,
+            handshakes(tcpd, broker, self.relays, TcpInbound),
+            # Before any request: upstream's raw form, as for a silent peer.
+            lambda reason: b"ne " + reason.encode(),
         )
-        listener._raiseSynchronously = True
-        listener.setServiceParent(self)
-        limits = broker.limits_for(SCHEME)
-        IPCService(
-            SCHEME,
-            LimitedFactory(
-                handshakes(ControlHandshake),
-                limits,
-                refusal=lambda reason: wire.encode(b"ne " + reason.encode()),
-            ),
-            config.rundir,
-            reactor,
-            limits=limits,
-        ).setServiceParent(self)
+        self.listener.setServiceParent(self)
+        control_socket(tcpd, broker, self.relays, self)
 
     def startService(self) -> None:
         self.relays.start()
@@ -210,10 +174,6 @@ class TcpService(MultiService):
     def listening(self) -> Deferred[Any]:
         """Fires with the listening port once started (C{getHost()} for it)."""
         return listening(self.listener)
-
-
-def _listen(value: str | None) -> dict[str, Any]:
-    return {"enabled": True, "listen": value}
 
 
 @implementer(IPlugin, IProtocolDaemon)
@@ -234,7 +194,7 @@ class TcpDaemon:
         Flag(
             "tcp",
             f"tcpd's listener, an endpoint string (default {DEFAULT_LISTEN}).",
-            _listen,
+            listen_flag,
             takes_value=True,
         ),
         Flag("no-tcp", "Do not run tcpd.", lambda _: {"enabled": False}),
@@ -261,22 +221,10 @@ class TcpDaemon:
         return {"tcp_listen": settings["listen"] if self.enabled(settings) else None}
 
     def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
-        # A plugin's parser (systemd:, ...) runs only with a reactor, so the
-        # config could not: try it here, as TcpService will, to say in one
-        # line what is wrong (systemd passed no socket at that index, say).
-        listen = settings["listen"]
-        try:
-            serverFromString(reactor, listen)
-        except Exception as e:
-            reason = " ".join(f"{type(e).__name__}: {e}".split())
-            raise StartupError(
-                f"cannot make tcpd's listener {listen!r}: {reason} ({self.hint(e)})"
-            ) from None
+        check_listener(reactor, self, settings["listen"])
 
     def hint(self, error: Exception) -> str:
-        code = getattr(getattr(error, "socketError", error), "errno", None)
-        another = "another ipcd? " if code == errno.EADDRINUSE else ""
-        return f"{another}use --tcp ENDPOINT or --no-tcp"
+        return listen_hint(error, "tcp")
 
 
 tcpd = TcpDaemon()
