@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,6 +63,7 @@ class Settings:
     round_trips: int
     bulk_bytes: int
     memory_counts: tuple[int, ...]
+    cpu_lookups: int = 5_000
 
 
 FULL = Settings(
@@ -79,6 +80,7 @@ QUICK = Settings(
     lookup_seconds=0.3,
     round_trips=1_000,
     bulk_bytes=16 * 1024 * 1024,
+    cpu_lookups=1_000,
     memory_counts=(1_000, 10_000),
 )
 
@@ -316,6 +318,93 @@ def lookup_rates(
             spent[name] += now - start
         turn += 1
     return {name: counts[name] / spent[name] for name in names}
+
+
+def concurrent_lookups(
+    opener: Opener, clients: int, seconds: float
+) -> tuple[float, float]:
+    """
+    C{clients} threads each opening (and closing) connections in a loop for
+    C{seconds}: the rate over all of them (/s) and the 99th percentile of
+    one connection's latency (µs).  Every one must succeed.
+    """
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[BaseException] = []
+    start = threading.Event()
+    deadline = [0.0]
+
+    def client(mine: list[float]) -> None:
+        start.wait()
+        try:
+            while True:
+                began = time.perf_counter()
+                opener().close()
+                now = time.perf_counter()
+                mine.append(now - began)
+                if now >= deadline[0]:
+                    return
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [
+        threading.Thread(target=client, args=(mine,), daemon=True) for mine in latencies
+    ]
+    for thread in threads:
+        thread.start()
+    began = time.perf_counter()
+    deadline[0] = began + seconds
+    start.set()
+    for thread in threads:
+        thread.join(seconds + IO_TIMEOUT)
+    elapsed = time.perf_counter() - began
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {clients} clients failed: {errors[0]!r}")
+    every = sorted(x for mine in latencies for x in mine)
+    p99 = every[min(len(every) - 1, int(len(every) * 0.99))]
+    return len(every) / elapsed, p99 * 1e6
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process C{pid} so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_lookup_us(opener: Opener, pid: int, count: int) -> float:
+    """CPU time process C{pid} spends per connection C{opener} opens (µs)."""
+    before = cpu_seconds(pid)
+    for _ in range(count):
+        opener().close()
+    return (cpu_seconds(pid) - before) / count * 1e6
+
+
+@contextlib.contextmanager
+def bulk_stream(sock: socket.socket) -> Iterator[None]:
+    """
+    Stream 64 KiB messages through C{sock} (to pongd and back) in a thread
+    until the block ends.
+    """
+    frame = encode(b"b" * (BULK_MESSAGE - 4))
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            while not stop.is_set():
+                _stream(sock, frame, 16)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            failed.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(IO_TIMEOUT)
+    if failed:
+        raise RuntimeError(f"the bulk stream failed: {failed[0]!r}")
 
 
 def blocking_with_deadline(sock: socket.socket) -> socket.socket:
@@ -877,7 +966,7 @@ def benchmark(settings: Settings, h: Harness) -> str:
     for d in (a_dir, b_dir, m_dir):
         h.wait_unix(pong, os.path.join(d, "pong"))
     tls = tls_setup(h)
-    h.ipcd("ipcd-a", a_dir, free_port(), *tls.a_options)
+    ipcd_a = h.ipcd("ipcd-a", a_dir, free_port(), *tls.a_options)
     port_b = free_port()
     h.ipcd("ipcd-b", b_dir, port_b, "--allow", "in pong", *tls.b_options)
     socat_path = h.path("socat-pong")
@@ -939,6 +1028,7 @@ def benchmark(settings: Settings, h: Harness) -> str:
         unit="/s",
         digits=0,
         reference=look_direct,
+        target=">= 0.21",
     )
     rows += [look_direct, look_ipcd]
     for run in range(settings.runs):
@@ -948,6 +1038,38 @@ def benchmark(settings: Settings, h: Harness) -> str:
         )
         look_direct.values.append(rates["direct"])
         look_ipcd.values.append(rates["ipcd"])
+
+    # Lookups from several clients at once, and while a bulk stream runs
+    # through ipcd's tcp route; and ipcd's own CPU time per lookup.
+    concurrency = {
+        n: (
+            Row(f"lookups, {n} concurrent clients", unit="/s", digits=0),
+            Row(f"lookup p99, {n} concurrent clients", unit="us", digits=0),
+        )
+        for n in (1, 8, 64)
+    }
+    busy = (
+        Row("lookups, 1 client, 64 KiB bulk on a tcp route", unit="/s", digits=0),
+        Row("lookup p99, 64 KiB bulk on a tcp route", unit="us", digits=0),
+    )
+    cpu = Row("ipcd A CPU time per lookup (/proc)", unit="us", digits=0)
+    cpu.target = "<= 150"
+    for pair in [*concurrency.values(), busy]:
+        rows.extend(pair)
+    rows.append(cpu)
+    for run in range(settings.runs):
+        say(f"concurrent lookups: run {run + 1}/{settings.runs}")
+        for n, (rate, p99) in concurrency.items():
+            measured = concurrent_lookups(via_unix, n, settings.lookup_seconds)
+            rate.values.append(measured[0])
+            p99.values.append(measured[1])
+        with blocking_with_deadline(via_tcp()) as stream, bulk_stream(stream):
+            measured = concurrent_lookups(via_unix, 1, settings.lookup_seconds)
+        busy[0].values.append(measured[0])
+        busy[1].values.append(measured[1])
+        cpu.values.append(
+            cpu_per_lookup_us(via_unix, ipcd_a.proc.pid, settings.cpu_lookups)
+        )
 
     # Round trips and bulk over the same paths: fresh connections each run,
     # all paths measured in turns within the run.
@@ -1066,7 +1188,8 @@ def benchmark(settings: Settings, h: Harness) -> str:
         "Targets: unix-route RTT <= 1.05 x direct UNIX; tcp-route RTT <= 1.00 x "
         "socat chain; tcp-route bulk >= 1.00 x socat chain; tls route (TLS 1.3 "
         "PSK) likewise against a chain of two stunnel processes in PSK mode; "
-        "websocketd RTT <= 1.00 x websockify, bulk >= 1.00 x websockify.",
+        "websocketd RTT <= 1.00 x websockify, bulk >= 1.00 x websockify; "
+        "lookups via ipcd >= 0.21 x direct; ipcd CPU per lookup <= 150 us.",
         *notes,
     ]
     return render(rows, header, footer)

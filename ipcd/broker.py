@@ -13,15 +13,23 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import time
+from array import array
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    fail,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
@@ -29,8 +37,8 @@ from ipcd.access import AccessDenied, OpenedSocket, open_socket
 from ipcd.config import Config
 from ipcd.daemons import BoundOutbound, IOutbound, settings_of
 from ipcd.errors import Refused
-from ipcd.handoff import send_ok
-from ipcd.identity import Peer, local_peer
+from ipcd.handoff import OK, send_ok
+from ipcd.identity import LabelCache, Peer, local_peer
 from ipcd.limits import ConnectionLimits, own_uid_key
 from ipcd.logs import printable
 from ipcd.names import (
@@ -54,9 +62,41 @@ from ipcd.routes import (
     RouteError,
     parse_lookup,
 )
-from ipcd.sockets import connect_unix, discard_unread, with_deadline
+from ipcd.sockets import (
+    connect_unix,
+    connect_unix_now,
+    discard_unread,
+    with_deadline,
+)
 from ipcd.transports.external import ExternalDaemon
-from ipcd.wire import MessageProtocol, PartialMessageBudget
+from ipcd.wire import HEADER, MessageProtocol, PartialMessageBudget
+
+# Lookup payloads whose plan is kept; past this many, all are forgotten.
+_MAX_PLANS = 256
+
+# What serving a request gives, at once or later: the connected socket, a
+# Failure (Refused: answered ne), or a Deferred of either.
+Answer = Any
+
+
+def as_deferred(answer: Answer) -> Deferred[Any]:
+    """An L{Answer} as a C{Deferred}."""
+    if isinstance(answer, Deferred):
+        return answer
+    if isinstance(answer, Failure):
+        return fail(answer)
+    return succeed(answer)
+
+
+def serve_lookup(broker: Any, payload: bytes, client: Peer) -> Answer:
+    """
+    C{broker}'s answer to a lookup: at once where it can give one
+    (L{Broker.open_now}), else through L{ILookupBroker.open}.
+    """
+    open_now = getattr(broker, "open_now", None)
+    if open_now is not None:
+        return open_now(payload, client)
+    return broker.open(payload, client)
 
 
 class ILookupBroker(Interface):
@@ -118,6 +158,10 @@ class Broker:
         # Each listener's connection limits, by listener name.
         self.limits: dict[str, ConnectionLimits] = {}
         self._fixed_inodes: set[tuple[int, int]] | None = None
+        self._names_cache: Any = None
+        self._plans: dict[bytes, tuple[Config, str, Any]] = {}
+        # Local clients' identity labels, by uid and gid.
+        self.labels = LabelCache(config.label_cache_max_age)
         self.config = config
 
     @property
@@ -126,8 +170,11 @@ class Broker:
 
     @config.setter
     def config(self, config: Config) -> None:
-        # A reload's limits apply to new connections at once.
+        # A reload's limits apply to new connections at once, and a reload
+        # shows group changes at once.
         self._config = config
+        self.labels.max_age = config.label_cache_max_age
+        self.labels.clear()
         for limits in self.limits.values():
             limits.max_total = config.max_connections
             limits.max_per_peer = config.max_connections_per_peer
@@ -147,19 +194,38 @@ class Broker:
 
     def open(self, payload: bytes, client: Peer) -> Deferred[socket.socket]:
         """Serve one lookup payload for a local client."""
+        return as_deferred(self.open_now(payload, client))
+
+    def open_now(self, payload: bytes, client: Peer) -> Answer:
+        """
+        L{open}, answered at once when nothing has to wait (a local
+        service's socket accepting at once): the connected socket, or a
+        L{Failure} (L{Refused} for a C{ne}); else a C{Deferred} as L{open}'s.
+        """
         self.counters["lookups"] += 1
+        config = self._config
+        planned = self._plans.get(payload)
+        if planned is not None and planned[0] is config:
+            _config, service, where = planned
+            event = _Event("local", client, service)
+            return self._police_and_connect(event, where.target, where.names)
         shown = printable(payload[:80].decode("utf-8", "replace"))
         event = _Event("local", client, shown)
         try:
             lookup = parse_lookup(payload)
             event.service = lookup.service
             route = lookup.route_for(lookup.service)
-            uri = route.uri if route and self.config.allow_client_routes else None
-            where = plan(self.config, lookup.service, uri)
+            uri = route.uri if route and config.allow_client_routes else None
+            where = plan(config, lookup.service, uri)
         except (RouteError, InvalidServiceName) as e:
             return self._refuse(event, Refused(f"bad lookup: {e}"))
         except Refused as e:
             return self._refuse(event, e)
+        # Parsing and planning are pure: a payload seen before (clients
+        # send the same one again and again) is planned once per config.
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[payload] = (config, lookup.service, where)
         return self._police_and_connect(event, where.target, where.names)
 
     def open_uri(self, uri: RemoteURI, client: Peer) -> Deferred[socket.socket]:
@@ -170,12 +236,15 @@ class Broker:
         self.counters["control requests"] += 1
         event = _Event("out", client, uri.service or str(uri))
         if uri.service is None:
-            return self._refuse(event, Refused(f"no service in {uri}"))
+            return as_deferred(self._refuse(event, Refused(f"no service in {uri}")))
         target = RemoteTarget(uri, uri.service)
-        return self._police_and_connect(event, target, (uri.service,))
+        return as_deferred(self._police_and_connect(event, target, (uri.service,)))
 
     def open_inbound(self, service: str, peer: Peer) -> Deferred[socket.socket]:
         """Serve a remote peer asking for C{service}: no client routes, ever."""
+        return as_deferred(self._open_inbound(service, peer))
+
+    def _open_inbound(self, service: str, peer: Peer) -> Answer:
         self.counters["inbound requests"] += 1
         event = _Event("in", peer, service)
         try:
@@ -193,7 +262,7 @@ class Broker:
 
     def _police_and_connect(
         self, event: _Event, target: Target, names: tuple[str, ...]
-    ) -> Deferred[Any]:
+    ) -> Answer:
         event.direction = direction_of(target)
         if not self._police(event, names, destination_labels(target)):
             return self._refuse(event, _denied(event))
@@ -209,26 +278,36 @@ class Broker:
             self.counters[str(event.decision)] += 1
         return event.decision.allowed
 
-    def _refuse(self, event: _Event, error: Refused) -> Deferred[Any]:
+    def _refuse(self, event: _Event, error: Refused) -> Failure:
         self.counters["refused"] += 1
         self._record(event, None, error.reason)
-        return fail(error)
+        return Failure(error)
 
-    def _connect(self, event: _Event, target: Target) -> Deferred[Any]:
+    def _connect(self, event: _Event, target: Target) -> Answer:
         if isinstance(target, LocalTarget):
             try:
                 opened = self._open_local(event, target)
             except Refused as e:
-                d: Deferred[Any] = fail(e)
-            else:
-                d = connect_unix(
-                    self.reactor,
-                    opened.connect_path(),
-                    target.name,
-                    self.config.connect_timeout,
-                    shown=target.path,
+                return self._connected(event, target, Failure(e))
+            # A local listener usually accepts at once: no waiting then.
+            try:
+                sock = connect_unix_now(
+                    opened.connect_path(), target.name, shown=target.path
                 )
-                d.addBoth(_closing(opened))
+            except Exception:
+                opened.close()
+                return self._connected(event, target, Failure())
+            if sock is not None:
+                opened.close()
+                return self._connected(event, target, sock)
+            d: Deferred[Any] = connect_unix(
+                self.reactor,
+                opened.connect_path(),
+                target.name,
+                self.config.connect_timeout,
+                shown=target.path,
+            )
+            d.addBoth(_closing(opened))
         else:
             # The deadline is the broker's, so transports need not keep one
             # and a reload's new timeout applies to the next connection.
@@ -242,20 +321,20 @@ class Broker:
                 self.reactor,
                 f"connecting to {target}",
             )
+        return d.addBoth(lambda result: self._connected(event, target, result))
 
-        def done(result: Any) -> Any:
-            if not isinstance(result, Failure):
-                self.counters["connected"] += 1
-                self._record(event, target, "ok")
-                return result
-            if result.check(Refused, CancelledError):
-                self.counters["connect failures"] += 1
-            else:
-                self.counters["errors"] += 1
-            self._record(event, target, _reason(result))
+    def _connected(self, event: _Event, target: Target, result: Any) -> Any:
+        """Count and log how connecting C{target} went; pass C{result} on."""
+        if not isinstance(result, Failure):
+            self.counters["connected"] += 1
+            self._record(event, target, "ok")
             return result
-
-        return d.addBoth(done)
+        if result.check(Refused, CancelledError):
+            self.counters["connect failures"] += 1
+        else:
+            self.counters["errors"] += 1
+        self._record(event, target, _reason(result))
+        return result
 
     def _open_local(self, event: _Event, target: LocalTarget) -> OpenedSocket:
         """
@@ -264,7 +343,7 @@ class Broker:
         never one of ipcd's own sockets.
         """
         name, path = target.name, target.path
-        if name in self.own_names():
+        if name in self._names()[0]:
             raise Refused(f"{name!r} is ipcd's own socket, never a lookup target")
         try:
             if event.direction == "in":
@@ -309,17 +388,33 @@ class Broker:
         every registered protocol daemon's C{RUNDIR/SCHEME}, running or not,
         and each external daemon's.
         """
-        return {
-            *OWN_NAMES,
-            *self.config.registry,
-            *self.transports,
-            *self.config.external_daemons,
-        }
+        return set(self._names()[0])
 
     def _in_process_names(self) -> set[str]:
         """ipcd's own sockets and those of the daemons it runs itself."""
-        running = (d.scheme for d in self.config.registry.enabled(self.config))
-        return {*OWN_NAMES, *running}
+        return set(self._names()[1])
+
+    def _names(self) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+        """
+        The own names, the in-process ones, and the others; worked out once
+        per configuration (and set of test transports), not per lookup.
+        """
+        config, transports = self._config, tuple(self.transports)
+        cached = self._names_cache
+        if cached is None or cached[0] is not config or cached[1] != transports:
+            own = frozenset(
+                {
+                    *OWN_NAMES,
+                    *config.registry,
+                    *transports,
+                    *config.external_daemons,
+                }
+            )
+            running = (d.scheme for d in config.registry.enabled(config))
+            in_process = frozenset({*OWN_NAMES, *running})
+            cached = (config, transports, (own, in_process, own - in_process))
+            self._names_cache = cached
+        return cached[2]
 
     def own_sockets_listening(self, listening: bool = True) -> None:
         """
@@ -331,13 +426,14 @@ class Broker:
             self._fixed_inodes = self._inodes(self._in_process_names())
 
     def _own_inodes(self) -> set[tuple[int, int]]:
+        own, _in_process, others = self._names()
         if self._fixed_inodes is None:
-            return self._inodes(self.own_names())
+            return self._inodes(own)
         # Other daemons (external ones) restart on their own: looked up each
         # time.
-        return self._fixed_inodes | self._inodes(
-            self.own_names() - self._in_process_names()
-        )
+        if not others:
+            return self._fixed_inodes
+        return self._fixed_inodes | self._inodes(others)
 
     def _inodes(self, names: Any) -> set[tuple[int, int]]:
         inodes = set()
@@ -357,9 +453,9 @@ class Broker:
             verdict = f"{verdict}; {event.access}"
         # A refusal's reason already says the verdict: do not say it twice.
         said = verdict in outcome
-        self.log.info(
-            "{direction} {service!r} for {who} -> {target}: {outcome}"
-            + ("" if said else " ({verdict})"),
+        # Logger.info's event, built here: one per lookup.
+        log = self.log
+        fields = dict(
             direction=event.direction,
             service=printable(event.service),
             who=printable(str(event.who)),
@@ -372,7 +468,14 @@ class Broker:
             else str(decision.rule),
             allowed=None if decision is None else decision.allowed,
             outcome=printable(outcome),
+            log_logger=log,
+            log_level=LogLevel.info,
+            log_namespace=log.namespace,
+            log_source=log.source,
+            log_format=_DECIDED if said else _DECIDED_VERDICT,
+            log_time=time.time(),
         )
+        log.observer(fields)
 
     def transport_for(self, scheme: str) -> IOutbound:
         """
@@ -400,6 +503,10 @@ class Broker:
                 f"not trusted as the {scheme} daemon"
             )
         return ExternalDaemon(self.reactor, scheme, path)
+
+
+_DECIDED = "{direction} {service!r} for {who} -> {target}: {outcome}"
+_DECIDED_VERDICT = _DECIDED + " ({verdict})"
 
 
 @dataclass
@@ -470,7 +577,9 @@ class LookupProtocol(MessageProtocol):
 
     def connectionMade(self) -> None:
         try:
-            self.client = local_peer(self.transport.getHandle())
+            self.client = local_peer(
+                self.transport.getHandle(), getattr(self.broker, "labels", None)
+            )
         except (OSError, AttributeError):
             self.client = Peer("unknown local client")
         limits = self.factory.limits if self.factory is not None else None
@@ -501,8 +610,17 @@ class LookupProtocol(MessageProtocol):
         if self._answered or self._pending is not None:
             return  # one lookup per connection; anything after it is ignored
         self.setTimeout(None)
-        self._pending = self.broker.open(payload, self.client)
-        self._pending.addCallbacks(self._answer_ok, self._answer_failure)
+        self.answer(serve_lookup(self.broker, payload, self.client))
+
+    def answer(self, answer: Answer) -> None:
+        """Answer the lookup with what the broker gave, now or once it fires."""
+        if isinstance(answer, Deferred):
+            self._pending = answer
+            answer.addCallbacks(self._answer_ok, self._answer_failure)
+        elif isinstance(answer, Failure):
+            self._answer_failure(answer)
+        else:
+            self._answer_ok(answer)
 
     def messageTooLarge(self, size: int) -> None:
         self._answer_no(f"lookup of {size} bytes exceeds {self.maxMessageSize} bytes")
@@ -588,3 +706,111 @@ class LookupFactory(Factory):
         protocol = LookupProtocol(self.broker, self.clock, self.partialBudget)
         protocol.factory = self
         return protocol
+
+    def serve_at_once(
+        self,
+        skt: socket.socket,
+        close_later: Callable[[socket.socket], None] = socket.socket.close,
+    ) -> Callable[[Any], None] | None:
+        """
+        Serve a just-accepted client of a L{ipcd.lookupport.LookupPort}
+        without a transport, when nothing has to wait: its whole lookup is
+        in the socket, it is within its limits, and the broker answers at
+        once.  C{None} when it was answered and closed (answered C{ok}:
+        given to C{close_later}); else how to carry on once a
+        L{LookupProtocol} has the connection, which answers as it would
+        have from the start.
+        """
+        try:
+            data = skt.recv(_READ_AT_ONCE, socket.MSG_DONTWAIT)
+        except OSError:
+            return _carry_on(b"")  # nothing yet: the protocol waits for it
+        size = len(data)
+        if size < HEADER.size or size >= _READ_AT_ONCE:
+            return _carry_on(data)
+        (length,) = HEADER.unpack_from(data)
+        if size != HEADER.size + length or length > self.broker.config.max_message_size:
+            return _carry_on(data)
+        labels = getattr(self.broker, "labels", None)
+        try:
+            client = local_peer(skt, labels)
+        except OSError:
+            return _carry_on(data)
+        limits = self.limits
+        if limits is not None:
+            key = f"uid:{client.uid}"
+            # Served and gone before anything else runs, so it holds no
+            # place in the limits; close to them, the protocol decides.
+            if limits.total + 1 >= limits.max_total or (
+                limits.per_peer[key] >= limits.max_per_peer and key not in limits.exempt
+            ):
+                return _carry_on(data)
+        answer = serve_lookup(self.broker, data[HEADER.size :], client)
+        if isinstance(answer, Deferred):
+            return _carry_on(b"", answer)
+        if isinstance(answer, Failure):
+            reply = b"ne " + _reason(answer).encode("utf-8", "replace")
+            ancillary = []
+        else:
+            # O_NONBLOCK belongs to the shared open file: clients get a
+            # blocking socket (see LookupProtocol._answer_ok).
+            answer.setblocking(True)
+            reply = OK
+            fds = array("i", [answer.fileno()])
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+        try:
+            sent = skt.sendmsg([reply], ancillary, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return _carry_on(b"", answer)  # the protocol answers, as usual
+        except OSError:
+            sent = len(reply)  # the client is gone: nobody to answer
+        if not ancillary and not answer.check(Refused):
+            # As LookupProtocol._answer_failure says it.
+            LookupProtocol.log.failure(
+                "lookup for {who} failed", answer, who=str(client)
+            )
+        if ancillary:
+            answer.close()
+        if sent < len(reply):
+            return _carry_on(b"", None, reply[sent:])
+        self.broker.counters["lookups answered at accept"] += 1
+        if ancillary and sent > 0:
+            close_later(skt)  # the descriptor may be in flight still
+        else:
+            skt.close()
+        return None
+
+
+# A lookup is a few hundred bytes; one read this long that comes back full
+# is left to the protocol (more may follow).
+_READ_AT_ONCE = 4096
+
+
+def _carry_on(
+    data: bytes, answer: Answer = None, rest: bytes = b""
+) -> Callable[[LookupProtocol], None]:
+    """
+    What a L{LookupProtocol} does after L{LookupFactory.serve_at_once}
+    stopped: read C{data} as received, give an C{answer} (the broker's,
+    given already), or send the C{rest} of an answer sent in part.
+    """
+
+    def resume(protocol: LookupProtocol) -> None:
+        if protocol._answered:  # refused at its limits: nothing to answer
+            if isinstance(answer, Deferred):
+                answer.cancel()
+            elif isinstance(answer, socket.socket):
+                answer.close()
+            return
+        if rest:
+            protocol._answered = True
+            protocol.setTimeout(None)
+            protocol.transport.write(rest)
+            protocol.transport.loseConnection()
+        elif answer is not None:
+            protocol.setTimeout(None)
+            protocol.answer(answer)
+        elif data:
+            protocol.dataReceived(data)
+
+    return resume

@@ -40,6 +40,9 @@ class Config:
     lookup_timeout: float = 5.0
     connect_timeout: float = 5.0
     allow_client_routes: bool = True
+    # Seconds a client's identity labels (user and group names) are cached
+    # at most; changes to /etc/passwd or /etc/group drop them sooner.
+    label_cache_max_age: float = 60.0
     redirects: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     routes: Mapping[str, URI] = field(default_factory=lambda: MappingProxyType({}))
     pongd: bool = True
@@ -209,6 +212,7 @@ _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
         "lookup_timeout": (positive_number, "lookup_timeout"),
         "connect_timeout": (positive_number, "connect_timeout"),
         "allow_client_routes": (boolean, "allow_client_routes"),
+        "label_cache_max_age": (non_negative_number, "label_cache_max_age"),
         "external_daemons": (_schemes, "external_daemons"),
     },
     "pongd": {"enabled": (boolean, "pongd")},

@@ -45,6 +45,7 @@ def config_summary(config: Config) -> dict[str, Any]:
         "lookup_timeout": config.lookup_timeout,
         "connect_timeout": config.connect_timeout,
         "allow_client_routes": config.allow_client_routes,
+        "label_cache_max_age": config.label_cache_max_age,
         "redirects": dict(config.redirects),
         "routes": {name: str(uri) for name, uri in config.routes.items()},
         "rules": [str(rule) for rule in config.rules],

@@ -14,6 +14,8 @@ import os
 import pwd
 import socket
 import struct
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,13 +94,96 @@ def local_labels(uid: int, gid: int) -> frozenset[str]:
     return frozenset(labels)
 
 
-def local_peer(sock: socket.socket | Any) -> Peer:
-    """The L{Peer} behind a connected AF_UNIX socket (or Twisted handle)."""
+# The files behind the user and group databases in the usual setup; other
+# sources (LDAP, sssd, ...) are covered by LabelCache's maximum age.
+DATABASE_FILES = ("/etc/passwd", "/etc/group")
+DEFAULT_LABEL_MAX_AGE = 60.0
+
+
+class LabelCache:
+    """
+    L{local_labels} by (uid, gid), without a database lookup per request.
+
+    Everything is dropped when one of C{files} changes (its inode, size or
+    modification time; checked at most once per C{check_interval} seconds),
+    when L{clear} is called (a reload), and C{max_age} seconds after it was
+    filled, for sources that are not files.  C{max_age} 0 turns it off.
+    So a user or group change is seen within C{check_interval} seconds when
+    it is made in the files, and within C{max_age} seconds otherwise.
+    """
+
+    def __init__(
+        self,
+        max_age: float = DEFAULT_LABEL_MAX_AGE,
+        files: Sequence[str] = DATABASE_FILES,
+        seconds: Callable[[], float] = time.monotonic,
+        lookup: Callable[[int, int], frozenset[str]] | None = None,
+        check_interval: float = 1.0,
+    ) -> None:
+        self.max_age = max_age
+        self._files = tuple(files)
+        self._seconds = seconds
+        self._lookup = lookup if lookup is not None else local_labels
+        self._check_interval = check_interval
+        self._labels: dict[tuple[int, int], frozenset[str]] = {}
+        self._filled = 0.0  # when the first entry of this generation came
+        self._checked = float("-inf")
+        self._stamps: tuple[Any, ...] | None = None
+
+    def clear(self) -> None:
+        """Forget every entry: the next request looks its labels up."""
+        self._labels.clear()
+
+    def __call__(self, uid: int, gid: int) -> frozenset[str]:
+        now = self._seconds()
+        if now - self._checked >= self._check_interval:
+            self._checked = now
+            stamps = self._file_stamps()
+            if stamps != self._stamps:
+                self._stamps = stamps
+                self._labels.clear()
+        if self._labels and now - self._filled >= self.max_age:
+            self._labels.clear()
+        key = (uid, gid)
+        labels = self._labels.get(key)
+        if labels is None:
+            labels = self._lookup(uid, gid)
+            if self.max_age > 0:
+                if not self._labels:
+                    self._filled = now
+                if len(self._labels) < _MAX_CACHED:
+                    self._labels[key] = labels
+        return labels
+
+    def _file_stamps(self) -> tuple[Any, ...]:
+        stamps = []
+        for path in self._files:
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(stamps)
+
+
+# Bounds the cache's memory: each distinct (uid, gid) is one entry.
+_MAX_CACHED = 4096
+
+
+def local_peer(
+    sock: socket.socket | Any,
+    labels: Callable[[int, int], frozenset[str]] | None = None,
+) -> Peer:
+    """
+    The L{Peer} behind a connected AF_UNIX socket (or Twisted handle); its
+    labels from C{labels} (a L{LabelCache}), else from the databases.
+    """
     pid, uid, gid = credentials(sock)
     who = Credentials(uid, gid, peer_groups(sock, uid, gid))
     return Peer(
         f"pid {pid} uid {uid}",
-        local_labels(uid, gid),
+        (labels or local_labels)(uid, gid),
         pid=pid,
         uid=uid,
         credentials=who,

@@ -276,6 +276,21 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+def _listen(reactor: Any, path: str, factory: Any, backlog: int, mode: int) -> Any:
+    """
+    C{reactor.listenUNIX}; with a L{ipcd.lookupport.LookupPort} for a factory
+    that can serve connections within accept (C{serve_at_once}), on a
+    reactor whose ports are Twisted's own.
+    """
+    from twisted.internet.posixbase import PosixReactorBase
+
+    if hasattr(factory, "serve_at_once") and isinstance(reactor, PosixReactorBase):
+        from ipcd.lookupport import listen_fast
+
+        return listen_fast(reactor, path, factory, backlog, mode)
+    return reactor.listenUNIX(path, factory, backlog=backlog, mode=mode)
+
+
 def listen_unix(
     reactor: Any,
     path: str,
@@ -301,7 +316,7 @@ def listen_unix(
     # permissions than asked, even before the chmod.
     old = os.umask(0o777 & ~mode | _SOCKET_UMASK)
     try:
-        port = reactor.listenUNIX(path, factory, backlog=backlog, mode=mode)
+        port = _listen(reactor, path, factory, backlog, mode)
     finally:
         os.umask(old)
     if gid != -1:

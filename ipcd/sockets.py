@@ -109,6 +109,42 @@ def new_socket(family: int) -> socket.socket:
     )
 
 
+def _try_connect_unix(sock: socket.socket, path: str, service: str, shown: str) -> bool:
+    """
+    One non-blocking C{connect()}: whether it is done (C{False}: the
+    listener's backlog is full); L{Refused} says why it cannot be.
+    """
+    try:
+        sock.connect(path)
+        return True
+    except FileNotFoundError:
+        raise Refused(f"no route to service {service!r}: {shown} does not exist")
+    except ConnectionRefusedError:
+        raise Refused(f"service {service!r} is not running (stale socket {shown})")
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        raise Refused(f"cannot connect to service {service!r}: {e.strerror}")
+
+
+def connect_unix_now(
+    path: str, service: str, shown: str | None = None
+) -> socket.socket | None:
+    """
+    L{open_unix} without waiting: the connected socket, or C{None} when the
+    listener's backlog is full and the connect would have to wait.
+    """
+    sock = new_socket(socket.AF_UNIX)
+    try:
+        if _try_connect_unix(sock, path, service, path if shown is None else shown):
+            return sock
+    except BaseException:
+        sock.close()
+        raise
+    sock.close()
+    return None
+
+
 async def open_unix(
     reactor: Any, path: str, service: str, shown: str | None = None
 ) -> socket.socket:
@@ -117,25 +153,12 @@ async def open_unix(
     sock = new_socket(socket.AF_UNIX)
     try:
         delay = 0.001
-        while True:
-            try:
-                sock.connect(path)
-                return sock
-            except FileNotFoundError:
-                raise Refused(
-                    f"no route to service {service!r}: {shown} does not exist"
-                )
-            except ConnectionRefusedError:
-                raise Refused(
-                    f"service {service!r} is not running (stale socket {shown})"
-                )
-            except BlockingIOError:
-                # The listener's backlog is full; AF_UNIX gives no completion
-                # event, so try again shortly (the caller's deadline bounds it).
-                await deferLater(reactor, delay, lambda: None)
-                delay = min(delay * 2, 0.05)
-            except OSError as e:
-                raise Refused(f"cannot connect to service {service!r}: {e.strerror}")
+        while not _try_connect_unix(sock, path, service, shown):
+            # The listener's backlog is full; AF_UNIX gives no completion
+            # event, so try again shortly (the caller's deadline bounds it).
+            await deferLater(reactor, delay, lambda: None)
+            delay = min(delay * 2, 0.05)
+        return sock
     except BaseException:
         sock.close()
         raise

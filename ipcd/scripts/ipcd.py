@@ -162,6 +162,9 @@ def run_twistd(options: Any) -> None:
     args = ["--nodaemon", "--pidfile="]
     if options["json-log"]:
         args += ["--logger", "ipcd.logs.json_observer"]
+    else:
+        # twistd's own text log, formatted faster.
+        args += ["--logger", "ipcd.logs.text_observer"]
     server.parseOptions(args)
     server.subCommand = service_maker.tapname
     server.subOptions = options

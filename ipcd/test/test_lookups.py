@@ -1,0 +1,357 @@
+"""
+Lookups under load, and identity labels that follow user and group changes.
+
+On real sockets with an in-process ipcd: many clients at once get their
+answers and leave no fd behind; a lookup that is whole at accept is answered
+there; and a group change reaches policy decisions within the label cache's
+maximum age, or at once on a reload.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ipcd.identity import LabelCache, local_labels
+from ipcd.lookupport import HandedOver
+from ipcd.tap import IPCDService
+from ipcd.test.support import (
+    TIMEOUT,
+    assert_no_fd_leak,
+    bounce,
+    fd_baseline,
+    lookup,
+    make_config,
+    short_rundir,
+    start_ipcd,
+    wait_until,
+)
+from ipcd.wire import HEADER, encode
+
+CLIENTS = 64
+SECONDS = 3.0
+
+
+class ConcurrentLookupTests(TestCase):
+    """Many clients at once: every lookup is answered as it should be."""
+
+    @inlineCallbacks
+    def test_sixtyFourClients(self) -> Any:
+        """
+        64 clients looking up for a few seconds, some for a service the rules
+        deny and some for one that does not exist: each gets C{ok} with a
+        working connection, or the refusal meant for it; nothing else; and
+        ipcd's fds are back to where they were.
+        """
+        rundir = short_rundir(self)
+        yield start_ipcd(self, make_config(rundir, rules=["deny local forbidden"]))
+        before = yield fd_baseline()
+        expected = {
+            b"pong;pong unix://pong": None,
+            b"forbidden": b"ne local connection to 'forbidden' denied",
+            b"nosuch": b"ne no route to service 'nosuch'",
+        }
+        unexpected: list[str] = []
+        answered = [0]
+        done = threading.Event()
+        finished: list[int] = []
+        deadline = time.monotonic() + SECONDS
+
+        def client(n: int) -> None:
+            payloads = list(expected)
+            i = n
+            try:
+                while time.monotonic() < deadline:
+                    payload = payloads[i % len(payloads)]
+                    i += 1
+                    reply = lookup(rundir, payload)
+                    refusal = expected[payload]
+                    if refusal is None:
+                        if reply.data != b"ok" or len(reply.fds) != 1:
+                            unexpected.append(f"{payload!r}: {reply.data!r}")
+                            reply.close_fds()
+                            continue
+                        with socket.socket(fileno=reply.fds[0]) as sock:
+                            sock.settimeout(TIMEOUT)
+                            if bounce(sock, b"x") != encode(b"x"):
+                                unexpected.append(f"{payload!r}: no echo")
+                    elif not reply.data.startswith(refusal) or reply.fds:
+                        unexpected.append(f"{payload!r}: {reply.data!r}")
+                        reply.close_fds()
+                    answered[0] += 1
+            except Exception as e:
+                unexpected.append(f"client {n}: {e!r}")
+            finally:
+                finished.append(n)
+                if len(finished) == CLIENTS:
+                    done.set()
+
+        threads = [
+            threading.Thread(target=client, args=(n,), daemon=True)
+            for n in range(CLIENTS)
+        ]
+        for thread in threads:
+            thread.start()
+        yield wait_until(done.is_set, "the clients", SECONDS + 4 * TIMEOUT)
+        for thread in threads:
+            thread.join(TIMEOUT)
+        self.assertEqual(unexpected, [])
+        self.assertGreaterEqual(answered[0], CLIENTS * len(expected))
+        yield assert_no_fd_leak(before)
+
+
+class AnsweredAtOnceTests(TestCase):
+    """A lookup whole in the socket at accept is answered there."""
+
+    @inlineCallbacks
+    def test_wholeLookupAnsweredAtOnce(self) -> Any:
+        rundir = short_rundir(self)
+        service = yield start_ipcd(self, make_config(rundir))
+        # Sent before the reactor runs again: whole when ipcd accepts.
+        sock = self.connect(rundir)
+        sock.sendall(encode(b"pong;"))
+        data, fds = yield self.answer(sock)
+        self.assertEqual((data, fds), (b"ok", 1))
+        counters = service.broker.counters
+        self.assertEqual(counters["lookups answered at accept"], 1)
+        self.assertEqual(counters["connected"], 1)
+
+    def connect(self, rundir: str) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX)
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        sock.connect(os.path.join(rundir, "ipc"))
+        return sock
+
+    @inlineCallbacks
+    def answer(self, sock: socket.socket) -> Any:
+        """Wait (from the reactor, bounded) for ipcd's answer on C{sock}."""
+        sock.setblocking(False)
+
+        def answered() -> Any:
+            try:
+                return socket.recv_fds(sock, 4096, 2)
+            except BlockingIOError:
+                return None
+
+        data, fds, _flags, _addr = yield wait_until(answered, "the answer")
+        for fd in fds:
+            os.close(fd)
+        return data, len(fds)
+
+    @inlineCallbacks
+    def test_splitLookupStillAnswered(self) -> Any:
+        """A lookup that arrives in pieces goes the general way, to C{ok}."""
+        rundir = short_rundir(self)
+        service = yield start_ipcd(self, make_config(rundir))
+        limits = service.broker.limits["ipc"]
+        sock = self.connect(rundir)
+        framed = encode(b"pong;")
+        sock.sendall(framed[: HEADER.size + 1])
+        # ipcd has accepted it, with a part of the lookup only.
+        yield wait_until(lambda: limits.total == 1, "ipcd to accept")
+        sock.sendall(framed[HEADER.size + 1 :])
+        self.assertEqual((yield self.answer(sock)), (b"ok", 1))
+        self.assertEqual(service.broker.counters["lookups answered at accept"], 0)
+        self.assertEqual(service.broker.counters["connected"], 1)
+
+
+class _GroupDatabase:
+    """The labels of the real databases, plus groups a test adds."""
+
+    def __init__(self) -> None:
+        self.extra: set[str] = set()
+        self.lookups = 0
+
+    def __call__(self, uid: int, gid: int) -> frozenset[str]:
+        self.lookups += 1
+        return local_labels(uid, gid) | self.extra
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class LabelCacheTests(SynchronousTestCase):
+    """L{LabelCache}: one lookup per (uid, gid), until it must be redone."""
+
+    def setUp(self) -> None:
+        self.database = _GroupDatabase()
+        self.clock = _Clock()
+        self.files = [os.path.join(short_rundir(self), "group")]
+        with open(self.files[0], "w") as f:
+            f.write("ops:x:1234:\n")
+
+    def cache(self, max_age: float = 60.0) -> LabelCache:
+        return LabelCache(max_age, self.files, self.clock, self.database)
+
+    def test_cached(self) -> None:
+        cache = self.cache()
+        self.assertEqual(cache(1, 2), local_labels(1, 2))
+        cache(1, 2)
+        self.assertEqual(self.database.lookups, 1)
+        cache(3, 4)
+        self.assertEqual(self.database.lookups, 2)
+
+    def test_maximumAge(self) -> None:
+        """A change the files do not show is seen within C{max_age}."""
+        cache = self.cache(max_age=30)
+        cache(1, 2)
+        self.database.extra.add("group:ops")
+        self.clock.now += 29
+        self.assertNotIn("group:ops", cache(1, 2))
+        self.clock.now += 1
+        self.assertIn("group:ops", cache(1, 2))
+
+    def test_filesChange(self) -> None:
+        """A change to the group file is seen within a second."""
+        cache = self.cache(max_age=3600)
+        cache(1, 2)
+        self.database.extra.add("group:ops")
+        with open(self.files[0], "a") as f:
+            f.write("wheel:x:10:alice\n")
+        self.assertNotIn("group:ops", cache(1, 2))  # checked a moment ago
+        self.clock.now += 1
+        self.assertIn("group:ops", cache(1, 2))
+
+    def test_fileRemovedOrReplaced(self) -> None:
+        cache = self.cache(max_age=3600)
+        cache(1, 2)
+        os.unlink(self.files[0])
+        self.clock.now += 1
+        cache(1, 2)
+        self.assertEqual(self.database.lookups, 2)
+
+    def test_clear(self) -> None:
+        cache = self.cache(max_age=3600)
+        cache(1, 2)
+        cache.clear()
+        cache(1, 2)
+        self.assertEqual(self.database.lookups, 2)
+
+    def test_zeroMaxAgeCachesNothing(self) -> None:
+        cache = self.cache(max_age=0)
+        cache(1, 2)
+        cache(1, 2)
+        self.assertEqual(self.database.lookups, 2)
+
+
+class GroupChangeTests(TestCase):
+    """
+    A client added to a group reaches what the group may, through a real
+    ipcd: within C{label_cache_max_age}, and at once after a reload.
+    """
+
+    @inlineCallbacks
+    def start(self, max_age: float) -> Any:
+        self.rundir = short_rundir(self)
+        layer = {
+            "rules": ["allow local pong group:ipcd-test-ops", "deny local pong"],
+            "ipcd": {"label_cache_max_age": max_age},
+        }
+        config = make_config(self.rundir, **layer)
+        service = IPCDService(config, reactor, reload_config=lambda: config)
+        self.database = _GroupDatabase()
+        self.clock = _Clock()
+        # The real databases have no such group; the test adds it.
+        service.broker.labels = LabelCache(
+            max_age, files=(), seconds=self.clock, lookup=self.database
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        yield wait_until(
+            lambda: os.path.exists(os.path.join(self.rundir, "ipc")), "ipcd"
+        )
+        return service
+
+    @inlineCallbacks
+    def answer(self) -> Any:
+        reply = yield deferToThread(lookup, self.rundir, b"pong;")
+        reply.close_fds()
+        return reply.data
+
+    @inlineCallbacks
+    def test_withinMaximumAge(self) -> Any:
+        yield self.start(max_age=30)
+        self.assertIn(b"denied", (yield self.answer()))
+        self.database.extra.add("group:ipcd-test-ops")
+        self.assertIn(b"denied", (yield self.answer()))  # cached still
+        self.clock.now += 30
+        self.assertEqual((yield self.answer()), b"ok")
+
+    @inlineCallbacks
+    def test_atOnceAfterReload(self) -> Any:
+        service = yield self.start(max_age=3600)
+        self.assertIn(b"denied", (yield self.answer()))
+        self.database.extra.add("group:ipcd-test-ops")
+        self.assertIn(b"denied", (yield self.answer()))
+        self.assertTrue(service.reload()["ok"])
+        self.assertEqual((yield self.answer()), b"ok")
+
+
+class HandedOverTests(SynchronousTestCase):
+    """
+    L{HandedOver}: a connection answered with a descriptor ends for the
+    client at once (EOF), and is closed by ipcd when the client has closed,
+    within its grace, or when too many wait.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.handed = HandedOver(self.clock, grace=0.05, most=2)
+
+    def pair(self) -> tuple[socket.socket, socket.socket]:
+        ours, client = socket.socketpair(socket.AF_UNIX)
+        self.addCleanup(ours.close)
+        self.addCleanup(client.close)
+        client.settimeout(TIMEOUT)
+        return ours, client
+
+    def test_clientSeesEof(self) -> None:
+        ours, client = self.pair()
+        self.handed.add(ours)
+        self.assertEqual(client.recv(10), b"")
+        self.assertEqual(len(self.handed), 1)
+
+    def test_closedOnceTheClientCloses(self) -> None:
+        ours, client = self.pair()
+        self.handed.add(ours)
+        self.handed.sweep()
+        self.assertNotEqual(ours.fileno(), -1, "the client has not closed yet")
+        client.close()
+        self.handed.sweep()
+        self.assertEqual(ours.fileno(), -1)
+        self.assertEqual(len(self.handed), 0)
+
+    def test_closedAfterGrace(self) -> None:
+        ours, _client = self.pair()
+        self.handed.add(ours)
+        self.clock.advance(0.05)
+        self.assertEqual(ours.fileno(), -1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_atMost(self) -> None:
+        socks = [self.pair()[0] for _ in range(3)]
+        for sock in socks:
+            self.handed.add(sock)
+        self.assertEqual([s.fileno() == -1 for s in socks], [True, False, False])
+
+    def test_closeAll(self) -> None:
+        ours, _client = self.pair()
+        self.handed.add(ours)
+        self.handed.close_all()
+        self.assertEqual(ours.fileno(), -1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
