@@ -11,6 +11,7 @@ with C{addReader}/C{addWriter}, and read exactly the bytes they are owed.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 from typing import Any
@@ -271,3 +272,16 @@ async def resolve_host(reactor: Any, host: str, port: int) -> list[tuple[int, An
     if not found:
         raise OSError("no address found")
     return found
+
+
+async def host_addresses(reactor: Any, host: str, port: int) -> list[tuple[int, Any]]:
+    """
+    C{(family, sockaddr)} for C{host}: an IP address as it is, a name by
+    L{resolve_host}.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return await resolve_host(reactor, host, port)
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    return [(family, (host, port))]

@@ -18,7 +18,6 @@ plugin by C{twisted/plugins/ipcd_daemons.py}.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -52,9 +51,9 @@ from ipcd.routes import RemoteURI
 from ipcd.services import IPCService
 from ipcd.sockets import (
     connect_tcp,
+    host_addresses,
     read_exactly,
     read_to_eof,
-    resolve_host,
     write_all,
 )
 
@@ -62,17 +61,6 @@ SCHEME = "tcp"
 SECTION = "tcpd"
 DEFAULT_PORT = 9000
 DEFAULT_LISTEN = "tcp:9000:interface=127.0.0.1"
-
-
-async def _addresses(reactor: Any, host: str, port: int) -> list[tuple[int, Any]]:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-        return [(family, (host, port))]
-    return await resolve_host(reactor, host, port)
 
 
 async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socket:
@@ -83,7 +71,7 @@ async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socke
     """
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        addresses = await _addresses(reactor, host, port)
+        addresses = await host_addresses(reactor, host, port)
     except OSError as e:  # no address found
         raise Refused(f"cannot resolve {host!r}: {e.strerror or e}")
     except UnicodeError:

@@ -3,5 +3,6 @@
 # them with twisted.plugin.getPlugins(IProtocolDaemon).  No __init__.py here
 # or in twisted/: this directory is Twisted's plugin namespace.
 from ipcd.transports.tcp import tcpd
+from ipcd.transports.udp import udpd
 
-__all__ = ["tcpd"]
+__all__ = ["tcpd", "udpd"]
