@@ -42,13 +42,13 @@ class RegistryTests(SynchronousTestCase):
     def test_foundThroughPlugins(self) -> None:
         """Both the built-in tcpd and the test's daemon come from getPlugins."""
         found = with_testscheme()
-        self.assertEqual(list(found), ["tcp", "testscheme"])
+        self.assertEqual(list(found), ["tcp", "testscheme", "udp"])
         self.assertIs(found["tcp"], tcpd)
         self.assertIs(found["testscheme"], testschemed)
         self.assertIs(found.by_section("testschemed"), testschemed)
         self.assertTrue(IProtocolDaemon.providedBy(testschemed))
         self.assertEqual(list(registry(daemonplugins)), ["testscheme"])
-        self.assertEqual(list(registry()), ["tcp"])
+        self.assertEqual(list(registry()), ["tcp", "udp"])
 
     def test_conflict(self) -> None:
         """Two daemons claiming one scheme are an error, naming both."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
@@ -300,14 +300,23 @@ class UdpListener(Service):
         self.protocol = protocol
         self.port: Any = None
 
+    def privilegedStartService(self) -> None:  # noqa: N802 (Twisted's name)
+        # Listen before privileges drop, as stream listeners do.  Raises
+        # CannotListenError: ipcd's start-up says it in one line.
+        if self.port is None:
+            self.port = self.reactor.listenUDP(
+                self.listen.port,
+                self.protocol,
+                interface=self.listen.interface,
+                maxPacketSize=READ_SIZE,
+            )
+            # As StreamServerEndpointService's: ipcd's start-up closes the
+            # ports already open when a later one fails.
+            self._waitingForPort = succeed(self.port)
+        super().privilegedStartService()
+
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
-        # Raises CannotListenError: ipcd's start-up says it in one line.
-        self.port = self.reactor.listenUDP(
-            self.listen.port,
-            self.protocol,
-            interface=self.listen.interface,
-            maxPacketSize=READ_SIZE,
-        )
+        self.privilegedStartService()
         super().startService()
 
     def stopService(self) -> Any:  # noqa: N802 (Twisted's name)
