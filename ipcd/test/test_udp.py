@@ -19,7 +19,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd.config import ConfigError, load_config
-from ipcd.control import request
+from ipcd.control import format_status, request
 from ipcd.daemons import StartupError
 from ipcd.names import listen_unix
 from ipcd.tap import Options
@@ -145,6 +145,9 @@ class EndToEndTests(TwoHostsTestCase):
             self.assertEqual(
                 report["config"]["udp_listen"], "udp:0:interface=127.0.0.1"
             )
+            text = format_status(report)
+            self.assertIn("DETAILS", text)
+            self.assertIn("datagrams: sent 1, received 1, dropped 0, lost 0", text)
 
     @inlineCallbacks
     def test_remoteRefusalReachesTheClient(self) -> Any:

@@ -265,7 +265,11 @@ class UdpServer(DatagramProtocol):
         )
         self.sessions[session_id] = _Bound(session, address, nonce)
         self.hellos[key] = session
-        _start_stream(self.reactor, sock, session, self.streams)
+        try:
+            _start_stream(self.reactor, sock, session, self.streams)
+        except Exception:
+            self.log.failure("udpd: cannot start the session of {peer}", peer=peer)
+            return  # ended: the peer's retries find nothing, then time out
         if not session.done:
             self._answer(udpwire.accepted(nonce, session_id), address, size)
 
