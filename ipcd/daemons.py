@@ -22,6 +22,7 @@ they need (the broker, their settings) by each call.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -67,6 +68,18 @@ class Flag:
     doc: str
     apply: Callable[[str | None], Mapping[str, Any]]
     takes_value: bool = False
+
+
+def enable_listening(value: str | None) -> Mapping[str, Any]:
+    """A C{--SCHEME ENDPOINT} flag's part: the daemon on, listening there."""
+    return {"enabled": True, "listen": value}
+
+
+def listener_hint(error: Exception, scheme: str) -> str:
+    """L{IProtocolDaemon.hint} for a daemon with C{--SCHEME}/C{--no-SCHEME}."""
+    code = getattr(getattr(error, "socketError", error), "errno", None)
+    another = "another ipcd? " if code == errno.EADDRINUSE else ""
+    return f"{another}use --{scheme} ENDPOINT or --no-{scheme}"
 
 
 class IProtocolDaemon(Interface):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import socket
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import reactor
@@ -17,7 +16,6 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd.tap import IPCDService
 from ipcd.test.support import (
     HEADER,
     TIMEOUT,
@@ -27,23 +25,15 @@ from ipcd.test.support import (
     start_ipcd,
     wait_until,
 )
+from ipcd.test.tcpsupport import Host
 from ipcd.transports.udpsession import SessionStats
 from ipcd.wire import encode
 
 UDP_LISTEN = "udp:0:interface=127.0.0.1"
 
 
-@dataclass
-class UdpHost:
+class UdpHost(Host):
     """One in-process ipcd instance with udpd, standing for a host."""
-
-    service: IPCDService
-    rundir: str
-    port: int
-
-    @property
-    def broker(self) -> Any:
-        return self.service.broker
 
     @property
     def server(self) -> Any:

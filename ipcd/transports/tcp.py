@@ -17,7 +17,6 @@ plugin by C{twisted/plugins/ipcd_daemons.py}.
 
 from __future__ import annotations
 
-import errno
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -32,7 +31,15 @@ from zope.interface import implementer
 
 from ipcd import wire
 from ipcd.config import boolean, endpoint, positive_number
-from ipcd.daemons import Flag, IProtocolDaemon, Setting, StartupError, settings_of
+from ipcd.daemons import (
+    Flag,
+    IProtocolDaemon,
+    Setting,
+    StartupError,
+    enable_listening,
+    listener_hint,
+    settings_of,
+)
 from ipcd.errors import Refused
 from ipcd.inbound import (
     MAX_HANDSHAKE,
@@ -200,10 +207,6 @@ class TcpService(MultiService):
         return listening(self.listener)
 
 
-def _listen(value: str | None) -> dict[str, Any]:
-    return {"enabled": True, "listen": value}
-
-
 @implementer(IPlugin, IProtocolDaemon)
 class TcpDaemon:
     """
@@ -222,7 +225,7 @@ class TcpDaemon:
         Flag(
             "tcp",
             f"tcpd's listener, an endpoint string (default {DEFAULT_LISTEN}).",
-            _listen,
+            enable_listening,
             takes_value=True,
         ),
         Flag("no-tcp", "Do not run tcpd.", lambda _: {"enabled": False}),
@@ -262,9 +265,7 @@ class TcpDaemon:
             ) from None
 
     def hint(self, error: Exception) -> str:
-        code = getattr(getattr(error, "socketError", error), "errno", None)
-        another = "another ipcd? " if code == errno.EADDRINUSE else ""
-        return f"{another}use --tcp ENDPOINT or --no-tcp"
+        return listener_hint(error, SCHEME)
 
 
 tcpd = TcpDaemon()

@@ -38,7 +38,14 @@ from zope.interface import implementer
 
 from ipcd import wire
 from ipcd.config import Expected, boolean, positive_number
-from ipcd.daemons import Flag, IProtocolDaemon, Setting, settings_of
+from ipcd.daemons import (
+    Flag,
+    IProtocolDaemon,
+    Setting,
+    enable_listening,
+    listener_hint,
+    settings_of,
+)
 from ipcd.errors import Refused
 from ipcd.handoff import adopt_into_reactor
 from ipcd.identity import Peer, remote_peer
@@ -535,10 +542,6 @@ async def dial(
 # The plug-in.
 
 
-def _listen(value: str | None) -> dict[str, Any]:
-    return {"enabled": True, "listen": value}
-
-
 @implementer(IPlugin, IProtocolDaemon)
 class UdpDaemon:
     """
@@ -565,7 +568,7 @@ class UdpDaemon:
         Flag(
             "udp",
             f"udpd's listener, 'udp:PORT[:interface=ADDRESS]' (e.g. {DEFAULT_LISTEN}).",
-            _listen,
+            enable_listening,
             takes_value=True,
         ),
         Flag("no-udp", "Do not run udpd (the default).", lambda _: {"enabled": False}),
@@ -611,9 +614,7 @@ class UdpDaemon:
         pass  # the listener's form was checked with the configuration
 
     def hint(self, error: Exception) -> str:
-        code = getattr(getattr(error, "socketError", error), "errno", None)
-        another = "another ipcd? " if code == errno.EADDRINUSE else ""
-        return f"{another}use --udp ENDPOINT or --no-udp"
+        return listener_hint(error, SCHEME)
 
 
 udpd = UdpDaemon()
