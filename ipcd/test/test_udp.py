@@ -217,6 +217,33 @@ class EndToEndTests(TwoHostsTestCase):
         self.assertEqual(answer, encode(b"ok") + encode(b"bounce me"))
 
 
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+class IPv6Tests(TestCase):
+    if not has_ipv6_loopback():
+        skip = "no IPv6 loopback (::1) on this machine"
+
+    @inlineCallbacks
+    def test_pongOverIPv6(self) -> Any:
+        """A C{udp://[::1]:PORT/pong} route, to a udpd listening on ::1."""
+        a = yield start_udp_host(self, pongd=False)
+        b = yield start_udp_host(self, rules=B_RULES, listen="udp:0:interface=::1")
+        payload = f"pong;pong udp://[::1]:{b.port}/pong".encode()
+        reply = yield deferToThread(lookup, a.rundir, payload)
+        self.assertEqual(reply.data, OK)
+        sock = reply.take_socket(self)
+        echo = yield deferToThread(bounce, sock)
+        self.assertEqual(echo, encode(b"bounce me"))
+        self.assertEqual(b.session().labels, ("ip:::1",))
+
+
 class LossTests(TwoHostsTestCase):
     @inlineCallbacks
     def test_lossyRelay(self) -> Any:
