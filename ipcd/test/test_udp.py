@@ -174,6 +174,31 @@ class EndToEndTests(TwoHostsTestCase):
         )
 
     @inlineCallbacks
+    def test_answersCheckedByNonce(self) -> Any:
+        """
+        A's udpd takes only an answer that echoes its HELLO's nonce, and
+        a remote's refusal reaches the client as one printable line.
+        """
+        fake = udp_socket()
+        self.addCleanup(fake.close)
+        fake.settimeout(TIMEOUT)
+
+        def remote() -> None:
+            hello, client = fake.recvfrom(65536)
+            nonce = udpwire.decode(hello).nonce
+            fake.sendto(udpwire.accepted(b"x" * 8, b"s" * 8), client)
+            fake.sendto(udpwire.refusal(nonce, "no\x1b[2J\nway", 300), client)
+
+        serving = deferToThread(remote)
+        answer = yield self.refusedOnA("pong", fake.getsockname()[1])
+        yield serving
+        self.assertEqual(
+            answer,
+            f"ne udpd at 127.0.0.1:{fake.getsockname()[1]} refused 'pong': "
+            "no\\x1b[2J\\x0away".encode(),
+        )
+
+    @inlineCallbacks
     def test_silentPeerTimesOut(self) -> Any:
         """A peer that never answers: retried, then the broker's deadline."""
         self.a.service.broker.config = load_config(
@@ -458,6 +483,16 @@ class LifetimeTests(TwoHostsTestCase):
         message = yield deferToThread(read_message, sock)
         self.assertIsNone(message)
         yield wait_until(lambda: not self.a.sessions(), "A's session to end", 0.25)
+
+    @inlineCallbacks
+    def test_stoppingEndsSessions(self) -> Any:
+        """Stopping A's ipcd closes its clients' sessions on B too."""
+        sock = yield self.lookupOnA()
+        yield deferToThread(bounce, sock)
+        yield self.a.service.stopService()
+        closed = yield deferToThread(eof_within, sock)
+        self.assertTrue(closed)
+        yield wait_until(lambda: not self.b.sessions(), "B's session to end", 0.25)
 
 
 class Closer(Protocol):

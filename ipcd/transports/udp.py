@@ -30,6 +30,7 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.error import MessageLengthError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
@@ -51,6 +52,7 @@ from ipcd.handoff import adopt_into_reactor
 from ipcd.identity import Peer, remote_peer
 from ipcd.inbound import ControlHandshake, HandshakeFactory, open_inbound
 from ipcd.limits import LimitedFactory
+from ipcd.logs import printable
 from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
 from ipcd.services import IPCService
@@ -212,7 +214,7 @@ class UdpServer(DatagramProtocol):
             return
         try:
             self.transport.write(datagram, address)
-        except OSError:
+        except (OSError, MessageLengthError):
             self._drop("send failed")
 
     def _hello(self, hello: udpwire.Hello, address: Any, size: int) -> None:
@@ -345,6 +347,7 @@ class UdpService(MultiService):
     def __init__(self, broker: Any, settings: Mapping[str, Any]) -> None:
         super().__init__()
         self.setName(SECTION)
+        self.broker = broker
         reactor = broker.reactor
         self.server = UdpServer(broker, lambda: settings_of(broker.config, udpd))
         self.listener = UdpListener(
@@ -378,8 +381,12 @@ class UdpService(MultiService):
         super().startService()
 
     def stopService(self) -> Deferred[None]:  # noqa: N802 (Twisted's name)
-        stopped = super().stopService()
+        stopped = super().stopService()  # the listener ends inbound sessions
         self.relays.stop()
+        # And this host's clients' sessions: a CLOSE to each remote udpd.
+        for stats in list(self.broker.relays):
+            if isinstance(stats, SessionStats) and stats.end is not None:
+                stats.end("udpd stopped")
         return stopped
 
     def address(self) -> tuple[str, int]:
@@ -425,7 +432,8 @@ class SessionClient(DatagramProtocol):
         if isinstance(parsed, udpwire.Accepted):
             self.answer.callback(parsed.session)
         elif isinstance(parsed, udpwire.Refusal):
-            self.answer.errback(Refused(parsed.reason))
+            # The remote's words, shown to the client and in logs: one line.
+            self.answer.errback(Refused(printable(parsed.reason)))
 
     def connectionRefused(self) -> None:  # noqa: N802 (Twisted's name)
         self.stopProtocol()

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -40,6 +41,8 @@ class SessionStats(RelayStats):
     received: int = 0  # DATA datagrams accepted and delivered
     dropped: int = 0  # duplicates, stale, oversized, undeliverable, spoofed
     window: udpwire.ReceiveWindow = field(default_factory=udpwire.ReceiveWindow)
+    # Ends the session (its owner's stop does), with a reason.
+    end: Callable[[str], None] | None = None
 
     @property
     def lost(self) -> int:
@@ -88,6 +91,7 @@ class Session:
         self._next = 0  # our next sequence number
         self._last = clock.seconds()
         self._timer = clock.callLater(idle_timeout, self._check_idle)
+        stats.end = self.end
         if stats.registry is not None:
             stats.registry.add(stats)
 
@@ -193,8 +197,9 @@ class Session:
     def _transmit(self, datagram: bytes) -> bool:
         try:
             self._send(datagram)
-        except OSError:
-            # A full socket buffer, an unreachable peer: UDP loses it.
+        except (OSError, MessageLengthError):
+            # A full socket buffer, an unreachable peer, a datagram the
+            # path cannot carry: UDP loses it.
             self.stats.dropped += 1
             return False
         return True
