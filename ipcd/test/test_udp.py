@@ -449,6 +449,31 @@ class LimitTests(TwoHostsTestCase):
         yield self.assertServing()
 
 
+class PerPeerLimitTests(TwoHostsTestCase):
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.a = yield start_udp_host(self, pongd=False)
+        self.b = yield start_udp_host(
+            self, rules=B_RULES, limits={"max_connections_per_peer": 2}
+        )
+
+    @inlineCallbacks
+    def test_onePeerCannotTakeEverySession(self) -> Any:
+        """[limits] max_connections_per_peer holds per address, for udpd too."""
+        first = yield self.lookupOnA()
+        second = yield self.lookupOnA()
+        answer = yield self.refusedOnA("pong")
+        self.assertIn(b"too many connections from ip:127.0.0.1/32 (at most 2)", answer)
+        self.assertEqual(self.b.broker.counters["udpd: refused, per-peer limit"], 1)
+        first.close()
+        yield wait_until(lambda: len(self.b.sessions()) == 1, "a session to end")
+        third = yield self.lookupOnA()
+        echo = yield deferToThread(bounce, third)
+        self.assertEqual(echo, encode(b"bounce me"))
+        second.close()
+        third.close()
+
+
 class LifetimeTests(TwoHostsTestCase):
     b_settings = {"idle_timeout": 0.3}
 

@@ -56,15 +56,20 @@ def start_udp_host(
     case: SynchronousTestCase,
     rules: list[str] | tuple[str, ...] = (),
     pongd: bool = True,
+    limits: dict[str, Any] | None = None,
     **udpd: Any,
 ) -> Any:
-    """Start an ipcd with pongd (unless disabled) and udpd; stopped after."""
+    """
+    Start an ipcd with pongd (unless disabled) and udpd (C{udpd}: its
+    section's keys), C{limits} its [limits]; stopped after.
+    """
     rundir = short_rundir(case, "ipcd-udp-")
     config = make_config(
         rundir,
         udpd={"enabled": True, "listen": UDP_LISTEN, **udpd},
         rules=list(rules),
         pongd={"enabled": pongd},
+        limits=limits or {},
     )
     service = yield start_ipcd(case, config)
     _, port = service.getServiceNamed("udpd").address()

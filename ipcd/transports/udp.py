@@ -51,7 +51,7 @@ from ipcd.errors import Refused
 from ipcd.handoff import adopt_into_reactor
 from ipcd.identity import Peer, remote_peer
 from ipcd.inbound import ControlHandshake, HandshakeFactory, open_inbound
-from ipcd.limits import LimitedFactory
+from ipcd.limits import LimitedFactory, network_peer_key
 from ipcd.logs import printable
 from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
@@ -180,6 +180,10 @@ class UdpServer(DatagramProtocol):
         # (address, nonce) of each HELLO served: its session, or the
         # pending request while the broker connects.
         self.hellos: dict[tuple[Any, bytes], Session | Deferred[Any]] = {}
+        # ... and the key each is counted under in the per-peer limit
+        # ([limits] max_connections_per_peer, by address prefix).
+        self.limits = broker.limits_for(SECTION)
+        self.peer_keys: dict[tuple[Any, bytes], str] = {}
         self.running = True
 
     def _drop(self, why: str) -> None:
@@ -230,6 +234,15 @@ class UdpServer(DatagramProtocol):
             refusal = udpwire.refusal(hello.nonce, "too many sessions", size)
             self._answer(refusal, address, size)
             return
+        config = self.broker.config
+        peer_key = network_peer_key(
+            address[0], config.peer_prefix_ipv4, config.peer_prefix_ipv6
+        )
+        reason = self.limits.admit(peer_key)
+        if reason is not None:  # one peer may not take every session
+            self._answer(udpwire.refusal(hello.nonce, reason, size), address, size)
+            return
+        self.peer_keys[key] = peer_key
         peer = remote_peer(address[0], address[1])
         pending = open_inbound(self.broker, hello.service, peer)
         self.hellos[key] = pending
@@ -250,6 +263,7 @@ class UdpServer(DatagramProtocol):
     ) -> None:
         address, nonce = key
         if not self.running:
+            self._forget(key)
             sock.close()
             return
         session_id = secrets.token_bytes(udpwire.ID_SIZE)
@@ -283,7 +297,7 @@ class UdpServer(DatagramProtocol):
             self._answer(udpwire.accepted(nonce, session_id), address, size)
 
     def _refused(self, failure: Failure, key: tuple[Any, bytes], size: int) -> None:
-        self.hellos.pop(key, None)
+        self._forget(key)
         if not self.running or not failure.check(Refused):
             return  # cancelled when udpd stops
         address, nonce = key
@@ -292,7 +306,14 @@ class UdpServer(DatagramProtocol):
     def _ended(self, session: Session) -> None:
         bound = self.sessions.pop(session.id, None)
         if bound is not None:
-            self.hellos.pop((bound.address, bound.nonce), None)
+            self._forget((bound.address, bound.nonce))
+
+    def _forget(self, key: tuple[Any, bytes]) -> None:
+        """A HELLO's session (or request) is over: it counts no more."""
+        self.hellos.pop(key, None)
+        peer_key = self.peer_keys.pop(key, None)
+        if peer_key is not None:
+            self.limits.release(peer_key)
 
     def stop(self) -> None:
         """End every session (a CLOSE to each peer) and pending request."""
