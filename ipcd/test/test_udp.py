@@ -370,8 +370,13 @@ class HostileDatagramTests(TwoHostsTestCase):
         self.assertEqual(got, [])
         got = yield deferToThread(answers, self.b.port, udpwire.close(session_id))
         self.assertEqual(got, [])
+        # A wrong id from the session's own address (A's UDP port).
+        a_session = self.a.session().end.__self__
+        a_session._send(udpwire.data(b"?" * 8, 7, b"forged"))
+        yield wait_until(
+            lambda: self.dropped("unknown session") == 2, "the wrong id dropped"
+        )
         self.assertEqual(self.dropped("wrong address"), 2)
-        self.assertEqual(self.dropped("unknown session"), 1)
         self.assertEqual(self.b.session().dropped, 2)
         # Nothing forged reached pongd (its echo would be on the way to A).
         echo = yield deferToThread(bounce, sock, b"after")
@@ -385,18 +390,15 @@ class HostileDatagramTests(TwoHostsTestCase):
         sock = yield self.lookupOnA()
         yield deferToThread(bounce, sock, b"one")
         out = self.a.session()
-        client = self.b.server.sessions[next(iter(self.b.server.sessions))]
-        # Replay B's first echo into A's session, from B's own address:
+        [bound] = self.b.server.sessions.values()
+        # Replay B's first echo into A's session, from B's own port to A's:
         # as a network that duplicates a datagram would.
-        b_port = self.b.server.transport
-        a_address = ("127.0.0.1", self.a_port_of(out))
-        b_port.write(udpwire.data(client.session.id, 0, b"one"), a_address)
+        replay = udpwire.data(bound.session.id, 0, b"one")
+        self.b.server.transport.write(replay, bound.address)
         yield wait_until(lambda: out.dropped == 1, "the duplicate to be dropped")
         self.assertEqual(out.received, 1)
-
-    def a_port_of(self, out: Any) -> int:
-        [bound] = self.b.server.sessions.values()
-        return bound.address[1]
+        echo = yield deferToThread(bounce, sock, b"two")
+        self.assertEqual(echo, encode(b"two"))
 
 
 class LimitTests(TwoHostsTestCase):
