@@ -25,6 +25,7 @@ from ipcd.names import listen_unix
 from ipcd.tap import Options
 from ipcd.test.support import (
     TIMEOUT,
+    RunningIpcdTestCase,
     assert_no_fd_leak,
     bounce,
     connect_unix,
@@ -548,6 +549,17 @@ class FdTests(TwoHostsTestCase):
             lambda: not self.a.sessions() and not self.b.sessions(), "sessions to end"
         )
         yield assert_no_fd_leak(before)
+
+
+class OffByDefaultTests(RunningIpcdTestCase):
+    @inlineCallbacks
+    def test_noUdpRoutesWhenOff(self) -> Any:
+        """Without --udp, a udp:// route is refused and nothing listens."""
+        payload = b"pong;pong udp://127.0.0.1:9000/pong"
+        reply = yield deferToThread(lookup, self.rundir, payload)
+        self.assertEqual(reply.data, b"ne no transport for scheme 'udp'")
+        self.assertFalse(os.path.exists(os.path.join(self.rundir, "udp")))
+        self.assertNotIn("udpd", self.service.namedServices)
 
 
 class ConfigTests(SynchronousTestCase):
