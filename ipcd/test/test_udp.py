@@ -452,12 +452,53 @@ class LimitTests(TwoHostsTestCase):
         yield self.assertServing()
 
 
+class InboundPathTests(TwoHostsTestCase):
+    """
+    B resolves a udp peer's request as every inbound daemon does: admin
+    redirections and routes, the C{in} rules with the peer's C{ip:} label.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.a = yield start_udp_host(self, pongd=False)
+        self.b = yield start_udp_host(
+            self,
+            rules=[
+                "allow in echo ip:127.0.0.1",
+                "allow in far ip:127.0.0.0/8",
+                "deny in pong ip:127.0.0.1",
+            ],
+            config={"redirects": {"echo": "pong"}, "routes": {"far": "unix://pong"}},
+        )
+
+    @inlineCallbacks
+    def assertEchoes(self, service: str) -> Any:
+        sock = yield self.lookupOnA(service)
+        echo = yield deferToThread(bounce, sock)
+        self.assertEqual(echo, encode(b"bounce me"))
+        self.assertEqual(self.b.session().service, service)
+        sock.close()
+        yield wait_until(lambda: not self.b.sessions(), "the session to end")
+
+    def test_redirection(self) -> Any:
+        """An admin redirection, policed by the name asked for."""
+        return self.assertEchoes("echo")
+
+    def test_adminRoute(self) -> Any:
+        return self.assertEchoes("far")
+
+    @inlineCallbacks
+    def test_ruleOnTheAddress(self) -> Any:
+        answer = yield self.refusedOnA("pong")
+        self.assertIn(b"denied by rule 3 (deny in pong ip:127.0.0.1)", answer)
+
+
 class PerPeerLimitTests(TwoHostsTestCase):
     @inlineCallbacks
     def setUp(self) -> Any:
         self.a = yield start_udp_host(self, pongd=False)
         self.b = yield start_udp_host(
-            self, rules=B_RULES, limits={"max_connections_per_peer": 2}
+            self, rules=B_RULES, config={"limits": {"max_connections_per_peer": 2}}
         )
 
     @inlineCallbacks

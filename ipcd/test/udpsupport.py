@@ -57,22 +57,24 @@ def start_udp_host(
     case: SynchronousTestCase,
     rules: list[str] | tuple[str, ...] = (),
     pongd: bool = True,
-    limits: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
     **udpd: Any,
 ) -> Any:
     """
     Start an ipcd with pongd (unless disabled) and udpd (C{udpd}: its
-    section's keys), C{limits} its [limits]; stopped after.
+    section's keys), C{config} the rest of its configuration; stopped after.
     """
     rundir = short_rundir(case, "ipcd-udp-")
-    config = make_config(
-        rundir,
-        udpd={"enabled": True, "listen": UDP_LISTEN, **udpd},
-        rules=list(rules),
-        pongd={"enabled": pongd},
-        limits=limits or {},
+    service = yield start_ipcd(
+        case,
+        make_config(
+            rundir,
+            udpd={"enabled": True, "listen": UDP_LISTEN, **udpd},
+            rules=list(rules),
+            pongd={"enabled": pongd},
+            **(config or {}),
+        ),
     )
-    service = yield start_ipcd(case, config)
     _, port = service.getServiceNamed("udpd").address()
     # Runs after the test's own cleanups (which close its sockets): the
     # sessions end with their CLOSE datagrams in a turn or two.
