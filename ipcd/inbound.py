@@ -17,6 +17,7 @@ both sockets to the daemon's relay loop.
                          through C{broker.open_uri}
     L{framed}            one framed request out of a buffer
     L{request_text}      a request's bytes as the name they must be (ASCII)
+    L{control_service}   a daemon's C{RUNDIR/SCHEME} socket, limits included
     L{open_inbound}      the whole path for a transport without a stream
                          (udpd's datagrams): request bytes in, a connected
                          socket or L{Refused} out
@@ -330,3 +331,34 @@ class HandshakeFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Handshaking:
         return self.protocol(self)
+
+
+def control_service(
+    broker: Any,
+    relays: Any,
+    scheme: str,
+    name: str,
+    handshake_timeout: float | Callable[[], float],
+) -> Any:
+    """
+    A daemon's C{RUNDIR/SCHEME} for upstream's ipcd: L{ControlHandshake}s
+    relayed by C{relays}, within the broker's limits for C{scheme}.
+    """
+    from ipcd.limits import LimitedFactory
+    from ipcd.services import IPCService
+
+    limits = broker.limits_for(scheme)
+    factory = HandshakeFactory(
+        ControlHandshake, broker, relays, handshake_timeout, scheme=scheme, name=name
+    )
+    return IPCService(
+        scheme,
+        LimitedFactory(
+            factory,
+            limits,
+            refusal=lambda reason: wire.encode(b"ne " + reason.encode()),
+        ),
+        broker.config.rundir,
+        broker.reactor,
+        limits=limits,
+    )

@@ -29,7 +29,6 @@ from twisted.internet.error import ConnectionLost
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ipcd import wire
 from ipcd.config import boolean, endpoint, positive_number
 from ipcd.daemons import (
     Flag,
@@ -44,10 +43,9 @@ from ipcd.errors import Refused
 from ipcd.inbound import (
     MAX_HANDSHAKE,
     OK,
-    ControlHandshake,
     HandshakeFactory,
-    Handshaking,
     NetworkHandshake,
+    control_service,
     framed,
     listening,
 )
@@ -55,7 +53,6 @@ from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.logs import printable
 from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
-from ipcd.services import IPCService
 from ipcd.sockets import (
     connect_tcp,
     host_addresses,
@@ -145,7 +142,6 @@ class TcpService(MultiService):
     def __init__(self, broker: Any, listen: str) -> None:
         super().__init__()
         self.setName(SECTION)
-        config = broker.config
         reactor = broker.reactor
         # tcpd's relays (inbound, and for upstream's control socket).
         self.relays = SocketRelays(reactor)
@@ -157,21 +153,22 @@ class TcpService(MultiService):
                 transport.getPeer(), config.peer_prefix_ipv4, config.peer_prefix_ipv6
             )
 
-        def handshakes(protocol: type[Handshaking]) -> HandshakeFactory:
-            return HandshakeFactory(
-                protocol,
-                broker,
-                self.relays,
-                # Read at each connection, so a reload applies to new ones.
-                lambda: settings_of(broker.config, tcpd)["handshake_timeout"],
-                scheme=SCHEME,
-                name=SECTION,
-            )
+        def handshake_timeout() -> float:
+            # Read at each connection, so a reload applies to new ones.
+            return settings_of(broker.config, tcpd)["handshake_timeout"]
 
+        inbound = HandshakeFactory(
+            TcpInbound,
+            broker,
+            self.relays,
+            handshake_timeout,
+            scheme=SCHEME,
+            name=SECTION,
+        )
         self.listener = listener = StreamServerEndpointService(
             LimitedEndpoint(serverFromString(reactor, listen), limits),
             LimitedFactory(
-                handshakes(TcpInbound),
+                inbound,
                 limits,
                 peer_key,
                 # Before any request: upstream's raw form, as for a silent peer.
@@ -180,17 +177,12 @@ class TcpService(MultiService):
         )
         listener._raiseSynchronously = True
         listener.setServiceParent(self)
-        limits = broker.limits_for(SCHEME)
-        IPCService(
+        control_service(
+            broker,
+            self.relays,
             SCHEME,
-            LimitedFactory(
-                handshakes(ControlHandshake),
-                limits,
-                refusal=lambda reason: wire.encode(b"ne " + reason.encode()),
-            ),
-            config.rundir,
-            reactor,
-            limits=limits,
+            SECTION,
+            handshake_timeout,
         ).setServiceParent(self)
 
     def startService(self) -> None:

@@ -50,12 +50,11 @@ from ipcd.daemons import (
 from ipcd.errors import Refused
 from ipcd.handoff import adopt_into_reactor
 from ipcd.identity import Peer, remote_peer
-from ipcd.inbound import ControlHandshake, HandshakeFactory, open_inbound
-from ipcd.limits import LimitedFactory, network_peer_key
+from ipcd.inbound import control_service, open_inbound
+from ipcd.limits import network_peer_key
 from ipcd.logs import printable
 from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
-from ipcd.services import IPCService
 from ipcd.sockets import host_addresses
 from ipcd.transports import udpwire
 from ipcd.transports.udpsession import Session, SessionStats, SessionStream
@@ -377,24 +376,12 @@ class UdpService(MultiService):
         self.listener.setServiceParent(self)
         # Upstream's ipcd on RUNDIR/udp: relayed to the session's stream.
         self.relays = SocketRelays(reactor)
-        limits = broker.limits_for(SCHEME)
-        IPCService(
+        control_service(
+            broker,
+            self.relays,
             SCHEME,
-            LimitedFactory(
-                HandshakeFactory(
-                    ControlHandshake,
-                    broker,
-                    self.relays,
-                    lambda: broker.config.connect_timeout,
-                    scheme=SCHEME,
-                    name=SECTION,
-                ),
-                limits,
-                refusal=lambda reason: wire.encode(b"ne " + reason.encode()),
-            ),
-            broker.config.rundir,
-            reactor,
-            limits=limits,
+            SECTION,
+            lambda: broker.config.connect_timeout,
         ).setServiceParent(self)
 
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
