@@ -74,14 +74,7 @@ async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socke
     the C{ok}.
     """
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        addresses = await host_addresses(reactor, host, port)
-    except OSError as e:  # no address found
-        raise Refused(f"cannot resolve {host!r}: {e.strerror or e}")
-    except UnicodeError:
-        # The IDNA codec the resolver applies; routes.check_host keeps such
-        # names out, this keeps any other caller's from being a traceback.
-        raise Refused(f"cannot resolve {host!r}: not a valid host name")
+    addresses = await host_addresses(reactor, host, port)  # or Refused
     sock = None
     error: OSError | None = None
     for family, address in addresses:

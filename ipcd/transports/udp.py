@@ -501,13 +501,7 @@ async def dial(
     """
     reactor = broker.reactor
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        addresses = await host_addresses(reactor, host, port)
-    except OSError as e:
-        raise Refused(f"cannot resolve {host!r}: {e.strerror or e}")
-    except UnicodeError:
-        raise Refused(f"cannot resolve {host!r}: not a valid host name")
-    family, address = addresses[0]
+    family, address = (await host_addresses(reactor, host, port))[0]  # or Refused
     nonce = secrets.token_bytes(udpwire.ID_SIZE)
     protocol = SessionClient(nonce)
     interface = "::" if family == socket.AF_INET6 else "0.0.0.0"
