@@ -5,8 +5,9 @@ ipcd benchmark: one command, one table.
     python benchmarks/run.py --quick    # smoke run, a few seconds
 
 It starts everything it measures on loopback (pongd, two ipcd instances, a
-socat chain when socat is installed), in a temporary directory with free
-ports, and stops all of it at exit, including on Ctrl-C and errors.  Each row
+socat chain when socat is installed, a stunnel chain when stunnel4 is), in a
+temporary directory with free ports, and stops all of it at exit, including
+on Ctrl-C and errors.  Each row
 is the median of several runs; each ratio is taken against a reference
 measured in the same run.  See benchmarks/README.md for what each row means.
 
@@ -618,6 +619,117 @@ def socat_version() -> str | None:
     return "socat"
 
 
+# The tls route and its stunnel chain.
+
+# One pre-shared key for both: stunnel takes it as text (at least 16
+# bytes), ipcd's secrets file as hex.
+TLS_PSK_TEXT = "ipcd-benchmark-psk-0123456789abc"
+
+
+@dataclass
+class TlsBench:
+    """What tls_setup made: ipcd options for hosts A and B, and the openers."""
+
+    a_options: list[str]
+    b_options: list[str]
+    port: int
+    stunnel: str | None  # its version, if installed
+    paths: dict[str, Opener] = field(default_factory=dict)
+
+
+def stunnel_version() -> str | None:
+    binary = shutil.which("stunnel4") or shutil.which("stunnel")
+    if binary is None:
+        return None
+    try:
+        out = subprocess.run(
+            [binary, "-version"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "stunnel"
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("stunnel "):
+            return " ".join(line.split()[:2])
+    return "stunnel"
+
+
+def _private(path: str, text: str) -> str:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def tls_setup(h: Harness) -> TlsBench:
+    """
+    Configuration for tlsd on ipcd A (dialing, PSK identity C{bench}) and
+    ipcd B (listening), both on the same pre-shared key, TLS 1.3.
+    """
+    secrets = _private(h.path("psk.txt"), f"bench:{TLS_PSK_TEXT.encode().hex()}\n")
+    port = free_port()
+    configs = {}
+    for host, extra in (("a", 'psk_identity = "bench"\n'), ("b", "")):
+        configs[host] = _private(
+            h.path(f"ipcd-{host}-tls.toml"),
+            f'[tlsd]\npsk_file = "{secrets}"\n{extra}',
+        )
+    return TlsBench(
+        a_options=["--tls", f"tcp:{free_port()}:interface=127.0.0.1"]
+        + ["--config", configs["a"]],
+        b_options=["--tls", f"tcp:{port}:interface=127.0.0.1"]
+        + ["--config", configs["b"]],
+        port=port,
+        stunnel=stunnel_version(),
+    )
+
+
+def tls_paths(h: Harness, tls: TlsBench, a_dir: str, b_dir: str) -> dict[str, Opener]:
+    """
+    The openers of the tls route through ipcd A and B (running), and of a
+    chain of two stunnel processes in PSK mode doing the same job, when
+    stunnel is installed: UNIX socket -> TLS 1.3 PSK over TCP -> pong.
+    """
+    route = f"pong tls://127.0.0.1:{tls.port}/pong"
+
+    def via_tls() -> socket.socket:
+        return client.connect("pong", rundir=a_dir, network=route)
+
+    paths: dict[str, Opener] = {"ipcd tls route A->B": via_tls}
+    if tls.stunnel is None:
+        return paths
+    binary = shutil.which("stunnel4") or shutil.which("stunnel")
+    assert binary is not None
+    secrets = _private(h.path("stunnel-psk.txt"), f"bench:{TLS_PSK_TEXT}\n")
+    port_far = free_port()
+    near_path = h.path("stunnel-pong")
+    common = (
+        "foreground = yes\npid =\ndebug = 3\n"
+        "socket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
+    )
+    services = {
+        "far": f"[pong]\naccept = 127.0.0.1:{port_far}\n"
+        f"connect = {os.path.join(b_dir, 'pong')}\nPSKsecrets = {secrets}\n",
+        "near": f"[pong]\nclient = yes\naccept = {near_path}\n"
+        f"connect = 127.0.0.1:{port_far}\nPSKsecrets = {secrets}\n"
+        "PSKidentity = bench\n",
+    }
+    for name, service in services.items():
+        config = _private(h.path(f"stunnel-{name}.conf"), common + service)
+        child = h.spawn(f"stunnel-{name}", [binary, config])
+        if name == "far":
+            h.wait_tcp(child, port_far)
+        else:
+            h.wait_unix(child, near_path, connect=False)
+
+    def via_stunnel() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(near_path)
+        return sock
+
+    paths["stunnel chain"] = via_stunnel
+    return paths
+
+
 def benchmark(settings: Settings, h: Harness) -> str:
     fd_limit = raise_fd_limit()
     socat = socat_version()
@@ -629,9 +741,10 @@ def benchmark(settings: Settings, h: Harness) -> str:
     )
     for d in (a_dir, b_dir, m_dir):
         h.wait_unix(pong, os.path.join(d, "pong"))
-    h.ipcd("ipcd-a", a_dir, free_port())
+    tls = tls_setup(h)
+    h.ipcd("ipcd-a", a_dir, free_port(), *tls.a_options)
     port_b = free_port()
-    h.ipcd("ipcd-b", b_dir, port_b, "--allow", "in pong")
+    h.ipcd("ipcd-b", b_dir, port_b, "--allow", "in pong", *tls.b_options)
     socat_path = h.path("socat-pong")
     if socat:
         port_s = free_port()
@@ -711,16 +824,23 @@ def benchmark(settings: Settings, h: Harness) -> str:
     if socat:
         paths["socat chain"] = via_socat
     names = [*paths] if socat else [*paths, "socat chain"]
+    # The tls route and its reference, beside the tcp route.
+    paths.update(tls_paths(h, tls, a_dir, b_dir))
+    names += ["ipcd tls route A->B", "stunnel chain"]
     rtt = {name: Row(f"RTT 100 B, {name}", unit="us") for name in names}
     bulk = {name: Row(f"bulk 64 KiB msgs, {name}", unit="MB/s") for name in names}
     for table in (rtt, bulk):
         table["ipcd unix route"].reference = table["direct UNIX"]
         table["ipcd tcp route A->B"].reference = table["socat chain"]
+        table["ipcd tls route A->B"].reference = table["stunnel chain"]
         if not socat:
             table["socat chain"].skipped = no_socat
+        if not tls.stunnel:
+            table["stunnel chain"].skipped = "stunnel4 not installed"
     rtt["ipcd unix route"].target = "<= 1.05"
-    rtt["ipcd tcp route A->B"].target = "<= 1.00"
-    bulk["ipcd tcp route A->B"].target = ">= 1.00"
+    for route in ("ipcd tcp route A->B", "ipcd tls route A->B"):
+        rtt[route].target = "<= 1.00"
+        bulk[route].target = ">= 1.00"
     for kind, table, measure, amount in (
         ("round trips", rtt, round_trips_us, settings.round_trips),
         ("bulk", bulk, throughputs_mb_s, settings.bulk_bytes),
@@ -797,7 +917,7 @@ def benchmark(settings: Settings, h: Harness) -> str:
         f"ipcd benchmark ({'quick' if settings is QUICK else 'full'}): "
         f"median of {settings.runs} runs (memory: {settings.memory_runs}), "
         f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-        f"{socat or 'no socat'}, CPUs used: "
+        f"{socat or 'no socat'}, {tls.stunnel or 'no stunnel'}, CPUs used: "
         f"{','.join(map(str, sorted(os.sched_getaffinity(0))))}",
         f"  ipcd from {ROOT}; lookups: {settings.lookup_seconds:g} s per run; RTT: "
         f"{settings.round_trips:,} round trips per run; bulk: "
@@ -807,7 +927,8 @@ def benchmark(settings: Settings, h: Harness) -> str:
         "ratio = path / its reference, per run, median of the runs "
         "(lookups, bulk: higher is better; RTT, RSS: lower is better).",
         "Targets: unix-route RTT <= 1.05 x direct UNIX; tcp-route RTT <= 1.00 x "
-        "socat chain; tcp-route bulk >= 1.00 x socat chain.",
+        "socat chain; tcp-route bulk >= 1.00 x socat chain; tls route (TLS 1.3 "
+        "PSK) likewise against a chain of two stunnel processes in PSK mode.",
         *notes,
     ]
     return render(rows, header, footer)

@@ -22,7 +22,6 @@ they need (the broker, their settings) by each call.
 
 from __future__ import annotations
 
-import errno
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -68,18 +67,6 @@ class Flag:
     doc: str
     apply: Callable[[str | None], Mapping[str, Any]]
     takes_value: bool = False
-
-
-def enable_listening(value: str | None) -> Mapping[str, Any]:
-    """A C{--SCHEME ENDPOINT} flag's part: the daemon on, listening there."""
-    return {"enabled": True, "listen": value}
-
-
-def listener_hint(error: Exception, scheme: str) -> str:
-    """L{IProtocolDaemon.hint} for a daemon with C{--SCHEME}/C{--no-SCHEME}."""
-    code = getattr(getattr(error, "socketError", error), "errno", None)
-    another = "another ipcd? " if code == errno.EADDRINUSE else ""
-    return f"{another}use --{scheme} ENDPOINT or --no-{scheme}"
 
 
 class IProtocolDaemon(Interface):
@@ -180,14 +167,26 @@ class BoundOutbound:
         return self.daemon.connect(self.broker, target, client)
 
 
-class RegistryError(ValueError):
+class RegistryError(StartupError, ValueError):
     """Two daemons claim the same scheme or section."""
 
 
 class Registry(Mapping[str, IProtocolDaemon]):
-    """The protocol daemons by scheme (an immutable mapping)."""
+    """
+    The protocol daemons by scheme (an immutable mapping).  C{origins} says
+    where each came from (by C{id}), for the error when two collide.
+    """
 
-    def __init__(self, daemons: Iterable[IProtocolDaemon] = ()) -> None:
+    def __init__(
+        self,
+        daemons: Iterable[IProtocolDaemon] = (),
+        origins: Mapping[int, str] | None = None,
+    ) -> None:
+        origins = origins or {}
+
+        def where(daemon: IProtocolDaemon) -> str:
+            return origins.get(id(daemon), type(daemon).__module__)
+
         by_scheme: dict[str, IProtocolDaemon] = {}
         by_section: dict[str, IProtocolDaemon] = {}
         for daemon in daemons:
@@ -198,7 +197,9 @@ class Registry(Mapping[str, IProtocolDaemon]):
                 other = table.get(name)
                 if other is not None and other is not daemon:
                     raise RegistryError(
-                        f"two protocol daemons claim {name!r}: {other!r} and {daemon!r}"
+                        f"two protocol daemons claim {name!r}: {other!r} from "
+                        f"{where(other)} and {daemon!r} from {where(daemon)} "
+                        "(remove one of those plugins)"
                     )
             by_scheme[daemon.scheme] = by_section[daemon.section] = daemon
         self._by_scheme = by_scheme
@@ -251,7 +252,24 @@ def registry(*packages: ModuleType) -> Registry:
     found: list[IProtocolDaemon] = []
     for package in packages:
         found.extend(getPlugins(IProtocolDaemon, package))
-    return Registry(found)
+    return Registry(found, _origins(found, packages))
+
+
+def _origins(
+    daemons: Sequence[IProtocolDaemon], packages: Sequence[ModuleType]
+) -> dict[int, str]:
+    """The plugin module (in C{packages}) that holds each of C{daemons}, by C{id}."""
+    import sys
+
+    wanted = {id(daemon) for daemon in daemons}
+    prefixes = tuple(package.__name__ + "." for package in packages)
+    origins: dict[int, str] = {}
+    for name, module in list(sys.modules.items()):
+        if name.startswith(prefixes):
+            for value in vars(module).values():
+                if id(value) in wanted:
+                    origins.setdefault(id(value), name)
+    return origins
 
 
 @cache

@@ -17,7 +17,6 @@ both sockets to the daemon's relay loop.
                          through C{broker.open_uri}
     L{framed}            one framed request out of a buffer
     L{request_text}      a request's bytes as the name they must be (ASCII)
-    L{control_service}   a daemon's C{RUNDIR/SCHEME} socket, limits included
     L{open_inbound}      the whole path for a transport without a stream
                          (udpd's datagrams): request bytes in, a connected
                          socket or L{Refused} out
@@ -106,6 +105,7 @@ class Handshaking(Protocol, TimeoutMixin):
     direction = "in"
     requested = ""
     route = ""
+    stats_type: type[RelayStats] = RelayStats
     who: Peer
 
     def __init__(self, factory: HandshakeFactory) -> None:
@@ -177,7 +177,7 @@ class Handshaking(Protocol, TimeoutMixin):
         if self._gone:
             sock.close()
             return
-        stats = RelayStats(
+        stats = self.stats_type(
             description=str(self.who),
             direction=self.direction,
             service=self.requested,
@@ -185,17 +185,26 @@ class Handshaking(Protocol, TimeoutMixin):
             labels=tuple(self.who.labels),
             registry=self.factory.broker.relays,
         )
+        early, self._early = b"".join(self._early), []
+        self.relay(sock, stats, wire.encode(OK) if self.framed else OK, early)
+
+    def relay(
+        self, sock: socket.socket, stats: RelayStats, greeting: bytes, early: bytes
+    ) -> None:
+        """
+        Join the peer to C{sock} (the other side) in the factory's relay
+        loop: by default, the peer's own socket, taken from its transport.
+        """
         # The connection counts against its listener's limits until the
         # relay ends (a limits wrapper hands that over, if there is one).
         stats.on_end = getattr(self.transport, "handOff", lambda: None)()
         # From here on the relay loop owns the peer's socket: this protocol
         # and its transport are done with it (and dropped).
-        early, self._early = b"".join(self._early), []
         self.factory.relays.join(
             take_socket(self.transport),
             sock,
             stats,
-            greeting=wire.encode(OK) if self.framed else OK,
+            greeting=greeting,
             early=early,
             idle_timeout=self.factory.idle_timeout,
         )
@@ -331,34 +340,3 @@ class HandshakeFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Handshaking:
         return self.protocol(self)
-
-
-def control_service(
-    broker: Any,
-    relays: Any,
-    scheme: str,
-    name: str,
-    handshake_timeout: float | Callable[[], float],
-) -> Any:
-    """
-    A daemon's C{RUNDIR/SCHEME} for upstream's ipcd: L{ControlHandshake}s
-    relayed by C{relays}, within the broker's limits for C{scheme}.
-    """
-    from ipcd.limits import LimitedFactory
-    from ipcd.services import IPCService
-
-    limits = broker.limits_for(scheme)
-    factory = HandshakeFactory(
-        ControlHandshake, broker, relays, handshake_timeout, scheme=scheme, name=name
-    )
-    return IPCService(
-        scheme,
-        LimitedFactory(
-            factory,
-            limits,
-            refusal=lambda reason: wire.encode(b"ne " + reason.encode()),
-        ),
-        broker.config.rundir,
-        broker.reactor,
-        limits=limits,
-    )

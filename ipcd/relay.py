@@ -21,8 +21,11 @@ lists the relay in its C{registry} while it lives and calls C{on_end} once
 when it ends.
 
 L{SocketRelays} in detail.  Each direction reads up to L{READ_SIZE} bytes
-and sends them on at once.  What the receiver does not take is kept, and
-the sender is not read again until it is flushed.  A side is always watched
+and sends them on at once; once a read brings L{SPLICE_AT} bytes or more,
+the direction streams, and goes through a pipe with splice(2) instead, so
+its bytes are not copied into ipcd (a pipe holds at most one read too).
+What the receiver does not take is kept, and the sender is not read again
+until it is flushed.  A side is always watched
 for a hangup: while it is neither read nor written, it sits in the engine's
 own epoll with an empty mask (which reports only hangups and errors), and
 that epoll is one more reader in the reactor:
@@ -44,7 +47,9 @@ ends a relay on which no byte has moved for that long.
 from __future__ import annotations
 
 import errno
+import fcntl
 import math
+import os
 import select
 import socket
 import time
@@ -67,6 +72,13 @@ from zope.interface import Attribute, Interface, implementer
 # Big reads: fewer passes on bulk transfers.  One buffer per engine, reused
 # by every read (all in the reactor's thread), so no per-read allocation.
 READ_SIZE = 256 * 1024
+
+# A direction whose read returns at least this much carries a stream: from
+# then on its bytes go through a pipe with splice(2), socket to pipe to
+# socket, and are never copied into ipcd.  Messages (an RTT's 100 bytes)
+# never get there, nor do idle relays: a pipe costs two fds.
+SPLICE_AT = 64 * 1024
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 # Idle deadlines are checked at most this often (seconds): a sweep looks at
 # every relay, and a deadline of minutes needs no finer grain.
@@ -209,6 +221,8 @@ class Side:
         "hup",
         "where",
         "timeout",
+        "pipe",
+        "piped",
     )
 
     def __init__(
@@ -229,6 +243,15 @@ class Side:
         self.hup = False  # ... and takes nothing more: it hung up
         self.where = 0  # _READ|_WRITE, _WATCH, or _CLOSED
         self.timeout = 0.0  # the relay's idle deadline in seconds; 0: none
+        # Once it streams: the pipe (read end, write end, size) its reads go
+        # through to the peer, and how many bytes in it the peer has not taken.
+        self.pipe: tuple[int, int, int] | None = None
+        self.piped = 0
+
+    @property
+    def owed(self) -> bool:
+        """Bytes for this socket that it has not taken yet (kept, or in a pipe)."""
+        return bool(self.pending) or self.peer.piped > 0
 
     @property
     def reading(self) -> bool:
@@ -236,13 +259,13 @@ class Side:
         Read while the far end sends and the peer has taken everything, and
         while there is somewhere to send it.
         """
-        return not self.eof and not self.peer.pending and not self.peer.hup
+        return not self.eof and not self.peer.owed and not self.peer.hup
 
     @property
     def finished(self) -> bool:
         """Nothing more can move on this side's relay: it may end."""
         peer = self.peer
-        if self.pending or peer.pending:
+        if self.owed or peer.owed:
             return False
         # Each direction is over once its sender's EOF was passed on, or
         # once its receiver hung up (nothing can reach it any more).
@@ -313,6 +336,7 @@ class SocketRelays:
         self._watch: _Watch | None = None
         self._sweep: Any = None  # the DelayedCall of the next idle sweep
         self._sweep_at = math.inf
+        self._splice = True  # until the kernel refuses it
         self.failure: str | None = None
 
     # IRelayEngine
@@ -382,7 +406,7 @@ class SocketRelays:
                 self._end(side)
 
     def buffered(self) -> int:
-        return sum(len(side.pending) for side in self._sides.values())
+        return sum(len(side.pending) + side.piped for side in self._sides.values())
 
     def sides(self) -> list[Side]:
         """The relays' sides (a snapshot, for tests and status)."""
@@ -395,10 +419,10 @@ class SocketRelays:
             return  # its relay ended earlier in this batch of events
         try:
             if writable:
-                if side.pending:
+                if side.owed:
                     self._write(side)
-            elif side.reading:
-                self._read(side)
+            elif side.reading and self._read(side):
+                return  # passed on whole: nothing to register anew
         except Exception as e:
             self._error(side, e)
             return
@@ -422,6 +446,7 @@ class SocketRelays:
                 # it sent before is read on, up to its EOF.
                 side.hup = True
                 side.pending = memoryview(b"")
+                _close_pipe(side.peer)  # what it holds cannot be delivered
             if side.reading:
                 self._read(side)
         except Exception as e:
@@ -446,23 +471,25 @@ class SocketRelays:
 
     # Moving bytes.
 
-    def _read(self, side: Side) -> None:
+    def _read(self, side: Side) -> bool:
+        """
+        Read C{side} and send on what it read: whether it was all taken
+        (then nothing about the relay's registration has changed).
+        """
+        if side.pipe is not None:
+            self._splice_in(side)
+            return False
         try:
             count = side.sock.recv_into(self._buffer)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         peer = side.peer
         if not count:
-            side.eof = True
-            if not peer.pending:
-                _shut(peer)
-            return
-        stats = side.stats
-        stats.moved = self._clock.seconds()
-        if side.forward:
-            stats.forward += count
-        else:
-            stats.backward += count
+            self._eof(side)
+            return False
+        self._count(side, count)
+        if count >= SPLICE_AT and self._splice:
+            _open_pipe(side)
         data = self._view[:count]
         try:
             sent = peer.sock.send(data)
@@ -472,17 +499,70 @@ class SocketRelays:
             # Keep the rest (a copy: the buffer is reused) and stop reading
             # this side until the peer has taken it.
             peer.pending = memoryview(data[sent:].tobytes())
+            return False
+        return True
 
     def _write(self, side: Side) -> None:
-        try:
-            sent = side.sock.send(side.pending)
-        except (BlockingIOError, InterruptedError):
-            return
+        if side.pending:
+            try:
+                sent = side.sock.send(side.pending)
+            except (BlockingIOError, InterruptedError):
+                return
+            side.pending = side.pending[sent:]
+        else:
+            sent = self._splice_out(side.peer)
         if sent:
             side.stats.moved = self._clock.seconds()
-        side.pending = side.pending[sent:]
-        if not side.pending and side.peer.eof:
+        if not side.owed and side.peer.eof:
             _shut(side)
+
+    def _eof(self, side: Side) -> None:
+        """C{side}'s far end sent EOF: pass it on once the peer has the rest."""
+        side.eof = True
+        if not side.peer.owed:
+            _shut(side.peer)
+
+    def _count(self, side: Side, count: int) -> None:
+        stats = side.stats
+        stats.moved = self._clock.seconds()
+        if side.forward:
+            stats.forward += count
+        else:
+            stats.backward += count
+
+    def _splice_in(self, side: Side) -> None:
+        """A streaming side's read: into its pipe, and on to the peer."""
+        assert side.pipe is not None
+        try:
+            count = os.splice(side.fd, side.pipe[1], side.pipe[2], flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            if e.errno not in _NO_SPLICE:
+                raise
+            # Not for these sockets after all: back to copying, for good.
+            self._splice = False
+            self.log.warn("splice(2) refused ({error}); relays copy", error=e)
+            _close_pipe(side)
+            return
+        if not count:
+            self._eof(side)
+            return
+        self._count(side, count)
+        side.piped += count
+        self._splice_out(side)
+
+    def _splice_out(self, side: Side) -> int:
+        """Move what C{side}'s pipe holds to its peer; the bytes moved."""
+        assert side.pipe is not None
+        try:
+            moved = os.splice(
+                side.pipe[0], side.peer.fd, side.piped, flags=_SPLICE_FLAGS
+            )
+        except (BlockingIOError, InterruptedError):
+            return 0
+        side.piped -= moved
+        return moved
 
     # Registration.
 
@@ -504,7 +584,7 @@ class SocketRelays:
         waits for its peer to catch up is nowhere: a hangup is reported for
         as long as it lasts, and nothing new can happen to it.
         """
-        where = (_READ if side.reading else 0) | (_WRITE if side.pending else 0)
+        where = (_READ if side.reading else 0) | (_WRITE if side.owed else 0)
         if not where and not side.hup:
             where = _WATCH
         was = side.where
@@ -552,6 +632,7 @@ class SocketRelays:
             except Exception:
                 self.log.failure("unregistering a relay's socket", Failure())
             each.pending = memoryview(b"")
+            _close_pipe(each)
             each.sock.close()
         ended(side.stats)
 
@@ -633,6 +714,32 @@ class SocketRelays:
         # deadlines keep moving need not be looked at on every event.
         if earliest < math.inf:
             self._schedule(max(earliest, now + SWEEP_INTERVAL))
+
+
+# What splice(2) says when it cannot join these fds (not a failure of the
+# connection): the engine goes back to copying.
+_NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+def _open_pipe(side: Side) -> None:
+    """Give a streaming side its pipe, as big as a read; none if fds run out."""
+    try:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return  # EMFILE and the like: this side keeps copying
+    try:
+        size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, READ_SIZE)
+    except OSError:
+        size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    side.pipe = (r, w, size)
+
+
+def _close_pipe(side: Side) -> None:
+    """Close C{side}'s pipe, dropping what it holds."""
+    pipe, side.pipe, side.piped = side.pipe, None, 0
+    if pipe is not None:
+        os.close(pipe[0])
+        os.close(pipe[1])
 
 
 def _shut(side: Side) -> None:

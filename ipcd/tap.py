@@ -69,7 +69,12 @@ class Options(usage.Options):
 
     def __init__(self, registry: Registry | None = None) -> None:
         super().__init__()
-        self.registry = default_registry() if registry is None else registry
+        if registry is None:
+            try:
+                registry = default_registry()
+            except StartupError as e:  # two plugins claim one scheme
+                raise SystemExit(f"ipcd: {e}") from None
+        self.registry = registry
         self["redirects"] = []
         self["rules"] = []
         self["grants"] = []

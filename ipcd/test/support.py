@@ -56,9 +56,16 @@ def make_config(rundir: str, **overrides: Any) -> Config:
 
 
 @inlineCallbacks
-def start_ipcd(case: SynchronousTestCase, config: Config) -> Any:
-    """Start ipcd (and pongd, unless disabled) in this process; stopped after."""
-    service = IPCDService(config, reactor)
+def start_ipcd(
+    case: SynchronousTestCase,
+    config: Config,
+    load_config: Callable[[], Config] | None = None,
+) -> Any:
+    """
+    Start ipcd (and pongd, unless disabled) in this process; stopped after.
+    C{load_config}: what a reload reads (none: reloads are refused).
+    """
+    service = IPCDService(config, reactor, load_config)
     service.startService()
     case.addCleanup(service.stopService)
     yield wait_until(

@@ -30,6 +30,7 @@ from ipcd.test.daemonplugins.testscheme import testschemed
 from ipcd.test.support import bounce, lookup, short_rundir, start_ipcd, wait_until
 from ipcd.testing import FakeProtocolDaemon
 from ipcd.transports.tcp import tcpd
+from ipcd.transports.tls import tlsd
 from ipcd.wire import encode
 
 
@@ -40,15 +41,16 @@ def with_testscheme() -> Registry:
 
 class RegistryTests(SynchronousTestCase):
     def test_foundThroughPlugins(self) -> None:
-        """Both the built-in tcpd and the test's daemon come from getPlugins."""
+        """The built-in tcpd and tlsd and the test's daemon come from getPlugins."""
         found = with_testscheme()
-        self.assertEqual(list(found), ["tcp", "testscheme", "udp"])
+        self.assertEqual(list(found), ["tcp", "testscheme", "tls", "udp"])
+        self.assertIs(found["tls"], tlsd)
         self.assertIs(found["tcp"], tcpd)
         self.assertIs(found["testscheme"], testschemed)
         self.assertIs(found.by_section("testschemed"), testschemed)
         self.assertTrue(IProtocolDaemon.providedBy(testschemed))
         self.assertEqual(list(registry(daemonplugins)), ["testscheme"])
-        self.assertEqual(list(registry()), ["tcp", "udp"])
+        self.assertEqual(list(registry()), ["tcp", "tls", "udp"])
 
     def test_conflict(self) -> None:
         """Two daemons claiming one scheme are an error, naming both."""

@@ -6,6 +6,7 @@ is bounded (L{wait_until}); nothing asserts on time.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import socket
 import struct
@@ -25,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from ipcd import relay
 from ipcd.relay import (
     READ_SIZE,
     IRelayEngine,
@@ -88,14 +90,29 @@ def read_to_eof(sock: socket.socket) -> tuple[int, str]:
     return count, digest.hexdigest()
 
 
-def send_bulk(sock: socket.socket, total: int) -> str:
+def read_exactly(sock: socket.socket, count: int) -> str:
+    """Read C{count} bytes: their digest."""
+    digest = hashlib.sha256()
+    buffer = bytearray(MiB)
+    view = memoryview(buffer)
+    while count:
+        n = sock.recv_into(view[: min(count, MiB)])
+        if not n:
+            raise EOFError(f"EOF with {count} bytes to go")
+        digest.update(view[:n])
+        count -= n
+    return digest.hexdigest()
+
+
+def send_bulk(sock: socket.socket, total: int, eof: bool = True) -> str:
     """Send C{total} bytes (one reused block), then EOF; their digest."""
     block = bytes(range(256)) * 4096  # 1 MiB
     digest = hashlib.sha256()
     for _ in range(total // len(block)):
         sock.sendall(block)
         digest.update(block)
-    sock.shutdown(socket.SHUT_WR)
+    if eof:
+        sock.shutdown(socket.SHUT_WR)
     return digest.hexdigest()
 
 
@@ -155,6 +172,59 @@ class SocketEngineTests(TestCase):
         self.assertEqual((count, digest), (BULK, sent))
         self.assertEqual(stats.forward, BULK)
         self.assertLess(growth, RSS_BOUND, f"peak RSS grew by {growth / MiB:.1f} MiB")
+
+    @inlineCallbacks
+    def test_streamsGoThroughPipes(self) -> Any:
+        """
+        A stream (reads of SPLICE_AT and more) goes on through a pipe with
+        splice(2), each way, over AF_UNIX and TCP: every byte arrives, in
+        order, and the EOFs after them; the pipes close with the relay.
+        """
+        for pair in (socket.socketpair, tcp_pair):
+            stats, client, service = self.join(pair)
+            side_a = self.side_a(stats)
+            for reader, sender, receiver in (
+                (side_a, client, service),
+                (side_a.peer, service, client),
+            ):
+                sending = deferToThread(send_bulk, sender, 32 * MiB, eof=False)
+                got = yield deferToThread(read_exactly, receiver, 32 * MiB)
+                self.assertEqual(got, (yield sending))
+                self.assertIsNotNone(reader.pipe)
+            client.shutdown(socket.SHUT_WR)
+            service.shutdown(socket.SHUT_WR)
+            for sock in (client, service):
+                self.assertEqual((yield deferToThread(read_to_eof, sock))[0], 0)
+            yield wait_until(lambda: not self.registry, "the relay to end")
+            self.assertEqual((stats.forward, stats.backward), (32 * MiB, 32 * MiB))
+            client.close()
+            service.close()
+        yield assert_no_fd_leak(self.before)
+
+    @inlineCallbacks
+    def test_spliceRefused(self) -> Any:
+        """
+        The kernel refuses splice(2) (EINVAL): the engine says so once and
+        copies instead; not a byte is lost.
+        """
+        refused = []
+
+        def no_splice(*args: Any, **kwargs: Any) -> int:
+            refused.append(args)
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        self.patch(relay.os, "splice", no_splice)
+        warnings: list[dict[str, Any]] = []
+        log.addObserver(warnings.append)
+        self.addCleanup(log.removeObserver, warnings.append)
+        stats, client, service = self.join()
+        sending = deferToThread(send_bulk, client, 16 * MiB)
+        got = yield deferToThread(read_to_eof, service)
+        self.assertEqual(got, (16 * MiB, (yield sending)))
+        self.assertEqual(len(refused), 1)
+        self.assertIsNone(self.side_a(stats).pipe)
+        said = [e for e in warnings if "splice(2) refused" in log.textFromEventDict(e)]
+        self.assertEqual(len(said), 1)
 
     @inlineCallbacks
     def test_halfCloseBothWays(self) -> Any:

@@ -56,10 +56,16 @@ class CommandFailureTests(SynchronousTestCase):
         os.chmod(self.rundir, 0o1770)
         self.work = short_rundir(self, "ipcd-work-")
 
-    def refused(self, args: list[str], rundir: str | None = None) -> str:
+    def refused(
+        self,
+        args: list[str],
+        rundir: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> str:
         rundir = self.rundir if rundir is None else rundir
         log = os.path.join(self.work, "out.log")
-        process = spawn(self, args, log, python_env(), self.work)
+        env = python_env() if env is None else env
+        process = spawn(self, args, log, env, self.work)
         try:
             code = process.wait(3 * TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -137,6 +143,28 @@ class CommandFailureTests(SynchronousTestCase):
             "regular file); choose another --rundir",
         )
 
+    def test_twoPluginsClaimOneScheme(self) -> None:
+        """
+        A third party's plugin claims 'tcp' too: both commands name both
+        plugin modules in one line, and say the way out.
+        """
+        plugins = os.path.join(self.work, "third", "twisted", "plugins")
+        os.makedirs(plugins)
+        with open(os.path.join(plugins, "other_tcpd.py"), "w") as f:
+            f.write("from ipcd.transports.tcp import TcpDaemon\n\nmine = TcpDaemon()\n")
+        env = python_env()
+        env["PYTHONPATH"] += os.pathsep + os.path.join(self.work, "third")
+        expected = (
+            "ipcd: two protocol daemons claim 'tcp': <tcpd> from "
+            "twisted.plugins.ipcd_daemons and <tcpd> from "
+            "twisted.plugins.other_tcpd (remove one of those plugins)"
+        )
+        for args in (
+            [*IPCD, "--rundir", self.rundir],
+            ["-c", TWISTD, "-n", "--pidfile=", "ipcd", "--rundir", self.rundir],
+        ):
+            self.assertEqual(self.refused(args, env=env), expected)
+
     def test_unknownEndpointType(self) -> None:
         for line in (self.ipcd("--tcp", "foo:bar"), self.twistd("--tcp", "foo:bar")):
             self.assertTrue(
@@ -162,6 +190,22 @@ class CommandFailureTests(SynchronousTestCase):
         expected = (
             f"ipcd: {config}: [control] group: no such group 'nosuchgroup' "
             "(create it, or name one that exists: getent group)"
+        )
+        self.assertEqual(self.ipcd("--no-tcp", "--config", config), expected)
+        self.assertEqual(self.twistd("--no-tcp", "--config", config), expected)
+
+    def test_tlsSecretsReadableByOthers(self) -> None:
+        """A PSK secrets file with mode 0644 is refused before anything listens."""
+        secrets = os.path.join(self.work, "psk.txt")
+        with open(secrets, "w") as f:
+            f.write("alice:" + "a1" * 16 + "\n")
+        os.chmod(secrets, 0o644)
+        config = os.path.join(self.work, "ipcd.toml")
+        with open(config, "w") as f:
+            f.write(f'[tlsd]\npsk_file = "{secrets}"\n')
+        expected = (
+            f"ipcd: [tlsd] psk_file: {secrets} is readable by group or others "
+            f"(mode 0644): chmod 600 {secrets} (fix it, or use --no-tls)"
         )
         self.assertEqual(self.ipcd("--no-tcp", "--config", config), expected)
         self.assertEqual(self.twistd("--no-tcp", "--config", config), expected)

@@ -536,7 +536,7 @@ class HangupTests(RelayOnBTestCase):
         yield deferToThread(sock.sendall, b"never read")
         [service] = yield wait_until(lambda: self.stalled.connections, "the service")
         service.transport.write(b"y" * (16 << 20))
-        yield wait_until(lambda: inbound.pending, "the relay to hold bytes")
+        yield wait_until(lambda: inbound.owed, "the relay to hold bytes")
         service.transport.abortConnection()
         yield wait_until(lambda: not self.b.broker.relays, "B's relay to end")
         yield deferToThread(recv_eof, sock)

@@ -21,35 +21,22 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionLost
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ipcd.config import boolean, endpoint, positive_number
-from ipcd.daemons import (
-    Flag,
-    IProtocolDaemon,
-    Setting,
-    StartupError,
-    enable_listening,
-    listener_hint,
-    settings_of,
-)
+from ipcd.daemons import Flag, IProtocolDaemon, Setting
 from ipcd.errors import Refused
 from ipcd.inbound import (
     MAX_HANDSHAKE,
     OK,
-    HandshakeFactory,
     NetworkHandshake,
-    control_service,
     framed,
     listening,
 )
-from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.logs import printable
 from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
@@ -59,6 +46,14 @@ from ipcd.sockets import (
     read_exactly,
     read_to_eof,
     write_all,
+)
+from ipcd.transports.listeners import (
+    check_listener,
+    control_socket,
+    handshakes,
+    listen_flag,
+    listen_hint,
+    network_listener,
 )
 
 SCHEME = "tcp"
@@ -135,48 +130,18 @@ class TcpService(MultiService):
     def __init__(self, broker: Any, listen: str) -> None:
         super().__init__()
         self.setName(SECTION)
-        reactor = broker.reactor
         # tcpd's relays (inbound, and for upstream's control socket).
-        self.relays = SocketRelays(reactor)
-        limits = broker.limits_for(SECTION)
-
-        def peer_key(transport: Any) -> str:
-            config = broker.config  # read per connection: reloads apply
-            return network_peer_key(
-                transport.getPeer(), config.peer_prefix_ipv4, config.peer_prefix_ipv6
-            )
-
-        def handshake_timeout() -> float:
-            # Read at each connection, so a reload applies to new ones.
-            return settings_of(broker.config, tcpd)["handshake_timeout"]
-
-        inbound = HandshakeFactory(
-            TcpInbound,
+        self.relays = SocketRelays(broker.reactor)
+        self.listener = network_listener(
             broker,
-            self.relays,
-            handshake_timeout,
-            scheme=SCHEME,
-            name=SECTION,
-        )
-        self.listener = listener = StreamServerEndpointService(
-            LimitedEndpoint(serverFromString(reactor, listen), limits),
-            LimitedFactory(
-                inbound,
-                limits,
-                peer_key,
-                # Before any request: upstream's raw form, as for a silent peer.
-                lambda reason: b"ne " + reason.encode(),
-            ),
-        )
-        listener._raiseSynchronously = True
-        listener.setServiceParent(self)
-        control_service(
-            broker,
-            self.relays,
-            SCHEME,
             SECTION,
-            handshake_timeout,
-        ).setServiceParent(self)
+            listen,
+            handshakes(tcpd, broker, self.relays, TcpInbound),
+            # Before any request: upstream's raw form, as for a silent peer.
+            lambda reason: b"ne " + reason.encode(),
+        )
+        self.listener.setServiceParent(self)
+        control_socket(tcpd, broker, self.relays, self)
 
     def startService(self) -> None:
         self.relays.start()
@@ -210,7 +175,7 @@ class TcpDaemon:
         Flag(
             "tcp",
             f"tcpd's listener, an endpoint string (default {DEFAULT_LISTEN}).",
-            enable_listening,
+            listen_flag,
             takes_value=True,
         ),
         Flag("no-tcp", "Do not run tcpd.", lambda _: {"enabled": False}),
@@ -237,20 +202,10 @@ class TcpDaemon:
         return {"tcp_listen": settings["listen"] if self.enabled(settings) else None}
 
     def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
-        # A plugin's parser (systemd:, ...) runs only with a reactor, so the
-        # config could not: try it here, as TcpService will, to say in one
-        # line what is wrong (systemd passed no socket at that index, say).
-        listen = settings["listen"]
-        try:
-            serverFromString(reactor, listen)
-        except Exception as e:
-            reason = " ".join(f"{type(e).__name__}: {e}".split())
-            raise StartupError(
-                f"cannot make tcpd's listener {listen!r}: {reason} ({self.hint(e)})"
-            ) from None
+        check_listener(reactor, self, settings["listen"])
 
     def hint(self, error: Exception) -> str:
-        return listener_hint(error, SCHEME)
+        return listen_hint(error, "tcp")
 
 
 tcpd = TcpDaemon()

@@ -43,20 +43,19 @@ from ipcd.daemons import (
     Flag,
     IProtocolDaemon,
     Setting,
-    enable_listening,
-    listener_hint,
     settings_of,
 )
 from ipcd.errors import Refused
 from ipcd.handoff import adopt_into_reactor
 from ipcd.identity import Peer, remote_peer
-from ipcd.inbound import control_service, open_inbound
+from ipcd.inbound import open_inbound
 from ipcd.limits import network_peer_key
 from ipcd.logs import printable
 from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
 from ipcd.sockets import host_addresses
 from ipcd.transports import udpwire
+from ipcd.transports.listeners import control_socket, listen_flag, listen_hint
 from ipcd.transports.udpsession import Session, SessionStats, SessionStream
 
 SCHEME = "udp"
@@ -376,13 +375,7 @@ class UdpService(MultiService):
         self.listener.setServiceParent(self)
         # Upstream's ipcd on RUNDIR/udp: relayed to the session's stream.
         self.relays = SocketRelays(reactor)
-        control_service(
-            broker,
-            self.relays,
-            SCHEME,
-            SECTION,
-            lambda: broker.config.connect_timeout,
-        ).setServiceParent(self)
+        control_socket(udpd, broker, self.relays, self)
 
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
         self.relays.start()
@@ -573,12 +566,13 @@ class UdpDaemon:
         ),
         Setting("idle_timeout", positive_number, 120.0, "seconds"),
         Setting("handshake_retry", positive_number, 0.25, "seconds, then doubling"),
+        Setting("handshake_timeout", positive_number, 5.0, "RUNDIR/udp, seconds"),
     )
     flags = (
         Flag(
             "udp",
             f"udpd's listener, 'udp:PORT[:interface=ADDRESS]' (e.g. {DEFAULT_LISTEN}).",
-            enable_listening,
+            listen_flag,
             takes_value=True,
         ),
         Flag("no-udp", "Do not run udpd (the default).", lambda _: {"enabled": False}),
@@ -624,7 +618,7 @@ class UdpDaemon:
         pass  # the listener's form was checked with the configuration
 
     def hint(self, error: Exception) -> str:
-        return listener_hint(error, SCHEME)
+        return listen_hint(error, SCHEME)
 
 
 udpd = UdpDaemon()

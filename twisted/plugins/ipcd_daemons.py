@@ -3,6 +3,7 @@
 # them with twisted.plugin.getPlugins(IProtocolDaemon).  No __init__.py here
 # or in twisted/: this directory is Twisted's plugin namespace.
 from ipcd.transports.tcp import tcpd
+from ipcd.transports.tls import tlsd
 from ipcd.transports.udp import udpd
 
-__all__ = ["tcpd", "udpd"]
+__all__ = ["tcpd", "tlsd", "udpd"]

@@ -1,0 +1,171 @@
+"""
+tlsd against a peer nobody here wrote: the C{openssl} command-line tool.
+C{openssl s_client} (PSK, TLS 1.3 and 1.2) asks tlsd for pong; tlsd's
+outbound side dials C{openssl s_server} with a PSK and with a certificate.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from ipcd.test.support import lookup, recv_upto, wait_until
+from ipcd.test.test_tls import TlsTestCase
+from ipcd.test.tlssupport import ALICE_KEY, start_tls_host
+from ipcd.wire import encode
+
+OPENSSL = shutil.which("openssl")
+
+
+class OpenSSL(ProcessProtocol):
+    """An C{openssl} process: its output collected, its input written to."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended = False
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        self.output += data
+
+    errReceived = outReceived  # noqa: N815 (Twisted's name)
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
+        self.ended = True
+
+    def said(self, text: bytes) -> Any:
+        """Wait (bounded) until the output holds C{text}."""
+        return wait_until(
+            lambda: text in self.output,
+            f"openssl to say {text!r}; it said {self.output[-300:]!r}",
+        )
+
+
+def run_openssl(case: TestCase, *args: str) -> OpenSSL:
+    """Start C{openssl ARGS}; killed (and waited for) after the test."""
+    if OPENSSL is None:
+        raise SkipTest("the openssl command is not installed (apt-get install openssl)")
+    process = OpenSSL()
+    transport = reactor.spawnProcess(
+        process, OPENSSL, [OPENSSL, *args], env=dict(os.environ), usePTY=False
+    )
+
+    def stop() -> Any:
+        if not process.ended:
+            transport.signalProcess("KILL")
+        return wait_until(lambda: process.ended, "openssl to end")
+
+    case.addCleanup(stop)
+    return process
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ClientInteropTests(TlsTestCase):
+    """C{openssl s_client -psk} asks B's tlsd for pong, raw, as upstream does."""
+
+    @inlineCallbacks
+    def serves(self, version: str) -> Any:
+        b = yield start_tls_host(
+            self,
+            {"psk_file": self.keys(alice=ALICE_KEY)},
+            rules=["allow in pong psk:alice"],
+        )
+        client = run_openssl(
+            self,
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{b.port}",
+            "-psk",
+            ALICE_KEY,
+            "-psk_identity",
+            "alice",
+            version,
+            "-quiet",
+            "-nocommands",
+        )
+        client.transport.write(b"pong")
+        yield client.said(b"ok")
+        client.transport.write(encode(b"from openssl"))
+        yield client.said(encode(b"from openssl"))
+        [stats] = b.broker.relays
+        self.assertIn("psk:alice", stats.labels)
+        return stats.as_dict()["tls"]["version"]
+
+    @inlineCallbacks
+    def test_tls13(self) -> Any:
+        version = yield self.serves("-tls1_3")
+        self.assertEqual(version, "TLSv1.3")
+
+    @inlineCallbacks
+    def test_tls12(self) -> Any:
+        version = yield self.serves("-tls1_2")
+        self.assertEqual(version, "TLSv1.2")
+
+
+class ServerInteropTests(TlsTestCase):
+    """
+    tlsd's outbound side dials C{openssl s_server}: it sends the raw service
+    name, the test answers C{ok} on the server's behalf, and the client's
+    socket then reaches the server both ways.
+    """
+
+    @inlineCallbacks
+    def relays(self, tlsd: dict[str, Any], *server: str) -> Any:
+        port = free_port()
+        process = run_openssl(
+            self, "s_server", "-accept", f"127.0.0.1:{port}", "-naccept", "1", *server
+        )
+        yield process.said(b"ACCEPT")
+        a = yield start_tls_host(self, tlsd, pongd=False)
+        route = f"tls://localhost:{port}/pong"
+        asked = deferToThread(lookup, a.rundir, f"pong;pong {route}".encode())
+        yield process.said(b"pong")
+        process.transport.write(b"ok")
+        reply = yield asked
+        self.assertEqual((reply.first, reply.data, len(reply.fds)), (b"ok", b"ok", 1))
+        sock = reply.take_socket(self)
+        yield deferToThread(sock.sendall, b"hello server")
+        yield process.said(b"hello server")
+        process.transport.write(b"hello client")
+        answer = yield deferToThread(recv_upto, sock, len(b"hello client"))
+        self.assertEqual(answer, b"hello client")
+        [stats] = a.broker.relays
+        return stats.as_dict()["tls"]
+
+    @inlineCallbacks
+    def test_psk13(self) -> Any:
+        tls = yield self.relays(
+            {"psk_file": self.keys(alice=ALICE_KEY), "psk_identity": "alice"},
+            *("-psk", ALICE_KEY, "-psk_identity", "alice", "-nocert", "-tls1_3"),
+        )
+        self.assertEqual(tls["version"], "TLSv1.3")
+
+    @inlineCallbacks
+    def test_psk12(self) -> Any:
+        tls = yield self.relays(
+            {"psk_file": self.keys(alice=ALICE_KEY), "psk_identity": "alice"},
+            *("-psk", ALICE_KEY, "-psk_identity", "alice", "-nocert", "-tls1_2"),
+        )
+        self.assertEqual(tls["version"], "TLSv1.2")
+        self.assertIn("PSK", tls["cipher"])
+
+    @inlineCallbacks
+    def test_certificate(self) -> Any:
+        server = self.ca.issue("openssl-server")
+        tls = yield self.relays(
+            {"trust_roots": self.ca.path},
+            *("-cert", server.cert, "-key", server.key),
+        )
+        self.assertEqual(tls["peer"], "cert-san:localhost")

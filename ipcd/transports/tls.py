@@ -1,0 +1,652 @@
+"""
+tlsd: libipc services over TLS, with X.509 certificates or pre-shared keys.
+
+Outbound (C{tls://HOST:PORT/SERVICE} routes): connect with TLS (PSK when an
+identity is configured for the host, else certificates verified against the
+trust roots with service_identity), send the raw service name, wait for the
+raw C{ok}; then the client gets one end of a socketpair, and tlsd relays the
+other end to the TLS connection (L{TransportRelays}).
+
+Inbound: a TLS listener (only when keys or a certificate are configured)
+reads the same request as tcpd's, asks the broker's inbound resolver with the
+peer's labels (C{ip:}, and C{psk:IDENTITY} or C{cert:COMMON-NAME} and
+C{cert-san:DNS-NAME}), answers C{ok} and relays.  C{RUNDIR/tls} speaks
+upstream's control protocol, as C{RUNDIR/tcp} does.
+
+L{tlsd} is tlsd's L{ipcd.daemons.IProtocolDaemon}, registered as a Twisted
+plugin by C{twisted/plugins/ipcd_daemons.py}.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from weakref import WeakKeyDictionary
+
+from service_identity import VerificationError
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ipcd.config import Expected, boolean, endpoint, positive_number
+from ipcd.daemons import Flag, IProtocolDaemon, Setting, StartupError, settings_of
+from ipcd.errors import Refused
+from ipcd.handoff import adopt_into_reactor
+from ipcd.identity import Peer
+from ipcd.inbound import (
+    MAX_HANDSHAKE,
+    OK,
+    HandshakeFactory,
+    listening,
+)
+from ipcd.logs import printable
+from ipcd.relay import RelayProtocol, RelayStats, SocketRelays, TransportRelays
+from ipcd.routes import RemoteURI
+from ipcd.transports import psk
+from ipcd.transports.listeners import (
+    check_listener,
+    control_socket,
+    handshakes,
+    listen_flag,
+    listen_hint,
+    network_listener,
+)
+from ipcd.transports.tcp import TcpInbound
+from ipcd.transports.tlsmaterial import (
+    VERSIONS,
+    Material,
+    MaterialError,
+    ServerCreator,
+    certificate_labels,
+    client_creator,
+    read_material,
+    verify_error,
+)
+
+SCHEME = "tls"
+SECTION = "tlsd"
+DEFAULT_PORT = 9001
+DEFAULT_LISTEN = "tcp:9001:interface=127.0.0.1"
+
+log = Logger()
+
+
+# TLS under a relay.
+
+
+class _NoHalfClose(TLSMemoryBIOProtocol):
+    """
+    A TLS connection a relay cannot half-close: TLS has no half-close that
+    Twisted's peer would keep (a close_notify ends the connection), and the
+    wrapper would otherwise lend the relay its TCP transport's
+    C{loseWriteConnection}, which would cut the TLS stream.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loseWriteConnection":
+            raise AttributeError(name)
+        return super().__getattr__(name)
+
+
+class _TLSFactory(TLSMemoryBIOFactory):
+    protocol = _NoHalfClose
+    noisy = False
+
+
+def tls_summary(connection: Any) -> dict[str, Any]:
+    """Protocol version and cipher of a pyOpenSSL Connection."""
+    return {
+        "version": connection.get_protocol_version_name(),
+        "cipher": connection.get_cipher_name(),
+    }
+
+
+@dataclass(eq=False)
+class TlsRelayStats(RelayStats):
+    """A relay's counters, with its TLS connection's version, cipher and peer."""
+
+    tls: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self, now: float | None = None) -> dict[str, Any]:
+        shown = super().as_dict(now)
+        shown["tls"] = dict(self.tls)
+        # Also in the route, for status's plain-text table.
+        said = ", ".join(str(v) for v in self.tls.values() if v)
+        if said:
+            shown["route"] = f"{self.route} [{said}]"
+        return shown
+
+
+def _socket_of(transport: Any) -> FileDescriptor | None:
+    """The reactor's connection under a transport (TLS, limits wrappers)."""
+    while transport is not None and not isinstance(transport, FileDescriptor):
+        transport = getattr(transport, "transport", None)
+    return transport
+
+
+class EagerRelayProtocol(RelayProtocol):
+    """
+    A relay side that sends what it passes on at once, in the same reactor
+    turn, instead of when the reactor next finds the peer's socket
+    writable: one turn less per hop, which is most of a small message's
+    round trip through two hops of TLS.  Only a plain write is done here;
+    anything else (an error, a close after the buffer) stays the reactor's.
+    """
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        super().dataReceived(data)
+        peer = self.peer
+        if not self.started or peer is None:
+            return
+        connection = _socket_of(peer.transport)
+        if (
+            connection is not None
+            and connection.connected
+            and not connection.disconnecting
+            and not connection._writeDisconnecting
+            and (connection.dataBuffer or connection._tempDataLen)
+        ):
+            connection.doWrite()
+
+
+def _relay_over(
+    engine: TransportRelays,
+    reactor: Any,
+    tls: TLSMemoryBIOProtocol,
+    sock: socket.socket,
+    stats: RelayStats,
+    tls_is_a: bool,
+    greeting: bytes = b"",
+    early: bytes = b"",
+    idle_timeout: float = 0.0,
+) -> None:
+    """
+    Relay TLS connection C{tls} (its application protocol replaced) and the
+    connected socket C{sock} (adopted into the reactor; closed here).
+    """
+    over_tls, over_sock = EagerRelayProtocol(), EagerRelayProtocol()
+    a, b = (over_tls, over_sock) if tls_is_a else (over_sock, over_tls)
+    engine.join(a, b, stats, greeting=greeting, early=early, idle_timeout=idle_timeout)
+    tls.wrappedProtocol = over_tls
+    over_tls.makeConnection(tls)
+    try:
+        adopt_into_reactor(
+            reactor, sock.detach(), Factory.forProtocol(lambda: over_sock)
+        )
+    except Exception:
+        log.failure("cannot adopt a relayed socket")
+        over_tls.abort()
+
+
+# Inbound.
+
+
+@implementer(IHandshakeListener)
+class TlsInbound(TcpInbound):
+    """A remote peer on tlsd's listener: TLS first, then tcpd's request."""
+
+    route = "tls inbound"
+    stats_type = TlsRelayStats
+    _handshakeDone = False
+
+    def handshakeCompleted(self) -> None:  # noqa: N802 (Twisted's name)
+        self._handshakeDone = True
+        connection = self.transport.getHandle()
+        labels = set(self.who.labels)
+        identity = psk.psk_identity(connection)
+        shown = ""
+        if identity is not None:
+            labels.add(f"psk:{identity}")
+            shown = f"psk:{identity}"
+        else:
+            certificate = connection.get_peer_certificate()
+            if certificate is not None:
+                found = certificate_labels(certificate.to_cryptography())
+                labels.update(found)
+                shown = found[0] if found else "certificate"
+        self.tls = {**tls_summary(connection), "peer": shown or None}
+        self.who = Peer(
+            f"{self.who.description} ({shown})" if shown else self.who.description,
+            frozenset(labels),
+        )
+        if not shown and self.factory.must_authenticate():
+            log.warn("refusing {who}: no client certificate or key", who=str(self.who))
+            self._refuse("client authentication required")
+
+    def relay(
+        self, sock: socket.socket, stats: RelayStats, greeting: bytes, early: bytes
+    ) -> None:
+        if isinstance(stats, TlsRelayStats):
+            stats.tls = self.tls
+        # The connection stays in its transport (and under its listener's
+        # limits until it closes): only its application protocol changes.
+        _relay_over(
+            self.factory.relays,
+            self.factory.reactor,
+            self.transport,
+            sock,
+            stats,
+            tls_is_a=True,
+            greeting=greeting,
+            early=early,
+            idle_timeout=self.factory.idle_timeout,
+        )
+
+    def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin's name)
+        if self._handshakeDone:
+            super().timeoutConnection()
+            return
+        log.info("dropping {who}: no TLS handshake in time", who=str(self.who))
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        if not self._handshakeDone and reason is not None:
+            identity = None
+            handle = getattr(self.transport, "_tlsConnection", None)
+            if handle is not None:
+                identity = psk.offered_identity(handle)
+            said = f" (PSK identity {identity!r})" if identity else ""
+            log.info(
+                "TLS handshake with {who}{said} failed: {why}",
+                who=str(self.who),
+                said=said,
+                why=_why(reason),
+            )
+        super().connectionLost(reason)
+
+
+def _why(reason: Failure) -> str:
+    value = reason.value
+    if isinstance(value, VerificationError):
+        return "the certificate is not for this host name"
+    args = getattr(value, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        return "; ".join(str(e[-1]) for e in args[0] if isinstance(e, tuple))
+    return printable(str(value) or type(value).__name__)
+
+
+class TlsHandshakeFactory(HandshakeFactory):
+    """tlsd's listener's L{HandshakeFactory}: must clients prove who they are?"""
+
+    def must_authenticate(self) -> bool:
+        return self.material().verify_clients
+
+    def material(self) -> Material:
+        return state_of(self.broker).material()
+
+
+# Per broker: the material (read again after a reload) and the relay engine.
+
+
+class TlsState:
+    """tlsd's state for one broker: its files as read, its relays."""
+
+    def __init__(self, broker: Any) -> None:
+        self.broker = broker
+        self.relays = TransportRelays(broker.reactor)
+        self.relays.start()
+        self._config: Any = None
+        self._material: Material | None = None
+        self._server: ServerCreator | None = None
+
+    def material(self) -> Material:
+        """The files as of the current configuration (a reload reads them again)."""
+        config = self.broker.config
+        if config is not self._config or self._material is None:
+            try:
+                material = read_material(settings_of(config, tlsd))
+            except MaterialError as e:
+                if self._material is None:
+                    raise
+                log.error("tlsd: keeping the previous keys and certificates: {e}", e=e)
+            else:
+                self._material, self._server = material, None
+            self._config = config
+        assert self._material is not None
+        return self._material
+
+    def server_creator(self) -> ServerCreator:
+        material = self.material()
+        if self._server is None:
+            self._server = ServerCreator(material.server_context())
+        return self._server
+
+
+_states: WeakKeyDictionary[Any, TlsState] = WeakKeyDictionary()
+
+
+def state_of(broker: Any) -> TlsState:
+    state = _states.get(broker)
+    if state is None:
+        state = _states[broker] = TlsState(broker)
+    return state
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _CurrentServer:
+    """The listener's creator: the current one (a reload applies to new peers)."""
+
+    def __init__(self, state: TlsState) -> None:
+        self.state = state
+
+    def serverConnectionForTLS(self, protocol: Any) -> Any:  # noqa: N802
+        return self.state.server_creator().serverConnectionForTLS(protocol)
+
+
+# Outbound.
+
+
+@implementer(IHandshakeListener)
+class TlsDialer(Protocol):
+    """
+    The client side of a route, inside TLS: sends the raw service name and
+    fires C{done} with the rest of the stream after the raw C{ok}, or fails
+    it with L{Refused}.
+    """
+
+    def __init__(self, service: str, where: str, done: Deferred[Any]) -> None:
+        self.service = service
+        self.where = where
+        self.done = done
+        self.buffer = b""
+        self.tls: dict[str, Any] = {}
+        self.handshook = False
+
+    def connectionMade(self) -> None:  # noqa: N802
+        # Small messages go out at once (as tcpd's inbound side does it).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        self.transport.write(self.service.encode("ascii"))  # sent after the handshake
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        self.handshook = True
+        self.tls = tls_summary(self.transport.getHandle())
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.done.called:
+            return
+        self.buffer += data
+        if len(self.buffer) < len(OK):
+            return
+        if self.buffer[: len(OK)] == OK:
+            rest, self.buffer = self.buffer[len(OK) :], b""
+            self.done.callback((self, rest))
+        elif self.buffer[:2] != b"ne" or len(self.buffer) > MAX_HANDSHAKE:
+            self._fail("it did not answer ok (not a tlsd?)")
+
+    def _fail(self, reason: str) -> None:
+        self.done.errback(
+            Refused(f"tlsd at {self.where} refused {self.service!r}: {reason}")
+        )
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        if self.done.called:
+            return
+        if self.buffer.startswith(b"ne"):
+            detail = printable(
+                self.buffer[2:].removeprefix(b" ").decode("utf-8", "replace")
+            )
+            self._fail(detail)
+        elif not self.handshook:
+            why = _why(reason) if reason is not None else "closed"
+            handle = getattr(self.transport, "_tlsConnection", None)
+            unverified = verify_error(handle) if handle is not None else None
+            if unverified is not None:
+                why = f"{why} ({unverified})"
+            self.done.errback(Refused(f"TLS handshake with {self.where} failed: {why}"))
+        else:
+            self.done.errback(
+                Refused(
+                    f"tlsd at {self.where} closed the connection for {self.service!r}"
+                )
+            )
+
+
+def dial(
+    broker: Any, material: Material, host: str, port: int, service: str
+) -> Deferred[tuple[TlsDialer, bytes]]:
+    """
+    Open a TLS connection to the tlsd at C{host:port}, ask for C{service};
+    fires with the dialer (its transport: the TLS connection) and the bytes
+    after C{ok}.  Cancelling it closes the connection.
+    """
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    connecting: Deferred[Any] | None = None
+    dialer: TlsDialer | None = None
+
+    def cancel(_: Any) -> None:
+        if connecting is not None and not connecting.called:
+            connecting.cancel()
+        elif dialer is not None and dialer.transport is not None:
+            dialer.transport.abortConnection()
+
+    done: Deferred[tuple[TlsDialer, bytes]] = Deferred(cancel)
+
+    def build() -> TlsDialer:
+        nonlocal dialer
+        dialer = TlsDialer(service, where, done)
+        return dialer
+
+    def failed(failure: Failure) -> None:
+        if failure.check(CancelledError) or done.called:
+            return
+        reason = getattr(failure.value, "strerror", None) or _why(failure)
+        done.errback(Refused(f"cannot connect to tlsd at {where}: {reason}"))
+
+    try:
+        creator = client_creator(material, host)
+    except Exception as e:  # a host name service_identity cannot check
+        return _refused(f"cannot speak TLS to {host!r}: {e}")
+    factory = _TLSFactory(creator, True, Factory.forProtocol(build))
+    endpoint = HostnameEndpoint(broker.reactor, host, port)
+    connecting = endpoint.connect(factory)
+    connecting.addErrback(failed)
+    return done
+
+
+def _refused(reason: str) -> Deferred[Any]:
+    failed: Deferred[Any] = Deferred()
+    failed.errback(Refused(reason))
+    return failed
+
+
+# The service: listener and control socket.
+
+
+class TlsService(MultiService):
+    """tlsd: the TLS listener (when it can serve) and C{RUNDIR/tls}."""
+
+    def __init__(self, broker: Any, listen: str) -> None:
+        super().__init__()
+        self.setName(SECTION)
+        self.state = state = state_of(broker)
+        self.relays = state.relays
+        # For upstream's control socket: raw sockets both sides.
+        self.control_relays = SocketRelays(broker.reactor)
+        self.listener: StreamServerEndpointService | None = None
+        if state.material().serves:
+            inbound = handshakes(
+                tlsd, broker, self.relays, TlsInbound, TlsHandshakeFactory
+            )
+            # Over the limits: closed before TLS, with nothing to say.
+            self.listener = network_listener(
+                broker,
+                SECTION,
+                listen,
+                _TLSFactory(_CurrentServer(state), False, inbound),
+            )
+            self.listener.setServiceParent(self)
+        control_socket(tlsd, broker, self.control_relays, self)
+
+    def startService(self) -> None:  # noqa: N802
+        self.relays.start()
+        self.control_relays.start()
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        stopped = super().stopService()
+        self.relays.stop()
+        self.control_relays.stop()
+        return stopped
+
+    def listening(self) -> Deferred[Any]:
+        """Fires with the listening port once started (C{getHost()} for it)."""
+        assert self.listener is not None, "tlsd has no keys or certificate to serve"
+        return listening(self.listener)
+
+
+# Settings.
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Expected("a file name (a string; empty for none)")
+    return value
+
+
+def _version(value: Any) -> str:
+    if value not in VERSIONS:
+        raise Expected(f"one of {', '.join(repr(v) for v in VERSIONS)}")
+    return value
+
+
+def _identity(value: Any) -> str:
+    if not isinstance(value, str) or (value and not value.isprintable()):
+        raise Expected("a PSK identity (a string; empty for none)")
+    return value
+
+
+def _identities(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()
+    ):
+        raise Expected("a table of host names to PSK identities")
+    return dict(value)
+
+
+@implementer(IPlugin, IProtocolDaemon)
+class TlsDaemon:
+    """
+    tlsd as a protocol daemon: C{tls://} routes, C{[tlsd]}, C{--tls
+    ENDPOINT}/C{--no-tls}, C{RUNDIR/tls}.
+    """
+
+    scheme = SCHEME
+    section = SECTION
+    settings = (
+        Setting("enabled", boolean, True, "run tlsd"),
+        Setting("listen", endpoint, DEFAULT_LISTEN, "tlsd's listener"),
+        Setting("certificate", _path, "", "PEM certificate (and chain)"),
+        Setting("key", _path, "", "PEM private key of the certificate"),
+        Setting("trust_roots", _path, "", "PEM CA certificates (default: system)"),
+        Setting("verify_clients", boolean, False, "clients need a certificate or key"),
+        Setting("psk_file", _path, "", "IDENTITY:HEXKEY lines, mode 0600"),
+        Setting("psk_identity", _identity, "", "identity to present to any host"),
+        Setting("psk_hosts", _identities, {}, "identity to present, by host"),
+        Setting("min_version", _version, "1.2", "lowest TLS version"),
+        Setting("max_version", _version, "1.3", "highest TLS version"),
+        Setting("handshake_timeout", positive_number, 5.0, "seconds"),
+    )
+    flags = (
+        Flag(
+            "tls",
+            f"tlsd's listener, an endpoint string (default {DEFAULT_LISTEN}).",
+            listen_flag,
+            takes_value=True,
+        ),
+        Flag("no-tls", "Do not run tlsd.", lambda _: {"enabled": False}),
+    )
+    restart_keys = ("enabled", "listen")
+
+    def __repr__(self) -> str:
+        return "<tlsd>"
+
+    def enabled(self, settings: Mapping[str, Any]) -> bool:
+        return bool(settings["enabled"])
+
+    def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
+        uri: RemoteURI = target.uri
+        port = uri.port or DEFAULT_PORT
+        state = state_of(broker)
+        try:
+            material = state.material()
+        except MaterialError as e:
+            return _refused(str(e))
+        dialed = dial(broker, material, uri.host, port, target.service)
+
+        def joined(result: tuple[TlsDialer, bytes]) -> socket.socket:
+            dialer, rest = result
+            ours, theirs = socket.socketpair()
+            stats = TlsRelayStats(
+                description=str(client),
+                direction="out",
+                service=target.service,
+                route=uri.text,
+                labels=tuple(getattr(client, "labels", ())),
+                registry=broker.relays,
+                tls={**dialer.tls, "peer": _server_identity(material, uri.host)},
+            )
+            _relay_over(
+                state.relays,
+                broker.reactor,
+                dialer.transport,
+                ours,
+                stats,
+                tls_is_a=False,
+                greeting=rest,
+                idle_timeout=broker.config.idle_timeout,
+            )
+            return theirs
+
+        return dialed.addCallback(joined)
+
+    def makeService(  # noqa: N802 (Twisted's name)
+        self, broker: Any, settings: Mapping[str, Any]
+    ) -> TlsService:
+        return TlsService(broker, settings["listen"])
+
+    def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
+        serves = self.enabled(settings) and bool(
+            settings["psk_file"] or settings["certificate"]
+        )
+        return {
+            "tls_listen": settings["listen"] if serves else None,
+            "tls_min_version": settings["min_version"],
+            "tls_psk": bool(settings["psk_file"]),
+            "tls_certificate": settings["certificate"] or None,
+        }
+
+    def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
+        try:
+            material = read_material(settings)
+        except MaterialError as e:
+            raise StartupError(f"{e} (fix it, or use --no-tls)") from None
+        if material.serves:
+            check_listener(reactor, self, settings["listen"])
+
+    def hint(self, error: Exception) -> str:
+        return listen_hint(error, "tls")
+
+
+def _server_identity(material: Material, host: str) -> str:
+    identity = material.identity_for(host)
+    return f"psk:{identity}" if identity else f"cert-san:{host}"
+
+
+tlsd = TlsDaemon()
