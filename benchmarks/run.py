@@ -759,6 +759,95 @@ def websocket_rows(settings: Settings, h: Harness, direct: Opener) -> list[Row]:
     return [*rtt.values(), *bulk.values()]
 
 
+def _message_rate(
+    sock: socket.socket, frame: bytes, seconds: float, batch: int
+) -> tuple[int, int, float]:
+    """
+    Messages echoed on C{sock} in about C{seconds}, C{batch} in flight at a
+    time (one write of C{batch} messages, then their echoes): (echoed, lost,
+    seconds spent).  A batch whose echoes stop coming for a second counts
+    the missing ones as lost (a datagram path may lose them).
+    """
+    size = len(frame)
+    view = memoryview(bytearray(size * batch))
+    burst = frame * batch
+    echoed = lost = 0
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 1, 0))
+    start = time.perf_counter()
+    try:
+        while time.perf_counter() - start < seconds:
+            sock.sendall(burst)
+            got = 0
+            while got < len(burst):
+                try:
+                    n = sock.recv_into(view[got:])
+                except BlockingIOError:  # SO_RCVTIMEO: the rest is lost
+                    break
+                if not n:
+                    raise EOFError("echo closed the connection")
+                got += n
+            echoed += got // size
+            lost += batch - got // size
+        return echoed, lost, time.perf_counter() - start
+    finally:
+        blocking_with_deadline(sock)
+
+
+def udp_rows(settings: Settings, h: Harness) -> list[Row]:
+    """
+    udpd's rows: round trip and messages per second over a udp:// route,
+    each beside the tcp:// route between the same two ipcd instances,
+    measured in turns in the same runs.
+    """
+    ua_dir, ub_dir = h.rundir("udp-a"), h.rundir("udp-b")
+    say("starting pongd, ipcd UA, ipcd UB (udpd)")
+    pong = h.spawn(
+        "pongd-udp", [sys.executable, os.path.join(HERE, "_pongd.py"), ub_dir]
+    )
+    h.wait_unix(pong, os.path.join(ub_dir, "pong"))
+    udp_a, udp_b, tcp_b = free_port(), free_port(), free_port()
+    h.ipcd("ipcd-ua", ua_dir, free_port(), "--udp", f"udp:{udp_a}")
+    h.ipcd("ipcd-ub", ub_dir, tcp_b, "--udp", f"udp:{udp_b}", "--allow", "in pong")
+    routes = {
+        "tcp route A->B": f"pong tcp://127.0.0.1:{tcp_b}/pong",
+        "udp route A->B": f"pong udp://127.0.0.1:{udp_b}/pong",
+    }
+
+    def opener(route: str) -> Opener:
+        return lambda: client.connect("pong", rundir=ua_dir, network=route)
+
+    paths = {name: opener(route) for name, route in routes.items()}
+    rtt = {name: Row(f"RTT 100 B, {name} (udpd pair)", unit="us") for name in paths}
+    rate = {
+        name: Row(
+            f"msgs/s 100 B x32 in flight, {name} (udpd pair)", unit="/s", digits=0
+        )
+        for name in paths
+    }
+    for table in (rtt, rate):
+        table["udp route A->B"].reference = table["tcp route A->B"]
+    frame = encode(os.urandom(PAYLOAD))
+    lost = 0
+    for run in range(settings.runs):
+        say(f"udp route: run {run + 1}/{settings.runs}")
+        with contextlib.ExitStack() as stack:
+            socks = {
+                name: stack.enter_context(blocking_with_deadline(open_path()))
+                for name, open_path in paths.items()
+            }
+            for name, value in round_trips_us(socks, settings.round_trips).items():
+                rtt[name].values.append(value)
+            for name in _rotated(list(socks), run):
+                echoed, missing, spent = _message_rate(
+                    socks[name], frame, settings.lookup_seconds, 32
+                )
+                rate[name].values.append(echoed / spent)
+                if name.startswith("udp"):
+                    lost += missing
+    rate["udp route A->B"].note = f"({lost:,} lost in all runs)"
+    return [*rtt.values(), *rate.values()]
+
+
 # The benchmark -------------------------------------------------------------
 
 
@@ -1112,6 +1201,7 @@ def benchmark(settings: Settings, h: Harness) -> str:
                 for name, value in measure(socks, amount).items():
                     table[name].values.append(value)
     rows += [*rtt.values(), *bulk.values()]
+    rows += udp_rows(settings, h)
 
     # websocketd against websockify and a direct UNIX echo.
     rows += websocket_rows(settings, h, direct)

@@ -153,6 +153,18 @@ def _size(count: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _details(connection: dict[str, Any]) -> str:
+    """
+    A connection's own groups of counters, as its daemon reports them
+    (udpd's C{datagrams}): C{datagrams: sent 4, received 4, ...}.
+    """
+    return "; ".join(
+        f"{key}: " + ", ".join(f"{name} {count}" for name, count in value.items())
+        for key, value in connection.items()
+        if isinstance(value, dict)
+    )
+
+
 def format_status(report: dict[str, Any]) -> str:
     """A plain-text rendering of L{status_report} for people."""
     lines = []
@@ -160,7 +172,9 @@ def format_status(report: dict[str, Any]) -> str:
     lines.append(f"connections: {len(connections)}")
     if connections:
         header = ("DIR", "SERVICE", "ROUTE", "PEER", "IN", "OUT", "AGE")
-        rows = [header] + [
+        details = [_details(c) for c in connections]
+        extra = ("DETAILS",) if any(details) else ()
+        rows = [header + extra] + [
             (
                 c["direction"],
                 c["service"],
@@ -170,9 +184,10 @@ def format_status(report: dict[str, Any]) -> str:
                 _size(c["bytes_out"]),
                 f"{c['age']:.0f}s",
             )
-            for c in connections
+            + ((detail,) if extra else ())
+            for c, detail in zip(connections, details, strict=True)
         ]
-        widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             lines.append(
                 "  ".join(

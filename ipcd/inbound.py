@@ -16,6 +16,10 @@ both sockets to the daemon's relay loop.
                          upstream's ipcd: a framed URI of the daemon's scheme,
                          through C{broker.open_uri}
     L{framed}            one framed request out of a buffer
+    L{request_text}      a request's bytes as the name they must be (ASCII)
+    L{open_inbound}      the whole path for a transport without a stream
+                         (udpd's datagrams): request bytes in, a connected
+                         socket or L{Refused} out
 
 The handshake deadline is L{TimeoutMixin}'s, on the factory's reactor (a
 C{MemoryReactorClock} in tests).  Answers are framed when the request was.
@@ -60,6 +64,32 @@ def framed(buffer: bytes, limit: int) -> tuple[bytes, bytes] | None:
     if len(buffer) < end:
         return None
     return buffer[wire.HEADER.size : end], buffer[end:]
+
+
+def request_text(request: bytes) -> str:
+    """The request as text; L{Refused} when it is not ASCII."""
+    try:
+        return request.decode("ascii")
+    except UnicodeDecodeError:
+        raise Refused("request is not ASCII") from None
+
+
+def open_inbound(broker: Any, request: bytes, who: Peer) -> Deferred[socket.socket]:
+    """
+    A remote peer C{who} asks for the local service C{request} names, as
+    L{Handshaking} asks: through C{broker.open_inbound}.  Fails with
+    L{Refused} only: anything else is logged and refused as an internal
+    error.
+    """
+
+    def unexpected(failure: Failure) -> Failure:
+        if not failure.check(Refused):
+            Handshaking.log.failure("request from {who} failed", failure, who=str(who))
+            return Failure(Refused("internal error"))
+        return failure
+
+    d = maybeDeferred(lambda: broker.open_inbound(request_text(request), who))
+    return d.addErrback(unexpected)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -126,9 +156,9 @@ class Handshaking(Protocol, TimeoutMixin):
         if rest:
             self._keep(rest)
         try:
-            text = request.decode("ascii")
-        except UnicodeDecodeError:
-            self._refuse("request is not ASCII")
+            text = request_text(request)
+        except Refused as e:
+            self._refuse(e.reason)
             return
         self.requested = text
         self._pending = maybeDeferred(self.request, text)

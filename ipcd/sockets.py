@@ -11,6 +11,7 @@ with C{addReader}/C{addWriter}, and read exactly the bytes they are owed.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 from typing import Any
@@ -294,3 +295,25 @@ async def resolve_host(reactor: Any, host: str, port: int) -> list[tuple[int, An
     if not found:
         raise OSError("no address found")
     return found
+
+
+async def host_addresses(reactor: Any, host: str, port: int) -> list[tuple[int, Any]]:
+    """
+    C{(family, sockaddr)} for C{host}: an IP address as it is, a name by
+    L{resolve_host}; L{Refused} (C{cannot resolve ...}) when none is found.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        return [(family, (host, port))]
+    try:
+        return await resolve_host(reactor, host, port)
+    except OSError as e:  # no address found
+        raise Refused(f"cannot resolve {host!r}: {e.strerror or e}") from None
+    except UnicodeError:
+        # The IDNA codec the resolver applies; routes.check_host keeps such
+        # names out, this keeps any other caller's from being a traceback.
+        raise Refused(f"cannot resolve {host!r}: not a valid host name") from None

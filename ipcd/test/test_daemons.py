@@ -43,7 +43,7 @@ class RegistryTests(SynchronousTestCase):
     def test_foundThroughPlugins(self) -> None:
         """The built-in daemons and the test's daemon come from getPlugins."""
         found = with_testscheme()
-        self.assertEqual(list(found), ["tcp", "testscheme", "tls", "ws"])
+        self.assertEqual(list(found), ["tcp", "testscheme", "tls", "udp", "ws"])
         self.assertIs(found["tls"], tlsd)
         self.assertIs(found["tcp"], tcpd)
         # websocketd serves wss:// too, and is listed once.
@@ -53,7 +53,7 @@ class RegistryTests(SynchronousTestCase):
         self.assertIs(found.by_section("testschemed"), testschemed)
         self.assertTrue(IProtocolDaemon.providedBy(testschemed))
         self.assertEqual(list(registry(daemonplugins)), ["testscheme"])
-        self.assertEqual(list(registry()), ["tcp", "tls", "ws"])
+        self.assertEqual(list(registry()), ["tcp", "tls", "udp", "ws"])
 
     def test_conflict(self) -> None:
         """Two daemons claiming one scheme are an error, naming both."""

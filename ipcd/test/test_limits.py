@@ -28,6 +28,7 @@ from ipcd.limits import (
 )
 from ipcd.test.support import (
     TIMEOUT,
+    accepts,
     as_user,
     bounce,
     connect_unix,
@@ -361,7 +362,8 @@ class AcceptErrorTests(TestCase):
             preexec_fn=low_fd_limit,
         )
         ipc = os.path.join(rundir, "ipc")
-        yield wait_until(lambda: os.path.exists(ipc), "ipcd to listen")
+        # Listening, not just bound: the file exists a moment before listen().
+        yield wait_until(lambda: accepts(ipc), "ipcd to listen")
         held: list[socket.socket] = []
         self.addCleanup(lambda: [sock.close() for sock in held])
 

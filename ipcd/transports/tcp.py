@@ -17,7 +17,6 @@ plugin by C{twisted/plugins/ipcd_daemons.py}.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -43,9 +42,9 @@ from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
 from ipcd.sockets import (
     connect_tcp,
+    host_addresses,
     read_exactly,
     read_to_eof,
-    resolve_host,
     write_all,
 )
 from ipcd.transports.listeners import (
@@ -63,17 +62,6 @@ DEFAULT_PORT = 9000
 DEFAULT_LISTEN = "tcp:9000:interface=127.0.0.1"
 
 
-async def _addresses(reactor: Any, host: str, port: int) -> list[tuple[int, Any]]:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-        return [(family, (host, port))]
-    return await resolve_host(reactor, host, port)
-
-
 async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socket:
     """
     Open a TCP connection to the tcpd at C{host:port} and ask it for
@@ -81,14 +69,7 @@ async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socke
     the C{ok}.
     """
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        addresses = await _addresses(reactor, host, port)
-    except OSError as e:  # no address found
-        raise Refused(f"cannot resolve {host!r}: {e.strerror or e}")
-    except UnicodeError:
-        # The IDNA codec the resolver applies; routes.check_host keeps such
-        # names out, this keeps any other caller's from being a traceback.
-        raise Refused(f"cannot resolve {host!r}: not a valid host name")
+    addresses = await host_addresses(reactor, host, port)  # or Refused
     sock = None
     error: OSError | None = None
     for family, address in addresses:

@@ -4,6 +4,7 @@
 # or in twisted/: this directory is Twisted's plugin namespace.
 from ipcd.transports.tcp import tcpd
 from ipcd.transports.tls import tlsd
+from ipcd.transports.udp import udpd
 from ipcd.transports.websocket import websocketd
 
-__all__ = ["tcpd", "tlsd", "websocketd"]
+__all__ = ["tcpd", "tlsd", "udpd", "websocketd"]

@@ -1,0 +1,672 @@
+"""
+udpd on real sockets: two in-process ipcd instances ("host A" and "host B",
+each with its own RUNDIR and loopback UDP port), a lossy relay between them,
+and plain UDP peers sending what no udpd would.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ipcd.config import ConfigError, load_config
+from ipcd.control import format_status, request
+from ipcd.daemons import StartupError
+from ipcd.names import listen_unix
+from ipcd.tap import Options
+from ipcd.test.support import (
+    TIMEOUT,
+    RunningIpcdTestCase,
+    assert_no_fd_leak,
+    bounce,
+    connect_unix,
+    fd_baseline,
+    lookup,
+    recv_upto,
+    short_rundir,
+    wait_until,
+)
+from ipcd.test.udpsupport import (
+    answers,
+    burst,
+    eof_within,
+    lossy_relay,
+    probe,
+    read_message,
+    start_udp_host,
+    udp_socket,
+)
+from ipcd.transports import udpwire
+from ipcd.wire import encode
+
+OK = b"ok"
+B_RULES = ["deny in secret*", "allow in pong", "allow in closer"]
+
+
+class TwoHostsTestCase(TestCase):
+    """Host A (a client's ipcd) and host B (pongd, C{allow in pong})."""
+
+    a_settings: dict[str, Any] = {}
+    b_settings: dict[str, Any] = {}
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.a = yield start_udp_host(self, pongd=False, **self.a_settings)
+        self.b = yield start_udp_host(self, rules=B_RULES, **self.b_settings)
+
+    @inlineCallbacks
+    def lookupOnA(self, service: str = "pong", port: int | None = None) -> Any:
+        """A client on host A asks for C{service} routed to B (or C{port})."""
+        payload = f"{service};{service} {self.b.route(service, port)}"
+        reply = yield deferToThread(lookup, self.a.rundir, payload.encode())
+        self.assertEqual((reply.first, reply.data, len(reply.fds)), (OK, OK, 1))
+        return reply.take_socket(self)
+
+    @inlineCallbacks
+    def refusedOnA(self, service: str, port: int | None = None) -> Any:
+        payload = f"{service};{service} {self.b.route(service, port)}"
+        reply = yield deferToThread(lookup, self.a.rundir, payload.encode())
+        self.assertEqual(reply.fds, [])
+        return reply.data
+
+    @inlineCallbacks
+    def assertServing(self) -> Any:
+        """B's udpd still opens sessions and carries messages."""
+        sock = yield self.lookupOnA()
+        echo = yield deferToThread(bounce, sock, b"still serving")
+        self.assertEqual(echo, encode(b"still serving"))
+        sock.close()
+
+    def logged(self) -> list[str]:
+        """Log lines from now until the test ends."""
+        lines: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return lines
+
+
+class EndToEndTests(TwoHostsTestCase):
+    @inlineCallbacks
+    def test_pongThroughUdp(self) -> Any:
+        """
+        A lookup on A with a C{udp://} route to B gets C{ok} and one end of
+        a socketpair; each message reaches B's pongd and comes back, and
+        both hosts count the session's datagrams.
+        """
+        sock = yield self.lookupOnA()
+        self.assertEqual(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN), socket.AF_UNIX
+        )
+        payloads = [b"bounce me", b"", b"again", b"x" * 60000]
+        for payload in payloads:
+            echo = yield deferToThread(bounce, sock, payload)
+            self.assertEqual(echo, encode(payload))
+        out, inbound = self.a.session(), self.b.session()
+        self.assertEqual((out.direction, inbound.direction), ("out", "in"))
+        self.assertEqual(out.service, "pong")
+        self.assertEqual(inbound.labels, ("ip:127.0.0.1",))
+        for stats in (out, inbound):
+            self.assertEqual(
+                (stats.sent, stats.received, stats.dropped, stats.lost), (4, 4, 0, 0)
+            )
+            self.assertEqual((stats.forward, stats.backward), (60014, 60014))
+
+    @inlineCallbacks
+    def test_upstreamBytes(self) -> Any:
+        """The spec's bytes: pongd's framed echo, exactly."""
+        sock = yield self.lookupOnA()
+        echo = yield deferToThread(bounce, sock)
+        self.assertEqual(echo, b"\x00\x00\x00\x09bounce me")
+
+    @inlineCallbacks
+    def test_statusListsSessions(self) -> Any:
+        """C{ipcd status} (the control socket) shows each session's counters."""
+        sock = yield self.lookupOnA()
+        yield deferToThread(bounce, sock)
+        for host, direction in ((self.a, "out"), (self.b, "in")):
+            report = yield deferToThread(request, "status", host.rundir)
+            [shown] = report["connections"]
+            self.assertEqual(shown["direction"], direction)
+            self.assertEqual(
+                shown["datagrams"], {"sent": 1, "received": 1, "dropped": 0, "lost": 0}
+            )
+            self.assertEqual(
+                report["config"]["udp_listen"], "udp:0:interface=127.0.0.1"
+            )
+            text = format_status(report)
+            self.assertIn("DETAILS", text)
+            self.assertIn("datagrams: sent 1, received 1, dropped 0, lost 0", text)
+
+    @inlineCallbacks
+    def test_remoteRefusalReachesTheClient(self) -> Any:
+        """B's policy refusal comes back in A's C{ne}, with B's reason."""
+        answer = yield self.refusedOnA("secret")
+        self.assertEqual(
+            answer,
+            f"ne udpd at 127.0.0.1:{self.b.port} refused 'secret': in connection "
+            "to 'secret' denied by rule 1 (deny in secret* *)".encode(),
+        )
+        answer = yield self.refusedOnA("missing")
+        self.assertIn(b"refused 'missing': in connection to 'missing' denied", answer)
+        yield self.assertServing()
+
+    @inlineCallbacks
+    def test_nobodyListening(self) -> Any:
+        """A port where no udpd listens: refused at once (ICMP), not at the deadline."""
+        with udp_socket() as free:
+            port = free.getsockname()[1]
+        answer = yield self.refusedOnA("pong", port)
+        self.assertEqual(
+            answer,
+            f"ne cannot reach udpd at 127.0.0.1:{port}: connection refused".encode(),
+        )
+
+    @inlineCallbacks
+    def test_answersCheckedByNonce(self) -> Any:
+        """
+        A's udpd takes only an answer that echoes its HELLO's nonce, and
+        a remote's refusal reaches the client as one printable line.
+        """
+        fake = udp_socket()
+        self.addCleanup(fake.close)
+        fake.settimeout(TIMEOUT)
+
+        def remote() -> None:
+            hello, client = fake.recvfrom(65536)
+            nonce = udpwire.decode(hello).nonce
+            fake.sendto(udpwire.accepted(b"x" * 8, b"s" * 8), client)
+            fake.sendto(udpwire.refusal(nonce, "no\x1b[2J\nway", 300), client)
+
+        serving = deferToThread(remote)
+        answer = yield self.refusedOnA("pong", fake.getsockname()[1])
+        yield serving
+        self.assertEqual(
+            answer,
+            f"ne udpd at 127.0.0.1:{fake.getsockname()[1]} refused 'pong': "
+            "no\\x1b[2J\\x0away".encode(),
+        )
+
+    @inlineCallbacks
+    def test_silentPeerTimesOut(self) -> Any:
+        """A peer that never answers: retried, then the broker's deadline."""
+        self.a.service.broker.config = load_config(
+            None,
+            {
+                "rundir": self.a.rundir,
+                "tcpd": {"enabled": False},
+                "ipcd": {"connect_timeout": 0.5},
+                "udpd": {"enabled": True, "listen": "udp:0:interface=127.0.0.1"},
+            },
+            {},
+        )
+        with udp_socket() as silent:
+            port = silent.getsockname()[1]
+            answer = yield self.refusedOnA("pong", port)
+            silent.settimeout(0)
+            hellos = []
+            try:
+                while True:
+                    hellos.append(silent.recv(65536))
+            except BlockingIOError:
+                pass
+        self.assertIn(b"timed out after 0.5 s", answer)
+        # 0, 0.25 s: two tries at least, all the same HELLO.
+        self.assertGreaterEqual(len(hellos), 2)
+        self.assertEqual(len(set(hellos)), 1)
+        self.assertEqual(udpwire.decode(hellos[0]).service, b"pong")
+        yield wait_until(lambda: not self.a.sessions(), "no session left")
+
+    @inlineCallbacks
+    def test_controlSocket(self) -> Any:
+        """Upstream's ipcd on RUNDIR/udp: a framed URI, a framed ok, then pong."""
+
+        def control() -> bytes:
+            with connect_unix(os.path.join(self.a.rundir, "udp")) as sock:
+                sock.sendall(encode(self.b.route("pong").encode()))
+                answer = recv_upto(sock, 6)
+                return answer + bounce(sock)
+
+        answer = yield deferToThread(control)
+        self.assertEqual(answer, encode(b"ok") + encode(b"bounce me"))
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+class IPv6Tests(TestCase):
+    if not has_ipv6_loopback():
+        skip = "no IPv6 loopback (::1) on this machine"
+
+    @inlineCallbacks
+    def test_pongOverIPv6(self) -> Any:
+        """A C{udp://[::1]:PORT/pong} route, to a udpd listening on ::1."""
+        a = yield start_udp_host(self, pongd=False)
+        b = yield start_udp_host(self, rules=B_RULES, listen="udp:0:interface=::1")
+        payload = f"pong;pong udp://[::1]:{b.port}/pong".encode()
+        reply = yield deferToThread(lookup, a.rundir, payload)
+        self.assertEqual(reply.data, OK)
+        sock = reply.take_socket(self)
+        echo = yield deferToThread(bounce, sock)
+        self.assertEqual(echo, encode(b"bounce me"))
+        self.assertEqual(b.session().labels, ("ip:::1",))
+
+
+class LossTests(TwoHostsTestCase):
+    @inlineCallbacks
+    def test_lossyRelay(self) -> Any:
+        """
+        Through a relay that loses 10% of datagrams each way, duplicates
+        some and reorders some (and loses the first HELLO): the handshake is
+        retried, every message that arrives arrives once, and the session
+        survives; the counters show the losses and the duplicates.
+        """
+        relay, port = lossy_relay(self, self.b.port, drop_hellos=1)
+        sock = yield self.lookupOnA("pong", port)
+        got = yield deferToThread(burst, sock, 400)
+        sent = [b"m%05d" % n for n in range(400)]
+        self.assertEqual(len(got), len(set(got)), "a duplicate was delivered")
+        self.assertTrue(set(got) <= set(sent))
+        self.assertLess(len(got), 400)
+        self.assertGreater(len(got), 200)
+        self.assertNotEqual(got, sorted(got), "nothing was reordered")
+        echo = yield deferToThread(probe, sock)
+        self.assertIsNotNone(echo, "the session did not survive")
+        out, inbound = self.a.session(), self.b.session()
+        self.assertGreater(relay.dropped, 0)
+        self.assertGreater(relay.duplicated, 0)
+        # A's messages lost on the way to B, and B's echoes on the way back.
+        self.assertGreater(inbound.lost, 0)
+        self.assertGreater(out.lost, 0)
+        self.assertGreater(inbound.dropped + out.dropped, 0)  # the duplicates
+        self.assertEqual(inbound.received, inbound.sent)  # pongd echoed all
+        self.assertLess(out.received, out.sent)
+        # A clean network again, so that the CLOSE is not lost (a lost one
+        # leaves the session to its idle deadline).
+        relay.loss = relay.reorder = relay.duplicate = 0
+        sock.close()
+        yield wait_until(lambda: not self.b.sessions(), "B's session to end")
+
+
+class HostileDatagramTests(TwoHostsTestCase):
+    """Datagrams no udpd sends: dropped and counted; B keeps serving."""
+
+    def dropped(self, why: str) -> int:
+        return self.b.broker.counters[f"udp datagrams dropped: {why}"]
+
+    @inlineCallbacks
+    def test_oneByteHandshake(self) -> Any:
+        """The answer to a 1-byte datagram is at most 1 byte: here, none."""
+        for datagram in (b"H", b"\0", b"O", b"x"):
+            got = yield deferToThread(answers, self.b.port, datagram)
+            self.assertTrue(all(len(g) <= 1 for g in got), got)
+            self.assertEqual(got, [])
+        self.assertEqual(self.dropped("malformed"), 4)
+        yield self.assertServing()
+
+    @inlineCallbacks
+    def test_noAmplification(self) -> Any:
+        """
+        Unpadded HELLOs get nothing; a padded one for a refused service
+        gets a NO no larger than itself; no session is opened.
+        """
+        hello = udpwire.hello(b"n" * 8, b"secret-" + b"x" * 200)
+        for short in (hello[:12], hello[:17], hello[: udpwire.HELLO_SIZE - 1]):
+            got = yield deferToThread(answers, self.b.port, short)
+            self.assertEqual(got, [])
+        got = yield deferToThread(answers, self.b.port, hello)
+        [refusal] = got
+        self.assertLessEqual(len(refusal), len(hello))
+        self.assertIn("denied by rule 1", udpwire.decode(refusal).reason)
+        self.assertEqual(self.b.sessions(), [])
+
+    @inlineCallbacks
+    def test_garbageAndTruncated(self) -> Any:
+        junk = [
+            b"",
+            b"\xff" * 100,
+            b"D" + b"\0" * 5,  # a DATA cut in its header
+            b"C" + b"\0" * 3,
+            b"N12",
+            udpwire.accepted(b"n" * 8, b"s" * 8),  # not a server's to get
+            b"H\x01" + b"\0" * 400,  # a HELLO without a name
+        ]
+        for datagram in junk:
+            got = yield deferToThread(answers, self.b.port, datagram, 0.1)
+            self.assertEqual(got, [])
+        self.assertEqual(self.dropped("malformed"), len(junk))
+        yield self.assertServing()
+
+    @inlineCallbacks
+    def test_spoofedSessionAndPort(self) -> Any:
+        """
+        A DATA with a live session's id from another source port, or with
+        an unknown id, never reaches the service; the session goes on.
+        """
+        sock = yield self.lookupOnA()
+        yield deferToThread(bounce, sock)
+        [session_id] = self.b.server.sessions
+        forged = udpwire.data(session_id, 1, b"forged")
+        got = yield deferToThread(answers, self.b.port, forged)
+        self.assertEqual(got, [])
+        got = yield deferToThread(answers, self.b.port, udpwire.data(b"?" * 8, 1, b"x"))
+        self.assertEqual(got, [])
+        got = yield deferToThread(answers, self.b.port, udpwire.close(session_id))
+        self.assertEqual(got, [])
+        # A wrong id from the session's own address (A's UDP port).
+        a_session = self.a.session().end.__self__
+        a_session._send(udpwire.data(b"?" * 8, 7, b"forged"))
+        yield wait_until(
+            lambda: self.dropped("unknown session") == 2, "the wrong id dropped"
+        )
+        self.assertEqual(self.dropped("wrong address"), 2)
+        self.assertEqual(self.b.session().dropped, 2)
+        # Nothing forged reached pongd (its echo would be on the way to A).
+        echo = yield deferToThread(bounce, sock, b"after")
+        self.assertEqual(echo, encode(b"after"))
+        self.assertEqual(self.a.session().received, 2)
+        yield self.assertServing()
+
+    @inlineCallbacks
+    def test_replayedDatagramDropped(self) -> Any:
+        """A DATA sent again (same sequence number) is delivered once."""
+        sock = yield self.lookupOnA()
+        yield deferToThread(bounce, sock, b"one")
+        out = self.a.session()
+        [bound] = self.b.server.sessions.values()
+        # Replay B's first echo into A's session, from B's own port to A's:
+        # as a network that duplicates a datagram would.
+        replay = udpwire.data(bound.session.id, 0, b"one")
+        self.b.server.transport.write(replay, bound.address)
+        yield wait_until(lambda: out.dropped == 1, "the duplicate to be dropped")
+        self.assertEqual(out.received, 1)
+        echo = yield deferToThread(bounce, sock, b"two")
+        self.assertEqual(echo, encode(b"two"))
+
+
+class LimitTests(TwoHostsTestCase):
+    a_settings = {"max_datagram": 512}
+    b_settings = {"max_sessions": 1, "max_datagram": 1024}
+
+    @inlineCallbacks
+    def test_oversizedMessageRefused(self) -> Any:
+        """
+        A message larger than a datagram carries is not cut: a log line,
+        and the session ends on both hosts.
+        """
+        lines = self.logged()
+        sock = yield self.lookupOnA()
+        fits = b"x" * (512 - udpwire.DATA_HEADER_SIZE)
+        echo = yield deferToThread(bounce, sock, fits)
+        self.assertEqual(echo, encode(fits))
+        sock.sendall(encode(fits + b"x"))
+        closed = yield deferToThread(eof_within, sock)
+        self.assertTrue(closed)
+        yield wait_until(lambda: not self.b.sessions(), "B's session to end")
+        self.assertTrue(
+            any(
+                "a message of 496 bytes does not fit in a datagram (at most 495" in line
+                for line in lines
+            ),
+            lines,
+        )
+        yield self.assertServing()
+
+    @inlineCallbacks
+    def test_oversizedDatagramDropped(self) -> Any:
+        """B drops (and counts) a datagram larger than its maximum."""
+        got = yield deferToThread(answers, self.b.port, b"D" + b"\0" * 2000)
+        self.assertEqual(got, [])
+        self.assertEqual(self.b.broker.counters["udp datagrams dropped: too large"], 1)
+        yield self.assertServing()
+
+    @inlineCallbacks
+    def test_maxSessions(self) -> Any:
+        first = yield self.lookupOnA()
+        answer = yield self.refusedOnA("pong")
+        self.assertEqual(
+            answer,
+            f"ne udpd at 127.0.0.1:{self.b.port} refused 'pong': "
+            "too many sessions".encode(),
+        )
+        first.close()
+        yield wait_until(lambda: not self.b.sessions(), "the first session to end")
+        yield self.assertServing()
+
+
+class InboundPathTests(TwoHostsTestCase):
+    """
+    B resolves a udp peer's request as every inbound daemon does: admin
+    redirections and routes, the C{in} rules with the peer's C{ip:} label.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.a = yield start_udp_host(self, pongd=False)
+        self.b = yield start_udp_host(
+            self,
+            rules=[
+                "allow in echo ip:127.0.0.1",
+                "allow in far ip:127.0.0.0/8",
+                "deny in pong ip:127.0.0.1",
+            ],
+            config={"redirects": {"echo": "pong"}, "routes": {"far": "unix://pong"}},
+        )
+
+    @inlineCallbacks
+    def assertEchoes(self, service: str) -> Any:
+        sock = yield self.lookupOnA(service)
+        echo = yield deferToThread(bounce, sock)
+        self.assertEqual(echo, encode(b"bounce me"))
+        self.assertEqual(self.b.session().service, service)
+        sock.close()
+        yield wait_until(lambda: not self.b.sessions(), "the session to end")
+
+    def test_redirection(self) -> Any:
+        """An admin redirection, policed by the name asked for."""
+        return self.assertEchoes("echo")
+
+    def test_adminRoute(self) -> Any:
+        return self.assertEchoes("far")
+
+    @inlineCallbacks
+    def test_ruleOnTheAddress(self) -> Any:
+        answer = yield self.refusedOnA("pong")
+        self.assertIn(b"denied by rule 3 (deny in pong ip:127.0.0.1)", answer)
+
+
+class PerPeerLimitTests(TwoHostsTestCase):
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.a = yield start_udp_host(self, pongd=False)
+        self.b = yield start_udp_host(
+            self, rules=B_RULES, config={"limits": {"max_connections_per_peer": 2}}
+        )
+
+    @inlineCallbacks
+    def test_onePeerCannotTakeEverySession(self) -> Any:
+        """[limits] max_connections_per_peer holds per address, for udpd too."""
+        first = yield self.lookupOnA()
+        second = yield self.lookupOnA()
+        answer = yield self.refusedOnA("pong")
+        self.assertIn(b"too many connections from ip:127.0.0.1/32 (at most 2)", answer)
+        self.assertEqual(self.b.broker.counters["udpd: refused, per-peer limit"], 1)
+        first.close()
+        yield wait_until(lambda: len(self.b.sessions()) == 1, "a session to end")
+        third = yield self.lookupOnA()
+        echo = yield deferToThread(bounce, third)
+        self.assertEqual(echo, encode(b"bounce me"))
+        second.close()
+        third.close()
+
+
+class LifetimeTests(TwoHostsTestCase):
+    b_settings = {"idle_timeout": 0.3}
+
+    @inlineCallbacks
+    def test_idleSessionsExpire(self) -> Any:
+        """B ends a session idle for its time; A's client sees the end."""
+        lines = self.logged()
+        sock = yield self.lookupOnA()
+        yield deferToThread(bounce, sock)
+        closed = yield deferToThread(eof_within, sock)
+        self.assertTrue(closed)
+        yield wait_until(lambda: not self.a.sessions(), "A's session to end")
+        self.assertTrue(any("idle for 0.3 s" in line for line in lines), lines)
+
+
+class CloseTests(TwoHostsTestCase):
+    """Sessions end by CLOSE datagrams (idle_timeout is 120 s here)."""
+
+    @inlineCallbacks
+    def test_clientCloseEndsRemoteSession(self) -> Any:
+        """A's client closing: a CLOSE ends B's session (and pongd's stream)."""
+        sock = yield self.lookupOnA()
+        yield deferToThread(bounce, sock)
+        sock.close()
+        yield wait_until(lambda: not self.b.sessions(), "B's session to end", 5)
+
+    @inlineCallbacks
+    def test_serviceCloseEndsClient(self) -> Any:
+        """B's service closing its stream: A's client gets EOF."""
+        factory = Factory.forProtocol(Closer)
+        port = listen_unix(reactor, os.path.join(self.b.rundir, "closer"), factory)
+        self.addCleanup(port.stopListening)
+        sock = yield self.lookupOnA("closer")
+        sock.sendall(encode(b"bye"))
+        message = yield deferToThread(read_message, sock)
+        self.assertIsNone(message)
+        yield wait_until(lambda: not self.a.sessions(), "A's session to end", 5)
+
+    @inlineCallbacks
+    def test_stoppingEndsSessions(self) -> Any:
+        """Stopping A's ipcd closes its clients' sessions on B too."""
+        sock = yield self.lookupOnA()
+        yield deferToThread(bounce, sock)
+        yield self.a.service.stopService()
+        closed = yield deferToThread(eof_within, sock)
+        self.assertTrue(closed)
+        yield wait_until(lambda: not self.b.sessions(), "B's session to end", 5)
+
+
+class Closer(Protocol):
+    """A local service that closes at the first byte."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.loseConnection()
+
+
+class FdTests(TwoHostsTestCase):
+    @inlineCallbacks
+    def test_noFdGrowthAfter1000Sessions(self) -> Any:
+        before = yield fd_baseline()
+
+        def sessions() -> None:
+            payload = f"pong;pong {self.b.route('pong')}".encode()
+            for n in range(1000):
+                reply = lookup(self.a.rundir, payload)
+                assert reply.data == OK, reply.data
+                with socket.socket(fileno=reply.fds[0]) as sock:
+                    sock.settimeout(TIMEOUT)
+                    assert bounce(sock, b"%d" % n) == encode(b"%d" % n)
+
+        yield deferToThread(sessions)
+        yield wait_until(
+            lambda: not self.a.sessions() and not self.b.sessions(), "sessions to end"
+        )
+        yield assert_no_fd_leak(before)
+
+
+class OffByDefaultTests(RunningIpcdTestCase):
+    @inlineCallbacks
+    def test_noUdpRoutesWhenOff(self) -> Any:
+        """Without --udp, a udp:// route is refused and nothing listens."""
+        payload = b"pong;pong udp://127.0.0.1:9000/pong"
+        reply = yield deferToThread(lookup, self.rundir, payload)
+        self.assertEqual(reply.data, b"ne no transport for scheme 'udp'")
+        self.assertFalse(os.path.exists(os.path.join(self.rundir, "udp")))
+        self.assertNotIn("udpd", self.service.namedServices)
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_offByDefault(self) -> None:
+        config = load_config(None, {}, {})
+        self.assertFalse(config.daemons["udpd"]["enabled"])
+        self.assertEqual(
+            config.daemons["udpd"]["listen"], "udp:9000:interface=127.0.0.1"
+        )
+
+    def test_flags(self) -> None:
+        options = Options()
+        options.parseOptions(["--udp", "udp:9001:interface=0.0.0.0"])
+        udpd = options.config.daemons["udpd"]
+        self.assertEqual(
+            (udpd["enabled"], udpd["listen"]), (True, "udp:9001:interface=0.0.0.0")
+        )
+        options = Options()
+        options.parseOptions(["--udp", "udp:9001", "--no-udp"])
+        self.assertFalse(options.config.daemons["udpd"]["enabled"])
+        with self.assertRaises(usage.UsageError) as caught:
+            Options().parseOptions(["--udp", "tcp:9001"])
+        self.assertIn("[udpd] listen: expected a listener like", str(caught.exception))
+
+    def test_section(self) -> None:
+        config = load_config(
+            None,
+            {"udpd": {"max_sessions": 3, "max_datagram": 1400, "idle_timeout": 9}},
+            {},
+        )
+        self.assertEqual(config.daemons["udpd"]["max_sessions"], 3)
+        for key, value, expected in [
+            ("max_datagram", 65508, "a number of bytes from 300 to 65507"),
+            ("max_datagram", 100, "a number of bytes from 300 to 65507"),
+            ("max_sessions", 0, "a whole number greater than 0"),
+            ("idle_timeout", -1, "a number of seconds greater than 0"),
+        ]:
+            with self.assertRaises(ConfigError) as caught:
+                load_config(None, {"udpd": {key: value}}, {})
+            self.assertIn(f"[udpd] {key}: expected {expected}", str(caught.exception))
+
+    def test_startupErrorIsOneLine(self) -> None:
+        """A port in use: one line naming it and the way out."""
+        from ipcd.tap import IPCDService
+
+        with udp_socket() as taken:
+            port = taken.getsockname()[1]
+            rundir = short_rundir(self)
+            config = load_config(
+                None,
+                {
+                    "rundir": rundir,
+                    "tcpd": {"enabled": False},
+                    "pongd": {"enabled": False},
+                    "udpd": {"enabled": True, "listen": f"udp:{port}"},
+                },
+                {},
+            )
+            service = IPCDService(config, reactor)
+            with self.assertRaises(StartupError) as caught:
+                service.privilegedStartService()
+        self.assertEqual(
+            str(caught.exception),
+            f"cannot listen on 127.0.0.1:{port}: address already in use "
+            "(another ipcd? use --udp ENDPOINT or --no-udp)",
+        )

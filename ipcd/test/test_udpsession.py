@@ -1,0 +1,121 @@
+"""
+One udpd session in memory: a L{Session} whose datagrams go to a list, its
+L{SessionStream} on a C{StringTransport}, time on a C{Clock}.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from ipcd.transports import udpwire
+from ipcd.transports.udpsession import Session, SessionStats, SessionStream
+from ipcd.wire import encode
+
+SESSION = b"S" * 8
+
+
+class SessionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.sent: list[bytes] = []
+        self.registry: set[SessionStats] = set()
+        self.ended: list[Session] = []
+        self.stats = SessionStats(direction="out", registry=self.registry)
+        self.session = Session(
+            SESSION,
+            self.sent.append,
+            self.stats,
+            self.clock,
+            idle_timeout=10.0,
+            max_datagram=100,
+            on_end=self.ended.append,
+        )
+        self.stream = SessionStream()
+        self.stream.maxMessageSize = self.session.max_payload
+        self.stream.idleTimeout = 0
+        self.transport = StringTransport()
+        self.stream.makeConnection(self.transport)
+        self.session.attach(self.stream)
+
+    def receive(self, sequence: int, payload: bytes) -> None:
+        datagram = udpwire.data(SESSION, sequence, payload)
+        self.session.datagram(udpwire.decode(datagram), len(datagram))
+
+    def test_messagesBecomeDatagrams(self) -> None:
+        """Each framed message read is one DATA, numbered from 0."""
+        self.stream.dataReceived(encode(b"one") + encode(b"two")[:5])
+        self.stream.dataReceived(encode(b"two")[5:])
+        self.assertEqual(
+            [udpwire.decode(d) for d in self.sent],
+            [udpwire.Data(SESSION, 0, b"one"), udpwire.Data(SESSION, 1, b"two")],
+        )
+        self.assertEqual((self.stats.sent, self.stats.forward), (2, 6))
+        self.assertIn(self.stats, self.registry)
+
+    def test_datagramsBecomeMessages(self) -> None:
+        self.receive(0, b"hello")
+        self.receive(0, b"hello")  # a duplicate
+        self.receive(1, b"")
+        self.assertEqual(self.transport.value(), encode(b"hello") + encode(b""))
+        self.assertEqual((self.stats.received, self.stats.dropped), (2, 1))
+        self.assertEqual(self.stats.backward, 5)
+
+    def test_congestedStreamDrops(self) -> None:
+        """While the stream's buffer is full, datagrams are dropped, counted."""
+        self.stream.pauseProducing()
+        self.receive(0, b"lost")
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.stats.dropped, 1)
+        self.stream.resumeProducing()
+        self.receive(1, b"kept")
+        self.assertEqual(self.transport.value(), encode(b"kept"))
+
+    def test_oversizedMessageEndsSession(self) -> None:
+        """A message over the payload limit: a CLOSE, the stream closed."""
+        self.stream.dataReceived(encode(b"x" * 83))  # 83 + 17: a full datagram
+        self.assertEqual([len(d) for d in self.sent], [100])
+        self.stream.dataReceived(encode(b"x" * 84))
+        self.assertEqual(self.sent[1:], [udpwire.close(SESSION)])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.ended, [self.session])
+        self.assertNotIn(self.stats, self.registry)
+
+    def test_idleEnds(self) -> None:
+        """No datagram either way for idle_timeout: a CLOSE, the end."""
+        self.clock.advance(6)
+        self.receive(0, b"alive")
+        self.clock.advance(6)
+        self.assertEqual(self.ended, [])
+        self.clock.advance(4)
+        self.assertEqual(self.sent, [udpwire.close(SESSION)])
+        self.assertEqual(self.ended, [self.session])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_peerClose(self) -> None:
+        """A CLOSE from the peer ends the session without answering it."""
+        self.session.datagram(udpwire.Close(SESSION), 9)
+        self.assertEqual(self.sent, [])
+        self.assertEqual(self.ended, [self.session])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_streamLostEndsOnce(self) -> None:
+        self.stream.connectionLost(None)
+        self.session.end("again")
+        self.assertEqual(self.sent, [udpwire.close(SESSION)])
+        self.assertEqual(self.ended, [self.session])
+
+    def test_sendErrorCounted(self) -> None:
+        """A full socket buffer loses the datagram, as UDP does."""
+
+        def full(datagram: bytes) -> None:
+            raise BlockingIOError()
+
+        self.session._send = full
+        self.stream.dataReceived(encode(b"x"))
+        self.assertEqual((self.stats.sent, self.stats.dropped), (0, 1))
+
+    def test_spoofed(self) -> None:
+        self.session.spoofed()
+        self.assertEqual(self.stats.as_dict()["datagrams"]["dropped"], 1)

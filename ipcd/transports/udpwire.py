@@ -1,0 +1,176 @@
+"""
+udpd's datagram format, pure: bytes in, values out (L{Malformed} for
+anything else), and the receive window that drops duplicates.
+
+Every datagram starts with one kind byte:
+
+    HELLO  'H' version(1) nonce(8) length(1) service(length) zero padding
+    OK     'O' nonce(8) session(8)
+    NO     'N' nonce(8) reason (UTF-8, as much as fits)
+    DATA   'D' session(8) sequence(8, big-endian) message payload
+    CLOSE  'C' session(8)
+
+A HELLO is padded to at least L{HELLO_SIZE} bytes, so that the answer to it
+(an OK, or a NO cut to fit) is never larger than the request: the server
+answers nothing else that is not already bound to a session, so udpd
+cannot be used to amplify a spoofed datagram.  docs/protocol.rst describes
+the exchange.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+VERSION = 1
+# The largest UDP payload over IPv4 (65,535 - 8 UDP - 20 IP header bytes).
+MAX_UDP_PAYLOAD = 65507
+# Every HELLO is at least this long; shorter ones are not answered.
+HELLO_SIZE = 300
+ID_SIZE = 8  # session ids and nonces: 64 random bits
+
+HELLO, OK, NO, DATA, CLOSE = b"H", b"O", b"N", b"D", b"C"
+
+_HELLO = struct.Struct("!cB8sB")
+_OK = struct.Struct("!c8s8s")
+_NO = struct.Struct("!c8s")
+_DATA = struct.Struct("!c8sQ")
+_CLOSE = struct.Struct("!c8s")
+
+DATA_HEADER_SIZE = _DATA.size
+OK_SIZE = _OK.size
+
+
+class Malformed(ValueError):
+    """Not a udpd datagram (garbage, truncated, unknown kind or version)."""
+
+
+@dataclass(frozen=True)
+class Hello:
+    nonce: bytes
+    service: bytes
+
+
+@dataclass(frozen=True)
+class Accepted:
+    nonce: bytes
+    session: bytes
+
+
+@dataclass(frozen=True)
+class Refusal:
+    nonce: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class Data:
+    session: bytes
+    sequence: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Close:
+    session: bytes
+
+
+Datagram = Hello | Accepted | Refusal | Data | Close
+
+
+def hello(nonce: bytes, service: bytes) -> bytes:
+    """A HELLO for C{service}, padded to L{HELLO_SIZE}."""
+    if len(nonce) != ID_SIZE or not 0 < len(service) <= 255:
+        raise ValueError("a nonce of 8 bytes and a service name of 1-255 bytes")
+    head = _HELLO.pack(HELLO, VERSION, nonce, len(service)) + service
+    return head.ljust(HELLO_SIZE, b"\0")
+
+
+def accepted(nonce: bytes, session: bytes) -> bytes:
+    return _OK.pack(OK, nonce, session)
+
+
+def refusal(nonce: bytes, reason: str, limit: int) -> bytes:
+    """A NO of at most C{limit} bytes: the reason is cut to fit."""
+    room = max(0, limit - _NO.size)
+    text = reason.encode("utf-8", "replace")[:room]
+    return _NO.pack(NO, nonce) + text.decode("utf-8", "ignore").encode("utf-8")
+
+
+def data(session: bytes, sequence: int, payload: bytes) -> bytes:
+    return _DATA.pack(DATA, session, sequence) + payload
+
+
+def close(session: bytes) -> bytes:
+    return _CLOSE.pack(CLOSE, session)
+
+
+def decode(datagram: bytes) -> Datagram:
+    """The datagram as a value; L{Malformed} when it is not one of udpd's."""
+    kind = datagram[:1]
+    try:
+        if kind == DATA:
+            _, session, sequence = _DATA.unpack_from(datagram)
+            return Data(session, sequence, datagram[_DATA.size :])
+        if kind == HELLO:
+            return _decode_hello(datagram)
+        if kind == OK:
+            if len(datagram) != _OK.size:
+                raise Malformed(f"an OK of {len(datagram)} bytes")
+            _, nonce, session = _OK.unpack(datagram)
+            return Accepted(nonce, session)
+        if kind == NO:
+            _, nonce = _NO.unpack_from(datagram)
+            reason = datagram[_NO.size :].decode("utf-8", "replace")
+            return Refusal(nonce, reason)
+        if kind == CLOSE:
+            if len(datagram) != _CLOSE.size:
+                raise Malformed(f"a CLOSE of {len(datagram)} bytes")
+            return Close(_CLOSE.unpack(datagram)[1])
+    except struct.error:
+        raise Malformed(f"a truncated datagram of {len(datagram)} bytes") from None
+    raise Malformed(f"unknown datagram kind {kind!r}")
+
+
+def _decode_hello(datagram: bytes) -> Hello:
+    if len(datagram) < HELLO_SIZE:
+        # Not answered: an answer could be larger than the request.
+        raise Malformed(f"a HELLO of {len(datagram)} bytes (at least {HELLO_SIZE})")
+    _, version, nonce, length = _HELLO.unpack_from(datagram)
+    if version != VERSION:
+        raise Malformed(f"a HELLO of version {version}")
+    service = datagram[_HELLO.size : _HELLO.size + length]
+    if length == 0 or datagram[_HELLO.size + length :].strip(b"\0"):
+        raise Malformed("a HELLO with a bad service field")
+    return Hello(nonce, service)
+
+
+class ReceiveWindow:
+    """
+    Which sequence numbers a session has received: a new one is accepted
+    once; a repeat (a duplicate) or one older than the last C{size} is not.
+    C{lost} counts the numbers not (yet) received below the highest seen.
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self.top = -1  # the highest sequence number accepted
+        self.seen = 0  # bit i: top - i was accepted
+        self.accepted = 0
+
+    def accept(self, sequence: int) -> bool:
+        if sequence > self.top:
+            shift = sequence - self.top
+            self.seen = ((self.seen << shift) | 1) & ((1 << self.size) - 1)
+            self.top = sequence
+        else:
+            offset = self.top - sequence
+            if offset >= self.size or self.seen >> offset & 1:
+                return False
+            self.seen |= 1 << offset
+        self.accepted += 1
+        return True
+
+    @property
+    def lost(self) -> int:
+        return self.top + 1 - self.accepted
