@@ -47,6 +47,7 @@ from ipcd.names import (
     socket_path,
     validate_service_name,
 )
+from ipcd.owninodes import RundirInodes
 from ipcd.policy import Decision, decide, find_grant
 from ipcd.resolution import (
     LocalTarget,
@@ -158,6 +159,8 @@ class Broker:
         # Each listener's connection limits, by listener name.
         self.limits: dict[str, ConnectionLimits] = {}
         self._fixed_inodes: set[tuple[int, int]] | None = None
+        # Other daemons' socket inodes, while RUNDIR is unchanged.
+        self._other_inodes = RundirInodes()
         self._names_cache: Any = None
         self._plans: dict[bytes, tuple[Config, str, Any]] = {}
         # Local clients' identity labels, by uid and gid.
@@ -175,6 +178,7 @@ class Broker:
         self._config = config
         self.labels.max_age = config.label_cache_max_age
         self.labels.clear()
+        self._other_inodes.clear()
         for limits in self.limits.values():
             limits.max_total = config.max_connections
             limits.max_per_peer = config.max_connections_per_peer
@@ -429,11 +433,12 @@ class Broker:
         own, _in_process, others = self._names()
         if self._fixed_inodes is None:
             return self._inodes(own)
-        # Other daemons (external ones) restart on their own: looked up each
-        # time.
         if not others:
             return self._fixed_inodes
-        return self._fixed_inodes | self._inodes(others)
+        # Other daemons (external ones, and registered ones not running
+        # here) come and go on their own: their inodes are looked up again
+        # whenever RUNDIR has changed since (RundirInodes).
+        return self._other_inodes(self.config.rundir, others, self._fixed_inodes)
 
     def _inodes(self, names: Any) -> set[tuple[int, int]]:
         inodes = set()

@@ -1,0 +1,167 @@
+"""
+L{ipcd.owninodes}: daemons' socket inodes cached while RUNDIR is unchanged,
+and looked up again as soon as it changes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from ipcd.broker import Broker, _Event
+from ipcd.config import Config
+from ipcd.errors import Refused
+from ipcd.owninodes import RundirInodes
+from ipcd.resolution import LocalTarget
+from ipcd.test.test_names import short_tempdir
+
+# A RUNDIR modification time long settled, and "now", in nanoseconds.
+OLD = 1_000_000_000_000_000_000
+NOW = OLD + 10 * 10**9
+
+
+class RundirInodesTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.rundir = short_tempdir(self)
+        self.now = NOW
+        self.inodes = RundirInodes(settled=1.0, now_ns=lambda: self.now)
+        self.names = frozenset({"ext", "udp"})
+        self.base: set[tuple[int, int]] = {(1, 2)}
+        self.sockets: list[socket.socket] = []
+
+    def tearDown(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+    def at(self, name: str) -> str:
+        return os.path.join(self.rundir, name)
+
+    def bind(self, path: str) -> tuple[int, int]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sockets.append(sock)
+        sock.bind(path)
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    def age(self, mtime: int = OLD) -> None:
+        """Set RUNDIR's modification time (as if changed at C{mtime})."""
+        os.utime(self.rundir, ns=(mtime, mtime))
+
+    def get(self) -> set[tuple[int, int]]:
+        return self.inodes(self.rundir, self.names, self.base)
+
+    def test_lookedUp(self) -> None:
+        """The sockets present, and the base; absent names are skipped."""
+        ext = self.bind(self.at("ext"))
+        self.assertEqual(self.get(), {(1, 2), ext})
+
+    def test_socketAppears(self) -> None:
+        """A daemon's socket bound after the cache was filled is seen at once."""
+        self.age()
+        self.assertEqual(self.get(), {(1, 2)})
+        ext = self.bind(self.at("ext"))
+        self.assertEqual(self.get(), {(1, 2), ext})
+
+    def test_socketReplaced(self) -> None:
+        """A daemon that restarts (a new inode) is seen at once."""
+        old = self.bind(self.at("ext"))
+        self.age()
+        self.assertEqual(self.get(), {(1, 2), old})
+        os.unlink(self.at("ext"))
+        self.sockets.pop().close()
+        new = self.bind(self.at("ext"))
+        self.assertEqual(self.get(), {(1, 2), new})
+
+    def test_cachedWhileUnchanged(self) -> None:
+        """
+        Unchanged (here: made to look unchanged) RUNDIR: not looked up again.
+        """
+        ext = self.bind(self.at("ext"))
+        self.age()
+        self.assertEqual(self.get(), {(1, 2), ext})
+        os.unlink(self.at("ext"))
+        self.age()
+        self.assertEqual(self.get(), {(1, 2), ext})
+
+    def test_recentChangeNotCached(self) -> None:
+        """
+        A RUNDIR changed less than C{settled} seconds ago is looked up again
+        each time: a change within the same clock tick could leave its time
+        unchanged.
+        """
+        self.now = OLD + 5 * 10**8
+        self.age()
+        self.assertEqual(self.get(), {(1, 2)})
+        ext = self.bind(self.at("ext"))
+        self.age()  # the same tick
+        self.assertEqual(self.get(), {(1, 2), ext})
+
+    def test_symlinkNeverCached(self) -> None:
+        """
+        A name that is a link is followed each time: its target can change
+        without RUNDIR changing.
+        """
+        elsewhere = short_tempdir(self)
+        os.symlink(os.path.join(elsewhere, "ext.sock"), self.at("ext"))
+        old = self.bind(os.path.join(elsewhere, "ext.sock"))
+        self.age()
+        self.assertEqual(self.get(), {(1, 2), old})
+        os.unlink(os.path.join(elsewhere, "ext.sock"))
+        new = self.bind(os.path.join(elsewhere, "ext.sock"))
+        self.assertEqual(self.get(), {(1, 2), new})
+
+    def test_newNamesOrBase(self) -> None:
+        """A new configuration's names, or a new base set, are looked up."""
+        ext = self.bind(self.at("ext"))
+        other = self.bind(self.at("other"))
+        self.age()
+        self.assertEqual(self.get(), {(1, 2), ext})
+        self.names = frozenset({"other"})
+        self.assertEqual(self.get(), {(1, 2), other})
+        self.base = {(3, 4)}
+        self.assertEqual(self.get(), {(3, 4), other})
+
+    def test_clear(self) -> None:
+        ext = self.bind(self.at("ext"))
+        self.age()
+        self.get()
+        os.unlink(self.at("ext"))
+        self.age()
+        self.inodes.clear()
+        self.assertEqual(self.get(), {(1, 2)})
+        self.assertNotIn(ext, self.get())
+
+    def test_namesStayInRundir(self) -> None:
+        """A name that is no service name is not looked up anywhere."""
+        self.bind(os.path.join(self.rundir, "sock"))
+        self.names = frozenset({"../x", "a/b"})
+        self.assertEqual(self.get(), {(1, 2)})
+
+
+class BrokerOwnInodesTests(SynchronousTestCase):
+    """An external daemon's socket is refused under another name, at once."""
+
+    def test_externalDaemonStarts(self) -> None:
+        rundir = short_tempdir(self)
+        broker = Broker(Config(rundir=rundir, external_daemons=("ext",)), None)
+        ipc = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(ipc.close)
+        ipc.bind(os.path.join(rundir, "ipc"))
+        broker.own_sockets_listening()
+        os.utime(rundir, ns=(OLD, OLD))
+        # The daemon is not running yet: nothing else is own.
+        broker._own_inodes()
+        ext = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(ext.close)
+        ext.bind(os.path.join(rundir, "ext"))
+        alias = os.path.join(rundir, "alias")
+        os.link(os.path.join(rundir, "ext"), alias)
+        event = _Event("in", None, "alias")  # type: ignore[arg-type]
+        error = self.assertRaises(
+            Refused, broker._open_local, event, LocalTarget("alias", alias)
+        )
+        self.assertEqual(
+            str(error), f"{alias} is ipcd's own socket, never a lookup target"
+        )
