@@ -163,6 +163,7 @@ class Broker:
         self._other_inodes = RundirInodes()
         self._names_cache: Any = None
         self._plans: dict[bytes, tuple[Config, str, Any]] = {}
+        self._said: dict[Any, dict[str, Any]] = {}
         # Local clients' identity labels, by uid and gid.
         self.labels = LabelCache(config.label_cache_max_age)
         self.config = config
@@ -453,33 +454,24 @@ class Broker:
     def _record(self, event: _Event, target: Target | None, outcome: str) -> None:
         """One structured log event per decision: who, what, rule, outcome."""
         decision = event.decision
-        verdict = "not policed" if decision is None else str(decision)
-        if event.access is not None:
-            verdict = f"{verdict}; {event.access}"
-        # A refusal's reason already says the verdict: do not say it twice.
-        said = verdict in outcome
+        # What depends on the request rather than on the client (service,
+        # target, decision, outcome) is worked out once per distinct request:
+        # clients ask the same again and again.
+        key = (event.direction, event.service, target, decision, event.access, outcome)
+        said = self._said.get(key)
+        if said is None:
+            said = _decided_fields(event, target, outcome)
+            if len(self._said) >= _MAX_SAID:
+                self._said.clear()
+            self._said[key] = said
         # Logger.info's event, built here: one per lookup.
         log = self.log
-        fields = dict(
-            direction=event.direction,
-            service=printable(event.service),
-            who=printable(str(event.who)),
-            labels=sorted(event.labels),
-            target=None if target is None else printable(str(target)),
-            verdict=verdict,
-            access=event.access,
-            rule=None
-            if decision is None or decision.rule is None
-            else str(decision.rule),
-            allowed=None if decision is None else decision.allowed,
-            outcome=printable(outcome),
-            log_logger=log,
-            log_level=LogLevel.info,
-            log_namespace=log.namespace,
-            log_source=log.source,
-            log_format=_DECIDED if said else _DECIDED_VERDICT,
-            log_time=time.time(),
-        )
+        fields = said.copy()
+        fields["who"] = printable(str(event.who))
+        fields["labels"] = sorted(event.labels)
+        fields["log_logger"] = log
+        fields["log_source"] = log.source
+        fields["log_time"] = time.time()
         log.observer(fields)
 
     def transport_for(self, scheme: str) -> IOutbound:
@@ -512,6 +504,34 @@ class Broker:
 
 _DECIDED = "{direction} {service!r} for {who} -> {target}: {outcome}"
 _DECIDED_VERDICT = _DECIDED + " ({verdict})"
+# Distinct requests whose log fields are kept; past this many, all are
+# forgotten.
+_MAX_SAID = 256
+
+
+def _decided_fields(
+    event: _Event, target: Target | None, outcome: str
+) -> dict[str, Any]:
+    """The fields of a decision's log event that do not name the client."""
+    decision = event.decision
+    verdict = "not policed" if decision is None else str(decision)
+    if event.access is not None:
+        verdict = f"{verdict}; {event.access}"
+    # A refusal's reason already says the verdict: do not say it twice.
+    said = verdict in outcome
+    return dict(
+        direction=event.direction,
+        service=printable(event.service),
+        target=None if target is None else printable(str(target)),
+        verdict=verdict,
+        access=event.access,
+        rule=None if decision is None or decision.rule is None else str(decision.rule),
+        allowed=None if decision is None else decision.allowed,
+        outcome=printable(outcome),
+        log_level=LogLevel.info,
+        log_namespace=Broker.log.namespace,
+        log_format=_DECIDED if said else _DECIDED_VERDICT,
+    )
 
 
 @dataclass

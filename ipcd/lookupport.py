@@ -15,6 +15,7 @@ a descriptor is given to C{close_later} (L{HandedOver}) rather than closed.
 
 from __future__ import annotations
 
+import _socket
 import socket
 from collections import deque
 from typing import Any
@@ -23,6 +24,7 @@ from twisted.internet import unix
 from twisted.logger import Logger
 
 _log = Logger()
+_RawSocket = _socket.socket
 _FAMILY = socket.AF_UNIX
 _TYPE = socket.SOCK_STREAM
 
@@ -127,9 +129,11 @@ class LookupPort(unix.Port):
                     super().doRead()
                     return
                 accepted += 1
-                # What socket.accept() makes of it, without looking up the
-                # family and type of the listener each time.
-                self._serve(socket.socket(_FAMILY, _TYPE, 0, fd), addr)
+                # The C socket object, not socket.socket's Python wrapper
+                # (whose creation and close cost more than the rest of the
+                # socket's life on this path); the usual wrapper is made if
+                # a transport is to have it.
+                self._serve(_RawSocket(_FAMILY, _TYPE, 0, fd), addr)
         except BaseException:
             _log.failure("accepting on {port}", port=self.port)
         if accepted == self.numberAccepts:
@@ -146,6 +150,7 @@ class LookupPort(unix.Port):
             return
         if resume is None:
             return
+        skt = socket.socket(_FAMILY, _TYPE, 0, skt.detach())
         protocol = self.factory.buildProtocol(self._buildAddr(addr))
         if protocol is None:
             skt.close()
