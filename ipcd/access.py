@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -145,11 +146,7 @@ def open_socket(
                 continue
             os.close(fd)
             fd, st = child, child_st
-        if not stat.S_ISSOCK(st.st_mode):
-            raise Refused(f"{path} is not a socket")
-        if who is not None and not permitted(st, who, WRITE):
-            raise _denied(who, path)
-        opened = OpenedSocket(fd, st, via_symlink)
+        opened = _socket_at(path, fd, st, who, via_symlink)
         fd = -1
         return opened
     finally:
@@ -157,7 +154,129 @@ def open_socket(
             os.close(fd)
 
 
+def _socket_at(
+    path: str, fd: int, st: os.stat_result, who: Credentials | None, via_symlink: bool
+) -> OpenedSocket:
+    """The walk's end, C{fd}: a socket C{who} may write to, or refused."""
+    if not stat.S_ISSOCK(st.st_mode):
+        raise Refused(f"{path} is not a socket")
+    if who is not None and not permitted(st, who, WRITE):
+        raise _denied(who, path)
+    return OpenedSocket(fd, st, via_symlink)
+
+
 def _denied(who: Credentials, path: str) -> AccessDenied:
     # The same answer for a directory and the socket: no more is told than
     # the client's own connect() would tell it.
     return AccessDenied(f"permission denied: {who} may not connect to {path}")
+
+
+# Seconds before a directory that could not be held is tried again.
+_RETRY = 1.0
+
+
+class HeldDirectories:
+    """
+    L{open_socket} for a client, without opening every directory above the
+    socket on every lookup: the directories from C{/} down to C{directory}
+    (RUNDIR) are held open (C{O_PATH}), and each lookup of a socket in
+    C{directory} re-checks every step of the walk from them: one C{fstatat}
+    per directory instead of an open, a C{fstat} and a close.
+
+    Each step is checked as L{open_socket} checks it, at the moment of the
+    lookup: the name in the directory above still leads to the very inode
+    held (a directory renamed, replaced or mounted over does not), and that
+    inode's mode, owner and group, as they are now, let the client search
+    it.  Anything else (a name gone or leading to another inode, a symbolic
+    link or C{.} or C{..} on the way, a socket elsewhere) goes the uncached
+    way, and a chain that no longer holds is let go (and taken again at the
+    next lookup).  L{close} lets every directory go.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._root = -1
+        # ((name, fd, device, inode), ...) from "/" down to the directory.
+        self._chain: tuple[tuple[str, int, int, int], ...] | None = None
+        self._failed_at: float | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._chain is not None
+
+    def hold(self) -> bool:
+        """Open the directories now, if the path allows; whether it did."""
+        if self._chain is not None:
+            return True
+        # A path that cannot be held (a link on the way, say) is tried again
+        # at most once a second, not on every lookup.
+        now = time.monotonic()
+        if self._failed_at is not None and now - self._failed_at < _RETRY:
+            return False
+        self._failed_at = now
+        names = self.directory.split("/")
+        if names[0] != "" or any(name in ("", ".", "..") for name in names[1:]):
+            return False
+        chain: list[tuple[str, int, int, int]] = []
+        root = os.open("/", _OPEN_FLAGS | os.O_DIRECTORY)
+        parent = root
+        try:
+            for name in names[1:]:
+                fd = os.open(name, _OPEN_FLAGS, dir_fd=parent)
+                chain.append((name, fd, -1, -1))
+                st = os.fstat(fd)
+                if not stat.S_ISDIR(st.st_mode):  # a link, or no directory
+                    raise NotADirectoryError
+                chain[-1] = (name, fd, st.st_dev, st.st_ino)
+                parent = fd
+        except OSError:
+            for _name, fd, _dev, _ino in chain:
+                os.close(fd)
+            os.close(root)
+            return False
+        self._root = root
+        self._chain = tuple(chain)
+        self._failed_at = None
+        return True
+
+    def close(self) -> None:
+        """Close every held directory."""
+        for _name, fd, _dev, _ino in self._chain or ():
+            os.close(fd)
+        self._chain = None
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1
+
+    def open_socket(self, path: str, who: Credentials) -> OpenedSocket:
+        """L{open_socket}C{(path, who)}, with the same answer."""
+        head, _, last = path.rpartition("/")
+        if head != self.directory or last in ("", ".", "..") or not self.hold():
+            return open_socket(path, who)
+        parent = self._root
+        st = os.fstat(parent)
+        for name, fd, dev, ino in self._chain:  # type: ignore[union-attr]
+            if not permitted(st, who, SEARCH):
+                raise _denied(who, path)
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except OSError:
+                self.close()
+                return open_socket(path, who)
+            if st.st_ino != ino or st.st_dev != dev:
+                self.close()
+                return open_socket(path, who)
+            parent = fd
+        if not permitted(st, who, SEARCH):
+            raise _denied(who, path)
+        child = os.open(last, _OPEN_FLAGS, dir_fd=parent)
+        try:
+            st = os.fstat(child)
+            if not (stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                return _socket_at(path, child, st, who, False)
+        except BaseException:
+            os.close(child)
+            raise
+        # A link is followed, a directory walked into, the uncached way.
+        os.close(child)
+        return open_socket(path, who)

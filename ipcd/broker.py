@@ -33,7 +33,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from ipcd.access import AccessDenied, OpenedSocket, open_socket
+from ipcd.access import AccessDenied, HeldDirectories, OpenedSocket, open_socket
 from ipcd.config import Config
 from ipcd.daemons import BoundOutbound, IOutbound, settings_of
 from ipcd.errors import Refused
@@ -161,6 +161,9 @@ class Broker:
         self._fixed_inodes: set[tuple[int, int]] | None = None
         # Other daemons' socket inodes, while RUNDIR is unchanged.
         self._other_inodes = RundirInodes()
+        # RUNDIR and the directories above it, held open while ipcd's own
+        # sockets listen (a fixed number of descriptors).
+        self._held: HeldDirectories | None = None
         self._names_cache: Any = None
         self._plans: dict[bytes, tuple[Config, str, Any]] = {}
         self._said: dict[Any, dict[str, Any]] = {}
@@ -180,6 +183,8 @@ class Broker:
         self.labels.max_age = config.label_cache_max_age
         self.labels.clear()
         self._other_inodes.clear()
+        if self._held is not None:
+            self._hold_rundir(True)
         for limits in self.limits.values():
             limits.max_total = config.max_connections
             limits.max_per_peer = config.max_connections_per_peer
@@ -371,7 +376,11 @@ class Broker:
         try:
             if who is None:
                 raise AccessDenied("permission denied: the client's uid is unknown")
-            opened = open_socket(target.path, who)
+            held = self._held
+            if held is not None:
+                opened = held.open_socket(target.path, who)
+            else:
+                opened = open_socket(target.path, who)
             event.access = "the client may connect itself"
             return opened
         except AccessDenied as denied:
@@ -427,8 +436,18 @@ class Broker:
         are fixed while it runs, so they need not be looked up per lookup.
         """
         self._fixed_inodes = None
+        self._hold_rundir(listening)
         if listening:
             self._fixed_inodes = self._inodes(self._in_process_names())
+
+    def _hold_rundir(self, hold: bool) -> None:
+        """Let RUNDIR's directories go; hold them again if C{hold}."""
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+        if hold:
+            self._held = HeldDirectories(self._config.rundir)
+            self._held.hold()
 
     def _own_inodes(self) -> set[tuple[int, int]]:
         own, _in_process, others = self._names()

@@ -1,0 +1,174 @@
+"""
+L{ipcd.access.HeldDirectories}: the walk from held directories gives what
+L{ipcd.access.open_socket} gives, as things are at the moment of each
+lookup; a chain that no longer holds is let go, and no descriptor leaks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from ipcd.access import AccessDenied, Credentials, HeldDirectories, open_socket
+from ipcd.errors import Refused
+from ipcd.test.test_names import short_tempdir
+
+ALICE = Credentials(61001, 61001)
+
+
+def _fds() -> list[str]:
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+class HeldDirectoriesTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.base = short_tempdir(self)
+        os.chmod(self.base, 0o755)
+        self.rundir = os.path.join(self.base, "run")
+        os.mkdir(self.rundir, 0o755)
+        self.sockets: list[socket.socket] = []
+        self.inode = self.bind(os.path.join(self.rundir, "s"))
+        self.before = _fds()
+        self.held = HeldDirectories(self.rundir)
+        self.addCleanup(self.held.close)
+
+    def tearDown(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+    def bind(self, path: str, mode: int = 0o666) -> int:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sockets.append(sock)
+        sock.bind(path)
+        os.chmod(path, mode)
+        return os.stat(path).st_ino
+
+    def at(self, name: str) -> str:
+        return os.path.join(self.rundir, name)
+
+    def reaches(self, path: str, inode: int, who: Credentials = ALICE) -> None:
+        """Both ways reach C{inode} at C{path}."""
+        for opened in (self.held.open_socket(path, who), open_socket(path, who)):
+            try:
+                self.assertEqual(opened.inode[1], inode)
+            finally:
+                opened.close()
+
+    def refuses(
+        self, path: str, error: type[Exception], who: Credentials = ALICE
+    ) -> str:
+        """Both ways refuse C{path} with C{error}, saying the same."""
+        held = self.assertRaises(error, self.held.open_socket, path, who)
+        walked = self.assertRaises(error, open_socket, path, who)
+        self.assertEqual(str(held), str(walked))
+        return str(held)
+
+    def test_reached(self) -> None:
+        self.reaches(self.at("s"), self.inode)
+        self.assertTrue(self.held.held)
+        # The chain: "/", every directory down to RUNDIR.
+        depth = len(self.rundir.strip("/").split("/"))
+        self.assertEqual(len(_fds()), len(self.before) + depth + 1)
+        self.held.close()
+        self.assertEqual(_fds(), self.before)
+
+    def test_modeChangeSeenAtOnce(self) -> None:
+        """A directory above RUNDIR closed to the client: denied at once."""
+        self.reaches(self.at("s"), self.inode)
+        os.chmod(self.base, 0o700)
+        message = self.refuses(self.at("s"), AccessDenied)
+        self.assertIn("uid 61001 may not connect", message)
+        os.chmod(self.base, 0o755)
+        os.chmod(self.rundir, 0o750)
+        self.refuses(self.at("s"), AccessDenied)
+        os.chown(self.rundir, 0, 61001)
+        self.reaches(self.at("s"), self.inode)
+        os.chmod(self.at("s"), 0o644)
+        self.refuses(self.at("s"), AccessDenied)
+
+    def test_directoryReplaced(self) -> None:
+        """
+        RUNDIR renamed and another put in its place: the new one is walked,
+        as checked now, and the old one let go.
+        """
+        self.reaches(self.at("s"), self.inode)
+        os.rename(self.rundir, self.rundir + ".old")
+        os.mkdir(self.rundir, 0o700)
+        other = self.bind(self.at("s"))
+        self.refuses(self.at("s"), AccessDenied)
+        os.chmod(self.rundir, 0o755)
+        self.reaches(self.at("s"), other)
+        self.assertTrue(self.held.held)
+        self.held.close()
+        new_socket = str(self.sockets[-1].fileno())
+        self.assertEqual(set(_fds()), {*self.before, new_socket})
+
+    def test_ancestorReplacedByLink(self) -> None:
+        """A link in place of a directory above: followed, as the client would."""
+        self.reaches(self.at("s"), self.inode)
+        elsewhere = short_tempdir(self)
+        os.chmod(elsewhere, 0o700)
+        moved = os.path.join(elsewhere, "run")
+        os.rename(self.rundir, moved)
+        os.symlink(moved, self.rundir)
+        self.refuses(self.at("s"), AccessDenied)
+        os.chmod(elsewhere, 0o755)
+        self.reaches(self.at("s"), self.inode)
+        self.assertFalse(self.held.held)
+        self.held.close()
+        self.assertEqual(_fds(), self.before)
+
+    def test_sameAnswers(self) -> None:
+        """Missing, not a socket, a link, a subdirectory: as the walk says."""
+        self.refuses(self.at("missing"), FileNotFoundError)
+        with open(self.at("file"), "w"):
+            pass
+        self.refuses(self.at("file"), Refused)
+        os.mkdir(self.at("sub"), 0o755)
+        self.refuses(self.at("sub"), Refused)
+        inner = self.bind(os.path.join(self.at("sub"), "t"))
+        self.reaches(self.at("sub/t"), inner)
+        os.symlink("s", self.at("link"))
+        self.reaches(self.at("link"), self.inode)
+        self.assertTrue(self.held.open_socket(self.at("link"), ALICE).via_symlink)
+        os.symlink(self.at("sub"), self.at("dirlink"))
+        self.reaches(self.at("dirlink/t"), inner)
+        self.refuses(self.at("."), Refused)
+        self.refuses(self.at(".."), Refused)
+
+    def test_elsewhereUncached(self) -> None:
+        """A socket in another directory is walked the usual way."""
+        other = self.bind(os.path.join(self.base, "t"))
+        before = _fds()
+        self.reaches(os.path.join(self.base, "t"), other)
+        self.assertFalse(self.held.held)
+        self.assertEqual(_fds(), before)
+
+    def test_noLeakOnRefusals(self) -> None:
+        self.held.hold()
+        held = _fds()
+        with open(self.at("file"), "w"):
+            pass
+        for path, error in [
+            (self.at("missing"), FileNotFoundError),
+            (self.at("file"), Refused),
+        ]:
+            self.assertRaises(error, self.held.open_socket, path, ALICE)
+        os.chmod(self.at("s"), 0o600)
+        self.assertRaises(AccessDenied, self.held.open_socket, self.at("s"), ALICE)
+        self.assertEqual(_fds(), held)
+
+    def test_unholdable(self) -> None:
+        """A RUNDIR path through a link is never held, and still walked."""
+        link = os.path.join(self.base, "link")
+        os.symlink("run", link)
+        held = HeldDirectories(link)
+        self.addCleanup(held.close)
+        opened: Any = held.open_socket(os.path.join(link, "s"), ALICE)
+        opened.close()
+        self.assertEqual(opened.inode[1], self.inode)
+        self.assertFalse(held.held)
+        self.assertEqual(_fds(), self.before)
