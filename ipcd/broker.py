@@ -72,7 +72,8 @@ from ipcd.sockets import (
 from ipcd.transports.external import ExternalDaemon
 from ipcd.wire import HEADER, MessageProtocol, PartialMessageBudget
 
-# Lookup payloads whose plan is kept; past this many, all are forgotten.
+# Lookup payloads whose plan (and requests whose decision) is kept; past
+# this many, all are forgotten.
 _MAX_PLANS = 256
 
 # What serving a request gives, at once or later: the connected socket, a
@@ -167,6 +168,7 @@ class Broker:
         self._names_cache: Any = None
         self._plans: dict[bytes, tuple[Config, str, Any]] = {}
         self._said: dict[Any, dict[str, Any]] = {}
+        self._decisions: dict[Any, Decision] = {}
         # Local clients' identity labels, by uid and gid.
         self.labels = LabelCache(config.label_cache_max_age)
         self.config = config
@@ -180,6 +182,7 @@ class Broker:
         # A reload's limits apply to new connections at once, and a reload
         # shows group changes at once.
         self._config = config
+        self._decisions.clear()
         self.labels.max_age = config.label_cache_max_age
         self.labels.clear()
         self._other_inodes.clear()
@@ -282,8 +285,18 @@ class Broker:
         self, event: _Event, names: Sequence[str], extra: Sequence[str] = ()
     ) -> bool:
         """Apply the rules, once for this connection."""
-        event.labels = [*event.who.labels, *extra]
-        event.decision = decide(self.config.rules, event.direction, names, event.labels)
+        who = event.who.labels
+        event.labels = [*who, *extra]
+        # Deciding is pure: the same request from the same labels is decided
+        # once per configuration.
+        key = (event.direction, tuple(names), who, tuple(extra))
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = decide(self.config.rules, event.direction, names, event.labels)
+            if len(self._decisions) >= _MAX_PLANS:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        event.decision = decision
         if not event.decision.allowed:
             self.counters[str(event.decision)] += 1
         return event.decision.allowed
