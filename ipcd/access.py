@@ -199,6 +199,7 @@ class HeldDirectories:
         # ((name, fd, device, inode), ...) from "/" down to the directory.
         self._chain: tuple[tuple[str, int, int, int], ...] | None = None
         self._failed_at: float | None = None
+        self._directory_stat: os.stat_result | None = None
 
     @property
     def held(self) -> bool:
@@ -239,6 +240,14 @@ class HeldDirectories:
         self._failed_at = None
         return True
 
+    def take_directory_stat(self) -> os.stat_result | None:
+        """
+        The directory's stat as the last L{open_socket} call took it on its
+        walk, if it opened a socket that way (else C{None}); given once.
+        """
+        st, self._directory_stat = self._directory_stat, None
+        return st
+
     def close(self) -> None:
         """Close every held directory."""
         for _name, fd, _dev, _ino in self._chain or ():
@@ -250,6 +259,7 @@ class HeldDirectories:
 
     def open_socket(self, path: str, who: Credentials) -> OpenedSocket:
         """L{open_socket}C{(path, who)}, with the same answer."""
+        self._directory_stat = None
         head, _, last = path.rpartition("/")
         if head != self.directory or last in ("", ".", "..") or not self.hold():
             return open_socket(path, who)
@@ -269,11 +279,14 @@ class HeldDirectories:
             parent = fd
         if not permitted(st, who, SEARCH):
             raise _denied(who, path)
+        directory_stat = st
         child = os.open(last, _OPEN_FLAGS, dir_fd=parent)
         try:
             st = os.fstat(child)
             if not (stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                return _socket_at(path, child, st, who, False)
+                opened = _socket_at(path, child, st, who, False)
+                self._directory_stat = directory_stat
+                return opened
         except BaseException:
             os.close(child)
             raise

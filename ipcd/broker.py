@@ -379,7 +379,11 @@ class Broker:
             raise
         except OSError as e:
             raise Refused(f"cannot connect to service {name!r}: {e.strerror}")
-        if opened.inode in self._own_inodes():
+        held = self._held
+        rundir_stat = None
+        if held is not None and held.directory == self._config.rundir:
+            rundir_stat = held.take_directory_stat()
+        if opened.inode in self._own_inodes(rundir_stat):
             opened.close()
             raise Refused(f"{path} is ipcd's own socket, never a lookup target")
         return opened
@@ -462,7 +466,9 @@ class Broker:
             self._held = HeldDirectories(self._config.rundir)
             self._held.hold()
 
-    def _own_inodes(self) -> set[tuple[int, int]]:
+    def _own_inodes(
+        self, rundir_stat: os.stat_result | None = None
+    ) -> set[tuple[int, int]]:
         own, _in_process, others = self._names()
         if self._fixed_inodes is None:
             return self._inodes(own)
@@ -471,7 +477,9 @@ class Broker:
         # Other daemons (external ones, and registered ones not running
         # here) come and go on their own: their inodes are looked up again
         # whenever RUNDIR has changed since (RundirInodes).
-        return self._other_inodes(self.config.rundir, others, self._fixed_inodes)
+        return self._other_inodes(
+            self.config.rundir, others, self._fixed_inodes, rundir_stat
+        )
 
     def _inodes(self, names: Any) -> set[tuple[int, int]]:
         inodes = set()

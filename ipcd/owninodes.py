@@ -49,8 +49,19 @@ class RundirInodes:
         """Forget: the next call looks every name up."""
         self._key = None
 
-    def __call__(self, rundir: str, names: Set[str], base: set[Inode]) -> set[Inode]:
-        before = _stamp(rundir)
+    def __call__(
+        self,
+        rundir: str,
+        names: Set[str],
+        base: set[Inode],
+        rundir_stat: os.stat_result | None = None,
+    ) -> set[Inode]:
+        """
+        The inodes; C{rundir_stat}, when given, is RUNDIR's as it was just
+        taken for this lookup (by L{ipcd.access.HeldDirectories}), which
+        saves taking it again.
+        """
+        before = _stamp(rundir) if rundir_stat is None else _stamp_of(rundir_stat)
         # The sets are compared by identity: a new configuration (or set of
         # listening sockets) is a new set, and looks the names up again.
         key = (before, rundir, id(names), id(base))
@@ -84,7 +95,10 @@ class RundirInodes:
 
 def _stamp(rundir: str) -> tuple[int, int, int] | None:
     try:
-        st = os.stat(rundir)
+        return _stamp_of(os.stat(rundir))
     except OSError:
         return None
+
+
+def _stamp_of(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_dev, st.st_ino, st.st_mtime_ns

@@ -10,9 +10,11 @@ import socket
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from ipcd.access import Credentials, HeldDirectories
 from ipcd.broker import Broker, _Event
 from ipcd.config import Config
 from ipcd.errors import Refused
+from ipcd.identity import Peer
 from ipcd.owninodes import RundirInodes
 from ipcd.resolution import LocalTarget
 from ipcd.test.test_names import short_tempdir
@@ -143,25 +145,83 @@ class RundirInodesTests(SynchronousTestCase):
 class BrokerOwnInodesTests(SynchronousTestCase):
     """An external daemon's socket is refused under another name, at once."""
 
-    def test_externalDaemonStarts(self) -> None:
+    def daemon_starts(self, event: _Event) -> None:
         rundir = short_tempdir(self)
         broker = Broker(Config(rundir=rundir, external_daemons=("ext",)), None)
+        self.addCleanup(broker.own_sockets_listening, False)
         ipc = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(ipc.close)
         ipc.bind(os.path.join(rundir, "ipc"))
+        pong = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(pong.close)
+        pong.bind(os.path.join(rundir, "pong"))
         broker.own_sockets_listening()
         os.utime(rundir, ns=(OLD, OLD))
-        # The daemon is not running yet: nothing else is own.
-        broker._own_inodes()
+        # The daemon is not running yet: pong is reached (and the inodes of
+        # the daemons' sockets kept).
+        target = LocalTarget("pong", os.path.join(rundir, "pong"))
+        broker._open_local(event, target).close()
         ext = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(ext.close)
         ext.bind(os.path.join(rundir, "ext"))
         alias = os.path.join(rundir, "alias")
         os.link(os.path.join(rundir, "ext"), alias)
-        event = _Event("in", None, "alias")  # type: ignore[arg-type]
         error = self.assertRaises(
             Refused, broker._open_local, event, LocalTarget("alias", alias)
         )
         self.assertEqual(
             str(error), f"{alias} is ipcd's own socket, never a lookup target"
+        )
+
+    def test_remotePeer(self) -> None:
+        self.daemon_starts(_Event("in", Peer("10.0.0.1:5"), "alias"))
+
+    def test_localClient(self) -> None:
+        """Through the held directories, which give RUNDIR's stat."""
+        root = Peer("pid 1 uid 0", credentials=Credentials(0, 0))
+        self.daemon_starts(_Event("local", root, "alias"))
+
+
+class DirectoryStatTests(SynchronousTestCase):
+    """L{HeldDirectories.take_directory_stat}: this lookup's, once."""
+
+    def test_once(self) -> None:
+        rundir = short_tempdir(self)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(os.path.join(rundir, "s"))
+        held = HeldDirectories(rundir)
+        self.addCleanup(held.close)
+        held.open_socket(os.path.join(rundir, "s"), Credentials(0, 0)).close()
+        st = held.take_directory_stat()
+        assert st is not None
+        self.assertEqual(st.st_ino, os.stat(rundir).st_ino)
+        self.assertIsNone(held.take_directory_stat())
+        # A walk that failed gives none.
+        held.open_socket(os.path.join(rundir, "s"), Credentials(0, 0)).close()
+        self.assertRaises(
+            FileNotFoundError,
+            held.open_socket,
+            os.path.join(rundir, "missing"),
+            Credentials(0, 0),
+        )
+        self.assertIsNone(held.take_directory_stat())
+
+    def test_givenStatUsed(self) -> None:
+        """RundirInodes takes the stat it is given instead of its own."""
+        rundir = short_tempdir(self)
+        inodes = RundirInodes(now_ns=lambda: NOW)
+        os.utime(rundir, ns=(OLD, OLD))
+        names = frozenset({"ext"})
+        base: set[tuple[int, int]] = set()
+        settled = os.stat(rundir)
+        self.assertEqual(inodes(rundir, names, base, settled), set())
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(os.path.join(rundir, "ext"))
+        # The stat as it was: the kept answer.
+        self.assertEqual(inodes(rundir, names, base, settled), set())
+        st = os.stat(os.path.join(rundir, "ext"))
+        self.assertEqual(
+            inodes(rundir, names, base, os.stat(rundir)), {(st.st_dev, st.st_ino)}
         )
