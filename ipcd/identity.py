@@ -54,18 +54,25 @@ def peer_groups(sock: socket.socket | Any, uid: int, gid: int) -> frozenset[int]
     (what its own connect() would have been checked with); the group
     database only where the kernel cannot tell.
     """
+    raw = _peer_groups_raw(sock)
+    if raw is None:
+        return frozenset(_database_groups(uid, gid))
+    return frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
+
+
+def _peer_groups_raw(sock: socket.socket | Any) -> bytes | None:
+    """SO_PEERGROUPS as the kernel gives it; C{None} where it cannot."""
     size = 64
     while True:
         try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * 4)
+            return sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * 4)
         except OSError as e:
             if e.errno == errno.ERANGE and size < _MAX_GROUPS:
                 size = _MAX_GROUPS
                 continue
             if e.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
                 raise
-            return frozenset(_database_groups(uid, gid))
-        return frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
+            return None
 
 
 def _database_groups(uid: int, gid: int) -> list[int]:
@@ -126,6 +133,9 @@ class LabelCache:
         self._lookup = lookup if lookup is not None else local_labels
         self._check_interval = check_interval
         self._labels: dict[tuple[int, int], frozenset[str]] = {}
+        # local_peer's Peers by raw credentials: each holds labels of this
+        # cache, and is given again only while those are the labels given.
+        self.peers: dict[bytes, Peer] = {}
         self._filled = 0.0  # when the first entry of this generation came
         self._checked = float("-inf")
         self._stamps: tuple[Any, ...] | None = None
@@ -177,17 +187,36 @@ def local_peer(
 ) -> Peer:
     """
     The L{Peer} behind a connected AF_UNIX socket (or Twisted handle); its
-    labels from C{labels} (a L{LabelCache}), else from the databases.
+    labels from C{labels} (a L{LabelCache}, which also keeps the L{Peer}s it
+    was asked for), else from the databases.
     """
-    pid, uid, gid = credentials(sock)
-    who = Credentials(uid, gid, peer_groups(sock, uid, gid))
-    return Peer(
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    groups = _peer_groups_raw(sock)
+    found = (labels or local_labels)(uid, gid)
+    peers = getattr(labels, "peers", None)
+    # The same credentials and groups, and the very labels: the same Peer.
+    key = None if peers is None or groups is None else raw + groups
+    if key is not None:
+        peer = peers.get(key)
+        if peer is not None and peer.labels is found:
+            return peer
+    if groups is None:
+        supplementary = frozenset(_database_groups(uid, gid))
+    else:
+        supplementary = frozenset(struct.unpack(f"{len(groups) // 4}I", groups))
+    peer = Peer(
         f"pid {pid} uid {uid}",
-        (labels or local_labels)(uid, gid),
+        found,
         pid=pid,
         uid=uid,
-        credentials=who,
+        credentials=Credentials(uid, gid, supplementary),
     )
+    if key is not None:
+        if len(peers) >= _MAX_CACHED:
+            peers.clear()
+        peers[key] = peer
+    return peer
 
 
 def remote_peer(host: str, port: int) -> Peer:
