@@ -151,6 +151,9 @@ class Broker:
         transports: Mapping[str, IOutbound] | None = None,
     ) -> None:
         self.reactor = reactor
+        # The class's Logger bound to this broker once (Logger.__get__ makes
+        # a new one on every access, and one event is logged per lookup).
+        self.log = self.log
         # Outbound halves by scheme that take precedence over the protocol
         # daemons of the registry (config.registry): test doubles, say.
         self.transports: dict[str, IOutbound] = dict(transports or {})
