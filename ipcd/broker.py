@@ -170,7 +170,7 @@ class Broker:
         self._held: HeldDirectories | None = None
         self._names_cache: Any = None
         self._plans: dict[bytes, tuple[Config, str, Any]] = {}
-        self._said: dict[Any, dict[str, Any]] = {}
+        self._said: dict[Any, tuple[Any, ...]] = {}
         self._decisions: dict[Any, Decision] = {}
         # Local clients' identity labels, by uid and gid.
         self.labels = LabelCache(config.label_cache_max_age)
@@ -509,12 +509,25 @@ class Broker:
             self._said[key] = said
         # Logger.info's event, built here: one per lookup.
         log = self.log
-        fields = said.copy()
-        fields["who"] = printable(str(event.who))
-        fields["labels"] = sorted(event.labels)
-        fields["log_logger"] = log
-        fields["log_source"] = log.source
-        fields["log_time"] = time.time()
+        service, shown_target, verdict, rule, allowed, shown_outcome, fmt = said
+        fields = {
+            "direction": event.direction,
+            "service": service,
+            "who": printable(str(event.who)),
+            "labels": sorted(event.labels),
+            "target": shown_target,
+            "verdict": verdict,
+            "access": event.access,
+            "rule": rule,
+            "allowed": allowed,
+            "outcome": shown_outcome,
+            "log_logger": log,
+            "log_level": LogLevel.info,
+            "log_namespace": log.namespace,
+            "log_source": log.source,
+            "log_format": fmt,
+            "log_time": time.time(),
+        }
         log.observer(fields)
 
     def transport_for(self, scheme: str) -> IOutbound:
@@ -554,26 +567,25 @@ _MAX_SAID = 256
 
 def _decided_fields(
     event: _Event, target: Target | None, outcome: str
-) -> dict[str, Any]:
-    """The fields of a decision's log event that do not name the client."""
+) -> tuple[Any, ...]:
+    """
+    The fields of a decision's log event that do not depend on the client:
+    service, target, verdict, rule, allowed, outcome and format.
+    """
     decision = event.decision
     verdict = "not policed" if decision is None else str(decision)
     if event.access is not None:
         verdict = f"{verdict}; {event.access}"
     # A refusal's reason already says the verdict: do not say it twice.
     said = verdict in outcome
-    return dict(
-        direction=event.direction,
-        service=printable(event.service),
-        target=None if target is None else printable(str(target)),
-        verdict=verdict,
-        access=event.access,
-        rule=None if decision is None or decision.rule is None else str(decision.rule),
-        allowed=None if decision is None else decision.allowed,
-        outcome=printable(outcome),
-        log_level=LogLevel.info,
-        log_namespace=Broker.log.namespace,
-        log_format=_DECIDED if said else _DECIDED_VERDICT,
+    return (
+        printable(event.service),
+        None if target is None else printable(str(target)),
+        verdict,
+        None if decision is None or decision.rule is None else str(decision.rule),
+        None if decision is None else decision.allowed,
+        printable(outcome),
+        _DECIDED if said else _DECIDED_VERDICT,
     )
 
 
