@@ -13,6 +13,8 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.access import AccessDenied, Credentials, HeldDirectories, open_socket
+from ipcd.broker import Broker
+from ipcd.config import Config
 from ipcd.errors import Refused
 from ipcd.test.test_names import short_tempdir
 
@@ -172,3 +174,23 @@ class HeldDirectoriesTests(SynchronousTestCase):
         self.assertEqual(opened.inode[1], self.inode)
         self.assertFalse(held.held)
         self.assertEqual(_fds(), self.before)
+
+
+class BrokerHoldsRundirTests(SynchronousTestCase):
+    """The broker holds RUNDIR's directories while listening, and no longer."""
+
+    def test_heldWhileListening(self) -> None:
+        rundir = short_tempdir(self)
+        before = _fds()
+        broker = Broker(Config(rundir=rundir), None)
+        self.assertEqual(_fds(), before)
+        broker.own_sockets_listening()
+        held = len(_fds())
+        self.assertEqual(held, len(before) + len(rundir.strip("/").split("/")) + 1)
+        # A reload with another RUNDIR: that one's, as many.
+        other = short_tempdir(self)
+        broker.config = Config(rundir=other)
+        self.assertEqual(broker._held.directory, other)  # type: ignore[union-attr]
+        self.assertEqual(len(_fds()), held)
+        broker.own_sockets_listening(False)
+        self.assertEqual(_fds(), before)
