@@ -24,7 +24,9 @@ from typing import Any
 from twisted.internet.protocol import Factory
 
 from ipcd.relay import RelayStats, ended
-from ipcd.wire import MessageProtocol, encode
+from ipcd.transports.outbox import Outbox, socket_transport
+from ipcd.transports.wsframes import frame_ends
+from ipcd.wire import HEADER, MessageProtocol
 
 # How much a transport of a bridge holds before it pauses the other end
 # (Twisted's default is 64 KiB: one bulk message would pause at each write).
@@ -34,6 +36,9 @@ BRIDGE_BUFFER = 256 * 1024
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_TOO_BIG = 1009
+
+# Reads larger than this reach autobahn frame by frame (see wsframes).
+SPLIT_ABOVE = 4096
 
 
 class ReactorTimer:
@@ -71,13 +76,6 @@ def bridge_options(settings: Any) -> dict[str, Any]:
         "openHandshakeTimeout": settings["open_handshake_timeout"],
         "closeHandshakeTimeout": settings["close_handshake_timeout"],
     }
-
-
-def socket_transport(transport: Any) -> Any:
-    """The transport that owns the socket under C{transport}'s wrappers."""
-    while not hasattr(type(transport), "getHandle") and hasattr(transport, "transport"):
-        transport = transport.transport
-    return transport
 
 
 def no_delay(transport: Any) -> None:
@@ -126,6 +124,10 @@ class MessageSide(MessageProtocol):
         transport.registerProducer(websocket, True)
         websocket.registerProducer(transport, True)
 
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        super().dataReceived(data)
+        self.bridge.sendRelayed()  # the messages of this read, in one send
+
     def messageReceived(self, payload: bytes) -> None:  # noqa: N802
         self.bridge.stats.backward += len(payload)
         self.bridge.relayMessage(payload)
@@ -153,6 +155,10 @@ class WebSocketSide:
     bridges: set[WebSocketSide] | None = None  # the live ones, to stop them
     _closing = False
     _lostSides = 0
+    # What one read relays, each way: sent when the read is done.
+    _toSocket: Outbox | None = None
+    _toWebSocket: Outbox | None = None
+    _relaying = False  # autobahn's writes now are a relayed message's frames
 
     def joinSocket(  # noqa: N802
         self,
@@ -178,26 +184,94 @@ class WebSocketSide:
         side.idleTimeout = idle
         side.clock = reactor
         factory = Factory.forProtocol(lambda: side)  # type: ignore[arg-type]
+        self._toWebSocket = Outbox(self.transport)  # type: ignore[attr-defined]
         try:
             reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, factory)
         finally:
             sock.close()  # the reactor holds its own duplicate
         self.messageSide = side
+        self._toSocket = Outbox(side.transport)
+
+    # autobahn's per-message path, less what a bridge does not use: its
+    # Twisted adapter's dataReceived and its sendData format a debug line
+    # (click styles) for every read and write, logged or not, and its
+    # onMessageEnd fires the "message" event (a Deferred per message) for
+    # observers a bridge never has.  The protocol (framing and its checks,
+    # UTF-8 validation, masks, limits, pings, closes) stays autobahn's.
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if len(data) > SPLIT_ABOVE and self.state == self.STATE_OPEN:  # type: ignore[attr-defined]
+            self._frameByFrame(data)
+        else:
+            self._dataReceived(data)  # type: ignore[attr-defined]
+        outbox = self._toSocket
+        if outbox is not None and outbox.pieces:
+            self.messageSide.resetTimeout()  # type: ignore[union-attr]
+            outbox.send()
+
+    def _frameByFrame(self, data: bytes) -> None:
+        # Where the stream is, from autobahn's parser: inside a frame's
+        # payload (it holds none of it: it takes payload as it comes), or
+        # holding the start of the next header.
+        frame = self.current_frame  # type: ignore[attr-defined]
+        if frame is None:
+            ends = frame_ends(data, held=self.data)  # type: ignore[has-type]
+        else:
+            due = frame.length - self.current_frame_masker.pointer()  # type: ignore[attr-defined]
+            ends = frame_ends(data, rest=due)
+        start = 0
+        for end in ends:
+            self._dataReceived(data[start:end])  # type: ignore[attr-defined]
+            start = end
+        self._dataReceived(data[start:] if start else data)  # type: ignore[attr-defined]
+
+    def onMessageEnd(self) -> None:  # noqa: N802
+        if not self.failedByMe:  # type: ignore[attr-defined]
+            payload = b"".join(self.message_data)  # type: ignore[has-type]
+            self.onMessage(payload, self.message_is_binary)  # type: ignore[attr-defined]
+        self.message_data = None
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
         self.replyBinary = isBinary
-        side = self.messageSide
-        if side is not None and side.transport is not None:
+        outbox = self._toSocket
+        if outbox is not None and self.messageSide is not None:
             self.stats.forward += len(payload)
-            side.resetTimeout()
-            side.transport.write(encode(payload))
+            outbox.add(HEADER.pack(len(payload)), payload)  # one send: one write
 
     def relayMessage(self, payload: bytes) -> None:  # noqa: N802
         """A message from the libipc end: out as the peer's last type."""
         if self._closing or self.state != self.STATE_OPEN:  # type: ignore[attr-defined]
             return  # the WebSocket is closing: nobody to send it to
         binary = self.replyBinary or not as_text(payload)
-        self.sendMessage(payload, isBinary=binary)  # type: ignore[attr-defined]
+        self._relaying = True
+        try:
+            self.sendMessage(payload, isBinary=binary)  # type: ignore[attr-defined]
+        finally:
+            self._relaying = False
+
+    def sendRelayed(self) -> None:  # noqa: N802
+        """Send the frames of the messages relayed since the last call."""
+        if self._toWebSocket is not None:
+            self._toWebSocket.send()
+
+    def sendData(  # noqa: N802
+        self, data: bytes, sync: bool = False, chopsize: int | None = None
+    ) -> None:
+        outbox = self._toWebSocket
+        simple = not (sync or chopsize or self.send_queue or self.logOctets)  # type: ignore[attr-defined]
+        if outbox is not None and simple and self._relaying:
+            outbox.add(data)  # a relayed message's frame, sent with its read's
+        else:
+            self.sendRelayed()  # what was relayed before goes first
+            if not simple:
+                super().sendData(data, sync, chopsize)  # type: ignore[misc]
+                return
+            self.transport.write(data)  # type: ignore[attr-defined]
+        # autobahn's counters, as its sendData keeps them.
+        if self.state == self.STATE_OPEN:  # type: ignore[attr-defined]
+            self.trafficStats.outgoingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
+        else:
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
 
     def closeBridge(self, code: int, reason: str) -> None:  # noqa: N802
         """Close the WebSocket (a closing handshake, bounded by autobahn)."""
@@ -251,6 +325,8 @@ class WebSocketSide:
         side, self.messageSide = self.messageSide, None  # once
         if side is None:
             return  # never joined
+        if self._toSocket is not None:
+            self._toSocket.send()  # what the WebSocket delivered before it went
         if side.transport is not None:
             transport = side.transport
             if getattr(transport, "producer", None) is not None:
