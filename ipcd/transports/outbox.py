@@ -132,4 +132,3 @@ class Outbox:
         transport.writeSequence(pieces)
         if not self.direct and self.socket_transport is not None:
             flush(self.socket_transport)
-
