@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from typing import Any
 
 from twisted.internet import reactor
@@ -33,10 +34,12 @@ from ipcd.test.support import (
 from ipcd.test.wssupport import (
     BINARY,
     CLOSE,
+    PING,
     TEXT,
     close_code,
     make_ca,
     start_ws_host,
+    ws_frame,
     ws_message,
     ws_open,
     ws_send,
@@ -124,6 +127,55 @@ class InboundTests(TestCase):
             echo, self.host.port, [(b"", BINARY), (big, BINARY), (b"x", TEXT)]
         )
         self.assertEqual(replies, [(BINARY, b""), (BINARY, big), (TEXT, b"x")])
+
+    @inlineCallbacks
+    def test_streamCutAnywhere(self) -> Any:
+        """
+        Messages keep their bounds and order however the stream is cut
+        into reads: thousands of small messages in a few large writes, a
+        fragmented message with a ping between its frames, 64-bit lengths,
+        and writes that end inside a frame's header.
+        """
+        messages = [(os.urandom(i % 300), BINARY) for i in range(3000)]
+        messages[1000:1000] = [(b"x" * 70_000, TEXT), (os.urandom(66_000), BINARY)]
+        frames = [ws_frame(payload, opcode) for payload, opcode in messages]
+        fragmented = [
+            ws_frame(b"frag", TEXT, fin=False),
+            ws_frame(b"ping", PING),
+            ws_frame(b"men" * 3000, 0, fin=False),
+            ws_frame(b"ted", 0),
+        ]
+        frames[2000:2000] = fragmented
+        messages.insert(2000, (b"frag" + b"men" * 3000 + b"ted", TEXT))
+        stream = b"".join(frames)
+
+        def run() -> list[tuple[int, bytes]]:
+            opening = ws_open(self.host.port, "/pong")
+            sock = opening.sock
+            try:
+                self.assertEqual(opening.status, 101)
+                # Cuts that fall inside headers (1, 3 and 9 bytes in).
+                cuts = [0, 1, 3, 9, 5000, 5003, 70_001, 140_009]
+                cuts += range(200_000, len(stream), 150_001)
+                ends = [*cuts[1:], None]
+                pieces = [stream[a:b] for a, b in zip(cuts, ends, strict=True)]
+
+                def writer() -> None:
+                    for piece in pieces:
+                        sock.sendall(piece)
+
+                thread = threading.Thread(target=writer, daemon=True)
+                thread.start()
+                replies = [ws_message(sock) for _ in messages]
+                thread.join(TIMEOUT)
+                return replies
+            finally:
+                sock.close()
+
+        replies = yield deferToThread(run)
+        # (Each reply's type follows the client's latest message when it
+        # goes out, which pipelining leaves open: the payloads are the test.)
+        self.assertEqual([p for _, p in replies], [p for p, _ in messages])
 
     @inlineCallbacks
     def test_websocketcCommand(self) -> Any:

@@ -185,22 +185,28 @@ def ws_open(
     return Opening(sock, status, parts[2], headers)
 
 
-def ws_send(sock: socket.socket, payload: bytes, opcode: int = TEXT) -> None:
-    """Send one masked frame (a whole message)."""
+def ws_frame(payload: bytes, opcode: int = TEXT, fin: bool = True) -> bytes:
+    """One masked frame, as a client sends it."""
     mask = os.urandom(4)
     size = len(payload)
+    first = (0x80 if fin else 0) | opcode
     if size < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
+        head = struct.pack("!BB", first, 0x80 | size)
     elif size < 1 << 16:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
+        head = struct.pack("!BBH", first, 0x80 | 126, size)
     else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
+        head = struct.pack("!BBQ", first, 0x80 | 127, size)
     body = (
         bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         if size < 4096
         else (_mask_big(payload, mask))
     )
-    sock.sendall(head + mask + body)
+    return head + mask + body
+
+
+def ws_send(sock: socket.socket, payload: bytes, opcode: int = TEXT) -> None:
+    """Send one masked frame (a whole message)."""
+    sock.sendall(ws_frame(payload, opcode))
 
 
 def _mask_big(payload: bytes, mask: bytes) -> bytes:
