@@ -64,6 +64,33 @@ def echo(port: int, messages: list[tuple[bytes, int]], path: str = "/pong") -> A
         sock.close()
 
 
+def early_messages(port: int) -> list[bytes]:
+    """
+    Open /pong with two messages in the same write as the opening
+    handshake; their replies.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+    try:
+        handshake = (
+            f"GET /pong HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        sock.sendall(handshake + ws_frame(b"early", BINARY) + ws_frame(b"bird", TEXT))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            byte = sock.recv(1)
+            if not byte:
+                raise EOFError(f"closed during the handshake: {head!r}")
+            head += byte
+        if b" 101 " not in head:
+            raise AssertionError(head)
+        return [ws_message(sock)[1], ws_message(sock)[1]]
+    finally:
+        sock.close()
+
+
 def refusal(
     port: int, path: str, origin: str | None = None, host: str | None = None
 ) -> tuple[int, str]:
@@ -176,6 +203,15 @@ class InboundTests(TestCase):
         # (Each reply's type follows the client's latest message when it
         # goes out, which pipelining leaves open: the payloads are the test.)
         self.assertEqual([p for _, p in replies], [p for p, _ in messages])
+
+    @inlineCallbacks
+    def test_framesWithTheHandshake(self) -> Any:
+        """
+        Messages sent in the same write as the opening handshake (before
+        its answer) are relayed too, and their replies come back.
+        """
+        replies = yield deferToThread(early_messages, self.host.port)
+        self.assertEqual(replies, [b"early", b"bird"])
 
     @inlineCallbacks
     def test_websocketcCommand(self) -> Any:
@@ -532,6 +568,19 @@ class RouteTests(TestCase):
         big = os.urandom(500_000)
         answer = yield deferToThread(bounce, sock, big)
         self.assertEqual(answer, encode(big))
+
+    @inlineCallbacks
+    def test_framesWithAHandshakeThatWaits(self) -> Any:
+        """
+        A's pong is an admin route to B: A's opening handshake waits for
+        the WebSocket to B, and the messages that came with it still go
+        through, their replies back.
+        """
+        c = yield start_ws_host(
+            self, pongd=False, routes={"pong": self.b.route("pong")}
+        )
+        replies = yield deferToThread(early_messages, c.port)
+        self.assertEqual(replies, [b"early", b"bird"])
 
     @inlineCallbacks
     def test_remoteRefusalReachesTheClient(self) -> Any:

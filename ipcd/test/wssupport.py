@@ -49,6 +49,7 @@ def start_ws_host(
     pongd: bool = True,
     listen: str = WS_LISTEN,
     redirects: dict[str, str] | None = None,
+    routes: dict[str, str] | None = None,
     **websocketd: Any,
 ) -> Any:
     """Start an ipcd with websocketd (and pongd); stopped after the test."""
@@ -60,6 +61,7 @@ def start_ws_host(
         rules=list(rules),
         pongd={"enabled": pongd},
         redirects=redirects or {},
+        routes=routes or {},
     )
     service = yield start_ipcd(case, config)
     port = yield service.getServiceNamed("websocketd").listening()

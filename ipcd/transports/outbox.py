@@ -60,12 +60,14 @@ def _queued(transport: FileDescriptor) -> bool:
     no public word for this; its buffer attributes have not changed in
     years, and a transport without them is taken as holding some.)
     """
-    buffered = getattr(transport, "dataBuffer", b"?")
-    return bool(
-        getattr(transport, "_tempDataLen", 1)
-        or getattr(transport, "offset", 1) != len(buffered)
-        or getattr(transport, "_sendmsgQueue", None)
-    )
+    try:
+        return bool(
+            transport._tempDataLen
+            or transport.offset != len(transport.dataBuffer)
+            or getattr(transport, "_sendmsgQueue", None)  # AF_UNIX's only
+        )
+    except AttributeError:
+        return True
 
 
 def queued_nothing(transport: FileDescriptor) -> bool:
@@ -126,9 +128,9 @@ class Outbox:
                 # Full (EAGAIN), or broken: queued for the reactor, whose
                 # write meets the error too and closes the usual way.
                 sent = 0
-            pieces = unsent(pieces, sent)
-            if not pieces:
+            if sent == sum(map(len, pieces)):
                 return
+            pieces = unsent(pieces, sent)
         transport.writeSequence(pieces)
         if not self.direct and self.socket_transport is not None:
             flush(self.socket_transport)

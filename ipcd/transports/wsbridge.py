@@ -125,8 +125,13 @@ class MessageSide(MessageProtocol):
         websocket.registerProducer(transport, True)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        super().dataReceived(data)
-        self.bridge.sendRelayed()  # the messages of this read, in one send
+        bridge = self.bridge
+        bridge._inSocketRead = True
+        try:
+            super().dataReceived(data)
+        finally:
+            bridge._inSocketRead = False
+        bridge.sendRelayed()  # the messages of this read, in one send
 
     def messageReceived(self, payload: bytes) -> None:  # noqa: N802
         self.bridge.stats.backward += len(payload)
@@ -159,6 +164,9 @@ class WebSocketSide:
     _toSocket: Outbox | None = None
     _toWebSocket: Outbox | None = None
     _relaying = False  # autobahn's writes now are a relayed message's frames
+    # Within a read of either end: what it relays is sent at its end.
+    _inSocketRead = False
+    _inWebSocketRead = False
 
     def joinSocket(  # noqa: N802
         self,
@@ -200,10 +208,14 @@ class WebSocketSide:
     # UTF-8 validation, masks, limits, pings, closes) stays autobahn's.
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        if len(data) > SPLIT_ABOVE and self.state == self.STATE_OPEN:  # type: ignore[attr-defined]
-            self._frameByFrame(data)
-        else:
-            self._dataReceived(data)  # type: ignore[attr-defined]
+        self._inWebSocketRead = True
+        try:
+            if len(data) > SPLIT_ABOVE and self.state == self.STATE_OPEN:  # type: ignore[attr-defined]
+                self._frameByFrame(data)
+            else:
+                self._dataReceived(data)  # type: ignore[attr-defined]
+        finally:
+            self._inWebSocketRead = False
         outbox = self._toSocket
         if outbox is not None and outbox.pieces:
             self.messageSide.resetTimeout()  # type: ignore[union-attr]
@@ -237,6 +249,9 @@ class WebSocketSide:
         if outbox is not None and self.messageSide is not None:
             self.stats.forward += len(payload)
             outbox.add(HEADER.pack(len(payload)), payload)  # one send: one write
+            if not self._inWebSocketRead:  # frames that came with the handshake
+                self.messageSide.resetTimeout()
+                outbox.send()
 
     def relayMessage(self, payload: bytes) -> None:  # noqa: N802
         """A message from the libipc end: out as the peer's last type."""
@@ -248,6 +263,8 @@ class WebSocketSide:
             self.sendMessage(payload, isBinary=binary)  # type: ignore[attr-defined]
         finally:
             self._relaying = False
+        if not self._inSocketRead:
+            self.sendRelayed()
 
     def sendRelayed(self) -> None:  # noqa: N802
         """Send the frames of the messages relayed since the last call."""
