@@ -69,26 +69,12 @@ def early_messages(port: int) -> list[bytes]:
     Open /pong with two messages in the same write as the opening
     handshake; their replies.
     """
-    sock = socket.create_connection(("127.0.0.1", port), TIMEOUT)
-    try:
-        handshake = (
-            f"GET /pong HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-        sock.sendall(handshake + ws_frame(b"early", BINARY) + ws_frame(b"bird", TEXT))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            byte = sock.recv(1)
-            if not byte:
-                raise EOFError(f"closed during the handshake: {head!r}")
-            head += byte
-        if b" 101 " not in head:
-            raise AssertionError(head)
+    early = ws_frame(b"early", BINARY) + ws_frame(b"bird", TEXT)
+    opening = ws_open(port, "/pong", early=early)
+    with opening.sock as sock:
+        if opening.status != 101:
+            raise AssertionError((opening.status, opening.reason))
         return [ws_message(sock)[1], ws_message(sock)[1]]
-    finally:
-        sock.close()
 
 
 def refusal(

@@ -155,8 +155,12 @@ def ws_open(
     origin: str | None = None,
     host: str = "127.0.0.1",
     host_header: str | None = None,
+    early: bytes = b"",
 ) -> Opening:
-    """Connect and send an opening handshake; the socket and the answer."""
+    """
+    Connect and send an opening handshake (and C{early} bytes in the same
+    write); the socket and the answer.
+    """
     sock = socket.create_connection((host, port), timeout=TIMEOUT)
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
@@ -169,7 +173,7 @@ def ws_open(
     ]
     if origin is not None:
         lines.append(f"Origin: {origin}")
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + early)
     head = b""
     while b"\r\n\r\n" not in head:
         byte = sock.recv(1)
