@@ -27,13 +27,6 @@ from twisted.protocols.policies import ProtocolWrapper
 MAX_PIECES = 64
 
 
-def socket_transport(transport: Any) -> Any:
-    """The transport that owns the socket under C{transport}'s wrappers."""
-    while not hasattr(type(transport), "getHandle") and hasattr(transport, "transport"):
-        transport = transport.transport
-    return transport
-
-
 def _through_wrappers(transport: Any) -> Any:
     """
     C{transport} past the L{ProtocolWrapper}s that only pass writes on (a

@@ -10,10 +10,13 @@ protocol on the other end: its messages go to the libipc end framed.
 
 Backpressure both ways with Twisted's producers: each end's transport is
 the streaming producer of the other's, so a full write buffer on either
-side pauses reading on the other.  autobahn writes each message it is given
-straight to its transport, and hands over whole messages only (bounded by
-its C{maxMessagePayloadSize}), so neither side holds more than one message
-plus a transport's buffer.
+side pauses reading on the other.  autobahn hands over whole messages only
+(bounded by its C{maxMessagePayloadSize}), so neither side holds more than
+one read's messages plus a transport's buffer.
+
+The messages of one read go out together when the read is done, straight
+to the socket when its transport holds nothing (L{Outbox}): a relayed
+message costs no extra turn of the reactor.
 """
 
 from __future__ import annotations
@@ -24,13 +27,9 @@ from typing import Any
 from twisted.internet.protocol import Factory
 
 from ipcd.relay import RelayStats, ended
-from ipcd.transports.outbox import Outbox, socket_transport
+from ipcd.transports.outbox import Outbox
 from ipcd.transports.wsframes import frame_ends
 from ipcd.wire import HEADER, MessageProtocol
-
-# How much a transport of a bridge holds before it pauses the other end
-# (Twisted's default is 64 KiB: one bulk message would pause at each write).
-BRIDGE_BUFFER = 256 * 1024
 
 # WebSocket close codes (RFC 6455, 7.4.1).
 CLOSE_NORMAL = 1000
@@ -117,10 +116,11 @@ class MessageSide(MessageProtocol):
         super().makeConnection(transport)
         # Ours replace MessageProtocol's pauser: each end pauses the other.
         transport.unregisterProducer()
+        # Twisted's 64 KiB buffers: what each end reads at once, and holds
+        # before it pauses the other.  (Relayed messages go straight to the
+        # socket, so a bulk message does not pause at each write; reads of
+        # 256 KiB cost more than they save: large allocations each.)
         websocket = self.bridge.transport
-        for end in (transport, socket_transport(websocket)):
-            if hasattr(end, "bufferSize"):
-                end.bufferSize = BRIDGE_BUFFER
         transport.registerProducer(websocket, True)
         websocket.registerProducer(transport, True)
 
