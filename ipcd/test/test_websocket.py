@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from twisted.internet import reactor
@@ -35,6 +36,7 @@ from ipcd.test.wssupport import (
     BINARY,
     CLOSE,
     PING,
+    PONG,
     TEXT,
     close_code,
     make_ca,
@@ -42,6 +44,7 @@ from ipcd.test.wssupport import (
     ws_frame,
     ws_message,
     ws_open,
+    ws_recv,
     ws_send,
 )
 from ipcd.wire import MessageProtocol, encode, recv_message
@@ -404,6 +407,35 @@ class LimitTests(TestCase):
         self.addCleanup(second.sock.close)
         status = yield deferToThread(refusal, host.port, "/pong")
         self.assertEqual(status[0], 503)
+
+    @inlineCallbacks
+    def test_pingsBetweenMessages(self) -> Any:
+        """
+        websocketd pings between relayed messages; a client that answers
+        stays connected past many ping timeouts, its messages echoed.
+        """
+        host = yield start_ws_host(self, ping_interval=0.1, ping_timeout=0.3)
+
+        def run() -> tuple[int, list[bytes]]:
+            opening = ws_open(host.port, "/pong")
+            with opening.sock as sock:
+                pings, replies = 0, []
+                for i in range(15):
+                    ws_send(sock, b"%d" % i, BINARY)
+                    while True:
+                        opcode, payload = ws_recv(sock)
+                        if opcode == PING:
+                            pings += 1
+                            ws_send(sock, payload, PONG)
+                        else:
+                            replies.append(payload)
+                            break
+                    time.sleep(0.1)
+                return pings, replies
+
+        pings, replies = yield deferToThread(run)
+        self.assertEqual(replies, [b"%d" % i for i in range(15)])
+        self.assertGreaterEqual(pings, 3)
 
     @inlineCallbacks
     def test_clientThatStopsReading(self) -> Any:
