@@ -100,6 +100,7 @@ class Outbox:
         self.socket_transport = _socket_under(self.transport)
         # Straight to the socket unless TLS (or anything else) is between.
         self.direct = self.socket_transport is self.transport
+        self._socket = self.transport.getHandle() if self.direct else None
         self.pieces: list[bytes] = []
 
     def add(self, *pieces: bytes) -> None:
@@ -116,7 +117,7 @@ class Outbox:
         transport = self.transport
         if self.direct and queued_nothing(transport):
             try:
-                sent = transport.getHandle().sendmsg(pieces)
+                sent = self._socket.sendmsg(pieces)
             except OSError:
                 # Full (EAGAIN), or broken: queued for the reactor, whose
                 # write meets the error too and closes the usual way.

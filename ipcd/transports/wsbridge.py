@@ -218,8 +218,8 @@ class WebSocketSide:
             self._inWebSocketRead = False
         outbox = self._toSocket
         if outbox is not None and outbox.pieces:
-            self.messageSide.resetTimeout()  # type: ignore[union-attr]
             outbox.send()
+            self.messageSide.resetTimeout()  # type: ignore[union-attr]
 
     def _frameByFrame(self, data: bytes) -> None:
         # Where the stream is, from autobahn's parser: inside a frame's
@@ -250,8 +250,8 @@ class WebSocketSide:
             self.stats.forward += len(payload)
             outbox.add(HEADER.pack(len(payload)), payload)  # one send: one write
             if not self._inWebSocketRead:  # frames that came with the handshake
-                self.messageSide.resetTimeout()
                 outbox.send()
+                self.messageSide.resetTimeout()
 
     def relayMessage(self, payload: bytes) -> None:  # noqa: N802
         """A message from the libipc end: out as the peer's last type."""
