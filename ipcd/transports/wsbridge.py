@@ -285,9 +285,10 @@ class WebSocketSide:
                 return
             self.transport.write(data)  # type: ignore[attr-defined]
         # autobahn's counters, as its sendData keeps them.
-        if self.state == self.STATE_OPEN:  # type: ignore[attr-defined]
+        state = self.state  # type: ignore[attr-defined]
+        if state == self.STATE_OPEN:  # type: ignore[attr-defined]
             self.trafficStats.outgoingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
-        else:
+        elif state in (self.STATE_CONNECTING, self.STATE_PROXY_CONNECTING):  # type: ignore[attr-defined]
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
 
     def closeBridge(self, code: int, reason: str) -> None:  # noqa: N802
