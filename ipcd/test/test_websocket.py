@@ -11,6 +11,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from typing import Any
 
 from twisted.internet import reactor
@@ -33,12 +35,16 @@ from ipcd.test.support import (
 from ipcd.test.wssupport import (
     BINARY,
     CLOSE,
+    PING,
+    PONG,
     TEXT,
     close_code,
     make_ca,
     start_ws_host,
+    ws_frame,
     ws_message,
     ws_open,
+    ws_recv,
     ws_send,
 )
 from ipcd.wire import MessageProtocol, encode, recv_message
@@ -59,6 +65,19 @@ def echo(port: int, messages: list[tuple[bytes, int]], path: str = "/pong") -> A
         return replies
     finally:
         sock.close()
+
+
+def early_messages(port: int) -> list[bytes]:
+    """
+    Open /pong with two messages in the same write as the opening
+    handshake; their replies.
+    """
+    early = ws_frame(b"early", BINARY) + ws_frame(b"bird", TEXT)
+    opening = ws_open(port, "/pong", early=early)
+    with opening.sock as sock:
+        if opening.status != 101:
+            raise AssertionError((opening.status, opening.reason))
+        return [ws_message(sock)[1], ws_message(sock)[1]]
 
 
 def refusal(
@@ -124,6 +143,64 @@ class InboundTests(TestCase):
             echo, self.host.port, [(b"", BINARY), (big, BINARY), (b"x", TEXT)]
         )
         self.assertEqual(replies, [(BINARY, b""), (BINARY, big), (TEXT, b"x")])
+
+    @inlineCallbacks
+    def test_streamCutAnywhere(self) -> Any:
+        """
+        Messages keep their bounds and order however the stream is cut
+        into reads: thousands of small messages in a few large writes, a
+        fragmented message with a ping between its frames, 64-bit lengths,
+        and writes that end inside a frame's header.
+        """
+        messages = [(os.urandom(i % 300), BINARY) for i in range(3000)]
+        messages[1000:1000] = [(b"x" * 70_000, TEXT), (os.urandom(66_000), BINARY)]
+        frames = [ws_frame(payload, opcode) for payload, opcode in messages]
+        fragmented = [
+            ws_frame(b"frag", TEXT, fin=False),
+            ws_frame(b"ping", PING),
+            ws_frame(b"men" * 3000, 0, fin=False),
+            ws_frame(b"ted", 0),
+        ]
+        frames[2000:2000] = fragmented
+        messages.insert(2000, (b"frag" + b"men" * 3000 + b"ted", TEXT))
+        stream = b"".join(frames)
+
+        def run() -> list[tuple[int, bytes]]:
+            opening = ws_open(self.host.port, "/pong")
+            sock = opening.sock
+            try:
+                self.assertEqual(opening.status, 101)
+                # Cuts that fall inside headers (1, 3 and 9 bytes in).
+                cuts = [0, 1, 3, 9, 5000, 5003, 70_001, 140_009]
+                cuts += range(200_000, len(stream), 150_001)
+                ends = [*cuts[1:], None]
+                pieces = [stream[a:b] for a, b in zip(cuts, ends, strict=True)]
+
+                def writer() -> None:
+                    for piece in pieces:
+                        sock.sendall(piece)
+
+                thread = threading.Thread(target=writer, daemon=True)
+                thread.start()
+                replies = [ws_message(sock) for _ in messages]
+                thread.join(TIMEOUT)
+                return replies
+            finally:
+                sock.close()
+
+        replies = yield deferToThread(run)
+        # (Each reply's type follows the client's latest message when it
+        # goes out, which pipelining leaves open: the payloads are the test.)
+        self.assertEqual([p for _, p in replies], [p for p, _ in messages])
+
+    @inlineCallbacks
+    def test_framesWithTheHandshake(self) -> Any:
+        """
+        Messages sent in the same write as the opening handshake (before
+        its answer) are relayed too, and their replies come back.
+        """
+        replies = yield deferToThread(early_messages, self.host.port)
+        self.assertEqual(replies, [b"early", b"bird"])
 
     @inlineCallbacks
     def test_websocketcCommand(self) -> Any:
@@ -332,6 +409,35 @@ class LimitTests(TestCase):
         self.assertEqual(status[0], 503)
 
     @inlineCallbacks
+    def test_pingsBetweenMessages(self) -> Any:
+        """
+        websocketd pings between relayed messages; a client that answers
+        stays connected past many ping timeouts, its messages echoed.
+        """
+        host = yield start_ws_host(self, ping_interval=0.1, ping_timeout=0.3)
+
+        def run() -> tuple[int, list[bytes]]:
+            opening = ws_open(host.port, "/pong")
+            with opening.sock as sock:
+                pings, replies = 0, []
+                for i in range(15):
+                    ws_send(sock, b"%d" % i, BINARY)
+                    while True:
+                        opcode, payload = ws_recv(sock)
+                        if opcode == PING:
+                            pings += 1
+                            ws_send(sock, payload, PONG)
+                        else:
+                            replies.append(payload)
+                            break
+                    time.sleep(0.1)
+                return pings, replies
+
+        pings, replies = yield deferToThread(run)
+        self.assertEqual(replies, [b"%d" % i for i in range(15)])
+        self.assertGreaterEqual(pings, 3)
+
+    @inlineCallbacks
     def test_clientThatStopsReading(self) -> Any:
         """
         A client that sends and stops reading: websocketd stops reading it
@@ -480,6 +586,19 @@ class RouteTests(TestCase):
         big = os.urandom(500_000)
         answer = yield deferToThread(bounce, sock, big)
         self.assertEqual(answer, encode(big))
+
+    @inlineCallbacks
+    def test_framesWithAHandshakeThatWaits(self) -> Any:
+        """
+        A's pong is an admin route to B: A's opening handshake waits for
+        the WebSocket to B, and the messages that came with it still go
+        through, their replies back.
+        """
+        c = yield start_ws_host(
+            self, pongd=False, routes={"pong": self.b.route("pong")}
+        )
+        replies = yield deferToThread(early_messages, c.port)
+        self.assertEqual(replies, [b"early", b"bird"])
 
     @inlineCallbacks
     def test_remoteRefusalReachesTheClient(self) -> Any:

@@ -49,6 +49,7 @@ def start_ws_host(
     pongd: bool = True,
     listen: str = WS_LISTEN,
     redirects: dict[str, str] | None = None,
+    routes: dict[str, str] | None = None,
     **websocketd: Any,
 ) -> Any:
     """Start an ipcd with websocketd (and pongd); stopped after the test."""
@@ -60,6 +61,7 @@ def start_ws_host(
         rules=list(rules),
         pongd={"enabled": pongd},
         redirects=redirects or {},
+        routes=routes or {},
     )
     service = yield start_ipcd(case, config)
     port = yield service.getServiceNamed("websocketd").listening()
@@ -153,8 +155,12 @@ def ws_open(
     origin: str | None = None,
     host: str = "127.0.0.1",
     host_header: str | None = None,
+    early: bytes = b"",
 ) -> Opening:
-    """Connect and send an opening handshake; the socket and the answer."""
+    """
+    Connect and send an opening handshake (and C{early} bytes in the same
+    write); the socket and the answer.
+    """
     sock = socket.create_connection((host, port), timeout=TIMEOUT)
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
@@ -167,7 +173,7 @@ def ws_open(
     ]
     if origin is not None:
         lines.append(f"Origin: {origin}")
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + early)
     head = b""
     while b"\r\n\r\n" not in head:
         byte = sock.recv(1)
@@ -185,22 +191,28 @@ def ws_open(
     return Opening(sock, status, parts[2], headers)
 
 
-def ws_send(sock: socket.socket, payload: bytes, opcode: int = TEXT) -> None:
-    """Send one masked frame (a whole message)."""
+def ws_frame(payload: bytes, opcode: int = TEXT, fin: bool = True) -> bytes:
+    """One masked frame, as a client sends it."""
     mask = os.urandom(4)
     size = len(payload)
+    first = (0x80 if fin else 0) | opcode
     if size < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
+        head = struct.pack("!BB", first, 0x80 | size)
     elif size < 1 << 16:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
+        head = struct.pack("!BBH", first, 0x80 | 126, size)
     else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
+        head = struct.pack("!BBQ", first, 0x80 | 127, size)
     body = (
         bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         if size < 4096
         else (_mask_big(payload, mask))
     )
-    sock.sendall(head + mask + body)
+    return head + mask + body
+
+
+def ws_send(sock: socket.socket, payload: bytes, opcode: int = TEXT) -> None:
+    """Send one masked frame (a whole message)."""
+    sock.sendall(ws_frame(payload, opcode))
 
 
 def _mask_big(payload: bytes, mask: bytes) -> bytes:

@@ -10,10 +10,13 @@ protocol on the other end: its messages go to the libipc end framed.
 
 Backpressure both ways with Twisted's producers: each end's transport is
 the streaming producer of the other's, so a full write buffer on either
-side pauses reading on the other.  autobahn writes each message it is given
-straight to its transport, and hands over whole messages only (bounded by
-its C{maxMessagePayloadSize}), so neither side holds more than one message
-plus a transport's buffer.
+side pauses reading on the other.  autobahn hands over whole messages only
+(bounded by its C{maxMessagePayloadSize}), so neither side holds more than
+one read's messages plus a transport's buffer.
+
+The messages of one read go out together when the read is done, straight
+to the socket when its transport holds nothing (L{Outbox}): a relayed
+message costs no extra turn of the reactor.
 """
 
 from __future__ import annotations
@@ -24,16 +27,17 @@ from typing import Any
 from twisted.internet.protocol import Factory
 
 from ipcd.relay import RelayStats, ended
-from ipcd.wire import MessageProtocol, encode
-
-# How much a transport of a bridge holds before it pauses the other end
-# (Twisted's default is 64 KiB: one bulk message would pause at each write).
-BRIDGE_BUFFER = 256 * 1024
+from ipcd.transports.outbox import Outbox
+from ipcd.transports.wsframes import frame_ends
+from ipcd.wire import HEADER, MessageProtocol
 
 # WebSocket close codes (RFC 6455, 7.4.1).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_TOO_BIG = 1009
+
+# Reads larger than this reach autobahn frame by frame (see wsframes).
+SPLIT_ABOVE = 4096
 
 
 class ReactorTimer:
@@ -71,13 +75,6 @@ def bridge_options(settings: Any) -> dict[str, Any]:
         "openHandshakeTimeout": settings["open_handshake_timeout"],
         "closeHandshakeTimeout": settings["close_handshake_timeout"],
     }
-
-
-def socket_transport(transport: Any) -> Any:
-    """The transport that owns the socket under C{transport}'s wrappers."""
-    while not hasattr(type(transport), "getHandle") and hasattr(transport, "transport"):
-        transport = transport.transport
-    return transport
 
 
 def no_delay(transport: Any) -> None:
@@ -119,12 +116,22 @@ class MessageSide(MessageProtocol):
         super().makeConnection(transport)
         # Ours replace MessageProtocol's pauser: each end pauses the other.
         transport.unregisterProducer()
+        # Twisted's 64 KiB buffers: what each end reads at once, and holds
+        # before it pauses the other.  (Relayed messages go straight to the
+        # socket, so a bulk message does not pause at each write; reads of
+        # 256 KiB cost more than they save: large allocations each.)
         websocket = self.bridge.transport
-        for end in (transport, socket_transport(websocket)):
-            if hasattr(end, "bufferSize"):
-                end.bufferSize = BRIDGE_BUFFER
         transport.registerProducer(websocket, True)
         websocket.registerProducer(transport, True)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        bridge = self.bridge
+        bridge._inSocketRead = True
+        try:
+            super().dataReceived(data)
+        finally:
+            bridge._inSocketRead = False
+        bridge.sendRelayed()  # the messages of this read, in one send
 
     def messageReceived(self, payload: bytes) -> None:  # noqa: N802
         self.bridge.stats.backward += len(payload)
@@ -153,6 +160,13 @@ class WebSocketSide:
     bridges: set[WebSocketSide] | None = None  # the live ones, to stop them
     _closing = False
     _lostSides = 0
+    # What one read relays, each way: sent when the read is done.
+    _toSocket: Outbox | None = None
+    _toWebSocket: Outbox | None = None
+    _relaying = False  # autobahn's writes now are a relayed message's frames
+    # Within a read of either end: what it relays is sent at its end.
+    _inSocketRead = False
+    _inWebSocketRead = False
 
     def joinSocket(  # noqa: N802
         self,
@@ -178,26 +192,104 @@ class WebSocketSide:
         side.idleTimeout = idle
         side.clock = reactor
         factory = Factory.forProtocol(lambda: side)  # type: ignore[arg-type]
+        self._toWebSocket = Outbox(self.transport)  # type: ignore[attr-defined]
         try:
             reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, factory)
         finally:
             sock.close()  # the reactor holds its own duplicate
         self.messageSide = side
+        self._toSocket = Outbox(side.transport)
+
+    # autobahn's per-message path, less what a bridge does not use: its
+    # Twisted adapter's dataReceived and its sendData format a debug line
+    # (click styles) for every read and write, logged or not, and its
+    # onMessageEnd fires the "message" event (a Deferred per message) for
+    # observers a bridge never has.  The protocol (framing and its checks,
+    # UTF-8 validation, masks, limits, pings, closes) stays autobahn's.
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self._inWebSocketRead = True
+        try:
+            if len(data) > SPLIT_ABOVE and self.state == self.STATE_OPEN:  # type: ignore[attr-defined]
+                self._frameByFrame(data)
+            else:
+                self._dataReceived(data)  # type: ignore[attr-defined]
+        finally:
+            self._inWebSocketRead = False
+        outbox = self._toSocket
+        if outbox is not None and outbox.pieces:
+            outbox.send()
+            self.messageSide.resetTimeout()  # type: ignore[union-attr]
+
+    def _frameByFrame(self, data: bytes) -> None:
+        # Where the stream is, from autobahn's parser: inside a frame's
+        # payload (it holds none of it: it takes payload as it comes), or
+        # holding the start of the next header.
+        frame = self.current_frame  # type: ignore[attr-defined]
+        if frame is None:
+            ends = frame_ends(data, held=self.data)  # type: ignore[has-type]
+        else:
+            due = frame.length - self.current_frame_masker.pointer()  # type: ignore[attr-defined]
+            ends = frame_ends(data, rest=due)
+        start = 0
+        for end in ends:
+            self._dataReceived(data[start:end])  # type: ignore[attr-defined]
+            start = end
+        self._dataReceived(data[start:] if start else data)  # type: ignore[attr-defined]
+
+    def onMessageEnd(self) -> None:  # noqa: N802
+        if not self.failedByMe:  # type: ignore[attr-defined]
+            payload = b"".join(self.message_data)  # type: ignore[has-type]
+            self.onMessage(payload, self.message_is_binary)  # type: ignore[attr-defined]
+        self.message_data = None
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
         self.replyBinary = isBinary
-        side = self.messageSide
-        if side is not None and side.transport is not None:
+        outbox = self._toSocket
+        if outbox is not None and self.messageSide is not None:
             self.stats.forward += len(payload)
-            side.resetTimeout()
-            side.transport.write(encode(payload))
+            outbox.add(HEADER.pack(len(payload)), payload)  # one send: one write
+            if not self._inWebSocketRead:  # frames that came with the handshake
+                outbox.send()
+                self.messageSide.resetTimeout()
 
     def relayMessage(self, payload: bytes) -> None:  # noqa: N802
         """A message from the libipc end: out as the peer's last type."""
         if self._closing or self.state != self.STATE_OPEN:  # type: ignore[attr-defined]
             return  # the WebSocket is closing: nobody to send it to
         binary = self.replyBinary or not as_text(payload)
-        self.sendMessage(payload, isBinary=binary)  # type: ignore[attr-defined]
+        self._relaying = True
+        try:
+            self.sendMessage(payload, isBinary=binary)  # type: ignore[attr-defined]
+        finally:
+            self._relaying = False
+        if not self._inSocketRead:
+            self.sendRelayed()
+
+    def sendRelayed(self) -> None:  # noqa: N802
+        """Send the frames of the messages relayed since the last call."""
+        if self._toWebSocket is not None:
+            self._toWebSocket.send()
+
+    def sendData(  # noqa: N802
+        self, data: bytes, sync: bool = False, chopsize: int | None = None
+    ) -> None:
+        outbox = self._toWebSocket
+        simple = not (sync or chopsize or self.send_queue or self.logOctets)  # type: ignore[attr-defined]
+        if outbox is not None and simple and self._relaying:
+            outbox.add(data)  # a relayed message's frame, sent with its read's
+        else:
+            self.sendRelayed()  # what was relayed before goes first
+            if not simple:
+                super().sendData(data, sync, chopsize)  # type: ignore[misc]
+                return
+            self.transport.write(data)  # type: ignore[attr-defined]
+        # autobahn's counters, as its sendData keeps them.
+        state = self.state  # type: ignore[attr-defined]
+        if state == self.STATE_OPEN:  # type: ignore[attr-defined]
+            self.trafficStats.outgoingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
+        elif state in (self.STATE_CONNECTING, self.STATE_PROXY_CONNECTING):  # type: ignore[attr-defined]
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
 
     def closeBridge(self, code: int, reason: str) -> None:  # noqa: N802
         """Close the WebSocket (a closing handshake, bounded by autobahn)."""
@@ -251,6 +343,8 @@ class WebSocketSide:
         side, self.messageSide = self.messageSide, None  # once
         if side is None:
             return  # never joined
+        if self._toSocket is not None:
+            self._toSocket.send()  # what the WebSocket delivered before it went
         if side.transport is not None:
             transport = side.transport
             if getattr(transport, "producer", None) is not None:
