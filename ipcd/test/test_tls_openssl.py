@@ -20,6 +20,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from ipcd.test.support import lookup, recv_upto, wait_until
 from ipcd.test.test_tls import TlsTestCase
 from ipcd.test.tlssupport import ALICE_KEY, start_tls_host
+from ipcd.transports.tls import state_of
 from ipcd.wire import encode
 
 OPENSSL = shutil.which("openssl")
@@ -101,6 +102,8 @@ class ClientInteropTests(TlsTestCase):
         yield client.said(encode(b"from openssl"))
         [stats] = b.broker.relays
         self.assertIn("psk:alice", stats.labels)
+        # On the raw sockets, OpenSSL doing the I/O (tlsd's fast relay).
+        self.assertEqual(len(state_of(b.broker).socket_relays.sides()), 2)
         return stats.as_dict()["tls"]["version"]
 
     @inlineCallbacks
@@ -142,6 +145,7 @@ class ServerInteropTests(TlsTestCase):
         answer = yield deferToThread(recv_upto, sock, len(b"hello client"))
         self.assertEqual(answer, b"hello client")
         [stats] = a.broker.relays
+        self.assertEqual(len(state_of(a.broker).socket_relays.sides()), 2)
         return stats.as_dict()["tls"]
 
     @inlineCallbacks
