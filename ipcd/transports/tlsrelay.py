@@ -116,6 +116,9 @@ def detach(tls: Any) -> Secured | str:
     _lib.SSL_set_options(connection._ssl, _lib.SSL_OP_NO_RENEGOTIATION)
     unsent = tcp.dataBuffer[tcp.offset :] + b"".join(tcp._tempDataBuffer)
     take_socket(tcp)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # Each record goes out at once: a message's round trip, not Nagle's.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return Secured(sock, connection, unsent)
 
 
