@@ -3,17 +3,18 @@ tlsd's fast relay: a TLS connection and a plain socket, both raw sockets on
 the reactor's poller, with no Twisted transport on either side.
 
 Twisted's L{TLSMemoryBIOProtocol} does the handshake and the request; then
-L{detach} takes the TCP socket out of Twisted and swaps the pyOpenSSL
-Connection's memory BIOs for a socket BIO on that socket (C{SSL_set_fd}).
-OpenSSL keeps all of its state (keys, sequence numbers, tickets, key
-updates) and reads and writes records on the socket itself: an event costs
-one C{recv} or one C{SSL_read}/C{SSL_write} called straight through the
-bindings, as stunnel does in C, instead of a memory BIO, a transport buffer
-and two poller changes per record.
+L{detach} takes the TCP socket and the pyOpenSSL Connection (with its
+memory BIOs and all of OpenSSL's state: keys, sequence numbers, tickets)
+out of Twisted.  From there an event costs one C{recv} or C{send} and the
+C{SSL_read}s or C{SSL_write} it needs, called straight through the
+bindings into one reused buffer, instead of Twisted's TLS and transport
+machinery (a memory-BIO round, a transport buffer and two poller changes
+per record); a read takes every record the socket holds at once.
 
 L{detach} declines (and the caller keeps Twisted's path) unless the switch
-is safe: handshake done, nothing Twisted still holds to send, nothing
-received that OpenSSL has not taken.
+is safe: handshake done, nothing Twisted still holds to encrypt, nothing
+decrypted that OpenSSL has not handed out.  Records Twisted made and had
+not sent yet go first.
 
 L{TlsSocketRelays} is the engine (an L{IRelayEngine}): at most one read
 held per direction (backpressure), an EOF passed on after the bytes before
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.bindings.openssl.binding import Binding
-from OpenSSL.SSL import Connection
+from OpenSSL.SSL import Connection, WantReadError
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
@@ -82,7 +83,7 @@ def socket_of(transport: Any) -> FileDescriptor | None:
 @dataclass
 class Secured:
     """
-    A TCP socket and the TLS connection on it, OpenSSL doing its I/O;
+    A TCP socket and the TLS connection on it (its memory BIOs);
     C{unsent}: records Twisted had made and not sent yet, which go first.
     """
 
@@ -94,8 +95,9 @@ class Secured:
 def detach(tls: Any) -> Secured | str:
     """
     Take TLS connection C{tls} (a L{TLSMemoryBIOProtocol}) from Twisted:
-    its TCP socket leaves the reactor, and OpenSSL reads and writes it
-    directly.  When that is not safe now: why (and nothing has changed).
+    its TCP socket leaves the reactor, with the pyOpenSSL Connection and
+    the records Twisted has not sent yet.  When that is not safe now: why
+    (and nothing has changed).
     """
     why = _not_detachable(tls)
     if why:
@@ -103,16 +105,7 @@ def detach(tls: Any) -> Secured | str:
     tcp = socket_of(tls.transport)
     connection = tls._tlsConnection
     sock = tcp.getHandle()
-    if _lib.SSL_set_fd(connection._ssl, sock.fileno()) != 1:
-        _lib.ERR_clear_error()
-        return "OpenSSL refused the socket"
-    # The memory BIOs were freed with the switch: pyOpenSSL must not use them.
-    connection._into_ssl = connection._from_ssl = None
-    _lib.SSL_set_mode(
-        connection._ssl,
-        _lib.SSL_MODE_ENABLE_PARTIAL_WRITE | _lib.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER,
-    )
-    # A renegotiation would make writes wait for reads: refused (TLS 1.2).
+    # A renegotiation is refused (TLS 1.2): records go one way at a time.
     _lib.SSL_set_options(connection._ssl, _lib.SSL_OP_NO_RENEGOTIATION)
     unsent = tcp.dataBuffer[tcp.offset :] + b"".join(tcp._tempDataBuffer)
     take_socket(tcp)
@@ -155,6 +148,8 @@ class _Side:
         "fd",
         "connection",
         "ssl",
+        "into",
+        "out",
         "peer",
         "stats",
         "forward",
@@ -163,7 +158,6 @@ class _Side:
         "eof",
         "hup",
         "shut",
-        "blocked",
         "reading",
         "writing",
         "closed",
@@ -177,9 +171,12 @@ class _Side:
         if isinstance(end, Secured):
             self.sock, self.connection = end.sock, end.connection
             self.ssl = end.connection._ssl
-            self.raw = memoryview(end.unsent)  # records to send first
+            self.into = end.connection._into_ssl  # memory BIO: records in
+            self.out = end.connection._from_ssl  # memory BIO: records out
+            self.raw = memoryview(end.unsent)  # records for the socket
         else:
             self.sock, self.connection, self.ssl = end, None, None
+            self.into = self.out = None
             self.raw = memoryview(b"")
         self.fd = self.sock.fileno()
         self.peer: _Side = self
@@ -189,9 +186,13 @@ class _Side:
         self.eof = False  # its far end sends no more
         self.hup = False  # ... and takes nothing more
         self.shut = False  # the EOF was passed on to it
-        self.blocked = False  # a TLS read waits for the socket's writability
         self.reading = self.writing = self.closed = False
         self.timeout = 0.0
+
+    @property
+    def owed(self) -> bool:
+        """Bytes for this socket it has not taken: plaintext, or records."""
+        return bool(self.pending) or bool(self.raw)
 
     def fileno(self) -> int:
         return self.fd
@@ -229,6 +230,13 @@ class TlsSocketRelays:
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         self._pointer = _ffi.from_buffer(self._buffer)
+        # Records read: at most half a buffer, so that what they decrypt to
+        # (with a record begun in an earlier read) always fits in _buffer.
+        self._records = bytearray(READ_SIZE // 2)
+        self._records_pointer = _ffi.from_buffer(self._records)
+        # Records made, to send: a buffer of plaintext and their overhead.
+        self._sealed = bytearray(READ_SIZE + READ_SIZE // 8)
+        self._sealed_pointer = _ffi.from_buffer(self._sealed)
         self._running = False
         self._sweep: Any = None
         self._sweep_at = math.inf
@@ -311,7 +319,7 @@ class TlsSocketRelays:
 
     def _read(self, side: _Side) -> None:
         """Read what C{side} has, and pass it on to its peer."""
-        if side.eof or side.peer.pending:
+        if side.eof or side.peer.owed:
             return
         if side.ssl is None:
             n = side.sock.recv_into(self._buffer)
@@ -320,7 +328,7 @@ class TlsSocketRelays:
         else:
             n = self._read_tls(side)
         if not n:
-            if side.eof and not side.peer.pending:
+            if side.eof and not side.peer.owed:
                 self._flush(side.peer)  # the EOF goes on at once
             return
         stats = side.stats
@@ -339,7 +347,16 @@ class TlsSocketRelays:
             peer.pending = memoryview(bytes(peer.pending))
 
     def _read_tls(self, side: _Side) -> int:
-        """Records from C{side}'s TLS connection into the buffer: bytes read."""
+        """
+        One read of records from C{side}'s socket, decrypted into the
+        buffer: bytes decrypted.
+        """
+        n = side.sock.recv_into(self._records)
+        if not n:
+            side.eof = True  # a TCP EOF (after a close_notify, or a truncation)
+            return 0
+        if _lib.BIO_write(side.into, self._records_pointer, n) != n:
+            raise _Failed("OpenSSL did not take the records read")
         ssl, got, size = side.ssl, 0, len(self._buffer)
         while got < size:
             n = _lib.SSL_read(ssl, self._pointer + got, size - got)
@@ -352,21 +369,17 @@ class TlsSocketRelays:
             if why == _ZERO_RETURN:
                 side.eof = True  # close_notify
                 break
-            if why == _WANT_WRITE:
-                # OpenSSL must send first (a key update's answer): the
-                # socket's writability calls this again.
-                side.blocked = True
-                break
             self._tls_error(side, n, why)
+        # What reading made OpenSSL answer (a key update's), to send.
+        self._seal(side)
+        if side.raw:
+            self._send_raw(side)
         return got
 
     def _flush(self, side: _Side) -> None:
         """Send what C{side} holds; then pass an EOF on, if it is due."""
         if side.raw:
-            try:
-                side.raw = side.raw[side.sock.send(side.raw) :]
-            except BlockingIOError:
-                pass
+            self._send_raw(side)
             if side.raw:
                 return
         data = side.pending
@@ -376,39 +389,65 @@ class TlsSocketRelays:
                     sent = side.sock.send(data)
                 except BlockingIOError:
                     sent = 0
+                side.pending = data[sent:]
             else:
-                sent = self._write_tls(side, data)
-            side.pending = data[sent:]
-        if side.blocked:
-            side.blocked = False
-            self._read(side)
-        if not side.pending and side.peer.eof and not side.shut and not side.hup:
+                self._write_tls(side, data)
+                side.pending = memoryview(b"")
+                self._send_raw(side)
+        if not side.owed and side.peer.eof and not side.shut and not side.hup:
             self._shut(side)
 
-    def _write_tls(self, side: _Side, data: memoryview) -> int:
+    def _send_raw(self, side: _Side) -> None:
+        """Send C{side}'s records; keep (a copy of) what the socket did not take."""
+        raw = side.raw
+        try:
+            sent = side.sock.send(raw)
+        except BlockingIOError:
+            sent = 0
+        rest = raw[sent:]
+        # The shared buffer is written into again: keep a copy of the rest.
+        side.raw = (
+            memoryview(bytes(rest)) if rest and rest.obj is self._sealed else rest
+        )
+
+    def _write_tls(self, side: _Side, data: memoryview) -> None:
+        """Encrypt C{data} (into the memory BIO, which takes it all), then seal."""
         ssl, sent = side.ssl, 0
         with _ffi.from_buffer(data) as pointer:
             while sent < len(data):
                 n = _lib.SSL_write(ssl, pointer + sent, len(data) - sent)
-                if n > 0:
-                    sent += n
-                    continue
-                why = _lib.SSL_get_error(ssl, n)
-                if why == _WANT_WRITE:
+                if n <= 0:
+                    self._tls_error(side, n, _lib.SSL_get_error(ssl, n))
+                sent += n
+        self._seal(side)
+
+    def _seal(self, side: _Side) -> None:
+        """Take the records OpenSSL made for C{side}, after those it owes."""
+        size = len(self._sealed)
+        n = _lib.BIO_read(side.out, self._sealed_pointer, size)
+        if n <= 0:
+            return  # none
+        sealed = memoryview(self._sealed)[:n]
+        if n == size:  # more than a buffer's worth: the rest behind it
+            pieces = [bytes(sealed)]
+            while True:
+                try:
+                    pieces.append(side.connection.bio_read(size))
+                except WantReadError:
                     break
-                self._tls_error(side, n, why)
-        return sent
+            sealed = memoryview(b"".join(pieces))
+        side.raw = memoryview(bytes(side.raw) + bytes(sealed)) if side.raw else sealed
 
     def _shut(self, side: _Side) -> None:
         """The far end of C{side}'s peer sends no more: say so to C{side}."""
-        if side.ssl is not None:
-            result = _lib.SSL_shutdown(side.ssl)
-            if result < 0:
-                why = _lib.SSL_get_error(side.ssl, result)
-                if why == _WANT_WRITE:
-                    return  # again once writable
-                _lib.ERR_clear_error()
         side.shut = True
+        if side.ssl is not None:
+            # A close_notify: TLS's half-close (the TCP stays open for it).
+            if _lib.SSL_shutdown(side.ssl) < 0:
+                _lib.ERR_clear_error()
+            self._seal(side)
+            self._send_raw(side)
+            return
         try:
             side.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -434,19 +473,9 @@ class TlsSocketRelays:
         if side.closed:
             return
         peer = side.peer
-        for each in (side, peer):
-            if each.ssl is not None and not each.pending and not each.eof:
-                if not each.peer.pending and not each.peer.hup:
-                    # Decrypted bytes OpenSSL holds: no socket event will come.
-                    if _lib.SSL_pending(each.ssl) > 0:
-                        try:
-                            self._read(each)
-                        except Exception as e:
-                            self._error(each, e)
-                            return
         if (
-            not side.pending
-            and not peer.pending
+            not side.owed
+            and not peer.owed
             and (side.eof or peer.hup)
             and (peer.eof or side.hup)
         ):
@@ -455,13 +484,8 @@ class TlsSocketRelays:
         for each in (side, peer):
             other = each.peer
             # Read while the far end sends and the peer has taken everything.
-            want_read = not each.eof and not other.pending and not other.hup
-            want_write = (
-                bool(each.pending)
-                or bool(each.raw)
-                or each.blocked
-                or (other.eof and not each.shut and not each.hup)
-            )
+            want_read = not each.eof and not other.owed and not other.hup
+            want_write = each.owed or (other.eof and not each.shut and not each.hup)
             self._want(each, want_read, want_write)
 
     def _want(self, side: _Side, read: bool, write: bool) -> None:
@@ -513,11 +537,13 @@ class TlsSocketRelays:
             each.reading = each.writing = False
             each.pending = memoryview(b"")
             if each.ssl is not None and not each.shut and not each.hup:
-                # A close_notify if it goes at once: not a truncation.
-                if _lib.SSL_shutdown(each.ssl) < 0:
-                    _lib.ERR_clear_error()
-            # No OpenSSL call may reach this fd number once it is closed.
-            each.ssl = None
+                # A close_notify, if it goes at once: not a truncation.
+                each.raw = memoryview(b"")
+                try:
+                    self._shut(each)
+                except OSError:
+                    pass  # gone already
+            each.raw = memoryview(b"")
             each.sock.close()
         ended(side.stats)
 
