@@ -117,6 +117,41 @@ class ClientInteropTests(TlsTestCase):
         self.assertEqual(version, "TLSv1.2")
 
 
+class KeyUpdateTests(TlsTestCase):
+    """
+    A TLS 1.3 key update from C{openssl s_client} (its C{K} command, which
+    asks for one back) in the middle of a relay on raw sockets: OpenSSL
+    takes the new keys (and sends with new ones), both ways keep working.
+    """
+
+    @inlineCallbacks
+    def test_keyUpdate(self) -> Any:
+        b = yield start_tls_host(
+            self,
+            {"psk_file": self.keys(alice=ALICE_KEY)},
+            rules=["allow in pong psk:alice"],
+        )
+        client = run_openssl(
+            self,
+            *("s_client", "-connect", f"127.0.0.1:{b.port}", "-tls1_3"),
+            *("-psk", ALICE_KEY, "-psk_identity", "alice"),
+        )
+        yield client.said(b"Verify return code")
+        client.transport.write(b"pong")
+        yield client.said(b"\nok")
+        yield wait_until(
+            lambda: len(state_of(b.broker).socket_relays.sides()) == 2,
+            "the relay on raw sockets",
+        )
+        for n in range(3):
+            client.transport.write(b"K\n")
+            yield client.said(b"KEYUPDATE")
+            client.output = b""
+            message = encode(b"after key update %d" % n)
+            client.transport.write(message)
+            yield client.said(message)
+
+
 class ServerInteropTests(TlsTestCase):
     """
     tlsd's outbound side dials C{openssl s_server}: it sends the raw service
