@@ -78,11 +78,7 @@ class ClientInteropTests(TlsTestCase):
 
     @inlineCallbacks
     def serves(self, version: str) -> Any:
-        b = yield start_tls_host(
-            self,
-            {"psk_file": self.keys(alice=ALICE_KEY)},
-            rules=["allow in pong psk:alice"],
-        )
+        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
         client = run_openssl(
             self,
             "s_client",
@@ -126,11 +122,7 @@ class KeyUpdateTests(TlsTestCase):
 
     @inlineCallbacks
     def test_keyUpdate(self) -> Any:
-        b = yield start_tls_host(
-            self,
-            {"psk_file": self.keys(alice=ALICE_KEY)},
-            rules=["allow in pong psk:alice"],
-        )
+        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
         client = run_openssl(
             self,
             *("s_client", "-connect", f"127.0.0.1:{b.port}", "-tls1_3"),

@@ -26,7 +26,6 @@ watched for hangups only while it is read or written.
 
 from __future__ import annotations
 
-import errno
 import math
 import socket
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd.relay import (
+    _GONE,
     READ_SIZE,
     SWEEP_INTERVAL,
     IRelayEngine,
@@ -56,19 +56,6 @@ _WANT_READ = _lib.SSL_ERROR_WANT_READ
 _WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
 _ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
 _SYSCALL = _lib.SSL_ERROR_SYSCALL
-
-# Connection-level errors: the relay ends quietly.
-_GONE = frozenset(
-    {
-        errno.ECONNRESET,
-        errno.EPIPE,
-        errno.ECONNABORTED,
-        errno.ETIMEDOUT,
-        errno.EHOSTUNREACH,
-        errno.ENETUNREACH,
-        errno.ENOTCONN,
-    }
-)
 
 log = Logger()
 
