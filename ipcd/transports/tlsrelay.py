@@ -20,12 +20,14 @@ L{TlsSocketRelays} is the engine (an L{IRelayEngine}): at most one read
 held per direction (backpressure), an EOF passed on after the bytes before
 it (a plain side's EOF as a TLS close_notify, a close_notify or TCP EOF as
 C{shutdown(SHUT_WR)} on the plain side), a reset or a TLS error ends the
-relay, an idle deadline ends a relay on which nothing moved.  A side is
+relay, and so does a TCP EOF without a close_notify (a truncation is not
+an EOF), an idle deadline ends a relay on which nothing moved.  A side is
 watched for hangups only while it is read or written.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import socket
 from dataclasses import dataclass
@@ -340,8 +342,9 @@ class TlsSocketRelays:
         """
         n = side.sock.recv_into(self._records)
         if not n:
-            side.eof = True  # a TCP EOF (after a close_notify, or a truncation)
-            return 0
+            # A TCP EOF before any close_notify: cut short, as by a reset
+            # (not passed on as a clean EOF).
+            raise ConnectionResetError(errno.ECONNRESET, "TLS connection cut short")
         if _lib.BIO_write(side.into, self._records_pointer, n) != n:
             raise _Failed("OpenSSL did not take the records read")
         ssl, got, size = side.ssl, 0, len(self._buffer)
