@@ -12,6 +12,7 @@ import os
 import socket
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
@@ -19,7 +20,9 @@ from ipcd.test.support import assert_no_fd_leak, fd_baseline, wait_until
 from ipcd.test.tcpsupport import digest_service, recv_eof
 from ipcd.test.test_tls import TlsTestCase
 from ipcd.test.tlssupport import ALICE_KEY, start_tls_host
+from ipcd.transports import tls as tls_module
 from ipcd.transports.tls import state_of
+from ipcd.transports.tlsrelay import detach
 
 
 def fast_sides(host: Any) -> int:
@@ -115,3 +118,35 @@ class SocketRelayTests(TlsTestCase):
         for host in (a, b):
             yield wait_until(lambda h=host: not h.broker.relays, "the relays to end")
         yield assert_no_fd_leak(before)
+
+
+class DeclinedTests(TlsTestCase):
+    @inlineCallbacks
+    def test_declinedSwitchKeepsTwistedPath(self) -> Any:
+        """
+        When a connection cannot leave Twisted safely (L{detach} says why:
+        here it is made to decline every time), the relay stays on
+        Twisted's TLS, says so, and works.
+        """
+        self.patch(tls_module, "detach", lambda tls: "made to decline")
+        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
+        a = yield self.psk_client("alice", ALICE_KEY)
+        yield self.assertPong(a, b.route("pong"))
+        self.assertEqual((fast_sides(a), fast_sides(b)), (0, 0))
+        yield self.assertLogged("relaying through Twisted's TLS: made to decline")
+
+    @inlineCallbacks
+    def test_noDetachBeforeTheHandshake(self) -> Any:
+        """
+        L{detach} on a real TLS connection whose handshake has not happened
+        says so and changes nothing: the connection stays in the reactor.
+        """
+        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
+        sock = socket.create_connection(("127.0.0.1", b.port), timeout=5)
+        self.addCleanup(sock.close)
+        wrapping = b.service.getServiceNamed("tlsd").listener.factory
+        yield wait_until(lambda: wrapping.protocols, "the connection accepted")
+        [limited] = wrapping.protocols
+        tls = limited.wrappedProtocol
+        self.assertEqual(detach(tls), "handshake not done")
+        self.assertIn(limited.transport, reactor.getReaders())

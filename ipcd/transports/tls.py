@@ -203,7 +203,7 @@ def _relay_over(
         )
         secured = detach(tls)
         if isinstance(secured, str):
-            log.warn("relaying through Twisted's TLS: {why}", why=secured)
+            log.info("relaying through Twisted's TLS: {why}", why=secured)
             tcp.startReading()
             _relay_in_twisted(
                 state, tls, sock, stats, tls_is_a, ahead, behind, idle_timeout
