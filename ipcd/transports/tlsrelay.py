@@ -88,7 +88,10 @@ def detach(tls: Any) -> Secured | str:
     the records Twisted has not sent yet.  When that is not safe now: why
     (and nothing has changed).
     """
-    why = _not_detachable(tls)
+    try:
+        why = _not_detachable(tls)
+    except AttributeError as e:  # Twisted or pyOpenSSL changed under us
+        return f"cannot look inside this TLS connection ({e})"
     if why:
         return why
     tcp = socket_of(tls.transport)
