@@ -90,16 +90,16 @@ def detach(tls: Any) -> Secured | str:
     """
     try:
         why = _not_detachable(tls)
+        if why:
+            return why
+        tcp = socket_of(tls.transport)
+        connection = tls._tlsConnection
+        sock = tcp.getHandle()
+        unsent = tcp.dataBuffer[tcp.offset :] + b"".join(tcp._tempDataBuffer)
     except AttributeError as e:  # Twisted or pyOpenSSL changed under us
         return f"cannot look inside this TLS connection ({e})"
-    if why:
-        return why
-    tcp = socket_of(tls.transport)
-    connection = tls._tlsConnection
-    sock = tcp.getHandle()
     # A renegotiation is refused (TLS 1.2): records go one way at a time.
     _lib.SSL_set_options(connection._ssl, _lib.SSL_OP_NO_RENEGOTIATION)
-    unsent = tcp.dataBuffer[tcp.offset :] + b"".join(tcp._tempDataBuffer)
     take_socket(tcp)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         # Each record goes out at once: a message's round trip, not Nagle's.
