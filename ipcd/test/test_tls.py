@@ -456,7 +456,8 @@ class BulkTests(TlsTestCase):
 
         sending = deferToThread(send)
         yield wait_until(lambda: sink.connections, "the service to be connected")
-        engines = [state_of(h.broker).relays for h in (a, b)]
+        engines = [state_of(h.broker).socket_relays for h in (a, b)]
+        self.assertEqual([len(e.sides()) for e in engines], [2, 2])
         # Held, not growing: what the relays buffer stays bounded while the
         # sender is stuck.
         yield deferLater(reactor, 0.5, lambda: None)

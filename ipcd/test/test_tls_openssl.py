@@ -20,6 +20,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from ipcd.test.support import lookup, recv_upto, wait_until
 from ipcd.test.test_tls import TlsTestCase
 from ipcd.test.tlssupport import ALICE_KEY, start_tls_host
+from ipcd.transports.tls import state_of
 from ipcd.wire import encode
 
 OPENSSL = shutil.which("openssl")
@@ -77,11 +78,7 @@ class ClientInteropTests(TlsTestCase):
 
     @inlineCallbacks
     def serves(self, version: str) -> Any:
-        b = yield start_tls_host(
-            self,
-            {"psk_file": self.keys(alice=ALICE_KEY)},
-            rules=["allow in pong psk:alice"],
-        )
+        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
         client = run_openssl(
             self,
             "s_client",
@@ -101,6 +98,8 @@ class ClientInteropTests(TlsTestCase):
         yield client.said(encode(b"from openssl"))
         [stats] = b.broker.relays
         self.assertIn("psk:alice", stats.labels)
+        # On the raw sockets, OpenSSL doing the I/O (tlsd's fast relay).
+        self.assertEqual(len(state_of(b.broker).socket_relays.sides()), 2)
         return stats.as_dict()["tls"]["version"]
 
     @inlineCallbacks
@@ -112,6 +111,37 @@ class ClientInteropTests(TlsTestCase):
     def test_tls12(self) -> Any:
         version = yield self.serves("-tls1_2")
         self.assertEqual(version, "TLSv1.2")
+
+
+class KeyUpdateTests(TlsTestCase):
+    """
+    A TLS 1.3 key update from C{openssl s_client} (its C{K} command, which
+    asks for one back) in the middle of a relay on raw sockets: OpenSSL
+    takes the new keys (and sends with new ones), both ways keep working.
+    """
+
+    @inlineCallbacks
+    def test_keyUpdate(self) -> Any:
+        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
+        client = run_openssl(
+            self,
+            *("s_client", "-connect", f"127.0.0.1:{b.port}", "-tls1_3"),
+            *("-psk", ALICE_KEY, "-psk_identity", "alice"),
+        )
+        yield client.said(b"Verify return code")
+        client.transport.write(b"pong")
+        yield client.said(b"\nok")
+        yield wait_until(
+            lambda: len(state_of(b.broker).socket_relays.sides()) == 2,
+            "the relay on raw sockets",
+        )
+        for n in range(3):
+            client.transport.write(b"K\n")
+            yield client.said(b"KEYUPDATE")
+            client.output = b""
+            message = encode(b"after key update %d" % n)
+            client.transport.write(message)
+            yield client.said(message)
 
 
 class ServerInteropTests(TlsTestCase):
@@ -142,6 +172,7 @@ class ServerInteropTests(TlsTestCase):
         answer = yield deferToThread(recv_upto, sock, len(b"hello client"))
         self.assertEqual(answer, b"hello client")
         [stats] = a.broker.relays
+        self.assertEqual(len(state_of(a.broker).socket_relays.sides()), 2)
         return stats.as_dict()["tls"]
 
     @inlineCallbacks

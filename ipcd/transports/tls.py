@@ -28,7 +28,6 @@ from weakref import WeakKeyDictionary
 from service_identity import VerificationError
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
@@ -54,7 +53,13 @@ from ipcd.inbound import (
     listening,
 )
 from ipcd.logs import printable
-from ipcd.relay import RelayProtocol, RelayStats, SocketRelays, TransportRelays
+from ipcd.relay import (
+    RelayProtocol,
+    RelayStats,
+    SocketRelays,
+    TransportRelays,
+    ended,
+)
 from ipcd.routes import RemoteURI
 from ipcd.transports import psk
 from ipcd.transports.listeners import (
@@ -76,6 +81,7 @@ from ipcd.transports.tlsmaterial import (
     read_material,
     verify_error,
 )
+from ipcd.transports.tlsrelay import TlsSocketRelays, detach, socket_of
 
 SCHEME = "tls"
 SECTION = "tlsd"
@@ -131,13 +137,6 @@ class TlsRelayStats(RelayStats):
         return shown
 
 
-def _socket_of(transport: Any) -> FileDescriptor | None:
-    """The reactor's connection under a transport (TLS, limits wrappers)."""
-    while transport is not None and not isinstance(transport, FileDescriptor):
-        transport = getattr(transport, "transport", None)
-    return transport
-
-
 class EagerRelayProtocol(RelayProtocol):
     """
     A relay side that sends what it passes on at once, in the same reactor
@@ -152,7 +151,7 @@ class EagerRelayProtocol(RelayProtocol):
         peer = self.peer
         if not self.started or peer is None:
             return
-        connection = _socket_of(peer.transport)
+        connection = socket_of(peer.transport)
         if (
             connection is not None
             and connection.connected
@@ -164,8 +163,7 @@ class EagerRelayProtocol(RelayProtocol):
 
 
 def _relay_over(
-    engine: TransportRelays,
-    reactor: Any,
+    state: TlsState,
     tls: TLSMemoryBIOProtocol,
     sock: socket.socket,
     stats: RelayStats,
@@ -175,21 +173,107 @@ def _relay_over(
     idle_timeout: float = 0.0,
 ) -> None:
     """
-    Relay TLS connection C{tls} (its application protocol replaced) and the
-    connected socket C{sock} (adopted into the reactor; closed here).
+    Relay TLS connection C{tls} and the connected socket C{sock} (closed
+    here): on their raw sockets (L{TlsSocketRelays}) when the TLS connection
+    can leave Twisted, else through Twisted's transports.
+
+    The switch waits for the reactor's next turn: this is called from
+    within Twisted's TLS, which goes on reading its memory BIO when this
+    returns.  Meanwhile the TCP socket is not read, and what Twisted's TLS
+    still delivers is held, for the plain side first.
+    """
+    tcp = socket_of(tls.transport)
+    if tcp is None or not state.socket_relay():
+        _relay_in_twisted(
+            state, tls, sock, stats, tls_is_a, greeting, early, idle_timeout
+        )
+        return
+    tcp.stopReading()
+    held = _Held()
+    tls.wrappedProtocol = held
+
+    def switch() -> None:
+        if held.lost:
+            sock.close()
+            ended(stats)
+            return
+        data = b"".join(held.data)
+        ahead, behind = (
+            (greeting, early + data) if tls_is_a else (greeting + data, early)
+        )
+        secured = detach(tls)
+        if isinstance(secured, str):
+            log.info("relaying through Twisted's TLS: {why}", why=secured)
+            tcp.startReading()
+            _relay_in_twisted(
+                state, tls, sock, stats, tls_is_a, ahead, behind, idle_timeout
+            )
+            return
+        # It still counts against its listener's limits until the relay ends.
+        release = getattr(tls.transport, "handOff", lambda: None)()
+        stats.on_end = _both(stats.on_end, release)
+        ends = (secured, sock) if tls_is_a else (sock, secured)
+        state.socket_relays.join(
+            *ends, stats, greeting=ahead, early=behind, idle_timeout=idle_timeout
+        )
+
+    state.broker.reactor.callLater(0, switch)
+
+
+class _Held(Protocol):
+    """What Twisted's TLS delivers while a relay switches to raw sockets."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        self.data.append(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        self.lost = True
+
+
+def _relay_in_twisted(
+    state: TlsState,
+    tls: TLSMemoryBIOProtocol,
+    sock: socket.socket,
+    stats: RelayStats,
+    tls_is_a: bool,
+    greeting: bytes,
+    early: bytes,
+    idle_timeout: float,
+) -> None:
+    """
+    Relay C{tls} and C{sock} through Twisted's transports: the TLS
+    connection's application protocol replaced, C{sock} adopted.
     """
     over_tls, over_sock = EagerRelayProtocol(), EagerRelayProtocol()
     a, b = (over_tls, over_sock) if tls_is_a else (over_sock, over_tls)
-    engine.join(a, b, stats, greeting=greeting, early=early, idle_timeout=idle_timeout)
+    state.relays.join(
+        a, b, stats, greeting=greeting, early=early, idle_timeout=idle_timeout
+    )
     tls.wrappedProtocol = over_tls
     over_tls.makeConnection(tls)
     try:
         adopt_into_reactor(
-            reactor, sock.detach(), Factory.forProtocol(lambda: over_sock)
+            state.broker.reactor, sock.detach(), Factory.forProtocol(lambda: over_sock)
         )
     except Exception:
         log.failure("cannot adopt a relayed socket")
         over_tls.abort()
+
+
+def _both(first: Any, then: Any) -> Any:
+    """One callable for two optional ones."""
+    if first is None or then is None:
+        return first or then
+
+    def both() -> None:
+        first()
+        then()
+
+    return both
 
 
 # Inbound.
@@ -235,8 +319,7 @@ class TlsInbound(TcpInbound):
         # The connection stays in its transport (and under its listener's
         # limits until it closes): only its application protocol changes.
         _relay_over(
-            self.factory.relays,
-            self.factory.reactor,
+            state_of(self.factory.broker),
             self.transport,
             sock,
             stats,
@@ -299,6 +382,8 @@ class TlsState:
         self.broker = broker
         self.relays = TransportRelays(broker.reactor)
         self.relays.start()
+        self.socket_relays = TlsSocketRelays(broker.reactor)
+        self.socket_relays.start()
         self._config: Any = None
         self._material: Material | None = None
         self._server: ServerCreator | None = None
@@ -318,6 +403,10 @@ class TlsState:
             self._config = config
         assert self._material is not None
         return self._material
+
+    def socket_relay(self) -> bool:
+        """Relay on the raw sockets after the handshake (C{[tlsd] socket_relay})?"""
+        return bool(settings_of(self.broker.config, tlsd)["socket_relay"])
 
     def server_creator(self) -> ServerCreator:
         material = self.material()
@@ -496,12 +585,14 @@ class TlsService(MultiService):
 
     def startService(self) -> None:  # noqa: N802
         self.relays.start()
+        self.state.socket_relays.start()
         self.control_relays.start()
         super().startService()
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
         stopped = super().stopService()
         self.relays.stop()
+        self.state.socket_relays.stop()
         self.control_relays.stop()
         return stopped
 
@@ -562,6 +653,12 @@ class TlsDaemon:
         Setting("min_version", _version, "1.2", "lowest TLS version"),
         Setting("max_version", _version, "1.3", "highest TLS version"),
         Setting("handshake_timeout", positive_number, 5.0, "seconds"),
+        Setting(
+            "socket_relay",
+            boolean,
+            True,
+            "after the handshake, OpenSSL on the raw socket (else Twisted's TLS)",
+        ),
     )
     flags = (
         Flag(
@@ -603,8 +700,7 @@ class TlsDaemon:
                 tls={**dialer.tls, "peer": _server_identity(material, uri.host)},
             )
             _relay_over(
-                state.relays,
-                broker.reactor,
+                state,
                 dialer.transport,
                 ours,
                 stats,
