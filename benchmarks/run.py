@@ -1142,7 +1142,9 @@ def benchmark(settings: Settings, h: Harness) -> str:
         Row("lookup p99, 64 KiB bulk on a tcp route", unit="us", digits=0),
     )
     cpu = Row("ipcd A CPU time per lookup (/proc)", unit="us", digits=0)
-    cpu.target = "<= 150"
+    # Issue 12's target is a third of ipcd's CPU per lookup before it: a
+    # comparison with older code, which this harness does not run.
+    cpu.note = "(<= 1/3 x before issue 12)"
     for pair in [*concurrency.values(), busy]:
         rows.extend(pair)
     rows.append(cpu)
@@ -1279,7 +1281,8 @@ def benchmark(settings: Settings, h: Harness) -> str:
         "socat chain; tcp-route bulk >= 1.00 x socat chain; tls route (TLS 1.3 "
         "PSK) likewise against a chain of two stunnel processes in PSK mode; "
         "websocketd RTT <= 1.00 x websockify, bulk >= 1.00 x websockify; "
-        "lookups via ipcd >= 0.21 x direct; ipcd CPU per lookup <= 150 us.",
+        "lookups via ipcd >= 0.21 x direct; ipcd CPU per lookup <= 1/3 of "
+        "that of ipcd before issue 12 (da12689), measured alike.",
         *notes,
     ]
     return render(rows, header, footer)
