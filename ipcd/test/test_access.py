@@ -364,6 +364,19 @@ class ClientAccessTests(TestCase):
         for name in ("ipcd-control", "ipc", "tcp"):
             yield self.assertRefused(ALICE, f"{name};", "ipcd's own socket")
 
+    @inlineCallbacks
+    def test_disabledDaemonKeepsItsName(self) -> Any:
+        """
+        A protocol daemon that is registered but not running (udpd, off by
+        default) still owns its name: a lookup for it is refused as ipcd's
+        own, not as missing, so a socket somebody plants there later is
+        never a target either.
+        """
+        yield self.start(grants=["* *"])
+        self.assertFalse(os.path.exists(self.at("udp")))
+        self.assertIn("udp", self.service.broker.own_names())
+        yield self.assertRefused(ALICE, "udp;", "'udp' is ipcd's own socket")
+
 
 class RemoteOwnSocketsTests(TestCase):
     """Under C{allow in *}, remote peers still never reach ipcd's sockets."""

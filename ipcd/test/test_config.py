@@ -467,6 +467,9 @@ class OptionsTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(config.rundir, "/r")
         self.assertTrue(config.pongd)
         self.assertEqual(dict(config.redirects), {})
+        # docs/configuration.rst and docs/securing.rst: labels are at most
+        # a minute old by default.
+        self.assertEqual(config.label_cache_max_age, 60.0)
 
     def test_redirect(self) -> None:
         config = self.parse(

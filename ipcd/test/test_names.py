@@ -283,6 +283,22 @@ class ListenTests(TestCase):
         client.settimeout(10)
         client.connect(self.path)
 
+    def test_portKind(self) -> None:
+        """
+        Only a factory that serves within accept (the broker's, with
+        C{serve_at_once}) gets the fast lookup port; every other listener
+        is Twisted's own UNIX port.
+        """
+        from twisted.internet.unix import Port
+
+        from ipcd.lookupport import LookupPort
+
+        plain = self.listen()
+        self.assertIs(type(plain), Port)
+        self.factory.serve_at_once = lambda skt, close_later: None
+        fast = self.listen(os.path.join(self.rundir, "ipc"))
+        self.assertIsInstance(fast, LookupPort)
+
     def test_removedOnStop(self) -> None:
         port = self.listen()
         self.assertTrue(os.path.lexists(self.path))
