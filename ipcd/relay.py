@@ -53,7 +53,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +150,58 @@ def _log_idle(log: Logger, stats: RelayStats, timeout: float) -> None:
         service=stats.service,
         timeout=timeout,
     )
+
+
+class IdleSweep:
+    """
+    The idle deadlines of one engine's relays, on one timer: it fires at the
+    earliest deadline, and after a sweep not sooner than L{SWEEP_INTERVAL}
+    (busy relays, whose deadlines keep moving, need not be looked at on
+    every event).  C{relays()} gives each live relay that has a deadline
+    once, as (stats, timeout, handle); C{end(handle)} closes it.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        log: Logger,
+        relays: Callable[[], Iterable[tuple[RelayStats, float, Any]]],
+        end: Callable[[Any], None],
+    ) -> None:
+        self._clock = clock
+        self._log = log
+        self._relays = relays
+        self._end = end
+        self._call: Any = None  # the DelayedCall of the next sweep
+        self._at = math.inf
+
+    def schedule(self, when: float) -> None:
+        """A deadline at C{when} (the clock's seconds): sweep by then."""
+        if when >= self._at:
+            return
+        self.cancel()
+        self._at = when
+        delay = max(0.0, when - self._clock.seconds())
+        self._call = self._clock.callLater(delay, self._sweep)
+
+    def cancel(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call, self._at = None, math.inf
+
+    def _sweep(self) -> None:
+        """End the relays idle past their deadline; find the next one."""
+        self._call, self._at = None, math.inf
+        now, earliest = self._clock.seconds(), math.inf
+        for stats, timeout, handle in self._relays():
+            deadline = stats.moved + timeout
+            if deadline > now:
+                earliest = min(earliest, deadline)
+                continue
+            _log_idle(self._log, stats, timeout)
+            self._end(handle)
+        if earliest < math.inf:
+            self.schedule(max(earliest, now + SWEEP_INTERVAL))
 
 
 class IRelayEngine(Interface):
@@ -334,8 +386,7 @@ class SocketRelays:
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         self._watch: _Watch | None = None
-        self._sweep: Any = None  # the DelayedCall of the next idle sweep
-        self._sweep_at = math.inf
+        self._idle = IdleSweep(self._clock, self.log, self._timed, self._end)
         self._splice = True  # until the kernel refuses it
         self.failure: str | None = None
 
@@ -385,7 +436,7 @@ class SocketRelays:
         stats.moved = now = self._clock.seconds()
         if idle_timeout > 0:
             side_a.timeout = side_b.timeout = idle_timeout
-            self._schedule(now + idle_timeout)
+            self._idle.schedule(now + idle_timeout)
         try:
             for side in (side_a, side_b):
                 side.sock.setblocking(False)
@@ -676,9 +727,7 @@ class SocketRelays:
     def _close_all(self) -> None:
         for side in list(self._sides.values()):
             self._end(side)
-        if self._sweep is not None and self._sweep.active():
-            self._sweep.cancel()
-        self._sweep, self._sweep_at = None, math.inf
+        self._idle.cancel()
 
     def _unwatch(self) -> None:
         watch, self._watch = self._watch, None
@@ -688,32 +737,11 @@ class SocketRelays:
 
     # Idle deadlines.
 
-    def _schedule(self, when: float) -> None:
-        if when >= self._sweep_at:
-            return
-        if self._sweep is not None and self._sweep.active():
-            self._sweep.cancel()
-        self._sweep_at = when
-        delay = max(0.0, when - self._clock.seconds())
-        self._sweep = self._clock.callLater(delay, self._expire)
-
-    def _expire(self) -> None:
-        """End the relays idle past their deadline; find the next one."""
-        self._sweep, self._sweep_at = None, math.inf
-        now, earliest = self._clock.seconds(), math.inf
+    def _timed(self) -> Iterator[tuple[RelayStats, float, Side]]:
+        """Each live relay with a deadline, once (at side A), for L{IdleSweep}."""
         for side in list(self._sides.values()):
-            if not side.forward or not side.timeout or side.where & _CLOSED:
-                continue  # one look per relay (at side A), if it has a deadline
-            deadline = side.stats.moved + side.timeout
-            if deadline > now:
-                earliest = min(earliest, deadline)
-                continue
-            _log_idle(self.log, side.stats, side.timeout)
-            self._end(side)
-        # Not sooner than SWEEP_INTERVAL from now: busy relays whose
-        # deadlines keep moving need not be looked at on every event.
-        if earliest < math.inf:
-            self._schedule(max(earliest, now + SWEEP_INTERVAL))
+            if side.forward and side.timeout and not side.where & _CLOSED:
+                yield side.stats, side.timeout, side
 
 
 # What splice(2) says when it cannot join these fds (not a failure of the

@@ -28,8 +28,8 @@ watched for hangups only while it is read or written.
 from __future__ import annotations
 
 import errno
-import math
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,10 +44,9 @@ from zope.interface import implementer
 from ipcd.relay import (
     _GONE,
     READ_SIZE,
-    SWEEP_INTERVAL,
+    IdleSweep,
     IRelayEngine,
     RelayStats,
-    _log_idle,
     ended,
     take_socket,
 )
@@ -230,8 +229,7 @@ class TlsSocketRelays:
         self._sealed = bytearray(READ_SIZE + READ_SIZE // 8)
         self._sealed_pointer = _ffi.from_buffer(self._sealed)
         self._running = False
-        self._sweep: Any = None
-        self._sweep_at = math.inf
+        self._idle = IdleSweep(self._clock, self.log, self._timed, self._end)
         self.failure: str | None = None
 
     # IRelayEngine
@@ -243,9 +241,7 @@ class TlsSocketRelays:
         self._running = False
         for side in list(self._sides):
             self._end(side)
-        if self._sweep is not None and self._sweep.active():
-            self._sweep.cancel()
-        self._sweep, self._sweep_at = None, math.inf
+        self._idle.cancel()
 
     def join(
         self,
@@ -271,7 +267,7 @@ class TlsSocketRelays:
         stats.moved = now = self._clock.seconds()
         if idle_timeout > 0:
             side_a.timeout = side_b.timeout = idle_timeout
-            self._schedule(now + idle_timeout)
+            self._idle.schedule(now + idle_timeout)
         try:
             for side, data in ((side_a, greeting), (side_b, early)):
                 side.sock.setblocking(False)
@@ -542,27 +538,8 @@ class TlsSocketRelays:
 
     # Idle deadlines.
 
-    def _schedule(self, when: float) -> None:
-        if when >= self._sweep_at:
-            return
-        if self._sweep is not None and self._sweep.active():
-            self._sweep.cancel()
-        self._sweep_at = when
-        self._sweep = self._clock.callLater(
-            max(0.0, when - self._clock.seconds()), self._expire
-        )
-
-    def _expire(self) -> None:
-        self._sweep, self._sweep_at = None, math.inf
-        now, earliest = self._clock.seconds(), math.inf
+    def _timed(self) -> Iterator[tuple[RelayStats, float, _Side]]:
+        """Each live relay with a deadline, once (at side A), for L{IdleSweep}."""
         for side in list(self._sides):
-            if not side.forward or not side.timeout or side.closed:
-                continue
-            deadline = side.stats.moved + side.timeout
-            if deadline > now:
-                earliest = min(earliest, deadline)
-                continue
-            _log_idle(self.log, side.stats, side.timeout)
-            self._end(side)
-        if earliest < math.inf:
-            self._schedule(max(earliest, now + SWEEP_INTERVAL))
+            if side.forward and side.timeout and not side.closed:
+                yield side.stats, side.timeout, side
