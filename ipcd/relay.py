@@ -78,6 +78,11 @@ READ_SIZE = 256 * 1024
 # socket, and are never copied into ipcd.  Messages (an RTT's 100 bytes)
 # never get there, nor do idle relays: a pipe costs two fds.
 SPLICE_AT = 64 * 1024
+
+# Streaming directions with a pipe at once, per engine: the fds they cost
+# stay bounded (2 each) however many relays a peer drives to stream, so
+# they never take the fds lookups and new connections need.  The rest copy.
+MAX_PIPES = 256
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 # Idle deadlines are checked at most this often (seconds): a sweep looks at
@@ -388,6 +393,8 @@ class SocketRelays:
         self._watch: _Watch | None = None
         self._idle = IdleSweep(self._clock, self.log, self._timed, self._end)
         self._splice = True  # until the kernel refuses it
+        self.max_pipes = MAX_PIPES
+        self._pipes = 0  # pipes open now
         self.failure: str | None = None
 
     # IRelayEngine
@@ -497,7 +504,7 @@ class SocketRelays:
                 # it sent before is read on, up to its EOF.
                 side.hup = True
                 side.pending = memoryview(b"")
-                _close_pipe(side.peer)  # what it holds cannot be delivered
+                self._close_pipe(side.peer)  # what it holds cannot be delivered
             if side.reading:
                 self._read(side)
         except Exception as e:
@@ -539,8 +546,8 @@ class SocketRelays:
             self._eof(side)
             return False
         self._count(side, count)
-        if count >= SPLICE_AT and self._splice:
-            _open_pipe(side)
+        if count >= SPLICE_AT and self._splice and self._pipes < self.max_pipes:
+            self._open_pipe(side)
         data = self._view[:count]
         try:
             sent = peer.sock.send(data)
@@ -594,7 +601,7 @@ class SocketRelays:
             # Not for these sockets after all: back to copying, for good.
             self._splice = False
             self.log.warn("splice(2) refused ({error}); relays copy", error=e)
-            _close_pipe(side)
+            self._close_pipe(side)
             return
         if not count:
             self._eof(side)
@@ -663,6 +670,27 @@ class SocketRelays:
             else:
                 reactor.removeWriter(side)
 
+    def _open_pipe(self, side: Side) -> None:
+        """Give a streaming side its pipe, as big as a read; none if fds run out."""
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # EMFILE and the like: this side keeps copying
+        try:
+            size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, READ_SIZE)
+        except OSError:
+            size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+        side.pipe = (r, w, size)
+        self._pipes += 1
+
+    def _close_pipe(self, side: Side) -> None:
+        """Close C{side}'s pipe, dropping what it holds."""
+        pipe, side.pipe, side.piped = side.pipe, None, 0
+        if pipe is not None:
+            self._pipes -= 1
+            os.close(pipe[0])
+            os.close(pipe[1])
+
     # Ending.
 
     def _end(self, side: Side) -> None:
@@ -683,7 +711,7 @@ class SocketRelays:
             except Exception:
                 self.log.failure("unregistering a relay's socket", Failure())
             each.pending = memoryview(b"")
-            _close_pipe(each)
+            self._close_pipe(each)
             each.sock.close()
         ended(side.stats)
 
@@ -747,27 +775,6 @@ class SocketRelays:
 # What splice(2) says when it cannot join these fds (not a failure of the
 # connection): the engine goes back to copying.
 _NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
-
-
-def _open_pipe(side: Side) -> None:
-    """Give a streaming side its pipe, as big as a read; none if fds run out."""
-    try:
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return  # EMFILE and the like: this side keeps copying
-    try:
-        size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, READ_SIZE)
-    except OSError:
-        size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
-    side.pipe = (r, w, size)
-
-
-def _close_pipe(side: Side) -> None:
-    """Close C{side}'s pipe, dropping what it holds."""
-    pipe, side.pipe, side.piped = side.pipe, None, 0
-    if pipe is not None:
-        os.close(pipe[0])
-        os.close(pipe[1])
 
 
 def _shut(side: Side) -> None:

@@ -202,6 +202,32 @@ class SocketEngineTests(TestCase):
         yield assert_no_fd_leak(self.before)
 
     @inlineCallbacks
+    def test_pipesBounded(self) -> Any:
+        """
+        Past C{max_pipes} streaming directions, the rest copy: two streams
+        at once with room for one pipe both arrive whole, one of them
+        through a pipe, and the count is back to nothing once they end.
+        """
+        self.engine.max_pipes = 1
+        relays = [self.join() for _ in range(2)]
+        sending = [
+            deferToThread(send_bulk, client, 16 * MiB, eof=False)
+            for _, client, _ in relays
+        ]
+        for (_, _, service), sent in zip(relays, sending, strict=True):
+            got = yield deferToThread(read_exactly, service, 16 * MiB)
+            self.assertEqual(got, (yield sent))
+        piped = [self.side_a(stats).pipe is not None for stats, _, _ in relays]
+        self.assertEqual(sorted(piped), [False, True])
+        self.assertEqual(self.engine._pipes, 1)
+        for _, client, service in relays:
+            client.close()
+            service.close()
+        yield wait_until(lambda: not self.registry, "the relays to end")
+        self.assertEqual(self.engine._pipes, 0)
+        yield assert_no_fd_leak(self.before)
+
+    @inlineCallbacks
     def test_spliceRefused(self) -> Any:
         """
         The kernel refuses splice(2) (EINVAL): the engine says so once and
