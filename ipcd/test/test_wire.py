@@ -9,6 +9,7 @@ import socket
 from collections import Counter
 from typing import Any
 
+from twisted.internet import abstract
 from twisted.internet.testing import (
     EventLoggingObserver,
     MemoryReactorClock,
@@ -46,6 +47,13 @@ class WriteCountingTransport(StringTransport):
     def write(self, data: bytes) -> None:
         self.writes.append(data)
         super().write(data)
+
+
+class Unsent(abstract.FileDescriptor):
+    """Twisted's own write buffer and producer pausing; nothing leaves it."""
+
+    def writeSomeData(self, data: bytes) -> int:  # noqa: N802 (Twisted's name)
+        return 0
 
 
 class Recorder(MessageProtocol):
@@ -397,6 +405,32 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "paused")
         transport.producer.resumeProducing()
         self.assertEqual(transport.producerState, "producing")
+
+    def test_severalMessagesBeforePausing(self) -> None:
+        """
+        On Twisted's own write buffering, messages may fill C{writeBound}
+        before the connection stops reading (Twisted's 64 KiB bound paused
+        it after every 64 KiB message); the read size stays Twisted's, and
+        other writes keep Twisted's bound.
+        """
+        protocol = Recorder()
+        transport = Unsent(MemoryReactorClock())
+        transport.connected = True
+        protocol.makeConnection(transport)
+        message = b"m" * (64 * 1024)
+        fits = wire.WRITE_BOUND // len(encode(message))
+        for _ in range(fits):
+            protocol.sendMessage(message)
+        self.assertFalse(transport.producerPaused)
+        self.assertEqual(transport.bufferSize, Unsent.bufferSize)
+        protocol.sendMessage(message)
+        self.assertTrue(transport.producerPaused)
+
+        transport = Unsent(MemoryReactorClock())
+        transport.connected = True
+        protocol.makeConnection(transport)
+        transport.write(b"w" * (Unsent.bufferSize + 1))
+        self.assertTrue(transport.producerPaused)
 
     def test_subclassConnectionMadeKeepsIt(self) -> None:
         class Own(Recorder):
