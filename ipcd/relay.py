@@ -91,6 +91,10 @@ SWEEP_INTERVAL = 0.5
 
 # Errors that mean the connection is gone (a reset, a broken pipe): the
 # relay ends, quietly.  Anything else is a failure, and is logged.
+# Nothing owed: one shared empty view, not one per side (idle relays are
+# many, and a memoryview costs about 250 bytes).
+_NOTHING = memoryview(b"")
+
 _GONE = frozenset(
     {
         errno.ECONNRESET,
@@ -295,7 +299,7 @@ class Side:
         self.peer: Side = self
         self.stats = stats
         self.forward = forward  # what it reads counts as stats.forward (side A)
-        self.pending = memoryview(b"")  # bytes for this socket it has not taken
+        self.pending = _NOTHING  # bytes for this socket it has not taken
         self.eof = False  # this socket's far end has stopped sending
         self.hup = False  # ... and takes nothing more: it hung up
         self.where = 0  # _READ|_WRITE, _WATCH, or _CLOSED
@@ -449,7 +453,7 @@ class SocketRelays:
                 side.sock.setblocking(False)
             # The greeting and the early bytes go at once if they can.
             for side, data in ((side_a, greeting), (side_b, early)):
-                side.pending = memoryview(data)
+                side.pending = memoryview(data) if data else _NOTHING
                 if data:
                     self._write(side)
         except Exception as e:
@@ -503,7 +507,7 @@ class SocketRelays:
                 # The far end is gone: nothing more goes to it, but what
                 # it sent before is read on, up to its EOF.
                 side.hup = True
-                side.pending = memoryview(b"")
+                side.pending = _NOTHING
                 self._close_pipe(side.peer)  # what it holds cannot be delivered
             if side.reading:
                 self._read(side)
@@ -710,7 +714,7 @@ class SocketRelays:
                     self._watch.epoll.unregister(each.fd)
             except Exception:
                 self.log.failure("unregistering a relay's socket", Failure())
-            each.pending = memoryview(b"")
+            each.pending = _NOTHING
             self._close_pipe(each)
             each.sock.close()
         ended(side.stats)

@@ -43,6 +43,7 @@ from zope.interface import implementer
 
 from ipcd.relay import (
     _GONE,
+    _NOTHING,
     READ_SIZE,
     IdleSweep,
     IRelayEngine,
@@ -168,12 +169,12 @@ class _Side:
         else:
             self.sock, self.connection, self.ssl = end, None, None
             self.into = self.out = None
-            self.raw = memoryview(b"")
+            self.raw = _NOTHING
         self.fd = self.sock.fileno()
         self.peer: _Side = self
         self.stats = stats
         self.forward = forward
-        self.pending = memoryview(b"")  # for this socket, not yet taken
+        self.pending = _NOTHING  # for this socket, not yet taken
         self.eof = False  # its far end sends no more
         self.hup = False  # ... and takes nothing more
         self.shut = False  # the EOF was passed on to it
@@ -201,7 +202,7 @@ class _Side:
         # The poller saw a hangup: the reactor has unregistered this side.
         self.reading = self.writing = False
         self.eof = self.hup = True
-        self.pending = memoryview(b"")
+        self.pending = _NOTHING
         self.engine._settle(self)
 
 
@@ -271,7 +272,7 @@ class TlsSocketRelays:
         try:
             for side, data in ((side_a, greeting), (side_b, early)):
                 side.sock.setblocking(False)
-                side.pending = memoryview(data)
+                side.pending = memoryview(data) if data else _NOTHING
             for side in (side_a, side_b):
                 if side.pending or side.raw:
                     self._flush(side)
@@ -381,7 +382,7 @@ class TlsSocketRelays:
                 side.pending = data[sent:]
             else:
                 self._write_tls(side, data)
-                side.pending = memoryview(b"")
+                side.pending = _NOTHING
                 self._send_raw(side)
         if not side.owed and side.peer.eof and not side.shut and not side.hup:
             self._shut(side)
@@ -524,15 +525,15 @@ class TlsSocketRelays:
             if each.writing:
                 self._reactor.removeWriter(each)
             each.reading = each.writing = False
-            each.pending = memoryview(b"")
+            each.pending = _NOTHING
             if each.ssl is not None and not each.shut and not each.hup:
                 # A close_notify, if it goes at once: not a truncation.
-                each.raw = memoryview(b"")
+                each.raw = _NOTHING
                 try:
                     self._shut(each)
                 except OSError:
                     pass  # gone already
-            each.raw = memoryview(b"")
+            each.raw = _NOTHING
             each.sock.close()
         ended(side.stats)
 
