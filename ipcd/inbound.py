@@ -28,6 +28,7 @@ C{MemoryReactorClock} in tests).  Answers are framed when the request was.
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -180,9 +181,10 @@ class Handshaking(Protocol, TimeoutMixin):
         stats = self.stats_type(
             description=str(self.who),
             direction=self.direction,
-            service=self.requested,
+            # Shared strings: each idle relay keeps these for its life.
+            service=sys.intern(self.requested),
             route=self.route,
-            labels=tuple(self.who.labels),
+            labels=tuple(sys.intern(label) for label in self.who.labels),
             registry=self.factory.broker.relays,
         )
         early, self._early = b"".join(self._early), []

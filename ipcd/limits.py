@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -219,6 +220,26 @@ def network_peer_key(address: Any, ipv4_prefix: int, ipv6_prefix: int) -> str:
     return f"ip:{ipaddress.ip_network(f'{ip}/{prefix}', strict=False)}"
 
 
+class _Release:
+    """
+    Gives a handed-off connection's place back: a relay's C{on_end}, kept
+    for the relay's life (so small: no closure and its cells).
+    """
+
+    __slots__ = ("limits", "key")
+
+    def __init__(self, limits: ConnectionLimits, key: str) -> None:
+        self.limits = limits
+        self.key = key
+
+    def __call__(self) -> None:
+        self.limits.release(self.key)
+
+
+def _nothing_held() -> None:
+    """C{handOff}'s answer for a connection that counts nowhere."""
+
+
 class _LimitedProtocol(ProtocolWrapper):
     """Admitted or refused when the connection is made; released when lost."""
 
@@ -233,7 +254,8 @@ class _LimitedProtocol(ProtocolWrapper):
             self.transport = transport
             factory.limits.refuse(transport, factory.refusal(reason))
             return
-        self.key = key
+        # One string per peer, not per connection: relays keep it long.
+        self.key = sys.intern(key)
         super().makeConnection(transport)
         # Half-close reaches the wrapped protocol only if it wants it.
         if IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
@@ -247,13 +269,9 @@ class _LimitedProtocol(ProtocolWrapper):
         key, self.key = self.key, None
         self._handedOff = True
         self.factory.unregisterProtocol(self)
-        limits = self.factory.limits
-
-        def release() -> None:
-            if key is not None:
-                limits.release(key)
-
-        return release
+        if key is None:
+            return _nothing_held
+        return _Release(self.factory.limits, key)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.key is not None:

@@ -570,7 +570,8 @@ class SocketRelays:
                 sent = side.sock.send(side.pending)
             except (BlockingIOError, InterruptedError):
                 return
-            side.pending = side.pending[sent:]
+            rest = side.pending[sent:]
+            side.pending = rest if rest else _NOTHING
         else:
             sent = self._splice_out(side.peer)
         if sent:

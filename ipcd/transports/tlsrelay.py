@@ -379,7 +379,8 @@ class TlsSocketRelays:
                     sent = side.sock.send(data)
                 except BlockingIOError:
                     sent = 0
-                side.pending = data[sent:]
+                rest = data[sent:]
+                side.pending = rest if rest else _NOTHING
             else:
                 self._write_tls(side, data)
                 side.pending = _NOTHING
@@ -396,9 +397,12 @@ class TlsSocketRelays:
             sent = 0
         rest = raw[sent:]
         # The shared buffer is written into again: keep a copy of the rest.
-        side.raw = (
-            memoryview(bytes(rest)) if rest and rest.obj is self._sealed else rest
-        )
+        if not rest:
+            side.raw = _NOTHING
+        elif rest.obj is self._sealed:
+            side.raw = memoryview(bytes(rest))
+        else:
+            side.raw = rest
 
     def _write_tls(self, side: _Side, data: memoryview) -> None:
         """Encrypt C{data} (into the memory BIO, which takes it all), then seal."""
