@@ -417,13 +417,12 @@ class BackpressureTests(SynchronousTestCase):
         transport = Unsent(MemoryReactorClock())
         transport.connected = True
         protocol.makeConnection(transport)
-        message = b"m" * (64 * 1024)
-        fits = wire.WRITE_BOUND // len(encode(message))
-        for _ in range(fits):
-            protocol.sendMessage(message)
+        # Four messages of 64 KiB with their headers: 256 KiB exactly.
+        for _ in range(4):
+            protocol.sendMessage(b"m" * (64 * 1024 - HEADER.size))
         self.assertFalse(transport.producerPaused)
         self.assertEqual(transport.bufferSize, Unsent.bufferSize)
-        protocol.sendMessage(message)
+        protocol.sendMessage(b"")
         self.assertTrue(transport.producerPaused)
 
         transport = Unsent(MemoryReactorClock())
