@@ -47,6 +47,7 @@ from ipcd.test.wssupport import (
     ws_recv,
     ws_send,
 )
+from ipcd.transports.wsserver import WebSocketInbound
 from ipcd.wire import MessageProtocol, encode, recv_message
 
 OK = b"ok"
@@ -192,6 +193,77 @@ class InboundTests(TestCase):
         # (Each reply's type follows the client's latest message when it
         # goes out, which pipelining leaves open: the payloads are the test.)
         self.assertEqual([p for _, p in replies], [p for p, _ in messages])
+
+    @inlineCallbacks
+    def test_smallMessagesSkipAutobahnsParser(self) -> Any:
+        """
+        A read that is one small whole message (the round trip's case) is
+        answered without autobahn's frame parser, its reply in a frame of
+        websocketd's own; anything else (here a fragmented message) still
+        goes through autobahn's parser, and both answer alike.
+        """
+        parsed: list[int] = []
+        processData = WebSocketInbound.processData  # noqa: N806
+
+        def counted(protocol: Any) -> Any:
+            parsed.append(1)
+            return processData(protocol)
+
+        self.patch(WebSocketInbound, "processData", counted)
+
+        def run() -> list[tuple[int, bytes]]:
+            opening = ws_open(self.host.port, "/pong")
+            with opening.sock as sock:
+                replies = []
+                for payload, opcode in ((b"hi", TEXT), (os.urandom(125), BINARY)):
+                    ws_send(sock, payload, opcode)
+                    replies.append(ws_recv(sock))
+                replies.append(len(parsed))
+                sock.sendall(ws_frame(b"frag", TEXT, fin=False) + ws_frame(b"ged", 0))
+                replies.append(ws_recv(sock))
+                return replies
+
+        hi, binary, parses, fragmented = yield deferToThread(run)
+        self.assertEqual(hi, (TEXT, b"hi"))
+        self.assertEqual((binary[0], len(binary[1])), (BINARY, 125))
+        self.assertEqual(parses, 0)
+        self.assertEqual(fragmented, (TEXT, b"fragged"))
+        self.assertGreater(len(parsed), 0)
+
+    @inlineCallbacks
+    def test_smallFramesStillChecked(self) -> Any:
+        """
+        A small frame that starts a new message inside a fragmented one is
+        a protocol error (1002), a small text frame that is not UTF-8 fails
+        with 1007, and one over a small maximum message size with 1009, as
+        autobahn answers them; the daemon keeps serving.
+        """
+        host = yield start_ws_host(self, max_message_size=10)
+
+        def closed_by(*frames: bytes) -> tuple[int, int]:
+            opening = ws_open(host.port, "/pong")
+            with opening.sock as sock:
+                for frame in frames:
+                    sock.sendall(frame)
+                    if frame[0] & 0x0F == PING:
+                        self.assertEqual(ws_recv(sock), (PONG, b"p"))
+                opcode, payload = ws_message(sock)
+                return opcode, close_code(payload)
+
+        # The ping's answer shows the first fragment was read on its own.
+        inside = yield deferToThread(
+            closed_by,
+            ws_frame(b"a", TEXT, fin=False),
+            ws_frame(b"p", PING),
+            ws_frame(b"b", TEXT),
+        )
+        self.assertEqual(inside, (CLOSE, 1002))
+        not_utf8 = yield deferToThread(closed_by, ws_frame(b"\xff\xfe", TEXT))
+        self.assertEqual(not_utf8, (CLOSE, 1007))
+        too_big = yield deferToThread(closed_by, ws_frame(b"x" * 11, BINARY))
+        self.assertEqual(too_big, (CLOSE, 1009))
+        replies = yield deferToThread(echo, host.port, [(b"still", TEXT)])
+        self.assertEqual(replies, [(TEXT, b"still")])
 
     @inlineCallbacks
     def test_framesWithTheHandshake(self) -> Any:

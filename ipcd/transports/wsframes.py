@@ -1,6 +1,8 @@
 """
 Where WebSocket frames end in a read, so that a large read can reach
-autobahn's parser one frame at a time.
+autobahn's parser one frame at a time; and the one frame shape websocketd
+reads and writes without autobahn (L{small_client_message},
+L{small_server_frame}).
 
 autobahn keeps unparsed bytes in one C{bytes} buffer and cuts each frame's
 header and payload off its front, copying what follows each time: a read
@@ -55,3 +57,41 @@ def frame_ends(data: bytes, held: bytes = b"", rest: int = 0) -> list[int]:
         pos += length + size - len(held)
         held = b""
     return ends
+
+
+# The longest payload a frame's 2-byte header can give.
+SMALL = 125
+_TEXT, _BINARY = 0x81, 0x82  # FIN set, no reserved bits, opcode 1 or 2
+
+
+def small_client_message(data: bytes) -> tuple[bytes, bool] | None:
+    """
+    C{data} as one whole message, (payload, binary), when it is exactly one
+    frame of the shape small messages from clients have: final, text or
+    binary, no reserved bits, masked, at most L{SMALL} bytes of payload,
+    and for text valid UTF-8.  Else None: then nothing was decided, and
+    autobahn's parser takes C{data} and checks all of it.
+    """
+    size = len(data) - 6  # header: 2 bytes and the 4-byte mask
+    if not 0 <= size <= SMALL or data[0] not in (_TEXT, _BINARY):
+        return None
+    if data[1] != 0x80 | size:
+        return None  # also: unmasked, longer, or not alone in the read
+    mask = (data[2:6] * (size // 4 + 1))[:size]
+    payload = (int.from_bytes(data[6:], "big") ^ int.from_bytes(mask, "big")).to_bytes(
+        size, "big"
+    )
+    binary = data[0] == _BINARY
+    if not binary:
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return None  # autobahn fails the connection for it
+    return payload, binary
+
+
+def small_server_frame(payload: bytes, binary: bool) -> bytes:
+    """A server's frame (unmasked) for a message of at most L{SMALL} bytes."""
+    if len(payload) > SMALL:
+        raise ValueError(f"{len(payload)} bytes is not a small frame's payload")
+    return bytes((_BINARY if binary else _TEXT, len(payload))) + payload
