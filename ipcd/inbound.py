@@ -28,7 +28,6 @@ C{MemoryReactorClock} in tests).  Answers are framed when the request was.
 from __future__ import annotations
 
 import socket
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -178,14 +177,12 @@ class Handshaking(Protocol, TimeoutMixin):
         if self._gone:
             sock.close()
             return
-        stats = self.stats_type(
-            description=str(self.who),
-            direction=self.direction,
-            # Shared strings: each idle relay keeps these for its life.
-            service=sys.intern(self.requested),
-            route=self.route,
-            labels=tuple(sys.intern(label) for label in self.who.labels),
-            registry=self.factory.broker.relays,
+        stats = self.stats_type.of(
+            self.who,
+            self.direction,
+            self.requested,
+            self.route,
+            self.factory.broker.relays,
         )
         early, self._early = b"".join(self._early), []
         self.relay(sock, stats, wire.encode(OK) if self.framed else OK, early)

@@ -52,10 +52,11 @@ import math
 import os
 import select
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -129,6 +130,31 @@ class RelayStats:
     # Called in the reactor's thread once the relay has ended.
     on_end: Callable[[], None] | None = None
 
+    @classmethod
+    def of(
+        cls,
+        who: Any,
+        direction: str,
+        service: str,
+        route: str,
+        registry: set[RelayStats] | None,
+        **extra: Any,
+    ) -> Self:
+        """
+        The stats of a relay for C{who} (a L{ipcd.identity.Peer}): its
+        description and labels.  The service and labels are strings shared
+        with other relays, since each idle relay keeps them for its life.
+        """
+        return cls(
+            description=str(who),
+            direction=direction,
+            service=sys.intern(service),
+            route=route,
+            labels=tuple(sys.intern(label) for label in getattr(who, "labels", ())),
+            registry=registry,
+            **extra,
+        )
+
     def as_dict(self, now: float | None = None) -> dict[str, Any]:
         now = time.monotonic() if now is None else now
         return {
@@ -141,6 +167,12 @@ class RelayStats:
             "bytes_out": self.backward,
             "age": round(now - self.started, 3),
         }
+
+
+def began(stats: RelayStats) -> None:
+    """A relay has begun: it is in its registry (status lists it) until L{ended}."""
+    if stats.registry is not None:
+        stats.registry.add(stats)
 
 
 def ended(stats: RelayStats) -> None:
@@ -437,8 +469,7 @@ class SocketRelays:
             b.close()
             ended(stats)
             return stats
-        if stats.registry is not None:
-            stats.registry.add(stats)
+        began(stats)
         stats.forward += len(early)
         side_a, side_b = Side(self, a, stats, True), Side(self, b, stats, False)
         side_a.peer, side_b.peer = side_b, side_a
@@ -1029,8 +1060,7 @@ class TransportRelays:
             if a.lost and b.lost:
                 ended(stats)
             return stats
-        if stats.registry is not None:
-            stats.registry.add(stats)
+        began(stats)
         stats.forward += len(early)
         a.outgoing, b.outgoing = a.outgoing + greeting, b.outgoing + early
         a.idle_timeout = b.idle_timeout = idle_timeout

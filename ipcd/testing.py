@@ -28,7 +28,7 @@ from ipcd.config import Config, boolean
 from ipcd.daemons import Flag, IProtocolDaemon, Setting
 from ipcd.errors import Refused
 from ipcd.identity import Peer
-from ipcd.relay import IRelayEngine, RelayStats, ended
+from ipcd.relay import IRelayEngine, RelayStats, began, ended
 
 # ---------------------------------------------------------------------------
 # Lookups: a fake broker behind ipcd's lookup protocol, and a UNIX transport
@@ -303,8 +303,7 @@ class MemoryRelays:
             self._close(relay)
             ended(stats)
             return stats
-        if stats.registry is not None:
-            stats.registry.add(stats)
+        began(stats)
         stats.forward += len(early)
         self.live[stats] = relay
         return stats

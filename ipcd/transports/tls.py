@@ -690,13 +690,12 @@ class TlsDaemon:
         def joined(result: tuple[TlsDialer, bytes]) -> socket.socket:
             dialer, rest = result
             ours, theirs = socket.socketpair()
-            stats = TlsRelayStats(
-                description=str(client),
-                direction="out",
-                service=target.service,
-                route=uri.text,
-                labels=tuple(getattr(client, "labels", ())),
-                registry=broker.relays,
+            stats = TlsRelayStats.of(
+                client,
+                "out",
+                target.service,
+                uri.text,
+                broker.relays,
                 tls={**dialer.tls, "peer": _server_identity(material, uri.host)},
             )
             _relay_over(

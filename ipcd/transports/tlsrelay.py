@@ -48,6 +48,7 @@ from ipcd.relay import (
     IdleSweep,
     IRelayEngine,
     RelayStats,
+    began,
     ended,
     take_socket,
 )
@@ -261,8 +262,7 @@ class TlsSocketRelays:
                 side.sock.close()
             ended(stats)
             return stats
-        if stats.registry is not None:
-            stats.registry.add(stats)
+        began(stats)
         stats.forward += len(early)
         self._sides.update((side_a, side_b))
         stats.moved = now = self._clock.seconds()

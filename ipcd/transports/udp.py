@@ -267,13 +267,12 @@ class UdpServer(DatagramProtocol):
         session_id = secrets.token_bytes(udpwire.ID_SIZE)
         while session_id in self.sessions:  # 64 random bits: never, really
             session_id = secrets.token_bytes(udpwire.ID_SIZE)
-        stats = SessionStats(
-            description=str(peer),
-            direction="in",
-            service=hello.service.decode("ascii"),
-            route="udp inbound",
-            labels=tuple(sorted(peer.labels)),
-            registry=self.broker.relays,
+        stats = SessionStats.of(
+            peer,
+            "in",
+            hello.service.decode("ascii"),
+            "udp inbound",
+            self.broker.relays,
         )
         session = Session(
             session_id,
@@ -514,14 +513,7 @@ async def dial(
     except BaseException:
         udp.stopListening()
         raise
-    stats = SessionStats(
-        description=str(client),
-        direction="out",
-        service=service,
-        route=route,
-        labels=tuple(sorted(client.labels)),
-        registry=broker.relays,
-    )
+    stats = SessionStats.of(client, "out", service, route, broker.relays)
     session = Session(
         session_id,
         udp.write,

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ipcd import wire
-from ipcd.relay import RelayStats, ended
+from ipcd.relay import RelayStats, began, ended
 from ipcd.transports import udpwire
 
 
@@ -92,8 +92,7 @@ class Session:
         self._last = clock.seconds()
         self._timer = clock.callLater(idle_timeout, self._check_idle)
         stats.end = self.end
-        if stats.registry is not None:
-            stats.registry.add(stats)
+        began(stats)
 
     @property
     def max_payload(self) -> int:

@@ -173,14 +173,7 @@ class WebSocketDaemon:
     def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
         uri: RemoteURI = target.uri
         settings = settings_of(broker.config, self)
-        stats = RelayStats(
-            description=str(client),
-            direction="out",
-            service=target.service,
-            route=str(uri),
-            labels=tuple(getattr(client, "labels", ())),
-            registry=broker.relays,
-        )
+        stats = RelayStats.of(client, "out", target.service, str(uri), broker.relays)
         try:
             return connect_websocket(
                 broker.reactor,

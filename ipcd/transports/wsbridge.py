@@ -26,7 +26,7 @@ from typing import Any
 
 from twisted.internet.protocol import Factory
 
-from ipcd.relay import RelayStats, ended
+from ipcd.relay import RelayStats, began, ended
 from ipcd.transports.outbox import Outbox
 from ipcd.transports.wsframes import (
     SMALL,
@@ -189,8 +189,7 @@ class WebSocketSide:
         while it lives.
         """
         self.stats, self.bridges = stats, bridges
-        if stats.registry is not None:
-            stats.registry.add(stats)
+        began(stats)
         if bridges is not None:
             bridges.add(self)
         side = MessageSide(self)

@@ -145,13 +145,8 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             return
         factory = self.factory
         peer = self._peer
-        stats = RelayStats(
-            description=str(peer),
-            direction="in",
-            service=self._service,
-            route="websocket inbound",
-            labels=tuple(peer.labels),
-            registry=factory.broker.relays,
+        stats = RelayStats.of(
+            peer, "in", self._service, "websocket inbound", factory.broker.relays
         )
         self.joinSocket(
             factory.reactor,
