@@ -225,6 +225,17 @@ class IdleSweep:
         delay = max(0.0, when - self._clock.seconds())
         self._call = self._clock.callLater(delay, self._sweep)
 
+    def start(self, stats: RelayStats, sides: Iterable[Any], timeout: float) -> None:
+        """
+        A relay starts now: nothing has moved yet; with a C{timeout} (0:
+        none), each of its C{sides} gets it and the sweep is due by then.
+        """
+        stats.moved = now = self._clock.seconds()
+        if timeout > 0:
+            for side in sides:
+                side.timeout = timeout
+            self.schedule(now + timeout)
+
     def cancel(self) -> None:
         if self._call is not None and self._call.active():
             self._call.cancel()
@@ -475,10 +486,7 @@ class SocketRelays:
         side_a.peer, side_b.peer = side_b, side_a
         self._sides[side_a.fd] = side_a
         self._sides[side_b.fd] = side_b
-        stats.moved = now = self._clock.seconds()
-        if idle_timeout > 0:
-            side_a.timeout = side_b.timeout = idle_timeout
-            self._idle.schedule(now + idle_timeout)
+        self._idle.start(stats, (side_a, side_b), idle_timeout)
         try:
             for side in (side_a, side_b):
                 side.sock.setblocking(False)

@@ -265,10 +265,7 @@ class TlsSocketRelays:
         began(stats)
         stats.forward += len(early)
         self._sides.update((side_a, side_b))
-        stats.moved = now = self._clock.seconds()
-        if idle_timeout > 0:
-            side_a.timeout = side_b.timeout = idle_timeout
-            self._idle.schedule(now + idle_timeout)
+        self._idle.start(stats, (side_a, side_b), idle_timeout)
         try:
             for side, data in ((side_a, greeting), (side_b, early)):
                 side.sock.setblocking(False)
