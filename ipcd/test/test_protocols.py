@@ -11,7 +11,6 @@ import io
 import json
 import socket
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -39,6 +38,7 @@ from ipcd.logs import json_observer
 from ipcd.policy import parse_rule
 from ipcd.relay import READ_SIZE, RelayStats
 from ipcd.routes import RemoteURI, parse_uri
+from ipcd.testing import MemoryRelays
 from ipcd.transports.tcp import TcpInbound
 
 RUNDIR = "/nonexistent/ipcd-test-rundir"
@@ -335,37 +335,6 @@ class StubBroker:
         return d
 
 
-@dataclass
-class Joined:
-    a: Any
-    b: Any
-    stats: RelayStats
-    greeting: bytes
-    early: bytes
-    idle_timeout: float
-
-
-class RecordingRelays:
-    """Stands for tcpd's relay loop: records the relays it is asked for."""
-
-    def __init__(self) -> None:
-        self.joined: list[Joined] = []
-
-    def join(
-        self,
-        a: Any,
-        b: Any,
-        stats: RelayStats,
-        greeting: bytes = b"",
-        early: bytes = b"",
-        idle_timeout: float = 0.0,
-    ) -> RelayStats:
-        if stats.registry is not None:
-            stats.registry.add(stats)
-        self.joined.append(Joined(a, b, stats, greeting, early, idle_timeout))
-        return stats
-
-
 class HandleTransport(RecordingTransport):
     """A UNIX-socket-like transport whose handle has no SO_PEERCRED."""
 
@@ -385,7 +354,8 @@ class TcpHandshakeTests(SynchronousTestCase):
         self.broker = StubBroker(
             self.reactor, daemons={"tcpd": {"handshake_timeout": 4.0}}
         )
-        self.relays = RecordingRelays()
+        self.relays = MemoryRelays()
+        self.relays.start()
 
     def factory(self, protocol: type) -> HandshakeFactory:
         return HandshakeFactory(

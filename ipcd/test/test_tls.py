@@ -70,6 +70,21 @@ class TlsTestCase(TestCase):
             f"a log line with {words!r}",
         )
 
+    @inlineCallbacks
+    def certificateHosts(self) -> Any:  # noqa: N802
+        """
+        Host B serving pong with a certificate from the test CA, and host A
+        trusting that CA: (A, B, B's certificate files).
+        """
+        server = self.ca.issue("host-b")
+        b = yield start_tls_host(
+            self,
+            {"certificate": server.cert, "key": server.key},
+            rules=["allow in pong"],
+        )
+        a = yield start_tls_host(self, {"trust_roots": self.ca.path}, pongd=False)
+        return a, b, server
+
     def keys(self, **lines: str) -> str:
         """A secrets file with these identities, in a directory of its own."""
         directory = short_rundir(self, "ipcd-tls-keys-")
@@ -116,13 +131,7 @@ class CertificateTests(TlsTestCase):
     @inlineCallbacks
     def test_certificateMode(self) -> Any:
         """Pong through tls:// with B's certificate from the test CA."""
-        server = self.ca.issue("host-b")
-        b = yield start_tls_host(
-            self,
-            {"certificate": server.cert, "key": server.key},
-            rules=["allow in pong"],
-        )
-        a = yield start_tls_host(self, {"trust_roots": self.ca.path}, pongd=False)
+        a, b, _ = yield self.certificateHosts()
         yield self.assertPong(a, b.route("pong"))
 
     @inlineCallbacks
@@ -478,13 +487,7 @@ class CertificateReloadTests(TlsTestCase):
     @inlineCallbacks
     def test_reloadReadsTheCertificateAgain(self) -> Any:
         """A certificate replaced on disk is presented after a reload."""
-        server = self.ca.issue("host-b")
-        b = yield start_tls_host(
-            self,
-            {"certificate": server.cert, "key": server.key},
-            rules=["allow in pong"],
-        )
-        a = yield start_tls_host(self, {"trust_roots": self.ca.path}, pongd=False)
+        a, b, server = yield self.certificateHosts()
         sock = yield self.assertPong(a, b.route("pong"))
         sock.close()
         stranger = TestCA(short_rundir(self, "ipcd-tls-other-"), "other CA")
