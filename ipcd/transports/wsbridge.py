@@ -172,7 +172,7 @@ class WebSocketSide:
     # Within a read of either end: what it relays is sent at its end.
     _inSocketRead = False
     _inWebSocketRead = False
-    _smallMax = 0  # see _smallest: set once the bridge is joined
+    _smallMax = 0  # see _smallMessageLimit: set once the bridge is joined
 
     def joinSocket(  # noqa: N802
         self,
@@ -204,7 +204,7 @@ class WebSocketSide:
             sock.close()  # the reactor holds its own duplicate
         self.messageSide = side
         self._toSocket = Outbox(side.transport)
-        self._smallMax = self._smallest()
+        self._smallMax = self._smallMessageLimit()
 
     # autobahn's per-message path, less what a bridge does not use: its
     # Twisted adapter's dataReceived and its sendData format a debug line
@@ -239,7 +239,7 @@ class WebSocketSide:
     # autobahn's (wsframes.small_client_message takes only what autobahn's
     # parser takes alike; its tests hold it to that).
 
-    def _smallest(self) -> int:
+    def _smallMessageLimit(self) -> int:
         """
         The largest message this connection's small frames may carry: 0
         unless it is a server's whose frames nothing changes (no
