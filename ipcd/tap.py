@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from ipcd import version
+from ipcd import compat, version
 from ipcd.broker import Broker, LookupFactory
 from ipcd.compat import twisted as compat_twisted
 from ipcd.config import Config, ConfigError, load_config
@@ -335,6 +335,8 @@ class IPCDService(MultiService):
         """
         if self._listening:
             return
+        # Each foreign private name a fast path needs, missing: one line each.
+        compat.check()
         # Before any socket is created in it: RUNDIR must be ours and safe.
         # Raises UnsafeRundir (one line).
         prepare_rundir(self.config.rundir)

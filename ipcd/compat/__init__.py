@@ -67,7 +67,7 @@ class Name:
         if not self.present and not self.said:
             self.said = True
             _log().warn(
-                "{library} has no {name}: {fast_path} is off ({fallback})",
+                "{library} has no {name}, so ipcd goes without {fast_path}: {fallback}",
                 library=self.library,
                 name=self.name,
                 fast_path=self.fast_path,
