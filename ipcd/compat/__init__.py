@@ -15,9 +15,11 @@ per library, through small named functions, and nowhere else:
 
 Each name is a L{Name}: probed once (when ipcd starts, L{check}, or at
 first use), and if it is gone the fast path that needs it is off, said in
-one log line, and the public path serves instead.  Tests make a name
-missing with C{self.patch(name, "present", False)}.  Importing these
-modules imports nothing of the libraries (no reactor either): a probe does.
+one log line, and the public path serves instead.  Accessors test
+C{name.present or name.usable()}: one attribute read once probed.  Tests
+make a name missing with C{self.patch(name, "present", False)}.  Importing
+these modules imports nothing of the libraries (no reactor either): a
+probe does.
 """
 
 from __future__ import annotations

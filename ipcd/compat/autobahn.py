@@ -51,7 +51,7 @@ BATCHED_TIMER = Name(
 
 def feed(protocol: Any, data: bytes) -> None:
     """Give C{data} read by C{protocol} (a WebSocket protocol) to autobahn."""
-    if DATA_RECEIVED.usable():
+    if DATA_RECEIVED.present or DATA_RECEIVED.usable():
         protocol._dataReceived(data)
     else:
         from autobahn.twisted.websocket import WebSocketAdapterProtocol
@@ -61,7 +61,7 @@ def feed(protocol: Any, data: bytes) -> None:
 
 def use_timers(factory: Any, timers: Any) -> None:
     """Make C{factory}'s connections set their timers with C{timers.call_later}."""
-    if BATCHED_TIMER.usable():
+    if BATCHED_TIMER.present or BATCHED_TIMER.usable():
         factory._batched_timer = timers
 
 

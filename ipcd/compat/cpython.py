@@ -32,7 +32,7 @@ ACCEPT = Name(
 
 def accept_fd(listening: socket.socket) -> Callable[[], tuple[int, Any]]:
     """C{listening}'s accept, giving C{(descriptor, address)}."""
-    if ACCEPT.usable():
+    if ACCEPT.present or ACCEPT.usable():
         return listening._accept  # type: ignore[attr-defined]
 
     def accept() -> tuple[int, Any]:

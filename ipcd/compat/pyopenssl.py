@@ -118,14 +118,18 @@ def raw_tls(connection: Connection) -> tuple[Any, Any, Any] | None:
     C{connection}'s C{SSL *}, and its memory BIOs (records in, records
     out); None when this pyOpenSSL (or its bindings) does not give them.
     """
-    if not (BINDINGS.usable() and SSL.usable() and MEMORY_BIOS.usable()):
+    if not (
+        (BINDINGS.present or BINDINGS.usable())
+        and (SSL.present or SSL.usable())
+        and (MEMORY_BIOS.present or MEMORY_BIOS.usable())
+    ):
         return None
     return connection._ssl, connection._into_ssl, connection._from_ssl
 
 
 def ssl_pointer(connection: Connection) -> Any:
     """C{connection}'s C{SSL *}, or None when this pyOpenSSL does not give it."""
-    if not SSL.usable():
+    if not (SSL.present or SSL.usable()):
         return None
     return connection._ssl
 
@@ -135,7 +139,7 @@ def tls_error(connection: Connection, ssl: Any, result: int) -> Exception | None
     pyOpenSSL's exception for the failed call on C{ssl} that returned
     C{result} (None if there is none, or this pyOpenSSL does not say).
     """
-    if not RAISE_SSL_ERROR.usable():
+    if not (RAISE_SSL_ERROR.present or RAISE_SSL_ERROR.usable()):
         return None
     try:
         connection._raise_ssl_error(ssl, result)
@@ -146,13 +150,13 @@ def tls_error(connection: Connection, ssl: Any, result: int) -> Exception | None
 
 def context_pointer(context: Context) -> Any:
     """C{context}'s C{SSL_CTX *}, or None when this pyOpenSSL does not give it."""
-    if not CONTEXT.usable():
+    if not (CONTEXT.present or CONTEXT.usable()):
         return None
     return context._context
 
 
 def connection_for(ssl: Any) -> Connection | None:
     """The Connection whose C{SSL *} is C{ssl}, or None."""
-    if not REVERSE_MAPPING.usable():
+    if not (REVERSE_MAPPING.present or REVERSE_MAPPING.usable()):
         return None
     return Connection._reverse_mapping.get(ssl)

@@ -227,7 +227,10 @@ def queued(transport: Any) -> bool | None:
     Whether socket transport C{transport} holds bytes or descriptors to
     write; None when this Twisted does not tell (take it as holding some).
     """
-    if not (TEMP_DATA_LEN.usable() and SENDMSG_QUEUE.usable()):
+    if not (
+        (TEMP_DATA_LEN.present or TEMP_DATA_LEN.usable())
+        and (SENDMSG_QUEUE.present or SENDMSG_QUEUE.usable())
+    ):
         return None
     return bool(
         transport._tempDataLen
@@ -241,7 +244,7 @@ def unsent(transport: Any) -> bytes | None:
     The bytes socket transport C{transport} holds to write, in order; None
     when this Twisted does not tell.
     """
-    if not TEMP_DATA_BUFFER.usable():
+    if not (TEMP_DATA_BUFFER.present or TEMP_DATA_BUFFER.usable()):
         return None
     return transport.dataBuffer[transport.offset :] + b"".join(
         transport._tempDataBuffer
@@ -254,7 +257,11 @@ def holds_nothing(transport: Any) -> bool:
     for any other transport, and when this Twisted does not tell.
     """
     data = getattr(transport, "dataBuffer", None)
-    if data is None or data or not TEMP_DATA_BUFFER.usable():
+    if (
+        data is None
+        or data
+        or not (TEMP_DATA_BUFFER.present or TEMP_DATA_BUFFER.usable())
+    ):
         return False
     return not transport._tempDataBuffer
 
@@ -262,14 +269,14 @@ def holds_nothing(transport: Any) -> bool:
 def buffered(transport: Any) -> int:
     """Bytes socket transport C{transport} holds to write (0 when not told)."""
     held = len(getattr(transport, "dataBuffer", b""))
-    if TEMP_DATA_LEN.usable():
+    if TEMP_DATA_LEN.present or TEMP_DATA_LEN.usable():
         held += getattr(transport, "_tempDataLen", 0)
     return held
 
 
 def write_closing(transport: Any) -> bool | None:
     """Whether C{transport} closes once written; None when not told."""
-    if not WRITE_DISCONNECTING.usable():
+    if not (WRITE_DISCONNECTING.present or WRITE_DISCONNECTING.usable()):
         return None
     return bool(transport._writeDisconnecting)
 
@@ -292,9 +299,9 @@ def tls_state(tls: Any) -> str | None:
     can), or None when this Twisted does not tell.
     """
     if not (
-        TLS_HANDSHAKE_DONE.usable()
-        and TLS_LOST.usable()
-        and TLS_APP_SEND_BUFFER.usable()
+        (TLS_HANDSHAKE_DONE.present or TLS_HANDSHAKE_DONE.usable())
+        and (TLS_LOST.present or TLS_LOST.usable())
+        and (TLS_APP_SEND_BUFFER.present or TLS_APP_SEND_BUFFER.usable())
     ):
         return None
     if not tls._handshakeDone:
@@ -311,7 +318,7 @@ def tls_state(tls: Any) -> str | None:
 
 def listen_errors_raise(service: Any) -> None:
     """Make StreamServerEndpointService C{service} raise a failure to listen."""
-    if RAISE_SYNCHRONOUSLY.usable():
+    if RAISE_SYNCHRONOUSLY.present or RAISE_SYNCHRONOUSLY.usable():
         service._raiseSynchronously = True
 
 
@@ -320,7 +327,7 @@ def port_of(service: Any) -> Any:
     The Deferred port of StreamServerEndpointService C{service} once it
     began to listen; None before, or when this Twisted does not tell.
     """
-    if not WAITING_FOR_PORT.usable():
+    if not (WAITING_FOR_PORT.present or WAITING_FOR_PORT.usable()):
         return None
     return service._waitingForPort
 
@@ -330,7 +337,7 @@ def count_accept_errors(port: Any, make_logger: Callable[[Any], Any]) -> bool:
     Route listening C{port}'s accept errors through C{make_logger(its
     logger)}; whether it could be done.
     """
-    if not PORT_LOGGER.usable():
+    if not (PORT_LOGGER.present or PORT_LOGGER.usable()):
         return False
     logger = getattr(port, "_logger", None)
     if logger is None:
@@ -347,7 +354,7 @@ def add_option(options: Any, name: str, handler: Callable[[str, Any], None]) -> 
     Dispatch long option C{--name} of C{options} (a usage.Options) to
     C{handler(name, value)}; whether it could be done.
     """
-    if not OPTIONS_DISPATCH.usable():
+    if not (OPTIONS_DISPATCH.present or OPTIONS_DISPATCH.usable()):
         return False
     options._dispatch[name] = handler
     return True
@@ -363,7 +370,7 @@ def endpoint_type(description: str) -> str:
     The type of endpoint string C{description}, in lower case; ValueError
     (or IndexError, or RuntimeError for a trailing backslash) if none.
     """
-    if ENDPOINT_PARSE.usable():
+    if ENDPOINT_PARSE.present or ENDPOINT_PARSE.usable():
         return _endpoints()._parse(description)[0][0].lower()
     kind = description.split(":", 1)[0]
     if not kind:
@@ -373,7 +380,7 @@ def endpoint_type(description: str) -> str:
 
 def server_endpoint_types() -> set[str]:
     """Twisted's built-in server endpoint types."""
-    if SERVER_PARSERS.usable():
+    if SERVER_PARSERS.present or SERVER_PARSERS.usable():
         return set(_endpoints()._serverParsers)
     return set(BUILT_IN_SERVER_TYPES)
 
@@ -383,5 +390,5 @@ def check_server_arguments(description: str) -> None:
     Raise ValueError or TypeError if built-in endpoint C{description}'s
     arguments are not ones its parser takes (nothing when not told).
     """
-    if PARSE_SERVER.usable():
+    if PARSE_SERVER.present or PARSE_SERVER.usable():
         _endpoints()._parseServer(description, None)
