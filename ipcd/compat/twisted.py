@@ -1,7 +1,7 @@
 """
 The private names of Twisted that ipcd reads: here only.
 
-    L{queued}, L{unsent}, L{buffered}, L{write_closing}
+    L{queued}, L{unsent}, L{holds_nothing}, L{buffered}, L{writes_waiting}
         what a socket transport holds to write (C{_tempDataBuffer},
         C{_tempDataLen}, C{_sendmsgQueue}, C{_writeDisconnecting}): one
         C{sendmsg} for a lookup's answer, a relay's writes in the same
@@ -274,11 +274,19 @@ def buffered(transport: Any) -> int:
     return held
 
 
-def write_closing(transport: Any) -> bool | None:
-    """Whether C{transport} closes once written; None when not told."""
-    if not (WRITE_DISCONNECTING.present or WRITE_DISCONNECTING.usable()):
-        return None
-    return bool(transport._writeDisconnecting)
+def writes_waiting(transport: Any) -> bool:
+    """
+    Whether socket transport C{transport}, not closing for writing, holds
+    bytes the reactor has not written yet (false when this Twisted does not
+    tell: then the reactor writes them on its next turn).
+    """
+    if not (WRITE_DISCONNECTING.present and TEMP_DATA_LEN.present) and not (
+        WRITE_DISCONNECTING.usable() and TEMP_DATA_LEN.usable()
+    ):
+        return False
+    return not transport._writeDisconnecting and bool(
+        transport.dataBuffer or transport._tempDataLen
+    )
 
 
 # TLS.

@@ -157,8 +157,7 @@ class EagerRelayProtocol(RelayProtocol):
             connection is not None
             and connection.connected
             and not connection.disconnecting
-            and compat_twisted.write_closing(connection) is False
-            and compat_twisted.queued(connection)
+            and compat_twisted.writes_waiting(connection)
         ):
             connection.doWrite()
 
