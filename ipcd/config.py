@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ipcd.compat import twisted as compat_twisted
 from ipcd.daemons import Registry, default_registry
 from ipcd.names import (
     OWN_NAMES,
@@ -130,12 +131,12 @@ def endpoint(value: Any) -> str:
 
 
 def _server_endpoint_types() -> list[str]:
-    from twisted.internet.endpoints import _serverParsers
     from twisted.internet.interfaces import IStreamServerEndpointStringParser
     from twisted.plugin import getPlugins
 
     plugins = getPlugins(IStreamServerEndpointStringParser)
-    return sorted({*_serverParsers, *(p.prefix.lower() for p in plugins)})
+    built_in = compat_twisted.server_endpoint_types()
+    return sorted({*built_in, *(p.prefix.lower() for p in plugins)})
 
 
 def check_server_endpoint(description: str) -> None:
@@ -147,10 +148,8 @@ def check_server_endpoint(description: str) -> None:
     loads (and a reload with one keeps the old configuration).
     """
     # Twisted's own strports machinery: no reactor is imported by these.
-    from twisted.internet.endpoints import _parse, _parseServer
-
     try:
-        kind = _parse(description)[0][0].lower()
+        kind = compat_twisted.endpoint_type(description)
     except (ValueError, IndexError, RuntimeError) as e:
         # RuntimeError: Twisted's tokenizer on a trailing backslash.
         why = "a '\\' at the end escapes nothing" if isinstance(e, RuntimeError) else e
@@ -164,7 +163,7 @@ def check_server_endpoint(description: str) -> None:
     if kind == "ssl":
         return  # its parser reads the key and certificate files: not here
     try:
-        _parseServer(description, None)
+        compat_twisted.check_server_arguments(description)
     except (ValueError, TypeError) as e:
         # "_parseTCP() got an unexpected keyword argument": not our name.
         reason = re.sub(r"^_?\w+\(\) ", "", str(e))

@@ -10,6 +10,8 @@ import socket
 from array import array
 from typing import TYPE_CHECKING, Any
 
+from ipcd.compat import twisted as compat_twisted
+
 if TYPE_CHECKING:  # the blocking client imports this module: no Twisted
     from twisted.internet.interfaces import IProtocolFactory
 
@@ -33,8 +35,7 @@ def send_ok(transport: Any, fd: int) -> None:
     # Only on Twisted's own UNIX transport, and while it has nothing queued
     # (its attributes, not an interface's): other transports, the fakes of
     # ipcd.testing among them, go Twisted's way.
-    queued = getattr(transport, "dataBuffer", None)
-    if queued is not None and not queued and not transport._tempDataBuffer:
+    if compat_twisted.holds_nothing(transport):
         try:
             sent = transport.getHandle().sendmsg(
                 [OK], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]))]

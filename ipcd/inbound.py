@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd import wire
+from ipcd.compat import twisted as compat_twisted
 from ipcd.errors import Refused
 from ipcd.identity import Peer, local_peer, remote_peer
 from ipcd.relay import READ_SIZE, RelayStats, take_socket
@@ -296,7 +297,11 @@ def listening(listener: Any) -> Deferred[Any]:
         result.callback(port)
         return port
 
-    listener._waitingForPort.addCallback(passOn)
+    waiting = compat_twisted.port_of(listener)
+    if waiting is None:  # this Twisted does not say (see ipcd.compat)
+        result.errback(RuntimeError("the listener's port is not known"))
+    else:
+        waiting.addCallback(passOn)
     return result
 
 

@@ -26,6 +26,7 @@ from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import alsoProvides, implementer
 
+from ipcd.compat import twisted as compat_twisted
 from ipcd.identity import credentials
 from ipcd.sockets import discard_unread
 
@@ -174,11 +175,12 @@ class ConnectionLimits:
         self.port = port
         observer = self.log.observer
         # Twisted's accept loop logs every EMFILE through the port's logger.
-        logger = getattr(port, "_logger", None)
-        if logger is not None:
-            port._logger = Logger(
+        compat_twisted.count_accept_errors(
+            port,
+            lambda logger: Logger(
                 namespace=logger.namespace, observer=self._accept_error(observer)
-            )
+            ),
+        )
         return port
 
     def _accept_error(self, observer: ILogObserver) -> Callable[[Any], None]:

@@ -15,16 +15,18 @@ a descriptor is given to C{close_later} (L{HandedOver}) rather than closed.
 
 from __future__ import annotations
 
-import _socket
 import socket
 from collections import deque
 from typing import Any
 
 from twisted.internet import unix
+from twisted.internet.address import UNIXAddress
 from twisted.logger import Logger
 
+from ipcd.compat import cpython
+
 _log = Logger()
-_RawSocket = _socket.socket
+_RawSocket = cpython.RawSocket
 _FAMILY = socket.AF_UNIX
 _TYPE = socket.SOCK_STREAM
 
@@ -117,7 +119,7 @@ class LookupPort(unix.Port):
         # Twisted's own loop, which handles and logs it as before (and
         # ipcd.limits counts it).
         self.handed_over.sweep()
-        accept = self.socket._accept
+        accept = cpython.accept_fd(self.socket)
         accepted = 0
         try:
             for _ in range(self.numberAccepts):
@@ -151,7 +153,7 @@ class LookupPort(unix.Port):
         if resume is None:
             return
         skt = socket.socket(_FAMILY, _TYPE, 0, skt.detach())
-        protocol = self.factory.buildProtocol(self._buildAddr(addr))
+        protocol = self.factory.buildProtocol(UNIXAddress(addr))
         if protocol is None:
             skt.close()
             return

@@ -70,6 +70,8 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from ipcd.compat import twisted as compat_twisted
+
 # Big reads: fewer passes on bulk transfers.  One buffer per engine, reused
 # by every read (all in the reactor's thread), so no per-read allocation.
 READ_SIZE = 256 * 1024
@@ -1096,6 +1098,5 @@ class TransportRelays:
         for a in self._relays.values():
             for side in (a, a.peer):
                 transport = side and side.transport
-                total += len(getattr(transport, "dataBuffer", b""))
-                total += getattr(transport, "_tempDataLen", 0)
+                total += compat_twisted.buffered(transport)
         return total

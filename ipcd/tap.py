@@ -23,8 +23,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from ipcd import version
+from ipcd import compat, version
 from ipcd.broker import Broker, LookupFactory
+from ipcd.compat import twisted as compat_twisted
 from ipcd.config import Config, ConfigError, load_config
 from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_report
 from ipcd.daemons import Flag, Registry, StartupError, default_registry, settings_of
@@ -90,15 +91,16 @@ class Options(usage.Options):
         name = flag.name
         if name in self.synonyms:
             raise ValueError(f"a protocol daemon's option --{name} is taken")
-        self.longOpt.append(f"{name}=" if flag.takes_value else name)
-        self.docs[name] = flag.doc
-        self.synonyms[name] = name
         self[name] = self.defaults[name] = None
 
         def given(option: str, value: str) -> None:
             self[name] = value if flag.takes_value else True
 
-        self._dispatch[name] = given
+        if not compat_twisted.add_option(self, name, given):
+            return  # not on this Twisted's command line (see ipcd.compat)
+        self.longOpt.append(f"{name}=" if flag.takes_value else name)
+        self.docs[name] = flag.doc
+        self.synonyms[name] = name
 
     def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
         try:
@@ -333,6 +335,8 @@ class IPCDService(MultiService):
         """
         if self._listening:
             return
+        # Each foreign private name a fast path needs, missing: one line each.
+        compat.check()
         # Before any socket is created in it: RUNDIR must be ours and safe.
         # Raises UnsafeRundir (one line).
         prepare_rundir(self.config.rundir)
@@ -344,7 +348,7 @@ class IPCDService(MultiService):
                 for port in reversed(opened):
                     _close_now(port)
                 raise StartupError(_why(e, leaf, self.config)) from None
-            waiting = getattr(leaf, "_waitingForPort", None)
+            waiting = compat_twisted.port_of(leaf)
             if waiting is not None:  # a listener: fired already, with its port
                 waiting.addCallback(lambda port: opened.append(port) or port)
         self._listening = True

@@ -10,6 +10,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.interfaces import IProtocolFactory
 
+from ipcd.compat import twisted as compat_twisted
 from ipcd.endpoints import IPCServerEndpoint
 from ipcd.limits import ConnectionLimits, LimitedEndpoint
 from ipcd.names import SOCKET_MODE
@@ -42,4 +43,4 @@ class IPCService(StreamServerEndpointService):
         super().__init__(endpoint, factory)
         self.setName(name)
         # Let a failure to listen (a live instance, bad RUNDIR) stop startup.
-        self._raiseSynchronously = True
+        compat_twisted.listen_errors_raise(self)

@@ -5,6 +5,7 @@ C{ipc:} endpoint strings) and the files that make them ship.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -145,6 +146,9 @@ class InstalledTests(SynchronousTestCase):
             dist = metadata.distribution("ipcd")
         except metadata.PackageNotFoundError:
             raise SkipTest("ipcd is not installed") from None
+        if _editable(dist):
+            self.editablePluginFound(dist)
+            return
         files = dist.files
         if files is None:
             raise SkipTest("the installed ipcd has no file list")
@@ -152,6 +156,42 @@ class InstalledTests(SynchronousTestCase):
         self.assertIn("twisted/plugins/ipcd_plugin.py", names)
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
+
+    def editablePluginFound(self, dist: metadata.Distribution) -> None:  # noqa: N802
+        """
+        An editable install ships no files: the plugin is found from its
+        checkout when that is on C{sys.path} (C{editable_mode=compat}).
+        """
+        code = (
+            "from twisted.plugin import getPlugins\n"
+            "from twisted.internet.interfaces import"
+            " IStreamServerEndpointStringParser as I\n"
+            "print(sorted(p.prefix for p in getPlugins(I)))\n"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+            env=env,
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        if "'ipc'" not in out.stdout:
+            raise SkipTest(
+                f"ipcd is installed editable ({dist.read_text('direct_url.json')})"
+                " without editable_mode=compat: Twisted cannot find its plugins"
+                " (docs/api.rst, Endpoints, says how to install it)"
+            )
+
+
+def _editable(dist: metadata.Distribution) -> bool:
+    """Whether C{dist} was installed with C{pip install -e} (PEP 610)."""
+    text = dist.read_text("direct_url.json")
+    if not text:
+        return False
+    return bool(json.loads(text).get("dir_info", {}).get("editable"))
 
 
 class PluginCacheTests(SynchronousTestCase):

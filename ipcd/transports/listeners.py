@@ -15,6 +15,7 @@ from twisted.application.service import IServiceCollection
 from twisted.internet.endpoints import serverFromString
 
 from ipcd import wire
+from ipcd.compat import twisted as compat_twisted
 from ipcd.daemons import StartupError, settings_of
 from ipcd.inbound import ControlHandshake, HandshakeFactory, Handshaking
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
@@ -68,7 +69,7 @@ def network_listener(
         LimitedEndpoint(serverFromString(broker.reactor, listen), limits),
         LimitedFactory(factory, limits, peer_key, refusal),
     )
-    listener._raiseSynchronously = True
+    compat_twisted.listen_errors_raise(listener)
     return listener
 
 

@@ -22,6 +22,8 @@ from typing import Any
 from twisted.internet.abstract import FileDescriptor
 from twisted.protocols.policies import ProtocolWrapper
 
+from ipcd.compat import twisted as compat_twisted
+
 # More pieces than this are joined first: one buffer instead of a long
 # scatter list (the kernel takes at most IOV_MAX, 1024, in one sendmsg).
 MAX_PIECES = 64
@@ -54,13 +56,10 @@ def _queued(transport: FileDescriptor) -> bool:
     years, and a transport without them is taken as holding some.)
     """
     try:
-        return bool(
-            transport._tempDataLen
-            or transport.offset != len(transport.dataBuffer)
-            or getattr(transport, "_sendmsgQueue", None)  # AF_UNIX's only
-        )
+        held = compat_twisted.queued(transport)
     except AttributeError:
         return True
+    return True if held is None else held
 
 
 def queued_nothing(transport: FileDescriptor) -> bool:

@@ -26,10 +26,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL.SSL import Connection, Context
 from twisted.logger import Logger
 
+from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.logs import printable
 
 log = Logger()
@@ -47,8 +47,7 @@ TLS12_PSK_CIPHERS = (
     b"PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305"
 )
 
-_binding = Binding()
-_ffi, _lib = _binding.ffi, _binding.lib
+_lib, _ffi = compat_pyopenssl.bindings()
 
 # The identity each server connection was offered (for logs), and the one
 # it was given a key for (for labels: it holds once the handshake completes).
@@ -136,6 +135,14 @@ def openssl() -> tuple[Any, Any]:
     return _lib, _ffi
 
 
+def unavailable() -> str | None:
+    """Why this pyOpenSSL cannot do pre-shared keys here; None if it can."""
+    for name in (compat_pyopenssl.CONTEXT, compat_pyopenssl.REVERSE_MAPPING):
+        if not name.usable():
+            return f"this pyOpenSSL has no {name.name}: pre-shared keys are unavailable"
+    return None
+
+
 def psk_identity(connection: Connection) -> str | None:
     """
     The PSK identity a server connection was given a key for, if any: once
@@ -156,6 +163,13 @@ def _keep(context: Context, callback: Any) -> None:
         kept = []
         context._ipcd_psk_callbacks = kept  # type: ignore[attr-defined]
     kept.append(callback)
+
+
+def _pointer(context: Context) -> Any:
+    pointer = compat_pyopenssl.context_pointer(context)
+    if pointer is None:  # read_material refuses PSK settings first
+        raise RuntimeError(unavailable())
+    return pointer
 
 
 def _copy_key(key: bytes, out: Any, room: int) -> int:
@@ -180,7 +194,9 @@ def use_server_keys(
 
     def server(ssl: Any, identity: Any, out: Any, room: int) -> int:
         try:
-            connection = Connection._reverse_mapping[ssl]
+            connection = compat_pyopenssl.connection_for(ssl)
+            if connection is None:
+                raise LookupError("no Connection for this SSL pointer")
             name = _ffi.string(identity).decode("ascii", "replace")
             _offered[connection] = name
             current = keys() if callable(keys) else keys
@@ -205,8 +221,8 @@ def use_server_keys(
         "unsigned int(SSL *, char *, unsigned char *, unsigned int)", server
     )
     _keep(context, callback)
-    _lib.SSL_CTX_set_psk_server_callback(context._context, callback)
-    _lib.SSL_CTX_set_ciphersuites(context._context, TLS13_SUITES)
+    _lib.SSL_CTX_set_psk_server_callback(_pointer(context), callback)
+    context.set_tls13_ciphersuites(TLS13_SUITES)
 
 
 def use_client_key(context: Context, identity: str, key: bytes) -> None:
@@ -234,6 +250,6 @@ def use_client_key(context: Context, identity: str, key: bytes) -> None:
         client,
     )
     _keep(context, callback)
-    _lib.SSL_CTX_set_psk_client_callback(context._context, callback)
-    _lib.SSL_CTX_set_ciphersuites(context._context, TLS13_SUITES)
+    _lib.SSL_CTX_set_psk_client_callback(_pointer(context), callback)
+    context.set_tls13_ciphersuites(TLS13_SUITES)
     context.set_cipher_list(TLS12_PSK_CIPHERS)

@@ -41,6 +41,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ipcd.compat import twisted as compat_twisted
 from ipcd.config import Expected, boolean, endpoint, positive_number
 from ipcd.daemons import Flag, IProtocolDaemon, Setting, StartupError, settings_of
 from ipcd.errors import Refused
@@ -156,8 +157,7 @@ class EagerRelayProtocol(RelayProtocol):
             connection is not None
             and connection.connected
             and not connection.disconnecting
-            and not connection._writeDisconnecting
-            and (connection.dataBuffer or connection._tempDataLen)
+            and compat_twisted.writes_waiting(connection)
         ):
             connection.doWrite()
 
@@ -339,7 +339,7 @@ class TlsInbound(TcpInbound):
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         if not self._handshakeDone and reason is not None:
             identity = None
-            handle = getattr(self.transport, "_tlsConnection", None)
+            handle = compat_twisted.tls_connection(self.transport)
             if handle is not None:
                 identity = psk.offered_identity(handle)
             said = f" (PSK identity {identity!r})" if identity else ""
@@ -494,7 +494,7 @@ class TlsDialer(Protocol):
             self._fail(detail)
         elif not self.handshook:
             why = _why(reason) if reason is not None else "closed"
-            handle = getattr(self.transport, "_tlsConnection", None)
+            handle = compat_twisted.tls_connection(self.transport)
             unverified = verify_error(handle) if handle is not None else None
             if unverified is not None:
                 why = f"{why} ({unverified})"

@@ -34,6 +34,7 @@ from twisted.internet.ssl import (
 )
 from zope.interface import implementer
 
+from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.transports import psk
 
 VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
@@ -240,6 +241,9 @@ def read_material(settings: Mapping[str, Any]) -> Material:
             keys = psk.read_secrets(settings["psk_file"])
         except psk.SecretsError as e:
             raise MaterialError(f"[tlsd] psk_file: {e}") from None
+        why = psk.unavailable()
+        if why:
+            raise MaterialError(f"[tlsd] psk_file: {why}")
     for key, identity in [("psk_identity", settings["psk_identity"])] + [
         (f"psk_hosts.{host}", name) for host, name in settings["psk_hosts"].items()
     ]:
@@ -265,7 +269,10 @@ def read_material(settings: Mapping[str, Any]) -> Material:
 def verify_error(connection: Connection) -> str | None:
     """Why OpenSSL did not accept the peer's certificate, if it did not."""
     lib, ffi = psk.openssl()
-    code = lib.SSL_get_verify_result(connection._ssl)
+    ssl = compat_pyopenssl.ssl_pointer(connection)
+    if ssl is None:
+        return None  # this pyOpenSSL does not say (see ipcd.compat)
+    code = lib.SSL_get_verify_result(ssl)
     if code == 0:  # X509_V_OK
         return None
     return ffi.string(lib.X509_verify_cert_error_string(code)).decode()

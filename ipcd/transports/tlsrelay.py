@@ -33,14 +33,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.bindings.openssl.binding import Binding
-from OpenSSL.SSL import Connection, WantReadError
+from OpenSSL.SSL import OP_NO_RENEGOTIATION, Connection, WantReadError
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ipcd.compat import pyopenssl as compat_pyopenssl
+from ipcd.compat import twisted as compat_twisted
 from ipcd.relay import (
     _GONE,
     _NOTHING,
@@ -53,12 +54,12 @@ from ipcd.relay import (
     take_socket,
 )
 
-_binding = Binding()
-_ffi, _lib = _binding.ffi, _binding.lib
-_WANT_READ = _lib.SSL_ERROR_WANT_READ
-_WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
-_ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
-_SYSCALL = _lib.SSL_ERROR_SYSCALL
+_lib, _ffi = compat_pyopenssl.bindings()
+# OpenSSL's numbers (ssl.h), should the bindings stop naming them.
+_WANT_READ = getattr(_lib, "SSL_ERROR_WANT_READ", 2)
+_WANT_WRITE = getattr(_lib, "SSL_ERROR_WANT_WRITE", 3)
+_ZERO_RETURN = getattr(_lib, "SSL_ERROR_ZERO_RETURN", 6)
+_SYSCALL = getattr(_lib, "SSL_ERROR_SYSCALL", 5)
 
 log = Logger()
 
@@ -73,12 +74,16 @@ def socket_of(transport: Any) -> FileDescriptor | None:
 @dataclass
 class Secured:
     """
-    A TCP socket and the TLS connection on it (its memory BIOs);
-    C{unsent}: records Twisted had made and not sent yet, which go first.
+    A TCP socket and the TLS connection on it: its C{SSL *} and memory
+    BIOs (records C{into} it, records C{out}); C{unsent}: records Twisted
+    had made and not sent yet, which go first.
     """
 
     sock: socket.socket
     connection: Connection
+    ssl: Any
+    into: Any
+    out: Any
     unsent: bytes = b""
 
 
@@ -87,42 +92,49 @@ def detach(tls: Any) -> Secured | str:
     Take TLS connection C{tls} (a L{TLSMemoryBIOProtocol}) from Twisted:
     its TCP socket leaves the reactor, with the pyOpenSSL Connection and
     the records Twisted has not sent yet.  When that is not safe now: why
-    (and nothing has changed).
+    (and nothing has changed).  Everything the relay needs from Twisted's
+    and pyOpenSSL's insides is read here, before the socket leaves.
     """
     try:
         why = _not_detachable(tls)
         if why:
             return why
         tcp = socket_of(tls.transport)
-        connection = tls._tlsConnection
+        connection = compat_twisted.tls_connection(tls)
+        raw = compat_pyopenssl.raw_tls(connection)
+        if raw is None:
+            return "this pyOpenSSL does not give its SSL pointer and memory BIOs"
+        unsent = compat_twisted.unsent(tcp)
+        if unsent is None:
+            return "this Twisted does not give the records it holds"
         sock = tcp.getHandle()
-        unsent = tcp.dataBuffer[tcp.offset :] + b"".join(tcp._tempDataBuffer)
     except AttributeError as e:  # Twisted or pyOpenSSL changed under us
         return f"cannot look inside this TLS connection ({e})"
     # A renegotiation is refused (TLS 1.2): records go one way at a time.
-    _lib.SSL_set_options(connection._ssl, _lib.SSL_OP_NO_RENEGOTIATION)
+    connection.set_options(OP_NO_RENEGOTIATION)
     take_socket(tcp)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         # Each record goes out at once: a message's round trip, not Nagle's.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return Secured(sock, connection, unsent)
+    return Secured(sock, connection, *raw, unsent=unsent)
 
 
 def _not_detachable(tls: Any) -> str:
     """Why C{tls} cannot leave Twisted now; empty if it can."""
     tcp = socket_of(tls.transport)
-    connection = getattr(tls, "_tlsConnection", None)
+    connection = compat_twisted.tls_connection(tls)
     if tcp is None or connection is None or not hasattr(tcp, "getHandle"):
         return "not a TLS connection over a socket"
-    if not getattr(tls, "_handshakeDone", False):
-        return "handshake not done"
-    if tls._lostTLSConnection or tls.disconnecting or tcp.disconnecting:
+    why = compat_twisted.tls_state(tls)
+    if why is None:
+        return "this Twisted's TLS cannot be looked inside"
+    if why:
+        return why
+    if tls.disconnecting or tcp.disconnecting:
         return "closing"
     if not tcp.connected:
         return "not connected"
-    if tls._appSendBuffer:
-        return "bytes still to encrypt"
-    if _lib.SSL_pending(connection._ssl) > 0:
+    if connection.pending() > 0:
         return "bytes received and not read"
     return ""
 
@@ -163,9 +175,7 @@ class _Side:
         self.engine = engine
         if isinstance(end, Secured):
             self.sock, self.connection = end.sock, end.connection
-            self.ssl = end.connection._ssl
-            self.into = end.connection._into_ssl  # memory BIO: records in
-            self.out = end.connection._from_ssl  # memory BIO: records out
+            self.ssl, self.into, self.out = end.ssl, end.into, end.out
             self.raw = memoryview(end.unsent)  # records for the socket
         else:
             self.sock, self.connection, self.ssl = end, None, None
@@ -446,12 +456,9 @@ class TlsSocketRelays:
 
     def _tls_error(self, side: _Side, result: int, why: int) -> None:
         errno_now = _ffi.errno
-        try:
-            side.connection._raise_ssl_error(side.ssl, result)
-        except Exception as e:
-            reason = e
-        else:
-            reason = None
+        reason: object = compat_pyopenssl.tls_error(side.connection, side.ssl, result)
+        if reason is None and not compat_pyopenssl.RAISE_SSL_ERROR.usable():
+            reason = f"SSL_get_error {why}"
         _lib.ERR_clear_error()
         if why == _SYSCALL and errno_now in _GONE:
             raise OSError(errno_now, "connection lost")

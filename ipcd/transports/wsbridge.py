@@ -26,6 +26,7 @@ from typing import Any
 
 from twisted.internet.protocol import Factory
 
+from ipcd.compat import autobahn as compat_autobahn
 from ipcd.relay import RelayStats, began, ended
 from ipcd.transports.outbox import Outbox
 from ipcd.transports.wsframes import (
@@ -222,7 +223,7 @@ class WebSocketSide:
             elif len(data) > SPLIT_ABOVE and self.state == self.STATE_OPEN:  # type: ignore[attr-defined]
                 self._frameByFrame(data)
             else:
-                self._dataReceived(data)  # type: ignore[attr-defined]
+                compat_autobahn.feed(self, data)
         finally:
             self._inWebSocketRead = False
         outbox = self._toSocket
@@ -248,7 +249,7 @@ class WebSocketSide:
         """
         if not (
             self.factory.isServer  # type: ignore[attr-defined]
-            and self._perMessageCompress is None  # type: ignore[attr-defined]
+            and compat_autobahn.no_extensions(self)
             and not self.logOctets  # type: ignore[attr-defined]
             and self.applyMask  # type: ignore[attr-defined]
             and self.utf8validateIncoming  # type: ignore[attr-defined]
@@ -302,9 +303,9 @@ class WebSocketSide:
             ends = frame_ends(data, rest=due)
         start = 0
         for end in ends:
-            self._dataReceived(data[start:end])  # type: ignore[attr-defined]
+            compat_autobahn.feed(self, data[start:end])
             start = end
-        self._dataReceived(data[start:] if start else data)  # type: ignore[attr-defined]
+        compat_autobahn.feed(self, data[start:] if start else data)
 
     def onMessageEnd(self) -> None:  # noqa: N802
         if not self.failedByMe:  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.python.failure import Failure
 
+from ipcd.compat import autobahn as compat_autobahn
 from ipcd.errors import Refused
 from ipcd.logs import printable
 from ipcd.relay import RelayStats
@@ -79,7 +80,7 @@ class WebSocketOutboundFactory(WebSocketClientFactory):
     ) -> None:
         super().__init__(url)
         self.reactor = reactor
-        self._batched_timer = ReactorTimer(reactor)
+        compat_autobahn.use_timers(self, ReactorTimer(reactor))
         self.stats = stats
         self.bridges = bridges
         self.max_message_size = max_message_size

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
+from ipcd.compat import autobahn as compat_autobahn
 from ipcd.errors import Refused
 from ipcd.identity import remote_peer
 from ipcd.logs import printable
@@ -205,7 +206,7 @@ class WebSocketInboundFactory(WebSocketServerFactory):
         self.reactor = broker.reactor
         self.settings = settings
         self.isSecure = secure
-        self._batched_timer = ReactorTimer(self.reactor)
+        compat_autobahn.use_timers(self, ReactorTimer(self.reactor))
         self.bridges: set[WebSocketSide] = set()
         self.apply(settings())
 

@@ -1,0 +1,402 @@
+"""
+The private names of Twisted that ipcd reads: here only.
+
+    L{queued}, L{unsent}, L{holds_nothing}, L{buffered}, L{writes_waiting}
+        what a socket transport holds to write (C{_tempDataBuffer},
+        C{_tempDataLen}, C{_sendmsgQueue}, C{_writeDisconnecting}): one
+        C{sendmsg} for a lookup's answer, a relay's writes in the same
+        turn, the TLS relay's switch to raw sockets, the buffered count
+    L{tls_state}
+        whether a L{TLSMemoryBIOProtocol} may leave Twisted
+        (C{_handshakeDone}, C{_lostTLSConnection}, C{_appSendBuffer})
+    L{listen_errors_raise}, L{port_of}
+        a listener's failure to listen raised at start, and its port
+        (C{_raiseSynchronously}, C{_waitingForPort})
+    L{count_accept_errors}
+        a listening port's accept errors through ipcd's logger (C{_logger})
+    L{add_option}
+        a protocol daemon's command-line flag (C{usage.Options._dispatch})
+    L{endpoint_type}, L{server_endpoint_types}, L{check_server_arguments}
+        an endpoint string checked without listening (C{_parse},
+        C{_serverParsers}, C{_parseServer} of C{twisted.internet.endpoints})
+
+Each answers the public, slower way (or "cannot tell", which callers take as
+the safe answer) when its name is gone; see L{ipcd.compat}.  No reactor is
+imported here.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from ipcd.compat import Name
+
+LIBRARY = "Twisted"
+
+
+class _InertReactor:
+    """Enough of a reactor for a probe's transport, which is never run."""
+
+    def addReader(self, reader: Any) -> None:  # noqa: N802 (Twisted's name)
+        pass
+
+    def removeReader(self, reader: Any) -> None:  # noqa: N802 (Twisted's name)
+        pass
+
+
+def _unix_transport() -> Any:
+    """Twisted's UNIX server transport over a socket pair, for probes."""
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.unix import Server
+
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    transport = Server(ours, Protocol(), None, None, 0, _InertReactor())
+    ours.close()
+    return transport
+
+
+def _has(make: Callable[[], Any], attribute: str) -> Callable[[], bool]:
+    return lambda: hasattr(make(), attribute)
+
+
+def _tls_protocol() -> Any:
+    """A client L{TLSMemoryBIOProtocol} that has begun its handshake, for probes."""
+    from OpenSSL.SSL import TLS_CLIENT_METHOD, Connection, Context
+    from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from zope.interface import implementer
+
+    @implementer(IOpenSSLClientConnectionCreator)
+    class Creator:
+        def clientConnectionForTLS(self, tls: Any) -> Connection:  # noqa: N802
+            connection = Connection(Context(TLS_CLIENT_METHOD), None)
+            connection.set_connect_state()
+            return connection
+
+    factory = TLSMemoryBIOFactory(
+        Creator(), True, Factory.forProtocol(Protocol), clock=Clock()
+    )
+    tls = factory.buildProtocol(None)
+    tls.makeConnection(StringTransport())
+    return tls
+
+
+TEMP_DATA_BUFFER = Name(
+    LIBRARY,
+    "FileDescriptor._tempDataBuffer",
+    "one sendmsg per lookup answer, and the TLS relay on raw sockets",
+    "answers go Twisted's way (fd, then 'ok'); TLS relays stay in Twisted",
+    _has(_unix_transport, "_tempDataBuffer"),
+)
+TEMP_DATA_LEN = Name(
+    LIBRARY,
+    "FileDescriptor._tempDataLen",
+    "writes straight to the socket (relays, websocketd)",
+    "writes go through the transport's buffer",
+    _has(_unix_transport, "_tempDataLen"),
+)
+SENDMSG_QUEUE = Name(
+    LIBRARY,
+    "unix.Server._sendmsgQueue",
+    "writes straight to a UNIX socket",
+    "writes go through the transport's buffer",
+    _has(_unix_transport, "_sendmsgQueue"),
+)
+WRITE_DISCONNECTING = Name(
+    LIBRARY,
+    "FileDescriptor._writeDisconnecting",
+    "a relay's writes in the same reactor turn",
+    "the reactor writes on its next turn",
+    _has(_unix_transport, "_writeDisconnecting"),
+)
+TLS_HANDSHAKE_DONE = Name(
+    LIBRARY,
+    "TLSMemoryBIOProtocol._handshakeDone",
+    "the TLS relay on raw sockets",
+    "TLS relays stay in Twisted",
+    _has(_tls_protocol, "_handshakeDone"),
+)
+TLS_LOST = Name(
+    LIBRARY,
+    "TLSMemoryBIOProtocol._lostTLSConnection",
+    "the TLS relay on raw sockets",
+    "TLS relays stay in Twisted",
+    _has(_tls_protocol, "_lostTLSConnection"),
+)
+TLS_APP_SEND_BUFFER = Name(
+    LIBRARY,
+    "TLSMemoryBIOProtocol._appSendBuffer",
+    "the TLS relay on raw sockets",
+    "TLS relays stay in Twisted",
+    _has(_tls_protocol, "_appSendBuffer"),
+)
+
+
+def _service() -> Any:
+    from twisted.application.internet import StreamServerEndpointService
+
+    return StreamServerEndpointService(None, None)
+
+
+RAISE_SYNCHRONOUSLY = Name(
+    LIBRARY,
+    "StreamServerEndpointService._raiseSynchronously",
+    "a listener that cannot listen stopping ipcd's start in one line",
+    "Twisted logs the failure and ipcd runs without that listener",
+    _has(_service, "_raiseSynchronously"),
+)
+WAITING_FOR_PORT = Name(
+    LIBRARY,
+    "StreamServerEndpointService._waitingForPort",
+    "closing the listeners already open when a later one fails at start",
+    "they stay open until ipcd exits; daemons' listening() is unavailable",
+    _has(_service, "_waitingForPort"),
+)
+
+
+def _port_class() -> Any:
+    from twisted.internet.tcp import Port
+
+    return Port
+
+
+PORT_LOGGER = Name(
+    LIBRARY,
+    "tcp.Port._logger",
+    "counting a listener's accept errors",
+    "they are logged by Twisted, not counted",
+    _has(_port_class, "_logger"),
+)
+
+
+def _options() -> Any:
+    from twisted.python.usage import Options
+
+    return Options()
+
+
+OPTIONS_DISPATCH = Name(
+    LIBRARY,
+    "usage.Options._dispatch",
+    "protocol daemons' command-line flags",
+    "set them in the configuration file",
+    lambda: isinstance(getattr(_options(), "_dispatch", None), dict),
+)
+
+
+def _endpoints() -> Any:
+    from twisted.internet import endpoints
+
+    return endpoints
+
+
+ENDPOINT_PARSE = Name(
+    LIBRARY,
+    "endpoints._parse",
+    "checking an endpoint string's type when the configuration loads",
+    "the type is the text before its first ':'",
+    lambda: callable(_endpoints()._parse),
+)
+SERVER_PARSERS = Name(
+    LIBRARY,
+    "endpoints._serverParsers",
+    "knowing Twisted's built-in server endpoint types",
+    "tcp, unix and ssl are taken as the built-in ones",
+    lambda: isinstance(_endpoints()._serverParsers, dict),
+)
+PARSE_SERVER = Name(
+    LIBRARY,
+    "endpoints._parseServer",
+    "checking a tcp or unix endpoint's arguments when the configuration loads",
+    "a bad argument is found when ipcd listens",
+    lambda: callable(_endpoints()._parseServer),
+)
+
+
+# Transports' write buffers.
+
+
+def queued(transport: Any) -> bool | None:
+    """
+    Whether socket transport C{transport} holds bytes or descriptors to
+    write; None when this Twisted does not tell (take it as holding some).
+    """
+    if not (
+        (TEMP_DATA_LEN.present or TEMP_DATA_LEN.usable())
+        and (SENDMSG_QUEUE.present or SENDMSG_QUEUE.usable())
+    ):
+        return None
+    return bool(
+        transport._tempDataLen
+        or transport.offset != len(transport.dataBuffer)
+        or getattr(transport, "_sendmsgQueue", None)  # AF_UNIX's only
+    )
+
+
+def unsent(transport: Any) -> bytes | None:
+    """
+    The bytes socket transport C{transport} holds to write, in order; None
+    when this Twisted does not tell.
+    """
+    if not (TEMP_DATA_BUFFER.present or TEMP_DATA_BUFFER.usable()):
+        return None
+    return transport.dataBuffer[transport.offset :] + b"".join(
+        transport._tempDataBuffer
+    )
+
+
+def holds_nothing(transport: Any) -> bool:
+    """
+    Whether C{transport} is a socket's that holds no bytes to write: false
+    for any other transport, and when this Twisted does not tell.
+    """
+    data = getattr(transport, "dataBuffer", None)
+    if (
+        data is None
+        or data
+        or not (TEMP_DATA_BUFFER.present or TEMP_DATA_BUFFER.usable())
+    ):
+        return False
+    return not transport._tempDataBuffer
+
+
+def buffered(transport: Any) -> int:
+    """Bytes socket transport C{transport} holds to write (0 when not told)."""
+    held = len(getattr(transport, "dataBuffer", b""))
+    if TEMP_DATA_LEN.present or TEMP_DATA_LEN.usable():
+        held += getattr(transport, "_tempDataLen", 0)
+    return held
+
+
+def writes_waiting(transport: Any) -> bool:
+    """
+    Whether socket transport C{transport}, not closing for writing, holds
+    bytes the reactor has not written yet (false when this Twisted does not
+    tell: then the reactor writes them on its next turn).
+    """
+    if not (WRITE_DISCONNECTING.present and TEMP_DATA_LEN.present) and not (
+        WRITE_DISCONNECTING.usable() and TEMP_DATA_LEN.usable()
+    ):
+        return False
+    return not transport._writeDisconnecting and bool(
+        transport.dataBuffer or transport._tempDataLen
+    )
+
+
+# TLS.
+
+
+def tls_connection(tls: Any) -> Any:
+    """The pyOpenSSL Connection of TLS transport C{tls} (public: getHandle)."""
+    from OpenSSL.SSL import Connection
+
+    handle = getattr(tls, "getHandle", None)
+    connection = handle() if handle is not None else None
+    return connection if isinstance(connection, Connection) else None
+
+
+def tls_state(tls: Any) -> str | None:
+    """
+    Why L{TLSMemoryBIOProtocol} C{tls} cannot leave Twisted now (empty if it
+    can), or None when this Twisted does not tell.
+    """
+    if not (
+        (TLS_HANDSHAKE_DONE.present or TLS_HANDSHAKE_DONE.usable())
+        and (TLS_LOST.present or TLS_LOST.usable())
+        and (TLS_APP_SEND_BUFFER.present or TLS_APP_SEND_BUFFER.usable())
+    ):
+        return None
+    if not tls._handshakeDone:
+        return "handshake not done"
+    if tls._lostTLSConnection:
+        return "closing"
+    if tls._appSendBuffer:
+        return "bytes still to encrypt"
+    return ""
+
+
+# Listeners.
+
+
+def listen_errors_raise(service: Any) -> None:
+    """Make StreamServerEndpointService C{service} raise a failure to listen."""
+    if RAISE_SYNCHRONOUSLY.present or RAISE_SYNCHRONOUSLY.usable():
+        service._raiseSynchronously = True
+
+
+def port_of(service: Any) -> Any:
+    """
+    The Deferred port of StreamServerEndpointService C{service} once it
+    began to listen; None before, or when this Twisted does not tell.
+    """
+    if not (WAITING_FOR_PORT.present or WAITING_FOR_PORT.usable()):
+        return None
+    return service._waitingForPort
+
+
+def count_accept_errors(port: Any, make_logger: Callable[[Any], Any]) -> bool:
+    """
+    Route listening C{port}'s accept errors through C{make_logger(its
+    logger)}; whether it could be done.
+    """
+    if not (PORT_LOGGER.present or PORT_LOGGER.usable()):
+        return False
+    logger = getattr(port, "_logger", None)
+    if logger is None:
+        return False
+    port._logger = make_logger(logger)
+    return True
+
+
+# Command-line options.
+
+
+def add_option(options: Any, name: str, handler: Callable[[str, Any], None]) -> bool:
+    """
+    Dispatch long option C{--name} of C{options} (a usage.Options) to
+    C{handler(name, value)}; whether it could be done.
+    """
+    if not (OPTIONS_DISPATCH.present or OPTIONS_DISPATCH.usable()):
+        return False
+    options._dispatch[name] = handler
+    return True
+
+
+# Endpoint strings.
+
+BUILT_IN_SERVER_TYPES = ("tcp", "unix", "ssl")
+
+
+def endpoint_type(description: str) -> str:
+    """
+    The type of endpoint string C{description}, in lower case; ValueError
+    (or IndexError, or RuntimeError for a trailing backslash) if none.
+    """
+    if ENDPOINT_PARSE.present or ENDPOINT_PARSE.usable():
+        return _endpoints()._parse(description)[0][0].lower()
+    kind = description.split(":", 1)[0]
+    if not kind:
+        raise ValueError("no endpoint type")
+    return kind.lower()
+
+
+def server_endpoint_types() -> set[str]:
+    """Twisted's built-in server endpoint types."""
+    if SERVER_PARSERS.present or SERVER_PARSERS.usable():
+        return set(_endpoints()._serverParsers)
+    return set(BUILT_IN_SERVER_TYPES)
+
+
+def check_server_arguments(description: str) -> None:
+    """
+    Raise ValueError or TypeError if built-in endpoint C{description}'s
+    arguments are not ones its parser takes (nothing when not told).
+    """
+    if PARSE_SERVER.present or PARSE_SERVER.usable():
+        _endpoints()._parseServer(description, None)
