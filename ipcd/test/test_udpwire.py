@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.config import Expected
@@ -162,6 +164,84 @@ class ReceiveWindowTests(SynchronousTestCase):
         self.assertTrue(window.accept(10**6))
         self.assertFalse(window.accept(10**6))
         self.assertTrue(window.accept(10**6 - 1))
+
+    def test_hugeJumpsAllocateNothing(self) -> None:
+        """
+        A jump of at least the window starts it afresh: the bitmap stays
+        within the window's bits whatever the peer sends (the old one
+        shifted by the jump: 2**62 bits).
+        """
+        window = udpwire.ReceiveWindow()
+        window.accept(0)
+        for top in (2**62, 2**63 - 1, 2**64 - 1):
+            self.assertTrue(window.accept(top))
+            self.assertLess(window.seen.bit_length(), window.size + 1)
+            self.assertTrue(window.accept(top - 1023))  # the new window's oldest
+            self.assertFalse(window.accept(top - 1024))
+        # Numbers do not wrap: 0 after 2**64 - 1 is stale.
+        self.assertFalse(window.accept(0))
+        self.assertEqual(window.lost, 2**64 - 7)
+
+    def test_jumpOfExactlyTheWindow(self) -> None:
+        window = udpwire.ReceiveWindow(size=8)
+        for n in (0, 1, 2):
+            window.accept(n)
+        self.assertTrue(window.accept(10))  # 2 + 8: 2 falls out
+        self.assertEqual(window.seen, 1)
+        self.assertFalse(window.accept(2))
+        self.assertTrue(window.accept(3))
+        self.assertEqual(window.lost, 10 + 1 - 5)
+
+
+class SetWindow:
+    """The window's meaning, with a set of every number accepted."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.got: set[int] = set()
+        self.top = -1
+
+    def accept(self, sequence: int) -> bool:
+        if sequence in self.got or sequence <= self.top - self.size:
+            return False
+        self.got.add(sequence)
+        self.top = max(self.top, sequence)
+        return True
+
+    @property
+    def lost(self) -> int:
+        return self.top + 1 - len(self.got)
+
+
+# Where the next number lands: near the top (reordering, duplicates, gaps,
+# just past the window's edge either way), or anywhere in 64 bits.
+def _moves(size: int) -> st.SearchStrategy[tuple[str, int]]:
+    return st.one_of(
+        st.tuples(st.just("near"), st.integers(-2 * size - 2, 2 * size + 2)),
+        st.tuples(st.just("edge"), st.sampled_from([-size - 1, -size, size, size + 1])),
+        st.tuples(st.just("at"), st.integers(0, 2**64 - 1)),
+    )
+
+
+class ReceiveWindowModelTests(SynchronousTestCase):
+    @settings(
+        max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    @given(st.data(), st.sampled_from([1, 2, 8, 64, 1024]))
+    def test_sameAsASetOfEverySequence(self, data: st.DataObject, size: int) -> None:
+        """
+        Accept, duplicate and stale decisions, and C{lost}, are those of a
+        set of every number accepted, for any sequence of numbers.
+        """
+        window, model = udpwire.ReceiveWindow(size), SetWindow(size)
+        for how, value in data.draw(st.lists(_moves(size), max_size=60)):
+            if how == "at":
+                sequence = value
+            else:
+                sequence = min(max(model.top + value, 0), 2**64 - 1)
+            self.assertEqual(window.accept(sequence), model.accept(sequence), sequence)
+            self.assertEqual((window.top, window.lost), (model.top, model.lost))
+            self.assertLess(window.seen.bit_length(), size + 1)
 
 
 class ListenTests(SynchronousTestCase):

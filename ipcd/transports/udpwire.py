@@ -150,10 +150,16 @@ class ReceiveWindow:
     Which sequence numbers a session has received: a new one is accepted
     once; a repeat (a duplicate) or one older than the last C{size} is not.
     C{lost} counts the numbers not (yet) received below the highest seen.
+
+    Each step costs the same whatever the numbers: a jump ahead by at least
+    the window starts it afresh (as IPsec's and DTLS's anti-replay windows
+    do) instead of shifting the bitmap by the jump, so a peer's DATA at
+    2**62 allocates nothing; everything it skipped is lost.
     """
 
     def __init__(self, size: int = 1024) -> None:
         self.size = size
+        self._mask = (1 << size) - 1
         self.top = -1  # the highest sequence number accepted
         self.seen = 0  # bit i: top - i was accepted
         self.accepted = 0
@@ -161,7 +167,10 @@ class ReceiveWindow:
     def accept(self, sequence: int) -> bool:
         if sequence > self.top:
             shift = sequence - self.top
-            self.seen = ((self.seen << shift) | 1) & ((1 << self.size) - 1)
+            if shift >= self.size:
+                self.seen = 1  # nothing of the old window is left in the new
+            else:
+                self.seen = ((self.seen << shift) | 1) & self._mask
             self.top = sequence
         else:
             offset = self.top - sequence
@@ -173,4 +182,5 @@ class ReceiveWindow:
 
     @property
     def lost(self) -> int:
+        """Numbers skipped or still missing: less than 2**64, one subtraction."""
         return self.top + 1 - self.accepted
