@@ -97,12 +97,12 @@ def wait_until(
 # File descriptors.
 
 
-def open_fds() -> dict[int, str]:
-    """This process's open fds and what they point at."""
+def open_fds(pid: int | str = "self") -> dict[int, str]:
+    """This process's (or C{pid}'s) open fds and what they point at."""
     fds = {}
-    for name in os.listdir("/proc/self/fd"):
+    for name in os.listdir(f"/proc/{pid}/fd"):
         try:
-            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+            fds[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
         except OSError:
             pass  # the directory listing's own fd, already closed
     return fds

@@ -39,6 +39,7 @@ from ipcd.test.udpsupport import (
     answers,
     burst,
     eof_within,
+    handshake,
     lossy_relay,
     probe,
     read_message,
@@ -200,6 +201,36 @@ class EndToEndTests(TwoHostsTestCase):
         )
 
     @inlineCallbacks
+    def test_clientRepeatsHelloWithCookie(self) -> Any:
+        """
+        A's udpd answers a VERIFY that echoes its nonce by sending the same
+        HELLO with the cookie (a VERIFY for another nonce changes nothing),
+        and the OK to that opens the session.
+        """
+        fake = udp_socket()
+        self.addCleanup(fake.close)
+        fake.settimeout(TIMEOUT)
+        cookie = bytes(range(1, 17))
+
+        def remote() -> list[udpwire.Hello]:
+            datagram, client = fake.recvfrom(65536)
+            first = udpwire.decode(datagram)
+            fake.sendto(udpwire.verify(b"x" * 8, b"w" * 16), client)
+            fake.sendto(udpwire.verify(first.nonce, cookie), client)
+            while (second := udpwire.decode(fake.recv(65536))).cookie != cookie:
+                # A retry of the first, sent before the VERIFY came.
+                assert second.cookie == udpwire.NO_COOKIE, second
+            fake.sendto(udpwire.accepted(first.nonce, b"s" * 8), client)
+            return [first, second]
+
+        serving = deferToThread(remote)
+        sock = yield self.lookupOnA("pong", fake.getsockname()[1])
+        first, second = yield serving
+        self.assertEqual(first, udpwire.Hello(first.nonce, b"pong"))
+        self.assertEqual(second, udpwire.Hello(first.nonce, b"pong", cookie))
+        sock.close()
+
+    @inlineCallbacks
     def test_silentPeerTimesOut(self) -> Any:
         """A peer that never answers: retried, then the broker's deadline."""
         self.a.service.broker.config = load_config(
@@ -275,12 +306,14 @@ class LossTests(TwoHostsTestCase):
     def test_lossyRelay(self) -> Any:
         """
         Through a relay that loses 10% of datagrams each way, duplicates
-        some and reorders some (and loses the first HELLO): the handshake is
-        retried, every message that arrives arrives once, and the session
-        survives; the counters show the losses and the duplicates.
+        some and reorders some (and loses the first HELLO, and the first
+        that carries the cookie): the handshake is retried, every message
+        that arrives arrives once, and the session survives; the counters
+        show the losses and the duplicates.
         """
-        relay, port = lossy_relay(self, self.b.port, drop_hellos=1)
+        relay, port = lossy_relay(self, self.b.port, drop_hellos=1, drop_cookied=1)
         sock = yield self.lookupOnA("pong", port)
+        self.assertEqual((relay.drop_hellos, relay.drop_cookied), (0, 0))
         got = yield deferToThread(burst, sock, 400)
         sent = [b"m%05d" % n for n in range(400)]
         self.assertEqual(len(got), len(set(got)), "a duplicate was delivered")
@@ -325,17 +358,63 @@ class HostileDatagramTests(TwoHostsTestCase):
     @inlineCallbacks
     def test_noAmplification(self) -> Any:
         """
-        Unpadded HELLOs get nothing; a padded one for a refused service
-        gets a NO no larger than itself; no session is opened.
+        Unpadded HELLOs get nothing; a padded one gets a VERIFY, and with
+        its cookie (for a refused service) a NO, each no larger than the
+        HELLO; no session is opened.
         """
-        hello = udpwire.hello(b"n" * 8, b"secret-" + b"x" * 200)
+        service = b"secret-" + b"x" * 200
+        hello = udpwire.hello(b"n" * 8, service)
         for short in (hello[:12], hello[:17], hello[: udpwire.HELLO_SIZE - 1]):
             got = yield deferToThread(answers, self.b.port, short)
             self.assertEqual(got, [])
-        got = yield deferToThread(answers, self.b.port, hello)
-        [refusal] = got
-        self.assertLessEqual(len(refusal), len(hello))
-        self.assertIn("denied by rule 1", udpwire.decode(refusal).reason)
+        sock = udp_socket()
+        self.addCleanup(sock.close)
+        refusal, got = yield deferToThread(handshake, sock, self.b.port, service)
+        self.assertEqual(len(got), 2)
+        self.assertTrue(all(len(answer) <= len(hello) for answer in got))
+        self.assertIn("denied by rule 1", refusal.reason)
+        self.assertEqual(self.b.sessions(), [])
+
+    @inlineCallbacks
+    def test_helloWithoutCookieKeepsNothing(self) -> Any:
+        """
+        A HELLO without a cookie (or with one that is not this address's)
+        gets one 25-byte VERIFY and nothing else: nothing pending, no
+        connection to the service, however many come.
+        """
+        before = yield fd_baseline()
+        hello = udpwire.hello(b"n" * 8, b"pong")
+        for _ in range(50):
+            got = yield deferToThread(answers, self.b.port, hello, 0.05)
+            [verify] = got
+            self.assertEqual(len(verify), udpwire.VERIFY_SIZE)
+            self.assertEqual(udpwire.decode(verify).nonce, b"n" * 8)
+        # A cookie is good only from the port it was sent to.
+        cookie = udpwire.decode(verify).cookie
+        got = yield deferToThread(
+            answers, self.b.port, udpwire.hello(b"n" * 8, b"pong", cookie)
+        )
+        self.assertIsInstance(udpwire.decode(got[0]), udpwire.Verify)
+        self.assertEqual(
+            self.b.broker.counters["udp hellos answered with a cookie"], 51
+        )
+        self.assertEqual((self.b.server.hellos, self.b.server.sessions), ({}, {}))
+        self.assertEqual(self.b.sessions(), [])
+        yield assert_no_fd_leak(before)
+        yield self.assertServing()
+
+    @inlineCallbacks
+    def test_otherVersionToldWhy(self) -> Any:
+        """A version 1 HELLO (an older ipcd's) gets a NO saying why."""
+        v1 = (b"H\x01" + b"n" * 8 + b"\x04pong").ljust(udpwire.HELLO_SIZE, b"\0")
+        [refusal] = yield deferToThread(answers, self.b.port, v1)
+        self.assertEqual(
+            udpwire.decode(refusal),
+            udpwire.Refusal(
+                b"n" * 8,
+                "udpd protocol version 1 is not spoken here (only version 2)",
+            ),
+        )
         self.assertEqual(self.b.sessions(), [])
 
     @inlineCallbacks
@@ -347,7 +426,8 @@ class HostileDatagramTests(TwoHostsTestCase):
             b"C" + b"\0" * 3,
             b"N12",
             udpwire.accepted(b"n" * 8, b"s" * 8),  # not a server's to get
-            b"H\x01" + b"\0" * 400,  # a HELLO without a name
+            b"H\x02" + b"\0" * 400,  # a HELLO without a name
+            udpwire.verify(b"n" * 8, b"c" * 16),  # not a server's to get
         ]
         for datagram in junk:
             got = yield deferToThread(answers, self.b.port, datagram, 0.1)

@@ -1,15 +1,24 @@
-"""udpd's datagram format and receive window, pure: no sockets, no reactor."""
+"""
+udpd's datagram format, receive window and address cookies, pure: no
+sockets, no reactor.
+"""
 
 from __future__ import annotations
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.config import Expected
 from ipcd.transports import udpwire
 from ipcd.transports.udp import Listen, parse_listen
+from ipcd.transports.udpcookie import PERIOD, AddressCookies
 
 NONCE = bytes(range(8))
 SESSION = bytes(range(8, 16))
+COOKIE = bytes(range(16, 32))
+NAME_LENGTH_AT = 26  # 'H', version, nonce(8), cookie(16)
 
 
 class FormatTests(SynchronousTestCase):
@@ -17,8 +26,26 @@ class FormatTests(SynchronousTestCase):
         """A HELLO carries the nonce and service, padded to HELLO_SIZE."""
         datagram = udpwire.hello(NONCE, b"pong")
         self.assertEqual(len(datagram), udpwire.HELLO_SIZE)
-        self.assertEqual(datagram[:2], b"H\x01")
+        self.assertEqual(datagram[:2], b"H\x02")
+        self.assertEqual(datagram[10:NAME_LENGTH_AT], udpwire.NO_COOKIE)
         self.assertEqual(udpwire.decode(datagram), udpwire.Hello(NONCE, b"pong"))
+
+    def test_helloWithCookie(self) -> None:
+        datagram = udpwire.hello(NONCE, b"pong", COOKIE)
+        self.assertEqual(len(datagram), udpwire.HELLO_SIZE)
+        self.assertEqual(
+            datagram[: NAME_LENGTH_AT + 5], b"H\x02" + NONCE + COOKIE + b"\x04pong"
+        )
+        self.assertEqual(
+            udpwire.decode(datagram), udpwire.Hello(NONCE, b"pong", COOKIE)
+        )
+
+    def test_verifyRoundTrip(self) -> None:
+        """A VERIFY: 25 bytes, far smaller than the HELLO it answers."""
+        datagram = udpwire.verify(NONCE, COOKIE)
+        self.assertEqual(datagram, b"V" + NONCE + COOKIE)
+        self.assertEqual(len(datagram), udpwire.VERIFY_SIZE)
+        self.assertEqual(udpwire.decode(datagram), udpwire.Verify(NONCE, COOKIE))
 
     def test_helloLongestName(self) -> None:
         name = b"x" * 255
@@ -28,6 +55,7 @@ class FormatTests(SynchronousTestCase):
         self.assertRaises(ValueError, udpwire.hello, NONCE, b"")
         self.assertRaises(ValueError, udpwire.hello, NONCE, b"x" * 256)
         self.assertRaises(ValueError, udpwire.hello, b"short", b"pong")
+        self.assertRaises(ValueError, udpwire.hello, NONCE, b"pong", b"short")
 
     def test_okRoundTrip(self) -> None:
         datagram = udpwire.accepted(NONCE, SESSION)
@@ -88,32 +116,105 @@ class MalformedTests(SynchronousTestCase):
         self.assertMalformed(udpwire.data(SESSION, 1, b"")[:-1])
         self.assertMalformed(udpwire.close(SESSION)[:-1])
         self.assertMalformed(udpwire.accepted(NONCE, SESSION)[:-1])
+        self.assertMalformed(udpwire.verify(NONCE, COOKIE)[:-1])
         self.assertMalformed(b"N" + NONCE[:7])
 
     def test_trailingBytes(self) -> None:
         self.assertMalformed(udpwire.close(SESSION) + b"x")
         self.assertMalformed(udpwire.accepted(NONCE, SESSION) + b"x")
+        self.assertMalformed(udpwire.verify(NONCE, COOKIE) + b"x")
 
     def test_shortHello(self) -> None:
         """An unpadded HELLO is not answered: the answer could be larger."""
         self.assertMalformed(udpwire.hello(NONCE, b"pong")[:20])
         self.assertMalformed(udpwire.hello(NONCE, b"pong")[:-1])
 
-    def test_helloOtherVersion(self) -> None:
-        datagram = bytearray(udpwire.hello(NONCE, b"pong"))
-        datagram[1] = 2
-        self.assertMalformed(bytes(datagram))
-
     def test_helloEmptyName(self) -> None:
         datagram = bytearray(udpwire.hello(NONCE, b"pong"))
-        datagram[10] = 0
+        datagram[NAME_LENGTH_AT] = 0
         self.assertMalformed(bytes(datagram))
 
     def test_helloNameLongerThanSaid(self) -> None:
         """Bytes after the name must be padding: no hidden second field."""
         datagram = bytearray(udpwire.hello(NONCE, b"pong"))
-        datagram[10] = 2
+        datagram[NAME_LENGTH_AT] = 2
         self.assertMalformed(bytes(datagram))
+
+
+class OtherVersionTests(SynchronousTestCase):
+    def test_versionOne(self) -> None:
+        """
+        Version 1's HELLO (no cookie) is told apart, with its nonce, so that
+        the server can answer why.
+        """
+        v1 = (b"H\x01" + NONCE + b"\x04pong").ljust(udpwire.HELLO_SIZE, b"\0")
+        self.assertEqual(udpwire.decode(v1), udpwire.OtherVersion(NONCE, 1))
+
+    def test_laterVersion(self) -> None:
+        datagram = bytearray(udpwire.hello(NONCE, b"pong"))
+        datagram[1] = 3
+        self.assertEqual(
+            udpwire.decode(bytes(datagram)), udpwire.OtherVersion(NONCE, 3)
+        )
+
+    def test_shortIsStillMalformed(self) -> None:
+        """Whatever its version, a HELLO under 300 bytes gets no answer."""
+        self.assertRaises(udpwire.Malformed, udpwire.decode, b"H\x01" + NONCE)
+
+
+class AddressCookieTests(SynchronousTestCase):
+    """The address check's cookies, on a fake clock."""
+
+    ADDRESS = ("127.0.0.1", 4000)
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000 * PERIOD + 1)
+        self.cookies = AddressCookies(self.clock)
+
+    def test_goodForItsRequest(self) -> None:
+        cookie = self.cookies.issue(self.ADDRESS, NONCE, b"pong")
+        self.assertEqual(len(cookie), udpwire.COOKIE_SIZE)
+        self.assertTrue(self.cookies.valid(cookie, self.ADDRESS, NONCE, b"pong"))
+
+    def test_boundToAddressPortNonceAndName(self) -> None:
+        cookie = self.cookies.issue(self.ADDRESS, NONCE, b"pong")
+        for address, nonce, service in [
+            (("127.0.0.2", 4000), NONCE, b"pong"),
+            (("127.0.0.1", 4001), NONCE, b"pong"),
+            (self.ADDRESS, SESSION, b"pong"),
+            (self.ADDRESS, NONCE, b"ping"),
+        ]:
+            self.assertFalse(self.cookies.valid(cookie, address, nonce, service))
+
+    def test_noCookieNeverGood(self) -> None:
+        self.assertFalse(
+            self.cookies.valid(udpwire.NO_COOKIE, self.ADDRESS, NONCE, b"pong")
+        )
+
+    def test_anotherServersCookie(self) -> None:
+        """Each udpd draws its own secrets."""
+        cookie = AddressCookies(self.clock).issue(self.ADDRESS, NONCE, b"pong")
+        self.assertFalse(self.cookies.valid(cookie, self.ADDRESS, NONCE, b"pong"))
+
+    def test_goodForItsPeriodAndTheNext(self) -> None:
+        """Issued late in a period, good through the next; then not."""
+        self.clock.advance(PERIOD - 2)
+        cookie = self.cookies.issue(self.ADDRESS, NONCE, b"pong")
+        self.clock.advance(3)  # the next period
+        self.assertTrue(self.cookies.valid(cookie, self.ADDRESS, NONCE, b"pong"))
+        self.assertNotEqual(cookie, self.cookies.issue(self.ADDRESS, NONCE, b"pong"))
+        self.clock.advance(PERIOD)
+        self.assertFalse(self.cookies.valid(cookie, self.ADDRESS, NONCE, b"pong"))
+
+    def test_notAfterALongPause(self) -> None:
+        """
+        With no HELLO for two periods or more, the secrets rotate at once
+        past both: nothing issued before is good.
+        """
+        cookie = self.cookies.issue(self.ADDRESS, NONCE, b"pong")
+        self.clock.advance(5 * PERIOD)
+        self.assertFalse(self.cookies.valid(cookie, self.ADDRESS, NONCE, b"pong"))
 
 
 class ReceiveWindowTests(SynchronousTestCase):
@@ -162,6 +263,84 @@ class ReceiveWindowTests(SynchronousTestCase):
         self.assertTrue(window.accept(10**6))
         self.assertFalse(window.accept(10**6))
         self.assertTrue(window.accept(10**6 - 1))
+
+    def test_hugeJumpsAllocateNothing(self) -> None:
+        """
+        A jump of at least the window starts it afresh: the bitmap stays
+        within the window's bits whatever the peer sends (the old one
+        shifted by the jump: 2**62 bits).
+        """
+        window = udpwire.ReceiveWindow()
+        window.accept(0)
+        for top in (2**62, 2**63 - 1, 2**64 - 1):
+            self.assertTrue(window.accept(top))
+            self.assertLess(window.seen.bit_length(), window.size + 1)
+            self.assertTrue(window.accept(top - 1023))  # the new window's oldest
+            self.assertFalse(window.accept(top - 1024))
+        # Numbers do not wrap: 0 after 2**64 - 1 is stale.
+        self.assertFalse(window.accept(0))
+        self.assertEqual(window.lost, 2**64 - 7)
+
+    def test_jumpOfExactlyTheWindow(self) -> None:
+        window = udpwire.ReceiveWindow(size=8)
+        for n in (0, 1, 2):
+            window.accept(n)
+        self.assertTrue(window.accept(10))  # 2 + 8: 2 falls out
+        self.assertEqual(window.seen, 1)
+        self.assertFalse(window.accept(2))
+        self.assertTrue(window.accept(3))
+        self.assertEqual(window.lost, 10 + 1 - 5)
+
+
+class SetWindow:
+    """The window's meaning, with a set of every number accepted."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.got: set[int] = set()
+        self.top = -1
+
+    def accept(self, sequence: int) -> bool:
+        if sequence in self.got or sequence <= self.top - self.size:
+            return False
+        self.got.add(sequence)
+        self.top = max(self.top, sequence)
+        return True
+
+    @property
+    def lost(self) -> int:
+        return self.top + 1 - len(self.got)
+
+
+# Where the next number lands: near the top (reordering, duplicates, gaps,
+# just past the window's edge either way), or anywhere in 64 bits.
+def _moves(size: int) -> st.SearchStrategy[tuple[str, int]]:
+    return st.one_of(
+        st.tuples(st.just("near"), st.integers(-2 * size - 2, 2 * size + 2)),
+        st.tuples(st.just("edge"), st.sampled_from([-size - 1, -size, size, size + 1])),
+        st.tuples(st.just("at"), st.integers(0, 2**64 - 1)),
+    )
+
+
+class ReceiveWindowModelTests(SynchronousTestCase):
+    @settings(
+        max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    @given(st.data(), st.sampled_from([1, 2, 8, 64, 1024]))
+    def test_sameAsASetOfEverySequence(self, data: st.DataObject, size: int) -> None:
+        """
+        Accept, duplicate and stale decisions, and C{lost}, are those of a
+        set of every number accepted, for any sequence of numbers.
+        """
+        window, model = udpwire.ReceiveWindow(size), SetWindow(size)
+        for how, value in data.draw(st.lists(_moves(size), max_size=60)):
+            if how == "at":
+                sequence = value
+            else:
+                sequence = min(max(model.top + value, 0), 2**64 - 1)
+            self.assertEqual(window.accept(sequence), model.accept(sequence), sequence)
+            self.assertEqual((window.top, window.lost), (model.top, model.lost))
+            self.assertLess(window.seen.bit_length(), size + 1)
 
 
 class ListenTests(SynchronousTestCase):

@@ -1,15 +1,22 @@
 """
 Helpers for udpd's integration tests: in-process "hosts" (an ipcd with udpd
-on an ephemeral loopback port and its own RUNDIR), a lossy relay between two
-udpds, and plain blocking UDP peers (run them in threads; every wait is
-bounded).
+on an ephemeral loopback port and its own RUNDIR), an ipcd subprocess whose
+memory and fds can be read from /proc, a lossy relay between two udpds,
+plain blocking UDP peers and a sender of forged-source HELLOs (run them in
+threads; every wait is bounded).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import random
+import secrets
 import socket
+import struct
+import subprocess
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import reactor
@@ -17,16 +24,22 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
+from ipcd.control import request
 from ipcd.test.support import (
     HEADER,
     TIMEOUT,
+    accepts,
     make_config,
+    open_fds,
+    python_env,
     recv_upto,
     short_rundir,
+    spawn,
     start_ipcd,
     wait_until,
 )
 from ipcd.test.tcpsupport import Host
+from ipcd.transports import udpwire
 from ipcd.transports.udpsession import SessionStats
 from ipcd.wire import encode
 
@@ -87,7 +100,8 @@ class LossyRelay(DatagramProtocol):
     A lossy network between one client udpd and the server udpd at
     C{target}: each datagram, either way, is dropped with probability
     C{loss}, sent twice with C{duplicate}, or held back until the next
-    one has passed (C{reorder}); the first C{drop_hellos} HELLOs are lost.
+    one has passed (C{reorder}); the first C{drop_hellos} HELLOs are lost,
+    and the first C{drop_cookied} of those carrying the server's cookie.
     Seeded: the same datagrams meet the same fate.
     """
 
@@ -100,11 +114,12 @@ class LossyRelay(DatagramProtocol):
         reorder: float = 0.1,
         duplicate: float = 0.05,
         drop_hellos: int = 0,
+        drop_cookied: int = 0,
         seed: int = 13,
     ) -> None:
         self.target = target
         self.loss, self.reorder, self.duplicate = loss, reorder, duplicate
-        self.drop_hellos = drop_hellos
+        self.drop_hellos, self.drop_cookied = drop_hellos, drop_cookied
         self.random = random.Random(seed)
         self.client: Any = None
         self.held: dict[Any, bytes] = {}
@@ -115,8 +130,7 @@ class LossyRelay(DatagramProtocol):
             to = self.client
         else:
             self.client, to = address, self.target
-        if datagram[:1] == b"H" and self.drop_hellos:
-            self.drop_hellos -= 1
+        if datagram[:1] == b"H" and self._lose_hello(datagram):
             self.dropped += 1
             return
         fate = self.random.random()
@@ -133,6 +147,15 @@ class LossyRelay(DatagramProtocol):
             self.duplicated += 1
             self.transport.write(datagram, to)
         self.release(to)
+
+    def _lose_hello(self, datagram: bytes) -> bool:
+        if self.drop_cookied and udpwire.decode(datagram).cookie != udpwire.NO_COOKIE:
+            self.drop_cookied -= 1
+            return True
+        if self.drop_hellos:
+            self.drop_hellos -= 1
+            return True
+        return False
 
     def release(self, to: Any) -> None:
         held = self.held.pop(to, None)
@@ -228,3 +251,178 @@ def eof_within(sock: socket.socket, timeout: float = TIMEOUT) -> bool:
     except ConnectionResetError:
         pass
     return True
+
+
+def handshake(
+    sock: socket.socket, port: int, service: bytes = b"pong", tries: int = 30
+) -> tuple[udpwire.Datagram, list[bytes]]:
+    """
+    Open a session as a client's udpd does, on a plain socket: a HELLO,
+    then the same HELLO with the cookie udpd's VERIFY gave.  Returns udpd's
+    final answer (an OK or a NO) and every datagram it answered.  A try
+    that gets no answer in a second is made again (C{tries} at most).
+    """
+    nonce = secrets.token_bytes(udpwire.ID_SIZE)
+    hello = udpwire.hello(nonce, service)
+    got: list[bytes] = []
+    sock.settimeout(1.0)
+    try:
+        for _ in range(tries):
+            sock.sendto(hello, ("127.0.0.1", port))
+            try:
+                while True:
+                    got.append(sock.recv(65536))
+                    answer = udpwire.decode(got[-1])
+                    if isinstance(answer, udpwire.Verify):
+                        hello = udpwire.hello(nonce, service, answer.cookie)
+                        break
+                    if isinstance(answer, udpwire.Accepted | udpwire.Refusal):
+                        return answer, got
+            except TimeoutError:
+                continue
+    finally:
+        sock.settimeout(TIMEOUT)
+    raise AssertionError(f"udpd at port {port} did not answer {tries} HELLOs")
+
+
+def open_session(sock: socket.socket, port: int) -> bytes:
+    """A pong session from C{sock} (a plain peer); its id."""
+    answer, _ = handshake(sock, port)
+    assert isinstance(answer, udpwire.Accepted), answer
+    return answer.session
+
+
+def next_data(sock: socket.socket) -> udpwire.Data:
+    """The next DATA datagram C{sock} receives (bounded wait)."""
+    while True:
+        answer = udpwire.decode(sock.recv(65536))
+        if isinstance(answer, udpwire.Data):
+            return answer
+
+
+# Forged sources.
+
+
+def can_forge() -> str | None:
+    """Why forged-source datagrams cannot be sent here, or None."""
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).close()
+    except PermissionError:
+        return "sending from forged addresses needs a raw socket (root or CAP_NET_RAW)"
+    return None
+
+
+def forged_hellos(port: int, count: int, service: bytes = b"pong") -> None:
+    """
+    Send C{count} HELLOs to 127.0.0.1:C{port} from C{count} other loopback
+    addresses (127.1.0.1 on), none of which will ever answer: IP and UDP
+    headers written here (a raw socket, IP_HDRINCL), as a spoofer would.
+    """
+    first = ipaddress.IPv4Address("127.1.0.1")
+    destination = socket.inet_aton("127.0.0.1")
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        for n in range(count):
+            hello = udpwire.hello(secrets.token_bytes(udpwire.ID_SIZE), service)
+            udp = struct.pack("!HHHH", 40000 + n % 20000, port, 8 + len(hello), 0)
+            # Version 4, 20-byte header, TTL 64; the kernel fills in the
+            # length and checksum.  UDP's checksum 0: none (IPv4 allows it).
+            ip = struct.pack(
+                "!BBHHHBBH4s4s",
+                0x45,
+                0,
+                0,
+                0,
+                0,
+                64,
+                socket.IPPROTO_UDP,
+                0,
+                (first + n).packed,
+                destination,
+            )
+            raw.sendto(ip + udp + hello, ("127.0.0.1", 0))
+            if n % 50 == 49:
+                time.sleep(0.01)  # as a paced attacker: not lost to a full buffer
+
+
+# ipcd in a subprocess, seen from /proc.
+
+
+@dataclass
+class IpcdProcess:
+    process: subprocess.Popen[bytes]
+    rundir: str
+    log: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def memory(self, field: str = "VmRSS") -> int:
+        """C{VmRSS} (or C{VmHWM}, ...) of /proc/PID/status, in bytes."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError(f"no {field} for ipcd")
+
+    def reset_peak(self) -> bool:
+        """Reset VmHWM to the current RSS (Linux >= 4.0), if allowed."""
+        try:
+            with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return False
+        return True
+
+    def fds(self) -> dict[int, str]:
+        """ipcd's open fds and what they point at."""
+        return open_fds(self.pid)
+
+    def settled_fds(self) -> dict[int, str] | None:
+        """ipcd's fds if the same twice 0.1 s apart (else None: try again)."""
+        first = self.fds()
+        time.sleep(0.1)
+        return first if self.fds() == first else None
+
+    def udp_sockets(self) -> dict[int, int]:
+        """ipcd's IPv4 UDP sockets: local port -> datagrams the kernel dropped."""
+        inodes = set(self.fds().values())
+        found = {}
+        with open(f"/proc/{self.pid}/net/udp") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if f"socket:[{fields[9]}]" in inodes:
+                    found[int(fields[1].split(":")[1], 16)] = int(fields[-1])
+        return found
+
+    @property
+    def port(self) -> int:
+        """udpd's listening port (ipcd's only UDP socket at start)."""
+        [port] = self.udp_sockets()
+        return port
+
+    def status(self) -> dict[str, Any]:
+        """C{ipcd status --json}, from the control socket."""
+        return request("status", self.rundir, timeout=TIMEOUT)
+
+
+@inlineCallbacks
+def spawn_udp_ipcd(case: SynchronousTestCase) -> Any:
+    """
+    C{ipcd} (the command) in a subprocess, with pongd and udpd on an
+    ephemeral loopback port, C{allow in pong}; killed after the test.
+    """
+    rundir = short_rundir(case, "ipcd-udpsub-")
+    log = os.path.join(short_rundir(case, "ipcd-udplog-"), "ipcd.log")
+    args = ["-m", "ipcd.scripts.ipcd", "--rundir", rundir, "--no-tcp", "--no-ws"]
+    args += ["--no-tls", "--udp", UDP_LISTEN, "--allow", "in pong"]
+    process = spawn(case, args, log, python_env(), rundir)
+    ipcd = IpcdProcess(process, rundir, log)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"ipcd exited: {open(log).read()}")
+        return accepts(os.path.join(rundir, "ipc")) and len(ipcd.udp_sockets()) == 1
+
+    yield wait_until(ready, "ipcd to listen", 3 * TIMEOUT)
+    return ipcd

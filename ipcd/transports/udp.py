@@ -4,13 +4,17 @@ udpd: libipc messages over UDP, one message per datagram, in sessions.
 Outbound (C{udp://HOST:PORT/SERVICE} routes): a UDP socket of its own per
 session, connected to the remote udpd; a HELLO (retried, doubling the
 interval, until the broker's connect deadline cancels it) answered by an OK
-with the session id, or a NO with the reason.  The client gets one end of a
+with the session id, or a NO with the reason; a VERIFY on the way has
+the HELLO sent again at once, with its cookie.  The client gets one end of a
 socketpair and speaks framed messages on it as with any service.
 
-Inbound: one UDP listener; a HELLO goes the shared inbound way
-(L{ipcd.inbound.open_inbound}: redirections, C{in} policy with the peer's
-C{ip:} label, admin routes), then one stream connection to the local
-service per session.  C{RUNDIR/udp} speaks the upstream control protocol.
+Inbound: one UDP listener; a HELLO without a good cookie gets a VERIFY
+with one and nothing else (L{ipcd.transports.udpcookie}: no state, no
+connection, before the peer has shown it receives at its address); a HELLO
+with one goes the shared inbound way (L{ipcd.inbound.open_inbound}:
+redirections, C{in} policy with the peer's C{ip:} label, admin routes),
+then one stream connection to the local service per session.
+C{RUNDIR/udp} speaks the upstream control protocol.
 
 The datagram format is L{ipcd.transports.udpwire}'s, a session's life
 L{ipcd.transports.udpsession}'s; docs/protocol.rst describes both.
@@ -56,6 +60,7 @@ from ipcd.routes import RemoteURI
 from ipcd.sockets import host_addresses
 from ipcd.transports import udpwire
 from ipcd.transports.listeners import control_socket, listen_flag, listen_hint
+from ipcd.transports.udpcookie import AddressCookies
 from ipcd.transports.udpsession import Session, SessionStats, SessionStream
 
 SCHEME = "udp"
@@ -182,6 +187,7 @@ class UdpServer(DatagramProtocol):
         # ([limits] max_connections_per_peer, by address prefix).
         self.limits = broker.limits_for(SECTION)
         self.peer_keys: dict[tuple[Any, bytes], str] = {}
+        self.cookies = AddressCookies(self.reactor)
         self.running = True
 
     def _drop(self, why: str) -> None:
@@ -197,7 +203,10 @@ class UdpServer(DatagramProtocol):
             self._drop("malformed")
             return
         if isinstance(parsed, udpwire.Hello):
-            self._hello(parsed, address, len(datagram))
+            if self._checked(parsed, address, len(datagram)):
+                self._hello(parsed, address, len(datagram))
+        elif isinstance(parsed, udpwire.OtherVersion):
+            self._other_version(parsed, address, len(datagram))
         elif isinstance(parsed, udpwire.Data | udpwire.Close):
             bound = self.sessions.get(parsed.session)
             if bound is None:
@@ -208,7 +217,7 @@ class UdpServer(DatagramProtocol):
             else:
                 bound.session.datagram(parsed, len(datagram))
         else:
-            self._drop("malformed")  # OK and NO are not a server's to get
+            self._drop("malformed")  # OK, NO, VERIFY are not a server's to get
 
     def _answer(self, datagram: bytes, address: Any, limit: int) -> None:
         # Never larger than what it answers: no amplification.
@@ -218,6 +227,32 @@ class UdpServer(DatagramProtocol):
             self.transport.write(datagram, address)
         except (OSError, MessageLengthError):
             self._drop("send failed")
+
+    def _checked(self, hello: udpwire.Hello, address: Any, size: int) -> bool:
+        """
+        Whether C{hello} carries the cookie its address was sent; if not,
+        send it one (a VERIFY, smaller than the HELLO) and keep nothing: a
+        forged source address never gets past this.
+        """
+        cookies = self.cookies
+        if hello.cookie != udpwire.NO_COOKIE and cookies.valid(
+            hello.cookie, address, hello.nonce, hello.service
+        ):
+            return True
+        self.broker.counters["udp hellos answered with a cookie"] += 1
+        cookie = cookies.issue(address, hello.nonce, hello.service)
+        self._answer(udpwire.verify(hello.nonce, cookie), address, size)
+        return False
+
+    def _other_version(
+        self, hello: udpwire.OtherVersion, address: Any, size: int
+    ) -> None:
+        self.broker.counters["udp hellos refused: other version"] += 1
+        reason = (
+            f"udpd protocol version {hello.version} is not spoken here "
+            f"(only version {udpwire.VERSION})"
+        )
+        self._answer(udpwire.refusal(hello.nonce, reason, size), address, size)
 
     def _hello(self, hello: udpwire.Hello, address: Any, size: int) -> None:
         key = (address, hello.nonce)
@@ -406,9 +441,13 @@ class SessionClient(DatagramProtocol):
 
     noisy = False
 
-    def __init__(self, nonce: bytes) -> None:
+    def __init__(self, nonce: bytes, service: bytes) -> None:
         self.nonce = nonce
+        self.service = service
+        self.hello = udpwire.hello(nonce, service)  # until a VERIFY: no cookie
         self.answer: Deferred[bytes] = Deferred()
+        # The handshake's: send the HELLO again now (it has a new cookie).
+        self.resend: Callable[[], None] = lambda: None
         self.session: Session | None = None
         self.stopped = False
 
@@ -424,12 +463,17 @@ class SessionClient(DatagramProtocol):
                 and parsed.session == session.id
             ):
                 session.datagram(parsed, len(datagram))
-            elif not isinstance(parsed, udpwire.Accepted):  # a late OK is fine
-                session.spoofed()
+            elif not isinstance(parsed, udpwire.Accepted | udpwire.Verify):
+                session.spoofed()  # a late OK or VERIFY is fine
             return
         if self.answer.called or getattr(parsed, "nonce", None) != self.nonce:
             return
-        if isinstance(parsed, udpwire.Accepted):
+        if isinstance(parsed, udpwire.Verify):
+            hello = udpwire.hello(self.nonce, self.service, parsed.cookie)
+            if hello != self.hello:  # a repeated VERIFY changes nothing
+                self.hello = hello
+                self.resend()
+        elif isinstance(parsed, udpwire.Accepted):
             self.answer.callback(parsed.session)
         elif isinstance(parsed, udpwire.Refusal):
             # The remote's words, shown to the client and in logs: one line.
@@ -451,9 +495,13 @@ class SessionClient(DatagramProtocol):
 
 
 async def handshake(
-    reactor: Any, port: Any, client: SessionClient, hello: bytes, retry: float
+    reactor: Any, port: Any, client: SessionClient, retry: float
 ) -> bytes:
-    """Send C{hello} until answered (retrying, doubling the interval)."""
+    """
+    Send C{client}'s HELLO until answered (retrying, doubling the
+    interval); when a VERIFY gives it a cookie, at once and from the first
+    interval again.
+    """
     interval = retry
     timer = None
 
@@ -466,14 +514,23 @@ async def handshake(
         if client.stopped:
             return  # the answer has failed already
         try:
-            port.write(hello)
+            port.write(client.hello)
         except OSError:
             pass  # as if lost: the next try may pass
 
+    def resend() -> None:
+        nonlocal interval
+        if timer is not None and timer.active():
+            timer.cancel()
+        interval = retry
+        send()
+
+    client.resend = resend
     send()
     try:
         return await client.answer
     finally:
+        client.resend = lambda: None
         if timer is not None and timer.active():
             timer.cancel()
 
@@ -495,15 +552,14 @@ async def dial(
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     family, address = (await host_addresses(reactor, host, port))[0]  # or Refused
     nonce = secrets.token_bytes(udpwire.ID_SIZE)
-    protocol = SessionClient(nonce)
+    protocol = SessionClient(nonce, service.encode("ascii"))
     interface = "::" if family == socket.AF_INET6 else "0.0.0.0"
     udp = reactor.listenUDP(0, protocol, interface=interface, maxPacketSize=READ_SIZE)
     try:
         udp.connect(address[0], address[1])
-        hello = udpwire.hello(nonce, service.encode("ascii"))
         try:
             session_id = await handshake(
-                reactor, udp, protocol, hello, settings["handshake_retry"]
+                reactor, udp, protocol, settings["handshake_retry"]
             )
         except ConnectionRefusedError:
             raise Refused(f"cannot reach udpd at {where}: connection refused")
