@@ -20,7 +20,7 @@ from twisted.internet.testing import (
     StringTransport,
     StringTransportWithDisconnection,
 )
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -767,7 +767,7 @@ class JsonLogTests(SynchronousTestCase):
             # Plain values, not {"unpersistable": true}.
             self.assertIsInstance(event[key], (str, list, bool))
         # The text says the verdict once, although the outcome holds it.
-        text = formatEvent(event)
+        text = event["text"]
         self.assertEqual(text.count("denied by rule 2"), 1, text)
         self.assertTrue(text.endswith(" denied by rule 2 (deny local pong *)"), text)
 
@@ -804,7 +804,7 @@ class JsonLogTests(SynchronousTestCase):
         for event in events:
             for key in ("service", "who", "target", "outcome", "verdict"):
                 self.assertTrue(str(event[key]).isprintable(), (key, event[key]))
-            self.assertTrue(formatEvent(event).isprintable(), formatEvent(event))
+            self.assertTrue(event["text"].isprintable(), event["text"])
         self.assertEqual(events[0]["outcome"], "internal error: bo\\x1b[2Jom")
         self.assertEqual(events[1]["service"], "\\x1b[2J;")
         self.assertIn("po\\x1bng", events[2]["outcome"])

@@ -178,6 +178,9 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             self.sendData(page_response())
         else:
             self.sendData(NOT_FOUND)
+        # A plain HTTP exchange, answered: autobahn's close that follows is
+        # no unclean WebSocket close to warn of, once per page view.
+        self.wasClean = True
 
     def sendRedirect(self, url: str) -> None:  # noqa: N802
         self.sendServerStatus()
