@@ -10,6 +10,7 @@ go through the same validation and errors name where the bad value came from.
 from __future__ import annotations
 
 import grp
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -244,17 +245,19 @@ def _shown(value: Any) -> str:
 
 
 def _validate_layer(
-    data: Mapping[str, Any], source: str, registry: Registry
+    data: Mapping[str, Any], source: str, registry: Registry, base: str | None = None
 ) -> dict[str, Any]:
     """
     Check one TOML-shaped layer; return Config keyword arguments (protocol
-    daemons' sections under C{"daemons"}).
+    daemons' sections under C{"daemons"}).  Relative file names (C{rundir},
+    a daemon's path settings) are made relative to C{base}, when given: the
+    configuration file's directory.
     """
     out: dict[str, Any] = {"daemons": {}}
     for key, value in data.items():
         daemon = registry.by_section(key)
         if daemon is not None:
-            out["daemons"][key] = _validate_daemon(daemon, value, source)
+            out["daemons"][key] = _validate_daemon(daemon, value, source, base)
         elif key in _NAME_TABLES:
             out[key] = _validate_names_table(key, value, source)
         elif key in _LISTS:
@@ -266,10 +269,19 @@ def _validate_layer(
                 out.update(_check(key, sub, subvalue, source))
         else:
             out.update(_check(None, key, value, source, registry))
+    if out.get("rundir"):
+        out["rundir"] = _relative_to(base, out["rundir"])
     return out
 
 
-def _validate_daemon(daemon: Any, value: Any, source: str) -> dict[str, Any]:
+def _relative_to(base: str | None, path: str) -> str:
+    """C{path}, relative to directory C{base} (if any) when relative."""
+    return os.path.join(base, path) if base is not None and path else path
+
+
+def _validate_daemon(
+    daemon: Any, value: Any, source: str, base: str | None = None
+) -> dict[str, Any]:
     """Check a protocol daemon's section against its own settings."""
     section = daemon.section
     if not isinstance(value, Mapping):
@@ -284,6 +296,8 @@ def _validate_daemon(daemon: Any, value: Any, source: str) -> dict[str, Any]:
                 f"{_where(source, section, key)}: unknown key (known: {known})"
             )
         out[key] = _checked(setting.check, section, key, subvalue, source)
+        if setting.path:
+            out[key] = _relative_to(base, out[key])
     return out
 
 
@@ -407,7 +421,8 @@ def load_config(
         registry = default_registry()
     layers = []
     if path is not None:
-        layers.append(_validate_layer(read_toml(path), path, registry))
+        base = os.path.dirname(os.path.abspath(path))
+        layers.append(_validate_layer(read_toml(path), path, registry, base))
     if overrides:
         layers.append(_validate_layer(overrides, "command line", registry))
     merged: dict[str, Any] = {

@@ -43,13 +43,15 @@ class Setting:
     One key of a daemon's configuration section.  C{check(value)} returns the
     value to keep, or raises L{ipcd.config.Expected} (C{expected ..., got
     ...}) or L{ipcd.config.Invalid} (said as it is).  C{default} is used as
-    is (it is not checked).
+    is (it is not checked).  A C{path} setting names a file: relative in a
+    configuration file, it is relative to that file's directory.
     """
 
     key: str
     check: Callable[[Any], Any]
     default: Any
     doc: str = ""
+    path: bool = False
 
 
 @dataclass(frozen=True)

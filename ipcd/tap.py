@@ -386,7 +386,8 @@ class IPCDService(MultiService):
         self.log.info(
             "ipcd: ready: {listening}",
             listening=", ".join(
-                f"{name} {' and '.join(where)}" for name, where in self.addresses.items()
+                f"{name} {' and '.join(where)}"
+                for name, where in self.addresses.items()
             ),
             daemons=self.addresses,
         )

@@ -225,6 +225,38 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(tcp_listen(load_config(path, None, {})), DEFAULT_TCP_LISTEN)
 
 
+class RelativePathTests(ConfigFileMixin, SynchronousTestCase):
+    """
+    A relative file name in a configuration file is relative to the file's
+    directory, wherever ipcd is started; on the command line, to the
+    working directory, as any command's.
+    """
+
+    def test_relativeToTheFile(self) -> None:
+        path = self.write(
+            'rundir = "run"\n[tlsd]\npsk_file = "psk"\ncertificate = "tls/a.pem"\n'
+            'key = "/etc/ipcd/a.key"\n[websocketd]\nca = "../ca.pem"\n'
+        )
+        here = os.path.dirname(os.path.abspath(path))
+        config = load_config(path, None, {})
+        tlsd = config.daemons["tlsd"]
+        self.assertEqual(config.rundir, os.path.join(here, "run"))
+        self.assertEqual(tlsd["psk_file"], os.path.join(here, "psk"))
+        self.assertEqual(tlsd["certificate"], os.path.join(here, "tls/a.pem"))
+        self.assertEqual(tlsd["key"], "/etc/ipcd/a.key")
+        self.assertEqual(tlsd["trust_roots"], "")  # none stays none
+        self.assertEqual(
+            config.daemons["websocketd"]["ca"], os.path.join(here, "../ca.pem")
+        )
+
+    def test_commandLineAsGiven(self) -> None:
+        path = self.write('[tlsd]\npsk_file = "psk"\n')
+        overrides = {"rundir": "run", "tlsd": {"psk_file": "mine"}}
+        config = load_config(path, overrides, {})
+        self.assertEqual(config.daemons["tlsd"]["psk_file"], "mine")
+        self.assertEqual(config.rundir, "run")
+
+
 class ErrorTests(ConfigFileMixin, SynchronousTestCase):
     def test_notANumber(self) -> None:
         """The message names file, key, expectation and the value."""

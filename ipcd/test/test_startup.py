@@ -35,6 +35,7 @@ from ipcd.test.support import (
     short_rundir,
     spawn,
 )
+from ipcd.test.tlssupport import TestCA
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
 IPCD = ["-m", "ipcd.scripts.ipcd"]
@@ -219,6 +220,49 @@ class CommandFailureTests(SynchronousTestCase):
         )
         self.assertEqual(self.ipcd("--no-tcp", "--config", config), expected)
         self.assertEqual(self.twistd("--no-tcp", "--config", config), expected)
+
+    def config_in(self, directory: str, text: str) -> str:
+        """An ipcd.toml in C{directory} (not the working directory)."""
+        os.makedirs(directory, exist_ok=True)
+        config = os.path.join(directory, "ipcd.toml")
+        with open(config, "w") as f:
+            f.write(text)
+        return config
+
+    def test_secretsPathIsADirectory(self) -> None:
+        """
+        C{psk_file = "psk"} where C{psk} is a directory: one line, no
+        traceback; and the relative name is the config file's C{psk}, not
+        the working directory's.
+        """
+        etc = os.path.join(self.work, "etc")
+        os.makedirs(os.path.join(etc, "psk"))
+        with open(os.path.join(self.work, "psk"), "w") as f:  # not this one
+            f.write("alice:" + "a1" * 16 + "\n")
+        config = self.config_in(etc, '[tlsd]\npsk_file = "psk"\n')
+        expected = (
+            f"ipcd: [tlsd] psk_file: {etc}/psk is a directory, not a file: name "
+            "the file itself (fix it, or use --no-tls)"
+        )
+        self.assertEqual(self.ipcd("--no-tcp", "--no-ws", "--config", config), expected)
+        self.assertEqual(
+            self.twistd("--no-tcp", "--no-ws", "--config", config), expected
+        )
+
+    def test_keyPathIsADirectory(self) -> None:
+        """A key path that is a directory is said to be one (not: chmod it)."""
+        etc = os.path.join(self.work, "etc")
+        os.makedirs(os.path.join(etc, "keys"), mode=0o755)
+        issued = TestCA(etc).issue("localhost")
+        config = self.config_in(
+            etc,
+            f'[tlsd]\ncertificate = "{os.path.basename(issued.cert)}"\nkey = "keys"\n',
+        )
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--no-ws", "--config", config),
+            f"ipcd: [tlsd] key: {etc}/keys is a directory, not a file: name the "
+            "file itself (fix it, or use --no-tls)",
+        )
 
     def test_optionError(self) -> None:
         """Not after twistd's 20 lines of help, and status 1 from both."""

@@ -643,11 +643,13 @@ class TlsDaemon:
     settings = (
         Setting("enabled", boolean, True, "run tlsd"),
         Setting("listen", endpoint, DEFAULT_LISTEN, "tlsd's listener"),
-        Setting("certificate", _path, "", "PEM certificate (and chain)"),
-        Setting("key", _path, "", "PEM private key of the certificate"),
-        Setting("trust_roots", _path, "", "PEM CA certificates (default: system)"),
+        Setting("certificate", _path, "", "PEM certificate (and chain)", path=True),
+        Setting("key", _path, "", "PEM private key of the certificate", path=True),
+        Setting(
+            "trust_roots", _path, "", "PEM CA certificates (default: system)", path=True
+        ),
         Setting("verify_clients", boolean, False, "clients need a certificate or key"),
-        Setting("psk_file", _path, "", "IDENTITY:HEXKEY lines, mode 0600"),
+        Setting("psk_file", _path, "", "IDENTITY:HEXKEY lines, mode 0600", path=True),
         Setting("psk_identity", _identity, "", "identity to present to any host"),
         Setting("psk_hosts", _identities, {}, "identity to present, by host"),
         Setting("min_version", _version, "1.2", "lowest TLS version"),

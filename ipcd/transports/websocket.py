@@ -151,7 +151,9 @@ class WebSocketDaemon:
         Setting(
             "allowed_origins", _origins, (), "browser origins besides websocketd's own"
         ),
-        Setting("ca", _path, "", "CA file for wss routes (empty: the platform's)"),
+        Setting(
+            "ca", _path, "", "CA file for wss routes (empty: the platform's)", path=True
+        ),
     )
     flags = (
         Flag(
