@@ -36,6 +36,11 @@ __all__ = [
     "send_message",
 ]
 
+# Seconds a client waits to connect and for ipcd's answer: longer than
+# ipcd's default connect_timeout (5 s), so that a hop that does not answer
+# is reported by ipcd, naming it, rather than as the client's own timeout.
+DEFAULT_TIMEOUT = 10.0
+
 _TWISTED_NAMES = ("IPCClientEndpoint", "IPCServerEndpoint")
 
 
@@ -71,7 +76,7 @@ def connect(
     *,
     rundir: str | None = None,
     network: str | None = None,
-    timeout: float | None = 5.0,
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> socket.socket:
     """
     A blocking socket connected to C{service}.
