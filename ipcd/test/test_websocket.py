@@ -18,7 +18,9 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from ipcd.names import listen_unix
@@ -727,6 +729,15 @@ class SecureRouteTests(TestCase):
     @inlineCallbacks
     def test_wssUnknownCaRefused(self) -> Any:
         """A server whose certificate the CA did not sign is refused."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         reply = yield self.lookupOverTls(trusted=False)
         self.assertEqual(len(reply.fds), 0)
-        self.assertTrue(reply.data.startswith(b"ne websocketd at wss://"), reply.data)
+        self.assertRegex(
+            reply.data.decode(),
+            r"^ne websocketd at wss://127\.0\.0\.1:\d+/pong: TLS handshake failed: "
+            r"certificate verify failed \(is the server's certificate for this "
+            r"host name, and signed by a CA in \[websocketd\] ca, or the system's "
+            r"roots without it\?\)$",
+        )
+        texts = [formatEvent(event) for event in logged]
+        self.assertEqual([t for t in texts if "SSL error" in t], [])
