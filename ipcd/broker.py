@@ -35,7 +35,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from ipcd.access import AccessDenied, HeldDirectories, OpenedSocket, open_socket
 from ipcd.config import Config
-from ipcd.daemons import BoundOutbound, IOutbound, settings_of
+from ipcd.daemons import BoundOutbound, IOutbound, off_reason, settings_of
 from ipcd.errors import Refused
 from ipcd.handoff import OK, send_ok
 from ipcd.identity import LabelCache, Peer, local_peer
@@ -542,7 +542,11 @@ class Broker:
         if daemon is not None and daemon.enabled(settings_of(self.config, daemon)):
             return BoundOutbound(daemon, self)
         if scheme not in self.config.external_daemons:
-            raise Refused(f"no transport for scheme {scheme!r}")
+            if daemon is not None:
+                why = off_reason(daemon)
+                raise Refused(f"no transport for scheme {scheme!r}: {why}")
+            known = ", ".join(self.config.schemes())
+            raise Refused(f"no transport for scheme {scheme!r} (known: {known})")
         path = socket_path(self.config.rundir, scheme)
         try:
             st = os.lstat(path)

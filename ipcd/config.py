@@ -71,6 +71,10 @@ class Config:
     )
     source: str | None = None
 
+    def schemes(self) -> list[str]:
+        """The route schemes something here serves: unix, daemons', external."""
+        return sorted({"unix", *self.registry.schemes, *self.external_daemons})
+
 
 # Checkers (the core's, and protocol daemons' settings): each returns the value
 # to keep, or raises Expected(expectation) or Invalid(what is wrong).
@@ -394,6 +398,25 @@ def _check_redirect_loops(redirects: Mapping[str, str], source: str) -> None:
             seen.append(name)
 
 
+def _check_route_schemes(
+    merged: Mapping[str, Any], registry: Registry, source: str
+) -> None:
+    """An admin route's scheme must be one something serves."""
+    known = Config(
+        rundir="",
+        registry=registry,
+        external_daemons=merged.get("external_daemons", ()),
+    ).schemes()
+    for name, uri in merged["routes"].items():
+        scheme = getattr(uri, "scheme", "unix")
+        if scheme not in known:
+            raise ConfigError(
+                f"{source}: [routes] {name}: no transport for scheme {scheme!r} "
+                f"(known: {', '.join(known)}; another needs an external daemon "
+                "in [ipcd] external_daemons)"
+            )
+
+
 def read_toml(path: str) -> dict[str, Any]:
     """Read a TOML file; syntax errors become L{ConfigError} naming the file."""
     try:
@@ -448,6 +471,7 @@ def load_config(
             else:
                 merged[key] = value
     _check_redirect_loops(merged["redirects"], path or "command line")
+    _check_route_schemes(merged, registry, path or "command line")
     merged["daemons"] = MappingProxyType(
         {section: MappingProxyType(daemons[section]) for section in sorted(daemons)}
     )

@@ -43,10 +43,10 @@ from ipcd.services.pongd import pongd
 from ipcd.wire import PartialMessageBudget
 
 
-def _pair(option: str, value: str) -> tuple[str, str]:
+def _pair(option: str, value: str, shape: str = "FROM TO") -> tuple[str, str]:
     words = value.split()
     if len(words) != 2:
-        raise usage.UsageError(f'--{option} takes "FROM TO" (two words), got {value!r}')
+        raise usage.UsageError(f'--{option} takes "{shape}" (two words), got {value!r}')
     return words[0], words[1]
 
 
@@ -123,7 +123,7 @@ class Options(usage.Options):
 
     def opt_route(self, value: str) -> None:
         """Admin route "SERVICE URI" (repeatable)."""
-        self["routes"].append(_pair("route", value))
+        self["routes"].append(_pair("route", value, "SERVICE URI"))
 
     def opt_allow(self, value: str) -> None:
         """Firewall rule "DIRECTION SERVICE [PEER]" (repeatable, in order)."""

@@ -257,6 +257,27 @@ class RelativePathTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(config.rundir, "run")
 
 
+class RouteSchemeTests(ConfigFileMixin, SynchronousTestCase):
+    """An admin route's scheme is checked when the configuration loads."""
+
+    def test_unknownScheme(self) -> None:
+        self.assertEqual(
+            self.error('[routes]\nfar = "http://example.net:80/far"\n'),
+            "[routes] far: no transport for scheme 'http' (known: tcp, tls, udp, "
+            "unix, ws, wss; another needs an external daemon in [ipcd] "
+            "external_daemons)",
+        )
+
+    def test_externalDaemonScheme(self) -> None:
+        path = self.write(
+            '[ipcd]\nexternal_daemons = ["quic"]\n'
+            '[routes]\nfar = "quic://example.net:9/far"\n'
+        )
+        config = load_config(path, None, {})
+        self.assertEqual(config.routes["far"].scheme, "quic")
+        self.assertIn("quic", config.schemes())
+
+
 class ErrorTests(ConfigFileMixin, SynchronousTestCase):
     def test_notANumber(self) -> None:
         """The message names file, key, expectation and the value."""

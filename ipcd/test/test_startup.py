@@ -278,6 +278,18 @@ class CommandFailureTests(SynchronousTestCase):
             self.ipcd("--redirect", "a"),
             "ipcd: --redirect takes \"FROM TO\" (two words), got 'a' (see ipcd --help)",
         )
+        self.assertEqual(
+            self.ipcd("--route", "far"),
+            "ipcd: --route takes \"SERVICE URI\" (two words), got 'far' (see ipcd "
+            "--help)",
+        )
+        # A scheme nothing serves: at start, not at the first lookup.
+        self.assertEqual(
+            self.ipcd("--route", "far http://example.net:80/far"),
+            "ipcd: command line: [routes] far: no transport for scheme 'http' "
+            "(known: tcp, tls, udp, unix, ws, wss; another needs an external "
+            "daemon in [ipcd] external_daemons)",
+        )
 
 
 class ServiceFailureTests(SynchronousTestCase):
