@@ -71,6 +71,17 @@ def _connect_unix(sock: socket.socket, path: str, timeout: float | None) -> None
             delay = min(delay * 2, 0.05)
 
 
+def _connect_ipcd(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """connect() to ipcd's socket; its absence says what to do."""
+    try:
+        _connect_unix(sock, path, timeout)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        raise type(e)(
+            f"no ipcd listens on {path} ({e.strerror.lower()}): is ipcd running? "
+            "Start it (ipcd), or set RUNDIR to its socket directory"
+        ) from None
+
+
 def connect(
     service: str,
     *,
@@ -98,7 +109,7 @@ def connect(
             _connect_unix(sock, socket_path(directory, service), timeout)
             sock.settimeout(None)
             return sock
-        _connect_unix(sock, socket_path(directory, BROKER_NAME), timeout)
+        _connect_ipcd(sock, socket_path(directory, BROKER_NAME), timeout)
         send_message(sock, encode_lookup(service, network))
         handed = receive_fd(sock, timeout)
     except BaseException:

@@ -106,6 +106,12 @@ class Client(WebSocketClientProtocol):
             factory.timer.cancel()
         if not factory.opened:
             why = self.wasNotCleanReason or reason or "closed"
+            if "denied by default" in str(why):
+                service = urlsplit(factory.url).path.removeprefix("/")
+                why = (
+                    f"{why} (that host's ipcd denies inbound connections unless "
+                    f'a rule allows them: --allow "in {service}")'
+                )
             print(f"websocketc: {factory.url}: {why}", file=sys.stderr)
             upgrade = "connection upgrade failed" in str(why)
             factory.status = REFUSED if upgrade else UNREACHABLE

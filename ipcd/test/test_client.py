@@ -167,6 +167,24 @@ class PongCommandTests(RunningIpcdTestCase):
 TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
+class NoIpcdTests(TestCase):
+    def test_noIpcd(self) -> None:
+        """IPC_NETWORK set and no ipcd: pong says to start it."""
+        rundir = short_rundir(self)
+        set_network(self, "pong unix://pong")
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.assertEqual(pong.main(["--rundir", rundir, "hi"]), 1)
+        ipc = os.path.join(rundir, "ipc")
+        self.assertEqual(
+            err.getvalue(),
+            f"pong: cannot reach service 'pong' through ipcd at {ipc}: no ipcd "
+            f"listens on {ipc} (no such file or directory): is ipcd running? "
+            "Start it (ipcd), or set RUNDIR to its socket directory\n",
+        )
+        self.assertRaises(FileNotFoundError, connect, "pong", rundir=rundir)
+
+
 class SilentHopTests(TestCase):
     """
     A route to a peer that accepts and never answers: with both sides'

@@ -292,7 +292,13 @@ class InboundTests(TestCase):
         refused = yield deferToThread(websocketc, self.url("secret"), "x")
         self.assertEqual(refused.returncode, 3)
         self.assertIn(b"403", refused.stderr)
-        self.assertIn(b"'secret' denied", refused.stderr)
+        self.assertEqual(
+            refused.stderr.decode(),
+            f"websocketc: {self.url('secret')}: WebSocket connection upgrade failed "
+            "[403]: in connection to 'secret' denied by default (that host's ipcd "
+            'denies inbound connections unless a rule allows them: --allow "in '
+            'secret")\n',
+        )
         free = socket.socket()
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
