@@ -127,6 +127,13 @@ class TlsTestCase(TestCase):
         return text
 
 
+# What a client is told of a key the far tlsd did not accept.
+WRONG_PSK = (
+    "(its tlsd did not accept our pre-shared key: a wrong key, or an identity "
+    "it does not know; its log says which)"
+)
+
+
 class CertificateTests(TlsTestCase):
     @inlineCallbacks
     def test_certificateMode(self) -> Any:
@@ -305,16 +312,18 @@ class RefusalTests(TlsTestCase):
     def test_wrongKey(self) -> Any:
         a = yield self.client(psk_file=self.keys(alice=BOB_KEY), psk_identity="alice")
         yield self.refusedThenServing(
-            a, self.b.route("pong"), "TLS handshake", "decrypt error"
+            a, self.b.route("pong"), "TLS handshake", "decrypt error", WRONG_PSK
         )
-        yield self.assertLogged("PSK identity 'alice'", "failed")
+        yield self.assertLogged(
+            "PSK identity 'alice'", "failed: wrong key for PSK identity 'alice'"
+        )
 
     @inlineCallbacks
     def test_unknownIdentity(self) -> Any:
         """Refused as a wrong key is: the peer cannot tell them apart."""
         a = yield self.client(psk_file=self.keys(carol=ALICE_KEY), psk_identity="carol")
         yield self.refusedThenServing(
-            a, self.b.route("pong"), "TLS handshake", "decrypt error"
+            a, self.b.route("pong"), "TLS handshake", "decrypt error", WRONG_PSK
         )
         yield self.assertLogged("unknown PSK identity 'carol'")
 

@@ -343,13 +343,22 @@ class TlsInbound(TcpInbound):
             if handle is not None:
                 identity = psk.offered_identity(handle)
             said = f" (PSK identity {identity!r})" if identity else ""
+            why = _why(reason)
+            if identity and any(word in why for word in _WRONG_KEY):
+                # (An unknown identity is logged as such when offered.)
+                why = f"wrong key for PSK identity {identity!r} ({why})"
             log.info(
                 "TLS handshake with {who}{said} failed: {why}",
                 who=str(self.who),
                 said=said,
-                why=_why(reason),
+                why=why,
             )
         super().connectionLost(reason)
+
+
+# What OpenSSL says when a PSK's key differs between the peers: the TLS 1.3
+# binder, or TLS 1.2's first encrypted record, does not check out.
+_WRONG_KEY = ("binder does not verify", "decrypt", "bad record mac")
 
 
 def _why(reason: Failure) -> str:
@@ -498,6 +507,13 @@ class TlsDialer(Protocol):
             unverified = verify_error(handle) if handle is not None else None
             if unverified is not None:
                 why = f"{why} ({unverified})"
+            elif "decrypt error" in why:
+                # The far tlsd tells a wrong key from an unknown identity in
+                # its own log only.
+                why = (
+                    f"{why} (its tlsd did not accept our pre-shared key: a wrong "
+                    "key, or an identity it does not know; its log says which)"
+                )
             self.done.errback(Refused(f"TLS handshake with {self.where} failed: {why}"))
         else:
             self.done.errback(
