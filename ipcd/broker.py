@@ -564,6 +564,11 @@ class Broker:
 
 _DECIDED = "{direction} {service!r} for {who} -> {target}: {outcome}"
 _DECIDED_VERDICT = _DECIDED + " ({verdict})"
+# Refused before any target was chosen: there is none to show.
+_REFUSED = "{direction} {service!r} for {who}: {outcome}"
+# Allowed here, failed further on (the far tlsd's own rule, say): the
+# verdict is this ipcd's, not the failure's.
+_FAILED_VERDICT = _DECIDED + " ({verdict} here)"
 # Distinct requests whose log fields are kept; past this many, all are
 # forgotten.
 _MAX_SAID = 256
@@ -589,8 +594,17 @@ def _decided_fields(
         None if decision is None or decision.rule is None else str(decision.rule),
         None if decision is None else decision.allowed,
         printable(outcome),
-        _DECIDED if said else _DECIDED_VERDICT,
+        _decided_format(target is not None, said, outcome == "ok"),
     )
+
+
+def _decided_format(targeted: bool, said: bool, ok: bool) -> str:
+    """The decision line's format: with a target if any, the verdict once."""
+    if not targeted:
+        return _REFUSED if said else _REFUSED + " ({verdict})"
+    if said:
+        return _DECIDED
+    return _DECIDED_VERDICT if ok else _FAILED_VERDICT
 
 
 @dataclass
