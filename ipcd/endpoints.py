@@ -162,7 +162,9 @@ class IPCClientEndpoint:
                 client.transport.abortConnection()
 
         received: Deferred[int] = Deferred(cancel)
-        connecting = self._unix(BROKER_NAME).connect(Factory.forProtocol(build))
+        asking = Factory.forProtocol(build)
+        asking.noisy = False  # no "Starting factory" line per connection
+        connecting = self._unix(BROKER_NAME).connect(asking)
 
         def failed(failure: Failure) -> None:
             # Our own cancel: received fails with CancelledError right after.

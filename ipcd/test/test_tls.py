@@ -188,6 +188,8 @@ class CertificateTests(TlsTestCase):
         b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
         a = yield self.psk_client("alice", ALICE_KEY)
         yield self.assertPong(a, b.route("pong"))
+        # No line of Twisted's per route.
+        self.assertEqual([t for t in self.logged if "Starting factory" in t], [])
         # ipcd status: the relay with its TLS version, cipher and peer.
         report = status_report(b.broker)
         [shown] = report["connections"]

@@ -558,7 +558,9 @@ def dial(
         creator = client_creator(material, host)
     except Exception as e:  # a host name service_identity cannot check
         return _refused(f"cannot speak TLS to {host!r}: {e}")
-    factory = _TLSFactory(creator, True, Factory.forProtocol(build))
+    dialing = Factory.forProtocol(build)
+    dialing.noisy = False  # no "Starting factory" line per route
+    factory = _TLSFactory(creator, True, dialing)
     endpoint = HostnameEndpoint(broker.reactor, host, port)
     connecting = endpoint.connect(factory)
     connecting.addErrback(failed)
