@@ -76,6 +76,8 @@ class Options(usage.Options):
             except StartupError as e:  # two plugins claim one scheme
                 raise SystemExit(f"ipcd: {e}") from None
         self.registry = registry
+        # A docstring's line breaks and indentation are not the help's.
+        self.docs = {name: " ".join(doc.split()) for name, doc in self.docs.items()}
         self["redirects"] = []
         self["rules"] = []
         self["grants"] = []

@@ -43,6 +43,13 @@ class Options(usage.Options):
         ("timeout", "t", 10.0, "Seconds to connect and for each reply.", float),
     ]
 
+    def opt_version(self) -> None:
+        """Print websocketc's version (ipcd's) and exit."""
+        from ipcd import version
+
+        print(f"websocketc (ipcd {version()})")
+        sys.exit(0)
+
     def parseArgs(self, url: str, *messages: str) -> None:  # noqa: N802
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:

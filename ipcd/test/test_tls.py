@@ -203,8 +203,13 @@ class CertificateTests(TlsTestCase):
         )
         self.assertIn("psk:alice", shown["labels"])
         self.assertEqual(report["config"]["tls_listen"], "tcp:0:interface=127.0.0.1")
-        table = format_status(report)
-        self.assertIn("tls inbound [TLSv1.3, TLS_AES_128_GCM_SHA256, psk:alice]", table)
+        # Said once, in the wide table's details (not in the route as well).
+        table = format_status(report, wide=True)
+        self.assertIn(
+            "tls: version TLSv1.3, cipher TLS_AES_128_GCM_SHA256, peer psk:alice",
+            table,
+        )
+        self.assertEqual(table.count("TLSv1.3"), 1, table)
         [out] = a.broker.relays
         self.assertEqual(out.as_dict()["tls"]["version"], "TLSv1.3")
 

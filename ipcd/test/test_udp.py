@@ -146,7 +146,7 @@ class EndToEndTests(TwoHostsTestCase):
             self.assertEqual(
                 report["config"]["udp_listen"], "udp:0:interface=127.0.0.1"
             )
-            text = format_status(report)
+            text = format_status(report, wide=True)
             self.assertIn("DETAILS", text)
             self.assertIn("datagrams: sent 1, received 1, dropped 0, lost 0", text)
 

@@ -129,11 +129,7 @@ class TlsRelayStats(RelayStats):
 
     def as_dict(self, now: float | None = None) -> dict[str, Any]:
         shown = super().as_dict(now)
-        shown["tls"] = dict(self.tls)
-        # Also in the route, for status's plain-text table.
-        said = ", ".join(str(v) for v in self.tls.values() if v)
-        if said:
-            shown["route"] = f"{self.route} [{said}]"
+        shown["tls"] = dict(self.tls)  # status --wide's DETAILS column
         return shown
 
 
