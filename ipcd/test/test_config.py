@@ -17,7 +17,8 @@ from ipcd.config import (
     load_config,
 )
 from ipcd.daemons import settings_of
-from ipcd.routes import LocalURI, PathURI, RemoteURI
+from ipcd.routes import LocalURI, PathURI, RemoteURI, parse_uri
+from ipcd.test.support import REPO
 from ipcd.transports.tcp import DEFAULT_LISTEN as DEFAULT_TCP_LISTEN
 from ipcd.transports.tcp import tcpd
 from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
@@ -255,6 +256,21 @@ class RelativePathTests(ConfigFileMixin, SynchronousTestCase):
         config = load_config(path, overrides, {})
         self.assertEqual(config.daemons["tlsd"]["psk_file"], "mine")
         self.assertEqual(config.rundir, "run")
+
+
+class DocumentedExampleTests(ConfigFileMixin, SynchronousTestCase):
+    def test_exampleLoads(self) -> None:
+        """docs/configuration.rst's example loads on any system, as written."""
+        docs = os.path.join(REPO, "docs", "configuration.rst")
+        with open(docs, encoding="utf-8") as f:
+            text = f.read()
+        example = text.split("\nExample\n-------\n", 1)[1]
+        block = example.split(".. code-block:: toml\n", 1)[1]
+        block = block.split("\nCommand line\n", 1)[0]
+        toml = "\n".join(line[4:] for line in block.splitlines())
+        config = load_config(self.write(toml), None, {})
+        self.assertEqual(config.rundir, "/run/libipc")
+        self.assertEqual(config.routes["echo"], parse_uri("unix://pong"))
 
 
 class RouteSchemeTests(ConfigFileMixin, SynchronousTestCase):

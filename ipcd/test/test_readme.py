@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from ipcd.test.support import (
     REPO,
@@ -204,6 +205,9 @@ class TourTests(SynchronousTestCase):
             time.sleep(0.05)
 
     def test_tour(self) -> None:
+        for tool in ("socat", "openssl"):
+            if shutil.which(tool) is None:
+                raise SkipTest(f"the tour uses {tool}, which is not installed")
         with open(README, encoding="utf-8") as f:
             steps = tour_steps(f.read())
         self.assertIn("shell", [s.kind for s in steps])

@@ -357,6 +357,27 @@ class RefusalTests(TlsTestCase):
         )
 
     @inlineCallbacks
+    def test_pskRouteToCertificateServer(self) -> Any:
+        """
+        A route presenting a PSK accepts no certificate, even one from a CA
+        it would otherwise trust, and says why it failed.
+        """
+        server = self.ca.issue("cert-only")
+        only = yield start_tls_host(
+            self,
+            {"certificate": server.cert, "key": server.key},
+            rules=["allow in pong"],
+        )
+        a = yield self.psk_client("alice", ALICE_KEY, trust_roots=self.ca.path)
+        yield self.assertRefused(
+            a,
+            only.route("pong"),
+            "TLS handshake",
+            "it answered with a certificate: it takes no pre-shared keys, and this "
+            "route presents PSK identity 'alice' and accepts no certificate",
+        )
+
+    @inlineCallbacks
     def serverWith(self, cert: str, key: str, roots: str, word: str) -> Any:
         """A server with C{cert} is refused by a client trusting C{roots}."""
         bad = yield start_tls_host(

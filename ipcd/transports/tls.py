@@ -459,6 +459,8 @@ class TlsDialer(Protocol):
         self.buffer = b""
         self.tls: dict[str, Any] = {}
         self.handshook = False
+        # The PSK identity this route presents, if it presents one.
+        self.psk_identity: str | None = None
 
     def connectionMade(self) -> None:  # noqa: N802
         # Small messages go out at once (as tcpd's inbound side does it).
@@ -501,7 +503,13 @@ class TlsDialer(Protocol):
             why = _why(reason) if reason is not None else "closed"
             handle = getattr(self.transport, "_tlsConnection", None)
             unverified = verify_error(handle) if handle is not None else None
-            if unverified is not None:
+            if unverified is not None and self.psk_identity:
+                why = (
+                    f"{why} (it answered with a certificate: it takes no "
+                    f"pre-shared keys, and this route presents PSK identity "
+                    f"{self.psk_identity!r} and accepts no certificate)"
+                )
+            elif unverified is not None:
                 why = f"{why} ({unverified})"
             elif "decrypt error" in why:
                 # The far tlsd tells a wrong key from an unknown identity in
@@ -542,6 +550,7 @@ def dial(
     def build() -> TlsDialer:
         nonlocal dialer
         dialer = TlsDialer(service, where, done)
+        dialer.psk_identity = material.identity_for(host) or None
         return dialer
 
     def failed(failure: Failure) -> None:
