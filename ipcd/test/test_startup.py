@@ -264,6 +264,16 @@ class CommandFailureTests(SynchronousTestCase):
             "file itself (fix it, or use --no-tls)",
         )
 
+    def test_websocketCaIsADirectory(self) -> None:
+        etc = os.path.join(self.work, "etc")
+        os.makedirs(os.path.join(etc, "ca"))
+        config = self.config_in(etc, '[websocketd]\nca = "ca"\n')
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--no-tls", "--ws", "tcp:0", "--config", config),
+            f"ipcd: [websocketd] ca: cannot read {etc}/ca as a PEM certificate: "
+            "Is a directory (fix it, or leave ca empty for the system's roots)",
+        )
+
     def test_optionError(self) -> None:
         """Not after twistd's 20 lines of help, and status 1 from both."""
         self.assertEqual(
