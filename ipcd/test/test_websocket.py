@@ -33,6 +33,7 @@ from ipcd.test.support import (
     lookup,
     python_env,
     short_rundir,
+    wait_until,
 )
 from ipcd.test.wssupport import (
     BINARY,
@@ -744,6 +745,14 @@ class SecureRouteTests(TestCase):
             r"certificate verify failed \(is the server's certificate for this "
             r"host name, and signed by a CA in \[websocketd\] ca, or the system's "
             r"roots without it\?\)$",
+        )
+        # B says it in a line of its own, once it has seen A go.
+        yield wait_until(
+            lambda: any(
+                "websocketd: TLS handshake with " in formatEvent(event)
+                for event in logged
+            ),
+            "B's line about the handshake",
         )
         texts = [formatEvent(event) for event in logged]
         self.assertEqual([t for t in texts if "SSL error" in t], [])

@@ -13,11 +13,9 @@ import socket
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
 from ipcd.errors import Refused
@@ -28,6 +26,7 @@ from ipcd.transports.wsbridge import (
     WebSocketSide,
     bridge_options,
     no_delay,
+    tls_failure,
 )
 
 
@@ -57,31 +56,20 @@ class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
         factory.result.callback(theirs)
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
-        if reason is not None and reason.check(SSL.Error):
-            # Said once, with the way out, in the client's answer (autobahn
-            # would log "SSL error: certificate verify failed (in )").
+        why, reason = tls_failure(reason)
+        if why is not None:
+            # Said once, with the way out, in the client's answer.
             self.factory.failed(
-                f"TLS handshake failed: {_tls_reason(reason.value)} (is the "
-                "server's certificate for this host name, and signed by a CA "
-                "in [websocketd] ca, or the system's roots without it?)"
+                f"TLS handshake failed: {why} (is the server's certificate for "
+                "this host name, and signed by a CA in [websocketd] ca, or the "
+                "system's roots without it?)"
             )
-            reason = Failure(ConnectionLost("TLS handshake failed"))
         super().connectionLost(reason)  # type: ignore[arg-type]
         self.cancelTimers()
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:  # noqa: N802, N803
         self.webSocketLost(wasClean)
         self.factory.failed(reason or self.wasNotCleanReason or "closed")
-
-
-def _tls_reason(error: SSL.Error) -> str:
-    """
-    OpenSSL's last reason (C{certificate verify failed}): the TLS layer's,
-    after its causes deeper in the library (C{EVP lib}).
-    """
-    errors = error.args[0] if error.args and isinstance(error.args[0], list) else []
-    reasons = [str(e[-1]) for e in errors if isinstance(e, tuple) and e]
-    return reasons[-1] if reasons else printable(str(error)) or "unknown"
 
 
 class WebSocketOutboundFactory(WebSocketClientFactory):

@@ -39,6 +39,7 @@ from ipcd.transports.wsbridge import (
     WebSocketSide,
     bridge_options,
     no_delay,
+    tls_failure,
 )
 from ipcd.transports.wspage import page_response
 
@@ -161,6 +162,13 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
         self.webSocketLost(wasClean)
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        why, reason = tls_failure(reason)
+        if why is not None:
+            self.factory.log.info(
+                "websocketd: TLS handshake with {peer} failed: {why}",
+                peer=printable(str(self.transport.getPeer())),
+                why=why,
+            )
         self._lost = True
         if self._pending is not None:
             self._pending.cancel()
