@@ -35,7 +35,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from ipcd.access import AccessDenied, HeldDirectories, OpenedSocket, open_socket
 from ipcd.config import Config
-from ipcd.daemons import BoundOutbound, IOutbound, settings_of
+from ipcd.daemons import BoundOutbound, IOutbound, off_reason, settings_of
 from ipcd.errors import Refused
 from ipcd.handoff import OK, send_ok
 from ipcd.identity import LabelCache, Peer, local_peer
@@ -542,7 +542,11 @@ class Broker:
         if daemon is not None and daemon.enabled(settings_of(self.config, daemon)):
             return BoundOutbound(daemon, self)
         if scheme not in self.config.external_daemons:
-            raise Refused(f"no transport for scheme {scheme!r}")
+            if daemon is not None:
+                why = off_reason(daemon)
+                raise Refused(f"no transport for scheme {scheme!r}: {why}")
+            known = ", ".join(self.config.schemes())
+            raise Refused(f"no transport for scheme {scheme!r} (known: {known})")
         path = socket_path(self.config.rundir, scheme)
         try:
             st = os.lstat(path)
@@ -560,6 +564,11 @@ class Broker:
 
 _DECIDED = "{direction} {service!r} for {who} -> {target}: {outcome}"
 _DECIDED_VERDICT = _DECIDED + " ({verdict})"
+# Refused before any target was chosen: there is none to show.
+_REFUSED = "{direction} {service!r} for {who}: {outcome}"
+# Allowed here, failed further on (the far tlsd's own rule, say): the
+# verdict is this ipcd's, not the failure's.
+_FAILED_VERDICT = _DECIDED + " ({verdict} here)"
 # Distinct requests whose log fields are kept; past this many, all are
 # forgotten.
 _MAX_SAID = 256
@@ -585,8 +594,17 @@ def _decided_fields(
         None if decision is None or decision.rule is None else str(decision.rule),
         None if decision is None else decision.allowed,
         printable(outcome),
-        _DECIDED if said else _DECIDED_VERDICT,
+        _decided_format(target is not None, said, outcome == "ok"),
     )
+
+
+def _decided_format(targeted: bool, said: bool, ok: bool) -> str:
+    """The decision line's format: with a target if any, the verdict once."""
+    if not targeted:
+        return _REFUSED if said else _REFUSED + " ({verdict})"
+    if said:
+        return _DECIDED
+    return _DECIDED_VERDICT if ok else _FAILED_VERDICT
 
 
 @dataclass

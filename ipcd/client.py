@@ -36,6 +36,11 @@ __all__ = [
     "send_message",
 ]
 
+# Seconds a client waits to connect and for ipcd's answer: longer than
+# ipcd's default connect_timeout (5 s), so that a hop that does not answer
+# is reported by ipcd, naming it, rather than as the client's own timeout.
+DEFAULT_TIMEOUT = 10.0
+
 _TWISTED_NAMES = ("IPCClientEndpoint", "IPCServerEndpoint")
 
 
@@ -66,12 +71,23 @@ def _connect_unix(sock: socket.socket, path: str, timeout: float | None) -> None
             delay = min(delay * 2, 0.05)
 
 
+def _connect_ipcd(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """connect() to ipcd's socket; its absence says what to do."""
+    try:
+        _connect_unix(sock, path, timeout)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        raise type(e)(
+            f"no ipcd listens on {path} ({e.strerror.lower()}): is ipcd running? "
+            "Start it (ipcd), or set RUNDIR to its socket directory"
+        ) from None
+
+
 def connect(
     service: str,
     *,
     rundir: str | None = None,
     network: str | None = None,
-    timeout: float | None = 5.0,
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> socket.socket:
     """
     A blocking socket connected to C{service}.
@@ -93,7 +109,7 @@ def connect(
             _connect_unix(sock, socket_path(directory, service), timeout)
             sock.settimeout(None)
             return sock
-        _connect_unix(sock, socket_path(directory, BROKER_NAME), timeout)
+        _connect_ipcd(sock, socket_path(directory, BROKER_NAME), timeout)
         send_message(sock, encode_lookup(service, network))
         handed = receive_fd(sock, timeout)
     except BaseException:

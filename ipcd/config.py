@@ -10,6 +10,7 @@ go through the same validation and errors name where the bad value came from.
 from __future__ import annotations
 
 import grp
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -70,6 +71,10 @@ class Config:
         default_factory=default_registry, compare=False, repr=False
     )
     source: str | None = None
+
+    def schemes(self) -> list[str]:
+        """The route schemes something here serves: unix, daemons', external."""
+        return sorted({"unix", *self.registry.schemes, *self.external_daemons})
 
 
 # Checkers (the core's, and protocol daemons' settings): each returns the value
@@ -243,17 +248,19 @@ def _shown(value: Any) -> str:
 
 
 def _validate_layer(
-    data: Mapping[str, Any], source: str, registry: Registry
+    data: Mapping[str, Any], source: str, registry: Registry, base: str | None = None
 ) -> dict[str, Any]:
     """
     Check one TOML-shaped layer; return Config keyword arguments (protocol
-    daemons' sections under C{"daemons"}).
+    daemons' sections under C{"daemons"}).  Relative file names (C{rundir},
+    a daemon's path settings) are made relative to C{base}, when given: the
+    configuration file's directory.
     """
     out: dict[str, Any] = {"daemons": {}}
     for key, value in data.items():
         daemon = registry.by_section(key)
         if daemon is not None:
-            out["daemons"][key] = _validate_daemon(daemon, value, source)
+            out["daemons"][key] = _validate_daemon(daemon, value, source, base)
         elif key in _NAME_TABLES:
             out[key] = _validate_names_table(key, value, source)
         elif key in _LISTS:
@@ -265,10 +272,19 @@ def _validate_layer(
                 out.update(_check(key, sub, subvalue, source))
         else:
             out.update(_check(None, key, value, source, registry))
+    if out.get("rundir"):
+        out["rundir"] = _relative_to(base, out["rundir"])
     return out
 
 
-def _validate_daemon(daemon: Any, value: Any, source: str) -> dict[str, Any]:
+def _relative_to(base: str | None, path: str) -> str:
+    """C{path}, relative to directory C{base} (if any) when relative."""
+    return os.path.join(base, path) if base is not None and path else path
+
+
+def _validate_daemon(
+    daemon: Any, value: Any, source: str, base: str | None = None
+) -> dict[str, Any]:
     """Check a protocol daemon's section against its own settings."""
     section = daemon.section
     if not isinstance(value, Mapping):
@@ -283,6 +299,8 @@ def _validate_daemon(daemon: Any, value: Any, source: str) -> dict[str, Any]:
                 f"{_where(source, section, key)}: unknown key (known: {known})"
             )
         out[key] = _checked(setting.check, section, key, subvalue, source)
+        if setting.path:
+            out[key] = _relative_to(base, out[key])
     return out
 
 
@@ -379,6 +397,25 @@ def _check_redirect_loops(redirects: Mapping[str, str], source: str) -> None:
             seen.append(name)
 
 
+def _check_route_schemes(
+    merged: Mapping[str, Any], registry: Registry, source: str
+) -> None:
+    """An admin route's scheme must be one something serves."""
+    known = Config(
+        rundir="",
+        registry=registry,
+        external_daemons=merged.get("external_daemons", ()),
+    ).schemes()
+    for name, uri in merged["routes"].items():
+        scheme = getattr(uri, "scheme", "unix")
+        if scheme not in known:
+            raise ConfigError(
+                f"{source}: [routes] {name}: no transport for scheme {scheme!r} "
+                f"(known: {', '.join(known)}; another needs an external daemon "
+                "in [ipcd] external_daemons)"
+            )
+
+
 def read_toml(path: str) -> dict[str, Any]:
     """Read a TOML file; syntax errors become L{ConfigError} naming the file."""
     try:
@@ -406,7 +443,8 @@ def load_config(
         registry = default_registry()
     layers = []
     if path is not None:
-        layers.append(_validate_layer(read_toml(path), path, registry))
+        base = os.path.dirname(os.path.abspath(path))
+        layers.append(_validate_layer(read_toml(path), path, registry, base))
     if overrides:
         layers.append(_validate_layer(overrides, "command line", registry))
     merged: dict[str, Any] = {
@@ -432,6 +470,7 @@ def load_config(
             else:
                 merged[key] = value
     _check_redirect_loops(merged["redirects"], path or "command line")
+    _check_route_schemes(merged, registry, path or "command line")
     merged["daemons"] = MappingProxyType(
         {section: MappingProxyType(daemons[section]) for section in sorted(daemons)}
     )

@@ -165,14 +165,27 @@ def _details(connection: dict[str, Any]) -> str:
     )
 
 
-def format_status(report: dict[str, Any]) -> str:
-    """A plain-text rendering of L{status_report} for people."""
+# What ipcd status prints fits this many columns, unless --wide.
+STATUS_WIDTH = 100
+_CUT = "\N{HORIZONTAL ELLIPSIS}"
+# The columns that give way when the table is too wide: SERVICE, ROUTE, PEER.
+_SHRINKABLE = (1, 2, 3)
+_MIN_COLUMN = 8
+
+
+def format_status(report: dict[str, Any], wide: bool = False) -> str:
+    """
+    A plain-text rendering of L{status_report} for people: within
+    L{STATUS_WIDTH} columns (long names cut, with a note saying so), or,
+    C{wide}, whole and with each connection's details (TLS, datagrams).
+    """
     lines = []
+    cut = False
     connections = report["connections"]
     lines.append(f"connections: {len(connections)}")
     if connections:
         header = ("DIR", "SERVICE", "ROUTE", "PEER", "IN", "OUT", "AGE")
-        details = [_details(c) for c in connections]
+        details = [_details(c) for c in connections] if wide else []
         extra = ("DETAILS",) if any(details) else ()
         rows = [header + extra] + [
             (
@@ -185,13 +198,19 @@ def format_status(report: dict[str, Any]) -> str:
                 f"{c['age']:.0f}s",
             )
             + ((detail,) if extra else ())
-            for c, detail in zip(connections, details, strict=True)
+            for c, detail in zip(
+                connections, details or [""] * len(connections), strict=True
+            )
         ]
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+        if not wide:
+            full = list(widths)
+            _shrink(widths)
+            cut = widths != full
         for row in rows:
             lines.append(
                 "  ".join(
-                    str(v).ljust(w) for v, w in zip(row, widths, strict=True)
+                    _fit(str(v), w).ljust(w) for v, w in zip(row, widths, strict=True)
                 ).rstrip()
             )
     lines.append("counters:")
@@ -200,4 +219,23 @@ def format_status(report: dict[str, Any]) -> str:
     lines.append("config:")
     for name, value in report["config"].items():
         lines.append(f"  {name}: {json.dumps(value)}")
-    return "\n".join(lines)
+    if wide:
+        return "\n".join(lines)
+    fitted = [_fit(line, STATUS_WIDTH) for line in lines]
+    if cut or fitted != lines:
+        fitted.append(f"(cut to {STATUS_WIDTH} columns: ipcd status --wide or --json)")
+    return "\n".join(fitted)
+
+
+def _shrink(widths: list[int]) -> None:
+    """Narrow the widest shrinkable column until the table fits, or can't."""
+    while sum(widths) + 2 * (len(widths) - 1) > STATUS_WIDTH:
+        widest = max(_SHRINKABLE, key=lambda i: widths[i])
+        if widths[widest] <= _MIN_COLUMN:
+            return
+        widths[widest] -= 1
+
+
+def _fit(text: str, width: int) -> str:
+    """C{text}, cut to C{width} characters with an ellipsis when longer."""
+    return text if len(text) <= width else text[: width - 1] + _CUT

@@ -43,13 +43,15 @@ class Setting:
     One key of a daemon's configuration section.  C{check(value)} returns the
     value to keep, or raises L{ipcd.config.Expected} (C{expected ..., got
     ...}) or L{ipcd.config.Invalid} (said as it is).  C{default} is used as
-    is (it is not checked).
+    is (it is not checked).  A C{path} setting names a file: relative in a
+    configuration file, it is relative to that file's directory.
     """
 
     key: str
     check: Callable[[Any], Any]
     default: Any
     doc: str = ""
+    path: bool = False
 
 
 @dataclass(frozen=True)
@@ -239,9 +241,21 @@ class Registry(Mapping[str, IProtocolDaemon]):
     def sections(self) -> list[str]:
         return sorted(self._by_section)
 
+    @property
+    def schemes(self) -> list[str]:
+        """Every scheme a daemon serves: its own and its others (C{wss})."""
+        return sorted([*self._by_scheme, *self._extra])
+
     def enabled(self, config: Any) -> list[IProtocolDaemon]:
         """The daemons C{config} enables, by scheme."""
         return [d for d in self.values() if d.enabled(settings_of(config, d))]
+
+
+def off_reason(daemon: IProtocolDaemon) -> str:
+    """That C{daemon} does not run here, and how to run it."""
+    listen = next((f for f in daemon.flags if f.takes_value), None)
+    how = f"--{listen.name} ENDPOINT" if listen is not None else "its section"
+    return f"{daemon.section} is off on this ipcd (start it with {how})"
 
 
 def settings_of(config: Any, daemon: IProtocolDaemon) -> Mapping[str, Any]:

@@ -29,6 +29,7 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ipcd.client import DEFAULT_TIMEOUT
 from ipcd.handoff import HandoffError, adopt_into_reactor, check_reply
 from ipcd.names import (
     BROKER_NAME,
@@ -132,7 +133,7 @@ class IPCClientEndpoint:
         service: str,
         rundir: str | None = None,
         network: str | None = None,
-        timeout: float = 5.0,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self._reactor = reactor
         self.service = validate_service_name(service)
@@ -161,7 +162,9 @@ class IPCClientEndpoint:
                 client.transport.abortConnection()
 
         received: Deferred[int] = Deferred(cancel)
-        connecting = self._unix(BROKER_NAME).connect(Factory.forProtocol(build))
+        asking = Factory.forProtocol(build)
+        asking.noisy = False  # no "Starting factory" line per connection
+        connecting = self._unix(BROKER_NAME).connect(asking)
 
         def failed(failure: Failure) -> None:
             # Our own cancel: received fails with CancelledError right after.
@@ -262,7 +265,8 @@ class IPCClientParser:
         value); non-empty, the connection is asked of ipcd at C{RUNDIR/ipc}
         and the descriptor it hands over is adopted; empty, straight to
         C{RUNDIR/NAME};
-      - C{timeout}: seconds for the connect and the lookup (default 5).
+      - C{timeout}: seconds for the connect and the lookup (default 10,
+        more than ipcd's own C{connect_timeout}).
 
     The routes' C{://} must be escaped as C{\\://} (a bare C{:} separates
     parts, and a stray part is an error saying so).  Examples::
@@ -289,7 +293,7 @@ class IPCClientParser:
         *extra: str,
         rundir: str | None = None,
         network: str | None = None,
-        timeout: str = "5",
+        timeout: str = str(DEFAULT_TIMEOUT),
         **unknown: str,
     ) -> IPCClientEndpoint:
         _check_parts("ipc: client endpoint", extra, unknown, self.parameters)

@@ -17,6 +17,8 @@ log lines.
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from string import Formatter
 from typing import IO, Any
@@ -24,9 +26,9 @@ from typing import IO, Any
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
+    formatEvent,
     formatEventAsClassicLogText,
     formatTime,
-    jsonFileLogObserver,
     timeFormatRFC3339,
 )
 
@@ -51,9 +53,48 @@ def _escape(c: str) -> str:
 
 
 def json_observer(out: IO[str] | None = None) -> ILogObserver:
-    """One JSON object per line (record separator omitted) on stdout."""
-    return jsonFileLogObserver(
-        out if out is not None else sys.stdout, recordSeparator=""
+    """
+    One JSON object per line on stdout: C{time}, C{level}, C{namespace},
+    C{text} (the line the text log shows), C{traceback} for a failure, and
+    the event's own fields (ipcd's C{service}, C{who}, C{rule}, ...), as
+    plain JSON values; none of Twisted's internals (the logger, the format).
+    """
+    return FileLogObserver(out if out is not None else sys.stdout, _json_line)
+
+
+def _json_line(event: dict[str, Any]) -> str | None:
+    if _chatter(event):
+        return None
+    record: dict[str, Any] = {
+        "time": event.get("log_time"),
+        "level": getattr(event.get("log_level"), "name", None),
+        "namespace": event.get("log_namespace"),
+        "text": formatEvent(event),
+    }
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["traceback"] = failure.getTraceback()
+    for key, value in event.items():
+        if not key.startswith("log_") and key not in _LEGACY_KEYS:
+            record[key] = value
+    return json.dumps(record, default=str) + "\n"
+
+
+# What twisted.python.log adds to an event besides the text.
+_LEGACY_KEYS = frozenset({"message", "isError", "system", "format", "time"})
+
+# Twisted's own lines for every listener that starts or stops and every
+# factory that starts or stops: ipcd says once where each daemon listens.
+_CHATTER = re.compile(
+    r".* starting on \S+|\((?:UNIX |TCP |UDP )?Port \S+ Closed\)"
+    r"|(?:Starting|Stopping) factory .*|Starting protocol .*|Stopping protocol .*"
+)
+
+
+def _chatter(event: dict[str, Any]) -> bool:
+    """Whether C{event} is one of Twisted's lines in L{_CHATTER}."""
+    return event.get("log_format") == "{log_text}" and bool(
+        _CHATTER.fullmatch(event.get("log_text", ""))
     )
 
 
@@ -84,6 +125,8 @@ class ClassicTextFormatter:
 
     def __call__(self, event: dict[str, Any]) -> str | None:
         fmt = event.get("log_format")
+        if fmt == "{log_text}" and _chatter(event):
+            return None
         if (
             type(fmt) is not str
             or "log_failure" in event

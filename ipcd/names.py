@@ -170,7 +170,7 @@ def check_rundir(rundir: str) -> None:
         st = link
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeRundir(
-            f"{where}: not a directory ({_kind(st.st_mode)}); "
+            f"{where}: not a directory ({file_kind(st.st_mode)}); "
             f"remove it or choose another --rundir"
         )
     if st.st_uid != euid:
@@ -198,9 +198,11 @@ def _printable(text: str) -> str:
     return text if text.isprintable() else repr(text)
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What C{mode} (C{st_mode}) says a file is: C{"a regular file"}, ..."""
     for test, name in (
         (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
         (stat.S_ISSOCK, "a socket"),
         (stat.S_ISFIFO, "a FIFO"),
         (stat.S_ISCHR, "a character device"),
@@ -225,7 +227,7 @@ def prepare_rundir(rundir: str) -> None:
             if where and os.path.lexists(where) and not os.path.isdir(where):
                 # makedirs says "File exists" of a file in the way.
                 detail = (
-                    f"{where} is not a directory ({_kind(os.lstat(where).st_mode)})"
+                    f"{where} is not a directory ({file_kind(os.lstat(where).st_mode)})"
                 )
             else:
                 detail = f"{where}: {e.strerror}" if where else e.strerror

@@ -19,7 +19,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError, ConnectionDone
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -31,6 +31,7 @@ from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_repo
 from ipcd.daemons import Flag, Registry, StartupError, default_registry, settings_of
 from ipcd.endpoints import BROKER_NAME
 from ipcd.limits import LimitedFactory
+from ipcd.logs import text_observer
 from ipcd.names import (
     SocketInUse,
     UnsafeRundir,
@@ -43,10 +44,10 @@ from ipcd.services.pongd import pongd
 from ipcd.wire import PartialMessageBudget
 
 
-def _pair(option: str, value: str) -> tuple[str, str]:
+def _pair(option: str, value: str, shape: str = "FROM TO") -> tuple[str, str]:
     words = value.split()
     if len(words) != 2:
-        raise usage.UsageError(f'--{option} takes "FROM TO" (two words), got {value!r}')
+        raise usage.UsageError(f'--{option} takes "{shape}" (two words), got {value!r}')
     return words[0], words[1]
 
 
@@ -76,6 +77,8 @@ class Options(usage.Options):
             except StartupError as e:  # two plugins claim one scheme
                 raise SystemExit(f"ipcd: {e}") from None
         self.registry = registry
+        # A docstring's line breaks and indentation are not the help's.
+        self.docs = {name: " ".join(doc.split()) for name, doc in self.docs.items()}
         self["redirects"] = []
         self["rules"] = []
         self["grants"] = []
@@ -124,7 +127,7 @@ class Options(usage.Options):
 
     def opt_route(self, value: str) -> None:
         """Admin route "SERVICE URI" (repeatable)."""
-        self["routes"].append(_pair("route", value))
+        self["routes"].append(_pair("route", value, "SERVICE URI"))
 
     def opt_allow(self, value: str) -> None:
         """Firewall rule "DIRECTION SERVICE [PEER]" (repeatable, in order)."""
@@ -225,6 +228,10 @@ class IPCDService(MultiService):
         self._reload_config = reload_config
         self._previous_hup: Any = None
         self._listening = False
+        # What twistd should log with, if not its default (see makeService).
+        self.log_observer: ILogObserver | None = None
+        # Where each part listens ("tcpd": ["127.0.0.1:9000"]), as it starts.
+        self.addresses: dict[str, list[str]] = {}
         counters = self.broker.counters
         # One budget for the partial messages of all of ipcd's connections;
         # the limits are read when used, so a reload applies.
@@ -326,6 +333,13 @@ class IPCDService(MultiService):
         )
         return {"ok": True, "restart_needed": restart}
 
+    def setServiceParent(self, parent: Any) -> None:  # noqa: N802
+        super().setServiceParent(parent)
+        if self.log_observer is not None:
+            # twistd reads its log observer off the application, when no
+            # --logger chose one.
+            parent.setComponent(ILogObserver, self.log_observer)
+
     def privilegedStartService(self) -> None:  # noqa: N802
         """
         Listen on every socket, or on none: when one cannot be listened on,
@@ -351,13 +365,43 @@ class IPCDService(MultiService):
             waiting = compat_twisted.port_of(leaf)
             if waiting is not None:  # a listener: fired already, with its port
                 waiting.addCallback(lambda port: opened.append(port) or port)
+                owner = _daemon_of(leaf, self.config)
+                name = owner.section if owner is not None else _OWNERS.get(leaf.name)
+                waiting.addCallback(self._listener, name)
         self._listening = True
         # ipcd's own sockets exist now, and stay what they are while it runs.
         self.broker.own_sockets_listening()
 
+    def _listener(self, port: Any, name: str | None) -> Any:
+        """Note where C{name} (pongd, tcpd, ...) listens, for L{log_ready}."""
+        where = _address_text(port.getHost())
+        # A daemon's own RUNDIR socket (RUNDIR/tcp) is ipcd's business, not
+        # an address to tell: its network listeners are.
+        if name is not None and (name not in self.daemon_services or ":" in where):
+            self.addresses.setdefault(name, []).append(where)
+        return port
+
+    def log_ready(self) -> None:
+        """One line per daemon with its addresses, then one "ready" line."""
+        for name, where in self.addresses.items():
+            self.log.info(
+                "{daemon} listening on {addresses}",
+                daemon=name,
+                addresses=" and ".join(where),
+            )
+        self.log.info(
+            "ipcd: ready: {listening}",
+            listening=", ".join(
+                f"{name} {' and '.join(where)}"
+                for name, where in self.addresses.items()
+            ),
+            daemons=self.addresses,
+        )
+
     def startService(self) -> None:
         self.privilegedStartService()
         super().startService()
+        self.log_ready()
         try:
             self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
         except ValueError:
@@ -406,6 +450,19 @@ def _leaves(service: Any) -> Iterator[Any]:
             yield from _leaves(child)
         else:
             yield child
+
+
+# The names ipcd's own listeners go by in its log.
+_OWNERS = {BROKER_NAME: "ipcd", CONTROL_NAME: "ipcd", "pong": "pongd"}
+
+
+def _address_text(address: Any) -> str:
+    """C{127.0.0.1:9000}, C{[::1]:9000}, or a UNIX socket's path."""
+    host = getattr(address, "host", None)
+    if host is None:
+        name = getattr(address, "name", None)
+        return os.fsdecode(name) if name is not None else str(address)
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
 
 
 def _close_now(port: Any) -> None:
@@ -526,6 +583,12 @@ def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: 
         except StartupError as e:
             raise SystemExit(f"ipcd: {e}") from None
     service = IPCDService(config, reactor, options.load_config)
+    twistd = getattr(options, "parent", None) or {}
+    chosen = twistd.get("logger") or twistd.get("logfile")
+    if twistd.get("nodaemon") and not chosen:
+        # twistd -n logs to stdout: ipcd's observer writes the same lines,
+        # without Twisted's one per listener and factory.
+        service.log_observer = text_observer()
     # Say clearly, in one line, before anything is created in RUNDIR, that it
     # is unsafe or that another instance is running; then listen.
     try:

@@ -2,7 +2,7 @@
 ipcd: run the same service as `twistd -n ipcd`, in the foreground; or talk
 to a running one:
 
-    ipcd status [--json] [--rundir DIR]
+    ipcd status [--json] [--wide] [--rundir DIR]
     ipcd reload [--json] [--rundir DIR]
 
 (usage.Options subcommands).  The options are parsed, and the configuration
@@ -53,7 +53,9 @@ def join_words(argv: list[str]) -> list[str]:
     return out
 
 
-def control(command: str, rundir: str | None = None, as_json: bool = False) -> int:
+def control(
+    command: str, rundir: str | None = None, as_json: bool = False, wide: bool = False
+) -> int:
     """C{ipcd status} and C{ipcd reload}: ask the running instance."""
     import json
 
@@ -72,7 +74,7 @@ def control(command: str, rundir: str | None = None, as_json: bool = False) -> i
     if as_json:
         print(json.dumps(answer, indent=2))
     elif command == "status":
-        print(format_status(answer))
+        print(format_status(answer, wide))
     elif answer.get("ok"):
         restart = answer.get("restart_needed")
         print(
@@ -93,9 +95,11 @@ def _command_options() -> Any:
     """
     from twisted.python import usage
 
+    from ipcd import version
     from ipcd.tap import Options
 
     class ControlOptions(usage.Options):
+        longdesc = ""  # not this module's docstring, Twisted's default
         optFlags = [["json", None, "Print ipcd's answer as JSON."]]
         optParameters = [
             [
@@ -107,17 +111,32 @@ def _command_options() -> Any:
             ]
         ]
 
+        def getSynopsis(self) -> str:  # noqa: N802
+            # Its own alone: Twisted's puts the whole parent's before it.
+            return str(self.synopsis)
+
+        def opt_version(self) -> None:
+            """Print ipcd's version and exit."""
+            print(f"ipcd {version()}")
+            sys.exit(0)
+
     class StatusOptions(ControlOptions):
-        synopsis = "Usage: ipcd status [--json] [--rundir DIR]"
+        synopsis = "Usage: ipcd status [--json] [--wide] [--rundir DIR]"
+        longdesc = (
+            "Ask the running ipcd how it is: its relayed connections, counters "
+            "and the configuration in force."
+        )
+        optFlags = [["wide", "w", "Every column of the connections (wider than 100)."]]
 
     class ReloadOptions(ControlOptions):
         synopsis = "Usage: ipcd reload [--json] [--rundir DIR]"
+        longdesc = "Make the running ipcd re-read its configuration file."
 
     class CommandOptions(Options):
         synopsis = (
             "Usage: ipcd [options]         run ipcd in the foreground "
             "(twistd -n ipcd)\n"
-            "       ipcd status [--json] [--rundir DIR]\n"
+            "       ipcd status [--json] [--wide] [--rundir DIR]\n"
             "                              ask the running ipcd how it is\n"
             "       ipcd reload [--json] [--rundir DIR]\n"
             "                              make it re-read its configuration"
@@ -192,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     if options.subCommand is not None:
         sub = options.subOptions
         rundir = sub["rundir"] or options["rundir"]
-        sys.exit(control(options.subCommand, rundir, sub["json"]))
+        wide = bool(sub.get("wide"))
+        sys.exit(control(options.subCommand, rundir, sub["json"], wide))
     run_twistd(options)
 
 

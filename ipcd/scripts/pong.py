@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from ipcd.client import connect
+from ipcd.client import DEFAULT_TIMEOUT, connect
 from ipcd.framing import MessageTooLarge, recv_message, send_message
 from ipcd.names import InvalidServiceName, resolve_rundir, socket_path
 
@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("message", nargs="*", help="the message (default: 'ping')")
     parser.add_argument("-s", "--service", default="pong", help="service name")
     parser.add_argument("--rundir", help="socket directory (default: $RUNDIR)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds (default {DEFAULT_TIMEOUT:g})",
+    )
     args = parser.parse_args(argv)
     message = " ".join(args.message) if args.message else "ping"
     try:

@@ -43,6 +43,13 @@ class Options(usage.Options):
         ("timeout", "t", 10.0, "Seconds to connect and for each reply.", float),
     ]
 
+    def opt_version(self) -> None:
+        """Print websocketc's version (ipcd's) and exit."""
+        from ipcd import version
+
+        print(f"websocketc (ipcd {version()})")
+        sys.exit(0)
+
     def parseArgs(self, url: str, *messages: str) -> None:  # noqa: N802
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -106,6 +113,12 @@ class Client(WebSocketClientProtocol):
             factory.timer.cancel()
         if not factory.opened:
             why = self.wasNotCleanReason or reason or "closed"
+            if "denied by default" in str(why):
+                service = urlsplit(factory.url).path.removeprefix("/")
+                why = (
+                    f"{why} (that host's ipcd denies inbound connections unless "
+                    f'a rule allows them: --allow "in {service}")'
+                )
             print(f"websocketc: {factory.url}: {why}", file=sys.stderr)
             upgrade = "connection upgrade failed" in str(why)
             factory.status = REFUSED if upgrade else UNREACHABLE

@@ -352,6 +352,13 @@ def fake_daemon(
 # Subprocesses.
 
 
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port on 127.0.0.1 nothing listens on now (TCP, or C{SOCK_DGRAM})."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def python_env(**extra: str) -> dict[str, str]:
     """The environment for a child Python that imports ipcd from the tree."""
     env = dict(os.environ)

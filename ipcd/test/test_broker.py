@@ -7,6 +7,7 @@ with no fd; ipcd keeps serving and leaks no fd.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from twisted.internet.defer import gatherResults, inlineCallbacks
@@ -192,6 +193,46 @@ class FailureTests(BrokerTestCase):
         silent = yield deferToThread(connect_unix, os.path.join(self.rundir, "ipc"))
         self.addCleanup(silent.close)
         yield self.assertWorks((yield deferToThread(lookup, self.rundir, b"pong;")))
+
+
+class DecisionLineTests(BrokerTestCase):
+    """
+    The decision lines say what happened, and whose verdict: no target for
+    a request refused before one was chosen, and a verdict of this ipcd's
+    told apart from a refusal further on.
+    """
+
+    @inlineCallbacks
+    def test_refusedHereAndThere(self) -> Any:
+        yield self.start(
+            tcpd={"listen": "tcp:0:interface=127.0.0.1"}, rules=["deny in * *"]
+        )
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        port = self.service.addresses["tcpd"][0].rsplit(":", 1)[1]
+        route = f"tcp://127.0.0.1:{port}/pong"
+        reply = yield deferToThread(lookup, self.rundir, f"pong;pong {route}".encode())
+        refused = (
+            f"tcpd at 127.0.0.1:{port} refused 'pong': in connection to 'pong' "
+            "denied by rule 1 (deny in * *)"
+        )
+        self.assertEqual(reply.data.decode(), f"ne {refused}")
+        yield wait_until(lambda: len(self.decisions(events)) == 2, "two decisions")
+        inbound, outbound = self.decisions(events)
+        self.assertRegex(
+            inbound,
+            r"^in 'pong' for 127\.0\.0\.1:\d+: in connection to 'pong' denied by "
+            r"rule 1 \(deny in \* \*\)$",
+        )
+        self.assertRegex(
+            outbound,
+            rf"^out 'pong' for pid \d+ uid \d+ -> {route}: "
+            rf"{re.escape(refused)} \(allowed by default here\)$",
+        )
+
+    def decisions(self, events: list[dict[str, Any]]) -> list[str]:
+        return [formatEvent(e) for e in events if "direction" in e]
 
 
 class CleanLogTests(BrokerTestCase):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -18,18 +19,20 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from ipcd import control
-from ipcd.client import connect
+from ipcd.client import DEFAULT_TIMEOUT, connect
 from ipcd.handoff import HandoffError
 from ipcd.scripts import pong
 from ipcd.test.support import (
     TIMEOUT,
     RunningIpcdTestCase,
     accepts,
+    make_config,
     python_env,
     read_text,
     set_network,
     short_rundir,
     spawn,
+    start_ipcd,
     wait_until,
 )
 from ipcd.wire import recv_message, send_message
@@ -162,6 +165,57 @@ class PongCommandTests(RunningIpcdTestCase):
 
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+class NoIpcdTests(TestCase):
+    def test_noIpcd(self) -> None:
+        """IPC_NETWORK set and no ipcd: pong says to start it."""
+        rundir = short_rundir(self)
+        set_network(self, "pong unix://pong")
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.assertEqual(pong.main(["--rundir", rundir, "hi"]), 1)
+        ipc = os.path.join(rundir, "ipc")
+        self.assertEqual(
+            err.getvalue(),
+            f"pong: cannot reach service 'pong' through ipcd at {ipc}: no ipcd "
+            f"listens on {ipc} (no such file or directory): is ipcd running? "
+            "Start it (ipcd), or set RUNDIR to its socket directory\n",
+        )
+        self.assertRaises(FileNotFoundError, connect, "pong", rundir=rundir)
+
+
+class SilentHopTests(TestCase):
+    """
+    A route to a peer that accepts and never answers: with both sides'
+    default timeouts, the client gets ipcd's answer naming the hop, not a
+    timeout of its own.
+    """
+
+    @inlineCallbacks
+    def test_ipcdAnswersFirst(self) -> Any:
+        set_network(self, None)
+        rundir = short_rundir(self)
+        config = make_config(rundir, tcpd={"listen": "tcp:0:interface=127.0.0.1"})
+        self.assertGreater(DEFAULT_TIMEOUT, config.connect_timeout)
+        yield start_ipcd(self, config)
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)  # the kernel accepts; nobody answers
+        port = silent.getsockname()[1]
+        set_network(self, f"pong tcp://127.0.0.1:{port}/pong")
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = yield deferToThread(pong.main, ["--rundir", rundir, "hi"])
+        self.assertEqual((code, out.getvalue()), (1, ""))
+        ipc = os.path.join(rundir, "ipc")
+        self.assertEqual(
+            err.getvalue(),
+            f"pong: cannot reach service 'pong' through ipcd at {ipc}: connecting "
+            f"to tcp://127.0.0.1:{port}/pong timed out after 5 s\n",
+        )
 
 
 class TwistdTests(TestCase):

@@ -17,7 +17,8 @@ from ipcd.config import (
     load_config,
 )
 from ipcd.daemons import settings_of
-from ipcd.routes import LocalURI, PathURI, RemoteURI
+from ipcd.routes import LocalURI, PathURI, RemoteURI, parse_uri
+from ipcd.test.support import REPO
 from ipcd.transports.tcp import DEFAULT_LISTEN as DEFAULT_TCP_LISTEN
 from ipcd.transports.tcp import tcpd
 from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
@@ -223,6 +224,74 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
     def test_tcpdEnabledDefault(self) -> None:
         path = self.write("[tcpd]\nenabled = true\n")
         self.assertEqual(tcp_listen(load_config(path, None, {})), DEFAULT_TCP_LISTEN)
+
+
+class RelativePathTests(ConfigFileMixin, SynchronousTestCase):
+    """
+    A relative file name in a configuration file is relative to the file's
+    directory, wherever ipcd is started; on the command line, to the
+    working directory, as any command's.
+    """
+
+    def test_relativeToTheFile(self) -> None:
+        path = self.write(
+            'rundir = "run"\n[tlsd]\npsk_file = "psk"\ncertificate = "tls/a.pem"\n'
+            'key = "/etc/ipcd/a.key"\n[websocketd]\nca = "../ca.pem"\n'
+        )
+        here = os.path.dirname(os.path.abspath(path))
+        config = load_config(path, None, {})
+        tlsd = config.daemons["tlsd"]
+        self.assertEqual(config.rundir, os.path.join(here, "run"))
+        self.assertEqual(tlsd["psk_file"], os.path.join(here, "psk"))
+        self.assertEqual(tlsd["certificate"], os.path.join(here, "tls/a.pem"))
+        self.assertEqual(tlsd["key"], "/etc/ipcd/a.key")
+        self.assertEqual(tlsd["trust_roots"], "")  # none stays none
+        self.assertEqual(
+            config.daemons["websocketd"]["ca"], os.path.join(here, "../ca.pem")
+        )
+
+    def test_commandLineAsGiven(self) -> None:
+        path = self.write('[tlsd]\npsk_file = "psk"\n')
+        overrides = {"rundir": "run", "tlsd": {"psk_file": "mine"}}
+        config = load_config(path, overrides, {})
+        self.assertEqual(config.daemons["tlsd"]["psk_file"], "mine")
+        self.assertEqual(config.rundir, "run")
+
+
+class DocumentedExampleTests(ConfigFileMixin, SynchronousTestCase):
+    def test_exampleLoads(self) -> None:
+        """docs/configuration.rst's example loads on any system, as written."""
+        docs = os.path.join(REPO, "docs", "configuration.rst")
+        with open(docs, encoding="utf-8") as f:
+            text = f.read()
+        example = text.split("\nExample\n-------\n", 1)[1]
+        block = example.split(".. code-block:: toml\n", 1)[1]
+        block = block.split("\nCommand line\n", 1)[0]
+        toml = "\n".join(line[4:] for line in block.splitlines())
+        config = load_config(self.write(toml), None, {})
+        self.assertEqual(config.rundir, "/run/libipc")
+        self.assertEqual(config.routes["echo"], parse_uri("unix://pong"))
+
+
+class RouteSchemeTests(ConfigFileMixin, SynchronousTestCase):
+    """An admin route's scheme is checked when the configuration loads."""
+
+    def test_unknownScheme(self) -> None:
+        self.assertEqual(
+            self.error('[routes]\nfar = "http://example.net:80/far"\n'),
+            "[routes] far: no transport for scheme 'http' (known: tcp, tls, udp, "
+            "unix, ws, wss; another needs an external daemon in [ipcd] "
+            "external_daemons)",
+        )
+
+    def test_externalDaemonScheme(self) -> None:
+        path = self.write(
+            '[ipcd]\nexternal_daemons = ["quic"]\n'
+            '[routes]\nfar = "quic://example.net:9/far"\n'
+        )
+        config = load_config(path, None, {})
+        self.assertEqual(config.routes["far"].scheme, "quic")
+        self.assertIn("quic", config.schemes())
 
 
 class ErrorTests(ConfigFileMixin, SynchronousTestCase):

@@ -26,7 +26,8 @@ from twisted.internet.interfaces import (
     IStreamServerEndpointStringParser,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -219,7 +220,11 @@ class ClientEndpointTests(RunningIpcdTestCase):
     def test_networkInString(self) -> Any:
         """C{network=} in the endpoint string: through ipcd, fd adopted."""
         before = yield fd_baseline()
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         yield round_trip(self, self.client(r":network=pong unix\://pong"))
+        # The lookup's own connection to ipcd logs no line of Twisted's.
+        texts = [formatEvent(event) for event in logged]
+        self.assertEqual([t for t in texts if "Starting factory" in t], [])
         self.assertEqual(self.counters["lookups"], 1)
         self.assertEqual(self.counters["connected"], 1)
         yield assert_no_fd_leak(before)

@@ -246,4 +246,9 @@ class PageTests(TestCase):
         self.assertEqual(page["stateText"], "refused")
         [(kind, text)] = page["log"]
         self.assertEqual(kind, "error")
-        self.assertIn('refused: websocketd did not open "nosuch"', text)
+        self.assertEqual(
+            text,
+            'refused: websocketd did not open "nosuch" (unknown service, not '
+            "allowed, or unreachable; inbound connections are denied unless the "
+            'host\'s ipcd allows them: --allow "in nosuch")',
+        )

@@ -20,7 +20,7 @@ from twisted.internet.testing import (
     StringTransport,
     StringTransportWithDisconnection,
 )
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -40,6 +40,7 @@ from ipcd.relay import READ_SIZE, RelayStats
 from ipcd.routes import RemoteURI, parse_uri
 from ipcd.testing import MemoryRelays
 from ipcd.transports.tcp import TcpInbound
+from ipcd.transports.tls import TlsRelayStats
 
 RUNDIR = "/nonexistent/ipcd-test-rundir"
 
@@ -724,6 +725,42 @@ class ControlTests(SynchronousTestCase):
         self.assertIn("10 B", pong)
         self.assertIn("tcp inbound", pong)
 
+    def test_format_status_fits(self) -> None:
+        """
+        Within 100 columns by default, whatever the names, with a note when
+        something was cut; --wide shows everything, TLS details once.
+        """
+        broker = self.broker()
+        long_route = "tls://" + "far-away-host." * 5 + "example.net:9001/" + "s" * 40
+        broker.relays.add(
+            TlsRelayStats(
+                description="[2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff]:65000 (psk:x)",
+                direction="out",
+                service="a-rather-long-service-name-" + "x" * 30,
+                route=long_route,
+                tls={
+                    "version": "TLSv1.3",
+                    "cipher": "TLS_AES_256_GCM_SHA384",
+                    "peer": "psk:alice",
+                },
+            )
+        )
+        narrow = format_status(status_report(broker)).splitlines()
+        self.assertLessEqual(max(len(line) for line in narrow), 100, narrow)
+        self.assertEqual(
+            narrow[-1], "(cut to 100 columns: ipcd status --wide or --json)"
+        )
+        [header] = [line for line in narrow if line.startswith("DIR")]
+        self.assertNotIn("DETAILS", header)
+        self.assertNotIn("TLSv1.3", "\n".join(narrow))
+        wide = format_status(status_report(broker), wide=True)
+        self.assertIn(long_route, wide)
+        self.assertIn(
+            "tls: version TLSv1.3, cipher TLS_AES_256_GCM_SHA384, peer psk:alice", wide
+        )
+        self.assertEqual(wide.count("TLSv1.3"), 1)
+        self.assertNotIn("(cut to", wide)
+
     def test_format_status_no_connections(self) -> None:
         broker = Broker(config(), MemoryReactorClock())
         text = format_status(status_report(broker))
@@ -767,7 +804,7 @@ class JsonLogTests(SynchronousTestCase):
             # Plain values, not {"unpersistable": true}.
             self.assertIsInstance(event[key], (str, list, bool))
         # The text says the verdict once, although the outcome holds it.
-        text = formatEvent(event)
+        text = event["text"]
         self.assertEqual(text.count("denied by rule 2"), 1, text)
         self.assertTrue(text.endswith(" denied by rule 2 (deny local pong *)"), text)
 
@@ -804,7 +841,7 @@ class JsonLogTests(SynchronousTestCase):
         for event in events:
             for key in ("service", "who", "target", "outcome", "verdict"):
                 self.assertTrue(str(event[key]).isprintable(), (key, event[key]))
-            self.assertTrue(formatEvent(event).isprintable(), formatEvent(event))
+            self.assertTrue(event["text"].isprintable(), event["text"])
         self.assertEqual(events[0]["outcome"], "internal error: bo\\x1b[2Jom")
         self.assertEqual(events[1]["service"], "\\x1b[2J;")
         self.assertIn("po\\x1bng", events[2]["outcome"])

@@ -16,8 +16,9 @@ from typing import Any
 from twisted.scripts import twistd
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd import tap
+from ipcd import tap, version
 from ipcd.logs import json_observer
+from ipcd.scripts import websocketc
 from ipcd.scripts.ipcd import control, join_words, main
 
 
@@ -58,6 +59,38 @@ class ControlTests(SynchronousTestCase):
             self.assertEqual(exit.code, 1)
             command = "reload" if "reload" in argv else "status"
             self.assertEqual(self.err.getvalue(), self.unreachable(command))
+
+    def test_helpAndVersion(self) -> None:
+        """
+        C{ipcd status --help} is status's own help; C{--version} is ipcd's
+        everywhere; option help reads as sentences (no docstring indents).
+        """
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        exit = self.assertRaises(SystemExit, main, ["status", "--help"])
+        self.assertEqual(exit.code, 0)
+        text = out.getvalue()
+        self.assertTrue(
+            text.startswith("Usage: ipcd status [--json] [--wide] [--rundir DIR]\n"),
+            text,
+        )
+        self.assertNotIn("re-read", text)
+        self.assertNotIn("usage.Options", text)  # the module's docstring
+        self.assertIn("Ask the running ipcd how it is", text)
+        for argv in (["status", "--version"], ["reload", "--version"], ["--version"]):
+            out.truncate(0)
+            out.seek(0)
+            self.assertEqual(self.assertRaises(SystemExit, main, argv).code, 0)
+            self.assertEqual(out.getvalue(), f"ipcd {version()}\n")
+        out.truncate(0)
+        out.seek(0)
+        self.assertRaises(SystemExit, websocketc.main, ["--version"])
+        self.assertEqual(out.getvalue(), f"websocketc (ipcd {version()})\n")
+        out.truncate(0)
+        out.seek(0)
+        self.assertRaises(SystemExit, main, ["--help"])
+        self.assertIn("although their own permissions would not", out.getvalue())
+        self.assertNotRegex(out.getvalue(), r"[a-z] {2,}[a-z]")
 
     def test_subcommandError(self) -> None:
         exit = self.assertRaises(SystemExit, main, ["status", "--bogus"])

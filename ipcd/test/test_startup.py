@@ -8,8 +8,10 @@ twistd's own C{--rundir}; and a reload, which goes through the same checks.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import time
@@ -25,12 +27,15 @@ from ipcd.tap import IPCDService, StartupError
 from ipcd.test.support import (
     TIMEOUT,
     accepts,
+    free_port,
+    lookup,
     make_config,
     python_env,
     read_text,
     short_rundir,
     spawn,
 )
+from ipcd.test.tlssupport import TestCA
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
 IPCD = ["-m", "ipcd.scripts.ipcd"]
@@ -216,6 +221,59 @@ class CommandFailureTests(SynchronousTestCase):
         self.assertEqual(self.ipcd("--no-tcp", "--config", config), expected)
         self.assertEqual(self.twistd("--no-tcp", "--config", config), expected)
 
+    def config_in(self, directory: str, text: str) -> str:
+        """An ipcd.toml in C{directory} (not the working directory)."""
+        os.makedirs(directory, exist_ok=True)
+        config = os.path.join(directory, "ipcd.toml")
+        with open(config, "w") as f:
+            f.write(text)
+        return config
+
+    def test_secretsPathIsADirectory(self) -> None:
+        """
+        C{psk_file = "psk"} where C{psk} is a directory: one line, no
+        traceback; and the relative name is the config file's C{psk}, not
+        the working directory's.
+        """
+        etc = os.path.join(self.work, "etc")
+        os.makedirs(os.path.join(etc, "psk"))
+        with open(os.path.join(self.work, "psk"), "w") as f:  # not this one
+            f.write("alice:" + "a1" * 16 + "\n")
+        config = self.config_in(etc, '[tlsd]\npsk_file = "psk"\n')
+        expected = (
+            f"ipcd: [tlsd] psk_file: {etc}/psk is a directory, not a file: name "
+            "the file itself (fix it, or use --no-tls)"
+        )
+        self.assertEqual(self.ipcd("--no-tcp", "--no-ws", "--config", config), expected)
+        self.assertEqual(
+            self.twistd("--no-tcp", "--no-ws", "--config", config), expected
+        )
+
+    def test_keyPathIsADirectory(self) -> None:
+        """A key path that is a directory is said to be one (not: chmod it)."""
+        etc = os.path.join(self.work, "etc")
+        os.makedirs(os.path.join(etc, "keys"), mode=0o755)
+        issued = TestCA(etc).issue("localhost")
+        config = self.config_in(
+            etc,
+            f'[tlsd]\ncertificate = "{os.path.basename(issued.cert)}"\nkey = "keys"\n',
+        )
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--no-ws", "--config", config),
+            f"ipcd: [tlsd] key: {etc}/keys is a directory, not a file: name the "
+            "file itself (fix it, or use --no-tls)",
+        )
+
+    def test_websocketCaIsADirectory(self) -> None:
+        etc = os.path.join(self.work, "etc")
+        os.makedirs(os.path.join(etc, "ca"))
+        config = self.config_in(etc, '[websocketd]\nca = "ca"\n')
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--no-tls", "--ws", "tcp:0", "--config", config),
+            f"ipcd: [websocketd] ca: cannot read {etc}/ca as a PEM certificate: "
+            "Is a directory (fix it, or leave ca empty for the system's roots)",
+        )
+
     def test_optionError(self) -> None:
         """Not after twistd's 20 lines of help, and status 1 from both."""
         self.assertEqual(
@@ -229,6 +287,18 @@ class CommandFailureTests(SynchronousTestCase):
         self.assertEqual(
             self.ipcd("--redirect", "a"),
             "ipcd: --redirect takes \"FROM TO\" (two words), got 'a' (see ipcd --help)",
+        )
+        self.assertEqual(
+            self.ipcd("--route", "far"),
+            "ipcd: --route takes \"SERVICE URI\" (two words), got 'far' (see ipcd "
+            "--help)",
+        )
+        # A scheme nothing serves: at start, not at the first lookup.
+        self.assertEqual(
+            self.ipcd("--route", "far http://example.net:80/far"),
+            "ipcd: command line: [routes] far: no transport for scheme 'http' "
+            "(known: tcp, tls, udp, unix, ws, wss; another needs an external "
+            "daemon in [ipcd] external_daemons)",
         )
 
 
@@ -264,6 +334,7 @@ class RunningCommandTests(SynchronousTestCase):
     def started(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         env = python_env(RUNDIR=self.rundir)
         process = spawn(self, args, self.log, env, self.work, **kwargs)
+        self.process = process
         control = os.path.join(self.rundir, "ipcd-control")
         deadline = time.monotonic() + 3 * TIMEOUT
         while not accepts(control):
@@ -284,6 +355,94 @@ class RunningCommandTests(SynchronousTestCase):
             if time.monotonic() > deadline:
                 self.fail(f"{text!r} not logged:\n{read_text(self.log)}")
             time.sleep(0.05)
+
+    def quiet_start(self, command: list[str]) -> list[str]:
+        """
+        Start C{command} with tcpd and websocketd on free ports, GET the
+        page twice, then look pong up through tcpd: the lines logged, once
+        that lookup's decision is.
+        """
+        tcp, ws = free_port(), free_port()
+        listen = ["--tcp", f"tcp:{tcp}:interface=127.0.0.1"]
+        listen += ["--ws", f"tcp:{ws}:interface=127.0.0.1", "--allow", "in pong"]
+        self.started(command + listen)
+        self.assertLogged("ipcd: ready")
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", ws), TIMEOUT) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                while sock.recv(65536):
+                    pass
+        route = f"pong tcp://127.0.0.1:{tcp}/pong"
+        reply = lookup(self.rundir, f"pong;{route}".encode())
+        self.addCleanup(reply.close_fds)
+        self.assertEqual((reply.data, len(reply.fds)), (b"ok", 1))
+        self.assertLogged("out 'pong' for")
+        self.addresses = {
+            "ipcd": f"{self.rundir}/ipc and {self.rundir}/ipcd-control",
+            "pongd": f"{self.rundir}/pong",
+            "tcpd": f"127.0.0.1:{tcp}",
+            "websocketd": f"127.0.0.1:{ws}",
+        }
+        return read_text(self.log).splitlines()
+
+    def assertQuiet(self, texts: list[str]) -> None:
+        """
+        One line per daemon with its address, then one "ready" line; after
+        it, the lookup's two decisions (in and out) and nothing else: no
+        line per page GET, no line per listener or factory from Twisted.
+        """
+        ours = [t for t in texts if " listening on " in t]
+        self.assertEqual(
+            ours, [f"{name} listening on {at}" for name, at in self.addresses.items()]
+        )
+        [ready] = [i for i, t in enumerate(texts) if t.startswith("ipcd: ready: ")]
+        self.assertEqual(
+            texts[ready],
+            "ipcd: ready: "
+            + ", ".join(f"{name} {at}" for name, at in self.addresses.items()),
+        )
+        after = texts[ready + 1 :]
+        self.assertEqual(len(after), 2, after)
+        self.assertTrue(after[0].startswith("in 'pong' for 127.0.0.1:"), after)
+        self.assertTrue(after[1].startswith("out 'pong' for pid "), after)
+        for text in texts:
+            self.assertNotIn(" starting on ", text)
+            self.assertNotIn("Starting factory", text)
+
+    def test_quietTextLog(self) -> None:
+        """twistd -n ipcd and the ipcd command log the same few lines."""
+        for command in (
+            ["-c", TWISTD, "-n", "--pidfile=", "ipcd", "--rundir", self.rundir],
+            [*IPCD, "--rundir", self.rundir],
+        ):
+            lines = self.quiet_start(command)
+            self.assertQuiet([line.split("] ", 1)[1] for line in lines])
+            for line in lines:
+                self.assertRegex(line, r"^\S+ \[[^]]+\] ")
+            self.process.send_signal(signal.SIGINT)
+            self.process.wait(3 * TIMEOUT)
+
+    def test_quietJsonLog(self) -> None:
+        """
+        ipcd --json-log: the same lines, as C{text}, with ipcd's fields as
+        plain values and none of Twisted's internals.
+        """
+        lines = self.quiet_start([*IPCD, "--rundir", self.rundir, "--json-log"])
+        events = [json.loads(line) for line in lines]
+        self.assertQuiet([event["text"] for event in events])
+        for event in events:
+            self.assertEqual(
+                [k for k in event if k.startswith("log_") or "__" in k], [], event
+            )
+            self.assertIn(event["level"], ("info", "warn"))
+            self.assertIsInstance(event["time"], float)
+        [ready] = [e for e in events if e["text"].startswith("ipcd: ready")]
+        self.assertEqual(ready["daemons"]["pongd"], [f"{self.rundir}/pong"])
+        [out] = [e for e in events if e["text"].startswith("out 'pong'")]
+        self.assertEqual(
+            (out["direction"], out["service"], out["allowed"]), ("out", "pong", True)
+        )
+        self.assertEqual(out["labels"], sorted(out["labels"]))
 
     def test_openFilesLimitRaised(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

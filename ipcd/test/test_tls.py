@@ -127,6 +127,13 @@ class TlsTestCase(TestCase):
         return text
 
 
+# What a client is told of a key the far tlsd did not accept.
+WRONG_PSK = (
+    "(its tlsd did not accept our pre-shared key: a wrong key, or an identity "
+    "it does not know; its log says which)"
+)
+
+
 class CertificateTests(TlsTestCase):
     @inlineCallbacks
     def test_certificateMode(self) -> Any:
@@ -181,6 +188,8 @@ class CertificateTests(TlsTestCase):
         b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
         a = yield self.psk_client("alice", ALICE_KEY)
         yield self.assertPong(a, b.route("pong"))
+        # No line of Twisted's per route.
+        self.assertEqual([t for t in self.logged if "Starting factory" in t], [])
         # ipcd status: the relay with its TLS version, cipher and peer.
         report = status_report(b.broker)
         [shown] = report["connections"]
@@ -194,8 +203,13 @@ class CertificateTests(TlsTestCase):
         )
         self.assertIn("psk:alice", shown["labels"])
         self.assertEqual(report["config"]["tls_listen"], "tcp:0:interface=127.0.0.1")
-        table = format_status(report)
-        self.assertIn("tls inbound [TLSv1.3, TLS_AES_128_GCM_SHA256, psk:alice]", table)
+        # Said once, in the wide table's details (not in the route as well).
+        table = format_status(report, wide=True)
+        self.assertIn(
+            "tls: version TLSv1.3, cipher TLS_AES_128_GCM_SHA256, peer psk:alice",
+            table,
+        )
+        self.assertEqual(table.count("TLSv1.3"), 1, table)
         [out] = a.broker.relays
         self.assertEqual(out.as_dict()["tls"]["version"], "TLSv1.3")
 
@@ -305,16 +319,18 @@ class RefusalTests(TlsTestCase):
     def test_wrongKey(self) -> Any:
         a = yield self.client(psk_file=self.keys(alice=BOB_KEY), psk_identity="alice")
         yield self.refusedThenServing(
-            a, self.b.route("pong"), "TLS handshake", "decrypt error"
+            a, self.b.route("pong"), "TLS handshake", "decrypt error", WRONG_PSK
         )
-        yield self.assertLogged("PSK identity 'alice'", "failed")
+        yield self.assertLogged(
+            "PSK identity 'alice'", "failed: wrong key for PSK identity 'alice'"
+        )
 
     @inlineCallbacks
     def test_unknownIdentity(self) -> Any:
         """Refused as a wrong key is: the peer cannot tell them apart."""
         a = yield self.client(psk_file=self.keys(carol=ALICE_KEY), psk_identity="carol")
         yield self.refusedThenServing(
-            a, self.b.route("pong"), "TLS handshake", "decrypt error"
+            a, self.b.route("pong"), "TLS handshake", "decrypt error", WRONG_PSK
         )
         yield self.assertLogged("unknown PSK identity 'carol'")
 
@@ -338,6 +354,27 @@ class RefusalTests(TlsTestCase):
         stranger = other.issue("stranger")
         yield self.serverWith(
             stranger.cert, stranger.key, self.ca.path, "unable to get local issuer"
+        )
+
+    @inlineCallbacks
+    def test_pskRouteToCertificateServer(self) -> Any:
+        """
+        A route presenting a PSK accepts no certificate, even one from a CA
+        it would otherwise trust, and says why it failed.
+        """
+        server = self.ca.issue("cert-only")
+        only = yield start_tls_host(
+            self,
+            {"certificate": server.cert, "key": server.key},
+            rules=["allow in pong"],
+        )
+        a = yield self.psk_client("alice", ALICE_KEY, trust_roots=self.ca.path)
+        yield self.assertRefused(
+            a,
+            only.route("pong"),
+            "TLS handshake",
+            "it answered with a certificate: it takes no pre-shared keys, and this "
+            "route presents PSK identity 'alice' and accepts no certificate",
         )
 
     @inlineCallbacks

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from typing import Any
 
 from twisted.internet import reactor
@@ -17,7 +16,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from ipcd.test.support import lookup, recv_upto, wait_until
+from ipcd.test.support import free_port, lookup, recv_upto, wait_until
 from ipcd.test.test_tls import TlsTestCase
 from ipcd.test.tlssupport import ALICE_KEY, start_tls_host
 from ipcd.transports.tls import state_of
@@ -65,12 +64,6 @@ def run_openssl(case: TestCase, *args: str) -> OpenSSL:
 
     case.addCleanup(stop)
     return process
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ClientInteropTests(TlsTestCase):

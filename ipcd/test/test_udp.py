@@ -147,7 +147,7 @@ class EndToEndTests(TwoHostsTestCase):
             self.assertEqual(
                 report["config"]["udp_listen"], "udp:0:interface=127.0.0.1"
             )
-            text = format_status(report)
+            text = format_status(report, wide=True)
             self.assertIn("DETAILS", text)
             self.assertIn("datagrams: sent 1, received 1, dropped 0, lost 0", text)
 
@@ -681,7 +681,13 @@ class OffByDefaultTests(RunningIpcdTestCase):
         """Without --udp, a udp:// route is refused and nothing listens."""
         payload = b"pong;pong udp://127.0.0.1:9000/pong"
         reply = yield deferToThread(lookup, self.rundir, payload)
-        self.assertEqual(reply.data, b"ne no transport for scheme 'udp'")
+        self.assertEqual(
+            reply.data,
+            (
+                b"ne no transport for scheme 'udp': udpd is off on this ipcd (start it "
+                b"with --udp ENDPOINT)"
+            ),
+        )
         self.assertFalse(os.path.exists(os.path.join(self.rundir, "udp")))
         self.assertNotIn("udpd", self.service.namedServices)
 

@@ -18,7 +18,9 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from ipcd.names import listen_unix
@@ -31,6 +33,7 @@ from ipcd.test.support import (
     lookup,
     python_env,
     short_rundir,
+    wait_until,
 )
 from ipcd.test.wssupport import (
     BINARY,
@@ -290,7 +293,13 @@ class InboundTests(TestCase):
         refused = yield deferToThread(websocketc, self.url("secret"), "x")
         self.assertEqual(refused.returncode, 3)
         self.assertIn(b"403", refused.stderr)
-        self.assertIn(b"'secret' denied", refused.stderr)
+        self.assertEqual(
+            refused.stderr.decode(),
+            f"websocketc: {self.url('secret')}: WebSocket connection upgrade failed "
+            "[403]: in connection to 'secret' denied by default (that host's ipcd "
+            'denies inbound connections unless a rule allows them: --allow "in '
+            'secret")\n',
+        )
         free = socket.socket()
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
@@ -727,6 +736,23 @@ class SecureRouteTests(TestCase):
     @inlineCallbacks
     def test_wssUnknownCaRefused(self) -> Any:
         """A server whose certificate the CA did not sign is refused."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         reply = yield self.lookupOverTls(trusted=False)
         self.assertEqual(len(reply.fds), 0)
-        self.assertTrue(reply.data.startswith(b"ne websocketd at wss://"), reply.data)
+        self.assertRegex(
+            reply.data.decode(),
+            r"^ne websocketd at wss://127\.0\.0\.1:\d+/pong: TLS handshake failed: "
+            r"certificate verify failed \(is the server's certificate for this "
+            r"host name, and signed by a CA in \[websocketd\] ca, or the system's "
+            r"roots without it\?\)$",
+        )
+        # B says it in a line of its own, once it has seen A go.
+        yield wait_until(
+            lambda: any(
+                "websocketd: TLS handshake with " in formatEvent(event)
+                for event in logged
+            ),
+            "B's line about the handshake",
+        )
+        texts = [formatEvent(event) for event in logged]
+        self.assertEqual([t for t in texts if "SSL error" in t], [])

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 
 from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.logs import printable
+from ipcd.names import file_kind
 
 log = Logger()
 
@@ -60,6 +61,10 @@ class SecretsError(ValueError):
 
 
 def _check_private(path: str, info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise SecretsError(
+            f"{path} is {file_kind(info.st_mode)}, not a file: name the file itself"
+        )
     if info.st_uid != os.geteuid():
         raise SecretsError(
             f"{path} is owned by uid {info.st_uid}, not by ipcd's user "
@@ -120,8 +125,12 @@ def read_secrets(path: str) -> dict[str, bytes]:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as e:
         raise SecretsError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        _check_private(path, os.fstat(fd))  # the file we read
+    except SecretsError:
+        os.close(fd)
+        raise
     with open(fd, "rb") as f:
-        _check_private(path, os.fstat(f.fileno()))  # the file we read
         data = f.read(1 << 20)
     try:
         text = data.decode("ascii")

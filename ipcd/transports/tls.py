@@ -130,11 +130,7 @@ class TlsRelayStats(RelayStats):
 
     def as_dict(self, now: float | None = None) -> dict[str, Any]:
         shown = super().as_dict(now)
-        shown["tls"] = dict(self.tls)
-        # Also in the route, for status's plain-text table.
-        said = ", ".join(str(v) for v in self.tls.values() if v)
-        if said:
-            shown["route"] = f"{self.route} [{said}]"
+        shown["tls"] = dict(self.tls)  # status --wide's DETAILS column
         return shown
 
 
@@ -343,13 +339,22 @@ class TlsInbound(TcpInbound):
             if handle is not None:
                 identity = psk.offered_identity(handle)
             said = f" (PSK identity {identity!r})" if identity else ""
+            why = _why(reason)
+            if identity and any(word in why for word in _WRONG_KEY):
+                # (An unknown identity is logged as such when offered.)
+                why = f"wrong key for PSK identity {identity!r} ({why})"
             log.info(
                 "TLS handshake with {who}{said} failed: {why}",
                 who=str(self.who),
                 said=said,
-                why=_why(reason),
+                why=why,
             )
         super().connectionLost(reason)
+
+
+# What OpenSSL says when a PSK's key differs between the peers: the TLS 1.3
+# binder, or TLS 1.2's first encrypted record, does not check out.
+_WRONG_KEY = ("binder does not verify", "decrypt", "bad record mac")
 
 
 def _why(reason: Failure) -> str:
@@ -454,6 +459,8 @@ class TlsDialer(Protocol):
         self.buffer = b""
         self.tls: dict[str, Any] = {}
         self.handshook = False
+        # The PSK identity this route presents, if it presents one.
+        self.psk_identity: str | None = None
 
     def connectionMade(self) -> None:  # noqa: N802
         # Small messages go out at once (as tcpd's inbound side does it).
@@ -496,8 +503,21 @@ class TlsDialer(Protocol):
             why = _why(reason) if reason is not None else "closed"
             handle = compat_twisted.tls_connection(self.transport)
             unverified = verify_error(handle) if handle is not None else None
-            if unverified is not None:
+            if unverified is not None and self.psk_identity:
+                why = (
+                    f"{why} (it answered with a certificate: it takes no "
+                    f"pre-shared keys, and this route presents PSK identity "
+                    f"{self.psk_identity!r} and accepts no certificate)"
+                )
+            elif unverified is not None:
                 why = f"{why} ({unverified})"
+            elif "decrypt error" in why:
+                # The far tlsd tells a wrong key from an unknown identity in
+                # its own log only.
+                why = (
+                    f"{why} (its tlsd did not accept our pre-shared key: a wrong "
+                    "key, or an identity it does not know; its log says which)"
+                )
             self.done.errback(Refused(f"TLS handshake with {self.where} failed: {why}"))
         else:
             self.done.errback(
@@ -530,6 +550,7 @@ def dial(
     def build() -> TlsDialer:
         nonlocal dialer
         dialer = TlsDialer(service, where, done)
+        dialer.psk_identity = material.identity_for(host) or None
         return dialer
 
     def failed(failure: Failure) -> None:
@@ -542,7 +563,9 @@ def dial(
         creator = client_creator(material, host)
     except Exception as e:  # a host name service_identity cannot check
         return _refused(f"cannot speak TLS to {host!r}: {e}")
-    factory = _TLSFactory(creator, True, Factory.forProtocol(build))
+    dialing = Factory.forProtocol(build)
+    dialing.noisy = False  # no "Starting factory" line per route
+    factory = _TLSFactory(creator, True, dialing)
     endpoint = HostnameEndpoint(broker.reactor, host, port)
     connecting = endpoint.connect(factory)
     connecting.addErrback(failed)
@@ -643,11 +666,13 @@ class TlsDaemon:
     settings = (
         Setting("enabled", boolean, True, "run tlsd"),
         Setting("listen", endpoint, DEFAULT_LISTEN, "tlsd's listener"),
-        Setting("certificate", _path, "", "PEM certificate (and chain)"),
-        Setting("key", _path, "", "PEM private key of the certificate"),
-        Setting("trust_roots", _path, "", "PEM CA certificates (default: system)"),
+        Setting("certificate", _path, "", "PEM certificate (and chain)", path=True),
+        Setting("key", _path, "", "PEM private key of the certificate", path=True),
+        Setting(
+            "trust_roots", _path, "", "PEM CA certificates (default: system)", path=True
+        ),
         Setting("verify_clients", boolean, False, "clients need a certificate or key"),
-        Setting("psk_file", _path, "", "IDENTITY:HEXKEY lines, mode 0600"),
+        Setting("psk_file", _path, "", "IDENTITY:HEXKEY lines, mode 0600", path=True),
         Setting("psk_identity", _identity, "", "identity to present to any host"),
         Setting("psk_hosts", _identities, {}, "identity to present, by host"),
         Setting("min_version", _version, "1.2", "lowest TLS version"),

@@ -33,7 +33,7 @@ from ipcd.config import (
     positive_int,
     positive_number,
 )
-from ipcd.daemons import Flag, IProtocolDaemon, Setting, settings_of
+from ipcd.daemons import Flag, IProtocolDaemon, Setting, StartupError, settings_of
 from ipcd.errors import Refused
 from ipcd.inbound import listening
 from ipcd.relay import RelayStats, SocketRelays
@@ -45,7 +45,7 @@ from ipcd.transports.listeners import (
     listen_hint,
     network_listener,
 )
-from ipcd.transports.wsclient import connect_websocket
+from ipcd.transports.wsclient import connect_websocket, trust_root
 from ipcd.transports.wsserver import WebSocketInboundFactory
 
 SCHEME = "ws"
@@ -151,7 +151,9 @@ class WebSocketDaemon:
         Setting(
             "allowed_origins", _origins, (), "browser origins besides websocketd's own"
         ),
-        Setting("ca", _path, "", "CA file for wss routes (empty: the platform's)"),
+        Setting(
+            "ca", _path, "", "CA file for wss routes (empty: the platform's)", path=True
+        ),
     )
     flags = (
         Flag(
@@ -200,6 +202,18 @@ class WebSocketDaemon:
 
     def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
         check_listener(reactor, self, settings["listen"])
+        if settings["ca"]:
+            # Read at start too: a bad file is one line now, not a failure
+            # at every wss:// lookup.
+            try:
+                trust_root(settings["ca"])
+            except Exception as e:
+                why = getattr(e, "strerror", None) or type(e).__name__
+                raise StartupError(
+                    f"[websocketd] ca: cannot read {settings['ca']} as a PEM "
+                    f"certificate: {why} (fix it, or leave ca empty for the "
+                    "system's roots)"
+                ) from None
 
     def hint(self, error: Exception) -> str:
         return listen_hint(error, "ws")

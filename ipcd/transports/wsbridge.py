@@ -24,9 +24,13 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from OpenSSL import SSL
+from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
+from ipcd.logs import printable
 from ipcd.relay import RelayStats, began, ended
 from ipcd.transports.outbox import Outbox
 from ipcd.transports.wsframes import (
@@ -68,6 +72,23 @@ class _Call:
     def cancel(self) -> None:
         if self.call.active():
             self.call.cancel()
+
+
+def tls_failure(reason: Failure | None) -> tuple[str | None, Failure | None]:
+    """
+    For a connection lost to a TLS error: OpenSSL's last reason
+    (C{certificate verify failed}: the TLS layer's, after its causes deeper
+    in the library), and a plain C{ConnectionLost} to hand autobahn in its
+    place, which would log it as C{"SSL error: ... (in )"} at error level.
+    Else C{(None, reason)}.
+    """
+    if reason is None or not reason.check(SSL.Error):
+        return None, reason
+    error = reason.value
+    errors = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [str(e[-1]) for e in errors if isinstance(e, tuple) and e]
+    why = reasons[-1] if reasons else printable(str(error)) or "unknown"
+    return why, Failure(ConnectionLost(f"TLS handshake failed: {why}"))
 
 
 def bridge_options(settings: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from ipcd.transports.wsbridge import (
     WebSocketSide,
     bridge_options,
     no_delay,
+    tls_failure,
 )
 
 
@@ -56,6 +57,14 @@ class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
         factory.result.callback(theirs)
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        why, reason = tls_failure(reason)
+        if why is not None:
+            # Said once, with the way out, in the client's answer.
+            self.factory.failed(
+                f"TLS handshake failed: {why} (is the server's certificate for "
+                "this host name, and signed by a CA in [websocketd] ca, or the "
+                "system's roots without it?)"
+            )
         super().connectionLost(reason)  # type: ignore[arg-type]
         self.cancelTimers()
 

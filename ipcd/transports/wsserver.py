@@ -40,6 +40,7 @@ from ipcd.transports.wsbridge import (
     WebSocketSide,
     bridge_options,
     no_delay,
+    tls_failure,
 )
 from ipcd.transports.wspage import page_response
 
@@ -162,6 +163,13 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
         self.webSocketLost(wasClean)
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        why, reason = tls_failure(reason)
+        if why is not None:
+            self.factory.log.info(
+                "websocketd: TLS handshake with {peer} failed: {why}",
+                peer=printable(str(self.transport.getPeer())),
+                why=why,
+            )
         self._lost = True
         if self._pending is not None:
             self._pending.cancel()
@@ -179,6 +187,9 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             self.sendData(page_response())
         else:
             self.sendData(NOT_FOUND)
+        # A plain HTTP exchange, answered: autobahn's close that follows is
+        # no unclean WebSocket close to warn of, once per page view.
+        self.wasClean = True
 
     def sendRedirect(self, url: str) -> None:  # noqa: N802
         self.sendServerStatus()
