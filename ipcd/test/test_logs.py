@@ -13,8 +13,12 @@ import sys
 import time
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.logger import (
+    FilteringLogObserver,
     LogLevel,
+    LogLevelFilterPredicate,
     eventAsJSON,
     formatEvent,
     formatEventAsClassicLogText,
@@ -24,8 +28,9 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from ipcd import logs
 from ipcd.identity import local_peer
-from ipcd.logs import ClassicTextFormatter, text_observer
+from ipcd.logs import ClassicTextFormatter, EventTemplate, json_observer, text_observer
 from ipcd.test.support import (
     TIMEOUT,
     accepts,
@@ -285,3 +290,128 @@ def expected_events(rundir: str, me: int, child: int) -> list[dict[str, Any]]:
             }
         )
     return events
+
+
+# Events made from a template: the same lines, formatted once per template.
+
+DECIDED = "{direction} {service!r} for {who} -> {target}: {outcome}"
+
+
+def template(fmt: str = DECIDED, **extra: Any) -> EventTemplate:
+    fields = {
+        "direction": "local",
+        "service": "po\nng",
+        "who": "",
+        "labels": [],
+        "target": None,
+        "outcome": "ok",
+        **extra,
+        "log_level": LogLevel.info,
+        "log_namespace": "ipcd.broker.Broker",
+        "log_logger": object(),
+        "log_format": fmt,
+        "log_time": None,
+    }
+    return EventTemplate(fields, ("who", "labels"))
+
+
+class Counted:
+    """Twisted's two formatting functions in ipcd.logs, counted."""
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.calls = 0
+        for name, real in (
+            ("formatEventAsClassicLogText", formatEventAsClassicLogText),
+            ("eventAsJSON", eventAsJSON),
+        ):
+            case.patch(logs, name, self.counting(real))
+
+    def counting(self, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        return call
+
+
+def written(event: dict[str, Any]) -> tuple[str, str]:
+    """The text and JSON lines of C{event}, by ipcd's observers."""
+    text, json_out = io.StringIO(), io.StringIO()
+    text_observer(text)(event)
+    json_observer(json_out)(event)
+    return text.getvalue(), json_out.getvalue()
+
+
+def twistds(event: dict[str, Any]) -> tuple[str, str]:
+    """
+    The same, by Twisted's own formatting of the event as it is made
+    (eventAsJSON adds the flattened fields to the event it writes).
+    """
+    return twisted_line(dict(event)) or "", eventAsJSON(dict(event)) + "\n"
+
+
+FORMATS = [DECIDED, DECIDED + " ({outcome})", "{who}{who}", "{who!s} as {labels!r}"]
+FORMATS_NOT_FILLED = [
+    "{who!r}",
+    "{who:>20}",
+    "{who.upper}",
+    "{who[0]}",
+    "{labels}",
+    "at {log_time}",
+]
+
+
+class EventTemplateTests(SynchronousTestCase):
+    @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(who=st.text(), labels=st.lists(st.text()), fmt=st.sampled_from(FORMATS))
+    def test_sameLinesAsTwisted(self, who: str, labels: list[str], fmt: str) -> None:
+        """Whatever the varying fields hold, the lines are Twisted's."""
+        made = template(fmt)
+        # The first event makes the template's lines; the second is filled in.
+        for value in ("pid 1 uid 0", who):
+            event = made.event(value, labels)
+            expected = twistds(event)
+            self.assertEqual(written(event), expected)
+
+    def test_formattedOncePerTemplate(self) -> None:
+        """
+        Each template's lines are worked out once by Twisted (its stand-ins,
+        then the check against the first event), then filled in.
+        """
+        counted = Counted(self)
+        made = template()
+        for i in range(50):
+            event = made.event(f"pid {i} uid 0\x1b", [f"uid:{i}", "user:\u00e9"])
+            expected = twistds(event)
+            self.assertEqual(written(event), expected)
+        # formatEventAsClassicLogText twice, eventAsJSON twice.
+        self.assertEqual(counted.calls, 4)
+
+    def test_nothingFormattedWhenDropped(self) -> None:
+        """An observer that drops the event costs it no formatting."""
+        counted = Counted(self)
+        out = io.StringIO()
+        predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+        for observer in (text_observer(out), json_observer(out)):
+            dropping = FilteringLogObserver(observer, [predicate])
+            for i in range(10):
+                dropping(template().event(f"pid {i}", []))
+        self.assertEqual((out.getvalue(), counted.calls), ("", 0))
+
+    def test_otherwiseTwistedsWay(self) -> None:
+        """
+        Formats that show a varying field otherwise than as its text, the
+        time in the text, and an event an observer added a field to: each
+        event is formatted as any other event, with Twisted's lines.
+        """
+        events = [
+            template(fmt).event(who, ["a'b"])
+            for fmt in FORMATS_NOT_FILLED
+            for who in ("pid 1 uid 0", "o'\"x\n")
+        ]
+        flattened = template().event("pid 2", [])
+        eventAsJSON(flattened)  # as Twisted's JSON observer before this one
+        events.append(flattened)
+        for event in events:
+            expected = twistds(event)
+            self.assertEqual(written(event), expected)
