@@ -169,7 +169,7 @@ class Broker:
         self._held: HeldDirectories | None = None
         self._names_cache: Any = None
         self._plans: dict[bytes, tuple[Config, str, Any]] = {}
-        self._said: dict[Any, EventTemplate] = {}
+        self._said: dict[Any, tuple[Any, Any, EventTemplate]] = {}
         self._decisions: dict[Any, Decision] = {}
         # Local clients' identity labels, by uid and gid.
         self.labels = LabelCache(config.label_cache_max_age)
@@ -498,22 +498,27 @@ class Broker:
         # What depends on the request rather than on the client (service,
         # target, decision, outcome) is worked out once per distinct request,
         # and so is its text (ipcd.logs.EventTemplate): clients ask the same
-        # again and again.
+        # again and again.  Targets and decisions are kept per configuration
+        # (plans, decisions): known by identity, they need not be hashed
+        # (dataclasses hash in Python); the entry holds them, so their ids
+        # stay theirs.
+        decision = event.decision
         key = (
             event.direction,
             event.service,
-            target,
-            event.decision,
+            id(target),
+            id(decision),
             event.access,
             outcome,
         )
-        template = self._said.get(key)
-        if template is None:
+        said = self._said.get(key)
+        if said is None or said[0] is not target or said[1] is not decision:
             fields = _decided_fields(event, target, outcome, self.log)
-            template = EventTemplate(fields, ("who", "labels"))
+            said = (target, decision, EventTemplate(fields, ("who", "labels")))
             if len(self._said) >= _MAX_SAID:
                 self._said.clear()
-            self._said[key] = template
+            self._said[key] = said
+        template = said[2]
         # Logger.info's event, built here: one per lookup.
         self.log.observer(
             template.event(printable(str(event.who)), sorted(event.labels))
@@ -823,7 +828,8 @@ class LookupFactory(Factory):
             # Served and gone before anything else runs, so it holds no
             # place in the limits; close to them, the protocol decides.
             if limits.total + 1 >= limits.max_total or (
-                limits.per_peer[key] >= limits.max_per_peer and key not in limits.exempt
+                limits.per_peer.get(key, 0) >= limits.max_per_peer
+                and key not in limits.exempt
             ):
                 return _carry_on(data)
         answer = serve_lookup(self.broker, data[HEADER.size :], client)
