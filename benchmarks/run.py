@@ -64,6 +64,10 @@ class Settings:
     bulk_bytes: int
     memory_counts: tuple[int, ...]
     cpu_lookups: int = 5_000
+    # Only these groups of rows (None: all): see ROW_GROUPS.
+    only: frozenset[str] | None = None
+    # Another checkout whose ipcd A is measured beside this one's (lookups).
+    against: str | None = None
 
 
 FULL = Settings(
@@ -83,6 +87,11 @@ QUICK = Settings(
     cpu_lookups=1_000,
     memory_counts=(1_000, 10_000),
 )
+
+
+# What --only can select: the lookup rows (lookups/s, concurrent clients,
+# CPU per lookup), or everything after them.
+ROW_GROUPS = ("lookups", "rest")
 
 
 def say(text: str) -> None:
@@ -1043,19 +1052,79 @@ def tls_paths(h: Harness, tls: TlsBench, a_dir: str, b_dir: str) -> dict[str, Op
     return paths
 
 
+def against_name(checkout: str | None) -> str:
+    """How the rows of C{--against CHECKOUT} are labelled: its commit."""
+    if not checkout:
+        return ""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", checkout, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = os.path.basename(os.path.abspath(checkout))
+    return f"against {commit}"
+
+
+def header(settings: Settings, socat: str | None, tls: TlsBench) -> list[str]:
+    """The table's first lines: what was measured, and how."""
+    return [
+        f"ipcd benchmark ({'quick' if settings is QUICK else 'full'}): "
+        f"median of {settings.runs} runs (memory: {settings.memory_runs}), "
+        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+        f"{socat or 'no socat'}, {tls.stunnel or 'no stunnel'}, CPUs used: "
+        f"{','.join(map(str, sorted(os.sched_getaffinity(0))))}"
+        + (f"; only: {','.join(sorted(settings.only))}" if settings.only else ""),
+        f"  ipcd from {ROOT}; lookups: {settings.lookup_seconds:g} s per run; RTT: "
+        f"{settings.round_trips:,} round trips per run; bulk: "
+        f"{settings.bulk_bytes // 2**20} MiB each way per run",
+    ]
+
+
+def footer(notes: list[str]) -> list[str]:
+    return [
+        "ratio = path / its reference, per run, median of the runs "
+        "(lookups, bulk: higher is better; RTT, RSS: lower is better).",
+        "Targets: unix-route RTT <= 1.05 x direct UNIX; tcp-route RTT <= 1.00 x "
+        "socat chain; tcp-route bulk >= 1.00 x socat chain; tls route (TLS 1.3 "
+        "PSK) likewise against a chain of two stunnel processes in PSK mode; "
+        "websocketd RTT <= 1.00 x websockify, bulk >= 1.00 x websockify; "
+        "lookups via ipcd >= 0.21 x direct; ipcd CPU per lookup <= 1/3 of "
+        "that of ipcd before issue 12 (da12689), measured alike.",
+        *notes,
+    ]
+
+
 def benchmark(settings: Settings, h: Harness) -> str:
     fd_limit = raise_fd_limit()
     socat = socat_version()
     a_dir, b_dir, m_dir = h.rundir("a"), h.rundir("b"), h.rundir("m")
 
     say("starting pongd, ipcd A, ipcd B" + (", socat chain" if socat else ""))
+    # --against: a second ipcd A, of another checkout, on its own RUNDIR.
+    a2_dir = h.rundir("a-against") if settings.against else None
+    pong_dirs = [a_dir, b_dir, m_dir, *filter(None, [a2_dir])]
     pong = h.spawn(
-        "pongd", [sys.executable, os.path.join(HERE, "_pongd.py"), a_dir, b_dir, m_dir]
+        "pongd", [sys.executable, os.path.join(HERE, "_pongd.py"), *pong_dirs]
     )
-    for d in (a_dir, b_dir, m_dir):
+    for d in pong_dirs:
         h.wait_unix(pong, os.path.join(d, "pong"))
     tls = tls_setup(h)
     ipcd_a = h.ipcd("ipcd-a", a_dir, free_port(), *tls.a_options)
+    ipcd_a2 = None
+    if settings.against and a2_dir:
+        ours = h.env
+        h.env = {**ours, "PYTHONPATH": settings.against}
+        try:
+            # A's options, with a tlsd port of its own.
+            options = [*tls.a_options]
+            options[1] = f"tcp:{free_port()}:interface=127.0.0.1"
+            ipcd_a2 = h.ipcd("ipcd-a-against", a2_dir, free_port(), *options)
+        finally:
+            h.env = ours
     port_b = free_port()
     h.ipcd("ipcd-b", b_dir, port_b, "--allow", "in pong", *tls.b_options)
     socat_path = h.path("socat-pong")
@@ -1095,6 +1164,9 @@ def benchmark(settings: Settings, h: Harness) -> str:
     def via_unix() -> socket.socket:
         return client.connect("pong", rundir=a_dir, network=unix_route)
 
+    def via_against() -> socket.socket:
+        return client.connect("pong", rundir=a2_dir, network=unix_route)
+
     def via_tcp() -> socket.socket:
         sock = client.connect("pong", rundir=a_dir, network=tcp_route)
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
@@ -1109,58 +1181,103 @@ def benchmark(settings: Settings, h: Harness) -> str:
 
     no_socat = "socat not installed"
     rows: list[Row] = []
+    notes: list[str] = []
 
-    # Lookups.
-    look_direct = Row("lookups, direct connect", unit="/s", digits=0)
-    look_ipcd = Row(
-        "lookups, via ipcd unix route",
-        unit="/s",
-        digits=0,
-        reference=look_direct,
-        target=">= 0.21",
-    )
-    rows += [look_direct, look_ipcd]
-    for run in range(settings.runs):
-        say(f"lookups: run {run + 1}/{settings.runs}")
-        rates = lookup_rates(
-            {"direct": direct, "ipcd": via_unix}, settings.lookup_seconds
-        )
-        look_direct.values.append(rates["direct"])
-        look_ipcd.values.append(rates["ipcd"])
+    def finished() -> str:
+        return render(rows, header(settings, socat, tls), footer(notes))
 
-    # Lookups from several clients at once, and while a bulk stream runs
-    # through ipcd's tcp route; and ipcd's own CPU time per lookup.
-    concurrency = {
-        n: (
-            Row(f"lookups, {n} concurrent clients", unit="/s", digits=0),
-            Row(f"lookup p99, {n} concurrent clients", unit="us", digits=0),
+    def wanted(group: str) -> bool:
+        return settings.only is None or group in settings.only
+
+    if wanted("lookups"):
+        # Lookups.
+        look_direct = Row("lookups, direct connect", unit="/s", digits=0)
+        look_ipcd = Row(
+            "lookups, via ipcd unix route",
+            unit="/s",
+            digits=0,
+            reference=look_direct,
+            target=">= 0.21",
         )
-        for n in (1, 8, 64)
-    }
-    busy = (
-        Row("lookups, 1 client, 64 KiB bulk on a tcp route", unit="/s", digits=0),
-        Row("lookup p99, 64 KiB bulk on a tcp route", unit="us", digits=0),
-    )
-    cpu = Row("ipcd A CPU time per lookup (/proc)", unit="us", digits=0)
-    # Issue 12's target is a third of ipcd's CPU per lookup before it: a
-    # comparison with older code, which this harness does not run.
-    cpu.note = "(<= 1/3 x before issue 12)"
-    for pair in [*concurrency.values(), busy]:
-        rows.extend(pair)
-    rows.append(cpu)
-    for run in range(settings.runs):
-        say(f"concurrent lookups: run {run + 1}/{settings.runs}")
-        for n, (rate, p99) in concurrency.items():
-            measured = concurrent_lookups(via_unix, n, settings.lookup_seconds)
-            rate.values.append(measured[0])
-            p99.values.append(measured[1])
-        with blocking_with_deadline(via_tcp()) as stream, bulk_stream(stream):
-            measured = concurrent_lookups(via_unix, 1, settings.lookup_seconds)
-        busy[0].values.append(measured[0])
-        busy[1].values.append(measured[1])
-        cpu.values.append(
-            cpu_per_lookup_us(via_unix, ipcd_a.proc.pid, settings.cpu_lookups)
+        rows += [look_direct, look_ipcd]
+        openers = {"direct": direct, "ipcd": via_unix}
+        # --against: each lookup row of the other checkout's ipcd A, measured
+        # in turns with this one's.
+        other = f", {against_name(settings.against)}" if settings.against else ""
+        against: dict[str, Row] = {}  # by the label of this one's row
+        if other:
+            openers["against"] = via_against
+            against[look_ipcd.label] = Row(
+                f"lookups, via ipcd unix route{other}",
+                unit="/s",
+                digits=0,
+                reference=look_direct,
+            )
+            rows.append(against[look_ipcd.label])
+        for run in range(settings.runs):
+            say(f"lookups: run {run + 1}/{settings.runs}")
+            rates = lookup_rates(openers, settings.lookup_seconds)
+            look_direct.values.append(rates["direct"])
+            look_ipcd.values.append(rates["ipcd"])
+            if other:
+                against[look_ipcd.label].values.append(rates["against"])
+
+        # Lookups from several clients at once, and while a bulk stream runs
+        # through ipcd's tcp route; and ipcd's own CPU time per lookup.
+        concurrency = {
+            n: (
+                Row(f"lookups, {n} concurrent clients", unit="/s", digits=0),
+                Row(f"lookup p99, {n} concurrent clients", unit="us", digits=0),
+            )
+            for n in (1, 8, 64)
+        }
+        busy = (
+            Row("lookups, 1 client, 64 KiB bulk on a tcp route", unit="/s", digits=0),
+            Row("lookup p99, 64 KiB bulk on a tcp route", unit="us", digits=0),
         )
+        cpu = Row("ipcd A CPU time per lookup (/proc)", unit="us", digits=0)
+        # Issue 12's target is a third of ipcd's CPU per lookup before it: a
+        # comparison with older code, which this harness does not run.
+        cpu.note = "(<= 1/3 x before issue 12)"
+        for pair in concurrency.values():
+            rows.extend(pair)
+            for row in pair if other else ():
+                against[row.label] = Row(row.label + other, unit=row.unit, digits=0)
+                rows.append(against[row.label])
+        rows.extend(busy)
+        rows.append(cpu)
+        if other and ipcd_a2 is not None:
+            # Ratio: this checkout's CPU per lookup / the other's.
+            against[cpu.label] = Row(cpu.label + other, unit="us", digits=0)
+            cpu.reference = against[cpu.label]
+            rows.append(against[cpu.label])
+            cpu.note = "(ratio: this / the other checkout's)"
+        for run in range(settings.runs):
+            say(f"concurrent lookups: run {run + 1}/{settings.runs}")
+            # The two checkouts take turns, first one, then the other.
+            sides = [(via_unix, ipcd_a, {row.label: row for row in rows})]
+            if other and ipcd_a2 is not None:
+                sides.append((via_against, ipcd_a2, against))
+            sides = sides[run % len(sides) :] + sides[: run % len(sides)]
+            for n, (rate, p99) in concurrency.items():
+                for opener, _child, row in sides:
+                    measured = concurrent_lookups(opener, n, settings.lookup_seconds)
+                    row[rate.label].values.append(measured[0])
+                    row[p99.label].values.append(measured[1])
+            with blocking_with_deadline(via_tcp()) as stream, bulk_stream(stream):
+                measured = concurrent_lookups(via_unix, 1, settings.lookup_seconds)
+            busy[0].values.append(measured[0])
+            busy[1].values.append(measured[1])
+            # CPU per lookup in five slices, the checkouts in turns.
+            spent = dict.fromkeys(range(len(sides)), 0.0)
+            for _slice in range(5):
+                for i, (opener, child, _row) in enumerate(sides):
+                    count = settings.cpu_lookups // 5
+                    spent[i] += cpu_per_lookup_us(opener, child.proc.pid, count) / 5
+            for i, (_opener, _child, row) in enumerate(sides):
+                row[cpu.label].values.append(spent[i])
+    if not wanted("rest"):
+        return finished()
 
     # Round trips and bulk over the same paths: fresh connections each run,
     # all paths measured in turns within the run.
@@ -1219,7 +1336,6 @@ def benchmark(settings: Settings, h: Harness) -> str:
         most = max(settings.memory_counts) + 100
         f.write(f"[limits]\nmax_connections = {most}\n")
         f.write(f"max_connections_per_peer = {most}\n")
-    notes: list[str] = []
     counts = sorted({min(n, cap) for n in settings.memory_counts})
     base = Row("RSS ipcd B, idle baseline", unit="MiB")
     held: dict[int, Row] = {}
@@ -1264,28 +1380,7 @@ def benchmark(settings: Settings, h: Harness) -> str:
     for n, row in held.items():
         row.note = f"(+{statistics.median(per_conn[n]):.1f} KiB/relay)"
 
-    header = [
-        f"ipcd benchmark ({'quick' if settings is QUICK else 'full'}): "
-        f"median of {settings.runs} runs (memory: {settings.memory_runs}), "
-        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-        f"{socat or 'no socat'}, {tls.stunnel or 'no stunnel'}, CPUs used: "
-        f"{','.join(map(str, sorted(os.sched_getaffinity(0))))}",
-        f"  ipcd from {ROOT}; lookups: {settings.lookup_seconds:g} s per run; RTT: "
-        f"{settings.round_trips:,} round trips per run; bulk: "
-        f"{settings.bulk_bytes // 2**20} MiB each way per run",
-    ]
-    footer = [
-        "ratio = path / its reference, per run, median of the runs "
-        "(lookups, bulk: higher is better; RTT, RSS: lower is better).",
-        "Targets: unix-route RTT <= 1.05 x direct UNIX; tcp-route RTT <= 1.00 x "
-        "socat chain; tcp-route bulk >= 1.00 x socat chain; tls route (TLS 1.3 "
-        "PSK) likewise against a chain of two stunnel processes in PSK mode; "
-        "websocketd RTT <= 1.00 x websockify, bulk >= 1.00 x websockify; "
-        "lookups via ipcd >= 0.21 x direct; ipcd CPU per lookup <= 1/3 of "
-        "that of ipcd before issue 12 (da12689), measured alike.",
-        *notes,
-    ]
-    return render(rows, header, footer)
+    return finished()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1300,10 +1395,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs)"
     )
+    parser.add_argument(
+        "--against",
+        metavar="CHECKOUT",
+        help="also measure the lookup rows of the ipcd in CHECKOUT (another "
+        "worktree, e.g. of the base commit), in turns with this one's",
+    )
+    parser.add_argument(
+        "--only",
+        help="only these groups of rows, comma-separated: lookups (the lookup "
+        "rows and ipcd A's CPU per lookup), rest (everything else)",
+    )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     if args.runs:
         settings.runs = args.runs
+    if args.against:
+        checkout = os.path.abspath(args.against)
+        if not os.path.isfile(os.path.join(checkout, "ipcd", "__init__.py")):
+            parser.error(f"--against: no ipcd checkout at {checkout}")
+        settings.against = checkout
+    if args.only:
+        only = frozenset(args.only.split(","))
+        if not only <= set(ROW_GROUPS):
+            parser.error(f"--only: groups are {', '.join(ROW_GROUPS)}")
+        settings.only = only
     if args.cpus:
         cpus = {int(c) for c in args.cpus.split(",")}
         os.sched_setaffinity(0, cpus)  # inherited by every child

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import socket
 import stat
-import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +39,7 @@ from ipcd.errors import Refused
 from ipcd.handoff import OK, send_ok
 from ipcd.identity import LabelCache, Peer, local_peer
 from ipcd.limits import ConnectionLimits, own_uid_key
-from ipcd.logs import printable
+from ipcd.logs import EventTemplate, printable
 from ipcd.names import (
     OWN_NAMES,
     InvalidServiceName,
@@ -170,7 +169,7 @@ class Broker:
         self._held: HeldDirectories | None = None
         self._names_cache: Any = None
         self._plans: dict[bytes, tuple[Config, str, Any]] = {}
-        self._said: dict[Any, tuple[Any, ...]] = {}
+        self._said: dict[Any, tuple[Any, Any, EventTemplate]] = {}
         self._decisions: dict[Any, Decision] = {}
         # Local clients' identity labels, by uid and gid.
         self.labels = LabelCache(config.label_cache_max_age)
@@ -496,39 +495,34 @@ class Broker:
 
     def _record(self, event: _Event, target: Target | None, outcome: str) -> None:
         """One structured log event per decision: who, what, rule, outcome."""
-        decision = event.decision
         # What depends on the request rather than on the client (service,
-        # target, decision, outcome) is worked out once per distinct request:
-        # clients ask the same again and again.
-        key = (event.direction, event.service, target, decision, event.access, outcome)
+        # target, decision, outcome) is worked out once per distinct request,
+        # and so is its text (ipcd.logs.EventTemplate): clients ask the same
+        # again and again.  Targets and decisions are kept per configuration
+        # (plans, decisions): known by identity, they need not be hashed
+        # (dataclasses hash in Python); the entry holds them, so their ids
+        # stay theirs.
+        decision = event.decision
+        key = (
+            event.direction,
+            event.service,
+            id(target),
+            id(decision),
+            event.access,
+            outcome,
+        )
         said = self._said.get(key)
-        if said is None:
-            said = _decided_fields(event, target, outcome)
+        if said is None or said[0] is not target or said[1] is not decision:
+            fields = _decided_fields(event, target, outcome, self.log)
+            said = (target, decision, EventTemplate(fields, ("who", "labels")))
             if len(self._said) >= _MAX_SAID:
                 self._said.clear()
             self._said[key] = said
+        template = said[2]
         # Logger.info's event, built here: one per lookup.
-        log = self.log
-        service, shown_target, verdict, rule, allowed, shown_outcome, fmt = said
-        fields = {
-            "direction": event.direction,
-            "service": service,
-            "who": printable(str(event.who)),
-            "labels": sorted(event.labels),
-            "target": shown_target,
-            "verdict": verdict,
-            "access": event.access,
-            "rule": rule,
-            "allowed": allowed,
-            "outcome": shown_outcome,
-            "log_logger": log,
-            "log_level": LogLevel.info,
-            "log_namespace": log.namespace,
-            "log_source": log.source,
-            "log_format": fmt,
-            "log_time": time.time(),
-        }
-        log.observer(fields)
+        self.log.observer(
+            template.event(printable(str(event.who)), sorted(event.labels))
+        )
 
     def transport_for(self, scheme: str) -> IOutbound:
         """
@@ -575,11 +569,12 @@ _MAX_SAID = 256
 
 
 def _decided_fields(
-    event: _Event, target: Target | None, outcome: str
-) -> tuple[Any, ...]:
+    event: _Event, target: Target | None, outcome: str, log: Logger
+) -> dict[str, Any]:
     """
-    The fields of a decision's log event that do not depend on the client:
-    service, target, verdict, rule, allowed, outcome and format.
+    The fields of a decision's log event, as C{log.info} would make them:
+    those that do not depend on the client (service, target, verdict, rule,
+    allowed, outcome and format) filled in; who, labels and time not yet.
     """
     decision = event.decision
     verdict = "not policed" if decision is None else str(decision)
@@ -587,15 +582,26 @@ def _decided_fields(
         verdict = f"{verdict}; {event.access}"
     # A refusal's reason already says the verdict: do not say it twice.
     said = verdict in outcome
-    return (
-        printable(event.service),
-        None if target is None else printable(str(target)),
-        verdict,
-        None if decision is None or decision.rule is None else str(decision.rule),
-        None if decision is None else decision.allowed,
-        printable(outcome),
-        _decided_format(target is not None, said, outcome == "ok"),
-    )
+    return {
+        "direction": event.direction,
+        "service": printable(event.service),
+        "who": "",
+        "labels": [],
+        "target": None if target is None else printable(str(target)),
+        "verdict": verdict,
+        "access": event.access,
+        "rule": None
+        if decision is None or decision.rule is None
+        else str(decision.rule),
+        "allowed": None if decision is None else decision.allowed,
+        "outcome": printable(outcome),
+        "log_logger": log,
+        "log_level": LogLevel.info,
+        "log_namespace": log.namespace,
+        "log_source": log.source,
+        "log_format": _decided_format(target is not None, said, outcome == "ok"),
+        "log_time": None,
+    }
 
 
 def _decided_format(targeted: bool, said: bool, ok: bool) -> str:
@@ -840,7 +846,8 @@ class LookupFactory(Factory):
             # Served and gone before anything else runs, so it holds no
             # place in the limits; close to them, the protocol decides.
             if limits.total + 1 >= limits.max_total or (
-                limits.per_peer[key] >= limits.max_per_peer and key not in limits.exempt
+                limits.per_peer.get(key, 0) >= limits.max_per_peer
+                and key not in limits.exempt
             ):
                 return _carry_on(data)
         answer = serve_lookup(self.broker, data[HEADER.size :], client)

@@ -8,7 +8,10 @@ each event as a JSON line a log shipper can read:
 
 L{text_observer} (the C{ipcd} command's default) writes the very lines of
 twistd's default text log, at a fraction of the cost per event: one event
-per lookup is logged, so its formatting is on the hot path.
+per lookup is logged, so its formatting is on the hot path.  That event is
+made from an L{EventTemplate}: both observers write it from the template's
+texts, worked out once by Twisted's own formatting, with the few fields that
+differ per event filled in.
 
 Text that a peer controls goes through L{printable} before it is logged (or
 answered), so that it cannot write escape sequences to a terminal or forge
@@ -20,6 +23,10 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from json.encoder import encode_basestring_ascii
 from string import Formatter
 from typing import IO, Any
 
@@ -58,13 +65,23 @@ def json_observer(out: IO[str] | None = None) -> ILogObserver:
     C{text} (the line the text log shows), C{traceback} for a failure, and
     the event's own fields (ipcd's C{service}, C{who}, C{rule}, ...), as
     plain JSON values; none of Twisted's internals (the logger, the format).
+    L{TemplateEvent}s are written from their template.
     """
-    return FileLogObserver(out if out is not None else sys.stdout, _json_line)
+    return FileLogObserver(out if out is not None else sys.stdout, json_line)
 
 
-def _json_line(event: dict[str, Any]) -> str | None:
+def json_line(event: dict[str, Any]) -> str | None:
+    """The JSON line of C{event} (see L{json_observer}) and a newline."""
+    if type(event) is TemplateEvent:
+        line = event.template.json(event)
+        if line is not None:
+            return line + "\n"
     if _chatter(event):
         return None
+    return _json_record(event) + "\n"
+
+
+def _json_record(event: dict[str, Any]) -> str:
     record: dict[str, Any] = {
         "time": event.get("log_time"),
         "level": getattr(event.get("log_level"), "name", None),
@@ -77,7 +94,7 @@ def _json_line(event: dict[str, Any]) -> str | None:
     for key, value in event.items():
         if not key.startswith("log_") and key not in _LEGACY_KEYS:
             record[key] = value
-    return json.dumps(record, default=str) + "\n"
+    return json.dumps(record, default=str)
 
 
 # What twisted.python.log adds to an event besides the text.
@@ -124,6 +141,10 @@ class ClassicTextFormatter:
         self._plain: dict[str, bool] = {}
 
     def __call__(self, event: dict[str, Any]) -> str | None:
+        if type(event) is TemplateEvent:
+            line = event.template.classic_line(event, self._time)
+            if line is not None:
+                return line
         fmt = event.get("log_format")
         if fmt == "{log_text}" and _chatter(event):
             return None
@@ -140,24 +161,14 @@ class ClassicTextFormatter:
             return self._twisted(event)
         if not text:
             return None
-        system = event.get("log_system")
+        system = _system(event)
         if system is None:
-            level = event.get("log_level")
-            system = f"{event.get('log_namespace', '-')}#" + (
-                "-" if level is None else level.name
-            )
-        else:
-            try:
-                system = str(system)
-            except Exception:
-                return self._twisted(event)
+            return self._twisted(event)
         line = f"{self._time(event.get('log_time'))} [{system}] {text}"
         return line.replace("\n", "\n\t") + "\n"
 
     def _twisted(self, event: dict[str, Any]) -> str | None:
-        return formatEventAsClassicLogText(
-            event, formatTime=lambda when: formatTime(when, timeFormatRFC3339)
-        )
+        return classic_text(event)
 
     def _time(self, when: float | None) -> str:
         if when is None:
@@ -178,6 +189,27 @@ class ClassicTextFormatter:
         return plain
 
 
+def classic_text(event: dict[str, Any]) -> str | None:
+    """Twisted's own classic line of C{event}, with the RFC 3339 time."""
+    return formatEventAsClassicLogText(
+        event, formatTime=lambda when: formatTime(when, timeFormatRFC3339)
+    )
+
+
+def _system(event: dict[str, Any]) -> str | None:
+    """The C{[SYSTEM]} of a classic line; C{None} where Twisted's way must say."""
+    system = event.get("log_system")
+    if system is None:
+        level = event.get("log_level")
+        return f"{event.get('log_namespace', '-')}#" + (
+            "-" if level is None else level.name
+        )
+    try:
+        return str(system)
+    except Exception:
+        return None
+
+
 # Formats are usually constants: a few dozen.  A program that logs ever new
 # ones is served without the cache past this many.
 _MAX_FORMATS = 1024
@@ -194,3 +226,224 @@ def _plain_fields(fmt: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+class TemplateEvent(dict):  # type: ignore[type-arg]
+    """A log event made by an L{EventTemplate}, which knows how to write it."""
+
+    __slots__ = ("template",)
+    template: EventTemplate
+
+
+class EventTemplate:
+    """
+    Log events that differ only in their time and a few C{varying} fields
+    (strings, or lists of strings), such as ipcd's decision event for one
+    distinct request: their text and JSON lines are worked out once, by
+    Twisted's own formatting of the first event with stand-ins for the
+    varying fields, checked against Twisted's lines for that event, and then
+    filled in per event.  Nothing is formatted for an event no observer of
+    this module writes.
+
+    An event that does not fit (a varying field of another type, a field
+    added since it was made, a format that converts a varying field) is
+    written Twisted's way.
+    """
+
+    def __init__(self, fields: dict[str, Any], varying: Sequence[str]) -> None:
+        """
+        C{fields}: the event's fields, C{log_time} and the C{varying} ones
+        among them (with any value) where they go in its order.
+        """
+        self._fields = fields
+        self._varying = tuple(varying)
+        self._size = len(fields)
+        # Each line's (pieces, slots) once worked out; False where it cannot be.
+        self._classic: Any = None
+        self._json: Any = None
+        self._bare = ""  # a classic line's body when its text is empty
+
+    def event(self, *values: Any) -> TemplateEvent:
+        """An event of this template: the varying fields' C{values}, now."""
+        event = TemplateEvent(self._fields)
+        event.template = self
+        event.update(zip(self._varying, values, strict=True))
+        event["log_time"] = time.time()
+        return event
+
+    def classic_line(
+        self, event: TemplateEvent, time_text: Callable[[float | None], str]
+    ) -> str | None:
+        """
+        C{formatEventAsClassicLogText(event)} (with the RFC 3339 time given
+        by C{time_text}); C{None} where it must be formatted Twisted's way.
+        """
+        if len(event) != self._size:
+            return None  # a field added by an observer before
+        made = self._classic
+        if made is None:
+            self._bare = f" [{_system(event)}] \n"
+            made = self._classic = self._made(
+                event, _classic_body, (_text_value,), self._varying
+            )
+        if made is False:
+            return None
+        pieces, slots = made
+        pieces = pieces.copy()
+        for index, key, _show in slots:
+            value = event[key]
+            if type(value) is not str:
+                return None
+            pieces[index] = (
+                value if value.isprintable() else value.replace("\n", "\n\t")
+            )
+        body = "".join(pieces)
+        if body == self._bare:
+            return None  # no text: Twisted writes no line
+        return time_text(event["log_time"]) + body
+
+    def json(self, event: TemplateEvent) -> str | None:
+        """
+        C{event}'s line of L{json_observer} (without the newline); C{None}
+        where it must be written the slow way.
+        """
+        if len(event) != self._size:
+            return None
+        made = self._json
+        if made is None:
+            made = self._json = self._made(
+                event,
+                _json_record,
+                (_json_value, _json_in_text),
+                (*self._varying, "log_time"),
+            )
+        if made is False:
+            return None
+        pieces, slots = made
+        pieces = pieces.copy()
+        try:
+            for index, key, show in slots:
+                pieces[index] = show(event[key])
+        except TypeError:
+            return None
+        return "".join(pieces)
+
+    def _made(
+        self,
+        event: TemplateEvent,
+        write: Callable[[dict[str, Any]], str | None],
+        shows: Sequence[Callable[[Any], str]],
+        keys: Sequence[str],
+    ) -> Any:
+        """
+        What C{write} (one of the line formats) gives for this template, cut
+        at the fields C{keys}: (pieces, [(index, key, show)]) to be filled in
+        with C{show(value)}, C{show} being the one of C{shows} (the ways a
+        value may appear in the line) that matched; C{False} when the cut
+        pieces, filled in with C{event}'s fields, do not give what C{write}
+        gives for C{event}.
+        """
+        if not _shown_plainly(event.get("log_format"), (*self._varying, "log_time")):
+            return False
+        token = uuid.uuid4().hex
+        stand_ins: dict[str, Any] = {}
+        sample = dict(event)
+        for key in keys:
+            value = event[key]
+            if key == "log_time":
+                stand_in: Any = _TIME_STAND_IN
+            elif type(value) is str:
+                stand_in = f"{token}-{key}"
+            elif type(value) is list:
+                stand_in = [f"{token}-{key}"]
+            else:
+                return False
+            sample[key] = stand_in
+            for show in shows:
+                try:
+                    stand_ins[show(stand_in)] = (key, show)
+                except TypeError:
+                    pass  # cannot be shown so: it must not be (checked below)
+        text = write(sample)
+        if text is None or not stand_ins:
+            return False
+        # The longest first: a quoted value before the same value unquoted.
+        alternatives = sorted(stand_ins, key=len, reverse=True)
+        cut = re.split("(" + "|".join(map(re.escape, alternatives)) + ")", text)
+        pieces, slots = [], []
+        for index, piece in enumerate(cut):
+            if index % 2:
+                slots.append((index, *stand_ins[piece]))
+            elif token in piece or repr(_TIME_STAND_IN) in piece:
+                return False  # a varying field shown some other way
+            pieces.append(piece)
+        made = (pieces, slots)
+        filled = pieces.copy()
+        for index, key, show in slots:
+            filled[index] = show(event[key])
+        if "".join(filled) != write(dict(event)):
+            return False
+        return made
+
+
+def _shown_plainly(fmt: Any, keys: Sequence[str]) -> bool:
+    """
+    Whether C{fmt} shows each of C{keys} it names as C{{key}} (or
+    C{{key!s}}): as the text of its value, which can then be filled in.
+    """
+    if type(fmt) is not str:
+        return False
+    try:
+        for _text, name, spec, conversion in Formatter().parse(fmt):
+            if name is None:
+                continue
+            base = re.split(r"[.\[(]", name, maxsplit=1)[0]
+            if base == "log_time":
+                return False  # the time is filled in where the line has it
+            if base in keys and (name != base or spec or conversion not in (None, "s")):
+                return False
+    except ValueError:
+        return False
+    return True
+
+
+# A log_time no event has: where it shows, the time goes.
+_TIME_STAND_IN = 1.0000000000000002e-300
+
+
+def _classic_body(event: dict[str, Any]) -> str | None:
+    """A classic line but its time: the time is per second, not per template."""
+    line = classic_text(event)
+    if line is None or event.get("log_time") is None:
+        return None
+    stamp = formatTime(event["log_time"], timeFormatRFC3339)
+    return line[len(stamp) :] if line.startswith(stamp) else None
+
+
+def _text_value(value: Any) -> str:
+    if type(value) is not str:
+        raise TypeError("only strings are filled into a line")
+    return value.replace("\n", "\n\t")
+
+
+def _json_value(value: Any) -> str:
+    if type(value) is str:
+        return encode_basestring_ascii(value)
+    if type(value) is float:
+        return float.__repr__(value)
+    if type(value) is list:
+        return "[" + ", ".join(map(_json_str, value)) + "]"
+    raise TypeError(f"cannot fill in {type(value).__name__}")
+
+
+def _json_in_text(value: Any) -> str:
+    """A string as it shows inside another JSON string (the line's text)."""
+    if type(value) is not str:
+        raise TypeError("only strings show in a text")
+    return encode_basestring_ascii(value)[1:-1]
+
+
+def _json_str(value: Any) -> str:
+    if type(value) is not str:
+        raise TypeError("a list of strings only")
+    return encode_basestring_ascii(value)

@@ -5,10 +5,22 @@ The C{ipcd} command's text log: the very lines of twistd's default one.
 from __future__ import annotations
 
 import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.logger import (
+    FilteringLogObserver,
     LogLevel,
+    LogLevelFilterPredicate,
+    eventAsJSON,
+    formatEvent,
     formatEventAsClassicLogText,
     formatTime,
     timeFormatRFC3339,
@@ -16,7 +28,18 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd.logs import ClassicTextFormatter, text_observer
+from ipcd import logs
+from ipcd.identity import local_peer
+from ipcd.logs import ClassicTextFormatter, EventTemplate, json_observer, text_observer
+from ipcd.test.support import (
+    TIMEOUT,
+    accepts,
+    lookup,
+    python_env,
+    read_text,
+    short_rundir,
+    spawn,
+)
 
 WHEN = 1_764_000_000.25
 
@@ -80,3 +103,336 @@ class ClassicTextFormatterTests(SynchronousTestCase):
         event = events()[0]
         observer(event)
         self.assertEqual(out.getvalue(), twisted_line(event))
+
+
+# The decision line of each lookup, as a running ipcd writes it.
+
+_CHILD_LOOKUP = """
+import os, socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(struct.pack("!I", 5) + b"pong;")
+while s.recv(4096):
+    pass
+print(os.getpid())
+"""
+
+
+class DecisionLineTests(SynchronousTestCase):
+    """
+    The real C{ipcd} command's decision lines, text and C{--json-log}, for
+    allowed, denied and failed lookups: pinned to what Twisted's own
+    formatting gives for these fields (the text of twistd's log; the JSON of
+    C{jsonFileLogObserver}), so that a faster way to write them changes no
+    byte a log reader sees but the time.
+    """
+
+    def lookups(self, *options: str) -> tuple[list[str], str, dict[str, Any]]:
+        """
+        Run ipcd with C{options}; make the lookups of L{expected}; the log's
+        decision lines, RUNDIR and the pids and labels of the clients.
+        """
+        rundir = short_rundir(self, "ipcd-log-")
+        work = short_rundir(self, "ipcd-logw-")
+        log = os.path.join(work, "ipcd.log")
+        args = ["-m", "ipcd.scripts.ipcd", "--rundir", rundir, "--no-tcp", "--no-ws"]
+        process = spawn(
+            self, [*args, "--deny", "local secret *", *options], log, python_env(), work
+        )
+        ipc = os.path.join(rundir, "ipc")
+        self.wait(lambda: accepts(ipc), "ipcd's socket", log)
+        self.wait(lambda: accepts(os.path.join(rundir, "pong")), "pongd", log)
+        for payload in PAYLOADS:
+            lookup(rundir, payload).close_fds()
+        child = subprocess.run(
+            [sys.executable, "-c", _CHILD_LOOKUP, ipc],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=True,
+        )
+        a, b = socket.socketpair()
+        with a, b:
+            labels = sorted(local_peer(a).labels)
+        count = len(PAYLOADS) + 1
+
+        def decided() -> list[str]:
+            lines = read_text(log).splitlines()
+            # Text: "... for pid N ..."; JSON: {"direction": ..., "who": "pid N ...
+            return [line for line in lines if "for pid " in line or '"who"' in line]
+
+        lines = self.wait(lambda: len(decided()) >= count and decided(), "lines", log)
+        process.terminate()
+        process.wait(TIMEOUT)
+        self.assertEqual(len(lines), count, read_text(log))
+        clients = {"me": os.getpid(), "child": int(child.stdout), "labels": labels}
+        return lines, rundir, clients
+
+    def wait(self, ready: Any, what: str, log: str) -> Any:
+        deadline = time.monotonic() + 3 * TIMEOUT
+        while time.monotonic() < deadline:
+            value = ready()
+            if value:
+                return value
+            time.sleep(0.02)
+        self.fail(f"no {what} within {3 * TIMEOUT:g} s:\n{read_text(log)}")
+
+    def test_text(self) -> None:
+        lines, rundir, clients = self.lookups()
+        shown = [line.split(" ", 1)[1] for line in lines]
+        expected = [
+            formatEvent(event)
+            for event in expected_events(rundir, clients["me"], clients["child"])
+        ]
+        self.assertEqual(
+            shown, [f"[ipcd.broker.Broker#info] {text}" for text in expected]
+        )
+        # The fields as Twisted formats them, and as a reader sees them:
+        self.assertEqual(
+            expected[0],
+            f"local 'pong' for pid {clients['me']} uid {os.getuid()} -> "
+            f"unix://{rundir}/pong: ok (allowed by default; the client may "
+            "connect itself)",
+        )
+        self.assertEqual(
+            expected[1],
+            f"local 'secret' for pid {clients['me']} uid {os.getuid()}: "
+            "local connection to 'secret' denied by rule 1 (deny local secret *)",
+        )
+        for line in lines:
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[")
+
+    def test_json(self) -> None:
+        lines, rundir, clients = self.lookups("--json-log")
+        events = expected_events(rundir, clients["me"], clients["child"])
+        self.assertEqual(len(lines), len(events))
+        for line, event in zip(lines, events, strict=True):
+            written = json.loads(line)
+            # A lookup refused before policy has no labels in its event.
+            if event["verdict"] != "not policed":
+                event["labels"] = clients["labels"]
+            want = json.loads(json_shape(event))
+            self.assertIsInstance(written.pop("time"), float)
+            del want["time"]
+            self.assertEqual(written, want)
+            # In the same order, too.
+            self.assertEqual(list(written), list(want))
+
+
+def json_shape(event: dict[str, Any]) -> str:
+    """
+    The line --json-log promises for C{event} (docs/configuration.rst): time,
+    level, namespace, the text line's text, then the event's own fields.
+    """
+    record = {
+        "time": event["log_time"],
+        "level": event["log_level"].name,
+        "namespace": event["log_namespace"],
+        "text": formatEvent(event),
+    }
+    record.update((k, v) for k, v in event.items() if not k.startswith("log_"))
+    return json.dumps(record)
+
+
+# Lookups of the decision line tests: allowed, denied, failed (no socket, a
+# bad lookup, one with a control character); then "pong" from a child.
+PAYLOADS = [b"pong;", b"secret;", b"nothere;", b"x;x bad://", b"po\x1bng;"]
+
+
+def expected_events(rundir: str, me: int, child: int) -> list[dict[str, Any]]:
+    """The decision events of L{PAYLOADS}, with the fields written out."""
+    uid = os.getuid()
+    logger = object()  # written as {"unpersistable": true}, as a Logger is
+    short = "{direction} {service!r} for {who} -> {target}: {outcome}"
+    refused = "{direction} {service!r} for {who}: {outcome}"
+    default = "allowed by default"
+    rows = [
+        (me, "pong", "pong", default + "; the client may connect itself", "ok"),
+        (
+            me,
+            "secret",
+            None,
+            "denied by rule 1 (deny local secret *)",
+            "local connection to 'secret' denied by rule 1 (deny local secret *)",
+        ),
+        (
+            me,
+            "nothere",
+            "nothere",
+            default,
+            f"no route to service 'nothere': {rundir}/nothere does not exist",
+        ),
+        (
+            me,
+            "x;x bad://",
+            None,
+            "not policed",
+            "bad lookup: invalid host in URI 'bad://': expected HOST:PORT",
+        ),
+        (
+            me,
+            "po\\x1bng;",
+            None,
+            "not policed",
+            "bad lookup: requested service: invalid service name 'po\\x1bng': "
+            "only letters, digits, '.', '_' and '-' are allowed",
+        ),
+        (child, "pong", "pong", default + "; the client may connect itself", "ok"),
+    ]
+    events = []
+    for pid, service, target, verdict, outcome in rows:
+        denied = verdict.startswith("denied")
+        events.append(
+            {
+                "direction": "local",
+                "service": service,
+                "who": f"pid {pid} uid {uid}",
+                "labels": [],
+                "target": None if target is None else f"unix://{rundir}/{target}",
+                "verdict": verdict,
+                "access": (
+                    "the client may connect itself" if outcome == "ok" else None
+                ),
+                "rule": "deny local secret *" if denied else None,
+                "allowed": None if verdict == "not policed" else not denied,
+                "outcome": outcome,
+                "log_logger": logger,
+                "log_level": LogLevel.info,
+                "log_namespace": "ipcd.broker.Broker",
+                "log_source": logger,
+                "log_format": (
+                    (refused if denied else refused + " ({verdict})")
+                    if target is None
+                    else short
+                    + (" ({verdict})" if outcome == "ok" else " ({verdict} here)")
+                ),
+                "log_time": WHEN,
+            }
+        )
+    return events
+
+
+# Events made from a template: the same lines, formatted once per template.
+
+DECIDED = "{direction} {service!r} for {who} -> {target}: {outcome}"
+
+
+def template(fmt: str = DECIDED, **extra: Any) -> EventTemplate:
+    fields = {
+        "direction": "local",
+        "service": "po\nng",
+        "who": "",
+        "labels": [],
+        "target": None,
+        "outcome": "ok",
+        **extra,
+        "log_level": LogLevel.info,
+        "log_namespace": "ipcd.broker.Broker",
+        "log_logger": object(),
+        "log_format": fmt,
+        "log_time": None,
+    }
+    return EventTemplate(fields, ("who", "labels"))
+
+
+class Counted:
+    """Twisted's two formatting functions in ipcd.logs, counted."""
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.calls = 0
+        for name, real in (
+            ("formatEventAsClassicLogText", formatEventAsClassicLogText),
+            ("formatEvent", formatEvent),
+        ):
+            case.patch(logs, name, self.counting(real))
+
+    def counting(self, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        return call
+
+
+def written(event: dict[str, Any]) -> tuple[str, str]:
+    """The text and JSON lines of C{event}, by ipcd's observers."""
+    text, json_out = io.StringIO(), io.StringIO()
+    text_observer(text)(event)
+    json_observer(json_out)(event)
+    return text.getvalue(), json_out.getvalue()
+
+
+def twistds(event: dict[str, Any]) -> tuple[str, str]:
+    """
+    The same, by Twisted's own formatting of the event as it is made, and
+    the JSON line's promised shape.
+    """
+    return twisted_line(dict(event)) or "", json_shape(dict(event)) + "\n"
+
+
+FORMATS = [DECIDED, DECIDED + " ({outcome})", "{who}{who}", "{who!s} as {labels!r}"]
+FORMATS_NOT_FILLED = [
+    "{who!r}",
+    "{who:>20}",
+    "{who.upper}",
+    "{who[0]}",
+    "{labels}",
+    "at {log_time}",
+]
+
+
+class EventTemplateTests(SynchronousTestCase):
+    @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(who=st.text(), labels=st.lists(st.text()), fmt=st.sampled_from(FORMATS))
+    def test_sameLinesAsTwisted(self, who: str, labels: list[str], fmt: str) -> None:
+        """Whatever the varying fields hold, the lines are Twisted's."""
+        made = template(fmt)
+        # The first event makes the template's lines; the second is filled in.
+        for value in ("pid 1 uid 0", who):
+            event = made.event(value, labels)
+            expected = twistds(event)
+            self.assertEqual(written(event), expected)
+
+    def test_formattedOncePerTemplate(self) -> None:
+        """
+        Each template's lines are worked out once by Twisted (its stand-ins,
+        then the check against the first event), then filled in.
+        """
+        counted = Counted(self)
+        made = template()
+        for i in range(50):
+            event = made.event(f"pid {i} uid 0\x1b", [f"uid:{i}", "user:\u00e9"])
+            expected = twistds(event)
+            self.assertEqual(written(event), expected)
+        # formatEventAsClassicLogText twice, formatEvent (the JSON text) twice.
+        self.assertEqual(counted.calls, 4)
+
+    def test_nothingFormattedWhenDropped(self) -> None:
+        """An observer that drops the event costs it no formatting."""
+        counted = Counted(self)
+        out = io.StringIO()
+        predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+        for observer in (text_observer(out), json_observer(out)):
+            dropping = FilteringLogObserver(observer, [predicate])
+            for i in range(10):
+                dropping(template().event(f"pid {i}", []))
+        self.assertEqual((out.getvalue(), counted.calls), ("", 0))
+
+    def test_otherwiseTwistedsWay(self) -> None:
+        """
+        Formats that show a varying field otherwise than as its text, the
+        time in the text, and an event an observer added a field to: each
+        event is formatted as any other event, with Twisted's lines.
+        """
+        events = [
+            template(fmt).event(who, ["a'b"])
+            for fmt in FORMATS_NOT_FILLED
+            for who in ("pid 1 uid 0", "o'\"x\n")
+        ]
+        flattened = template().event("pid 2", [])
+        eventAsJSON(flattened)  # as Twisted's JSON observer before this one
+        events.append(flattened)
+        for event in events:
+            expected = twistds(event)
+            self.assertEqual(written(event), expected)
