@@ -35,7 +35,7 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.plugin import IPlugin
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -52,6 +52,7 @@ from ipcd.inbound import (
     HandshakeFactory,
     listening,
 )
+from ipcd.limits import RateLimitedObserver
 from ipcd.logs import printable
 from ipcd.relay import (
     RelayProtocol,
@@ -308,7 +309,11 @@ class TlsInbound(TcpInbound):
             frozenset(labels),
         )
         if not shown and self.factory.must_authenticate():
-            log.warn("refusing {who}: no client certificate or key", who=str(self.who))
+            self.factory.failed(
+                "refused, no client certificate or key",
+                "refusing {who}: no client certificate or key",
+                who=str(self.who),
+            )
             self._refuse("client authentication required")
 
     def relay(
@@ -333,7 +338,11 @@ class TlsInbound(TcpInbound):
         if self._handshakeDone:
             super().timeoutConnection()
             return
-        log.info("dropping {who}: no TLS handshake in time", who=str(self.who))
+        self.factory.failed(
+            "TLS handshakes timed out",
+            "dropping {who}: no TLS handshake in time",
+            who=str(self.who),
+        )
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
@@ -343,7 +352,8 @@ class TlsInbound(TcpInbound):
             if handle is not None:
                 identity = psk.offered_identity(handle)
             said = f" (PSK identity {identity!r})" if identity else ""
-            log.info(
+            self.factory.failed(
+                "TLS handshakes failed",
                 "TLS handshake with {who}{said} failed: {why}",
                 who=str(self.who),
                 said=said,
@@ -363,7 +373,27 @@ def _why(reason: Failure) -> str:
 
 
 class TlsHandshakeFactory(HandshakeFactory):
-    """tlsd's listener's L{HandshakeFactory}: must clients prove who they are?"""
+    """
+    tlsd's listener's L{HandshakeFactory}: must clients prove who they are?
+    Its failed handshakes are counted (C{ipcd status}) and logged at a
+    bounded rate, as the listener's C{[limits]} refusals are: a peer can
+    fail them as fast as it can connect.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rate_limited = RateLimitedObserver(globalLogPublisher, self.reactor)
+        self._failures = Logger(
+            namespace=f"ipcd.{SECTION}.handshakes", observer=self._rate_limited
+        )
+
+    def stopFactory(self) -> None:  # noqa: N802 (Twisted's name)
+        self._rate_limited.flush()  # what it left out, said now
+
+    def failed(self, counter: str, format: str, **fields: Any) -> None:
+        """Count a failed handshake under C{counter}; log it, within bounds."""
+        self.broker.counters[f"{SECTION}: {counter}"] += 1
+        self._failures.info(format, **fields)
 
     def must_authenticate(self) -> bool:
         return self.material().verify_clients
