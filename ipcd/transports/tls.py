@@ -35,7 +35,7 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -52,7 +52,6 @@ from ipcd.inbound import (
     HandshakeFactory,
     listening,
 )
-from ipcd.limits import RateLimitedObserver
 from ipcd.logs import printable
 from ipcd.relay import (
     RelayProtocol,
@@ -375,25 +374,10 @@ def _why(reason: Failure) -> str:
 class TlsHandshakeFactory(HandshakeFactory):
     """
     tlsd's listener's L{HandshakeFactory}: must clients prove who they are?
-    Its failed handshakes are counted (C{ipcd status}) and logged at a
-    bounded rate, as the listener's C{[limits]} refusals are: a peer can
-    fail them as fast as it can connect.
+    Its failed handshakes are counted and logged at a bounded rate
+    (L{HandshakeFactory.failed}): a peer can fail them as fast as it can
+    connect.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._rate_limited = RateLimitedObserver(globalLogPublisher, self.reactor)
-        self._failures = Logger(
-            namespace=f"ipcd.{SECTION}.handshakes", observer=self._rate_limited
-        )
-
-    def stopFactory(self) -> None:  # noqa: N802 (Twisted's name)
-        self._rate_limited.flush()  # what it left out, said now
-
-    def failed(self, counter: str, format: str, **fields: Any) -> None:
-        """Count a failed handshake under C{counter}; log it, within bounds."""
-        self.broker.counters[f"{SECTION}: {counter}"] += 1
-        self._failures.info(format, **fields)
 
     def must_authenticate(self) -> bool:
         return self.material().verify_clients
