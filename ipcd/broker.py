@@ -711,7 +711,12 @@ class LookupProtocol(MessageProtocol):
 
     def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin's name)
         timeout = self.timeOut
-        self.log.info(
+        limits = self.factory.limits if self.factory is not None else None
+        # As the listener's refusals: counted, and logged at a bounded rate.
+        log = self.log if limits is None else limits.log
+        if limits is not None:
+            limits.counters[f"{limits.name}: lookups timed out"] += 1
+        log.info(
             "{who} sent no lookup within {timeout:g} s",
             who=str(self.client),
             timeout=timeout,
@@ -813,6 +818,10 @@ class LookupFactory(Factory):
         # Counted here rather than by a wrapping factory: lookups are the hot
         # path, and the protocol reads the peer's uid anyway.
         self.limits = limits
+
+    def stopFactory(self) -> None:  # noqa: N802 (Twisted's name)
+        if self.limits is not None:
+            self.limits.rate_limited.flush()  # what it left out, said now
 
     def buildProtocol(self, addr: Any) -> LookupProtocol:
         protocol = LookupProtocol(self.broker, self.clock, self.partialBudget)

@@ -17,7 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import formatEvent
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd.limits import (
@@ -200,6 +200,27 @@ class NetworkPeerKeyTests(SynchronousTestCase):
         self.assertEqual(network_peer_key("2001:db8::1:2", 32, 64), "ip:2001:db8::/64")
         self.assertEqual(network_peer_key("::ffff:10.0.0.1", 32, 64), "ip:10.0.0.1/32")
         self.assertEqual(network_peer_key("fe80::1%lo", 32, 64), "ip:fe80::/64")
+
+
+class SilentClientsTests(TestCase):
+    @inlineCallbacks
+    def test_timeoutsLoggedAtABoundedRate(self) -> Any:
+        """50 clients that say nothing: each answered, few lines, all counted."""
+        rundir = short_rundir(self)
+        service = yield start_ipcd(
+            self, make_config(rundir, ipcd={"lookup_timeout": 0.2})
+        )
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        held = [connect_unix(os.path.join(rundir, "ipc")) for _ in range(50)]
+        self.addCleanup(lambda: [sock.close() for sock in held])
+        answers = yield deferToThread(lambda: [read_reply(s).data for s in held])
+        self.assertEqual(set(answers), {b"ne no lookup received within 0.2 s"})
+        counters = service.broker.counters
+        self.assertEqual(counters["ipc: lookups timed out"], 50)
+        lines = [formatEvent(e) for e in events if "sent no lookup" in formatEvent(e)]
+        self.assertEqual(len(lines), LOG_BURST, "\n".join(lines))
 
 
 class LookupLimitsTests(TestCase):
