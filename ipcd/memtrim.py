@@ -108,7 +108,15 @@ class MemoryTrim(Service):
                 "collected, but freed memory may stay with ipcd"
             )
             self.trim = _no_trim
-        self.low = self.resident()
+        try:
+            self.low = self.resident()
+        except (OSError, ValueError, IndexError) as e:
+            self.log.info(
+                "memory: cannot read the resident size ({error}): freed memory "
+                "is not given back to the system",
+                error=e,
+            )
+            return
         self._looking = LoopingCall(self.check)
         self._looking.clock = self.clock
         self._looking.start(self.interval, now=False)

@@ -108,9 +108,18 @@ class MemoryTrimTests(SynchronousTestCase):
         self.trim.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def started_alone(self, trim: MemoryTrim) -> str:
+        """Start C{trim} instead of the test's; the one line it logs."""
+        self.trim.stopService()
+        logged: list[dict[str, Any]] = []
+        trim.log = Logger(observer=logged.append)
+        trim.startService()
+        self.addCleanup(trim.stopService)
+        [line] = logged
+        return line["log_format"]
+
     def test_noMallocTrim(self) -> None:
         """Another C library: one line; cycles are still collected."""
-        self.trim.stopService()
         collected = []
         trim = MemoryTrim(
             self.clock,
@@ -119,15 +128,20 @@ class MemoryTrimTests(SynchronousTestCase):
             interval=5,
         )
         trim.trim = None
-        logged: list[dict[str, Any]] = []
-        trim.log = Logger(observer=logged.append)
-        trim.startService()
-        self.addCleanup(trim.stopService)
-        self.assertEqual(len(logged), 1)
-        self.assertIn("no malloc_trim", logged[0]["log_format"])
+        self.assertIn("no malloc_trim", self.started_alone(trim))
         self.rss += GROWTH
         self.clock.advance(5)
         self.assertEqual(collected, [1])
+
+    def test_noResidentSize(self) -> None:
+        """No /proc: one line, and no timer."""
+
+        def missing() -> int:
+            raise FileNotFoundError(2, "No such file or directory")
+
+        trim = MemoryTrim(self.clock, trim=lambda: None, resident=missing)
+        self.assertIn("cannot read the resident size", self.started_alone(trim))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_glibc(self) -> None:
         """This system's C library has malloc_trim, and it runs."""
