@@ -286,6 +286,7 @@ class TlsInbound(TcpInbound):
     route = "tls inbound"
     stats_type = TlsRelayStats
     _handshakeDone = False
+    _timedOut = False
 
     def handshakeCompleted(self) -> None:  # noqa: N802 (Twisted's name)
         self._handshakeDone = True
@@ -342,10 +343,11 @@ class TlsInbound(TcpInbound):
             "dropping {who}: no TLS handshake in time",
             who=str(self.who),
         )
+        self._timedOut = True  # said: not a failure besides
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
-        if not self._handshakeDone and reason is not None:
+        if not (self._handshakeDone or self._timedOut) and reason is not None:
             identity = None
             handle = getattr(self.transport, "_tlsConnection", None)
             if handle is not None:
