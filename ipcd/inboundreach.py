@@ -35,7 +35,7 @@ def inbound_reach(config: Config, own_names: Iterable[str]) -> dict[str, str]:
     for name in sorted(names):
         allowing = _allowing_rule(config.rules, name)
         if allowing is not None:
-            reach[name] = _why(config, name, *allowing)
+            reach[name] = _why(config, own, name, *allowing)
     return reach
 
 
@@ -69,13 +69,15 @@ def _allowing_rule(rules: Iterable[Rule], name: str) -> tuple[int, Rule] | None:
     return None
 
 
-def _why(config: Config, name: str, index: int, rule: Rule) -> str:
-    if names_exactly(rule, name):
-        return f"reachable: rule {index} names it"
+def _why(config: Config, own: set[str], name: str, index: int, rule: Rule) -> str:
     try:
         target = resolve(config, name)
     except Refused as e:
         return f"not reachable: {e.reason}"
+    if isinstance(target, LocalTarget) and target.name in own:
+        return f"not reachable: {target.name!r} is ipcd's own socket"
+    if names_exactly(rule, name):
+        return f"reachable: rule {index} names it"
     if not isinstance(target, LocalTarget):
         return f"reachable: rule {index}, routed to {target}"
     try:

@@ -41,7 +41,9 @@ class LoopRoutesTests(TestCase):
     """Every loop route through ipcd's own listeners, as another uid."""
 
     @inlineCallbacks
-    def start(self, rules: list[str], grants: tuple[str, ...] = ()) -> Any:
+    def start(
+        self, rules: list[str], grants: tuple[str, ...] = (), **config: Any
+    ) -> Any:
         needs_root()
         self.rundir = rundir = short_rundir(self)
         keys = secrets_file(short_rundir(self, "ipcd-keys-"), {"alice": ALICE_KEY})
@@ -53,6 +55,7 @@ class LoopRoutesTests(TestCase):
             tlsd={"listen": TLS_LISTEN, "psk_file": keys, "psk_identity": "alice"},
             websocketd={"listen": WS_LISTEN, "ping_interval": 0},
             udpd={"enabled": True, "listen": UDP_LISTEN},
+            **config,
         )
         self.service = service = yield start_ipcd(self, config)
         tcp = yield service.getServiceNamed("tcpd").listening()
@@ -129,7 +132,11 @@ class LoopRoutesTests(TestCase):
     @inlineCallbacks
     def test_statusSaysWhatPeersReach(self) -> Any:
         """C{ipcd status} lists the inbound services, and why they are reached."""
-        yield self.start(["allow in public", "allow in *"], grants=("pong *",))
+        yield self.start(
+            ["allow in public", "allow in *"],
+            grants=("pong *",),
+            redirects={"control": "ipcd-control"},
+        )
         os.chmod(os.path.join(self.rundir, "public"), 0o600)
         report = status_report(self.service.broker)
         inbound = report["inbound"]
@@ -138,6 +145,9 @@ class LoopRoutesTests(TestCase):
         self.assertEqual(
             inbound["secret"],
             "not reachable: rule 2 is a glob and others may not connect (0600)",
+        )
+        self.assertEqual(
+            inbound["control"], "not reachable: 'ipcd-control' is ipcd's own socket"
         )
         text = format_status(report)
         self.assertIn("inbound:\n", text)
