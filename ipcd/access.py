@@ -45,6 +45,19 @@ class Credentials:
         return f"uid {self.uid}"
 
 
+class _Others(Credentials):
+    """Nobody's uid and no group: only the bits for others apply."""
+
+    def __str__(self) -> str:
+        return "others"
+
+
+# A remote peer (any listener, loopback included), for a socket's
+# permissions: ids no file has (stat's are unsigned), so never its owner or
+# in its group.
+OTHERS: Credentials = _Others(-1, -1)
+
+
 class AccessDenied(Refused):
     """The client could not connect to this socket itself."""
 

@@ -32,7 +32,13 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from ipcd.access import AccessDenied, HeldDirectories, OpenedSocket, open_socket
+from ipcd.access import (
+    OTHERS,
+    AccessDenied,
+    HeldDirectories,
+    OpenedSocket,
+    open_socket,
+)
 from ipcd.config import Config
 from ipcd.daemons import BoundOutbound, IOutbound, off_reason, settings_of
 from ipcd.errors import Refused
@@ -47,7 +53,7 @@ from ipcd.names import (
     validate_service_name,
 )
 from ipcd.owninodes import RundirInodes
-from ipcd.policy import Decision, decide, find_grant
+from ipcd.policy import Decision, decide, find_grant, names_exactly
 from ipcd.resolution import (
     LocalTarget,
     RemoteTarget,
@@ -372,7 +378,7 @@ class Broker:
             raise Refused(f"{name!r} is ipcd's own socket, never a lookup target")
         try:
             if event.direction == "in":
-                opened = open_socket(path, None, follow_last_symlink=False)
+                opened = self._open_as_remote(event, target)
             else:
                 opened = self._open_as_client(event, target)
         except FileNotFoundError:
@@ -403,10 +409,36 @@ class Broker:
             event.access = "the client may connect itself"
             return opened
         except AccessDenied as denied:
-            found = find_grant(self.config.grants, target.name, event.labels)
-            if found is None:
-                self.counters["access denied"] += 1
-                raise AccessDenied(f"service {target.name!r}: {denied}") from None
+            return self._open_granted(event, target, denied)
+
+    def _open_as_remote(self, event: _Event, target: LocalTarget) -> OpenedSocket:
+        """
+        A remote peer (any listener, loopback included) is others for the
+        socket's permissions, unless the rule that let it in names the
+        service exactly or a grant covers it: a glob never widens them.
+        Never through a symbolic link in RUNDIR (a local user could plant
+        one).
+        """
+        decision = event.decision
+        if decision is not None and names_exactly(decision.rule, event.service):
+            opened = open_socket(target.path, None, follow_last_symlink=False)
+            event.access = f"rule {decision.index} names {event.service!r}"
+            return opened
+        try:
+            opened = open_socket(target.path, OTHERS, follow_last_symlink=False)
+        except AccessDenied as denied:
+            return self._open_granted(event, target, denied)
+        event.access = "others may connect"
+        return opened
+
+    def _open_granted(
+        self, event: _Event, target: LocalTarget, denied: AccessDenied
+    ) -> OpenedSocket:
+        """C{target}'s socket if a grant covers the peer, else L{AccessDenied}."""
+        found = find_grant(self.config.grants, target.name, event.labels)
+        if found is None:
+            self.counters["access denied"] += 1
+            raise AccessDenied(f"service {target.name!r}: {denied}") from None
         index, grant = found
         # A grant is for the service's own socket, never through a link
         # that somebody with write access to RUNDIR could plant.
@@ -703,7 +735,12 @@ class LookupProtocol(MessageProtocol):
 
     def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin's name)
         timeout = self.timeOut
-        self.log.info(
+        limits = self.factory.limits if self.factory is not None else None
+        # As the listener's refusals: counted, and logged at a bounded rate.
+        log = self.log if limits is None else limits.log
+        if limits is not None:
+            limits.counters[f"{limits.name}: lookups timed out"] += 1
+        log.info(
             "{who} sent no lookup within {timeout:g} s",
             who=str(self.client),
             timeout=timeout,
@@ -805,6 +842,10 @@ class LookupFactory(Factory):
         # Counted here rather than by a wrapping factory: lookups are the hot
         # path, and the protocol reads the peer's uid anyway.
         self.limits = limits
+
+    def stopFactory(self) -> None:  # noqa: N802 (Twisted's name)
+        if self.limits is not None:
+            self.limits.rate_limited.flush()  # what it left out, said now
 
     def buildProtocol(self, addr: Any) -> LookupProtocol:
         protocol = LookupProtocol(self.broker, self.clock, self.partialBudget)

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from ipcd.config import Config
 from ipcd.daemons import settings_of
+from ipcd.inboundreach import inbound_reach
 from ipcd.names import CONTROL_NAME, resolve_rundir, socket_path
 from ipcd.wire import (
     LimitLog,
@@ -59,7 +60,10 @@ def config_summary(config: Config) -> dict[str, Any]:
 
 
 def status_report(broker: Any) -> dict[str, Any]:
-    """Live relayed connections, counters and the configuration in force."""
+    """
+    Live relayed connections, counters, what remote peers may reach
+    (L{inbound_reach}) and the configuration in force.
+    """
     now = time.monotonic()
     connections = sorted(
         (stats.as_dict(now) for stats in broker.relays), key=lambda c: -c["age"]
@@ -67,6 +71,7 @@ def status_report(broker: Any) -> dict[str, Any]:
     return {
         "connections": connections,
         "counters": dict(sorted(broker.counters.items())),
+        "inbound": inbound_reach(broker.config, broker.own_names()),
         "config": config_summary(broker.config),
     }
 
@@ -216,6 +221,9 @@ def format_status(report: dict[str, Any], wide: bool = False) -> str:
     lines.append("counters:")
     for name, value in report["counters"].items():
         lines.append(f"  {name}: {value}")
+    lines.append("inbound:")
+    for name, why in report.get("inbound", {}).items():
+        lines.append(f"  {name}: {why}")
     lines.append("config:")
     for name, value in report["config"].items():
         lines.append(f"  {name}: {json.dumps(value)}")

@@ -34,7 +34,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -43,6 +43,7 @@ from ipcd import wire
 from ipcd.compat import twisted as compat_twisted
 from ipcd.errors import Refused
 from ipcd.identity import Peer, local_peer, remote_peer
+from ipcd.limits import RateLimitedObserver
 from ipcd.relay import READ_SIZE, RelayStats, take_socket
 from ipcd.routes import RemoteURI, RouteError, parse_uri
 
@@ -227,7 +228,11 @@ class Handshaking(Protocol, TimeoutMixin):
         self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin's name)
-        self.log.info("dropping {who}: no request in time", who=str(self.who))
+        self.factory.failed(
+            "handshakes timed out",
+            "dropping {who}: no request in time",
+            who=str(self.who),
+        )
         self._refuse("handshake timed out")
 
     def readConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
@@ -331,6 +336,22 @@ class HandshakeFactory(Factory):
         self._handshake_timeout = handshake_timeout
         self.scheme = scheme
         self.name = name or f"{scheme}d"
+        # Failed handshakes: a peer can fail them as fast as it connects.
+        self._rate_limited = RateLimitedObserver(globalLogPublisher, self.reactor)
+        self._failures = Logger(
+            namespace=f"ipcd.{self.name}.handshakes", observer=self._rate_limited
+        )
+
+    def failed(self, counter: str, format: str, **fields: Any) -> None:
+        """
+        Count a failed handshake under C{NAME: counter} (C{ipcd status});
+        log it, at the bounded rate of C{[limits]} refusals.
+        """
+        self.broker.counters[f"{self.name}: {counter}"] += 1
+        self._failures.info(format, **fields)
+
+    def stopFactory(self) -> None:  # noqa: N802 (Twisted's name)
+        self._rate_limited.flush()  # what it left out, said now
 
     @property
     def handshake_timeout(self) -> float:

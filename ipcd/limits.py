@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -40,8 +41,9 @@ LOG_PERIOD = 10.0
 @implementer(ILogObserver)
 class RateLimitedObserver:
     """
-    Passes events on to C{observer}, at most C{burst} per C{period} seconds;
-    the first one after a quiet spell says how many were left out.
+    Passes events on to C{observer}, at most C{burst} per C{period} seconds.
+    Those left out are counted, and said in one more line: at the end of
+    the period (timed on C{clock}), or with the first event after it.
     """
 
     def __init__(
@@ -58,28 +60,58 @@ class RateLimitedObserver:
         self._window = float("-inf")
         self._passed = 0
         self.dropped = 0  # in the current window, not yet reported
+        self._last: dict[str, Any] | None = None  # the last one left out
+        self._summary: Any = None  # the end-of-period call, while one is due
 
     def __call__(self, event: dict[str, Any]) -> None:
         now = self._clock.seconds()
         if now - self._window >= self._period:
             self._window, self._passed = now, 0
             if self.dropped:
-                dropped, self.dropped = self.dropped, 0
-                self._observer(
-                    {
-                        **event,
-                        "log_format": "{ipcd_dropped} similar log lines left out; "
-                        + event.get("log_format", ""),
-                        "ipcd_dropped": dropped,
-                    }
-                )
+                self._say_dropped(event, "{ipcd_dropped} similar log lines left out; ")
                 self._passed += 1
                 return
         if self._passed < self._burst:
             self._passed += 1
             self._observer(event)
-        else:
-            self.dropped += 1
+            return
+        self.dropped += 1
+        self._last = event
+        if self._summary is None:
+            due = self._window + self._period - now
+            self._summary = self._clock.callLater(max(due, 0), self._end_of_period)
+
+    def flush(self) -> None:
+        """Say now how many were left out, if any (a listener stops)."""
+        if self._summary is not None:
+            self._summary.cancel()
+            self._summary = None
+            self._end_of_period()
+
+    def _end_of_period(self) -> None:
+        self._summary = None
+        if self.dropped and self._last is not None:
+            # Said now (log_time), about the last one left out.
+            self._say_dropped(
+                {**self._last, "log_time": time.time()},
+                "{ipcd_dropped} similar log lines left out in {ipcd_period:g} s; "
+                "the last: ",
+            )
+
+    def _say_dropped(self, event: dict[str, Any], prefix: str) -> None:
+        """C{event}, prefixed with how many were left out (and forgotten)."""
+        if self._summary is not None:
+            self._summary.cancel()
+            self._summary = None
+        dropped, self.dropped, self._last = self.dropped, 0, None
+        self._observer(
+            {
+                **event,
+                "log_format": prefix + event.get("log_format", ""),
+                "ipcd_dropped": dropped,
+                "ipcd_period": self._period,
+            }
+        )
 
 
 class ConnectionLimits:
@@ -107,10 +139,8 @@ class ConnectionLimits:
         self.per_peer: Counter[str] = Counter()
         self.counters: Counter[str] = Counter() if counters is None else counters
         self.clock = clock
-        self.log = Logger(
-            namespace=f"ipcd.limits.{name}",
-            observer=RateLimitedObserver(observer or globalLogPublisher, clock),
-        )
+        self.rate_limited = RateLimitedObserver(observer or globalLogPublisher, clock)
+        self.log = Logger(namespace=f"ipcd.limits.{name}", observer=self.rate_limited)
         self.port: Any = None  # set once listening: paused at max_total
         self._paused = False
         self._cuts: dict[Any, Any] = {}  # refused connections' grace timers
@@ -303,6 +333,10 @@ class LimitedFactory(WrappingFactory):
 
     protocol = _LimitedProtocol
     noisy = False
+
+    def stopFactory(self) -> None:  # noqa: N802 (Twisted's name)
+        super().stopFactory()
+        self.limits.rate_limited.flush()  # what it left out, said now
 
     def __init__(
         self,

@@ -106,6 +106,11 @@ def _has_glob(value: str) -> bool:
     return any(c in value for c in "*?[")
 
 
+def names_exactly(rule: Rule | None, service: str) -> bool:
+    """Does C{rule} name C{service} itself, rather than match it by a glob?"""
+    return rule is not None and rule.service == service and not _has_glob(service)
+
+
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(text.split("%", 1)[0])

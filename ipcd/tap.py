@@ -8,6 +8,7 @@ so C{twistd --help} imports nothing of ours.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import resource
 import signal
@@ -32,6 +33,7 @@ from ipcd.daemons import Flag, Registry, StartupError, default_registry, setting
 from ipcd.endpoints import BROKER_NAME
 from ipcd.limits import LimitedFactory
 from ipcd.logs import text_observer
+from ipcd.memtrim import MemoryTrim
 from ipcd.names import (
     SocketInUse,
     UnsafeRundir,
@@ -276,6 +278,9 @@ class IPCDService(MultiService):
                 partial_budget=budget,
                 counters=counters,
             ).setServiceParent(self)
+        # What a burst (an attack) made ipcd allocate goes back to the
+        # system once freed.
+        MemoryTrim(reactor, counters).setServiceParent(self)
         # The protocol daemons' listeners (tcpd's, ...), as the registry's
         # daemons make them.
         self.daemon_services: dict[str, Any] = {}
@@ -598,4 +603,8 @@ def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: 
         service.privilegedStartService()
     except (UnsafeRundir, SocketInUse, StartupError) as e:
         raise SystemExit(f"ipcd: {e}") from None
+    # What start-up made stays for ipcd's life: the cyclic collector (and
+    # MemoryTrim's collections) need not walk it again; a full collection
+    # takes about 1 ms instead of 50.
+    gc.freeze()
     return service

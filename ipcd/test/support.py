@@ -359,6 +359,28 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(sock.getsockname()[1])
 
 
+def counted_pong(case: SynchronousTestCase, path: str) -> Factory:
+    """
+    An echo service listening at C{path} (stopped after the test), its
+    factory counting the connections it got in C{connections}.
+    """
+    from ipcd.services.pongd import Pong
+
+    factory = Factory.forProtocol(Pong)
+    factory.noisy = False
+    factory.connections = 0
+    build = factory.buildProtocol
+
+    def counted(addr: Any) -> Any:
+        factory.connections += 1
+        return build(addr)
+
+    factory.buildProtocol = counted
+    port = listen_unix(reactor, path, factory)
+    case.addCleanup(port.stopListening)
+    return factory
+
+
 def python_env(**extra: str) -> dict[str, str]:
     """The environment for a child Python that imports ipcd from the tree."""
     env = dict(os.environ)

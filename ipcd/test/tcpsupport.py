@@ -25,6 +25,7 @@ from ipcd.relay import Side, SocketRelays
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
     TIMEOUT,
+    bounce,
     make_config,
     recv_upto,
     short_rundir,
@@ -174,6 +175,17 @@ def tcp_connect(port: int, host: str = "127.0.0.1") -> socket.socket:
     sock = socket.create_connection((host, port), timeout=TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def bounce_through(port: int, service: bytes) -> bytes:
+    """
+    As a remote peer of tcpd on C{port}: ask for C{service} (which must be
+    answered C{ok}), and what an echo service there sends back of a bounce.
+    """
+    with tcp_connect(port) as sock:
+        sock.sendall(service)
+        assert recv_upto(sock, 2) == b"ok"
+        return bounce(sock)
 
 
 # Read C{count} bytes (fewer at EOF).

@@ -14,7 +14,6 @@ import socket
 import stat
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
@@ -30,12 +29,9 @@ from ipcd.access import (
     permitted,
 )
 from ipcd.errors import Refused
-from ipcd.names import listen_unix
-from ipcd.services.pongd import Pong
 from ipcd.test.support import (
-    TIMEOUT,
     as_user,
-    bounce,
+    counted_pong,
     lookup,
     make_config,
     needs_root,
@@ -43,7 +39,7 @@ from ipcd.test.support import (
     short_rundir,
     start_ipcd,
 )
-from ipcd.test.tcpsupport import start_host, tcp_connect
+from ipcd.test.tcpsupport import bounce_through, start_host, tcp_connect
 
 # Numeric ids need no entry in /etc/passwd: the kernel checks numbers.
 SHARED_GROUP = 61010
@@ -243,19 +239,7 @@ class ClientAccessTests(TestCase):
         return os.path.join(self.rundir, name)
 
     def serve(self, path: str) -> Factory:
-        factory = Factory.forProtocol(Pong)
-        factory.noisy = False
-        factory.connections = 0
-        build = factory.buildProtocol
-
-        def counted(addr: Any) -> Any:
-            factory.connections += 1
-            return build(addr)
-
-        factory.buildProtocol = counted
-        port = listen_unix(reactor, path, factory)
-        self.addCleanup(port.stopListening)
-        return factory
+        return counted_pong(self, path)
 
     def connect_as(self, who: Credentials, name: str) -> Any:
         """What C{who}'s own connect() to RUNDIR/NAME does."""
@@ -392,6 +376,9 @@ class RemoteOwnSocketsTests(TestCase):
     @inlineCallbacks
     def test_ownSocketsAndLinksRefused(self) -> Any:
         host = yield start_host(self, ["allow in *"])
+        # A glob reaches only what others may connect to (pong, here).
+        os.chmod(host.rundir, 0o755)
+        os.chmod(os.path.join(host.rundir, "pong"), 0o666)
         os.symlink("ipcd-control", os.path.join(host.rundir, "ctl"))
         os.symlink("pong", os.path.join(host.rundir, "alias"))
         for name in (b"ipcd-control", b"tcp", b"ipc"):
@@ -406,14 +393,8 @@ class RemoteOwnSocketsTests(TestCase):
         self.assertEqual(host.broker.counters["connected"], 0)
 
         # pong itself is served.
-        def echo() -> bytes:
-            with tcp_connect(host.port) as sock:
-                sock.settimeout(TIMEOUT)
-                sock.sendall(b"pong")
-                assert recv_upto(sock, 2) == b"ok"
-                return bounce(sock)
-
-        self.assertEqual((yield deferToThread(echo)), b"\0\0\0\x09bounce me")
+        answer = yield deferToThread(bounce_through, host.port, b"pong")
+        self.assertEqual(answer, b"\0\0\0\x09bounce me")
 
 
 class EveryNameDecidedTests(TestCase):

@@ -17,6 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd.limits import (
@@ -149,10 +150,13 @@ class ConnectionLimitsTests(SynchronousTestCase):
             self.limits.admit("uid:1")
         self.assertEqual(len(self.events), LOG_BURST)
         self.assertEqual(self.limits.counters["ipc: refused, per-peer limit"], 1000)
+        # At the end of the period, one line says how many were left out.
         self.clock.advance(60)
-        self.limits.admit("uid:1")
         self.assertEqual(len(self.events), LOG_BURST + 1)
         self.assertEqual(self.events[-1]["ipcd_dropped"], 1000 - LOG_BURST)
+        self.limits.admit("uid:1")
+        self.assertEqual(len(self.events), LOG_BURST + 2)
+        self.assertNotIn("ipcd_dropped", self.events[-1])
 
 
 class RateLimitedObserverTests(SynchronousTestCase):
@@ -163,10 +167,30 @@ class RateLimitedObserverTests(SynchronousTestCase):
         for i in range(5):
             observer({"log_format": "x {i}", "i": i})
         self.assertEqual([e["i"] for e in seen], [0, 1])
-        clock.advance(10)
+        clock.advance(9)
+        self.assertEqual(len(seen), 2)
+        # The period ends: the last one left out, and how many were.
+        clock.advance(1)
+        self.assertEqual((seen[-1]["i"], seen[-1]["ipcd_dropped"]), (4, 3))
+        self.assertEqual(
+            formatEvent(seen[-1]),
+            "3 similar log lines left out in 10 s; the last: x 4",
+        )
+        self.assertEqual(clock.getDelayedCalls(), [])
         observer({"log_format": "x {i}", "i": 9})
-        self.assertEqual(seen[-1]["ipcd_dropped"], 3)
-        self.assertTrue(seen[-1]["log_format"].startswith("{ipcd_dropped} similar"))
+        self.assertEqual((seen[-1]["i"], len(seen)), (9, 4))
+
+    def test_eventAtTheEndOfThePeriodCarriesTheSummary(self) -> None:
+        """An event in the same turn as the period's end says it instead."""
+        seen: list[dict[str, Any]] = []
+        clock = Clock()
+        observer = RateLimitedObserver(seen.append, clock, burst=1, period=10)
+        for i in range(3):
+            observer({"log_format": "x {i}", "i": i})
+        clock.rightNow += 10  # time passes; the summary's call has not run
+        observer({"log_format": "x {i}", "i": 7})
+        self.assertEqual(formatEvent(seen[-1]), "2 similar log lines left out; x 7")
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class NetworkPeerKeyTests(SynchronousTestCase):
@@ -176,6 +200,27 @@ class NetworkPeerKeyTests(SynchronousTestCase):
         self.assertEqual(network_peer_key("2001:db8::1:2", 32, 64), "ip:2001:db8::/64")
         self.assertEqual(network_peer_key("::ffff:10.0.0.1", 32, 64), "ip:10.0.0.1/32")
         self.assertEqual(network_peer_key("fe80::1%lo", 32, 64), "ip:fe80::/64")
+
+
+class SilentClientsTests(TestCase):
+    @inlineCallbacks
+    def test_timeoutsLoggedAtABoundedRate(self) -> Any:
+        """50 clients that say nothing: each answered, few lines, all counted."""
+        rundir = short_rundir(self)
+        service = yield start_ipcd(
+            self, make_config(rundir, ipcd={"lookup_timeout": 0.2})
+        )
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        held = [connect_unix(os.path.join(rundir, "ipc")) for _ in range(50)]
+        self.addCleanup(lambda: [sock.close() for sock in held])
+        answers = yield deferToThread(lambda: [read_reply(s).data for s in held])
+        self.assertEqual(set(answers), {b"ne no lookup received within 0.2 s"})
+        counters = service.broker.counters
+        self.assertEqual(counters["ipc: lookups timed out"], 50)
+        lines = [formatEvent(e) for e in events if "sent no lookup" in formatEvent(e)]
+        self.assertEqual(len(lines), LOG_BURST, "\n".join(lines))
 
 
 class LookupLimitsTests(TestCase):

@@ -16,6 +16,7 @@ from ipcd.config import Config
 from ipcd.errors import Refused
 from ipcd.identity import Peer
 from ipcd.owninodes import RundirInodes
+from ipcd.policy import Decision, Rule
 from ipcd.resolution import LocalTarget
 from ipcd.test.test_names import short_tempdir
 
@@ -174,7 +175,9 @@ class BrokerOwnInodesTests(SynchronousTestCase):
         )
 
     def test_remotePeer(self) -> None:
-        self.daemon_starts(_Event("in", Peer("10.0.0.1:5"), "alias"))
+        # Let in by a rule that names it: others' permissions do not apply.
+        allowed = Decision(True, Rule("allow", "in", "alias"), 1)
+        self.daemon_starts(_Event("in", Peer("10.0.0.1:5"), "alias", [], allowed))
 
     def test_localClient(self) -> None:
         """Through the held directories, which give RUNDIR's stat."""

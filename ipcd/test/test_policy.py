@@ -14,6 +14,7 @@ from ipcd.policy import (
     Rule,
     RuleError,
     decide,
+    names_exactly,
     parse_rule,
     peer_matches,
 )
@@ -56,6 +57,14 @@ class ParseRuleTests(SynchronousTestCase):
     def test_allows(self) -> None:
         self.assertTrue(parse_rule("allow in pong").allows)
         self.assertFalse(parse_rule("deny in pong").allows)
+
+    def test_namesExactly(self) -> None:
+        """Only a glob-free rule for that very name names it (any peer)."""
+        self.assertTrue(names_exactly(parse_rule("allow in secret ip:10.*"), "secret"))
+        for text in ("allow in *", "allow in secre?", "allow in [s]ecret"):
+            self.assertFalse(names_exactly(parse_rule(text), "secret"), text)
+        self.assertFalse(names_exactly(parse_rule("allow in other"), "secret"))
+        self.assertFalse(names_exactly(None, "secret"))
 
     def test_errors(self) -> None:
         for text, expected in [

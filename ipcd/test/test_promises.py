@@ -25,7 +25,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import access, names
-from ipcd.access import Credentials, open_socket
+from ipcd.access import AccessDenied, Credentials, open_socket
 from ipcd.broker import Broker, _Event
 from ipcd.config import Config, ConfigError, load_config
 from ipcd.daemons import settings_of
@@ -639,7 +639,9 @@ class OpenLocalTests(SynchronousTestCase):
             sock.bind(os.path.join(self.rundir, "ipc"))
 
     def open(self, name: str, path: str) -> Any:
-        event = _Event("in", None, name)  # type: ignore[arg-type]
+        # A remote peer that a rule naming the service let in.
+        allowed = Decision(True, Rule("allow", "in", name), 1)
+        event = _Event("in", None, name, [], allowed)  # type: ignore[arg-type]
         return self.broker._open_local(event, LocalTarget(name, path))
 
     def test_otherOSError(self) -> None:
@@ -649,6 +651,24 @@ class OpenLocalTests(SynchronousTestCase):
         self.assertEqual(
             str(error), "cannot connect to service 'x': File name too long"
         )
+
+    def test_globReachesWhatOthersMay(self) -> None:
+        """Let in by a glob: only a socket others could connect to."""
+        os.chmod(self.rundir, 0o755)
+        glob = Decision(True, Rule("allow", "in", "*"), 1)
+        for name, mode in (("secret", 0o600), ("open", 0o666)):
+            path = os.path.join(self.rundir, name)
+            with _SOCKET(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.bind(path)
+            os.chmod(path, mode)
+        event = _Event("in", None, "secret", [], glob)  # type: ignore[arg-type]
+        secret = LocalTarget("secret", os.path.join(self.rundir, "secret"))
+        error = self.assertRaises(AccessDenied, self.broker._open_local, event, secret)
+        self.assertIn("others may not connect to", str(error))
+        event = _Event("in", None, "open", [], glob)  # type: ignore[arg-type]
+        target = LocalTarget("open", os.path.join(self.rundir, "open"))
+        self.broker._open_local(event, target).close()
+        self.assertEqual(event.access, "others may connect")
 
     def test_ownInodeClosed(self) -> None:
         """ipcd's own socket under another name is refused, its fd closed."""

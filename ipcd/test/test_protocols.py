@@ -318,6 +318,7 @@ class StubBroker:
         self.config = config(**overrides)
         self.reactor = reactor
         self.relays: set[RelayStats] = set()
+        self.counters: Counter[str] = Counter()
         self.inbound: list[tuple[str, Peer, Deferred[Any]]] = []
         self.uris: list[tuple[RemoteURI, Peer, Deferred[Any]]] = []
         self.cancelled: list[Any] = []
@@ -453,6 +454,7 @@ class TcpHandshakeTests(SynchronousTestCase):
         self.assertTrue(transport.value().endswith(b"ne handshake timed out"))
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.broker.inbound, [])
+        self.assertEqual(self.broker.counters["tcpd: handshakes timed out"], 1)
 
     def test_partial_frame_then_deadline(self) -> None:
         protocol, transport = self.inbound()

@@ -398,7 +398,8 @@ class RefusalTests(TlsTestCase):
         for _ in range(3):
             answer = yield deferToThread(plaintext)
             self.assertNotIn(b"ok", answer)
-        yield self.assertLogged("TLS handshake with 127.0.0.1", "failed")
+        # Four bytes are no TLS record: the handshake deadline ends each.
+        yield self.assertLogged("dropping 127.0.0.1", "no TLS handshake in time")
         yield self.refusedThenServing(self.good, self.b.route("missing"), "denied")
 
     @inlineCallbacks
@@ -413,6 +414,10 @@ class RefusalTests(TlsTestCase):
         answer = yield deferToThread(stall)
         self.assertEqual(answer, b"")
         yield self.assertLogged("no TLS handshake in time")
+        # Counted once, as what it was.
+        counters = self.b.broker.counters
+        self.assertEqual(counters["tlsd: TLS handshakes timed out"], 1)
+        self.assertEqual(counters["tlsd: TLS handshakes failed"], 0)
         yield self.refusedThenServing(self.good, self.b.route("missing"), "denied")
 
 

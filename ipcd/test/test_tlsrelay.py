@@ -36,7 +36,7 @@ class SocketRelayTests(TlsTestCase):
         b = yield start_tls_host(
             self,
             {"psk_file": self.keys(alice=ALICE_KEY), "socket_relay": b_fast},
-            rules=["allow in * psk:alice"],
+            rules=["allow in pong psk:alice", "allow in digest psk:alice"],
         )
         a = yield self.psk_client("alice", ALICE_KEY, socket_relay=a_fast, **a_tlsd)
         return a, b
@@ -101,7 +101,7 @@ class SocketRelayTests(TlsTestCase):
         b = yield start_tls_host(
             self,
             {"psk_file": self.keys(alice=ALICE_KEY)},
-            rules=["allow in * psk:alice"],
+            rules=["allow in pong psk:alice", "allow in digest psk:alice"],
             limits={"idle_timeout": 0.3},
         )
         a = yield self.psk_client("alice", ALICE_KEY)

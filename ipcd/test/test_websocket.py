@@ -391,7 +391,7 @@ class UnknownServiceTests(TestCase):
     @inlineCallbacks
     def test_unknownServiceIs404(self) -> Any:
         """An allowed name that no service listens on: 404 and the reason."""
-        host = yield start_ws_host(self, rules=["allow in *"])
+        host = yield start_ws_host(self, rules=["allow in nosuch"])
         status, reason = yield deferToThread(refusal, host.port, "/nosuch")
         self.assertEqual(status, 404)
         self.assertIn("no route to service 'nosuch'", reason)

@@ -282,6 +282,7 @@ class TlsInbound(TcpInbound):
     route = "tls inbound"
     stats_type = TlsRelayStats
     _handshakeDone = False
+    _timedOut = False
 
     def handshakeCompleted(self) -> None:  # noqa: N802 (Twisted's name)
         self._handshakeDone = True
@@ -304,7 +305,11 @@ class TlsInbound(TcpInbound):
             frozenset(labels),
         )
         if not shown and self.factory.must_authenticate():
-            log.warn("refusing {who}: no client certificate or key", who=str(self.who))
+            self.factory.failed(
+                "refused, no client certificate or key",
+                "refusing {who}: no client certificate or key",
+                who=str(self.who),
+            )
             self._refuse("client authentication required")
 
     def relay(
@@ -329,11 +334,16 @@ class TlsInbound(TcpInbound):
         if self._handshakeDone:
             super().timeoutConnection()
             return
-        log.info("dropping {who}: no TLS handshake in time", who=str(self.who))
+        self.factory.failed(
+            "TLS handshakes timed out",
+            "dropping {who}: no TLS handshake in time",
+            who=str(self.who),
+        )
+        self._timedOut = True  # said: not a failure besides
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
-        if not self._handshakeDone and reason is not None:
+        if not (self._handshakeDone or self._timedOut) and reason is not None:
             identity = None
             handle = compat_twisted.tls_connection(self.transport)
             if handle is not None:
@@ -343,7 +353,8 @@ class TlsInbound(TcpInbound):
             if identity and any(word in why for word in _WRONG_KEY):
                 # (An unknown identity is logged as such when offered.)
                 why = f"wrong key for PSK identity {identity!r} ({why})"
-            log.info(
+            self.factory.failed(
+                "TLS handshakes failed",
                 "TLS handshake with {who}{said} failed: {why}",
                 who=str(self.who),
                 said=said,
@@ -368,7 +379,12 @@ def _why(reason: Failure) -> str:
 
 
 class TlsHandshakeFactory(HandshakeFactory):
-    """tlsd's listener's L{HandshakeFactory}: must clients prove who they are?"""
+    """
+    tlsd's listener's L{HandshakeFactory}: must clients prove who they are?
+    Its failed handshakes are counted and logged at a bounded rate
+    (L{HandshakeFactory.failed}): a peer can fail them as fast as it can
+    connect.
+    """
 
     def must_authenticate(self) -> bool:
         return self.material().verify_clients

@@ -1,0 +1,103 @@
+"""
+For C{ipcd status}: which local services remote peers may reach, and why.
+
+A remote peer (any listener, loopback included) is "others" for a socket's
+permissions.  A service is reachable when an C{in} rule allows it (for some
+peers) and the rule names it exactly, or others may connect to its socket,
+or a grant covers it; the same order the broker follows
+(L{ipcd.broker.Broker._open_as_remote}).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+
+from ipcd.access import OTHERS, AccessDenied, open_socket
+from ipcd.config import Config
+from ipcd.errors import Refused
+from ipcd.names import InvalidServiceName, validate_service_name
+from ipcd.policy import Rule, names_exactly
+from ipcd.resolution import LocalTarget, resolve
+
+
+def inbound_reach(config: Config, own_names: Iterable[str]) -> dict[str, str]:
+    """
+    Each name a remote peer could ask for (the sockets in RUNDIR, the
+    admin's redirections and routes) that an C{in} rule allows, by name:
+    C{"reachable: ..."} or C{"not reachable: ..."}, saying why.
+    """
+    own = set(own_names)
+    names = {*_sockets(config.rundir), *config.redirects, *config.routes} - own
+    reach = {}
+    for name in sorted(names):
+        allowing = _allowing_rule(config.rules, name)
+        if allowing is not None:
+            reach[name] = _why(config, own, name, *allowing)
+    return reach
+
+
+def _sockets(rundir: str) -> list[str]:
+    try:
+        entries = list(os.scandir(rundir))
+    except OSError:
+        return []
+    names = []
+    for entry in entries:
+        try:
+            if stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                names.append(validate_service_name(entry.name))
+        except (OSError, InvalidServiceName):
+            continue
+    return names
+
+
+def _allowing_rule(rules: Iterable[Rule], name: str) -> tuple[int, Rule] | None:
+    """
+    The first C{in} rule that allows C{name} for some peers; None if none
+    does before a rule that denies it to every peer.
+    """
+    for index, rule in enumerate(rules, 1):
+        if rule.direction != "in" or not fnmatchcase(name, rule.service):
+            continue
+        if rule.allows:
+            return index, rule
+        if rule.peer == "*":
+            return None
+    return None
+
+
+def _why(config: Config, own: set[str], name: str, index: int, rule: Rule) -> str:
+    try:
+        target = resolve(config, name)
+    except Refused as e:
+        return f"not reachable: {e.reason}"
+    if isinstance(target, LocalTarget) and target.name in own:
+        return f"not reachable: {target.name!r} is ipcd's own socket"
+    if names_exactly(rule, name):
+        return f"reachable: rule {index} names it"
+    if not isinstance(target, LocalTarget):
+        return f"reachable: rule {index}, routed to {target}"
+    try:
+        opened = open_socket(target.path, OTHERS, follow_last_symlink=False)
+    except AccessDenied:
+        pass
+    except FileNotFoundError:
+        return f"not reachable: {target.path} does not exist"
+    except (Refused, OSError) as e:
+        return f"not reachable: {getattr(e, 'reason', None) or e}"
+    else:
+        mode = stat.S_IMODE(opened.stat.st_mode)
+        opened.close()
+        return f"reachable: rule {index} is a glob and others may connect ({mode:04o})"
+    for grant_index, grant in enumerate(config.grants, 1):
+        if fnmatchcase(target.name, grant.service):  # for its peers
+            return f"reachable: grant {grant_index} ({grant})"
+    try:
+        mode = stat.S_IMODE(os.stat(target.path).st_mode)
+        shown = f" ({mode:04o})"
+    except OSError:
+        shown = ""
+    return f"not reachable: rule {index} is a glob and others may not connect{shown}"
