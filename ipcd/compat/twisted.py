@@ -332,12 +332,13 @@ def listen_errors_raise(service: Any) -> None:
 
 def port_of(service: Any) -> Any:
     """
-    The Deferred port of StreamServerEndpointService C{service} once it
-    began to listen; None before, or when this Twisted does not tell.
+    The Deferred port of C{service} once it began to listen, if it is a
+    StreamServerEndpointService (or says so alike); None before, for any
+    other service, or when this Twisted does not tell.
     """
     if not (WAITING_FOR_PORT.present or WAITING_FOR_PORT.usable()):
         return None
-    return service._waitingForPort
+    return getattr(service, "_waitingForPort", None)
 
 
 def count_accept_errors(port: Any, make_logger: Callable[[Any], Any]) -> bool:

@@ -204,7 +204,7 @@ class TlsFallbackTests(Missing, TlsTestCase):
         b = yield start_tls_host(
             self,
             {"psk_file": self.keys(alice=ALICE_KEY)},
-            rules=["allow in * psk:alice"],
+            rules=["allow in pong psk:alice"],
         )
         a = yield self.psk_client("alice", ALICE_KEY)
         reply = yield self.lookup_on(a, b.route("pong"))
