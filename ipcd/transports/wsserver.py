@@ -38,6 +38,7 @@ from ipcd.transports.wsbridge import (
     ReactorTimer,
     WebSocketSide,
     bridge_options,
+    message_bounds,
     no_delay,
 )
 from ipcd.transports.wspage import page_response
@@ -160,6 +161,13 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:  # noqa: N802, N803
         self.webSocketLost(wasClean)
 
+    def headTooLarge(self, reason: str) -> None:  # noqa: N802
+        self.failHandshake(
+            "Request Header Fields Too Large",
+            431,
+            [("Content-Length", "0"), ("Connection", "close")],
+        )
+
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         self._lost = True
         if self._pending is not None:
@@ -210,7 +218,8 @@ class WebSocketInboundFactory(WebSocketServerFactory):
         self.apply(settings())
 
     def apply(self, settings: Mapping[str, Any]) -> None:
-        """autobahn's options from websocketd's settings."""
+        """autobahn's options from websocketd's settings, and websocketd's bounds."""
+        self.bounds = message_bounds(settings)
         self.setProtocolOptions(
             **bridge_options(settings),
             maxConnections=settings["max_connections"],
