@@ -19,6 +19,8 @@ from twisted.internet.threads import deferToThread
 from twisted.python import log
 from twisted.trial.unittest import TestCase
 
+from ipcd.limits import LOG_BURST, LOG_PERIOD
+from ipcd.test.support import read_text
 from ipcd.test.wssupport import (
     CLOSE,
     PING,
@@ -275,3 +277,33 @@ class HeadTests(TestCase):
         reply = yield deferToThread(_echo, ipcd.port)
         self.assertEqual(reply, (TEXT, b"still here"))
         self.assertIsNone(ipcd.process.poll())
+
+    @inlineCallbacks
+    def test_refusalsLoggedAtABoundedRate(self) -> Any:
+        """
+        200 handshakes refused (431) write at most 5 of autobahn's lines
+        per 10 s, and one saying how many were left out (before: 400).
+        """
+        ipcd = spawn_ws_ipcd(self)
+        head = b"GET /pong HTTP/1.1\r\nX-Padding: " + b"p" * MAX_HEAD
+
+        def refused() -> float:
+            started = time.monotonic()
+            for _ in range(200):
+                with connect_tcp("127.0.0.1", ipcd.port) as sock:
+                    sock.sendall(head)
+                    assert sock.recv(12) == b"HTTP/1.1 431"
+            return time.monotonic() - started
+
+        took = yield deferToThread(refused)
+        reply = yield deferToThread(_echo, ipcd.port)  # logged after the others
+        self.assertEqual(reply, (TEXT, b"still here"))
+        autobahns = ("opening handshake", "dropping connection", "left out")
+        lines = [
+            line
+            for line in read_text(ipcd.log).splitlines()
+            if any(words in line for words in autobahns)
+        ]
+        windows = int(took // LOG_PERIOD) + 2  # windows the refusals spanned
+        self.assertLessEqual(len(lines), (LOG_BURST + 1) * windows, "\n".join(lines))
+        self.assertGreater(len(lines), 0)

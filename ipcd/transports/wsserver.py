@@ -26,12 +26,13 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ISSLTransport
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from ipcd.errors import Refused
 from ipcd.identity import remote_peer
+from ipcd.limits import RateLimitedObserver
 from ipcd.logs import printable
 from ipcd.relay import RelayStats
 from ipcd.transports.wsbridge import (
@@ -78,6 +79,25 @@ def origin_allowed(origin: str, host: str, allowed: Sequence[str]) -> bool:
         if parts.scheme in ("http", "https") and parts.netloc == host:
             return True
     return any(fnmatchcase(origin, pattern.lower()) for pattern in allowed)
+
+
+class PeerLog:
+    """
+    autobahn's log for the connections of one listener: its debug lines
+    dropped (as txaio drops them at its default level), the others (two for
+    each refused handshake or failed connection) at a bounded rate, as
+    C{[limits]} refusals are: so many peers cannot fill the disk.
+    """
+
+    def __init__(self, clock: Any, observer: Any = None) -> None:
+        logger = Logger(
+            namespace="ipcd.websocketd",
+            observer=RateLimitedObserver(observer or globalLogPublisher, clock),
+        )
+        self.info, self.warn, self.error = logger.info, logger.warn, logger.error
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
 def _status_reason(reason: str) -> str:
@@ -215,6 +235,7 @@ class WebSocketInboundFactory(WebSocketServerFactory):
         self.isSecure = secure
         self._batched_timer = ReactorTimer(self.reactor)
         self.bridges: set[WebSocketSide] = set()
+        self.peerLog = PeerLog(self.reactor)
         self.apply(settings())
 
     def apply(self, settings: Mapping[str, Any]) -> None:
@@ -237,4 +258,6 @@ class WebSocketInboundFactory(WebSocketServerFactory):
     def buildProtocol(self, addr: Any) -> WebSocketInbound:  # noqa: N802
         # A reload's settings apply to new connections.
         self.apply(self.settings())
-        return super().buildProtocol(addr)
+        protocol = super().buildProtocol(addr)
+        protocol.log = self.peerLog  # type: ignore[assignment]
+        return protocol
