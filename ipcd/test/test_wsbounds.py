@@ -7,6 +7,7 @@ route); and the pure logic they rest on (L{HeadReader}, L{ReadPauses}).
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from itertools import pairwise
@@ -14,10 +15,13 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ipcd.names import listen_unix
 from ipcd.test.support import TIMEOUT, assert_no_fd_leak, fd_baseline, lookup
 from ipcd.test.wssupport import (
     CLOSE,
@@ -34,6 +38,7 @@ from ipcd.transports.wslimits import (
     HeadTooLarge,
     ReadPauses,
 )
+from ipcd.wire import encode
 
 
 def fragmented(port: int, frames: list[bytes]) -> tuple[int, bytes]:
@@ -251,3 +256,34 @@ class ReadPausesTests(SynchronousTestCase):
         self.assertTrue(transport.reading)
         pauses.resume(2)
         self.assertEqual(transport.calls, 3)
+
+
+class Oversized(Protocol):
+    """A service that sends one message of 2000 bytes on connecting."""
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.write(encode(b"x" * 2000))
+
+
+def first_answer(port: int, path: str) -> tuple[int, int]:
+    opening = ws_open(port, path)
+    with opening.sock as sock:
+        assert opening.status == 101, (opening.status, opening.reason)
+        opcode, payload = ws_message(sock)
+        return opcode, close_code(payload)
+
+
+class ServiceMessageTests(TestCase):
+    @inlineCallbacks
+    def test_oversizedFromTheService(self) -> Any:
+        """
+        A message from the service over max_message_size closes the
+        WebSocket with 1009 (message too big).
+        """
+        host = yield start_ws_host(self, rules=["allow in big"], max_message_size=1000)
+        factory = Factory.forProtocol(Oversized)
+        factory.noisy = False
+        port = listen_unix(reactor, os.path.join(host.rundir, "big"), factory)
+        self.addCleanup(port.stopListening)
+        answer = yield deferToThread(first_answer, host.port, "/big")
+        self.assertEqual(answer, (CLOSE, 1009))

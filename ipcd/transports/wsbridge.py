@@ -437,8 +437,17 @@ class WebSocketSide:
         """
         self.failedByMe = True  # autobahn keeps no more of the message
         self.message_data = None
-        self.sendCloseFrame(code=code, reasonUtf8=reason.encode(), isReply=False)  # type: ignore[attr-defined]
+        self.sendCloseCode(code, reason)
         self.dropConnection(abort=False)  # type: ignore[attr-defined]
+
+    def sendCloseCode(self, code: int, reason: str) -> None:  # noqa: N802
+        """
+        Send a close frame with any code of RFC 6455's, such as 1009
+        (autobahn's sendClose takes only 1000 and 3000-4999, the codes an
+        application chooses).
+        """
+        reason_utf8 = reason.encode()[:123]  # a control frame's payload
+        self.sendCloseFrame(code=code, reasonUtf8=reason_utf8, isReply=False)  # type: ignore[attr-defined]
 
     def onMessageEnd(self) -> None:  # noqa: N802
         if not self.failedByMe:  # type: ignore[attr-defined]
@@ -550,7 +559,7 @@ class WebSocketSide:
         if transport is not None and getattr(transport, "producer", None):
             transport.unregisterProducer()
             self.readPauses.resume(PEER_FULL)  # to read the peer's close
-        self.sendClose(code, reason)  # type: ignore[attr-defined]
+        self.sendCloseCode(code, reason)
 
     def messageSideLost(self) -> None:  # noqa: N802
         """The libipc end is gone: close the WebSocket after what it holds."""
