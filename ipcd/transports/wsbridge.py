@@ -501,9 +501,9 @@ class WebSocketSide:
 
     def _pauseUntilDrained(self) -> None:
         """Read neither end until the peer's transport has sent what it holds."""
-        socket_transport = self._toWebSocket.socket_transport  # type: ignore[union-attr]
-        if socket_transport is not None:
-            pause_until_drained(socket_transport)
+        outbox = self._toWebSocket
+        if outbox is not None and outbox.socket_transport is not None:
+            pause_until_drained(outbox.socket_transport)
 
     def peerDrained(self) -> None:  # noqa: N802
         """The peer's transport has sent all it held."""
