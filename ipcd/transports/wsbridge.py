@@ -8,11 +8,13 @@ L{MessageSide} is the libipc end: a L{MessageProtocol} whose messages go out
 as WebSocket messages.  L{WebSocketSide} is the mixin for the autobahn
 protocol on the other end: its messages go to the libipc end framed.
 
-Backpressure both ways with Twisted's producers: each end's transport is
-the streaming producer of the other's, so a full write buffer on either
-side pauses reading on the other.  autobahn hands over whole messages only
-(bounded by its C{maxMessagePayloadSize}), so neither side holds more than
-one read's messages plus a transport's buffer.
+Backpressure both ways with Twisted's producers (L{wslimits.FullBuffer}):
+a full write buffer towards the service pauses reading the WebSocket peer;
+a full one towards the peer pauses reading both ends, since the peer makes
+websocketd write too (pongs, a close).  autobahn hands over whole messages
+only (bounded by its C{maxMessagePayloadSize}, and here by their frames and
+a deadline), so neither side holds more than one read's messages plus a
+transport's buffer.
 
 The messages of one read go out together when the read is done, straight
 to the socket when its transport holds nothing (L{Outbox}): a relayed
