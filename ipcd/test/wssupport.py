@@ -160,13 +160,15 @@ def ws_open(
     early: bytes = b"",
     source: str | None = None,
     buffers: int | None = None,
+    timeout: float = TIMEOUT,
 ) -> Opening:
     """
     Connect (from address C{source}, with socket buffers of C{buffers}
     bytes each way if given) and send an opening handshake (and C{early}
-    bytes in the same write); the socket and the answer.
+    bytes in the same write); the socket and the answer, each wait bounded
+    by C{timeout}.
     """
-    sock = connect_tcp(host, port, source, buffers)
+    sock = connect_tcp(host, port, source, buffers, timeout)
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
         f"GET {path} HTTP/1.1",
@@ -197,16 +199,20 @@ def ws_open(
 
 
 def connect_tcp(
-    host: str, port: int, source: str | None = None, buffers: int | None = None
+    host: str,
+    port: int,
+    source: str | None = None,
+    buffers: int | None = None,
+    timeout: float = TIMEOUT,
 ) -> socket.socket:
     """
-    A TCP connection to C{host}:C{port} with the tests' timeout, from
-    C{source} and with SO_SNDBUF and SO_RCVBUF of C{buffers} if given (set
-    before connecting: fixed, not grown by the kernel's autotuning).
+    A TCP connection to C{host}:C{port} with C{timeout}, from C{source} and
+    with SO_SNDBUF and SO_RCVBUF of C{buffers} if given (set before
+    connecting: fixed, not grown by the kernel's autotuning).
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.settimeout(TIMEOUT)
+        sock.settimeout(timeout)
         if buffers is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
