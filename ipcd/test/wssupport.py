@@ -375,8 +375,8 @@ def flood_until_answer(sock: socket.socket, chunks: Any, total: int) -> int:
     Send C{chunks} (an iterable of bytes, C{total} in all) as fast as
     C{sock} takes them, until the other end answers (or closes): how many
     bytes had gone then.  The answer is left to read (C{sock} blocking
-    again, with L{TIMEOUT}).  Fails if everything went and no answer came
-    within L{TIMEOUT}.
+    again, with L{TIMEOUT}).  Fails if neither could go on for three times
+    L{TIMEOUT} (ipcd may be busy: the bound is generous).
     """
     sock.setblocking(False)
     sent, pending = 0, b""
@@ -386,7 +386,7 @@ def flood_until_answer(sock: socket.socket, chunks: Any, total: int) -> int:
             if not pending:
                 pending = next(chunks, b"")
             wanted = [sock] if pending else []
-            readable, writable, _ = select.select([sock], wanted, [], TIMEOUT)
+            readable, writable, _ = select.select([sock], wanted, [], 3 * TIMEOUT)
             if readable:
                 return sent
             if not writable:
