@@ -22,7 +22,13 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd.names import listen_unix
-from ipcd.test.support import TIMEOUT, assert_no_fd_leak, fd_baseline, lookup
+from ipcd.test.support import (
+    TIMEOUT,
+    assert_no_fd_leak,
+    fd_baseline,
+    lookup,
+    wait_until,
+)
 from ipcd.test.wssupport import (
     CLOSE,
     TEXT,
@@ -287,3 +293,33 @@ class ServiceMessageTests(TestCase):
         self.addCleanup(port.stopListening)
         answer = yield deferToThread(first_answer, host.port, "/big")
         self.assertEqual(answer, (CLOSE, 1009))
+
+
+def eof_after_partial_head(port: int, stopped: threading.Event) -> bytes:
+    """Begin a request head, wait until websocketd stops, read what comes."""
+    with socket.create_connection(("127.0.0.1", port), TIMEOUT) as sock:
+        sock.sendall(b"GET /pong HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        stopped.wait(TIMEOUT)
+        try:
+            return sock.recv(4096)
+        except ConnectionResetError:
+            return b""
+
+
+class StopTests(TestCase):
+    @inlineCallbacks
+    def test_handshakesDroppedOnStop(self) -> Any:
+        """
+        Stopping websocketd drops connections still in their opening
+        handshake, as it does bridged ones (not at their deadline: a
+        minute here).
+        """
+        host = yield start_ws_host(self, open_handshake_timeout=60)
+        websocketd = host.service.getServiceNamed("websocketd")
+        stopped = threading.Event()
+        reading = deferToThread(eof_after_partial_head, host.port, stopped)
+        yield wait_until(lambda: websocketd.factory.connections, "the connection")
+        yield websocketd.stopService()
+        stopped.set()
+        answer = yield reading
+        self.assertEqual(answer, b"")

@@ -121,6 +121,9 @@ class WebSocketService(MultiService):
         self.relays.stop()
         for bridge in list(self.factory.bridges):
             bridge.abortBridge()
+        for connection in list(self.factory.connections):
+            if connection.transport is not None:
+                connection.transport.abortConnection()  # in its handshake
         return stopped
 
     def listening(self) -> Deferred[Any]:

@@ -125,6 +125,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
 
     def connectionMade(self) -> None:  # noqa: N802
         super().connectionMade()
+        self.factory.connections.add(self)
         no_delay(self.transport)
 
     def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:  # noqa: N802
@@ -190,6 +191,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         self._lost = True
+        self.factory.connections.discard(self)
         if self._pending is not None:
             self._pending.cancel()
         if self._socket is not None:
@@ -235,6 +237,8 @@ class WebSocketInboundFactory(WebSocketServerFactory):
         self.isSecure = secure
         self._batched_timer = ReactorTimer(self.reactor)
         self.bridges: set[WebSocketSide] = set()
+        # Every live connection, bridged or still in its opening handshake.
+        self.connections: set[WebSocketInbound] = set()
         self.peerLog = PeerLog(self.reactor)
         self.apply(settings())
 
