@@ -314,6 +314,19 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             self.error("[tcpd]\nhandshake_timeout = -1.5\n"),
         )
 
+    def test_websocketdMessageBounds(self) -> None:
+        """websocketd's bounds on one message: errors name the key and the range."""
+        self.assertEqual(
+            self.error("[websocketd]\nmax_message_frames = 0\n"),
+            "[websocketd] max_message_frames: expected a whole number greater "
+            "than 0, got 0",
+        )
+        self.assertEqual(
+            self.error('[websocketd]\nmessage_timeout = "1m"\n'),
+            "[websocketd] message_timeout: expected a number of seconds greater "
+            "than 0, got '1m'",
+        )
+
     def test_boolIsNotANumber(self) -> None:
         self.assertIn("got true", self.error("[ipcd]\nlookup_timeout = true\n"))
 

@@ -32,6 +32,11 @@ def server_frame(size: int) -> bytes:
     return bytes([0x82, 127]) + size.to_bytes(8, "big") + b"s" * size
 
 
+def list_ends(data: bytes, held: bytes = b"", rest: int = 0) -> list[int]:
+    """frame_ends's offsets, all of them."""
+    return list(frame_ends(data, held, rest))
+
+
 class FrameEndsTests(SynchronousTestCase):
     def frames(self) -> list[bytes]:
         sizes = [0, 1, 125, 126, 127, 65535, 65536, 70_000, 3]
@@ -48,7 +53,7 @@ class FrameEndsTests(SynchronousTestCase):
         for frame in frames[:-1]:
             at += len(frame)
             ends.append(at)
-        self.assertEqual(frame_ends(stream), ends)
+        self.assertEqual(list_ends(stream), ends)
 
     def test_anyCut(self) -> None:
         """
@@ -76,23 +81,23 @@ class FrameEndsTests(SynchronousTestCase):
                 held, rest = b"", start + len(frame) - cut
             expected = [s - cut for s in starts if s > cut]
             self.assertEqual(
-                frame_ends(stream[cut:], held=held, rest=rest), expected, cut
+                list_ends(stream[cut:], held=held, rest=rest), expected, cut
             )
 
     def test_incompleteHeader(self) -> None:
         """A header cut short ends the list: nothing is guessed."""
         frame = server_frame(70_000)
         for length in range(1, 10):
-            self.assertEqual(frame_ends(server_frame(5) + frame[:length]), [7])
-        self.assertEqual(frame_ends(b""), [])
-        self.assertEqual(frame_ends(b"\x82"), [])
+            self.assertEqual(list_ends(server_frame(5) + frame[:length]), [7])
+        self.assertEqual(list_ends(b""), [])
+        self.assertEqual(list_ends(b"\x82"), [])
 
     def test_payloadLongerThanRead(self) -> None:
         """A frame running past the read has no end in it."""
-        self.assertEqual(frame_ends(server_frame(1000)[:500]), [])
-        self.assertEqual(frame_ends(b"s" * 10, rest=11), [])
-        self.assertEqual(frame_ends(b"s" * 10, rest=10), [])
-        self.assertEqual(frame_ends(b"s" * 10 + server_frame(1), rest=10), [10])
+        self.assertEqual(list_ends(server_frame(1000)[:500]), [])
+        self.assertEqual(list_ends(b"s" * 10, rest=11), [])
+        self.assertEqual(list_ends(b"s" * 10, rest=10), [])
+        self.assertEqual(list_ends(b"s" * 10 + server_frame(1), rest=10), [10])
 
 
 class _Oracle(WebSocketServerProtocol):

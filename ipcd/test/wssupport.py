@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import datetime
 import os
+import select
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,12 +158,17 @@ def ws_open(
     host: str = "127.0.0.1",
     host_header: str | None = None,
     early: bytes = b"",
+    source: str | None = None,
+    buffers: int | None = None,
+    timeout: float = TIMEOUT,
 ) -> Opening:
     """
-    Connect and send an opening handshake (and C{early} bytes in the same
-    write); the socket and the answer.
+    Connect (from address C{source}, with socket buffers of C{buffers}
+    bytes each way if given) and send an opening handshake (and C{early}
+    bytes in the same write); the socket and the answer, each wait bounded
+    by C{timeout}.
     """
-    sock = socket.create_connection((host, port), timeout=TIMEOUT)
+    sock = connect_tcp(host, port, source, buffers, timeout)
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
         f"GET {path} HTTP/1.1",
@@ -189,6 +196,33 @@ def ws_open(
             headers[key_.strip().lower()] = value.strip()
     status = int(parts[1]) if parts[1].isdigit() else 0
     return Opening(sock, status, parts[2], headers)
+
+
+def connect_tcp(
+    host: str,
+    port: int,
+    source: str | None = None,
+    buffers: int | None = None,
+    timeout: float = TIMEOUT,
+) -> socket.socket:
+    """
+    A TCP connection to C{host}:C{port} with C{timeout}, from C{source} and
+    with SO_SNDBUF and SO_RCVBUF of C{buffers} if given (set before
+    connecting: fixed, not grown by the kernel's autotuning).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        if buffers is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
+        if source is not None:
+            sock.bind((source, 0))
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def ws_frame(payload: bytes, opcode: int = TEXT, fin: bool = True) -> bytes:
@@ -254,3 +288,114 @@ def ws_message(sock: socket.socket) -> tuple[int, bytes]:
 
 def close_code(payload: bytes) -> int:
     return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 0
+
+
+# A real ipcd in a child process, for what only /proc can tell of it.
+
+
+@dataclass
+class ChildIpcd:
+    """An ipcd subprocess with websocketd (and pongd); killed after the test."""
+
+    process: Any
+    rundir: str
+    port: int
+    log: str
+
+    def status(self, field: str) -> int:
+        """A size from C{/proc/PID/status} (C{VmRSS}, C{VmHWM}), in bytes."""
+        with open(f"/proc/{self.process.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError(f"no {field} for ipcd")
+
+    def reset_peak(self) -> bool:
+        """Reset VmHWM to the current RSS (Linux >= 4.0), if allowed."""
+        try:
+            with open(f"/proc/{self.process.pid}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return False
+        return True
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time ipcd has used."""
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _listening_tcp_ports(pid: int) -> list[int]:
+    """The TCP ports process C{pid} listens on (its sockets, in /proc/net/tcp)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                ports.append(int(fields[1].split(":")[1], 16))
+    return ports
+
+
+def spawn_ws_ipcd(case: SynchronousTestCase, *options: str) -> ChildIpcd:
+    """
+    Start C{python -m ipcd.scripts.ipcd} with websocketd on an ephemeral
+    loopback port and pongd, C{allow in pong}, and C{options}; wait (bounded)
+    until websocketd listens.
+    """
+    from ipcd.test.support import python_env, read_text, spawn
+
+    rundir = short_rundir(case, "ipcd-wsh-")
+    log = rundir + ".log"
+    case.addCleanup(lambda: os.path.exists(log) and os.unlink(log))
+    args = ["-m", "ipcd.scripts.ipcd", "--rundir", rundir, "--no-tcp", "--no-tls"]
+    args += ["--ws", WS_LISTEN, "--allow", "in pong", *options]
+    process = spawn(case, args, log, python_env(), rundir)
+    deadline = time.monotonic() + 3 * TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"ipcd exited:\n{read_text(log)}")
+        ports = _listening_tcp_ports(process.pid)
+        if ports and os.path.exists(os.path.join(rundir, "pong")):
+            return ChildIpcd(process, rundir, ports[0], log)
+        time.sleep(0.05)
+    raise AssertionError(f"websocketd did not listen:\n{read_text(log)}")
+
+
+def flood_until_answer(sock: socket.socket, chunks: Any, total: int) -> int:
+    """
+    Send C{chunks} (an iterable of bytes, C{total} in all) as fast as
+    C{sock} takes them, until the other end answers (or closes): how many
+    bytes had gone then.  The answer is left to read (C{sock} blocking
+    again, with L{TIMEOUT}).  Fails if neither could go on for three times
+    L{TIMEOUT} (ipcd may be busy: the bound is generous).
+    """
+    sock.setblocking(False)
+    sent, pending = 0, b""
+    chunks = iter(chunks)
+    try:
+        while True:
+            if not pending:
+                pending = next(chunks, b"")
+            wanted = [sock] if pending else []
+            readable, writable, _ = select.select([sock], wanted, [], 3 * TIMEOUT)
+            if readable:
+                return sent
+            if not writable:
+                raise AssertionError(f"no answer after {sent} of {total} bytes")
+            try:
+                count = sock.send(pending)
+            except (BrokenPipeError, ConnectionResetError):
+                return sent  # closed: its answer (if any) waits to be read
+            sent += count
+            pending = pending[count:]
+    finally:
+        sock.settimeout(TIMEOUT)

@@ -105,11 +105,14 @@ class Outbox:
     def add(self, *pieces: bytes) -> None:
         self.pieces.extend(pieces)
 
-    def send(self) -> None:
-        """Write what was added, in order, behind what the transport holds."""
+    def send(self) -> int:
+        """
+        Write what was added, in order, behind what the transport holds:
+        how many writes the transport now holds for it (0: all sent).
+        """
         pieces = self.pieces
         if not pieces:
-            return
+            return 0
         self.pieces = []
         if len(pieces) > MAX_PIECES:
             pieces = [b"".join(pieces)]
@@ -122,8 +125,9 @@ class Outbox:
                 # write meets the error too and closes the usual way.
                 sent = 0
             if sent == sum(map(len, pieces)):
-                return
+                return 0
             pieces = unsent(pieces, sent)
         transport.writeSequence(pieces)
         if not self.direct and self.socket_transport is not None:
             flush(self.socket_transport)
+        return len(pieces)

@@ -46,6 +46,10 @@ from ipcd.transports.listeners import (
     network_listener,
 )
 from ipcd.transports.wsclient import connect_websocket, trust_root
+from ipcd.transports.wslimits import (
+    DEFAULT_MAX_MESSAGE_FRAMES,
+    DEFAULT_MESSAGE_TIMEOUT,
+)
 from ipcd.transports.wsserver import WebSocketInboundFactory
 
 SCHEME = "ws"
@@ -117,6 +121,9 @@ class WebSocketService(MultiService):
         self.relays.stop()
         for bridge in list(self.factory.bridges):
             bridge.abortBridge()
+        for connection in list(self.factory.connections):
+            if connection.transport is not None:
+                connection.transport.abortConnection()  # in its handshake
         return stopped
 
     def listening(self) -> Deferred[Any]:
@@ -142,6 +149,18 @@ class WebSocketDaemon:
             positive_int,
             DEFAULT_MAX_MESSAGE_SIZE,
             "bytes: the largest message either way",
+        ),
+        Setting(
+            "max_message_frames",
+            positive_int,
+            DEFAULT_MAX_MESSAGE_FRAMES,
+            "frames one message from the peer may have",
+        ),
+        Setting(
+            "message_timeout",
+            positive_number,
+            DEFAULT_MESSAGE_TIMEOUT,
+            "seconds a message from the peer may take to arrive whole",
         ),
         Setting("ping_interval", non_negative_number, 30.0, "seconds (0: no pings)"),
         Setting("ping_timeout", non_negative_number, 10.0, "seconds for the pong"),

@@ -8,11 +8,13 @@ L{MessageSide} is the libipc end: a L{MessageProtocol} whose messages go out
 as WebSocket messages.  L{WebSocketSide} is the mixin for the autobahn
 protocol on the other end: its messages go to the libipc end framed.
 
-Backpressure both ways with Twisted's producers: each end's transport is
-the streaming producer of the other's, so a full write buffer on either
-side pauses reading on the other.  autobahn hands over whole messages only
-(bounded by its C{maxMessagePayloadSize}), so neither side holds more than
-one read's messages plus a transport's buffer.
+Backpressure both ways with Twisted's producers (L{wslimits.FullBuffer}):
+a full write buffer towards the service pauses reading the WebSocket peer;
+a full one towards the peer pauses reading both ends, since the peer makes
+websocketd write too (pongs, a close).  autobahn hands over whole messages
+only (bounded by its C{maxMessagePayloadSize}, and here by their frames and
+a deadline), so neither side holds more than one read's messages plus a
+transport's buffer.
 
 The messages of one read go out together when the read is done, straight
 to the socket when its transport holds nothing (L{Outbox}): a relayed
@@ -32,18 +34,32 @@ from twisted.python.failure import Failure
 from ipcd.compat import autobahn as compat_autobahn
 from ipcd.logs import printable
 from ipcd.relay import RelayStats, began, ended
-from ipcd.transports.outbox import Outbox
+from ipcd.transports.outbox import Outbox, queued_nothing
 from ipcd.transports.wsframes import (
     SMALL,
     frame_ends,
     small_client_message,
     small_server_frame,
 )
+from ipcd.transports.wslimits import (
+    HANDSHAKE,
+    MAX_QUEUED_PONGS,
+    MAX_QUEUED_WRITES,
+    PEER_FULL,
+    SERVICE_FULL,
+    FullBuffer,
+    HeadReader,
+    HeadTooLarge,
+    MessageBounds,
+    ReadPauses,
+    pause_until_drained,
+)
 from ipcd.wire import HEADER, MessageProtocol
 
 # WebSocket close codes (RFC 6455, 7.4.1).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 
 # Reads larger than this reach autobahn frame by frame (see wsframes).
@@ -104,6 +120,11 @@ def bridge_options(settings: Any) -> dict[str, Any]:
     }
 
 
+def message_bounds(settings: Any) -> MessageBounds:
+    """websocketd's bounds on one message that autobahn has no options for."""
+    return MessageBounds(settings["max_message_frames"], settings["message_timeout"])
+
+
 def no_delay(transport: Any) -> None:
     """
     TCP_NODELAY on the TCP connection under C{transport} (through TLS):
@@ -141,15 +162,23 @@ class MessageSide(MessageProtocol):
 
     def makeConnection(self, transport: Any) -> None:  # noqa: N802
         super().makeConnection(transport)
-        # Ours replace MessageProtocol's pauser: each end pauses the other.
+        # Ours replace MessageProtocol's pauser: each end pauses the other,
+        # and a WebSocket peer is not read either while what is queued for
+        # it (relayed messages, pongs, a close) fills its buffer.
         transport.unregisterProducer()
         # Twisted's 64 KiB buffers: what each end reads at once, and holds
         # before it pauses the other.  (Relayed messages go straight to the
         # socket, so a bulk message does not pause at each write; reads of
         # 256 KiB cost more than they save: large allocations each.)
-        websocket = self.bridge.transport
-        transport.registerProducer(websocket, True)
-        websocket.registerProducer(transport, True)
+        bridge = self.bridge
+        websocket = bridge.transport
+        peer = bridge.readPauses
+        transport.registerProducer(FullBuffer(SERVICE_FULL, (peer,), websocket), True)
+        service = ReadPauses(transport)
+        websocket.registerProducer(
+            FullBuffer(PEER_FULL, (peer, service), transport, bridge.peerDrained),
+            True,
+        )
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         bridge = self.bridge
@@ -195,6 +224,26 @@ class WebSocketSide:
     _inSocketRead = False
     _inWebSocketRead = False
     _smallMax = 0  # see _smallMessageLimit: set once the bridge is joined
+    # Why the peer is not read now (wslimits.ReadPauses), from connectionMade.
+    readPauses: ReadPauses
+    # The opening handshake's head, until it is whole (then None).
+    _head: HeadReader | None = None
+    # The message being read: its frames, when it began, its deadline.
+    _frames = 0
+    _messageBegan = 0.0
+    _messageDeadline: Any = None
+    bounds: MessageBounds
+    # Writes queued for the peer since its transport last held nothing, the
+    # pongs among them, and the latest ping left unanswered meanwhile.
+    _writesQueued = 0
+    _pongsQueued = 0
+    _pongDue: bytes | None = None
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.readPauses = ReadPauses(self.transport)  # type: ignore[attr-defined]
+        self._head = HeadReader()
+        self.bounds = self.factory.bounds  # type: ignore[attr-defined]
+        super().connectionMade()  # type: ignore[misc]
 
     def joinSocket(  # noqa: N802
         self,
@@ -227,6 +276,7 @@ class WebSocketSide:
         self.messageSide = side
         self._toSocket = Outbox(side.transport)
         self._smallMax = self._smallMessageLimit()
+        self.readPauses.resume(HANDSHAKE)
 
     # autobahn's per-message path, less what a bridge does not use: its
     # Twisted adapter's dataReceived and its sendData format a debug line
@@ -237,6 +287,12 @@ class WebSocketSide:
     # for small whole messages on a plain server connection (below).
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        head = self._head
+        if head is not None:
+            whole = self._readHead(head, data)
+            if whole is None:
+                return
+            data = whole
         self._inWebSocketRead = True
         try:
             if len(data) <= SMALL + 6 and self._smallMessage(data):
@@ -251,6 +307,34 @@ class WebSocketSide:
         if outbox is not None and outbox.pieces:
             outbox.send()
             self.messageSide.resetTimeout()  # type: ignore[union-attr]
+        if self._pongDue is not None:
+            self.onPing(self._pongDue)
+        if head is not None and self.state == self.STATE_CONNECTING:  # type: ignore[attr-defined]
+            # The server awaits the service's lookup: nothing more is read
+            # (autobahn would hold it all, searching it again each read).
+            self.readPauses.pause(HANDSHAKE)
+
+    # The opening handshake's head is gathered here, bounded, and handed to
+    # autobahn once whole: autobahn adds each read to what it holds and
+    # searches all of it again for the blank line, with no limit but the
+    # handshake's deadline (megabytes, in time quadratic in them).
+
+    def _readHead(self, head: HeadReader, data: bytes) -> bytes | None:
+        """What to hand autobahn once the head is whole (None before)."""
+        if self.state == self.STATE_CLOSED:  # type: ignore[attr-defined]
+            return None  # refused already
+        try:
+            if not head.feed(data):
+                return None
+        except HeadTooLarge as e:
+            self.headTooLarge(str(e))
+            return None
+        self._head = None
+        return bytes(head.held)
+
+    def headTooLarge(self, reason: str) -> None:  # noqa: N802
+        """The peer's opening handshake head is too long: refuse it."""
+        raise NotImplementedError
 
     # Small messages, the round trips' case, skip autobahn's frame parser and
     # builder (about 20 us of Python a round trip; websocketd's 100-byte
@@ -323,10 +407,71 @@ class WebSocketSide:
             due = frame.length - self.current_frame_masker.pointer()  # type: ignore[attr-defined]
             ends = frame_ends(data, rest=due)
         start = 0
+        closed = self.STATE_CLOSED  # type: ignore[attr-defined]
         for end in ends:
             compat_autobahn.feed(self, data[start:end])
+            if self.state == closed:  # type: ignore[attr-defined]
+                return  # failed (a bound): nothing more is read
             start = end
         compat_autobahn.feed(self, data[start:] if start else data)
+
+    # One message's frames and time are bounded here; its size is autobahn's
+    # (maxMessagePayloadSize, maxFramePayloadSize).  Empty frames count: a
+    # peer could otherwise send fragments for ever, each a few bytes of
+    # Python objects and microseconds of parsing.
+
+    def onMessageBegin(self, isBinary: bool) -> None:  # noqa: N802, N803
+        super().onMessageBegin(isBinary)  # type: ignore[misc]
+        self._frames = 0
+        self._messageBegan = self.factory.reactor.seconds()  # type: ignore[attr-defined]
+
+    def onMessageFrameBegin(self, length: int) -> None:  # noqa: N802
+        super().onMessageFrameBegin(length)  # type: ignore[misc]
+        self._frames += 1
+        if self._frames > self.bounds.frames and not self.failedByMe:  # type: ignore[attr-defined]
+            self.failBound(
+                CLOSE_TOO_BIG, f"message of more than {self.bounds.frames} frames"
+            )
+        elif self._messageDeadline is None:
+            self._armMessageDeadline(self.bounds.timeout)
+
+    def _armMessageDeadline(self, delay: float) -> None:
+        reactor = self.factory.reactor  # type: ignore[attr-defined]
+        self._messageDeadline = reactor.callLater(delay, self._messageTimedOut)
+
+    def _messageTimedOut(self) -> None:
+        # Armed by a message's first frame and left armed while messages
+        # come whole: at most one timer a deadline, not one a message.
+        self._messageDeadline = None
+        if self.state != self.STATE_OPEN or not self.inside_message:  # type: ignore[attr-defined]
+            return
+        timeout = self.bounds.timeout
+        now = self.factory.reactor.seconds()  # type: ignore[attr-defined]
+        left = self._messageBegan + timeout - now
+        if left > 0:
+            self._armMessageDeadline(left)
+        else:
+            self.failBound(CLOSE_POLICY, f"message not whole within {timeout:g} s")
+
+    def failBound(self, code: int, reason: str) -> None:  # noqa: N802
+        """
+        Fail the connection for one of websocketd's bounds: a close frame
+        with C{code}, then the connection is closed without reading more
+        (RFC 6455, 7.1.7), and what the message held is let go.
+        """
+        self.failedByMe = True  # autobahn keeps no more of the message
+        self.message_data = None
+        self.sendCloseCode(code, reason)
+        self.dropConnection(abort=False)  # type: ignore[attr-defined]
+
+    def sendCloseCode(self, code: int, reason: str) -> None:  # noqa: N802
+        """
+        Send a close frame with any code of RFC 6455's, such as 1009
+        (autobahn's sendClose takes only 1000 and 3000-4999, the codes an
+        application chooses).
+        """
+        reason_utf8 = reason.encode()[:123]  # a control frame's payload
+        self.sendCloseFrame(code=code, reasonUtf8=reason_utf8, isReply=False)  # type: ignore[attr-defined]
 
     def onMessageEnd(self) -> None:  # noqa: N802
         if not self.failedByMe:  # type: ignore[attr-defined]
@@ -360,8 +505,53 @@ class WebSocketSide:
 
     def sendRelayed(self) -> None:  # noqa: N802
         """Send the frames of the messages relayed since the last call."""
-        if self._toWebSocket is not None:
-            self._toWebSocket.send()
+        outbox = self._toWebSocket
+        if outbox is not None and outbox.pieces:
+            self._queued(outbox.send())
+
+    # What is queued for the peer is bounded by bytes (Twisted's buffer and
+    # the producer above), by writes (wslimits.MAX_QUEUED_WRITES), and for
+    # pongs by the pings answered while earlier pongs wait.
+
+    def _queued(self, writes: int) -> None:
+        """C{writes} more were queued for the peer (0: it held nothing)."""
+        if not writes:
+            self._writesQueued = 0
+            return
+        self._writesQueued += writes
+        if self._writesQueued > MAX_QUEUED_WRITES:
+            self._writesQueued = 0
+            self._pauseUntilDrained()
+
+    def _pauseUntilDrained(self) -> None:
+        """Read neither end until the peer's transport has sent what it holds."""
+        outbox = self._toWebSocket
+        if outbox is not None and outbox.socket_transport is not None:
+            pause_until_drained(outbox.socket_transport)
+
+    def peerDrained(self) -> None:  # noqa: N802
+        """The peer's transport has sent all it held."""
+        self._writesQueued = self._pongsQueued = 0
+        if self._pongDue is not None:
+            self.onPing(self._pongDue)
+
+    def _peerHoldsNothing(self) -> bool:
+        outbox = self._toWebSocket
+        transport = outbox and outbox.socket_transport
+        return transport is None or queued_nothing(transport)
+
+    def onPing(self, payload: bytes) -> None:  # noqa: N802
+        if self.state != self.STATE_OPEN:  # type: ignore[attr-defined]
+            return
+        if self._pongsQueued >= MAX_QUEUED_PONGS:
+            if not self._peerHoldsNothing():
+                self._pongDue = payload  # answered when the others are sent
+                self._pauseUntilDrained()
+                return
+            self._pongsQueued = 0
+        self._pongDue = None
+        self._pongsQueued += 1
+        self.sendPong(payload)  # type: ignore[attr-defined]
 
     def sendData(  # noqa: N802
         self, data: bytes, sync: bool = False, chopsize: int | None = None
@@ -376,6 +566,7 @@ class WebSocketSide:
                 super().sendData(data, sync, chopsize)  # type: ignore[misc]
                 return
             self.transport.write(data)  # type: ignore[attr-defined]
+            self._queued(1)
         # autobahn's counters, as its sendData keeps them.
         state = self.state  # type: ignore[attr-defined]
         if state == self.STATE_OPEN:  # type: ignore[attr-defined]
@@ -391,7 +582,8 @@ class WebSocketSide:
         transport = getattr(self, "transport", None)
         if transport is not None and getattr(transport, "producer", None):
             transport.unregisterProducer()
-        self.sendClose(code, reason)  # type: ignore[attr-defined]
+            self.readPauses.resume(PEER_FULL)  # to read the peer's close
+        self.sendCloseCode(code, reason)
 
     def messageSideLost(self) -> None:  # noqa: N802
         """The libipc end is gone: close the WebSocket after what it holds."""
@@ -414,6 +606,10 @@ class WebSocketSide:
         if call is not None:
             call.cancel()
             self.closeHandshakeTimeoutCall = None
+        if self._messageDeadline is not None:
+            if self._messageDeadline.active():
+                self._messageDeadline.cancel()
+            self._messageDeadline = None
 
     def abortBridge(self) -> None:  # noqa: N802
         """Close both ends now (websocketd is stopping)."""

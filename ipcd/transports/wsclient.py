@@ -26,6 +26,7 @@ from ipcd.transports.wsbridge import (
     ReactorTimer,
     WebSocketSide,
     bridge_options,
+    message_bounds,
     no_delay,
     tls_failure,
 )
@@ -72,6 +73,9 @@ class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
         self.webSocketLost(wasClean)
         self.factory.failed(reason or self.wasNotCleanReason or "closed")
 
+    def headTooLarge(self, reason: str) -> None:  # noqa: N802
+        self.failHandshake(f"response head too large: {reason}")
+
 
 class WebSocketOutboundFactory(WebSocketClientFactory):
     protocol = WebSocketOutbound
@@ -95,6 +99,7 @@ class WebSocketOutboundFactory(WebSocketClientFactory):
         self.max_message_size = max_message_size
         self.idle = idle
         self.setProtocolOptions(**bridge_options(settings))
+        self.bounds = message_bounds(settings)
         self.pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.result: Deferred[socket.socket] = Deferred(self._cancel)
         self.connecting: Deferred[Any] | None = None

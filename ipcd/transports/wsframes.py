@@ -18,25 +18,27 @@ stream parser must take any cut of the stream alike.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 _LENGTH_16 = struct.Struct("!H")
 _LENGTH_64 = struct.Struct("!Q")
 MAX_HEADER = 14  # 2, 8 bytes of extended length, 4 of mask
 
 
-def frame_ends(data: bytes, held: bytes = b"", rest: int = 0) -> list[int]:
+def frame_ends(data: bytes, held: bytes = b"", rest: int = 0) -> Iterator[int]:
     """
     The offsets in C{data} where a frame ends, whole frames only, before
-    the end of C{data}.  C{data} continues a stream where C{rest} bytes of
-    a frame's payload are still due, or (C{rest} 0) where C{held} is the
-    start of the next frame's header, already read.
+    the end of C{data}, as they are found (a read of tiny frames has tens
+    of thousands, and its reader may stop early).  C{data} continues a
+    stream where C{rest} bytes of a frame's payload are still due, or
+    (C{rest} 0) where C{held} is the start of the next frame's header,
+    already read.
     """
-    ends: list[int] = []
     end = len(data)
     pos = rest
     while pos < end:
         if pos:
-            ends.append(pos)
+            yield pos
         header = data[pos : pos + MAX_HEADER]
         if held:
             header = held + header
@@ -56,7 +58,6 @@ def frame_ends(data: bytes, held: bytes = b"", rest: int = 0) -> list[int]:
             (size,) = _LENGTH_64.unpack_from(header, 2)
         pos += length + size - len(held)
         held = b""
-    return ends
 
 
 # The longest payload a frame's 2-byte header can give.

@@ -26,19 +26,21 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ISSLTransport
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
 from ipcd.errors import Refused
 from ipcd.identity import remote_peer
+from ipcd.limits import RateLimitedObserver
 from ipcd.logs import printable
 from ipcd.relay import RelayStats
 from ipcd.transports.wsbridge import (
     ReactorTimer,
     WebSocketSide,
     bridge_options,
+    message_bounds,
     no_delay,
     tls_failure,
 )
@@ -81,6 +83,25 @@ def origin_allowed(origin: str, host: str, allowed: Sequence[str]) -> bool:
     return any(fnmatchcase(origin, pattern.lower()) for pattern in allowed)
 
 
+class PeerLog:
+    """
+    autobahn's log for the connections of one listener: its debug lines
+    dropped (as txaio drops them at its default level), the others (two for
+    each refused handshake or failed connection) at a bounded rate, as
+    C{[limits]} refusals are: so many peers cannot fill the disk.
+    """
+
+    def __init__(self, clock: Any, observer: Any = None) -> None:
+        logger = Logger(
+            namespace="ipcd.websocketd",
+            observer=RateLimitedObserver(observer or globalLogPublisher, clock),
+        )
+        self.info, self.warn, self.error = logger.info, logger.warn, logger.error
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
 def _status_reason(reason: str) -> str:
     """A refusal's reason as it can go on an HTTP status line."""
     return " ".join(printable(reason).split())[:200]
@@ -106,6 +127,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
 
     def connectionMade(self) -> None:  # noqa: N802
         super().connectionMade()
+        self.factory.connections.add(self)
         no_delay(self.transport)
 
     def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:  # noqa: N802
@@ -162,6 +184,13 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:  # noqa: N802, N803
         self.webSocketLost(wasClean)
 
+    def headTooLarge(self, reason: str) -> None:  # noqa: N802
+        self.failHandshake(
+            "Request Header Fields Too Large",
+            431,
+            [("Content-Length", "0"), ("Connection", "close")],
+        )
+
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         why, reason = tls_failure(reason)
         if why is not None:
@@ -171,6 +200,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
                 why=why,
             )
         self._lost = True
+        self.factory.connections.discard(self)
         if self._pending is not None:
             self._pending.cancel()
         if self._socket is not None:
@@ -219,10 +249,14 @@ class WebSocketInboundFactory(WebSocketServerFactory):
         self.isSecure = secure
         compat_autobahn.use_timers(self, ReactorTimer(self.reactor))
         self.bridges: set[WebSocketSide] = set()
+        # Every live connection, bridged or still in its opening handshake.
+        self.connections: set[WebSocketInbound] = set()
+        self.peerLog = PeerLog(self.reactor)
         self.apply(settings())
 
     def apply(self, settings: Mapping[str, Any]) -> None:
-        """autobahn's options from websocketd's settings."""
+        """autobahn's options from websocketd's settings, and websocketd's bounds."""
+        self.bounds = message_bounds(settings)
         self.setProtocolOptions(
             **bridge_options(settings),
             maxConnections=settings["max_connections"],
@@ -240,4 +274,6 @@ class WebSocketInboundFactory(WebSocketServerFactory):
     def buildProtocol(self, addr: Any) -> WebSocketInbound:  # noqa: N802
         # A reload's settings apply to new connections.
         self.apply(self.settings())
-        return super().buildProtocol(addr)
+        protocol = super().buildProtocol(addr)
+        protocol.log = self.peerLog  # type: ignore[assignment]
+        return protocol
