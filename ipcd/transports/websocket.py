@@ -119,6 +119,7 @@ class WebSocketService(MultiService):
     def stopService(self) -> Deferred[None]:  # noqa: N802
         stopped = super().stopService()
         self.relays.stop()
+        self.factory.peerLog.flush()
         for bridge in list(self.factory.bridges):
             bridge.abortBridge()
         for connection in list(self.factory.connections):

@@ -92,11 +92,13 @@ class PeerLog:
     """
 
     def __init__(self, clock: Any, observer: Any = None) -> None:
-        logger = Logger(
-            namespace="ipcd.websocketd",
-            observer=RateLimitedObserver(observer or globalLogPublisher, clock),
-        )
+        self._rate_limited = RateLimitedObserver(observer or globalLogPublisher, clock)
+        logger = Logger(namespace="ipcd.websocketd", observer=self._rate_limited)
         self.info, self.warn, self.error = logger.info, logger.warn, logger.error
+
+    def flush(self) -> None:
+        """Say now what was left out (the listener stops)."""
+        self._rate_limited.flush()
 
     def debug(self, *args: Any, **kwargs: Any) -> None:
         pass
