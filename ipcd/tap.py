@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
@@ -32,6 +33,7 @@ from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_repo
 from ipcd.daemons import Flag, Registry, StartupError, default_registry, settings_of
 from ipcd.endpoints import BROKER_NAME
 from ipcd.limits import LimitedFactory
+from ipcd.listener import IListener, Outcome
 from ipcd.logs import text_observer
 from ipcd.memtrim import MemoryTrim
 from ipcd.names import (
@@ -230,6 +232,8 @@ class IPCDService(MultiService):
         self._reload_config = reload_config
         self._previous_hup: Any = None
         self._listening = False
+        self._listeners_up: Outcome[dict[str, list[str]]] = Outcome()
+        self._ready: Outcome[dict[str, list[str]]] = Outcome()
         # What twistd should log with, if not its default (see makeService).
         self.log_observer: ILogObserver | None = None
         # Where each part listens ("tcpd": ["127.0.0.1:9000"]), as it starts.
@@ -347,10 +351,13 @@ class IPCDService(MultiService):
 
     def privilegedStartService(self) -> None:  # noqa: N802
         """
-        Listen on every socket, or on none: when one cannot be listened on,
-        close those already open (their files leave RUNDIR at once) and
-        raise L{StartupError}, one line naming what failed and the way out.
-        makeService calls this, so that twistd's own call finds it done.
+        Listen on every socket, or on none, as StreamServerEndpointService
+        listens when privileged: when one cannot be listened on, close those
+        already open (their files leave RUNDIR at once) and raise
+        L{StartupError}, one line naming what failed and the way out.
+        makeService calls this before twistd daemonizes, so that the line
+        reaches the terminal; twistd's own call (or startService) finds it
+        done.
         """
         if self._listening:
             return
@@ -359,32 +366,62 @@ class IPCDService(MultiService):
         # Before any socket is created in it: RUNDIR must be ours and safe.
         # Raises UnsafeRundir (one line).
         prepare_rundir(self.config.rundir)
+        self._listeners_up = Outcome()
+        self._ready = Outcome()
         opened: list[Any] = []
+        waits: list[Deferred[Any]] = []
         for leaf in _leaves(self):
-            try:
+            if not IListener.providedBy(leaf):
                 leaf.privilegedStartService()
-            except Exception as e:
+                continue
+            now: list[Any] = []
+            leaf.listen().addBoth(now.append)
+            if now and isinstance(now[0], Failure):
                 for port in reversed(opened):
                     _close_now(port)
-                raise StartupError(_why(e, leaf, self.config)) from None
-            waiting = compat_twisted.port_of(leaf)
-            if waiting is not None:  # a listener: fired already, with its port
-                waiting.addCallback(lambda port: opened.append(port) or port)
-                owner = _daemon_of(leaf, self.config)
-                name = owner.section if owner is not None else _OWNERS.get(leaf.name)
-                waiting.addCallback(self._listener, name)
+                raise StartupError(_why(now[0].value, leaf, self.config))
+            owner = _daemon_of(leaf, self.config)
+            name = owner.section if owner is not None else _OWNERS.get(leaf.name)
+            listening = leaf.listening().addCallback(self._listener, name, opened)
+            waits.append(listening.addErrback(self._cannot_listen, leaf))
         self._listening = True
         # ipcd's own sockets exist now, and stay what they are while it runs.
         self.broker.own_sockets_listening()
+        DeferredList(waits, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
+            lambda _: self._listeners_up.settle(self.addresses),
+            lambda failure: self._listeners_up.settle(failure.value.subFailure),
+        )
 
-    def _listener(self, port: Any, name: str | None) -> Any:
+    def _listener(self, port: Any, name: str | None, opened: list[Any]) -> Any:
         """Note where C{name} (pongd, tcpd, ...) listens, for L{log_ready}."""
+        opened.append(port)
         where = _address_text(port.getHost())
         # A daemon's own RUNDIR socket (RUNDIR/tcp) is ipcd's business, not
         # an address to tell: its network listeners are.
         if name is not None and (name not in self.daemon_services or ":" in where):
             self.addresses.setdefault(name, []).append(where)
         return port
+
+    def _cannot_listen(self, failure: Failure, leaf: Any) -> Failure:
+        """A listener whose endpoint failed later than start-up: one line."""
+        if not failure.check(CancelledError):
+            self.log.error("ipcd: {why}", why=_why(failure.value, leaf, self.config))
+        return failure
+
+    def when_listening(self) -> Deferred[dict[str, list[str]]]:
+        """
+        Fires once every listener listens, with where (L{addresses}); fails
+        if one cannot.  Only after L{privilegedStartService}.
+        """
+        return self._listeners_up.wait()
+
+    def when_ready(self) -> Deferred[dict[str, list[str]]]:
+        """
+        Fires once ipcd serves: started, and every listener listening (the
+        "ipcd: ready" line is logged then), with L{addresses}; fails if a
+        listener cannot listen.  The hook for a readiness notification.
+        """
+        return self._ready.wait()
 
     def log_ready(self) -> None:
         """One line per daemon with its addresses, then one "ready" line."""
@@ -406,7 +443,11 @@ class IPCDService(MultiService):
     def startService(self) -> None:
         self.privilegedStartService()
         super().startService()
+        self.when_listening().addCallbacks(self._served, self._ready.settle)
+
+    def _served(self, addresses: dict[str, list[str]]) -> None:
         self.log_ready()
+        self._ready.settle(addresses)
         try:
             self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
         except ValueError:
@@ -561,9 +602,12 @@ _log = Logger(namespace="ipcd")
 
 def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: N802
     """
-    Build ipcd and listen on its sockets here, before twistd starts logging
-    or daemonizes: a failure is then one line on the terminal (SystemExit,
-    exit status 1) with nothing left in RUNDIR.
+    Build ipcd's service tree (nothing listens while it is built), then
+    start its privileged phase, where its listeners listen, here: before
+    twistd starts logging or daemonizes, so that a failure is one line on
+    the terminal (SystemExit, exit status 1) with nothing left in RUNDIR.
+    twistd's own privilegedStartService then finds it done; startService
+    logs "ipcd: ready" once every listener is up (L{IPCDService.when_ready}).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -595,7 +639,9 @@ def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: 
         # without Twisted's one per listener and factory.
         service.log_observer = text_observer()
     # Say clearly, in one line, before anything is created in RUNDIR, that it
-    # is unsafe or that another instance is running; then listen.
+    # is unsafe or that another instance is running; then listen (what
+    # twistd would do after daemonizing, when a failure is no longer said
+    # on the terminal).
     try:
         prepare_rundir(options.config.rundir)
         for path in service.socket_paths():
