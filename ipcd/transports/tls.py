@@ -620,7 +620,7 @@ class TlsOutbound:
         self.state = state
 
     def connect(self, target: Any, client: Any) -> Deferred[socket.socket]:
-        return _connect(self.state, target, client)
+        return tlsd.connect_with(self.state, target, client)
 
 
 # Settings.
@@ -691,6 +691,43 @@ class TlsDaemon(ListeningDaemon):
         # Reached when no TlsService made the broker its TlsOutbound.
         return _refused(f"{SECTION} has no service on this broker")
 
+    def connect_with(
+        self, state: TlsState, target: Any, client: Any
+    ) -> Deferred[socket.socket]:
+        """The outbound half, with the state of tlsd's service."""
+        broker = state.broker
+        uri: RemoteURI = target.uri
+        port = uri.port or DEFAULT_PORT
+        try:
+            material = state.material()
+        except MaterialError as e:
+            return _refused(str(e))
+        dialed = dial(broker, material, uri.host, port, target.service)
+
+        def joined(result: tuple[TlsDialer, bytes]) -> socket.socket:
+            dialer, rest = result
+            ours, theirs = socket.socketpair()
+            stats = TlsRelayStats.of(
+                client,
+                "out",
+                target.service,
+                uri.text,
+                broker.relays,
+                tls={**dialer.tls, "peer": _server_identity(material, uri.host)},
+            )
+            _relay_over(
+                state,
+                dialer.transport,
+                ours,
+                stats,
+                tls_is_a=False,
+                greeting=rest,
+                idle_timeout=broker.config.idle_timeout,
+            )
+            return theirs
+
+        return dialed.addCallback(joined)
+
     def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
         serves = self.enabled(settings) and bool(
             settings["psk_file"] or settings["certificate"]
@@ -714,42 +751,6 @@ class TlsDaemon(ListeningDaemon):
 def _server_identity(material: Material, host: str) -> str:
     identity = material.identity_for(host)
     return f"psk:{identity}" if identity else f"cert-san:{host}"
-
-
-def _connect(state: TlsState, target: Any, client: Any) -> Deferred[socket.socket]:
-    """The outbound half: a route to C{target}, relayed for C{client}."""
-    broker = state.broker
-    uri: RemoteURI = target.uri
-    port = uri.port or DEFAULT_PORT
-    try:
-        material = state.material()
-    except MaterialError as e:
-        return _refused(str(e))
-    dialed = dial(broker, material, uri.host, port, target.service)
-
-    def joined(result: tuple[TlsDialer, bytes]) -> socket.socket:
-        dialer, rest = result
-        ours, theirs = socket.socketpair()
-        stats = TlsRelayStats.of(
-            client,
-            "out",
-            target.service,
-            uri.text,
-            broker.relays,
-            tls={**dialer.tls, "peer": _server_identity(material, uri.host)},
-        )
-        _relay_over(
-            state,
-            dialer.transport,
-            ours,
-            stats,
-            tls_is_a=False,
-            greeting=rest,
-            idle_timeout=broker.config.idle_timeout,
-        )
-        return theirs
-
-    return dialed.addCallback(joined)
 
 
 tlsd = TlsDaemon()
