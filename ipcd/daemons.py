@@ -184,10 +184,31 @@ def check_listener(reactor: Any, daemon: IProtocolDaemon, listen: str) -> None:
         ) from None
 
 
+def listener_settings(
+    section: str,
+    default_listen: str,
+    enabled: bool = True,
+    check_listen: Callable[[Any], Any] | None = None,
+) -> tuple[Setting, Setting]:
+    """
+    The C{enabled} and C{listen} keys of a L{ListeningDaemon}'s section
+    (C{listen} an endpoint string unless C{check_listen} says otherwise).
+    """
+    from ipcd.config import boolean, endpoint  # ipcd.config imports this module
+
+    return (
+        Setting("enabled", boolean, enabled, f"run {section}"),
+        Setting(
+            "listen", check_listen or endpoint, default_listen, f"{section}'s listener"
+        ),
+    )
+
+
 class ListeningDaemon:
     """
     A protocol daemon with one network listener at its section's C{listen}
-    (an endpoint string) and an C{enabled} key.  It declares its C{scheme},
+    (an endpoint string) and an C{enabled} key (L{listener_settings} makes
+    both).  It declares its C{scheme},
     C{section}, C{settings}, C{flag} (C{"tcp"}), C{default_listen} and
     C{service} (called as C{service(daemon, broker, settings)} by
     L{makeService}); it then has the rest of what the registry asks of

@@ -26,8 +26,8 @@ from twisted.internet.error import ConnectionLost
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ipcd.config import boolean, endpoint, positive_number
-from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting
+from ipcd.config import positive_number
+from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting, listener_settings
 from ipcd.errors import Refused
 from ipcd.inbound import (
     MAX_HANDSHAKE,
@@ -141,8 +141,7 @@ class TcpDaemon(ListeningDaemon):
     scheme = SCHEME
     section = SECTION
     settings = (
-        Setting("enabled", boolean, True, "run tcpd"),
-        Setting("listen", endpoint, DEFAULT_LISTEN, "tcpd's listener"),
+        *listener_settings(SECTION, DEFAULT_LISTEN),
         Setting("handshake_timeout", positive_number, 5.0, "seconds"),
     )
     flag = SCHEME

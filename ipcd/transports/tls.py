@@ -39,13 +39,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd.compat import twisted as compat_twisted
-from ipcd.config import Expected, boolean, endpoint, positive_number
+from ipcd.config import Expected, boolean, positive_number
 from ipcd.daemons import (
     IOutbound,
     IProtocolDaemon,
     ListeningDaemon,
     Setting,
     StartupError,
+    listener_settings,
     settings_of,
 )
 from ipcd.errors import Refused
@@ -662,8 +663,7 @@ class TlsDaemon(ListeningDaemon):
     scheme = SCHEME
     section = SECTION
     settings = (
-        Setting("enabled", boolean, True, "run tlsd"),
-        Setting("listen", endpoint, DEFAULT_LISTEN, "tlsd's listener"),
+        *listener_settings(SECTION, DEFAULT_LISTEN),
         Setting("certificate", _path, "", "PEM certificate (and chain)", path=True),
         Setting("key", _path, "", "PEM private key of the certificate", path=True),
         Setting(

@@ -41,8 +41,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd import wire
-from ipcd.config import Expected, boolean, positive_number
-from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting, settings_of
+from ipcd.config import Expected, positive_number
+from ipcd.daemons import (
+    IProtocolDaemon,
+    ListeningDaemon,
+    Setting,
+    listener_settings,
+    settings_of,
+)
 from ipcd.errors import Refused
 from ipcd.handoff import adopt_into_reactor
 from ipcd.identity import Peer, remote_peer
@@ -585,8 +591,9 @@ class UdpDaemon(ListeningDaemon):
     scheme = SCHEME
     section = SECTION
     settings = (
-        Setting("enabled", boolean, False, "run udpd"),
-        Setting("listen", listen_setting, DEFAULT_LISTEN, "udpd's UDP listener"),
+        *listener_settings(
+            SECTION, DEFAULT_LISTEN, enabled=False, check_listen=listen_setting
+        ),
         Setting("max_sessions", _count, 256, "inbound sessions at once"),
         Setting(
             "max_datagram",

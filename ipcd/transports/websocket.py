@@ -26,8 +26,6 @@ from zope.interface import implementer
 
 from ipcd.config import (
     Expected,
-    boolean,
-    endpoint,
     non_negative_number,
     positive_int,
     positive_number,
@@ -37,6 +35,7 @@ from ipcd.daemons import (
     ListeningDaemon,
     Setting,
     StartupError,
+    listener_settings,
     settings_of,
 )
 from ipcd.errors import Refused
@@ -110,8 +109,7 @@ class WebSocketDaemon(ListeningDaemon):
     also_schemes = (SECURE_SCHEME,)
     section = SECTION
     settings = (
-        Setting("enabled", boolean, True, "run websocketd"),
-        Setting("listen", endpoint, DEFAULT_LISTEN, "websocketd's listener"),
+        *listener_settings(SECTION, DEFAULT_LISTEN),
         Setting(
             "max_message_size",
             positive_int,
