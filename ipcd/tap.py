@@ -7,20 +7,16 @@ so C{twistd --help} imports nothing of ours.
 
 from __future__ import annotations
 
-import errno
 import gc
-import os
-import resource
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
-from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -45,6 +41,15 @@ from ipcd.names import (
 )
 from ipcd.services import IPCService
 from ipcd.services.pongd import pongd
+from ipcd.startup import (
+    OWNERS,
+    address_text,
+    cannot_listen,
+    close_now,
+    daemon_of,
+    leaves,
+    raise_open_files_limit,
+)
 from ipcd.wire import PartialMessageBudget
 
 
@@ -370,7 +375,7 @@ class IPCDService(MultiService):
         self._ready = Outcome()
         opened: list[Any] = []
         waits: list[Deferred[Any]] = []
-        for leaf in _leaves(self):
+        for leaf in leaves(self):
             if not IListener.providedBy(leaf):
                 leaf.privilegedStartService()
                 continue
@@ -378,10 +383,10 @@ class IPCDService(MultiService):
             leaf.listen().addBoth(now.append)
             if now and isinstance(now[0], Failure):
                 for port in reversed(opened):
-                    _close_now(port)
-                raise StartupError(_why(now[0].value, leaf, self.config))
-            owner = _daemon_of(leaf, self.config)
-            name = owner.section if owner is not None else _OWNERS.get(leaf.name)
+                    close_now(port)
+                raise StartupError(cannot_listen(now[0].value, leaf, self.config))
+            owner = daemon_of(leaf, self.config)
+            name = owner.section if owner is not None else OWNERS.get(leaf.name)
             listening = leaf.listening().addCallback(self._listener, name, opened)
             waits.append(listening.addErrback(self._cannot_listen, leaf))
         self._listening = True
@@ -395,7 +400,7 @@ class IPCDService(MultiService):
     def _listener(self, port: Any, name: str | None, opened: list[Any]) -> Any:
         """Note where C{name} (pongd, tcpd, ...) listens, for L{log_ready}."""
         opened.append(port)
-        where = _address_text(port.getHost())
+        where = address_text(port.getHost())
         # A daemon's own RUNDIR socket (RUNDIR/tcp) is ipcd's business, not
         # an address to tell: its network listeners are.
         if name is not None and (name not in self.daemon_services or ":" in where):
@@ -405,7 +410,9 @@ class IPCDService(MultiService):
     def _cannot_listen(self, failure: Failure, leaf: Any) -> Failure:
         """A listener whose endpoint failed later than start-up: one line."""
         if not failure.check(CancelledError):
-            self.log.error("ipcd: {why}", why=_why(failure.value, leaf, self.config))
+            self.log.error(
+                "ipcd: {why}", why=cannot_listen(failure.value, leaf, self.config)
+            )
         return failure
 
     def when_listening(self) -> Deferred[dict[str, list[str]]]:
@@ -487,114 +494,6 @@ def _keep_daemon_restart_keys(old: Config, new: Config) -> tuple[Config, list[st
         return new, []
     frozen = {section: MappingProxyType(values) for section, values in daemons.items()}
     return replace(new, daemons=MappingProxyType(frozen)), changed
-
-
-def _leaves(service: Any) -> Iterator[Any]:
-    """The services under C{service} that are no L{MultiService}, in order."""
-    for child in service:
-        if isinstance(child, MultiService):
-            yield from _leaves(child)
-        else:
-            yield child
-
-
-# The names ipcd's own listeners go by in its log.
-_OWNERS = {BROKER_NAME: "ipcd", CONTROL_NAME: "ipcd", "pong": "pongd"}
-
-
-def _address_text(address: Any) -> str:
-    """C{127.0.0.1:9000}, C{[::1]:9000}, or a UNIX socket's path."""
-    host = getattr(address, "host", None)
-    if host is None:
-        name = getattr(address, "name", None)
-        return os.fsdecode(name) if name is not None else str(address)
-    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
-
-
-def _close_now(port: Any) -> None:
-    """
-    Close a listening port at once.  stopListening() would close it (and
-    remove a UNIX socket's file) on the next reactor turn, which a start-up
-    that gives up never reaches.
-    """
-    lost = getattr(port, "connectionLost", None)
-    if lost is None or not getattr(port, "connected", False):
-        port.stopListening()  # not a reactor's port (a test double)
-        return
-    # What stopListening's delayed call would do: close, unlink, doStop.
-    lost(Failure(ConnectionDone()))
-
-
-def _daemon_of(leaf: Any, config: Config) -> Any:
-    """The protocol daemon whose service holds C{leaf}, if any."""
-    service = leaf
-    while service is not None:
-        daemon = config.registry.by_section(getattr(service, "name", None) or "")
-        if daemon is not None:
-            return daemon
-        service = getattr(service, "parent", None)
-    return None
-
-
-def _why(error: Exception, leaf: Any, config: Config) -> str:
-    """What failed when C{leaf} started, in one line with the way out."""
-    rundir = config.rundir
-    if isinstance(error, UnsafeRundir | SocketInUse):
-        return str(error)
-    endpoint = getattr(leaf, "endpoint", None)
-    path = getattr(endpoint, "path", None)
-    cause: Any = error
-    if isinstance(error, CannotListenError):
-        cause = error.socketError
-        if path is not None:
-            where = path
-        elif error.interface is None:  # a UNIX socket: the port is its path
-            where = str(error.port)
-        else:
-            host = error.interface or "*"
-            where = f"[{host}]:{error.port}" if ":" in host else f"{host}:{error.port}"
-    else:
-        where = path or leaf.name or type(endpoint).__name__
-    code = getattr(cause, "errno", None)
-    # One line, whatever the exception says.
-    reason = os.strerror(code).lower() if code else " ".join(str(cause).split())
-    daemon = _daemon_of(leaf, config)
-    if path is None and daemon is not None:  # a protocol daemon's listener
-        hint = daemon.hint(error)
-    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = f"make RUNDIR {rundir} writable for ipcd, or use another --rundir"
-    else:
-        hint = "use another --rundir"
-    return f"cannot listen on {where}: {reason} ({hint})"
-
-
-def raise_open_files_limit(log: Logger) -> tuple[int, int]:
-    """
-    Raise the soft RLIMIT_NOFILE to the hard limit: every client, relay and
-    handed-over socket is an fd, and 1024 is soon reached.  Logged once with
-    both numbers; a failure is a warning.  Returns the (soft, hard) in force.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == hard:
-        log.info("open files: the soft limit is the hard limit, {hard}", hard=hard)
-        return soft, hard
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError) as e:
-        log.warn(
-            "open files: cannot raise the soft limit {soft} to the hard "
-            "limit {hard}: {error}",
-            soft=soft,
-            hard=hard,
-            error=e,
-        )
-        return soft, hard
-    log.info(
-        "open files: raised the soft limit from {soft} to the hard limit {hard}",
-        soft=soft,
-        hard=hard,
-    )
-    return hard, hard
 
 
 _log = Logger(namespace="ipcd")
