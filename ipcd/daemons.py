@@ -22,6 +22,7 @@ they need (the broker, their settings) by each call.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -146,6 +147,121 @@ class IProtocolDaemon(Interface):
         The way out when one of its network listeners cannot listen
         (C{use --tcp ENDPOINT or --no-tcp}), for a one-line start-up error.
         """
+
+
+def listen_flag(value: str | None) -> dict[str, Any]:
+    """What C{--FLAG ENDPOINT} sets in the daemon's section."""
+    return {"enabled": True, "listen": value}
+
+
+def listen_off(value: str | None) -> dict[str, Any]:
+    """What C{--no-FLAG} sets in the daemon's section."""
+    return {"enabled": False}
+
+
+def listen_hint(error: Exception, flag: str) -> str:
+    """The way out when a listener cannot listen (C{use --tcp ENDPOINT ...})."""
+    code = getattr(getattr(error, "socketError", error), "errno", None)
+    another = "another ipcd? " if code == errno.EADDRINUSE else ""
+    return f"{another}use --{flag} ENDPOINT or --no-{flag}"
+
+
+def check_listener(reactor: Any, daemon: IProtocolDaemon, listen: str) -> None:
+    """
+    A plugin's parser (systemd:, ...) runs only with a reactor, so the config
+    could not: try it here, to say in one line what is wrong (systemd passed
+    no socket at that index, say).
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(reactor, listen)
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise StartupError(
+            f"cannot make {daemon.section}'s listener {listen!r}: {reason} "
+            f"({daemon.hint(e)})"
+        ) from None
+
+
+def listener_settings(
+    section: str,
+    default_listen: str,
+    enabled: bool = True,
+    check_listen: Callable[[Any], Any] | None = None,
+) -> tuple[Setting, Setting]:
+    """
+    The C{enabled} and C{listen} keys of a L{ListeningDaemon}'s section
+    (C{listen} an endpoint string unless C{check_listen} says otherwise).
+    """
+    from ipcd.config import boolean, endpoint  # ipcd.config imports this module
+
+    return (
+        Setting("enabled", boolean, enabled, f"run {section}"),
+        Setting(
+            "listen", check_listen or endpoint, default_listen, f"{section}'s listener"
+        ),
+    )
+
+
+class ListeningDaemon:
+    """
+    A protocol daemon with one network listener at its section's C{listen}
+    (an endpoint string) and an C{enabled} key (L{listener_settings} makes
+    both).  It declares its C{scheme},
+    C{section}, C{settings}, C{flag} (C{"tcp"}), C{default_listen} and
+    C{service} (called as C{service(daemon, broker, settings)} by
+    L{makeService}); it then has the rest of what the registry asks of
+    every daemon alike: the options C{--FLAG ENDPOINT} and C{--no-FLAG}, the
+    start-up check of its endpoint string (L{verify}), the way out when it
+    cannot listen (L{hint}), its restart keys and its name.
+    """
+
+    scheme: str
+    section: str
+    flag: str
+    default_listen: str
+    service: Callable[[Any, Any, Mapping[str, Any]], Any]
+    # What --FLAG's help says the listener is, and --no-FLAG's help.
+    listen_doc: str = ""
+    off_doc: str = ""
+    restart_keys: Sequence[str] = ("enabled", "listen")
+
+    @property
+    def flags(self) -> tuple[Flag, ...]:
+        what = self.listen_doc or (
+            f"an endpoint string (default {self.default_listen})"
+        )
+        return (
+            Flag(
+                self.flag,
+                f"{self.section}'s listener, {what}.",
+                listen_flag,
+                takes_value=True,
+            ),
+            Flag(
+                f"no-{self.flag}",
+                self.off_doc or f"Do not run {self.section}.",
+                listen_off,
+            ),
+        )
+
+    def __repr__(self) -> str:
+        return f"<{self.section}>"
+
+    def enabled(self, settings: Mapping[str, Any]) -> bool:
+        return bool(settings["enabled"])
+
+    def makeService(  # noqa: N802 (Twisted's name)
+        self, broker: Any, settings: Mapping[str, Any]
+    ) -> Any:
+        return self.service(self, broker, settings)
+
+    def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
+        check_listener(reactor, self, settings["listen"])  # type: ignore[arg-type]
+
+    def hint(self, error: Exception) -> str:
+        return listen_hint(error, self.flag)
 
 
 class IOutbound(Interface):

@@ -40,7 +40,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd import wire
-from ipcd.compat import twisted as compat_twisted
 from ipcd.errors import Refused
 from ipcd.identity import Peer, local_peer, remote_peer
 from ipcd.limits import RateLimitedObserver
@@ -288,26 +287,6 @@ class ControlHandshake(Handshaking):
         # For status: the service asked for, and the route it takes.
         self.requested, self.route = uri.service or text, text
         return self.factory.broker.open_uri(uri, self.who)
-
-
-def listening(listener: Any) -> Deferred[Any]:
-    """
-    Fires with the port of C{listener} (a
-    L{twisted.application.internet.StreamServerEndpointService}) once it
-    listens: C{getHost()} for its address.
-    """
-    result: Deferred[Any] = Deferred()
-
-    def passOn(port: Any) -> Any:
-        result.callback(port)
-        return port
-
-    waiting = compat_twisted.port_of(listener)
-    if waiting is None:  # this Twisted does not say (see ipcd.compat)
-        result.errback(RuntimeError("the listener's port is not known"))
-    else:
-        waiting.addCallback(passOn)
-    return result
 
 
 class HandshakeFactory(Factory):

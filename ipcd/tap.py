@@ -7,19 +7,16 @@ so C{twistd --help} imports nothing of ours.
 
 from __future__ import annotations
 
-import errno
 import gc
-import os
-import resource
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.error import CannotListenError, ConnectionDone
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -32,6 +29,7 @@ from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_repo
 from ipcd.daemons import Flag, Registry, StartupError, default_registry, settings_of
 from ipcd.endpoints import BROKER_NAME
 from ipcd.limits import LimitedFactory
+from ipcd.listener import IListener, Outcome
 from ipcd.logs import text_observer
 from ipcd.memtrim import MemoryTrim
 from ipcd.names import (
@@ -43,6 +41,15 @@ from ipcd.names import (
 )
 from ipcd.services import IPCService
 from ipcd.services.pongd import pongd
+from ipcd.startup import (
+    OWNERS,
+    address_text,
+    cannot_listen,
+    close_now,
+    daemon_of,
+    leaves,
+    raise_open_files_limit,
+)
 from ipcd.wire import PartialMessageBudget
 
 
@@ -230,6 +237,8 @@ class IPCDService(MultiService):
         self._reload_config = reload_config
         self._previous_hup: Any = None
         self._listening = False
+        self._listeners_up: Outcome[dict[str, list[str]]] = Outcome()
+        self._ready: Outcome[dict[str, list[str]]] = Outcome()
         # What twistd should log with, if not its default (see makeService).
         self.log_observer: ILogObserver | None = None
         # Where each part listens ("tcpd": ["127.0.0.1:9000"]), as it starts.
@@ -347,10 +356,13 @@ class IPCDService(MultiService):
 
     def privilegedStartService(self) -> None:  # noqa: N802
         """
-        Listen on every socket, or on none: when one cannot be listened on,
-        close those already open (their files leave RUNDIR at once) and
-        raise L{StartupError}, one line naming what failed and the way out.
-        makeService calls this, so that twistd's own call finds it done.
+        Listen on every socket, or on none, as StreamServerEndpointService
+        listens when privileged: when one cannot be listened on, close those
+        already open (their files leave RUNDIR at once) and raise
+        L{StartupError}, one line naming what failed and the way out.
+        makeService calls this before twistd daemonizes, so that the line
+        reaches the terminal; twistd's own call (or startService) finds it
+        done.
         """
         if self._listening:
             return
@@ -359,32 +371,64 @@ class IPCDService(MultiService):
         # Before any socket is created in it: RUNDIR must be ours and safe.
         # Raises UnsafeRundir (one line).
         prepare_rundir(self.config.rundir)
+        self._listeners_up = Outcome()
+        self._ready = Outcome()
         opened: list[Any] = []
-        for leaf in _leaves(self):
-            try:
+        waits: list[Deferred[Any]] = []
+        for leaf in leaves(self):
+            if not IListener.providedBy(leaf):
                 leaf.privilegedStartService()
-            except Exception as e:
+                continue
+            now: list[Any] = []
+            leaf.listen().addBoth(now.append)
+            if now and isinstance(now[0], Failure):
                 for port in reversed(opened):
-                    _close_now(port)
-                raise StartupError(_why(e, leaf, self.config)) from None
-            waiting = compat_twisted.port_of(leaf)
-            if waiting is not None:  # a listener: fired already, with its port
-                waiting.addCallback(lambda port: opened.append(port) or port)
-                owner = _daemon_of(leaf, self.config)
-                name = owner.section if owner is not None else _OWNERS.get(leaf.name)
-                waiting.addCallback(self._listener, name)
+                    close_now(port)
+                raise StartupError(cannot_listen(now[0].value, leaf, self.config))
+            owner = daemon_of(leaf, self.config)
+            name = owner.section if owner is not None else OWNERS.get(leaf.name)
+            listening = leaf.listening().addCallback(self._listener, name, opened)
+            waits.append(listening.addErrback(self._cannot_listen, leaf))
         self._listening = True
         # ipcd's own sockets exist now, and stay what they are while it runs.
         self.broker.own_sockets_listening()
+        DeferredList(waits, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
+            lambda _: self._listeners_up.settle(self.addresses),
+            lambda failure: self._listeners_up.settle(failure.value.subFailure),
+        )
 
-    def _listener(self, port: Any, name: str | None) -> Any:
+    def _listener(self, port: Any, name: str | None, opened: list[Any]) -> Any:
         """Note where C{name} (pongd, tcpd, ...) listens, for L{log_ready}."""
-        where = _address_text(port.getHost())
+        opened.append(port)
+        where = address_text(port.getHost())
         # A daemon's own RUNDIR socket (RUNDIR/tcp) is ipcd's business, not
         # an address to tell: its network listeners are.
         if name is not None and (name not in self.daemon_services or ":" in where):
             self.addresses.setdefault(name, []).append(where)
         return port
+
+    def _cannot_listen(self, failure: Failure, leaf: Any) -> Failure:
+        """A listener whose endpoint failed later than start-up: one line."""
+        if not failure.check(CancelledError):
+            self.log.error(
+                "ipcd: {why}", why=cannot_listen(failure.value, leaf, self.config)
+            )
+        return failure
+
+    def when_listening(self) -> Deferred[dict[str, list[str]]]:
+        """
+        Fires once every listener listens, with where (L{addresses}); fails
+        if one cannot.  Only after L{privilegedStartService}.
+        """
+        return self._listeners_up.wait()
+
+    def when_ready(self) -> Deferred[dict[str, list[str]]]:
+        """
+        Fires once ipcd serves: started, and every listener listening (the
+        "ipcd: ready" line is logged then), with L{addresses}; fails if a
+        listener cannot listen.  The hook for a readiness notification.
+        """
+        return self._ready.wait()
 
     def log_ready(self) -> None:
         """One line per daemon with its addresses, then one "ready" line."""
@@ -406,7 +450,11 @@ class IPCDService(MultiService):
     def startService(self) -> None:
         self.privilegedStartService()
         super().startService()
+        self.when_listening().addCallbacks(self._served, self._ready.settle)
+
+    def _served(self, addresses: dict[str, list[str]]) -> None:
         self.log_ready()
+        self._ready.settle(addresses)
         try:
             self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
         except ValueError:
@@ -448,122 +496,17 @@ def _keep_daemon_restart_keys(old: Config, new: Config) -> tuple[Config, list[st
     return replace(new, daemons=MappingProxyType(frozen)), changed
 
 
-def _leaves(service: Any) -> Iterator[Any]:
-    """The services under C{service} that are no L{MultiService}, in order."""
-    for child in service:
-        if isinstance(child, MultiService):
-            yield from _leaves(child)
-        else:
-            yield child
-
-
-# The names ipcd's own listeners go by in its log.
-_OWNERS = {BROKER_NAME: "ipcd", CONTROL_NAME: "ipcd", "pong": "pongd"}
-
-
-def _address_text(address: Any) -> str:
-    """C{127.0.0.1:9000}, C{[::1]:9000}, or a UNIX socket's path."""
-    host = getattr(address, "host", None)
-    if host is None:
-        name = getattr(address, "name", None)
-        return os.fsdecode(name) if name is not None else str(address)
-    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
-
-
-def _close_now(port: Any) -> None:
-    """
-    Close a listening port at once.  stopListening() would close it (and
-    remove a UNIX socket's file) on the next reactor turn, which a start-up
-    that gives up never reaches.
-    """
-    lost = getattr(port, "connectionLost", None)
-    if lost is None or not getattr(port, "connected", False):
-        port.stopListening()  # not a reactor's port (a test double)
-        return
-    # What stopListening's delayed call would do: close, unlink, doStop.
-    lost(Failure(ConnectionDone()))
-
-
-def _daemon_of(leaf: Any, config: Config) -> Any:
-    """The protocol daemon whose service holds C{leaf}, if any."""
-    service = leaf
-    while service is not None:
-        daemon = config.registry.by_section(getattr(service, "name", None) or "")
-        if daemon is not None:
-            return daemon
-        service = getattr(service, "parent", None)
-    return None
-
-
-def _why(error: Exception, leaf: Any, config: Config) -> str:
-    """What failed when C{leaf} started, in one line with the way out."""
-    rundir = config.rundir
-    if isinstance(error, UnsafeRundir | SocketInUse):
-        return str(error)
-    endpoint = getattr(leaf, "endpoint", None)
-    path = getattr(endpoint, "path", None)
-    cause: Any = error
-    if isinstance(error, CannotListenError):
-        cause = error.socketError
-        if path is not None:
-            where = path
-        elif error.interface is None:  # a UNIX socket: the port is its path
-            where = str(error.port)
-        else:
-            host = error.interface or "*"
-            where = f"[{host}]:{error.port}" if ":" in host else f"{host}:{error.port}"
-    else:
-        where = path or leaf.name or type(endpoint).__name__
-    code = getattr(cause, "errno", None)
-    # One line, whatever the exception says.
-    reason = os.strerror(code).lower() if code else " ".join(str(cause).split())
-    daemon = _daemon_of(leaf, config)
-    if path is None and daemon is not None:  # a protocol daemon's listener
-        hint = daemon.hint(error)
-    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = f"make RUNDIR {rundir} writable for ipcd, or use another --rundir"
-    else:
-        hint = "use another --rundir"
-    return f"cannot listen on {where}: {reason} ({hint})"
-
-
-def raise_open_files_limit(log: Logger) -> tuple[int, int]:
-    """
-    Raise the soft RLIMIT_NOFILE to the hard limit: every client, relay and
-    handed-over socket is an fd, and 1024 is soon reached.  Logged once with
-    both numbers; a failure is a warning.  Returns the (soft, hard) in force.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == hard:
-        log.info("open files: the soft limit is the hard limit, {hard}", hard=hard)
-        return soft, hard
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError) as e:
-        log.warn(
-            "open files: cannot raise the soft limit {soft} to the hard "
-            "limit {hard}: {error}",
-            soft=soft,
-            hard=hard,
-            error=e,
-        )
-        return soft, hard
-    log.info(
-        "open files: raised the soft limit from {soft} to the hard limit {hard}",
-        soft=soft,
-        hard=hard,
-    )
-    return hard, hard
-
-
 _log = Logger(namespace="ipcd")
 
 
 def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: N802
     """
-    Build ipcd and listen on its sockets here, before twistd starts logging
-    or daemonizes: a failure is then one line on the terminal (SystemExit,
-    exit status 1) with nothing left in RUNDIR.
+    Build ipcd's service tree (nothing listens while it is built), then
+    start its privileged phase, where its listeners listen, here: before
+    twistd starts logging or daemonizes, so that a failure is one line on
+    the terminal (SystemExit, exit status 1) with nothing left in RUNDIR.
+    twistd's own privilegedStartService then finds it done; startService
+    logs "ipcd: ready" once every listener is up (L{IPCDService.when_ready}).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -595,7 +538,9 @@ def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: 
         # without Twisted's one per listener and factory.
         service.log_observer = text_observer()
     # Say clearly, in one line, before anything is created in RUNDIR, that it
-    # is unsafe or that another instance is running; then listen.
+    # is unsafe or that another instance is running; then listen (what
+    # twistd would do after daemonizing, when a failure is no longer said
+    # on the terminal).
     try:
         prepare_rundir(options.config.rundir)
         for path in service.socket_paths():

@@ -9,9 +9,6 @@ The private names of Twisted that ipcd reads: here only.
     L{tls_state}
         whether a L{TLSMemoryBIOProtocol} may leave Twisted
         (C{_handshakeDone}, C{_lostTLSConnection}, C{_appSendBuffer})
-    L{listen_errors_raise}, L{port_of}
-        a listener's failure to listen raised at start, and its port
-        (C{_raiseSynchronously}, C{_waitingForPort})
     L{count_accept_errors}
         a listening port's accept errors through ipcd's logger (C{_logger})
     L{add_option}
@@ -135,28 +132,6 @@ TLS_APP_SEND_BUFFER = Name(
     "the TLS relay on raw sockets",
     "TLS relays stay in Twisted",
     _has(_tls_protocol, "_appSendBuffer"),
-)
-
-
-def _service() -> Any:
-    from twisted.application.internet import StreamServerEndpointService
-
-    return StreamServerEndpointService(None, None)
-
-
-RAISE_SYNCHRONOUSLY = Name(
-    LIBRARY,
-    "StreamServerEndpointService._raiseSynchronously",
-    "a listener that cannot listen stopping ipcd's start in one line",
-    "Twisted logs the failure and ipcd runs without that listener",
-    _has(_service, "_raiseSynchronously"),
-)
-WAITING_FOR_PORT = Name(
-    LIBRARY,
-    "StreamServerEndpointService._waitingForPort",
-    "closing the listeners already open when a later one fails at start",
-    "they stay open until ipcd exits; daemons' listening() is unavailable",
-    _has(_service, "_waitingForPort"),
 )
 
 
@@ -322,23 +297,6 @@ def tls_state(tls: Any) -> str | None:
 
 
 # Listeners.
-
-
-def listen_errors_raise(service: Any) -> None:
-    """Make StreamServerEndpointService C{service} raise a failure to listen."""
-    if RAISE_SYNCHRONOUSLY.present or RAISE_SYNCHRONOUSLY.usable():
-        service._raiseSynchronously = True
-
-
-def port_of(service: Any) -> Any:
-    """
-    The Deferred port of C{service} once it began to listen, if it is a
-    StreamServerEndpointService (or says so alike); None before, for any
-    other service, or when this Twisted does not tell.
-    """
-    if not (WAITING_FOR_PORT.present or WAITING_FOR_PORT.usable()):
-        return None
-    return getattr(service, "_waitingForPort", None)
 
 
 def count_accept_errors(port: Any, make_logger: Callable[[Any], Any]) -> bool:

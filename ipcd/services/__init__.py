@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.interfaces import IProtocolFactory
 
-from ipcd.compat import twisted as compat_twisted
 from ipcd.endpoints import IPCServerEndpoint
 from ipcd.limits import ConnectionLimits, LimitedEndpoint
+from ipcd.listener import EndpointListener
 from ipcd.names import SOCKET_MODE
 
 
-class IPCService(StreamServerEndpointService):
+class IPCService(EndpointListener):
     """
     A Twisted service listening as libipc service C{name} (socket
     C{RUNDIR/NAME}, 0660, stale sockets cleared, removed on stop).
@@ -42,5 +41,3 @@ class IPCService(StreamServerEndpointService):
             endpoint = LimitedEndpoint(endpoint, limits)
         super().__init__(endpoint, factory)
         self.setName(name)
-        # Let a failure to listen (a live instance, bad RUNDIR) stop startup.
-        compat_twisted.listen_errors_raise(self)

@@ -66,7 +66,6 @@ FOREIGN = re.compile(
 # ipcd's own attributes that share a name with one of those.
 OWN = {
     ("ipcd/transports/tls.py", "_handshakeDone"),  # TlsInbound's own flag
-    ("ipcd/transports/udp.py", "_waitingForPort"),  # tap reads it as Twisted's
     ("ipcd/endpoints.py", "_parseServer"),  # ipcd's plugin's own method
 }
 
@@ -333,25 +332,20 @@ class SocketFallbackTests(Missing, TlsTestCase):
         yield self.assertLogged("has no socket.socket._accept")
 
     @inlineCallbacks
-    def test_noPortBookkeeping(self) -> Any:
+    def test_noPortLogger(self) -> Any:
         """
-        Without C{_raiseSynchronously}, C{_waitingForPort} or C{_logger},
-        ipcd still starts and serves; a daemon's C{listening()} fails.
+        Without C{_logger}, ipcd still starts and serves, and a daemon says
+        where it listens.
         """
-        self.missing(
-            compat_twisted.RAISE_SYNCHRONOUSLY,
-            compat_twisted.WAITING_FOR_PORT,
-            compat_twisted.PORT_LOGGER,
-        )
+        self.missing(compat_twisted.PORT_LOGGER)
         rundir = short_rundir(self)
         service = yield start_ipcd(
             self, make_config(rundir, tcpd={"listen": "tcp:0:interface=127.0.0.1"})
         )
         reply = yield deferToThread(lookup, rundir, b"pong")
         yield self.assertServed(reply)
-        yield self.assertFailure(
-            service.getServiceNamed("tcpd").listening(), RuntimeError
-        )
+        port = yield service.getServiceNamed("tcpd").listening()
+        self.assertEqual(port.getHost().host, "127.0.0.1")
 
     @inlineCallbacks
     def test_tcpRouteWithoutParserInternals(self) -> Any:

@@ -41,7 +41,6 @@ from ipcd.test.tlssupport import (
     secrets_file,
     start_tls_host,
 )
-from ipcd.transports.tls import state_of
 from ipcd.transports.tlsmaterial import Material, ServerCreator
 from ipcd.wire import encode
 
@@ -507,7 +506,7 @@ class BulkTests(TlsTestCase):
 
         sending = deferToThread(send)
         yield wait_until(lambda: sink.connections, "the service to be connected")
-        engines = [state_of(h.broker).socket_relays for h in (a, b)]
+        engines = [h.tls_state.socket_relays for h in (a, b)]
         self.assertEqual([len(e.sides()) for e in engines], [2, 2])
         # Held, not growing: what the relays buffer stays bounded while the
         # sender is stuck.

@@ -19,7 +19,6 @@ from twisted.trial.unittest import SkipTest, TestCase
 from ipcd.test.support import free_port, lookup, recv_upto, wait_until
 from ipcd.test.test_tls import TlsTestCase
 from ipcd.test.tlssupport import ALICE_KEY, start_tls_host
-from ipcd.transports.tls import state_of
 from ipcd.wire import encode
 
 OPENSSL = shutil.which("openssl")
@@ -92,7 +91,7 @@ class ClientInteropTests(TlsTestCase):
         [stats] = b.broker.relays
         self.assertIn("psk:alice", stats.labels)
         # On the raw sockets, OpenSSL doing the I/O (tlsd's fast relay).
-        self.assertEqual(len(state_of(b.broker).socket_relays.sides()), 2)
+        self.assertEqual(len(b.tls_state.socket_relays.sides()), 2)
         return stats.as_dict()["tls"]["version"]
 
     @inlineCallbacks
@@ -125,7 +124,7 @@ class KeyUpdateTests(TlsTestCase):
         client.transport.write(b"pong")
         yield client.said(b"\nok")
         yield wait_until(
-            lambda: len(state_of(b.broker).socket_relays.sides()) == 2,
+            lambda: len(b.tls_state.socket_relays.sides()) == 2,
             "the relay on raw sockets",
         )
         for n in range(3):
@@ -165,7 +164,7 @@ class ServerInteropTests(TlsTestCase):
         answer = yield deferToThread(recv_upto, sock, len(b"hello client"))
         self.assertEqual(answer, b"hello client")
         [stats] = a.broker.relays
-        self.assertEqual(len(state_of(a.broker).socket_relays.sides()), 2)
+        self.assertEqual(len(a.tls_state.socket_relays.sides()), 2)
         return stats.as_dict()["tls"]
 
     @inlineCallbacks

@@ -21,13 +21,12 @@ from ipcd.test.tcpsupport import digest_service, recv_eof
 from ipcd.test.test_tls import TlsTestCase
 from ipcd.test.tlssupport import ALICE_KEY, start_tls_host
 from ipcd.transports import tls as tls_module
-from ipcd.transports.tls import state_of
 from ipcd.transports.tlsrelay import detach
 
 
 def fast_sides(host: Any) -> int:
     """How many sockets the host's fast TLS relays hold."""
-    return len(state_of(host.broker).socket_relays.sides())
+    return len(host.tls_state.socket_relays.sides())
 
 
 class SocketRelayTests(TlsTestCase):

@@ -151,6 +151,11 @@ class TlsHost:
     port: int | None
 
     @property
+    def tls_state(self) -> Any:
+        """tlsd's state (L{ipcd.transports.tls.TlsState}), owned by its service."""
+        return self.service.getServiceNamed("tlsd").state
+
+    @property
     def broker(self) -> Any:
         return self.service.broker
 

@@ -1,25 +1,97 @@
 """
-What tcpd and tlsd build alike around their handshakes: a network listener
-under its connection limits, the C{RUNDIR/SCHEME} control socket for
-upstream's ipcd, and the one-line start-up checks and hints of a listener.
+What the protocol daemons build alike around their handshakes: their
+service (L{DaemonService}: listener, control sockets, relay engines), a
+network listener under its connection limits, and the C{RUNDIR/SCHEME}
+control socket for upstream's ipcd.  Each is built, not listening: ipcd's
+service tree listens when it starts (L{ipcd.tap.IPCDService}).
 """
 
 from __future__ import annotations
 
-import errno
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IServiceCollection
+from twisted.application.service import IServiceCollection, MultiService
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import serverFromString
 
 from ipcd import wire
-from ipcd.compat import twisted as compat_twisted
-from ipcd.daemons import StartupError, settings_of
+from ipcd.daemons import settings_of
 from ipcd.inbound import ControlHandshake, HandshakeFactory, Handshaking
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
+from ipcd.listener import EndpointListener
 from ipcd.services import IPCService
+
+E = TypeVar("E")
+
+
+class DaemonService(MultiService):
+    """
+    A protocol daemon's part of the service tree, named after its section:
+    its network listener (L{listen_on}), its control sockets (L{control})
+    and the relay engines they use (L{engine}), started and stopped with it.
+    A daemon's C{makeService(broker, settings)} builds one
+    (L{ipcd.daemons.ListeningDaemon} calls C{service(daemon, broker,
+    settings)}); nothing listens until the tree starts.
+    """
+
+    def __init__(self, daemon: Any, broker: Any) -> None:
+        super().__init__()
+        self.setName(daemon.section)
+        self.daemon = daemon
+        self.broker = broker
+        self.listener: EndpointListener | None = None
+        self._engines: list[Any] = []
+
+    def engine(self, engine: E) -> E:
+        """Start C{engine} (a relay engine) with this service, stop it after."""
+        self._engines.append(engine)
+        return engine
+
+    def handshakes(
+        self, relays: Any, protocol: type[Handshaking], **how: Any
+    ) -> HandshakeFactory:
+        """L{handshakes} for this daemon."""
+        return handshakes(self.daemon, self.broker, relays, protocol, **how)
+
+    def listen_on(
+        self,
+        listen: str,
+        factory: Any,
+        refusal: Callable[[str], bytes] = lambda reason: b"",
+    ) -> EndpointListener:
+        """Its network listener: L{network_listener} on C{listen}."""
+        self.listener = network_listener(
+            self.broker, self.daemon.section, listen, factory, refusal
+        )
+        self.listener.setServiceParent(self)
+        return self.listener
+
+    def control(self, relays: Any, **how: Any) -> IPCService:
+        """A control socket (L{control_socket}) relayed by C{relays}."""
+        return control_socket(self.daemon, self.broker, relays, self, **how)
+
+    def startService(self) -> None:  # noqa: N802 (Twisted's name)
+        for engine in self._engines:
+            engine.start()
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802 (Twisted's name)
+        stopped = super().stopService()
+        for engine in self._engines:
+            engine.stop()  # closes the relayed connections
+        return stopped
+
+    def listening(self) -> Deferred[Any]:
+        """Fires with the listening port once started (C{getHost()} for it)."""
+        if self.listener is None:
+            section = self.daemon.section
+            return fail(RuntimeError(f"{section} has no network listener"))
+        return self.listener.listening()
+
+    def settings(self) -> Mapping[str, Any]:
+        """The daemon's current settings (read when used: reloads apply)."""
+        return settings_of(self.broker.config, self.daemon)
 
 
 def handshakes(
@@ -52,7 +124,7 @@ def network_listener(
     listen: str,
     factory: Any,
     refusal: Callable[[str], bytes] = lambda reason: b"",
-) -> StreamServerEndpointService:
+) -> EndpointListener:
     """
     A listener on endpoint string C{listen} under the connection limits of
     C{name}; peers over them get C{refusal(reason)}.
@@ -65,12 +137,10 @@ def network_listener(
             transport.getPeer(), config.peer_prefix_ipv4, config.peer_prefix_ipv6
         )
 
-    listener = StreamServerEndpointService(
+    return EndpointListener(
         LimitedEndpoint(serverFromString(broker.reactor, listen), limits),
         LimitedFactory(factory, limits, peer_key, refusal),
     )
-    compat_twisted.listen_errors_raise(listener)
-    return listener
 
 
 def control_socket(
@@ -107,31 +177,3 @@ def control_socket(
     )
     service.setServiceParent(parent)
     return service
-
-
-def listen_flag(value: str | None) -> dict[str, Any]:
-    """What C{--SCHEME ENDPOINT} sets in the daemon's section."""
-    return {"enabled": True, "listen": value}
-
-
-def listen_hint(error: Exception, flag: str) -> str:
-    """The way out when a listener cannot listen (C{use --tcp ENDPOINT ...})."""
-    code = getattr(getattr(error, "socketError", error), "errno", None)
-    another = "another ipcd? " if code == errno.EADDRINUSE else ""
-    return f"{another}use --{flag} ENDPOINT or --no-{flag}"
-
-
-def check_listener(reactor: Any, daemon: Any, listen: str) -> None:
-    """
-    A plugin's parser (systemd:, ...) runs only with a reactor, so the config
-    could not: try it here, to say in one line what is wrong (systemd passed
-    no socket at that index, say).
-    """
-    try:
-        serverFromString(reactor, listen)
-    except Exception as e:
-        reason = " ".join(f"{type(e).__name__}: {e}".split())
-        raise StartupError(
-            f"cannot make {daemon.section}'s listener {listen!r}: {reason} "
-            f"({daemon.hint(e)})"
-        ) from None

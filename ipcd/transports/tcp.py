@@ -21,21 +21,19 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectionLost
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ipcd.config import boolean, endpoint, positive_number
-from ipcd.daemons import Flag, IProtocolDaemon, Setting
+from ipcd.config import positive_number
+from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting, listener_settings
 from ipcd.errors import Refused
 from ipcd.inbound import (
     MAX_HANDSHAKE,
     OK,
     NetworkHandshake,
     framed,
-    listening,
 )
 from ipcd.logs import printable
 from ipcd.relay import SocketRelays
@@ -47,14 +45,7 @@ from ipcd.sockets import (
     read_to_eof,
     write_all,
 )
-from ipcd.transports.listeners import (
-    check_listener,
-    control_socket,
-    handshakes,
-    listen_flag,
-    listen_hint,
-    network_listener,
-)
+from ipcd.transports.listeners import DaemonService
 
 SCHEME = "tcp"
 SECTION = "tcpd"
@@ -124,41 +115,24 @@ class TcpInbound(NetworkHandshake):
         return data, b""
 
 
-class TcpService(MultiService):
+class TcpService(DaemonService):
     """tcpd: the TCP listener and the C{RUNDIR/tcp} control socket."""
 
-    def __init__(self, broker: Any, listen: str) -> None:
-        super().__init__()
-        self.setName(SECTION)
+    def __init__(self, daemon: Any, broker: Any, settings: Mapping[str, Any]) -> None:
+        super().__init__(daemon, broker)
         # tcpd's relays (inbound, and for upstream's control socket).
-        self.relays = SocketRelays(broker.reactor)
-        self.listener = network_listener(
-            broker,
-            SECTION,
-            listen,
-            handshakes(tcpd, broker, self.relays, TcpInbound),
+        self.relays = self.engine(SocketRelays(broker.reactor))
+        self.listen_on(
+            settings["listen"],
+            self.handshakes(self.relays, TcpInbound),
             # Before any request: upstream's raw form, as for a silent peer.
             lambda reason: b"ne " + reason.encode(),
         )
-        self.listener.setServiceParent(self)
-        control_socket(tcpd, broker, self.relays, self)
-
-    def startService(self) -> None:
-        self.relays.start()
-        super().startService()
-
-    def stopService(self) -> Deferred[None]:
-        stopped = super().stopService()
-        self.relays.stop()  # closes the relayed connections
-        return stopped
-
-    def listening(self) -> Deferred[Any]:
-        """Fires with the listening port once started (C{getHost()} for it)."""
-        return listening(self.listener)
+        self.control(self.relays)
 
 
 @implementer(IPlugin, IProtocolDaemon)
-class TcpDaemon:
+class TcpDaemon(ListeningDaemon):
     """
     tcpd as a protocol daemon: C{tcp://} routes, C{[tcpd]}, C{--tcp
     ENDPOINT}/C{--no-tcp}, C{RUNDIR/tcp}.
@@ -167,45 +141,20 @@ class TcpDaemon:
     scheme = SCHEME
     section = SECTION
     settings = (
-        Setting("enabled", boolean, True, "run tcpd"),
-        Setting("listen", endpoint, DEFAULT_LISTEN, "tcpd's listener"),
+        *listener_settings(SECTION, DEFAULT_LISTEN),
         Setting("handshake_timeout", positive_number, 5.0, "seconds"),
     )
-    flags = (
-        Flag(
-            "tcp",
-            f"tcpd's listener, an endpoint string (default {DEFAULT_LISTEN}).",
-            listen_flag,
-            takes_value=True,
-        ),
-        Flag("no-tcp", "Do not run tcpd.", lambda _: {"enabled": False}),
-    )
-    restart_keys = ("enabled", "listen")
-
-    def __repr__(self) -> str:
-        return "<tcpd>"
-
-    def enabled(self, settings: Mapping[str, Any]) -> bool:
-        return bool(settings["enabled"])
+    flag = SCHEME
+    default_listen = DEFAULT_LISTEN
+    service = TcpService
 
     def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
         uri: RemoteURI = target.uri
         port = uri.port or DEFAULT_PORT
         return ensureDeferred(dial(broker.reactor, uri.host, port, target.service))
 
-    def makeService(  # noqa: N802 (Twisted's name)
-        self, broker: Any, settings: Mapping[str, Any]
-    ) -> TcpService:
-        return TcpService(broker, settings["listen"])
-
     def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
         return {"tcp_listen": settings["listen"] if self.enabled(settings) else None}
-
-    def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
-        check_listener(reactor, self, settings["listen"])
-
-    def hint(self, error: Exception) -> str:
-        return listen_hint(error, "tcp")
 
 
 tcpd = TcpDaemon()

@@ -23,11 +23,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from weakref import WeakKeyDictionary
 
 from service_identity import VerificationError
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
@@ -42,17 +39,20 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd.compat import twisted as compat_twisted
-from ipcd.config import Expected, boolean, endpoint, positive_number
-from ipcd.daemons import Flag, IProtocolDaemon, Setting, StartupError, settings_of
+from ipcd.config import Expected, boolean, positive_number
+from ipcd.daemons import (
+    IOutbound,
+    IProtocolDaemon,
+    ListeningDaemon,
+    Setting,
+    StartupError,
+    listener_settings,
+    settings_of,
+)
 from ipcd.errors import Refused
 from ipcd.handoff import adopt_into_reactor
 from ipcd.identity import Peer
-from ipcd.inbound import (
-    MAX_HANDSHAKE,
-    OK,
-    HandshakeFactory,
-    listening,
-)
+from ipcd.inbound import MAX_HANDSHAKE, OK, HandshakeFactory
 from ipcd.logs import printable
 from ipcd.relay import (
     RelayProtocol,
@@ -63,14 +63,7 @@ from ipcd.relay import (
 )
 from ipcd.routes import RemoteURI
 from ipcd.transports import psk
-from ipcd.transports.listeners import (
-    check_listener,
-    control_socket,
-    handshakes,
-    listen_flag,
-    listen_hint,
-    network_listener,
-)
+from ipcd.transports.listeners import DaemonService
 from ipcd.transports.tcp import TcpInbound
 from ipcd.transports.tlsmaterial import (
     VERSIONS,
@@ -320,7 +313,7 @@ class TlsInbound(TcpInbound):
         # The connection stays in its transport (and under its listener's
         # limits until it closes): only its application protocol changes.
         _relay_over(
-            state_of(self.factory.broker),
+            self.factory.state,
             self.transport,
             sock,
             stats,
@@ -389,22 +382,26 @@ class TlsHandshakeFactory(HandshakeFactory):
     def must_authenticate(self) -> bool:
         return self.material().verify_clients
 
+    # tlsd's state, set by the service that builds this factory.
+    state: TlsState
+
     def material(self) -> Material:
-        return state_of(self.broker).material()
+        return self.state.material()
 
 
-# Per broker: the material (read again after a reload) and the relay engine.
+# Per service: the material (read again after a reload) and the relay engines.
 
 
 class TlsState:
-    """tlsd's state for one broker: its files as read, its relays."""
+    """
+    tlsd's state, owned by its service (L{TlsService}): its files as read,
+    its relays (started and stopped with the service).
+    """
 
     def __init__(self, broker: Any) -> None:
         self.broker = broker
         self.relays = TransportRelays(broker.reactor)
-        self.relays.start()
         self.socket_relays = TlsSocketRelays(broker.reactor)
-        self.socket_relays.start()
         self._config: Any = None
         self._material: Material | None = None
         self._server: ServerCreator | None = None
@@ -434,16 +431,6 @@ class TlsState:
         if self._server is None:
             self._server = ServerCreator(material.server_context())
         return self._server
-
-
-_states: WeakKeyDictionary[Any, TlsState] = WeakKeyDictionary()
-
-
-def state_of(broker: Any) -> TlsState:
-    state = _states.get(broker)
-    if state is None:
-        state = _states[broker] = TlsState(broker)
-    return state
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -597,48 +584,44 @@ def _refused(reason: str) -> Deferred[Any]:
 # The service: listener and control socket.
 
 
-class TlsService(MultiService):
-    """tlsd: the TLS listener (when it can serve) and C{RUNDIR/tls}."""
+class TlsService(DaemonService):
+    """
+    tlsd: the TLS listener (when it can serve), C{RUNDIR/tls}, and the
+    state its outbound half shares (L{TlsOutbound}, the broker's for tls).
+    """
 
-    def __init__(self, broker: Any, listen: str) -> None:
-        super().__init__()
-        self.setName(SECTION)
-        self.state = state = state_of(broker)
-        self.relays = state.relays
+    def __init__(self, daemon: Any, broker: Any, settings: Mapping[str, Any]) -> None:
+        super().__init__(daemon, broker)
+        self.state = state = TlsState(broker)
+        self.relays = self.engine(state.relays)
+        self.engine(state.socket_relays)
         # For upstream's control socket: raw sockets both sides.
-        self.control_relays = SocketRelays(broker.reactor)
-        self.listener: StreamServerEndpointService | None = None
+        self.control_relays = self.engine(SocketRelays(broker.reactor))
         if state.material().serves:
-            inbound = handshakes(
-                tlsd, broker, self.relays, TlsInbound, TlsHandshakeFactory
+            inbound = self.handshakes(
+                self.relays, TlsInbound, factory=TlsHandshakeFactory
             )
+            inbound.state = state
             # Over the limits: closed before TLS, with nothing to say.
-            self.listener = network_listener(
-                broker,
-                SECTION,
-                listen,
-                _TLSFactory(_CurrentServer(state), False, inbound),
+            self.listen_on(
+                settings["listen"], _TLSFactory(_CurrentServer(state), False, inbound)
             )
-            self.listener.setServiceParent(self)
-        control_socket(tlsd, broker, self.control_relays, self)
+        self.control(self.control_relays)
+        # tls:// routes go through this state (not a test double's, if set).
+        broker.transports.setdefault(SCHEME, TlsOutbound(state))
 
-    def startService(self) -> None:  # noqa: N802
-        self.relays.start()
-        self.state.socket_relays.start()
-        self.control_relays.start()
-        super().startService()
 
-    def stopService(self) -> Deferred[None]:  # noqa: N802
-        stopped = super().stopService()
-        self.relays.stop()
-        self.state.socket_relays.stop()
-        self.control_relays.stop()
-        return stopped
+@implementer(IOutbound)
+class TlsOutbound:
+    """tlsd's outbound half with its service's state."""
 
-    def listening(self) -> Deferred[Any]:
-        """Fires with the listening port once started (C{getHost()} for it)."""
-        assert self.listener is not None, "tlsd has no keys or certificate to serve"
-        return listening(self.listener)
+    scheme = SCHEME
+
+    def __init__(self, state: TlsState) -> None:
+        self.state = state
+
+    def connect(self, target: Any, client: Any) -> Deferred[socket.socket]:
+        return tlsd.connect_with(self.state, target, client)
 
 
 # Settings.
@@ -671,7 +654,7 @@ def _identities(value: Any) -> dict[str, str]:
 
 
 @implementer(IPlugin, IProtocolDaemon)
-class TlsDaemon:
+class TlsDaemon(ListeningDaemon):
     """
     tlsd as a protocol daemon: C{tls://} routes, C{[tlsd]}, C{--tls
     ENDPOINT}/C{--no-tls}, C{RUNDIR/tls}.
@@ -680,8 +663,7 @@ class TlsDaemon:
     scheme = SCHEME
     section = SECTION
     settings = (
-        Setting("enabled", boolean, True, "run tlsd"),
-        Setting("listen", endpoint, DEFAULT_LISTEN, "tlsd's listener"),
+        *listener_settings(SECTION, DEFAULT_LISTEN),
         Setting("certificate", _path, "", "PEM certificate (and chain)", path=True),
         Setting("key", _path, "", "PEM private key of the certificate", path=True),
         Setting(
@@ -701,27 +683,21 @@ class TlsDaemon:
             "after the handshake, OpenSSL on the raw socket (else Twisted's TLS)",
         ),
     )
-    flags = (
-        Flag(
-            "tls",
-            f"tlsd's listener, an endpoint string (default {DEFAULT_LISTEN}).",
-            listen_flag,
-            takes_value=True,
-        ),
-        Flag("no-tls", "Do not run tlsd.", lambda _: {"enabled": False}),
-    )
-    restart_keys = ("enabled", "listen")
-
-    def __repr__(self) -> str:
-        return "<tlsd>"
-
-    def enabled(self, settings: Mapping[str, Any]) -> bool:
-        return bool(settings["enabled"])
+    flag = SCHEME
+    default_listen = DEFAULT_LISTEN
+    service = TlsService
 
     def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
+        # Reached when no TlsService made the broker its TlsOutbound.
+        return _refused(f"{SECTION} has no service on this broker")
+
+    def connect_with(
+        self, state: TlsState, target: Any, client: Any
+    ) -> Deferred[socket.socket]:
+        """The outbound half, with the state of tlsd's service."""
+        broker = state.broker
         uri: RemoteURI = target.uri
         port = uri.port or DEFAULT_PORT
-        state = state_of(broker)
         try:
             material = state.material()
         except MaterialError as e:
@@ -752,11 +728,6 @@ class TlsDaemon:
 
         return dialed.addCallback(joined)
 
-    def makeService(  # noqa: N802 (Twisted's name)
-        self, broker: Any, settings: Mapping[str, Any]
-    ) -> TlsService:
-        return TlsService(broker, settings["listen"])
-
     def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
         serves = self.enabled(settings) and bool(
             settings["psk_file"] or settings["certificate"]
@@ -774,10 +745,7 @@ class TlsDaemon:
         except MaterialError as e:
             raise StartupError(f"{e} (fix it, or use --no-tls)") from None
         if material.serves:
-            check_listener(reactor, self, settings["listen"])
-
-    def hint(self, error: Exception) -> str:
-        return listen_hint(error, "tls")
+            super().verify(reactor, settings)
 
 
 def _server_identity(material: Material, host: str) -> str:

@@ -32,8 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.error import MessageLengthError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -42,11 +41,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd import wire
-from ipcd.config import Expected, boolean, positive_number
+from ipcd.config import Expected, positive_number
 from ipcd.daemons import (
-    Flag,
     IProtocolDaemon,
+    ListeningDaemon,
     Setting,
+    listener_settings,
     settings_of,
 )
 from ipcd.errors import Refused
@@ -54,12 +54,13 @@ from ipcd.handoff import adopt_into_reactor
 from ipcd.identity import Peer, remote_peer
 from ipcd.inbound import open_inbound
 from ipcd.limits import network_peer_key
+from ipcd.listener import EndpointListener
 from ipcd.logs import printable
 from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
 from ipcd.sockets import host_addresses
 from ipcd.transports import udpwire
-from ipcd.transports.listeners import control_socket, listen_flag, listen_hint
+from ipcd.transports.listeners import DaemonService
 from ipcd.transports.udpcookie import AddressCookies
 from ipcd.transports.udpsession import Session, SessionStats, SessionStream
 
@@ -357,67 +358,54 @@ class UdpServer(DatagramProtocol):
                 served.cancel()
 
 
-class UdpListener(Service):
-    """udpd's UDP port, as a service (Twisted has no UDP endpoints)."""
+class UdpEndpoint:
+    """udpd's listening address as an endpoint (Twisted has no UDP ones)."""
+
+    def __init__(self, reactor: Any, listen: Listen) -> None:
+        self.reactor = reactor
+        self.listen_at = listen
+
+    def listen(self, protocol: DatagramProtocol) -> Deferred[Any]:
+        """The UDP port, or CannotListenError (said in one line at start)."""
+        return maybeDeferred(
+            self.reactor.listenUDP,
+            self.listen_at.port,
+            protocol,
+            interface=self.listen_at.interface,
+            maxPacketSize=READ_SIZE,
+        )
+
+
+class UdpListener(EndpointListener):
+    """udpd's UDP port, as a service, its sessions ended when it stops."""
 
     def __init__(self, reactor: Any, listen: Listen, protocol: UdpServer) -> None:
-        self.reactor = reactor
-        self.listen = listen
+        super().__init__(UdpEndpoint(reactor, listen), protocol)
         self.protocol = protocol
-        self.port: Any = None
-
-    def privilegedStartService(self) -> None:  # noqa: N802 (Twisted's name)
-        # Listen before privileges drop, as stream listeners do.  Raises
-        # CannotListenError: ipcd's start-up says it in one line.
-        if self.port is None:
-            self.port = self.reactor.listenUDP(
-                self.listen.port,
-                self.protocol,
-                interface=self.listen.interface,
-                maxPacketSize=READ_SIZE,
-            )
-            # As StreamServerEndpointService's: ipcd's start-up closes the
-            # ports already open when a later one fails.
-            self._waitingForPort = succeed(self.port)
-        super().privilegedStartService()
-
-    def startService(self) -> None:  # noqa: N802 (Twisted's name)
-        self.privilegedStartService()
-        super().startService()
 
     def stopService(self) -> Any:  # noqa: N802 (Twisted's name)
-        super().stopService()
+        stopping = super().stopService()
         self.protocol.stop()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
+        return stopping
 
 
-class UdpService(MultiService):
+class UdpService(DaemonService):
     """udpd: the UDP listener and the C{RUNDIR/udp} control socket."""
 
-    def __init__(self, broker: Any, settings: Mapping[str, Any]) -> None:
-        super().__init__()
-        self.setName(SECTION)
-        self.broker = broker
+    def __init__(self, daemon: Any, broker: Any, settings: Mapping[str, Any]) -> None:
+        super().__init__(daemon, broker)
         reactor = broker.reactor
-        self.server = UdpServer(broker, lambda: settings_of(broker.config, udpd))
+        self.server = UdpServer(broker, self.settings)
         self.listener = UdpListener(
             reactor, parse_listen(settings["listen"]), self.server
         )
         self.listener.setServiceParent(self)
         # Upstream's ipcd on RUNDIR/udp: relayed to the session's stream.
-        self.relays = SocketRelays(reactor)
-        control_socket(udpd, broker, self.relays, self)
-
-    def startService(self) -> None:  # noqa: N802 (Twisted's name)
-        self.relays.start()
-        super().startService()
+        self.relays = self.engine(SocketRelays(reactor))
+        self.control(self.relays)
 
     def stopService(self) -> Deferred[None]:  # noqa: N802 (Twisted's name)
         stopped = super().stopService()  # the listener ends inbound sessions
-        self.relays.stop()
         # And this host's clients' sessions: a CLOSE to each remote udpd.
         for stats in list(self.broker.relays):
             if isinstance(stats, SessionStats) and stats.end is not None:
@@ -594,7 +582,7 @@ async def dial(
 
 
 @implementer(IPlugin, IProtocolDaemon)
-class UdpDaemon:
+class UdpDaemon(ListeningDaemon):
     """
     udpd as a protocol daemon: C{udp://} routes, C{[udpd]}, C{--udp
     ENDPOINT}/C{--no-udp}, C{RUNDIR/udp}.  Off by default.
@@ -603,8 +591,9 @@ class UdpDaemon:
     scheme = SCHEME
     section = SECTION
     settings = (
-        Setting("enabled", boolean, False, "run udpd"),
-        Setting("listen", listen_setting, DEFAULT_LISTEN, "udpd's UDP listener"),
+        *listener_settings(
+            SECTION, DEFAULT_LISTEN, enabled=False, check_listen=listen_setting
+        ),
         Setting("max_sessions", _count, 256, "inbound sessions at once"),
         Setting(
             "max_datagram",
@@ -616,22 +605,12 @@ class UdpDaemon:
         Setting("handshake_retry", positive_number, 0.25, "seconds, then doubling"),
         Setting("handshake_timeout", positive_number, 5.0, "RUNDIR/udp, seconds"),
     )
-    flags = (
-        Flag(
-            "udp",
-            f"udpd's listener, 'udp:PORT[:interface=ADDRESS]' (e.g. {DEFAULT_LISTEN}).",
-            listen_flag,
-            takes_value=True,
-        ),
-        Flag("no-udp", "Do not run udpd (the default).", lambda _: {"enabled": False}),
-    )
+    flag = SCHEME
+    default_listen = DEFAULT_LISTEN
+    listen_doc = f"'udp:PORT[:interface=ADDRESS]' (e.g. {DEFAULT_LISTEN})"
+    off_doc = "Do not run udpd (the default)."
+    service = UdpService
     restart_keys = ("enabled", "listen", "max_datagram")
-
-    def __repr__(self) -> str:
-        return "<udpd>"
-
-    def enabled(self, settings: Mapping[str, Any]) -> bool:
-        return bool(settings["enabled"])
 
     def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
         uri: RemoteURI = target.uri
@@ -647,11 +626,6 @@ class UdpDaemon:
             )
         )
 
-    def makeService(  # noqa: N802 (Twisted's name)
-        self, broker: Any, settings: Mapping[str, Any]
-    ) -> UdpService:
-        return UdpService(broker, settings)
-
     def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
         if not self.enabled(settings):
             return {"udp_listen": None}
@@ -664,9 +638,6 @@ class UdpDaemon:
 
     def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
         pass  # the listener's form was checked with the configuration
-
-    def hint(self, error: Exception) -> str:
-        return listen_hint(error, SCHEME)
 
 
 udpd = UdpDaemon()

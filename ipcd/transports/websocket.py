@@ -20,31 +20,28 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ipcd.config import (
     Expected,
-    boolean,
-    endpoint,
     non_negative_number,
     positive_int,
     positive_number,
 )
-from ipcd.daemons import Flag, IProtocolDaemon, Setting, StartupError, settings_of
+from ipcd.daemons import (
+    IProtocolDaemon,
+    ListeningDaemon,
+    Setting,
+    StartupError,
+    listener_settings,
+    settings_of,
+)
 from ipcd.errors import Refused
-from ipcd.inbound import listening
 from ipcd.relay import RelayStats, SocketRelays
 from ipcd.routes import RemoteURI
-from ipcd.transports.listeners import (
-    check_listener,
-    control_socket,
-    listen_flag,
-    listen_hint,
-    network_listener,
-)
+from ipcd.transports.listeners import DaemonService
 from ipcd.transports.wsclient import connect_websocket, trust_root
 from ipcd.transports.wslimits import (
     DEFAULT_MAX_MESSAGE_FRAMES,
@@ -81,44 +78,25 @@ def _path(value: Any) -> str:
     return value
 
 
-class WebSocketService(MultiService):
+class WebSocketService(DaemonService):
     """websocketd: the WebSocket listener, C{RUNDIR/ws} and C{RUNDIR/wss}."""
 
-    def __init__(self, broker: Any, settings: Mapping[str, Any]) -> None:
-        super().__init__()
-        self.setName(SECTION)
-        reactor = broker.reactor
+    def __init__(self, daemon: Any, broker: Any, settings: Mapping[str, Any]) -> None:
+        super().__init__(daemon, broker)
         # Relays for upstream's control sockets (raw sockets both sides).
-        self.relays = SocketRelays(reactor)
+        self.relays = self.engine(SocketRelays(broker.reactor))
         listen = settings["listen"]
-
-        def current() -> Mapping[str, Any]:
-            return settings_of(broker.config, websocketd)  # reloads apply
-
         self.factory = WebSocketInboundFactory(
-            broker, current, secure=listen.startswith("ssl:")
+            broker, self.settings, secure=listen.startswith("ssl:")
         )
-        self.listener = network_listener(
-            broker, SECTION, listen, self.factory, lambda reason: BUSY
-        )
-        self.listener.setServiceParent(self)
+        self.listen_on(listen, self.factory, lambda reason: BUSY)
         for scheme in (SCHEME, SECURE_SCHEME):
-            control_socket(
-                websocketd,
-                broker,
-                self.relays,
-                self,
-                scheme=scheme,
-                timeout_key="open_handshake_timeout",
+            self.control(
+                self.relays, scheme=scheme, timeout_key="open_handshake_timeout"
             )
-
-    def startService(self) -> None:  # noqa: N802
-        self.relays.start()
-        super().startService()
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
         stopped = super().stopService()
-        self.relays.stop()
         self.factory.peerLog.flush()
         for bridge in list(self.factory.bridges):
             bridge.abortBridge()
@@ -127,13 +105,9 @@ class WebSocketService(MultiService):
                 connection.transport.abortConnection()  # in its handshake
         return stopped
 
-    def listening(self) -> Deferred[Any]:
-        """Fires with the listening port once started (C{getHost()} for it)."""
-        return listening(self.listener)
-
 
 @implementer(IPlugin, IProtocolDaemon)
-class WebSocketDaemon:
+class WebSocketDaemon(ListeningDaemon):
     """
     websocketd as a protocol daemon: C{ws://} and C{wss://} routes,
     C{[websocketd]}, C{--ws ENDPOINT}/C{--no-ws}, C{RUNDIR/ws}.
@@ -143,8 +117,7 @@ class WebSocketDaemon:
     also_schemes = (SECURE_SCHEME,)
     section = SECTION
     settings = (
-        Setting("enabled", boolean, True, "run websocketd"),
-        Setting("listen", endpoint, DEFAULT_LISTEN, "websocketd's listener"),
+        *listener_settings(SECTION, DEFAULT_LISTEN),
         Setting(
             "max_message_size",
             positive_int,
@@ -175,22 +148,9 @@ class WebSocketDaemon:
             "ca", _path, "", "CA file for wss routes (empty: the platform's)", path=True
         ),
     )
-    flags = (
-        Flag(
-            "ws",
-            f"websocketd's listener, an endpoint string (default {DEFAULT_LISTEN}).",
-            listen_flag,
-            takes_value=True,
-        ),
-        Flag("no-ws", "Do not run websocketd.", lambda _: {"enabled": False}),
-    )
-    restart_keys = ("enabled", "listen")
-
-    def __repr__(self) -> str:
-        return "<websocketd>"
-
-    def enabled(self, settings: Mapping[str, Any]) -> bool:
-        return bool(settings["enabled"])
+    flag = SCHEME
+    default_listen = DEFAULT_LISTEN
+    service = WebSocketService
 
     def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
         uri: RemoteURI = target.uri
@@ -211,17 +171,12 @@ class WebSocketDaemon:
         except Refused as e:
             return fail(e)
 
-    def makeService(  # noqa: N802 (Twisted's name)
-        self, broker: Any, settings: Mapping[str, Any]
-    ) -> WebSocketService:
-        return WebSocketService(broker, settings)
-
     def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
         on = self.enabled(settings)
         return {"ws_listen": settings["listen"] if on else None}
 
     def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
-        check_listener(reactor, self, settings["listen"])
+        super().verify(reactor, settings)
         if settings["ca"]:
             # Read at start too: a bad file is one line now, not a failure
             # at every wss:// lookup.
@@ -234,9 +189,6 @@ class WebSocketDaemon:
                     f"certificate: {why} (fix it, or leave ca empty for the "
                     "system's roots)"
                 ) from None
-
-    def hint(self, error: Exception) -> str:
-        return listen_hint(error, "ws")
 
 
 websocketd = WebSocketDaemon()

@@ -12,25 +12,18 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ipcd.config import Expected, boolean, endpoint
-from ipcd.daemons import Flag, IProtocolDaemon, Setting
+from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting
 from ipcd.errors import Refused
-from ipcd.inbound import (
-    ControlHandshake,
-    HandshakeFactory,
-    NetworkHandshake,
-    listening,
-)
+from ipcd.inbound import ControlHandshake, HandshakeFactory, NetworkHandshake
 from ipcd.relay import SocketRelays
 from ipcd.services import IPCService
 from ipcd.sockets import connect_tcp, read_exactly, write_all
+from ipcd.transports.listeners import DaemonService
 from ipcd.wire import encode
 
 SCHEME = "testscheme"
@@ -44,44 +37,27 @@ def _colour(value: Any) -> str:
     return value
 
 
-class TestSchemeService(MultiService):
+class TestSchemeService(DaemonService):
     """The daemon's listener (a TCP endpoint) and C{RUNDIR/testscheme}."""
 
-    def __init__(self, broker: Any, listen: str) -> None:
-        super().__init__()
-        self.setName(SECTION)
+    def __init__(self, daemon: Any, broker: Any, settings: Mapping[str, Any]) -> None:
+        super().__init__(daemon, broker)
         reactor = broker.reactor
-        self.relays = SocketRelays(reactor)
+        self.relays = self.engine(SocketRelays(reactor))
 
         def handshakes(protocol: Any) -> HandshakeFactory:
             return HandshakeFactory(
                 protocol, broker, self.relays, 5.0, scheme=SCHEME, name=SECTION
             )
 
-        self.listener = StreamServerEndpointService(
-            serverFromString(reactor, listen), handshakes(NetworkHandshake)
-        )
-        self.listener.setServiceParent(self)
+        self.listen_on(settings["listen"], handshakes(NetworkHandshake))
         IPCService(
             SCHEME, handshakes(ControlHandshake), broker.config.rundir, reactor
         ).setServiceParent(self)
 
-    def listening(self) -> Deferred[Any]:
-        """Fires with the listening port once started (C{getHost()} for it)."""
-        return listening(self.listener)
-
-    def startService(self) -> None:
-        self.relays.start()
-        super().startService()
-
-    def stopService(self) -> Deferred[None]:
-        stopped = super().stopService()
-        self.relays.stop()
-        return stopped
-
 
 @implementer(IPlugin, IProtocolDaemon)
-class TestSchemeDaemon:
+class TestSchemeDaemon(ListeningDaemon):
     scheme = SCHEME
     section = SECTION
     settings = (
@@ -89,23 +65,13 @@ class TestSchemeDaemon:
         Setting("listen", endpoint, "tcp:0:interface=127.0.0.1"),
         Setting("colour", _colour, "red"),
     )
-    flags = (
-        Flag(
-            "testscheme",
-            "testschemed's listener",
-            lambda value: {"enabled": True, "listen": value},
-            takes_value=True,
-        ),
-        Flag("no-testscheme", "Do not run testschemed.", lambda _: {"enabled": False}),
-    )
-    restart_keys = ("enabled", "listen")
+    flag = SCHEME
+    default_listen = "tcp:0:interface=127.0.0.1"
+    service = TestSchemeService
 
     def __init__(self) -> None:
         # What the outbound half was asked, for the tests to see.
         self.connects: list[tuple[Any, Any, Any]] = []
-
-    def enabled(self, settings: Mapping[str, Any]) -> bool:
-        return bool(settings["enabled"])
 
     def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
         self.connects.append((broker, target, client))
@@ -126,22 +92,11 @@ class TestSchemeDaemon:
             sock.close()
             raise
 
-    def makeService(  # noqa: N802 (Twisted's name)
-        self, broker: Any, settings: Mapping[str, Any]
-    ) -> TestSchemeService:
-        return TestSchemeService(broker, settings["listen"])
-
     def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
         return {
             "testscheme_listen": settings["listen"] if settings["enabled"] else None,
             "testscheme_colour": settings["colour"],
         }
-
-    def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
-        pass
-
-    def hint(self, error: Exception) -> str:
-        return "use --testscheme ENDPOINT or --no-testscheme"
 
 
 testschemed = TestSchemeDaemon()

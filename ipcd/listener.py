@@ -1,0 +1,136 @@
+"""
+A listener as a service, with public answers: L{EndpointListener} does
+StreamServerEndpointService's job (listen on an endpoint when started, stop
+listening when stopped), and tells whoever starts it what came of it
+(L{EndpointListener.listen}) and anyone who asks where it listens
+(L{EndpointListener.listening}), without Twisted's private bookkeeping.
+
+ipcd's service tree (L{ipcd.tap.IPCDService}) starts every listener itself,
+so that one that cannot listen stops the start-up in one line.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+T = TypeVar("T")
+
+
+class Outcome(Generic[T]):
+    """
+    A result that comes once (a value or a L{Failure}) and that any number
+    of callers may wait for, each with a Deferred of its own.
+    """
+
+    def __init__(self) -> None:
+        self._result: T | Failure | None = None
+        self.settled = False
+        self._waiting: list[Deferred[T]] = []
+
+    def settle(self, result: T | Failure) -> None:
+        """The result, once: later ones are ignored."""
+        if self.settled:
+            return
+        self._result, self.settled = result, True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            self._fire(d)
+
+    def wait(self) -> Deferred[T]:
+        """A Deferred of the result: fired now if it came already."""
+        d: Deferred[T] = Deferred()
+        if self.settled:
+            self._fire(d)
+        else:
+            self._waiting.append(d)
+        return d
+
+    def _fire(self, d: Deferred[T]) -> None:
+        if isinstance(self._result, Failure):
+            d.errback(self._result)
+        else:
+            d.callback(self._result)  # type: ignore[arg-type]
+
+
+class IListener(Interface):
+    """A service that listens on one endpoint, started by ipcd's tree."""
+
+    endpoint: Any = Attribute("What it listens on (an IStreamServerEndpoint).")
+    port: Any = Attribute("Its listening port once listening, else None.")
+
+    def listen() -> Deferred[Any]:
+        """
+        Listen, once (later calls answer the same): fires with the port, or
+        fails with why it cannot listen (CannotListenError, ...).
+        """
+
+    def listening() -> Deferred[Any]:
+        """Fires with the port once listening (C{getHost()} for where)."""
+
+
+@implementer(IListener)
+class EndpointListener(Service):
+    """
+    Listens on C{endpoint} with C{factory}: when privileges are still held
+    (C{privilegedStartService}), else when started.  A failure to listen is
+    the result of L{listen}; if nobody started it through L{listen}, it is
+    logged.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint: Any, factory: Any) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: Any = None
+        self._listening: Deferred[Any] | None = None
+        self._outcome: Outcome[Any] = Outcome()
+
+    def listen(self) -> Deferred[Any]:
+        if self._listening is None:
+            outcome = self._outcome
+
+            def listened(result: Any) -> None:
+                if outcome is self._outcome and not isinstance(result, Failure):
+                    self.port = result
+                outcome.settle(result)
+
+            self._listening = maybeDeferred(self.endpoint.listen, self.factory)
+            self._listening.addBoth(listened)
+        return self._outcome.wait()
+
+    def listening(self) -> Deferred[Any]:
+        return self._outcome.wait()
+
+    def privilegedStartService(self) -> None:  # noqa: N802 (Twisted's name)
+        super().privilegedStartService()
+        if self._listening is None:
+            self.listen().addErrback(self._unheard)
+
+    def startService(self) -> None:  # noqa: N802 (Twisted's name)
+        super().startService()
+        if self._listening is None:
+            self.listen().addErrback(self._unheard)
+
+    def _unheard(self, failure: Failure) -> None:
+        if not failure.check(CancelledError):
+            self.log.failure(
+                "cannot listen on {endpoint}", failure, endpoint=self.endpoint
+            )
+
+    def stopService(self) -> Deferred[None] | None:  # noqa: N802 (Twisted's name)
+        super().stopService()
+        listening, self._listening = self._listening, None
+        port, self.port = self.port, None
+        self._outcome = Outcome()
+        if port is not None:
+            return maybeDeferred(port.stopListening)
+        if listening is not None:
+            listening.cancel()  # still on its way: no port to stop
+        return None

@@ -1,0 +1,203 @@
+"""
+ipcd's listeners: built without listening, listening when the tree starts,
+saying where they listen and why they cannot, and the service tree's
+"every listener is up" hook (L{IPCDService.when_ready}).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from ipcd.daemons import StartupError
+from ipcd.listener import EndpointListener, Outcome
+from ipcd.tap import IPCDService
+from ipcd.test.support import make_config, short_rundir
+
+FACTORY = Factory.forProtocol(Protocol)
+
+
+class HeldEndpoint:
+    """An endpoint whose listen() answers when the test says."""
+
+    def __init__(self) -> None:
+        self.listens: list[Deferred[Any]] = []
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.listens.append(d)
+        return d
+
+
+def local_endpoint() -> TCP4ServerEndpoint:
+    return TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+
+
+def taken_port(case: TestCase) -> int:
+    """A port on 127.0.0.1 that a socket of this test holds."""
+    held = socket.socket()
+    case.addCleanup(held.close)
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    return held.getsockname()[1]
+
+
+def readies(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The "ipcd: ready" lines among C{events}."""
+    return [e for e in events if e.get("log_format", "").startswith("ipcd: ready")]
+
+
+class OutcomeTests(TestCase):
+    def test_everyWaiterGetsTheOneResult(self) -> None:
+        outcome: Outcome[int] = Outcome()
+        before = outcome.wait()
+        outcome.settle(1)
+        outcome.settle(2)  # later results are ignored
+        self.assertEqual(self.successResultOf(before), 1)
+        self.assertEqual(self.successResultOf(outcome.wait()), 1)
+
+
+class EndpointListenerTests(TestCase):
+    def test_builtWithoutListening(self) -> None:
+        """Building a listener opens nothing; starting it listens."""
+        endpoint = HeldEndpoint()
+        listener = EndpointListener(endpoint, FACTORY)
+        self.assertEqual(endpoint.listens, [])
+        listener.startService()
+        self.assertEqual(len(endpoint.listens), 1)
+
+    @inlineCallbacks
+    def test_listenGivesThePort(self) -> Any:
+        listener = EndpointListener(local_endpoint(), FACTORY)
+        waiting = listener.listening()
+        port = yield listener.listen()
+        self.addCleanup(listener.stopService)
+        self.assertIs(listener.port, port)
+        self.assertIs((yield waiting), port)
+        self.assertIs((yield listener.listening()), port)
+        self.assertIs((yield listener.listen()), port)  # once: the same port
+
+    def test_failureIsListensResult(self) -> None:
+        """Whoever starts it through listen() learns why it cannot listen."""
+        port = taken_port(self)
+        endpoint = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
+        listener = EndpointListener(endpoint, FACTORY)
+        failure = self.failureResultOf(listener.listen(), CannotListenError)
+        self.assertEqual(failure.value.socketError.errno, errno.EADDRINUSE)
+        self.failureResultOf(listener.listening(), CannotListenError)
+        self.assertIsNone(listener.port)
+
+    @inlineCallbacks
+    def test_stopClosesThePort(self) -> Any:
+        listener = EndpointListener(local_endpoint(), FACTORY)
+        listener.startService()
+        port = yield listener.listening()
+        address = port.getHost()
+        yield listener.stopService()
+        self.assertIsNone(listener.port)
+        probe = socket.socket()
+        self.addCleanup(probe.close)
+        probe.bind((address.host, address.port))  # free again
+
+    def test_stopWhileListeningCancels(self) -> None:
+        endpoint = HeldEndpoint()
+        listener = EndpointListener(endpoint, FACTORY)
+        listener.startService()
+        listener.stopService()
+        self.assertTrue(endpoint.listens[0].called)  # cancelled
+
+
+class ReadinessTests(TestCase):
+    """
+    The tree's hook for "ipcd serves": fired once, after every listener is
+    up (what a readiness notification, systemd's say, needs).
+    """
+
+    def service(self) -> IPCDService:
+        service = IPCDService(make_config(short_rundir(self)), reactor)
+        self.addCleanup(lambda: service.running and service.stopService())
+        return service
+
+    def started_with_held_listener(
+        self,
+    ) -> tuple[IPCDService, Deferred[Any], list[dict[str, Any]]]:
+        """
+        ipcd started with one more listener, whose endpoint has not answered
+        (the Deferred to answer it), and the events logged from then on.
+        """
+        service = self.service()
+        endpoint = HeldEndpoint()
+        EndpointListener(endpoint, FACTORY).setServiceParent(service)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service.startService()
+        return service, endpoint.listens[0], events
+
+    def test_builtWithoutListening(self) -> None:
+        """The tree is built with nothing open; starting it listens."""
+        rundir = short_rundir(self)
+        config = make_config(rundir, tcpd={"listen": "tcp:0:interface=127.0.0.1"})
+        service = IPCDService(config, reactor)
+        self.addCleanup(lambda: service.running and service.stopService())
+        self.assertEqual(os.listdir(rundir), [])
+        self.assertIsNone(service.getServiceNamed("tcpd").listener.port)
+        service.startService()
+        self.assertTrue(all(map(os.path.exists, service.socket_paths())))
+        self.assertIsNotNone(service.getServiceNamed("tcpd").listener.port)
+
+    def test_readyOnlyOnceEveryListenerIsUp(self) -> None:
+        service, answer, lines = self.started_with_held_listener()
+        ready = service.when_ready()
+        self.assertNoResult(ready)
+        self.assertNoResult(service.when_listening())
+        self.assertEqual(readies(lines), [])
+        answer.callback(FakePort())
+        addresses = self.successResultOf(ready)
+        self.assertIn("pongd", addresses)
+        self.assertEqual(len(readies(lines)), 1)
+
+    def test_lateFailureFailsReadiness(self) -> None:
+        """A listener that fails after start-up: readiness fails, one line."""
+        service, answer, events = self.started_with_held_listener()
+        answer.errback(
+            CannotListenError("127.0.0.1", 1, OSError(errno.EADDRINUSE, "in use"))
+        )
+        self.failureResultOf(service.when_ready(), CannotListenError)
+        said = [e for e in events if e.get("log_level") and e.get("why")]
+        self.assertEqual(len(said), 1)
+        self.assertIn("cannot listen on 127.0.0.1:1", said[0]["why"])
+
+    def test_startFailureRaisesOneLine(self) -> None:
+        """A listener that cannot listen at start: StartupError, nothing open."""
+        service = self.service()
+        port = taken_port(self)
+        endpoint = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
+        EndpointListener(endpoint, FACTORY).setServiceParent(service)
+        error = self.assertRaises(StartupError, service.privilegedStartService)
+        self.assertIn(f"cannot listen on 127.0.0.1:{port}", str(error))
+        self.assertNotIn("\n", str(error))
+        for path in service.socket_paths():
+            self.assertFalse(os.path.exists(path), path)
+
+
+class FakePort:
+    """A listening port's face: where it listens, and stopping."""
+
+    def getHost(self) -> Any:  # noqa: N802 (Twisted's name)
+        from twisted.internet.address import IPv4Address
+
+        return IPv4Address("TCP", "127.0.0.1", 1)
+
+    def stopListening(self) -> None:  # noqa: N802 (Twisted's name)
+        pass
