@@ -26,7 +26,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from ipcd import relay
 from ipcd.relay import (
     READ_SIZE,
     IRelayEngine,
@@ -34,6 +33,7 @@ from ipcd.relay import (
     RelayStats,
     SocketRelays,
     TransportRelays,
+    pipes,
 )
 from ipcd.test.support import TIMEOUT, assert_no_fd_leak, fd_baseline, wait_until
 from ipcd.testing import MemoryRelays
@@ -239,7 +239,7 @@ class SocketEngineTests(TestCase):
             refused.append(args)
             raise OSError(errno.EINVAL, "Invalid argument")
 
-        self.patch(relay.os, "splice", no_splice)
+        self.patch(pipes.os, "splice", no_splice)
         warnings: list[dict[str, Any]] = []
         log.addObserver(warnings.append)
         self.addCleanup(log.removeObserver, warnings.append)
