@@ -2,6 +2,18 @@
 The sockets of L{ipcd.relay.sockets.SocketRelays}' relays (L{Side}), the
 engine's own epoll that watches the idle ones for hangups (L{Watch}), and
 the sizes the engine works with.
+
+A side is always watched for a hangup: while it is read or written, by the
+reactor's poller; while it is neither, it sits in the engine's own epoll
+with an empty mask (which reports only hangups and errors), and that epoll
+is one more reader in the reactor:
+
+  - an error (a TCP reset; an AF_UNIX peer that closed without reading all
+    we sent it) ends the relay at once;
+  - a hangup without an error (an AF_UNIX peer that closed; both halves of a
+    TCP connection shut) means the far end takes nothing more: the
+    direction towards it is over, and what it sent before is still
+    delivered, then the relay ends.
 """
 
 from __future__ import annotations
@@ -112,6 +124,24 @@ class Side:
         self.pipe: tuple[int, int, int] | None = None
         self.piped = 0
 
+    @classmethod
+    def of(
+        cls, engine: SocketRelays, end: Any, stats: RelayStats, forward: bool
+    ) -> Side:
+        """A side for a socket, or for a secured end (with its codec)."""
+        if isinstance(end, socket.socket):
+            return cls(engine, end, stats, forward)
+        sock, codec, unsent = end.relay_end(engine)
+        side = cls(engine, sock, stats, forward, codec)
+        if unsent:
+            side.pending = memoryview(unsent)  # encoded before the join: first
+        return side
+
+    def owe(self, data: Any) -> None:
+        """Keep (a copy of) C{data}, encoded, for this socket, after what it is owed."""
+        owed = self.pending.tobytes() if self.pending else b""
+        self.pending = memoryview(owed + bytes(data))
+
     @property
     def owed(self) -> bool:
         """Bytes for this socket that it has not taken yet (kept, or in a pipe)."""
@@ -154,6 +184,18 @@ class Side:
         # registered (and has unregistered it).
         self.where &= ~(READ | WRITE)
         self.engine._hangup(self, None)
+
+    def farewell(self) -> None:
+        """
+        The relay ends: the codec says its own EOF (a close_notify) if it
+        goes at once, so the far end sees an end, not a truncation.  What
+        the side was still owed is dropped.
+        """
+        self.shut = True
+        try:
+            self.sock.send(self.codec.close())
+        except OSError:
+            pass  # gone already, or full: it is closed anyway
 
 
 @implementer(IReadDescriptor)

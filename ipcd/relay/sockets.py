@@ -13,21 +13,12 @@ the direction streams, and goes through a pipe with splice(2) instead
 (L{ipcd.relay.pipes}), so its bytes are not copied into ipcd (a pipe holds
 at most one read too).  What the receiver does not take is kept, and the
 sender is not read again until it is flushed.  A side is always watched
-for a hangup: while it is neither read nor written, it sits in the
-engine's own epoll with an empty mask (which reports only hangups and
-errors), and that epoll is one more reader in the reactor:
-
-  - an error (a TCP reset; an AF_UNIX peer that closed without reading all
-    we sent it) ends the relay at once;
-  - a hangup without an error (an AF_UNIX peer that closed; both halves of a
-    TCP connection shut) means the far end takes nothing more: the
-    direction towards it is over, and what it sent before is still
-    delivered, then the relay ends;
-  - a plain FIN is a half-close: found by the read that returns 0, in order
-    after the data, and passed on as C{shutdown(SHUT_WR)} (to a side with a
-    codec, as the codec's own EOF: TLS's close_notify).  A codec's EOF
-    (a close_notify) is passed on alike; a TCP EOF under TLS without one
-    is a truncation, and ends the relay as a reset does.
+for a hangup, even while it is neither read nor written (how each is taken:
+L{ipcd.relay.sides}).  A plain FIN is a half-close: found by the read that
+returns 0, in order after the data, and passed on as C{shutdown(SHUT_WR)}
+(to a side with a codec, as the codec's own EOF: TLS's close_notify).  A
+codec's EOF (a close_notify) is passed on alike; a TCP EOF under TLS
+without one is a truncation, and ends the relay as a reset does.
 
 A receiver that never reads, behind a sender that has half-closed or hung
 up, is the one case left; the idle deadline (C{join}'s C{idle_timeout})
@@ -125,8 +116,8 @@ class SocketRelays(Pipes, RelayEngine):
 
     def _relay(self, join: Join) -> None:
         stats = join.stats
-        side_a = self._side(join.a, stats, True)
-        side_b = self._side(join.b, stats, False)
+        side_a = Side.of(self, join.a, stats, True)
+        side_b = Side.of(self, join.b, stats, False)
         side_a.peer, side_b.peer = side_b, side_a
         self._sides[side_a.fd] = side_a
         self._sides[side_b.fd] = side_b
@@ -138,23 +129,13 @@ class SocketRelays(Pipes, RelayEngine):
             for side, data in ((side_a, join.greeting), (side_b, join.early)):
                 if data:
                     codec = side.codec
-                    self._owe(side, data if codec is None else codec.seal(data))
+                    side.owe(data if codec is None else codec.seal(data))
                 if side.pending:
                     self._write(side)
         except Exception as e:
             self._error(side_a, e)
             return
         self._settle(side_a)
-
-    def _side(self, end: Any, stats: RelayStats, forward: bool) -> Side:
-        """A side for a socket, or for a secured end (with its codec)."""
-        if isinstance(end, socket.socket):
-            return Side(self, end, stats, forward)
-        sock, codec, unsent = end.relay_end(self)
-        side = Side(self, sock, stats, forward, codec)
-        if unsent:
-            side.pending = memoryview(unsent)  # encoded before the join: first
-        return side
 
     def abort(self, stats: RelayStats) -> None:
         for side in list(self._sides.values()):
@@ -237,7 +218,7 @@ class SocketRelays(Pipes, RelayEngine):
             count = codec.read(side)
             made = codec.made()
             if made:  # its answer on the same socket (a TLS key update's)
-                self._owe(side, made)
+                side.owe(made)
                 self._write(side)
             if not count:
                 if side.eof:
@@ -296,11 +277,6 @@ class SocketRelays(Pipes, RelayEngine):
         if not side.owed and side.peer.eof:
             self._shut(side)
 
-    def _owe(self, side: Side, data: Any) -> None:
-        """Keep (a copy of) C{data}, encoded, for C{side}: after what it is owed."""
-        owed = side.pending.tobytes() if side.pending else b""
-        side.pending = memoryview(owed + bytes(data))
-
     def _eof(self, side: Side) -> None:
         """C{side}'s far end sent EOF: pass it on once the peer has the rest."""
         side.eof = True
@@ -322,7 +298,7 @@ class SocketRelays(Pipes, RelayEngine):
         # The codec's own EOF (TLS's half-close: the TCP stays open for it).
         closing = codec.close()
         if closing:
-            self._owe(side, closing)
+            side.owe(closing)
             self._write(side)
 
     def _count(self, side: Side, count: int) -> None:
@@ -402,7 +378,7 @@ class SocketRelays(Pipes, RelayEngine):
                 self.log.failure("unregistering a relay's socket", Failure())
             each.pending = NOTHING
             if each.codec is not None and not each.shut and not each.hup:
-                _farewell(each)
+                each.farewell()
             self._close_pipe(each)
             each.sock.close()
         ended(side.stats)
@@ -472,16 +448,3 @@ class SocketRelays(Pipes, RelayEngine):
         for side in list(self._sides.values()):
             if side.forward and side.timeout and not side.where & CLOSED:
                 yield side.stats, side.timeout, side
-
-
-def _farewell(side: Side) -> None:
-    """
-    A relay ends: C{side}'s codec says its own EOF (a close_notify) if it
-    goes at once, so the far end sees an end, not a truncation.  What the
-    side was still owed is dropped.
-    """
-    side.shut = True
-    try:
-        side.sock.send(side.codec.close())
-    except OSError:
-        pass  # gone already, or full: it is closed anyway
