@@ -78,8 +78,11 @@ class ICodec(Interface):
         stream's own end (a close_notify) it sets C{side.eof}.
         """
 
-    def made() -> bytes:
-        """What the last read made the codec answer on the same socket."""
+    def made() -> Any:
+        """
+        What the last read made the codec answer on the same socket (bytes
+        or a view of a shared buffer; empty: nothing).
+        """
 
     def seal(data: memoryview) -> memoryview:
         """
@@ -87,8 +90,8 @@ class ICodec(Interface):
         it may be a view of a shared buffer).
         """
 
-    def close() -> bytes:
-        """The codec's own EOF for the socket (a close_notify), encoded."""
+    def close() -> Any:
+        """The codec's own EOF for the socket (a close_notify), encoded, as L{made}."""
 
 
 class RelayEnded(Exception):

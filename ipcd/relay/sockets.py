@@ -1,28 +1,23 @@
 """
 The socket relay engine, L{SocketRelays}: it joins two connected raw
 sockets, each a plain non-blocking socket watched by the reactor's own
-poller (C{addReader}/C{addWriter}), with no thread of its own.  tcpd,
-udpd and websocketd relay plain sockets with it; tlsd relays a TLS
-connection and a plain socket with it, the TLS side's socket carrying a
-codec (L{ipcd.relay.engine.ICodec}, in L{ipcd.transports.tlsrelay}) that
-turns records into plaintext and back, a batch at a time.
+poller (C{addReader}/C{addWriter}), with no thread of its own.  tlsd's
+relays are this engine too: the TLS side's socket carries a codec
+(L{ipcd.relay.engine.ICodec}; L{ipcd.transports.tlsrelay}).
 
 Each direction reads up to L{READ_SIZE} bytes and sends them on at once;
 once a read between two plain sockets brings L{SPLICE_AT} bytes or more,
-the direction streams, and goes through a pipe with splice(2) instead
-(L{ipcd.relay.pipes}), so its bytes are not copied into ipcd (a pipe holds
-at most one read too).  What the receiver does not take is kept, and the
+the direction goes through a pipe with splice(2) instead
+(L{ipcd.relay.pipes}).  What the receiver does not take is kept, and the
 sender is not read again until it is flushed.  A side is always watched
-for a hangup, even while it is neither read nor written (how each is taken:
-L{ipcd.relay.sides}).  A plain FIN is a half-close: found by the read that
-returns 0, in order after the data, and passed on as C{shutdown(SHUT_WR)}
-(to a side with a codec, as the codec's own EOF: TLS's close_notify).  A
-codec's EOF (a close_notify) is passed on alike; a TCP EOF under TLS
-without one is a truncation, and ends the relay as a reset does.
-
-A receiver that never reads, behind a sender that has half-closed or hung
-up, is the one case left; the idle deadline (C{join}'s C{idle_timeout})
-ends a relay on which no byte has moved for that long.
+for a hangup (L{ipcd.relay.sides}).  A FIN is a half-close: found by the
+read that returns 0, after the data, and passed on as C{shutdown(SHUT_WR)}
+(or as a codec's own EOF: TLS's close_notify).  A codec's EOF is passed on
+alike; a TCP EOF under TLS without a close_notify is a truncation, and
+ends the relay as a reset does.  A receiver that never reads, behind a
+sender that has half-closed or hung up, is the one case left: the idle
+deadline (C{join}'s C{idle_timeout}) ends a relay on which no byte has
+moved for that long.
 """
 
 from __future__ import annotations
@@ -77,7 +72,10 @@ class SocketRelays(Pipes, RelayEngine):
         # What codecs of one kind share on this engine (their buffers): all
         # used in the reactor's thread, one event at a time.
         self.shared: dict[Any, Any] = {}
+        # The engine's epoll, a reader in the reactor only while it has
+        # relays: an engine started and idle costs the reactor nothing.
         self._watch: Watch | None = None
+        self._running = False
         self._idle = IdleSweep(self._clock, self.log, self._timed, self._end)
         self._splice = True  # until the kernel refuses it
         self.max_pipes = MAX_PIPES
@@ -87,19 +85,17 @@ class SocketRelays(Pipes, RelayEngine):
     # IRelayEngine
 
     def start(self) -> None:
-        if self._watch is not None:
-            return
+        self._running = True
         self.failure = None
-        self._watch = Watch(self)
-        self._reactor.addReader(self._watch)
 
     def stop(self) -> None:
         """Close every relay; joins from now on are refused."""
+        self._running = False
         self._close_all()
         self._unwatch()
 
     def _accepting(self) -> bool:
-        return self._watch is not None
+        return self._running
 
     def _refuse(self, join: Join) -> None:
         stats = join.stats
@@ -115,6 +111,9 @@ class SocketRelays(Pipes, RelayEngine):
         ended(stats)
 
     def _relay(self, join: Join) -> None:
+        if self._watch is None:
+            self._watch = Watch(self)
+            self._reactor.addReader(self._watch)
         stats = join.stats
         side_a = Side.of(self, join.a, stats, True)
         side_b = Side.of(self, join.b, stats, False)
@@ -381,6 +380,8 @@ class SocketRelays(Pipes, RelayEngine):
                 each.farewell()
             self._close_pipe(each)
             each.sock.close()
+        if not self._sides:
+            self._unwatch()
         ended(side.stats)
 
     def _error(self, side: Side, error: Exception) -> None:
@@ -421,6 +422,7 @@ class SocketRelays(Pipes, RelayEngine):
         """
         if self._watch is None:
             return
+        self._running = False
         self.failure = f"the relay engine failed: {reason.getErrorMessage()}"
         self.log.failure(
             "the relay engine failed; closing its {count} relays and refusing new ones",
