@@ -28,7 +28,7 @@ from ipcd.config import Config, boolean
 from ipcd.daemons import Flag, IProtocolDaemon, Setting
 from ipcd.errors import Refused
 from ipcd.identity import Peer
-from ipcd.relay import IRelayEngine, RelayStats, began, ended
+from ipcd.relay import IRelayEngine, Join, RelayEngine, RelayStats, ended
 
 # ---------------------------------------------------------------------------
 # Lookups: a fake broker behind ipcd's lookup protocol, and a UNIX transport
@@ -249,27 +249,21 @@ class FakeProtocolDaemon:
 
 
 # --- Relays: a fake relay engine -----------------------------------------
-@dataclass
-class JoinedRelay:
-    """One relay a L{MemoryRelays} was asked for, as it was asked."""
-
-    a: Any
-    b: Any
-    stats: RelayStats
-    greeting: bytes
-    early: bytes
-    idle_timeout: float
+# One relay a MemoryRelays was asked for, as it was asked (a, b, stats,
+# greeting, early, idle_timeout).
+JoinedRelay = Join
 
 
 @implementer(IRelayEngine)
-class MemoryRelays:
+class MemoryRelays(RelayEngine):
     """
     A relay engine that relays nothing: it records each join (in
     C{joined}, the live ones in C{live}), keeps the stats in their registry
-    and counts C{early} as forward, as a real engine does; L{end} ends a
-    relay as if it had closed (registry, C{on_end}).  C{closed} lists the
-    ends it was told to close (by L{end}, C{abort}, C{stop} or a refused
-    join); it calls C{close()} on those that have one.
+    and counts C{early} as forward, as a real engine does (its C{join} is
+    theirs); L{end} ends a relay as if it had closed (registry,
+    C{on_end}).  C{closed} lists the ends it was told to close (by L{end},
+    C{abort}, C{stop} or a refused join); it calls C{close()} on those that
+    have one.
     """
 
     def __init__(self) -> None:
@@ -287,26 +281,17 @@ class MemoryRelays:
         for stats in list(self.live):
             self.end(stats)
 
-    def join(
-        self,
-        a: Any,
-        b: Any,
-        stats: RelayStats | None = None,
-        greeting: bytes = b"",
-        early: bytes = b"",
-        idle_timeout: float = 0.0,
-    ) -> RelayStats:
-        stats = stats if stats is not None else RelayStats()
-        relay = JoinedRelay(a, b, stats, greeting, early, idle_timeout)
-        self.joined.append(relay)
-        if not self.running:
-            self._close(relay)
-            ended(stats)
-            return stats
-        began(stats)
-        stats.forward += len(early)
-        self.live[stats] = relay
-        return stats
+    def _accepting(self) -> bool:
+        return self.running
+
+    def _refuse(self, join: JoinedRelay) -> None:
+        self.joined.append(join)
+        self._close(join)
+        ended(join.stats)
+
+    def _relay(self, join: JoinedRelay) -> None:
+        self.joined.append(join)
+        self.live[join.stats] = join
 
     def abort(self, stats: RelayStats) -> None:
         self.end(stats)

@@ -30,6 +30,7 @@ from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.compat import twisted as compat_twisted
 from ipcd.config import Invalid, check_server_endpoint
 from ipcd.daemons import settings_of
+from ipcd.relay import RelayEnded
 from ipcd.tap import Options
 from ipcd.test.support import (
     bounce,
@@ -48,7 +49,7 @@ from ipcd.test.tlssupport import ALICE_KEY, TestCA, start_tls_host
 from ipcd.test.wssupport import BINARY, TEXT, start_ws_host
 from ipcd.transports import tls as tls_module
 from ipcd.transports.tlsmaterial import MaterialError, read_material
-from ipcd.transports.tlsrelay import TlsSocketRelays, _Failed
+from ipcd.transports.tlsrelay import tls_failure
 from ipcd.wire import encode
 
 OK = b"ok"
@@ -253,12 +254,8 @@ class TlsFallbackTests(Missing, TlsTestCase):
     def test_errorNamedByNumber(self) -> None:
         """Without C{_raise_ssl_error}, a TLS error is named by OpenSSL's number."""
         self.missing(compat_pyopenssl.RAISE_SSL_ERROR)
-
-        class Side:
-            connection = ssl = None
-
-        engine = TlsSocketRelays(object())
-        error = self.assertRaises(_Failed, engine._tls_error, Side(), -1, 1)
+        error = tls_failure(None, None, -1, 1)
+        self.assertIsInstance(error, RelayEnded)
         self.assertEqual(str(error), "TLS error: 'SSL_get_error 1'")
 
     @inlineCallbacks

@@ -26,7 +26,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from ipcd import relay
 from ipcd.relay import (
     READ_SIZE,
     IRelayEngine,
@@ -34,7 +33,9 @@ from ipcd.relay import (
     RelayStats,
     SocketRelays,
     TransportRelays,
+    pipes,
 )
+from ipcd.relay.sides import Watch
 from ipcd.test.support import TIMEOUT, assert_no_fd_leak, fd_baseline, wait_until
 from ipcd.testing import MemoryRelays
 
@@ -131,7 +132,7 @@ class SocketEngineTests(TestCase):
         self.engine = SocketRelays(reactor)
         self.engine.start()
         self.addCleanup(self.engine.stop)
-        self.before = yield fd_baseline()  # the engine's own epoll included
+        self.before = yield fd_baseline()  # no epoll yet: the engine has no relays
         self.registry: set[RelayStats] = set()
 
     def join(
@@ -239,7 +240,7 @@ class SocketEngineTests(TestCase):
             refused.append(args)
             raise OSError(errno.EINVAL, "Invalid argument")
 
-        self.patch(relay.os, "splice", no_splice)
+        self.patch(pipes.os, "splice", no_splice)
         warnings: list[dict[str, Any]] = []
         log.addObserver(warnings.append)
         self.addCleanup(log.removeObserver, warnings.append)
@@ -335,6 +336,26 @@ class SocketEngineTests(TestCase):
         self.assertEqual((yield deferToThread(service2.recv, 100)), b"still here")
 
     @inlineCallbacks
+    def test_idleEngineHoldsNothing(self) -> Any:
+        """
+        Started with no relays, the engine has no reader in the reactor and
+        no fd (tlsd's starts with the broker, used or not); its epoll comes
+        with the first relay and goes with the last.
+        """
+
+        def watching() -> bool:
+            return any(isinstance(r, Watch) for r in reactor.getReaders())
+
+        self.assertFalse(watching())
+        stats, client, service = self.join()
+        self.assertTrue(watching())
+        client.close()
+        service.close()
+        yield wait_until(lambda: not self.registry, "the relay to end")
+        self.assertFalse(watching())
+        yield assert_no_fd_leak(self.before)
+
+    @inlineCallbacks
     def test_engineFailure(self) -> Any:
         """
         The engine's own epoll fails: every relay it holds is closed and
@@ -366,6 +387,7 @@ class SocketEngineTests(TestCase):
         refused = RelayStats(registry=self.registry)
         self.engine.join(a, b, refused)
         self.assertEqual((a.fileno(), b.fileno(), self.registry), (-1, -1, set()))
+        service.close()  # the test's own (client is closed above)
         yield assert_no_fd_leak(self.before)
 
 

@@ -5,6 +5,7 @@ C{ipc:} endpoint strings) and the files that make them ship.
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import subprocess
@@ -137,6 +138,21 @@ class SourceTreeTests(SynchronousTestCase):
             self.assertFalse(
                 os.path.exists(os.path.join(tree, path)), f"{path} must not exist"
             )
+
+    def test_everyPackageShips(self) -> None:
+        """
+        Each package in the tree is named in setup.cfg's C{packages} (the
+        list is explicit, for C{twisted.plugins}): a package left out would
+        be missing from an install.
+        """
+        tree = source_tree()
+        config = configparser.ConfigParser()
+        config.read(os.path.join(tree, "setup.cfg"))
+        listed = set(config["options"]["packages"].split())
+        for top, _, files in os.walk(os.path.join(tree, "ipcd")):
+            if "__init__.py" in files:
+                name = os.path.relpath(top, tree).replace(os.sep, ".")
+                self.assertIn(name, listed, "missing from setup.cfg's packages")
 
 
 class InstalledTests(SynchronousTestCase):

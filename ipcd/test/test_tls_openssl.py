@@ -17,6 +17,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from ipcd.test.support import free_port, lookup, recv_upto, wait_until
+from ipcd.test.tcpsupport import digest_service
 from ipcd.test.test_tls import TlsTestCase
 from ipcd.test.tlssupport import ALICE_KEY, start_tls_host
 from ipcd.wire import encode
@@ -134,6 +135,42 @@ class KeyUpdateTests(TlsTestCase):
             message = encode(b"after key update %d" % n)
             client.transport.write(message)
             yield client.said(message)
+
+
+class TruncationTests(TlsTestCase):
+    """
+    A TLS peer's TCP EOF without a close_notify (C{openssl s_client}
+    killed) is a truncation, not an EOF: the relay on raw sockets ends at
+    once, though the service keeps its side open (an EOF would reach the
+    service as a half-close, and the relay would wait for it).
+    """
+
+    @inlineCallbacks
+    def test_truncationEndsRelay(self) -> Any:
+        b = yield self.psk_server(["allow in digest psk:alice"], alice=ALICE_KEY)
+        service = digest_service(self, b.rundir, "digest", on_eof="ignore")
+        client = run_openssl(
+            self,
+            *("s_client", "-connect", f"127.0.0.1:{b.port}", "-tls1_3"),
+            *("-psk", ALICE_KEY, "-psk_identity", "alice", "-quiet", "-nocommands"),
+        )
+        client.transport.write(b"digest")
+        yield client.said(b"ok")
+        yield wait_until(
+            lambda: len(b.tls_state.socket_relays.sides()) == 2,
+            "the relay on raw sockets",
+        )
+        client.transport.write(b"ten bytes!")
+        yield wait_until(
+            lambda: sum(c.count for c in service.connections) == 10,
+            "the bytes to reach the service",
+        )
+        client.transport.signalProcess("KILL")
+        yield wait_until(lambda: not b.broker.relays, "the relay to end")
+        self.assertEqual(b.tls_state.socket_relays.sides(), [])
+        # The service's socket was closed under it: it reads an end.
+        [digest] = service.connections
+        yield wait_until(lambda: digest.eof, "the service to read the end")
 
 
 class ServerInteropTests(TlsTestCase):

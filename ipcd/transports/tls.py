@@ -75,7 +75,7 @@ from ipcd.transports.tlsmaterial import (
     read_material,
     verify_error,
 )
-from ipcd.transports.tlsrelay import TlsSocketRelays, detach, socket_of
+from ipcd.transports.tlsrelay import detach, socket_of
 
 SCHEME = "tls"
 SECTION = "tlsd"
@@ -163,8 +163,8 @@ def _relay_over(
 ) -> None:
     """
     Relay TLS connection C{tls} and the connected socket C{sock} (closed
-    here): on their raw sockets (L{TlsSocketRelays}) when the TLS connection
-    can leave Twisted, else through Twisted's transports.
+    here): on their raw sockets (L{SocketRelays}, with a TLS codec) when
+    the TLS connection can leave Twisted, else through Twisted's transports.
 
     The switch waits for the reactor's next turn: this is called from
     within Twisted's TLS, which goes on reading its memory BIO when this
@@ -401,7 +401,7 @@ class TlsState:
     def __init__(self, broker: Any) -> None:
         self.broker = broker
         self.relays = TransportRelays(broker.reactor)
-        self.socket_relays = TlsSocketRelays(broker.reactor)
+        self.socket_relays = SocketRelays(broker.reactor)
         self._config: Any = None
         self._material: Material | None = None
         self._server: ServerCreator | None = None

@@ -1,13 +1,15 @@
 """
 tlsd's fast relay: a TLS connection and a plain socket, both raw sockets on
-the reactor's poller, with no Twisted transport on either side.
+the reactor's poller, with no Twisted transport on either side, relayed by
+the one socket engine (L{ipcd.relay.SocketRelays}) with a TLS codec
+(L{TlsCodec}) on the TLS side's socket.
 
 Twisted's L{TLSMemoryBIOProtocol} does the handshake and the request; then
 L{detach} takes the TCP socket and the pyOpenSSL Connection (with its
 memory BIOs and all of OpenSSL's state: keys, sequence numbers, tickets)
 out of Twisted.  From there an event costs one C{recv} or C{send} and the
 C{SSL_read}s or C{SSL_write} it needs, called straight through the
-bindings into one reused buffer, instead of Twisted's TLS and transport
+bindings into the engine's buffer, instead of Twisted's TLS and transport
 machinery (a memory-BIO round, a transport buffer and two poller changes
 per record); a read takes every record the socket holds at once.
 
@@ -16,52 +18,33 @@ is safe: handshake done, nothing Twisted still holds to encrypt, nothing
 decrypted that OpenSSL has not handed out.  Records Twisted made and had
 not sent yet go first.
 
-L{TlsSocketRelays} is the engine (an L{IRelayEngine}): at most one read
-held per direction (backpressure), an EOF passed on after the bytes before
-it (a plain side's EOF as a TLS close_notify, a close_notify or TCP EOF as
-C{shutdown(SHUT_WR)} on the plain side), a reset or a TLS error ends the
-relay, and so does a TCP EOF without a close_notify (a truncation is not
-an EOF), an idle deadline ends a relay on which nothing moved.  A side is
-watched for hangups only while it is read or written.
+On the engine, a plain side's EOF goes to the TLS side as a close_notify,
+a close_notify on to the plain side as C{shutdown(SHUT_WR)}; a TCP EOF
+without a close_notify (a truncation is not an EOF) and a TLS error end
+the relay; a relay that ends sends a close_notify if it goes at once.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from OpenSSL.SSL import OP_NO_RENEGOTIATION, Connection, WantReadError
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.compat import twisted as compat_twisted
-from ipcd.relay import (
-    _GONE,
-    _NOTHING,
-    READ_SIZE,
-    IdleSweep,
-    IRelayEngine,
-    RelayStats,
-    began,
-    ended,
-    take_socket,
-)
+from ipcd.relay import ICodec, RelayEnded, SocketRelays, take_socket
+from ipcd.relay.sides import GONE, NOTHING
 
 _lib, _ffi = compat_pyopenssl.bindings()
 # OpenSSL's numbers (ssl.h), should the bindings stop naming them.
 _WANT_READ = getattr(_lib, "SSL_ERROR_WANT_READ", 2)
-_WANT_WRITE = getattr(_lib, "SSL_ERROR_WANT_WRITE", 3)
 _ZERO_RETURN = getattr(_lib, "SSL_ERROR_ZERO_RETURN", 6)
 _SYSCALL = getattr(_lib, "SSL_ERROR_SYSCALL", 5)
-
-log = Logger()
 
 
 def socket_of(transport: Any) -> FileDescriptor | None:
@@ -85,6 +68,13 @@ class Secured:
     into: Any
     out: Any
     unsent: bytes = b""
+
+    def relay_end(self, engine: SocketRelays) -> tuple[socket.socket, TlsCodec, bytes]:
+        """For C{engine}: the socket, its TLS codec, the records owed first."""
+        return self.sock, TlsCodec(self, _buffers(engine)), self.unsent
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def detach(tls: Any) -> Secured | str:
@@ -139,224 +129,63 @@ def _not_detachable(tls: Any) -> str:
     return ""
 
 
-class _Failed(Exception):
-    """A TLS error: the relay ends, and this says why."""
-
-
-@implementer(IReadDescriptor, IWriteDescriptor)
-class _Side:
-    """One socket of a relay: plain, or TLS (C{ssl} set)."""
-
-    __slots__ = (
-        "engine",
-        "sock",
-        "fd",
-        "connection",
-        "ssl",
-        "into",
-        "out",
-        "peer",
-        "stats",
-        "forward",
-        "pending",
-        "raw",
-        "eof",
-        "hup",
-        "shut",
-        "reading",
-        "writing",
-        "closed",
-        "timeout",
-    )
-
-    def __init__(
-        self, engine: TlsSocketRelays, end: Any, stats: RelayStats, forward: bool
-    ) -> None:
-        self.engine = engine
-        if isinstance(end, Secured):
-            self.sock, self.connection = end.sock, end.connection
-            self.ssl, self.into, self.out = end.ssl, end.into, end.out
-            self.raw = memoryview(end.unsent)  # records for the socket
-        else:
-            self.sock, self.connection, self.ssl = end, None, None
-            self.into = self.out = None
-            self.raw = _NOTHING
-        self.fd = self.sock.fileno()
-        self.peer: _Side = self
-        self.stats = stats
-        self.forward = forward
-        self.pending = _NOTHING  # for this socket, not yet taken
-        self.eof = False  # its far end sends no more
-        self.hup = False  # ... and takes nothing more
-        self.shut = False  # the EOF was passed on to it
-        self.reading = self.writing = self.closed = False
-        self.timeout = 0.0
-
-    @property
-    def owed(self) -> bool:
-        """Bytes for this socket it has not taken: plaintext, or records."""
-        return bool(self.pending) or bool(self.raw)
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def logPrefix(self) -> str:  # noqa: N802 (Twisted's name)
-        return "tls relay"
-
-    def doRead(self) -> None:  # noqa: N802 (Twisted's name)
-        self.engine._event(self, self.engine._read)
-
-    def doWrite(self) -> None:  # noqa: N802 (Twisted's name)
-        self.engine._event(self, self.engine._flush)
-
-    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
-        # The poller saw a hangup: the reactor has unregistered this side.
-        self.reading = self.writing = False
-        self.eof = self.hup = True
-        self.pending = _NOTHING
-        self.engine._settle(self)
-
-
-@implementer(IRelayEngine)
-class TlsSocketRelays:
+class _Buffers:
     """
-    Relays between a L{Secured} TLS connection and a plain connected socket
-    (either may be side A), on the reactor's poller.
+    What the TLS codecs of one engine share: its buffer (what they decrypt
+    into), records read (at most half a buffer, so that what they decrypt
+    to, with a record begun in an earlier read, always fits) and records
+    made (a buffer of plaintext and their overhead).
     """
 
-    log = log
+    def __init__(self, plain: bytearray) -> None:
+        self.size = len(plain)
+        self.plain = _ffi.from_buffer(plain)
+        self.records = bytearray(len(plain) // 2)
+        self.records_pointer = _ffi.from_buffer(self.records)
+        self.sealed = bytearray(len(plain) + len(plain) // 8)
+        self.sealed_pointer = _ffi.from_buffer(self.sealed)
 
-    def __init__(self, reactor: Any, clock: Any = None) -> None:
-        self._reactor = reactor
-        self._clock = clock if clock is not None else reactor
-        self._sides: set[_Side] = set()
-        self._buffer = bytearray(READ_SIZE)
-        self._view = memoryview(self._buffer)
-        self._pointer = _ffi.from_buffer(self._buffer)
-        # Records read: at most half a buffer, so that what they decrypt to
-        # (with a record begun in an earlier read) always fits in _buffer.
-        self._records = bytearray(READ_SIZE // 2)
-        self._records_pointer = _ffi.from_buffer(self._records)
-        # Records made, to send: a buffer of plaintext and their overhead.
-        self._sealed = bytearray(READ_SIZE + READ_SIZE // 8)
-        self._sealed_pointer = _ffi.from_buffer(self._sealed)
-        self._running = False
-        self._idle = IdleSweep(self._clock, self.log, self._timed, self._end)
-        self.failure: str | None = None
 
-    # IRelayEngine
+def _buffers(engine: SocketRelays) -> _Buffers:
+    shared = engine.shared.get(_Buffers)
+    if shared is None:
+        shared = engine.shared[_Buffers] = _Buffers(engine.buffer)
+    return shared
 
-    def start(self) -> None:
-        self._running = True
 
-    def stop(self) -> None:
-        self._running = False
-        for side in list(self._sides):
-            self._end(side)
-        self._idle.cancel()
+@implementer(ICodec)
+class TlsCodec:
+    """
+    A L{Secured} TLS connection on a relay's socket: records on the socket,
+    plaintext in the relay, through its C{SSL *} and memory BIOs.
+    """
 
-    def join(
-        self,
-        a: Any,
-        b: Any,
-        stats: RelayStats | None = None,
-        greeting: bytes = b"",
-        early: bytes = b"",
-        idle_timeout: float = 0.0,
-    ) -> RelayStats:
-        stats = stats if stats is not None else RelayStats()
-        side_a, side_b = _Side(self, a, stats, True), _Side(self, b, stats, False)
-        side_a.peer, side_b.peer = side_b, side_a
-        if not self._running:
-            for side in (side_a, side_b):
-                side.sock.close()
-            ended(stats)
-            return stats
-        began(stats)
-        stats.forward += len(early)
-        self._sides.update((side_a, side_b))
-        self._idle.start(stats, (side_a, side_b), idle_timeout)
-        try:
-            for side, data in ((side_a, greeting), (side_b, early)):
-                side.sock.setblocking(False)
-                side.pending = memoryview(data) if data else _NOTHING
-            for side in (side_a, side_b):
-                if side.pending or side.raw:
-                    self._flush(side)
-        except Exception as e:
-            self._error(side_a, e)
-            return stats
-        self._settle(side_a)
-        return stats
+    __slots__ = ("connection", "ssl", "into", "out", "buffers")
 
-    def abort(self, stats: RelayStats) -> None:
-        for side in list(self._sides):
-            if side.stats is stats:
-                self._end(side)
+    def __init__(self, secured: Secured, buffers: _Buffers) -> None:
+        self.connection = secured.connection
+        self.ssl, self.into, self.out = secured.ssl, secured.into, secured.out
+        self.buffers = buffers
 
-    def buffered(self) -> int:
-        return sum(len(side.pending) + len(side.raw) for side in self._sides)
-
-    def sides(self) -> list[_Side]:
-        """The relays' sides (a snapshot, for tests and status)."""
-        return list(self._sides)
-
-    # Events.
-
-    def _event(self, side: _Side, step: Any) -> None:
-        if side.closed:
-            return
-        try:
-            step(side)
-        except Exception as e:
-            self._error(side, e)
-            return
-        self._settle(side)
-
-    def _read(self, side: _Side) -> None:
-        """Read what C{side} has, and pass it on to its peer."""
-        if side.eof or side.peer.owed:
-            return
-        if side.ssl is None:
-            n = side.sock.recv_into(self._buffer)
-            if not n:
-                side.eof = True
-        else:
-            n = self._read_tls(side)
-        if not n:
-            if side.eof and not side.peer.owed:
-                self._flush(side.peer)  # the EOF goes on at once
-            return
-        stats = side.stats
-        if side.forward:
-            stats.forward += n
-        else:
-            stats.backward += n
-        stats.moved = self._clock.seconds()
-        peer = side.peer
-        if peer.hup:
-            return  # nobody takes it: dropped, as the kernel would
-        peer.pending = self._view[:n]
-        self._flush(peer)
-        if peer.pending:
-            # The shared buffer is read into again: keep a copy of the rest.
-            peer.pending = memoryview(bytes(peer.pending))
-
-    def _read_tls(self, side: _Side) -> int:
+    def read(self, side: Any) -> int:
         """
         One read of records from C{side}'s socket, decrypted into the
-        buffer: bytes decrypted.
+        engine's buffer: bytes decrypted.
         """
-        n = side.sock.recv_into(self._records)
+        shared = self.buffers
+        try:
+            n = side.sock.recv_into(shared.records)
+        except (BlockingIOError, InterruptedError):
+            return 0
         if not n:
             # A TCP EOF before any close_notify: cut short, as by a reset
             # (not passed on as a clean EOF).
             raise ConnectionResetError(errno.ECONNRESET, "TLS connection cut short")
-        if _lib.BIO_write(side.into, self._records_pointer, n) != n:
-            raise _Failed("OpenSSL did not take the records read")
-        ssl, got, size = side.ssl, 0, len(self._buffer)
+        if _lib.BIO_write(self.into, shared.records_pointer, n) != n:
+            raise RelayEnded("OpenSSL did not take the records read")
+        ssl, plain, got, size = self.ssl, shared.plain, 0, shared.size
         while got < size:
-            n = _lib.SSL_read(ssl, self._pointer + got, size - got)
+            n = _lib.SSL_read(ssl, plain + got, size - got)
             if n > 0:
                 got += n
                 continue
@@ -366,189 +195,61 @@ class TlsSocketRelays:
             if why == _ZERO_RETURN:
                 side.eof = True  # close_notify
                 break
-            self._tls_error(side, n, why)
-        # What reading made OpenSSL answer (a key update's), to send.
-        self._seal(side)
-        if side.raw:
-            self._send_raw(side)
+            raise tls_failure(self.connection, ssl, n, why)
         return got
 
-    def _flush(self, side: _Side) -> None:
-        """Send what C{side} holds; then pass an EOF on, if it is due."""
-        if side.raw:
-            self._send_raw(side)
-            if side.raw:
-                return
-        data = side.pending
-        if data:
-            if side.ssl is None:
-                try:
-                    sent = side.sock.send(data)
-                except BlockingIOError:
-                    sent = 0
-                rest = data[sent:]
-                side.pending = rest if rest else _NOTHING
-            else:
-                self._write_tls(side, data)
-                side.pending = _NOTHING
-                self._send_raw(side)
-        if not side.owed and side.peer.eof and not side.shut and not side.hup:
-            self._shut(side)
+    def made(self) -> memoryview:
+        """What reading made OpenSSL answer (a key update's), to send."""
+        return self._take()
 
-    def _send_raw(self, side: _Side) -> None:
-        """Send C{side}'s records; keep (a copy of) what the socket did not take."""
-        raw = side.raw
-        try:
-            sent = side.sock.send(raw)
-        except BlockingIOError:
-            sent = 0
-        rest = raw[sent:]
-        # The shared buffer is written into again: keep a copy of the rest.
-        if not rest:
-            side.raw = _NOTHING
-        elif rest.obj is self._sealed:
-            side.raw = memoryview(bytes(rest))
-        else:
-            side.raw = rest
-
-    def _write_tls(self, side: _Side, data: memoryview) -> None:
-        """Encrypt C{data} (into the memory BIO, which takes it all), then seal."""
-        ssl, sent = side.ssl, 0
+    def seal(self, data: Any) -> memoryview:
+        """Encrypt C{data} (into the memory BIO, which takes it all): its records."""
+        ssl, sent, size = self.ssl, 0, len(data)
         with _ffi.from_buffer(data) as pointer:
-            while sent < len(data):
-                n = _lib.SSL_write(ssl, pointer + sent, len(data) - sent)
+            while sent < size:
+                n = _lib.SSL_write(ssl, pointer + sent, size - sent)
                 if n <= 0:
-                    self._tls_error(side, n, _lib.SSL_get_error(ssl, n))
+                    why = _lib.SSL_get_error(ssl, n)
+                    raise tls_failure(self.connection, ssl, n, why)
                 sent += n
-        self._seal(side)
+        return self._take()
 
-    def _seal(self, side: _Side) -> None:
-        """Take the records OpenSSL made for C{side}, after those it owes."""
-        size = len(self._sealed)
-        n = _lib.BIO_read(side.out, self._sealed_pointer, size)
+    def close(self) -> memoryview:
+        """A close_notify: TLS's half-close (the TCP stays open for it)."""
+        if _lib.SSL_shutdown(self.ssl) < 0:
+            _lib.ERR_clear_error()
+        return self._take()
+
+    def _take(self) -> memoryview:
+        """The records OpenSSL made (a view of the shared buffer, if they fit)."""
+        shared = self.buffers
+        size = len(shared.sealed)
+        n = _lib.BIO_read(self.out, shared.sealed_pointer, size)
         if n <= 0:
-            return  # none
-        sealed = memoryview(self._sealed)[:n]
-        if n == size:  # more than a buffer's worth: the rest behind it
-            pieces = [bytes(sealed)]
-            while True:
-                try:
-                    pieces.append(side.connection.bio_read(size))
-                except WantReadError:
-                    break
-            sealed = memoryview(b"".join(pieces))
-        side.raw = memoryview(bytes(side.raw) + bytes(sealed)) if side.raw else sealed
+            return NOTHING
+        sealed = memoryview(shared.sealed)[:n]
+        if n < size:
+            return sealed
+        pieces = [bytes(sealed)]  # more than a buffer's worth: the rest behind it
+        while True:
+            try:
+                pieces.append(self.connection.bio_read(size))
+            except WantReadError:
+                break
+        return memoryview(b"".join(pieces))
 
-    def _shut(self, side: _Side) -> None:
-        """The far end of C{side}'s peer sends no more: say so to C{side}."""
-        side.shut = True
-        if side.ssl is not None:
-            # A close_notify: TLS's half-close (the TCP stays open for it).
-            if _lib.SSL_shutdown(side.ssl) < 0:
-                _lib.ERR_clear_error()
-            self._seal(side)
-            self._send_raw(side)
-            return
-        try:
-            side.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # already gone: its next read or write ends the relay
 
-    def _tls_error(self, side: _Side, result: int, why: int) -> None:
-        errno_now = _ffi.errno
-        reason: object = compat_pyopenssl.tls_error(side.connection, side.ssl, result)
-        if reason is None and not compat_pyopenssl.RAISE_SSL_ERROR.usable():
-            reason = f"SSL_get_error {why}"
-        _lib.ERR_clear_error()
-        if why == _SYSCALL and errno_now in _GONE:
-            raise OSError(errno_now, "connection lost")
-        raise _Failed(f"TLS error: {reason!r}")
-
-    # Registrations and the end.
-
-    def _settle(self, side: _Side) -> None:
-        """Register both sides for what they wait for; end a finished relay."""
-        if side.closed:
-            return
-        peer = side.peer
-        if (
-            not side.owed
-            and not peer.owed
-            and (side.eof or peer.hup)
-            and (peer.eof or side.hup)
-        ):
-            self._end(side)  # both directions are over
-            return
-        for each in (side, peer):
-            other = each.peer
-            # Read while the far end sends and the peer has taken everything.
-            want_read = not each.eof and not other.owed and not other.hup
-            want_write = each.owed or (other.eof and not each.shut and not each.hup)
-            self._want(each, want_read, want_write)
-
-    def _want(self, side: _Side, read: bool, write: bool) -> None:
-        if side.hup:
-            read = write = False
-        if read != side.reading:
-            side.reading = read
-            if read:
-                self._reactor.addReader(side)
-            else:
-                self._reactor.removeReader(side)
-        if write != side.writing:
-            side.writing = write
-            if write:
-                self._reactor.addWriter(side)
-            else:
-                self._reactor.removeWriter(side)
-
-    def _error(self, side: _Side, error: Exception) -> None:
-        stats = side.stats
-        if isinstance(error, OSError) and error.errno in _GONE:
-            pass
-        elif isinstance(error, _Failed):
-            self.log.info(
-                "the relay of {peer} for {service!r} ended: {why}",
-                peer=stats.description,
-                service=stats.service,
-                why=str(error),
-            )
-        else:
-            self.log.failure(
-                "the relay of {peer} for {service!r} failed; closing it",
-                Failure(error),
-                peer=stats.description,
-                service=stats.service,
-            )
-        self._end(side)
-
-    def _end(self, side: _Side) -> None:
-        if side.closed:
-            return
-        for each in (side, side.peer):
-            each.closed = True
-            self._sides.discard(each)
-            if each.reading:
-                self._reactor.removeReader(each)
-            if each.writing:
-                self._reactor.removeWriter(each)
-            each.reading = each.writing = False
-            each.pending = _NOTHING
-            if each.ssl is not None and not each.shut and not each.hup:
-                # A close_notify, if it goes at once: not a truncation.
-                each.raw = _NOTHING
-                try:
-                    self._shut(each)
-                except OSError:
-                    pass  # gone already
-            each.raw = _NOTHING
-            each.sock.close()
-        ended(side.stats)
-
-    # Idle deadlines.
-
-    def _timed(self) -> Iterator[tuple[RelayStats, float, _Side]]:
-        """Each live relay with a deadline, once (at side A), for L{IdleSweep}."""
-        for side in list(self._sides):
-            if side.forward and side.timeout and not side.closed:
-                yield side.stats, side.timeout, side
+def tls_failure(connection: Any, ssl: Any, result: int, why: int) -> Exception:
+    """
+    What to raise for the failed call on C{ssl} that returned C{result}
+    (C{SSL_get_error}: C{why}): a connection lost, or a L{RelayEnded}
+    saying OpenSSL's reason (its number where pyOpenSSL does not say).
+    """
+    errno_now = _ffi.errno
+    reason: object = compat_pyopenssl.tls_error(connection, ssl, result)
+    if reason is None and not compat_pyopenssl.RAISE_SSL_ERROR.usable():
+        reason = f"SSL_get_error {why}"
+    _lib.ERR_clear_error()
+    if why == _SYSCALL and errno_now in GONE:
+        return OSError(errno_now, "connection lost")
+    return RelayEnded(f"TLS error: {reason!r}")

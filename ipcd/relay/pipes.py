@@ -1,0 +1,96 @@
+"""
+Splice pipes: a direction of L{ipcd.relay.sockets.SocketRelays} between
+two plain sockets that streams moves through a pipe with splice(2), socket
+to pipe to socket, so its bytes are never copied into ipcd.  At most
+C{max_pipes} at a time per engine (2 fds each); where the kernel refuses
+splice(2), the engine says so once and copies from then on.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from typing import Any
+
+from ipcd.relay.sides import READ_SIZE, Side
+
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+# What splice(2) says when it cannot join these fds (not a failure of the
+# connection): the engine goes back to copying.
+_NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+class Pipes:
+    """
+    The splice pipes of an engine (a part of L{SocketRelays}): C{_pipes}
+    open now, C{_splice} until the kernel refuses it; C{_count} and C{_eof}
+    are the engine's.
+    """
+
+    log: Any
+    max_pipes: int
+    _pipes: int
+    _splice: bool
+
+    def _count(self, side: Side, count: int) -> None:
+        raise NotImplementedError
+
+    def _eof(self, side: Side) -> None:
+        raise NotImplementedError
+
+    def _open_pipe(self, side: Side) -> None:
+        """Give a streaming side its pipe, as big as a read; none if fds run out."""
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # EMFILE and the like: this side keeps copying
+        try:
+            size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, READ_SIZE)
+        except OSError:
+            size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+        side.pipe = (r, w, size)
+        self._pipes += 1
+
+    def _close_pipe(self, side: Side) -> None:
+        """Close C{side}'s pipe, dropping what it holds."""
+        pipe, side.pipe, side.piped = side.pipe, None, 0
+        if pipe is not None:
+            self._pipes -= 1
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def _splice_in(self, side: Side) -> None:
+        """A streaming side's read: into its pipe, and on to the peer."""
+        assert side.pipe is not None
+        try:
+            count = os.splice(side.fd, side.pipe[1], side.pipe[2], flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            if e.errno not in _NO_SPLICE:
+                raise
+            # Not for these sockets after all: back to copying, for good.
+            self._splice = False
+            self.log.warn("splice(2) refused ({error}); relays copy", error=e)
+            self._close_pipe(side)
+            return
+        if not count:
+            self._eof(side)
+            return
+        self._count(side, count)
+        side.piped += count
+        self._splice_out(side)
+
+    def _splice_out(self, side: Side) -> int:
+        """Move what C{side}'s pipe holds to its peer; the bytes moved."""
+        assert side.pipe is not None
+        try:
+            moved = os.splice(
+                side.pipe[0], side.peer.fd, side.piped, flags=_SPLICE_FLAGS
+            )
+        except (BlockingIOError, InterruptedError):
+            return 0
+        side.piped -= moved
+        return moved
