@@ -264,6 +264,35 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             "rundir: expected a non-empty string, got ''",
         )
 
+    def test_rundirNormalised(self) -> None:
+        """
+        RUNDIR is taken absolute, without C{.}, C{//} or a trailing slash,
+        wherever it is given; relative or with C{..}, a one-line error.
+        """
+        for given in ("/run//ipc/", "/run/./ipc", "//run/ipc/.", "/run/ipc"):
+            self.assertEqual(
+                load_config(None, {"rundir": given}, {}).rundir, "/run/ipc"
+            )
+            self.assertEqual(
+                load_config(None, None, {"RUNDIR": given}).rundir, "/run/ipc"
+            )
+        self.assertEqual(
+            self.error('rundir = "run/ipc"\n'),
+            "rundir: 'run/ipc' is a relative path: give an absolute one",
+        )
+        self.assertEqual(
+            self.error('rundir = "/run/../ipc"\n'),
+            "rundir: '/run/../ipc' has a '..' component: give the path without it",
+        )
+        for overrides, environ, where in [
+            ({"rundir": "."}, {}, "command line"),
+            (None, {"RUNDIR": "x"}, "environment variable RUNDIR"),
+        ]:
+            error = self.assertRaises(
+                ConfigError, load_config, None, overrides, environ
+            )
+            self.assertTrue(str(error).startswith(f"{where}: rundir: "), error)
+
     def test_badEndpoint(self) -> None:
         message = self.error('[tcpd]\nlisten = "9000"\n')
         self.assertTrue(message.startswith("[tcpd] listen: expected an endpoint"))
