@@ -86,6 +86,10 @@ class FrameEndsTests(SynchronousTestCase):
             self.assertEqual(frame_ends(server_frame(5) + frame[:length]), [7])
         self.assertEqual(frame_ends(b""), [])
         self.assertEqual(frame_ends(b"\x82"), [])
+        # A 16-bit length cut after its first byte, alone and after a frame.
+        self.assertEqual(frame_ends(b"\x82\x7e\x00"), [])
+        self.assertEqual(frame_ends(server_frame(5) + b"\x82\x7e\x00"), [7])
+        self.assertEqual(frame_ends(b"\x82\x7e"), [])
 
     def test_payloadLongerThanRead(self) -> None:
         """A frame running past the read has no end in it."""
