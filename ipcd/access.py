@@ -116,8 +116,9 @@ def open_socket(
             # A trailing "/" or "." needs a directory too (ENOTDIR).
             if not stat.S_ISDIR(st.st_mode):
                 raise Refused(f"{path}: a component is not a directory")
-            if name in ("", "."):
+            if not name:
                 continue
+            # "." is looked up too: the kernel wants search permission for it.
             if who is not None and not permitted(st, who, SEARCH):
                 raise _denied(who, path)
             child = os.open(name, _OPEN_FLAGS, dir_fd=fd)

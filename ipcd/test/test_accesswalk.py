@@ -12,9 +12,11 @@ import errno
 import os
 import socket
 import subprocess
+import sys
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from ipcd import access
 from ipcd.access import (
     AccessDenied,
     Credentials,
@@ -23,6 +25,7 @@ from ipcd.access import (
     open_socket,
 )
 from ipcd.errors import Refused
+from ipcd.test.support import needs_root
 from ipcd.test.test_helddirs import ALICE, HeldDirectoriesCase, _fds
 from ipcd.test.test_names import short_tempdir
 
@@ -85,15 +88,22 @@ class HeldWalkTests(HeldDirectoriesCase):
         self.assertEqual(_fds(), self.before)
 
     def test_retriedAfterTheDelay(self) -> None:
-        """A path made holdable is held at the first lookup after the delay."""
+        """
+        A path that could not be held is tried again once a second has
+        passed since, not before: at the first lookup after that.
+        """
+        now = [1000.0]
+        self.patch(access, "time", _Clock(now))
         later = os.path.join(self.base, "later")
         held = HeldDirectories(later)
         self.addCleanup(held.close)
-        self.assertFalse(held.hold())  # missing: tried, failed
+        self.assertIs(held.hold(), False)  # missing: tried, failed
         os.mkdir(later, 0o755)
-        self.assertFalse(held.hold())  # within the delay: not tried again
-        held._failed_at -= 2.0  # type: ignore[operator]
-        self.assertTrue(held.hold())
+        now[0] += 0.999
+        self.assertIs(held.hold(), False)  # within the delay: not tried again
+        self.assertFalse(held.held)
+        now[0] += 0.001
+        self.assertIs(held.hold(), True)
         self.assertTrue(held.held)
 
     def test_heldDirectoryGone(self) -> None:
@@ -112,6 +122,19 @@ class HeldWalkTests(HeldDirectoriesCase):
         self.refuses(self.at("s"), FileNotFoundError)
         self.held.close()
         self.assertEqual(_fds(), self.before)
+
+    def test_rundirItselfWithASlash(self) -> None:
+        """RUNDIR/ (an empty last name): not a socket, by either way."""
+        self.held.hold()
+        self.refuses(self.rundir + "/", Refused)
+        self.refuses(self.rundir + "/.", Refused)
+        self.assertEqual(_kernel_connect(self.rundir + "/"), errno.ECONNREFUSED)
+
+    def test_heldLookupIsNoLink(self) -> None:
+        opened = self.held.open_socket(self.at("s"), ALICE)
+        opened.close()
+        self.assertTrue(self.held.held)
+        self.assertFalse(opened.via_symlink)
 
     def test_noDescriptorKeptForLinksAndDirectories(self) -> None:
         """A link or a directory as the last name: walked, nothing kept."""
@@ -149,11 +172,15 @@ class HeldWalkTests(HeldDirectoriesCase):
             head + "/./" + tail,
             head + "/../" + os.path.basename(head) + "/" + tail,
             self.rundir + "/",
+            "/." + self.rundir,
+            "/.." + self.rundir,
             self.rundir.lstrip("/"),
+            # Relative, and the rest of it a path from "/": not held from "/".
+            "x" + self.rundir,
         ):
             held = HeldDirectories(directory)
             self.addCleanup(held.close)
-            self.assertFalse(held.hold(), directory)
+            self.assertIs(held.hold(), False, directory)
             path = directory.rstrip("/") + "/s"
             if directory.startswith("/"):
                 opened = held.open_socket(path, ALICE)
@@ -190,8 +217,10 @@ class HeldWalkTests(HeldDirectoriesCase):
         self.assertIsNotNone(st)
         self.assertEqual(st.st_ino, os.stat(self.rundir).st_ino)  # type: ignore[union-attr]
         self.assertIsNone(self.held.take_directory_stat())
-        # A lookup walked the uncached way gives none.
+        # A lookup walked the uncached way gives none, even when the one
+        # before it left a stat that nobody took.
         os.symlink("s", self.at("link"))
+        self.held.open_socket(self.at("s"), ALICE).close()
         self.held.open_socket(self.at("link"), ALICE).close()
         self.assertIsNone(self.held.take_directory_stat())
 
@@ -219,6 +248,44 @@ class HeldWalkTests(HeldDirectoriesCase):
             self.assertEqual(opened.inode, (st.st_dev, st.st_ino))
 
 
+class _Clock:
+    """A monotonic clock that moves when the test says."""
+
+    def __init__(self, now: list[float]) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now[0]
+
+
+_CONNECT_AS = """
+import os, socket, sys
+uid = int(sys.argv[2])
+os.setgroups([])
+os.setgid(uid)
+os.setuid(uid)
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    try:
+        sock.connect(sys.argv[1])
+    except OSError as e:
+        print(e.errno)
+    else:
+        print(0)
+"""
+
+
+def _connect_as(path: str, uid: int) -> int:
+    """The errno of connect(C{path}) by a process of C{uid} (0: connected)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CONNECT_AS, path, str(uid)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return int(done.stdout)
+
+
 def mount(case: SynchronousTestCase, directory: str) -> None:
     """Mount a small tmpfs on C{directory}, unmounted after the test."""
     done = subprocess.run(
@@ -236,21 +303,47 @@ def mount(case: SynchronousTestCase, directory: str) -> None:
 
 class OpenedSocketTests(SynchronousTestCase):
     def test_closeTwiceClosesOnce(self) -> None:
-        """A second close() does not close a descriptor reused since."""
+        """A second close() closes nothing: not a number reused, not stdin."""
         directory = short_tempdir(self)
         path = os.path.join(directory, "s")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.bind(path)
             opened: OpenedSocket = open_socket(path, None)
-            fd = opened.fd
-            opened.close()
-            # The number reused, as the next open() anywhere in ipcd would.
-            spare = os.open(directory, os.O_RDONLY)
-            self.addCleanup(os.close, spare)
-            os.dup2(spare, fd)
-            self.addCleanup(os.close, fd)
-            opened.close()
-            os.fstat(fd)  # still open
+        fd = opened.fd
+        opened.close()
+        # The number reused, as the next open() anywhere in ipcd would.
+        spare = os.open(directory, os.O_RDONLY)
+        self.addCleanup(os.close, spare)
+        os.dup2(spare, fd)
+        self.addCleanup(os.close, fd)
+        stdin = os.dup(0)
+        self.addCleanup(os.close, stdin)
+        self.addCleanup(os.dup2, stdin, 0)  # should a close take it
+        opened.close()
+        os.fstat(fd)  # still open
+        os.fstat(0)
+
+    def test_dotNeedsSearchPermission(self) -> None:
+        """
+        C{DIR/.} and C{DIR/./s}: "." is looked up in DIR, as the kernel
+        does, so searching DIR must be allowed.
+        """
+        needs_root()
+        directory = short_tempdir(self)
+        os.chmod(directory, 0o700)
+        path = os.path.join(directory, "s")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(path)
+            os.chmod(path, 0o666)
+            who = Credentials(61005, 61005)
+            for each in (directory + "/.", directory + "/./s"):
+                self.assertEqual(_connect_as(each, who.uid), errno.EACCES)
+                self.assertRaises(AccessDenied, open_socket, each, who)
+            os.chmod(directory, 0o711)
+            reached = _connect_as(directory + "/./s", who.uid)
+            self.assertEqual(reached, errno.ECONNREFUSED)  # not listening
+            open_socket(directory + "/./s", who).close()
+            self.assertRaises(Refused, open_socket, directory + "/.", who)
 
     def test_refusedWithoutPermissionAsTheKernelWould(self) -> None:
         """No search permission on RUNDIR: refused, and nothing kept."""

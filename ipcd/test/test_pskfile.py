@@ -23,6 +23,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.test.support import short_rundir
+from ipcd.test.tlssupport import TestCA
 from ipcd.transports import psk
 from ipcd.transports.psk import (
     MAX_IDENTITY,
@@ -38,9 +39,9 @@ NO_FILE = os.strerror(2)
 
 
 def _handshake(
-    keys: dict[str, bytes],
+    keys: Any,
     offer: Any,
-    key: bytes,
+    key: Any,
     version: int = TLS1_3_VERSION,
 ) -> tuple[bool, Connection]:
     """
@@ -58,6 +59,11 @@ def _handshake(
         psk.use_client_key(client_context, offer, key)
     else:
         _raw_client_key(client_context, offer, key)
+    return _pump(client_context, server_context)
+
+
+def _pump(client_context: Context, server_context: Context) -> tuple[bool, Connection]:
+    """Run a handshake between two Contexts in memory: (completed, server)."""
     server = Connection(server_context, None)
     server.set_accept_state()
     client = Connection(client_context, None)
@@ -212,6 +218,9 @@ class FileTests(SynchronousTestCase):
         self.write(f"a:{KEY}\n".encode(), 0o640)
         error = self.assertRaises(SecretsError, read_secrets, self.path)
         self.assertIn("(mode 0640): chmod 600", str(error))
+        for mode in (0o601, 0o610, 0o620, 0o602):
+            os.chmod(self.path, mode)
+            self.assertRaises(SecretsError, read_secrets, self.path)
         os.chmod(self.path, 0o604)
         self.assertRaises(SecretsError, read_secrets, self.path)
         os.chmod(self.path, 0o600)
@@ -265,3 +274,86 @@ class HandshakeTests(SynchronousTestCase):
         said = [e["identity"] for e in events if "identity" in e]
         self.assertEqual(len(said), 1)
         self.assertNotIn("\x1b", said[0])
+
+
+class _Events(list):
+    """Log events, observed for one test."""
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        super().__init__()
+        globalLogPublisher.addObserver(self.append)
+        case.addCleanup(globalLogPublisher.removeObserver, self.append)
+
+    def failures(self) -> list[str]:
+        return [e["log_format"] for e in self if e.get("log_failure")]
+
+
+class FailClosedTests(SynchronousTestCase):
+    """
+    Whatever goes wrong in a callback or at OpenSSL's bounds, the handshake
+    fails: no key (of any one byte, say) opens it.
+    """
+
+    def test_serverCallbackFails(self) -> None:
+        events = _Events(self)
+
+        def keys() -> dict[str, bytes]:
+            raise RuntimeError("keys unavailable")
+
+        for byte in range(256):
+            ok, _ = _handshake(keys, "alice", bytes([byte]))
+            self.assertFalse(ok, byte)
+        self.assertEqual(
+            set(events.failures()), {"TLS: the PSK server callback failed"}
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 256)
+
+    def test_clientCallbackFails(self) -> None:
+        events = _Events(self)
+        for byte in range(256):
+            ok, server = _handshake({"alice": bytes([byte])}, "alice", None)
+            self.assertFalse(ok, byte)
+            self.assertIsNone(psk.psk_identity(server))
+        self.assertEqual(
+            set(events.failures()), {"TLS: the PSK client callback failed"}
+        )
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 256)
+
+    def test_identityRoom(self) -> None:
+        """
+        The longest identity OpenSSL has room for (255 bytes and the NUL,
+        in OpenSSL 3 and 4) is offered whole; a longer one is not offered
+        at all (never cut).  ipcd's own files stop at 128.
+        """
+        key = bytes.fromhex(KEY)
+        ok, server = _handshake({"i" * 255: key}, "i" * 255, key)
+        self.assertTrue(ok)
+        self.assertEqual(psk.psk_identity(server), "i" * 255)
+        ok, server = _handshake({"i" * 256: key}, "i" * 256, key)
+        self.assertFalse(ok)
+        self.assertIsNone(psk.offered_identity(server))
+
+    def test_keyRoom(self) -> None:
+        """A key copies only into room for all of it."""
+        _, ffi = psk.openssl()
+        out = ffi.new("unsigned char[8]")
+        self.assertEqual(psk._copy_key(b"k" * 8, out, 8), 8)
+        self.assertEqual(ffi.buffer(out)[:], b"k" * 8)
+        out = ffi.new("unsigned char[8]")
+        self.assertEqual(psk._copy_key(b"k" * 9, out, 8), 0)
+        self.assertEqual(ffi.buffer(out)[:], bytes(8))
+
+    def test_tls12ClientWantsTheKey(self) -> None:
+        """
+        Under TLS 1.2 the client offers only PSK suites: a server with a
+        certificate and no key cannot complete a handshake with it.
+        """
+        issued = TestCA(short_rundir(self, "ipcd-psk-ca-")).issue("server")
+        server_context = Context(TLS_SERVER_METHOD)
+        server_context.use_certificate_file(issued.cert)
+        server_context.use_privatekey_file(issued.key)
+        client_context = Context(TLS_CLIENT_METHOD)
+        client_context.set_max_proto_version(TLS1_2_VERSION)
+        psk.use_client_key(client_context, "alice", bytes.fromhex(KEY))
+        ok, _ = _pump(client_context, server_context)
+        self.assertFalse(ok)
