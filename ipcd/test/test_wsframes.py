@@ -197,6 +197,15 @@ class SmallFrameTests(SynchronousTestCase):
             self.assertEqual((messages, failed), ([taken], False), data.hex())
         return taken
 
+    def test_takenAtTheBounds(self) -> None:
+        """Payloads of 0 and 125 bytes, any mask: taken, as autobahn takes them."""
+        for mask in (b"\x01\x02\x03\x04", b"\xff\x00\xa5\x5a"):
+            for payload in (b"", b"y", b"y" * 124, bytes(range(125))):
+                data = masked(0x82, payload, mask)
+                self.assertEqual(self._agrees(data), (payload, True), len(payload))
+            text = "é".encode() * 62 + b"z"  # 125 bytes of UTF-8
+            self.assertEqual(self._agrees(masked(0x81, text, mask)), (text, False))
+
     def test_notTaken(self) -> None:
         """Unmasked, fragmented, control, reserved bits, bad UTF-8, two frames."""
         mask = b"\x01\x02\x03\x04"
