@@ -95,7 +95,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "resolution": (
         "ipcd/resolution.py",
         None,
-        ("test_promises", "test_resolve"),
+        ("test_targets", "test_promises", "test_resolve"),
     ),
     "access": (
         "ipcd/access.py",
@@ -135,7 +135,13 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "tlsmaterial": (
         "ipcd/transports/tlsmaterial.py",
         None,
-        ("test_tlsmaterial", "test_pskfile", "test_tlsdialer", "test_tls"),
+        (
+            "test_tlscontexts",
+            "test_tlsmaterial",
+            "test_pskfile",
+            "test_tlsdialer",
+            "test_tls",
+        ),
     ),
     "wsframes": (
         "ipcd/transports/wsframes.py",
