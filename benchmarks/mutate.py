@@ -120,11 +120,12 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
             "Broker._inodes",
         ),
         (
+            "test_brokerpath",
+            "test_helddirs",
+            "test_owninodes",
             "test_promises",
             "test_access",
             "test_broker",
-            "test_helddirs",
-            "test_owninodes",
         ),
     ),
     "psk": (
@@ -169,7 +170,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "udpwire": (
         "ipcd/transports/udpwire.py",
         None,
-        ("test_udpwire", "test_udp"),
+        ("test_udpwire", "test_udpsession", "test_udp"),
     ),
 }
 
