@@ -19,6 +19,7 @@ from ipcd import broker as broker_module
 from ipcd.access import AccessDenied, Credentials
 from ipcd.broker import _MAX_PLANS, Broker, serve_lookup
 from ipcd.config import Config
+from ipcd.daemons import Registry
 from ipcd.errors import Refused
 from ipcd.identity import Peer
 from ipcd.policy import parse_grant
@@ -73,6 +74,30 @@ class LookupPathTests(SynchronousTestCase):
         self.assertConnected(self.open(b"svc"), "svc")
         self.broker.own_sockets_listening(False)
         self.assertConnected(self.open(b"svc"), "svc")
+
+    def test_ownSocketsAfterListening(self) -> None:
+        """
+        ipcd's own sockets, reached through a link, are refused while they
+        listen and after (a socket made anew at their name too); nothing
+        stays held once they no longer listen.
+        """
+        before = sorted(os.listdir("/proc/self/fd"))
+        self.broker = Broker(Config(rundir=self.rundir, registry=Registry()), reactor)
+        self.listen("ipc", 0o666)
+        os.symlink("ipc", os.path.join(self.rundir, "alias"))
+        self.broker.own_sockets_listening()
+        answer = self.open(b"svc")
+        self.assertConnected(answer, "svc")
+        answer.close()
+        self.open(b"alias").trap(Refused)
+        self.broker.own_sockets_listening(False)
+        # A new socket (a new inode: the old one is still open) at "ipc".
+        self.listen("ipc.new", 0o666)
+        os.rename(*(os.path.join(self.rundir, n) for n in ("ipc.new", "ipc")))
+        self.open(b"alias").trap(Refused)
+        self.open(b"svc").close()
+        now = sorted(os.listdir("/proc/self/fd"))
+        self.assertEqual(len(now), len(before) + 2)  # the two "ipc" sockets
 
     def test_counted(self) -> None:
         """Each lookup counts once; a grant counts as granted."""
