@@ -170,7 +170,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "udpwire": (
         "ipcd/transports/udpwire.py",
         None,
-        ("test_udpwire", "test_udpsession", "test_udp"),
+        ("test_udpwirebounds", "test_udpwire", "test_udpsession", "test_udp"),
     ),
 }
 
