@@ -68,3 +68,12 @@ class ValuesTests(SynchronousTestCase):
         close = udpwire.close(SESSION)
         for datagram in (ok + b"x", ok[:-1], close + b"x", close[:-1], b"D" + b"s" * 7):
             self.assertRaises(Malformed, udpwire.decode, datagram)
+        # Each says what was wrong.
+        for datagram, said in [
+            (ok + b"x", "an OK of 18 bytes"),
+            (close[:-1], "a CLOSE of 8 bytes"),
+            (b"D" + b"s" * 7, "a truncated datagram of 8 bytes"),
+            (b"Z", "unknown datagram kind b'Z'"),
+        ]:
+            error = self.assertRaises(Malformed, udpwire.decode, datagram)
+            self.assertEqual(str(error), said)
