@@ -10,6 +10,7 @@ and report the changes (mutants) no test noticed.
     python3 benchmarks/mutate.py --show routes:12 # one mutant's diff
     python3 benchmarks/mutate.py --record         # and update the results file
     python3 benchmarks/mutate.py --issue          # issue 14's mutants, each killed
+    python3 benchmarks/mutate.py --equivalents    # the listed equivalents survive
 
 Standard library only (plus ipcd's test dependencies).  Each job works in a
 private copy of the checkout in a temporary directory: the checkout itself is
@@ -21,16 +22,28 @@ interpreter start-up per mutant), with ``--exitfirst`` and a timeout.
 A mutant is killed when the tests fail or time out, survives when they pass.
 Mutants judged equivalent (no behaviour to observe) are listed, with the
 reason, in ``benchmarks/mutation-equivalents.txt`` and left out of the
-score; an entry names the module, the function, the source line and the
-change, so it survives unrelated edits.  ``--record`` merges a run's
-module sections into ``benchmarks/mutation-results.txt``.
+score; an entry names the file and line, the function, the source line, the
+change and, when a line has the same change more than once, which one, so
+an entry never stands for another mutant.  ``--equivalents`` runs the
+listed mutants again and fails if a test kills one (or one is gone): a
+wrong entry cannot hide.  ``--record`` merges a run's module sections into
+``benchmarks/mutation-results.txt``.  Each run ends with a table of the
+score per module.
 
 Operators: comparison swaps (``==``/``!=``, ``<``/``<=``, ``in``/``not in``,
-``is``/``is not``), ``and``/``or``, arithmetic and bitwise swaps, dropping
-``not`` and unary minus, negating ``if``/``while``/conditional tests,
-integer constants +1/-1, ``True``/``False``, ``break``/``continue``, and
-dropping a call statement, an assignment or a ``raise``.  Strings (messages)
-and annotations are not mutated.
+``is``/``is not``), ``and``/``or`` and dropping either operand of one,
+arithmetic and bitwise swaps, dropping ``not`` and unary minus, negating
+``if``/``while``/conditional tests, integer constants +1/-1,
+``True``/``False``, ``break``/``continue``, dropping a call statement, an
+assignment or a ``raise``; a ``return`` of a value returning ``None`` (and
+of a comparison, its negation); string methods swapped (``startswith``/
+``endswith``, ``lower``/``upper``, ``strip``/``lstrip``/``rstrip``,
+``split``/``rsplit``, ``partition``/``rpartition``, ``fullmatch``/``match``,
+...) and ``any``/``all``, ``min``/``max``; boundary strings: a string
+compared against, a method's string argument (``split("/")``) or a
+string iterated over losing its last character (``""`` becoming ``"x"``),
+and each member of a constant collection compared against dropped.
+Strings elsewhere (messages) and annotations are not mutated.
 """
 
 from __future__ import annotations
@@ -81,18 +94,83 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     ),
     "resolution": (
         "ipcd/resolution.py",
-        ("MAX_HOPS", "_follow_redirects", "_visit", "plan", "resolve"),
-        ("test_promises", "test_resolve"),
+        None,
+        ("test_targets", "test_promises", "test_resolve"),
     ),
     "access": (
         "ipcd/access.py",
-        ("permitted", "open_socket", "_denied"),
-        ("test_promises", "test_access"),
+        None,
+        # Fastest first: --exitfirst stops at the first failure.
+        ("test_accesswalk", "test_helddirs", "test_promises", "test_access"),
     ),
+    # The lookup path: a client's lookup to the socket it may have.
     "broker": (
         "ipcd/broker.py",
-        ("Broker.own_names", "Broker._open_local"),
-        ("test_promises", "test_access", "test_broker"),
+        (
+            "serve_lookup",
+            "Broker.open_now",
+            "Broker._open_local",
+            "Broker._open_as_client",
+            "Broker.own_names",
+            "Broker._in_process_names",
+            "Broker._names",
+            "Broker.own_sockets_listening",
+            "Broker._hold_rundir",
+            "Broker._own_inodes",
+            "Broker._inodes",
+        ),
+        (
+            "test_brokerpath",
+            "test_helddirs",
+            "test_owninodes",
+            "test_promises",
+            "test_access",
+            "test_broker",
+        ),
+    ),
+    "psk": (
+        "ipcd/transports/psk.py",
+        None,
+        ("test_pskfile", "test_tlsmaterial", "test_tls"),
+    ),
+    "tlsmaterial": (
+        "ipcd/transports/tlsmaterial.py",
+        None,
+        (
+            "test_tlscontexts",
+            "test_tlsmaterial",
+            "test_pskfile",
+            "test_tlsdialer",
+            "test_tls",
+        ),
+    ),
+    "wsframes": (
+        "ipcd/transports/wsframes.py",
+        None,
+        ("test_wsframes",),
+    ),
+    # websocketd's own wire code: its small frames and frame-by-frame reads.
+    "wsbridge": (
+        "ipcd/transports/wsbridge.py",
+        (
+            "WebSocketSide.dataReceived",
+            "WebSocketSide._smallMessageLimit",
+            "WebSocketSide._smallMessage",
+            "WebSocketSide._sendSmall",
+            "WebSocketSide._frameByFrame",
+            "WebSocketSide.onMessageEnd",
+            "WebSocketSide.onMessage",
+            "MessageSide.dataReceived",
+            "MessageSide.messageReceived",
+            "MessageSide.messageTooLarge",
+        ),
+        ("test_wsframes", "test_websocket"),
+    ),
+    # udpd's datagrams and its receive window.
+    "udpwire": (
+        "ipcd/transports/udpwire.py",
+        None,
+        ("test_udpwirebounds", "test_udpwire", "test_udpsession", "test_udp"),
     ),
 }
 
@@ -234,6 +312,46 @@ _BINARY = {
     ast.RShift: ast.LShift,
 }
 _SKIP_FIELDS = {"annotation", "returns", "type_comment"}
+# Method swaps: the other end, the other case, the other match.
+_METHODS = {
+    "startswith": ("endswith",),
+    "endswith": ("startswith",),
+    "lower": ("upper",),
+    "upper": ("lower",),
+    "strip": ("lstrip", "rstrip"),
+    "lstrip": ("strip",),
+    "rstrip": ("strip",),
+    "split": ("rsplit",),
+    "rsplit": ("split",),
+    "partition": ("rpartition",),
+    "rpartition": ("partition",),
+    "find": ("rfind",),
+    "rfind": ("find",),
+    "removeprefix": ("removesuffix",),
+    "removesuffix": ("removeprefix",),
+    "fullmatch": ("match",),
+    "match": ("fullmatch",),
+    "isprintable": ("isascii",),
+    "isascii": ("isprintable",),
+}
+_FUNCTIONS = {"any": "all", "all": "any", "min": "max", "max": "min"}
+# Methods whose first argument, a string, is logic (not a message).
+_STRING_ARGUMENTS = {
+    "startswith",
+    "endswith",
+    "split",
+    "rsplit",
+    "partition",
+    "rpartition",
+    "strip",
+    "lstrip",
+    "rstrip",
+    "find",
+    "rfind",
+    "removeprefix",
+    "removesuffix",
+    "count",
+}
 
 
 @dataclass(frozen=True)
@@ -251,12 +369,18 @@ class Mutant:
         return f"{self.module}:{self.number}"
 
     number: int = 0
+    ordinal: int = 1  # among this line's mutants with the same change
 
     @property
     def key(self) -> str:
-        """What the equivalents file names: stable across unrelated edits."""
-        where = MODULES[self.module][0]
-        return f"{where} :: {self.qualname} :: {self.source_line} :: {self.change}"
+        """
+        What the equivalents file names: the file and line, the function,
+        the line's text and the change, and which of the line's identical
+        changes (C{[2]}, ...) when it has several.
+        """
+        where = f"{MODULES[self.module][0]}:{self.line}"
+        key = f"{where} :: {self.qualname} :: {self.source_line} :: {self.change}"
+        return key if self.ordinal == 1 else f"{key} [{self.ordinal}]"
 
 
 def _name(node: ast.AST) -> str:
@@ -273,11 +397,32 @@ def _alternatives(node: ast.AST, parent_field: str) -> list[tuple[str, object]]:
                 new = copy.deepcopy(node)
                 new.ops[i] = swap()
                 out.append((f"{_op(op)} -> {_op(new.ops[i])}", new))
+        out += _compared_strings(node)
     elif isinstance(node, ast.BoolOp):
         other = ast.Or() if isinstance(node.op, ast.And) else ast.And()
         new = copy.deepcopy(node)
         new.op = other
         out.append((f"{_op(node.op)} -> {_op(other)}", new))
+        for i, value in enumerate(node.values):
+            rest = [copy.deepcopy(v) for j, v in enumerate(node.values) if j != i]
+            kept = rest[0] if len(rest) == 1 else ast.BoolOp(node.op, rest)
+            out.append((f"drop {_short(value)} from {_op(node.op)}", kept))
+    elif isinstance(node, ast.Call):
+        out += _calls(node)
+    elif isinstance(node, ast.comprehension | ast.For) and _is_text(node.iter):
+        for change, text in _texts(node.iter.value):
+            new = copy.deepcopy(node)
+            new.iter = ast.Constant(text)
+            out.append((change, new))
+    elif isinstance(node, ast.Return) and not (
+        node.value is None
+        or isinstance(node.value, ast.Constant)
+        and node.value.value is None
+    ):
+        out.append(("return None", ast.Return(None)))
+        if isinstance(node.value, ast.Compare | ast.BoolOp):
+            negated = ast.UnaryOp(ast.Not(), copy.deepcopy(node.value))
+            out.append(("negate the return value", ast.Return(negated)))
     elif isinstance(node, ast.BinOp):
         swap = _BINARY.get(type(node.op))
         if swap is not None:
@@ -318,6 +463,83 @@ def _alternatives(node: ast.AST, parent_field: str) -> list[tuple[str, object]]:
             out.append(("drop the raise", ast.Pass()))
         elif isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
             out.append(("drop the assignment", ast.Pass()))
+    return out
+
+
+def _short(node: ast.AST) -> str:
+    text = ast.unparse(node)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_text(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str | bytes)
+
+
+def _texts(value: str | bytes) -> list[tuple[str, str | bytes]]:
+    """A string constant's boundary: one character fewer, or one if empty."""
+    if value:
+        other = value[:-1]
+    else:
+        other = b"x" if isinstance(value, bytes) else "x"
+    return [(f"{value!r} -> {other!r}", other)]
+
+
+def _compared_strings(node: ast.Compare) -> list[tuple[str, object]]:
+    """Strings compared against, and the members of constant collections."""
+    out: list[tuple[str, object]] = []
+    operands = [node.left, *node.comparators]
+    for i, operand in enumerate(operands):
+        if _is_text(operand):
+            for change, text in _texts(operand.value):
+                new = copy.deepcopy(node)
+                _set_operand(new, i, ast.Constant(text))
+                out.append((change, new))
+        elif isinstance(operand, ast.Tuple | ast.Set | ast.List) and all(
+            isinstance(e, ast.Constant) for e in operand.elts
+        ):
+            if len(operand.elts) < 2:
+                continue
+            for j, element in enumerate(operand.elts):
+                new = copy.deepcopy(node)
+                kept = copy.deepcopy(operand)
+                del kept.elts[j]
+                _set_operand(new, i, kept)
+                out.append((f"drop {_short(element)} from {_short(operand)}", new))
+    return out
+
+
+def _set_operand(node: ast.Compare, i: int, value: ast.expr) -> None:
+    if i == 0:
+        node.left = value
+    else:
+        node.comparators[i - 1] = value
+
+
+def _calls(node: ast.Call) -> list[tuple[str, object]]:
+    """Swapped string methods and builtins, and their string arguments."""
+    out: list[tuple[str, object]] = []
+    func = node.func
+    if isinstance(func, ast.Attribute):
+        swaps = _METHODS.get(func.attr, ())
+        if (
+            func.attr in ("split", "rsplit")
+            and len(node.args) < 2
+            and not node.keywords
+        ):
+            swaps = ()  # without maxsplit, the same list: no mutant
+        for other in swaps:
+            new = copy.deepcopy(node)
+            new.func.attr = other
+            out.append((f".{func.attr}() -> .{other}()", new))
+        if func.attr in _STRING_ARGUMENTS and node.args and _is_text(node.args[0]):
+            for change, text in _texts(node.args[0].value):
+                new = copy.deepcopy(node)
+                new.args[0] = ast.Constant(text)
+                out.append((change, new))
+    elif isinstance(func, ast.Name) and func.id in _FUNCTIONS:
+        new = copy.deepcopy(node)
+        new.func.id = _FUNCTIONS[func.id]
+        out.append((f"{func.id}() -> {new.func.id}()", new))
     return out
 
 
@@ -406,11 +628,14 @@ def mutants(module: str) -> list[Mutant]:
     lines = source.splitlines()
     tree = ast.parse(source)
     found = []
+    seen: dict[tuple[int, str], int] = {}
     for site, (node, _parent, field, _i, qualname) in enumerate(_walk(tree, scope)):
         if isinstance(node, ast.Constant) and isinstance(node.value, str | bytes):
             continue
         for choice, (change, _new) in enumerate(_alternatives(node, field or "")):
-            line = getattr(node, "lineno", 0)
+            # (A comprehension has no line of its own: its iterable's.)
+            line = getattr(node, "lineno", 0) or getattr(node.iter, "lineno", 0)
+            seen[line, change] = ordinal = seen.get((line, change), 0) + 1
             found.append(
                 Mutant(
                     module,
@@ -421,6 +646,7 @@ def mutants(module: str) -> list[Mutant]:
                     lines[line - 1].strip() if line else "",
                     change,
                     len(found) + 1,
+                    ordinal,
                 )
             )
     return found
@@ -519,7 +745,11 @@ class Worker:
                 pass
 
 
-def run(chosen: list[str], jobs: int, out) -> int:
+def run(chosen: list[str], jobs: int, out, recheck: bool = False) -> int:
+    """
+    Run the mutants of C{chosen}; with C{recheck}, only the listed
+    equivalents, each of which must still survive.
+    """
     # Import what every child needs once, here (but no reactor, no ipcd).
     import hypothesis  # noqa: F401
     import twisted.scripts.trial  # noqa: F401
@@ -550,6 +780,9 @@ def run(chosen: list[str], jobs: int, out) -> int:
             # Generous: the machine may be busy; a timeout counts as killed.
             timeout = max(30.0, 5 * baseline + 10)
             todo = mutants(module)
+            if recheck:
+                todo = [m for m in todo if m.key in equivalents]
+                used.update(m.key for m in todo)
             queue = list(todo)
             results: dict[str, str] = {}
             busy: dict[int, Worker] = {}
@@ -557,7 +790,7 @@ def run(chosen: list[str], jobs: int, out) -> int:
             while queue or busy:
                 while queue and idle:
                     mutant = queue.pop(0)
-                    if mutant.key in equivalents:
+                    if mutant.key in equivalents and not recheck:
                         used.add(mutant.key)
                         results[mutant.id] = "equivalent"
                         continue
@@ -583,10 +816,14 @@ def run(chosen: list[str], jobs: int, out) -> int:
                 k: sum(1 for v in results.values() if v == k)
                 for k in ("killed", "timeout", "survived", "equivalent")
             }
+            if recheck:
+                failed |= _report_recheck(module, todo, results, equivalents, out)
+                continue
             totals[module] = (len(todo), counts)
             _report_module(module, todo, results, counts, baseline, out)
         elapsed = time.monotonic() - started
-        _report_total(totals, elapsed, out)
+        if totals:
+            _report_total(totals, elapsed, out)
         stale = [k for k in equivalents if k not in used]
         chosen_files = {MODULES[m][0] for m in chosen}
         stale = [k for k in stale if k.split(" :: ")[0] in chosen_files]
@@ -594,6 +831,8 @@ def run(chosen: list[str], jobs: int, out) -> int:
             print("\nEquivalents file entries that matched no mutant:", file=out)
             for key in stale:
                 print(f"  {key}", file=out)
+        if recheck and stale:
+            failed = True
         return 2 if failed else 0
     finally:
         for worker in workers:
@@ -651,12 +890,43 @@ def _report_module(module, todo, results, counts, baseline, out) -> None:
             print(f"  SURVIVED {mutant.id} line {mutant.line}: {mutant.key}", file=out)
 
 
+def _report_recheck(module, todo, results, equivalents, out) -> bool:
+    """The listed equivalents of C{module} a test kills: whether any."""
+    killed = [m for m in todo if results.get(m.id) != "survived"]
+    print(
+        f"{MODULES[module][0]}: {len(todo)} listed equivalents, "
+        f"{len(todo) - len(killed)} still survive, {len(killed)} killed",
+        file=out,
+        flush=True,
+    )
+    for mutant in killed:
+        print(
+            f"  KILLED {mutant.id} ({results.get(mutant.id)}): {mutant.key}", file=out
+        )
+        print(f"    listed because: {equivalents[mutant.key]}", file=out)
+    return bool(killed)
+
+
 def _report_total(totals, elapsed, out) -> None:
     total = sum(t for t, _ in totals.values())
     eq = sum(c["equivalent"] for _, c in totals.values())
     dead = sum(c["killed"] + c["timeout"] for _, c in totals.values())
     survived = sum(c["survived"] for _, c in totals.values())
     score = 100.0 * dead / (total - eq) if total > eq else 100.0
+    print(
+        f"\n{'module':<32} {'mutants':>7} {'equiv':>5} {'killed':>6} "
+        f"{'alive':>5} {'score':>6}",
+        file=out,
+    )
+    for module, (count, c) in totals.items():
+        killed = c["killed"] + c["timeout"]
+        scored = count - c["equivalent"]
+        print(
+            f"{MODULES[module][0]:<32} {count:>7} {c['equivalent']:>5} "
+            f"{killed:>6} {c['survived']:>5} "
+            f"{100.0 * killed / scored if scored else 100.0:>5.1f}%",
+            file=out,
+        )
     print(
         f"\nTotal: {total} mutants, {eq} equivalent, {dead} killed, "
         f"{survived} survived: {score:.1f}% killed of {total - eq} "
@@ -674,6 +944,11 @@ def main() -> int:
     parser.add_argument("--show", metavar="MODULE:N", help="print one mutant")
     parser.add_argument(
         "--issue", action="store_true", help="check issue 14's mutants are killed"
+    )
+    parser.add_argument(
+        "--equivalents",
+        action="store_true",
+        help="run only the listed equivalents: each must still survive",
     )
     parser.add_argument(
         "--record",
@@ -706,6 +981,8 @@ def main() -> int:
             for mutant in mutants(module):
                 print(f"{mutant.id} line {mutant.line}: {mutant.key}")
         return 0
+    if args.equivalents:
+        return run(chosen, args.jobs, sys.stdout, recheck=True)
     if not args.record:
         return run(chosen, args.jobs, sys.stdout)
     import io

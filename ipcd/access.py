@@ -126,10 +126,12 @@ def open_socket(
         via_symlink = False
         while parts:
             name = parts.popleft()
-            if name in ("", "."):
-                continue
+            # A trailing "/" or "." needs a directory too (ENOTDIR).
             if not stat.S_ISDIR(st.st_mode):
                 raise Refused(f"{path}: a component is not a directory")
+            if not name:
+                continue
+            # "." is looked up too: the kernel wants search permission for it.
             if who is not None and not permitted(st, who, SEARCH):
                 raise _denied(who, path)
             child = os.open(name, _OPEN_FLAGS, dir_fd=fd)

@@ -23,6 +23,7 @@ from ipcd.daemons import Registry, default_registry
 from ipcd.names import (
     OWN_NAMES,
     InvalidServiceName,
+    normal_rundir,
     resolve_rundir,
     validate_service_name,
 )
@@ -476,5 +477,15 @@ def load_config(
     )
     merged["redirects"] = MappingProxyType(merged["redirects"])
     merged["routes"] = MappingProxyType(merged["routes"])
-    merged["rundir"] = resolve_rundir(merged.get("rundir"), environ)
+    configured = merged.get("rundir")
+    try:
+        merged["rundir"] = normal_rundir(resolve_rundir(configured, environ))
+    except ValueError as e:
+        if configured is None:
+            where = "environment variable RUNDIR"
+        elif overrides and "rundir" in overrides:
+            where = "command line"
+        else:
+            where = path
+        raise ConfigError(f"{where}: rundir: {e}") from None
     return Config(source=path, registry=registry, **merged)

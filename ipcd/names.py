@@ -82,6 +82,21 @@ def resolve_rundir(
     return env.get("RUNDIR") or DEFAULT_RUNDIR
 
 
+def normal_rundir(path: str) -> str:
+    """
+    RUNDIR as the held-directory walk takes it: absolute, without C{.}
+    components, repeated or trailing slashes.  A relative path or one with
+    C{..} (which the kernel resolves through symbolic links, not by text) is
+    refused with C{ValueError}: ipcd runs as root from any directory.
+    """
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is a relative path: give an absolute one")
+    names = [name for name in path.split("/") if name not in ("", ".")]
+    if ".." in names:
+        raise ValueError(f"{path!r} has a '..' component: give the path without it")
+    return "/" + "/".join(names)
+
+
 def ensure_rundir(rundir: str) -> None:
     """
     Create RUNDIR (mode 1770: sticky, rwx for owner and group) when it is

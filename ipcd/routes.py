@@ -145,7 +145,8 @@ def check_host(host: str) -> str:
             )
         if label[:4].lower() == "xn--":
             try:
-                label.encode("ascii").decode("idna")
+                # The codec checks only a lower-case prefix as IDNA.
+                label.lower().encode("ascii").decode("idna")
             except UnicodeError:
                 raise ValueError(f"label {_show(label)} is not valid IDNA") from None
     return name

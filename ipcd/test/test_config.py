@@ -177,9 +177,14 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual((config.idle_timeout, config.control_timeout), (300, 10))
         path = self.write(
             "[limits]\nidle_timeout = 0\npeer_prefix_ipv6 = 48\n"
-            "partial_message_budget = 1000\n"
+            "partial_message_budget = 1000\nmax_connections_per_peer = 7\n"
+            "max_connections = 9\npeer_prefix_ipv4 = 20\ncontrol_timeout = 2.5\n"
         )
         config = load_config(path, None, {})
+        self.assertEqual(
+            (config.max_connections, config.max_connections_per_peer), (9, 7)
+        )
+        self.assertEqual((config.peer_prefix_ipv4, config.control_timeout), (20, 2.5))
         self.assertEqual(config.idle_timeout, 0)
         self.assertEqual(config.peer_prefix_ipv6, 48)
         self.assertEqual(config.partial_message_budget, 1000)
@@ -187,6 +192,9 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
             ("max_connections = 0", "greater than 0"),
             ("peer_prefix_ipv4 = 33", "from 0 to 32"),
             ("idle_timeout = -1", "0 or more"),
+            ("idle_timeout = true", "0 or more (0: no deadline), got true"),
+            ('idle_timeout = "5"', "0 or more (0: no deadline), got '5'"),
+            ("max_connections_per_peer = true", "greater than 0, got true"),
             ("control_timeout = 0", "greater than 0"),
         ]:
             message = self.error(f"[limits]\n{text}\n")
@@ -208,6 +216,9 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
             ('["ipc"]', "is ipcd's own socket"),
             ('["unix"]', "is not a daemon's scheme"),
             ('["TLS"]', "is not a daemon's scheme"),
+            # The whole entry must be a scheme, not only its start.
+            ('["t_ls"]', "'t_ls' is not a daemon's scheme"),
+            ('["tls "]', "'tls ' is not a daemon's scheme"),
             ('"tls"', "expected a list of URI schemes"),
         ]:
             message = self.error(f"[ipcd]\nexternal_daemons = {value}\n")
@@ -345,6 +356,35 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             self.error('rundir = ""\n'),
             "rundir: expected a non-empty string, got ''",
         )
+
+    def test_rundirNormalised(self) -> None:
+        """
+        RUNDIR is taken absolute, without C{.}, C{//} or a trailing slash,
+        wherever it is given; relative or with C{..}, a one-line error.
+        """
+        for given in ("/run//ipc/", "/run/./ipc", "//run/ipc/.", "/run/ipc"):
+            self.assertEqual(
+                load_config(None, {"rundir": given}, {}).rundir, "/run/ipc"
+            )
+            self.assertEqual(
+                load_config(None, None, {"RUNDIR": given}).rundir, "/run/ipc"
+            )
+        self.assertEqual(
+            self.error('rundir = "run/ipc"\n'),
+            "rundir: 'run/ipc' is a relative path: give an absolute one",
+        )
+        self.assertEqual(
+            self.error('rundir = "/run/../ipc"\n'),
+            "rundir: '/run/../ipc' has a '..' component: give the path without it",
+        )
+        for overrides, environ, where in [
+            ({"rundir": "."}, {}, "command line"),
+            (None, {"RUNDIR": "x"}, "environment variable RUNDIR"),
+        ]:
+            error = self.assertRaises(
+                ConfigError, load_config, None, overrides, environ
+            )
+            self.assertTrue(str(error).startswith(f"{where}: rundir: "), error)
 
     def test_badEndpoint(self) -> None:
         message = self.error('[tcpd]\nlisten = "9000"\n')

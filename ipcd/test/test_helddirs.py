@@ -25,7 +25,9 @@ def _fds() -> list[str]:
     return sorted(os.listdir("/proc/self/fd"))
 
 
-class HeldDirectoriesTests(SynchronousTestCase):
+class HeldDirectoriesCase(SynchronousTestCase):
+    """A RUNDIR with socket C{s} (mode 0666) in it, and its directories held."""
+
     def setUp(self) -> None:
         self.base = short_tempdir(self)
         os.chmod(self.base, 0o755)
@@ -68,6 +70,8 @@ class HeldDirectoriesTests(SynchronousTestCase):
         self.assertEqual(str(held), str(walked))
         return str(held)
 
+
+class HeldDirectoriesTests(HeldDirectoriesCase):
     def test_reached(self) -> None:
         self.reaches(self.at("s"), self.inode)
         self.assertTrue(self.held.held)

@@ -80,6 +80,7 @@ class ParseRuleTests(SynchronousTestCase):
             ("allow in pong :alice", "KIND:VALUE"),
             ("allow in pong ip:300.1.2.3", "not an IP address or CIDR"),
             ("allow in pong ip:10.0.0.0/33", "not an IP address or CIDR"),
+            ("allow in pong ip:10.0.0.X", "'10.0.0.X' is not an IP address or CIDR"),
             ("allow in pong ip:::1/129", "not an IP address or CIDR"),
             ("allow in pong ip:example.com", "not an IP address or CIDR"),
         ]:

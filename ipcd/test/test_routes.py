@@ -295,6 +295,9 @@ class URITests(SynchronousTestCase):
             ("a.b.", "empty label"),
             (".a", "empty label"),
             ("xn--a.com", "label 'xn--a' is not valid IDNA"),
+            # The codec checks only a lower-case prefix: any case is checked.
+            ("XN--a.com", "label 'XN--a' is not valid IDNA"),
+            ("xN--a.com", "label 'xN--a' is not valid IDNA"),
             ("-a.com", "label '-a' may have only letters, digits and '-'"),
             ("a-.com", "label 'a-' may have only"),
             ("a_b.com", "label 'a_b' may have only"),

@@ -6,12 +6,14 @@ outbound side dials C{openssl s_server} with a PSK and with a certificate.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
@@ -58,7 +60,8 @@ def run_openssl(case: TestCase, *args: str) -> OpenSSL:
     )
 
     def stop() -> Any:
-        if not process.ended:
+        # The child may be reaped before processEnded is delivered.
+        with contextlib.suppress(ProcessExitedAlready):
             transport.signalProcess("KILL")
         return wait_until(lambda: process.ended, "openssl to end")
 

@@ -23,6 +23,7 @@ from ipcd.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER,
     PIECE_OVERHEAD,
+    WRITE_BOUND,
     MessageFactory,
     MessageProtocol,
     MessageTooLarge,
@@ -639,3 +640,53 @@ class PartialMessageBudgetTests(SynchronousTestCase):
             .partialBudget,
             shared,
         )
+
+
+class _SizeAtWrite(StringTransport):
+    """A transport recording its C{bufferSize} at each write."""
+
+    def __init__(self, bufferSize: int) -> None:  # noqa: N803 (Twisted's name)
+        super().__init__()
+        self.bufferSize = bufferSize
+        self.sizes: list[int] = []
+
+    def write(self, data: bytes) -> None:
+        self.sizes.append(self.bufferSize)
+        super().write(data)
+
+
+class PinnedFiguresTests(SynchronousTestCase):
+    """The figures the docs state, as numbers (not recomputed from constants)."""
+
+    def test_partialMessageCharge(self) -> None:
+        """A partial message costs its bytes plus 64 per piece held."""
+        budget = PartialMessageBudget(10_000)
+        protocol = Holder()
+        protocol.partialBudget = budget
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(HEADER.pack(1000) + b"p" * 100)
+        self.assertEqual(budget.holding(protocol), 100 + 64)
+        protocol.dataReceived(b"p")
+        self.assertEqual(budget.holding(protocol), 101 + 128)
+        protocol.dataReceived(b"p" * 3)
+        self.assertEqual(budget.holding(protocol), 104 + 192)
+        self.assertEqual(WRITE_BOUND, 256 * 1024)
+
+    def test_writeBoundOnlyRaises(self) -> None:
+        """
+        A message's write may fill up to writeBound; a transport whose own
+        bound is that or more keeps it, and every bound is given back.
+        """
+        for own, during in [
+            (64 * 1024, WRITE_BOUND),
+            (WRITE_BOUND, WRITE_BOUND),
+            (WRITE_BOUND + 1, WRITE_BOUND + 1),
+            (4 * WRITE_BOUND, 4 * WRITE_BOUND),
+        ]:
+            protocol = Recorder()
+            transport = _SizeAtWrite(own)
+            protocol.makeConnection(transport)
+            protocol.sendMessage(b"m")
+            self.assertEqual(transport.sizes, [during], own)
+            self.assertEqual(transport.bufferSize, own)
+            self.assertEqual(transport.value(), encode(b"m"))

@@ -91,6 +91,10 @@ class FrameEndsTests(SynchronousTestCase):
             self.assertEqual(list_ends(server_frame(5) + frame[:length]), [7])
         self.assertEqual(list_ends(b""), [])
         self.assertEqual(list_ends(b"\x82"), [])
+        # A 16-bit length cut after its first byte, alone and after a frame.
+        self.assertEqual(list_ends(b"\x82\x7e\x00"), [])
+        self.assertEqual(list_ends(server_frame(5) + b"\x82\x7e\x00"), [7])
+        self.assertEqual(list_ends(b"\x82\x7e"), [])
 
     def test_payloadLongerThanRead(self) -> None:
         """A frame running past the read has no end in it."""
@@ -197,6 +201,15 @@ class SmallFrameTests(SynchronousTestCase):
             messages, failed = autobahn_reads(data)
             self.assertEqual((messages, failed), ([taken], False), data.hex())
         return taken
+
+    def test_takenAtTheBounds(self) -> None:
+        """Payloads of 0 and 125 bytes, any mask: taken, as autobahn takes them."""
+        for mask in (b"\x01\x02\x03\x04", b"\xff\x00\xa5\x5a"):
+            for payload in (b"", b"y", b"y" * 124, bytes(range(125))):
+                data = masked(0x82, payload, mask)
+                self.assertEqual(self._agrees(data), (payload, True), len(payload))
+            text = "é".encode() * 62 + b"z"  # 125 bytes of UTF-8
+            self.assertEqual(self._agrees(masked(0x81, text, mask)), (text, False))
 
     def test_notTaken(self) -> None:
         """Unmasked, fragmented, control, reserved bits, bad UTF-8, two frames."""

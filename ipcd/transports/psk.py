@@ -38,6 +38,9 @@ log = Logger()
 MIN_KEY_BYTES = 16
 MAX_IDENTITY = 128  # bytes: OpenSSL's PSK_MAX_IDENTITY_LEN
 MAX_KEY_BYTES = 256  # OpenSSL's PSK_MAX_PSK_LEN
+# A secrets file larger than this is refused, not cut: 1 MiB holds 1,600
+# lines of the longest identity and key, 13,000 of 32-byte keys.
+MAX_SECRETS_FILE = 1 << 20
 
 # TLS 1.3 suites these callbacks work with, and the TLS 1.2 PSK suites
 # (forward secret first).
@@ -131,7 +134,12 @@ def read_secrets(path: str) -> dict[str, bytes]:
         os.close(fd)
         raise
     with open(fd, "rb") as f:
-        data = f.read(1 << 20)
+        data = f.read(MAX_SECRETS_FILE + 1)
+    if len(data) > MAX_SECRETS_FILE:
+        raise SecretsError(
+            f"{path} is larger than {MAX_SECRETS_FILE >> 20} MiB: "
+            "not a secrets file, or too many keys for one"
+        )
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:

@@ -177,9 +177,12 @@ def client_creator(material: Material, host: str) -> Any:
 def _read(key: str, path: str, limit: int = 1 << 20) -> bytes:
     try:
         with open(path, "rb") as f:
-            return f.read(limit)
+            data = f.read(limit + 1)
     except OSError as e:
         raise MaterialError(f"[tlsd] {key}: cannot read {path}: {e.strerror}") from None
+    if len(data) > limit:  # refused, not cut
+        raise MaterialError(f"[tlsd] {key}: {path} is larger than {limit >> 20} MiB")
+    return data
 
 
 def _certificates(key: str, path: str) -> list[x509.Certificate]:

@@ -1,0 +1,197 @@
+"""
+The broker's lookup path in process, on real sockets: what a lookup counts,
+logs and reaches, before and after ipcd's sockets listen, after a reload,
+and for a client whose uid the kernel did not give.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from ipcd import broker as broker_module
+from ipcd.access import AccessDenied, Credentials
+from ipcd.broker import _MAX_PLANS, Broker, serve_lookup
+from ipcd.config import Config
+from ipcd.daemons import Registry
+from ipcd.errors import Refused
+from ipcd.identity import Peer
+from ipcd.policy import parse_grant
+from ipcd.test.test_names import short_tempdir
+
+ALICE = Peer(
+    "uid 61001",
+    frozenset({"uid:61001"}),
+    1,
+    61001,
+    Credentials(61001, 61001),
+)
+
+
+class LookupPathTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.rundir = short_tempdir(self)
+        os.chmod(self.rundir, 0o755)
+        self.sockets: list[socket.socket] = []
+        self.listen("svc", 0o666)
+        self.broker = Broker(Config(rundir=self.rundir), reactor)
+        self.addCleanup(self.broker.own_sockets_listening, False)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def tearDown(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+    def listen(self, name: str, mode: int) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sockets.append(sock)
+        sock.bind(os.path.join(self.rundir, name))
+        sock.listen()
+        os.chmod(os.path.join(self.rundir, name), mode)
+
+    def open(self, payload: bytes, client: Peer = ALICE) -> Any:
+        answer = self.broker.open_now(payload, client)
+        if isinstance(answer, socket.socket):
+            self.addCleanup(answer.close)
+        return answer
+
+    def assertConnected(self, answer: Any, name: str) -> None:
+        self.assertIsInstance(answer, socket.socket, answer)
+        self.assertEqual(answer.getpeername(), os.path.join(self.rundir, name))
+
+    def test_beforeAndWhileListening(self) -> None:
+        """The same answers with RUNDIR held (listening) and not."""
+        self.assertConnected(self.open(b"svc"), "svc")
+        self.broker.own_sockets_listening()
+        self.assertConnected(self.open(b"svc"), "svc")
+        self.broker.own_sockets_listening(False)
+        self.assertConnected(self.open(b"svc"), "svc")
+
+    def test_ownSocketsAfterListening(self) -> None:
+        """
+        ipcd's own sockets, reached through a link, are refused while they
+        listen and after (a socket made anew at their name too); nothing
+        stays held once they no longer listen.
+        """
+        before = sorted(os.listdir("/proc/self/fd"))
+        self.broker = Broker(Config(rundir=self.rundir, registry=Registry()), reactor)
+        self.listen("ipc", 0o666)
+        os.symlink("ipc", os.path.join(self.rundir, "alias"))
+        self.broker.own_sockets_listening()
+        answer = self.open(b"svc")
+        self.assertConnected(answer, "svc")
+        answer.close()
+        self.open(b"alias").trap(Refused)
+        self.broker.own_sockets_listening(False)
+        # A new socket (a new inode: the old one is still open) at "ipc".
+        self.listen("ipc.new", 0o666)
+        os.rename(*(os.path.join(self.rundir, n) for n in ("ipc.new", "ipc")))
+        self.open(b"alias").trap(Refused)
+        self.open(b"svc").close()
+        now = sorted(os.listdir("/proc/self/fd"))
+        self.assertEqual(len(now), len(before) + 2)  # the two "ipc" sockets
+
+    def test_counted(self) -> None:
+        """Each lookup counts once; a grant counts as granted."""
+        self.open(b"svc")
+        self.open(b"svc")
+        self.assertEqual(self.broker.counters["lookups"], 2)
+        self.listen("secret", 0o600)
+        answer = self.open(b"secret")
+        self.assertIsInstance(answer, Failure)
+        answer.trap(AccessDenied)
+        self.assertEqual(self.broker.counters["access denied"], 1)
+        self.broker.config = Config(
+            rundir=self.rundir, grants=(parse_grant("secret uid:61001"),)
+        )
+        self.assertConnected(self.open(b"secret"), "secret")
+        self.assertEqual(self.broker.counters["granted"], 1)
+        self.assertEqual(self.broker.counters["lookups"], 4)
+
+    def test_unknownUid(self) -> None:
+        """A client the kernel gave no credentials for reaches nothing itself."""
+        stranger = Peer("a stranger")
+        answer = self.open(b"svc", stranger)
+        self.assertIsInstance(answer, Failure)
+        answer.trap(AccessDenied)
+        self.assertIn("the client's uid is unknown", answer.getErrorMessage())
+
+    def test_planOncePerConfig(self) -> None:
+        """
+        A payload is planned once per configuration: again after a reload
+        (which may redirect it), and the plans kept are bounded.
+        """
+        planned: list[str] = []
+        real = broker_module.plan
+
+        def counting(config: Config, service: str, uri: Any) -> Any:
+            planned.append(service)
+            return real(config, service, uri)
+
+        self.patch(broker_module, "plan", counting)
+        self.assertConnected(self.open(b"svc"), "svc")
+        self.assertConnected(self.open(b"svc"), "svc")
+        self.assertEqual(planned, ["svc"])
+        self.listen("other", 0o666)
+        self.broker.config = Config(rundir=self.rundir, redirects={"svc": "other"})
+        self.assertConnected(self.open(b"svc"), "other")
+        self.assertEqual(planned, ["svc", "svc"])
+        self.listen("secret", 0o600)  # planned, then refused: no sockets kept
+        kept = []
+        for n in range(_MAX_PLANS + 1):
+            self.open(b"secret;r%d unix://secret" % n).trap(AccessDenied)
+            kept.append(len(self.broker._plans))
+        self.assertEqual(max(kept), _MAX_PLANS)
+
+    def test_loggedByService(self) -> None:
+        """The log names the service looked up, or the start of a bad payload."""
+        self.open(b"svc;svc unix://svc")
+        said = [e["service"] for e in self.events if "service" in e]
+        self.assertEqual(said, ["svc"])
+        self.open(b"!" * 100).trap(Refused)
+        said = [e["service"] for e in self.events if "service" in e]
+        self.assertEqual(said[-1], "!" * 80)
+
+
+class OwnNamesTests(SynchronousTestCase):
+    def test_followConfigAndTransports(self) -> None:
+        """
+        ipcd's own names follow a reload (a new external daemon's name is
+        its at once) and the transports given (a test double's scheme).
+        """
+        rundir = short_tempdir(self)
+        broker = Broker(Config(rundir=rundir), reactor)
+        self.assertNotIn("xd", broker.own_names())
+        broker.config = Config(rundir=rundir, external_daemons=("xd",))
+        self.assertIn("xd", broker.own_names())
+        self.assertNotIn("zz", broker.own_names())
+        broker.transports["zz"] = object()  # type: ignore[assignment]
+        self.assertIn("zz", broker.own_names())
+        self.assertIn("xd", broker.own_names())
+        self.assertNotIn("xd", broker._in_process_names())
+        broker.config = Config(rundir=rundir)
+        self.assertNotIn("xd", broker.own_names())
+
+
+class ServeLookupTests(SynchronousTestCase):
+    def test_openNowWhenThereIsOne(self) -> None:
+        """serve_lookup answers at once through open_now, else through open."""
+
+        class Later:
+            def open(self, payload: bytes, client: Peer) -> Any:
+                return ("open", payload)
+
+        class AtOnce(Later):
+            def open_now(self, payload: bytes, client: Peer) -> Any:
+                return ("open_now", payload)
+
+        self.assertEqual(serve_lookup(Later(), b"x", ALICE), ("open", b"x"))
+        self.assertEqual(serve_lookup(AtOnce(), b"x", ALICE), ("open_now", b"x"))
