@@ -478,6 +478,10 @@ def load_config(
     merged["redirects"] = MappingProxyType(merged["redirects"])
     merged["routes"] = MappingProxyType(merged["routes"])
     configured = merged.get("rundir")
+    if configured and overrides and overrides.get("rundir") == configured:
+        # The command line's, as any of its names: from the working directory
+        # (a file's names were taken from its own directory above).
+        configured = os.path.join(os.getcwd(), configured)
     try:
         merged["rundir"] = normal_rundir(resolve_rundir(configured, environ))
     except ValueError as e:
