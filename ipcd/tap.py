@@ -24,7 +24,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from ipcd import compat, version
-from ipcd.broker import Broker, LookupFactory
+from ipcd.broker import Broker
 from ipcd.compat import twisted as compat_twisted
 from ipcd.config import Config, ConfigError, load_config
 from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_report
@@ -32,6 +32,7 @@ from ipcd.daemons import Flag, Registry, StartupError, default_registry, setting
 from ipcd.endpoints import BROKER_NAME
 from ipcd.limits import LimitedFactory
 from ipcd.logs import text_observer
+from ipcd.lookupprotocol import LookupFactory
 from ipcd.names import (
     SocketInUse,
     UnsafeRundir,

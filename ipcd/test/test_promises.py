@@ -26,9 +26,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import access, names
 from ipcd.access import Credentials, open_socket
-from ipcd.broker import Broker, _Event
+from ipcd.broker import Broker
 from ipcd.config import Config, ConfigError, load_config
 from ipcd.daemons import settings_of
+from ipcd.decisionlog import Request
 from ipcd.errors import Refused
 from ipcd.names import SocketInUse, clear_stale_socket, listen_unix
 from ipcd.policy import (
@@ -639,7 +640,7 @@ class OpenLocalTests(SynchronousTestCase):
             sock.bind(os.path.join(self.rundir, "ipc"))
 
     def open(self, name: str, path: str) -> Any:
-        event = _Event("in", None, name)  # type: ignore[arg-type]
+        event = Request("in", None, name)  # type: ignore[arg-type]
         return self.broker._open_local(event, LocalTarget(name, path))
 
     def test_otherOSError(self) -> None:
