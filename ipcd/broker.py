@@ -110,7 +110,7 @@ class Broker:
         self.counters: Counter[str] = Counter()
         # Each listener's connection limits, by listener name.
         self.limits: dict[str, ConnectionLimits] = {}
-        self.own_sockets = OwnSockets(lambda: self._config, lambda: self.transports)
+        self.own_sockets = OwnSockets(lambda: self._config, self.transports)
         self._plans: dict[bytes, tuple[Config, str, Any]] = {}
         self.decision_log = DecisionLog(self.log)
         self._decisions: dict[Any, Decision] = {}

@@ -32,7 +32,7 @@ _FAILED_VERDICT = _DECIDED + " ({verdict} here)"
 _MAX_SAID = 256
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     """What is known of one request as it is decided, for its log event."""
 

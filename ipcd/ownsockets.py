@@ -14,7 +14,8 @@ and the directories above it open while ipcd listens, for the access walk
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from ipcd.access import HeldDirectories, OpenedSocket
 from ipcd.config import Config
@@ -28,11 +29,12 @@ Names = tuple[frozenset[str], frozenset[str], frozenset[str]]
 class OwnSockets:
     """
     The own sockets of the broker whose configuration C{config()} gives and
-    whose test transports (outbound halves by scheme) C{transports()} names.
+    whose test transports (outbound halves by scheme) are the keys of
+    C{transports}, a mapping that may change.
     """
 
     def __init__(
-        self, config: Callable[[], Config], transports: Callable[[], Iterable[str]]
+        self, config: Callable[[], Config], transports: Mapping[str, Any]
     ) -> None:
         self._config = config
         self._transports = transports
@@ -42,7 +44,7 @@ class OwnSockets:
         # RUNDIR and the directories above it, held open while ipcd's own
         # sockets listen (a fixed number of descriptors).
         self.held: HeldDirectories | None = None
-        self._names_cache: tuple[Config, tuple[str, ...], Names] | None = None
+        self._names_cache: tuple[Config, frozenset[str], Names] | None = None
 
     def reconfigured(self) -> None:
         """A new configuration: RUNDIR may have moved, daemons changed."""
@@ -57,9 +59,10 @@ class OwnSockets:
         external daemon's; worked out once per configuration (and set of
         test transports), not per lookup.
         """
-        config, transports = self._config(), tuple(self._transports())
+        config, transports = self._config(), self._transports.keys()
         cached = self._names_cache
         if cached is None or cached[0] is not config or cached[1] != transports:
+            transports = frozenset(transports)
             own = frozenset(
                 {
                     *OWN_NAMES,
