@@ -167,6 +167,27 @@ class AnsweredAtOnceTests(TestCase):
         self.assertEqual(service.broker.counters["lookups answered at accept"], 0)
         self.assertEqual(service.broker.counters["connected"], 1)
 
+    @inlineCallbacks
+    def test_sameRefusal(self) -> Any:
+        """The at-accept path and the protocol answer alike (reply_to)."""
+        rundir = short_rundir(self)
+        service = yield start_ipcd(self, make_config(rundir))
+        limits = service.broker.limits["ipc"]
+        framed = encode(b"nosuch;")
+        whole = self.connect(rundir)
+        whole.sendall(framed)
+        at_accept = yield self.answer(whole)
+        self.assertEqual(service.broker.counters["lookups answered at accept"], 1)
+        split = self.connect(rundir)
+        split.sendall(framed[: HEADER.size + 1])
+        yield wait_until(lambda: limits.total == 1, "ipcd to accept")
+        split.sendall(framed[HEADER.size + 1 :])
+        by_protocol = yield self.answer(split)
+        self.assertEqual(service.broker.counters["lookups answered at accept"], 1)
+        self.assertEqual(at_accept, by_protocol)
+        self.assertTrue(at_accept[0].startswith(b"ne no route to service 'nosuch'"))
+        self.assertEqual(at_accept[1], 0)
+
 
 class ReplyTests(SynchronousTestCase):
     """L{reply_to}: the one wire form of an answer, for both paths."""
