@@ -44,7 +44,7 @@ _HOMES = {
     "FakeLookupBroker": "ipcd.testing",
     "FakeUNIXTransport": "ipcd.testing",
     "lookup_connection": "ipcd.testing",
-    "LookupFactory": "ipcd.broker",
+    "LookupFactory": "ipcd.lookupprotocol",
     "MemoryRelays": "ipcd.testing",
 }
 

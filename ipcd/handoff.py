@@ -18,6 +18,13 @@ if TYPE_CHECKING:  # the blocking client imports this module: no Twisted
 OK = b"ok"
 
 
+def scm_rights(fd: int | None) -> list[tuple[int, int, array[int]]]:
+    """The ancillary data of a C{sendmsg} passing C{fd} (none for C{None})."""
+    if fd is None:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", (fd,)))]
+
+
 class HandoffError(ConnectionError):
     """ipcd (or a daemon) did not hand over a connection; the reason is given."""
 
@@ -37,9 +44,7 @@ def send_ok(transport: Any, fd: int) -> None:
     # ipcd.testing among them, go Twisted's way.
     if compat_twisted.holds_nothing(transport):
         try:
-            sent = transport.getHandle().sendmsg(
-                [OK], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]))]
-            )
+            sent = transport.getHandle().sendmsg([OK], scm_rights(fd))
         except BlockingIOError:
             pass
         else:

@@ -145,9 +145,21 @@ class ConnectionLimits:
         self._paused = False
         self._cuts: dict[Any, Any] = {}  # refused connections' grace timers
 
+    def has_room(self, key: str, spare: int = 0) -> bool:
+        """
+        Whether L{admit} would admit a connection from C{key} now and leave
+        at least C{spare} more places in all before the maximum; nothing is
+        counted.  For a connection served and gone at once, which need not
+        be counted while the limits are far off.
+        """
+        return self.total + spare < self.max_total and not self._peer_full(key)
+
+    def _peer_full(self, key: str) -> bool:
+        return self.per_peer.get(key, 0) >= self.max_per_peer and key not in self.exempt
+
     def admit(self, key: str) -> str | None:
         """Count a new connection from C{key}; or say why it is refused."""
-        if self.per_peer[key] >= self.max_per_peer and key not in self.exempt:
+        if self._peer_full(key):
             self.counters[f"{self.name}: refused, per-peer limit"] += 1
             reason = f"too many connections from {key} (at most {self.max_per_peer})"
             self.log.warn("{listener}: {reason}", listener=self.name, reason=reason)

@@ -21,6 +21,7 @@ from typing import Any
 
 from twisted.internet import unix
 from twisted.internet.address import UNIXAddress
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 
 from ipcd.compat import cpython
@@ -162,6 +163,17 @@ class LookupPort(unix.Port):
         transport = self.transport(skt, protocol, addr, self, session, self.reactor)
         protocol.makeConnection(transport)
         resume(protocol)
+
+
+def listen(reactor: Any, path: str, factory: Any, backlog: int, mode: int) -> Any:
+    """
+    C{reactor.listenUNIX}; with a L{LookupPort} for a factory that can serve
+    connections within accept (C{serve_at_once}), on a reactor whose ports
+    are Twisted's own.
+    """
+    if hasattr(factory, "serve_at_once") and isinstance(reactor, PosixReactorBase):
+        return listen_fast(reactor, path, factory, backlog, mode)
+    return reactor.listenUNIX(path, factory, backlog=backlog, mode=mode)
 
 
 def listen_fast(

@@ -294,18 +294,10 @@ def _unlink_quietly(path: str) -> None:
 
 
 def _listen(reactor: Any, path: str, factory: Any, backlog: int, mode: int) -> Any:
-    """
-    C{reactor.listenUNIX}; with a L{ipcd.lookupport.LookupPort} for a factory
-    that can serve connections within accept (C{serve_at_once}), on a
-    reactor whose ports are Twisted's own.
-    """
-    from twisted.internet.posixbase import PosixReactorBase
+    """C{reactor.listenUNIX}, or the lookup port where it applies."""
+    from ipcd.lookupport import listen
 
-    if hasattr(factory, "serve_at_once") and isinstance(reactor, PosixReactorBase):
-        from ipcd.lookupport import listen_fast
-
-        return listen_fast(reactor, path, factory, backlog, mode)
-    return reactor.listenUNIX(path, factory, backlog=backlog, mode=mode)
+    return listen(reactor, path, factory, backlog, mode)
 
 
 def listen_unix(

@@ -22,7 +22,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from ipcd import compat, version
-from ipcd.broker import Broker, LookupFactory
+from ipcd.broker import Broker
 from ipcd.compat import twisted as compat_twisted
 from ipcd.config import Config, ConfigError, load_config
 from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_report
@@ -31,6 +31,7 @@ from ipcd.endpoints import BROKER_NAME
 from ipcd.limits import LimitedFactory
 from ipcd.listener import IListener, Outcome
 from ipcd.logs import text_observer
+from ipcd.lookupprotocol import LookupFactory
 from ipcd.memtrim import MemoryTrim
 from ipcd.names import (
     SocketInUse,

@@ -23,11 +23,12 @@ from twisted.internet.testing import (
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ipcd.broker import ILookupBroker, LookupFactory, LookupProtocol
 from ipcd.config import Config, boolean
 from ipcd.daemons import Flag, IProtocolDaemon, Setting
 from ipcd.errors import Refused
 from ipcd.identity import Peer
+from ipcd.lookup import ILookupBroker
+from ipcd.lookupprotocol import LookupFactory, LookupProtocol
 from ipcd.relay import IRelayEngine, Join, RelayEngine, RelayStats, ended
 
 # ---------------------------------------------------------------------------

@@ -194,7 +194,7 @@ class BrokerHoldsRundirTests(SynchronousTestCase):
         # A reload with another RUNDIR: that one's, as many.
         other = short_tempdir(self)
         broker.config = Config(rundir=other)
-        self.assertEqual(broker._held.directory, other)  # type: ignore[union-attr]
+        self.assertEqual(broker.own_sockets.held.directory, other)  # type: ignore[union-attr]
         self.assertEqual(len(_fds()), held)
         broker.own_sockets_listening(False)
         self.assertEqual(_fds(), before)

@@ -116,6 +116,25 @@ class ConnectionLimitsTests(SynchronousTestCase):
         self.assertIsNotNone(limits.admit("uid:1"))
         self.assertEqual(limits.total, 3)
 
+    def test_hasRoom(self) -> None:
+        """
+        C{has_room} says what C{admit} would do, leaving C{spare} places,
+        and counts nothing.
+        """
+        limits = ConnectionLimits("ipc", 4, 1, self.clock, exempt=frozenset({"uid:0"}))
+        self.assertTrue(limits.has_room("uid:1", spare=1))
+        self.assertEqual((limits.total, dict(limits.per_peer)), (0, {}))
+        limits.admit("uid:1")
+        self.assertFalse(limits.has_room("uid:1"), "at its per-peer maximum")
+        self.assertTrue(limits.has_room("uid:2", spare=2))
+        limits.admit("uid:0")
+        self.assertTrue(limits.has_room("uid:0"), "exempt from the per-peer cap")
+        self.assertTrue(limits.has_room("uid:2", spare=1))
+        self.assertFalse(limits.has_room("uid:2", spare=2), "too close to 4")
+        limits.admit("uid:2")
+        limits.admit("uid:3")
+        self.assertFalse(limits.has_room("uid:4"), "at the total maximum")
+
     def test_stoppedPortNotRestarted(self) -> None:
         for key in ("uid:1", "uid:2", "uid:3", "uid:4"):
             self.limits.admit(key)

@@ -19,9 +19,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ipcd.errors import Refused
 from ipcd.identity import LabelCache, local_labels
+from ipcd.lookup import reply_to
 from ipcd.lookupport import HandedOver
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
@@ -163,6 +166,45 @@ class AnsweredAtOnceTests(TestCase):
         self.assertEqual((yield self.answer(sock)), (b"ok", 1))
         self.assertEqual(service.broker.counters["lookups answered at accept"], 0)
         self.assertEqual(service.broker.counters["connected"], 1)
+
+    @inlineCallbacks
+    def test_sameRefusal(self) -> Any:
+        """The at-accept path and the protocol answer alike (reply_to)."""
+        rundir = short_rundir(self)
+        service = yield start_ipcd(self, make_config(rundir))
+        limits = service.broker.limits["ipc"]
+        framed = encode(b"nosuch;")
+        whole = self.connect(rundir)
+        whole.sendall(framed)
+        at_accept = yield self.answer(whole)
+        self.assertEqual(service.broker.counters["lookups answered at accept"], 1)
+        split = self.connect(rundir)
+        split.sendall(framed[: HEADER.size + 1])
+        yield wait_until(lambda: limits.total == 1, "ipcd to accept")
+        split.sendall(framed[HEADER.size + 1 :])
+        by_protocol = yield self.answer(split)
+        self.assertEqual(service.broker.counters["lookups answered at accept"], 1)
+        self.assertEqual(at_accept, by_protocol)
+        self.assertTrue(at_accept[0].startswith(b"ne no route to service 'nosuch'"))
+        self.assertEqual(at_accept[1], 0)
+
+
+class ReplyTests(SynchronousTestCase):
+    """L{reply_to}: the one wire form of an answer, for both paths."""
+
+    def test_ok(self) -> None:
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        self.assertEqual(reply_to(a), (b"ok", a.fileno()))
+
+    def test_refused(self) -> None:
+        reply = reply_to(Failure(Refused("no route to service 'x'")))
+        self.assertEqual(reply, (b"ne no route to service 'x'", None))
+
+    def test_internalError(self) -> None:
+        reply = reply_to(Failure(RuntimeError("boom\n")))
+        self.assertEqual(reply, (b"ne internal error: boom\\x0a", None))
 
 
 class _GroupDatabase:

@@ -11,8 +11,9 @@ import socket
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.access import Credentials, HeldDirectories
-from ipcd.broker import Broker, _Event
+from ipcd.broker import Broker
 from ipcd.config import Config
+from ipcd.decisionlog import Request
 from ipcd.errors import Refused
 from ipcd.identity import Peer
 from ipcd.owninodes import RundirInodes
@@ -146,7 +147,7 @@ class RundirInodesTests(SynchronousTestCase):
 class BrokerOwnInodesTests(SynchronousTestCase):
     """An external daemon's socket is refused under another name, at once."""
 
-    def daemon_starts(self, event: _Event) -> None:
+    def daemon_starts(self, event: Request) -> None:
         rundir = short_tempdir(self)
         broker = Broker(Config(rundir=rundir, external_daemons=("ext",)), None)
         self.addCleanup(broker.own_sockets_listening, False)
@@ -177,12 +178,12 @@ class BrokerOwnInodesTests(SynchronousTestCase):
     def test_remotePeer(self) -> None:
         # Let in by a rule that names it: others' permissions do not apply.
         allowed = Decision(True, Rule("allow", "in", "alias"), 1)
-        self.daemon_starts(_Event("in", Peer("10.0.0.1:5"), "alias", [], allowed))
+        self.daemon_starts(Request("in", Peer("10.0.0.1:5"), "alias", [], allowed))
 
     def test_localClient(self) -> None:
         """Through the held directories, which give RUNDIR's stat."""
         root = Peer("pid 1 uid 0", credentials=Credentials(0, 0))
-        self.daemon_starts(_Event("local", root, "alias"))
+        self.daemon_starts(Request("local", root, "alias"))
 
 
 class DirectoryStatTests(SynchronousTestCase):

@@ -26,9 +26,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import access, names
 from ipcd.access import AccessDenied, Credentials, open_socket
-from ipcd.broker import Broker, _Event
+from ipcd.broker import Broker
 from ipcd.config import Config, ConfigError, load_config
 from ipcd.daemons import settings_of
+from ipcd.decisionlog import Request
 from ipcd.errors import Refused
 from ipcd.names import SocketInUse, clear_stale_socket, listen_unix
 from ipcd.policy import (
@@ -641,7 +642,7 @@ class OpenLocalTests(SynchronousTestCase):
     def open(self, name: str, path: str) -> Any:
         # A remote peer that a rule naming the service let in.
         allowed = Decision(True, Rule("allow", "in", name), 1)
-        event = _Event("in", None, name, [], allowed)  # type: ignore[arg-type]
+        event = Request("in", None, name, [], allowed)  # type: ignore[arg-type]
         return self.broker._open_local(event, LocalTarget(name, path))
 
     def test_otherOSError(self) -> None:
@@ -661,11 +662,11 @@ class OpenLocalTests(SynchronousTestCase):
             with _SOCKET(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.bind(path)
             os.chmod(path, mode)
-        event = _Event("in", None, "secret", [], glob)  # type: ignore[arg-type]
+        event = Request("in", None, "secret", [], glob)  # type: ignore[arg-type]
         secret = LocalTarget("secret", os.path.join(self.rundir, "secret"))
         error = self.assertRaises(AccessDenied, self.broker._open_local, event, secret)
         self.assertIn("others may not connect to", str(error))
-        event = _Event("in", None, "open", [], glob)  # type: ignore[arg-type]
+        event = Request("in", None, "open", [], glob)  # type: ignore[arg-type]
         target = LocalTarget("open", os.path.join(self.rundir, "open"))
         self.broker._open_local(event, target).close()
         self.assertEqual(event.access, "others may connect")
