@@ -43,6 +43,7 @@ from ipcd.config import Config
 from ipcd.daemons import BoundOutbound, IOutbound, off_reason, settings_of
 from ipcd.errors import Refused
 from ipcd.handoff import OK, send_ok
+from ipcd.host import IDaemonHost
 from ipcd.identity import LabelCache, Peer, local_peer
 from ipcd.limits import ConnectionLimits, own_uid_key
 from ipcd.logs import EventTemplate, printable
@@ -140,7 +141,7 @@ class ILookupBroker(Interface):
         """
 
 
-@implementer(ILookupBroker)
+@implementer(ILookupBroker, IDaemonHost)
 class Broker:
     """
     Resolves and connects: for local clients through L{open}, for remote
