@@ -29,6 +29,7 @@ from ipcd.config import Config
 from ipcd.daemons import BoundOutbound, IOutbound, off_reason, settings_of
 from ipcd.decisionlog import DecisionLog, Request
 from ipcd.errors import Refused
+from ipcd.host import IDaemonHost
 from ipcd.identity import LabelCache, Peer
 from ipcd.limits import ConnectionLimits, own_uid_key
 from ipcd.logs import printable
@@ -83,7 +84,7 @@ __all__ = [
 _MAX_PLANS = 256
 
 
-@implementer(ILookupBroker)
+@implementer(ILookupBroker, IDaemonHost)
 class Broker:
     """
     Resolves and connects: for local clients through L{open}, for remote

@@ -33,6 +33,9 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface, implementer
 
+from ipcd.host import IDaemonHost
+from ipcd.reactors import IHostReactor
+
 
 class StartupError(RuntimeError):
     """ipcd cannot start; the message is one line: what failed, the way out."""
@@ -111,19 +114,21 @@ class IProtocolDaemon(Interface):
         made only then.
         """
 
-    def connect(broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
+    def connect(
+        broker: IDaemonHost, target: Any, client: Any
+    ) -> Deferred[socket.socket]:
         """
         The outbound half: connect C{target} (an
         L{ipcd.resolution.RemoteTarget} of this scheme) on behalf of
-        C{client} (an L{ipcd.identity.Peer}) for C{broker}
-        (L{ipcd.broker.Broker}: its C{reactor}, its C{config}).  Fires with a
+        C{client} (an L{ipcd.identity.Peer}) for C{broker} (the
+        L{ipcd.host.IDaemonHost}: its C{reactor}, its C{config}).  Fires with a
         connected socket that the broker hands to the client as is, or fails
         with L{ipcd.errors.Refused}.  The broker bounds it with its connect
         deadline and cancels the Deferred when that passes: the daemon must
         then close whatever socket it opened.
         """
 
-    def makeService(broker: Any, settings: Mapping[str, Any]) -> Any:  # noqa: N802
+    def makeService(broker: IDaemonHost, settings: Mapping[str, Any]) -> Any:  # noqa: N802
         """
         The inbound half: its listeners as one
         L{twisted.application.service.IService} named after L{section}
@@ -136,7 +141,7 @@ class IProtocolDaemon(Interface):
     def status(settings: Mapping[str, Any]) -> Mapping[str, Any]:
         """Its lines in C{ipcd status}'s configuration: plain JSON values."""
 
-    def verify(reactor: Any, settings: Mapping[str, Any]) -> None:
+    def verify(reactor: IHostReactor, settings: Mapping[str, Any]) -> None:
         """
         Before anything listens: check what only a reactor can (an endpoint
         plugin's parser, say).  Raises L{StartupError} with one line.
@@ -166,7 +171,7 @@ def listen_hint(error: Exception, flag: str) -> str:
     return f"{another}use --{flag} ENDPOINT or --no-{flag}"
 
 
-def check_listener(reactor: Any, daemon: IProtocolDaemon, listen: str) -> None:
+def check_listener(reactor: IHostReactor, daemon: IProtocolDaemon, listen: str) -> None:
     """
     A plugin's parser (systemd:, ...) runs only with a reactor, so the config
     could not: try it here, to say in one line what is wrong (systemd passed
@@ -221,7 +226,7 @@ class ListeningDaemon:
     section: str
     flag: str
     default_listen: str
-    service: Callable[[Any, Any, Mapping[str, Any]], Any]
+    service: Callable[[Any, IDaemonHost, Mapping[str, Any]], Any]
     # What --FLAG's help says the listener is, and --no-FLAG's help.
     listen_doc: str = ""
     off_doc: str = ""
@@ -253,11 +258,11 @@ class ListeningDaemon:
         return bool(settings["enabled"])
 
     def makeService(  # noqa: N802 (Twisted's name)
-        self, broker: Any, settings: Mapping[str, Any]
+        self, broker: IDaemonHost, settings: Mapping[str, Any]
     ) -> Any:
         return self.service(self, broker, settings)
 
-    def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
+    def verify(self, reactor: IHostReactor, settings: Mapping[str, Any]) -> None:
         check_listener(reactor, self, settings["listen"])  # type: ignore[arg-type]
 
     def hint(self, error: Exception) -> str:
@@ -281,7 +286,7 @@ class IOutbound(Interface):
 class BoundOutbound:
     """A daemon's outbound half bound to one broker."""
 
-    def __init__(self, daemon: IProtocolDaemon, broker: Any) -> None:
+    def __init__(self, daemon: IProtocolDaemon, broker: IDaemonHost) -> None:
         self.scheme = daemon.scheme
         self.daemon = daemon
         self.broker = broker

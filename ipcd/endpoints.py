@@ -19,6 +19,7 @@ from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import (
     IFileDescriptorReceiver,
     IProtocolFactory,
+    IReactorUNIX,
     IStreamClientEndpoint,
     IStreamClientEndpointStringParserWithReactor,
     IStreamServerEndpoint,
@@ -39,6 +40,7 @@ from ipcd.names import (
     socket_path,
     validate_service_name,
 )
+from ipcd.reactors import IHostReactor
 from ipcd.routes import encode_lookup
 from ipcd.wire import encode
 
@@ -49,7 +51,7 @@ class IPCServerEndpoint:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorUNIX,
         name: str,
         rundir: str | None = None,
         mode: int = SOCKET_MODE,
@@ -129,7 +131,7 @@ class IPCClientEndpoint:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IHostReactor,
         service: str,
         rundir: str | None = None,
         network: str | None = None,
@@ -226,13 +228,13 @@ class IPCServerParser:
     parameters = "rundir=, mode=, backlog=, group="
 
     def parseStreamServer(  # noqa: N802 (Twisted's name)
-        self, reactor: Any, *args: str, **kwargs: str
+        self, reactor: IHostReactor, *args: str, **kwargs: str
     ) -> IPCServerEndpoint:
         return self._parseServer(reactor, *args, **kwargs)
 
     def _parseServer(  # noqa: N802 (as Twisted's own parsers)
         self,
-        reactor: Any,
+        reactor: IHostReactor,
         name: str,
         *extra: str,
         rundir: str | None = None,
@@ -282,13 +284,13 @@ class IPCClientParser:
     parameters = "rundir=, network=, timeout="
 
     def parseStreamClient(  # noqa: N802 (Twisted's name)
-        self, reactor: Any, *args: str, **kwargs: str
+        self, reactor: IHostReactor, *args: str, **kwargs: str
     ) -> IPCClientEndpoint:
         return self._parseClient(reactor, *args, **kwargs)
 
     def _parseClient(  # noqa: N802 (as Twisted's own parsers)
         self,
-        reactor: Any,
+        reactor: IHostReactor,
         name: str,
         *extra: str,
         rundir: str | None = None,

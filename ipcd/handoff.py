@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ipcd.compat import twisted as compat_twisted
 
 if TYPE_CHECKING:  # the blocking client imports this module: no Twisted
-    from twisted.internet.interfaces import IProtocolFactory
+    from twisted.internet.interfaces import IProtocolFactory, IReactorSocket
 
 OK = b"ok"
 
@@ -117,7 +117,9 @@ class _Capturing:
         return self.protocol
 
 
-def adopt_into_reactor(reactor: Any, fd: int, factory: IProtocolFactory) -> Any:
+def adopt_into_reactor(
+    reactor: IReactorSocket, fd: int, factory: IProtocolFactory
+) -> Any:
     """
     Adopt a received connected fd into the reactor with C{factory}; returns
     the protocol built for it (C{HandoffError} if the factory built none).

@@ -41,6 +41,7 @@ from zope.interface import implementer
 
 from ipcd import wire
 from ipcd.errors import Refused
+from ipcd.host import IDaemonHost
 from ipcd.identity import Peer, local_peer, remote_peer
 from ipcd.limits import RateLimitedObserver
 from ipcd.relay import READ_SIZE, RelayStats, take_socket
@@ -75,7 +76,9 @@ def request_text(request: bytes) -> str:
         raise Refused("request is not ASCII") from None
 
 
-def open_inbound(broker: Any, request: bytes, who: Peer) -> Deferred[socket.socket]:
+def open_inbound(
+    broker: IDaemonHost, request: bytes, who: Peer
+) -> Deferred[socket.socket]:
     """
     A remote peer C{who} asks for the local service C{request} names, as
     L{Handshaking} asks: through C{broker.open_inbound}.  Fails with
@@ -302,7 +305,7 @@ class HandshakeFactory(Factory):
     def __init__(
         self,
         protocol: type[Handshaking],
-        broker: Any,
+        broker: IDaemonHost,
         relays: Any,
         handshake_timeout: float | Callable[[], float] = 5.0,
         scheme: str = "",

@@ -22,7 +22,11 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import alsoProvides, implementer
@@ -49,7 +53,7 @@ class RateLimitedObserver:
     def __init__(
         self,
         observer: ILogObserver,
-        clock: Any,
+        clock: IReactorTime,
         burst: int = LOG_BURST,
         period: float = LOG_PERIOD,
     ) -> None:
@@ -125,7 +129,7 @@ class ConnectionLimits:
         name: str,
         max_total: int,
         max_per_peer: int,
-        clock: Any,
+        clock: IReactorTime,
         counters: Counter[str] | None = None,
         observer: ILogObserver | None = None,
         exempt: frozenset[str] = frozenset(),

@@ -21,10 +21,12 @@ from typing import Any
 
 from twisted.internet import unix
 from twisted.internet.address import UNIXAddress
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 
 from ipcd.compat import cpython
+from ipcd.reactors import IHostReactor
 
 _log = Logger()
 _RawSocket = cpython.RawSocket
@@ -45,7 +47,9 @@ class HandedOver:
     or after C{grace} seconds; at most C{most} wait.
     """
 
-    def __init__(self, clock: Any, grace: float = 0.05, most: int = 256) -> None:
+    def __init__(
+        self, clock: IReactorTime, grace: float = 0.05, most: int = 256
+    ) -> None:
         self._clock = clock
         self._grace = grace
         self._most = most
@@ -177,7 +181,7 @@ def listen(reactor: Any, path: str, factory: Any, backlog: int, mode: int) -> An
 
 
 def listen_fast(
-    reactor: Any, path: str, factory: Any, backlog: int, mode: int
+    reactor: IHostReactor, path: str, factory: Any, backlog: int, mode: int
 ) -> LookupPort:
     """C{reactor.listenUNIX}, with a L{LookupPort}."""
     port = LookupPort(path, factory, backlog, mode, reactor)

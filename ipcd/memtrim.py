@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -78,7 +79,7 @@ class MemoryTrim(Service):
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         counters: Counter[str] | None = None,
         trim: Callable[[], Any] | None = None,
         resident: Callable[[], int] = resident_bytes,

@@ -13,7 +13,10 @@ import re
 import socket
 import stat
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the blocking client imports this module: no Twisted
+    from twisted.internet.interfaces import IReactorUNIX
 
 DEFAULT_RUNDIR = "/tmp/libipc-run"
 # ipcd's own sockets in RUNDIR: never a lookup, route or inbound target.
@@ -293,7 +296,9 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _listen(reactor: Any, path: str, factory: Any, backlog: int, mode: int) -> Any:
+def _listen(
+    reactor: IReactorUNIX, path: str, factory: Any, backlog: int, mode: int
+) -> Any:
     """C{reactor.listenUNIX}, or the lookup port where it applies."""
     from ipcd.lookupport import listen
 
@@ -301,7 +306,7 @@ def _listen(reactor: Any, path: str, factory: Any, backlog: int, mode: int) -> A
 
 
 def listen_unix(
-    reactor: Any,
+    reactor: IReactorUNIX,
     path: str,
     factory: Any,
     mode: int = SOCKET_MODE,

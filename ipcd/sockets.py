@@ -20,6 +20,9 @@ from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
+    IReactorFDSet,
+    IReactorPluggableNameResolver,
+    IReactorTime,
     IReadDescriptor,
     IResolutionReceiver,
     IWriteDescriptor,
@@ -28,13 +31,16 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from ipcd.errors import Refused
+from ipcd.reactors import IFDReactor
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
 class _Readiness:
     """Fires a Deferred once when C{sock} becomes readable or writable."""
 
-    def __init__(self, reactor: Any, sock: socket.socket, writing: bool) -> None:
+    def __init__(
+        self, reactor: IReactorFDSet, sock: socket.socket, writing: bool
+    ) -> None:
         self._reactor = reactor
         self._sock = sock
         self._writing = writing
@@ -64,11 +70,11 @@ class _Readiness:
             self.deferred.errback(reason)
 
 
-def wait_readable(reactor: Any, sock: socket.socket) -> Deferred[None]:
+def wait_readable(reactor: IReactorFDSet, sock: socket.socket) -> Deferred[None]:
     return _Readiness(reactor, sock, writing=False).deferred
 
 
-def wait_writable(reactor: Any, sock: socket.socket) -> Deferred[None]:
+def wait_writable(reactor: IReactorFDSet, sock: socket.socket) -> Deferred[None]:
     return _Readiness(reactor, sock, writing=True).deferred
 
 
@@ -94,7 +100,7 @@ def discard_unread(transport: Any, limit: int = 256 * 1024) -> None:
 
 
 def with_deadline(
-    d: Deferred[Any], seconds: float, clock: Any, what: str
+    d: Deferred[Any], seconds: float, clock: IReactorTime, what: str
 ) -> Deferred[Any]:
     """Cancel C{d} after C{seconds}; the failure then says C{what} timed out."""
 
@@ -147,7 +153,7 @@ def connect_unix_now(
 
 
 async def open_unix(
-    reactor: Any, path: str, service: str, shown: str | None = None
+    reactor: IFDReactor, path: str, service: str, shown: str | None = None
 ) -> socket.socket:
     """Connect to C{path}; messages name C{shown} (default: C{path})."""
     shown = path if shown is None else shown
@@ -166,7 +172,11 @@ async def open_unix(
 
 
 def connect_unix(
-    reactor: Any, path: str, service: str, timeout: float, shown: str | None = None
+    reactor: IFDReactor,
+    path: str,
+    service: str,
+    timeout: float,
+    shown: str | None = None,
 ) -> Deferred[socket.socket]:
     """
     Connect to the UNIX socket C{path} (service C{service} at C{shown}, for
@@ -180,7 +190,9 @@ def connect_unix(
     )
 
 
-async def read_exactly(reactor: Any, sock: socket.socket, count: int) -> bytes:
+async def read_exactly(
+    reactor: IReactorFDSet, sock: socket.socket, count: int
+) -> bytes:
     """Read exactly C{count} bytes, not one more, from a non-blocking socket."""
     data = b""
     while len(data) < count:
@@ -197,7 +209,7 @@ async def read_exactly(reactor: Any, sock: socket.socket, count: int) -> bytes:
     return data
 
 
-async def read_to_eof(reactor: Any, sock: socket.socket, limit: int) -> bytes:
+async def read_to_eof(reactor: IReactorFDSet, sock: socket.socket, limit: int) -> bytes:
     """Read until the peer closes (or errs), at most C{limit} bytes."""
     data = b""
     while len(data) < limit:
@@ -214,7 +226,7 @@ async def read_to_eof(reactor: Any, sock: socket.socket, limit: int) -> bytes:
     return data
 
 
-async def write_all(reactor: Any, sock: socket.socket, data: bytes) -> None:
+async def write_all(reactor: IReactorFDSet, sock: socket.socket, data: bytes) -> None:
     """Write all of C{data} to a non-blocking socket."""
     view = memoryview(data)
     while view:
@@ -229,7 +241,7 @@ async def write_all(reactor: Any, sock: socket.socket, data: bytes) -> None:
 
 
 async def connect_tcp(
-    reactor: Any, address: tuple[Any, ...], family: int
+    reactor: IReactorFDSet, address: tuple[Any, ...], family: int
 ) -> socket.socket:
     """Connect a non-blocking TCP socket to a resolved C{address}."""
     sock = new_socket(family)
@@ -278,7 +290,9 @@ class _Addresses:
         self.done.callback(self.found)
 
 
-async def resolve_host(reactor: Any, host: str, port: int) -> list[tuple[int, Any]]:
+async def resolve_host(
+    reactor: IReactorPluggableNameResolver, host: str, port: int
+) -> list[tuple[int, Any]]:
     """
     C{host}'s stream addresses as C{(family, sockaddr)}, by the reactor's
     C{nameResolver} (an C{IHostnameResolver}: getaddrinfo in the reactor's
@@ -297,7 +311,9 @@ async def resolve_host(reactor: Any, host: str, port: int) -> list[tuple[int, An
     return found
 
 
-async def host_addresses(reactor: Any, host: str, port: int) -> list[tuple[int, Any]]:
+async def host_addresses(
+    reactor: IReactorPluggableNameResolver, host: str, port: int
+) -> list[tuple[int, Any]]:
     """
     C{(family, sockaddr)} for C{host}: an IP address as it is, a name by
     L{resolve_host}; L{Refused} (C{cannot resolve ...}) when none is found.

@@ -40,6 +40,7 @@ from ipcd.names import (
     prepare_rundir,
     socket_path,
 )
+from ipcd.reactors import IHostReactor
 from ipcd.services import IPCService
 from ipcd.services.pongd import pongd
 from ipcd.startup import (
@@ -227,7 +228,7 @@ class IPCDService(MultiService):
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IHostReactor,
         reload_config: Callable[[], Config] | None = None,
     ) -> None:
         super().__init__()
@@ -500,7 +501,7 @@ def _keep_daemon_restart_keys(old: Config, new: Config) -> tuple[Config, list[st
 _log = Logger(namespace="ipcd")
 
 
-def makeService(options: Options, reactor: Any = None) -> IPCDService:  # noqa: N802
+def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDService:  # noqa: N802
     """
     Build ipcd's service tree (nothing listens while it is built), then
     start its privileged phase, where its listeners listen, here: before

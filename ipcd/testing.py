@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IUNIXTransport
+from twisted.internet.interfaces import IReactorTime, IUNIXTransport
 from twisted.internet.testing import (
     MemoryReactorClock,
     StringTransportWithDisconnection,
@@ -26,9 +26,11 @@ from zope.interface import implementer
 from ipcd.config import Config, boolean
 from ipcd.daemons import Flag, IProtocolDaemon, Setting
 from ipcd.errors import Refused
+from ipcd.host import IDaemonHost
 from ipcd.identity import Peer
 from ipcd.lookup import ILookupBroker
 from ipcd.lookupprotocol import LookupFactory, LookupProtocol
+from ipcd.reactors import IHostReactor
 from ipcd.relay import IRelayEngine, Join, RelayEngine, RelayStats, ended
 
 # ---------------------------------------------------------------------------
@@ -52,7 +54,9 @@ class FakeLookupBroker:
     C{MemoryReactorClock}.  L{close} closes the peers' ends.
     """
 
-    def __init__(self, config: Config | None = None, clock: Any = None) -> None:
+    def __init__(
+        self, config: Config | None = None, clock: IReactorTime | None = None
+    ) -> None:
         self.config = config if config is not None else Config(rundir="/nonexistent")
         self.reactor = clock if clock is not None else MemoryReactorClock()
         self.counters: Counter[str] = Counter()
@@ -158,7 +162,7 @@ def lookup_connection(
 class FakeConnect:
     """One call of a L{FakeProtocolDaemon}'s outbound half, to answer."""
 
-    broker: Any
+    broker: IDaemonHost
     target: Any
     client: Any
     deferred: Deferred[socket.socket]
@@ -219,7 +223,7 @@ class FakeProtocolDaemon:
     def enabled(self, settings: Mapping[str, Any]) -> bool:
         return bool(settings["enabled"])
 
-    def connect(self, broker: Any, target: Any, client: Any) -> Deferred[Any]:
+    def connect(self, broker: IDaemonHost, target: Any, client: Any) -> Deferred[Any]:
         def cancel(d: Deferred[Any]) -> None:
             call.cancelled = True
 
@@ -227,19 +231,19 @@ class FakeProtocolDaemon:
         self.connects.append(call)
         return call.deferred
 
-    def makeService(self, broker: Any, settings: Mapping[str, Any]) -> Any:  # noqa: N802
+    def makeService(self, broker: IDaemonHost, settings: Mapping[str, Any]) -> Any:  # noqa: N802
         return self.service
 
     def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
         return {f"{self.scheme}_enabled": bool(settings["enabled"])}
 
-    def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
+    def verify(self, reactor: IHostReactor, settings: Mapping[str, Any]) -> None:
         pass
 
     def hint(self, error: Exception) -> str:
         return f"use --no-{self.scheme}"
 
-    def inbound(self, broker: Any, service: str, peer: Any) -> Deferred[Any]:
+    def inbound(self, broker: IDaemonHost, service: str, peer: Any) -> Deferred[Any]:
         """What the daemon's listener does for a remote C{peer}: ask C{broker}."""
         return broker.open_inbound(service, peer)
 

@@ -26,6 +26,8 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.protocols.basic import LineReceiver
 from twisted.python import usage
 
+from ipcd.reactors import IHostReactor
+
 OK, USAGE, REFUSED, UNREACHABLE, LOST = 0, 2, 3, 4, 5
 
 
@@ -148,7 +150,7 @@ class ClientFactory(WebSocketClientFactory):
     protocol = Client
     noisy = False
 
-    def __init__(self, reactor: Any, options: Options) -> None:
+    def __init__(self, reactor: IHostReactor, options: Options) -> None:
         super().__init__(options["url"], origin=options["origin"])
         self.reactor = reactor
         self.messages = options["messages"]
@@ -163,7 +165,7 @@ class ClientFactory(WebSocketClientFactory):
         self.done: Deferred[int | None] = Deferred()
 
 
-def run(reactor: Any, options: Options) -> Deferred[int | None]:
+def run(reactor: IHostReactor, options: Options) -> Deferred[int | None]:
     factory = ClientFactory(reactor, options)
     parts = urlsplit(options["url"])
     port = parts.port or (443 if parts.scheme == "wss" else 80)

@@ -13,6 +13,7 @@ from ipcd.endpoints import IPCServerEndpoint
 from ipcd.limits import ConnectionLimits, LimitedEndpoint
 from ipcd.listener import EndpointListener
 from ipcd.names import SOCKET_MODE
+from ipcd.reactors import IHostReactor
 
 
 class IPCService(EndpointListener):
@@ -26,7 +27,7 @@ class IPCService(EndpointListener):
         name: str,
         factory: IProtocolFactory,
         rundir: str | None = None,
-        reactor: Any = None,
+        reactor: IHostReactor | None = None,
         mode: int = SOCKET_MODE,
         group: str | None = None,
         limits: ConnectionLimits | None = None,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ipcd.limits import ConnectionLimits, LimitedFactory
+from ipcd.reactors import IHostReactor
 from ipcd.services import IPCService
 from ipcd.wire import (
     DEFAULT_IDLE_TIMEOUT,
@@ -25,7 +26,7 @@ class Pong(MessageProtocol):
 def pongd(
     rundir: str | None = None,
     name: str = "pong",
-    reactor: Any = None,
+    reactor: IHostReactor | None = None,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     idle_timeout: float | Callable[[], float] = DEFAULT_IDLE_TIMEOUT,
     partial_budget: PartialMessageBudget | None = None,

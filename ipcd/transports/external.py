@@ -17,6 +17,7 @@ from zope.interface import implementer
 from ipcd import wire
 from ipcd.daemons import IOutbound
 from ipcd.errors import Refused
+from ipcd.reactors import IFDReactor
 from ipcd.sockets import open_unix, read_exactly, write_all
 
 _OK = wire.encode(b"ok")
@@ -26,7 +27,7 @@ _OK = wire.encode(b"ok")
 class ExternalDaemon:
     log = Logger()
 
-    def __init__(self, reactor: Any, scheme: str, path: str) -> None:
+    def __init__(self, reactor: IFDReactor, scheme: str, path: str) -> None:
         self.scheme = scheme
         self._reactor = reactor
         self._path = path

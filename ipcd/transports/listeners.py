@@ -17,6 +17,7 @@ from twisted.internet.endpoints import serverFromString
 
 from ipcd import wire
 from ipcd.daemons import settings_of
+from ipcd.host import IDaemonHost
 from ipcd.inbound import ControlHandshake, HandshakeFactory, Handshaking
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.listener import EndpointListener
@@ -35,7 +36,7 @@ class DaemonService(MultiService):
     settings)}); nothing listens until the tree starts.
     """
 
-    def __init__(self, daemon: Any, broker: Any) -> None:
+    def __init__(self, daemon: Any, broker: IDaemonHost) -> None:
         super().__init__()
         self.setName(daemon.section)
         self.daemon = daemon
@@ -96,7 +97,7 @@ class DaemonService(MultiService):
 
 def handshakes(
     daemon: Any,
-    broker: Any,
+    broker: IDaemonHost,
     relays: Any,
     protocol: type[Handshaking],
     factory: type[HandshakeFactory] = HandshakeFactory,
@@ -119,7 +120,7 @@ def handshakes(
 
 
 def network_listener(
-    broker: Any,
+    broker: IDaemonHost,
     name: str,
     listen: str,
     factory: Any,
@@ -145,7 +146,7 @@ def network_listener(
 
 def control_socket(
     daemon: Any,
-    broker: Any,
+    broker: IDaemonHost,
     relays: Any,
     parent: IServiceCollection,
     scheme: str | None = None,

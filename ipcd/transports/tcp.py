@@ -23,12 +23,14 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IReactorFDSet
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ipcd.config import positive_number
 from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting, listener_settings
 from ipcd.errors import Refused
+from ipcd.host import IDaemonHost
 from ipcd.inbound import (
     MAX_HANDSHAKE,
     OK,
@@ -36,6 +38,7 @@ from ipcd.inbound import (
     framed,
 )
 from ipcd.logs import printable
+from ipcd.reactors import IHostReactor
 from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
 from ipcd.sockets import (
@@ -53,7 +56,9 @@ DEFAULT_PORT = 9000
 DEFAULT_LISTEN = "tcp:9000:interface=127.0.0.1"
 
 
-async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socket:
+async def dial(
+    reactor: IHostReactor, host: str, port: int, service: str
+) -> socket.socket:
     """
     Open a TCP connection to the tcpd at C{host:port} and ask it for
     C{service} the upstream way; return the socket, positioned right after
@@ -88,7 +93,9 @@ async def dial(reactor: Any, host: str, port: int, service: str) -> socket.socke
         raise
 
 
-async def _rest_of_refusal(reactor: Any, sock: socket.socket, head: bytes) -> str:
+async def _rest_of_refusal(
+    reactor: IReactorFDSet, sock: socket.socket, head: bytes
+) -> str:
     """
     Read the rest of an C{ne <reason>} answer, up to EOF or a bound.  Any
     other answer is not repeated: the peer need not be a tcpd, and its
@@ -118,7 +125,9 @@ class TcpInbound(NetworkHandshake):
 class TcpService(DaemonService):
     """tcpd: the TCP listener and the C{RUNDIR/tcp} control socket."""
 
-    def __init__(self, daemon: Any, broker: Any, settings: Mapping[str, Any]) -> None:
+    def __init__(
+        self, daemon: Any, broker: IDaemonHost, settings: Mapping[str, Any]
+    ) -> None:
         super().__init__(daemon, broker)
         # tcpd's relays (inbound, and for upstream's control socket).
         self.relays = self.engine(SocketRelays(broker.reactor))
@@ -148,7 +157,9 @@ class TcpDaemon(ListeningDaemon):
     default_listen = DEFAULT_LISTEN
     service = TcpService
 
-    def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
+    def connect(
+        self, broker: IDaemonHost, target: Any, client: Any
+    ) -> Deferred[socket.socket]:
         uri: RemoteURI = target.uri
         port = uri.port or DEFAULT_PORT
         return ensureDeferred(dial(broker.reactor, uri.host, port, target.service))

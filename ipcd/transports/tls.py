@@ -51,9 +51,11 @@ from ipcd.daemons import (
 )
 from ipcd.errors import Refused
 from ipcd.handoff import adopt_into_reactor
+from ipcd.host import IDaemonHost
 from ipcd.identity import Peer
 from ipcd.inbound import MAX_HANDSHAKE, OK, HandshakeFactory
 from ipcd.logs import printable
+from ipcd.reactors import IHostReactor
 from ipcd.relay import (
     RelayProtocol,
     RelayStats,
@@ -398,7 +400,7 @@ class TlsState:
     its relays (started and stopped with the service).
     """
 
-    def __init__(self, broker: Any) -> None:
+    def __init__(self, broker: IDaemonHost) -> None:
         self.broker = broker
         self.relays = TransportRelays(broker.reactor)
         self.socket_relays = SocketRelays(broker.reactor)
@@ -531,7 +533,7 @@ class TlsDialer(Protocol):
 
 
 def dial(
-    broker: Any, material: Material, host: str, port: int, service: str
+    broker: IDaemonHost, material: Material, host: str, port: int, service: str
 ) -> Deferred[tuple[TlsDialer, bytes]]:
     """
     Open a TLS connection to the tlsd at C{host:port}, ask for C{service};
@@ -590,7 +592,9 @@ class TlsService(DaemonService):
     state its outbound half shares (L{TlsOutbound}, the broker's for tls).
     """
 
-    def __init__(self, daemon: Any, broker: Any, settings: Mapping[str, Any]) -> None:
+    def __init__(
+        self, daemon: Any, broker: IDaemonHost, settings: Mapping[str, Any]
+    ) -> None:
         super().__init__(daemon, broker)
         self.state = state = TlsState(broker)
         self.relays = self.engine(state.relays)
@@ -687,7 +691,9 @@ class TlsDaemon(ListeningDaemon):
     default_listen = DEFAULT_LISTEN
     service = TlsService
 
-    def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
+    def connect(
+        self, broker: IDaemonHost, target: Any, client: Any
+    ) -> Deferred[socket.socket]:
         # Reached when no TlsService made the broker its TlsOutbound.
         return _refused(f"{SECTION} has no service on this broker")
 
@@ -739,7 +745,7 @@ class TlsDaemon(ListeningDaemon):
             "tls_certificate": settings["certificate"] or None,
         }
 
-    def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
+    def verify(self, reactor: IHostReactor, settings: Mapping[str, Any]) -> None:
         try:
             material = read_material(settings)
         except MaterialError as e:

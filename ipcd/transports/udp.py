@@ -34,6 +34,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.error import MessageLengthError
+from twisted.internet.interfaces import IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
@@ -51,11 +52,13 @@ from ipcd.daemons import (
 )
 from ipcd.errors import Refused
 from ipcd.handoff import adopt_into_reactor
+from ipcd.host import IDaemonHost
 from ipcd.identity import Peer, remote_peer
 from ipcd.inbound import open_inbound
 from ipcd.limits import network_peer_key
 from ipcd.listener import EndpointListener
 from ipcd.logs import printable
+from ipcd.reactors import IAdoptingReactor, IHostReactor
 from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
 from ipcd.sockets import host_addresses
@@ -130,7 +133,7 @@ def _count(value: Any) -> int:
     return value
 
 
-def _stream_factory(reactor: Any, max_datagram: int) -> wire.MessageFactory:
+def _stream_factory(reactor: IReactorTime, max_datagram: int) -> wire.MessageFactory:
     """Sessions' local streams: messages up to what one datagram carries."""
     return wire.MessageFactory(
         SessionStream,
@@ -141,7 +144,10 @@ def _stream_factory(reactor: Any, max_datagram: int) -> wire.MessageFactory:
 
 
 def _start_stream(
-    reactor: Any, sock: socket.socket, session: Session, factory: wire.MessageFactory
+    reactor: IAdoptingReactor,
+    sock: socket.socket,
+    session: Session,
+    factory: wire.MessageFactory,
 ) -> None:
     """Run C{sock} (a connected stream) as C{session}'s local stream."""
     try:
@@ -174,7 +180,9 @@ class UdpServer(DatagramProtocol):
     log = Logger()
     noisy = False
 
-    def __init__(self, broker: Any, settings: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(
+        self, broker: IDaemonHost, settings: Callable[[], Mapping[str, Any]]
+    ) -> None:
         self.broker = broker
         self.reactor = broker.reactor
         self.settings = settings  # the current section, read per session
@@ -361,7 +369,7 @@ class UdpServer(DatagramProtocol):
 class UdpEndpoint:
     """udpd's listening address as an endpoint (Twisted has no UDP ones)."""
 
-    def __init__(self, reactor: Any, listen: Listen) -> None:
+    def __init__(self, reactor: IReactorUDP, listen: Listen) -> None:
         self.reactor = reactor
         self.listen_at = listen
 
@@ -379,7 +387,9 @@ class UdpEndpoint:
 class UdpListener(EndpointListener):
     """udpd's UDP port, as a service, its sessions ended when it stops."""
 
-    def __init__(self, reactor: Any, listen: Listen, protocol: UdpServer) -> None:
+    def __init__(
+        self, reactor: IReactorUDP, listen: Listen, protocol: UdpServer
+    ) -> None:
         super().__init__(UdpEndpoint(reactor, listen), protocol)
         self.protocol = protocol
 
@@ -392,7 +402,9 @@ class UdpListener(EndpointListener):
 class UdpService(DaemonService):
     """udpd: the UDP listener and the C{RUNDIR/udp} control socket."""
 
-    def __init__(self, daemon: Any, broker: Any, settings: Mapping[str, Any]) -> None:
+    def __init__(
+        self, daemon: Any, broker: IDaemonHost, settings: Mapping[str, Any]
+    ) -> None:
         super().__init__(daemon, broker)
         reactor = broker.reactor
         self.server = UdpServer(broker, self.settings)
@@ -483,7 +495,7 @@ class SessionClient(DatagramProtocol):
 
 
 async def handshake(
-    reactor: Any, port: Any, client: SessionClient, retry: float
+    reactor: IReactorTime, port: Any, client: SessionClient, retry: float
 ) -> bytes:
     """
     Send C{client}'s HELLO until answered (retrying, doubling the
@@ -524,7 +536,7 @@ async def handshake(
 
 
 async def dial(
-    broker: Any,
+    broker: IDaemonHost,
     host: str,
     port: int,
     service: str,
@@ -612,7 +624,9 @@ class UdpDaemon(ListeningDaemon):
     service = UdpService
     restart_keys = ("enabled", "listen", "max_datagram")
 
-    def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
+    def connect(
+        self, broker: IDaemonHost, target: Any, client: Any
+    ) -> Deferred[socket.socket]:
         uri: RemoteURI = target.uri
         return ensureDeferred(
             dial(
@@ -636,7 +650,7 @@ class UdpDaemon(ListeningDaemon):
             "udp_idle_timeout": settings["idle_timeout"],
         }
 
-    def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
+    def verify(self, reactor: IHostReactor, settings: Mapping[str, Any]) -> None:
         pass  # the listener's form was checked with the configuration
 
 

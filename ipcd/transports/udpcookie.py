@@ -19,6 +19,8 @@ import secrets
 import struct
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
+
 from ipcd.transports.udpwire import COOKIE_SIZE
 
 # Seconds a secret is used to issue cookies (and then one more to check them).
@@ -30,7 +32,7 @@ _SECRET_SIZE = 32
 class AddressCookies:
     """Issues and checks cookies; C{clock} is an C{IReactorTime}."""
 
-    def __init__(self, clock: Any, period: float = PERIOD) -> None:
+    def __init__(self, clock: IReactorTime, period: float = PERIOD) -> None:
         self.clock = clock
         self.period = period
         self._epoch = -2

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.error import MessageLengthError
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -74,7 +74,7 @@ class Session:
         session_id: bytes,
         send: Callable[[bytes], None],
         stats: SessionStats,
-        clock: Any,
+        clock: IReactorTime,
         idle_timeout: float,
         max_datagram: int,
         on_end: Callable[[Session], None] = lambda session: None,

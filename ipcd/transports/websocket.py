@@ -39,6 +39,8 @@ from ipcd.daemons import (
     settings_of,
 )
 from ipcd.errors import Refused
+from ipcd.host import IDaemonHost
+from ipcd.reactors import IHostReactor
 from ipcd.relay import RelayStats, SocketRelays
 from ipcd.routes import RemoteURI
 from ipcd.transports.listeners import DaemonService
@@ -81,7 +83,9 @@ def _path(value: Any) -> str:
 class WebSocketService(DaemonService):
     """websocketd: the WebSocket listener, C{RUNDIR/ws} and C{RUNDIR/wss}."""
 
-    def __init__(self, daemon: Any, broker: Any, settings: Mapping[str, Any]) -> None:
+    def __init__(
+        self, daemon: Any, broker: IDaemonHost, settings: Mapping[str, Any]
+    ) -> None:
         super().__init__(daemon, broker)
         # Relays for upstream's control sockets (raw sockets both sides).
         self.relays = self.engine(SocketRelays(broker.reactor))
@@ -152,7 +156,9 @@ class WebSocketDaemon(ListeningDaemon):
     default_listen = DEFAULT_LISTEN
     service = WebSocketService
 
-    def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
+    def connect(
+        self, broker: IDaemonHost, target: Any, client: Any
+    ) -> Deferred[socket.socket]:
         uri: RemoteURI = target.uri
         settings = settings_of(broker.config, self)
         stats = RelayStats.of(client, "out", target.service, str(uri), broker.relays)
@@ -175,7 +181,7 @@ class WebSocketDaemon(ListeningDaemon):
         on = self.enabled(settings)
         return {"ws_listen": settings["listen"] if on else None}
 
-    def verify(self, reactor: Any, settings: Mapping[str, Any]) -> None:
+    def verify(self, reactor: IHostReactor, settings: Mapping[str, Any]) -> None:
         super().verify(reactor, settings)
         if settings["ca"]:
             # Read at start too: a bad file is one line now, not a failure

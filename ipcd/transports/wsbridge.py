@@ -28,11 +28,13 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
 from ipcd.logs import printable
+from ipcd.reactors import IAdoptingReactor
 from ipcd.relay import RelayStats, began, ended
 from ipcd.transports.outbox import Outbox, queued_nothing
 from ipcd.transports.wsframes import (
@@ -72,7 +74,7 @@ class ReactorTimer:
     in place of txaio's batched timers on the global one.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: IReactorTime) -> None:
         self.reactor = reactor
 
     def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> Any:
@@ -247,7 +249,7 @@ class WebSocketSide:
 
     def joinSocket(  # noqa: N802
         self,
-        reactor: Any,
+        reactor: IAdoptingReactor,
         sock: socket.socket,
         max_message_size: int,
         idle: float,

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from ipcd.compat import autobahn as compat_autobahn
 from ipcd.errors import Refused
 from ipcd.logs import printable
+from ipcd.reactors import IHostReactor
 from ipcd.relay import RelayStats
 from ipcd.transports.wsbridge import (
     ReactorTimer,
@@ -83,7 +84,7 @@ class WebSocketOutboundFactory(WebSocketClientFactory):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IHostReactor,
         url: str,
         max_message_size: int,
         idle: float,
@@ -141,7 +142,7 @@ def trust_root(ca_file: str) -> Any:
 
 
 def connect_websocket(
-    reactor: Any,
+    reactor: IHostReactor,
     scheme: str,
     host: str,
     port: int,

@@ -25,13 +25,14 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
 from ipcd.errors import Refused
+from ipcd.host import IDaemonHost
 from ipcd.identity import remote_peer
 from ipcd.limits import RateLimitedObserver
 from ipcd.logs import printable
@@ -91,7 +92,7 @@ class PeerLog:
     C{[limits]} refusals are: so many peers cannot fill the disk.
     """
 
-    def __init__(self, clock: Any, observer: Any = None) -> None:
+    def __init__(self, clock: IReactorTime, observer: Any = None) -> None:
         self._rate_limited = RateLimitedObserver(observer or globalLogPublisher, clock)
         logger = Logger(namespace="ipcd.websocketd", observer=self._rate_limited)
         self.info, self.warn, self.error = logger.info, logger.warn, logger.error
@@ -240,7 +241,7 @@ class WebSocketInboundFactory(WebSocketServerFactory):
 
     def __init__(
         self,
-        broker: Any,
+        broker: IDaemonHost,
         settings: Callable[[], Mapping[str, Any]],
         secure: bool = False,
     ) -> None:

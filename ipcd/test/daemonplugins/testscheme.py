@@ -19,7 +19,9 @@ from zope.interface import implementer
 from ipcd.config import Expected, boolean, endpoint
 from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting
 from ipcd.errors import Refused
+from ipcd.host import IDaemonHost
 from ipcd.inbound import ControlHandshake, HandshakeFactory, NetworkHandshake
+from ipcd.reactors import IHostReactor
 from ipcd.relay import SocketRelays
 from ipcd.services import IPCService
 from ipcd.sockets import connect_tcp, read_exactly, write_all
@@ -40,7 +42,9 @@ def _colour(value: Any) -> str:
 class TestSchemeService(DaemonService):
     """The daemon's listener (a TCP endpoint) and C{RUNDIR/testscheme}."""
 
-    def __init__(self, daemon: Any, broker: Any, settings: Mapping[str, Any]) -> None:
+    def __init__(
+        self, daemon: Any, broker: IDaemonHost, settings: Mapping[str, Any]
+    ) -> None:
         super().__init__(daemon, broker)
         reactor = broker.reactor
         self.relays = self.engine(SocketRelays(reactor))
@@ -73,11 +77,13 @@ class TestSchemeDaemon(ListeningDaemon):
         # What the outbound half was asked, for the tests to see.
         self.connects: list[tuple[Any, Any, Any]] = []
 
-    def connect(self, broker: Any, target: Any, client: Any) -> Deferred[socket.socket]:
+    def connect(
+        self, broker: IDaemonHost, target: Any, client: Any
+    ) -> Deferred[socket.socket]:
         self.connects.append((broker, target, client))
         return ensureDeferred(self._dial(broker.reactor, target))
 
-    async def _dial(self, reactor: Any, target: Any) -> socket.socket:
+    async def _dial(self, reactor: IHostReactor, target: Any) -> socket.socket:
         address = (target.uri.host, target.uri.port)
         try:
             sock = await connect_tcp(reactor, address, socket.AF_INET)
