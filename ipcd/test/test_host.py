@@ -27,7 +27,16 @@ PACKAGE = Path(ipcd.__file__).parent
 # read all of it.  Every other module of ipcd (the daemons, their helpers,
 # the shared handshakes, a third party's daemon as the test plugin shows)
 # reads only what IDaemonHost names.
-HOST_SIDE = {"broker.py", "tap.py", "control.py"}
+# The host itself: the broker and its lookup path (split out of broker.py),
+# the service tree and the control socket.
+HOST_SIDE = {
+    "broker.py",
+    "lookup.py",
+    "lookupprotocol.py",
+    "ataccept.py",
+    "tap.py",
+    "control.py",
+}
 
 
 def daemon_modules() -> list[Path]:
