@@ -20,15 +20,10 @@ from typing import Any
 
 from ipcd.compat import twisted as compat_twisted
 from ipcd.daemons import Registry, default_registry
-from ipcd.names import (
-    OWN_NAMES,
-    InvalidServiceName,
-    normal_rundir,
-    resolve_rundir,
-    validate_service_name,
-)
+from ipcd.names import OWN_NAMES, InvalidServiceName, validate_service_name
 from ipcd.policy import Grant, Rule, RuleError, parse_grant, parse_rule
 from ipcd.routes import URI, RouteError, parse_uri
+from ipcd.rundir import normal_rundir, resolve_rundir
 from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
 
 

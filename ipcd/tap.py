@@ -33,13 +33,8 @@ from ipcd.listener import IListener, Outcome
 from ipcd.logs import text_observer
 from ipcd.lookupprotocol import LookupFactory
 from ipcd.memtrim import MemoryTrim
-from ipcd.names import (
-    SocketInUse,
-    UnsafeRundir,
-    clear_stale_socket,
-    prepare_rundir,
-    socket_path,
-)
+from ipcd.names import SocketInUse, clear_stale_socket, socket_path
+from ipcd.rundir import UnsafeRundir, prepare_rundir
 from ipcd.services import IPCService
 from ipcd.services.pongd import pongd
 from ipcd.startup import (

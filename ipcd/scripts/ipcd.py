@@ -60,7 +60,8 @@ def control(
     import json
 
     from ipcd.control import format_status, request
-    from ipcd.names import CONTROL_NAME, resolve_rundir, socket_path
+    from ipcd.names import CONTROL_NAME, socket_path
+    from ipcd.rundir import resolve_rundir
 
     try:
         answer = request(command, rundir)
