@@ -33,6 +33,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface, implementer
 
+from ipcd.checkers import boolean, endpoint
+
 
 class StartupError(RuntimeError):
     """ipcd cannot start; the message is one line: what failed, the way out."""
@@ -42,8 +44,8 @@ class StartupError(RuntimeError):
 class Setting:
     """
     One key of a daemon's configuration section.  C{check(value)} returns the
-    value to keep, or raises L{ipcd.config.Expected} (C{expected ..., got
-    ...}) or L{ipcd.config.Invalid} (said as it is).  C{default} is used as
+    value to keep, or raises L{ipcd.checkers.Expected} (C{expected ..., got
+    ...}) or L{ipcd.checkers.Invalid} (said as it is).  C{default} is used as
     is (it is not checked).  A C{path} setting names a file: relative in a
     configuration file, it is relative to that file's directory.
     """
@@ -194,8 +196,6 @@ def listener_settings(
     The C{enabled} and C{listen} keys of a L{ListeningDaemon}'s section
     (C{listen} an endpoint string unless C{check_listen} says otherwise).
     """
-    from ipcd.config import boolean, endpoint  # ipcd.config imports this module
-
     return (
         Setting("enabled", boolean, enabled, f"run {section}"),
         Setting(

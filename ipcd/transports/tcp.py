@@ -26,7 +26,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ipcd.config import positive_number
+from ipcd.checkers import positive_number
 from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting, listener_settings
 from ipcd.errors import Refused
 from ipcd.inbound import (
