@@ -60,7 +60,7 @@ class Setting:
 @dataclass(frozen=True)
 class Flag:
     """
-    A command-line option a daemon contributes to L{ipcd.tap.Options}:
+    A command-line option a daemon contributes to L{ipcd.options.Options}:
     C{--NAME VALUE} when C{takes_value}, else C{--NAME}.  C{apply(value)}
     (C{value} is None for a flag without one) returns the part of the
     daemon's section the option sets, in the configuration file's shape.

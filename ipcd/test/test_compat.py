@@ -30,8 +30,8 @@ from ipcd.compat import cpython as compat_cpython
 from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.compat import twisted as compat_twisted
 from ipcd.daemons import settings_of
+from ipcd.options import Options
 from ipcd.relay import RelayEnded
-from ipcd.tap import Options
 from ipcd.test.support import (
     bounce,
     lookup,
