@@ -9,26 +9,30 @@ go through the same validation and errors name where the bad value came from.
 
 from __future__ import annotations
 
-import grp
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ipcd.compat import twisted as compat_twisted
-from ipcd.daemons import Registry, default_registry
-from ipcd.names import (
-    OWN_NAMES,
-    InvalidServiceName,
-    normal_rundir,
-    resolve_rundir,
-    validate_service_name,
+from ipcd.checkers import (
+    Expected,
+    Invalid,
+    boolean,
+    daemon_schemes,
+    group_name,
+    non_empty_string,
+    non_negative_number,
+    positive_int,
+    positive_number,
+    prefix_length,
 )
+from ipcd.daemons import Registry, default_registry
+from ipcd.names import InvalidServiceName, validate_service_name
 from ipcd.policy import Grant, Rule, RuleError, parse_grant, parse_rule
 from ipcd.routes import URI, RouteError, parse_uri
+from ipcd.rundir import normal_rundir, resolve_rundir
 from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
 
 
@@ -78,139 +82,9 @@ class Config:
         return sorted({"unix", *self.registry.schemes, *self.external_daemons})
 
 
-# Checkers (the core's, and protocol daemons' settings): each returns the value
-# to keep, or raises Expected(expectation) or Invalid(what is wrong).
-class Expected(Exception):
-    """A value of the wrong shape: C{expected <this>, got <value>}."""
-
-
-class Invalid(Exception):
-    """A value of the right shape that names nothing usable: said as it is."""
-
-
-def positive_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise Expected("a number of seconds greater than 0")
-    return float(value)
-
-
-def positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise Expected("a whole number greater than 0")
-    return value
-
-
-def non_negative_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise Expected("a number of seconds, 0 or more (0: no deadline)")
-    return float(value)
-
-
-def _prefix(bits: int) -> Any:
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise Expected(f"a prefix length from 0 to {bits}")
-        if not 0 <= value <= bits:
-            raise Expected(f"a prefix length from 0 to {bits}")
-        return value
-
-    return check
-
-
-def boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise Expected("true or false")
-    return value
-
-
-def _string(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise Expected("a non-empty string")
-    return value
-
-
-def endpoint(value: Any) -> str:
-    if not isinstance(value, str) or ":" not in value:
-        raise Expected("an endpoint string like 'tcp:9000:interface=127.0.0.1'")
-    check_server_endpoint(value)
-    return value
-
-
-def _server_endpoint_types() -> list[str]:
-    from twisted.internet.interfaces import IStreamServerEndpointStringParser
-    from twisted.plugin import getPlugins
-
-    plugins = getPlugins(IStreamServerEndpointStringParser)
-    built_in = compat_twisted.server_endpoint_types()
-    return sorted({*built_in, *(p.prefix.lower() for p in plugins)})
-
-
-def check_server_endpoint(description: str) -> None:
-    """
-    Raise L{Invalid} unless Twisted's C{serverFromString} would accept
-    C{description}: a known type (built in or a plugin) and, for the built-in
-    C{tcp} and C{unix}, arguments their parsers take.  Needs no reactor and
-    listens on nothing, so a bad listener is refused when the configuration
-    loads (and a reload with one keeps the old configuration).
-    """
-    # Twisted's own strports machinery: no reactor is imported by these.
-    try:
-        kind = compat_twisted.endpoint_type(description)
-    except (ValueError, IndexError, RuntimeError) as e:
-        # RuntimeError: Twisted's tokenizer on a trailing backslash.
-        why = "a '\\' at the end escapes nothing" if isinstance(e, RuntimeError) else e
-        raise Invalid(f"invalid endpoint string {description!r}: {why}") from None
-    known = _server_endpoint_types()
-    if kind not in known:
-        raise Invalid(
-            f"unknown endpoint type {kind!r} in {description!r} "
-            f"(known: {', '.join(known)})"
-        )
-    if kind == "ssl":
-        return  # its parser reads the key and certificate files: not here
-    try:
-        compat_twisted.check_server_arguments(description)
-    except (ValueError, TypeError) as e:
-        # "_parseTCP() got an unexpected keyword argument": not our name.
-        reason = re.sub(r"^_?\w+\(\) ", "", str(e))
-        if "::" in description:
-            reason += r" (a ':' inside a value is written '\:', as in interface=\:\:1)"
-        raise Invalid(f"invalid endpoint {description!r}: {reason}") from None
-
-
-def _group(value: Any) -> str:
-    name = _string(value)
-    try:
-        grp.getgrnam(name)
-    except KeyError:
-        raise Invalid(
-            f"no such group {name!r} (create it, or name one that exists: getent group)"
-        ) from None
-    return name
-
-
-_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
-
-
-def _schemes(value: Any) -> tuple[str, ...]:
-    expected = "a list of URI schemes like ['tls']"
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise Expected(expected)
-    for scheme in value:
-        if not _SCHEME.fullmatch(scheme) or scheme == "unix":
-            raise Expected(f"{expected} ({scheme!r} is not a daemon's scheme)")
-        if scheme in OWN_NAMES:
-            raise Expected(f"{expected} ({scheme!r} is ipcd's own socket)")
-        try:
-            validate_service_name(scheme)
-        except InvalidServiceName:
-            raise Expected(f"{expected} ({scheme!r} cannot be a socket in RUNDIR)")
-    return tuple(dict.fromkeys(value))
-
-
 _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
     None: {
-        "rundir": (_string, "rundir"),
+        "rundir": (non_empty_string, "rundir"),
         "max_message_size": (positive_int, "max_message_size"),
     },
     "ipcd": {
@@ -218,15 +92,15 @@ _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
         "connect_timeout": (positive_number, "connect_timeout"),
         "allow_client_routes": (boolean, "allow_client_routes"),
         "label_cache_max_age": (non_negative_number, "label_cache_max_age"),
-        "external_daemons": (_schemes, "external_daemons"),
+        "external_daemons": (daemon_schemes, "external_daemons"),
     },
     "pongd": {"enabled": (boolean, "pongd")},
-    "control": {"group": (_group, "control_group")},
+    "control": {"group": (group_name, "control_group")},
     "limits": {
         "max_connections": (positive_int, "max_connections"),
         "max_connections_per_peer": (positive_int, "max_connections_per_peer"),
-        "peer_prefix_ipv4": (_prefix(32), "peer_prefix_ipv4"),
-        "peer_prefix_ipv6": (_prefix(128), "peer_prefix_ipv6"),
+        "peer_prefix_ipv4": (prefix_length(32), "peer_prefix_ipv4"),
+        "peer_prefix_ipv6": (prefix_length(128), "peer_prefix_ipv6"),
         "partial_message_budget": (positive_int, "partial_message_budget"),
         "idle_timeout": (non_negative_number, "idle_timeout"),
         "control_timeout": (positive_number, "control_timeout"),

@@ -20,7 +20,8 @@ from twisted.internet.interfaces import IReactorTime
 from ipcd.config import Config
 from ipcd.daemons import settings_of
 from ipcd.inboundreach import inbound_reach
-from ipcd.names import CONTROL_NAME, resolve_rundir, socket_path
+from ipcd.names import CONTROL_NAME, socket_path
+from ipcd.rundir import resolve_rundir
 from ipcd.wire import (
     LimitLog,
     MessageFactory,

@@ -33,6 +33,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface, implementer
 
+from ipcd.checkers import boolean, endpoint
 from ipcd.host import IDaemonHost
 from ipcd.reactors import IHostReactor
 
@@ -45,8 +46,8 @@ class StartupError(RuntimeError):
 class Setting:
     """
     One key of a daemon's configuration section.  C{check(value)} returns the
-    value to keep, or raises L{ipcd.config.Expected} (C{expected ..., got
-    ...}) or L{ipcd.config.Invalid} (said as it is).  C{default} is used as
+    value to keep, or raises L{ipcd.checkers.Expected} (C{expected ..., got
+    ...}) or L{ipcd.checkers.Invalid} (said as it is).  C{default} is used as
     is (it is not checked).  A C{path} setting names a file: relative in a
     configuration file, it is relative to that file's directory.
     """
@@ -61,7 +62,7 @@ class Setting:
 @dataclass(frozen=True)
 class Flag:
     """
-    A command-line option a daemon contributes to L{ipcd.tap.Options}:
+    A command-line option a daemon contributes to L{ipcd.options.Options}:
     C{--NAME VALUE} when C{takes_value}, else C{--NAME}.  C{apply(value)}
     (C{value} is None for a flag without one) returns the part of the
     daemon's section the option sets, in the configuration file's shape.
@@ -199,8 +200,6 @@ def listener_settings(
     The C{enabled} and C{listen} keys of a L{ListeningDaemon}'s section
     (C{listen} an endpoint string unless C{check_listen} says otherwise).
     """
-    from ipcd.config import boolean, endpoint  # ipcd.config imports this module
-
     return (
         Setting("enabled", boolean, enabled, f"run {section}"),
         Setting(

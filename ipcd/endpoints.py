@@ -36,12 +36,12 @@ from ipcd.names import (
     BROKER_NAME,
     SOCKET_MODE,
     listen_unix,
-    resolve_rundir,
     socket_path,
     validate_service_name,
 )
 from ipcd.reactors import IHostReactor
 from ipcd.routes import encode_lookup
+from ipcd.rundir import resolve_rundir
 from ipcd.wire import encode
 
 

@@ -1,10 +1,12 @@
 """
-libipc framing on plain blocking sockets, with no Twisted: a message is its
-payload length as u32 big-endian, then the payload, header and payload sent
-in one write (upstream receivers do one read() per message).
+The libipc message format on plain blocking sockets, with no Twisted (unlike
+L{ipcd.wire}, the same messages as a Twisted protocol with per-connection
+bounds; and L{ipcd.handoff}, which passes descriptors, not messages).
 
-The blocking client (L{ipcd.client}) uses it; L{ipcd.wire} (the Twisted
-message protocol) re-exports all of it.
+A message is its payload length as u32 big-endian, then the payload, header
+and payload sent in one write (upstream receivers do one read() per
+message).  The blocking client (L{ipcd.client}) uses it; L{ipcd.wire}
+re-exports all of it.
 """
 
 from __future__ import annotations

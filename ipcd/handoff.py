@@ -1,6 +1,8 @@
 """
-File descriptors across processes: receiving the C{ok} + SCM_RIGHTS reply of
-a lookup, and adopting a received fd into the reactor.
+Handing a connected socket over: the C{ok} + SCM_RIGHTS reply that passes its
+descriptor (L{send_ok}), receiving and judging that reply (L{receive_fd},
+L{check_reply}) and adopting the socket received into the reactor; messages
+themselves are L{ipcd.framing}'s (blocking) and L{ipcd.wire}'s (Twisted).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from twisted.python.failure import Failure
 from ipcd.config import Config
 from ipcd.control import CONTROL_NAME
 from ipcd.endpoints import BROKER_NAME
-from ipcd.names import SocketInUse, UnsafeRundir
+from ipcd.names import SocketInUse
+from ipcd.rundir import UnsafeRundir
 
 
 def leaves(service: Any) -> Iterator[Any]:

@@ -1,15 +1,16 @@
 """
-C{twistd ipcd}: command-line options and the service tree they build.
+C{twistd ipcd}: the service tree its options build (L{makeService},
+L{IPCDService}).
 
 The plugin in C{twisted/plugins/ipcd_plugin.py} names this module by string,
-so C{twistd --help} imports nothing of ours.
+so C{twistd --help} imports nothing of ours; twistd reads L{Options} (from
+L{ipcd.options}) and L{makeService} here.
 """
 
 from __future__ import annotations
 
 import gc
 import signal
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from types import MappingProxyType
@@ -18,29 +19,23 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import ILogObserver, Logger
-from twisted.python import usage
 from twisted.python.failure import Failure
 
-from ipcd import compat, version
+from ipcd import compat
 from ipcd.broker import Broker
-from ipcd.compat import twisted as compat_twisted
-from ipcd.config import Config, ConfigError, load_config
+from ipcd.config import Config, ConfigError
 from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_report
-from ipcd.daemons import Flag, Registry, StartupError, default_registry, settings_of
+from ipcd.daemons import StartupError, settings_of
 from ipcd.endpoints import BROKER_NAME
 from ipcd.limits import LimitedFactory
 from ipcd.listener import IListener, Outcome
 from ipcd.logs import text_observer
 from ipcd.lookupprotocol import LookupFactory
 from ipcd.memtrim import MemoryTrim
-from ipcd.names import (
-    SocketInUse,
-    UnsafeRundir,
-    clear_stale_socket,
-    prepare_rundir,
-    socket_path,
-)
+from ipcd.names import SocketInUse, clear_stale_socket, socket_path
+from ipcd.options import Options
 from ipcd.reactors import IHostReactor
+from ipcd.rundir import UnsafeRundir, prepare_rundir
 from ipcd.services import IPCService
 from ipcd.services.pongd import pongd
 from ipcd.startup import (
@@ -54,166 +49,8 @@ from ipcd.startup import (
 )
 from ipcd.wire import PartialMessageBudget
 
-
-def _pair(option: str, value: str, shape: str = "FROM TO") -> tuple[str, str]:
-    words = value.split()
-    if len(words) != 2:
-        raise usage.UsageError(f'--{option} takes "{shape}" (two words), got {value!r}')
-    return words[0], words[1]
-
-
-class Options(usage.Options):
-    synopsis = "[options]"
-    longdesc = (
-        "ipcd: finds libipc services, local or remote, applies the admin's "
-        "redirections and routes, and hands the connected socket to the client."
-    )
-    optParameters = [
-        ["config", "c", None, "The TOML configuration file."],
-        [
-            "rundir",
-            None,
-            None,
-            "The socket directory (else config, else $RUNDIR, else "
-            "/tmp/libipc-run).  Under twistd it goes after 'ipcd': "
-            "twistd's own --rundir, before it, is twistd's working directory.",
-        ],
-    ]
-
-    def __init__(self, registry: Registry | None = None) -> None:
-        super().__init__()
-        if registry is None:
-            try:
-                registry = default_registry()
-            except StartupError as e:  # two plugins claim one scheme
-                raise SystemExit(f"ipcd: {e}") from None
-        self.registry = registry
-        # A docstring's line breaks and indentation are not the help's.
-        self.docs = {name: " ".join(doc.split()) for name, doc in self.docs.items()}
-        self["redirects"] = []
-        self["rules"] = []
-        self["grants"] = []
-        self["external-daemons"] = []
-        self["routes"] = []
-        self["pongd"] = None
-        for daemon in self.registry.values():
-            for flag in daemon.flags:
-                self._add_flag(flag)
-
-    def _add_flag(self, flag: Flag) -> None:
-        """A protocol daemon's option, as optParameters/optFlags would add it."""
-        name = flag.name
-        if name in self.synonyms:
-            raise ValueError(f"a protocol daemon's option --{name} is taken")
-        self[name] = self.defaults[name] = None
-
-        def given(option: str, value: str) -> None:
-            self[name] = value if flag.takes_value else True
-
-        if not compat_twisted.add_option(self, name, given):
-            return  # not on this Twisted's command line (see ipcd.compat)
-        self.longOpt.append(f"{name}=" if flag.takes_value else name)
-        self.docs[name] = flag.doc
-        self.synonyms[name] = name
-
-    def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
-        try:
-            super().parseOptions(options)
-        except usage.UsageError as e:
-            if self.parent is None:
-                raise
-            # Under twistd (our parent): its handler would print all of its
-            # help before the one line that matters.  SystemExit with a
-            # message prints just that line and exits with status 1.
-            raise SystemExit(f"ipcd: {usage_line(e, 'twistd ipcd')}") from None
-
-    def opt_version(self) -> None:
-        """Print ipcd's version and exit."""
-        print(f"ipcd {version()}")
-        sys.exit(0)
-
-    def opt_redirect(self, value: str) -> None:
-        """Admin redirection "FROM TO" (repeatable)."""
-        self["redirects"].append(_pair("redirect", value))
-
-    def opt_route(self, value: str) -> None:
-        """Admin route "SERVICE URI" (repeatable)."""
-        self["routes"].append(_pair("route", value, "SERVICE URI"))
-
-    def opt_allow(self, value: str) -> None:
-        """Firewall rule "DIRECTION SERVICE [PEER]" (repeatable, in order)."""
-        self["rules"].append(f"allow {value}")
-
-    def opt_deny(self, value: str) -> None:
-        """Firewall rule "DIRECTION SERVICE [PEER]" (repeatable, in order)."""
-        self["rules"].append(f"deny {value}")
-
-    def opt_grant(self, value: str) -> None:
-        """
-        Let clients matching PEER reach SERVICE's socket although their own
-        permissions would not: "SERVICE PEER" (repeatable).
-        """
-        self["grants"].append(value)
-
-    def opt_external_daemon(self, value: str) -> None:
-        """A scheme served by an external daemon on RUNDIR/SCHEME (repeatable)."""
-        self["external-daemons"].append(value)
-
-    def opt_pongd(self) -> None:
-        """Run pongd, the echo service (the default)."""
-        self["pongd"] = True
-
-    def opt_no_pongd(self) -> None:
-        """Do not run pongd."""
-        self["pongd"] = False
-
-    def overrides(self) -> dict[str, Any]:
-        """The command line, in the configuration file's shape."""
-        layer: dict[str, Any] = {}
-        if self["rundir"]:
-            layer["rundir"] = self["rundir"]
-        if self["redirects"]:
-            layer["redirects"] = dict(self["redirects"])
-        if self["routes"]:
-            layer["routes"] = dict(self["routes"])
-        if self["rules"]:
-            layer["rules"] = list(self["rules"])
-        if self["grants"]:
-            layer["grants"] = list(self["grants"])
-        if self["external-daemons"]:
-            layer["ipcd"] = {"external_daemons": list(self["external-daemons"])}
-        if self["pongd"] is not None:
-            layer["pongd"] = {"enabled": self["pongd"]}
-        for daemon in self.registry.values():
-            # In the order the daemon lists its flags: --no-tcp wins.
-            for flag in daemon.flags:
-                value = self[flag.name]
-                if value is not None:
-                    section = layer.setdefault(daemon.section, {})
-                    section.update(flag.apply(value if flag.takes_value else None))
-        return layer
-
-    def load_config(self) -> Config:
-        """The configuration: the file named by --config, then the options."""
-        return load_config(self["config"], self.overrides(), registry=self.registry)
-
-    def postOptions(self) -> None:
-        try:
-            self.config = self.load_config()
-        except ConfigError as e:
-            raise BadConfig(str(e)) from None
-
-
-class BadConfig(usage.UsageError):
-    """The configuration (file or command line) is invalid: the message says
-    where and why, so no pointer to the options' help follows it."""
-
-
-def usage_line(error: usage.UsageError, command: str) -> str:
-    """An option error in one line: the error, and where the help is."""
-    if isinstance(error, BadConfig):
-        return str(error)
-    return f"{error} (see {command} --help)"
+# twistd reads Options and makeService here (the plugin names this module).
+__all__ = ["IPCDService", "Options", "makeService"]
 
 
 class IPCDService(MultiService):

@@ -23,7 +23,8 @@ from twisted.internet.testing import (
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ipcd.config import Config, boolean
+from ipcd.checkers import boolean
+from ipcd.config import Config
 from ipcd.daemons import Flag, IProtocolDaemon, Setting
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost

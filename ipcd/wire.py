@@ -1,7 +1,10 @@
 """
-libipc framing: a message is its payload length as u32 big-endian, then the
-payload.
+libipc messages on Twisted: L{MessageProtocol} and L{MessageFactory} read and
+write whole messages on a connection, with each connection's bounds (unlike
+L{ipcd.framing}, the message format on plain blocking sockets, which it
+re-exports; and L{ipcd.handoff}, which passes descriptors, not messages).
 
+A message is its payload length as u32 big-endian, then the payload.
 Upstream receivers do one read() per message, so a message's header and
 payload always go out in a single write.  Our own receivers treat the stream
 as a stream: partial and coalesced messages are both handled, in time linear

@@ -60,7 +60,8 @@ def control(
     import json
 
     from ipcd.control import format_status, request
-    from ipcd.names import CONTROL_NAME, resolve_rundir, socket_path
+    from ipcd.names import CONTROL_NAME, socket_path
+    from ipcd.rundir import resolve_rundir
 
     try:
         answer = request(command, rundir)
@@ -88,7 +89,7 @@ def control(
 
 def _command_options() -> Any:
     """
-    twistd ipcd's options (L{ipcd.tap.Options}), with the C{ipcd} command's
+    twistd ipcd's options (L{ipcd.options.Options}), with the C{ipcd} command's
     synopsis, its C{--json-log} flag and its C{status} and C{reload}
     subcommands.  Without a subcommand, parsing loads the configuration,
     once: twistd is then handed these options, not the command line.
@@ -96,7 +97,7 @@ def _command_options() -> Any:
     from twisted.python import usage
 
     from ipcd import version
-    from ipcd.tap import Options
+    from ipcd.options import Options
 
     class ControlOptions(usage.Options):
         longdesc = ""  # not this module's docstring, Twisted's default
@@ -197,7 +198,7 @@ def run_twistd(options: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     from twisted.python import usage
 
-    from ipcd.tap import usage_line
+    from ipcd.options import usage_line
 
     args = join_words(sys.argv[1:] if argv is None else list(argv))
     options = _command_options()

@@ -15,7 +15,8 @@ import sys
 
 from ipcd.client import DEFAULT_TIMEOUT, connect
 from ipcd.framing import MessageTooLarge, recv_message, send_message
-from ipcd.names import InvalidServiceName, resolve_rundir, socket_path
+from ipcd.names import InvalidServiceName, socket_path
+from ipcd.rundir import resolve_rundir
 
 
 def _where(service: str, rundir: str | None) -> str:

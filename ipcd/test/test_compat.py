@@ -24,14 +24,14 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd import compat
+from ipcd.checkers import Invalid, check_server_endpoint
 from ipcd.compat import autobahn as compat_autobahn
 from ipcd.compat import cpython as compat_cpython
 from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.compat import twisted as compat_twisted
-from ipcd.config import Invalid, check_server_endpoint
 from ipcd.daemons import settings_of
+from ipcd.options import Options
 from ipcd.relay import RelayEnded
-from ipcd.tap import Options
 from ipcd.test.support import (
     bounce,
     lookup,

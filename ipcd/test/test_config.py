@@ -1,6 +1,6 @@
 """
 Tests for L{ipcd.config} (the TOML file and its validation) and for the
-command-line options of C{twistd ipcd} (L{ipcd.tap.Options}).
+command-line options of C{twistd ipcd} (L{ipcd.options.Options}).
 """
 
 from __future__ import annotations
@@ -577,7 +577,7 @@ class OverrideTests(ConfigFileMixin, SynchronousTestCase):
 
 class OptionsTests(ConfigFileMixin, SynchronousTestCase):
     def parse(self, *argv: str):
-        from ipcd.tap import Options
+        from ipcd.options import Options
 
         options = Options()
         options.parseOptions(list(argv))

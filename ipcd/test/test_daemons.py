@@ -24,7 +24,8 @@ from ipcd.control import format_status, status_report
 from ipcd.daemons import IProtocolDaemon, Registry, RegistryError, registry
 from ipcd.errors import Refused
 from ipcd.identity import Peer
-from ipcd.tap import IPCDService, Options
+from ipcd.options import Options
+from ipcd.tap import IPCDService
 from ipcd.test import daemonplugins
 from ipcd.test.daemonplugins.testscheme import testschemed
 from ipcd.test.support import bounce, lookup, short_rundir, start_ipcd, wait_until

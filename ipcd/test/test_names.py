@@ -17,16 +17,14 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd.names import (
-    DEFAULT_RUNDIR,
     InvalidServiceName,
     SocketInUse,
     clear_stale_socket,
-    ensure_rundir,
     listen_unix,
-    resolve_rundir,
     socket_path,
     validate_service_name,
 )
+from ipcd.rundir import DEFAULT_RUNDIR, ensure_rundir, resolve_rundir
 
 
 def short_tempdir(case: SynchronousTestCase) -> str:

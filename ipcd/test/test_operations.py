@@ -25,10 +25,11 @@ from twisted.trial.unittest import SkipTest, TestCase
 from ipcd import control
 from ipcd.config import load_config
 from ipcd.identity import local_labels
+from ipcd.options import Options
 from ipcd.scripts.ipcd import join_words
 from ipcd.services import IPCService
 from ipcd.services.pongd import Pong
-from ipcd.tap import IPCDService, Options
+from ipcd.tap import IPCDService
 from ipcd.test.support import as_user
 from ipcd.wire import encode
 

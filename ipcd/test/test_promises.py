@@ -24,7 +24,7 @@ from twisted.internet.testing import (
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from ipcd import access, names
+from ipcd import access, names, rundir
 from ipcd.access import AccessDenied, Credentials, open_socket
 from ipcd.broker import Broker
 from ipcd.config import Config, ConfigError, load_config
@@ -837,39 +837,39 @@ class RundirRaceTests(SynchronousTestCase):
             make(path, real)
             raise FileExistsError(errno.EEXIST, "File exists", path)
 
-        self.patch(names.os, "mkdir", mkdir)
+        self.patch(rundir.os, "mkdir", mkdir)
 
     def test_fileInTheWay(self) -> None:
         with open(self.path, "w"):
             pass
-        self.assertRaises(FileExistsError, names.ensure_rundir, self.path)
+        self.assertRaises(FileExistsError, rundir.ensure_rundir, self.path)
         self.assertEqual(mode_of(self.path) & 0o7000, 0)
 
     def test_createdMeanwhile(self) -> None:
         """A directory made by somebody else meanwhile is left as it is."""
         self.swap_in(lambda path, mkdir: mkdir(path, 0o700))
-        names.ensure_rundir(self.path)
+        rundir.ensure_rundir(self.path)
         self.assertEqual(mode_of(self.path), 0o700)
 
     def test_noFollow(self) -> None:
         """The chmod never goes through a link swapped in, nor to a file."""
         os.mkdir(self.at("elsewhere"), 0o700)
         self.patch(
-            names.os,
+            rundir.os,
             "mkdir",
             lambda path, mode: os.symlink("elsewhere", path),
         )
-        self.assertRaises(OSError, names.ensure_rundir, self.path)
+        self.assertRaises(OSError, rundir.ensure_rundir, self.path)
         self.assertEqual(mode_of(self.at("elsewhere")), 0o700)
         self.assertEqual(_fds(), self.before)
         os.unlink(self.path)
-        self.patch(names.os, "mkdir", lambda path, mode: open(path, "w").close())
-        self.assertRaises(NotADirectoryError, names.ensure_rundir, self.path)
+        self.patch(rundir.os, "mkdir", lambda path, mode: open(path, "w").close())
+        self.assertRaises(NotADirectoryError, rundir.ensure_rundir, self.path)
         self.assertEqual(mode_of(self.path) & 0o7000, 0)
         self.assertEqual(_fds(), self.before)
 
     def test_noDescriptorLeft(self) -> None:
-        names.ensure_rundir(self.path)
+        rundir.ensure_rundir(self.path)
         self.assertEqual(mode_of(self.path), 0o1770)
         self.assertEqual(_fds(), self.before)
 
@@ -877,7 +877,7 @@ class RundirRaceTests(SynchronousTestCase):
         return os.path.join(self.dir, name)
 
     def unsafe(self, path: str) -> str:
-        return str(self.assertRaises(names.UnsafeRundir, names.check_rundir, path))
+        return str(self.assertRaises(rundir.UnsafeRundir, rundir.check_rundir, path))
 
     def test_cannotInspect(self) -> None:
         with open(self.at("file"), "w"):
@@ -894,7 +894,7 @@ class RundirRaceTests(SynchronousTestCase):
         def readlink(path: str) -> str:
             raise OSError(errno.EIO, "Input/output error")
 
-        self.patch(names.os, "readlink", readlink)
+        self.patch(rundir.os, "readlink", readlink)
         self.assertEqual(
             self.unsafe(self.path),
             f"unsafe RUNDIR {self.path}: cannot read the symlink: Input/output error",
@@ -921,14 +921,14 @@ class RundirRaceTests(SynchronousTestCase):
         with open(self.at("file"), "w"):
             pass
         path = self.at("file/sub/run")
-        error = self.assertRaises(names.UnsafeRundir, names.prepare_rundir, path)
+        error = self.assertRaises(rundir.UnsafeRundir, rundir.prepare_rundir, path)
         self.assertEqual(
             str(error),
             f"cannot create RUNDIR {path}: {self.at('file/sub')}: Not a directory; "
             "choose another --rundir",
         )
         path = self.at("x" * 300)
-        error = self.assertRaises(names.UnsafeRundir, names.prepare_rundir, path)
+        error = self.assertRaises(rundir.UnsafeRundir, rundir.prepare_rundir, path)
         self.assertEqual(
             str(error),
             f"cannot create RUNDIR {path}: File name too long; choose another --rundir",

@@ -16,12 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from ipcd.names import (
-    UnsafeRundir,
-    check_rundir,
-    ensure_rundir,
-    prepare_rundir,
-)
+from ipcd.rundir import UnsafeRundir, check_rundir, ensure_rundir, prepare_rundir
 from ipcd.tap import IPCDService, Options, makeService
 from ipcd.test.support import (
     TIMEOUT,

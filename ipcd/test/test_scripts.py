@@ -16,7 +16,8 @@ from typing import Any
 from twisted.scripts import twistd
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd import tap, version
+from ipcd import options as ipcd_options
+from ipcd import version
 from ipcd.logs import json_observer
 from ipcd.scripts import websocketc
 from ipcd.scripts.ipcd import control, join_words, main
@@ -46,7 +47,7 @@ class ControlTests(SynchronousTestCase):
         when no ipcd answers); the rundir may come before the command.
         Neither loads a configuration.
         """
-        self.patch(tap, "load_config", lambda *a: self.fail("config loaded"))
+        self.patch(ipcd_options, "load_config", lambda *a: self.fail("config loaded"))
         for argv in (
             ["status", "--rundir", self.rundir],
             ["status", "--json", "--rundir", self.rundir],
@@ -106,14 +107,14 @@ class RunTests(SynchronousTestCase):
 
     def test_parsedAndLoadedOnce(self) -> None:
         loads: list[Any] = []
-        load_config = tap.load_config
+        load_config = ipcd_options.load_config
 
         def counting(*args: Any, **kwargs: Any) -> Any:
             loads.append(args)
             return load_config(*args, **kwargs)
 
         ran: list[Any] = []
-        self.patch(tap, "load_config", counting)
+        self.patch(ipcd_options, "load_config", counting)
         self.patch(twistd, "runApp", ran.append)
         self.patch(sys, "argv", list(sys.argv))
         main(["--rundir", "/r", "--no-tcp", "--allow", "in", "authd", "--json-log"])
@@ -204,8 +205,8 @@ class JoinWordsTests(SynchronousTestCase):
         self.assertEqual(join_words([]), [])
 
     def test_joinedParseByOptions(self) -> None:
-        """The joined form is what L{ipcd.tap.Options} understands."""
-        from ipcd.tap import Options
+        """The joined form is what L{ipcd.options.Options} understands."""
+        from ipcd.options import Options
 
         options = Options()
         options.parseOptions(

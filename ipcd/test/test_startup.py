@@ -23,7 +23,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from ipcd.config import load_config
-from ipcd.tap import IPCDService, StartupError
+from ipcd.daemons import StartupError
+from ipcd.tap import IPCDService
 from ipcd.test.support import (
     TIMEOUT,
     accepts,

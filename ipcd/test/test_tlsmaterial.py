@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.config import ConfigError, load_config
 from ipcd.daemons import StartupError
-from ipcd.tap import Options
+from ipcd.options import Options
 from ipcd.test.support import short_rundir
 from ipcd.test.tlssupport import ALICE_KEY, TestCA, secrets_file
 from ipcd.transports.psk import SecretsError, parse_secrets

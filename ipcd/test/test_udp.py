@@ -22,7 +22,7 @@ from ipcd.config import ConfigError, load_config
 from ipcd.control import format_status, request
 from ipcd.daemons import StartupError
 from ipcd.names import listen_unix
-from ipcd.tap import Options
+from ipcd.options import Options
 from ipcd.test.support import (
     TIMEOUT,
     RunningIpcdTestCase,

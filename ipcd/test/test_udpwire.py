@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd.config import Expected
+from ipcd.checkers import Expected
 from ipcd.transports import udpwire
 from ipcd.transports.udp import Listen, parse_listen
 from ipcd.transports.udpcookie import PERIOD, AddressCookies

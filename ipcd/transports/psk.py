@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.logs import printable
-from ipcd.names import file_kind
+from ipcd.rundir import file_kind
 
 log = Logger()
 

@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorFDSet
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ipcd.config import positive_number
+from ipcd.checkers import positive_number
 from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting, listener_settings
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost

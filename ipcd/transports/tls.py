@@ -38,8 +38,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ipcd.checkers import Expected, boolean, positive_number
 from ipcd.compat import twisted as compat_twisted
-from ipcd.config import Expected, boolean, positive_number
 from ipcd.daemons import (
     IOutbound,
     IProtocolDaemon,

@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd import wire
-from ipcd.config import Expected, positive_number
+from ipcd.checkers import Expected, positive_number
 from ipcd.daemons import (
     IProtocolDaemon,
     ListeningDaemon,

@@ -24,12 +24,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ipcd.config import (
-    Expected,
-    non_negative_number,
-    positive_int,
-    positive_number,
-)
+from ipcd.checkers import Expected, non_negative_number, positive_int, positive_number
 from ipcd.daemons import (
     IProtocolDaemon,
     ListeningDaemon,

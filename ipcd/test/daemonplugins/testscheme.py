@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ipcd.config import Expected, boolean, endpoint
+from ipcd.checkers import Expected, boolean, endpoint
 from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost

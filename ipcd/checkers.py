@@ -1,0 +1,146 @@
+"""
+Checkers of configuration values, one per kind of value: each takes a value
+as TOML gave it and returns the value to keep, or raises L{Expected}
+(C{expected <this>, got <value>}) or L{Invalid} (what is wrong).
+
+L{ipcd.config} checks ipcd's own keys with them, and a protocol daemon's
+settings (L{ipcd.daemons.Setting}) name them as their C{check}; where the
+value came from is L{ipcd.config}'s to say.
+"""
+
+from __future__ import annotations
+
+import grp
+import re
+from typing import Any
+
+from ipcd.compat import twisted as compat_twisted
+from ipcd.names import OWN_NAMES, InvalidServiceName, validate_service_name
+
+
+class Expected(Exception):
+    """A value of the wrong shape: C{expected <this>, got <value>}."""
+
+
+class Invalid(Exception):
+    """A value of the right shape that names nothing usable: said as it is."""
+
+
+def positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise Expected("a number of seconds greater than 0")
+    return float(value)
+
+
+def positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise Expected("a whole number greater than 0")
+    return value
+
+
+def non_negative_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise Expected("a number of seconds, 0 or more (0: no deadline)")
+    return float(value)
+
+
+def prefix_length(bits: int) -> Any:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Expected(f"a prefix length from 0 to {bits}")
+        if not 0 <= value <= bits:
+            raise Expected(f"a prefix length from 0 to {bits}")
+        return value
+
+    return check
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Expected("true or false")
+    return value
+
+
+def non_empty_string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise Expected("a non-empty string")
+    return value
+
+
+def endpoint(value: Any) -> str:
+    if not isinstance(value, str) or ":" not in value:
+        raise Expected("an endpoint string like 'tcp:9000:interface=127.0.0.1'")
+    check_server_endpoint(value)
+    return value
+
+
+def _server_endpoint_types() -> list[str]:
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
+
+    plugins = getPlugins(IStreamServerEndpointStringParser)
+    built_in = compat_twisted.server_endpoint_types()
+    return sorted({*built_in, *(p.prefix.lower() for p in plugins)})
+
+
+def check_server_endpoint(description: str) -> None:
+    """
+    Raise L{Invalid} unless Twisted's C{serverFromString} would accept
+    C{description}: a known type (built in or a plugin) and, for the built-in
+    C{tcp} and C{unix}, arguments their parsers take.  Needs no reactor and
+    listens on nothing, so a bad listener is refused when the configuration
+    loads (and a reload with one keeps the old configuration).
+    """
+    # Twisted's own strports machinery: no reactor is imported by these.
+    try:
+        kind = compat_twisted.endpoint_type(description)
+    except (ValueError, IndexError, RuntimeError) as e:
+        # RuntimeError: Twisted's tokenizer on a trailing backslash.
+        why = "a '\\' at the end escapes nothing" if isinstance(e, RuntimeError) else e
+        raise Invalid(f"invalid endpoint string {description!r}: {why}") from None
+    known = _server_endpoint_types()
+    if kind not in known:
+        raise Invalid(
+            f"unknown endpoint type {kind!r} in {description!r} "
+            f"(known: {', '.join(known)})"
+        )
+    if kind == "ssl":
+        return  # its parser reads the key and certificate files: not here
+    try:
+        compat_twisted.check_server_arguments(description)
+    except (ValueError, TypeError) as e:
+        # "_parseTCP() got an unexpected keyword argument": not our name.
+        reason = re.sub(r"^_?\w+\(\) ", "", str(e))
+        if "::" in description:
+            reason += r" (a ':' inside a value is written '\:', as in interface=\:\:1)"
+        raise Invalid(f"invalid endpoint {description!r}: {reason}") from None
+
+
+def group_name(value: Any) -> str:
+    name = non_empty_string(value)
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        raise Invalid(
+            f"no such group {name!r} (create it, or name one that exists: getent group)"
+        ) from None
+    return name
+
+
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+
+
+def daemon_schemes(value: Any) -> tuple[str, ...]:
+    expected = "a list of URI schemes like ['tls']"
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Expected(expected)
+    for scheme in value:
+        if not _SCHEME.fullmatch(scheme) or scheme == "unix":
+            raise Expected(f"{expected} ({scheme!r} is not a daemon's scheme)")
+        if scheme in OWN_NAMES:
+            raise Expected(f"{expected} ({scheme!r} is ipcd's own socket)")
+        try:
+            validate_service_name(scheme)
+        except InvalidServiceName:
+            raise Expected(f"{expected} ({scheme!r} cannot be a socket in RUNDIR)")
+    return tuple(dict.fromkeys(value))

@@ -1,0 +1,207 @@
+"""
+The socket directory, RUNDIR: where it is (L{resolve_rundir},
+L{normal_rundir}) and the safety audit ipcd runs before creating anything in
+it (L{prepare_rundir}, L{check_rundir}, L{ensure_rundir}): nobody but
+ipcd's own user may remove or replace the sockets in it.
+
+Service names and the sockets' paths in RUNDIR are L{ipcd.names}'.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+from collections.abc import Mapping
+
+DEFAULT_RUNDIR = "/tmp/libipc-run"
+# Sticky, rwx for owner and group: members may add services but not remove
+# or replace anybody else's socket.
+RUNDIR_MODE = 0o1770
+
+
+class UnsafeRundir(ValueError):
+    """
+    RUNDIR is not safe to serve from: another user could remove or replace
+    its sockets.  The message is one line naming the problem and the fix.
+    """
+
+
+def resolve_rundir(
+    configured: str | None = None, environ: Mapping[str, str] | None = None
+) -> str:
+    """The socket directory: configured, else C{$RUNDIR}, else the default."""
+    if configured:
+        return configured
+    env = os.environ if environ is None else environ
+    return env.get("RUNDIR") or DEFAULT_RUNDIR
+
+
+def normal_rundir(path: str) -> str:
+    """
+    RUNDIR as the held-directory walk takes it: absolute, without C{.}
+    components, repeated or trailing slashes.  A relative path or one with
+    C{..} (which the kernel resolves through symbolic links, not by text) is
+    refused with C{ValueError}: ipcd runs as root from any directory.
+    """
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is a relative path: give an absolute one")
+    names = [name for name in path.split("/") if name not in ("", ".")]
+    if ".." in names:
+        raise ValueError(f"{path!r} has a '..' component: give the path without it")
+    return "/" + "/".join(names)
+
+
+def ensure_rundir(rundir: str) -> None:
+    """
+    Create RUNDIR (mode 1770: sticky, rwx for owner and group) when it is
+    missing.  An existing directory is left as it is: it is the admin's (and
+    L{check_rundir}'s to judge).
+    """
+    if os.path.isdir(rundir):
+        return
+    path = rundir.rstrip(os.sep) or os.sep
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(path, RUNDIR_MODE)
+    except FileExistsError:
+        if os.path.isdir(path):
+            return  # created meanwhile by someone else: not ours to chmod
+        raise
+    # mkdir's mode is filtered by the umask; say exactly what we mean, on the
+    # directory just made (never through a symlink swapped in since).
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, RUNDIR_MODE)
+    finally:
+        os.close(fd)
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_rundir(rundir: str) -> None:
+    """
+    Raise L{UnsafeRundir} unless C{rundir} is a directory that only this
+    process's effective user and, with the sticky bit, its group and others
+    can write to:
+
+      - it must be a directory (a symlink to one is followed only when the
+        link itself belongs to this user or root);
+      - it must be owned by this process's effective uid;
+      - group or other write permission needs the sticky bit, so that
+        nobody but a socket's owner (and RUNDIR's) can remove or replace it.
+
+    Reads only metadata; creates and changes nothing.
+    """
+    euid = os.geteuid()
+    me = _user(euid)
+    where = f"unsafe RUNDIR {rundir}"
+    # "link/" would follow the link: look at the name itself.
+    path = rundir.rstrip(os.sep) or os.sep
+    try:
+        link = os.lstat(path)
+    except FileNotFoundError:
+        raise UnsafeRundir(f"{where}: does not exist; mkdir -m 1770 {rundir}") from None
+    except OSError as e:
+        raise UnsafeRundir(f"{where}: cannot inspect it: {e.strerror}") from None
+    if stat.S_ISLNK(link.st_mode):
+        try:
+            target = _printable(os.readlink(path))
+        except OSError as e:
+            raise UnsafeRundir(
+                f"{where}: cannot read the symlink: {e.strerror}"
+            ) from None
+        if link.st_uid not in (euid, 0):
+            raise UnsafeRundir(
+                f"{where}: is a symlink (to {target}) owned by "
+                f"{_user(link.st_uid)}, not by ipcd's user {me}"
+                f"{'' if euid == 0 else ' or root'}; "
+                f"remove it: rm {rundir}"
+            )
+        where = f"unsafe RUNDIR {rundir} (a symlink to {target})"
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise UnsafeRundir(
+                f"{where}: the target does not exist; create it or rm {rundir}"
+            ) from None
+        except OSError as e:
+            raise UnsafeRundir(
+                f"{where}: cannot inspect the target: {e.strerror}"
+            ) from None
+    else:
+        st = link
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeRundir(
+            f"{where}: not a directory ({file_kind(st.st_mode)}); "
+            f"remove it or choose another --rundir"
+        )
+    if st.st_uid != euid:
+        raise UnsafeRundir(
+            f"{where}: owned by {_user(st.st_uid)}, not by ipcd's user {me}; "
+            f"remove it, or chown {euid} {rundir}"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & stat.S_ISVTX:
+        if mode & stat.S_IWOTH:
+            raise UnsafeRundir(
+                f"{where}: mode {mode:04o} lets other users replace sockets; "
+                f"chmod 1770 {rundir} (sticky bit)"
+            )
+        if mode & stat.S_IWGRP:
+            raise UnsafeRundir(
+                f"{where}: mode {mode:04o} lets group members replace sockets; "
+                f"chmod 1770 {rundir} (sticky bit), or 0750 to let them only "
+                f"connect"
+            )
+
+
+def _printable(text: str) -> str:
+    """C{text}, or its repr when it holds a newline or other control."""
+    return text if text.isprintable() else repr(text)
+
+
+def file_kind(mode: int) -> str:
+    """What C{mode} (C{st_mode}) says a file is: C{"a regular file"}, ..."""
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return f"file type {stat.S_IFMT(mode):o}"
+
+
+def prepare_rundir(rundir: str) -> None:
+    """
+    What ipcd does at start, before it creates anything in RUNDIR: create
+    RUNDIR (1770) when nothing is at that path, then L{check_rundir}.
+    Raises L{UnsafeRundir} (one line) when RUNDIR cannot be created or used.
+    """
+    if not os.path.lexists(rundir):
+        try:
+            ensure_rundir(rundir)
+        except OSError as e:
+            where = e.filename if e.filename not in (None, rundir) else None
+            if where and os.path.lexists(where) and not os.path.isdir(where):
+                # makedirs says "File exists" of a file in the way.
+                detail = (
+                    f"{where} is not a directory ({file_kind(os.lstat(where).st_mode)})"
+                )
+            else:
+                detail = f"{where}: {e.strerror}" if where else e.strerror
+            raise UnsafeRundir(
+                f"cannot create RUNDIR {rundir}: {detail}; choose another --rundir"
+            ) from None
+    check_rundir(rundir)
