@@ -35,24 +35,10 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ipcd import inboundcore
 from ipcd.errors import Refused
 from ipcd.identity import Peer, local_peer, remote_peer
-from ipcd.inboundcore import (
-    MAX_HANDSHAKE,
-    Abort,
-    Ask,
-    Cancel,
-    Deadline,
-    Discard,
-    Failed,
-    Framed,
-    Framing,
-    InboundHandshake,
-    Join,
-    Pause,
-    Refuse,
-    Unexpected,
-)
+from ipcd.inboundcore import MAX_HANDSHAKE, Framed, Framing, InboundHandshake, Join
 from ipcd.limits import RateLimitedObserver
 from ipcd.relay import RelayStats, take_socket
 from ipcd.routes import RemoteURI, RouteError, parse_uri
@@ -113,28 +99,28 @@ class Handshaking(Protocol):
         """Do what the core says, on this stream."""
         for action in actions:
             kind = type(action)
-            if kind is Ask:
+            if kind is inboundcore.Ask:
                 self.requested = action.text  # request() may say better
                 self._pending = maybeDeferred(self.request, action.text)
-                self._pending.addCallbacks(self._joined, self._failed)
-            elif kind is Join:
+                self._pending.addBoth(self._answered)
+            elif kind is inboundcore.Join:
                 self._join(action)
-            elif kind is Refuse:
+            elif kind is inboundcore.Refuse:
                 self.transport.write(action.answer)
                 self.transport.loseConnection()
-            elif kind is Deadline:
+            elif kind is inboundcore.Deadline:
                 self._wake(action.after)
-            elif kind is Pause:
+            elif kind is inboundcore.Pause:
                 self.transport.pauseProducing()
-            elif kind is Failed:
+            elif kind is inboundcore.Failed:
                 self.factory.failed(action.counter, action.format, **action.fields)
-            elif kind is Abort:
+            elif kind is inboundcore.Abort:
                 self.transport.abortConnection()
-            elif kind is Cancel and self._pending is not None:
+            elif kind is inboundcore.Cancel and self._pending is not None:
                 self._pending.cancel()
-            elif kind is Discard:
+            elif kind is inboundcore.Discard:
                 action.sock.close()
-            elif kind is Unexpected:
+            elif kind is inboundcore.Unexpected:
                 why = action.error
                 self.log.failure("request from {who} failed", why, who=str(self.who))
 
@@ -149,13 +135,9 @@ class Handshaking(Protocol):
         self._timer = None
         self.act(self.core.tick(self.factory.reactor.seconds()))
 
-    def _joined(self, sock: socket.socket) -> None:
+    def _answered(self, result: socket.socket | Failure) -> None:
         self._pending = None
-        self.act(self.core.opened(sock))
-
-    def _failed(self, failure: Failure) -> None:
-        self._pending = None
-        self.act(self.core.failed(failure))
+        self.act(self.core.answered(result))
 
     def _join(self, join: Join) -> None:
         stats = self.stats_type.of(

@@ -15,7 +15,7 @@ The life of each: the request is read and checked (a name of at most 255
 bytes, ASCII, the whole handshake within L{MAX_HANDSHAKE} bytes and its
 deadline); L{Ask}: the adapter asks the broker (C{open_inbound}: the admin's
 redirections and routes only, C{in} rules, others' permission) and says
-what came back (L{opened}, L{failed}); then L{Join} with the
+what came back (L{answered}: L{opened} or L{failed}); then L{Join} with the
 daemon's C{ok}, or L{Refuse} with its C{ne <reason>}.  Bytes the peer sends
 meanwhile are held for the service, up to a read's worth (then L{Pause}).
 A peer that goes (L{lost}) is answered nothing, and what was asked for it
@@ -285,6 +285,16 @@ class InboundHandshake:
         self._held += len(data)
         # Bounded: the rest waits in the kernel for the relay to read it.
         return [Pause()] if self._held >= MAX_EARLY else []
+
+    def answered(self, result: Any) -> list[Any]:
+        """
+        The broker's answer, whatever it is: a socket (L{opened}), or an
+        exception or a Twisted C{Failure} (L{failed}).
+        """
+        error = getattr(result, "value", result)
+        if isinstance(error, BaseException):
+            return self.failed(result)
+        return self.opened(result)
 
     def opened(self, sock: Any) -> list[Any]:
         """The broker connected the service: C{sock}."""

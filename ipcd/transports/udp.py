@@ -323,12 +323,7 @@ class UdpServer(DatagramProtocol):
                     self.broker.open_inbound, action.text, asking.core.who
                 )
                 asking.pending = d
-                d.addCallbacks(
-                    self._opened,
-                    self._failed,
-                    callbackArgs=(asking, key, size),
-                    errbackArgs=(asking, key, size),
-                )
+                d.addBoth(self._answered, asking, key, size)
             elif kind is inboundcore.Join:
                 self._session(action, asking.core, key, size)
             elif kind is inboundcore.Refuse:
@@ -343,18 +338,13 @@ class UdpServer(DatagramProtocol):
                 who = str(asking.core.who)
                 self.log.failure("request from {who} failed", action.error, who=who)
 
-    def _opened(
-        self, sock: socket.socket, asking: _Asking, key: tuple[Any, bytes], size: int
+    def _answered(
+        self, result: Any, asking: _Asking, key: tuple[Any, bytes], size: int
     ) -> None:
         asking.pending = None
-        self._act(asking, key, size, asking.core.opened(sock))
-
-    def _failed(
-        self, failure: Failure, asking: _Asking, key: tuple[Any, bytes], size: int
-    ) -> None:
-        asking.pending = None
-        self._forget(key)
-        self._act(asking, key, size, asking.core.failed(failure))
+        if isinstance(result, Failure):
+            self._forget(key)  # (refused, or cancelled as udpd stops)
+        self._act(asking, key, size, asking.core.answered(result))
 
     def _session(
         self,

@@ -175,7 +175,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
                 who = self._core.who
                 d = self.factory.broker.open_inbound(action.text, who)
                 self._pending = self._asking = d
-                d.addCallbacks(self._opened, self._refused)
+                d.addBoth(self._answered)
             elif kind is core.Join:
                 self._socket = action.sock
             elif kind is core.Refuse:
@@ -188,14 +188,11 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             elif kind is core.Unexpected:
                 self.factory.log.failure("websocket request failed", action.error)  # type: ignore[attr-defined]
 
-    def _opened(self, sock: socket.socket) -> None:
+    def _answered(self, result: socket.socket | Failure) -> None:
         self._pending = None
-        self.act(self._core.opened(sock))
-
-    def _refused(self, failure: Failure) -> None:
-        self._pending = None
-        self.act(self._core.failed(failure))
-        raise ConnectionDeny(410, "gone")  # (the core said nothing: it went)
+        self.act(self._core.answered(result))
+        if isinstance(result, Failure):  # the core said nothing: it went
+            raise ConnectionDeny(410, "gone")
 
     def onOpen(self) -> None:  # noqa: N802
         sock, self._socket = self._socket, None
