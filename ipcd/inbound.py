@@ -38,7 +38,7 @@ from zope.interface import implementer
 from ipcd import inboundcore
 from ipcd.errors import Refused
 from ipcd.identity import Peer, local_peer, remote_peer
-from ipcd.inboundcore import MAX_HANDSHAKE, Framed, Framing, InboundHandshake, Join
+from ipcd.inboundcore import Framed, FramedURI, Framing, InboundHandshake, Join
 from ipcd.limits import RateLimitedObserver
 from ipcd.relay import RelayStats, take_socket
 from ipcd.routes import RemoteURI, RouteError, parse_uri
@@ -65,9 +65,9 @@ class Handshaking(Protocol):
         self.factory = factory
         self._pending: Deferred[socket.socket] | None = None
 
-    def framing(self) -> Framing:
-        """How requests and answers are framed: libipc's frames by default."""
-        return Framed()
+    # How requests and answers are framed (made per connection): libipc's
+    # frames by default.
+    framing: Callable[[], Framing] = Framed
 
     @property
     def who(self) -> Peer:
@@ -90,7 +90,7 @@ class Handshaking(Protocol):
 
     def request(self, text: str) -> Deferred[socket.socket]:
         """Ask the broker for what C{text} names: a local service by default."""
-        return self.factory.broker.open_inbound(text, self.who)
+        return self.factory.broker.open_inbound(text, self.core.who)
 
     def dataReceived(self, data: bytes) -> None:
         self.act(self.core.received(data))
@@ -99,7 +99,15 @@ class Handshaking(Protocol):
         """Do what the core says, on this stream."""
         for action in actions:
             kind = type(action)
-            if kind is inboundcore.Ask:
+            if kind is inboundcore.Deadline:
+                timer, self._timer = self._timer, None
+                if timer is not None and timer.active():
+                    timer.cancel()
+                if action.after is not None:
+                    self._timer = self.factory.reactor.callLater(
+                        action.after, self._tick
+                    )
+            elif kind is inboundcore.Ask:
                 self.requested = action.text  # request() may say better
                 self._pending = maybeDeferred(self.request, action.text)
                 self._pending.addBoth(self._answered)
@@ -108,8 +116,6 @@ class Handshaking(Protocol):
             elif kind is inboundcore.Refuse:
                 self.transport.write(action.answer)
                 self.transport.loseConnection()
-            elif kind is inboundcore.Deadline:
-                self._wake(action.after)
             elif kind is inboundcore.Pause:
                 self.transport.pauseProducing()
             elif kind is inboundcore.Failed:
@@ -124,13 +130,6 @@ class Handshaking(Protocol):
                 why = action.error
                 self.log.failure("request from {who} failed", why, who=str(self.who))
 
-    def _wake(self, after: float | None) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if after is not None:
-            self._timer = self.factory.reactor.callLater(after, self._tick)
-
     def _tick(self) -> None:
         self._timer = None
         self.act(self.core.tick(self.factory.reactor.seconds()))
@@ -141,7 +140,7 @@ class Handshaking(Protocol):
 
     def _join(self, join: Join) -> None:
         stats = self.stats_type.of(
-            self.who,
+            self.core.who,
             self.direction,
             self.requested,
             self.route,
@@ -177,8 +176,7 @@ class Handshaking(Protocol):
         pass
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self.act(self.core.lost())
-        self._wake(None)
+        self.act([*self.core.lost(), inboundcore.STOP])
 
 
 class NetworkHandshake(Handshaking):
@@ -206,8 +204,7 @@ class ControlHandshake(Handshaking):
         except (OSError, AttributeError):
             return Peer("unknown local client")
 
-    def framing(self) -> Framing:
-        return Framed(MAX_HANDSHAKE)
+    framing = FramedURI
 
     def request(self, text: str) -> Deferred[socket.socket]:
         scheme, name = self.factory.scheme, self.factory.name

@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from twisted.python.failure import Failure
+
 from ipcd import wire
 from ipcd.errors import Refused
 from ipcd.identity import Peer
@@ -82,10 +84,9 @@ class Framing(Protocol):
 
 
 class Framed:
-    """libipc's framed request and answers (upstream's control protocol)."""
+    """libipc's framed request and answers: a service name."""
 
-    def __init__(self, limit: int = MAX_NAME) -> None:
-        self.limit = limit
+    limit = MAX_NAME
 
     def parse(self, buffer: bytes) -> tuple[bytes, bytes] | None:
         return framed(buffer, self.limit)
@@ -95,6 +96,12 @@ class Framed:
 
     def no(self, reason: str, internal: bool = False) -> bytes:
         return wire.encode(b"ne " + reason.encode("utf-8", "replace"))
+
+
+class FramedURI(Framed):
+    """Upstream's control protocol: a framed URI."""
+
+    limit = MAX_HANDSHAKE
 
 
 class Sniffed(Framed):
@@ -124,21 +131,21 @@ class Sniffed(Framed):
 # The actions.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Deadline:
     """Be woken (L{InboundHandshake.tick}) C{after} seconds; None: never."""
 
     after: float | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ask:
     """Ask the broker for what C{text} names, on the peer's behalf."""
 
     text: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Join:
     """Relay the peer and C{sock}: C{greeting} to the peer, C{early} on."""
 
@@ -147,7 +154,7 @@ class Join:
     early: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Refuse:
     """Send the peer C{answer} (the daemon's refusal), then close."""
 
@@ -155,29 +162,29 @@ class Refuse:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Abort:
     """Drop the connection, answering nothing (its layer never got going)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pause:
     """Stop reading the peer: held bytes are at their bound."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Cancel:
     """The peer went while the broker was asked: cancel the asking."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Discard:
     """The peer went before its service came: close C{sock}."""
 
     sock: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Failed:
     """A failed handshake: count it under C{counter}, log C{format}."""
 
@@ -186,12 +193,18 @@ class Failed:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Unexpected:
     """Asking failed otherwise than with a refusal: log C{error}."""
 
     error: Any
 
+
+# Actions without news in them: made once (a handshake costs few objects).
+STOP, PAUSE, ABORT, CANCEL = Deadline(None), Pause(), Abort(), Cancel()
+
+# What a broker's answer is when it is not a socket.
+_ERRORS = (BaseException, Failure)
 
 # The states.
 SECURING, READING, ASKING, DONE, GONE = range(5)
@@ -255,18 +268,22 @@ class InboundHandshake:
             return []
         request, rest = parsed
         self._buffer = b""
-        asking = self.request(request)
+        try:
+            asking = self.asked(request.decode("ascii"))
+        except UnicodeDecodeError:
+            return self.refuse("request is not ASCII")
+        if not rest:
+            return asking
         # What came after the request is the service's: held before asking
         # (the answer may come at once).
-        held = self._hold(rest) if rest else []
-        return [*held, *asking]
+        return [*self._hold(rest), *asking]
 
     def request(self, request: bytes) -> list[Any]:
         """A whole request, as bytes (a stream's, a datagram's)."""
         try:
-            text = request_text(request)
-        except Refused as e:
-            return self.refuse(e.reason)
+            text = request.decode("ascii")  # (request_text's, inlined)
+        except UnicodeDecodeError:
+            return self.refuse("request is not ASCII")
         return self.asked(text)
 
     def asked(self, text: str) -> list[Any]:
@@ -275,8 +292,8 @@ class InboundHandshake:
             return []
         self.state = ASKING
         self.requested = text
-        stop = [Deadline(None)] if self._deadline is not None else []
-        return [*stop, Ask(text)]
+        ask = Ask(text)
+        return [STOP, ask] if self._deadline is not None else [ask]
 
     def _hold(self, data: bytes) -> list[Any]:
         if self.state != ASKING:
@@ -284,17 +301,20 @@ class InboundHandshake:
         self._early.append(data)
         self._held += len(data)
         # Bounded: the rest waits in the kernel for the relay to read it.
-        return [Pause()] if self._held >= MAX_EARLY else []
+        return [PAUSE] if self._held >= MAX_EARLY else []
 
     def answered(self, result: Any) -> list[Any]:
         """
         The broker's answer, whatever it is: a socket (L{opened}), or an
         exception or a Twisted C{Failure} (L{failed}).
         """
-        error = getattr(result, "value", result)
-        if isinstance(error, BaseException):
+        if isinstance(result, _ERRORS):
             return self.failed(result)
-        return self.opened(result)
+        if self.state != ASKING:
+            return [Discard(result)]
+        self.state = DONE  # (opened's, inlined: one call per connection)
+        early, self._early = b"".join(self._early), []
+        return [Join(result, self.framing.ok(), early)]
 
     def opened(self, sock: Any) -> list[Any]:
         """The broker connected the service: C{sock}."""
@@ -309,7 +329,7 @@ class InboundHandshake:
         Asking failed with C{error}: a L{Refused} (or a Twisted C{Failure}
         of one) is a refusal, anything else unexpected.
         """
-        value = getattr(error, "value", error)
+        value = error.value if isinstance(error, Failure) else error
         if isinstance(value, Refused):
             return self.refused(value.reason)
         return self.broke(error)
@@ -328,7 +348,7 @@ class InboundHandshake:
         """Refuse the peer now, for C{reason} (the adapter's own, or ours)."""
         if self.state in (DONE, GONE):
             return []
-        stop = [Deadline(None)] if self.state != ASKING and self._deadline else []
+        stop = [STOP] if self.state != ASKING and self._deadline else []
         self.state = DONE
         return [*stop, Refuse(self.framing.no(reason, internal), reason)]
 
@@ -341,7 +361,7 @@ class InboundHandshake:
             self.state = DONE
             layer = self.layer
             said = f"dropping {{who}}: no {layer} handshake in time"
-            return [Failed(f"{layer} handshakes timed out", said, who), Abort()]
+            return [Failed(f"{layer} handshakes timed out", said, who), ABORT]
         if self.state != READING:
             return []
         said = "dropping {who}: no request in time"
@@ -354,7 +374,7 @@ class InboundHandshake:
         self._early = []
         actions: list[Any] = []
         if self._deadline is not None and state in (SECURING, READING):
-            actions.append(Deadline(None))
+            actions.append(STOP)
         if state == ASKING:
-            actions.append(Cancel())
+            actions.append(CANCEL)
         return actions

@@ -30,7 +30,7 @@ from ipcd.config import positive_number
 from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting, listener_settings
 from ipcd.errors import Refused
 from ipcd.inbound import NetworkHandshake
-from ipcd.inboundcore import MAX_HANDSHAKE, OK, Framing, Sniffed
+from ipcd.inboundcore import MAX_HANDSHAKE, OK, Sniffed
 from ipcd.logs import printable
 from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
@@ -100,9 +100,7 @@ class TcpInbound(NetworkHandshake):
     """A remote peer on tcpd's listener asking for a local service."""
 
     route = "tcp inbound"
-
-    def framing(self) -> Framing:
-        return Sniffed()  # upstream's raw name, or a framed one
+    framing = Sniffed  # upstream's raw name, or a framed one
 
 
 class TcpService(DaemonService):
