@@ -249,13 +249,17 @@ class InboundHandshake:
     def secured(self, who: Peer) -> list[Any]:
         """The transport's handshake is done; C{who} is the peer as it showed."""
         self.who = who
-        if self.state == SECURING:
-            self.state = READING
-        return []
+        if self.state != SECURING:
+            return []
+        self.state = READING
+        # What came before (no TLS stack delivers any): read now, as the peer.
+        return self.received(b"") if self._buffer else []
 
     def received(self, data: bytes) -> list[Any]:
         """Bytes from the peer's stream."""
         if self.state != READING:
+            if self.state == SECURING and len(self._buffer) <= MAX_HANDSHAKE:
+                self._buffer += data  # the request waits for the peer's name
             return self._hold(data)
         self._buffer += data
         try:

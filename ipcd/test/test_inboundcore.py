@@ -22,6 +22,7 @@ from ipcd.inbound import ControlHandshake
 from ipcd.inboundcore import (
     MAX_EARLY,
     MAX_HANDSHAKE,
+    STOP,
     Abort,
     Ask,
     Cancel,
@@ -232,6 +233,14 @@ class TlsdTests(SynchronousTestCase):
         self.assertIs(core.who, shown)
         sock = Socket()
         self.assertEqual(core.opened(sock), [Join(sock, b"ok", b"")])
+
+    def test_nothingAskedBeforeTheTlsHandshake(self) -> None:
+        """Bytes before the peer is known wait for its TLS labels."""
+        core = tlsd()
+        self.assertEqual(core.received(b"pong"), [])
+        shown = Peer(f"{PEER} (psk:alice)", PEER.labels | {"psk:alice"})
+        self.assertEqual(core.secured(shown), [STOP, Ask("pong")])
+        self.assertIs(core.who, shown)
 
     def test_requestDeadlineAfterTls(self) -> None:
         core = tlsd()
