@@ -200,7 +200,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             self.dropConnection(abort=True)
             return
         factory = self.factory
-        handshake = self._core
+        handshake, self._core = self._core, None  # done: not kept per relay
         stats = RelayStats.of(
             handshake.who,
             "in",
