@@ -1,13 +1,15 @@
 """
-The handshake every protocol daemon's listeners share: read a peer's request,
-ask the broker what it may reach, answer C{ok} (or C{ne <reason>}) and hand
-both sockets to the daemon's relay loop.
+The stream adapters of the inbound handshake (L{ipcd.inboundcore}) for the
+protocol daemons' listeners: read a peer's request, ask the broker what it
+may reach, answer C{ok} (or C{ne <reason>}) and hand both sockets to the
+daemon's relay loop.
 
     L{Handshaking}       the protocol: subclasses say how a peer is named
-                         (C{identify}), how its request ends (C{parse}) and
-                         what it asks the broker (C{request}); by default a
-                         remote peer's request goes to C{broker.open_inbound},
-                         which never follows a route a peer brings
+                         (C{identify}), how requests and answers are framed
+                         (C{framing}) and what it asks the broker
+                         (C{request}); by default a remote peer's request goes
+                         to C{broker.open_inbound}, which never follows a
+                         route a peer brings
     L{HandshakeFactory}  builds them for one listener: the broker, the relay
                          loop, the handshake deadline (read per connection)
     L{NetworkHandshake}  a remote peer of a network listener (C{ip:} labels),
@@ -15,13 +17,8 @@ both sockets to the daemon's relay loop.
     L{ControlHandshake}  a daemon's C{RUNDIR/SCHEME} control socket for
                          upstream's ipcd: a framed URI of the daemon's scheme,
                          through C{broker.open_uri}
-    L{framed}            one framed request out of a buffer
-    L{request_text}      a request's bytes as the name they must be (ASCII)
-    L{open_inbound}      the whole path for a transport without a stream
-                         (udpd's datagrams): request bytes in, a connected
-                         socket or L{Refused} out
 
-The handshake deadline is L{TimeoutMixin}'s, on the factory's reactor (a
+The handshake deadline is the core's, woken on the factory's reactor (a
 C{MemoryReactorClock} in tests).  Answers are framed when the request was.
 """
 
@@ -35,161 +32,122 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, globalLogPublisher
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ipcd import wire
+from ipcd import inboundcore
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
 from ipcd.identity import Peer, local_peer, remote_peer
+from ipcd.inboundcore import Framed, FramedURI, Framing, InboundHandshake, Join
 from ipcd.limits import RateLimitedObserver
-from ipcd.relay import READ_SIZE, RelayStats, take_socket
+from ipcd.relay import RelayStats, take_socket
 from ipcd.routes import RemoteURI, RouteError, parse_uri
-
-OK = b"ok"
-# The longest handshake we wait for: a framed name (255) or a control URI.
-MAX_HANDSHAKE = 4096
-
-
-def framed(buffer: bytes, limit: int) -> tuple[bytes, bytes] | None:
-    """
-    C{(request, rest)} once C{buffer} holds a whole framed message, None
-    until then; L{Refused} when its header announces more than C{limit}.
-    """
-    if len(buffer) < wire.HEADER.size:
-        return None
-    (size,) = wire.HEADER.unpack_from(buffer)
-    if size > limit:
-        raise Refused(f"request of {size} bytes is too long")
-    end = wire.HEADER.size + size
-    if len(buffer) < end:
-        return None
-    return buffer[wire.HEADER.size : end], buffer[end:]
-
-
-def request_text(request: bytes) -> str:
-    """The request as text; L{Refused} when it is not ASCII."""
-    try:
-        return request.decode("ascii")
-    except UnicodeDecodeError:
-        raise Refused("request is not ASCII") from None
-
-
-def open_inbound(
-    broker: IDaemonHost, request: bytes, who: Peer
-) -> Deferred[socket.socket]:
-    """
-    A remote peer C{who} asks for the local service C{request} names, as
-    L{Handshaking} asks: through C{broker.open_inbound}.  Fails with
-    L{Refused} only: anything else is logged and refused as an internal
-    error.
-    """
-
-    def unexpected(failure: Failure) -> Failure:
-        if not failure.check(Refused):
-            Handshaking.log.failure("request from {who} failed", failure, who=str(who))
-            return Failure(Refused("internal error"))
-        return failure
-
-    d = maybeDeferred(lambda: broker.open_inbound(request_text(request), who))
-    return d.addErrback(unexpected)
 
 
 @implementer(IHalfCloseableProtocol)
-class Handshaking(Protocol, TimeoutMixin):
+class Handshaking(Protocol):
     """
-    Reads a request, asks for the other side, answers, and hands both
-    sockets to the factory's relay loop.  By default a remote peer asking
+    The stream adapter of L{InboundHandshake}: bytes and the deadline in,
+    its answers written, its relay joined.  By default a remote peer asking
     for a local service (C{direction = "in"}), framed.
     """
 
     log = Logger()
-    framed = True
     direction = "in"
     requested = ""
     route = ""
+    layer = ""  # the transport's own handshake first: L{InboundHandshake}'s
     stats_type: type[RelayStats] = RelayStats
-    who: Peer
+    core: InboundHandshake
+    _timer: Any = None
 
     def __init__(self, factory: HandshakeFactory) -> None:
         self.factory = factory
-        self._handshake: bytes | None = b""
         self._pending: Deferred[socket.socket] | None = None
-        self._early: list[bytes] = []  # sent after the request, for the service
-        self._earlySize = 0
-        self._gone = False
 
-    def callLater(self, period: float, func: Callable[[], Any]) -> Any:  # noqa: N802
-        """L{TimeoutMixin}'s clock: the factory's reactor."""
-        return self.factory.reactor.callLater(period, func)
+    # How requests and answers are framed (made per connection): libipc's
+    # frames by default.
+    framing: Callable[[], Framing] = Framed
+
+    @property
+    def who(self) -> Peer:
+        return self.core.who
 
     def connectionMade(self) -> None:
-        self.who = self.identify()
-        self.setTimeout(self.factory.handshake_timeout)
+        factory = self.factory
+        self.core = InboundHandshake(
+            self.identify(),
+            self.framing(),
+            factory.reactor.seconds(),
+            factory.handshake_timeout,
+            self.layer,
+        )
+        self.act(self.core.started())
 
     def identify(self) -> Peer:
         """The peer, with its labels for the policy."""
         raise NotImplementedError
 
-    def parse(self, data: bytes) -> tuple[bytes, bytes] | None:
-        """C{(request, rest)} once the request is complete, else None."""
-        return framed(data, 255)
-
     def request(self, text: str) -> Deferred[socket.socket]:
         """Ask the broker for what C{text} names: a local service by default."""
-        return self.factory.broker.open_inbound(text, self.who)
+        return self.factory.broker.open_inbound(text, self.core.who)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._handshake is None:
-            self._keep(data)
-            return
-        self._handshake += data
-        try:
-            parsed = self.parse(self._handshake)
-        except Refused as e:
-            self._refuse(e.reason)
-            return
-        if parsed is None:
-            if len(self._handshake) > MAX_HANDSHAKE:
-                self._refuse("handshake too long")
-            return
-        request, rest = parsed
-        self._handshake = None
-        self.setTimeout(None)
-        if rest:
-            self._keep(rest)
-        try:
-            text = request_text(request)
-        except Refused as e:
-            self._refuse(e.reason)
-            return
-        self.requested = text
-        self._pending = maybeDeferred(self.request, text)
-        self._pending.addCallbacks(self._joined, self._failed)
+        self.act(self.core.received(data))
 
-    def _keep(self, data: bytes) -> None:
-        """Hold data that arrives while the request is served, for the relay."""
-        self._early.append(data)
-        self._earlySize += len(data)
-        if self._earlySize >= READ_SIZE:
-            # Bounded: the rest waits in the kernel for the relay to read it.
-            self.transport.pauseProducing()
+    def act(self, actions: list[Any]) -> None:
+        """Do what the core says, on this stream."""
+        for action in actions:
+            kind = type(action)
+            if kind is inboundcore.Deadline:
+                timer, self._timer = self._timer, None
+                if timer is not None and timer.active():
+                    timer.cancel()
+                if action.after is not None:
+                    self._timer = self.factory.reactor.callLater(
+                        action.after, self._tick
+                    )
+            elif kind is inboundcore.Ask:
+                self.requested = action.text  # request() may say better
+                self._pending = maybeDeferred(self.request, action.text)
+                self._pending.addBoth(self._answered)
+            elif kind is inboundcore.Join:
+                self._join(action)
+            elif kind is inboundcore.Refuse:
+                self.transport.write(action.answer)
+                self.transport.loseConnection()
+            elif kind is inboundcore.Pause:
+                self.transport.pauseProducing()
+            elif kind is inboundcore.Failed:
+                self.factory.failed(action.counter, action.format, **action.fields)
+            elif kind is inboundcore.Abort:
+                self.transport.abortConnection()
+            elif kind is inboundcore.Cancel and self._pending is not None:
+                self._pending.cancel()
+            elif kind is inboundcore.Discard:
+                action.sock.close()
+            elif kind is inboundcore.Unexpected:
+                why = action.error
+                self.log.failure("request from {who} failed", why, who=str(self.who))
 
-    def _joined(self, sock: socket.socket) -> None:
+    def _tick(self) -> None:
+        self._timer = None
+        self.act(self.core.tick(self.factory.reactor.seconds()))
+
+    def _answered(self, result: socket.socket | Failure) -> None:
         self._pending = None
-        if self._gone:
-            sock.close()
-            return
+        self.act(self.core.answered(result))
+
+    def _join(self, join: Join) -> None:
         stats = self.stats_type.of(
-            self.who,
+            self.core.who,
             self.direction,
             self.requested,
             self.route,
             self.factory.broker.relays,
         )
-        early, self._early = b"".join(self._early), []
-        self.relay(sock, stats, wire.encode(OK) if self.framed else OK, early)
+        self.relay(join.sock, stats, join.greeting, join.early)
 
     def relay(
         self, sock: socket.socket, stats: RelayStats, greeting: bytes, early: bytes
@@ -212,31 +170,6 @@ class Handshaking(Protocol, TimeoutMixin):
             idle_timeout=self.factory.idle_timeout,
         )
 
-    def _failed(self, failure: Failure) -> None:
-        self._pending = None
-        if self._gone:
-            return
-        if failure.check(Refused):
-            self._refuse(failure.value.reason)
-        else:
-            self.log.failure("request from {who} failed", failure, who=str(self.who))
-            self._refuse("internal error")
-
-    def _refuse(self, reason: str) -> None:
-        self._handshake = None
-        self.setTimeout(None)
-        answer = b"ne " + reason.encode("utf-8", "replace")
-        self.transport.write(wire.encode(answer) if self.framed else answer)
-        self.transport.loseConnection()
-
-    def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin's name)
-        self.factory.failed(
-            "handshakes timed out",
-            "dropping {who}: no request in time",
-            who=str(self.who),
-        )
-        self._refuse("handshake timed out")
-
     def readConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
         self.transport.loseConnection()  # EOF before we could answer
 
@@ -244,10 +177,7 @@ class Handshaking(Protocol, TimeoutMixin):
         pass
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self._gone = True
-        self.setTimeout(None)
-        if self._pending is not None:
-            self._pending.cancel()
+        self.act([*self.core.lost(), inboundcore.STOP])
 
 
 class NetworkHandshake(Handshaking):
@@ -275,8 +205,7 @@ class ControlHandshake(Handshaking):
         except (OSError, AttributeError):
             return Peer("unknown local client")
 
-    def parse(self, data: bytes) -> tuple[bytes, bytes] | None:
-        return framed(data, MAX_HANDSHAKE)
+    framing = FramedURI
 
     def request(self, text: str) -> Deferred[socket.socket]:
         scheme, name = self.factory.scheme, self.factory.name

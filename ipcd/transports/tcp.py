@@ -31,12 +31,8 @@ from ipcd.checkers import positive_number
 from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting, listener_settings
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
-from ipcd.inbound import (
-    MAX_HANDSHAKE,
-    OK,
-    NetworkHandshake,
-    framed,
-)
+from ipcd.inbound import NetworkHandshake
+from ipcd.inboundcore import MAX_HANDSHAKE, OK, Sniffed
 from ipcd.logs import printable
 from ipcd.reactors import IHostReactor
 from ipcd.relay import SocketRelays
@@ -111,15 +107,7 @@ class TcpInbound(NetworkHandshake):
     """A remote peer on tcpd's listener asking for a local service."""
 
     route = "tcp inbound"
-    framed = False  # until a request says otherwise: upstream speaks raw
-
-    def parse(self, data: bytes) -> tuple[bytes, bytes] | None:
-        # A NUL first byte can only be a frame header (names have no NUL);
-        # otherwise upstream's form: the first read is the raw name.
-        self.framed = data[:1] == b"\0"
-        if self.framed:
-            return framed(data, 255)
-        return data, b""
+    framing = Sniffed  # upstream's raw name, or a framed one
 
 
 class TcpService(DaemonService):

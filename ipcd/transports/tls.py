@@ -53,7 +53,8 @@ from ipcd.errors import Refused
 from ipcd.handoff import adopt_into_reactor
 from ipcd.host import IDaemonHost
 from ipcd.identity import Peer
-from ipcd.inbound import MAX_HANDSHAKE, OK, HandshakeFactory
+from ipcd.inbound import HandshakeFactory
+from ipcd.inboundcore import MAX_HANDSHAKE, OK
 from ipcd.logs import printable
 from ipcd.reactors import IHostReactor
 from ipcd.relay import (
@@ -275,14 +276,13 @@ class TlsInbound(TcpInbound):
     """A remote peer on tlsd's listener: TLS first, then tcpd's request."""
 
     route = "tls inbound"
+    layer = "TLS"
     stats_type = TlsRelayStats
-    _handshakeDone = False
-    _timedOut = False
 
     def handshakeCompleted(self) -> None:  # noqa: N802 (Twisted's name)
-        self._handshakeDone = True
         connection = self.transport.getHandle()
-        labels = set(self.who.labels)
+        who = self.who
+        labels = set(who.labels)
         identity = psk.psk_identity(connection)
         shown = ""
         if identity is not None:
@@ -295,17 +295,15 @@ class TlsInbound(TcpInbound):
                 labels.update(found)
                 shown = found[0] if found else "certificate"
         self.tls = {**tls_summary(connection), "peer": shown or None}
-        self.who = Peer(
-            f"{self.who.description} ({shown})" if shown else self.who.description,
-            frozenset(labels),
-        )
+        described = f"{who.description} ({shown})" if shown else who.description
+        self.act(self.core.secured(Peer(described, frozenset(labels))))
         if not shown and self.factory.must_authenticate():
             self.factory.failed(
                 "refused, no client certificate or key",
                 "refusing {who}: no client certificate or key",
                 who=str(self.who),
             )
-            self._refuse("client authentication required")
+            self.act(self.core.refuse("client authentication required"))
 
     def relay(
         self, sock: socket.socket, stats: RelayStats, greeting: bytes, early: bytes
@@ -325,20 +323,9 @@ class TlsInbound(TcpInbound):
             idle_timeout=self.factory.idle_timeout,
         )
 
-    def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin's name)
-        if self._handshakeDone:
-            super().timeoutConnection()
-            return
-        self.factory.failed(
-            "TLS handshakes timed out",
-            "dropping {who}: no TLS handshake in time",
-            who=str(self.who),
-        )
-        self._timedOut = True  # said: not a failure besides
-        self.transport.abortConnection()
-
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
-        if not (self._handshakeDone or self._timedOut) and reason is not None:
+        # (A TLS handshake that timed out is said already.)
+        if self.core.securing and reason is not None:
             identity = None
             handle = compat_twisted.tls_connection(self.transport)
             if handle is not None:

@@ -11,7 +11,8 @@ socketpair and speaks framed messages on it as with any service.
 Inbound: one UDP listener; a HELLO without a good cookie gets a VERIFY
 with one and nothing else (L{ipcd.transports.udpcookie}: no state, no
 connection, before the peer has shown it receives at its address); a HELLO
-with one goes the shared inbound way (L{ipcd.inbound.open_inbound}:
+with one goes the shared inbound way (L{ipcd.inboundcore}, through
+C{broker.open_inbound}:
 redirections, C{in} policy with the peer's C{ip:} label, admin routes),
 then one stream connection to the local service per session.
 C{RUNDIR/udp} speaks the upstream control protocol.
@@ -30,6 +31,7 @@ import secrets
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
@@ -41,7 +43,7 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ipcd import wire
+from ipcd import inboundcore, wire
 from ipcd.checkers import Expected, positive_number
 from ipcd.daemons import (
     IProtocolDaemon,
@@ -54,7 +56,7 @@ from ipcd.errors import Refused
 from ipcd.handoff import adopt_into_reactor
 from ipcd.host import IDaemonHost
 from ipcd.identity import Peer, remote_peer
-from ipcd.inbound import open_inbound
+from ipcd.inboundcore import InboundHandshake
 from ipcd.limits import network_peer_key
 from ipcd.listener import EndpointListener
 from ipcd.logs import printable
@@ -170,6 +172,34 @@ class _Bound:
     nonce: bytes
 
 
+class HelloAnswers:
+    """
+    udpd's framing of a HELLO's answers (a L{Framing}): an OK with the
+    session's id, a NO with the reason, never larger than the HELLO.
+    """
+
+    def __init__(self, nonce: bytes, size: int) -> None:
+        self.nonce, self.size = nonce, size
+
+    def parse(self, buffer: bytes) -> tuple[bytes, bytes] | None:
+        return buffer, b""  # a HELLO's service is whole
+
+    def ok(self) -> Callable[[bytes], bytes]:
+        """The OK, once the session has its id."""
+        return partial(udpwire.accepted, self.nonce)
+
+    def no(self, reason: str, internal: bool = False) -> bytes:
+        return udpwire.refusal(self.nonce, reason, self.size)
+
+
+@dataclass
+class _Asking:
+    """A HELLO whose service the broker is connecting."""
+
+    core: InboundHandshake
+    pending: Deferred[Any] | None = None
+
+
 class UdpServer(DatagramProtocol):
     """
     udpd's listener: HELLOs open sessions; DATA and CLOSE go to the session
@@ -191,7 +221,7 @@ class UdpServer(DatagramProtocol):
         self.sessions: dict[bytes, _Bound] = {}
         # (address, nonce) of each HELLO served: its session, or the
         # pending request while the broker connects.
-        self.hellos: dict[tuple[Any, bytes], Session | Deferred[Any]] = {}
+        self.hellos: dict[tuple[Any, bytes], Session | _Asking] = {}
         # ... and the key each is counted under in the per-peer limit
         # ([limits] max_connections_per_peer, by address prefix).
         self.limits = broker.limits_for(SECTION)
@@ -286,37 +316,58 @@ class UdpServer(DatagramProtocol):
             return
         self.peer_keys[key] = peer_key
         peer = remote_peer(address[0], address[1])
-        pending = open_inbound(self.broker, hello.service, peer)
-        self.hellos[key] = pending
-        pending.addCallbacks(
-            self._opened,
-            self._refused,
-            callbackArgs=(key, peer, hello, size),
-            errbackArgs=(key, size),
-        )
+        asking = _Asking(InboundHandshake(peer, HelloAnswers(hello.nonce, size)))
+        self.hellos[key] = asking
+        self._act(asking, key, size, asking.core.request(hello.service))
 
-    def _opened(
+    def _act(
+        self, asking: _Asking, key: tuple[Any, bytes], size: int, actions: list[Any]
+    ) -> None:
+        """Do what a HELLO's handshake says."""
+        for action in actions:
+            kind = type(action)
+            if kind is inboundcore.Ask:
+                d = maybeDeferred(
+                    self.broker.open_inbound, action.text, asking.core.who
+                )
+                asking.pending = d
+                d.addBoth(self._answered, asking, key, size)
+            elif kind is inboundcore.Join:
+                self._session(action, asking.core, key, size)
+            elif kind is inboundcore.Refuse:
+                self._forget(key)
+                self._answer(action.answer, key[0], size)
+            elif kind is inboundcore.Cancel and asking.pending is not None:
+                asking.pending.cancel()
+            elif kind is inboundcore.Discard:
+                self._forget(key)
+                action.sock.close()
+            elif kind is inboundcore.Unexpected:
+                who = str(asking.core.who)
+                self.log.failure("request from {who} failed", action.error, who=who)
+
+    def _answered(
+        self, result: Any, asking: _Asking, key: tuple[Any, bytes], size: int
+    ) -> None:
+        asking.pending = None
+        if isinstance(result, Failure):
+            self._forget(key)  # (refused, or cancelled as udpd stops)
+        self._act(asking, key, size, asking.core.answered(result))
+
+    def _session(
         self,
-        sock: socket.socket,
+        join: inboundcore.Join,
+        handshake: InboundHandshake,
         key: tuple[Any, bytes],
-        peer: Peer,
-        hello: udpwire.Hello,
         size: int,
     ) -> None:
+        """The service is connected: the session, then its OK."""
         address, nonce = key
-        if not self.running:
-            self._forget(key)
-            sock.close()
-            return
         session_id = secrets.token_bytes(udpwire.ID_SIZE)
         while session_id in self.sessions:  # 64 random bits: never, really
             session_id = secrets.token_bytes(udpwire.ID_SIZE)
         stats = SessionStats.of(
-            peer,
-            "in",
-            hello.service.decode("ascii"),
-            "udp inbound",
-            self.broker.relays,
+            handshake.who, "in", handshake.requested, "udp inbound", self.broker.relays
         )
         session = Session(
             session_id,
@@ -330,19 +381,14 @@ class UdpServer(DatagramProtocol):
         self.sessions[session_id] = _Bound(session, address, nonce)
         self.hellos[key] = session
         try:
-            _start_stream(self.reactor, sock, session, self.streams)
+            _start_stream(self.reactor, join.sock, session, self.streams)
         except Exception:
-            self.log.failure("udpd: cannot start the session of {peer}", peer=peer)
+            self.log.failure(
+                "udpd: cannot start the session of {peer}", peer=handshake.who
+            )
             return  # ended: the peer's retries find nothing, then time out
         if not session.done:
-            self._answer(udpwire.accepted(nonce, session_id), address, size)
-
-    def _refused(self, failure: Failure, key: tuple[Any, bytes], size: int) -> None:
-        self._forget(key)
-        if not self.running or not failure.check(Refused):
-            return  # cancelled when udpd stops
-        address, nonce = key
-        self._answer(udpwire.refusal(nonce, failure.value.reason, size), address, size)
+            self._answer(join.greeting(session_id), address, size)
 
     def _ended(self, session: Session) -> None:
         bound = self.sessions.pop(session.id, None)
@@ -359,11 +405,11 @@ class UdpServer(DatagramProtocol):
     def stop(self) -> None:
         """End every session (a CLOSE to each peer) and pending request."""
         self.running = False
-        for served in list(self.hellos.values()):
+        for key, served in list(self.hellos.items()):
             if isinstance(served, Session):
                 served.end("udpd stopped")
             else:
-                served.cancel()
+                self._act(served, key, 0, served.core.lost())
 
 
 class UdpEndpoint:

@@ -30,8 +30,8 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
+from ipcd import inboundcore as core
 from ipcd.compat import autobahn as compat_autobahn
-from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
 from ipcd.identity import remote_peer
 from ipcd.limits import RateLimitedObserver
@@ -110,14 +110,34 @@ def _status_reason(reason: str) -> str:
     return " ".join(printable(reason).split())[:200]
 
 
+class UpgradeAnswers:
+    """
+    websocketd's framing of the answers (a L{Framing}): autobahn answers
+    the upgrade; a refusal is an HTTP status with the reason (404 for no
+    such service, 500 for ipcd's fault, else 403).
+    """
+
+    def parse(self, buffer: bytes) -> tuple[bytes, bytes] | None:
+        return buffer, b""  # autobahn reads the request
+
+    def ok(self) -> None:
+        return None
+
+    def no(self, reason: str, internal: bool = False) -> ConnectionDeny:
+        if internal:
+            return ConnectionDeny(500, reason)
+        code = 404 if reason.startswith("no route to service") else 403
+        return ConnectionDeny(code, _status_reason(reason))
+
+
 class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
     """A remote peer asking for a local service over a WebSocket."""
 
     factory: WebSocketInboundFactory
     _socket: socket.socket | None = None
     _pending: Deferred[Any] | None = None
-    _lost = False
-    _service = ""
+    _core: core.InboundHandshake | None = None
+    _asking: Deferred[Any]
 
     def makeConnection(self, transport: Any) -> None:  # noqa: N802
         # autobahn reads TLS details off the TLS transport itself, not off
@@ -142,28 +162,38 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             origin, request.headers.get("host", ""), settings["allowed_origins"]
         ):
             raise ConnectionDeny(403, f"origin {_status_reason(origin)} not allowed")
-        self._service = service = request.path.removeprefix("/")
         address = self.transport.getPeer()
-        self._peer = peer = remote_peer(address.host, address.port)
-        self._pending = d = self.factory.broker.open_inbound(service, peer)
-        d.addCallbacks(self._opened, self._refused)
-        return d
+        peer = remote_peer(address.host, address.port)
+        self._core = handshake = core.InboundHandshake(peer, UpgradeAnswers())
+        self.act(handshake.asked(request.path.removeprefix("/")))
+        return self._asking  # autobahn's answer: its result, or a denial
 
-    def _opened(self, sock: socket.socket) -> None:
+    def act(self, actions: list[Any]) -> None:
+        """Do what the core says, in autobahn's opening handshake."""
+        for action in actions:
+            kind = type(action)
+            if kind is core.Ask:
+                who = self._core.who
+                d = self.factory.broker.open_inbound(action.text, who)
+                self._pending = self._asking = d
+                d.addBoth(self._answered)
+            elif kind is core.Join:
+                self._socket = action.sock
+            elif kind is core.Refuse:
+                raise action.answer
+            elif kind is core.Cancel and self._pending is not None:
+                self._pending.cancel()
+            elif kind is core.Discard:
+                action.sock.close()
+                raise ConnectionDeny(410, "gone")
+            elif kind is core.Unexpected:
+                self.factory.log.failure("websocket request failed", action.error)  # type: ignore[attr-defined]
+
+    def _answered(self, result: socket.socket | Failure) -> None:
         self._pending = None
-        if self._lost:
-            sock.close()
+        self.act(self._core.answered(result))
+        if isinstance(result, Failure):  # the core said nothing: it went
             raise ConnectionDeny(410, "gone")
-        self._socket = sock
-
-    def _refused(self, failure: Failure) -> None:
-        self._pending = None
-        if failure.check(Refused):
-            reason = failure.value.reason
-            code = 404 if reason.startswith("no route to service") else 403
-            raise ConnectionDeny(code, _status_reason(reason))
-        self.factory.log.failure("websocket request failed", failure)  # type: ignore[attr-defined]
-        raise ConnectionDeny(500, "internal error")
 
     def onOpen(self) -> None:  # noqa: N802
         sock, self._socket = self._socket, None
@@ -171,9 +201,13 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             self.dropConnection(abort=True)
             return
         factory = self.factory
-        peer = self._peer
+        handshake, self._core = self._core, None  # done: not kept per relay
         stats = RelayStats.of(
-            peer, "in", self._service, "websocket inbound", factory.broker.relays
+            handshake.who,
+            "in",
+            handshake.requested,
+            "websocket inbound",
+            factory.broker.relays,
         )
         self.joinSocket(
             factory.reactor,
@@ -202,10 +236,9 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
                 peer=printable(str(self.transport.getPeer())),
                 why=why,
             )
-        self._lost = True
         self.factory.connections.discard(self)
-        if self._pending is not None:
-            self._pending.cancel()
+        if self._core is not None:
+            self.act(self._core.lost())
         if self._socket is not None:
             self._socket.close()
             self._socket = None
