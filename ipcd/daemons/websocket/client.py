@@ -19,11 +19,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
-from ipcd.errors import Refused
-from ipcd.logs import printable
-from ipcd.reactors import IHostReactor
-from ipcd.relay import RelayStats
-from ipcd.transports.wsbridge import (
+from ipcd.daemons.websocket.bridge import (
     ReactorTimer,
     WebSocketSide,
     bridge_options,
@@ -31,6 +27,10 @@ from ipcd.transports.wsbridge import (
     no_delay,
     tls_failure,
 )
+from ipcd.errors import Refused
+from ipcd.logs import printable
+from ipcd.reactors import IHostReactor
+from ipcd.relay import RelayStats
 
 
 class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):

@@ -5,7 +5,7 @@ deadlines): the opening handshake's head (L{HeadReader}), and reading the
 peer only while what is queued for it is small (L{ReadPauses}).
 
 The frames of one message and its deadline are counted by the bridge
-itself (L{ipcd.transports.wsbridge}); their defaults are here.
+itself (L{ipcd.daemons.websocket.bridge}); their defaults are here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-from ipcd.transports.outbox import queued_nothing
+from ipcd.daemons.outbox import queued_nothing
 
 # An opening handshake's head (request line or status line, and headers)
 # may be this long, its blank line included: nginx's and Node's default

@@ -49,6 +49,20 @@ from ipcd.daemons import (
     listener_settings,
     settings_of,
 )
+from ipcd.daemons.listeners import DaemonService
+from ipcd.daemons.tcp import TcpInbound
+from ipcd.daemons.tls import psk
+from ipcd.daemons.tls.material import (
+    VERSIONS,
+    Material,
+    MaterialError,
+    ServerCreator,
+    certificate_labels,
+    client_creator,
+    read_material,
+    verify_error,
+)
+from ipcd.daemons.tls.relay import detach, socket_of
 from ipcd.errors import Refused
 from ipcd.handoff import adopt_into_reactor
 from ipcd.host import IDaemonHost
@@ -65,20 +79,6 @@ from ipcd.relay import (
     ended,
 )
 from ipcd.routes import RemoteURI
-from ipcd.transports import psk
-from ipcd.transports.listeners import DaemonService
-from ipcd.transports.tcp import TcpInbound
-from ipcd.transports.tlsmaterial import (
-    VERSIONS,
-    Material,
-    MaterialError,
-    ServerCreator,
-    certificate_labels,
-    client_creator,
-    read_material,
-    verify_error,
-)
-from ipcd.transports.tlsrelay import detach, socket_of
 
 SCHEME = "tls"
 SECTION = "tlsd"

@@ -29,8 +29,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ipcd import wire
+from ipcd.daemons.udp import wire as udpwire
 from ipcd.relay import RelayStats, began, ended
-from ipcd.transports import udpwire
 
 
 @dataclass(eq=False)

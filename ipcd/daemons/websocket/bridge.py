@@ -33,17 +33,14 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
-from ipcd.logs import printable
-from ipcd.reactors import IAdoptingReactor
-from ipcd.relay import RelayStats, began, ended
-from ipcd.transports.outbox import Outbox, queued_nothing
-from ipcd.transports.wsframes import (
+from ipcd.daemons.outbox import Outbox, queued_nothing
+from ipcd.daemons.websocket.frames import (
     SMALL,
     frame_ends,
     small_client_message,
     small_server_frame,
 )
-from ipcd.transports.wslimits import (
+from ipcd.daemons.websocket.limits import (
     HANDSHAKE,
     MAX_QUEUED_PONGS,
     MAX_QUEUED_WRITES,
@@ -56,6 +53,9 @@ from ipcd.transports.wslimits import (
     ReadPauses,
     pause_until_drained,
 )
+from ipcd.logs import printable
+from ipcd.reactors import IAdoptingReactor
+from ipcd.relay import RelayStats, began, ended
 from ipcd.wire import HEADER, MessageProtocol
 
 # WebSocket close codes (RFC 6455, 7.4.1).

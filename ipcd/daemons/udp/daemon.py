@@ -9,7 +9,7 @@ the HELLO sent again at once, with its cookie.  The client gets one end of a
 socketpair and speaks framed messages on it as with any service.
 
 Inbound: one UDP listener; a HELLO without a good cookie gets a VERIFY
-with one and nothing else (L{ipcd.transports.udpcookie}: no state, no
+with one and nothing else (L{ipcd.daemons.udp.cookie}: no state, no
 connection, before the peer has shown it receives at its address); a HELLO
 with one goes the shared inbound way (L{ipcd.inboundcore}, through
 C{broker.open_inbound}:
@@ -17,8 +17,8 @@ redirections, C{in} policy with the peer's C{ip:} label, admin routes),
 then one stream connection to the local service per session.
 C{RUNDIR/udp} speaks the upstream control protocol.
 
-The datagram format is L{ipcd.transports.udpwire}'s, a session's life
-L{ipcd.transports.udpsession}'s; docs/protocol.rst describes both.
+The datagram format is L{ipcd.daemons.udp.wire}'s, a session's life
+L{ipcd.daemons.udp.session}'s; docs/protocol.rst describes both.
 L{udpd} is udpd's L{ipcd.daemons.IProtocolDaemon}, registered as a Twisted
 plugin by C{twisted/plugins/ipcd_daemons.py}.
 """
@@ -52,6 +52,10 @@ from ipcd.daemons import (
     listener_settings,
     settings_of,
 )
+from ipcd.daemons.listeners import DaemonService
+from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.cookie import AddressCookies
+from ipcd.daemons.udp.session import Session, SessionStats, SessionStream
 from ipcd.errors import Refused
 from ipcd.handoff import adopt_into_reactor
 from ipcd.host import IDaemonHost
@@ -64,10 +68,6 @@ from ipcd.reactors import IAdoptingReactor, IHostReactor
 from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
 from ipcd.sockets import host_addresses
-from ipcd.transports import udpwire
-from ipcd.transports.listeners import DaemonService
-from ipcd.transports.udpcookie import AddressCookies
-from ipcd.transports.udpsession import Session, SessionStats, SessionStream
 
 SCHEME = "udp"
 SECTION = "udpd"

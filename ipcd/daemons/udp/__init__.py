@@ -1,0 +1,4 @@
+"""
+udpd, the UDP protocol daemon: its service and halves, its sessions, its
+wire format and its cookies.
+"""
