@@ -19,7 +19,7 @@ from ipcd import wire
 from ipcd.daemons.tcp import TcpInbound
 from ipcd.daemons.tls.daemon import TlsInbound
 from ipcd.daemons.udp import wire as udpwire
-from ipcd.daemons.udp.daemon import HelloAnswers
+from ipcd.daemons.udp.server import HelloAnswers
 from ipcd.daemons.websocket.server import UpgradeAnswers
 from ipcd.errors import Refused
 from ipcd.identity import Peer, remote_peer
