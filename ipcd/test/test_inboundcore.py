@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd import wire
 from ipcd.daemons.tcp import TcpInbound
-from ipcd.daemons.tls.daemon import TlsInbound
+from ipcd.daemons.tls.inbound import TlsInbound
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.daemons.udp.server import HelloAnswers
 from ipcd.daemons.websocket.server import UpgradeAnswers

@@ -32,7 +32,7 @@ from ipcd.config import Config
 from ipcd.control import ControlFactory, format_status, status_report
 from ipcd.daemons import IOutbound
 from ipcd.daemons.tcp import TcpInbound
-from ipcd.daemons.tls.daemon import TlsRelayStats
+from ipcd.daemons.tls.handover import TlsRelayStats
 from ipcd.errors import Refused
 from ipcd.identity import Peer
 from ipcd.inbound import ControlHandshake, HandshakeFactory

@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd.daemons.tls.daemon import TlsDialer
+from ipcd.daemons.tls.dialer import TlsDialer
 from ipcd.errors import Refused
 
 

@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
-from ipcd.daemons.tls import daemon as tls_module
+from ipcd.daemons.tls import handover
 from ipcd.daemons.tls.relay import detach
 from ipcd.test.support import assert_no_fd_leak, fd_baseline, wait_until
 from ipcd.test.tcpsupport import digest_service, recv_eof
@@ -127,7 +127,7 @@ class DeclinedTests(TlsTestCase):
         here it is made to decline every time), the relay stays on
         Twisted's TLS, says so, and works.
         """
-        self.patch(tls_module, "detach", lambda tls: "made to decline")
+        self.patch(handover, "detach", lambda tls: "made to decline")
         b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
         a = yield self.psk_client("alice", ALICE_KEY)
         yield self.assertPong(a, b.route("pong"))

@@ -20,12 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 
 from ipcd.daemons.udp import wire as udpwire
-from ipcd.daemons.udp.session import (
-    Session,
-    SessionStats,
-    start_stream,
-    stream_factory,
-)
+from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream_factory
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
 from ipcd.identity import Peer

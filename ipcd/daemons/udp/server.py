@@ -26,12 +26,7 @@ from ipcd import inboundcore
 from ipcd.daemons.udp import SECTION
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.daemons.udp.cookie import AddressCookies
-from ipcd.daemons.udp.session import (
-    Session,
-    SessionStats,
-    start_stream,
-    stream_factory,
-)
+from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream_factory
 from ipcd.host import IDaemonHost
 from ipcd.identity import remote_peer
 from ipcd.inboundcore import InboundHandshake
