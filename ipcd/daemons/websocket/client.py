@@ -19,9 +19,9 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
-from ipcd.daemons.websocket.bridge import (
+from ipcd.daemons.websocket.bridge import WebSocketSide
+from ipcd.daemons.websocket.factories import (
     ReactorTimer,
-    WebSocketSide,
     bridge_options,
     message_bounds,
     no_delay,
