@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 
+from ipcd.daemons.udp import READ_SIZE
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream_factory
 from ipcd.errors import Refused
@@ -155,9 +156,7 @@ async def dial(
     nonce = secrets.token_bytes(udpwire.ID_SIZE)
     protocol = SessionClient(nonce, service.encode("ascii"))
     interface = "::" if family == socket.AF_INET6 else "0.0.0.0"
-    udp = reactor.listenUDP(
-        0, protocol, interface=interface, maxPacketSize=udpwire.READ_SIZE
-    )
+    udp = reactor.listenUDP(0, protocol, interface=interface, maxPacketSize=READ_SIZE)
     try:
         udp.connect(address[0], address[1])
         try:

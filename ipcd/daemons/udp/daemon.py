@@ -34,7 +34,7 @@ from ipcd.daemons import (
     settings_of,
 )
 from ipcd.daemons.listeners import DaemonService
-from ipcd.daemons.udp import SCHEME, SECTION
+from ipcd.daemons.udp import READ_SIZE, SCHEME, SECTION
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.daemons.udp.client import dial
 from ipcd.daemons.udp.server import UdpServer
@@ -117,7 +117,7 @@ class UdpEndpoint:
             self.listen_at.port,
             protocol,
             interface=self.listen_at.interface,
-            maxPacketSize=udpwire.READ_SIZE,
+            maxPacketSize=READ_SIZE,
         )
 
 

@@ -31,9 +31,6 @@ from dataclasses import dataclass
 VERSION = 2
 # The largest UDP payload over IPv4 (65,535 - 8 UDP - 20 IP header bytes).
 MAX_UDP_PAYLOAD = 65507
-# What a UDP read takes: any datagram, so that oversized ones are seen
-# (and counted) rather than cut by the kernel to fit a smaller buffer.
-READ_SIZE = 65536
 # Every HELLO is at least this long; shorter ones are not answered.
 HELLO_SIZE = 300
 ID_SIZE = 8  # session ids and nonces: 64 random bits

@@ -32,14 +32,14 @@ from twisted.internet.protocol import Factory
 from ipcd.compat import autobahn as compat_autobahn
 from ipcd.daemons.outbox import Outbox
 from ipcd.daemons.websocket.frames import (
-    CLOSE_NORMAL,
-    CLOSE_TOO_BIG,
     SMALL,
     frame_ends,
     small_client_message,
     small_server_frame,
 )
 from ipcd.daemons.websocket.limits import (
+    CLOSE_NORMAL,
+    CLOSE_TOO_BIG,
     HANDSHAKE,
     PEER_FULL,
     SERVICE_FULL,

@@ -20,12 +20,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-# WebSocket close codes (RFC 6455, 7.4.1).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-
 _LENGTH_16 = struct.Struct("!H")
 _LENGTH_64 = struct.Struct("!Q")
 MAX_HEADER = 14  # 2, 8 bytes of extended length, 4 of mask

@@ -23,7 +23,12 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from ipcd.daemons.outbox import Outbox, queued_nothing
-from ipcd.daemons.websocket.frames import CLOSE_POLICY, CLOSE_TOO_BIG
+
+# WebSocket close codes (RFC 6455, 7.4.1).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
 
 # An opening handshake's head (request line or status line, and headers)
 # may be this long, its blank line included: nginx's and Node's default
