@@ -129,12 +129,12 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
         ),
     ),
     "psk": (
-        "ipcd/transports/psk.py",
+        "ipcd/daemons/tls/psk.py",
         None,
         ("test_pskfile", "test_tlsmaterial", "test_tls"),
     ),
     "tlsmaterial": (
-        "ipcd/transports/tlsmaterial.py",
+        "ipcd/daemons/tls/material.py",
         None,
         (
             "test_tlscontexts",
@@ -145,13 +145,13 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
         ),
     ),
     "wsframes": (
-        "ipcd/transports/wsframes.py",
+        "ipcd/daemons/websocket/frames.py",
         None,
         ("test_wsframes",),
     ),
     # websocketd's own wire code: its small frames and frame-by-frame reads.
     "wsbridge": (
-        "ipcd/transports/wsbridge.py",
+        "ipcd/daemons/websocket/bridge.py",
         (
             "WebSocketSide.dataReceived",
             "WebSocketSide._smallMessageLimit",
@@ -168,7 +168,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     ),
     # udpd's datagrams and its receive window.
     "udpwire": (
-        "ipcd/transports/udpwire.py",
+        "ipcd/daemons/udp/wire.py",
         None,
         ("test_udpwirebounds", "test_udpwire", "test_udpsession", "test_udp"),
     ),

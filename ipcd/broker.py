@@ -27,6 +27,7 @@ from zope.interface import implementer
 from ipcd.access import OTHERS, AccessDenied, OpenedSocket, open_socket
 from ipcd.config import Config
 from ipcd.daemons import BoundOutbound, IOutbound, off_reason, settings_of
+from ipcd.daemons.external import ExternalDaemon
 from ipcd.decisionlog import DecisionLog, Request
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
@@ -67,7 +68,6 @@ from ipcd.sockets import (
     connect_unix_now,
     with_deadline,
 )
-from ipcd.transports.external import ExternalDaemon
 
 __all__ = [
     "Answer",

@@ -1,7 +1,7 @@
 """
 What a relay engine is (L{IRelayEngine}), what every engine's C{join} does
 first (L{RelayEngine}), and what a codec between a socket and its relay is
-(L{ICodec}: TLS is one, in L{ipcd.transports.tlsrelay}).
+(L{ICodec}: TLS is one, in L{ipcd.daemons.tls.relay}).
 """
 
 from __future__ import annotations

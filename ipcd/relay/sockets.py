@@ -3,7 +3,7 @@ The socket relay engine, L{SocketRelays}: it joins two connected raw
 sockets, each a plain non-blocking socket watched by the reactor's own
 poller (C{addReader}/C{addWriter}), with no thread of its own.  tlsd's
 relays are this engine too: the TLS side's socket carries a codec
-(L{ipcd.relay.engine.ICodec}; L{ipcd.transports.tlsrelay}).
+(L{ipcd.relay.engine.ICodec}; L{ipcd.daemons.tls.relay}).
 
 Each direction reads up to L{READ_SIZE} bytes and sends them on at once;
 once a read between two plain sockets brings L{SPLICE_AT} bytes or more,
@@ -55,7 +55,7 @@ class SocketRelays(Pipes, RelayEngine):
     """
     Relays between pairs of connected sockets, on the reactor's own poller.
     Either end of a join may instead be a secured end (one that gives its
-    socket and a codec: L{ipcd.transports.tlsrelay.Secured}).  C{reactor}
+    socket and a codec: L{ipcd.daemons.tls.relay.Secured}).  C{reactor}
     provides C{IReactorFDSet}; C{clock} (default: C{reactor}) provides
     C{IReactorTime}, for idle deadlines.
     """

@@ -30,6 +30,9 @@ from ipcd.compat import cpython as compat_cpython
 from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.compat import twisted as compat_twisted
 from ipcd.daemons import settings_of
+from ipcd.daemons.tls import daemon as tls_module
+from ipcd.daemons.tls.material import MaterialError, read_material
+from ipcd.daemons.tls.relay import tls_failure
 from ipcd.options import Options
 from ipcd.relay import RelayEnded
 from ipcd.test.support import (
@@ -47,9 +50,6 @@ from ipcd.test.test_tlsrelay import fast_sides
 from ipcd.test.test_websocket import echo
 from ipcd.test.tlssupport import ALICE_KEY, TestCA, start_tls_host
 from ipcd.test.wssupport import BINARY, TEXT, start_ws_host
-from ipcd.transports import tls as tls_module
-from ipcd.transports.tlsmaterial import MaterialError, read_material
-from ipcd.transports.tlsrelay import tls_failure
 from ipcd.wire import encode
 
 OK = b"ok"
@@ -66,7 +66,6 @@ FOREIGN = re.compile(
 )
 # ipcd's own attributes that share a name with one of those.
 OWN = {
-    ("ipcd/transports/tls.py", "_handshakeDone"),  # TlsInbound's own flag
     ("ipcd/endpoints.py", "_parseServer"),  # ipcd's plugin's own method
 }
 

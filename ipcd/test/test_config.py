@@ -17,10 +17,10 @@ from ipcd.config import (
     load_config,
 )
 from ipcd.daemons import settings_of
+from ipcd.daemons.tcp import DEFAULT_LISTEN as DEFAULT_TCP_LISTEN
+from ipcd.daemons.tcp import tcpd
 from ipcd.routes import LocalURI, PathURI, RemoteURI, parse_uri
 from ipcd.test.support import REPO
-from ipcd.transports.tcp import DEFAULT_LISTEN as DEFAULT_TCP_LISTEN
-from ipcd.transports.tcp import tcpd
 from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
 
 

@@ -22,6 +22,8 @@ from ipcd.broker import Broker
 from ipcd.config import ConfigError, load_config
 from ipcd.control import format_status, status_report
 from ipcd.daemons import IProtocolDaemon, Registry, RegistryError, registry
+from ipcd.daemons.tcp import tcpd
+from ipcd.daemons.tls.daemon import tlsd
 from ipcd.errors import Refused
 from ipcd.identity import Peer
 from ipcd.options import Options
@@ -30,8 +32,6 @@ from ipcd.test import daemonplugins
 from ipcd.test.daemonplugins.testscheme import testschemed
 from ipcd.test.support import bounce, lookup, short_rundir, start_ipcd, wait_until
 from ipcd.testing import FakeProtocolDaemon
-from ipcd.transports.tcp import tcpd
-from ipcd.transports.tls import tlsd
 from ipcd.wire import encode
 
 

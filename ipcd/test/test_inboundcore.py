@@ -16,6 +16,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd import wire
+from ipcd.daemons.tcp import TcpInbound
+from ipcd.daemons.tls.inbound import TlsInbound
+from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.server import HelloAnswers
+from ipcd.daemons.websocket.server import UpgradeAnswers
 from ipcd.errors import Refused
 from ipcd.identity import Peer, remote_peer
 from ipcd.inbound import ControlHandshake
@@ -36,11 +41,6 @@ from ipcd.inboundcore import (
     Unexpected,
 )
 from ipcd.relay import READ_SIZE
-from ipcd.transports import udpwire
-from ipcd.transports.tcp import TcpInbound
-from ipcd.transports.tls import TlsInbound
-from ipcd.transports.udp import HelloAnswers
-from ipcd.transports.wsserver import UpgradeAnswers
 
 PEER = remote_peer("192.0.2.7", 40000)
 WHO = {"who": "192.0.2.7:40000"}

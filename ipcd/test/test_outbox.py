@@ -1,5 +1,5 @@
 """
-L{ipcd.transports.outbox}: a read's relayed bytes sent when the read is
+L{ipcd.daemons.outbox}: a read's relayed bytes sent when the read is
 done, on real sockets adopted by the reactor.
 """
 
@@ -17,8 +17,8 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ipcd.daemons.outbox import MAX_PIECES, Outbox, unsent
 from ipcd.test.support import TIMEOUT
-from ipcd.transports.outbox import MAX_PIECES, Outbox, unsent
 
 
 class Lost(Protocol):

@@ -29,6 +29,7 @@ from ipcd.access import AccessDenied, Credentials, open_socket
 from ipcd.broker import Broker
 from ipcd.config import Config, ConfigError, load_config
 from ipcd.daemons import settings_of
+from ipcd.daemons.tcp import tcpd
 from ipcd.decisionlog import Request
 from ipcd.errors import Refused
 from ipcd.names import SocketInUse, clear_stale_socket, listen_unix
@@ -57,7 +58,6 @@ from ipcd.routes import (
 from ipcd.services.pongd import Pong, pongd
 from ipcd.test.test_config import ConfigFileMixin
 from ipcd.test.test_names import mode_of, short_tempdir, umask
-from ipcd.transports.tcp import tcpd
 from ipcd.wire import (
     HEADER,
     LimitLog,

@@ -31,6 +31,8 @@ from ipcd.broker import Broker, LookupFactory, LookupProtocol
 from ipcd.config import Config
 from ipcd.control import ControlFactory, format_status, status_report
 from ipcd.daemons import IOutbound
+from ipcd.daemons.tcp import TcpInbound
+from ipcd.daemons.tls.handover import TlsRelayStats
 from ipcd.errors import Refused
 from ipcd.identity import Peer
 from ipcd.inbound import ControlHandshake, HandshakeFactory
@@ -39,8 +41,6 @@ from ipcd.policy import parse_rule
 from ipcd.relay import READ_SIZE, RelayStats
 from ipcd.routes import RemoteURI, parse_uri
 from ipcd.testing import MemoryRelays
-from ipcd.transports.tcp import TcpInbound
-from ipcd.transports.tls import TlsRelayStats
 
 RUNDIR = "/nonexistent/ipcd-test-rundir"
 

@@ -22,10 +22,8 @@ from OpenSSL.SSL import (
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd.test.support import short_rundir
-from ipcd.test.tlssupport import TestCA
-from ipcd.transports import psk
-from ipcd.transports.psk import (
+from ipcd.daemons.tls import psk
+from ipcd.daemons.tls.psk import (
     MAX_IDENTITY,
     MAX_KEY_BYTES,
     MAX_SECRETS_FILE,
@@ -33,6 +31,8 @@ from ipcd.transports.psk import (
     parse_secrets,
     read_secrets,
 )
+from ipcd.test.support import short_rundir
+from ipcd.test.tlssupport import TestCA
 
 KEY = "00112233445566778899aabbccddeeff"
 NO_FILE = os.strerror(2)

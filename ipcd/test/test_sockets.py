@@ -15,9 +15,9 @@ from twisted.internet.interfaces import IHostnameResolver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from ipcd.daemons.tcp import dial
 from ipcd.errors import Refused
 from ipcd.sockets import resolve_host
-from ipcd.transports.tcp import dial
 
 
 @implementer(IHostnameResolver)

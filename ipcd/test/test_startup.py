@@ -161,7 +161,7 @@ class CommandFailureTests(SynchronousTestCase):
         plugins = os.path.join(self.work, "third", "twisted", "plugins")
         os.makedirs(plugins)
         with open(os.path.join(plugins, "other_tcpd.py"), "w") as f:
-            f.write("from ipcd.transports.tcp import TcpDaemon\n\nmine = TcpDaemon()\n")
+            f.write("from ipcd.daemons.tcp import TcpDaemon\n\nmine = TcpDaemon()\n")
         env = python_env()
         env["PYTHONPATH"] += os.pathsep + os.path.join(self.work, "third")
         expected = (

@@ -18,6 +18,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from ipcd.daemons.tcp import dial
 from ipcd.errors import Refused
 from ipcd.relay import READ_SIZE
 from ipcd.test.support import (
@@ -41,7 +42,6 @@ from ipcd.test.tcpsupport import (
     start_host,
     tcp_connect,
 )
-from ipcd.transports.tcp import dial
 from ipcd.wire import HEADER, encode
 
 OK = b"ok"

@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 
 from ipcd.control import format_status, status_report
+from ipcd.daemons.tls.material import Material, ServerCreator
 from ipcd.test.support import (
     TIMEOUT,
     assert_no_fd_leak,
@@ -41,7 +42,6 @@ from ipcd.test.tlssupport import (
     secrets_file,
     start_tls_host,
 )
-from ipcd.transports.tlsmaterial import Material, ServerCreator
 from ipcd.wire import encode
 
 OK = b"ok"

@@ -14,12 +14,8 @@ from cryptography import x509
 from OpenSSL.SSL import TLS1_2_VERSION, TLS_SERVER_METHOD, Connection, Context
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd.test.support import short_rundir
-from ipcd.test.test_pskfile import KEY, _pump
-from ipcd.test.test_tlsmaterial import settings
-from ipcd.test.tlssupport import TestCA
-from ipcd.transports import psk
-from ipcd.transports.tlsmaterial import (
+from ipcd.daemons.tls import psk
+from ipcd.daemons.tls.material import (
     Material,
     MaterialError,
     PskClientCreator,
@@ -30,6 +26,10 @@ from ipcd.transports.tlsmaterial import (
     read_material,
     verify_error,
 )
+from ipcd.test.support import short_rundir
+from ipcd.test.test_pskfile import KEY, _pump
+from ipcd.test.test_tlsmaterial import settings
+from ipcd.test.tlssupport import TestCA
 
 ALICE = {"alice": bytes.fromhex(KEY)}
 

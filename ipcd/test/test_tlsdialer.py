@@ -13,8 +13,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from ipcd.daemons.tls.dialer import TlsDialer
 from ipcd.errors import Refused
-from ipcd.transports.tls import TlsDialer
 
 
 class DialerTests(SynchronousTestCase):

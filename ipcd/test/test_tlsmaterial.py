@@ -12,12 +12,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.config import ConfigError, load_config
 from ipcd.daemons import StartupError
+from ipcd.daemons.tls.daemon import tlsd
+from ipcd.daemons.tls.material import MaterialError, read_material
+from ipcd.daemons.tls.psk import SecretsError, parse_secrets
 from ipcd.options import Options
 from ipcd.test.support import short_rundir
 from ipcd.test.tlssupport import ALICE_KEY, TestCA, secrets_file
-from ipcd.transports.psk import SecretsError, parse_secrets
-from ipcd.transports.tls import tlsd
-from ipcd.transports.tlsmaterial import MaterialError, read_material
 
 
 def settings(**given: Any) -> dict[str, Any]:

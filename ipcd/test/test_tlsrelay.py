@@ -1,5 +1,5 @@
 """
-tlsd's fast relay (L{ipcd.transports.tlsrelay}): after the handshake, the
+tlsd's fast relay (L{ipcd.daemons.tls.relay}): after the handshake, the
 TLS connection leaves Twisted and OpenSSL reads and writes its socket.
 Real TLS between two in-process ipcd instances, with either engine on
 either side; the Twisted path when C{[tlsd] socket_relay} is off.
@@ -16,12 +16,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
+from ipcd.daemons.tls import handover
+from ipcd.daemons.tls.relay import detach
 from ipcd.test.support import assert_no_fd_leak, fd_baseline, wait_until
 from ipcd.test.tcpsupport import digest_service, recv_eof
 from ipcd.test.test_tls import TlsTestCase
 from ipcd.test.tlssupport import ALICE_KEY, start_tls_host
-from ipcd.transports import tls as tls_module
-from ipcd.transports.tlsrelay import detach
 
 
 def fast_sides(host: Any) -> int:
@@ -127,7 +127,7 @@ class DeclinedTests(TlsTestCase):
         here it is made to decline every time), the relay stays on
         Twisted's TLS, says so, and works.
         """
-        self.patch(tls_module, "detach", lambda tls: "made to decline")
+        self.patch(handover, "detach", lambda tls: "made to decline")
         b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
         a = yield self.psk_client("alice", ALICE_KEY)
         yield self.assertPong(a, b.route("pong"))

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from ipcd.config import ConfigError, load_config
 from ipcd.control import format_status, request
 from ipcd.daemons import StartupError
+from ipcd.daemons.udp import wire as udpwire
 from ipcd.names import listen_unix
 from ipcd.options import Options
 from ipcd.test.support import (
@@ -46,7 +47,6 @@ from ipcd.test.udpsupport import (
     start_udp_host,
     udp_socket,
 )
-from ipcd.transports import udpwire
 from ipcd.wire import encode
 
 OK = b"ok"

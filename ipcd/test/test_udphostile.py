@@ -16,6 +16,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from ipcd.daemons.udp import wire as udpwire
 from ipcd.test.support import TIMEOUT, lookup, wait_until
 from ipcd.test.udpsupport import (
     can_forge,
@@ -26,7 +27,6 @@ from ipcd.test.udpsupport import (
     spawn_udp_ipcd,
     udp_socket,
 )
-from ipcd.transports import udpwire
 
 MiB = 1024 * 1024
 # What one DATA, whatever its sequence number, may add to ipcd's memory.

@@ -9,8 +9,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd.transports import udpwire
-from ipcd.transports.udpsession import Session, SessionStats, SessionStream
+from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.session import Session, SessionStats, SessionStream
 from ipcd.wire import encode
 
 SESSION = b"S" * 8

@@ -11,9 +11,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.checkers import Expected
-from ipcd.transports import udpwire
-from ipcd.transports.udp import Listen, parse_listen
-from ipcd.transports.udpcookie import PERIOD, AddressCookies
+from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.cookie import PERIOD, AddressCookies
+from ipcd.daemons.udp.daemon import Listen, parse_listen
 
 NONCE = bytes(range(8))
 SESSION = bytes(range(8, 16))

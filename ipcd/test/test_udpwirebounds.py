@@ -10,8 +10,8 @@ import dataclasses
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd.transports import udpwire
-from ipcd.transports.udpwire import Malformed, ReceiveWindow
+from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.wire import Malformed, ReceiveWindow
 
 NONCE = b"n" * 8
 SESSION = b"s" * 8

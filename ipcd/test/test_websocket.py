@@ -23,6 +23,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from ipcd.daemons.websocket.server import WebSocketInbound
 from ipcd.names import listen_unix
 from ipcd.test.support import (
     TIMEOUT,
@@ -50,7 +51,6 @@ from ipcd.test.wssupport import (
     ws_recv,
     ws_send,
 )
-from ipcd.transports.wsserver import WebSocketInbound
 from ipcd.wire import MessageProtocol, encode, recv_message
 
 OK = b"ok"

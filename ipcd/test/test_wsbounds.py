@@ -21,6 +21,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ipcd.daemons.websocket.limits import (
+    MAX_HEAD,
+    HeadReader,
+    HeadTooLarge,
+    ReadPauses,
+)
 from ipcd.names import listen_unix
 from ipcd.test.support import (
     TIMEOUT,
@@ -37,12 +43,6 @@ from ipcd.test.wssupport import (
     ws_frame,
     ws_message,
     ws_open,
-)
-from ipcd.transports.wslimits import (
-    MAX_HEAD,
-    HeadReader,
-    HeadTooLarge,
-    ReadPauses,
 )
 from ipcd.wire import encode
 

@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd.test.wssupport import BINARY, PING, TEXT, ws_frame
-from ipcd.transports.wsbridge import as_text
-from ipcd.transports.wsframes import (
+from ipcd.daemons.websocket.bridge import as_text
+from ipcd.daemons.websocket.frames import (
     SMALL,
     frame_ends,
     small_client_message,
     small_server_frame,
 )
+from ipcd.test.wssupport import BINARY, PING, TEXT, ws_frame
 
 
 def server_frame(size: int) -> bytes:

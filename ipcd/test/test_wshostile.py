@@ -19,6 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.python import log
 from twisted.trial.unittest import TestCase
 
+from ipcd.daemons.websocket.limits import DEFAULT_MAX_MESSAGE_FRAMES, MAX_HEAD
 from ipcd.limits import LOG_BURST, LOG_PERIOD
 from ipcd.test.support import TIMEOUT, read_text
 from ipcd.test.wssupport import (
@@ -36,7 +37,6 @@ from ipcd.test.wssupport import (
     ws_recv,
     ws_send,
 )
-from ipcd.transports.wslimits import DEFAULT_MAX_MESSAGE_FRAMES, MAX_HEAD
 
 KiB = 1024
 MiB = 1024 * KiB

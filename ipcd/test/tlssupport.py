@@ -152,7 +152,7 @@ class TlsHost:
 
     @property
     def tls_state(self) -> Any:
-        """tlsd's state (L{ipcd.transports.tls.TlsState}), owned by its service."""
+        """tlsd's state (L{ipcd.daemons.tls.daemon.TlsState}), owned by its service."""
         return self.service.getServiceNamed("tlsd").state
 
     @property

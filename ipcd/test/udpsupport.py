@@ -25,6 +25,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.control import request
+from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.session import SessionStats
 from ipcd.test.support import (
     HEADER,
     TIMEOUT,
@@ -39,8 +41,6 @@ from ipcd.test.support import (
     wait_until,
 )
 from ipcd.test.tcpsupport import Host
-from ipcd.transports import udpwire
-from ipcd.transports.udpsession import SessionStats
 from ipcd.wire import encode
 
 UDP_LISTEN = "udp:0:interface=127.0.0.1"

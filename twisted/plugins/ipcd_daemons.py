@@ -2,9 +2,9 @@
 # module-level object providing ipcd.daemons.IProtocolDaemon.  ipcd finds
 # them with twisted.plugin.getPlugins(IProtocolDaemon).  No __init__.py here
 # or in twisted/: this directory is Twisted's plugin namespace.
-from ipcd.transports.tcp import tcpd
-from ipcd.transports.tls import tlsd
-from ipcd.transports.udp import udpd
-from ipcd.transports.websocket import websocketd
+from ipcd.daemons.tcp import tcpd
+from ipcd.daemons.tls.daemon import tlsd
+from ipcd.daemons.udp.daemon import udpd
+from ipcd.daemons.websocket.daemon import websocketd
 
 __all__ = ["tcpd", "tlsd", "udpd", "websocketd"]

@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from ipcd.checkers import Expected, boolean, endpoint
 from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting
+from ipcd.daemons.listeners import DaemonService
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
 from ipcd.inbound import ControlHandshake, HandshakeFactory, NetworkHandshake
@@ -25,7 +26,6 @@ from ipcd.reactors import IHostReactor
 from ipcd.relay import SocketRelays
 from ipcd.services import IPCService
 from ipcd.sockets import connect_tcp, read_exactly, write_all
-from ipcd.transports.listeners import DaemonService
 from ipcd.wire import encode
 
 SCHEME = "testscheme"

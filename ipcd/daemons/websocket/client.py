@@ -19,18 +19,18 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
-from ipcd.errors import Refused
-from ipcd.logs import printable
-from ipcd.reactors import IHostReactor
-from ipcd.relay import RelayStats
-from ipcd.transports.wsbridge import (
+from ipcd.daemons.websocket.bridge import WebSocketSide
+from ipcd.daemons.websocket.factories import (
     ReactorTimer,
-    WebSocketSide,
     bridge_options,
     message_bounds,
     no_delay,
     tls_failure,
 )
+from ipcd.errors import Refused
+from ipcd.logs import printable
+from ipcd.reactors import IHostReactor
+from ipcd.relay import RelayStats
 
 
 class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):

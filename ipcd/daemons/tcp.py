@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from ipcd.checkers import positive_number
 from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting, listener_settings
+from ipcd.daemons.listeners import DaemonService
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
 from ipcd.inbound import NetworkHandshake
@@ -44,7 +45,6 @@ from ipcd.sockets import (
     read_to_eof,
     write_all,
 )
-from ipcd.transports.listeners import DaemonService
 
 SCHEME = "tcp"
 SECTION = "tcpd"

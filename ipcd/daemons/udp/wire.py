@@ -13,7 +13,7 @@ Every datagram starts with one kind byte:
     CLOSE  'C' session(8)
 
 A client's first HELLO has no cookie (zeros); the server answers it with a
-VERIFY carrying one (L{ipcd.transports.udpcookie}), keeping nothing, and
+VERIFY carrying one (L{ipcd.daemons.udp.cookie}), keeping nothing, and
 only a HELLO that repeats that cookie, from the address it was sent to,
 opens a session.  A HELLO is padded to at least L{HELLO_SIZE} bytes, so
 that the answer to it (a VERIFY, an OK, or a NO cut to fit) is never larger

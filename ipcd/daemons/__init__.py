@@ -18,6 +18,13 @@ socket and the service tree all ask the registry.
 Plugin objects are module-level singletons, found by discovery: like Twisted's
 endpoint-parser plugins, which are given the reactor, they are given what
 they need (the broker, their settings) by each call.
+
+The built-in daemons live beside it, one module or package each:
+L{ipcd.daemons.tcp}, L{ipcd.daemons.tls}, L{ipcd.daemons.websocket},
+L{ipcd.daemons.udp}, and the external daemon's outbound half on
+C{RUNDIR/SCHEME} (L{ipcd.daemons.external}); their listeners share
+L{ipcd.daemons.listeners} and L{ipcd.inbound}.  This module imports none of
+them: the registry finds them as plugins.
 """
 
 from __future__ import annotations

@@ -32,20 +32,20 @@ from twisted.python.failure import Failure
 
 from ipcd import inboundcore as core
 from ipcd.compat import autobahn as compat_autobahn
-from ipcd.host import IDaemonHost
-from ipcd.identity import remote_peer
-from ipcd.limits import RateLimitedObserver
-from ipcd.logs import printable
-from ipcd.relay import RelayStats
-from ipcd.transports.wsbridge import (
+from ipcd.daemons.websocket.bridge import WebSocketSide
+from ipcd.daemons.websocket.factories import (
     ReactorTimer,
-    WebSocketSide,
     bridge_options,
     message_bounds,
     no_delay,
     tls_failure,
 )
-from ipcd.transports.wspage import page_response
+from ipcd.daemons.websocket.page import page_response
+from ipcd.host import IDaemonHost
+from ipcd.identity import remote_peer
+from ipcd.limits import RateLimitedObserver
+from ipcd.logs import printable
+from ipcd.relay import RelayStats
 
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 

@@ -19,6 +19,7 @@ never grows ipcd's memory past one buffer.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +30,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ipcd import wire
+from ipcd.daemons.udp import wire as udpwire
+from ipcd.handoff import adopt_into_reactor
+from ipcd.reactors import IAdoptingReactor
 from ipcd.relay import RelayStats, began, ended
-from ipcd.transports import udpwire
 
 
 @dataclass(eq=False)
@@ -246,3 +249,31 @@ class SessionStream(wire.MessageProtocol):
         super().connectionLost(reason)
         if self.session is not None:
             self.session.end("the local stream closed")
+
+
+# A session's local stream.
+
+
+def stream_factory(reactor: IReactorTime, max_datagram: int) -> wire.MessageFactory:
+    """Sessions' local streams: messages up to what one datagram carries."""
+    return wire.MessageFactory(
+        SessionStream,
+        max_datagram - udpwire.DATA_HEADER_SIZE,
+        idleTimeout=0,
+        clock=reactor,
+    )
+
+
+def start_stream(
+    reactor: IAdoptingReactor,
+    sock: socket.socket,
+    session: Session,
+    factory: wire.MessageFactory,
+) -> None:
+    """Run C{sock} (a connected stream) as C{session}'s local stream."""
+    try:
+        stream = adopt_into_reactor(reactor, sock.detach(), factory)
+    except Exception:
+        session.end("cannot adopt the local stream")
+        raise
+    session.attach(stream)

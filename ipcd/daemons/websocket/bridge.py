@@ -1,20 +1,21 @@
 """
-One WebSocket connection joined to one libipc connection, message for
-message: websocketd's inbound side (a browser and a local service) and its
-outbound side (a remote websocketd and the client's end of a socketpair)
-are both this.
+The bridge: one WebSocket connection joined to one libipc connection.
+
+Message for message: websocketd's inbound side (a browser and a local
+service) and its outbound side (a remote websocketd and the client's end of
+a socketpair) are both this.
 
 L{MessageSide} is the libipc end: a L{MessageProtocol} whose messages go out
 as WebSocket messages.  L{WebSocketSide} is the mixin for the autobahn
 protocol on the other end: its messages go to the libipc end framed.
 
-Backpressure both ways with Twisted's producers (L{wslimits.FullBuffer}):
-a full write buffer towards the service pauses reading the WebSocket peer;
+Backpressure both ways with Twisted's producers (L{FullBuffer}): a full
+write buffer towards the service pauses reading the WebSocket peer;
 a full one towards the peer pauses reading both ends, since the peer makes
 websocketd write too (pongs, a close).  autobahn hands over whole messages
 only (bounded by its C{maxMessagePayloadSize}, and here by their frames and
-a deadline), so neither side holds more than one read's messages plus a
-transport's buffer.
+a deadline: L{BoundedPeer}'s), so neither side holds more than one read's
+messages plus a transport's buffer.
 
 The messages of one read go out together when the read is done, straight
 to the socket when its transport holds nothing (L{Outbox}): a relayed
@@ -26,121 +27,33 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from OpenSSL import SSL
-from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
-from ipcd.logs import printable
-from ipcd.reactors import IAdoptingReactor
-from ipcd.relay import RelayStats, began, ended
-from ipcd.transports.outbox import Outbox, queued_nothing
-from ipcd.transports.wsframes import (
+from ipcd.daemons.outbox import Outbox
+from ipcd.daemons.websocket.frames import (
     SMALL,
     frame_ends,
     small_client_message,
     small_server_frame,
 )
-from ipcd.transports.wslimits import (
+from ipcd.daemons.websocket.limits import (
+    CLOSE_NORMAL,
+    CLOSE_TOO_BIG,
     HANDSHAKE,
-    MAX_QUEUED_PONGS,
-    MAX_QUEUED_WRITES,
     PEER_FULL,
     SERVICE_FULL,
+    BoundedPeer,
     FullBuffer,
     HeadReader,
-    HeadTooLarge,
-    MessageBounds,
     ReadPauses,
-    pause_until_drained,
 )
+from ipcd.reactors import IAdoptingReactor
+from ipcd.relay import RelayStats, began, ended
 from ipcd.wire import HEADER, MessageProtocol
 
-# WebSocket close codes (RFC 6455, 7.4.1).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-
-# Reads larger than this reach autobahn frame by frame (see wsframes).
+# Reads larger than this reach autobahn frame by frame (see frames).
 SPLIT_ABOVE = 4096
-
-
-class ReactorTimer:
-    """
-    autobahn's timers (handshake deadlines, pings) on an injected reactor,
-    in place of txaio's batched timers on the global one.
-    """
-
-    def __init__(self, reactor: IReactorTime) -> None:
-        self.reactor = reactor
-
-    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> Any:
-        return _Call(self.reactor.callLater(delay, func, *args, **kwargs))
-
-
-class _Call:
-    """A delayed call that may be cancelled after it ran (autobahn does)."""
-
-    def __init__(self, call: Any) -> None:
-        self.call = call
-
-    def cancel(self) -> None:
-        if self.call.active():
-            self.call.cancel()
-
-
-def tls_failure(reason: Failure | None) -> tuple[str | None, Failure | None]:
-    """
-    For a connection lost to a TLS error: OpenSSL's last reason
-    (C{certificate verify failed}: the TLS layer's, after its causes deeper
-    in the library), and a plain C{ConnectionLost} to hand autobahn in its
-    place, which would log it as C{"SSL error: ... (in )"} at error level.
-    Else C{(None, reason)}.
-    """
-    if reason is None or not reason.check(SSL.Error):
-        return None, reason
-    error = reason.value
-    errors = error.args[0] if error.args and isinstance(error.args[0], list) else []
-    reasons = [str(e[-1]) for e in errors if isinstance(e, tuple) and e]
-    why = reasons[-1] if reasons else printable(str(error)) or "unknown"
-    return why, Failure(ConnectionLost(f"TLS handshake failed: {why}"))
-
-
-def bridge_options(settings: Any) -> dict[str, Any]:
-    """autobahn's protocol options from websocketd's settings, both ways."""
-    size = settings["max_message_size"]
-    return {
-        "maxMessagePayloadSize": size,
-        "maxFramePayloadSize": size,
-        "autoPingInterval": settings["ping_interval"],
-        "autoPingTimeout": settings["ping_timeout"],
-        "openHandshakeTimeout": settings["open_handshake_timeout"],
-        "closeHandshakeTimeout": settings["close_handshake_timeout"],
-    }
-
-
-def message_bounds(settings: Any) -> MessageBounds:
-    """websocketd's bounds on one message that autobahn has no options for."""
-    return MessageBounds(settings["max_message_frames"], settings["message_timeout"])
-
-
-def no_delay(transport: Any) -> None:
-    """
-    TCP_NODELAY on the TCP connection under C{transport} (through TLS):
-    autobahn tries before its options are set, and so never does.
-    """
-    while transport is not None:
-        setter = getattr(type(transport), "setTcpNoDelay", None)
-        if setter is not None:
-            try:
-                transport.setTcpNoDelay(True)
-            except OSError:
-                pass  # not TCP after all
-            return
-        transport = getattr(transport, "transport", None)
 
 
 def as_text(payload: bytes) -> bool:
@@ -204,7 +117,7 @@ class MessageSide(MessageProtocol):
         self.bridge.messageSideLost()
 
 
-class WebSocketSide:
+class WebSocketSide(BoundedPeer):
     """
     Mixin for an autobahn protocol (server or client) that is one end of a
     bridge: call L{joinSocket} once the WebSocket is open.  Its messages go
@@ -226,20 +139,6 @@ class WebSocketSide:
     _inSocketRead = False
     _inWebSocketRead = False
     _smallMax = 0  # see _smallMessageLimit: set once the bridge is joined
-    # Why the peer is not read now (wslimits.ReadPauses), from connectionMade.
-    readPauses: ReadPauses
-    # The opening handshake's head, until it is whole (then None).
-    _head: HeadReader | None = None
-    # The message being read: its frames, when it began, its deadline.
-    _frames = 0
-    _messageBegan = 0.0
-    _messageDeadline: Any = None
-    bounds: MessageBounds
-    # Writes queued for the peer since its transport last held nothing, the
-    # pongs among them, and the latest ping left unanswered meanwhile.
-    _writesQueued = 0
-    _pongsQueued = 0
-    _pongDue: bytes | None = None
 
     def connectionMade(self) -> None:  # noqa: N802
         self.readPauses = ReadPauses(self.transport)  # type: ignore[attr-defined]
@@ -316,35 +215,13 @@ class WebSocketSide:
             # (autobahn would hold it all, searching it again each read).
             self.readPauses.pause(HANDSHAKE)
 
-    # The opening handshake's head is gathered here, bounded, and handed to
-    # autobahn once whole: autobahn adds each read to what it holds and
-    # searches all of it again for the blank line, with no limit but the
-    # handshake's deadline (megabytes, in time quadratic in them).
-
-    def _readHead(self, head: HeadReader, data: bytes) -> bytes | None:
-        """What to hand autobahn once the head is whole (None before)."""
-        if self.state == self.STATE_CLOSED:  # type: ignore[attr-defined]
-            return None  # refused already
-        try:
-            if not head.feed(data):
-                return None
-        except HeadTooLarge as e:
-            self.headTooLarge(str(e))
-            return None
-        self._head = None
-        return bytes(head.held)
-
-    def headTooLarge(self, reason: str) -> None:  # noqa: N802
-        """The peer's opening handshake head is too long: refuse it."""
-        raise NotImplementedError
-
     # Small messages, the round trips' case, skip autobahn's frame parser and
     # builder (about 20 us of Python a round trip; websocketd's 100-byte
     # round trip went from 1.30x websockify's to about 1.07x): a read that
     # is one whole small frame, while autobahn's parser stands between
     # messages and nothing negotiated changes frames, and replies of at most
     # 125 bytes.  Everything else, and anything unusual in these, is
-    # autobahn's (wsframes.small_client_message takes only what autobahn's
+    # autobahn's (frames.small_client_message takes only what autobahn's
     # parser takes alike; its tests hold it to that).
 
     def _smallMessageLimit(self) -> int:
@@ -417,64 +294,6 @@ class WebSocketSide:
             start = end
         compat_autobahn.feed(self, data[start:] if start else data)
 
-    # One message's frames and time are bounded here; its size is autobahn's
-    # (maxMessagePayloadSize, maxFramePayloadSize).  Empty frames count: a
-    # peer could otherwise send fragments for ever, each a few bytes of
-    # Python objects and microseconds of parsing.
-
-    def onMessageBegin(self, isBinary: bool) -> None:  # noqa: N802, N803
-        super().onMessageBegin(isBinary)  # type: ignore[misc]
-        self._frames = 0
-        self._messageBegan = self.factory.reactor.seconds()  # type: ignore[attr-defined]
-
-    def onMessageFrameBegin(self, length: int) -> None:  # noqa: N802
-        super().onMessageFrameBegin(length)  # type: ignore[misc]
-        self._frames += 1
-        if self._frames > self.bounds.frames and not self.failedByMe:  # type: ignore[attr-defined]
-            self.failBound(
-                CLOSE_TOO_BIG, f"message of more than {self.bounds.frames} frames"
-            )
-        elif self._messageDeadline is None:
-            self._armMessageDeadline(self.bounds.timeout)
-
-    def _armMessageDeadline(self, delay: float) -> None:
-        reactor = self.factory.reactor  # type: ignore[attr-defined]
-        self._messageDeadline = reactor.callLater(delay, self._messageTimedOut)
-
-    def _messageTimedOut(self) -> None:
-        # Armed by a message's first frame and left armed while messages
-        # come whole: at most one timer a deadline, not one a message.
-        self._messageDeadline = None
-        if self.state != self.STATE_OPEN or not self.inside_message:  # type: ignore[attr-defined]
-            return
-        timeout = self.bounds.timeout
-        now = self.factory.reactor.seconds()  # type: ignore[attr-defined]
-        left = self._messageBegan + timeout - now
-        if left > 0:
-            self._armMessageDeadline(left)
-        else:
-            self.failBound(CLOSE_POLICY, f"message not whole within {timeout:g} s")
-
-    def failBound(self, code: int, reason: str) -> None:  # noqa: N802
-        """
-        Fail the connection for one of websocketd's bounds: a close frame
-        with C{code}, then the connection is closed without reading more
-        (RFC 6455, 7.1.7), and what the message held is let go.
-        """
-        self.failedByMe = True  # autobahn keeps no more of the message
-        self.message_data = None
-        self.sendCloseCode(code, reason)
-        self.dropConnection(abort=False)  # type: ignore[attr-defined]
-
-    def sendCloseCode(self, code: int, reason: str) -> None:  # noqa: N802
-        """
-        Send a close frame with any code of RFC 6455's, such as 1009
-        (autobahn's sendClose takes only 1000 and 3000-4999, the codes an
-        application chooses).
-        """
-        reason_utf8 = reason.encode()[:123]  # a control frame's payload
-        self.sendCloseFrame(code=code, reasonUtf8=reason_utf8, isReply=False)  # type: ignore[attr-defined]
-
     def onMessageEnd(self) -> None:  # noqa: N802
         if not self.failedByMe:  # type: ignore[attr-defined]
             payload = b"".join(self.message_data)  # type: ignore[has-type]
@@ -510,50 +329,6 @@ class WebSocketSide:
         outbox = self._toWebSocket
         if outbox is not None and outbox.pieces:
             self._queued(outbox.send())
-
-    # What is queued for the peer is bounded by bytes (Twisted's buffer and
-    # the producer above), by writes (wslimits.MAX_QUEUED_WRITES), and for
-    # pongs by the pings answered while earlier pongs wait.
-
-    def _queued(self, writes: int) -> None:
-        """C{writes} more were queued for the peer (0: it held nothing)."""
-        if not writes:
-            self._writesQueued = 0
-            return
-        self._writesQueued += writes
-        if self._writesQueued > MAX_QUEUED_WRITES:
-            self._writesQueued = 0
-            self._pauseUntilDrained()
-
-    def _pauseUntilDrained(self) -> None:
-        """Read neither end until the peer's transport has sent what it holds."""
-        outbox = self._toWebSocket
-        if outbox is not None and outbox.socket_transport is not None:
-            pause_until_drained(outbox.socket_transport)
-
-    def peerDrained(self) -> None:  # noqa: N802
-        """The peer's transport has sent all it held."""
-        self._writesQueued = self._pongsQueued = 0
-        if self._pongDue is not None:
-            self.onPing(self._pongDue)
-
-    def _peerHoldsNothing(self) -> bool:
-        outbox = self._toWebSocket
-        transport = outbox and outbox.socket_transport
-        return transport is None or queued_nothing(transport)
-
-    def onPing(self, payload: bytes) -> None:  # noqa: N802
-        if self.state != self.STATE_OPEN:  # type: ignore[attr-defined]
-            return
-        if self._pongsQueued >= MAX_QUEUED_PONGS:
-            if not self._peerHoldsNothing():
-                self._pongDue = payload  # answered when the others are sent
-                self._pauseUntilDrained()
-                return
-            self._pongsQueued = 0
-        self._pongDue = None
-        self._pongsQueued += 1
-        self.sendPong(payload)  # type: ignore[attr-defined]
 
     def sendData(  # noqa: N802
         self, data: bytes, sync: bool = False, chopsize: int | None = None

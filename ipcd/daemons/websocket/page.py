@@ -40,7 +40,7 @@ def content_security_policy(html: str) -> str:
 @cache
 def page_response() -> bytes:
     """The whole HTTP response for C{GET /}."""
-    html = files("ipcd.transports").joinpath(PAGE).read_text("utf-8")
+    html = files("ipcd.daemons.websocket").joinpath(PAGE).read_text("utf-8")
     body = html.encode("utf-8")
     headers = [
         "HTTP/1.1 200 OK",

@@ -35,7 +35,7 @@ from twisted.internet.ssl import (
 from zope.interface import implementer
 
 from ipcd.compat import pyopenssl as compat_pyopenssl
-from ipcd.transports import psk
+from ipcd.daemons.tls import psk
 
 VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
 _OPENSSL_VERSIONS = {"1.2": 0x0303, "1.3": 0x0304}  # TLS1_2_VERSION, TLS1_3_VERSION

@@ -21,7 +21,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from ipcd.transports.udpwire import COOKIE_SIZE
+from ipcd.daemons.udp.wire import COOKIE_SIZE
 
 # Seconds a secret is used to issue cookies (and then one more to check them).
 PERIOD = 30.0

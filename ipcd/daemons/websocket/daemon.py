@@ -4,9 +4,9 @@ websocketd: libipc services over WebSockets (autobahn).
 Inbound: a listener (an endpoint string: C{tcp:...}, or C{ssl:...} for
 C{wss}) where C{ws://HOST:PORT/SERVICE} reaches local SERVICE through the
 shared inbound path, one WebSocket message per libipc message
-(L{ipcd.transports.wsserver}); a plain C{GET /} serves the websocketc page.
+(L{ipcd.daemons.websocket.server}); a plain C{GET /} serves the websocketc page.
 
-Outbound: C{ws://} and C{wss://} routes (L{ipcd.transports.wsclient}), and
+Outbound: C{ws://} and C{wss://} routes (L{ipcd.daemons.websocket.client}), and
 for upstream's ipcd the control sockets C{RUNDIR/ws} and C{RUNDIR/wss}
 (framed URI, framed C{ok}, then a byte relay to the joined socketpair).
 
@@ -33,18 +33,18 @@ from ipcd.daemons import (
     listener_settings,
     settings_of,
 )
+from ipcd.daemons.listeners import DaemonService
+from ipcd.daemons.websocket.client import connect_websocket, trust_root
+from ipcd.daemons.websocket.limits import (
+    DEFAULT_MAX_MESSAGE_FRAMES,
+    DEFAULT_MESSAGE_TIMEOUT,
+)
+from ipcd.daemons.websocket.server import WebSocketInboundFactory
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
 from ipcd.reactors import IHostReactor
 from ipcd.relay import RelayStats, SocketRelays
 from ipcd.routes import RemoteURI
-from ipcd.transports.listeners import DaemonService
-from ipcd.transports.wsclient import connect_websocket, trust_root
-from ipcd.transports.wslimits import (
-    DEFAULT_MAX_MESSAGE_FRAMES,
-    DEFAULT_MESSAGE_TIMEOUT,
-)
-from ipcd.transports.wsserver import WebSocketInboundFactory
 
 SCHEME = "ws"
 SECURE_SCHEME = "wss"

@@ -1,0 +1,206 @@
+"""
+How tlsd hands a TLS connection to a relay once its request is answered.
+
+On the raw sockets (L{SocketRelays} with a TLS codec, L{ipcd.daemons.tls.relay})
+when the TLS connection can leave Twisted, else through Twisted's transports
+(L{TransportRelays}); a TLS connection under a relay cannot half-close.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+
+from ipcd.compat import twisted as compat_twisted
+from ipcd.daemons.tls.relay import detach, socket_of
+from ipcd.handoff import adopt_into_reactor
+from ipcd.relay import RelayProtocol, RelayStats, ended
+
+if TYPE_CHECKING:
+    from ipcd.daemons.tls.daemon import TlsState
+
+
+log = Logger()
+
+
+class _NoHalfClose(TLSMemoryBIOProtocol):
+    """
+    A TLS connection a relay cannot half-close: TLS has no half-close that
+    Twisted's peer would keep (a close_notify ends the connection), and the
+    wrapper would otherwise lend the relay its TCP transport's
+    C{loseWriteConnection}, which would cut the TLS stream.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loseWriteConnection":
+            raise AttributeError(name)
+        return super().__getattr__(name)
+
+
+class TLSFactory(TLSMemoryBIOFactory):
+    protocol = _NoHalfClose
+    noisy = False
+
+
+def tls_summary(connection: Any) -> dict[str, Any]:
+    """Protocol version and cipher of a pyOpenSSL Connection."""
+    return {
+        "version": connection.get_protocol_version_name(),
+        "cipher": connection.get_cipher_name(),
+    }
+
+
+@dataclass(eq=False)
+class TlsRelayStats(RelayStats):
+    """A relay's counters, with its TLS connection's version, cipher and peer."""
+
+    tls: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self, now: float | None = None) -> dict[str, Any]:
+        shown = super().as_dict(now)
+        shown["tls"] = dict(self.tls)  # status --wide's DETAILS column
+        return shown
+
+
+class EagerRelayProtocol(RelayProtocol):
+    """
+    A relay side that sends what it passes on at once, in the same reactor
+    turn, instead of when the reactor next finds the peer's socket
+    writable: one turn less per hop, which is most of a small message's
+    round trip through two hops of TLS.  Only a plain write is done here;
+    anything else (an error, a close after the buffer) stays the reactor's.
+    """
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        super().dataReceived(data)
+        peer = self.peer
+        if not self.started or peer is None:
+            return
+        connection = socket_of(peer.transport)
+        if (
+            connection is not None
+            and connection.connected
+            and not connection.disconnecting
+            and compat_twisted.writes_waiting(connection)
+        ):
+            connection.doWrite()
+
+
+def relay_over(
+    state: TlsState,
+    tls: TLSMemoryBIOProtocol,
+    sock: socket.socket,
+    stats: RelayStats,
+    tls_is_a: bool,
+    greeting: bytes = b"",
+    early: bytes = b"",
+    idle_timeout: float = 0.0,
+) -> None:
+    """
+    Relay TLS connection C{tls} and the connected socket C{sock} (closed
+    here): on their raw sockets (L{SocketRelays}, with a TLS codec) when
+    the TLS connection can leave Twisted, else through Twisted's transports.
+
+    The switch waits for the reactor's next turn: this is called from
+    within Twisted's TLS, which goes on reading its memory BIO when this
+    returns.  Meanwhile the TCP socket is not read, and what Twisted's TLS
+    still delivers is held, for the plain side first.
+    """
+    tcp = socket_of(tls.transport)
+    if tcp is None or not state.socket_relay():
+        _relay_in_twisted(
+            state, tls, sock, stats, tls_is_a, greeting, early, idle_timeout
+        )
+        return
+    tcp.stopReading()
+    held = _Held()
+    tls.wrappedProtocol = held
+
+    def switch() -> None:
+        if held.lost:
+            sock.close()
+            ended(stats)
+            return
+        data = b"".join(held.data)
+        ahead, behind = (
+            (greeting, early + data) if tls_is_a else (greeting + data, early)
+        )
+        secured = detach(tls)
+        if isinstance(secured, str):
+            log.info("relaying through Twisted's TLS: {why}", why=secured)
+            tcp.startReading()
+            _relay_in_twisted(
+                state, tls, sock, stats, tls_is_a, ahead, behind, idle_timeout
+            )
+            return
+        # It still counts against its listener's limits until the relay ends.
+        release = getattr(tls.transport, "handOff", lambda: None)()
+        stats.on_end = _both(stats.on_end, release)
+        ends = (secured, sock) if tls_is_a else (sock, secured)
+        state.socket_relays.join(
+            *ends, stats, greeting=ahead, early=behind, idle_timeout=idle_timeout
+        )
+
+    state.broker.reactor.callLater(0, switch)
+
+
+class _Held(Protocol):
+    """What Twisted's TLS delivers while a relay switches to raw sockets."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        self.data.append(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        self.lost = True
+
+
+def _relay_in_twisted(
+    state: TlsState,
+    tls: TLSMemoryBIOProtocol,
+    sock: socket.socket,
+    stats: RelayStats,
+    tls_is_a: bool,
+    greeting: bytes,
+    early: bytes,
+    idle_timeout: float,
+) -> None:
+    """
+    Relay C{tls} and C{sock} through Twisted's transports: the TLS
+    connection's application protocol replaced, C{sock} adopted.
+    """
+    over_tls, over_sock = EagerRelayProtocol(), EagerRelayProtocol()
+    a, b = (over_tls, over_sock) if tls_is_a else (over_sock, over_tls)
+    state.relays.join(
+        a, b, stats, greeting=greeting, early=early, idle_timeout=idle_timeout
+    )
+    tls.wrappedProtocol = over_tls
+    over_tls.makeConnection(tls)
+    try:
+        adopt_into_reactor(
+            state.broker.reactor, sock.detach(), Factory.forProtocol(lambda: over_sock)
+        )
+    except Exception:
+        log.failure("cannot adopt a relayed socket")
+        over_tls.abort()
+
+
+def _both(first: Any, then: Any) -> Any:
+    """One callable for two optional ones."""
+    if first is None or then is None:
+        return first or then
+
+    def both() -> None:
+        first()
+        then()
+
+    return both

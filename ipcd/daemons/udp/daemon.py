@@ -1,0 +1,234 @@
+"""
+udpd, libipc messages over UDP in sessions: its settings, listener and service.
+
+Its halves: L{ipcd.daemons.udp.client} opens sessions with remote udpds
+(C{udp://HOST:PORT/SERVICE} routes), L{ipcd.daemons.udp.server} answers
+HELLOs on the listener through the shared inbound core; C{RUNDIR/udp} speaks
+the upstream control protocol.  The datagram format is
+L{ipcd.daemons.udp.wire}'s, a session's life L{ipcd.daemons.udp.session}'s;
+docs/protocol.rst describes both.  L{udpd} is udpd's
+L{ipcd.daemons.IProtocolDaemon}, registered as a Twisted plugin by
+C{twisted/plugins/ipcd_daemons.py}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.interfaces import IReactorUDP
+from twisted.internet.protocol import DatagramProtocol
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from ipcd.checkers import Expected, positive_number
+from ipcd.daemons import (
+    IProtocolDaemon,
+    ListeningDaemon,
+    Setting,
+    listener_settings,
+    settings_of,
+)
+from ipcd.daemons.listeners import DaemonService
+from ipcd.daemons.udp import READ_SIZE, SCHEME, SECTION
+from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.client import dial
+from ipcd.daemons.udp.server import UdpServer
+from ipcd.daemons.udp.session import SessionStats
+from ipcd.host import IDaemonHost
+from ipcd.listener import EndpointListener
+from ipcd.reactors import IHostReactor
+from ipcd.relay import SocketRelays
+from ipcd.routes import RemoteURI
+
+DEFAULT_PORT = 9000
+DEFAULT_LISTEN = "udp:9000:interface=127.0.0.1"
+
+
+# The listener's description.
+
+
+@dataclass(frozen=True)
+class Listen:
+    """C{udp:PORT[:interface=ADDRESS]}, parsed."""
+
+    port: int
+    interface: str
+
+
+_LISTEN_FORM = "a listener like 'udp:9000:interface=127.0.0.1'"
+
+
+def parse_listen(description: str) -> Listen:
+    """Parse udpd's listener; L{Expected} when it is not of that form."""
+    if not isinstance(description, str):
+        raise Expected(_LISTEN_FORM)
+    kind, _, rest = description.partition(":")
+    port_text, _, options = rest.partition(":")
+    if kind != "udp" or not port_text.isdigit() or int(port_text) > 65535:
+        raise Expected(_LISTEN_FORM)
+    interface = "127.0.0.1"  # loopback unless told otherwise
+    if options:
+        key, _, value = options.partition("=")
+        if key != "interface":
+            raise Expected(_LISTEN_FORM)
+        try:
+            interface = str(ipaddress.ip_address(value))
+        except ValueError:
+            raise Expected(f"{_LISTEN_FORM} (interface: an IP address)") from None
+    return Listen(int(port_text), interface)
+
+
+def listen_setting(value: Any) -> str:
+    parse_listen(value)
+    return value
+
+
+def _datagram_size(value: Any) -> int:
+    low, high = udpwire.HELLO_SIZE, udpwire.MAX_UDP_PAYLOAD
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Expected(f"a number of bytes from {low} to {high}")
+    if not low <= value <= high:
+        raise Expected(f"a number of bytes from {low} to {high}")
+    return value
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise Expected("a whole number greater than 0")
+    return value
+
+
+class UdpEndpoint:
+    """udpd's listening address as an endpoint (Twisted has no UDP ones)."""
+
+    def __init__(self, reactor: IReactorUDP, listen: Listen) -> None:
+        self.reactor = reactor
+        self.listen_at = listen
+
+    def listen(self, protocol: DatagramProtocol) -> Deferred[Any]:
+        """The UDP port, or CannotListenError (said in one line at start)."""
+        return maybeDeferred(
+            self.reactor.listenUDP,
+            self.listen_at.port,
+            protocol,
+            interface=self.listen_at.interface,
+            maxPacketSize=READ_SIZE,
+        )
+
+
+class UdpListener(EndpointListener):
+    """udpd's UDP port, as a service, its sessions ended when it stops."""
+
+    def __init__(
+        self, reactor: IReactorUDP, listen: Listen, protocol: UdpServer
+    ) -> None:
+        super().__init__(UdpEndpoint(reactor, listen), protocol)
+        self.protocol = protocol
+
+    def stopService(self) -> Any:  # noqa: N802 (Twisted's name)
+        stopping = super().stopService()
+        self.protocol.stop()
+        return stopping
+
+
+class UdpService(DaemonService):
+    """udpd: the UDP listener and the C{RUNDIR/udp} control socket."""
+
+    def __init__(
+        self, daemon: Any, broker: IDaemonHost, settings: Mapping[str, Any]
+    ) -> None:
+        super().__init__(daemon, broker)
+        reactor = broker.reactor
+        self.server = UdpServer(broker, self.settings)
+        self.listener = UdpListener(
+            reactor, parse_listen(settings["listen"]), self.server
+        )
+        self.listener.setServiceParent(self)
+        # Upstream's ipcd on RUNDIR/udp: relayed to the session's stream.
+        self.relays = self.engine(SocketRelays(reactor))
+        self.control(self.relays)
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802 (Twisted's name)
+        stopped = super().stopService()  # the listener ends inbound sessions
+        # And this host's clients' sessions: a CLOSE to each remote udpd.
+        for stats in list(self.broker.relays):
+            if isinstance(stats, SessionStats) and stats.end is not None:
+                stats.end("udpd stopped")
+        return stopped
+
+    def address(self) -> tuple[str, int]:
+        """Where the listener listens (once started)."""
+        host = self.listener.port.getHost()
+        return host.host, host.port
+
+
+# The plug-in.
+
+
+@implementer(IPlugin, IProtocolDaemon)
+class UdpDaemon(ListeningDaemon):
+    """
+    udpd as a protocol daemon: C{udp://} routes, C{[udpd]}, C{--udp
+    ENDPOINT}/C{--no-udp}, C{RUNDIR/udp}.  Off by default.
+    """
+
+    scheme = SCHEME
+    section = SECTION
+    settings = (
+        *listener_settings(
+            SECTION, DEFAULT_LISTEN, enabled=False, check_listen=listen_setting
+        ),
+        Setting("max_sessions", _count, 256, "inbound sessions at once"),
+        Setting(
+            "max_datagram",
+            _datagram_size,
+            udpwire.MAX_UDP_PAYLOAD,
+            "bytes per datagram, header included",
+        ),
+        Setting("idle_timeout", positive_number, 120.0, "seconds"),
+        Setting("handshake_retry", positive_number, 0.25, "seconds, then doubling"),
+        Setting("handshake_timeout", positive_number, 5.0, "RUNDIR/udp, seconds"),
+    )
+    flag = SCHEME
+    default_listen = DEFAULT_LISTEN
+    listen_doc = f"'udp:PORT[:interface=ADDRESS]' (e.g. {DEFAULT_LISTEN})"
+    off_doc = "Do not run udpd (the default)."
+    service = UdpService
+    restart_keys = ("enabled", "listen", "max_datagram")
+
+    def connect(
+        self, broker: IDaemonHost, target: Any, client: Any
+    ) -> Deferred[socket.socket]:
+        uri: RemoteURI = target.uri
+        return ensureDeferred(
+            dial(
+                broker,
+                uri.host,
+                uri.port or DEFAULT_PORT,
+                target.service,
+                client,
+                str(uri),
+                settings_of(broker.config, self),
+            )
+        )
+
+    def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
+        if not self.enabled(settings):
+            return {"udp_listen": None}
+        return {
+            "udp_listen": settings["listen"],
+            "udp_max_sessions": settings["max_sessions"],
+            "udp_max_datagram": settings["max_datagram"],
+            "udp_idle_timeout": settings["idle_timeout"],
+        }
+
+    def verify(self, reactor: IHostReactor, settings: Mapping[str, Any]) -> None:
+        pass  # the listener's form was checked with the configuration
+
+
+udpd = UdpDaemon()

@@ -1,0 +1,4 @@
+"""
+websocketd, the WebSocket protocol daemon: its service and halves, the
+bridge to libipc, its frames, bounds and the websocketc page it serves.
+"""
