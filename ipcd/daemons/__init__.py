@@ -220,7 +220,7 @@ class ListeningDaemon:
     A protocol daemon with one network listener at its section's C{listen}
     (an endpoint string) and an C{enabled} key (L{listener_settings} makes
     both).  It declares its C{scheme},
-    C{section}, C{settings}, C{flag} (C{"tcp"}), C{default_listen} and
+    C{section}, C{settings}, C{default_listen} and
     C{service} (called as C{service(daemon, broker, settings)} by
     L{makeService}); it then has the rest of what the registry asks of
     every daemon alike: the options C{--FLAG ENDPOINT} and C{--no-FLAG}, the
@@ -230,13 +230,17 @@ class ListeningDaemon:
 
     scheme: str
     section: str
-    flag: str
     default_listen: str
     service: Callable[[Any, IDaemonHost, Mapping[str, Any]], Any]
     # What --FLAG's help says the listener is, and --no-FLAG's help.
     listen_doc: str = ""
     off_doc: str = ""
     restart_keys: Sequence[str] = ("enabled", "listen")
+
+    @property
+    def flag(self) -> str:
+        """Its listener's option, C{--FLAG}: its scheme unless it says."""
+        return self.scheme
 
     @property
     def flags(self) -> tuple[Flag, ...]:

@@ -21,6 +21,7 @@ from ipcd.host import IDaemonHost
 from ipcd.inbound import ControlHandshake, HandshakeFactory, Handshaking
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.listener import EndpointListener
+from ipcd.relay import SocketRelays
 from ipcd.services import IPCService
 
 E = TypeVar("E")
@@ -48,6 +49,10 @@ class DaemonService(MultiService):
         """Start C{engine} (a relay engine) with this service, stop it after."""
         self._engines.append(engine)
         return engine
+
+    def socket_relays(self) -> SocketRelays:
+        """A socket relay engine (L{engine}): for raw sockets both sides."""
+        return self.engine(SocketRelays(self.broker.reactor))
 
     def handshakes(
         self, relays: Any, protocol: type[Handshaking], **how: Any

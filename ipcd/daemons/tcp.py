@@ -36,7 +36,6 @@ from ipcd.inbound import NetworkHandshake
 from ipcd.inboundcore import MAX_HANDSHAKE, OK, Sniffed
 from ipcd.logs import printable
 from ipcd.reactors import IHostReactor
-from ipcd.relay import SocketRelays
 from ipcd.routes import RemoteURI
 from ipcd.sockets import (
     connect_tcp,
@@ -118,7 +117,7 @@ class TcpService(DaemonService):
     ) -> None:
         super().__init__(daemon, broker)
         # tcpd's relays (inbound, and for upstream's control socket).
-        self.relays = self.engine(SocketRelays(broker.reactor))
+        self.relays = self.socket_relays()
         self.listen_on(
             settings["listen"],
             self.handshakes(self.relays, TcpInbound),
@@ -141,7 +140,6 @@ class TcpDaemon(ListeningDaemon):
         *listener_settings(SECTION, DEFAULT_LISTEN),
         Setting("handshake_timeout", positive_number, 5.0, "seconds"),
     )
-    flag = SCHEME
     default_listen = DEFAULT_LISTEN
     service = TcpService
 

@@ -137,7 +137,7 @@ class TlsService(DaemonService):
         self.relays = self.engine(state.relays)
         self.engine(state.socket_relays)
         # For upstream's control socket: raw sockets both sides.
-        self.control_relays = self.engine(SocketRelays(broker.reactor))
+        self.control_relays = self.socket_relays()
         if state.material().serves:
             inbound = self.handshakes(
                 self.relays, TlsInbound, factory=TlsHandshakeFactory
@@ -224,7 +224,6 @@ class TlsDaemon(ListeningDaemon):
             "after the handshake, OpenSSL on the raw socket (else Twisted's TLS)",
         ),
     )
-    flag = SCHEME
     default_listen = DEFAULT_LISTEN
     service = TlsService
 

@@ -194,7 +194,6 @@ class UdpDaemon(ListeningDaemon):
         Setting("handshake_retry", positive_number, 0.25, "seconds, then doubling"),
         Setting("handshake_timeout", positive_number, 5.0, "RUNDIR/udp, seconds"),
     )
-    flag = SCHEME
     default_listen = DEFAULT_LISTEN
     listen_doc = f"'udp:PORT[:interface=ADDRESS]' (e.g. {DEFAULT_LISTEN})"
     off_doc = "Do not run udpd (the default)."

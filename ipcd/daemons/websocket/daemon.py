@@ -43,7 +43,7 @@ from ipcd.daemons.websocket.server import WebSocketInboundFactory
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
 from ipcd.reactors import IHostReactor
-from ipcd.relay import RelayStats, SocketRelays
+from ipcd.relay import RelayStats
 from ipcd.routes import RemoteURI
 
 SCHEME = "ws"
@@ -83,7 +83,7 @@ class WebSocketService(DaemonService):
     ) -> None:
         super().__init__(daemon, broker)
         # Relays for upstream's control sockets (raw sockets both sides).
-        self.relays = self.engine(SocketRelays(broker.reactor))
+        self.relays = self.socket_relays()
         listen = settings["listen"]
         self.factory = WebSocketInboundFactory(
             broker, self.settings, secure=listen.startswith("ssl:")
@@ -147,7 +147,6 @@ class WebSocketDaemon(ListeningDaemon):
             "ca", _path, "", "CA file for wss routes (empty: the platform's)", path=True
         ),
     )
-    flag = SCHEME
     default_listen = DEFAULT_LISTEN
     service = WebSocketService
 
