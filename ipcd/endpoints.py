@@ -230,9 +230,9 @@ class IPCServerParser:
     def parseStreamServer(  # noqa: N802 (Twisted's name)
         self, reactor: IHostReactor, *args: str, **kwargs: str
     ) -> IPCServerEndpoint:
-        return self._parseServer(reactor, *args, **kwargs)
+        return self._server(reactor, *args, **kwargs)
 
-    def _parseServer(  # noqa: N802 (as Twisted's own parsers)
+    def _server(
         self,
         reactor: IHostReactor,
         name: str,

@@ -381,6 +381,25 @@ def counted_pong(case: SynchronousTestCase, path: str) -> Factory:
     return factory
 
 
+def proc_status(field: str, pid: int | str = "self") -> int:
+    """A size from C{/proc/PID/status} (C{VmRSS}, C{VmHWM}), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def reset_peak(pid: int | str = "self") -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), if allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def python_env(**extra: str) -> dict[str, str]:
     """The environment for a child Python that imports ipcd from the tree."""
     env = dict(os.environ)

@@ -65,9 +65,7 @@ FOREIGN = re.compile(
     r"|import _socket\b|_socket\.socket|endpoints import _"
 )
 # ipcd's own attributes that share a name with one of those.
-OWN = {
-    ("ipcd/endpoints.py", "_parseServer"),  # ipcd's plugin's own method
-}
+OWN = {}
 
 
 def of(library: str) -> list[compat.Name]:

@@ -36,7 +36,14 @@ from ipcd.relay import (
     pipes,
 )
 from ipcd.relay.sides import Watch
-from ipcd.test.support import TIMEOUT, assert_no_fd_leak, fd_baseline, wait_until
+from ipcd.test.support import (
+    TIMEOUT,
+    assert_no_fd_leak,
+    fd_baseline,
+    proc_status,
+    reset_peak,
+    wait_until,
+)
 from ipcd.testing import MemoryRelays
 
 MiB = 1 << 20
@@ -49,17 +56,7 @@ RSS_BOUND = 16 * MiB
 
 def status(field: str) -> int:
     """A field of /proc/self/status, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field} in /proc/self/status")
-
-
-def reset_peak() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    return proc_status(field)
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -159,7 +156,7 @@ class SocketEngineTests(TestCase):
         process's peak RSS grows by less than RSS_BOUND; once the service
         reads, every byte arrives, then the EOF.
         """
-        reset_peak()
+        self.assertTrue(reset_peak(), "VmHWM cannot be reset here")
         rss_before = status("VmRSS")
         stats, client, service = self.join()
         side = self.side_a(stats)
@@ -616,7 +613,7 @@ class TransportEngineTests(SynchronousTestCase):
         pauses the client (producers both ways) instead of buffering; peak
         RSS grows by less than RSS_BOUND; then everything arrives.
         """
-        reset_peak()
+        self.assertTrue(reset_peak(), "VmHWM cannot be reset here")
         rss_before = status("VmRSS")
         stats = self.relay(Sender(BULK), Peer(paused=True))
         self.flow()

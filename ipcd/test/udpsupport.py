@@ -33,8 +33,10 @@ from ipcd.test.support import (
     accepts,
     make_config,
     open_fds,
+    proc_status,
     python_env,
     recv_upto,
+    reset_peak,
     short_rundir,
     spawn,
     start_ipcd,
@@ -359,20 +361,11 @@ class IpcdProcess:
 
     def memory(self, field: str = "VmRSS") -> int:
         """C{VmRSS} (or C{VmHWM}, ...) of /proc/PID/status, in bytes."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError(f"no {field} for ipcd")
+        return proc_status(field, self.pid)
 
     def reset_peak(self) -> bool:
         """Reset VmHWM to the current RSS (Linux >= 4.0), if allowed."""
-        try:
-            with open(f"/proc/{self.pid}/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            return False
-        return True
+        return reset_peak(self.pid)
 
     def fds(self) -> dict[int, str]:
         """ipcd's open fds and what they point at."""

@@ -21,7 +21,15 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.tap import IPCDService
-from ipcd.test.support import TIMEOUT, make_config, short_rundir, start_ipcd, wait_until
+from ipcd.test.support import (
+    TIMEOUT,
+    make_config,
+    proc_status,
+    reset_peak,
+    short_rundir,
+    start_ipcd,
+    wait_until,
+)
 
 WS_LISTEN = "tcp:0:interface=127.0.0.1"
 TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
@@ -304,20 +312,11 @@ class ChildIpcd:
 
     def status(self, field: str) -> int:
         """A size from C{/proc/PID/status} (C{VmRSS}, C{VmHWM}), in bytes."""
-        with open(f"/proc/{self.process.pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError(f"no {field} for ipcd")
+        return proc_status(field, self.process.pid)
 
     def reset_peak(self) -> bool:
         """Reset VmHWM to the current RSS (Linux >= 4.0), if allowed."""
-        try:
-            with open(f"/proc/{self.process.pid}/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            return False
-        return True
+        return reset_peak(self.process.pid)
 
     def cpu_seconds(self) -> float:
         """User and system CPU time ipcd has used."""
