@@ -67,15 +67,15 @@ ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENTS = ROOT / "benchmarks" / "mutation-equivalents.txt"
 RESULTS = ROOT / "benchmarks" / "mutation-results.txt"
 
-_LOOKUP_TESTS = (
+_LOOKUP_TESTS = (  # fastest first: --exitfirst stops at the first failure
     "test_brokerpath",
+    "test_protocols",
+    "test_promises",
     "test_helddirs",
     "test_owninodes",
-    "test_lookups",
-    "test_promises",
-    "test_access",
-    "test_protocols",
     "test_broker",
+    "test_access",
+    "test_lookups",
 )
 
 # module -> (file, scope: qualnames mutated, None for all; test modules)

@@ -21,10 +21,11 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
 
 from ipcd.errors import Refused
 from ipcd.identity import LabelCache, local_labels
-from ipcd.lookup import reply_to
+from ipcd.lookup import ILookupBroker, reply_to, unexpected
 from ipcd.lookupport import HandedOver
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
@@ -38,6 +39,7 @@ from ipcd.test.support import (
     start_ipcd,
     wait_until,
 )
+from ipcd.testing import FakeLookupBroker
 from ipcd.wire import HEADER, encode
 
 CLIENTS = 64
@@ -205,6 +207,21 @@ class ReplyTests(SynchronousTestCase):
     def test_internalError(self) -> None:
         reply = reply_to(Failure(RuntimeError("boom\n")))
         self.assertEqual(reply, (b"ne internal error: boom\\x0a", None))
+
+    def test_onlyErrorsLogged(self) -> None:
+        """A refusal is said to the client; any other failure is also logged."""
+        self.assertIs(unexpected(Failure(Refused("no"))), False)
+        self.assertIs(unexpected(Failure(RuntimeError("boom"))), True)
+
+
+class BrokerInterfaceTests(SynchronousTestCase):
+    """L{ILookupBroker} names all a lookup factory uses of its broker."""
+
+    def test_names(self) -> None:
+        self.assertEqual(
+            set(ILookupBroker.names()), {"open", "config", "counters", "reactor"}
+        )
+        verifyObject(ILookupBroker, FakeLookupBroker())
 
 
 class _GroupDatabase:
