@@ -70,7 +70,9 @@ RESULTS = ROOT / "benchmarks" / "mutation-results.txt"
 _LOOKUP_TESTS = (  # fastest first: --exitfirst stops at the first failure
     "test_brokerpath",
     "test_protocols",
+    "test_testing",
     "test_promises",
+    "test_limits",
     "test_helddirs",
     "test_owninodes",
     "test_broker",
