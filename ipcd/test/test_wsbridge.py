@@ -19,11 +19,14 @@ from twisted.trial.unittest import TestCase
 from ipcd.compat import autobahn as compat_autobahn
 from ipcd.test.wssupport import (
     BINARY,
+    CLOSE,
     PING,
     PONG,
     TEXT,
+    close_code,
     start_ws_host,
     ws_frame,
+    ws_message,
     ws_open,
     ws_recv,
 )
@@ -100,14 +103,14 @@ class BridgeReadTests(TestCase):
         for read in (frame[:2], frame[2:13], frame[13:]):
             protocol.dataReceived(read)
         self.assertEqual((yield self.recv(sock)), (BINARY, payload))
-        # Inside a payload: 1000 bytes read, then 11 that look small.
-        small = ws_frame(b"hello", BINARY)
-        inside = _masked(0x82, b"\xfe\x04\x00", b"x" * 1000 + small + b"y" * 13, mask)
+        # Inside a payload: 1000 bytes read, then 11 on the wire that look
+        # small (the payload is what they unmask to).
+        wire = b"x" * 1000 + ws_frame(b"hello", BINARY) + b"y" * 13
+        unmasked = bytes(b ^ mask[i % 4] for i, b in enumerate(wire))
+        inside = b"\x82\xfe\x04\x00" + mask + wire
         for read in (inside[:1008], inside[1008:1019], inside[1019:]):
             protocol.dataReceived(read)
-        self.assertEqual(
-            (yield self.recv(sock)), (BINARY, b"x" * 1000 + small + b"y" * 13)
-        )
+        self.assertEqual((yield self.recv(sock)), (BINARY, unmasked))
 
     @inlineCallbacks
     def test_oneSendPerRead(self) -> Any:
@@ -188,6 +191,24 @@ class BridgeReadTests(TestCase):
                 field,
             )
         self.assertEqual(small.trafficStats.outgoingWebSocketMessages, 1)
+        # Once closing, autobahn counts no more octets in; nor do small frames.
+        small.closeBridge(1000, "")
+        before = small.trafficStats.incomingOctetsWireLevel
+        small.dataReceived(frame)
+        self.assertEqual(small.trafficStats.incomingOctetsWireLevel, before)
+
+    @inlineCallbacks
+    def test_smallMessageOverTheLimit(self) -> Any:
+        """
+        A small frame over this connection's message limit is autobahn's to
+        refuse (1009), never relayed.
+        """
+        sock, protocol = yield self.open()
+        self.patch(protocol, "maxMessagePayloadSize", 4)
+        protocol._smallMax = protocol._smallMessageLimit()
+        protocol.dataReceived(ws_frame(b"12345", BINARY))
+        opcode, payload = yield deferToThread(ws_message, sock)
+        self.assertEqual((opcode, close_code(payload)), (CLOSE, 1009))
 
     @inlineCallbacks
     def test_smallMessageLimit(self) -> Any:
