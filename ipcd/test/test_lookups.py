@@ -10,6 +10,7 @@ maximum age, or at once on a reload.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
@@ -24,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from ipcd.ataccept import serve_at_accept
+from ipcd.ataccept import _carry_on, serve_at_accept
 from ipcd.config import Config
 from ipcd.errors import Refused
 from ipcd.identity import LabelCache, local_labels
@@ -326,6 +327,26 @@ class ServeAtAcceptTests(SynchronousTestCase):
         protocol = _Protocol()
         resume(protocol)
         self.assertEqual(protocol.calls, [("data", encode(b"pong"))])
+
+    def test_notALocalClient(self) -> None:
+        """A client with no credentials to read (not AF_UNIX): the protocol's."""
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            self.client = socket.create_connection(listening.getsockname())
+            self.addCleanup(self.client.close)
+            self.server, _ = listening.accept()
+            self.addCleanup(self.server.close)
+        self.client.sendall(encode(b"pong"))
+        select.select([self.server], [], [], TIMEOUT)  # arrived
+        resume = self.serve()
+        protocol = _Protocol()
+        resume(protocol)
+        self.assertEqual(protocol.calls, [("data", encode(b"pong"))])
+
+    def test_restSentByTheProtocol(self) -> None:
+        """What a partial send left is the protocol's to send."""
+        protocol = _Protocol()
+        _carry_on(b"", None, b"st")(protocol)
+        self.assertEqual(protocol.calls, [("rest", b"st")])
 
     def test_answerLater(self) -> None:
         """
