@@ -22,7 +22,7 @@ from ipcd.config import Config
 from ipcd.daemons import Registry
 from ipcd.errors import Refused
 from ipcd.identity import Peer
-from ipcd.policy import parse_grant
+from ipcd.policy import parse_grant, parse_rule
 from ipcd.test.test_names import short_tempdir
 
 ALICE = Peer(
@@ -150,6 +150,46 @@ class LookupPathTests(SynchronousTestCase):
             self.open(b"secret;r%d unix://secret" % n).trap(AccessDenied)
             kept.append(len(self.broker._plans))
         self.assertEqual(max(kept), _MAX_PLANS)
+
+    def test_decidedOncePerConfig(self) -> None:
+        """
+        The same request is decided once per configuration, and the
+        decisions kept are bounded (the 257th distinct clears them).
+        """
+        decided: list[Any] = []
+        real = broker_module.decide
+
+        def counting(*args: Any) -> Any:
+            decided.append(args)
+            return real(*args)
+
+        self.patch(broker_module, "decide", counting)
+        self.assertConnected(self.open(b"svc"), "svc")
+        self.assertConnected(self.open(b"svc"), "svc")
+        self.assertEqual(len(decided), 1)
+        kept = []
+        for n in range(_MAX_PLANS - 1):  # and "svc"'s
+            self.open(b"gone%d" % n).trap(Refused)
+            kept.append(len(self.broker._decisions))
+        self.assertEqual(max(kept), _MAX_PLANS)
+        self.open(b"gone").trap(Refused)
+        self.assertEqual(len(self.broker._decisions), 1)
+
+    def test_deniedCountedByRule(self) -> None:
+        """A denial counts once, under its decision, and as refused."""
+        self.broker.config = Config(
+            rundir=self.rundir, rules=(parse_rule("deny local svc"),)
+        )
+        answer = self.open(b"svc")
+        answer.trap(Refused)
+        denied = [k for k in self.broker.counters if "rule 1" in k]
+        self.assertEqual([self.broker.counters[k] for k in denied], [1])
+        self.assertEqual(self.broker.counters["refused"], 1)
+        self.broker.config = Config(rundir=self.rundir)
+        before = dict(self.broker.counters)
+        self.assertConnected(self.open(b"svc"), "svc")
+        after = dict(self.broker.counters)
+        self.assertEqual(set(after) - set(before), {"connected"})
 
     def test_loggedByService(self) -> None:
         """The log names the service looked up, or the start of a bad payload."""
