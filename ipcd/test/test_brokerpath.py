@@ -11,9 +11,10 @@ import socket
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import broker as broker_module
 from ipcd.access import AccessDenied, Credentials
@@ -23,6 +24,7 @@ from ipcd.daemons import Registry
 from ipcd.errors import Refused
 from ipcd.identity import Peer
 from ipcd.policy import parse_grant, parse_rule
+from ipcd.test.support import assert_no_fd_leak, fd_baseline
 from ipcd.test.test_names import short_tempdir
 
 ALICE = Peer(
@@ -235,3 +237,43 @@ class ServeLookupTests(SynchronousTestCase):
 
         self.assertEqual(serve_lookup(Later(), b"x", ALICE), ("open", b"x"))
         self.assertEqual(serve_lookup(AtOnce(), b"x", ALICE), ("open_now", b"x"))
+
+
+class WaitingListenerTests(TestCase):
+    """A listener whose backlog is full: the lookup waits for it."""
+
+    @inlineCallbacks
+    def test_connectWaitsForTheBacklog(self) -> Any:
+        """
+        The socket comes once the listener has room, and the descriptor
+        that reached the socket's path is closed then (no fd left).
+        """
+        rundir = short_tempdir(self)
+        os.chmod(rundir, 0o755)
+        path = os.path.join(rundir, "svc")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.listen(0)
+        os.chmod(path, 0o666)
+        fillers = []
+        while True:
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(filler.close)
+            filler.setblocking(False)
+            try:
+                filler.connect(path)
+            except BlockingIOError:
+                break
+            fillers.append(filler)
+        broker = Broker(Config(rundir=rundir), reactor)
+        before = yield fd_baseline()
+        answer = broker.open_now(b"svc", ALICE)
+        self.assertIsInstance(answer, Deferred)
+        for _ in fillers:
+            listener.accept()[0].close()
+        sock = yield answer
+        self.assertEqual(sock.getpeername(), path)
+        listener.accept()[0].close()
+        sock.close()
+        yield assert_no_fd_leak(before)
