@@ -339,6 +339,7 @@ class LookupAnswerTests(SynchronousTestCase):
         self.connected: Deferred[Any] = Deferred()
         self.fake.connect = lambda target, client: self.connected  # type: ignore[method-assign]
         broker = Broker(config(lookup_timeout=3.0), self.clock, {"fake": self.fake})
+        self.broker = broker
         self.protocol = LookupFactory(broker).buildProtocol(None)
         self.transport = connect(self.protocol, OpenTransport())
 
@@ -360,8 +361,14 @@ class LookupAnswerTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.protocol.dataReceived(wire.encode(b"pong;pong fake://h/pong"))
-        self.assertEqual(self.fake.calls, [])
+        self.assertEqual(self.broker.counters["lookups"], 0)
         self.assertEqual(self.transport.value(), b"ne rest")
+
+    def test_oversizedWithNothingLeft(self) -> None:
+        """Too long a lookup: refused, no deadline left."""
+        self.protocol.dataReceived(wire.HEADER.pack(1 << 31))
+        self.assertTrue(self.transport.value().startswith(b"ne lookup of "))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_lostStopsTheDeadline(self) -> None:
         self.protocol.connectionLost(Failure(ConnectionDone()))
