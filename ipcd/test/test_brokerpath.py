@@ -101,6 +101,19 @@ class LookupPathTests(SynchronousTestCase):
         now = sorted(os.listdir("/proc/self/fd"))
         self.assertEqual(len(now), len(before) + 2)  # the two "ipc" sockets
 
+    def test_otherDaemonsLookedUpAgain(self) -> None:
+        """
+        A daemon's socket that is not ipcd's own in-process one (not running
+        here, or external) is own only while it is there: a service's
+        socket once linked as one is reached again when the link goes.
+        """
+        other = sorted(self.broker.own_sockets.names()[2])[0]
+        os.link(os.path.join(self.rundir, "svc"), os.path.join(self.rundir, other))
+        self.broker.own_sockets_listening()
+        self.open(b"svc").trap(Refused)
+        os.unlink(os.path.join(self.rundir, other))
+        self.assertConnected(self.open(b"svc"), "svc")
+
     def test_counted(self) -> None:
         """Each lookup counts once; a grant counts as granted."""
         self.open(b"svc")
