@@ -14,6 +14,7 @@ import select
 import socket
 import threading
 import time
+import warnings
 from typing import Any
 
 from twisted.internet import reactor
@@ -255,7 +256,10 @@ class ServeAtAcceptTests(SynchronousTestCase):
 
     def test_ok(self) -> None:
         """C{ok} and the socket; ours closed, the connection closed later."""
-        self.assertIsNone(self.serve(encode(b"pong")))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            self.assertIsNone(self.serve(encode(b"pong")))
+        self.assertEqual([str(w.message) for w in caught], [])  # closed, not lost
         self.assertEqual(self.later, [self.server])
         data, fds, _flags, _addr = socket.recv_fds(self.client, 16, 1)
         self.assertEqual(data, b"ok")
