@@ -22,9 +22,11 @@ interpreter start-up per mutant), with ``--exitfirst`` and a timeout.
 A mutant is killed when the tests fail or time out, survives when they pass.
 Mutants judged equivalent (no behaviour to observe) are listed, with the
 reason, in ``benchmarks/mutation-equivalents.txt`` and left out of the
-score; an entry names the file and line, the function, the source line, the
-change and, when a line has the same change more than once, which one, so
-an entry never stands for another mutant.  ``--equivalents`` runs the
+score; an entry names the file, the enclosing qualname, the stripped
+source line (``@K`` when the qualname has that text on K lines: the Kth),
+and the change (``[N]`` when the line has it N times: the Nth), and no
+line number, so an edit elsewhere in the file leaves it valid and an entry
+never stands for another mutant.  ``--equivalents`` runs the
 listed mutants again and fails if a test kills one (or one is gone): a
 wrong entry cannot hide.  ``--record`` merges a run's module sections into
 ``benchmarks/mutation-results.txt``.  Each run ends with a table of the
@@ -58,12 +60,25 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENTS = ROOT / "benchmarks" / "mutation-equivalents.txt"
 RESULTS = ROOT / "benchmarks" / "mutation-results.txt"
+
+_LOOKUP_TESTS = (  # fastest first: --exitfirst stops at the first failure
+    "test_brokerpath",
+    "test_protocols",
+    "test_testing",
+    "test_promises",
+    "test_limits",
+    "test_helddirs",
+    "test_owninodes",
+    "test_broker",
+    "test_access",
+    "test_lookups",
+)
 
 # module -> (file, scope: qualnames mutated, None for all; test modules)
 MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
@@ -87,10 +102,27 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
         None,
         ("test_promises", "test_config", "test_resolve"),
     ),
+    # What config.py and names.py held before they were split.
+    "checkers": (
+        "ipcd/checkers.py",
+        None,
+        ("test_promises", "test_config", "test_resolve"),
+    ),
+    "rundir": (
+        "ipcd/rundir.py",
+        None,
+        ("test_promises", "test_names", "test_rundir", "test_config"),
+    ),
     "wire": (
         "ipcd/wire.py",
         None,
         ("test_promises", "test_wire", "test_protocols", "test_limits", "test_budgets"),
+    ),
+    # The same messages on blocking sockets (the client's side of wire).
+    "framing": (
+        "ipcd/framing.py",
+        None,
+        ("test_wire", "test_promises", "test_client"),
     ),
     "resolution": (
         "ipcd/resolution.py",
@@ -103,30 +135,46 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
         # Fastest first: --exitfirst stops at the first failure.
         ("test_accesswalk", "test_helddirs", "test_promises", "test_access"),
     ),
-    # The lookup path: a client's lookup to the socket it may have.
+    # The lookup path, a client's lookup to the socket it may have, across
+    # the modules broker.py was split into.
+    "lookup": ("ipcd/lookup.py", None, _LOOKUP_TESTS),
+    "lookupprotocol": (
+        "ipcd/lookupprotocol.py",
+        (
+            "LookupProtocol.messageReceived",
+            "LookupProtocol.answer",
+            "LookupProtocol.messageTooLarge",
+            "LookupProtocol._answered_later",
+            "LookupProtocol._reply",
+            "LookupProtocol._answer_no",
+            "LookupProtocol._send_no",
+            "LookupProtocol.send_rest",
+            "LookupProtocol.connectionLost",
+            "LookupFactory.serve_at_once",
+        ),
+        _LOOKUP_TESTS,
+    ),
+    "ataccept": ("ipcd/ataccept.py", None, _LOOKUP_TESTS),
+    "decisionlog": ("ipcd/decisionlog.py", None, ("test_logs", *_LOOKUP_TESTS)),
+    "ownsockets": ("ipcd/ownsockets.py", None, _LOOKUP_TESTS),
     "broker": (
         "ipcd/broker.py",
         (
-            "serve_lookup",
+            "Broker.open",
             "Broker.open_now",
+            "Broker._police_and_connect",
+            "Broker._police",
+            "Broker._refuse",
+            "Broker._connect",
             "Broker._open_local",
             "Broker._open_as_client",
+            "Broker._open_granted",
             "Broker.own_names",
-            "Broker._in_process_names",
-            "Broker._names",
             "Broker.own_sockets_listening",
-            "Broker._hold_rundir",
-            "Broker._own_inodes",
-            "Broker._inodes",
+            "_closing",
+            "_denied",
         ),
-        (
-            "test_brokerpath",
-            "test_helddirs",
-            "test_owninodes",
-            "test_promises",
-            "test_access",
-            "test_broker",
-        ),
+        _LOOKUP_TESTS,
     ),
     "psk": (
         "ipcd/daemons/tls/psk.py",
@@ -164,7 +212,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
             "MessageSide.messageReceived",
             "MessageSide.messageTooLarge",
         ),
-        ("test_wsframes", "test_websocket"),
+        ("test_wsbridge", "test_wsframes", "test_wsbounds", "test_websocket"),
     ),
     # udpd's datagrams and its receive window.
     "udpwire": (
@@ -210,13 +258,13 @@ ISSUE_MUTANTS: list[tuple[str, str, str, str]] = [
     ("6", "wire", "        protocol.maxMessageSize = self.maxMessageSize\n", ""),
     (
         "7",
-        "wire",
+        "framing",
         "    sock.sendall(encode(payload))",
         "    sock.sendall(HEADER.pack(len(payload)))\n    sock.sendall(payload)",
     ),
     (
         "7",
-        "wire",
+        "framing",
         '    return b"".join(chunks)',
         '    return chunks[0] if chunks else b""',
     ),
@@ -228,25 +276,25 @@ ISSUE_MUTANTS: list[tuple[str, str, str, str]] = [
     ),
     (
         "9",
-        "config",
+        "checkers",
         "not isinstance(value, int) or value <= 0",
         "not isinstance(value, int)",
     ),
     (
         "9",
-        "config",
+        "checkers",
         "if isinstance(value, bool) or not isinstance(value, int) or value <= 0",
         "if not isinstance(value, int) or value <= 0",
     ),
     (
         "9",
-        "config",
+        "checkers",
         "    if not isinstance(value, str) or not value:",
         "    if not value:",
     ),
     (
         "9",
-        "config",
+        "checkers",
         'if not isinstance(value, str) or ":" not in value:',
         'if ":" not in value:',
     ),
@@ -257,11 +305,16 @@ ISSUE_MUTANTS: list[tuple[str, str, str, str]] = [
         "        raise ConfigError(f'{source}: [{table}]",
         "    if False:\n        raise ConfigError(f'{source}: [{table}]",
     ),
-    ("9", "config", 'path or "command line")', "path)"),
+    (
+        "9",
+        "config",
+        '_check_redirect_loops(merged["redirects"], path or "command line")',
+        '_check_redirect_loops(merged["redirects"], path)',
+    ),
     ("10", "routes", r"\[(?P<v6>[0-9A-Fa-f:.]+)\]", r"\[(?P<v6>[^\]]*)\]"),
     ("10", "routes", "if len(digits) <= 5 else 0", "if len(digits) <= 6 else 0"),
     ("10", "policy", 'for c in "*?["', 'for c in "*"'),
-    ("10", "wire", "    if size > max_size:", "    if size >= max_size:"),
+    ("10", "framing", "    if size > max_size:", "    if size >= max_size:"),
     ("10", "resolution", "MAX_HOPS = 32", "MAX_HOPS = 31"),
     ("10", "resolution", "MAX_HOPS = 32", "MAX_HOPS = 33"),
     (
@@ -370,17 +423,22 @@ class Mutant:
 
     number: int = 0
     ordinal: int = 1  # among this line's mutants with the same change
+    occurrence: int = 1  # among the lines of qualname with this text
 
     @property
     def key(self) -> str:
         """
-        What the equivalents file names: the file and line, the function,
-        the line's text and the change, and which of the line's identical
-        changes (C{[2]}, ...) when it has several.
+        What the equivalents file names: the file, the enclosing qualname,
+        the line's text (with C{@K}, from 2, when the qualname has that
+        text on several lines: the Kth of them), the change (with C{[N]},
+        from 2, when the line has that change several times).  No line
+        number: an edit elsewhere in the file leaves the key as it was.
         """
-        where = f"{MODULES[self.module][0]}:{self.line}"
-        key = f"{where} :: {self.qualname} :: {self.source_line} :: {self.change}"
-        return key if self.ordinal == 1 else f"{key} [{self.ordinal}]"
+        text = self.source_line
+        if self.occurrence != 1:
+            text = f"{text} @{self.occurrence}"
+        change = self.change if self.ordinal == 1 else f"{self.change} [{self.ordinal}]"
+        return f"{MODULES[self.module][0]} :: {self.qualname} :: {text} :: {change}"
 
 
 def _name(node: ast.AST) -> str:
@@ -629,6 +687,8 @@ def mutants(module: str) -> list[Mutant]:
     tree = ast.parse(source)
     found = []
     seen: dict[tuple[int, str], int] = {}
+    # (qualname, text) -> the lines with that text, for the occurrence.
+    places: dict[tuple[str, str], set[int]] = {}
     for site, (node, _parent, field, _i, qualname) in enumerate(_walk(tree, scope)):
         if isinstance(node, ast.Constant) and isinstance(node.value, str | bytes):
             continue
@@ -636,20 +696,28 @@ def mutants(module: str) -> list[Mutant]:
             # (A comprehension has no line of its own: its iterable's.)
             line = getattr(node, "lineno", 0) or getattr(node.iter, "lineno", 0)
             seen[line, change] = ordinal = seen.get((line, change), 0) + 1
+            text = lines[line - 1].strip() if line else ""
+            qualname = qualname or "<module>"
+            places.setdefault((qualname, text), set()).add(line)
             found.append(
                 Mutant(
                     module,
                     site,
                     choice,
                     line,
-                    qualname or "<module>",
-                    lines[line - 1].strip() if line else "",
+                    qualname,
+                    text,
                     change,
                     len(found) + 1,
                     ordinal,
                 )
             )
-    return found
+    return [
+        replace(
+            m, occurrence=sorted(places[m.qualname, m.source_line]).index(m.line) + 1
+        )
+        for m in found
+    ]
 
 
 def mutated_source(mutant: Mutant) -> str:

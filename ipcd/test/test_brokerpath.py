@@ -11,9 +11,10 @@ import socket
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import broker as broker_module
 from ipcd.access import AccessDenied, Credentials
@@ -22,7 +23,8 @@ from ipcd.config import Config
 from ipcd.daemons import Registry
 from ipcd.errors import Refused
 from ipcd.identity import Peer
-from ipcd.policy import parse_grant
+from ipcd.policy import parse_grant, parse_rule
+from ipcd.test.support import assert_no_fd_leak, fd_baseline
 from ipcd.test.test_names import short_tempdir
 
 ALICE = Peer(
@@ -99,6 +101,19 @@ class LookupPathTests(SynchronousTestCase):
         now = sorted(os.listdir("/proc/self/fd"))
         self.assertEqual(len(now), len(before) + 2)  # the two "ipc" sockets
 
+    def test_otherDaemonsLookedUpAgain(self) -> None:
+        """
+        A daemon's socket that is not ipcd's own in-process one (not running
+        here, or external) is own only while it is there: a service's
+        socket once linked as one is reached again when the link goes.
+        """
+        other = sorted(self.broker.own_sockets.names()[2])[0]
+        os.link(os.path.join(self.rundir, "svc"), os.path.join(self.rundir, other))
+        self.broker.own_sockets_listening()
+        self.open(b"svc").trap(Refused)
+        os.unlink(os.path.join(self.rundir, other))
+        self.assertConnected(self.open(b"svc"), "svc")
+
     def test_counted(self) -> None:
         """Each lookup counts once; a grant counts as granted."""
         self.open(b"svc")
@@ -151,6 +166,46 @@ class LookupPathTests(SynchronousTestCase):
             kept.append(len(self.broker._plans))
         self.assertEqual(max(kept), _MAX_PLANS)
 
+    def test_decidedOncePerConfig(self) -> None:
+        """
+        The same request is decided once per configuration, and the
+        decisions kept are bounded (the 257th distinct clears them).
+        """
+        decided: list[Any] = []
+        real = broker_module.decide
+
+        def counting(*args: Any) -> Any:
+            decided.append(args)
+            return real(*args)
+
+        self.patch(broker_module, "decide", counting)
+        self.assertConnected(self.open(b"svc"), "svc")
+        self.assertConnected(self.open(b"svc"), "svc")
+        self.assertEqual(len(decided), 1)
+        kept = []
+        for n in range(_MAX_PLANS - 1):  # and "svc"'s
+            self.open(b"gone%d" % n).trap(Refused)
+            kept.append(len(self.broker._decisions))
+        self.assertEqual(max(kept), _MAX_PLANS)
+        self.open(b"gone").trap(Refused)
+        self.assertEqual(len(self.broker._decisions), 1)
+
+    def test_deniedCountedByRule(self) -> None:
+        """A denial counts once, under its decision, and as refused."""
+        self.broker.config = Config(
+            rundir=self.rundir, rules=(parse_rule("deny local svc"),)
+        )
+        answer = self.open(b"svc")
+        answer.trap(Refused)
+        denied = [k for k in self.broker.counters if "rule 1" in k]
+        self.assertEqual([self.broker.counters[k] for k in denied], [1])
+        self.assertEqual(self.broker.counters["refused"], 1)
+        self.broker.config = Config(rundir=self.rundir)
+        before = dict(self.broker.counters)
+        self.assertConnected(self.open(b"svc"), "svc")
+        after = dict(self.broker.counters)
+        self.assertEqual(set(after) - set(before), {"connected"})
+
     def test_loggedByService(self) -> None:
         """The log names the service looked up, or the start of a bad payload."""
         self.open(b"svc;svc unix://svc")
@@ -195,3 +250,43 @@ class ServeLookupTests(SynchronousTestCase):
 
         self.assertEqual(serve_lookup(Later(), b"x", ALICE), ("open", b"x"))
         self.assertEqual(serve_lookup(AtOnce(), b"x", ALICE), ("open_now", b"x"))
+
+
+class WaitingListenerTests(TestCase):
+    """A listener whose backlog is full: the lookup waits for it."""
+
+    @inlineCallbacks
+    def test_connectWaitsForTheBacklog(self) -> Any:
+        """
+        The socket comes once the listener has room, and the descriptor
+        that reached the socket's path is closed then (no fd left).
+        """
+        rundir = short_tempdir(self)
+        os.chmod(rundir, 0o755)
+        path = os.path.join(rundir, "svc")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.listen(0)
+        os.chmod(path, 0o666)
+        fillers = []
+        while True:
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(filler.close)
+            filler.setblocking(False)
+            try:
+                filler.connect(path)
+            except BlockingIOError:
+                break
+            fillers.append(filler)
+        broker = Broker(Config(rundir=rundir), reactor)
+        before = yield fd_baseline()
+        answer = broker.open_now(b"svc", ALICE)
+        self.assertIsInstance(answer, Deferred)
+        for _ in fillers:
+            listener.accept()[0].close()
+        sock = yield answer
+        self.assertEqual(sock.getpeername(), path)
+        listener.accept()[0].close()
+        sock.close()
+        yield assert_no_fd_leak(before)

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.logger import (
     FilteringLogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     eventAsJSON,
@@ -28,8 +29,15 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from ipcd import logs
-from ipcd.identity import local_peer
+from ipcd import decisionlog, logs
+from ipcd.decisionlog import (
+    _DECIDED,
+    _DECIDED_VERDICT,
+    _FAILED_VERDICT,
+    DecisionLog,
+    Request,
+)
+from ipcd.identity import Peer, local_peer
 from ipcd.logs import ClassicTextFormatter, EventTemplate, json_observer, text_observer
 from ipcd.test.support import (
     TIMEOUT,
@@ -436,3 +444,39 @@ class EventTemplateTests(SynchronousTestCase):
         for event in events:
             expected = twistds(event)
             self.assertEqual(written(event), expected)
+
+
+class DecisionLogTests(SynchronousTestCase):
+    """L{DecisionLog}'s bounded memory and the formats of its lines."""
+
+    def test_fieldsKeptForAtMost256Requests(self) -> None:
+        """
+        The fields of up to 256 distinct requests are kept for reuse; the
+        257th forgets them all (what a peer's stream of new names can make
+        ipcd keep is bounded).
+        """
+        events: list[dict[str, Any]] = []
+        log = DecisionLog(Logger(observer=events.append))
+        peer = Peer("pid 1 uid 0")
+        for n in range(256):
+            log.record(Request("local", peer, f"s{n}"), None, "no route")
+        self.assertEqual(len(log._said), 256)
+        log.record(Request("local", peer, "s256"), None, "no route")
+        self.assertEqual(len(log._said), 1)
+        self.assertEqual(len(events), 257)
+        self.assertIn("s256", formatEvent(events[-1]))
+
+    def test_requestHasNoDict(self) -> None:
+        """A request per lookup: slots, no per-instance dict."""
+        self.assertFalse(hasattr(Request("local", Peer("x"), "s"), "__dict__"))
+
+    def test_formats(self) -> None:
+        """With a target: the verdict said once (in the outcome, or added)."""
+        self.assertEqual(decisionlog._decided_format(True, True, True), _DECIDED)
+        self.assertEqual(decisionlog._decided_format(True, True, False), _DECIDED)
+        self.assertEqual(
+            decisionlog._decided_format(True, False, True), _DECIDED_VERDICT
+        )
+        self.assertEqual(
+            decisionlog._decided_format(True, False, False), _FAILED_VERDICT
+        )

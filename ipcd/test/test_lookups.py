@@ -10,21 +10,28 @@ maximum age, or at once on a reload.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
+import warnings
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
 
+from ipcd.ataccept import _carry_on, serve_at_accept
+from ipcd.config import Config
 from ipcd.errors import Refused
 from ipcd.identity import LabelCache, local_labels
-from ipcd.lookup import reply_to
+from ipcd.limits import ConnectionLimits
+from ipcd.lookup import ILookupBroker, reply_to, unexpected
 from ipcd.lookupport import HandedOver
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
@@ -38,6 +45,7 @@ from ipcd.test.support import (
     start_ipcd,
     wait_until,
 )
+from ipcd.testing import FakeLookupBroker
 from ipcd.wire import HEADER, encode
 
 CLIENTS = 64
@@ -189,6 +197,205 @@ class AnsweredAtOnceTests(TestCase):
         self.assertEqual(at_accept[1], 0)
 
 
+class _AtOnceBroker(FakeLookupBroker):
+    """A L{FakeLookupBroker} that answers at once (C{open_now}), or fails."""
+
+    error: Exception | None = None
+
+    def open_now(self, payload: bytes, client: Any) -> Any:
+        answer = self.open(payload, client)
+        if self.error is not None:
+            return Failure(self.error)
+        if not answer.called:
+            return answer
+        result: list[Any] = []
+        answer.addBoth(result.append)
+        return result[0]
+
+
+class _Protocol:
+    """Stands for the L{LookupProtocol} that carries on: what it is asked."""
+
+    def __init__(self, answered: bool = False) -> None:
+        self._answered = answered
+        self.calls: list[tuple[str, Any]] = []
+
+    def send_rest(self, rest: bytes) -> None:
+        self.calls.append(("rest", rest))
+
+    def setTimeout(self, period: Any) -> None:  # noqa: N802 (Twisted's name)
+        self.calls.append(("timeout", period))
+
+    def answer(self, answer: Any) -> None:
+        self.calls.append(("answer", answer))
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.calls.append(("data", data))
+
+
+class ServeAtAcceptTests(SynchronousTestCase):
+    """
+    L{serve_at_accept} on a real socket pair: what it answers at once, and
+    what it leaves to the protocol (and how the protocol carries on).
+    """
+
+    def setUp(self) -> None:
+        self.broker = _AtOnceBroker(Config(rundir="/x", max_message_size=1 << 20))
+        self.addCleanup(self.broker.close)
+        self.client, self.server = socket.socketpair()
+        self.addCleanup(self.client.close)
+        self.addCleanup(self.server.close)
+        self.later: list[socket.socket] = []
+
+    def serve(self, data: bytes | None = None, limits: Any = None) -> Any:
+        if data is not None:
+            self.client.sendall(data)
+        return serve_at_accept(
+            self.broker, limits, Logger(), self.server, self.later.append
+        )
+
+    def test_ok(self) -> None:
+        """C{ok} and the socket; ours closed, the connection closed later."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            self.assertIsNone(self.serve(encode(b"pong")))
+        self.assertEqual([str(w.message) for w in caught], [])  # closed, not lost
+        self.assertEqual(self.later, [self.server])
+        data, fds, _flags, _addr = socket.recv_fds(self.client, 16, 1)
+        self.assertEqual(data, b"ok")
+        os.close(fds[0])
+        self.broker.peers[0].settimeout(TIMEOUT)
+        self.assertEqual(self.broker.peers[0].recv(1), b"")  # no copy left open
+        self.assertEqual(self.broker.counters["lookups answered at accept"], 1)
+
+    def test_refused(self) -> None:
+        """C{ne}: the connection closed at once, nothing handed on."""
+        self.broker.refuse("no")
+        self.assertIsNone(self.serve(encode(b"pong")))
+        self.assertEqual(self.later, [])
+        self.assertEqual(self.server.fileno(), -1)
+        self.assertEqual(self.client.recv(16), b"ne no")
+
+    def test_errorLogged(self) -> None:
+        self.broker.error = RuntimeError("boom")
+        self.assertIsNone(self.serve(encode(b"pong")))
+        self.assertEqual(self.client.recv(64), b"ne internal error: boom")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_clientGone(self) -> None:
+        """A client gone before its answer: nothing raised, nothing to carry on."""
+        self.client.sendall(encode(b"pong"))
+        self.client.close()
+        self.assertIsNone(self.serve())
+
+    def test_sizes(self) -> None:
+        """
+        An empty lookup and one of max_message_size bytes are served; one
+        longer, or a read of 4096 bytes (more may follow), or a header
+        alone are the protocol's, which reads them as received.
+        """
+        self.assertIsNone(self.serve(encode(b"")))
+        self.broker.config = Config(rundir="/x", max_message_size=10)
+        for data, served in (
+            (encode(b"x" * 10), True),
+            (encode(b"x" * 11), False),
+            (HEADER.pack(5), False),
+        ):
+            self.setUp()
+            self.broker.config = Config(rundir="/x", max_message_size=10)
+            resume = self.serve(data)
+            self.assertEqual(resume is None, served, data)
+            if resume is not None:
+                protocol = _Protocol()
+                resume(protocol)
+                self.assertEqual(protocol.calls, [("data", data)])
+        for size, served in ((4095, True), (4096, False)):
+            self.setUp()
+            resume = self.serve(encode(b"x" * (size - HEADER.size)))
+            self.assertEqual(resume is None, served, size)
+
+    def test_limits(self) -> None:
+        """Served at once only with a place to spare within the limits."""
+        for total, served in ((0, True), (1, False), (2, False)):
+            self.setUp()
+            limits = ConnectionLimits("ipc", 3, 5, Clock())
+            limits.total = total + 1  # counted in the total already
+            data = encode(b"pong")
+            resume = self.serve(data, limits)
+            self.assertEqual(resume is None, served, total)
+        uid = os.getuid()
+        self.setUp()
+        limits = ConnectionLimits("ipc", 100, 1, Clock())
+        limits.per_peer[f"uid:{uid}"] = 1
+        resume = self.serve(encode(b"pong"), limits)
+        protocol = _Protocol()
+        resume(protocol)
+        self.assertEqual(protocol.calls, [("data", encode(b"pong"))])
+
+    def test_notALocalClient(self) -> None:
+        """A client with no credentials to read (not AF_UNIX): the protocol's."""
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            self.client = socket.create_connection(listening.getsockname())
+            self.addCleanup(self.client.close)
+            self.server, _ = listening.accept()
+            self.addCleanup(self.server.close)
+        self.client.sendall(encode(b"pong"))
+        select.select([self.server], [], [], TIMEOUT)  # arrived
+        resume = self.serve()
+        protocol = _Protocol()
+        resume(protocol)
+        self.assertEqual(protocol.calls, [("data", encode(b"pong"))])
+
+    def test_restSentByTheProtocol(self) -> None:
+        """What a partial send left is the protocol's to send."""
+        protocol = _Protocol()
+        _carry_on(b"", None, b"st")(protocol)
+        self.assertEqual(protocol.calls, [("rest", b"st")])
+
+    def test_answerLater(self) -> None:
+        """
+        An answer that has to wait is the protocol's to give, or to cancel
+        if the protocol refused the client at its limits.
+        """
+        self.broker.hold()
+        resume = self.serve(encode(b"pong"))
+        protocol = _Protocol()
+        resume(protocol)
+        [pending] = self.broker.pending
+        self.assertEqual(protocol.calls, [("timeout", None), ("answer", pending)])
+        self.setUp()
+        self.broker.hold()
+        self.serve(encode(b"pong"))(_Protocol(answered=True))
+        self.assertEqual(self.broker.cancelled, self.broker.pending)
+
+    def test_clientNotReading(self) -> None:
+        """
+        A client whose socket is full gets its answer from the protocol; if
+        the protocol refused it, the socket is closed.
+        """
+        for answered in (False, True):
+            self.setUp()
+            self.server.setblocking(False)
+            try:
+                while True:
+                    self.server.send(b"x" * 65536)
+            except BlockingIOError:
+                pass
+            resume = self.serve(encode(b"pong"))
+            protocol = _Protocol(answered)
+            resume(protocol)
+            if answered:
+                self.assertEqual(protocol.calls, [])
+                self.broker.peers[-1].settimeout(TIMEOUT)
+                self.assertEqual(self.broker.peers[-1].recv(1), b"")
+            else:
+                self.assertEqual(protocol.calls[0], ("timeout", None))
+                kind, sock = protocol.calls[1]
+                self.assertEqual(kind, "answer")
+                self.assertIsInstance(sock, socket.socket)
+                sock.close()
+
+
 class ReplyTests(SynchronousTestCase):
     """L{reply_to}: the one wire form of an answer, for both paths."""
 
@@ -205,6 +412,21 @@ class ReplyTests(SynchronousTestCase):
     def test_internalError(self) -> None:
         reply = reply_to(Failure(RuntimeError("boom\n")))
         self.assertEqual(reply, (b"ne internal error: boom\\x0a", None))
+
+    def test_onlyErrorsLogged(self) -> None:
+        """A refusal is said to the client; any other failure is also logged."""
+        self.assertIs(unexpected(Failure(Refused("no"))), False)
+        self.assertIs(unexpected(Failure(RuntimeError("boom"))), True)
+
+
+class BrokerInterfaceTests(SynchronousTestCase):
+    """L{ILookupBroker} names all a lookup factory uses of its broker."""
+
+    def test_names(self) -> None:
+        self.assertEqual(
+            set(ILookupBroker.names()), {"open", "config", "counters", "reactor"}
+        )
+        verifyObject(ILookupBroker, FakeLookupBroker())
 
 
 class _GroupDatabase:

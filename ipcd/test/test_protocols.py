@@ -305,6 +305,103 @@ class LookupProtocolTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+class OpenTransport(StringTransport):
+    """Stays open when closed (the write buffer still flushing), with a socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drained: list[int] = []
+
+    def getHandle(self) -> Any:  # noqa: N802 (Twisted's name)
+        drained = self.drained
+
+        class Handle:
+            def recv(self, size: int, flags: int = 0) -> bytes:
+                drained.append(size)
+                raise BlockingIOError
+
+            def getsockopt(self, *args: Any) -> bytes:
+                raise OSError("not a unix socket")
+
+        return Handle()
+
+
+class LookupAnswerTests(SynchronousTestCase):
+    """
+    A lookup connection once its answer is decided: nothing left running,
+    what the client sent and nobody reads dropped before the close, a
+    socket that comes too late closed, errors logged.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.fake = PendingTransport()
+        self.connected: Deferred[Any] = Deferred()
+        self.fake.connect = lambda target, client: self.connected  # type: ignore[method-assign]
+        broker = Broker(config(lookup_timeout=3.0), self.clock, {"fake": self.fake})
+        self.broker = broker
+        self.protocol = LookupFactory(broker).buildProtocol(None)
+        self.transport = connect(self.protocol, OpenTransport())
+
+    def test_refusedWithNothingLeft(self) -> None:
+        """A refusal: written, unread input drained, no deadline left."""
+        self.protocol.dataReceived(wire.encode(b"pong;pong"))
+        self.assertTrue(self.transport.value().startswith(b"ne bad lookup: "))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertNotEqual(self.transport.drained, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_restOfAnAnswerBegunAtAccept(self) -> None:
+        """
+        C{send_rest} (what the accept path could not send): written, the
+        connection closed, no deadline left, and a lookup after it ignored.
+        """
+        self.protocol.send_rest(b"ne rest")
+        self.assertEqual(self.transport.value(), b"ne rest")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.protocol.dataReceived(wire.encode(b"pong;pong fake://h/pong"))
+        self.assertEqual(self.broker.counters["lookups"], 0)
+        self.assertEqual(self.transport.value(), b"ne rest")
+
+    def test_oversizedWithNothingLeft(self) -> None:
+        """Too long a lookup: refused, no deadline left."""
+        self.protocol.dataReceived(wire.HEADER.pack(1 << 31))
+        self.assertTrue(self.transport.value().startswith(b"ne lookup of "))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_lostStopsTheDeadline(self) -> None:
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_internalErrorLogged(self) -> None:
+        """An error (not a refusal) is answered and logged."""
+        self.protocol.dataReceived(wire.encode(b"pong;pong fake://h/pong"))
+        self.connected.errback(RuntimeError("boom"))
+        self.assertEqual(self.transport.value(), b"ne internal error: boom")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def leaveAsItEnds(self, outcome: Any) -> None:
+        """
+        A lookup pending, then the client goes: the connect ends with
+        C{outcome} as it is cancelled (it completed meanwhile).
+        """
+        self.connected = Deferred(lambda d: outcome(d))
+        self.protocol.dataReceived(wire.encode(b"pong;pong fake://h/pong"))
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+    def test_lateSocketClosed(self) -> None:
+        """A socket that comes once the client is gone is closed."""
+        sock = FakeSocket()
+        self.leaveAsItEnds(lambda d: d.callback(sock))
+        self.assertTrue(sock.closed)
+
+    def test_lateErrorLogged(self) -> None:
+        """An error that comes once the client is gone is still logged."""
+        self.leaveAsItEnds(lambda d: d.errback(RuntimeError("boom")))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
 # tcpd's handshakes.
 
 

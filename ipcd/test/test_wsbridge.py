@@ -1,0 +1,284 @@
+"""
+websocketd's own wire code (L{ipcd.transports.wsbridge}) fed reads as the
+kernel may cut them: a real in-process ipcd and websocketd with pongd
+behind it, a real WebSocket client socket, and the server's protocol, once
+it has joined its service, handed bytes in the reactor thread as its
+transport hands them, so that where one read ends is the test's choice.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from ipcd.compat import autobahn as compat_autobahn
+from ipcd.test.wssupport import (
+    BINARY,
+    CLOSE,
+    PING,
+    PONG,
+    TEXT,
+    close_code,
+    start_ws_host,
+    ws_frame,
+    ws_message,
+    ws_open,
+    ws_recv,
+)
+from ipcd.transports.outbox import Outbox
+from ipcd.transports.wsbridge import SPLIT_ABOVE
+from ipcd.transports.wsframes import SMALL
+from ipcd.transports.wsserver import WebSocketInbound
+from ipcd.wire import encode
+
+# A 16-bit length whose two bytes read as a small binary frame's first two.
+_LOOKS_SMALL = 0x8285
+
+
+def _masked(first: int, header_length: bytes, payload: bytes, mask: bytes) -> bytes:
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes((first,)) + header_length + mask + body
+
+
+class BridgeReadTests(TestCase):
+    """
+    What a bridge does with each read of the WebSocket peer and of the
+    service: whole messages relayed, each read's relayed in one send, the
+    service connection's idle timer, autobahn's counters.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.host = yield start_ws_host(self)
+        self.joined: list[Any] = []
+        join = WebSocketInbound.joinSocket
+
+        def caught(protocol: Any, *args: Any, **kwargs: Any) -> None:
+            join(protocol, *args, **kwargs)
+            self.joined.append(protocol)
+
+        self.patch(WebSocketInbound, "joinSocket", caught)
+
+    @inlineCallbacks
+    def open(self) -> Any:
+        """A client socket and the server's protocol for it, joined to pongd."""
+        opening = yield deferToThread(ws_open, self.host.port, "/pong")
+        self.addCleanup(opening.sock.close)
+        # The server answers the opening handshake once it has joined.
+        return opening.sock, self.joined[-1]
+
+    def recv(self, sock: Any) -> Any:
+        return deferToThread(ws_recv, sock)
+
+    def sends(self, outbox: Outbox) -> list[int]:
+        """Count C{outbox}'s sends from now on."""
+        count: list[int] = []
+        send = outbox.send
+
+        def counted() -> Any:
+            count.append(len(outbox.pieces))
+            return send()
+
+        self.patch(outbox, "send", counted)
+        return count
+
+    @inlineCallbacks
+    def test_readsCutInsideAFrame(self) -> Any:
+        """
+        A read that happens to look like one small whole frame, while a
+        frame's header or payload is still being read, is that frame's
+        bytes, not a message of its own: the message comes back whole.
+        """
+        sock, protocol = yield self.open()
+        mask = os.urandom(4)
+        payload = os.urandom(_LOOKS_SMALL)
+        frame = _masked(0x82, b"\xfe" + _LOOKS_SMALL.to_bytes(2, "big"), payload, mask)
+        # Cut after two bytes: the next 11 start b"\x82\x85" and hold a
+        # "mask" and 5 bytes of "payload".
+        for read in (frame[:2], frame[2:13], frame[13:]):
+            protocol.dataReceived(read)
+        self.assertEqual((yield self.recv(sock)), (BINARY, payload))
+        # Inside a payload: 1000 bytes read, then 11 on the wire that look
+        # small (the payload is what they unmask to).
+        wire = b"x" * 1000 + ws_frame(b"hello", BINARY) + b"y" * 13
+        unmasked = bytes(b ^ mask[i % 4] for i, b in enumerate(wire))
+        inside = b"\x82\xfe\x04\x00" + mask + wire
+        for read in (inside[:1008], inside[1008:1019], inside[1019:]):
+            protocol.dataReceived(read)
+        self.assertEqual((yield self.recv(sock)), (BINARY, unmasked))
+
+    @inlineCallbacks
+    def test_oneSendPerRead(self) -> Any:
+        """
+        The messages of one read go out together, each way: one send to
+        the service for three WebSocket messages, one to the peer for
+        three service messages.
+        """
+        sock, protocol = yield self.open()
+        to_service = self.sends(protocol._toSocket)
+        protocol.dataReceived(b"".join(ws_frame(p, BINARY) for p in (b"a", b"b", b"c")))
+        self.assertEqual(to_service, [6])  # three headers, three payloads
+        for expected in (b"a", b"b", b"c"):
+            self.assertEqual((yield self.recv(sock)), (BINARY, expected))
+        to_peer = self.sends(protocol._toWebSocket)
+        protocol.messageSide.dataReceived(encode(b"d") + encode(b"e") + encode(b"f"))
+        self.assertEqual(to_peer, [3])
+        for expected in (b"d", b"e", b"f"):
+            self.assertEqual((yield self.recv(sock)), (BINARY, expected))
+
+    @inlineCallbacks
+    def test_messagesKeepTheServiceConnection(self) -> Any:
+        """
+        The service connection's idle timer (on a fake clock) restarts with
+        each message relayed to it, small or not, and not with a read that
+        relays none (a ping).
+        """
+        sock, protocol = yield self.open()
+        side = protocol.messageSide
+        clock = Clock()
+        timed_out: list[float] = []
+        self.patch(side, "timeoutConnection", lambda: timed_out.append(clock.seconds()))
+        side.setTimeout(None)  # off the reactor's clock, onto the fake one
+        side.clock, side.idleTimeout = clock, 10
+        side.setTimeout(10)
+        clock.advance(6)
+        protocol.dataReceived(ws_frame(b"small", BINARY))
+        clock.advance(6)  # 12: the message at 6 restarted it
+        self.assertEqual(timed_out, [])
+        yield self.recv(sock)  # the reply read at 12: due at 22
+        big = b"b" * 200
+        clock.advance(9)
+        protocol.dataReceived(ws_frame(big, BINARY))  # at 21
+        clock.advance(9)  # 30
+        self.assertEqual(timed_out, [])
+        self.assertEqual((yield self.recv(sock)), (BINARY, big))  # due at 40
+        clock.advance(8)
+        protocol.dataReceived(ws_frame(b"p", PING))  # at 38: no message
+        self.assertEqual((yield self.recv(sock)), (PONG, b"p"))
+        clock.advance(2)  # 40
+        self.assertEqual(timed_out, [40])
+
+    @inlineCallbacks
+    def test_smallPathKeepsAutobahnsCounts(self) -> Any:
+        """
+        A message and its reply in websocketd's own small frames count in
+        autobahn's traffic statistics as autobahn's own path counts them:
+        octets on the wire in; messages, octets on the wire and in
+        messages out.
+        """
+        sock, small = yield self.open()
+        other, whole = yield self.open()
+        whole._smallMax = 0  # autobahn's own path, both ways
+        frame = ws_frame(b"hello", TEXT)
+        for protocol, client in ((small, sock), (whole, other)):
+            protocol.dataReceived(frame)
+            self.assertEqual((yield self.recv(client)), (TEXT, b"hello"))
+        for field in (
+            "incomingOctetsWireLevel",
+            "outgoingWebSocketMessages",
+            "outgoingOctetsAppLevel",
+            "outgoingOctetsWebSocketLevel",
+            "outgoingOctetsWireLevel",
+        ):
+            self.assertEqual(
+                getattr(small.trafficStats, field),
+                getattr(whole.trafficStats, field),
+                field,
+            )
+        self.assertEqual(small.trafficStats.outgoingWebSocketMessages, 1)
+        # Once closing, autobahn counts no more octets in; nor do small frames.
+        small.closeBridge(1000, "")
+        before = small.trafficStats.incomingOctetsWireLevel
+        small.dataReceived(frame)
+        self.assertEqual(small.trafficStats.incomingOctetsWireLevel, before)
+
+    @inlineCallbacks
+    def test_smallMessageOverTheLimit(self) -> Any:
+        """
+        A small frame over this connection's message limit is autobahn's to
+        refuse (1009), never relayed.
+        """
+        sock, protocol = yield self.open()
+        self.patch(protocol, "maxMessagePayloadSize", 4)
+        protocol._smallMax = protocol._smallMessageLimit()
+        protocol.dataReceived(ws_frame(b"12345", BINARY))
+        opcode, payload = yield deferToThread(ws_message, sock)
+        self.assertEqual((opcode, close_code(payload)), (CLOSE, 1009))
+
+    @inlineCallbacks
+    def test_smallMessageLimit(self) -> Any:
+        """
+        Small frames only on a server's connection whose frames nothing
+        changes, each condition alone turning them off; within every
+        limit autobahn applies (0: none).
+        """
+        _sock, protocol = yield self.open()
+        self.assertEqual(protocol._smallMessageLimit(), SMALL)
+        for name, value in (
+            ("websocket_extensions_in_use", ["permessage-deflate"]),
+            ("logOctets", True),
+            ("applyMask", False),
+            ("utf8validateIncoming", False),
+        ):
+            before = getattr(protocol, name)
+            self.patch(protocol, name, value)
+            self.assertEqual(protocol._smallMessageLimit(), 0, name)
+            self.patch(protocol, name, before)
+            self.assertEqual(protocol._smallMessageLimit(), SMALL, name)
+        self.patch(protocol.factory, "isServer", False)
+        self.assertEqual(protocol._smallMessageLimit(), 0)
+        self.patch(protocol.factory, "isServer", True)
+        for name in (
+            "maxFramePayloadSize",
+            "maxMessagePayloadSize",
+            "autoFragmentSize",
+        ):
+            for limit, expected in ((1, 1), (2, 2), (0, SMALL), (SMALL + 1, SMALL)):
+                self.patch(protocol, name, limit)
+                self.assertEqual(protocol._smallMessageLimit(), expected, (name, limit))
+
+    @inlineCallbacks
+    def test_messageLetGo(self) -> Any:
+        """Once a message has gone to the service, the bridge holds none of it."""
+        sock, protocol = yield self.open()
+        protocol.dataReceived(
+            ws_frame(b"frag", BINARY, fin=False) + ws_frame(b"ment", 0)
+        )
+        self.assertIsNone(protocol.message_data)
+        self.assertEqual((yield self.recv(sock)), (BINARY, b"fragment"))
+
+    @inlineCallbacks
+    def test_largeReadsFrameByFrame(self) -> Any:
+        """
+        A read of more than SPLIT_ABOVE bytes reaches autobahn's parser a
+        frame at a time (the rest of a frame begun in an earlier read
+        first); one of SPLIT_ABOVE bytes, whole.
+        """
+        sock, protocol = yield self.open()
+        fed: list[int] = []
+        feed = compat_autobahn.feed
+
+        def counted(target: Any, data: bytes) -> Any:
+            fed.append(len(data))
+            return feed(target, data)
+
+        self.patch(compat_autobahn, "feed", counted)
+        # 64 frames of 58 bytes' payload (6 of header): SPLIT_ABOVE bytes.
+        frames = [ws_frame(bytes([i]) * 58, BINARY) for i in range(64)]
+        protocol.dataReceived(b"".join(frames))
+        self.assertEqual(fed, [SPLIT_ABOVE])
+        for i in range(64):
+            self.assertEqual((yield self.recv(sock)), (BINARY, bytes([i]) * 58))
+        del fed[:]
+        begun = ws_frame(b"z" * 10000, BINARY)  # 8 bytes of header
+        protocol.dataReceived(begun[:1008])
+        protocol.dataReceived(begun[1008:] + b"".join(frames))
+        self.assertEqual(fed, [1008, 9000, *[64] * 64])
+        self.assertEqual((yield self.recv(sock)), (BINARY, b"z" * 10000))
+        for i in range(64):
+            self.assertEqual((yield self.recv(sock)), (BINARY, bytes([i]) * 58))
