@@ -111,6 +111,9 @@ def _carry_on(
     def resume(protocol: Any) -> None:
         if protocol._answered:  # refused at its limits: nothing to answer
             if isinstance(answer, Deferred):
+                # Nobody waits for it: its error (the cancellation) is not
+                # an unhandled one, and a socket it may still give is closed.
+                answer.addBoth(_let_go)
                 answer.cancel()
             elif isinstance(answer, socket.socket):
                 answer.close()
@@ -124,3 +127,9 @@ def _carry_on(
             protocol.dataReceived(data)
 
     return resume
+
+
+def _let_go(result: Any) -> None:
+    """An answer nobody waits for any more: a socket closed, errors dropped."""
+    if isinstance(result, socket.socket):
+        result.close()

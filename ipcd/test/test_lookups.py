@@ -367,6 +367,9 @@ class ServeAtAcceptTests(SynchronousTestCase):
         self.broker.hold()
         self.serve(encode(b"pong"))(_Protocol(answered=True))
         self.assertEqual(self.broker.cancelled, self.broker.pending)
+        # Its cancellation handled: no "Unhandled error in Deferred" later.
+        [cancelled] = self.broker.cancelled
+        self.assertIsNone(cancelled.result)
 
     def test_clientNotReading(self) -> None:
         """

@@ -1,5 +1,5 @@
 """
-websocketd's own wire code (L{ipcd.transports.wsbridge}) fed reads as the
+websocketd's own wire code (L{ipcd.daemons.websocket.bridge}) fed reads as the
 kernel may cut them: a real in-process ipcd and websocketd with pongd
 behind it, a real WebSocket client socket, and the server's protocol, once
 it has joined its service, handed bytes in the reactor thread as its
@@ -17,6 +17,10 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from ipcd.compat import autobahn as compat_autobahn
+from ipcd.daemons.outbox import Outbox
+from ipcd.daemons.websocket.bridge import SPLIT_ABOVE
+from ipcd.daemons.websocket.frames import SMALL
+from ipcd.daemons.websocket.server import WebSocketInbound
 from ipcd.test.wssupport import (
     BINARY,
     CLOSE,
@@ -30,10 +34,6 @@ from ipcd.test.wssupport import (
     ws_open,
     ws_recv,
 )
-from ipcd.transports.outbox import Outbox
-from ipcd.transports.wsbridge import SPLIT_ABOVE
-from ipcd.transports.wsframes import SMALL
-from ipcd.transports.wsserver import WebSocketInbound
 from ipcd.wire import encode
 
 # A 16-bit length whose two bytes read as a small binary frame's first two.
