@@ -18,7 +18,7 @@ import warnings
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -370,6 +370,18 @@ class ServeAtAcceptTests(SynchronousTestCase):
         # Its cancellation handled: no "Unhandled error in Deferred" later.
         [cancelled] = self.broker.cancelled
         self.assertIsNone(cancelled.result)
+
+    def test_lateSocketClosed(self) -> None:
+        """
+        An answer let go (the protocol refused the client) that still gives
+        a socket as it is cancelled: that socket is closed, not leaked.
+        """
+        late, other = socket.socketpair()
+        self.addCleanup(late.close)
+        self.addCleanup(other.close)
+        answer: Deferred[socket.socket] = Deferred(lambda d: d.callback(late))
+        _carry_on(b"", answer)(_Protocol(answered=True))
+        self.assertEqual(late.fileno(), -1)
 
     def test_clientNotReading(self) -> None:
         """
