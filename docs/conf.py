@@ -12,7 +12,7 @@ release = "0.1.0"
 
 extensions: list[str] = []
 root_doc = "index"
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "operations-*.rst"]  # included by operations.rst
 highlight_language = "none"
 pygments_style = "sphinx"
 
