@@ -24,9 +24,6 @@ import socket
 import stat
 from typing import Any
 
-from twisted.internet.interfaces import IStreamServerEndpoint
-from zope.interface import implementer
-
 from ipcd.rundir import _user
 
 
@@ -182,28 +179,3 @@ def inherited() -> InheritedSockets:
     if _inherited is None:
         _inherited = InheritedSockets()
     return _inherited
-
-
-@implementer(IStreamServerEndpoint)
-class SharedSocketEndpoint:
-    """
-    A C{systemd:} endpoint (Twisted's C{AdoptedStreamServerEndpoint}) whose
-    port leaves the socket listening for systemd when it stops.
-    """
-
-    def __init__(self, endpoint: Any) -> None:
-        self.endpoint = endpoint
-
-    def listen(self, factory: Any) -> Any:
-        from ipcd.compat.twisted import share_listening_socket
-
-        return self.endpoint.listen(factory).addCallback(share_listening_socket)
-
-
-def shared_if_inherited(endpoint: Any) -> Any:
-    """C{endpoint}, as a L{SharedSocketEndpoint} if it adopts systemd's socket."""
-    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
-
-    if isinstance(endpoint, AdoptedStreamServerEndpoint):
-        return SharedSocketEndpoint(endpoint)
-    return endpoint

@@ -223,9 +223,10 @@ SHOULD_SHUTDOWN = Name(
 
 def share_listening_socket(port: Any) -> Any:
     """
-    C{port} (listening on a socket systemd passed) closes its socket without
-    C{shutdown()} first, which would stop it listening for systemd too (the
-    socket is one, shared); returns C{port}.
+    C{port} (a UNIX port on a socket systemd passed) closes its socket
+    without C{shutdown()} first, which would stop it listening for systemd
+    too (the socket is one, shared); returns C{port}.  Twisted's TCP ports
+    do so for an adopted socket already, its UNIX ports not.
     """
     if SHOULD_SHUTDOWN.present or SHOULD_SHUTDOWN.usable():
         port._shouldShutdown = False

@@ -16,7 +16,6 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import serverFromString
 
 from ipcd import wire
-from ipcd.activation import shared_if_inherited
 from ipcd.daemons import settings_of
 from ipcd.host import IDaemonHost
 from ipcd.inbound import ControlHandshake, HandshakeFactory, Handshaking
@@ -145,9 +144,7 @@ def network_listener(
         )
 
     return EndpointListener(
-        LimitedEndpoint(
-            shared_if_inherited(serverFromString(broker.reactor, listen)), limits
-        ),
+        LimitedEndpoint(serverFromString(broker.reactor, listen), limits),
         LimitedFactory(factory, limits, peer_key, refusal),
     )
 

@@ -484,6 +484,27 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
             f"listening stream socket at {self.rundir}/ipc",
         )
 
+    def test_namedButElsewhere(self) -> None:
+        """
+        The socket named "ipc" (FileDescriptorName=ipc) bound outside RUNDIR:
+        refused, not served outside RUNDIR nor silently passed over.
+        """
+        elsewhere = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(elsewhere.close)
+        path = os.path.join(self.work, "ipc")
+        elsewhere.bind(path)
+        elsewhere.listen(16)
+        process, _log = self.activated(
+            [elsewhere], ["ipc"], "tcp:0:interface=127.0.0.1"
+        )
+        code, output = self.exited(process)
+        self.assertEqual(code, 1, output)
+        self.assertIn(
+            f"ipcd: inherited socket ipc (fd 3) is bound at '{path}', not at "
+            f"{self.rundir}/ipc",
+            output,
+        )
+
     def test_notIpcdsFile(self) -> None:
         """RUNDIR/ipc's file belongs to another user: refused."""
         unix = self.listening_unix()
