@@ -205,11 +205,18 @@ class _Ipcd:
         tcp_listen: str,
         before: list[str] | None = None,
         popen: dict[str, object] | None = None,
+        after: tuple[str, ...] = (),
         **env: str,
     ) -> tuple[subprocess.Popen[bytes], str]:
+        """
+        ipcd as the unit's ExecStart line starts it, tcpd's listener
+        C{tcp_listen} in its configuration file; C{before} the module (a
+        wrapper's arguments), C{after} more options, C{env} more environment.
+        """
         self.write_config(tcp_listen)
         self.log = os.path.join(self.work, "ipcd.log")
         args = [*(before or []), *unit_command("ExecStart", self.rundir, self.config)]
+        args += after
         environ = python_env(**env)
         environ.pop("NOTIFY_SOCKET", None)
         environ.update(env)
@@ -405,7 +412,11 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
         return sock
 
     def activated(
-        self, socks: list[socket.socket], names: list[str], tcp_listen: str
+        self,
+        socks: list[socket.socket],
+        names: list[str],
+        tcp_listen: str,
+        after: tuple[str, ...] = (),
     ) -> tuple[subprocess.Popen[bytes], str]:
         """ipcd started as systemd starts it with C{socks} (LISTEN_FDNAMES C{names})."""
         before, popen = passing_fds(socks)
@@ -413,6 +424,7 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
             tcp_listen,
             before,
             popen,
+            after,
             LISTEN_FDS=str(len(socks)),
             LISTEN_FDNAMES=":".join(names),
         )
@@ -445,12 +457,15 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
         """
         One socket unit with two ListenStream= (both named after the unit):
         RUNDIR/ipc is found by its path, tcpd's by --tcp
-        systemd:domain=INET:index=1.
+        systemd:domain=INET:index=1 on the command line.
         """
         unix, tcp = self.listening_unix(), self.listening_tcp()
         names = ["ipcd.socket", "ipcd.socket"]
         process, _log = self.activated(
-            [unix, tcp], names, "systemd:domain=INET:index=1"
+            [unix, tcp],
+            names,
+            "tcp:0:interface=127.0.0.1",
+            ("--tcp", "systemd:domain=INET:index=1"),
         )
         self.serves_through(process, unix, tcp)
 
