@@ -21,10 +21,17 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd import control
+from ipcd.compat import twisted as compat_twisted
+from ipcd.lookupport import adopt
 from ipcd.routes import encode_lookup
 from ipcd.sdnotify import Notifier, notify_address
 from ipcd.test.support import (
@@ -608,3 +615,61 @@ class UnitFileTests(SynchronousTestCase):
         self.assertLessEqual(float(match.group(1)), EXPOSURE_BOUND, result.stdout)  # type: ignore[union-attr]
         with open(os.path.join(DOCS, "operations-systemd.rst")) as f:
             self.assertIn(f"at most {EXPOSURE_BOUND}", f.read())
+
+
+class Greeter(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.write(b"hi")
+        self.transport.loseConnection()
+
+
+class AdoptedPortTests(TestCase):
+    """
+    The port on an inherited RUNDIR socket (L{ipcd.lookupport.adopt}), in
+    this process: with Twisted's private names, and without them (the
+    fallback: Twisted's adoptStreamPort, whose port removes the file).
+    """
+
+    def listening(self) -> socket.socket:
+        rundir = short_rundir(self, "ipcd-adopt-")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(os.path.join(rundir, "ipc"))
+        sock.listen(16)
+        return sock
+
+    @inlineCallbacks
+    def adopted(self) -> Any:
+        """Adopt a copy of a listening socket; greet one client; stop."""
+        systemds = self.listening()
+        path = systemds.getsockname()
+        ours = socket.socket(fileno=os.dup(systemds.fileno()))
+        ours.setblocking(False)
+        port = adopt(reactor, ours, Factory.forProtocol(Greeter), 0o600)
+        self.assertEqual(os.lstat(path).st_mode & 0o7777, 0o600)
+        greeting = yield deferToThread(_greeting, path)
+        self.assertEqual(greeting, b"hi")
+        yield port.stopListening()
+        return systemds, path
+
+    @inlineCallbacks
+    def test_keptForSystemd(self) -> Any:
+        """The file stays, and the socket listens on for systemd."""
+        _systemds, path = yield self.adopted()
+        self.assertTrue(accepts(path))
+
+    @inlineCallbacks
+    def test_withoutPrivateNames(self) -> Any:
+        """Twisted without the names: served all the same, with the mode."""
+        for name in (compat_twisted.PREEXISTING_SOCKET, compat_twisted.SHOULD_SHUTDOWN):
+            self.patch(name, "present", False)
+            self.patch(name, "said", True)  # no log line in this test's output
+        _systemds, path = yield self.adopted()
+        self.assertFalse(os.path.lexists(path))  # the fallback's cost
+
+
+def _greeting(path: str) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(TIMEOUT)
+        client.connect(path)
+        return client.recv(16)
