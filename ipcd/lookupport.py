@@ -19,13 +19,14 @@ import socket
 from collections import deque
 from typing import Any
 
-from twisted.internet import unix
+from twisted.internet import tcp, unix
 from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 
 from ipcd.compat import cpython
+from ipcd.compat.twisted import adopt_unix_port
 from ipcd.reactors import IHostReactor
 
 _log = Logger()
@@ -169,13 +170,18 @@ class LookupPort(unix.Port):
         resume(protocol)
 
 
+def _fast(reactor: Any, factory: Any) -> bool:
+    """Whether C{factory} may serve within accept on C{reactor}'s ports."""
+    return hasattr(factory, "serve_at_once") and isinstance(reactor, PosixReactorBase)
+
+
 def listen(reactor: Any, path: str, factory: Any, backlog: int, mode: int) -> Any:
     """
     C{reactor.listenUNIX}; with a L{LookupPort} for a factory that can serve
     connections within accept (C{serve_at_once}), on a reactor whose ports
     are Twisted's own.
     """
-    if hasattr(factory, "serve_at_once") and isinstance(reactor, PosixReactorBase):
+    if _fast(reactor, factory):
         return listen_fast(reactor, path, factory, backlog, mode)
     return reactor.listenUNIX(path, factory, backlog=backlog, mode=mode)
 
@@ -187,3 +193,23 @@ def listen_fast(
     port = LookupPort(path, factory, backlog, mode, reactor)
     port.startListening()
     return port
+
+
+class KeepsFile(unix.Port):
+    """
+    A port on a listening socket systemd made (socket activation): the file
+    is the socket unit's, and stays when the port stops, for the next ipcd.
+    """
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
+        tcp.Port.connectionLost(self, reason)  # unix.Port's would unlink it
+
+
+class KeptLookupPort(LookupPort, KeepsFile):
+    """A L{LookupPort} on a socket systemd made."""
+
+
+def adopt(reactor: IHostReactor, sock: Any, factory: Any, mode: int) -> Any:
+    """L{listen}, on C{sock}, a listening UNIX socket inherited from systemd."""
+    port_class = KeptLookupPort if _fast(reactor, factory) else KeepsFile
+    return adopt_unix_port(port_class, reactor, sock, factory, mode)

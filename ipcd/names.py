@@ -117,6 +117,18 @@ def _listen(
     return listen(reactor, path, factory, backlog, mode)
 
 
+def _adopt_inherited(reactor: IReactorUNIX, path: str, factory: Any, mode: int) -> Any:
+    """
+    A port on the socket systemd passed for C{path} (socket activation,
+    L{ipcd.activation}), or None when it passed none.
+    """
+    from ipcd.activation import inherited
+    from ipcd.lookupport import adopt
+
+    sock = inherited().take(path, os.path.basename(path))
+    return None if sock is None else adopt(reactor, sock, factory, mode)
+
+
 def listen_unix(
     reactor: IReactorUNIX,
     path: str,
@@ -128,7 +140,8 @@ def listen_unix(
     """
     Listen on C{path} with C{mode} (and C{group}, if given), clearing a stale
     socket first.  The returned port removes the socket file when it stops
-    listening.
+    listening, unless systemd made it: an inherited listening socket bound
+    at C{path} is adopted instead (L{ipcd.activation}).
     """
     gid = -1
     if group is not None:
@@ -137,6 +150,11 @@ def listen_unix(
         except KeyError:
             raise ValueError(f"no such group {group!r} for {path}") from None
     ensure_rundir(os.path.dirname(path) or ".")
+    port = _adopt_inherited(reactor, path, factory, mode)
+    if port is not None:
+        if gid != -1:
+            os.chown(path, -1, gid)
+        return port
     clear_stale_socket(path)
     # Narrowest umask while binding: the socket never exists with more
     # permissions than asked, even before the chmod.

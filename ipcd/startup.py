@@ -18,6 +18,7 @@ from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ipcd.activation import InheritedSocketError
 from ipcd.config import Config
 from ipcd.control import CONTROL_NAME
 from ipcd.endpoints import BROKER_NAME
@@ -75,7 +76,7 @@ def daemon_of(leaf: Any, config: Config) -> Any:
 def cannot_listen(error: Exception, leaf: Any, config: Config) -> str:
     """What failed when C{leaf} started, in one line with the way out."""
     rundir = config.rundir
-    if isinstance(error, UnsafeRundir | SocketInUse):
+    if isinstance(error, UnsafeRundir | SocketInUse | InheritedSocketError):
         return str(error)
     endpoint = getattr(leaf, "endpoint", None)
     path = getattr(endpoint, "path", None)

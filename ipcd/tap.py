@@ -10,6 +10,7 @@ L{ipcd.options}) and L{makeService} here.
 from __future__ import annotations
 
 import gc
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,6 +23,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
 from ipcd import compat
+from ipcd.activation import inherited
 from ipcd.broker import Broker
 from ipcd.config import Config, ConfigError
 from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_report
@@ -36,6 +38,7 @@ from ipcd.names import SocketInUse, clear_stale_socket, socket_path
 from ipcd.options import Options
 from ipcd.reactors import IHostReactor
 from ipcd.rundir import UnsafeRundir, prepare_rundir
+from ipcd.sdnotify import Notifier, Readiness
 from ipcd.services import IPCService
 from ipcd.services.pongd import pongd
 from ipcd.startup import (
@@ -78,6 +81,8 @@ class IPCDService(MultiService):
         self._listening = False
         self._listeners_up: Outcome[dict[str, list[str]]] = Outcome()
         self._ready: Outcome[dict[str, list[str]]] = Outcome()
+        # Under systemd (Type=notify): what tells it ipcd's state.
+        self.readiness: Readiness | None = None
         # What twistd should log with, if not its default (see makeService).
         self.log_observer: ILogObserver | None = None
         # Where each part listens ("tcpd": ["127.0.0.1:9000"]), as it starts.
@@ -152,8 +157,17 @@ class IPCDService(MultiService):
         """
         Re-read the configuration.  A valid one applies to new connections
         (existing ones are untouched); an invalid one is refused and the old
-        one stays.
+        one stays.  Under systemd, told as C{RELOADING=1} then C{READY=1}.
         """
+        readiness = self.readiness
+        if readiness is not None:
+            readiness.reloading()
+        answer = self._reload()
+        if readiness is not None:
+            readiness.reloaded(answer)
+        return answer
+
+    def _reload(self) -> dict[str, Any]:
         if self._reload_config is None:
             return {
                 "ok": False,
@@ -380,10 +394,16 @@ def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDSe
     # is unsafe or that another instance is running; then listen (what
     # twistd would do after daemonizing, when a failure is no longer said
     # on the terminal).
+    notifier = Notifier.from_environment()
+    if notifier is not None:
+        service.readiness = Readiness(notifier, service)
+        service.readiness.setServiceParent(service)
     try:
         prepare_rundir(options.config.rundir)
         for path in service.socket_paths():
-            clear_stale_socket(path)
+            # systemd's socket (socket activation) is adopted, not cleared.
+            if not inherited().holds(path, os.path.basename(path)):
+                clear_stale_socket(path)
         service.privilegedStartService()
     except (UnsafeRundir, SocketInUse, StartupError) as e:
         raise SystemExit(f"ipcd: {e}") from None

@@ -24,6 +24,7 @@ imported here.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -192,6 +193,67 @@ PARSE_SERVER = Name(
     "a bad argument is found when ipcd listens",
     lambda: callable(_endpoints()._parseServer),
 )
+
+
+def _unix_port_class() -> Any:
+    from twisted.internet.unix import Port
+
+    return Port
+
+
+PREEXISTING_SOCKET = Name(
+    LIBRARY,
+    "unix.Port._preexistingSocket",
+    "keeping a socket-activated RUNDIR socket as systemd made it",
+    "Twisted adopts it (its file mode 0666 until ipcd sets its own, and "
+    "removed when ipcd stops: restart the socket unit after ipcd)",
+    _has(_unix_port_class, "_preexistingSocket"),
+)
+
+
+SHOULD_SHUTDOWN = Name(
+    LIBRARY,
+    "tcp._SocketCloser._shouldShutdown",
+    "leaving systemd's listening sockets listening when ipcd stops",
+    "stopping ipcd shuts them down for systemd too: restart the socket "
+    "units after ipcd",
+    _has(_port_class, "_shouldShutdown"),
+)
+
+
+def share_listening_socket(port: Any) -> Any:
+    """
+    C{port} (a UNIX port on a socket systemd passed) closes its socket
+    without C{shutdown()} first, which would stop it listening for systemd
+    too (the socket is one, shared); returns C{port}.  Twisted's TCP ports
+    do so for an adopted socket already, its UNIX ports not.
+    """
+    if SHOULD_SHUTDOWN.present or SHOULD_SHUTDOWN.usable():
+        port._shouldShutdown = False
+    return port
+
+
+def adopt_unix_port(
+    port_class: Any, reactor: Any, sock: socket.socket, factory: Any, mode: int
+) -> Any:
+    """
+    Listen with C{port_class} (a C{unix.Port} whose C{connectionLost} keeps
+    the file) on C{sock}, a listening UNIX socket inherited from systemd,
+    chmodding its file to C{mode}: what C{reactor.adoptStreamPort} does,
+    without its 0666 and without removing the file when the port stops.
+    """
+    path = sock.getsockname()
+    if not (PREEXISTING_SOCKET.present or PREEXISTING_SOCKET.usable()):
+        try:
+            port = reactor.adoptStreamPort(sock.fileno(), socket.AF_UNIX, factory)
+        finally:
+            sock.close()  # the port has its own duplicate
+        os.chmod(path, mode)
+        return share_listening_socket(port)
+    port = share_listening_socket(port_class(path, factory, mode=mode, reactor=reactor))
+    port._preexistingSocket = sock
+    port.startListening()
+    return port
 
 
 # Transports' write buffers.

@@ -30,6 +30,7 @@ them: the registry finds them as plugins.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -188,13 +189,40 @@ def check_listener(reactor: IHostReactor, daemon: IProtocolDaemon, listen: str) 
     from twisted.internet.endpoints import serverFromString
 
     try:
-        serverFromString(reactor, listen)
+        endpoint = serverFromString(reactor, listen)
     except Exception as e:
         reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise StartupError(
             f"cannot make {daemon.section}'s listener {listen!r}: {reason} "
             f"({daemon.hint(e)})"
         ) from None
+    why = unfit_adopted(endpoint)
+    if why is not None:
+        raise StartupError(
+            f"cannot make {daemon.section}'s listener {listen!r}: the inherited "
+            f"socket is {why} (give it a listening stream socket: ListenStream= "
+            f"in the socket unit; {daemon.hint(ValueError())})"
+        )
+
+
+def unfit_adopted(endpoint: Any) -> str | None:
+    """
+    Why the socket a C{systemd:} endpoint adopts cannot be listened on as
+    it says (not listening, a datagram socket, another family), or None;
+    Twisted would take it as it is.
+    """
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+
+    from ipcd.activation import unfit
+
+    if not isinstance(endpoint, AdoptedStreamServerEndpoint):
+        return None
+    try:
+        sock = socket.socket(fileno=os.dup(endpoint.fileno))
+    except OSError as e:
+        return f"not usable (fd {endpoint.fileno}: {e.strerror})"
+    with sock:
+        return unfit(sock, endpoint.addressFamily)
 
 
 def listener_settings(

@@ -61,7 +61,7 @@ FOREIGN = re.compile(
     r"|reverse_mapping|context|ssl|into_ssl|from_ssl|raise_ssl_error"
     r"|dataReceived|perMessageCompress|batched_timer|accept|buildAddr"
     r"|raiseSynchronously|waitingForPort|dispatch|logger|serverParsers"
-    r"|parseServer|parse)\b"
+    r"|parseServer|parse|preexistingSocket|shouldShutdown)\b"
     r"|import _socket\b|_socket\.socket|endpoints import _"
 )
 # ipcd's own attributes that share a name with one of those.
