@@ -32,6 +32,7 @@ from ipcd.listener import IListener, Outcome
 from ipcd.logs import text_observer
 from ipcd.lookupprotocol import LookupFactory
 from ipcd.memtrim import MemoryTrim
+from ipcd.metrics import NO_METRICS, Metrics
 from ipcd.names import SocketInUse, clear_stale_socket, socket_path
 from ipcd.options import Options
 from ipcd.reactors import IHostReactor
@@ -72,7 +73,8 @@ class IPCDService(MultiService):
         self.setName("ipcd")
         self.config = config
         self.reactor = reactor
-        self.broker = Broker(config, reactor)
+        self.metrics = Metrics(config.schemes()) if config.metrics else NO_METRICS
+        self.broker = Broker(config, reactor, metrics=self.metrics)
         self._reload_config = reload_config
         self._previous_hup: Any = None
         self._listening = False
@@ -129,6 +131,8 @@ class IPCDService(MultiService):
         # What a burst (an attack) made ipcd allocate goes back to the
         # system once freed.
         MemoryTrim(reactor, counters).setServiceParent(self)
+        if config.metrics:
+            serve_metrics(self, config.metrics)
         # The protocol daemons' listeners (tcpd's, ...), as the registry's
         # daemons make them.
         self.daemon_services: dict[str, Any] = {}
@@ -313,7 +317,7 @@ class IPCDService(MultiService):
 
 # Settings bound to listeners or sockets already open: a reload keeps the old
 # value and says a restart is needed.
-_RESTART_KEYS = ("rundir", "pongd", "control_group")
+_RESTART_KEYS = ("rundir", "pongd", "control_group", "metrics")
 
 
 def _keep_daemon_restart_keys(old: Config, new: Config) -> tuple[Config, list[str]]:
@@ -333,6 +337,45 @@ def _keep_daemon_restart_keys(old: Config, new: Config) -> tuple[Config, list[st
         return new, []
     frozen = {section: MappingProxyType(values) for section, values in daemons.items()}
     return replace(new, daemons=MappingProxyType(frozen)), changed
+
+
+def serve_metrics(service: IPCDService, listen: str) -> None:
+    """
+    The metrics' listener on C{listen}, under C{service}, serving a
+    registry of its own; L{StartupError} (one line) when Twisted cannot
+    make that endpoint.
+    """
+    # Imported only when asked for: prometheus_client and twisted.web.
+    from ipcd.metricsweb import (
+        NAME,
+        MetricsCollector,
+        metrics_listener,
+        metrics_registry,
+    )
+
+    broker, config = service.broker, service.config
+    collector = MetricsCollector(
+        service.metrics,
+        broker.counters,
+        lambda: [*broker.limits, NAME],
+        config.registry.sections,
+    )
+    service.metrics_registry = metrics_registry(collector)
+    try:
+        listener = metrics_listener(
+            service.reactor,
+            listen,
+            service.metrics_registry,
+            broker.counters,
+            (config.peer_prefix_ipv4, config.peer_prefix_ipv6),
+        )
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise StartupError(
+            f"cannot make the metrics listener {listen!r}: {reason} "
+            "(use --metrics ENDPOINT or leave it off)"
+        ) from None
+    listener.setServiceParent(service)
 
 
 _log = Logger(namespace="ipcd")
@@ -369,7 +412,10 @@ def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDSe
             daemon.verify(reactor, settings_of(config, daemon))
         except StartupError as e:
             raise SystemExit(f"ipcd: {e}") from None
-    service = IPCDService(config, reactor, options.load_config)
+    try:
+        service = IPCDService(config, reactor, options.load_config)
+    except StartupError as e:
+        raise SystemExit(f"ipcd: {e}") from None
     twistd = getattr(options, "parent", None) or {}
     chosen = twistd.get("logger") or twistd.get("logfile")
     if twistd.get("nodaemon") and not chosen:
