@@ -169,10 +169,12 @@ class Broker:
         planned = self._plans.get(payload)
         if planned is not None and planned[0] is config:
             _config, service, where = planned
-            event = Request("local", client, service, started=started)
+            event = Request("local", client, service)
+            event.started = started
             return self._police_and_connect(event, where.target, where.names)
         shown = printable(payload[:80].decode("utf-8", "replace"))
-        event = Request("local", client, shown, started=started)
+        event = Request("local", client, shown)
+        event.started = started
         try:
             lookup = parse_lookup(payload)
             event.service = lookup.service
