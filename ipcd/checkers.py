@@ -84,7 +84,11 @@ def metrics_endpoint(value: Any) -> str:
         value = str(value)
     if isinstance(value, str) and re.fullmatch(r"(tcp:)?[0-9]+", value):
         value = f"tcp:{value.removeprefix('tcp:')}:interface=127.0.0.1"
-    return endpoint(value)
+    value = endpoint(value)
+    if compat_twisted.endpoint_type(value) == "unix":
+        # twisted.web's WSGI wants a network peer's address.
+        raise Invalid(f"{value!r}: metrics are served over TCP, not a UNIX socket")
+    return value
 
 
 def _server_endpoint_types() -> list[str]:

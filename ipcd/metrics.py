@@ -19,6 +19,7 @@ service names in them.
 
 from __future__ import annotations
 
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
@@ -92,24 +93,38 @@ class RelayTally(set):  # type: ignore[type-arg]
     """
     The live relays (their L{ipcd.relay.RelayStats}) that keeps what each
     one carried once it ends, by daemon: a relay engine takes a relay out
-    with C{discard} (L{ipcd.relay.ended}).
+    with C{discard} (L{ipcd.relay.ended}).  A scrape reads C{carried} and
+    the live relays together (L{snapshot}) from another thread: a relay
+    that ends meanwhile is then counted once, not twice or never.
     """
 
     def __init__(self) -> None:
         super().__init__()
         # (daemon, "client" or "service"): bytes from that side.
         self.carried: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def snapshot(self) -> tuple[dict[tuple[str, str], int], list[Any]]:
+        """What ended relays carried, and the live relays, as of one moment."""
+        with self._lock:
+            return self.carried.copy(), list(self)
 
     def discard(self, stats: Any) -> None:
         if stats not in self:
             return
-        super().discard(stats)
-        carried = self.carried
-        for key, count in (
-            ((stats.daemon, "client"), stats.forward),
-            ((stats.daemon, "service"), stats.backward),
-        ):
-            carried[key] = carried.get(key, 0) + count
+        with self._lock:
+            super().discard(stats)
+            add_bytes(self.carried, stats)
+
+
+def add_bytes(carried: dict[tuple[str, str], int], stats: Any) -> None:
+    """Add what relay C{stats} carried each way to C{carried}, by daemon."""
+    daemon = stats.daemon
+    for key, count in (
+        ((daemon, "client"), stats.forward),
+        ((daemon, "service"), stats.backward),
+    ):
+        carried[key] = carried.get(key, 0) + count
 
 
 def outcome_of(request: Request, target: Target | None, outcome: str) -> str:

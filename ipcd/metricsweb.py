@@ -40,7 +40,7 @@ from ipcd.limits import (
     network_peer_key,
 )
 from ipcd.listener import EndpointListener
-from ipcd.metrics import LATENCY_BUCKETS, Metrics
+from ipcd.metrics import LATENCY_BUCKETS, Metrics, add_bytes
 from ipcd.wire import LOG_LINES_DROPPED
 
 # The listener's name (in the "ipcd: ready" line, and its limits').
@@ -151,17 +151,12 @@ class MetricsCollector:
         )
 
     def _relays(self) -> Iterator[Metric]:
-        tally = self.metrics.tally
-        carried = tally.carried.copy()
+        # A live relay's counts only grow; once it ends they are carried.
+        carried, relays = self.metrics.tally.snapshot()
         live = dict.fromkeys(self.daemons, 0)
-        for stats in list(tally):
-            daemon = stats.daemon
-            live[daemon] = live.get(daemon, 0) + 1
-            for key, count in (
-                ((daemon, "client"), stats.forward),
-                ((daemon, "service"), stats.backward),
-            ):
-                carried[key] = carried.get(key, 0) + count
+        for stats in relays:
+            live[stats.daemon] = live.get(stats.daemon, 0) + 1
+            add_bytes(carried, stats)
         gauge = GaugeMetricFamily(
             "ipcd_live_relays",
             "Connections relayed now, by daemon.",

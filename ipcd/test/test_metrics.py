@@ -309,6 +309,22 @@ class OffTests(TestCase):
         self.assertNotIn("metrics", [child.name for child in service])
 
 
+class ReloadTests(TestCase):
+    @inlineCallbacks
+    def test_restartNeeded(self) -> Any:
+        """A reload keeps the metrics listener, and says a restart is needed."""
+        rundir = short_rundir(self, "ipcd-metrics-")
+        listen = [LOOPBACK]
+
+        def load() -> Any:
+            return make_config(rundir, metrics={"listen": listen[0]})
+
+        service = yield start_ipcd(self, load(), load)
+        listen[0] = "tcp:0:interface=127.0.0.2"
+        self.assertEqual(service.reload()["restart_needed"], ["metrics"])
+        self.assertEqual(service.config.metrics, LOOPBACK)
+
+
 class EndpointTests(SynchronousTestCase):
     """What --metrics and [metrics] listen take."""
 
@@ -331,6 +347,8 @@ class EndpointTests(SynchronousTestCase):
         """A bad one is a configuration error naming the key."""
         error = self.assertRaises(ConfigError, self.listen, "nonsense:1")
         self.assertIn("[metrics] listen", str(error))
+        error = self.assertRaises(ConfigError, self.listen, "unix:/run/m")
+        self.assertIn("over TCP, not a UNIX socket", str(error))
 
 
 class DroppedLinesTests(SynchronousTestCase):
