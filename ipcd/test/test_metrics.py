@@ -219,13 +219,18 @@ class ScrapeTests(TestCase):
         The service's metrics are in its own registry, not the process's
         global one (two services in one process do not collide).
         """
+        other = yield start_ipcd(
+            self,
+            make_config(
+                short_rundir(self, "ipcd-metrics-"), metrics={"listen": LOOPBACK}
+            ),
+        )
         reply = yield deferToThread(lookup, self.rundir, b"pong")
         reply.close_fds()
         self.assertIsNone(REGISTRY.get_sample_value("ipcd_lookups_total"))
-        value = self.service.metrics_registry.get_sample_value(
-            "ipcd_lookups_total", {"outcome": "ok", "scheme": "unix"}
-        )
-        self.assertEqual(value, 1)
+        ok = ("ipcd_lookups_total", {"outcome": "ok", "scheme": "unix"})
+        self.assertEqual(self.service.metrics_registry.get_sample_value(*ok), 1)
+        self.assertIsNone(other.metrics_registry.get_sample_value(*ok))
 
     @inlineCallbacks
     def test_connectionsBounded(self) -> Any:
