@@ -33,6 +33,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from twisted.web.wsgi import WSGIResource
 
+from ipcd.config import Config
+from ipcd.daemons import StartupError
 from ipcd.limits import (
     ConnectionLimits,
     LimitedEndpoint,
@@ -278,3 +280,39 @@ def metrics_listener(
     listener = MetricsListener(LimitedEndpoint(endpoint, limits), factory)
     listener.setName(NAME)
     return listener
+
+
+def serve_metrics(
+    parent: Any,
+    config: Config,
+    metrics: Metrics,
+    counters: Counter[str],
+    listeners: Callable[[], Iterable[str]],
+) -> CollectorRegistry:
+    """
+    The metrics' listener on C{config.metrics}, a child of C{parent} (ipcd's
+    service tree, on its C{reactor}), serving a registry of its own, which
+    is returned; L{StartupError} (one line) when Twisted cannot make that
+    endpoint.  C{listeners} names the listeners whose limits are counted.
+    """
+    collector = MetricsCollector(
+        metrics, counters, lambda: [*listeners(), NAME], config.registry.sections
+    )
+    registry = metrics_registry(collector)
+    listen = config.metrics
+    try:
+        listener = metrics_listener(
+            parent.reactor,
+            listen,
+            registry,
+            counters,
+            (config.peer_prefix_ipv4, config.peer_prefix_ipv6),
+        )
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise StartupError(
+            f"cannot make the metrics listener {listen!r}: {reason} "
+            "(use --metrics ENDPOINT or leave it off)"
+        ) from None
+    listener.setServiceParent(parent)
+    return registry

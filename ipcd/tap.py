@@ -132,7 +132,13 @@ class IPCDService(MultiService):
         # system once freed.
         MemoryTrim(reactor, counters).setServiceParent(self)
         if config.metrics:
-            serve_metrics(self, config.metrics)
+            # Imported only when asked for: prometheus_client, twisted.web.
+            from ipcd.metricsweb import serve_metrics
+
+            broker = self.broker
+            self.metrics_registry = serve_metrics(
+                self, config, self.metrics, counters, lambda: [*broker.limits]
+            )
         # The protocol daemons' listeners (tcpd's, ...), as the registry's
         # daemons make them.
         self.daemon_services: dict[str, Any] = {}
@@ -337,45 +343,6 @@ def _keep_daemon_restart_keys(old: Config, new: Config) -> tuple[Config, list[st
         return new, []
     frozen = {section: MappingProxyType(values) for section, values in daemons.items()}
     return replace(new, daemons=MappingProxyType(frozen)), changed
-
-
-def serve_metrics(service: IPCDService, listen: str) -> None:
-    """
-    The metrics' listener on C{listen}, under C{service}, serving a
-    registry of its own; L{StartupError} (one line) when Twisted cannot
-    make that endpoint.
-    """
-    # Imported only when asked for: prometheus_client and twisted.web.
-    from ipcd.metricsweb import (
-        NAME,
-        MetricsCollector,
-        metrics_listener,
-        metrics_registry,
-    )
-
-    broker, config = service.broker, service.config
-    collector = MetricsCollector(
-        service.metrics,
-        broker.counters,
-        lambda: [*broker.limits, NAME],
-        config.registry.sections,
-    )
-    service.metrics_registry = metrics_registry(collector)
-    try:
-        listener = metrics_listener(
-            service.reactor,
-            listen,
-            service.metrics_registry,
-            broker.counters,
-            (config.peer_prefix_ipv4, config.peer_prefix_ipv6),
-        )
-    except Exception as e:
-        reason = " ".join(f"{type(e).__name__}: {e}".split())
-        raise StartupError(
-            f"cannot make the metrics listener {listen!r}: {reason} "
-            "(use --metrics ENDPOINT or leave it off)"
-        ) from None
-    listener.setServiceParent(service)
 
 
 _log = Logger(namespace="ipcd")

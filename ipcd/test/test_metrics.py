@@ -408,6 +408,20 @@ class CommandLineTests(SynchronousTestCase):
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("[metrics] listen", lines[0])
 
+    def test_endpointNotMade(self) -> None:
+        """
+        An endpoint Twisted cannot make at start (systemd passed no socket):
+        one line naming it and the way out.
+        """
+        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            self.env.pop(name, None)
+        process, log = self.start("--metrics", "systemd:domain=INET:index=0")
+        self.assertEqual(process.wait(TIMEOUT), 1)
+        lines = read_text(log).strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("cannot make the metrics listener", lines[0])
+        self.assertIn("--metrics", lines[0])
+
     def test_portTaken(self) -> None:
         """A port in use: one line naming it and the way out."""
         taken = socket.socket()
