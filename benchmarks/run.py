@@ -11,7 +11,8 @@ on Ctrl-C and errors.  Each row
 is the median of several runs; each ratio is taken against a reference
 measured in the same run.  See benchmarks/README.md for what each row means.
 
-Standard library and ipcd only.  The ipcd measured is the one in this
+Standard library and ipcd (with its dependencies: prometheus_client's parser
+reads the metrics endpoint) only.  The ipcd measured is the one in this
 checkout (its root goes first on the path, for this process and children).
 """
 
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -378,6 +380,21 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scraped_lookups(port: int) -> float:
+    """The ok lookups ipcd's metrics endpoint at C{port} has counted."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=IO_TIMEOUT) as response:
+        text = response.read().decode("utf-8")
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "ipcd_lookups_total" and sample.labels["outcome"] == "ok"
+    )
 
 
 def cpu_per_lookup_us(opener: Opener, pid: int, count: int) -> float:
@@ -1093,12 +1110,16 @@ def footer(notes: list[str]) -> list[str]:
         "PSK) likewise against a chain of two stunnel processes in PSK mode; "
         "websocketd RTT <= 1.00 x websockify, bulk >= 1.00 x websockify; "
         "lookups via ipcd >= 0.21 x direct; ipcd CPU per lookup <= 1/3 of "
-        "that of ipcd before issue 12 (da12689), measured alike.",
+        "that of ipcd before issue 12 (da12689), measured alike; with "
+        "--metrics on, <= 1.05 x off.",
         *notes,
     ]
 
 
 def benchmark(settings: Settings, h: Harness) -> str:
+    def wanted(group: str) -> bool:
+        return settings.only is None or group in settings.only
+
     fd_limit = raise_fd_limit()
     socat = socat_version()
     a_dir, b_dir, m_dir = h.rundir("a"), h.rundir("b"), h.rundir("m")
@@ -1106,7 +1127,9 @@ def benchmark(settings: Settings, h: Harness) -> str:
     say("starting pongd, ipcd A, ipcd B" + (", socat chain" if socat else ""))
     # --against: a second ipcd A, of another checkout, on its own RUNDIR.
     a2_dir = h.rundir("a-against") if settings.against else None
-    pong_dirs = [a_dir, b_dir, m_dir, *filter(None, [a2_dir])]
+    # ipcd A again, with its Prometheus metrics on (the lookup rows).
+    am_dir = h.rundir("a-metrics") if wanted("lookups") else None
+    pong_dirs = [a_dir, b_dir, m_dir, *filter(None, [a2_dir, am_dir])]
     pong = h.spawn(
         "pongd", [sys.executable, os.path.join(HERE, "_pongd.py"), *pong_dirs]
     )
@@ -1125,6 +1148,13 @@ def benchmark(settings: Settings, h: Harness) -> str:
             ipcd_a2 = h.ipcd("ipcd-a-against", a2_dir, free_port(), *options)
         finally:
             h.env = ours
+    ipcd_am, metrics_port = None, free_port()
+    if am_dir:
+        # A's options, with a tlsd port of its own, and --metrics.
+        options = [*tls.a_options]
+        options[1] = f"tcp:{free_port()}:interface=127.0.0.1"
+        options += ["--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"]
+        ipcd_am = h.ipcd("ipcd-a-metrics", am_dir, free_port(), *options)
     port_b = free_port()
     h.ipcd("ipcd-b", b_dir, port_b, "--allow", "in pong", *tls.b_options)
     socat_path = h.path("socat-pong")
@@ -1167,6 +1197,9 @@ def benchmark(settings: Settings, h: Harness) -> str:
     def via_against() -> socket.socket:
         return client.connect("pong", rundir=a2_dir, network=unix_route)
 
+    def via_metrics() -> socket.socket:
+        return client.connect("pong", rundir=am_dir, network=unix_route)
+
     def via_tcp() -> socket.socket:
         sock = client.connect("pong", rundir=a_dir, network=tcp_route)
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
@@ -1185,9 +1218,6 @@ def benchmark(settings: Settings, h: Harness) -> str:
 
     def finished() -> str:
         return render(rows, header(settings, socat, tls), footer(notes))
-
-    def wanted(group: str) -> bool:
-        return settings.only is None or group in settings.only
 
     if wanted("lookups"):
         # Lookups.
@@ -1246,6 +1276,16 @@ def benchmark(settings: Settings, h: Harness) -> str:
                 rows.append(against[row.label])
         rows.extend(busy)
         rows.append(cpu)
+        # The same ipcd with --metrics, measured in turns with it: the ratio
+        # is what the metrics cost a lookup.
+        cpu_on = Row(
+            "ipcd A CPU time per lookup, metrics on",
+            unit="us",
+            digits=0,
+            reference=cpu,
+            target="<= 1.05",
+        )
+        rows.append(cpu_on)
         if other and ipcd_a2 is not None:
             # Ratio: this checkout's CPU per lookup / the other's.
             against[cpu.label] = Row(cpu.label + other, unit="us", digits=0)
@@ -1268,14 +1308,22 @@ def benchmark(settings: Settings, h: Harness) -> str:
                 measured = concurrent_lookups(via_unix, 1, settings.lookup_seconds)
             busy[0].values.append(measured[0])
             busy[1].values.append(measured[1])
-            # CPU per lookup in five slices, the checkouts in turns.
+            # CPU per lookup in five slices, the checkouts (and A with its
+            # metrics on) in turns.
             spent = dict.fromkeys(range(len(sides)), 0.0)
+            on = 0.0
+            count = settings.cpu_lookups // 5
             for _slice in range(5):
                 for i, (opener, child, _row) in enumerate(sides):
-                    count = settings.cpu_lookups // 5
                     spent[i] += cpu_per_lookup_us(opener, child.proc.pid, count) / 5
+                if ipcd_am is not None:
+                    on += cpu_per_lookup_us(via_metrics, ipcd_am.proc.pid, count) / 5
             for i, (_opener, _child, row) in enumerate(sides):
                 row[cpu.label].values.append(spent[i])
+            cpu_on.values.append(on)
+        counted = scraped_lookups(metrics_port)
+        if counted < settings.runs * count * 5:
+            raise RuntimeError(f"ipcd A with --metrics counted {counted} lookups")
     if not wanted("rest"):
         return finished()
 

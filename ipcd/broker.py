@@ -42,6 +42,7 @@ from ipcd.lookup import (
     serve_lookup,
 )
 from ipcd.lookupprotocol import LookupFactory, LookupProtocol
+from ipcd.metrics import NO_METRICS, IMetrics
 from ipcd.names import (
     InvalidServiceName,
     socket_path,
@@ -98,16 +99,19 @@ class Broker:
         config: Config,
         reactor: Any,
         transports: Mapping[str, IOutbound] | None = None,
+        metrics: IMetrics = NO_METRICS,
     ) -> None:
         self.reactor = reactor
+        self.metrics = metrics
         # The class's Logger bound to this broker once (Logger.__get__ makes
         # a new one on every access, and one event is logged per lookup).
         self.log = self.log
         # Outbound halves by scheme that take precedence over the protocol
         # daemons of the registry (config.registry): test doubles, say.
         self.transports: dict[str, IOutbound] = dict(transports or {})
-        # Live relayed connections (ipcd.relay.RelayStats), for status.
-        self.relays: set[Any] = set()
+        # Live relayed connections (ipcd.relay.RelayStats), for status (and
+        # for the metrics, which keep what ended ones carried).
+        self.relays: set[Any] = metrics.relays()
         self.counters: Counter[str] = Counter()
         # Each listener's connection limits, by listener name.
         self.limits: dict[str, ConnectionLimits] = {}
@@ -160,14 +164,17 @@ class Broker:
         L{Failure} (L{Refused} for a C{ne}); else a C{Deferred} as L{open}'s.
         """
         self.counters["lookups"] += 1
+        started = self.metrics.now()
         config = self._config
         planned = self._plans.get(payload)
         if planned is not None and planned[0] is config:
             _config, service, where = planned
             event = Request("local", client, service)
+            event.started = started
             return self._police_and_connect(event, where.target, where.names)
         shown = printable(payload[:80].decode("utf-8", "replace"))
         event = Request("local", client, shown)
+        event.started = started
         try:
             lookup = parse_lookup(payload)
             event.service = lookup.service
@@ -222,7 +229,7 @@ class Broker:
     ) -> Answer:
         event.direction = direction_of(target)
         if not self._police(event, names, destination_labels(target)):
-            return self._refuse(event, _denied(event))
+            return self._refuse(event, _denied(event), target)
         return self._connect(event, target)
 
     def _police(
@@ -245,9 +252,13 @@ class Broker:
             self.counters[str(event.decision)] += 1
         return event.decision.allowed
 
-    def _refuse(self, event: Request, error: Refused) -> Failure:
+    def _refuse(
+        self, event: Request, error: Refused, target: Target | None = None
+    ) -> Failure:
+        """Refuse C{event}; C{target}: where it was going (for the metrics)."""
         self.counters["refused"] += 1
-        self._record(event, None, error.reason)
+        self.decision_log.record(event, None, error.reason)
+        self.metrics.decided(event, target, error.reason)
         return Failure(error)
 
     def _connect(self, event: Request, target: Target) -> Answer:
@@ -391,6 +402,7 @@ class Broker:
 
     def _record(self, event: Request, target: Target | None, outcome: str) -> None:
         self.decision_log.record(event, target, outcome)
+        self.metrics.decided(event, target, outcome)
 
     def transport_for(self, scheme: str) -> IOutbound:
         """

@@ -74,6 +74,23 @@ def endpoint(value: Any) -> str:
     return value
 
 
+def metrics_endpoint(value: Any) -> str:
+    """
+    The metrics listener: a bare port (C{9101}, C{"tcp:9101"}) listens on
+    127.0.0.1 only, as nobody should publish ipcd's metrics by accident;
+    any other endpoint string is taken as written.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str) and re.fullmatch(r"(tcp:)?[0-9]+", value):
+        value = f"tcp:{value.removeprefix('tcp:')}:interface=127.0.0.1"
+    value = endpoint(value)
+    if compat_twisted.endpoint_type(value) == "unix":
+        # twisted.web's WSGI wants a network peer's address.
+        raise Invalid(f"{value!r}: metrics are served over TCP, not a UNIX socket")
+    return value
+
+
 def _server_endpoint_types() -> list[str]:
     from twisted.internet.interfaces import IStreamServerEndpointStringParser
     from twisted.plugin import getPlugins

@@ -22,6 +22,7 @@ from ipcd.checkers import (
     boolean,
     daemon_schemes,
     group_name,
+    metrics_endpoint,
     non_empty_string,
     non_negative_number,
     positive_int,
@@ -66,6 +67,8 @@ class Config:
     partial_message_budget: int = 64 * 1024 * 1024  # bytes, all connections
     idle_timeout: float = 300.0  # service connections and relays; 0: none
     control_timeout: float = 10.0  # a control request, start to answer
+    # [metrics] listen: the Prometheus endpoint's listener; None: off.
+    metrics: str | None = None
     # Each protocol daemon's section (by section name: "tcpd"), as validated;
     # ipcd.daemons.settings_of fills in the defaults.
     daemons: Mapping[str, Mapping[str, Any]] = field(
@@ -96,6 +99,7 @@ _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
     },
     "pongd": {"enabled": (boolean, "pongd")},
     "control": {"group": (group_name, "control_group")},
+    "metrics": {"listen": (metrics_endpoint, "metrics")},
     "limits": {
         "max_connections": (positive_int, "max_connections"),
         "max_connections_per_peer": (positive_int, "max_connections_per_peer"),

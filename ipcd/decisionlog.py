@@ -42,6 +42,8 @@ class Request:
     labels: list[str] = field(default_factory=list)
     decision: Decision | None = None
     access: str | None = None  # how a local socket was reached, when it was
+    # When a local client's lookup began, with metrics on (ipcd.metrics).
+    started: float | None = None
 
 
 class DecisionLog:

@@ -146,6 +146,7 @@ class Handshaking(Protocol):
             self.requested,
             self.route,
             self.factory.broker.relays,
+            daemon=self.factory.name,
         )
         self.relay(join.sock, stats, join.greeting, join.early)
 
@@ -248,7 +249,9 @@ class HandshakeFactory(Factory):
         self.scheme = scheme
         self.name = name or f"{scheme}d"
         # Failed handshakes: a peer can fail them as fast as it connects.
-        self._rate_limited = RateLimitedObserver(globalLogPublisher, self.reactor)
+        self._rate_limited = RateLimitedObserver(
+            globalLogPublisher, self.reactor, counters=broker.counters
+        )
         self._failures = Logger(
             namespace=f"ipcd.{self.name}.handshakes", observer=self._rate_limited
         )

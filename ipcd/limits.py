@@ -34,6 +34,7 @@ from zope.interface import alsoProvides, implementer
 from ipcd.compat import twisted as compat_twisted
 from ipcd.identity import credentials
 from ipcd.sockets import discard_unread
+from ipcd.wire import LOG_LINES_DROPPED
 
 # A refused peer has this long to read its refusal and close; then it is cut.
 REFUSAL_GRACE = 1.0
@@ -46,8 +47,9 @@ LOG_PERIOD = 10.0
 class RateLimitedObserver:
     """
     Passes events on to C{observer}, at most C{burst} per C{period} seconds.
-    Those left out are counted, and said in one more line: at the end of
-    the period (timed on C{clock}), or with the first event after it.
+    Those left out are counted (in all, in C{counters} when given), and
+    said in one more line: at the end of the period (timed on C{clock}), or
+    with the first event after it.
     """
 
     def __init__(
@@ -56,8 +58,10 @@ class RateLimitedObserver:
         clock: IReactorTime,
         burst: int = LOG_BURST,
         period: float = LOG_PERIOD,
+        counters: Counter[str] | None = None,
     ) -> None:
         self._observer = observer
+        self._counters = counters
         self._clock = clock
         self._burst = burst
         self._period = period
@@ -80,6 +84,8 @@ class RateLimitedObserver:
             self._observer(event)
             return
         self.dropped += 1
+        if self._counters is not None:
+            self._counters[LOG_LINES_DROPPED] += 1
         self._last = event
         if self._summary is None:
             due = self._window + self._period - now
@@ -143,7 +149,9 @@ class ConnectionLimits:
         self.per_peer: Counter[str] = Counter()
         self.counters: Counter[str] = Counter() if counters is None else counters
         self.clock = clock
-        self.rate_limited = RateLimitedObserver(observer or globalLogPublisher, clock)
+        self.rate_limited = RateLimitedObserver(
+            observer or globalLogPublisher, clock, counters=self.counters
+        )
         self.log = Logger(namespace=f"ipcd.limits.{name}", observer=self.rate_limited)
         self.port: Any = None  # set once listening: paused at max_total
         self._paused = False

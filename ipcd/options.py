@@ -43,6 +43,13 @@ class Options(usage.Options):
             "/tmp/libipc-run).  Under twistd it goes after 'ipcd': "
             "twistd's own --rundir, before it, is twistd's working directory.",
         ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics on ENDPOINT: a bare port (9101) listens "
+            "on 127.0.0.1 only; else a Twisted endpoint string (off by default).",
+        ],
     ]
 
     def __init__(self, registry: Registry | None = None) -> None:
@@ -149,6 +156,8 @@ class Options(usage.Options):
             layer["ipcd"] = {"external_daemons": list(self["external-daemons"])}
         if self["pongd"] is not None:
             layer["pongd"] = {"enabled": self["pongd"]}
+        if self["metrics"] is not None:
+            layer["metrics"] = {"listen": self["metrics"]}
         for daemon in self.registry.values():
             # In the order the daemon lists its flags: --no-tcp wins.
             for flag in daemon.flags:

@@ -36,7 +36,12 @@ def leaves(service: Any) -> Iterator[Any]:
 
 
 # The names ipcd's own listeners go by in its log.
-OWNERS = {BROKER_NAME: "ipcd", CONTROL_NAME: "ipcd", "pong": "pongd"}
+OWNERS = {
+    BROKER_NAME: "ipcd",
+    CONTROL_NAME: "ipcd",
+    "pong": "pongd",
+    "metrics": "metrics",
+}
 
 
 def address_text(address: Any) -> str:
@@ -98,6 +103,8 @@ def cannot_listen(error: Exception, leaf: Any, config: Config) -> str:
     daemon = daemon_of(leaf, config)
     if path is None and daemon is not None:  # a protocol daemon's listener
         hint = daemon.hint(error)
+    elif path is None and hasattr(leaf, "hint"):  # one that knows its way out
+        hint = leaf.hint(error)
     elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
         hint = f"make RUNDIR {rundir} writable for ipcd, or use another --rundir"
     else:

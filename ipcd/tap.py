@@ -34,6 +34,7 @@ from ipcd.listener import IListener, Outcome
 from ipcd.logs import text_observer
 from ipcd.lookupprotocol import LookupFactory
 from ipcd.memtrim import MemoryTrim
+from ipcd.metrics import NO_METRICS, Metrics
 from ipcd.names import SocketInUse, clear_stale_socket, socket_path
 from ipcd.options import Options
 from ipcd.reactors import IHostReactor
@@ -75,7 +76,8 @@ class IPCDService(MultiService):
         self.setName("ipcd")
         self.config = config
         self.reactor = reactor
-        self.broker = Broker(config, reactor)
+        self.metrics = Metrics(config.schemes()) if config.metrics else NO_METRICS
+        self.broker = Broker(config, reactor, metrics=self.metrics)
         self._reload_config = reload_config
         self._previous_hup: Any = None
         self._listening = False
@@ -134,6 +136,14 @@ class IPCDService(MultiService):
         # What a burst (an attack) made ipcd allocate goes back to the
         # system once freed.
         MemoryTrim(reactor, counters).setServiceParent(self)
+        if config.metrics:
+            # Imported only when asked for: prometheus_client, twisted.web.
+            from ipcd.metricsweb import serve_metrics
+
+            broker = self.broker
+            self.metrics_registry = serve_metrics(
+                self, config, self.metrics, counters, lambda: [*broker.limits]
+            )
         # The protocol daemons' listeners (tcpd's, ...), as the registry's
         # daemons make them.
         self.daemon_services: dict[str, Any] = {}
@@ -327,7 +337,7 @@ class IPCDService(MultiService):
 
 # Settings bound to listeners or sockets already open: a reload keeps the old
 # value and says a restart is needed.
-_RESTART_KEYS = ("rundir", "pongd", "control_group")
+_RESTART_KEYS = ("rundir", "pongd", "control_group", "metrics")
 
 
 def _keep_daemon_restart_keys(old: Config, new: Config) -> tuple[Config, list[str]]:
@@ -383,7 +393,10 @@ def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDSe
             daemon.verify(reactor, settings_of(config, daemon))
         except StartupError as e:
             raise SystemExit(f"ipcd: {e}") from None
-    service = IPCDService(config, reactor, options.load_config)
+    try:
+        service = IPCDService(config, reactor, options.load_config)
+    except StartupError as e:
+        raise SystemExit(f"ipcd: {e}") from None
     twistd = getattr(options, "parent", None) or {}
     chosen = twistd.get("logger") or twistd.get("logfile")
     if twistd.get("nodaemon") and not chosen:

@@ -61,6 +61,11 @@ def _current(value: Any) -> Any:
     return value() if callable(value) else value
 
 
+# The counter (C{ipcd status}, and the metrics) of the log lines that rate
+# limits left out.
+LOG_LINES_DROPPED = "log lines dropped by rate limits"
+
+
 class LimitLog:
     """
     Reports a limit closing connections: counts each close in
@@ -92,6 +97,7 @@ class LimitLog:
         now = self._seconds()
         if now < self._next:
             self._unlogged += 1
+            self.counters[LOG_LINES_DROPPED] += 1
             return None
         unlogged, self._unlogged = self._unlogged, 0
         self._next = now + self.interval

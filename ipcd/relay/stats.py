@@ -26,6 +26,8 @@ class RelayStats:
     service: str = ""
     route: str = ""
     labels: tuple[str, ...] = ()
+    # The protocol daemon relaying (its section: "tcpd"), for the metrics.
+    daemon: str = ""
     forward: int = 0
     backward: int = 0
     started: float = field(default_factory=time.monotonic)

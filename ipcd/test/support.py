@@ -444,6 +444,36 @@ def spawn(
     return process
 
 
+def tcp_listeners(pid: int) -> list[tuple[str, int]]:
+    """The TCP sockets process C{pid} listens on: (address, port)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    found = []
+    for table, size in (("tcp", 4), ("tcp6", 16)):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state != "0A" or inode not in inodes:
+                    continue
+                address, port = local.split(":")
+                raw = bytes.fromhex(address)
+                if size == 4:
+                    host = socket.inet_ntop(socket.AF_INET, raw[::-1])
+                else:
+                    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                    host = socket.inet_ntop(socket.AF_INET6, words)
+                found.append((host, int(port, 16)))
+    return found
+
+
 def read_text(path: str) -> str:
     with open(path, "rb") as f:
         return f.read().decode("utf-8", "replace")

@@ -718,7 +718,7 @@ class SecureRouteTests(TestCase):
         if not trusted:
             ca, _, _ = make_ca(short_rundir(self, "ipcd-ca-"))
         listen = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-        b = yield start_ws_host(self, listen=listen)
+        self.b = b = yield start_ws_host(self, listen=listen)
         a = yield start_ws_host(self, pongd=False, rules=(), ca=ca)
         payload = f"pong;pong {b.route('pong')}".encode()
         self.assertTrue(payload.startswith(b"pong;pong wss://"))
@@ -756,3 +756,6 @@ class SecureRouteTests(TestCase):
         )
         texts = [formatEvent(event) for event in logged]
         self.assertEqual([t for t in texts if "SSL error" in t], [])
+        # And counts it (ipcd status, the metrics).
+        failed = self.b.broker.counters["websocketd: TLS handshakes failed"]
+        self.assertEqual(failed, 1)

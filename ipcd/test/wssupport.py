@@ -28,6 +28,7 @@ from ipcd.test.support import (
     reset_peak,
     short_rundir,
     start_ipcd,
+    tcp_listeners,
     wait_until,
 )
 
@@ -326,22 +327,8 @@ class ChildIpcd:
 
 
 def _listening_tcp_ports(pid: int) -> list[int]:
-    """The TCP ports process C{pid} listens on (its sockets, in /proc/net/tcp)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = []
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
-                ports.append(int(fields[1].split(":")[1], 16))
-    return ports
+    """The TCP ports process C{pid} listens on."""
+    return [port for _host, port in tcp_listeners(pid)]
 
 
 def spawn_ws_ipcd(case: SynchronousTestCase, *options: str) -> ChildIpcd:

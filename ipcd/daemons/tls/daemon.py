@@ -255,6 +255,7 @@ class TlsDaemon(ListeningDaemon):
                 target.service,
                 uri.text,
                 broker.relays,
+                daemon=SECTION,
                 tls={**dialer.tls, "peer": _server_identity(material, uri.host)},
             )
             relay_over(

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 
-from ipcd.daemons.udp import READ_SIZE
+from ipcd.daemons.udp import READ_SIZE, SECTION
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream_factory
 from ipcd.errors import Refused
@@ -171,7 +171,9 @@ async def dial(
     except BaseException:
         udp.stopListening()
         raise
-    stats = SessionStats.of(client, "out", service, route, broker.relays)
+    stats = SessionStats.of(
+        client, "out", service, route, broker.relays, daemon=SECTION
+    )
     session = Session(
         session_id,
         udp.write,

@@ -237,7 +237,12 @@ class UdpServer(DatagramProtocol):
         while session_id in self.sessions:  # 64 random bits: never, really
             session_id = secrets.token_bytes(udpwire.ID_SIZE)
         stats = SessionStats.of(
-            handshake.who, "in", handshake.requested, "udp inbound", self.broker.relays
+            handshake.who,
+            "in",
+            handshake.requested,
+            "udp inbound",
+            self.broker.relays,
+            daemon=SECTION,
         )
         session = Session(
             session_id,

@@ -34,6 +34,7 @@ from ipcd.daemons import (
     settings_of,
 )
 from ipcd.daemons.listeners import DaemonService
+from ipcd.daemons.websocket import SECTION
 from ipcd.daemons.websocket.client import connect_websocket, trust_root
 from ipcd.daemons.websocket.limits import (
     DEFAULT_MAX_MESSAGE_FRAMES,
@@ -48,7 +49,6 @@ from ipcd.routes import RemoteURI
 
 SCHEME = "ws"
 SECURE_SCHEME = "wss"
-SECTION = "websocketd"
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 DEFAULT_PORTS = {SCHEME: 80, SECURE_SCHEME: 443}
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
@@ -155,7 +155,9 @@ class WebSocketDaemon(ListeningDaemon):
     ) -> Deferred[socket.socket]:
         uri: RemoteURI = target.uri
         settings = settings_of(broker.config, self)
-        stats = RelayStats.of(client, "out", target.service, str(uri), broker.relays)
+        stats = RelayStats.of(
+            client, "out", target.service, str(uri), broker.relays, daemon=SECTION
+        )
         try:
             return connect_websocket(
                 broker.reactor,

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from ipcd import inboundcore as core
 from ipcd.compat import autobahn as compat_autobahn
+from ipcd.daemons.websocket import SECTION
 from ipcd.daemons.websocket.bridge import WebSocketSide
 from ipcd.daemons.websocket.factories import (
     ReactorTimer,
@@ -92,8 +93,12 @@ class PeerLog:
     C{[limits]} refusals are: so many peers cannot fill the disk.
     """
 
-    def __init__(self, clock: IReactorTime, observer: Any = None) -> None:
-        self._rate_limited = RateLimitedObserver(observer or globalLogPublisher, clock)
+    def __init__(
+        self, clock: IReactorTime, observer: Any = None, counters: Any = None
+    ) -> None:
+        self._rate_limited = RateLimitedObserver(
+            observer or globalLogPublisher, clock, counters=counters
+        )
         logger = Logger(namespace="ipcd.websocketd", observer=self._rate_limited)
         self.info, self.warn, self.error = logger.info, logger.warn, logger.error
 
@@ -208,6 +213,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             handshake.requested,
             "websocket inbound",
             factory.broker.relays,
+            daemon=SECTION,
         )
         self.joinSocket(
             factory.reactor,
@@ -231,6 +237,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         why, reason = tls_failure(reason)
         if why is not None:
+            self.factory.broker.counters[f"{SECTION}: TLS handshakes failed"] += 1
             self.factory.log.info(
                 "websocketd: TLS handshake with {peer} failed: {why}",
                 peer=printable(str(self.transport.getPeer())),
@@ -287,7 +294,7 @@ class WebSocketInboundFactory(WebSocketServerFactory):
         self.bridges: set[WebSocketSide] = set()
         # Every live connection, bridged or still in its opening handshake.
         self.connections: set[WebSocketInbound] = set()
-        self.peerLog = PeerLog(self.reactor)
+        self.peerLog = PeerLog(self.reactor, counters=broker.counters)
         self.apply(settings())
 
     def apply(self, settings: Mapping[str, Any]) -> None:

@@ -1,0 +1,318 @@
+"""
+ipcd's Prometheus endpoint (C{--metrics ENDPOINT}): L{MetricsCollector}
+turns what L{ipcd.metrics.Metrics} counts, the live relays and the status
+counters into Prometheus' metric families, in a L{CollectorRegistry} of the
+service's own (never the process-wide one: several ipcd services in one
+process do not collide); L{metrics_listener} serves it over HTTP with
+prometheus_client's WSGI application in a twisted.web L{Site}.
+
+prometheus_client's C{MetricsResource} is that application in a
+C{WSGIResource} on the global reactor, imported with it; here it is the
+same on the reactor ipcd is given.  The exposition runs in that reactor's
+thread pool (as C{MetricsResource}'s does): the collector reads copies of
+what the reactor's thread counts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from io import BytesIO
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import make_wsgi_app
+from twisted.internet.endpoints import serverFromString
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from twisted.web.wsgi import WSGIResource
+
+from ipcd.config import Config
+from ipcd.daemons import StartupError
+from ipcd.limits import (
+    ConnectionLimits,
+    LimitedEndpoint,
+    LimitedFactory,
+    network_peer_key,
+)
+from ipcd.listener import EndpointListener
+from ipcd.metrics import LATENCY_BUCKETS, Metrics, add_bytes
+from ipcd.wire import LOG_LINES_DROPPED
+
+# The listener's name (in the "ipcd: ready" line, and its limits').
+NAME = "metrics"
+# What one listener serves at once (scrapers are few), and per address.
+MAX_CONNECTIONS = 16
+MAX_CONNECTIONS_PER_PEER = 4
+# Seconds a connection may stay idle (HTTP keep-alive between scrapes).
+IDLE_TIMEOUT = 60.0
+# The longest request body read (a scrape is a GET: it has none).
+MAX_BODY = 4096
+
+# The status counters (C{ipcd status}) of limits that were hit: the key's
+# text after "LISTENER: ", and the setting that was reached.
+LISTENER_LIMITS = (
+    ("refused, per-peer limit", "max_connections_per_peer"),
+    ("paused at the connection limit", "max_connections"),
+    ("lookups timed out", "lookup_timeout"),
+)
+# Counters of limits that are no one listener's: key, listener, setting.
+OTHER_LIMITS = (
+    ("closed over partial-message budget", "all", "partial_message_budget"),
+    ("idle connections closed", "all", "idle_timeout"),
+    ("control requests timed out", "control", "control_timeout"),
+    ("udp sessions refused: too many", "udpd", "max_sessions"),
+)
+# The status counters of failed handshakes: the key's text after
+# "DAEMON: ", and the reason label.
+HANDSHAKE_FAILURES = (
+    ("handshakes timed out", "timeout"),
+    ("TLS handshakes timed out", "tls_timeout"),
+    ("TLS handshakes failed", "tls_failed"),
+    ("refused, no client certificate or key", "no_client_credentials"),
+)
+
+
+class MetricsCollector:
+    """
+    A Prometheus collector: C{metrics} (lookups, latency, refusals), the
+    live relays of C{metrics.tally}, and from C{counters} the limits hit
+    (on the listeners C{listeners()} names), the handshake failures of
+    C{daemons} (their sections) and the log lines left out.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        counters: Counter[str],
+        listeners: Callable[[], Iterable[str]],
+        daemons: Sequence[str],
+    ) -> None:
+        self.metrics = metrics
+        self.counters = counters
+        self.listeners = listeners
+        self.daemons = daemons
+
+    def collect(self) -> Iterator[Metric]:
+        # Copies, each made in one step: the reactor's thread counts on.
+        metrics = self.metrics
+        counters = dict(self.counters)
+        yield _counter(
+            "ipcd_lookups",
+            "Local clients' lookups, by outcome (ok, denied, refused, failed) "
+            "and the scheme of the route taken.",
+            ["outcome", "scheme"],
+            metrics.lookups.copy(),
+        )
+        yield self._latency()
+        yield _counter(
+            "ipcd_refusals",
+            "Requests denied by the rules, by direction and rule number "
+            "(as the decision log says it; 'default' when no rule matched).",
+            ["direction", "rule"],
+            metrics.refusals.copy(),
+        )
+        yield from self._relays()
+        yield self._from_counters(counters)
+        failures = CounterMetricFamily(
+            "ipcd_handshake_failures",
+            "Inbound handshakes that failed, by daemon and reason.",
+            labels=["daemon", "reason"],
+        )
+        for daemon in self.daemons:
+            for text, reason in HANDSHAKE_FAILURES:
+                count = counters.get(f"{daemon}: {text}")
+                if count is not None:
+                    failures.add_metric([daemon, reason], count)
+        yield failures
+        yield CounterMetricFamily(
+            "ipcd_log_lines_dropped",
+            "Log lines that rate limits left out (each limit says how many).",
+            value=counters.get(LOG_LINES_DROPPED, 0),
+        )
+
+    def _latency(self) -> Metric:
+        buckets = self.metrics.latency.copy()
+        cumulative, total = [], 0
+        for bound, count in zip(
+            [*map(str, LATENCY_BUCKETS), "+Inf"], buckets, strict=True
+        ):
+            total += count
+            cumulative.append((bound, total))
+        return HistogramMetricFamily(
+            "ipcd_lookup_duration_seconds",
+            "Seconds from a local client's lookup to ipcd's answer.",
+            buckets=cumulative,
+            sum_value=self.metrics.latency_sum,
+        )
+
+    def _relays(self) -> Iterator[Metric]:
+        # A live relay's counts only grow; once it ends they are carried.
+        carried, relays = self.metrics.tally.snapshot()
+        live = dict.fromkeys(self.daemons, 0)
+        for stats in relays:
+            live[stats.daemon] = live.get(stats.daemon, 0) + 1
+            add_bytes(carried, stats)
+        gauge = GaugeMetricFamily(
+            "ipcd_live_relays",
+            "Connections relayed now, by daemon.",
+            labels=["daemon"],
+        )
+        for daemon, count in sorted(live.items()):
+            gauge.add_metric([daemon], count)
+        yield gauge
+        yield _counter(
+            "ipcd_relayed_bytes",
+            "Bytes relayed, by daemon and the side they came from: the client "
+            "(the local client or remote peer that asked) or the service.",
+            ["daemon", "from"],
+            carried,
+        )
+
+    def _from_counters(self, counters: dict[str, int]) -> Metric:
+        hits = CounterMetricFamily(
+            "ipcd_limits_hit",
+            "Times a limit was reached, by its setting and listener.",
+            labels=["limit", "listener"],
+        )
+        for listener in sorted(self.listeners()):
+            for text, limit in LISTENER_LIMITS:
+                count = counters.get(f"{listener}: {text}")
+                if count is not None:
+                    hits.add_metric([limit, listener], count)
+        for key, listener, limit in OTHER_LIMITS:
+            count = counters.get(key)
+            if count is not None:
+                hits.add_metric([limit, listener], count)
+        return hits
+
+
+def _counter(
+    name: str, doc: str, labels: list[str], counts: dict[tuple[str, ...], int]
+) -> Metric:
+    """A counter family: C{counts} by label values, in order."""
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for values, count in sorted(counts.items()):
+        family.add_metric(list(values), count)
+    return family
+
+
+def metrics_registry(collector: MetricsCollector) -> CollectorRegistry:
+    """A registry of its own with C{collector} in it."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)  # type: ignore[arg-type]
+    return registry
+
+
+class _BoundedRequest(Request):
+    """A request whose body, if any, is read up to L{MAX_BODY} bytes."""
+
+    _body = 0
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802 (Twisted's)
+        # In memory, never the temporary file twisted.web keeps a long
+        # (or chunked) body in.
+        self.content = BytesIO()
+        if length is not None and length > MAX_BODY:
+            self.channel.transport.abortConnection()
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 (Twisted's)
+        self._body += len(data)
+        if self._body > MAX_BODY:
+            self.channel.transport.abortConnection()
+            return
+        super().handleContentChunk(data)
+
+
+class _QuietSite(Site):
+    """A Site that logs no line per request (Prometheus scrapes often)."""
+
+    requestFactory = _BoundedRequest
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+class MetricsListener(EndpointListener):
+    """The metrics' listener; what to do when it cannot listen (L{hint})."""
+
+    def hint(self, error: Exception) -> str:
+        return "use --metrics ENDPOINT with another port, or leave --metrics off"
+
+
+def metrics_site(reactor: Any, registry: CollectorRegistry) -> Site:
+    """prometheus_client's application for C{registry} at every path."""
+    app = make_wsgi_app(registry)
+    resource: Resource = WSGIResource(reactor, reactor.getThreadPool(), app)
+    return _QuietSite(resource, timeout=IDLE_TIMEOUT, reactor=reactor)
+
+
+def metrics_listener(
+    reactor: Any,
+    description: str,
+    registry: CollectorRegistry,
+    counters: Counter[str],
+    peer_prefixes: tuple[int, int],
+) -> MetricsListener:
+    """
+    The listener on C{description} (an endpoint string) serving
+    C{registry}, under limits of its own (L{MAX_CONNECTIONS}, per address
+    prefix L{MAX_CONNECTIONS_PER_PEER}); a C{ValueError} when Twisted cannot
+    make that endpoint.
+    """
+    endpoint = serverFromString(reactor, description)
+    limits = ConnectionLimits(
+        NAME, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, reactor, counters
+    )
+    ipv4, ipv6 = peer_prefixes
+    factory = LimitedFactory(
+        metrics_site(reactor, registry),
+        limits,
+        peer_key=lambda transport: network_peer_key(transport.getPeer(), ipv4, ipv6),
+    )
+    listener = MetricsListener(LimitedEndpoint(endpoint, limits), factory)
+    listener.setName(NAME)
+    return listener
+
+
+def serve_metrics(
+    parent: Any,
+    config: Config,
+    metrics: Metrics,
+    counters: Counter[str],
+    listeners: Callable[[], Iterable[str]],
+) -> CollectorRegistry:
+    """
+    The metrics' listener on C{config.metrics}, a child of C{parent} (ipcd's
+    service tree, on its C{reactor}), serving a registry of its own, which
+    is returned; L{StartupError} (one line) when Twisted cannot make that
+    endpoint.  C{listeners} names the listeners whose limits are counted.
+    """
+    collector = MetricsCollector(
+        metrics, counters, lambda: [*listeners(), NAME], config.registry.sections
+    )
+    registry = metrics_registry(collector)
+    listen = config.metrics
+    try:
+        listener = metrics_listener(
+            parent.reactor,
+            listen,
+            registry,
+            counters,
+            (config.peer_prefix_ipv4, config.peer_prefix_ipv6),
+        )
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise StartupError(
+            f"cannot make the metrics listener {listen!r}: {reason} "
+            "(use --metrics ENDPOINT or leave it off)"
+        ) from None
+    listener.setServiceParent(parent)
+    return registry

@@ -1,0 +1,448 @@
+"""
+Tests for ipcd's Prometheus metrics (L{ipcd.metrics}, L{ipcd.metricsweb}):
+a real ipcd on real sockets, known traffic, then a scrape over HTTP parsed
+by prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from collections import Counter
+from typing import Any
+
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ipcd.config import ConfigError, load_config
+from ipcd.limits import RateLimitedObserver
+from ipcd.metrics import NO_METRICS
+from ipcd.metricsweb import MAX_BODY, MAX_CONNECTIONS_PER_PEER
+from ipcd.test.support import (
+    TIMEOUT,
+    bounce,
+    free_port,
+    lookup,
+    make_config,
+    python_env,
+    read_text,
+    short_rundir,
+    spawn,
+    start_ipcd,
+    tcp_listeners,
+    wait_until,
+)
+from ipcd.test.tcpsupport import recv_eof
+from ipcd.test.tlssupport import ALICE_KEY, secrets_file, start_tls_host
+from ipcd.wire import LOG_LINES_DROPPED, encode
+
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+
+def scrape(
+    port: int, path: str = "/metrics"
+) -> dict[tuple[str, tuple[Any, ...]], float]:
+    """
+    GET the metrics at C{port} (blocking: run it in a thread), parsed by
+    prometheus_client: C{(sample name, sorted labels)} to value.
+    """
+    url = f"http://127.0.0.1:{port}{path}"
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        text = response.read().decode("utf-8")
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def sample(samples: dict[Any, float], name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def listening_port(service: Any, name: str) -> Any:
+    return service.getServiceNamed(name).listening()
+
+
+class ScrapeTests(TestCase):
+    """A scrape after known traffic counts exactly that traffic."""
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.rundir = short_rundir(self, "ipcd-metrics-")
+        config = make_config(
+            self.rundir,
+            metrics={"listen": LOOPBACK},
+            tcpd={"enabled": True, "listen": LOOPBACK, "handshake_timeout": 1.0},
+            rules=["deny local secret", "allow in pong"],
+            limits={"max_connections_per_peer": 1},
+        )
+        self.service = yield start_ipcd(self, config)
+        tcpd = yield listening_port(self.service, "tcpd")
+        self.tcp_port = tcpd.getHost().port
+        metrics = yield listening_port(self.service, "metrics")
+        self.port = metrics.getHost().port
+
+    def scrape(self) -> Any:
+        return deferToThread(scrape, self.port)
+
+    @inlineCallbacks
+    def test_lookupsByOutcomeAndScheme(self) -> Any:
+        """
+        Lookups are counted by outcome and the scheme of their route, timed
+        in the latency histogram; a denial by the rule that denied it.
+        """
+        route = f"tcp://127.0.0.1:{self.tcp_port}/pong"
+        payloads = [
+            b"pong",  # ok, unix
+            f"pong;pong {route}".encode(),  # ok, tcp
+            b"secret",  # denied by rule 1, unix
+            b"nosuch",  # failed: nothing listens there
+            b"bad name!",  # refused: no target at all
+        ]
+        for payload in payloads:
+            reply = yield deferToThread(lookup, self.rundir, payload)
+            reply.close_fds()
+        samples = yield self.scrape()
+        lookups = {
+            key[1]: value
+            for key, value in samples.items()
+            if key[0] == "ipcd_lookups_total"
+        }
+        self.assertEqual(
+            lookups,
+            {
+                (("outcome", "ok"), ("scheme", "unix")): 1,
+                (("outcome", "ok"), ("scheme", "tcp")): 1,
+                (("outcome", "denied"), ("scheme", "unix")): 1,
+                (("outcome", "failed"), ("scheme", "unix")): 1,
+                (("outcome", "refused"), ("scheme", "none")): 1,
+            },
+        )
+        self.assertEqual(
+            sample(samples, "ipcd_refusals_total", direction="local", rule="1"), 1
+        )
+        self.assertEqual(sample(samples, "ipcd_lookup_duration_seconds_count"), 5)
+        self.assertEqual(
+            sample(samples, "ipcd_lookup_duration_seconds_bucket", le="+Inf"), 5
+        )
+        self.assertGreater(sample(samples, "ipcd_lookup_duration_seconds_sum"), 0)
+
+    @inlineCallbacks
+    def test_relays(self) -> Any:
+        """
+        A relay through tcpd is live while it lasts; once it ended, the
+        bytes it carried each way are counted for tcpd.
+        """
+        route = f"tcp://127.0.0.1:{self.tcp_port}/pong"
+        reply = yield deferToThread(lookup, self.rundir, f"pong;pong {route}".encode())
+        sock = reply.take_socket(self)
+        echo = yield deferToThread(bounce, sock, b"bounce me")
+        self.assertEqual(echo, encode(b"bounce me"))
+        samples = yield self.scrape()
+        self.assertEqual(sample(samples, "ipcd_live_relays", daemon="tcpd"), 1)
+        sock.close()
+        broker = self.service.broker
+        yield wait_until(lambda: not broker.relays, "the relay to end")
+        samples = yield self.scrape()
+        self.assertEqual(sample(samples, "ipcd_live_relays", daemon="tcpd"), 0)
+        sent = len(encode(b"bounce me"))
+        self.assertEqual(
+            sample(
+                samples, "ipcd_relayed_bytes_total", daemon="tcpd", **{"from": "client"}
+            ),
+            sent,
+        )
+        self.assertEqual(
+            sample(
+                samples,
+                "ipcd_relayed_bytes_total",
+                daemon="tcpd",
+                **{"from": "service"},
+            ),
+            sent,
+        )
+
+    @inlineCallbacks
+    def test_limitsAndHandshakeFailures(self) -> Any:
+        """
+        A peer over its connection limit counts as that limit hit on tcpd's
+        listener; a peer that never asks, as a handshake that timed out.
+        """
+        idle = socket.create_connection(("127.0.0.1", self.tcp_port), TIMEOUT)
+        self.addCleanup(idle.close)
+        counters = self.service.broker.counters
+        refused = 3
+        for _ in range(refused):
+            extra = socket.create_connection(("127.0.0.1", self.tcp_port), TIMEOUT)
+            self.addCleanup(extra.close)
+        yield wait_until(
+            lambda: counters["tcpd: refused, per-peer limit"] == refused,
+            "the refusals",
+        )
+        yield wait_until(
+            lambda: counters["tcpd: handshakes timed out"] == 1, "the timeout"
+        )
+        samples = yield self.scrape()
+        self.assertEqual(
+            sample(
+                samples,
+                "ipcd_limits_hit_total",
+                limit="max_connections_per_peer",
+                listener="tcpd",
+            ),
+            refused,
+        )
+        self.assertEqual(
+            sample(
+                samples,
+                "ipcd_handshake_failures_total",
+                daemon="tcpd",
+                reason="timeout",
+            ),
+            1,
+        )
+        self.assertEqual(
+            sample(samples, "ipcd_log_lines_dropped_total"), counters[LOG_LINES_DROPPED]
+        )
+
+    @inlineCallbacks
+    def test_ownRegistry(self) -> Any:
+        """
+        The service's metrics are in its own registry, not the process's
+        global one (two services in one process do not collide).
+        """
+        other = yield start_ipcd(
+            self,
+            make_config(
+                short_rundir(self, "ipcd-metrics-"), metrics={"listen": LOOPBACK}
+            ),
+        )
+        reply = yield deferToThread(lookup, self.rundir, b"pong")
+        reply.close_fds()
+        self.assertIsNone(REGISTRY.get_sample_value("ipcd_lookups_total"))
+        ok = ("ipcd_lookups_total", {"outcome": "ok", "scheme": "unix"})
+        self.assertEqual(self.service.metrics_registry.get_sample_value(*ok), 1)
+        self.assertIsNone(other.metrics_registry.get_sample_value(*ok))
+
+    @inlineCallbacks
+    def test_connectionsBounded(self) -> Any:
+        """
+        One address may hold only so many connections to the endpoint; a
+        request body over the bound closes the connection.
+        """
+        held = []
+        for _ in range(MAX_CONNECTIONS_PER_PEER):
+            held.append(socket.create_connection(("127.0.0.1", self.port), TIMEOUT))
+            self.addCleanup(held[-1].close)
+        counters = self.service.broker.counters
+        more = socket.create_connection(("127.0.0.1", self.port), TIMEOUT)
+        self.addCleanup(more.close)
+        more.settimeout(TIMEOUT)
+        gone = yield deferToThread(more.recv, 1)
+        self.assertEqual(gone, b"")
+        self.assertEqual(counters["metrics: refused, per-peer limit"], 1)
+        for sock in held:
+            sock.close()
+        limits = self.service.getServiceNamed("metrics").factory.limits
+        yield wait_until(lambda: limits.total == 0, "the connections to end")
+        body = socket.create_connection(("127.0.0.1", self.port), TIMEOUT)
+        self.addCleanup(body.close)
+        body.settimeout(TIMEOUT)
+        size = MAX_BODY * 4
+        head = (
+            f"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n"
+        ).encode()
+        answer = yield deferToThread(_send_and_read, body, head + b"x" * size)
+        self.assertEqual(answer, b"")
+
+
+def _send_and_read(sock: socket.socket, data: bytes) -> bytes:
+    """Send C{data} (as much as goes), then read what comes until EOF."""
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+    return recv_eof(sock)
+
+
+class TlsHandshakeTests(TestCase):
+    @inlineCallbacks
+    def test_tlsFailure(self) -> Any:
+        """A TLS handshake that fails on tlsd counts as tlsd's, tls_failed."""
+        keys = secrets_file(short_rundir(self, "ipcd-keys-"), {"alice": ALICE_KEY})
+        host = yield start_tls_host(
+            self, {"psk_file": keys}, metrics={"listen": LOOPBACK}
+        )
+        metrics = yield listening_port(host.service, "metrics")
+        with socket.create_connection(("127.0.0.1", host.port), TIMEOUT) as sock:
+            sock.settimeout(TIMEOUT)
+            yield deferToThread(_send_and_read, sock, b"not TLS at all\r\n" * 10)
+        counters = host.service.broker.counters
+        yield wait_until(
+            lambda: counters["tlsd: TLS handshakes failed"] == 1, "the failure"
+        )
+        samples = yield deferToThread(scrape, metrics.getHost().port)
+        self.assertEqual(
+            sample(
+                samples,
+                "ipcd_handshake_failures_total",
+                daemon="tlsd",
+                reason="tls_failed",
+            ),
+            1,
+        )
+
+
+class OffTests(TestCase):
+    """Metrics are off unless asked for."""
+
+    @inlineCallbacks
+    def test_offByDefault(self) -> Any:
+        """No metrics listener, and the broker counts nothing for them."""
+        rundir = short_rundir(self, "ipcd-metrics-")
+        service = yield start_ipcd(self, make_config(rundir))
+        self.assertIsNone(service.config.metrics)
+        self.assertIs(service.broker.metrics, NO_METRICS)
+        self.assertNotIn("metrics", [child.name for child in service])
+
+
+class ReloadTests(TestCase):
+    @inlineCallbacks
+    def test_restartNeeded(self) -> Any:
+        """A reload keeps the metrics listener, and says a restart is needed."""
+        rundir = short_rundir(self, "ipcd-metrics-")
+        listen = [LOOPBACK]
+
+        def load() -> Any:
+            return make_config(rundir, metrics={"listen": listen[0]})
+
+        service = yield start_ipcd(self, load(), load)
+        listen[0] = "tcp:0:interface=127.0.0.2"
+        self.assertEqual(service.reload()["restart_needed"], ["metrics"])
+        self.assertEqual(service.config.metrics, LOOPBACK)
+
+
+class EndpointTests(SynchronousTestCase):
+    """What --metrics and [metrics] listen take."""
+
+    def listen(self, value: Any) -> str | None:
+        return load_config(
+            None, {"rundir": "/x", "metrics": {"listen": value}}, {}
+        ).metrics
+
+    def test_barePort(self) -> None:
+        """A bare port, or tcp:PORT, listens on 127.0.0.1 only."""
+        for value in (9101, "9101", "tcp:9101"):
+            self.assertEqual(self.listen(value), "tcp:9101:interface=127.0.0.1")
+
+    def test_fullEndpoint(self) -> None:
+        """Any other endpoint string is taken as written."""
+        for value in ("tcp:9101:interface=0.0.0.0", "tcp6:9101:interface=\\:\\:1"):
+            self.assertEqual(self.listen(value), value)
+
+    def test_bad(self) -> None:
+        """A bad one is a configuration error naming the key."""
+        error = self.assertRaises(ConfigError, self.listen, "nonsense:1")
+        self.assertIn("[metrics] listen", str(error))
+        error = self.assertRaises(ConfigError, self.listen, "unix:/run/m")
+        self.assertIn("over TCP, not a UNIX socket", str(error))
+
+
+class DroppedLinesTests(SynchronousTestCase):
+    """Log lines a rate limit leaves out are counted."""
+
+    def test_counted(self) -> None:
+        counters: Counter[str] = Counter()
+        seen: list[Any] = []
+        observer = RateLimitedObserver(
+            seen.append, Clock(), burst=2, period=10, counters=counters
+        )
+        for _ in range(5):
+            observer({"log_format": "x"})
+        self.assertEqual(len(seen), 2)
+        self.assertEqual(counters[LOG_LINES_DROPPED], 3)
+
+
+class CommandLineTests(SynchronousTestCase):
+    """The ipcd command with --metrics: where it listens, and its errors."""
+
+    def setUp(self) -> None:
+        self.rundir = short_rundir(self, "ipcd-metrics-")
+        self.env = python_env()
+
+    def start(self, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+        log = os.path.join(self.rundir, "log")
+        argv = ["-m", "ipcd.scripts.ipcd", "--rundir", self.rundir, "--no-tcp"]
+        argv += ["--no-ws", "--no-tls", *args]
+        return spawn(self, argv, log, self.env, self.rundir), log
+
+    def test_barePortOnLoopback(self) -> None:
+        """C{--metrics PORT} listens on 127.0.0.1:PORT, and is scraped there."""
+        port = free_port()
+        process, log = self.start("--metrics", str(port))
+        wait_for(lambda: "ipcd: ready" in read_text(log), process, log)
+        self.assertIn(f"metrics 127.0.0.1:{port}", read_text(log))
+        self.assertEqual(tcp_listeners(process.pid), [("127.0.0.1", port)])
+        samples = scrape(port)
+        self.assertEqual(sample(samples, "ipcd_log_lines_dropped_total"), 0)
+
+    def test_offListensNowhere(self) -> None:
+        """Without --metrics, ipcd (tcpd and websocketd off) has no TCP listener."""
+        process, log = self.start()
+        wait_for(lambda: "ipcd: ready" in read_text(log), process, log)
+        self.assertEqual(tcp_listeners(process.pid), [])
+
+    def test_badEndpoint(self) -> None:
+        """A bad endpoint: one line, no traceback, exit status 1."""
+        process, log = self.start("--metrics", "nonsense:1")
+        self.assertEqual(process.wait(TIMEOUT), 1)
+        lines = read_text(log).strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("[metrics] listen", lines[0])
+
+    def test_endpointNotMade(self) -> None:
+        """
+        An endpoint Twisted cannot make at start (systemd passed no socket):
+        one line naming it and the way out.
+        """
+        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            self.env.pop(name, None)
+        process, log = self.start("--metrics", "systemd:domain=INET:index=0")
+        self.assertEqual(process.wait(TIMEOUT), 1)
+        lines = read_text(log).strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("cannot make the metrics listener", lines[0])
+        self.assertIn("--metrics", lines[0])
+
+    def test_portTaken(self) -> None:
+        """A port in use: one line naming it and the way out."""
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process, log = self.start("--metrics", str(port))
+        self.assertEqual(process.wait(TIMEOUT), 1)
+        lines = read_text(log).strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn(f"cannot listen on 127.0.0.1:{port}", lines[0])
+        self.assertIn("--metrics", lines[0])
+
+
+def wait_for(predicate: Any, process: subprocess.Popen[bytes], log: str) -> None:
+    """Wait (blocking, bounded) until C{predicate}; fail if ipcd exits."""
+    deadline = time.monotonic() + TIMEOUT * 3
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"ipcd exited: {read_text(log)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out: {read_text(log)}")
+        time.sleep(0.05)
