@@ -57,16 +57,17 @@ def records_of(
     (RFC 2782: the service is decidedly not available), or only bad
     targets.
     """
-    wanted = owner.lower().rstrip(".")
+    wanted = owner.lower().rstrip(".").encode("ascii")
     kept: list[SrvRecord] = []
     bad: list[str] = []
     decidedly_not = False
     ttl: int | None = None
     for header in answers:
-        if header.type != dns.SRV or str(header.name).lower() != wanted:
+        if header.type != dns.SRV or header.name.name.lower().rstrip(b".") != wanted:
             continue
         srv = header.payload
-        target = str(srv.target).rstrip(".")
+        # Names in DNS are bytes: a hostile zone's need not be ASCII.
+        target = srv.target.name.rstrip(b".").decode("ascii", "replace")
         if not target:
             decidedly_not = True
             continue

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.names import error
 from twisted.python.failure import Failure
@@ -91,32 +91,42 @@ class SrvCache:
         if answer is not None and answer.expires > self.clock.seconds():
             return succeed(answer)
         waiters = self._waiting.get(key)
+        asking = waiters is None
         if waiters is None:
             if len(self._waiting) >= self.bounds.max_names:
                 return fail(Refused("too many DNS lookups in flight; try again"))
             waiters = self._waiting[key] = []
-            self.query(owner).addBoth(self._answered, owner)
         # Each waiter its own Deferred: one giving up cancels nobody else's.
         waiting: Deferred[SrvAnswer] = Deferred(waiters.remove)
         waiters.append(waiting)
+        if asking:
+            # After the waiter is listed: a resolver may answer at once.
+            maybeDeferred(self.query, owner).addBoth(self._answered, owner)
         return waiting
 
     def _answered(self, result: Any, owner: str) -> None:
         now = self.clock.seconds()
+        try:
+            answer = self._answer_of(result, owner, now)
+        except Exception:
+            # Never leave the waiters (and the name) stuck on a bad answer.
+            answer = SrvAnswer((), "DNS answer not understood", now)
+            raise
+        finally:
+            self._keep(owner.lower(), answer, now)
+            for waiting in self._waiting.pop(owner.lower(), []):
+                waiting.callback(answer)
+
+    def _answer_of(self, result: Any, owner: str, now: float) -> SrvAnswer:
         bounds = self.bounds
         if isinstance(result, Failure):
-            answer = SrvAnswer((), why_not(result), now + bounds.negative_ttl)
-        else:
-            try:
-                records, ttl = records_of(owner, result[0])
-            except Unavailable as e:
-                answer = SrvAnswer((), str(e), now + bounds.negative_ttl)
-            else:
-                lives = clamp(ttl, bounds.min_ttl, bounds.max_ttl)
-                answer = SrvAnswer(tuple(records), None, now + lives)
-        self._keep(owner.lower(), answer, now)
-        for waiting in self._waiting.pop(owner.lower(), []):
-            waiting.callback(answer)
+            return SrvAnswer((), why_not(result), now + bounds.negative_ttl)
+        try:
+            records, ttl = records_of(owner, result[0])
+        except Unavailable as e:
+            return SrvAnswer((), str(e), now + bounds.negative_ttl)
+        lives = clamp(ttl, bounds.min_ttl, bounds.max_ttl)
+        return SrvAnswer(tuple(records), None, now + lives)
 
     def _keep(self, key: str, answer: SrvAnswer, now: float) -> None:
         self.answers.pop(key, None)

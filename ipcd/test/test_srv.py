@@ -120,6 +120,14 @@ class RecordTests(SynchronousTestCase):
             records_of(OWNER, answers[:2])
         self.assertIn("not host names: 'bad_name.example.org':1", str(caught.exception))
 
+    def test_nonAsciiTargetLeftOut(self) -> None:
+        """Names in DNS are bytes: a target that is not ASCII is a bad one."""
+        record = dns.Record_SRV(0, 0, 9, b"\xff\xfe.example.org", ttl=60)
+        header = dns.RRHeader(OWNER, dns.SRV, dns.IN, 60, record)
+        with self.assertRaises(Unavailable) as caught:
+            records_of(OWNER, [header])
+        self.assertIn("no valid target (not host names: ", str(caught.exception))
+
     def test_keptAtMost(self) -> None:
         """Thousands of records: the lowest priorities' MAX_RECORDS are kept."""
         answers = [
@@ -260,6 +268,16 @@ class CacheBoundTests(SynchronousTestCase):
         self.assertEqual(len(self.asked), 1)
         self.answer(OWNER)
         self.assertEqual(self.successResultOf(first), self.successResultOf(second))
+
+    def test_queryRaising(self) -> None:
+        """A resolver that raises at once: the lookup fails, saying why."""
+
+        def query(owner: str) -> Deferred[Any]:
+            raise OSError("no network")
+
+        self.cache.query = query
+        answer = self.successResultOf(self.cache.resolve(OWNER))
+        self.assertEqual(answer.error, "DNS lookup failed: no network")
 
     def test_waiterGivingUpLeavesOthers(self) -> None:
         """A lookup cancelled while waiting: the others still get the answer."""
