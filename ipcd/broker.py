@@ -307,6 +307,8 @@ class Broker:
             return maybeDeferred(dial, target)
 
         def policed(one: RemoteTarget) -> Deferred[socket.socket]:
+            # The decision log says which target served (or failed last).
+            event.access = f"SRV target {one.uri.hostport}"
             labels = destination_labels(one)
             if event.direction == "out" and not self._police(event, names, labels):
                 raise _denied(event)

@@ -18,6 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from ipcd import control
@@ -102,10 +103,24 @@ class SrvTestCase(TestCase):
 class TcpRouteTests(SrvTestCase):
     @inlineCallbacks
     def test_clientRoute(self) -> Any:
-        """A client's C{tcp://_ipc._tcp.DOMAIN/pong} reaches the target's pongd."""
+        """
+        A client's C{tcp://_ipc._tcp.DOMAIN/pong} reaches the target's
+        pongd; the decision log names the target that served.
+        """
+        logged: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            logged.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
         b = yield start_host(self, rules=["allow in pong"])
         yield self.startA(srv(10, 0, b.port))
         yield self.assertReaches(b.port)
+        decided = f"-> {ROUTE}: ok (allowed by default; SRV target localhost:{b.port})"
+        yield wait_until(
+            lambda: any(decided in line for line in logged), "the decision line"
+        )
 
     @inlineCallbacks
     def test_adminRoute(self) -> Any:
