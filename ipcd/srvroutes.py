@@ -90,7 +90,7 @@ class SrvRoutes:
         self.clock = clock if clock is not None else reactor
         self.randint = randint if randint is not None else random.SystemRandom().randint
         self._resolver = resolver
-        self._made_for: tuple[Any, ...] | None = None
+        self._made_for: Config | None = None
         self.cache: SrvCache | None = None
         # The last failure to reach any target, by owner (for status).
         self.last_errors: dict[str, str] = {}
@@ -175,9 +175,11 @@ class SrvRoutes:
         left, the last failure to reach any of them; the admin's SRV routes
         not resolved yet say so.
         """
-        shown = self.cache.status() if self.cache is not None else {}
-        for owner, why in self.last_errors.items():
-            shown.setdefault(owner, {})["last_error"] = why
+        shown: dict[str, Any] = {}
+        if self.cache is not None and self._made_for is config:  # else reloaded
+            shown = self.cache.status()
+            for owner, why in self.last_errors.items():
+                shown.setdefault(owner, {})["last_error"] = why
         for uri in config.routes.values():
             if isinstance(uri, RemoteURI) and uri.is_srv:
                 shown.setdefault(uri.host.lower(), {"error": "not resolved yet"})

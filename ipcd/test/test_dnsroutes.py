@@ -142,6 +142,9 @@ class TcpRouteTests(SrvTestCase):
         target = {"target": "localhost", "port": b.port, "priority": 10, "weight": 5}
         self.assertEqual(report["dns"][OWNER]["targets"], [target])
         self.assertGreater(report["dns"][OWNER]["ttl_left"], 0)
+        # A reload forgets what names resolved to.
+        self.a.broker.config = dataclasses.replace(self.a.broker.config)
+        self.assertIn(f"  {OWNER}: not resolved yet", self.status())
 
     @inlineCallbacks
     def test_lowestPriorityFirst(self) -> Any:
