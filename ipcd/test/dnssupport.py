@@ -111,3 +111,17 @@ def silent_port(case: SynchronousTestCase) -> int:
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     return sock.getsockname()[1]
+
+
+def full_backlog_port(case: SynchronousTestCase) -> int:
+    """
+    A loopback TCP port whose accept queue is full: connecting does not
+    complete (the kernel drops the SYNs), a target that does not answer at all.
+    """
+    sock = socket.socket()
+    case.addCleanup(sock.close)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(0)
+    filler = socket.create_connection(sock.getsockname(), timeout=10)
+    case.addCleanup(filler.close)
+    return sock.getsockname()[1]

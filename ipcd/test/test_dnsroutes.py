@@ -24,7 +24,12 @@ from twisted.trial.unittest import TestCase
 from ipcd import control
 from ipcd.control import format_status, status_report
 from ipcd.srvroutes import SrvRoutes
-from ipcd.test.dnssupport import DnsServer, refused_port, silent_port
+from ipcd.test.dnssupport import (
+    DnsServer,
+    full_backlog_port,
+    refused_port,
+    silent_port,
+)
 from ipcd.test.support import (
     assert_no_fd_leak,
     assert_refused,
@@ -180,13 +185,16 @@ class TcpRouteTests(SrvTestCase):
     @inlineCallbacks
     def test_silentTargetGivesWay(self) -> Any:
         """
-        A target that accepts but never answers gives way after [dns]
-        target_timeout (1 s here; the whole lookup may take 30).
+        Targets that do not answer, one whose connection never completes
+        (a full accept queue) and one that accepts but never answers, each
+        give way after [dns] target_timeout (1 s here; the whole lookup may
+        take 30).
         """
         b = yield start_host(self, rules=["allow in pong"])
         self.dns_settings = {"target_timeout": 1}
+        full, silent = full_backlog_port(self), silent_port(self)
         yield self.startA(
-            srv(10, 0, silent_port(self)) + srv(20, 0, b.port),
+            srv(10, 0, full) + srv(20, 0, silent) + srv(30, 0, b.port),
             ipcd={"connect_timeout": 30},
         )
         yield self.assertReaches(b.port)
@@ -198,9 +206,9 @@ class TcpRouteTests(SrvTestCase):
         attempt, not each target, and the sockets to them are closed.
         """
         self.dns_settings = {"target_timeout": 1}
-        silent = silent_port(self)
+        ports = [silent_port(self), full_backlog_port(self)]
         yield self.startA(
-            "".join(srv(i, 0, silent) for i in range(8)),
+            "".join(srv(i, 0, ports[i % 2]) for i in range(8)),
             ipcd={"connect_timeout": 2.5},
         )
         before = yield fd_baseline()
