@@ -1,5 +1,6 @@
 """
-DNS SRV answers for routes that name an SRV owner (C{tcp://_ipc._tcp.example.org/pong}).
+DNS SRV answers, for routes that name an SRV owner
+(C{tcp://_ipc._tcp.example.org/pong}).
 
 Pure: the records of an answer in, the targets to try in RFC 2782's order
 out.  No reactor, no sockets; the random choice is injected.

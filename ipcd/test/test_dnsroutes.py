@@ -63,7 +63,7 @@ class SrvTestCase(TestCase):
     dns_settings: dict[str, Any] = {}
 
     @inlineCallbacks
-    def startA(self, records: str, **overrides: Any) -> Any:  # noqa: N802
+    def startA(self, records: str, **overrides: Any) -> Any:
         self.dns = DnsServer(self, records)
         dns = {"servers": [self.dns.address], **self.dns_settings}
         self.a = yield start_host(self, pongd=False, dns=dns, **overrides)
@@ -75,13 +75,13 @@ class SrvTestCase(TestCase):
         return self.a.broker.srv
 
     @inlineCallbacks
-    def lookupOnA(self, route: str = ROUTE, rundir: str | None = None) -> Any:  # noqa: N802
+    def lookupOnA(self, route: str = ROUTE, rundir: str | None = None) -> Any:
         payload = f"pong;pong {route}".encode()
         reply = yield deferToThread(lookup, rundir or self.a.rundir, payload)
         return reply
 
     @inlineCallbacks
-    def assertPong(self, route: str, rundir: str | None = None) -> Any:  # noqa: N802
+    def assertPong(self, route: str, rundir: str | None = None) -> Any:
         """A lookup on A (or C{rundir}'s ipcd) through C{route} echoes."""
         reply = yield self.lookupOnA(route, rundir)
         self.assertEqual((reply.first, len(reply.fds)), (OK, 1), reply.data)
@@ -91,13 +91,13 @@ class SrvTestCase(TestCase):
         return sock
 
     @inlineCallbacks
-    def assertReaches(self, port: int, route: str = ROUTE) -> Any:  # noqa: N802
+    def assertReaches(self, port: int, route: str = ROUTE) -> Any:
         """A lookup on A reaches pongd through B's tcpd at C{port}."""
         sock = yield self.assertPong(route)
         self.assertEqual(sock.getpeername(), ("127.0.0.1", port))
 
     @inlineCallbacks
-    def assertRefused(self, *words: str, route: str = ROUTE) -> Any:  # noqa: N802
+    def assertRefused(self, *words: str, route: str = ROUTE) -> Any:
         reply = yield self.lookupOnA(route)
         return assert_refused(self, reply, *words)
 
@@ -317,7 +317,7 @@ class CacheTests(SrvTestCase):
     dns_settings = {"min_ttl": 5, "max_ttl": 100, "negative_ttl": 10}
 
     @inlineCallbacks
-    def startWithClock(self, records: str) -> Any:  # noqa: N802
+    def startWithClock(self, records: str) -> Any:
         """Host B, and A whose cache runs on an injected clock: (B, clock)."""
         b = yield start_host(self, rules=["allow in pong"])
         yield self.startA(records.format(port=b.port))
