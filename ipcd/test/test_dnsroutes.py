@@ -152,6 +152,20 @@ class TcpRouteTests(SrvTestCase):
         self.assertIn(f"  {OWNER}: not resolved yet", self.status())
 
     @inlineCallbacks
+    def test_injectedResolver(self) -> Any:
+        """
+        The resolver is injectable: here the zone itself, which answers at
+        once (no DNS message), instead of one asking [dns] servers.
+        """
+        b = yield start_host(self, rules=["allow in pong"])
+        yield self.startA(srv(10, 0, b.port))
+        zone = self.dns.zone
+        self.dns.serve("")  # the server knows the name no more
+        self.inject(resolver=zone)
+        yield self.assertReaches(b.port)
+        self.assertEqual(zone.queries[OWNER.lower()], 1)
+
+    @inlineCallbacks
     def test_lowestPriorityFirst(self) -> Any:
         """Of two live targets, the one with the lowest priority is used."""
         b1 = yield start_host(self, rules=["allow in pong"])
