@@ -69,6 +69,7 @@ from ipcd.sockets import (
     connect_unix_now,
     with_deadline,
 )
+from ipcd.srvroutes import SrvRoutes
 
 __all__ = [
     "Answer",
@@ -121,6 +122,8 @@ class Broker:
         self._decisions: dict[Any, Decision] = {}
         # Local clients' identity labels, by uid and gid.
         self.labels = LabelCache(config.label_cache_max_age)
+        # Routes to DNS SRV owners: resolved, cached, dialed in turn.
+        self.srv = SrvRoutes(reactor)
         self.config = config
 
     @property
@@ -230,7 +233,7 @@ class Broker:
         event.direction = direction_of(target)
         if not self._police(event, names, destination_labels(target)):
             return self._refuse(event, _denied(event), target)
-        return self._connect(event, target)
+        return self._connect(event, target, names)
 
     def _police(
         self, event: Request, names: Sequence[str], extra: Sequence[str] = ()
@@ -261,7 +264,9 @@ class Broker:
         self.metrics.decided(event, target, error.reason)
         return Failure(error)
 
-    def _connect(self, event: Request, target: Target) -> Answer:
+    def _connect(
+        self, event: Request, target: Target, names: tuple[str, ...] = ()
+    ) -> Answer:
         if isinstance(target, LocalTarget):
             try:
                 opened = self._open_local(event, target)
@@ -290,16 +295,37 @@ class Broker:
             # The deadline is the broker's, so transports need not keep one
             # and a reload's new timeout applies to the next connection.
             d = with_deadline(
-                maybeDeferred(
-                    lambda: self.transport_for(target.uri.scheme).connect(
-                        target, event.who
-                    )
-                ),
+                self._connect_remote(event, target, names),
                 self.config.connect_timeout,
                 self.reactor,
                 f"connecting to {target}",
             )
         return d.addBoth(lambda result: self._connected(event, target, result))
+
+    def _connect_remote(
+        self, event: Request, target: RemoteTarget, names: tuple[str, ...]
+    ) -> Deferred[socket.socket]:
+        """
+        Connect through C{target}'s scheme's transport; a route to an SRV
+        owner through each of its targets in turn (L{SrvRoutes}), each
+        policed for C{out} as a literal route to it would be.
+        """
+
+        def dial(one: RemoteTarget) -> Deferred[socket.socket]:
+            return self.transport_for(one.uri.scheme).connect(one, event.who)
+
+        if not target.uri.is_srv:
+            return maybeDeferred(dial, target)
+
+        def policed(one: RemoteTarget) -> Deferred[socket.socket]:
+            # The decision log says which target served (or failed last).
+            event.access = f"SRV target {one.uri.hostport}"
+            labels = destination_labels(one)
+            if event.direction == "out" and not self._police(event, names, labels):
+                raise _denied(event)
+            return dial(one)
+
+        return self.srv.connect(target, policed, self.config)
 
     def _connected(self, event: Request, target: Target, result: Any) -> Any:
         """Count and log how connecting C{target} went; pass C{result} on."""

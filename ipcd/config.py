@@ -34,6 +34,7 @@ from ipcd.names import InvalidServiceName, validate_service_name
 from ipcd.policy import Grant, Rule, RuleError, parse_grant, parse_rule
 from ipcd.routes import URI, RouteError, parse_uri
 from ipcd.rundir import normal_rundir, resolve_rundir
+from ipcd.srv import dns_servers
 from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
 
 
@@ -69,6 +70,14 @@ class Config:
     control_timeout: float = 10.0  # a control request, start to answer
     # [metrics] listen: the Prometheus endpoint's listener; None: off.
     metrics: str | None = None
+    # [dns]: routes that name an SRV owner (ipcd.srvroutes).
+    dns_servers: tuple[tuple[str, int], ...] = ()  # (): /etc/resolv.conf's
+    dns_target_timeout: float = 2.0  # one target, then the next
+    dns_max_targets: int = 8  # tried per connection
+    dns_min_ttl: float = 5.0
+    dns_max_ttl: float = 3600.0
+    dns_negative_ttl: float = 10.0
+    dns_max_names: int = 256  # owners cached
     # Each protocol daemon's section (by section name: "tcpd"), as validated;
     # ipcd.daemons.settings_of fills in the defaults.
     daemons: Mapping[str, Mapping[str, Any]] = field(
@@ -108,6 +117,15 @@ _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
         "partial_message_budget": (positive_int, "partial_message_budget"),
         "idle_timeout": (non_negative_number, "idle_timeout"),
         "control_timeout": (positive_number, "control_timeout"),
+    },
+    "dns": {
+        "servers": (dns_servers, "dns_servers"),
+        "target_timeout": (positive_number, "dns_target_timeout"),
+        "max_targets": (positive_int, "dns_max_targets"),
+        "min_ttl": (non_negative_number, "dns_min_ttl"),
+        "max_ttl": (non_negative_number, "dns_max_ttl"),
+        "negative_ttl": (non_negative_number, "dns_negative_ttl"),
+        "max_names": (positive_int, "dns_max_names"),
     },
 }
 _NAME_TABLES = ("redirects", "routes")

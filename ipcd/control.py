@@ -73,6 +73,7 @@ def status_report(broker: Any) -> dict[str, Any]:
         "connections": connections,
         "counters": dict(sorted(broker.counters.items())),
         "inbound": inbound_reach(broker.config, broker.own_names()),
+        "dns": broker.srv.status(broker.config),
         "config": config_summary(broker.config),
     }
 
@@ -225,6 +226,7 @@ def format_status(report: dict[str, Any], wide: bool = False) -> str:
     lines.append("inbound:")
     for name, why in report.get("inbound", {}).items():
         lines.append(f"  {name}: {why}")
+    lines.extend(_dns_lines(report.get("dns", {})))
     lines.append("config:")
     for name, value in report["config"].items():
         lines.append(f"  {name}: {json.dumps(value)}")
@@ -234,6 +236,26 @@ def format_status(report: dict[str, Any], wide: bool = False) -> str:
     if cut or fitted != lines:
         fitted.append(f"(cut to {STATUS_WIDTH} columns: ipcd status --wide or --json)")
     return "\n".join(fitted)
+
+
+def _dns_lines(dns: dict[str, Any]) -> list[str]:
+    """What each SRV owner resolved to: its targets and TTL left, or why not."""
+    lines = ["dns:"] if dns else []
+    for owner, state in dns.items():
+        ttl = f", ttl {state['ttl_left']:g} s left" if "ttl_left" in state else ""
+        if "targets" in state:
+            count = len(state["targets"])
+            lines.append(f"  {owner}: {count} target{'s' * (count != 1)}{ttl}")
+            lines.extend(
+                f"    {t['target']}:{t['port']} priority {t['priority']} "
+                f"weight {t['weight']}"
+                for t in state["targets"]
+            )
+        elif "error" in state:
+            lines.append(f"  {owner}: {state['error']}{ttl}")
+        if "last_error" in state:
+            lines.append(f"  {owner}: last failure: {state['last_error']}")
+    return lines
 
 
 def _shrink(widths: list[int]) -> None:

@@ -55,6 +55,14 @@ class RemoteURI:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port is None else f"{host}:{self.port}"
 
+    @property
+    def is_srv(self) -> bool:
+        """
+        Whether the host is a DNS SRV owner (C{_ipc._tcp.example.org}),
+        to be resolved to targets: a host name never starts with C{_}.
+        """
+        return self.host.startswith("_")
+
 
 URI = LocalURI | PathURI | RemoteURI
 
@@ -152,6 +160,53 @@ def check_host(host: str) -> str:
     return name
 
 
+# An SRV owner's service label (RFC 6335 5.1): 1 to 15 letters, digits and
+# '-', at least one letter, no '-' first, last or twice in a row.
+_SRV_SERVICE = re.compile(r"(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9](?:-?[A-Za-z0-9])*")
+MAX_SRV_SERVICE = 15
+# The SRV protocol label a scheme's routes ride on; others may use either.
+SRV_PROTOCOLS = {
+    "tcp": ("_tcp",),
+    "tls": ("_tcp",),
+    "ws": ("_tcp",),
+    "wss": ("_tcp",),
+    "udp": ("_udp",),
+}
+
+
+def check_srv_owner(owner: str, scheme: str) -> str:
+    """
+    C{owner} as an SRV route names it: C{_SERVICE._PROTO.DOMAIN} (RFC
+    2782), where SERVICE is an RFC 6335 service name, PROTO is C{_tcp} or
+    C{_udp} (the one the scheme rides on: C{_udp} for C{udp://}, C{_tcp}
+    for C{tcp}, C{tls}, C{ws}, C{wss}), and DOMAIN a host name as
+    L{check_host} takes it.  Returns the owner with DOMAIN in its ASCII
+    form; raises L{ValueError} saying what is wrong.
+    """
+    service, _, rest = owner.partition(".")
+    proto, _, domain = rest.partition(".")
+    name = service[1:]
+    if not (0 < len(name) <= MAX_SRV_SERVICE and _SRV_SERVICE.fullmatch(name)):
+        raise ValueError(
+            f"SRV service label {_show(service, 20)} must be '_' and 1 to "
+            f"{MAX_SRV_SERVICE} letters, digits and '-' (RFC 6335)"
+        )
+    allowed = SRV_PROTOCOLS.get(scheme, ("_tcp", "_udp"))
+    if proto.lower() not in allowed:
+        raise ValueError(
+            f"an SRV owner for {scheme}:// is _SERVICE.{' or '.join(allowed)}."
+            f"DOMAIN, not {_show(owner)}"
+        )
+    if not domain:
+        raise ValueError("an SRV owner needs a domain after _SERVICE._PROTO.")
+    name = f"{service}.{proto}.{check_host(domain)}"
+    if len(name) > MAX_HOST_NAME:
+        raise ValueError(
+            f"an SRV owner has at most {MAX_HOST_NAME} characters, not {len(name)}"
+        )
+    return name
+
+
 def parse_uri(text: str) -> URI:
     """Parse one route target."""
     text = text.strip()
@@ -176,6 +231,10 @@ def parse_uri(text: str) -> URI:
                 ipaddress.IPv6Address(host)
             except ValueError as e:
                 raise ValueError(f"not a valid IPv6 address ({e})") from None
+        elif match.group("host").startswith("_"):
+            host = check_srv_owner(match.group("host"), scheme)
+            if match.group("port") is not None:
+                raise ValueError("an SRV owner takes no port (DNS gives each target's)")
         else:
             host = check_host(match.group("host"))
     except ValueError as e:

@@ -207,6 +207,16 @@ def lookup(rundir: str, payload: bytes) -> Reply:
     return raw_lookup(rundir, encode(payload))
 
 
+def assert_refused(case: SynchronousTestCase, reply: Reply, *words: str) -> str:
+    """C{reply} is an C{ne} with each of C{words} and no fd; its text."""
+    case.assertEqual(reply.fds, [])
+    text = reply.data.decode()
+    case.assertTrue(text.startswith("ne "), text)
+    for word in words:
+        case.assertIn(word, text)
+    return text
+
+
 def recv_upto(sock: socket.socket, count: int) -> bytes:
     """Read C{count} bytes (fewer at EOF)."""
     data = b""

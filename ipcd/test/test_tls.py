@@ -26,6 +26,7 @@ from ipcd.daemons.tls.material import Material, ServerCreator
 from ipcd.test.support import (
     TIMEOUT,
     assert_no_fd_leak,
+    assert_refused,
     bounce,
     connect_unix,
     fd_baseline,
@@ -118,12 +119,7 @@ class TlsTestCase(TestCase):
     @inlineCallbacks
     def assertRefused(self, a: Any, route: str, *words: str) -> Any:
         reply = yield self.lookup_on(a, route)
-        self.assertEqual(reply.fds, [])
-        text = reply.data.decode()
-        self.assertTrue(text.startswith("ne "), text)
-        for word in words:
-            self.assertIn(word, text)
-        return text
+        return assert_refused(self, reply, *words)
 
 
 # What a client is told of a key the far tlsd did not accept.

@@ -61,6 +61,7 @@ def start_ws_host(
     listen: str = WS_LISTEN,
     redirects: dict[str, str] | None = None,
     routes: dict[str, str] | None = None,
+    dns: dict[str, Any] | None = None,
     **websocketd: Any,
 ) -> Any:
     """Start an ipcd with websocketd (and pongd); stopped after the test."""
@@ -73,6 +74,7 @@ def start_ws_host(
         pongd={"enabled": pongd},
         redirects=redirects or {},
         routes=routes or {},
+        dns=dns or {},
     )
     service = yield start_ipcd(case, config)
     port = yield service.getServiceNamed("websocketd").listening()
