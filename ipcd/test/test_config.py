@@ -220,12 +220,25 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
             ('["t_ls"]', "'t_ls' is not a daemon's scheme"),
             ('["tls "]', "'tls ' is not a daemon's scheme"),
             ('"tls"', "expected a list of URI schemes"),
+            # Every entry a string, not only some.
+            ("[1]", "expected a list of URI schemes"),
+            ('["tls", 1]', "expected a list of URI schemes"),
         ]:
             message = self.error(f"[ipcd]\nexternal_daemons = {value}\n")
             self.assertTrue(
                 message.startswith("[ipcd] external_daemons: expected"), message
             )
             self.assertIn(why, message)
+
+    def test_sslListenFilesReadWhenListening(self) -> None:
+        """
+        An C{ssl:} listener's key and certificate files are read when it
+        listens (where a missing one is one clear line), not when the
+        configuration is checked: loading never opens them.
+        """
+        path = self.write('[tcpd]\nlisten = "ssl:0:privateKey=/nonexistent/k.pem"\n')
+        config = load_config(path, None, {})
+        self.assertEqual(tcp_listen(config), "ssl:0:privateKey=/nonexistent/k.pem")
 
     def test_tcpdDisabled(self) -> None:
         """C{[tcpd] enabled = false} means no TCP listener at all."""
