@@ -95,7 +95,15 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "names": (
         "ipcd/names.py",
         None,
-        ("test_promises", "test_names", "test_rundir", "test_routes", "test_config"),
+        # test_api: the blocking client imports names.py without Twisted.
+        (
+            "test_promises",
+            "test_names",
+            "test_rundir",
+            "test_routes",
+            "test_config",
+            "test_api",
+        ),
     ),
     "config": (
         "ipcd/config.py",

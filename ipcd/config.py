@@ -162,7 +162,7 @@ def _validate_layer(
             out[key] = _validate_names_table(key, value, source)
         elif key in _LISTS:
             out[key] = _validate_list(key, value, source)
-        elif key in _SCHEMA and key is not None:
+        elif key in _SCHEMA:  # a table: keys are strings, never _SCHEMA's None
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: [{key}]: expected a table")
             for sub, subvalue in value.items():
@@ -374,9 +374,10 @@ def load_config(
     merged["redirects"] = MappingProxyType(merged["redirects"])
     merged["routes"] = MappingProxyType(merged["routes"])
     configured = merged.get("rundir")
-    if configured and overrides and overrides.get("rundir") == configured:
-        # The command line's, as any of its names: from the working directory
-        # (a file's names were taken from its own directory above).
+    if configured:
+        # Still relative: the command line's, as any of its names, or a file's
+        # named from the working directory; either way from the working
+        # directory (a file's names were taken from its own directory above).
         configured = os.path.join(os.getcwd(), configured)
     try:
         merged["rundir"] = normal_rundir(resolve_rundir(configured, environ))

@@ -92,8 +92,9 @@ def parse_rule(text: str, action: str | None = None) -> Rule:
 def _check_peer_pattern(pattern: str, text: str, what: str = "rule") -> None:
     if pattern == "*":
         return
-    kind, sep, value = pattern.partition(":")
-    if not sep or not kind or not value:
+    # Without a ':' partition leaves value empty: one test covers both.
+    kind, _, value = pattern.partition(":")
+    if not kind or not value:
         raise RuleError(f"{what} {text!r}: peer pattern must be '*' or KIND:VALUE")
     if kind == "ip" and not _has_glob(value):
         try:
@@ -131,9 +132,9 @@ def peer_matches(pattern: str, labels: Iterable[str]) -> bool:
         for label in labels:
             if label.startswith("ip:"):
                 address = _ip(label[3:])
-                if address is not None and address.version == network.version:
-                    if address in network:
-                        return True
+                # `in` is False across IP versions: no version test needed.
+                if address is not None and address in network:
+                    return True
         return False
     return any(fnmatchcase(label, pattern) for label in labels)
 

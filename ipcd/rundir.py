@@ -173,6 +173,7 @@ def file_kind(mode: int) -> str:
     for test, name in (
         (stat.S_ISREG, "a regular file"),
         (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
         (stat.S_ISSOCK, "a socket"),
         (stat.S_ISFIFO, "a FIFO"),
         (stat.S_ISCHR, "a character device"),

@@ -220,12 +220,25 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
             ('["t_ls"]', "'t_ls' is not a daemon's scheme"),
             ('["tls "]', "'tls ' is not a daemon's scheme"),
             ('"tls"', "expected a list of URI schemes"),
+            # Every entry a string, not only some.
+            ("[1]", "expected a list of URI schemes"),
+            ('["tls", 1]', "expected a list of URI schemes"),
         ]:
             message = self.error(f"[ipcd]\nexternal_daemons = {value}\n")
             self.assertTrue(
                 message.startswith("[ipcd] external_daemons: expected"), message
             )
             self.assertIn(why, message)
+
+    def test_sslListenFilesReadWhenListening(self) -> None:
+        """
+        An C{ssl:} listener's key and certificate files are read when it
+        listens (where a missing one is one clear line), not when the
+        configuration is checked: loading never opens them.
+        """
+        path = self.write('[tcpd]\nlisten = "ssl:0:privateKey=/nonexistent/k.pem"\n')
+        config = load_config(path, None, {})
+        self.assertEqual(tcp_listen(config), "ssl:0:privateKey=/nonexistent/k.pem")
 
     def test_tcpdDisabled(self) -> None:
         """C{[tcpd] enabled = false} means no TCP listener at all."""
@@ -247,7 +260,8 @@ class RelativePathTests(ConfigFileMixin, SynchronousTestCase):
     def test_relativeToTheFile(self) -> None:
         path = self.write(
             'rundir = "run"\n[tlsd]\npsk_file = "psk"\ncertificate = "tls/a.pem"\n'
-            'key = "/etc/ipcd/a.key"\n[websocketd]\nca = "../ca.pem"\n'
+            'key = "/etc/ipcd/a.key"\ntrust_roots = ""\n'
+            '[websocketd]\nca = "../ca.pem"\n'
         )
         here = os.path.dirname(os.path.abspath(path))
         config = load_config(path, None, {})
@@ -256,7 +270,7 @@ class RelativePathTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(tlsd["psk_file"], os.path.join(here, "psk"))
         self.assertEqual(tlsd["certificate"], os.path.join(here, "tls/a.pem"))
         self.assertEqual(tlsd["key"], "/etc/ipcd/a.key")
-        self.assertEqual(tlsd["trust_roots"], "")  # none stays none
+        self.assertEqual(tlsd["trust_roots"], "")  # none, said in the file, stays none
         self.assertEqual(
             config.daemons["websocketd"]["ca"], os.path.join(here, "../ca.pem")
         )
@@ -293,6 +307,20 @@ class RouteSchemeTests(ConfigFileMixin, SynchronousTestCase):
             "[routes] far: no transport for scheme 'http' (known: tcp, tls, udp, "
             "unix, ws, wss; another needs an external daemon in [ipcd] "
             "external_daemons)",
+        )
+
+    def test_unknownSchemeFromCommandLine(self) -> None:
+        """A command-line route's bad scheme says it came from there."""
+        error = self.assertRaises(
+            ConfigError,
+            load_config,
+            None,
+            {"routes": {"far": "http://example.net:80/far"}},
+            {},
+        )
+        self.assertTrue(
+            str(error).startswith("command line: [routes] far: no transport"),
+            str(error),
         )
 
     def test_externalDaemonScheme(self) -> None:
@@ -518,6 +546,14 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
 
     def test_redirectSelfLoop(self) -> None:
         self.assertIn("a -> a", self.error('[redirects]\na = "a"\n'))
+
+    def test_fileRundirErrorNamesFile(self) -> None:
+        """
+        A file's bad rundir is the file's fault, even when the command line
+        set other things.
+        """
+        message = self.error('rundir = "../run"\n', {"pongd": {"enabled": True}})
+        self.assertIn("rundir", message)
 
     def test_commandLineErrorsNamed(self) -> None:
         """Bad values from the command line say they came from there."""

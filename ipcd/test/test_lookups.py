@@ -352,6 +352,30 @@ class ServeAtAcceptTests(SynchronousTestCase):
         _carry_on(b"", None, b"st")(protocol)
         self.assertEqual(protocol.calls, [("rest", b"st")])
 
+    def test_partialSend(self) -> None:
+        """
+        An answer the socket takes only in part (a long refusal, a small
+        send buffer): the protocol sends the rest, and the client gets the
+        whole answer, once.
+        """
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # least
+        self.broker.refuse("x" * 20000)
+        resume = self.serve(encode(b"pong"))
+        self.assertIsNotNone(resume)
+        protocol = _Protocol()
+        resume(protocol)
+        [(kind, rest)] = protocol.calls
+        self.assertEqual(kind, "rest")
+        self.client.setblocking(False)
+        sent = b""
+        try:
+            while True:
+                sent += self.client.recv(65536)
+        except BlockingIOError:
+            pass
+        self.assertNotEqual(sent, b"")
+        self.assertEqual(sent + rest, b"ne " + b"x" * 20000)
+
     def test_answerLater(self) -> None:
         """
         An answer that has to wait is the protocol's to give, or to cancel

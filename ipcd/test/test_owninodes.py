@@ -186,6 +186,35 @@ class BrokerOwnInodesTests(SynchronousTestCase):
         self.daemon_starts(Request("local", root, "alias"))
 
 
+class EachOwnSocketTests(SynchronousTestCase):
+    """
+    Each of ipcd's own sockets is refused under another name, whichever of
+    the others are missing (daemons not running, an external daemon gone).
+    """
+
+    def test_eachAloneIsRefused(self) -> None:
+        rundir = short_tempdir(self)
+        broker = Broker(Config(rundir=rundir, external_daemons=("ext",)), None)
+        own = sorted(broker.own_sockets.names()[0])
+        self.assertGreater(len(own), 2)
+        root = Peer("pid 1 uid 0", credentials=Credentials(0, 0))
+        event = Request("local", root, "alias")
+        alias = os.path.join(rundir, "alias")
+        for name in own:
+            path = os.path.join(rundir, name)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(path)
+            os.link(path, alias)
+            try:
+                self.assertRaises(
+                    Refused, broker._open_local, event, LocalTarget("alias", alias)
+                )
+            finally:
+                sock.close()
+                os.unlink(alias)
+                os.unlink(path)
+
+
 class DirectoryStatTests(SynchronousTestCase):
     """L{HeldDirectories.take_directory_stat}: this lookup's, once."""
 

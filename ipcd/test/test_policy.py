@@ -66,6 +66,14 @@ class ParseRuleTests(SynchronousTestCase):
         self.assertFalse(names_exactly(parse_rule("allow in other"), "secret"))
         self.assertFalse(names_exactly(None, "secret"))
 
+    def test_globNeverNamesEvenItsOwnText(self) -> None:
+        """
+        A glob rule is a glob even when the text asked about is the glob
+        itself: C{allow in *} names no service, not even one called C{*}.
+        """
+        for glob in ("*", "secre?", "[s]ecret"):
+            self.assertFalse(names_exactly(parse_rule(f"allow in {glob}"), glob))
+
     def test_errors(self) -> None:
         for text, expected in [
             ("", "expected"),
@@ -134,6 +142,9 @@ class PeerMatchesTests(SynchronousTestCase):
         self.assertTrue(peer_matches("ip:192.168.1.0/24", ["ip:192.168.1.255"]))
         self.assertFalse(peer_matches("ip:192.168.1.0/24", ["ip:192.168.2.1"]))
         self.assertFalse(peer_matches("ip:10.0.0.0/8", ["ip:11.0.0.1"]))
+        # A bool, as documented, not merely something false.
+        self.assertIs(peer_matches("ip:10.0.0.0/8", ["ip:11.0.0.1"]), False)
+        self.assertIs(peer_matches("ip:10.0.0.0/8", ["ip:10.0.0.1"]), True)
         self.assertTrue(peer_matches("ip:0.0.0.0/0", ["ip:203.0.113.9"]))
 
     def test_ipv6Cidr(self) -> None:

@@ -16,7 +16,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from ipcd.rundir import UnsafeRundir, check_rundir, ensure_rundir, prepare_rundir
+from ipcd.rundir import (
+    UnsafeRundir,
+    check_rundir,
+    ensure_rundir,
+    file_kind,
+    prepare_rundir,
+)
 from ipcd.tap import IPCDService, Options, makeService
 from ipcd.test.support import (
     TIMEOUT,
@@ -86,6 +92,27 @@ class CheckRundirTests(SynchronousTestCase):
             f"unsafe RUNDIR {self.rundir}: owned by {user(uid)}, not by ipcd's "
             f"user {self.me}; remove it, or chown {euid} {self.rundir}",
         )
+
+    def test_ownerWithoutAName(self) -> None:
+        """An owner with no passwd entry is named by its uid alone."""
+        other_uid()  # root, to give the directory away
+        uid = 54321
+        while True:
+            try:
+                pwd.getpwuid(uid)
+            except KeyError:
+                break
+            uid += 1
+        os.chmod(self.rundir, 0o700)
+        os.chown(self.rundir, uid, -1)
+        self.assertIn(f"owned by uid {uid}, not by", self.refused())
+
+    def test_root(self) -> None:
+        """C{/} is checked as the directory C{/}, as any other RUNDIR."""
+        if os.geteuid() == 0:
+            check_rundir("/")  # root's, written by root alone: safe
+        else:
+            self.assertIn("owned by uid 0", self.refused("/"))
 
     def test_otherOwnerEvenWithSticky(self) -> None:
         """The owner may remove anything in it: the sticky bit does not help."""
@@ -248,6 +275,24 @@ class PrepareRundirTests(SynchronousTestCase):
             pass
         error = self.assertRaises(UnsafeRundir, prepare_rundir, path)
         self.assertIn("not a directory (a regular file)", str(error))
+
+    def test_prepareDanglingSymlinkInTheWay(self) -> None:
+        """A dangling link where a directory must be made is named as one."""
+        link = os.path.join(self.base, "link")
+        os.symlink(os.path.join(self.base, "nowhere"), link)
+        rundir = os.path.join(link, "run")
+        error = self.assertRaises(UnsafeRundir, prepare_rundir, rundir)
+        self.assertEqual(
+            str(error),
+            f"cannot create RUNDIR {rundir}: {link} is not a directory (a "
+            "symbolic link); choose another --rundir",
+        )
+
+    def test_fileKinds(self) -> None:
+        """Every kind by name; one Linux has no name for, by its type bits."""
+        self.assertEqual(file_kind(stat.S_IFLNK | 0o777), "a symbolic link")
+        self.assertEqual(file_kind(stat.S_IFSOCK), "a socket")
+        self.assertEqual(file_kind(0o170000 | 0o644), "file type 170000")
 
     def test_prepareCannotCreate(self) -> None:
         """Creation failing is one line too."""

@@ -513,6 +513,21 @@ class IdleTimeoutTests(SynchronousTestCase):
         protocol.connectionLost(None)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_reactorClockCancelled(self) -> None:
+        """
+        Without a C{clock}, the reactor's: its idle call is cancelled with
+        the connection, never left to fire on a connection long gone.
+        """
+        from twisted.internet import reactor
+
+        before = set(reactor.getDelayedCalls())
+        self.factory.clock = None
+        protocol, _ = self.connect()
+        [idle] = set(reactor.getDelayedCalls()) - before
+        protocol.connectionLost(None)
+        self.assertFalse(idle.active())
+        self.assertEqual(set(reactor.getDelayedCalls()), before)
+
     def test_logBounded(self) -> None:
         """100 idle closes at once: all counted, one log line."""
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
