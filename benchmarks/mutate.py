@@ -85,7 +85,8 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "routes": (
         "ipcd/routes.py",
         None,
-        ("test_promises", "test_routes", "test_resolve", "test_config"),
+        # test_srv: the SRV owner routes' syntax.
+        ("test_promises", "test_routes", "test_resolve", "test_config", "test_srv"),
     ),
     "policy": (
         "ipcd/policy.py",

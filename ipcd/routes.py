@@ -186,7 +186,8 @@ def check_srv_owner(owner: str, scheme: str) -> str:
     service, _, rest = owner.partition(".")
     proto, _, domain = rest.partition(".")
     name = service[1:]
-    if not (0 < len(name) <= MAX_SRV_SERVICE and _SRV_SERVICE.fullmatch(name)):
+    # The pattern needs a character: no test for an empty name.
+    if not (len(name) <= MAX_SRV_SERVICE and _SRV_SERVICE.fullmatch(name)):
         raise ValueError(
             f"SRV service label {_show(service, 20)} must be '_' and 1 to "
             f"{MAX_SRV_SERVICE} letters, digits and '-' (RFC 6335)"

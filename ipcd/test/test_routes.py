@@ -103,7 +103,10 @@ class LookupTests(SynchronousTestCase):
         """A route with no target is an error naming the route."""
         error = self.assertRaises(RouteError, parse_lookup, b"pong;pong")
         self.assertIn("'pong'", str(error))
-        self.assertRaises(RouteError, parse_lookup, b"pong;pong   ")
+        error = self.assertRaises(RouteError, parse_lookup, b"pong;pong   ")
+        self.assertEqual(
+            str(error), "malformed route 'pong': expected 'SERVICE URI'"
+        )  # the route as written, without the spaces around it
 
     def test_badRouteTarget(self) -> None:
         for payload in [
@@ -111,6 +114,7 @@ class LookupTests(SynchronousTestCase):
             b"pong;pong tcp://h:notaport/pong",
             b"pong;pong ://x",
             b"pong;pong tcp://h:9000/a/b",
+            b"pong;pong tcp:/h:9000/pong",  # one slash: a (bad) local name
         ]:
             self.assertRaises(RouteError, parse_lookup, payload)
 

@@ -85,6 +85,29 @@ class SyntaxTests(SynchronousTestCase):
         self.assertBad("tcp://_ipc._tcp.ex\x00ample/p", "control characters")
         self.assertBad("tcp://_ipc._tcp." + "a." * 126 + "org/p", "at most 253")
 
+    def test_oneLetterService(self) -> None:
+        uri = parse_uri("tcp://_a._tcp.example.org/p")
+        self.assertEqual(uri.host, "_a._tcp.example.org")
+
+    def test_ownerLength(self) -> None:
+        """
+        The whole owner, labels included, is a DNS name of at most 253
+        characters, though its domain alone may be shorter.
+        """
+
+        def domain(length: int) -> str:
+            labels = []
+            while length > 63:
+                labels.append("a" * 62)
+                length -= 63
+            return ".".join([*labels, "b" * length])
+
+        head = "_ipc._tcp."
+        longest = head + domain(253 - len(head))
+        self.assertEqual(len(longest), 253)
+        self.assertEqual(parse_uri(f"tcp://{longest}/p").host, longest)
+        self.assertBad(f"tcp://{head}{domain(254 - len(head))}/p", "at most 253")
+
     def test_underscoreElsewhereIsStillRefused(self) -> None:
         """Only a first label with '_' makes an owner: other names stay hosts."""
         self.assertBad("tcp://a._ipc._tcp.example.org/p", "letters, digits")
