@@ -183,7 +183,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
             "_closing",
             "_denied",
         ),
-        _LOOKUP_TESTS,
+        (*_LOOKUP_TESTS, "test_metrics"),  # the decisions counted and timed
     ),
     "psk": (
         "ipcd/daemons/tls/psk.py",

@@ -21,6 +21,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd.access import (
+    OTHERS,
     SEARCH,
     WRITE,
     AccessDenied,
@@ -74,6 +75,18 @@ class PermittedTests(SynchronousTestCase):
     def test_ownerBitsWinOverOthers(self) -> None:
         """As in the kernel, the owner gets the owner bits even if others get more."""
         self.assertFalse(permitted(_stat(0o077, uid=3, gid=3), Credentials(3, 3), 2))
+
+    def test_othersGetOnlyTheOtherBits(self) -> None:
+        """
+        A remote peer (L{OTHERS}) owns no file and is in no group, whoever
+        owns it: root's group, the first system ids, nobody's.
+        """
+        for owner in (0, 1, 2, 65534, 2**32 - 2):
+            for mode in (0o660, 0o600, 0o060):
+                st = _stat(mode, uid=owner, gid=owner)
+                self.assertFalse(permitted(st, OTHERS, WRITE), (owner, oct(mode)))
+            self.assertTrue(permitted(_stat(0o002, uid=owner, gid=owner), OTHERS, 2))
+        self.assertEqual(str(OTHERS), "others")
 
     def test_rootPasses(self) -> None:
         self.assertTrue(permitted(_stat(0o000), Credentials(0, 0), WRITE | SEARCH))

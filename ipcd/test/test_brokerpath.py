@@ -256,6 +256,50 @@ class WaitingListenerTests(TestCase):
     """A listener whose backlog is full: the lookup waits for it."""
 
     @inlineCallbacks
+    def test_connectedAtOnceLeavesNoFd(self) -> Any:
+        """
+        A listener with room: the socket at once, and the descriptor that
+        reached the socket's path closed with it (none left per lookup).
+        """
+        rundir = short_tempdir(self)
+        os.chmod(rundir, 0o755)
+        path = os.path.join(rundir, "svc")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.listen(8)
+        os.chmod(path, 0o666)
+        broker = Broker(Config(rundir=rundir), reactor)
+        before = yield fd_baseline()
+        for _ in range(3):
+            sock = broker.open_now(b"svc", ALICE)
+            self.assertIsInstance(sock, socket.socket)
+            listener.accept()[0].close()
+            sock.close()
+        yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
+    def test_refusedAtOnceLeavesNoFd(self) -> Any:
+        """
+        A socket nobody listens on: refused at once, and the descriptor
+        that reached its path closed (none left per lookup).
+        """
+        rundir = short_tempdir(self)
+        os.chmod(rundir, 0o755)
+        path = os.path.join(rundir, "svc")
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dead.bind(path)
+        dead.close()  # the file stays; nothing listens
+        os.chmod(path, 0o666)
+        broker = Broker(Config(rundir=rundir), reactor)
+        before = yield fd_baseline()
+        for _ in range(3):
+            answer = broker.open_now(b"svc", ALICE)
+            self.assertIsInstance(answer, Failure)
+            self.assertIn("is not running", answer.getErrorMessage())
+        yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
     def test_connectWaitsForTheBacklog(self) -> Any:
         """
         The socket comes once the listener has room, and the descriptor

@@ -106,6 +106,7 @@ class ScrapeTests(TestCase):
             b"secret",  # denied by rule 1, unix
             b"nosuch",  # failed: nothing listens there
             b"bad name!",  # refused: no target at all
+            b"pong",  # ok, unix again: from the plan cached the first time
         ]
         for payload in payloads:
             reply = yield deferToThread(lookup, self.rundir, payload)
@@ -119,7 +120,7 @@ class ScrapeTests(TestCase):
         self.assertEqual(
             lookups,
             {
-                (("outcome", "ok"), ("scheme", "unix")): 1,
+                (("outcome", "ok"), ("scheme", "unix")): 2,
                 (("outcome", "ok"), ("scheme", "tcp")): 1,
                 (("outcome", "denied"), ("scheme", "unix")): 1,
                 (("outcome", "failed"), ("scheme", "unix")): 1,
@@ -129,9 +130,9 @@ class ScrapeTests(TestCase):
         self.assertEqual(
             sample(samples, "ipcd_refusals_total", direction="local", rule="1"), 1
         )
-        self.assertEqual(sample(samples, "ipcd_lookup_duration_seconds_count"), 5)
+        self.assertEqual(sample(samples, "ipcd_lookup_duration_seconds_count"), 6)
         self.assertEqual(
-            sample(samples, "ipcd_lookup_duration_seconds_bucket", le="+Inf"), 5
+            sample(samples, "ipcd_lookup_duration_seconds_bucket", le="+Inf"), 6
         )
         self.assertGreater(sample(samples, "ipcd_lookup_duration_seconds_sum"), 0)
 
