@@ -253,23 +253,30 @@ class ServeLookupTests(SynchronousTestCase):
 
 
 class WaitingListenerTests(TestCase):
-    """A listener whose backlog is full: the lookup waits for it."""
+    """
+    A local service's socket, answered at once or waited for: the
+    descriptor that reached the socket's path is closed in every case.
+    """
 
-    @inlineCallbacks
-    def test_connectedAtOnceLeavesNoFd(self) -> Any:
-        """
-        A listener with room: the socket at once, and the descriptor that
-        reached the socket's path closed with it (none left per lookup).
-        """
+    def service(self, backlog: int | None) -> tuple[Broker, str, socket.socket]:
+        """A broker, and RUNDIR/svc listening with C{backlog} (None: bound only)."""
         rundir = short_tempdir(self)
         os.chmod(rundir, 0o755)
         path = os.path.join(rundir, "svc")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(listener.close)
-        listener.bind(path)
-        listener.listen(8)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(path)
+        if backlog is None:
+            sock.close()  # the file stays; nothing listens
+        else:
+            sock.listen(backlog)
         os.chmod(path, 0o666)
-        broker = Broker(Config(rundir=rundir), reactor)
+        return Broker(Config(rundir=rundir), reactor), path, sock
+
+    @inlineCallbacks
+    def test_connectedAtOnceLeavesNoFd(self) -> Any:
+        """A listener with room: the socket at once, no descriptor left."""
+        broker, _path, listener = self.service(8)
         before = yield fd_baseline()
         for _ in range(3):
             sock = broker.open_now(b"svc", ALICE)
@@ -280,18 +287,8 @@ class WaitingListenerTests(TestCase):
 
     @inlineCallbacks
     def test_refusedAtOnceLeavesNoFd(self) -> Any:
-        """
-        A socket nobody listens on: refused at once, and the descriptor
-        that reached its path closed (none left per lookup).
-        """
-        rundir = short_tempdir(self)
-        os.chmod(rundir, 0o755)
-        path = os.path.join(rundir, "svc")
-        dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        dead.bind(path)
-        dead.close()  # the file stays; nothing listens
-        os.chmod(path, 0o666)
-        broker = Broker(Config(rundir=rundir), reactor)
+        """A socket nobody listens on: refused at once, no descriptor left."""
+        broker, _path, _dead = self.service(None)
         before = yield fd_baseline()
         for _ in range(3):
             answer = broker.open_now(b"svc", ALICE)
@@ -302,17 +299,10 @@ class WaitingListenerTests(TestCase):
     @inlineCallbacks
     def test_connectWaitsForTheBacklog(self) -> Any:
         """
-        The socket comes once the listener has room, and the descriptor
-        that reached the socket's path is closed then (no fd left).
+        A listener whose backlog is full: the socket comes once it has
+        room, and no descriptor is left then.
         """
-        rundir = short_tempdir(self)
-        os.chmod(rundir, 0o755)
-        path = os.path.join(rundir, "svc")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(listener.close)
-        listener.bind(path)
-        listener.listen(0)
-        os.chmod(path, 0o666)
+        broker, path, listener = self.service(0)
         fillers = []
         while True:
             filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -323,7 +313,6 @@ class WaitingListenerTests(TestCase):
             except BlockingIOError:
                 break
             fillers.append(filler)
-        broker = Broker(Config(rundir=rundir), reactor)
         before = yield fd_baseline()
         answer = broker.open_now(b"svc", ALICE)
         self.assertIsInstance(answer, Deferred)
