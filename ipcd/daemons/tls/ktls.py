@@ -46,8 +46,10 @@ def _probe() -> bool:
             listener.listen(1)
             with socket.create_connection(listener.getsockname(), timeout=10) as sock:
                 accepted, _ = listener.accept()
-                accepted.close()
-                sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+                # The peer stays open: past ESTABLISHED (its FIN in) the
+                # kernel refuses the ULP with ENOTCONN.
+                with accepted:
+                    sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
         except OSError:
             return False
     return True
