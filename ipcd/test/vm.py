@@ -129,6 +129,7 @@ def _script(command: str, shared: str) -> str:
         "TMPDIR": "/dev/shm",
         "HOME": "/dev/shm",
         "PYTHON": sys.executable,
+        "IPCD_IN_VM": "1",  # for waits to allow for emulation
     }
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
     out = shlex.quote(os.path.join(shared, "output"))
@@ -172,7 +173,8 @@ def run_in_vm(
 ) -> VmResult:
     """
     Boot the VM, run shell C{command} in it (cwd C{/dev/shm}; C{$PYTHON} is
-    this interpreter, first on C{PATH}), and return its status and output.
+    this interpreter, first on C{PATH}; C{$IPCD_IN_VM} is 1), and return its
+    status and output.
 
     At most C{timeout} seconds for the VM (and as long again waiting for
     another one to finish); then qemu is killed and L{VmError} raised, as it
