@@ -19,7 +19,6 @@ L{ipcd.daemons.tls.kswitch}'s.
 from __future__ import annotations
 
 import array
-import hashlib
 import hmac
 import socket
 import struct
@@ -256,8 +255,9 @@ def _probe() -> bool:
             listener.listen(1)
             with socket.create_connection(listener.getsockname(), timeout=10) as sock:
                 accepted, _ = listener.accept()
-                accepted.close()
-                sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+                # (Its peer still open: the ULP needs an established connection.)
+                with accepted:
+                    sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
         except OSError:
             return False
     return True
