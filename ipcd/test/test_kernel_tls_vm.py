@@ -65,7 +65,10 @@ class KernelTlsInVmTests(SynchronousTestCase):
             raise self.skipTest(tools)
         modules = ktls_modules()
         self.assertTrue(modules, "no ipcd/test/test_ktls*.py in this checkout")
-        result = vm.run_in_vm(tools, inner_trial(modules), timeout=VM_SECONDS)
+        try:
+            result = vm.run_in_vm(tools, inner_trial(modules), timeout=VM_SECONDS)
+        except vm.VmBusy as e:  # a benchmark's VM, say: not this code's fault
+            raise self.skipTest(f"{e}: one VM at a time on this host")
         wrong = verdict(result)
         if wrong is not None:
             self.fail(f"{wrong} ({result.seconds:.0f} s); its output:\n{result.output}")

@@ -64,6 +64,10 @@ class VmError(Exception):
     """The VM did not run the command to its end (with what it printed)."""
 
 
+class VmBusy(VmError):
+    """Another VM on this host kept the lock past the time allowed."""
+
+
 def _version_key(version: str) -> list[tuple[int, str]]:
     return [
         (int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.-]", version)
@@ -156,7 +160,7 @@ def _one_vm_at_a_time(timeout: float):  # type: ignore[no-untyped-def]
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise VmError(f"another VM held {LOCK} for {timeout:g} s")
+                    raise VmBusy(f"another VM held {LOCK} for {timeout:g} s")
                 time.sleep(1)
         try:
             yield
@@ -176,10 +180,10 @@ def run_in_vm(
     this interpreter, first on C{PATH}; C{$IPCD_IN_VM} is 1), and return its
     status and output.
 
-    At most C{timeout} seconds for the VM (and as long again waiting for
-    another one to finish); then qemu is killed and L{VmError} raised, as it
-    is when the command's status never arrives.  The temporary folder goes
-    either way.
+    At most C{timeout} seconds for the VM, then qemu is killed and
+    L{VmError} raised, as it is when the command's status never arrives; as
+    long again waiting for another VM of ours to finish, then L{VmBusy}.
+    The temporary folder goes either way.
     """
     shared = tempfile.mkdtemp(prefix="ipcd-vm-")
     try:
