@@ -17,7 +17,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
-from ipcd.daemons.tls.ktls import SOL_TLS, TLS_TX, recv_record
+from ipcd.daemons.tls.ktls import kernel_settings, recv_record
 from ipcd.test.support import assert_no_fd_leak, fd_baseline, wait_until
 from ipcd.test.tcpsupport import digest_service
 from ipcd.test.test_ktls import needs_ktls
@@ -59,6 +59,8 @@ def read_to_end(sock: socket.socket) -> tuple[bytes, str]:
 
 @needs_ktls
 class KernelRouteTests(TlsTestCase):
+    kernel_tls = True
+
     @inlineCallbacks
     def hosts(self, **a_tlsd: Any) -> Any:
         b = yield start_tls_host(
@@ -78,7 +80,7 @@ class KernelRouteTests(TlsTestCase):
         """
         sock = yield self.assertPong(a, b.route("pong"))
         self.assertEqual(sock.family, socket.AF_INET)
-        info = sock.getsockopt(SOL_TLS, TLS_TX, 64)
+        info = kernel_settings(sock)
         self.assertIn(info[:2], (b"\x04\x03", b"\x03\x03"))  # 1.3, 1.2
         self.assertEqual(fast_sides(a), 0)
         self.assertEqual(list(a.broker.relays), [])
@@ -91,7 +93,7 @@ class KernelRouteTests(TlsTestCase):
         a, b = yield self.hosts()
         before = yield fd_baseline()
         sock = yield self.handed_over(a, b)
-        self.assertEqual(sock.getsockopt(SOL_TLS, TLS_TX, 64)[:2], b"\x04\x03")
+        self.assertEqual(kernel_settings(sock)[:2], b"\x04\x03")
         sock.close()
         yield wait_until(lambda: not b.broker.relays, "B's relay to end")
         yield assert_no_fd_leak(before)
@@ -101,7 +103,7 @@ class KernelRouteTests(TlsTestCase):
         """TLS 1.2's PSK suites too."""
         a, b = yield self.hosts(max_version="1.2")
         sock = yield self.handed_over(a, b)
-        self.assertEqual(sock.getsockopt(SOL_TLS, TLS_TX, 64)[:2], b"\x03\x03")
+        self.assertEqual(kernel_settings(sock)[:2], b"\x03\x03")
         sock.close()
 
     @inlineCallbacks

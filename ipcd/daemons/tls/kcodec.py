@@ -5,8 +5,8 @@ left to the codec is what a plain socket does not say.
 
   - A record that is not application data makes a plain read fail with
     EIO: it is read with its type; a close_notify is the stream's end, a
-    NewSessionTicket (or any handshake record) is skipped, another alert
-    ends the relay.
+    NewSessionTicket is skipped, another alert or handshake message (a TLS
+    1.3 KeyUpdate, which this kernel's kTLS cannot follow) ends the relay.
   - Its own EOF is a close_notify, sent with its record type
     (L{send_close_notify}): a plain close sends none.
   - A TCP EOF is an EOF: the client that holds the other end of a route
@@ -31,6 +31,8 @@ from ipcd.daemons.tls.ktls import (
 )
 from ipcd.relay import ICodec, RelayEnded
 from ipcd.relay.sides import NOTHING
+
+NEW_SESSION_TICKET = b"\x04"  # its handshake message type
 
 
 class KernelSecured:
@@ -83,8 +85,11 @@ class KernelTlsCodec:
                 side.eof = True
                 return False
             raise RelayEnded(f"TLS alert {data.hex()} from the peer")
+        if kind == HANDSHAKE and data[:1] == NEW_SESSION_TICKET:
+            return True  # nothing for the relay
         if kind == HANDSHAKE:
-            return True  # a NewSessionTicket: nothing for the relay
+            # A key update (TLS 1.3): this kernel cannot take the new keys.
+            raise RelayEnded(f"TLS handshake message {data[:1].hex()} on kernel TLS")
         raise RelayEnded(f"a TLS record of type {kind} in the stream")
 
     def made(self) -> memoryview:

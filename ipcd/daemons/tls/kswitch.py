@@ -34,6 +34,7 @@ from ipcd.daemons.tls.ktls import (
     VERSIONS,
     Direction,
     Records,
+    attach,
     cipher_of,
     ktls_available,
     switch,
@@ -234,5 +235,9 @@ def to_kernel(secured: Any, client: bool) -> str:
         except (BlockingIOError, InterruptedError):
             return "the records owed do not fit in the socket now"
         secured.unsent = secured.unsent[n:]
+    try:
+        attach(sock)
+    except OSError as e:  # nothing has changed
+        return f"the kernel refused TLS on this socket ({e.strerror})"
     switch(sock, *settings)
     return ""
