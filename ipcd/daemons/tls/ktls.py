@@ -272,21 +272,44 @@ class Direction:
     sequence: int
 
 
+def attach(sock: socket.socket) -> None:
+    """
+    Give connected TCP socket C{sock} the kernel's C{tls} upper-layer
+    protocol: nothing changes for its bytes until L{switch}.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+
+
 def switch(
     sock: socket.socket, version: int, cipher: Cipher, tx: Direction, rx: Direction
 ) -> None:
     """
-    Put TLS in C{sock}'s kernel: from here, what is written is sealed into
-    records, and records read come out as plaintext.  Raises L{OSError} if
-    the kernel refuses (the socket is then unusable for TLS: close it).
+    Put TLS in C{sock}'s kernel (its C{tls} upper-layer protocol already
+    set: L{attach}): from here, what is written is sealed into records, and
+    records read come out as plaintext.  Raises L{OSError} if the kernel
+    refuses (the socket is then unusable for TLS: close it).
     """
-    sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
     sock.setsockopt(
         SOL_TLS, TLS_TX, crypto_info(version, cipher, tx.key, tx.iv, tx.sequence)
     )
     sock.setsockopt(
         SOL_TLS, TLS_RX, crypto_info(version, cipher, rx.key, rx.iv, rx.sequence)
     )
+
+
+def kernel_settings(sock: socket.socket, direction: int = TLS_TX) -> bytes:
+    """
+    What kTLS socket C{sock}'s kernel holds for C{direction} (L{TLS_TX} or
+    L{TLS_RX}), as L{crypto_info} packs it: version, cipher, key and the
+    live sequence number.  Whoever holds the socket can read this.
+    """
+    head = sock.getsockopt(SOL_TLS, direction, 4)  # the kernel wants exact sizes
+    kind = struct.unpack("=HH", head)[1]
+    for cipher in (AES_128_GCM, AES_256_GCM, CHACHA20_POLY1305):
+        if cipher.kernel == kind:
+            size = 4 + cipher.iv_size + cipher.key_size + cipher.salt_size + 8
+            return sock.getsockopt(SOL_TLS, direction, size)
+    return head
 
 
 def send_close_notify(sock: socket.socket) -> None:
