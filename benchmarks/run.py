@@ -1470,8 +1470,8 @@ def in_vm(args: argparse.Namespace) -> int:
         inner += ["--against", shlex.quote(os.path.abspath(args.against))]
     # The table alone on success; progress too when it failed.
     command = (
-        f"{' '.join(inner)} >/dev/shm/table 2>/dev/shm/progress; status=$?; "
-        "cat /dev/shm/table; [ $status = 0 ] || tail -40 /dev/shm/progress; "
+        f"{' '.join(inner)} >/tmp/table 2>/tmp/progress; status=$?; "
+        "cat /tmp/table; [ $status = 0 ] || tail -40 /tmp/progress; "
         "exit $status"
     )
     say(f"booting a VM ({tools.kernel}, {VM_CPUS} vCPUs, TCG) for the benchmark")

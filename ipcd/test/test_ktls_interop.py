@@ -122,6 +122,7 @@ def switch(
         )
     tx, rx = (server, client) if as_server else (client, server)
     tx_seq, rx_seq = (sent, 0) if version == ktls.TLS13 else (1, 1)
+    ktls.attach(sock)
     ktls.switch(
         sock, version, cipher, ktls.Direction(*tx, tx_seq), ktls.Direction(*rx, rx_seq)
     )

@@ -12,9 +12,10 @@ Python and this checkout first on C{PYTHONPATH}, and returns its exit status
 and output.  It runs under TCG (emulated CPU; nested KVM is not relied on),
 so it is slow: half a minute to boot, then every instruction emulated.
 
-Inside the VM only C{/dev/shm} (a tmpfs, also C{TMPDIR} and C{HOME}) and
-the shared result folder are writable; UNIX sockets cannot be bound on the
-shared folder (9p), so everything runs from C{/dev/shm}.  virtme-run's own
+Inside the VM, C{/tmp} (also C{TMPDIR}, C{HOME} and the command's working
+directory) and C{/dev/shm} are fresh tmpfs mounts, the rest is read-only;
+the shared result folder (9p, where UNIX sockets cannot be bound) is only
+for results, at L{OUT}.  virtme-run's own
 exit status and console are unreliable: the command's status and output go
 to files in the shared folder, and an absent status file means the VM never
 ran the command.  One VM at a time per host (C{flock} on L{LOCK}): each
@@ -40,6 +41,9 @@ from dataclasses import dataclass
 # The checkout whose ipcd the VM runs: PYTHONPATH's first entry inside.
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOCK = os.path.join(tempfile.gettempdir(), "ipcd-test-vm.lock")
+# Where the shared result folder is seen inside the VM, once /tmp (where it
+# lies on the host) is covered by a tmpfs.
+OUT = "/run/ipcd-vm"
 # Exit status of the VM's script when modprobe leaves no tls ULP.
 NO_TLS_IN_VM = 97
 
@@ -130,16 +134,16 @@ def _script(command: str, shared: str) -> str:
         ),
         "PYTHONPATH": CHECKOUT,
         "PYTHONDONTWRITEBYTECODE": "1",
-        "TMPDIR": "/dev/shm",
-        "HOME": "/dev/shm",
+        "TMPDIR": "/tmp",
+        "HOME": "/tmp",
         "PYTHON": sys.executable,
         "IPCD_IN_VM": "1",  # for waits to allow for emulation
     }
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
-    out = shlex.quote(os.path.join(shared, "output"))
-    status = shlex.quote(os.path.join(shared, "status"))
+    out, status = f"{OUT}/output", f"{OUT}/status"
     return (
-        f"{exports}cd /dev/shm\n"
+        f"{exports}mkdir -p {OUT} && mount --bind {shlex.quote(shared)} {OUT} &&\n"
+        "mount -t tmpfs tmpfs /tmp && cd /tmp || exit 1\n"
         f"modprobe tls >{out} 2>&1\n"
         f"if ! grep -qw tls /proc/sys/net/ipv4/tcp_available_ulp; then\n"
         f"  echo 'no tls ULP in the VM after modprobe tls' >>{out}\n"
@@ -176,7 +180,7 @@ def run_in_vm(
     cpus: int = 1,
 ) -> VmResult:
     """
-    Boot the VM, run shell C{command} in it (cwd C{/dev/shm}; C{$PYTHON} is
+    Boot the VM, run shell C{command} in it (cwd C{/tmp}; C{$PYTHON} is
     this interpreter, first on C{PATH}; C{$IPCD_IN_VM} is 1), and return its
     status and output.
 
