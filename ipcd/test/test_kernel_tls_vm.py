@@ -105,3 +105,33 @@ class VerdictTests(SynchronousTestCase):
         modules = ktls_modules()
         self.assertIn("ipcd.test.test_ktls_vmprobe", modules)
         self.assertNotIn(__name__, modules)
+
+
+class FindVmTests(SynchronousTestCase):
+    """What is missing is named, with the way to get it."""
+
+    def path_with(self, *tools: str) -> None:
+        """PATH holds only C{tools} (each a stand-in script)."""
+        directory = self.mktemp()
+        os.mkdir(directory)
+        for tool in tools:
+            stand_in = os.path.join(directory, tool)
+            with open(stand_in, "w") as f:
+                f.write("#!/bin/sh\nexit 1\n")
+            os.chmod(stand_in, 0o755)
+        self.patch(os, "environ", {**os.environ, "PATH": directory})
+        self.patch(vm.sys, "executable", os.path.join(directory, "python3"))
+
+    def test_no_qemu(self) -> None:
+        self.path_with("virtme-run", "busybox")
+        self.assertEqual(
+            vm.find_vm(), "no qemu-system-x86_64: apt-get install qemu-system-x86"
+        )
+
+    def test_no_virtme(self) -> None:
+        self.path_with("qemu-system-x86_64", "busybox")
+        self.assertEqual(vm.find_vm(), "no virtme-run: pip install virtme-ng")
+
+    def test_no_busybox(self) -> None:
+        self.path_with("qemu-system-x86_64", "virtme-run")
+        self.assertIn("apt-get install busybox-static", vm.find_vm())
