@@ -1,13 +1,18 @@
 """
-Kernel TLS against peers nobody here wrote: C{openssl s_server} (PSK, TLS
-1.3 and 1.2) and C{stunnel} (PSK, TLS 1.3) on the far end of a connection
-whose near end did its handshake in pyOpenSSL and then gave the record
-layer to the kernel (L{ipcd.daemons.tls.ktls}: keys from the keylog
-callback or the master secret, sequence numbers as after a handshake).
-The near end then only reads and writes, as a client handed the socket
-would; its close_notify ends the session cleanly for the peer.
+Kernel TLS against peers nobody here wrote, in a kernel that has kTLS:
 
-These peers are here for tlsd to be pointed at once its kTLS relays land.
+- a near end that did its handshake in pyOpenSSL and gave the record layer
+  to the kernel by hand (L{ipcd.daemons.tls.ktls}'s primitives: keys from
+  the keylog callback or the master secret, sequence numbers as after a
+  handshake, tickets counted) talks to C{openssl s_server} and stunnel as
+  a client and to C{openssl s_client} as a server (PSK, TLS 1.3 and 1.2),
+  then only reads and writes, as a client handed the socket would; its
+  close_notify ends the session cleanly for the peer;
+- tlsd itself with stunnel on the far end: stunnel (client mode) dials B's
+  tlsd, which relays it on kernel TLS; A's tlsd dials stunnel (server
+  mode) and hands the client the kTLS socket.  (tlsd against the openssl
+  tool is test_ktls_openssl's.)
+
 Skipped where the kernel has no C{tls} upper-layer protocol; the VM test
 (L{ipcd.test.test_kernel_tls_vm}) runs them in a kernel that has it.
 """
@@ -24,14 +29,22 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from OpenSSL import SSL
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from ipcd.daemons.tls import ktls
+from ipcd.daemons.tls.ktls import kernel_settings
 from ipcd.daemons.tls.psk import use_client_key, use_server_keys
 from ipcd.test.ktlssupport import NO_ULP, WAIT, kernel_has_tls
-from ipcd.test.support import free_port
+from ipcd.test.support import exchange, free_port, recv_upto
+from ipcd.test.test_ktls import needs_ktls
+from ipcd.test.test_ktls_routes import kernel_relays
+from ipcd.test.test_tls import TlsTestCase
+from ipcd.wire import encode
 
 OPENSSL = shutil.which("openssl")
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
@@ -199,46 +212,68 @@ def ended(sock: socket.socket) -> bool:
             raise AssertionError(f"record type {kind} ({chunk!r}) after close")
 
 
+def start_peer(case: SynchronousTestCase, argv: list[str], port: int) -> None:
+    """
+    Run peer C{argv} until C{case} ends, and wait until it listens on
+    C{port}; its output goes in the failure message if it never does.
+    """
+    log = case.mktemp()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,  # s_server ends at EOF on its stdin
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    case.addCleanup(stop_peer, proc)
+    deadline = time.monotonic() + START
+    while not _listening(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            with open(log, errors="replace") as f:
+                case.fail(f"{argv[0]} did not listen on {port}:\n{f.read()}")
+        time.sleep(0.1)
+
+
+def _listening(port: int) -> bool:
+    # /proc, not a probing connection: that would be s_server's client.
+    listen = f"0100007F:{port:04X} 00000000:0000 0A"
+    with open("/proc/net/tcp") as f:
+        return any(listen in line for line in f)
+
+
+def stop_peer(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.stdin is not None:
+        proc.stdin.close()
+    proc.wait(WAIT)
+
+
+def start_stunnel(case: SynchronousTestCase, port: int, service: str) -> None:
+    """
+    stunnel with C{service} (its lines: accept on 127.0.0.1:C{port},
+    connect, client...) and alice's key, until C{case} ends.
+    """
+    if STUNNEL is None:
+        raise SkipTest("no stunnel (apt-get install stunnel4)")
+    directory = case.mktemp()
+    os.mkdir(directory)
+    secrets = os.path.join(directory, "psk.txt")
+    with open(os.open(secrets, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(f"{IDENTITY}:{KEY.decode()}\n")
+    config = os.path.join(directory, "stunnel.conf")
+    with open(config, "w") as f:
+        f.write(
+            f"foreground = yes\npid =\ndebug = 5\n[peer]\n{service}"
+            f"accept = 127.0.0.1:{port}\nPSKsecrets = {secrets}\n"
+        )
+    start_peer(case, [STUNNEL, config], port)
+
+
 class PeerTestCase(SynchronousTestCase):
     if not kernel_has_tls():
         skip = NO_ULP
-
-    def start(self, argv: list[str], port: int) -> None:
-        """
-        Run peer C{argv} until the test ends, and wait until it listens on
-        C{port}; its output goes in the failure message if it never does.
-        """
-        log = self.mktemp()
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,  # s_server ends at EOF on its stdin
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.addCleanup(self._stop, proc)
-        deadline = time.monotonic() + START
-        while not self._listening(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                with open(log, errors="replace") as f:
-                    self.fail(f"{argv[0]} did not listen on {port}:\n{f.read()}")
-            time.sleep(0.1)
-
-    @staticmethod
-    def _listening(port: int) -> bool:
-        # /proc, not a probing connection: that would be s_server's client.
-        listen = f"0100007F:{port:04X} 00000000:0000 0A"
-        with open("/proc/net/tcp") as f:
-            return any(listen in line for line in f)
-
-    @staticmethod
-    def _stop(proc: subprocess.Popen[bytes]) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        if proc.stdin is not None:
-            proc.stdin.close()
-        proc.wait(WAIT)
 
 
 class OpenSSLServerTests(PeerTestCase):
@@ -250,7 +285,8 @@ class OpenSSLServerTests(PeerTestCase):
     def talk(self, version: int, flags: list[str]) -> None:
         port = free_port()
         assert OPENSSL is not None
-        self.start(
+        start_peer(
+            self,
             [OPENSSL, "s_server", "-accept", f"127.0.0.1:{port}", "-rev", "-nocert"]
             + ["-psk", KEY.hex(), "-psk_identity", IDENTITY, *flags],
             port,
@@ -271,8 +307,12 @@ class OpenSSLServerTests(PeerTestCase):
 
 
 @contextlib.contextmanager
-def echo_server() -> Iterator[int]:
-    """A plain TCP echo on loopback, one connection at a time; its port."""
+def echo_server(request: bytes = b"") -> Iterator[int]:
+    """
+    A plain TCP echo on loopback, one connection at a time; its port.  With
+    C{request}, each connection must send that first, and is answered
+    C{ok} (as a libipc service asked through a tls:// route).
+    """
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
@@ -288,6 +328,8 @@ def echo_server() -> Iterator[int]:
             with conn:
                 conn.settimeout(WAIT)
                 with contextlib.suppress(OSError):
+                    if request and recv_upto(conn, len(request)) == request:
+                        conn.sendall(b"ok")
                     while data := conn.recv(65536):
                         conn.sendall(data)
 
@@ -304,27 +346,15 @@ def echo_server() -> Iterator[int]:
 class StunnelServerTests(PeerTestCase):
     """stunnel in server mode (PSK) in front of a TCP echo."""
 
-    if STUNNEL is None:
-        skip = "no stunnel (apt-get install stunnel4)"
-
     def test_tls13(self) -> None:
-        assert STUNNEL is not None
-        directory = self.mktemp()
-        os.mkdir(directory)
-        secrets = os.path.join(directory, "psk.txt")
-        with open(os.open(secrets, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-            f.write(f"{IDENTITY}:{KEY.decode()}\n")
         port = free_port()
         with echo_server() as echo:
-            config = os.path.join(directory, "stunnel.conf")
-            with open(config, "w") as f:
-                f.write(
-                    "foreground = yes\npid =\ndebug = 5\n[echo]\n"
-                    f"accept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{echo}\n"
-                    f"PSKsecrets = {secrets}\nsslVersion = TLSv1.3\n"
-                    f"ciphersuites = {TLS13_SUITE.decode()}\n"
-                )
-            self.start([STUNNEL, config], port)
+            start_stunnel(
+                self,
+                port,
+                f"connect = 127.0.0.1:{echo}\nsslVersion = TLSv1.3\n"
+                f"ciphersuites = {TLS13_SUITE.decode()}\n",
+            )
             with ktls_connect(port, SSL.TLS1_3_VERSION) as sock:
                 data = os.urandom(1024 * 1024)
                 writer = threading.Thread(target=sock.sendall, args=(data,))
@@ -362,7 +392,7 @@ class OpenSSLClientTests(PeerTestCase):
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
-            self.addCleanup(self._stop, client)
+            self.addCleanup(stop_peer, client)
             with ktls_accept(listener, version) as sock:
                 sock.sendall(b"from the kernel\n")
                 assert client.stdin is not None
@@ -384,3 +414,90 @@ class OpenSSLClientTests(PeerTestCase):
 
     def test_tls12(self) -> None:
         self.talk(SSL.TLS1_2_VERSION, ["-tls1_2", "-cipher", TLS12_SUITE.decode()])
+
+
+# Stunnel on the far end of tlsd's kernel TLS.  Its PSK is text: tlsd's
+# secrets file takes the same bytes in hex.
+STUNNEL_VERSIONS = {
+    "TLSv1.3": f"ciphersuites = {TLS13_SUITE.decode()}\n",
+    "TLSv1.2": f"ciphers = {TLS12_SUITE.decode()}\n",
+}
+
+
+@needs_ktls
+class StunnelClientToTlsdTests(TlsTestCase):
+    """
+    stunnel in client mode dials B's tlsd for pong, as upstream asks: B
+    relays it on kernel TLS, and messages bounce off pong through it.
+    """
+
+    kernel_tls = True
+
+    @inlineCallbacks
+    def bounce(self, version: str) -> Any:
+        b = yield self.psk_server(["allow in pong psk:alice"], alice=KEY.hex())
+        port = free_port()
+        start_stunnel(
+            self,
+            port,
+            f"client = yes\nconnect = 127.0.0.1:{b.port}\n"
+            f"PSKidentity = {IDENTITY}\nsslVersion = {version}\n"
+            + STUNNEL_VERSIONS[version],
+        )
+        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        self.addCleanup(sock.close)
+        answer = yield deferToThread(exchange, sock, b"pong", 2)
+        self.assertEqual(answer, b"ok")
+        message = encode(b"through stunnel and the kernel")
+        echo = yield deferToThread(exchange, sock, message, len(message))
+        self.assertEqual(echo, message)
+        self.assertEqual(len(kernel_relays(b)), 1)
+
+    def test_tls13(self) -> Any:
+        return self.bounce("TLSv1.3")
+
+    def test_tls12(self) -> Any:
+        return self.bounce("TLSv1.2")
+
+
+@needs_ktls
+class TlsdToStunnelTests(TlsTestCase):
+    """
+    A's tlsd dials stunnel in server mode (in front of a service that
+    answers C{ok}, then echoes): the client holds the kTLS socket and talks
+    through it, and no relay stays in A.
+    """
+
+    kernel_tls = True
+
+    @inlineCallbacks
+    def hands_over(self, version: str) -> Any:
+        port = free_port()
+        with echo_server(request=b"pong") as service:
+            start_stunnel(
+                self,
+                port,
+                f"connect = 127.0.0.1:{service}\nsslVersion = {version}\n"
+                + STUNNEL_VERSIONS[version],
+            )
+            a = yield self.psk_client(IDENTITY, KEY.hex())
+            reply = yield self.lookup_on(a, f"tls://localhost:{port}/pong")
+            self.assertEqual((reply.first, len(reply.fds)), (b"ok", 1), reply)
+            sock = reply.take_socket(self)
+            sock.settimeout(WAIT)
+            self.assertEqual(sock.family, socket.AF_INET)
+            self.assertEqual(list(a.broker.relays), [])
+            message = b"x" * 100_000
+            echo = yield deferToThread(exchange, sock, message, len(message))
+            self.assertEqual(echo, message)
+            return kernel_settings(sock)
+
+    @inlineCallbacks
+    def test_tls13(self) -> Any:
+        info = yield self.hands_over("TLSv1.3")
+        self.assertEqual(info[:2], ktls.TLS13.to_bytes(2, "little"))
+
+    @inlineCallbacks
+    def test_tls12(self) -> Any:
+        info = yield self.hands_over("TLSv1.2")
+        self.assertEqual(info[:2], ktls.TLS12.to_bytes(2, "little"))
