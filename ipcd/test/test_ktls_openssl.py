@@ -21,6 +21,7 @@ from ipcd.test.test_tls import TlsTestCase
 from ipcd.test.test_tls_openssl import (
     s_client_to_digest,
     s_client_to_pong,
+    s_client_with_commands,
     talk_to_s_server,
 )
 from ipcd.test.tlssupport import ALICE_KEY
@@ -60,6 +61,25 @@ class ClientInteropTests(TlsTestCase):
             lambda: [(c.count, c.eof) for c in service.connections] == [(10, True)],
             "the bytes, then the EOF, to reach the service",
         )
+
+
+@needs_ktls
+class KeyUpdateTests(TlsTestCase):
+    """
+    A TLS 1.3 KeyUpdate from C{openssl s_client} (its C{K} command): this
+    kernel's kTLS cannot take new keys, so B's relay ends, saying why,
+    instead of reading records it cannot open.
+    """
+
+    kernel_tls = True
+
+    @inlineCallbacks
+    def test_key_update_ends_the_relay(self) -> Any:
+        b, client = yield s_client_with_commands(self)
+        yield wait_until(lambda: len(kernel_relays(b)) == 1, "B's kTLS relay")
+        client.transport.write(b"K\n")
+        yield self.assertLogged("ended: TLS handshake message 18 on kernel TLS")
+        yield wait_until(lambda: not b.broker.relays, "B's relay to end")
 
 
 @needs_ktls

@@ -4,12 +4,15 @@ kernel: two watched pyOpenSSL connections talk through their memory BIOs
 (with records coming in pieces), then each one's plan must open the next
 record its peer makes, and the peer's plan must open its own: the keys and
 sequence numbers are exactly the ones OpenSSL goes on with.  TLS 1.3 and
-1.2, each AEAD the kernel takes, certificates and PSK.
+1.2, each AEAD the kernel takes, certificates and PSK.  And two real ipcd
+hosts reach a plan through Twisted's TLS, then fall back to the relay when
+the kernel refuses.
 """
 
 from __future__ import annotations
 
 import datetime
+import socket
 from typing import Any
 
 from cryptography import x509
@@ -27,11 +30,16 @@ from OpenSSL.SSL import (
     Context,
     WantReadError,
 )
+from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from ipcd.daemons.tls import psk
+from ipcd.daemons.tls import daemon, psk
 from ipcd.daemons.tls.kswitch import plan, watch, watchable
-from ipcd.daemons.tls.ktls import CHACHA20_POLY1305, TLS13, Direction
+from ipcd.daemons.tls.ktls import CHACHA20_POLY1305, TLS13, Direction, ktls_available
+from ipcd.test.support import wait_until
+from ipcd.test.test_tls import TlsTestCase
+from ipcd.test.test_tlsrelay import fast_sides
+from ipcd.test.tlssupport import ALICE_KEY
 
 
 def _certificate() -> tuple[Any, Any]:
@@ -198,3 +206,52 @@ class PlanTests(TestCase):
             plan(Connection(Context(TLS_CLIENT_METHOD)), True),
             "not watched from its start",
         )
+
+
+class RouteFallbackTests(TlsTestCase):
+    """
+    Two real ipcd hosts told kernel TLS is here when it is not: their
+    connections are watched through Twisted's TLS, the exchange leaves
+    each exactly countable (the plan is made), the kernel then refuses the
+    ULP, and each connection stays on the relay, which works.
+    """
+
+    kernel_tls = True
+
+    if ktls_available():
+        skip = "this kernel has kTLS: the switch would succeed"
+    elif not watchable():
+        skip = "this pyOpenSSL does not let connections be watched"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(daemon, "kernel_tls_here", lambda: True)
+
+    @inlineCallbacks
+    def falls_back(self, a: Any, b: Any) -> Any:
+        sock = yield self.assertPong(a, b.route("pong"))
+        self.assertEqual(sock.family, socket.AF_UNIX)
+        self.assertEqual((fast_sides(a), fast_sides(b)), (2, 2))
+        refused = "relaying TLS, not kernel TLS: the kernel refused TLS on this socket"
+        yield wait_until(
+            lambda: sum(refused in line for line in self.logged) == 2,
+            "both hosts to plan the switch and be refused by the kernel",
+        )
+        sock.close()
+
+    @inlineCallbacks
+    def test_psk13(self) -> Any:
+        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
+        a = yield self.psk_client("alice", ALICE_KEY)
+        yield self.falls_back(a, b)
+
+    @inlineCallbacks
+    def test_psk12(self) -> Any:
+        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
+        a = yield self.psk_client("alice", ALICE_KEY, max_version="1.2")
+        yield self.falls_back(a, b)
+
+    @inlineCallbacks
+    def test_certificates(self) -> Any:
+        a, b, _ = yield self.certificateHosts()
+        yield self.falls_back(a, b)

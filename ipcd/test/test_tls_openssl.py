@@ -114,6 +114,24 @@ class ClientInteropTests(TlsTestCase):
         self.assertEqual(version, "TLSv1.2")
 
 
+@inlineCallbacks
+def s_client_with_commands(case: TlsTestCase) -> Any:
+    """
+    C{openssl s_client} (TLS 1.3, alice's key, its commands on: C{K} asks
+    for a key update) asks host B for pong: (B, s_client) once B said ok.
+    """
+    b = yield case.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
+    client = run_openssl(
+        case,
+        *("s_client", "-connect", f"127.0.0.1:{b.port}", "-tls1_3"),
+        *("-psk", ALICE_KEY, "-psk_identity", "alice"),
+    )
+    yield client.said(b"Verify return code")
+    client.transport.write(b"pong")
+    yield client.said(b"\nok")
+    return b, client
+
+
 class KeyUpdateTests(TlsTestCase):
     """
     A TLS 1.3 key update from C{openssl s_client} (its C{K} command, which
@@ -123,15 +141,7 @@ class KeyUpdateTests(TlsTestCase):
 
     @inlineCallbacks
     def test_keyUpdate(self) -> Any:
-        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
-        client = run_openssl(
-            self,
-            *("s_client", "-connect", f"127.0.0.1:{b.port}", "-tls1_3"),
-            *("-psk", ALICE_KEY, "-psk_identity", "alice"),
-        )
-        yield client.said(b"Verify return code")
-        client.transport.write(b"pong")
-        yield client.said(b"\nok")
+        b, client = yield s_client_with_commands(self)
         yield wait_until(
             lambda: len(b.tls_state.socket_relays.sides()) == 2,
             "the relay on raw sockets",
