@@ -1,6 +1,7 @@
 """
-Helpers for the kernel TLS tests: whether this kernel has the C{tls}
-upper-layer protocol, and loopback TCP connections to put it on.
+Helpers for the kernel TLS tests: why they skip, how long they wait, and
+loopback TCP connections to put TLS on.  (Whether this kernel has kTLS:
+L{ipcd.daemons.tls.ktls.ktls_available}.)
 """
 
 from __future__ import annotations
@@ -8,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Iterator
-
-from ipcd.daemons.tls.ktls import TCP_ULP
 
 WAIT = 30.0  # seconds any read may take (a VM under TCG is slow)
 
@@ -30,17 +29,3 @@ def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     far.settimeout(WAIT)
     with near, far:
         yield near, far
-
-
-def kernel_has_tls() -> bool:
-    """
-    Whether a connected TCP socket here takes the C{tls} upper-layer
-    protocol (which loads the module where the kernel can).  Both ends stay
-    open: the kernel refuses the ULP on a socket past ESTABLISHED.
-    """
-    try:
-        with tcp_pair() as (near, _far):
-            near.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
-    except OSError:
-        return False
-    return True

@@ -37,9 +37,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from ipcd.daemons.tls import ktls
-from ipcd.daemons.tls.ktls import kernel_settings
+from ipcd.daemons.tls.ktls import kernel_settings, ktls_available
 from ipcd.daemons.tls.psk import use_client_key, use_server_keys
-from ipcd.test.ktlssupport import NO_ULP, WAIT, kernel_has_tls
+from ipcd.test.ktlssupport import NO_ULP, WAIT
 from ipcd.test.support import exchange, free_port, recv_upto
 from ipcd.test.test_ktls import needs_ktls
 from ipcd.test.test_ktls_routes import kernel_relays
@@ -272,7 +272,7 @@ def start_stunnel(case: SynchronousTestCase, port: int, service: str) -> None:
 
 
 class PeerTestCase(SynchronousTestCase):
-    if not kernel_has_tls():
+    if not ktls_available():
         skip = NO_ULP
 
 

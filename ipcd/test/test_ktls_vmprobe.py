@@ -22,8 +22,8 @@ import threading
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.trial.unittest import TestCase
 
-from ipcd.daemons.tls.ktls import SOL_TLS, TCP_ULP, TLS_RX, TLS_TX
-from ipcd.test.ktlssupport import NO_ULP, WAIT, kernel_has_tls, tcp_pair
+from ipcd.daemons.tls.ktls import SOL_TLS, TCP_ULP, TLS_RX, TLS_TX, ktls_available
+from ipcd.test.ktlssupport import NO_ULP, WAIT, tcp_pair
 
 TLS_1_2 = 0x0303
 TLS_1_3 = 0x0304
@@ -67,7 +67,7 @@ def read_record(sock: socket.socket) -> tuple[bytes, bytes]:
 
 
 class KernelTlsTests(TestCase):
-    if not kernel_has_tls():
+    if not ktls_available():
         skip = NO_ULP
 
     key = bytes(range(16))
