@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import os
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -53,7 +54,8 @@ except ImportError as e:  # Twisted missing: say how to get it
 PAYLOAD = 100  # bytes per latency message
 BULK_MESSAGE = 64 * 1024  # bytes per bulk message
 WANTED_FDS = 65536
-READY_TIMEOUT = 20.0
+# A VM under TCG (--vm) starts ipcd 50-100 times slower than the host.
+READY_TIMEOUT = 600.0 if os.environ.get("IPCD_IN_VM") else 20.0
 IO_TIMEOUT = 30.0
 
 
@@ -92,8 +94,11 @@ QUICK = Settings(
 
 
 # What --only can select: the lookup rows (lookups/s, concurrent clients,
-# CPU per lookup), or everything after them.
-ROW_GROUPS = ("lookups", "rest")
+# CPU per lookup); the routes' round trips, bulk and ipcd's CPU per round
+# trip (unix, tcp, tls, socat, stunnel); udpd; websocketd; memory.  "rest"
+# is everything after the lookups.
+ROW_GROUPS = ("lookups", "routes", "udp", "websocket", "memory")
+REST = ("routes", "udp", "websocket", "memory")
 
 
 def say(text: str) -> None:
@@ -395,6 +400,24 @@ def scraped_lookups(port: int) -> float:
         for sample in family.samples
         if sample.name == "ipcd_lookups_total" and sample.labels["outcome"] == "ok"
     )
+
+
+def cpu_per_round_trip_us(
+    sock: socket.socket, pids: dict[str, int], count: int
+) -> dict[str, float]:
+    """
+    CPU time each process in C{pids} spends per round trip of a 100-byte
+    message on C{sock}, over C{count} of them (µs; /proc counts in clock
+    ticks, so C{count} wants to be large).
+    """
+    frame = encode(os.urandom(PAYLOAD))
+    _rtt_batch(sock, frame, 200)  # warm-up
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    _rtt_batch(sock, frame, count)
+    return {
+        name: (cpu_seconds(pid) - before[name]) / count * 1e6
+        for name, pid in pids.items()
+    }
 
 
 def cpu_per_lookup_us(opener: Opener, pid: int, count: int) -> float:
@@ -1111,7 +1134,9 @@ def footer(notes: list[str]) -> list[str]:
         "websocketd RTT <= 1.00 x websockify, bulk >= 1.00 x websockify; "
         "lookups via ipcd >= 0.21 x direct; ipcd CPU per lookup <= 1/3 of "
         "that of ipcd before issue 12 (da12689), measured alike; with "
-        "--metrics on, <= 1.05 x off.",
+        "--metrics on, <= 1.05 x off; ipcd CPU per round trip on the tls route "
+        "near zero on both hosts where the kernel does TLS (issue 25: no ipcd "
+        "relays a byte).",
         *notes,
     ]
 
@@ -1156,7 +1181,7 @@ def benchmark(settings: Settings, h: Harness) -> str:
         options += ["--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"]
         ipcd_am = h.ipcd("ipcd-a-metrics", am_dir, free_port(), *options)
     port_b = free_port()
-    h.ipcd("ipcd-b", b_dir, port_b, "--allow", "in pong", *tls.b_options)
+    ipcd_b = h.ipcd("ipcd-b", b_dir, port_b, "--allow", "in pong", *tls.b_options)
     socat_path = h.path("socat-pong")
     if socat:
         port_s = free_port()
@@ -1212,7 +1237,6 @@ def benchmark(settings: Settings, h: Harness) -> str:
         sock.connect(socat_path)
         return sock
 
-    no_socat = "socat not installed"
     rows: list[Row] = []
     notes: list[str] = []
 
@@ -1324,21 +1348,43 @@ def benchmark(settings: Settings, h: Harness) -> str:
         counted = scraped_lookups(metrics_port)
         if counted < settings.runs * count * 5:
             raise RuntimeError(f"ipcd A with --metrics counted {counted} lookups")
-    if not wanted("rest"):
-        return finished()
+    if wanted("routes"):
+        paths: dict[str, Opener] = {
+            "direct UNIX": direct,
+            "ipcd unix route": via_unix,
+            "ipcd tcp route A->B": via_tcp,
+        }
+        if socat:
+            paths["socat chain"] = via_socat
+        rows += route_rows(settings, h, tls, paths, {"A": ipcd_a, "B": ipcd_b})
+    if wanted("udp"):
+        rows += udp_rows(settings, h)
+    if wanted("websocket"):
+        # websocketd against websockify and a direct UNIX echo.
+        rows += websocket_rows(settings, h, direct)
+    if wanted("memory"):
+        rows += memory_rows(settings, h, m_dir, fd_limit, notes)
+    return finished()
 
+
+def route_rows(
+    settings: Settings,
+    h: Harness,
+    tls: TlsBench,
+    paths: dict[str, Opener],
+    ipcds: dict[str, Child],
+) -> list[Row]:
+    """
+    Round trips and bulk over the routes and their references (C{paths}:
+    the tls and stunnel paths are added here), and ipcd's CPU per round
+    trip on the tls and tcp routes on both hosts.
+    """
     # Round trips and bulk over the same paths: fresh connections each run,
     # all paths measured in turns within the run.
-    paths: dict[str, Opener] = {
-        "direct UNIX": direct,
-        "ipcd unix route": via_unix,
-        "ipcd tcp route A->B": via_tcp,
-    }
-    if socat:
-        paths["socat chain"] = via_socat
+    socat = "socat chain" in paths
     names = [*paths] if socat else [*paths, "socat chain"]
     # The tls route and its reference, beside the tcp route.
-    paths.update(tls_paths(h, tls, a_dir, b_dir))
+    paths.update(tls_paths(h, tls, h.rundir("a"), h.rundir("b")))
     names += ["ipcd tls route A->B", "stunnel chain"]
     rtt = {name: Row(f"RTT 100 B, {name}", unit="us") for name in names}
     bulk = {name: Row(f"bulk 64 KiB msgs, {name}", unit="MB/s") for name in names}
@@ -1347,7 +1393,7 @@ def benchmark(settings: Settings, h: Harness) -> str:
         table["ipcd tcp route A->B"].reference = table["socat chain"]
         table["ipcd tls route A->B"].reference = table["stunnel chain"]
         if not socat:
-            table["socat chain"].skipped = no_socat
+            table["socat chain"].skipped = "socat not installed"
         if not tls.stunnel:
             table["stunnel chain"].skipped = "stunnel4 not installed"
     rtt["ipcd unix route"].target = "<= 1.05"
@@ -1367,13 +1413,31 @@ def benchmark(settings: Settings, h: Harness) -> str:
                 }
                 for name, value in measure(socks, amount).items():
                     table[name].values.append(value)
-    rows += [*rtt.values(), *bulk.values()]
-    rows += udp_rows(settings, h)
+    # ipcd's own CPU per round trip, both hosts, on one route at a time:
+    # near zero where no ipcd relays a byte.
+    cpu = {
+        (route, host): Row(
+            f"ipcd {host} CPU per round trip, {route} route (/proc)", unit="us"
+        )
+        for route in ("tls", "tcp")
+        for host in ipcds
+    }
+    pids = {host: child.proc.pid for host, child in ipcds.items()}
+    for run in range(settings.runs):
+        say(f"ipcd CPU per round trip: run {run + 1}/{settings.runs}")
+        for route in ("tls", "tcp"):
+            opener = paths[f"ipcd {route} route A->B"]
+            with blocking_with_deadline(opener()) as sock:
+                spent = cpu_per_round_trip_us(sock, pids, settings.round_trips)
+            for host, us in spent.items():
+                cpu[route, host].values.append(us)
+    return [*rtt.values(), *bulk.values(), *cpu.values()]
 
-    # websocketd against websockify and a direct UNIX echo.
-    rows += websocket_rows(settings, h, direct)
 
-    # Memory of one ipcd (host B, tcpd) holding idle relayed connections.
+def memory_rows(
+    settings: Settings, h: Harness, m_dir: str, fd_limit: int, notes: list[str]
+) -> list[Row]:
+    """RSS of a fresh ipcd (host B, tcpd) holding idle relayed connections."""
     # ipcd B holds two fds per relay (TCP and UNIX): cap the counts to what
     # RLIMIT_NOFILE allows here, and say so.
     cap = (fd_limit - 256) // 2
@@ -1399,7 +1463,6 @@ def benchmark(settings: Settings, h: Harness) -> str:
             )
         held.setdefault(n, Row(label, unit="MiB", reference=base))
     per_conn: dict[int, list[float]] = {n: [] for n in counts}
-    rows += [base, *held.values()]
     for run in range(settings.memory_runs):
         say(f"memory: run {run + 1}/{settings.memory_runs}")
         port_m = free_port()
@@ -1427,8 +1490,56 @@ def benchmark(settings: Settings, h: Harness) -> str:
                 sock.close()
     for n, row in held.items():
         row.note = f"(+{statistics.median(per_conn[n]):.1f} KiB/relay)"
+    return [base, *held.values()]
 
-    return finished()
+
+# --vm: the VM's size and time.  Under TCG each vCPU is a host thread
+# emulating every instruction; a quick run of the routes takes minutes.
+VM_TIMEOUT = 1800.0
+VM_CPUS = 2
+VM_MEMORY = "2G"
+
+
+def in_vm(args: argparse.Namespace) -> int:
+    """Run this benchmark, with C{args} less --vm, inside a kTLS-capable VM."""
+    from ipcd.test import vm
+
+    tools = vm.find_vm()
+    if isinstance(tools, str):
+        say(f"benchmarks/run.py --vm: {tools}")
+        return 1
+    inner = ['"$PYTHON"', shlex.quote(os.path.join(HERE, "run.py"))]
+    inner += ["--only", shlex.quote(args.only or "routes")]
+    if args.quick:
+        inner.append("--quick")
+    if args.runs:
+        inner += ["--runs", str(args.runs)]
+    if args.against:
+        inner += ["--against", shlex.quote(os.path.abspath(args.against))]
+    # The table alone on success; progress too when it failed.
+    command = (
+        f"{' '.join(inner)} >/tmp/table 2>/tmp/progress; status=$?; "
+        "cat /tmp/table; [ $status = 0 ] || tail -40 /tmp/progress; "
+        "exit $status"
+    )
+    say(f"booting a VM ({tools.kernel}, {VM_CPUS} vCPUs, TCG) for the benchmark")
+    try:
+        result = vm.run_in_vm(
+            tools, command, args.vm_timeout, memory=VM_MEMORY, cpus=VM_CPUS
+        )
+    except vm.VmError as e:
+        say(f"benchmarks/run.py --vm: {e}")
+        return 1
+    print(
+        f"In a VM under TCG (emulated CPU, no KVM): kernel "
+        f"{os.path.basename(tools.kernel)} with kernel TLS, {VM_CPUS} vCPUs, "
+        f"{result.seconds:.0f} s in all.  Compare ratios only: every "
+        "instruction is emulated, and bulk is dominated by emulated AES, "
+        "which says nothing about real hardware.",
+        flush=True,
+    )
+    print(result.output, end="", flush=True)
+    return result.status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1450,11 +1561,27 @@ def main(argv: list[str] | None = None) -> int:
         "worktree, e.g. of the base commit), in turns with this one's",
     )
     parser.add_argument(
+        "--vm",
+        action="store_true",
+        help="run inside a VM whose kernel has kernel TLS (ipcd/test/vm.py: "
+        "qemu under TCG, slow), printing its table; --only defaults to routes",
+    )
+    parser.add_argument(
+        "--vm-timeout",
+        type=float,
+        default=VM_TIMEOUT,
+        help=f"give the VM up to this many seconds (default {VM_TIMEOUT:g})",
+    )
+    parser.add_argument(
         "--only",
         help="only these groups of rows, comma-separated: lookups (the lookup "
-        "rows and ipcd A's CPU per lookup), rest (everything else)",
+        "rows and ipcd A's CPU per lookup), routes (round trips, bulk and ipcd's "
+        "CPU per round trip on the unix, tcp and tls routes, socat, stunnel), "
+        "udp, websocket, memory; rest: all but lookups",
     )
     args = parser.parse_args(argv)
+    if args.vm:
+        return in_vm(args)
     settings = QUICK if args.quick else FULL
     if args.runs:
         settings.runs = args.runs
@@ -1464,10 +1591,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--against: no ipcd checkout at {checkout}")
         settings.against = checkout
     if args.only:
-        only = frozenset(args.only.split(","))
+        only = set(args.only.split(","))
+        if "rest" in only:
+            only = (only - {"rest"}) | set(REST)
         if not only <= set(ROW_GROUPS):
-            parser.error(f"--only: groups are {', '.join(ROW_GROUPS)}")
-        settings.only = only
+            parser.error(f"--only: groups are {', '.join(ROW_GROUPS)}, rest")
+        settings.only = frozenset(only)
     if args.cpus:
         cpus = {int(c) for c in args.cpus.split(",")}
         os.sched_setaffinity(0, cpus)  # inherited by every child

@@ -3,14 +3,16 @@ The private names of pyOpenSSL that ipcd reads: here only.
 
     L{raw_tls}         a Connection's C{SSL *} and memory BIOs (C{_ssl},
                        C{_into_ssl}, C{_from_ssl}): tlsd's relay on raw
-                       sockets calls OpenSSL on them directly
+                       sockets calls OpenSSL on them directly; kernel TLS
+                       reads how much they hold (L{ipcd.daemons.tls.kswitch})
     L{tls_error}       pyOpenSSL's exception for a failed call
                        (C{_raise_ssl_error}): the relay's log line
     L{ssl_pointer}     a Connection's C{SSL *} (C{_ssl}): the reason a peer's
                        certificate was refused
-    L{context_pointer} a Context's C{SSL_CTX *} (C{_context}): PSK callbacks
+    L{context_pointer} a Context's C{SSL_CTX *} (C{_context}): PSK callbacks,
+                       and kernel TLS's keylog callback
     L{connection_for}  the Connection of an C{SSL *} (C{_reverse_mapping}):
-                       the PSK server callback's
+                       the PSK server callback's, and the keylog callback's
 
 and L{bindings}: cryptography's OpenSSL bindings (public, but only as long
 as pyOpenSSL needs the functions ipcd calls; L{BINDINGS} checks them).

@@ -69,29 +69,34 @@ def run_openssl(case: TestCase, *args: str) -> OpenSSL:
     return process
 
 
+@inlineCallbacks
+def s_client_to_pong(case: TlsTestCase, version: str, messages: int = 1) -> Any:
+    """
+    C{openssl s_client} (C{version}, alice's key) asks host B for pong,
+    raw, as upstream does, then bounces C{messages} messages off it: (B,
+    s_client).
+    """
+    b = yield case.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
+    client = run_openssl(
+        case,
+        *("s_client", "-connect", f"127.0.0.1:{b.port}", version),
+        *("-psk", ALICE_KEY, "-psk_identity", "alice", "-quiet", "-nocommands"),
+    )
+    client.transport.write(b"pong")
+    yield client.said(b"ok")
+    for n in range(messages):
+        message = encode(b"from openssl %d" % n)
+        client.transport.write(message)
+        yield client.said(message)
+    return b, client
+
+
 class ClientInteropTests(TlsTestCase):
     """C{openssl s_client -psk} asks B's tlsd for pong, raw, as upstream does."""
 
     @inlineCallbacks
     def serves(self, version: str) -> Any:
-        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
-        client = run_openssl(
-            self,
-            "s_client",
-            "-connect",
-            f"127.0.0.1:{b.port}",
-            "-psk",
-            ALICE_KEY,
-            "-psk_identity",
-            "alice",
-            version,
-            "-quiet",
-            "-nocommands",
-        )
-        client.transport.write(b"pong")
-        yield client.said(b"ok")
-        client.transport.write(encode(b"from openssl"))
-        yield client.said(encode(b"from openssl"))
+        b, _ = yield s_client_to_pong(self, version)
         [stats] = b.broker.relays
         self.assertIn("psk:alice", stats.labels)
         # On the raw sockets, OpenSSL doing the I/O (tlsd's fast relay).
@@ -109,6 +114,24 @@ class ClientInteropTests(TlsTestCase):
         self.assertEqual(version, "TLSv1.2")
 
 
+@inlineCallbacks
+def s_client_with_commands(case: TlsTestCase) -> Any:
+    """
+    C{openssl s_client} (TLS 1.3, alice's key, its commands on: C{K} asks
+    for a key update) asks host B for pong: (B, s_client) once B said ok.
+    """
+    b = yield case.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
+    client = run_openssl(
+        case,
+        *("s_client", "-connect", f"127.0.0.1:{b.port}", "-tls1_3"),
+        *("-psk", ALICE_KEY, "-psk_identity", "alice"),
+    )
+    yield client.said(b"Verify return code")
+    client.transport.write(b"pong")
+    yield client.said(b"\nok")
+    return b, client
+
+
 class KeyUpdateTests(TlsTestCase):
     """
     A TLS 1.3 key update from C{openssl s_client} (its C{K} command, which
@@ -118,15 +141,7 @@ class KeyUpdateTests(TlsTestCase):
 
     @inlineCallbacks
     def test_keyUpdate(self) -> Any:
-        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
-        client = run_openssl(
-            self,
-            *("s_client", "-connect", f"127.0.0.1:{b.port}", "-tls1_3"),
-            *("-psk", ALICE_KEY, "-psk_identity", "alice"),
-        )
-        yield client.said(b"Verify return code")
-        client.transport.write(b"pong")
-        yield client.said(b"\nok")
+        b, client = yield s_client_with_commands(self)
         yield wait_until(
             lambda: len(b.tls_state.socket_relays.sides()) == 2,
             "the relay on raw sockets",
@@ -140,6 +155,26 @@ class KeyUpdateTests(TlsTestCase):
             yield client.said(message)
 
 
+@inlineCallbacks
+def s_client_to_digest(case: TlsTestCase, *options: str) -> Any:
+    """
+    C{openssl s_client} (TLS 1.3, alice's key, C{options}) asks host B for
+    its digest service, which ignores EOFs: (B, the service's factory,
+    s_client) once B has answered ok.
+    """
+    b = yield case.psk_server(["allow in digest psk:alice"], alice=ALICE_KEY)
+    service = digest_service(case, b.rundir, "digest", on_eof="ignore")
+    client = run_openssl(
+        case,
+        *("s_client", "-connect", f"127.0.0.1:{b.port}", "-tls1_3"),
+        *("-psk", ALICE_KEY, "-psk_identity", "alice", "-quiet", "-nocommands"),
+        *options,
+    )
+    client.transport.write(b"digest")
+    yield client.said(b"ok")
+    return b, service, client
+
+
 class TruncationTests(TlsTestCase):
     """
     A TLS peer's TCP EOF without a close_notify (C{openssl s_client}
@@ -150,15 +185,7 @@ class TruncationTests(TlsTestCase):
 
     @inlineCallbacks
     def test_truncationEndsRelay(self) -> Any:
-        b = yield self.psk_server(["allow in digest psk:alice"], alice=ALICE_KEY)
-        service = digest_service(self, b.rundir, "digest", on_eof="ignore")
-        client = run_openssl(
-            self,
-            *("s_client", "-connect", f"127.0.0.1:{b.port}", "-tls1_3"),
-            *("-psk", ALICE_KEY, "-psk_identity", "alice", "-quiet", "-nocommands"),
-        )
-        client.transport.write(b"digest")
-        yield client.said(b"ok")
+        b, service, client = yield s_client_to_digest(self)
         yield wait_until(
             lambda: len(b.tls_state.socket_relays.sides()) == 2,
             "the relay on raw sockets",
@@ -176,6 +203,34 @@ class TruncationTests(TlsTestCase):
         yield wait_until(lambda: digest.eof, "the service to read the end")
 
 
+@inlineCallbacks
+def talk_to_s_server(case: TestCase, tlsd: dict[str, Any], *server: str) -> Any:
+    """
+    Host A (with C{tlsd} settings) asks C{openssl s_server SERVER} for pong,
+    the test answering C{ok} for it; then a hello each way through the
+    client's socket: (the s_server process, A, the client's socket).
+    """
+    port = free_port()
+    process = run_openssl(
+        case, "s_server", "-accept", f"127.0.0.1:{port}", "-naccept", "1", *server
+    )
+    yield process.said(b"ACCEPT")
+    a = yield start_tls_host(case, tlsd, pongd=False)
+    route = f"tls://localhost:{port}/pong"
+    asked = deferToThread(lookup, a.rundir, f"pong;pong {route}".encode())
+    yield process.said(b"pong")
+    process.transport.write(b"ok")
+    reply = yield asked
+    case.assertEqual((reply.first, reply.data, len(reply.fds)), (b"ok", b"ok", 1))
+    sock = reply.take_socket(case)
+    yield deferToThread(sock.sendall, b"hello server")
+    yield process.said(b"hello server")
+    process.transport.write(b"hello client")
+    answer = yield deferToThread(recv_upto, sock, len(b"hello client"))
+    case.assertEqual(answer, b"hello client")
+    return process, a, sock
+
+
 class ServerInteropTests(TlsTestCase):
     """
     tlsd's outbound side dials C{openssl s_server}: it sends the raw service
@@ -185,24 +240,7 @@ class ServerInteropTests(TlsTestCase):
 
     @inlineCallbacks
     def relays(self, tlsd: dict[str, Any], *server: str) -> Any:
-        port = free_port()
-        process = run_openssl(
-            self, "s_server", "-accept", f"127.0.0.1:{port}", "-naccept", "1", *server
-        )
-        yield process.said(b"ACCEPT")
-        a = yield start_tls_host(self, tlsd, pongd=False)
-        route = f"tls://localhost:{port}/pong"
-        asked = deferToThread(lookup, a.rundir, f"pong;pong {route}".encode())
-        yield process.said(b"pong")
-        process.transport.write(b"ok")
-        reply = yield asked
-        self.assertEqual((reply.first, reply.data, len(reply.fds)), (b"ok", b"ok", 1))
-        sock = reply.take_socket(self)
-        yield deferToThread(sock.sendall, b"hello server")
-        yield process.said(b"hello server")
-        process.transport.write(b"hello client")
-        answer = yield deferToThread(recv_upto, sock, len(b"hello client"))
-        self.assertEqual(answer, b"hello client")
+        _, a, _ = yield talk_to_s_server(self, tlsd, *server)
         [stats] = a.broker.relays
         self.assertEqual(len(a.tls_state.socket_relays.sides()), 2)
         return stats.as_dict()["tls"]

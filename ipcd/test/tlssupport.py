@@ -171,8 +171,13 @@ def start_tls_host(
     pongd: bool = True,
     **overrides: Any,
 ) -> Any:
-    """Start an ipcd with tlsd (C{tlsd}: its section) and pongd; stopped after."""
+    """
+    Start an ipcd with tlsd (C{tlsd}: its section) and pongd; stopped after.
+    Kernel TLS only for a test case that says C{kernel_tls = True}: the
+    others test the relays, whatever the kernel has.
+    """
     rundir = short_rundir(case, "ipcd-tls-")
+    tlsd = {"kernel_tls": getattr(case, "kernel_tls", False), **tlsd}
 
     def load() -> Any:
         # Each call a new configuration, as a reload reads the files again.

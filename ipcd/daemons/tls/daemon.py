@@ -45,6 +45,7 @@ from ipcd.daemons.listeners import DaemonService
 from ipcd.daemons.tls.dialer import TlsDialer, dial, refused
 from ipcd.daemons.tls.handover import TLSFactory, TlsRelayStats, relay_over
 from ipcd.daemons.tls.inbound import TlsHandshakeFactory, TlsInbound
+from ipcd.daemons.tls.kswitch import kernel_tls_here
 from ipcd.daemons.tls.material import (
     VERSIONS,
     Material,
@@ -102,10 +103,23 @@ class TlsState:
         """Relay on the raw sockets after the handshake (C{[tlsd] socket_relay})?"""
         return bool(settings_of(self.broker.config, tlsd)["socket_relay"])
 
+    def kernel_tls(self) -> bool:
+        """
+        After the handshake, kernel TLS where it can be (C{[tlsd] kernel_tls},
+        on the raw sockets' relay): this kernel has it, and this pyOpenSSL
+        lets connections be watched for it.
+        """
+        return (
+            self.socket_relay()
+            and bool(settings_of(self.broker.config, tlsd)["kernel_tls"])
+            and kernel_tls_here()
+        )
+
     def server_creator(self) -> ServerCreator:
         material = self.material()
         if self._server is None:
             self._server = ServerCreator(material.server_context())
+        self._server.watching = self.kernel_tls()
         return self._server
 
 
@@ -223,6 +237,12 @@ class TlsDaemon(ListeningDaemon):
             True,
             "after the handshake, OpenSSL on the raw socket (else Twisted's TLS)",
         ),
+        Setting(
+            "kernel_tls",
+            boolean,
+            True,
+            "after the handshake, the kernel's TLS where it has it (and socket_relay)",
+        ),
     )
     default_listen = DEFAULT_LISTEN
     service = TlsService
@@ -244,11 +264,23 @@ class TlsDaemon(ListeningDaemon):
             material = state.material()
         except MaterialError as e:
             return refused(str(e))
-        dialed = dial(broker, material, uri.host, port, target.service)
+        dialed = dial(
+            broker, material, uri.host, port, target.service, state.kernel_tls()
+        )
 
-        def joined(result: tuple[TlsDialer, bytes]) -> socket.socket:
+        def joined(result: tuple[TlsDialer, bytes]) -> Deferred[socket.socket]:
             dialer, rest = result
             ours, theirs = socket.socketpair()
+            given: Deferred[socket.socket] = Deferred()
+
+            def handed(sock: socket.socket | None) -> None:
+                # The TLS socket itself (kernel TLS), or the relay's end.
+                if sock is None:
+                    given.callback(theirs)
+                else:
+                    theirs.close()
+                    given.callback(sock)
+
             stats = TlsRelayStats.of(
                 client,
                 "out",
@@ -266,8 +298,9 @@ class TlsDaemon(ListeningDaemon):
                 tls_is_a=False,
                 greeting=rest,
                 idle_timeout=broker.config.idle_timeout,
+                handed=handed,
             )
-            return theirs
+            return given
 
         return dialed.addCallback(joined)
 

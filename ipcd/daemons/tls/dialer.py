@@ -107,12 +107,18 @@ class TlsDialer(Protocol):
 
 
 def dial(
-    broker: IDaemonHost, material: Material, host: str, port: int, service: str
+    broker: IDaemonHost,
+    material: Material,
+    host: str,
+    port: int,
+    service: str,
+    watching: bool = False,
 ) -> Deferred[tuple[TlsDialer, bytes]]:
     """
     Open a TLS connection to the tlsd at C{host:port}, ask for C{service};
     fires with the dialer (its transport: the TLS connection) and the bytes
-    after C{ok}.  Cancelling it closes the connection.
+    after C{ok}.  Cancelling it closes the connection.  C{watching}: the
+    connection is watched for kernel TLS.
     """
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     connecting: Deferred[Any] | None = None
@@ -139,7 +145,7 @@ def dial(
         done.errback(Refused(f"cannot connect to tlsd at {where}: {reason}"))
 
     try:
-        creator = client_creator(material, host)
+        creator = client_creator(material, host, watching)
     except Exception as e:  # a host name service_identity cannot check
         return refused(f"cannot speak TLS to {host!r}: {e}")
     dialing = Factory.forProtocol(build)

@@ -9,6 +9,7 @@ when the TLS connection can leave Twisted, else through Twisted's transports
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from ipcd.compat import twisted as compat_twisted
-from ipcd.daemons.tls.relay import detach, socket_of
+from ipcd.daemons.tls.kcodec import KernelSecured
+from ipcd.daemons.tls.kswitch import to_kernel
+from ipcd.daemons.tls.relay import Secured, detach, socket_of
 from ipcd.handoff import adopt_into_reactor
 from ipcd.relay import RelayProtocol, RelayStats, ended
 
@@ -101,11 +104,19 @@ def relay_over(
     greeting: bytes = b"",
     early: bytes = b"",
     idle_timeout: float = 0.0,
+    handed: Callable[[socket.socket | None], None] | None = None,
 ) -> None:
     """
     Relay TLS connection C{tls} and the connected socket C{sock} (closed
     here): on their raw sockets (L{SocketRelays}, with a TLS codec) when
     the TLS connection can leave Twisted, else through Twisted's transports.
+
+    Where the kernel takes TLS (L{TlsState.kernel_tls}) and the connection
+    can switch exactly (L{to_kernel}), the kernel does TLS instead: with
+    C{handed} (the client's side), the TCP socket itself is given to
+    C{handed} and C{sock} is closed; without, the kTLS socket is relayed
+    to C{sock} as a plain one.  C{handed} is called with None when the
+    relay goes on as before.
 
     The switch waits for the reactor's next turn: this is called from
     within Twisted's TLS, which goes on reading its memory BIO when this
@@ -117,6 +128,8 @@ def relay_over(
         _relay_in_twisted(
             state, tls, sock, stats, tls_is_a, greeting, early, idle_timeout
         )
+        if handed is not None:
+            handed(None)
         return
     tcp.stopReading()
     held = _Held()
@@ -126,6 +139,8 @@ def relay_over(
         if held.lost:
             sock.close()
             ended(stats)
+            if handed is not None:
+                handed(None)
             return
         data = b"".join(held.data)
         ahead, behind = (
@@ -138,16 +153,61 @@ def relay_over(
             _relay_in_twisted(
                 state, tls, sock, stats, tls_is_a, ahead, behind, idle_timeout
             )
+            if handed is not None:
+                handed(None)
             return
         # It still counts against its listener's limits until the relay ends.
         release = getattr(tls.transport, "handOff", lambda: None)()
         stats.on_end = _both(stats.on_end, release)
-        ends = (secured, sock) if tls_is_a else (sock, secured)
+        end: Secured | KernelSecured = secured
+        if state.kernel_tls():
+            kernel = _kernel(secured, tls_is_a, ahead, behind, handed is not None)
+            if kernel is _LOST or (kernel is not None and handed is not None):
+                # Lost, or handed over: no relay.
+                sock.close()
+                ended(stats)
+                if handed is not None:
+                    handed(None if kernel is _LOST else secured.sock)
+                if kernel is _LOST:
+                    secured.close()
+                return
+            if isinstance(kernel, KernelSecured):
+                end = kernel
+                if isinstance(stats, TlsRelayStats):
+                    stats.tls = {**stats.tls, "kernel": True}
+        ends = (end, sock) if tls_is_a else (sock, end)
         state.socket_relays.join(
             *ends, stats, greeting=ahead, early=behind, idle_timeout=idle_timeout
         )
+        if handed is not None:
+            handed(None)
 
     state.broker.reactor.callLater(0, switch)
+
+
+_LOST = object()
+
+
+def _kernel(
+    secured: Secured, tls_is_a: bool, ahead: bytes, behind: bytes, handing: bool
+) -> KernelSecured | object | None:
+    """
+    C{secured} switched to kernel TLS: its end for the relay; None when it
+    stays on the relay (logged, with why); L{_LOST} when the kernel failed
+    half way.  Handing the socket over needs no bytes held for the client.
+    """
+    if handing and (ahead or behind):
+        log.info("relaying TLS: bytes came with the answer")
+        return None
+    try:
+        why = to_kernel(secured, client=not tls_is_a)
+    except OSError as e:
+        log.warn("kernel TLS failed: {e}", e=e)
+        return _LOST
+    if why:
+        log.info("relaying TLS, not kernel TLS: {why}", why=why)
+        return None
+    return KernelSecured(secured.sock)
 
 
 class _Held(Protocol):

@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.daemons.tls import psk
+from ipcd.daemons.tls.kswitch import watch
 
 VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
 _OPENSSL_VERSIONS = {"1.2": 0x0303, "1.3": 0x0304}  # TLS1_2_VERSION, TLS1_3_VERSION
@@ -122,11 +123,12 @@ class ServerCreator:
 
     def __init__(self, context: Context) -> None:
         self.context = context
+        self.watching = False  # for kernel TLS (see kswitch.watch)
 
     def serverConnectionForTLS(self, protocol: Any) -> Connection:  # noqa: N802
         connection = Connection(self.context)
         connection.set_app_data(protocol)  # for the PSK callback's logs
-        return connection
+        return watch(connection) if self.watching else connection
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -145,6 +147,17 @@ class PskClientCreator:
         return connection
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class _Watching:
+    """A client creator whose connections are watched for kernel TLS."""
+
+    def __init__(self, creator: Any) -> None:
+        self.creator = creator
+
+    def clientConnectionForTLS(self, protocol: Any) -> Connection:  # noqa: N802
+        return watch(self.creator.clientConnectionForTLS(protocol))
+
+
 def _is_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -153,8 +166,13 @@ def _is_address(host: str) -> bool:
     return True
 
 
-def client_creator(material: Material, host: str) -> Any:
-    """How tlsd's outbound side speaks TLS to C{host}: PSK, or certificates."""
+def client_creator(material: Material, host: str, watching: bool = False) -> Any:
+    """
+    How tlsd's outbound side speaks TLS to C{host}: PSK, or certificates;
+    C{watching}: its connections are watched for kernel TLS.
+    """
+    if watching:
+        return _Watching(client_creator(material, host))
     identity = material.identity_for(host)
     if identity:
         return PskClientCreator(material.psk_context(identity), host)

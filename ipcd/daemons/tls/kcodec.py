@@ -1,0 +1,107 @@
+"""
+The relay codec of a kernel TLS socket (L{ipcd.daemons.tls.ktls}): the
+kernel seals and opens the records, so the bytes pass as they are; what is
+left to the codec is what a plain socket does not say.
+
+  - A record that is not application data makes a plain read fail with
+    EIO: it is read with its type; a close_notify is the stream's end, a
+    NewSessionTicket is skipped, another alert or handshake message (a TLS
+    1.3 KeyUpdate, which this kernel's kTLS cannot follow) ends the relay.
+  - Its own EOF is a close_notify, sent with its record type
+    (L{send_close_notify}): a plain close sends none.
+  - A TCP EOF is an EOF: the client that holds the other end of a route
+    handed over in kTLS ends it by closing its socket, with no close_notify
+    (libipc messages are framed, so a cut one is seen by the service).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any
+
+from zope.interface import implementer
+
+from ipcd.daemons.tls.ktls import (
+    ALERT,
+    CLOSE_NOTIFY,
+    HANDSHAKE,
+    recv_record,
+    send_close_notify,
+)
+from ipcd.relay import ICodec, RelayEnded
+from ipcd.relay.sides import NOTHING
+
+NEW_SESSION_TICKET = b"\x04"  # its handshake message type
+
+
+class KernelSecured:
+    """A kTLS socket, as an end of L{ipcd.relay.SocketRelays}'s C{join}."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def relay_end(self, engine: Any) -> tuple[socket.socket, KernelTlsCodec, bytes]:
+        return self.sock, KernelTlsCodec(self.sock, engine.buffer), b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@implementer(ICodec)
+class KernelTlsCodec:
+    """A kTLS socket's codec: plaintext both ways, its own records apart."""
+
+    __slots__ = ("sock", "buffer")
+
+    def __init__(self, sock: socket.socket, buffer: bytearray) -> None:
+        self.sock = sock
+        self.buffer = buffer
+
+    def read(self, side: Any) -> int:
+        while True:
+            try:
+                n = self.sock.recv_into(self.buffer)
+            except (BlockingIOError, InterruptedError):
+                return 0
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+                if not self._control_record(side):
+                    return 0
+                continue
+            if not n:
+                side.eof = True
+            return n
+
+    def _control_record(self, side: Any) -> bool:
+        """Read the record that is not data: whether to read on."""
+        try:
+            kind, data = recv_record(self.sock, len(self.buffer))
+        except (BlockingIOError, InterruptedError):
+            return False
+        if kind == ALERT:
+            if data[-1:] == CLOSE_NOTIFY[-1:]:
+                side.eof = True
+                return False
+            raise RelayEnded(f"TLS alert {data.hex()} from the peer")
+        if kind == HANDSHAKE and data[:1] == NEW_SESSION_TICKET:
+            return True  # nothing for the relay
+        if kind == HANDSHAKE:
+            # A key update (TLS 1.3): this kernel cannot take the new keys.
+            raise RelayEnded(f"TLS handshake message {data[:1].hex()} on kernel TLS")
+        raise RelayEnded(f"a TLS record of type {kind} in the stream")
+
+    def made(self) -> memoryview:
+        return NOTHING
+
+    def seal(self, data: Any) -> Any:
+        return data
+
+    def close(self) -> memoryview:
+        """Send the close_notify here (its record type is not the data's)."""
+        try:
+            send_close_notify(self.sock)
+        except (BlockingIOError, InterruptedError):
+            pass  # the send buffer is full: the TCP FIN after it still ends it
+        return NOTHING
