@@ -874,6 +874,8 @@ def run(chosen: list[str], jobs: int, out, recheck: bool = False) -> int:
                     worker = idle.pop()
                     worker.start(mutant, tests)
                     busy[worker.pid] = worker
+                if not busy:
+                    continue  # the queue's last were listed equivalents
                 pid, status = os.waitpid(-1, os.WNOHANG)
                 if pid in busy:
                     worker = busy.pop(pid)
