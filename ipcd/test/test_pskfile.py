@@ -7,6 +7,8 @@ identities, keys and the file itself, and identities a peer may offer.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from typing import Any
 
 from OpenSSL.SSL import (
@@ -22,6 +24,7 @@ from OpenSSL.SSL import (
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.daemons.tls import psk
 from ipcd.daemons.tls.psk import (
     MAX_IDENTITY,
@@ -31,7 +34,7 @@ from ipcd.daemons.tls.psk import (
     parse_secrets,
     read_secrets,
 )
-from ipcd.test.support import short_rundir
+from ipcd.test.support import TIMEOUT, count_fds, python_env, short_rundir
 from ipcd.test.tlssupport import TestCA
 
 KEY = "00112233445566778899aabbccddeeff"
@@ -214,6 +217,52 @@ class FileTests(SynchronousTestCase):
             str(error), f"cannot read {missing}: No such file or directory"
         )
 
+    def test_notAFile(self) -> None:
+        """
+        A directory or a FIFO is refused in one line, at once: a FIFO does
+        not stall ipcd until a writer comes (run apart, so a stall here
+        cannot hang the suite).
+        """
+        error = self.assertRaises(SecretsError, read_secrets, self.dir)
+        self.assertEqual(
+            str(error), f"{self.dir} is a directory, not a file: name the file itself"
+        )
+        fifo = os.path.join(self.dir, "fifo")
+        os.mkfifo(fifo, 0o600)
+        code = (
+            "import sys\n"
+            "from ipcd.daemons.tls.material import MaterialError, _read\n"
+            "from ipcd.daemons.tls.psk import SecretsError, read_secrets\n"
+            "for read in (read_secrets, lambda p: _read('certificate', p)):\n"
+            "    try:\n"
+            "        read(sys.argv[1])\n"
+            "    except (SecretsError, MaterialError) as e:\n"
+            "        print(e)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, fifo],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env=python_env(),
+        )
+        self.assertEqual(
+            out.stdout.splitlines(),
+            [
+                f"{fifo} is a FIFO, not a file: name the file itself",
+                f"[tlsd] certificate: {fifo} is a FIFO, not a file: "
+                "name the file itself",
+            ],
+            out.stderr,
+        )
+
+    def test_refusedLeavesNoFd(self) -> None:
+        self.write(f"a:{KEY}\n".encode(), 0o640)
+        before = count_fds()
+        for _ in range(5):
+            self.assertRaises(SecretsError, read_secrets, self.path)
+        self.assertEqual(count_fds(), before)
+
     def test_private(self) -> None:
         self.write(f"a:{KEY}\n".encode(), 0o640)
         error = self.assertRaises(SecretsError, read_secrets, self.path)
@@ -318,6 +367,31 @@ class FailClosedTests(SynchronousTestCase):
             set(events.failures()), {"TLS: the PSK client callback failed"}
         )
         self.assertEqual(len(self.flushLoggedErrors(TypeError)), 256)
+
+    def test_noConnectionForThePointer(self) -> None:
+        """
+        An SSL pointer with no Connection known for it (the reverse mapping
+        gone): the handshake fails, and why is logged.
+        """
+        events = _Events(self)
+        self.patch(compat_pyopenssl, "connection_for", lambda ssl: None)
+        ok, _ = _handshake({"alice": bytes(32)}, "alice", bytes(32))
+        self.assertFalse(ok)
+        self.assertEqual(events.failures(), ["TLS: the PSK server callback failed"])
+        [error] = self.flushLoggedErrors(LookupError)
+        self.assertEqual(error.getErrorMessage(), "no Connection for this SSL pointer")
+
+    def test_unavailable(self) -> None:
+        """Without pyOpenSSL's Context pointer, PSK is refused saying why."""
+        self.patch(compat_pyopenssl, "context_pointer", lambda context: None)
+        self.patch(compat_pyopenssl.CONTEXT, "present", False)
+        self.patch(compat_pyopenssl.CONTEXT, "said", False)
+        why = "this pyOpenSSL has no Context._context: pre-shared keys are unavailable"
+        self.assertEqual(psk.unavailable(), why)
+        error = self.assertRaises(
+            RuntimeError, psk.use_server_keys, Context(TLS_SERVER_METHOD), {}
+        )
+        self.assertEqual(str(error), why)
 
     def test_identityRoom(self) -> None:
         """

@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from OpenSSL.SSL import TLS_SERVER_METHOD, Connection, Context
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.config import ConfigError, load_config
 from ipcd.daemons import StartupError
 from ipcd.daemons.tls.daemon import tlsd
-from ipcd.daemons.tls.material import MaterialError, read_material
+from ipcd.daemons.tls.material import MaterialError, ServerCreator, read_material
 from ipcd.daemons.tls.psk import SecretsError, parse_secrets
 from ipcd.options import Options
 from ipcd.test.support import short_rundir
@@ -145,3 +146,13 @@ class OptionsTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 load_config(None, {"tlsd": section}, {})
             self.assertIn(said, str(caught.exception))
+
+
+class ServerCreatorTests(SynchronousTestCase):
+    def test_notWatchedUnlessAsked(self) -> None:
+        """
+        A server connection is watched for kernel TLS only when tlsd asks
+        (kernel TLS on and usable): otherwise it is pyOpenSSL's own.
+        """
+        creator = ServerCreator(Context(TLS_SERVER_METHOD))
+        self.assertIs(type(creator.serverConnectionForTLS(None)), Connection)

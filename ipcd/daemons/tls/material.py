@@ -11,6 +11,8 @@ the file (L{MaterialError}).
 from __future__ import annotations
 
 import ipaddress
+import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,7 @@ from zope.interface import implementer
 from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.daemons.tls import psk
 from ipcd.daemons.tls.kswitch import watch
+from ipcd.rundir import file_kind
 
 VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
 _OPENSSL_VERSIONS = {"1.2": 0x0303, "1.3": 0x0304}  # TLS1_2_VERSION, TLS1_3_VERSION
@@ -194,7 +197,15 @@ def client_creator(material: Material, host: str, watching: bool = False) -> Any
 
 def _read(key: str, path: str, limit: int = 1 << 20) -> bytes:
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a FIFO named here must not stall ipcd until a writer
+        # comes; only a regular file is read.
+        with open(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK), "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise MaterialError(
+                    f"[tlsd] {key}: {path} is {file_kind(mode)}, not a file: "
+                    "name the file itself"
+                )
             data = f.read(limit + 1)
     except OSError as e:
         raise MaterialError(f"[tlsd] {key}: cannot read {path}: {e.strerror}") from None

@@ -125,7 +125,9 @@ def read_secrets(path: str) -> dict[str, bytes]:
     unless it is owned by this process's user and private to it.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO named here must not stall ipcd until a writer
+        # comes (the check below refuses it); a file reads as ever.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
         raise SecretsError(f"cannot read {path}: {e.strerror}") from None
     try:
