@@ -5,6 +5,8 @@ sockets, no reactor.
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
@@ -123,6 +125,37 @@ class MalformedTests(SynchronousTestCase):
         self.assertMalformed(udpwire.close(SESSION) + b"x")
         self.assertMalformed(udpwire.accepted(NONCE, SESSION) + b"x")
         self.assertMalformed(udpwire.verify(NONCE, COOKIE) + b"x")
+
+    def test_wrongLengthsSaid(self) -> None:
+        """A fixed-size datagram of another size says which, and its size."""
+        for datagram, kind in [
+            (udpwire.verify(NONCE, COOKIE), "VERIFY"),
+            (udpwire.accepted(NONCE, SESSION), "OK"),
+            (udpwire.close(SESSION), "CLOSE"),
+        ]:
+            longer = datagram + b"x"
+            with self.assertRaises(udpwire.Malformed) as caught:
+                udpwire.decode(longer)
+            self.assertEqual(
+                str(caught.exception),
+                f"a{'n' if kind == 'OK' else ''} {kind} of {len(longer)} bytes",
+            )
+
+    def test_valuesAreImmutable(self) -> None:
+        """Decoded datagrams are values: hashable, and not changed in place."""
+        values = [
+            udpwire.decode(datagram)
+            for datagram in [
+                udpwire.verify(NONCE, COOKIE),
+                udpwire.accepted(NONCE, SESSION),
+                udpwire.close(SESSION),
+                udpwire.data(SESSION, 1, b"m"),
+            ]
+        ]
+        for value in [*values, udpwire.OtherVersion(NONCE, 3)]:
+            hash(value)
+            with self.assertRaises(dataclasses.FrozenInstanceError):
+                value.nonce = b"x"  # type: ignore[misc]
 
     def test_shortHello(self) -> None:
         """An unpadded HELLO is not answered: the answer could be larger."""

@@ -38,6 +38,12 @@ def list_ends(data: bytes, held: bytes = b"", rest: int = 0) -> list[int]:
 
 
 class FrameEndsTests(SynchronousTestCase):
+    def test_defaultsStartAtAFrame(self) -> None:
+        """Without C{held} or C{rest}, C{data} starts at a frame's header."""
+        data = ws_frame(b"m", BINARY) + ws_frame(b"", PING)
+        self.assertEqual(list(frame_ends(data)), list_ends(data, b"", 0))
+        self.assertEqual(list(frame_ends(data)), [7])  # the end itself is not said
+
     def frames(self) -> list[bytes]:
         sizes = [0, 1, 125, 126, 127, 65535, 65536, 70_000, 3]
         frames = [ws_frame(b"m" * n, BINARY) for n in sizes]
