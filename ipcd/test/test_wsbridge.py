@@ -113,6 +113,24 @@ class BridgeReadTests(TestCase):
         self.assertEqual((yield self.recv(sock)), (BINARY, unmasked))
 
     @inlineCallbacks
+    def test_readsCutInsideAPing(self) -> Any:
+        """
+        Inside a ping's payload (no message under way), a read that looks
+        like one small whole frame is the ping's: the pong carries it all,
+        and the service gets nothing, then the next message.
+        """
+        sock, protocol = yield self.open()
+        mask = os.urandom(4)
+        wire = b"x" * 10 + ws_frame(b"hello", BINARY) + b"y" * 9
+        unmasked = bytes(b ^ mask[i % 4] for i, b in enumerate(wire))
+        ping = bytes((0x89, 0x80 | len(wire))) + mask + wire
+        for read in (ping[:16], ping[16:27], ping[27:]):
+            protocol.dataReceived(read)
+        self.assertEqual((yield self.recv(sock)), (PONG, unmasked))
+        protocol.dataReceived(ws_frame(b"next", BINARY))
+        self.assertEqual((yield self.recv(sock)), (BINARY, b"next"))
+
+    @inlineCallbacks
     def test_oneSendPerRead(self) -> Any:
         """
         The messages of one read go out together, each way: one send to
