@@ -9,9 +9,11 @@ transport hands them, so that where one read ends is the test's choice.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -21,6 +23,7 @@ from ipcd.daemons.outbox import Outbox
 from ipcd.daemons.websocket.bridge import SPLIT_ABOVE
 from ipcd.daemons.websocket.frames import SMALL
 from ipcd.daemons.websocket.server import WebSocketInbound
+from ipcd.test.support import wait_until
 from ipcd.test.wssupport import (
     BINARY,
     CLOSE,
@@ -43,6 +46,17 @@ _LOOKS_SMALL = 0x8285
 def _masked(first: int, header_length: bytes, payload: bytes, mask: bytes) -> bytes:
     body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return bytes((first,)) + header_length + mask + body
+
+
+def _peer_ports_read() -> list[int]:
+    """The peers' ports of the connections the reactor reads now."""
+    ports = []
+    for reader in reactor.getReaders():
+        try:
+            ports.append(reader.getPeer().port)  # type: ignore[attr-defined]
+        except (AttributeError, NotImplementedError):
+            pass  # not a connection (the waker, a listening port)
+    return ports
 
 
 class BridgeReadTests(TestCase):
@@ -129,6 +143,32 @@ class BridgeReadTests(TestCase):
         self.assertEqual((yield self.recv(sock)), (PONG, unmasked))
         protocol.dataReceived(ws_frame(b"next", BINARY))
         self.assertEqual((yield self.recv(sock)), (BINARY, b"next"))
+
+    @inlineCallbacks
+    def test_notReadWhileAsking(self) -> Any:
+        """
+        While the service is being asked for, the peer is not read: what it
+        sends after its request waits in the kernel, not in ipcd (autobahn
+        would hold it all, searching it again at each read).
+        """
+        asked: list[Deferred[Any]] = []
+
+        def held(text: str, who: Any) -> Deferred[Any]:
+            asked.append(Deferred())
+            return asked[-1]
+
+        self.patch(self.host.broker, "open_inbound", held)
+        sock = socket.create_connection(("127.0.0.1", self.host.port))
+        self.addCleanup(sock.close)
+        sock.sendall(
+            b"GET /pong HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n" + ws_frame(b"early", BINARY)
+        )
+        yield wait_until(lambda: asked, "the service asked for")
+        self.assertNotIn(sock.getsockname()[1], _peer_ports_read())
+        sock.close()  # the peer gone: the pending question is let go
+        yield wait_until(lambda: asked[0].called, "the question let go")
 
     @inlineCallbacks
     def test_oneSendPerRead(self) -> Any:
