@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -435,6 +436,16 @@ def spawn(
     """
     log = open(log_path, "wb")
     case.addCleanup(log.close)
+    then = popen.pop("preexec_fn", None)
+
+    def prepare() -> None:
+        # A suite started in the background of a shell ignores SIGINT, and
+        # exec keeps that: Python then installs no handler and twistd none
+        # either, so the tests' SIGINT (a terminal's ^C) would be lost.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if then is not None:
+            then()
+
     process = subprocess.Popen(
         [sys.executable, *args],
         stdin=subprocess.DEVNULL,
@@ -442,6 +453,7 @@ def spawn(
         stderr=subprocess.STDOUT,
         env=dict(env),
         cwd=cwd,
+        preexec_fn=prepare,
         **popen,
     )
 
