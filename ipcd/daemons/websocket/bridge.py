@@ -208,8 +208,6 @@ class WebSocketSide(BoundedPeer):
         if outbox is not None and outbox.pieces:
             outbox.send()
             self.messageSide.resetTimeout()  # type: ignore[union-attr]
-        if self._pongDue is not None:
-            self.onPing(self._pongDue)
         if head is not None and self.state == self.STATE_CONNECTING:  # type: ignore[attr-defined]
             # The server awaits the service's lookup: nothing more is read
             # (autobahn would hold it all, searching it again each read).
