@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -129,10 +130,10 @@ class Manager:
 
     def pending(self) -> bytes | None:
         """A datagram already sent, or None: never waits."""
-        try:
-            return self.socket.recv(4096, socket.MSG_DONTWAIT)
-        except (BlockingIOError, TimeoutError):  # EAGAIN, in timeout mode
-            return None
+        # Not recv(MSG_DONTWAIT): on a socket with a timeout, Python first
+        # waits up to that timeout for it to be readable.
+        readable, _, _ = select.select([self.socket], [], [], 0)
+        return self.socket.recv(4096) if readable else None
 
 
 def passing_fds(socks: list[socket.socket]) -> tuple[list[str], dict[str, object]]:
