@@ -1,7 +1,9 @@
 """
 Splice pipes: a direction of L{ipcd.relay.sockets.SocketRelays} between
-two plain sockets that streams moves through a pipe with splice(2), socket
-to pipe to socket, so its bytes are never copied into ipcd.  At most
+two plain sockets that streams, or with a kernel TLS end, moves through a
+pipe with splice(2), socket to pipe to socket, so its bytes are never
+copied into ipcd.  A kernel TLS socket's record that is not data (EINVAL
+from splice) is its codec's to take (C{control}); then splicing goes on.  At most
 C{max_pipes} at a time per engine (2 fds each); where the kernel refuses
 splice(2), the engine says so once and copies from then on.
 """
@@ -64,22 +66,32 @@ class Pipes:
     def _splice_in(self, side: Side) -> None:
         """A streaming side's read: into its pipe, and on to the peer."""
         assert side.pipe is not None
-        try:
-            count = os.splice(side.fd, side.pipe[1], side.pipe[2], flags=_SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            if e.errno not in _NO_SPLICE:
-                raise
-            # Not for these sockets after all: back to copying, for good.
-            self._splice = False
-            self.log.warn("splice(2) refused ({error}); relays copy", error=e)
-            self._close_pipe(side)
-            return
+        while True:
+            try:
+                count = os.splice(
+                    side.fd, side.pipe[1], side.pipe[2], flags=_SPLICE_FLAGS
+                )
+                break
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno not in _NO_SPLICE:
+                    raise
+                if e.errno == errno.EINVAL and _took_control(side):
+                    if side.eof:  # its stream's own end (a close_notify)
+                        self._eof(side)
+                        return
+                    continue  # splice what follows
+                # Not for these sockets after all: back to copying, for good.
+                self._splice = False
+                self.log.warn("splice(2) refused ({error}); relays copy", error=e)
+                self._close_pipe(side)
+                return
         if not count:
             self._eof(side)
             return
         self._count(side, count)
+        side.stats.spliced += count
         side.piped += count
         self._splice_out(side)
 
@@ -94,3 +106,12 @@ class Pipes:
             return 0
         side.piped -= moved
         return moved
+
+
+def _took_control(side: Side) -> bool:
+    """
+    Whether C{side}'s codec took a record that is not data, which is why a
+    splice out of a kernel TLS socket fails with EINVAL.
+    """
+    codec = side.codec
+    return codec is not None and codec.control(side)
