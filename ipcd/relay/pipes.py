@@ -19,6 +19,10 @@ from ipcd.relay.sides import READ_SIZE, Side
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
+# A whole TLS record's plaintext: a splice out of a kernel TLS socket that
+# gives this much may have more records behind it.
+_RECORD = 16 * 1024
+
 # What splice(2) says when it cannot join these fds (not a failure of the
 # connection): the engine goes back to copying.
 _NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
@@ -64,19 +68,25 @@ class Pipes:
             os.close(pipe[1])
 
     def _splice_in(self, side: Side) -> None:
-        """A streaming side's read: into its pipe, and on to the peer."""
-        assert side.pipe is not None
+        """
+        A streaming side's read: into its pipe, and on to the peer.  A
+        kernel TLS socket gives one record per splice: while whole ones
+        come, the pipe takes more before it is passed on.
+        """
+        pipe = side.pipe
+        assert pipe is not None
         while True:
             try:
                 count = os.splice(
-                    side.fd, side.pipe[1], side.pipe[2], flags=_SPLICE_FLAGS
+                    side.fd, pipe[1], pipe[2] - side.piped, flags=_SPLICE_FLAGS
                 )
-                break
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as e:
                 if e.errno not in _NO_SPLICE:
                     raise
+                if side.piped:
+                    break  # the pipe first: this comes back on the next read
                 if e.errno == errno.EINVAL and _took_control(side):
                     if side.eof:  # its stream's own end (a close_notify)
                         self._eof(side)
@@ -87,13 +97,18 @@ class Pipes:
                 self.log.warn("splice(2) refused ({error}); relays copy", error=e)
                 self._close_pipe(side)
                 return
-        if not count:
-            self._eof(side)
-            return
-        self._count(side, count)
-        side.stats.spliced += count
-        side.piped += count
-        self._splice_out(side)
+            if not count:
+                if not side.piped:
+                    self._eof(side)
+                    return
+                break  # the pipe first: the EOF comes back on the next read
+            self._count(side, count)
+            side.stats.spliced += count
+            side.piped += count
+            if count < _RECORD or side.piped >= pipe[2]:
+                break
+        if side.piped:
+            self._splice_out(side)
 
     def _splice_out(self, side: Side) -> int:
         """Move what C{side}'s pipe holds to its peer; the bytes moved."""

@@ -14,6 +14,7 @@ is checked in the VM.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import socket
 from typing import Any
@@ -35,6 +36,7 @@ from ipcd.test.test_engines import RunningEngineCase, read_exactly, send_bulk
 
 MiB = 1 << 20
 END = b"<its own EOF>"  # what the stand-in codec sends as its EOF
+RECORD = 16 * 1024  # a TLS record's plaintext at most
 
 
 @implementer(ICodec)
@@ -54,6 +56,18 @@ class Passthrough:
         self.reads = 0
         self.answers: list[Any] = []
         self.asked = 0
+        # Splices out of the socket before a record that is not data is
+        # next (None: none is), on which they fail until it is taken.
+        self.record_after: int | None = None
+
+    def splice_fails(self) -> bool:
+        """A splice out of the socket: whether a record not data stops it."""
+        if self.record_after is None:
+            return False
+        if self.record_after:
+            self.record_after -= 1
+            return False
+        return True
 
     def read(self, side: Any) -> int:
         self.reads += 1
@@ -77,6 +91,8 @@ class Passthrough:
     def control(self, side: Any) -> bool:
         self.asked += 1
         answer = self.answers.pop(0)
+        if answer:  # taken
+            self.record_after = None
         if answer == "eof":
             side.eof = True
         return bool(answer)
@@ -101,13 +117,15 @@ class PlaintextCodecTests(RunningEngineCase):
     @inlineCallbacks
     def setUp(self) -> Any:
         yield super().setUp()
-        self.refusals = 0  # splices out of the codec's socket to fail (EINVAL)
         real = os.splice
 
         def splice(src: int, dst: int, count: int, **kwargs: Any) -> int:
-            if self.refusals and src == self.codec_fd:
-                self.refusals -= 1
-                raise OSError(errno.EINVAL, "Invalid argument")
+            # Out of the codec's socket as out of a kTLS one: a record (16
+            # KiB at most) per call, EINVAL on a record that is not data.
+            if src == self.codec_fd:
+                if self.codec.splice_fails():
+                    raise OSError(errno.EINVAL, "Invalid argument")
+                count = min(count, RECORD)
             return real(src, dst, count, **kwargs)
 
         self.patch(pipes.os, "splice", splice)
@@ -126,6 +144,7 @@ class PlaintextCodecTests(RunningEngineCase):
         self.codec_fd = a.fileno()
         stats = self.engine.join(end, b, RelayStats(registry=self.registry))
         assert end.codec is not None
+        self.codec = end.codec
         self.assertTrue(verifyObject(ICodec, end.codec))
         return stats, end.codec, client, service
 
@@ -138,7 +157,7 @@ class PlaintextCodecTests(RunningEngineCase):
         """
         stats, codec, client, service = self.join()
         codec.answers = [answer]
-        self.refusals = 1
+        codec.record_after = 0
         client.sendall(b"abc")
         self.assertEqual((yield deferToThread(service.recv, 64)), b"abc")
         return stats, codec, client, service
@@ -203,7 +222,7 @@ class PlaintextCodecTests(RunningEngineCase):
         client.sendall(b"abc")
         self.assertEqual((yield deferToThread(service.recv, 64)), b"abc")
         codec.answers = ["eof"]
-        self.refusals = 1
+        codec.record_after = 0
         client.sendall(b"not after the end")
         self.assertEqual((yield deferToThread(service.recv, 64)), b"")
         self.assertEqual((codec.asked, stats.forward), (1, 3))
@@ -235,4 +254,24 @@ class PlaintextCodecTests(RunningEngineCase):
         service.sendall(b"second")
         self.assertEqual((yield deferToThread(client.recv, 64)), b"second")
         self.assertEqual((stats.spliced, self.engine._pipes), (5, 1))
+        yield self.ended(client, service)
+
+    @inlineCallbacks
+    def test_recordBehindDataInOneRead(self) -> Any:
+        """
+        A record not data right behind whole records read in one go: what
+        the pipe holds goes on first, then the record is the codec's (here
+        it says data is next: splice(2) refused, the relay copies); no
+        byte lost.
+        """
+        stats, codec, client, service = self.join()
+        codec.answers = [False]
+        codec.record_after = 1
+        sent = b"r" * RECORD + b"tail"
+        client.sendall(sent)
+        got = yield deferToThread(read_exactly, service, len(sent))
+        self.assertEqual(got, hashlib.sha256(sent).hexdigest())
+        self.assertEqual((codec.asked, stats.spliced), (1, RECORD))
+        self.assertEqual(stats.forward, len(sent))
+        self.assertFalse(self.engine._splice)
         yield self.ended(client, service)
