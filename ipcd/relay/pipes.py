@@ -3,9 +3,9 @@ Splice pipes: a direction of L{ipcd.relay.sockets.SocketRelays} between
 two plain sockets that streams, or with a kernel TLS end, moves through a
 pipe with splice(2), socket to pipe to socket, so its bytes are never
 copied into ipcd.  A kernel TLS socket's record that is not data (EINVAL
-from splice) is its codec's to take (C{control}); then splicing goes on.  At most
-C{max_pipes} at a time per engine (2 fds each); where the kernel refuses
-splice(2), the engine says so once and copies from then on.
+from splice) is its codec's to take (C{control}); then splicing goes on.
+At most C{max_pipes} at a time per engine (2 fds each); where the kernel
+refuses splice(2), the engine says so once and copies from then on.
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ the direction goes through a pipe with splice(2) instead
 (L{ipcd.relay.pipes}).  A direction with a kernel TLS end (a codec whose
 bytes are C{plaintext}) goes through a pipe from its first byte.  What
 the receiver does not take is kept, and the sender is not read again
-until it is flushed.  A side is always watched
-for a hangup (L{ipcd.relay.sides}).  A FIN is a half-close: found by the
-read that returns 0, after the data, and passed on as C{shutdown(SHUT_WR)}
-(or as a codec's own EOF: TLS's close_notify).  A codec's EOF is passed on
+until it is flushed.  A side is always watched for a hangup
+(L{ipcd.relay.sides}).  A FIN is a half-close: found by the read that
+returns 0, after the data, and passed on as C{shutdown(SHUT_WR)} (or as a
+codec's own EOF: TLS's close_notify).  A codec's EOF is passed on
 alike; a TCP EOF under TLS without a close_notify is a truncation, and
 ends the relay as a reset does.  A receiver that never reads, behind a
 sender that has half-closed or hung up, is the one case left: the idle
