@@ -93,6 +93,23 @@ class ICodec(Interface):
     def close() -> Any:
         """The codec's own EOF for the socket (a close_notify), encoded, as L{made}."""
 
+    plaintext = Attribute(
+        "True when the socket carries the relay's bytes as they are, both"
+        " ways, its own records apart (kernel TLS: the kernel seals and opens"
+        " them): the engine then moves them with splice(2), never through"
+        " ipcd, and calls L{control} where a splice out of it is refused."
+        " False: every byte goes through L{read} and L{seal}."
+    )
+
+    def control(side: Any) -> bool:
+        """
+        Only for a C{plaintext} codec: a splice(2) out of C{side}'s socket
+        was refused (EINVAL), as it is when the next record is not data.
+        Take that record as L{read} would (its stream's end sets
+        C{side.eof}; an error is raised); False if data is next after all
+        (splice refused for another reason: the engine copies instead).
+        """
+
 
 class RelayEnded(Exception):
     """A codec ended the relay (a TLS error): logged, with why."""

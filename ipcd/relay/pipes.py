@@ -1,9 +1,11 @@
 """
 Splice pipes: a direction of L{ipcd.relay.sockets.SocketRelays} between
-two plain sockets that streams moves through a pipe with splice(2), socket
-to pipe to socket, so its bytes are never copied into ipcd.  At most
-C{max_pipes} at a time per engine (2 fds each); where the kernel refuses
-splice(2), the engine says so once and copies from then on.
+two plain sockets that streams, or with a kernel TLS end, moves through a
+pipe with splice(2), socket to pipe to socket, so its bytes are never
+copied into ipcd.  A kernel TLS socket's record that is not data (EINVAL
+from splice) is its codec's to take (C{control}); then splicing goes on.
+At most C{max_pipes} at a time per engine (2 fds each); where the kernel
+refuses splice(2), the engine says so once and copies from then on.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from typing import Any
 from ipcd.relay.sides import READ_SIZE, Side
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+# A whole TLS record's plaintext: a splice out of a kernel TLS socket that
+# gives this much may have more records behind it.
+_RECORD = 16 * 1024
 
 # What splice(2) says when it cannot join these fds (not a failure of the
 # connection): the engine goes back to copying.
@@ -62,26 +68,47 @@ class Pipes:
             os.close(pipe[1])
 
     def _splice_in(self, side: Side) -> None:
-        """A streaming side's read: into its pipe, and on to the peer."""
-        assert side.pipe is not None
-        try:
-            count = os.splice(side.fd, side.pipe[1], side.pipe[2], flags=_SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            if e.errno not in _NO_SPLICE:
-                raise
-            # Not for these sockets after all: back to copying, for good.
-            self._splice = False
-            self.log.warn("splice(2) refused ({error}); relays copy", error=e)
-            self._close_pipe(side)
-            return
-        if not count:
-            self._eof(side)
-            return
-        self._count(side, count)
-        side.piped += count
-        self._splice_out(side)
+        """
+        A streaming side's read: into its pipe, and on to the peer.  A
+        kernel TLS socket gives one record per splice: while whole ones
+        come, the pipe takes more before it is passed on.
+        """
+        pipe = side.pipe
+        assert pipe is not None
+        while True:
+            try:
+                count = os.splice(
+                    side.fd, pipe[1], pipe[2] - side.piped, flags=_SPLICE_FLAGS
+                )
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno not in _NO_SPLICE:
+                    raise
+                if side.piped:
+                    break  # the pipe first: this comes back on the next read
+                if e.errno == errno.EINVAL and _took_control(side):
+                    if side.eof:  # its stream's own end (a close_notify)
+                        self._eof(side)
+                        return
+                    continue  # splice what follows
+                # Not for these sockets after all: back to copying, for good.
+                self._splice = False
+                self.log.warn("splice(2) refused ({error}); relays copy", error=e)
+                self._close_pipe(side)
+                return
+            if not count:
+                if not side.piped:
+                    self._eof(side)
+                    return
+                break  # the pipe first: the EOF comes back on the next read
+            self._count(side, count)
+            side.stats.spliced += count
+            side.piped += count
+            if count < _RECORD or side.piped >= pipe[2]:
+                break
+        if side.piped:
+            self._splice_out(side)
 
     def _splice_out(self, side: Side) -> int:
         """Move what C{side}'s pipe holds to its peer; the bytes moved."""
@@ -94,3 +121,12 @@ class Pipes:
             return 0
         side.piped -= moved
         return moved
+
+
+def _took_control(side: Side) -> bool:
+    """
+    Whether C{side}'s codec took a record that is not data, which is why a
+    splice out of a kernel TLS socket fails with EINVAL.
+    """
+    codec = side.codec
+    return codec is not None and codec.control(side)

@@ -40,7 +40,8 @@ READ_SIZE = 256 * 1024
 # then on its bytes go through a pipe with splice(2), socket to pipe to
 # socket, and are never copied into ipcd.  Messages (an RTT's 100 bytes)
 # never get there, nor do idle relays: a pipe costs two fds.  Only between
-# two plain sockets: a codec's bytes must go through it.
+# two plain sockets: a codec's bytes must go through it (but for a kernel
+# TLS socket's, which are plaintext: that direction splices from the start).
 SPLICE_AT = 64 * 1024
 
 # Streaming directions with a pipe at once, per engine: the fds they cost

@@ -8,11 +8,13 @@ relays are this engine too: the TLS side's socket carries a codec
 Each direction reads up to L{READ_SIZE} bytes and sends them on at once;
 once a read between two plain sockets brings L{SPLICE_AT} bytes or more,
 the direction goes through a pipe with splice(2) instead
-(L{ipcd.relay.pipes}).  What the receiver does not take is kept, and the
-sender is not read again until it is flushed.  A side is always watched
-for a hangup (L{ipcd.relay.sides}).  A FIN is a half-close: found by the
-read that returns 0, after the data, and passed on as C{shutdown(SHUT_WR)}
-(or as a codec's own EOF: TLS's close_notify).  A codec's EOF is passed on
+(L{ipcd.relay.pipes}).  A direction with a kernel TLS end (a codec whose
+bytes are C{plaintext}) goes through a pipe from its first byte.  What
+the receiver does not take is kept, and the sender is not read again
+until it is flushed.  A side is always watched for a hangup
+(L{ipcd.relay.sides}).  A FIN is a half-close: found by the read that
+returns 0, after the data, and passed on as C{shutdown(SHUT_WR)} (or as a
+codec's own EOF: TLS's close_notify).  A codec's EOF is passed on
 alike; a TCP EOF under TLS without a close_notify is a truncation, and
 ends the relay as a reset does.  A receiver that never reads, behind a
 sender that has half-closed or hung up, is the one case left: the idle
@@ -212,6 +214,11 @@ class SocketRelays(Pipes, RelayEngine):
         Read C{side} and send on what it read: whether it was all taken
         (then nothing about the relay's registration has changed).
         """
+        if side.pipe is None and self._streams(side):
+            self._open_pipe(side)
+        if side.pipe is not None:
+            self._splice_in(side)
+            return False
         codec = side.codec
         if codec is not None:
             count = codec.read(side)
@@ -223,9 +230,6 @@ class SocketRelays(Pipes, RelayEngine):
                 if side.eof:
                     self._eof(side)
                 return False
-        elif side.pipe is not None:
-            self._splice_in(side)
-            return False
         else:
             try:
                 count = side.sock.recv_into(self.buffer)
@@ -238,7 +242,7 @@ class SocketRelays(Pipes, RelayEngine):
                 count >= SPLICE_AT
                 and self._splice
                 and self._pipes < self.max_pipes
-                and side.peer.codec is None
+                and _plain(side.peer)
             ):
                 self._open_pipe(side)
         self._count(side, count)
@@ -260,6 +264,21 @@ class SocketRelays(Pipes, RelayEngine):
         if side.eof:  # the codec's EOF came with the data
             self._eof(side)
         return False
+
+    def _streams(self, side: Side) -> bool:
+        """
+        Whether C{side}'s direction goes through a pipe from its first
+        byte: one with a kernel TLS end (a C{plaintext} codec), so that no
+        byte of it passes through ipcd; pipes and splice(2) permitting.
+        """
+        peer = side.peer
+        return (
+            (side.codec is not None or peer.codec is not None)
+            and _plain(side)
+            and _plain(peer)
+            and self._splice
+            and self._pipes < self.max_pipes
+        )
 
     def _write(self, side: Side) -> None:
         if side.pending:
@@ -450,3 +469,8 @@ class SocketRelays(Pipes, RelayEngine):
         for side in list(self._sides.values()):
             if side.forward and side.timeout and not side.where & CLOSED:
                 yield side.stats, side.timeout, side
+
+
+def _plain(side: Side) -> bool:
+    """Whether C{side}'s socket carries the relay's bytes as they are."""
+    return side.codec is None or side.codec.plaintext

@@ -30,6 +30,8 @@ class RelayStats:
     daemon: str = ""
     forward: int = 0
     backward: int = 0
+    # Of those, bytes moved with splice(2): never copied into ipcd.
+    spliced: int = 0
     started: float = field(default_factory=time.monotonic)
     moved: float = 0.0  # when a byte last moved (the engine's clock)
     registry: set[RelayStats] | None = None
@@ -71,6 +73,7 @@ class RelayStats:
             "labels": sorted(self.labels),
             "bytes_in": self.forward,
             "bytes_out": self.backward,
+            "bytes_spliced": self.spliced,
             "age": round(now - self.started, 3),
         }
 

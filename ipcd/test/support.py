@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd.config import Config, load_config
@@ -93,6 +94,18 @@ def wait_until(
             return value
         yield deferLater(reactor, 0.01, lambda: None)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def logged_lines(case: SynchronousTestCase) -> list[str]:
+    """The log lines from now until C{case} ends (a list that grows)."""
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event) or "")
+
+    globalLogPublisher.addObserver(observe)
+    case.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines
 
 
 # File descriptors.

@@ -121,8 +121,11 @@ class FailingSocket(socket.socket):
         raise RuntimeError("injected send failure")
 
 
-class SocketEngineTests(TestCase):
-    """L{SocketRelays} on the running reactor, as tcpd runs it."""
+class RunningEngineCase(TestCase):
+    """
+    Tests of a L{SocketRelays} (C{engine}) on the running reactor, as tcpd
+    runs it, and the fds open before it relays (C{before}).
+    """
 
     @inlineCallbacks
     def setUp(self) -> Any:
@@ -131,6 +134,10 @@ class SocketEngineTests(TestCase):
         self.addCleanup(self.engine.stop)
         self.before = yield fd_baseline()  # no epoll yet: the engine has no relays
         self.registry: set[RelayStats] = set()
+
+
+class SocketEngineTests(RunningEngineCase):
+    """L{SocketRelays} on the running reactor, as tcpd runs it."""
 
     def join(
         self, pair: Any = socket.socketpair, **kwargs: Any

@@ -1,7 +1,7 @@
 """
 tls:// routes on kernel TLS (L{ipcd.daemons.tls.kswitch}): the client
-holds the TLS socket itself, the far tlsd relays a kTLS socket as a plain
-one.  Real TLS between two in-process ipcd instances; these run where the
+holds the TLS socket itself, the far tlsd splices a kTLS socket to the
+service's.  Real TLS between two in-process ipcd instances; these run where the
 kernel has the C{tls} upper-layer protocol (the VM test), and skip, saying
 so, elsewhere.
 """
@@ -133,9 +133,10 @@ class KernelRouteTests(TlsTestCase):
     @inlineCallbacks
     def test_both_directions_and_clean_end(self) -> Any:
         """
-        3 MB each way through the kernel on both hosts; the client's EOF
-        reaches the service, whose answer comes back, then its end as a
-        close_notify (B's kTLS relay sends one when it ends).
+        3 MB through the kernel on both hosts; the client's EOF reaches the
+        service, whose answer comes back, then its end as a close_notify
+        (B's kTLS relay sends one when it ends).  B's relay splices: status
+        shows every byte it moved as spliced, none through ipcd.
         """
         a, b = yield self.hosts()
         digest_service(self, b.rundir, "digest")
@@ -143,6 +144,7 @@ class KernelRouteTests(TlsTestCase):
         sock = reply.take_socket(self)
         self.assertEqual(sock.family, socket.AF_INET)
         yield wait_until(lambda: len(kernel_relays(b)) == 1, "B's kTLS relay")
+        [relay] = kernel_relays(b)
         data = os.urandom(3 * 1024 * 1024)
 
         def send_then_shut() -> tuple[bytes, str]:
@@ -156,6 +158,10 @@ class KernelRouteTests(TlsTestCase):
         self.assertEqual(answer, expected)
         self.assertEqual(how, "close_notify")
         yield wait_until(lambda: not b.broker.relays, "B's relay to end")
+        shown = relay.as_dict()
+        moved = (len(data), len(expected))
+        self.assertEqual((shown["bytes_in"], shown["bytes_out"]), moved)
+        self.assertEqual(shown["bytes_spliced"], sum(moved))
 
     @inlineCallbacks
     def test_off(self) -> Any:

@@ -1,12 +1,15 @@
 """
 The relay codec of a kernel TLS socket (L{ipcd.daemons.tls.ktls}): the
-kernel seals and opens the records, so the bytes pass as they are; what is
-left to the codec is what a plain socket does not say.
+kernel seals and opens the records, so the bytes pass as they are (it is
+C{plaintext}: the engine splices them, socket to pipe to socket, and never
+reads them); what is left to the codec is what a plain socket does not say.
 
   - A record that is not application data makes a plain read fail with
-    EIO: it is read with its type; a close_notify is the stream's end, a
-    NewSessionTicket is skipped, another alert or handshake message (a TLS
-    1.3 KeyUpdate, which this kernel's kTLS cannot follow) ends the relay.
+    EIO, and a splice(2) out of the socket with EINVAL (Linux's
+    tls_sw_splice_read): it is read with its type (L{control}); a
+    close_notify is the stream's end, a NewSessionTicket is skipped,
+    another alert or handshake message (a TLS 1.3 KeyUpdate, which this
+    kernel's kTLS cannot follow) ends the relay.
   - Its own EOF is a close_notify, sent with its record type
     (L{send_close_notify}): a plain close sends none.
   - A TCP EOF is an EOF: the client that holds the other end of a route
@@ -24,8 +27,10 @@ from zope.interface import implementer
 
 from ipcd.daemons.tls.ktls import (
     ALERT,
+    APPLICATION_DATA,
     CLOSE_NOTIFY,
     HANDSHAKE,
+    peek_record_type,
     recv_record,
     send_close_notify,
 )
@@ -54,6 +59,8 @@ class KernelTlsCodec:
 
     __slots__ = ("sock", "buffer")
 
+    plaintext = True
+
     def __init__(self, sock: socket.socket, buffer: bytearray) -> None:
         self.sock = sock
         self.buffer = buffer
@@ -73,6 +80,19 @@ class KernelTlsCodec:
             if not n:
                 side.eof = True
             return n
+
+    def control(self, side: Any) -> bool:
+        """
+        A splice(2) out of the socket was refused: take the record that is
+        not data, if that is what is next (False: data is, or nothing).
+        """
+        try:
+            if peek_record_type(self.sock) == APPLICATION_DATA:
+                return False
+        except (BlockingIOError, InterruptedError):
+            return False
+        self._control_record(side)
+        return True
 
     def _control_record(self, side: Any) -> bool:
         """Read the record that is not data: whether to read on."""

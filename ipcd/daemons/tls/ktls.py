@@ -12,8 +12,8 @@ the kernel's socket options (linux/tls.h).
 
 The pure parts (key schedules, L{crypto_info}, L{Records}) are here with
 the socket parts (L{ktls_available}, L{switch}, L{send_close_notify},
-L{recv_record}); which connection switches, and when, is
-L{ipcd.daemons.tls.kswitch}'s.
+L{recv_record}, L{peek_record_type}); which connection switches, and
+when, is L{ipcd.daemons.tls.kswitch}'s.
 """
 
 from __future__ import annotations
@@ -325,7 +325,21 @@ def recv_record(sock: socket.socket, size: int) -> tuple[int, bytes]:
     alert) can only be read this way; a plain C{recv} fails with EIO on it.
     """
     data, ancillary, _, _ = sock.recvmsg(size, socket.CMSG_SPACE(1))
+    return _record_type(ancillary), data
+
+
+def peek_record_type(sock: socket.socket) -> int:
+    """
+    The type of the record next on kTLS socket C{sock}, left there: a
+    splice(2) out of the socket fails (EINVAL) on one that is not data.
+    """
+    _, ancillary, _, _ = sock.recvmsg(1, socket.CMSG_SPACE(1), socket.MSG_PEEK)
+    return _record_type(ancillary)
+
+
+def _record_type(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The record type a kTLS C{recvmsg} gave (application data if none)."""
     for level, kind, value in ancillary:
         if level == SOL_TLS and kind == TLS_GET_RECORD_TYPE and value:
-            return value[0], data
-    return APPLICATION_DATA, data
+            return value[0]
+    return APPLICATION_DATA

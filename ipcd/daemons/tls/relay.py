@@ -162,6 +162,8 @@ class TlsCodec:
 
     __slots__ = ("connection", "ssl", "into", "out", "buffers")
 
+    plaintext = False  # records on the socket: every byte goes through OpenSSL
+
     def __init__(self, secured: Secured, buffers: _Buffers) -> None:
         self.connection = secured.connection
         self.ssl, self.into, self.out = secured.ssl, secured.into, secured.out
@@ -219,6 +221,10 @@ class TlsCodec:
         if _lib.SSL_shutdown(self.ssl) < 0:
             _lib.ERR_clear_error()
         return self._take()
+
+    def control(self, side: Any) -> bool:
+        """Never called: nothing is spliced out of a socket with records."""
+        return False
 
     def _take(self) -> memoryview:
         """The records OpenSSL made (a view of the shared buffer, if they fit)."""

@@ -1,0 +1,202 @@
+"""
+The service's host relays a kernel TLS socket with splice(2): the relay
+engine (L{SocketRelays}) joins a real kTLS socket (keys made up here, as in
+L{ipcd.test.test_ktls_vmprobe}) to a service's UNIX socket, and the test
+plays the client on the other kTLS end.  No byte goes through ipcd: the
+relay's C{bytes_spliced} (C{ipcd status --json}) counts them all, while a
+record that is not data (a ticket, the peer's close_notify) is still taken
+as before, and the service's EOF still goes out as a close_notify.
+
+Skipped where the kernel has no C{tls} upper-layer protocol; the VM test
+(L{ipcd.test.test_kernel_tls_vm}) runs it in a kernel that has it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+
+from ipcd.daemons.tls.kcodec import KernelSecured
+from ipcd.daemons.tls.ktls import (
+    HANDSHAKE,
+    SOL_TLS,
+    TLS_RX,
+    TLS_SET_RECORD_TYPE,
+    TLS_TX,
+    ktls_available,
+    send_close_notify,
+)
+from ipcd.relay import RelayStats
+from ipcd.test.ktlssupport import NO_ULP, WAIT
+from ipcd.test.support import (
+    assert_no_fd_leak,
+    logged_lines,
+    wait_until,
+)
+from ipcd.test.test_engines import (
+    RunningEngineCase,
+    read_exactly,
+    read_to_eof,
+    send_bulk,
+)
+from ipcd.test.test_ktls_routes import read_to_end
+from ipcd.test.test_ktls_vmprobe import TLS_1_3, crypto_info, recv_exactly, switch
+
+MiB = 1 << 20
+# A TLS 1.3 NewSessionTicket (its handshake header and an empty body: the
+# relay only looks at its type).
+TICKET = b"\x04\x00\x00\x00"
+# A TLS 1.3 KeyUpdate, which this kernel's kTLS cannot follow.
+KEY_UPDATE = b"\x18\x00\x00\x01\x00"
+
+
+def send_record(sock: socket.socket, kind: int, body: bytes) -> None:
+    """A record of type C{kind} (not data) on kTLS socket C{sock}."""
+    sock.sendmsg([body], [(SOL_TLS, TLS_SET_RECORD_TYPE, bytes([kind]))])
+
+
+class SpliceTests(RunningEngineCase):
+    if not ktls_available():
+        skip = NO_ULP
+
+    def join(self) -> tuple[RelayStats, socket.socket, socket.socket]:
+        """
+        A relay of a kTLS socket (side A, the client's connection) and a
+        UNIX socket (side B, the service's): the client's kTLS end and the
+        service's end, both blocking with a deadline.
+        """
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname(), WAIT)
+            relayed, _ = listener.accept()  # the engine's, closed by it
+        self.addCleanup(client.close)
+        keys = [(os.urandom(16), os.urandom(12)) for _ in range(2)]
+        up, down = (crypto_info(TLS_1_3, key, iv, 0) for key, iv in keys)
+        switch(client, TLS_TX, up)
+        switch(client, TLS_RX, down)
+        switch(relayed, TLS_RX, up)
+        switch(relayed, TLS_TX, down)
+        b, service = socket.socketpair()
+        self.addCleanup(service.close)
+        service.settimeout(WAIT)
+        stats = RelayStats(registry=self.registry)
+        self.engine.join(KernelSecured(relayed), b, stats)
+        return stats, client, service
+
+    @inlineCallbacks
+    def ended(self, *far: socket.socket, closing: bool = True) -> Any:
+        """
+        The relay ends (by itself, or once the C{far} ends are closed if
+        C{closing}), its pipes and fds with it.
+        """
+        for sock in far if closing else ():
+            sock.close()
+        yield wait_until(lambda: not self.registry, "the relay to end", WAIT)
+        self.assertEqual(self.engine._pipes, 0)
+        for sock in far:
+            sock.close()
+        yield assert_no_fd_leak(self.before, WAIT)
+
+    @inlineCallbacks
+    def test_both_ways_spliced(self) -> Any:
+        """
+        8 MiB each way at once arrive byte for byte, every byte of them
+        spliced (none through ipcd), counted in and out as before; the
+        pipes and sockets close with the relay.
+        """
+        stats, client, service = self.join()
+        size = 8 * MiB
+        up = deferToThread(send_bulk, client, size, eof=False)
+        down = deferToThread(send_bulk, service, size, eof=False)
+        at_service = yield deferToThread(read_exactly, service, size)
+        at_client = yield deferToThread(read_exactly, client, size)
+        self.assertEqual((at_service, at_client), ((yield up), (yield down)))
+        self.assertEqual((stats.forward, stats.backward), (size, size))
+        self.assertEqual(stats.as_dict()["bytes_spliced"], 2 * size)
+        yield self.ended(client, service)
+
+    @inlineCallbacks
+    def test_ticket_while_splicing(self) -> Any:
+        """
+        A NewSessionTicket between data records (a splice out of the
+        socket fails on it) is taken and skipped: the service gets the
+        data on both sides of it, spliced, and the relay goes on.
+        """
+        stats, client, service = self.join()
+        client.sendall(b"before ")
+        send_record(client, HANDSHAKE, TICKET)
+        client.sendall(b"after")
+        got = yield deferToThread(recv_exactly, service, 12)
+        self.assertEqual(got, b"before after")
+        service.sendall(b"still up")
+        self.assertEqual((yield deferToThread(recv_exactly, client, 8)), b"still up")
+        self.assertEqual(stats.spliced, 20)
+        self.assertEqual(len(self.registry), 1)
+        yield self.ended(client, service)
+
+    @inlineCallbacks
+    def test_key_update_ends_the_relay(self) -> Any:
+        """
+        A KeyUpdate while splicing ends the relay with a line saying why
+        (this kernel's kTLS cannot take the new keys); the service sees
+        the data before it, then its end.
+        """
+        said = logged_lines(self)
+        stats, client, service = self.join()
+        client.sendall(b"data")
+        send_record(client, HANDSHAKE, KEY_UPDATE)
+        self.assertEqual((yield deferToThread(read_to_eof, service))[0], 4)
+        yield self.ended(client, service, closing=False)
+        self.assertEqual(stats.spliced, 4)
+        self.assertTrue([line for line in said if "handshake message 18" in line], said)
+
+    @inlineCallbacks
+    def test_peer_close_notify(self) -> Any:
+        """
+        The client's close_notify, after its data, is the service's EOF:
+        the data spliced, then the EOF passed on; the service's answer
+        still reaches the client, then its own close_notify, and the relay
+        ends.
+        """
+        stats, client, service = self.join()
+        client.sendall(b"last words")
+        send_close_notify(client)
+        got = yield deferToThread(read_to_eof_bytes, service)
+        self.assertEqual(got, b"last words")
+        service.sendall(b"heard")
+        service.shutdown(socket.SHUT_WR)
+        got, how = yield deferToThread(read_to_end, client)
+        self.assertEqual((got, how), (b"heard", "close_notify"))
+        self.assertEqual(stats.spliced, 15)
+        yield self.ended(client, service, closing=False)
+
+    @inlineCallbacks
+    def test_service_eof_sends_close_notify(self) -> Any:
+        """
+        The service's EOF, after 2 MiB, reaches the client as a
+        close_notify once every spliced byte has gone out.
+        """
+        stats, client, service = self.join()
+        data = os.urandom(2 * MiB)
+
+        def answer() -> None:
+            service.sendall(data)
+            service.shutdown(socket.SHUT_WR)
+
+        answering = deferToThread(answer)
+        got, how = yield deferToThread(read_to_end, client)
+        yield answering
+        self.assertEqual((len(got), got == data), (len(data), True))
+        self.assertEqual(how, "close_notify")
+        self.assertEqual(stats.spliced, len(data))
+        yield self.ended(client, service)
+
+
+def read_to_eof_bytes(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
