@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd.config import Config, load_config
@@ -92,6 +93,35 @@ def wait_until(
             return value
         yield deferLater(reactor, 0.01, lambda: None)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+@inlineCallbacks
+def wait_rate_limited(
+    counters: Mapping[str, int],
+    counter: str,
+    events: Iterable[dict[str, Any]],
+    text: str,
+    count: int,
+    timeout: float = TIMEOUT,
+) -> Any:
+    """
+    Wait until C{counter} is C{count} and a rate-limited log accounts for
+    as many lines containing C{text} among C{events}: each one logged, and
+    each summary's count of those it left out (a summary at the end of a
+    period repeats the last, not counted); it comes within C{timeout}.
+    """
+
+    def accounted() -> int:
+        total = 0
+        for event in events:
+            line = formatEvent(event)
+            if text in line:
+                last = "; the last: " in line
+                total += event.get("ipcd_dropped", 0) + (0 if last else 1)
+        return total
+
+    yield wait_until(lambda: counters[counter] == count, f"{count} {counter}")
+    yield wait_until(lambda: accounted() == count, "the summary line", timeout)
 
 
 # File descriptors.
