@@ -22,6 +22,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd.config import ConfigError, load_config
+from ipcd.control import config_summary
 from ipcd.limits import RateLimitedObserver
 from ipcd.metrics import NO_METRICS
 from ipcd.metricsweb import MAX_BODY, MAX_CONNECTIONS_PER_PEER
@@ -343,6 +344,13 @@ class EndpointTests(SynchronousTestCase):
         """A bare port, or tcp:PORT, listens on 127.0.0.1 only."""
         for value in (9101, "9101", "tcp:9101"):
             self.assertEqual(self.listen(value), "tcp:9101:interface=127.0.0.1")
+
+    def test_inStatus(self) -> None:
+        """C{ipcd status} shows where the metrics are served, or None: off."""
+        config = load_config(None, {"rundir": "/x", "metrics": {"listen": 9101}}, {})
+        self.assertEqual(config_summary(config)["metrics"], config.metrics)
+        off = load_config(None, {"rundir": "/x"}, {})
+        self.assertIsNone(config_summary(off)["metrics"])
 
     def test_fullEndpoint(self) -> None:
         """Any other endpoint string is taken as written."""

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.config import ConfigError, load_config
+from ipcd.control import config_summary
 from ipcd.routes import RouteError, parse_uri
 from ipcd.srv import MAX_RECORDS, SrvRecord, Unavailable, order, records_of
 from ipcd.srvcache import SrvCache, TtlBounds, why_not
@@ -252,6 +253,26 @@ class SettingsTests(SynchronousTestCase):
             ),
             ((), 2.0, 8, 5.0, 3600.0, 10.0, 256),
         )
+
+    def test_inStatus(self) -> None:
+        """
+        C{ipcd status} shows the [dns] settings in force (servers as the
+        file writes them; none: /etc/resolv.conf's), as it shows the others.
+        """
+        config = self.load(servers=["127.0.0.1:5353", "[::1]"], max_targets=3)
+        self.assertEqual(
+            config_summary(config)["dns"],
+            {
+                "servers": ["127.0.0.1:5353", "[::1]:53"],
+                "target_timeout": 2.0,
+                "max_targets": 3,
+                "min_ttl": 5.0,
+                "max_ttl": 3600.0,
+                "negative_ttl": 10.0,
+                "max_names": 256,
+            },
+        )
+        self.assertEqual(config_summary(self.load())["dns"]["servers"], [])
 
 
 class CacheBoundTests(SynchronousTestCase):
