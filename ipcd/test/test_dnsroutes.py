@@ -280,6 +280,22 @@ class AnswerTests(SrvTestCase):
         yield self.assertRefused(f"SRV {OWNER}: no answer from DNS (timed out)")
 
     @inlineCallbacks
+    def test_aliasAtTheOwner(self) -> Any:
+        """
+        An owner that is an alias (CNAME) is said to be one, with what it
+        points at; ipcd asks for SRV records at the owner itself and does
+        not follow it (the answer may hold the alias's records: unused).
+        """
+        yield self.startA(
+            "_ipc._tcp IN CNAME _pong._tcp.example.test.\n"
+            "_pong._tcp IN SRV 0 0 9 localhost.\n"
+        )
+        yield self.assertRefused(
+            f"SRV {OWNER}: an alias (CNAME) of '_pong._tcp.example.test', "
+            "not followed: name the SRV owner itself in the route"
+        )
+
+    @inlineCallbacks
     def test_invalidTargetRefused(self) -> Any:
         """A target that is not a valid host name is never dialed."""
         yield self.startA(srv(0, 0, 9, "bad_name.example.test."))

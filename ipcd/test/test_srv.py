@@ -126,6 +126,27 @@ class RecordTests(SynchronousTestCase):
             records_of(OWNER, [srv(OWNER, 0, 0, 0, ".")])
         self.assertIn("decidedly not available", str(caught.exception))
 
+    def test_aliasSaidEscaped(self) -> None:
+        """
+        An owner that is an alias is said to be one: its target, however
+        hostile, escaped and cut; records of another name are not used.
+        """
+        alias = b"_x\x1b[31m._tcp.example.org." + b"a" * 300
+        record = dns.Record_SRV(0, 0, 1, b"a.org", ttl=60)
+        answers = [
+            dns.RRHeader(OWNER, dns.CNAME, dns.IN, 60, dns.Record_CNAME(alias)),
+            dns.RRHeader(alias, dns.SRV, dns.IN, 60, record),
+        ]
+        with self.assertRaises(Unavailable) as caught:
+            records_of(OWNER, answers)
+        shown = repr(alias[:64].decode())
+        self.assertEqual(
+            str(caught.exception),
+            f"an alias (CNAME) of {shown}, not followed: name the SRV owner "
+            "itself in the route",
+        )
+        self.assertNotIn("\x1b", str(caught.exception))
+
     def test_noRecords(self) -> None:
         with self.assertRaises(Unavailable) as caught:
             records_of(OWNER, [srv("_other._tcp.example.org", 0, 0, 1, "a.org")])
