@@ -342,6 +342,32 @@ class PolicyTests(SrvTestCase):
             "denied by rule 1", route=f"tcp://localhost:{b1.port}/pong"
         )
 
+    @inlineCallbacks
+    def test_targetNamesInAnyCase(self) -> Any:
+        """
+        DNS names are the same in any case: a zone's C{LOCALHOST} is the
+        C{host:localhost} a rule denies, and so is a client's own spelling
+        of a host or an owner.
+        """
+        b1 = yield start_host(self, rules=["allow in pong"])
+        b2 = yield start_host(self, rules=["allow in pong"])
+        rules = ["deny out pong host:localhost", f"deny out pong host:{OWNER}"]
+        yield self.startA(
+            srv(10, 0, b1.port, "LocalHost.") + srv(20, 0, b2.port, "127.0.0.1."),
+            rules=rules[:1],
+        )
+        yield self.assertReaches(b2.port)
+        yield self.assertRefused(
+            "denied by rule 1", route=f"tcp://LOCALHOST:{b1.port}/pong"
+        )
+        self.a.broker.config = dataclasses.replace(
+            self.a.broker.config, rules=make_config("/x", rules=rules).rules
+        )
+        yield self.assertRefused(
+            "denied by rule 2", route=f"tcp://{OWNER.upper()}/pong"
+        )
+        self.assertEqual(self.dns.queries(OWNER), 1)
+
 
 class CacheTests(SrvTestCase):
     dns_settings = {"min_ttl": 5, "max_ttl": 100, "negative_ttl": 10}
