@@ -30,7 +30,6 @@ them: the registry finds them as plugins.
 from __future__ import annotations
 
 import errno
-import os
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -213,12 +212,12 @@ def unfit_adopted(endpoint: Any) -> str | None:
     """
     from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 
-    from ipcd.activation import unfit
+    from ipcd.activation import socket_copy, unfit
 
     if not isinstance(endpoint, AdoptedStreamServerEndpoint):
         return None
     try:
-        sock = socket.socket(fileno=os.dup(endpoint.fileno))
+        sock = socket_copy(endpoint.fileno)
     except OSError as e:
         return f"not usable (fd {endpoint.fileno}: {e.strerror})"
     with sock:

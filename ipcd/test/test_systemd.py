@@ -40,6 +40,7 @@ from ipcd.test.support import (
     accepts,
     bounce,
     lookup,
+    open_fds,
     python_env,
     read_text,
     short_rundir,
@@ -485,6 +486,28 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
         process, _log = self.activated(
             [tcp, unix], ["tcpd", "ipc"], "systemd:domain=INET:name=tcpd"
         )
+        self.serves_through(process, unix, tcp)
+
+    def test_notASocketPassedOver(self) -> None:
+        """
+        A descriptor that is not a socket (a ListenFIFO=, say) is nobody's
+        RUNDIR socket: passed over, and held once, not once more for each
+        RUNDIR socket looked for among the inherited ones.
+        """
+        read, write = os.pipe()
+        os.close(write)
+        fifo = os.fdopen(read, "rb")
+        self.addCleanup(fifo.close)
+        unix, tcp = self.listening_unix(), self.listening_tcp()
+        process, _log = self.activated(
+            [fifo, unix, tcp],  # type: ignore[list-item]
+            ["fifo", "ipc", "tcpd"],
+            "systemd:domain=INET:name=tcpd",
+        )
+        self.wait_for(self.serving, process, "ipcd to serve")
+        pipe = f"pipe:[{os.fstat(read).st_ino}]"
+        held = [fd for fd, what in open_fds(process.pid).items() if what == pipe]
+        self.assertEqual(held, [3])
         self.serves_through(process, unix, tcp)
 
     def refused(self, socks: list[socket.socket], tcp_listen: str, line: str) -> None:
