@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
@@ -23,7 +24,7 @@ from twisted.trial.unittest import TestCase
 
 from ipcd import control
 from ipcd.control import format_status, status_report
-from ipcd.srvroutes import SrvRoutes
+from ipcd.srvroutes import MAX_REASON, SrvRoutes
 from ipcd.test.dnssupport import (
     DnsServer,
     full_backlog_port,
@@ -248,6 +249,33 @@ class TcpRouteTests(SrvTestCase):
             f"cannot connect to tcpd at localhost:{down[1]}",
         )
         self.assertIn(f"  {OWNER}: last failure: {text[3:]}", self.status())
+
+    @inlineCallbacks
+    def test_targetsReasonsCut(self) -> Any:
+        """
+        What each target says is cut to MAX_REASON characters: targets a
+        zone names cannot make the client's answer, the log line or what
+        status keeps per owner (max_names of them) long.
+        """
+        port = reactor.listenTCP(0, Factory.forProtocol(Verbose), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        verbose = port.getHost().port
+        yield self.startA("".join(srv(i, 0, verbose) for i in range(3)))
+        text = yield self.assertRefused(
+            f"SRV {OWNER}: none of its 3 targets tried answered",
+            f"tcpd at localhost:{verbose} refused 'pong': xxx",
+        )
+        self.assertLess(len(text), 4 * MAX_REASON)
+        last_error = self.a.broker.srv.last_errors[OWNER]
+        self.assertEqual(last_error, text[3:])
+
+
+class Verbose(Protocol):
+    """A tcpd that refuses every service at length (4,000 bytes of reason)."""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's)
+        self.transport.write(b"ne " + b"x" * 4000)
+        self.transport.loseConnection()
 
 
 class AnswerTests(SrvTestCase):
