@@ -29,6 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import make_wsgi_app
 from twisted.internet.endpoints import serverFromString
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from twisted.web.wsgi import WSGIResource
@@ -230,9 +231,23 @@ class _BoundedRequest(Request):
         super().handleContentChunk(data)
 
 
-class _QuietSite(Site):
-    """A Site that logs no line per request (Prometheus scrapes often)."""
+class _QuietChannel(HTTPChannel):
+    """An HTTP connection that times out without a log line."""
 
+    def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin's hook)
+        # twisted.web's says a line per connection, two if the peer does not
+        # go: a peer's doing, as many as it likes.  After IDLE_TIMEOUT with
+        # no request, nothing is pending worth a graceful close.
+        self.transport.abortConnection()
+
+
+class _QuietSite(Site):
+    """
+    A Site that logs no line per request (Prometheus scrapes often), nor
+    per idle connection it closes.
+    """
+
+    protocol = _QuietChannel
     requestFactory = _BoundedRequest
     noisy = False
 

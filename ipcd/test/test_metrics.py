@@ -18,9 +18,12 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ipcd import metricsweb
 from ipcd.config import ConfigError, load_config
 from ipcd.control import config_summary
 from ipcd.limits import RateLimitedObserver
@@ -273,6 +276,37 @@ def _send_and_read(sock: socket.socket, data: bytes) -> bytes:
     except OSError:
         pass
     return recv_eof(sock)
+
+
+class IdleTests(TestCase):
+    @inlineCallbacks
+    def test_idleConnectionsClosedSilently(self) -> Any:
+        """
+        A connection idle for IDLE_TIMEOUT is closed, and costs no log line
+        (twisted.web's own says one per connection: a peer could make ipcd
+        write them without bound, MAX_CONNECTIONS at a time).
+        """
+        self.patch(metricsweb, "IDLE_TIMEOUT", 0.1)
+        rundir = short_rundir(self, "ipcd-metrics-")
+        config = make_config(rundir, metrics={"listen": LOOPBACK})
+        service = yield start_ipcd(self, config)
+        metrics = yield listening_port(service, "metrics")
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+        def idle(count: int) -> list[bytes]:
+            ends = []
+            for _ in range(count):
+                address = ("127.0.0.1", metrics.getHost().port)
+                with socket.create_connection(address, TIMEOUT) as sock:
+                    sock.settimeout(TIMEOUT)
+                    ends.append(recv_eof(sock))
+            return ends
+
+        ends = yield deferToThread(idle, 10)
+        self.assertEqual(ends, [b""] * 10)
+        limits = service.getServiceNamed("metrics").factory.limits
+        yield wait_until(lambda: limits.total == 0, "the connections to end")
+        self.assertEqual([formatEvent(e) for e in logged], [])
 
 
 class TlsHandshakeTests(TestCase):
