@@ -232,7 +232,18 @@ class _BoundedRequest(Request):
 
 
 class _QuietChannel(HTTPChannel):
-    """An HTTP connection that times out without a log line."""
+    """
+    An HTTP connection that serves one request, then closes, and times
+    out without a log line.
+    """
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:  # noqa: N802 (Twisted's)
+        # Kept alive, a connection's requests sent back to back would each
+        # be answered into its buffer whether or not the peer reads (the
+        # WSGI response has no back-pressure): megabytes for a few KiB
+        # sent.  One response per connection bounds it; a scrape opens one.
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        return False
 
     def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin's hook)
         # twisted.web's says a line per connection, two if the peer does not

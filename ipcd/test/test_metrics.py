@@ -268,6 +268,22 @@ class ScrapeTests(TestCase):
         answer = yield deferToThread(_send_and_read, body, head + b"x" * size)
         self.assertEqual(answer, b"")
 
+    @inlineCallbacks
+    def test_oneResponsePerConnection(self) -> Any:
+        """
+        A connection gets one response and is closed: a peer that sends
+        requests back to back (pipelined) and reads none cannot make ipcd
+        hold a response for each (megabytes for a few KiB sent).
+        """
+        sock = socket.create_connection(("127.0.0.1", self.port), TIMEOUT)
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 200
+        answer = yield deferToThread(_send_and_read, sock, requests)
+        self.assertEqual(answer.count(b"HTTP/1.1 200 OK\r\n"), 1)
+        self.assertIn(b"\r\nConnection: close\r\n", answer)
+        self.assertIn(b"ipcd_lookups_total", answer)
+
 
 def _send_and_read(sock: socket.socket, data: bytes) -> bytes:
     """Send C{data} (as much as goes), then read what comes until EOF."""
