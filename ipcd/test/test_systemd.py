@@ -391,6 +391,22 @@ class NotifierTests(SynchronousTestCase):
         self.assertEqual(notifier.address, "/run/systemd/notify")  # type: ignore[union-attr]
         self.assertIsNone(Notifier.from_environment(environ))
 
+    def test_pathNotUtf8(self) -> None:
+        """
+        A STATUS naming a path that is not UTF-8 (RUNDIR as bytes from the
+        command line) is sent as those bytes, not an exception that would
+        keep READY=1 from being sent.
+        """
+        path = os.path.join(short_rundir(self, "ipcd-sdn-"), "notify")
+        manager = Manager(self, path)
+        notifier = Notifier(path)
+        self.addCleanup(notifier.close)
+        rundir = os.fsdecode(b"/run/\xff")
+        self.assertTrue(notifier.send(READY="1", STATUS=f"ready: ipcd {rundir}/ipc"))
+        self.assertEqual(
+            manager.socket.recv(4096), b"READY=1\nSTATUS=ready: ipcd /run/\xff/ipc\n"
+        )
+
     def test_addresses(self) -> None:
         self.assertEqual(notify_address("@x/y"), b"\0x/y")
         self.assertEqual(notify_address("/run/n"), "/run/n")
