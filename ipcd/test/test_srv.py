@@ -53,6 +53,11 @@ class SyntaxTests(SynchronousTestCase):
         uri = parse_uri("tls://_ipc._tcp.bücher.example/pong")
         self.assertEqual(uri.host, "_ipc._tcp.xn--bcher-kva.example")
 
+    def test_ownerInLowerCase(self) -> None:
+        """An owner has one spelling for rules: DNS names in any case are one."""
+        uri = parse_uri("tcp://_IPC._Tcp.Example.ORG/Pong")
+        self.assertEqual((uri.host, uri.service), ("_ipc._tcp.example.org", "Pong"))
+
     def assertBad(self, text: str, *words: str) -> None:
         with self.assertRaises(RouteError) as caught:
             parse_uri(text)
