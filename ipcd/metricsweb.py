@@ -35,7 +35,7 @@ from twisted.web.server import Request, Site
 from twisted.web.wsgi import WSGIResource
 
 from ipcd.config import Config
-from ipcd.daemons import StartupError
+from ipcd.daemons import StartupError, refuse_unfit_adopted
 from ipcd.limits import (
     ConnectionLimits,
     LimitedEndpoint,
@@ -48,6 +48,8 @@ from ipcd.wire import LOG_LINES_DROPPED
 
 # The listener's name (in the "ipcd: ready" line, and its limits').
 NAME = "metrics"
+# The way out when it cannot listen.
+HINT = "use --metrics ENDPOINT with another port, or leave --metrics off"
 # What one listener serves at once (scrapers are few), and per address.
 MAX_CONNECTIONS = 16
 MAX_CONNECTIONS_PER_PEER = 4
@@ -270,7 +272,7 @@ class MetricsListener(EndpointListener):
     """The metrics' listener; what to do when it cannot listen (L{hint})."""
 
     def hint(self, error: Exception) -> str:
-        return "use --metrics ENDPOINT with another port, or leave --metrics off"
+        return HINT
 
 
 def metrics_site(reactor: Any, registry: CollectorRegistry) -> Site:
@@ -291,9 +293,15 @@ def metrics_listener(
     The listener on C{description} (an endpoint string) serving
     C{registry}, under limits of its own (L{MAX_CONNECTIONS}, per address
     prefix L{MAX_CONNECTIONS_PER_PEER}); a C{ValueError} when Twisted cannot
-    make that endpoint.
+    make that endpoint, L{StartupError} when it is a C{systemd:} socket
+    unfit to listen on (a datagram socket, say).
     """
     endpoint = serverFromString(reactor, description)
+    refuse_unfit_adopted(
+        endpoint,
+        f"the metrics listener {description!r}",
+        HINT,
+    )
     limits = ConnectionLimits(
         NAME, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, reactor, counters
     )
@@ -334,6 +342,8 @@ def serve_metrics(
             counters,
             (config.peer_prefix_ipv4, config.peer_prefix_ipv6),
         )
+    except StartupError:
+        raise
     except Exception as e:
         reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise StartupError(

@@ -526,9 +526,19 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
         self.assertEqual(held, [3])
         self.serves_through(process, unix, tcp)
 
-    def refused(self, socks: list[socket.socket], tcp_listen: str, line: str) -> None:
-        """ipcd started with C{socks} exits 1 with one line containing C{line}."""
-        process, _log = self.activated(socks, ["ipcd.socket"] * len(socks), tcp_listen)
+    def refused(
+        self,
+        socks: list[socket.socket],
+        tcp_listen: str,
+        line: str,
+        after: tuple[str, ...] = (),
+    ) -> None:
+        """
+        ipcd started with C{socks} (and options C{after}) exits 1 with one
+        line containing C{line}.
+        """
+        names = ["ipcd.socket"] * len(socks)
+        process, _log = self.activated(socks, names, tcp_listen, after)
         code, output = self.exited(process)
         self.assertEqual(code, 1, output)
         self.assertIn(line, output)
@@ -583,6 +593,16 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
             "systemd:domain=INET:index=0",
             "ipcd: cannot make tcpd's listener 'systemd:domain=INET:index=0': "
             "the inherited socket is not a stream socket (SOCK_DGRAM)",
+        )
+
+    def test_metricsNotStream(self) -> None:
+        """--metrics systemd:... naming a datagram socket: refused, as tcpd's."""
+        self.refused(
+            [self.listening_tcp(socket.SOCK_DGRAM)],
+            "tcp:0:interface=127.0.0.1",
+            "ipcd: cannot make the metrics listener 'systemd:domain=INET:index=0': "
+            "the inherited socket is not a stream socket (SOCK_DGRAM)",
+            ("--metrics", "systemd:domain=INET:index=0"),
         )
 
     def test_anotherProcessesSockets(self) -> None:
