@@ -8,9 +8,11 @@ prometheus_client's WSGI application in a twisted.web L{Site}.
 
 prometheus_client's C{MetricsResource} is that application in a
 C{WSGIResource} on the global reactor, imported with it; here it is the
-same on the reactor ipcd is given.  The exposition runs in that reactor's
-thread pool (as C{MetricsResource}'s does): the collector reads copies of
-what the reactor's thread counts.
+same on the reactor ipcd is given.  The exposition runs in a thread of the
+listener's own (C{MetricsResource}'s runs in the reactor's thread pool,
+where ipcd's routes have their host names looked up: scrapes, however
+many, must not hold those up); the collector reads copies of what the
+reactor's thread counts.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import make_wsgi_app
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.python.threadpool import ThreadPool
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -269,16 +273,49 @@ class _QuietSite(Site):
 
 
 class MetricsListener(EndpointListener):
-    """The metrics' listener; what to do when it cannot listen (L{hint})."""
+    """
+    The metrics' listener, and the thread C{pool} its scrapes run in
+    (running while it runs); what to do when it cannot listen (L{hint}).
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, pool: ThreadPool) -> None:
+        super().__init__(endpoint, factory)
+        self.pool = pool
 
     def hint(self, error: Exception) -> str:
         return HINT
 
+    def privilegedStartService(self) -> None:  # noqa: N802 (Twisted's name)
+        self._start_pool()  # before it listens: a scrape may come at once
+        super().privilegedStartService()
 
-def metrics_site(reactor: Any, registry: CollectorRegistry) -> Site:
+    def startService(self) -> None:  # noqa: N802 (Twisted's name)
+        self._start_pool()
+        super().startService()
+
+    def _start_pool(self) -> None:
+        if not self.pool.started:
+            self.pool.start()
+
+    def stopService(self) -> Deferred[None] | None:  # noqa: N802 (Twisted's name)
+        stopped = super().stopService()
+        self.pool.stop()  # joins the thread: a scrape takes a millisecond
+        return stopped
+
+
+def scrape_pool() -> ThreadPool:
+    """
+    The thread scrapes run in: one (a scrape takes a millisecond or so), of
+    their own, so that they queue behind each other, never before the work
+    of the reactor's pool (host names looked up for routes).
+    """
+    return ThreadPool(minthreads=0, maxthreads=1, name="ipcd-metrics")
+
+
+def metrics_site(reactor: Any, registry: CollectorRegistry, pool: ThreadPool) -> Site:
     """prometheus_client's application for C{registry} at every path."""
     app = make_wsgi_app(registry)
-    resource: Resource = WSGIResource(reactor, reactor.getThreadPool(), app)
+    resource: Resource = WSGIResource(reactor, pool, app)
     return _QuietSite(resource, timeout=IDLE_TIMEOUT, reactor=reactor)
 
 
@@ -306,12 +343,13 @@ def metrics_listener(
         NAME, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, reactor, counters
     )
     ipv4, ipv6 = peer_prefixes
+    pool = scrape_pool()
     factory = LimitedFactory(
-        metrics_site(reactor, registry),
+        metrics_site(reactor, registry, pool),
         limits,
         peer_key=lambda transport: network_peer_key(transport.getPeer(), ipv4, ipv6),
     )
-    listener = MetricsListener(LimitedEndpoint(endpoint, limits), factory)
+    listener = MetricsListener(LimitedEndpoint(endpoint, limits), factory, pool)
     listener.setName(NAME)
     return listener
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import REGISTRY
@@ -323,6 +325,77 @@ class IdleTests(TestCase):
         limits = service.getServiceNamed("metrics").factory.limits
         yield wait_until(lambda: limits.total == 0, "the connections to end")
         self.assertEqual([formatEvent(e) for e in logged], [])
+
+
+class Blocking:
+    """A collector whose collect waits (bounded) until C{release} is set."""
+
+    def __init__(self) -> None:
+        self.entered = 0
+        self.release = threading.Event()
+
+    def collect(self) -> Any:
+        self.entered += 1
+        self.release.wait(6 * TIMEOUT)
+        return iter(())
+
+
+def _in_thread(work: Callable[[], Any]) -> list[Any]:
+    """Run C{work} in a thread of its own (not the reactor's pool): its result."""
+    done: list[Any] = []
+    threading.Thread(target=lambda: done.append(work()), daemon=True).start()
+    return done
+
+
+def _scrape_from(address: str, port: int) -> bytes:
+    with socket.socket() as sock:
+        sock.settimeout(6 * TIMEOUT)
+        sock.bind((address, 0))
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        return recv_eof(sock)
+
+
+class ThreadTests(TestCase):
+    @inlineCallbacks
+    def test_scrapesCannotHoldUpNameLookups(self) -> Any:
+        """
+        Scrapes run in a thread of the metrics' own: however many are under
+        way (here 12, from three addresses, each stuck in a collector), a
+        lookup whose route names a host still has it looked up (the
+        reactor's thread pool, where names are looked up, is free).
+        """
+        rundir = short_rundir(self, "ipcd-metrics-")
+        config = make_config(
+            rundir,
+            metrics={"listen": LOOPBACK},
+            tcpd={"enabled": True, "listen": LOOPBACK},
+            rules=["allow in pong"],
+        )
+        service = yield start_ipcd(self, config)
+        tcpd = yield listening_port(service, "tcpd")
+        metrics = yield listening_port(service, "metrics")
+        blocking = Blocking()
+        service.metrics_registry.register(blocking)
+        self.addCleanup(blocking.release.set)
+        port = metrics.getHost().port
+        scrapes = [
+            _in_thread(lambda a=address: _scrape_from(a, port))
+            for address in ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+            for _ in range(MAX_CONNECTIONS_PER_PEER)
+        ]
+        limits = service.getServiceNamed("metrics").factory.limits
+        yield wait_until(lambda: limits.total == len(scrapes), "every scrape")
+        yield wait_until(lambda: blocking.entered, "a scrape in the collector")
+        route = f"tcp://localhost:{tcpd.getHost().port}/pong"
+        looked_up = _in_thread(lambda: lookup(rundir, f"pong;pong {route}".encode()))
+        yield wait_until(lambda: looked_up, "the lookup", timeout=3 * TIMEOUT)
+        reply = looked_up[0]
+        for sock in reply.fds:
+            os.close(sock)
+        self.assertEqual(reply.first, b"ok", reply.data)
+        blocking.release.set()
+        yield wait_until(lambda: all(scrapes), "the scrapes to end", 3 * TIMEOUT)
 
 
 class TlsHandshakeTests(TestCase):
