@@ -47,6 +47,20 @@ def _same_path(bound: Any, path: str) -> bool:
     return os.path.realpath(bound) == os.path.realpath(path)
 
 
+def socket_copy(fd: int) -> socket.socket:
+    """
+    A socket on a duplicate of C{fd}, to look at (close it after); OSError
+    when C{fd} is not open or not a socket, and then no duplicate is left
+    open (C{socket.socket(fileno=...)} does not close one it refuses).
+    """
+    copy = os.dup(fd)
+    try:
+        return socket.socket(fileno=copy)
+    except BaseException:
+        os.close(copy)
+        raise
+
+
 def unfit(sock: socket.socket, family: int) -> str | None:
     """Why C{sock} cannot be listened on as a C{family} stream, or None."""
     kind = "UNIX" if family == socket.AF_UNIX else socket.AddressFamily(family).name
@@ -118,7 +132,7 @@ class InheritedSockets:
             if fd in self._taken:
                 continue
             try:
-                sock = socket.socket(fileno=os.dup(fd))
+                sock = socket_copy(fd)
             except OSError:
                 continue  # not a socket: nobody's RUNDIR/NAME
             with sock:

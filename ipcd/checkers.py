@@ -85,10 +85,16 @@ def metrics_endpoint(value: Any) -> str:
     if isinstance(value, str) and re.fullmatch(r"(tcp:)?[0-9]+", value):
         value = f"tcp:{value.removeprefix('tcp:')}:interface=127.0.0.1"
     value = endpoint(value)
-    if compat_twisted.endpoint_type(value) == "unix":
-        # twisted.web's WSGI wants a network peer's address.
+    kind = compat_twisted.endpoint_type(value)
+    if kind == "unix" or (kind == "systemd" and _UNIX_DOMAIN.search(value)):
+        # twisted.web's WSGI wants a network peer's address: from a UNIX
+        # one, every request fails (500, and a traceback logged).
         raise Invalid(f"{value!r}: metrics are served over TCP, not a UNIX socket")
     return value
+
+
+# A systemd: endpoint string's argument for a UNIX socket.
+_UNIX_DOMAIN = re.compile(r":domain=unix(?::|$)", re.IGNORECASE)
 
 
 def _server_endpoint_types() -> list[str]:

@@ -54,6 +54,20 @@ def config_summary(config: Config) -> dict[str, Any]:
         "grants": [str(grant) for grant in config.grants],
         "external_daemons": list(config.external_daemons),
         "pongd": config.pongd,
+        "metrics": config.metrics,
+        "dns": {
+            # As [dns] servers writes them; none: /etc/resolv.conf's.
+            "servers": [
+                f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+                for address, port in config.dns_servers
+            ],
+            "target_timeout": config.dns_target_timeout,
+            "max_targets": config.dns_max_targets,
+            "min_ttl": config.dns_min_ttl,
+            "max_ttl": config.dns_max_ttl,
+            "negative_ttl": config.dns_negative_ttl,
+            "max_names": config.dns_max_names,
+        },
     }
     for daemon in config.registry.values():
         summary.update(daemon.status(settings_of(config, daemon)))

@@ -8,9 +8,11 @@ prometheus_client's WSGI application in a twisted.web L{Site}.
 
 prometheus_client's C{MetricsResource} is that application in a
 C{WSGIResource} on the global reactor, imported with it; here it is the
-same on the reactor ipcd is given.  The exposition runs in that reactor's
-thread pool (as C{MetricsResource}'s does): the collector reads copies of
-what the reactor's thread counts.
+same on the reactor ipcd is given.  The exposition runs in a thread of the
+listener's own (C{MetricsResource}'s runs in the reactor's thread pool,
+where ipcd's routes have their host names looked up: scrapes, however
+many, must not hold those up); the collector reads copies of what the
+reactor's thread counts.
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import make_wsgi_app
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.python.threadpool import ThreadPool
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from twisted.web.wsgi import WSGIResource
 
 from ipcd.config import Config
-from ipcd.daemons import StartupError
+from ipcd.daemons import StartupError, refuse_unfit_adopted
 from ipcd.limits import (
     ConnectionLimits,
     LimitedEndpoint,
@@ -47,6 +52,8 @@ from ipcd.wire import LOG_LINES_DROPPED
 
 # The listener's name (in the "ipcd: ready" line, and its limits').
 NAME = "metrics"
+# The way out when it cannot listen.
+HINT = "use --metrics ENDPOINT with another port, or leave --metrics off"
 # What one listener serves at once (scrapers are few), and per address.
 MAX_CONNECTIONS = 16
 MAX_CONNECTIONS_PER_PEER = 4
@@ -230,9 +237,34 @@ class _BoundedRequest(Request):
         super().handleContentChunk(data)
 
 
-class _QuietSite(Site):
-    """A Site that logs no line per request (Prometheus scrapes often)."""
+class _QuietChannel(HTTPChannel):
+    """
+    An HTTP connection that serves one request, then closes, and times
+    out without a log line.
+    """
 
+    def checkPersistence(self, request: Any, version: bytes) -> bool:  # noqa: N802 (Twisted's)
+        # Kept alive, a connection's requests sent back to back would each
+        # be answered into its buffer whether or not the peer reads (the
+        # WSGI response has no back-pressure): megabytes for a few KiB
+        # sent.  One response per connection bounds it; a scrape opens one.
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        return False
+
+    def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin's hook)
+        # twisted.web's says a line per connection, two if the peer does not
+        # go: a peer's doing, as many as it likes.  After IDLE_TIMEOUT with
+        # no request, nothing is pending worth a graceful close.
+        self.transport.abortConnection()
+
+
+class _QuietSite(Site):
+    """
+    A Site that logs no line per request (Prometheus scrapes often), nor
+    per idle connection it closes.
+    """
+
+    protocol = _QuietChannel
     requestFactory = _BoundedRequest
     noisy = False
 
@@ -241,16 +273,49 @@ class _QuietSite(Site):
 
 
 class MetricsListener(EndpointListener):
-    """The metrics' listener; what to do when it cannot listen (L{hint})."""
+    """
+    The metrics' listener, and the thread C{pool} its scrapes run in
+    (running while it runs); what to do when it cannot listen (L{hint}).
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, pool: ThreadPool) -> None:
+        super().__init__(endpoint, factory)
+        self.pool = pool
 
     def hint(self, error: Exception) -> str:
-        return "use --metrics ENDPOINT with another port, or leave --metrics off"
+        return HINT
+
+    def privilegedStartService(self) -> None:  # noqa: N802 (Twisted's name)
+        self._start_pool()  # before it listens: a scrape may come at once
+        super().privilegedStartService()
+
+    def startService(self) -> None:  # noqa: N802 (Twisted's name)
+        self._start_pool()
+        super().startService()
+
+    def _start_pool(self) -> None:
+        if not self.pool.started:
+            self.pool.start()
+
+    def stopService(self) -> Deferred[None] | None:  # noqa: N802 (Twisted's name)
+        stopped = super().stopService()
+        self.pool.stop()  # joins the thread: a scrape takes a millisecond
+        return stopped
 
 
-def metrics_site(reactor: Any, registry: CollectorRegistry) -> Site:
+def scrape_pool() -> ThreadPool:
+    """
+    The thread scrapes run in: one (a scrape takes a millisecond or so), of
+    their own, so that they queue behind each other, never before the work
+    of the reactor's pool (host names looked up for routes).
+    """
+    return ThreadPool(minthreads=0, maxthreads=1, name="ipcd-metrics")
+
+
+def metrics_site(reactor: Any, registry: CollectorRegistry, pool: ThreadPool) -> Site:
     """prometheus_client's application for C{registry} at every path."""
     app = make_wsgi_app(registry)
-    resource: Resource = WSGIResource(reactor, reactor.getThreadPool(), app)
+    resource: Resource = WSGIResource(reactor, pool, app)
     return _QuietSite(resource, timeout=IDLE_TIMEOUT, reactor=reactor)
 
 
@@ -265,19 +330,26 @@ def metrics_listener(
     The listener on C{description} (an endpoint string) serving
     C{registry}, under limits of its own (L{MAX_CONNECTIONS}, per address
     prefix L{MAX_CONNECTIONS_PER_PEER}); a C{ValueError} when Twisted cannot
-    make that endpoint.
+    make that endpoint, L{StartupError} when it is a C{systemd:} socket
+    unfit to listen on (a datagram socket, say).
     """
     endpoint = serverFromString(reactor, description)
+    refuse_unfit_adopted(
+        endpoint,
+        f"the metrics listener {description!r}",
+        HINT,
+    )
     limits = ConnectionLimits(
         NAME, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, reactor, counters
     )
     ipv4, ipv6 = peer_prefixes
+    pool = scrape_pool()
     factory = LimitedFactory(
-        metrics_site(reactor, registry),
+        metrics_site(reactor, registry, pool),
         limits,
         peer_key=lambda transport: network_peer_key(transport.getPeer(), ipv4, ipv6),
     )
-    listener = MetricsListener(LimitedEndpoint(endpoint, limits), factory)
+    listener = MetricsListener(LimitedEndpoint(endpoint, limits), factory, pool)
     listener.setName(NAME)
     return listener
 
@@ -308,6 +380,8 @@ def serve_metrics(
             counters,
             (config.peer_prefix_ipv4, config.peer_prefix_ipv6),
         )
+    except StartupError:
+        raise
     except Exception as e:
         reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise StartupError(

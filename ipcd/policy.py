@@ -86,6 +86,10 @@ def parse_rule(text: str, action: str | None = None) -> Rule:
         )
     pattern = peer[0] if peer else "*"
     _check_peer_pattern(pattern, text)
+    if pattern[:5].lower() == "host:":
+        # Host names are in lower case (ipcd.routes.check_host), whatever
+        # case a route or a zone writes them in: so is the pattern.
+        pattern = pattern.lower()
     return Rule(act, direction, service, pattern)
 
 

@@ -116,8 +116,9 @@ def check_host(host: str) -> str:
     C{-} (not first or last), where a C{xn--} label must be valid IDNA.  A
     name with non-ASCII letters is converted to IDNA (Python's C{idna}
     codec, as the resolver call would) and must then fit the same rules;
-    its ASCII form is returned, so that one name has one spelling for
-    rules and logs.  Raises L{ValueError} saying what is wrong.
+    its ASCII form is returned, in lower case (DNS names are the same in
+    any case), so that one name has one spelling for rules and logs.
+    Raises L{ValueError} saying what is wrong.
     """
     if not host.isprintable():
         raise ValueError("control characters are not allowed")
@@ -157,7 +158,7 @@ def check_host(host: str) -> str:
                 label.lower().encode("ascii").decode("idna")
             except UnicodeError:
                 raise ValueError(f"label {_show(label)} is not valid IDNA") from None
-    return name
+    return name.lower()
 
 
 # An SRV owner's service label (RFC 6335 5.1): 1 to 15 letters, digits and
@@ -181,7 +182,7 @@ def check_srv_owner(owner: str, scheme: str) -> str:
     C{_udp} (the one the scheme rides on: C{_udp} for C{udp://}, C{_tcp}
     for C{tcp}, C{tls}, C{ws}, C{wss}), and DOMAIN a host name as
     L{check_host} takes it.  Returns the owner with DOMAIN in its ASCII
-    form; raises L{ValueError} saying what is wrong.
+    form, all in lower case; raises L{ValueError} saying what is wrong.
     """
     service, _, rest = owner.partition(".")
     proto, _, domain = rest.partition(".")
@@ -200,7 +201,7 @@ def check_srv_owner(owner: str, scheme: str) -> str:
         )
     if not domain:
         raise ValueError("an SRV owner needs a domain after _SERVICE._PROTO.")
-    name = f"{service}.{proto}.{check_host(domain)}"
+    name = f"{service}.{proto}.{check_host(domain)}".lower()
     if len(name) > MAX_HOST_NAME:
         raise ValueError(
             f"an SRV owner has at most {MAX_HOST_NAME} characters, not {len(name)}"
@@ -229,7 +230,8 @@ def parse_uri(text: str) -> URI:
     try:
         if host is not None:
             try:
-                ipaddress.IPv6Address(host)
+                # One spelling of an address for rules (host:2001:db8::1).
+                host = str(ipaddress.IPv6Address(host))
             except ValueError as e:
                 raise ValueError(f"not a valid IPv6 address ({e})") from None
         elif match.group("host").startswith("_"):

@@ -73,7 +73,10 @@ class Notifier:
         """
         message = "".join(f"{key}={value}\n" for key, value in state.items())
         try:
-            self._socket.sendto(message.encode(), self.address)
+            # A path from the command line may be bytes that are not UTF-8
+            # (surrogate escapes): sent as they came.
+            data = message.encode("utf-8", "surrogateescape")
+            self._socket.sendto(data, self.address)
         except OSError as e:
             if not self._failed:
                 self._failed = True

@@ -54,21 +54,25 @@ def records_of(
     priorities first and at most L{MAX_RECORDS} of them, and the smallest TTL
     among them.  A target must be a valid host name (as a literal route's:
     L{check_host}), and its port not 0; others are left out.  Raises
-    L{Unavailable} when none is left: no SRV records, the target C{.}
-    (RFC 2782: the service is decidedly not available), or only bad
-    targets.
+    L{Unavailable} when none is left: the owner is an alias (a CNAME,
+    not followed), no SRV records, the target C{.} (RFC 2782: the service
+    is decidedly not available), or only bad targets.
     """
     wanted = owner.lower().rstrip(".").encode("ascii")
     kept: list[SrvRecord] = []
     bad: list[str] = []
     decidedly_not = False
+    alias: str | None = None
     ttl: int | None = None
     for header in answers:
-        if header.type != dns.SRV or header.name.name.lower().rstrip(b".") != wanted:
+        if header.name.name.lower().rstrip(b".") != wanted:
+            continue
+        if header.type == dns.CNAME:
+            alias = _shown(header.payload.name.name)
+        if header.type != dns.SRV:
             continue
         srv = header.payload
-        # Names in DNS are bytes: a hostile zone's need not be ASCII.
-        target = srv.target.name.rstrip(b".").decode("ascii", "replace")
+        target = _text(srv.target.name)
         if not target:
             decidedly_not = True
             continue
@@ -82,6 +86,12 @@ def records_of(
             continue
         kept.append(SrvRecord(srv.priority, srv.weight, srv.port, target))
         ttl = header.ttl if ttl is None else min(ttl, header.ttl)
+    if not kept and alias is not None:
+        # SRV records are asked for at the owner; an alias's are not used.
+        raise Unavailable(
+            f"an alias (CNAME) of {alias}, not followed: name the SRV owner "
+            "itself in the route"
+        )
     if not kept:
         if bad:
             raise Unavailable(f"no valid target (not host names: {', '.join(bad)})")
@@ -91,6 +101,16 @@ def records_of(
     kept.sort(key=lambda r: r.priority)
     assert ttl is not None
     return kept[:MAX_RECORDS], ttl
+
+
+def _text(name: bytes) -> str:
+    """A name from DNS as text: a hostile zone's need not be ASCII."""
+    return name.rstrip(b".").decode("ascii", "replace")
+
+
+def _shown(name: bytes) -> str:
+    """A name from DNS, quoted (escaped) and cut, for a message."""
+    return repr(_text(name)[:64])
 
 
 def order(

@@ -37,6 +37,8 @@ RESOLV_CONF = "/etc/resolv.conf"
 QUERY_TIMEOUTS = (1, 3)
 # A failed attempt names at most this many targets' reasons.
 MAX_REASONS = 3
+# Each cut to this many characters: a target's refusal is its own text.
+MAX_REASON = 200
 
 Dial = Callable[[RemoteTarget], Deferred[socket.socket]]
 
@@ -155,7 +157,10 @@ class SrvRoutes:
                     f"connecting to {one}",
                 )
             except Refused as e:
-                reasons.append(e.reason)
+                reason = e.reason
+                if len(reason) > MAX_REASON:
+                    reason = reason[: MAX_REASON - 1] + "\N{HORIZONTAL ELLIPSIS}"
+                reasons.append(reason)
                 continue
             self.last_errors.pop(owner.lower(), None)
             return sock

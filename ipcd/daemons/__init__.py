@@ -30,7 +30,6 @@ them: the registry finds them as plugins.
 from __future__ import annotations
 
 import errno
-import os
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -196,12 +195,23 @@ def check_listener(reactor: IHostReactor, daemon: IProtocolDaemon, listen: str) 
             f"cannot make {daemon.section}'s listener {listen!r}: {reason} "
             f"({daemon.hint(e)})"
         ) from None
+    refuse_unfit_adopted(
+        endpoint,
+        f"{daemon.section}'s listener {listen!r}",
+        daemon.hint(ValueError()),
+    )
+
+
+def refuse_unfit_adopted(endpoint: Any, what: str, hint: str) -> None:
+    """
+    Raise L{StartupError} (one line: C{what} cannot be made, and C{hint})
+    when C{endpoint} adopts a socket unfit to listen on (L{unfit_adopted}).
+    """
     why = unfit_adopted(endpoint)
     if why is not None:
         raise StartupError(
-            f"cannot make {daemon.section}'s listener {listen!r}: the inherited "
-            f"socket is {why} (give it a listening stream socket: ListenStream= "
-            f"in the socket unit; {daemon.hint(ValueError())})"
+            f"cannot make {what}: the inherited socket is {why} (give it a "
+            f"listening stream socket: ListenStream= in the socket unit; {hint})"
         )
 
 
@@ -213,12 +223,12 @@ def unfit_adopted(endpoint: Any) -> str | None:
     """
     from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 
-    from ipcd.activation import unfit
+    from ipcd.activation import socket_copy, unfit
 
     if not isinstance(endpoint, AdoptedStreamServerEndpoint):
         return None
     try:
-        sock = socket.socket(fileno=os.dup(endpoint.fileno))
+        sock = socket_copy(endpoint.fileno)
     except OSError as e:
         return f"not usable (fd {endpoint.fileno}: {e.strerror})"
     with sock:

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +106,35 @@ def logged_lines(case: SynchronousTestCase) -> list[str]:
     globalLogPublisher.addObserver(observe)
     case.addCleanup(globalLogPublisher.removeObserver, observe)
     return lines
+
+
+@inlineCallbacks
+def wait_rate_limited(
+    counters: Mapping[str, int],
+    counter: str,
+    events: Iterable[dict[str, Any]],
+    text: str,
+    count: int,
+    timeout: float = TIMEOUT,
+) -> Any:
+    """
+    Wait until C{counter} is C{count} and a rate-limited log accounts for
+    as many lines containing C{text} among C{events}: each one logged, and
+    each summary's count of those it left out (a summary at the end of a
+    period repeats the last, not counted); it comes within C{timeout}.
+    """
+
+    def accounted() -> int:
+        total = 0
+        for event in events:
+            line = formatEvent(event)
+            if text in line:
+                last = "; the last: " in line
+                total += event.get("ipcd_dropped", 0) + (0 if last else 1)
+        return total
+
+    yield wait_until(lambda: counters[counter] == count, f"{count} {counter}")
+    yield wait_until(lambda: accounted() == count, "the summary line", timeout)
 
 
 # File descriptors.

@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
@@ -23,7 +24,7 @@ from twisted.trial.unittest import TestCase
 
 from ipcd import control
 from ipcd.control import format_status, status_report
-from ipcd.srvroutes import SrvRoutes
+from ipcd.srvroutes import MAX_REASON, SrvRoutes
 from ipcd.test.dnssupport import (
     DnsServer,
     full_backlog_port,
@@ -249,6 +250,33 @@ class TcpRouteTests(SrvTestCase):
         )
         self.assertIn(f"  {OWNER}: last failure: {text[3:]}", self.status())
 
+    @inlineCallbacks
+    def test_targetsReasonsCut(self) -> Any:
+        """
+        What each target says is cut to MAX_REASON characters: targets a
+        zone names cannot make the client's answer, the log line or what
+        status keeps per owner (max_names of them) long.
+        """
+        port = reactor.listenTCP(0, Factory.forProtocol(Verbose), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        verbose = port.getHost().port
+        yield self.startA("".join(srv(i, 0, verbose) for i in range(3)))
+        text = yield self.assertRefused(
+            f"SRV {OWNER}: none of its 3 targets tried answered",
+            f"tcpd at localhost:{verbose} refused 'pong': xxx",
+        )
+        self.assertLess(len(text), 4 * MAX_REASON)
+        last_error = self.a.broker.srv.last_errors[OWNER]
+        self.assertEqual(last_error, text[3:])
+
+
+class Verbose(Protocol):
+    """A tcpd that refuses every service at length (4,000 bytes of reason)."""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's)
+        self.transport.write(b"ne " + b"x" * 4000)
+        self.transport.loseConnection()
+
 
 class AnswerTests(SrvTestCase):
     @inlineCallbacks
@@ -278,6 +306,22 @@ class AnswerTests(SrvTestCase):
             self.a.broker.config, dns_servers=(("127.0.0.1", port),)
         )
         yield self.assertRefused(f"SRV {OWNER}: no answer from DNS (timed out)")
+
+    @inlineCallbacks
+    def test_aliasAtTheOwner(self) -> Any:
+        """
+        An owner that is an alias (CNAME) is said to be one, with what it
+        points at; ipcd asks for SRV records at the owner itself and does
+        not follow it (the answer may hold the alias's records: unused).
+        """
+        yield self.startA(
+            "_ipc._tcp IN CNAME _pong._tcp.example.test.\n"
+            "_pong._tcp IN SRV 0 0 9 localhost.\n"
+        )
+        yield self.assertRefused(
+            f"SRV {OWNER}: an alias (CNAME) of '_pong._tcp.example.test', "
+            "not followed: name the SRV owner itself in the route"
+        )
 
     @inlineCallbacks
     def test_invalidTargetRefused(self) -> Any:
@@ -325,6 +369,32 @@ class PolicyTests(SrvTestCase):
         yield self.assertRefused(
             "denied by rule 1", route=f"tcp://localhost:{b1.port}/pong"
         )
+
+    @inlineCallbacks
+    def test_targetNamesInAnyCase(self) -> Any:
+        """
+        DNS names are the same in any case: a zone's C{LOCALHOST} is the
+        C{host:localhost} a rule denies, and so is a client's own spelling
+        of a host or an owner.
+        """
+        b1 = yield start_host(self, rules=["allow in pong"])
+        b2 = yield start_host(self, rules=["allow in pong"])
+        rules = ["deny out pong host:localhost", f"deny out pong host:{OWNER}"]
+        yield self.startA(
+            srv(10, 0, b1.port, "LocalHost.") + srv(20, 0, b2.port, "127.0.0.1."),
+            rules=rules[:1],
+        )
+        yield self.assertReaches(b2.port)
+        yield self.assertRefused(
+            "denied by rule 1", route=f"tcp://LOCALHOST:{b1.port}/pong"
+        )
+        self.a.broker.config = dataclasses.replace(
+            self.a.broker.config, rules=make_config("/x", rules=rules).rules
+        )
+        yield self.assertRefused(
+            "denied by rule 2", route=f"tcp://{OWNER.upper()}/pong"
+        )
+        self.assertEqual(self.dns.queries(OWNER), 1)
 
 
 class CacheTests(SrvTestCase):

@@ -92,7 +92,7 @@ class PlanTests(TestCase):
             if tls12:
                 context.set_cipher_list(tls12)
         if key:
-            psk.use_server_keys(server_context, {"alice": b"k" * 32}, lambda c: "peer")
+            psk.use_server_keys(server_context, {"alice": b"k" * 32})
             psk.use_client_key(client_context, "alice", b"k" * 32)
         else:
             cert, private = _certificate()

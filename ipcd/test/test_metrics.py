@@ -9,19 +9,25 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ipcd import metricsweb
 from ipcd.config import ConfigError, load_config
+from ipcd.control import config_summary
 from ipcd.limits import RateLimitedObserver
 from ipcd.metrics import NO_METRICS
 from ipcd.metricsweb import MAX_BODY, MAX_CONNECTIONS_PER_PEER
@@ -264,6 +270,22 @@ class ScrapeTests(TestCase):
         answer = yield deferToThread(_send_and_read, body, head + b"x" * size)
         self.assertEqual(answer, b"")
 
+    @inlineCallbacks
+    def test_oneResponsePerConnection(self) -> Any:
+        """
+        A connection gets one response and is closed: a peer that sends
+        requests back to back (pipelined) and reads none cannot make ipcd
+        hold a response for each (megabytes for a few KiB sent).
+        """
+        sock = socket.create_connection(("127.0.0.1", self.port), TIMEOUT)
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 200
+        answer = yield deferToThread(_send_and_read, sock, requests)
+        self.assertEqual(answer.count(b"HTTP/1.1 200 OK\r\n"), 1)
+        self.assertIn(b"\r\nConnection: close\r\n", answer)
+        self.assertIn(b"ipcd_lookups_total", answer)
+
 
 def _send_and_read(sock: socket.socket, data: bytes) -> bytes:
     """Send C{data} (as much as goes), then read what comes until EOF."""
@@ -272,6 +294,108 @@ def _send_and_read(sock: socket.socket, data: bytes) -> bytes:
     except OSError:
         pass
     return recv_eof(sock)
+
+
+class IdleTests(TestCase):
+    @inlineCallbacks
+    def test_idleConnectionsClosedSilently(self) -> Any:
+        """
+        A connection idle for IDLE_TIMEOUT is closed, and costs no log line
+        (twisted.web's own says one per connection: a peer could make ipcd
+        write them without bound, MAX_CONNECTIONS at a time).
+        """
+        self.patch(metricsweb, "IDLE_TIMEOUT", 0.1)
+        rundir = short_rundir(self, "ipcd-metrics-")
+        config = make_config(rundir, metrics={"listen": LOOPBACK})
+        service = yield start_ipcd(self, config)
+        metrics = yield listening_port(service, "metrics")
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+        def idle(count: int) -> list[bytes]:
+            ends = []
+            for _ in range(count):
+                address = ("127.0.0.1", metrics.getHost().port)
+                with socket.create_connection(address, TIMEOUT) as sock:
+                    sock.settimeout(TIMEOUT)
+                    ends.append(recv_eof(sock))
+            return ends
+
+        ends = yield deferToThread(idle, 10)
+        self.assertEqual(ends, [b""] * 10)
+        limits = service.getServiceNamed("metrics").factory.limits
+        yield wait_until(lambda: limits.total == 0, "the connections to end")
+        self.assertEqual([formatEvent(e) for e in logged], [])
+
+
+class Blocking:
+    """A collector whose collect waits (bounded) until C{release} is set."""
+
+    def __init__(self) -> None:
+        self.entered = 0
+        self.release = threading.Event()
+
+    def collect(self) -> Any:
+        self.entered += 1
+        self.release.wait(6 * TIMEOUT)
+        return iter(())
+
+
+def _in_thread(work: Callable[[], Any]) -> list[Any]:
+    """Run C{work} in a thread of its own (not the reactor's pool): its result."""
+    done: list[Any] = []
+    threading.Thread(target=lambda: done.append(work()), daemon=True).start()
+    return done
+
+
+def _scrape_from(address: str, port: int) -> bytes:
+    with socket.socket() as sock:
+        sock.settimeout(6 * TIMEOUT)
+        sock.bind((address, 0))
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        return recv_eof(sock)
+
+
+class ThreadTests(TestCase):
+    @inlineCallbacks
+    def test_scrapesCannotHoldUpNameLookups(self) -> Any:
+        """
+        Scrapes run in a thread of the metrics' own: however many are under
+        way (here 12, from three addresses, each stuck in a collector), a
+        lookup whose route names a host still has it looked up (the
+        reactor's thread pool, where names are looked up, is free).
+        """
+        rundir = short_rundir(self, "ipcd-metrics-")
+        config = make_config(
+            rundir,
+            metrics={"listen": LOOPBACK},
+            tcpd={"enabled": True, "listen": LOOPBACK},
+            rules=["allow in pong"],
+        )
+        service = yield start_ipcd(self, config)
+        tcpd = yield listening_port(service, "tcpd")
+        metrics = yield listening_port(service, "metrics")
+        blocking = Blocking()
+        service.metrics_registry.register(blocking)
+        self.addCleanup(blocking.release.set)
+        port = metrics.getHost().port
+        scrapes = [
+            _in_thread(lambda a=address: _scrape_from(a, port))
+            for address in ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+            for _ in range(MAX_CONNECTIONS_PER_PEER)
+        ]
+        limits = service.getServiceNamed("metrics").factory.limits
+        yield wait_until(lambda: limits.total == len(scrapes), "every scrape")
+        yield wait_until(lambda: blocking.entered, "a scrape in the collector")
+        route = f"tcp://localhost:{tcpd.getHost().port}/pong"
+        looked_up = _in_thread(lambda: lookup(rundir, f"pong;pong {route}".encode()))
+        yield wait_until(lambda: looked_up, "the lookup", timeout=3 * TIMEOUT)
+        reply = looked_up[0]
+        for sock in reply.fds:
+            os.close(sock)
+        self.assertEqual(reply.first, b"ok", reply.data)
+        blocking.release.set()
+        yield wait_until(lambda: all(scrapes), "the scrapes to end", 3 * TIMEOUT)
 
 
 class TlsHandshakeTests(TestCase):
@@ -344,17 +468,32 @@ class EndpointTests(SynchronousTestCase):
         for value in (9101, "9101", "tcp:9101"):
             self.assertEqual(self.listen(value), "tcp:9101:interface=127.0.0.1")
 
+    def test_inStatus(self) -> None:
+        """C{ipcd status} shows where the metrics are served, or None: off."""
+        config = load_config(None, {"rundir": "/x", "metrics": {"listen": 9101}}, {})
+        self.assertEqual(config_summary(config)["metrics"], config.metrics)
+        off = load_config(None, {"rundir": "/x"}, {})
+        self.assertIsNone(config_summary(off)["metrics"])
+
     def test_fullEndpoint(self) -> None:
         """Any other endpoint string is taken as written."""
         for value in ("tcp:9101:interface=0.0.0.0", "tcp6:9101:interface=\\:\\:1"):
             self.assertEqual(self.listen(value), value)
 
     def test_bad(self) -> None:
-        """A bad one is a configuration error naming the key."""
+        """
+        A bad one is a configuration error naming the key; so is a UNIX
+        socket, systemd's too (twisted.web's WSGI fails every request from
+        one, logging a traceback each time); systemd's INET ones are taken.
+        """
         error = self.assertRaises(ConfigError, self.listen, "nonsense:1")
         self.assertIn("[metrics] listen", str(error))
-        error = self.assertRaises(ConfigError, self.listen, "unix:/run/m")
-        self.assertIn("over TCP, not a UNIX socket", str(error))
+        for unix in ("unix:/run/m", "systemd:domain=UNIX:index=0"):
+            error = self.assertRaises(ConfigError, self.listen, unix)
+            self.assertIn("over TCP, not a UNIX socket", str(error))
+        self.assertEqual(
+            self.listen("systemd:domain=INET:index=0"), "systemd:domain=INET:index=0"
+        )
 
 
 class DroppedLinesTests(SynchronousTestCase):

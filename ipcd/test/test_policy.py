@@ -101,6 +101,18 @@ class ParseRuleTests(SynchronousTestCase):
         self.assertRaises(RuleError, parse_rule, "allow in pong", "deny")
         self.assertRaises(RuleError, parse_rule, "in", "allow")
 
+    def test_hostPatternInLowerCase(self) -> None:
+        """
+        A C{host:} pattern is matched in lower case, as route hosts are
+        spelled (DNS names are the same in any case); others as written.
+        """
+        for text, peer in [
+            ("deny out * host:DB.Example.ORG", "host:db.example.org"),
+            ("deny out * HOST:*.Internal", "host:*.internal"),
+            ("deny out * user:Alice", "user:Alice"),
+        ]:
+            self.assertEqual(parse_rule(text).peer, peer)
+
     def test_ipGlobAccepted(self) -> None:
         """An C{ip:} pattern with glob characters is a glob, not a network."""
         self.assertEqual(parse_rule("allow in pong ip:10.*").peer, "ip:10.*")

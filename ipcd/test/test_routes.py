@@ -264,12 +264,18 @@ class URITests(SynchronousTestCase):
             self.assertRaises(RouteError, parse_uri, text)
 
     def test_hosts(self) -> None:
-        """IP addresses and DNS names; a non-ASCII name in its IDNA form."""
+        """
+        IP addresses and DNS names, each in one spelling for rules: names in
+        lower case (a non-ASCII one in its IDNA form), IPv6 as Python
+        writes it.
+        """
         for text, host in [
             ("tcp://127.0.0.1:9000/p", "127.0.0.1"),
             ("tcp://[2001:db8::1]/p", "2001:db8::1"),
+            ("tcp://[2001:DB8:0::1]/p", "2001:db8::1"),
             ("tcp://localhost/p", "localhost"),
-            ("tcp://a-b.example.COM/p", "a-b.example.COM"),
+            ("tcp://a-b.example.COM/p", "a-b.example.com"),
+            ("tcp://BÜCHER.Example/p", "xn--bcher-kva.example"),
             ("tcp://9gag.com/p", "9gag.com"),
             ("tcp://xn--bcher-kva.example/p", "xn--bcher-kva.example"),
             ("tcp://Bücher.example/p", "xn--bcher-kva.example"),

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.config import ConfigError, load_config
+from ipcd.control import config_summary
 from ipcd.routes import RouteError, parse_uri
 from ipcd.srv import MAX_RECORDS, SrvRecord, Unavailable, order, records_of
 from ipcd.srvcache import SrvCache, TtlBounds, why_not
@@ -51,6 +52,11 @@ class SyntaxTests(SynchronousTestCase):
         """The domain goes through the host checks: IDNA, in its ASCII form."""
         uri = parse_uri("tls://_ipc._tcp.bücher.example/pong")
         self.assertEqual(uri.host, "_ipc._tcp.xn--bcher-kva.example")
+
+    def test_ownerInLowerCase(self) -> None:
+        """An owner has one spelling for rules: DNS names in any case are one."""
+        uri = parse_uri("tcp://_IPC._Tcp.Example.ORG/Pong")
+        self.assertEqual((uri.host, uri.service), ("_ipc._tcp.example.org", "Pong"))
 
     def assertBad(self, text: str, *words: str) -> None:
         with self.assertRaises(RouteError) as caught:
@@ -124,6 +130,27 @@ class RecordTests(SynchronousTestCase):
         with self.assertRaises(Unavailable) as caught:
             records_of(OWNER, [srv(OWNER, 0, 0, 0, ".")])
         self.assertIn("decidedly not available", str(caught.exception))
+
+    def test_aliasSaidEscaped(self) -> None:
+        """
+        An owner that is an alias is said to be one: its target, however
+        hostile, escaped and cut; records of another name are not used.
+        """
+        alias = b"_x\x1b[31m._tcp.example.org." + b"a" * 300
+        record = dns.Record_SRV(0, 0, 1, b"a.org", ttl=60)
+        answers = [
+            dns.RRHeader(OWNER, dns.CNAME, dns.IN, 60, dns.Record_CNAME(alias)),
+            dns.RRHeader(alias, dns.SRV, dns.IN, 60, record),
+        ]
+        with self.assertRaises(Unavailable) as caught:
+            records_of(OWNER, answers)
+        shown = repr(alias[:64].decode())
+        self.assertEqual(
+            str(caught.exception),
+            f"an alias (CNAME) of {shown}, not followed: name the SRV owner "
+            "itself in the route",
+        )
+        self.assertNotIn("\x1b", str(caught.exception))
 
     def test_noRecords(self) -> None:
         with self.assertRaises(Unavailable) as caught:
@@ -252,6 +279,26 @@ class SettingsTests(SynchronousTestCase):
             ),
             ((), 2.0, 8, 5.0, 3600.0, 10.0, 256),
         )
+
+    def test_inStatus(self) -> None:
+        """
+        C{ipcd status} shows the [dns] settings in force (servers as the
+        file writes them; none: /etc/resolv.conf's), as it shows the others.
+        """
+        config = self.load(servers=["127.0.0.1:5353", "[::1]"], max_targets=3)
+        self.assertEqual(
+            config_summary(config)["dns"],
+            {
+                "servers": ["127.0.0.1:5353", "[::1]:53"],
+                "target_timeout": 2.0,
+                "max_targets": 3,
+                "min_ttl": 5.0,
+                "max_ttl": 3600.0,
+                "negative_ttl": 10.0,
+                "max_names": 256,
+            },
+        )
+        self.assertEqual(config_summary(self.load())["dns"]["servers"], [])
 
 
 class CacheBoundTests(SynchronousTestCase):

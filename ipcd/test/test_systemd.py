@@ -41,6 +41,7 @@ from ipcd.test.support import (
     accepts,
     bounce,
     lookup,
+    open_fds,
     python_env,
     read_text,
     short_rundir,
@@ -391,6 +392,22 @@ class NotifierTests(SynchronousTestCase):
         self.assertEqual(notifier.address, "/run/systemd/notify")  # type: ignore[union-attr]
         self.assertIsNone(Notifier.from_environment(environ))
 
+    def test_pathNotUtf8(self) -> None:
+        """
+        A STATUS naming a path that is not UTF-8 (RUNDIR as bytes from the
+        command line) is sent as those bytes, not an exception that would
+        keep READY=1 from being sent.
+        """
+        path = os.path.join(short_rundir(self, "ipcd-sdn-"), "notify")
+        manager = Manager(self, path)
+        notifier = Notifier(path)
+        self.addCleanup(notifier.close)
+        rundir = os.fsdecode(b"/run/\xff")
+        self.assertTrue(notifier.send(READY="1", STATUS=f"ready: ipcd {rundir}/ipc"))
+        self.assertEqual(
+            manager.socket.recv(4096), b"READY=1\nSTATUS=ready: ipcd /run/\xff/ipc\n"
+        )
+
     def test_addresses(self) -> None:
         self.assertEqual(notify_address("@x/y"), b"\0x/y")
         self.assertEqual(notify_address("/run/n"), "/run/n")
@@ -488,9 +505,41 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
         )
         self.serves_through(process, unix, tcp)
 
-    def refused(self, socks: list[socket.socket], tcp_listen: str, line: str) -> None:
-        """ipcd started with C{socks} exits 1 with one line containing C{line}."""
-        process, _log = self.activated(socks, ["ipcd.socket"] * len(socks), tcp_listen)
+    def test_notASocketPassedOver(self) -> None:
+        """
+        A descriptor that is not a socket (a ListenFIFO=, say) is nobody's
+        RUNDIR socket: passed over, and held once, not once more for each
+        RUNDIR socket looked for among the inherited ones.
+        """
+        read, write = os.pipe()
+        os.close(write)
+        fifo = os.fdopen(read, "rb")
+        self.addCleanup(fifo.close)
+        unix, tcp = self.listening_unix(), self.listening_tcp()
+        process, _log = self.activated(
+            [fifo, unix, tcp],  # type: ignore[list-item]
+            ["fifo", "ipc", "tcpd"],
+            "systemd:domain=INET:name=tcpd",
+        )
+        self.wait_for(self.serving, process, "ipcd to serve")
+        pipe = f"pipe:[{os.fstat(read).st_ino}]"
+        held = [fd for fd, what in open_fds(process.pid).items() if what == pipe]
+        self.assertEqual(held, [3])
+        self.serves_through(process, unix, tcp)
+
+    def refused(
+        self,
+        socks: list[socket.socket],
+        tcp_listen: str,
+        line: str,
+        after: tuple[str, ...] = (),
+    ) -> None:
+        """
+        ipcd started with C{socks} (and options C{after}) exits 1 with one
+        line containing C{line}.
+        """
+        names = ["ipcd.socket"] * len(socks)
+        process, _log = self.activated(socks, names, tcp_listen, after)
         code, output = self.exited(process)
         self.assertEqual(code, 1, output)
         self.assertIn(line, output)
@@ -545,6 +594,16 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
             "systemd:domain=INET:index=0",
             "ipcd: cannot make tcpd's listener 'systemd:domain=INET:index=0': "
             "the inherited socket is not a stream socket (SOCK_DGRAM)",
+        )
+
+    def test_metricsNotStream(self) -> None:
+        """--metrics systemd:... naming a datagram socket: refused, as tcpd's."""
+        self.refused(
+            [self.listening_tcp(socket.SOCK_DGRAM)],
+            "tcp:0:interface=127.0.0.1",
+            "ipcd: cannot make the metrics listener 'systemd:domain=INET:index=0': "
+            "the inherited socket is not a stream socket (SOCK_DGRAM)",
+            ("--metrics", "systemd:domain=INET:index=0"),
         )
 
     def test_anotherProcessesSockets(self) -> None:

@@ -16,6 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -23,6 +24,7 @@ from twisted.trial.unittest import TestCase
 
 from ipcd.control import format_status, status_report
 from ipcd.daemons.tls.material import Material, ServerCreator
+from ipcd.limits import LOG_BURST, LOG_PERIOD
 from ipcd.test.support import (
     TIMEOUT,
     assert_no_fd_leak,
@@ -33,6 +35,7 @@ from ipcd.test.support import (
     lookup,
     recv_upto,
     short_rundir,
+    wait_rate_limited,
     wait_until,
 )
 from ipcd.test.tcpsupport import digest_service, recv_eof
@@ -328,6 +331,33 @@ class RefusalTests(TlsTestCase):
             a, self.b.route("pong"), "TLS handshake", "decrypt error", WRONG_PSK
         )
         yield self.assertLogged("unknown PSK identity 'carol'")
+
+    @inlineCallbacks
+    def test_unknownIdentitiesLoggedAtABoundedRate(self) -> Any:
+        """
+        A peer offering identities B does not know costs B log lines at the
+        rate of other failed handshakes (LOG_BURST per LOG_PERIOD and a
+        summary), not a line for each handshake.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        a = yield self.client(psk_file=self.keys(carol=ALICE_KEY), psk_identity="carol")
+        # Enough that even attempts spread over a few periods leave most out.
+        attempts = 10 * LOG_BURST
+        route = self.b.route("pong").encode()
+        for _ in range(attempts):
+            reply = yield deferToThread(lookup, a.rundir, b"pong;pong " + route)
+            self.assertEqual(len(reply.fds), 0)
+        yield wait_rate_limited(
+            self.b.broker.counters,
+            "tlsd: TLS handshakes failed",
+            logged,
+            "unknown PSK identity 'carol'",
+            attempts,
+            timeout=LOG_PERIOD + 10,
+        )
+        lines = [formatEvent(e) for e in logged]
+        said = [line for line in lines if "PSK identity 'carol'" in line]
+        self.assertLessEqual(len(said), attempts // 2, "\n".join(lines))
 
     @inlineCallbacks
     def test_wrongHostname(self) -> Any:

@@ -7,7 +7,6 @@ configured), the names it sends, and what a certificate file gives.
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 from typing import Any
 
 from cryptography import x509
@@ -20,7 +19,6 @@ from ipcd.daemons.tls.material import (
     MaterialError,
     PskClientCreator,
     ServerCreator,
-    _describe,
     _is_address,
     certificate_labels,
     read_material,
@@ -82,16 +80,6 @@ class PskClientTests(SynchronousTestCase):
             ("", False),
         ]:
             self.assertIs(_is_address(host), expected, host)
-
-    def test_describe(self) -> None:
-        """Logs name a peer by its address, or 'a peer' when it has none."""
-        connection = Connection(_psk_server(), None)
-        peer = SimpleNamespace(host="192.0.2.7", port=4433)
-        transport = SimpleNamespace(getPeer=lambda: peer)
-        connection.set_app_data(SimpleNamespace(transport=transport))
-        self.assertEqual(_describe(connection), "192.0.2.7:4433")
-        connection.set_app_data(None)
-        self.assertEqual(_describe(connection), "a peer")
 
     def test_verifyErrorOnlyWhenThereIsOne(self) -> None:
         self.assertIsNone(verify_error(Connection(_psk_server(), None)))

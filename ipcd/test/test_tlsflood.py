@@ -19,7 +19,11 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from ipcd.control import format_status, status_report
-from ipcd.test.support import TIMEOUT, short_rundir, wait_until
+from ipcd.test.support import (
+    TIMEOUT,
+    short_rundir,
+    wait_rate_limited,
+)
 from ipcd.test.tlssupport import ALICE_KEY, secrets_file, start_tls_host
 
 FAILURES = 10_000
@@ -83,24 +87,15 @@ class HandshakeFloodTests(TestCase):
 
         ran = yield deferToThread(flood)
         self.assertEqual(ran["done"], FAILURES)
-        counters = host.broker.counters
         failed = "tlsd: TLS handshakes failed"
-        yield wait_until(lambda: counters[failed] == FAILURES, "every failure counted")
-
-        def accounted() -> int:
-            # A line for each one logged, and each summary's count of those
-            # it left out (one at the end of a period repeats the last).
-            total = 0
-            for event in events:
-                text = formatEvent(event)
-                if "TLS handshake with" in text:
-                    last = "; the last: " in text
-                    total += event.get("ipcd_dropped", 0) + (0 if last else 1)
-            return total
-
         # The last summary comes at the end of its period (10 s).
-        yield wait_until(
-            lambda: accounted() == FAILURES, "the summary line", timeout=3 * TIMEOUT
+        yield wait_rate_limited(
+            host.broker.counters,
+            failed,
+            events,
+            "TLS handshake with",
+            FAILURES,
+            timeout=3 * TIMEOUT,
         )
         lines = [formatEvent(e) for e in events]
         self.assertLess(len(lines), MAX_LINES, "\n".join(lines))

@@ -24,6 +24,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from ipcd.daemons.websocket.server import WebSocketInbound
+from ipcd.limits import LOG_BURST, LOG_PERIOD
 from ipcd.names import listen_unix
 from ipcd.test.support import (
     TIMEOUT,
@@ -34,6 +35,7 @@ from ipcd.test.support import (
     lookup,
     python_env,
     short_rundir,
+    wait_rate_limited,
     wait_until,
 )
 from ipcd.test.wssupport import (
@@ -759,3 +761,41 @@ class SecureRouteTests(TestCase):
         # And counts it (ipcd status, the metrics).
         failed = self.b.broker.counters["websocketd: TLS handshakes failed"]
         self.assertEqual(failed, 1)
+
+    @inlineCallbacks
+    def test_failedHandshakesLoggedAtABoundedRate(self) -> Any:
+        """
+        Peers that fail their TLS handshake cost a counter each, and log
+        lines at the rate of [limits] refusals (LOG_BURST per LOG_PERIOD),
+        with one more line saying how many were left out.
+        """
+        ca, cert, key = make_ca(short_rundir(self, "ipcd-ca-"))
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        b = yield start_ws_host(self, listen=listen)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        # Enough that even a flood spread over a few periods leaves most out.
+        peers = 10 * LOG_BURST
+
+        def not_tls() -> None:
+            for _ in range(peers):
+                with socket.create_connection(("127.0.0.1", b.port), TIMEOUT) as s:
+                    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    while s.recv(4096):
+                        pass
+
+        yield deferToThread(not_tls)
+        # The last summary comes at the end of its period.
+        yield wait_rate_limited(
+            b.broker.counters,
+            "websocketd: TLS handshakes failed",
+            logged,
+            "TLS handshake with",
+            peers,
+            timeout=LOG_PERIOD + TIMEOUT,
+        )
+        lines = [formatEvent(e) for e in logged if "TLS handshake" in formatEvent(e)]
+        self.assertLessEqual(len(lines), peers // 2, "\n".join(lines))
+        self.assertTrue(
+            any("similar log lines left out" in line for line in lines),
+            "\n".join(lines),
+        )

@@ -82,13 +82,16 @@ class TlsInbound(TcpInbound):
         # (A TLS handshake that timed out is said already.)
         if self.core.securing and reason is not None:
             identity = None
+            unknown = False
             handle = compat_twisted.tls_connection(self.transport)
             if handle is not None:
                 identity = psk.offered_identity(handle)
+                unknown = psk.offered_unknown(handle)
             said = f" (PSK identity {identity!r})" if identity else ""
             why = why_failed(reason)
-            if identity and any(word in why for word in _WRONG_KEY):
-                # (An unknown identity is logged as such when offered.)
+            if identity and unknown:
+                why = f"unknown PSK identity {identity!r} ({why})"
+            elif identity and any(word in why for word in _WRONG_KEY):
                 why = f"wrong key for PSK identity {identity!r} ({why})"
             self.factory.failed(
                 "TLS handshakes failed",

@@ -95,7 +95,7 @@ class Material:
             **options,
         ).getContext()
         if self.keys:
-            psk.use_server_keys(context, self.keys, _describe)
+            psk.use_server_keys(context, self.keys)
             context.set_cipher_list(psk.TLS12_PSK_CIPHERS + b":" + CERT_CIPHERS)
         return context
 
@@ -109,15 +109,6 @@ class Material:
         context.set_verify(VERIFY_PEER)
         psk.use_client_key(context, identity, self.keys[identity])
         return context
-
-
-def _describe(connection: Connection) -> str:
-    protocol = connection.get_app_data()
-    try:
-        address = protocol.transport.getPeer()
-        return f"{address.host}:{address.port}"
-    except AttributeError:
-        return "a peer"
 
 
 @implementer(IOpenSSLServerConnectionCreator)

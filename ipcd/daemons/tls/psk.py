@@ -24,13 +24,12 @@ import os
 import stat
 from collections.abc import Callable, Mapping
 from typing import Any
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, WeakSet
 
 from OpenSSL.SSL import Connection, Context
 from twisted.logger import Logger
 
 from ipcd.compat import pyopenssl as compat_pyopenssl
-from ipcd.logs import printable
 from ipcd.rundir import file_kind
 
 log = Logger()
@@ -57,6 +56,8 @@ _lib, _ffi = compat_pyopenssl.bindings()
 # it was given a key for (for labels: it holds once the handshake completes).
 _offered: WeakKeyDictionary[Connection, str] = WeakKeyDictionary()
 _accepted: WeakKeyDictionary[Connection, str] = WeakKeyDictionary()
+# Server connections offered an identity they have no key for.
+_unknown: WeakSet[Connection] = WeakSet()
 
 
 class SecretsError(ValueError):
@@ -175,6 +176,11 @@ def offered_identity(connection: Connection) -> str | None:
     return _offered.get(connection)
 
 
+def offered_unknown(connection: Connection) -> bool:
+    """Whether a server connection was offered an identity it has no key for."""
+    return connection in _unknown
+
+
 def _keep(context: Context, callback: Any) -> None:
     # The cffi callback must outlive every connection made from the Context.
     kept = getattr(context, "_ipcd_psk_callbacks", None)
@@ -201,14 +207,14 @@ def _copy_key(key: bytes, out: Any, room: int) -> int:
 def use_server_keys(
     context: Context,
     keys: Callable[[], Mapping[str, bytes]] | Mapping[str, bytes],
-    describe: Callable[[Connection], str] = lambda connection: "a peer",
 ) -> None:
     """
     Make C{context} accept the identities of C{keys} (a mapping, or a
-    callable giving the current one).  An unknown identity is refused and
-    logged with C{describe(connection)}; the identity offered is
-    remembered for L{psk_identity} (a wrong key fails the handshake later, and
-    an unknown identity fails it the same way).
+    callable giving the current one).  An unknown identity is refused (and
+    remembered: L{offered_unknown}); the identity offered is remembered for
+    L{offered_identity}, the one accepted for L{psk_identity} (a wrong key
+    fails the handshake later, and an unknown identity fails it the same
+    way).
     """
 
     def server(ssl: Any, identity: Any, out: Any, room: int) -> int:
@@ -221,11 +227,9 @@ def use_server_keys(
             current = keys() if callable(keys) else keys
             key = current.get(name)
             if key is None:
-                log.warn(
-                    "TLS: refusing {peer}: unknown PSK identity {identity!r}",
-                    peer=describe(connection),
-                    identity=printable(name),
-                )
+                # Said with the failed handshake, at its bounded rate (a
+                # line here would be one per handshake a peer starts).
+                _unknown.add(connection)
                 # A key nobody has: the handshake fails exactly as with a
                 # wrong key, so a peer cannot probe for known identities
                 # (and a server with a certificate does not fall back to it).

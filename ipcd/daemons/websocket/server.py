@@ -238,7 +238,8 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
         why, reason = tls_failure(reason)
         if why is not None:
             self.factory.broker.counters[f"{SECTION}: TLS handshakes failed"] += 1
-            self.factory.log.info(
+            # A peer's doing: at the peers' bounded rate, as refusals are.
+            self.factory.peerLog.info(
                 "websocketd: TLS handshake with {peer} failed: {why}",
                 peer=printable(str(self.transport.getPeer())),
                 why=why,
