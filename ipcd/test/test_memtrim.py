@@ -270,9 +270,10 @@ class GivenBackTests(SynchronousTestCase):
             pending = {sock: 2 * message for sock in held}
             # Send what ipcd reads, until it has grown enough: it stops
             # reading a peer that reads nothing back (backpressure), so some
-            # of it may stay unsent.
+            # of it may stay unsent; all of it sent, ipcd may still be
+            # reading it (a loaded machine), so the wait goes on.
             deadline = time.monotonic() + ATTACK_WITHIN
-            while pending and not self.grown() and time.monotonic() < deadline:
+            while not self.grown() and time.monotonic() < deadline:
                 for sock, rest in list(pending.items()):
                     try:
                         sent = sock.send(rest[:MiB])
