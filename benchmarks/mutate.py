@@ -115,7 +115,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "checkers": (
         "ipcd/checkers.py",
         None,
-        ("test_promises", "test_config", "test_resolve"),
+        ("test_promises", "test_config", "test_resolve", "test_metrics"),
     ),
     "rundir": (
         "ipcd/rundir.py",

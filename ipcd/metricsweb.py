@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from io import BytesIO
+from threading import Thread
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -30,7 +31,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import make_wsgi_app
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.python.threadpool import ThreadPool
 from twisted.web.http import HTTPChannel
@@ -278,9 +279,12 @@ class MetricsListener(EndpointListener):
     (running while it runs); what to do when it cannot listen (L{hint}).
     """
 
-    def __init__(self, endpoint: Any, factory: Any, pool: ThreadPool) -> None:
+    def __init__(
+        self, endpoint: Any, factory: Any, pool: ThreadPool, reactor: Any
+    ) -> None:
         super().__init__(endpoint, factory)
         self.pool = pool
+        self._reactor = reactor
 
     def hint(self, error: Exception) -> str:
         return HINT
@@ -297,10 +301,20 @@ class MetricsListener(EndpointListener):
         if not self.pool.started:
             self.pool.start()
 
-    def stopService(self) -> Deferred[None] | None:  # noqa: N802 (Twisted's name)
-        stopped = super().stopService()
-        self.pool.stop()  # joins the thread: a scrape takes a millisecond
-        return stopped
+    def stopService(self) -> Deferred[Any]:  # noqa: N802 (Twisted's name)
+        stopped = maybeDeferred(super().stopService)
+        # The pool's thread is joined from a thread of its own, never the
+        # reactor's: a scrape under way writes its response through the
+        # reactor (WSGI's blockingCallFromThread) and would wait for it
+        # forever, and the reactor for the join.
+        joined: Deferred[None] = Deferred()
+
+        def join() -> None:
+            self.pool.stop()
+            self._reactor.callFromThread(joined.callback, None)
+
+        Thread(target=join, name="ipcd-metrics-stop", daemon=True).start()
+        return gatherResults([stopped, joined], consumeErrors=True)
 
 
 def scrape_pool() -> ThreadPool:
@@ -349,7 +363,9 @@ def metrics_listener(
         limits,
         peer_key=lambda transport: network_peer_key(transport.getPeer(), ipv4, ipv6),
     )
-    listener = MetricsListener(LimitedEndpoint(endpoint, limits), factory, pool)
+    listener = MetricsListener(
+        LimitedEndpoint(endpoint, limits), factory, pool, reactor
+    )
     listener.setName(NAME)
     return listener
 

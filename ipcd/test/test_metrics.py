@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -396,6 +397,76 @@ class ThreadTests(TestCase):
         self.assertEqual(reply.first, b"ok", reply.data)
         blocking.release.set()
         yield wait_until(lambda: all(scrapes), "the scrapes to end", 3 * TIMEOUT)
+
+
+# A metrics listener stopped while a scrape is under way: the scrape's
+# collector is let go just after stopService began, so the scrape's thread
+# writes its response through the reactor while the listener stops.
+STOP_DURING_SCRAPE = """
+import socket, sys, threading
+from collections import Counter
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from twisted.internet import reactor
+from ipcd.metricsweb import metrics_listener
+
+entered, release = threading.Event(), threading.Event()
+
+class Blocking:
+    def collect(self):
+        entered.set()
+        release.wait(60)
+        return iter([GaugeMetricFamily("held", "a scrape's one value", value=1)])
+
+registry = CollectorRegistry()
+registry.register(Blocking())
+listener = metrics_listener(
+    reactor, "tcp:0:interface=127.0.0.1", registry, Counter(), (32, 128)
+)
+
+def scrape(port):
+    with socket.create_connection(("127.0.0.1", port), 60) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\\r\\n\\r\\n")
+        while sock.recv(65536):
+            pass
+
+def stop():
+    threading.Timer(0.5, release.set).start()
+    stopping = listener.stopService()
+    stopping.addBoth(lambda _: (print("stopped", flush=True), reactor.stop()))
+
+def listening(port):
+    threading.Thread(target=scrape, args=(port.getHost().port,), daemon=True).start()
+    threading.Thread(
+        target=lambda: entered.wait(60) and reactor.callFromThread(stop), daemon=True
+    ).start()
+
+listener.privilegedStartService()
+listener.startService()
+listener.listening().addCallback(listening)
+reactor.run()
+"""
+
+
+class StopTests(SynchronousTestCase):
+    def test_stopDuringAScrape(self) -> None:
+        """
+        Stopping the listener while a scrape writes its response ends: the
+        scrapes' thread is not joined from the reactor's, which that write
+        waits for (run in a child, so that a deadlock fails the test).
+        """
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", STOP_DURING_SCRAPE],
+                env=python_env(),
+                capture_output=True,
+                timeout=3 * TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            self.fail("stopping the metrics listener during a scrape never ended")
+        self.assertEqual(
+            (result.returncode, result.stdout), (0, b"stopped\n"), result.stderr
+        )
 
 
 class TlsHandshakeTests(TestCase):
