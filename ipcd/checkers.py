@@ -80,13 +80,12 @@ def metrics_endpoint(value: Any) -> str:
     127.0.0.1 only, as nobody should publish ipcd's metrics by accident;
     any other endpoint string is taken as written.
     """
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
+    if isinstance(value, int):
+        value = str(value)  # (true becomes "True": refused below all the same)
     if isinstance(value, str) and re.fullmatch(r"(tcp:)?[0-9]+", value):
         value = f"tcp:{value.removeprefix('tcp:')}:interface=127.0.0.1"
     value = endpoint(value)
-    kind = compat_twisted.endpoint_type(value)
-    if kind == "unix" or (kind == "systemd" and _UNIX_DOMAIN.search(value)):
+    if _on_unix_socket(value):
         # twisted.web's WSGI wants a network peer's address: from a UNIX
         # one, every request fails (500, and a traceback logged).
         raise Invalid(f"{value!r}: metrics are served over TCP, not a UNIX socket")
@@ -95,6 +94,16 @@ def metrics_endpoint(value: Any) -> str:
 
 # A systemd: endpoint string's argument for a UNIX socket.
 _UNIX_DOMAIN = re.compile(r":domain=unix(?::|$)", re.IGNORECASE)
+
+
+def _on_unix_socket(description: str) -> bool:
+    """Whether endpoint string C{description} listens on a UNIX socket."""
+    kind = compat_twisted.endpoint_type(description)
+    if kind == "haproxy":  # Twisted's wrapper: what it wraps listens
+        return _on_unix_socket(description.partition(":")[2])
+    return kind == "unix" or (
+        kind == "systemd" and _UNIX_DOMAIN.search(description) is not None
+    )
 
 
 def _server_endpoint_types() -> list[str]:

@@ -559,12 +559,28 @@ class EndpointTests(SynchronousTestCase):
         """
         error = self.assertRaises(ConfigError, self.listen, "nonsense:1")
         self.assertIn("[metrics] listen", str(error))
-        for unix in ("unix:/run/m", "systemd:domain=UNIX:index=0"):
+        for unix in (
+            "unix:/run/m",
+            "systemd:domain=UNIX:index=0",
+            "haproxy:unix:/run/m",
+            "haproxy:systemd:domain=UNIX:index=0",
+        ):
             error = self.assertRaises(ConfigError, self.listen, unix)
             self.assertIn("over TCP, not a UNIX socket", str(error))
-        self.assertEqual(
-            self.listen("systemd:domain=INET:index=0"), "systemd:domain=INET:index=0"
-        )
+        # Only systemd's own domain argument says UNIX (not an interface's
+        # name that has the same words in it).
+        for taken in (
+            "systemd:domain=INET:index=0",
+            "haproxy:tcp:9101:interface=127.0.0.1",
+            "tcp:9101:interface=a\\:domain=unix",
+        ):
+            self.assertEqual(self.listen(taken), taken)
+
+    def test_notAString(self) -> None:
+        """Neither a port nor a string: a configuration error, not a traceback."""
+        for value in (True, 9101.5, [9101], {"port": 9101}):
+            error = self.assertRaises(ConfigError, self.listen, value)
+            self.assertIn("expected an endpoint string", str(error))
 
 
 class DroppedLinesTests(SynchronousTestCase):
