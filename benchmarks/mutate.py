@@ -17,7 +17,8 @@ private copy of the checkout in a temporary directory: the checkout itself is
 never written.  Per mutant the job writes the mutated module into its copy
 (``ast.unparse``) and runs only that module's test modules with trial, in a
 child forked from a process that has already imported Twisted and trial (no
-interpreter start-up per mutant), with ``--exitfirst`` and a timeout.
+interpreter start-up per mutant), with ``--exitfirst`` and a timeout; the
+unmutated run that sets that timeout is bounded too (a hang is said).
 
 A mutant is killed when the tests fail or time out, survives when they pass.
 Mutants judged equivalent (no behaviour to observe) are listed, with the
@@ -825,6 +826,23 @@ class Worker:
                 pass
 
 
+# The unmutated tests of any module take well under a minute: past this
+# they hang (a deadlock in the code under test), and the run says so.
+BASELINE_LIMIT = 600.0
+
+
+def _wait_bounded(pid: int, limit: float) -> int | None:
+    """Child C{pid}'s wait status, or None if it has not ended in C{limit} s."""
+    deadline = time.monotonic() + limit
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
 def run(chosen: list[str], jobs: int, out, recheck: bool = False) -> int:
     """
     Run the mutants of C{chosen}; with C{recheck}, only the listed
@@ -851,8 +869,18 @@ def run(chosen: list[str], jobs: int, out, recheck: bool = False) -> int:
             tests = MODULES[module][2]
             # The unmutated tests must pass: their time sets the timeout.
             workers[0].start(None, tests)
-            _, status = os.waitpid(workers[0].pid, 0)
+            status = _wait_bounded(workers[0].pid, BASELINE_LIMIT)
             baseline = time.monotonic() - workers[0].started
+            if status is None:
+                workers[0].kill()
+                os.waitpid(workers[0].pid, 0)
+                print(
+                    f"{module}: the tests did not end unmutated within"
+                    f" {BASELINE_LIMIT:g} s (a hang?); not run",
+                    file=out,
+                )
+                failed = True
+                continue
             if os.waitstatus_to_exitcode(status) != 0:
                 print(f"{module}: the tests fail unmutated; not run", file=out)
                 failed = True
