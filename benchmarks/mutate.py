@@ -818,6 +818,23 @@ class Worker:
             os._exit(0)
         self.pid = pid
 
+    def finish(self, limit: float) -> int | None:
+        """
+        The exit code of the run started last, or None when it has not
+        ended within C{limit} s (a hang: then it is killed).
+        """
+        assert self.pid is not None
+        deadline = time.monotonic() + limit
+        while True:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() > deadline:
+                self.kill()
+                os.waitpid(self.pid, 0)
+                return None
+            time.sleep(0.05)
+
     def kill(self) -> None:
         if self.pid is not None:
             try:
@@ -829,18 +846,6 @@ class Worker:
 # The unmutated tests of any module take well under a minute: past this
 # they hang (a deadlock in the code under test), and the run says so.
 BASELINE_LIMIT = 600.0
-
-
-def _wait_bounded(pid: int, limit: float) -> int | None:
-    """Child C{pid}'s wait status, or None if it has not ended in C{limit} s."""
-    deadline = time.monotonic() + limit
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.05)
 
 
 def run(chosen: list[str], jobs: int, out, recheck: bool = False) -> int:
@@ -869,11 +874,9 @@ def run(chosen: list[str], jobs: int, out, recheck: bool = False) -> int:
             tests = MODULES[module][2]
             # The unmutated tests must pass: their time sets the timeout.
             workers[0].start(None, tests)
-            status = _wait_bounded(workers[0].pid, BASELINE_LIMIT)
+            code = workers[0].finish(BASELINE_LIMIT)
             baseline = time.monotonic() - workers[0].started
-            if status is None:
-                workers[0].kill()
-                os.waitpid(workers[0].pid, 0)
+            if code is None:
                 print(
                     f"{module}: the tests did not end unmutated within"
                     f" {BASELINE_LIMIT:g} s (a hang?); not run",
@@ -881,7 +884,7 @@ def run(chosen: list[str], jobs: int, out, recheck: bool = False) -> int:
                 )
                 failed = True
                 continue
-            if os.waitstatus_to_exitcode(status) != 0:
+            if code != 0:
                 print(f"{module}: the tests fail unmutated; not run", file=out)
                 failed = True
                 continue
@@ -968,8 +971,7 @@ def check_issue(jobs: int, out) -> int:
                 alive += 1
                 continue
             worker.start(None, tests, (path, text.replace(old, new)))
-            _, status = os.waitpid(worker.pid, 0)
-            killed = os.waitstatus_to_exitcode(status) != 0
+            killed = worker.finish(BASELINE_LIMIT) != 0  # a hang (None) too
             alive += not killed
             verdict = "killed" if killed else "SURVIVED"
             print(
