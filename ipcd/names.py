@@ -151,18 +151,15 @@ def listen_unix(
             raise ValueError(f"no such group {group!r} for {path}") from None
     ensure_rundir(os.path.dirname(path) or ".")
     port = _adopt_inherited(reactor, path, factory, mode)
-    if port is not None:
-        if gid != -1:
-            os.chown(path, -1, gid)
-        return port
-    clear_stale_socket(path)
-    # Narrowest umask while binding: the socket never exists with more
-    # permissions than asked, even before the chmod.
-    old = os.umask(0o777 & ~mode | _SOCKET_UMASK)
-    try:
-        port = _listen(reactor, path, factory, backlog, mode)
-    finally:
-        os.umask(old)
+    if port is None:
+        clear_stale_socket(path)
+        # Narrowest umask while binding: the socket never exists with more
+        # permissions than asked, even before the chmod.
+        old = os.umask(0o777 & ~mode | _SOCKET_UMASK)
+        try:
+            port = _listen(reactor, path, factory, backlog, mode)
+        finally:
+            os.umask(old)
     if gid != -1:
         os.chown(path, -1, gid)
     return port
