@@ -97,7 +97,8 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "names": (
         "ipcd/names.py",
         None,
-        # test_api: the blocking client imports names.py without Twisted.
+        # test_api: the blocking client imports names.py without Twisted;
+        # test_systemd: RUNDIR's sockets adopted from systemd.
         (
             "test_promises",
             "test_names",
@@ -105,12 +106,14 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
             "test_routes",
             "test_config",
             "test_api",
+            "test_systemd",
         ),
     ),
     "config": (
         "ipcd/config.py",
         None,
-        ("test_promises", "test_config", "test_resolve"),
+        # test_srv, test_metrics: the [dns] and [metrics] sections.
+        ("test_promises", "test_config", "test_resolve", "test_srv", "test_metrics"),
     ),
     # What config.py and names.py held before they were split.
     "checkers": (
@@ -126,7 +129,15 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "wire": (
         "ipcd/wire.py",
         None,
-        ("test_promises", "test_wire", "test_protocols", "test_limits", "test_budgets"),
+        # test_metrics: the count of log lines dropped (LOG_LINES_DROPPED).
+        (
+            "test_promises",
+            "test_wire",
+            "test_protocols",
+            "test_limits",
+            "test_budgets",
+            "test_metrics",
+        ),
     ),
     # The same messages on blocking sockets (the client's side of wire).
     "framing": (

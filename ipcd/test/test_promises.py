@@ -60,6 +60,7 @@ from ipcd.test.test_config import ConfigFileMixin
 from ipcd.test.test_names import mode_of, short_tempdir, umask
 from ipcd.wire import (
     HEADER,
+    LOG_LINES_DROPPED,
     LimitLog,
     MessageFactory,
     MessageProtocol,
@@ -1024,6 +1025,15 @@ class ProtocolEdgeTests(SynchronousTestCase):
         clock.advance(10)
         protocol.timeoutConnection()
         self.assertNotIn("more not logged", formatEvent(self.events[-1]))
+
+    def test_droppedLinesCounted(self) -> None:
+        """Each line a LimitLog leaves out counts in LOG_LINES_DROPPED (metrics)."""
+        clock = Clock()
+        log = LimitLog("closes", clock=clock)
+        for _ in range(4):
+            log.hit()
+        self.assertEqual(log.counters["closes"], 4)
+        self.assertEqual(log.counters[LOG_LINES_DROPPED], 3)
 
     def test_closedForBudgetReadsNothingMore(self) -> None:
         budget = PartialMessageBudget(10)
