@@ -99,8 +99,9 @@ _UNIX_DOMAIN = re.compile(r":domain=unix(?::|$)", re.IGNORECASE)
 def _on_unix_socket(description: str) -> bool:
     """Whether endpoint string C{description} listens on a UNIX socket."""
     kind = compat_twisted.endpoint_type(description)
-    if kind == "haproxy":  # Twisted's wrapper: what it wraps listens
-        return _on_unix_socket(description.partition(":")[2])
+    while kind == "haproxy":  # Twisted's wrapper: what it wraps listens
+        description = description.partition(":")[2]
+        kind = compat_twisted.endpoint_type(description)
     return kind == "unix" or (
         kind == "systemd" and _UNIX_DOMAIN.search(description) is not None
     )
