@@ -188,8 +188,8 @@ class Harness:
     def ipcd(self, name: str, rundir: str, port: int, *extra: str) -> Child:
         argv = [
             sys.executable,
-            "-m",
-            "ipcd.scripts.ipcd",
+            "-c",
+            _OWN_PLUGINS_FIRST,
             "--rundir",
             rundir,
             "--tcp",
@@ -286,6 +286,21 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError):
             continue
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# Runs ipcd.scripts.ipcd with the twistd plugins of the checkout it imports
+# ipcd from (PYTHONPATH's first entry) ahead of those an installed ipcd put
+# in site-packages: Twisted imports a plugin module from the first folder on
+# twisted.plugins.__path__ that has one, and an older checkout's ipcd cannot
+# import a newer one's plugins (--against).
+_OWN_PLUGINS_FIRST = """
+import os, runpy, sys
+import twisted.plugins
+checkout = os.environ["PYTHONPATH"].split(os.pathsep)[0]
+twisted.plugins.__path__.insert(0, os.path.join(checkout, "twisted", "plugins"))
+sys.argv[0] = "ipcd"
+runpy.run_module("ipcd.scripts.ipcd", run_name="__main__", alter_sys=True)
+"""
 
 
 def rss_kib(pid: int) -> int:
