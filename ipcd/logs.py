@@ -39,6 +39,8 @@ from twisted.logger import (
     timeFormatRFC3339,
 )
 
+from ipcd.logbatch import TurnBatchedFile
+
 
 def printable(text: str) -> str:
     """
@@ -65,9 +67,18 @@ def json_observer(out: IO[str] | None = None) -> ILogObserver:
     C{text} (the line the text log shows), C{traceback} for a failure, and
     the event's own fields (ipcd's C{service}, C{who}, C{rule}, ...), as
     plain JSON values; none of Twisted's internals (the logger, the format).
-    L{TemplateEvent}s are written from their template.
+    L{TemplateEvent}s are written from their template.  On stdout (no
+    C{out}) the lines of a reactor turn are written together
+    (L{ipcd.logbatch}).
     """
-    return FileLogObserver(out if out is not None else sys.stdout, json_line)
+    return FileLogObserver(_file(out), json_line)
+
+
+def _file(out: IO[str] | None) -> IO[str]:
+    """C{out}, or stdout with its lines written once per reactor turn."""
+    if out is not None:
+        return out
+    return TurnBatchedFile(sys.stdout)  # type: ignore[return-value]
 
 
 def json_line(event: dict[str, Any]) -> str | None:
@@ -118,11 +129,10 @@ def _chatter(event: dict[str, Any]) -> bool:
 def text_observer(out: IO[str] | None = None) -> ILogObserver:
     """
     twistd's text log (C{textFileLogObserver}: C{TIME [SYSTEM] TEXT}) on
-    stdout, with the same text for every event, formatted faster.
+    stdout, with the same text for every event, formatted faster, and
+    written once per reactor turn (L{ipcd.logbatch}).
     """
-    return FileLogObserver(
-        out if out is not None else sys.stdout, ClassicTextFormatter()
-    )
+    return FileLogObserver(_file(out), ClassicTextFormatter())
 
 
 class ClassicTextFormatter:

@@ -218,7 +218,7 @@ class SilentHopTests(TestCase):
         )
 
 
-class TwistdTests(TestCase):
+class TwistdCase(TestCase):
     """C{twistd -n ipcd} in a subprocess, found through the plugin."""
 
     def setUp(self) -> None:
@@ -256,6 +256,11 @@ class TwistdTests(TestCase):
             timeout=30,
             stdin=subprocess.DEVNULL,
         )
+
+
+
+class TwistdTests(TwistdCase):
+    """C{twistd -n ipcd}: started, used, stopped; two on one RUNDIR."""
 
     @inlineCallbacks
     def test_runPongStop(self) -> Any:

@@ -1,0 +1,161 @@
+"""
+Log lines written once per reactor turn (L{ipcd.logbatch}), through the
+very observer ipcd logs with; and every line of a real ipcd is in its log
+when it stops.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import sys
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.logger import FileLogObserver, Logger
+from twisted.trial.unittest import SynchronousTestCase
+
+from ipcd import logbatch
+from ipcd.client import connect
+from ipcd.logbatch import TurnBatchedFile, batch_per_turn
+from ipcd.logs import ClassicTextFormatter, text_observer
+from ipcd.test.support import TIMEOUT, read_text
+from ipcd.test.test_client import TwistdCase
+
+
+class WritesFile(io.StringIO):
+    """A file that remembers each write and each flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+class TurnBatchedFileTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.addCleanup(batch_per_turn, None)
+        self.out = WritesFile()
+        self.log = Logger(
+            namespace="test",
+            observer=FileLogObserver(TurnBatchedFile(self.out), ClassicTextFormatter()),
+        )
+
+    def lines(self) -> list[str]:
+        return [line.split(" ", 1)[1] for line in self.out.getvalue().splitlines()]
+
+    def test_writtenWhenTheTurnEnds(self) -> None:
+        """
+        The lines logged in one turn of the reactor are written together,
+        in order, with one write and a flush, when the turn ends.
+        """
+        clock = Clock()
+        batch_per_turn(clock)
+        for n in range(3):
+            self.log.info("line {n}", n=n)
+        self.assertEqual(self.out.writes, [])
+        clock.advance(0)
+        self.assertEqual(len(self.out.writes), 1)
+        self.assertEqual(self.out.flushes, 1)
+        self.assertEqual(self.lines(), [f"[test#info] line {n}" for n in range(3)])
+        self.log.info("next turn")
+        clock.advance(0)
+        self.assertEqual(len(self.out.writes), 2)
+
+    def test_withoutAReactorAtOnce(self) -> None:
+        """Without a reactor, each line is written as it is logged."""
+        self.log.info("one")
+        self.log.info("two")
+        self.assertEqual(len(self.out.writes), 2)
+        self.assertEqual(self.lines(), ["[test#info] one", "[test#info] two"])
+
+    def test_heldAtMost(self) -> None:
+        """A turn that logs more than the bound writes as the bound is reached."""
+        out = WritesFile()
+        batched = TurnBatchedFile(out, most=10)
+        batch_per_turn(Clock())
+        batched.write("12345")
+        batched.flush()
+        self.assertEqual(out.writes, [])
+        batched.write("67890")
+        self.assertEqual(out.writes, ["1234567890"])
+
+    def test_noReactorWritesWhatIsHeld(self) -> None:
+        """Taking the reactor away writes what was held, then lines at once."""
+        batch_per_turn(Clock())
+        self.log.info("held")
+        self.assertEqual(self.out.writes, [])
+        batch_per_turn(None)
+        self.assertEqual(self.lines(), ["[test#info] held"])
+        self.log.info("after")
+        self.assertEqual(self.lines(), ["[test#info] held", "[test#info] after"])
+
+    def test_newReactor(self) -> None:
+        """
+        A turn's end the old reactor never got to (it stopped) does not hold
+        the lines logged under the next one.
+        """
+        batch_per_turn(Clock())
+        self.log.info("old")
+        batch_per_turn(None)
+        clock = Clock()
+        batch_per_turn(clock)
+        self.log.info("new")
+        clock.advance(0)
+        self.assertEqual(self.lines(), ["[test#info] old", "[test#info] new"])
+
+    def test_stdoutBatched(self) -> None:
+        """ipcd's text observer batches stdout's lines; a file given, not."""
+        stdout = WritesFile()
+        self.patch(logbatch, "_files", type(logbatch._files)())
+        self.patch(sys, "stdout", stdout)
+        on_stdout = Logger(namespace="test", observer=text_observer())
+        given = WritesFile()
+        on_given = Logger(namespace="test", observer=text_observer(given))
+        clock = Clock()
+        batch_per_turn(clock)
+        on_stdout.info("out")
+        on_given.info("given")
+        self.assertEqual((stdout.writes, len(given.writes)), ([], 1))
+        clock.advance(0)
+        self.assertEqual(len(stdout.writes), 1)
+
+
+class StopTests(TwistdCase):
+    """A real C{twistd -n ipcd}: its lines are all written when it stops."""
+
+    @inlineCallbacks
+    def test_everyDecisionLineAtStop(self) -> Any:
+        """
+        Lookups made right before SIGTERM each have their decision line in
+        the log once ipcd has stopped.
+        """
+        process, log = self.twistd("stopped")
+        yield self.started(process, log)
+
+        def lookups() -> None:
+            for _ in range(50):
+                connect(
+                    "pong",
+                    rundir=self.rundir,
+                    network="pong unix://pong",
+                    timeout=TIMEOUT,
+                ).close()
+
+        yield deferToThread(lookups)
+        process.send_signal(signal.SIGTERM)
+        code = yield deferToThread(process.wait, 30)
+        text = read_text(log)
+        self.assertIn(code, (0, -signal.SIGTERM), text)
+        decided = [line for line in text.splitlines() if "'pong' for pid" in line]
+        self.assertEqual(len(decided), 50, text)
+        self.assertTrue(text.rstrip().endswith("Server Shut Down."), text[-500:])
