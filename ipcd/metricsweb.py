@@ -31,8 +31,10 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import make_wsgi_app
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -317,6 +319,41 @@ class MetricsListener(EndpointListener):
         return gatherResults([stopped, joined], consumeErrors=True)
 
 
+class NetworkOnly:
+    """
+    An endpoint whose listening port must be on the network (IPv4 or IPv6):
+    twisted.web's WSGI fails every request from another kind of peer (a
+    500, and a traceback logged).  The configuration refuses the UNIX
+    endpoints it can name (C{unix:}, C{systemd:domain=UNIX}, C{haproxy:}
+    around them); this refuses, once it listens, any other that turns out
+    to be one (another plugin's wrapper, say): the port is closed and
+    listening fails with L{NotOnTheNetwork}.
+    """
+
+    def __init__(self, endpoint: Any) -> None:
+        self._endpoint = endpoint
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        def on_the_network(port: Any) -> Any:
+            host = port.getHost()
+            if isinstance(host, IPv4Address | IPv6Address):
+                return port
+            refused = NotOnTheNetwork(
+                f"metrics are served over TCP, and this endpoint listens on {host}"
+            )
+            stopped = maybeDeferred(port.stopListening)
+            return stopped.addBoth(lambda _: Failure(refused))
+
+        return self._endpoint.listen(factory).addCallback(on_the_network)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._endpoint, name)
+
+
+class NotOnTheNetwork(ValueError):
+    """The metrics' endpoint listens somewhere that is not IPv4 or IPv6."""
+
+
 def scrape_pool() -> ThreadPool:
     """
     The thread scrapes run in: one (a scrape takes a millisecond or so), of
@@ -364,7 +401,7 @@ def metrics_listener(
         peer_key=lambda transport: network_peer_key(transport.getPeer(), ipv4, ipv6),
     )
     listener = MetricsListener(
-        LimitedEndpoint(endpoint, limits), factory, pool, reactor
+        NetworkOnly(LimitedEndpoint(endpoint, limits)), factory, pool, reactor
     )
     listener.setName(NAME)
     return listener

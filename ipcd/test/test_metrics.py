@@ -583,6 +583,40 @@ class EndpointTests(SynchronousTestCase):
             self.assertIn("expected an endpoint string", str(error))
 
 
+class NetworkOnlyTests(TestCase):
+    """
+    The metrics' listener, made from an endpoint string the configuration
+    would have refused: it listens only on the network, whatever wraps what.
+    """
+
+    def listener(self, description: str) -> Any:
+        from twisted.internet import reactor
+
+        return metricsweb.metrics_listener(
+            reactor, description, metricsweb.CollectorRegistry(), Counter(), (32, 64)
+        )
+
+    @inlineCallbacks
+    def test_unixRefusedAndClosed(self) -> Any:
+        """On a UNIX socket it fails to listen, and nothing is left listening."""
+        path = os.path.join(short_rundir(self), "m")
+        listener = self.listener(f"unix:{path}")
+        error = yield self.assertFailure(listener.listen(), metricsweb.NotOnTheNetwork)
+        self.assertIn("served over TCP", str(error))
+        self.assertIn(path, str(error))
+        probe = socket.socket(socket.AF_UNIX)
+        self.addCleanup(probe.close)
+        self.assertRaises(OSError, probe.connect, path)
+
+    @inlineCallbacks
+    def test_tcpListens(self) -> Any:
+        """On TCP it listens, as ever."""
+        listener = self.listener("tcp:0:interface=127.0.0.1")
+        port = yield listener.listen()
+        self.addCleanup(port.stopListening)
+        self.assertEqual(port.getHost().host, "127.0.0.1")
+
+
 class DroppedLinesTests(SynchronousTestCase):
     """Log lines a rate limit leaves out are counted."""
 
