@@ -258,7 +258,6 @@ class TwistdCase(TestCase):
         )
 
 
-
 class TwistdTests(TwistdCase):
     """C{twistd -n ipcd}: started, used, stopped; two on one RUNDIR."""
 
