@@ -203,6 +203,9 @@ class LookupFactory(Factory):
         # Counted here rather than by a wrapping factory: lookups are the hot
         # path, and the protocol reads the peer's uid anyway.
         self.limits = limits
+        # Logger is a descriptor that makes a new Logger at each access:
+        # taken once, not per lookup.
+        self._at_accept_log = LookupProtocol.log
 
     def stopFactory(self) -> None:  # noqa: N802 (Twisted's name)
         if self.limits is not None:
@@ -225,5 +228,5 @@ class LookupFactory(Factory):
         on.
         """
         return serve_at_accept(
-            self.broker, self.limits, LookupProtocol.log, skt, close_later
+            self.broker, self.limits, self._at_accept_log, skt, close_later
         )
