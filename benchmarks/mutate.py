@@ -177,6 +177,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     ),
     "ataccept": ("ipcd/ataccept.py", None, _LOOKUP_TESTS),
     "decisionlog": ("ipcd/decisionlog.py", None, ("test_logs", *_LOOKUP_TESTS)),
+    "logbatch": ("ipcd/logbatch.py", None, ("test_logbatch",)),
     "ownsockets": ("ipcd/ownsockets.py", None, _LOOKUP_TESTS),
     "broker": (
         "ipcd/broker.py",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import signal
+import subprocess
 import sys
 from typing import Any
 
@@ -21,7 +22,7 @@ from ipcd import logbatch
 from ipcd.client import connect
 from ipcd.logbatch import TurnBatchedFile, batch_per_turn
 from ipcd.logs import ClassicTextFormatter, text_observer
-from ipcd.test.support import TIMEOUT, read_text
+from ipcd.test.support import TIMEOUT, python_env, read_text
 from ipcd.test.test_client import TwistdCase
 
 
@@ -78,16 +79,56 @@ class TurnBatchedFileTests(SynchronousTestCase):
         self.assertEqual(len(self.out.writes), 2)
         self.assertEqual(self.lines(), ["[test#info] one", "[test#info] two"])
 
-    def test_heldAtMost(self) -> None:
-        """A turn that logs more than the bound writes as the bound is reached."""
+    def test_oneCallPerTurn(self) -> None:
+        """However many lines a turn logs, one call waits for its end."""
+        clock = Clock()
+        batch_per_turn(clock)
+        for n in range(3):
+            self.log.info("line {n}", n=n)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+
+    def test_madeWhileAReactorRuns(self) -> None:
+        """A file made after the reactor was given batches too."""
+        clock = Clock()
+        batch_per_turn(clock)
         out = WritesFile()
-        batched = TurnBatchedFile(out, most=10)
-        batch_per_turn(Clock())
-        batched.write("12345")
+        batched = TurnBatchedFile(out)
+        batched.write("line\n")
         batched.flush()
         self.assertEqual(out.writes, [])
-        batched.write("67890")
+        clock.advance(0)
+        self.assertEqual(out.writes, ["line\n"])
+
+    def test_heldAtMost(self) -> None:
+        """
+        A turn that logs more than the bound writes as the bound is reached,
+        and the next turn counts from nothing.
+        """
+        out = WritesFile()
+        batched = TurnBatchedFile(out, most=10)
+        clock = Clock()
+        batch_per_turn(clock)
+        batched.write("123456789")
+        batched.flush()
+        self.assertEqual(out.writes, [])
+        batched.write("0")
         self.assertEqual(out.writes, ["1234567890"])
+        batched.write("abcdef")
+        batched.flush()
+        clock.advance(0)
+        batched.write("ghijklmno")
+        batched.flush()
+        self.assertEqual(out.writes, ["1234567890", "abcdef"])
+
+    def test_defaultBound(self) -> None:
+        """By default 64 KiB are held, no more."""
+        out = WritesFile()
+        batched = TurnBatchedFile(out)
+        batch_per_turn(Clock())
+        batched.write("x" * (64 * 1024 - 1))
+        self.assertEqual(out.writes, [])
+        batched.write("x")
+        self.assertEqual(len(out.writes), 1)
 
     def test_noReactorWritesWhatIsHeld(self) -> None:
         """Taking the reactor away writes what was held, then lines at once."""
@@ -128,6 +169,48 @@ class TurnBatchedFileTests(SynchronousTestCase):
         self.assertEqual((stdout.writes, len(given.writes)), ([], 1))
         clock.advance(0)
         self.assertEqual(len(stdout.writes), 1)
+
+
+class ProcessTests(SynchronousTestCase):
+    """ipcd's stdout log in a process of its own, as twistd's --logger."""
+
+    def run_python(self, code: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            env=python_env(),
+            timeout=TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout.decode("utf-8")
+
+    def test_beforeAnyReactor(self) -> None:
+        """
+        Before ipcd gives it a reactor (twistd's first lines), a line is
+        written as it is logged: it is there even if the process then ends
+        without any clean-up.
+        """
+        out = self.run_python(
+            "import os\n"
+            "from twisted.logger import Logger\n"
+            "from ipcd.logs import text_observer\n"
+            "Logger(namespace='t', observer=text_observer()).info('early')\n"
+            "os._exit(0)\n"
+        )
+        self.assertTrue(out.endswith("[t#info] early\n"), out)
+
+    def test_heldLinesAtExit(self) -> None:
+        """Lines still held when the process exits are written then."""
+        out = self.run_python(
+            "from twisted.internet.task import Clock\n"
+            "from twisted.logger import Logger\n"
+            "from ipcd.logbatch import batch_per_turn\n"
+            "from ipcd.logs import json_observer\n"
+            "batch_per_turn(Clock())  # whose turn never ends\n"
+            "Logger(namespace='t', observer=json_observer()).info('held')\n"
+        )
+        self.assertIn('"text": "held"', out)
 
 
 class StopTests(TwistdCase):
