@@ -31,8 +31,11 @@ class InheritedSocketError(ValueError):
     """An inherited socket ipcd will not adopt: one line, with the way out."""
 
 
-def _endpoint_fd(description: str) -> int | None:
-    """The descriptor Twisted's C{systemd:} parser gives, or None."""
+def inherited_fd(description: str) -> int | None:
+    """
+    The descriptor Twisted's C{systemd:} parser gives for C{description}
+    (C{systemd:domain=INET:name=udpd}, ...), or None: no such socket.
+    """
     from twisted.internet.endpoints import serverFromString
 
     try:
@@ -113,7 +116,7 @@ class InheritedSockets:
         if self._fds is None:
             fds: list[int] = []
             while (
-                fd := _endpoint_fd(f"systemd:domain=UNIX:index={len(fds)}")
+                fd := inherited_fd(f"systemd:domain=UNIX:index={len(fds)}")
             ) is not None:
                 fds.append(fd)
             self._fds = fds
@@ -127,7 +130,7 @@ class InheritedSockets:
         """
         if not self.fds():
             return None
-        named = _endpoint_fd(f"systemd:domain=UNIX:name={name}")
+        named = inherited_fd(f"systemd:domain=UNIX:name={name}")
         for fd in self.fds():
             if fd in self._taken:
                 continue

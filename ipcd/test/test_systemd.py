@@ -32,6 +32,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd import control
 from ipcd.compat import twisted as compat_twisted
+from ipcd.daemons.udp import wire as udpwire
 from ipcd.lookupport import adopt
 from ipcd.routes import encode_lookup
 from ipcd.sdnotify import Notifier, notify_address
@@ -47,6 +48,7 @@ from ipcd.test.support import (
     short_rundir,
     spawn,
 )
+from ipcd.test.udpsupport import handshake, udp_socket
 from ipcd.wire import encode
 
 DOCS = os.path.join(REPO, "docs")
@@ -554,6 +556,52 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
             "tcp:0:interface=127.0.0.1",
             f"ipcd: inherited socket ipc (fd 3) is not listening; give ipcd a "
             f"listening stream socket at {self.rundir}/ipc",
+        )
+
+    def test_udpdDatagramSocket(self) -> None:
+        """
+        udpd's listener as a ListenDatagram= socket, by name: ipcd answers a
+        real udpd handshake on the very socket the test made.
+        """
+        udp = self.listening_tcp(socket.SOCK_DGRAM)
+        process, _log = self.activated(
+            [udp],
+            ["udpd"],
+            "tcp:0:interface=127.0.0.1",
+            ("--udp", "systemd:domain=INET:name=udpd"),
+        )
+        self.wait_for(self.serving, process, "ipcd to serve")
+        client = udp_socket()
+        self.addCleanup(client.close)
+        answer, _got = handshake(client, udp.getsockname()[1])
+        self.assertIsInstance(answer, udpwire.Accepted)
+        self.assertIn(self.stop(process), (0, -signal.SIGTERM))
+
+    def test_udpdGivenAStream(self) -> None:
+        """A stream socket where udpd wants a datagram one: one line."""
+        self.refused(
+            [self.listening_tcp()],
+            "tcp:0:interface=127.0.0.1",
+            "ipcd: cannot make udpd's listener 'systemd:domain=INET:index=0': "
+            "fd 3 is not a datagram socket (ListenDatagram= makes one)",
+            ("--udp", "systemd:domain=INET:index=0"),
+        )
+
+    def test_udpdNoSuchSocket(self) -> None:
+        """A name systemd did not pass, or the wrong family: one line each."""
+        udp = self.listening_tcp(socket.SOCK_DGRAM)
+        self.refused(
+            [udp],
+            "tcp:0:interface=127.0.0.1",
+            "ipcd: cannot make udpd's listener 'systemd:domain=INET:name=udp': "
+            "systemd passed no such socket (use --udp ENDPOINT or --no-udp)",
+            ("--udp", "systemd:domain=INET:name=udp"),
+        )
+        self.refused(
+            [udp],
+            "tcp:0:interface=127.0.0.1",
+            "fd 3 is not of the family domain= says",
+            ("--udp", "systemd:domain=INET6:index=0"),
         )
 
     def test_namedButElsewhere(self) -> None:

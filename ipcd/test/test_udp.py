@@ -714,6 +714,31 @@ class ConfigTests(SynchronousTestCase):
             Options().parseOptions(["--udp", "tcp:9001"])
         self.assertIn("[udpd] listen: expected a listener like", str(caught.exception))
 
+    def test_systemdForms(self) -> None:
+        """
+        A socket systemd passes (ListenDatagram=), named as Twisted's
+        systemd: strings name stream ones: INET or INET6, an index or a name.
+        """
+        for taken in ("systemd:domain=INET:name=udpd", "systemd:domain=INET6:index=2"):
+            config = load_config(None, {"udpd": {"listen": taken}}, {})
+            self.assertEqual(config.daemons["udpd"]["listen"], taken)
+        for refused in (
+            "systemd:domain=UNIX:index=0",
+            "systemd:domain=INET",
+            "systemd:index=0",
+            "systemd:domain=INET:index=0:name=udpd",
+            "systemd:domain=INET:index=x",
+            "systemd:domain=INET:index=",
+            "systemd:domain=INET:domain=INET6:index=0",
+            "systemd:domain=INET:index=0:interface=127.0.0.1",
+        ):
+            with self.assertRaises(ConfigError) as caught:
+                load_config(None, {"udpd": {"listen": refused}}, {})
+            self.assertIn(
+                "systemd: domain=INET or INET6, and index=N or name=NAME",
+                str(caught.exception),
+            )
+
     def test_section(self) -> None:
         config = load_config(
             None,

@@ -14,13 +14,13 @@ C{twisted/plugins/ipcd_daemons.py}.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
-from twisted.internet.interfaces import IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
 from twisted.plugin import IPlugin
 from zope.interface import implementer
@@ -30,6 +30,7 @@ from ipcd.daemons import (
     IProtocolDaemon,
     ListeningDaemon,
     Setting,
+    StartupError,
     listener_settings,
     settings_of,
 )
@@ -60,14 +61,31 @@ class Listen:
     interface: str
 
 
-_LISTEN_FORM = "a listener like 'udp:9000:interface=127.0.0.1'"
+@dataclass(frozen=True)
+class Adopted:
+    """
+    C{systemd:domain=INET|INET6:name=NAME} (or C{index=N}): the datagram
+    socket systemd passed (C{ListenDatagram=}), as Twisted's C{systemd:}
+    strings name stream ones.
+    """
+
+    description: str
+    family: int
 
 
-def parse_listen(description: str) -> Listen:
-    """Parse udpd's listener; L{Expected} when it is not of that form."""
+_LISTEN_FORM = (
+    "a listener like 'udp:9000:interface=127.0.0.1' or 'systemd:domain=INET:name=udpd'"
+)
+_FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6}
+
+
+def parse_listen(description: str) -> Listen | Adopted:
+    """Parse udpd's listener; L{Expected} when it is not of those forms."""
     if not isinstance(description, str):
         raise Expected(_LISTEN_FORM)
     kind, _, rest = description.partition(":")
+    if kind == "systemd":
+        return _parse_adopted(description, rest)
     port_text, _, options = rest.partition(":")
     if kind != "udp" or not port_text.isdigit() or int(port_text) > 65535:
         raise Expected(_LISTEN_FORM)
@@ -81,6 +99,50 @@ def parse_listen(description: str) -> Listen:
         except ValueError:
             raise Expected(f"{_LISTEN_FORM} (interface: an IP address)") from None
     return Listen(int(port_text), interface)
+
+
+def _parse_adopted(description: str, arguments: str) -> Adopted:
+    """C{systemd:}'s arguments: a domain of INET or INET6, an index or a name."""
+    pairs = [argument.partition("=") for argument in arguments.split(":")]
+    given = {key: value for key, _, value in pairs}
+    family = _FAMILIES.get(given.get("domain", ""))
+    which = {"index", "name"} & given.keys()
+    if (
+        family is None
+        or len(given) != len(pairs)  # a key twice
+        or len(which) != 1
+        or not given.keys() <= {"domain", "index", "name"}
+        or not all(value for _, _, value in pairs)
+        or ("index" in given and not given["index"].isdigit())
+    ):
+        raise Expected(
+            f"{_LISTEN_FORM} (systemd: domain=INET or INET6, and index=N or name=NAME)"
+        )
+    return Adopted(description, family)
+
+
+def check_adopted(listen: Adopted) -> str | None:
+    """
+    Why the socket systemd passed for C{listen} cannot be udpd's listener
+    (none passed, not a datagram socket of that family, not bound), or None.
+    """
+    from ipcd.activation import inherited_fd, socket_copy
+
+    fd = inherited_fd(listen.description)
+    if fd is None:
+        return "systemd passed no such socket"
+    try:
+        sock = socket_copy(fd)
+    except OSError as e:
+        return f"not usable (fd {fd}: {e.strerror})"
+    with sock:
+        if sock.type != socket.SOCK_DGRAM:
+            return f"fd {fd} is not a datagram socket (ListenDatagram= makes one)"
+        if sock.family != listen.family:
+            return f"fd {fd} is not of the family domain= says"
+        if sock.getsockname()[1] == 0:
+            return f"fd {fd} is not bound to a port"
+    return None
 
 
 def listen_setting(value: Any) -> str:
@@ -106,26 +168,39 @@ def _count(value: Any) -> int:
 class UdpEndpoint:
     """udpd's listening address as an endpoint (Twisted has no UDP ones)."""
 
-    def __init__(self, reactor: IReactorUDP, listen: Listen) -> None:
+    def __init__(self, reactor: IHostReactor, listen: Listen | Adopted) -> None:
         self.reactor = reactor
         self.listen_at = listen
 
     def listen(self, protocol: DatagramProtocol) -> Deferred[Any]:
         """The UDP port, or CannotListenError (said in one line at start)."""
+        at = self.listen_at
+        if isinstance(at, Adopted):
+            from ipcd.activation import inherited_fd
+
+            # Checked before anything listened (UdpDaemon.verify).  Twisted
+            # listens on a duplicate, leaves systemd's descriptor open, and
+            # wants it non-blocking (or its read loop blocks the reactor).
+            fd = inherited_fd(at.description)
+            return maybeDeferred(self._adopt, fd, at.family, protocol)
         return maybeDeferred(
             self.reactor.listenUDP,
-            self.listen_at.port,
+            at.port,
             protocol,
-            interface=self.listen_at.interface,
+            interface=at.interface,
             maxPacketSize=READ_SIZE,
         )
+
+    def _adopt(self, fd: int, family: int, protocol: DatagramProtocol) -> Any:
+        os.set_blocking(fd, False)
+        return self.reactor.adoptDatagramPort(fd, family, protocol, READ_SIZE)
 
 
 class UdpListener(EndpointListener):
     """udpd's UDP port, as a service, its sessions ended when it stops."""
 
     def __init__(
-        self, reactor: IReactorUDP, listen: Listen, protocol: UdpServer
+        self, reactor: IHostReactor, listen: Listen | Adopted, protocol: UdpServer
     ) -> None:
         super().__init__(UdpEndpoint(reactor, listen), protocol)
         self.protocol = protocol
@@ -195,7 +270,10 @@ class UdpDaemon(ListeningDaemon):
         Setting("handshake_timeout", positive_number, 5.0, "RUNDIR/udp, seconds"),
     )
     default_listen = DEFAULT_LISTEN
-    listen_doc = f"'udp:PORT[:interface=ADDRESS]' (e.g. {DEFAULT_LISTEN})"
+    listen_doc = (
+        f"'udp:PORT[:interface=ADDRESS]' (e.g. {DEFAULT_LISTEN}), or "
+        "'systemd:domain=INET:name=NAME' for a socket systemd passes"
+    )
     off_doc = "Do not run udpd (the default)."
     service = UdpService
     restart_keys = ("enabled", "listen", "max_datagram")
@@ -227,7 +305,15 @@ class UdpDaemon(ListeningDaemon):
         }
 
     def verify(self, reactor: IHostReactor, settings: Mapping[str, Any]) -> None:
-        pass  # the listener's form was checked with the configuration
+        # The form was checked with the configuration; a socket systemd
+        # passed can only be looked at now.
+        listen = parse_listen(settings["listen"])
+        why = check_adopted(listen) if isinstance(listen, Adopted) else None
+        if why is not None:
+            raise StartupError(
+                f"cannot make udpd's listener {settings['listen']!r}: {why} "
+                f"({self.hint(ValueError())})"
+            )
 
 
 udpd = UdpDaemon()
