@@ -8,8 +8,10 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from importlib import metadata
 
 from twisted.application.service import IServiceMaker
@@ -153,6 +155,54 @@ class SourceTreeTests(SynchronousTestCase):
             if "__init__.py" in files:
                 name = os.path.relpath(top, tree).replace(os.sep, ".")
                 self.assertIn(name, listed, "missing from setup.cfg's packages")
+
+
+class SdistTests(SynchronousTestCase):
+    def test_unitsAndDocsShip(self) -> None:
+        """
+        The source distribution carries the systemd units and the docs that
+        describe them (MANIFEST.in), not only the package.
+        """
+        tree = source_tree()
+        try:
+            import setuptools.build_meta  # noqa: F401 (what builds it)
+        except ImportError:
+            raise SkipTest("setuptools is not installed here") from None
+        copy = os.path.join(os.path.abspath(self.mktemp()), "tree")
+        shutil.copytree(
+            tree,
+            copy,
+            ignore=shutil.ignore_patterns(
+                ".git", "build", "_trial_temp*", "*.egg-info", "__pycache__"
+            ),
+        )
+        out = os.path.join(copy, "dist")
+        built = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from setuptools import build_meta; "
+                "print(build_meta.build_sdist(sys.argv[1]))",
+                out,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=copy,
+        )
+        self.assertEqual(built.returncode, 0, built.stderr)
+        name = built.stdout.split()[-1]
+        with tarfile.open(os.path.join(out, name)) as sdist:
+            members = {m.split("/", 1)[1] for m in sdist.getnames() if "/" in m}
+        for shipped in (
+            "docs/ipcd.service",
+            "docs/ipcd.socket",
+            "docs/ipcd-tcp.socket",
+            "docs/operations-systemd.rst",
+            "ipcd/daemons/websocket/websocketc.html",
+            "twisted/plugins/ipcd_plugin.py",
+        ):
+            self.assertIn(shipped, members)
 
 
 class InstalledTests(SynchronousTestCase):
