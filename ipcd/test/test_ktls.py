@@ -23,6 +23,7 @@ from ipcd.daemons.tls.ktls import (
     cipher_of,
     crypto_info,
     ktls_available,
+    only_tickets,
     prf,
     tls12_keys,
     tls13_keys,
@@ -199,6 +200,24 @@ class RecordsTests(TestCase):
         records.feed(b"c" + record(23, b"")[:3])
         self.assertFalse(records.whole)
         self.assertEqual(records.count, 1)
+
+    def test_last(self) -> None:
+        """The last whole record is kept, however it came."""
+        records = Records()
+        first, second = record(23, b"first"), record(21, b"\x01\x00")
+        records.feed(first + second[:3])
+        self.assertEqual(records.last, first)
+        records.feed(second[3:])
+        self.assertEqual(records.last, second)
+
+    def test_only_tickets(self) -> None:
+        """Handshake messages that are all NewSessionTickets, whole."""
+        ticket = b"\x04\x00\x00\x02ab"
+        self.assertTrue(only_tickets(ticket))
+        self.assertTrue(only_tickets(ticket * 2))
+        self.assertFalse(only_tickets(ticket + b"\x18\x00\x00\x01\x00"))
+        self.assertFalse(only_tickets(ticket[:-1]))
+        self.assertFalse(only_tickets(b"\x18\x00\x00\x01\x00"))
 
     def test_records_before(self) -> None:
         records = Records(limit=2)
