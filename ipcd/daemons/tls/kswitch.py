@@ -41,6 +41,7 @@ from ipcd.daemons.tls.ktls import (
     VERSIONS,
     Cipher,
     Direction,
+    KernelRefused,
     Records,
     attach,
     cipher_of,
@@ -271,7 +272,7 @@ def to_kernel(secured: Any, client: bool) -> str:
         secured.unsent = secured.unsent[n:]
     try:
         attach(sock)
-    except OSError as e:  # nothing has changed
+        switch(sock, *settings)
+    except KernelRefused as e:  # nothing has changed
         return f"the kernel refused TLS on this socket ({e.strerror})"
-    switch(sock, *settings)
     return ""

@@ -333,9 +333,14 @@ def _probe() -> bool:
 def attach(sock: socket.socket) -> None:
     """
     Give connected TCP socket C{sock} the kernel's C{tls} upper-layer
-    protocol: nothing changes for its bytes until L{switch}.
+    protocol: nothing changes for its bytes until L{switch}.  L{KernelRefused}
+    (a kernel without it, a connection no longer established): nothing
+    has changed.
     """
-    sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+    except OSError as e:
+        raise KernelRefused(e.errno, e.strerror) from None
 
 
 def switch(
@@ -344,15 +349,24 @@ def switch(
     """
     Put TLS in C{sock}'s kernel (its C{tls} upper-layer protocol already
     set: L{attach}): from here, what is written is sealed into records, and
-    records read come out as plaintext.  Raises L{OSError} if the kernel
-    refuses (the socket is then unusable for TLS: close it).
+    records read come out as plaintext.  Receiving first: where a kernel
+    lacks the cipher, or the version, or TLS on receipt (before Linux
+    4.17), that first refusal leaves the socket plain TCP (L{KernelRefused});
+    an L{OSError} after it leaves the socket unusable for TLS: close it.
     """
+    try:
+        sock.setsockopt(
+            SOL_TLS, TLS_RX, crypto_info(version, cipher, rx.key, rx.iv, rx.sequence)
+        )
+    except OSError as e:
+        raise KernelRefused(e.errno, e.strerror) from None
     sock.setsockopt(
         SOL_TLS, TLS_TX, crypto_info(version, cipher, tx.key, tx.iv, tx.sequence)
     )
-    sock.setsockopt(
-        SOL_TLS, TLS_RX, crypto_info(version, cipher, rx.key, rx.iv, rx.sequence)
-    )
+
+
+class KernelRefused(OSError):
+    """The kernel refused TLS on a socket, which is plain TCP as before."""
 
 
 def kernel_settings(sock: socket.socket, direction: int = TLS_TX) -> bytes:
