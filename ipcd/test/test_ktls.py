@@ -23,7 +23,7 @@ from ipcd.daemons.tls.ktls import (
     cipher_of,
     crypto_info,
     ktls_available,
-    only_tickets,
+    not_ticket,
     prf,
     tls12_keys,
     tls13_keys,
@@ -210,14 +210,14 @@ class RecordsTests(TestCase):
         records.feed(second[3:])
         self.assertEqual(records.last, second)
 
-    def test_only_tickets(self) -> None:
-        """Handshake messages that are all NewSessionTickets, whole."""
-        ticket = b"\x04\x00\x00\x02ab"
-        self.assertTrue(only_tickets(ticket))
-        self.assertTrue(only_tickets(ticket * 2))
-        self.assertFalse(only_tickets(ticket + b"\x18\x00\x00\x01\x00"))
-        self.assertFalse(only_tickets(ticket[:-1]))
-        self.assertFalse(only_tickets(b"\x18\x00\x00\x01\x00"))
+    def test_not_ticket(self) -> None:
+        """The first handshake message that is not a whole NewSessionTicket."""
+        ticket, key_update = b"\x04\x00\x00\x02ab", b"\x18\x00\x00\x01\x00"
+        self.assertIsNone(not_ticket(ticket))
+        self.assertIsNone(not_ticket(ticket * 2))
+        self.assertEqual(not_ticket(ticket + key_update), 0x18)
+        self.assertEqual(not_ticket(key_update + ticket), 0x18)
+        self.assertEqual(not_ticket(ticket[:-1]), 4)  # cut short
 
     def test_records_before(self) -> None:
         records = Records(limit=2)

@@ -52,6 +52,8 @@ MiB = 1 << 20
 TICKET = b"\x04\x00\x00\x00"
 # A TLS 1.3 KeyUpdate, which this kernel's kTLS cannot follow.
 KEY_UPDATE = b"\x18\x00\x00\x01\x00"
+# A record of data no key opens.
+FORGED = b"\x17\x03\x03\x00\x20" + bytes(32)
 
 
 def send_record(sock: socket.socket, kind: int, body: bytes) -> None:
@@ -63,11 +65,14 @@ class SpliceTests(RunningEngineCase):
     if not ktls_available():
         skip = NO_ULP
 
-    def join(self) -> tuple[RelayStats, socket.socket, socket.socket]:
+    def join(
+        self, client_tx: bool = True
+    ) -> tuple[RelayStats, socket.socket, socket.socket]:
         """
         A relay of a kTLS socket (side A, the client's connection) and a
         UNIX socket (side B, the service's): the client's kTLS end and the
-        service's end, both blocking with a deadline.
+        service's end, both blocking with a deadline.  Without C{client_tx},
+        what the client writes goes on the wire as it is (forged records).
         """
         with socket.create_server(("127.0.0.1", 0)) as listener:
             client = socket.create_connection(listener.getsockname(), WAIT)
@@ -75,7 +80,8 @@ class SpliceTests(RunningEngineCase):
         self.addCleanup(client.close)
         keys = [(os.urandom(16), os.urandom(12)) for _ in range(2)]
         up, down = (crypto_info(TLS_1_3, key, iv, 0) for key, iv in keys)
-        switch(client, TLS_TX, up)
+        if client_tx:
+            switch(client, TLS_TX, up)
         switch(client, TLS_RX, down)
         switch(relayed, TLS_RX, up)
         switch(relayed, TLS_TX, down)
@@ -152,6 +158,37 @@ class SpliceTests(RunningEngineCase):
         yield self.ended(client, service, closing=False)
         self.assertEqual(stats.spliced, 4)
         self.assertTrue([line for line in said if "handshake message 18" in line], said)
+
+    @inlineCallbacks
+    def test_key_update_behind_a_ticket(self) -> Any:
+        """
+        A KeyUpdate behind a ticket in one record is not skipped with the
+        ticket: it ends the relay, saying so.
+        """
+        said = logged_lines(self)
+        stats, client, service = self.join()
+        self.engine.max_pipes = 0  # (read with its type either way)
+        send_record(client, HANDSHAKE, TICKET + KEY_UPDATE)
+        self.assertEqual((yield deferToThread(read_to_eof, service))[0], 0)
+        yield self.ended(client, service, closing=False)
+        self.assertTrue([line for line in said if "handshake message 18" in line], said)
+
+    @inlineCallbacks
+    def test_forged_record(self) -> Any:
+        """
+        A record the kernel cannot open (a peer's forgery, or wrong keys),
+        on a relay that copies (no pipe left): it ends with one line saying
+        so, not a logged failure with a traceback (trial fails a test that
+        logs one).  The service sees its end.
+        """
+        said = logged_lines(self)
+        self.engine.max_pipes = 0
+        stats, client, service = self.join(client_tx=False)
+        client.sendall(FORGED)
+        self.assertEqual((yield deferToThread(read_to_eof, service))[0], 0)
+        yield self.ended(client, service, closing=False)
+        refused = [line for line in said if "refused a TLS record" in line]
+        self.assertEqual(len(refused), 1, said)
 
     @inlineCallbacks
     def test_peer_close_notify(self) -> Any:

@@ -46,7 +46,7 @@ from ipcd.daemons.tls.ktls import (
     attach,
     cipher_of,
     ktls_available,
-    only_tickets,
+    not_ticket,
     open_record,
     switch,
     tls12_keys,
@@ -240,7 +240,7 @@ def _last_opens(version: int, cipher: Cipher, way: Direction, records: Records) 
         kind, body = open_record(version, cipher, last, records.last)
     except ValueError:
         return "the keys changed after the handshake"
-    if kind == HANDSHAKE and not only_tickets(body):
+    if kind == HANDSHAKE and not_ticket(body) is not None:
         if version == TLS13 or records.after_ccs > 1:  # (1.2: not its Finished)
             return "a handshake step after the handshake (key update, renegotiation)"
     return ""

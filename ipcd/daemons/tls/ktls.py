@@ -208,17 +208,19 @@ def open_record(
 NEW_SESSION_TICKET = 4  # its handshake message type
 
 
-def only_tickets(messages: bytes) -> bool:
+def not_ticket(messages: bytes) -> int | None:
     """
-    Whether handshake record C{messages} holds only whole NewSessionTickets
-    (nothing to act on: no key update, no new handshake).
+    The type of the first message in handshake record C{messages} that is
+    not a whole NewSessionTicket (a TLS 1.3 KeyUpdate's: 24), None if all
+    are: nothing to act on, no key update, no new handshake.
     """
     at = 0
-    while at + 4 <= len(messages):
-        if messages[at] != NEW_SESSION_TICKET:
-            return False
+    while at < len(messages):
+        kind = messages[at]
         at += 4 + int.from_bytes(messages[at + 1 : at + 4], "big")
-    return at == len(messages)
+        if kind != NEW_SESSION_TICKET or at > len(messages):
+            return kind
+    return None
 
 
 # Counting records.
