@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 import socket
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
-from ipcd.daemons.tls.kcodec import KernelSecured
+from ipcd.daemons.tls.kcodec import CONTROL_PER_READ, KernelSecured, KernelTlsCodec
 from ipcd.daemons.tls.ktls import (
     HANDSHAKE,
     SOL_TLS,
@@ -31,7 +32,7 @@ from ipcd.daemons.tls.ktls import (
     send_close_notify,
 )
 from ipcd.relay import RelayStats
-from ipcd.test.ktlssupport import NO_ULP, WAIT
+from ipcd.test.ktlssupport import NO_ULP, WAIT, tcp_pair, wait_queued
 from ipcd.test.support import (
     assert_no_fd_leak,
     logged_lines,
@@ -189,6 +190,31 @@ class SpliceTests(RunningEngineCase):
         yield self.ended(client, service, closing=False)
         refused = [line for line in said if "refused a TLS record" in line]
         self.assertEqual(len(refused), 1, said)
+
+    def test_tickets_do_not_hold_the_reactor(self) -> None:
+        """
+        A peer sending nothing but tickets: one read of its kTLS socket
+        (a relay that copies) takes at most L{CONTROL_PER_READ} of them and
+        returns, so the reactor goes on to others; the rest, and the data
+        behind them, come with the next reads.
+        """
+        with tcp_pair() as (client, relayed):
+            key, iv = os.urandom(16), os.urandom(12)
+            switch(client, TLS_TX, crypto_info(TLS_1_3, key, iv, 0))
+            tickets = 5 * CONTROL_PER_READ
+            for _ in range(tickets):
+                send_record(client, HANDSHAKE, TICKET)
+            client.sendall(b"end")
+            # Every record in the socket before the kernel reads any.
+            size = tickets * (5 + len(TICKET) + 1 + 16) + (5 + 3 + 1 + 16)
+            wait_queued(relayed, size)
+            switch(relayed, TLS_RX, crypto_info(TLS_1_3, key, iv, 0))
+            relayed.setblocking(False)
+            codec, side = KernelTlsCodec(relayed, bytearray(1024)), SimpleNamespace()
+            side.eof = False
+            reads = [codec.read(side) for _ in range(tickets // CONTROL_PER_READ + 1)]
+            self.assertEqual(reads, [0] * (tickets // CONTROL_PER_READ) + [3])
+            self.assertEqual(bytes(codec.buffer[:3]), b"end")
 
     @inlineCallbacks
     def test_peer_close_notify(self) -> Any:

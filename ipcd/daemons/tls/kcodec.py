@@ -42,6 +42,10 @@ from ipcd.daemons.tls.ktls import (
 from ipcd.relay import ICodec, RelayEnded
 from ipcd.relay.sides import NOTHING
 
+# Records that are not data taken by one read, at most (a TLS 1.3 server
+# sends a ticket or two; OpenSSL's relay takes one read's worth of records).
+CONTROL_PER_READ = 16
+
 # What the kernel says of a record from the peer it could not take (a bad
 # MAC, a size or version out of bounds): the peer's doing, not a fault.
 _BAD_RECORD = frozenset({errno.EBADMSG, errno.EMSGSIZE, errno.EINVAL})
@@ -81,7 +85,13 @@ class KernelTlsCodec:
         self.buffer = buffer
 
     def read(self, side: Any) -> int:
-        while True:
+        """
+        One read of data into the engine's buffer: bytes read.  Records
+        that are not data before it are taken, at most L{CONTROL_PER_READ}
+        (then 0, and the rest on the next turn): a peer sending nothing
+        but tickets must not hold the reactor.
+        """
+        for _ in range(CONTROL_PER_READ):
             try:
                 n = self.sock.recv_into(self.buffer)
             except (BlockingIOError, InterruptedError):
@@ -95,6 +105,7 @@ class KernelTlsCodec:
             if not n:
                 side.eof = True
             return n
+        return 0
 
     def control(self, side: Any) -> bool:
         """
