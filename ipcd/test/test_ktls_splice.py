@@ -13,6 +13,7 @@ Skipped where the kernel has no C{tls} upper-layer protocol; the VM test
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from types import SimpleNamespace
@@ -215,6 +216,28 @@ class SpliceTests(RunningEngineCase):
             reads = [codec.read(side) for _ in range(tickets // CONTROL_PER_READ + 1)]
             self.assertEqual(reads, [0] * (tickets // CONTROL_PER_READ) + [3])
             self.assertEqual(bytes(codec.buffer[:3]), b"end")
+
+    def test_end_with_a_full_send_buffer(self) -> None:
+        """
+        The relay's EOF towards a client whose socket's buffers are full
+        (it reads slowly): no room for the close_notify, so a FIN, which
+        the client reads after every byte; not no end at all (the client
+        would wait for one while the relay waits for its EOF).
+        """
+        with tcp_pair() as (client, relayed):
+            key, iv = os.urandom(16), os.urandom(12)
+            switch(relayed, TLS_TX, crypto_info(TLS_1_3, key, iv, 0))
+            switch(client, TLS_RX, crypto_info(TLS_1_3, key, iv, 0))
+            relayed.setblocking(False)
+            sent = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    sent += relayed.send(bytes(65536))
+            KernelTlsCodec(relayed, bytearray(16)).close()
+            got, how = read_to_end(client)
+            # (A close_notify if the buffer had room after all.)
+            self.assertEqual(len(got), sent)
+            self.assertIn(how, ("eof", "close_notify"))
 
     @inlineCallbacks
     def test_peer_close_notify(self) -> Any:

@@ -15,7 +15,8 @@ reads them); what is left to the codec is what a plain socket does not say.
     socket is then dead) ends the relay with a line saying so, as any
     other fault of the peer's.
   - Its own EOF is a close_notify, sent with its record type
-    (L{send_close_notify}): a plain close sends none.
+    (L{send_close_notify}): a plain close sends none; a TCP FIN where the
+    send buffer has no room for it.
   - A TCP EOF is an EOF: the client that holds the other end of a route
     handed over in kTLS ends it by closing its socket, with no close_notify
     (libipc messages are framed, so a cut one is seen by the service).
@@ -150,9 +151,14 @@ class KernelTlsCodec:
         return data
 
     def close(self) -> memoryview:
-        """Send the close_notify here (its record type is not the data's)."""
+        """
+        Send the close_notify here (its record type is not the data's).
+        When the send buffer is full, a FIN instead: the end without the
+        alert (as a client's own close), where nothing would follow (the
+        engine sends no FIN of its own on a side with a codec).
+        """
         try:
             send_close_notify(self.sock)
         except (BlockingIOError, InterruptedError):
-            pass  # the send buffer is full: the TCP FIN after it still ends it
+            self.sock.shutdown(socket.SHUT_WR)
         return NOTHING
