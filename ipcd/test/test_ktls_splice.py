@@ -24,6 +24,7 @@ from twisted.internet.threads import deferToThread
 
 from ipcd.daemons.tls.kcodec import CONTROL_PER_READ, KernelSecured, KernelTlsCodec
 from ipcd.daemons.tls.ktls import (
+    ALERT,
     HANDSHAKE,
     SOL_TLS,
     TLS_RX,
@@ -191,6 +192,23 @@ class SpliceTests(RunningEngineCase):
         yield self.ended(client, service, closing=False)
         refused = [line for line in said if "refused a TLS record" in line]
         self.assertEqual(len(refused), 1, said)
+
+    @inlineCallbacks
+    def test_long_alert(self) -> Any:
+        """
+        An alert record as long as a record gets (16 KiB), a fatal one
+        whose last byte is 0: the relay ends with a line that shows its
+        two bytes (not 32 KiB of hex), and it is not taken for a
+        close_notify.
+        """
+        said = logged_lines(self)
+        stats, client, service = self.join()
+        send_record(client, ALERT, b"\x02\x28" + bytes(16 * 1024 - 2))
+        self.assertEqual((yield deferToThread(read_to_eof, service))[0], 0)
+        yield self.ended(client, service, closing=False)
+        [line] = [line for line in said if "TLS alert" in line]
+        self.assertIn("TLS alert 0228 from the peer", line)
+        self.assertLess(len(line), 200)
 
     def test_tickets_do_not_hold_the_reactor(self) -> None:
         """

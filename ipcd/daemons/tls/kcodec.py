@@ -132,10 +132,14 @@ class KernelTlsCodec:
         except OSError as e:
             raise _refused(e) from None
         if kind == ALERT:
-            if data[-1:] == CLOSE_NOTIFY[-1:]:
+            # Its first alert's level and description: a close_notify's
+            # description is 0 (not its record's last byte), and a peer's
+            # longer record is not copied to the log.
+            alert = data[:2]
+            if alert[1:] == CLOSE_NOTIFY[1:]:
                 side.eof = True
                 return False
-            raise RelayEnded(f"TLS alert {data.hex()} from the peer")
+            raise RelayEnded(f"TLS alert {alert.hex()} from the peer")
         if kind == HANDSHAKE:
             other = not_ticket(data)
             if other is None:
