@@ -23,6 +23,7 @@ from ipcd.daemons.tls.ktls import (
     cipher_of,
     crypto_info,
     ktls_available,
+    not_ticket,
     prf,
     tls12_keys,
     tls13_keys,
@@ -199,6 +200,24 @@ class RecordsTests(TestCase):
         records.feed(b"c" + record(23, b"")[:3])
         self.assertFalse(records.whole)
         self.assertEqual(records.count, 1)
+
+    def test_last(self) -> None:
+        """The last whole record is kept, however it came."""
+        records = Records()
+        first, second = record(23, b"first"), record(21, b"\x01\x00")
+        records.feed(first + second[:3])
+        self.assertEqual(records.last, first)
+        records.feed(second[3:])
+        self.assertEqual(records.last, second)
+
+    def test_not_ticket(self) -> None:
+        """The first handshake message that is not a whole NewSessionTicket."""
+        ticket, key_update = b"\x04\x00\x00\x02ab", b"\x18\x00\x00\x01\x00"
+        self.assertIsNone(not_ticket(ticket))
+        self.assertIsNone(not_ticket(ticket * 2))
+        self.assertEqual(not_ticket(ticket + key_update), 0x18)
+        self.assertEqual(not_ticket(key_update + ticket), 0x18)
+        self.assertEqual(not_ticket(ticket[:-1]), 4)  # cut short
 
     def test_records_before(self) -> None:
         records = Records(limit=2)

@@ -18,7 +18,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from OpenSSL.SSL import (
@@ -35,7 +35,13 @@ from twisted.trial.unittest import TestCase
 
 from ipcd.daemons.tls import daemon, psk
 from ipcd.daemons.tls.kswitch import plan, watch, watchable
-from ipcd.daemons.tls.ktls import CHACHA20_POLY1305, TLS13, Direction, ktls_available
+from ipcd.daemons.tls.ktls import (
+    APPLICATION_DATA,
+    HANDSHAKE,
+    Direction,
+    ktls_available,
+    open_record,
+)
 from ipcd.test.support import wait_until
 from ipcd.test.test_tls import TlsTestCase
 from ipcd.test.test_tlsrelay import fast_sides
@@ -59,21 +65,26 @@ def _certificate() -> tuple[Any, Any]:
     return crypto.X509.from_cryptography(cert), crypto.PKey.from_cryptography_key(key)
 
 
-def open_record(version: int, cipher: Any, way: Direction, record: bytes) -> bytes:
-    """Decrypt one TLS record as the kernel would with C{way}: its plaintext."""
-    header, body = record[:5], record[5:]
+def open_data(version: int, cipher: Any, way: Direction, record: bytes) -> bytes:
+    """Decrypt one TLS record of data as the kernel would with C{way}."""
+    kind, plain = open_record(version, cipher, way, record)
+    assert kind == APPLICATION_DATA, kind
+    return plain
+
+
+def seal_record(way: Direction, kind: int, content: bytes) -> bytes:
+    """A TLS 1.3 AES-GCM record as a peer would make it with C{way}."""
     seq = way.sequence.to_bytes(8, "big")
-    aead = (ChaCha20Poly1305 if cipher is CHACHA20_POLY1305 else AESGCM)(way.key)
-    if version == TLS13 or cipher is CHACHA20_POLY1305:
-        nonce = bytes(a ^ b for a, b in zip(way.iv, bytes(4) + seq, strict=True))
-    else:  # TLS 1.2 GCM: salt and the record's explicit nonce
-        nonce, body = way.iv + body[:8], body[8:]
-    if version == TLS13:
-        inner = aead.decrypt(nonce, body, header).rstrip(b"\x00")
-        assert inner[-1] == 23, inner  # application data
-        return inner[:-1]
-    aad = seq + header[:3] + (len(body) - 16).to_bytes(2, "big")
-    return aead.decrypt(nonce, body, aad)
+    nonce = bytes(a ^ b for a, b in zip(way.iv, bytes(4) + seq, strict=True))
+    inner = content + bytes([kind])
+    header = b"\x17\x03\x03" + (len(inner) + 16).to_bytes(2, "big")
+    return header + AESGCM(way.key).encrypt(nonce, inner, header)
+
+
+# TLS 1.3 handshake messages: a NewSessionTicket (lifetime 3600 s, a
+# one-byte nonce, a 4-byte ticket) and a KeyUpdate asking for the peer's.
+TICKET = bytes.fromhex("0400001200000e100000000001000004616263640000")
+KEY_UPDATE = b"\x18\x00\x00\x01\x01"
 
 
 class PlanTests(TestCase):
@@ -149,12 +160,12 @@ class PlanTests(TestCase):
         # The next record each makes opens with the other's plan.
         server.send(b"to the client")
         self.assertEqual(
-            open_record(version, cipher, client_rx, server.bio_read(1 << 16)),
+            open_data(version, cipher, client_rx, server.bio_read(1 << 16)),
             b"to the client",
         )
         client.send(b"to the server")
         self.assertEqual(
-            open_record(version, cipher, server_rx, client.bio_read(1 << 16)),
+            open_data(version, cipher, server_rx, client.bio_read(1 << 16)),
             b"to the server",
         )
 
@@ -195,6 +206,48 @@ class PlanTests(TestCase):
         self.assertEqual(plan(client, True), "records received and not read yet")
         self.assertEqual(client.recv(1000), b"x" * 99)
         self.assertNotIsInstance(plan(client, True), str)
+
+    def test_key_update(self) -> None:
+        """
+        A TLS 1.3 KeyUpdate from the peer before the switch (OpenSSL took
+        the new keys, and answered with its own): no plan, where the count
+        of records would have given the kernel the old keys.  A ticket at
+        the same place changes nothing.
+        """
+        for message, planned in ((TICKET, True), (KEY_UPDATE, False)):
+            client, server = self.pair(TLS1_3_VERSION, tls13=b"TLS_AES_128_GCM_SHA256")
+            self.exchange(client, server)
+            _, _, server_tx, _ = plan(server, False)
+            client.bio_write(seal_record(server_tx, HANDSHAKE, message))
+            with self.assertRaises(WantReadError):
+                client.recv(1)
+            self.pump(client, server)  # its answer, if it has one, went out
+            on_client = plan(client, True)
+            if planned:
+                self.assertNotIsInstance(on_client, str)
+            else:
+                self.assertEqual(
+                    on_client,
+                    "a handshake step after the handshake (key update, renegotiation)",
+                )
+
+    def test_renegotiation(self) -> None:
+        """
+        A TLS 1.2 server asks for a renegotiation before the switch: its
+        client has begun a new handshake (a new client random, the old keys
+        still in use), so no plan.
+        """
+        client, server = self.pair(
+            TLS1_2_VERSION, tls12=b"ECDHE-ECDSA-AES128-GCM-SHA256"
+        )
+        self.exchange(client, server)
+        server.renegotiate()
+        server.do_handshake()  # its HelloRequest
+        client.bio_write(server.bio_read(1 << 16))
+        with self.assertRaises(WantReadError):
+            client.recv(1)
+        client.bio_read(1 << 16)  # its ClientHello, sent as to_kernel sends it
+        self.assertEqual(plan(client, True), "the keys changed after the handshake")
 
     def test_cipher_the_kernel_lacks(self) -> None:
         client, server = self.pair(TLS1_3_VERSION, tls13=b"TLS_AES_128_CCM_SHA256")

@@ -12,12 +12,14 @@ import errno
 import hashlib
 import os
 import socket
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
-from ipcd.daemons.tls.ktls import kernel_settings, recv_record
+from ipcd.daemons.tls import kswitch
+from ipcd.daemons.tls.ktls import AES_128_GCM, kernel_settings, recv_record
 from ipcd.test.support import assert_no_fd_leak, fd_baseline, wait_until
 from ipcd.test.tcpsupport import digest_service
 from ipcd.test.test_ktls import needs_ktls
@@ -162,6 +164,28 @@ class KernelRouteTests(TlsTestCase):
         moved = (len(data), len(expected))
         self.assertEqual((shown["bytes_in"], shown["bytes_out"]), moved)
         self.assertEqual(shown["bytes_spliced"], sum(moved))
+
+    @inlineCallbacks
+    def test_cipher_the_kernel_refuses(self) -> Any:
+        """
+        A cipher the kernel refuses when it is given the keys (as a kernel
+        before 5.11 refuses ChaCha20-Poly1305; here, a cipher number no
+        kernel has): each host keeps that connection on its relay, which
+        works, and says why; no connection is lost.
+        """
+        unknown = replace(AES_128_GCM, kernel=250)
+        self.patch(kswitch, "cipher_of", lambda name: unknown)
+        a, b = yield self.hosts()
+        sock = yield self.assertPong(a, b.route("pong"))
+        self.assertEqual(sock.family, socket.AF_UNIX)
+        self.assertEqual((fast_sides(a), fast_sides(b)), (2, 2))
+        self.assertEqual(kernel_relays(b), [])
+        refused = "relaying TLS, not kernel TLS: the kernel refused TLS on this socket"
+        yield wait_until(
+            lambda: sum(refused in line for line in self.logged) == 2,
+            "both hosts to say the kernel refused the cipher",
+        )
+        sock.close()
 
     @inlineCallbacks
     def test_off(self) -> Any:

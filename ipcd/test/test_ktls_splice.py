@@ -13,15 +13,18 @@ Skipped where the kernel has no C{tls} upper-layer protocol; the VM test
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
-from ipcd.daemons.tls.kcodec import KernelSecured
+from ipcd.daemons.tls.kcodec import CONTROL_PER_READ, KernelSecured, KernelTlsCodec
 from ipcd.daemons.tls.ktls import (
+    ALERT,
     HANDSHAKE,
     SOL_TLS,
     TLS_RX,
@@ -31,7 +34,7 @@ from ipcd.daemons.tls.ktls import (
     send_close_notify,
 )
 from ipcd.relay import RelayStats
-from ipcd.test.ktlssupport import NO_ULP, WAIT
+from ipcd.test.ktlssupport import NO_ULP, WAIT, tcp_pair, wait_queued
 from ipcd.test.support import (
     assert_no_fd_leak,
     logged_lines,
@@ -52,6 +55,8 @@ MiB = 1 << 20
 TICKET = b"\x04\x00\x00\x00"
 # A TLS 1.3 KeyUpdate, which this kernel's kTLS cannot follow.
 KEY_UPDATE = b"\x18\x00\x00\x01\x00"
+# A record of data no key opens.
+FORGED = b"\x17\x03\x03\x00\x20" + bytes(32)
 
 
 def send_record(sock: socket.socket, kind: int, body: bytes) -> None:
@@ -63,11 +68,14 @@ class SpliceTests(RunningEngineCase):
     if not ktls_available():
         skip = NO_ULP
 
-    def join(self) -> tuple[RelayStats, socket.socket, socket.socket]:
+    def join(
+        self, client_tx: bool = True
+    ) -> tuple[RelayStats, socket.socket, socket.socket]:
         """
         A relay of a kTLS socket (side A, the client's connection) and a
         UNIX socket (side B, the service's): the client's kTLS end and the
-        service's end, both blocking with a deadline.
+        service's end, both blocking with a deadline.  Without C{client_tx},
+        what the client writes goes on the wire as it is (forged records).
         """
         with socket.create_server(("127.0.0.1", 0)) as listener:
             client = socket.create_connection(listener.getsockname(), WAIT)
@@ -75,7 +83,8 @@ class SpliceTests(RunningEngineCase):
         self.addCleanup(client.close)
         keys = [(os.urandom(16), os.urandom(12)) for _ in range(2)]
         up, down = (crypto_info(TLS_1_3, key, iv, 0) for key, iv in keys)
-        switch(client, TLS_TX, up)
+        if client_tx:
+            switch(client, TLS_TX, up)
         switch(client, TLS_RX, down)
         switch(relayed, TLS_RX, up)
         switch(relayed, TLS_TX, down)
@@ -152,6 +161,101 @@ class SpliceTests(RunningEngineCase):
         yield self.ended(client, service, closing=False)
         self.assertEqual(stats.spliced, 4)
         self.assertTrue([line for line in said if "handshake message 18" in line], said)
+
+    @inlineCallbacks
+    def test_key_update_behind_a_ticket(self) -> Any:
+        """
+        A KeyUpdate behind a ticket in one record is not skipped with the
+        ticket: it ends the relay, saying so.
+        """
+        said = logged_lines(self)
+        stats, client, service = self.join()
+        self.engine.max_pipes = 0  # (read with its type either way)
+        send_record(client, HANDSHAKE, TICKET + KEY_UPDATE)
+        self.assertEqual((yield deferToThread(read_to_eof, service))[0], 0)
+        yield self.ended(client, service, closing=False)
+        self.assertTrue([line for line in said if "handshake message 18" in line], said)
+
+    @inlineCallbacks
+    def test_forged_record(self) -> Any:
+        """
+        A record the kernel cannot open (a peer's forgery, or wrong keys),
+        on a relay that copies (no pipe left): it ends with one line saying
+        so, not a logged failure with a traceback (trial fails a test that
+        logs one).  The service sees its end.
+        """
+        said = logged_lines(self)
+        self.engine.max_pipes = 0
+        stats, client, service = self.join(client_tx=False)
+        client.sendall(FORGED)
+        self.assertEqual((yield deferToThread(read_to_eof, service))[0], 0)
+        yield self.ended(client, service, closing=False)
+        refused = [line for line in said if "refused a TLS record" in line]
+        self.assertEqual(len(refused), 1, said)
+
+    @inlineCallbacks
+    def test_long_alert(self) -> Any:
+        """
+        An alert record as long as a record gets (16 KiB), a fatal one
+        whose last byte is 0: the relay ends with a line that shows its
+        two bytes (not 32 KiB of hex), and it is not taken for a
+        close_notify.
+        """
+        said = logged_lines(self)
+        stats, client, service = self.join()
+        send_record(client, ALERT, b"\x02\x28" + bytes(16 * 1024 - 2))
+        self.assertEqual((yield deferToThread(read_to_eof, service))[0], 0)
+        yield self.ended(client, service, closing=False)
+        [line] = [line for line in said if "TLS alert" in line]
+        self.assertIn("TLS alert 0228 from the peer", line)
+        self.assertLess(len(line), 200)
+
+    def test_tickets_do_not_hold_the_reactor(self) -> None:
+        """
+        A peer sending nothing but tickets: one read of its kTLS socket
+        (a relay that copies) takes at most L{CONTROL_PER_READ} of them and
+        returns, so the reactor goes on to others; the rest, and the data
+        behind them, come with the next reads.
+        """
+        with tcp_pair() as (client, relayed):
+            key, iv = os.urandom(16), os.urandom(12)
+            switch(client, TLS_TX, crypto_info(TLS_1_3, key, iv, 0))
+            tickets = 5 * CONTROL_PER_READ
+            for _ in range(tickets):
+                send_record(client, HANDSHAKE, TICKET)
+            client.sendall(b"end")
+            # Every record in the socket before the kernel reads any.
+            size = tickets * (5 + len(TICKET) + 1 + 16) + (5 + 3 + 1 + 16)
+            wait_queued(relayed, size)
+            switch(relayed, TLS_RX, crypto_info(TLS_1_3, key, iv, 0))
+            relayed.setblocking(False)
+            codec, side = KernelTlsCodec(relayed, bytearray(1024)), SimpleNamespace()
+            side.eof = False
+            reads = [codec.read(side) for _ in range(tickets // CONTROL_PER_READ + 1)]
+            self.assertEqual(reads, [0] * (tickets // CONTROL_PER_READ) + [3])
+            self.assertEqual(bytes(codec.buffer[:3]), b"end")
+
+    def test_end_with_a_full_send_buffer(self) -> None:
+        """
+        The relay's EOF towards a client whose socket's buffers are full
+        (it reads slowly): no room for the close_notify, so a FIN, which
+        the client reads after every byte; not no end at all (the client
+        would wait for one while the relay waits for its EOF).
+        """
+        with tcp_pair() as (client, relayed):
+            key, iv = os.urandom(16), os.urandom(12)
+            switch(relayed, TLS_TX, crypto_info(TLS_1_3, key, iv, 0))
+            switch(client, TLS_RX, crypto_info(TLS_1_3, key, iv, 0))
+            relayed.setblocking(False)
+            sent = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    sent += relayed.send(bytes(65536))
+            KernelTlsCodec(relayed, bytearray(16)).close()
+            got, how = read_to_end(client)
+            # (A close_notify if the buffer had room after all.)
+            self.assertEqual(len(got), sent)
+            self.assertIn(how, ("eof", "close_notify"))
 
     @inlineCallbacks
     def test_peer_close_notify(self) -> Any:

@@ -7,10 +7,20 @@ outbound side dials C{openssl s_server} with a PSK and with a certificate.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
+import socket
+import struct
 from typing import Any
 
+from OpenSSL.SSL import (
+    TLS_CLIENT_METHOD,
+    Connection,
+    Context,
+    SysCallError,
+    ZeroReturnError,
+)
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ProcessExitedAlready
@@ -18,6 +28,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
+from ipcd.daemons.tls import psk
 from ipcd.test.support import free_port, lookup, recv_upto, wait_until
 from ipcd.test.tcpsupport import digest_service
 from ipcd.test.test_tls import TlsTestCase
@@ -175,16 +186,62 @@ def s_client_to_digest(case: TlsTestCase, *options: str) -> Any:
     return b, service, client
 
 
+def bare_fin_client(port: int, data: bytes) -> bytes:
+    """
+    A TLS client that ends as a client holding a kernel TLS socket does
+    (its C{shutdown(SHUT_WR)} or close is a TCP FIN, with no close_notify):
+    asks for digest with alice's key, sends C{data}, shuts its sending
+    side, and reads until the far end's close_notify or EOF: what it read.
+    """
+    context = Context(TLS_CLIENT_METHOD)
+    psk.use_client_key(context, "alice", bytes.fromhex(ALICE_KEY))
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        # Blocking (as pyOpenSSL wants it), each wait bounded.
+        bound = struct.pack("ll", 30, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, bound)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, bound)
+        tls = Connection(context, sock)
+        tls.set_connect_state()
+        tls.sendall(b"digest")
+        assert recv_upto_tls(tls, 2) == b"ok"
+        tls.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_upto_tls(tls, 1 << 20)
+
+
+def recv_upto_tls(tls: Connection, size: int) -> bytes:
+    """Read C{tls} up to C{size} bytes, its close_notify or its EOF."""
+    data = b""
+    while len(data) < size:
+        try:
+            data += tls.recv(size - len(data))
+        except (ZeroReturnError, SysCallError):
+            break
+    return data
+
+
 class TruncationTests(TlsTestCase):
     """
-    A TLS peer's TCP EOF without a close_notify (C{openssl s_client}
-    killed) is a truncation, not an EOF: the relay on raw sockets ends at
-    once, though the service keeps its side open (an EOF would reach the
-    service as a half-close, and the relay would wait for it).
+    A TLS peer's TCP EOF without a close_notify is an EOF (as on a kernel
+    TLS relay): a client on a host that handed it the kernel TLS socket
+    ends that way, and the service's answer must still reach it when this
+    host's connection is on the relay (a kernel without kTLS, a connection
+    that could not switch).  C{openssl s_client} killed is the same end.
     """
 
     @inlineCallbacks
-    def test_truncationEndsRelay(self) -> Any:
+    def test_bareFinIsAnEof(self) -> Any:
+        b = yield self.psk_server(["allow in digest psk:alice"], alice=ALICE_KEY)
+        self.patch(b.tls_state, "kernel_tls", lambda: False)  # (in the VM too)
+        digest_service(self, b.rundir, "digest")
+        data = os.urandom(300_000)
+        answer = yield deferToThread(bare_fin_client, b.port, data)
+        expected = f"{len(data)} {hashlib.sha256(data).hexdigest()}".encode()
+        self.assertEqual(answer, expected)
+        yield wait_until(lambda: not b.broker.relays, "the relay to end")
+
+    @inlineCallbacks
+    def test_killedClient(self) -> Any:
         b, service, client = yield s_client_to_digest(self)
         yield wait_until(
             lambda: len(b.tls_state.socket_relays.sides()) == 2,
@@ -196,11 +253,12 @@ class TruncationTests(TlsTestCase):
             "the bytes to reach the service",
         )
         client.transport.signalProcess("KILL")
-        yield wait_until(lambda: not b.broker.relays, "the relay to end")
-        self.assertEqual(b.tls_state.socket_relays.sides(), [])
-        # The service's socket was closed under it: it reads an end.
+        # The service reads an end; its side closed, the relay ends.
         [digest] = service.connections
         yield wait_until(lambda: digest.eof, "the service to read the end")
+        digest.transport.loseConnection()
+        yield wait_until(lambda: not b.broker.relays, "the relay to end")
+        self.assertEqual(b.tls_state.socket_relays.sides(), [])
 
 
 @inlineCallbacks

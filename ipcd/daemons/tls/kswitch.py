@@ -12,6 +12,11 @@ exact: every record received was read by OpenSSL and nothing it decrypted
 is waiting, every record it made is sent.  Otherwise it says why, changes
 nothing, and the connection stays on the relay.
 
+The count is checked on the stream itself: the last record each way must
+open with the keys and sequence number the kernel would get, and be no
+handshake step that changes the keys (a TLS 1.3 KeyUpdate, a TLS 1.2
+renegotiation), which OpenSSL follows and the count cannot.
+
 Sequence numbers: TLS 1.2 counts records after each side's
 ChangeCipherSpec (its Finished is 0).  TLS 1.3's application keys start
 where the handshake ends: records received after the peer's Finished; on
@@ -24,19 +29,25 @@ from __future__ import annotations
 
 import socket
 import weakref
+from dataclasses import replace
 from typing import Any
 
 from OpenSSL.SSL import TLS_METHOD, Connection, Context, WantReadError
 
 from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.daemons.tls.ktls import (
+    HANDSHAKE,
     TLS13,
     VERSIONS,
+    Cipher,
     Direction,
+    KernelRefused,
     Records,
     attach,
     cipher_of,
     ktls_available,
+    not_ticket,
+    open_record,
     switch,
     tls12_keys,
     tls13_keys,
@@ -208,7 +219,31 @@ def plan(
         )
     watch.secrets.clear()
     mine, theirs = (client_key, server_key) if client else (server_key, client_key)
-    return version, cipher, Direction(*mine, sent), Direction(*theirs, received)
+    tx, rx = Direction(*mine, sent), Direction(*theirs, received)
+    why = _last_opens(version, cipher, tx, watch.out) or _last_opens(
+        version, cipher, rx, watch.into
+    )
+    return why or (version, cipher, tx, rx)
+
+
+def _last_opens(version: int, cipher: Cipher, way: Direction, records: Records) -> str:
+    """
+    Why the last record of C{records} says C{way} is not what the kernel
+    must take; "" if it opens with its keys at its sequence number, and is
+    no handshake step that changes them (a TLS 1.3 KeyUpdate, a TLS 1.2
+    renegotiation: OpenSSL followed it, the record count cannot).
+    """
+    if not way.sequence:
+        return ""  # nothing under these keys yet
+    last = replace(way, sequence=way.sequence - 1)
+    try:
+        kind, body = open_record(version, cipher, last, records.last)
+    except ValueError:
+        return "the keys changed after the handshake"
+    if kind == HANDSHAKE and not_ticket(body) is not None:
+        if version == TLS13 or records.after_ccs > 1:  # (1.2: not its Finished)
+            return "a handshake step after the handshake (key update, renegotiation)"
+    return ""
 
 
 def to_kernel(secured: Any, client: bool) -> str:
@@ -237,7 +272,7 @@ def to_kernel(secured: Any, client: bool) -> str:
         secured.unsent = secured.unsent[n:]
     try:
         attach(sock)
-    except OSError as e:  # nothing has changed
+        switch(sock, *settings)
+    except KernelRefused as e:  # nothing has changed
         return f"the kernel refused TLS on this socket ({e.strerror})"
-    switch(sock, *settings)
     return ""

@@ -10,7 +10,8 @@ randoms), the sequence number of each direction (records already made or
 taken under those keys: L{Records} counts them on the record stream), and
 the kernel's socket options (linux/tls.h).
 
-The pure parts (key schedules, L{crypto_info}, L{Records}) are here with
+The pure parts (key schedules, L{crypto_info}, L{Records}, L{open_record})
+are here with
 the socket parts (L{ktls_available}, L{switch}, L{send_close_notify},
 L{recv_record}, L{peek_record_type}); which connection switches, and
 when, is L{ipcd.daemons.tls.kswitch}'s.
@@ -23,6 +24,9 @@ import hmac
 import socket
 import struct
 from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 # linux/tcp.h, linux/tls.h and linux/socket.h: not all in Python's socket.
 TCP_ULP = getattr(socket, "TCP_ULP", 31)
@@ -160,6 +164,65 @@ def crypto_info(
     return struct.pack("=HH", version, cipher.kernel) + explicit + key + salt + seq
 
 
+@dataclass(frozen=True)
+class Direction:
+    """One direction's key, IV (see L{crypto_info}) and next sequence number."""
+
+    key: bytes
+    iv: bytes
+    sequence: int
+
+
+def open_record(
+    version: int, cipher: Cipher, way: Direction, record: bytes
+) -> tuple[int, bytes]:
+    """
+    Open one whole TLS record (header and body) as the kernel would with
+    C{way} (key, IV, and this record's sequence number): its content type
+    (TLS 1.3: the inner one) and plaintext.  L{ValueError} if it does not
+    open with them.
+    """
+    header, body = record[:5], record[5:]
+    seq = way.sequence.to_bytes(8, "big")
+    aead = (ChaCha20Poly1305 if cipher is CHACHA20_POLY1305 else AESGCM)(way.key)
+    if version == TLS13 or not cipher.salt_size:
+        nonce = bytes(a ^ b for a, b in zip(way.iv, bytes(4) + seq, strict=True))
+    else:  # TLS 1.2 GCM: the salt and the record's explicit nonce
+        nonce, body = way.iv + body[:8], body[8:]
+    if version == TLS13:
+        aad = header
+    else:
+        aad = seq + header[:3] + max(len(body) - 16, 0).to_bytes(2, "big")
+    try:
+        plain = aead.decrypt(nonce, body, aad)
+    except (InvalidTag, ValueError):
+        raise ValueError("the record does not open with these keys") from None
+    if version != TLS13:
+        return header[0], plain
+    inner = plain.rstrip(b"\x00")
+    if not inner:
+        raise ValueError("a TLS 1.3 record with no content type")
+    return inner[-1], inner[:-1]
+
+
+NEW_SESSION_TICKET = 4  # its handshake message type
+
+
+def not_ticket(messages: bytes) -> int | None:
+    """
+    The type of the first message in handshake record C{messages} that is
+    not a whole NewSessionTicket (a TLS 1.3 KeyUpdate's: 24), None if all
+    are: nothing to act on, no key update, no new handshake.
+    """
+    at = 0
+    while at < len(messages):
+        kind = messages[at]
+        at += 4 + int.from_bytes(messages[at + 1 : at + 4], "big")
+        if kind != NEW_SESSION_TICKET or at > len(messages):
+            return kind
+    return None
+
+
 # Counting records.
 
 
@@ -167,8 +230,9 @@ class Records:
     """
     One direction of a TLS connection's record stream, as bytes pass by:
     how many records have passed whole, where each ended (the first
-    C{limit}: a switch is made early, or not at all), and how many came
-    after the last ChangeCipherSpec (TLS 1.2's count under the new keys).
+    C{limit}: a switch is made early, or not at all), how many came after
+    the last ChangeCipherSpec (TLS 1.2's count under the new keys), and
+    the last whole record (C{last}: the switch checks its keys on it).
     """
 
     def __init__(self, limit: int = 64) -> None:
@@ -178,6 +242,8 @@ class Records:
         self.ends: list[int] = []
         self.after_ccs = 0
         self.overflow = False
+        self.last = b""
+        self._record = bytearray()  # the current record so far
         self._header = b""
         self._left = 0  # body bytes of the current record still to come
         self._type = 0
@@ -187,6 +253,7 @@ class Records:
         while at < size:
             if self._left:
                 step = min(self._left, size - at)
+                self._record += view[at : at + step]
                 self._left -= step
                 at += step
                 if not self._left:
@@ -198,6 +265,7 @@ class Records:
             if len(self._header) == 5:
                 self._type = self._header[0]
                 self._left = int.from_bytes(self._header[3:5], "big")
+                self._record = bytearray(self._header)
                 self._header = b""
                 if not self._left:
                     self._ended(self.total + at)
@@ -205,6 +273,7 @@ class Records:
 
     def _ended(self, end: int) -> None:
         self.count += 1
+        self.last = bytes(self._record)
         if self._type == CHANGE_CIPHER_SPEC:
             self.after_ccs = 0
         else:
@@ -263,21 +332,17 @@ def _probe() -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class Direction:
-    """One direction's key, IV (see L{crypto_info}) and next sequence number."""
-
-    key: bytes
-    iv: bytes
-    sequence: int
-
-
 def attach(sock: socket.socket) -> None:
     """
     Give connected TCP socket C{sock} the kernel's C{tls} upper-layer
-    protocol: nothing changes for its bytes until L{switch}.
+    protocol: nothing changes for its bytes until L{switch}.  L{KernelRefused}
+    (a kernel without it, a connection no longer established): nothing
+    has changed.
     """
-    sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+    except OSError as e:
+        raise KernelRefused(e.errno, e.strerror) from None
 
 
 def switch(
@@ -286,15 +351,24 @@ def switch(
     """
     Put TLS in C{sock}'s kernel (its C{tls} upper-layer protocol already
     set: L{attach}): from here, what is written is sealed into records, and
-    records read come out as plaintext.  Raises L{OSError} if the kernel
-    refuses (the socket is then unusable for TLS: close it).
+    records read come out as plaintext.  Receiving first: where a kernel
+    lacks the cipher, or the version, or TLS on receipt (before Linux
+    4.17), that first refusal leaves the socket plain TCP (L{KernelRefused});
+    an L{OSError} after it leaves the socket unusable for TLS: close it.
     """
+    try:
+        sock.setsockopt(
+            SOL_TLS, TLS_RX, crypto_info(version, cipher, rx.key, rx.iv, rx.sequence)
+        )
+    except OSError as e:
+        raise KernelRefused(e.errno, e.strerror) from None
     sock.setsockopt(
         SOL_TLS, TLS_TX, crypto_info(version, cipher, tx.key, tx.iv, tx.sequence)
     )
-    sock.setsockopt(
-        SOL_TLS, TLS_RX, crypto_info(version, cipher, rx.key, rx.iv, rx.sequence)
-    )
+
+
+class KernelRefused(OSError):
+    """The kernel refused TLS on a socket, which is plain TCP as before."""
 
 
 def kernel_settings(sock: socket.socket, direction: int = TLS_TX) -> bytes:

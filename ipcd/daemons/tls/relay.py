@@ -19,14 +19,15 @@ decrypted that OpenSSL has not handed out.  Records Twisted made and had
 not sent yet go first.
 
 On the engine, a plain side's EOF goes to the TLS side as a close_notify,
-a close_notify on to the plain side as C{shutdown(SHUT_WR)}; a TCP EOF
-without a close_notify (a truncation is not an EOF) and a TLS error end
-the relay; a relay that ends sends a close_notify if it goes at once.
+a close_notify on to the plain side as C{shutdown(SHUT_WR)}, and so does
+a TCP EOF without one (as on a kernel TLS relay: the far host may have
+handed its client the kernel TLS socket, whose close sends none); a TLS
+error ends the relay; a relay that ends sends a close_notify if it goes
+at once.
 """
 
 from __future__ import annotations
 
-import errno
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -180,9 +181,12 @@ class TlsCodec:
         except (BlockingIOError, InterruptedError):
             return 0
         if not n:
-            # A TCP EOF before any close_notify: cut short, as by a reset
-            # (not passed on as a clean EOF).
-            raise ConnectionResetError(errno.ECONNRESET, "TLS connection cut short")
+            # A TCP EOF without a close_notify: an EOF, passed on, as on a
+            # kernel TLS relay (a client ends the kernel TLS socket it was
+            # handed so; the service sees the same end as after a reset,
+            # and a message cut short by libipc's framing).
+            side.eof = True
+            return 0
         if _lib.BIO_write(self.into, shared.records_pointer, n) != n:
             raise RelayEnded("OpenSSL did not take the records read")
         ssl, plain, got, size = self.ssl, shared.plain, 0, shared.size
