@@ -67,10 +67,12 @@ class Pipes:
             os.close(pipe[0])
             os.close(pipe[1])
 
-    def _splice_in(self, side: Side) -> None:
+    def _splice_in(self, side: Side) -> bool:
         """
-        A streaming side's read: into its pipe, and on to the peer.  A
-        kernel TLS socket gives one record per splice: while whole ones
+        A streaming side's read: into its pipe, and on to the peer; whether
+        all of it was passed on (then, as for a copy taken whole, nothing
+        about the relay's registration has changed: no EOF, the pipe empty).
+        A kernel TLS socket gives one record per splice: while whole ones
         come, the pipe takes more before it is passed on.
         """
         pipe = side.pipe
@@ -90,17 +92,17 @@ class Pipes:
                 if e.errno == errno.EINVAL and _took_control(side):
                     if side.eof:  # its stream's own end (a close_notify)
                         self._eof(side)
-                        return
+                        return False
                     continue  # splice what follows
                 # Not for these sockets after all: back to copying, for good.
                 self._splice = False
                 self.log.warn("splice(2) refused ({error}); relays copy", error=e)
                 self._close_pipe(side)
-                return
+                return False
             if not count:
                 if not side.piped:
                     self._eof(side)
-                    return
+                    return False
                 break  # the pipe first: the EOF comes back on the next read
             self._count(side, count)
             side.stats.spliced += count
@@ -109,6 +111,7 @@ class Pipes:
                 break
         if side.piped:
             self._splice_out(side)
+        return not side.piped
 
     def _splice_out(self, side: Side) -> int:
         """Move what C{side}'s pipe holds to its peer; the bytes moved."""

@@ -217,8 +217,7 @@ class SocketRelays(Pipes, RelayEngine):
         if side.pipe is None and self._streams(side):
             self._open_pipe(side)
         if side.pipe is not None:
-            self._splice_in(side)
-            return False
+            return self._splice_in(side)
         codec = side.codec
         if codec is not None:
             count = codec.read(side)

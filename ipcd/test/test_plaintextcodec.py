@@ -130,13 +130,19 @@ class PlaintextCodecTests(RunningEngineCase):
 
         self.patch(pipes.os, "splice", splice)
 
-    def join(self) -> tuple[RelayStats, Passthrough, socket.socket, socket.socket]:
+    def join(
+        self, service_buffer: int = 0
+    ) -> tuple[RelayStats, Passthrough, socket.socket, socket.socket]:
         """
         A relay of a socket with the stand-in codec (side A) and a plain
         one (side B): the codec, and the far ends (blocking, with deadlines).
+        C{service_buffer}: what side B's socket holds for the service (its
+        send buffer; 0: the system's default).
         """
         a, client = socket.socketpair()
         b, service = socket.socketpair()
+        if service_buffer:
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, service_buffer)
         for far in (client, service):
             far.settimeout(TIMEOUT)
             self.addCleanup(far.close)
@@ -187,6 +193,20 @@ class PlaintextCodecTests(RunningEngineCase):
         self.assertEqual(stats.as_dict()["bytes_spliced"], 11)
         self.assertEqual(codec.reads, 0)
         self.assertEqual(self.engine._pipes, 2)
+        yield self.ended(client, service)
+
+    @inlineCallbacks
+    def test_slowServiceGetsWhatThePipeHolds(self) -> Any:
+        """
+        A service that takes less at a time than the client sent: what its
+        socket cannot take waits in the pipe, and reaches it as it reads,
+        though the client sends nothing more to wake the relay.
+        """
+        stats, codec, client, service = self.join(service_buffer=4096)
+        sending = deferToThread(send_bulk, client, MiB, eof=False)
+        got = yield deferToThread(read_exactly, service, MiB)
+        self.assertEqual(got, (yield sending))
+        self.assertEqual((stats.forward, stats.spliced), (MiB, MiB))
         yield self.ended(client, service)
 
     @inlineCallbacks
