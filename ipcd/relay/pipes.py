@@ -27,6 +27,11 @@ _RECORD = 16 * 1024
 # connection): the engine goes back to copying.
 _NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
+# Records that are not data a codec takes in one event, at most: a peer
+# sending nothing but tickets must not hold the reactor (the rest come at
+# the next event: the socket is still readable).
+_CONTROL_PER_EVENT = 16
+
 
 class Pipes:
     """
@@ -77,6 +82,7 @@ class Pipes:
         """
         pipe = side.pipe
         assert pipe is not None
+        controls = 0
         while True:
             try:
                 count = os.splice(
@@ -86,13 +92,16 @@ class Pipes:
                 break
             except OSError as e:
                 if e.errno not in _NO_SPLICE:
-                    raise
+                    raise _said_by_codec(side, e) from None
                 if side.piped:
                     break  # the pipe first: this comes back on the next read
                 if e.errno == errno.EINVAL and _took_control(side):
                     if side.eof:  # its stream's own end (a close_notify)
                         self._eof(side)
                         return False
+                    controls += 1
+                    if controls == _CONTROL_PER_EVENT:
+                        break  # the others first; the socket stays readable
                     continue  # splice what follows
                 # Not for these sockets after all: back to copying, for good.
                 self._splice = False
@@ -124,6 +133,23 @@ class Pipes:
             return 0
         side.piped -= moved
         return moved
+
+
+def _said_by_codec(side: Side, error: OSError) -> Exception:
+    """
+    What a splice out of C{side} that failed with C{error} raises: a codec's
+    own end of the relay when it has one for what is next (a kernel TLS
+    socket's record the kernel refused: a line, not a failure), else
+    C{error}.
+    """
+    codec = side.codec
+    if codec is None:
+        return error
+    try:
+        codec.control(side)
+    except Exception as said:
+        return said
+    return error
 
 
 def _took_control(side: Side) -> bool:

@@ -34,6 +34,7 @@ from ipcd.daemons.tls.ktls import (
     send_close_notify,
 )
 from ipcd.relay import RelayStats
+from ipcd.relay.pipes import _CONTROL_PER_EVENT
 from ipcd.test.ktlssupport import NO_ULP, WAIT, tcp_pair, wait_queued
 from ipcd.test.support import (
     assert_no_fd_leak,
@@ -62,6 +63,24 @@ FORGED = b"\x17\x03\x03\x00\x20" + bytes(32)
 def send_record(sock: socket.socket, kind: int, body: bytes) -> None:
     """A record of type C{kind} (not data) on kTLS socket C{sock}."""
     sock.sendmsg([body], [(SOL_TLS, TLS_SET_RECORD_TYPE, bytes([kind]))])
+
+
+def tickets_then_end(
+    client: socket.socket, relayed: socket.socket, tickets: int
+) -> None:
+    """
+    C{tickets} NewSessionTickets then C{end}, from C{client} (its send side
+    switched here) to C{relayed}, all queued before C{relayed}'s receive
+    side is switched (so the kernel reads none of them before).
+    """
+    key, iv = os.urandom(16), os.urandom(12)
+    switch(client, TLS_TX, crypto_info(TLS_1_3, key, iv, 0))
+    for _ in range(tickets):
+        send_record(client, HANDSHAKE, TICKET)
+    client.sendall(b"end")
+    size = tickets * (5 + len(TICKET) + 1 + 16) + (5 + 3 + 1 + 16)
+    wait_queued(relayed, size)
+    switch(relayed, TLS_RX, crypto_info(TLS_1_3, key, iv, 0))
 
 
 class SpliceTests(RunningEngineCase):
@@ -177,21 +196,69 @@ class SpliceTests(RunningEngineCase):
         self.assertTrue([line for line in said if "handshake message 18" in line], said)
 
     @inlineCallbacks
-    def test_forged_record(self) -> Any:
+    def forged(self, splicing: bool) -> Any:
         """
-        A record the kernel cannot open (a peer's forgery, or wrong keys),
-        on a relay that copies (no pipe left): it ends with one line saying
-        so, not a logged failure with a traceback (trial fails a test that
-        logs one).  The service sees its end.
+        A record the kernel cannot open (a peer's forgery, or wrong keys)
+        ends the relay with one line saying so, not a logged failure with a
+        traceback (trial fails a test that logs one); the service sees its
+        end.
         """
         said = logged_lines(self)
-        self.engine.max_pipes = 0
+        if not splicing:
+            self.engine.max_pipes = 0
         stats, client, service = self.join(client_tx=False)
         client.sendall(FORGED)
         self.assertEqual((yield deferToThread(read_to_eof, service))[0], 0)
         yield self.ended(client, service, closing=False)
         refused = [line for line in said if "refused a TLS record" in line]
         self.assertEqual(len(refused), 1, said)
+        self.assertEqual([line for line in said if "failed" in line], [])
+
+    def test_forged_record(self) -> Any:
+        """On a relay that copies (no pipe left): the read fails."""
+        return self.forged(splicing=False)
+
+    def test_forged_record_while_splicing(self) -> Any:
+        """On a relay that splices: the splice fails with EBADMSG."""
+        return self.forged(splicing=True)
+
+    @inlineCallbacks
+    def test_tickets_while_splicing(self) -> Any:
+        """
+        A peer sending nothing but tickets to a relay that splices: one
+        event of the engine takes at most L{_CONTROL_PER_EVENT} of them, so
+        the reactor goes on to others; the data behind them still arrives.
+        """
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname(), WAIT)
+            relayed, _ = listener.accept()  # the engine's, closed by it
+        self.addCleanup(client.close)
+        tickets_then_end(client, relayed, 20 * _CONTROL_PER_EVENT)
+        b, service = socket.socketpair()
+        self.addCleanup(service.close)
+        service.settimeout(WAIT)
+        taken = {"now": 0, "most": 0}
+        control = KernelTlsCodec.control
+
+        def counted(codec: Any, side: Any) -> bool:
+            taken["now"] += 1
+            return control(codec, side)
+
+        self.patch(KernelTlsCodec, "control", counted)
+        engine = self.engine
+        ready = type(engine)._ready
+
+        def one_event(side: Any, writable: bool) -> None:
+            taken["now"] = 0
+            ready(engine, side, writable)
+            taken["most"] = max(taken["most"], taken["now"])
+
+        self.patch(engine, "_ready", one_event)
+        engine.join(KernelSecured(relayed), b, RelayStats(registry=self.registry))
+        self.assertEqual((yield deferToThread(recv_exactly, service, 3)), b"end")
+        self.assertGreater(taken["most"], 0)
+        self.assertLessEqual(taken["most"], _CONTROL_PER_EVENT)
+        yield self.ended(client, service)
 
     @inlineCallbacks
     def test_long_alert(self) -> Any:
@@ -218,16 +285,8 @@ class SpliceTests(RunningEngineCase):
         behind them, come with the next reads.
         """
         with tcp_pair() as (client, relayed):
-            key, iv = os.urandom(16), os.urandom(12)
-            switch(client, TLS_TX, crypto_info(TLS_1_3, key, iv, 0))
             tickets = 5 * CONTROL_PER_READ
-            for _ in range(tickets):
-                send_record(client, HANDSHAKE, TICKET)
-            client.sendall(b"end")
-            # Every record in the socket before the kernel reads any.
-            size = tickets * (5 + len(TICKET) + 1 + 16) + (5 + 3 + 1 + 16)
-            wait_queued(relayed, size)
-            switch(relayed, TLS_RX, crypto_info(TLS_1_3, key, iv, 0))
+            tickets_then_end(client, relayed, tickets)
             relayed.setblocking(False)
             codec, side = KernelTlsCodec(relayed, bytearray(1024)), SimpleNamespace()
             side.eof = False
