@@ -64,16 +64,35 @@ def socket_copy(fd: int) -> socket.socket:
         raise
 
 
-def unfit(sock: socket.socket, family: int) -> str | None:
-    """Why C{sock} cannot be listened on as a C{family} stream, or None."""
-    kind = "UNIX" if family == socket.AF_UNIX else socket.AddressFamily(family).name
+def unfit(
+    sock: socket.socket, family: int, kind: int = socket.SOCK_STREAM
+) -> str | None:
+    """
+    Why C{sock} cannot be listened on as a C{family} stream (C{kind}
+    C{SOCK_DGRAM}: served as a datagram socket bound to a port), or None.
+    """
+    name = "UNIX" if family == socket.AF_UNIX else socket.AddressFamily(family).name
     if sock.family != family:
-        return f"not an {kind} socket ({socket.AddressFamily(sock.family).name})"
-    if sock.type != socket.SOCK_STREAM:
-        return f"not a stream socket ({socket.SocketKind(sock.type).name})"
-    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        return "not listening"
+        return f"not an {name} socket ({socket.AddressFamily(sock.family).name})"
+    if sock.type != kind:
+        what = "stream" if kind == socket.SOCK_STREAM else "datagram"
+        return f"not a {what} socket ({socket.SocketKind(sock.type).name})"
+    if kind == socket.SOCK_STREAM:
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return "not listening"
+    elif sock.getsockname()[1] == 0:
+        return "not bound to a port"
     return None
+
+
+def unfit_fd(fd: int, family: int, kind: int = socket.SOCK_STREAM) -> str | None:
+    """L{unfit} for the socket at descriptor C{fd}, or why it is not one."""
+    try:
+        sock = socket_copy(fd)
+    except OSError as e:
+        return f"not usable (fd {fd}: {e.strerror})"
+    with sock:
+        return unfit(sock, family, kind)
 
 
 def check_socket_file(path: str) -> None:

@@ -223,16 +223,11 @@ def unfit_adopted(endpoint: Any) -> str | None:
     """
     from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 
-    from ipcd.activation import socket_copy, unfit
+    from ipcd.activation import unfit_fd
 
     if not isinstance(endpoint, AdoptedStreamServerEndpoint):
         return None
-    try:
-        sock = socket_copy(endpoint.fileno)
-    except OSError as e:
-        return f"not usable (fd {endpoint.fileno}: {e.strerror})"
-    with sock:
-        return unfit(sock, endpoint.addressFamily)
+    return unfit_fd(endpoint.fileno, endpoint.addressFamily)
 
 
 def listener_settings(

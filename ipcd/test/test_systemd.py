@@ -583,12 +583,17 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
             [self.listening_tcp()],
             "tcp:0:interface=127.0.0.1",
             "ipcd: cannot make udpd's listener 'systemd:domain=INET:index=0': "
-            "fd 3 is not a datagram socket (ListenDatagram= makes one)",
+            "the inherited socket is not a datagram socket (SOCK_STREAM) (give "
+            "it a bound datagram socket: ListenDatagram= in the socket unit; "
+            "use --udp ENDPOINT or --no-udp)",
             ("--udp", "systemd:domain=INET:index=0"),
         )
 
     def test_udpdNoSuchSocket(self) -> None:
-        """A name systemd did not pass, or the wrong family: one line each."""
+        """
+        A name systemd did not pass, the wrong family, or a socket bound to
+        no port: one line each.
+        """
         udp = self.listening_tcp(socket.SOCK_DGRAM)
         self.refused(
             [udp],
@@ -600,8 +605,19 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
         self.refused(
             [udp],
             "tcp:0:interface=127.0.0.1",
-            "fd 3 is not of the family domain= says",
+            "ipcd: cannot make udpd's listener 'systemd:domain=INET6:index=0': "
+            "the inherited socket is not an AF_INET6 socket (AF_INET) (give "
+            "it a bound datagram socket: ListenDatagram= in the socket unit; "
+            "use --udp ENDPOINT or --no-udp)",
             ("--udp", "systemd:domain=INET6:index=0"),
+        )
+        unbound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(unbound.close)
+        self.refused(
+            [unbound],
+            "tcp:0:interface=127.0.0.1",
+            "the inherited socket is not bound to a port",
+            ("--udp", "systemd:domain=INET:index=0"),
         )
 
     def test_namedButElsewhere(self) -> None:

@@ -121,28 +121,24 @@ def _parse_adopted(description: str, arguments: str) -> Adopted:
     return Adopted(description, family)
 
 
-def check_adopted(listen: Adopted) -> str | None:
+def check_adopted(listen: Adopted, way_out: str) -> None:
     """
-    Why the socket systemd passed for C{listen} cannot be udpd's listener
-    (none passed, not a datagram socket of that family, not bound), or None.
+    Raise L{StartupError} (one line, ending with C{way_out}) unless systemd
+    passed a socket for C{listen} that udpd can serve on: a datagram socket
+    of that family, bound to a port.
     """
-    from ipcd.activation import inherited_fd, socket_copy
+    from ipcd.activation import inherited_fd, unfit_fd
 
+    what = f"cannot make udpd's listener {listen.description!r}"
     fd = inherited_fd(listen.description)
     if fd is None:
-        return "systemd passed no such socket"
-    try:
-        sock = socket_copy(fd)
-    except OSError as e:
-        return f"not usable (fd {fd}: {e.strerror})"
-    with sock:
-        if sock.type != socket.SOCK_DGRAM:
-            return f"fd {fd} is not a datagram socket (ListenDatagram= makes one)"
-        if sock.family != listen.family:
-            return f"fd {fd} is not of the family domain= says"
-        if sock.getsockname()[1] == 0:
-            return f"fd {fd} is not bound to a port"
-    return None
+        raise StartupError(f"{what}: systemd passed no such socket ({way_out})")
+    why = unfit_fd(fd, listen.family, socket.SOCK_DGRAM)
+    if why is not None:
+        raise StartupError(
+            f"{what}: the inherited socket is {why} (give it a bound datagram "
+            f"socket: ListenDatagram= in the socket unit; {way_out})"
+        )
 
 
 def listen_setting(value: Any) -> str:
@@ -308,12 +304,8 @@ class UdpDaemon(ListeningDaemon):
         # The form was checked with the configuration; a socket systemd
         # passed can only be looked at now.
         listen = parse_listen(settings["listen"])
-        why = check_adopted(listen) if isinstance(listen, Adopted) else None
-        if why is not None:
-            raise StartupError(
-                f"cannot make udpd's listener {settings['listen']!r}: {why} "
-                f"({self.hint(ValueError())})"
-            )
+        if isinstance(listen, Adopted):
+            check_adopted(listen, self.hint(ValueError()))
 
 
 udpd = UdpDaemon()
