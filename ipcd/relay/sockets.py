@@ -15,8 +15,8 @@ until it is flushed.  A side is always watched for a hangup
 (L{ipcd.relay.sides}).  A FIN is a half-close: found by the read that
 returns 0, after the data, and passed on as C{shutdown(SHUT_WR)} (or as a
 codec's own EOF: TLS's close_notify).  A codec's EOF is passed on
-alike; a TCP EOF under TLS without a close_notify is a truncation, and
-ends the relay as a reset does.  A receiver that never reads, behind a
+alike, and so is a TCP EOF under TLS without a close_notify (a client
+holding a kernel TLS socket ends it so).  A receiver that never reads, behind a
 sender that has half-closed or hung up, is the one case left: the idle
 deadline (C{join}'s C{idle_timeout}) ends a relay on which no byte has
 moved for that long.
