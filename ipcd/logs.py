@@ -39,7 +39,7 @@ from twisted.logger import (
     timeFormatRFC3339,
 )
 
-from ipcd.logbatch import TurnBatchedFile
+from ipcd.logbatch import BatchedFile
 
 
 def printable(text: str) -> str:
@@ -68,17 +68,17 @@ def json_observer(out: IO[str] | None = None) -> ILogObserver:
     the event's own fields (ipcd's C{service}, C{who}, C{rule}, ...), as
     plain JSON values; none of Twisted's internals (the logger, the format).
     L{TemplateEvent}s are written from their template.  On stdout (no
-    C{out}) the lines of a reactor turn are written together
+    C{out}) lines are written a few at a time, each within 10 ms
     (L{ipcd.logbatch}).
     """
     return FileLogObserver(_file(out), json_line)
 
 
 def _file(out: IO[str] | None) -> IO[str]:
-    """C{out}, or stdout with its lines written once per reactor turn."""
+    """C{out}, or stdout with its lines written a few at a time."""
     if out is not None:
         return out
-    return TurnBatchedFile(sys.stdout)  # type: ignore[return-value]
+    return BatchedFile(sys.stdout)  # type: ignore[return-value]
 
 
 def json_line(event: dict[str, Any]) -> str | None:
@@ -130,7 +130,7 @@ def text_observer(out: IO[str] | None = None) -> ILogObserver:
     """
     twistd's text log (C{textFileLogObserver}: C{TIME [SYSTEM] TEXT}) on
     stdout, with the same text for every event, formatted faster, and
-    written once per reactor turn (L{ipcd.logbatch}).
+    written a few at a time, each within 10 ms (L{ipcd.logbatch}).
     """
     return FileLogObserver(_file(out), ClassicTextFormatter())
 

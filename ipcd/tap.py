@@ -31,7 +31,7 @@ from ipcd.daemons import StartupError, settings_of
 from ipcd.endpoints import BROKER_NAME
 from ipcd.limits import LimitedFactory
 from ipcd.listener import IListener, Outcome
-from ipcd.logbatch import batch_per_turn
+from ipcd.logbatch import batch_with
 from ipcd.logs import text_observer
 from ipcd.lookupprotocol import LookupFactory
 from ipcd.memtrim import MemoryTrim
@@ -313,8 +313,8 @@ class IPCDService(MultiService):
 
     def startService(self) -> None:
         self.privilegedStartService()
-        # A decision line per lookup: written once per reactor turn.
-        batch_per_turn(self.reactor)
+        # A decision line per lookup: written a few at a time (ipcd.logbatch).
+        batch_with(self.reactor)
         super().startService()
         self.when_listening().addCallbacks(self._served, self._ready.settle)
 
@@ -327,7 +327,7 @@ class IPCDService(MultiService):
             self._previous_hup = None  # not the main thread: no signal handling
 
     def stopService(self) -> Any:
-        batch_per_turn(None)  # the lines from now on may be the last ones
+        batch_with(None)  # the lines from now on may be the last ones
         self._listening = False
         self.broker.own_sockets_listening(False)
         if self._previous_hup is not None:

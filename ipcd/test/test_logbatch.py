@@ -1,5 +1,5 @@
 """
-Log lines written once per reactor turn (L{ipcd.logbatch}), through the
+Log lines written a few at a time (L{ipcd.logbatch}), through the
 very observer ipcd logs with; and every line of a real ipcd is in its log
 when it stops.
 """
@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd import logbatch
 from ipcd.client import connect
-from ipcd.logbatch import TurnBatchedFile, batch_per_turn
+from ipcd.logbatch import FLUSH_AFTER, BatchedFile, batch_with
 from ipcd.logs import ClassicTextFormatter, text_observer
 from ipcd.test.support import TIMEOUT, python_env, read_text
 from ipcd.test.test_client import TwistdCase
@@ -42,35 +42,46 @@ class WritesFile(io.StringIO):
         self.flushes += 1
 
 
-class TurnBatchedFileTests(SynchronousTestCase):
+class BatchedFileTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.addCleanup(batch_per_turn, None)
+        self.addCleanup(batch_with, None)
         self.out = WritesFile()
         self.log = Logger(
             namespace="test",
-            observer=FileLogObserver(TurnBatchedFile(self.out), ClassicTextFormatter()),
+            observer=FileLogObserver(BatchedFile(self.out), ClassicTextFormatter()),
         )
 
     def lines(self) -> list[str]:
         return [line.split(" ", 1)[1] for line in self.out.getvalue().splitlines()]
 
-    def test_writtenWhenTheTurnEnds(self) -> None:
+    def test_writtenWithinTheDelay(self) -> None:
         """
-        The lines logged in one turn of the reactor are written together,
-        in order, with one write and a flush, when the turn ends.
+        Lines are held, not written at the end of the reactor turn they
+        were logged in: those logged within L{FLUSH_AFTER} seconds of the
+        first are written together, in order, with one write and a flush,
+        when that time is up.
         """
         clock = Clock()
-        batch_per_turn(clock)
-        for n in range(3):
+        batch_with(clock)
+        self.log.info("line 0")
+        clock.advance(0)
+        self.assertEqual(self.out.writes, [])
+        clock.advance(FLUSH_AFTER / 2)
+        for n in (1, 2):
             self.log.info("line {n}", n=n)
         self.assertEqual(self.out.writes, [])
-        clock.advance(0)
+        clock.advance(FLUSH_AFTER / 2)
         self.assertEqual(len(self.out.writes), 1)
         self.assertEqual(self.out.flushes, 1)
         self.assertEqual(self.lines(), [f"[test#info] line {n}" for n in range(3)])
-        self.log.info("next turn")
-        clock.advance(0)
+        self.log.info("later")
+        clock.advance(FLUSH_AFTER)
         self.assertEqual(len(self.out.writes), 2)
+
+    def test_delayIsShort(self) -> None:
+        """A line is held for 10 ms at most: the log is read as it grows."""
+        self.assertLessEqual(FLUSH_AFTER, 0.01)
+        self.assertGreater(FLUSH_AFTER, 0)
 
     def test_withoutAReactorAtOnce(self) -> None:
         """Without a reactor, each line is written as it is logged."""
@@ -79,10 +90,10 @@ class TurnBatchedFileTests(SynchronousTestCase):
         self.assertEqual(len(self.out.writes), 2)
         self.assertEqual(self.lines(), ["[test#info] one", "[test#info] two"])
 
-    def test_oneCallPerTurn(self) -> None:
-        """However many lines a turn logs, one call waits for its end."""
+    def test_oneCallPerDelay(self) -> None:
+        """However many lines are held, one call of the clock writes them."""
         clock = Clock()
-        batch_per_turn(clock)
+        batch_with(clock)
         for n in range(3):
             self.log.info("line {n}", n=n)
         self.assertEqual(len(clock.getDelayedCalls()), 1)
@@ -90,24 +101,24 @@ class TurnBatchedFileTests(SynchronousTestCase):
     def test_madeWhileAReactorRuns(self) -> None:
         """A file made after the reactor was given batches too."""
         clock = Clock()
-        batch_per_turn(clock)
+        batch_with(clock)
         out = WritesFile()
-        batched = TurnBatchedFile(out)
+        batched = BatchedFile(out)
         batched.write("line\n")
         batched.flush()
         self.assertEqual(out.writes, [])
-        clock.advance(0)
+        clock.advance(FLUSH_AFTER)
         self.assertEqual(out.writes, ["line\n"])
 
     def test_heldAtMost(self) -> None:
         """
-        A turn that logs more than the bound writes as the bound is reached,
-        and the next turn counts from nothing.
+        More than the bound held is written as the bound is reached,
+        and what is held next counts from nothing.
         """
         out = WritesFile()
-        batched = TurnBatchedFile(out, most=10)
+        batched = BatchedFile(out, most=10)
         clock = Clock()
-        batch_per_turn(clock)
+        batch_with(clock)
         batched.write("123456789")
         batched.flush()
         self.assertEqual(out.writes, [])
@@ -115,7 +126,7 @@ class TurnBatchedFileTests(SynchronousTestCase):
         self.assertEqual(out.writes, ["1234567890"])
         batched.write("abcdef")
         batched.flush()
-        clock.advance(0)
+        clock.advance(FLUSH_AFTER)
         batched.write("ghijklmno")
         batched.flush()
         self.assertEqual(out.writes, ["1234567890", "abcdef"])
@@ -123,8 +134,8 @@ class TurnBatchedFileTests(SynchronousTestCase):
     def test_defaultBound(self) -> None:
         """By default 64 KiB are held, no more."""
         out = WritesFile()
-        batched = TurnBatchedFile(out)
-        batch_per_turn(Clock())
+        batched = BatchedFile(out)
+        batch_with(Clock())
         batched.write("x" * (64 * 1024 - 1))
         self.assertEqual(out.writes, [])
         batched.write("x")
@@ -132,26 +143,26 @@ class TurnBatchedFileTests(SynchronousTestCase):
 
     def test_noReactorWritesWhatIsHeld(self) -> None:
         """Taking the reactor away writes what was held, then lines at once."""
-        batch_per_turn(Clock())
+        batch_with(Clock())
         self.log.info("held")
         self.assertEqual(self.out.writes, [])
-        batch_per_turn(None)
+        batch_with(None)
         self.assertEqual(self.lines(), ["[test#info] held"])
         self.log.info("after")
         self.assertEqual(self.lines(), ["[test#info] held", "[test#info] after"])
 
     def test_newReactor(self) -> None:
         """
-        A turn's end the old reactor never got to (it stopped) does not hold
+        A write the old clock never got to (it stopped) does not hold
         the lines logged under the next one.
         """
-        batch_per_turn(Clock())
+        batch_with(Clock())
         self.log.info("old")
-        batch_per_turn(None)
+        batch_with(None)
         clock = Clock()
-        batch_per_turn(clock)
+        batch_with(clock)
         self.log.info("new")
-        clock.advance(0)
+        clock.advance(FLUSH_AFTER)
         self.assertEqual(self.lines(), ["[test#info] old", "[test#info] new"])
 
     def test_stdoutBatched(self) -> None:
@@ -163,11 +174,11 @@ class TurnBatchedFileTests(SynchronousTestCase):
         given = WritesFile()
         on_given = Logger(namespace="test", observer=text_observer(given))
         clock = Clock()
-        batch_per_turn(clock)
+        batch_with(clock)
         on_stdout.info("out")
         on_given.info("given")
         self.assertEqual((stdout.writes, len(given.writes)), ([], 1))
-        clock.advance(0)
+        clock.advance(FLUSH_AFTER)
         self.assertEqual(len(stdout.writes), 1)
 
 
@@ -205,9 +216,9 @@ class ProcessTests(SynchronousTestCase):
         out = self.run_python(
             "from twisted.internet.task import Clock\n"
             "from twisted.logger import Logger\n"
-            "from ipcd.logbatch import batch_per_turn\n"
+            "from ipcd.logbatch import batch_with\n"
             "from ipcd.logs import json_observer\n"
-            "batch_per_turn(Clock())  # whose turn never ends\n"
+            "batch_with(Clock())  # whose time never comes\n"
             "Logger(namespace='t', observer=json_observer()).info('held')\n"
         )
         self.assertIn('"text": "held"', out)
