@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from array import array
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ipcd.compat import twisted as compat_twisted
@@ -85,17 +86,46 @@ def receive_fd(sock: socket.socket, timeout: float | None = None) -> socket.sock
     connection as a socket object (close-on-exec).
     """
     sock.settimeout(timeout)
+    return read_reply(sock)
+
+
+# The descriptors received are close-on-exec from the start: no fork in
+# another thread can leak one before a later fcntl(), and none is made.
+# (socket.recv_fds drops the flags it is given, in Python 3.11.)
+_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+# Room for the ancillary data of up to 4 descriptors; the kernel closes
+# any more than that (MSG_CTRUNC).
+_MOST_FDS = 4
+_ANCILLARY_SIZE = socket.CMSG_LEN(_MOST_FDS * 4)
+
+
+def read_reply(
+    sock: socket.socket, wait: Callable[[], None] | None = None
+) -> socket.socket:
+    """
+    Read a lookup reply on C{sock} and return the handed-over connection as
+    a socket object (close-on-exec); C{wait()} is called before each read
+    (a non-blocking C{sock}: it waits until there is something to read).
+    """
     data = b""
     fds: list[int] = []
     # ok comes in one sendmsg and is final; ne <reason> is final at EOF.
     while data[:2] != OK and len(data) < 4096:
-        chunk, more_fds, _flags, _addr = socket.recv_fds(sock, 4096, 4)
-        fds.extend(more_fds)
+        if wait is not None:
+            wait()
+        chunk, ancillary, _flags, _addr = sock.recvmsg(
+            4096, _ANCILLARY_SIZE, _RECV_FLAGS
+        )
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array("i")
+                received.frombytes(payload[: len(payload) - len(payload) % 4])
+                fds.extend(received)
         if not chunk:
             break
         data += chunk
     fd = check_reply(data, fds)
-    return adopt_socket(fd)
+    return socket.socket(fileno=fd)
 
 
 def adopt_socket(fd: int) -> socket.socket:

@@ -12,15 +12,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import control
-from ipcd.client import DEFAULT_TIMEOUT, connect
-from ipcd.handoff import HandoffError
+from ipcd.client import DEFAULT_TIMEOUT, _send_all, connect
+from ipcd.handoff import HandoffError, scm_rights
 from ipcd.scripts import pong
 from ipcd.test.support import (
     TIMEOUT,
@@ -162,6 +163,93 @@ class PongCommandTests(RunningIpcdTestCase):
         self.assertEqual(result.stderr, "")
         self.assertEqual(result.stdout, "through\n0 []\nipcd.endpoints True\n")
         self.assertEqual(self.service.broker.counters["lookups"], 1)
+
+
+class ExchangeTests(SynchronousTestCase):
+    """
+    The client's side of a lookup on a non-blocking socket, against a bare
+    socket standing in for ipcd: the waits it makes itself (C{poll()}, not
+    a socket timeout) keep the timeout it is given.
+    """
+
+    def ipcd_stand_in(self) -> tuple[str, socket.socket]:
+        """RUNDIR, and a socket listening as RUNDIR/ipc that never accepts."""
+        rundir = short_rundir(self)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(os.path.join(rundir, "ipc"))
+        listener.listen(4)
+        return rundir, listener
+
+    def test_noAnswerTimesOut(self) -> None:
+        """ipcd takes the lookup and never answers: TimeoutError, no fd kept."""
+        rundir, listener = self.ipcd_stand_in()
+        before = len(os.listdir("/proc/self/fd"))
+        with self.assertRaises(TimeoutError):
+            connect("pong", rundir=rundir, network="pong unix://pong", timeout=0.2)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        peer, _ = listener.accept()
+        with peer:
+            peer.settimeout(TIMEOUT)
+            self.assertEqual(recv_message(peer), b"pong;pong unix://pong")
+
+    def test_answerAfterAWhile(self) -> None:
+        """
+        The answer comes in two pieces, the descriptor with the first: the
+        client waits for each, and gets a blocking, close-on-exec socket.
+        """
+        rundir, listener = self.ipcd_stand_in()
+        service, kept = socket.socketpair()
+        self.addCleanup(kept.close)
+
+        def answer() -> None:
+            peer, _ = listener.accept()
+            with peer, service:
+                recv_message(peer)
+                peer.sendmsg([b"o"], scm_rights(service.fileno()))
+                threading.Event().wait(0.05)
+                peer.sendall(b"k")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        handed = connect("pong", rundir=rundir, network="pong unix://pong")
+        with handed:
+            self.assertTrue(handed.getblocking())
+            self.assertFalse(handed.get_inheritable())
+            handed.sendall(b"x")
+            kept.settimeout(TIMEOUT)
+            self.assertEqual(kept.recv(1), b"x")
+
+    def test_sendWaitsForRoom(self) -> None:
+        """
+        With no room in the socket, the lookup waits for it, up to the
+        timeout: TimeoutError while nobody reads, all of it sent once
+        somebody does.
+        """
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        ours.setblocking(False)
+        filler = b"x" * 65536
+        while True:
+            try:
+                ours.send(filler)
+            except BlockingIOError:
+                break
+        self.assertRaises(TimeoutError, _send_all, ours, b"lookup", 0.1)
+        theirs.settimeout(TIMEOUT)
+        received = bytearray()
+
+        def drain() -> None:
+            while not received.endswith(b"lookup"):
+                received.extend(theirs.recv(1 << 20))
+
+        thread = threading.Thread(target=drain)
+        thread.start()
+        _send_all(ours, b"lookup", TIMEOUT)
+        thread.join(TIMEOUT)
+        self.assertTrue(received.endswith(b"lookup"))
 
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
