@@ -128,8 +128,7 @@ class Handshaking(Protocol):
             elif kind is inboundcore.Discard:
                 action.sock.close()
             elif kind is inboundcore.Unexpected:
-                why = action.error
-                self.log.failure("request from {who} failed", why, who=str(self.who))
+                self.factory.unexpected(action.error, self.who)
 
     def _tick(self) -> None:
         self._timer = None
@@ -263,6 +262,14 @@ class HandshakeFactory(Factory):
         """
         self.broker.counters[f"{self.name}: {counter}"] += 1
         self._failures.info(format, **fields)
+
+    def unexpected(self, error: Any, who: Any) -> None:
+        """
+        Log that C{who}'s request failed unexpectedly (C{error}, a
+        C{Failure}), at the same bounded rate: a peer may cause it as
+        often as it asks (when fds run out, say).
+        """
+        self._failures.failure("request from {who} failed", error, who=str(who))
 
     def stopFactory(self) -> None:  # noqa: N802 (Twisted's name)
         self._rate_limited.flush()  # what it left out, said now

@@ -29,6 +29,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -59,7 +60,9 @@ class SocketRelays(Pipes, RelayEngine):
     Either end of a join may instead be a secured end (one that gives its
     socket and a codec: L{ipcd.daemons.tls.relay.Secured}).  C{reactor}
     provides C{IReactorFDSet}; C{clock} (default: C{reactor}) provides
-    C{IReactorTime}, for idle deadlines.
+    C{IReactorTime}, for idle deadlines.  A started engine whose C{reactor}
+    also provides C{IReactorCore} stops before the reactor shuts down,
+    whether L{stop} was called or not.
     """
 
     log = Logger()
@@ -78,6 +81,8 @@ class SocketRelays(Pipes, RelayEngine):
         # relays: an engine started and idle costs the reactor nothing.
         self._watch: Watch | None = None
         self._running = False
+        # The reactor's "before shutdown" trigger that stops the engine.
+        self._shutdown: Any = None
         self._idle = IdleSweep(self._clock, self.log, self._timed, self._end)
         self._splice = True  # until the kernel refuses it
         self.max_pipes = MAX_PIPES
@@ -89,12 +94,27 @@ class SocketRelays(Pipes, RelayEngine):
     def start(self) -> None:
         self._running = True
         self.failure = None
+        if self._shutdown is None and IReactorCore.providedBy(self._reactor):
+            # A reactor shutting down lets go of every reader it has with a
+            # lost connection: the engine's epoll among them, as if it had
+            # failed.  An owner that never called stop() (ipcd calls it as
+            # its services stop) still has its relays closed quietly.
+            self._shutdown = self._reactor.addSystemEventTrigger(
+                "before", "shutdown", self._reactor_stopping
+            )
 
     def stop(self) -> None:
         """Close every relay; joins from now on are refused."""
+        trigger, self._shutdown = self._shutdown, None
+        if trigger is not None:
+            self._reactor.removeSystemEventTrigger(trigger)
         self._running = False
         self._close_all()
         self._unwatch()
+
+    def _reactor_stopping(self) -> None:
+        self._shutdown = None  # fired: no longer the reactor's to remove
+        self.stop()
 
     def _accepting(self) -> bool:
         return self._running

@@ -9,6 +9,7 @@ serving ipcd meanwhile; every wait is bounded.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -24,14 +25,17 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from ipcd import broker as broker_module
 from ipcd.config import Config, load_config
+from ipcd.limits import LOG_BURST, LOG_PERIOD
 from ipcd.names import listen_unix
 from ipcd.tap import IPCDService
-from ipcd.wire import HEADER, encode
+from ipcd.wire import HEADER, LOG_LINES_DROPPED, encode
 
 # Every blocking socket operation and every poll in these tests is bounded.
 TIMEOUT = 10.0
@@ -135,6 +139,84 @@ def wait_rate_limited(
 
     yield wait_until(lambda: counters[counter] == count, f"{count} {counter}")
     yield wait_until(lambda: accounted() == count, "the summary line", timeout)
+
+
+def fds_run_out(case: SynchronousTestCase) -> None:
+    """
+    From now on until C{case} ends, the broker's connections to local
+    services fail as they do once ipcd has no fd left (C{EMFILE}): not a
+    refusal, an unexpected error, for every peer that asks.
+    """
+
+    def no_fd_left(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    case.patch(broker_module, "connect_unix_now", no_fd_left)
+
+
+@inlineCallbacks
+def assert_lines_bounded(
+    case: SynchronousTestCase,
+    counters: Mapping[str, int],
+    events: list[dict[str, Any]],
+    namespace: str,
+    requests: int,
+    dropped_before: int,
+) -> Any:
+    """
+    C{requests} peers' doings, each logged under C{namespace} at a bounded
+    rate: fewer lines than half as many, and every line left out counted in
+    C{counters[LOG_LINES_DROPPED]} (from C{dropped_before}) and said in a
+    summary line, which comes at the end of its period (a bounded wait).
+    Fires with the events logged under C{namespace}.
+    """
+
+    def lines() -> list[dict[str, Any]]:
+        return [e for e in events if e.get("log_namespace") == namespace]
+
+    def counted() -> int:
+        return counters[LOG_LINES_DROPPED] - dropped_before
+
+    def summarized() -> bool:
+        said = sum(e.get("ipcd_dropped", 0) for e in lines())
+        return counted() > 0 and said == counted()
+
+    yield wait_until(summarized, "the summary line", LOG_PERIOD + TIMEOUT)
+    shown = "\n".join(formatEvent(e) or "" for e in lines())
+    case.assertLessEqual(len(lines()), requests // 2, shown)
+    return lines()
+
+
+@inlineCallbacks
+def assert_unexpected_bounded(
+    case: TestCase,
+    counters: Mapping[str, int],
+    namespace: str,
+    ask: Callable[[int], list[Any]],
+    text: str,
+) -> Any:
+    """
+    Once fds have run out (L{fds_run_out}), C{ask(peers)} (blocking, in a
+    thread: that many peers' requests) has each fail unexpectedly: counted
+    in the broker's C{errors}, said under C{namespace} at the bounded rate
+    (L{assert_lines_bounded}), each line C{text} with its traceback.
+    Fires with what C{ask} returned.
+    """
+    fds_run_out(case)
+    logged = EventLoggingObserver.createWithCleanup(case, globalLogPublisher)
+    dropped = counters[LOG_LINES_DROPPED]
+    peers = 10 * LOG_BURST
+    answers = yield deferToThread(ask, peers)
+    case.assertEqual(counters["errors"], peers)
+    lines = yield assert_lines_bounded(
+        case, counters, logged, namespace, peers, dropped
+    )
+    failures = [e for e in lines if "log_failure" in e]
+    case.assertTrue(failures, [formatEvent(e) for e in lines])
+    case.assertIn(text, formatEvent(failures[0]))
+    # Each with its traceback (trial holds those logged as errors).
+    case.assertEqual(len(case.flushLoggedErrors(OSError)), len(failures))
+    return answers
 
 
 # File descriptors.

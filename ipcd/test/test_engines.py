@@ -6,8 +6,11 @@ is bounded (L{wait_until}); nothing asserts on time.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import os
+import signal
 import socket
 import struct
 from typing import Any
@@ -41,7 +44,12 @@ from ipcd.test.support import (
     assert_no_fd_leak,
     fd_baseline,
     proc_status,
+    python_env,
+    read_text,
+    recv_upto,
     reset_peak,
+    short_rundir,
+    spawn,
     wait_until,
 )
 from ipcd.testing import MemoryRelays
@@ -393,6 +401,80 @@ class SocketEngineTests(RunningEngineCase):
         self.assertEqual((a.fileno(), b.fileno(), self.registry), (-1, -1, set()))
         service.close()  # the test's own (client is closed above)
         yield assert_no_fd_leak(self.before)
+
+
+# A library's own reactor, stopped with relays live.
+
+# A program of a library user's: an engine on its reactor, COUNT relays
+# between pairs of connections to the test's listener, and no stop() call
+# (SIGTERM stops the reactor).
+LIBRARY_USER = """
+import socket, sys
+from twisted.internet import reactor
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from ipcd.relay import SocketRelays
+
+globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+port, count = int(sys.argv[1]), int(sys.argv[2])
+engine = SocketRelays(reactor)
+engine.start()
+for _ in range(count):
+    a = socket.create_connection(("127.0.0.1", port))
+    b = socket.create_connection(("127.0.0.1", port))
+    engine.join(a, b)
+reactor.run()
+print("stopped with", len(engine.sides()), "sides left")
+"""
+
+
+class ReactorStopTests(SynchronousTestCase):
+    """
+    A program that stops its reactor with relays live and never calls the
+    engine's C{stop()}: the engine stops with the reactor, quietly.
+    """
+
+    def test_stopsWithTheReactor(self) -> None:
+        """
+        Idle relays (in the engine's epoll) and one whose receiver does not
+        read (its sides the reactor's): SIGTERM stops the program's reactor;
+        it exits, its log has no failure nor traceback, and each far end
+        sees its connection end.
+        """
+        count = 4
+        work = short_rundir(self, "ipcd-engine-stop-")
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        listener.settimeout(TIMEOUT)
+        out = os.path.join(work, "out.log")
+        args = ["-c", LIBRARY_USER, str(listener.getsockname()[1]), str(count)]
+        process = spawn(self, args, out, python_env(), work)
+        # Accepted in the order they connect: each pair is one relay's ends.
+        ends = []
+        for _ in range(2 * count):
+            far, _ = listener.accept()
+            far.settimeout(TIMEOUT)
+            self.addCleanup(far.close)
+            ends.append(far)
+        pairs = list(zip(ends[::2], ends[1::2], strict=True))
+        for a, b in pairs:
+            a.sendall(b"live")
+            self.assertEqual(recv_upto(b, 4), b"live")
+        # The last relay holds what its receiver does not read.
+        busy = pairs[-1][0]
+        busy.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                busy.send(bytes(READ_SIZE))
+        busy.settimeout(TIMEOUT)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(3 * TIMEOUT)
+        text = read_text(out)
+        self.assertEqual(code, 0, text)
+        self.assertIn("stopped with 0 sides left", text)
+        for word in ("failed", "Traceback", "critical", "error"):
+            self.assertNotIn(word, text)
+        for far in ends:
+            read_to_eof(far)  # the end (EOF or reset) comes, or it times out
 
 
 # TransportRelays, in memory.

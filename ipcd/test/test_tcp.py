@@ -24,6 +24,7 @@ from ipcd.relay import READ_SIZE
 from ipcd.test.support import (
     TIMEOUT,
     assert_no_fd_leak,
+    assert_unexpected_bounded,
     bounce,
     connect_unix,
     fd_baseline,
@@ -753,3 +754,35 @@ class StatsTests(TwoHostsTestCase):
         )
         [stats] = self.b.broker.relays
         self.assertEqual((stats.forward, stats.backward), (5000, 0))
+
+
+class UnexpectedErrorTests(TestCase):
+    """tcpd's requests that fail unexpectedly: a peer's to repeat."""
+
+    @inlineCallbacks
+    def test_loggedAtABoundedRate(self) -> Any:
+        """
+        Once ipcd has no fd left, each peer's request fails with an
+        unexpected error (C{ne internal error}): its line, with the
+        traceback, goes at the bounded rate of failed handshakes, and those
+        left out are counted.
+        """
+        b = yield start_host(self, ["allow in pong"])
+
+        def ask(peers: int) -> list[bytes]:
+            answers = []
+            for _ in range(peers):
+                with tcp_connect(b.port) as sock:
+                    sock.sendall(b"pong")
+                    answers.append(recv_eof(sock))
+            return answers
+
+        answers = yield assert_unexpected_bounded(
+            self,
+            b.broker.counters,
+            "ipcd.tcpd.handshakes",
+            ask,
+            "request from 127.0.0.1:",
+        )
+        for answer in answers:
+            self.assertIn(b"internal error", answer)

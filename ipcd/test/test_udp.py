@@ -28,6 +28,7 @@ from ipcd.test.support import (
     TIMEOUT,
     RunningIpcdTestCase,
     assert_no_fd_leak,
+    assert_unexpected_bounded,
     bounce,
     connect_unix,
     fd_baseline,
@@ -781,3 +782,31 @@ class ConfigTests(SynchronousTestCase):
             f"cannot listen on 127.0.0.1:{port}: address already in use "
             "(another ipcd? use --udp ENDPOINT or --no-udp)",
         )
+
+
+class UnexpectedErrorTests(TestCase):
+    """udpd's requests that fail unexpectedly: a peer's to repeat."""
+
+    @inlineCallbacks
+    def test_loggedAtABoundedRate(self) -> Any:
+        """
+        Once ipcd has no fd left, each peer's HELLO fails with an unexpected
+        error (a NO saying so): its line, with the traceback, goes at the
+        bounded rate of tcpd's failed handshakes, and those left out are
+        counted.
+        """
+        b = yield start_udp_host(self, rules=B_RULES)
+
+        def ask(peers: int) -> list[Any]:
+            refusals = []
+            for _ in range(peers):
+                with udp_socket() as sock:
+                    refusals.append(handshake(sock, b.port)[0])
+            return refusals
+
+        answers = yield assert_unexpected_bounded(
+            self, b.broker.counters, "ipcd.udpd", ask, "udpd: request from 127.0.0.1:"
+        )
+        for answer in answers:
+            self.assertIsInstance(answer, udpwire.Refusal)
+            self.assertIn("internal error", answer.reason)

@@ -28,7 +28,9 @@ from ipcd.limits import LOG_BURST, LOG_PERIOD
 from ipcd.names import listen_unix
 from ipcd.test.support import (
     TIMEOUT,
+    assert_lines_bounded,
     assert_no_fd_leak,
+    assert_unexpected_bounded,
     bounce,
     connect_unix,
     fd_baseline,
@@ -53,7 +55,7 @@ from ipcd.test.wssupport import (
     ws_recv,
     ws_send,
 )
-from ipcd.wire import MessageProtocol, encode, recv_message
+from ipcd.wire import LOG_LINES_DROPPED, MessageProtocol, encode, recv_message
 
 OK = b"ok"
 
@@ -799,3 +801,72 @@ class SecureRouteTests(TestCase):
             any("similar log lines left out" in line for line in lines),
             "\n".join(lines),
         )
+
+    @inlineCallbacks
+    def test_realTlsFailuresBoundedAndCounted(self) -> Any:
+        """
+        Peers that fail a real TLS handshake (the openssl CLI, not trusting
+        websocketd's certificate: it aborts with an alert) cost websocketd
+        a counter each and lines at the bounded rate; every line left out
+        is counted with the others ([limits]', tcpd's, tlsd's) in "log
+        lines dropped by rate limits".
+        """
+        ca, cert, key = make_ca(short_rundir(self, "ipcd-ca-"))
+        stranger = make_ca(short_rundir(self, "ipcd-other-ca-"))[0]
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        b = yield start_ws_host(self, listen=listen)
+        counters = b.broker.counters
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        dropped = counters[LOG_LINES_DROPPED]
+        peers = 10 * LOG_BURST
+        command = ["openssl", "s_client", "-connect", f"127.0.0.1:{b.port}"]
+        command += ["-servername", "localhost", "-verify_return_error"]
+        command += ["-CAfile", stranger]
+
+        def bad_clients() -> list[int]:
+            return [
+                subprocess.run(
+                    command, stdin=subprocess.DEVNULL, capture_output=True, timeout=30
+                ).returncode
+                for _ in range(peers)
+            ]
+
+        codes = yield deferToThread(bad_clients)
+        self.assertNotIn(0, codes)  # each one failed its handshake
+        failed = "websocketd: TLS handshakes failed"
+        yield wait_until(lambda: counters[failed] == peers, f"{peers} {failed}")
+        lines = yield assert_lines_bounded(
+            self, counters, logged, "ipcd.websocketd", peers, dropped
+        )
+        texts = [formatEvent(e) for e in lines]
+        self.assertTrue(all("TLS handshake with" in t for t in texts), texts)
+
+
+class UnexpectedErrorTests(TestCase):
+    """websocketd's requests that fail unexpectedly: a peer's to repeat."""
+
+    @inlineCallbacks
+    def test_loggedAtABoundedRate(self) -> Any:
+        """
+        Once ipcd has no fd left, each peer's request fails with an
+        unexpected error (a 500): its line, with the traceback, goes at the
+        peers' bounded rate, and those left out are counted.
+        """
+        b = yield start_ws_host(self)
+
+        def ask(peers: int) -> list[int]:
+            statuses = []
+            for _ in range(peers):
+                opening = ws_open(b.port, "/pong")
+                opening.sock.close()
+                statuses.append(opening.status)
+            return statuses
+
+        statuses = yield assert_unexpected_bounded(
+            self,
+            b.broker.counters,
+            "ipcd.websocketd",
+            ask,
+            "websocketd: request from 127.0.0.1:",
+        )
+        self.assertEqual(set(statuses), {500})

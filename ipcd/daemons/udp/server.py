@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import MessageLengthError
 from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from ipcd import inboundcore
@@ -30,7 +30,7 @@ from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream
 from ipcd.host import IDaemonHost
 from ipcd.identity import remote_peer
 from ipcd.inboundcore import InboundHandshake
-from ipcd.limits import network_peer_key
+from ipcd.limits import RateLimitedObserver, network_peer_key
 
 
 @dataclass
@@ -77,7 +77,6 @@ class UdpServer(DatagramProtocol):
     Everything else is dropped and counted in the broker's counters.
     """
 
-    log = Logger()
     noisy = False
 
     def __init__(
@@ -98,6 +97,12 @@ class UdpServer(DatagramProtocol):
         self.peer_keys: dict[tuple[Any, bytes], str] = {}
         self.cookies = AddressCookies(self.reactor)
         self.running = True
+        # What a peer's HELLO can make it log (an unexpected failure, as
+        # when fds run out): at the bounded rate of tcpd's failed handshakes.
+        self._rate_limited = RateLimitedObserver(
+            globalLogPublisher, self.reactor, counters=broker.counters
+        )
+        self.peer_log = Logger(namespace="ipcd.udpd", observer=self._rate_limited)
 
     def _drop(self, why: str) -> None:
         self.broker.counters[f"udp datagrams dropped: {why}"] += 1
@@ -214,7 +219,9 @@ class UdpServer(DatagramProtocol):
                 action.sock.close()
             elif kind is inboundcore.Unexpected:
                 who = str(asking.core.who)
-                self.log.failure("request from {who} failed", action.error, who=who)
+                self.peer_log.failure(
+                    "udpd: request from {who} failed", action.error, who=who
+                )
 
     def _answered(
         self, result: Any, asking: _Asking, key: tuple[Any, bytes], size: int
@@ -258,7 +265,7 @@ class UdpServer(DatagramProtocol):
         try:
             start_stream(self.reactor, join.sock, session, self.streams)
         except Exception:
-            self.log.failure(
+            self.peer_log.failure(
                 "udpd: cannot start the session of {peer}", peer=handshake.who
             )
             return  # ended: the peer's retries find nothing, then time out
@@ -280,6 +287,7 @@ class UdpServer(DatagramProtocol):
     def stop(self) -> None:
         """End every session (a CLOSE to each peer) and pending request."""
         self.running = False
+        self._rate_limited.flush()  # what it left out, said now
         for key, served in list(self.hellos.items()):
             if isinstance(served, Session):
                 served.end("udpd stopped")

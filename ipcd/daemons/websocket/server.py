@@ -101,6 +101,7 @@ class PeerLog:
         )
         logger = Logger(namespace="ipcd.websocketd", observer=self._rate_limited)
         self.info, self.warn, self.error = logger.info, logger.warn, logger.error
+        self.failure = logger.failure  # websocketd's own: a request that broke
 
     def flush(self) -> None:
         """Say now what was left out (the listener stops)."""
@@ -192,7 +193,12 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
                 action.sock.close()
                 raise ConnectionDeny(410, "gone")
             elif kind is core.Unexpected:
-                self.factory.log.failure("websocket request failed", action.error)  # type: ignore[attr-defined]
+                # A peer's request (fds run out, say): at the peers' rate.
+                self.factory.peerLog.failure(
+                    "websocketd: request from {who} failed",
+                    action.error,
+                    who=str(self._core.who),
+                )
 
     def _answered(self, result: socket.socket | Failure) -> None:
         self._pending = None
