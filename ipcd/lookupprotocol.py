@@ -122,7 +122,8 @@ class LookupProtocol(MessageProtocol):
         """Send the broker's C{answer}, as L{reply_to} says it."""
         failed = isinstance(answer, Failure)
         if failed and unexpected(answer):
-            self.log.failure("lookup for {who} failed", answer, who=str(self.client))
+            log = getattr(self.factory, "failures", self.log)
+            log.failure("lookup for {who} failed", answer, who=str(self.client))
         if self._answered:
             if not failed:
                 answer.close()
@@ -203,9 +204,11 @@ class LookupFactory(Factory):
         # Counted here rather than by a wrapping factory: lookups are the hot
         # path, and the protocol reads the peer's uid anyway.
         self.limits = limits
-        # Logger is a descriptor that makes a new Logger at each access:
-        # taken once, not per lookup.
-        self._at_accept_log = LookupProtocol.log
+        # Where unexpected failures are said: a client may cause them as
+        # often as it asks (when fds run out, say), so at the listener's
+        # bounded rate when it has limits.  (Logger is a descriptor that
+        # makes a new Logger at each access: taken once, not per lookup.)
+        self.failures = LookupProtocol.log if limits is None else limits.log
 
     def stopFactory(self) -> None:  # noqa: N802 (Twisted's name)
         if self.limits is not None:
@@ -228,5 +231,5 @@ class LookupFactory(Factory):
         on.
         """
         return serve_at_accept(
-            self.broker, self.limits, self._at_accept_log, skt, close_later
+            self.broker, self.limits, self.failures, skt, close_later
         )

@@ -37,6 +37,7 @@ from ipcd.tap import IPCDService
 from ipcd.test.support import (
     TIMEOUT,
     assert_no_fd_leak,
+    assert_unexpected_bounded,
     bounce,
     fd_baseline,
     lookup,
@@ -195,6 +196,80 @@ class AnsweredAtOnceTests(TestCase):
         self.assertEqual(at_accept, by_protocol)
         self.assertTrue(at_accept[0].startswith(b"ne no route to service 'nosuch'"))
         self.assertEqual(at_accept[1], 0)
+
+
+class UnexpectedFailureTests(TestCase):
+    """Lookups that fail unexpectedly: a local client's to repeat."""
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        rundir = short_rundir(self)
+        service = yield start_ipcd(self, make_config(rundir))
+        return rundir, service.broker
+
+    def ask(self, rundir: str, split: Any = None) -> Any:
+        """
+        Peers' lookups, each whole or in two pieces: C{split(n)} waits for
+        ipcd to hold C{n} connections (0 before connecting, 1 between).
+        """
+
+        def run(peers: int) -> list[bytes]:
+            answers = []
+            framed = encode(b"pong;")
+            for _ in range(peers):
+                if split is not None:
+                    split(0)
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(TIMEOUT)
+                    sock.connect(os.path.join(rundir, "ipc"))
+                    if split is None:
+                        sock.sendall(framed)
+                    else:
+                        sock.sendall(framed[: HEADER.size + 1])
+                        split(1)
+                        sock.sendall(framed[HEADER.size + 1 :])
+                    answers.append(sock.recv(4096))
+            return answers
+
+        return run
+
+    @inlineCallbacks
+    def test_atAcceptAtABoundedRate(self) -> Any:
+        """
+        Once ipcd has no fd left, every lookup fails with an unexpected
+        error (C{ne internal error}): its line, with the traceback, goes at
+        the lookup listener's bounded rate, and those left out are counted.
+        """
+        rundir, broker = yield self.start()
+        answers = yield assert_unexpected_bounded(
+            self, broker.counters, "ipcd.limits.ipc", self.ask(rundir), "lookup for"
+        )
+        self.assertTrue(all(a.startswith(b"ne internal error") for a in answers))
+        # Most whole at accept (one the reactor took in part goes the
+        # protocol's way, as the next test's all do).
+        self.assertGreater(broker.counters["lookups answered at accept"], 0)
+
+    @inlineCallbacks
+    def test_byTheProtocolAtABoundedRate(self) -> Any:
+        """The same for lookups that come in pieces (the protocol's path)."""
+        rundir, broker = yield self.start()
+        limits = broker.limits["ipc"]
+
+        def held(count: int) -> None:
+            # Read from the client's thread: a count the reactor keeps.
+            deadline = time.monotonic() + TIMEOUT
+            while limits.total != count and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+        answers = yield assert_unexpected_bounded(
+            self,
+            broker.counters,
+            "ipcd.limits.ipc",
+            self.ask(rundir, held),
+            "lookup for",
+        )
+        self.assertTrue(all(a.startswith(b"ne internal error") for a in answers))
+        self.assertEqual(broker.counters["lookups answered at accept"], 0)
 
 
 class _AtOnceBroker(FakeLookupBroker):
