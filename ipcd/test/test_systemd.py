@@ -412,6 +412,8 @@ class NotifierTests(SynchronousTestCase):
 
     def test_addresses(self) -> None:
         self.assertEqual(notify_address("@x/y"), b"\0x/y")
+        # An abstract name that is not UTF-8, as os.environ decodes it.
+        self.assertEqual(notify_address(os.fsdecode(b"@\xff")), b"\0\xff")
         self.assertEqual(notify_address("/run/n"), "/run/n")
         for bad in ("@", "relative", "vsock:2:9"):
             self.assertRaises(ValueError, notify_address, bad)
