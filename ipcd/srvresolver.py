@@ -42,6 +42,8 @@ def answers_a_query(protocol: dns.DNSMixin, data: bytes) -> bool:
 
 
 class _QuietDatagrams(dns.DNSDatagramProtocol):
+    noisy = False  # no "Starting protocol" line per query
+
     def datagramReceived(self, data: bytes, addr: Any) -> None:  # noqa: N802 (Twisted's)
         if answers_a_query(self, data):
             super().datagramReceived(data, addr)
