@@ -33,6 +33,11 @@ PORT_TRIES = 1000
 
 def answers_a_query(protocol: dns.DNSMixin, data: bytes) -> bool:
     """Whether C{data} is a DNS message answering a query C{protocol} awaits."""
+    if int.from_bytes(data[:2], "big") not in protocol.liveMessages:
+        return False  # its id (the first two bytes) is none asked: not read
+    # Read whole once here, and again by twisted.names for the one answer
+    # taken (a few ms for a 20 KiB one, cached for its TTL): it logs what
+    # it cannot read.
     message = dns.Message()
     try:
         message.fromStr(data)

@@ -365,8 +365,6 @@ class StrayMessageTests(SrvTestCase):
     line, and the real answer is still taken.
     """
 
-    # Unreadable, cut short, and a well-formed answer to no query of ipcd's.
-    STRAY = (b"\x00\x01", b"\x00" * 12 + b"\xff" * 20)
     NOISE = ("Unexpected message", "Truncated packet", "Invalid packet")
     # Twisted's lines for each query's port under twistd's own log observer
     # (ipcd's leave out those for ports starting and stopping).
@@ -385,8 +383,15 @@ class StrayMessageTests(SrvTestCase):
         self.lines = logged_lines(self)
 
     def stray(self, asked: dns.Message) -> list[bytes]:
+        """
+        Messages that answer nothing: cut short and unreadable ones under
+        the query's own id, and a well-formed answer to no query of ipcd's.
+        """
+        live = struct.pack("!H", asked.id)
+        # A question whose name points at itself: a compression loop.
+        looped = live + struct.pack("!5H", 0x8180, 1, 0, 0, 0) + b"\xc0\x0c"
         other = dns.Message(id=(asked.id + 1) % 65536, answer=1)
-        return [*self.STRAY, other.toStr()] * 10
+        return [live, looped + b"\x00\x21\x00\x01", b"\x00", other.toStr()] * 10
 
     def nxdomain(self, asked: dns.Message, **flags: Any) -> bytes:
         answer = dns.Message(id=asked.id, answer=1, rCode=dns.ENAME, **flags)
@@ -417,7 +422,7 @@ class StrayMessageTests(SrvTestCase):
         self.assertQuiet()
         # The server's were read and dropped; the other sender's never reach
         # ipcd (the query's socket is connected to the server).
-        self.assertEqual(self.a.broker.counters["dns messages ignored"], 30)
+        self.assertEqual(self.a.broker.counters["dns messages ignored"], 40)
 
     @inlineCallbacks
     def test_overTcp(self) -> Any:
@@ -445,7 +450,7 @@ class StrayMessageTests(SrvTestCase):
         reply = yield replied
         assert_refused(self, reply, f"SRV {OWNER}: no such name (NXDOMAIN)")
         self.assertQuiet()
-        self.assertEqual(self.a.broker.counters["dns messages ignored"], 30)
+        self.assertEqual(self.a.broker.counters["dns messages ignored"], 40)
 
 
 class QuietResolverTests(TestCase):
