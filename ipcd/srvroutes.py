@@ -32,9 +32,9 @@ from ipcd.srvcache import SrvCache, TtlBounds
 
 # Where the system's resolver reads its servers when [dns] servers is empty.
 RESOLV_CONF = "/etc/resolv.conf"
-# Seconds twisted.names waits for one DNS answer before asking again, then
-# gives up: a dead DNS server costs a lookup 4 s at most (and the broker's
-# connect_timeout bounds it too).
+# Seconds waited for each DNS server's answer before asking the next, then
+# (all asked) for each again before giving up: a dead DNS server costs a
+# lookup 4 s, two 8 s (and the broker's connect_timeout bounds it too).
 QUERY_TIMEOUTS = (1, 3)
 # A failed attempt names at most this many targets' reasons.
 MAX_REASONS = 3

@@ -21,7 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.names import client, dns
+from twisted.names import client, dns, error
 from twisted.trial.unittest import TestCase
 
 from ipcd import control
@@ -454,6 +454,29 @@ class StrayMessageTests(SrvTestCase):
 
 
 class QuietResolverTests(TestCase):
+    @inlineCallbacks
+    def test_eachServerInTurn(self) -> Any:
+        """
+        Silent servers: each is asked, then each again with the next timeout
+        (under the first query's id), then the lookup times out.
+        """
+        servers = []
+        for _ in range(2):
+            server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.addCleanup(server.close)
+            server.bind(("127.0.0.1", 0))
+            server.setblocking(False)
+            servers.append(server)
+        resolver = QuietResolver([s.getsockname() for s in servers], reactor)
+        asked = resolver.lookupService(OWNER, timeout=(0.1, 0.2))
+        yield self.assertFailure(asked, error.TimeoutError)
+        ids = []
+        for index, server in enumerate(servers):
+            while (received := _received(server)) is not None:
+                ids.append((index, received[0][:2]))
+        self.assertEqual([index for index, _ in ids], [0, 0, 1, 1])
+        self.assertEqual(len({query_id for _, query_id in ids}), 1)
+
     @inlineCallbacks
     def test_unconnectableServer(self) -> Any:
         """
