@@ -73,6 +73,18 @@ class _QuietStreams(client.DNSClientFactory):
         return protocol
 
 
+def _end(protocol: _QuietDatagrams) -> None:
+    """
+    Close C{protocol}'s port, and end the timeouts of the queries it still
+    waits for (one given up, its clients gone): twisted.names would keep
+    each until it is due.
+    """
+    for _answer, timeout in protocol.liveMessages.values():
+        if timeout.active():
+            timeout.cancel()
+    protocol.transport.stopListening()
+
+
 class QuietResolver(client.Resolver):
     """
     A L{client.Resolver} asking C{servers} (addresses) on C{reactor}, whose
@@ -119,7 +131,7 @@ class QuietResolver(client.Resolver):
                 except dns.DNSQueryTimeoutError as e:
                     asked_id = e.id
                 finally:
-                    protocol.transport.stopListening()
+                    _end(protocol)
         raise TimeoutError(queries)
 
     def _datagrams(self, server: tuple[str, int]) -> _QuietDatagrams:

@@ -24,7 +24,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names import client, dns, error
 from twisted.trial.unittest import TestCase
 
-from ipcd import control
+from ipcd import control, srvroutes
 from ipcd.control import format_status, status_report
 from ipcd.srvresolver import QuietResolver
 from ipcd.srvroutes import MAX_REASON, SrvRoutes
@@ -358,7 +358,28 @@ def _received(sock: socket.socket, size: int = 65536) -> Any:
         return None
 
 
-class StrayMessageTests(SrvTestCase):
+class DnsSocketTestCase(SrvTestCase):
+    """A, asking DNS at a UDP socket of the test's, which answers as told."""
+
+    @inlineCallbacks
+    def startOn(self, server: socket.socket) -> Any:
+        """A, asking DNS at C{server}."""
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.setblocking(False)
+        yield self.startA("", ipcd={"connect_timeout": 30})
+        self.a.broker.config = dataclasses.replace(
+            self.a.broker.config, dns_servers=(server.getsockname(),)
+        )
+        self.lines = logged_lines(self)
+
+    def nxdomain(self, asked: dns.Message, **flags: Any) -> bytes:
+        answer = dns.Message(id=asked.id, answer=1, rCode=dns.ENAME, **flags)
+        answer.queries = asked.queries
+        return answer.toStr()
+
+
+class StrayMessageTests(DnsSocketTestCase):
     """
     While ipcd waits for a DNS answer, messages that answer nothing it asked
     (the server's, or anyone's who can reach the query's port) cost no log
@@ -370,18 +391,6 @@ class StrayMessageTests(SrvTestCase):
     # (ipcd's leave out those for ports starting and stopping).
     NOISE += ("Starting protocol", "Stopping protocol")
 
-    @inlineCallbacks
-    def startOn(self, server: socket.socket) -> Any:
-        """A, asking DNS at C{server} (a UDP socket of the test's)."""
-        self.addCleanup(server.close)
-        server.bind(("127.0.0.1", 0))
-        server.setblocking(False)
-        yield self.startA("", ipcd={"connect_timeout": 30})
-        self.a.broker.config = dataclasses.replace(
-            self.a.broker.config, dns_servers=(server.getsockname(),)
-        )
-        self.lines = logged_lines(self)
-
     def stray(self, asked: dns.Message) -> list[bytes]:
         """
         Messages that answer nothing: cut short and unreadable ones under
@@ -392,11 +401,6 @@ class StrayMessageTests(SrvTestCase):
         looped = live + struct.pack("!5H", 0x8180, 1, 0, 0, 0) + b"\xc0\x0c"
         other = dns.Message(id=(asked.id + 1) % 65536, answer=1)
         return [live, looped + b"\x00\x21\x00\x01", b"\x00", other.toStr()] * 10
-
-    def nxdomain(self, asked: dns.Message, **flags: Any) -> bytes:
-        answer = dns.Message(id=asked.id, answer=1, rCode=dns.ENAME, **flags)
-        answer.queries = asked.queries
-        return answer.toStr()
 
     def assertQuiet(self) -> None:
         noise = [line for line in self.lines if any(n in line for n in self.NOISE)]
@@ -451,6 +455,42 @@ class StrayMessageTests(SrvTestCase):
         assert_refused(self, reply, f"SRV {OWNER}: no such name (NXDOMAIN)")
         self.assertQuiet()
         self.assertEqual(self.a.broker.counters["dns messages ignored"], 40)
+
+
+class GoneClientTests(DnsSocketTestCase):
+    dns_settings = {"max_names": 2}
+
+    @inlineCallbacks
+    def test_queryEndsWithItsLastClient(self) -> Any:
+        """
+        Clients that go while DNS is asked for owners of their own end those
+        queries: their sockets closed, their places among the [dns]
+        max_names names in flight given back, nothing cached for them
+        (else two lookups, their clients gone at once, would hold both
+        places here for as long as DNS takes).
+        """
+        self.patch(srvroutes, "QUERY_TIMEOUTS", (300,))  # DNS takes that long
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        yield self.startOn(server)
+        before = yield fd_baseline()
+        clients = []
+        for i in range(2):
+            client = socket.socket(socket.AF_UNIX)
+            clients.append(client)
+            client.connect(os.path.join(self.a.rundir, "ipc"))
+            client.sendall(encode(f"x;x tcp://_s{i}._tcp.example.test/x".encode()))
+            yield wait_until(lambda: _received(server), "the DNS query")
+        for client in clients:
+            client.close()
+        yield assert_no_fd_leak(before, timeout=30)
+        replied = self.lookupOnA()
+        query, source = yield wait_until(lambda: _received(server), "a DNS query")
+        asked = dns.Message()
+        asked.fromStr(query)
+        server.sendto(self.nxdomain(asked), source)
+        reply = yield replied
+        assert_refused(self, reply, f"SRV {OWNER}: no such name (NXDOMAIN)")
+        self.assertEqual(list(self.a.broker.srv.status(self.a.broker.config)), [OWNER])
 
 
 class QuietResolverTests(TestCase):
