@@ -95,6 +95,15 @@ def unfit_fd(fd: int, family: int, kind: int = socket.SOCK_STREAM) -> str | None
         return unfit(sock, family, kind)
 
 
+def _file_of(fd: int) -> tuple[int, int] | None:
+    """Which open file C{fd} is (device and inode), or None: not open."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def check_socket_file(path: str) -> None:
     """
     Raise L{InheritedSocketError} unless C{path} is a socket (not a symbolic
@@ -129,6 +138,8 @@ class InheritedSockets:
     def __init__(self) -> None:
         self._taken: set[int] = set()
         self._fds: list[int] | None = None
+        # What each descriptor was when first listed (see L{_passed}).
+        self._files: dict[int, tuple[int, int] | None] = {}
 
     def fds(self) -> list[int]:
         """Every inherited descriptor, in C{LISTEN_FDS} order."""
@@ -139,7 +150,16 @@ class InheritedSockets:
             ) is not None:
                 fds.append(fd)
             self._fds = fds
+            self._files = {fd: _file_of(fd) for fd in fds}
         return self._fds
+
+    def _passed(self, fd: int) -> bool:
+        """
+        Whether C{fd} is still what systemd passed: Twisted closes the
+        descriptor of a C{systemd:} socket it adopts (tcpd's, say), whose
+        number may since be any socket's, even a listener of ours.
+        """
+        return fd not in self._taken and _file_of(fd) == self._files.get(fd)
 
     def find(self, path: str, name: str) -> int | None:
         """
@@ -151,7 +171,7 @@ class InheritedSockets:
             return None
         named = inherited_fd(f"systemd:domain=UNIX:name={name}")
         for fd in self.fds():
-            if fd in self._taken:
+            if not self._passed(fd):
                 continue
             try:
                 sock = socket_copy(fd)

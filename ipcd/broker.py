@@ -123,7 +123,7 @@ class Broker:
         # Local clients' identity labels, by uid and gid.
         self.labels = LabelCache(config.label_cache_max_age)
         # Routes to DNS SRV owners: resolved, cached, dialed in turn.
-        self.srv = SrvRoutes(reactor)
+        self.srv = SrvRoutes(reactor, counters=self.counters)
         self.config = config
 
     @property

@@ -29,7 +29,9 @@ def notify_address(value: str) -> str | bytes:
     (C{@name}, sent as a leading NUL).  ValueError for anything else.
     """
     if value.startswith("@") and len(value) > 1:
-        return b"\0" + value[1:].encode()
+        # The environment's bytes, as os.environ decoded them (not UTF-8
+        # for all it knows).
+        return b"\0" + os.fsencode(value[1:])
     if value.startswith("/"):
         return value
     raise ValueError(

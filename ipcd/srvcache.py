@@ -6,7 +6,8 @@ lookups waiting for the same name share the query).  Answers live for their
 smallest TTL clamped to [min_ttl, max_ttl]; failures (NXDOMAIN, no records,
 the target C{.}, a DNS timeout) for negative_ttl.  At most max_names
 owners are kept, and as many queries in flight: local clients may name
-owners of their own in their routes.
+owners of their own in their routes.  A query that no lookup waits for any
+more (their clients gone) ends, giving its place back.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class SrvCache:
         self.bounds = bounds
         self.answers: dict[str, SrvAnswer] = {}
         self._waiting: dict[str, list[Deferred[SrvAnswer]]] = {}
+        self._queries: dict[str, Deferred[Any]] = {}
 
     def resolve(self, owner: str) -> Deferred[SrvAnswer]:
         """C{owner}'s answer: cached while it lives, else asked of DNS."""
@@ -97,14 +99,30 @@ class SrvCache:
                 return fail(Refused("too many DNS lookups in flight; try again"))
             waiters = self._waiting[key] = []
         # Each waiter its own Deferred: one giving up cancels nobody else's.
-        waiting: Deferred[SrvAnswer] = Deferred(waiters.remove)
+        waiting: Deferred[SrvAnswer] = Deferred(lambda d: self._gave_up(key, d))
         waiters.append(waiting)
         if asking:
             # After the waiter is listed: a resolver may answer at once.
-            maybeDeferred(self.query, owner).addBoth(self._answered, owner)
+            query = maybeDeferred(self.query, owner)
+            if not query.called:
+                self._queries[key] = query
+            query.addBoth(self._answered, owner)
         return waiting
 
+    def _gave_up(self, key: str, waiting: Deferred[SrvAnswer]) -> None:
+        waiters = self._waiting[key]
+        waiters.remove(waiting)
+        if not waiters:
+            # Nobody waits for the answer now (their clients went): the
+            # query ends, its socket and its place in flight given back.
+            del self._waiting[key]
+            self._queries.pop(key).cancel()
+
     def _answered(self, result: Any, owner: str) -> None:
+        key = owner.lower()
+        self._queries.pop(key, None)
+        if key not in self._waiting:
+            return  # ended by L{_gave_up}: nothing learnt, nothing kept
         now = self.clock.seconds()
         try:
             answer = self._answer_of(result, owner, now)
@@ -113,8 +131,8 @@ class SrvCache:
             answer = SrvAnswer((), "DNS answer not understood", now)
             raise
         finally:
-            self._keep(owner.lower(), answer, now)
-            for waiting in self._waiting.pop(owner.lower(), []):
+            self._keep(key, answer, now)
+            for waiting in self._waiting.pop(key):
                 waiting.callback(answer)
 
     def _answer_of(self, result: Any, owner: str, now: float) -> SrvAnswer:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import socket
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -31,9 +32,9 @@ from ipcd.srvcache import SrvCache, TtlBounds
 
 # Where the system's resolver reads its servers when [dns] servers is empty.
 RESOLV_CONF = "/etc/resolv.conf"
-# Seconds twisted.names waits for one DNS answer before asking again, then
-# gives up: a dead DNS server costs a lookup 4 s at most (and the broker's
-# connect_timeout bounds it too).
+# Seconds waited for each DNS server's answer before asking the next, then
+# (all asked) for each again before giving up: a dead DNS server costs a
+# lookup 4 s, two 8 s (and the broker's connect_timeout bounds it too).
 QUERY_TIMEOUTS = (1, 3)
 # A failed attempt names at most this many targets' reasons.
 MAX_REASONS = 3
@@ -76,8 +77,9 @@ def resolv_conf_servers(path: str) -> list[tuple[str, int]]:
 class SrvRoutes:
     """
     SRV owners resolved through C{resolver} (an L{twisted.names} resolver
-    with C{lookupService}; default: one made from C{[dns] servers}, or the
-    system's C{/etc/resolv.conf}), cached on C{clock}, ordered with
+    with C{lookupService}; default: an L{ipcd.srvresolver.QuietResolver}
+    asking C{[dns] servers}, or the system's C{/etc/resolv.conf}, counting
+    what it drops in C{counters}), cached on C{clock}, ordered with
     C{randint}, and dialed on C{reactor}.
     """
 
@@ -87,8 +89,10 @@ class SrvRoutes:
         resolver: Any = None,
         clock: IReactorTime | None = None,
         randint: Callable[[int, int], int] | None = None,
+        counters: Counter[str] | None = None,
     ) -> None:
         self.reactor = reactor
+        self.counters = counters
         self.clock = clock if clock is not None else reactor
         self.randint = randint if randint is not None else random.SystemRandom().randint
         self._resolver = resolver
@@ -122,10 +126,10 @@ class SrvRoutes:
         return self.cache
 
     def _system_resolver(self, config: Config) -> Any:
-        from twisted.names import client
+        from ipcd.srvresolver import QuietResolver
 
         servers = [*config.dns_servers] or resolv_conf_servers(RESOLV_CONF)
-        return client.Resolver(servers=servers, reactor=self.reactor)
+        return QuietResolver(servers, self.reactor, self.counters)
 
     def connect(
         self, target: RemoteTarget, dial: Dial, config: Config

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import struct
 import textwrap
 import tomllib
 from typing import Any
@@ -20,10 +21,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.names import client, dns, error
 from twisted.trial.unittest import TestCase
 
-from ipcd import control
+from ipcd import control, srvroutes
 from ipcd.control import format_status, status_report
+from ipcd.srvresolver import QuietResolver
 from ipcd.srvroutes import MAX_REASON, SrvRoutes
 from ipcd.test.dnssupport import (
     DnsServer,
@@ -36,6 +39,7 @@ from ipcd.test.support import (
     assert_refused,
     bounce,
     fd_baseline,
+    logged_lines,
     lookup,
     make_config,
     short_rundir,
@@ -344,6 +348,213 @@ class AnswerTests(SrvTestCase):
         kept = self.a.broker.srv.status(self.a.broker.config)[OWNER]["targets"]
         self.assertEqual(len(kept), 32)
         self.assertEqual({t["priority"] for t in kept}, {0})
+
+
+def _received(sock: socket.socket, size: int = 65536) -> Any:
+    """What a non-blocking C{sock} has to read now (data and sender), or None."""
+    try:
+        return sock.recvfrom(size)
+    except BlockingIOError:
+        return None
+
+
+class DnsSocketTestCase(SrvTestCase):
+    """A, asking DNS at a UDP socket of the test's, which answers as told."""
+
+    @inlineCallbacks
+    def startOn(self, server: socket.socket) -> Any:
+        """A, asking DNS at C{server}."""
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.setblocking(False)
+        yield self.startA("", ipcd={"connect_timeout": 30})
+        self.a.broker.config = dataclasses.replace(
+            self.a.broker.config, dns_servers=(server.getsockname(),)
+        )
+        self.lines = logged_lines(self)
+
+    def nxdomain(self, asked: dns.Message, **flags: Any) -> bytes:
+        answer = dns.Message(id=asked.id, answer=1, rCode=dns.ENAME, **flags)
+        answer.queries = asked.queries
+        return answer.toStr()
+
+
+class StrayMessageTests(DnsSocketTestCase):
+    """
+    While ipcd waits for a DNS answer, messages that answer nothing it asked
+    (the server's, or anyone's who can reach the query's port) cost no log
+    line, and the real answer is still taken.
+    """
+
+    NOISE = ("Unexpected message", "Truncated packet", "Invalid packet")
+    # Twisted's lines for each query's port under twistd's own log observer
+    # (ipcd's leave out those for ports starting and stopping).
+    NOISE += ("Starting protocol", "Stopping protocol")
+
+    def stray(self, asked: dns.Message) -> list[bytes]:
+        """
+        Messages that answer nothing: cut short and unreadable ones under
+        the query's own id, and a well-formed answer to no query of ipcd's.
+        """
+        live = struct.pack("!H", asked.id)
+        # A question whose name points at itself: a compression loop.
+        looped = live + struct.pack("!5H", 0x8180, 1, 0, 0, 0) + b"\xc0\x0c"
+        other = dns.Message(id=(asked.id + 1) % 65536, answer=1)
+        return [live, looped + b"\x00\x21\x00\x01", b"\x00", other.toStr()] * 10
+
+    def assertQuiet(self) -> None:
+        noise = [line for line in self.lines if any(n in line for n in self.NOISE)]
+        self.assertEqual(noise, [])
+
+    @inlineCallbacks
+    def test_overUdp(self) -> Any:
+        """On the UDP port a query waits on."""
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        yield self.startOn(server)
+        replied = self.lookupOnA()
+        query, source = yield wait_until(lambda: _received(server), "a DNS query")
+        asked = dns.Message()
+        asked.fromStr(query)
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(other.close)
+        for sender in (server, other):
+            for data in self.stray(asked):
+                sender.sendto(data, source)
+        server.sendto(self.nxdomain(asked), source)
+        reply = yield replied
+        assert_refused(self, reply, f"SRV {OWNER}: no such name (NXDOMAIN)")
+        self.assertQuiet()
+        # The server's were read and dropped; the other sender's never reach
+        # ipcd (the query's socket is connected to the server).
+        self.assertEqual(self.a.broker.counters["dns messages ignored"], 40)
+
+    @inlineCallbacks
+    def test_overTcp(self) -> Any:
+        """The same on the TCP connection a truncated answer makes ipcd open."""
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        yield self.startOn(server)
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(server.getsockname())
+        listening.listen(1)
+        listening.setblocking(False)
+        replied = self.lookupOnA()
+        query, source = yield wait_until(lambda: _received(server), "a DNS query")
+        asked = dns.Message()
+        asked.fromStr(query)
+        server.sendto(self.nxdomain(asked, trunc=1), source)
+        accepted = yield wait_until(lambda: _received_connection(listening), "TCP")
+        self.addCleanup(accepted.close)
+        framed = yield wait_until(lambda: _received(accepted, 2)[0], "a query")
+        (size,) = struct.unpack("!H", framed)
+        accepted.setblocking(True)
+        asked.fromStr(_exactly(accepted, size))
+        for data in [*self.stray(asked), self.nxdomain(asked)]:
+            accepted.sendall(struct.pack("!H", len(data)) + data)
+        reply = yield replied
+        assert_refused(self, reply, f"SRV {OWNER}: no such name (NXDOMAIN)")
+        self.assertQuiet()
+        self.assertEqual(self.a.broker.counters["dns messages ignored"], 40)
+
+
+class GoneClientTests(DnsSocketTestCase):
+    dns_settings = {"max_names": 2}
+
+    @inlineCallbacks
+    def test_queryEndsWithItsLastClient(self) -> Any:
+        """
+        Clients that go while DNS is asked for owners of their own end those
+        queries: their sockets closed, their places among the [dns]
+        max_names names in flight given back, nothing cached for them
+        (else two lookups, their clients gone at once, would hold both
+        places here for as long as DNS takes).
+        """
+        self.patch(srvroutes, "QUERY_TIMEOUTS", (300,))  # DNS takes that long
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        yield self.startOn(server)
+        before = yield fd_baseline()
+        clients = []
+        for i in range(2):
+            client = socket.socket(socket.AF_UNIX)
+            clients.append(client)
+            client.connect(os.path.join(self.a.rundir, "ipc"))
+            client.sendall(encode(f"x;x tcp://_s{i}._tcp.example.test/x".encode()))
+            yield wait_until(lambda: _received(server), "the DNS query")
+        for client in clients:
+            client.close()
+        yield assert_no_fd_leak(before, timeout=30)
+        replied = self.lookupOnA()
+        query, source = yield wait_until(lambda: _received(server), "a DNS query")
+        asked = dns.Message()
+        asked.fromStr(query)
+        server.sendto(self.nxdomain(asked), source)
+        reply = yield replied
+        assert_refused(self, reply, f"SRV {OWNER}: no such name (NXDOMAIN)")
+        self.assertEqual(list(self.a.broker.srv.status(self.a.broker.config)), [OWNER])
+
+
+class QuietResolverTests(TestCase):
+    @inlineCallbacks
+    def test_eachServerInTurn(self) -> Any:
+        """
+        Silent servers: each is asked, then each again with the next timeout
+        (under the first query's id), then the lookup times out.
+        """
+        servers = []
+        for _ in range(2):
+            server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.addCleanup(server.close)
+            server.bind(("127.0.0.1", 0))
+            server.setblocking(False)
+            servers.append(server)
+        resolver = QuietResolver([s.getsockname() for s in servers], reactor)
+        asked = resolver.lookupService(OWNER, timeout=(0.1, 0.2))
+        yield self.assertFailure(asked, error.TimeoutError)
+        ids = []
+        for index, server in enumerate(servers):
+            while (received := _received(server)) is not None:
+                ids.append((index, received[0][:2]))
+        self.assertEqual([index for index, _ in ids], [0, 0, 1, 1])
+        self.assertEqual(len({query_id for _, query_id in ids}), 1)
+
+    @inlineCallbacks
+    def test_unconnectableServer(self) -> Any:
+        """
+        A server that the query's socket cannot be connected to (a link-local
+        address with its scope) is asked as twisted.names' own resolver asks
+        it, with the same outcome; no fd is left open.
+        """
+        before = yield fd_baseline()
+        server = ("fe80::1%lo", 53)
+        outcomes = []
+        for resolver in (
+            client.Resolver(servers=[server], reactor=reactor),
+            QuietResolver([server], reactor),
+        ):
+            result = yield resolver.lookupService(OWNER, timeout=(0.1,)).addErrback(
+                lambda failure: failure.value
+            )
+            outcomes.append(type(result))
+        self.assertEqual(outcomes[1], outcomes[0])
+        yield assert_no_fd_leak(before)
+
+
+def _received_connection(sock: socket.socket) -> socket.socket | None:
+    try:
+        return sock.accept()[0]
+    except BlockingIOError:
+        return None
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    sock.settimeout(30)
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise AssertionError("the connection ended")
+        data += chunk
+    return data
 
 
 class PolicyTests(SrvTestCase):

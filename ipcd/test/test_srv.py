@@ -358,6 +358,30 @@ class CacheBoundTests(SynchronousTestCase):
         self.answer(OWNER)
         self.assertEqual(self.successResultOf(second).records[0].target, "a.org")
 
+    def test_lastWaiterGoneEndsTheQuery(self) -> None:
+        """
+        When every lookup waiting for a name has given up (their clients
+        gone), its query ends: its place in flight is given back, nothing
+        is kept for the name, and the next lookup of it asks anew.
+        """
+        owner = "_a._tcp.example.org"
+        first, second = self.cache.resolve(owner), self.cache.resolve(owner)
+        self.cache.resolve("_b._tcp.example.org")
+        first.cancel()
+        self.assertFalse(self.asked[owner].called)  # one still waits
+        second.cancel()
+        self.assertTrue(self.asked[owner].called)  # ended
+        for gone in (first, second):
+            self.failureResultOf(gone, CancelledError)
+        # Its place is free: a third name is asked (max_names is 2).
+        self.assertNoResult(self.cache.resolve("_c._tcp.example.org"))
+        self.assertIn("_c._tcp.example.org", self.asked)
+        self.assertEqual(self.cache.status(), {})
+        self.answer("_c._tcp.example.org")
+        ended = self.asked[owner]
+        self.assertNoResult(self.cache.resolve(owner))
+        self.assertIsNot(self.asked[owner], ended)  # asked anew
+
 
 class WhyNotTests(SynchronousTestCase):
     def test_eachFailureSaidAsItIs(self) -> None:

@@ -30,7 +30,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from ipcd import control
+from ipcd import activation, control
 from ipcd.compat import twisted as compat_twisted
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.lookupport import adopt
@@ -412,6 +412,8 @@ class NotifierTests(SynchronousTestCase):
 
     def test_addresses(self) -> None:
         self.assertEqual(notify_address("@x/y"), b"\0x/y")
+        # An abstract name that is not UTF-8, as os.environ decodes it.
+        self.assertEqual(notify_address(os.fsdecode(b"@\xff")), b"\0\xff")
         self.assertEqual(notify_address("/run/n"), "/run/n")
         for bad in ("@", "relative", "vsock:2:9"):
             self.assertRaises(ValueError, notify_address, bad)
@@ -688,6 +690,44 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
         code, output = self.exited(process)
         self.assertEqual(code, 1, output)
         self.assertIn(f"another process is listening on {self.rundir}/ipc", output)
+
+
+class InheritedNumberTests(SynchronousTestCase):
+    """
+    Twisted closes the descriptor of a C{systemd:} socket it adopts (tcpd's,
+    the metrics'): its number may then be any other socket's.
+    """
+
+    def test_numberReused(self) -> None:
+        """
+        A number systemd passed, closed, and now another socket's (a live
+        listener of this process, bound at the very path, even named so in
+        LISTEN_FDNAMES) is not taken for the inherited socket, nor closed.
+        """
+        rundir = short_rundir(self, "ipcd-inh-")
+        path = os.path.join(rundir, "svc")
+        passed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        passed.bind(("127.0.0.1", 0))
+        passed.listen(1)
+        number = passed.detach()
+        parsed = {
+            "systemd:domain=UNIX:index=0": number,
+            "systemd:domain=UNIX:name=svc": number,
+        }
+        self.patch(activation, "inherited_fd", parsed.get)
+        sockets = activation.InheritedSockets()
+        self.assertEqual(sockets.fds(), [number])
+        live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(live.close)
+        live.bind(path)
+        live.listen(1)
+        # Adopted and closed (as Twisted does), then the number reused.
+        os.close(number)
+        os.dup2(live.fileno(), number)
+        self.addCleanup(os.close, number)
+        self.assertIsNone(sockets.take(path, "svc"))
+        self.assertFalse(sockets.holds(path, "svc"))
+        os.fstat(number)  # still open
 
 
 class UnitFileTests(SynchronousTestCase):
