@@ -22,6 +22,9 @@ from twisted.logger import Logger
 
 _log = Logger(namespace="ipcd.sdnotify")
 
+# A refused reload's STATUS: why is in ipcd's log, never in the STATUS.
+REFUSED_STATUS = "reload refused, old configuration kept (see the log)"
+
 
 def notify_address(value: str) -> str | bytes:
     """
@@ -140,11 +143,11 @@ class Readiness(Service):
         )
 
     def reloaded(self, answer: dict[str, Any]) -> None:
-        if answer.get("ok"):
-            status = "reloaded"
-        else:
-            status = f"reload refused: {answer.get('error')}"
-        self.notifier.send(READY="1", STATUS=_one_line(status))
+        # STATUS is shown to every local user (systemctl status); why it was
+        # refused may quote the configuration: that goes to the log only
+        # (and to ipcd reload's caller).
+        status = "reloaded" if answer.get("ok") else REFUSED_STATUS
+        self.notifier.send(READY="1", STATUS=status)
 
     def stopService(self) -> None:  # noqa: N802 (Twisted's name)
         super().stopService()

@@ -35,7 +35,7 @@ from ipcd.compat import twisted as compat_twisted
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.lookupport import adopt
 from ipcd.routes import encode_lookup
-from ipcd.sdnotify import Notifier, notify_address
+from ipcd.sdnotify import REFUSED_STATUS, Notifier, notify_address
 from ipcd.test.support import (
     REPO,
     TIMEOUT,
@@ -353,6 +353,28 @@ class ReadinessTests(_Ipcd, SynchronousTestCase):
 
         self.assertIn(self.stop(process), (0, -signal.SIGTERM))
         self.assertEqual(manager.receive(), {"STOPPING": "1", "STATUS": "stopping"})
+
+    def test_refusedReloadTellsNoDetail(self) -> None:
+        """
+        A refused reload: READY=1 again with a STATUS every local user may
+        read (systemctl status), so without the error, which may quote the
+        configuration; ipcd reload's caller gets it.
+        """
+        path = os.path.join(self.work, "notify")
+        manager, process = self.start_notified(path, path)
+        self.ready_once_listening(manager, process)
+        with open(self.config) as f:
+            text = f.read()
+        with open(self.config, "w") as f:
+            f.write(
+                text.replace('"allow in pong"', '"allow in pong", "bogus secret-name"')
+            )
+        result = self.reload()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(b"secret-name", result.stdout + result.stderr)
+        self.assertEqual(manager.receive()["RELOADING"], "1")
+        self.assertEqual(manager.receive(), {"READY": "1", "STATUS": REFUSED_STATUS})
+        self.assertIn(self.stop(process), (0, -signal.SIGTERM))
 
     def test_abstractNotifySocket(self) -> None:
         """NOTIFY_SOCKET=@NAME is an abstract socket name, as systemd's are."""
