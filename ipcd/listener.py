@@ -85,9 +85,14 @@ class EndpointListener(Service):
 
     log = Logger()
 
-    def __init__(self, endpoint: Any, factory: Any) -> None:
+    def __init__(
+        self, endpoint: Any, factory: Any, description: str | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.factory = factory
+        # The endpoint string, for messages (an endpoint object may be a
+        # wrapper that does not say where it listens).
+        self.description = description
         self.port: Any = None
         self._listening: Deferred[Any] | None = None
         self._outcome: Outcome[Any] = Outcome()

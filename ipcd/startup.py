@@ -96,7 +96,8 @@ def cannot_listen(error: Exception, leaf: Any, config: Config) -> str:
             host = error.interface or "*"
             where = f"[{host}]:{error.port}" if ":" in host else f"{host}:{error.port}"
     else:
-        where = path or leaf.name or type(endpoint).__name__
+        described = getattr(leaf, "description", None)
+        where = path or leaf.name or described or type(endpoint).__name__
     code = getattr(cause, "errno", None)
     # One line, whatever the exception says.
     reason = os.strerror(code).lower() if code else " ".join(str(cause).split())

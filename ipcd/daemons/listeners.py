@@ -146,6 +146,7 @@ def network_listener(
     return EndpointListener(
         LimitedEndpoint(serverFromString(broker.reactor, listen), limits),
         LimitedFactory(factory, limits, peer_key, refusal),
+        listen,
     )
 
 

@@ -694,6 +694,19 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
             ("--metrics", "systemd:domain=INET:index=0"),
         )
 
+    def test_oneSocketTwoListeners(self) -> None:
+        """
+        --tcp and --metrics naming the same systemd socket: the second to
+        listen cannot (the first took it), and its line names its listener.
+        """
+        self.refused(
+            [self.listening_tcp()],
+            "systemd:domain=INET:index=0",
+            "ipcd: cannot listen on systemd:domain=INET:index=0: bad file "
+            "descriptor (use --tcp ENDPOINT or --no-tcp)",
+            ("--metrics", "systemd:domain=INET:index=0"),
+        )
+
     def test_anotherProcessesSockets(self) -> None:
         """
         LISTEN_PID not ipcd's own: the descriptors are not for ipcd, which
