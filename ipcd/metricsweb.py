@@ -215,7 +215,9 @@ def _counter(
 
 def metrics_registry(collector: MetricsCollector) -> CollectorRegistry:
     """A registry of its own with C{collector} in it."""
-    registry = CollectorRegistry(auto_describe=False)
+    # Described by a collect() at registration (its families are fixed):
+    # a scrape for some of them (?name[]=...) finds which to collect.
+    registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)  # type: ignore[arg-type]
     return registry
 

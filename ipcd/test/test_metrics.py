@@ -144,6 +144,27 @@ class ScrapeTests(TestCase):
         self.assertGreater(sample(samples, "ipcd_lookup_duration_seconds_sum"), 0)
 
     @inlineCallbacks
+    def test_someFamilies(self) -> Any:
+        """
+        A scrape may ask for some families by name (C{name[]=}, as
+        prometheus_client serves it): it gets those, with their samples.
+        """
+        reply = yield deferToThread(lookup, self.rundir, b"pong")
+        reply.close_fds()
+        samples = yield deferToThread(
+            scrape,
+            self.port,
+            "/metrics?name[]=ipcd_lookups_total&name[]=ipcd_log_lines_dropped_total",
+        )
+        self.assertEqual(
+            {name for name, _labels in samples},
+            {"ipcd_lookups_total", "ipcd_log_lines_dropped_total"},
+        )
+        self.assertEqual(
+            sample(samples, "ipcd_lookups_total", outcome="ok", scheme="unix"), 1
+        )
+
+    @inlineCallbacks
     def test_relays(self) -> Any:
         """
         A relay through tcpd is live while it lasts; once it ended, the
