@@ -20,7 +20,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import control
-from ipcd.client import DEFAULT_TIMEOUT, _send_all, connect
+from ipcd.client import DEFAULT_TIMEOUT, connect
 from ipcd.handoff import HandoffError, scm_rights
 from ipcd.scripts import pong
 from ipcd.test.support import (
@@ -167,9 +167,8 @@ class PongCommandTests(RunningIpcdTestCase):
 
 class ExchangeTests(SynchronousTestCase):
     """
-    The client's side of a lookup on a non-blocking socket, against a bare
-    socket standing in for ipcd: the waits it makes itself (C{poll()}, not
-    a socket timeout) keep the timeout it is given.
+    The client's side of a lookup against a bare socket standing in for
+    ipcd: the timeout it is given bounds each wait.
     """
 
     def ipcd_stand_in(self) -> tuple[str, socket.socket]:
@@ -220,36 +219,6 @@ class ExchangeTests(SynchronousTestCase):
             handed.sendall(b"x")
             kept.settimeout(TIMEOUT)
             self.assertEqual(kept.recv(1), b"x")
-
-    def test_sendWaitsForRoom(self) -> None:
-        """
-        With no room in the socket, the lookup waits for it, up to the
-        timeout: TimeoutError while nobody reads, all of it sent once
-        somebody does.
-        """
-        ours, theirs = socket.socketpair()
-        self.addCleanup(ours.close)
-        self.addCleanup(theirs.close)
-        ours.setblocking(False)
-        filler = b"x" * 65536
-        while True:
-            try:
-                ours.send(filler)
-            except BlockingIOError:
-                break
-        self.assertRaises(TimeoutError, _send_all, ours, b"lookup", 0.1)
-        theirs.settimeout(TIMEOUT)
-        received = bytearray()
-
-        def drain() -> None:
-            while not received.endswith(b"lookup"):
-                received.extend(theirs.recv(1 << 20))
-
-        thread = threading.Thread(target=drain)
-        thread.start()
-        _send_all(ours, b"lookup", TIMEOUT)
-        thread.join(TIMEOUT)
-        self.assertTrue(received.endswith(b"lookup"))
 
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
