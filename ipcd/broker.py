@@ -48,6 +48,7 @@ from ipcd.names import (
     socket_path,
     validate_service_name,
 )
+from ipcd.owndials import OwnDials
 from ipcd.ownsockets import OwnSockets
 from ipcd.policy import Decision, decide, find_grant, names_exactly
 from ipcd.resolution import (
@@ -124,6 +125,8 @@ class Broker:
         self.labels = LabelCache(config.label_cache_max_age)
         # Routes to DNS SRV owners: resolved, cached, dialed in turn.
         self.srv = SrvRoutes(reactor, counters=self.counters)
+        # Connections the protocol daemons are dialling (ipcd.owndials).
+        self.own_dials = OwnDials()
         self.config = config
 
     @property
@@ -225,6 +228,13 @@ class Broker:
             target = resolve(self.config, name)
         except Refused as e:
             return self._refuse(event, e)
+        if peer.address in self.own_dials and not isinstance(target, LocalTarget):
+            # This ipcd asked itself, through a route to its own daemon:
+            # served here, or it would go round until the limits stop it.
+            loop = Refused(
+                f"route loop: {name!r} came from this ipcd and would go out again"
+            )
+            return self._refuse(event, loop, target)
         return self._connect(event, target)
 
     def _police_and_connect(

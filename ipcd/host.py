@@ -50,6 +50,12 @@ class IDaemonHost(Interface):
         "daemon counts what it refuses or drops (C{'udp datagrams dropped: "
         "...'})."
     )
+    own_dials = Attribute(
+        "An L{ipcd.owndials.OwnDials}: a daemon dialling a remote daemon "
+        "holds its connection's local end there from connect until the far "
+        "side has answered, so that a request this ipcd sent itself is not "
+        "routed out again (a loop)."
+    )
     transports = Attribute(
         "The outbound halves by scheme (L{ipcd.daemons.IOutbound}) that take "
         "precedence over the registry's C{connect}.  A daemon whose outbound "

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ipcd.access import Credentials
+from ipcd.owndials import address_of
 
 _UCRED = struct.Struct("3i")
 # Linux's SO_PEERGROUPS (4.13+): the peer's supplementary groups at connect().
@@ -37,6 +38,8 @@ class Peer:
     uid: int | None = None
     # What the kernel would check this peer by; None for remote peers.
     credentials: Credentials | None = None
+    # A remote peer's IP address and port, as ipcd.owndials keys them.
+    address: tuple[str, int] | None = None
 
     def __str__(self) -> str:
         return self.description
@@ -222,4 +225,4 @@ def local_peer(
 def remote_peer(host: str, port: int) -> Peer:
     """The L{Peer} of a remote address."""
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return Peer(shown, frozenset({f"ip:{host}"}))
+    return Peer(shown, frozenset({f"ip:{host}"}), address=address_of(host, port))

@@ -35,6 +35,7 @@ from ipcd.host import IDaemonHost
 from ipcd.inbound import NetworkHandshake
 from ipcd.inboundcore import MAX_HANDSHAKE, OK, Sniffed
 from ipcd.logs import printable
+from ipcd.owndials import OwnDials
 from ipcd.reactors import IHostReactor
 from ipcd.routes import RemoteURI
 from ipcd.sockets import (
@@ -52,12 +53,16 @@ DEFAULT_LISTEN = "tcp:9000:interface=127.0.0.1"
 
 
 async def dial(
-    reactor: IHostReactor, host: str, port: int, service: str
+    reactor: IHostReactor,
+    host: str,
+    port: int,
+    service: str,
+    own_dials: OwnDials | None = None,
 ) -> socket.socket:
     """
     Open a TCP connection to the tcpd at C{host:port} and ask it for
     C{service} the upstream way; return the socket, positioned right after
-    the C{ok}.
+    the C{ok}.  Until then its local end is held in C{own_dials}.
     """
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     addresses = await host_addresses(reactor, host, port)  # or Refused
@@ -72,6 +77,7 @@ async def dial(
     if sock is None:
         reason = error.strerror if error is not None else "no address"
         raise Refused(f"cannot connect to tcpd at {where}: {reason}")
+    end = None if own_dials is None else own_dials.add(sock.getsockname())
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
@@ -86,6 +92,9 @@ async def dial(
     except BaseException:
         sock.close()
         raise
+    finally:
+        if own_dials is not None:
+            own_dials.discard(end)
 
 
 async def _rest_of_refusal(
@@ -148,7 +157,9 @@ class TcpDaemon(ListeningDaemon):
     ) -> Deferred[socket.socket]:
         uri: RemoteURI = target.uri
         port = uri.port or DEFAULT_PORT
-        return ensureDeferred(dial(broker.reactor, uri.host, port, target.service))
+        return ensureDeferred(
+            dial(broker.reactor, uri.host, port, target.service, broker.own_dials)
+        )
 
     def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
         return {"tcp_listen": settings["listen"] if self.enabled(settings) else None}

@@ -24,12 +24,17 @@ from ipcd.relay import READ_SIZE
 from ipcd.test.support import (
     TIMEOUT,
     assert_no_fd_leak,
+    assert_refused,
     assert_unexpected_bounded,
     bounce,
     connect_unix,
     fd_baseline,
+    free_port,
     lookup,
+    make_config,
     open_fds,
+    short_rundir,
+    start_ipcd,
     wait_until,
 )
 from ipcd.test.tcpsupport import (
@@ -786,3 +791,47 @@ class UnexpectedErrorTests(TestCase):
         )
         for answer in answers:
             self.assertIn(b"internal error", answer)
+
+
+class RouteLoopTests(TestCase):
+    """A route that leads back into this very ipcd, through its own tcpd."""
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        """ipcd whose admin route for C{loopy} is its own tcpd's C{loopy}."""
+        port = free_port()
+        rundir = short_rundir(self, "ipcd-loop-")
+        config = make_config(
+            rundir,
+            tcpd={"listen": f"tcp:{port}:interface=127.0.0.1"},
+            rules=["allow in loopy", "allow in pong"],
+            routes={"loopy": f"tcp://127.0.0.1:{port}/loopy"},
+        )
+        service = yield start_ipcd(self, config)
+        yield service.getServiceNamed("tcpd").listening()
+        return rundir, port, service.broker
+
+    @inlineCallbacks
+    def test_routedOutAgainRefused(self) -> Any:
+        """
+        A request that came back in from this ipcd and would go out again
+        is refused as a loop at once: one hop, not one per connection the
+        limits allow (128 from one lookup before).
+        """
+        rundir, _port, broker = yield self.start()
+        reply = yield deferToThread(lookup, rundir, b"loopy")
+        assert_refused(self, reply, "route loop", "'loopy'")
+        self.assertEqual(broker.counters["inbound requests"], 1)
+        self.assertEqual(len(broker.own_dials), 0)
+
+    @inlineCallbacks
+    def test_servedHere(self) -> Any:
+        """A route to this ipcd's own tcpd for a local service still works."""
+        rundir, port, broker = yield self.start()
+        route = f"pong;pong tcp://127.0.0.1:{port}/pong"
+        reply = yield deferToThread(lookup, rundir, route.encode())
+        sock = reply.take_socket(self)
+        answer = yield deferToThread(bounce, sock, b"round")
+        self.assertEqual(answer, encode(b"round"))
+        self.assertEqual(broker.counters["inbound requests"], 1)
+        self.assertEqual(len(broker.own_dials), 0)

@@ -32,6 +32,7 @@ from ipcd.test.support import (
     bounce,
     connect_unix,
     fd_baseline,
+    free_port,
     lookup,
     recv_upto,
     short_rundir,
@@ -503,6 +504,32 @@ class OutboundTests(TlsTestCase):
             yield self.assertRefused(a, route, "timed out")
         yield wait_until(lambda: not a.broker.relays, "no relay on A")
         yield assert_no_fd_leak(before)
+
+
+class RouteLoopTests(TlsTestCase):
+    @inlineCallbacks
+    def test_routedOutAgainRefused(self) -> Any:
+        """
+        A route that leads back into this very ipcd through its own tlsd,
+        for a name routed out again: refused as a loop at the first hop.
+        """
+        port = free_port()
+        host = yield start_tls_host(
+            self,
+            {
+                "psk_file": self.keys(alice=ALICE_KEY),
+                "psk_identity": "alice",
+                "listen": f"tcp:{port}:interface=127.0.0.1",
+            },
+            rules=["allow in loopy psk:alice", "allow in pong psk:alice"],
+            routes={"loopy": f"tls://127.0.0.1:{port}/loopy"},
+        )
+        reply = yield deferToThread(lookup, host.rundir, b"loopy")
+        assert_refused(self, reply, "route loop", "'loopy'")
+        self.assertEqual(host.broker.counters["inbound requests"], 1)
+        # The same ipcd, a name served here: a round trip through its tlsd.
+        yield self.assertPong(host, f"tls://127.0.0.1:{port}/pong")
+        self.assertEqual(len(host.broker.own_dials), 0)
 
 
 class BulkTests(TlsTestCase):

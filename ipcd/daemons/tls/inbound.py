@@ -5,6 +5,7 @@ tlsd's inbound side: a remote peer's TLS handshake, labels and failures.
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from service_identity import VerificationError
@@ -17,7 +18,6 @@ from ipcd.daemons.tcp import TcpInbound
 from ipcd.daemons.tls import psk
 from ipcd.daemons.tls.handover import TlsRelayStats, relay_over, tls_summary
 from ipcd.daemons.tls.material import Material, certificate_labels
-from ipcd.identity import Peer
 from ipcd.inbound import HandshakeFactory
 from ipcd.logs import printable
 from ipcd.relay import RelayStats
@@ -51,7 +51,9 @@ class TlsInbound(TcpInbound):
                 shown = found[0] if found else "certificate"
         self.tls = {**tls_summary(connection), "peer": shown or None}
         described = f"{who.description} ({shown})" if shown else who.description
-        self.act(self.core.secured(Peer(described, frozenset(labels))))
+        # The same peer (its address among them), known by more labels.
+        secured = replace(who, description=described, labels=frozenset(labels))
+        self.act(self.core.secured(secured))
         if not shown and self.factory.must_authenticate():
             self.factory.failed(
                 "refused, no client certificate or key",

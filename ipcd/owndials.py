@@ -1,0 +1,60 @@
+"""
+Connections ipcd is dialling itself, so that a request that went out
+through a protocol daemon and came back in on this very ipcd is known.
+
+A route may send a request to a daemon that is this ipcd's own (a literal
+route to its own port, or a DNS zone that names this host among an SRV
+owner's targets).  Served here, that is a round trip through loopback and
+harmless; routed out again, it is a loop that only the connection limits
+end (128 hops from one request, measured).  L{OwnDials} holds the local
+end of each connection a dialler has open until the far side has answered
+its request, which is when that far side (if it is this ipcd) decides.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from typing import Any
+
+Address = tuple[str, int]
+
+
+def address_of(host: str, port: int) -> Address:
+    """An IP address and port as both ends of a connection see it."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host, port
+    mapped = getattr(ip, "ipv4_mapped", None)  # a dual-stack listener's view
+    return str(mapped or ip), port
+
+
+class OwnDials:
+    """The local ends (host, port) of this ipcd's connections being dialled."""
+
+    def __init__(self) -> None:
+        self._ends: Counter[Address] = Counter()
+
+    def add(self, sockname: Any) -> Address | None:
+        """Hold C{sockname} (a socket's C{getsockname()}); what to L{discard}."""
+        try:
+            end = address_of(sockname[0], sockname[1])
+        except (IndexError, TypeError):
+            return None  # not an IP socket: nothing of ours to come back
+        self._ends[end] += 1
+        return end
+
+    def discard(self, end: Address | None) -> None:
+        """The far side has answered (or the dial failed): let C{end} go."""
+        if end is None:
+            return
+        self._ends[end] -= 1
+        if self._ends[end] <= 0:
+            del self._ends[end]
+
+    def __contains__(self, end: object) -> bool:
+        return end in self._ends
+
+    def __len__(self) -> int:
+        return len(self._ends)

@@ -1,0 +1,42 @@
+"""The local ends of ipcd's own dials (L{ipcd.owndials}), as pure logic."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from ipcd.identity import remote_peer
+from ipcd.owndials import OwnDials, address_of
+
+
+class AddressTests(SynchronousTestCase):
+    def test_sameOnBothEnds(self) -> None:
+        """
+        A dual-stack listener sees an IPv4 dialler as C{::ffff:a.b.c.d}; an
+        IPv6 C{getsockname()} has a flow and a scope: all key alike.
+        """
+        self.assertEqual(address_of("::ffff:127.0.0.1", 5), ("127.0.0.1", 5))
+        self.assertEqual(address_of("127.0.0.1", 5), ("127.0.0.1", 5))
+        self.assertEqual(address_of("fe80::1%eth0", 5), ("fe80::1", 5))
+        self.assertEqual(address_of("::1", 5), ("::1", 5))
+
+    def test_remotePeerKeyed(self) -> None:
+        """A remote peer carries its address as the dials are keyed."""
+        self.assertEqual(remote_peer("::ffff:10.0.0.1", 9).address, ("10.0.0.1", 9))
+
+
+class OwnDialsTests(SynchronousTestCase):
+    def test_heldUntilDiscarded(self) -> None:
+        dials = OwnDials()
+        end = dials.add(("::1", 40000, 0, 0))
+        self.assertIn(("::1", 40000), dials)
+        self.assertNotIn(("::1", 40001), dials)
+        dials.discard(end)
+        self.assertNotIn(("::1", 40000), dials)
+        self.assertEqual(len(dials), 0)
+
+    def test_notAnIpSocket(self) -> None:
+        """A UNIX socket's name is nothing to hold; discarding it is harmless."""
+        dials = OwnDials()
+        self.assertIsNone(dials.add(""))
+        dials.discard(None)
+        self.assertEqual(len(dials), 0)
