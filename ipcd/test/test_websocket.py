@@ -30,10 +30,12 @@ from ipcd.test.support import (
     TIMEOUT,
     assert_lines_bounded,
     assert_no_fd_leak,
+    assert_refused,
     assert_unexpected_bounded,
     bounce,
     connect_unix,
     fd_baseline,
+    free_port,
     lookup,
     python_env,
     short_rundir,
@@ -870,3 +872,29 @@ class UnexpectedErrorTests(TestCase):
             "websocketd: request from 127.0.0.1:",
         )
         self.assertEqual(set(statuses), {500})
+
+
+class RouteLoopTests(TestCase):
+    @inlineCallbacks
+    def test_routedOutAgainRefused(self) -> Any:
+        """
+        A route that leads back into this very ipcd through its own
+        websocketd, for a name routed out again: refused as a loop at the
+        first hop; a name served here still goes the round.
+        """
+        port = free_port()
+        host = yield start_ws_host(
+            self,
+            rules=["allow in loopy", "allow in pong"],
+            listen=f"tcp:{port}:interface=127.0.0.1",
+            routes={"loopy": f"ws://127.0.0.1:{port}/loopy"},
+        )
+        reply = yield deferToThread(lookup, host.rundir, b"loopy")
+        assert_refused(self, reply, "route loop", "'loopy'")
+        self.assertEqual(host.broker.counters["inbound requests"], 1)
+        route = f"pong;pong ws://127.0.0.1:{port}/pong".encode()
+        reply = yield deferToThread(lookup, host.rundir, route)
+        sock = reply.take_socket(self)
+        answer = yield deferToThread(bounce, sock, b"round")
+        self.assertEqual(answer, encode(b"round"))
+        self.assertEqual(len(host.broker.own_dials), 0)

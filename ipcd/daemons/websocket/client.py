@@ -29,6 +29,7 @@ from ipcd.daemons.websocket.factories import (
 )
 from ipcd.errors import Refused
 from ipcd.logs import printable
+from ipcd.owndials import OwnDials
 from ipcd.reactors import IHostReactor
 from ipcd.relay import RelayStats
 
@@ -41,6 +42,7 @@ class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
     def connectionMade(self) -> None:  # noqa: N802
         super().connectionMade()
         no_delay(self.transport)
+        self.factory.dialling(self.transport.getHost())
 
     def onOpen(self) -> None:  # noqa: N802
         factory = self.factory
@@ -91,6 +93,7 @@ class WebSocketOutboundFactory(WebSocketClientFactory):
         settings: Any,
         stats: RelayStats,
         bridges: set[WebSocketSide] | None = None,
+        own_dials: OwnDials | None = None,
     ) -> None:
         super().__init__(url)
         self.reactor = reactor
@@ -105,6 +108,22 @@ class WebSocketOutboundFactory(WebSocketClientFactory):
         self.result: Deferred[socket.socket] = Deferred(self._cancel)
         self.connecting: Deferred[Any] | None = None
         self.protocolInstance: WebSocketOutbound | None = None
+        # The connection's local end, held in own_dials until the far side
+        # has opened the WebSocket or refused it (ipcd.owndials).
+        self.own_dials = own_dials
+        self._end: tuple[str, int] | None = None
+        self.result.addBoth(self._answered)
+
+    def dialling(self, local: Any) -> None:
+        """The TCP connection is made from C{local}: hold it, until answered."""
+        if self.own_dials is not None and not self.result.called:
+            self._end = self.own_dials.add((local.host, local.port))
+
+    def _answered(self, result: Any) -> Any:
+        if self.own_dials is not None:
+            self.own_dials.discard(self._end)
+            self._end = None
+        return result
 
     def buildProtocol(self, addr: Any) -> WebSocketOutbound:  # noqa: N802
         self.protocolInstance = super().buildProtocol(addr)
@@ -152,15 +171,17 @@ def connect_websocket(
     idle: float,
     stats: RelayStats,
     bridges: set[WebSocketSide] | None = None,
+    own_dials: OwnDials | None = None,
 ) -> Deferred[socket.socket]:
     """
     Open a WebSocket to C{scheme://host:port/service}; fires with the
     client's end of a socketpair joined to it, or fails with L{Refused}.
+    Until then the connection's local end is held in C{own_dials}.
     """
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     url = f"{scheme}://{shown}/{service}"
     factory = WebSocketOutboundFactory(
-        reactor, url, max_message_size, idle, settings, stats, bridges
+        reactor, url, max_message_size, idle, settings, stats, bridges, own_dials
     )
     endpoint: Any = HostnameEndpoint(reactor, host, port)
     if scheme == "wss":

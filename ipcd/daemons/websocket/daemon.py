@@ -169,6 +169,7 @@ class WebSocketDaemon(ListeningDaemon):
                 settings["max_message_size"],
                 broker.config.idle_timeout,
                 stats,
+                own_dials=broker.own_dials,
             )
         except Refused as e:
             return fail(e)
