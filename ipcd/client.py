@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from ipcd.framing import recv_message, send_message
-from ipcd.handoff import HandoffError, read_reply
+from ipcd.handoff import HandoffError, receive_fd
 from ipcd.names import BROKER_NAME, socket_path, validate_service_name
 from ipcd.routes import encode_lookup
 from ipcd.rundir import resolve_rundir
@@ -98,23 +98,16 @@ def connect(
     directory = resolve_rundir(rundir)
     if network is None:
         network = os.environ.get("IPC_NETWORK", "")
-    if not network:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            _connect_unix(sock, socket_path(directory, service), timeout)
-            sock.settimeout(None)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        # Set once: receive_fd would set it again (an ioctl for nothing).
         sock.settimeout(timeout)
+        if not network:
+            _connect_unix(sock, socket_path(directory, service), timeout)
+            sock.settimeout(None)
+            return sock
         _connect_ipcd(sock, socket_path(directory, BROKER_NAME), timeout)
         send_message(sock, encode_lookup(service, network))
-        handed = read_reply(sock)
+        handed = receive_fd(sock)
     except BaseException:
         sock.close()
         raise

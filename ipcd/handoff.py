@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 from array import array
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ipcd.compat import twisted as compat_twisted
@@ -80,15 +79,6 @@ def check_reply(data: bytes, fds: list[int]) -> int:
     raise HandoffError(f"unexpected answer from ipcd: {data[:80]!r}")
 
 
-def receive_fd(sock: socket.socket, timeout: float | None = None) -> socket.socket:
-    """
-    Read a lookup reply on a blocking socket and return the handed-over
-    connection as a socket object (close-on-exec).
-    """
-    sock.settimeout(timeout)
-    return read_reply(sock)
-
-
 # The descriptors received are close-on-exec from the start: no fork in
 # another thread can leak one before a later fcntl(), and none is made.
 # (socket.recv_fds drops the flags it is given, in Python 3.11.)
@@ -99,20 +89,16 @@ _MOST_FDS = 4
 _ANCILLARY_SIZE = socket.CMSG_LEN(_MOST_FDS * 4)
 
 
-def read_reply(
-    sock: socket.socket, wait: Callable[[], None] | None = None
-) -> socket.socket:
+def receive_fd(sock: socket.socket) -> socket.socket:
     """
-    Read a lookup reply on C{sock} and return the handed-over connection as
-    a socket object (close-on-exec); C{wait()} is called before each read
-    (a non-blocking C{sock}: it waits until there is something to read).
+    Read a lookup reply on a blocking C{sock} (each read bounded by its
+    timeout) and return the handed-over connection as a socket object
+    (close-on-exec).
     """
     data = b""
     fds: list[int] = []
     # ok comes in one sendmsg and is final; ne <reason> is final at EOF.
     while data[:2] != OK and len(data) < 4096:
-        if wait is not None:
-            wait()
         chunk, ancillary, _flags, _addr = sock.recvmsg(
             4096, _ANCILLARY_SIZE, _RECV_FLAGS
         )
