@@ -53,6 +53,21 @@ class OwnDials:
         if self._ends[end] <= 0:
             del self._ends[end]
 
+    def hold_until(self, local: Any, answered: Any) -> None:
+        """
+        Hold C{local} (a connection's Twisted address: C{host}, C{port})
+        until the Deferred C{answered} fires; nothing if it has already.
+        """
+        if answered.called:
+            return
+        end = self.add((local.host, local.port))
+
+        def let_go(result: Any) -> Any:
+            self.discard(end)
+            return result
+
+        answered.addBoth(let_go)
+
     def __contains__(self, end: object) -> bool:
         return end in self._ends
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.identity import remote_peer
@@ -39,4 +41,25 @@ class OwnDialsTests(SynchronousTestCase):
         dials = OwnDials()
         self.assertIsNone(dials.add(""))
         dials.discard(None)
+        self.assertEqual(len(dials), 0)
+
+    def test_heldUntilAnswered(self) -> None:
+        """
+        hold_until: held until the answer fires, whatever it is, and the
+        answer passes on unchanged; an answer given already holds nothing.
+        """
+        dials = OwnDials()
+        local = IPv4Address("TCP", "127.0.0.1", 40000)
+        answered: Deferred[str] = Deferred()
+        dials.hold_until(local, answered)
+        self.assertIn(("127.0.0.1", 40000), dials)
+        answered.callback("ok")
+        self.assertEqual(self.successResultOf(answered), "ok")
+        self.assertEqual(len(dials), 0)
+        failed: Deferred[str] = Deferred()
+        dials.hold_until(local, failed)
+        failed.errback(ValueError("ne"))
+        self.failureResultOf(failed, ValueError)
+        self.assertEqual(len(dials), 0)
+        dials.hold_until(local, succeed("ok"))
         self.assertEqual(len(dials), 0)

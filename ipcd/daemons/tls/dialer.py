@@ -42,9 +42,8 @@ class TlsDialer(Protocol):
         self.service = service
         self.where = where
         self.done = done
-        # This connection's local end, held in own_dials until done fires.
+        # This connection's local end is held there until done fires.
         self.own_dials = own_dials
-        self.end: tuple[str, int] | None = None
         self.buffer = b""
         self.tls: dict[str, Any] = {}
         self.handshook = False
@@ -56,17 +55,9 @@ class TlsDialer(Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        if self.own_dials is not None and not self.done.called:
-            local = self.transport.getHost()
-            self.end = self.own_dials.add((local.host, local.port))
-        self.transport.write(self.service.encode("ascii"))  # sent after the handshake
-
-    def answered(self, result: Any) -> Any:
-        """The far side has answered (or never will): the end is let go."""
         if self.own_dials is not None:
-            self.own_dials.discard(self.end)
-            self.end = None
-        return result
+            self.own_dials.hold_until(self.transport.getHost(), self.done)
+        self.transport.write(self.service.encode("ascii"))  # sent after the handshake
 
     def handshakeCompleted(self) -> None:  # noqa: N802
         self.handshook = True
@@ -155,7 +146,6 @@ def dial(
     def build() -> TlsDialer:
         nonlocal dialer
         dialer = TlsDialer(service, where, done, broker.own_dials)
-        done.addBoth(dialer.answered)
         dialer.psk_identity = material.identity_for(host) or None
         return dialer
 

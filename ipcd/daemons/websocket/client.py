@@ -42,7 +42,10 @@ class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
     def connectionMade(self) -> None:  # noqa: N802
         super().connectionMade()
         no_delay(self.transport)
-        self.factory.dialling(self.transport.getHost())
+        own_dials = self.factory.own_dials
+        if own_dials is not None:
+            # Held until the far side opens the WebSocket or refuses it.
+            own_dials.hold_until(self.transport.getHost(), self.factory.result)
 
     def onOpen(self) -> None:  # noqa: N802
         factory = self.factory
@@ -108,22 +111,7 @@ class WebSocketOutboundFactory(WebSocketClientFactory):
         self.result: Deferred[socket.socket] = Deferred(self._cancel)
         self.connecting: Deferred[Any] | None = None
         self.protocolInstance: WebSocketOutbound | None = None
-        # The connection's local end, held in own_dials until the far side
-        # has opened the WebSocket or refused it (ipcd.owndials).
-        self.own_dials = own_dials
-        self._end: tuple[str, int] | None = None
-        self.result.addBoth(self._answered)
-
-    def dialling(self, local: Any) -> None:
-        """The TCP connection is made from C{local}: hold it, until answered."""
-        if self.own_dials is not None and not self.result.called:
-            self._end = self.own_dials.add((local.host, local.port))
-
-    def _answered(self, result: Any) -> Any:
-        if self.own_dials is not None:
-            self.own_dials.discard(self._end)
-            self._end = None
-        return result
+        self.own_dials = own_dials  # ipcd.owndials
 
     def buildProtocol(self, addr: Any) -> WebSocketOutbound:  # noqa: N802
         self.protocolInstance = super().buildProtocol(addr)
