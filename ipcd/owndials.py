@@ -9,6 +9,10 @@ harmless; routed out again, it is a loop that only the connection limits
 end (128 hops from one request, measured).  L{OwnDials} holds the local
 end of each connection a dialler has open until the far side has answered
 its request, which is when that far side (if it is this ipcd) decides.
+Ends are kept by address and port alone, TCP and UDP together: a peer
+taken for one of ours by mistake would have to be on this host, sending
+from a port that one of ipcd's dials has open, and would only have its own
+request kept from going out again.
 """
 
 from __future__ import annotations

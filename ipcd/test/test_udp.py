@@ -28,10 +28,12 @@ from ipcd.test.support import (
     TIMEOUT,
     RunningIpcdTestCase,
     assert_no_fd_leak,
+    assert_refused,
     assert_unexpected_bounded,
     bounce,
     connect_unix,
     fd_baseline,
+    free_port,
     lookup,
     recv_upto,
     short_rundir,
@@ -810,3 +812,30 @@ class UnexpectedErrorTests(TestCase):
         for answer in answers:
             self.assertIsInstance(answer, udpwire.Refusal)
             self.assertIn("internal error", answer.reason)
+
+
+class RouteLoopTests(TestCase):
+    @inlineCallbacks
+    def test_routedOutAgainRefused(self) -> Any:
+        """
+        A route that leads back into this very ipcd through its own udpd,
+        for a name routed out again: the HELLO is refused as a loop at the
+        first hop; a name served here still goes the round.
+        """
+        port = free_port(socket.SOCK_DGRAM)
+        host = yield start_udp_host(
+            self,
+            rules=["allow in loopy", "allow in pong"],
+            listen=f"udp:{port}:interface=127.0.0.1",
+            config={"routes": {"loopy": f"udp://127.0.0.1:{port}/loopy"}},
+        )
+        reply = yield deferToThread(lookup, host.rundir, b"loopy")
+        assert_refused(self, reply, "route loop", "'loopy'")
+        self.assertEqual(host.broker.counters["inbound requests"], 1)
+        route = f"pong;pong udp://127.0.0.1:{port}/pong".encode()
+        reply = yield deferToThread(lookup, host.rundir, route)
+        sock = reply.take_socket(self)
+        answer = yield deferToThread(bounce, sock, b"round")
+        self.assertEqual(answer, encode(b"round"))
+        sock.close()
+        self.assertEqual(len(host.broker.own_dials), 0)

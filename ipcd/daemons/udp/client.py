@@ -157,8 +157,13 @@ async def dial(
     protocol = SessionClient(nonce, service.encode("ascii"))
     interface = "::" if family == socket.AF_INET6 else "0.0.0.0"
     udp = reactor.listenUDP(0, protocol, interface=interface, maxPacketSize=READ_SIZE)
+    end = None
     try:
         udp.connect(address[0], address[1])
+        # Held until answered: a udpd that is this ipcd's own decides on
+        # the HELLO then, and must not route it out again (a loop).
+        local = udp.getHost()
+        end = broker.own_dials.add((local.host, local.port))
         try:
             session_id = await handshake(
                 reactor, udp, protocol, settings["handshake_retry"]
@@ -171,6 +176,8 @@ async def dial(
     except BaseException:
         udp.stopListening()
         raise
+    finally:
+        broker.own_dials.discard(end)
     stats = SessionStats.of(
         client, "out", service, route, broker.relays, daemon=SECTION
     )
