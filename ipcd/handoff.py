@@ -93,31 +93,54 @@ def receive_fd(sock: socket.socket) -> socket.socket:
     """
     Read a lookup reply on a blocking C{sock} (each read bounded by its
     timeout) and return the handed-over connection as a socket object
-    (close-on-exec).
+    (close-on-exec).  No descriptor received stays open if it fails.
     """
     data = b""
     fds: list[int] = []
-    # ok comes in one sendmsg and is final; ne <reason> is final at EOF.
-    while data[:2] != OK and len(data) < 4096:
-        chunk, ancillary, _flags, _addr = sock.recvmsg(
-            4096, _ANCILLARY_SIZE, _RECV_FLAGS
-        )
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                received = array("i")
-                received.frombytes(payload[: len(payload) - len(payload) % 4])
-                fds.extend(received)
-        if not chunk:
-            break
-        data += chunk
-    fd = check_reply(data, fds)
-    return socket.socket(fileno=fd)
+    try:
+        # ok comes in one sendmsg and is final; ne <reason> is final at EOF.
+        while data[:2] != OK and len(data) < 4096:
+            chunk, ancillary, _flags, _addr = sock.recvmsg(
+                4096, _ANCILLARY_SIZE, _RECV_FLAGS
+            )
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    received = array("i")
+                    received.frombytes(payload[: len(payload) - len(payload) % 4])
+                    fds.extend(received)
+                    # Only the first may be the answer: a server sending
+                    # more, piece after piece, fills no descriptor table.
+                    _close(fds[1:])
+                    del fds[1:]
+            if not chunk:
+                break
+            data += chunk
+    except BaseException:
+        _close(fds)  # a timeout (or ^C) after the reply's first piece
+        raise
+    return _socket_of(check_reply(data, fds))
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _socket_of(fd: int) -> socket.socket:
+    """C{fd} as a socket object; closed if it is none (L{HandoffError})."""
+    try:
+        return socket.socket(fileno=fd)
+    except OSError as e:
+        os.close(fd)
+        raise HandoffError(
+            f"ipcd handed over a descriptor that is not a socket ({e.strerror})"
+        ) from None
 
 
 def adopt_socket(fd: int) -> socket.socket:
     """Wrap a received fd as a socket of the right family, close-on-exec."""
     os.set_inheritable(fd, False)
-    return socket.socket(fileno=fd)
+    return _socket_of(fd)
 
 
 class _Capturing:

@@ -375,3 +375,16 @@ class AdoptTests(SynchronousTestCase):
         factory = Factory()
         factory.buildProtocol = lambda addr: None  # type: ignore[method-assign]
         self.assertRaises(HandoffError, self.adopt, factory)
+
+    def test_notASocket(self) -> None:
+        """
+        A descriptor handed over that is no socket (a pipe's end): a clear
+        error, and the descriptor closed, never adopted nor kept.
+        """
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        factory = Factory.forProtocol(EchoClient)
+        with self.assertRaises(HandoffError) as caught:
+            adopt_into_reactor(object(), read_end, factory)  # type: ignore[arg-type]
+        self.assertIn("not a socket", str(caught.exception))
+        self.assertRaises(BrokenPipeError, os.write, write_end, b"x")
