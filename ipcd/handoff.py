@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from array import array
 from typing import TYPE_CHECKING, Any
 
@@ -91,12 +92,15 @@ _ANCILLARY_SIZE = socket.CMSG_LEN(_MOST_FDS * 4)
 
 def receive_fd(sock: socket.socket) -> socket.socket:
     """
-    Read a lookup reply on a blocking C{sock} (each read bounded by its
-    timeout) and return the handed-over connection as a socket object
-    (close-on-exec).  No descriptor received stays open if it fails.
+    Read a lookup reply on a blocking C{sock} within its timeout, however
+    the reply comes in pieces, and return the handed-over connection as a
+    socket object (close-on-exec).  No descriptor received stays open if
+    it fails.
     """
     data = b""
     fds: list[int] = []
+    timeout = sock.gettimeout()
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         # ok comes in one sendmsg and is final; ne <reason> is final at EOF.
         while data[:2] != OK and len(data) < 4096:
@@ -115,6 +119,10 @@ def receive_fd(sock: socket.socket) -> socket.socket:
             if not chunk:
                 break
             data += chunk
+            if deadline is not None and data[:2] != OK:
+                # A reply in pieces (only ne's EOF, from ipcd): the wait for
+                # the next is what is left of the timeout, not a new one.
+                sock.settimeout(max(deadline - time.monotonic(), 1e-6))
     except BaseException:
         _close(fds)  # a timeout (or ^C) after the reply's first piece
         raise

@@ -193,6 +193,32 @@ class ExchangeTests(SynchronousTestCase):
             peer.settimeout(TIMEOUT)
             self.assertEqual(recv_message(peer), b"pong;pong unix://pong")
 
+    def test_answerInPiecesTimesOut(self) -> None:
+        """
+        A stand-in that answers one byte at a time, each well within the
+        timeout (4096 of them would take 8 s): the timeout bounds the whole
+        answer, not each wait.
+        """
+        rundir, listener = self.ipcd_stand_in()
+        stop = threading.Event()
+
+        def trickle() -> None:
+            peer, _ = listener.accept()
+            with peer:
+                recv_message(peer)
+                while not stop.wait(0.002):
+                    try:
+                        peer.sendall(b"n")
+                    except OSError:  # the client is gone
+                        return
+
+        thread = threading.Thread(target=trickle)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(stop.set)
+        with self.assertRaises(TimeoutError):
+            connect("pong", rundir=rundir, network="pong unix://pong", timeout=1)
+
     def test_answerAfterAWhile(self) -> None:
         """
         The answer comes in two pieces, the descriptor with the first: the
