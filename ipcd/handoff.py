@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # the blocking client imports this module: no Twisted
     from twisted.internet.interfaces import IProtocolFactory, IReactorSocket
 
 OK = b"ok"
+# The longest lookup reply read: an ne's reason is far shorter.
+MAX_REPLY = 4096
 
 
 def scm_rights(fd: int | None) -> list[tuple[int, int, array[int]]]:
@@ -103,7 +105,7 @@ def receive_fd(sock: socket.socket) -> socket.socket:
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         # ok comes in one sendmsg and is final; ne <reason> is final at EOF.
-        while data[:2] != OK and len(data) < 4096:
+        while data[:2] != OK and len(data) < MAX_REPLY:
             chunk, ancillary, _flags, _addr = sock.recvmsg(
                 4096, _ANCILLARY_SIZE, _RECV_FLAGS
             )
