@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd.client import DEFAULT_TIMEOUT
-from ipcd.handoff import HandoffError, adopt_into_reactor, check_reply
+from ipcd.handoff import MAX_REPLY, HandoffError, adopt_into_reactor, check_reply
 from ipcd.names import (
     BROKER_NAME,
     SOCKET_MODE,
@@ -91,13 +91,23 @@ class _LookupClient(Protocol):
         self.transport.write(encode(self._payload))
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
-        self._fds.append(descriptor)
+        if self._fds or self._result.called:
+            # Only the first may be the answer: a server sending more fills
+            # no descriptor table.
+            os.close(descriptor)
+        else:
+            self._fds.append(descriptor)
 
     def dataReceived(self, data: bytes) -> None:
         self._data += data
         if self._data[:2] == b"ok" and self._fds:
             self._finish()
             self.transport.loseConnection()
+        elif len(self._data) >= MAX_REPLY:
+            # Judged as the blocking client judges it: no answer of ipcd's
+            # is that long, and nothing more is held for one.
+            self._finish()
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._finish()

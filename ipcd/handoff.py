@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from array import array
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,8 @@ if TYPE_CHECKING:  # the blocking client imports this module: no Twisted
     from twisted.internet.interfaces import IProtocolFactory, IReactorSocket
 
 OK = b"ok"
+# The longest lookup reply read: an ne's reason is far shorter.
+MAX_REPLY = 4096
 
 
 def scm_rights(fd: int | None) -> list[tuple[int, int, array[int]]]:
@@ -91,33 +94,63 @@ _ANCILLARY_SIZE = socket.CMSG_LEN(_MOST_FDS * 4)
 
 def receive_fd(sock: socket.socket) -> socket.socket:
     """
-    Read a lookup reply on a blocking C{sock} (each read bounded by its
-    timeout) and return the handed-over connection as a socket object
-    (close-on-exec).
+    Read a lookup reply on a blocking C{sock} within its timeout, however
+    the reply comes in pieces, and return the handed-over connection as a
+    socket object (close-on-exec).  No descriptor received stays open if
+    it fails.
     """
     data = b""
     fds: list[int] = []
-    # ok comes in one sendmsg and is final; ne <reason> is final at EOF.
-    while data[:2] != OK and len(data) < 4096:
-        chunk, ancillary, _flags, _addr = sock.recvmsg(
-            4096, _ANCILLARY_SIZE, _RECV_FLAGS
-        )
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                received = array("i")
-                received.frombytes(payload[: len(payload) - len(payload) % 4])
-                fds.extend(received)
-        if not chunk:
-            break
-        data += chunk
-    fd = check_reply(data, fds)
-    return socket.socket(fileno=fd)
+    timeout = sock.gettimeout()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        # ok comes in one sendmsg and is final; ne <reason> is final at EOF.
+        while data[:2] != OK and len(data) < MAX_REPLY:
+            chunk, ancillary, _flags, _addr = sock.recvmsg(
+                4096, _ANCILLARY_SIZE, _RECV_FLAGS
+            )
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    received = array("i")
+                    received.frombytes(payload[: len(payload) - len(payload) % 4])
+                    fds.extend(received)
+                    # Only the first may be the answer: a server sending
+                    # more, piece after piece, fills no descriptor table.
+                    _close(fds[1:])
+                    del fds[1:]
+            if not chunk:
+                break
+            data += chunk
+            if deadline is not None and data[:2] != OK:
+                # A reply in pieces (only ne's EOF, from ipcd): the wait for
+                # the next is what is left of the timeout, not a new one.
+                sock.settimeout(max(deadline - time.monotonic(), 1e-6))
+    except BaseException:
+        _close(fds)  # a timeout (or ^C) after the reply's first piece
+        raise
+    return _socket_of(check_reply(data, fds))
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _socket_of(fd: int) -> socket.socket:
+    """C{fd} as a socket object; closed if it is none (L{HandoffError})."""
+    try:
+        return socket.socket(fileno=fd)
+    except OSError as e:
+        os.close(fd)
+        raise HandoffError(
+            f"ipcd handed over a descriptor that is not a socket ({e.strerror})"
+        ) from None
 
 
 def adopt_socket(fd: int) -> socket.socket:
     """Wrap a received fd as a socket of the right family, close-on-exec."""
     os.set_inheritable(fd, False)
-    return socket.socket(fileno=fd)
+    return _socket_of(fd)
 
 
 class _Capturing:

@@ -41,12 +41,13 @@ from ipcd.host import IDaemonHost
 from ipcd.identity import Peer, local_peer, remote_peer
 from ipcd.inboundcore import Framed, FramedURI, Framing, InboundHandshake, Join
 from ipcd.limits import RateLimitedObserver
+from ipcd.nodescriptors import ClosesDescriptors
 from ipcd.relay import RelayStats, take_socket
 from ipcd.routes import RemoteURI, RouteError, parse_uri
 
 
 @implementer(IHalfCloseableProtocol)
-class Handshaking(Protocol):
+class Handshaking(ClosesDescriptors, Protocol):
     """
     The stream adapter of L{InboundHandshake}: bytes and the deadline in,
     its answers written, its relay joined.  By default a remote peer asking

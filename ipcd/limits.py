@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import (
+    IFileDescriptorReceiver,
     IHalfCloseableProtocol,
     IReactorTime,
     IStreamServerEndpoint,
@@ -33,6 +34,7 @@ from zope.interface import alsoProvides, implementer
 
 from ipcd.compat import twisted as compat_twisted
 from ipcd.identity import credentials
+from ipcd.nodescriptors import ClosesDescriptors
 from ipcd.sockets import discard_unread
 from ipcd.wire import LOG_LINES_DROPPED
 
@@ -296,7 +298,7 @@ def _nothing_held() -> None:
     """C{handOff}'s answer for a connection that counts nowhere."""
 
 
-class _LimitedProtocol(ProtocolWrapper):
+class _LimitedProtocol(ClosesDescriptors, ProtocolWrapper):
     """Admitted or refused when the connection is made; released when lost."""
 
     key: str | None = None
@@ -332,6 +334,15 @@ class _LimitedProtocol(ProtocolWrapper):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.key is not None:
             super().dataReceived(data)
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:  # noqa: N802
+        # The wrapped protocol's, if it takes them; else closed unsaid.
+        if self.key is not None and IFileDescriptorReceiver.providedBy(
+            self.wrappedProtocol
+        ):
+            self.wrappedProtocol.fileDescriptorReceived(descriptor)
+        else:
+            super().fileDescriptorReceived(descriptor)
 
     def readConnectionLost(self) -> None:  # noqa: N802
         self.wrappedProtocol.readConnectionLost()

@@ -20,6 +20,8 @@ C{/dev/null}, 6.2 µs written at each turn's end, 3.8 µs held for up to
 What it costs: a line reaches the file up to L{FLUSH_AFTER} seconds late;
 a process killed outright (C{SIGKILL}) loses at most those lines.  At most
 L{MOST_HELD} characters are held: more are written as the bound is reached.
+Lines that cannot be written (the reader of stdout gone, a full disk) are
+lost, as with Twisted's own observer, and nothing more is made of it.
 """
 
 from __future__ import annotations
@@ -82,8 +84,15 @@ class BatchedFile:
         text = "".join(self._held)
         self._held.clear()
         self._size = 0
-        self._out.write(text)
-        self._out.flush()
+        try:
+            self._out.write(text)
+            self._out.flush()
+        except (OSError, ValueError):
+            # Lost (EPIPE: the reader of stdout is gone; ENOSPC; closed), as
+            # Twisted's observer loses a line it cannot write.  Raised from
+            # the clock's call, the reactor would log the error: a line held,
+            # failing in turn, 100 times a second for ever.
+            pass
 
 
 def batch_with(clock: IReactorTime | None) -> None:

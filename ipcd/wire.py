@@ -40,6 +40,7 @@ from ipcd.framing import encode as encode
 from ipcd.framing import recv_exactly as recv_exactly
 from ipcd.framing import recv_message as recv_message
 from ipcd.framing import send_message as send_message
+from ipcd.nodescriptors import ClosesDescriptors
 
 DEFAULT_PARTIAL_MESSAGE_BUDGET = 64 * 1024 * 1024
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -192,7 +193,7 @@ class _ReadPauser:
         self.protocol._release()
 
 
-class MessageProtocol(Protocol, TimeoutMixin):
+class MessageProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
     """
     Base class for libipc peers: override L{messageReceived}, call
     L{sendMessage}.

@@ -22,13 +22,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd.compat import twisted as compat_twisted
+from ipcd.nodescriptors import ClosesDescriptors
 from ipcd.relay.engine import IRelayEngine, Join, RelayEngine
 from ipcd.relay.idle import log_idle
 from ipcd.relay.stats import RelayStats, ended
 
 
 @implementer(IHalfCloseableProtocol)
-class RelayProtocol(Protocol, TimeoutMixin):
+class RelayProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
     """
     One side of a relay between two Twisted transports: what its transport
     reads goes to its peer's transport.  Pair two with L{TransportRelays}

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+from array import array
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -21,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import control
 from ipcd.client import DEFAULT_TIMEOUT, connect
-from ipcd.handoff import HandoffError, scm_rights
+from ipcd.handoff import HandoffError, receive_fd, scm_rights
 from ipcd.scripts import pong
 from ipcd.test.support import (
     TIMEOUT,
@@ -192,6 +193,32 @@ class ExchangeTests(SynchronousTestCase):
             peer.settimeout(TIMEOUT)
             self.assertEqual(recv_message(peer), b"pong;pong unix://pong")
 
+    def test_answerInPiecesTimesOut(self) -> None:
+        """
+        A stand-in that answers one byte at a time, each well within the
+        timeout (4096 of them would take 8 s): the timeout bounds the whole
+        answer, not each wait.
+        """
+        rundir, listener = self.ipcd_stand_in()
+        stop = threading.Event()
+
+        def trickle() -> None:
+            peer, _ = listener.accept()
+            with peer:
+                recv_message(peer)
+                while not stop.wait(0.002):
+                    try:
+                        peer.sendall(b"n")
+                    except OSError:  # the client is gone
+                        return
+
+        thread = threading.Thread(target=trickle)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(stop.set)
+        with self.assertRaises(TimeoutError):
+            connect("pong", rundir=rundir, network="pong unix://pong", timeout=1)
+
     def test_answerAfterAWhile(self) -> None:
         """
         The answer comes in two pieces, the descriptor with the first: the
@@ -219,6 +246,87 @@ class ExchangeTests(SynchronousTestCase):
             handed.sendall(b"x")
             kept.settimeout(TIMEOUT)
             self.assertEqual(kept.recv(1), b"x")
+
+
+class HostileReplyTests(SynchronousTestCase):
+    """
+    A reply from something that is not a well-behaved ipcd, descriptors
+    passed for real: whatever it sends, the client keeps none it was given.
+    """
+
+    def setUp(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.theirs.close)
+        self.ours.settimeout(TIMEOUT)
+
+    def held(self) -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def test_timeoutAfterTheDescriptor(self) -> None:
+        """
+        The first piece of an answer brings a descriptor, the rest never
+        comes: the client times out and closes it (the far end sees EOF).
+        """
+        service, kept = socket.socketpair()
+        self.addCleanup(kept.close)
+        with service:
+            self.theirs.sendmsg([b"o"], scm_rights(service.fileno()))
+        self.ours.settimeout(0.05)  # only the wait for the rest times out
+        before = self.held()
+        with self.assertRaises(TimeoutError):
+            receive_fd(self.ours)
+        self.assertEqual(self.held(), before)
+        kept.settimeout(TIMEOUT)
+        self.assertEqual(kept.recv(1), b"")
+
+    def test_notASocket(self) -> None:
+        """ok with a pipe's end: a clear error, and the pipe's end closed."""
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        self.theirs.sendmsg([b"ok"], scm_rights(read_end))
+        os.close(read_end)
+        before = self.held()
+        with self.assertRaises(HandoffError) as caught:
+            receive_fd(self.ours)
+        self.assertIn("not a socket", str(caught.exception))
+        self.assertEqual(self.held(), before)
+        self.assertRaises(BrokenPipeError, os.write, write_end, b"x")
+
+    def test_descriptorsPieceAfterPiece(self) -> None:
+        """
+        Four descriptors with each of 50 pieces of a reply: the client
+        never holds more than one of them at a time.
+        """
+        held = []
+
+        class Counting(socket.socket):
+            def recvmsg(self, *args: Any) -> Any:
+                held.append(len(os.listdir("/proc/self/fd")))
+                return super().recvmsg(*args)
+
+        counting = Counting(fileno=self.ours.detach())
+        self.addCleanup(counting.close)
+        counting.settimeout(TIMEOUT)
+        service, kept = socket.socketpair()
+        self.addCleanup(kept.close)
+        with service:
+            four = [
+                (
+                    socket.SOL_SOCKET,
+                    socket.SCM_RIGHTS,
+                    array("i", [service.fileno()] * 4),
+                )
+            ]
+            for _ in range(50):
+                self.theirs.sendmsg([b"n"], four)
+        self.theirs.shutdown(socket.SHUT_WR)
+        before = self.held()
+        with self.assertRaises(HandoffError):
+            receive_fd(counting)
+        self.assertEqual(len(held), 51)
+        self.assertLessEqual(max(held), before + 1)
+        self.assertEqual(self.held(), before)
 
 
 TWISTD = "from twisted.scripts.twistd import run; run()"

@@ -10,6 +10,8 @@ import grp
 import os
 import socket
 import stat
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor
@@ -27,6 +29,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -37,7 +40,7 @@ from ipcd.endpoints import (
     IPCServerEndpoint,
     IPCServerParser,
 )
-from ipcd.handoff import HandoffError, adopt_into_reactor
+from ipcd.handoff import HandoffError, adopt_into_reactor, scm_rights
 from ipcd.services.pongd import Pong
 from ipcd.test.support import (
     TIMEOUT,
@@ -48,6 +51,7 @@ from ipcd.test.support import (
     short_rundir,
     wait_until,
 )
+from ipcd.wire import recv_message
 
 
 class EchoClient(Pong):
@@ -347,6 +351,83 @@ class CancelTests(TestCase):
         self.assertEqual(memory.getDelayedCalls(), [])
 
 
+class HostileBrokerTests(TestCase):
+    """
+    A stand-in for ipcd (a thread, real descriptors passed) answering what
+    ipcd never would: the endpoint holds no more than an answer's worth.
+    """
+
+    def serve(self, answer: Callable[[socket.socket], None]) -> str:
+        """RUNDIR whose C{ipc} reads a lookup, then C{answer}s and stays open."""
+        rundir = short_rundir(self)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(os.path.join(rundir, "ipc"))
+        listener.listen(1)
+        done = threading.Event()
+
+        def run() -> None:
+            peer, _ = listener.accept()
+            with peer:
+                peer.settimeout(TIMEOUT)
+                recv_message(peer)
+                answer(peer)
+                done.wait(TIMEOUT * 6)  # longer than the endpoint waits
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(done.set)
+        return rundir
+
+    def connect(self, rundir: str) -> Deferred[Any]:
+        endpoint = IPCClientEndpoint(
+            reactor, "pong", rundir, "pong unix://pong", TIMEOUT
+        )
+        return endpoint.connect(Factory.forProtocol(EchoClient))
+
+    @inlineCallbacks
+    def test_endlessAnswer(self) -> Any:
+        """
+        An answer that goes on and on is judged at 4 KiB, as the blocking
+        client judges it, not held (a MiB, here) until the timeout.
+        """
+
+        def flood(peer: socket.socket) -> None:
+            try:
+                peer.sendall(b"x" * (1 << 20))
+            except OSError:
+                pass  # the endpoint has had enough and closed
+
+        connecting = self.connect(self.serve(flood))
+        failure = yield self.assertFailure(connecting, HandoffError)
+        self.assertIn("unexpected answer from ipcd: b'xxx", str(failure))
+
+    @inlineCallbacks
+    def test_extraDescriptorClosedAtOnce(self) -> Any:
+        """
+        A second descriptor, with a second piece of an answer still
+        unfinished, is closed as it comes: its far end sees EOF while the
+        lookup still waits.
+        """
+        first, first_far = socket.socketpair()
+        extra, extra_far = socket.socketpair()
+        for sock in (first, first_far, extra, extra_far):
+            self.addCleanup(sock.close)
+
+        def pieces(peer: socket.socket) -> None:
+            peer.sendmsg([b"x"], scm_rights(first_far.fileno()))
+            peer.sendmsg([b"y"], scm_rights(extra_far.fileno()))
+            extra_far.close()
+
+        connecting = self.connect(self.serve(pieces))
+        extra.settimeout(TIMEOUT)
+        self.assertEqual((yield deferToThread(extra.recv, 1)), b"")
+        self.assertFalse(connecting.called)
+        connecting.cancel()
+        yield self.assertFailure(connecting, CancelledError)
+
+
 class AdoptTests(SynchronousTestCase):
     """
     adoptStreamConnection returns nothing by its interface
@@ -375,3 +456,16 @@ class AdoptTests(SynchronousTestCase):
         factory = Factory()
         factory.buildProtocol = lambda addr: None  # type: ignore[method-assign]
         self.assertRaises(HandoffError, self.adopt, factory)
+
+    def test_notASocket(self) -> None:
+        """
+        A descriptor handed over that is no socket (a pipe's end): a clear
+        error, and the descriptor closed, never adopted nor kept.
+        """
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        factory = Factory.forProtocol(EchoClient)
+        with self.assertRaises(HandoffError) as caught:
+            adopt_into_reactor(object(), read_end, factory)  # type: ignore[arg-type]
+        self.assertIn("not a socket", str(caught.exception))
+        self.assertRaises(BrokenPipeError, os.write, write_end, b"x")

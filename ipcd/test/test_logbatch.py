@@ -7,6 +7,7 @@ when it stops.
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -182,6 +183,41 @@ class BatchedFileTests(SynchronousTestCase):
         self.assertEqual(len(stdout.writes), 1)
 
 
+class Unwritable(WritesFile):
+    """A file whose writes fail until C{broken} is false (EPIPE)."""
+
+    broken = True
+
+    def write(self, text: str) -> int:
+        if self.broken:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+class WriteErrorTests(SynchronousTestCase):
+    def test_lostNotRaised(self) -> None:
+        """
+        Held lines that cannot be written are lost, as Twisted's observer
+        loses them: the clock's call does not fail (the reactor would log
+        that, and the line would fail again), nothing more is asked of the
+        clock, and lines are written again once the file takes them.
+        """
+        self.addCleanup(batch_with, None)
+        out = Unwritable()
+        batched = BatchedFile(out)
+        clock = Clock()
+        batch_with(clock)
+        batched.write("lost\n")
+        batched.flush()
+        clock.advance(FLUSH_AFTER)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        out.broken = False
+        batched.write("later\n")
+        batched.flush()
+        clock.advance(FLUSH_AFTER)
+        self.assertEqual(out.writes, ["later\n"])
+
+
 class ProcessTests(SynchronousTestCase):
     """ipcd's stdout log in a process of its own, as twistd's --logger."""
 
@@ -222,6 +258,44 @@ class ProcessTests(SynchronousTestCase):
             "Logger(namespace='t', observer=json_observer()).info('held')\n"
         )
         self.assertIn('"text": "held"', out)
+
+    def test_readerGone(self) -> None:
+        """
+        A real reactor whose stdout's reader is gone (EPIPE): one line is
+        lost and that is all; the failed write was logged, held, failed
+        again, 100 times a second, for ever (4 % of a core).
+        """
+        code = (
+            "import os, sys\n"
+            "from twisted.internet import reactor\n"
+            "from twisted.logger import Logger, globalLogBeginner\n"
+            "from ipcd.logbatch import batch_with\n"
+            "from ipcd.logs import text_observer\n"
+            "globalLogBeginner.beginLoggingTo([text_observer()], False, False)\n"
+            "batch_with(reactor)\n"
+            "reactor.callLater(0, Logger(namespace='t').info, 'decided')\n"
+            "def end():\n"
+            "    calls = len(reactor.getDelayedCalls())\n"
+            "    os.write(2, b'calls pending: %d\\n' % calls)\n"
+            "    reactor.stop()\n"
+            "reactor.callLater(0.5, end)\n"
+            "reactor.run()\n"
+        )
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", code],
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                env=python_env(),
+                timeout=TIMEOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(write_end)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(b"calls pending: 0\n", result.stderr)
 
 
 class StopTests(TwistdCase):
