@@ -99,6 +99,19 @@ class MaterialTests(SynchronousTestCase):
         )
         self.assertIn("holds no PEM certificate", self.refused(trust_roots=issued.key))
 
+    def test_keyFileNamedForWhatIsWrong(self) -> None:
+        """
+        A private key file that cannot be read as a file is refused as such
+        (too large, here), not as a key that does not match the certificate.
+        """
+        issued = TestCA(self.dir).issue("one")
+        with open(issued.key, "ab") as f:
+            f.write(b"#" * (1 << 20))
+        self.assertEqual(
+            self.refused(certificate=issued.cert, key=issued.key),
+            f"[tlsd] key: {issued.key} is larger than 1 MiB",
+        )
+
     def test_identitiesNeedKeys(self) -> None:
         path = secrets_file(self.dir, {"alice": ALICE_KEY})
         self.assertEqual(

@@ -237,8 +237,11 @@ def read_material(settings: Mapping[str, Any]) -> Material:
             psk.check_private_file(key_path)
         except psk.SecretsError as e:
             raise MaterialError(f"[tlsd] key: {e}") from None
+        # Read first: a file that cannot be read is named as such, not as
+        # a key that does not match.
+        key_pem = _read("key", key_path)
         try:
-            pair = KeyPair.load(_read("key", key_path), 1)  # FILETYPE_PEM
+            pair = KeyPair.load(key_pem, 1)  # FILETYPE_PEM
             certificate = PrivateCertificate.fromCertificateAndKeyPair(
                 _twisted(leaf), pair
             )
