@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import grp
 import os
+import re
+import socket
+import subprocess
+import sys
 
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -20,7 +24,13 @@ from ipcd.daemons import settings_of
 from ipcd.daemons.tcp import DEFAULT_LISTEN as DEFAULT_TCP_LISTEN
 from ipcd.daemons.tcp import tcpd
 from ipcd.routes import LocalURI, PathURI, RemoteURI, parse_uri
-from ipcd.test.support import REPO
+from ipcd.test.support import (
+    REPO,
+    TIMEOUT,
+    free_port,
+    python_env,
+    short_rundir,
+)
 from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
 
 
@@ -717,3 +727,101 @@ class OptionsTests(ConfigFileMixin, SynchronousTestCase):
             [str(rule) for rule in config.rules],
             ["allow in authd *", "deny in * *", "allow out pong *"],
         )
+
+
+def _errors_section() -> list[str]:
+    """The lines of docs/configuration.rst's Errors section's literal blocks."""
+    with open(os.path.join(REPO, "docs", "configuration.rst"), encoding="utf-8") as f:
+        section = f.read().split("\nErrors\n------\n", 1)[1]
+    return [line[4:] for line in section.splitlines() if line.startswith("    ipcd: ")]
+
+
+# How to provoke each line of the Errors section: the configuration file's
+# text (None: no file), the command line after "ipcd", and which command
+# (the ipcd command or twistd).  "/run/ipc" (or "/tmp/libipc-run") and
+# "127.0.0.1:9000" in a line stand for the test's own directory and port.
+_PROVOKED = {
+    "[tcpd] listen: expected an endpoint string": ("[tcpd]\nlisten = 9000\n", []),
+    "unknown endpoint type 'foo'": (None, ["--tcp", "foo:bar"]),
+    "no such group 'nosuchgroup'": ('[control]\ngroup = "nosuchgroup"\n', []),
+    "lookup_timeot": ("[ipcd]\nlookup_timeot = 5\n", []),
+    "loop a -> b -> a": ('[redirects]\na = "b"\nb = "a"\n', []),
+    "sideways": ('rules = ["allow sideways pong"]\n', []),
+    "invalid TOML": ("a = =\n", []),
+    "cannot read": (None, ["--config", "ipcd.toml"]),
+    "[routes] x": (None, ["--route", "x y://"]),
+    "--redirect takes": (None, ["--redirect", "a"]),
+    "--bogus": (None, ["--bogus"], "twistd"),
+    "cannot listen on 127.0.0.1:9000": (
+        None,
+        ["--tcp", "tcp:9000:interface=127.0.0.1"],
+    ),
+    "systemd:domain=INET:index=0": (None, ["--tcp", "systemd:domain=INET:index=0"]),
+    "read-only file system": None,  # needs a read-only mount: test_startup's
+    "unsafe RUNDIR": (None, ["--rundir", "/run/ipc"]),
+    "cannot create RUNDIR": (None, ["--rundir", "/run/ipc/x"]),
+    "another process is listening": (None, []),
+}
+
+
+class DocumentedErrorsTests(SynchronousTestCase):
+    """docs/configuration.rst's Errors section, each line provoked as shown."""
+
+    def test_eachLineAsShown(self) -> None:
+        lines = _errors_section()
+        self.assertEqual(len(lines), len(_PROVOKED), lines)
+        for shown in lines:
+            [key] = [k for k in _PROVOKED if k in shown]
+            if _PROVOKED[key] is not None:
+                self.assertEqual(self.provoke(*_PROVOKED[key], shown=shown), shown)
+
+    def provoke(
+        self, toml: str | None, args: list[str], command: str = "ipcd", shown: str = ""
+    ) -> str:
+        work = short_rundir(self, "ipcd-errors-")
+        rundir = os.path.join(work, "run")
+        if "/run/ipc" in shown:  # a regular file in RUNDIR's place
+            rundir = os.path.join(work, "ipc")
+            with open(rundir, "w"):
+                pass
+        args = [a.replace("/run/ipc", rundir) for a in args]
+        if toml is not None:
+            with open(os.path.join(work, "ipcd.toml"), "w") as f:
+                f.write(toml)
+            args = ["--config", "ipcd.toml", *args]
+        if "--rundir" not in args:
+            args += ["--rundir", rundir]
+        if "--tcp" not in args:
+            args.append("--no-tcp")
+        held = socket.socket(socket.AF_INET if "9000" in shown else socket.AF_UNIX)
+        self.addCleanup(held.close)
+        port = free_port()
+        if "9000" in shown:  # the port, taken
+            held.bind(("127.0.0.1", port))
+            held.listen()
+            args = [a.replace("9000", str(port)) for a in args]
+        if "another process" in shown:  # RUNDIR/ipc, live
+            os.mkdir(rundir, 0o1770)
+            held.bind(os.path.join(rundir, "ipc"))
+            held.listen()
+        run = "from ipcd.scripts.ipcd import main; main()"
+        if command == "twistd":
+            run = "from twisted.scripts.twistd import run; run()"
+            args = ["--nodaemon", "ipcd", *args]
+        done = subprocess.run(
+            [sys.executable, "-c", run, *args],
+            capture_output=True,
+            text=True,
+            env=python_env(),
+            cwd=work,
+            timeout=6 * TIMEOUT,
+        )
+        self.assertEqual((done.returncode, done.stdout), (1, ""), done.stderr)
+        said = done.stderr.rstrip("\n")
+        self.assertNotIn("\n", said)
+        default = "/tmp/libipc-run" if "/tmp/libipc-run" in shown else "/run/ipc"
+        said = said.replace(rundir, default).replace(str(port), "9000")
+        if "(known: " in shown and "endpoint type" in shown:
+            # Twisted's and its installed plugins' types: those of this host.
+            return re.sub(r"\(known: [^)]*\)", "(" + shown.rsplit("(", 1)[1], said)
+        return said
