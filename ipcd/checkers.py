@@ -144,6 +144,12 @@ def check_server_endpoint(description: str) -> None:
     except (ValueError, TypeError) as e:
         # "_parseTCP() got an unexpected keyword argument": not our name.
         reason = re.sub(r"^_?\w+\(\) ", "", str(e))
+        # A port or backlog that is no number: say so, not in Python's words.
+        reason = re.sub(
+            r"^invalid literal for int\(\) with base 10: (.*)$",
+            r"\1 is not a whole number",
+            reason,
+        )
         if "::" in description:
             reason += r" (a ':' inside a value is written '\:', as in interface=\:\:1)"
         raise Invalid(f"invalid endpoint {description!r}: {reason}") from None

@@ -453,8 +453,7 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         """The built-in tcp and unix parsers check their arguments too."""
         self.assertEqual(
             self.error('[tcpd]\nlisten = "tcp:x"\n'),
-            "[tcpd] listen: invalid endpoint 'tcp:x': invalid literal for int() "
-            "with base 10: 'x'",
+            "[tcpd] listen: invalid endpoint 'tcp:x': 'x' is not a whole number",
         )
         self.assertEqual(
             self.error('[tcpd]\nlisten = "tcp:9000:colour=red"\n'),
