@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import textwrap
 
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -306,6 +307,44 @@ class DocumentedExampleTests(ConfigFileMixin, SynchronousTestCase):
         config = load_config(self.write(toml), None, {})
         self.assertEqual(config.rundir, "/run/libipc")
         self.assertEqual(config.routes["echo"], parse_uri("unix://pong"))
+
+    def test_everySnippetLoads(self) -> None:
+        """
+        Every TOML block of the docs (literal or C{code-block:: toml}) loads
+        as written: each is what a reader pastes into ipcd.toml.
+        """
+        pages = ("configuration", "securing", "operations-metrics", "operations-dns")
+        found = 0
+        for page in pages:
+            with open(os.path.join(REPO, "docs", f"{page}.rst"), encoding="utf-8") as f:
+                for block in toml_blocks(f.read()):
+                    found += 1
+                    try:
+                        load_config(self.write(block), None, {})
+                    except ConfigError as e:
+                        self.fail(f"docs/{page}.rst:\n{block}\n{e}")
+        self.assertGreaterEqual(found, 10)
+
+
+def toml_blocks(rst: str) -> list[str]:
+    """The literal and C{code-block:: toml} blocks of C{rst} that are TOML."""
+    blocks = []
+    lines = rst.splitlines()
+    i = 0
+    while i < len(lines):
+        opens = lines[i].rstrip().endswith("::") or lines[i] == ".. code-block:: toml"
+        i += 1
+        if not opens:
+            continue
+        body = []
+        while i < len(lines) and (not lines[i].strip() or lines[i][0] == " "):
+            body.append(lines[i])
+            i += 1
+        block = textwrap.dedent("\n".join(body)).strip("\n")
+        # A table header or a key = value, after any leading comments.
+        if re.match(r"(#.*\n)*(\[[\w.]+\]\n\w+ = |\w+ = )", block):
+            blocks.append(block)
+    return blocks
 
 
 class RouteSchemeTests(ConfigFileMixin, SynchronousTestCase):
