@@ -190,7 +190,7 @@ class CommandFailureTests(SynchronousTestCase):
         self.assertEqual(
             self.ipcd("--tcp", "systemd:domain=INET:index=0"),
             "ipcd: cannot make tcpd's listener 'systemd:domain=INET:index=0': "
-            "IndexError: list index out of range (use --tcp ENDPOINT or --no-tcp)",
+            "systemd passed no such socket (use --tcp ENDPOINT or --no-tcp)",
         )
 
     def test_unknownGroup(self) -> None:
