@@ -205,12 +205,15 @@ def listener_failure(listen: str, error: Exception) -> str:
     """
     Why Twisted could not make endpoint C{listen}, in one line: a
     C{systemd:} one whose index or name systemd did not pass says so (as
-    udpd's does), not in Twisted's C{IndexError}.
+    udpd's does), not in Twisted's C{IndexError}; a file it cannot read
+    (an C{ssl:} key) is named.
     """
     if listen.lower().startswith("systemd:") and isinstance(
         error, (IndexError, KeyError)
     ):
         return "systemd passed no such socket"
+    if isinstance(error, OSError) and error.filename:  # ssl:'s key or certificate
+        return f"cannot read {error.filename}: {error.strerror}"
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
