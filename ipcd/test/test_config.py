@@ -576,6 +576,18 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         message = self.error("[ipcd\nlookup_timeout = 3\n")
         self.assertTrue(message.startswith("invalid TOML"), message)
 
+    def test_notUtf8(self) -> None:
+        """A file in another encoding: one line, not tomllib's traceback."""
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b'# caf\xe9\nrundir = "/run/libipc"\n')
+        error = self.assertRaises(ConfigError, load_config, path, None, {})
+        self.assertEqual(
+            str(error),
+            f"{path}: invalid TOML: not UTF-8 (byte 0xe9 at offset 5): "
+            "save it as UTF-8",
+        )
+
     def test_missingFile(self) -> None:
         path = self.mktemp()
         error = self.assertRaises(ConfigError, load_config, path, None, {})
