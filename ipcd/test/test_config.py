@@ -495,6 +495,11 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             "[tcpd] listen: invalid endpoint 'tcp:x': 'x' is not a whole number",
         )
         self.assertEqual(
+            self.error("[metrics]\nlisten = 99999\n"),
+            "[metrics] listen: invalid endpoint 'tcp:99999:interface=127.0.0.1': "
+            "port 99999 is not 0 to 65535",
+        )
+        self.assertEqual(
             self.error('[tcpd]\nlisten = "tcp:9000:colour=red"\n'),
             "[tcpd] listen: invalid endpoint 'tcp:9000:colour=red': got an "
             "unexpected keyword argument 'colour'",
