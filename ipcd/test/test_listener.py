@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 
 from ipcd.daemons import StartupError
 from ipcd.listener import EndpointListener, Outcome
+from ipcd.services import IPCService
 from ipcd.tap import IPCDService
 from ipcd.test.support import make_config, short_rundir
 
@@ -201,3 +202,39 @@ class FakePort:
 
     def stopListening(self) -> None:  # noqa: N802 (Twisted's name)
         pass
+
+
+class OwnApplicationTests(TestCase):
+    """
+    An L{IPCService} in an application of its own (C{twistd -y upper.py}):
+    twistd calls C{privilegedStartService} before its reactor runs, and a
+    socket that cannot be listened on stops the start in one line, exit
+    status 1 (docs/api.rst: "A failure to listen stops startup").
+    """
+
+    def test_liveSocket(self) -> None:
+        rundir = short_rundir(self)
+        first = IPCService("upper", FACTORY, rundir, reactor)
+        first.privilegedStartService()
+        self.addCleanup(first.stopService)
+        second = IPCService("upper", FACTORY, rundir, reactor)
+        error = self.assertRaises(SystemExit, second.privilegedStartService)
+        path = os.path.join(rundir, "upper")
+        self.assertEqual(error.code, f"upper: another process is listening on {path}")
+
+    def test_portTaken(self) -> None:
+        port = taken_port(self)
+        endpoint = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
+        listener = EndpointListener(endpoint, FACTORY, f"tcp:{port}")
+        error = self.assertRaises(SystemExit, listener.privilegedStartService)
+        self.assertEqual(
+            error.code, f"twistd: cannot listen on tcp:{port}: address already in use"
+        )
+
+    def test_listening(self) -> None:
+        """One that listens starts as ever."""
+        rundir = short_rundir(self)
+        service = IPCService("upper", FACTORY, rundir, reactor)
+        service.privilegedStartService()
+        self.addCleanup(service.stopService)
+        self.assertIsNotNone(service.port)
