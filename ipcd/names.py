@@ -8,6 +8,7 @@ The directory itself (where it is, and its safety audit) is L{ipcd.rundir}'s.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import os
@@ -38,6 +39,10 @@ class InvalidServiceName(ValueError):
 
 class SocketInUse(RuntimeError):
     """Another live process already listens on the socket path."""
+
+
+class SocketGroupError(RuntimeError):
+    """The socket could not be given its group; the message says the way out."""
 
 
 def validate_service_name(name: str | bytes) -> str:
@@ -161,5 +166,15 @@ def listen_unix(
         finally:
             os.umask(old)
     if gid != -1:
-        os.chown(path, -1, gid)
+        try:
+            os.chown(path, -1, gid)
+        except OSError as e:
+            # Not left listening, nor in RUNDIR, under another group.
+            port.stopListening()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise SocketGroupError(
+                f"cannot give {path} to group {group!r}: {e.strerror.lower()} "
+                f"(ipcd needs CAP_CHOWN, or to be a member of {group!r})"
+            ) from None
     return port

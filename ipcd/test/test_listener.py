@@ -7,6 +7,7 @@ saying where they listen and why they cannot, and the service tree's
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import socket
 from typing import Any
@@ -190,6 +191,33 @@ class ReadinessTests(TestCase):
         self.assertNotIn("\n", str(error))
         for path in service.socket_paths():
             self.assertFalse(os.path.exists(path), path)
+
+
+class SocketGroupTests(TestCase):
+    def test_groupRefused(self) -> None:
+        """
+        [control] group that ipcd may not give the socket (no CAP_CHOWN, not
+        a member: the kernel's EPERM, injected here as root has the
+        capability): one line saying so and the way out, not "make RUNDIR
+        writable", and nothing left in RUNDIR.
+        """
+        group = grp.getgrgid(os.getgid()).gr_name
+        rundir = short_rundir(self)
+        service = IPCDService(make_config(rundir, control={"group": group}), reactor)
+        self.addCleanup(lambda: service.running and service.stopService())
+
+        def refused(path: str, uid: int, gid: int) -> None:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+
+        self.patch(os, "chown", refused)
+        error = self.assertRaises(StartupError, service.privilegedStartService)
+        path = os.path.join(rundir, "ipcd-control")
+        self.assertEqual(
+            str(error),
+            f"cannot give {path} to group {group!r}: operation not permitted "
+            f"(ipcd needs CAP_CHOWN, or to be a member of {group!r})",
+        )
+        self.assertEqual(os.listdir(rundir), [])
 
 
 class FakePort:
