@@ -18,15 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import ipcd
 from ipcd.framing import recv_message, send_message
-from ipcd.test.support import (
-    REPO,
-    accepts,
-    free_port,
-    python_env,
-    read_text,
-    short_rundir,
-    spawn,
-)
+from ipcd.test import support
+from ipcd.test.support import python_env, short_rundir, spawn
 from ipcd.test.test_packaging import source_tree
 
 TIMEOUT = 60
@@ -189,7 +182,7 @@ class DocumentedExamplesTests(SynchronousTestCase):
             self,
             ["-c", twistd, "-n", "--pidfile=", *args],
             log,
-            python_env(RUNDIR=self.rundir, PYTHONPATH=self.rundir + ":" + REPO),
+            python_env(RUNDIR=self.rundir, PYTHONPATH=self.rundir + ":" + support.REPO),
             self.rundir,
         )
         return process
@@ -207,9 +200,9 @@ class DocumentedExamplesTests(SynchronousTestCase):
     def wait_for(self, process: subprocess.Popen[bytes], path: str) -> None:
         log = os.path.join(self.rundir, "twistd.log")
         deadline = time.monotonic() + 6 * TIMEOUT
-        while not accepts(path):
-            self.assertIsNone(process.poll(), read_text(log))
-            self.assertLess(time.monotonic(), deadline, read_text(log))
+        while not support.accepts(path):
+            self.assertIsNone(process.poll(), support.read_text(log))
+            self.assertLess(time.monotonic(), deadline, support.read_text(log))
             time.sleep(0.05)
 
     def test_upperService(self) -> None:
@@ -232,7 +225,7 @@ class DocumentedExamplesTests(SynchronousTestCase):
         os.makedirs(plugins)
         with open(os.path.join(plugins, "echod_plugin.py"), "w") as f:
             f.write(code)
-        port = free_port()
+        port = support.free_port()
         rundir = os.path.join(self.rundir, "run")
         process = self.twistd(
             "ipcd",
