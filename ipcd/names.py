@@ -8,7 +8,6 @@ The directory itself (where it is, and its safety audit) is L{ipcd.rundir}'s.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import grp
 import os
@@ -169,10 +168,10 @@ def listen_unix(
         try:
             os.chown(path, -1, gid)
         except OSError as e:
+            from ipcd.startup import close_now  # (it imports this module)
+
             # Not left listening, nor in RUNDIR, under another group.
-            port.stopListening()
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            close_now(port)
             raise SocketGroupError(
                 f"cannot give {path} to group {group!r}: {e.strerror.lower()} "
                 f"(ipcd needs CAP_CHOWN, or to be a member of {group!r})"
