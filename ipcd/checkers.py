@@ -140,13 +140,23 @@ def check_server_endpoint(description: str) -> None:
     if kind == "ssl":
         return  # its parser reads the key and certificate files: not here
     try:
-        compat_twisted.check_server_arguments(description)
+        port = compat_twisted.check_server_arguments(description)
     except (ValueError, TypeError) as e:
         # "_parseTCP() got an unexpected keyword argument": not our name.
         reason = re.sub(r"^_?\w+\(\) ", "", str(e))
+        # A port or backlog that is no number: say so, not in Python's words.
+        reason = re.sub(
+            r"^invalid literal for int\(\) with base 10: (.*)$",
+            r"\1 is not a whole number",
+            reason,
+        )
         if "::" in description:
             reason += r" (a ':' inside a value is written '\:', as in interface=\:\:1)"
         raise Invalid(f"invalid endpoint {description!r}: {reason}") from None
+    if port is not None and not 0 <= port <= 65535:
+        raise Invalid(
+            f"invalid endpoint {description!r}: port {port} is not 0 to 65535"
+        )
 
 
 def group_name(value: Any) -> str:

@@ -322,6 +322,11 @@ def read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8; tomllib lets this through
+        raise ConfigError(
+            f"{path}: invalid TOML: not UTF-8 (byte 0x{e.object[e.start]:02x} at "
+            f"offset {e.start}): save it as UTF-8"
+        ) from None
 
 
 def load_config(

@@ -11,6 +11,7 @@ so that one that cannot listen stops the start-up in one line.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Generic, TypeVar
 
 from twisted.application.service import Service
@@ -18,6 +19,8 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
+
+from ipcd.names import SocketInUse
 
 T = TypeVar("T")
 
@@ -115,19 +118,45 @@ class EndpointListener(Service):
 
     def privilegedStartService(self) -> None:  # noqa: N802 (Twisted's name)
         super().privilegedStartService()
-        if self._listening is None:
-            self.listen().addErrback(self._unheard)
+        if self._listening is not None:
+            return
+        # Outside ipcd's tree (an application of its own, twistd -y): twistd
+        # calls this before its reactor runs.  A socket that cannot be
+        # listened on then stops the start in one line, exit status 1, as
+        # ipcd's own do, rather than a logged traceback and a process that
+        # serves nothing.
+        now: list[Failure] = []
+        starting = True
+
+        def heard(failure: Failure) -> None:
+            if starting:
+                now.append(failure)
+            else:
+                self._unheard(failure)
+
+        self.listen().addErrback(heard)
+        starting = False
+        if now and not now[0].check(CancelledError):
+            raise SystemExit(f"{self.name or 'twistd'}: {self._why(now[0])}")
 
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
         super().startService()
         if self._listening is None:
             self.listen().addErrback(self._unheard)
 
+    def _why(self, failure: Failure) -> str:
+        """Why it cannot listen, in one line naming where."""
+        if failure.check(SocketInUse):  # names the socket itself
+            return failure.getErrorMessage()
+        where = getattr(self.endpoint, "path", None) or self.description
+        cause = getattr(failure.value, "socketError", failure.value)
+        code = getattr(cause, "errno", None)
+        why = os.strerror(code).lower() if code else " ".join(str(cause).split())
+        return f"cannot listen on {where or self.endpoint}: {why}"
+
     def _unheard(self, failure: Failure) -> None:
         if not failure.check(CancelledError):
-            self.log.failure(
-                "cannot listen on {endpoint}", failure, endpoint=self.endpoint
-            )
+            self.log.failure("{why}", failure, why=self._why(failure))
 
     def stopService(self) -> Deferred[None] | None:  # noqa: N802 (Twisted's name)
         super().stopService()

@@ -42,7 +42,7 @@ from twisted.web.server import Request, Site
 from twisted.web.wsgi import WSGIResource
 
 from ipcd.config import Config
-from ipcd.daemons import StartupError, refuse_unfit_adopted
+from ipcd.daemons import StartupError, listener_failure, refuse_unfit_adopted
 from ipcd.limits import (
     ConnectionLimits,
     LimitedEndpoint,
@@ -438,10 +438,9 @@ def serve_metrics(
     except StartupError:
         raise
     except Exception as e:
-        reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise StartupError(
-            f"cannot make the metrics listener {listen!r}: {reason} "
-            "(use --metrics ENDPOINT or leave it off)"
+            f"cannot make the metrics listener {listen!r}: "
+            f"{listener_failure(listen, e)} (use --metrics ENDPOINT or leave it off)"
         ) from None
     listener.setServiceParent(parent)
     return registry

@@ -40,6 +40,10 @@ class SocketInUse(RuntimeError):
     """Another live process already listens on the socket path."""
 
 
+class SocketGroupError(RuntimeError):
+    """The socket could not be given its group; the message says the way out."""
+
+
 def validate_service_name(name: str | bytes) -> str:
     """
     Return C{name} as text if it is 1-255 bytes of C{[A-Za-z0-9._-]} not
@@ -161,5 +165,15 @@ def listen_unix(
         finally:
             os.umask(old)
     if gid != -1:
-        os.chown(path, -1, gid)
+        try:
+            os.chown(path, -1, gid)
+        except OSError as e:
+            from ipcd.startup import close_now  # (it imports this module)
+
+            # Not left listening, nor in RUNDIR, under another group.
+            close_now(port)
+            raise SocketGroupError(
+                f"cannot give {path} to group {group!r}: {e.strerror.lower()} "
+                f"(ipcd needs CAP_CHOWN, or to be a member of {group!r})"
+            ) from None
     return port

@@ -66,12 +66,17 @@ class OwnSockets:
             own = frozenset(
                 {
                     *OWN_NAMES,
-                    *config.registry,
+                    # Every scheme's socket: websocketd's RUNDIR/wss too.
+                    *config.registry.schemes,
                     *transports,
                     *config.external_daemons,
                 }
             )
-            running = (d.scheme for d in config.registry.enabled(config))
+            running = (
+                scheme
+                for d in config.registry.enabled(config)
+                for scheme in (d.scheme, *getattr(d, "also_schemes", ()))
+            )
             in_process = frozenset({*OWN_NAMES, *running})
             cached = (config, transports, (own, in_process, own - in_process))
             self._names_cache = cached

@@ -22,7 +22,7 @@ from ipcd.activation import InheritedSocketError
 from ipcd.config import Config
 from ipcd.control import CONTROL_NAME
 from ipcd.endpoints import BROKER_NAME
-from ipcd.names import SocketInUse
+from ipcd.names import SocketGroupError, SocketInUse
 from ipcd.rundir import UnsafeRundir
 
 
@@ -81,7 +81,9 @@ def daemon_of(leaf: Any, config: Config) -> Any:
 def cannot_listen(error: Exception, leaf: Any, config: Config) -> str:
     """What failed when C{leaf} started, in one line with the way out."""
     rundir = config.rundir
-    if isinstance(error, UnsafeRundir | SocketInUse | InheritedSocketError):
+    if isinstance(
+        error, UnsafeRundir | SocketInUse | SocketGroupError | InheritedSocketError
+    ):
         return str(error)
     endpoint = getattr(leaf, "endpoint", None)
     path = getattr(endpoint, "path", None)

@@ -414,10 +414,14 @@ def server_endpoint_types() -> set[str]:
     return set(BUILT_IN_SERVER_TYPES)
 
 
-def check_server_arguments(description: str) -> None:
+def check_server_arguments(description: str) -> int | None:
     """
     Raise ValueError or TypeError if built-in endpoint C{description}'s
-    arguments are not ones its parser takes (nothing when not told).
+    arguments are not ones its parser takes (nothing when not told); the
+    port of a C{tcp} one, as parsed, else None.
     """
     if PARSE_SERVER.present or PARSE_SERVER.usable():
-        _endpoints()._parseServer(description, None)
+        kind, args, _ = _endpoints()._parseServer(description, None)
+        if kind == "TCP":
+            return int(args[0])
+    return None

@@ -190,16 +190,31 @@ def check_listener(reactor: IHostReactor, daemon: IProtocolDaemon, listen: str) 
     try:
         endpoint = serverFromString(reactor, listen)
     except Exception as e:
-        reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise StartupError(
-            f"cannot make {daemon.section}'s listener {listen!r}: {reason} "
-            f"({daemon.hint(e)})"
+            f"cannot make {daemon.section}'s listener {listen!r}: "
+            f"{listener_failure(listen, e)} ({daemon.hint(e)})"
         ) from None
     refuse_unfit_adopted(
         endpoint,
         f"{daemon.section}'s listener {listen!r}",
         daemon.hint(ValueError()),
     )
+
+
+def listener_failure(listen: str, error: Exception) -> str:
+    """
+    Why Twisted could not make endpoint C{listen}, in one line: a
+    C{systemd:} one whose index or name systemd did not pass says so (as
+    udpd's does), not in Twisted's C{IndexError}; a file it cannot read
+    (an C{ssl:} key) is named.
+    """
+    if listen.lower().startswith("systemd:") and isinstance(
+        error, (IndexError, KeyError)
+    ):
+        return "systemd passed no such socket"
+    if isinstance(error, OSError) and error.filename:  # ssl:'s key or certificate
+        return f"cannot read {error.filename}: {error.strerror}"
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 def refuse_unfit_adopted(endpoint: Any, what: str, hint: str) -> None:

@@ -30,7 +30,9 @@ from ipcd.access import (
     permitted,
 )
 from ipcd.errors import Refused
+from ipcd.inboundreach import inbound_reach
 from ipcd.test.support import (
+    accepts,
     as_user,
     counted_pong,
     lookup,
@@ -373,6 +375,29 @@ class ClientAccessTests(TestCase):
         self.assertFalse(os.path.exists(self.at("udp")))
         self.assertIn("udp", self.service.broker.own_names())
         yield self.assertRefused(ALICE, "udp;", "'udp' is ipcd's own socket")
+
+    @inlineCallbacks
+    def test_everySchemeSocketOwn(self) -> Any:
+        """
+        websocketd listens on C{RUNDIR/ws} and C{RUNDIR/wss}: neither is a
+        target, for root either, by name or by a client's route, and
+        C{ipcd status} lists neither under C{inbound:} (C{wss}, a scheme
+        websocketd serves besides its own, was handed over).
+        """
+        yield self.start(
+            websocketd={"listen": "tcp:0:interface=127.0.0.1"}, rules=["allow in *"]
+        )
+        for name in ("ws", "wss"):
+            self.assertTrue(accepts(self.at(name)), name)
+            for payload in (f"{name};", f"x;x unix://{name}"):
+                yield self.assertRefused(
+                    Credentials(0, 0), payload, f"'{name}' is ipcd's own socket"
+                )
+        reach = inbound_reach(
+            self.service.broker.config, self.service.broker.own_names()
+        )
+        self.assertEqual([n for n in ("ws", "wss") if n in reach], [])
+        self.assertEqual(self.counters["connected"], 0)
 
 
 class RemoteOwnSocketsTests(TestCase):

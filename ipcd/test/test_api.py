@@ -7,13 +7,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import textwrap
+import threading
+import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
 import ipcd
-from ipcd.test.support import python_env
+from ipcd.framing import recv_message, send_message
+from ipcd.test import support
+from ipcd.test.support import python_env, short_rundir, spawn
 from ipcd.test.test_packaging import source_tree
 
 TIMEOUT = 60
@@ -77,3 +83,156 @@ class ExampleTests(SynchronousTestCase):
         out = run_python(code, cwd="/")
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertEqual(out.stdout, "b'HELLO'\n")
+
+
+def _api_rst() -> str:
+    with open(os.path.join(source_tree(), "docs", "api.rst"), encoding="utf-8") as f:
+        return f.read()
+
+
+def example_after(rst: str, intro: str) -> str:
+    """The code block (literal or python) that follows the text C{intro}."""
+    after = rst.split(intro, 1)[1].split("\n", 1)[1]
+    after = re.sub(r"^\n*\.\. code-block:: python\n", "", after)
+    indent = re.match(r"\n*( +)", after)
+    assert indent is not None, f"no code block after {intro!r}"
+    # The block's lines: blank, or indented at least as its first one.
+    block = re.match(rf"(?:\n|{indent.group(1)}.*\n)+", after)
+    assert block is not None
+    return textwrap.dedent(block.group(0)).strip("\n") + "\n"
+
+
+def pong_server(path: str) -> threading.Thread:
+    """An echo service on C{path}, for one connection, in a thread."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+
+    def serve() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                send_message(conn, recv_message(conn))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+class DocumentedExamplesTests(SynchronousTestCase):
+    """docs/api.rst's other examples, run as written."""
+
+    def setUp(self) -> None:
+        self.rst = _api_rst()
+        self.rundir = short_rundir(self, "ipcd-apidoc-")
+
+    def run_example(self, code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env=python_env(RUNDIR=self.rundir),
+            cwd=self.rundir,
+        )
+
+    def test_blockingClient(self) -> None:
+        """The blocking client's example prints the echo its comment shows."""
+        code = example_after(self.rst, "name the endpoint classes, importing Twisted")
+        server = pong_server(os.path.join(self.rundir, "pong"))
+        out = self.run_example(code)
+        server.join(TIMEOUT)
+        self.assertEqual((out.returncode, out.stdout), (0, "b'hello'\n"), out.stderr)
+
+    def test_testingExample(self) -> None:
+        """The Testing section's example: its assertions hold."""
+        code = example_after(self.rst, "``FakeUNIXTransport``); returns")
+        self.assertIn("FakeLookupBroker()", code)
+        out = self.run_example(code)
+        self.assertEqual((out.returncode, out.stderr), (0, ""))
+
+    def test_endpointStrings(self) -> None:
+        """Every example endpoint string parses to what its grammar says."""
+        from twisted.internet.endpoints import clientFromString, serverFromString
+
+        from ipcd.endpoints import IPCClientEndpoint, IPCServerEndpoint
+        from ipcd.testing import FakeLookupBroker
+
+        reactor = FakeLookupBroker().reactor
+        servers = example_after(self.rst, "mode=0o660, backlog=128, group=None)``.")
+        for text in servers.split():
+            self.assertIsInstance(serverFromString(reactor, text), IPCServerEndpoint)
+        clients = example_after(self.rst, "network=None, timeout=10.0)``.")
+        parsed = [clientFromString(reactor, t) for t in clients.splitlines()]
+        self.assertEqual(
+            [(e.service, e.network) for e in parsed],
+            [
+                ("pong", None),
+                ("pong", None),
+                ("cnt", "cnt unix://counter"),
+                ("pong", "pong tcp://10.0.0.2:9000/pong"),
+            ],
+        )
+        self.assertIsInstance(parsed[0], IPCClientEndpoint)
+
+    def twistd(self, *args: str) -> subprocess.Popen[bytes]:
+        log = os.path.join(self.rundir, "twistd.log")
+        twistd = "from twisted.scripts.twistd import run; run()"
+        process = spawn(
+            self,
+            ["-c", twistd, "-n", "--pidfile=", *args],
+            log,
+            python_env(RUNDIR=self.rundir, PYTHONPATH=self.rundir + ":" + support.REPO),
+            self.rundir,
+        )
+        return process
+
+    def pong(self, *args: str, **env: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "ipcd.scripts.pong", *args],
+            capture_output=True,
+            text=True,
+            timeout=6 * TIMEOUT,
+            env=python_env(RUNDIR=self.rundir, **env),
+        )
+        return done.stdout + done.stderr
+
+    def wait_for(self, process: subprocess.Popen[bytes], path: str) -> None:
+        log = os.path.join(self.rundir, "twistd.log")
+        deadline = time.monotonic() + 6 * TIMEOUT
+        while not support.accepts(path):
+            self.assertIsNone(process.poll(), support.read_text(log))
+            self.assertLess(time.monotonic(), deadline, support.read_text(log))
+            time.sleep(0.05)
+
+    def test_upperService(self) -> None:
+        """C{twistd -n --pidfile= -y upper.py}, then C{pong -s upper hello}."""
+        code = example_after(self.rst, "``twistd -n\n--pidfile= -y upper.py``):")
+        self.assertTrue(code.startswith("# upper.py\n"), code)
+        with open(os.path.join(self.rundir, "upper.py"), "w") as f:
+            f.write(code)
+        process = self.twistd("-y", "upper.py")
+        self.wait_for(process, os.path.join(self.rundir, "upper"))
+        self.assertEqual(self.pong("-s", "upper", "hello"), "HELLO\n")
+
+    def test_protocolDaemon(self) -> None:
+        """
+        The minimal daemon (echod), as a plugin of its own: ipcd runs it with
+        C{--echo ENDPOINT}, and an C{echo://} route reaches pong through it.
+        """
+        code = example_after(self.rst, "in your distribution)::")
+        plugins = os.path.join(self.rundir, "twisted", "plugins")
+        os.makedirs(plugins)
+        with open(os.path.join(plugins, "echod_plugin.py"), "w") as f:
+            f.write(code)
+        port = support.free_port()
+        rundir = os.path.join(self.rundir, "run")
+        process = self.twistd(
+            "ipcd",
+            *("--rundir", rundir, "--no-tcp", "--no-ws", "--no-tls"),
+            *("--echo", f"tcp:{port}:interface=127.0.0.1", "--allow", "in pong"),
+        )
+        self.wait_for(process, os.path.join(rundir, "echo"))
+        route = f"pong echo://127.0.0.1:{port}/pong"
+        answer = self.pong("--rundir", rundir, "over echo", IPC_NETWORK=route)
+        self.assertEqual(answer, "over echo\n")

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import grp
 import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
 
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -20,7 +25,13 @@ from ipcd.daemons import settings_of
 from ipcd.daemons.tcp import DEFAULT_LISTEN as DEFAULT_TCP_LISTEN
 from ipcd.daemons.tcp import tcpd
 from ipcd.routes import LocalURI, PathURI, RemoteURI, parse_uri
-from ipcd.test.support import REPO
+from ipcd.test.support import (
+    REPO,
+    TIMEOUT,
+    free_port,
+    python_env,
+    short_rundir,
+)
 from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
 
 
@@ -297,6 +308,44 @@ class DocumentedExampleTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(config.rundir, "/run/libipc")
         self.assertEqual(config.routes["echo"], parse_uri("unix://pong"))
 
+    def test_everySnippetLoads(self) -> None:
+        """
+        Every TOML block of the docs (literal or C{code-block:: toml}) loads
+        as written: each is what a reader pastes into ipcd.toml.
+        """
+        pages = ("configuration", "securing", "operations-metrics", "operations-dns")
+        found = 0
+        for page in pages:
+            with open(os.path.join(REPO, "docs", f"{page}.rst"), encoding="utf-8") as f:
+                for block in toml_blocks(f.read()):
+                    found += 1
+                    try:
+                        load_config(self.write(block), None, {})
+                    except ConfigError as e:
+                        self.fail(f"docs/{page}.rst:\n{block}\n{e}")
+        self.assertGreaterEqual(found, 10)
+
+
+def toml_blocks(rst: str) -> list[str]:
+    """The literal and C{code-block:: toml} blocks of C{rst} that are TOML."""
+    blocks = []
+    lines = rst.splitlines()
+    i = 0
+    while i < len(lines):
+        opens = lines[i].rstrip().endswith("::") or lines[i] == ".. code-block:: toml"
+        i += 1
+        if not opens:
+            continue
+        body = []
+        while i < len(lines) and (not lines[i].strip() or lines[i][0] == " "):
+            body.append(lines[i])
+            i += 1
+        block = textwrap.dedent("\n".join(body)).strip("\n")
+        # A table header or a key = value, after any leading comments.
+        if re.match(r"(#.*\n)*(\[[\w.]+\]\n\w+ = |\w+ = )", block):
+            blocks.append(block)
+    return blocks
+
 
 class RouteSchemeTests(ConfigFileMixin, SynchronousTestCase):
     """An admin route's scheme is checked when the configuration loads."""
@@ -443,8 +492,12 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         """The built-in tcp and unix parsers check their arguments too."""
         self.assertEqual(
             self.error('[tcpd]\nlisten = "tcp:x"\n'),
-            "[tcpd] listen: invalid endpoint 'tcp:x': invalid literal for int() "
-            "with base 10: 'x'",
+            "[tcpd] listen: invalid endpoint 'tcp:x': 'x' is not a whole number",
+        )
+        self.assertEqual(
+            self.error("[metrics]\nlisten = 99999\n"),
+            "[metrics] listen: invalid endpoint 'tcp:99999:interface=127.0.0.1': "
+            "port 99999 is not 0 to 65535",
         )
         self.assertEqual(
             self.error('[tcpd]\nlisten = "tcp:9000:colour=red"\n'),
@@ -527,6 +580,18 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
     def test_badToml(self) -> None:
         message = self.error("[ipcd\nlookup_timeout = 3\n")
         self.assertTrue(message.startswith("invalid TOML"), message)
+
+    def test_notUtf8(self) -> None:
+        """A file in another encoding: one line, not tomllib's traceback."""
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b'# caf\xe9\nrundir = "/run/libipc"\n')
+        error = self.assertRaises(ConfigError, load_config, path, None, {})
+        self.assertEqual(
+            str(error),
+            f"{path}: invalid TOML: not UTF-8 (byte 0xe9 at offset 5): "
+            "save it as UTF-8",
+        )
 
     def test_missingFile(self) -> None:
         path = self.mktemp()
@@ -717,3 +782,101 @@ class OptionsTests(ConfigFileMixin, SynchronousTestCase):
             [str(rule) for rule in config.rules],
             ["allow in authd *", "deny in * *", "allow out pong *"],
         )
+
+
+def _errors_section() -> list[str]:
+    """The lines of docs/configuration.rst's Errors section's literal blocks."""
+    with open(os.path.join(REPO, "docs", "configuration.rst"), encoding="utf-8") as f:
+        section = f.read().split("\nErrors\n------\n", 1)[1]
+    return [line[4:] for line in section.splitlines() if line.startswith("    ipcd: ")]
+
+
+# How to provoke each line of the Errors section: the configuration file's
+# text (None: no file), the command line after "ipcd", and which command
+# (the ipcd command or twistd).  "/run/ipc" (or "/tmp/libipc-run") and
+# "127.0.0.1:9000" in a line stand for the test's own directory and port.
+_PROVOKED = {
+    "[tcpd] listen: expected an endpoint string": ("[tcpd]\nlisten = 9000\n", []),
+    "unknown endpoint type 'foo'": (None, ["--tcp", "foo:bar"]),
+    "no such group 'nosuchgroup'": ('[control]\ngroup = "nosuchgroup"\n', []),
+    "lookup_timeot": ("[ipcd]\nlookup_timeot = 5\n", []),
+    "loop a -> b -> a": ('[redirects]\na = "b"\nb = "a"\n', []),
+    "sideways": ('rules = ["allow sideways pong"]\n', []),
+    "invalid TOML": ("a = =\n", []),
+    "cannot read": (None, ["--config", "ipcd.toml"]),
+    "[routes] x": (None, ["--route", "x y://"]),
+    "--redirect takes": (None, ["--redirect", "a"]),
+    "--bogus": (None, ["--bogus"], "twistd"),
+    "cannot listen on 127.0.0.1:9000": (
+        None,
+        ["--tcp", "tcp:9000:interface=127.0.0.1"],
+    ),
+    "systemd:domain=INET:index=0": (None, ["--tcp", "systemd:domain=INET:index=0"]),
+    "read-only file system": None,  # needs a read-only mount: test_startup's
+    "unsafe RUNDIR": (None, ["--rundir", "/run/ipc"]),
+    "cannot create RUNDIR": (None, ["--rundir", "/run/ipc/x"]),
+    "another process is listening": (None, []),
+}
+
+
+class DocumentedErrorsTests(SynchronousTestCase):
+    """docs/configuration.rst's Errors section, each line provoked as shown."""
+
+    def test_eachLineAsShown(self) -> None:
+        lines = _errors_section()
+        self.assertEqual(len(lines), len(_PROVOKED), lines)
+        for shown in lines:
+            [key] = [k for k in _PROVOKED if k in shown]
+            if _PROVOKED[key] is not None:
+                self.assertEqual(self.provoke(*_PROVOKED[key], shown=shown), shown)
+
+    def provoke(
+        self, toml: str | None, args: list[str], command: str = "ipcd", shown: str = ""
+    ) -> str:
+        work = short_rundir(self, "ipcd-errors-")
+        rundir = os.path.join(work, "run")
+        if "/run/ipc" in shown:  # a regular file in RUNDIR's place
+            rundir = os.path.join(work, "ipc")
+            with open(rundir, "w"):
+                pass
+        args = [a.replace("/run/ipc", rundir) for a in args]
+        if toml is not None:
+            with open(os.path.join(work, "ipcd.toml"), "w") as f:
+                f.write(toml)
+            args = ["--config", "ipcd.toml", *args]
+        if "--rundir" not in args:
+            args += ["--rundir", rundir]
+        if "--tcp" not in args:
+            args.append("--no-tcp")
+        held = socket.socket(socket.AF_INET if "9000" in shown else socket.AF_UNIX)
+        self.addCleanup(held.close)
+        port = free_port()
+        if "9000" in shown:  # the port, taken
+            held.bind(("127.0.0.1", port))
+            held.listen()
+            args = [a.replace("9000", str(port)) for a in args]
+        if "another process" in shown:  # RUNDIR/ipc, live
+            os.mkdir(rundir, 0o1770)
+            held.bind(os.path.join(rundir, "ipc"))
+            held.listen()
+        run = "from ipcd.scripts.ipcd import main; main()"
+        if command == "twistd":
+            run = "from twisted.scripts.twistd import run; run()"
+            args = ["--nodaemon", "ipcd", *args]
+        done = subprocess.run(
+            [sys.executable, "-c", run, *args],
+            capture_output=True,
+            text=True,
+            env=python_env(),
+            cwd=work,
+            timeout=6 * TIMEOUT,
+        )
+        self.assertEqual((done.returncode, done.stdout), (1, ""), done.stderr)
+        said = done.stderr.rstrip("\n")
+        self.assertNotIn("\n", said)
+        default = "/tmp/libipc-run" if "/tmp/libipc-run" in shown else "/run/ipc"
+        said = said.replace(rundir, default).replace(str(port), "9000")
+        if "(known: " in shown and "endpoint type" in shown:
+            # Twisted's and its installed plugins' types: those of this host.
+            return re.sub(r"\(known: [^)]*\)", "(" + shown.rsplit("(", 1)[1], said)
+        return said

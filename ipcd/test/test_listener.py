@@ -7,6 +7,7 @@ saying where they listen and why they cannot, and the service tree's
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import socket
 from typing import Any
@@ -21,6 +22,7 @@ from twisted.trial.unittest import TestCase
 
 from ipcd.daemons import StartupError
 from ipcd.listener import EndpointListener, Outcome
+from ipcd.services import IPCService
 from ipcd.tap import IPCDService
 from ipcd.test.support import make_config, short_rundir
 
@@ -191,6 +193,33 @@ class ReadinessTests(TestCase):
             self.assertFalse(os.path.exists(path), path)
 
 
+class SocketGroupTests(TestCase):
+    def test_groupRefused(self) -> None:
+        """
+        [control] group that ipcd may not give the socket (no CAP_CHOWN, not
+        a member: the kernel's EPERM, injected here as root has the
+        capability): one line saying so and the way out, not "make RUNDIR
+        writable", and nothing left in RUNDIR.
+        """
+        group = grp.getgrgid(os.getgid()).gr_name
+        rundir = short_rundir(self)
+        service = IPCDService(make_config(rundir, control={"group": group}), reactor)
+        self.addCleanup(lambda: service.running and service.stopService())
+
+        def refused(path: str, uid: int, gid: int) -> None:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+
+        self.patch(os, "chown", refused)
+        error = self.assertRaises(StartupError, service.privilegedStartService)
+        path = os.path.join(rundir, "ipcd-control")
+        self.assertEqual(
+            str(error),
+            f"cannot give {path} to group {group!r}: operation not permitted "
+            f"(ipcd needs CAP_CHOWN, or to be a member of {group!r})",
+        )
+        self.assertEqual(os.listdir(rundir), [])
+
+
 class FakePort:
     """A listening port's face: where it listens, and stopping."""
 
@@ -201,3 +230,39 @@ class FakePort:
 
     def stopListening(self) -> None:  # noqa: N802 (Twisted's name)
         pass
+
+
+class OwnApplicationTests(TestCase):
+    """
+    An L{IPCService} in an application of its own (C{twistd -y upper.py}):
+    twistd calls C{privilegedStartService} before its reactor runs, and a
+    socket that cannot be listened on stops the start in one line, exit
+    status 1 (docs/api.rst: "A failure to listen stops startup").
+    """
+
+    def test_liveSocket(self) -> None:
+        rundir = short_rundir(self)
+        first = IPCService("upper", FACTORY, rundir, reactor)
+        first.privilegedStartService()
+        self.addCleanup(first.stopService)
+        second = IPCService("upper", FACTORY, rundir, reactor)
+        error = self.assertRaises(SystemExit, second.privilegedStartService)
+        path = os.path.join(rundir, "upper")
+        self.assertEqual(error.code, f"upper: another process is listening on {path}")
+
+    def test_portTaken(self) -> None:
+        port = taken_port(self)
+        endpoint = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
+        listener = EndpointListener(endpoint, FACTORY, f"tcp:{port}")
+        error = self.assertRaises(SystemExit, listener.privilegedStartService)
+        self.assertEqual(
+            error.code, f"twistd: cannot listen on tcp:{port}: address already in use"
+        )
+
+    def test_listening(self) -> None:
+        """One that listens starts as ever."""
+        rundir = short_rundir(self)
+        service = IPCService("upper", FACTORY, rundir, reactor)
+        service.privilegedStartService()
+        self.addCleanup(service.stopService)
+        self.assertIsNotNone(service.port)

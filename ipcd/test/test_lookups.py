@@ -35,6 +35,7 @@ from ipcd.lookup import ILookupBroker, reply_to, unexpected
 from ipcd.lookupport import HandedOver
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
+    REPO,
     TIMEOUT,
     assert_no_fd_leak,
     assert_unexpected_bounded,
@@ -42,6 +43,7 @@ from ipcd.test.support import (
     fd_baseline,
     lookup,
     make_config,
+    raw_lookup,
     short_rundir,
     start_ipcd,
     wait_until,
@@ -733,3 +735,58 @@ class HandedOverTests(SynchronousTestCase):
         self.handed.close_all()
         self.assertEqual(ours.fileno(), -1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+# docs/protocol.rst's "Reasons include" block: how to provoke each line
+# (None: pinned elsewhere, as it needs DNS, a loop through tcpd or a 5 s wait).
+_REASONS: dict[str, bytes | None] = {
+    "requested service: empty service name": b";",
+    "malformed route 'pong'": b"pong;pong",
+    "route target: invalid service name '../etc'": b"x;x ../etc",
+    "lookup is not valid UTF-8": b"\xff;",
+    "'tcp://a..b:9000/pong'": b"pong;pong tcp://a..b:9000/pong",
+    "evil\\x1bhost": b"pong;pong tcp://evil\x1bhost/pong",
+    "cannot resolve 'nosuch.example'": None,
+    "no route to service 'x'": b"x;",
+    "redirect loop": b"a;",
+    "route loop": None,
+    "absolute socket paths": b"pong;pong unix:///etc/passwd",
+    "scheme 'bogus'": b"pong;pong bogus://x",
+    "scheme 'udp'": b"pong;pong udp://127.0.0.1:9000/pong",
+    "lookup of 2097152 bytes": HEADER.pack(2097152),
+    "no lookup received within 5 s": None,
+    "denied by rule 1 (deny local secret *)": b"secret;",
+}
+
+
+class DocumentedReasonsTests(TestCase):
+    """docs/protocol.rst's list of reasons, each provoked and read as shown."""
+
+    @inlineCallbacks
+    def test_reasonsAsShown(self) -> Any:
+        with open(os.path.join(REPO, "docs", "protocol.rst"), encoding="utf-8") as f:
+            block = f.read().split("Reasons include::\n\n", 1)[1].split("\n\n")[0]
+        shown = [line.strip() for line in block.splitlines()]
+        self.assertEqual(len(shown), len(_REASONS), shown)
+        rundir = short_rundir(self)
+        config = make_config(
+            rundir,
+            redirects={"a": "b"},
+            routes={"b": "unix://a"},
+            rules=["deny local secret *"],
+        )
+        yield start_ipcd(self, config)
+        compared = 0
+        for line in shown:
+            [key] = [k for k in _REASONS if k in line]
+            raw = _REASONS[key]
+            if raw is None:
+                continue
+            compared += 1
+            if not raw.startswith(b"\0"):
+                raw = encode(raw)
+            reply = yield deferToThread(raw_lookup, rundir, raw)
+            self.assertEqual(reply.fds, [])
+            said = reply.data.decode().replace(rundir, "/tmp/libipc-run")
+            self.assertEqual(said, line)
+        self.assertEqual(compared, 13)

@@ -2,15 +2,20 @@
 Tests for L{ipcd.scripts.ipcd}: L{join_words} (the seed's unquoted flag
 style becomes twistd's quoted one), the C{status} and C{reload}
 subcommands, what C{ipcd status} says when no ipcd answers, and that the
-C{ipcd} command parses its options (and loads the configuration) once.
+C{ipcd} command parses its options (and loads the configuration) once;
+and what C{ipcd reload} and C{ipcd status} print from a real ipcd, as the
+docs show it.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 from twisted.scripts import twistd
@@ -21,6 +26,14 @@ from ipcd import version
 from ipcd.logs import json_observer
 from ipcd.scripts import websocketc
 from ipcd.scripts.ipcd import control, join_words, main
+from ipcd.test.support import (
+    REPO,
+    TIMEOUT,
+    python_env,
+    read_text,
+    short_rundir,
+    spawn,
+)
 
 
 class ControlTests(SynchronousTestCase):
@@ -221,3 +234,96 @@ class JoinWordsTests(SynchronousTestCase):
             [str(rule) for rule in options.config.rules],
             ["allow in authd *", "deny in * *"],
         )
+
+
+def _configuration_rst() -> str:
+    with open(os.path.join(REPO, "docs", "configuration.rst"), encoding="utf-8") as f:
+        return f.read()
+
+
+class DocumentedOutputTests(SynchronousTestCase):
+    """
+    What C{ipcd reload} and C{ipcd status} print, as docs/configuration.rst
+    and docs/quickstart.rst show it, from a real ipcd.
+    """
+
+    def setUp(self) -> None:
+        self.work = short_rundir(self, "ipcd-docout-")
+        self.rundir = os.path.join(self.work, "run")
+        self.config = os.path.join(self.work, "ipcd.toml")
+        self.write("")
+        log = os.path.join(self.work, "ipcd.log")
+        # Named as the docs name it: errors name the file as given.
+        args = ["-m", "ipcd.scripts.ipcd", "--config", "ipcd.toml"]
+        args += ["--rundir", self.rundir, "--no-tcp", "--no-ws", "--no-tls"]
+        process = spawn(self, args, log, python_env(), self.work)
+        deadline = time.monotonic() + 6 * TIMEOUT
+        while "ipcd: ready" not in read_text(log):
+            self.assertIsNone(process.poll(), read_text(log))
+            self.assertLess(time.monotonic(), deadline, read_text(log))
+            time.sleep(0.05)
+
+    def write(self, text: str) -> None:
+        with open(self.config, "w") as f:
+            f.write(text)
+
+    def ipcd(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ipcd.scripts.ipcd", *args, "--rundir", self.rundir],
+            capture_output=True,
+            text=True,
+            env=python_env(),
+            cwd=self.work,
+            timeout=6 * TIMEOUT,
+        )
+
+    def test_reload(self) -> None:
+        """
+        C{reloaded}, C{reloaded; restart needed for pongd} (exit 0), and a
+        refusal on stderr with exit 1; C{--json} the same as JSON.
+        """
+        docs = _configuration_rst()
+        done = self.ipcd("reload")
+        self.assertEqual((done.returncode, done.stdout), (0, "reloaded\n"))
+        self.write("[pongd]\nenabled = false\n")
+        done = self.ipcd("reload")
+        shown = "reloaded; restart needed for pongd"
+        self.assertIn(f"``{shown}``", docs)
+        self.assertEqual((done.returncode, done.stdout), (0, shown + "\n"))
+        done = self.ipcd("reload", "--json")
+        self.assertEqual(
+            json.loads(done.stdout), {"ok": True, "restart_needed": ["pongd"]}
+        )
+        # A refused one: the error line of the docs' Errors section.
+        self.write("[ipcd]\nlookup_timeot = 5\n")
+        error = "ipcd.toml: [ipcd] lookup_timeot: unknown key (known: "
+        error += "allow_client_routes, connect_timeout, external_daemons, "
+        error += "label_cache_max_age, lookup_timeout)"
+        self.assertIn(f"    ipcd: {error}\n", docs)
+        done = self.ipcd("reload")
+        self.assertEqual(
+            (done.returncode, done.stdout, done.stderr),
+            (1, "", f"ipcd reload: refused: {error}\n"),
+        )
+        done = self.ipcd("reload", "--json")
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(json.loads(done.stdout), {"ok": False, "error": error})
+
+    def test_status(self) -> None:
+        """
+        C{ipcd status}: connections, counters, inbound, the configuration in
+        force, in 100 columns; C{--json} has the same keys.
+        """
+        done = self.ipcd("status")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.splitlines()
+        self.assertEqual(lines[0], "connections: 0")
+        for heading in ("counters:", "inbound:", "config:"):
+            self.assertIn(heading, lines)
+        self.assertIn(f'  rundir: "{self.rundir}"', lines)
+        self.assertLessEqual(max(len(line) for line in lines), 100)
+        answer = json.loads(self.ipcd("status", "--json").stdout)
+        self.assertLessEqual(
+            {"connections", "counters", "inbound", "config"}, set(answer)
+        )
+        self.assertEqual(answer["config"]["rundir"], self.rundir)

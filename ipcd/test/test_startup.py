@@ -190,7 +190,17 @@ class CommandFailureTests(SynchronousTestCase):
         self.assertEqual(
             self.ipcd("--tcp", "systemd:domain=INET:index=0"),
             "ipcd: cannot make tcpd's listener 'systemd:domain=INET:index=0': "
-            "IndexError: list index out of range (use --tcp ENDPOINT or --no-tcp)",
+            "systemd passed no such socket (use --tcp ENDPOINT or --no-tcp)",
+        )
+
+    def test_endpointFileMissing(self) -> None:
+        """An ssl: listener whose certificate is missing: the file is named."""
+        missing = os.path.join(self.work, "missing.pem")
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={missing}:certKey={missing}"
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--ws", listen),
+            f"ipcd: cannot make websocketd's listener '{listen}': cannot read "
+            f"{missing}: No such file or directory (use --ws ENDPOINT or --no-ws)",
         )
 
     def test_unknownGroup(self) -> None:

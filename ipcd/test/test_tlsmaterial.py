@@ -8,6 +8,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    BestAvailableEncryption,
+    Encoding,
+    PrivateFormat,
+)
 from OpenSSL.SSL import TLS_SERVER_METHOD, Connection, Context
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -98,6 +104,47 @@ class MaterialTests(SynchronousTestCase):
             "[tlsd] key: ", self.refused(certificate=issued.cert, key=issued.key)
         )
         self.assertIn("holds no PEM certificate", self.refused(trust_roots=issued.key))
+
+    def test_keyNotAKey(self) -> None:
+        """
+        A key file that holds no key, or an encrypted one, says so and the
+        way out, not that it is not the certificate's key.
+        """
+        issued = TestCA(self.dir).issue("one")
+        os.chmod(issued.key, 0o600)
+        with open(issued.key, "wb") as f:
+            f.write(b"not a key\n")
+        self.assertEqual(
+            self.refused(certificate=issued.cert, key=issued.key),
+            f"[tlsd] key: {issued.key} holds no PEM private key",
+        )
+        key = ec.generate_private_key(ec.SECP256R1())
+        with open(issued.key, "wb") as f:
+            f.write(
+                key.private_bytes(
+                    Encoding.PEM,
+                    PrivateFormat.PKCS8,
+                    BestAvailableEncryption(b"secret"),
+                )
+            )
+        self.assertEqual(
+            self.refused(certificate=issued.cert, key=issued.key),
+            f"[tlsd] key: {issued.key} is encrypted (ipcd asks no passphrase): "
+            f"openssl pkey -in {issued.key} -out KEY.pem, and name KEY.pem",
+        )
+
+    def test_keyFileNamedForWhatIsWrong(self) -> None:
+        """
+        A private key file that cannot be read as a file is refused as such
+        (too large, here), not as a key that does not match the certificate.
+        """
+        issued = TestCA(self.dir).issue("one")
+        with open(issued.key, "ab") as f:
+            f.write(b"#" * (1 << 20))
+        self.assertEqual(
+            self.refused(certificate=issued.cert, key=issued.key),
+            f"[tlsd] key: {issued.key} is larger than 1 MiB",
+        )
 
     def test_identitiesNeedKeys(self) -> None:
         path = secrets_file(self.dir, {"alice": ALICE_KEY})

@@ -222,6 +222,26 @@ def _twisted(certificate: x509.Certificate) -> Certificate:
     return Certificate.loadPEM(certificate.public_bytes(Encoding.PEM))
 
 
+def _check_key(path: str, pem: bytes) -> None:
+    """
+    Refuse C{pem} (read from C{path}) unless it is an unencrypted PEM
+    private key, saying which and the way out.  Checked with cryptography,
+    which asks for no passphrase: OpenSSL's own loader, as Twisted calls
+    it, would prompt for one on ipcd's terminal and wait.
+    """
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        load_pem_private_key(pem, password=None)
+    except TypeError:  # encrypted, and no password given
+        raise MaterialError(
+            f"[tlsd] key: {path} is encrypted (ipcd asks no passphrase): "
+            f"openssl pkey -in {path} -out KEY.pem, and name KEY.pem"
+        ) from None
+    except Exception:  # ValueError, UnsupportedAlgorithm: no key it can use
+        raise MaterialError(f"[tlsd] key: {path} holds no PEM private key") from None
+
+
 def read_material(settings: Mapping[str, Any]) -> Material:
     """Read the files C{[tlsd]} names; L{MaterialError} names what is wrong."""
     certificate, chain = None, ()
@@ -237,8 +257,12 @@ def read_material(settings: Mapping[str, Any]) -> Material:
             psk.check_private_file(key_path)
         except psk.SecretsError as e:
             raise MaterialError(f"[tlsd] key: {e}") from None
+        # Read first: a file that cannot be read is named as such, not as
+        # a key that does not match.
+        key_pem = _read("key", key_path)
+        _check_key(key_path, key_pem)
         try:
-            pair = KeyPair.load(_read("key", key_path), 1)  # FILETYPE_PEM
+            pair = KeyPair.load(key_pem, 1)  # FILETYPE_PEM
             certificate = PrivateCertificate.fromCertificateAndKeyPair(
                 _twisted(leaf), pair
             )

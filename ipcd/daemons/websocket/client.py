@@ -77,7 +77,11 @@ class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:  # noqa: N802, N803
         self.webSocketLost(wasClean)
-        self.factory.failed(reason or self.wasNotCleanReason or "closed")
+        # Unclean, autobahn's reason wraps its own ("connection was closed
+        # uncleanly (...)"): the inner one says why (a refused upgrade's
+        # status and the far websocketd's reason).
+        why = reason if wasClean else self.wasNotCleanReason or reason
+        self.factory.failed(why or "closed")
 
     def headTooLarge(self, reason: str) -> None:  # noqa: N802
         self.failHandshake(f"response head too large: {reason}")
