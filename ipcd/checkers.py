@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from ipcd.compat import twisted as compat_twisted
+from ipcd.listenerkeys import wrapped
 from ipcd.names import OWN_NAMES, InvalidServiceName, validate_service_name
 
 
@@ -98,10 +99,7 @@ _UNIX_DOMAIN = re.compile(r":domain=unix(?::|$)", re.IGNORECASE)
 
 def _on_unix_socket(description: str) -> bool:
     """Whether endpoint string C{description} listens on a UNIX socket."""
-    kind = compat_twisted.endpoint_type(description)
-    while kind == "haproxy":  # Twisted's wrapper: what it wraps listens
-        description = description.partition(":")[2]
-        kind = compat_twisted.endpoint_type(description)
+    kind, description = wrapped(description)
     return kind == "unix" or (
         kind == "systemd" and _UNIX_DOMAIN.search(description) is not None
     )

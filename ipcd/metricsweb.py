@@ -50,6 +50,7 @@ from ipcd.limits import (
     network_peer_key,
 )
 from ipcd.listener import EndpointListener
+from ipcd.listenerkeys import check_listener_key
 from ipcd.metrics import LATENCY_BUCKETS, Metrics, add_bytes
 from ipcd.wire import LOG_LINES_DROPPED
 
@@ -383,9 +384,11 @@ def metrics_listener(
     The listener on C{description} (an endpoint string) serving
     C{registry}, under limits of its own (L{MAX_CONNECTIONS}, per address
     prefix L{MAX_CONNECTIONS_PER_PEER}); a C{ValueError} when Twisted cannot
-    make that endpoint, L{StartupError} when it is a C{systemd:} socket
+    make that endpoint, L{ipcd.listenerkeys.UnsafeKey} for an C{ssl:} one
+    whose key is no secret, L{StartupError} when it is a C{systemd:} socket
     unfit to listen on (a datagram socket, say).
     """
+    check_listener_key(description)
     endpoint = serverFromString(reactor, description)
     refuse_unfit_adopted(
         endpoint,

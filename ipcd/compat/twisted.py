@@ -25,6 +25,7 @@ imported here.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -405,6 +406,21 @@ def endpoint_type(description: str) -> str:
     if not kind:
         raise ValueError("no endpoint type")
     return kind.lower()
+
+
+def endpoint_keywords(description: str) -> dict[str, str]:
+    """
+    The C{name=value} arguments of endpoint string C{description}, unescaped
+    (C{\\:} is C{:}); ValueError as for L{endpoint_type}.
+    """
+    if ENDPOINT_PARSE.present or ENDPOINT_PARSE.usable():
+        return dict(_endpoints()._parse(description)[1])
+    found = {}
+    for part in re.split(r"(?<!\\):", description)[1:]:
+        name, sep, value = part.partition("=")
+        if sep:
+            found[name] = value.replace("\\:", ":")
+    return found
 
 
 def server_endpoint_types() -> set[str]:

@@ -42,6 +42,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from ipcd.checkers import boolean, endpoint
 from ipcd.host import IDaemonHost
+from ipcd.listenerkeys import UnsafeKey, check_listener_key
 from ipcd.reactors import IHostReactor
 
 
@@ -188,6 +189,7 @@ def check_listener(reactor: IHostReactor, daemon: IProtocolDaemon, listen: str) 
     from twisted.internet.endpoints import serverFromString
 
     try:
+        check_listener_key(listen)
         endpoint = serverFromString(reactor, listen)
     except Exception as e:
         raise StartupError(
@@ -212,6 +214,8 @@ def listener_failure(listen: str, error: Exception) -> str:
         error, (IndexError, KeyError)
     ):
         return "systemd passed no such socket"
+    if isinstance(error, UnsafeKey):
+        return str(error)
     if isinstance(error, OSError) and error.filename:  # ssl:'s key or certificate
         return f"cannot read {error.filename}: {error.strerror}"
     return " ".join(f"{type(error).__name__}: {error}".split())

@@ -33,6 +33,7 @@ from ipcd.daemons import settings_of
 from ipcd.daemons.tls import daemon as tls_module
 from ipcd.daemons.tls.material import MaterialError, read_material
 from ipcd.daemons.tls.relay import tls_failure
+from ipcd.listenerkeys import UnsafeKey, check_listener_key
 from ipcd.options import Options
 from ipcd.relay import RelayEnded
 from ipcd.test.support import (
@@ -361,6 +362,18 @@ class SocketFallbackTests(Missing, TlsTestCase):
             lookup, a.rundir, f"pong;pong {b.route('pong')}".encode()
         )
         yield self.assertServed(reply)
+
+    def test_listenerKeyWithoutParserInternals(self) -> None:
+        """
+        Without Twisted's endpoint-string parser, an ssl: listener's key is
+        still found, C{\\:} unescaped, and still checked.
+        """
+        description = r"ssl:0:interface=\:\:1:privateKey=/no\:such/k.pem"
+        parsed = compat_twisted.endpoint_keywords(description)
+        self.missing(compat_twisted.ENDPOINT_PARSE)
+        self.assertEqual(compat_twisted.endpoint_keywords(description), parsed)
+        self.assertEqual(parsed["privateKey"], "/no:such/k.pem")
+        self.assertRaises(UnsafeKey, check_listener_key, description)
 
     @inlineCallbacks
     def wsEcho(self, *names: compat.Name) -> Any:  # noqa: N802

@@ -233,7 +233,7 @@ class FileTests(SynchronousTestCase):
             "import sys\n"
             "from ipcd.daemons.tls.material import MaterialError, _read\n"
             "from ipcd.daemons.tls.psk import SecretsError, read_secrets\n"
-            "for read in (read_secrets, lambda p: _read('certificate', p)):\n"
+            "for read in (read_secrets, lambda p: _read('[tlsd] certificate', p)):\n"
             "    try:\n"
             "        read(sys.argv[1])\n"
             "    except (SecretsError, MaterialError) as e:\n"

@@ -195,12 +195,70 @@ class CommandFailureTests(SynchronousTestCase):
 
     def test_endpointFileMissing(self) -> None:
         """An ssl: listener whose certificate is missing: the file is named."""
+        issued = TestCA(self.work).issue("localhost")
         missing = os.path.join(self.work, "missing.pem")
-        listen = f"ssl:0:interface=127.0.0.1:privateKey={missing}:certKey={missing}"
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={issued.key}:certKey={missing}"
         self.assertEqual(
             self.ipcd("--no-tcp", "--ws", listen),
             f"ipcd: cannot make websocketd's listener '{listen}': cannot read "
             f"{missing}: No such file or directory (use --ws ENDPOINT or --no-ws)",
+        )
+
+    def test_listenerKeyNotSecret(self) -> None:
+        """
+        An ssl: listener's key that others may read is refused, as tlsd's
+        is, for websocketd's listener and the metrics'; a missing one is
+        named as the key.
+        """
+        issued = TestCA(self.work).issue("localhost")
+        os.chmod(issued.key, 0o640)
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={issued.key}"
+        why = (
+            f"privateKey: {issued.key} is readable by group or others (mode "
+            f"0640): chmod 600 {issued.key}"
+        )
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--ws", f"haproxy:{listen}:certKey={issued.cert}"),
+            f"ipcd: cannot make websocketd's listener 'haproxy:{listen}:certKey="
+            f"{issued.cert}': {why} (use --ws ENDPOINT or --no-ws)",
+        )
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--no-ws", "--metrics", listen),
+            f"ipcd: cannot make the metrics listener '{listen}': {why} (use "
+            "--metrics ENDPOINT or leave it off)",
+        )
+        missing = os.path.join(self.work, "missing.pem")
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={missing}"
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--ws", listen),
+            f"ipcd: cannot make websocketd's listener '{listen}': privateKey: "
+            f"cannot read {missing}: No such file or directory (use --ws "
+            "ENDPOINT or --no-ws)",
+        )
+
+    def test_listenerKeyEncrypted(self) -> None:
+        """
+        An ssl: listener's encrypted key is refused in one line; OpenSSL's
+        loader, as Twisted calls it, would ask for its passphrase on the
+        terminal and wait.
+        """
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = os.path.join(self.work, "locked.key")
+        pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+        with open(os.open(key, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+            f.write(pem)
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={key}"
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--ws", listen),
+            f"ipcd: cannot make websocketd's listener '{listen}': privateKey: "
+            f"{key} is encrypted (ipcd asks no passphrase): openssl pkey -in "
+            f"{key} -out KEY.pem, and name KEY.pem (use --ws ENDPOINT or --no-ws)",
         )
 
     def test_unknownGroup(self) -> None:

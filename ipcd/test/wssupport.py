@@ -138,7 +138,9 @@ def make_ca(directory: str) -> tuple[str, str, str]:
         f.write(ca_cert.public_bytes(pem))
     with open(paths[1], "wb") as f:
         f.write(cert.public_bytes(pem))
-    with open(paths[2], "wb") as f:
+    # A secret, as ipcd wants a key: its user's alone.
+    secret = os.open(paths[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(secret, "wb") as f:
         f.write(
             key.private_bytes(
                 pem,

@@ -186,7 +186,8 @@ def client_creator(material: Material, host: str, watching: bool = False) -> Any
 # Reading the files.
 
 
-def _read(key: str, path: str, limit: int = 1 << 20) -> bytes:
+def _read(where: str, path: str, limit: int = 1 << 20) -> bytes:
+    """The file at C{path}, which C{where} (C{[tlsd] key}, say) names."""
     try:
         # O_NONBLOCK: a FIFO named here must not stall ipcd until a writer
         # comes; only a regular file is read.
@@ -194,19 +195,19 @@ def _read(key: str, path: str, limit: int = 1 << 20) -> bytes:
             mode = os.fstat(f.fileno()).st_mode
             if not stat.S_ISREG(mode):
                 raise MaterialError(
-                    f"[tlsd] {key}: {path} is {file_kind(mode)}, not a file: "
+                    f"{where}: {path} is {file_kind(mode)}, not a file: "
                     "name the file itself"
                 )
             data = f.read(limit + 1)
     except OSError as e:
-        raise MaterialError(f"[tlsd] {key}: cannot read {path}: {e.strerror}") from None
+        raise MaterialError(f"{where}: cannot read {path}: {e.strerror}") from None
     if len(data) > limit:  # refused, not cut
-        raise MaterialError(f"[tlsd] {key}: {path} is larger than {limit >> 20} MiB")
+        raise MaterialError(f"{where}: {path} is larger than {limit >> 20} MiB")
     return data
 
 
 def _certificates(key: str, path: str) -> list[x509.Certificate]:
-    data = _read(key, path)
+    data = _read(f"[tlsd] {key}", path)
     try:
         found = x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -222,24 +223,34 @@ def _twisted(certificate: x509.Certificate) -> Certificate:
     return Certificate.loadPEM(certificate.public_bytes(Encoding.PEM))
 
 
-def _check_key(path: str, pem: bytes) -> None:
+def read_private_key(where: str, path: str) -> bytes:
     """
-    Refuse C{pem} (read from C{path}) unless it is an unencrypted PEM
-    private key, saying which and the way out.  Checked with cryptography,
-    which asks for no passphrase: OpenSSL's own loader, as Twisted calls
-    it, would prompt for one on ipcd's terminal and wait.
+    The PEM private key at C{path} (which C{where} names, C{[tlsd] key}
+    say), refused with L{MaterialError} unless it is a secret (a file of
+    ipcd's user that no one else may read) and an unencrypted PEM private
+    key.  Checked with cryptography, which asks for no passphrase: OpenSSL's
+    own loader, as Twisted calls it, would prompt for one on ipcd's
+    terminal and wait.
     """
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     try:
+        psk.check_private_file(path)
+    except psk.SecretsError as e:
+        raise MaterialError(f"{where}: {e}") from None
+    # Read first: a file that cannot be read is named as such, not as a
+    # key that does not match.
+    pem = _read(where, path)
+    try:
         load_pem_private_key(pem, password=None)
     except TypeError:  # encrypted, and no password given
         raise MaterialError(
-            f"[tlsd] key: {path} is encrypted (ipcd asks no passphrase): "
+            f"{where}: {path} is encrypted (ipcd asks no passphrase): "
             f"openssl pkey -in {path} -out KEY.pem, and name KEY.pem"
         ) from None
     except Exception:  # ValueError, UnsupportedAlgorithm: no key it can use
-        raise MaterialError(f"[tlsd] key: {path} holds no PEM private key") from None
+        raise MaterialError(f"{where}: {path} holds no PEM private key") from None
+    return pem
 
 
 def read_material(settings: Mapping[str, Any]) -> Material:
@@ -253,14 +264,7 @@ def read_material(settings: Mapping[str, Any]) -> Material:
         )
     if cert_path:
         leaf, *rest = _certificates("certificate", cert_path)
-        try:
-            psk.check_private_file(key_path)
-        except psk.SecretsError as e:
-            raise MaterialError(f"[tlsd] key: {e}") from None
-        # Read first: a file that cannot be read is named as such, not as
-        # a key that does not match.
-        key_pem = _read("key", key_path)
-        _check_key(key_path, key_pem)
+        key_pem = read_private_key("[tlsd] key", key_path)
         try:
             pair = KeyPair.load(key_pem, 1)  # FILETYPE_PEM
             certificate = PrivateCertificate.fromCertificateAndKeyPair(

@@ -1,0 +1,51 @@
+"""
+An C{ssl:} listener's private key is a secret, held to what C{[tlsd] key}
+is: a file of ipcd's user that no one else may read, and not encrypted.
+
+Twisted's C{ssl:} parser reads whatever file its C{privateKey=} names
+(C{server.pem} when none is named), with no regard to who else may read
+it, and through OpenSSL's loader, which asks for an encrypted key's
+passphrase on ipcd's terminal and waits there.  So a listener's key is
+checked before Twisted is given the endpoint string.
+"""
+
+from __future__ import annotations
+
+from ipcd.compat import twisted as compat_twisted
+
+# What Twisted's ssl: parser reads when no privateKey= is given.
+DEFAULT_PRIVATE_KEY = "server.pem"
+
+
+class UnsafeKey(Exception):
+    """A listener's key that may not be used: the one line that says why."""
+
+
+def wrapped(description: str) -> tuple[str, str]:
+    """
+    The type of endpoint string C{description} (lower case) and the string
+    that listens: the one Twisted's C{haproxy:} wrapper wraps, if it is one.
+    """
+    kind = compat_twisted.endpoint_type(description)
+    while kind == "haproxy":
+        description = description.partition(":")[2]
+        kind = compat_twisted.endpoint_type(description)
+    return kind, description
+
+
+def check_listener_key(description: str) -> None:
+    """
+    Raise L{UnsafeKey} if endpoint string C{description} is an C{ssl:}
+    listener whose private key is not a secret ipcd may use.
+    """
+    kind, listens = wrapped(description)
+    if kind != "ssl":
+        return
+    from ipcd.daemons.tls.material import MaterialError, read_private_key
+
+    keywords = compat_twisted.endpoint_keywords(listens)
+    path = keywords.get("privateKey", DEFAULT_PRIVATE_KEY)
+    try:
+        read_private_key("privateKey", path)
+    except MaterialError as e:
+        raise UnsafeKey(str(e)) from None
