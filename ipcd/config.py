@@ -10,6 +10,7 @@ go through the same validation and errors name where the bad value came from.
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from ipcd.daemons import Registry, default_registry
 from ipcd.names import InvalidServiceName, validate_service_name
 from ipcd.policy import Grant, Rule, RuleError, parse_grant, parse_rule
 from ipcd.routes import URI, RouteError, parse_uri
-from ipcd.rundir import normal_rundir, resolve_rundir
+from ipcd.rundir import file_kind, normal_rundir, resolve_rundir
 from ipcd.srv import dns_servers
 from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -313,13 +314,40 @@ def _check_route_schemes(
             )
 
 
+# A configuration file larger than this is refused, not cut: ipcd reads it
+# whole at start and at each reload.
+MAX_CONFIG_FILE = 16 << 20
+
+
 def read_toml(path: str) -> dict[str, Any]:
-    """Read a TOML file; syntax errors become L{ConfigError} naming the file."""
+    """
+    Read a TOML file; syntax errors become L{ConfigError} naming the file.
+    Only a regular file of at most L{MAX_CONFIG_FILE} bytes is read: a FIFO
+    would stall start-up or a reload (the reactor's thread) until a writer
+    came, a device such as C{/dev/zero} would be read until memory ran out.
+    """
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        # O_NONBLOCK: opening a FIFO does not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise ConfigError(
+                    f"{path}: is {file_kind(mode)}, not a file: name the file itself"
+                )
+            data = f.read(MAX_CONFIG_FILE + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    if len(data) > MAX_CONFIG_FILE:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_FILE >> 20} MiB: not a configuration file"
+        )
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: invalid TOML: not UTF-8 at byte {e.start}"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
 
