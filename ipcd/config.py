@@ -10,7 +10,6 @@ go through the same validation and errors name where the bad value came from.
 from __future__ import annotations
 
 import os
-import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,8 +32,9 @@ from ipcd.checkers import (
 from ipcd.daemons import Registry, default_registry
 from ipcd.names import InvalidServiceName, validate_service_name
 from ipcd.policy import Grant, Rule, RuleError, parse_grant, parse_rule
+from ipcd.regularfile import read_regular
 from ipcd.routes import URI, RouteError, parse_uri
-from ipcd.rundir import file_kind, normal_rundir, resolve_rundir
+from ipcd.rundir import normal_rundir, resolve_rundir
 from ipcd.srv import dns_servers
 from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -327,21 +327,11 @@ def read_toml(path: str) -> dict[str, Any]:
     came, a device such as C{/dev/zero} would be read until memory ran out.
     """
     try:
-        # O_NONBLOCK: opening a FIFO does not wait for a writer.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        with open(fd, "rb") as f:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
-                raise ConfigError(
-                    f"{path}: is {file_kind(mode)}, not a file: name the file itself"
-                )
-            data = f.read(MAX_CONFIG_FILE + 1)
+        data = read_regular(path, MAX_CONFIG_FILE)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    if len(data) > MAX_CONFIG_FILE:
-        raise ConfigError(
-            f"{path}: larger than {MAX_CONFIG_FILE >> 20} MiB: not a configuration file"
-        )
+    except ValueError as e:  # not a file, or too large
+        raise ConfigError(f"{path}: {e}") from None
     try:
         return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:

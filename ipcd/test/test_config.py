@@ -620,7 +620,7 @@ class FileKindTests(SynchronousTestCase):
             f.truncate(MAX_CONFIG_FILE + 1)  # sparse: costs no disk
         self.assertEqual(
             str(self.load_within(path)),
-            f"{path}: larger than 16 MiB: not a configuration file",
+            f"{path}: larger than 16 MiB",
         )
         with open(path, "r+b") as f:
             f.truncate(MAX_CONFIG_FILE)
