@@ -10,12 +10,16 @@ import shutil
 import socket
 import stat
 import tempfile
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ipcd import names
 from ipcd.names import (
     InvalidServiceName,
     SocketInUse,
@@ -240,6 +244,88 @@ class StaleSocketTests(SynchronousTestCase):
         self.assertRaises(SocketInUse, clear_stale_socket, self.path)
         self.assertTrue(os.path.islink(self.path))
         self.assertTrue(os.path.lexists(target))
+
+
+class StaleSocketRaceTests(SynchronousTestCase):
+    """
+    What happens on the file system while L{clear_stale_socket} probes a
+    stale socket (the probe's connect is where these changes are made, so
+    that they fall between the check and the removal every time).
+    """
+
+    def setUp(self) -> None:
+        self.base = short_tempdir(self)
+        self.rundir = os.path.join(self.base, "run")
+        os.mkdir(self.rundir)
+        self.path = os.path.join(self.rundir, "pong")
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(self.path)
+        stale.close()
+        self.stale = os.lstat(self.path).st_ino
+
+    def during_probe(self, change: Callable[[], None]) -> None:
+        """Make C{change} when clear_stale_socket's probe first connects."""
+        changes = [change]
+
+        class Probe(socket.socket):
+            def connect(self, address: Any) -> None:
+                while changes:
+                    changes.pop()()
+                super().connect(address)
+
+        self.patch(
+            names,
+            "socket",
+            SimpleNamespace(
+                socket=Probe, AF_UNIX=socket.AF_UNIX, SOCK_STREAM=socket.SOCK_STREAM
+            ),
+        )
+
+    def test_directorySwappedForALink(self) -> None:
+        """
+        RUNDIR renamed away and a link to another directory put in its
+        place (what whoever may write to its parent can do): that
+        directory's file of the same name is not removed, only the stale
+        socket checked, where it now is.
+        """
+        elsewhere = os.path.join(self.base, "elsewhere")
+        os.mkdir(elsewhere)
+        precious = os.path.join(elsewhere, "pong")
+        with open(precious, "w") as f:
+            f.write("precious")
+        moved = os.path.join(self.base, "moved")
+
+        def swap() -> None:
+            os.rename(self.rundir, moved)
+            os.symlink(elsewhere, self.rundir)
+
+        self.during_probe(swap)
+        clear_stale_socket(self.path)
+        with open(precious) as f:
+            self.assertEqual(f.read(), "precious")
+        self.assertEqual(os.listdir(moved), [])
+
+    def test_replacedByALiveSocket(self) -> None:
+        """
+        The stale socket removed and a live one bound in its place (its
+        service restarting meanwhile): refused, and the live one stays.
+        """
+        live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(live.close)
+
+        def restart() -> None:
+            os.unlink(self.path)
+            live.bind(self.path)
+            live.listen(1)
+
+        self.during_probe(restart)
+        error = self.assertRaises(SocketInUse, clear_stale_socket, self.path)
+        self.assertEqual(
+            str(error), f"{self.path} was replaced while checked; not removing it"
+        )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(probe.close)
+        probe.connect(self.path)  # still there, still listening
 
 
 class ListenTests(TestCase):
