@@ -638,6 +638,26 @@ class FileKindTests(SynchronousTestCase):
             f"{path}: invalid TOML: not UTF-8 at byte 10",
         )
 
+    def test_writableByOthers(self) -> None:
+        """
+        A file every user may write is refused (at a reload too): whoever
+        can write it would decide, at the next reload, what ipcd lets
+        everyone reach (a grant of every socket, say).  Group write is
+        allowed (umask 002 makes a user's files so, for the user's group).
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('grants = ["* *"]\n')
+        for mode in (0o666, 0o602):
+            os.chmod(path, mode)
+            self.assertEqual(
+                str(self.load_within(path)),
+                f"{path}: writable by every user (mode {mode:04o}): whoever can "
+                f"write it decides what ipcd lets everyone reach; chmod o-w {path}",
+            )
+        os.chmod(path, 0o664)
+        self.assertEqual(len(load_config(path, None, {}).grants), 1)
+
     def test_throughASymlink(self) -> None:
         """A symbolic link to the file is read as the file."""
         target = self.mktemp()
