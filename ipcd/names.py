@@ -188,5 +188,7 @@ def listen_unix(
         finally:
             os.umask(old)
     if gid != -1:
-        os.chown(path, -1, gid)
+        # The socket's own group, never that of a file a link put in its
+        # place since the bind points to (/etc/shadow...).
+        os.chown(path, -1, gid, follow_symlinks=False)
     return port

@@ -5,6 +5,7 @@ on C{RUNDIR/NAME}.
 
 from __future__ import annotations
 
+import grp
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.protocol import Factory, Protocol
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd import names
 from ipcd.names import (
@@ -416,6 +417,34 @@ class ListenTests(TestCase):
         self.addCleanup(client.close)
         client.settimeout(10)
         client.connect(self.path)
+
+    def test_groupNeverGivenThroughALink(self) -> None:
+        """
+        The socket swapped for a link to another file between the bind and
+        the chown (whoever may write RUNDIR can, where nothing checked it):
+        that file's group is not changed, only the link's.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("giving a file another group takes root")
+        victim = os.path.join(short_tempdir(self), "shadow")
+        with open(victim, "w") as f:
+            f.write("secret")
+        os.chmod(victim, 0o640)
+        before = os.stat(victim).st_gid
+        group = grp.getgrgid(next(g for g in (65534, 1, 2) if g != before)).gr_name
+
+        def listen_then_swap(*args: Any) -> Any:
+            port = listen(*args)
+            os.unlink(self.path)
+            os.symlink(victim, self.path)
+            return port
+
+        listen = names._listen
+        self.patch(names, "_listen", listen_then_swap)
+        port = listen_unix(self.reactor, self.path, self.factory, group=group)
+        self.addCleanup(port.stopListening)
+        self.assertEqual(os.stat(victim).st_gid, before)
+        self.assertEqual(os.lstat(self.path).st_gid, grp.getgrnam(group).gr_gid)
 
     def test_createsRundir(self) -> None:
         umask(self, 0o022)
