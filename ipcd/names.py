@@ -84,7 +84,8 @@ def clear_stale_socket(path: str) -> None:
     """
     directory, name = os.path.split(path)
     try:
-        parent = os.open(directory or ".", _PATH_FLAGS | os.O_DIRECTORY)
+        # RUNDIR may be a link (the admin's, check_rundir says): followed.
+        parent = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         return  # nothing to clear; the bind says what is missing
     try:

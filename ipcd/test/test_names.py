@@ -219,6 +219,14 @@ class StaleSocketTests(SynchronousTestCase):
         self.assertIn(self.path, str(error))
         self.assertTrue(os.path.lexists(self.path))
 
+    def test_staleThroughALinkedRundir(self) -> None:
+        """RUNDIR itself a symbolic link (/run/libipc -> ...): cleared as ever."""
+        link = os.path.join(short_tempdir(self), "rundir")
+        os.symlink(self.rundir, link)
+        self.bound().close()
+        clear_stale_socket(os.path.join(link, "pong"))
+        self.assertFalse(os.path.lexists(self.path))
+
     def test_regularFile(self) -> None:
         """A regular file is refused and not removed."""
         with open(self.path, "w") as f:
