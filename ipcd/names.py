@@ -72,11 +72,16 @@ def socket_path(rundir: str, name: str) -> str:
     return os.path.join(rundir, validate_service_name(name))
 
 
-def clear_stale_socket(path: str) -> None:
+def clear_stale_socket(path: str) -> int | None:
     """
     Make C{path} free to bind: remove a stale socket left by a dead process,
     refuse (L{SocketInUse}) when a live process still accepts on it, and refuse
     to touch anything that is not a socket.
+
+    At ipcd's own names (L{OWN_NAMES}) a socket of another user than this
+    process's is a squatter's, live or not (a member of RUNDIR's group may
+    bind one while ipcd is down, and would get every client's lookups): it
+    is removed, and its owner's uid returned, for a warning; else C{None}.
 
     All of it happens in the directory opened first, on the inode checked:
     a directory on the way renamed or replaced by a link meanwhile cannot
@@ -87,30 +92,33 @@ def clear_stale_socket(path: str) -> None:
         # RUNDIR may be a link (the admin's, check_rundir says): followed.
         parent = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return  # nothing to clear; the bind says what is missing
+        return None  # nothing to clear; the bind says what is missing
     try:
         try:
             fd = os.open(name, _PATH_FLAGS, dir_fd=parent)
         except FileNotFoundError:
-            return
+            return None
         try:
             probed = os.fstat(fd)
             if not stat.S_ISSOCK(probed.st_mode):
                 raise SocketInUse(f"{path} exists and is not a socket; not removing it")
-            # The inode just checked, whatever the path leads to now.
-            _refuse_live(f"/proc/self/fd/{fd}", path)
+            squatter = name in OWN_NAMES and probed.st_uid != os.geteuid()
+            if not squatter:
+                # The inode just checked, whatever the path leads to now.
+                _refuse_live(f"/proc/self/fd/{fd}", path)
         finally:
             os.close(fd)
         try:
             now = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
-            return
+            return None
         if (now.st_dev, now.st_ino) != (probed.st_dev, probed.st_ino):
             raise SocketInUse(f"{path} was replaced while checked; not removing it")
         try:
             os.unlink(name, dir_fd=parent)
         except FileNotFoundError:
             pass
+        return probed.st_uid if squatter else None
     finally:
         os.close(parent)
 

@@ -22,6 +22,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd import names
 from ipcd.names import (
+    OWN_NAMES,
     InvalidServiceName,
     SocketInUse,
     clear_stale_socket,
@@ -253,6 +254,46 @@ class StaleSocketTests(SynchronousTestCase):
         self.assertRaises(SocketInUse, clear_stale_socket, self.path)
         self.assertTrue(os.path.islink(self.path))
         self.assertTrue(os.path.lexists(target))
+
+
+class SquatterTests(SynchronousTestCase):
+    """
+    A socket of another user at ipcd's own names (RUNDIR/ipc, ipcd-control),
+    bound while ipcd was down by a member of RUNDIR's group, would get every
+    client's lookups and keep ipcd from starting: removed, live or not.
+    """
+
+    def setUp(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("a socket of another user takes root to make")
+        self.rundir = short_tempdir(self)
+
+    def live(self, name: str, uid: int) -> str:
+        path = os.path.join(self.rundir, name)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(path)
+        sock.listen(1)
+        os.chown(path, uid, uid, follow_symlinks=False)
+        return path
+
+    def test_ownNamesTakenBack(self) -> None:
+        for name in OWN_NAMES:
+            path = self.live(name, 65534)
+            self.assertEqual(clear_stale_socket(path), 65534)
+            self.assertFalse(os.path.lexists(path))
+
+    def test_ownUsersLiveSocketRefused(self) -> None:
+        """ipcd's own user listening there: another instance, refused."""
+        path = self.live(OWN_NAMES[0], os.geteuid())
+        self.assertRaises(SocketInUse, clear_stale_socket, path)
+        self.assertTrue(os.path.lexists(path))
+
+    def test_servicesAreFirstComeFirstServed(self) -> None:
+        """Any other name is a service's: another user's live one is kept."""
+        path = self.live("pong", 65534)
+        self.assertRaises(SocketInUse, clear_stale_socket, path)
+        self.assertTrue(os.path.lexists(path))
 
 
 class StaleSocketRaceTests(SynchronousTestCase):
