@@ -10,6 +10,7 @@ go through the same validation and errors name where the bad value came from.
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from ipcd.checkers import (
 from ipcd.daemons import Registry, default_registry
 from ipcd.names import InvalidServiceName, validate_service_name
 from ipcd.policy import Grant, Rule, RuleError, parse_grant, parse_rule
+from ipcd.regularfile import NotAFile, TooLarge, read_regular
 from ipcd.routes import URI, RouteError, parse_uri
 from ipcd.rundir import normal_rundir, resolve_rundir
 from ipcd.srv import dns_servers
@@ -313,16 +315,46 @@ def _check_route_schemes(
             )
 
 
+# A configuration file larger than this is refused, not cut: ipcd reads it
+# whole at start and at each reload.
+MAX_CONFIG_FILE = 16 << 20
+
+
+def _guarded(path: str, info: os.stat_result) -> None:
+    """
+    Refuse a configuration every user may write: whoever can write it
+    decides, at the next reload, what everyone reaches through ipcd (its
+    rules, grants and routes).  Group write is left alone: under umask 002
+    a user's files are writable by the user's own group.
+    """
+    mode = stat.S_IMODE(info.st_mode)
+    if stat.S_ISREG(info.st_mode) and mode & stat.S_IWOTH:
+        raise ConfigError(
+            f"{path}: writable by every user (mode {mode:04o}): whoever can "
+            f"write it decides what ipcd lets everyone reach; chmod o-w {path}"
+        )
+
+
 def read_toml(path: str) -> dict[str, Any]:
-    """Read a TOML file; syntax errors become L{ConfigError} naming the file."""
+    """
+    Read a TOML file; syntax errors become L{ConfigError} naming the file.
+    Only a regular file of at most L{MAX_CONFIG_FILE} bytes is read: a FIFO
+    would stall start-up or a reload (the reactor's thread) until a writer
+    came, a device such as C{/dev/zero} would be read until memory ran out.
+    """
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        data = read_regular(
+            path, MAX_CONFIG_FILE, check=lambda info: _guarded(path, info)
+        )
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except (NotAFile, TooLarge) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    except UnicodeDecodeError as e:  # TOML is UTF-8; tomllib lets this through
+    except UnicodeDecodeError as e:  # TOML is UTF-8
         raise ConfigError(
             f"{path}: invalid TOML: not UTF-8 (byte 0x{e.object[e.start]:02x} at "
             f"offset {e.start}): save it as UTF-8"

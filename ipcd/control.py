@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from ipcd.config import Config
 from ipcd.daemons import settings_of
 from ipcd.inboundreach import inbound_reach
+from ipcd.logs import printable
 from ipcd.names import CONTROL_NAME, socket_path
 from ipcd.rundir import resolve_rundir
 from ipcd.wire import (
@@ -223,6 +224,8 @@ def format_status(report: dict[str, Any], wide: bool = False) -> str:
                 connections, details or [""] * len(connections), strict=True
             )
         ]
+        # Escaped before measuring: a cell's width is what the terminal shows.
+        rows = [tuple(printable(str(v)) for v in row) for row in rows]
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
         if not wide:
             full = list(widths)
@@ -244,6 +247,10 @@ def format_status(report: dict[str, Any], wide: bool = False) -> str:
     lines.append("config:")
     for name, value in report["config"].items():
         lines.append(f"  {name}: {json.dumps(value)}")
+    # Whatever the answer holds (a peer's certificate name, a DNS error, or
+    # anything a socket in another's RUNDIR answers), no control character
+    # reaches the operator's terminal.
+    lines = [printable(line) for line in lines]
     if wide:
         return "\n".join(lines)
     fitted = [_fit(line, STATUS_WIDTH) for line in lines]

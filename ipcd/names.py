@@ -76,40 +76,76 @@ def socket_path(rundir: str, name: str) -> str:
     return os.path.join(rundir, validate_service_name(name))
 
 
-def clear_stale_socket(path: str) -> None:
+def clear_stale_socket(path: str) -> int | None:
     """
     Make C{path} free to bind: remove a stale socket left by a dead process,
     refuse (L{SocketInUse}) when a live process still accepts on it, and refuse
     to touch anything that is not a socket.
+
+    At ipcd's own names (L{OWN_NAMES}) a socket of another user than this
+    process's is a squatter's, live or not (a member of RUNDIR's group may
+    bind one while ipcd is down, and would get every client's lookups): it
+    is removed, and its owner's uid returned, for a warning; else C{None}.
+
+    All of it happens in the directory opened first, on the inode checked:
+    a directory on the way renamed or replaced by a link meanwhile cannot
+    make ipcd remove a file of that name elsewhere.
     """
+    directory, name = os.path.split(path)
     try:
-        mode = os.lstat(path).st_mode
+        # RUNDIR may be a link (the admin's, check_rundir says): followed.
+        parent = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise SocketInUse(f"{path} exists and is not a socket; not removing it")
+        return None  # nothing to clear; the bind says what is missing
+    try:
+        try:
+            fd = os.open(name, _PATH_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            return None
+        try:
+            probed = os.fstat(fd)
+            if not stat.S_ISSOCK(probed.st_mode):
+                raise SocketInUse(f"{path} exists and is not a socket; not removing it")
+            squatter = name in OWN_NAMES and probed.st_uid != os.geteuid()
+            if not squatter:
+                # The inode just checked, whatever the path leads to now.
+                _refuse_live(f"/proc/self/fd/{fd}", path)
+        finally:
+            os.close(fd)
+        try:
+            now = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if (now.st_dev, now.st_ino) != (probed.st_dev, probed.st_ino):
+            raise SocketInUse(f"{path} was replaced while checked; not removing it")
+        try:
+            os.unlink(name, dir_fd=parent)
+        except FileNotFoundError:
+            pass
+        return probed.st_uid if squatter else None
+    finally:
+        os.close(parent)
+
+
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _refuse_live(address: str, path: str) -> None:
+    """Raise L{SocketInUse} if a process accepts on the socket at C{address}."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)
     try:
-        probe.connect(path)
+        probe.connect(address)
     except OSError as e:
         if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            _unlink_quietly(path)
-            return
+            return  # stale
         if e.errno == errno.EAGAIN:
             # Backlog full: somebody is definitely listening.
-            raise SocketInUse(f"another process is listening on {path}")
+            raise SocketInUse(f"another process is listening on {path}") from None
         raise
     finally:
         probe.close()
     raise SocketInUse(f"another process is listening on {path}")
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _listen(
@@ -166,7 +202,9 @@ def listen_unix(
             os.umask(old)
     if gid != -1:
         try:
-            os.chown(path, -1, gid)
+            # The socket's own group, never that of a file a link put in its
+            # place since the bind points to (/etc/shadow...).
+            os.chown(path, -1, gid, follow_symlinks=False)
         except OSError as e:
             from ipcd.startup import close_now  # (it imports this module)
 

@@ -63,7 +63,15 @@ def ensure_rundir(rundir: str) -> None:
     path = rundir.rstrip(os.sep) or os.sep
     parent = os.path.dirname(path)
     if parent:
-        os.makedirs(parent, exist_ok=True)
+        # Parents writable by group or others would let them rename RUNDIR
+        # away and put their own in its place: never made so, whatever the
+        # umask (makedirs gives them 0777 less the umask).
+        old = os.umask(0)
+        try:
+            os.umask(old | 0o022)
+            os.makedirs(parent, exist_ok=True)
+        finally:
+            os.umask(old)
     try:
         os.mkdir(path, RUNDIR_MODE)
     except FileExistsError:

@@ -420,7 +420,14 @@ def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDSe
         for path in service.socket_paths():
             # systemd's socket (socket activation) is adopted, not cleared.
             if not inherited().holds(path, os.path.basename(path)):
-                clear_stale_socket(path)
+                squatter = clear_stale_socket(path)
+                if squatter is not None:
+                    _log.warn(
+                        "removed {path}: a socket of uid {uid}, not of ipcd's "
+                        "user, at ipcd's own name",
+                        path=path,
+                        uid=squatter,
+                    )
         service.privilegedStartService()
     except (UnsafeRundir, SocketInUse, StartupError) as e:
         raise SystemExit(f"ipcd: {e}") from None

@@ -60,6 +60,7 @@ def control(
     import json
 
     from ipcd.control import format_status, request
+    from ipcd.logs import printable
     from ipcd.names import CONTROL_NAME, socket_path
     from ipcd.rundir import resolve_rundir
 
@@ -80,10 +81,15 @@ def control(
         restart = answer.get("restart_needed")
         print(
             "reloaded"
-            + (f"; restart needed for {', '.join(restart)}" if restart else "")
+            + (
+                f"; restart needed for {printable(', '.join(map(str, restart)))}"
+                if restart
+                else ""
+            )
         )
     else:
-        print(f"ipcd reload: refused: {answer.get('error')}", file=sys.stderr)
+        error = printable(str(answer.get("error")))
+        print(f"ipcd reload: refused: {error}", file=sys.stderr)
     return 0 if answer.get("ok", True) else 1
 
 

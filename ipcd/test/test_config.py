@@ -12,11 +12,13 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.config import (
+    MAX_CONFIG_FILE,
     Config,
     ConfigError,
     load_config,
@@ -626,6 +628,99 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             ConfigError, load_config, None, {"redirects": {"a": "../x"}}, {}
         )
         self.assertTrue(str(error).startswith("command line: [redirects] a: "))
+
+
+class FileKindTests(SynchronousTestCase):
+    """
+    Only a regular file of bounded size is read as the configuration: what
+    else the path may name costs one line, not a stalled or exhausted ipcd
+    (a reload reads it again, in the reactor's thread).
+    """
+
+    def load_within(self, path: str) -> ConfigError:
+        """load_config(path)'s error; a call still blocked after 30 s fails."""
+        outcome: list[BaseException | None] = []
+
+        def load() -> None:
+            try:
+                load_config(path, None, {})
+            except BaseException as e:
+                outcome.append(e)
+            else:
+                outcome.append(None)
+
+        thread = threading.Thread(target=load, daemon=True)
+        thread.start()
+        thread.join(30)
+        if thread.is_alive():
+            # Let the blocked open go (a writer comes) before failing.
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            thread.join(30)
+            self.fail(f"load_config({path!r}) still blocked after 30 s")
+        [error] = outcome
+        self.assertIsInstance(error, ConfigError)
+        return error  # type: ignore[return-value]
+
+    def test_fifoWithoutWriter(self) -> None:
+        """A FIFO is refused at once, not waited on until a writer comes."""
+        path = self.mktemp()
+        os.mkfifo(path, 0o600)
+        self.assertEqual(
+            str(self.load_within(path)),
+            f"{path}: is a FIFO, not a file: name the file itself",
+        )
+
+    def test_device(self) -> None:
+        """/dev/zero would be read until memory ran out: refused unread."""
+        self.assertEqual(
+            str(self.load_within("/dev/zero")),
+            "/dev/zero: is a character device, not a file: name the file itself",
+        )
+
+    def test_sizeBound(self) -> None:
+        """A file over 16 MiB is refused, not read whole (nor cut)."""
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"# padding\n")
+            f.truncate(MAX_CONFIG_FILE + 1)  # sparse: costs no disk
+        self.assertEqual(
+            str(self.load_within(path)),
+            f"{path}: larger than 16 MiB",
+        )
+        with open(path, "r+b") as f:
+            f.truncate(MAX_CONFIG_FILE)
+            f.seek(MAX_CONFIG_FILE - 1)
+            f.write(b"\n")
+        self.assertIn("invalid TOML", str(self.load_within(path)))
+
+    def test_writableByOthers(self) -> None:
+        """
+        A file every user may write is refused (at a reload too): whoever
+        can write it would decide, at the next reload, what ipcd lets
+        everyone reach (a grant of every socket, say).  Group write is
+        allowed (umask 002 makes a user's files so, for the user's group).
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('grants = ["* *"]\n')
+        for mode in (0o666, 0o602):
+            os.chmod(path, mode)
+            self.assertEqual(
+                str(self.load_within(path)),
+                f"{path}: writable by every user (mode {mode:04o}): whoever can "
+                f"write it decides what ipcd lets everyone reach; chmod o-w {path}",
+            )
+        os.chmod(path, 0o664)
+        self.assertEqual(len(load_config(path, None, {}).grants), 1)
+
+    def test_throughASymlink(self) -> None:
+        """A symbolic link to the file is read as the file."""
+        target = self.mktemp()
+        with open(target, "w") as f:
+            f.write("max_message_size = 4096\n")
+        link = self.mktemp()
+        os.symlink(os.path.abspath(target), link)
+        self.assertEqual(load_config(link, None, {}).max_message_size, 4096)
 
 
 class OverrideTests(ConfigFileMixin, SynchronousTestCase):

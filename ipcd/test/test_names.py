@@ -5,18 +5,24 @@ on C{RUNDIR/NAME}.
 
 from __future__ import annotations
 
+import grp
 import os
 import shutil
 import socket
 import stat
 import tempfile
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.protocol import Factory, Protocol
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from ipcd import names
 from ipcd.names import (
+    OWN_NAMES,
     InvalidServiceName,
     SocketInUse,
     clear_stale_socket,
@@ -214,6 +220,14 @@ class StaleSocketTests(SynchronousTestCase):
         self.assertIn(self.path, str(error))
         self.assertTrue(os.path.lexists(self.path))
 
+    def test_staleThroughALinkedRundir(self) -> None:
+        """RUNDIR itself a symbolic link (/run/libipc -> ...): cleared as ever."""
+        link = os.path.join(short_tempdir(self), "rundir")
+        os.symlink(self.rundir, link)
+        self.bound().close()
+        clear_stale_socket(os.path.join(link, "pong"))
+        self.assertFalse(os.path.lexists(self.path))
+
     def test_regularFile(self) -> None:
         """A regular file is refused and not removed."""
         with open(self.path, "w") as f:
@@ -240,6 +254,128 @@ class StaleSocketTests(SynchronousTestCase):
         self.assertRaises(SocketInUse, clear_stale_socket, self.path)
         self.assertTrue(os.path.islink(self.path))
         self.assertTrue(os.path.lexists(target))
+
+
+class SquatterTests(SynchronousTestCase):
+    """
+    A socket of another user at ipcd's own names (RUNDIR/ipc, ipcd-control),
+    bound while ipcd was down by a member of RUNDIR's group, would get every
+    client's lookups and keep ipcd from starting: removed, live or not.
+    """
+
+    def setUp(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("a socket of another user takes root to make")
+        self.rundir = short_tempdir(self)
+
+    def live(self, name: str, uid: int) -> str:
+        path = os.path.join(self.rundir, name)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(path)
+        sock.listen(1)
+        os.chown(path, uid, uid, follow_symlinks=False)
+        return path
+
+    def test_ownNamesTakenBack(self) -> None:
+        for name in OWN_NAMES:
+            path = self.live(name, 65534)
+            self.assertEqual(clear_stale_socket(path), 65534)
+            self.assertFalse(os.path.lexists(path))
+
+    def test_ownUsersLiveSocketRefused(self) -> None:
+        """ipcd's own user listening there: another instance, refused."""
+        path = self.live(OWN_NAMES[0], os.geteuid())
+        self.assertRaises(SocketInUse, clear_stale_socket, path)
+        self.assertTrue(os.path.lexists(path))
+
+    def test_servicesAreFirstComeFirstServed(self) -> None:
+        """Any other name is a service's: another user's live one is kept."""
+        path = self.live("pong", 65534)
+        self.assertRaises(SocketInUse, clear_stale_socket, path)
+        self.assertTrue(os.path.lexists(path))
+
+
+class StaleSocketRaceTests(SynchronousTestCase):
+    """
+    What happens on the file system while L{clear_stale_socket} probes a
+    stale socket (the probe's connect is where these changes are made, so
+    that they fall between the check and the removal every time).
+    """
+
+    def setUp(self) -> None:
+        self.base = short_tempdir(self)
+        self.rundir = os.path.join(self.base, "run")
+        os.mkdir(self.rundir)
+        self.path = os.path.join(self.rundir, "pong")
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(self.path)
+        stale.close()
+        self.stale = os.lstat(self.path).st_ino
+
+    def during_probe(self, change: Callable[[], None]) -> None:
+        """Make C{change} when clear_stale_socket's probe first connects."""
+        changes = [change]
+
+        class Probe(socket.socket):
+            def connect(self, address: Any) -> None:
+                while changes:
+                    changes.pop()()
+                super().connect(address)
+
+        self.patch(
+            names,
+            "socket",
+            SimpleNamespace(
+                socket=Probe, AF_UNIX=socket.AF_UNIX, SOCK_STREAM=socket.SOCK_STREAM
+            ),
+        )
+
+    def test_directorySwappedForALink(self) -> None:
+        """
+        RUNDIR renamed away and a link to another directory put in its
+        place (what whoever may write to its parent can do): that
+        directory's file of the same name is not removed, only the stale
+        socket checked, where it now is.
+        """
+        elsewhere = os.path.join(self.base, "elsewhere")
+        os.mkdir(elsewhere)
+        precious = os.path.join(elsewhere, "pong")
+        with open(precious, "w") as f:
+            f.write("precious")
+        moved = os.path.join(self.base, "moved")
+
+        def swap() -> None:
+            os.rename(self.rundir, moved)
+            os.symlink(elsewhere, self.rundir)
+
+        self.during_probe(swap)
+        clear_stale_socket(self.path)
+        with open(precious) as f:
+            self.assertEqual(f.read(), "precious")
+        self.assertEqual(os.listdir(moved), [])
+
+    def test_replacedByALiveSocket(self) -> None:
+        """
+        The stale socket removed and a live one bound in its place (its
+        service restarting meanwhile): refused, and the live one stays.
+        """
+        live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(live.close)
+
+        def restart() -> None:
+            os.unlink(self.path)
+            live.bind(self.path)
+            live.listen(1)
+
+        self.during_probe(restart)
+        error = self.assertRaises(SocketInUse, clear_stale_socket, self.path)
+        self.assertEqual(
+            str(error), f"{self.path} was replaced while checked; not removing it"
+        )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(probe.close)
+        probe.connect(self.path)  # still there, still listening
 
 
 class ListenTests(TestCase):
@@ -330,6 +466,34 @@ class ListenTests(TestCase):
         self.addCleanup(client.close)
         client.settimeout(10)
         client.connect(self.path)
+
+    def test_groupNeverGivenThroughALink(self) -> None:
+        """
+        The socket swapped for a link to another file between the bind and
+        the chown (whoever may write RUNDIR can, where nothing checked it):
+        that file's group is not changed, only the link's.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("giving a file another group takes root")
+        victim = os.path.join(short_tempdir(self), "shadow")
+        with open(victim, "w") as f:
+            f.write("secret")
+        os.chmod(victim, 0o640)
+        before = os.stat(victim).st_gid
+        group = grp.getgrgid(next(g for g in (65534, 1, 2) if g != before)).gr_name
+
+        def listen_then_swap(*args: Any) -> Any:
+            port = listen(*args)
+            os.unlink(self.path)
+            os.symlink(victim, self.path)
+            return port
+
+        listen = names._listen
+        self.patch(names, "_listen", listen_then_swap)
+        port = listen_unix(self.reactor, self.path, self.factory, group=group)
+        self.addCleanup(port.stopListening)
+        self.assertEqual(os.stat(victim).st_gid, before)
+        self.assertEqual(os.lstat(self.path).st_gid, grp.getgrnam(group).gr_gid)
 
     def test_createsRundir(self) -> None:
         umask(self, 0o022)

@@ -788,8 +788,12 @@ class ListenCallTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.rundir = short_tempdir(self)
         self.path = os.path.join(self.rundir, "pong")
-        self.chowns: list[tuple[str, int, int]] = []
-        self.patch(names.os, "chown", lambda *args: self.chowns.append(args))
+        self.chowns: list[tuple[Any, ...]] = []
+        self.patch(
+            names.os,
+            "chown",
+            lambda *args, **kwargs: self.chowns.append((*args, kwargs)),
+        )
 
     def listen(self, **kwargs: Any) -> Any:
         reactor = MemoryReactor()
@@ -807,7 +811,18 @@ class ListenCallTests(SynchronousTestCase):
         for name in ("root", grp.getgrgid(1).gr_name, other_group().gr_name):
             del self.chowns[:]
             self.listen(group=name)
-            self.assertEqual(self.chowns, [(self.path, -1, grp.getgrnam(name).gr_gid)])
+            # The socket's own group, never through a link (lchown).
+            self.assertEqual(
+                self.chowns,
+                [
+                    (
+                        self.path,
+                        -1,
+                        grp.getgrnam(name).gr_gid,
+                        {"follow_symlinks": False},
+                    )
+                ],
+            )
 
 
 class ServiceNameMessageTests(SynchronousTestCase):

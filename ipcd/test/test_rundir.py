@@ -247,6 +247,22 @@ class PrepareRundirTests(SynchronousTestCase):
             ensure_rundir(rundir)
             self.assertEqual(mode_of(rundir), 0o1770, f"umask {mask:03o}")
 
+    def test_parentsNeverWritableByOthers(self) -> None:
+        """
+        The missing directories above RUNDIR are made without group or
+        other write permission, whatever the umask (0: they were 0777, and
+        anyone could rename RUNDIR away and put their own in its place).
+        """
+        for mask in (0o000, 0o002, 0o027):
+            umask(self, mask)
+            top = os.path.join(self.base, f"u{mask:o}")
+            ensure_rundir(os.path.join(top, "libipc", "run"))
+            for parent in (top, os.path.join(top, "libipc")):
+                self.assertEqual(
+                    mode_of(parent), 0o777 & ~(mask | 0o022), f"umask {mask:03o}"
+                )
+            self.assertEqual(os.umask(mask), mask)  # given back
+
     def test_ensureTrailingSlash(self) -> None:
         rundir = os.path.join(self.base, "run") + "/"
         ensure_rundir(rundir)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -34,6 +36,7 @@ from ipcd.test.support import (
     short_rundir,
     spawn,
 )
+from ipcd.wire import recv_message, send_message
 
 
 class ControlTests(SynchronousTestCase):
@@ -73,6 +76,70 @@ class ControlTests(SynchronousTestCase):
             self.assertEqual(exit.code, 1)
             command = "reload" if "reload" in argv else "status"
             self.assertEqual(self.err.getvalue(), self.unreachable(command))
+
+    def test_answerNeverWritesControlCharacters(self) -> None:
+        """
+        Whatever answers on RUNDIR/ipcd-control (another user's socket in a
+        RUNDIR ipcd refused, or text a peer chose, such as its certificate's
+        name), no control character reaches the operator's terminal: an
+        escape sequence is shown escaped.
+        """
+        evil = "\x1b]0;owned\x07\x1b[2J\u202e"
+        shown = "\\x1b]0;owned\\x07\\x1b[2J\\u202e"
+        status = {
+            "connections": [
+                {
+                    "direction": "in",
+                    "service": evil,
+                    "route": evil,
+                    "peer": evil,
+                    "bytes_in": 1,
+                    "bytes_out": 2,
+                    "age": 3,
+                    "tls": {evil: 1},
+                }
+            ],
+            "counters": {evil: 1},
+            "inbound": {evil: evil},
+            "dns": {evil: {"error": evil, "last_error": evil}},
+            "config": {evil: evil},
+        }
+        # ipcd status, ipcd status --wide, ipcd reload twice.
+        answers = [
+            status,
+            status,
+            {"ok": False, "error": evil},
+            {"ok": True, "restart_needed": [evil]},
+        ]
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path = os.path.join(self.rundir, "ipcd-control")
+        server.bind(path)
+        self.addCleanup(os.unlink, path)
+        self.addCleanup(server.close)
+        server.listen(len(answers))
+        server.settimeout(30)
+
+        def answer() -> None:
+            for each in answers:
+                conn, _ = server.accept()
+                with conn:
+                    recv_message(conn)
+                    send_message(conn, json.dumps(each).encode())
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        control("status", self.rundir)
+        control("status", self.rundir, wide=True)
+        control("reload", self.rundir)
+        control("reload", self.rundir)
+        thread.join(30)
+        written = out.getvalue() + self.err.getvalue()
+        self.assertEqual([c for c in written if not (c.isprintable() or c == "\n")], [])
+        self.assertIn(shown, written)
+        self.assertIn(f"ipcd reload: refused: {shown}", written)
+        self.assertIn(f"reloaded; restart needed for {shown}", written)
 
     def test_helpAndVersion(self) -> None:
         """

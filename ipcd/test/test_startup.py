@@ -333,15 +333,31 @@ class CommandFailureTests(SynchronousTestCase):
             "file itself (fix it, or use --no-tls)",
         )
 
-    def test_websocketCaIsADirectory(self) -> None:
-        etc = os.path.join(self.work, "etc")
-        os.makedirs(os.path.join(etc, "ca"))
-        config = self.config_in(etc, '[websocketd]\nca = "ca"\n')
-        self.assertEqual(
-            self.ipcd("--no-tcp", "--no-tls", "--ws", "tcp:0", "--config", config),
-            f"ipcd: [websocketd] ca: cannot read {etc}/ca as a PEM certificate: "
-            "Is a directory (fix it, or leave ca empty for the system's roots)",
-        )
+    def test_websocketCaNotAFile(self) -> None:
+        """
+        A directory, or a FIFO with no writer, is refused at start in one
+        line: the FIFO is not waited on (nor at each wss:// lookup, in the
+        reactor's thread).
+        """
+        for kind, make in (("a directory", os.mkdir), ("a FIFO", os.mkfifo)):
+            etc = os.path.join(self.work, kind.split()[1])
+            os.makedirs(etc)
+            make(os.path.join(etc, "ca"))
+            config = self.config_in(etc, '[websocketd]\nca = "ca"\n')
+            self.assertEqual(
+                self.ipcd("--no-tcp", "--no-tls", "--ws", "tcp:0", "--config", config),
+                f"ipcd: [websocketd] ca: cannot read {etc}/ca as a PEM certificate: "
+                f"is {kind}, not a file: name the file itself (fix it, or leave "
+                "ca empty for the system's roots)",
+            )
+
+    def test_configIsAFifo(self) -> None:
+        """--config naming a FIFO with no writer: one line, not a hang."""
+        config = os.path.join(self.work, "ipcd.toml")
+        os.mkfifo(config, 0o644)
+        expected = f"ipcd: {config}: is a FIFO, not a file: name the file itself"
+        self.assertEqual(self.ipcd("--config", config), expected)
+        self.assertEqual(self.twistd("--config", config), expected)
 
     def test_optionError(self) -> None:
         """Not after twistd's 20 lines of help, and status 1 from both."""

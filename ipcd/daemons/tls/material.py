@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +38,7 @@ from zope.interface import implementer
 from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.daemons.tls import psk
 from ipcd.daemons.tls.kswitch import watch
-from ipcd.rundir import file_kind
+from ipcd.regularfile import NotAFile, TooLarge, read_regular
 
 VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
 _OPENSSL_VERSIONS = {"1.2": 0x0303, "1.3": 0x0304}  # TLS1_2_VERSION, TLS1_3_VERSION
@@ -186,24 +185,25 @@ def client_creator(material: Material, host: str, watching: bool = False) -> Any
 # Reading the files.
 
 
-def _read(where: str, path: str, limit: int = 1 << 20) -> bytes:
-    """The file at C{path}, which C{where} (C{[tlsd] key}, say) names."""
+def _read(
+    where: str,
+    path: str,
+    limit: int = 1 << 20,
+    check: Callable[[os.stat_result], None] | None = None,
+) -> bytes:
+    """
+    C{path}'s bytes (L{read_regular}: never a FIFO waited on), C{where}
+    (C{[tlsd] key}, say) naming it in errors; C{check}: of the very file
+    read.
+    """
     try:
-        # O_NONBLOCK: a FIFO named here must not stall ipcd until a writer
-        # comes; only a regular file is read.
-        with open(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK), "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise MaterialError(
-                    f"{where}: {path} is {file_kind(mode)}, not a file: "
-                    "name the file itself"
-                )
-            data = f.read(limit + 1)
+        return read_regular(path, limit, check)
     except OSError as e:
         raise MaterialError(f"{where}: cannot read {path}: {e.strerror}") from None
-    if len(data) > limit:  # refused, not cut
-        raise MaterialError(f"{where}: {path} is larger than {limit >> 20} MiB")
-    return data
+    except NotAFile as e:
+        raise MaterialError(f"{where}: {path} {e}") from None
+    except TooLarge as e:  # refused, not cut
+        raise MaterialError(f"{where}: {path} is {e}") from None
 
 
 def _certificates(key: str, path: str) -> list[x509.Certificate]:
@@ -235,12 +235,12 @@ def read_private_key(where: str, path: str) -> bytes:
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     try:
-        psk.check_private_file(path)
+        # Private to ipcd's user: checked on the very file read.  Read
+        # first: a file that cannot be read is named as such, not as a key
+        # that does not match.
+        pem = _read(where, path, check=lambda info: psk.check_private(path, info))
     except psk.SecretsError as e:
         raise MaterialError(f"{where}: {e}") from None
-    # Read first: a file that cannot be read is named as such, not as a
-    # key that does not match.
-    pem = _read(where, path)
     try:
         load_pem_private_key(pem, password=None)
     except TypeError:  # encrypted, and no password given

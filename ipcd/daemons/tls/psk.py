@@ -30,6 +30,7 @@ from OpenSSL.SSL import Connection, Context
 from twisted.logger import Logger
 
 from ipcd.compat import pyopenssl as compat_pyopenssl
+from ipcd.regularfile import TooLarge, read_regular
 from ipcd.rundir import file_kind
 
 log = Logger()
@@ -64,7 +65,8 @@ class SecretsError(ValueError):
     """The secrets file cannot be used; the message is one line."""
 
 
-def _check_private(path: str, info: os.stat_result) -> None:
+def check_private(path: str, info: os.stat_result) -> None:
+    """Refuse a secret whose stat C{info} says others could read or replace it."""
     if not stat.S_ISREG(info.st_mode):
         raise SecretsError(
             f"{path} is {file_kind(info.st_mode)}, not a file: name the file itself"
@@ -87,7 +89,7 @@ def check_private_file(path: str) -> None:
         info = os.stat(path)
     except OSError as e:
         raise SecretsError(f"cannot read {path}: {e.strerror}") from None
-    _check_private(path, info)
+    check_private(path, info)
 
 
 def parse_secrets(text: str, path: str = "secrets") -> dict[str, bytes]:
@@ -126,23 +128,21 @@ def read_secrets(path: str) -> dict[str, bytes]:
     unless it is owned by this process's user and private to it.
     """
     try:
-        # O_NONBLOCK: a FIFO named here must not stall ipcd until a writer
-        # comes (the check below refuses it); a file reads as ever.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        # Checked on the very file read; a FIFO named here is refused, not
+        # waited on until a writer comes.
+        data = read_regular(
+            path,
+            MAX_SECRETS_FILE,
+            check=lambda info: check_private(path, info),
+            follow=False,
+        )
     except OSError as e:
         raise SecretsError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        _check_private(path, os.fstat(fd))  # the file we read
-    except SecretsError:
-        os.close(fd)
-        raise
-    with open(fd, "rb") as f:
-        data = f.read(MAX_SECRETS_FILE + 1)
-    if len(data) > MAX_SECRETS_FILE:
+    except TooLarge:
         raise SecretsError(
             f"{path} is larger than {MAX_SECRETS_FILE >> 20} MiB: "
             "not a secrets file, or too many keys for one"
-        )
+        ) from None
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:

@@ -31,7 +31,11 @@ from ipcd.errors import Refused
 from ipcd.logs import printable
 from ipcd.owndials import OwnDials
 from ipcd.reactors import IHostReactor
+from ipcd.regularfile import read_regular
 from ipcd.relay import RelayStats
+
+# A CA file larger than this is refused, not cut (tlsd's bound too).
+MAX_CA_FILE = 1 << 20
 
 
 class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
@@ -148,8 +152,9 @@ def trust_root(ca_file: str) -> Any:
     """The roots that verify a wss server: C{ca_file}'s, else the platform's."""
     if not ca_file:
         return ssl.platformTrust()
-    with open(ca_file, "rb") as f:
-        return ssl.Certificate.loadPEM(f.read())
+    # Read at every wss:// lookup, in the reactor's thread: only a regular
+    # file, bounded (ValueError otherwise), never a FIFO waited on.
+    return ssl.Certificate.loadPEM(read_regular(ca_file, MAX_CA_FILE))
 
 
 def connect_websocket(

@@ -44,6 +44,7 @@ from ipcd.daemons.websocket.server import WebSocketInboundFactory
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
 from ipcd.reactors import IHostReactor
+from ipcd.regularfile import NotAFile, TooLarge
 from ipcd.relay import RelayStats
 from ipcd.routes import RemoteURI
 
@@ -186,7 +187,10 @@ class WebSocketDaemon(ListeningDaemon):
             try:
                 trust_root(settings["ca"])
             except Exception as e:
-                why = getattr(e, "strerror", None) or type(e).__name__
+                if isinstance(e, (NotAFile, TooLarge)):
+                    why = str(e)
+                else:
+                    why = getattr(e, "strerror", None) or type(e).__name__
                 raise StartupError(
                     f"[websocketd] ca: cannot read {settings['ca']} as a PEM "
                     f"certificate: {why} (fix it, or leave ca empty for the "
