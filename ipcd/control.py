@@ -33,7 +33,6 @@ from ipcd.wire import (
 )
 
 CONTROL_MODE = 0o600
-COMMANDS = ("status", "reload")
 
 
 def config_summary(config: Config) -> dict[str, Any]:

@@ -51,18 +51,6 @@ def credentials(sock: socket.socket | Any) -> tuple[int, int, int]:
     return _UCRED.unpack(raw)
 
 
-def peer_groups(sock: socket.socket | Any, uid: int, gid: int) -> frozenset[int]:
-    """
-    The peer's supplementary groups as the kernel had them at its connect()
-    (what its own connect() would have been checked with); the group
-    database only where the kernel cannot tell.
-    """
-    raw = _peer_groups_raw(sock)
-    if raw is None:
-        return frozenset(_database_groups(uid, gid))
-    return frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
-
-
 def _peer_groups_raw(sock: socket.socket | Any) -> bytes | None:
     """SO_PEERGROUPS as the kernel gives it; C{None} where it cannot."""
     size = 64
