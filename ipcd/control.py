@@ -1,9 +1,10 @@
 """
-The operator's control socket, C{RUNDIR/ipcd-control} (0600 by default):
-one framed command in (C{status} or C{reload}), one framed JSON answer out.
+The operator's control socket, C{RUNDIR/ipcd-control} (0600, or 0660 with
+C{[control] group}): one framed command in (C{status} or C{reload}), one
+framed JSON answer out.
 
-    ipcd status [--json]      what ipcd is doing now
-    ipcd reload               re-read the configuration (as SIGHUP does)
+    ipcd status [--json] [--wide]   what ipcd is doing now
+    ipcd reload                     re-read the configuration (as SIGHUP does)
 """
 
 from __future__ import annotations
