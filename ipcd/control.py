@@ -23,6 +23,7 @@ from ipcd.daemons import settings_of
 from ipcd.inboundreach import inbound_reach
 from ipcd.logs import printable
 from ipcd.names import CONTROL_NAME, socket_path
+from ipcd.routes import host_port
 from ipcd.rundir import resolve_rundir
 from ipcd.wire import (
     LimitLog,
@@ -59,8 +60,7 @@ def config_summary(config: Config) -> dict[str, Any]:
         "dns": {
             # As [dns] servers writes them; none: /etc/resolv.conf's.
             "servers": [
-                f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-                for address, port in config.dns_servers
+                host_port(address, port) for address, port in config.dns_servers
             ],
             "target_timeout": config.dns_target_timeout,
             "max_targets": config.dns_max_targets,

@@ -21,6 +21,7 @@ from typing import Any
 
 from ipcd.access import Credentials
 from ipcd.owndials import address_of
+from ipcd.routes import host_port
 
 _UCRED = struct.Struct("3i")
 # Linux's SO_PEERGROUPS (4.13+): the peer's supplementary groups at connect().
@@ -212,5 +213,5 @@ def local_peer(
 
 def remote_peer(host: str, port: int) -> Peer:
     """The L{Peer} of a remote address."""
-    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return Peer(shown, frozenset({f"ip:{host}"}), address=address_of(host, port))
+    labels = frozenset({f"ip:{host}"})
+    return Peer(host_port(host, port), labels, address=address_of(host, port))
