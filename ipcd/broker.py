@@ -4,7 +4,7 @@ ipcd itself: the resolver behind the lookup protocol on C{RUNDIR/ipc}.
 Where a lookup goes is decided by the pure L{ipcd.resolution}.  L{Broker}
 polices and connects targets, locally (as the client could itself:
 L{ipcd.access}; never one of ipcd's own sockets: L{ipcd.ownsockets}) or
-through a transport, and logs each decision (L{ipcd.decisionlog}).  The
+through a protocol daemon, and logs each decision (L{ipcd.decisionlog}).  The
 protocol that speaks to clients is L{ipcd.lookupprotocol}'s, and
 L{ipcd.ataccept} answers within the accept; their names are still
 importable from here.
@@ -91,7 +91,7 @@ _MAX_PLANS = 256
 class Broker:
     """
     Resolves and connects: for local clients through L{open}, for remote
-    peers (arriving through a transport's listener) through L{open_inbound}.
+    peers (arriving through a protocol daemon's listener) through L{open_inbound}.
     """
 
     log = Logger()
@@ -302,7 +302,7 @@ class Broker:
             )
             d.addBoth(_closing(opened))
         else:
-            # The deadline is the broker's, so transports need not keep one
+            # The deadline is the broker's, so daemons need not keep one
             # and a reload's new timeout applies to the next connection.
             d = with_deadline(
                 self._connect_remote(event, target, names),

@@ -1,9 +1,10 @@
 """
-The operator's control socket, C{RUNDIR/ipcd-control} (0600 by default):
-one framed command in (C{status} or C{reload}), one framed JSON answer out.
+The operator's control socket, C{RUNDIR/ipcd-control} (0600, or 0660 with
+C{[control] group}): one framed command in (C{status} or C{reload}), one
+framed JSON answer out.
 
-    ipcd status [--json]      what ipcd is doing now
-    ipcd reload               re-read the configuration (as SIGHUP does)
+    ipcd status [--json] [--wide]   what ipcd is doing now
+    ipcd reload                     re-read the configuration (as SIGHUP does)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ipcd.daemons import settings_of
 from ipcd.inboundreach import inbound_reach
 from ipcd.logs import printable
 from ipcd.names import CONTROL_NAME, socket_path
+from ipcd.routes import host_port
 from ipcd.rundir import resolve_rundir
 from ipcd.wire import (
     LimitLog,
@@ -33,7 +35,6 @@ from ipcd.wire import (
 )
 
 CONTROL_MODE = 0o600
-COMMANDS = ("status", "reload")
 
 
 def config_summary(config: Config) -> dict[str, Any]:
@@ -59,8 +60,7 @@ def config_summary(config: Config) -> dict[str, Any]:
         "dns": {
             # As [dns] servers writes them; none: /etc/resolv.conf's.
             "servers": [
-                f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-                for address, port in config.dns_servers
+                host_port(address, port) for address, port in config.dns_servers
             ],
             "target_timeout": config.dns_target_timeout,
             "max_targets": config.dns_max_targets,

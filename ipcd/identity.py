@@ -21,6 +21,7 @@ from typing import Any
 
 from ipcd.access import Credentials
 from ipcd.owndials import address_of
+from ipcd.routes import host_port
 
 _UCRED = struct.Struct("3i")
 # Linux's SO_PEERGROUPS (4.13+): the peer's supplementary groups at connect().
@@ -49,18 +50,6 @@ def credentials(sock: socket.socket | Any) -> tuple[int, int, int]:
     """(pid, uid, gid) of a UNIX socket's peer, as they were at connect()."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     return _UCRED.unpack(raw)
-
-
-def peer_groups(sock: socket.socket | Any, uid: int, gid: int) -> frozenset[int]:
-    """
-    The peer's supplementary groups as the kernel had them at its connect()
-    (what its own connect() would have been checked with); the group
-    database only where the kernel cannot tell.
-    """
-    raw = _peer_groups_raw(sock)
-    if raw is None:
-        return frozenset(_database_groups(uid, gid))
-    return frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
 
 
 def _peer_groups_raw(sock: socket.socket | Any) -> bytes | None:
@@ -224,5 +213,5 @@ def local_peer(
 
 def remote_peer(host: str, port: int) -> Peer:
     """The L{Peer} of a remote address."""
-    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return Peer(shown, frozenset({f"ip:{host}"}), address=address_of(host, port))
+    labels = frozenset({f"ip:{host}"})
+    return Peer(host_port(host, port), labels, address=address_of(host, port))

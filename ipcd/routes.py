@@ -37,6 +37,11 @@ class PathURI:
         return f"unix://{self.path}"
 
 
+def host_port(host: str, port: int) -> str:
+    """C{HOST:PORT} as a URI writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class RemoteURI:
     """C{SCHEME://HOST:PORT/SERVICE}; C{service} is None for an empty path."""

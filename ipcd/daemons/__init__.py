@@ -1,19 +1,19 @@
 """
 The one interface for protocol daemons, and the registry that finds them.
 
-A protocol daemon (tcpd, and later tlsd, websocketd, udpd, or a third
-party's) is one object per URI scheme providing L{IProtocolDaemon}: an
-outbound half (connect a route for a local client), an inbound half (its
-listeners, which accept remote peers and ask the broker what they may reach
-through L{ipcd.inbound}), and what it owns of ipcd: its configuration
-section, its command-line flags, its status lines, the settings a reload
-cannot change, its control socket C{RUNDIR/SCHEME} and its start-up hints.
+A protocol daemon (tcpd, tlsd, websocketd, udpd, or a third party's) is one
+object per URI scheme providing L{IProtocolDaemon}: an outbound half
+(connect a route for a local client), an inbound half (its listeners, which
+accept remote peers and ask the broker what they may reach through
+L{ipcd.inbound}), and what it owns of ipcd: its configuration section, its
+command-line flags, its status lines, the settings a reload cannot change,
+its control socket C{RUNDIR/SCHEME} and its start-up hints.
 
 Daemons are Twisted plugins: L{registry} finds every object providing
-L{IProtocolDaemon} in the plugin package (C{twisted.plugins} by default, where
-C{twisted/plugins/ipcd_daemons.py} registers tcpd).  Nothing else in ipcd
-names a daemon: the broker, the configuration, the command line, the control
-socket and the service tree all ask the registry.
+L{IProtocolDaemon} in the plugin package (C{twisted.plugins} by default,
+where C{twisted/plugins/ipcd_daemons.py} registers the four built-in ones).
+Nothing else in ipcd names a daemon: the broker, the configuration, the
+command line, the control socket and the service tree all ask the registry.
 
 Plugin objects are module-level singletons, found by discovery: like Twisted's
 endpoint-parser plugins, which are given the reactor, they are given what

@@ -42,8 +42,8 @@ def _through_wrappers(transport: Any) -> Any:
     return transport
 
 
-def _socket_under(transport: Any) -> FileDescriptor | None:
-    """The socket's own transport under C{transport} and its wrappers."""
+def socket_of(transport: Any) -> FileDescriptor | None:
+    """The reactor's connection under a transport (TLS, limits wrappers)."""
     while transport is not None and not isinstance(transport, FileDescriptor):
         transport = getattr(transport, "transport", None)
     return transport
@@ -96,7 +96,7 @@ class Outbox:
 
     def __init__(self, transport: Any) -> None:
         self.transport = _through_wrappers(transport)
-        self.socket_transport = _socket_under(self.transport)
+        self.socket_transport = socket_of(self.transport)
         # Straight to the socket unless TLS (or anything else) is between.
         self.direct = self.socket_transport is self.transport
         self._socket = self.transport.getHandle() if self.direct else None

@@ -37,7 +37,7 @@ from ipcd.inboundcore import MAX_HANDSHAKE, OK, Sniffed
 from ipcd.logs import printable
 from ipcd.owndials import OwnDials
 from ipcd.reactors import IHostReactor
-from ipcd.routes import RemoteURI
+from ipcd.routes import RemoteURI, host_port
 from ipcd.sockets import (
     connect_tcp,
     host_addresses,
@@ -64,7 +64,7 @@ async def dial(
     C{service} the upstream way; return the socket, positioned right after
     the C{ok}.  Until then its local end is held in C{own_dials}.
     """
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = host_port(host, port)
     addresses = await host_addresses(reactor, host, port)  # or Refused
     sock = None
     error: OSError | None = None

@@ -62,9 +62,7 @@ class RelayProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
         self.started = False
         self.lost = False
         self.readDone = False  # our far end sent EOF
-        self.writeDone = False  # the EOF was passed on to our far end
         self._held: list[bytes] = []  # read before the peer was connected
-        self._onEnd: Callable[[], None] | None = None
 
     def callLater(self, period: float, func: Callable[[], Any]) -> Any:  # noqa: N802
         if self.clock is None:
@@ -115,7 +113,6 @@ class RelayProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
 
     def writeConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
         """The EOF reached our far end."""
-        self.writeDone = True
         if self.readDone:
             self.transport.loseConnection()
 

@@ -1,1 +1,1 @@
-"""Console entry points: ipcd, pong."""
+"""Console entry points: ipcd, pong, websocketc."""

@@ -18,6 +18,7 @@ from ipcd.routes import (
     RouteError,
     check_host,
     encode_lookup,
+    host_port,
     parse_lookup,
     parse_network,
     parse_uri,
@@ -220,6 +221,12 @@ class URITests(SynchronousTestCase):
         )
         assert isinstance(uri, RemoteURI)
         self.assertEqual(uri.hostport, "[::1]:9000")
+
+    def test_hostPort(self) -> None:
+        """An address and port as a URI writes them (and as logs show them)."""
+        self.assertEqual(host_port("::1", 9000), "[::1]:9000")
+        self.assertEqual(host_port("10.0.0.2", 9000), "10.0.0.2:9000")
+        self.assertEqual(host_port("example.com", 1), "example.com:1")
 
     def test_ports(self) -> None:
         self.assertEqual(parse_uri("tcp://h:1/p").port, 1)  # type: ignore[union-attr]

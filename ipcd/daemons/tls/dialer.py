@@ -22,6 +22,7 @@ from ipcd.host import IDaemonHost
 from ipcd.inboundcore import MAX_HANDSHAKE, OK
 from ipcd.logs import printable
 from ipcd.owndials import OwnDials
+from ipcd.routes import host_port
 
 
 @implementer(IHandshakeListener)
@@ -131,7 +132,7 @@ def dial(
     after C{ok}.  Cancelling it closes the connection.  C{watching}: the
     connection is watched for kernel TLS.
     """
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = host_port(host, port)
     connecting: Deferred[Any] | None = None
     dialer: TlsDialer | None = None
 

@@ -19,9 +19,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from ipcd.compat import twisted as compat_twisted
+from ipcd.daemons.outbox import socket_of
 from ipcd.daemons.tls.kcodec import KernelSecured
 from ipcd.daemons.tls.kswitch import to_kernel
-from ipcd.daemons.tls.relay import Secured, detach, socket_of
+from ipcd.daemons.tls.relay import Secured, detach
 from ipcd.handoff import adopt_into_reactor
 from ipcd.relay import RelayProtocol, RelayStats, ended
 

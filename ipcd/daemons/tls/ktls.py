@@ -11,10 +11,9 @@ taken under those keys: L{Records} counts them on the record stream), and
 the kernel's socket options (linux/tls.h).
 
 The pure parts (key schedules, L{crypto_info}, L{Records}, L{open_record})
-are here with
-the socket parts (L{ktls_available}, L{switch}, L{send_close_notify},
-L{recv_record}, L{peek_record_type}); which connection switches, and
-when, is L{ipcd.daemons.tls.kswitch}'s.
+are here with the socket parts (L{ktls_available}, L{switch},
+L{send_close_notify}, L{recv_record}, L{peek_record_type}); which
+connection switches, and when, is L{ipcd.daemons.tls.kswitch}'s.
 """
 
 from __future__ import annotations

@@ -83,15 +83,6 @@ def check_private(path: str, info: os.stat_result) -> None:
         )
 
 
-def check_private_file(path: str) -> None:
-    """Refuse a secret (key file) that others could read or replace."""
-    try:
-        info = os.stat(path)
-    except OSError as e:
-        raise SecretsError(f"cannot read {path}: {e.strerror}") from None
-    check_private(path, info)
-
-
 def parse_secrets(text: str, path: str = "secrets") -> dict[str, bytes]:
     """C{IDENTITY:HEXKEY} lines (C{#} comments, blank lines) to a mapping."""
     keys: dict[str, bytes] = {}

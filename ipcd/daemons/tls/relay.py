@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from OpenSSL.SSL import OP_NO_RENEGOTIATION, Connection, WantReadError
-from twisted.internet.abstract import FileDescriptor
 from zope.interface import implementer
 
 from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.compat import twisted as compat_twisted
+from ipcd.daemons.outbox import socket_of
 from ipcd.relay import ICodec, RelayEnded, SocketRelays, take_socket
 from ipcd.relay.sides import GONE, NOTHING
 
@@ -46,13 +46,6 @@ _lib, _ffi = compat_pyopenssl.bindings()
 _WANT_READ = getattr(_lib, "SSL_ERROR_WANT_READ", 2)
 _ZERO_RETURN = getattr(_lib, "SSL_ERROR_ZERO_RETURN", 6)
 _SYSCALL = getattr(_lib, "SSL_ERROR_SYSCALL", 5)
-
-
-def socket_of(transport: Any) -> FileDescriptor | None:
-    """The reactor's connection under a transport (TLS, limits wrappers)."""
-    while transport is not None and not isinstance(transport, FileDescriptor):
-        transport = getattr(transport, "transport", None)
-    return transport
 
 
 @dataclass

@@ -26,6 +26,7 @@ from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
 from ipcd.identity import Peer
 from ipcd.logs import printable
+from ipcd.routes import host_port
 from ipcd.sockets import host_addresses
 
 # The handshake's retries: the first after C{handshake_retry} seconds, each
@@ -151,7 +152,7 @@ async def dial(
     client's end of the socketpair whose other end is the session.
     """
     reactor = broker.reactor
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = host_port(host, port)
     family, address = (await host_addresses(reactor, host, port))[0]  # or Refused
     nonce = secrets.token_bytes(udpwire.ID_SIZE)
     protocol = SessionClient(nonce, service.encode("ascii"))

@@ -25,7 +25,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ipcd.checkers import Expected, positive_number
+from ipcd.checkers import Expected, positive_int, positive_number
 from ipcd.daemons import (
     IProtocolDaemon,
     ListeningDaemon,
@@ -155,12 +155,6 @@ def _datagram_size(value: Any) -> int:
     return value
 
 
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise Expected("a whole number greater than 0")
-    return value
-
-
 class UdpEndpoint:
     """udpd's listening address as an endpoint (Twisted has no UDP ones)."""
 
@@ -254,7 +248,7 @@ class UdpDaemon(ListeningDaemon):
         *listener_settings(
             SECTION, DEFAULT_LISTEN, enabled=False, check_listen=listen_setting
         ),
-        Setting("max_sessions", _count, 256, "inbound sessions at once"),
+        Setting("max_sessions", positive_int, 256, "inbound sessions at once"),
         Setting(
             "max_datagram",
             _datagram_size,

@@ -33,6 +33,7 @@ from ipcd.owndials import OwnDials
 from ipcd.reactors import IHostReactor
 from ipcd.regularfile import read_regular
 from ipcd.relay import RelayStats
+from ipcd.routes import host_port
 
 # A CA file larger than this is refused, not cut (tlsd's bound too).
 MAX_CA_FILE = 1 << 20
@@ -175,8 +176,7 @@ def connect_websocket(
     client's end of a socketpair joined to it, or fails with L{Refused}.
     Until then the connection's local end is held in C{own_dials}.
     """
-    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    url = f"{scheme}://{shown}/{service}"
+    url = f"{scheme}://{host_port(host, port)}/{service}"
     factory = WebSocketOutboundFactory(
         reactor, url, max_message_size, idle, settings, stats, bridges, own_dials
     )

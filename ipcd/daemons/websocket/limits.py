@@ -26,7 +26,6 @@ from ipcd.daemons.outbox import Outbox, queued_nothing
 
 # WebSocket close codes (RFC 6455, 7.4.1).
 CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 
