@@ -45,6 +45,9 @@ class Placing:
     """
 
     def __init__(self, path: str, mode: int) -> None:
+        if len(os.fsencode(path)) > _SUN_PATH:
+            # Bound elsewhere it would listen, but nobody could connect.
+            raise OSError(errno.ENAMETOOLONG, "AF_UNIX path too long", path)
         self.path = path
         self.directory, self.name = os.path.split(path)
         self.inode: Inode | None = None

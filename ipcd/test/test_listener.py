@@ -206,7 +206,7 @@ class SocketGroupTests(TestCase):
         service = IPCDService(make_config(rundir, control={"group": group}), reactor)
         self.addCleanup(lambda: service.running and service.stopService())
 
-        def refused(path: str, uid: int, gid: int) -> None:
+        def refused(path: str, uid: int, gid: int, **kwargs: Any) -> None:
             raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
 
         self.patch(os, "chown", refused)

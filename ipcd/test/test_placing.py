@@ -7,6 +7,7 @@ behind in RUNDIR.
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import signal
@@ -15,11 +16,18 @@ import stat
 import threading
 from typing import Any
 
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SkipTest, TestCase
 
 from ipcd.compat.twisted import PREEXISTING_SOCKET
-from ipcd.names import BROKER_NAME, CONTROL_NAME, clear_stale_socket, listen_unix
+from ipcd.names import (
+    BROKER_NAME,
+    CONTROL_NAME,
+    SocketInUse,
+    clear_stale_socket,
+    listen_unix,
+)
 from ipcd.startup import close_now
 from ipcd.test.test_names import short_tempdir
 
@@ -169,6 +177,59 @@ class PlacingTests(TestCase):
 
         path = os.path.join(self.rundir, "pong")
         self.assertRaises(RuntimeError, listen_unix, self.reactor, path, Failing())
+        self.assertEqual(os.listdir(self.rundir), [])
+
+    def bound_meanwhile(self, name: str) -> tuple[Factory, socket.socket]:
+        """
+        A factory whose start (after the stale-socket check, before the
+        move) has a live socket bound at C{name}: another process's.
+        """
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(other.close)
+        path = os.path.join(self.rundir, name)
+
+        class Meanwhile(Factory):
+            def doStart(self) -> None:  # noqa: N802 (Twisted's name)
+                other.bind(path)
+                other.listen(1)
+
+        return Meanwhile.forProtocol(Protocol), other
+
+    def test_serviceTakenMeanwhile(self) -> None:
+        """
+        A live socket bound at a service's name while ipcd binds: first
+        come, first served; it stays, and ipcd leaves nothing behind.
+        """
+        factory, other = self.bound_meanwhile("pong")
+        path = os.path.join(self.rundir, "pong")
+        error = self.assertRaises(SocketInUse, listen_unix, self.reactor, path, factory)
+        self.assertIn(path, str(error))
+        self.assertEqual(os.listdir(self.rundir), ["pong"])
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(probe.close)
+        probe.connect(path)
+        self.assertIsNotNone(other.accept())
+
+    def test_ownNameTakenMeanwhile(self) -> None:
+        """The same at ipcd's own name: replaced by ipcd's socket."""
+        factory, _other = self.bound_meanwhile(BROKER_NAME)
+        path = os.path.join(self.rundir, BROKER_NAME)
+        port = listen_unix(self.reactor, path, factory)
+        self.addCleanup(close_now, port)
+        st = os.lstat(path)
+        self.assertEqual((st.st_dev, st.st_ino), port.inode)
+        self.assertEqual(os.listdir(self.rundir), [BROKER_NAME])
+
+    def test_pathTooLong(self) -> None:
+        """
+        A name clients could not connect to is refused, as a bind there
+        was (though bound in the private directory it would listen).
+        """
+        path = os.path.join(self.rundir, "x" * (108 - len(self.rundir)))
+        error = self.assertRaises(
+            CannotListenError, listen_unix, self.reactor, path, Factory()
+        )
+        self.assertEqual(error.socketError.errno, errno.ENAMETOOLONG)
         self.assertEqual(os.listdir(self.rundir), [])
 
     def test_stopLeavesAnothersSocket(self) -> None:
