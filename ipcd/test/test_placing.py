@@ -16,6 +16,7 @@ import stat
 import threading
 from typing import Any
 
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SkipTest, TestCase
@@ -29,6 +30,8 @@ from ipcd.names import (
     listen_unix,
 )
 from ipcd.startup import close_now
+from ipcd.tap import IPCDService
+from ipcd.test.support import make_config
 from ipcd.test.test_names import short_tempdir
 
 # Starts while a squatter spins on bind: enough for the old unlink-then-bind
@@ -95,6 +98,45 @@ class PlacingTests(TestCase):
     def temporaries(self) -> list[str]:
         return [name for name in os.listdir(self.rundir) if name.startswith(".")]
 
+    def squatters(self) -> list[int]:
+        """
+        Two processes of user nobody, in RUNDIR's group, spinning on bind at
+        RUNDIR/ipc and RUNDIR/ipcd-control, each holding its name already.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("a squatter of another user takes root to start")
+        nogroup = 65534
+        os.chown(self.rundir, 0, nogroup)
+        pids = []
+        for name in (BROKER_NAME, CONTROL_NAME):
+            pid, told = _squat(os.path.join(self.rundir, name), 65534, nogroup)
+            pids.append(pid)
+            self.addCleanup(os.waitpid, pid, 0)
+            self.addCleanup(os.kill, pid, signal.SIGKILL)
+            self.addCleanup(os.close, told)
+            self.assertEqual(os.read(told, 1), b"b")
+        return pids
+
+    @inlineCallbacks
+    def test_ipcdStartsAgainstSquatters(self) -> Any:
+        """
+        The same with ipcd's whole service tree, started and stopped again
+        and again: every start succeeds, with its own names its own.
+        """
+        squatters = self.squatters()
+        for _ in range(ROUNDS // 4):
+            service = IPCDService(make_config(self.rundir), self.reactor)
+            service.privilegedStartService()
+            try:
+                for name in (BROKER_NAME, CONTROL_NAME):
+                    st = os.lstat(os.path.join(self.rundir, name))
+                    self.assertEqual(st.st_uid, 0)
+            finally:
+                yield service.stopService()
+        for pid in squatters:
+            self.assertEqual(os.waitpid(pid, os.WNOHANG), (0, 0))
+        self.assertEqual(self.temporaries(), [])
+
     def test_squatterNeverKeepsTheName(self) -> None:
         """
         Another user spinning on bind at RUNDIR/ipc and RUNDIR/ipcd-control
@@ -103,19 +145,7 @@ class PlacingTests(TestCase):
         listens.  (Removing the squatter's socket and then binding lost
         the name to it in this test.)
         """
-        if os.geteuid() != 0:
-            raise SkipTest("a squatter of another user takes root to start")
-        nogroup = 65534
-        os.chown(self.rundir, 0, nogroup)
-        squatters = []
-        for name in (BROKER_NAME, CONTROL_NAME):
-            pid, told = _squat(os.path.join(self.rundir, name), 65534, nogroup)
-            squatters.append(pid)
-            self.addCleanup(os.waitpid, pid, 0)
-            self.addCleanup(os.kill, pid, signal.SIGKILL)
-            self.addCleanup(os.close, told)
-            # It holds the name before ipcd first starts.
-            self.assertEqual(os.read(told, 1), b"b")
+        squatters = self.squatters()
         for _ in range(ROUNDS):
             ports = [self.listen(BROKER_NAME), self.listen(CONTROL_NAME, mode=0o600)]
             for port in ports:
