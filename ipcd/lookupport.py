@@ -26,7 +26,8 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 
 from ipcd.compat import cpython
-from ipcd.compat.twisted import adopt_unix_port
+from ipcd.compat.twisted import PREEXISTING_SOCKET, adopt_unix_port, start_on_socket
+from ipcd.placing import Inode, Placing, remove_if_same
 from ipcd.reactors import IHostReactor
 
 _log = Logger()
@@ -173,6 +174,55 @@ class LookupPort(unix.Port):
 def _fast(reactor: Any, factory: Any) -> bool:
     """Whether C{factory} may serve within accept on C{reactor}'s ports."""
     return hasattr(factory, "serve_at_once") and isinstance(reactor, PosixReactorBase)
+
+
+class PlacedPort(unix.Port):
+    """
+    A port on a socket bound elsewhere and moved to its name when listening
+    (L{ipcd.placing}): its address is that name, and when it stops the
+    file there is removed only if it is still this socket's, never another
+    process's socket bound there since.
+    """
+
+    place = ""
+    inode: Inode | None = None
+
+    def getHost(self) -> UNIXAddress:  # noqa: N802 (Twisted's name)
+        # The socket's own name is where it was bound before the move.
+        return UNIXAddress(self.place)
+
+    def __repr__(self) -> str:
+        return f"<{type(self.factory).__name__} on {self.place!r}>"
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
+        remove_if_same(self.place, self.inode)
+        tcp.Port.connectionLost(self, reason)  # unix.Port's removes by path
+
+
+class PlacedLookupPort(LookupPort, PlacedPort):
+    """A L{LookupPort} placed so."""
+
+
+def can_place(reactor: Any) -> bool:
+    """Whether L{listen_placed} can listen on C{reactor}."""
+    return isinstance(reactor, PosixReactorBase) and (
+        PREEXISTING_SOCKET.present or PREEXISTING_SOCKET.usable()
+    )
+
+
+def listen_placed(
+    reactor: IHostReactor, placing: Placing, factory: Any, backlog: int, mode: int
+) -> PlacedPort:
+    """
+    A listening port on C{placing}'s socket, a L{PlacedLookupPort} for a
+    factory that can serve within accept.  Twisted's C{chmod} of the
+    address lands on the socket in the private directory, through ipcd's
+    own descriptor, and sets the mode it already has.
+    """
+    port_class = PlacedLookupPort if _fast(reactor, factory) else PlacedPort
+    port = port_class(placing.address, factory, backlog, mode, reactor)
+    port.place = placing.path
+    return start_on_socket(port, placing.socket)
 
 
 def listen(reactor: Any, path: str, factory: Any, backlog: int, mode: int) -> Any:

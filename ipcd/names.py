@@ -76,7 +76,7 @@ def socket_path(rundir: str, name: str) -> str:
     return os.path.join(rundir, validate_service_name(name))
 
 
-def clear_stale_socket(path: str) -> int | None:
+def clear_stale_socket(path: str, placing: bool = False) -> int | None:
     """
     Make C{path} free to bind: remove a stale socket left by a dead process,
     refuse (L{SocketInUse}) when a live process still accepts on it, and refuse
@@ -86,6 +86,9 @@ def clear_stale_socket(path: str) -> int | None:
     process's is a squatter's, live or not (a member of RUNDIR's group may
     bind one while ipcd is down, and would get every client's lookups): it
     is removed, and its owner's uid returned, for a warning; else C{None}.
+    With C{placing} (ipcd's socket is to be moved there, L{ipcd.placing}),
+    a socket at ipcd's own names is only checked, never removed: the move
+    replaces it in one step, so the name is never free for another to bind.
 
     All of it happens in the directory opened first, on the inode checked:
     a directory on the way renamed or replaced by a link meanwhile cannot
@@ -112,6 +115,8 @@ def clear_stale_socket(path: str) -> int | None:
                 _refuse_live(f"/proc/self/fd/{fd}", path)
         finally:
             os.close(fd)
+        if placing and name in OWN_NAMES:
+            return probed.st_uid if squatter else None
         try:
             now = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
@@ -182,6 +187,10 @@ def listen_unix(
     socket first.  The returned port removes the socket file when it stops
     listening, unless systemd made it: an inherited listening socket bound
     at C{path} is adopted instead (L{ipcd.activation}).
+
+    On a reactor of Twisted's own, the socket appears at C{path} in one
+    step, already listening with its mode and group (L{ipcd.placing}),
+    replacing another user's at ipcd's own names (L{OWN_NAMES}).
     """
     gid = -1
     if group is not None:
@@ -192,6 +201,10 @@ def listen_unix(
     ensure_rundir(os.path.dirname(path) or ".")
     port = _adopt_inherited(reactor, path, factory, mode)
     if port is None:
+        from ipcd.lookupport import can_place
+
+        if can_place(reactor):
+            return _listen_placed(reactor, path, factory, backlog, mode, gid, group)
         clear_stale_socket(path)
         # Narrowest umask while binding: the socket never exists with more
         # permissions than asked, even before the chmod.
@@ -210,8 +223,57 @@ def listen_unix(
 
             # Not left listening, nor in RUNDIR, under another group.
             close_now(port)
-            raise SocketGroupError(
-                f"cannot give {path} to group {group!r}: {e.strerror.lower()} "
-                f"(ipcd needs CAP_CHOWN, or to be a member of {group!r})"
-            ) from None
+            raise _group_error(path, group, e) from None
+    return port
+
+
+def _group_error(path: str, group: str | None, e: OSError) -> SocketGroupError:
+    return SocketGroupError(
+        f"cannot give {path} to group {group!r}: {e.strerror.lower()} "
+        f"(ipcd needs CAP_CHOWN, or to be a member of {group!r})"
+    )
+
+
+def _listen_placed(
+    reactor: IReactorUNIX,
+    path: str,
+    factory: Any,
+    backlog: int,
+    mode: int,
+    gid: int,
+    group: str | None,
+) -> Any:
+    """L{listen_unix} by L{ipcd.placing}: bound, listening, then moved."""
+    from twisted.internet.error import CannotListenError
+
+    from ipcd.lookupport import listen_placed
+    from ipcd.placing import Placing
+    from ipcd.startup import close_now  # (it imports this module)
+
+    own = os.path.basename(path) in OWN_NAMES
+    # At ipcd's own names, only checked: the move replaces what is there.
+    clear_stale_socket(path, placing=True)
+    try:
+        placing = Placing(path, mode)
+    except OSError as e:
+        raise CannotListenError(None, path, e) from None
+    with placing:
+        if gid != -1:
+            try:
+                placing.give_group(gid)
+            except OSError as e:
+                raise _group_error(path, group, e) from None
+        port = listen_placed(reactor, placing, factory, backlog, mode)
+        try:
+            placing.place(own, lambda: clear_stale_socket(path))
+        except FileExistsError:
+            close_now(port)
+            raise SocketInUse(f"another process took {path} meanwhile") from None
+        except OSError as e:
+            close_now(port)
+            raise CannotListenError(None, path, e) from None
+        except BaseException:
+            close_now(port)
+            raise
+        port.inode = placing.inode
     return port

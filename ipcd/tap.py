@@ -33,6 +33,7 @@ from ipcd.limits import LimitedFactory
 from ipcd.listener import IListener, Outcome
 from ipcd.logbatch import batch_with
 from ipcd.logs import text_observer
+from ipcd.lookupport import can_place
 from ipcd.lookupprotocol import LookupFactory
 from ipcd.memtrim import MemoryTrim
 from ipcd.metrics import NO_METRICS, Metrics
@@ -417,14 +418,18 @@ def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDSe
         service.readiness.setServiceParent(service)
     try:
         prepare_rundir(options.config.rundir)
+        # ipcd's sockets replace a squatter's in one step where they can
+        # (ipcd.placing): then it is only found here, not removed.
+        placing = can_place(reactor)
         for path in service.socket_paths():
             # systemd's socket (socket activation) is adopted, not cleared.
             if not inherited().holds(path, os.path.basename(path)):
-                squatter = clear_stale_socket(path)
+                squatter = clear_stale_socket(path, placing)
                 if squatter is not None:
                     _log.warn(
-                        "removed {path}: a socket of uid {uid}, not of ipcd's "
+                        "{done} {path}: a socket of uid {uid}, not of ipcd's "
                         "user, at ipcd's own name",
+                        done="replacing" if placing else "removed",
                         path=path,
                         uid=squatter,
                     )

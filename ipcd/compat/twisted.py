@@ -205,9 +205,11 @@ def _unix_port_class() -> Any:
 PREEXISTING_SOCKET = Name(
     LIBRARY,
     "unix.Port._preexistingSocket",
-    "keeping a socket-activated RUNDIR socket as systemd made it",
+    "keeping a socket-activated RUNDIR socket as systemd made it, and "
+    "putting ipcd's own RUNDIR sockets in place in one step (ipcd.placing)",
     "Twisted adopts it (its file mode 0666 until ipcd sets its own, and "
-    "removed when ipcd stops: restart the socket unit after ipcd)",
+    "removed when ipcd stops: restart the socket unit after ipcd); ipcd's "
+    "sockets are bound at their names after the old one is removed",
     _has(_unix_port_class, "_preexistingSocket"),
 )
 
@@ -252,6 +254,15 @@ def adopt_unix_port(
         os.chmod(path, mode)
         return share_listening_socket(port)
     port = share_listening_socket(port_class(path, factory, mode=mode, reactor=reactor))
+    return start_on_socket(port, sock)
+
+
+def start_on_socket(port: Any, sock: socket.socket) -> Any:
+    """
+    Start C{port} (a C{unix.Port}, not listening yet) on C{sock}, a bound
+    socket, rather than on one it binds itself; returns C{port}.  Only
+    where L{PREEXISTING_SOCKET} is present.
+    """
     port._preexistingSocket = sock
     port.startListening()
     return port

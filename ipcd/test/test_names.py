@@ -423,12 +423,10 @@ class ListenTests(TestCase):
         C{serve_at_once}) gets the fast lookup port; every other listener
         is Twisted's own UNIX port.
         """
-        from twisted.internet.unix import Port
-
-        from ipcd.lookupport import LookupPort
+        from ipcd.lookupport import LookupPort, PlacedPort
 
         plain = self.listen()
-        self.assertIs(type(plain), Port)
+        self.assertIs(type(plain), PlacedPort)  # Twisted's, placed (ipcd.placing)
         self.factory.serve_at_once = lambda skt, close_later: None
         fast = self.listen(os.path.join(self.rundir, "ipc"))
         self.assertIsInstance(fast, LookupPort)
@@ -471,10 +469,15 @@ class ListenTests(TestCase):
         """
         The socket swapped for a link to another file between the bind and
         the chown (whoever may write RUNDIR can, where nothing checked it):
-        that file's group is not changed, only the link's.
+        that file's group is not changed, only the link's.  (Where Twisted
+        lets ipcd place its sockets, L{ipcd.placing}, nobody can swap them.)
         """
         if os.geteuid() != 0:
             raise SkipTest("giving a file another group takes root")
+        from ipcd.compat.twisted import PREEXISTING_SOCKET
+
+        self.patch(PREEXISTING_SOCKET, "present", False)
+        self.patch(PREEXISTING_SOCKET, "said", True)  # no log line here
         victim = os.path.join(short_tempdir(self), "shadow")
         with open(victim, "w") as f:
             f.write("secret")

@@ -1,0 +1,302 @@
+"""
+Tests for L{ipcd.placing} through L{ipcd.names.listen_unix}: ipcd's sockets
+appear at C{RUNDIR/NAME} in one step, already listening with their mode and
+group, replacing a squatter's at ipcd's own names, and leave nothing else
+behind in RUNDIR.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import signal
+import socket
+import stat
+import threading
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import SkipTest, TestCase
+
+from ipcd.compat.twisted import PREEXISTING_SOCKET
+from ipcd.names import (
+    BROKER_NAME,
+    CONTROL_NAME,
+    SocketInUse,
+    clear_stale_socket,
+    listen_unix,
+)
+from ipcd.startup import close_now
+from ipcd.tap import IPCDService
+from ipcd.test.support import make_config
+from ipcd.test.test_names import short_tempdir
+
+# Starts while a squatter spins on bind: enough for the old unlink-then-bind
+# to lose the name within a few (it did in every run on 2 busy cores).
+ROUNDS = 40
+
+
+def _squat(path: str, uid: int, gid: int) -> tuple[int, int]:
+    """
+    A child process of user C{uid}, group C{gid}, that binds C{path} again
+    and again, so that whenever the name is free it is the child's; it
+    writes a byte to the returned pipe each time.  Returns (pid, pipe).
+    """
+    told, tell = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(tell)
+        return pid, told
+    try:  # the child: never back into the test runner
+        os.close(told)
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        held = None
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(path)
+                sock.listen(1)
+            except OSError:
+                sock.close()
+                continue
+            if held is not None:
+                held.close()
+            held = sock
+            os.write(tell, b"b")
+    finally:
+        os._exit(0)
+
+
+def _lookup_factory() -> Factory:
+    """A factory that gets the lookup port, as the broker's does."""
+    factory = Factory.forProtocol(Protocol)
+    factory.serve_at_once = lambda skt, close_later: None  # type: ignore[attr-defined]
+    return factory
+
+
+class PlacingTests(TestCase):
+    """L{listen_unix} with the real reactor."""
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.rundir = short_tempdir(self)
+        os.chmod(self.rundir, 0o1770)
+
+    def listen(self, name: str, **kwargs: Any) -> Any:
+        path = os.path.join(self.rundir, name)
+        port = listen_unix(self.reactor, path, _lookup_factory(), **kwargs)
+        self.addCleanup(lambda: port.connected and close_now(port))
+        return port
+
+    def temporaries(self) -> list[str]:
+        return [name for name in os.listdir(self.rundir) if name.startswith(".")]
+
+    def squatters(self) -> list[int]:
+        """
+        Two processes of user nobody, in RUNDIR's group, spinning on bind at
+        RUNDIR/ipc and RUNDIR/ipcd-control, each holding its name already.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("a squatter of another user takes root to start")
+        nogroup = 65534
+        os.chown(self.rundir, 0, nogroup)
+        pids = []
+        for name in (BROKER_NAME, CONTROL_NAME):
+            pid, told = _squat(os.path.join(self.rundir, name), 65534, nogroup)
+            pids.append(pid)
+            self.addCleanup(os.waitpid, pid, 0)
+            self.addCleanup(os.kill, pid, signal.SIGKILL)
+            self.addCleanup(os.close, told)
+            self.assertEqual(os.read(told, 1), b"b")
+        return pids
+
+    @inlineCallbacks
+    def test_ipcdStartsAgainstSquatters(self) -> Any:
+        """
+        The same with ipcd's whole service tree, started and stopped again
+        and again: every start succeeds, with its own names its own.
+        """
+        squatters = self.squatters()
+        for _ in range(ROUNDS // 4):
+            service = IPCDService(make_config(self.rundir), self.reactor)
+            service.privilegedStartService()
+            try:
+                for name in (BROKER_NAME, CONTROL_NAME):
+                    st = os.lstat(os.path.join(self.rundir, name))
+                    self.assertEqual(st.st_uid, 0)
+            finally:
+                yield service.stopService()
+        for pid in squatters:
+            self.assertEqual(os.waitpid(pid, os.WNOHANG), (0, 0))
+        self.assertEqual(self.temporaries(), [])
+
+    def test_squatterNeverKeepsTheName(self) -> None:
+        """
+        Another user spinning on bind at RUNDIR/ipc and RUNDIR/ipcd-control
+        (a member of a 1770 RUNDIR's group) while ipcd starts, again and
+        again: each start succeeds and the names are ipcd's sockets once it
+        listens.  (Removing the squatter's socket and then binding lost
+        the name to it in this test.)
+        """
+        squatters = self.squatters()
+        for _ in range(ROUNDS):
+            ports = [self.listen(BROKER_NAME), self.listen(CONTROL_NAME, mode=0o600)]
+            for port in ports:
+                st = os.lstat(port.place)
+                self.assertEqual((st.st_dev, st.st_ino), port.inode)
+                self.assertEqual(st.st_uid, 0)
+            for port in ports:
+                close_now(port)
+        for pid in squatters:  # spinning all along
+            self.assertEqual(os.waitpid(pid, os.WNOHANG), (0, 0))
+        self.assertEqual(self.temporaries(), [])
+
+    def test_modeAndGroupFromTheStart(self) -> None:
+        """
+        Whenever the name exists it is the socket with its mode and group,
+        as seen by a tight lstat loop while ipcd starts and stops, again and
+        again (binding at the name then chowning it showed root's group).
+        """
+        group = None
+        gid = os.getegid()
+        if os.geteuid() == 0:
+            entry = grp.getgrgid(65534)
+            group, gid = entry.gr_name, entry.gr_gid
+        path = os.path.join(self.rundir, CONTROL_NAME)
+        seen: set[tuple[int, int]] = set()
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                seen.add((st.st_mode, st.st_gid))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for _ in range(ROUNDS * 5):
+                close_now(self.listen(CONTROL_NAME, mode=0o600, group=group))
+        finally:
+            stop.set()
+            watcher.join(60)
+        self.assertEqual(seen - {(stat.S_IFSOCK | 0o600, gid)}, set())
+
+    def test_nothingLeftBehind(self) -> None:
+        """No temporary name in RUNDIR once listening, once stopped."""
+        port = self.listen("pong")
+        self.assertEqual(os.listdir(self.rundir), ["pong"])
+        close_now(port)
+        self.assertEqual(os.listdir(self.rundir), [])
+
+    def test_nothingLeftAfterAFailedStart(self) -> None:
+        """A start that fails after the bind leaves RUNDIR as it was."""
+
+        class Failing(Factory):
+            def doStart(self) -> None:  # noqa: N802 (Twisted's name)
+                raise RuntimeError("cannot start")
+
+        path = os.path.join(self.rundir, "pong")
+        self.assertRaises(RuntimeError, listen_unix, self.reactor, path, Failing())
+        self.assertEqual(os.listdir(self.rundir), [])
+
+    def bound_meanwhile(self, name: str) -> tuple[Factory, socket.socket]:
+        """
+        A factory whose start (after the stale-socket check, before the
+        move) has a live socket bound at C{name}: another process's.
+        """
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(other.close)
+        path = os.path.join(self.rundir, name)
+
+        class Meanwhile(Factory):
+            def doStart(self) -> None:  # noqa: N802 (Twisted's name)
+                other.bind(path)
+                other.listen(1)
+
+        return Meanwhile.forProtocol(Protocol), other
+
+    def test_serviceTakenMeanwhile(self) -> None:
+        """
+        A live socket bound at a service's name while ipcd binds: first
+        come, first served; it stays, and ipcd leaves nothing behind.
+        """
+        factory, other = self.bound_meanwhile("pong")
+        path = os.path.join(self.rundir, "pong")
+        error = self.assertRaises(SocketInUse, listen_unix, self.reactor, path, factory)
+        self.assertIn(path, str(error))
+        self.assertEqual(os.listdir(self.rundir), ["pong"])
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(probe.close)
+        probe.connect(path)
+        self.assertIsNotNone(other.accept())
+
+    def test_ownNameTakenMeanwhile(self) -> None:
+        """The same at ipcd's own name: replaced by ipcd's socket."""
+        factory, _other = self.bound_meanwhile(BROKER_NAME)
+        path = os.path.join(self.rundir, BROKER_NAME)
+        port = listen_unix(self.reactor, path, factory)
+        self.addCleanup(close_now, port)
+        st = os.lstat(path)
+        self.assertEqual((st.st_dev, st.st_ino), port.inode)
+        self.assertEqual(os.listdir(self.rundir), [BROKER_NAME])
+
+    def test_pathTooLong(self) -> None:
+        """
+        A name clients could not connect to is refused, as a bind there
+        was (though bound in the private directory it would listen).
+        """
+        path = os.path.join(self.rundir, "x" * (108 - len(self.rundir)))
+        error = self.assertRaises(
+            CannotListenError, listen_unix, self.reactor, path, Factory()
+        )
+        self.assertEqual(error.socketError.errno, errno.ENAMETOOLONG)
+        self.assertEqual(os.listdir(self.rundir), [])
+
+    def test_stopLeavesAnothersSocket(self) -> None:
+        """
+        Stopping removes the file only if it is still ipcd's socket, not one
+        bound at the name since (by another instance, say).
+        """
+        port = self.listen("pong")
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(other.close)
+        aside = os.path.join(self.rundir, "aside")
+        other.bind(aside)
+        other.listen(1)
+        os.rename(aside, port.place)
+        close_now(port)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(probe.close)
+        probe.connect(port.place)  # the other's, still there and listening
+
+    def test_ownNamesOnlyChecked(self) -> None:
+        """
+        Placing, a socket at ipcd's own names is left for the move to
+        replace: the name is never free for another to bind.
+        """
+        path = os.path.join(self.rundir, BROKER_NAME)
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(path)
+        stale.close()
+        self.assertIsNone(clear_stale_socket(path, placing=True))
+        self.assertTrue(os.path.lexists(path))
+        port = self.listen(BROKER_NAME)
+        st = os.lstat(path)
+        self.assertEqual((st.st_dev, st.st_ino), port.inode)
+
+    def test_withoutPrivateNames(self) -> None:
+        """Twisted without them: bound at the name, as before."""
+        self.patch(PREEXISTING_SOCKET, "present", False)
+        self.patch(PREEXISTING_SOCKET, "said", True)  # no log line here
+        self.listen("pong")
+        self.assertEqual(os.listdir(self.rundir), ["pong"])
