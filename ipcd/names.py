@@ -197,7 +197,10 @@ def listen_unix(
         try:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
-            raise ValueError(f"no such group {group!r} for {path}") from None
+            # No group of that name: a number is a gid, as chgrp takes it.
+            if not (group.isascii() and group.isdigit()):
+                raise ValueError(f"no such group {group!r} for {path}") from None
+            gid = int(group)
     ensure_rundir(os.path.dirname(path) or ".")
     port = _adopt_inherited(reactor, path, factory, mode)
     if port is None:

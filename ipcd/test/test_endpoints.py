@@ -185,17 +185,20 @@ class ServerEndpointTests(TestCase):
 
     @inlineCallbacks
     def test_group(self) -> Any:
-        """C{group=} owns the socket (another group than ours when root)."""
+        """
+        C{group=} owns the socket (another group than ours when root),
+        given by name or by number.
+        """
         gid = os.getgid()
         if os.geteuid() == 0:
             gid = next((g.gr_gid for g in grp.getgrall() if g.gr_gid != gid), gid)
-        name = grp.getgrgid(gid).gr_name
-        endpoint = serverFromString(
-            reactor, f"ipc:echo:rundir={self.rundir}:group={name}"
-        )
-        port = yield endpoint.listen(Factory.forProtocol(Pong))
-        self.addCleanup(port.stopListening)
-        self.assertEqual(os.lstat(self.path).st_gid, gid)
+        for group in (grp.getgrgid(gid).gr_name, str(gid)):
+            endpoint = serverFromString(
+                reactor, f"ipc:echo:rundir={self.rundir}:group={group}"
+            )
+            port = yield endpoint.listen(Factory.forProtocol(Pong))
+            self.assertEqual(os.lstat(self.path).st_gid, gid)
+            yield port.stopListening()
 
     @inlineCallbacks
     def test_secondListenerFails(self) -> Any:
