@@ -1,6 +1,7 @@
 """
 An C{ssl:} listener's private key is a secret, held to what C{[tlsd] key}
-is: a file of ipcd's user that no one else may read, and not encrypted.
+is: a file of ipcd's user that no one else may read, and not encrypted;
+its other files (C{certKey=}...) must be regular files of at most 1 MiB.
 
 Twisted's C{ssl:} parser reads whatever file its C{privateKey=} names
 (C{server.pem} when none is named), with no regard to who else may read
@@ -12,9 +13,12 @@ checked before Twisted is given the endpoint string.
 from __future__ import annotations
 
 from ipcd.compat import twisted as compat_twisted
+from ipcd.regularfile import NotAFile, TooLarge, read_regular
 
 # What Twisted's ssl: parser reads when no privateKey= is given.
 DEFAULT_PRIVATE_KEY = "server.pem"
+# The most read of a certificate file (as of tlsd's).
+_MOST = 1 << 20
 
 
 class UnsafeKey(Exception):
@@ -49,3 +53,15 @@ def check_listener_key(description: str) -> None:
         read_private_key("privateKey", path)
     except MaterialError as e:
         raise UnsafeKey(str(e)) from None
+    # The other files Twisted's parser reads, with a plain open(): a FIFO
+    # would stall ipcd's start until a writer came.
+    for name in ("certKey", "extraCertChain", "dhParameters"):
+        other = keywords.get(name)
+        if other is None:
+            continue
+        try:
+            read_regular(other, _MOST)
+        except OSError as e:
+            raise UnsafeKey(f"{name}: cannot read {other}: {e.strerror}") from None
+        except (NotAFile, TooLarge) as e:
+            raise UnsafeKey(f"{name}: {other} {e}") from None

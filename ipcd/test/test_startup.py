@@ -200,8 +200,8 @@ class CommandFailureTests(SynchronousTestCase):
         listen = f"ssl:0:interface=127.0.0.1:privateKey={issued.key}:certKey={missing}"
         self.assertEqual(
             self.ipcd("--no-tcp", "--ws", listen),
-            f"ipcd: cannot make websocketd's listener '{listen}': cannot read "
-            f"{missing}: No such file or directory (use --ws ENDPOINT or --no-ws)",
+            f"ipcd: cannot make websocketd's listener '{listen}': certKey: cannot "
+            f"read {missing}: No such file or directory (use --ws ENDPOINT or --no-ws)",
         )
 
     def test_listenerKeyNotSecret(self) -> None:
@@ -234,6 +234,22 @@ class CommandFailureTests(SynchronousTestCase):
             f"ipcd: cannot make websocketd's listener '{listen}': privateKey: "
             f"cannot read {missing}: No such file or directory (use --ws "
             "ENDPOINT or --no-ws)",
+        )
+
+    def test_listenerCertificateIsAFifo(self) -> None:
+        """
+        An ssl: listener's certificate that is a FIFO is refused in one
+        line; Twisted's parser would wait on it for a writer, for ever.
+        """
+        issued = TestCA(self.work).issue("localhost")
+        fifo = os.path.join(self.work, "cert.fifo")
+        os.mkfifo(fifo)
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={issued.key}:certKey={fifo}"
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--ws", listen),
+            f"ipcd: cannot make websocketd's listener '{listen}': certKey: {fifo} "
+            "is a FIFO, not a file: name the file itself (use --ws ENDPOINT or "
+            "--no-ws)",
         )
 
     def test_listenerKeyEncrypted(self) -> None:
