@@ -13,12 +13,9 @@ checked before Twisted is given the endpoint string.
 from __future__ import annotations
 
 from ipcd.compat import twisted as compat_twisted
-from ipcd.regularfile import NotAFile, TooLarge, read_regular
 
 # What Twisted's ssl: parser reads when no privateKey= is given.
 DEFAULT_PRIVATE_KEY = "server.pem"
-# The most read of a certificate file (as of tlsd's).
-_MOST = 1 << 20
 
 
 class UnsafeKey(Exception):
@@ -45,23 +42,15 @@ def check_listener_key(description: str) -> None:
     kind, listens = wrapped(description)
     if kind != "ssl":
         return
-    from ipcd.daemons.tls.material import MaterialError, read_private_key
+    from ipcd.daemons.tls.material import MaterialError, read_file, read_private_key
 
     keywords = compat_twisted.endpoint_keywords(listens)
-    path = keywords.get("privateKey", DEFAULT_PRIVATE_KEY)
     try:
-        read_private_key("privateKey", path)
+        read_private_key("privateKey", keywords.get("privateKey", DEFAULT_PRIVATE_KEY))
+        # The other files Twisted's parser reads, with a plain open(): a
+        # FIFO would stall ipcd's start until a writer came.
+        for name in ("certKey", "extraCertChain", "dhParameters"):
+            if name in keywords:
+                read_file(name, keywords[name])
     except MaterialError as e:
         raise UnsafeKey(str(e)) from None
-    # The other files Twisted's parser reads, with a plain open(): a FIFO
-    # would stall ipcd's start until a writer came.
-    for name in ("certKey", "extraCertChain", "dhParameters"):
-        other = keywords.get(name)
-        if other is None:
-            continue
-        try:
-            read_regular(other, _MOST)
-        except OSError as e:
-            raise UnsafeKey(f"{name}: cannot read {other}: {e.strerror}") from None
-        except (NotAFile, TooLarge) as e:
-            raise UnsafeKey(f"{name}: {other} {e}") from None

@@ -226,9 +226,10 @@ class FileTests(SynchronousTestCase):
         os.mkfifo(fifo, 0o600)
         code = (
             "import sys\n"
-            "from ipcd.daemons.tls.material import MaterialError, _read\n"
+            "from ipcd.daemons.tls.material import MaterialError, read_file\n"
             "from ipcd.daemons.tls.psk import SecretsError, read_secrets\n"
-            "for read in (read_secrets, lambda p: _read('[tlsd] certificate', p)):\n"
+            "cert = lambda p: read_file('[tlsd] certificate', p)\n"
+            "for read in (read_secrets, cert):\n"
             "    try:\n"
             "        read(sys.argv[1])\n"
             "    except (SecretsError, MaterialError) as e:\n"

@@ -185,7 +185,7 @@ def client_creator(material: Material, host: str, watching: bool = False) -> Any
 # Reading the files.
 
 
-def _read(
+def read_file(
     where: str,
     path: str,
     limit: int = 1 << 20,
@@ -207,7 +207,7 @@ def _read(
 
 
 def _certificates(key: str, path: str) -> list[x509.Certificate]:
-    data = _read(f"[tlsd] {key}", path)
+    data = read_file(f"[tlsd] {key}", path)
     try:
         found = x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -238,7 +238,7 @@ def read_private_key(where: str, path: str) -> bytes:
         # Private to ipcd's user: checked on the very file read.  Read
         # first: a file that cannot be read is named as such, not as a key
         # that does not match.
-        pem = _read(where, path, check=lambda info: psk.check_private(path, info))
+        pem = read_file(where, path, check=lambda info: psk.check_private(path, info))
     except psk.SecretsError as e:
         raise MaterialError(f"{where}: {e}") from None
     try:
