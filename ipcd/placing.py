@@ -168,12 +168,7 @@ def _quietly(call: Callable[..., object], *args: Any, **kwargs: Any) -> None:
 def _remove_directory(parent: int, name: str, opened: int) -> None:
     """Remove directory C{name} in C{parent} if it is still C{opened}'s."""
     mine = os.fstat(opened)
-    try:
-        there = os.stat(name, dir_fd=parent, follow_symlinks=False)
-        if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
-            os.rmdir(name, dir_fd=parent)
-    except OSError:
-        pass  # gone, or another's: not ours to remove
+    _remove_if(parent, name, (mine.st_dev, mine.st_ino), os.rmdir)
 
 
 def remove_if_same(path: str, inode: Inode | None) -> None:
@@ -189,10 +184,18 @@ def remove_if_same(path: str, inode: Inode | None) -> None:
     except OSError:
         return
     try:
-        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-        if (st.st_dev, st.st_ino) == inode:
-            os.unlink(name, dir_fd=parent)
-    except OSError:
-        pass
+        _remove_if(parent, name, inode, os.unlink)
     finally:
         os.close(parent)
+
+
+def _remove_if(
+    parent: int, name: str, inode: Inode, remove: Callable[..., object]
+) -> None:
+    """C{remove} C{name} in C{parent} if it is still C{inode}; else leave it."""
+    try:
+        there = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        if (there.st_dev, there.st_ino) == inode:
+            remove(name, dir_fd=parent)
+    except OSError:
+        pass  # gone, or another's: not ours to remove
