@@ -364,6 +364,26 @@ def bounce(sock: socket.socket, payload: bytes = b"bounce me") -> bytes:
     return exchange(sock, encode(payload), HEADER.size + len(payload))
 
 
+@inlineCallbacks
+def assert_route_loop(case: TestCase, host: Any, scheme: str, port: int) -> Any:
+    """
+    C{host} (its C{rundir} and C{broker}) has the admin route C{loopy ->
+    SCHEME://127.0.0.1:PORT/loopy}, PORT its own daemon's: that lookup is
+    refused as a loop at the first hop, C{pong} routed the same way still
+    goes the round, and nothing stays held in C{own_dials}.
+    """
+    reply = yield deferToThread(lookup, host.rundir, b"loopy")
+    assert_refused(case, reply, "route loop", "'loopy'")
+    case.assertEqual(host.broker.counters["inbound requests"], 1)
+    route = f"pong;pong {scheme}://127.0.0.1:{port}/pong".encode()
+    reply = yield deferToThread(lookup, host.rundir, route)
+    sock = reply.take_socket(case)
+    answer = yield deferToThread(bounce, sock, b"round")
+    case.assertEqual(answer, encode(b"round"))
+    sock.close()
+    case.assertEqual(len(host.broker.own_dials), 0)
+
+
 def accepts(path: str) -> bool:
     """Whether something listens on the UNIX socket C{path} (never blocks long)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

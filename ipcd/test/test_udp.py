@@ -28,7 +28,7 @@ from ipcd.test.support import (
     TIMEOUT,
     RunningIpcdTestCase,
     assert_no_fd_leak,
-    assert_refused,
+    assert_route_loop,
     assert_unexpected_bounded,
     bounce,
     connect_unix,
@@ -829,13 +829,4 @@ class RouteLoopTests(TestCase):
             listen=f"udp:{port}:interface=127.0.0.1",
             config={"routes": {"loopy": f"udp://127.0.0.1:{port}/loopy"}},
         )
-        reply = yield deferToThread(lookup, host.rundir, b"loopy")
-        assert_refused(self, reply, "route loop", "'loopy'")
-        self.assertEqual(host.broker.counters["inbound requests"], 1)
-        route = f"pong;pong udp://127.0.0.1:{port}/pong".encode()
-        reply = yield deferToThread(lookup, host.rundir, route)
-        sock = reply.take_socket(self)
-        answer = yield deferToThread(bounce, sock, b"round")
-        self.assertEqual(answer, encode(b"round"))
-        sock.close()
-        self.assertEqual(len(host.broker.own_dials), 0)
+        yield assert_route_loop(self, host, "udp", port)

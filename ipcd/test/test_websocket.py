@@ -30,7 +30,7 @@ from ipcd.test.support import (
     TIMEOUT,
     assert_lines_bounded,
     assert_no_fd_leak,
-    assert_refused,
+    assert_route_loop,
     assert_unexpected_bounded,
     bounce,
     connect_unix,
@@ -897,12 +897,4 @@ class RouteLoopTests(TestCase):
             listen=f"tcp:{port}:interface=127.0.0.1",
             routes={"loopy": f"ws://127.0.0.1:{port}/loopy"},
         )
-        reply = yield deferToThread(lookup, host.rundir, b"loopy")
-        assert_refused(self, reply, "route loop", "'loopy'")
-        self.assertEqual(host.broker.counters["inbound requests"], 1)
-        route = f"pong;pong ws://127.0.0.1:{port}/pong".encode()
-        reply = yield deferToThread(lookup, host.rundir, route)
-        sock = reply.take_socket(self)
-        answer = yield deferToThread(bounce, sock, b"round")
-        self.assertEqual(answer, encode(b"round"))
-        self.assertEqual(len(host.broker.own_dials), 0)
+        yield assert_route_loop(self, host, "ws", port)
