@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import pwd
 import stat
+from collections import deque
 from collections.abc import Mapping
 
 DEFAULT_RUNDIR = "/tmp/libipc-run"
+# The kernel's own bound on symbolic links followed in one path (MAXSYMLINKS).
+_MAX_LINKS = 40
 # Sticky, rwx for owner and group: members may add services but not remove
 # or replace anybody else's socket.
 RUNDIR_MODE = 0o1770
@@ -46,7 +49,7 @@ def normal_rundir(path: str) -> str:
     """
     if not path.startswith("/"):
         raise ValueError(f"{path!r} is a relative path: give an absolute one")
-    names = [name for name in path.split("/") if name not in ("", ".")]
+    names = _components(path)
     if ".." in names:
         raise ValueError(f"{path!r} has a '..' component: give the path without it")
     return "/" + "/".join(names)
@@ -104,7 +107,9 @@ def check_rundir(rundir: str) -> None:
         link itself belongs to this user or root);
       - it must be owned by this process's effective uid;
       - group or other write permission needs the sticky bit, so that
-        nobody but a socket's owner (and RUNDIR's) can remove or replace it.
+        nobody but a socket's owner (and RUNDIR's) can remove or replace it;
+      - nobody else can replace it by way of its parents
+        (L{check_ancestors}).
 
     Reads only metadata; creates and changes nothing.
     """
@@ -169,6 +174,91 @@ def check_rundir(rundir: str) -> None:
                 f"chmod 1770 {rundir} (sticky bit), or 0750 to let them only "
                 f"connect"
             )
+    check_ancestors(rundir)
+
+
+def check_ancestors(rundir: str) -> None:
+    """
+    Raise L{UnsafeRundir} if another user could rename RUNDIR (or a
+    directory or symbolic link on the way to it) away and put their own in
+    its place: each directory whose entry the path goes through, following
+    symbolic links as the kernel does, must be owned by root or ipcd's user,
+    and be writable by group or others only with the sticky bit and that
+    entry owned by root or ipcd's user.
+    """
+    euid = os.geteuid()
+    trusted = (0, euid)
+    where = f"unsafe RUNDIR {rundir}"
+    pending = deque(_components(rundir))
+    current = "/"  # always a real directory's path, without symbolic links
+    links = 0
+    while pending:
+        name = pending.popleft()
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        entry = os.path.join(current, name)
+        try:
+            directory = os.stat(current)
+            found: os.stat_result | None = os.lstat(entry)
+        except FileNotFoundError:
+            found = None  # made by ipcd, without write for group or others
+        except OSError as e:
+            raise UnsafeRundir(
+                f"{where}: cannot inspect {_printable(entry)}: {e.strerror}"
+            ) from None
+        _check_parent(where, current, directory, entry, found, trusted)
+        if found is None:
+            return
+        if stat.S_ISLNK(found.st_mode):
+            links += 1
+            if links > _MAX_LINKS:
+                raise UnsafeRundir(f"{where}: too many symbolic links on the way")
+            target = os.readlink(entry)
+            if target.startswith("/"):
+                current = "/"
+            pending.extendleft(reversed(_components(target)))
+        elif not stat.S_ISDIR(found.st_mode):
+            return  # named by check_rundir, or by ensure_rundir's failure
+        else:
+            current = entry
+
+
+def _components(path: str) -> list[str]:
+    return [name for name in path.split("/") if name not in ("", ".")]
+
+
+def _check_parent(
+    where: str,
+    parent: str,
+    directory: os.stat_result,
+    entry: str,
+    found: os.stat_result | None,
+    trusted: tuple[int, int],
+) -> None:
+    """One step of L{check_ancestors}: C{entry}, found in C{parent}."""
+    shown = _printable(parent)
+    if directory.st_uid not in trusted:
+        raise UnsafeRundir(
+            f"{where}: {shown} is owned by {_user(directory.st_uid)}, who could "
+            f"rename RUNDIR away and put their own in its place; choose a "
+            f"--rundir whose parents only root or ipcd's user own"
+        )
+    mode = stat.S_IMODE(directory.st_mode)
+    who = "other users" if mode & stat.S_IWOTH else "group members"
+    if not mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return
+    if not mode & stat.S_ISVTX:
+        raise UnsafeRundir(
+            f"{where}: {shown} (mode {mode:04o}) lets {who} rename RUNDIR away "
+            f"and put their own in its place; chmod +t {shown} (sticky bit), "
+            f"or choose another --rundir"
+        )
+    if found is not None and found.st_uid not in trusted:
+        raise UnsafeRundir(
+            f"{where}: {_printable(entry)} is owned by {_user(found.st_uid)}, "
+            f"who could replace it in {shown}; choose another --rundir"
+        )
 
 
 def _printable(text: str) -> str:
@@ -199,6 +289,8 @@ def prepare_rundir(rundir: str) -> None:
     Raises L{UnsafeRundir} (one line) when RUNDIR cannot be created or used.
     """
     if not os.path.lexists(rundir):
+        # Nothing is made under a parent another user could swap.
+        check_ancestors(rundir)
         try:
             ensure_rundir(rundir)
         except OSError as e:

@@ -18,6 +18,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd.rundir import (
     UnsafeRundir,
+    check_ancestors,
     check_rundir,
     ensure_rundir,
     file_kind,
@@ -324,6 +325,131 @@ class PrepareRundirTests(SynchronousTestCase):
         )
 
 
+class AncestorTests(SynchronousTestCase):
+    """
+    L{check_rundir} on the directories above RUNDIR: nobody but root and
+    ipcd's user may be able to rename RUNDIR (or a link or directory on the
+    way) away and put their own in its place.
+    """
+
+    def setUp(self) -> None:
+        self.base = short_rundir(self, "ipcd-rd-")
+        self.me = user(os.geteuid())
+
+    def rundir_in(self, *names: str, mode: int = 0o755) -> tuple[str, str]:
+        """C{base/NAMES.../run}, the last name's directory given C{mode}."""
+        parent = os.path.join(self.base, *names)
+        os.makedirs(parent)
+        os.chmod(parent, mode)
+        rundir = os.path.join(parent, "run")
+        os.mkdir(rundir, 0o1770)
+        return parent, rundir
+
+    def refused(self, rundir: str) -> str:
+        message = str(self.assertRaises(UnsafeRundir, check_rundir, rundir))
+        self.assertNotIn("\n", message)
+        return message
+
+    def test_parentWorldWritable(self) -> None:
+        parent, rundir = self.rundir_in("open", mode=0o777)
+        self.assertEqual(
+            self.refused(rundir),
+            f"unsafe RUNDIR {rundir}: {parent} (mode 0777) lets other users "
+            f"rename RUNDIR away and put their own in its place; chmod +t "
+            f"{parent} (sticky bit), or choose another --rundir",
+        )
+
+    def test_grandparentGroupWritable(self) -> None:
+        """Every directory on the way counts, not only RUNDIR's own parent."""
+        self.rundir_in("shared", "mine", mode=0o755)
+        shared = os.path.join(self.base, "shared")
+        os.chmod(shared, 0o770)
+        message = self.refused(os.path.join(shared, "mine", "run"))
+        self.assertIn(f"{shared} (mode 0770) lets group members rename", message)
+
+    def test_parentOfAnotherUser(self) -> None:
+        """Its owner can chmod it, or rename RUNDIR, whatever its mode."""
+        uid = other_uid()
+        parent, rundir = self.rundir_in("theirs", mode=0o755)
+        os.chown(parent, uid, -1)
+        self.assertEqual(
+            self.refused(rundir),
+            f"unsafe RUNDIR {rundir}: {parent} is owned by {user(uid)}, who "
+            f"could rename RUNDIR away and put their own in its place; choose a "
+            f"--rundir whose parents only root or ipcd's user own",
+        )
+
+    def test_stickyParent(self) -> None:
+        """As in C{/tmp}: nobody but its owner may rename RUNDIR there."""
+        _, rundir = self.rundir_in("tmp", mode=0o1777)
+        check_rundir(rundir)
+
+    def test_stickyParentEntryOfAnotherUser(self) -> None:
+        """The sticky bit lets a directory's owner rename it, even there."""
+        uid = other_uid()
+        self.rundir_in("tmp", "theirs", mode=0o755)
+        tmp, theirs = (
+            os.path.join(self.base, "tmp"),
+            os.path.join(self.base, "tmp", "theirs"),
+        )
+        os.chmod(tmp, 0o1777)
+        os.chown(theirs, uid, -1)
+        message = self.refused(os.path.join(theirs, "run"))
+        self.assertIn(
+            f"{theirs} is owned by {user(uid)}, who could replace it", message
+        )
+
+    def test_throughALinkIntoAnOpenDirectory(self) -> None:
+        """Links are followed as the kernel follows them."""
+        parent, _ = self.rundir_in("open", mode=0o777)
+        link = os.path.join(self.base, "link")
+        os.symlink("open", link)
+        message = self.refused(os.path.join(link, "run"))
+        self.assertIn(f"{parent} (mode 0777) lets other users", message)
+
+    def test_aLinkInAnOpenDirectory(self) -> None:
+        """Whoever can write where a link is can point it elsewhere."""
+        _, rundir = self.rundir_in("safe", mode=0o755)
+        open_dir = os.path.join(self.base, "open")
+        os.mkdir(open_dir)
+        os.chmod(open_dir, 0o777)
+        os.symlink(rundir, os.path.join(open_dir, "run"))
+        message = self.refused(os.path.join(open_dir, "run"))
+        self.assertIn(f"{open_dir} (mode 0777) lets other users", message)
+
+    def test_relativeLinkUpwards(self) -> None:
+        """C{..} in a link's target is taken from where the link is."""
+        parent, _ = self.rundir_in("open", mode=0o777)
+        os.makedirs(os.path.join(self.base, "a", "b"))
+        os.symlink("../../open", os.path.join(self.base, "a", "b", "up"))
+        message = self.refused(os.path.join(self.base, "a", "b", "up", "run"))
+        self.assertIn(f"{parent} (mode 0777)", message)
+
+    def test_linkLoopBounded(self) -> None:
+        os.symlink("loop", os.path.join(self.base, "loop"))
+        error = self.assertRaises(
+            UnsafeRundir, check_ancestors, os.path.join(self.base, "loop", "run")
+        )
+        self.assertIn("too many symbolic links", str(error))
+
+    def test_missingRundirInAnOpenParent(self) -> None:
+        """Nothing is created under a parent another user could swap."""
+        parent = os.path.join(self.base, "open")
+        os.mkdir(parent)
+        os.chmod(parent, 0o777)
+        rundir = os.path.join(parent, "run")
+        error = self.assertRaises(UnsafeRundir, prepare_rundir, rundir)
+        self.assertIn(f"{parent} (mode 0777) lets other users", str(error))
+        self.assertEqual(os.listdir(parent), [])
+
+    def test_missingParentsMade(self) -> None:
+        """Missing parents are ipcd's to make, without write for others."""
+        umask(self, 0)
+        rundir = os.path.join(self.base, "new", "deeper", "run")
+        prepare_rundir(rundir)
+        self.assertEqual(mode_of(os.path.dirname(rundir)), 0o755)
+
+
 class ServiceTests(TestCase):
     """The check where ipcd starts: makeService and IPCDService.startService."""
 
@@ -413,6 +539,16 @@ class CommandTests(SynchronousTestCase):
             self.ipcd(),
             f"ipcd: unsafe RUNDIR {self.rundir}: mode 0777 lets other users "
             f"replace sockets; chmod 1770 {self.rundir} (sticky bit)",
+        )
+
+    def test_parentWorldWritable(self) -> None:
+        """A parent others may write to stops the real command in one line."""
+        os.chmod(self.base, 0o777)
+        self.assertEqual(
+            self.ipcd(),
+            f"ipcd: unsafe RUNDIR {self.rundir}: {self.base} (mode 0777) lets "
+            f"other users rename RUNDIR away and put their own in its place; "
+            f"chmod +t {self.base} (sticky bit), or choose another --rundir",
         )
 
     def test_twistdGroupWritable(self) -> None:
