@@ -10,6 +10,7 @@ framed JSON answer out.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from ipcd.config import Config
 from ipcd.daemons import settings_of
+from ipcd.identity import credentials
 from ipcd.inboundreach import inbound_reach
 from ipcd.logs import printable
 from ipcd.names import CONTROL_NAME, socket_path
@@ -158,11 +160,24 @@ class ControlFactory(MessageFactory):
 def request(
     command: str, rundir: str | None = None, timeout: float = 5.0
 ) -> dict[str, Any]:
-    """Send one command to a running ipcd and return its JSON answer."""
-    path = socket_path(resolve_rundir(rundir), CONTROL_NAME)
+    """
+    Send one command to a running ipcd and return its JSON answer.  Raises
+    C{ValueError} when the socket is not served by RUNDIR's owner (ipcd's
+    user, L{ipcd.rundir.check_rundir}) or root: another user's socket, bound
+    there while ipcd was down, gets neither the command nor the operator's
+    terminal.
+    """
+    rundir = resolve_rundir(rundir)
+    path = socket_path(rundir, CONTROL_NAME)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
+        _, uid, _ = credentials(sock)
+        owner = os.stat(rundir).st_uid
+        if uid not in (owner, 0):
+            raise ValueError(
+                f"served by uid {uid}, not by RUNDIR's owner (uid {owner}): not ipcd"
+            )
         send_message(sock, command.encode())
         return json.loads(recv_message(sock))
 

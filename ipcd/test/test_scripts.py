@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import time
 from typing import Any
 
 from twisted.scripts import twistd
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from ipcd import options as ipcd_options
 from ipcd import version
@@ -37,6 +38,29 @@ from ipcd.test.support import (
     spawn,
 )
 from ipcd.wire import recv_message, send_message
+
+# Serves one forged status, as the uid given, on a socket bound but not yet
+# listening, passed by number.
+_FAKE_CONTROL = """
+import os, socket, sys
+server = socket.socket(fileno=int(sys.argv[1]))
+os.setgroups([])
+os.setgid(int(sys.argv[2]))
+os.setuid(int(sys.argv[2]))
+server.listen(1)
+print("listening", flush=True)
+server.settimeout(30)
+conn, _ = server.accept()
+conn.recv(100)
+conn.sendall(b"\\0\\0\\0\\x02{}")
+"""
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    process.kill()
+    process.wait(TIMEOUT)
+    if process.stdout is not None:
+        process.stdout.close()
 
 
 class ControlTests(SynchronousTestCase):
@@ -140,6 +164,39 @@ class ControlTests(SynchronousTestCase):
         self.assertIn(shown, written)
         self.assertIn(f"ipcd reload: refused: {shown}", written)
         self.assertIn(f"reloaded; restart needed for {shown}", written)
+
+    def test_answerOfAnotherUserRefused(self) -> None:
+        """
+        A socket at RUNDIR/ipcd-control that another user serves (bound
+        there while ipcd was down) is not ipcd: it gets no command, and
+        nothing it answers is shown as ipcd's status.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("needs root: to serve the socket as another user")
+        nobody = pwd.getpwnam("nobody").pw_uid
+        path = os.path.join(self.rundir, "ipcd-control")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(server.close)
+        server.bind(path)
+        self.addCleanup(os.unlink, path)
+        # The peer credentials are those of whoever calls listen().
+        fake = subprocess.Popen(
+            [sys.executable, "-c", _FAKE_CONTROL, str(server.fileno()), str(nobody)],
+            pass_fds=[server.fileno()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(_end, fake)
+        self.assertEqual(fake.stdout.readline(), b"listening\n")
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.assertEqual(control("status", self.rundir), 1)
+        self.assertEqual(out.getvalue(), "")
+        self.assertEqual(
+            self.err.getvalue(),
+            f"ipcd status: cannot reach ipcd's control socket {path}: served by "
+            f"uid {nobody}, not by RUNDIR's owner (uid {os.geteuid()}): not ipcd\n",
+        )
 
     def test_helpAndVersion(self) -> None:
         """
