@@ -76,7 +76,16 @@ def control(
     if as_json:
         print(json.dumps(answer, indent=2))
     elif command == "status":
-        print(format_status(answer, wide))
+        try:
+            print(format_status(answer, wide))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            # Another version's answer, say: one line, not a traceback.
+            print(
+                f"ipcd status: unexpected answer ({printable(repr(e))}); "
+                "ipcd status --json shows it whole",
+                file=sys.stderr,
+            )
+            return 1
     elif answer.get("ok"):
         restart = answer.get("restart_needed")
         print(

@@ -165,6 +165,39 @@ class ControlTests(SynchronousTestCase):
         self.assertIn(f"ipcd reload: refused: {shown}", written)
         self.assertIn(f"reloaded; restart needed for {shown}", written)
 
+    def test_unexpectedStatusAnswer(self) -> None:
+        """
+        A status answer of another shape (another version's ipcd) is one
+        line and status 1, not a traceback; C{--json} still shows it.
+        """
+        path = os.path.join(self.rundir, "ipcd-control")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(server.close)
+        server.bind(path)
+        self.addCleanup(os.unlink, path)
+        server.listen(2)
+        server.settimeout(30)
+
+        def answer() -> None:
+            for _ in range(2):
+                conn, _ = server.accept()
+                with conn:
+                    recv_message(conn)
+                    send_message(conn, b'{"connections": 7}')
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.assertEqual(control("status", self.rundir), 1)
+        self.assertEqual(out.getvalue(), "")
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual(len(lines), 1)
+        self.assertTrue(lines[0].startswith("ipcd status: unexpected answer ("))
+        self.assertEqual(control("status", self.rundir, as_json=True), 0)
+        thread.join(30)
+        self.assertEqual(json.loads(out.getvalue()), {"connections": 7})
+
     def test_answerOfAnotherUserRefused(self) -> None:
         """
         A socket at RUNDIR/ipcd-control that another user serves (bound
