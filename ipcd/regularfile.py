@@ -26,18 +26,17 @@ def read_regular(
     path: str,
     limit: int,
     check: Callable[[os.stat_result], None] | None = None,
-    follow: bool = True,
 ) -> bytes:
     """
     The content of regular file C{path} (a symbolic link to one is
-    followed, unless not C{follow}).  Raises C{OSError} when it cannot be
+    followed).  Raises C{OSError} when it cannot be
     opened or read, L{NotAFile} or L{TooLarge}, whose messages ("is a FIFO,
     not a file: ...", "larger than 1 MiB") follow the path, or what
     C{check} raises: it is given the stat of the very file read, first.
     """
     # O_NONBLOCK: opening a FIFO does not wait for a writer.
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
-    fd = os.open(path, flags if follow else flags | os.O_NOFOLLOW)
+    fd = os.open(path, flags)
     try:
         info = os.fstat(fd)
         if check is not None:

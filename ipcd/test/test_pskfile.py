@@ -205,12 +205,26 @@ class FileTests(SynchronousTestCase):
         self.assertEqual(
             str(error), f"cannot read {missing}: No such file or directory"
         )
-        # A link is not followed: the file checked is the file read.
+
+    def test_linkFollowedToThePrivateFile(self) -> None:
+        """
+        A symbolic link is followed, as tlsd's key is, and as secret volumes
+        (Kubernetes') lay files out; the checks are the file's it leads to.
+        """
+        data = os.path.join(self.dir, "..2026_12_06")
+        os.mkdir(data)
+        self.path = os.path.join(data, "psk")
         self.write(f"a:{KEY}\n".encode())
-        link = os.path.join(self.dir, "link")
-        os.symlink(self.path, link)
+        os.symlink("..2026_12_06", os.path.join(self.dir, "..data"))
+        link = os.path.join(self.dir, "psk")
+        os.symlink("..data/psk", link)
+        self.assertEqual(read_secrets(link), {"a": bytes.fromhex(KEY)})
+        os.chmod(self.path, 0o644)
         error = self.assertRaises(SecretsError, read_secrets, link)
-        self.assertIn(f"cannot read {link}: ", str(error))
+        self.assertEqual(
+            str(error),
+            f"{link} is readable by group or others (mode 0644): chmod 600 {link}",
+        )
 
     def test_notAFile(self) -> None:
         """

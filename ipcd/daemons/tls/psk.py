@@ -116,16 +116,15 @@ def parse_secrets(text: str, path: str = "secrets") -> dict[str, bytes]:
 def read_secrets(path: str) -> dict[str, bytes]:
     """
     The keys of secrets file C{path} by identity.  Refused (L{SecretsError})
-    unless it is owned by this process's user and private to it.
+    unless it is owned by this process's user and private to it: the file
+    read, a symbolic link's target (as secret volumes are laid out), like
+    tlsd's key.
     """
     try:
         # Checked on the very file read; a FIFO named here is refused, not
         # waited on until a writer comes.
         data = read_regular(
-            path,
-            MAX_SECRETS_FILE,
-            check=lambda info: check_private(path, info),
-            follow=False,
+            path, MAX_SECRETS_FILE, check=lambda info: check_private(path, info)
         )
     except OSError as e:
         raise SecretsError(f"cannot read {path}: {e.strerror}") from None
