@@ -9,6 +9,7 @@ Service names and the sockets' paths in RUNDIR are L{ipcd.names}'.
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import stat
@@ -204,6 +205,8 @@ def check_ancestors(rundir: str) -> None:
         except FileNotFoundError:
             found = None  # made by ipcd, without write for group or others
         except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                return  # named when RUNDIR is made or checked
             raise UnsafeRundir(
                 f"{where}: cannot inspect {_printable(entry)}: {e.strerror}"
             ) from None
