@@ -10,6 +10,7 @@ import os
 import pwd
 import stat
 import subprocess
+import sys
 from typing import Any
 
 from twisted.internet import reactor
@@ -400,12 +401,39 @@ class AncestorTests(SynchronousTestCase):
         )
 
     def test_throughALinkIntoAnOpenDirectory(self) -> None:
-        """Links are followed as the kernel follows them."""
+        """Links are followed as the kernel follows them (from C{/})."""
         parent, _ = self.rundir_in("open", mode=0o777)
-        link = os.path.join(self.base, "link")
-        os.symlink("open", link)
+        os.mkdir(os.path.join(self.base, "safe"))
+        link = os.path.join(self.base, "safe", "link")
+        os.symlink(parent, link)
         message = self.refused(os.path.join(link, "run"))
         self.assertIn(f"{parent} (mode 0777) lets other users", message)
+
+    def test_missingInAStickyParent(self) -> None:
+        """As the default C{/tmp/libipc-run} the first time: made, and safe."""
+        parent = os.path.join(self.base, "tmp")
+        os.mkdir(parent)
+        os.chmod(parent, 0o1777)
+        rundir = os.path.join(parent, "libipc-run")
+        prepare_rundir(rundir)
+        self.assertEqual(mode_of(rundir), 0o1770)
+
+    def test_missingFromTheTop(self) -> None:
+        """Nothing of the path there yet: ipcd will make it all."""
+        check_ancestors(f"/ipcd-test-{os.getpid()}-none/a/run")
+
+    def test_linksUpToTheKernelsBound(self) -> None:
+        """40 links on the way are followed (as the kernel does), not 41."""
+        _, rundir = self.rundir_in("safe", mode=0o755)
+        previous = "safe"
+        for n in range(41):
+            os.symlink(previous, os.path.join(self.base, f"l{n}"))
+            previous = f"l{n}"
+        check_ancestors(os.path.join(self.base, "l39", "run"))
+        error = self.assertRaises(
+            UnsafeRundir, check_ancestors, os.path.join(self.base, "l40", "run")
+        )
+        self.assertIn("too many symbolic links", str(error))
 
     def test_aLinkInAnOpenDirectory(self) -> None:
         """Whoever can write where a link is can point it elsewhere."""
@@ -424,6 +452,46 @@ class AncestorTests(SynchronousTestCase):
         os.symlink("../../open", os.path.join(self.base, "a", "b", "up"))
         message = self.refused(os.path.join(self.base, "a", "b", "up", "run"))
         self.assertIn(f"{parent} (mode 0777)", message)
+
+    def test_asAnotherUser(self) -> None:
+        """
+        ipcd run as an ordinary user: root's directories are trusted on the
+        way to its RUNDIR; one it cannot look into is named.
+        """
+        uid = other_uid()
+        _, rundir = self.rundir_in("home", mode=0o755)
+        os.chown(rundir, uid, -1)
+        os.chmod(self.base, 0o755)
+        closed = os.path.join(self.base, "closed")
+        os.mkdir(closed, 0o700)
+        code = (
+            "import os, sys\n"
+            "from ipcd.rundir import UnsafeRundir, prepare_rundir\n"
+            "uid = int(sys.argv[1])\n"
+            "os.setgroups([]); os.setgid(uid); os.setuid(uid)\n"
+            "for path in sys.argv[2:]:\n"
+            "    try:\n"
+            "        prepare_rundir(path)\n"
+            "        print('safe')\n"
+            "    except UnsafeRundir as e:\n"
+            "        print(e)\n"
+        )
+        hidden = os.path.join(closed, "run")
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(uid), rundir, hidden],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env=python_env(),
+        )
+        self.assertEqual(
+            out.stdout.splitlines(),
+            [
+                "safe",
+                f"unsafe RUNDIR {hidden}: cannot inspect {hidden}: Permission denied",
+            ],
+            out.stderr,
+        )
 
     def test_linkLoopBounded(self) -> None:
         os.symlink("loop", os.path.join(self.base, "loop"))
