@@ -32,7 +32,7 @@ from ipcd.names import (
 from ipcd.placing import PRIVATE_PREFIX, make_private, remove_abandoned
 from ipcd.startup import close_now
 from ipcd.tap import IPCDService
-from ipcd.test.support import make_config, needs_root, short_rundir
+from ipcd.test.support import left_in, make_config, needs_root, short_rundir
 from ipcd.test.test_names import short_tempdir
 
 # Starts while a squatter spins on bind: enough for the old unlink-then-bind
@@ -97,7 +97,7 @@ class PlacingTests(TestCase):
         return port
 
     def temporaries(self) -> list[str]:
-        return [name for name in os.listdir(self.rundir) if name.startswith(".")]
+        return [name for name in left_in(self.rundir) if name.startswith(".")]
 
     def squatters(self) -> list[int]:
         """
