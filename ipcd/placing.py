@@ -17,11 +17,16 @@ C{link(2)}, which never replaces anything (every other name is first come,
 first served).  The socket keeps its inode, and so its listener, under the
 new name; its own address (C{getsockname}, C{ss -x}) stays the one it was
 bound at, C{/proc/self/fd/N/NAME}.
+
+Its maker holds a C{flock} on the private directory until it removes it:
+one found unlocked was left by a process killed meanwhile, and
+L{remove_abandoned} (ipcd, at start) removes it.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import socket
@@ -59,7 +64,7 @@ class Placing:
         self._inner = ""
         self.socket: socket.socket | None = None
         try:
-            self._make_private()
+            self._private, self._private_name = make_private(self._parent, path)
             # Non-blocking, as Twisted's ports take a socket they did not make.
             self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.socket.setblocking(False)
@@ -75,35 +80,6 @@ class Placing:
         except BaseException:
             self.__exit__(None, None, None)
             raise
-
-    def _make_private(self) -> None:
-        """Make and open the private directory, checking it is the one made."""
-        for _ in range(8):
-            name = f".ipcd-bind-{secrets.token_hex(8)}"
-            try:
-                os.mkdir(name, 0o700, dir_fd=self._parent)
-            except FileExistsError:
-                continue
-            break
-        else:
-            raise FileExistsError(errno.EEXIST, "no free temporary name", self.path)
-        try:
-            self._private = os.open(
-                name,
-                os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                dir_fd=self._parent,
-            )
-        except OSError:
-            _quietly(os.rmdir, name, dir_fd=self._parent)
-            raise
-        self._private_name = name
-        st = os.fstat(self._private)
-        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
-            # Not the directory just made (replaced by someone who may
-            # write RUNDIR): nothing of ours goes in it.
-            raise PermissionError(
-                errno.EPERM, "temporary directory replaced meanwhile", self.path
-            )
 
     def give_group(self, gid: int) -> None:
         """The socket's group: set where nobody else can swap it for a link."""
@@ -151,8 +127,7 @@ class Placing:
         if self._private != -1:
             if self._inner:  # gone if placed by rename, or never bound
                 _quietly(os.unlink, self._inner, dir_fd=self._private)
-            _remove_directory(self._parent, self._private_name, self._private)
-            os.close(self._private)
+            remove_private(self._parent, self._private_name, self._private)
             self._private = -1
         os.close(self._parent)
 
@@ -165,10 +140,114 @@ def _quietly(call: Callable[..., object], *args: Any, **kwargs: Any) -> None:
         pass
 
 
-def _remove_directory(parent: int, name: str, opened: int) -> None:
-    """Remove directory C{name} in C{parent} if it is still C{opened}'s."""
+PRIVATE_PREFIX = ".ipcd-bind-"
+_PRIVATE_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def make_private(parent: int, path: str) -> tuple[int, str]:
+    """
+    Make a private directory in C{parent} (C{.ipcd-bind-<16 hex>}, 0700)
+    and return its descriptor and name.  The descriptor holds a C{flock}
+    on it for the directory's life: one found unlocked was left by a
+    process killed meanwhile (L{remove_abandoned}).  C{path} is what it is
+    for, named in errors.
+    """
+    for _ in range(8):
+        name = f"{PRIVATE_PREFIX}{secrets.token_hex(8)}"
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+        except FileExistsError:
+            continue
+        try:
+            opened = os.open(name, _PRIVATE_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            continue  # swept away as abandoned before it was locked
+        except OSError:
+            _quietly(os.rmdir, name, dir_fd=parent)
+            raise
+        try:
+            st = os.fstat(opened)
+            if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+                # Not the directory just made (replaced by someone who may
+                # write RUNDIR): nothing of ours goes in it.
+                raise PermissionError(
+                    errno.EPERM, "temporary directory replaced meanwhile", path
+                )
+            try:
+                fcntl.flock(opened, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(opened)  # being swept as abandoned: made afresh
+                continue
+            if still_at(parent, name, st):
+                return opened, name
+            os.close(opened)  # swept before it was locked: made afresh
+        except BaseException:
+            remove_private(parent, name, opened)
+            raise
+    raise FileExistsError(errno.EEXIST, "no free temporary name", path)
+
+
+def still_at(parent: int, name: str, st: os.stat_result) -> bool:
+    """Whether C{name} in C{parent} still leads to the inode C{st} describes."""
+    try:
+        now = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def remove_private(parent: int, name: str, opened: int) -> None:
+    """
+    Remove private directory C{name} in C{parent} if it is still
+    C{opened}'s, then close C{opened} (which releases its lock).
+    """
     mine = os.fstat(opened)
     _remove_if(parent, name, (mine.st_dev, mine.st_ino), os.rmdir)
+    os.close(opened)
+
+
+def remove_abandoned(directory: str) -> list[str]:
+    """
+    Remove the private directories in C{directory} that a process of this
+    user made and was killed before removing (SIGKILL between its C{mkdir}
+    and its C{rmdir}), with the socket left in them; returns their names.
+    One still locked is in use (a start under way, ipcd's or a library
+    program's) and stays; one of another user is not this process's to
+    judge.
+    """
+    parent = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    removed = []
+    try:
+        for name in os.listdir(directory):
+            if name.startswith(PRIVATE_PREFIX) and _sweep(parent, name):
+                removed.append(name)
+    finally:
+        os.close(parent)
+    return removed
+
+
+def _sweep(parent: int, name: str) -> bool:
+    """Remove private directory C{name}, its files first, if abandoned."""
+    try:
+        opened = os.open(name, _PRIVATE_FLAGS | os.O_NONBLOCK, dir_fd=parent)
+    except OSError:
+        return False  # not a directory, a link, or not readable: not ours
+    try:
+        st = os.fstat(opened)
+        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            return False
+        try:
+            fcntl.flock(opened, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its maker is alive
+        # Only its maker could put anything in it (0700, this user's):
+        # the socket it was binding, if it got that far.
+        for inner in os.listdir(opened):
+            _quietly(os.unlink, inner, dir_fd=opened)
+        _remove_if(parent, name, (st.st_dev, st.st_ino), os.rmdir)
+        return not still_at(parent, name, st)
+    finally:
+        os.close(opened)
 
 
 def remove_if_same(path: str, inode: Inode | None) -> None:

@@ -29,6 +29,7 @@ from ipcd.config import Config, ConfigError
 from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_report
 from ipcd.daemons import StartupError, settings_of
 from ipcd.endpoints import BROKER_NAME
+from ipcd.instancelock import InstanceLock, lock_error, take_instance_lock
 from ipcd.limits import LimitedFactory
 from ipcd.listener import IListener, Outcome
 from ipcd.logbatch import batch_with
@@ -39,6 +40,7 @@ from ipcd.memtrim import MemoryTrim
 from ipcd.metrics import NO_METRICS, Metrics
 from ipcd.names import SocketInUse, clear_stale_socket, socket_path
 from ipcd.options import Options
+from ipcd.placing import remove_abandoned
 from ipcd.reactors import IHostReactor
 from ipcd.rundir import UnsafeRundir, prepare_rundir
 from ipcd.sdnotify import Notifier, Readiness
@@ -83,6 +85,8 @@ class IPCDService(MultiService):
         self._reload_config = reload_config
         self._previous_hup: Any = None
         self._listening = False
+        # One ipcd per RUNDIR: held from before anything is placed in it.
+        self.instance_lock: InstanceLock | None = None
         self._listeners_up: Outcome[dict[str, list[str]]] = Outcome()
         self._ready: Outcome[dict[str, list[str]]] = Outcome()
         # Under systemd (Type=notify): what tells it ipcd's state.
@@ -165,6 +169,36 @@ class IPCDService(MultiService):
         names += [d.scheme for d in self.config.registry.enabled(self.config)]
         return [socket_path(self.config.rundir, name) for name in names]
 
+    def lock_rundir(self) -> None:
+        """
+        Take RUNDIR's instance lock (L{ipcd.instancelock}), unless held;
+        then, no other ipcd of this user running there, remove what one
+        killed while starting left behind.  Raises L{StartupError}.
+        """
+        if self.instance_lock is not None and self.instance_lock.held:
+            return
+        rundir = self.config.rundir
+        try:
+            self.instance_lock = take_instance_lock(rundir)
+        except OSError as e:
+            raise lock_error(rundir, e) from None
+        try:
+            abandoned = remove_abandoned(rundir)
+        except OSError:
+            abandoned = []  # only litter: it stays
+        if abandoned:
+            self.log.info(
+                "removed {count} temporary directories a killed process left "
+                "in RUNDIR: {names}",
+                count=len(abandoned),
+                names=" ".join(abandoned),
+            )
+
+    def unlock_rundir(self) -> None:
+        """Give RUNDIR's instance lock up (another ipcd may start there)."""
+        if self.instance_lock is not None:
+            self.instance_lock.release()
+
     def reload(self) -> dict[str, Any]:
         """
         Re-read the configuration.  A valid one applies to new connections
@@ -227,7 +261,8 @@ class IPCDService(MultiService):
         L{StartupError}, one line naming what failed and the way out.
         makeService calls this before twistd daemonizes, so that the line
         reaches the terminal; twistd's own call (or startService) finds it
-        done.
+        done.  RUNDIR's instance lock is taken first (L{lock_rundir}) and
+        given up if this fails, or when the service stops.
         """
         if self._listening:
             return
@@ -236,6 +271,15 @@ class IPCDService(MultiService):
         # Before any socket is created in it: RUNDIR must be ours and safe.
         # Raises UnsafeRundir (one line).
         prepare_rundir(self.config.rundir)
+        self.lock_rundir()
+        try:
+            self._listen_all()
+        except BaseException:
+            self.unlock_rundir()
+            raise
+
+    def _listen_all(self) -> None:
+        """L{privilegedStartService}'s listening, all or none."""
         self._listeners_up = Outcome()
         self._ready = Outcome()
         opened: list[Any] = []
@@ -334,7 +378,9 @@ class IPCDService(MultiService):
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
             self._previous_hup = None
-        return super().stopService()
+        stopped = super().stopService()
+        # Once every socket is closed, as their removal may be a turn later.
+        return stopped.addBoth(lambda result: (self.unlock_rundir(), result)[1])
 
     def _hangup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)
@@ -418,6 +464,8 @@ def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDSe
         service.readiness.setServiceParent(service)
     try:
         prepare_rundir(options.config.rundir)
+        # Before anything is removed or placed in RUNDIR: one ipcd there.
+        service.lock_rundir()
         # ipcd's sockets replace a squatter's in one step where they can
         # (ipcd.placing): then it is only found here, not removed.
         placing = can_place(reactor)
@@ -435,6 +483,7 @@ def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDSe
                     )
         service.privilegedStartService()
     except (UnsafeRundir, SocketInUse, StartupError) as e:
+        service.unlock_rundir()
         raise SystemExit(f"ipcd: {e}") from None
     # What start-up made stays for ipcd's life: the cyclic collector (and
     # MemoryTrim's collections) need not walk it again; a full collection

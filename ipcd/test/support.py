@@ -32,6 +32,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd import broker as broker_module
 from ipcd.config import Config, load_config
+from ipcd.instancelock import LOCK_NAME
 from ipcd.limits import LOG_BURST, LOG_PERIOD
 from ipcd.names import listen_unix
 from ipcd.tap import IPCDService
@@ -48,6 +49,14 @@ def short_rundir(case: SynchronousTestCase, prefix: str = "ipcd-") -> str:
     path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     case.addCleanup(shutil.rmtree, path, ignore_errors=True)
     return path
+
+
+def left_in(rundir: str) -> list[str]:
+    """
+    What is in C{rundir} but ipcd's instance lock file, which stays there
+    for the next ipcd (L{ipcd.instancelock}), sorted.
+    """
+    return sorted(name for name in os.listdir(rundir) if name != LOCK_NAME)
 
 
 def make_config(rundir: str, **overrides: Any) -> Config:

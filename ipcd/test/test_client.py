@@ -442,15 +442,17 @@ class TwistdTests(TwistdCase):
         report = yield deferToThread(control.request, "status", self.rundir, TIMEOUT)
         self.assertEqual(report["counters"]["lookups"], 1)
 
-        # A second instance on the same RUNDIR refuses, naming the path.
+        # A second instance on the same RUNDIR refuses, naming the first.
         second = yield self.run_python(
             ["-c", TWISTD, "-n", "--pidfile=", "ipcd", "--rundir", self.rundir]
             + ["--no-tcp", "--no-ws"]
         )
         output = (second.stdout + second.stderr).decode("utf-8", "replace")
         self.assertNotEqual(second.returncode, 0, output)
-        self.assertIn(os.path.join(self.rundir, "ipc"), output)
-        self.assertIn("another process is listening", output)
+        self.assertIn(
+            f"another ipcd (pid {process.pid}) is running on RUNDIR {self.rundir}",
+            output,
+        )
         # ...and leaves the first one's sockets alone.
         self.assertTrue(all(accepts(path) for path in self.sockets))
 

@@ -29,9 +29,10 @@ from ipcd.names import (
     clear_stale_socket,
     listen_unix,
 )
+from ipcd.placing import PRIVATE_PREFIX, make_private, remove_abandoned
 from ipcd.startup import close_now
 from ipcd.tap import IPCDService
-from ipcd.test.support import make_config
+from ipcd.test.support import left_in, make_config, needs_root, short_rundir
 from ipcd.test.test_names import short_tempdir
 
 # Starts while a squatter spins on bind: enough for the old unlink-then-bind
@@ -96,7 +97,7 @@ class PlacingTests(TestCase):
         return port
 
     def temporaries(self) -> list[str]:
-        return [name for name in os.listdir(self.rundir) if name.startswith(".")]
+        return [name for name in left_in(self.rundir) if name.startswith(".")]
 
     def squatters(self) -> list[int]:
         """
@@ -300,3 +301,45 @@ class PlacingTests(TestCase):
         self.patch(PREEXISTING_SOCKET, "said", True)  # no log line here
         self.listen("pong")
         self.assertEqual(os.listdir(self.rundir), ["pong"])
+
+
+class AbandonedTests(TestCase):
+    """
+    L{remove_abandoned}: only what a process of this user killed while
+    placing left (L{make_private}'s lock is gone with it).
+    """
+
+    def setUp(self) -> None:
+        self.rundir = short_rundir(self, "ipcd-lk-")
+
+    def test_onlyAbandoned(self) -> None:
+        """
+        Not one still locked (placing now), a link, or one others may enter.
+        """
+        parent = os.open(self.rundir, os.O_PATH | os.O_DIRECTORY)
+        self.addCleanup(os.close, parent)
+        busy, busy_name = make_private(parent, self.rundir)
+        self.addCleanup(os.close, busy)
+        left = PRIVATE_PREFIX + "1" * 16
+        os.mkdir(os.path.join(self.rundir, left), 0o700)
+        bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound.bind(os.path.join(self.rundir, left, "pong"))  # as a kill leaves it
+        bound.close()
+        link = PRIVATE_PREFIX + "2" * 16
+        os.symlink(os.path.join(self.rundir, left), os.path.join(self.rundir, link))
+        wider = PRIVATE_PREFIX + "3" * 16
+        os.mkdir(os.path.join(self.rundir, wider), 0o755)
+        os.chmod(os.path.join(self.rundir, wider), 0o755)
+        self.assertEqual(remove_abandoned(self.rundir), [left])
+        self.assertEqual(
+            sorted(os.listdir(self.rundir)), sorted([busy_name, link, wider])
+        )
+
+    def test_othersLeft(self) -> None:
+        """Another user's is not this process's to judge."""
+        needs_root()
+        theirs = os.path.join(self.rundir, PRIVATE_PREFIX + "4" * 16)
+        os.mkdir(theirs, 0o700)
+        os.chown(theirs, 65534, 65534)
+        self.assertEqual(remove_abandoned(self.rundir), [])
+        self.assertTrue(os.path.isdir(theirs))

@@ -29,6 +29,7 @@ from ipcd.test.support import (
     TIMEOUT,
     accepts,
     free_port,
+    left_in,
     lookup,
     make_config,
     python_env,
@@ -54,7 +55,8 @@ def busy_port(case: SynchronousTestCase) -> int:
 class CommandFailureTests(SynchronousTestCase):
     """
     The real commands refusing to start: status 1 within a bounded time,
-    exactly one line of output, and RUNDIR as it was (empty).
+    exactly one line of output, and RUNDIR as it was (empty but for
+    ipcd's lock file, which stays).
     """
 
     def setUp(self) -> None:
@@ -79,7 +81,7 @@ class CommandFailureTests(SynchronousTestCase):
         output = read_text(log)
         self.assertEqual(code, 1, output)
         if os.path.isdir(rundir):
-            self.assertEqual(os.listdir(rundir), [], output)
+            self.assertEqual(left_in(rundir), [], output)
         lines = output.splitlines()
         self.assertEqual(len(lines), 1, output)
         return lines[0]
@@ -127,8 +129,9 @@ class CommandFailureTests(SynchronousTestCase):
             reason = "permission denied"
         self.assertEqual(
             self.ipcd("--no-tcp", "--no-ws"),
-            f"ipcd: cannot listen on {self.rundir}/ipc: {reason} (make RUNDIR "
-            f"{self.rundir} writable for ipcd, or use another --rundir)",
+            f"ipcd: cannot take ipcd's lock {self.rundir}/.ipcd-lock: {reason} "
+            f"(make RUNDIR {self.rundir} writable for ipcd, or use another "
+            "--rundir)",
         )
 
     def test_rundirNotADirectory(self) -> None:
@@ -421,7 +424,7 @@ class ServiceFailureTests(SynchronousTestCase):
         )
         self.assertFalse(service.running)
         # Closed at once, not on a later reactor turn: nothing is left.
-        self.assertEqual(os.listdir(rundir), [])
+        self.assertEqual(left_in(rundir), [])
 
 
 class RunningCommandTests(SynchronousTestCase):
