@@ -85,6 +85,10 @@ __all__ = [
 # Lookup payloads whose plan (and requests whose decision) is kept; past
 # this many, all are forgotten.
 _MAX_PLANS = 256
+# Only payloads up to this long are kept as keys (a lookup is usually a few
+# hundred bytes): so the cache holds at most 1 MiB of them, however long the
+# lookups a client sends (up to max_message_size each).
+_MAX_PLANNED_PAYLOAD = 4096
 
 
 @implementer(ILookupBroker, IDaemonHost)
@@ -193,9 +197,10 @@ class Broker:
             return self._refuse(event, e)
         # Parsing and planning are pure: a payload seen before (clients
         # send the same one again and again) is planned once per config.
-        if len(self._plans) >= _MAX_PLANS:
-            self._plans.clear()
-        self._plans[payload] = (config, lookup.service, where)
+        if len(payload) <= _MAX_PLANNED_PAYLOAD:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[payload] = (config, lookup.service, where)
         return self._police_and_connect(event, where.target, where.names)
 
     def open_uri(self, uri: RemoteURI, client: Peer) -> Deferred[socket.socket]:
