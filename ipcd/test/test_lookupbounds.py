@@ -17,6 +17,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
+from ipcd.errors import MAX_REASON
 from ipcd.test.support import (
     TIMEOUT,
     open_fds,
@@ -35,6 +36,9 @@ LONG = 1_000_000
 # What ipcd may keep, after the clients have gone, for 40 distinct such
 # lookups beyond 40 times the same one (its plans are kept per payload).
 KEPT_BOUND = 8 * MiB
+# The longest log line a lookup may cost (its reason is at most MAX_REASON
+# characters, escaped at most fourfold, plus who, labels and target).
+LINE_BOUND = 8 * 1024
 
 
 class ChildIpcd:
@@ -100,3 +104,39 @@ class LongLookupTests(TestCase):
             self.assertEqual(reply.data, b"ok")
         grown = ipcd.rss() - same
         self.assertLess(grown, KEPT_BOUND, f"{grown / MiB:.1f} MiB kept")
+
+    def test_longRefusalsShort(self) -> None:
+        """
+        A long lookup that is refused is answered in at most L{MAX_REASON}
+        characters and logged in one short line, however much of it the
+        reason would quote; so the answer fits in the socket at once, and a
+        client that never reads it holds nothing in ipcd.
+        """
+        ipcd = ChildIpcd(self)
+        payloads = [
+            _padded("pong;pong ", "\x01") + b"://h",  # an invalid scheme
+            _padded("pong;pong ", "a") + b"://h",  # a scheme too long
+            _padded("pong;pong unix:///", "a/"),  # a client's path route
+            _padded("pong;pong", "\x01"),  # a malformed route
+            _padded("pong;pong tcp://h/", "\x01"),  # an invalid service
+            _padded("pong;pong tcp://h:99999/", "a"),  # an invalid port
+            _padded("pong;pong unix://", "\x01"),  # an invalid local name
+        ]
+        for payload in payloads:
+            reply = ipcd.ask(payload)
+            self.assertEqual(reply.fds, [])
+            self.assertTrue(reply.data.startswith(b"ne "), reply.data[:80])
+            self.assertLessEqual(len(reply.data), 3 + MAX_REASON, reply.data[:80])
+        before = ipcd.fds()
+        unread = [ipcd.send(payloads[i % len(payloads)]) for i in range(30)]
+        try:
+            deadline = time.monotonic() + 3 * TIMEOUT
+            while ipcd.fds() > before and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertLessEqual(ipcd.fds(), before, "connections still held")
+        finally:
+            for sock in unread:
+                sock.close()
+        lines = read_text(ipcd.log).splitlines()
+        longest = max(len(line) for line in lines)
+        self.assertLess(longest, LINE_BOUND)

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from ipcd import errors
 from ipcd.ataccept import _carry_on, serve_at_accept
 from ipcd.config import Config
 from ipcd.errors import Refused
@@ -436,6 +437,8 @@ class ServeAtAcceptTests(SynchronousTestCase):
         whole answer, once.
         """
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # least
+        # Longer than any reason ipcd gives, so that it cannot fit.
+        self.patch(errors, "MAX_REASON", 20000)
         self.broker.refuse("x" * 20000)
         resume = self.serve(encode(b"pong"))
         self.assertIsNotNone(resume)
