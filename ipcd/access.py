@@ -4,7 +4,10 @@ Access as the client would have it: ipcd is nobody's deputy.
 A local client may reach through a lookup only a socket it could connect to
 itself.  L{open_socket} walks a path one component at a time, as the kernel
 would for the client: search permission on every directory, write permission
-on the socket, symbolic links followed (at most 40) and checked on the way.
+on the socket, symbolic links followed (at most 40) and checked on the way;
+for a client, only links of root or ipcd's user (the connection ipcd makes
+carries its own credentials, and a link a user made could lend them to any
+socket that user may reach).
 It returns an C{O_PATH} descriptor of the very inode it checked, and
 L{connect_path} is that inode's address (C{/proc/self/fd/N}), so a path
 swapped after the check cannot send the connection elsewhere.
@@ -245,6 +248,8 @@ def open_socket(
                             f"{path} is a symbolic link; only the socket itself "
                             "may be reached this way"
                         )
+                    if who is not None and child_st.st_uid not in (0, os.geteuid()):
+                        raise _untrusted_link(path, child_st.st_uid)
                     links += 1
                     if links > MAX_SYMLINKS:
                         raise Refused(f"{path}: too many levels of symbolic links")
@@ -279,6 +284,16 @@ def _socket_at(
     if who is not None and not may(fd, st, who, WRITE):
         raise _denied(who, path)
     return OpenedSocket(fd, st, via_symlink)
+
+
+def _untrusted_link(path: str, owner: int) -> Refused:
+    # ipcd connects as itself (root), and the service sees that: a link
+    # that a user made could lend ipcd's identity to any socket the user
+    # may reach (the D-Bus system bus trusts uid 0 by SO_PEERCRED).
+    return Refused(
+        f"{path}: a symbolic link of uid {owner} on the way; a client's "
+        "lookup follows only root's (or ipcd's) links"
+    )
 
 
 def _denied(who: Credentials, path: str) -> AccessDenied:

@@ -388,6 +388,38 @@ class ClientAccessTests(TestCase):
         self.assertEqual(self.hidden.connections, 0)
 
     @inlineCallbacks
+    def test_linksOfUsersNotFollowed(self) -> Any:
+        """
+        A socket anyone may connect to, outside RUNDIR, that trusts its
+        clients' SO_PEERCRED (as the D-Bus system bus does): Alice may
+        connect herself, and is seen as herself.  Through ipcd she would be
+        seen as root, so a link that she (or any user but root) made is
+        not followed; the admin's own link is.
+        """
+        yield self.start()
+        public = short_rundir(self, "ipcd-public-")
+        os.chmod(public, 0o755)
+        bus = os.path.join(public, "bus.sock")
+        factory = self.serve(bus)
+        os.chmod(bus, 0o666)
+        direct = yield as_user(bus, ALICE.uid, ALICE.gid, (SHARED_GROUP,), "connect")
+        self.assertEqual(direct, {"connected": True})
+        os.symlink(bus, self.at("bus"))
+        os.lchown(self.at("bus"), ALICE.uid, ALICE.gid)
+        for payload in ("bus;", "x;x unix://bus"):
+            yield self.assertRefused(
+                ALICE, payload, "a symbolic link of uid 61001 on the way"
+            )
+        # The admin's link is followed; hers to it is still hers.
+        os.lchown(self.at("bus"), 0, 0)
+        os.symlink("bus", self.at("alias2"))
+        os.lchown(self.at("alias2"), ALICE.uid, ALICE.gid)
+        yield self.assertRefused(ALICE, "alias2;", "symbolic link of uid 61001")
+        self.assertEqual(factory.connections, 1)  # her own, above
+        answer = yield self.lookup_as(ALICE, "bus;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+
+    @inlineCallbacks
     def test_adminRedirectGrantsNothing(self) -> Any:
         yield self.start(redirects={"x": "secret"})
         yield self.assertRefused(ALICE, "x;", "permission denied")
