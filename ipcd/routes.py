@@ -295,12 +295,23 @@ def parse_network(value: str) -> tuple[Route, ...]:
     return parse_routes(value.split(";"))
 
 
+# The most C{;}-separated entries a lookup's C{IPC_NETWORK} may have: a
+# route costs microseconds to parse, and a lookup of 1 MiB of them stalled
+# every connection of ipcd for a second.
+MAX_LOOKUP_ROUTES = 256
+
+
 def parse_lookup(payload: bytes) -> Lookup:
-    """Parse a lookup payload: C{SERVICE;} followed by C{IPC_NETWORK}."""
+    """
+    Parse a lookup payload: C{SERVICE;} followed by C{IPC_NETWORK}, of at
+    most L{MAX_LOOKUP_ROUTES} entries.
+    """
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise RouteError("lookup is not valid UTF-8") from None
+    if text.count(";") > MAX_LOOKUP_ROUTES:
+        raise RouteError(f"more than {MAX_LOOKUP_ROUTES} routes")
     head, *parts = text.split(";")
     return Lookup(_name(head.strip(), "requested service"), parse_routes(parts))
 

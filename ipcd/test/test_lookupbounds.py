@@ -18,6 +18,7 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 
 from ipcd.errors import MAX_REASON
+from ipcd.routes import MAX_LOOKUP_ROUTES
 from ipcd.test.support import (
     TIMEOUT,
     open_fds,
@@ -36,6 +37,9 @@ LONG = 1_000_000
 # What ipcd may keep, after the clients have gone, for 40 distinct such
 # lookups beyond 40 times the same one (its plans are kept per payload).
 KEPT_BOUND = 8 * MiB
+# The CPU ipcd may spend on 10 lookups of 1 MB of routes each (it spends
+# about 10 ms on each: reading it; parsing them took a second each).
+ROUTES_CPU_BOUND = 5.0
 # The longest log line a lookup may cost (its reason is at most MAX_REASON
 # characters, escaped at most fourfold, plus who, labels and target).
 LINE_BOUND = 8 * 1024
@@ -78,6 +82,12 @@ class ChildIpcd:
 
     def fds(self) -> int:
         return len(open_fds(self.process.pid))
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time ipcd has used."""
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _padded(head: str, pad: str = " ") -> bytes:
@@ -140,3 +150,19 @@ class LongLookupTests(TestCase):
         lines = read_text(ipcd.log).splitlines()
         longest = max(len(line) for line in lines)
         self.assertLess(longest, LINE_BOUND)
+
+    def test_manyRoutesRefused(self) -> None:
+        """
+        A lookup of more than L{MAX_LOOKUP_ROUTES} routes is refused before
+        any is parsed: 10 lookups of 250,000 routes (1 MB) each cost ipcd
+        less than L{ROUTES_CPU_BOUND} seconds of CPU in all, not a second
+        each during which it served nobody else.
+        """
+        ipcd = ChildIpcd(self)
+        before = ipcd.cpu_seconds()
+        for _ in range(10):
+            reply = ipcd.ask(_padded("pong", ";a b"))
+            expected = f"ne bad lookup: more than {MAX_LOOKUP_ROUTES} routes"
+            self.assertEqual(reply.data, expected.encode())
+        self.assertLess(ipcd.cpu_seconds() - before, ROUTES_CPU_BOUND)
+        self.assertEqual(ipcd.ask(b"pong;").data, b"ok")

@@ -747,6 +747,7 @@ _REASONS: dict[str, bytes | None] = {
     "malformed route 'pong'": b"pong;pong",
     "route target: invalid service name '../etc'": b"x;x ../etc",
     "lookup is not valid UTF-8": b"\xff;",
+    "more than 256 routes": b"pong" + b";" * 257,
     "'tcp://a..b:9000/pong'": b"pong;pong tcp://a..b:9000/pong",
     "evil\\x1bhost": b"pong;pong tcp://evil\x1bhost/pong",
     "cannot resolve 'nosuch.example'": None,
@@ -792,4 +793,4 @@ class DocumentedReasonsTests(TestCase):
             self.assertEqual(reply.fds, [])
             said = reply.data.decode().replace(rundir, "/tmp/libipc-run")
             self.assertEqual(said, line)
-        self.assertEqual(compared, 13)
+        self.assertEqual(compared, 14)
