@@ -4,20 +4,27 @@ Access as the client would have it: ipcd is nobody's deputy.
 A local client may reach through a lookup only a socket it could connect to
 itself.  L{open_socket} walks a path one component at a time, as the kernel
 would for the client: search permission on every directory, write permission
-on the socket, symbolic links followed (at most 40) and checked on the way.
+on the socket, symbolic links followed (at most 40) and checked on the way;
+for a client, only links of root or ipcd's user (the connection ipcd makes
+carries its own credentials, and a link a user made could lend them to any
+socket that user may reach).
 It returns an C{O_PATH} descriptor of the very inode it checked, and
 L{connect_path} is that inode's address (C{/proc/self/fd/N}), so a path
 swapped after the check cannot send the connection elsewhere.
 
-Kernel rules not modelled: POSIX ACLs, capabilities other than root's, and
-LSMs.  They can only make the kernel more generous than this check, never
-less, so the check fails closed.
+A file's POSIX access ACL, when it has one, decides as the kernel's does
+(L{acl_permits}): an ACL can refuse a user or group that the mode bits let
+in, so it cannot be left out.  Kernel rules not modelled: capabilities
+other than root's, and LSMs.  They can only make the kernel more generous
+than this check, never less, so the check fails closed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -81,6 +88,103 @@ def permitted(st: os.stat_result, who: Credentials, want: int) -> bool:
     return bits & want == want
 
 
+# POSIX ACLs as the kernel keeps them in an extended attribute: a version,
+# then entries of (tag, permissions, id), sorted by tag and id.
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_VERSION = struct.Struct("<I")
+_ACL_ENTRY = struct.Struct("<HHI")
+_USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 1, 2, 4, 8, 16, 32
+Acl = tuple[tuple[int, int, int], ...]
+# A file's ACL (or None) by (device, inode, ctime): any change to an ACL or
+# mode changes the ctime.  Only kept for a ctime older than this many
+# nanoseconds, so that two changes within one tick of the kernel's coarse
+# clock cannot share one; at most this many, then all are forgotten.
+_ACL_SETTLED = 100_000_000
+_MAX_ACLS = 1024
+_acls: dict[tuple[int, int, int], Acl | None] = {}
+_UNREAD: Acl = ((-1, -1, -1),)  # (not in _acls: not read yet)
+
+
+def _read_acl(fd: int, st: os.stat_result) -> Acl | None:
+    """The access ACL of the file C{fd} (stat C{st}); C{None}: it has none."""
+    try:
+        raw = os.getxattr(f"/proc/self/fd/{fd}", _ACL_XATTR)
+    except OSError as e:
+        if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+            raise
+        acl = None
+    else:
+        acl = _parse_acl(raw)
+    if time.time_ns() - st.st_ctime_ns > _ACL_SETTLED:
+        if len(_acls) >= _MAX_ACLS:
+            _acls.clear()
+        _acls[st.st_dev, st.st_ino, st.st_ctime_ns] = acl
+    return acl
+
+
+def _parse_acl(raw: bytes) -> Acl:
+    """The entries of an ACL attribute; one the kernel would not take, none."""
+    count, extra = divmod(len(raw) - _ACL_VERSION.size, _ACL_ENTRY.size)
+    if count < 0 or extra or _ACL_VERSION.unpack_from(raw)[0] != 2:
+        return ()  # (nothing matches: refused, as the kernel says EIO)
+    return tuple(_ACL_ENTRY.iter_unpack(raw[_ACL_VERSION.size :]))
+
+
+def acl_permits(acl: Acl, st: os.stat_result, who: Credentials, want: int) -> bool:
+    """
+    Whether C{who} has the C{want} bits by C{acl}, the access ACL of a file
+    of owner and group C{st}: the kernel's C{posix_acl_permission}.  The
+    owner gets the owner entry; a named user its entry within the mask; a
+    member of the file's group or of named groups whatever one of those
+    entries gives within the mask (and nothing if none does); others the
+    other entry.
+    """
+    groups = who.groups | {who.gid}
+    mask = 7
+    for tag, perm, _id in acl:
+        if tag == _MASK:
+            mask = perm
+    matched_group = False
+    for tag, perm, id_ in acl:
+        if tag == _USER_OBJ:
+            if st.st_uid == who.uid:
+                return perm & want == want
+        elif tag == _USER:
+            if id_ == who.uid:
+                return perm & mask & want == want
+        elif tag == _GROUP_OBJ or tag == _GROUP:
+            if (st.st_gid if tag == _GROUP_OBJ else id_) in groups:
+                if perm & mask & want == want:
+                    return True
+                matched_group = True
+        elif tag == _OTHER:
+            return not matched_group and perm & want == want
+        elif tag != _MASK:
+            return False
+    return False
+
+
+def may(fd: int, st: os.stat_result, who: Credentials, want: int) -> bool:
+    """
+    L{permitted}, by the file's ACL when it has one: whether C{who} has the
+    C{want} bits on the file C{fd} (an C{O_PATH} descriptor), of stat C{st}.
+    """
+    uid = who.uid
+    if uid == 0:
+        return True
+    # As the kernel: the owner gets the owner bits, and an ACL is not read
+    # when the mode's group bits (its mask) are empty.  A remote peer is
+    # others, and an ACL's other entry is the mode's.
+    if uid < 0 or st.st_uid == uid or not st.st_mode & 0o070:
+        return permitted(st, who, want)
+    acl = _acls.get((st.st_dev, st.st_ino, st.st_ctime_ns), _UNREAD)
+    if acl is _UNREAD:
+        acl = _read_acl(fd, st)
+    if acl is None:
+        return permitted(st, who, want)
+    return acl_permits(acl, st, who, want)
+
+
 class OpenedSocket:
     """An C{O_PATH} descriptor of a checked socket inode; close it after use."""
 
@@ -132,7 +236,7 @@ def open_socket(
             if not name:
                 continue
             # "." is looked up too: the kernel wants search permission for it.
-            if who is not None and not permitted(st, who, SEARCH):
+            if who is not None and not may(fd, st, who, SEARCH):
                 raise _denied(who, path)
             child = os.open(name, _OPEN_FLAGS, dir_fd=fd)
             child_st = os.fstat(child)
@@ -144,6 +248,8 @@ def open_socket(
                             f"{path} is a symbolic link; only the socket itself "
                             "may be reached this way"
                         )
+                    if who is not None and child_st.st_uid not in (0, os.geteuid()):
+                        raise _untrusted_link(path, child_st.st_uid)
                     links += 1
                     if links > MAX_SYMLINKS:
                         raise Refused(f"{path}: too many levels of symbolic links")
@@ -175,9 +281,19 @@ def _socket_at(
     """The walk's end, C{fd}: a socket C{who} may write to, or refused."""
     if not stat.S_ISSOCK(st.st_mode):
         raise Refused(f"{path} is not a socket")
-    if who is not None and not permitted(st, who, WRITE):
+    if who is not None and not may(fd, st, who, WRITE):
         raise _denied(who, path)
     return OpenedSocket(fd, st, via_symlink)
+
+
+def _untrusted_link(path: str, owner: int) -> Refused:
+    # ipcd connects as itself (root), and the service sees that: a link
+    # that a user made could lend ipcd's identity to any socket the user
+    # may reach (the D-Bus system bus trusts uid 0 by SO_PEERCRED).
+    return Refused(
+        f"{path}: a symbolic link of uid {owner} on the way; a client's "
+        "lookup follows only root's (or ipcd's) links"
+    )
 
 
 def _denied(who: Credentials, path: str) -> AccessDenied:
@@ -281,7 +397,7 @@ class HeldDirectories:
         parent = self._root
         st = os.fstat(parent)
         for name, fd, dev, ino in self._chain:  # type: ignore[union-attr]
-            if not permitted(st, who, SEARCH):
+            if not may(parent, st, who, SEARCH):
                 raise _denied(who, path)
             try:
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
@@ -292,7 +408,7 @@ class HeldDirectories:
                 self.close()
                 return open_socket(path, who)
             parent = fd
-        if not permitted(st, who, SEARCH):
+        if not may(parent, st, who, SEARCH):
             raise _denied(who, path)
         directory_stat = st
         child = os.open(last, _OPEN_FLAGS, dir_fd=parent)

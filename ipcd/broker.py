@@ -85,6 +85,10 @@ __all__ = [
 # Lookup payloads whose plan (and requests whose decision) is kept; past
 # this many, all are forgotten.
 _MAX_PLANS = 256
+# Only payloads up to this long are kept as keys (a lookup is usually a few
+# hundred bytes): so the cache holds at most 1 MiB of them, however long the
+# lookups a client sends (up to max_message_size each).
+_MAX_PLANNED_PAYLOAD = 4096
 
 
 @implementer(ILookupBroker, IDaemonHost)
@@ -193,9 +197,10 @@ class Broker:
             return self._refuse(event, e)
         # Parsing and planning are pure: a payload seen before (clients
         # send the same one again and again) is planned once per config.
-        if len(self._plans) >= _MAX_PLANS:
-            self._plans.clear()
-        self._plans[payload] = (config, lookup.service, where)
+        if len(payload) <= _MAX_PLANNED_PAYLOAD:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[payload] = (config, lookup.service, where)
         return self._police_and_connect(event, where.target, where.names)
 
     def open_uri(self, uri: RemoteURI, client: Peer) -> Deferred[socket.socket]:
@@ -458,18 +463,26 @@ class Broker:
             known = ", ".join(self.config.schemes())
             raise Refused(f"no transport for scheme {scheme!r} (known: {known})")
         path = socket_path(self.config.rundir, scheme)
+        # The inode checked is the one connected (another user's socket put
+        # at the name meanwhile is not), by its O_PATH descriptor.
         try:
-            st = os.lstat(path)
+            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
             raise Refused(f"the {scheme} daemon is not running: {path}: {e.strerror}")
+        checked = OpenedSocket(fd, os.fstat(fd), via_symlink=False)
+        st = checked.stat
+        why = None
         if not stat.S_ISSOCK(st.st_mode):
-            raise Refused(f"the {scheme} daemon is not running: {path} is not a socket")
-        if st.st_uid not in (0, os.geteuid()):
-            raise Refused(
+            why = f"the {scheme} daemon is not running: {path} is not a socket"
+        elif st.st_uid not in (0, os.geteuid()):
+            why = (
                 f"{path} belongs to uid {st.st_uid}, not to root or ipcd's user: "
                 f"not trusted as the {scheme} daemon"
             )
-        return ExternalDaemon(self.reactor, scheme, path)
+        if why is not None:
+            checked.close()
+            raise Refused(why)
+        return ExternalDaemon(self.reactor, scheme, path, checked)
 
 
 def _closing(opened: OpenedSocket) -> Any:

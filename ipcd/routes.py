@@ -95,7 +95,9 @@ class Lookup:
         return None
 
 
-_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+# A scheme names a daemon: a few letters (at most 32, so that what quotes
+# one, a refusal or a log line, stays short).
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
 _AUTHORITY = re.compile(
     r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/\[\]]+))(?::(?P<port>[0-9]+))?"
 )
@@ -224,7 +226,7 @@ def parse_uri(text: str) -> URI:
     scheme, rest = text.split("://", 1)
     scheme = scheme.lower()
     if not _SCHEME.fullmatch(scheme):
-        raise RouteError(f"invalid scheme in URI {text!r}")
+        raise RouteError(f"invalid scheme in URI {_show(text)}")
     if scheme == "unix":
         return _parse_unix(rest, text)
     authority, slash, path = rest.partition("/")
@@ -253,8 +255,8 @@ def parse_uri(text: str) -> URI:
         # Bounded before int(): thousands of digits would raise ValueError.
         port = int(digits) if len(digits) <= 5 else 0
         if not 0 < port < 65536:
-            raise RouteError(f"invalid port in URI {text!r}")
-    service = _name(path, f"service in URI {text!r}") if path else None
+            raise RouteError(f"invalid port in URI {_show(text)}")
+    service = _name(path, f"service in URI {_show(text)}") if path else None
     return RemoteURI(scheme, host, port, service, text)
 
 
@@ -264,7 +266,7 @@ def _parse_unix(rest: str, text: str) -> URI:
         if "/" in inner:
             return PathURI(rest)
         rest = inner
-    return LocalURI(_name(rest, f"service in URI {text!r}"))
+    return LocalURI(_name(rest, f"service in URI {_show(text)}"))
 
 
 def _name(text: str, what: str) -> str:
@@ -283,8 +285,8 @@ def parse_routes(parts: list[str] | tuple[str, ...]) -> tuple[Route, ...]:
             continue
         name, _, target = part.partition(" ")
         if not target.strip():
-            raise RouteError(f"malformed route {part!r}: expected 'SERVICE URI'")
-        routes.append(Route(_name(name, f"route {part!r}"), parse_uri(target)))
+            raise RouteError(f"malformed route {_show(part)}: expected 'SERVICE URI'")
+        routes.append(Route(_name(name, f"route {_show(part)}"), parse_uri(target)))
     return tuple(routes)
 
 
@@ -293,12 +295,23 @@ def parse_network(value: str) -> tuple[Route, ...]:
     return parse_routes(value.split(";"))
 
 
+# The most C{;}-separated entries a lookup's C{IPC_NETWORK} may have: a
+# route costs microseconds to parse, and a lookup of 1 MiB of them stalled
+# every connection of ipcd for a second.
+MAX_LOOKUP_ROUTES = 256
+
+
 def parse_lookup(payload: bytes) -> Lookup:
-    """Parse a lookup payload: C{SERVICE;} followed by C{IPC_NETWORK}."""
+    """
+    Parse a lookup payload: C{SERVICE;} followed by C{IPC_NETWORK}, of at
+    most L{MAX_LOOKUP_ROUTES} entries.
+    """
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise RouteError("lookup is not valid UTF-8") from None
+    if text.count(";") > MAX_LOOKUP_ROUTES:
+        raise RouteError(f"more than {MAX_LOOKUP_ROUTES} routes")
     head, *parts = text.split(";")
     return Lookup(_name(head.strip(), "requested service"), parse_routes(parts))
 

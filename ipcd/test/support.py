@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -684,6 +685,34 @@ while True:
     data += more
 print(json.dumps({"reply": data.decode("utf-8", "replace"), "fds": len(fds)}))
 """
+
+
+# POSIX ACL entry tags, as the kernel's extended attribute writes them.
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = (
+    1,
+    2,
+    4,
+    8,
+    16,
+    32,
+)
+
+
+def set_acl(path: str, entries: Iterable[tuple[int, int, int]]) -> None:
+    """
+    Give C{path} the access ACL of C{(tag, permissions, id)} C{entries} (in
+    the kernel's order: by tag, then id), as C{setfacl} would; skip the
+    test where the filesystem has no ACLs.
+    """
+    raw = struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, ident) for tag, perm, ident in entries
+    )
+    try:
+        os.setxattr(path, "system.posix_acl_access", raw)
+    except OSError as e:
+        if e.errno == errno.EOPNOTSUPP:
+            raise SkipTest(f"no POSIX ACLs on {path}'s filesystem") from None
+        raise
 
 
 def needs_root() -> None:

@@ -26,12 +26,19 @@ from ipcd.access import (
     WRITE,
     AccessDenied,
     Credentials,
+    acl_permits,
     open_socket,
     permitted,
 )
 from ipcd.errors import Refused
 from ipcd.inboundreach import inbound_reach
 from ipcd.test.support import (
+    ACL_GROUP,
+    ACL_GROUP_OBJ,
+    ACL_MASK,
+    ACL_OTHER,
+    ACL_USER,
+    ACL_USER_OBJ,
     accepts,
     as_user,
     counted_pong,
@@ -39,6 +46,7 @@ from ipcd.test.support import (
     make_config,
     needs_root,
     recv_upto,
+    set_acl,
     short_rundir,
     start_ipcd,
 )
@@ -92,6 +100,38 @@ class PermittedTests(SynchronousTestCase):
 
     def test_rootPasses(self) -> None:
         self.assertTrue(permitted(_stat(0o000), Credentials(0, 0), WRITE | SEARCH))
+
+
+class AclPermitsTests(SynchronousTestCase):
+    """The kernel's POSIX ACL rule (posix_acl_permission), as a pure function."""
+
+    def test_namedUserWithinTheMask(self) -> None:
+        st = _stat(0o660, uid=1, gid=5)
+        acl = ((ACL_USER_OBJ, 6, 0), (ACL_USER, 6, 2), (ACL_USER, 0, 3))
+        acl += ((ACL_GROUP_OBJ, 6, 0), (ACL_MASK, 2, 0), (ACL_OTHER, 6, 0))
+        # Its own entry, within the mask; not the group's or the others'.
+        self.assertTrue(acl_permits(acl, st, Credentials(2, 5), WRITE))
+        self.assertFalse(acl_permits(acl, st, Credentials(2, 5), WRITE | 4))
+        self.assertFalse(acl_permits(acl, st, Credentials(3, 5), WRITE))
+        # The owner entry is not masked.
+        self.assertTrue(acl_permits(acl, st, Credentials(1, 9), WRITE | 4))
+
+    def test_aGroupThatMatchesButGrantsNothingRefuses(self) -> None:
+        """A member of a matching group never falls back to the others' entry."""
+        st = _stat(0o676, uid=1, gid=5)
+        acl = ((ACL_USER_OBJ, 6, 0), (ACL_GROUP_OBJ, 0, 0), (ACL_GROUP, 2, 8))
+        acl += ((ACL_MASK, 7, 0), (ACL_OTHER, 6, 0))
+        self.assertFalse(acl_permits(acl, st, Credentials(2, 5), WRITE))
+        # Any one matching group that grants is enough.
+        self.assertTrue(acl_permits(acl, st, Credentials(2, 5, frozenset({8})), 2))
+        self.assertTrue(acl_permits(acl, st, Credentials(2, 9), WRITE))
+
+    def test_unknownEntryRefuses(self) -> None:
+        """An entry the kernel does not know is its EIO: refused."""
+        st = _stat(0o666)
+        acl = ((ACL_USER_OBJ, 6, 0), (64, 6, 0), (ACL_OTHER, 6, 0))
+        self.assertFalse(acl_permits(acl, st, Credentials(2, 2), WRITE))
+        self.assertFalse(acl_permits((), st, Credentials(2, 2), WRITE))
 
 
 def _listen(path: str) -> socket.socket:
@@ -311,12 +351,73 @@ class ClientAccessTests(TestCase):
         self.assertEqual(self.counters["access denied"], 5)
 
     @inlineCallbacks
+    def test_aclsDecideAsTheKernel(self) -> Any:
+        """
+        A socket's POSIX ACL decides a lookup as it decides the client's own
+        connect(): an ACL that refuses a user or group the mode bits let
+        in, and one that names a user the mode bits do not.
+        """
+        yield self.start()
+        self.serve(self.at("acl"))
+        # Mode 0660 (the mask), in the group Alice and Carol are both in.
+        os.chown(self.at("acl"), BOB.uid, SHARED_GROUP)
+        owner, mask, others = (ACL_USER_OBJ, 6, 0), (ACL_MASK, 6, 0), (ACL_OTHER, 0, 0)
+        cases = [
+            # The group may, but Alice's own entry says no.
+            ([(ACL_USER, 0, ALICE.uid), (ACL_GROUP_OBJ, 6, 0)], {CAROL}),
+            # The file's group may not; Carol's own group may.
+            ([(ACL_GROUP_OBJ, 0, 0), (ACL_GROUP, 6, CAROL.gid)], {CAROL}),
+            # The file's group may not; Alice's own entry says yes.
+            ([(ACL_USER, 6, ALICE.uid), (ACL_GROUP_OBJ, 0, 0)], {ALICE}),
+        ]
+        for entries, allowed in cases:
+            set_acl(self.at("acl"), [owner, *entries, mask, others])
+            for who in (ALICE, CAROL):
+                direct = yield self.connect_as(who, "acl")
+                answer = yield self.lookup_as(who, "acl;")
+                why = (entries, who.uid, direct, answer)
+                self.assertEqual(direct == {"connected": True}, who in allowed, why)
+                self.assertEqual(answer["fds"] == 1, who in allowed, why)
+
+    @inlineCallbacks
     def test_linkIntoAHiddenDirectory(self) -> Any:
         """A planted link does not lend ipcd's (root's) reach to the client."""
         yield self.start()
         reply = yield self.assertRefused(ALICE, "evil;", "permission denied")
         self.assertNotIn("private.sock", reply, "the link's target is not told")
         self.assertEqual(self.hidden.connections, 0)
+
+    @inlineCallbacks
+    def test_linksOfUsersNotFollowed(self) -> Any:
+        """
+        A socket anyone may connect to, outside RUNDIR, that trusts its
+        clients' SO_PEERCRED (as the D-Bus system bus does): Alice may
+        connect herself, and is seen as herself.  Through ipcd she would be
+        seen as root, so a link that she (or any user but root) made is
+        not followed; the admin's own link is.
+        """
+        yield self.start()
+        public = short_rundir(self, "ipcd-public-")
+        os.chmod(public, 0o755)
+        bus = os.path.join(public, "bus.sock")
+        factory = self.serve(bus)
+        os.chmod(bus, 0o666)
+        direct = yield as_user(bus, ALICE.uid, ALICE.gid, (SHARED_GROUP,), "connect")
+        self.assertEqual(direct, {"connected": True})
+        os.symlink(bus, self.at("bus"))
+        os.lchown(self.at("bus"), ALICE.uid, ALICE.gid)
+        for payload in ("bus;", "x;x unix://bus"):
+            yield self.assertRefused(
+                ALICE, payload, "a symbolic link of uid 61001 on the way"
+            )
+        # The admin's link is followed; hers to it is still hers.
+        os.lchown(self.at("bus"), 0, 0)
+        os.symlink("bus", self.at("alias2"))
+        os.lchown(self.at("alias2"), ALICE.uid, ALICE.gid)
+        yield self.assertRefused(ALICE, "alias2;", "symbolic link of uid 61001")
+        self.assertEqual(factory.connections, 1)  # her own, above
+        answer = yield self.lookup_as(ALICE, "bus;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
 
     @inlineCallbacks
     def test_adminRedirectGrantsNothing(self) -> Any:

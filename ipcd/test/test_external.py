@@ -16,6 +16,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from ipcd.config import ConfigError
+from ipcd.identity import Peer
+from ipcd.resolution import RemoteTarget
+from ipcd.routes import parse_uri
 from ipcd.test.support import (
     assert_no_fd_leak,
     bounce,
@@ -190,6 +193,27 @@ class ExternalDaemonTests(TestCase):
         self.assertRefused(reply, b"belongs to uid 65534")
         self.assertIn(b"not trusted as the fake daemon", reply.data)
         self.assertEqual(daemon.uris, [])
+
+    @inlineCallbacks
+    def test_checkedSocketIsTheOneConnected(self) -> Any:
+        """
+        The daemon's socket that was checked is the one connected: another
+        user's socket put at its name after the check (say, while the
+        daemon's backlog is full) gets nothing.
+        """
+        if os.getuid() != 0:
+            raise SkipTest("needs root to give a socket to another user")
+        daemon = fake_daemon(self, self.rundir)
+        transport = self.service.broker.transport_for("fake")
+        impostor = fake_daemon(self, self.rundir, scheme="impostor")
+        path = os.path.join(self.rundir, "impostor")
+        os.chown(path, 65534, -1)
+        os.rename(path, os.path.join(self.rundir, "fake"))
+        uri = parse_uri("fake://h:1/p")
+        sock = yield transport.connect(RemoteTarget(uri, "p"), Peer("a client"))
+        sock.close()
+        self.assertEqual(daemon.uris, [encode(b"fake://h:1/p")])
+        self.assertEqual(impostor.uris, [])
 
     def test_daemonSchemeChecked(self) -> None:
         """Only URI schemes that can be sockets, and not ipcd's own names."""

@@ -12,10 +12,20 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from ipcd import access
 from ipcd.access import AccessDenied, Credentials, HeldDirectories, open_socket
 from ipcd.broker import Broker
 from ipcd.config import Config
 from ipcd.errors import Refused
+from ipcd.test.support import (
+    ACL_GROUP_OBJ,
+    ACL_MASK,
+    ACL_OTHER,
+    ACL_USER,
+    ACL_USER_OBJ,
+    needs_root,
+    set_acl,
+)
 from ipcd.test.test_names import short_tempdir
 
 ALICE = Credentials(61001, 61001)
@@ -94,6 +104,39 @@ class HeldDirectoriesTests(HeldDirectoriesCase):
         self.reaches(self.at("s"), self.inode)
         os.chmod(self.at("s"), 0o644)
         self.refuses(self.at("s"), AccessDenied)
+
+    def test_aclChangeSeenAtOnce(self) -> None:
+        """
+        A directory's ACL that refuses the client search: denied at once,
+        on the held walk as on the full one, even where the ACL's absence
+        was remembered (ctime tells the ACL changed); one that names the
+        client lets it search a directory its mode does not.
+        """
+        needs_root()
+        # Every ACL is remembered, however recent its ctime.
+        self.patch(access, "_ACL_SETTLED", -(10**18))
+        bob = Credentials(61002, 61002)
+        self.reaches(self.at("s"), self.inode)
+        owner, group, mask = (
+            (ACL_USER_OBJ, 7, 0),
+            (ACL_GROUP_OBJ, 5, 0),
+            (ACL_MASK, 5, 0),
+        )
+        # Mode 0755, but Alice's own entry says no.
+        set_acl(
+            self.base, [owner, (ACL_USER, 0, ALICE.uid), group, mask, (ACL_OTHER, 5, 0)]
+        )
+        message = self.refuses(self.at("s"), AccessDenied)
+        self.assertIn("uid 61001 may not connect", message)
+        self.reaches(self.at("s"), self.inode, bob)
+        # Mode 0750, and not in its group, but Alice's own entry says yes.
+        set_acl(self.base, [owner, group, mask, (ACL_OTHER, 5, 0)])
+        set_acl(
+            self.rundir,
+            [owner, (ACL_USER, 5, ALICE.uid), group, mask, (ACL_OTHER, 0, 0)],
+        )
+        self.reaches(self.at("s"), self.inode)
+        self.refuses(self.at("s"), AccessDenied, bob)
 
     def test_directoryReplaced(self) -> None:
         """

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from ipcd import errors
 from ipcd.ataccept import _carry_on, serve_at_accept
 from ipcd.config import Config
 from ipcd.errors import Refused
@@ -436,6 +437,8 @@ class ServeAtAcceptTests(SynchronousTestCase):
         whole answer, once.
         """
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # least
+        # Longer than any reason ipcd gives, so that it cannot fit.
+        self.patch(errors, "MAX_REASON", 20000)
         self.broker.refuse("x" * 20000)
         resume = self.serve(encode(b"pong"))
         self.assertIsNotNone(resume)
@@ -744,6 +747,7 @@ _REASONS: dict[str, bytes | None] = {
     "malformed route 'pong'": b"pong;pong",
     "route target: invalid service name '../etc'": b"x;x ../etc",
     "lookup is not valid UTF-8": b"\xff;",
+    "more than 256 routes": b"pong" + b";" * 257,
     "'tcp://a..b:9000/pong'": b"pong;pong tcp://a..b:9000/pong",
     "evil\\x1bhost": b"pong;pong tcp://evil\x1bhost/pong",
     "cannot resolve 'nosuch.example'": None,
@@ -789,4 +793,4 @@ class DocumentedReasonsTests(TestCase):
             self.assertEqual(reply.fds, [])
             said = reply.data.decode().replace(rundir, "/tmp/libipc-run")
             self.assertEqual(said, line)
-        self.assertEqual(compared, 13)
+        self.assertEqual(compared, 14)

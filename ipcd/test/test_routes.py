@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.names import InvalidServiceName
 from ipcd.routes import (
+    MAX_LOOKUP_ROUTES,
     LocalURI,
     Lookup,
     PathURI,
@@ -95,6 +96,17 @@ class LookupTests(SynchronousTestCase):
             lookup.routes,
             (Route("pong", LocalURI("x")), Route("other", LocalURI("y"))),
         )
+
+    def test_routesBounded(self) -> None:
+        """
+        At most L{MAX_LOOKUP_ROUTES} entries: the lookup's parsing work is
+        bounded by that, not by the lookup's length.
+        """
+        most = b"pong" + b";pong unix://x" * MAX_LOOKUP_ROUTES
+        self.assertEqual(len(parse_lookup(most).routes), MAX_LOOKUP_ROUTES)
+        error = self.assertRaises(RouteError, parse_lookup, most + b";")
+        self.assertEqual(str(error), f"more than {MAX_LOOKUP_ROUTES} routes")
+        self.assertRaises(RouteError, parse_lookup, b"p" + b";a b" * 250_000)
 
     def test_trailingSemicolons(self) -> None:
         lookup = parse_lookup(b"pong;pong unix://x;;  ;")
