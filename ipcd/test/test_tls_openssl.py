@@ -7,8 +7,11 @@ outbound side dials C{openssl s_server} with a PSK and with a certificate.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import os
+import select
 import shutil
 import socket
 import struct
@@ -328,3 +331,170 @@ class ServerInteropTests(TlsTestCase):
             *("-cert", server.cert, "-key", server.key),
         )
         self.assertEqual(tls["peer"], "cert-san:localhost")
+
+
+# A TLS 1.3 client on the system's libssl (through ctypes: pyOpenSSL has no
+# SSL_key_update) that sends KeyUpdates asking for one back, and reads none.
+
+_SSL_CTRL_SET_MIN_PROTO_VERSION = 123
+_TLS1_3_VERSION = 0x0304
+_SSL_KEY_UPDATE_REQUESTED = 1
+_SSL_ERROR_WANT_WRITE = 3
+
+
+# The PSK client callback: (ssl, hint, identity, its room, key, its room).
+_PSK_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_uint,
+    ctypes.c_void_p,
+    ctypes.c_char_p,
+    ctypes.c_void_p,
+    ctypes.c_uint,
+    ctypes.c_void_p,
+    ctypes.c_uint,
+)
+
+
+def _libssl() -> Any:
+    """The system's libssl, its functions typed; SkipTest without it."""
+    found = ctypes.util.find_library("ssl")
+    if found is None:
+        raise SkipTest("no libssl to load (apt-get install libssl3)")
+    lib = ctypes.CDLL(found)
+    p, i = ctypes.c_void_p, ctypes.c_int
+    for name, result, args in (
+        ("TLS_client_method", p, []),
+        ("SSL_CTX_new", p, [p]),
+        ("SSL_CTX_ctrl", ctypes.c_long, [p, i, ctypes.c_long, p]),
+        ("SSL_CTX_free", None, [p]),
+        ("SSL_new", p, [p]),
+        ("SSL_free", None, [p]),
+        ("SSL_set_fd", i, [p, i]),
+        ("SSL_connect", i, [p]),
+        ("SSL_do_handshake", i, [p]),
+        ("SSL_key_update", i, [p, i]),
+        ("SSL_get_error", i, [p, i]),
+        ("SSL_write", i, [p, ctypes.c_char_p, i]),
+        ("SSL_read", i, [p, ctypes.c_char_p, i]),
+        ("SSL_CTX_set_psk_client_callback", None, [p, _PSK_CALLBACK]),
+    ):
+        function = getattr(lib, name)
+        function.restype, function.argtypes = result, args
+    return lib
+
+
+class KeyUpdater:
+    """
+    A TLS 1.3 connection with alice's key to tlsd at C{port}, asking for
+    pong: L{flood} sends KeyUpdates without reading, L{bounce} reads what
+    came meanwhile and bounces a message.  Blocking: run it in a thread.
+    """
+
+    def __init__(self, case: TestCase, port: int) -> None:
+        lib = self.lib = _libssl()
+        key = bytes.fromhex(ALICE_KEY)
+
+        def give_key(ssl, hint, identity, identity_room, out, room):  # type: ignore[no-untyped-def]
+            ctypes.memmove(identity, b"alice\0", 6)
+            ctypes.memmove(out, key, len(key))
+            return len(key)
+
+        self._callback = _PSK_CALLBACK(give_key)  # kept as long as the context
+        self.ctx = lib.SSL_CTX_new(lib.TLS_client_method())
+        case.addCleanup(lib.SSL_CTX_free, self.ctx)
+        lib.SSL_CTX_ctrl(
+            self.ctx, _SSL_CTRL_SET_MIN_PROTO_VERSION, _TLS1_3_VERSION, None
+        )
+        lib.SSL_CTX_set_psk_client_callback(self.ctx, self._callback)
+        self.sock = socket.socket()
+        case.addCleanup(self.sock.close)
+        # Small, so that what tlsd sends and this client leaves unread
+        # soon fills it: the rest is tlsd's to hold.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # Blocking (libssl reads the fd itself), each wait bounded.
+        bound = struct.pack("ll", 30, 0)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, bound)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, bound)
+        self.sock.connect(("127.0.0.1", port))
+        self.ssl = lib.SSL_new(self.ctx)
+        case.addCleanup(lib.SSL_free, self.ssl)
+        lib.SSL_set_fd(self.ssl, self.sock.fileno())
+        if lib.SSL_connect(self.ssl) != 1:
+            raise AssertionError("the TLS handshake with tlsd failed")
+        self.write(b"pong")
+        if self.read(2) != b"ok":
+            raise AssertionError("tlsd did not answer ok")
+
+    def write(self, data: bytes) -> None:
+        if self.lib.SSL_write(self.ssl, data, len(data)) != len(data):
+            raise AssertionError("SSL_write failed")
+
+    def read(self, size: int) -> bytes:
+        data = b""
+        buffer = ctypes.create_string_buffer(size)
+        while len(data) < size:
+            n = self.lib.SSL_read(self.ssl, buffer, size - len(data))
+            if n <= 0:
+                raise AssertionError(f"SSL_read failed: {n}")
+            data += buffer.raw[:n]
+        return data
+
+    def bounce(self, message: bytes) -> bytes:
+        """Send C{message}, read as much back (what came first, unread)."""
+        self.write(message)
+        return self.read(len(message))
+
+    def flood(self, most: int, stall: float = 1.0) -> int:
+        """
+        Send up to C{most} KeyUpdates, each asking for one back, reading
+        nothing; stop early once none could go for C{stall} seconds (tlsd
+        stopped reading).  How many went.
+        """
+        lib, ssl = self.lib, self.ssl
+        self.sock.setblocking(False)
+        sent = 0
+        try:
+            while sent < most:
+                # (Refused while the last one waits to go: then retried.)
+                lib.SSL_key_update(ssl, _SSL_KEY_UPDATE_REQUESTED)
+                result = lib.SSL_do_handshake(ssl)
+                if result == 1:
+                    sent += 1
+                    continue
+                if lib.SSL_get_error(ssl, result) != _SSL_ERROR_WANT_WRITE:
+                    raise AssertionError("sending a KeyUpdate failed")
+                _, writable, _ = select.select([], [self.sock], [], stall)
+                if not writable:
+                    break
+        finally:
+            self.sock.setblocking(True)
+        return sent
+
+
+class KeyUpdateFloodTests(TlsTestCase):
+    """
+    A peer that sends TLS 1.3 KeyUpdates asking for one back, and never
+    reads, makes OpenSSL answer each: tlsd holds at most a bound of those
+    answers for it (then reads it no more), not all of them; once it reads,
+    the relay goes on.
+    """
+
+    @inlineCallbacks
+    def test_answersHeldBounded(self) -> Any:
+        from ipcd.relay.sides import MAX_OWED, READ, READ_SIZE
+
+        b = yield self.psk_server(["allow in pong psk:alice"], alice=ALICE_KEY)
+        relays = b.tls_state.socket_relays
+        peer = yield deferToThread(KeyUpdater, self, b.port)
+        yield wait_until(lambda: len(relays.sides()) == 2, "the relay on raw sockets")
+        [tls_side] = [side for side in relays.sides() if side.codec is not None]
+        # A small send buffer on tlsd's end too: its answers soon wait in tlsd.
+        tls_side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        # 2.7 MB of answers, ten times the bound, if tlsd read them all.
+        sent = yield deferToThread(peer.flood, 100_000)
+        yield wait_until(
+            lambda: not tls_side.where & READ, f"tlsd to stop reading ({sent} sent)"
+        )
+        self.assertLessEqual(relays.buffered(), MAX_OWED + READ_SIZE)
+        # It reads (all tlsd's answers, then the echo): the relay goes on.
+        echo = yield deferToThread(peer.bounce, encode(b"after the flood"))
+        self.assertEqual(echo, encode(b"after the flood"))
