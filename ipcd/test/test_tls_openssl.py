@@ -489,8 +489,12 @@ class KeyUpdateFloodTests(TlsTestCase):
         [tls_side] = [side for side in relays.sides() if side.codec is not None]
         # A small send buffer on tlsd's end too: its answers soon wait in tlsd.
         tls_side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        # 2.7 MB of answers, ten times the bound, if tlsd read them all.
-        sent = yield deferToThread(peer.flood, 100_000)
+        # Rounds until tlsd stops reading (a slow tlsd only takes more), at
+        # most 200,000: 5.4 MB of answers, ten times the bound, if tlsd
+        # read them all.
+        sent = 0
+        while tls_side.where & READ and sent < 200_000:
+            sent += yield deferToThread(peer.flood, 20_000)
         yield wait_until(
             lambda: not tls_side.where & READ, f"tlsd to stop reading ({sent} sent)"
         )
