@@ -437,6 +437,10 @@ class Broker:
         """
         return set(self.own_sockets.names()[0])
 
+    def own_inodes(self) -> set[tuple[int, int]]:
+        """The (device, inode) of each of those sockets: any name for them is own."""
+        return self.own_sockets.inodes()
+
     def own_sockets_listening(self, listening: bool = True) -> None:
         """ipcd's in-process sockets are listening (or no longer)."""
         self.own_sockets.listening(listening)

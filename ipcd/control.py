@@ -89,7 +89,9 @@ def status_report(broker: Any) -> dict[str, Any]:
     return {
         "connections": connections,
         "counters": dict(sorted(broker.counters.items())),
-        "inbound": inbound_reach(broker.config, broker.own_names()),
+        "inbound": inbound_reach(
+            broker.config, broker.own_names(), broker.own_inodes()
+        ),
         "dns": broker.srv.status(broker.config),
         "config": config_summary(broker.config),
     }

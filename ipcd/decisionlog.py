@@ -30,6 +30,10 @@ _FAILED_VERDICT = _DECIDED + " ({verdict} here)"
 # Distinct requests whose log fields are kept; past this many, all are
 # forgotten.
 _MAX_SAID = 256
+# The most of a requested name a line shows: a valid name is no longer, but
+# a refused one may be whatever a peer sent (a whole read of tcpd's, an
+# HTTP path): cut, it costs a line and an entry of bounded size.
+MAX_SHOWN = 255
 
 
 @dataclass(slots=True)
@@ -60,9 +64,12 @@ class DecisionLog:
         # (dataclasses hash in Python); the entry holds them, so their ids
         # stay theirs.
         decision = request.decision
+        service = request.service
+        if len(service) > MAX_SHOWN:
+            service = service[:MAX_SHOWN] + "..."
         key = (
             request.direction,
-            request.service,
+            service,
             id(target),
             id(decision),
             request.access,
@@ -70,7 +77,7 @@ class DecisionLog:
         )
         said = self._said.get(key)
         if said is None or said[0] is not target or said[1] is not decision:
-            fields = _decided_fields(request, target, outcome, self.log)
+            fields = _decided_fields(request, service, target, outcome, self.log)
             said = (target, decision, EventTemplate(fields, ("who", "labels")))
             if len(self._said) >= _MAX_SAID:
                 self._said.clear()
@@ -82,10 +89,11 @@ class DecisionLog:
 
 
 def _decided_fields(
-    request: Request, target: Target | None, outcome: str, log: Logger
+    request: Request, service: str, target: Target | None, outcome: str, log: Logger
 ) -> dict[str, Any]:
     """
-    The fields of a decision's log event, as C{log.info} would make them:
+    The fields of a decision's log event, as C{log.info} would make them
+    (C{service}: the request's, as shown):
     those that do not depend on the client (service, target, verdict, rule,
     allowed, outcome and format) filled in; who, labels and time not yet.
     """
@@ -97,7 +105,7 @@ def _decided_fields(
     said = verdict in outcome
     return {
         "direction": request.direction,
-        "service": printable(request.service),
+        "service": printable(service),
         "who": "",
         "labels": [],
         "target": None if target is None else printable(str(target)),

@@ -40,7 +40,7 @@ from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
 from ipcd.identity import Peer, local_peer, remote_peer
 from ipcd.inboundcore import Framed, FramedURI, Framing, InboundHandshake, Join
-from ipcd.limits import RateLimitedObserver
+from ipcd.limits import REFUSAL_GRACE, RateLimitedObserver
 from ipcd.nodescriptors import ClosesDescriptors
 from ipcd.relay import RelayStats, take_socket
 from ipcd.routes import RemoteURI, RouteError, parse_uri
@@ -118,6 +118,12 @@ class Handshaking(ClosesDescriptors, Protocol):
             elif kind is inboundcore.Refuse:
                 self.transport.write(action.answer)
                 self.transport.loseConnection()
+                # Closed once what it holds is sent: a peer that reads
+                # nothing (TLS's own answers can fill its buffer first)
+                # would hold the connection for ever.  Cut after a grace.
+                self._timer = self.factory.reactor.callLater(
+                    REFUSAL_GRACE, self.transport.abortConnection
+                )
             elif kind is inboundcore.Pause:
                 self.transport.pauseProducing()
             elif kind is inboundcore.Failed:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from fnmatch import fnmatchcase
 
 from ipcd.access import OTHERS, AccessDenied, open_socket
@@ -23,19 +23,25 @@ from ipcd.policy import Rule, names_exactly
 from ipcd.resolution import LocalTarget, resolve
 
 
-def inbound_reach(config: Config, own_names: Iterable[str]) -> dict[str, str]:
+def inbound_reach(
+    config: Config,
+    own_names: Iterable[str],
+    own_inodes: Collection[tuple[int, int]] = (),
+) -> dict[str, str]:
     """
     Each name a remote peer could ask for (the sockets in RUNDIR, the
     admin's redirections and routes) that an C{in} rule allows, by name:
-    C{"reachable: ..."} or C{"not reachable: ..."}, saying why.
+    C{"reachable: ..."} or C{"not reachable: ..."}, saying why.  A name
+    for one of C{own_inodes} (a hard link to ipcd's socket) is ipcd's own.
     """
     own = set(own_names)
+    own_inodes = frozenset(own_inodes)
     names = {*_sockets(config.rundir), *config.redirects, *config.routes} - own
     reach = {}
     for name in sorted(names):
         allowing = _allowing_rule(config.rules, name)
         if allowing is not None:
-            reach[name] = _why(config, own, name, *allowing)
+            reach[name] = _why(config, own, own_inodes, name, *allowing)
     return reach
 
 
@@ -54,6 +60,14 @@ def _sockets(rundir: str) -> list[str]:
     return names
 
 
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _allowing_rule(rules: Iterable[Rule], name: str) -> tuple[int, Rule] | None:
     """
     The first C{in} rule that allows C{name} for some peers; None if none
@@ -69,13 +83,22 @@ def _allowing_rule(rules: Iterable[Rule], name: str) -> tuple[int, Rule] | None:
     return None
 
 
-def _why(config: Config, own: set[str], name: str, index: int, rule: Rule) -> str:
+def _why(
+    config: Config,
+    own: set[str],
+    own_inodes: frozenset[tuple[int, int]],
+    name: str,
+    index: int,
+    rule: Rule,
+) -> str:
     try:
         target = resolve(config, name)
     except Refused as e:
         return f"not reachable: {e.reason}"
     if isinstance(target, LocalTarget) and target.name in own:
         return f"not reachable: {target.name!r} is ipcd's own socket"
+    if isinstance(target, LocalTarget) and _inode(target.path) in own_inodes:
+        return f"not reachable: {target.path} is ipcd's own socket"
     if names_exactly(rule, name):
         return f"reachable: rule {index} names it"
     if not isinstance(target, LocalTarget):

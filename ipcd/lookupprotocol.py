@@ -24,7 +24,12 @@ from ipcd.identity import Peer, local_peer
 from ipcd.limits import ConnectionLimits
 from ipcd.lookup import Answer, ILookupBroker, reply_to, serve_lookup, unexpected
 from ipcd.sockets import discard_unread
-from ipcd.wire import MessageProtocol, PartialMessageBudget
+from ipcd.wire import (
+    TOO_LARGE_CLOSED,
+    LimitLog,
+    MessageProtocol,
+    PartialMessageBudget,
+)
 
 
 class LookupProtocol(MessageProtocol):
@@ -209,6 +214,9 @@ class LookupFactory(Factory):
         # bounded rate when it has limits.  (Logger is a descriptor that
         # makes a new Logger at each access: taken once, not per lookup.)
         self.failures = LookupProtocol.log if limits is None else limits.log
+        # Lookups over max_message_size: a client may send them as often as
+        # it connects.
+        self.tooLargeLog = LimitLog(TOO_LARGE_CLOSED, broker.counters, self.clock)
 
     def stopFactory(self) -> None:  # noqa: N802 (Twisted's name)
         if self.limits is not None:
@@ -217,6 +225,7 @@ class LookupFactory(Factory):
     def buildProtocol(self, addr: Any) -> LookupProtocol:
         protocol = LookupProtocol(self.broker, self.clock, self.partialBudget)
         protocol.factory = self
+        protocol.tooLargeLog = self.tooLargeLog
         return protocol
 
     def serve_at_once(

@@ -103,6 +103,10 @@ class OwnSockets:
             raise Refused(f"{path} is ipcd's own socket, never a lookup target")
         return opened
 
+    def inodes(self) -> set[Inode]:
+        """The inodes of ipcd's own sockets now (for C{ipcd status})."""
+        return self._own_inodes()
+
     def _hold(self, hold: bool) -> None:
         """Let RUNDIR's directories go; hold them again if C{hold}."""
         if self.held is not None:

@@ -65,6 +65,8 @@ def _current(value: Any) -> Any:
 # The counter (C{ipcd status}, and the metrics) of the log lines that rate
 # limits left out.
 LOG_LINES_DROPPED = "log lines dropped by rate limits"
+# The counter of connections closed for a message over their maximum.
+TOO_LARGE_CLOSED = "closed over max_message_size"
 
 
 class LimitLog:
@@ -199,8 +201,9 @@ class MessageProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
     L{sendMessage}.
 
     A message larger than C{maxMessageSize} closes this connection only, after
-    a log line naming the peer and the size; L{messageTooLarge} may be
-    overridden to answer something first.
+    a log line naming the peer and the size (at most one per C{tooLargeLog}'s
+    interval, when set); L{messageTooLarge} may be overridden to answer
+    something first.
 
     Bounded by default: the connection stops reading while its write buffer
     is full; it is closed after C{idleTimeout} seconds (0: never) with no
@@ -217,6 +220,7 @@ class MessageProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
     clock: IReactorTime | None = None
     partialBudget: PartialMessageBudget | None = None
     idleLog: LimitLog | None = None
+    tooLargeLog: LimitLog | None = None
     writeBound: int = WRITE_BOUND
 
     # The message being assembled, as class defaults: subclasses need not
@@ -306,9 +310,9 @@ class MessageProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
     def _tooLarge(self, size: int) -> None:
         self._discarding = True
         self._dropPartial()
-        self.log.warn(
+        self._report(
+            self.tooLargeLog,
             "closing {peer}: {reason}",
-            peer=self.transport.getPeer(),
             reason=str(MessageTooLarge(size, self.maxMessageSize)),
         )
         self.messageTooLarge(size)
@@ -337,18 +341,22 @@ class MessageProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
         )
 
     def _limitClosed(self, report: LimitLog | None, format: str, **fields: Any) -> None:
-        """Report a limit's close (counted, rate-bounded log), then abort."""
-        unlogged = 0 if report is None else report.hit()
-        if unlogged is not None:
-            if unlogged:
-                format += " ({unlogged} more not logged since the last such line)"
-            self.log.warn(format, peer=self.peerName(), unlogged=unlogged, **fields)
+        """Report a limit's close (L{_report}), then abort."""
+        self._report(report, format, **fields)
         # Abort: a graceful close waits for a peer that may never read.
         abort = getattr(self.transport, "abortConnection", None)
         if abort is None:
             self.transport.loseConnection()
         else:
             abort()
+
+    def _report(self, report: LimitLog | None, format: str, **fields: Any) -> None:
+        """A limit's close: counted, and logged at C{report}'s bounded rate."""
+        unlogged = 0 if report is None else report.hit()
+        if unlogged is not None:
+            if unlogged:
+                format += " ({unlogged} more not logged since the last such line)"
+            self.log.warn(format, peer=self.peerName(), unlogged=unlogged, **fields)
 
     def peerName(self) -> str:  # noqa: N802
         """
@@ -406,7 +414,8 @@ class MessageFactory(Factory):
     A factory of L{MessageProtocol}s that share one maximum message size
     (e.g. the configuration's C{max_message_size}), idle timeout, clock and
     partial-message budget (by default a private one, of 64 MiB); closes for
-    idleness are counted in C{counters} and logged at a bounded rate.
+    idleness and for messages over the maximum are counted in C{counters}
+    and logged at a bounded rate.
     C{idleTimeout} may be a callable returning the current timeout.
     """
 
@@ -430,6 +439,7 @@ class MessageFactory(Factory):
             partialBudget = PartialMessageBudget(counters=counters, clock=clock)
         self.partialBudget = partialBudget
         self.idleLog = LimitLog("idle connections closed", counters, clock)
+        self.tooLargeLog = LimitLog(TOO_LARGE_CLOSED, counters, clock)
 
     def buildProtocol(self, addr: object) -> MessageProtocol:  # noqa: N802
         protocol = super().buildProtocol(addr)
@@ -438,4 +448,5 @@ class MessageFactory(Factory):
         protocol.clock = self.clock
         protocol.partialBudget = self.partialBudget
         protocol.idleLog = self.idleLog
+        protocol.tooLargeLog = self.tooLargeLog
         return protocol

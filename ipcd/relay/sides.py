@@ -49,6 +49,13 @@ SPLICE_AT = 64 * 1024
 # they never take the fds lookups and new connections need.  The rest copy.
 MAX_PIPES = 256
 
+# A side owed more than this is not read until it has taken some.  What a
+# relay owes a side is at most one read of its peer's (with a codec's
+# overhead) and a greeting; past that it is what the side's own codec
+# answered it: TLS 1.3 answers each KeyUpdate that asks for one with one of
+# its own, and a peer sending them without reading would grow ipcd for ever.
+MAX_OWED = 2 * READ_SIZE
+
 # Nothing owed: one shared empty view, not one per side (idle relays are
 # many, and a memoryview costs about 250 bytes).
 NOTHING = memoryview(b"")
@@ -152,9 +159,16 @@ class Side:
     def reading(self) -> bool:
         """
         Read while the far end sends and the peer has taken everything, and
-        while there is somewhere to send it.
+        while there is somewhere to send it; and while this side takes what
+        its codec answers its far end (L{MAX_OWED}).
         """
-        return not self.eof and not self.peer.owed and not self.peer.hup
+        peer = self.peer
+        return (
+            not self.eof
+            and not peer.owed
+            and not peer.hup
+            and len(self.pending) <= MAX_OWED
+        )
 
     @property
     def finished(self) -> bool:

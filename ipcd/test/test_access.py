@@ -30,6 +30,7 @@ from ipcd.access import (
     open_socket,
     permitted,
 )
+from ipcd.control import status_report
 from ipcd.errors import Refused
 from ipcd.inboundreach import inbound_reach
 from ipcd.test.support import (
@@ -534,6 +535,26 @@ class RemoteOwnSocketsTests(TestCase):
         # pong itself is served.
         answer = yield deferToThread(bounce_through, host.port, b"pong")
         self.assertEqual(answer, b"\0\0\0\x09bounce me")
+
+    @inlineCallbacks
+    def test_hardLinksRefusedAndSaidSo(self) -> Any:
+        """
+        A hard link to one of ipcd's sockets, under a rule naming it, is
+        refused as ipcd's own; and C{ipcd status} says it is not reachable
+        (it said the rule let peers reach it).
+        """
+        names = ("ctl", "tcpd", "lookups")
+        host = yield start_host(self, [f"allow in {name}" for name in names])
+        for name, own in zip(names, ("ipcd-control", "tcp", "ipc"), strict=True):
+            os.link(os.path.join(host.rundir, own), os.path.join(host.rundir, name))
+        for name in names:
+            answer = yield self.ask(host.port, name.encode())
+            self.assertIn(b"is ipcd's own socket", answer)
+        self.assertEqual(host.broker.counters["connected"], 0)
+        reach = status_report(host.broker)["inbound"]
+        for name in names:
+            path = os.path.join(host.rundir, name)
+            self.assertEqual(reach[name], f"not reachable: {path} is ipcd's own socket")
 
 
 class EveryNameDecidedTests(TestCase):

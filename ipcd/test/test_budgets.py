@@ -26,6 +26,7 @@ from ipcd.test.support import (
     bounce,
     connect_unix,
     fd_baseline,
+    logged_lines,
     lookup,
     make_config,
     set_network,
@@ -309,4 +310,63 @@ class DeadlineTests(TestCase):
         counters = service.broker.counters
         self.assertEqual(counters["idle connections closed"], 20)
         self.assertEqual(counters["control requests timed out"], 100)
+        yield assert_no_fd_leak(before)
+
+
+def _oversized(path: str | None, port: int | None, count: int) -> list[bytes]:
+    """
+    C{count} clients each announce a message of 4 GiB: on C{path} (a UNIX
+    socket) at once, or through tcpd on C{port} to pongd after its C{ok};
+    what each read until ipcd closed it.
+    """
+    answers = []
+    for _ in range(count):
+        if path is not None:
+            sock = connect_unix(path)
+        else:
+            sock = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+            sock.sendall(b"pong")
+            if sock.recv(2) != b"ok":
+                raise AssertionError("tcpd did not answer ok")
+        with sock:
+            sock.settimeout(TIMEOUT)
+            sock.sendall(HEADER.pack(0xFFFFFFFF))
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+            answers.append(answer)
+    return answers
+
+
+class TooLargeTests(TestCase):
+    @inlineCallbacks
+    def test_closesLoggedAtABoundedRate(self) -> Any:
+        """
+        Clients that each send a message over its maximum, to
+        C{RUNDIR/ipc} and (a remote peer, through tcpd) to pongd, are each
+        closed (a lookup's with its C{ne}) and counted; the lines saying
+        so are a few, not one each, and say how many they left out.
+        """
+        from ipcd.test.tcpsupport import start_host
+        from ipcd.wire import LOG_LINES_DROPPED, TOO_LARGE_CLOSED
+
+        set_network(self, None)
+        host = yield start_host(self, ["allow in pong"])
+        counters = host.broker.counters
+        lines = logged_lines(self)
+        before = yield fd_baseline()
+        dropped = counters[LOG_LINES_DROPPED]
+        clients = 50
+        ipc = os.path.join(host.rundir, "ipc")
+        answers = yield deferToThread(_oversized, ipc, None, clients)
+        self.assertTrue(all(b"ne lookup of 4294967295 bytes" in a for a in answers))
+        answers = yield deferToThread(_oversized, None, host.port, clients)
+        self.assertEqual(set(answers), {b""})
+        yield wait_until(
+            lambda: counters[TOO_LARGE_CLOSED] == 2 * clients, "every close counted"
+        )
+        said = [line for line in lines if "exceeds the limit" in line]
+        self.assertLess(len(said), clients // 2, "\n".join(said))
+        self.assertEqual(counters[LOG_LINES_DROPPED] - dropped, 2 * clients - len(said))
+        self.assertIn("uid", said[0])  # the client's, not an empty address
         yield assert_no_fd_leak(before)

@@ -466,6 +466,23 @@ class DecisionLogTests(SynchronousTestCase):
         self.assertEqual(len(events), 257)
         self.assertIn("s256", formatEvent(events[-1]))
 
+    def test_longNamesCut(self) -> None:
+        """
+        A refused name as long as a peer sent it is shown (and kept among
+        the fields reused) as its first 255 characters and C{...}.
+        """
+        events: list[dict[str, Any]] = []
+        log = DecisionLog(Logger(observer=events.append))
+        peer = Peer("10.0.0.1:1")
+        log.record(Request("in", peer, "x" * 65536), None, "too long")
+        (event,) = events
+        self.assertEqual(event["service"], "x" * 255 + "...")
+        ((_, service, *_),) = log._said
+        self.assertEqual(service, "x" * 255 + "...")
+        # A name of the longest valid length is shown whole.
+        log.record(Request("in", peer, "y" * 255), None, "no route")
+        self.assertEqual(events[-1]["service"], "y" * 255)
+
     def test_requestHasNoDict(self) -> None:
         """A request per lookup: slots, no per-instance dict."""
         self.assertFalse(hasattr(Request("local", Peer("x"), "s"), "__dict__"))

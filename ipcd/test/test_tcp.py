@@ -30,6 +30,7 @@ from ipcd.test.support import (
     connect_unix,
     fd_baseline,
     free_port,
+    logged_lines,
     lookup,
     make_config,
     open_fds,
@@ -297,6 +298,21 @@ class HandshakeTests(TwoHostsTestCase):
 
     def test_tooLongRawName(self) -> Any:
         return self.assertRefused(b"p" * 300)
+
+    @inlineCallbacks
+    def test_longNameLoggedCut(self) -> Any:
+        """
+        Upstream's raw form takes a whole read as the name: the decision
+        line shows at most its first 255 characters, whatever came (a line
+        of bounded size for each request a peer makes).
+        """
+        lines = logged_lines(self)
+        yield self.assertRefused(b"p" * 5000, b"longer than 255 bytes")
+        said = [line for line in lines if "longer than 255 bytes" in line]
+        self.assertTrue(said, lines)
+        for line in said:
+            self.assertIn("p" * 255 + "...'", line)
+            self.assertLess(len(line), 600, line)
 
     @inlineCallbacks
     def test_framedRefusalIsFramed(self) -> Any:

@@ -196,7 +196,7 @@ class MessageProtocolTests(SynchronousTestCase):
         reason = warnings[0]["reason"]
         self.assertIn("11 bytes", reason)
         self.assertIn("10 bytes", reason)
-        self.assertEqual(warnings[0]["peer"], transport.getPeer())
+        self.assertEqual(warnings[0]["peer"], str(transport.getPeer()))
 
     def test_oversizedOnlyThatConnection(self) -> None:
         """Another connection of the same class carries on."""

@@ -44,7 +44,7 @@ from ipcd.daemons.websocket.factories import (
 from ipcd.daemons.websocket.page import page_response
 from ipcd.host import IDaemonHost
 from ipcd.identity import remote_peer
-from ipcd.limits import RateLimitedObserver
+from ipcd.limits import REFUSAL_GRACE, RateLimitedObserver
 from ipcd.logs import printable
 from ipcd.relay import RelayStats
 
@@ -144,6 +144,8 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
     _pending: Deferred[Any] | None = None
     _core: core.InboundHandshake | None = None
     _asking: Deferred[Any]
+    _opened = False
+    _cut: Any = None  # aborts a connection refused before it opened
 
     def makeConnection(self, transport: Any) -> None:  # noqa: N802
         # autobahn reads TLS details off the TLS transport itself, not off
@@ -207,6 +209,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             raise ConnectionDeny(410, "gone")
 
     def onOpen(self) -> None:  # noqa: N802
+        self._opened = True
         sock, self._socket = self._socket, None
         if sock is None:  # cannot happen: onConnect succeeded
             self.dropConnection(abort=True)
@@ -233,6 +236,17 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:  # noqa: N802, N803
         self.webSocketLost(wasClean)
 
+    def dropConnection(self, abort: bool = False) -> None:  # noqa: N802
+        closing = self.state != self.STATE_CLOSED
+        super().dropConnection(abort)
+        if closing and not abort and not self._opened and self._cut is None:
+            # A refusal or the page, closed once sent: a peer that reads
+            # nothing (TLS's own answers can fill the buffer first) would
+            # hold the connection for ever.  Cut after a grace.
+            self._cut = self.factory.reactor.callLater(
+                REFUSAL_GRACE, self.transport.abortConnection
+            )
+
     def headTooLarge(self, reason: str) -> None:  # noqa: N802
         self.failHandshake(
             "Request Header Fields Too Large",
@@ -251,6 +265,8 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
                 why=why,
             )
         self.factory.connections.discard(self)
+        if self._cut is not None and self._cut.active():
+            self._cut.cancel()
         if self._core is not None:
             self.act(self._core.lost())
         if self._socket is not None:
