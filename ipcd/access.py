@@ -283,6 +283,15 @@ def _socket_at(
         raise Refused(f"{path} is not a socket")
     if who is not None and not may(fd, st, who, WRITE):
         raise _denied(who, path)
+    if who is not None and st.st_nlink > 1 and st.st_uid != who.uid:
+        # A hard link, like a user's symbolic link, could lend ipcd's
+        # identity to a socket elsewhere (a user may make one where
+        # fs.protected_hardlinks is 0): another's socket has one name.
+        raise Refused(
+            f"{path}: a socket of uid {st.st_uid} with {st.st_nlink} names (hard "
+            "links); a client's lookup reaches another user's socket only by "
+            "its one name"
+        )
     return OpenedSocket(fd, st, via_symlink)
 
 

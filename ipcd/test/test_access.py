@@ -297,6 +297,15 @@ class ClientAccessTests(TestCase):
     def serve(self, path: str) -> Factory:
         return counted_pong(self, path)
 
+    def public_socket(self) -> tuple[str, Factory]:
+        """A socket anyone may connect to, outside RUNDIR: path, factory."""
+        public = short_rundir(self, "ipcd-public-")
+        os.chmod(public, 0o755)
+        path = os.path.join(public, "bus.sock")
+        factory = self.serve(path)
+        os.chmod(path, 0o666)
+        return path, factory
+
     def connect_as(self, who: Credentials, name: str) -> Any:
         """What C{who}'s own connect() to RUNDIR/NAME does."""
         return as_user(self.at(name), who.uid, who.gid, tuple(who.groups), "connect")
@@ -398,11 +407,7 @@ class ClientAccessTests(TestCase):
         not followed; the admin's own link is.
         """
         yield self.start()
-        public = short_rundir(self, "ipcd-public-")
-        os.chmod(public, 0o755)
-        bus = os.path.join(public, "bus.sock")
-        factory = self.serve(bus)
-        os.chmod(bus, 0o666)
+        bus, factory = self.public_socket()
         direct = yield as_user(bus, ALICE.uid, ALICE.gid, (SHARED_GROUP,), "connect")
         self.assertEqual(direct, {"connected": True})
         os.symlink(bus, self.at("bus"))
@@ -417,6 +422,28 @@ class ClientAccessTests(TestCase):
         os.lchown(self.at("alias2"), ALICE.uid, ALICE.gid)
         yield self.assertRefused(ALICE, "alias2;", "symbolic link of uid 61001")
         self.assertEqual(factory.connections, 1)  # her own, above
+        answer = yield self.lookup_as(ALICE, "bus;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+
+    @inlineCallbacks
+    def test_hardLinksOfOthersNotFollowed(self) -> Any:
+        """
+        The same through a hard link (a user may make one of a socket that
+        is not theirs where fs.protected_hardlinks is 0; here root does):
+        another user's socket is reached only by its one name.
+        """
+        yield self.start()
+        bus, factory = self.public_socket()
+        os.link(bus, self.at("bus"))
+        for payload in ("bus;", "x;x unix://bus"):
+            yield self.assertRefused(ALICE, payload, "a socket of uid 0 with 2 names")
+        self.assertEqual(factory.connections, 0)
+        # Her own socket she may name twice; root's with one name is served.
+        os.chown(bus, ALICE.uid, ALICE.gid)
+        answer = yield self.lookup_as(ALICE, "bus;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+        os.chown(bus, 0, 0)
+        os.unlink(bus)
         answer = yield self.lookup_as(ALICE, "bus;")
         self.assertEqual(answer, {"reply": "ok", "fds": 1})
 
