@@ -40,6 +40,11 @@ from ipcd.wire import LOG_LINES_DROPPED
 
 # A refused peer has this long to read its refusal and close; then it is cut.
 REFUSAL_GRACE = 1.0
+# Refused connections given that grace at once, per listener and per peer
+# (they are not counted under the limits meanwhile): past these, a refused
+# connection is closed at once, and its refusal may be lost.
+MAX_LINGERING = 64
+MAX_LINGERING_PER_PEER = 8
 # At most this many log lines per listener per LOG_PERIOD seconds.
 LOG_BURST = 5
 LOG_PERIOD = 10.0
@@ -157,7 +162,9 @@ class ConnectionLimits:
         self.log = Logger(namespace=f"ipcd.limits.{name}", observer=self.rate_limited)
         self.port: Any = None  # set once listening: paused at max_total
         self._paused = False
-        self._cuts: dict[Any, Any] = {}  # refused connections' grace timers
+        # Refused connections in their grace: their timers and peer keys.
+        self._cuts: dict[Any, tuple[Any, str]] = {}
+        self._lingering: Counter[str] = Counter()  # of them, per peer key
 
     def has_room(self, key: str, spare: int = 0) -> bool:
         """
@@ -205,26 +212,42 @@ class ConnectionLimits:
             if self.port.connected:  # not once it has stopped listening
                 self.port.startReading()
 
-    def refuse(self, transport: Any, refusal: bytes) -> None:
+    def refuse(self, transport: Any, refusal: bytes, key: str = "") -> None:
         """
         Answer C{refusal} and end the connection without a reset: what the
         peer has sent is read and dropped, the answer is followed by an EOF,
         and the peer has L{REFUSAL_GRACE} seconds to close before it is cut.
         Closing at once with the peer's request unread would reset the
-        connection, and the peer could lose the answer.
+        connection, and the peer could lose the answer.  Past
+        L{MAX_LINGERING} such connections (L{MAX_LINGERING_PER_PEER} of
+        C{key}'s), it is closed at once: a peer connecting fast would
+        otherwise hold a descriptor per connection it opens in a second.
         """
+        lingering = self._lingering
+        if len(self._cuts) >= MAX_LINGERING or lingering[key] >= MAX_LINGERING_PER_PEER:
+            transport.abortConnection()
+            return
         discard_unread(transport)
         if refusal:
             transport.write(refusal)
         transport.loseWriteConnection()
         cut = self.clock.callLater(REFUSAL_GRACE, transport.abortConnection)
-        self._cuts[transport] = cut
+        self._cuts[transport] = (cut, key)
+        lingering[key] += 1
 
     def refused_gone(self, transport: Any) -> None:
         """A refused connection has ended: no need to cut it."""
-        cut = self._cuts.pop(transport, None)
-        if cut is not None and cut.active():
+        held = self._cuts.pop(transport, None)
+        if held is None:
+            return
+        cut, key = held
+        if cut.active():
             cut.cancel()
+        left = self._lingering[key] - 1
+        if left > 0:
+            self._lingering[key] = left
+        else:
+            del self._lingering[key]
 
     def listening(self, port: Any) -> Any:
         """Watch C{port}: its accept errors are logged at a bounded rate."""
@@ -310,7 +333,7 @@ class _LimitedProtocol(ClosesDescriptors, ProtocolWrapper):
         reason = factory.limits.admit(key)
         if reason is not None:
             self.transport = transport
-            factory.limits.refuse(transport, factory.refusal(reason))
+            factory.limits.refuse(transport, factory.refusal(reason), key)
             return
         # One string per peer, not per connection: relays keep it long.
         self.key = sys.intern(key)

@@ -77,7 +77,7 @@ class LookupProtocol(MessageProtocol):
             if refusal is not None:
                 self._answered = True
                 self._refused_by = limits
-                limits.refuse(self.transport, b"ne " + refusal.encode())
+                limits.refuse(self.transport, b"ne " + refusal.encode(), key)
                 return
             self._admitted = key
         self.setTimeout(self.broker.config.lookup_timeout)

@@ -19,6 +19,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
+from ipcd.compat import twisted as compat_twisted
 from ipcd.daemons.outbox import socket_of
 from ipcd.test.support import short_rundir, wait_until
 from ipcd.test.test_tls import TlsTestCase
@@ -227,6 +228,74 @@ class KeyUpdateFloodTests(TlsTestCase):
         self.assertEqual(counters[timed_out], 1)
         yield wait_until(lambda: limits.total == 0, "the refused peer to be cut")
         self.assertEqual(listener.protocols, {})
+
+
+class TwistedTlsKeyUpdateTests(TlsTestCase):
+    """
+    While Twisted's TLS carries a connection (its handshake and request,
+    and its relay when C{socket_relay} is off), a peer sending KeyUpdates
+    that ask for one back, and reading nothing, is not read once tlsd's
+    buffer towards it is full (Twisted's C{bufferSize}) and its own records
+    add to it: tlsd holds at most twice that, not every answer.  Once the
+    peer reads, it is read again.
+    """
+
+    # Twisted's bufferSize (64 KiB), then the answers to one read (its
+    # records, 64 KiB at most).
+    BOUND = 2 * 64 * 1024
+
+    @inlineCallbacks
+    def flood_until_unread(self, b: Any, peer: KeyUpdater) -> Any:
+        """
+        Flood tlsd's one connection from C{peer} until tlsd stops reading
+        it (in rounds: a slow tlsd only takes more), at most 200,000
+        KeyUpdates (some 3 MB of answers, were they all held): its TCP
+        transport.
+        """
+        from twisted.internet import reactor
+
+        listener = b.service.getServiceNamed("tlsd").listener.factory
+        [wrapper] = listener.protocols
+        tcp = socket_of(wrapper.transport)
+        # A small send buffer on tlsd's end: its answers soon wait in tlsd.
+        tcp.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sent = 0
+        while tcp in reactor.getReaders() and sent < 200_000:
+            sent += yield deferToThread(peer.flood, 20_000)
+        yield wait_until(
+            lambda: tcp not in reactor.getReaders(),
+            f"tlsd to stop reading ({sent} sent)",
+        )
+        self.assertLessEqual(compat_twisted.buffered(tcp), self.BOUND)
+        return tcp
+
+    @inlineCallbacks
+    def test_beforeTheRequest(self) -> Any:
+        """
+        Before its request (a deadline that cannot pass first): then it
+        reads, sends its request and is relayed.
+        """
+        tlsd = {"psk_file": self.keys(alice=ALICE_KEY), "handshake_timeout": 60}
+        b = yield start_tls_host(self, tlsd, rules=["allow in pong psk:alice"])
+        peer = yield deferToThread(KeyUpdater, self, b.port, None)
+        yield self.flood_until_unread(b, peer)
+        yield deferToThread(peer.write, b"pong")
+        answer = yield deferToThread(peer.read, 2)
+        self.assertEqual(answer, b"ok")
+        echo = yield deferToThread(peer.bounce, encode(b"after the flood"))
+        self.assertEqual(echo, encode(b"after the flood"))
+
+    @inlineCallbacks
+    def test_relayThroughTwisted(self) -> Any:
+        """C{socket_relay = false}: on the relay; then it reads, and it goes on."""
+        tlsd = {"psk_file": self.keys(alice=ALICE_KEY), "socket_relay": False}
+        b = yield start_tls_host(self, tlsd, rules=["allow in pong psk:alice"])
+        peer = yield deferToThread(KeyUpdater, self, b.port)
+        # (It has its ok: the relay is on, through Twisted.)
+        self.assertEqual(b.tls_state.socket_relays.sides(), [])
+        yield self.flood_until_unread(b, peer)
+        echo = yield deferToThread(peer.bounce, encode(b"after the flood"))
+        self.assertEqual(echo, encode(b"after the flood"))
 
 
 class WebSocketKeyUpdateTests(TestCase):

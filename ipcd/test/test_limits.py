@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ipcd import limits as limits_module
 from ipcd.limits import (
     LOG_BURST,
     REFUSAL_GRACE,
@@ -35,6 +36,7 @@ from ipcd.test.support import (
     connect_unix,
     make_config,
     needs_root,
+    open_fds,
     python_env,
     read_reply,
     read_text,
@@ -385,6 +387,66 @@ class TcpLimitsTests(TestCase):
         )
         again = yield deferToThread(relay, "127.0.0.1")
         self.addCleanup(again.close)
+
+
+def _held_for(port: int) -> int:
+    """
+    This process's fds on TCP connections accepted on C{port} (their
+    local port; a client's is another), from /proc/net/tcp and /proc/self/fd.
+    """
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if int(local.split(":")[1], 16) == port and remote != "00000000:0000":
+                inodes.add(f"socket:[{inode}]")
+    return sum(1 for link in open_fds().values() if link in inodes)
+
+
+class LingeringRefusalsTests(TestCase):
+    """
+    Refused connections wait for their refusal to be read (a grace), not
+    counted under the limits: at most 8 per peer and 64 per listener wait
+    so; the others are closed at once.
+    """
+
+    @inlineCallbacks
+    def test_boundedPerPeerAndListener(self) -> Any:
+        # A grace that cannot pass during the test, however slow the machine.
+        self.patch(limits_module, "REFUSAL_GRACE", 600.0)
+        host = yield start_host(
+            self, handshake_timeout=600, limits={"max_connections_per_peer": 1}
+        )
+        counters = host.broker.counters
+        clients: list[socket.socket] = []
+        self.addCleanup(lambda: [sock.close() for sock in clients])
+
+        def connect(source: str) -> None:
+            sock = socket.socket()
+            clients.append(sock)
+            sock.bind((source, 0))
+            sock.connect(("127.0.0.1", host.port))
+
+        @inlineCallbacks
+        def flood(source: str, refused: int) -> Any:
+            # One admitted (it holds its place: it sends nothing), then
+            # refused ones that read nothing and stay open.
+            for _ in range(1 + refused):
+                connect(source)
+            total = counters["tcpd: refused, per-peer limit"] + refused
+            yield wait_until(
+                lambda: counters["tcpd: refused, per-peer limit"] == total,
+                f"{refused} refusals",
+            )
+
+        yield flood("127.0.0.1", 40)
+        self.assertEqual(_held_for(host.port), 1 + 8)
+        # Eleven more addresses, 8 waiting each would be 96: 64 wait.
+        for last in range(2, 13):
+            yield flood(f"127.0.0.{last}", 10)
+        self.assertEqual(_held_for(host.port), 12 + 64)
 
 
 class AcceptErrorTests(TestCase):

@@ -21,6 +21,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ipcd.compat import twisted as compat_twisted
+from ipcd.daemons.outbox import socket_of
 from ipcd.daemons.websocket.limits import (
     MAX_HEAD,
     HeadReader,
@@ -107,6 +109,44 @@ class MessageDeadlineTests(TestCase):
         self.assertEqual(first, (TEXT, b"whole one"))
         self.assertEqual((opcode, close_code(payload)), (CLOSE, 1008))
         self.assertEqual(payload[2:], b"message not whole within 0.5 s")
+        yield assert_no_fd_leak(before)
+
+
+class CloseAfterABoundTests(TestCase):
+    @inlineCallbacks
+    def test_peerThatReadsNothingCut(self) -> Any:
+        """
+        With no pings (C{ping_interval = 0}), a peer that breaks a bound
+        (here, a message not whole in time) and reads nothing cannot hold
+        its connection: the close frame waits behind the echoes it left
+        unread, and the connection, closed once they are sent, is cut
+        C{close_handshake_timeout} later.
+        """
+        host = yield start_ws_host(
+            self, message_timeout=0.5, close_handshake_timeout=0.5
+        )
+        before = yield fd_baseline()
+        opening = yield deferToThread(ws_open, host.port, "/pong", buffers=4096)
+        self.assertEqual(opening.status, 101)
+        self.addCleanup(opening.sock.close)
+        listener = host.service.getServiceNamed("websocketd").listener.factory
+        [wrapper] = listener.protocols
+        tcp = socket_of(wrapper.transport)
+        # A small send buffer on websocketd's end: the echoes soon wait there.
+        tcp.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        # 40 KB of echoes, left unread: under Twisted's 64 KiB, so the peer
+        # is still read.
+        echoes = ws_frame(b"e" * 1000) * 40
+        yield deferToThread(opening.sock.sendall, echoes)
+        yield wait_until(
+            lambda: compat_twisted.buffered(tcp) > 16 * 1024, "echoes to wait"
+        )
+        # A message begun, never finished: closed at its deadline.
+        yield deferToThread(opening.sock.sendall, ws_frame(b"begun", TEXT, fin=False))
+        yield wait_until(
+            lambda: not listener.protocols, "the peer to be cut", timeout=60
+        )
+        opening.sock.close()  # (the peer's own)
         yield assert_no_fd_leak(before)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from OpenSSL.SSL import Error as SSLError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -22,6 +23,7 @@ from ipcd.compat import twisted as compat_twisted
 from ipcd.daemons.outbox import socket_of
 from ipcd.daemons.tls.kcodec import KernelSecured
 from ipcd.daemons.tls.kswitch import to_kernel
+from ipcd.daemons.tls.owed import ASKED, OwedGuard
 from ipcd.daemons.tls.relay import Secured, detach
 from ipcd.handoff import adopt_into_reactor
 from ipcd.relay import RelayProtocol, RelayStats, ended
@@ -33,18 +35,87 @@ if TYPE_CHECKING:
 log = Logger()
 
 
+# What is taken from OpenSSL's memory BIO at once: a TCP read's worth.
+_BIO_READ = 64 * 1024
+
+
 class _NoHalfClose(TLSMemoryBIOProtocol):
     """
     A TLS connection a relay cannot half-close: TLS has no half-close that
     Twisted's peer would keep (a close_notify ends the connection), and the
     wrapper would otherwise lend the relay its TCP transport's
     C{loseWriteConnection}, which would cut the TLS stream.
+
+    What OpenSSL answers the peer and it leaves unread is bounded
+    (L{OwedGuard}, on a TCP transport): pausing and resuming this
+    transport, and producers registered with it, go through the guard.
     """
+
+    _guard: OwedGuard | None = None
 
     def __getattr__(self, name: str) -> Any:
         if name == "loseWriteConnection":
             raise AttributeError(name)
         return super().__getattr__(name)
+
+    def makeConnection(self, transport: Any) -> None:  # noqa: N802
+        tcp = socket_of(transport)
+        if tcp is not None and tcp.producer is None:
+            self._guard = OwedGuard(tcp)
+        super().makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        guard = self._guard
+        if guard is None:
+            super().dataReceived(data)
+            return
+        guard.reading = True  # what this writes, the peer's records made
+        try:
+            super().dataReceived(data)
+            self._sendAnswers()
+        finally:
+            guard.reading = False
+
+    def _sendAnswers(self) -> None:
+        """
+        Send all OpenSSL made: Twisted's TLS sends 32 KiB of it after a
+        read, and the rest would wait in OpenSSL's memory BIO until the next
+        read or write, growing with each read (the guard does not see it),
+        and holding back what is written after it.
+        """
+        connection = self.getHandle()
+        while True:
+            try:
+                records = connection.bio_read(_BIO_READ)
+            except SSLError:  # WantReadError: nothing (more) to send
+                return
+            self.transport.write(records)
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        if self._guard is None:
+            self.transport.pauseProducing()
+        else:
+            self._guard.pauses.pause(ASKED)
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        if self._guard is None:
+            self.transport.resumeProducing()
+        else:
+            self._guard.pauses.resume(ASKED)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
+        if self._guard is None:
+            super().registerProducer(producer, streaming)
+            return
+        with self._guard.sharing():
+            super().registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:  # noqa: N802
+        if self._guard is None:
+            super().unregisterProducer()
+            return
+        with self._guard.sharing():
+            super().unregisterProducer()
 
 
 class TLSFactory(TLSMemoryBIOFactory):
@@ -132,7 +203,7 @@ def relay_over(
         if handed is not None:
             handed(None)
         return
-    tcp.stopReading()
+    tls.pauseProducing()
     held = _Held()
     tls.wrappedProtocol = held
 
@@ -150,7 +221,7 @@ def relay_over(
         secured = detach(tls)
         if isinstance(secured, str):
             log.info("relaying through Twisted's TLS: {why}", why=secured)
-            tcp.startReading()
+            tls.resumeProducing()
             _relay_in_twisted(
                 state, tls, sock, stats, tls_is_a, ahead, behind, idle_timeout
             )

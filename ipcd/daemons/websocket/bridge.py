@@ -139,6 +139,7 @@ class WebSocketSide(BoundedPeer):
     _inSocketRead = False
     _inWebSocketRead = False
     _smallMax = 0  # see _smallMessageLimit: set once the bridge is joined
+    _cut: Any = None  # aborts a connection closed after what it holds is sent
 
     def connectionMade(self) -> None:  # noqa: N802
         self.readPauses = ReadPauses(self.transport)  # type: ignore[attr-defined]
@@ -372,11 +373,33 @@ class WebSocketSide(BoundedPeer):
             if self.bridges is not None:
                 self.bridges.discard(self)
 
+    def dropConnection(self, abort: bool = False) -> None:  # noqa: N802
+        closing = self.state != self.STATE_CLOSED  # type: ignore[attr-defined]
+        super().dropConnection(abort)  # type: ignore[misc]
+        if closing and not abort and self._cut is None:
+            # Closed once what it holds is sent (after a bound broken, a
+            # closing handshake, a refusal): a peer that reads nothing would
+            # hold the connection for ever, autobahn's closing deadline being
+            # over once it drops, and its pings maybe off.  Cut after a grace.
+            self._cut = self.factory.reactor.callLater(  # type: ignore[attr-defined]
+                self.closeGrace(),
+                self.transport.abortConnection,  # type: ignore[attr-defined]
+            )
+
+    def closeGrace(self) -> float:  # noqa: N802
+        """How long a connection closed once what it holds is sent may take."""
+        return self.closeHandshakeTimeout  # type: ignore[attr-defined, no-any-return]
+
     def cancelTimers(self) -> None:  # noqa: N802
         """
         After the connection is lost: autobahn leaves its closing handshake
-        deadline pending (harmless on txaio's timers, a stray call on ours).
+        deadline pending (harmless on txaio's timers, a stray call on ours),
+        and the cut after a drop is not needed.
         """
+        if self._cut is not None:
+            if self._cut.active():
+                self._cut.cancel()
+            self._cut = None
         call = getattr(self, "closeHandshakeTimeoutCall", None)
         if call is not None:
             call.cancel()

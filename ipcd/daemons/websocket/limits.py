@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from ipcd.daemons.outbox import Outbox, queued_nothing
+from ipcd.readpauses import ReadPauses
 
 # WebSocket close codes (RFC 6455, 7.4.1).
 CLOSE_NORMAL = 1000
@@ -87,29 +88,6 @@ class HeadReader:
 SERVICE_FULL = 1  # the service end holds a buffer's worth for the service
 PEER_FULL = 2  # this end holds a buffer's worth for the peer (pongs included)
 HANDSHAKE = 4  # the opening handshake awaits the service's lookup
-
-
-class ReadPauses:
-    """
-    The reasons a transport is not read: it is read again once none is
-    left.  Each reason is a bit; pausing and resuming are idempotent, as
-    Twisted's producers may be told either more than once.
-    """
-
-    def __init__(self, transport: Any) -> None:
-        self.transport = transport
-        self.reasons = 0
-
-    def pause(self, reason: int) -> None:
-        if not self.reasons & reason:
-            self.reasons |= reason
-            self.transport.pauseProducing()
-
-    def resume(self, reason: int) -> None:
-        if self.reasons & reason:
-            self.reasons &= ~reason
-            if not self.reasons:
-                self.transport.resumeProducing()
 
 
 @implementer(IPushProducer)

@@ -145,7 +145,6 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
     _core: core.InboundHandshake | None = None
     _asking: Deferred[Any]
     _opened = False
-    _cut: Any = None  # aborts a connection refused before it opened
 
     def makeConnection(self, transport: Any) -> None:  # noqa: N802
         # autobahn reads TLS details off the TLS transport itself, not off
@@ -236,16 +235,9 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:  # noqa: N802, N803
         self.webSocketLost(wasClean)
 
-    def dropConnection(self, abort: bool = False) -> None:  # noqa: N802
-        closing = self.state != self.STATE_CLOSED
-        super().dropConnection(abort)
-        if closing and not abort and not self._opened and self._cut is None:
-            # A refusal or the page, closed once sent: a peer that reads
-            # nothing (TLS's own answers can fill the buffer first) would
-            # hold the connection for ever.  Cut after a grace.
-            self._cut = self.factory.reactor.callLater(
-                REFUSAL_GRACE, self.transport.abortConnection
-            )
+    def closeGrace(self) -> float:  # noqa: N802
+        # A refusal or the page (before it opened): a refused peer's grace.
+        return super().closeGrace() if self._opened else REFUSAL_GRACE
 
     def headTooLarge(self, reason: str) -> None:  # noqa: N802
         self.failHandshake(
@@ -265,8 +257,6 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
                 why=why,
             )
         self.factory.connections.discard(self)
-        if self._cut is not None and self._cut.active():
-            self._cut.cancel()
         if self._core is not None:
             self.act(self._core.lost())
         if self._socket is not None:
