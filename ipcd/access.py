@@ -97,9 +97,11 @@ _USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 1, 2, 4, 8, 16, 32
 Acl = tuple[tuple[int, int, int], ...]
 # A file's ACL (or None) by (device, inode, ctime): any change to an ACL or
 # mode changes the ctime.  Only kept for a ctime older than this many
-# nanoseconds, so that two changes within one tick of the kernel's coarse
-# clock cannot share one; at most this many, then all are forgotten.
-_ACL_SETTLED = 100_000_000
+# nanoseconds, so that two changes within one step of the file's ctime
+# cannot share one: a tick of the kernel's coarse clock, or a whole second
+# where the filesystem keeps no more (ext4 with 128-byte inodes, ext2/3;
+# the VFS allows no coarser); at most this many, then all are forgotten.
+_ACL_SETTLED = 2_000_000_000
 _MAX_ACLS = 1024
 _acls: dict[tuple[int, int, int], Acl | None] = {}
 _UNREAD: Acl = ((-1, -1, -1),)  # (not in _acls: not read yet)

@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
+import time
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd.access import (
     OTHERS,
@@ -27,6 +29,7 @@ from ipcd.access import (
     AccessDenied,
     Credentials,
     acl_permits,
+    may,
     open_socket,
     permitted,
 )
@@ -133,6 +136,63 @@ class AclPermitsTests(SynchronousTestCase):
         acl = ((ACL_USER_OBJ, 6, 0), (64, 6, 0), (ACL_OTHER, 6, 0))
         self.assertFalse(acl_permits(acl, st, Credentials(2, 2), WRITE))
         self.assertFalse(acl_permits((), st, Credentials(2, 2), WRITE))
+
+
+class AclCacheTests(SynchronousTestCase):
+    """A file's ACL is read again once changed, however coarse its ctime."""
+
+    def test_changedWithinOneSecondOfCoarseCtime(self) -> None:
+        """
+        On ext4 with 128-byte inodes a ctime has whole seconds: an ACL
+        changed twice within one second keeps one ctime, and the second
+        ACL decides (the first was kept, read 0.2 s after its change).
+        """
+        needs_root()
+        path = os.path.join(_coarse_time_filesystem(self), "f")
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o660))
+        os.chown(path, BOB.uid, SHARED_GROUP)
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        self.addCleanup(os.close, fd)
+        owner, group = (ACL_USER_OBJ, 6, 0), (ACL_GROUP_OBJ, 6, 0)
+        mask, others = (ACL_MASK, 6, 0), (ACL_OTHER, 0, 0)
+        # Rounds until both changes fall in one second (a loaded machine
+        # may take a round past it); the decisions only then.
+        for _ in range(20):
+            time.sleep(1 - time.time() % 1 + 0.01)  # a second just begun
+            set_acl(path, [owner, group, mask, others])
+            first = os.fstat(fd)
+            time.sleep(0.2)
+            allowed = may(fd, first, ALICE, WRITE)
+            # Her own entry now refuses her what her group may.
+            set_acl(path, [owner, (ACL_USER, 0, ALICE.uid), group, mask, others])
+            second = os.fstat(fd)
+            if second.st_ctime_ns == first.st_ctime_ns:
+                break
+        else:
+            raise SkipTest("no two changes fell within one second")
+        self.assertEqual(first.st_ctime_ns % 1_000_000_000, 0)
+        self.assertTrue(allowed)
+        self.assertFalse(may(fd, second, ALICE, WRITE))
+
+
+def _coarse_time_filesystem(case: SynchronousTestCase) -> str:
+    """A small ext4 with 128-byte inodes (whole-second times), mounted."""
+    image = os.path.join(short_rundir(case, "ipcd-ext4-"), "image")
+    mountpoint = short_rundir(case, "ipcd-ext4-")
+    with open(image, "wb") as f:
+        f.truncate(4 * 1024 * 1024)
+    for command in (
+        ["mkfs.ext4", "-q", "-F", "-I", "128", image],
+        ["mount", "-o", "loop", image, mountpoint],
+    ):
+        try:
+            done = subprocess.run(command, capture_output=True, timeout=60)
+        except FileNotFoundError:
+            raise SkipTest(f"no {command[0]}") from None
+        if done.returncode != 0:
+            raise SkipTest(f"{command[0]}: {done.stderr.decode().strip()}")
+    case.addCleanup(subprocess.run, ["umount", mountpoint], timeout=60)
+    return mountpoint
 
 
 def _listen(path: str) -> socket.socket:
