@@ -190,10 +190,15 @@ def may(fd: int, st: os.stat_result, who: Credentials, want: int) -> bool:
 class OpenedSocket:
     """An C{O_PATH} descriptor of a checked socket inode; close it after use."""
 
-    def __init__(self, fd: int, st: os.stat_result, via_symlink: bool) -> None:
+    def __init__(
+        self, fd: int, st: os.stat_result, via_symlink: bool, checked: bool = True
+    ) -> None:
         self.fd = fd
         self.stat = st
         self.via_symlink = via_symlink
+        # False: opened without a permission check (the admin's word: a
+        # grant, a remote peer's exact rule), for L{one_name}.
+        self.checked = checked
 
     @property
     def inode(self) -> tuple[int, int]:
@@ -289,12 +294,29 @@ def _socket_at(
         # A hard link, like a user's symbolic link, could lend ipcd's
         # identity to a socket elsewhere (a user may make one where
         # fs.protected_hardlinks is 0): another's socket has one name.
-        raise Refused(
-            f"{path}: a socket of uid {st.st_uid} with {st.st_nlink} names (hard "
-            "links); a client's lookup reaches another user's socket only by "
-            "its one name"
-        )
-    return OpenedSocket(fd, st, via_symlink)
+        raise _several_names(path, st)
+    return OpenedSocket(fd, st, via_symlink, checked=who is not None)
+
+
+def one_name(opened: OpenedSocket, path: str) -> OpenedSocket:
+    """
+    C{opened}, unless it was opened without a permission check (by a
+    grant, or a remote peer's exact rule) and its socket has more than one
+    name: then closed and refused.  The admin's word is for the service at
+    C{path}, not for another socket a member hard-linked there first; every
+    socket is another's when there is no client to own it.
+    """
+    if not opened.checked and opened.stat.st_nlink > 1:
+        opened.close()
+        raise _several_names(path, opened.stat)
+    return opened
+
+
+def _several_names(path: str, st: os.stat_result) -> Refused:
+    return Refused(
+        f"{path}: a socket of uid {st.st_uid} with {st.st_nlink} names (hard "
+        "links); a lookup reaches another user's socket only by its one name"
+    )
 
 
 def _untrusted_link(path: str, owner: int) -> Refused:

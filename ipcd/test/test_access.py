@@ -366,6 +366,10 @@ class ClientAccessTests(TestCase):
         os.chmod(path, 0o666)
         return path, factory
 
+    def private_socket(self) -> tuple[str, Factory]:
+        """Root's socket (0600), outside RUNDIR: path, factory."""
+        return _private_socket(self)
+
     def connect_as(self, who: Credentials, name: str) -> Any:
         """What C{who}'s own connect() to RUNDIR/NAME does."""
         return as_user(self.at(name), who.uid, who.gid, tuple(who.groups), "connect")
@@ -508,6 +512,21 @@ class ClientAccessTests(TestCase):
         self.assertEqual(answer, {"reply": "ok", "fds": 1})
 
     @inlineCallbacks
+    def test_grantReachesNoHardLink(self) -> Any:
+        """
+        A grant gives the service's socket in RUNDIR, not another socket a
+        member hard-linked at its name first (root's private one here).
+        """
+        yield self.start(grants=["bus *"])
+        path, factory = self.private_socket()
+        os.link(path, self.at("bus"))
+        yield self.assertRefused(ALICE, "bus;", "a socket of uid 0 with 2 names")
+        self.assertEqual(factory.connections, 0)
+        os.unlink(path)  # one name: the admin's service, granted
+        answer = yield self.lookup_as(ALICE, "bus;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+
+    @inlineCallbacks
     def test_adminRedirectGrantsNothing(self) -> Any:
         yield self.start(redirects={"x": "secret"})
         yield self.assertRefused(ALICE, "x;", "permission denied")
@@ -589,6 +608,14 @@ class ClientAccessTests(TestCase):
         self.assertEqual(self.counters["connected"], 0)
 
 
+def _private_socket(case: SynchronousTestCase) -> tuple[str, Factory]:
+    """Root's socket (0600) outside RUNDIR, served: path, factory."""
+    path = os.path.join(short_rundir(case, "ipcd-private-"), "root.sock")
+    factory = counted_pong(case, path)
+    os.chmod(path, 0o600)
+    return path, factory
+
+
 class RemoteOwnSocketsTests(TestCase):
     """Under C{allow in *}, remote peers still never reach ipcd's sockets."""
 
@@ -622,6 +649,19 @@ class RemoteOwnSocketsTests(TestCase):
         # pong itself is served.
         answer = yield deferToThread(bounce_through, host.port, b"pong")
         self.assertEqual(answer, b"\0\0\0\x09bounce me")
+
+    @inlineCallbacks
+    def test_exactRuleReachesNoHardLink(self) -> Any:
+        """
+        A rule naming a service lets remote peers reach its socket in
+        RUNDIR, not another socket a member hard-linked at its name first.
+        """
+        host = yield start_host(self, ["allow in bus"])
+        path, factory = _private_socket(self)
+        os.link(path, os.path.join(host.rundir, "bus"))
+        answer = yield self.ask(host.port, b"bus")
+        self.assertIn(b"a socket of uid 0 with 2 names", answer)
+        self.assertEqual(factory.connections, 0)
 
     @inlineCallbacks
     def test_hardLinksRefusedAndSaidSo(self) -> Any:
