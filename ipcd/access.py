@@ -294,7 +294,7 @@ def _socket_at(
         # A hard link, like a user's symbolic link, could lend ipcd's
         # identity to a socket elsewhere (a user may make one where
         # fs.protected_hardlinks is 0): another's socket has one name.
-        raise _several_names(path, st)
+        raise several_names(path, st)
     return OpenedSocket(fd, st, via_symlink, checked=who is not None)
 
 
@@ -308,11 +308,12 @@ def one_name(opened: OpenedSocket, path: str) -> OpenedSocket:
     """
     if not opened.checked and opened.stat.st_nlink > 1:
         opened.close()
-        raise _several_names(path, opened.stat)
+        raise several_names(path, opened.stat)
     return opened
 
 
-def _several_names(path: str, st: os.stat_result) -> Refused:
+def several_names(path: str, st: os.stat_result) -> Refused:
+    """The refusal of socket C{path} (stat C{st}) for its other names."""
     return Refused(
         f"{path}: a socket of uid {st.st_uid} with {st.st_nlink} names (hard "
         "links); a lookup reaches another user's socket only by its one name"

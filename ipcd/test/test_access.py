@@ -654,14 +654,21 @@ class RemoteOwnSocketsTests(TestCase):
     def test_exactRuleReachesNoHardLink(self) -> Any:
         """
         A rule naming a service lets remote peers reach its socket in
-        RUNDIR, not another socket a member hard-linked at its name first.
+        RUNDIR, not another socket a member hard-linked at its name first;
+        and C{ipcd status} says so.
         """
         host = yield start_host(self, ["allow in bus"])
         path, factory = _private_socket(self)
-        os.link(path, os.path.join(host.rundir, "bus"))
+        bus = os.path.join(host.rundir, "bus")
+        os.link(path, bus)
         answer = yield self.ask(host.port, b"bus")
         self.assertIn(b"a socket of uid 0 with 2 names", answer)
         self.assertEqual(factory.connections, 0)
+        self.assertEqual(
+            status_report(host.broker)["inbound"]["bus"],
+            f"not reachable: {bus}: a socket of uid 0 with 2 names (hard links); "
+            "a lookup reaches another user's socket only by its one name",
+        )
 
     @inlineCallbacks
     def test_hardLinksRefusedAndSaidSo(self) -> Any:
