@@ -255,8 +255,8 @@ def open_socket(
                             f"{path} is a symbolic link; only the socket itself "
                             "may be reached this way"
                         )
-                    if who is not None and child_st.st_uid not in (0, os.geteuid()):
-                        raise _untrusted_link(path, child_st.st_uid)
+                    if who is not None and not _trusted_link(child_st):
+                        raise _untrusted_link(path, child_st)
                     links += 1
                     if links > MAX_SYMLINKS:
                         raise Refused(f"{path}: too many levels of symbolic links")
@@ -320,13 +320,25 @@ def several_names(path: str, st: os.stat_result) -> Refused:
     )
 
 
-def _untrusted_link(path: str, owner: int) -> Refused:
+def _trusted_link(st: os.stat_result) -> bool:
+    """
+    Whether a client's walk follows the symbolic link C{st}: root's or
+    ipcd's, by its one name (a user may hard-link root's link into a
+    directory of theirs where fs.protected_hardlinks is 0).
+    """
+    return st.st_uid in (0, os.geteuid()) and st.st_nlink == 1
+
+
+def _untrusted_link(path: str, st: os.stat_result) -> Refused:
     # ipcd connects as itself (root), and the service sees that: a link
     # that a user made could lend ipcd's identity to any socket the user
     # may reach (the D-Bus system bus trusts uid 0 by SO_PEERCRED).
+    names = one = ""
+    if st.st_nlink > 1:
+        names, one = f" with {st.st_nlink} names (hard links)", ", by their one name"
     return Refused(
-        f"{path}: a symbolic link of uid {owner} on the way; a client's "
-        "lookup follows only root's (or ipcd's) links"
+        f"{path}: a symbolic link of uid {st.st_uid}{names} on the way; a "
+        f"client's lookup follows only root's (or ipcd's) links{one}"
     )
 
 

@@ -512,6 +512,26 @@ class ClientAccessTests(TestCase):
         self.assertEqual(answer, {"reply": "ok", "fds": 1})
 
     @inlineCallbacks
+    def test_hardLinksOfRootsLinksNotFollowed(self) -> Any:
+        """
+        Root's symbolic link is followed by its one name only: a hard link
+        to it (a user may make one where fs.protected_hardlinks is 0; here
+        root does) in RUNDIR is refused, as a user's own link is.
+        """
+        yield self.start()
+        bus, factory = self.public_socket()
+        link = os.path.join(os.path.dirname(bus), "link")
+        os.symlink(bus, link)
+        os.link(link, self.at("bus"), follow_symlinks=False)
+        yield self.assertRefused(
+            ALICE, "bus;", "a symbolic link of uid 0 with 2 names (hard links)"
+        )
+        self.assertEqual(factory.connections, 0)
+        os.unlink(link)  # one name: root's link, followed
+        answer = yield self.lookup_as(ALICE, "bus;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+
+    @inlineCallbacks
     def test_grantReachesNoHardLink(self) -> Any:
         """
         A grant gives the service's socket in RUNDIR, not another socket a
