@@ -97,9 +97,11 @@ _USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 1, 2, 4, 8, 16, 32
 Acl = tuple[tuple[int, int, int], ...]
 # A file's ACL (or None) by (device, inode, ctime): any change to an ACL or
 # mode changes the ctime.  Only kept for a ctime older than this many
-# nanoseconds, so that two changes within one tick of the kernel's coarse
-# clock cannot share one; at most this many, then all are forgotten.
-_ACL_SETTLED = 100_000_000
+# nanoseconds, so that two changes within one step of the file's ctime
+# cannot share one: a tick of the kernel's coarse clock, or a whole second
+# where the filesystem keeps no more (ext4 with 128-byte inodes, ext2/3;
+# the VFS allows no coarser); at most this many, then all are forgotten.
+_ACL_SETTLED = 2_000_000_000
 _MAX_ACLS = 1024
 _acls: dict[tuple[int, int, int], Acl | None] = {}
 _UNREAD: Acl = ((-1, -1, -1),)  # (not in _acls: not read yet)
@@ -188,10 +190,15 @@ def may(fd: int, st: os.stat_result, who: Credentials, want: int) -> bool:
 class OpenedSocket:
     """An C{O_PATH} descriptor of a checked socket inode; close it after use."""
 
-    def __init__(self, fd: int, st: os.stat_result, via_symlink: bool) -> None:
+    def __init__(
+        self, fd: int, st: os.stat_result, via_symlink: bool, checked: bool = True
+    ) -> None:
         self.fd = fd
         self.stat = st
         self.via_symlink = via_symlink
+        # False: opened without a permission check (the admin's word: a
+        # grant, a remote peer's exact rule), for L{one_name}.
+        self.checked = checked
 
     @property
     def inode(self) -> tuple[int, int]:
@@ -248,8 +255,8 @@ def open_socket(
                             f"{path} is a symbolic link; only the socket itself "
                             "may be reached this way"
                         )
-                    if who is not None and child_st.st_uid not in (0, os.geteuid()):
-                        raise _untrusted_link(path, child_st.st_uid)
+                    if who is not None and not _trusted_link(child_st):
+                        raise _untrusted_link(path, child_st)
                     links += 1
                     if links > MAX_SYMLINKS:
                         raise Refused(f"{path}: too many levels of symbolic links")
@@ -287,21 +294,51 @@ def _socket_at(
         # A hard link, like a user's symbolic link, could lend ipcd's
         # identity to a socket elsewhere (a user may make one where
         # fs.protected_hardlinks is 0): another's socket has one name.
-        raise Refused(
-            f"{path}: a socket of uid {st.st_uid} with {st.st_nlink} names (hard "
-            "links); a client's lookup reaches another user's socket only by "
-            "its one name"
-        )
-    return OpenedSocket(fd, st, via_symlink)
+        raise several_names(path, st)
+    return OpenedSocket(fd, st, via_symlink, checked=who is not None)
 
 
-def _untrusted_link(path: str, owner: int) -> Refused:
+def one_name(opened: OpenedSocket, path: str) -> OpenedSocket:
+    """
+    C{opened}, unless it was opened without a permission check (by a
+    grant, or a remote peer's exact rule) and its socket has more than one
+    name: then closed and refused.  The admin's word is for the service at
+    C{path}, not for another socket a member hard-linked there first; every
+    socket is another's when there is no client to own it.
+    """
+    if not opened.checked and opened.stat.st_nlink > 1:
+        opened.close()
+        raise several_names(path, opened.stat)
+    return opened
+
+
+def several_names(path: str, st: os.stat_result) -> Refused:
+    """The refusal of socket C{path} (stat C{st}) for its other names."""
+    return Refused(
+        f"{path}: a socket of uid {st.st_uid} with {st.st_nlink} names (hard "
+        "links); a lookup reaches another user's socket only by its one name"
+    )
+
+
+def _trusted_link(st: os.stat_result) -> bool:
+    """
+    Whether a client's walk follows the symbolic link C{st}: root's or
+    ipcd's, by its one name (a user may hard-link root's link into a
+    directory of theirs where fs.protected_hardlinks is 0).
+    """
+    return st.st_uid in (0, os.geteuid()) and st.st_nlink == 1
+
+
+def _untrusted_link(path: str, st: os.stat_result) -> Refused:
     # ipcd connects as itself (root), and the service sees that: a link
     # that a user made could lend ipcd's identity to any socket the user
     # may reach (the D-Bus system bus trusts uid 0 by SO_PEERCRED).
+    names = one = ""
+    if st.st_nlink > 1:
+        names, one = f" with {st.st_nlink} names (hard links)", ", by their one name"
     return Refused(
-        f"{path}: a symbolic link of uid {owner} on the way; a client's "
-        "lookup follows only root's (or ipcd's) links"
+        f"{path}: a symbolic link of uid {st.st_uid}{names} on the way; a "
+        f"client's lookup follows only root's (or ipcd's) links{one}"
     )
 
 

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ipcd.access import OTHERS, AccessDenied, OpenedSocket, open_socket
+from ipcd.access import OTHERS, AccessDenied, OpenedSocket, one_name, open_socket
 from ipcd.config import Config
 from ipcd.daemons import BoundOutbound, IOutbound, off_reason, settings_of
 from ipcd.daemons.external import ExternalDaemon
@@ -376,7 +376,8 @@ class Broker:
             raise
         except OSError as e:
             raise Refused(f"cannot connect to service {name!r}: {e.strerror}")
-        return own.refuse_own(opened, path)
+        # ipcd's own first (the clearer answer), then a second name.
+        return one_name(own.refuse_own(opened, path), path)
 
     def _open_as_client(self, event: Request, target: LocalTarget) -> OpenedSocket:
         who = event.who.credentials

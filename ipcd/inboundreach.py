@@ -15,7 +15,7 @@ import stat
 from collections.abc import Collection, Iterable
 from fnmatch import fnmatchcase
 
-from ipcd.access import OTHERS, AccessDenied, open_socket
+from ipcd.access import OTHERS, AccessDenied, open_socket, several_names
 from ipcd.config import Config
 from ipcd.errors import Refused
 from ipcd.names import InvalidServiceName, validate_service_name
@@ -60,12 +60,11 @@ def _sockets(rundir: str) -> list[str]:
     return names
 
 
-def _inode(path: str) -> tuple[int, int] | None:
+def _lstat(path: str) -> os.stat_result | None:
     try:
-        st = os.lstat(path)
+        return os.lstat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino
 
 
 def _allowing_rule(rules: Iterable[Rule], name: str) -> tuple[int, Rule] | None:
@@ -97,8 +96,12 @@ def _why(
         return f"not reachable: {e.reason}"
     if isinstance(target, LocalTarget) and target.name in own:
         return f"not reachable: {target.name!r} is ipcd's own socket"
-    if isinstance(target, LocalTarget) and _inode(target.path) in own_inodes:
+    st = _lstat(target.path) if isinstance(target, LocalTarget) else None
+    if st is not None and (st.st_dev, st.st_ino) in own_inodes:
         return f"not reachable: {target.path} is ipcd's own socket"
+    if st is not None and stat.S_ISSOCK(st.st_mode) and st.st_nlink > 1:
+        # Refused whichever way (access.one_name): a member's hard link?
+        return f"not reachable: {several_names(target.path, st).reason}"
     if names_exactly(rule, name):
         return f"reachable: rule {index} names it"
     if not isinstance(target, LocalTarget):

@@ -59,7 +59,7 @@ def control(
     """C{ipcd status} and C{ipcd reload}: ask the running instance."""
     import json
 
-    from ipcd.control import format_status, request
+    from ipcd.control import request
     from ipcd.logs import printable
     from ipcd.names import CONTROL_NAME, socket_path
     from ipcd.rundir import resolve_rundir
@@ -75,17 +75,28 @@ def control(
         return 1
     if as_json:
         print(json.dumps(answer, indent=2))
-    elif command == "status":
+    else:
         try:
-            print(format_status(answer, wide))
+            _show(command, answer, wide)
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             # Another version's answer, say: one line, not a traceback.
             print(
-                f"ipcd status: unexpected answer ({printable(repr(e))}); "
-                "ipcd status --json shows it whole",
+                f"ipcd {command}: unexpected answer ({printable(repr(e))}); "
+                f"ipcd {command} --json shows it whole",
                 file=sys.stderr,
             )
             return 1
+    # Every answer of ipcd's is an object; another shape is no success.
+    return 0 if isinstance(answer, dict) and answer.get("ok", True) else 1
+
+
+def _show(command: str, answer: Any, wide: bool) -> None:
+    """An answer for people: raises what another shape of it makes raise."""
+    from ipcd.control import format_status
+    from ipcd.logs import printable
+
+    if command == "status":
+        print(format_status(answer, wide))
     elif answer.get("ok"):
         restart = answer.get("restart_needed")
         print(
@@ -99,7 +110,6 @@ def control(
     else:
         error = printable(str(answer.get("error")))
         print(f"ipcd reload: refused: {error}", file=sys.stderr)
-    return 0 if answer.get("ok", True) else 1
 
 
 def _command_options() -> Any:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
+import time
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd.access import (
     OTHERS,
@@ -27,6 +29,7 @@ from ipcd.access import (
     AccessDenied,
     Credentials,
     acl_permits,
+    may,
     open_socket,
     permitted,
 )
@@ -133,6 +136,63 @@ class AclPermitsTests(SynchronousTestCase):
         acl = ((ACL_USER_OBJ, 6, 0), (64, 6, 0), (ACL_OTHER, 6, 0))
         self.assertFalse(acl_permits(acl, st, Credentials(2, 2), WRITE))
         self.assertFalse(acl_permits((), st, Credentials(2, 2), WRITE))
+
+
+class AclCacheTests(SynchronousTestCase):
+    """A file's ACL is read again once changed, however coarse its ctime."""
+
+    def test_changedWithinOneSecondOfCoarseCtime(self) -> None:
+        """
+        On ext4 with 128-byte inodes a ctime has whole seconds: an ACL
+        changed twice within one second keeps one ctime, and the second
+        ACL decides (the first was kept, read 0.2 s after its change).
+        """
+        needs_root()
+        path = os.path.join(_coarse_time_filesystem(self), "f")
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o660))
+        os.chown(path, BOB.uid, SHARED_GROUP)
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        self.addCleanup(os.close, fd)
+        owner, group = (ACL_USER_OBJ, 6, 0), (ACL_GROUP_OBJ, 6, 0)
+        mask, others = (ACL_MASK, 6, 0), (ACL_OTHER, 0, 0)
+        # Rounds until both changes fall in one second (a loaded machine
+        # may take a round past it); the decisions only then.
+        for _ in range(20):
+            time.sleep(1 - time.time() % 1 + 0.01)  # a second just begun
+            set_acl(path, [owner, group, mask, others])
+            first = os.fstat(fd)
+            time.sleep(0.2)
+            allowed = may(fd, first, ALICE, WRITE)
+            # Her own entry now refuses her what her group may.
+            set_acl(path, [owner, (ACL_USER, 0, ALICE.uid), group, mask, others])
+            second = os.fstat(fd)
+            if second.st_ctime_ns == first.st_ctime_ns:
+                break
+        else:
+            raise SkipTest("no two changes fell within one second")
+        self.assertEqual(first.st_ctime_ns % 1_000_000_000, 0)
+        self.assertTrue(allowed)
+        self.assertFalse(may(fd, second, ALICE, WRITE))
+
+
+def _coarse_time_filesystem(case: SynchronousTestCase) -> str:
+    """A small ext4 with 128-byte inodes (whole-second times), mounted."""
+    image = os.path.join(short_rundir(case, "ipcd-ext4-"), "image")
+    mountpoint = short_rundir(case, "ipcd-ext4-")
+    with open(image, "wb") as f:
+        f.truncate(4 * 1024 * 1024)
+    for command in (
+        ["mkfs.ext4", "-q", "-F", "-I", "128", image],
+        ["mount", "-o", "loop", image, mountpoint],
+    ):
+        try:
+            done = subprocess.run(command, capture_output=True, timeout=60)
+        except FileNotFoundError:
+            raise SkipTest(f"no {command[0]}") from None
+        if done.returncode != 0:
+            raise SkipTest(f"{command[0]}: {done.stderr.decode().strip()}")
+    case.addCleanup(subprocess.run, ["umount", mountpoint], timeout=60)
+    return mountpoint
 
 
 def _listen(path: str) -> socket.socket:
@@ -306,6 +366,10 @@ class ClientAccessTests(TestCase):
         os.chmod(path, 0o666)
         return path, factory
 
+    def private_socket(self) -> tuple[str, Factory]:
+        """Root's socket (0600), outside RUNDIR: path, factory."""
+        return _private_socket(self)
+
     def connect_as(self, who: Credentials, name: str) -> Any:
         """What C{who}'s own connect() to RUNDIR/NAME does."""
         return as_user(self.at(name), who.uid, who.gid, tuple(who.groups), "connect")
@@ -448,6 +512,41 @@ class ClientAccessTests(TestCase):
         self.assertEqual(answer, {"reply": "ok", "fds": 1})
 
     @inlineCallbacks
+    def test_hardLinksOfRootsLinksNotFollowed(self) -> Any:
+        """
+        Root's symbolic link is followed by its one name only: a hard link
+        to it (a user may make one where fs.protected_hardlinks is 0; here
+        root does) in RUNDIR is refused, as a user's own link is.
+        """
+        yield self.start()
+        bus, factory = self.public_socket()
+        link = os.path.join(os.path.dirname(bus), "link")
+        os.symlink(bus, link)
+        os.link(link, self.at("bus"), follow_symlinks=False)
+        yield self.assertRefused(
+            ALICE, "bus;", "a symbolic link of uid 0 with 2 names (hard links)"
+        )
+        self.assertEqual(factory.connections, 0)
+        os.unlink(link)  # one name: root's link, followed
+        answer = yield self.lookup_as(ALICE, "bus;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+
+    @inlineCallbacks
+    def test_grantReachesNoHardLink(self) -> Any:
+        """
+        A grant gives the service's socket in RUNDIR, not another socket a
+        member hard-linked at its name first (root's private one here).
+        """
+        yield self.start(grants=["bus *"])
+        path, factory = self.private_socket()
+        os.link(path, self.at("bus"))
+        yield self.assertRefused(ALICE, "bus;", "a socket of uid 0 with 2 names")
+        self.assertEqual(factory.connections, 0)
+        os.unlink(path)  # one name: the admin's service, granted
+        answer = yield self.lookup_as(ALICE, "bus;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+
+    @inlineCallbacks
     def test_adminRedirectGrantsNothing(self) -> Any:
         yield self.start(redirects={"x": "secret"})
         yield self.assertRefused(ALICE, "x;", "permission denied")
@@ -529,6 +628,14 @@ class ClientAccessTests(TestCase):
         self.assertEqual(self.counters["connected"], 0)
 
 
+def _private_socket(case: SynchronousTestCase) -> tuple[str, Factory]:
+    """Root's socket (0600) outside RUNDIR, served: path, factory."""
+    path = os.path.join(short_rundir(case, "ipcd-private-"), "root.sock")
+    factory = counted_pong(case, path)
+    os.chmod(path, 0o600)
+    return path, factory
+
+
 class RemoteOwnSocketsTests(TestCase):
     """Under C{allow in *}, remote peers still never reach ipcd's sockets."""
 
@@ -562,6 +669,26 @@ class RemoteOwnSocketsTests(TestCase):
         # pong itself is served.
         answer = yield deferToThread(bounce_through, host.port, b"pong")
         self.assertEqual(answer, b"\0\0\0\x09bounce me")
+
+    @inlineCallbacks
+    def test_exactRuleReachesNoHardLink(self) -> Any:
+        """
+        A rule naming a service lets remote peers reach its socket in
+        RUNDIR, not another socket a member hard-linked at its name first;
+        and C{ipcd status} says so.
+        """
+        host = yield start_host(self, ["allow in bus"])
+        path, factory = _private_socket(self)
+        bus = os.path.join(host.rundir, "bus")
+        os.link(path, bus)
+        answer = yield self.ask(host.port, b"bus")
+        self.assertIn(b"a socket of uid 0 with 2 names", answer)
+        self.assertEqual(factory.connections, 0)
+        self.assertEqual(
+            status_report(host.broker)["inbound"]["bus"],
+            f"not reachable: {bus}: a socket of uid 0 with 2 names (hard links); "
+            "a lookup reaches another user's socket only by its one name",
+        )
 
     @inlineCallbacks
     def test_hardLinksRefusedAndSaidSo(self) -> Any:

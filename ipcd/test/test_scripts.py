@@ -198,6 +198,54 @@ class ControlTests(SynchronousTestCase):
         thread.join(30)
         self.assertEqual(json.loads(out.getvalue()), {"connections": 7})
 
+    def test_unexpectedAnswersOfAnyShape(self) -> None:
+        """
+        An answer that is no JSON object, or a reload's of another shape,
+        is one line and status 1 too (it was a traceback): for C{reload},
+        and for C{status --json}, which shows it.
+        """
+        cases = [
+            ("reload", b"[1]", False),
+            ("reload", b'{"ok": true, "restart_needed": 5}', False),
+            ("status", b'"text"', False),
+            ("status", b"[1]", True),
+        ]
+        path = os.path.join(self.rundir, "ipcd-control")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(server.close)
+        server.bind(path)
+        self.addCleanup(os.unlink, path)
+        server.listen(len(cases))
+        server.settimeout(30)
+
+        def answer() -> None:
+            for _command, payload, _as_json in cases:
+                conn, _ = server.accept()
+                with conn:
+                    recv_message(conn)
+                    send_message(conn, payload)
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        for command, payload, as_json in cases:
+            self.err.truncate(0)
+            self.err.seek(0)
+            self.assertEqual(control(command, self.rundir, as_json=as_json), 1)
+            lines = self.err.getvalue().splitlines()
+            if as_json:
+                self.assertEqual(lines, [])
+                self.assertEqual(json.loads(out.getvalue()), json.loads(payload))
+            else:
+                self.assertEqual(len(lines), 1, lines)
+                self.assertTrue(
+                    lines[0].startswith(f"ipcd {command}: unexpected answer ("),
+                    lines,
+                )
+                self.assertEqual(out.getvalue(), "")
+        thread.join(30)
+
     def test_answerOfAnotherUserRefused(self) -> None:
         """
         A socket at RUNDIR/ipcd-control that another user serves (bound
