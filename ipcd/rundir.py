@@ -19,6 +19,8 @@ from collections.abc import Mapping
 DEFAULT_RUNDIR = "/tmp/libipc-run"
 # The kernel's own bound on symbolic links followed in one path (MAXSYMLINKS).
 _MAX_LINKS = 40
+# The longest name of one directory entry (NAME_MAX).
+_NAME_MAX = 255
 # Sticky, rwx for owner and group: members may add services but not remove
 # or replace anybody else's socket.
 RUNDIR_MODE = 0o1770
@@ -205,11 +207,9 @@ def check_ancestors(rundir: str) -> None:
         except FileNotFoundError:
             found = None  # made by ipcd, without write for group or others
         except OSError as e:
-            if e.errno == errno.ENAMETOOLONG:
-                return  # named when RUNDIR is made or checked
-            raise UnsafeRundir(
-                f"{where}: cannot inspect {_printable(entry)}: {e.strerror}"
-            ) from None
+            if e.errno == errno.ENAMETOOLONG and len(os.fsencode(name)) > _NAME_MAX:
+                return  # a name no directory holds: named when RUNDIR is made
+            raise _cannot_inspect(where, entry, e) from None
         _check_parent(where, current, directory, entry, found, trusted)
         if found is None:
             return
@@ -217,7 +217,10 @@ def check_ancestors(rundir: str) -> None:
             links += 1
             if links > _MAX_LINKS:
                 raise UnsafeRundir(f"{where}: too many symbolic links on the way")
-            target = os.readlink(entry)
+            try:
+                target = os.readlink(entry)
+            except OSError as e:
+                raise _cannot_inspect(where, entry, e) from None
             if target.startswith("/"):
                 current = "/"
             pending.extendleft(reversed(_components(target)))
@@ -225,6 +228,14 @@ def check_ancestors(rundir: str) -> None:
             return  # named by check_rundir, or by ensure_rundir's failure
         else:
             current = entry
+
+
+def _cannot_inspect(where: str, entry: str, error: OSError) -> UnsafeRundir:
+    # Unchecked is unsafe: a path too long to inspect by name (links
+    # expanded past PATH_MAX) or a link gone meanwhile stops start-up too.
+    return UnsafeRundir(
+        f"{where}: cannot inspect {_printable(entry)}: {error.strerror}"
+    )
 
 
 def _components(path: str) -> list[str]:

@@ -326,6 +326,13 @@ class PrepareRundirTests(SynchronousTestCase):
         )
 
 
+def _enter(fd: int, name: str) -> int:
+    """The directory C{name} in C{fd}, opened; C{fd} closed."""
+    child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    os.close(fd)
+    return child
+
+
 class AncestorTests(SynchronousTestCase):
     """
     L{check_rundir} on the directories above RUNDIR: nobody but root and
@@ -492,6 +499,40 @@ class AncestorTests(SynchronousTestCase):
             ],
             out.stderr,
         )
+
+    def test_tooLongToInspectIsUnsafe(self) -> None:
+        """
+        A path whose links expand past PATH_MAX cannot be checked by name:
+        refused (it was passed, unchecked, with an open directory past the
+        point where names grew too long).
+        """
+        fd = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(12):  # 12 x 250 characters: the path given stays short
+            os.mkdir("d" * 249, dir_fd=fd)
+            fd = _enter(fd, "d" * 249)
+        os.symlink("/".join(["e" * 249] * 6), "link", dir_fd=fd)
+        for n in range(6):  # where the link leads: past 4,096 characters
+            os.mkdir("e" * 249, dir_fd=fd)
+            os.chmod("e" * 249, 0o777 if n == 5 else 0o755, dir_fd=fd)
+            fd = _enter(fd, "e" * 249)
+        os.mkdir("run", 0o1770, dir_fd=fd)
+        os.close(fd)
+        rundir = "/".join([self.base] + ["d" * 249] * 12 + ["link", "run"])
+        self.assertLess(len(rundir), 4096)
+        message = self.refused(rundir)
+        self.assertIn("File name too long", message)
+
+    def test_linkGoneMeanwhile(self) -> None:
+        """A link removed between its lstat and its readlink: one line."""
+        self.rundir_in("safe", mode=0o755)
+        os.symlink("safe", os.path.join(self.base, "link"))
+
+        def gone(path: str) -> str:
+            raise FileNotFoundError(2, "No such file or directory", path)
+
+        self.patch(os, "readlink", gone)
+        message = self.refused(os.path.join(self.base, "link", "run"))
+        self.assertIn("link: No such file or directory", message)
 
     def test_linkLoopBounded(self) -> None:
         os.symlink("loop", os.path.join(self.base, "loop"))
