@@ -102,13 +102,7 @@ class Handshaking(ClosesDescriptors, Protocol):
         for action in actions:
             kind = type(action)
             if kind is inboundcore.Deadline:
-                timer, self._timer = self._timer, None
-                if timer is not None and timer.active():
-                    timer.cancel()
-                if action.after is not None:
-                    self._timer = self.factory.reactor.callLater(
-                        action.after, self._tick
-                    )
+                self._arm(action.after, self._tick)
             elif kind is inboundcore.Ask:
                 self.requested = action.text  # request() may say better
                 self._pending = maybeDeferred(self.request, action.text)
@@ -120,10 +114,9 @@ class Handshaking(ClosesDescriptors, Protocol):
                 self.transport.loseConnection()
                 # Closed once what it holds is sent: a peer that reads
                 # nothing (TLS's own answers can fill its buffer first)
-                # would hold the connection for ever.  Cut after a grace.
-                self._timer = self.factory.reactor.callLater(
-                    REFUSAL_GRACE, self.transport.abortConnection
-                )
+                # would hold the connection for ever.  Cut after a grace
+                # (the request's deadline, still set while asking, goes).
+                self._arm(REFUSAL_GRACE, self.transport.abortConnection)
             elif kind is inboundcore.Pause:
                 self.transport.pauseProducing()
             elif kind is inboundcore.Failed:
@@ -136,6 +129,14 @@ class Handshaking(ClosesDescriptors, Protocol):
                 action.sock.close()
             elif kind is inboundcore.Unexpected:
                 self.factory.unexpected(action.error, self.who)
+
+    def _arm(self, after: float | None, call: Any) -> None:
+        """The one timer: cancelled, then set to C{call} C{after} seconds on."""
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if after is not None:
+            self._timer = self.factory.reactor.callLater(after, call)
 
     def _tick(self) -> None:
         self._timer = None

@@ -36,6 +36,7 @@ from ipcd.daemons.tls.handover import TlsRelayStats
 from ipcd.errors import Refused
 from ipcd.identity import Peer
 from ipcd.inbound import ControlHandshake, HandshakeFactory
+from ipcd.limits import REFUSAL_GRACE
 from ipcd.logs import json_observer
 from ipcd.policy import parse_rule
 from ipcd.relay import READ_SIZE, RelayStats
@@ -511,6 +512,20 @@ class TcpHandshakeTests(SynchronousTestCase):
         self.broker.inbound[0][2].errback(Refused("denied by default"))
         self.assertEqual(transport.value(), b"ne denied by default")
         self.assertTrue(transport.disconnecting)
+
+    def test_refusal_leaves_one_timer(self) -> None:
+        """The refusal's grace, and no deadline of the request besides."""
+        for request in (b"secret", b"\x00\x00"):  # asking; still reading
+            protocol, transport = self.inbound()
+            protocol.dataReceived(request)
+            if self.broker.inbound:
+                self.broker.inbound.pop()[2].errback(Refused("denied"))
+            else:
+                self.reactor.advance(4.0)  # no request in time
+            [grace] = self.reactor.getDelayedCalls()
+            self.assertEqual(grace.getTime(), self.reactor.seconds() + REFUSAL_GRACE)
+            protocol.connectionLost(None)
+            self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_framed_refusal_is_framed(self) -> None:
         protocol, transport = self.inbound()
