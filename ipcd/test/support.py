@@ -576,6 +576,24 @@ def python_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_python(
+    code: str,
+    *args: str,
+    timeout: float = TIMEOUT,
+    cwd: str | None = None,
+    **env: str,
+) -> subprocess.CompletedProcess[str]:
+    """Run C{code} in a child Python that imports ipcd from the tree, to its end."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=python_env(**env),
+        cwd=cwd,
+    )
+
+
 def spawn(
     case: SynchronousTestCase,
     args: list[str],

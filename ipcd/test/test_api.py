@@ -26,14 +26,7 @@ TIMEOUT = 60
 
 
 def run_python(code: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=python_env(),
-        cwd=cwd,
-    )
+    return support.run_python(code, timeout=TIMEOUT, cwd=cwd)
 
 
 def first_example(rst: str) -> str:
@@ -127,13 +120,8 @@ class DocumentedExamplesTests(SynchronousTestCase):
         self.rundir = short_rundir(self, "ipcd-apidoc-")
 
     def run_example(self, code: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            env=python_env(RUNDIR=self.rundir),
-            cwd=self.rundir,
+        return support.run_python(
+            code, timeout=TIMEOUT, cwd=self.rundir, RUNDIR=self.rundir
         )
 
     def test_blockingClient(self) -> None:

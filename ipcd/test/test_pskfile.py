@@ -7,8 +7,6 @@ identities, keys and the file itself, and identities a peer may offer.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from typing import Any
 
 from OpenSSL.SSL import (
@@ -34,7 +32,7 @@ from ipcd.daemons.tls.psk import (
     parse_secrets,
     read_secrets,
 )
-from ipcd.test.support import TIMEOUT, count_fds, python_env, short_rundir
+from ipcd.test.support import count_fds, run_python, short_rundir
 from ipcd.test.tlssupport import TestCA
 
 KEY = "00112233445566778899aabbccddeeff"
@@ -249,13 +247,7 @@ class FileTests(SynchronousTestCase):
             "    except (SecretsError, MaterialError) as e:\n"
             "        print(e)\n"
         )
-        out = subprocess.run(
-            [sys.executable, "-c", code, fifo],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            env=python_env(),
-        )
+        out = run_python(code, fifo)
         self.assertEqual(
             out.stdout.splitlines(),
             [

@@ -10,7 +10,6 @@ import os
 import pwd
 import stat
 import subprocess
-import sys
 from typing import Any
 
 from twisted.internet import reactor
@@ -31,6 +30,7 @@ from ipcd.test.support import (
     make_config,
     python_env,
     read_text,
+    run_python,
     short_rundir,
     spawn,
     start_ipcd,
@@ -484,13 +484,7 @@ class AncestorTests(SynchronousTestCase):
             "        print(e)\n"
         )
         hidden = os.path.join(closed, "run")
-        out = subprocess.run(
-            [sys.executable, "-c", code, str(uid), rundir, hidden],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            env=python_env(),
-        )
+        out = run_python(code, str(uid), rundir, hidden)
         self.assertEqual(
             out.stdout.splitlines(),
             [
