@@ -38,7 +38,7 @@ import os
 import stat
 
 from ipcd.daemons import StartupError
-from ipcd.placing import make_private, remove_private, still_at
+from ipcd.placing import make_private, mine_alone, remove_private, still_at
 
 LOCK_NAME = ".ipcd-lock"
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
@@ -141,12 +141,7 @@ def _is_lock_file(st: os.stat_result) -> bool:
     ipcd's user that only it may open, under this one name only (a hard
     link in its place may be any file of that user's, /etc/shadow for root).
     """
-    return (
-        stat.S_ISREG(st.st_mode)
-        and st.st_uid == os.geteuid()
-        and not stat.S_IMODE(st.st_mode) & 0o077
-        and st.st_nlink == 1
-    )
+    return stat.S_ISREG(st.st_mode) and mine_alone(st) and st.st_nlink == 1
 
 
 def _replace(parent: int, path: str) -> int:

@@ -167,7 +167,7 @@ def make_private(parent: int, path: str) -> tuple[int, str]:
             raise
         try:
             st = os.fstat(opened)
-            if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            if not mine_alone(st):
                 # Not the directory just made (replaced by someone who may
                 # write RUNDIR): nothing of ours goes in it.
                 raise PermissionError(
@@ -185,6 +185,11 @@ def make_private(parent: int, path: str) -> tuple[int, str]:
             remove_private(parent, name, opened)
             raise
     raise FileExistsError(errno.EEXIST, "no free temporary name", path)
+
+
+def mine_alone(st: os.stat_result) -> bool:
+    """Whether the file C{st} describes is this user's, and nobody else's to use."""
+    return st.st_uid == os.geteuid() and not stat.S_IMODE(st.st_mode) & 0o077
 
 
 def still_at(parent: int, name: str, st: os.stat_result) -> bool:
@@ -234,7 +239,7 @@ def _sweep(parent: int, name: str) -> bool:
         return False  # not a directory, a link, or not readable: not ours
     try:
         st = os.fstat(opened)
-        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        if not mine_alone(st):
             return False
         try:
             fcntl.flock(opened, fcntl.LOCK_EX | fcntl.LOCK_NB)
