@@ -22,15 +22,22 @@ a process killed outright (C{SIGKILL}) loses at most those lines.  At most
 L{MOST_HELD} characters are held: more are written as the bound is reached.
 Lines that cannot be written (the reader of stdout gone, a full disk) are
 lost, as with Twisted's own observer, and nothing more is made of it.
+
+Only the reactor's thread waits on the clock (C{callLater} is not
+thread-safe, and would not wake a reactor asleep with no timer): a line
+logged in another thread (a metrics scrape's warning, a thread pool's
+failure) is written at once, with whatever is held before it.
 """
 
 from __future__ import annotations
 
 import atexit
+import threading
 import weakref
 from typing import IO
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.python import threadable
 
 # Characters held before they are written at once.
 MOST_HELD = 64 * 1024
@@ -57,17 +64,21 @@ class BatchedFile:
         self._held: list[str] = []
         self._size = 0
         self._waiting = False  # for the clock to write them
+        # Held lines, taken and written by one thread at a time, in order.
+        self._lock = threading.Lock()
         _files.add(self)
 
     def write(self, text: str) -> None:
-        self._held.append(text)
-        self._size += len(text)
-        if self._size >= self._most:
+        with self._lock:
+            self._held.append(text)
+            self._size += len(text)
+            full = self._size >= self._most
+        if full:
             self.write_held()
 
     def flush(self) -> None:
         clock = _clock
-        if clock is None:
+        if clock is None or _in_another_thread():
             self.write_held()
         elif not self._waiting:
             self._waiting = True
@@ -79,20 +90,27 @@ class BatchedFile:
 
     def write_held(self) -> None:
         """Write the held lines now, with one call, and flush the file."""
-        if not self._held:
-            return
-        text = "".join(self._held)
-        self._held.clear()
-        self._size = 0
-        try:
-            self._out.write(text)
-            self._out.flush()
-        except (OSError, ValueError):
-            # Lost (EPIPE: the reader of stdout is gone; ENOSPC; closed), as
-            # Twisted's observer loses a line it cannot write.  Raised from
-            # the clock's call, the reactor would log the error: a line held,
-            # failing in turn, 100 times a second for ever.
-            pass
+        with self._lock:
+            if not self._held:
+                return
+            text = "".join(self._held)
+            self._held.clear()
+            self._size = 0
+            try:
+                self._out.write(text)
+                self._out.flush()
+            except (OSError, ValueError):
+                # Lost (EPIPE: the reader of stdout is gone; ENOSPC; closed),
+                # as Twisted's observer loses a line it cannot write.  Raised
+                # from the clock's call, the reactor would log the error: a
+                # line held, failing in turn, 100 times a second for ever.
+                pass
+
+
+def _in_another_thread() -> bool:
+    """In a thread other than the reactor's (once a reactor has run)."""
+    io = threadable.ioThread
+    return io is not None and io != threadable.getThreadID()
 
 
 def batch_with(clock: IReactorTime | None) -> None:

@@ -259,6 +259,36 @@ class ProcessTests(SynchronousTestCase):
         )
         self.assertIn('"text": "held"', out)
 
+    def test_anotherThreadWritesAtOnce(self) -> None:
+        """
+        A line logged in a thread other than the reactor's is written at
+        once, with anything the reactor's thread still holds: a call on the
+        reactor's clock from there would be unsafe, and a reactor asleep
+        with no timer (its first line written) would never make it; the
+        process here ends without clean-up while the reactor sleeps.
+        """
+        out = self.run_python(
+            "import os, threading, time\n"
+            "from twisted.internet import reactor\n"
+            "from twisted.logger import Logger\n"
+            "from ipcd.logbatch import batch_with\n"
+            "from ipcd.logs import text_observer\n"
+            "log = Logger(namespace='t', observer=text_observer())\n"
+            "def elsewhere():\n"
+            "    time.sleep(0.5)  # (on a slow machine, both lines held)\n"
+            "    log.info('from a thread')\n"
+            "    time.sleep(1)\n"
+            "    os._exit(0)\n"
+            "def started():\n"
+            "    batch_with(reactor)\n"
+            "    log.info('held first')\n"
+            "    threading.Thread(target=elsewhere).start()\n"
+            "reactor.callWhenRunning(started)\n"
+            "reactor.run()\n"
+        )
+        lines = [line.split(" ", 1)[1] for line in out.splitlines()]
+        self.assertEqual(lines, ["[t#info] held first", "[t#info] from a thread"])
+
     def test_readerGone(self) -> None:
         """
         A real reactor whose stdout's reader is gone (EPIPE): one line is
