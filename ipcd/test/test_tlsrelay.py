@@ -7,9 +7,11 @@ either side; the Twisted path when C{[tlsd] socket_relay} is off.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import socket
+import weakref
 from typing import Any
 
 from twisted.internet import reactor
@@ -57,6 +59,29 @@ class SocketRelayTests(TlsTestCase):
     def test_tls13(self) -> Any:
         """TLS 1.3 PSK, both hosts relaying on raw sockets."""
         return self.pong_on_engines(True, True)
+
+    @inlineCallbacks
+    def test_nothingKeptAfterTheRelay(self) -> Any:
+        """
+        Once a relay on raw sockets ends, nothing of its TLS connection is
+        kept, on either host: the connection that left Twisted never hears
+        a connectionLost, and its factory kept it (with OpenSSL's SSL object
+        and buffers, about 50 KB) for the life of tlsd's listener.
+        """
+        made: list[weakref.ref[Any]] = []
+        register = handover.TLSFactory.registerProtocol
+
+        def registering(factory: Any, tls: Any) -> None:
+            made.append(weakref.ref(tls))
+            register(factory, tls)
+
+        self.patch(handover.TLSFactory, "registerProtocol", registering)
+        a, b = yield self.pong_on_engines(True, True)
+        listener = b.service.getServiceNamed("tlsd").listener.factory
+        self.assertEqual(list(listener.wrappedFactory.protocols), [])
+        gc.collect()
+        self.assertGreaterEqual(len(made), 2)  # A's dial, B's accepted one
+        self.assertEqual([tls() for tls in made], [None] * len(made))
 
     def test_tls12(self) -> Any:
         """TLS 1.2 PSK suites too."""
