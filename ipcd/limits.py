@@ -349,7 +349,8 @@ class _LimitedProtocol(ClosesDescriptors, ProtocolWrapper):
         """
         key, self.key = self.key, None
         self._handedOff = True
-        self.factory.unregisterProtocol(self)
+        if self in self.factory.protocols:  # not already, by take_socket
+            self.factory.unregisterProtocol(self)
         if key is None:
             return _nothing_held
         return _Release(self.factory.limits, key)

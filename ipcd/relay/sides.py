@@ -24,6 +24,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -238,7 +239,7 @@ class Watch:
         self.engine._broken(reason)
 
 
-def take_socket(transport: Any) -> socket.socket:
+def take_socket(transport: Any, top: Any = None) -> socket.socket:
     """
     Take a connected socket away from its Twisted transport, for a relay.
 
@@ -246,7 +247,18 @@ def take_socket(transport: Any) -> socket.socket:
     closing it instead would shut the connection down (a TCP transport calls
     C{shutdown} before C{close}), and the socket object stays open as long as
     the relay holds it.
+
+    Every protocol wrapper from C{top} (default: C{transport}) down to the
+    socket's own transport (TLS, limits, C{haproxy:}) leaves its factory's
+    registry here: its C{connectionLost}, where it would leave, never comes
+    now, and the factory would keep it, and all it holds, for good.
     """
     transport.stopReading()
     transport.stopWriting()
+    layer = transport if top is None else top
+    while isinstance(layer, ProtocolWrapper):
+        registry = getattr(layer.factory, "protocols", None)
+        if registry is not None and layer in registry:
+            layer.factory.unregisterProtocol(layer)
+        layer = layer.transport
     return transport.getHandle()

@@ -60,13 +60,14 @@ def start_host(
     rules: list[str] | tuple[str, ...] = (),
     pongd: bool = True,
     handshake_timeout: float = 5.0,
+    listen: str = TCP_LISTEN,
     **overrides: Any,
 ) -> Any:
     """Start an ipcd with pongd (unless disabled) and tcpd; stopped after."""
     rundir = short_rundir(case, "ipcd-tcp-")
     config = make_config(
         rundir,
-        tcpd={"listen": TCP_LISTEN, "handshake_timeout": handshake_timeout},
+        tcpd={"listen": listen, "handshake_timeout": handshake_timeout},
         rules=list(rules),
         pongd={"enabled": pongd},
         **overrides,

@@ -96,11 +96,9 @@ def detach(tls: Any) -> Secured | str:
         return f"cannot look inside this TLS connection ({e})"
     # A renegotiation is refused (TLS 1.2): records go one way at a time.
     connection.set_options(OP_NO_RENEGOTIATION)
-    take_socket(tcp)
-    # Its connectionLost never comes now, which is where its factory lets
-    # it go: a listener's kept every connection it relayed, each with its
-    # SSL object and buffers (about 50 KB), for good.
-    tls.factory.unregisterProtocol(tls)
+    # The TLS connection itself (with its SSL object and buffers, about
+    # 50 KB) is one of the wrappers whose factories must let them go.
+    take_socket(tcp, top=tls)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         # Each record goes out at once: a message's round trip, not Nagle's.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
