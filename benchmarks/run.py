@@ -68,6 +68,8 @@ class Settings:
     bulk_bytes: int
     memory_counts: tuple[int, ...]
     cpu_lookups: int = 5_000
+    # Connections opened and closed per run for the RSS they leave behind.
+    ended_connections: int = 500
     # Only these groups of rows (None: all): see ROW_GROUPS.
     only: frozenset[str] | None = None
     # Another checkout whose ipcd A is measured beside this one's (lookups).
@@ -90,6 +92,7 @@ QUICK = Settings(
     bulk_bytes=16 * 1024 * 1024,
     cpu_lookups=1_000,
     memory_counts=(1_000, 10_000),
+    ended_connections=100,
 )
 
 
@@ -441,6 +444,29 @@ def cpu_per_lookup_us(opener: Opener, pid: int, count: int) -> float:
     for _ in range(count):
         opener().close()
     return (cpu_seconds(pid) - before) / count * 1e6
+
+
+def kept_per_connection_kib(
+    opener: Opener, pids: dict[str, int], count: int
+) -> dict[str, float]:
+    """
+    Resident memory each process in C{pids} keeps per connection C{opener}
+    opens that is closed again (KiB), over C{count} of them after as
+    many to warm up (the first few hundred TLS connections still grow
+    OpenSSL's and malloc's pools): about 0 unless something keeps what a
+    connection that has ended left behind.
+    """
+
+    def open_and_close(n: int) -> None:
+        for _ in range(n):
+            opener().close()
+
+    open_and_close(count)
+    time.sleep(0.5)  # the relays end
+    before = {name: rss_kib(pid) for name, pid in pids.items()}
+    open_and_close(count)
+    time.sleep(0.5)
+    return {name: (rss_kib(pid) - before[name]) / count for name, pid in pids.items()}
 
 
 @contextlib.contextmanager
@@ -1446,7 +1472,26 @@ def route_rows(
                 spent = cpu_per_round_trip_us(sock, pids, settings.round_trips)
             for host, us in spent.items():
                 cpu[route, host].values.append(us)
-    return [*rtt.values(), *bulk.values(), *cpu.values()]
+    # What connections that have ended leave behind: a relay's TLS
+    # connection, kept by its factory, once cost 50 KB each.
+    kept = {
+        (route, host): Row(
+            f"RSS kept per ended connection, {route} route, ipcd {host}",
+            unit="KiB",
+            target="about 0",
+            digits=2,
+        )
+        for route in ("tls", "tcp")
+        for host in ipcds
+    }
+    for run in range(settings.runs):
+        say(f"RSS kept per ended connection: run {run + 1}/{settings.runs}")
+        for route in ("tls", "tcp"):
+            opener = paths[f"ipcd {route} route A->B"]
+            left = kept_per_connection_kib(opener, pids, settings.ended_connections)
+            for host, kib in left.items():
+                kept[route, host].values.append(kib)
+    return [*rtt.values(), *bulk.values(), *cpu.values(), *kept.values()]
 
 
 def memory_rows(
