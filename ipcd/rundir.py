@@ -93,7 +93,8 @@ def ensure_rundir(rundir: str) -> None:
         os.close(fd)
 
 
-def _user(uid: int) -> str:
+def user_text(uid: int) -> str:
+    """C{uid 1001 (mallory)}, or C{uid 1001} for a uid without an account."""
     try:
         return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
     except KeyError:
@@ -117,7 +118,7 @@ def check_rundir(rundir: str) -> None:
     Reads only metadata; creates and changes nothing.
     """
     euid = os.geteuid()
-    me = _user(euid)
+    me = user_text(euid)
     where = f"unsafe RUNDIR {rundir}"
     # "link/" would follow the link: look at the name itself.
     path = rundir.rstrip(os.sep) or os.sep
@@ -137,7 +138,7 @@ def check_rundir(rundir: str) -> None:
         if link.st_uid not in (euid, 0):
             raise UnsafeRundir(
                 f"{where}: is a symlink (to {target}) owned by "
-                f"{_user(link.st_uid)}, not by ipcd's user {me}"
+                f"{user_text(link.st_uid)}, not by ipcd's user {me}"
                 f"{'' if euid == 0 else ' or root'}; "
                 f"remove it: rm {rundir}"
             )
@@ -161,7 +162,7 @@ def check_rundir(rundir: str) -> None:
         )
     if st.st_uid != euid:
         raise UnsafeRundir(
-            f"{where}: owned by {_user(st.st_uid)}, not by ipcd's user {me}; "
+            f"{where}: owned by {user_text(st.st_uid)}, not by ipcd's user {me}; "
             f"remove it, or chown {euid} {rundir}"
         )
     mode = stat.S_IMODE(st.st_mode)
@@ -254,7 +255,7 @@ def _check_parent(
     shown = _printable(parent)
     if directory.st_uid not in trusted:
         raise UnsafeRundir(
-            f"{where}: {shown} is owned by {_user(directory.st_uid)}, who could "
+            f"{where}: {shown} is owned by {user_text(directory.st_uid)}, who could "
             f"rename RUNDIR away and put their own in its place; choose a "
             f"--rundir whose parents only root or ipcd's user own"
         )
@@ -270,7 +271,7 @@ def _check_parent(
         )
     if found is not None and found.st_uid not in trusted:
         raise UnsafeRundir(
-            f"{where}: {_printable(entry)} is owned by {_user(found.st_uid)}, "
+            f"{where}: {_printable(entry)} is owned by {user_text(found.st_uid)}, "
             f"who could replace it in {shown}; choose another --rundir"
         )
 
