@@ -24,7 +24,7 @@ import socket
 import stat
 from typing import Any
 
-from ipcd.rundir import _user
+from ipcd.rundir import user_text
 
 
 class InheritedSocketError(ValueError):
@@ -124,8 +124,8 @@ def check_socket_file(path: str) -> None:
     euid = os.geteuid()
     if st.st_uid != euid:
         raise InheritedSocketError(
-            f"inherited socket {path}: owned by {_user(st.st_uid)}, not by "
-            f"ipcd's user {_user(euid)}; set SocketUser= in the socket unit"
+            f"inherited socket {path}: owned by {user_text(st.st_uid)}, not by "
+            f"ipcd's user {user_text(euid)}; set SocketUser= in the socket unit"
         )
 
 

@@ -26,7 +26,7 @@ from ipcd.inboundreach import inbound_reach
 from ipcd.logs import printable
 from ipcd.names import CONTROL_NAME, socket_path
 from ipcd.routes import host_port
-from ipcd.rundir import resolve_rundir
+from ipcd.rundir import check_asked_rundir, resolve_rundir
 from ipcd.wire import (
     LimitLog,
     MessageFactory,
@@ -164,12 +164,15 @@ def request(
 ) -> dict[str, Any]:
     """
     Send one command to a running ipcd and return its JSON answer.  Raises
-    C{ValueError} when the socket is not served by RUNDIR's owner (ipcd's
-    user, L{ipcd.rundir.check_rundir}) or root: another user's socket, bound
-    there while ipcd was down, gets neither the command nor the operator's
-    terminal.
+    C{ValueError} when RUNDIR is not one this user can trust
+    (L{ipcd.rundir.check_asked_rundir}: root's or this user's, as ipcd
+    checks it at start) or the socket is not served by RUNDIR's owner
+    (ipcd's user) or root: another user's socket, bound there while ipcd
+    was down or in a RUNDIR they made, gets neither the command nor the
+    operator's terminal.
     """
     rundir = resolve_rundir(rundir)
+    check_asked_rundir(rundir)
     path = socket_path(rundir, CONTROL_NAME)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)

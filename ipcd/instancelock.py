@@ -14,7 +14,8 @@ writable by its owner only, nobody else can remove or replace it.  RUNDIR
 itself is no lock: its group may open it, and so C{flock} it.  Whatever
 else is at the name (a group member's file, held locked or not, a symbolic
 link, a FIFO, a hard link to another file) is replaced with ipcd's own in
-one step (C{rename(2)}), never opened for writing nor followed; a file is
+one step (L{ipcd.planted.take_name}), never opened for writing nor
+followed; a file is
 the lock only once C{flock} holds it and the name still leads to it.  The
 descriptor is close-on-exec, so nothing ipcd runs keeps the lock after
 ipcd exits; closing it (at exit, even by SIGKILL) releases the lock.
@@ -22,8 +23,9 @@ ipcd exits; closing it (at exit, even by SIGKILL) releases the lock.
 A member can plant a file there only while the name is free, before the
 first ipcd in that RUNDIR: two ipcds starting then at the same instant
 might each replace it just after the other's check and both run.  Once the
-file is ipcd's that cannot happen again; a directory there (which no
-rename replaces) stops start-up with one line, as one at RUNDIR/ipc does.
+file is ipcd's that cannot happen again.  A directory there is swapped
+out in one step as well, and left beside under an aside name
+(L{ipcd.planted}).
 
 Library programs (L{ipcd.services.IPCService}, C{ipc:} endpoints) take no
 lock: several may each serve their own names in one RUNDIR, and a name
@@ -32,13 +34,14 @@ taken twice already fails with L{ipcd.names.SocketInUse}.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import stat
+from collections.abc import Iterable
 
 from ipcd.daemons import StartupError
 from ipcd.placing import make_private, mine_alone, remove_private, still_at
+from ipcd.planted import Taken, claim, take_name, unclaim
 
 LOCK_NAME = ".ipcd-lock"
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
@@ -54,19 +57,31 @@ class InstanceLocked(StartupError):
 
 
 class InstanceLock:
-    """The lock held: C{release} (or exit) gives it up."""
+    """
+    The lock held: C{release} (or exit) gives it up.  C{taken}: what was at
+    the lock's name and was taken out of the way, for the log.
+    """
 
-    def __init__(self, fd: int, path: str) -> None:
+    def __init__(self, fd: int, path: str, taken: list[Taken] | None = None) -> None:
         self.fd = fd
         self.path = path
+        self.taken = taken or []
+        self._claimed: frozenset[str] = frozenset()
 
     @property
     def held(self) -> bool:
         return self.fd != -1
 
+    def claim(self, paths: Iterable[str]) -> None:
+        """The socket C{paths} are ipcd's to take while it holds the lock."""
+        if self.fd != -1:
+            self._claimed = claim(paths)
+
     def release(self) -> None:
         """Give the lock up; the file stays, for the next ipcd."""
         if self.fd != -1:
+            unclaim(self._claimed)
+            self._claimed = frozenset()
             os.close(self.fd)
             self.fd = -1
 
@@ -78,9 +93,10 @@ def take_instance_lock(rundir: str) -> InstanceLock:
     """
     path = os.path.join(rundir, LOCK_NAME)
     parent = os.open(rundir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    taken: list[Taken] = []
     try:
         for _ in range(_ROUNDS):
-            fd = _own_lock_file(parent, path)
+            fd = _own_lock_file(parent, path, taken)
             if fd == -1:
                 continue
             try:
@@ -97,7 +113,7 @@ def take_instance_lock(rundir: str) -> InstanceLock:
                 os.close(fd)
                 raise
             if still_at(parent, LOCK_NAME, os.fstat(fd)):
-                return InstanceLock(fd, path)
+                return InstanceLock(fd, path, taken)
             os.close(fd)  # replaced or removed meanwhile: again, by name
     finally:
         os.close(parent)
@@ -107,10 +123,11 @@ def take_instance_lock(rundir: str) -> InstanceLock:
     )
 
 
-def _own_lock_file(parent: int, path: str) -> int:
+def _own_lock_file(parent: int, path: str, taken: list[Taken]) -> int:
     """
     A descriptor of ipcd's user's lock file at the name, made if missing,
-    put in place of anything else there; -1 when the name changed meanwhile.
+    put in place of anything else there (added to C{taken}); -1 when the
+    name changed meanwhile.
     """
     try:
         fd = os.open(LOCK_NAME, _OPEN, dir_fd=parent)
@@ -123,16 +140,14 @@ def _own_lock_file(parent: int, path: str) -> int:
             return -1
         os.fchmod(fd, 0o600)  # whatever the umask took away
         return fd
-    except OSError as e:
-        # A symbolic link (ELOOP), a directory, a socket, a FIFO or file
-        # under another's lease (EWOULDBLOCK), or unreadable: not ipcd's.
-        if e.errno == errno.EISDIR:
-            raise _directory_there(parent, path) from None
-        return _replace(parent, path)
+    except OSError:
+        # A symbolic link (ELOOP), a socket (ENXIO), a FIFO or file under
+        # another's lease (EWOULDBLOCK), or unreadable: not ipcd's.
+        return _replace(parent, path, taken)
     if _is_lock_file(os.fstat(fd)):
         return fd
-    os.close(fd)
-    return _replace(parent, path)
+    os.close(fd)  # a directory, another's file: not ipcd's
+    return _replace(parent, path, taken)
 
 
 def _is_lock_file(st: os.stat_result) -> bool:
@@ -144,9 +159,9 @@ def _is_lock_file(st: os.stat_result) -> bool:
     return stat.S_ISREG(st.st_mode) and mine_alone(st) and st.st_nlink == 1
 
 
-def _replace(parent: int, path: str) -> int:
+def _replace(parent: int, path: str, taken: list[Taken]) -> int:
     """
-    Put a new lock file at the name in one step, replacing what is there
+    Put a new lock file at the name in one step, taking out what is there
     (RUNDIR's owner may, sticky bit or not): the name is never free for
     another to take meanwhile.  Made in a private directory, so that no
     temporary name is left in RUNDIR if ipcd is killed meanwhile.
@@ -159,15 +174,16 @@ def _replace(parent: int, path: str) -> int:
             if _lock_file_there(parent):
                 # Another ipcd replaced it meanwhile: its file is the lock.
                 os.close(fd)
-                os.unlink("lock", dir_fd=private)
                 return -1
-            os.rename("lock", LOCK_NAME, src_dir_fd=private, dst_dir_fd=parent)
-        except BaseException as e:
+            taken += take_name(parent, LOCK_NAME, private, "lock", path)
+        except FileExistsError:
+            os.close(fd)  # changed at every round: again, from the start
+            return -1
+        except BaseException:
             os.close(fd)
-            os.unlink("lock", dir_fd=private)
-            if isinstance(e, IsADirectoryError):
-                raise _directory_there(parent, path) from None
             raise
+        finally:
+            os.unlink("lock", dir_fd=private)
         return fd
     finally:
         remove_private(parent, name, private)
@@ -180,18 +196,6 @@ def _lock_file_there(parent: int) -> bool:
     except FileNotFoundError:
         return False
     return _is_lock_file(st)
-
-
-def _directory_there(parent: int, path: str) -> InstanceLocked:
-    """A directory at the name: not replaced in one step, nor removed."""
-    try:
-        owner = f"uid {os.stat(LOCK_NAME, dir_fd=parent, follow_symlinks=False).st_uid}"
-    except OSError:
-        owner = "another user"
-    return InstanceLocked(
-        f"{path} is a directory (of {owner}), not ipcd's lock file; "
-        f"remove it: rm -r {path}"
-    )
 
 
 def holder_pid(st: os.stat_result) -> int | None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the blocking client imports this module: no Twisted
     from twisted.internet.interfaces import IReactorUNIX
 
+from ipcd.planted import Taken, claimed, open_parent
 from ipcd.rundir import ensure_rundir
 
 # ipcd's own sockets in RUNDIR: never a lookup, route or inbound target.
@@ -135,6 +136,31 @@ def clear_stale_socket(path: str, placing: bool = False) -> int | None:
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def refuse_own_live(path: str) -> None:
+    """
+    Raise L{SocketInUse} if a process listens on a socket of this user at
+    C{path}: a program serving one of ipcd's names (another ipcd would hold
+    RUNDIR's lock, and say so).  Anything else there is a plant, taken out
+    when ipcd's socket takes the name (L{ipcd.planted}).
+    """
+    try:
+        parent, name = open_parent(path)
+    except FileNotFoundError:
+        return
+    try:
+        fd = os.open(name, _PATH_FLAGS, dir_fd=parent)
+    except OSError:
+        return  # nothing there, or a symbolic link: not a socket
+    finally:
+        os.close(parent)
+    try:
+        probed = os.fstat(fd)
+        if stat.S_ISSOCK(probed.st_mode) and probed.st_uid == os.geteuid():
+            _refuse_live(f"/proc/self/fd/{fd}", path)
+    finally:
+        os.close(fd)
+
+
 def _refuse_live(address: str, path: str) -> None:
     """Raise L{SocketInUse} if a process accepts on the socket at C{address}."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -208,6 +234,13 @@ def listen_unix(
 
         if can_place(reactor):
             return _listen_placed(reactor, path, factory, backlog, mode, gid, group)
+        if _takes(path):
+            # Bound at the name itself: what is there is taken out first
+            # (the name is then free for a moment: anyone quicker wins it).
+            from ipcd.planted import take_out_path
+
+            refuse_own_live(path)
+            _tell(take_out_path(path))
         clear_stale_socket(path)
         # Narrowest umask while binding: the socket never exists with more
         # permissions than asked, even before the chmod.
@@ -253,9 +286,13 @@ def _listen_placed(
     from ipcd.placing import Placing
     from ipcd.startup import close_now  # (it imports this module)
 
-    own = os.path.basename(path) in OWN_NAMES
-    # At ipcd's own names, only checked: the move replaces what is there.
-    clear_stale_socket(path, placing=True)
+    # At ipcd's names only a live socket of this user is refused: the move
+    # takes out whatever else is there (ipcd.planted).
+    own = _takes(path)
+    if own:
+        refuse_own_live(path)
+    else:
+        clear_stale_socket(path, placing=True)
     try:
         placing = Placing(path, mode)
     except OSError as e:
@@ -268,7 +305,7 @@ def _listen_placed(
                 raise _group_error(path, group, e) from None
         port = listen_placed(reactor, placing, factory, backlog, mode)
         try:
-            placing.place(own, lambda: clear_stale_socket(path))
+            taken = placing.place(own, lambda: clear_stale_socket(path))
         except FileExistsError:
             close_now(port)
             raise SocketInUse(f"another process took {path} meanwhile") from None
@@ -279,4 +316,23 @@ def _listen_placed(
             close_now(port)
             raise
         port.inode = placing.inode
+    _tell(taken)
     return port
+
+
+def _takes(path: str) -> bool:
+    """
+    Whether C{path} is one of ipcd's names, taken whatever is there: its
+    own, and those ipcd took RUNDIR's lock for (its daemons', pongd's).
+    """
+    return os.path.basename(path) in OWN_NAMES or claimed(path)
+
+
+def _tell(taken: list[Taken]) -> None:
+    """Log what was taken out of ipcd's names, one line each."""
+    if taken:
+        from twisted.logger import Logger
+
+        log = Logger(namespace="ipcd")
+        for entry in taken:
+            log.warn("{taken}", taken=str(entry))

@@ -10,13 +10,13 @@ in meanwhile would make ipcd, often root, change another file).  So
 L{Placing} binds in a private directory made for it in RUNDIR (mode 0700,
 opened first and then used only through its descriptor: nobody else can
 enter it, replace the socket or swap a link in), under the umask that
-gives the mode, sets the group there, and once the socket listens moves
-it to its name with C{rename(2)}, which replaces the file there, if any,
-in one step (ipcd's own names, L{ipcd.names.OWN_NAMES}), or with
-C{link(2)}, which never replaces anything (every other name is first come,
-first served).  The socket keeps its inode, and so its listener, under the
-new name; its own address (C{getsockname}, C{ss -x}) stays the one it was
-bound at, C{/proc/self/fd/N/NAME}.
+gives the mode, sets the group there, and once the socket listens puts
+it at its name: at ipcd's names by L{ipcd.planted.take_name}, which takes
+out whatever is there in one step, or with C{link(2)}, which never
+replaces anything (every other name is first come, first served).  The
+socket keeps its inode, and so its listener, under the new name; its own
+address (C{getsockname}, C{ss -x}) stays the one it was bound at,
+C{/proc/self/fd/N/NAME}.
 
 Its maker holds a C{flock} on the private directory until it removes it:
 one found unlocked was left by a process killed meanwhile, and
@@ -33,6 +33,8 @@ import socket
 import stat
 from collections.abc import Callable
 from typing import Any
+
+from ipcd.planted import Taken, open_parent, take_name
 
 Inode = tuple[int, int]
 
@@ -85,21 +87,20 @@ class Placing:
         """The socket's group: set where nobody else can swap it for a link."""
         os.chown(self._inner, -1, gid, dir_fd=self._private, follow_symlinks=False)
 
-    def place(self, replace: bool, make_room: Callable[[], object]) -> None:
+    def place(self, take: bool, make_room: Callable[[], object]) -> list[Taken]:
         """
-        Move the socket to C{path}: replacing whatever is there if
-        C{replace}, else only if the name is free; C{make_room()} is called
-        when it is not (it removes a stale socket, or raises), then the
-        move is tried once more.
+        Put the socket at C{path}: taking out whatever is there if C{take}
+        (L{ipcd.planted.take_name}, which returns what it took out), else
+        only if the name is free; C{make_room()} is called when it is not
+        (it removes a stale socket, or raises), then the link is tried once
+        more.
         """
         st = os.stat(self._inner, dir_fd=self._private, follow_symlinks=False)
         inode = (st.st_dev, st.st_ino)
-        if replace:
-            os.rename(
-                self._inner,
-                self.name,
-                src_dir_fd=self._private,
-                dst_dir_fd=self._parent,
+        taken: list[Taken] = []
+        if take:
+            taken = take_name(
+                self._parent, self.name, self._private, self._inner, self.path
             )
         else:
             for attempt in (1, 2):
@@ -117,6 +118,7 @@ class Placing:
                         raise
                     make_room()
         self.inode = inode
+        return taken
 
     def __enter__(self) -> Placing:
         return self
@@ -262,9 +264,8 @@ def remove_if_same(path: str, inode: Inode | None) -> None:
     """
     if inode is None:
         return
-    directory, name = os.path.split(path)
     try:
-        parent = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        parent, name = open_parent(path)
     except OSError:
         return
     try:

@@ -93,7 +93,8 @@ def ensure_rundir(rundir: str) -> None:
         os.close(fd)
 
 
-def _user(uid: int) -> str:
+def user_text(uid: int) -> str:
+    """C{uid 1001 (mallory)}, or C{uid 1001} for a uid without an account."""
     try:
         return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
     except KeyError:
@@ -117,7 +118,7 @@ def check_rundir(rundir: str) -> None:
     Reads only metadata; creates and changes nothing.
     """
     euid = os.geteuid()
-    me = _user(euid)
+    me = user_text(euid)
     where = f"unsafe RUNDIR {rundir}"
     # "link/" would follow the link: look at the name itself.
     path = rundir.rstrip(os.sep) or os.sep
@@ -137,7 +138,7 @@ def check_rundir(rundir: str) -> None:
         if link.st_uid not in (euid, 0):
             raise UnsafeRundir(
                 f"{where}: is a symlink (to {target}) owned by "
-                f"{_user(link.st_uid)}, not by ipcd's user {me}"
+                f"{user_text(link.st_uid)}, not by ipcd's user {me}"
                 f"{'' if euid == 0 else ' or root'}; "
                 f"remove it: rm {rundir}"
             )
@@ -161,7 +162,7 @@ def check_rundir(rundir: str) -> None:
         )
     if st.st_uid != euid:
         raise UnsafeRundir(
-            f"{where}: owned by {_user(st.st_uid)}, not by ipcd's user {me}; "
+            f"{where}: owned by {user_text(st.st_uid)}, not by ipcd's user {me}; "
             f"remove it, or chown {euid} {rundir}"
         )
     mode = stat.S_IMODE(st.st_mode)
@@ -230,6 +231,39 @@ def check_ancestors(rundir: str) -> None:
             current = entry
 
 
+def check_asked_rundir(rundir: str) -> None:
+    """
+    Raise L{UnsafeRundir} unless the user asking the ipcd in C{rundir}
+    (C{ipcd status}, C{ipcd reload}) can trust what serves there as ipcd
+    trusts RUNDIR at start, from the asker's side: RUNDIR is root's or the
+    asker's (another user's RUNDIR holds what that user chose to serve: a
+    RUNDIR made before ipcd ever ran, /tmp/libipc-run, is its maker's),
+    sticky if others may write to it, and nobody else can rename it away
+    (L{check_ancestors}).  A RUNDIR that is missing is left for the
+    connection to say so.
+    """
+    try:
+        st = os.stat(rundir)
+    except FileNotFoundError:
+        return
+    euid = os.geteuid()
+    where = f"RUNDIR {rundir}"
+    if st.st_uid not in (0, euid):
+        you = "root" if euid == 0 else f"you ({user_text(euid)}) or root"
+        raise UnsafeRundir(
+            f"{where} is owned by {user_text(st.st_uid)}, not by {you}: what "
+            f"serves there is that user's, not asked (ask as that user, or "
+            f"give your ipcd's --rundir)"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+        raise UnsafeRundir(
+            f"{where} (mode {mode:04o}) lets others replace its sockets: not "
+            f"asked (chmod +t {rundir}, as ipcd requires)"
+        )
+    check_ancestors(rundir)
+
+
 def _cannot_inspect(where: str, entry: str, error: OSError) -> UnsafeRundir:
     # Unchecked is unsafe: a path too long to inspect by name (links
     # expanded past PATH_MAX) or a link gone meanwhile stops start-up too.
@@ -254,7 +288,7 @@ def _check_parent(
     shown = _printable(parent)
     if directory.st_uid not in trusted:
         raise UnsafeRundir(
-            f"{where}: {shown} is owned by {_user(directory.st_uid)}, who could "
+            f"{where}: {shown} is owned by {user_text(directory.st_uid)}, who could "
             f"rename RUNDIR away and put their own in its place; choose a "
             f"--rundir whose parents only root or ipcd's user own"
         )
@@ -270,7 +304,7 @@ def _check_parent(
         )
     if found is not None and found.st_uid not in trusted:
         raise UnsafeRundir(
-            f"{where}: {_printable(entry)} is owned by {_user(found.st_uid)}, "
+            f"{where}: {_printable(entry)} is owned by {user_text(found.st_uid)}, "
             f"who could replace it in {shown}; choose another --rundir"
         )
 

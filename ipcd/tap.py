@@ -34,13 +34,13 @@ from ipcd.limits import LimitedFactory
 from ipcd.listener import IListener, Outcome
 from ipcd.logbatch import batch_with
 from ipcd.logs import text_observer
-from ipcd.lookupport import can_place
 from ipcd.lookupprotocol import LookupFactory
 from ipcd.memtrim import MemoryTrim
 from ipcd.metrics import NO_METRICS, Metrics
-from ipcd.names import SocketInUse, clear_stale_socket, socket_path
+from ipcd.names import SocketInUse, refuse_own_live, socket_path
 from ipcd.options import Options
 from ipcd.placing import remove_abandoned
+from ipcd.planted import ASIDE_PREFIX, sweep_aside
 from ipcd.reactors import IHostReactor
 from ipcd.rundir import UnsafeRundir, prepare_rundir
 from ipcd.sdnotify import Notifier, Readiness
@@ -166,7 +166,11 @@ class IPCDService(MultiService):
         names = [BROKER_NAME, CONTROL_NAME]
         if self.config.pongd:
             names.append("pong")
-        names += [d.scheme for d in self.config.registry.enabled(self.config)]
+        names += [
+            scheme
+            for d in self.config.registry.enabled(self.config)
+            for scheme in (d.scheme, *getattr(d, "also_schemes", ()))
+        ]
         return [socket_path(self.config.rundir, name) for name in names]
 
     def lock_rundir(self) -> None:
@@ -182,10 +186,25 @@ class IPCDService(MultiService):
             self.instance_lock = take_instance_lock(rundir)
         except OSError as e:
             raise lock_error(rundir, e) from None
+        for taken in self.instance_lock.taken:
+            self.log.warn("{taken}", taken=str(taken))
+        # Its names are ipcd's now: whatever is there is taken out of the
+        # way as its sockets take them (ipcd.planted).
+        self.instance_lock.claim(self.socket_paths())
         try:
             abandoned = remove_abandoned(rundir)
+            kept = sweep_aside(rundir)
         except OSError:
-            abandoned = []  # only litter: it stays
+            abandoned, kept = [], 0  # only litter: it stays
+        if kept:
+            self.log.warn(
+                "RUNDIR holds {count} directories ipcd took from its names "
+                "(not emptied: another user's tree); remove them: "
+                "rm -r {rundir}/{prefix}*",
+                count=kept,
+                rundir=rundir,
+                prefix=ASIDE_PREFIX,
+            )
         if abandoned:
             self.log.info(
                 "removed {count} temporary directories a killed process left "
@@ -466,21 +485,13 @@ def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDSe
         prepare_rundir(options.config.rundir)
         # Before anything is removed or placed in RUNDIR: one ipcd there.
         service.lock_rundir()
-        # ipcd's sockets replace a squatter's in one step where they can
-        # (ipcd.placing): then it is only found here, not removed.
-        placing = can_place(reactor)
+        # ipcd's sockets take their names whatever another user put there
+        # (ipcd.planted): only a live socket of ipcd's user is refused, here
+        # before any listens.
         for path in service.socket_paths():
             # systemd's socket (socket activation) is adopted, not cleared.
             if not inherited().holds(path, os.path.basename(path)):
-                squatter = clear_stale_socket(path, placing)
-                if squatter is not None:
-                    _log.warn(
-                        "{done} {path}: a socket of uid {uid}, not of ipcd's "
-                        "user, at ipcd's own name",
-                        done="replacing" if placing else "removed",
-                        path=path,
-                        uid=squatter,
-                    )
+                refuse_own_live(path)
         service.privilegedStartService()
     except (UnsafeRundir, SocketInUse, StartupError) as e:
         service.unlock_rundir()

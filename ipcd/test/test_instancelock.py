@@ -354,15 +354,18 @@ class LockTests(SynchronousTestCase):
         self.assertEqual(read_text(other), "other")
 
     def test_directory(self) -> None:
-        """A directory at the name: one line, the way out."""
+        """
+        A directory at the name is swapped aside in one step (L{ipcd.planted}),
+        not entered, and the lock taken; what was taken is told.
+        """
         os.mkdir(self.path)
-        error = self.assertRaises(InstanceLocked, take_instance_lock, self.rundir)
-        self.assertEqual(
-            str(error),
-            f"{self.path} is a directory (of uid {os.geteuid()}), not ipcd's "
-            f"lock file; remove it: rm -r {self.path}",
-        )
-        self.assertEqual(os.listdir(self.rundir), [LOCK_NAME])
+        os.mkdir(os.path.join(self.path, "inside"))
+        lock = take_instance_lock(self.rundir)
+        self.addCleanup(lock.release)
+        [taken] = lock.taken
+        self.assertEqual((taken.path, taken.kind), (self.path, "a directory"))
+        self.assertTrue(stat.S_ISREG(os.lstat(self.path).st_mode))
+        self.assertEqual(os.listdir(taken.aside), ["inside"])
 
     def test_holderGone(self) -> None:
         """No pid is named for a lock nobody holds any more."""

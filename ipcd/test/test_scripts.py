@@ -69,6 +69,7 @@ class ControlTests(SynchronousTestCase):
         self.addCleanup(os.rmdir, self.rundir)
         self.err = io.StringIO()
         self.patch(sys, "stderr", self.err)
+        self.out = io.StringIO()
 
     def unreachable(self, command: str = "status") -> str:
         path = os.path.join(self.rundir, "ipcd-control")
@@ -246,11 +247,10 @@ class ControlTests(SynchronousTestCase):
                 self.assertEqual(out.getvalue(), "")
         thread.join(30)
 
-    def test_answerOfAnotherUserRefused(self) -> None:
+    def served_by_nobody(self) -> tuple[int, str]:
         """
-        A socket at RUNDIR/ipcd-control that another user serves (bound
-        there while ipcd was down) is not ipcd: it gets no command, and
-        nothing it answers is shown as ipcd's status.
+        User nobody serves RUNDIR/ipcd-control (one forged answer, if
+        asked); returns nobody's uid and the socket's path.
         """
         if os.geteuid() != 0:
             raise SkipTest("needs root: to serve the socket as another user")
@@ -269,14 +269,51 @@ class ControlTests(SynchronousTestCase):
         )
         self.addCleanup(_end, fake)
         self.assertEqual(fake.stdout.readline(), b"listening\n")
-        out = io.StringIO()
-        self.patch(sys, "stdout", out)
+        self.patch(sys, "stdout", self.out)
+        return nobody, path
+
+    def test_answerOfAnotherUserRefused(self) -> None:
+        """
+        A socket at RUNDIR/ipcd-control that another user serves (bound
+        there while ipcd was down) is not ipcd: it gets no command, and
+        nothing it answers is shown as ipcd's status.
+        """
+        nobody, path = self.served_by_nobody()
         self.assertEqual(control("status", self.rundir), 1)
-        self.assertEqual(out.getvalue(), "")
+        self.assertEqual(self.out.getvalue(), "")
         self.assertEqual(
             self.err.getvalue(),
             f"ipcd status: cannot reach ipcd's control socket {path}: served by "
             f"uid {nobody}, not by RUNDIR's owner (uid {os.geteuid()}): not ipcd\n",
+        )
+
+    def test_rundirOfAnotherUserNotAsked(self) -> None:
+        """
+        A RUNDIR another user made (the default /tmp/libipc-run, before ipcd
+        ever ran), with their socket served there by them, its owner: not
+        asked, as ipcd itself would refuse to start there.
+        """
+        nobody, path = self.served_by_nobody()
+        os.chown(self.rundir, nobody, -1)
+        self.assertEqual(control("reload", self.rundir), 1)
+        self.assertEqual(self.out.getvalue(), "")
+        self.assertEqual(
+            self.err.getvalue(),
+            f"ipcd reload: cannot reach ipcd's control socket {path}: RUNDIR "
+            f"{self.rundir} is owned by uid {nobody} (nobody), not by root: what "
+            f"serves there is that user's, not asked (ask as that user, or give "
+            f"your ipcd's --rundir)\n",
+        )
+
+    def test_rundirOthersMayReplaceInNotAsked(self) -> None:
+        """Group-writable without the sticky bit: anyone there may serve it."""
+        os.chmod(self.rundir, 0o770)
+        self.assertEqual(control("status", self.rundir), 1)
+        self.assertEqual(
+            self.err.getvalue(),
+            f"ipcd status: cannot reach ipcd's control socket {self.rundir}/"
+            f"ipcd-control: RUNDIR {self.rundir} (mode 0770) lets others replace "
+            f"its sockets: not asked (chmod +t {self.rundir}, as ipcd requires)\n",
         )
 
     def test_helpAndVersion(self) -> None:
