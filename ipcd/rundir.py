@@ -234,34 +234,27 @@ def check_ancestors(rundir: str) -> None:
 def check_asked_rundir(rundir: str) -> None:
     """
     Raise L{UnsafeRundir} unless the user asking the ipcd in C{rundir}
-    (C{ipcd status}, C{ipcd reload}) can trust what serves there as ipcd
-    trusts RUNDIR at start, from the asker's side: RUNDIR is root's or the
-    asker's (another user's RUNDIR holds what that user chose to serve: a
-    RUNDIR made before ipcd ever ran, /tmp/libipc-run, is its maker's),
-    sticky if others may write to it, and nobody else can rename it away
-    (L{check_ancestors}).  A RUNDIR that is missing is left for the
-    connection to say so.
+    (C{ipcd status}, C{ipcd reload}) can trust what serves there, from the
+    asker's side: nobody but root or the asker could have put RUNDIR where
+    it is, or can rename it away (L{check_ancestors}: a /tmp/libipc-run
+    another user made before ipcd ever ran is refused there), and it is
+    sticky if others may write to it.  Its owner is then the one root (or
+    the asker) gave it to: ipcd's user, whose socket alone is asked
+    (L{ipcd.control.request}), so that the members of C{[control] group}
+    may ask an ipcd running as a user of its own.  A RUNDIR that is
+    missing is left for the connection to say so.
     """
     try:
         st = os.stat(rundir)
     except FileNotFoundError:
         return
-    euid = os.geteuid()
-    where = f"RUNDIR {rundir}"
-    if st.st_uid not in (0, euid):
-        you = "root" if euid == 0 else f"you ({user_text(euid)}) or root"
-        raise UnsafeRundir(
-            f"{where} is owned by {user_text(st.st_uid)}, not by {you}: what "
-            f"serves there is that user's, not asked (ask as that user, or "
-            f"give your ipcd's --rundir)"
-        )
+    check_ancestors(rundir)
     mode = stat.S_IMODE(st.st_mode)
     if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
         raise UnsafeRundir(
-            f"{where} (mode {mode:04o}) lets others replace its sockets: not "
-            f"asked (chmod +t {rundir}, as ipcd requires)"
+            f"RUNDIR {rundir} (mode {mode:04o}) lets others replace its "
+            f"sockets: not asked (chmod +t {rundir}, as ipcd requires)"
         )
-    check_ancestors(rundir)
 
 
 def _cannot_inspect(where: str, entry: str, error: OSError) -> UnsafeRundir:

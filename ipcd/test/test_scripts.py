@@ -289,9 +289,10 @@ class ControlTests(SynchronousTestCase):
 
     def test_rundirOfAnotherUserNotAsked(self) -> None:
         """
-        A RUNDIR another user made (the default /tmp/libipc-run, before ipcd
-        ever ran), with their socket served there by them, its owner: not
-        asked, as ipcd itself would refuse to start there.
+        A RUNDIR another user made where anyone may make one (the default
+        /tmp/libipc-run, before ipcd ever ran), with their socket served
+        there by them, its owner: not asked, as ipcd itself would refuse
+        to start there.
         """
         nobody, path = self.served_by_nobody()
         os.chown(self.rundir, nobody, -1)
@@ -299,11 +300,28 @@ class ControlTests(SynchronousTestCase):
         self.assertEqual(self.out.getvalue(), "")
         self.assertEqual(
             self.err.getvalue(),
-            f"ipcd reload: cannot reach ipcd's control socket {path}: RUNDIR "
-            f"{self.rundir} is owned by uid {nobody} (nobody), not by root: what "
-            f"serves there is that user's, not asked (ask as that user, or give "
-            f"your ipcd's --rundir)\n",
+            f"ipcd reload: cannot reach ipcd's control socket {path}: unsafe "
+            f"RUNDIR {self.rundir}: {self.rundir} is owned by uid {nobody} "
+            f"(nobody), who could replace it in /tmp; choose another --rundir\n",
         )
+
+    def test_rundirGivenToAnotherUserAsked(self) -> None:
+        """
+        A RUNDIR only root could have made, owned by another user (root
+        gave it to an ipcd running as a user of its own, as systemd's
+        RuntimeDirectory= does): its owner's socket is asked, so that the
+        members of [control] group can ask that ipcd.  (Asked: the forged
+        answer reaches the command, which says it is not a status.)
+        """
+        parent = tempfile.mkdtemp(prefix="ipcd-", dir="/tmp")  # root's, 0700
+        self.addCleanup(os.rmdir, parent)
+        self.rundir = os.path.join(parent, "run")
+        os.mkdir(self.rundir)
+        self.addCleanup(os.rmdir, self.rundir)
+        nobody, path = self.served_by_nobody()
+        os.chown(self.rundir, nobody, -1)
+        self.assertEqual(control("status", self.rundir), 1)
+        self.assertIn("ipcd status: unexpected answer", self.err.getvalue())
 
     def test_rundirOthersMayReplaceInNotAsked(self) -> None:
         """Group-writable without the sticky bit: anyone there may serve it."""
