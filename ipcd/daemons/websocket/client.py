@@ -15,10 +15,11 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
+from ipcd.daemons.tls.handover import TLSFactory
 from ipcd.daemons.websocket.bridge import WebSocketSide
 from ipcd.daemons.websocket.factories import (
     ReactorTimer,
@@ -180,7 +181,7 @@ def connect_websocket(
     factory = WebSocketOutboundFactory(
         reactor, url, max_message_size, idle, settings, stats, bridges, own_dials
     )
-    endpoint: Any = HostnameEndpoint(reactor, host, port)
+    endpoint = HostnameEndpoint(reactor, host, port)
     if scheme == "wss":
         try:
             options = ssl.optionsForClientTLS(
@@ -189,8 +190,11 @@ def connect_websocket(
         except (OSError, ssl.SSL.Error, ValueError) as e:
             factory._close_pair()
             raise Refused(f"cannot verify {url}: bad ca {settings['ca']!r}: {e}")
-        endpoint = wrapClientTLS(options, endpoint)
-    factory.connecting = connecting = endpoint.connect(factory)
+        # tlsd's TLS: what OpenSSL answers the server is bounded (OwedGuard).
+        connecting = endpoint.connect(TLSFactory(options, True, factory))
+    else:
+        connecting = endpoint.connect(factory)
+    factory.connecting = connecting
 
     def unreachable(failure: Failure) -> None:
         factory.connecting = None
