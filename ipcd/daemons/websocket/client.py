@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
 from ipcd.daemons.tls.handover import TLSFactory
+from ipcd.daemons.tls.material import MAX_MATERIAL_FILE
 from ipcd.daemons.websocket.bridge import WebSocketSide
 from ipcd.daemons.websocket.factories import (
     ReactorTimer,
@@ -35,9 +36,6 @@ from ipcd.reactors import IHostReactor
 from ipcd.regularfile import read_regular
 from ipcd.relay import RelayStats
 from ipcd.routes import host_port
-
-# A CA file larger than this is refused, not cut (tlsd's bound too).
-MAX_CA_FILE = 1 << 20
 
 
 class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
@@ -156,7 +154,7 @@ def trust_root(ca_file: str) -> Any:
         return ssl.platformTrust()
     # Read at every wss:// lookup, in the reactor's thread: only a regular
     # file, bounded (ValueError otherwise), never a FIFO waited on.
-    return ssl.Certificate.loadPEM(read_regular(ca_file, MAX_CA_FILE))
+    return ssl.Certificate.loadPEM(read_regular(ca_file, MAX_MATERIAL_FILE))
 
 
 def connect_websocket(
