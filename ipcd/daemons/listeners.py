@@ -17,10 +17,12 @@ from twisted.internet.endpoints import serverFromString
 
 from ipcd import wire
 from ipcd.daemons import settings_of
+from ipcd.daemons.tls.handover import GuardedTLSListens
 from ipcd.host import IDaemonHost
 from ipcd.inbound import ControlHandshake, HandshakeFactory, Handshaking
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.listener import EndpointListener
+from ipcd.listenerkeys import wrapped
 from ipcd.relay import SocketRelays
 from ipcd.services import IPCService
 
@@ -133,9 +135,13 @@ def network_listener(
 ) -> EndpointListener:
     """
     A listener on endpoint string C{listen} under the connection limits of
-    C{name}; peers over them get C{refusal(reason)}.
+    C{name}; peers over them get C{refusal(reason)}.  An C{ssl:} one speaks
+    TLS as tlsd does (L{GuardedTLSListens}).
     """
     limits = broker.limits_for(name)
+    reactor = broker.reactor
+    if wrapped(listen)[0] == "ssl":  # (haproxy:ssl: too)
+        reactor = GuardedTLSListens(reactor)
 
     def peer_key(transport: Any) -> str:
         config = broker.config  # read per connection: reloads apply
@@ -144,7 +150,7 @@ def network_listener(
         )
 
     return EndpointListener(
-        LimitedEndpoint(serverFromString(broker.reactor, listen), limits),
+        LimitedEndpoint(serverFromString(reactor, listen), limits),
         LimitedFactory(factory, limits, peer_key, refusal),
         listen,
     )

@@ -62,9 +62,13 @@ def start_ws_host(
     redirects: dict[str, str] | None = None,
     routes: dict[str, str] | None = None,
     dns: dict[str, Any] | None = None,
+    ipcd: dict[str, Any] | None = None,
     **websocketd: Any,
 ) -> Any:
-    """Start an ipcd with websocketd (and pongd); stopped after the test."""
+    """
+    Start an ipcd with websocketd (and pongd); stopped after the test.
+    C{ipcd}: its C{[ipcd]} settings.
+    """
     rundir = short_rundir(case, "ipcd-ws-")
     settings = {"listen": listen, "ping_interval": 0, **websocketd}
     config = make_config(
@@ -75,6 +79,7 @@ def start_ws_host(
         redirects=redirects or {},
         routes=routes or {},
         dns=dns or {},
+        ipcd=ipcd or {},
     )
     service = yield start_ipcd(case, config)
     port = yield service.getServiceNamed("websocketd").listening()

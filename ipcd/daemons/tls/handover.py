@@ -123,6 +123,33 @@ class TLSFactory(TLSMemoryBIOFactory):
     noisy = False
 
 
+class GuardedTLSListens:
+    """
+    C{reactor} for C{serverFromString}, but that its C{ssl:} listeners
+    speak TLS through L{TLSFactory} (what OpenSSL answers a peer, and it
+    leaves unread, is bounded: L{OwedGuard}), as tlsd's do, in place of
+    Twisted's own C{TLSMemoryBIOFactory}, which C{listenSSL} wraps the same
+    way around a TCP listener.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.reactor, name)
+
+    def listenSSL(  # noqa: N802 (IReactorSSL's name)
+        self,
+        port: int,
+        factory: Any,
+        contextFactory: Any,  # noqa: N803
+        backlog: int = 50,
+        interface: str = "",
+    ) -> Any:
+        tls = TLSFactory(contextFactory, False, factory)
+        return self.reactor.listenTCP(port, tls, backlog, interface)
+
+
 def tls_summary(connection: Any) -> dict[str, Any]:
     """Protocol version and cipher of a pyOpenSSL Connection."""
     return {

@@ -184,11 +184,15 @@ def client_creator(material: Material, host: str, watching: bool = False) -> Any
 
 # Reading the files.
 
+# A certificate, key or CA file larger than this is refused, not cut
+# (tlsd's, an ssl: listener's, websocketd's ca).
+MAX_MATERIAL_FILE = 1 << 20
+
 
 def read_file(
     where: str,
     path: str,
-    limit: int = 1 << 20,
+    limit: int = MAX_MATERIAL_FILE,
     check: Callable[[os.stat_result], None] | None = None,
 ) -> bytes:
     """

@@ -15,10 +15,12 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
+from ipcd.daemons.tls.handover import TLSFactory
+from ipcd.daemons.tls.material import MAX_MATERIAL_FILE
 from ipcd.daemons.websocket.bridge import WebSocketSide
 from ipcd.daemons.websocket.factories import (
     ReactorTimer,
@@ -34,9 +36,6 @@ from ipcd.reactors import IHostReactor
 from ipcd.regularfile import read_regular
 from ipcd.relay import RelayStats
 from ipcd.routes import host_port
-
-# A CA file larger than this is refused, not cut (tlsd's bound too).
-MAX_CA_FILE = 1 << 20
 
 
 class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
@@ -155,7 +154,7 @@ def trust_root(ca_file: str) -> Any:
         return ssl.platformTrust()
     # Read at every wss:// lookup, in the reactor's thread: only a regular
     # file, bounded (ValueError otherwise), never a FIFO waited on.
-    return ssl.Certificate.loadPEM(read_regular(ca_file, MAX_CA_FILE))
+    return ssl.Certificate.loadPEM(read_regular(ca_file, MAX_MATERIAL_FILE))
 
 
 def connect_websocket(
@@ -180,7 +179,7 @@ def connect_websocket(
     factory = WebSocketOutboundFactory(
         reactor, url, max_message_size, idle, settings, stats, bridges, own_dials
     )
-    endpoint: Any = HostnameEndpoint(reactor, host, port)
+    endpoint = HostnameEndpoint(reactor, host, port)
     if scheme == "wss":
         try:
             options = ssl.optionsForClientTLS(
@@ -189,8 +188,11 @@ def connect_websocket(
         except (OSError, ssl.SSL.Error, ValueError) as e:
             factory._close_pair()
             raise Refused(f"cannot verify {url}: bad ca {settings['ca']!r}: {e}")
-        endpoint = wrapClientTLS(options, endpoint)
-    factory.connecting = connecting = endpoint.connect(factory)
+        # tlsd's TLS: what OpenSSL answers the server is bounded (OwedGuard).
+        connecting = endpoint.connect(TLSFactory(options, True, factory))
+    else:
+        connecting = endpoint.connect(factory)
+    factory.connecting = connecting
 
     def unreachable(failure: Failure) -> None:
         factory.connecting = None
