@@ -18,6 +18,7 @@ import hashlib
 import os
 import select
 import socket
+import ssl
 import struct
 import termios
 import threading
@@ -33,8 +34,10 @@ from ipcd.test.support import (
     bounce,
     connect_unix,
     lookup,
+    make_config,
     read_reply,
     short_rundir,
+    start_ipcd,
     wait_until,
 )
 from ipcd.test.test_tls import TlsTestCase
@@ -610,3 +613,40 @@ class WebSocketKeyUpdateTests(TestCase):
         )
         yield wait_until(lambda: not listener.protocols, "the refused peer to be cut")
         self.assertEqual(listener.limits.total, 0)
+
+
+class MetricsKeyUpdateTests(TestCase):
+    @inlineCallbacks
+    def test_sslListenerBounded(self) -> Any:
+        """
+        The metrics' C{ssl:} listener speaks TLS as tlsd does: a peer
+        sending KeyUpdates and reading nothing is not read once what it
+        leaves unread passes the bound (with Twisted's own TLS, every
+        answer was held until the idle timeout, 60 s), and a scrape over
+        TLS is answered meanwhile.
+        """
+        _, cert, key = make_ca(short_rundir(self, "ipcd-ca-"))
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        config = make_config(
+            short_rundir(self, "ipcd-metrics-"), metrics={"listen": listen}
+        )
+        service = yield start_ipcd(self, config)
+        port = (yield service.getServiceNamed("metrics").listening()).getHost().port
+        peer = yield deferToThread(KeyUpdater, self, port, None, False)
+        listener = service.getServiceNamed("metrics").factory
+        [wrapper] = listener.protocols
+        yield flood_until_unread(
+            self, socket_of(wrapper.transport), peer.flood, "the metrics listener"
+        )
+
+        def scrape() -> bytes:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+                with context.wrap_socket(raw) as tls:
+                    tls.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                    return b"".join(iter(lambda: tls.recv(65536), b""))
+
+        answer = yield deferToThread(scrape)
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200 "), answer[:100])
