@@ -332,6 +332,33 @@ class HostileReplyTests(SynchronousTestCase):
 TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
+class TimeoutTests(SynchronousTestCase):
+    """A timeout no wait can be bounded by is refused at once, naming it."""
+
+    def test_outOfRange(self) -> None:
+        rundir = short_rundir(self)
+        for timeout in (-1, 0, float("nan"), float("inf"), 1e12, True):
+            error = self.assertRaises(
+                ValueError, connect, "pong", rundir=rundir, timeout=timeout
+            )
+            self.assertIn("timeout: expected seconds, above 0", str(error))
+            self.assertIn(repr(timeout), str(error))
+
+    def test_pongSaysUsage(self) -> None:
+        """pong --timeout -1: a usage line and status 2, not a traceback."""
+        for value in ("-1", "nan", "x"):
+            err = io.StringIO()
+            self.patch(sys, "stderr", err)
+            exited = self.assertRaises(SystemExit, pong.main, ["--timeout", value])
+            self.assertEqual(exited.code, 2)
+            last = err.getvalue().splitlines()[-1]
+            self.assertTrue(
+                last.startswith("pong: error: argument --timeout: expected seconds"),
+                last,
+            )
+            self.assertIn(repr(value) if value == "x" else value, last)
+
+
 class NoIpcdTests(TestCase):
     def test_noIpcd(self) -> None:
         """IPC_NETWORK set and no ipcd: pong says to start it."""

@@ -6,6 +6,7 @@ and adopting the handed-over fd.
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import socket
@@ -156,6 +157,47 @@ class ParserTests(SynchronousTestCase):
         )
         self.assertEqual(str(error), "ipc: mode: expected an octal number, got 'rw'")
 
+    def test_noServiceName(self) -> None:
+        """
+        C{ipc} or C{ipc:} alone: an error saying the name is missing, not a
+        C{TypeError} about a parser method's arguments.
+        """
+        for parse, side in ((serverFromString, "server"), (clientFromString, "client")):
+            for text in ("ipc", "ipc:", "ipc::rundir=/r"):
+                error = self.assertRaises(ValueError, parse, reactor, text)
+                self.assertIn(f"ipc: {side} endpoint: no service name", str(error))
+
+    def test_timeoutOutOfRange(self) -> None:
+        """
+        A timeout no wait can be bounded by is refused when parsed, naming
+        it, not by an assertion deep in the reactor when connecting.
+        """
+        for text in ("-1", "0", "nan", "inf", "1e12"):
+            error = self.assertRaises(
+                ValueError, clientFromString, reactor, f"ipc:pong:timeout={text}"
+            )
+            self.assertIn("ipc: timeout: expected seconds, above 0", str(error))
+            self.assertIn(repr(text), str(error))
+            self.assertRaises(
+                ValueError, IPCClientEndpoint, reactor, "pong", timeout=float(text)
+            )
+
+    def test_modeAndBacklogOutOfRange(self) -> None:
+        """
+        Permission bits beyond 0777 (set-id, sticky) and a backlog below 1
+        are refused, not applied (a mode of 7777777 was once 7777).
+        """
+        for text, message in (
+            ("mode=7777777", "mode: expected permission bits 0-0777, got 0o7777777"),
+            ("mode=4660", "mode: expected permission bits 0-0777, got 0o4660"),
+            ("backlog=0", "backlog: expected a number above 0, got 0"),
+            ("backlog=-1", "backlog: expected a number above 0, got -1"),
+        ):
+            error = self.assertRaises(
+                ValueError, serverFromString, reactor, f"ipc:pong:{text}"
+            )
+            self.assertEqual(str(error), message)
+
 
 class ServerEndpointTests(TestCase):
     def setUp(self) -> None:
@@ -266,9 +308,25 @@ class ClientEndpointTests(RunningIpcdTestCase):
         """Network set but no ipcd listening: a connect error."""
         rundir = short_rundir(self)
         endpoint = IPCClientEndpoint(reactor, "pong", rundir, "pong unix://pong")
-        yield self.assertFailure(
+        error = yield self.assertFailure(
             endpoint.connect(Factory.forProtocol(EchoClient)), ConnectError
         )
+        # Which socket, and what to do, as the blocking client says.
+        path = os.path.join(rundir, "ipc")
+        self.assertIn(f"no ipcd listens on {path} (no such file or", str(error))
+        self.assertIn("is ipcd running?", str(error))
+        self.assertEqual(error.osError, errno.ENOENT)
+
+    @inlineCallbacks
+    def test_noService(self) -> Any:
+        """Direct, nothing at C{RUNDIR/NAME}: the error names that socket."""
+        rundir = short_rundir(self)
+        endpoint = IPCClientEndpoint(reactor, "nosuch", rundir, "")
+        error = yield self.assertFailure(
+            endpoint.connect(Factory.forProtocol(EchoClient)), ConnectError
+        )
+        path = os.path.join(rundir, "nosuch")
+        self.assertIn(f"cannot reach service 'nosuch' at {path}: No such", str(error))
 
     @inlineCallbacks
     def test_manyAdoptedConnections(self) -> Any:
@@ -337,7 +395,9 @@ class CancelTests(TestCase):
     @inlineCallbacks
     def test_timeoutClosesTheLookup(self) -> Any:
         connecting, broker = yield self.lookupSent(timeout=0.2)
-        yield self.assertFailure(connecting, TimeoutError)
+        error = yield self.assertFailure(connecting, TimeoutError)
+        where = os.path.join(self.rundir, "ipc")
+        self.assertEqual(str(error), f"no answer from ipcd at {where} within 0.2 s")
         yield broker.lost.addTimeout(TIMEOUT, reactor)
 
     def test_cancelWhileConnecting(self) -> None:
@@ -405,6 +465,34 @@ class HostileBrokerTests(TestCase):
         connecting = self.connect(self.serve(flood))
         failure = yield self.assertFailure(connecting, HandoffError)
         self.assertIn("unexpected answer from ipcd: b'xxx", str(failure))
+
+    @inlineCallbacks
+    def test_closedMidLookup(self) -> Any:
+        """
+        ipcd going away mid-answer (half an C{ok}, or nothing, then closed):
+        C{HandoffError} saying so, and no descriptor left open.
+        """
+        before = yield fd_baseline()
+        for sent, message in (
+            (b"", "ipcd closed the connection without an answer"),
+            (b"o", "unexpected answer from ipcd: b'o'"),
+        ):
+            rundir = short_rundir(self)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(os.path.join(rundir, "ipc"))
+            listener.listen(1)
+
+            def answer(sent: bytes = sent, listener: socket.socket = listener) -> None:
+                with listener, listener.accept()[0] as peer:
+                    peer.settimeout(TIMEOUT)
+                    recv_message(peer)
+                    peer.sendall(sent)
+
+            answered = deferToThread(answer)
+            error = yield self.assertFailure(self.connect(rundir), HandoffError)
+            self.assertEqual(str(error), message)
+            yield answered
+        yield assert_no_fd_leak(before)
 
     @inlineCallbacks
     def test_extraDescriptorClosedAtOnce(self) -> Any:
