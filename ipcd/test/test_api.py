@@ -89,7 +89,8 @@ IN_MEMORY = (
     "in memory (``ipcd.test.test_api`` runs this as written; no reactor is\nimported):"
 )
 TESTING = "``FakeUNIXTransport``); returns"
-SAMPLES = (BLOCKING_CLIENT, PONGD, UPPER, ENDPOINTS, IN_MEMORY, TESTING)
+FAKE_IPCD = "asked for (``ipcd.test.test_api`` runs it as written):"
+SAMPLES = (BLOCKING_CLIENT, PONGD, UPPER, ENDPOINTS, IN_MEMORY, TESTING, FAKE_IPCD)
 
 # The pongd template defines pongd(); this runs it, and asks it once.
 RUN_PONGD = """
@@ -240,6 +241,19 @@ class DocumentedExamplesTests(SynchronousTestCase):
         code += "import sys\nprint('twisted.internet.reactor' in sys.modules)\n"
         out = self.run_example(code)
         self.assertEqual((out.returncode, out.stdout), (0, "False\n"), out.stderr)
+
+    def test_fakeIpcdForARemoteRoute(self) -> None:
+        """
+        FakeLookupBroker behind a real C{ipc:ipc}: the client of a remote
+        route gets its answer from the test, which sees the route asked for.
+        """
+        code = example_after(self.rst, FAKE_IPCD)
+        out = self.run_example(code)
+        self.assertEqual(
+            (out.returncode, out.stdout),
+            (0, "b'HELLO'\ntcp://10.0.0.2:9000/far\n"),
+            out.stderr,
+        )
 
     def twistd(self, *args: str) -> subprocess.Popen[bytes]:
         log = os.path.join(self.rundir, "twistd.log")
