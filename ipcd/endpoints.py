@@ -44,6 +44,9 @@ from ipcd.routes import encode_lookup
 from ipcd.rundir import resolve_rundir
 from ipcd.wire import encode
 
+# listen(2) takes an int (and the kernel caps it at net.core.somaxconn).
+_MAX_BACKLOG = 2**31 - 1
+
 
 @implementer(IStreamServerEndpoint)
 class IPCServerEndpoint:
@@ -64,8 +67,10 @@ class IPCServerEndpoint:
         if not 0 <= mode <= 0o777:
             # Set-id and sticky bits mean nothing on a socket.
             raise ValueError(f"mode: expected permission bits 0-0777, got {mode:#o}")
-        if backlog < 1:
-            raise ValueError(f"backlog: expected a number above 0, got {backlog}")
+        if not 1 <= backlog <= _MAX_BACKLOG:
+            raise ValueError(
+                f"backlog: expected a number from 1 to {_MAX_BACKLOG}, got {backlog}"
+            )
         self._mode = mode
         self._backlog = backlog
         self._group = group

@@ -190,8 +190,12 @@ class ParserTests(SynchronousTestCase):
         for text, message in (
             ("mode=7777777", "mode: expected permission bits 0-0777, got 0o7777777"),
             ("mode=4660", "mode: expected permission bits 0-0777, got 0o4660"),
-            ("backlog=0", "backlog: expected a number above 0, got 0"),
-            ("backlog=-1", "backlog: expected a number above 0, got -1"),
+            ("backlog=0", "backlog: expected a number from 1 to 2147483647, got 0"),
+            ("backlog=-1", "backlog: expected a number from 1 to 2147483647, got -1"),
+            (
+                "backlog=99999999999",
+                "backlog: expected a number from 1 to 2147483647, got 99999999999",
+            ),
         ):
             error = self.assertRaises(
                 ValueError, serverFromString, reactor, f"ipc:pong:{text}"
