@@ -64,6 +64,8 @@ class IPCServerEndpoint:
         self._reactor = reactor
         self.name = validate_service_name(name)
         self.path = socket_path(resolve_rundir(rundir), self.name)
+        if isinstance(mode, bool) or not isinstance(mode, int):
+            raise TypeError(f"mode: expected permission bits (0o660), got {mode!r}")
         if not 0 <= mode <= 0o777:
             # Set-id and sticky bits mean nothing on a socket.
             raise ValueError(f"mode: expected permission bits 0-0777, got {mode:#o}")
@@ -262,8 +264,9 @@ class IPCServerParser:
         positional part;
       - C{rundir}: the socket directory (default: C{$RUNDIR}, else
         C{/tmp/libipc-run});
-      - C{mode}: the socket's permissions, in octal (default C{0660});
-      - C{backlog}: the listen backlog (default 128);
+      - C{mode}: the socket's permissions, in octal, at most C{0777}
+        (default C{0660});
+      - C{backlog}: the listen backlog, from 1 to 2147483647 (default 128);
       - C{group}: a group name or number to own the socket (default: the
         process's).
 
@@ -318,8 +321,8 @@ class IPCClientParser:
         value); non-empty, the connection is asked of ipcd at C{RUNDIR/ipc}
         and the descriptor it hands over is adopted; empty, straight to
         C{RUNDIR/NAME};
-      - C{timeout}: seconds for the connect and the lookup (default 10,
-        more than ipcd's own C{connect_timeout}).
+      - C{timeout}: seconds for the connect and the lookup, above 0 and at
+        most a year (default 10, more than ipcd's own C{connect_timeout}).
 
     The routes' C{://} must be escaped as C{\\://} (a bare C{:} separates
     parts, and a stray part is an error saying so).  Examples::

@@ -201,6 +201,13 @@ class ParserTests(SynchronousTestCase):
                 ValueError, serverFromString, reactor, f"ipc:pong:{text}"
             )
             self.assertEqual(str(error), message)
+        # In Python, an int: a string of digits is not read as octal.
+        error = self.assertRaises(
+            TypeError, IPCServerEndpoint, reactor, "p", "/r", "0600"
+        )
+        self.assertEqual(
+            str(error), "mode: expected permission bits (0o660), got '0600'"
+        )
 
 
 class ServerEndpointTests(TestCase):
