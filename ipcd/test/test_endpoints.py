@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import (
     CancelledError,
@@ -35,6 +37,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from ipcd.client import MAX_TIMEOUT
 from ipcd.endpoints import (
     IPCClientEndpoint,
     IPCClientParser,
@@ -208,6 +211,42 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(
             str(error), "mode: expected permission bits (0o660), got '0600'"
         )
+
+
+# Pieces of ipc: strings, careless and hostile ones among them.
+_PIECES = st.sampled_from(
+    [*":=\\ ./-0x9a\x00é", "rundir", "mode", "backlog", "group", "network"]
+    + ["timeout", "nan", "inf", "-1", "7777", "1e12", "99999999999"]
+)
+
+
+class AnyStringTests(SynchronousTestCase):
+    """Whatever follows C{ipc:}, the parsers answer a sane endpoint or say why."""
+
+    @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(_PIECES, max_size=12).map("".join))
+    def test_sane_or_ValueError(self, text: str) -> None:  # noqa: N802
+        if text.endswith("\\"):
+            # Twisted's own tokenizer fails on a trailing backslash
+            # (RuntimeError) before any ipc: parser is asked.
+            text += "x"
+        memory = MemoryReactorClock()
+        try:
+            server = serverFromString(memory, "ipc:" + text)
+        except ValueError:
+            pass
+        else:
+            self.assertLessEqual(0, server._mode)
+            self.assertLessEqual(server._mode, 0o777)
+            self.assertLessEqual(1, server._backlog)
+            self.assertLessEqual(server._backlog, 2**31 - 1)
+        try:
+            client = clientFromString(memory, "ipc:" + text)
+        except ValueError:
+            pass
+        else:
+            self.assertLess(0, client._timeout)
+            self.assertLessEqual(client._timeout, MAX_TIMEOUT)
 
 
 class ServerEndpointTests(TestCase):
