@@ -4,6 +4,7 @@ The storefront: C{ipcd.__all__} and the example that opens docs/api.rst.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -222,6 +223,21 @@ class DocumentedExamplesTests(SynchronousTestCase):
         run = [first_example(self.rst), *(example_after(self.rst, s) for s in SAMPLES)]
         blocks = [block.strip() for block in python_blocks(self.rst)]
         self.assertEqual(sorted(blocks), sorted(block.strip() for block in run))
+
+    def test_connectionLostCallsTheBase(self) -> None:
+        """
+        A sample (api.rst's, README's) that overrides C{connectionLost}
+        calls the base class's, as api.rst tells its readers to.
+        """
+        with open(os.path.join(source_tree(), "README.rst"), encoding="utf-8") as f:
+            samples = python_blocks(self.rst) + python_blocks(f.read())
+        overrides = 0
+        for sample in samples:
+            for node in ast.walk(ast.parse(sample)):
+                if isinstance(node, ast.FunctionDef) and node.name == "connectionLost":
+                    overrides += 1
+                    self.assertIn("super().connectionLost(", ast.unparse(node))
+        self.assertGreater(overrides, 0)
 
     def test_pongdTemplate(self) -> None:
         """The pongd template, called as pongd(): it echoes."""
