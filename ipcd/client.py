@@ -20,13 +20,14 @@ import time
 from typing import Any
 
 from ipcd.framing import recv_message, send_message
-from ipcd.handoff import HandoffError, receive_fd
+from ipcd.handoff import HandoffError, LookupRefused, receive_fd
 from ipcd.names import BROKER_NAME, socket_path, validate_service_name
 from ipcd.routes import encode_lookup
 from ipcd.rundir import resolve_rundir
 
 __all__ = [
     "HandoffError",
+    "LookupRefused",
     "connect",
     "recv_message",
     "send_message",

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import control
 from ipcd.client import DEFAULT_TIMEOUT, connect
-from ipcd.handoff import HandoffError, receive_fd, scm_rights
+from ipcd.handoff import HandoffError, LookupRefused, receive_fd, scm_rights
 from ipcd.scripts import pong
 from ipcd.test.support import (
     TIMEOUT,
@@ -77,9 +77,9 @@ class BlockingClientTests(RunningIpcdTestCase):
     @inlineCallbacks
     def test_refused(self) -> Any:
         error = yield self.assertFailure(
-            self.connect_and_echo(network="pong unix://missing"), HandoffError
+            self.connect_and_echo(network="pong unix://missing"), LookupRefused
         )
-        self.assertIn("no route to service 'missing'", str(error))
+        self.assertIn("no route to service 'missing'", error.reason)
 
     @inlineCallbacks
     def test_noService(self) -> Any:

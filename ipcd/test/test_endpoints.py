@@ -44,7 +44,7 @@ from ipcd.endpoints import (
     IPCServerEndpoint,
     IPCServerParser,
 )
-from ipcd.handoff import HandoffError, adopt_into_reactor, scm_rights
+from ipcd.handoff import HandoffError, LookupRefused, adopt_into_reactor, scm_rights
 from ipcd.services.pongd import Pong
 from ipcd.test.support import (
     TIMEOUT,
@@ -336,15 +336,20 @@ class ClientEndpointTests(RunningIpcdTestCase):
 
     @inlineCallbacks
     def test_refusedCarriesReason(self) -> Any:
-        """An C{ne} answer: connect() fails with HandoffError and the reason."""
+        """
+        An C{ne} answer: connect() fails with LookupRefused (a
+        HandoffError) and the reason.
+        """
         before = yield fd_baseline()
         endpoint = clientFromString(
             reactor, rf"ipc:nosuch:rundir={self.rundir}:network=x unix\://y"
         )
         error = yield self.assertFailure(
-            endpoint.connect(Factory.forProtocol(EchoClient)), HandoffError
+            endpoint.connect(Factory.forProtocol(EchoClient)), LookupRefused
         )
-        self.assertIn("no route to service 'nosuch'", str(error))
+        self.assertIsInstance(error, HandoffError)
+        self.assertTrue(error.reason.startswith("no route to service 'nosuch'"))
+        self.assertEqual(str(error), error.reason)
         yield self.assertFailure(
             self.client(r":network=pong bogus\://h").connect(
                 Factory.forProtocol(EchoClient)
@@ -541,6 +546,7 @@ class HostileBrokerTests(TestCase):
             answered = deferToThread(answer)
             error = yield self.assertFailure(self.connect(rundir), HandoffError)
             self.assertEqual(str(error), message)
+            self.assertNotIsInstance(error, LookupRefused)  # no ipcd says that
             yield answered
         yield assert_no_fd_leak(before)
 
