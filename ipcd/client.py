@@ -106,6 +106,16 @@ def _connect_ipcd(sock: socket.socket, path: str, timeout: float | None) -> None
         raise type(e)(no_ipcd(path, e)) from None
 
 
+def _connect_service(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """connect() to a service's socket; a failure names it, as open() would."""
+    try:
+        _connect_unix(sock, path, timeout)
+    except OSError as e:
+        if e.errno is None or e.filename is not None:
+            raise
+        raise type(e)(e.errno, e.strerror, path) from None
+
+
 def connect(
     service: str,
     *,
@@ -132,7 +142,7 @@ def connect(
     try:
         sock.settimeout(timeout)
         if not network:
-            _connect_unix(sock, socket_path(directory, service), timeout)
+            _connect_service(sock, socket_path(directory, service), timeout)
             sock.settimeout(None)
             return sock
         _connect_ipcd(sock, socket_path(directory, BROKER_NAME), timeout)

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             send_message(sock, message.encode())
             answer = recv_message(sock)
     except (OSError, EOFError, InvalidServiceName, MessageTooLarge) as e:
+        if isinstance(e, OSError) and e.filename is not None:
+            e = OSError(e.errno, e.strerror)  # the path: said once, in where
         where = _where(args.service, args.rundir)
         print(
             f"pong: cannot reach service {args.service!r}{where}: {e}",

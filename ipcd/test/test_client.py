@@ -83,10 +83,15 @@ class BlockingClientTests(RunningIpcdTestCase):
 
     @inlineCallbacks
     def test_noService(self) -> Any:
+        """Nothing at RUNDIR/NAME: the error names that socket, as open() would."""
         rundir = short_rundir(self)
-        yield self.assertFailure(
-            deferToThread(connect, "pong", rundir=rundir, timeout=TIMEOUT), OSError
+        error = yield self.assertFailure(
+            deferToThread(connect, "pong", rundir=rundir, timeout=TIMEOUT),
+            FileNotFoundError,
         )
+        path = os.path.join(rundir, "pong")
+        self.assertEqual(error.filename, path)
+        self.assertEqual(str(error), f"[Errno 2] No such file or directory: {path!r}")
 
 
 class PongCommandTests(RunningIpcdTestCase):
@@ -126,7 +131,11 @@ class PongCommandTests(RunningIpcdTestCase):
         self.assertEqual((code, out), (1, ""))
         # Which socket: the one the service would listen on.
         path = os.path.join(self.rundir, "nosuch")
-        self.assertIn(f"pong: cannot reach service 'nosuch' at {path}: ", err)
+        self.assertEqual(  # the path once, as docs/quickstart.rst shows it
+            err,
+            f"pong: cannot reach service 'nosuch' at {path}: [Errno 2] No such "
+            "file or directory\n",
+        )
 
     @inlineCallbacks
     def test_badServiceName(self) -> Any:
