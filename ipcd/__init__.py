@@ -9,7 +9,8 @@ What other programs use, importable from here (docs/api.rst):
     L{IPCServerEndpoint}, L{IPCClientEndpoint}
                                 the C{ipc:} endpoints
     L{connect}, L{send_message}, L{recv_message}, L{encode},
-    L{HandoffError}             the blocking client (no Twisted)
+    L{HandoffError}, L{LookupRefused}
+                                the blocking client (no Twisted)
     L{FakeLookupBroker}, L{FakeUNIXTransport}, L{lookup_connection},
     L{LookupFactory}, L{MemoryRelays}
                                 in-memory fakes for tests, and the lookup
@@ -41,6 +42,7 @@ _HOMES = {
     "recv_message": "ipcd.framing",
     "encode": "ipcd.framing",
     "HandoffError": "ipcd.handoff",
+    "LookupRefused": "ipcd.handoff",
     "FakeLookupBroker": "ipcd.testing",
     "FakeUNIXTransport": "ipcd.testing",
     "lookup_connection": "ipcd.testing",

@@ -20,13 +20,14 @@ import time
 from typing import Any
 
 from ipcd.framing import recv_message, send_message
-from ipcd.handoff import HandoffError, receive_fd
+from ipcd.handoff import HandoffError, LookupRefused, receive_fd
 from ipcd.names import BROKER_NAME, socket_path, validate_service_name
 from ipcd.routes import encode_lookup
 from ipcd.rundir import resolve_rundir
 
 __all__ = [
     "HandoffError",
+    "LookupRefused",
     "connect",
     "recv_message",
     "send_message",
@@ -36,6 +37,9 @@ __all__ = [
 # ipcd's default connect_timeout (5 s), so that a hop that does not answer
 # is reported by ipcd, naming it, rather than as the client's own timeout.
 DEFAULT_TIMEOUT = 10.0
+# The longest a wait may be bounded by: a year (far longer, and the kernel's
+# or the reactor's timers overflow with an error from deep inside).
+MAX_TIMEOUT = 365 * 24 * 3600.0
 
 _TWISTED_NAMES = ("IPCClientEndpoint", "IPCServerEndpoint")
 
@@ -47,6 +51,33 @@ def __getattr__(name: str) -> Any:
 
         return getattr(endpoints, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def checked_timeout(timeout: float) -> float:
+    """
+    C{timeout} as seconds, if a wait can be bounded by it: a number above 0
+    and at most L{MAX_TIMEOUT}; else C{ValueError}, naming it (not the
+    socket's or the reactor's error, later and from deep inside).
+    """
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= MAX_TIMEOUT  # (False for NaN)
+    ):
+        raise ValueError(
+            f"timeout: expected seconds, above 0 and at most {MAX_TIMEOUT:g} "
+            f"(a year), got {timeout!r}"
+        )
+    return float(timeout)
+
+
+def no_ipcd(path: str, error: OSError | str) -> str:
+    """What a client says when no ipcd answers at C{path}, and what to do."""
+    reason = error.strerror if isinstance(error, OSError) else error
+    return (
+        f"no ipcd listens on {path} ({str(reason).lower()}): is ipcd running? "
+        "Start it (ipcd), or set RUNDIR to its socket directory"
+    )
 
 
 def _connect_unix(sock: socket.socket, path: str, timeout: float | None) -> None:
@@ -72,10 +103,17 @@ def _connect_ipcd(sock: socket.socket, path: str, timeout: float | None) -> None
     try:
         _connect_unix(sock, path, timeout)
     except (FileNotFoundError, ConnectionRefusedError) as e:
-        raise type(e)(
-            f"no ipcd listens on {path} ({e.strerror.lower()}): is ipcd running? "
-            "Start it (ipcd), or set RUNDIR to its socket directory"
-        ) from None
+        raise type(e)(no_ipcd(path, e)) from None
+
+
+def _connect_service(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """connect() to a service's socket; a failure names it, as open() would."""
+    try:
+        _connect_unix(sock, path, timeout)
+    except OSError as e:
+        if e.errno is None or e.filename is not None:
+            raise
+        raise type(e)(e.errno, e.strerror, path) from None
 
 
 def connect(
@@ -95,6 +133,8 @@ def connect(
     and the lookup; the returned socket is blocking with no timeout.
     """
     validate_service_name(service)
+    if timeout is not None:
+        timeout = checked_timeout(timeout)
     directory = resolve_rundir(rundir)
     if network is None:
         network = os.environ.get("IPC_NETWORK", "")
@@ -102,7 +142,7 @@ def connect(
     try:
         sock.settimeout(timeout)
         if not network:
-            _connect_unix(sock, socket_path(directory, service), timeout)
+            _connect_service(sock, socket_path(directory, service), timeout)
             sock.settimeout(None)
             return sock
         _connect_ipcd(sock, socket_path(directory, BROKER_NAME), timeout)

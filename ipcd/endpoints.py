@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet.defer import Deferred, execute
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, execute
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.interfaces import (
     IFileDescriptorReceiver,
     IProtocolFactory,
@@ -30,7 +30,7 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ipcd.client import DEFAULT_TIMEOUT
+from ipcd.client import DEFAULT_TIMEOUT, MAX_TIMEOUT, checked_timeout, no_ipcd
 from ipcd.handoff import MAX_REPLY, HandoffError, adopt_into_reactor, check_reply
 from ipcd.names import (
     BROKER_NAME,
@@ -43,6 +43,9 @@ from ipcd.reactors import IHostReactor
 from ipcd.routes import encode_lookup
 from ipcd.rundir import resolve_rundir
 from ipcd.wire import encode
+
+# listen(2) takes an int (and the kernel caps it at net.core.somaxconn).
+_MAX_BACKLOG = 2**31 - 1
 
 
 @implementer(IStreamServerEndpoint)
@@ -61,6 +64,15 @@ class IPCServerEndpoint:
         self._reactor = reactor
         self.name = validate_service_name(name)
         self.path = socket_path(resolve_rundir(rundir), self.name)
+        if isinstance(mode, bool) or not isinstance(mode, int):
+            raise TypeError(f"mode: expected permission bits (0o660), got {mode!r}")
+        if not 0 <= mode <= 0o777:
+            # Set-id and sticky bits mean nothing on a socket.
+            raise ValueError(f"mode: expected permission bits 0-0777, got {mode:#o}")
+        if not 1 <= backlog <= _MAX_BACKLOG:
+            raise ValueError(
+                f"backlog: expected a number from 1 to {_MAX_BACKLOG}, got {backlog}"
+            )
         self._mode = mode
         self._backlog = backlog
         self._group = group
@@ -151,16 +163,30 @@ class IPCClientEndpoint:
         self.service = validate_service_name(service)
         self.rundir = resolve_rundir(rundir)
         self.network = os.environ.get("IPC_NETWORK") if network is None else network
-        self._timeout = timeout
+        self._timeout = checked_timeout(timeout)
 
-    def _unix(self, name: str) -> UNIXClientEndpoint:
-        return UNIXClientEndpoint(
-            self._reactor, socket_path(self.rundir, name), timeout=self._timeout
-        )
+    def _unix(self, name: str, factory: IProtocolFactory) -> Deferred[Any]:
+        """Connect to C{RUNDIR/NAME}; a failure names that path."""
+        path = socket_path(self.rundir, name)
+        endpoint = UNIXClientEndpoint(self._reactor, path, timeout=self._timeout)
+
+        def unreachable(failure: Failure) -> Failure:
+            error = failure.value
+            if isinstance(error, ConnectError) and error.osError:
+                why = error.args[0] if error.args else ""
+                if name == BROKER_NAME:
+                    text = no_ipcd(path, why)
+                else:
+                    text = f"cannot reach service {name!r} at {path}: {why}"
+                # The same class, as callers trap it, now saying where.
+                return Failure(type(error)(error.osError, text))
+            return failure
+
+        return endpoint.connect(factory).addErrback(unreachable)
 
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
         if not self.network:
-            return self._unix(self.service).connect(factory)
+            return self._unix(self.service, factory)
         payload = encode_lookup(self.service, self.network)
         clients: list[_LookupClient] = []
 
@@ -176,7 +202,7 @@ class IPCClientEndpoint:
         received: Deferred[int] = Deferred(cancel)
         asking = Factory.forProtocol(build)
         asking.noisy = False  # no "Starting factory" line per connection
-        connecting = self._unix(BROKER_NAME).connect(asking)
+        connecting = self._unix(BROKER_NAME, asking)
 
         def failed(failure: Failure) -> None:
             # Our own cancel: received fails with CancelledError right after.
@@ -184,19 +210,36 @@ class IPCClientEndpoint:
                 received.errback(failure)
 
         connecting.addErrback(failed)
-        received.addTimeout(self._timeout, self._reactor)
+
+        def timed_out(result: Any, timeout: float) -> Any:
+            if isinstance(result, Failure) and result.check(CancelledError):
+                where = socket_path(self.rundir, BROKER_NAME)
+                raise TimeoutError(
+                    f"no answer from ipcd at {where} within {timeout:g} s"
+                )
+            return result
+
+        received.addTimeout(self._timeout, self._reactor, onTimeoutCancel=timed_out)
         return received.addCallback(
             lambda fd: adopt_into_reactor(self._reactor, fd, factory)
         )
 
 
 def _check_parts(
-    endpoint: str, extra: tuple[str, ...], unknown: dict[str, str], known: str
+    endpoint: str,
+    name: str,
+    extra: tuple[str, ...],
+    unknown: dict[str, str],
+    known: str,
 ) -> None:
     """
     An C{ipc:} string has one positional part, the name: another one is
     mostly a value whose C{:} was not escaped.  Say so, and how to fix it.
     """
+    if not name:
+        raise ValueError(
+            f"{endpoint}: no service name: expected ipc:NAME, then parameters: " + known
+        )
     if extra:
         raise ValueError(
             f"{endpoint}: unexpected part {':'.join(extra)!r} after the service "
@@ -221,8 +264,9 @@ class IPCServerParser:
         positional part;
       - C{rundir}: the socket directory (default: C{$RUNDIR}, else
         C{/tmp/libipc-run});
-      - C{mode}: the socket's permissions, in octal (default C{0660});
-      - C{backlog}: the listen backlog (default 128);
+      - C{mode}: the socket's permissions, in octal, at most C{0777}
+        (default C{0660});
+      - C{backlog}: the listen backlog, from 1 to 2147483647 (default 128);
       - C{group}: a group name or number to own the socket (default: the
         process's).
 
@@ -245,7 +289,7 @@ class IPCServerParser:
     def _server(
         self,
         reactor: IHostReactor,
-        name: str,
+        name: str = "",
         *extra: str,
         rundir: str | None = None,
         mode: str = "0660",
@@ -253,7 +297,7 @@ class IPCServerParser:
         group: str | None = None,
         **unknown: str,
     ) -> IPCServerEndpoint:
-        _check_parts("ipc: server endpoint", extra, unknown, self.parameters)
+        _check_parts("ipc: server endpoint", name, extra, unknown, self.parameters)
         return IPCServerEndpoint(
             reactor,
             name,
@@ -277,8 +321,8 @@ class IPCClientParser:
         value); non-empty, the connection is asked of ipcd at C{RUNDIR/ipc}
         and the descriptor it hands over is adopted; empty, straight to
         C{RUNDIR/NAME};
-      - C{timeout}: seconds for the connect and the lookup (default 10,
-        more than ipcd's own C{connect_timeout}).
+      - C{timeout}: seconds for the connect and the lookup, above 0 and at
+        most a year (default 10, more than ipcd's own C{connect_timeout}).
 
     The routes' C{://} must be escaped as C{\\://} (a bare C{:} separates
     parts, and a stray part is an error saying so).  Examples::
@@ -301,19 +345,20 @@ class IPCClientParser:
     def _parseClient(  # noqa: N802 (as Twisted's own parsers)
         self,
         reactor: IHostReactor,
-        name: str,
+        name: str = "",
         *extra: str,
         rundir: str | None = None,
         network: str | None = None,
         timeout: str = str(DEFAULT_TIMEOUT),
         **unknown: str,
     ) -> IPCClientEndpoint:
-        _check_parts("ipc: client endpoint", extra, unknown, self.parameters)
+        _check_parts("ipc: client endpoint", name, extra, unknown, self.parameters)
         try:
-            seconds = float(timeout)
+            seconds = checked_timeout(float(timeout))
         except ValueError:
             raise ValueError(
-                f"ipc: timeout: expected seconds, got {timeout!r}"
+                "ipc: timeout: expected seconds, above 0 and at most "
+                f"{MAX_TIMEOUT:g} (a year), got {timeout!r}"
             ) from None
         return IPCClientEndpoint(reactor, name, rundir, network, seconds)
 

@@ -29,7 +29,20 @@ class MessageTooLarge(ValueError):
 
 def encode(payload: bytes) -> bytes:
     """One framed message: header and payload together, ready for one write."""
-    return HEADER.pack(len(payload)) + payload
+    try:
+        return HEADER.pack(len(payload)) + payload
+    except (TypeError, struct.error):
+        raise _not_a_message(payload) from None
+
+
+def _not_a_message(payload: object) -> Exception:
+    """Why C{payload} cannot be framed, said as the caller's mistake."""
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        return TypeError(
+            f"a message is bytes, not {type(payload).__name__} "
+            "(text is sent encoded: 'text'.encode())"
+        )
+    return ValueError(f"a message is at most {2**32 - 1} bytes")
 
 
 def send_message(sock: socket.socket, payload: bytes) -> None:

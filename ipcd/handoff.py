@@ -34,6 +34,18 @@ class HandoffError(ConnectionError):
     """ipcd (or a daemon) did not hand over a connection; the reason is given."""
 
 
+class LookupRefused(HandoffError):
+    """
+    ipcd answered the lookup C{ne <reason>}: it refused it, or could not
+    serve it (no route, policy, an unreachable hop); C{reason} is its text.
+    Other L{HandoffError}s are answers no ipcd gives.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def send_ok(transport: Any, fd: int) -> None:
     """
     Answer C{ok} with C{fd} the way upstream clients need it: ONE sendmsg
@@ -74,7 +86,7 @@ def check_reply(data: bytes, fds: list[int]) -> int:
     if fd is not None:
         os.close(fd)
     if data.startswith(b"ne "):
-        raise HandoffError(data[3:].decode("utf-8", "replace"))
+        raise LookupRefused(data[3:].decode("utf-8", "replace"))
     if data == OK:
         raise HandoffError("ipcd answered ok without a file descriptor")
     if not data:

@@ -79,6 +79,13 @@ class Placing:
                 self.socket.bind(self.address)
             finally:
                 os.umask(old)
+        except OSError as e:
+            self.__exit__(None, None, None)
+            if e.errno is None:
+                raise
+            # Named as the caller asked: our private name means nothing to
+            # whoever reads the error (a read-only RUNDIR, say).
+            raise OSError(e.errno, e.strerror, path) from None
         except BaseException:
             self.__exit__(None, None, None)
             raise

@@ -83,7 +83,8 @@ def ensure_rundir(rundir: str) -> None:
     except FileExistsError:
         if os.path.isdir(path):
             return  # created meanwhile by someone else: not ours to chmod
-        raise
+        # A file (or a link to one) is there: say what is wrong with it.
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
     # mkdir's mode is filtered by the umask; say exactly what we mean, on the
     # directory just made (never through a symlink swapped in since).
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)

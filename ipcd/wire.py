@@ -431,6 +431,12 @@ class MessageFactory(Factory):
         partialBudget: PartialMessageBudget | None = None,  # noqa: N803
         counters: Counter[str] | None = None,
     ) -> None:
+        if not callable(protocol):
+            # Else every connection would fail, each with a traceback.
+            raise TypeError(
+                "MessageFactory: expected a protocol class (MessageFactory(Upper)),"
+                f" got {protocol!r}"
+            )
         self.protocol = protocol
         self.maxMessageSize = maxMessageSize
         self.idleTimeout = idleTimeout

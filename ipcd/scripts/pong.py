@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from ipcd.client import DEFAULT_TIMEOUT, connect
+from ipcd.client import DEFAULT_TIMEOUT, checked_timeout, connect
 from ipcd.framing import MessageTooLarge, recv_message, send_message
 from ipcd.names import InvalidServiceName, socket_path
 from ipcd.rundir import resolve_rundir
@@ -29,6 +29,18 @@ def _where(service: str, rundir: str | None) -> str:
         return ""  # the name itself is what is wrong, and the error says so
 
 
+def _seconds(text: str) -> float:
+    """C{--timeout}'s value: a usage error, not a traceback, when out of range."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    try:
+        return checked_timeout(seconds)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("timeout: ")) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pong", description="Send a message to an echo service, print the echo."
@@ -38,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rundir", help="socket directory (default: $RUNDIR)")
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=DEFAULT_TIMEOUT,
         help=f"seconds (default {DEFAULT_TIMEOUT:g})",
     )
@@ -50,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             send_message(sock, message.encode())
             answer = recv_message(sock)
     except (OSError, EOFError, InvalidServiceName, MessageTooLarge) as e:
+        if isinstance(e, OSError) and e.filename is not None:
+            e = OSError(e.errno, e.strerror)  # the path: said once, in where
         where = _where(args.service, args.rundir)
         print(
             f"pong: cannot reach service {args.service!r}{where}: {e}",

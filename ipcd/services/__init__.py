@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import Protocol
 
 from ipcd.endpoints import IPCServerEndpoint
 from ipcd.limits import ConnectionLimits, LimitedEndpoint
@@ -32,6 +33,16 @@ class IPCService(EndpointListener):
         group: str | None = None,
         limits: ConnectionLimits | None = None,
     ) -> None:
+        if not IProtocolFactory.providedBy(factory):
+            # A protocol class given for its factory: refused now, not with a
+            # traceback on every connection.
+            hint = ""
+            if isinstance(factory, type) and issubclass(factory, Protocol):
+                hint = f" (MessageFactory({factory.__name__}), say)"
+            raise TypeError(
+                f"IPCService {name!r}: expected a protocol factory{hint}, "
+                f"got {factory!r}"
+            )
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 

@@ -791,3 +791,24 @@ class RunningIpcdTestCase(TestCase):
         self.rundir = short_rundir(self)
         self.service = yield start_ipcd(self, make_config(self.rundir))
         self.counters = self.service.broker.counters
+
+
+def read_only(case: SynchronousTestCase, directory: str) -> str:
+    """
+    Make C{directory} unwritable for this process until C{case} ends, and
+    return the reason a write there fails: permissions do not stop root, so
+    as root a read-only tmpfs is mounted on it (skipped where that fails).
+    """
+    if os.geteuid() != 0:
+        os.chmod(directory, 0o500)
+        case.addCleanup(os.chmod, directory, 0o700)
+        return "permission denied"
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,mode=1770", "ipcd-ro", directory],
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
+    if mounted.returncode != 0:
+        raise SkipTest(f"cannot mount a read-only tmpfs: {mounted.stderr!r}")
+    case.addCleanup(subprocess.run, ["umount", directory], timeout=TIMEOUT, check=True)
+    return "read-only file system"

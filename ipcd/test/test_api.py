@@ -4,6 +4,7 @@ The storefront: C{ipcd.__all__} and the example that opens docs/api.rst.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -78,6 +79,56 @@ class ExampleTests(SynchronousTestCase):
         self.assertEqual(out.stdout, "b'HELLO'\n")
 
 
+# Each Python sample of docs/api.rst past the first, by the text just
+# before it: the tests below run each one, and test_everySampleRun checks
+# that no sample is left out.
+BLOCKING_CLIENT = "name the endpoint classes, importing Twisted"
+PONGD = "ipcd's limits):"
+UPPER = "``twistd -n\n--pidfile= -y upper.py``):"
+ENDPOINTS = "prints ``b'HELLO'`` (``ipcd.test.test_api`` runs it as written):"
+IN_MEMORY = (
+    "in memory (``ipcd.test.test_api`` runs this as written; no reactor is\nimported):"
+)
+TESTING = "``FakeUNIXTransport``); returns"
+FAKE_IPCD = "asked for (``ipcd.test.test_api`` runs it as written):"
+SAMPLES = (BLOCKING_CLIENT, PONGD, UPPER, ENDPOINTS, IN_MEMORY, TESTING, FAKE_IPCD)
+
+# The pongd template defines pongd(); this runs it, and asks it once.
+RUN_PONGD = """
+from twisted.internet import task, threads
+
+from ipcd import connect, recv_message, send_message
+
+
+def ask():
+    with connect("pong", network="") as sock:
+        send_message(sock, b"hi")
+        return recv_message(sock)
+
+
+async def main(reactor):
+    service = pongd(reactor=reactor)
+    service.startService()
+    print(await threads.deferToThread(ask))
+    await service.stopService()
+
+
+task.react(main)
+"""
+
+
+# Around a sample: the descriptors it leaves open (none, for one that
+# cleans up as it should).
+FDS_BEFORE = "import os\n_before = set(os.listdir('/proc/self/fd'))\n"
+FDS_AFTER = "\nprint(sorted(set(os.listdir('/proc/self/fd')) - _before))\n"
+
+
+def python_blocks(rst: str) -> list[str]:
+    """Every C{.. code-block:: python} of C{rst}, dedented."""
+    blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", rst)
+    return [textwrap.dedent(block).strip("\n") + "\n" for block in blocks]
+
+
 def _api_rst() -> str:
     with open(os.path.join(source_tree(), "docs", "api.rst"), encoding="utf-8") as f:
         return f.read()
@@ -126,7 +177,7 @@ class DocumentedExamplesTests(SynchronousTestCase):
 
     def test_blockingClient(self) -> None:
         """The blocking client's example prints the echo its comment shows."""
-        code = example_after(self.rst, "name the endpoint classes, importing Twisted")
+        code = example_after(self.rst, BLOCKING_CLIENT)
         server = pong_server(os.path.join(self.rundir, "pong"))
         out = self.run_example(code)
         server.join(TIMEOUT)
@@ -134,10 +185,10 @@ class DocumentedExamplesTests(SynchronousTestCase):
 
     def test_testingExample(self) -> None:
         """The Testing section's example: its assertions hold."""
-        code = example_after(self.rst, "``FakeUNIXTransport``); returns")
+        code = example_after(self.rst, TESTING)
         self.assertIn("FakeLookupBroker()", code)
-        out = self.run_example(code)
-        self.assertEqual((out.returncode, out.stderr), (0, ""))
+        out = self.run_example(FDS_BEFORE + code + FDS_AFTER)
+        self.assertEqual((out.returncode, out.stderr, out.stdout), (0, "", "[]\n"))
 
     def test_endpointStrings(self) -> None:
         """Every example endpoint string parses to what its grammar says."""
@@ -162,6 +213,69 @@ class DocumentedExamplesTests(SynchronousTestCase):
             ],
         )
         self.assertIsInstance(parsed[0], IPCClientEndpoint)
+
+    def test_everySampleRun(self) -> None:
+        """
+        Each Python sample of docs/api.rst is one a test here runs: a new
+        one, or one whose introduction changed, fails this until it has its
+        test.
+        """
+        run = [first_example(self.rst), *(example_after(self.rst, s) for s in SAMPLES)]
+        blocks = [block.strip() for block in python_blocks(self.rst)]
+        self.assertEqual(sorted(blocks), sorted(block.strip() for block in run))
+
+    def test_connectionLostCallsTheBase(self) -> None:
+        """
+        A sample (api.rst's, README's) that overrides C{connectionLost}
+        calls the base class's, as api.rst tells its readers to.
+        """
+        with open(os.path.join(source_tree(), "README.rst"), encoding="utf-8") as f:
+            samples = python_blocks(self.rst) + python_blocks(f.read())
+        overrides = 0
+        for sample in samples:
+            for node in ast.walk(ast.parse(sample)):
+                if isinstance(node, ast.FunctionDef) and node.name == "connectionLost":
+                    overrides += 1
+                    self.assertIn("super().connectionLost(", ast.unparse(node))
+        self.assertGreater(overrides, 0)
+
+    def test_pongdTemplate(self) -> None:
+        """The pongd template, called as pongd(): it echoes."""
+        code = example_after(self.rst, PONGD)
+        self.assertIn("def pongd(", code)
+        out = self.run_example(code + RUN_PONGD)
+        self.assertEqual((out.returncode, out.stdout), (0, "b'hi'\n"), out.stderr)
+        self.assertEqual(os.listdir(self.rundir), [])  # and cleans up
+
+    def test_endpointStringsProgram(self) -> None:
+        """Both C{ipc:} endpoints in one program: it prints the answer."""
+        code = example_after(self.rst, ENDPOINTS)
+        out = self.run_example(code)
+        self.assertEqual((out.returncode, out.stdout), (0, "b'HELLO'\n"), out.stderr)
+        self.assertEqual(os.listdir(self.rundir), [])
+
+    def test_protocolInMemory(self) -> None:
+        """
+        The in-memory test of a C{MessageProtocol}: its assertions hold, and
+        it imports no reactor, as it says.
+        """
+        code = example_after(self.rst, IN_MEMORY)
+        code += "import sys\nprint('twisted.internet.reactor' in sys.modules)\n"
+        out = self.run_example(code)
+        self.assertEqual((out.returncode, out.stdout), (0, "False\n"), out.stderr)
+
+    def test_fakeIpcdForARemoteRoute(self) -> None:
+        """
+        FakeLookupBroker behind a real C{ipc:ipc}: the client of a remote
+        route gets its answer from the test, which sees the route asked for.
+        """
+        code = example_after(self.rst, FAKE_IPCD)
+        out = self.run_example(code)
+        self.assertEqual(
+            (out.returncode, out.stdout),
+            (0, "b'HELLO'\ntcp://10.0.0.2:9000/far\n"),
+            out.stderr,
+        )
 
     def twistd(self, *args: str) -> subprocess.Popen[bytes]:
         log = os.path.join(self.rundir, "twistd.log")
@@ -195,7 +309,7 @@ class DocumentedExamplesTests(SynchronousTestCase):
 
     def test_upperService(self) -> None:
         """C{twistd -n --pidfile= -y upper.py}, then C{pong -s upper hello}."""
-        code = example_after(self.rst, "``twistd -n\n--pidfile= -y upper.py``):")
+        code = example_after(self.rst, UPPER)
         self.assertTrue(code.startswith("# upper.py\n"), code)
         with open(os.path.join(self.rundir, "upper.py"), "w") as f:
             f.write(code)

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import control
 from ipcd.client import DEFAULT_TIMEOUT, connect
-from ipcd.handoff import HandoffError, receive_fd, scm_rights
+from ipcd.handoff import HandoffError, LookupRefused, receive_fd, scm_rights
 from ipcd.scripts import pong
 from ipcd.test.support import (
     TIMEOUT,
@@ -77,16 +77,21 @@ class BlockingClientTests(RunningIpcdTestCase):
     @inlineCallbacks
     def test_refused(self) -> Any:
         error = yield self.assertFailure(
-            self.connect_and_echo(network="pong unix://missing"), HandoffError
+            self.connect_and_echo(network="pong unix://missing"), LookupRefused
         )
-        self.assertIn("no route to service 'missing'", str(error))
+        self.assertIn("no route to service 'missing'", error.reason)
 
     @inlineCallbacks
     def test_noService(self) -> Any:
+        """Nothing at RUNDIR/NAME: the error names that socket, as open() would."""
         rundir = short_rundir(self)
-        yield self.assertFailure(
-            deferToThread(connect, "pong", rundir=rundir, timeout=TIMEOUT), OSError
+        error = yield self.assertFailure(
+            deferToThread(connect, "pong", rundir=rundir, timeout=TIMEOUT),
+            FileNotFoundError,
         )
+        path = os.path.join(rundir, "pong")
+        self.assertEqual(error.filename, path)
+        self.assertEqual(str(error), f"[Errno 2] No such file or directory: {path!r}")
 
 
 class PongCommandTests(RunningIpcdTestCase):
@@ -126,7 +131,11 @@ class PongCommandTests(RunningIpcdTestCase):
         self.assertEqual((code, out), (1, ""))
         # Which socket: the one the service would listen on.
         path = os.path.join(self.rundir, "nosuch")
-        self.assertIn(f"pong: cannot reach service 'nosuch' at {path}: ", err)
+        self.assertEqual(  # the path once, as docs/quickstart.rst shows it
+            err,
+            f"pong: cannot reach service 'nosuch' at {path}: [Errno 2] No such "
+            "file or directory\n",
+        )
 
     @inlineCallbacks
     def test_badServiceName(self) -> Any:
@@ -330,6 +339,33 @@ class HostileReplyTests(SynchronousTestCase):
 
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+class TimeoutTests(SynchronousTestCase):
+    """A timeout no wait can be bounded by is refused at once, naming it."""
+
+    def test_outOfRange(self) -> None:
+        rundir = short_rundir(self)
+        for timeout in (-1, 0, float("nan"), float("inf"), 1e12, True):
+            error = self.assertRaises(
+                ValueError, connect, "pong", rundir=rundir, timeout=timeout
+            )
+            self.assertIn("timeout: expected seconds, above 0", str(error))
+            self.assertIn(repr(timeout), str(error))
+
+    def test_pongSaysUsage(self) -> None:
+        """pong --timeout -1: a usage line and status 2, not a traceback."""
+        for value in ("-1", "nan", "x"):
+            err = io.StringIO()
+            self.patch(sys, "stderr", err)
+            exited = self.assertRaises(SystemExit, pong.main, ["--timeout", value])
+            self.assertEqual(exited.code, 2)
+            last = err.getvalue().splitlines()[-1]
+            self.assertTrue(
+                last.startswith("pong: error: argument --timeout: expected seconds"),
+                last,
+            )
+            self.assertIn(repr(value) if value == "x" else value, last)
 
 
 class NoIpcdTests(TestCase):

@@ -6,6 +6,7 @@ and adopting the handed-over fd.
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import socket
@@ -14,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import (
     CancelledError,
@@ -34,13 +37,14 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from ipcd.client import MAX_TIMEOUT
 from ipcd.endpoints import (
     IPCClientEndpoint,
     IPCClientParser,
     IPCServerEndpoint,
     IPCServerParser,
 )
-from ipcd.handoff import HandoffError, adopt_into_reactor, scm_rights
+from ipcd.handoff import HandoffError, LookupRefused, adopt_into_reactor, scm_rights
 from ipcd.services.pongd import Pong
 from ipcd.test.support import (
     TIMEOUT,
@@ -156,6 +160,94 @@ class ParserTests(SynchronousTestCase):
         )
         self.assertEqual(str(error), "ipc: mode: expected an octal number, got 'rw'")
 
+    def test_noServiceName(self) -> None:
+        """
+        C{ipc} or C{ipc:} alone: an error saying the name is missing, not a
+        C{TypeError} about a parser method's arguments.
+        """
+        for parse, side in ((serverFromString, "server"), (clientFromString, "client")):
+            for text in ("ipc", "ipc:", "ipc::rundir=/r"):
+                error = self.assertRaises(ValueError, parse, reactor, text)
+                self.assertIn(f"ipc: {side} endpoint: no service name", str(error))
+
+    def test_timeoutOutOfRange(self) -> None:
+        """
+        A timeout no wait can be bounded by is refused when parsed, naming
+        it, not by an assertion deep in the reactor when connecting.
+        """
+        for text in ("-1", "0", "nan", "inf", "1e12"):
+            error = self.assertRaises(
+                ValueError, clientFromString, reactor, f"ipc:pong:timeout={text}"
+            )
+            self.assertIn("ipc: timeout: expected seconds, above 0", str(error))
+            self.assertIn(repr(text), str(error))
+            self.assertRaises(
+                ValueError, IPCClientEndpoint, reactor, "pong", timeout=float(text)
+            )
+
+    def test_modeAndBacklogOutOfRange(self) -> None:
+        """
+        Permission bits beyond 0777 (set-id, sticky) and a backlog below 1
+        are refused, not applied (a mode of 7777777 was once 7777).
+        """
+        for text, message in (
+            ("mode=7777777", "mode: expected permission bits 0-0777, got 0o7777777"),
+            ("mode=4660", "mode: expected permission bits 0-0777, got 0o4660"),
+            ("backlog=0", "backlog: expected a number from 1 to 2147483647, got 0"),
+            ("backlog=-1", "backlog: expected a number from 1 to 2147483647, got -1"),
+            (
+                "backlog=99999999999",
+                "backlog: expected a number from 1 to 2147483647, got 99999999999",
+            ),
+        ):
+            error = self.assertRaises(
+                ValueError, serverFromString, reactor, f"ipc:pong:{text}"
+            )
+            self.assertEqual(str(error), message)
+        # In Python, an int: a string of digits is not read as octal.
+        error = self.assertRaises(
+            TypeError, IPCServerEndpoint, reactor, "p", "/r", "0600"
+        )
+        self.assertEqual(
+            str(error), "mode: expected permission bits (0o660), got '0600'"
+        )
+
+
+# Pieces of ipc: strings, careless and hostile ones among them.
+_PIECES = st.sampled_from(
+    [*":=\\ ./-0x9a\x00é", "rundir", "mode", "backlog", "group", "network"]
+    + ["timeout", "nan", "inf", "-1", "7777", "1e12", "99999999999"]
+)
+
+
+class AnyStringTests(SynchronousTestCase):
+    """Whatever follows C{ipc:}, the parsers answer a sane endpoint or say why."""
+
+    @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(_PIECES, max_size=12).map("".join))
+    def test_sane_or_ValueError(self, text: str) -> None:  # noqa: N802
+        if text.endswith("\\"):
+            # Twisted's own tokenizer fails on a trailing backslash
+            # (RuntimeError) before any ipc: parser is asked.
+            text += "x"
+        memory = MemoryReactorClock()
+        try:
+            server = serverFromString(memory, "ipc:" + text)
+        except ValueError:
+            pass
+        else:
+            self.assertLessEqual(0, server._mode)
+            self.assertLessEqual(server._mode, 0o777)
+            self.assertLessEqual(1, server._backlog)
+            self.assertLessEqual(server._backlog, 2**31 - 1)
+        try:
+            client = clientFromString(memory, "ipc:" + text)
+        except ValueError:
+            pass
+        else:
+            self.assertLess(0, client._timeout)
+            self.assertLessEqual(client._timeout, MAX_TIMEOUT)
+
 
 class ServerEndpointTests(TestCase):
     def setUp(self) -> None:
@@ -244,15 +336,20 @@ class ClientEndpointTests(RunningIpcdTestCase):
 
     @inlineCallbacks
     def test_refusedCarriesReason(self) -> Any:
-        """An C{ne} answer: connect() fails with HandoffError and the reason."""
+        """
+        An C{ne} answer: connect() fails with LookupRefused (a
+        HandoffError) and the reason.
+        """
         before = yield fd_baseline()
         endpoint = clientFromString(
             reactor, rf"ipc:nosuch:rundir={self.rundir}:network=x unix\://y"
         )
         error = yield self.assertFailure(
-            endpoint.connect(Factory.forProtocol(EchoClient)), HandoffError
+            endpoint.connect(Factory.forProtocol(EchoClient)), LookupRefused
         )
-        self.assertIn("no route to service 'nosuch'", str(error))
+        self.assertIsInstance(error, HandoffError)
+        self.assertTrue(error.reason.startswith("no route to service 'nosuch'"))
+        self.assertEqual(str(error), error.reason)
         yield self.assertFailure(
             self.client(r":network=pong bogus\://h").connect(
                 Factory.forProtocol(EchoClient)
@@ -266,9 +363,25 @@ class ClientEndpointTests(RunningIpcdTestCase):
         """Network set but no ipcd listening: a connect error."""
         rundir = short_rundir(self)
         endpoint = IPCClientEndpoint(reactor, "pong", rundir, "pong unix://pong")
-        yield self.assertFailure(
+        error = yield self.assertFailure(
             endpoint.connect(Factory.forProtocol(EchoClient)), ConnectError
         )
+        # Which socket, and what to do, as the blocking client says.
+        path = os.path.join(rundir, "ipc")
+        self.assertIn(f"no ipcd listens on {path} (no such file or", str(error))
+        self.assertIn("is ipcd running?", str(error))
+        self.assertEqual(error.osError, errno.ENOENT)
+
+    @inlineCallbacks
+    def test_noService(self) -> Any:
+        """Direct, nothing at C{RUNDIR/NAME}: the error names that socket."""
+        rundir = short_rundir(self)
+        endpoint = IPCClientEndpoint(reactor, "nosuch", rundir, "")
+        error = yield self.assertFailure(
+            endpoint.connect(Factory.forProtocol(EchoClient)), ConnectError
+        )
+        path = os.path.join(rundir, "nosuch")
+        self.assertIn(f"cannot reach service 'nosuch' at {path}: No such", str(error))
 
     @inlineCallbacks
     def test_manyAdoptedConnections(self) -> Any:
@@ -337,7 +450,9 @@ class CancelTests(TestCase):
     @inlineCallbacks
     def test_timeoutClosesTheLookup(self) -> Any:
         connecting, broker = yield self.lookupSent(timeout=0.2)
-        yield self.assertFailure(connecting, TimeoutError)
+        error = yield self.assertFailure(connecting, TimeoutError)
+        where = os.path.join(self.rundir, "ipc")
+        self.assertEqual(str(error), f"no answer from ipcd at {where} within 0.2 s")
         yield broker.lost.addTimeout(TIMEOUT, reactor)
 
     def test_cancelWhileConnecting(self) -> None:
@@ -405,6 +520,35 @@ class HostileBrokerTests(TestCase):
         connecting = self.connect(self.serve(flood))
         failure = yield self.assertFailure(connecting, HandoffError)
         self.assertIn("unexpected answer from ipcd: b'xxx", str(failure))
+
+    @inlineCallbacks
+    def test_closedMidLookup(self) -> Any:
+        """
+        ipcd going away mid-answer (half an C{ok}, or nothing, then closed):
+        C{HandoffError} saying so, and no descriptor left open.
+        """
+        before = yield fd_baseline()
+        for sent, message in (
+            (b"", "ipcd closed the connection without an answer"),
+            (b"o", "unexpected answer from ipcd: b'o'"),
+        ):
+            rundir = short_rundir(self)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(os.path.join(rundir, "ipc"))
+            listener.listen(1)
+
+            def answer(sent: bytes = sent, listener: socket.socket = listener) -> None:
+                with listener, listener.accept()[0] as peer:
+                    peer.settimeout(TIMEOUT)
+                    recv_message(peer)
+                    peer.sendall(sent)
+
+            answered = deferToThread(answer)
+            error = yield self.assertFailure(self.connect(rundir), HandoffError)
+            self.assertEqual(str(error), message)
+            self.assertNotIsInstance(error, LookupRefused)  # no ipcd says that
+            yield answered
+        yield assert_no_fd_leak(before)
 
     @inlineCallbacks
     def test_extraDescriptorClosedAtOnce(self) -> Any:

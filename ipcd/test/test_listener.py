@@ -259,6 +259,24 @@ class OwnApplicationTests(TestCase):
             error.code, f"twistd: cannot listen on tcp:{port}: address already in use"
         )
 
+    def test_protocolForFactory(self) -> None:
+        """
+        IPCService("upper", Upper): the class given for its factory is
+        refused when the service is made, saying what to give.
+        """
+
+        class Upper(Protocol):
+            pass
+
+        error = self.assertRaises(TypeError, IPCService, "upper", Upper, "/r", reactor)
+        self.assertTrue(
+            str(error).startswith(
+                "IPCService 'upper': expected a protocol factory "
+                "(MessageFactory(Upper), say), got <class "
+            ),
+            str(error),
+        )
+
     def test_listening(self) -> None:
         """One that listens starts as ever."""
         rundir = short_rundir(self)

@@ -32,7 +32,13 @@ from ipcd.names import (
 from ipcd.placing import PRIVATE_PREFIX, make_private, remove_abandoned
 from ipcd.startup import close_now
 from ipcd.tap import IPCDService
-from ipcd.test.support import left_in, make_config, needs_root, short_rundir
+from ipcd.test.support import (
+    left_in,
+    make_config,
+    needs_root,
+    read_only,
+    short_rundir,
+)
 from ipcd.test.test_names import short_tempdir
 
 # Starts while a squatter spins on bind: enough for the old unlink-then-bind
@@ -117,6 +123,18 @@ class PlacingTests(TestCase):
             self.addCleanup(os.close, told)
             self.assertEqual(os.read(told, 1), b"b")
         return pids
+
+    def test_unwritableNamesThePath(self) -> None:
+        """
+        A RUNDIR nobody may write in: the error names the socket asked
+        for, never the private name it is first bound at.
+        """
+        read_only(self, self.rundir)
+        path = os.path.join(self.rundir, "upper")
+        error = self.assertRaises(CannotListenError, self.listen, "upper")
+        self.assertIn(f"{path}: [Errno", str(error))
+        self.assertEqual(error.socketError.filename, path)
+        self.assertNotIn(PRIVATE_PREFIX, str(error))
 
     @inlineCallbacks
     def test_ipcdStartsAgainstSquatters(self) -> Any:

@@ -858,7 +858,7 @@ class RundirRaceTests(SynchronousTestCase):
     def test_fileInTheWay(self) -> None:
         with open(self.path, "w"):
             pass
-        self.assertRaises(FileExistsError, rundir.ensure_rundir, self.path)
+        self.assertRaises(NotADirectoryError, rundir.ensure_rundir, self.path)
         self.assertEqual(mode_of(self.path) & 0o7000, 0)
 
     def test_createdMeanwhile(self) -> None:

@@ -125,6 +125,30 @@ WRAPPERS = {
 }
 
 
+class SamplesTests(SynchronousTestCase):
+    def test_everyPythonSampleRun(self) -> None:
+        """
+        Each Python sample of README.rst is a file of the tour that a later
+        step of the tour runs (test_tour); docs/quickstart.rst has none.
+        """
+        from ipcd.test.test_api import python_blocks
+
+        with open(README, encoding="utf-8") as f:
+            readme = f.read()
+        steps = tour_steps(readme)
+        files = [step for step in steps if step.kind == "file"]
+        self.assertEqual(
+            sorted(python_blocks(readme)), sorted(step.text for step in files)
+        )
+        for step in files:
+            later = steps[steps.index(step) + 1 :]
+            self.assertTrue(
+                any(step.name in each.text.split() for each in later), step.name
+            )
+        with open(os.path.join(REPO, "docs", "quickstart.rst"), encoding="utf-8") as f:
+            self.assertEqual(python_blocks(f.read()), [])
+
+
 class TourTests(SynchronousTestCase):
     """README.rst's tour, step by step, as a new user runs it."""
 

@@ -265,6 +265,17 @@ class PrepareRundirTests(SynchronousTestCase):
                 )
             self.assertEqual(os.umask(mask), mask)  # given back
 
+    def test_fileInThePlace(self) -> None:
+        """
+        A file where RUNDIR should be: "not a directory", naming it (it was
+        "file exists", which reads as if all were well).
+        """
+        path = os.path.join(self.base, "run")
+        with open(path, "w"):
+            pass
+        error = self.assertRaises(NotADirectoryError, ensure_rundir, path)
+        self.assertEqual(str(error), f"[Errno 20] not a directory: {path!r}")
+
     def test_ensureTrailingSlash(self) -> None:
         rundir = os.path.join(self.base, "run") + "/"
         ensure_rundir(rundir)

@@ -33,6 +33,7 @@ from ipcd.test.support import (
     lookup,
     make_config,
     python_env,
+    read_only,
     read_text,
     short_rundir,
     spawn,
@@ -110,23 +111,7 @@ class CommandFailureTests(SynchronousTestCase):
         self.assertEqual(self.twistd("--tcp", listen), expected)
 
     def test_rundirReadOnly(self) -> None:
-        if os.geteuid() == 0:
-            # Permissions do not stop root: a read-only file system does.
-            mounted = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", "ro,mode=1770", "ipcd-ro", self.rundir],
-                capture_output=True,
-                timeout=TIMEOUT,
-            )
-            if mounted.returncode != 0:
-                raise SkipTest(f"cannot mount a read-only tmpfs: {mounted.stderr!r}")
-            self.addCleanup(
-                subprocess.run, ["umount", self.rundir], timeout=TIMEOUT, check=True
-            )
-            reason = "read-only file system"
-        else:
-            os.chmod(self.rundir, 0o500)
-            self.addCleanup(os.chmod, self.rundir, 0o700)
-            reason = "permission denied"
+        reason = read_only(self, self.rundir)
         self.assertEqual(
             self.ipcd("--no-tcp", "--no-ws"),
             f"ipcd: cannot take ipcd's lock {self.rundir}/.ipcd-lock: {reason} "

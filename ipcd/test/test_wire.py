@@ -103,6 +103,34 @@ class EncodeTests(SynchronousTestCase):
         self.assertEqual(DEFAULT_MAX_MESSAGE_SIZE, 1024 * 1024)
         self.assertEqual(MessageProtocol.maxMessageSize, 1024 * 1024)
 
+    def test_textSaysEncodeIt(self) -> None:
+        """
+        Text given as a message (sendMessage("hi") in a service): a
+        TypeError saying a message is bytes, not "can't concat str to
+        bytes"; bytes-like payloads frame as bytes.
+        """
+        error = self.assertRaises(TypeError, encode, "hi")
+        self.assertEqual(
+            str(error),
+            "a message is bytes, not str (text is sent encoded: 'text'.encode())",
+        )
+        transport = StringTransport()
+        protocol = MessageProtocol()
+        protocol.clock = MemoryReactorClock()
+        protocol.makeConnection(transport)
+        error = self.assertRaises(TypeError, protocol.sendMessage, "hi")
+        self.assertIn("a message is bytes, not str", str(error))
+        self.assertEqual(encode(bytearray(b"hi")), encode(memoryview(b"hi")))
+        self.assertEqual(encode(bytearray(b"hi")), b"\x00\x00\x00\x02hi")
+
+    def test_factoryOfAProtocolClass(self) -> None:
+        """
+        MessageFactory(Upper()) (an instance): refused when made, not with
+        a traceback on every connection.
+        """
+        error = self.assertRaises(TypeError, MessageFactory, MessageProtocol())
+        self.assertIn("MessageFactory: expected a protocol class", str(error))
+
 
 class MessageProtocolTests(SynchronousTestCase):
     def test_sendMessageOneWrite(self) -> None:
