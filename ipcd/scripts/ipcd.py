@@ -18,6 +18,7 @@ takes the seed's unquoted one:
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -73,21 +74,38 @@ def control(
             file=sys.stderr,
         )
         return 1
-    if as_json:
-        print(json.dumps(answer, indent=2))
-    else:
-        try:
+    try:
+        if as_json:
+            print(json.dumps(answer, indent=2))
+        else:
             _show(command, answer, wide)
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            # Another version's answer, say: one line, not a traceback.
-            print(
-                f"ipcd {command}: unexpected answer ({printable(repr(e))}); "
-                f"ipcd {command} --json shows it whole",
-                file=sys.stderr,
-            )
-            return 1
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Its reader is gone (ipcd status | head): nothing more to say, and
+        # no traceback at exit for what is still buffered.
+        _stdout_to_devnull()
+        return 1
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        # Another version's answer, say: one line, not a traceback.
+        print(
+            f"ipcd {command}: unexpected answer ({printable(repr(e))}); "
+            f"ipcd {command} --json shows it whole",
+            file=sys.stderr,
+        )
+        return 1
     # Every answer of ipcd's is an object; another shape is no success.
     return 0 if isinstance(answer, dict) and answer.get("ok", True) else 1
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's descriptor at /dev/null (Python's own advice for EPIPE)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (a test's): nothing flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _show(command: str, answer: Any, wide: bool) -> None:

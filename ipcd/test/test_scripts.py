@@ -21,8 +21,10 @@ import threading
 import time
 from typing import Any
 
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
 from twisted.scripts import twistd
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd import options as ipcd_options
 from ipcd import version
@@ -32,10 +34,12 @@ from ipcd.scripts.ipcd import control, join_words, main
 from ipcd.test.support import (
     REPO,
     TIMEOUT,
+    make_config,
     python_env,
     read_text,
     short_rundir,
     spawn,
+    start_ipcd,
 )
 from ipcd.wire import recv_message, send_message
 
@@ -373,6 +377,44 @@ class ControlTests(SynchronousTestCase):
         )
         exit = self.assertRaises(SystemExit, main, ["restart"])
         self.assertEqual(exit.code, "ipcd: Unknown command: restart (see ipcd --help)")
+
+
+class ReaderGoneTests(TestCase):
+    @inlineCallbacks
+    def test_statusIntoAClosedPipe(self) -> Any:
+        """
+        C{ipcd status | head}: a reader that goes before the status is
+        written makes no traceback (it made a BrokenPipeError's), and the
+        status is 1.
+        """
+        rundir = short_rundir(self, "ipcd-pipe-")
+        yield start_ipcd(self, make_config(rundir))
+
+        def status(*extra: str) -> subprocess.CompletedProcess[bytes]:
+            reader, writer = os.pipe()
+            os.close(reader)  # gone before anything is written
+            try:
+                return subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "ipcd.scripts.ipcd",
+                        "status",
+                        "--rundir",
+                        rundir,
+                        *extra,
+                    ],
+                    stdout=writer,
+                    stderr=subprocess.PIPE,
+                    env=python_env(),
+                    timeout=TIMEOUT,
+                )
+            finally:
+                os.close(writer)
+
+        for extra in ((), ("--json",)):
+            done = yield deferToThread(status, *extra)
+            self.assertEqual((done.returncode, done.stderr), (1, b""), extra)
 
 
 class RunTests(SynchronousTestCase):
