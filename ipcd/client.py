@@ -146,7 +146,10 @@ def connect(
             sock.settimeout(None)
             return sock
         _connect_ipcd(sock, socket_path(directory, BROKER_NAME), timeout)
-        send_message(sock, encode_lookup(service, network))
+        try:
+            send_message(sock, encode_lookup(service, network))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # ipcd answered before it all came (too long): its answer says
         handed = receive_fd(sock)
     except BaseException:
         sock.close()

@@ -118,9 +118,16 @@ def receive_fd(sock: socket.socket) -> socket.socket:
     try:
         # ok comes in one sendmsg and is final; ne <reason> is final at EOF.
         while data[:2] != OK and len(data) < MAX_REPLY:
-            chunk, ancillary, _flags, _addr = sock.recvmsg(
-                4096, _ANCILLARY_SIZE, _RECV_FLAGS
-            )
+            try:
+                chunk, ancillary, _flags, _addr = sock.recvmsg(
+                    4096, _ANCILLARY_SIZE, _RECV_FLAGS
+                )
+            except ConnectionResetError:
+                if not data:
+                    raise
+                # ipcd closed with some of the lookup unread (too long for
+                # it): the kernel says so instead of EOF, after the reply.
+                break
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     received = array("i")

@@ -82,6 +82,20 @@ class BlockingClientTests(RunningIpcdTestCase):
         self.assertIn("no route to service 'missing'", error.reason)
 
     @inlineCallbacks
+    def test_lookupTooLong(self) -> Any:
+        """
+        A lookup longer than ipcd takes (max_message_size, 1 MiB): ipcd
+        answers before it has all come, and closes; the client gets that
+        answer (it got a BrokenPipeError, or a ConnectionResetError after
+        the answer).
+        """
+        network = "pong unix://pong;" + "x" * (2 << 20)
+        error = yield self.assertFailure(
+            self.connect_and_echo(network=network), LookupRefused
+        )
+        self.assertRegex(error.reason, r"^lookup of \d+ bytes exceeds 1048576 bytes$")
+
+    @inlineCallbacks
     def test_noService(self) -> Any:
         """Nothing at RUNDIR/NAME: the error names that socket, as open() would."""
         rundir = short_rundir(self)
