@@ -177,6 +177,9 @@ def request(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
+        # Again once connected: a RUNDIR missing at the first look may be
+        # another user's by now (their /tmp/libipc-run, their socket in it).
+        check_asked_rundir(rundir)
         _, uid, _ = credentials(sock)
         owner = os.stat(rundir).st_uid
         if uid not in (owner, 0):

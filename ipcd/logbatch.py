@@ -65,7 +65,9 @@ class BatchedFile:
         self._size = 0
         self._waiting = False  # for the clock to write them
         # Held lines, taken and written by one thread at a time, in order.
-        self._lock = threading.Lock()
+        # Reentrant: a line logged in the thread writing (by a finalizer the
+        # garbage collector runs meanwhile) would otherwise hang it for good.
+        self._lock = threading.RLock()
         _files.add(self)
 
     def write(self, text: str) -> None:

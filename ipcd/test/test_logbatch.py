@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -216,6 +217,43 @@ class WriteErrorTests(SynchronousTestCase):
         batched.flush()
         clock.advance(FLUSH_AFTER)
         self.assertEqual(out.writes, ["later\n"])
+
+
+class LogsWhileWritten(WritesFile):
+    """A file whose first write logs a line: what a finalizer run meanwhile
+    (a Deferred's unhandled error, collected) does in the writing thread."""
+
+    log: Logger
+    logged = False
+
+    def write(self, text: str) -> int:
+        if not self.logged:
+            self.logged = True
+            self.log.info("logged while written")
+        return super().write(text)
+
+
+class ReentryTests(SynchronousTestCase):
+    def test_lineLoggedWhileWriting(self) -> None:
+        """
+        A line logged in the thread that is writing the held lines (by a
+        finalizer the garbage collector runs there, say) is taken, not
+        waited for: that thread, often the reactor's, does not hang for
+        good on its own lock.
+        """
+        out = LogsWhileWritten()
+        out.log = Logger(
+            namespace="test",
+            observer=FileLogObserver(BatchedFile(out), ClassicTextFormatter()),
+        )
+        writer = threading.Thread(target=out.log.info, args=("first",), daemon=True)
+        writer.start()
+        writer.join(TIMEOUT)
+        self.assertFalse(writer.is_alive(), "hung on a line logged while written")
+        self.assertEqual(
+            [line.split(" ", 1)[1] for line in out.getvalue().splitlines()],
+            ["[test#info] logged while written", "[test#info] first"],
+        )
 
 
 class ProcessTests(SynchronousTestCase):

@@ -26,6 +26,7 @@ from twisted.internet.threads import deferToThread
 from twisted.scripts import twistd
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from ipcd import control as control_module
 from ipcd import options as ipcd_options
 from ipcd import version
 from ipcd.logs import json_observer
@@ -305,6 +306,39 @@ class ControlTests(SynchronousTestCase):
         self.assertEqual(
             self.err.getvalue(),
             f"ipcd reload: cannot reach ipcd's control socket {path}: unsafe "
+            f"RUNDIR {self.rundir}: {self.rundir} is owned by uid {nobody} "
+            f"(nobody), who could replace it in /tmp; choose another --rundir\n",
+        )
+
+    def test_rundirMadeByAnotherUserBeforeTheConnectNotAsked(self) -> None:
+        """
+        RUNDIR missing when the command starts, and made by another user
+        (with their socket served there) before it connects: not asked.
+        Whenever they made it, it is judged as it is when connected to.
+        """
+        os.rmdir(self.rundir)  # ipcd never ran: /tmp/libipc-run is free
+        self.addCleanup(lambda: os.path.isdir(self.rundir) or os.mkdir(self.rundir))
+        made: list[tuple[int, str]] = []
+
+        class Racing:
+            """C{socket} for ipcd.control, the other user quick meanwhile."""
+
+            def __getattr__(_, name: str) -> Any:
+                return getattr(socket, name)
+
+            def socket(_, *args: Any) -> socket.socket:
+                os.mkdir(self.rundir)
+                made.append(self.served_by_nobody())
+                os.chown(self.rundir, made[0][0], -1)
+                return socket.socket(*args)
+
+        self.patch(control_module, "socket", Racing())
+        self.assertEqual(control("status", self.rundir), 1)
+        self.assertEqual(self.out.getvalue(), "")
+        nobody, path = made[0]
+        self.assertEqual(
+            self.err.getvalue(),
+            f"ipcd status: cannot reach ipcd's control socket {path}: unsafe "
             f"RUNDIR {self.rundir}: {self.rundir} is owned by uid {nobody} "
             f"(nobody), who could replace it in /tmp; choose another --rundir\n",
         )
