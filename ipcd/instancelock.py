@@ -141,12 +141,13 @@ def _own_lock_file(parent: int, path: str, taken: list[Taken]) -> int:
         os.fchmod(fd, 0o600)  # whatever the umask took away
         return fd
     except OSError:
-        # A symbolic link (ELOOP), a socket (ENXIO), a FIFO or file under
-        # another's lease (EWOULDBLOCK), or unreadable: not ipcd's.
+        # A symbolic link (ELOOP), a socket (ENXIO), a file under another's
+        # lease (EWOULDBLOCK), or unreadable: not ipcd's.
         return _replace(parent, path, taken)
     if _is_lock_file(os.fstat(fd)):
         return fd
-    os.close(fd)  # a directory, another's file: not ipcd's
+    # A directory, a FIFO (opened without waiting), another's file: not ipcd's.
+    os.close(fd)
     return _replace(parent, path, taken)
 
 
