@@ -114,6 +114,9 @@ def take_name(
     left by an ipcd that died: replaced without a word).  C{path} is the
     name's path, for messages.
     """
+    from ipcd.placing import still_at  # (it imports this module)
+
+    mine = os.stat(source, dir_fd=source_dir, follow_symlinks=False)
     taken: list[Taken] = []
     for _ in range(_ROUNDS):
         try:
@@ -131,8 +134,9 @@ def take_name(
         except FileNotFoundError:
             swapped = False  # gone meanwhile: the link may do now
         finally:
-            if not _same(parent, name, source_dir, source):
-                _unlink_if_same(parent, aside, source_dir, source)
+            # ipcd's link at the aside name, unless the swap put it at name.
+            if not still_at(parent, name, mine) and still_at(parent, aside, mine):
+                os.unlink(aside, dir_fd=parent)
         if swapped:
             taken += _put_aside(parent, aside, path)
             return taken
@@ -282,19 +286,3 @@ def _link(source_dir: int, source: str, parent: int, name: str) -> None:
     os.link(
         source, name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False
     )
-
-
-def _same(parent: int, name: str, source_dir: int, source: str) -> bool:
-    """Whether C{name} in C{parent} is C{source}'s file now."""
-    try:
-        there = os.stat(name, dir_fd=parent, follow_symlinks=False)
-        mine = os.stat(source, dir_fd=source_dir, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino)
-
-
-def _unlink_if_same(parent: int, name: str, source_dir: int, source: str) -> None:
-    """Unlink ipcd's link C{name} (to C{source}) if it is still there."""
-    if _same(parent, name, source_dir, source):
-        os.unlink(name, dir_fd=parent)
