@@ -95,10 +95,9 @@ def clear_stale_socket(path: str, placing: bool = False) -> int | None:
     a directory on the way renamed or replaced by a link meanwhile cannot
     make ipcd remove a file of that name elsewhere.
     """
-    directory, name = os.path.split(path)
     try:
         # RUNDIR may be a link (the admin's, check_rundir says): followed.
-        parent = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        parent, name = open_parent(path)
     except FileNotFoundError:
         return None  # nothing to clear; the bind says what is missing
     try:
