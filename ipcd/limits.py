@@ -345,12 +345,12 @@ class _LimitedProtocol(ClosesDescriptors, ProtocolWrapper):
     def handOff(self) -> Callable[[], None]:  # noqa: N802
         """
         The connection's socket leaves its Twisted transport (a relay takes
-        it): it still counts until the returned function is called.
+        it): it still counts until the returned function is called.  (It
+        leaves the factory's registry with the socket:
+        L{ipcd.relay.sides.take_socket}.)
         """
         key, self.key = self.key, None
         self._handedOff = True
-        if self in self.factory.protocols:  # not already, by take_socket
-            self.factory.unregisterProtocol(self)
         if key is None:
             return _nothing_held
         return _Release(self.factory.limits, key)
