@@ -165,11 +165,11 @@ def request(
     """
     Send one command to a running ipcd and return its JSON answer.  Raises
     C{ValueError} when RUNDIR is not one this user can trust
-    (L{ipcd.rundir.check_asked_rundir}: root's or this user's, as ipcd
-    checks it at start) or the socket is not served by RUNDIR's owner
-    (ipcd's user) or root: another user's socket, bound there while ipcd
-    was down or in a RUNDIR they made, gets neither the command nor the
-    operator's terminal.
+    (L{ipcd.rundir.check_asked_rundir}: where only root or this user could
+    have put it, as ipcd checks it at start) or the socket is not served by
+    RUNDIR's owner (ipcd's user) or root: another user's socket, bound
+    there while ipcd was down or in a RUNDIR they made, gets neither the
+    command nor the operator's terminal.
     """
     rundir = resolve_rundir(rundir)
     check_asked_rundir(rundir)

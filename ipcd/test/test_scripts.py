@@ -292,6 +292,15 @@ class ControlTests(SynchronousTestCase):
             f"uid {nobody}, not by RUNDIR's owner (uid {os.geteuid()}): not ipcd\n",
         )
 
+    def assertNotAsked(self, command: str, path: str, nobody: int) -> None:  # noqa: N802
+        """The one line for a RUNDIR of C{nobody}'s that anyone could make."""
+        self.assertEqual(
+            self.err.getvalue(),
+            f"ipcd {command}: cannot reach ipcd's control socket {path}: unsafe "
+            f"RUNDIR {self.rundir}: {self.rundir} is owned by uid {nobody} "
+            f"(nobody), who could replace it in /tmp; choose another --rundir\n",
+        )
+
     def test_rundirOfAnotherUserNotAsked(self) -> None:
         """
         A RUNDIR another user made where anyone may make one (the default
@@ -303,12 +312,7 @@ class ControlTests(SynchronousTestCase):
         os.chown(self.rundir, nobody, -1)
         self.assertEqual(control("reload", self.rundir), 1)
         self.assertEqual(self.out.getvalue(), "")
-        self.assertEqual(
-            self.err.getvalue(),
-            f"ipcd reload: cannot reach ipcd's control socket {path}: unsafe "
-            f"RUNDIR {self.rundir}: {self.rundir} is owned by uid {nobody} "
-            f"(nobody), who could replace it in /tmp; choose another --rundir\n",
-        )
+        self.assertNotAsked("reload", path, nobody)
 
     def test_rundirMadeByAnotherUserBeforeTheConnectNotAsked(self) -> None:
         """
@@ -336,12 +340,7 @@ class ControlTests(SynchronousTestCase):
         self.assertEqual(control("status", self.rundir), 1)
         self.assertEqual(self.out.getvalue(), "")
         nobody, path = made[0]
-        self.assertEqual(
-            self.err.getvalue(),
-            f"ipcd status: cannot reach ipcd's control socket {path}: unsafe "
-            f"RUNDIR {self.rundir}: {self.rundir} is owned by uid {nobody} "
-            f"(nobody), who could replace it in /tmp; choose another --rundir\n",
-        )
+        self.assertNotAsked("status", path, nobody)
 
     def test_rundirGivenToAnotherUserAsked(self) -> None:
         """
