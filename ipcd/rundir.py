@@ -182,14 +182,15 @@ def check_rundir(rundir: str) -> None:
     check_ancestors(rundir)
 
 
-def check_ancestors(rundir: str) -> None:
+def check_ancestors(rundir: str, user: str = "ipcd's user") -> None:
     """
     Raise L{UnsafeRundir} if another user could rename RUNDIR (or a
     directory or symbolic link on the way to it) away and put their own in
     its place: each directory whose entry the path goes through, following
     symbolic links as the kernel does, must be owned by root or ipcd's user,
     and be writable by group or others only with the sticky bit and that
-    entry owned by root or ipcd's user.
+    entry owned by root or ipcd's user.  (ipcd's user is this process's
+    effective user; C{user} is how the message names it.)
     """
     euid = os.geteuid()
     trusted = (0, euid)
@@ -212,7 +213,7 @@ def check_ancestors(rundir: str) -> None:
             if e.errno == errno.ENAMETOOLONG and len(os.fsencode(name)) > _NAME_MAX:
                 return  # a name no directory holds: named when RUNDIR is made
             raise _cannot_inspect(where, entry, e) from None
-        _check_parent(where, current, directory, entry, found, trusted)
+        _check_parent(where, current, directory, entry, found, trusted, user)
         if found is None:
             return
         if stat.S_ISLNK(found.st_mode):
@@ -249,7 +250,7 @@ def check_asked_rundir(rundir: str) -> None:
         st = os.stat(rundir)
     except FileNotFoundError:
         return
-    check_ancestors(rundir)
+    check_ancestors(rundir, user="you")
     mode = stat.S_IMODE(st.st_mode)
     if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
         raise UnsafeRundir(
@@ -277,6 +278,7 @@ def _check_parent(
     entry: str,
     found: os.stat_result | None,
     trusted: tuple[int, int],
+    user: str,
 ) -> None:
     """One step of L{check_ancestors}: C{entry}, found in C{parent}."""
     shown = _printable(parent)
@@ -284,7 +286,7 @@ def _check_parent(
         raise UnsafeRundir(
             f"{where}: {shown} is owned by {user_text(directory.st_uid)}, who could "
             f"rename RUNDIR away and put their own in its place; choose a "
-            f"--rundir whose parents only root or ipcd's user own"
+            f"--rundir whose parents only root or {user} own"
         )
     mode = stat.S_IMODE(directory.st_mode)
     who = "other users" if mode & stat.S_IWOTH else "group members"

@@ -371,6 +371,34 @@ class ControlTests(SynchronousTestCase):
             f"its sockets: not asked (chmod +t {self.rundir}, as ipcd requires)\n",
         )
 
+    def test_parentOfAnotherUserNotAsked(self) -> None:
+        """
+        RUNDIR in a directory another user owns, who could swap RUNDIR for
+        their own: not asked, and the way out is said to the one asking
+        (ipcd's user is not who runs the command).
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("needs root: to give the parent to another user")
+        nobody = pwd.getpwnam("nobody").pw_uid
+        base = tempfile.mkdtemp(prefix="ipcd-", dir="/tmp")  # root's, 0700
+        self.addCleanup(os.rmdir, base)
+        parent = os.path.join(base, "theirs")
+        os.mkdir(parent)
+        self.addCleanup(os.rmdir, parent)
+        self.rundir = os.path.join(parent, "run")
+        os.mkdir(self.rundir)
+        self.addCleanup(os.rmdir, self.rundir)
+        os.chown(parent, nobody, -1)
+        self.assertEqual(control("status", self.rundir), 1)
+        self.assertEqual(
+            self.err.getvalue(),
+            f"ipcd status: cannot reach ipcd's control socket {self.rundir}/"
+            f"ipcd-control: unsafe RUNDIR {self.rundir}: {parent} is owned by "
+            f"uid {nobody} (nobody), who could rename RUNDIR away and put their "
+            f"own in its place; choose a --rundir whose parents only root or "
+            f"you own\n",
+        )
+
     def test_helpAndVersion(self) -> None:
         """
         C{ipcd status --help} is status's own help; C{--version} is ipcd's
