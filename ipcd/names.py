@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import stat
+from time import sleep
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the blocking client imports this module: no Twisted
@@ -135,29 +136,54 @@ def clear_stale_socket(path: str, placing: bool = False) -> int | None:
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+# A socket of this user with other names (hard links) at one of ipcd's is
+# a plant, unless a program of this user is placing its own there
+# (ipcd.placing links it at the name, then removes its private name: two
+# system calls apart): looked at again after each pause, 155 ms in all.
+_PLACING_PAUSES = (0.005, 0.01, 0.02, 0.04, 0.08)
+
+
 def refuse_own_live(path: str) -> None:
     """
     Raise L{SocketInUse} if a process listens on a socket of this user at
-    C{path}: a program serving one of ipcd's names (another ipcd would hold
-    RUNDIR's lock, and say so).  Anything else there is a plant, taken out
-    when ipcd's socket takes the name (L{ipcd.planted}).
+    C{path}, its one name: a program serving one of ipcd's names (another
+    ipcd would hold RUNDIR's lock, and say so).  Anything else there is a
+    plant, taken out when ipcd's socket takes the name (L{ipcd.planted}),
+    and so is a socket of this user that still has other names after the
+    pauses of L{_PLACING_PAUSES}: a member's hard link to a live socket
+    elsewhere (root's /run/systemd/journal/stdout, where
+    C{fs.protected_hardlinks} is 0).  The pauses block, only when such a
+    link is there: ipcd runs this at start, before the reactor does (a
+    library program listening at C{ipc} may, under it).
     """
     try:
         parent, name = open_parent(path)
     except FileNotFoundError:
         return
     try:
-        fd = os.open(name, _PATH_FLAGS, dir_fd=parent)
-    except OSError:
-        return  # nothing there, or a symbolic link: not a socket
+        for pause in (*_PLACING_PAUSES, None):
+            # Looked up by name each time: what is at the name now, not the
+            # inode seen first.  Were that link gone (a member cannot remove
+            # it from a sticky RUNDIR: the file is not theirs), its socket's
+            # one name left is elsewhere, and none of ipcd's business.
+            try:
+                fd = os.open(name, _PATH_FLAGS, dir_fd=parent)
+            except OSError:
+                return  # nothing there, or a symbolic link: not a socket
+            try:
+                probed = os.fstat(fd)
+                if not stat.S_ISSOCK(probed.st_mode) or probed.st_uid != os.geteuid():
+                    return
+                if probed.st_nlink == 1:
+                    # The inode just checked, whatever the path leads to now.
+                    _refuse_live(f"/proc/self/fd/{fd}", path)
+                    return
+            finally:
+                os.close(fd)
+            if pause is not None:
+                sleep(pause)
     finally:
         os.close(parent)
-    try:
-        probed = os.fstat(fd)
-        if stat.S_ISSOCK(probed.st_mode) and probed.st_uid == os.geteuid():
-            _refuse_live(f"/proc/self/fd/{fd}", path)
-    finally:
-        os.close(fd)
 
 
 def _refuse_live(address: str, path: str) -> None:

@@ -28,7 +28,13 @@ it, sticky bit or not, so ipcd takes its names back:
 
 ipcd's own live socket is no plant: another ipcd holds RUNDIR's lock (and
 says so); a program of ipcd's user serving the name stops start-up
-(L{ipcd.names.refuse_own_live}).
+(L{ipcd.names.refuse_own_live}).  That program's socket has one name,
+there; one of ipcd's user with more names (hard links) after a moment's
+wait (a program placing its own has two for an instant) is a plant, taken
+out as any other, listened on or not: where C{fs.protected_hardlinks} is
+0, a member may link root's live /run/systemd/journal/stdout there.  Only
+the name in RUNDIR goes: the socket, its listener and its other names are
+untouched.
 
 What repeated plants can make ipcd keep is bounded: nothing of its own (an
 aside link of its socket lives between two system calls; one a killed ipcd
@@ -75,9 +81,19 @@ class Taken:
     kind: str
     uid: int
     aside: str | None  # where a directory was left; None: removed
+    # A file's names (hard links), this one with them: removing it left
+    # the file itself, under its other names, untouched.
+    names: int = 1
 
     def __str__(self) -> str:
         what = f"{self.kind} of {user_text(self.uid)}"
+        if self.names > 1:
+            what += f" with {self.names} names (hard links)"
+            if self.aside is None:
+                return (
+                    f"{self.path} was {what}, not ipcd's: removed this name "
+                    "(the others stay)"
+                )
         if self.aside is None:
             return f"{self.path} was {what}, not ipcd's: removed it"
         return (
@@ -156,7 +172,8 @@ def take_out(
     """
     Take out what is at C{name} in RUNDIR (descriptor C{parent}): renamed
     to an aside name in one step, then dealt with there.  A socket of
-    ipcd's user stays unless C{own_sockets} (L{ipcd.names} clears those).
+    ipcd's user by its one name stays unless C{own_sockets}
+    (L{ipcd.names} clears those).
     The name is free afterwards, for anyone quicker.
     """
     try:
@@ -255,7 +272,9 @@ def _put_aside(parent: int, aside: str, path: str) -> list[Taken]:
         pass  # not empty (or its owner put a directory there meanwhile)
     if _own_socket(st):
         return []  # ipcd's user's socket, its listener gone
-    return [Taken(path, file_kind(st.st_mode), st.st_uid, kept)]
+    # A directory's link count is its subdirectories', not its names.
+    names = 1 if stat.S_ISDIR(st.st_mode) else st.st_nlink
+    return [Taken(path, file_kind(st.st_mode), st.st_uid, kept, names)]
 
 
 def sweep_aside(directory: str) -> int:
@@ -279,7 +298,13 @@ def sweep_aside(directory: str) -> int:
 
 
 def _own_socket(st: os.stat_result) -> bool:
-    return stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid()
+    """
+    Whether C{st} is a socket of ipcd's user by its one name: a dead
+    ipcd's, replaced without a word (a live one's stops start-up first,
+    L{ipcd.names.refuse_own_live}).  One with other names is a plant: a
+    member's hard link to, say, root's /run/systemd/journal/stdout.
+    """
+    return stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1
 
 
 def _link(source_dir: int, source: str, parent: int, name: str) -> None:

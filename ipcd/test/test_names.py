@@ -30,7 +30,8 @@ from ipcd.names import (
     socket_path,
     validate_service_name,
 )
-from ipcd.rundir import DEFAULT_RUNDIR, ensure_rundir, resolve_rundir
+from ipcd.rundir import DEFAULT_RUNDIR, ensure_rundir, resolve_rundir, user_text
+from ipcd.test.support import stale_socket
 
 
 def short_tempdir(case: SynchronousTestCase) -> str:
@@ -504,3 +505,167 @@ class ListenTests(TestCase):
         self.listen(path)
         self.assertEqual(mode_of(os.path.dirname(path)), 0o1770)
         self.assertTrue(stat.S_ISSOCK(os.lstat(path).st_mode))
+
+
+class HardLinkedSocketTests(TestCase):
+    """
+    A socket of this user (ipcd's) at one of ipcd's names under another
+    name too: a member's hard link to a live socket elsewhere (root's
+    /run/systemd/journal/stdout, where fs.protected_hardlinks is 0; made
+    here by this user, the same files), or, for a moment, a program of
+    this user placing its own (L{ipcd.placing}: linked, then its private
+    name removed).  Real sockets, listen_unix with the real reactor; the
+    pauses are recorded, and what happens during the first is the test's.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.rundir = short_tempdir(self)
+        self.path = os.path.join(self.rundir, "ipc")
+        # Elsewhere on the same file system (a hard link cannot cross one).
+        self.original = os.path.join(short_tempdir(self), "journal")
+        self.factory = Factory.forProtocol(Protocol)
+        self.paused: list[float] = []
+        self.said: list[str] = []
+        from twisted.logger import globalLogPublisher
+
+        def observe(event: dict[str, Any]) -> None:
+            if "taken" in event:
+                self.said.append(event["taken"])
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def listening(self, path: str) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(path)
+        sock.listen(8)
+        return sock
+
+    def meanwhile(self, action: Callable[[], object]) -> None:
+        """C{action} during refuse_own_live's first pause; pauses recorded."""
+        real = names.sleep
+
+        def pause(seconds: float) -> None:
+            if not self.paused:
+                action()
+            self.paused.append(seconds)
+            real(seconds)
+
+        self.patch(names, "sleep", pause)
+
+    def listen(self) -> Any:
+        from ipcd.startup import close_now
+
+        port = listen_unix(self.reactor, self.path, self.factory)
+        self.addCleanup(close_now, port)
+        # ipcd's socket at the name now, by its one name.
+        st = os.lstat(self.path)
+        self.assertEqual((stat.S_ISSOCK(st.st_mode), st.st_nlink), (True, 1))
+        self.assertNotEqual(st.st_ino, os.lstat(self.original).st_ino)
+        if hasattr(port, "inode"):  # placed (ipcd.placing): the one it placed
+            self.assertEqual((st.st_dev, st.st_ino), port.inode)
+        return port
+
+    def assertUntouched(self, original: socket.socket) -> None:
+        """The original socket: at its own path, by its one name, serving."""
+        st = os.lstat(self.original)
+        self.assertEqual((stat.S_ISSOCK(st.st_mode), st.st_nlink), (True, 1))
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.settimeout(10)
+        client.connect(self.original)
+        original.settimeout(10)
+        accepted, _ = original.accept()
+        accepted.close()
+
+    def plant(self) -> socket.socket:
+        """A live socket elsewhere, hard-linked at ipcd's name."""
+        original = self.listening(self.original)
+        os.link(self.original, self.path)
+        return original
+
+    def check_taken(self) -> None:
+        original = self.plant()
+        self.meanwhile(lambda: None)
+        self.listen()
+        self.assertEqual(
+            self.said,
+            [
+                f"{self.path} was a socket of {user_text(os.geteuid())} with 2 "
+                "names (hard links), not ipcd's: removed this name (the others "
+                "stay)"
+            ],
+        )
+        self.assertEqual(os.listdir(self.rundir), ["ipc"])
+        self.assertUntouched(original)
+        # Looked at again for a moment, then judged: no endless wait.
+        self.assertEqual(self.paused, list(names._PLACING_PAUSES))
+        self.assertLessEqual(sum(self.paused), 0.2)
+
+    def test_liveLinkTaken(self) -> None:
+        """
+        Still two names after the pauses: a plant, taken out as ipcd's
+        socket takes the name, said in one line; the socket it named is
+        untouched, and still serves at its own path.
+        """
+        self.check_taken()
+
+    def test_liveLinkTakenBoundAtTheName(self) -> None:
+        """The same where ipcd binds at the name itself (no placing)."""
+        from ipcd.compat.twisted import PREEXISTING_SOCKET
+
+        self.patch(PREEXISTING_SOCKET, "present", False)
+        self.patch(PREEXISTING_SOCKET, "said", True)  # no log line here
+        self.check_taken()
+
+    def test_staleLinkTakenAndSaid(self) -> None:
+        """A link to a socket nobody listens on: taken out, said too."""
+        stale_socket(self.original)
+        os.link(self.original, self.path)
+        self.listen()
+        self.assertEqual(len(self.said), 1)
+        self.assertIn("with 2 names (hard links)", self.said[0])
+        self.assertEqual(os.lstat(self.original).st_nlink, 1)
+
+    def test_plantRemovedMeanwhile(self) -> None:
+        """
+        The member removes their link during the wait: the name is free,
+        ipcd's socket takes it, nothing is taken aside nor said, and the
+        socket the link named (live, by its one name now) is not judged.
+        """
+        original = self.plant()
+        self.meanwhile(lambda: os.unlink(self.path))
+        self.listen()
+        self.assertEqual(self.paused, [names._PLACING_PAUSES[0]])
+        self.assertEqual(self.said, [])
+        self.assertEqual(os.listdir(self.rundir), ["ipc"])
+        self.assertUntouched(original)
+
+    def test_placingProgramRefused(self) -> None:
+        """
+        A program of this user placing its live socket at the name: its
+        private name goes during the wait, and the one left at ipcd's name
+        is a live socket of this user, refused as ever; nothing is taken
+        aside, and it serves on.
+        """
+        private = os.path.join(short_tempdir(self), "s")
+        program = self.listening(private)
+        os.link(private, self.path)
+        self.meanwhile(lambda: os.unlink(private))
+        error = self.assertRaises(
+            SocketInUse, listen_unix, self.reactor, self.path, self.factory
+        )
+        self.assertEqual(str(error), f"another process is listening on {self.path}")
+        self.assertEqual(self.said, [])
+        self.assertEqual(os.listdir(self.rundir), ["ipc"])
+        self.assertEqual(os.lstat(self.path).st_nlink, 1)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.settimeout(10)
+        client.connect(self.path)
+        program.settimeout(10)
+        program.accept()[0].close()

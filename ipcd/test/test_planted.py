@@ -261,6 +261,51 @@ class PlantedStartTests(SynchronousTestCase):
         """
         self.started_against("served")
 
+    def test_hardLinksToALiveSocket(self) -> None:
+        """
+        A hard link at each name to a live socket of ipcd's user elsewhere:
+        a member's, of root's /run/systemd/journal/stdout, where
+        fs.protected_hardlinks is 0 (made here by root itself, whatever
+        that setting: the same files) no longer stops the start.  Each is
+        taken, one line each; the socket keeps its own name and serves on.
+        """
+        original = os.path.join(self.work, "stdout")
+        journal = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(journal.close)
+        journal.bind(original)
+        journal.listen(8)
+        for name in NAMES:
+            os.link(original, os.path.join(self.rundir, name))
+        log = os.path.join(self.work, "linked.log")
+        process = self.start(log)
+        self.serving(process, log)
+        lines = self.taken_lines(log)
+        # One name fewer at each take: 6 names (5 links), then 5, ...
+        counts = sorted(int(n) for n in re.findall(r"with (\d) names", "".join(lines)))
+        self.assertEqual(counts, list(range(2, len(NAMES) + 2)), read_text(log))
+        self.assertEqual(
+            sorted(re.sub(r"with \d names", "with N names", line) for line in lines),
+            sorted(
+                f"{self.rundir}/{name} was a socket of {user(0)} with N names "
+                "(hard links), not ipcd's: removed this name (the others stay)"
+                for name in NAMES
+            ),
+        )
+        for name in NAMES:
+            st = os.lstat(os.path.join(self.rundir, name))
+            self.assertNotEqual(st.st_ino, os.lstat(original).st_ino)
+            self.assertEqual(st.st_nlink, 1)
+        self.assertEqual(sorted(os.listdir(self.rundir)), sorted(NAMES))
+        # The socket itself: by its own one name, still listening there.
+        self.assertEqual(os.lstat(original).st_nlink, 1)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.settimeout(TIMEOUT)
+        client.connect(original)
+        journal.settimeout(TIMEOUT)
+        journal.accept()[0].close()
+        self.stop(process)
+
     def test_notRoot(self) -> None:
         """
         ipcd's steps as a user of its own, RUNDIR's owner but no root:
