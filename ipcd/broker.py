@@ -130,6 +130,10 @@ class Broker:
         self._targets: dict[str | RemoteURI, tuple[Config, Target]] = {}
         self.decision_log = DecisionLog(self.log)
         self._decisions: dict[Any, Decision] = {}
+        # Decisions by value: requests decided alike for other labels (a
+        # peer's own ip: label) share one, so the decision log finds their
+        # line again (it knows decisions by identity too).
+        self._verdicts: dict[Decision, Decision] = {}
         # Local clients' identity labels, by uid and gid.
         self.labels = LabelCache(config.label_cache_max_age)
         # Routes to DNS SRV owners: resolved, cached, dialed in turn.
@@ -148,6 +152,7 @@ class Broker:
         # shows group changes at once.
         self._config = config
         self._decisions.clear()
+        self._verdicts.clear()
         self._targets.clear()
         self.labels.max_age = config.label_cache_max_age
         self.labels.clear()
@@ -303,6 +308,9 @@ class Broker:
         decision = self._decisions.get(key)
         if decision is None:
             decision = decide(self.config.rules, event.direction, names, event.labels)
+            if len(self._verdicts) >= _MAX_PLANS:
+                self._verdicts.clear()
+            decision = self._verdicts.setdefault(decision, decision)
             if len(self._decisions) >= _MAX_PLANS:
                 self._decisions.clear()
             self._decisions[key] = decision

@@ -284,6 +284,26 @@ class InboundTargetTests(RundirSockets):
             self.assertConnected(self.ask("svc", port), "other")
         self.assertEqual((resolved, self.made), (["svc"] * 2, ["svc"] * 2))
 
+    def test_decisionSharedAcrossPeers(self) -> None:
+        """
+        Peers of other addresses, decided alike (by the same rule), share
+        one decision, so the line is made once; verdicts kept are bounded.
+        """
+        peers = [remote_peer(f"127.0.0.{n}", 1) for n in range(1, 6)]
+        for peer in peers:
+            answer = self.answered(self.broker._open_inbound("svc", peer))
+            self.assertConnected(answer, "svc")
+        self.assertEqual(self.made, ["svc"])
+        self.patch(broker_module, "_MAX_PLANS", 3)
+        rules = tuple(parse_rule(f"allow in s{n}") for n in range(4))
+        self.broker.config = Config(rundir=self.rundir, rules=rules)
+        kept = []
+        for n in range(4):
+            # Allowed, each by its own rule; not there.
+            self.ask(f"s{n}").trap(Refused)
+            kept.append(len(self.broker._verdicts))
+        self.assertEqual(kept, [1, 2, 3, 1])
+
     def test_onlyWhatConnectedKept(self) -> None:
         """
         A peer's names that lead nowhere are never kept (however many);
