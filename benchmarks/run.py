@@ -70,6 +70,8 @@ class Settings:
     cpu_lookups: int = 5_000
     # Connections opened and closed per run for the RSS they leave behind.
     ended_connections: int = 500
+    # Inbound tcp requests per run for ipcd B's CPU per request.
+    inbound_requests: int = 500
     # Only these groups of rows (None: all): see ROW_GROUPS.
     only: frozenset[str] | None = None
     # Another checkout whose ipcd A is measured beside this one's (lookups).
@@ -93,13 +95,15 @@ QUICK = Settings(
     cpu_lookups=1_000,
     memory_counts=(1_000, 10_000),
     ended_connections=100,
+    inbound_requests=200,
 )
 
 
 # What --only can select: the lookup rows (lookups/s, concurrent clients,
 # CPU per lookup); the routes' round trips, bulk and ipcd's CPU per round
-# trip (unix, tcp, tls, socat, stunnel); udpd; websocketd; memory.  "rest"
-# is everything after the lookups.
+# trip (unix, tcp, tls, socat, stunnel), and ipcd B's per inbound tcp
+# request; udpd; websocketd; memory.  "rest" is everything after the
+# lookups.
 ROW_GROUPS = ("lookups", "routes", "udp", "websocket", "memory")
 REST = ("routes", "udp", "websocket", "memory")
 
@@ -1398,6 +1402,7 @@ def benchmark(settings: Settings, h: Harness) -> str:
         if socat:
             paths["socat chain"] = via_socat
         rows += route_rows(settings, h, tls, paths, {"A": ipcd_a, "B": ipcd_b})
+        rows.append(inbound_cpu_row(settings, port_b, ipcd_b))
     if wanted("udp"):
         rows += udp_rows(settings, h)
     if wanted("websocket"):
@@ -1492,6 +1497,26 @@ def route_rows(
             for host, kib in left.items():
                 kept[route, host].values.append(kib)
     return [*rtt.values(), *bulk.values(), *cpu.values(), *kept.values()]
+
+
+def inbound_cpu_row(settings: Settings, port: int, ipcd_b: Child) -> Row:
+    """
+    ipcd B's CPU per inbound tcp request: a connection to its tcpd at
+    C{port} that asks for pong the upstream way, is answered C{ok} and
+    relayed, then closed.
+    """
+    row = Row("ipcd B CPU time per inbound tcp request (/proc)", unit="us")
+
+    def request() -> socket.socket:
+        opened: list[socket.socket] = []
+        open_relays(port, 1, opened)
+        return opened[0]
+
+    for run in range(settings.runs):
+        say(f"ipcd B CPU per inbound request: run {run + 1}/{settings.runs}")
+        count = settings.inbound_requests
+        row.values.append(cpu_per_lookup_us(request, ipcd_b.proc.pid, count))
+    return row
 
 
 def memory_rows(
@@ -1636,7 +1661,8 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         help="only these groups of rows, comma-separated: lookups (the lookup "
         "rows and ipcd A's CPU per lookup), routes (round trips, bulk and ipcd's "
-        "CPU per round trip on the unix, tcp and tls routes, socat, stunnel), "
+        "CPU per round trip on the unix, tcp and tls routes, socat, stunnel; "
+        "ipcd B's CPU per inbound tcp request), "
         "udp, websocket, memory; rest: all but lookups",
     )
     args = parser.parse_args(argv)

@@ -123,8 +123,17 @@ class Broker:
         self.limits: dict[str, ConnectionLimits] = {}
         self.own_sockets = OwnSockets(lambda: self._config, self.transports)
         self._plans: dict[bytes, tuple[Config, str, Any]] = {}
+        # Targets of remote peers' names and of control URIs that connected,
+        # with their configuration: the same request asked again has the
+        # same target, so its decision line's fields are found again (the
+        # decision log knows targets by identity, as the plans' are).
+        self._targets: dict[str | RemoteURI, tuple[Config, Target]] = {}
         self.decision_log = DecisionLog(self.log)
         self._decisions: dict[Any, Decision] = {}
+        # Decisions by value: requests decided alike for other labels (a
+        # peer's own ip: label) share one, so the decision log finds their
+        # line again (it knows decisions by identity too).
+        self._verdicts: dict[Decision, Decision] = {}
         # Local clients' identity labels, by uid and gid.
         self.labels = LabelCache(config.label_cache_max_age)
         # Routes to DNS SRV owners: resolved, cached, dialed in turn.
@@ -143,6 +152,8 @@ class Broker:
         # shows group changes at once.
         self._config = config
         self._decisions.clear()
+        self._verdicts.clear()
+        self._targets.clear()
         self.labels.max_age = config.label_cache_max_age
         self.labels.clear()
         self.own_sockets.reconfigured()
@@ -212,8 +223,13 @@ class Broker:
         event = Request("out", client, uri.service or str(uri))
         if uri.service is None:
             return as_deferred(self._refuse(event, Refused(f"no service in {uri}")))
+        names = (uri.service,)
+        target = self._kept(uri)
+        if target is not None:
+            return as_deferred(self._police_and_connect(event, target, names))
         target = RemoteTarget(uri, uri.service)
-        return as_deferred(self._police_and_connect(event, target, (uri.service,)))
+        answer = self._police_and_connect(event, target, names)
+        return as_deferred(self._keep(uri, target, answer))
 
     def open_inbound(self, service: str, peer: Peer) -> Deferred[socket.socket]:
         """Serve a remote peer asking for C{service}: no client routes, ever."""
@@ -229,10 +245,13 @@ class Broker:
         # Policy first: a denied peer learns nothing about routes.
         if not self._police(event, [name]):
             return self._refuse(event, _denied(event))
-        try:
-            target = resolve(self.config, name)
-        except Refused as e:
-            return self._refuse(event, e)
+        target = self._kept(name)
+        fresh = target is None
+        if target is None:
+            try:
+                target = resolve(self._config, name)
+            except Refused as e:
+                return self._refuse(event, e)
         if peer.address in self.own_dials and not isinstance(target, LocalTarget):
             # This ipcd asked itself, through a route to its own daemon:
             # served here, or it would go round until the limits stop it.
@@ -240,7 +259,34 @@ class Broker:
                 f"route loop: {name!r} came from this ipcd and would go out again"
             )
             return self._refuse(event, loop, target)
-        return self._connect(event, target)
+        answer = self._connect(event, target)
+        return self._keep(name, target, answer) if fresh else answer
+
+    def _kept(self, key: str | RemoteURI) -> Target | None:
+        """The target kept for C{key} under this configuration, if any."""
+        kept = self._targets.get(key)
+        return kept[1] if kept is not None and kept[0] is self._config else None
+
+    def _keep(self, key: str | RemoteURI, target: Target, answer: Answer) -> Answer:
+        """
+        Keep C{target} for C{key} (under this configuration) once C{answer}
+        says it connected: never a name that led nowhere, or a peer's
+        made-up names (C{allow in *}) would push out those that serve.
+        Bounded as the plans are.
+        """
+        config = self._config
+
+        def keep(result: Any) -> Any:
+            if len(self._targets) >= _MAX_PLANS:
+                self._targets.clear()
+            self._targets[key] = (config, target)
+            return result
+
+        if isinstance(answer, Deferred):
+            return answer.addCallback(keep)
+        if not isinstance(answer, Failure):
+            keep(None)
+        return answer
 
     def _police_and_connect(
         self, event: Request, target: Target, names: tuple[str, ...]
@@ -262,6 +308,9 @@ class Broker:
         decision = self._decisions.get(key)
         if decision is None:
             decision = decide(self.config.rules, event.direction, names, event.labels)
+            if len(self._verdicts) >= _MAX_PLANS:
+                self._verdicts.clear()
+            decision = self._verdicts.setdefault(decision, decision)
             if len(self._decisions) >= _MAX_PLANS:
                 self._decisions.clear()
             self._decisions[key] = decision

@@ -12,18 +12,22 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from ipcd import broker as broker_module
+from ipcd import decisionlog
 from ipcd.access import AccessDenied, Credentials
 from ipcd.broker import _MAX_PLANS, Broker, serve_lookup
 from ipcd.config import Config
-from ipcd.daemons import Registry
+from ipcd.daemons import IOutbound, Registry
 from ipcd.errors import Refused
-from ipcd.identity import Peer
+from ipcd.identity import Peer, remote_peer
 from ipcd.policy import parse_grant, parse_rule
+from ipcd.routes import parse_uri
 from ipcd.test.support import assert_no_fd_leak, fd_baseline
 from ipcd.test.test_names import short_tempdir
 
@@ -36,11 +40,39 @@ ALICE = Peer(
 )
 
 
-class LookupPathTests(SynchronousTestCase):
+class RundirSockets(SynchronousTestCase):
+    """A RUNDIR that others may search, and the sockets listening in it."""
+
     def setUp(self) -> None:
         self.rundir = short_tempdir(self)
         os.chmod(self.rundir, 0o755)
         self.sockets: list[socket.socket] = []
+
+    def tearDown(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+    def listen(self, name: str, mode: int = 0o666) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sockets.append(sock)
+        sock.bind(os.path.join(self.rundir, name))
+        sock.listen()
+        os.chmod(os.path.join(self.rundir, name), mode)
+
+    def answered(self, answer: Any) -> Any:
+        """The broker's C{answer}: a socket is closed after the test."""
+        if isinstance(answer, socket.socket):
+            self.addCleanup(answer.close)
+        return answer
+
+    def assertConnected(self, answer: Any, name: str) -> None:
+        self.assertIsInstance(answer, socket.socket, repr(answer))
+        self.assertEqual(answer.getpeername(), os.path.join(self.rundir, name))
+
+
+class LookupPathTests(RundirSockets):
+    def setUp(self) -> None:
+        super().setUp()
         self.listen("svc", 0o666)
         self.broker = Broker(Config(rundir=self.rundir), reactor)
         self.addCleanup(self.broker.own_sockets_listening, False)
@@ -48,26 +80,8 @@ class LookupPathTests(SynchronousTestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
-    def tearDown(self) -> None:
-        for sock in self.sockets:
-            sock.close()
-
-    def listen(self, name: str, mode: int) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sockets.append(sock)
-        sock.bind(os.path.join(self.rundir, name))
-        sock.listen()
-        os.chmod(os.path.join(self.rundir, name), mode)
-
     def open(self, payload: bytes, client: Peer = ALICE) -> Any:
-        answer = self.broker.open_now(payload, client)
-        if isinstance(answer, socket.socket):
-            self.addCleanup(answer.close)
-        return answer
-
-    def assertConnected(self, answer: Any, name: str) -> None:
-        self.assertIsInstance(answer, socket.socket, answer)
-        self.assertEqual(answer.getpeername(), os.path.join(self.rundir, name))
+        return self.answered(self.broker.open_now(payload, client))
 
     def test_beforeAndWhileListening(self) -> None:
         """The same answers with RUNDIR held (listening) and not."""
@@ -214,6 +228,150 @@ class LookupPathTests(SynchronousTestCase):
         self.open(b"!" * 100).trap(Refused)
         said = [e["service"] for e in self.events if "service" in e]
         self.assertEqual(said[-1], "!" * 80)
+
+
+class InboundTargetTests(RundirSockets):
+    """
+    Remote peers' requests and control URIs keep their target per
+    configuration once it connected, so the decision log finds the line it
+    made for the same request before (it knows targets by identity).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        for name in ("svc", "other"):
+            self.listen(name)
+        # A glob: peers reach what others may (all here).
+        self.config = Config(rundir=self.rundir, rules=(parse_rule("allow in *"),))
+        self.broker = Broker(self.config, reactor)
+        self.addCleanup(self.broker.own_sockets_listening, False)
+        self.made: list[str] = []
+        real = decisionlog._decided_fields
+
+        def counting(request: Any, service: str, *rest: Any) -> Any:
+            self.made.append(service)
+            return real(request, service, *rest)
+
+        self.patch(decisionlog, "_decided_fields", counting)
+
+    def ask(self, name: str, port: int = 1) -> Any:
+        peer = remote_peer("127.0.0.1", port)
+        return self.answered(self.broker._open_inbound(name, peer))
+
+    def test_decisionLineMadeOnce(self) -> None:
+        """
+        A name asked again (from another port) is resolved once and its
+        decision line's fields made once; after a reload, both again (it
+        may be redirected).
+        """
+        resolved: list[str] = []
+        real = broker_module.resolve
+
+        def counting(config: Config, service: str) -> Any:
+            resolved.append(service)
+            return real(config, service)
+
+        self.patch(broker_module, "resolve", counting)
+        for port in (1, 2, 3):
+            self.assertConnected(self.ask("svc", port), "svc")
+        self.assertEqual((resolved, self.made), (["svc"], ["svc"]))
+        self.broker.config = Config(
+            rundir=self.rundir,
+            rules=self.config.rules,
+            redirects={"svc": "other"},
+        )
+        for port in (1, 2):
+            self.assertConnected(self.ask("svc", port), "other")
+        self.assertEqual((resolved, self.made), (["svc"] * 2, ["svc"] * 2))
+
+    def test_decisionSharedAcrossPeers(self) -> None:
+        """
+        Peers of other addresses, decided alike (by the same rule), share
+        one decision, so the line is made once; verdicts kept are bounded.
+        """
+        peers = [remote_peer(f"127.0.0.{n}", 1) for n in range(1, 6)]
+        for peer in peers:
+            answer = self.answered(self.broker._open_inbound("svc", peer))
+            self.assertConnected(answer, "svc")
+        self.assertEqual(self.made, ["svc"])
+        self.patch(broker_module, "_MAX_PLANS", 3)
+        rules = tuple(parse_rule(f"allow in s{n}") for n in range(4))
+        self.broker.config = Config(rundir=self.rundir, rules=rules)
+        kept = []
+        for n in range(4):
+            # Allowed, each by its own rule; not there.
+            self.ask(f"s{n}").trap(Refused)
+            kept.append(len(self.broker._verdicts))
+        self.assertEqual(kept, [1, 2, 3, 1])
+
+    def test_onlyWhatConnectedKept(self) -> None:
+        """
+        A peer's names that lead nowhere are never kept (however many);
+        those that connected are, up to the plans' bound.
+        """
+        self.patch(broker_module, "_MAX_PLANS", 3)
+        for n in range(10):
+            self.ask(f"gone{n}").trap(Refused)
+        self.assertEqual(self.broker._targets, {})
+        for n in range(4):
+            self.listen(f"s{n}")
+        kept = []
+        for n in range(4):
+            self.assertConnected(self.ask(f"s{n}"), f"s{n}")
+            kept.append(len(self.broker._targets))
+        self.assertEqual(kept, [1, 2, 3, 1])
+        # A kept name that no longer connects is refused as before.
+        self.sockets.pop().close()
+        os.unlink(os.path.join(self.rundir, "s3"))
+        self.ask("s3").trap(Refused)
+
+    def test_controlURIs(self) -> None:
+        """
+        A control URI asked again reaches its transport with the same
+        target, its line made once; one that failed is not kept, nor one
+        that connected under the configuration before a reload.
+        """
+        transport = HeldTransport()
+        self.broker = Broker(self.config, MemoryReactorClock(), {"fake": transport})
+        client = Peer("pid 1 uid 0", frozenset({"uid:0"}))
+        for _ in range(2):
+            answered = self.broker.open_uri(parse_uri("fake://h:1/svc"), client)
+            a, b = socket.socketpair()
+            self.addCleanup(b.close)
+            transport.asked[-1][1].callback(a)
+            self.successResultOf(answered).close()
+        (first, _), (second, _) = transport.asked
+        self.assertIs(first, second)
+        self.assertEqual(self.made, ["svc"])
+        failed = self.broker.open_uri(parse_uri("fake://h:2/svc"), client)
+        transport.asked[-1][1].errback(Refused("far end refused"))
+        self.failureResultOf(failed, Refused)
+        self.assertEqual(len(self.broker._targets), 1)
+        # Connected across a reload: kept for the configuration it began
+        # under, not used under the new one.
+        late = self.broker.open_uri(parse_uri("fake://h:3/svc"), client)
+        self.broker.config = Config(rundir=self.rundir, rules=self.config.rules)
+        a, b = socket.socketpair()
+        self.addCleanup(b.close)
+        transport.asked[-1][1].callback(a)
+        self.successResultOf(late).close()
+        self.broker.open_uri(parse_uri("fake://h:3/svc"), client)
+        self.assertIsNot(transport.asked[-1][0], transport.asked[-2][0])
+
+
+@implementer(IOutbound)
+class HeldTransport:
+    """A C{fake://} transport: each connect's target and its Deferred, held."""
+
+    scheme = "fake"
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[Any, Deferred[Any]]] = []
+
+    def connect(self, target: Any, client: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.asked.append((target, d))
+        return d
 
 
 class OwnNamesTests(SynchronousTestCase):

@@ -45,8 +45,10 @@ from ipcd.test.support import (
     lookup,
     python_env,
     read_text,
+    recv_upto,
     short_rundir,
     spawn,
+    tcp_listeners,
 )
 
 WHEN = 1_764_000_000.25
@@ -136,21 +138,48 @@ class DecisionLineTests(SynchronousTestCase):
     byte a log reader sees but the time.
     """
 
+    def start(self, *options: str) -> tuple[subprocess.Popen[bytes], str, str]:
+        """
+        Run ipcd with C{options} (and a rule denying C{secret} to local
+        clients), until RUNDIR/ipc and pongd accept: the process, RUNDIR and
+        its log.
+        """
+        rundir = short_rundir(self, "ipcd-log-")
+        work = short_rundir(self, "ipcd-logw-")
+        log = os.path.join(work, "ipcd.log")
+        args = ["-m", "ipcd.scripts.ipcd", "--rundir", rundir, "--no-ws"]
+        process = spawn(
+            self, [*args, "--deny", "local secret *", *options], log, python_env(), work
+        )
+        self.wait(lambda: accepts(os.path.join(rundir, "ipc")), "ipcd's socket", log)
+        self.wait(lambda: accepts(os.path.join(rundir, "pong")), "pongd", log)
+        return process, rundir, log
+
+    def decided(
+        self, process: subprocess.Popen[bytes], log: str, count: int, who: str
+    ) -> list[str]:
+        """
+        The C{count} decision lines of the log (text: those for C{who};
+        JSON: those with a C{who}), once written; then ipcd is stopped.
+        """
+
+        def decided() -> list[str]:
+            lines = read_text(log).splitlines()
+            return [line for line in lines if f"for {who}" in line or '"who"' in line]
+
+        lines = self.wait(lambda: len(decided()) >= count and decided(), "lines", log)
+        process.terminate()
+        process.wait(TIMEOUT)
+        self.assertEqual(len(lines), count, read_text(log))
+        return lines
+
     def lookups(self, *options: str) -> tuple[list[str], str, dict[str, Any]]:
         """
         Run ipcd with C{options}; make the lookups of L{expected}; the log's
         decision lines, RUNDIR and the pids and labels of the clients.
         """
-        rundir = short_rundir(self, "ipcd-log-")
-        work = short_rundir(self, "ipcd-logw-")
-        log = os.path.join(work, "ipcd.log")
-        args = ["-m", "ipcd.scripts.ipcd", "--rundir", rundir, "--no-tcp", "--no-ws"]
-        process = spawn(
-            self, [*args, "--deny", "local secret *", *options], log, python_env(), work
-        )
+        process, rundir, log = self.start("--no-tcp", *options)
         ipc = os.path.join(rundir, "ipc")
-        self.wait(lambda: accepts(ipc), "ipcd's socket", log)
-        self.wait(lambda: accepts(os.path.join(rundir, "pong")), "pongd", log)
         for payload in PAYLOADS:
             lookup(rundir, payload).close_fds()
         child = subprocess.run(
@@ -163,19 +192,31 @@ class DecisionLineTests(SynchronousTestCase):
         a, b = socket.socketpair()
         with a, b:
             labels = sorted(local_peer(a).labels)
-        count = len(PAYLOADS) + 1
-
-        def decided() -> list[str]:
-            lines = read_text(log).splitlines()
-            # Text: "... for pid N ..."; JSON: {"direction": ..., "who": "pid N ...
-            return [line for line in lines if "for pid " in line or '"who"' in line]
-
-        lines = self.wait(lambda: len(decided()) >= count and decided(), "lines", log)
-        process.terminate()
-        process.wait(TIMEOUT)
-        self.assertEqual(len(lines), count, read_text(log))
+        # Text: "... for pid N ..."; JSON: {"direction": ..., "who": "pid N ...
+        lines = self.decided(process, log, len(PAYLOADS) + 1, "pid ")
         clients = {"me": os.getpid(), "child": int(child.stdout), "labels": labels}
         return lines, rundir, clients
+
+    def inbound(self, *options: str) -> tuple[list[str], list[dict[str, Any]]]:
+        """
+        Run ipcd with tcpd on loopback (C{in} rules 2 and 3: C{pong} and
+        C{no*}) and C{options}; ask tcpd for each of L{INBOUND} as a remote peer:
+        the log's decision lines and the events they are to be.
+        """
+        rules = ["--allow", "in pong", "--allow", "in no*"]
+        listen = ["--tcp", "tcp:0:interface=127.0.0.1"]
+        process, rundir, log = self.start(*listen, *rules, *options)
+        [(host, port)] = self.wait(lambda: tcp_listeners(process.pid), "tcpd", log)
+        ports = []
+        for name, answer in INBOUND:
+            with socket.create_connection((host, port), TIMEOUT) as sock:
+                ports.append(sock.getsockname()[1])
+                sock.sendall(name)
+                # ok, then pongd's relay (closed here); or ne, then EOF.
+                reply = recv_upto(sock, 2 if answer == b"ok" else 4096)
+                self.assertEqual(reply[:2], answer, reply)
+        lines = self.decided(process, log, len(INBOUND), f"{host}:")
+        return lines, inbound_events(rundir, ports)
 
     def wait(self, ready: Any, what: str, log: str) -> Any:
         deadline = time.monotonic() + 3 * TIMEOUT
@@ -225,6 +266,36 @@ class DecisionLineTests(SynchronousTestCase):
             del want["time"]
             self.assertEqual(written, want)
             # In the same order, too.
+            self.assertEqual(list(written), list(want))
+
+    def test_inboundText(self) -> None:
+        """
+        Remote peers' requests (allowed, the same again, denied, failed, a
+        bad name): the same text as Twisted's, the same for a request asked
+        again as for the first.
+        """
+        lines, events = self.inbound()
+        shown = [line.split(" ", 1)[1] for line in lines]
+        expected = [formatEvent(event) for event in events]
+        self.assertEqual(
+            shown, [f"[ipcd.broker.Broker#info] {text}" for text in expected]
+        )
+        who, target = events[0]["who"], events[0]["target"]
+        self.assertEqual(
+            expected[0],
+            f"in 'pong' for {who} -> {target}: ok "
+            "(allowed by rule 2 (allow in pong *); rule 2 names 'pong')",
+        )
+
+    def test_inboundJSON(self) -> None:
+        """The same requests' --json-log lines, field by field, in order."""
+        lines, events = self.inbound("--json-log")
+        for line, event in zip(lines, events, strict=True):
+            written = json.loads(line)
+            want = json.loads(json_shape(event))
+            self.assertIsInstance(written.pop("time"), float)
+            del want["time"]
+            self.assertEqual(written, want)
             self.assertEqual(list(written), list(want))
 
 
@@ -315,6 +386,89 @@ def expected_events(rundir: str, me: int, child: int) -> list[dict[str, Any]]:
                     else short
                     + (" ({verdict})" if outcome == "ok" else " ({verdict} here)")
                 ),
+                "log_time": WHEN,
+            }
+        )
+    return events
+
+
+# Remote peers' requests of the inbound decision line tests, through tcpd,
+# and the answers' first bytes: allowed by a rule naming it, the same again
+# (from another port), denied by default, allowed by a glob but not for
+# others, not a name.
+INBOUND = [
+    (b"pong", b"ok"),
+    (b"pong", b"ok"),
+    (b"secret", b"ne"),
+    (b"nothere", b"ne"),
+    (b"po\x1bng", b"ne"),
+]
+
+
+def inbound_events(rundir: str, ports: list[int]) -> list[dict[str, Any]]:
+    """The decision events of L{INBOUND}, from C{ports}, written out."""
+    logger = object()
+    decided = "{direction} {service!r} for {who} -> {target}: {outcome}"
+    refused = "{direction} {service!r} for {who}: {outcome}"
+    pong = "allowed by rule 2 (allow in pong *)"
+    glob = "allowed by rule 3 (allow in no* *)"
+    # (RUNDIR is 0700: a glob lets peers reach only what others may.)
+    missing = (
+        f"service 'nothere': permission denied: others may not connect to "
+        f"{rundir}/nothere"
+    )
+    bad = (
+        "invalid service name 'po\\x1bng': only letters, digits, '.', '_' "
+        "and '-' are allowed"
+    )
+    # service, target, verdict, access, rule, outcome, format
+    named = "rule 2 names 'pong'"
+    ok = (f"{pong}; {named}", named, "allow in pong *", "ok", " ({verdict})")
+    rows = [
+        ("pong", "pong", *ok),
+        ("pong", "pong", *ok),
+        (
+            "secret",
+            None,
+            "denied by default",
+            None,
+            None,
+            "in connection to 'secret' denied by default",
+            "",
+        ),
+        (
+            "nothere",
+            "nothere",
+            glob,
+            None,
+            "allow in no* *",
+            missing,
+            " ({verdict} here)",
+        ),
+        ("po\\x1bng", None, "not policed", None, None, bad, " ({verdict})"),
+    ]
+    events = []
+    for port, (service, target, verdict, access, rule, outcome, more) in zip(
+        ports, rows, strict=True
+    ):
+        policed = verdict != "not policed"
+        events.append(
+            {
+                "direction": "in",
+                "service": service,
+                "who": f"127.0.0.1:{port}",
+                "labels": ["ip:127.0.0.1"] if policed else [],
+                "target": None if target is None else f"unix://{rundir}/{target}",
+                "verdict": verdict,
+                "access": access,
+                "rule": rule,
+                "allowed": verdict.startswith("allowed") if policed else None,
+                "outcome": outcome,
+                "log_logger": logger,
+                "log_level": LogLevel.info,
+                "log_namespace": "ipcd.broker.Broker",
+                "log_source": logger,
+                "log_format": (refused if target is None else decided) + more,
                 "log_time": WHEN,
             }
         )
