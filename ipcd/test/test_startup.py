@@ -411,6 +411,25 @@ class ServiceFailureTests(SynchronousTestCase):
         # Closed at once, not on a later reactor turn: nothing is left.
         self.assertEqual(left_in(rundir), [])
 
+    def test_interfaceNotAnAddress(self) -> None:
+        """
+        An interface that is no address (getaddrinfo's error, whose code is
+        no errno): its own words, not "unknown error -2".
+        """
+        rundir = short_rundir(self, "ipcd-su-")
+        config = make_config(
+            rundir, tcpd={"enabled": True, "listen": "tcp:0:interface=x..y"}
+        )
+        error = self.assertRaises(
+            StartupError, IPCDService(config, reactor).startService
+        )
+        self.assertEqual(
+            str(error),
+            "cannot listen on x..y:0: name or service not known "
+            "(use --tcp ENDPOINT or --no-tcp)",
+        )
+        self.assertEqual(left_in(rundir), [])
+
 
 class RunningCommandTests(SynchronousTestCase):
     """What a start-up that succeeds does besides listening."""
