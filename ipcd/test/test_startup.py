@@ -240,6 +240,29 @@ class CommandFailureTests(SynchronousTestCase):
             "--no-ws)",
         )
 
+    def test_listenerWithoutCertificate(self) -> None:
+        """
+        An ssl: listener given only its key (no certKey=: Twisted reads the
+        certificate from the key's file), or a certKey= with no certificate
+        in it: one line naming the file, not OpenSSL's "no start line".
+        """
+        issued = TestCA(self.work).issue("localhost")
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={issued.key}"
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--ws", listen),
+            f"ipcd: cannot make websocketd's listener '{listen}': certKey: "
+            f"{issued.key} holds no PEM certificate (without certKey=, the "
+            "certificate is read from privateKey=: name its file with certKey=) "
+            "(use --ws ENDPOINT or --no-ws)",
+        )
+        listen += f":certKey={issued.key}"
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--no-ws", "--metrics", listen),
+            f"ipcd: cannot make the metrics listener '{listen}': certKey: "
+            f"{issued.key} holds no PEM certificate (use --metrics ENDPOINT or "
+            "leave it off)",
+        )
+
     def test_listenerKeyEncrypted(self) -> None:
         """
         An ssl: listener's encrypted key is refused in one line; OpenSSL's
