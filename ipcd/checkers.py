@@ -11,6 +11,7 @@ value came from is L{ipcd.config}'s to say.
 from __future__ import annotations
 
 import grp
+import math
 import re
 from typing import Any
 
@@ -27,8 +28,17 @@ class Invalid(Exception):
     """A value of the right shape that names nothing usable: said as it is."""
 
 
+def _number(value: Any) -> bool:
+    """A number of seconds: TOML's nan and inf are none (a timer of nan fails)."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+    )
+
+
 def positive_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if not _number(value) or value <= 0:
         raise Expected("a number of seconds greater than 0")
     return float(value)
 
@@ -40,7 +50,7 @@ def positive_int(value: Any) -> int:
 
 
 def non_negative_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if not _number(value) or value < 0:
         raise Expected("a number of seconds, 0 or more (0: no deadline)")
     return float(value)
 

@@ -210,6 +210,12 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
             ('idle_timeout = "5"', "0 or more (0: no deadline), got '5'"),
             ("max_connections_per_peer = true", "greater than 0, got true"),
             ("control_timeout = 0", "greater than 0"),
+            # TOML's nan and inf are no numbers of seconds: nan made every
+            # connection's timer fail (Twisted's callLater asserts).
+            ("control_timeout = nan", "greater than 0, got nan"),
+            ("control_timeout = inf", "greater than 0, got inf"),
+            ("idle_timeout = nan", "0 or more (0: no deadline), got nan"),
+            ("idle_timeout = inf", "0 or more (0: no deadline), got inf"),
         ]:
             message = self.error(f"[limits]\n{text}\n")
             self.assertTrue(message.startswith("[limits] "), message)
