@@ -424,6 +424,15 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             "than 0, got '1m'",
         )
 
+    def test_websocketdMaxConnections(self) -> None:
+        """0 is taken (no limit), so the error says so, not "greater than 0"."""
+        load_config(self.write("[websocketd]\nmax_connections = 0\n"), None, {})
+        self.assertEqual(
+            self.error("[websocketd]\nmax_connections = -1\n"),
+            "[websocketd] max_connections: expected a whole number, 0 or more "
+            "(0: no limit), got -1",
+        )
+
     def test_boolIsNotANumber(self) -> None:
         self.assertIn("got true", self.error("[ipcd]\nlookup_timeout = true\n"))
 
