@@ -18,6 +18,7 @@ from typing import Any
 from ipcd.compat import twisted as compat_twisted
 from ipcd.listenerkeys import wrapped
 from ipcd.names import OWN_NAMES, InvalidServiceName, validate_service_name
+from ipcd.routes import SCHEME
 
 
 class Expected(Exception):
@@ -178,15 +179,12 @@ def group_name(value: Any) -> str:
     return name
 
 
-_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
-
-
 def daemon_schemes(value: Any) -> tuple[str, ...]:
     expected = "a list of URI schemes like ['tls']"
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise Expected(expected)
     for scheme in value:
-        if not _SCHEME.fullmatch(scheme) or scheme == "unix":
+        if not SCHEME.fullmatch(scheme) or scheme == "unix":
             raise Expected(f"{expected} ({scheme!r} is not a daemon's scheme)")
         if scheme in OWN_NAMES:
             raise Expected(f"{expected} ({scheme!r} is ipcd's own socket)")

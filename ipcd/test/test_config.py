@@ -239,6 +239,8 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
             # The whole entry must be a scheme, not only its start.
             ('["t_ls"]', "'t_ls' is not a daemon's scheme"),
             ('["tls "]', "'tls ' is not a daemon's scheme"),
+            # Longer than a route's scheme may be: no route could name it.
+            ('["' + "a" * 33 + '"]', f"'{'a' * 33}' is not a daemon's scheme"),
             ('"tls"', "expected a list of URI schemes"),
             # Every entry a string, not only some.
             ("[1]", "expected a list of URI schemes"),
