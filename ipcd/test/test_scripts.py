@@ -23,6 +23,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.python import usage
 from twisted.scripts import twistd
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
@@ -402,6 +403,37 @@ class ControlTests(SynchronousTestCase):
         self.assertRaises(SystemExit, main, ["--help"])
         self.assertIn("although their own permissions would not", out.getvalue())
         self.assertNotRegex(out.getvalue(), r"[a-z] {2,}[a-z]")
+
+    def test_websocketcTimeout(self) -> None:
+        """
+        websocketc's --timeout out of range (0, negative, nan, inf) or no
+        number: a usage error, as pong's, before connecting; -1 and nan made
+        a traceback (Twisted's callLater asserting), 0 a "User timeout
+        caused connection failure".
+        """
+        bound = "expected seconds, above 0 and at most 3.1536e+07 (a year)"
+        for value, why in [
+            ("0", f"{bound}, got 0.0"),
+            ("-1", f"{bound}, got -1.0"),
+            ("nan", f"{bound}, got nan"),
+            ("inf", f"{bound}, got inf"),
+            ("abc", "expected seconds, got 'abc'"),
+        ]:
+            argv = ["--timeout", value, "ws://127.0.0.1:1/pong", "x"]
+            error = self.assertRaises(
+                usage.UsageError, websocketc.Options().parseOptions, argv
+            )
+            self.assertEqual(str(error), f"--timeout: {why}")
+        self.assertEqual(websocketc.Options()["timeout"], 10.0)
+        # As the command says it: one line, then the synopsis; status 2.
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        exit = self.assertRaises(SystemExit, websocketc.main, argv)
+        self.assertEqual(exit.code, websocketc.USAGE)
+        self.assertEqual(
+            err.getvalue().splitlines(),
+            [f"websocketc: --timeout: {why}", websocketc.Options.synopsis],
+        )
 
     def test_subcommandError(self) -> None:
         exit = self.assertRaises(SystemExit, main, ["status", "--bogus"])
