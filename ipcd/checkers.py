@@ -122,7 +122,7 @@ def _server_endpoint_types() -> list[str]:
 
     plugins = getPlugins(IStreamServerEndpointStringParser)
     built_in = compat_twisted.server_endpoint_types()
-    return sorted({*built_in, *(p.prefix.lower() for p in plugins)})
+    return sorted({*built_in, *(p.prefix.lower() for p in plugins)} - {"stdio"})
 
 
 def check_server_endpoint(description: str) -> None:
@@ -140,6 +140,12 @@ def check_server_endpoint(description: str) -> None:
         # RuntimeError: Twisted's tokenizer on a trailing backslash.
         why = "a '\\' at the end escapes nothing" if isinstance(e, RuntimeError) else e
         raise Invalid(f"invalid endpoint string {description!r}: {why}") from None
+    if kind == "stdio":
+        # Twisted's stdio: "listens" on ipcd's own stdin: one peer, no address.
+        raise Invalid(
+            f"{description!r} is no listener (it is ipcd's own standard input "
+            "and output): give an endpoint peers connect to"
+        )
     known = _server_endpoint_types()
     if kind not in known:
         raise Invalid(

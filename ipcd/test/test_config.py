@@ -508,6 +508,26 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         self.assertIn("ipc", message)
         self.assertNotIn("\n", message)
 
+    def test_stdioIsNoListener(self) -> None:
+        """
+        C{stdio:} serves ipcd's own standard input, not peers: refused when
+        the config loads, and not offered among the types a listener may
+        be (as a listener it failed at start with "'PipeAddress' object has
+        no attribute 'host'").
+        """
+        error = self.assertRaises(
+            ConfigError, load_config, None, {"tcpd": {"listen": "stdio:"}}, {}
+        )
+        self.assertEqual(
+            str(error),
+            "command line: [tcpd] listen: 'stdio:' is no listener (it is ipcd's "
+            "own standard input and output): give an endpoint peers connect to",
+        )
+        error = self.assertRaises(
+            ConfigError, load_config, None, {"tcpd": {"listen": "foo:bar"}}, {}
+        )
+        self.assertNotIn("stdio", str(error))
+
     def test_badEndpointArguments(self) -> None:
         """The built-in tcp and unix parsers check their arguments too."""
         self.assertEqual(
