@@ -9,6 +9,7 @@ L{Options}: twistd's plugin names that module, not this one.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -91,6 +92,10 @@ class Options(usage.Options):
     def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
         try:
             super().parseOptions(options)
+        except BrokenPipeError:
+            # --help's reader is gone (ipcd --help | head): no traceback.
+            stdout_to_devnull()
+            raise SystemExit(1) from None
         except usage.UsageError as e:
             if self.parent is None:
                 raise
@@ -181,6 +186,17 @@ class Options(usage.Options):
 class BadConfig(usage.UsageError):
     """The configuration (file or command line) is invalid: the message says
     where and why, so no pointer to the options' help follows it."""
+
+
+def stdout_to_devnull() -> None:
+    """Point stdout's descriptor at /dev/null (Python's own advice for EPIPE)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (a test's): nothing flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def usage_line(error: usage.UsageError, command: str) -> str:

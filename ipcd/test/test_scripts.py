@@ -444,6 +444,22 @@ class ControlTests(SynchronousTestCase):
         self.assertEqual(exit.code, "ipcd: Unknown command: restart (see ipcd --help)")
 
 
+def into_closed_pipe(args: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """Python with C{args}, its stdout a pipe whose reader is gone already."""
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before anything is written
+    try:
+        return subprocess.run(
+            [sys.executable, *args],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            env=python_env(),
+            timeout=TIMEOUT,
+        )
+    finally:
+        os.close(writer)
+
+
 class ReaderGoneTests(TestCase):
     @inlineCallbacks
     def test_statusIntoAClosedPipe(self) -> Any:
@@ -455,31 +471,26 @@ class ReaderGoneTests(TestCase):
         rundir = short_rundir(self, "ipcd-pipe-")
         yield start_ipcd(self, make_config(rundir))
 
-        def status(*extra: str) -> subprocess.CompletedProcess[bytes]:
-            reader, writer = os.pipe()
-            os.close(reader)  # gone before anything is written
-            try:
-                return subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "ipcd.scripts.ipcd",
-                        "status",
-                        "--rundir",
-                        rundir,
-                        *extra,
-                    ],
-                    stdout=writer,
-                    stderr=subprocess.PIPE,
-                    env=python_env(),
-                    timeout=TIMEOUT,
-                )
-            finally:
-                os.close(writer)
-
         for extra in ((), ("--json",)):
-            done = yield deferToThread(status, *extra)
+            args = ["-m", "ipcd.scripts.ipcd", "status", "--rundir", rundir, *extra]
+            done = yield deferToThread(into_closed_pipe, args)
             self.assertEqual((done.returncode, done.stderr), (1, b""), extra)
+
+
+class HelpReaderGoneTests(SynchronousTestCase):
+    def test_helpIntoAClosedPipe(self) -> None:
+        """
+        C{ipcd --help | head}: a reader gone before the help is written
+        makes no traceback (it made a BrokenPipeError's), for the command,
+        its subcommands and C{twistd ipcd}; the status is 1.
+        """
+        for args in (
+            ["-m", "ipcd.scripts.ipcd", "--help"],
+            ["-m", "ipcd.scripts.ipcd", "reload", "--help"],
+            ["-c", "from twisted.scripts.twistd import run; run()", "ipcd", "--help"],
+        ):
+            done = into_closed_pipe(args)
+            self.assertEqual((done.returncode, done.stderr), (1, b""), args)
 
 
 class RunTests(SynchronousTestCase):
