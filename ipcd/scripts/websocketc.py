@@ -205,6 +205,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except usage.UsageError as e:
         print(f"websocketc: {e}\n{options.synopsis}", file=sys.stderr)
         sys.exit(USAGE)
+    except BrokenPipeError:  # --help's reader is gone: no traceback
+        from ipcd.options import stdout_to_devnull
+
+        stdout_to_devnull()
+        sys.exit(1)
     from twisted.internet import reactor
 
     status: list[int | None] = [None]

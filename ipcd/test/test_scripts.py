@@ -482,12 +482,14 @@ class HelpReaderGoneTests(SynchronousTestCase):
         """
         C{ipcd --help | head}: a reader gone before the help is written
         makes no traceback (it made a BrokenPipeError's), for the command,
-        its subcommands and C{twistd ipcd}; the status is 1.
+        its subcommands, C{twistd ipcd} and websocketc; the status is 1.
         """
         for args in (
             ["-m", "ipcd.scripts.ipcd", "--help"],
             ["-m", "ipcd.scripts.ipcd", "reload", "--help"],
             ["-c", "from twisted.scripts.twistd import run; run()", "ipcd", "--help"],
+            ["-m", "ipcd.scripts.websocketc", "--help"],
+            ["-m", "ipcd.scripts.websocketc", "--version"],
         ):
             done = into_closed_pipe(args)
             self.assertEqual((done.returncode, done.stderr), (1, b""), args)
