@@ -104,6 +104,14 @@ class Options(usage.Options):
             # message prints just that line and exits with status 1.
             raise SystemExit(f"ipcd: {usage_line(e, 'twistd ipcd')}") from None
 
+    def parseArgs(self, *args: str) -> None:  # noqa: N802
+        if args:
+            # Under twistd, the unquoted style (--allow in pong): say so.
+            raise usage.UsageError(
+                f"unexpected argument {args[0]!r}: give an option's words as one "
+                'quoted value (--allow "in pong")'
+            )
+
     def opt_version(self) -> None:
         """Print ipcd's version and exit."""
         print(f"ipcd {version()}")

@@ -836,6 +836,21 @@ class OptionsTests(ConfigFileMixin, SynchronousTestCase):
         error = self.assertRaises(usage.UsageError, self.parse, "--redirect", "a")
         self.assertIn("--redirect", str(error))
 
+    def test_unquotedUnderTwistd(self) -> None:
+        """
+        twistd takes one quoted value per option: the words past the first
+        (C{twistd ipcd --allow in pong}) are said as such, not as Twisted's
+        "Wrong number of arguments."
+        """
+        error = self.assertRaises(
+            usage.UsageError, self.parse, "--rundir", "/r", "--allow", "in", "pong"
+        )
+        self.assertEqual(
+            str(error),
+            "unexpected argument 'pong': give an option's words as one quoted "
+            'value (--allow "in pong")',
+        )
+
     def test_redirectBadName(self) -> None:
         self.assertRaises(usage.UsageError, self.parse, "--redirect", "a ../b")
 
