@@ -445,7 +445,12 @@ class StrayMessageTests(DnsSocketTestCase):
         server.sendto(self.nxdomain(asked, trunc=1), source)
         accepted = yield wait_until(lambda: _received_connection(listening), "TCP")
         self.addCleanup(accepted.close)
-        framed = yield wait_until(lambda: _received(accepted, 2)[0], "a query")
+        # accept() gave a blocking socket: read in the reactor's thread, it
+        # waited there for a query ipcd could then never send (a hang).
+        accepted.setblocking(False)
+        framed = yield wait_until(
+            lambda: (_received(accepted, 2) or (None,))[0], "a query"
+        )
         (size,) = struct.unpack("!H", framed)
         accepted.setblocking(True)
         asked.fromStr(_exactly(accepted, size))
