@@ -155,7 +155,7 @@ class Options(usage.Options):
     def overrides(self) -> dict[str, Any]:
         """The command line, in the configuration file's shape."""
         layer: dict[str, Any] = {}
-        if self["rundir"]:
+        if self["rundir"] is not None:  # "" is refused, not taken as none
             layer["rundir"] = self["rundir"]
         if self["redirects"]:
             layer["redirects"] = dict(self["redirects"])
@@ -184,7 +184,9 @@ class Options(usage.Options):
         """The configuration: the file named by --config, then the options."""
         return load_config(self["config"], self.overrides(), registry=self.registry)
 
-    def postOptions(self) -> None:
+    def postOptions(self) -> None:  # noqa: N802
+        if self["config"] == "":
+            raise usage.UsageError("--config takes a file name, got ''")
         try:
             self.config = self.load_config()
         except ConfigError as e:

@@ -836,6 +836,21 @@ class OptionsTests(ConfigFileMixin, SynchronousTestCase):
         error = self.assertRaises(usage.UsageError, self.parse, "--redirect", "a")
         self.assertIn("--redirect", str(error))
 
+    def test_emptyRundirOrConfig(self) -> None:
+        """
+        C{--rundir ""} (an unset variable in a unit's ExecStart=, say) is
+        refused as C{rundir = ""} is, not taken as no option (ipcd on the
+        default /tmp/libipc-run); C{--config ""} says so, not ": cannot read".
+        """
+        error = self.assertRaises(usage.UsageError, self.parse, "--rundir", "")
+        self.assertEqual(
+            str(error), "command line: rundir: expected a non-empty string, got ''"
+        )
+        error = self.assertRaises(
+            usage.UsageError, self.parse, "--rundir", "/r", "--config", ""
+        )
+        self.assertEqual(str(error), "--config takes a file name, got ''")
+
     def test_unquotedUnderTwistd(self) -> None:
         """
         twistd takes one quoted value per option: the words past the first
