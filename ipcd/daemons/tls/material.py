@@ -307,6 +307,11 @@ def read_material(settings: Mapping[str, Any]) -> Material:
     for key, identity in [("psk_identity", settings["psk_identity"])] + [
         (f"psk_hosts.{host}", name) for host, name in settings["psk_hosts"].items()
     ]:
+        if identity and not settings["psk_file"]:
+            raise MaterialError(
+                f"[tlsd] {key}: identity {identity!r} needs its key: set psk_file "
+                "(IDENTITY:HEXKEY lines)"
+            )
         if identity and identity not in keys:
             raise MaterialError(
                 f"[tlsd] {key}: identity {identity!r} has no key in the psk_file"
