@@ -11,12 +11,14 @@ value came from is L{ipcd.config}'s to say.
 from __future__ import annotations
 
 import grp
+import math
 import re
 from typing import Any
 
 from ipcd.compat import twisted as compat_twisted
 from ipcd.listenerkeys import wrapped
 from ipcd.names import OWN_NAMES, InvalidServiceName, validate_service_name
+from ipcd.routes import SCHEME
 
 
 class Expected(Exception):
@@ -27,8 +29,17 @@ class Invalid(Exception):
     """A value of the right shape that names nothing usable: said as it is."""
 
 
+def _number(value: Any) -> bool:
+    """A number of seconds: TOML's nan and inf are none (a timer of nan fails)."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+    )
+
+
 def positive_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if not _number(value) or value <= 0:
         raise Expected("a number of seconds greater than 0")
     return float(value)
 
@@ -40,7 +51,7 @@ def positive_int(value: Any) -> int:
 
 
 def non_negative_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if not _number(value) or value < 0:
         raise Expected("a number of seconds, 0 or more (0: no deadline)")
     return float(value)
 
@@ -111,7 +122,7 @@ def _server_endpoint_types() -> list[str]:
 
     plugins = getPlugins(IStreamServerEndpointStringParser)
     built_in = compat_twisted.server_endpoint_types()
-    return sorted({*built_in, *(p.prefix.lower() for p in plugins)})
+    return sorted({*built_in, *(p.prefix.lower() for p in plugins)} - {"stdio"})
 
 
 def check_server_endpoint(description: str) -> None:
@@ -129,6 +140,12 @@ def check_server_endpoint(description: str) -> None:
         # RuntimeError: Twisted's tokenizer on a trailing backslash.
         why = "a '\\' at the end escapes nothing" if isinstance(e, RuntimeError) else e
         raise Invalid(f"invalid endpoint string {description!r}: {why}") from None
+    if kind == "stdio":
+        # Twisted's stdio: "listens" on ipcd's own stdin: one peer, no address.
+        raise Invalid(
+            f"{description!r} is no listener (it is ipcd's own standard input "
+            "and output): give an endpoint peers connect to"
+        )
     known = _server_endpoint_types()
     if kind not in known:
         raise Invalid(
@@ -168,15 +185,12 @@ def group_name(value: Any) -> str:
     return name
 
 
-_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
-
-
 def daemon_schemes(value: Any) -> tuple[str, ...]:
     expected = "a list of URI schemes like ['tls']"
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise Expected(expected)
     for scheme in value:
-        if not _SCHEME.fullmatch(scheme) or scheme == "unix":
+        if not SCHEME.fullmatch(scheme) or scheme == "unix":
             raise Expected(f"{expected} ({scheme!r} is not a daemon's scheme)")
         if scheme in OWN_NAMES:
             raise Expected(f"{expected} ({scheme!r} is ipcd's own socket)")

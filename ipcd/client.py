@@ -71,6 +71,21 @@ def checked_timeout(timeout: float) -> float:
     return float(timeout)
 
 
+def timeout_option(text: str) -> float:
+    """
+    A C{--timeout} option's value (L{checked_timeout}): C{ValueError}
+    saying what was expected, for the command's usage error.
+    """
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"expected seconds, got {text!r}") from None
+    try:
+        return checked_timeout(seconds)
+    except ValueError as e:
+        raise ValueError(str(e).removeprefix("timeout: ")) from None
+
+
 def no_ipcd(path: str, error: OSError | str) -> str:
     """What a client says when no ipcd answers at C{path}, and what to do."""
     reason = error.strerror if isinstance(error, OSError) else error

@@ -42,15 +42,29 @@ def check_listener_key(description: str) -> None:
     kind, listens = wrapped(description)
     if kind != "ssl":
         return
-    from ipcd.daemons.tls.material import MaterialError, read_file, read_private_key
+    from ipcd.daemons.tls.material import (
+        MaterialError,
+        read_certificates,
+        read_file,
+        read_private_key,
+    )
 
     keywords = compat_twisted.endpoint_keywords(listens)
+    key = keywords.get("privateKey", DEFAULT_PRIVATE_KEY)
     try:
-        read_private_key("privateKey", keywords.get("privateKey", DEFAULT_PRIVATE_KEY))
+        read_private_key("privateKey", key)
         # The other files Twisted's parser reads, with a plain open(): a
         # FIFO would stall ipcd's start until a writer came.
-        for name in ("certKey", "extraCertChain", "dhParameters"):
+        for name in ("extraCertChain", "dhParameters"):
             if name in keywords:
                 read_file(name, keywords[name])
+        # Without certKey=, Twisted reads the certificate from the key's
+        # file; OpenSSL's "no start line" would not say which file or why.
+        read_certificates("certKey", keywords.get("certKey", key))
     except MaterialError as e:
-        raise UnsafeKey(str(e)) from None
+        if "certKey" in keywords or not str(e).startswith("certKey"):
+            raise UnsafeKey(str(e)) from None
+        raise UnsafeKey(
+            f"{e} (without certKey=, the certificate is read from privateKey=: "
+            "name its file with certKey=)"
+        ) from None

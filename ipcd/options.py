@@ -9,6 +9,7 @@ L{Options}: twistd's plugin names that module, not this one.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -91,6 +92,10 @@ class Options(usage.Options):
     def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
         try:
             super().parseOptions(options)
+        except BrokenPipeError:
+            # --help's reader is gone (ipcd --help | head): no traceback.
+            stdout_to_devnull()
+            raise SystemExit(1) from None
         except usage.UsageError as e:
             if self.parent is None:
                 raise
@@ -98,6 +103,14 @@ class Options(usage.Options):
             # help before the one line that matters.  SystemExit with a
             # message prints just that line and exits with status 1.
             raise SystemExit(f"ipcd: {usage_line(e, 'twistd ipcd')}") from None
+
+    def parseArgs(self, *args: str) -> None:  # noqa: N802
+        if args:
+            # Under twistd, the unquoted style (--allow in pong): say so.
+            raise usage.UsageError(
+                f"unexpected argument {args[0]!r}: give an option's words as one "
+                'quoted value (--allow "in pong")'
+            )
 
     def opt_version(self) -> None:
         """Print ipcd's version and exit."""
@@ -142,7 +155,7 @@ class Options(usage.Options):
     def overrides(self) -> dict[str, Any]:
         """The command line, in the configuration file's shape."""
         layer: dict[str, Any] = {}
-        if self["rundir"]:
+        if self["rundir"] is not None:  # "" is refused, not taken as none
             layer["rundir"] = self["rundir"]
         if self["redirects"]:
             layer["redirects"] = dict(self["redirects"])
@@ -171,7 +184,9 @@ class Options(usage.Options):
         """The configuration: the file named by --config, then the options."""
         return load_config(self["config"], self.overrides(), registry=self.registry)
 
-    def postOptions(self) -> None:
+    def postOptions(self) -> None:  # noqa: N802
+        if self["config"] == "":
+            raise usage.UsageError("--config takes a file name, got ''")
         try:
             self.config = self.load_config()
         except ConfigError as e:
@@ -181,6 +196,17 @@ class Options(usage.Options):
 class BadConfig(usage.UsageError):
     """The configuration (file or command line) is invalid: the message says
     where and why, so no pointer to the options' help follows it."""
+
+
+def stdout_to_devnull() -> None:
+    """Point stdout's descriptor at /dev/null (Python's own advice for EPIPE)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (a test's): nothing flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def usage_line(error: usage.UsageError, command: str) -> str:

@@ -97,7 +97,7 @@ class Lookup:
 
 # A scheme names a daemon: a few letters (at most 32, so that what quotes
 # one, a refusal or a log line, stays short).
-_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
+SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
 _AUTHORITY = re.compile(
     r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/\[\]]+))(?::(?P<port>[0-9]+))?"
 )
@@ -225,7 +225,7 @@ def parse_uri(text: str) -> URI:
         return LocalURI(_name(text, "route target"))
     scheme, rest = text.split("://", 1)
     scheme = scheme.lower()
-    if not _SCHEME.fullmatch(scheme):
+    if not SCHEME.fullmatch(scheme):
         raise RouteError(f"invalid scheme in URI {_show(text)}")
     if scheme == "unix":
         return _parse_unix(rest, text)

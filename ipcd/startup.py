@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -101,8 +102,13 @@ def cannot_listen(error: Exception, leaf: Any, config: Config) -> str:
         described = getattr(leaf, "description", None)
         where = path or leaf.name or described or type(endpoint).__name__
     code = getattr(cause, "errno", None)
-    # One line, whatever the exception says.
-    reason = os.strerror(code).lower() if code else " ".join(str(cause).split())
+    if isinstance(cause, socket.gaierror):
+        # getaddrinfo's codes are no errnos (os.strerror(-2): "Unknown error").
+        code, reason = None, str(cause.strerror or cause).lower()
+    elif code:
+        reason = os.strerror(code).lower()
+    else:  # one line, whatever the exception says
+        reason = " ".join(str(cause).split())
     daemon = daemon_of(leaf, config)
     if path is None and daemon is not None:  # a protocol daemon's listener
         hint = daemon.hint(error)

@@ -315,6 +315,11 @@ class IPCDService(MultiService):
                 raise StartupError(cannot_listen(now[0].value, leaf, self.config))
             owner = daemon_of(leaf, self.config)
             name = owner.section if owner is not None else OWNERS.get(leaf.name)
+            # A daemon's own RUNDIR socket (RUNDIR/tcp, an IPCService) is
+            # ipcd's business, not an address to tell: its network listener
+            # is, on a UNIX socket too.
+            if owner is not None and isinstance(leaf, IPCService):
+                name = None
             listening = leaf.listening().addCallback(self._listener, name, opened)
             waits.append(listening.addErrback(self._cannot_listen, leaf))
         self._listening = True
@@ -328,11 +333,8 @@ class IPCDService(MultiService):
     def _listener(self, port: Any, name: str | None, opened: list[Any]) -> Any:
         """Note where C{name} (pongd, tcpd, ...) listens, for L{log_ready}."""
         opened.append(port)
-        where = address_text(port.getHost())
-        # A daemon's own RUNDIR socket (RUNDIR/tcp) is ipcd's business, not
-        # an address to tell: its network listeners are.
-        if name is not None and (name not in self.daemon_services or ":" in where):
-            self.addresses.setdefault(name, []).append(where)
+        if name is not None:
+            self.addresses.setdefault(name, []).append(address_text(port.getHost()))
         return port
 
     def _cannot_listen(self, failure: Failure, leaf: Any) -> Failure:

@@ -18,7 +18,6 @@ takes the seed's unquoted one:
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -63,6 +62,7 @@ def control(
     from ipcd.control import request
     from ipcd.logs import printable
     from ipcd.names import CONTROL_NAME, socket_path
+    from ipcd.options import stdout_to_devnull
     from ipcd.rundir import resolve_rundir
 
     try:
@@ -83,7 +83,7 @@ def control(
     except BrokenPipeError:
         # Its reader is gone (ipcd status | head): nothing more to say, and
         # no traceback at exit for what is still buffered.
-        _stdout_to_devnull()
+        stdout_to_devnull()
         return 1
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         # Another version's answer, say: one line, not a traceback.
@@ -95,17 +95,6 @@ def control(
         return 1
     # Every answer of ipcd's is an object; another shape is no success.
     return 0 if isinstance(answer, dict) and answer.get("ok", True) else 1
-
-
-def _stdout_to_devnull() -> None:
-    """Point stdout's descriptor at /dev/null (Python's own advice for EPIPE)."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):
-        return  # not a real file (a test's): nothing flushed at exit
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    os.close(devnull)
 
 
 def _show(command: str, answer: Any, wide: bool) -> None:

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from ipcd.client import DEFAULT_TIMEOUT, checked_timeout, connect
+from ipcd.client import DEFAULT_TIMEOUT, connect, timeout_option
 from ipcd.framing import MessageTooLarge, recv_message, send_message
 from ipcd.names import InvalidServiceName, socket_path
 from ipcd.rundir import resolve_rundir
@@ -32,13 +32,9 @@ def _where(service: str, rundir: str | None) -> str:
 def _seconds(text: str) -> float:
     """C{--timeout}'s value: a usage error, not a traceback, when out of range."""
     try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    try:
-        return checked_timeout(seconds)
+        return timeout_option(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("timeout: ")) from None
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.protocols.basic import LineReceiver
 from twisted.python import usage
 
+from ipcd.client import DEFAULT_TIMEOUT, timeout_option
 from ipcd.reactors import IHostReactor
 
 OK, USAGE, REFUSED, UNREACHABLE, LOST = 0, 2, 3, 4, 5
@@ -42,7 +43,7 @@ class Options(usage.Options):
             None,
             "CA file to verify a wss:// server (default: the platform's).",
         ),
-        ("timeout", "t", 10.0, "Seconds to connect and for each reply.", float),
+        ("timeout", "t", DEFAULT_TIMEOUT, "Seconds to connect and for each reply."),
     ]
 
     def opt_version(self) -> None:
@@ -51,6 +52,13 @@ class Options(usage.Options):
 
         print(f"websocketc (ipcd {version()})")
         sys.exit(0)
+
+    def postOptions(self) -> None:  # noqa: N802
+        # Bounded as pong's: a timer of nan or -1 would fail in Twisted.
+        try:
+            self["timeout"] = timeout_option(str(self["timeout"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--timeout: {e}") from None
 
     def parseArgs(self, url: str, *messages: str) -> None:  # noqa: N802
         parts = urlsplit(url)
@@ -197,6 +205,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except usage.UsageError as e:
         print(f"websocketc: {e}\n{options.synopsis}", file=sys.stderr)
         sys.exit(USAGE)
+    except BrokenPipeError:  # --help's reader is gone: no traceback
+        from ipcd.options import stdout_to_devnull
+
+        stdout_to_devnull()
+        sys.exit(1)
     from twisted.internet import reactor
 
     status: list[int | None] = [None]

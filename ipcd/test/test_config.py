@@ -210,6 +210,12 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
             ('idle_timeout = "5"', "0 or more (0: no deadline), got '5'"),
             ("max_connections_per_peer = true", "greater than 0, got true"),
             ("control_timeout = 0", "greater than 0"),
+            # TOML's nan and inf are no numbers of seconds: nan made every
+            # connection's timer fail (Twisted's callLater asserts).
+            ("control_timeout = nan", "greater than 0, got nan"),
+            ("control_timeout = inf", "greater than 0, got inf"),
+            ("idle_timeout = nan", "0 or more (0: no deadline), got nan"),
+            ("idle_timeout = inf", "0 or more (0: no deadline), got inf"),
         ]:
             message = self.error(f"[limits]\n{text}\n")
             self.assertTrue(message.startswith("[limits] "), message)
@@ -233,6 +239,8 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
             # The whole entry must be a scheme, not only its start.
             ('["t_ls"]', "'t_ls' is not a daemon's scheme"),
             ('["tls "]', "'tls ' is not a daemon's scheme"),
+            # Longer than a route's scheme may be: no route could name it.
+            ('["' + "a" * 33 + '"]', f"'{'a' * 33}' is not a daemon's scheme"),
             ('"tls"', "expected a list of URI schemes"),
             # Every entry a string, not only some.
             ("[1]", "expected a list of URI schemes"),
@@ -418,6 +426,15 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             "than 0, got '1m'",
         )
 
+    def test_websocketdMaxConnections(self) -> None:
+        """0 is taken (no limit), so the error says so, not "greater than 0"."""
+        load_config(self.write("[websocketd]\nmax_connections = 0\n"), None, {})
+        self.assertEqual(
+            self.error("[websocketd]\nmax_connections = -1\n"),
+            "[websocketd] max_connections: expected a whole number, 0 or more "
+            "(0: no limit), got -1",
+        )
+
     def test_boolIsNotANumber(self) -> None:
         self.assertIn("got true", self.error("[ipcd]\nlookup_timeout = true\n"))
 
@@ -490,6 +507,26 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         self.assertIn("tcp", message)
         self.assertIn("ipc", message)
         self.assertNotIn("\n", message)
+
+    def test_stdioIsNoListener(self) -> None:
+        """
+        C{stdio:} serves ipcd's own standard input, not peers: refused when
+        the config loads, and not offered among the types a listener may
+        be (as a listener it failed at start with "'PipeAddress' object has
+        no attribute 'host'").
+        """
+        error = self.assertRaises(
+            ConfigError, load_config, None, {"tcpd": {"listen": "stdio:"}}, {}
+        )
+        self.assertEqual(
+            str(error),
+            "command line: [tcpd] listen: 'stdio:' is no listener (it is ipcd's "
+            "own standard input and output): give an endpoint peers connect to",
+        )
+        error = self.assertRaises(
+            ConfigError, load_config, None, {"tcpd": {"listen": "foo:bar"}}, {}
+        )
+        self.assertNotIn("stdio", str(error))
 
     def test_badEndpointArguments(self) -> None:
         """The built-in tcp and unix parsers check their arguments too."""
@@ -798,6 +835,36 @@ class OptionsTests(ConfigFileMixin, SynchronousTestCase):
     def test_redirectOneWord(self) -> None:
         error = self.assertRaises(usage.UsageError, self.parse, "--redirect", "a")
         self.assertIn("--redirect", str(error))
+
+    def test_emptyRundirOrConfig(self) -> None:
+        """
+        C{--rundir ""} (an unset variable in a unit's ExecStart=, say) is
+        refused as C{rundir = ""} is, not taken as no option (ipcd on the
+        default /tmp/libipc-run); C{--config ""} says so, not ": cannot read".
+        """
+        error = self.assertRaises(usage.UsageError, self.parse, "--rundir", "")
+        self.assertEqual(
+            str(error), "command line: rundir: expected a non-empty string, got ''"
+        )
+        error = self.assertRaises(
+            usage.UsageError, self.parse, "--rundir", "/r", "--config", ""
+        )
+        self.assertEqual(str(error), "--config takes a file name, got ''")
+
+    def test_unquotedUnderTwistd(self) -> None:
+        """
+        twistd takes one quoted value per option: the words past the first
+        (C{twistd ipcd --allow in pong}) are said as such, not as Twisted's
+        "Wrong number of arguments."
+        """
+        error = self.assertRaises(
+            usage.UsageError, self.parse, "--rundir", "/r", "--allow", "in", "pong"
+        )
+        self.assertEqual(
+            str(error),
+            "unexpected argument 'pong': give an option's words as one quoted "
+            'value (--allow "in pong")',
+        )
 
     def test_redirectBadName(self) -> None:
         self.assertRaises(usage.UsageError, self.parse, "--redirect", "a ../b")

@@ -365,7 +365,8 @@ class DnsSocketTestCase(SrvTestCase):
     def startOn(self, server: socket.socket) -> Any:
         """A, asking DNS at C{server}."""
         self.addCleanup(server.close)
-        server.bind(("127.0.0.1", 0))
+        if server.getsockname()[1] == 0:  # not bound yet
+            server.bind(("127.0.0.1", 0))
         server.setblocking(False)
         yield self.startA("", ipcd={"connect_timeout": 30})
         self.a.broker.config = dataclasses.replace(
@@ -431,11 +432,9 @@ class StrayMessageTests(DnsSocketTestCase):
     @inlineCallbacks
     def test_overTcp(self) -> Any:
         """The same on the TCP connection a truncated answer makes ipcd open."""
-        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        yield self.startOn(server)
-        listening = socket.socket()
+        server, listening = _tcp_and_udp()
         self.addCleanup(listening.close)
-        listening.bind(server.getsockname())
+        yield self.startOn(server)
         listening.listen(1)
         listening.setblocking(False)
         replied = self.lookupOnA()
@@ -445,7 +444,12 @@ class StrayMessageTests(DnsSocketTestCase):
         server.sendto(self.nxdomain(asked, trunc=1), source)
         accepted = yield wait_until(lambda: _received_connection(listening), "TCP")
         self.addCleanup(accepted.close)
-        framed = yield wait_until(lambda: _received(accepted, 2)[0], "a query")
+        # accept() gave a blocking socket: read in the reactor's thread, it
+        # waited there for a query ipcd could then never send (a hang).
+        accepted.setblocking(False)
+        framed = yield wait_until(
+            lambda: (_received(accepted, 2) or (None,))[0], "a query"
+        )
         (size,) = struct.unpack("!H", framed)
         accepted.setblocking(True)
         asked.fromStr(_exactly(accepted, size))
@@ -537,6 +541,25 @@ class QuietResolverTests(TestCase):
             outcomes.append(type(result))
         self.assertEqual(outcomes[1], outcomes[0])
         yield assert_no_fd_leak(before)
+
+
+def _tcp_and_udp() -> tuple[socket.socket, socket.socket]:
+    """
+    A UDP socket and a TCP one bound to the same loopback port, as a DNS
+    server's: a port free for UDP may be taken for TCP (EADDRINUSE).
+    """
+    for _ in range(100):
+        tcp = socket.socket()
+        tcp.bind(("127.0.0.1", 0))
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            udp.bind(tcp.getsockname())
+        except OSError:  # taken for UDP: another port
+            udp.close()
+            tcp.close()
+            continue
+        return udp, tcp
+    raise AssertionError("no loopback port free for both UDP and TCP")
 
 
 def _received_connection(sock: socket.socket) -> socket.socket | None:

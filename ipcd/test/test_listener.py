@@ -169,6 +169,21 @@ class ReadinessTests(TestCase):
         self.assertIn("pongd", addresses)
         self.assertEqual(len(readies(lines)), 1)
 
+    def test_daemonOnAUnixSocketIsSaid(self) -> None:
+        """
+        tcpd listening on a UNIX socket (C{unix:PATH}, behind a proxy, say)
+        is named where it listens, as on TCP; its C{RUNDIR/tcp}, ipcd's own
+        business, is not.
+        """
+        rundir = short_rundir(self)
+        path = os.path.join(short_rundir(self), "tcpd.sock")
+        config = make_config(rundir, tcpd={"enabled": True, "listen": f"unix:{path}"})
+        service = IPCDService(config, reactor)
+        self.addCleanup(lambda: service.running and service.stopService())
+        service.startService()
+        addresses = self.successResultOf(service.when_ready())
+        self.assertEqual(addresses["tcpd"], [path])
+
     def test_lateFailureFailsReadiness(self) -> None:
         """A listener that fails after start-up: readiness fails, one line."""
         service, answer, events = self.started_with_held_listener()

@@ -23,6 +23,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.python import usage
 from twisted.scripts import twistd
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
@@ -431,6 +432,37 @@ class ControlTests(SynchronousTestCase):
         self.assertIn("although their own permissions would not", out.getvalue())
         self.assertNotRegex(out.getvalue(), r"[a-z] {2,}[a-z]")
 
+    def test_websocketcTimeout(self) -> None:
+        """
+        websocketc's --timeout out of range (0, negative, nan, inf) or no
+        number: a usage error, as pong's, before connecting; -1 and nan made
+        a traceback (Twisted's callLater asserting), 0 a "User timeout
+        caused connection failure".
+        """
+        bound = "expected seconds, above 0 and at most 3.1536e+07 (a year)"
+        for value, why in [
+            ("0", f"{bound}, got 0.0"),
+            ("-1", f"{bound}, got -1.0"),
+            ("nan", f"{bound}, got nan"),
+            ("inf", f"{bound}, got inf"),
+            ("abc", "expected seconds, got 'abc'"),
+        ]:
+            argv = ["--timeout", value, "ws://127.0.0.1:1/pong", "x"]
+            error = self.assertRaises(
+                usage.UsageError, websocketc.Options().parseOptions, argv
+            )
+            self.assertEqual(str(error), f"--timeout: {why}")
+        self.assertEqual(websocketc.Options()["timeout"], 10.0)
+        # As the command says it: one line, then the synopsis; status 2.
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        exit = self.assertRaises(SystemExit, websocketc.main, argv)
+        self.assertEqual(exit.code, websocketc.USAGE)
+        self.assertEqual(
+            err.getvalue().splitlines(),
+            [f"websocketc: --timeout: {why}", websocketc.Options.synopsis],
+        )
+
     def test_subcommandError(self) -> None:
         exit = self.assertRaises(SystemExit, main, ["status", "--bogus"])
         self.assertEqual(
@@ -438,6 +470,22 @@ class ControlTests(SynchronousTestCase):
         )
         exit = self.assertRaises(SystemExit, main, ["restart"])
         self.assertEqual(exit.code, "ipcd: Unknown command: restart (see ipcd --help)")
+
+
+def into_closed_pipe(args: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """Python with C{args}, its stdout a pipe whose reader is gone already."""
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before anything is written
+    try:
+        return subprocess.run(
+            [sys.executable, *args],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            env=python_env(),
+            timeout=TIMEOUT,
+        )
+    finally:
+        os.close(writer)
 
 
 class ReaderGoneTests(TestCase):
@@ -451,31 +499,28 @@ class ReaderGoneTests(TestCase):
         rundir = short_rundir(self, "ipcd-pipe-")
         yield start_ipcd(self, make_config(rundir))
 
-        def status(*extra: str) -> subprocess.CompletedProcess[bytes]:
-            reader, writer = os.pipe()
-            os.close(reader)  # gone before anything is written
-            try:
-                return subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "ipcd.scripts.ipcd",
-                        "status",
-                        "--rundir",
-                        rundir,
-                        *extra,
-                    ],
-                    stdout=writer,
-                    stderr=subprocess.PIPE,
-                    env=python_env(),
-                    timeout=TIMEOUT,
-                )
-            finally:
-                os.close(writer)
-
         for extra in ((), ("--json",)):
-            done = yield deferToThread(status, *extra)
+            args = ["-m", "ipcd.scripts.ipcd", "status", "--rundir", rundir, *extra]
+            done = yield deferToThread(into_closed_pipe, args)
             self.assertEqual((done.returncode, done.stderr), (1, b""), extra)
+
+
+class HelpReaderGoneTests(SynchronousTestCase):
+    def test_helpIntoAClosedPipe(self) -> None:
+        """
+        C{ipcd --help | head}: a reader gone before the help is written
+        makes no traceback (it made a BrokenPipeError's), for the command,
+        its subcommands, C{twistd ipcd} and websocketc; the status is 1.
+        """
+        for args in (
+            ["-m", "ipcd.scripts.ipcd", "--help"],
+            ["-m", "ipcd.scripts.ipcd", "reload", "--help"],
+            ["-c", "from twisted.scripts.twistd import run; run()", "ipcd", "--help"],
+            ["-m", "ipcd.scripts.websocketc", "--help"],
+            ["-m", "ipcd.scripts.websocketc", "--version"],
+        ):
+            done = into_closed_pipe(args)
+            self.assertEqual((done.returncode, done.stderr), (1, b""), args)
 
 
 class RunTests(SynchronousTestCase):

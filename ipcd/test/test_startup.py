@@ -240,6 +240,29 @@ class CommandFailureTests(SynchronousTestCase):
             "--no-ws)",
         )
 
+    def test_listenerWithoutCertificate(self) -> None:
+        """
+        An ssl: listener given only its key (no certKey=: Twisted reads the
+        certificate from the key's file), or a certKey= with no certificate
+        in it: one line naming the file, not OpenSSL's "no start line".
+        """
+        issued = TestCA(self.work).issue("localhost")
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={issued.key}"
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--ws", listen),
+            f"ipcd: cannot make websocketd's listener '{listen}': certKey: "
+            f"{issued.key} holds no PEM certificate (without certKey=, the "
+            "certificate is read from privateKey=: name its file with certKey=) "
+            "(use --ws ENDPOINT or --no-ws)",
+        )
+        listen += f":certKey={issued.key}"
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--no-ws", "--metrics", listen),
+            f"ipcd: cannot make the metrics listener '{listen}': certKey: "
+            f"{issued.key} holds no PEM certificate (use --metrics ENDPOINT or "
+            "leave it off)",
+        )
+
     def test_listenerKeyEncrypted(self) -> None:
         """
         An ssl: listener's encrypted key is refused in one line; OpenSSL's
@@ -409,6 +432,25 @@ class ServiceFailureTests(SynchronousTestCase):
         )
         self.assertFalse(service.running)
         # Closed at once, not on a later reactor turn: nothing is left.
+        self.assertEqual(left_in(rundir), [])
+
+    def test_interfaceNotAnAddress(self) -> None:
+        """
+        An interface that is no address (getaddrinfo's error, whose code is
+        no errno): its own words, not "unknown error -2".
+        """
+        rundir = short_rundir(self, "ipcd-su-")
+        config = make_config(
+            rundir, tcpd={"enabled": True, "listen": "tcp:0:interface=x..y"}
+        )
+        error = self.assertRaises(
+            StartupError, IPCDService(config, reactor).startService
+        )
+        self.assertEqual(
+            str(error),
+            "cannot listen on x..y:0: name or service not known "
+            "(use --tcp ENDPOINT or --no-tcp)",
+        )
         self.assertEqual(left_in(rundir), [])
 
 

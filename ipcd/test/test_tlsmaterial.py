@@ -152,7 +152,12 @@ class MaterialTests(SynchronousTestCase):
             self.refused(psk_file=path, psk_hosts={"b.example": "bob"}),
             "[tlsd] psk_hosts.b.example: identity 'bob' has no key in the psk_file",
         )
-        self.assertIn("psk_identity", self.refused(psk_identity="alice"))
+        # No psk_file at all: that is what to fix, not a key missing in it.
+        self.assertEqual(
+            self.refused(psk_identity="alice"),
+            "[tlsd] psk_identity: identity 'alice' needs its key: set psk_file "
+            "(IDENTITY:HEXKEY lines)",
+        )
 
     def test_verifyClientsNeedsRoots(self) -> None:
         self.assertIn("needs trust_roots", self.refused(verify_clients=True))

@@ -210,14 +210,18 @@ def read_file(
         raise MaterialError(f"{where}: {path} is {e}") from None
 
 
-def _certificates(key: str, path: str) -> list[x509.Certificate]:
-    data = read_file(f"[tlsd] {key}", path)
+def read_certificates(where: str, path: str) -> list[x509.Certificate]:
+    """
+    The PEM certificates at C{path} (which C{where} names, C{[tlsd]
+    certificate} say); L{MaterialError} when it holds none.
+    """
+    data = read_file(where, path)
     try:
         found = x509.load_pem_x509_certificates(data)
     except ValueError:
         found = []
     if not found:
-        raise MaterialError(f"[tlsd] {key}: {path} holds no PEM certificate")
+        raise MaterialError(f"{where}: {path} holds no PEM certificate")
     return found
 
 
@@ -267,7 +271,7 @@ def read_material(settings: Mapping[str, Any]) -> Material:
             "or neither"
         )
     if cert_path:
-        leaf, *rest = _certificates("certificate", cert_path)
+        leaf, *rest = read_certificates("[tlsd] certificate", cert_path)
         key_pem = read_private_key("[tlsd] key", key_path)
         try:
             pair = KeyPair.load(key_pem, 1)  # FILETYPE_PEM
@@ -283,7 +287,8 @@ def read_material(settings: Mapping[str, Any]) -> Material:
     roots = None
     if settings["trust_roots"]:
         roots = tuple(
-            _twisted(c) for c in _certificates("trust_roots", settings["trust_roots"])
+            _twisted(c)
+            for c in read_certificates("[tlsd] trust_roots", settings["trust_roots"])
         )
     if settings["verify_clients"] and roots is None:
         raise MaterialError(
@@ -302,6 +307,11 @@ def read_material(settings: Mapping[str, Any]) -> Material:
     for key, identity in [("psk_identity", settings["psk_identity"])] + [
         (f"psk_hosts.{host}", name) for host, name in settings["psk_hosts"].items()
     ]:
+        if identity and not settings["psk_file"]:
+            raise MaterialError(
+                f"[tlsd] {key}: identity {identity!r} needs its key: set psk_file "
+                "(IDENTITY:HEXKEY lines)"
+            )
         if identity and identity not in keys:
             raise MaterialError(
                 f"[tlsd] {key}: identity {identity!r} has no key in the psk_file"

@@ -67,7 +67,9 @@ def _origins(value: Any) -> tuple[str, ...]:
 
 
 def _non_negative_int(value: Any) -> int:
-    return 0 if value == 0 and not isinstance(value, bool) else positive_int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise Expected("a whole number, 0 or more (0: no limit)")
+    return value
 
 
 def _path(value: Any) -> str:
