@@ -70,7 +70,8 @@ def control(
     except (OSError, ValueError, EOFError) as e:
         path = socket_path(resolve_rundir(rundir), CONTROL_NAME)
         print(
-            f"ipcd {command}: cannot reach ipcd's control socket {path}: {e}",
+            f"ipcd {command}: cannot reach ipcd's control socket {path}: "
+            f"{_unreachable_why(e)}",
             file=sys.stderr,
         )
         return 1
@@ -95,6 +96,20 @@ def control(
         return 1
     # Every answer of ipcd's is an object; another shape is no success.
     return 0 if isinstance(answer, dict) and answer.get("ok", True) else 1
+
+
+def _unreachable_why(error: Exception) -> str:
+    """Why the control socket could not be asked, and the way out."""
+    if isinstance(error, FileNotFoundError):
+        return "no such socket (is ipcd running, with this --rundir?)"
+    if isinstance(error, ConnectionRefusedError):
+        return "nobody listens on it (ipcd is not running)"
+    if isinstance(error, PermissionError):
+        return (
+            "permission denied (ask as root, as ipcd's user or as a member "
+            "of its [control] group)"
+        )
+    return str(error)
 
 
 def _show(command: str, answer: Any, wide: bool) -> None:

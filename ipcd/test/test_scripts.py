@@ -69,6 +69,20 @@ def _end(process: subprocess.Popen[bytes]) -> None:
         process.stdout.close()
 
 
+# ipcd status as another user: imported as root (the interpreter's files
+# may be root's alone), then the ids dropped.
+_STATUS_AS = """
+import os, sys
+from ipcd import control, logs, names, options, rundir
+from ipcd.scripts.ipcd import control as status
+uid = int(sys.argv[1])
+os.setgroups([])
+os.setgid(uid)
+os.setuid(uid)
+sys.exit(status("status", sys.argv[2]))
+"""
+
+
 class ControlTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.rundir = tempfile.mkdtemp(prefix="ipcd-", dir="/tmp")
@@ -81,12 +95,60 @@ class ControlTests(SynchronousTestCase):
         path = os.path.join(self.rundir, "ipcd-control")
         return (
             f"ipcd {command}: cannot reach ipcd's control socket {path}: "
-            "[Errno 2] No such file or directory\n"
+            "no such socket (is ipcd running, with this --rundir?)\n"
         )
 
     def test_noIpcdNamesTheSocket(self) -> None:
         self.assertEqual(control("status", self.rundir), 1)
         self.assertEqual(self.err.getvalue(), self.unreachable())
+
+    def test_staleSocketSaysNotRunning(self) -> None:
+        """A socket left by an ipcd that stopped: nobody listens on it."""
+        path = os.path.join(self.rundir, "ipcd-control")
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(stale.close)
+        stale.bind(path)
+        self.addCleanup(os.unlink, path)
+        self.assertEqual(control("reload", self.rundir), 1)
+        self.assertEqual(
+            self.err.getvalue(),
+            f"ipcd reload: cannot reach ipcd's control socket {path}: nobody "
+            "listens on it (ipcd is not running)\n",
+        )
+
+    def test_notAllowedSaysWhoMayAsk(self) -> None:
+        """
+        A user who may not connect to the control socket (0660, root's) is
+        told who may ask, not "[Errno 13] Permission denied".
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("needs root: to ask as another user")
+        nobody = pwd.getpwnam("nobody")
+        os.chmod(self.rundir, 0o755)
+        path = os.path.join(self.rundir, "ipcd-control")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(server.close)
+        server.bind(path)
+        self.addCleanup(os.unlink, path)
+        os.chmod(path, 0o660)
+        server.listen()
+        asked = subprocess.run(
+            [sys.executable, "-c", _STATUS_AS, str(nobody.pw_uid), self.rundir],
+            env=python_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(
+            (asked.returncode, asked.stdout, asked.stderr),
+            (
+                1,
+                "",
+                f"ipcd status: cannot reach ipcd's control socket {path}: "
+                "permission denied (ask as root, as ipcd's user or as a member "
+                "of its [control] group)\n",
+            ),
+        )
 
     def test_subcommands(self) -> None:
         """
