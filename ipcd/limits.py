@@ -151,6 +151,9 @@ class ConnectionLimits:
         # Peers counted in the total but never held to the per-peer maximum.
         self.exempt = exempt
         self.max_total = max_total
+        # A lower maximum of the listener's service's own (websocketd's
+        # max_connections), read when used so a reload applies; 0: none.
+        self.service_maximum: Callable[[], int] | None = None
         self.max_per_peer = max_per_peer
         self.total = 0
         self.per_peer: Counter[str] = Counter()
@@ -173,7 +176,14 @@ class ConnectionLimits:
         counted.  For a connection served and gone at once, which need not
         be counted while the limits are far off.
         """
-        return self.total + spare < self.max_total and not self._peer_full(key)
+        return self.total + spare < self._maximum() and not self._peer_full(key)
+
+    def _maximum(self) -> int:
+        """Connections at once, past which the listener stops accepting."""
+        if self.service_maximum is None:
+            return self.max_total
+        own = self.service_maximum()
+        return min(own, self.max_total) if own > 0 else self.max_total
 
     def _peer_full(self, key: str) -> bool:
         return self.per_peer.get(key, 0) >= self.max_per_peer and key not in self.exempt
@@ -187,7 +197,7 @@ class ConnectionLimits:
             return reason
         self.per_peer[key] += 1
         self.total += 1
-        if self.total >= self.max_total and self.port is not None and not self._paused:
+        if self.total >= self._maximum() and self.port is not None and not self._paused:
             self._paused = True
             self.port.stopReading()
             self.counters[f"{self.name}: paused at the connection limit"] += 1
@@ -207,7 +217,7 @@ class ConnectionLimits:
             self.per_peer[key] = left
         else:
             del self.per_peer[key]
-        if self._paused and self.total < self.max_total:
+        if self._paused and self.total < self._maximum():
             self._paused = False
             if self.port.connected:  # not once it has stopped listening
                 self.port.startReading()

@@ -110,6 +110,27 @@ class ConnectionLimitsTests(SynchronousTestCase):
             dict(self.limits.per_peer), {"uid:1": 1, "uid:3": 1, "uid:4": 1}
         )
 
+    def test_serviceMaximumPauses(self) -> None:
+        """
+        A service's own lower maximum (websocketd's max_connections) pauses
+        the listener as the listener's does, read when used; 0 is none.
+        """
+        most = [2]
+        self.limits.service_maximum = lambda: most[0]
+        self.limits.admit("uid:1")
+        self.assertTrue(self.port.reading)
+        self.limits.admit("uid:2")
+        self.assertFalse(self.port.reading, "at the service's maximum")
+        self.assertFalse(self.limits.has_room("uid:3"))
+        self.limits.release("uid:2")
+        self.assertTrue(self.port.reading)
+        most[0] = 0
+        for key in ("uid:2", "uid:3"):
+            self.limits.admit(key)
+        self.assertTrue(self.port.reading, "0: the listener's maximum (4)")
+        self.limits.admit("uid:4")
+        self.assertFalse(self.port.reading)
+
     def test_exemptPeer(self) -> None:
         limits = ConnectionLimits("pong", 4, 1, self.clock, exempt=frozenset({"uid:0"}))
         self.assertIsNone(limits.admit("uid:0"))

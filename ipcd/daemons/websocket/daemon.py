@@ -92,6 +92,13 @@ class WebSocketService(DaemonService):
             broker, self.settings, secure=listen.startswith("ssl:")
         )
         self.listen_on(listen, self.factory, lambda reason: BUSY)
+        # The listener stops accepting at max_connections, handshakes
+        # included: autobahn's own 503 comes only with a whole head, so
+        # peers that never finish theirs were held, up to [limits]
+        # max_connections (1024) at once.
+        broker.limits_for(self.daemon.section).service_maximum = lambda: (
+            self.settings()["max_connections"]
+        )
         for scheme in (SCHEME, SECURE_SCHEME):
             self.control(
                 self.relays, scheme=scheme, timeout_key="open_handshake_timeout"
