@@ -9,6 +9,9 @@ The private names of Twisted that ipcd reads: here only.
     L{tls_state}
         whether a L{TLSMemoryBIOProtocol} may leave Twisted
         (C{_handshakeDone}, C{_lostTLSConnection}, C{_appSendBuffer})
+    L{start_placed}
+        a placed socket's port started under its name (C{_reservedFD},
+        C{_getLogPrefix}, C{_bindPath})
     L{count_accept_errors}
         a listening port's accept errors through ipcd's logger (C{_logger})
     L{add_option}
@@ -265,6 +268,64 @@ def start_on_socket(port: Any, sock: socket.socket) -> Any:
     """
     port._preexistingSocket = sock
     port.startListening()
+    return port
+
+
+def _tcp_module() -> Any:
+    from twisted.internet import tcp
+
+    return tcp
+
+
+def _placed_start_names() -> bool:
+    port = _unix_port_class()("/nowhere", None, reactor=_InertReactor())
+    return all(
+        hasattr(*where)
+        for where in (
+            (_tcp_module(), "_reservedFD"),
+            (port, "_getLogPrefix"),
+            (port, "_bindPath"),
+        )
+    )
+
+
+PLACED_START = Name(
+    LIBRARY,
+    "tcp._reservedFD, unix.Port._getLogPrefix and unix.Port._bindPath",
+    "naming a socket placed at its name (ipcd.placing) by that name in "
+    "Twisted's 'starting on' and 'Closed' lines",
+    "those lines name the private path it was bound at, /proc/self/fd/N/NAME",
+    _placed_start_names,
+)
+
+
+def start_placed(port: Any, sock: socket.socket, name: str) -> Any:
+    """
+    L{start_on_socket} for a socket bound at a private path with its mode,
+    to be moved to C{name} (L{ipcd.placing}): Twisted's lines about the
+    port say C{name}; returns C{port}.
+
+    Twisted's C{startListening} logs and chmods one path, the one the
+    socket was bound at; given C{name} instead, its chmod would land on
+    whatever is at C{name} before the move.  So its steps for a socket it
+    did not make are taken here, with that line naming C{name} and with no
+    chmod (the socket was bound with its mode).
+    """
+    if not (PLACED_START.present or PLACED_START.usable()):
+        return start_on_socket(port, sock)
+    from twisted.python import log
+
+    _tcp_module()._reservedFD.reserve()  # as Twisted's: for EMFILE at accept
+    log.msg(f"{port._getLogPrefix(port.factory)} starting on {name!r}")
+    port.factory.doStart()
+    sock.listen(port.backlog)
+    port.connected = True
+    port.socket = sock
+    port.fileno = sock.fileno
+    port.numberAccepts = 100
+    port.startReading()
+    # Read by Twisted from now on only for its "(UNIX Port ... Closed)".
+    port._bindPath = os.fsencode(name)
     return port
 
 
