@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd.client import DEFAULT_TIMEOUT, MAX_TIMEOUT, checked_timeout, no_ipcd
+from ipcd.compat import twisted as compat_twisted
 from ipcd.handoff import MAX_REPLY, HandoffError, adopt_into_reactor, check_reply
 from ipcd.names import (
     BROKER_NAME,
@@ -46,6 +47,10 @@ from ipcd.wire import encode
 
 # listen(2) takes an int (and the kernel caps it at net.core.somaxconn).
 _MAX_BACKLOG = 2**31 - 1
+
+# ipc:pong\ (and any endpoint string ending so): a ValueError saying so,
+# not Twisted's tokenizer's RuntimeError.
+compat_twisted.refuse_lone_backslash()
 
 
 @implementer(IStreamServerEndpoint)

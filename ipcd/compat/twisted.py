@@ -19,6 +19,9 @@ The private names of Twisted that ipcd reads: here only.
     L{endpoint_type}, L{server_endpoint_types}, L{check_server_arguments}
         an endpoint string checked without listening (C{_parse},
         C{_serverParsers}, C{_parseServer} of C{twisted.internet.endpoints})
+    L{refuse_lone_backslash}
+        Twisted's endpoint strings ending in a lone backslash refused with a
+        ValueError, not its tokenizer's RuntimeError (C{_parse} wrapped)
 
 Each answers the public, slower way (or "cannot tell", which callers take as
 the safe answer) when its name is gone; see L{ipcd.compat}.  No reactor is
@@ -197,6 +200,49 @@ PARSE_SERVER = Name(
     "a bad argument is found when ipcd listens",
     lambda: callable(_endpoints()._parseServer),
 )
+
+
+def ends_in_lone_backslash(description: str | bytes) -> bool:
+    """
+    Whether endpoint string C{description} ends in a C{\\} that escapes
+    nothing (an odd run of them: C{\\\\} is one backslash, escaped).
+    """
+    backslash = "\\" if isinstance(description, str) else b"\\"
+    return (len(description) - len(description.rstrip(backslash))) % 2 == 1
+
+
+def refuse_lone_backslash() -> None:
+    """
+    Have Twisted's endpoint strings refuse one ending in a lone C{\\} with
+    a ValueError saying so.  Twisted's tokenizer (C{endpoints._parse}, run
+    by C{serverFromString} and C{clientFromString} before any plugin is
+    asked) fails there with C{RuntimeError: generator raised
+    StopIteration}, where both document a ValueError.  Every other string
+    goes to Twisted's parser as it is.
+
+    Importing L{ipcd.endpoints} calls this (ipcd's plugin, L{IPCService}
+    and C{twistd ipcd} import it; C{twistd} loads every plugin that makes a
+    service at start, this one among them).  A process that has not
+    imported it yet tokenizes with Twisted's alone: Twisted loads endpoint
+    plugins only after tokenizing the string.
+    """
+    if not (ENDPOINT_PARSE.present or ENDPOINT_PARSE.usable()):
+        return
+    endpoints = _endpoints()
+    parse = endpoints._parse
+    if getattr(parse, "refuses_lone_backslash", False):
+        return  # done already
+
+    def checked(description: str | bytes) -> Any:
+        if ends_in_lone_backslash(description):
+            raise ValueError(
+                f"endpoint string {description!r} ends in a '\\' that escapes "
+                "nothing (a backslash itself is written '\\\\')"
+            )
+        return parse(description)
+
+    checked.refuses_lone_backslash = True  # type: ignore[attr-defined]
+    endpoints._parse = checked
 
 
 def _unix_port_class() -> Any:
@@ -470,7 +516,7 @@ BUILT_IN_SERVER_TYPES = ("tcp", "unix", "ssl")
 def endpoint_type(description: str) -> str:
     """
     The type of endpoint string C{description}, in lower case; ValueError
-    (or IndexError, or RuntimeError for a trailing backslash) if none.
+    (or IndexError) if none.
     """
     if ENDPOINT_PARSE.present or ENDPOINT_PARSE.usable():
         return _endpoints()._parse(description)[0][0].lower()
