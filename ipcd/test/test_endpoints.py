@@ -190,6 +190,29 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(serverFromString(reactor, escaped).path, "/r\\/pong")
         self.assertEqual(clientFromString(reactor, escaped).rundir, "/r\\")
 
+    def test_parserArgumentsAsParameters(self) -> None:
+        """
+        C{reactor=}, C{self=} or C{name=} beside the name: a ValueError
+        naming the parameter, not a C{TypeError} about the parser method's
+        arguments; C{name=} alone names the service.
+        """
+        for parse, side in ((serverFromString, "server"), (clientFromString, "client")):
+            for key in ("reactor", "self"):
+                error = self.assertRaises(
+                    ValueError, parse, reactor, f"ipc:pong:{key}=x"
+                )
+                self.assertIn(
+                    f"ipc: {side} endpoint: unknown parameter {key!r}", str(error)
+                )
+            error = self.assertRaises(ValueError, parse, reactor, "ipc:pong:name=x")
+            self.assertEqual(
+                str(error),
+                f"ipc: {side} endpoint: the service name given twice, as 'pong' "
+                "and as name='x'",
+            )
+        self.assertEqual(serverFromString(reactor, "ipc:name=pong").name, "pong")
+        self.assertEqual(clientFromString(reactor, "ipc:name=pong").service, "pong")
+
     def test_trailingBackslashUnderTwistd(self) -> None:
         """
         In a fresh C{twistd}, whose first endpoint string is the bad one
@@ -260,9 +283,11 @@ class ParserTests(SynchronousTestCase):
 
 
 # Pieces of ipc: strings, careless and hostile ones among them.
+# The parsers' own argument names among them (reactor=x was a TypeError).
 _PIECES = st.sampled_from(
     [*":=\\ ./-0x9a\x00é", "rundir", "mode", "backlog", "group", "network"]
     + ["timeout", "nan", "inf", "-1", "7777", "1e12", "99999999999"]
+    + ["reactor", "self", "name"]
 )
 
 
@@ -271,13 +296,16 @@ class AnyStringTests(SynchronousTestCase):
     Whatever follows C{ipc:}, the parsers answer a sane endpoint or say why
     in a ValueError.  A trailing backslash, which Twisted's tokenizer failed
     on with a RuntimeError, was once left out here (an C{x} added after
-    it); the examples are such strings.
+    it); the examples are the strings that raised something else.
     """
 
     @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(_PIECES, max_size=12).map("".join))
     @example("pong\\")
     @example("pong:rundir=/r\\\\\\")
+    @example("pong:reactor=x")
+    @example("pong:self=x")
+    @example("pong:name=x")
     def test_sane_or_ValueError(self, text: str) -> None:  # noqa: N802
         memory = MemoryReactorClock()
         try:
