@@ -144,7 +144,7 @@ class LookupPort(unix.Port):
                 # a transport is to have it.
                 self._serve(_RawSocket(_FAMILY, _TYPE, 0, fd), addr)
         except BaseException:
-            _log.failure("accepting on {port}", port=self.port)
+            _log.failure("accepting on {port}", port=self)
         if accepted == self.numberAccepts:
             self.numberAccepts += 20
         else:
@@ -154,7 +154,7 @@ class LookupPort(unix.Port):
         try:
             resume = self.factory.serve_at_once(skt, self.handed_over.add)
         except Exception:
-            _log.failure("serving a connection on {port}", port=self.port)
+            _log.failure("serving a connection on {port}", port=self)
             skt.close()
             return
         if resume is None:

@@ -39,6 +39,7 @@ from ipcd.test.support import (
     needs_root,
     read_only,
     short_rundir,
+    wait_until,
 )
 from ipcd.test.test_names import short_tempdir
 
@@ -344,6 +345,35 @@ class PlacingTests(TestCase):
             self.assertIn(f"Factory starting on {path!r}", seen)
             self.assertIn(f"(UNIX Port {path} Closed)", seen)
             self.assertEqual([line for line in seen if "/proc/self" in line], [])
+
+    @inlineCallbacks
+    def test_failureNamesThePlace(self) -> Any:
+        """
+        A factory failing to serve a connection in accept: the traceback's
+        line names the port by RUNDIR/NAME too.
+        """
+
+        def serve_at_once(skt: Any, close_later: Any) -> None:
+            raise RuntimeError("no lookup today")
+
+        factory = Factory.forProtocol(Protocol)
+        factory.serve_at_once = serve_at_once  # type: ignore[attr-defined]
+        path = os.path.join(self.rundir, "upper")
+        seen: list[str] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        port = listen_unix(self.reactor, path, factory)
+        self.addCleanup(lambda: port.connected and close_now(port))
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.connect(path)
+
+        def failures() -> list[str]:
+            return [formatEvent(e) for e in seen if "log_failure" in e]
+
+        [line] = yield wait_until(failures, "the failure to be logged")
+        self.assertEqual(line, f"serving a connection on <Factory on {path!r}>")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_logWithoutTheNamesToSayThePlace(self) -> None:
         """
