@@ -145,6 +145,23 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
         None,
         ("test_wire", "test_promises", "test_client"),
     ),
+    # The descriptor's side: ok + SCM_RIGHTS sent, received and judged,
+    # adopted (test_broker: ok in one sendmsg; test_testing: Twisted's way,
+    # on ipcd.testing's transports; test_client: receive_fd and check_reply;
+    # test_endpoints: adopt_into_reactor).
+    "handoff": (
+        "ipcd/handoff.py",
+        None,
+        (
+            "test_protocols",
+            "test_promises",
+            "test_testing",
+            "test_nodescriptors",
+            "test_broker",
+            "test_endpoints",
+            "test_client",
+        ),
+    ),
     "resolution": (
         "ipcd/resolution.py",
         None,

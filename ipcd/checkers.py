@@ -134,12 +134,16 @@ def check_server_endpoint(description: str) -> None:
     loads (and a reload with one keeps the old configuration).
     """
     # Twisted's own strports machinery: no reactor is imported by these.
+    if compat_twisted.ends_in_lone_backslash(description):
+        # Twisted's own tokenizer fails there with a RuntimeError.
+        raise Invalid(
+            f"invalid endpoint string {description!r}: "
+            "a '\\' at the end escapes nothing"
+        )
     try:
         kind = compat_twisted.endpoint_type(description)
-    except (ValueError, IndexError, RuntimeError) as e:
-        # RuntimeError: Twisted's tokenizer on a trailing backslash.
-        why = "a '\\' at the end escapes nothing" if isinstance(e, RuntimeError) else e
-        raise Invalid(f"invalid endpoint string {description!r}: {why}") from None
+    except (ValueError, IndexError) as e:
+        raise Invalid(f"invalid endpoint string {description!r}: {e}") from None
     if kind == "stdio":
         # Twisted's stdio: "listens" on ipcd's own stdin: one peer, no address.
         raise Invalid(

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd.client import DEFAULT_TIMEOUT, MAX_TIMEOUT, checked_timeout, no_ipcd
+from ipcd.compat import twisted as compat_twisted
 from ipcd.handoff import MAX_REPLY, HandoffError, adopt_into_reactor, check_reply
 from ipcd.names import (
     BROKER_NAME,
@@ -46,6 +47,10 @@ from ipcd.wire import encode
 
 # listen(2) takes an int (and the kernel caps it at net.core.somaxconn).
 _MAX_BACKLOG = 2**31 - 1
+
+# ipc:pong\ (and any endpoint string ending so): a ValueError saying so,
+# not Twisted's tokenizer's RuntimeError.
+compat_twisted.refuse_lone_backslash()
 
 
 @implementer(IStreamServerEndpoint)
@@ -225,6 +230,23 @@ class IPCClientEndpoint:
         )
 
 
+def _named(endpoint: str, name: str, unknown: dict[str, str]) -> str:
+    """
+    The service name: the positional part, else a C{name=} (as Twisted's
+    own parsers take their positional parts).  The parsers' own arguments
+    are positional-only, so C{reactor=}, C{self=} and C{name=} come here
+    in C{unknown}, not as a C{TypeError} about a method's arguments.
+    """
+    if "name" not in unknown:
+        return name
+    if name:
+        raise ValueError(
+            f"{endpoint}: the service name given twice, as {name!r} and as "
+            f"name={unknown['name']!r}"
+        )
+    return unknown.pop("name")
+
+
 def _check_parts(
     endpoint: str,
     name: str,
@@ -282,7 +304,7 @@ class IPCServerParser:
     parameters = "rundir=, mode=, backlog=, group="
 
     def parseStreamServer(  # noqa: N802 (Twisted's name)
-        self, reactor: IHostReactor, *args: str, **kwargs: str
+        self, reactor: IHostReactor, /, *args: str, **kwargs: str
     ) -> IPCServerEndpoint:
         return self._server(reactor, *args, **kwargs)
 
@@ -290,6 +312,7 @@ class IPCServerParser:
         self,
         reactor: IHostReactor,
         name: str = "",
+        /,
         *extra: str,
         rundir: str | None = None,
         mode: str = "0660",
@@ -297,6 +320,7 @@ class IPCServerParser:
         group: str | None = None,
         **unknown: str,
     ) -> IPCServerEndpoint:
+        name = _named("ipc: server endpoint", name, unknown)
         _check_parts("ipc: server endpoint", name, extra, unknown, self.parameters)
         return IPCServerEndpoint(
             reactor,
@@ -338,7 +362,7 @@ class IPCClientParser:
     parameters = "rundir=, network=, timeout="
 
     def parseStreamClient(  # noqa: N802 (Twisted's name)
-        self, reactor: IHostReactor, *args: str, **kwargs: str
+        self, reactor: IHostReactor, /, *args: str, **kwargs: str
     ) -> IPCClientEndpoint:
         return self._parseClient(reactor, *args, **kwargs)
 
@@ -346,12 +370,14 @@ class IPCClientParser:
         self,
         reactor: IHostReactor,
         name: str = "",
+        /,
         *extra: str,
         rundir: str | None = None,
         network: str | None = None,
         timeout: str = str(DEFAULT_TIMEOUT),
         **unknown: str,
     ) -> IPCClientEndpoint:
+        name = _named("ipc: client endpoint", name, unknown)
         _check_parts("ipc: client endpoint", name, extra, unknown, self.parameters)
         try:
             seconds = checked_timeout(float(timeout))

@@ -26,7 +26,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 
 from ipcd.compat import cpython
-from ipcd.compat.twisted import PREEXISTING_SOCKET, adopt_unix_port, start_on_socket
+from ipcd.compat.twisted import PREEXISTING_SOCKET, adopt_unix_port, start_placed
 from ipcd.placing import Inode, Placing, remove_if_same
 from ipcd.reactors import IHostReactor
 
@@ -144,7 +144,7 @@ class LookupPort(unix.Port):
                 # a transport is to have it.
                 self._serve(_RawSocket(_FAMILY, _TYPE, 0, fd), addr)
         except BaseException:
-            _log.failure("accepting on {port}", port=self.port)
+            _log.failure("accepting on {port}", port=self)
         if accepted == self.numberAccepts:
             self.numberAccepts += 20
         else:
@@ -154,7 +154,7 @@ class LookupPort(unix.Port):
         try:
             resume = self.factory.serve_at_once(skt, self.handed_over.add)
         except Exception:
-            _log.failure("serving a connection on {port}", port=self.port)
+            _log.failure("serving a connection on {port}", port=self)
             skt.close()
             return
         if resume is None:
@@ -215,14 +215,13 @@ def listen_placed(
 ) -> PlacedPort:
     """
     A listening port on C{placing}'s socket, a L{PlacedLookupPort} for a
-    factory that can serve within accept.  Twisted's C{chmod} of the
-    address lands on the socket in the private directory, through ipcd's
-    own descriptor, and sets the mode it already has.
+    factory that can serve within accept; Twisted's log lines about it
+    name C{placing.path}, not the private path it listens at until placed.
     """
     port_class = PlacedLookupPort if _fast(reactor, factory) else PlacedPort
     port = port_class(placing.address, factory, backlog, mode, reactor)
     port.place = placing.path
-    return start_on_socket(port, placing.socket)
+    return start_placed(port, placing.socket, placing.path)
 
 
 def listen(reactor: Any, path: str, factory: Any, backlog: int, mode: int) -> Any:

@@ -9,6 +9,9 @@ The private names of Twisted that ipcd reads: here only.
     L{tls_state}
         whether a L{TLSMemoryBIOProtocol} may leave Twisted
         (C{_handshakeDone}, C{_lostTLSConnection}, C{_appSendBuffer})
+    L{start_placed}
+        a placed socket's port started under its name (C{_reservedFD},
+        C{_getLogPrefix}, C{_bindPath})
     L{count_accept_errors}
         a listening port's accept errors through ipcd's logger (C{_logger})
     L{add_option}
@@ -16,6 +19,9 @@ The private names of Twisted that ipcd reads: here only.
     L{endpoint_type}, L{server_endpoint_types}, L{check_server_arguments}
         an endpoint string checked without listening (C{_parse},
         C{_serverParsers}, C{_parseServer} of C{twisted.internet.endpoints})
+    L{refuse_lone_backslash}
+        Twisted's endpoint strings ending in a lone backslash refused with a
+        ValueError, not its tokenizer's RuntimeError (C{_parse} wrapped)
 
 Each answers the public, slower way (or "cannot tell", which callers take as
 the safe answer) when its name is gone; see L{ipcd.compat}.  No reactor is
@@ -196,6 +202,49 @@ PARSE_SERVER = Name(
 )
 
 
+def ends_in_lone_backslash(description: str | bytes) -> bool:
+    """
+    Whether endpoint string C{description} ends in a C{\\} that escapes
+    nothing (an odd run of them: C{\\\\} is one backslash, escaped).
+    """
+    backslash = "\\" if isinstance(description, str) else b"\\"
+    return (len(description) - len(description.rstrip(backslash))) % 2 == 1
+
+
+def refuse_lone_backslash() -> None:
+    """
+    Have Twisted's endpoint strings refuse one ending in a lone C{\\} with
+    a ValueError saying so.  Twisted's tokenizer (C{endpoints._parse}, run
+    by C{serverFromString} and C{clientFromString} before any plugin is
+    asked) fails there with C{RuntimeError: generator raised
+    StopIteration}, where both document a ValueError.  Every other string
+    goes to Twisted's parser as it is.
+
+    Importing L{ipcd.endpoints} calls this (ipcd's plugin, L{IPCService}
+    and C{twistd ipcd} import it; C{twistd} loads every plugin that makes a
+    service at start, this one among them).  A process that has not
+    imported it yet tokenizes with Twisted's alone: Twisted loads endpoint
+    plugins only after tokenizing the string.
+    """
+    if not (ENDPOINT_PARSE.present or ENDPOINT_PARSE.usable()):
+        return
+    endpoints = _endpoints()
+    parse = endpoints._parse
+    if getattr(parse, "refuses_lone_backslash", False):
+        return  # done already
+
+    def checked(description: str | bytes) -> Any:
+        if ends_in_lone_backslash(description):
+            raise ValueError(
+                f"endpoint string {description!r} ends in a '\\' that escapes "
+                "nothing (a backslash itself is written '\\\\')"
+            )
+        return parse(description)
+
+    checked.refuses_lone_backslash = True  # type: ignore[attr-defined]
+    endpoints._parse = checked
+
+
 def _unix_port_class() -> Any:
     from twisted.internet.unix import Port
 
@@ -265,6 +314,64 @@ def start_on_socket(port: Any, sock: socket.socket) -> Any:
     """
     port._preexistingSocket = sock
     port.startListening()
+    return port
+
+
+def _tcp_module() -> Any:
+    from twisted.internet import tcp
+
+    return tcp
+
+
+def _placed_start_names() -> bool:
+    port = _unix_port_class()("/nowhere", None, reactor=_InertReactor())
+    return all(
+        hasattr(*where)
+        for where in (
+            (_tcp_module(), "_reservedFD"),
+            (port, "_getLogPrefix"),
+            (port, "_bindPath"),
+        )
+    )
+
+
+PLACED_START = Name(
+    LIBRARY,
+    "tcp._reservedFD, unix.Port._getLogPrefix and unix.Port._bindPath",
+    "naming a socket placed at its name (ipcd.placing) by that name in "
+    "Twisted's 'starting on' and 'Closed' lines",
+    "those lines name the private path it was bound at, /proc/self/fd/N/NAME",
+    _placed_start_names,
+)
+
+
+def start_placed(port: Any, sock: socket.socket, name: str) -> Any:
+    """
+    L{start_on_socket} for a socket bound at a private path with its mode,
+    to be moved to C{name} (L{ipcd.placing}): Twisted's lines about the
+    port say C{name}; returns C{port}.
+
+    Twisted's C{startListening} logs and chmods one path, the one the
+    socket was bound at; given C{name} instead, its chmod would land on
+    whatever is at C{name} before the move.  So its steps for a socket it
+    did not make are taken here, with that line naming C{name} and with no
+    chmod (the socket was bound with its mode).
+    """
+    if not (PLACED_START.present or PLACED_START.usable()):
+        return start_on_socket(port, sock)
+    from twisted.python import log
+
+    _tcp_module()._reservedFD.reserve()  # as Twisted's: for EMFILE at accept
+    log.msg(f"{port._getLogPrefix(port.factory)} starting on {name!r}")
+    port.factory.doStart()
+    sock.listen(port.backlog)
+    port.connected = True
+    port.socket = sock
+    port.fileno = sock.fileno
+    port.numberAccepts = 100
+    port.startReading()
+    # Read by Twisted from now on only for its "(UNIX Port ... Closed)".
+    port._bindPath = os.fsencode(name)
     return port
 
 
@@ -409,7 +516,7 @@ BUILT_IN_SERVER_TYPES = ("tcp", "unix", "ssl")
 def endpoint_type(description: str) -> str:
     """
     The type of endpoint string C{description}, in lower case; ValueError
-    (or IndexError, or RuntimeError for a trailing backslash) if none.
+    (or IndexError) if none.
     """
     if ENDPOINT_PARSE.present or ENDPOINT_PARSE.usable():
         return _endpoints()._parse(description)[0][0].lower()

@@ -22,7 +22,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import control
 from ipcd.client import DEFAULT_TIMEOUT, connect
-from ipcd.handoff import HandoffError, LookupRefused, receive_fd, scm_rights
+from ipcd.handoff import (
+    HandoffError,
+    LookupRefused,
+    check_reply,
+    receive_fd,
+    scm_rights,
+)
 from ipcd.scripts import pong
 from ipcd.test.support import (
     TIMEOUT,
@@ -270,6 +276,28 @@ class ExchangeTests(SynchronousTestCase):
             kept.settimeout(TIMEOUT)
             self.assertEqual(kept.recv(1), b"x")
 
+    def test_refusalInPiecesWithNoTimeout(self) -> None:
+        """
+        C{timeout=None} (wait as long as it takes) and a refusal in two
+        pieces: L{LookupRefused} with the whole reason.
+        """
+        rundir, listener = self.ipcd_stand_in()
+
+        def answer() -> None:
+            peer, _ = listener.accept()
+            with peer:
+                recv_message(peer)
+                peer.sendall(b"ne no ")
+                threading.Event().wait(0.05)
+                peer.sendall(b"route")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        with self.assertRaises(LookupRefused) as caught:
+            connect("pong", rundir=rundir, network="pong unix://pong", timeout=None)
+        self.assertEqual(caught.exception.reason, "no route")
+
 
 class HostileReplyTests(SynchronousTestCase):
     """
@@ -302,6 +330,90 @@ class HostileReplyTests(SynchronousTestCase):
         self.assertEqual(self.held(), before)
         kept.settimeout(TIMEOUT)
         self.assertEqual(kept.recv(1), b"")
+
+    def test_okWithMoreIsFinal(self) -> None:
+        """
+        An answer that begins with C{ok} but is more (C{okay}), with a
+        descriptor, the connection left open: refused at once as an answer
+        no ipcd gives (ipcd's C{ok} comes whole, in one piece), waiting for
+        nothing more, and the descriptor closed.
+        """
+        service, kept = socket.socketpair()
+        self.addCleanup(kept.close)
+        with service:
+            self.theirs.sendmsg([b"okay"], scm_rights(service.fileno()))
+        with self.assertRaises(HandoffError) as caught:
+            receive_fd(self.ours)
+        self.assertEqual(str(caught.exception), "unexpected answer from ipcd: b'okay'")
+        kept.settimeout(TIMEOUT)
+        self.assertEqual(kept.recv(1), b"")
+
+    def test_okWithoutDescriptor(self) -> None:
+        """C{ok} and no descriptor, then EOF: an error saying so, no socket."""
+        self.theirs.sendall(b"ok")
+        self.theirs.shutdown(socket.SHUT_WR)
+        with self.assertRaises(HandoffError) as caught:
+            receive_fd(self.ours)
+        self.assertEqual(
+            str(caught.exception), "ipcd answered ok without a file descriptor"
+        )
+
+    def test_neNeedsItsSpace(self) -> None:
+        """
+        An answer that only begins with C{ne} (C{never}) is no refusal
+        (L{LookupRefused} is C{ne REASON}), but an answer no ipcd gives.
+        """
+        self.theirs.sendall(b"never")
+        self.theirs.shutdown(socket.SHUT_WR)
+        with self.assertRaises(HandoffError) as caught:
+            receive_fd(self.ours)
+        self.assertNotIsInstance(caught.exception, LookupRefused)
+        self.assertEqual(str(caught.exception), "unexpected answer from ipcd: b'never'")
+
+    def test_endlessAnswerReadUpTo4KiB(self) -> None:
+        """
+        4 KiB of no answer, the connection left open: the client stops
+        reading there and judges what came, as the C{ipc:} endpoint does,
+        rather than waiting for more; a byte less is waited on.
+        """
+        self.theirs.sendall(b"x" * 4095)
+        self.ours.settimeout(0.05)  # only the wait for the last byte times out
+        self.assertRaises(TimeoutError, receive_fd, self.ours)
+        self.ours.settimeout(TIMEOUT)
+        self.theirs.sendall(b"x" * 4096)
+        with self.assertRaises(HandoffError) as caught:
+            receive_fd(self.ours)
+        self.assertEqual(
+            str(caught.exception), f"unexpected answer from ipcd: {b'x' * 80!r}"
+        )
+
+    def test_resetBeforeAnyAnswer(self) -> None:
+        """
+        The far end closes with the lookup unread and no answer: the
+        connection's own error (reset), not a L{HandoffError}, which says
+        what ipcd answered.
+        """
+        self.ours.sendall(b"lookup")
+        self.theirs.close()
+        self.assertRaises(ConnectionResetError, receive_fd, self.ours)
+
+    def test_extraDescriptorsClosed(self) -> None:
+        """
+        L{check_reply} given more than one descriptor with C{ok}: the first
+        is the answer, the others are closed.
+        """
+        pairs = [socket.socketpair() for _ in range(3)]
+        for a, b in pairs:
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+        fds = [os.dup(a.fileno()) for a, _ in pairs]
+        answer = check_reply(b"ok", fds)
+        self.addCleanup(os.close, answer)
+        self.assertEqual(answer, fds[0])
+        for a, b in pairs[1:]:
+            a.close()
+            b.settimeout(TIMEOUT)
+            self.assertEqual(b.recv(1), b"")  # EOF: no copy of a is left open
 
     def test_notASocket(self) -> None:
         """ok with a pipe's end: a clear error, and the pipe's end closed."""

@@ -19,9 +19,10 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
-from ipcd.compat.twisted import PREEXISTING_SOCKET
+from ipcd.compat.twisted import PLACED_START, PREEXISTING_SOCKET
 from ipcd.names import (
     BROKER_NAME,
     CONTROL_NAME,
@@ -38,6 +39,7 @@ from ipcd.test.support import (
     needs_root,
     read_only,
     short_rundir,
+    wait_until,
 )
 from ipcd.test.test_names import short_tempdir
 
@@ -312,6 +314,78 @@ class PlacingTests(TestCase):
         port = self.listen(BROKER_NAME)
         st = os.lstat(path)
         self.assertEqual((st.st_dev, st.st_ino), port.inode)
+
+    def logged(self, name: str, factory: Factory) -> list[str]:
+        """Twisted's lines while a port on C{RUNDIR/name} starts and stops."""
+        seen: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            seen.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        port = listen_unix(self.reactor, os.path.join(self.rundir, name), factory)
+        close_now(port)
+        globalLogPublisher.removeObserver(observe)
+        return seen
+
+    def test_logNamesThePlace(self) -> None:
+        """
+        Twisted's lines for a placed socket's port (a service's log, where
+        ipcd's own does not drop them) say where it listens, RUNDIR/NAME,
+        not the private path it was bound at first (/proc/self/fd/N/NAME),
+        with a lookup port and with Twisted's own.
+        """
+        for name, factory in (
+            ("upper", Factory.forProtocol(Protocol)),
+            (BROKER_NAME, _lookup_factory()),
+        ):
+            path = os.path.join(self.rundir, name)
+            seen = self.logged(name, factory)
+            self.assertIn(f"Factory starting on {path!r}", seen)
+            self.assertIn(f"(UNIX Port {path} Closed)", seen)
+            self.assertEqual([line for line in seen if "/proc/self" in line], [])
+
+    @inlineCallbacks
+    def test_failureNamesThePlace(self) -> Any:
+        """
+        A factory failing to serve a connection in accept: the traceback's
+        line names the port by RUNDIR/NAME too.
+        """
+
+        def serve_at_once(skt: Any, close_later: Any) -> None:
+            raise RuntimeError("no lookup today")
+
+        factory = Factory.forProtocol(Protocol)
+        factory.serve_at_once = serve_at_once  # type: ignore[attr-defined]
+        path = os.path.join(self.rundir, "upper")
+        seen: list[str] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        port = listen_unix(self.reactor, path, factory)
+        self.addCleanup(lambda: port.connected and close_now(port))
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.connect(path)
+
+        def failures() -> list[str]:
+            return [formatEvent(e) for e in seen if "log_failure" in e]
+
+        [line] = yield wait_until(failures, "the failure to be logged")
+        self.assertEqual(line, f"serving a connection on <Factory on {path!r}>")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_logWithoutTheNamesToSayThePlace(self) -> None:
+        """
+        Twisted without the names that take: placed all the same, its
+        lines naming the private path.
+        """
+        self.patch(PLACED_START, "present", False)
+        self.patch(PLACED_START, "said", True)  # no log line here
+        seen = self.logged("upper", _lookup_factory())
+        [line] = [line for line in seen if " starting on " in line]
+        self.assertRegex(line, r"^Factory starting on '/proc/self/fd/\d+/upper'$")
+        self.assertEqual(os.listdir(self.rundir), [])
 
     def test_withoutPrivateNames(self) -> None:
         """Twisted without them: bound at the name, as before."""

@@ -5,6 +5,7 @@ blocking sockets.
 
 from __future__ import annotations
 
+import mmap
 import socket
 from collections import Counter
 from typing import Any
@@ -122,6 +123,36 @@ class EncodeTests(SynchronousTestCase):
         self.assertIn("a message is bytes, not str", str(error))
         self.assertEqual(encode(bytearray(b"hi")), encode(memoryview(b"hi")))
         self.assertEqual(encode(bytearray(b"hi")), b"\x00\x00\x00\x02hi")
+
+    def test_overFourGiBSaysTheBound(self) -> None:
+        """
+        A payload the u32 header cannot announce (a 4 GiB mmap of a file,
+        say): a ValueError saying the bound, from C{encode},
+        C{send_message} (nothing written) and C{sendMessage}, not
+        struct's C{'I' format requires ...}.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.truncate(2**32)  # sparse: no disk, no memory is spent
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            with memoryview(m) as huge:
+                said = "a message is at most 4294967295 bytes"
+                error = self.assertRaises(ValueError, encode, huge)
+                self.assertEqual(str(error), said)
+                a, b = socket.socketpair()
+                self.addCleanup(a.close)
+                self.addCleanup(b.close)
+                error = self.assertRaises(ValueError, send_message, a, huge)
+                self.assertEqual(str(error), said)
+                b.setblocking(False)
+                self.assertRaises(BlockingIOError, b.recv, 1)
+                transport = StringTransport()
+                protocol = MessageProtocol()
+                protocol.clock = MemoryReactorClock()
+                protocol.makeConnection(transport)
+                error = self.assertRaises(ValueError, protocol.sendMessage, huge)
+                self.assertEqual(str(error), said)
+                self.assertEqual(transport.value(), b"")
 
     def test_factoryOfAProtocolClass(self) -> None:
         """
