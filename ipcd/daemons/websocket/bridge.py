@@ -210,13 +210,13 @@ class WebSocketSide(BoundedPeer):
             if whole is None:
                 return
             data = whole
-        self._parse(data)
+        self._parseRead(data)
         if head is not None and self.state == self.STATE_CONNECTING:  # type: ignore[attr-defined]
             # The server awaits the service's lookup: nothing more is read
             # (autobahn would hold it all, searching it again each read).
             self.readPauses.pause(HANDSHAKE)
 
-    def _parse(self, data: bytes) -> None:
+    def _parseRead(self, data: bytes) -> None:
         self._inWebSocketRead = True
         try:
             if len(data) <= SMALL + 6 and self._smallMessage(data):
@@ -246,7 +246,7 @@ class WebSocketSide(BoundedPeer):
         data, self._backlog = self._backlog, None
         if data is None or self.state == self.STATE_CLOSED:  # type: ignore[attr-defined]
             return  # failed meanwhile: nothing more is parsed
-        self._parse(data)
+        self._parseRead(data)
         if self._backlog is None:
             self.readPauses.resume(BACKLOG)
 
