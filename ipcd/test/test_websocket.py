@@ -23,6 +23,11 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from ipcd.compat import autobahn as compat_autobahn
+from ipcd.daemons.websocket.bridge import FRAME_BUDGET
+from ipcd.daemons.websocket.client import WebSocketOutbound
+from ipcd.daemons.websocket.frames import small_server_frame
+from ipcd.daemons.websocket.limits import BACKLOG
 from ipcd.daemons.websocket.server import WebSocketInbound
 from ipcd.limits import LOG_BURST, LOG_PERIOD
 from ipcd.names import listen_unix
@@ -704,6 +709,37 @@ class RouteTests(TestCase):
         )
         replies = yield deferToThread(early_messages, c.port)
         self.assertEqual(replies, [b"early", b"bird"])
+
+    @inlineCallbacks
+    def test_floodingServerHeldToTheFrameBudget(self) -> Any:
+        """
+        A remote server's read of many tiny frames is parsed by A's client
+        end FRAME_BUDGET frames a turn of the reactor, the connection not
+        read meanwhile, and every message reaches the client, in order.
+        """
+        outbound: list[Any] = []
+        join = WebSocketOutbound.joinSocket
+
+        def caught(protocol: Any, *args: Any, **kwargs: Any) -> None:
+            join(protocol, *args, **kwargs)
+            outbound.append(protocol)
+
+        self.patch(WebSocketOutbound, "joinSocket", caught)
+        reply = yield self.lookupOnA(self.b.route("pong"))
+        sock = reply.take_socket(self)
+        protocol = outbound[-1]
+        fed: list[bytes] = []
+        feed = compat_autobahn.feed
+        self.patch(compat_autobahn, "feed", lambda p, d: fed.append(d) or feed(p, d))
+        count = 4 * FRAME_BUDGET + 3
+        protocol.dataReceived(
+            b"".join(small_server_frame(b"%d" % i, True) for i in range(count))
+        )
+        self.assertEqual(len(fed), FRAME_BUDGET)
+        self.assertTrue(protocol.readPauses.reasons & BACKLOG)
+        got = yield deferToThread(lambda: [recv_message(sock) for _ in range(count)])
+        self.assertEqual(got, [b"%d" % i for i in range(count)])
+        self.assertEqual(protocol.readPauses.reasons, 0)
 
     @inlineCallbacks
     def test_remoteRefusalReachesTheClient(self) -> Any:

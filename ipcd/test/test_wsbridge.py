@@ -20,8 +20,9 @@ from twisted.trial.unittest import TestCase
 
 from ipcd.compat import autobahn as compat_autobahn
 from ipcd.daemons.outbox import Outbox
-from ipcd.daemons.websocket.bridge import SPLIT_ABOVE
+from ipcd.daemons.websocket.bridge import FRAME_BUDGET, SPLIT_ABOVE
 from ipcd.daemons.websocket.frames import SMALL
+from ipcd.daemons.websocket.limits import BACKLOG
 from ipcd.daemons.websocket.server import WebSocketInbound
 from ipcd.test.support import wait_until
 from ipcd.test.wssupport import (
@@ -318,25 +319,112 @@ class BridgeReadTests(TestCase):
         first); one of SPLIT_ABOVE bytes, whole.
         """
         sock, protocol = yield self.open()
-        fed: list[int] = []
-        feed = compat_autobahn.feed
-
-        def counted(target: Any, data: bytes) -> Any:
-            fed.append(len(data))
-            return feed(target, data)
-
-        self.patch(compat_autobahn, "feed", counted)
-        # 64 frames of 58 bytes' payload (6 of header): SPLIT_ABOVE bytes.
-        frames = [ws_frame(bytes([i]) * 58, BINARY) for i in range(64)]
+        reads = self.fedFrames()
+        # Frames of 58 bytes' payload (6 of header): SPLIT_ABOVE bytes.
+        count = SPLIT_ABOVE // 64
+        frames = [ws_frame(bytes([i]) * 58, BINARY) for i in range(count)]
         protocol.dataReceived(b"".join(frames))
-        self.assertEqual(fed, [SPLIT_ABOVE])
-        for i in range(64):
+        self.assertEqual([len(read) for read in reads], [SPLIT_ABOVE])
+        for i in range(count):
             self.assertEqual((yield self.recv(sock)), (BINARY, bytes([i]) * 58))
-        del fed[:]
+        del reads[:]
         begun = ws_frame(b"z" * 10000, BINARY)  # 8 bytes of header
         protocol.dataReceived(begun[:1008])
         protocol.dataReceived(begun[1008:] + b"".join(frames))
-        self.assertEqual(fed, [1008, 9000, *[64] * 64])
+        self.assertEqual([len(read) for read in reads], [1008, 9000, *[64] * count])
         self.assertEqual((yield self.recv(sock)), (BINARY, b"z" * 10000))
-        for i in range(64):
+        for i in range(count):
             self.assertEqual((yield self.recv(sock)), (BINARY, bytes([i]) * 58))
+
+    def fedFrames(self) -> list[bytes]:
+        """What autobahn's parser is fed from now on, a list of the reads."""
+        fed: list[bytes] = []
+        feed = compat_autobahn.feed
+
+        def counted(target: Any, data: bytes) -> Any:
+            fed.append(data)
+            return feed(target, data)
+
+        self.patch(compat_autobahn, "feed", counted)
+        return fed
+
+    def recvMany(self, sock: Any, count: int) -> Any:
+        return deferToThread(lambda: [ws_recv(sock) for _ in range(count)])
+
+    def recvUntilClose(self, sock: Any) -> Any:
+        def frames() -> list[tuple[int, bytes]]:
+            got = [ws_recv(sock)]
+            while got[-1][0] != CLOSE:
+                got.append(ws_recv(sock))
+            return got
+
+        return deferToThread(frames)
+
+    @inlineCallbacks
+    def test_frameBudgetPerTurn(self) -> Any:
+        """
+        A read of many tiny frames (a flooding peer's) is parsed
+        FRAME_BUDGET frames a turn of the reactor: the rest waits, the peer
+        not read meanwhile, so that other connections are served between;
+        every frame is parsed in the end, in order, and the peer read again.
+        """
+        sock, protocol = yield self.open()
+        fed = self.fedFrames()
+        count = 8 * FRAME_BUDGET + 5
+        messages = [ws_frame(b"%d" % i, BINARY) for i in range(count)]
+        protocol.dataReceived(b"".join(messages))
+        self.assertEqual(len(fed), FRAME_BUDGET)
+        self.assertTrue(protocol.readPauses.reasons & BACKLOG)
+        self.assertNotIn(sock.getsockname()[1], _peer_ports_read())
+        got = yield self.recvMany(sock, count)
+        self.assertEqual(got, [(BINARY, b"%d" % i) for i in range(count)])
+        self.assertEqual(protocol.readPauses.reasons, 0)
+        self.assertIn(sock.getsockname()[1], _peer_ports_read())
+
+    @inlineCallbacks
+    def test_readsWhileHeldBackKeepTheirOrder(self) -> Any:
+        """What the transport hands over while a read waits comes after it."""
+        sock, protocol = yield self.open()
+        count = 2 * FRAME_BUDGET
+        protocol.dataReceived(
+            b"".join(ws_frame(b"%d" % i, BINARY) for i in range(count))
+        )
+        protocol.dataReceived(ws_frame(b"last", BINARY))
+        got = yield self.recvMany(sock, count + 1)
+        want = [(BINARY, b"%d" % i) for i in range(count)]
+        self.assertEqual(got, [*want, (BINARY, b"last")])
+
+    @inlineCallbacks
+    def test_closeInTheHeldBackRest(self) -> Any:
+        """A close frame among the frames parsed on a later turn closes."""
+        sock, protocol = yield self.open()
+        count = 3 * FRAME_BUDGET
+        protocol.dataReceived(
+            b"".join([ws_frame(b"", PING)] * count) + ws_frame(b"\x03\xe8", CLOSE)
+        )
+        got = yield self.recvUntilClose(sock)
+        # Pongs (many coalesced: limits.MAX_QUEUED_PONGS), then the close.
+        self.assertEqual({opcode for opcode, _ in got[:-1]}, {PONG})
+        self.assertEqual(close_code(got[-1][1]), 1000)
+        yield wait_until(lambda: protocol.state == protocol.STATE_CLOSED, "closed")
+
+    @inlineCallbacks
+    def test_lostWhileHeldBack(self) -> Any:
+        """The connection lost with frames held back: no call left behind."""
+        sock, protocol = yield self.open()
+        lost = Deferred()
+        connection_lost = protocol.connectionLost
+
+        def caught(reason: Any = None) -> None:
+            connection_lost(reason)
+            lost.callback(None)
+
+        protocol.connectionLost = caught
+        protocol.dataReceived(b"".join([ws_frame(b"", PING)] * (3 * FRAME_BUDGET)))
+        self.assertIsNotNone(protocol._backlogCall)
+        protocol.transport.abortConnection()
+        yield lost
+        self.assertIsNone(protocol._backlogCall)
+        self.assertIsNone(protocol._backlog)
+        pending = [call.func for call in reactor.getDelayedCalls()]
+        self.assertNotIn(protocol._parseBacklog, pending)

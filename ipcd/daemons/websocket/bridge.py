@@ -38,6 +38,7 @@ from ipcd.daemons.websocket.frames import (
     small_server_frame,
 )
 from ipcd.daemons.websocket.limits import (
+    BACKLOG,
     CLOSE_NORMAL,
     CLOSE_TOO_BIG,
     HANDSHAKE,
@@ -52,8 +53,14 @@ from ipcd.reactors import IAdoptingReactor
 from ipcd.relay import RelayStats, began, ended
 from ipcd.wire import HEADER, MessageProtocol
 
-# Reads larger than this reach autobahn frame by frame (see frames).
-SPLIT_ABOVE = 4096
+# At most this many frames of one connection are parsed in a turn of the
+# reactor; the rest of the read waits for a later turn, its transport not
+# read meanwhile.  A peer sending tiny frames (empty pings: 6 bytes) puts
+# about 11,000 in a 64 KiB read, all parsed in one turn otherwise: a few
+# such peers starved every other connection of seconds.  Reads longer than
+# the smallest frames of a budget reach autobahn frame by frame (see frames).
+FRAME_BUDGET = 128
+SPLIT_ABOVE = 2 * FRAME_BUDGET  # 2 bytes: an empty unmasked frame
 
 
 def as_text(payload: bytes) -> bool:
@@ -140,6 +147,9 @@ class WebSocketSide(BoundedPeer):
     _inWebSocketRead = False
     _smallMax = 0  # see _smallMessageLimit: set once the bridge is joined
     _cut: Any = None  # aborts a connection closed after what it holds is sent
+    # Read but beyond a turn's FRAME_BUDGET: parsed by _parseBacklog's call.
+    _backlog: bytes | None = None
+    _backlogCall: Any = None
 
     def connectionMade(self) -> None:  # noqa: N802
         self.readPauses = ReadPauses(self.transport)  # type: ignore[attr-defined]
@@ -189,17 +199,32 @@ class WebSocketSide(BoundedPeer):
     # for small whole messages on a plain server connection (below).
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._backlog is not None:
+            # Still parsing an earlier read (the transport may hand over
+            # what it already held after the pause): after it, in order.
+            self._backlog += data
+            return
         head = self._head
         if head is not None:
             whole = self._readHead(head, data)
             if whole is None:
                 return
             data = whole
+        self._parseRead(data)
+        if head is not None and self.state == self.STATE_CONNECTING:  # type: ignore[attr-defined]
+            # The server awaits the service's lookup: nothing more is read
+            # (autobahn would hold it all, searching it again each read).
+            self.readPauses.pause(HANDSHAKE)
+
+    def _parseRead(self, data: bytes) -> None:
         self._inWebSocketRead = True
         try:
             if len(data) <= SMALL + 6 and self._smallMessage(data):
                 pass  # taken whole
-            elif len(data) > SPLIT_ABOVE and self.state == self.STATE_OPEN:  # type: ignore[attr-defined]
+            elif len(data) > SPLIT_ABOVE and self.state in (
+                self.STATE_OPEN,  # type: ignore[attr-defined]
+                self.STATE_CLOSING,  # type: ignore[attr-defined]
+            ):
                 self._frameByFrame(data)
             else:
                 compat_autobahn.feed(self, data)
@@ -209,10 +234,21 @@ class WebSocketSide(BoundedPeer):
         if outbox is not None and outbox.pieces:
             outbox.send()
             self.messageSide.resetTimeout()  # type: ignore[union-attr]
-        if head is not None and self.state == self.STATE_CONNECTING:  # type: ignore[attr-defined]
-            # The server awaits the service's lookup: nothing more is read
-            # (autobahn would hold it all, searching it again each read).
-            self.readPauses.pause(HANDSHAKE)
+
+    def _holdBack(self, rest: bytes) -> None:
+        """Parse C{rest} on a later turn, not reading the peer until then."""
+        self._backlog = rest
+        self.readPauses.pause(BACKLOG)
+        self._backlogCall = self.factory.reactor.callLater(0, self._parseBacklog)  # type: ignore[attr-defined]
+
+    def _parseBacklog(self) -> None:
+        self._backlogCall = None
+        data, self._backlog = self._backlog, None
+        if data is None or self.state == self.STATE_CLOSED:  # type: ignore[attr-defined]
+            return  # failed meanwhile: nothing more is parsed
+        self._parseRead(data)
+        if self._backlog is None:
+            self.readPauses.resume(BACKLOG)
 
     # Small messages, the round trips' case, skip autobahn's frame parser and
     # builder (about 20 us of Python a round trip; websocketd's 100-byte
@@ -285,12 +321,17 @@ class WebSocketSide(BoundedPeer):
             due = frame.length - self.current_frame_masker.pointer()  # type: ignore[attr-defined]
             ends = frame_ends(data, rest=due)
         start = 0
+        budget = FRAME_BUDGET
         closed = self.STATE_CLOSED  # type: ignore[attr-defined]
         for end in ends:
             compat_autobahn.feed(self, data[start:end])
             if self.state == closed:  # type: ignore[attr-defined]
                 return  # failed (a bound): nothing more is read
             start = end
+            budget -= 1
+            if not budget:
+                self._holdBack(data[start:])
+                return
         compat_autobahn.feed(self, data[start:] if start else data)
 
     def onMessageEnd(self) -> None:  # noqa: N802
@@ -400,6 +441,11 @@ class WebSocketSide(BoundedPeer):
             if self._cut.active():
                 self._cut.cancel()
             self._cut = None
+        if self._backlogCall is not None:
+            if self._backlogCall.active():
+                self._backlogCall.cancel()
+            self._backlogCall = None
+        self._backlog = None
         call = getattr(self, "closeHandshakeTimeoutCall", None)
         if call is not None:
             call.cancel()

@@ -88,6 +88,7 @@ class HeadReader:
 SERVICE_FULL = 1  # the service end holds a buffer's worth for the service
 PEER_FULL = 2  # this end holds a buffer's worth for the peer (pongs included)
 HANDSHAKE = 4  # the opening handshake awaits the service's lookup
+BACKLOG = 8  # frames read but not parsed yet: parsed on later turns first
 
 
 @implementer(IPushProducer)
