@@ -30,7 +30,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from zope.interface import alsoProvides, implementer
+from zope.interface import directlyProvides, implementer, providedBy
 
 from ipcd.compat import twisted as compat_twisted
 from ipcd.identity import credentials
@@ -338,9 +338,12 @@ class _LimitedProtocol(ClosesDescriptors, ProtocolWrapper):
         # One string per peer, not per connection: relays keep it long.
         self.key = sys.intern(key)
         super().makeConnection(transport)
-        # Half-close reaches the wrapped protocol only if it wants it.
+        # Half-close reaches the wrapped protocol only if it wants it.  As
+        # alsoProvides would, but from the transport's declaration again:
+        # zope.interface keeps that combination once, where alsoProvides
+        # works out this instance's anew (about 30 us per connection).
         if IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
-            alsoProvides(self, IHalfCloseableProtocol)
+            directlyProvides(self, providedBy(transport), IHalfCloseableProtocol)
 
     def handOff(self) -> Callable[[], None]:  # noqa: N802
         """
