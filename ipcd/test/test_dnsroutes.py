@@ -540,10 +540,15 @@ class QuietResolverTests(TestCase):
 
 
 def _received_connection(sock: socket.socket) -> socket.socket | None:
+    """A connection C{sock} has accepted now, non-blocking, or None."""
     try:
-        return sock.accept()[0]
+        accepted = sock.accept()[0]
     except BlockingIOError:
         return None
+    # As _received expects: a blocking read here, before the in-process
+    # ipcd has written its query, would hold the reactor for good.
+    accepted.setblocking(False)
+    return accepted
 
 
 def _exactly(sock: socket.socket, size: int) -> bytes:
