@@ -354,20 +354,22 @@ _RETRY = 1.0
 
 class HeldDirectories:
     """
-    L{open_socket} for a client, without opening every directory above the
-    socket on every lookup: the directories from C{/} down to C{directory}
-    (RUNDIR) are held open (C{O_PATH}), and each lookup of a socket in
-    C{directory} re-checks every step of the walk from them: one C{fstatat}
-    per directory instead of an open, a C{fstat} and a close.
+    L{open_socket} for a client or a remote peer, without opening every
+    directory above the socket on every request: the directories from C{/}
+    down to C{directory} (RUNDIR) are held open (C{O_PATH}), and each
+    request for a socket in C{directory} re-checks every step of the walk
+    from them: one C{fstatat} per directory instead of an open, a C{fstat}
+    and a close.
 
     Each step is checked as L{open_socket} checks it, at the moment of the
-    lookup: the name in the directory above still leads to the very inode
+    request: the name in the directory above still leads to the very inode
     held (a directory renamed, replaced or mounted over does not), and that
     inode's mode, owner and group, as they are now, let the client search
-    it.  Anything else (a name gone or leading to another inode, a symbolic
-    link or C{.} or C{..} on the way, a socket elsewhere) goes the uncached
-    way, and a chain that no longer holds is let go (and taken again at the
-    next lookup).  L{close} lets every directory go.
+    it (a remote peer's request named exactly needs no permission).
+    Anything else (a name gone or leading to another inode, a symbolic link
+    or C{.} or C{..} on the way, a socket elsewhere) goes the uncached way,
+    and a chain that no longer holds is let go (and taken again at the next
+    request).  L{close} lets every directory go.
     """
 
     def __init__(self, directory: str) -> None:
@@ -434,27 +436,32 @@ class HeldDirectories:
             os.close(self._root)
             self._root = -1
 
-    def open_socket(self, path: str, who: Credentials) -> OpenedSocket:
-        """L{open_socket}C{(path, who)}, with the same answer."""
+    def open_socket(
+        self, path: str, who: Credentials | None, *, follow_last_symlink: bool = True
+    ) -> OpenedSocket:
+        """
+        L{open_socket}C{(path, who, follow_last_symlink=...)}, with the same
+        answer (C{who} C{None}: no permission check, a remote peer's).
+        """
         self._directory_stat = None
         head, _, last = path.rpartition("/")
         if head != self.directory or last in ("", ".", "..") or not self.hold():
-            return open_socket(path, who)
+            return open_socket(path, who, follow_last_symlink=follow_last_symlink)
         parent = self._root
         st = os.fstat(parent)
         for name, fd, dev, ino in self._chain:  # type: ignore[union-attr]
-            if not may(parent, st, who, SEARCH):
+            if who is not None and not may(parent, st, who, SEARCH):
                 raise _denied(who, path)
             try:
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
             except OSError:
                 self.close()
-                return open_socket(path, who)
+                return open_socket(path, who, follow_last_symlink=follow_last_symlink)
             if st.st_ino != ino or st.st_dev != dev:
                 self.close()
-                return open_socket(path, who)
+                return open_socket(path, who, follow_last_symlink=follow_last_symlink)
             parent = fd
-        if not may(parent, st, who, SEARCH):
+        if who is not None and not may(parent, st, who, SEARCH):
             raise _denied(who, path)
         directory_stat = st
         child = os.open(last, _OPEN_FLAGS, dir_fd=parent)
@@ -467,6 +474,7 @@ class HeldDirectories:
         except BaseException:
             os.close(child)
             raise
-        # A link is followed, a directory walked into, the uncached way.
+        # A link is followed (or refused), a directory walked into, the
+        # uncached way.
         os.close(child)
-        return open_socket(path, who)
+        return open_socket(path, who, follow_last_symlink=follow_last_symlink)

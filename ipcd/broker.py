@@ -24,7 +24,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ipcd.access import OTHERS, AccessDenied, OpenedSocket, one_name, open_socket
+from ipcd.access import (
+    OTHERS,
+    AccessDenied,
+    Credentials,
+    OpenedSocket,
+    one_name,
+    open_socket,
+)
 from ipcd.config import Config
 from ipcd.daemons import BoundOutbound, IOutbound, off_reason, settings_of
 from ipcd.daemons.external import ExternalDaemon
@@ -433,11 +440,7 @@ class Broker:
         try:
             if who is None:
                 raise AccessDenied("permission denied: the client's uid is unknown")
-            held = self.own_sockets.held
-            if held is not None:
-                opened = held.open_socket(target.path, who)
-            else:
-                opened = open_socket(target.path, who)
+            opened = self._open_socket(target.path, who)
             event.access = "the client may connect itself"
             return opened
         except AccessDenied as denied:
@@ -453,15 +456,27 @@ class Broker:
         """
         decision = event.decision
         if decision is not None and names_exactly(decision.rule, event.service):
-            opened = open_socket(target.path, None, follow_last_symlink=False)
+            opened = self._open_socket(target.path, None, follow_last_symlink=False)
             event.access = f"rule {decision.index} names {event.service!r}"
             return opened
         try:
-            opened = open_socket(target.path, OTHERS, follow_last_symlink=False)
+            opened = self._open_socket(target.path, OTHERS, follow_last_symlink=False)
         except AccessDenied as denied:
             return self._open_granted(event, target, denied)
         event.access = "others may connect"
         return opened
+
+    def _open_socket(
+        self, path: str, who: Credentials | None, *, follow_last_symlink: bool = True
+    ) -> OpenedSocket:
+        """
+        L{open_socket}, from RUNDIR's directories held open when they are
+        (a socket in RUNDIR: one C{fstatat} per directory, no open and close).
+        """
+        held = self.own_sockets.held
+        if held is None:
+            return open_socket(path, who, follow_last_symlink=follow_last_symlink)
+        return held.open_socket(path, who, follow_last_symlink=follow_last_symlink)
 
     def _open_granted(
         self, event: Request, target: LocalTarget, denied: AccessDenied
@@ -474,7 +489,7 @@ class Broker:
         index, grant = found
         # A grant is for the service's own socket, never through a link
         # that somebody with write access to RUNDIR could plant.
-        opened = open_socket(target.path, None, follow_last_symlink=False)
+        opened = self._open_socket(target.path, None, follow_last_symlink=False)
         event.access = f"granted by grant {index} ({grant})"
         self.counters["granted"] += 1
         return opened

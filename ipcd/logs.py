@@ -238,6 +238,13 @@ def _plain_fields(fmt: str) -> bool:
     return True
 
 
+# A template's lines are worked out at its second event: the first is
+# written Twisted's way, which costs less than working them out (two lines
+# formatted and a pattern compiled), for a request seen once (a remote
+# peer's made-up name, each its own template).
+_ONCE = object()
+
+
 class TemplateEvent(dict):  # type: ignore[type-arg]
     """A log event made by an L{EventTemplate}, which knows how to write it."""
 
@@ -249,11 +256,12 @@ class EventTemplate:
     """
     Log events that differ only in their time and a few C{varying} fields
     (strings, or lists of strings), such as ipcd's decision event for one
-    distinct request: their text and JSON lines are worked out once, by
-    Twisted's own formatting of the first event with stand-ins for the
-    varying fields, checked against Twisted's lines for that event, and then
-    filled in per event.  Nothing is formatted for an event no observer of
-    this module writes.
+    distinct request: their text and JSON lines are worked out once, at the
+    second event (the first is written Twisted's way: a request seen once
+    costs no more), by Twisted's own formatting of that event with
+    stand-ins for the varying fields, checked against Twisted's lines for
+    it, and then filled in per event.  Nothing is formatted for an event no
+    observer of this module writes.
 
     An event that does not fit (a varying field of another type, a field
     added since it was made, a format that converts a varying field) is
@@ -268,7 +276,8 @@ class EventTemplate:
         self._fields = fields
         self._varying = tuple(varying)
         self._size = len(fields)
-        # Each line's (pieces, slots) once worked out; False where it cannot be.
+        # Each line's (pieces, slots) once worked out; False where it cannot
+        # be; _ONCE after its first event, which is written Twisted's way.
         self._classic: Any = None
         self._json: Any = None
         self._bare = ""  # a classic line's body when its text is empty
@@ -292,6 +301,9 @@ class EventTemplate:
             return None  # a field added by an observer before
         made = self._classic
         if made is None:
+            self._classic = _ONCE
+            return None
+        if made is _ONCE:
             self._bare = f" [{_system(event)}] \n"
             made = self._classic = self._made(
                 event, _classic_body, (_text_value,), self._varying
@@ -321,6 +333,9 @@ class EventTemplate:
             return None
         made = self._json
         if made is None:
+            self._json = _ONCE
+            return None
+        if made is _ONCE:
             made = self._json = self._made(
                 event,
                 _json_record,

@@ -17,6 +17,7 @@ request kept from going out again.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import Counter
 from typing import Any
@@ -26,12 +27,19 @@ Address = tuple[str, int]
 
 def address_of(host: str, port: int) -> Address:
     """An IP address and port as both ends of a connection see it."""
+    return _address(host), port
+
+
+# Every remote peer's address is parsed (identity.remote_peer): once per
+# address, not per connection; bounded, as a peer may have many.
+@functools.lru_cache(maxsize=1024)
+def _address(host: str) -> str:
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return host, port
+        return host
     mapped = getattr(ip, "ipv4_mapped", None)  # a dual-stack listener's view
-    return str(mapped or ip), port
+    return str(mapped or ip)
 
 
 class OwnDials:

@@ -10,7 +10,8 @@ per library, through small named functions, and nowhere else:
                               endpoint-string parsing
     L{ipcd.compat.pyopenssl}  a Connection's SSL pointer and memory BIOs,
                               a Context's SSL_CTX pointer, errors
-    L{ipcd.compat.autobahn}   the parser's entry, compression, timers
+    L{ipcd.compat.autobahn}   the parser's entry, compression, timers, the
+                              options line
     L{ipcd.compat.cpython}    the socket type's raw accept
 
 Each name is a L{Name}: probed once (when ipcd starts, L{check}, or at

@@ -10,6 +10,7 @@ serving ipcd meanwhile; every wait is bounded.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import shutil
 import signal
@@ -108,6 +109,24 @@ def wait_until(
             return value
         yield deferLater(reactor, 0.01, lambda: None)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def parsed_addresses(case: SynchronousTestCase, cached: Any) -> list[str]:
+    """
+    The addresses C{ipaddress.ip_address} parses from now on in C{case};
+    C{cached} (an C{lru_cache}d function) starts empty, and ends so.
+    """
+    parsed: list[str] = []
+    real = ipaddress.ip_address
+
+    def counting(text: str) -> Any:
+        parsed.append(text)
+        return real(text)
+
+    case.patch(ipaddress, "ip_address", counting)
+    cached.cache_clear()
+    case.addCleanup(cached.cache_clear)
+    return parsed
 
 
 def logged_lines(case: SynchronousTestCase) -> list[str]:

@@ -230,6 +230,50 @@ class LookupPathTests(RundirSockets):
         self.assertEqual(said[-1], "!" * 80)
 
 
+class InboundHeldWalkTests(RundirSockets):
+    """
+    A remote peer's service is opened from RUNDIR's held directories, as a
+    local client's is: one C{fstatat} per directory instead of an open, a
+    C{fstat} and a close (and RUNDIR's stat, for the own-socket check, is
+    that walk's); the same answers.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.listen("svc")
+        self.listen("open")
+        self.listen("root-only", 0o600)
+        os.symlink("svc", os.path.join(self.rundir, "linked"))
+        rules = ("allow in svc", "allow in linked", "allow in o*", "allow in r*")
+        config = Config(rundir=self.rundir, rules=tuple(map(parse_rule, rules)))
+        self.broker = Broker(config, reactor)
+        self.broker.own_sockets_listening()
+        self.addCleanup(self.broker.own_sockets_listening, False)
+        self.walked: list[str] = []
+        real = broker_module.open_socket
+
+        def walking(path: str, *args: Any, **kwargs: Any) -> Any:
+            self.walked.append(os.path.basename(path))
+            return real(path, *args, **kwargs)
+
+        self.patch(broker_module, "open_socket", walking)
+
+    def ask(self, name: str) -> Any:
+        peer = remote_peer("192.0.2.1", 4000)
+        return self.answered(self.broker._open_inbound(name, peer))
+
+    def test_fromHeldDirectories(self) -> None:
+        """
+        Named exactly (no permission check) or by a glob (others'): opened
+        the held way; a link, or a socket others may not reach, refused.
+        """
+        self.assertConnected(self.ask("svc"), "svc")
+        self.assertConnected(self.ask("open"), "open")
+        self.assertEqual(self.walked, [])
+        self.assertIn("is a symbolic link", self.ask("linked").getErrorMessage())
+        self.assertIn("permission denied", self.ask("root-only").getErrorMessage())
+
+
 class InboundTargetTests(RundirSockets):
     """
     Remote peers' requests and control URIs keep their target per

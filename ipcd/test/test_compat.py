@@ -399,6 +399,10 @@ class SocketFallbackTests(Missing, TlsTestCase):
     def test_websocketWithoutReactorTimers(self) -> Any:
         return self.wsEcho(compat_autobahn.BATCHED_TIMER)
 
+    def test_websocketWithoutOptionsLine(self) -> Any:
+        """Options pretty-printed per connection, as autobahn does."""
+        return self.wsEcho(compat_autobahn.OPTIONS_LINE)
+
 
 class OptionsFallbackTests(Missing, SynchronousTestCase):
     def test_daemonFlagsOff(self) -> None:

@@ -444,12 +444,8 @@ class StrayMessageTests(DnsSocketTestCase):
         server.sendto(self.nxdomain(asked, trunc=1), source)
         accepted = yield wait_until(lambda: _received_connection(listening), "TCP")
         self.addCleanup(accepted.close)
-        # accept() gave a blocking socket: read in the reactor's thread, it
-        # waited there for a query ipcd could then never send (a hang).
-        accepted.setblocking(False)
-        framed = yield wait_until(
-            lambda: (_received(accepted, 2) or (None,))[0], "a query"
-        )
+        first, _ = yield wait_until(lambda: _received(accepted, 2), "a query")
+        framed = first + _exactly(accepted, 2 - len(first))
         (size,) = struct.unpack("!H", framed)
         accepted.setblocking(True)
         asked.fromStr(_exactly(accepted, size))
@@ -563,10 +559,15 @@ def _tcp_and_udp() -> tuple[socket.socket, socket.socket]:
 
 
 def _received_connection(sock: socket.socket) -> socket.socket | None:
+    """A connection C{sock} has accepted now, non-blocking, or None."""
     try:
-        return sock.accept()[0]
+        accepted = sock.accept()[0]
     except BlockingIOError:
         return None
+    # As _received expects: a blocking read here, before the in-process
+    # ipcd has written its query, would hold the reactor for good.
+    accepted.setblocking(False)
+    return accepted
 
 
 def _exactly(sock: socket.socket, size: int) -> bytes:

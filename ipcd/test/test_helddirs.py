@@ -13,7 +13,13 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd import access
-from ipcd.access import AccessDenied, Credentials, HeldDirectories, open_socket
+from ipcd.access import (
+    OTHERS,
+    AccessDenied,
+    Credentials,
+    HeldDirectories,
+    open_socket,
+)
 from ipcd.broker import Broker
 from ipcd.config import Config
 from ipcd.errors import Refused
@@ -187,6 +193,35 @@ class HeldDirectoriesTests(HeldDirectoriesCase):
         self.reaches(self.at("dirlink/t"), inner)
         self.refuses(self.at("."), Refused)
         self.refuses(self.at(".."), Refused)
+
+    def test_remotePeersAnswers(self) -> None:
+        """
+        For a remote peer (no permission check, or others'; never a link as
+        the last component): as the walk says, from the held directories.
+        """
+        for who in (None, OTHERS):
+            opened = self.held.open_socket(self.at("s"), who, follow_last_symlink=False)
+            self.addCleanup(opened.close)
+            self.assertEqual(opened.inode[1], self.inode)
+            self.assertEqual(opened.checked, who is not None)
+            # Taken the held way: RUNDIR's stat is there for the own-socket check.
+            self.assertIsNotNone(self.held.take_directory_stat())
+        os.symlink("s", self.at("link"))
+        os.chmod(self.at("s"), 0o660)
+        for path, who, error in [
+            (self.at("link"), None, Refused),
+            (self.at("link"), OTHERS, Refused),
+            (self.at("s"), OTHERS, AccessDenied),
+            (self.at("missing"), None, FileNotFoundError),
+        ]:
+            held = self.assertRaises(
+                error, self.held.open_socket, path, who, follow_last_symlink=False
+            )
+            walked = self.assertRaises(
+                error, open_socket, path, who, follow_last_symlink=False
+            )
+            self.assertEqual(str(held), str(walked))
+        self.assertTrue(self.held.held)
 
     def test_elsewhereUncached(self) -> None:
         """A socket in another directory is walked the usual way."""

@@ -37,6 +37,7 @@ from ipcd.test.support import (
     make_config,
     needs_root,
     open_fds,
+    parsed_addresses,
     python_env,
     read_reply,
     read_text,
@@ -242,6 +243,20 @@ class NetworkPeerKeyTests(SynchronousTestCase):
         self.assertEqual(network_peer_key("2001:db8::1:2", 32, 64), "ip:2001:db8::/64")
         self.assertEqual(network_peer_key("::ffff:10.0.0.1", 32, 64), "ip:10.0.0.1/32")
         self.assertEqual(network_peer_key("fe80::1%lo", 32, 64), "ip:fe80::/64")
+
+    def test_parsedOncePerAddress(self) -> None:
+        """
+        A connection's key is most of its admission's cost (ipaddress: about
+        13 us): worked out once per address and prefixes; bounded.
+        """
+        parsed = parsed_addresses(self, limits_module._prefix_key)
+        for _ in range(3):
+            self.assertEqual(network_peer_key("192.0.2.7", 24, 64), "ip:192.0.2.0/24")
+        self.assertEqual(network_peer_key("192.0.2.7", 32, 64), "ip:192.0.2.7/32")
+        self.assertEqual(parsed, ["192.0.2.7"] * 2)
+        for n in range(1100):
+            network_peer_key(f"10.0.{n // 250}.{n % 250}", 32, 64)
+        self.assertEqual(limits_module._prefix_key.cache_info().currsize, 1024)
 
 
 class SilentClientsTests(TestCase):

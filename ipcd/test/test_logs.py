@@ -558,17 +558,44 @@ class EventTemplateTests(SynchronousTestCase):
 
     def test_formattedOncePerTemplate(self) -> None:
         """
-        Each template's lines are worked out once by Twisted (its stand-ins,
-        then the check against the first event), then filled in.
+        A template's first event is written Twisted's way, as any event;
+        at the second its lines are worked out once by Twisted (its
+        stand-ins, then the check against that event), then filled in.
         """
         counted = Counted(self)
         made = template()
+        calls = []
         for i in range(50):
             event = made.event(f"pid {i} uid 0\x1b", [f"uid:{i}", "user:\u00e9"])
             expected = twistds(event)
+            before = counted.calls
             self.assertEqual(written(event), expected)
-        # formatEventAsClassicLogText twice, formatEvent (the JSON text) twice.
-        self.assertEqual(counted.calls, 4)
+            calls.append(counted.calls - before)
+        before = counted.calls
+        written(dict(event))  # not a template's: Twisted's way
+        twisted_way = counted.calls - before
+        # Twisted's way; then formatEventAsClassicLogText twice, formatEvent
+        # (the JSON text) twice; then none.
+        self.assertEqual(calls, [twisted_way, 4] + [0] * 48)
+
+    def test_seenOnceNotWorkedOut(self) -> None:
+        """
+        Requests each seen once (a remote peer's made-up names) cost their
+        lines Twisted's way only: working a template out costs more (two
+        lines formatted, a pattern compiled), and would never pay.
+        """
+        worked_out: list[Any] = []
+        real = EventTemplate._made
+
+        def counting(template: EventTemplate, *args: Any) -> Any:
+            worked_out.append(template)
+            return real(template, *args)
+
+        self.patch(EventTemplate, "_made", counting)
+        for n in range(20):
+            event = template(service=f"ghost{n}").event("1.2.3.4:5", ["ip:1.2.3.4"])
+            self.assertEqual(written(event), twistds(event))
+        self.assertEqual(worked_out, [])
 
     def test_nothingFormattedWhenDropped(self) -> None:
         """An observer that drops the event costs it no formatting."""

@@ -6,8 +6,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
+from ipcd import owndials
 from ipcd.identity import remote_peer
 from ipcd.owndials import OwnDials, address_of
+from ipcd.test.support import parsed_addresses
 
 
 class AddressTests(SynchronousTestCase):
@@ -20,6 +22,19 @@ class AddressTests(SynchronousTestCase):
         self.assertEqual(address_of("127.0.0.1", 5), ("127.0.0.1", 5))
         self.assertEqual(address_of("fe80::1%eth0", 5), ("fe80::1", 5))
         self.assertEqual(address_of("::1", 5), ("::1", 5))
+
+    def test_parsedOncePerAddress(self) -> None:
+        """
+        Every remote peer's address is parsed (ipaddress: about 10 us): once
+        per address, whatever the port; the addresses kept are bounded.
+        """
+        parsed = parsed_addresses(self, owndials._address)
+        for port in (1, 2, 3):
+            self.assertEqual(address_of("::ffff:192.0.2.7", port), ("192.0.2.7", port))
+        self.assertEqual(parsed, ["::ffff:192.0.2.7"])
+        for n in range(1100):
+            address_of(f"10.0.{n // 250}.{n % 250}", 1)
+        self.assertEqual(owndials._address.cache_info().currsize, 1024)
 
     def test_remotePeerKeyed(self) -> None:
         """A remote peer carries its address as the dials are keyed."""

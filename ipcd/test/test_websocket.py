@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+from autobahn.websocket import protocol as autobahn_protocol
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory
@@ -24,6 +25,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from ipcd.compat import autobahn as compat_autobahn
+from ipcd.compat.autobahn import Pretty
 from ipcd.daemons.websocket.bridge import FRAME_BUDGET
 from ipcd.daemons.websocket.client import WebSocketOutbound
 from ipcd.daemons.websocket.frames import small_server_frame
@@ -149,6 +151,32 @@ class InboundTests(TestCase):
                 (TEXT, "h\u00e9llo".encode()),
             ],
         )
+
+    @inlineCallbacks
+    def test_optionsNotPrettyPrinted(self) -> Any:
+        """
+        autobahn pretty-prints a new connection's options for a debug line
+        (about 400 us): not for websocketd's connections, whose debug lines
+        are dropped; what the line would say is the same when it is written.
+        """
+        printed: list[Any] = []
+        real = autobahn_protocol.pformat
+
+        def counting(*args: Any, **kwargs: Any) -> str:
+            printed.append(args)
+            return real(*args, **kwargs)
+
+        self.patch(autobahn_protocol, "pformat", counting)
+        replies = yield deferToThread(echo, self.host.port, [(b"hello", TEXT)])
+        self.assertEqual(replies, [(TEXT, b"hello")])
+        self.assertEqual(printed, [])
+        options = [
+            ("openHandshakeTimeout", 5, "factory"),
+            ("utf8validateIncoming", True),
+        ]
+        later = Pretty(real, (options,), {"width": 20})
+        self.assertEqual(f"\n{later}", "\n" + real(options, width=20))
+        self.assertEqual(str(later), repr(later))
 
     @inlineCallbacks
     def test_messagesKeepTheirBounds(self) -> Any:

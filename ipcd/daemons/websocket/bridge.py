@@ -155,7 +155,7 @@ class WebSocketSide(BoundedPeer):
         self.readPauses = ReadPauses(self.transport)  # type: ignore[attr-defined]
         self._head = HeadReader()
         self.bounds = self.factory.bounds  # type: ignore[attr-defined]
-        super().connectionMade()  # type: ignore[misc]
+        compat_autobahn.made_quietly(super().connectionMade)  # type: ignore[misc]
 
     def joinSocket(  # noqa: N802
         self,
