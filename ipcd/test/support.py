@@ -111,19 +111,33 @@ def wait_until(
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
+def calls_to(
+    case: SynchronousTestCase,
+    owner: Any,
+    name: str,
+    noted: Callable[..., Any],
+) -> list[Any]:
+    """
+    C{owner.name} still called, for the rest of C{case}, and what
+    C{noted} makes of each call's arguments, in a list that grows.
+    """
+    calls: list[Any] = []
+    real = getattr(owner, name)
+
+    def noting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(noted(*args, **kwargs))
+        return real(*args, **kwargs)
+
+    case.patch(owner, name, noting)
+    return calls
+
+
 def parsed_addresses(case: SynchronousTestCase, cached: Any) -> list[str]:
     """
     The addresses C{ipaddress.ip_address} parses from now on in C{case};
     C{cached} (an C{lru_cache}d function) starts empty, and ends so.
     """
-    parsed: list[str] = []
-    real = ipaddress.ip_address
-
-    def counting(text: str) -> Any:
-        parsed.append(text)
-        return real(text)
-
-    case.patch(ipaddress, "ip_address", counting)
+    parsed = calls_to(case, ipaddress, "ip_address", lambda text: text)
     cached.cache_clear()
     case.addCleanup(cached.cache_clear)
     return parsed

@@ -28,7 +28,7 @@ from ipcd.errors import Refused
 from ipcd.identity import Peer, remote_peer
 from ipcd.policy import parse_grant, parse_rule
 from ipcd.routes import parse_uri
-from ipcd.test.support import assert_no_fd_leak, fd_baseline
+from ipcd.test.support import assert_no_fd_leak, calls_to, fd_baseline
 from ipcd.test.test_names import short_tempdir
 
 ALICE = Peer(
@@ -158,14 +158,7 @@ class LookupPathTests(RundirSockets):
         A payload is planned once per configuration: again after a reload
         (which may redirect it), and the plans kept are bounded.
         """
-        planned: list[str] = []
-        real = broker_module.plan
-
-        def counting(config: Config, service: str, uri: Any) -> Any:
-            planned.append(service)
-            return real(config, service, uri)
-
-        self.patch(broker_module, "plan", counting)
+        planned = calls_to(self, broker_module, "plan", lambda _c, service, _u: service)
         self.assertConnected(self.open(b"svc"), "svc")
         self.assertConnected(self.open(b"svc"), "svc")
         self.assertEqual(planned, ["svc"])
@@ -185,14 +178,7 @@ class LookupPathTests(RundirSockets):
         The same request is decided once per configuration, and the
         decisions kept are bounded (the 257th distinct clears them).
         """
-        decided: list[Any] = []
-        real = broker_module.decide
-
-        def counting(*args: Any) -> Any:
-            decided.append(args)
-            return real(*args)
-
-        self.patch(broker_module, "decide", counting)
+        decided = calls_to(self, broker_module, "decide", lambda *args: args)
         self.assertConnected(self.open(b"svc"), "svc")
         self.assertConnected(self.open(b"svc"), "svc")
         self.assertEqual(len(decided), 1)
@@ -249,14 +235,12 @@ class InboundHeldWalkTests(RundirSockets):
         self.broker = Broker(config, reactor)
         self.broker.own_sockets_listening()
         self.addCleanup(self.broker.own_sockets_listening, False)
-        self.walked: list[str] = []
-        real = broker_module.open_socket
-
-        def walking(path: str, *args: Any, **kwargs: Any) -> Any:
-            self.walked.append(os.path.basename(path))
-            return real(path, *args, **kwargs)
-
-        self.patch(broker_module, "open_socket", walking)
+        self.walked = calls_to(
+            self,
+            broker_module,
+            "open_socket",
+            lambda path, *_a, **_k: os.path.basename(path),
+        )
 
     def ask(self, name: str) -> Any:
         peer = remote_peer("192.0.2.1", 4000)
@@ -289,14 +273,9 @@ class InboundTargetTests(RundirSockets):
         self.config = Config(rundir=self.rundir, rules=(parse_rule("allow in *"),))
         self.broker = Broker(self.config, reactor)
         self.addCleanup(self.broker.own_sockets_listening, False)
-        self.made: list[str] = []
-        real = decisionlog._decided_fields
-
-        def counting(request: Any, service: str, *rest: Any) -> Any:
-            self.made.append(service)
-            return real(request, service, *rest)
-
-        self.patch(decisionlog, "_decided_fields", counting)
+        self.made = calls_to(
+            self, decisionlog, "_decided_fields", lambda _r, service, *_: service
+        )
 
     def ask(self, name: str, port: int = 1) -> Any:
         peer = remote_peer("127.0.0.1", port)
@@ -308,14 +287,7 @@ class InboundTargetTests(RundirSockets):
         decision line's fields made once; after a reload, both again (it
         may be redirected).
         """
-        resolved: list[str] = []
-        real = broker_module.resolve
-
-        def counting(config: Config, service: str) -> Any:
-            resolved.append(service)
-            return real(config, service)
-
-        self.patch(broker_module, "resolve", counting)
+        resolved = calls_to(self, broker_module, "resolve", lambda _c, service: service)
         for port in (1, 2, 3):
             self.assertConnected(self.ask("svc", port), "svc")
         self.assertEqual((resolved, self.made), (["svc"], ["svc"]))

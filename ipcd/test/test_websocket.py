@@ -40,6 +40,7 @@ from ipcd.test.support import (
     assert_route_loop,
     assert_unexpected_bounded,
     bounce,
+    calls_to,
     connect_unix,
     fd_baseline,
     free_port,
@@ -756,9 +757,7 @@ class RouteTests(TestCase):
         reply = yield self.lookupOnA(self.b.route("pong"))
         sock = reply.take_socket(self)
         protocol = outbound[-1]
-        fed: list[bytes] = []
-        feed = compat_autobahn.feed
-        self.patch(compat_autobahn, "feed", lambda p, d: fed.append(d) or feed(p, d))
+        fed = calls_to(self, compat_autobahn, "feed", lambda _protocol, data: data)
         count = 4 * FRAME_BUDGET + 3
         protocol.dataReceived(
             b"".join(small_server_frame(b"%d" % i, True) for i in range(count))

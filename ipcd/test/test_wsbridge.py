@@ -24,7 +24,7 @@ from ipcd.daemons.websocket.bridge import FRAME_BUDGET, SPLIT_ABOVE
 from ipcd.daemons.websocket.frames import SMALL
 from ipcd.daemons.websocket.limits import BACKLOG
 from ipcd.daemons.websocket.server import WebSocketInbound
-from ipcd.test.support import wait_until
+from ipcd.test.support import calls_to, wait_until
 from ipcd.test.wssupport import (
     BINARY,
     CLOSE,
@@ -338,15 +338,7 @@ class BridgeReadTests(TestCase):
 
     def fedFrames(self) -> list[bytes]:
         """What autobahn's parser is fed from now on, a list of the reads."""
-        fed: list[bytes] = []
-        feed = compat_autobahn.feed
-
-        def counted(target: Any, data: bytes) -> Any:
-            fed.append(data)
-            return feed(target, data)
-
-        self.patch(compat_autobahn, "feed", counted)
-        return fed
+        return calls_to(self, compat_autobahn, "feed", lambda _target, data: data)
 
     def recvMany(self, sock: Any, count: int) -> Any:
         return deferToThread(lambda: [ws_recv(sock) for _ in range(count)])
