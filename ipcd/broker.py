@@ -98,6 +98,13 @@ _MAX_PLANS = 256
 _MAX_PLANNED_PAYLOAD = 4096
 
 
+def _keep_bounded(store: dict[Any, Any], key: Any, value: Any) -> None:
+    """C{store[key] = value}, the store emptied first when it holds L{_MAX_PLANS}."""
+    if len(store) >= _MAX_PLANS:
+        store.clear()
+    store[key] = value
+
+
 @implementer(ILookupBroker, IDaemonHost)
 class Broker:
     """
@@ -216,9 +223,7 @@ class Broker:
         # Parsing and planning are pure: a payload seen before (clients
         # send the same one again and again) is planned once per config.
         if len(payload) <= _MAX_PLANNED_PAYLOAD:
-            if len(self._plans) >= _MAX_PLANS:
-                self._plans.clear()
-            self._plans[payload] = (config, lookup.service, where)
+            _keep_bounded(self._plans, payload, (config, lookup.service, where))
         return self._police_and_connect(event, where.target, where.names)
 
     def open_uri(self, uri: RemoteURI, client: Peer) -> Deferred[socket.socket]:
@@ -284,9 +289,7 @@ class Broker:
         config = self._config
 
         def keep(result: Any) -> Any:
-            if len(self._targets) >= _MAX_PLANS:
-                self._targets.clear()
-            self._targets[key] = (config, target)
+            _keep_bounded(self._targets, key, (config, target))
             return result
 
         if isinstance(answer, Deferred):
@@ -318,9 +321,7 @@ class Broker:
             if len(self._verdicts) >= _MAX_PLANS:
                 self._verdicts.clear()
             decision = self._verdicts.setdefault(decision, decision)
-            if len(self._decisions) >= _MAX_PLANS:
-                self._decisions.clear()
-            self._decisions[key] = decision
+            _keep_bounded(self._decisions, key, decision)
         event.decision = decision
         if not event.decision.allowed:
             self.counters[str(event.decision)] += 1
