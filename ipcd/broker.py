@@ -315,6 +315,7 @@ class Broker:
         # Deciding is pure: the same request from the same labels is decided
         # once per configuration.
         key = (event.direction, tuple(names), who, tuple(extra))
+        event.policed = key
         decision = self._decisions.get(key)
         if decision is None:
             decision = decide(self.config.rules, event.direction, names, event.labels)
@@ -372,7 +373,33 @@ class Broker:
                 self.reactor,
                 f"connecting to {target}",
             )
-        return d.addBoth(lambda result: self._connected(event, target, result))
+        return d.addBoth(self._answered, event, target, self._config)
+
+    def _answered(
+        self, result: Any, event: Request, target: Target, config: Config
+    ) -> Any:
+        """
+        How connecting C{target} went, under the configuration in force now:
+        a reload while it connected (rules or grants that no longer let it
+        through) refuses it, as it would a new one (ipcd.test.test_reload).
+        """
+        if config is not self._config and not isinstance(result, Failure):
+            try:
+                self._still_allowed(event, target)
+            except Refused as e:
+                result.close()
+                return self._refuse(event, e, target)
+        return self._connected(event, target, result)
+
+    def _still_allowed(self, event: Request, target: Target) -> None:
+        """Raise L{Refused} unless C{event} may reach C{target} now."""
+        if event.policed is not None:
+            _direction, names, _who, extra = event.policed
+            if not self._police(event, names, extra):
+                raise _denied(event)
+        if isinstance(target, LocalTarget):
+            # The socket's permissions, grants and exact rules, again.
+            self._open_local(event, target).close()
 
     def _connect_remote(
         self, event: Request, target: RemoteTarget, names: tuple[str, ...]

@@ -1,0 +1,136 @@
+"""
+Reloads racing requests: a request decided under the old configuration and
+still connecting when a reload lands is answered under the configuration in
+force when it is answered, never an old decision the new one forbids.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from ipcd.test.support import (
+    assert_no_fd_leak,
+    bounce,
+    fake_daemon,
+    fd_baseline,
+    fill_backlog,
+    lookup,
+    make_config,
+    short_rundir,
+    start_ipcd,
+    wait_until,
+)
+from ipcd.wire import encode
+
+
+class InFlightAcrossReloadTests(TestCase):
+    @inlineCallbacks
+    def start(self, before: list[str], after: list[str], **overrides: Any) -> Any:
+        """ipcd with rules C{before}; its next reload reads rules C{after}."""
+        self.rundir = short_rundir(self)
+        configs = iter([before, after])
+
+        def load() -> Any:
+            return make_config(self.rundir, rules=next(configs), **overrides)
+
+        self.service = yield start_ipcd(self, load(), load)
+        return self.service
+
+    def assertDenied(self, reply: Any, rule: bytes) -> None:
+        count = len(reply.fds)
+        reply.close_fds()
+        self.assertEqual(count, 0, reply.data)
+        self.assertTrue(reply.data.startswith(b"ne "), reply.data)
+        self.assertIn(rule, reply.data)
+
+    @inlineCallbacks
+    def test_remoteConnectingWhenReloaded(self) -> Any:
+        """
+        A lookup allowed, then held by its daemon while a reload denies it:
+        answered C{ne} by the new rule once the daemon answers, the
+        daemon's connection closed, no fd left; a new one is denied too,
+        and one the new rules still allow is served.
+        """
+        yield self.start(
+            ["allow out pong"],
+            ["deny out pong"],
+            ipcd={"external_daemons": ["fake"]},
+        )
+        daemon = fake_daemon(self, self.rundir, mode="hold")
+        before = yield fd_baseline()
+        pending = deferToThread(lookup, self.rundir, b"pong;pong fake://h:1/pong")
+        yield wait_until(lambda: daemon.held, "the lookup to reach the daemon")
+        [held] = daemon.held
+        self.assertTrue(self.service.reload()["ok"])
+        daemon.release()
+        self.assertDenied((yield pending), b"deny out pong")
+        yield wait_until(lambda: held.lost.called, "ipcd to close it")
+        self.assertDenied(
+            (yield deferToThread(lookup, self.rundir, b"pong;pong fake://h:1/pong")),
+            b"deny out pong",
+        )
+        reply = yield deferToThread(lookup, self.rundir, b"pong;")
+        self.assertEqual(reply.data, b"ok")
+        sock = reply.take_socket(self)
+        self.assertEqual((yield deferToThread(bounce, sock)), encode(b"bounce me"))
+        sock.close()
+        yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
+    def test_stillAllowedIsServed(self) -> Any:
+        """A reload that still allows the request changes nothing for it."""
+        yield self.start(
+            ["allow out pong"],
+            ["allow out pong", "deny out other"],
+            ipcd={"external_daemons": ["fake"]},
+        )
+        daemon = fake_daemon(self, self.rundir, mode="hold")
+        pending = deferToThread(lookup, self.rundir, b"pong;pong fake://h:1/pong")
+        yield wait_until(lambda: daemon.held, "the lookup to reach the daemon")
+        self.assertTrue(self.service.reload()["ok"])
+        daemon.release()
+        reply = yield pending
+        self.assertEqual(reply.data, b"ok")
+        reply.take_socket(self)
+
+    @inlineCallbacks
+    def test_localConnectingWhenReloaded(self) -> Any:
+        """
+        A local service whose backlog is full: the lookup waits for it to
+        accept; a reload that denies the service meanwhile wins.
+        """
+        yield self.start(["allow local slow"], ["deny local slow"])
+        path = os.path.join(self.rundir, "slow")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(server.close)
+        server.bind(path)
+        server.listen(0)
+        fill_backlog(self, path)  # the lookup's connect has to wait
+        before = yield fd_baseline()
+        pending = deferToThread(lookup, self.rundir, b"slow;")
+        yield wait_until(
+            lambda: self.service.broker.counters["lookups"] >= 1, "the lookup"
+        )
+        self.assertTrue(self.service.reload()["ok"])
+        self.assertFalse(pending.called)
+        server.setblocking(False)
+        accepted = []
+
+        def accept_all() -> bool:
+            try:
+                accepted.append(server.accept()[0])
+            except BlockingIOError:
+                pass
+            return pending.called
+
+        yield wait_until(accept_all, "ipcd's connection to be accepted")
+        for sock in accepted:
+            sock.close()
+        self.assertDenied((yield pending), b"deny local slow")
+        yield assert_no_fd_leak(before)
