@@ -263,6 +263,13 @@ class IPCDService(MultiService):
             "configuration reloaded from {source}",
             source=new.source or "the command line only (no --config file)",
         )
+        for service in self.daemon_services.values():
+            # A daemon that reads files for its configuration (tlsd's keys)
+            # reads them now: what is wrong is said at the reload, not at
+            # its next peer, if one ever comes.
+            reconfigured = getattr(service, "reconfigured", None)
+            if reconfigured is not None:
+                reconfigured()
         return {"ok": True, "restart_needed": restart}
 
     def setServiceParent(self, parent: Any) -> None:  # noqa: N802
