@@ -133,7 +133,7 @@ class IPCDService(MultiService):
             pongd(
                 config.rundir,
                 reactor=reactor,
-                max_message_size=config.max_message_size,
+                max_message_size=lambda: self.config.max_message_size,
                 limits=self.broker.limits_for("pong"),
                 idle_timeout=lambda: self.config.idle_timeout,
                 partial_budget=budget,

@@ -17,11 +17,13 @@ from twisted.trial.unittest import TestCase
 from ipcd.test.support import (
     assert_no_fd_leak,
     bounce,
+    connect_unix,
     fake_daemon,
     fd_baseline,
     fill_backlog,
     lookup,
     make_config,
+    recv_upto,
     short_rundir,
     start_ipcd,
     wait_until,
@@ -134,3 +136,30 @@ class InFlightAcrossReloadTests(TestCase):
             sock.close()
         self.assertDenied((yield pending), b"deny local slow")
         yield assert_no_fd_leak(before)
+
+
+class SettingsAfterReloadTests(TestCase):
+    @inlineCallbacks
+    def test_pongdMaxMessageSize(self) -> Any:
+        """
+        C{max_message_size} is no restart key: after a reload that raises
+        it, a new connection to pongd echoes a message the old size closed
+        (pongd kept the value it started with).
+        """
+        rundir = short_rundir(self)
+        sizes = iter([64, 4096])
+
+        def load() -> Any:
+            return make_config(rundir, max_message_size=next(sizes))
+
+        service = yield start_ipcd(self, load(), load)
+        message = encode(b"x" * 1000)
+
+        def echo() -> bytes:
+            with connect_unix(os.path.join(rundir, "pong")) as sock:
+                sock.sendall(message)
+                return recv_upto(sock, len(message))
+
+        self.assertEqual((yield deferToThread(echo)), b"")  # closed: too large
+        self.assertEqual(service.reload(), {"ok": True, "restart_needed": []})
+        self.assertEqual((yield deferToThread(echo)), message)
