@@ -42,6 +42,7 @@ from ipcd.options import Options
 from ipcd.placing import remove_abandoned
 from ipcd.planted import ASIDE_PREFIX, sweep_aside
 from ipcd.reactors import IHostReactor
+from ipcd.reloadgate import ReloadGate
 from ipcd.rundir import UnsafeRundir, prepare_rundir
 from ipcd.sdnotify import Notifier, Readiness
 from ipcd.services import IPCService
@@ -109,7 +110,12 @@ class IPCDService(MultiService):
             reactor,
             limits=limits,
         ).setServiceParent(self)
-        handlers = {"status": lambda: status_report(self.broker), "reload": self.reload}
+        # Reloads asked on the control socket: one per RELOAD_INTERVAL at most.
+        self.reload_gate = ReloadGate(self.reload, reactor)
+        handlers = {
+            "status": lambda: status_report(self.broker),
+            "reload": self.reload_gate.request,
+        }
         limits = self.broker.limits_for(CONTROL_NAME)
         IPCService(
             CONTROL_NAME,
@@ -401,6 +407,7 @@ class IPCDService(MultiService):
 
     def stopService(self) -> Any:
         batch_with(None)  # the lines from now on may be the last ones
+        self.reload_gate.stop()
         self._listening = False
         self.broker.own_sockets_listening(False)
         if self._previous_hup is not None:

@@ -10,10 +10,13 @@ import os
 import socket
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ipcd import control
+from ipcd.reloadgate import RELOAD_INTERVAL, ReloadGate
 from ipcd.test.support import (
     assert_no_fd_leak,
     bounce,
@@ -163,3 +166,72 @@ class SettingsAfterReloadTests(TestCase):
         self.assertEqual((yield deferToThread(echo)), b"")  # closed: too large
         self.assertEqual(service.reload(), {"ok": True, "restart_needed": []})
         self.assertEqual((yield deferToThread(echo)), message)
+
+
+class ReloadGateTests(SynchronousTestCase):
+    """L{ReloadGate}: at most one reload per interval, the rest share one."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.answers = iter(range(100))
+        self.gate = ReloadGate(lambda: {"ok": next(self.answers)}, self.clock, 0.1)
+
+    def answer(self, requested: Deferred[Any]) -> Any:
+        return self.successResultOf(requested)["ok"]
+
+    def test_firstAtOnce(self) -> None:
+        self.assertEqual(self.answer(self.gate.request()), 0)
+        self.clock.advance(0.1)
+        self.assertEqual(self.answer(self.gate.request()), 1)
+
+    def test_burstSharesOne(self) -> None:
+        """Requests within the interval wait, then share one reload."""
+        self.assertEqual(self.answer(self.gate.request()), 0)
+        burst = [self.gate.request() for _ in range(50)]
+        self.assertEqual([self.assertNoResult(d) for d in burst], [None] * 50)
+        self.clock.advance(0.1)
+        self.assertEqual({self.answer(d) for d in burst}, {1})
+        self.assertEqual(self.gate.runs, 2)
+        # The next one, within the interval after that reload, waits too.
+        later = self.gate.request()
+        self.assertNoResult(later)
+        self.clock.advance(0.1)
+        self.assertEqual(self.answer(later), 2)
+
+    def test_stop(self) -> None:
+        """Stopping answers the waiting requests; no call is left pending."""
+        self.gate.request()
+        waiting = self.gate.request()
+        self.gate.stop()
+        self.assertEqual(
+            self.successResultOf(waiting),
+            {"ok": False, "error": "ipcd is stopping"},
+        )
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ReloadBoundTests(TestCase):
+    @inlineCallbacks
+    def test_controlRequestsShareReloads(self) -> Any:
+        """
+        Reloads asked on the control socket while one has just run wait for
+        the next and share it: every asker answered, the file read twice.
+        """
+        rundir = short_rundir(self)
+        loads = []
+
+        def load() -> Any:
+            loads.append(None)
+            return make_config(rundir)
+
+        service = yield start_ipcd(self, load(), load)
+        clock = service.reload_gate.clock = Clock()
+        first = yield deferToThread(control.request, "reload", rundir)
+        self.assertEqual(first, {"ok": True, "restart_needed": []})
+        asking = [deferToThread(control.request, "reload", rundir) for _ in range(4)]
+        yield wait_until(lambda: service.reload_gate.waiting == 4, "4 waiting")
+        self.assertEqual(len(loads), 2)  # at start, and the first reload
+        clock.advance(RELOAD_INTERVAL)
+        answers = yield gatherResults(asking)
+        self.assertEqual(answers, [first] * 4)
+        self.assertEqual(len(loads), 3)
