@@ -173,7 +173,7 @@ class TlsService(DaemonService):
         """
         material = self.state.material()
         if self.listener is not None and not material.serves:
-            log.error(
+            log.warn(
                 "tlsd: no certificate or keys configured any more: its listener "
                 "fails every handshake until they are configured again (or ipcd "
                 "restarts without it)"
