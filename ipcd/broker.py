@@ -165,6 +165,9 @@ class Broker:
         # A reload's limits apply to new connections at once, and a reload
         # shows group changes at once.
         self._config = config
+        # Emptied, not only outdated: an entry would keep its whole old
+        # configuration alive until its payload came again.
+        self._plans.clear()
         self._decisions.clear()
         self._verdicts.clear()
         self._targets.clear()
@@ -289,7 +292,8 @@ class Broker:
         config = self._config
 
         def keep(result: Any) -> Any:
-            _keep_bounded(self._targets, key, (config, target))
+            if config is self._config:  # not reloaded meanwhile
+                _keep_bounded(self._targets, key, (config, target))
             return result
 
         if isinstance(answer, Deferred):

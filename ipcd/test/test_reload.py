@@ -6,8 +6,10 @@ force when it is answered, never an old decision the new one forbids.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import weakref
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
@@ -16,6 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import control
+from ipcd.identity import Peer
 from ipcd.reloadgate import RELOAD_INTERVAL, ReloadGate
 from ipcd.test.support import (
     assert_no_fd_leak,
@@ -32,6 +35,32 @@ from ipcd.test.support import (
     wait_until,
 )
 from ipcd.wire import encode
+
+
+def slow_service(case: TestCase, rundir: str) -> socket.socket:
+    """A listener at C{RUNDIR/slow} whose backlog is full: connects wait."""
+    path = os.path.join(rundir, "slow")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    case.addCleanup(server.close)
+    server.bind(path)
+    os.chmod(path, 0o777)
+    server.listen(0)
+    fill_backlog(case, path)
+    server.setblocking(False)
+    return server
+
+
+def accept_until(server: socket.socket, answer: Any) -> Any:
+    """Accept on C{server} (and close) until C{answer} has fired."""
+
+    def accept_all() -> bool:
+        try:
+            server.accept()[0].close()
+        except BlockingIOError:
+            pass
+        return bool(answer.called)
+
+    return wait_until(accept_all, "ipcd's connection to be accepted")
 
 
 class InFlightAcrossReloadTests(TestCase):
@@ -111,12 +140,7 @@ class InFlightAcrossReloadTests(TestCase):
         accept; a reload that denies the service meanwhile wins.
         """
         yield self.start(["allow local slow"], ["deny local slow"])
-        path = os.path.join(self.rundir, "slow")
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(server.close)
-        server.bind(path)
-        server.listen(0)
-        fill_backlog(self, path)  # the lookup's connect has to wait
+        server = slow_service(self, self.rundir)
         before = yield fd_baseline()
         pending = deferToThread(lookup, self.rundir, b"slow;")
         yield wait_until(
@@ -124,19 +148,7 @@ class InFlightAcrossReloadTests(TestCase):
         )
         self.assertTrue(self.service.reload()["ok"])
         self.assertFalse(pending.called)
-        server.setblocking(False)
-        accepted = []
-
-        def accept_all() -> bool:
-            try:
-                accepted.append(server.accept()[0])
-            except BlockingIOError:
-                pass
-            return pending.called
-
-        yield wait_until(accept_all, "ipcd's connection to be accepted")
-        for sock in accepted:
-            sock.close()
+        yield accept_until(server, pending)
         self.assertDenied((yield pending), b"deny local slow")
         yield assert_no_fd_leak(before)
 
@@ -235,3 +247,45 @@ class ReloadBoundTests(TestCase):
         answers = yield gatherResults(asking)
         self.assertEqual(answers, [first] * 4)
         self.assertEqual(len(loads), 3)
+
+
+class OldConfigurationFreedTests(TestCase):
+    """After a reload nothing of ipcd's keeps the old configuration alive."""
+
+    @inlineCallbacks
+    def start(self, **overrides: Any) -> Any:
+        self.rundir = short_rundir(self)
+
+        def load() -> Any:
+            return make_config(self.rundir, **overrides)
+
+        self.service = yield start_ipcd(self, load(), load)
+        return self.service
+
+    def assertFreed(self, old: weakref.ref[Any]) -> None:
+        gc.collect()
+        self.assertIsNone(old(), "the old configuration is still referenced")
+
+    @inlineCallbacks
+    def test_plannedLookups(self) -> Any:
+        """Lookups planned under it (each payload its own entry)."""
+        yield self.start()
+        for payload in (b"pong;", b"other;", b"pong;x unix://y"):
+            (yield deferToThread(lookup, self.rundir, payload)).close_fds()
+        old = weakref.ref(self.service.config)
+        self.assertTrue(self.service.reload()["ok"])
+        (yield deferToThread(lookup, self.rundir, b"pong;")).close_fds()
+        self.assertFreed(old)
+
+    @inlineCallbacks
+    def test_targetConnectedAcrossReload(self) -> Any:
+        """A remote peer's target that connected after the reload."""
+        yield self.start(rules=["allow in slow"])
+        server = slow_service(self, self.rundir)
+        peer = Peer("127.0.0.1:1", frozenset({"ip:127.0.0.1"}))
+        answer = self.service.broker.open_inbound("slow", peer)
+        old = weakref.ref(self.service.config)
+        self.assertTrue(self.service.reload()["ok"])
+        yield accept_until(server, answer)
+        (yield answer).close()
+        self.assertFreed(old)
