@@ -165,6 +165,9 @@ class Broker:
         # A reload's limits apply to new connections at once, and a reload
         # shows group changes at once.
         self._config = config
+        # Emptied, not only outdated: an entry would keep its whole old
+        # configuration alive until its payload came again.
+        self._plans.clear()
         self._decisions.clear()
         self._verdicts.clear()
         self._targets.clear()
@@ -289,7 +292,8 @@ class Broker:
         config = self._config
 
         def keep(result: Any) -> Any:
-            _keep_bounded(self._targets, key, (config, target))
+            if config is self._config:  # not reloaded meanwhile
+                _keep_bounded(self._targets, key, (config, target))
             return result
 
         if isinstance(answer, Deferred):
@@ -315,6 +319,7 @@ class Broker:
         # Deciding is pure: the same request from the same labels is decided
         # once per configuration.
         key = (event.direction, tuple(names), who, tuple(extra))
+        event.policed = key
         decision = self._decisions.get(key)
         if decision is None:
             decision = decide(self.config.rules, event.direction, names, event.labels)
@@ -372,7 +377,33 @@ class Broker:
                 self.reactor,
                 f"connecting to {target}",
             )
-        return d.addBoth(lambda result: self._connected(event, target, result))
+        return d.addBoth(self._answered, event, target, self._config)
+
+    def _answered(
+        self, result: Any, event: Request, target: Target, config: Config
+    ) -> Any:
+        """
+        How connecting C{target} went, under the configuration in force now:
+        a reload while it connected (rules or grants that no longer let it
+        through) refuses it, as it would a new one (ipcd.test.test_reload).
+        """
+        if config is not self._config and not isinstance(result, Failure):
+            try:
+                self._still_allowed(event, target)
+            except Refused as e:
+                result.close()
+                return self._refuse(event, e, target)
+        return self._connected(event, target, result)
+
+    def _still_allowed(self, event: Request, target: Target) -> None:
+        """Raise L{Refused} unless C{event} may reach C{target} now."""
+        if event.policed is not None:
+            _direction, names, _who, extra = event.policed
+            if not self._police(event, names, extra):
+                raise _denied(event)
+        if isinstance(target, LocalTarget):
+            # The socket's permissions, grants and exact rules, again.
+            self._open_local(event, target).close()
 
     def _connect_remote(
         self, event: Request, target: RemoteTarget, names: tuple[str, ...]

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from ipcd.config import Config
@@ -118,20 +119,32 @@ class ControlProtocol(MessageProtocol):
             timeout=self.timeOut,
         )
 
+    asked = False
+
     def messageReceived(self, payload: bytes) -> None:
+        if self.asked:
+            return  # one command per connection (a reload's answer may wait)
+        self.asked = True
         command = payload.decode("utf-8", "replace").strip()
         handler = self.factory.handlers.get(command)
         if handler is None:
-            answer = {"ok": False, "error": f"unknown command {command!r}"}
+            answer: Any = {"ok": False, "error": f"unknown command {command!r}"}
         else:
             answer = handler()
+        if isinstance(answer, Deferred):
+            answer.addCallback(self._answer)
+        else:
+            self._answer(answer)
+
+    def _answer(self, answer: dict[str, Any]) -> None:
         self.sendMessage(json.dumps(answer).encode())
         self.transport.loseConnection()
 
 
 class ControlFactory(MessageFactory):
     """
-    The control socket's protocols: C{handlers} by command, a C{timeout}
+    The control socket's protocols: C{handlers} by command (each returns
+    the answer, or a Deferred of it), a C{timeout}
     (seconds, or a callable returning the current one) timed on C{clock}
     (default: the global reactor), partial commands counted against
     C{partialBudget} (default: a private one), timeouts counted in
@@ -140,7 +153,7 @@ class ControlFactory(MessageFactory):
 
     def __init__(
         self,
-        handlers: dict[str, Callable[[], dict[str, Any]]],
+        handlers: dict[str, Callable[[], Any]],
         timeout: float | Callable[[], float] = 10.0,
         clock: IReactorTime | None = None,
         partialBudget: PartialMessageBudget | None = None,  # noqa: N803

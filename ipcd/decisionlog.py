@@ -48,6 +48,9 @@ class Request:
     access: str | None = None  # how a local socket was reached, when it was
     # When a local client's lookup began, with metrics on (ipcd.metrics).
     started: float | None = None
+    # What the rules were last asked (the broker's decision key), so that a
+    # reload while it connects can ask the new rules the same.
+    policed: tuple[Any, ...] | None = None
 
 
 class DecisionLog:

@@ -42,6 +42,7 @@ from ipcd.options import Options
 from ipcd.placing import remove_abandoned
 from ipcd.planted import ASIDE_PREFIX, sweep_aside
 from ipcd.reactors import IHostReactor
+from ipcd.reloadgate import ReloadGate
 from ipcd.rundir import UnsafeRundir, prepare_rundir
 from ipcd.sdnotify import Notifier, Readiness
 from ipcd.services import IPCService
@@ -109,7 +110,12 @@ class IPCDService(MultiService):
             reactor,
             limits=limits,
         ).setServiceParent(self)
-        handlers = {"status": lambda: status_report(self.broker), "reload": self.reload}
+        # Reloads asked on the control socket: one per RELOAD_INTERVAL at most.
+        self.reload_gate = ReloadGate(self.reload, reactor)
+        handlers = {
+            "status": lambda: status_report(self.broker),
+            "reload": self.reload_gate.request,
+        }
         limits = self.broker.limits_for(CONTROL_NAME)
         IPCService(
             CONTROL_NAME,
@@ -133,7 +139,7 @@ class IPCDService(MultiService):
             pongd(
                 config.rundir,
                 reactor=reactor,
-                max_message_size=config.max_message_size,
+                max_message_size=lambda: self.config.max_message_size,
                 limits=self.broker.limits_for("pong"),
                 idle_timeout=lambda: self.config.idle_timeout,
                 partial_budget=budget,
@@ -263,6 +269,13 @@ class IPCDService(MultiService):
             "configuration reloaded from {source}",
             source=new.source or "the command line only (no --config file)",
         )
+        for service in self.daemon_services.values():
+            # A daemon that reads files for its configuration (tlsd's keys)
+            # reads them now: what is wrong is said at the reload, not at
+            # its next peer, if one ever comes.
+            reconfigured = getattr(service, "reconfigured", None)
+            if reconfigured is not None:
+                reconfigured()
         return {"ok": True, "restart_needed": restart}
 
     def setServiceParent(self, parent: Any) -> None:  # noqa: N802
@@ -394,6 +407,7 @@ class IPCDService(MultiService):
 
     def stopService(self) -> Any:
         batch_with(None)  # the lines from now on may be the last ones
+        self.reload_gate.stop()
         self._listening = False
         self.broker.own_sockets_listening(False)
         if self._previous_hup is not None:

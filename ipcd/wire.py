@@ -416,7 +416,8 @@ class MessageFactory(Factory):
     partial-message budget (by default a private one, of 64 MiB); closes for
     idleness and for messages over the maximum are counted in C{counters}
     and logged at a bounded rate.
-    C{idleTimeout} may be a callable returning the current timeout.
+    C{maxMessageSize} and C{idleTimeout} may be callables returning the
+    current value (read per connection: a reload applies to new ones).
     """
 
     noisy = False
@@ -424,7 +425,7 @@ class MessageFactory(Factory):
     def __init__(
         self,
         protocol: type[MessageProtocol],
-        maxMessageSize: int = DEFAULT_MAX_MESSAGE_SIZE,  # noqa: N803
+        maxMessageSize: int | Callable[[], int] = DEFAULT_MAX_MESSAGE_SIZE,  # noqa: N803
         *,
         idleTimeout: float | Callable[[], float] = DEFAULT_IDLE_TIMEOUT,  # noqa: N803
         clock: IReactorTime | None = None,
@@ -449,7 +450,7 @@ class MessageFactory(Factory):
 
     def buildProtocol(self, addr: object) -> MessageProtocol:  # noqa: N802
         protocol = super().buildProtocol(addr)
-        protocol.maxMessageSize = self.maxMessageSize
+        protocol.maxMessageSize = _current(self.maxMessageSize)
         protocol.idleTimeout = _current(self.idleTimeout)
         protocol.clock = self.clock
         protocol.partialBudget = self.partialBudget

@@ -97,6 +97,9 @@ class DaemonService(MultiService):
             return fail(RuntimeError(f"{section} has no network listener"))
         return self.listener.listening()
 
+    def reconfigured(self) -> None:
+        """A reload replaced the configuration (C{broker.config}): nothing here."""
+
     def settings(self) -> Mapping[str, Any]:
         """The daemon's current settings (read when used: reloads apply)."""
         return settings_of(self.broker.config, self.daemon)

@@ -27,7 +27,7 @@ def pongd(
     rundir: str | None = None,
     name: str = "pong",
     reactor: IHostReactor | None = None,
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    max_message_size: int | Callable[[], int] = DEFAULT_MAX_MESSAGE_SIZE,
     idle_timeout: float | Callable[[], float] = DEFAULT_IDLE_TIMEOUT,
     partial_budget: PartialMessageBudget | None = None,
     counters: Counter[str] | None = None,

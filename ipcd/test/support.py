@@ -442,6 +442,23 @@ def accepts(path: str) -> bool:
     return True
 
 
+def fill_backlog(case: SynchronousTestCase, path: str) -> list[socket.socket]:
+    """
+    Connect to the listener at C{path} until its backlog is full (the next
+    connect has to wait); the connections, closed after the test.
+    """
+    fillers = []
+    while True:
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        case.addCleanup(filler.close)
+        filler.setblocking(False)
+        try:
+            filler.connect(path)
+        except BlockingIOError:
+            return fillers
+        fillers.append(filler)
+
+
 def stale_socket(path: str) -> None:
     """Leave a socket file at C{path} with nothing listening on it."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -28,7 +28,12 @@ from ipcd.errors import Refused
 from ipcd.identity import Peer, remote_peer
 from ipcd.policy import parse_grant, parse_rule
 from ipcd.routes import parse_uri
-from ipcd.test.support import assert_no_fd_leak, calls_to, fd_baseline
+from ipcd.test.support import (
+    assert_no_fd_leak,
+    calls_to,
+    fd_baseline,
+    fill_backlog,
+)
 from ipcd.test.test_names import short_tempdir
 
 ALICE = Peer(
@@ -477,16 +482,7 @@ class WaitingListenerTests(TestCase):
         room, and no descriptor is left then.
         """
         broker, path, listener = self.service(0)
-        fillers = []
-        while True:
-            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.addCleanup(filler.close)
-            filler.setblocking(False)
-            try:
-                filler.connect(path)
-            except BlockingIOError:
-                break
-            fillers.append(filler)
+        fillers = fill_backlog(self, path)
         before = yield fd_baseline()
         answer = broker.open_now(b"svc", ALICE)
         self.assertIsInstance(answer, Deferred)

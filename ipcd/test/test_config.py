@@ -31,6 +31,7 @@ from ipcd.routes import LocalURI, PathURI, RemoteURI, parse_uri
 from ipcd.test.support import (
     REPO,
     TIMEOUT,
+    calls_to,
     free_port,
     python_env,
     short_rundir,
@@ -559,6 +560,28 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         for listen in ("systemd:domain=INET:index=0", "tcp6:9000", "ipc:tcp"):
             config = load_config(None, {"tcpd": {"listen": listen}}, {})
             self.assertEqual(tcp_listen(config), listen)
+
+    def test_builtInEndpointsScanNoPlugins(self) -> None:
+        """
+        Listeners of Twisted's built-in types (tcp, every default) are
+        checked without scanning Twisted's plugins: that scan reads every
+        C{dropin.cache} on C{sys.path}, and it was made once per listener
+        at each reload (nine tenths of a reload's time, on the reactor).
+        """
+        import twisted.plugin
+        from twisted.internet.interfaces import IStreamServerEndpointStringParser
+
+        calls = calls_to(self, twisted.plugin, "getPlugins", lambda *a: a[0])
+
+        def scans() -> int:
+            return calls.count(IStreamServerEndpointStringParser)
+
+        listen = {"listen": "tcp:9000:interface=127.0.0.1"}
+        load_config(None, {"tcpd": listen, "websocketd": listen}, {})
+        self.assertEqual(scans(), 0)
+        # A plugin's type still is one, found by the scan.
+        load_config(None, {"tcpd": {"listen": "tcp6:9000"}}, {})
+        self.assertEqual(scans(), 1)
 
     def test_unknownGroup(self) -> None:
         self.assertEqual(

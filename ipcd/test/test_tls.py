@@ -34,6 +34,7 @@ from ipcd.test.support import (
     fd_baseline,
     free_port,
     lookup,
+    make_config,
     recv_upto,
     short_rundir,
     wait_rate_limited,
@@ -43,6 +44,7 @@ from ipcd.test.tcpsupport import digest_service, recv_eof
 from ipcd.test.tlssupport import (
     ALICE_KEY,
     BOB_KEY,
+    TLS_LISTEN,
     TestCA,
     secrets_file,
     start_tls_host,
@@ -269,6 +271,37 @@ class ReloadTests(TlsTestCase):
         self.assertTrue(b.service.reload()["ok"])
         yield self.assertPong(new, b.route("pong"))
         yield self.assertLogged("keeping the previous keys", "mode 0644")
+
+
+class ReloadSaysTests(TlsTestCase):
+    """What is wrong with tlsd's files is logged at the reload, peer or none."""
+
+    @inlineCallbacks
+    def test_unusableCertificate(self) -> Any:
+        """A certificate that became unusable: said at once, the old one serves."""
+        a, b, server = yield self.certificateHosts()
+        with open(server.cert, "w") as f:
+            f.write("not a certificate")
+        self.assertTrue(b.service.reload()["ok"])
+        self.assertTrue(
+            any("keeping the previous keys" in line for line in self.logged),
+            self.logged,
+        )
+        yield self.assertPong(a, b.route("pong"))
+
+    @inlineCallbacks
+    def test_noMaterialLeft(self) -> Any:
+        """A listener left with no certificate or key: said at the reload."""
+        _a, b, _server = yield self.certificateHosts()
+        rundir = b.rundir
+        b.service._reload_config = lambda: make_config(
+            rundir, tlsd={"listen": TLS_LISTEN}, rules=["allow in pong"]
+        )
+        self.assertTrue(b.service.reload()["ok"])
+        self.assertTrue(
+            any("fails every handshake" in line for line in self.logged),
+            self.logged,
+        )
 
 
 class RefusalTests(TlsTestCase):

@@ -165,6 +165,20 @@ class TlsService(DaemonService):
         # tls:// routes go through this state (not a test double's, if set).
         broker.transports.setdefault(SCHEME, TlsOutbound(state))
 
+    def reconfigured(self) -> None:
+        """
+        Read the files at the reload, so that one that became unusable is
+        logged then (the previous keys stay); a listener left with no
+        certificate or key is said to fail every handshake.
+        """
+        material = self.state.material()
+        if self.listener is not None and not material.serves:
+            log.warn(
+                "tlsd: no certificate or keys configured any more: its listener "
+                "fails every handshake until they are configured again (or ipcd "
+                "restarts without it)"
+            )
+
 
 @implementer(IOutbound)
 class TlsOutbound:

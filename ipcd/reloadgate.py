@@ -1,0 +1,82 @@
+"""
+The bound on C{ipcd reload}: at most one reload per L{RELOAD_INTERVAL}.
+
+Whoever may use the control socket (ipcd's user, root, C{[control] group})
+could otherwise ask for reloads as fast as the reactor runs them: each one
+re-reads the file on the reactor's thread and empties every cache (plans,
+decisions, labels), and lookups slowed to a sixth under four such clients.
+Requests that come within the interval after a reload share the next one,
+run once the interval has passed: each is answered by a reload that read
+the file after it asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+# Seconds between two reloads, at least.
+RELOAD_INTERVAL = 0.1
+
+
+class ReloadGate:
+    """C{run} (a reload, returning its answer) at most once per C{interval}."""
+
+    def __init__(
+        self,
+        run: Callable[[], dict[str, Any]],
+        clock: IReactorTime,
+        interval: float = RELOAD_INTERVAL,
+    ) -> None:
+        self.run = run
+        self.clock = clock
+        self.interval = interval
+        self.runs = 0
+        self._last: float | None = None
+        self._waiting: list[Deferred[dict[str, Any]]] = []
+        self._next: IDelayedCall | None = None
+
+    def request(self) -> Deferred[dict[str, Any]]:
+        """The answer of a reload that starts now, or of the next one."""
+        now = self.clock.seconds()
+        if self._next is None and (
+            self._last is None or now >= self._last + self.interval
+        ):
+            return succeed(self._run())
+        if self._next is None:
+            assert self._last is not None
+            self._next = self.clock.callLater(
+                self._last + self.interval - now, self._run_waiting
+            )
+        waiting: Deferred[dict[str, Any]] = Deferred()
+        self._waiting.append(waiting)
+        return waiting
+
+    @property
+    def waiting(self) -> int:
+        """How many requests wait for the next reload."""
+        return len(self._waiting)
+
+    def _run(self) -> dict[str, Any]:
+        self._last = self.clock.seconds()
+        self.runs += 1
+        return self.run()
+
+    def _run_waiting(self) -> None:
+        self._next = None
+        waiting, self._waiting = self._waiting, []
+        answer = self._run()
+        for each in waiting:
+            each.callback(answer)
+
+    def stop(self) -> None:
+        """ipcd stops: the waiting requests are answered that no reload ran."""
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+        waiting, self._waiting = self._waiting, []
+        for each in waiting:
+            each.callback({"ok": False, "error": "ipcd is stopping"})

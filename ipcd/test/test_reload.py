@@ -1,0 +1,291 @@
+"""
+Reloads racing requests: a request decided under the old configuration and
+still connecting when a reload lands is answered under the configuration in
+force when it is answered, never an old decision the new one forbids.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import weakref
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ipcd import control
+from ipcd.identity import Peer
+from ipcd.reloadgate import RELOAD_INTERVAL, ReloadGate
+from ipcd.test.support import (
+    assert_no_fd_leak,
+    bounce,
+    connect_unix,
+    fake_daemon,
+    fd_baseline,
+    fill_backlog,
+    lookup,
+    make_config,
+    recv_upto,
+    short_rundir,
+    start_ipcd,
+    wait_until,
+)
+from ipcd.wire import encode
+
+
+def slow_service(case: TestCase, rundir: str) -> socket.socket:
+    """A listener at C{RUNDIR/slow} whose backlog is full: connects wait."""
+    path = os.path.join(rundir, "slow")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    case.addCleanup(server.close)
+    server.bind(path)
+    os.chmod(path, 0o777)
+    server.listen(0)
+    fill_backlog(case, path)
+    server.setblocking(False)
+    return server
+
+
+def accept_until(server: socket.socket, answer: Any) -> Any:
+    """Accept on C{server} (and close) until C{answer} has fired."""
+
+    def accept_all() -> bool:
+        try:
+            server.accept()[0].close()
+        except BlockingIOError:
+            pass
+        return bool(answer.called)
+
+    return wait_until(accept_all, "ipcd's connection to be accepted")
+
+
+class InFlightAcrossReloadTests(TestCase):
+    @inlineCallbacks
+    def start(self, before: list[str], after: list[str], **overrides: Any) -> Any:
+        """ipcd with rules C{before}; its next reload reads rules C{after}."""
+        self.rundir = short_rundir(self)
+        configs = iter([before, after])
+
+        def load() -> Any:
+            return make_config(self.rundir, rules=next(configs), **overrides)
+
+        self.service = yield start_ipcd(self, load(), load)
+        return self.service
+
+    def assertDenied(self, reply: Any, rule: bytes) -> None:
+        count = len(reply.fds)
+        reply.close_fds()
+        self.assertEqual(count, 0, reply.data)
+        self.assertTrue(reply.data.startswith(b"ne "), reply.data)
+        self.assertIn(rule, reply.data)
+
+    @inlineCallbacks
+    def test_remoteConnectingWhenReloaded(self) -> Any:
+        """
+        A lookup allowed, then held by its daemon while a reload denies it:
+        answered C{ne} by the new rule once the daemon answers, the
+        daemon's connection closed, no fd left; a new one is denied too,
+        and one the new rules still allow is served.
+        """
+        yield self.start(
+            ["allow out pong"],
+            ["deny out pong"],
+            ipcd={"external_daemons": ["fake"]},
+        )
+        daemon = fake_daemon(self, self.rundir, mode="hold")
+        before = yield fd_baseline()
+        pending = deferToThread(lookup, self.rundir, b"pong;pong fake://h:1/pong")
+        yield wait_until(lambda: daemon.held, "the lookup to reach the daemon")
+        [held] = daemon.held
+        self.assertTrue(self.service.reload()["ok"])
+        daemon.release()
+        self.assertDenied((yield pending), b"deny out pong")
+        yield wait_until(lambda: held.lost.called, "ipcd to close it")
+        self.assertDenied(
+            (yield deferToThread(lookup, self.rundir, b"pong;pong fake://h:1/pong")),
+            b"deny out pong",
+        )
+        reply = yield deferToThread(lookup, self.rundir, b"pong;")
+        self.assertEqual(reply.data, b"ok")
+        sock = reply.take_socket(self)
+        self.assertEqual((yield deferToThread(bounce, sock)), encode(b"bounce me"))
+        sock.close()
+        yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
+    def test_stillAllowedIsServed(self) -> Any:
+        """A reload that still allows the request changes nothing for it."""
+        yield self.start(
+            ["allow out pong"],
+            ["allow out pong", "deny out other"],
+            ipcd={"external_daemons": ["fake"]},
+        )
+        daemon = fake_daemon(self, self.rundir, mode="hold")
+        pending = deferToThread(lookup, self.rundir, b"pong;pong fake://h:1/pong")
+        yield wait_until(lambda: daemon.held, "the lookup to reach the daemon")
+        self.assertTrue(self.service.reload()["ok"])
+        daemon.release()
+        reply = yield pending
+        self.assertEqual(reply.data, b"ok")
+        reply.take_socket(self)
+
+    @inlineCallbacks
+    def test_localConnectingWhenReloaded(self) -> Any:
+        """
+        A local service whose backlog is full: the lookup waits for it to
+        accept; a reload that denies the service meanwhile wins.
+        """
+        yield self.start(["allow local slow"], ["deny local slow"])
+        server = slow_service(self, self.rundir)
+        before = yield fd_baseline()
+        pending = deferToThread(lookup, self.rundir, b"slow;")
+        yield wait_until(
+            lambda: self.service.broker.counters["lookups"] >= 1, "the lookup"
+        )
+        self.assertTrue(self.service.reload()["ok"])
+        self.assertFalse(pending.called)
+        yield accept_until(server, pending)
+        self.assertDenied((yield pending), b"deny local slow")
+        yield assert_no_fd_leak(before)
+
+
+class SettingsAfterReloadTests(TestCase):
+    @inlineCallbacks
+    def test_pongdMaxMessageSize(self) -> Any:
+        """
+        C{max_message_size} is no restart key: after a reload that raises
+        it, a new connection to pongd echoes a message the old size closed
+        (pongd kept the value it started with).
+        """
+        rundir = short_rundir(self)
+        sizes = iter([64, 4096])
+
+        def load() -> Any:
+            return make_config(rundir, max_message_size=next(sizes))
+
+        service = yield start_ipcd(self, load(), load)
+        message = encode(b"x" * 1000)
+
+        def echo() -> bytes:
+            with connect_unix(os.path.join(rundir, "pong")) as sock:
+                sock.sendall(message)
+                return recv_upto(sock, len(message))
+
+        self.assertEqual((yield deferToThread(echo)), b"")  # closed: too large
+        self.assertEqual(service.reload(), {"ok": True, "restart_needed": []})
+        self.assertEqual((yield deferToThread(echo)), message)
+
+
+class ReloadGateTests(SynchronousTestCase):
+    """L{ReloadGate}: at most one reload per interval, the rest share one."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.answers = iter(range(100))
+        self.gate = ReloadGate(lambda: {"ok": next(self.answers)}, self.clock, 0.1)
+
+    def answer(self, requested: Deferred[Any]) -> Any:
+        return self.successResultOf(requested)["ok"]
+
+    def test_firstAtOnce(self) -> None:
+        self.assertEqual(self.answer(self.gate.request()), 0)
+        self.clock.advance(0.1)
+        self.assertEqual(self.answer(self.gate.request()), 1)
+
+    def test_burstSharesOne(self) -> None:
+        """Requests within the interval wait, then share one reload."""
+        self.assertEqual(self.answer(self.gate.request()), 0)
+        burst = [self.gate.request() for _ in range(50)]
+        self.assertEqual([self.assertNoResult(d) for d in burst], [None] * 50)
+        self.clock.advance(0.1)
+        self.assertEqual({self.answer(d) for d in burst}, {1})
+        self.assertEqual(self.gate.runs, 2)
+        # The next one, within the interval after that reload, waits too.
+        later = self.gate.request()
+        self.assertNoResult(later)
+        self.clock.advance(0.1)
+        self.assertEqual(self.answer(later), 2)
+
+    def test_stop(self) -> None:
+        """Stopping answers the waiting requests; no call is left pending."""
+        self.gate.request()
+        waiting = self.gate.request()
+        self.gate.stop()
+        self.assertEqual(
+            self.successResultOf(waiting),
+            {"ok": False, "error": "ipcd is stopping"},
+        )
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ReloadBoundTests(TestCase):
+    @inlineCallbacks
+    def test_controlRequestsShareReloads(self) -> Any:
+        """
+        Reloads asked on the control socket while one has just run wait for
+        the next and share it: every asker answered, the file read twice.
+        """
+        rundir = short_rundir(self)
+        loads = []
+
+        def load() -> Any:
+            loads.append(None)
+            return make_config(rundir)
+
+        service = yield start_ipcd(self, load(), load)
+        clock = service.reload_gate.clock = Clock()
+        first = yield deferToThread(control.request, "reload", rundir)
+        self.assertEqual(first, {"ok": True, "restart_needed": []})
+        asking = [deferToThread(control.request, "reload", rundir) for _ in range(4)]
+        yield wait_until(lambda: service.reload_gate.waiting == 4, "4 waiting")
+        self.assertEqual(len(loads), 2)  # at start, and the first reload
+        clock.advance(RELOAD_INTERVAL)
+        answers = yield gatherResults(asking)
+        self.assertEqual(answers, [first] * 4)
+        self.assertEqual(len(loads), 3)
+
+
+class OldConfigurationFreedTests(TestCase):
+    """After a reload nothing of ipcd's keeps the old configuration alive."""
+
+    @inlineCallbacks
+    def start(self, **overrides: Any) -> Any:
+        self.rundir = short_rundir(self)
+
+        def load() -> Any:
+            return make_config(self.rundir, **overrides)
+
+        self.service = yield start_ipcd(self, load(), load)
+        return self.service
+
+    def assertFreed(self, old: weakref.ref[Any]) -> None:
+        gc.collect()
+        self.assertIsNone(old(), "the old configuration is still referenced")
+
+    @inlineCallbacks
+    def test_plannedLookups(self) -> Any:
+        """Lookups planned under it (each payload its own entry)."""
+        yield self.start()
+        for payload in (b"pong;", b"other;", b"pong;x unix://y"):
+            (yield deferToThread(lookup, self.rundir, payload)).close_fds()
+        old = weakref.ref(self.service.config)
+        self.assertTrue(self.service.reload()["ok"])
+        (yield deferToThread(lookup, self.rundir, b"pong;")).close_fds()
+        self.assertFreed(old)
+
+    @inlineCallbacks
+    def test_targetConnectedAcrossReload(self) -> Any:
+        """A remote peer's target that connected after the reload."""
+        yield self.start(rules=["allow in slow"])
+        server = slow_service(self, self.rundir)
+        peer = Peer("127.0.0.1:1", frozenset({"ip:127.0.0.1"}))
+        answer = self.service.broker.open_inbound("slow", peer)
+        old = weakref.ref(self.service.config)
+        self.assertTrue(self.service.reload()["ok"])
+        yield accept_until(server, answer)
+        (yield answer).close()
+        self.assertFreed(old)
