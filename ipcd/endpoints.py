@@ -36,6 +36,7 @@ from ipcd.handoff import MAX_REPLY, HandoffError, adopt_into_reactor, check_repl
 from ipcd.names import (
     BROKER_NAME,
     SOCKET_MODE,
+    UNIX_BACKLOG,
     listen_unix,
     socket_path,
     validate_service_name,
@@ -63,7 +64,7 @@ class IPCServerEndpoint:
         name: str,
         rundir: str | None = None,
         mode: int = SOCKET_MODE,
-        backlog: int = 128,
+        backlog: int = UNIX_BACKLOG,
         group: str | None = None,
     ) -> None:
         self._reactor = reactor
@@ -316,7 +317,7 @@ class IPCServerParser:
         *extra: str,
         rundir: str | None = None,
         mode: str = "0660",
-        backlog: str = "128",
+        backlog: str = str(UNIX_BACKLOG),
         group: str | None = None,
         **unknown: str,
     ) -> IPCServerEndpoint:

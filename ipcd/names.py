@@ -28,6 +28,9 @@ BROKER_NAME = "ipc"
 CONTROL_NAME = "ipcd-control"
 OWN_NAMES = (BROKER_NAME, CONTROL_NAME)
 SOCKET_MODE = 0o660
+# Connects the kernel queues for a UNIX listener of ipcd's before it
+# accepts them: why not more, see ipcd.backlogs.
+UNIX_BACKLOG = 128
 # Upstream creates its sockets under umask(0o117): 0660 from the first instant.
 _SOCKET_UMASK = 0o117
 
@@ -230,7 +233,7 @@ def listen_unix(
     path: str,
     factory: Any,
     mode: int = SOCKET_MODE,
-    backlog: int = 128,
+    backlog: int = UNIX_BACKLOG,
     group: str | None = None,
 ) -> Any:
     """

@@ -19,6 +19,9 @@ The private names of Twisted that ipcd reads: here only.
     L{endpoint_type}, L{server_endpoint_types}, L{check_server_arguments}
         an endpoint string checked without listening (C{_parse},
         C{_serverParsers}, C{_parseServer} of C{twisted.internet.endpoints})
+    L{endpoint_keywords}, L{endpoint_positionals}
+        an endpoint string's arguments (C{_parse}): an C{ssl:} listener's
+        key, whether a listener's string gives its backlog
     L{refuse_lone_backslash}
         Twisted's endpoint strings ending in a lone backslash refused with a
         ValueError, not its tokenizer's RuntimeError (C{_parse} wrapped)
@@ -539,6 +542,17 @@ def endpoint_keywords(description: str) -> dict[str, str]:
         if sep:
             found[name] = value.replace("\\:", ":")
     return found
+
+
+def endpoint_positionals(description: str) -> list[str]:
+    """
+    The arguments of endpoint string C{description} given by position,
+    after its type, unescaped; ValueError as for L{endpoint_type}.
+    """
+    if ENDPOINT_PARSE.present or ENDPOINT_PARSE.usable():
+        return list(_endpoints()._parse(description)[0][1:])
+    parts = re.split(r"(?<!\\):", description)[1:]
+    return [part.replace("\\:", ":") for part in parts if "=" not in part]
 
 
 def server_endpoint_types() -> set[str]:

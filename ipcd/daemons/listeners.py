@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import serverFromString
 
 from ipcd import wire
+from ipcd.backlogs import with_backlog
 from ipcd.daemons import settings_of
 from ipcd.daemons.tls.handover import GuardedTLSListens
 from ipcd.host import IDaemonHost
@@ -139,7 +140,9 @@ def network_listener(
     """
     A listener on endpoint string C{listen} under the connection limits of
     C{name}; peers over them get C{refusal(reason)}.  An C{ssl:} one speaks
-    TLS as tlsd does (L{GuardedTLSListens}).
+    TLS as tlsd does (L{GuardedTLSListens}); the kernel queues
+    L{ipcd.backlogs.TCP_BACKLOG} connects for it (a C{unix:} one,
+    L{ipcd.backlogs.UNIX_BACKLOG}), unless C{listen} says.
     """
     limits = broker.limits_for(name)
     reactor = broker.reactor
@@ -153,7 +156,7 @@ def network_listener(
         )
 
     return EndpointListener(
-        LimitedEndpoint(serverFromString(reactor, listen), limits),
+        LimitedEndpoint(serverFromString(reactor, with_backlog(listen)), limits),
         LimitedFactory(factory, limits, peer_key, refusal),
         listen,
     )

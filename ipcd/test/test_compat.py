@@ -24,6 +24,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd import compat
+from ipcd.backlogs import TCP_BACKLOG, with_backlog
 from ipcd.checkers import Invalid, check_server_endpoint
 from ipcd.compat import autobahn as compat_autobahn
 from ipcd.compat import cpython as compat_cpython
@@ -374,6 +375,21 @@ class SocketFallbackTests(Missing, TlsTestCase):
         self.assertEqual(compat_twisted.endpoint_keywords(description), parsed)
         self.assertEqual(parsed["privateKey"], "/no:such/k.pem")
         self.assertRaises(UnsafeKey, check_listener_key, description)
+
+    def test_backlogWithoutParserInternals(self) -> None:
+        """
+        Without Twisted's endpoint-string parser, a listener's backlog given
+        by position is still found, and ipcd's added where none is.
+        """
+        given, named = r"tcp:0:\:\:1:10", r"tcp:0:interface=\:\:1"
+        parsed = [compat_twisted.endpoint_positionals(d) for d in (given, named)]
+        self.missing(compat_twisted.ENDPOINT_PARSE)
+        self.assertEqual(
+            [compat_twisted.endpoint_positionals(d) for d in (given, named)], parsed
+        )
+        self.assertEqual(parsed, [["0", "::1", "10"], ["0"]])
+        self.assertEqual(with_backlog(given), given)
+        self.assertEqual(with_backlog(named), f"{named}:backlog={TCP_BACKLOG}")
 
     @inlineCallbacks
     def wsEcho(self, *names: compat.Name) -> Any:  # noqa: N802

@@ -10,10 +10,22 @@ import dataclasses
 from typing import Any
 
 from cryptography import x509
-from OpenSSL.SSL import TLS1_2_VERSION, TLS_SERVER_METHOD, Connection, Context
+from OpenSSL.SSL import (
+    MODE_RELEASE_BUFFERS,
+    TLS1_2_VERSION,
+    TLS_SERVER_METHOD,
+    Connection,
+    Context,
+)
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.daemons.tls import psk
+from ipcd.daemons.tls.handover import GuardedTLSListens, TLSFactory
 from ipcd.daemons.tls.material import (
     Material,
     MaterialError,
@@ -21,6 +33,7 @@ from ipcd.daemons.tls.material import (
     ServerCreator,
     _is_address,
     certificate_labels,
+    client_creator,
     read_material,
     verify_error,
 )
@@ -131,3 +144,64 @@ class CertificateFileTests(SynchronousTestCase):
         self.assertEqual(
             certificate_labels(certificate), ["cert:named", "cert-san:a.example"]
         )
+
+
+def _releases_buffers(connection: Connection) -> bool:
+    """Whether C{connection} frees OpenSSL's record buffers while idle."""
+    lib, _ = compat_pyopenssl.bindings()
+    ssl = compat_pyopenssl.ssl_pointer(connection)
+    return bool(lib.SSL_set_mode(ssl, 0) & MODE_RELEASE_BUFFERS)  # (0: reads it)
+
+
+def _handshaking(factory: Any) -> Connection:
+    """The connection of a protocol of TLS C{factory}, its handshake begun."""
+    tls = factory.buildProtocol(None)
+    tls.makeConnection(StringTransport())
+    connection: Connection = tls.getHandle()
+    return connection
+
+
+def _made(creator: Any, is_client: bool) -> Connection:
+    """A connection of C{creator}, as tlsd's TLS makes it."""
+    factory = TLSFactory(creator, is_client, Factory.forProtocol(Protocol), Clock())
+    return _handshaking(factory)
+
+
+class IdleBuffersTests(SynchronousTestCase):
+    """
+    Every TLS connection tlsd and websocketd make frees OpenSSL's record
+    buffers (about 30 KiB) while it is idle: an idle relay, or a peer that
+    sends nothing, does not hold them.
+    """
+
+    def setUp(self) -> None:
+        self.dir = short_rundir(self, "ipcd-ctx-")
+        self.issued = TestCA(self.dir).issue("server")
+
+    def test_tlsdPsk(self) -> None:
+        """tlsd with keys: its listener's connections, and the routes' (PSK)."""
+        material = Material(keys=ALICE, psk_identity="alice")
+        server = ServerCreator(material.server_context())
+        self.assertTrue(_releases_buffers(_made(server, False)))
+        for watching in (False, True):
+            creator = client_creator(material, "example.com", watching)
+            self.assertTrue(_releases_buffers(_made(creator, True)))
+
+    def test_tlsdCertificates(self) -> None:
+        """tlsd with a certificate: its listener's connections, and the routes'."""
+        material = read_material(
+            settings(certificate=self.issued.cert, key=self.issued.key)
+        )
+        server = ServerCreator(material.server_context())
+        self.assertTrue(_releases_buffers(_made(server, False)))
+        creator = client_creator(material, "localhost")
+        self.assertTrue(_releases_buffers(_made(creator, True)))
+
+    def test_sslListener(self) -> None:
+        """An C{ssl:} listener (websocketd's, tcpd's), speaking TLS as tlsd's."""
+        reactor = MemoryReactor()
+        listen = f"ssl:0:privateKey={self.issued.key}:certKey={self.issued.cert}"
+        serverFromString(GuardedTLSListens(reactor), listen).listen(
+            Factory.forProtocol(Protocol)
+        )
+        self.assertTrue(_releases_buffers(_handshaking(reactor.tcpServers[0][1])))

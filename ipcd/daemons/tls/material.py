@@ -18,7 +18,13 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from OpenSSL.SSL import TLS_CLIENT_METHOD, VERIFY_PEER, Connection, Context
+from OpenSSL.SSL import (
+    MODE_RELEASE_BUFFERS,
+    TLS_CLIENT_METHOD,
+    VERIFY_PEER,
+    Connection,
+    Context,
+)
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
@@ -101,6 +107,9 @@ class Material:
     def psk_context(self, identity: str) -> Context:
         """A client Context presenting C{identity}, that accepts only PSK."""
         context = Context(TLS_CLIENT_METHOD)
+        # OpenSSL's record buffers (about 30 KiB) freed while the connection
+        # is idle, as on the Contexts Twisted's CertificateOptions makes.
+        context.set_mode(MODE_RELEASE_BUFFERS)
         context.set_min_proto_version(_OPENSSL_VERSIONS[self.min_version])
         context.set_max_proto_version(_OPENSSL_VERSIONS[self.max_version])
         # No trust roots: a server that answers with a certificate instead

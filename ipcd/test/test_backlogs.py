@@ -1,0 +1,98 @@
+"""
+The listen backlogs of ipcd's listeners (L{ipcd.backlogs}): what each
+endpoint string gets, and that tcpd's listening socket really queues that
+many connects (real sockets: a listener that does not accept, and connects
+that complete only if the kernel has room for them).
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ipcd.backlogs import TCP_BACKLOG, with_backlog
+from ipcd.names import UNIX_BACKLOG
+from ipcd.test.support import TIMEOUT
+from ipcd.test.tcpsupport import start_host
+
+# Connects made to a listener that accepts none: more than Twisted's
+# default backlog (50) lets the kernel complete.
+PENDING = 200
+
+
+class WithBacklogTests(SynchronousTestCase):
+    def test_added(self) -> None:
+        """Where the string gives none: ipcd's, for its type."""
+        for given, kind in [
+            ("tcp:9000:interface=127.0.0.1", TCP_BACKLOG),
+            ("tcp:9000:127.0.0.1", TCP_BACKLOG),
+            (r"tcp6:9000:interface=\:\:1", TCP_BACKLOG),
+            ("ssl:8443:privateKey=/k.pem:certKey=/c.pem", TCP_BACKLOG),
+            ("haproxy:tcp:9000", TCP_BACKLOG),
+            ("unix:/run/ipcd/tcp.sock:mode=660", UNIX_BACKLOG),
+        ]:
+            self.assertEqual(with_backlog(given), f"{given}:backlog={kind}")
+
+    def test_kept(self) -> None:
+        """A backlog given, by name or position; a type that takes none."""
+        for given in [
+            "tcp:9000:backlog=10",
+            "tcp:9000:127.0.0.1:10",
+            "tcp6:9000:10",
+            "unix:/x.sock:660:10",
+            "haproxy:tcp:9000:backlog=10",
+            "systemd:domain=INET:index=0",
+            "tor:80",
+            "tcp:9000\\",
+        ]:
+            self.assertEqual(with_backlog(given), given)
+
+
+def _completed(port: int, count: int, seconds: float) -> int:
+    """
+    How many of C{count} connects to C{port} the kernel completes within
+    C{seconds} (one whose SYN found the queue full waits for a retry).
+    """
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.setblocking(False)
+            socks.append(sock)
+            sock.connect_ex(("127.0.0.1", port))
+        waiting = {sock.fileno(): sock for sock in socks}
+        deadline = time.monotonic() + seconds
+        while waiting and time.monotonic() < deadline:
+            _, writable, _ = select.select([], list(waiting), [], 0.1)
+            for fd in writable:
+                del waiting[fd]
+        return count - len(waiting)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+class ListenerBacklogTests(TestCase):
+    @inlineCallbacks
+    def test_tcpdQueues(self) -> Any:
+        """
+        tcpd's listening socket, not accepting, has the kernel complete
+        L{PENDING} connects (with Twisted's default of 50, 51 complete and
+        the rest wait for SYN retries).
+        """
+        with open("/proc/sys/net/core/somaxconn") as f:
+            ceiling = int(f.read())  # the kernel's cap on any backlog
+        count = min(PENDING, ceiling)
+        if count <= 60:
+            raise self.skipTest(f"net.core.somaxconn is {ceiling}")
+        host = yield start_host(self, pongd=False)
+        port = yield host.service.getServiceNamed("tcpd").listening()
+        port.stopReading()  # accepts nothing: connects stay queued
+        done = yield deferToThread(_completed, host.port, count, TIMEOUT)
+        self.assertEqual(done, count)
