@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import os
 import select
 import socket
@@ -187,10 +188,16 @@ def ws_open(
     by C{timeout}.
     """
     sock = connect_tcp(host, port, source, buffers, timeout)
+    sock.sendall(upgrade_request(path, host_header or f"{host}:{port}", origin) + early)
+    return read_opening(sock)
+
+
+def upgrade_request(path: str, host: str, origin: str | None = None) -> bytes:
+    """An opening handshake's request for C{path}, with a fresh key."""
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
         f"GET {path} HTTP/1.1",
-        f"Host: {host_header or f'{host}:{port}'}",
+        f"Host: {host}",
         "Upgrade: websocket",
         "Connection: Upgrade",
         f"Sec-WebSocket-Key: {key}",
@@ -198,7 +205,11 @@ def ws_open(
     ]
     if origin is not None:
         lines.append(f"Origin: {origin}")
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + early)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_opening(sock: socket.socket) -> Opening:
+    """The server's answer to an opening handshake sent on C{sock}."""
     head = b""
     while b"\r\n\r\n" not in head:
         byte = sock.recv(1)
@@ -214,6 +225,23 @@ def ws_open(
             headers[key_.strip().lower()] = value.strip()
     status = int(parts[1]) if parts[1].isdigit() else 0
     return Opening(sock, status, parts[2], headers)
+
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, 1.3
+
+
+def ws_accepted(head: bytes) -> bytes:
+    """The answer that opens the WebSocket a client's head C{head} asks for."""
+    [key] = [
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key:")
+    ]
+    accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
 
 
 def connect_tcp(
