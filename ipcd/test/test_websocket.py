@@ -56,9 +56,11 @@ from ipcd.test.wssupport import (
     PING,
     PONG,
     TEXT,
+    TurnCounts,
     close_code,
     make_ca,
     start_ws_host,
+    ws_accepted,
     ws_frame,
     ws_message,
     ws_open,
@@ -96,6 +98,20 @@ def early_messages(port: int) -> list[bytes]:
         if opening.status != 101:
             raise AssertionError((opening.status, opening.reason))
         return [ws_message(sock)[1], ws_message(sock)[1]]
+
+
+def accept_request(listener: socket.socket) -> tuple[socket.socket, bytes]:
+    """A connection to C{listener}, and the head of the request it sent."""
+    listener.settimeout(TIMEOUT)
+    conn, _ = listener.accept()
+    conn.settimeout(TIMEOUT)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(4096)
+        if not chunk:
+            raise EOFError(head)
+        head += chunk
+    return conn, head
 
 
 def refusal(
@@ -766,6 +782,35 @@ class RouteTests(TestCase):
         self.assertTrue(protocol.readPauses.reasons & BACKLOG)
         got = yield deferToThread(lambda: [recv_message(sock) for _ in range(count)])
         self.assertEqual(got, [b"%d" % i for i in range(count)])
+        self.assertEqual(protocol.readPauses.reasons, 0)
+
+    @inlineCallbacks
+    def test_framesWithTheServersAnswerOnTheBudget(self) -> Any:
+        """
+        Tiny frames a remote server sends in the read of its 101 answer are
+        parsed by A's client end once the WebSocket is open, at most
+        FRAME_BUDGET a turn of the reactor, and every message reaches the
+        client, in order.
+        """
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        made = calls_to(self, WebSocketOutbound, "connectionMade", lambda p: p)
+        route = f"ws://127.0.0.1:{listener.getsockname()[1]}/pong"
+        asking = self.lookupOnA(route)
+        conn, head = yield deferToThread(accept_request, listener)
+        self.addCleanup(conn.close)
+        protocol = made[-1]
+        turns = TurnCounts(self, protocol)
+        count = 4 * FRAME_BUDGET + 3
+        frames = b"".join(small_server_frame(b"%d" % i, True) for i in range(count))
+        protocol.dataReceived(ws_accepted(head) + frames)  # one read
+        reply = yield asking
+        sock = reply.take_socket(self)
+        got = yield deferToThread(lambda: [recv_message(sock) for _ in range(count)])
+        self.assertEqual(got, [b"%d" % i for i in range(count)])
+        parsed = turns.parsed()
+        self.assertLessEqual(max(parsed), FRAME_BUDGET, parsed)
+        self.assertGreater(len(parsed), count // FRAME_BUDGET, parsed)
         self.assertEqual(protocol.readPauses.reasons, 0)
 
     @inlineCallbacks

@@ -16,14 +16,17 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
     TIMEOUT,
+    calls_to,
     make_config,
     proc_status,
     reset_peak,
@@ -242,6 +245,38 @@ def ws_accepted(head: bytes) -> bytes:
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
     )
+
+
+class TurnCounts:
+    """
+    The messages a bridge's protocol parses in each turn of the reactor
+    from the one its WebSocket opens in (L{parsed}): the count so far is
+    noted at the start of every later turn, until the test ends.
+    """
+
+    def __init__(self, case: SynchronousTestCase, protocol: Any) -> None:
+        self.messages = calls_to(case, protocol, "onMessage", lambda *args: None)
+        self.counts: list[int] = []
+        self._call: Any = None
+        calls_to(case, protocol, "joinSocket", self._opened)
+        case.addCleanup(self._stop)
+
+    def _opened(self, *args: Any, **kwargs: Any) -> None:
+        # From its end on: every call due after this one is a later turn's.
+        self._call = reactor.callLater(0, self._note)
+
+    def _note(self) -> None:
+        self.counts.append(len(self.messages))
+        self._call = reactor.callLater(0, self._note)
+
+    def _stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+
+    def parsed(self) -> list[int]:
+        """The messages parsed in each turn that parsed any, in order."""
+        turns = [after - before for before, after in pairwise([0, *self.counts])]
+        return [count for count in turns if count]
 
 
 def connect_tcp(
