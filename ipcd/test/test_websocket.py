@@ -56,6 +56,7 @@ from ipcd.test.wssupport import (
     PING,
     PONG,
     TEXT,
+    WS_LISTEN,
     TurnCounts,
     close_code,
     make_ca,
@@ -872,6 +873,26 @@ class SecureRouteTests(TestCase):
         sock = reply.take_socket(self)
         answer = yield deferToThread(bounce, sock, b"over tls")
         self.assertEqual(answer, encode(b"over tls"))
+
+    @inlineCallbacks
+    def test_secureListeners(self) -> Any:
+        """
+        A listener given as haproxy:ssl:... (TLS behind the PROXY protocol)
+        is secure to autobahn as an ssl:... one is (isSecure: https for its
+        origin check, wss in its URLs); plain ones, behind haproxy: or not,
+        are not.
+        """
+        _ca, cert, key = make_ca(short_rundir(self, "ipcd-ca-"))
+        tls = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        for listen, secure in (
+            (tls, True),
+            (f"haproxy:{tls}", True),
+            ("haproxy:" + WS_LISTEN, False),
+            (WS_LISTEN, False),
+        ):
+            host = yield start_ws_host(self, listen=listen)
+            websocketd = host.service.getServiceNamed("websocketd")
+            self.assertIs(websocketd.factory.isSecure, secure, listen)
 
     @inlineCallbacks
     def test_wssUnknownCaRefused(self) -> Any:
