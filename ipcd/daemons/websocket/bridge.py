@@ -60,7 +60,12 @@ from ipcd.wire import HEADER, MessageProtocol
 # such peers starved every other connection of seconds.  Frames sent in the
 # opening handshake's read, before its answer, wait until the WebSocket is
 # open and are held to the same budget.  Reads longer than the smallest
-# frames of a budget reach autobahn frame by frame (see frames).
+# frames of a budget reach autobahn frame by frame (see frames).  Against
+# 64 and 256 (a real ipcd, 40 peers flooding empty pings): another client's
+# lookup and round trip took about 0.3, 0.4 and 0.9 s at the median, and the
+# WebSocket RTT and bulk benchmarks did not tell them apart; but with 64 a
+# client pipelining tiny messages got about half as many through in the
+# quietest runs (each turn's own cost paid twice as often).
 FRAME_BUDGET = 128
 SPLIT_ABOVE = 2 * FRAME_BUDGET  # 2 bytes: an empty unmasked frame
 
