@@ -10,11 +10,9 @@ connection for ever.  The peer is the system's libssl, through ctypes
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import ctypes.util
 import fcntl
-import hashlib
 import os
 import select
 import socket
@@ -42,7 +40,7 @@ from ipcd.test.support import (
 )
 from ipcd.test.test_tls import TlsTestCase
 from ipcd.test.tlssupport import ALICE_KEY, start_tls_host
-from ipcd.test.wssupport import BINARY, make_ca, start_ws_host, ws_frame
+from ipcd.test.wssupport import BINARY, make_ca, start_ws_host, ws_accepted, ws_frame
 from ipcd.wire import encode
 
 # KeyUpdate's numbers in libssl.
@@ -278,9 +276,6 @@ def patient_lookup(rundir: str, payload: bytes) -> Any:
 
 
 # A WebSocket over a KeyUpdater, as RFC 6455 has it.
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
 def ws_request(path: str) -> bytes:
     """An opening handshake asking for a WebSocket to C{path}."""
     return (
@@ -294,20 +289,6 @@ def ws_upgrade(peer: KeyUpdater, path: str) -> bytes:
     """Ask for a WebSocket to C{path}: the answer's head."""
     peer.write(ws_request(path))
     return peer.read_head()
-
-
-def ws_accepted(head: bytes) -> bytes:
-    """The answer that opens the WebSocket a client's head C{head} asks for."""
-    [key] = [
-        line.split(b":", 1)[1].strip()
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"sec-websocket-key:")
-    ]
-    accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
-    return (
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-    )
 
 
 def ws_bounce(peer: KeyUpdater, payload: bytes) -> bytes:

@@ -56,9 +56,12 @@ from ipcd.test.wssupport import (
     PING,
     PONG,
     TEXT,
+    WS_LISTEN,
+    TurnCounts,
     close_code,
     make_ca,
     start_ws_host,
+    ws_accepted,
     ws_frame,
     ws_message,
     ws_open,
@@ -96,6 +99,20 @@ def early_messages(port: int) -> list[bytes]:
         if opening.status != 101:
             raise AssertionError((opening.status, opening.reason))
         return [ws_message(sock)[1], ws_message(sock)[1]]
+
+
+def accept_request(listener: socket.socket) -> tuple[socket.socket, bytes]:
+    """A connection to C{listener}, and the head of the request it sent."""
+    listener.settimeout(TIMEOUT)
+    conn, _ = listener.accept()
+    conn.settimeout(TIMEOUT)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(4096)
+        if not chunk:
+            raise EOFError(head)
+        head += chunk
+    return conn, head
 
 
 def refusal(
@@ -769,6 +786,35 @@ class RouteTests(TestCase):
         self.assertEqual(protocol.readPauses.reasons, 0)
 
     @inlineCallbacks
+    def test_framesWithTheServersAnswerOnTheBudget(self) -> Any:
+        """
+        Tiny frames a remote server sends in the read of its 101 answer are
+        parsed by A's client end once the WebSocket is open, at most
+        FRAME_BUDGET a turn of the reactor, and every message reaches the
+        client, in order.
+        """
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        made = calls_to(self, WebSocketOutbound, "connectionMade", lambda p: p)
+        route = f"ws://127.0.0.1:{listener.getsockname()[1]}/pong"
+        asking = self.lookupOnA(route)
+        conn, head = yield deferToThread(accept_request, listener)
+        self.addCleanup(conn.close)
+        protocol = made[-1]
+        turns = TurnCounts(self, protocol)
+        count = 4 * FRAME_BUDGET + 3
+        frames = b"".join(small_server_frame(b"%d" % i, True) for i in range(count))
+        protocol.dataReceived(ws_accepted(head) + frames)  # one read
+        reply = yield asking
+        sock = reply.take_socket(self)
+        got = yield deferToThread(lambda: [recv_message(sock) for _ in range(count)])
+        self.assertEqual(got, [b"%d" % i for i in range(count)])
+        parsed = turns.parsed()
+        self.assertLessEqual(max(parsed), FRAME_BUDGET, parsed)
+        self.assertGreater(len(parsed), count // FRAME_BUDGET, parsed)
+        self.assertEqual(protocol.readPauses.reasons, 0)
+
+    @inlineCallbacks
     def test_remoteRefusalReachesTheClient(self) -> Any:
         """
         B refuses the service: A's client is refused with B's status and
@@ -827,6 +873,26 @@ class SecureRouteTests(TestCase):
         sock = reply.take_socket(self)
         answer = yield deferToThread(bounce, sock, b"over tls")
         self.assertEqual(answer, encode(b"over tls"))
+
+    @inlineCallbacks
+    def test_secureListeners(self) -> Any:
+        """
+        A listener given as haproxy:ssl:... (TLS behind the PROXY protocol)
+        is secure to autobahn as an ssl:... one is (isSecure: https for its
+        origin check, wss in its URLs); plain ones, behind haproxy: or not,
+        are not.
+        """
+        _ca, cert, key = make_ca(short_rundir(self, "ipcd-ca-"))
+        tls = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        for listen, secure in (
+            (tls, True),
+            (f"haproxy:{tls}", True),
+            ("haproxy:" + WS_LISTEN, False),
+            (WS_LISTEN, False),
+        ):
+            host = yield start_ws_host(self, listen=listen)
+            websocketd = host.service.getServiceNamed("websocketd")
+            self.assertIs(websocketd.factory.isSecure, secure, listen)
 
     @inlineCallbacks
     def test_wssUnknownCaRefused(self) -> Any:

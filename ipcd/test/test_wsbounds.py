@@ -247,7 +247,10 @@ class HeadReaderTests(SynchronousTestCase):
         cuts=st.lists(st.integers(0, 330), max_size=12),
     )
     def test_anyCut(self, size: int, after: bytes, cuts: list[int]) -> None:
-        """The head is whole exactly when its blank line has come, in any cut."""
+        """
+        The head is whole exactly when its blank line has come, in any cut;
+        then C{end} is where it ends in what is held.
+        """
         head = b"h" * (size - 4) + b"\r\n\r\n"
         stream = head + after
         reader = HeadReader(limit=1000)
@@ -258,6 +261,7 @@ class HeadReaderTests(SynchronousTestCase):
             if whole:
                 break
         self.assertEqual(bytes(reader.held), stream[:end])
+        self.assertEqual(reader.end, len(head))
 
     def test_limit(self) -> None:
         """

@@ -24,15 +24,18 @@ from ipcd.daemons.websocket.bridge import FRAME_BUDGET, SPLIT_ABOVE
 from ipcd.daemons.websocket.frames import SMALL
 from ipcd.daemons.websocket.limits import BACKLOG
 from ipcd.daemons.websocket.server import WebSocketInbound
-from ipcd.test.support import calls_to, wait_until
+from ipcd.test.support import TIMEOUT, calls_to, wait_until
 from ipcd.test.wssupport import (
     BINARY,
     CLOSE,
     PING,
     PONG,
     TEXT,
+    TurnCounts,
     close_code,
+    read_opening,
     start_ws_host,
+    upgrade_request,
     ws_frame,
     ws_message,
     ws_open,
@@ -344,13 +347,7 @@ class BridgeReadTests(TestCase):
         return deferToThread(lambda: [ws_recv(sock) for _ in range(count)])
 
     def recvUntilClose(self, sock: Any) -> Any:
-        def frames() -> list[tuple[int, bytes]]:
-            got = [ws_recv(sock)]
-            while got[-1][0] != CLOSE:
-                got.append(ws_recv(sock))
-            return got
-
-        return deferToThread(frames)
+        return deferToThread(recv_until_close, sock)
 
     @inlineCallbacks
     def test_frameBudgetPerTurn(self) -> Any:
@@ -420,3 +417,163 @@ class BridgeReadTests(TestCase):
         self.assertIsNone(protocol._backlog)
         pending = [call.func for call in reactor.getDelayedCalls()]
         self.assertNotIn(protocol._parseBacklog, pending)
+
+
+class HandshakeReadTests(TestCase):
+    """
+    Frames a peer sends in the opening handshake's read, not awaiting its
+    answer: held until the WebSocket is open, then parsed as any read's,
+    FRAME_BUDGET frames a turn of the reactor.  The server's protocol is
+    handed that read in the reactor thread, as its transport hands it, so
+    that it is one read whatever the kernel would have made of it.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.host = yield start_ws_host(self)
+        self.made = calls_to(self, WebSocketInbound, "connectionMade", lambda p: p)
+        self.joined = calls_to(
+            self, WebSocketInbound, "joinSocket", lambda p, *a, **k: p
+        )
+
+    @inlineCallbacks
+    def connect(self) -> Any:
+        """A client socket that has sent nothing, and the server's protocol."""
+        sock = socket.create_connection(("127.0.0.1", self.host.port), timeout=TIMEOUT)
+        self.addCleanup(sock.close)
+        yield wait_until(lambda: self.made, "the connection made")
+        return sock, self.made[-1]
+
+    def request(self) -> bytes:
+        return upgrade_request("/pong", f"127.0.0.1:{self.host.port}")
+
+    @inlineCallbacks
+    def parsedOnTheBudget(self, cut: int | None) -> Any:
+        """
+        The opening handshake and many tiny frames handed over in one read
+        (C{cut} None) or in two, cut C{cut} bytes after the head, while the
+        service is asked for: the frames are parsed once the WebSocket is
+        open, at most FRAME_BUDGET a turn, the peer not read meanwhile;
+        every message reaches the service and comes back, in order, and
+        the peer is read again.
+        """
+        asked: list[tuple[Deferred[Any], str, Any]] = []
+        ask = self.host.broker.open_inbound
+
+        def held(text: str, who: Any) -> Deferred[Any]:
+            asked.append((Deferred(), text, who))
+            return asked[-1][0]
+
+        self.patch(self.host.broker, "open_inbound", held)
+        sock, protocol = yield self.connect()
+        turns = TurnCounts(self, protocol)
+        count = 8 * FRAME_BUDGET + 5
+        frames = b"".join(ws_frame(b"%d" % i, BINARY) for i in range(count))
+        request = self.request()
+        if cut is None:
+            protocol.dataReceived(request + frames)
+        else:
+            protocol.dataReceived(request + frames[:cut])
+            protocol.dataReceived(frames[cut:])
+        self.assertTrue(protocol.readPauses.reasons & BACKLOG)
+        [(answer, text, who)] = asked
+        ask(text, who).chainDeferred(answer)  # the service, asked now
+        opening = yield deferToThread(read_opening, sock)
+        self.assertEqual(opening.status, 101)
+        got = yield deferToThread(lambda: [ws_recv(sock) for _ in range(count)])
+        self.assertEqual(got, [(BINARY, b"%d" % i) for i in range(count)])
+        self.assertEqual(self.joined, [protocol])
+        # Parsed over many turns, none parsing more than the budget (all in
+        # the turn the WebSocket opened in, without it).
+        parsed = turns.parsed()
+        self.assertLessEqual(max(parsed), FRAME_BUDGET, parsed)
+        self.assertGreater(len(parsed), count // FRAME_BUDGET, parsed)
+        self.assertEqual(protocol.readPauses.reasons, 0)
+        self.assertIn(sock.getsockname()[1], _peer_ports_read())
+
+    def test_framesWithTheHandshakeOnTheBudget(self) -> Any:
+        """Frames in the opening handshake's read are held to the budget."""
+        return self.parsedOnTheBudget(None)
+
+    def test_framesAfterTheHeadOnTheBudget(self) -> Any:
+        """
+        So are frames handed over after a read that ends with the head,
+        before the WebSocket opens, as TLS hands over a read's records,
+        one after another, its transport paused or not.
+        """
+        return self.parsedOnTheBudget(0)
+
+    def test_framesCutAfterTheHeadOnTheBudget(self) -> Any:
+        """And the rest of the head's read cut inside a frame."""
+        return self.parsedOnTheBudget(3)
+
+    @inlineCallbacks
+    def test_closeWithTheHandshake(self) -> Any:
+        """
+        A close frame after many pings in the opening handshake's read is
+        honoured once they are parsed: pongs, then the closing handshake.
+        """
+        sock, protocol = yield self.connect()
+        pings = b"".join([ws_frame(b"", PING)] * (3 * FRAME_BUDGET))
+        protocol.dataReceived(self.request() + pings + ws_frame(b"\x03\xe8", CLOSE))
+        opening = yield deferToThread(read_opening, sock)
+        self.assertEqual(opening.status, 101)
+        got = yield deferToThread(recv_until_close, sock)
+        self.assertEqual({opcode for opcode, _ in got[:-1]}, {PONG})
+        self.assertEqual(close_code(got[-1][1]), 1000)
+        yield wait_until(lambda: protocol.state == protocol.STATE_CLOSED, "closed")
+
+    @inlineCallbacks
+    def test_lostWithFramesOfTheHandshake(self) -> Any:
+        """
+        The connection lost while its handshake awaits the service, frames
+        held from its read: the question let go, nothing held, no call
+        left behind, nothing ever joined.
+        """
+        asked: list[Deferred[Any]] = []
+
+        def held(text: str, who: Any) -> Deferred[Any]:
+            asked.append(Deferred())
+            return asked[-1]
+
+        self.patch(self.host.broker, "open_inbound", held)
+        sock, protocol = yield self.connect()
+        lost = calls_to(self, protocol, "connectionLost", lambda reason=None: None)
+        pings = b"".join([ws_frame(b"", PING)] * (3 * FRAME_BUDGET))
+        protocol.dataReceived(self.request() + pings)
+        self.assertTrue(asked)
+        self.assertIsNotNone(protocol._backlog)
+        protocol.transport.abortConnection()
+        yield wait_until(lambda: lost, "the connection lost")
+        self.assertTrue(asked[0].called)
+        self.assertIsNone(protocol._backlog)
+        self.assertIsNone(protocol._backlogCall)
+        pending = [call.func for call in reactor.getDelayedCalls()]
+        self.assertNotIn(protocol._parseBacklog, pending)
+        self.assertEqual(self.joined, [])
+
+    @inlineCallbacks
+    def test_refusedWithFramesOfTheHandshake(self) -> Any:
+        """
+        A refused handshake's frames are never parsed: the refusal is
+        answered, the connection closed, nothing held once it is lost.
+        """
+        sock, protocol = yield self.connect()
+        lost = calls_to(self, protocol, "connectionLost", lambda reason=None: None)
+        fed = calls_to(self, compat_autobahn, "feed", lambda _target, data: data)
+        request = upgrade_request("/secret", f"127.0.0.1:{self.host.port}")
+        protocol.dataReceived(request + ws_frame(b"x", BINARY) * (3 * FRAME_BUDGET))
+        opening = yield deferToThread(read_opening, sock)
+        self.assertEqual(opening.status, 403)
+        yield wait_until(lambda: lost, "the connection lost")
+        self.assertEqual(fed, [request])
+        self.assertIsNone(protocol._backlog)
+        self.assertEqual(self.joined, [])
+
+
+def recv_until_close(sock: socket.socket) -> list[tuple[int, bytes]]:
+    """The server's frames up to its close frame, that included."""
+    got = [ws_recv(sock)]
+    while got[-1][0] != CLOSE:
+        got.append(ws_recv(sock))
+    return got

@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import os
 import select
 import socket
 import struct
 import time
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
     TIMEOUT,
+    calls_to,
     make_config,
     proc_status,
     reset_peak,
@@ -187,10 +191,16 @@ def ws_open(
     by C{timeout}.
     """
     sock = connect_tcp(host, port, source, buffers, timeout)
+    sock.sendall(upgrade_request(path, host_header or f"{host}:{port}", origin) + early)
+    return read_opening(sock)
+
+
+def upgrade_request(path: str, host: str, origin: str | None = None) -> bytes:
+    """An opening handshake's request for C{path}, with a fresh key."""
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
         f"GET {path} HTTP/1.1",
-        f"Host: {host_header or f'{host}:{port}'}",
+        f"Host: {host}",
         "Upgrade: websocket",
         "Connection: Upgrade",
         f"Sec-WebSocket-Key: {key}",
@@ -198,7 +208,11 @@ def ws_open(
     ]
     if origin is not None:
         lines.append(f"Origin: {origin}")
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + early)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_opening(sock: socket.socket) -> Opening:
+    """The server's answer to an opening handshake sent on C{sock}."""
     head = b""
     while b"\r\n\r\n" not in head:
         byte = sock.recv(1)
@@ -214,6 +228,55 @@ def ws_open(
             headers[key_.strip().lower()] = value.strip()
     status = int(parts[1]) if parts[1].isdigit() else 0
     return Opening(sock, status, parts[2], headers)
+
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, 1.3
+
+
+def ws_accepted(head: bytes) -> bytes:
+    """The answer that opens the WebSocket a client's head C{head} asks for."""
+    [key] = [
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key:")
+    ]
+    accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+
+
+class TurnCounts:
+    """
+    The messages a bridge's protocol parses in each turn of the reactor
+    from the one its WebSocket opens in (L{parsed}): the count so far is
+    noted at the start of every later turn, until the test ends.
+    """
+
+    def __init__(self, case: SynchronousTestCase, protocol: Any) -> None:
+        self.messages = calls_to(case, protocol, "onMessage", lambda *args: None)
+        self.counts: list[int] = []
+        self._call: Any = None
+        calls_to(case, protocol, "joinSocket", self._opened)
+        case.addCleanup(self._stop)
+
+    def _opened(self, *args: Any, **kwargs: Any) -> None:
+        # From its end on: every call due after this one is a later turn's.
+        self._call = reactor.callLater(0, self._note)
+
+    def _note(self) -> None:
+        self.counts.append(len(self.messages))
+        self._call = reactor.callLater(0, self._note)
+
+    def _stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+
+    def parsed(self) -> list[int]:
+        """The messages parsed in each turn that parsed any, in order."""
+        turns = [after - before for before, after in pairwise([0, *self.counts])]
+        return [count for count in turns if count]
 
 
 def connect_tcp(

@@ -57,8 +57,15 @@ from ipcd.wire import HEADER, MessageProtocol
 # reactor; the rest of the read waits for a later turn, its transport not
 # read meanwhile.  A peer sending tiny frames (empty pings: 6 bytes) puts
 # about 11,000 in a 64 KiB read, all parsed in one turn otherwise: a few
-# such peers starved every other connection of seconds.  Reads longer than
-# the smallest frames of a budget reach autobahn frame by frame (see frames).
+# such peers starved every other connection of seconds.  Frames sent in the
+# opening handshake's read, before its answer, wait until the WebSocket is
+# open and are held to the same budget.  Reads longer than the smallest
+# frames of a budget reach autobahn frame by frame (see frames).  Against
+# 64 and 256 (a real ipcd, 40 peers flooding empty pings): another client's
+# lookup and round trip took about 0.3, 0.4 and 0.9 s at the median, and the
+# WebSocket RTT and bulk benchmarks did not tell them apart; but with 64 a
+# client pipelining tiny messages got about half as many through in the
+# quietest runs (each turn's own cost paid twice as often).
 FRAME_BUDGET = 128
 SPLIT_ABOVE = 2 * FRAME_BUDGET  # 2 bytes: an empty unmasked frame
 
@@ -144,10 +151,10 @@ class WebSocketSide(BoundedPeer):
     _relaying = False  # autobahn's writes now are a relayed message's frames
     # Within a read of either end: what it relays is sent at its end.
     _inSocketRead = False
-    _inWebSocketRead = False
     _smallMax = 0  # see _smallMessageLimit: set once the bridge is joined
     _cut: Any = None  # aborts a connection closed after what it holds is sent
-    # Read but beyond a turn's FRAME_BUDGET: parsed by _parseBacklog's call.
+    # Read but beyond a turn's FRAME_BUDGET, or sent with the opening
+    # handshake: parsed by _parseBacklog's call (once the WebSocket is open).
     _backlog: bytes | None = None
     _backlogCall: Any = None
 
@@ -189,6 +196,11 @@ class WebSocketSide(BoundedPeer):
         self._toSocket = Outbox(side.transport)
         self._smallMax = self._smallMessageLimit()
         self.readPauses.resume(HANDSHAKE)
+        if self._backlog:
+            self._parseLater()  # what came after the opening handshake's head
+        else:
+            self._backlog = None
+            self.readPauses.resume(BACKLOG)
 
     # autobahn's per-message path, less what a bridge does not use: its
     # Twisted adapter's dataReceived and its sendData format a debug line
@@ -200,16 +212,25 @@ class WebSocketSide(BoundedPeer):
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self._backlog is not None:
-            # Still parsing an earlier read (the transport may hand over
-            # what it already held after the pause): after it, in order.
+            # Still parsing an earlier read, or the WebSocket not open yet
+            # (the transport may hand over what it already held after the
+            # pause): after it, in order.
             self._backlog += data
             return
         head = self._head
         if head is not None:
-            whole = self._readHead(head, data)
-            if whole is None:
+            read = self._readHead(head, data)
+            if read is None:
                 return
-            data = whole
+            data, early = read
+            # autobahn gets the head alone.  Frames sent with it, before its
+            # answer, wait until the WebSocket is open, then are parsed on
+            # the budget of any read's: autobahn would parse them all at once
+            # (11,000 empty pings in a 64 KiB read).  Anything else handed
+            # over before it opens waits too (TLS hands over a read's
+            # records one after another, its transport paused or not).
+            self._backlog = early
+            self.readPauses.pause(BACKLOG)
         self._parseRead(data)
         if head is not None and self.state == self.STATE_CONNECTING:  # type: ignore[attr-defined]
             # The server awaits the service's lookup: nothing more is read
@@ -217,19 +238,17 @@ class WebSocketSide(BoundedPeer):
             self.readPauses.pause(HANDSHAKE)
 
     def _parseRead(self, data: bytes) -> None:
-        self._inWebSocketRead = True
-        try:
-            if len(data) <= SMALL + 6 and self._smallMessage(data):
-                pass  # taken whole
-            elif len(data) > SPLIT_ABOVE and self.state in (
-                self.STATE_OPEN,  # type: ignore[attr-defined]
-                self.STATE_CLOSING,  # type: ignore[attr-defined]
-            ):
-                self._frameByFrame(data)
-            else:
-                compat_autobahn.feed(self, data)
-        finally:
-            self._inWebSocketRead = False
+        # Every frame is parsed here (those sent with the opening handshake
+        # too): the messages of a read go to the service when it is done.
+        if len(data) <= SMALL + 6 and self._smallMessage(data):
+            pass  # taken whole
+        elif len(data) > SPLIT_ABOVE and self.state in (
+            self.STATE_OPEN,  # type: ignore[attr-defined]
+            self.STATE_CLOSING,  # type: ignore[attr-defined]
+        ):
+            self._frameByFrame(data)
+        else:
+            compat_autobahn.feed(self, data)
         outbox = self._toSocket
         if outbox is not None and outbox.pieces:
             outbox.send()
@@ -239,6 +258,9 @@ class WebSocketSide(BoundedPeer):
         """Parse C{rest} on a later turn, not reading the peer until then."""
         self._backlog = rest
         self.readPauses.pause(BACKLOG)
+        self._parseLater()
+
+    def _parseLater(self) -> None:
         self._backlogCall = self.factory.reactor.callLater(0, self._parseBacklog)  # type: ignore[attr-defined]
 
     def _parseBacklog(self) -> None:
@@ -346,9 +368,6 @@ class WebSocketSide(BoundedPeer):
         if outbox is not None and self.messageSide is not None:
             self.stats.forward += len(payload)
             outbox.add(HEADER.pack(len(payload)), payload)  # one send: one write
-            if not self._inWebSocketRead:  # frames that came with the handshake
-                outbox.send()
-                self.messageSide.resetTimeout()
 
     def relayMessage(self, payload: bytes) -> None:  # noqa: N802
         """A message from the libipc end: out as the peer's last type."""

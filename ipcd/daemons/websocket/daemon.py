@@ -43,6 +43,7 @@ from ipcd.daemons.websocket.limits import (
 from ipcd.daemons.websocket.server import WebSocketInboundFactory
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
+from ipcd.listenerkeys import wrapped
 from ipcd.reactors import IHostReactor
 from ipcd.regularfile import NotAFile, TooLarge
 from ipcd.relay import RelayStats
@@ -88,8 +89,10 @@ class WebSocketService(DaemonService):
         # Relays for upstream's control sockets (raw sockets both sides).
         self.relays = self.socket_relays()
         listen = settings["listen"]
+        # TLS on ssl: listeners, haproxy:ssl: ones too (autobahn's
+        # isSecure: https for its origin check, wss in its URLs).
         self.factory = WebSocketInboundFactory(
-            broker, self.settings, secure=listen.startswith("ssl:")
+            broker, self.settings, secure=wrapped(listen)[0] == "ssl"
         )
         self.listen_on(listen, self.factory, lambda reason: BUSY)
         # The listener stops accepting at max_connections, handshakes

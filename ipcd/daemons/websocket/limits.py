@@ -58,12 +58,14 @@ class HeadReader:
     An HTTP head gathered until its blank line, in time linear in what
     arrives: each read is searched for the blank line only where it could
     end (the read, and the 3 bytes before it).  C{held} keeps everything
-    read, the head and what followed it in its last read.
+    read, the head and what followed it in its last read; once the head is
+    whole, C{end} is its length there (its blank line included).
     """
 
     def __init__(self, limit: int = MAX_HEAD) -> None:
         self.limit = limit
         self.held = bytearray()
+        self.end = 0
 
     def feed(self, data: bytes) -> bool:
         """
@@ -79,8 +81,9 @@ class HeadReader:
             if len(held) > self.limit:
                 raise HeadTooLarge(f"no end of head within {self.limit} bytes")
             return False
-        if end + len(_HEAD_END) > self.limit:
-            raise HeadTooLarge(f"a head of {end + len(_HEAD_END)} bytes")
+        self.end = end + len(_HEAD_END)
+        if self.end > self.limit:
+            raise HeadTooLarge(f"a head of {self.end} bytes")
         return True
 
 
@@ -182,8 +185,11 @@ class BoundedPeer:
     # searches all of it again for the blank line, with no limit but the
     # handshake's deadline (megabytes, in time quadratic in them).
 
-    def _readHead(self, head: HeadReader, data: bytes) -> bytes | None:
-        """What to hand autobahn once the head is whole (None before)."""
+    def _readHead(self, head: HeadReader, data: bytes) -> tuple[bytes, bytes] | None:
+        """
+        Once the head is whole, what to hand autobahn (the head) and what
+        followed it in its read; None before.
+        """
         if self.state == self.STATE_CLOSED:  # type: ignore[attr-defined]
             return None  # refused already
         try:
@@ -193,7 +199,8 @@ class BoundedPeer:
             self.headTooLarge(str(e))
             return None
         self._head = None
-        return bytes(head.held)
+        held = head.held
+        return bytes(held[: head.end]), bytes(held[head.end :])
 
     def headTooLarge(self, reason: str) -> None:  # noqa: N802
         """The peer's opening handshake head is too long: refuse it."""
