@@ -17,13 +17,15 @@ import threading
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from ipcd.checkers import non_negative_number, positive_number
 from ipcd.config import (
+    _SCHEMA,
     MAX_CONFIG_FILE,
     Config,
     ConfigError,
     load_config,
 )
-from ipcd.daemons import settings_of
+from ipcd.daemons import default_registry, settings_of
 from ipcd.daemons.tcp import DEFAULT_LISTEN as DEFAULT_TCP_LISTEN
 from ipcd.daemons.tcp import tcpd
 from ipcd.instancelock import take_instance_lock
@@ -206,16 +208,22 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
             ("max_connections = 0", "greater than 0"),
             ("peer_prefix_ipv4 = 33", "from 0 to 32"),
             ("idle_timeout = -1", "0 or more"),
-            ("idle_timeout = true", "0 or more (0: no deadline), got true"),
-            ('idle_timeout = "5"', "0 or more (0: no deadline), got '5'"),
+            (
+                "idle_timeout = true",
+                "(0: no deadline) and at most 604800 (a week), got true",
+            ),
+            (
+                'idle_timeout = "5"',
+                "(0: no deadline) and at most 604800 (a week), got '5'",
+            ),
             ("max_connections_per_peer = true", "greater than 0, got true"),
             ("control_timeout = 0", "greater than 0"),
             # TOML's nan and inf are no numbers of seconds: nan made every
             # connection's timer fail (Twisted's callLater asserts).
-            ("control_timeout = nan", "greater than 0, got nan"),
-            ("control_timeout = inf", "greater than 0, got inf"),
-            ("idle_timeout = nan", "0 or more (0: no deadline), got nan"),
-            ("idle_timeout = inf", "0 or more (0: no deadline), got inf"),
+            ("control_timeout = nan", "(a week), got nan"),
+            ("control_timeout = inf", "(a week), got inf"),
+            ("idle_timeout = nan", "(a week), got nan"),
+            ("idle_timeout = inf", "(a week), got inf"),
         ]:
             message = self.error(f"[limits]\n{text}\n")
             self.assertTrue(message.startswith("[limits] "), message)
@@ -398,18 +406,18 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         """The message names file, key, expectation and the value."""
         self.assertEqual(
             self.error('[ipcd]\nlookup_timeout = "x"\n'),
-            "[ipcd] lookup_timeout: expected a number of seconds greater than 0, "
-            "got 'x'",
+            "[ipcd] lookup_timeout: expected a number of seconds greater than 0 "
+            "and at most 604800 (a week), got 'x'",
         )
 
     def test_notPositive(self) -> None:
         self.assertEqual(
             self.error("[ipcd]\nconnect_timeout = 0\n"),
-            "[ipcd] connect_timeout: expected a number of seconds greater than 0, "
-            "got 0",
+            "[ipcd] connect_timeout: expected a number of seconds greater than 0 "
+            "and at most 604800 (a week), got 0",
         )
         self.assertIn(
-            "expected a number of seconds greater than 0, got -1.5",
+            "(a week), got -1.5",
             self.error("[tcpd]\nhandshake_timeout = -1.5\n"),
         )
 
@@ -423,7 +431,7 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(
             self.error('[websocketd]\nmessage_timeout = "1m"\n'),
             "[websocketd] message_timeout: expected a number of seconds greater "
-            "than 0, got '1m'",
+            "than 0 and at most 604800 (a week), got '1m'",
         )
 
     def test_websocketdMaxConnections(self) -> None:
@@ -434,6 +442,35 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             "[websocketd] max_connections: expected a whole number, 0 or more "
             "(0: no limit), got -1",
         )
+
+    def test_secondsAtMostAWeek(self) -> None:
+        """
+        Every number of seconds, ipcd's and each protocol daemon's, is at
+        most a week: 1e300 was taken (a timer for never), and an integer
+        beyond a float (TOML's have no bound) made a traceback
+        (OverflowError: int too large to convert to float).
+        """
+        huge = "9" * 400
+        keys = [
+            (section, key)
+            for section, table in _SCHEMA.items()
+            for key, (check, _attribute) in table.items()
+            if check in (positive_number, non_negative_number)
+        ]
+        keys += [
+            (daemon.section, setting.key)
+            for daemon in default_registry().values()
+            for setting in daemon.settings
+            if setting.check in (positive_number, non_negative_number)
+        ]
+        self.assertGreater(len(keys), 15)  # 19 today
+        for section, key in keys:
+            at = f"[{section}]\n" if section else ""
+            load_config(self.write(f"{at}{key} = 604800\n"), None, {})
+            for value in ("604800.5", "1e300", huge):
+                message = self.error(f"{at}{key} = {value}\n")
+                self.assertIn(f"{key}: expected a number of seconds", message)
+                self.assertIn("at most 604800 (a week), got ", message)
 
     def test_boolIsNotANumber(self) -> None:
         self.assertIn("got true", self.error("[ipcd]\nlookup_timeout = true\n"))
@@ -963,6 +1000,7 @@ _PROVOKED = {
     "unknown endpoint type 'foo'": (None, ["--tcp", "foo:bar"]),
     "no such group 'nosuchgroup'": ('[control]\ngroup = "nosuchgroup"\n', []),
     "lookup_timeot": ("[ipcd]\nlookup_timeot = 5\n", []),
+    "(a week), got 1e+300": ("[limits]\nidle_timeout = 1e300\n", []),
     "loop a -> b -> a": ('[redirects]\na = "b"\nb = "a"\n', []),
     "sideways": ('rules = ["allow sideways pong"]\n', []),
     "invalid TOML": ("a = =\n", []),
