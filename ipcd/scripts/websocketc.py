@@ -60,7 +60,10 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--timeout: {e}") from None
 
-    def parseArgs(self, url: str, *messages: str) -> None:  # noqa: N802
+    def parseArgs(self, *args: str) -> None:  # noqa: N802
+        if not args:  # Twisted's own would say "Wrong number of arguments."
+            raise usage.UsageError("no URL: give a ws:// or wss:// URL")
+        url, *messages = args
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise usage.UsageError(f"not a ws:// or wss:// URL: {url!r}")

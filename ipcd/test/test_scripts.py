@@ -531,7 +531,41 @@ class ControlTests(SynchronousTestCase):
             exit.code, "ipcd: option --bogus not recognized (see ipcd status --help)"
         )
         exit = self.assertRaises(SystemExit, main, ["restart"])
-        self.assertEqual(exit.code, "ipcd: Unknown command: restart (see ipcd --help)")
+        self.assertEqual(
+            exit.code,
+            "ipcd: unknown command 'restart': ipcd takes options, or the command "
+            "status or reload (see ipcd --help)",
+        )
+
+    def test_subcommandArguments(self) -> None:
+        """
+        ipcd status and reload take no arguments, and say so: Twisted's
+        "Wrong number of arguments." named neither the command nor them.
+        """
+        for argv in (["status", "extra"], ["reload", "extra", "more"]):
+            exit = self.assertRaises(SystemExit, main, argv)
+            self.assertEqual(
+                exit.code,
+                f"ipcd: {argv[0]} takes no arguments, only options: got 'extra' "
+                f"(see ipcd {argv[0]} --help)",
+            )
+
+    def test_websocketcWithoutURL(self) -> None:
+        """websocketc alone: it says a URL is wanted (not "Wrong number...")."""
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        for argv in ([], ["--binary"]):
+            err.truncate(0)
+            err.seek(0)
+            exit = self.assertRaises(SystemExit, websocketc.main, argv)
+            self.assertEqual(exit.code, websocketc.USAGE)
+            self.assertEqual(
+                err.getvalue().splitlines(),
+                [
+                    "websocketc: no URL: give a ws:// or wss:// URL",
+                    websocketc.Options.synopsis,
+                ],
+            )
 
 
 def into_closed_pipe(args: list[str]) -> subprocess.CompletedProcess[bytes]:
