@@ -8,6 +8,7 @@ from __future__ import annotations
 import grp
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import textwrap
 import threading
 
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from ipcd.checkers import non_negative_number, positive_number
 from ipcd.config import (
@@ -1013,6 +1014,12 @@ _PROVOKED = {
         ["--tcp", "tcp:9000:interface=127.0.0.1"],
     ),
     "systemd:domain=INET:index=0": (None, ["--tcp", "systemd:domain=INET:index=0"]),
+    # Needs a process without CAP_NET_BIND_SERVICE: test_privilegedPort.
+    "permission denied (ports below 1024": None,
+    "192.0.2.1 is none of this host's": (
+        None,
+        ["--metrics", "tcp:9101:interface=192.0.2.1"],
+    ),
     "read-only file system": None,  # needs a read-only mount: test_startup's
     "unsafe RUNDIR": (None, ["--rundir", "/run/ipc"]),
     "cannot create RUNDIR": (None, ["--rundir", "/run/ipc/x"]),
@@ -1032,8 +1039,32 @@ class DocumentedErrorsTests(SynchronousTestCase):
             if _PROVOKED[key] is not None:
                 self.assertEqual(self.provoke(*_PROVOKED[key], shown=shown), shown)
 
+    def test_privilegedPort(self) -> None:
+        """
+        A port below 1024 without the privilege: the way out names the
+        privilege, not just "use --tcp ENDPOINT" (as root, run without
+        CAP_NET_BIND_SERVICE in its bounding set).
+        """
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            if int(f.read()) != 1024:
+                raise SkipTest("this kernel lets anyone bind ports below 1024")
+        prefix: list[str] = []
+        if os.geteuid() == 0:
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                raise SkipTest("no setpriv(1) to drop CAP_NET_BIND_SERVICE")
+            prefix = [setpriv, "--bounding-set=-net_bind_service"]
+        [shown] = [line for line in _errors_section() if "ports below" in line]
+        args = ["--tcp", "tcp:80:interface=127.0.0.1"]
+        self.assertEqual(self.provoke(None, args, shown=shown, prefix=prefix), shown)
+
     def provoke(
-        self, toml: str | None, args: list[str], command: str = "ipcd", shown: str = ""
+        self,
+        toml: str | None,
+        args: list[str],
+        command: str = "ipcd",
+        shown: str = "",
+        prefix: list[str] | None = None,
     ) -> str:
         work = short_rundir(self, "ipcd-errors-")
         rundir = os.path.join(work, "run")
@@ -1069,7 +1100,7 @@ class DocumentedErrorsTests(SynchronousTestCase):
             run = "from twisted.scripts.twistd import run; run()"
             args = ["--nodaemon", "ipcd", *args]
         done = subprocess.run(
-            [sys.executable, "-c", run, *args],
+            [*(prefix or []), sys.executable, "-c", run, *args],
             capture_output=True,
             text=True,
             env=python_env(),
