@@ -789,6 +789,52 @@ class FileKindTests(SynchronousTestCase):
         os.chmod(path, 0o664)
         self.assertEqual(len(load_config(path, None, {}).grants), 1)
 
+    def test_openDescriptor(self) -> None:
+        """
+        --config <(...), /dev/fd/N or /dev/stdin: refused at start in one
+        line.  A pipe's was (as a FIFO, without the why); a file's started,
+        and each reload re-read the file as it was opened: after an editor
+        saved it by renaming a new one in place, "reloaded", with the old
+        rules in force.
+        """
+        work = short_rundir(self, "ipcd-fd-")
+        path = os.path.join(work, "ipcd.toml")
+        with open(path, "w") as f:
+            f.write('[redirects]\na = "pong"\n')
+        reader, writer = os.pipe()
+        self.addCleanup(os.close, reader)
+        os.close(writer)
+        with open(path) as opened:
+            fd = opened.fileno()
+            for name, stdin in [
+                (f"/dev/fd/{reader}", None),
+                (f"/proc/self/fd/{fd}", None),
+                ("/dev/stdin", opened),
+            ]:
+                args = ["--config", name, "--no-tcp", "--rundir", work + "/run"]
+                done = subprocess.run(
+                    [sys.executable, "-c", "from ipcd.scripts.ipcd import main; main()"]
+                    + args,
+                    stdin=stdin,
+                    pass_fds=(reader, fd),
+                    capture_output=True,
+                    text=True,
+                    env=python_env(),
+                    timeout=6 * TIMEOUT,
+                )
+                self.assertEqual(
+                    (done.returncode, done.stderr),
+                    (
+                        1,
+                        f"ipcd: {name}: names an open file descriptor: ipcd reads "
+                        "its configuration again at each reload (ipcd reload, "
+                        "SIGHUP), and a descriptor gives a pipe's text once, a "
+                        "file as it was when opened, not as saved since; name "
+                        "the file itself\n",
+                    ),
+                )
+        self.assertFalse(os.path.exists(work + "/run"))
+
     def test_throughASymlink(self) -> None:
         """A symbolic link to the file is read as the file."""
         target = self.mktemp()
