@@ -62,8 +62,8 @@ def control(
     from ipcd.control import request
     from ipcd.logs import printable
     from ipcd.names import CONTROL_NAME, socket_path
-    from ipcd.options import stdout_to_devnull
     from ipcd.rundir import resolve_rundir
+    from ipcd.stdout import stdout_to_devnull
 
     try:
         answer = request(command, rundir)

@@ -34,6 +34,17 @@ OK, USAGE, REFUSED, UNREACHABLE, LOST = 0, 2, 3, 4, 5
 
 class Options(usage.Options):
     synopsis = "websocketc [options] ws://HOST:PORT/SERVICE [MESSAGE ...]"
+    # Twisted's default is __main__'s docstring: none under the console
+    # script, and reflowed into one paragraph (the examples run together)
+    # under python -m.  One paragraph of its own, made to be reflowed.
+    longdesc = (
+        "Talk to a service behind websocketd: each MESSAGE is sent (stdin's "
+        "lines when there is none), each reply printed on a line of its own "
+        "(a binary reply as its raw bytes). Exit status: 0 done, 2 bad usage, "
+        "3 refused (websocketd answered, and did not open the service), "
+        "4 unreachable (no connection, or no answer in time), 5 the "
+        "connection was lost before every reply came."
+    )
     optFlags = [("binary", "b", "Send binary messages (default: text).")]
     optParameters = [
         ("origin", None, None, "An Origin header to send, as a browser would."),
@@ -209,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"websocketc: {e}\n{options.synopsis}", file=sys.stderr)
         sys.exit(USAGE)
     except BrokenPipeError:  # --help's reader is gone: no traceback
-        from ipcd.options import stdout_to_devnull
+        from ipcd.stdout import stdout_to_devnull
 
         stdout_to_devnull()
         sys.exit(1)

@@ -133,6 +133,18 @@ class PongCommandTests(RunningIpcdTestCase):
         self.assertEqual(self.service.broker.counters["lookups"], 0)
 
     @inlineCallbacks
+    def test_answerIntoAClosedPipe(self) -> Any:
+        """
+        C{pong hello | true}: a reader gone before the answer is printed
+        makes no traceback (it made a BrokenPipeError's); the status is 1.
+        """
+        from ipcd.test.test_scripts import into_closed_pipe
+
+        args = ["-m", "ipcd.scripts.pong", "--rundir", self.rundir, "hello"]
+        done = yield deferToThread(into_closed_pipe, args)
+        self.assertEqual((done.returncode, done.stderr), (1, b""))
+
+    @inlineCallbacks
     def test_throughIpcd(self) -> Any:
         set_network(self, "pong unix://pong")
         self.assertEqual((yield self.pong("hello")), (0, "hello\n", ""))

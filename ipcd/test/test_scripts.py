@@ -614,9 +614,48 @@ class HelpReaderGoneTests(SynchronousTestCase):
             ["-c", "from twisted.scripts.twistd import run; run()", "ipcd", "--help"],
             ["-m", "ipcd.scripts.websocketc", "--help"],
             ["-m", "ipcd.scripts.websocketc", "--version"],
+            ["-m", "ipcd.scripts.pong", "--version"],
         ):
             done = into_closed_pipe(args)
             self.assertEqual((done.returncode, done.stderr), (1, b""), args)
+
+
+class PongHelpTests(SynchronousTestCase):
+    def test_helpSaysWhatItDoes(self) -> None:
+        """
+        pong --help names IPC_NETWORK, its exit statuses and the defaults;
+        --version as ipcd's and websocketc's (it had none).
+        """
+        from ipcd.scripts import pong
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        exit = self.assertRaises(SystemExit, pong.main, ["--help"])
+        self.assertEqual(exit.code, 0)
+        text = " ".join(out.getvalue().split())
+        self.assertIn("With IPC_NETWORK set, it asks ipcd (RUNDIR/ipc)", text)
+        self.assertIn("Exit status: 0 answered, 1 the service not reached", text)
+        self.assertIn("2 bad usage.", text)
+        self.assertIn("(default: $RUNDIR, else /tmp/libipc-", text)
+        self.assertIn("above 0 and at most a year (default 10)", text)
+        out.truncate(0)
+        out.seek(0)
+        self.assertEqual(pong.main(["--version"]), 0)
+        self.assertEqual(out.getvalue(), f"pong (ipcd {version()})\n")
+
+    def test_websocketcHelpWithoutMainDocstring(self) -> None:
+        """
+        websocketc --help from its console script (a __main__ with no
+        docstring) gives its exit statuses; it gave none (Twisted's
+        longdesc is __main__'s docstring), and under python -m the
+        docstring's examples ran together.
+        """
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys.modules["__main__"], "__doc__", None)
+        self.assertRaises(SystemExit, websocketc.main, ["--help"])
+        text = " ".join(out.getvalue().split())
+        self.assertIn("Exit status: 0 done, 2 bad usage, 3 refused", text)
 
 
 class RunTests(SynchronousTestCase):
