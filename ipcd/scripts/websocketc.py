@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.util import parse_url
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -70,15 +71,42 @@ class Options(usage.Options):
             self["timeout"] = timeout_option(str(self["timeout"]))
         except ValueError as e:
             raise usage.UsageError(f"--timeout: {e}") from None
+        self["trust"] = _trust(self["ca"]) if self["ca"] else None
 
     def parseArgs(self, *args: str) -> None:  # noqa: N802
         if not args:  # Twisted's own would say "Wrong number of arguments."
             raise usage.UsageError("no URL: give a ws:// or wss:// URL")
         url, *messages = args
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise usage.UsageError(f"not a ws:// or wss:// URL: {url!r}")
+        try:
+            # autobahn's own check, which its factory makes later, inside
+            # the reactor: a port out of range or a broken [::1 raised
+            # there, a traceback and a websocketc that never exited.
+            parse_url(url)
+        except ValueError as e:
+            raise usage.UsageError(f"not a ws:// or wss:// URL: {url!r} ({e})")
         self["url"], self["messages"] = url, list(messages)
+
+
+def _trust(path: str) -> Any:
+    """
+    C{--ca}'s certificate, read before the reactor runs: a file that cannot
+    be read, or is none, is a usage error; read inside, it was a traceback
+    and a websocketc that never exited (and /dev/zero was read until memory
+    ran out).
+    """
+    from OpenSSL.crypto import Error as OpenSSLError
+
+    from ipcd.daemons.websocket.client import trust_root
+    from ipcd.regularfile import NotAFile, TooLarge
+
+    try:
+        return trust_root(path)
+    except OSError as e:
+        raise usage.UsageError(f"--ca {path}: cannot read: {e.strerror}") from None
+    except (NotAFile, TooLarge) as e:
+        raise usage.UsageError(f"--ca {path}: {e}") from None
+    except OpenSSLError:
+        raise usage.UsageError(f"--ca {path}: no PEM certificate in it") from None
 
 
 class Client(WebSocketClientProtocol):
@@ -193,10 +221,7 @@ def run(reactor: IHostReactor, options: Options) -> Deferred[int | None]:
     port = parts.port or (443 if parts.scheme == "wss" else 80)
     endpoint: Any = HostnameEndpoint(reactor, parts.hostname, port, options["timeout"])
     if parts.scheme == "wss":
-        root = ssl.platformTrust()
-        if options["ca"]:
-            with open(options["ca"], "rb") as f:
-                root = ssl.Certificate.loadPEM(f.read())
+        root = options["trust"] or ssl.platformTrust()
         tls = ssl.optionsForClientTLS(parts.hostname, trustRoot=root)
         endpoint = wrapClientTLS(tls, endpoint)
 

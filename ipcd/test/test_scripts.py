@@ -550,6 +550,27 @@ class ControlTests(SynchronousTestCase):
                 f"(see ipcd {argv[0]} --help)",
             )
 
+    def test_websocketcBadURLOrCA(self) -> None:
+        """
+        A URL autobahn refuses, or a --ca file that is unreadable, no file
+        or no certificate: a usage error before the reactor runs.  Each was
+        a traceback inside it and a websocketc that never exited (a port
+        out of range, '[::1', a missing file), or one that read /dev/zero
+        until memory ran out.
+        """
+        for argv, why in [
+            (["ws://127.0.0.1:99999/pong"], "(Port out of range 0-65535)"),
+            (["ws://[::1/pong"], "(Invalid IPv6 URL)"),
+            (["ws://x/y#f"], "non-empty fragment 'f'"),
+            (["--ca", "/nonexistent", "wss://x/y"], "cannot read: No such file"),
+            (["--ca", "/dev/zero", "wss://x/y"], "is a character device"),
+            (["--ca", "/etc/passwd", "wss://x/y"], "no PEM certificate in it"),
+        ]:
+            error = self.assertRaises(
+                usage.UsageError, websocketc.Options().parseOptions, argv
+            )
+            self.assertIn(why, str(error))
+
     def test_websocketcWithoutURL(self) -> None:
         """websocketc alone: it says a URL is wanted (not "Wrong number...")."""
         err = io.StringIO()
