@@ -448,8 +448,9 @@ class ServiceFailureTests(SynchronousTestCase):
         )
         self.assertEqual(
             str(error),
-            "cannot listen on x..y:0: name or service not known "
-            "(use --tcp ENDPOINT or --no-tcp)",
+            "cannot listen on x..y:0: name or service not known (x..y names "
+            "none of this host's addresses: use --tcp ENDPOINT with one of those "
+            "that ip address lists, or --no-tcp)",
         )
         self.assertEqual(left_in(rundir), [])
 
