@@ -29,18 +29,29 @@ class Invalid(Exception):
     """A value of the right shape that names nothing usable: said as it is."""
 
 
+# The longest any configured number of seconds may be: a week.  Far more is
+# a mistake (milliseconds for seconds, 1e300), and TOML's integers have no
+# bound: 10**400 is no float at all (it made a traceback, not an error).
+MAX_SECONDS = 7 * 24 * 3600
+_AT_MOST = f"at most {MAX_SECONDS} (a week)"
+
+
 def _number(value: Any) -> bool:
-    """A number of seconds: TOML's nan and inf are none (a timer of nan fails)."""
+    """
+    A number of seconds up to L{MAX_SECONDS}: TOML's nan and inf are none
+    (a timer of nan fails); an int is compared as it is, before any float.
+    """
     return (
         not isinstance(value, bool)
         and isinstance(value, int | float)
-        and math.isfinite(value)
+        and value <= MAX_SECONDS  # (False for nan)
+        and (isinstance(value, int) or math.isfinite(value))
     )
 
 
 def positive_number(value: Any) -> float:
     if not _number(value) or value <= 0:
-        raise Expected("a number of seconds greater than 0")
+        raise Expected(f"a number of seconds greater than 0 and {_AT_MOST}")
     return float(value)
 
 
@@ -52,7 +63,9 @@ def positive_int(value: Any) -> int:
 
 def non_negative_number(value: Any) -> float:
     if not _number(value) or value < 0:
-        raise Expected("a number of seconds, 0 or more (0: no deadline)")
+        raise Expected(
+            f"a number of seconds, 0 or more (0: no deadline) and {_AT_MOST}"
+        )
     return float(value)
 
 

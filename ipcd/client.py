@@ -40,6 +40,8 @@ DEFAULT_TIMEOUT = 10.0
 # The longest a wait may be bounded by: a year (far longer, and the kernel's
 # or the reactor's timers overflow with an error from deep inside).
 MAX_TIMEOUT = 365 * 24 * 3600.0
+# What a timeout out of range is told, before "got ...".
+EXPECTED_TIMEOUT = f"expected seconds, above 0 and at most {MAX_TIMEOUT:.0f} (a year)"
 
 _TWISTED_NAMES = ("IPCClientEndpoint", "IPCServerEndpoint")
 
@@ -64,10 +66,7 @@ def checked_timeout(timeout: float) -> float:
         or not isinstance(timeout, int | float)
         or not 0 < timeout <= MAX_TIMEOUT  # (False for NaN)
     ):
-        raise ValueError(
-            f"timeout: expected seconds, above 0 and at most {MAX_TIMEOUT:g} "
-            f"(a year), got {timeout!r}"
-        )
+        raise ValueError(f"timeout: {EXPECTED_TIMEOUT}, got {timeout!r}")
     return float(timeout)
 
 
@@ -82,8 +81,9 @@ def timeout_option(text: str) -> float:
         raise ValueError(f"expected seconds, got {text!r}") from None
     try:
         return checked_timeout(seconds)
-    except ValueError as e:
-        raise ValueError(str(e).removeprefix("timeout: ")) from None
+    except ValueError:
+        # As typed: "got '-1'", not the float's "got -1.0".
+        raise ValueError(f"{EXPECTED_TIMEOUT}, got {text!r}") from None
 
 
 def no_ipcd(path: str, error: OSError | str) -> str:

@@ -10,6 +10,7 @@ go through the same validation and errors name where the bad value came from.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -335,6 +336,31 @@ def _guarded(path: str, info: os.stat_result) -> None:
         )
 
 
+# A name of an open file descriptor: /dev/fd/3, /proc/self/fd/3 (bash's
+# <(...) gives /dev/fd/63), /dev/stdin.
+_DESCRIPTOR = re.compile(r"/(dev/fd|proc/(self|thread-self|\d+)(/task/\d+)?/fd)/\d+")
+_STANDARD = ("/dev/stdin", "/dev/stdout", "/dev/stderr")
+
+
+def names_descriptor(path: str) -> bool:
+    """
+    Whether C{path} (or a symbolic link it leads through, as /dev/stdin
+    does) names an open file descriptor, not a file: reopened, that is the
+    very file opened then (the old one, after an editor saved by renaming a
+    new one in place) or a pipe that gives nothing twice.
+    """
+    current = os.path.abspath(path)
+    for _hop in range(40):  # the kernel's own bound on a chain of links
+        if current in _STANDARD or _DESCRIPTOR.fullmatch(current):
+            return True
+        try:
+            target = os.readlink(current)
+        except OSError:  # no link (or nothing): a name of its own
+            return False
+        current = os.path.normpath(os.path.join(os.path.dirname(current), target))
+    return False
+
+
 def read_toml(path: str) -> dict[str, Any]:
     """
     Read a TOML file; syntax errors become L{ConfigError} naming the file.
@@ -342,6 +368,14 @@ def read_toml(path: str) -> dict[str, Any]:
     would stall start-up or a reload (the reactor's thread) until a writer
     came, a device such as C{/dev/zero} would be read until memory ran out.
     """
+    if names_descriptor(path):
+        # ipcd reads it again at each reload: a descriptor cannot be.
+        raise ConfigError(
+            f"{path}: names an open file descriptor: ipcd reads its "
+            "configuration again at each reload (ipcd reload, SIGHUP), and a "
+            "descriptor gives a pipe's text once, a file as it was when "
+            "opened, not as saved since; name the file itself"
+        )
     try:
         data = read_regular(
             path, MAX_CONFIG_FILE, check=lambda info: _guarded(path, info)

@@ -30,7 +30,12 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ipcd.client import DEFAULT_TIMEOUT, MAX_TIMEOUT, checked_timeout, no_ipcd
+from ipcd.client import (
+    DEFAULT_TIMEOUT,
+    EXPECTED_TIMEOUT,
+    checked_timeout,
+    no_ipcd,
+)
 from ipcd.compat import twisted as compat_twisted
 from ipcd.handoff import MAX_REPLY, HandoffError, adopt_into_reactor, check_reply
 from ipcd.names import (
@@ -383,10 +388,8 @@ class IPCClientParser:
         try:
             seconds = checked_timeout(float(timeout))
         except ValueError:
-            raise ValueError(
-                "ipc: timeout: expected seconds, above 0 and at most "
-                f"{MAX_TIMEOUT:g} (a year), got {timeout!r}"
-            ) from None
+            why = f"ipc: timeout: {EXPECTED_TIMEOUT}, got {timeout!r}"
+            raise ValueError(why) from None
         return IPCClientEndpoint(reactor, name, rundir, network, seconds)
 
 

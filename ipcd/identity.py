@@ -39,8 +39,9 @@ class Peer:
     uid: int | None = None
     # What the kernel would check this peer by; None for remote peers.
     credentials: Credentials | None = None
-    # A remote peer's IP address and port, as ipcd.owndials keys them.
-    address: tuple[str, int] | None = None
+    # A remote peer's IP address, port and transport, as ipcd.owndials
+    # keys them.
+    address: tuple[str, int, str] | None = None
 
     def __str__(self) -> str:
         return self.description
@@ -211,7 +212,8 @@ def local_peer(
     return peer
 
 
-def remote_peer(host: str, port: int) -> Peer:
-    """The L{Peer} of a remote address."""
+def remote_peer(host: str, port: int, transport: str = "tcp") -> Peer:
+    """The L{Peer} of a remote address of C{transport} ("tcp" or "udp")."""
     labels = frozenset({f"ip:{host}"})
-    return Peer(host_port(host, port), labels, address=address_of(host, port))
+    address = address_of(host, port, transport)
+    return Peer(host_port(host, port), labels, address=address)

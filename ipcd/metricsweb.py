@@ -42,7 +42,12 @@ from twisted.web.server import Request, Site
 from twisted.web.wsgi import WSGIResource
 
 from ipcd.config import Config
-from ipcd.daemons import StartupError, listener_failure, refuse_unfit_adopted
+from ipcd.daemons import (
+    StartupError,
+    cause_hint,
+    listener_failure,
+    refuse_unfit_adopted,
+)
 from ipcd.limits import (
     ConnectionLimits,
     LimitedEndpoint,
@@ -292,7 +297,9 @@ class MetricsListener(EndpointListener):
         self._reactor = reactor
 
     def hint(self, error: Exception) -> str:
-        return HINT
+        # "Another port" fits a port in use, not an address of no interface.
+        fitting = cause_hint(error, "use --metrics ENDPOINT", "leave --metrics off")
+        return HINT if fitting is None else fitting
 
     def privilegedStartService(self) -> None:  # noqa: N802 (Twisted's name)
         self._start_pool()  # before it listens: a scrape may come at once

@@ -9,7 +9,6 @@ L{Options}: twistd's plugin names that module, not this one.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -19,6 +18,7 @@ from ipcd import version
 from ipcd.compat import twisted as compat_twisted
 from ipcd.config import Config, ConfigError, load_config
 from ipcd.daemons import Flag, Registry, StartupError, default_registry
+from ipcd.stdout import stdout_to_devnull
 
 
 def _pair(option: str, value: str, shape: str = "FROM TO") -> tuple[str, str]:
@@ -196,17 +196,6 @@ class Options(usage.Options):
 class BadConfig(usage.UsageError):
     """The configuration (file or command line) is invalid: the message says
     where and why, so no pointer to the options' help follows it."""
-
-
-def stdout_to_devnull() -> None:
-    """Point stdout's descriptor at /dev/null (Python's own advice for EPIPE)."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):
-        return  # not a real file (a test's): nothing flushed at exit
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    os.close(devnull)
 
 
 def usage_line(error: usage.UsageError, command: str) -> str:

@@ -9,10 +9,10 @@ harmless; routed out again, it is a loop that only the connection limits
 end (128 hops from one request, measured).  L{OwnDials} holds the local
 end of each connection a dialler has open until the far side has answered
 its request, which is when that far side (if it is this ipcd) decides.
-Ends are kept by address and port alone, TCP and UDP together: a peer
-taken for one of ours by mistake would have to be on this host, sending
-from a port that one of ipcd's dials has open, and would only have its own
-request kept from going out again.
+Ends are kept by transport, address and port: TCP's ports are not UDP's,
+and a TCP peer on this host (another program, another ipcd) whose port is
+that of one of udpd's dials is no dial of ours (it was refused as a loop
+while ends were kept without their transport).
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import ipaddress
 from collections import Counter
 from typing import Any
 
-Address = tuple[str, int]
+# (IP address, port, "tcp" or "udp")
+Address = tuple[str, int, str]
 
 
-def address_of(host: str, port: int) -> Address:
-    """An IP address and port as both ends of a connection see it."""
-    return _address(host), port
+def address_of(host: str, port: int, transport: str = "tcp") -> Address:
+    """An IP address and port of C{transport}, as both ends see it."""
+    return _address(host), port, transport
 
 
 # Every remote peer's address is parsed (identity.remote_peer): once per
@@ -48,10 +49,13 @@ class OwnDials:
     def __init__(self) -> None:
         self._ends: Counter[Address] = Counter()
 
-    def add(self, sockname: Any) -> Address | None:
-        """Hold C{sockname} (a socket's C{getsockname()}); what to L{discard}."""
+    def add(self, sockname: Any, transport: str = "tcp") -> Address | None:
+        """
+        Hold C{sockname} (a socket's C{getsockname()}) of C{transport}
+        (C{"tcp"} or C{"udp"}); what to L{discard}.
+        """
         try:
-            end = address_of(sockname[0], sockname[1])
+            end = address_of(sockname[0], sockname[1], transport)
         except (IndexError, TypeError):
             return None  # not an IP socket: nothing of ours to come back
         self._ends[end] += 1
@@ -67,8 +71,9 @@ class OwnDials:
 
     def hold_until(self, local: Any, answered: Any) -> None:
         """
-        Hold C{local} (a connection's Twisted address: C{host}, C{port})
-        until the Deferred C{answered} fires; nothing if it has already.
+        Hold C{local} (a TCP connection's Twisted address: C{host},
+        C{port}) until the Deferred C{answered} fires; nothing if it has
+        already.
         """
         if answered.called:
             return

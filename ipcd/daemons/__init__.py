@@ -175,9 +175,53 @@ def listen_off(value: str | None) -> dict[str, Any]:
 
 def listen_hint(error: Exception, flag: str) -> str:
     """The way out when a listener cannot listen (C{use --tcp ENDPOINT ...})."""
+    fitting = cause_hint(error, f"use --{flag} ENDPOINT", f"--no-{flag}")
+    if fitting is not None:
+        return fitting
     code = getattr(getattr(error, "socketError", error), "errno", None)
     another = "another ipcd? " if code == errno.EADDRINUSE else ""
     return f"{another}use --{flag} ENDPOINT or --no-{flag}"
+
+
+def cause_hint(error: Exception, use: str, off: str) -> str | None:
+    """
+    The way out that fits the cause when a network listener cannot listen
+    (a Twisted C{CannotListenError}), where "use another endpoint" is too
+    little to go on: a privileged port without the privilege, or an address
+    that is none of this host's.  C{use} is how to name another endpoint
+    (C{use --tcp ENDPOINT}), C{off} how to do without (C{--no-tcp}).
+    C{None} for any other cause.
+    """
+    cause = getattr(error, "socketError", error)
+    code = getattr(cause, "errno", None)
+    port = getattr(error, "port", None)
+    if code in (errno.EACCES, errno.EPERM) and isinstance(port, int):
+        lowest = unprivileged_port_start()
+        if 0 < port < lowest:
+            return (
+                f"ports below {lowest} take root or CAP_NET_BIND_SERVICE, which "
+                "systemd grants with AmbientCapabilities=CAP_NET_BIND_SERVICE, "
+                f"or binds for ipcd with socket activation; or {use} with a "
+                f"port of {lowest} or more, or {off}"
+            )
+    if code == errno.EADDRNOTAVAIL or isinstance(cause, socket.gaierror):
+        interface = getattr(error, "interface", None)
+        name = "names" if isinstance(cause, socket.gaierror) else "is"
+        address = f"{interface} {name}" if interface else "that is"
+        return (
+            f"{address} none of this host's addresses: {use} with one of those "
+            f"that ip address lists, or {off}"
+        )
+    return None
+
+
+def unprivileged_port_start() -> int:
+    """The lowest port the kernel lets a process without privilege bind."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024  # the kernel's default, and every other Unix's
 
 
 def check_listener(reactor: IHostReactor, daemon: IProtocolDaemon, listen: str) -> None:

@@ -62,8 +62,8 @@ def control(
     from ipcd.control import request
     from ipcd.logs import printable
     from ipcd.names import CONTROL_NAME, socket_path
-    from ipcd.options import stdout_to_devnull
     from ipcd.rundir import resolve_rundir
+    from ipcd.stdout import stdout_to_devnull
 
     try:
         answer = request(command, rundir)
@@ -163,6 +163,14 @@ def _command_options() -> Any:
             # Its own alone: Twisted's puts the whole parent's before it.
             return str(self.synopsis)
 
+        def parseArgs(self, *args: str) -> None:  # noqa: N802
+            # Twisted's own is "Wrong number of arguments.": say which.
+            if args:
+                name = self.synopsis.split()[2]  # "Usage: ipcd status ..."
+                raise usage.UsageError(
+                    f"{name} takes no arguments, only options: got {args[0]!r}"
+                )
+
         def opt_version(self) -> None:
             """Print ipcd's version and exit."""
             print(f"ipcd {version()}")
@@ -206,6 +214,19 @@ def _command_options() -> Any:
                 "Make the running ipcd re-read its configuration.",
             ],
         ]
+
+        def parseOptions(self, options: Any = None) -> None:  # noqa: N802
+            try:
+                super().parseOptions(options)
+            except usage.UsageError as e:
+                # Twisted's "Unknown command: x" names none that there is.
+                unknown = str(e).removeprefix("Unknown command: ")
+                if unknown == str(e) or self.subCommand is not None:
+                    raise
+                raise usage.UsageError(
+                    f"unknown command {unknown!r}: ipcd takes options, or the "
+                    "command status or reload"
+                ) from None
 
         def postOptions(self) -> None:
             if self.subCommand is None:

@@ -17,6 +17,7 @@ from ipcd.client import DEFAULT_TIMEOUT, connect, timeout_option
 from ipcd.framing import MessageTooLarge, recv_message, send_message
 from ipcd.names import InvalidServiceName, socket_path
 from ipcd.rundir import resolve_rundir
+from ipcd.stdout import stdout_to_devnull
 
 
 def _where(service: str, rundir: str | None) -> str:
@@ -39,18 +40,32 @@ def _seconds(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="pong", description="Send a message to an echo service, print the echo."
+        prog="pong",
+        description="Send a message to an echo service, print the echo.",
+        epilog="With IPC_NETWORK set, it asks ipcd (RUNDIR/ipc) for the "
+        "service, as a libipc program does. Exit status: 0 answered, 1 the "
+        "service not reached or silent, 2 bad usage.",
     )
     parser.add_argument("message", nargs="*", help="the message (default: 'ping')")
     parser.add_argument("-s", "--service", default="pong", help="service name")
-    parser.add_argument("--rundir", help="socket directory (default: $RUNDIR)")
+    parser.add_argument(
+        "--rundir", help="socket directory (default: $RUNDIR, else /tmp/libipc-run)"
+    )
     parser.add_argument(
         "--timeout",
         type=_seconds,
         default=DEFAULT_TIMEOUT,
-        help=f"seconds (default {DEFAULT_TIMEOUT:g})",
+        help="seconds to connect and for the answer, above 0 and at most a year "
+        f"(default {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--version", action="store_true", help="print pong's version (ipcd's)"
     )
     args = parser.parse_args(argv)
+    if args.version:  # (the package's metadata: read only when asked)
+        from ipcd import version
+
+        return _say(f"pong (ipcd {version()})")
     message = " ".join(args.message) if args.message else "ping"
     try:
         with connect(args.service, rundir=args.rundir, timeout=args.timeout) as sock:
@@ -66,7 +81,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    print(answer.decode("utf-8", "replace"))
+    return _say(answer.decode("utf-8", "replace"))
+
+
+def _say(text: str) -> int:
+    """Print C{text}: 0, or 1 when stdout's reader is gone (no traceback)."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_to_devnull()
+        return 1
     return 0
 
 

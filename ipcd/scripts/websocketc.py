@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.util import parse_url
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -34,6 +35,17 @@ OK, USAGE, REFUSED, UNREACHABLE, LOST = 0, 2, 3, 4, 5
 
 class Options(usage.Options):
     synopsis = "websocketc [options] ws://HOST:PORT/SERVICE [MESSAGE ...]"
+    # Twisted's default is __main__'s docstring: none under the console
+    # script, and reflowed into one paragraph (the examples run together)
+    # under python -m.  One paragraph of its own, made to be reflowed.
+    longdesc = (
+        "Talk to a service behind websocketd: each MESSAGE is sent (stdin's "
+        "lines when there is none), each reply printed on a line of its own "
+        "(a binary reply as its raw bytes). Exit status: 0 done, 2 bad usage, "
+        "3 refused (websocketd answered, and did not open the service), "
+        "4 unreachable (no connection, or no answer in time), 5 the "
+        "connection was lost before every reply came."
+    )
     optFlags = [("binary", "b", "Send binary messages (default: text).")]
     optParameters = [
         ("origin", None, None, "An Origin header to send, as a browser would."),
@@ -59,12 +71,42 @@ class Options(usage.Options):
             self["timeout"] = timeout_option(str(self["timeout"]))
         except ValueError as e:
             raise usage.UsageError(f"--timeout: {e}") from None
+        self["trust"] = _trust(self["ca"]) if self["ca"] else None
 
-    def parseArgs(self, url: str, *messages: str) -> None:  # noqa: N802
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise usage.UsageError(f"not a ws:// or wss:// URL: {url!r}")
+    def parseArgs(self, *args: str) -> None:  # noqa: N802
+        if not args:  # Twisted's own would say "Wrong number of arguments."
+            raise usage.UsageError("no URL: give a ws:// or wss:// URL")
+        url, *messages = args
+        try:
+            # autobahn's own check, which its factory makes later, inside
+            # the reactor: a port out of range or a broken [::1 raised
+            # there, a traceback and a websocketc that never exited.
+            parse_url(url)
+        except ValueError as e:
+            raise usage.UsageError(f"not a ws:// or wss:// URL: {url!r} ({e})")
         self["url"], self["messages"] = url, list(messages)
+
+
+def _trust(path: str) -> Any:
+    """
+    C{--ca}'s certificate, read before the reactor runs: a file that cannot
+    be read, or is none, is a usage error; read inside, it was a traceback
+    and a websocketc that never exited (and /dev/zero was read until memory
+    ran out).
+    """
+    from OpenSSL.crypto import Error as OpenSSLError
+
+    from ipcd.daemons.websocket.client import trust_root
+    from ipcd.regularfile import NotAFile, TooLarge
+
+    try:
+        return trust_root(path)
+    except OSError as e:
+        raise usage.UsageError(f"--ca {path}: cannot read: {e.strerror}") from None
+    except (NotAFile, TooLarge) as e:
+        raise usage.UsageError(f"--ca {path}: {e}") from None
+    except OpenSSLError:
+        raise usage.UsageError(f"--ca {path}: no PEM certificate in it") from None
 
 
 class Client(WebSocketClientProtocol):
@@ -179,10 +221,7 @@ def run(reactor: IHostReactor, options: Options) -> Deferred[int | None]:
     port = parts.port or (443 if parts.scheme == "wss" else 80)
     endpoint: Any = HostnameEndpoint(reactor, parts.hostname, port, options["timeout"])
     if parts.scheme == "wss":
-        root = ssl.platformTrust()
-        if options["ca"]:
-            with open(options["ca"], "rb") as f:
-                root = ssl.Certificate.loadPEM(f.read())
+        root = options["trust"] or ssl.platformTrust()
         tls = ssl.optionsForClientTLS(parts.hostname, trustRoot=root)
         endpoint = wrapClientTLS(tls, endpoint)
 
@@ -206,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"websocketc: {e}\n{options.synopsis}", file=sys.stderr)
         sys.exit(USAGE)
     except BrokenPipeError:  # --help's reader is gone: no traceback
-        from ipcd.options import stdout_to_devnull
+        from ipcd.stdout import stdout_to_devnull
 
         stdout_to_devnull()
         sys.exit(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from ipcd.handoff import (
 )
 from ipcd.scripts import pong
 from ipcd.test.support import (
+    REPO,
     TIMEOUT,
     RunningIpcdTestCase,
     accepts,
@@ -129,6 +131,18 @@ class PongCommandTests(RunningIpcdTestCase):
     def test_direct(self) -> Any:
         self.assertEqual((yield self.pong("hello", "world")), (0, "hello world\n", ""))
         self.assertEqual(self.service.broker.counters["lookups"], 0)
+
+    @inlineCallbacks
+    def test_answerIntoAClosedPipe(self) -> Any:
+        """
+        C{pong hello | true}: a reader gone before the answer is printed
+        makes no traceback (it made a BrokenPipeError's); the status is 1.
+        """
+        from ipcd.test.test_scripts import into_closed_pipe
+
+        args = ["-m", "ipcd.scripts.pong", "--rundir", self.rundir, "hello"]
+        done = yield deferToThread(into_closed_pipe, args)
+        self.assertEqual((done.returncode, done.stderr), (1, b""))
 
     @inlineCallbacks
     def test_throughIpcd(self) -> Any:
@@ -492,6 +506,39 @@ class TimeoutTests(SynchronousTestCase):
                 last,
             )
             self.assertIn(repr(value) if value == "x" else value, last)
+
+
+class UsageStatusTests(SynchronousTestCase):
+    """Each command's status for a usage error is the one its docs give."""
+
+    def status(self, module: str, *argv: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-m", f"ipcd.scripts.{module}", *argv],
+            capture_output=True,
+            env=python_env(),
+            timeout=6 * TIMEOUT,
+        )
+        self.assertEqual(done.stdout, b"")
+        self.assertIn(b"--bogus", done.stderr)
+        return done.returncode
+
+    def test_asDocumented(self) -> None:
+        """
+        pong and websocketc exit 2 on a usage error (argparse's, the common
+        convention), ipcd 1 (every start-up failure's, as twistd's own);
+        docs/quickstart.rst said only "exits 1" for pong.
+        """
+        docs = os.path.join(REPO, "docs")
+        with open(os.path.join(docs, "quickstart.rst")) as f:
+            quickstart = " ".join(f.read().split())
+        with open(os.path.join(docs, "api.rst")) as f:
+            api = " ".join(f.read().split())
+        [pong_says] = re.findall(r"A usage error \(.*?\) exits (\d)", quickstart)
+        [ipcd_says] = re.findall(r"usage error too, with status (\d)", quickstart)
+        [websocketc_says] = re.findall(r"exit status 0 done, (\d) usage", api)
+        self.assertEqual(self.status("pong", "--bogus"), int(pong_says))
+        self.assertEqual(self.status("websocketc", "--bogus"), int(websocketc_says))
+        self.assertEqual(self.status("ipcd", "--bogus"), int(ipcd_says))
 
 
 class NoIpcdTests(TestCase):

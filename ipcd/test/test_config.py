@@ -8,6 +8,7 @@ from __future__ import annotations
 import grp
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,15 +16,17 @@ import textwrap
 import threading
 
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from ipcd.checkers import non_negative_number, positive_number
 from ipcd.config import (
+    _SCHEMA,
     MAX_CONFIG_FILE,
     Config,
     ConfigError,
     load_config,
 )
-from ipcd.daemons import settings_of
+from ipcd.daemons import default_registry, settings_of
 from ipcd.daemons.tcp import DEFAULT_LISTEN as DEFAULT_TCP_LISTEN
 from ipcd.daemons.tcp import tcpd
 from ipcd.instancelock import take_instance_lock
@@ -207,16 +210,22 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
             ("max_connections = 0", "greater than 0"),
             ("peer_prefix_ipv4 = 33", "from 0 to 32"),
             ("idle_timeout = -1", "0 or more"),
-            ("idle_timeout = true", "0 or more (0: no deadline), got true"),
-            ('idle_timeout = "5"', "0 or more (0: no deadline), got '5'"),
+            (
+                "idle_timeout = true",
+                "(0: no deadline) and at most 604800 (a week), got true",
+            ),
+            (
+                'idle_timeout = "5"',
+                "(0: no deadline) and at most 604800 (a week), got '5'",
+            ),
             ("max_connections_per_peer = true", "greater than 0, got true"),
             ("control_timeout = 0", "greater than 0"),
             # TOML's nan and inf are no numbers of seconds: nan made every
             # connection's timer fail (Twisted's callLater asserts).
-            ("control_timeout = nan", "greater than 0, got nan"),
-            ("control_timeout = inf", "greater than 0, got inf"),
-            ("idle_timeout = nan", "0 or more (0: no deadline), got nan"),
-            ("idle_timeout = inf", "0 or more (0: no deadline), got inf"),
+            ("control_timeout = nan", "(a week), got nan"),
+            ("control_timeout = inf", "(a week), got inf"),
+            ("idle_timeout = nan", "(a week), got nan"),
+            ("idle_timeout = inf", "(a week), got inf"),
         ]:
             message = self.error(f"[limits]\n{text}\n")
             self.assertTrue(message.startswith("[limits] "), message)
@@ -399,18 +408,18 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         """The message names file, key, expectation and the value."""
         self.assertEqual(
             self.error('[ipcd]\nlookup_timeout = "x"\n'),
-            "[ipcd] lookup_timeout: expected a number of seconds greater than 0, "
-            "got 'x'",
+            "[ipcd] lookup_timeout: expected a number of seconds greater than 0 "
+            "and at most 604800 (a week), got 'x'",
         )
 
     def test_notPositive(self) -> None:
         self.assertEqual(
             self.error("[ipcd]\nconnect_timeout = 0\n"),
-            "[ipcd] connect_timeout: expected a number of seconds greater than 0, "
-            "got 0",
+            "[ipcd] connect_timeout: expected a number of seconds greater than 0 "
+            "and at most 604800 (a week), got 0",
         )
         self.assertIn(
-            "expected a number of seconds greater than 0, got -1.5",
+            "(a week), got -1.5",
             self.error("[tcpd]\nhandshake_timeout = -1.5\n"),
         )
 
@@ -424,7 +433,7 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(
             self.error('[websocketd]\nmessage_timeout = "1m"\n'),
             "[websocketd] message_timeout: expected a number of seconds greater "
-            "than 0, got '1m'",
+            "than 0 and at most 604800 (a week), got '1m'",
         )
 
     def test_websocketdMaxConnections(self) -> None:
@@ -435,6 +444,35 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             "[websocketd] max_connections: expected a whole number, 0 or more "
             "(0: no limit), got -1",
         )
+
+    def test_secondsAtMostAWeek(self) -> None:
+        """
+        Every number of seconds, ipcd's and each protocol daemon's, is at
+        most a week: 1e300 was taken (a timer for never), and an integer
+        beyond a float (TOML's have no bound) made a traceback
+        (OverflowError: int too large to convert to float).
+        """
+        huge = "9" * 400
+        keys = [
+            (section, key)
+            for section, table in _SCHEMA.items()
+            for key, (check, _attribute) in table.items()
+            if check in (positive_number, non_negative_number)
+        ]
+        keys += [
+            (daemon.section, setting.key)
+            for daemon in default_registry().values()
+            for setting in daemon.settings
+            if setting.check in (positive_number, non_negative_number)
+        ]
+        self.assertGreater(len(keys), 15)  # 19 today
+        for section, key in keys:
+            at = f"[{section}]\n" if section else ""
+            load_config(self.write(f"{at}{key} = 604800\n"), None, {})
+            for value in ("604800.5", "1e300", huge):
+                message = self.error(f"{at}{key} = {value}\n")
+                self.assertIn(f"{key}: expected a number of seconds", message)
+                self.assertIn("at most 604800 (a week), got ", message)
 
     def test_boolIsNotANumber(self) -> None:
         self.assertIn("got true", self.error("[ipcd]\nlookup_timeout = true\n"))
@@ -774,6 +812,52 @@ class FileKindTests(SynchronousTestCase):
         os.chmod(path, 0o664)
         self.assertEqual(len(load_config(path, None, {}).grants), 1)
 
+    def test_openDescriptor(self) -> None:
+        """
+        --config <(...), /dev/fd/N or /dev/stdin: refused at start in one
+        line.  A pipe's was (as a FIFO, without the why); a file's started,
+        and each reload re-read the file as it was opened: after an editor
+        saved it by renaming a new one in place, "reloaded", with the old
+        rules in force.
+        """
+        work = short_rundir(self, "ipcd-fd-")
+        path = os.path.join(work, "ipcd.toml")
+        with open(path, "w") as f:
+            f.write('[redirects]\na = "pong"\n')
+        reader, writer = os.pipe()
+        self.addCleanup(os.close, reader)
+        os.close(writer)
+        with open(path) as opened:
+            fd = opened.fileno()
+            for name, stdin in [
+                (f"/dev/fd/{reader}", None),
+                (f"/proc/self/fd/{fd}", None),
+                ("/dev/stdin", opened),
+            ]:
+                args = ["--config", name, "--no-tcp", "--rundir", work + "/run"]
+                done = subprocess.run(
+                    [sys.executable, "-c", "from ipcd.scripts.ipcd import main; main()"]
+                    + args,
+                    stdin=stdin,
+                    pass_fds=(reader, fd),
+                    capture_output=True,
+                    text=True,
+                    env=python_env(),
+                    timeout=6 * TIMEOUT,
+                )
+                self.assertEqual(
+                    (done.returncode, done.stderr),
+                    (
+                        1,
+                        f"ipcd: {name}: names an open file descriptor: ipcd reads "
+                        "its configuration again at each reload (ipcd reload, "
+                        "SIGHUP), and a descriptor gives a pipe's text once, a "
+                        "file as it was when opened, not as saved since; name "
+                        "the file itself\n",
+                    ),
+                )
+        self.assertFalse(os.path.exists(work + "/run"))
+
     def test_throughASymlink(self) -> None:
         """A symbolic link to the file is read as the file."""
         target = self.mktemp()
@@ -986,6 +1070,7 @@ _PROVOKED = {
     "unknown endpoint type 'foo'": (None, ["--tcp", "foo:bar"]),
     "no such group 'nosuchgroup'": ('[control]\ngroup = "nosuchgroup"\n', []),
     "lookup_timeot": ("[ipcd]\nlookup_timeot = 5\n", []),
+    "(a week), got 1e+300": ("[limits]\nidle_timeout = 1e300\n", []),
     "loop a -> b -> a": ('[redirects]\na = "b"\nb = "a"\n', []),
     "sideways": ('rules = ["allow sideways pong"]\n', []),
     "invalid TOML": ("a = =\n", []),
@@ -998,6 +1083,12 @@ _PROVOKED = {
         ["--tcp", "tcp:9000:interface=127.0.0.1"],
     ),
     "systemd:domain=INET:index=0": (None, ["--tcp", "systemd:domain=INET:index=0"]),
+    # Needs a process without CAP_NET_BIND_SERVICE: test_privilegedPort.
+    "permission denied (ports below 1024": None,
+    "192.0.2.1 is none of this host's": (
+        None,
+        ["--metrics", "tcp:9101:interface=192.0.2.1"],
+    ),
     "read-only file system": None,  # needs a read-only mount: test_startup's
     "unsafe RUNDIR": (None, ["--rundir", "/run/ipc"]),
     "cannot create RUNDIR": (None, ["--rundir", "/run/ipc/x"]),
@@ -1017,8 +1108,32 @@ class DocumentedErrorsTests(SynchronousTestCase):
             if _PROVOKED[key] is not None:
                 self.assertEqual(self.provoke(*_PROVOKED[key], shown=shown), shown)
 
+    def test_privilegedPort(self) -> None:
+        """
+        A port below 1024 without the privilege: the way out names the
+        privilege, not just "use --tcp ENDPOINT" (as root, run without
+        CAP_NET_BIND_SERVICE in its bounding set).
+        """
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            if int(f.read()) != 1024:
+                raise SkipTest("this kernel lets anyone bind ports below 1024")
+        prefix: list[str] = []
+        if os.geteuid() == 0:
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                raise SkipTest("no setpriv(1) to drop CAP_NET_BIND_SERVICE")
+            prefix = [setpriv, "--bounding-set=-net_bind_service"]
+        [shown] = [line for line in _errors_section() if "ports below" in line]
+        args = ["--tcp", "tcp:80:interface=127.0.0.1"]
+        self.assertEqual(self.provoke(None, args, shown=shown, prefix=prefix), shown)
+
     def provoke(
-        self, toml: str | None, args: list[str], command: str = "ipcd", shown: str = ""
+        self,
+        toml: str | None,
+        args: list[str],
+        command: str = "ipcd",
+        shown: str = "",
+        prefix: list[str] | None = None,
     ) -> str:
         work = short_rundir(self, "ipcd-errors-")
         rundir = os.path.join(work, "run")
@@ -1054,7 +1169,7 @@ class DocumentedErrorsTests(SynchronousTestCase):
             run = "from twisted.scripts.twistd import run; run()"
             args = ["--nodaemon", "ipcd", *args]
         done = subprocess.run(
-            [sys.executable, "-c", run, *args],
+            [*(prefix or []), sys.executable, "-c", run, *args],
             capture_output=True,
             text=True,
             env=python_env(),

@@ -15,12 +15,17 @@ import glob
 import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.daemons.tls.ktls import ktls_available
 from ipcd.test import vm
 from ipcd.test.ktlssupport import NO_ULP
+from ipcd.test.support import TIMEOUT, python_env
 
 VM_SECONDS = 600.0
 
@@ -157,3 +162,46 @@ class FindVmTests(SynchronousTestCase):
     def test_no_busybox(self) -> None:
         self.path_with("qemu-system-x86_64", "virtme-run")
         self.assertIn("apt-get install busybox-static", vm.find_vm())
+
+
+# Run by a Python from a venv under /tmp: the VM script's first part (its
+# mounts), then that Python, in a private mount namespace (with a /run of its
+# own, so that nothing is made in the host's); what it says, in the result
+# folder.
+_IN_NAMESPACE = """
+import os, sys
+from ipcd.test import vm
+said = vm.OUT + "/said"
+script = "mount -t tmpfs tmpfs /run &&\\n" + vm._prelude(sys.argv[1])
+script += 'exec "$PYTHON" -c "import ipcd.test.vm, sys; print(sys.prefix)" >' + said
+private = ["unshare", "--mount", "--propagation", "private"]
+os.execvp("unshare", [*private, "sh", "-c", script])
+"""
+
+
+class FreshTmpTests(SynchronousTestCase):
+    def test_pythonUnderTmp(self) -> None:
+        """
+        A Python from a venv under /tmp (tox's, a CI's) still runs after the
+        VM's fresh /tmp covers the host's: it ended in "exec:
+        /tmp/.../bin/python: not found" (status 127) inside the VM.
+        """
+        if os.geteuid() != 0 or shutil.which("unshare") is None:
+            raise self.skipTest("needs root and unshare(1): a mount namespace")
+        base = tempfile.mkdtemp(prefix="ipcd-vm-venv-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, base, True)
+        venv, shared = os.path.join(base, "venv"), os.path.join(base, "shared")
+        os.mkdir(shared)
+        made = [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip"]
+        subprocess.run([*made, venv], check=True, timeout=6 * TIMEOUT)
+        python = os.path.join(venv, "bin", "python")
+        done = subprocess.run(
+            [python, "-c", _IN_NAMESPACE, shared],
+            capture_output=True,
+            text=True,
+            env=python_env(),
+            timeout=6 * TIMEOUT,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        with open(os.path.join(shared, "said")) as f:
+            self.assertEqual(f.read().strip(), venv)

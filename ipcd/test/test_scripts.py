@@ -501,12 +501,12 @@ class ControlTests(SynchronousTestCase):
         a traceback (Twisted's callLater asserting), 0 a "User timeout
         caused connection failure".
         """
-        bound = "expected seconds, above 0 and at most 3.1536e+07 (a year)"
+        bound = "expected seconds, above 0 and at most 31536000 (a year)"
         for value, why in [
-            ("0", f"{bound}, got 0.0"),
-            ("-1", f"{bound}, got -1.0"),
-            ("nan", f"{bound}, got nan"),
-            ("inf", f"{bound}, got inf"),
+            ("0", f"{bound}, got '0'"),
+            ("-1", f"{bound}, got '-1'"),
+            ("nan", f"{bound}, got 'nan'"),
+            ("inf", f"{bound}, got 'inf'"),
             ("abc", "expected seconds, got 'abc'"),
         ]:
             argv = ["--timeout", value, "ws://127.0.0.1:1/pong", "x"]
@@ -531,7 +531,62 @@ class ControlTests(SynchronousTestCase):
             exit.code, "ipcd: option --bogus not recognized (see ipcd status --help)"
         )
         exit = self.assertRaises(SystemExit, main, ["restart"])
-        self.assertEqual(exit.code, "ipcd: Unknown command: restart (see ipcd --help)")
+        self.assertEqual(
+            exit.code,
+            "ipcd: unknown command 'restart': ipcd takes options, or the command "
+            "status or reload (see ipcd --help)",
+        )
+
+    def test_subcommandArguments(self) -> None:
+        """
+        ipcd status and reload take no arguments, and say so: Twisted's
+        "Wrong number of arguments." named neither the command nor them.
+        """
+        for argv in (["status", "extra"], ["reload", "extra", "more"]):
+            exit = self.assertRaises(SystemExit, main, argv)
+            self.assertEqual(
+                exit.code,
+                f"ipcd: {argv[0]} takes no arguments, only options: got 'extra' "
+                f"(see ipcd {argv[0]} --help)",
+            )
+
+    def test_websocketcBadURLOrCA(self) -> None:
+        """
+        A URL autobahn refuses, or a --ca file that is unreadable, no file
+        or no certificate: a usage error before the reactor runs.  Each was
+        a traceback inside it and a websocketc that never exited (a port
+        out of range, '[::1', a missing file), or one that read /dev/zero
+        until memory ran out.
+        """
+        for argv, why in [
+            (["ws://127.0.0.1:99999/pong"], "(Port out of range 0-65535)"),
+            (["ws://[::1/pong"], "(Invalid IPv6 URL)"),
+            (["ws://x/y#f"], "non-empty fragment 'f'"),
+            (["--ca", "/nonexistent", "wss://x/y"], "cannot read: No such file"),
+            (["--ca", "/dev/zero", "wss://x/y"], "is a character device"),
+            (["--ca", "/etc/passwd", "wss://x/y"], "no PEM certificate in it"),
+        ]:
+            error = self.assertRaises(
+                usage.UsageError, websocketc.Options().parseOptions, argv
+            )
+            self.assertIn(why, str(error))
+
+    def test_websocketcWithoutURL(self) -> None:
+        """websocketc alone: it says a URL is wanted (not "Wrong number...")."""
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        for argv in ([], ["--binary"]):
+            err.truncate(0)
+            err.seek(0)
+            exit = self.assertRaises(SystemExit, websocketc.main, argv)
+            self.assertEqual(exit.code, websocketc.USAGE)
+            self.assertEqual(
+                err.getvalue().splitlines(),
+                [
+                    "websocketc: no URL: give a ws:// or wss:// URL",
+                    websocketc.Options.synopsis,
+                ],
+            )
 
 
 def into_closed_pipe(args: list[str]) -> subprocess.CompletedProcess[bytes]:
@@ -580,9 +635,48 @@ class HelpReaderGoneTests(SynchronousTestCase):
             ["-c", "from twisted.scripts.twistd import run; run()", "ipcd", "--help"],
             ["-m", "ipcd.scripts.websocketc", "--help"],
             ["-m", "ipcd.scripts.websocketc", "--version"],
+            ["-m", "ipcd.scripts.pong", "--version"],
         ):
             done = into_closed_pipe(args)
             self.assertEqual((done.returncode, done.stderr), (1, b""), args)
+
+
+class PongHelpTests(SynchronousTestCase):
+    def test_helpSaysWhatItDoes(self) -> None:
+        """
+        pong --help names IPC_NETWORK, its exit statuses and the defaults;
+        --version as ipcd's and websocketc's (it had none).
+        """
+        from ipcd.scripts import pong
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        exit = self.assertRaises(SystemExit, pong.main, ["--help"])
+        self.assertEqual(exit.code, 0)
+        text = " ".join(out.getvalue().split())
+        self.assertIn("With IPC_NETWORK set, it asks ipcd (RUNDIR/ipc)", text)
+        self.assertIn("Exit status: 0 answered, 1 the service not reached", text)
+        self.assertIn("2 bad usage.", text)
+        self.assertIn("(default: $RUNDIR, else /tmp/libipc-", text)
+        self.assertIn("above 0 and at most a year (default 10)", text)
+        out.truncate(0)
+        out.seek(0)
+        self.assertEqual(pong.main(["--version"]), 0)
+        self.assertEqual(out.getvalue(), f"pong (ipcd {version()})\n")
+
+    def test_websocketcHelpWithoutMainDocstring(self) -> None:
+        """
+        websocketc --help from its console script (a __main__ with no
+        docstring) gives its exit statuses; it gave none (Twisted's
+        longdesc is __main__'s docstring), and under python -m the
+        docstring's examples ran together.
+        """
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys.modules["__main__"], "__doc__", None)
+        self.assertRaises(SystemExit, websocketc.main, ["--help"])
+        text = " ".join(out.getvalue().split())
+        self.assertIn("Exit status: 0 done, 2 bad usage, 3 refused", text)
 
 
 class RunTests(SynchronousTestCase):

@@ -448,8 +448,9 @@ class ServiceFailureTests(SynchronousTestCase):
         )
         self.assertEqual(
             str(error),
-            "cannot listen on x..y:0: name or service not known "
-            "(use --tcp ENDPOINT or --no-tcp)",
+            "cannot listen on x..y:0: name or service not known (x..y names "
+            "none of this host's addresses: use --tcp ENDPOINT with one of those "
+            "that ip address lists, or --no-tcp)",
         )
         self.assertEqual(left_in(rundir), [])
 
@@ -651,4 +652,44 @@ class ReloadTests(SynchronousTestCase):
         ]
         self.assertEqual(
             text, "configuration reloaded from the command line only (no --config file)"
+        )
+
+
+class ListenHintTests(SynchronousTestCase):
+    """The way out fits the cause (pure logic: Twisted's errors, made here)."""
+
+    def hint(self, interface: str, port: int, cause: OSError) -> str:
+        from twisted.internet.error import CannotListenError
+
+        from ipcd.daemons import listen_hint
+
+        return listen_hint(CannotListenError(interface, port, cause), "tcp")
+
+    def test_nameOfNoAddress(self) -> None:
+        """A name that resolves to none of this host's addresses."""
+        cause = socket.gaierror(-2, "Name or service not known")
+        self.assertEqual(
+            self.hint("nosuch.invalid", 9000, cause),
+            "nosuch.invalid names none of this host's addresses: use --tcp "
+            "ENDPOINT with one of those that ip address lists, or --no-tcp",
+        )
+
+    def test_otherCausesAsBefore(self) -> None:
+        """Denied on a port above the privileged ones: no word of privilege."""
+        import errno
+
+        from ipcd.daemons import unprivileged_port_start
+
+        denied = OSError(errno.EACCES, "Permission denied")
+        port = unprivileged_port_start()
+        self.assertEqual(
+            self.hint("127.0.0.1", port, denied), "use --tcp ENDPOINT or --no-tcp"
+        )
+        if port > 1:  # (a kernel may let anyone bind every port)
+            privileged = self.hint("127.0.0.1", port - 1, denied)
+            self.assertIn("CAP_NET_BIND_SERVICE", privileged)
+        busy = OSError(errno.EADDRINUSE, "Address already in use")
+        self.assertEqual(
+            self.hint("127.0.0.1", 9000, busy),
+            "another ipcd? use --tcp ENDPOINT or --no-tcp",
         )

@@ -14,6 +14,8 @@ so it is slow: half a minute to boot, then every instruction emulated.
 
 Inside the VM, C{/tmp} (also C{TMPDIR}, C{HOME} and the command's working
 directory) and C{/dev/shm} are fresh tmpfs mounts, the rest is read-only;
+this interpreter (a venv's too) and the checkout, when they lie under the
+host's C{/tmp}, are bound back at their paths in the fresh one;
 the shared result folder (9p, where UNIX sockets cannot be bound) is only
 for results, at L{OUT}.  virtme-run's own
 exit status and console are unreliable: the command's status and output go
@@ -126,8 +128,32 @@ def _beside_python(name: str) -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
-def _script(command: str, shared: str) -> str:
-    """The VM's shell script: load tls, run C{command}, record its status."""
+# Where the host's directories under /tmp that the command needs are seen
+# while /tmp is being covered, before they are bound back in place.
+KEPT = "/run/ipcd-vm-kept"
+
+
+def _under_tmp() -> list[str]:
+    """
+    This interpreter's (a venv's, its base's) and the checkout's directories
+    that lie under /tmp: the VM's fresh /tmp would hide them ("exec:
+    /tmp/venv/bin/python: not found"), so they are carried over.
+    """
+    found: list[str] = []
+    for path in (sys.prefix, sys.base_prefix, CHECKOUT):
+        for each in (os.path.abspath(path), os.path.realpath(path)):
+            if each.startswith("/tmp/") and each not in found:
+                found.append(each)
+    # A directory inside another one carried is carried with it.
+    return [p for p in found if not any(p.startswith(q + "/") for q in found)]
+
+
+def _prelude(shared: str) -> str:
+    """
+    The VM's shell script up to the command: its environment, the result
+    folder bound at L{OUT}, a fresh /tmp (the working directory) with this
+    interpreter's and the checkout's directories under /tmp bound back.
+    """
     env = {
         "PATH": os.pathsep.join(
             [os.path.dirname(sys.executable), "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
@@ -140,10 +166,22 @@ def _script(command: str, shared: str) -> str:
         "IPCD_IN_VM": "1",  # for waits to allow for emulation
     }
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
-    out, status = f"{OUT}/output", f"{OUT}/status"
+    keep = back = ""
+    for index, path in enumerate(_under_tmp()):
+        kept, where = shlex.quote(f"{KEPT}/{index}"), shlex.quote(path)
+        keep += f"mkdir -p {kept} && mount --bind {where} {kept} &&\n"
+        back += f"mkdir -p {where} && mount --bind {kept} {where} &&\n"
     return (
         f"{exports}mkdir -p {OUT} && mount --bind {shlex.quote(shared)} {OUT} &&\n"
-        "mount -t tmpfs tmpfs /tmp && cd /tmp || exit 1\n"
+        f"{keep}mount -t tmpfs tmpfs /tmp &&\n{back}cd /tmp || exit 1\n"
+    )
+
+
+def _script(command: str, shared: str) -> str:
+    """The VM's shell script: load tls, run C{command}, record its status."""
+    out, status = f"{OUT}/output", f"{OUT}/status"
+    return (
+        f"{_prelude(shared)}"
         f"modprobe tls >{out} 2>&1\n"
         f"if ! grep -qw tls /proc/sys/net/ipv4/tcp_available_ulp; then\n"
         f"  echo 'no tls ULP in the VM after modprobe tls' >>{out}\n"

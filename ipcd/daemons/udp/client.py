@@ -164,7 +164,7 @@ async def dial(
         # Held until answered: a udpd that is this ipcd's own decides on
         # the HELLO then, and must not route it out again (a loop).
         local = udp.getHost()
-        end = broker.own_dials.add((local.host, local.port))
+        end = broker.own_dials.add((local.host, local.port), "udp")
         try:
             session_id = await handshake(
                 reactor, udp, protocol, settings["handshake_retry"]

@@ -190,7 +190,7 @@ class UdpServer(DatagramProtocol):
             self._answer(udpwire.refusal(hello.nonce, reason, size), address, size)
             return
         self.peer_keys[key] = peer_key
-        peer = remote_peer(address[0], address[1])
+        peer = remote_peer(address[0], address[1], "udp")
         asking = _Asking(InboundHandshake(peer, HelloAnswers(hello.nonce, size)))
         self.hellos[key] = asking
         self._act(asking, key, size, asking.core.request(hello.service))
