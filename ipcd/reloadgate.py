@@ -17,9 +17,14 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 
 # Seconds between two reloads, at least.
 RELOAD_INTERVAL = 0.1
+
+_STOPPING = {"ok": False, "error": "ipcd is stopping"}
+
+log = Logger(namespace="ipcd")
 
 
 class ReloadGate:
@@ -38,12 +43,19 @@ class ReloadGate:
         self._last: float | None = None
         self._waiting: list[Deferred[dict[str, Any]]] = []
         self._next: IDelayedCall | None = None
+        self._stopped = False
 
     def request(self) -> Deferred[dict[str, Any]]:
         """The answer of a reload that starts now, or of the next one."""
+        if self._stopped:
+            # A control connection made before ipcd began to stop may still
+            # ask: no reload (nor RELOADING=1 to systemd) while it stops.
+            return succeed(dict(_STOPPING))
         now = self.clock.seconds()
+        # The reactor's clock is the wall clock: one set back since the last
+        # reload (by an hour, say) must not hold every request for an hour.
         if self._next is None and (
-            self._last is None or now >= self._last + self.interval
+            self._last is None or not 0 <= now - self._last < self.interval
         ):
             return succeed(self._run())
         if self._next is None:
@@ -63,7 +75,13 @@ class ReloadGate:
     def _run(self) -> dict[str, Any]:
         self._last = self.clock.seconds()
         self.runs += 1
-        return self.run()
+        try:
+            return self.run()
+        except Exception:
+            # A bug (a daemon's hook, say): every asker is answered, not
+            # left waiting for its control deadline, and the gate goes on.
+            log.failure("reload failed")
+            return {"ok": False, "error": "reload failed: see ipcd's log"}
 
     def _run_waiting(self) -> None:
         self._next = None
@@ -73,10 +91,14 @@ class ReloadGate:
             each.callback(answer)
 
     def stop(self) -> None:
-        """ipcd stops: the waiting requests are answered that no reload ran."""
+        """
+        ipcd stops: the waiting requests, and any asked later, are answered
+        that no reload ran.
+        """
+        self._stopped = True
         if self._next is not None:
             self._next.cancel()
             self._next = None
         waiting, self._waiting = self._waiting, []
         for each in waiting:
-            each.callback({"ok": False, "error": "ipcd is stopping"})
+            each.callback(dict(_STOPPING))

@@ -221,6 +221,58 @@ class ReloadGateTests(SynchronousTestCase):
         )
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_askedAfterStop(self) -> None:
+        """
+        A control connection made before ipcd began to stop may still ask:
+        answered that ipcd is stopping, with no reload run or scheduled.
+        """
+        self.gate.request()
+        self.gate.stop()
+        self.assertEqual(
+            self.successResultOf(self.gate.request()),
+            {"ok": False, "error": "ipcd is stopping"},
+        )
+        self.clock.advance(1)
+        self.assertEqual(self.successResultOf(self.gate.request())["ok"], False)
+        self.assertEqual((self.gate.runs, self.clock.getDelayedCalls()), (1, []))
+
+    def test_clockSetBack(self) -> None:
+        """
+        The reactor's clock is the wall clock: set back by an hour after a
+        reload, the next request still runs within the interval, not an
+        hour later.
+        """
+        self.clock.advance(7200)
+        self.assertEqual(self.answer(self.gate.request()), 0)
+        self.clock.rightNow -= 3600
+        requested = self.gate.request()
+        self.clock.advance(0.1)
+        self.assertEqual(self.answer(requested), 1)
+
+    def test_reloadRaises(self) -> None:
+        """
+        A reload that raises (a bug: a daemon's hook, say) is logged, and
+        every request sharing it answered that it failed; the gate goes on.
+        """
+        raising = [False, True, True, False]
+
+        def run() -> dict[str, Any]:
+            if raising.pop(0):
+                raise RuntimeError("a daemon's bug")
+            return {"ok": True}
+
+        gate = ReloadGate(run, self.clock, 0.1)
+        failed = {"ok": False, "error": "reload failed: see ipcd's log"}
+        self.assertEqual(self.successResultOf(gate.request()), {"ok": True})
+        waiting = [gate.request() for _ in range(3)]
+        self.clock.advance(0.1)
+        self.assertEqual([self.successResultOf(d) for d in waiting], [failed] * 3)
+        self.clock.advance(0.1)
+        self.assertEqual(self.successResultOf(gate.request()), failed)
+        self.clock.advance(0.1)
+        self.assertEqual(self.successResultOf(gate.request()), {"ok": True})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
 
 class ReloadBoundTests(TestCase):
     @inlineCallbacks
