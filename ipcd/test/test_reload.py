@@ -18,6 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import control
+from ipcd.config import load_config
 from ipcd.identity import Peer
 from ipcd.reloadgate import RELOAD_INTERVAL, ReloadGate
 from ipcd.test.support import (
@@ -34,6 +35,7 @@ from ipcd.test.support import (
     start_ipcd,
     wait_until,
 )
+from ipcd.test.test_daemons import with_testscheme
 from ipcd.wire import encode
 
 
@@ -178,6 +180,42 @@ class SettingsAfterReloadTests(TestCase):
         self.assertEqual((yield deferToThread(echo)), b"")  # closed: too large
         self.assertEqual(service.reload(), {"ok": True, "restart_needed": []})
         self.assertEqual((yield deferToThread(echo)), message)
+
+
+class DaemonHookTests(TestCase):
+    @inlineCallbacks
+    def test_hookRaises(self) -> Any:
+        """
+        A third party's daemon whose C{reconfigured} raises: logged; the
+        reload, in force already, still tells the other daemons (tlsd,
+        after it) and is answered ok on the control socket.
+        """
+        rundir = short_rundir(self)
+
+        def load() -> Any:
+            layer = {
+                "rundir": rundir,
+                "tcpd": {"enabled": False},
+                "websocketd": {"enabled": False},
+                "testschemed": {"enabled": True},
+            }
+            return load_config(None, layer, environ={}, registry=with_testscheme())
+
+        service = yield start_ipcd(self, load(), load)
+        hooks = service.daemon_services
+        self.assertEqual(list(hooks)[:2], ["testschemed", "tlsd"])
+
+        def broken() -> None:
+            raise RuntimeError("a third party's bug")
+
+        told = []
+        tlsd_hook = hooks["tlsd"].reconfigured
+        hooks["testschemed"].reconfigured = broken
+        hooks["tlsd"].reconfigured = lambda: (told.append("tlsd"), tlsd_hook())
+        answer = yield deferToThread(control.request, "reload", rundir)
+        self.assertEqual(answer, {"ok": True, "restart_needed": []})
+        self.assertEqual(told, ["tlsd"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
 class ReloadGateTests(SynchronousTestCase):
