@@ -287,6 +287,26 @@ class ReloadGateTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertEqual(self.answer(requested), 1)
 
+    def test_slowReloadPauses(self) -> None:
+        """
+        A reload that took 50 ms (tlsd reading a CA bundle: 44 ms) is
+        followed by 450 ms without one: reloads asked without end keep a
+        tenth of the reactor's thread, not half.
+        """
+
+        def run() -> dict[str, Any]:
+            self.clock.rightNow += 0.05  # the reload's own time
+            return {"ok": self.gate.runs}
+
+        self.gate.run = run
+        self.assertEqual(self.answer(self.gate.request()), 1)
+        self.clock.advance(0.1)
+        requested = self.gate.request()
+        self.clock.advance(0.33)  # 0.48 s
+        self.assertNoResult(requested)
+        self.clock.advance(0.03)  # 0.51 s: the pause is over at 0.5 s
+        self.assertEqual(self.answer(requested), 2)
+
     def test_reloadRaises(self) -> None:
         """
         A reload that raises (a bug: a daemon's hook, say) is logged, and
