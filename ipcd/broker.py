@@ -399,6 +399,15 @@ class Broker:
         """Raise L{Refused} unless C{event} may reach C{target} now."""
         if event.policed is not None:
             _direction, names, _who, extra = event.policed
+            if (
+                event.direction == "out"
+                and isinstance(target, RemoteTarget)
+                and target.uri.is_srv
+            ):
+                # The owner too (event.policed is the target that answered),
+                # as a new request would be: host:OWNER first.
+                if not self._police(event, names, destination_labels(target)):
+                    raise _denied(event)
             if not self._police(event, names, extra):
                 raise _denied(event)
         if isinstance(target, LocalTarget):

@@ -269,13 +269,22 @@ class IPCDService(MultiService):
             "configuration reloaded from {source}",
             source=new.source or "the command line only (no --config file)",
         )
-        for service in self.daemon_services.values():
+        for section, service in self.daemon_services.items():
             # A daemon that reads files for its configuration (tlsd's keys)
             # reads them now: what is wrong is said at the reload, not at
             # its next peer, if one ever comes.
             reconfigured = getattr(service, "reconfigured", None)
-            if reconfigured is not None:
+            if reconfigured is None:
+                continue
+            try:
                 reconfigured()
+            except Exception:
+                # A third party's daemon's bug: the configuration is in force
+                # already; the other daemons are told, the reload answered
+                # (and systemd told READY=1), not left half done.
+                self.log.failure(
+                    "reload: [{section}] failed to apply it", section=section
+                )
         return {"ok": True, "restart_needed": restart}
 
     def setServiceParent(self, parent: Any) -> None:  # noqa: N802

@@ -12,7 +12,12 @@ import socket
 import time
 from typing import Any
 
+import hypothesis
+from hypothesis import HealthCheck, example, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -52,6 +57,74 @@ class WithBacklogTests(SynchronousTestCase):
             "tcp:9000\\",
         ]:
             self.assertEqual(with_backlog(given), given)
+
+
+# Endpoint strings of the types that take a backlog (ssl: aside, its
+# parser reads files), wrapped or not, with escapes and odd-but-valid
+# pieces: empty arguments, keywords before positions, '=' in a value.
+_TYPES = st.sampled_from(
+    ["tcp:", "tcp6:", "unix:", "haproxy:tcp:", "haproxy:haproxy:unix:", "Tcp6:"]
+    + ["HAProxy:tcp6:", "t\\cp:", "systemd:"]
+)
+# Arguments: values its parsers take or refuse, by position or by name,
+# with escapes ('\\:' a colon, '\\\\' a backslash) and odd-but-valid pieces.
+_VALUES = ["9000", "0", "10", "127.0.0.1", "\\:\\:1", "660", "/tmp/x\\:y", "", " "]
+_NAMES = ["backlog", "interface", "mode", "port", "address", "lockfile", "a"]
+_ARGUMENTS = st.one_of(
+    st.sampled_from(["9000", "0", "10", "660"]),  # a port, a mode, a backlog
+    st.sampled_from(_VALUES + ["/tmp/x\\\\", "a=b=c", "=", "\\="]),
+    st.builds("{}={}".format, st.sampled_from(_NAMES), st.sampled_from(_VALUES)),
+)
+
+
+def _listening(description: str) -> dict[str, Any] | None:
+    """What Twisted's endpoint for C{description} would listen on, or None."""
+    try:
+        endpoint = serverFromString(MemoryReactorClock(), description)
+    except (ValueError, TypeError, IndexError, KeyError):
+        return None
+    wrappers = 0
+    while hasattr(endpoint, "_wrappedEndpoint"):  # haproxy:
+        endpoint, wrappers = endpoint._wrappedEndpoint, wrappers + 1
+    found = {k: v for k, v in vars(endpoint).items() if k != "_reactor"}
+    return {"type": type(endpoint), "wrappers": wrappers, **found}
+
+
+class WithBacklogPropertyTests(SynchronousTestCase):
+    @settings(
+        max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    @hypothesis.given(_TYPES, st.lists(_ARGUMENTS, max_size=5).map(":".join))
+    @example("unix:", "/tmp/a\\:b\\\\:660")
+    @example("tcp:", "interface=127.0.0.1:9000")
+    @example("haproxy:tcp:", "9000:127.0.0.1")
+    @example("tcp:", "9000: :10")  # a backlog by position, each type
+    @example("tcp6:", "9000:10")
+    @example("unix:", "/tmp/x:660:10")
+    @example("haproxy:tcp:", "9000:interface=127.0.0.1:10")
+    def test_sameListenerPlusBacklog(self, kind: str, rest: str) -> None:
+        """
+        A string Twisted takes listens, with ipcd's backlog, on what it
+        named: nothing else changes (escapes, wrappers, arguments given by
+        position or name), and a string that gives a backlog is kept.
+        """
+        description = kind + rest
+        before = _listening(description)
+        if before is None:
+            return
+        given = with_backlog(description)
+        after = _listening(given)
+        self.assertIsNotNone(after, f"{description!r} -> {given!r}")
+        assert after is not None
+        self.assertEqual(with_backlog(given), given)
+        backlog = after.pop("_backlog", None)
+        if given != description:
+            self.assertEqual(before.pop("_backlog"), 50)  # Twisted's default
+            expected = UNIX_BACKLOG if "UNIX" in after["type"].__name__ else TCP_BACKLOG
+            self.assertEqual(backlog, expected, given)
+        else:
+            before.pop("_backlog", None)
+        self.assertEqual(after, before, f"{description!r} -> {given!r}")
 
 
 def _completed(port: int, count: int, seconds: float) -> int:

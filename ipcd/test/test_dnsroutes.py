@@ -35,6 +35,7 @@ from ipcd.test.dnssupport import (
     silent_port,
 )
 from ipcd.test.support import (
+    TIMEOUT,
     assert_no_fd_leak,
     assert_refused,
     bounce,
@@ -630,6 +631,34 @@ class PolicyTests(SrvTestCase):
             "denied by rule 2", route=f"tcp://{OWNER.upper()}/pong"
         )
         self.assertEqual(self.dns.queries(OWNER), 1)
+
+
+class ReloadWhileConnectingTests(SrvTestCase):
+    @inlineCallbacks
+    def test_ownerPolicedAgain(self) -> Any:
+        """
+        A lookup through an SRV owner whose target answers C{ok} only after
+        a reload that denies the owner (C{host:OWNER}, not its target) is
+        refused, as a new one would be, and its connection closed.
+        """
+        server = socket.socket()
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.settimeout(TIMEOUT)
+        yield self.startA(srv(10, 0, server.getsockname()[1]))
+        pending = self.lookupOnA()
+        peer, _ = yield deferToThread(server.accept)
+        self.addCleanup(peer.close)
+        peer.settimeout(TIMEOUT)
+        self.assertEqual((yield deferToThread(peer.recv, 64)), b"pong")
+        self.a.broker.config = dataclasses.replace(  # what a reload sets
+            self.a.broker.config,
+            rules=make_config("/x", rules=[f"deny out pong host:{OWNER}"]).rules,
+        )
+        peer.sendall(b"ok")
+        assert_refused(self, (yield pending), "denied by rule 1")
+        self.assertEqual((yield deferToThread(peer.recv, 1)), b"")  # closed
 
 
 class CacheTests(SrvTestCase):

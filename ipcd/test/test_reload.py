@@ -18,6 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import control
+from ipcd.config import load_config
 from ipcd.identity import Peer
 from ipcd.reloadgate import RELOAD_INTERVAL, ReloadGate
 from ipcd.test.support import (
@@ -34,6 +35,7 @@ from ipcd.test.support import (
     start_ipcd,
     wait_until,
 )
+from ipcd.test.test_daemons import with_testscheme
 from ipcd.wire import encode
 
 
@@ -180,6 +182,42 @@ class SettingsAfterReloadTests(TestCase):
         self.assertEqual((yield deferToThread(echo)), message)
 
 
+class DaemonHookTests(TestCase):
+    @inlineCallbacks
+    def test_hookRaises(self) -> Any:
+        """
+        A third party's daemon whose C{reconfigured} raises: logged; the
+        reload, in force already, still tells the other daemons (tlsd,
+        after it) and is answered ok on the control socket.
+        """
+        rundir = short_rundir(self)
+
+        def load() -> Any:
+            layer = {
+                "rundir": rundir,
+                "tcpd": {"enabled": False},
+                "websocketd": {"enabled": False},
+                "testschemed": {"enabled": True},
+            }
+            return load_config(None, layer, environ={}, registry=with_testscheme())
+
+        service = yield start_ipcd(self, load(), load)
+        hooks = service.daemon_services
+        self.assertEqual(list(hooks)[:2], ["testschemed", "tlsd"])
+
+        def broken() -> None:
+            raise RuntimeError("a third party's bug")
+
+        told = []
+        tlsd_hook = hooks["tlsd"].reconfigured
+        hooks["testschemed"].reconfigured = broken
+        hooks["tlsd"].reconfigured = lambda: (told.append("tlsd"), tlsd_hook())
+        answer = yield deferToThread(control.request, "reload", rundir)
+        self.assertEqual(answer, {"ok": True, "restart_needed": []})
+        self.assertEqual(told, ["tlsd"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
 class ReloadGateTests(SynchronousTestCase):
     """L{ReloadGate}: at most one reload per interval, the rest share one."""
 
@@ -220,6 +258,78 @@ class ReloadGateTests(SynchronousTestCase):
             {"ok": False, "error": "ipcd is stopping"},
         )
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_askedAfterStop(self) -> None:
+        """
+        A control connection made before ipcd began to stop may still ask:
+        answered that ipcd is stopping, with no reload run or scheduled.
+        """
+        self.gate.request()
+        self.gate.stop()
+        self.assertEqual(
+            self.successResultOf(self.gate.request()),
+            {"ok": False, "error": "ipcd is stopping"},
+        )
+        self.clock.advance(1)
+        self.assertEqual(self.successResultOf(self.gate.request())["ok"], False)
+        self.assertEqual((self.gate.runs, self.clock.getDelayedCalls()), (1, []))
+
+    def test_clockSetBack(self) -> None:
+        """
+        The reactor's clock is the wall clock: set back by an hour after a
+        reload, the next request still runs within the interval, not an
+        hour later.
+        """
+        self.clock.advance(7200)
+        self.assertEqual(self.answer(self.gate.request()), 0)
+        self.clock.rightNow -= 3600
+        requested = self.gate.request()
+        self.clock.advance(0.1)
+        self.assertEqual(self.answer(requested), 1)
+
+    def test_slowReloadPauses(self) -> None:
+        """
+        A reload that took 50 ms (tlsd reading a CA bundle: 44 ms) is
+        followed by 450 ms without one: reloads asked without end keep a
+        tenth of the reactor's thread, not half.
+        """
+
+        def run() -> dict[str, Any]:
+            self.clock.rightNow += 0.05  # the reload's own time
+            return {"ok": self.gate.runs}
+
+        self.gate.run = run
+        self.assertEqual(self.answer(self.gate.request()), 1)
+        self.clock.advance(0.1)
+        requested = self.gate.request()
+        self.clock.advance(0.33)  # 0.48 s
+        self.assertNoResult(requested)
+        self.clock.advance(0.03)  # 0.51 s: the pause is over at 0.5 s
+        self.assertEqual(self.answer(requested), 2)
+
+    def test_reloadRaises(self) -> None:
+        """
+        A reload that raises (a bug: a daemon's hook, say) is logged, and
+        every request sharing it answered that it failed; the gate goes on.
+        """
+        raising = [False, True, True, False]
+
+        def run() -> dict[str, Any]:
+            if raising.pop(0):
+                raise RuntimeError("a daemon's bug")
+            return {"ok": True}
+
+        gate = ReloadGate(run, self.clock, 0.1)
+        failed = {"ok": False, "error": "reload failed: see ipcd's log"}
+        self.assertEqual(self.successResultOf(gate.request()), {"ok": True})
+        waiting = [gate.request() for _ in range(3)]
+        self.clock.advance(0.1)
+        self.assertEqual([self.successResultOf(d) for d in waiting], [failed] * 3)
+        self.clock.advance(0.1)
+        self.assertEqual(self.successResultOf(gate.request()), failed)
+        self.clock.advance(0.1)
+        self.assertEqual(self.successResultOf(gate.request()), {"ok": True})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
 
 class ReloadBoundTests(TestCase):
