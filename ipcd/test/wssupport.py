@@ -275,7 +275,10 @@ class TurnCounts:
 
     def parsed(self) -> list[int]:
         """The messages parsed in each turn that parsed any, in order."""
-        turns = [after - before for before, after in pairwise([0, *self.counts])]
+        # The turn under way counts too: a test resumed from a thread runs
+        # before that turn's note (Twisted runs thread calls first).
+        now = len(self.messages)
+        turns = [after - before for before, after in pairwise([0, *self.counts, now])]
         return [count for count in turns if count]
 
 
