@@ -547,6 +547,34 @@ class ClientAccessTests(TestCase):
         self.assertEqual(answer, {"reply": "ok", "fds": 1})
 
     @inlineCallbacks
+    def test_grantFollowsNoUsersLinkOnTheWay(self) -> Any:
+        """
+        The admin routes a service to a socket in a directory that a user
+        owns, and grants it: her symbolic link on the way (a directory of
+        hers swapped for a link to one of root's) is not followed, or every
+        grant holder, her included, would reach root's socket of that
+        name, connected as root.  Root's own link on the way is followed.
+        """
+        home = short_rundir(self, "ipcd-home-")
+        os.chown(home, ALICE.uid, ALICE.gid)
+        app = os.path.join(home, "app")
+        yield self.start(grants=["app *"], routes={"app": f"unix://{app}/root.sock"})
+        path, factory = self.private_socket()
+        os.symlink(os.path.dirname(path), app)
+        os.lchown(app, ALICE.uid, ALICE.gid)
+        # Her own walk stops at her home (no x, her choice): the grant's
+        # walk would be the one to meet her link.
+        os.chmod(home, 0o600)
+        yield self.assertRefused(
+            ALICE, "app;", f"{app}/root.sock: a symbolic link of uid 61001 on the way"
+        )
+        self.assertEqual(factory.connections, 0)
+        os.lchown(app, 0, 0)
+        answer = yield self.lookup_as(ALICE, "app;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+        self.assertEqual(self.log.events[-1]["access"], "granted by grant 1 (app *)")
+
+    @inlineCallbacks
     def test_adminRedirectGrantsNothing(self) -> Any:
         yield self.start(redirects={"x": "secret"})
         yield self.assertRefused(ALICE, "x;", "permission denied")
@@ -689,6 +717,32 @@ class RemoteOwnSocketsTests(TestCase):
             f"not reachable: {bus}: a socket of uid 0 with 2 names (hard links); "
             "a lookup reaches another user's socket only by its one name",
         )
+
+    @inlineCallbacks
+    def test_exactRuleFollowsNoUsersLinkOnTheWay(self) -> Any:
+        """
+        The same for a remote peer let in by a rule naming the service:
+        a user's link on the admin's route is not followed to root's
+        socket.
+        """
+        needs_root()
+        home = short_rundir(self, "ipcd-home-")
+        os.chmod(home, 0o755)
+        os.chown(home, ALICE.uid, ALICE.gid)
+        app = os.path.join(home, "app")
+        host = yield start_host(
+            self, ["allow in app"], routes={"app": f"unix://{app}/root.sock"}
+        )
+        path, factory = _private_socket(self)
+        os.symlink(os.path.dirname(path), app)
+        os.lchown(app, ALICE.uid, ALICE.gid)
+        answer = yield self.ask(host.port, b"app")
+        self.assertEqual(
+            answer,
+            b"ne %s/root.sock: a symbolic link of uid 61001 on the way; a "
+            b"client's lookup follows only root's (or ipcd's) links" % app.encode(),
+        )
+        self.assertEqual(factory.connections, 0)
 
     @inlineCallbacks
     def test_hardLinksRefusedAndSaidSo(self) -> Any:
