@@ -30,6 +30,7 @@ from ipcd.access import (
     Credentials,
     acl_permits,
     may,
+    one_name,
     open_socket,
     permitted,
 )
@@ -55,6 +56,7 @@ from ipcd.test.support import (
     start_ipcd,
 )
 from ipcd.test.tcpsupport import bounce_through, start_host, tcp_connect
+from ipcd.test.test_accessacl import in_child
 
 # Numeric ids need no entry in /etc/passwd: the kernel checks numbers.
 SHARED_GROUP = 61010
@@ -288,6 +290,49 @@ class OpenSocketTests(SynchronousTestCase):
         error = self.assertRaises(Refused, open_socket, plain, None)
         self.assertIn("is not a socket", str(error))
         self.assertRaises(Refused, open_socket, self.dir, None)
+
+    def test_secondNameRefusedAndClosed(self) -> None:
+        """
+        L{one_name}: a socket opened without a permission check (a grant,
+        a remote peer's exact rule) that has another name is refused, and
+        its descriptor closed.
+        """
+        os.link(self.path, os.path.join(self.dir, "t"))
+        before = sorted(os.listdir("/proc/self/fd"))
+        opened = open_socket(self.path, None)
+        error = self.assertRaises(Refused, one_name, opened, self.path)
+        self.assertIn("with 2 names", str(error))
+        self.assertEqual(opened.fd, -1)
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), before)
+        # A socket opened as a client that it may reach is its own matter.
+        checked = self.open(self.path, Credentials(0, 0))
+        self.assertIs(one_name(checked, self.path), checked)
+
+    def test_ipcdAsAnotherUserFollowsRootsLinks(self) -> None:
+        """
+        ipcd running as an ordinary user follows root's links (C{/var/run}
+        -> C{/run}) and its own user's, and no one else's.
+        """
+        needs_root()
+        for name, owner in (("root", 0), ("ipcd", ALICE.uid), ("carol", CAROL.uid)):
+            os.symlink("s", os.path.join(self.dir, name))
+            os.lchown(os.path.join(self.dir, name), owner, owner)
+
+        def reached(name: str) -> Any:
+            def job() -> bool:
+                try:
+                    open_socket(os.path.join(self.dir, name), BOB).close()
+                except Refused:
+                    return False
+                return True
+
+            return job
+
+        ipcd = Credentials(ALICE.uid, ALICE.gid)
+        self.assertEqual(
+            [in_child(ipcd, reached(name)) for name in ("root", "ipcd", "carol")],
+            [True, True, False],
+        )
 
     def test_connectsToTheCheckedInodeEvenIfSwapped(self) -> None:
         """
