@@ -102,6 +102,28 @@ class RundirInodesTests(SynchronousTestCase):
         self.age()  # the same tick
         self.assertEqual(self.get(), {(1, 2), ext})
 
+    def test_wholeSecondTimes(self) -> None:
+        """
+        On a filesystem of whole-second times (ext4 with 128-byte inodes) a
+        RUNDIR changed in second S reads S; the kernel stamps a change by
+        its coarse clock, up to a tick behind this one, so a change just
+        after S + 1 s may still read S.  By default a RUNDIR's time is
+        trusted once it is 2 s old, as an ACL's ctime is (ipcd.access).
+        """
+        inodes = RundirInodes(now_ns=lambda: self.now)
+        self.now = OLD + 10**9 + 10**6
+        self.age()
+        self.assertEqual(inodes(self.rundir, self.names, self.base), {(1, 2)})
+        ext = self.bind(self.at("ext"))
+        self.age()  # stamped in the tick before S + 1
+        self.assertEqual(inodes(self.rundir, self.names, self.base), {(1, 2), ext})
+        # Two seconds on, kept.
+        self.now = OLD + 2 * 10**9
+        self.assertEqual(inodes(self.rundir, self.names, self.base), {(1, 2), ext})
+        os.unlink(self.at("ext"))
+        self.age()
+        self.assertEqual(inodes(self.rundir, self.names, self.base), {(1, 2), ext})
+
     def test_symlinkNeverCached(self) -> None:
         """
         A name that is a link is followed each time: its target can change
