@@ -159,6 +159,41 @@ class RundirInodesTests(SynchronousTestCase):
         self.assertEqual(self.get(), {(1, 2)})
         self.assertNotIn(ext, self.get())
 
+    def test_changedMeanwhileNotKept(self) -> None:
+        """
+        A RUNDIR that changed while its names were looked up (its stat, as
+        the lookup's walk took it, is not RUNDIR's now) is not kept: a
+        socket bound meanwhile, then gone, is not answered from before.
+        """
+        self.age()
+        taken = os.stat(self.rundir)
+        ext = self.bind(self.at("ext"))
+        self.age(OLD + 10**9)
+        get = lambda: self.inodes(self.rundir, self.names, self.base, taken)  # noqa: E731
+        self.assertEqual(get(), {(1, 2), ext})
+        os.unlink(self.at("ext"))
+        self.assertEqual(get(), {(1, 2)})
+
+    def test_namesKeptWhileKeyed(self) -> None:
+        """
+        The names are keyed by their set's id: the set is kept alive while
+        it is the key, so a new configuration's set never takes its id (and
+        its answer).
+        """
+        ext = self.bind(self.at("ext"))
+        other = self.bind(self.at("other"))
+        self.age()
+        names = frozenset({"ext"})
+        self.assertEqual(self.inodes(self.rundir, names, self.base), {(1, 2), ext})
+        old = id(names)
+        del names
+        # CPython soon gives a new set of that size the freed one's memory.
+        for _ in range(1000):
+            fresh = frozenset({"other"})
+            if id(fresh) == old:
+                break
+        self.assertEqual(self.inodes(self.rundir, fresh, self.base), {(1, 2), other})
+
     def test_namesStayInRundir(self) -> None:
         """A name that is no service name is not looked up anywhere."""
         self.bind(os.path.join(self.rundir, "sock"))
