@@ -159,6 +159,21 @@ class RundirInodesTests(SynchronousTestCase):
         self.assertEqual(self.get(), {(1, 2)})
         self.assertNotIn(ext, self.get())
 
+    def test_notKeptForgetsTheKept(self) -> None:
+        """
+        A lookup whose answer is not kept (RUNDIR just changed) forgets
+        the one kept before: with RUNDIR's time set back to the kept one
+        (by its owner, or a clock stepped back), the names are looked up.
+        """
+        ext = self.bind(self.at("ext"))
+        self.age()
+        self.assertEqual(self.get(), {(1, 2), ext})
+        os.unlink(self.at("ext"))
+        self.age(NOW)
+        self.assertEqual(self.get(), {(1, 2)})
+        self.age()
+        self.assertEqual(self.get(), {(1, 2)})
+
     def test_changedMeanwhileNotKept(self) -> None:
         """
         A RUNDIR that changed while its names were looked up (its stat, as
