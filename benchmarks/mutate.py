@@ -171,7 +171,14 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
         "ipcd/access.py",
         None,
         # Fastest first: --exitfirst stops at the first failure.
-        ("test_accesswalk", "test_helddirs", "test_promises", "test_access"),
+        # test_accessacl: ACLs at their edges (kept, bounded, unreadable).
+        (
+            "test_accessacl",
+            "test_accesswalk",
+            "test_helddirs",
+            "test_promises",
+            "test_access",
+        ),
     ),
     # The lookup path, a client's lookup to the socket it may have, across
     # the modules broker.py was split into.
@@ -196,6 +203,13 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "decisionlog": ("ipcd/decisionlog.py", None, ("test_logs", *_LOOKUP_TESTS)),
     "logbatch": ("ipcd/logbatch.py", None, ("test_logbatch",)),
     "ownsockets": ("ipcd/ownsockets.py", None, _LOOKUP_TESTS),
+    # Daemons' socket inodes kept while RUNDIR is unchanged: its own tests
+    # first (--exitfirst), then the lookup path's.
+    "owninodes": (
+        "ipcd/owninodes.py",
+        None,
+        ("test_owninodes", *(t for t in _LOOKUP_TESTS if t != "test_owninodes")),
+    ),
     "broker": (
         "ipcd/broker.py",
         (

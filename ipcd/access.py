@@ -5,9 +5,9 @@ A local client may reach through a lookup only a socket it could connect to
 itself.  L{open_socket} walks a path one component at a time, as the kernel
 would for the client: search permission on every directory, write permission
 on the socket, symbolic links followed (at most 40) and checked on the way;
-for a client, only links of root or ipcd's user (the connection ipcd makes
-carries its own credentials, and a link a user made could lend them to any
-socket that user may reach).
+only links of root or ipcd's user (the connection ipcd makes carries its own
+credentials, and a link a user made could lend them to any socket that user
+may reach), also on a walk without a permission check.
 It returns an C{O_PATH} descriptor of the very inode it checked, and
 L{connect_path} is that inode's address (C{/proc/self/fd/N}), so a path
 swapped after the check cannot send the connection elsewhere.
@@ -219,7 +219,8 @@ def open_socket(
 ) -> OpenedSocket:
     """
     Open the socket at absolute C{path} as C{who} could (C{None}: no
-    permission check, for the admin's own grants and remote peers).  With
+    permission check, for the admin's own grants and remote peers; links
+    are still only root's or ipcd's user's).  With
     C{follow_last_symlink} false, a symbolic link as the last component is
     refused: only the directories above it are the admin's.
 
@@ -255,7 +256,11 @@ def open_socket(
                             f"{path} is a symbolic link; only the socket itself "
                             "may be reached this way"
                         )
-                    if who is not None and not _trusted_link(child_st):
+                    # Whoever asks (a grant's or a remote peer's exact
+                    # walk too: the admin's word is for the path as the
+                    # admin's, and a user who owns a directory on it could
+                    # swap in a link to root's).
+                    if not _trusted_link(child_st):
                         raise _untrusted_link(path, child_st)
                     links += 1
                     if links > MAX_SYMLINKS:

@@ -214,6 +214,9 @@ def local_peer(
 
 def remote_peer(host: str, port: int, transport: str = "tcp") -> Peer:
     """The L{Peer} of a remote address of C{transport} ("tcp" or "udp")."""
-    labels = frozenset({f"ip:{host}"})
     address = address_of(host, port, transport)
+    # A dual-stack listener's IPv4 peer (::ffff:10.1.2.3) is labelled as the
+    # IPv4 address it is: an ip: glob (deny in * ip:10.*) sees it as a
+    # network pattern does.  An IPv6 address keeps its text (and scope).
+    labels = frozenset({f"ip:{host if ':' in address[0] else address[0]}"})
     return Peer(host_port(host, port), labels, address=address)

@@ -14,8 +14,10 @@ not the one they were looked up under: one C{stat} of RUNDIR per lookup,
 not one per name.  Two cases are never cached, and are looked up every time
 as before: a name that is a symbolic link (its target may change without
 RUNDIR changing), and a RUNDIR changed within the last C{settled} seconds
-(a change in the same tick of the file system's clock could leave the time
-as it was).
+(a change in the same step of the file system's clock could leave the time
+as it was: a tick of the kernel's coarse clock, or a whole second where the
+filesystem keeps no more, ext4 with 128-byte inodes; the coarse clock runs
+up to a tick behind, so 2 s, as for ACLs in L{ipcd.access}).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class RundirInodes:
     """
 
     def __init__(
-        self, settled: float = 1.0, now_ns: Callable[[], int] = time.time_ns
+        self, settled: float = 2.0, now_ns: Callable[[], int] = time.time_ns
     ) -> None:
         self.settled_ns = int(settled * 1e9)
         self._now_ns = now_ns

@@ -30,6 +30,7 @@ from ipcd.access import (
     Credentials,
     acl_permits,
     may,
+    one_name,
     open_socket,
     permitted,
 )
@@ -55,6 +56,7 @@ from ipcd.test.support import (
     start_ipcd,
 )
 from ipcd.test.tcpsupport import bounce_through, start_host, tcp_connect
+from ipcd.test.test_accessacl import in_child
 
 # Numeric ids need no entry in /etc/passwd: the kernel checks numbers.
 SHARED_GROUP = 61010
@@ -288,6 +290,49 @@ class OpenSocketTests(SynchronousTestCase):
         error = self.assertRaises(Refused, open_socket, plain, None)
         self.assertIn("is not a socket", str(error))
         self.assertRaises(Refused, open_socket, self.dir, None)
+
+    def test_secondNameRefusedAndClosed(self) -> None:
+        """
+        L{one_name}: a socket opened without a permission check (a grant,
+        a remote peer's exact rule) that has another name is refused, and
+        its descriptor closed.
+        """
+        os.link(self.path, os.path.join(self.dir, "t"))
+        before = sorted(os.listdir("/proc/self/fd"))
+        opened = open_socket(self.path, None)
+        error = self.assertRaises(Refused, one_name, opened, self.path)
+        self.assertIn("with 2 names", str(error))
+        self.assertLess(opened.fd, 0)  # closed
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), before)
+        # A socket opened as a client that it may reach is its own matter.
+        checked = self.open(self.path, Credentials(0, 0))
+        self.assertIs(one_name(checked, self.path), checked)
+
+    def test_ipcdAsAnotherUserFollowsRootsLinks(self) -> None:
+        """
+        ipcd running as an ordinary user follows root's links (C{/var/run}
+        -> C{/run}) and its own user's, and no one else's.
+        """
+        needs_root()
+        for name, owner in (("root", 0), ("ipcd", ALICE.uid), ("carol", CAROL.uid)):
+            os.symlink("s", os.path.join(self.dir, name))
+            os.lchown(os.path.join(self.dir, name), owner, owner)
+
+        def reached(name: str) -> Any:
+            def job() -> bool:
+                try:
+                    open_socket(os.path.join(self.dir, name), BOB).close()
+                except Refused:
+                    return False
+                return True
+
+            return job
+
+        ipcd = Credentials(ALICE.uid, ALICE.gid)
+        self.assertEqual(
+            [in_child(ipcd, reached(name)) for name in ("root", "ipcd", "carol")],
+            [True, True, False],
+        )
 
     def test_connectsToTheCheckedInodeEvenIfSwapped(self) -> None:
         """
@@ -547,6 +592,34 @@ class ClientAccessTests(TestCase):
         self.assertEqual(answer, {"reply": "ok", "fds": 1})
 
     @inlineCallbacks
+    def test_grantFollowsNoUsersLinkOnTheWay(self) -> Any:
+        """
+        The admin routes a service to a socket in a directory that a user
+        owns, and grants it: her symbolic link on the way (a directory of
+        hers swapped for a link to one of root's) is not followed, or every
+        grant holder, her included, would reach root's socket of that
+        name, connected as root.  Root's own link on the way is followed.
+        """
+        home = short_rundir(self, "ipcd-home-")
+        os.chown(home, ALICE.uid, ALICE.gid)
+        app = os.path.join(home, "app")
+        yield self.start(grants=["app *"], routes={"app": f"unix://{app}/root.sock"})
+        path, factory = self.private_socket()
+        os.symlink(os.path.dirname(path), app)
+        os.lchown(app, ALICE.uid, ALICE.gid)
+        # Her own walk stops at her home (no x, her choice): the grant's
+        # walk would be the one to meet her link.
+        os.chmod(home, 0o600)
+        yield self.assertRefused(
+            ALICE, "app;", f"{app}/root.sock: a symbolic link of uid 61001 on the way"
+        )
+        self.assertEqual(factory.connections, 0)
+        os.lchown(app, 0, 0)
+        answer = yield self.lookup_as(ALICE, "app;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+        self.assertEqual(self.log.events[-1]["access"], "granted by grant 1 (app *)")
+
+    @inlineCallbacks
     def test_adminRedirectGrantsNothing(self) -> Any:
         yield self.start(redirects={"x": "secret"})
         yield self.assertRefused(ALICE, "x;", "permission denied")
@@ -689,6 +762,32 @@ class RemoteOwnSocketsTests(TestCase):
             f"not reachable: {bus}: a socket of uid 0 with 2 names (hard links); "
             "a lookup reaches another user's socket only by its one name",
         )
+
+    @inlineCallbacks
+    def test_exactRuleFollowsNoUsersLinkOnTheWay(self) -> Any:
+        """
+        The same for a remote peer let in by a rule naming the service:
+        a user's link on the admin's route is not followed to root's
+        socket.
+        """
+        needs_root()
+        home = short_rundir(self, "ipcd-home-")
+        os.chmod(home, 0o755)
+        os.chown(home, ALICE.uid, ALICE.gid)
+        app = os.path.join(home, "app")
+        host = yield start_host(
+            self, ["allow in app"], routes={"app": f"unix://{app}/root.sock"}
+        )
+        path, factory = _private_socket(self)
+        os.symlink(os.path.dirname(path), app)
+        os.lchown(app, ALICE.uid, ALICE.gid)
+        answer = yield self.ask(host.port, b"app")
+        self.assertEqual(
+            answer,
+            b"ne %s/root.sock: a symbolic link of uid 61001 on the way; a "
+            b"client's lookup follows only root's (or ipcd's) links" % app.encode(),
+        )
+        self.assertEqual(factory.connections, 0)
 
     @inlineCallbacks
     def test_hardLinksRefusedAndSaidSo(self) -> Any:

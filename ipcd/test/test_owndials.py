@@ -65,6 +65,19 @@ class AddressTests(SynchronousTestCase):
         udp = remote_peer("10.0.0.1", 9, "udp")
         self.assertEqual(udp.address, ("10.0.0.1", 9, "udp"))
 
+    def test_remotePeerLabel(self) -> None:
+        """
+        A dual-stack listener's IPv4 peer is labelled as IPv4 (an ip: glob
+        sees it so); IPv6 peers keep their address as the listener gave it.
+        """
+        for host, label in (
+            ("::ffff:10.0.0.1", "ip:10.0.0.1"),
+            ("10.0.0.1", "ip:10.0.0.1"),
+            ("2001:db8::1", "ip:2001:db8::1"),
+            ("fe80::1%eth0", "ip:fe80::1%eth0"),
+        ):
+            self.assertEqual(remote_peer(host, 9).labels, frozenset({label}))
+
 
 class OwnDialsTests(SynchronousTestCase):
     def test_heldUntilDiscarded(self) -> None:

@@ -102,6 +102,28 @@ class RundirInodesTests(SynchronousTestCase):
         self.age()  # the same tick
         self.assertEqual(self.get(), {(1, 2), ext})
 
+    def test_wholeSecondTimes(self) -> None:
+        """
+        On a filesystem of whole-second times (ext4 with 128-byte inodes) a
+        RUNDIR changed in second S reads S; the kernel stamps a change by
+        its coarse clock, up to a tick behind this one, so a change just
+        after S + 1 s may still read S.  By default a RUNDIR's time is
+        trusted once it is 2 s old, as an ACL's ctime is (ipcd.access).
+        """
+        inodes = RundirInodes(now_ns=lambda: self.now)
+        self.now = OLD + 10**9 + 10**6
+        self.age()
+        self.assertEqual(inodes(self.rundir, self.names, self.base), {(1, 2)})
+        ext = self.bind(self.at("ext"))
+        self.age()  # stamped in the tick before S + 1
+        self.assertEqual(inodes(self.rundir, self.names, self.base), {(1, 2), ext})
+        # Two seconds on, kept.
+        self.now = OLD + 2 * 10**9
+        self.assertEqual(inodes(self.rundir, self.names, self.base), {(1, 2), ext})
+        os.unlink(self.at("ext"))
+        self.age()
+        self.assertEqual(inodes(self.rundir, self.names, self.base), {(1, 2), ext})
+
     def test_symlinkNeverCached(self) -> None:
         """
         A name that is a link is followed each time: its target can change
@@ -136,6 +158,56 @@ class RundirInodesTests(SynchronousTestCase):
         self.inodes.clear()
         self.assertEqual(self.get(), {(1, 2)})
         self.assertNotIn(ext, self.get())
+
+    def test_notKeptForgetsTheKept(self) -> None:
+        """
+        A lookup whose answer is not kept (RUNDIR just changed) forgets
+        the one kept before: with RUNDIR's time set back to the kept one
+        (by its owner, or a clock stepped back), the names are looked up.
+        """
+        ext = self.bind(self.at("ext"))
+        self.age()
+        self.assertEqual(self.get(), {(1, 2), ext})
+        os.unlink(self.at("ext"))
+        self.age(NOW)
+        self.assertEqual(self.get(), {(1, 2)})
+        self.age()
+        self.assertEqual(self.get(), {(1, 2)})
+
+    def test_changedMeanwhileNotKept(self) -> None:
+        """
+        A RUNDIR that changed while its names were looked up (its stat, as
+        the lookup's walk took it, is not RUNDIR's now) is not kept: a
+        socket bound meanwhile, then gone, is not answered from before.
+        """
+        self.age()
+        taken = os.stat(self.rundir)
+        ext = self.bind(self.at("ext"))
+        self.age(OLD + 10**9)
+        get = lambda: self.inodes(self.rundir, self.names, self.base, taken)  # noqa: E731
+        self.assertEqual(get(), {(1, 2), ext})
+        os.unlink(self.at("ext"))
+        self.assertEqual(get(), {(1, 2)})
+
+    def test_namesKeptWhileKeyed(self) -> None:
+        """
+        The names are keyed by their set's id: the set is kept alive while
+        it is the key, so a new configuration's set never takes its id (and
+        its answer).
+        """
+        ext = self.bind(self.at("ext"))
+        other = self.bind(self.at("other"))
+        self.age()
+        names = frozenset({"ext"})
+        self.assertEqual(self.inodes(self.rundir, names, self.base), {(1, 2), ext})
+        old = id(names)
+        del names
+        # CPython soon gives a new set of that size the freed one's memory.
+        for _ in range(1000):
+            fresh = frozenset({"other"})
+            if id(fresh) == old:
+                break
+        self.assertEqual(self.inodes(self.rundir, fresh, self.base), {(1, 2), other})
 
     def test_namesStayInRundir(self) -> None:
         """A name that is no service name is not looked up anywhere."""

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.protocols.policies import WrappingFactory
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import declarations, providedBy
 
 from ipcd.daemons.tcp import TcpInbound, dial
@@ -931,3 +931,28 @@ class RouteLoopTests(TestCase):
         self.assertEqual(answer, encode(b"round"))
         self.assertEqual(broker.counters["inbound requests"], 1)
         self.assertEqual(len(broker.own_dials), 0)
+
+
+class DualStackTests(TestCase):
+    """
+    A dual-stack listener (C{tcp6:...:interface=::}) sees an IPv4 peer as
+    C{::ffff:a.b.c.d}: every C{ip:} pattern sees it as the IPv4 peer it is,
+    a glob (C{ip:127.*}) as well as a network (C{ip:127.0.0.0/8}).
+    """
+
+    @inlineCallbacks
+    def test_ipGlobSeesAnIPv4Peer(self) -> Any:
+        try:
+            socket.socket(socket.AF_INET6).close()
+        except OSError as e:
+            raise SkipTest(f"no IPv6 here: {e}") from None
+        host = yield start_host(
+            self,
+            ["deny in pong ip:127.*", "allow in pong"],
+            listen="tcp6:0:interface=\\:\\:",
+        )
+        sock, answer = yield deferToThread(raw_request, host.port, b"pong")
+        sock.close()
+        self.assertEqual(answer, b"ne", "let in over IPv4 past 'deny in pong ip:127.*'")
+        answer = yield deferToThread(refused, host.port, b"pong")
+        self.assertIn(b"denied by rule 1 (deny in pong ip:127.*)", answer)
