@@ -41,7 +41,6 @@ from ipcd.daemons.websocket.limits import (
     BACKLOG,
     CLOSE_NORMAL,
     CLOSE_TOO_BIG,
-    HANDSHAKE,
     PEER_FULL,
     SERVICE_FULL,
     BoundedPeer,
@@ -195,7 +194,6 @@ class WebSocketSide(BoundedPeer):
         self.messageSide = side
         self._toSocket = Outbox(side.transport)
         self._smallMax = self._smallMessageLimit()
-        self.readPauses.resume(HANDSHAKE)
         if self._backlog:
             self._parseLater()  # what came after the opening handshake's head
         else:
@@ -228,14 +226,12 @@ class WebSocketSide(BoundedPeer):
             # the budget of any read's: autobahn would parse them all at once
             # (11,000 empty pings in a 64 KiB read).  Anything else handed
             # over before it opens waits too (TLS hands over a read's
-            # records one after another, its transport paused or not).
+            # records one after another, its transport paused or not).  Not
+            # read meanwhile: a server awaiting the service's lookup would
+            # otherwise hold it all, searching it again each read.
             self._backlog = early
             self.readPauses.pause(BACKLOG)
         self._parseRead(data)
-        if head is not None and self.state == self.STATE_CONNECTING:  # type: ignore[attr-defined]
-            # The server awaits the service's lookup: nothing more is read
-            # (autobahn would hold it all, searching it again each read).
-            self.readPauses.pause(HANDSHAKE)
 
     def _parseRead(self, data: bytes) -> None:
         # Every frame is parsed here (those sent with the opening handshake

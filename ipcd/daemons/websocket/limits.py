@@ -90,8 +90,9 @@ class HeadReader:
 # Why a WebSocket connection is not read (L{ReadPauses} reasons).
 SERVICE_FULL = 1  # the service end holds a buffer's worth for the service
 PEER_FULL = 2  # this end holds a buffer's worth for the peer (pongs included)
-HANDSHAKE = 4  # the opening handshake awaits the service's lookup
-BACKLOG = 8  # frames read but not parsed yet: parsed on later turns first
+# Frames read but not parsed yet (those sent with the opening handshake
+# until it opens): parsed on later turns first.
+BACKLOG = 4
 
 
 @implementer(IPushProducer)
