@@ -22,6 +22,7 @@ from ipcd.config import load_config
 from ipcd.identity import Peer
 from ipcd.reloadgate import RELOAD_INTERVAL, ReloadGate
 from ipcd.test.support import (
+    as_user,
     assert_no_fd_leak,
     bounce,
     connect_unix,
@@ -30,22 +31,24 @@ from ipcd.test.support import (
     fill_backlog,
     lookup,
     make_config,
+    needs_root,
     recv_upto,
     short_rundir,
     start_ipcd,
     wait_until,
 )
 from ipcd.test.test_daemons import with_testscheme
+from ipcd.test.test_inboundaccess import MALLORY
 from ipcd.wire import encode
 
 
-def slow_service(case: TestCase, rundir: str) -> socket.socket:
+def slow_service(case: TestCase, rundir: str, mode: int = 0o777) -> socket.socket:
     """A listener at C{RUNDIR/slow} whose backlog is full: connects wait."""
     path = os.path.join(rundir, "slow")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     case.addCleanup(server.close)
     server.bind(path)
-    os.chmod(path, 0o777)
+    os.chmod(path, mode)
     server.listen(0)
     fill_backlog(case, path)
     server.setblocking(False)
@@ -153,6 +156,31 @@ class InFlightAcrossReloadTests(TestCase):
         yield accept_until(server, pending)
         self.assertDenied((yield pending), b"deny local slow")
         yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
+    def test_grantedCountedOnce(self) -> Any:
+        """
+        A lookup reached by a grant, still connecting when a reload lands:
+        asked again (the grant still covers it) and served, and counted
+        once as granted (the second look counted it again).
+        """
+        needs_root()
+        grants = {"grants": [f"slow uid:{MALLORY}"]}
+        yield self.start(["allow local slow"], ["allow local slow"], **grants)
+        # Mallory may use ipcd, not connect to slow (root's, 0600) herself.
+        os.chmod(self.rundir, 0o755)
+        os.chmod(os.path.join(self.rundir, "ipc"), 0o666)
+        server = slow_service(self, self.rundir, 0o600)
+        counters = self.service.broker.counters
+        pending = as_user(
+            os.path.join(self.rundir, "ipc"), MALLORY, MALLORY, (), "slow;"
+        )
+        yield wait_until(lambda: counters["granted"] >= 1, "the grant to be used")
+        self.assertTrue(self.service.reload()["ok"])
+        self.assertFalse(pending.called)
+        yield accept_until(server, pending)
+        self.assertEqual((yield pending), {"reply": "ok", "fds": 1})
+        self.assertEqual((counters["lookups"], counters["granted"]), (1, 1))
 
 
 class SettingsAfterReloadTests(TestCase):
