@@ -386,6 +386,39 @@ class ReloadBoundTests(TestCase):
         self.assertEqual(answers, [first] * 4)
         self.assertEqual(len(loads), 3)
 
+    @inlineCallbacks
+    def test_gateWaitNotCutByControlTimeout(self) -> Any:
+        """
+        A reload waiting at the gate is ipcd's wait, not the client's: a
+        control_timeout shorter than the wait (the gate held here) does not
+        cut the request (it did: the reload ran later, and the client saw
+        its connection closed); a silent client is still closed by it.
+        """
+        rundir = short_rundir(self)
+
+        def load() -> Any:
+            # Time enough to connect and ask, less than the gate's wait.
+            return make_config(rundir, limits={"control_timeout": 0.5})
+
+        service = yield start_ipcd(self, load(), load)
+        clock = service.reload_gate.clock = Clock()
+        counters = service.broker.counters
+        # A reload: the next one waits at the gate.
+        first = self.successResultOf(service.reload_gate.request())
+        self.assertEqual(first, {"ok": True, "restart_needed": []})
+        asking = deferToThread(control.request, "reload", rundir)
+        yield wait_until(lambda: service.reload_gate.waiting == 1, "1 waiting")
+        # Connected after the one waiting, so timed out after its deadline
+        # would have passed.
+        silent = connect_unix(os.path.join(rundir, "ipcd-control"))
+        self.addCleanup(silent.close)
+        timed_out = "control requests timed out"
+        yield wait_until(lambda: counters[timed_out] >= 1, "the silent one closed")
+        self.assertFalse(asking.called)
+        clock.advance(RELOAD_INTERVAL)
+        self.assertEqual((yield asking), first)
+        self.assertEqual(counters[timed_out], 1)
+
 
 class OldConfigurationFreedTests(TestCase):
     """After a reload nothing of ipcd's keeps the old configuration alive."""
