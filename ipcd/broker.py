@@ -411,8 +411,9 @@ class Broker:
             if not self._police(event, names, extra):
                 raise _denied(event)
         if isinstance(target, LocalTarget):
-            # The socket's permissions, grants and exact rules, again.
-            self._open_local(event, target).close()
+            # The socket's permissions, grants and exact rules, again; a
+            # grant found again is for the lookup already counted.
+            self._open_local(event, target, again=True).close()
 
     def _connect_remote(
         self, event: Request, target: RemoteTarget, names: tuple[str, ...]
@@ -452,11 +453,14 @@ class Broker:
         self._record(event, target, reason_of(result))
         return result
 
-    def _open_local(self, event: Request, target: LocalTarget) -> OpenedSocket:
+    def _open_local(
+        self, event: Request, target: LocalTarget, again: bool = False
+    ) -> OpenedSocket:
         """
         Open C{target}'s socket as the client could itself (remote peers:
         never through a symbolic link), or as an admin's grant lets it;
-        never one of ipcd's own sockets.
+        never one of ipcd's own sockets.  C{again}: for a request opened
+        before (L{_still_allowed}), whose grant is counted already.
         """
         name, path = target.name, target.path
         own = self.own_sockets
@@ -464,9 +468,9 @@ class Broker:
             raise Refused(f"{name!r} is ipcd's own socket, never a lookup target")
         try:
             if event.direction == "in":
-                opened = self._open_as_remote(event, target)
+                opened = self._open_as_remote(event, target, again)
             else:
-                opened = self._open_as_client(event, target)
+                opened = self._open_as_client(event, target, again)
         except FileNotFoundError:
             raise Refused(f"no route to service {name!r}: {path} does not exist")
         except Refused:
@@ -476,7 +480,9 @@ class Broker:
         # ipcd's own first (the clearer answer), then a second name.
         return one_name(own.refuse_own(opened, path), path)
 
-    def _open_as_client(self, event: Request, target: LocalTarget) -> OpenedSocket:
+    def _open_as_client(
+        self, event: Request, target: LocalTarget, again: bool
+    ) -> OpenedSocket:
         who = event.who.credentials
         try:
             if who is None:
@@ -485,9 +491,11 @@ class Broker:
             event.access = "the client may connect itself"
             return opened
         except AccessDenied as denied:
-            return self._open_granted(event, target, denied)
+            return self._open_granted(event, target, denied, again)
 
-    def _open_as_remote(self, event: Request, target: LocalTarget) -> OpenedSocket:
+    def _open_as_remote(
+        self, event: Request, target: LocalTarget, again: bool
+    ) -> OpenedSocket:
         """
         A remote peer (any listener, loopback included) is others for the
         socket's permissions, unless the rule that let it in names the
@@ -503,7 +511,7 @@ class Broker:
         try:
             opened = self._open_socket(target.path, OTHERS, follow_last_symlink=False)
         except AccessDenied as denied:
-            return self._open_granted(event, target, denied)
+            return self._open_granted(event, target, denied, again)
         event.access = "others may connect"
         return opened
 
@@ -520,7 +528,7 @@ class Broker:
         return held.open_socket(path, who, follow_last_symlink=follow_last_symlink)
 
     def _open_granted(
-        self, event: Request, target: LocalTarget, denied: AccessDenied
+        self, event: Request, target: LocalTarget, denied: AccessDenied, again: bool
     ) -> OpenedSocket:
         """C{target}'s socket if a grant covers the peer, else L{AccessDenied}."""
         found = find_grant(self.config.grants, target.name, event.labels)
@@ -532,7 +540,8 @@ class Broker:
         # that somebody with write access to RUNDIR could plant.
         opened = self._open_socket(target.path, None, follow_last_symlink=False)
         event.access = f"granted by grant {index} ({grant})"
-        self.counters["granted"] += 1
+        if not again:
+            self.counters["granted"] += 1
         return opened
 
     def own_names(self) -> set[str]:

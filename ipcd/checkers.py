@@ -155,9 +155,11 @@ def check_server_endpoint(description: str) -> None:
     """
     Raise L{Invalid} unless Twisted's C{serverFromString} would accept
     C{description}: a known type (built in or a plugin) and, for the built-in
-    C{tcp} and C{unix}, arguments their parsers take.  Needs no reactor and
-    listens on nothing, so a bad listener is refused when the configuration
-    loads (and a reload with one keeps the old configuration).
+    C{tcp} and C{unix} and Twisted's own C{tcp6} (in C{haproxy:} or not),
+    arguments their parsers take.  Needs no reactor and listens on nothing,
+    so a bad listener is refused when the configuration loads (and a reload
+    with one keeps the old configuration).  Colons left unescaped in a
+    value (C{interface=::1}) are said so, with the string that would do.
     """
     # Twisted's own strports machinery: no reactor is imported by these.
     if compat_twisted.ends_in_lone_backslash(description):
@@ -182,19 +184,18 @@ def check_server_endpoint(description: str) -> None:
             f"unknown endpoint type {kind!r} in {description!r} "
             f"(known: {', '.join(known)})"
         )
-    if kind == "ssl":
-        return  # its parser reads the key and certificate files: not here
     try:
-        port = compat_twisted.check_server_arguments(description)
-    except (ValueError, TypeError) as e:
-        # "_parseTCP() got an unexpected keyword argument": not our name.
-        reason = re.sub(r"^_?\w+\(\) ", "", str(e))
-        # A port or backlog that is no number: say so, not in Python's words.
-        reason = re.sub(
-            r"^invalid literal for int\(\) with base 10: (.*)$",
-            r"\1 is not a whole number",
-            reason,
-        )
+        # haproxy: Twisted's wrapper; the string it wraps is the listener.
+        kind, listens = wrapped(description)
+        port = _checked_arguments(kind, listens)
+    except (ValueError, TypeError, IndexError) as e:
+        fixed = _colons_escaped(description)
+        if fixed is not None:
+            raise Invalid(
+                f"invalid endpoint {description!r}: a ':' inside a value is "
+                f"written '\\:' (write '{fixed}')"
+            ) from None
+        reason = _reason(e)
         if "::" in description:
             reason += r" (a ':' inside a value is written '\:', as in interface=\:\:1)"
         raise Invalid(f"invalid endpoint {description!r}: {reason}") from None
@@ -202,6 +203,68 @@ def check_server_endpoint(description: str) -> None:
         raise Invalid(
             f"invalid endpoint {description!r}: port {port} is not 0 to 65535"
         )
+
+
+def _colons_escaped(description: str) -> str | None:
+    """
+    C{description} with each C{:} in a C{name=value} written C{\\:} (all up
+    to the next C{name=}: C{interface=::1} is C{interface=\\:\\:1}), if
+    that is an endpoint string the check takes; else None.
+    """
+    parts = re.split(r"(?<!\\):", description)
+    joined = [parts[0]]
+    in_value = False
+    for part in parts[1:]:
+        if in_value and "=" not in part:
+            joined[-1] += "\\:" + part
+        else:
+            joined.append(part)
+            in_value = "=" in part
+    fixed = ":".join(joined)
+    if fixed == description:
+        return None
+    try:
+        check_server_endpoint(fixed)
+    except Invalid:
+        return None
+    return fixed
+
+
+# What a built endpoint is given for a reactor: it is never listened on.
+_NO_REACTOR = object()
+
+
+def _checked_arguments(kind: str, listens: str) -> int | None:
+    """
+    Raise ValueError or TypeError unless the parser of C{listens} (of type
+    C{kind}) takes its arguments, where that can be told without listening
+    or reading a file; its port, where there is one.
+    """
+    if kind == "tcp6":
+        # Twisted's own plugin, which only builds a TCP6ServerEndpoint:
+        # built here by the public way (no reactor: it is not listened
+        # on), so that 'interface=::1' is refused now, not at start.
+        from twisted.internet.endpoints import serverFromString
+
+        serverFromString(_NO_REACTOR, listens)
+        port = compat_twisted.endpoint_keywords(listens).get("port")
+        return int(port or compat_twisted.endpoint_positionals(listens)[0])
+    if kind in compat_twisted.server_endpoint_types() and kind != "ssl":
+        # tcp, unix (ssl's parser reads the key and certificate files).
+        return compat_twisted.check_server_arguments(listens)
+    return None  # a plugin's: told only when it listens
+
+
+def _reason(error: Exception) -> str:
+    """An endpoint parser's error in a person's words, not Python's."""
+    # "_parseTCP() got an unexpected keyword argument": not our name.
+    reason = re.sub(r"^(\w+\.)?_?\w+\(\) ", "", str(error))
+    # A port or backlog that is no number: say so, not in Python's words.
+    return re.sub(
+        r"^invalid literal for int\(\) with base 10: (.*)$",
+        r"\1 is not a whole number",
+        reason,
+    )
 
 
 def group_name(value: Any) -> str:

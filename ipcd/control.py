@@ -101,16 +101,27 @@ def status_report(broker: Any) -> dict[str, Any]:
 class ControlProtocol(MessageProtocol):
     """
     One command, one answer, then close; all of it within the factory's
-    C{timeout} from connecting, or the connection is aborted.
+    C{timeout} from connecting, or the connection is aborted.  An answer
+    that is not there at once (a reload waiting at the reload gate) is
+    ipcd's own wait, bounded by the gate, and not counted: the deadline
+    stops while it waits, and the answer has a whole C{timeout} to go.
     """
 
     maxMessageSize = 1024
     idleTimeout = 0  # the deadline below is stricter
+    _lost = False
 
     def connectionMade(self) -> None:
         # TimeoutMixin's timer, never reset: a deadline, not an idle timer.
+        self.setTimeout(self._timeout())
+
+    def _timeout(self) -> float:
         timeout = self.factory.timeout
-        self.setTimeout(timeout() if callable(timeout) else timeout)
+        return timeout() if callable(timeout) else timeout
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self._lost = True
+        super().connectionLost(reason)
 
     def timeoutConnection(self) -> None:
         self._limitClosed(
@@ -132,9 +143,20 @@ class ControlProtocol(MessageProtocol):
         else:
             answer = handler()
         if isinstance(answer, Deferred):
+            if not answer.called:
+                # A control_timeout below the gate's wait (0.1 s, or up to
+                # 1.8 s after a slow reload) cut a reload that then ran.
+                self.setTimeout(None)
+                answer.addCallback(self._rearmed)
             answer.addCallback(self._answer)
         else:
             self._answer(answer)
+
+    def _rearmed(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """The deadline again, for sending the answer that was waited for."""
+        if not self._lost:
+            self.setTimeout(self._timeout())
+        return answer
 
     def _answer(self, answer: dict[str, Any]) -> None:
         self.sendMessage(json.dumps(answer).encode())

@@ -15,7 +15,14 @@ import stat
 from collections.abc import Collection, Iterable
 from fnmatch import fnmatchcase
 
-from ipcd.access import OTHERS, AccessDenied, open_socket, several_names
+from ipcd.access import (
+    OTHERS,
+    AccessDenied,
+    Credentials,
+    OpenedSocket,
+    open_socket,
+    several_names,
+)
 from ipcd.config import Config
 from ipcd.errors import Refused
 from ipcd.names import InvalidServiceName, validate_service_name
@@ -102,24 +109,30 @@ def _why(
     if st is not None and stat.S_ISSOCK(st.st_mode) and st.st_nlink > 1:
         # Refused whichever way (access.one_name): a member's hard link?
         return f"not reachable: {several_names(target.path, st).reason}"
-    if names_exactly(rule, name):
-        return f"reachable: rule {index} names it"
     if not isinstance(target, LocalTarget):
+        if names_exactly(rule, name):
+            return f"reachable: rule {index} names it"
         return f"reachable: rule {index}, routed to {target}"
+    if names_exactly(rule, name):
+        refused = _refused_unchecked(target.path)
+        if refused is not None:
+            return f"not reachable: {refused}"
+        return f"reachable: rule {index} names it"
     try:
-        opened = open_socket(target.path, OTHERS, follow_last_symlink=False)
+        opened = _walk(target.path, OTHERS)
     except AccessDenied:
         pass
-    except FileNotFoundError:
-        return f"not reachable: {target.path} does not exist"
-    except (Refused, OSError) as e:
-        return f"not reachable: {getattr(e, 'reason', None) or e}"
     else:
+        if isinstance(opened, str):
+            return f"not reachable: {opened}"
         mode = stat.S_IMODE(opened.stat.st_mode)
         opened.close()
         return f"reachable: rule {index} is a glob and others may connect ({mode:04o})"
     for grant_index, grant in enumerate(config.grants, 1):
         if fnmatchcase(target.name, grant.service):  # for its peers
+            refused = _refused_unchecked(target.path)
+            if refused is not None:
+                return f"not reachable: {refused}"
             return f"reachable: grant {grant_index} ({grant})"
     try:
         mode = stat.S_IMODE(os.stat(target.path).st_mode)
@@ -127,3 +140,32 @@ def _why(
     except OSError:
         shown = ""
     return f"not reachable: rule {index} is a glob and others may not connect{shown}"
+
+
+def _walk(path: str, who: Credentials | None) -> OpenedSocket | str:
+    """
+    The socket at C{path} as the broker opens it for a remote peer (never
+    through a link as the last component), or why not (L{AccessDenied}
+    raised: C{who} may not connect).
+    """
+    try:
+        return open_socket(path, who, follow_last_symlink=False)
+    except AccessDenied:
+        raise
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except (Refused, OSError) as e:
+        return str(getattr(e, "reason", None) or e)
+
+
+def _refused_unchecked(path: str) -> str | None:
+    """
+    Why the broker's walk without a permission check (a rule naming the
+    service, a grant) refuses C{path}: only root's or ipcd's links on the
+    way, none as the last component; None if it would not.
+    """
+    opened = _walk(path, None)
+    if isinstance(opened, str):
+        return opened
+    opened.close()
+    return None

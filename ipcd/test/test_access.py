@@ -790,6 +790,60 @@ class RemoteOwnSocketsTests(TestCase):
         self.assertEqual(factory.connections, 0)
 
     @inlineCallbacks
+    def test_statusSaysUsersLinkOnTheWay(self) -> Any:
+        """
+        C{ipcd status} says what the broker does with a user's link on the
+        way to root's socket: refused for a rule naming the service and for
+        a grant (it said "reachable: rule 1 names it" and "reachable: grant
+        1"); with root's own link in its place, both are reachable.
+        """
+        needs_root()
+        home = short_rundir(self, "ipcd-home-")
+        os.chown(home, ALICE.uid, ALICE.gid)
+        app = os.path.join(home, "app")
+        routes = {name: f"unix://{app}/root.sock" for name in ("app", "granted")}
+        host = yield start_host(
+            self,
+            ["allow in app", "allow in *"],
+            routes=routes,
+            grants=["granted *"],
+        )
+        path, factory = _private_socket(self)
+        os.symlink(os.path.dirname(path), app)
+        os.lchown(app, ALICE.uid, ALICE.gid)
+        # Others may not search her home: the glob's walk stops there, and
+        # the grant's (no permission check) is the one to meet her link.
+        os.chmod(home, 0o700)
+        refused = (
+            f"{app}/root.sock: a symbolic link of uid 61001 on the way; a "
+            "client's lookup follows only root's (or ipcd's) links"
+        )
+        for name in (b"app", b"granted"):
+            answer = yield self.ask(host.port, name)
+            self.assertEqual(answer, b"ne " + refused.encode())
+        inbound = status_report(host.broker)["inbound"]
+        self.assertEqual(
+            (inbound["app"], inbound["granted"]),
+            (f"not reachable: {refused}",) * 2,
+        )
+        self.assertEqual(factory.connections, 0)
+        os.lchown(app, 0, 0)
+        inbound = status_report(host.broker)["inbound"]
+        self.assertEqual(
+            (inbound["app"], inbound["granted"]),
+            ("reachable: rule 1 names it", "reachable: grant 1 (granted *)"),
+        )
+        for name in (b"app", b"granted"):
+            answer = yield deferToThread(bounce_through, host.port, name)
+            self.assertEqual(answer, b"\0\0\0\x09bounce me")
+        # A socket that is not there is not reached by naming it either.
+        os.unlink(path)
+        self.assertEqual(
+            status_report(host.broker)["inbound"]["app"],
+            f"not reachable: {app}/root.sock does not exist",
+        )
+
+    @inlineCallbacks
     def test_hardLinksRefusedAndSaidSo(self) -> Any:
         """
         A hard link to one of ipcd's sockets, under a rule naming it, is

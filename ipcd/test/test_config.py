@@ -585,16 +585,63 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         )
 
     def test_unescapedColon(self) -> None:
-        """An IPv6 address's colons must be escaped: the message says how."""
+        """
+        An IPv6 address's colons must be escaped: the message says how, with
+        the string that would do, for tcp, for Twisted's tcp6 plugin (it
+        passed the check and failed at start quoting Python's TypeError),
+        and inside Twisted's haproxy wrapper.
+        """
+        for listen, fixed in (
+            ("tcp:9000:interface=::1", r"tcp:9000:interface=\:\:1"),
+            ("tcp6:9000:interface=::2", r"tcp6:9000:interface=\:\:2"),
+            (
+                "haproxy:tcp6:9000:interface=fe80::1%lo:backlog=5",
+                r"haproxy:tcp6:9000:interface=fe80\:\:1%lo:backlog=5",
+            ),
+        ):
+            self.assertEqual(
+                self.error(f"[tcpd]\nlisten = '{listen}'\n"),
+                f"[tcpd] listen: invalid endpoint '{listen}': a ':' inside a "
+                f"value is written '\\:' (write '{fixed}')",
+            )
+            load_config(None, {"tcpd": {"listen": fixed}}, {})
+        # None does (a port after the address): the rule, as an example.
         self.assertEqual(
-            self.error("[tcpd]\nlisten = 'tcp:9000:interface=::1'\n"),
-            "[tcpd] listen: invalid endpoint 'tcp:9000:interface=::1': got "
+            self.error("[tcpd]\nlisten = 'tcp6:interface=::1:9000'\n"),
+            "[tcpd] listen: invalid endpoint 'tcp6:interface=::1:9000': got "
             "multiple values for argument 'interface' (a ':' inside a value is "
             "written '\\:', as in interface=\\:\\:1)",
         )
 
+    def test_tcp6Arguments(self) -> None:
+        """
+        Twisted's tcp6 plugin's arguments are checked when the configuration
+        loads, as tcp's are (it is built, not listened on), wrapped in
+        haproxy or not.
+        """
+        for listen, reason in (
+            ("tcp6:9000:colour=red", "got an unexpected keyword argument 'colour'"),
+            ("tcp6:x", "'x' is not a whole number"),
+            ("tcp6:99999", "port 99999 is not 0 to 65535"),
+            ("tcp6:port=70000", "port 70000 is not 0 to 65535"),
+            (
+                "haproxy:tcp:9000:colour=red",
+                "got an unexpected keyword argument 'colour'",
+            ),
+        ):
+            self.assertEqual(
+                self.error(f"[tcpd]\nlisten = '{listen}'\n"),
+                f"[tcpd] listen: invalid endpoint '{listen}': {reason}",
+            )
+        for listen in ("tcp6:9000:interface=\\:\\:1", "tcp6:port=9000:backlog=5"):
+            config = load_config(None, {"tcpd": {"listen": listen}}, {})
+            self.assertEqual(tcp_listen(config), listen)
+
     def test_pluginEndpointAccepted(self) -> None:
-        """A plugin's type is accepted without building it (no reactor)."""
+        """
+        A plugin's type is accepted without building it (no reactor);
+        Twisted's tcp6 is built, with no reactor (test_tcp6Arguments).
+        """
         for listen in ("systemd:domain=INET:index=0", "tcp6:9000", "ipc:tcp"):
             config = load_config(None, {"tcpd": {"listen": listen}}, {})
             self.assertEqual(tcp_listen(config), listen)
@@ -1068,6 +1115,7 @@ def _errors_section() -> list[str]:
 _PROVOKED = {
     "[tcpd] listen: expected an endpoint string": ("[tcpd]\nlisten = 9000\n", []),
     "unknown endpoint type 'foo'": (None, ["--tcp", "foo:bar"]),
+    "tcp6:9000:interface=::2": (None, ["--tcp", "tcp6:9000:interface=::2"]),
     "no such group 'nosuchgroup'": ('[control]\ngroup = "nosuchgroup"\n', []),
     "lookup_timeot": ("[ipcd]\nlookup_timeot = 5\n", []),
     "(a week), got 1e+300": ("[limits]\nidle_timeout = 1e300\n", []),

@@ -781,6 +781,44 @@ class ControlTests(SynchronousTestCase):
         clock.advance(2)
         self.assertTrue(transport.disconnecting)
 
+    def test_waitedAnswerNotCut(self) -> None:
+        """
+        An answer that is not there at once (a reload at the reload gate)
+        does not count against the deadline; once there, it has a whole
+        timeout to be sent.
+        """
+        clock = MemoryReactorClock()
+        counters: Counter[str] = Counter()
+        waiting: Deferred[dict[str, Any]] = Deferred()
+        factory = ControlFactory(
+            {"reload": lambda: waiting}, 1.0, clock, counters=counters
+        )
+        protocol = factory.buildProtocol(None)
+        # Closed once the answer is written (not at once, as some fakes do).
+        transport = connect(protocol, StringTransport())
+        clock.advance(0.5)
+        protocol.dataReceived(wire.encode(b"reload"))
+        clock.advance(5)
+        self.assertFalse(transport.disconnecting)
+        waiting.callback({"ok": True})
+        self.assertEqual(json.loads(transport.value()[4:]), {"ok": True})
+        self.assertTrue(transport.disconnecting)
+        [deadline] = clock.getDelayedCalls()
+        self.assertEqual(deadline.getTime(), clock.seconds() + 1.0)
+        self.assertEqual(counters["control requests timed out"], 0)
+
+    def test_waitedAnswerAfterClose(self) -> None:
+        """A client gone while its answer waits leaves no deadline behind."""
+        clock = MemoryReactorClock()
+        waiting: Deferred[dict[str, Any]] = Deferred()
+        factory = ControlFactory({"reload": lambda: waiting}, 1.0, clock)
+        protocol = factory.buildProtocol(None)
+        connect(protocol, StringTransport())
+        protocol.dataReceived(wire.encode(b"reload"))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        waiting.callback({"ok": True})
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_deadline_cancelled_when_closed(self) -> None:
         clock = MemoryReactorClock()
         factory = ControlFactory({"status": lambda: {"ok": True}}, 10.0, clock)

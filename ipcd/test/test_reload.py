@@ -22,6 +22,7 @@ from ipcd.config import load_config
 from ipcd.identity import Peer
 from ipcd.reloadgate import RELOAD_INTERVAL, ReloadGate
 from ipcd.test.support import (
+    as_user,
     assert_no_fd_leak,
     bounce,
     connect_unix,
@@ -30,22 +31,24 @@ from ipcd.test.support import (
     fill_backlog,
     lookup,
     make_config,
+    needs_root,
     recv_upto,
     short_rundir,
     start_ipcd,
     wait_until,
 )
 from ipcd.test.test_daemons import with_testscheme
+from ipcd.test.test_inboundaccess import MALLORY
 from ipcd.wire import encode
 
 
-def slow_service(case: TestCase, rundir: str) -> socket.socket:
+def slow_service(case: TestCase, rundir: str, mode: int = 0o777) -> socket.socket:
     """A listener at C{RUNDIR/slow} whose backlog is full: connects wait."""
     path = os.path.join(rundir, "slow")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     case.addCleanup(server.close)
     server.bind(path)
-    os.chmod(path, 0o777)
+    os.chmod(path, mode)
     server.listen(0)
     fill_backlog(case, path)
     server.setblocking(False)
@@ -153,6 +156,31 @@ class InFlightAcrossReloadTests(TestCase):
         yield accept_until(server, pending)
         self.assertDenied((yield pending), b"deny local slow")
         yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
+    def test_grantedCountedOnce(self) -> Any:
+        """
+        A lookup reached by a grant, still connecting when a reload lands:
+        asked again (the grant still covers it) and served, and counted
+        once as granted (the second look counted it again).
+        """
+        needs_root()
+        grants = {"grants": [f"slow uid:{MALLORY}"]}
+        yield self.start(["allow local slow"], ["allow local slow"], **grants)
+        # Mallory may use ipcd, not connect to slow (root's, 0600) herself.
+        os.chmod(self.rundir, 0o755)
+        os.chmod(os.path.join(self.rundir, "ipc"), 0o666)
+        server = slow_service(self, self.rundir, 0o600)
+        counters = self.service.broker.counters
+        pending = as_user(
+            os.path.join(self.rundir, "ipc"), MALLORY, MALLORY, (), "slow;"
+        )
+        yield wait_until(lambda: counters["granted"] >= 1, "the grant to be used")
+        self.assertTrue(self.service.reload()["ok"])
+        self.assertFalse(pending.called)
+        yield accept_until(server, pending)
+        self.assertEqual((yield pending), {"reply": "ok", "fds": 1})
+        self.assertEqual((counters["lookups"], counters["granted"]), (1, 1))
 
 
 class SettingsAfterReloadTests(TestCase):
@@ -357,6 +385,39 @@ class ReloadBoundTests(TestCase):
         answers = yield gatherResults(asking)
         self.assertEqual(answers, [first] * 4)
         self.assertEqual(len(loads), 3)
+
+    @inlineCallbacks
+    def test_gateWaitNotCutByControlTimeout(self) -> Any:
+        """
+        A reload waiting at the gate is ipcd's wait, not the client's: a
+        control_timeout shorter than the wait (the gate held here) does not
+        cut the request (it did: the reload ran later, and the client saw
+        its connection closed); a silent client is still closed by it.
+        """
+        rundir = short_rundir(self)
+
+        def load() -> Any:
+            # Time enough to connect and ask, less than the gate's wait.
+            return make_config(rundir, limits={"control_timeout": 0.5})
+
+        service = yield start_ipcd(self, load(), load)
+        clock = service.reload_gate.clock = Clock()
+        counters = service.broker.counters
+        # A reload: the next one waits at the gate.
+        first = self.successResultOf(service.reload_gate.request())
+        self.assertEqual(first, {"ok": True, "restart_needed": []})
+        asking = deferToThread(control.request, "reload", rundir)
+        yield wait_until(lambda: service.reload_gate.waiting == 1, "1 waiting")
+        # Connected after the one waiting, so timed out after its deadline
+        # would have passed.
+        silent = connect_unix(os.path.join(rundir, "ipcd-control"))
+        self.addCleanup(silent.close)
+        timed_out = "control requests timed out"
+        yield wait_until(lambda: counters[timed_out] >= 1, "the silent one closed")
+        self.assertFalse(asking.called)
+        clock.advance(RELOAD_INTERVAL)
+        self.assertEqual((yield asking), first)
+        self.assertEqual(counters[timed_out], 1)
 
 
 class OldConfigurationFreedTests(TestCase):
