@@ -380,6 +380,26 @@ class StartTests(SynchronousTestCase):
         self.assertIs(self.tls.wrappedProtocol, application)
         self.assertIsInstance(self.tls.getHandle(), Connection)
 
+    def test_creatorFailsAtTheFirstByte(self) -> None:
+        """
+        No connection could be made when the first byte came: the error is
+        the reactor's to log, and the connection ends as one that never
+        started TLS (the application told once, the wrapper let go).
+        """
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        def fail(tls: Any) -> Connection:
+            raise RuntimeError("no keys")
+
+        self.patch(self.factory.lazy_creator, "make", fail)
+        self.assertRaises(RuntimeError, self.tls.dataReceived, b"\x16")
+        reasons: list[Failure] = []
+        self.tls.wrappedProtocol.connectionLost = reasons.append
+        self.tls.connectionLost(Failure(RuntimeError("no keys")))
+        self.assertEqual([r.type for r in reasons], [ConnectionLost])
+        self.assertEqual(self.factory.protocols, {})
+
     def test_negotiatedNothingYet(self) -> None:
         self.assertIsNone(self.tls.negotiatedProtocol)
         self.assertIsNone(self.tls.getPeerCertificate())

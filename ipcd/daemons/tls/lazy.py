@@ -109,10 +109,12 @@ class LazyStart(TLSMemoryBIOProtocol):
         """Make the OpenSSL connection and begin the handshake, now."""
         if not self.waiting:
             return
-        self.waiting = False
         application, self.wrappedProtocol = self.wrappedProtocol, _SetAside()
         try:
             TLSMemoryBIOProtocol.makeConnection(self, self.transport)
+            # Not before: if no connection could be made (the creator
+            # raised), the connection still ends as one that never started.
+            self.waiting = False
         finally:
             self.wrappedProtocol = application
 
