@@ -23,6 +23,7 @@ from ipcd.compat import twisted as compat_twisted
 from ipcd.daemons.outbox import socket_of
 from ipcd.daemons.tls.kcodec import KernelSecured
 from ipcd.daemons.tls.kswitch import to_kernel
+from ipcd.daemons.tls.lazy import LazyStart, lazy_for
 from ipcd.daemons.tls.owed import ASKED, OwedGuard
 from ipcd.daemons.tls.relay import Secured, detach
 from ipcd.handoff import adopt_into_reactor
@@ -84,6 +85,8 @@ class _NoHalfClose(TLSMemoryBIOProtocol):
         and holding back what is written after it.
         """
         connection = self.getHandle()
+        if connection is None:  # TLS not started (LazyStart): nothing made
+            return
         while True:
             try:
                 records = connection.bio_read(_BIO_READ)
@@ -118,9 +121,33 @@ class _NoHalfClose(TLSMemoryBIOProtocol):
             super().unregisterProducer()
 
 
+class _LazyNoHalfClose(_NoHalfClose, LazyStart):
+    """A server's L{_NoHalfClose} that starts TLS at the peer's first byte."""
+
+
 class TLSFactory(TLSMemoryBIOFactory):
-    protocol = _NoHalfClose
+    """
+    Twisted's TLS as tlsd and websocketd speak it (L{_NoHalfClose}); on a
+    server, OpenSSL's connection is made at the peer's first byte, not at
+    its connect (L{ipcd.daemons.tls.lazy}): a peer that sends nothing costs
+    no OpenSSL state.
+    """
+
+    protocol: type[TLSMemoryBIOProtocol] = _NoHalfClose
     noisy = False
+
+    def __init__(
+        self,
+        contextFactory: Any,  # noqa: N803 (Twisted's name)
+        isClient: bool,  # noqa: N803
+        wrappedFactory: Any,  # noqa: N803
+        clock: Any = None,
+    ) -> None:
+        self.lazy_creator = None if isClient else lazy_for(contextFactory)
+        if self.lazy_creator is not None:
+            contextFactory = self.lazy_creator
+            self.protocol = _LazyNoHalfClose
+        super().__init__(contextFactory, isClient, wrappedFactory, clock)
 
 
 class GuardedTLSListens:
