@@ -86,9 +86,12 @@ def discard_unread(transport: Any, limit: int = 256 * 1024) -> None:
     just before.
     """
     handle = getattr(transport, "getHandle", None)
-    recv = getattr(handle() if handle is not None else None, "recv", None)
-    if recv is None:
-        return  # not a socket: an in-memory transport
+    sock = handle() if handle is not None else None
+    if not isinstance(sock, socket.socket):
+        # Not a socket: an in-memory transport, or TLS (its handle is
+        # OpenSSL's connection: what is unread there is its handshake).
+        return
+    recv = sock.recv
     try:
         while limit > 0:
             chunk = recv(min(limit, 65536), socket.MSG_DONTWAIT)
