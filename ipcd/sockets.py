@@ -87,11 +87,11 @@ def discard_unread(transport: Any, limit: int = 256 * 1024) -> None:
     """
     handle = getattr(transport, "getHandle", None)
     sock = handle() if handle is not None else None
-    if not isinstance(sock, socket.socket):
+    recv = getattr(sock, "recv", None)
+    if recv is None or hasattr(sock, "bio_read"):
         # Not a socket: an in-memory transport, or TLS (its handle is
-        # OpenSSL's connection: what is unread there is its handshake).
+        # OpenSSL's memory-BIO connection: what is unread is its handshake).
         return
-    recv = sock.recv
     try:
         while limit > 0:
             chunk = recv(min(limit, 65536), socket.MSG_DONTWAIT)
