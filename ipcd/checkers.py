@@ -170,9 +170,11 @@ def check_server_endpoint(description: str) -> None:
         )
     try:
         kind = compat_twisted.endpoint_type(description)
+        # (haproxy:stdio: is Twisted's wrapper around stdio: no listener.)
+        listens_on = wrapped(description)[0]
     except (ValueError, IndexError) as e:
         raise Invalid(f"invalid endpoint string {description!r}: {e}") from None
-    if kind == "stdio":
+    if listens_on == "stdio":
         # Twisted's stdio: "listens" on ipcd's own stdin: one peer, no address.
         raise Invalid(
             f"{description!r} is no listener (it is ipcd's own standard input "

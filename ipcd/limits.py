@@ -241,7 +241,14 @@ class ConnectionLimits:
         discard_unread(transport)
         if refusal:
             transport.write(refusal)
-        transport.loseWriteConnection()
+        # TLS (websocketd's ssl: listener, the limits inside it) cannot
+        # half-close: it closes once the refusal is sent, after the
+        # peer's handshake, or at the cut.
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is None:
+            transport.loseConnection()
+        else:
+            half_close()
         cut = self.clock.callLater(REFUSAL_GRACE, transport.abortConnection)
         self._cuts[transport] = (cut, key)
         lingering[key] += 1

@@ -86,9 +86,12 @@ def discard_unread(transport: Any, limit: int = 256 * 1024) -> None:
     just before.
     """
     handle = getattr(transport, "getHandle", None)
-    recv = getattr(handle() if handle is not None else None, "recv", None)
-    if recv is None:
-        return  # not a socket: an in-memory transport
+    sock = handle() if handle is not None else None
+    recv = getattr(sock, "recv", None)
+    if recv is None or hasattr(sock, "bio_read"):
+        # Not a socket: an in-memory transport, or TLS (its handle is
+        # OpenSSL's memory-BIO connection: what is unread is its handshake).
+        return
     try:
         while limit > 0:
             chunk = recv(min(limit, 65536), socket.MSG_DONTWAIT)

@@ -562,6 +562,11 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             "command line: [tcpd] listen: 'stdio:' is no listener (it is ipcd's "
             "own standard input and output): give an endpoint peers connect to",
         )
+        # Nor behind Twisted's haproxy: wrapper.
+        error = self.assertRaises(
+            ConfigError, load_config, None, {"tcpd": {"listen": "haproxy:stdio:"}}, {}
+        )
+        self.assertIn("'haproxy:stdio:' is no listener", str(error))
         error = self.assertRaises(
             ConfigError, load_config, None, {"tcpd": {"listen": "foo:bar"}}, {}
         )

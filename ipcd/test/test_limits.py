@@ -32,8 +32,10 @@ from ipcd.test.support import (
     TIMEOUT,
     accepts,
     as_user,
+    assert_no_fd_leak,
     bounce,
     connect_unix,
+    fd_baseline,
     make_config,
     needs_root,
     open_fds,
@@ -47,7 +49,8 @@ from ipcd.test.support import (
     start_ipcd,
     wait_until,
 )
-from ipcd.test.tcpsupport import start_host
+from ipcd.test.tcpsupport import recv_eof, start_host
+from ipcd.test.wssupport import make_ca, start_ws_host, unverified_context
 from ipcd.wire import encode
 
 
@@ -493,6 +496,45 @@ class LingeringRefusalsTests(TestCase):
         for last in range(2, 13):
             yield flood(f"127.0.0.{last}", 10)
         yield held(12 + 64)
+
+
+class TlsRefusalTests(TestCase):
+    """
+    On websocketd's C{ssl:} listener the limits sit inside TLS: a refused
+    peer has its refusal over TLS, or, silent, is cut after the grace.
+    """
+
+    @inlineCallbacks
+    def test_overThePerPeerLimit(self) -> Any:
+        _ca, cert, key = make_ca(short_rundir(self, "ipcd-refusal-ca-"))
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        host = yield start_ws_host(self, listen=listen, open_handshake_timeout=600.0)
+        limits = host.broker.limits_for("websocketd")
+        limits.max_per_peer = 1
+        before = yield fd_baseline()
+        admitted = socket.create_connection(("127.0.0.1", host.port), TIMEOUT)
+        self.addCleanup(admitted.close)
+        yield wait_until(lambda: limits.total == 1, "the first peer admitted")
+
+        def refused_over_tls() -> bytes:
+            context = unverified_context()
+            with socket.create_connection(("127.0.0.1", host.port), TIMEOUT) as raw:
+                with context.wrap_socket(raw) as secured:
+                    return recv_eof(secured)
+
+        answer = yield deferToThread(refused_over_tls)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
+        silent = socket.create_connection(("127.0.0.1", host.port), TIMEOUT)
+        self.addCleanup(silent.close)
+        answer = yield deferToThread(recv_eof, silent)  # cut after the grace
+        self.assertEqual(answer, b"")
+        refused = host.broker.counters["websocketd: refused, per-peer limit"]
+        self.assertEqual(refused, 2)
+        self.assertEqual(limits.total, 1)  # refused ones are never counted
+        admitted.close()
+        silent.close()
+        yield wait_until(lambda: limits.total == 0, "the admitted peer let go")
+        yield assert_no_fd_leak(before)
 
 
 class AcceptErrorTests(TestCase):

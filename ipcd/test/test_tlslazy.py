@@ -9,7 +9,6 @@ run from the connect.  Real sockets, real in-process ipcd.
 from __future__ import annotations
 
 import socket
-import ssl
 from typing import Any
 
 from OpenSSL.SSL import Connection
@@ -36,7 +35,7 @@ from ipcd.test.support import (
 )
 from ipcd.test.tcpsupport import recv_eof
 from ipcd.test.tlssupport import ALICE_KEY, TestCA, secrets_file, start_tls_host
-from ipcd.test.wssupport import make_ca, start_ws_host
+from ipcd.test.wssupport import make_ca, start_ws_host, unverified_context
 from ipcd.wire import encode
 
 # Under the per-peer maximum (128) three times over: none is refused.
@@ -234,9 +233,7 @@ class HaproxyListenerTests(TestCase):
         self.assertEqual(made, [])
 
         def speak() -> bytes:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
+            context = unverified_context()
             with socket.create_connection(("127.0.0.1", b.port), TIMEOUT) as raw:
                 raw.sendall(header)
                 with context.wrap_socket(raw, server_hostname="localhost") as tls:
@@ -273,9 +270,7 @@ class WebSocketSilentPeerTests(TestCase):
         self.assertEqual(limits.total, SILENT)
 
         def secure_upgrade() -> bytes:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
+            context = unverified_context()
             with socket.create_connection(("127.0.0.1", host.port), TIMEOUT) as raw:
                 with context.wrap_socket(raw) as secured:
                     secured.sendall(

@@ -13,6 +13,7 @@ import hashlib
 import os
 import select
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass
@@ -98,6 +99,14 @@ def start_ws_host(
 
 
 # A test CA and a certificate for 127.0.0.1 / localhost.
+
+
+def unverified_context() -> ssl.SSLContext:
+    """A TLS client context that takes any certificate (the tests' own)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def make_ca(directory: str) -> tuple[str, str, str]:
