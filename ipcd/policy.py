@@ -18,6 +18,7 @@ would not let it connect (see L{ipcd.access}).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -105,6 +106,27 @@ def _check_peer_pattern(pattern: str, text: str, what: str = "rule") -> None:
             ipaddress.ip_network(value, strict=False)
         except ValueError:
             raise RuleError(f"{what} {text!r}: {value!r} is not an IP address or CIDR")
+    elif kind == "ip" and _mapped_glob(value):
+        # No label is spelled so: a deny written this way (as the log
+        # prints a dual-stack listener's peer) would let that peer in.
+        raise RuleError(
+            f"{what} {text!r}: no peer is labelled {value!r}: a dual-stack "
+            "listener's IPv4 peer (::ffff:10.1.2.3) is labelled as IPv4 "
+            "(ip:10.1.2.3): write it for IPv4 (ip:10.*, ip:10.0.0.0/8; "
+            "ip:0.0.0.0/0 for every IPv4 peer)"
+        )
+
+
+# The text an IPv4-mapped IPv6 address starts with, as the kernel and
+# Python print it (::ffff:10.1.2.3); "::ffff:0:" begins other addresses
+# (IPv4-translated, ::ffff:0:a01:203), which keep their IPv6 label.
+_MAPPED = "::ffff:"
+
+
+def _mapped_glob(value: str) -> bool:
+    """Whether an C{ip:} glob matches only IPv4-mapped text (no label has it)."""
+    value = value.lower()
+    return value.startswith(_MAPPED) and not value.startswith(_MAPPED + "0:")
 
 
 def _has_glob(value: str) -> bool:
@@ -126,13 +148,30 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
+# Parsed once per pattern, not per decision; bounded, as patterns are few.
+@functools.lru_cache(maxsize=1024)
+def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """
+    The network of an C{ip:} pattern; one written as IPv4-mapped IPv6
+    (C{::ffff:10.0.0.0/104}, or C{::ffff:10.1.2.3} as the log prints a
+    dual-stack listener's peer) is the IPv4 network it maps, as such a
+    peer is an IPv4 peer: in its IPv6 form it would match no one.
+    """
+    network = ipaddress.ip_network(value, strict=False)
+    if network.version == 6 and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped  # type: ignore[union-attr]
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
 def peer_matches(pattern: str, labels: Iterable[str]) -> bool:
     """Does C{pattern} match one of C{labels}?"""
     if pattern == "*":
         return True
     kind, _, value = pattern.partition(":")
     if kind == "ip" and not _has_glob(value):
-        network = ipaddress.ip_network(value, strict=False)
+        network = _network(value)
         for label in labels:
             if label.startswith("ip:"):
                 address = _ip(label[3:])
