@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -165,6 +166,28 @@ def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return network
 
 
+def _same_zone(zone: str, wanted: str) -> bool:
+    """
+    Whether a peer's zone (C{eth0} of C{fe80::1%eth0}, as Twisted names
+    it) is the pattern's C{wanted} one, by name or index (C{%2}).  ipaddress
+    keeps a pattern's zone but leaves it out of C{in}: C{ip:fe80::%eth0/64}
+    let in link-local peers of every interface, whose addresses any host on
+    those links may take.
+    """
+    if zone == wanted:
+        return True
+    if not zone or not (zone.isdigit() or wanted.isdigit()):
+        return False
+    try:
+        return _zone_index(zone) == _zone_index(wanted)
+    except OSError:
+        return False  # no such interface (now)
+
+
+def _zone_index(zone: str) -> int:
+    return int(zone) if zone.isdigit() else socket.if_nametoindex(zone)
+
+
 def peer_matches(pattern: str, labels: Iterable[str]) -> bool:
     """Does C{pattern} match one of C{labels}?"""
     if pattern == "*":
@@ -172,12 +195,14 @@ def peer_matches(pattern: str, labels: Iterable[str]) -> bool:
     kind, _, value = pattern.partition(":")
     if kind == "ip" and not _has_glob(value):
         network = _network(value)
+        zone = getattr(network.network_address, "scope_id", None)
         for label in labels:
             if label.startswith("ip:"):
                 address = _ip(label[3:])
                 # `in` is False across IP versions: no version test needed.
                 if address is not None and address in network:
-                    return True
+                    if zone is None or _same_zone(label.partition("%")[2], zone):
+                        return True
         return False
     return any(fnmatchcase(label, pattern) for label in labels)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from fnmatch import fnmatchcase
 
 from hypothesis import given, settings
@@ -185,6 +186,22 @@ class PeerMatchesTests(SynchronousTestCase):
     def test_ipv6Scope(self) -> None:
         """A link-local peer's scope (C{%eth0}) does not hide its address."""
         self.assertTrue(peer_matches("ip:fe80::/10", ["ip:fe80::1%eth0"]))
+
+    def test_ipv6ZoneMatters(self) -> None:
+        """
+        A network with a zone matches only peers of that interface (by name
+        or by index); one without, peers of every interface.
+        """
+        self.assertTrue(peer_matches("ip:fe80::%eth0/64", ["ip:fe80::1%eth0"]))
+        self.assertFalse(peer_matches("ip:fe80::%eth0/64", ["ip:fe80::1%eth1"]))
+        self.assertFalse(peer_matches("ip:fe80::1%eth0", ["ip:fe80::1%eth1"]))
+        self.assertFalse(peer_matches("ip:fe80::%eth0/64", ["ip:fe80::1"]))
+        self.assertTrue(peer_matches("ip:fe80::/64", ["ip:fe80::1%eth1"]))
+        lo = socket.if_nametoindex("lo")
+        self.assertTrue(peer_matches(f"ip:fe80::%{lo}/64", ["ip:fe80::1%lo"]))
+        self.assertTrue(peer_matches("ip:fe80::%lo/64", [f"ip:fe80::1%{lo}"]))
+        self.assertFalse(peer_matches(f"ip:fe80::%{lo + 1}/64", ["ip:fe80::1%lo"]))
+        self.assertFalse(peer_matches("ip:fe80::%nosuch0/64", ["ip:fe80::1%1"]))
 
     def test_ipv4MappedV6(self) -> None:
         """A dual-stack listener's C{::ffff:a.b.c.d} peer is an IPv4 peer."""
