@@ -340,6 +340,9 @@ def _guarded(path: str, info: os.stat_result) -> None:
 # <(...) gives /dev/fd/63), /dev/stdin.
 _DESCRIPTOR = re.compile(r"/(dev/fd|proc/(self|thread-self|\d+)(/task/\d+)?/fd)/\d+")
 _STANDARD = ("/dev/stdin", "/dev/stdout", "/dev/stderr")
+# Where every name is a descriptor's, its links resolved (/dev/fd and
+# /proc/self/fd are /proc/PID/fd; /proc/thread-self/fd, /proc/PID/task/TID/fd).
+_DESCRIPTORS = re.compile(r"/proc/\d+(/task/\d+)?/fd")
 
 
 def names_descriptor(path: str) -> bool:
@@ -352,6 +355,10 @@ def names_descriptor(path: str) -> bool:
     current = os.path.abspath(path)
     for _hop in range(40):  # the kernel's own bound on a chain of links
         if current in _STANDARD or _DESCRIPTOR.fullmatch(current):
+            return True
+        # Its directory as the kernel finds it: through a link to /dev/fd
+        # (or /proc/self), or spelled //dev/fd, it is still a descriptor's.
+        if _DESCRIPTORS.fullmatch(os.path.realpath(os.path.dirname(current))):
             return True
         try:
             target = os.readlink(current)

@@ -827,12 +827,16 @@ class FileKindTests(SynchronousTestCase):
         reader, writer = os.pipe()
         self.addCleanup(os.close, reader)
         os.close(writer)
+        # A link to /dev/fd, and a doubled slash: the same directory.
+        os.symlink("/dev/fd", os.path.join(work, "fds"))
         with open(path) as opened:
             fd = opened.fileno()
             for name, stdin in [
                 (f"/dev/fd/{reader}", None),
                 (f"/proc/self/fd/{fd}", None),
                 ("/dev/stdin", opened),
+                (os.path.join(work, "fds", str(fd)), None),
+                (f"//dev/fd/{fd}", None),
             ]:
                 args = ["--config", name, "--no-tcp", "--rundir", work + "/run"]
                 done = subprocess.run(
