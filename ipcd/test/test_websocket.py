@@ -7,6 +7,7 @@ in-process hosts, C{RUNDIR/ws}, and the limits websocketd enforces.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -717,6 +718,19 @@ class SlowReaderTests(TestCase):
         self.assertLess(growth, 48 * 1024 * 1024, f"RSS grew by {growth} bytes")
 
 
+class NoDescriptorLeft:
+    """A reactor whose C{adoptStreamConnection} fails as at EMFILE."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> Any:  # noqa: N802
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
 class RouteTests(TestCase):
     """A libipc client on host A reaches pongd on host B through ws:// routes."""
 
@@ -813,6 +827,31 @@ class RouteTests(TestCase):
         self.assertLessEqual(max(parsed), FRAME_BUDGET, parsed)
         self.assertGreater(len(parsed), count // FRAME_BUDGET, parsed)
         self.assertEqual(protocol.readPauses.reasons, 0)
+
+    @inlineCallbacks
+    def test_serviceConnectionNotTaken(self) -> Any:
+        """
+        A's reactor cannot take the client's end of the route (no
+        descriptor left: EMFILE) once the WebSocket to B opens: the client
+        is answered so at once, and nothing is left listed as a relay.  It
+        waited for the connect deadline, and the relay stayed listed.
+        """
+        joining = WebSocketOutbound.joinSocket
+
+        def no_descriptor(protocol: Any, reactor: Any, *args: Any, **kw: Any) -> Any:
+            return joining(protocol, NoDescriptorLeft(reactor), *args, **kw)
+
+        self.patch(WebSocketOutbound, "joinSocket", no_descriptor)
+        route = self.b.route("pong")
+        reply = yield self.lookupOnA(route)
+        self.assertEqual(len(reply.fds), 0)
+        self.assertEqual(
+            reply.data.decode(),
+            f"ne websocketd at {route}: cannot relay to the service: "
+            f"{os.strerror(errno.EMFILE)}",
+        )
+        relays = [r for r in self.a.broker.relays if r.daemon == "websocketd"]
+        self.assertEqual(relays, [])
 
     @inlineCallbacks
     def test_remoteRefusalReachesTheClient(self) -> Any:

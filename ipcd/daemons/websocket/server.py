@@ -223,7 +223,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             factory.broker.relays,
             daemon=SECTION,
         )
-        self.joinSocket(
+        why = self.joinSocket(
             factory.reactor,
             sock,
             factory.settings()["max_message_size"],
@@ -231,6 +231,12 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             stats,
             factory.bridges,
         )
+        if why is not None:  # ipcd's trouble (no descriptor left), not the peer's
+            factory.peerLog.error(
+                "websocketd: request from {who} failed: {why}",
+                who=str(handshake.who),
+                why=why,
+            )
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:  # noqa: N802, N803
         self.webSocketLost(wasClean)
