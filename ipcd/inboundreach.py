@@ -102,28 +102,48 @@ def _why(
     if st is not None and stat.S_ISSOCK(st.st_mode) and st.st_nlink > 1:
         # Refused whichever way (access.one_name): a member's hard link?
         return f"not reachable: {several_names(target.path, st).reason}"
-    if names_exactly(rule, name):
-        return f"reachable: rule {index} names it"
     if not isinstance(target, LocalTarget):
+        if names_exactly(rule, name):
+            return f"reachable: rule {index} names it"
         return f"reachable: rule {index}, routed to {target}"
+    if names_exactly(rule, name):
+        # The broker's walk for it, without a permission check: a link on
+        # the way that root or ipcd did not make refuses it as well.
+        return _walked(target.path) or f"reachable: rule {index} names it"
     try:
         opened = open_socket(target.path, OTHERS, follow_last_symlink=False)
     except AccessDenied:
         pass
-    except FileNotFoundError:
-        return f"not reachable: {target.path} does not exist"
     except (Refused, OSError) as e:
-        return f"not reachable: {getattr(e, 'reason', None) or e}"
+        return _not_reachable(target.path, e)
     else:
         mode = stat.S_IMODE(opened.stat.st_mode)
         opened.close()
         return f"reachable: rule {index} is a glob and others may connect ({mode:04o})"
     for grant_index, grant in enumerate(config.grants, 1):
         if fnmatchcase(target.name, grant.service):  # for its peers
-            return f"reachable: grant {grant_index} ({grant})"
+            return _walked(target.path) or (f"reachable: grant {grant_index} ({grant})")
     try:
         mode = stat.S_IMODE(os.stat(target.path).st_mode)
         shown = f" ({mode:04o})"
     except OSError:
         shown = ""
     return f"not reachable: rule {index} is a glob and others may not connect{shown}"
+
+
+def _walked(path: str) -> str | None:
+    """
+    C{None} if the broker's walk to C{path} without a permission check (an
+    exact rule's, a grant's) reaches a socket; else why not.
+    """
+    try:
+        open_socket(path, None, follow_last_symlink=False).close()
+    except (Refused, OSError) as e:
+        return _not_reachable(path, e)
+    return None
+
+
+def _not_reachable(path: str, error: Exception) -> str:
+    if isinstance(error, FileNotFoundError):
+        return f"not reachable: {path} does not exist"
+    return f"not reachable: {getattr(error, 'reason', None) or error}"
