@@ -159,10 +159,11 @@ def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     peer is an IPv4 peer: in its IPv6 form it would match no one.
     """
     network = ipaddress.ip_network(value, strict=False)
-    if network.version == 6 and network.prefixlen >= 96:
-        mapped = network.network_address.ipv4_mapped  # type: ignore[union-attr]
-        if mapped is not None:
-            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    # Only a prefix of 96 or more keeps an address mapped (::ffff: is bits
+    # 80 to 95), so the IPv4 prefix is never negative.
+    mapped = getattr(network.network_address, "ipv4_mapped", None)
+    if mapped is not None:
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
     return network
 
 
@@ -178,16 +179,18 @@ def _same_zone(zone: str, wanted: str) -> bool:
     """
     if zone == wanted or not zone:
         return True
-    if not (zone.isdigit() or wanted.isdigit()):
-        return False
+    index = _zone_index(zone)  # one interface, by another name or its index
+    return index is not None and index == _zone_index(wanted)
+
+
+def _zone_index(zone: str) -> int | None:
+    """The interface index of C{zone}; C{None}: no such interface (now)."""
+    if zone.isdigit():
+        return int(zone)
     try:
-        return _zone_index(zone) == _zone_index(wanted)
+        return socket.if_nametoindex(zone)
     except OSError:
-        return False  # no such interface (now)
-
-
-def _zone_index(zone: str) -> int:
-    return int(zone) if zone.isdigit() else socket.if_nametoindex(zone)
+        return None
 
 
 def peer_matches(pattern: str, labels: Iterable[str]) -> bool:

@@ -203,6 +203,7 @@ class PeerMatchesTests(SynchronousTestCase):
         self.assertTrue(peer_matches("ip:fe80::%lo/64", [f"ip:fe80::1%{lo}"]))
         self.assertFalse(peer_matches(f"ip:fe80::%{lo + 1}/64", ["ip:fe80::1%lo"]))
         self.assertFalse(peer_matches("ip:fe80::%nosuch0/64", ["ip:fe80::1%1"]))
+        self.assertFalse(peer_matches("ip:fe80::%nosuch0/64", ["ip:fe80::1%nosuch1"]))
 
     def test_ipv4MappedV6(self) -> None:
         """A dual-stack listener's C{::ffff:a.b.c.d} peer is an IPv4 peer."""
