@@ -25,6 +25,7 @@ from ipcd.config import (
     Config,
     ConfigError,
     load_config,
+    names_descriptor,
 )
 from ipcd.daemons import default_registry, settings_of
 from ipcd.daemons.tcp import DEFAULT_LISTEN as DEFAULT_TCP_LISTEN
@@ -727,6 +728,66 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             ConfigError, load_config, None, {"redirects": {"a": "../x"}}, {}
         )
         self.assertTrue(str(error).startswith("command line: [redirects] a: "))
+
+
+class NamesDescriptorTests(SynchronousTestCase):
+    """
+    Which names of --config are an open descriptor's: those in /proc/PID/fd
+    however the name reaches it (its spellings, links to it, links to
+    /dev/fd), through as many links as the kernel follows.
+    """
+
+    def setUp(self) -> None:
+        self.work = short_rundir(self, "ipcd-fdnames-")
+        self.file = os.path.join(self.work, "ipcd.toml")
+        with open(self.file, "w") as f:
+            f.write("")
+        fd = os.open(self.file, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        self.fd = str(fd)
+
+    def link(self, name: str, target: str) -> str:
+        path = os.path.join(self.work, name)
+        os.symlink(target, path)
+        return path
+
+    def test_spellings(self) -> None:
+        fds = self.link("fds", "/dev/fd")
+        me = self.link("me", "/proc/self")
+        for path in (
+            f"/dev/fd/{self.fd}",
+            f"//dev/fd/{self.fd}",
+            f"/dev/./fd/{self.fd}",
+            f"/proc/self/fd/{self.fd}",
+            f"/proc/thread-self/fd/{self.fd}",
+            f"/proc/{os.getpid()}/fd/{self.fd}",
+            "/dev/stdin",
+            f"{fds}/{self.fd}",
+            f"{me}/fd/{self.fd}",
+            self.link("to-fd", f"/dev/fd/{self.fd}"),
+            self.link("relative", f"fds/{self.fd}"),
+        ):
+            self.assertIs(names_descriptor(path), True, path)
+        for path in (
+            self.file,
+            self.link("to-file", "ipcd.toml"),
+            fds,
+            "/proc/self/fd",
+        ):
+            self.assertIs(names_descriptor(path), False, path)
+
+    def test_asManyLinksAsTheKernelFollows(self) -> None:
+        """
+        At the end of 40 links, a descriptor's name is found; past them the
+        kernel opens nothing (ELOOP), and nothing more is read.
+        """
+        target = f"/dev/fd/{self.fd}"
+        for count in range(1, 42):
+            target = self.link(f"l{count}", target)
+            if count == 40:
+                self.assertIs(names_descriptor(target), True)
+        self.assertIs(names_descriptor(target), False)
+        self.assertRaises(OSError, open, target)
 
 
 class FileKindTests(SynchronousTestCase):
