@@ -134,6 +134,8 @@ class ParseRuleTests(SynchronousTestCase):
             self.assertRaises(RuleError, parse_grant, f"secret {glob}")
         for glob in ("ip:::ffff:0:*", "ip:2001:db8:*", "ip:*ffff*", "ip:::1*"):
             self.assertEqual(parse_rule(f"deny in * {glob}").peer, glob)
+        # Only ip: labels are so: a route's host may be written so.
+        self.assertEqual(parse_rule("deny out * host:::ffff:*").peer, "host:::ffff:*")
 
     def test_ipNonStrictNetwork(self) -> None:
         """Host bits set in a CIDR are accepted (C{10.1.2.3/8} = C{10/8})."""
@@ -204,6 +206,8 @@ class PeerMatchesTests(SynchronousTestCase):
         self.assertFalse(peer_matches(f"ip:fe80::%{lo + 1}/64", ["ip:fe80::1%lo"]))
         self.assertFalse(peer_matches("ip:fe80::%nosuch0/64", ["ip:fe80::1%1"]))
         self.assertFalse(peer_matches("ip:fe80::%nosuch0/64", ["ip:fe80::1%nosuch1"]))
+        # The same name, whether or not the interface is there now.
+        self.assertTrue(peer_matches("ip:fe80::%nosuch0/64", ["ip:fe80::1%nosuch0"]))
 
     def test_ipv4MappedV6(self) -> None:
         """A dual-stack listener's C{::ffff:a.b.c.d} peer is an IPv4 peer."""
