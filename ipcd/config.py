@@ -336,10 +336,13 @@ def _guarded(path: str, info: os.stat_result) -> None:
         )
 
 
-# A name of an open file descriptor: /dev/fd/3, /proc/self/fd/3 (bash's
-# <(...) gives /dev/fd/63), /dev/stdin.
-_DESCRIPTOR = re.compile(r"/(dev/fd|proc/(self|thread-self|\d+)(/task/\d+)?/fd)/\d+")
-_STANDARD = ("/dev/stdin", "/dev/stdout", "/dev/stderr")
+# The directory every name of an open file descriptor is in, its links
+# resolved: /dev/fd, /proc/self/fd and /proc/thread-self/fd are
+# /proc/PID/fd or /proc/PID/task/TID/fd.  (bash's <(...) gives /dev/fd/63;
+# /dev/stdin is a link to /proc/self/fd/0.)
+_DESCRIPTORS = re.compile(r"/proc/\d+(/task/\d+)?/fd")
+# Links the kernel follows in one path walk (ELOOP beyond).
+_MAX_LINKS = 40
 
 
 def names_descriptor(path: str) -> bool:
@@ -350,15 +353,17 @@ def names_descriptor(path: str) -> bool:
     new one in place) or a pipe that gives nothing twice.
     """
     current = os.path.abspath(path)
-    for _hop in range(40):  # the kernel's own bound on a chain of links
-        if current in _STANDARD or _DESCRIPTOR.fullmatch(current):
+    for _link in range(_MAX_LINKS + 1):  # the name, then each link's target
+        # Its directory as the kernel finds it: spelled /dev/fd, //dev/fd,
+        # or through a link to /dev/fd or /proc/self, it is a descriptor's.
+        if _DESCRIPTORS.fullmatch(os.path.realpath(os.path.dirname(current))):
             return True
         try:
             target = os.readlink(current)
         except OSError:  # no link (or nothing): a name of its own
             return False
         current = os.path.normpath(os.path.join(os.path.dirname(current), target))
-    return False
+    return False  # more links than the kernel follows: it opens nothing
 
 
 def read_toml(path: str) -> dict[str, Any]:

@@ -18,7 +18,9 @@ would not let it connect (see L{ipcd.access}).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -105,6 +107,27 @@ def _check_peer_pattern(pattern: str, text: str, what: str = "rule") -> None:
             ipaddress.ip_network(value, strict=False)
         except ValueError:
             raise RuleError(f"{what} {text!r}: {value!r} is not an IP address or CIDR")
+    elif kind == "ip" and _mapped_glob(value):
+        # No label is spelled so: a deny written this way (as the log
+        # prints a dual-stack listener's peer) would let that peer in.
+        raise RuleError(
+            f"{what} {text!r}: no peer is labelled {value!r}: a dual-stack "
+            "listener's IPv4 peer (::ffff:10.1.2.3) is labelled as IPv4 "
+            "(ip:10.1.2.3): write it for IPv4 (ip:10.*, ip:10.0.0.0/8; "
+            "ip:0.0.0.0/0 for every IPv4 peer)"
+        )
+
+
+# The text an IPv4-mapped IPv6 address starts with, as the kernel and
+# Python print it (::ffff:10.1.2.3); "::ffff:0:" begins other addresses
+# (IPv4-translated, ::ffff:0:a01:203), which keep their IPv6 label.
+_MAPPED = "::ffff:"
+
+
+def _mapped_glob(value: str) -> bool:
+    """Whether an C{ip:} glob matches only IPv4-mapped text (no label has it)."""
+    value = value.lower()
+    return value.startswith(_MAPPED) and not value.startswith(_MAPPED + "0:")
 
 
 def _has_glob(value: str) -> bool:
@@ -126,19 +149,65 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
+# Parsed once per pattern, not per decision; bounded, as patterns are few.
+@functools.lru_cache(maxsize=1024)
+def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """
+    The network of an C{ip:} pattern; one written as IPv4-mapped IPv6
+    (C{::ffff:10.0.0.0/104}, or C{::ffff:10.1.2.3} as the log prints a
+    dual-stack listener's peer) is the IPv4 network it maps, as such a
+    peer is an IPv4 peer: in its IPv6 form it would match no one.
+    """
+    network = ipaddress.ip_network(value, strict=False)
+    # Only a prefix of 96 or more keeps an address mapped (::ffff: is bits
+    # 80 to 95), so the IPv4 prefix is never negative.
+    mapped = getattr(network.network_address, "ipv4_mapped", None)
+    if mapped is not None:
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+def _same_zone(zone: str, wanted: str) -> bool:
+    """
+    Whether a peer's zone (C{eth0} of C{fe80::1%eth0}, as Twisted names
+    it) is the pattern's C{wanted} one, by name or index (C{%2}).  ipaddress
+    keeps a pattern's zone but leaves it out of C{in}: C{ip:fe80::%eth0/64}
+    let in link-local peers of every interface, whose addresses any host on
+    those links may take.  A peer whose zone is not known (udpd's: Twisted's
+    UDP gives none) is matched by its address alone, as before, so that a
+    deny with a zone still refuses it.
+    """
+    if zone == wanted or not zone:
+        return True
+    index = _zone_index(zone)  # one interface, by another name or its index
+    return index is not None and index == _zone_index(wanted)
+
+
+def _zone_index(zone: str) -> int | None:
+    """The interface index of C{zone}; C{None}: no such interface (now)."""
+    if zone.isdigit():
+        return int(zone)
+    try:
+        return socket.if_nametoindex(zone)
+    except OSError:
+        return None
+
+
 def peer_matches(pattern: str, labels: Iterable[str]) -> bool:
     """Does C{pattern} match one of C{labels}?"""
     if pattern == "*":
         return True
     kind, _, value = pattern.partition(":")
     if kind == "ip" and not _has_glob(value):
-        network = ipaddress.ip_network(value, strict=False)
+        network = _network(value)
+        zone = getattr(network.network_address, "scope_id", None)
         for label in labels:
             if label.startswith("ip:"):
                 address = _ip(label[3:])
                 # `in` is False across IP versions: no version test needed.
                 if address is not None and address in network:
-                    return True
+                    if zone is None or _same_zone(label.partition("%")[2], zone):
+                        return True
         return False
     return any(fnmatchcase(label, pattern) for label in labels)
 

@@ -25,6 +25,7 @@ from ipcd.config import (
     Config,
     ConfigError,
     load_config,
+    names_descriptor,
 )
 from ipcd.daemons import default_registry, settings_of
 from ipcd.daemons.tcp import DEFAULT_LISTEN as DEFAULT_TCP_LISTEN
@@ -781,6 +782,67 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         self.assertTrue(str(error).startswith("command line: [redirects] a: "))
 
 
+class NamesDescriptorTests(SynchronousTestCase):
+    """
+    Which names of --config are an open descriptor's: those in /proc/PID/fd
+    however the name reaches it (its spellings, links to it, links to
+    /dev/fd), through as many links as the kernel follows.
+    """
+
+    def setUp(self) -> None:
+        self.work = short_rundir(self, "ipcd-fdnames-")
+        self.file = os.path.join(self.work, "ipcd.toml")
+        with open(self.file, "w") as f:
+            f.write("")
+        fd = os.open(self.file, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        self.fd = str(fd)
+
+    def link(self, name: str, target: str) -> str:
+        path = os.path.join(self.work, name)
+        os.symlink(target, path)
+        return path
+
+    def test_spellings(self) -> None:
+        fds = self.link("fds", "/dev/fd")
+        me = self.link("me", "/proc/self")
+        for path in (
+            f"/dev/fd/{self.fd}",
+            f"//dev/fd/{self.fd}",
+            f"/dev/./fd/{self.fd}",
+            f"/proc/self/fd/{self.fd}",
+            f"/proc/thread-self/fd/{self.fd}",
+            f"/proc/{os.getpid()}/fd/{self.fd}",
+            "/dev/stdin",
+            f"{fds}/{self.fd}",
+            f"{me}/fd/{self.fd}",
+            self.link("to-fd", f"/dev/fd/{self.fd}"),
+            self.link("relative", f"fds/{self.fd}"),
+        ):
+            self.assertIs(names_descriptor(path), True, path)
+        for path in (
+            self.file,
+            self.link("to-file", "ipcd.toml"),
+            fds,
+            "/proc/self/fd",
+            f"/proc/self/fdinfo/{self.fd}",  # a file of its own
+        ):
+            self.assertIs(names_descriptor(path), False, path)
+
+    def test_asManyLinksAsTheKernelFollows(self) -> None:
+        """
+        At the end of 40 links, a descriptor's name is found; past them the
+        kernel opens nothing (ELOOP), and nothing more is read.
+        """
+        target = f"/dev/fd/{self.fd}"
+        for count in range(1, 42):
+            target = self.link(f"l{count}", target)
+            if count == 40:
+                self.assertIs(names_descriptor(target), True)
+        self.assertIs(names_descriptor(target), False)
+        self.assertRaises(OSError, open, target)
+
+
 class FileKindTests(SynchronousTestCase):
     """
     Only a regular file of bounded size is read as the configuration: what
@@ -879,12 +941,16 @@ class FileKindTests(SynchronousTestCase):
         reader, writer = os.pipe()
         self.addCleanup(os.close, reader)
         os.close(writer)
+        # A link to /dev/fd, and a doubled slash: the same directory.
+        os.symlink("/dev/fd", os.path.join(work, "fds"))
         with open(path) as opened:
             fd = opened.fileno()
             for name, stdin in [
                 (f"/dev/fd/{reader}", None),
                 (f"/proc/self/fd/{fd}", None),
                 ("/dev/stdin", opened),
+                (os.path.join(work, "fds", str(fd)), None),
+                (f"//dev/fd/{fd}", None),
             ]:
                 args = ["--config", name, "--no-tcp", "--rundir", work + "/run"]
                 done = subprocess.run(

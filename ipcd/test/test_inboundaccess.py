@@ -24,11 +24,12 @@ from ipcd.test.support import (
     counted_pong,
     make_config,
     needs_root,
+    recv_upto,
     short_rundir,
     start_ipcd,
     wait_until,
 )
-from ipcd.test.tcpsupport import TCP_LISTEN, bounce_through
+from ipcd.test.tcpsupport import TCP_LISTEN, bounce_through, tcp_connect
 from ipcd.test.tlssupport import ALICE_KEY, TLS_LISTEN, secrets_file
 from ipcd.test.udpsupport import UDP_LISTEN
 from ipcd.test.wssupport import WS_LISTEN
@@ -152,3 +153,61 @@ class LoopRoutesTests(TestCase):
         text = format_status(report)
         self.assertIn("inbound:\n", text)
         self.assertIn("  public: reachable: rule 1 names it\n", text)
+
+    @inlineCallbacks
+    def test_statusSaysWhatTheWalkRefuses(self) -> Any:
+        """
+        A name an exact rule or a grant lets peers reach, whose walk is
+        refused (a user's link on the admin's route, a link as the socket
+        itself, no socket there): C{ipcd status} says why, as the peer is
+        answered.  It said "reachable" for all three.
+        """
+        home = short_rundir(self, "ipcd-home-")
+        os.chmod(home, 0o755)
+        os.chown(home, MALLORY, MALLORY)
+        app = os.path.join(home, "app")
+        yield self.start(
+            ["allow in app", "allow in alias", "allow in gone", "allow in *"],
+            grants=("granted *",),
+            routes={
+                "app": f"unix://{app}/root.sock",
+                "granted": f"unix://{app}/root.sock",
+                "gone": f"unix://{home}/gone.sock",
+            },
+            redirects={"alias": "link"},
+        )
+        os.symlink(self.rundir, app)  # Mallory's link, to root's directory
+        os.lchown(app, MALLORY, MALLORY)
+        os.symlink("secret", os.path.join(self.rundir, "link"))
+        inbound = status_report(self.service.broker)["inbound"]
+        users_link = (
+            f"not reachable: {app}/root.sock: a symbolic link of uid {MALLORY} "
+            "on the way; a client's lookup follows only root's (or ipcd's) links"
+        )
+        self.assertEqual(inbound["app"], users_link)
+        self.assertEqual(inbound["granted"], users_link)
+        self.assertEqual(
+            inbound["alias"],
+            f"not reachable: {self.rundir}/link is a symbolic link; only the "
+            "socket itself may be reached this way",
+        )
+        self.assertEqual(
+            inbound["gone"], f"not reachable: {home}/gone.sock does not exist"
+        )
+        # As the peers are answered.
+        for name in ("app", "alias"):
+            answer = yield deferToThread(ask_tcpd, self.tcp_port, name.encode())
+            reason = inbound[name].removeprefix("not reachable: ")
+            self.assertEqual(answer, b"ne " + reason.encode())
+        answer = yield deferToThread(ask_tcpd, self.tcp_port, b"gone")
+        self.assertEqual(
+            answer,
+            f"ne no route to service 'gone': {home}/gone.sock does not exist".encode(),
+        )
+
+
+def ask_tcpd(port: int, service: bytes) -> bytes:
+    """As a remote peer of tcpd on C{port}: the answer to C{service}."""
+    with tcp_connect(port) as sock:
+        sock.sendall(service)
+        return recv_upto(sock, 4096)

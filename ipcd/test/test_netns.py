@@ -102,10 +102,10 @@ def pong_in(ns: str, rundir: str, route: str, *words: str) -> Any:
     )
 
 
-class TwoNamespacesMixin:
+class NamespacePair:
     """
     Namespaces C{A} and C{B} joined by a veth pair; C{ADDRESS_A} and
-    C{ADDRESS_B} (with C{PREFIX}) on its two ends.
+    C{ADDRESS_B} (with C{PREFIX}) on its two ends, C{link_a} and C{link_b}.
     """
 
     ADDRESS_A: str
@@ -141,6 +141,7 @@ class TwoNamespacesMixin:
             cidr = f"{address}/{self.PREFIX}"
             ip("-n", ns, "address", "add", cidr, "dev", link, *extra)
             ip("-n", ns, "link", "set", link, "up")
+        self.link_a, self.link_b = f"va{tag}", f"vb{tag}"
         self.work = short_rundir(self, "ipcd-ns-")
 
     def twistd(self: Any, ns: str, name: str, *options: str) -> Any:
@@ -160,6 +161,10 @@ class TwoNamespacesMixin:
             return all(accepts(os.path.join(rundir, name)) for name in names)
 
         poll(ready, f"twistd ipcd to listen in {rundir}")
+
+
+class TwoNamespacesMixin(NamespacePair):
+    """A client on host A reaches pongd on host B (both addresses routed)."""
 
     def start_hosts(self: Any, *options_b: str) -> tuple[str, str, str, str]:
         """
@@ -220,3 +225,74 @@ class IPv6NamespaceTests(TwoNamespacesMixin, SynchronousTestCase):
     ADDRESS_A = "fd00:77::1"
     ADDRESS_B = "fd00:77::2"
     PREFIX = 64
+
+
+# A raw tcpd request from namespace A to B's link-local address, out of A's
+# end of the veth (argv: address, port, interface): tcpd's two-byte answer.
+_LINK_LOCAL_REQUEST = """
+import socket, sys
+address, port, link = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+with socket.socket(socket.AF_INET6) as s:
+    s.settimeout(30)
+    s.connect((address, port, 0, socket.if_nametoindex(link)))
+    s.sendall(b"pong")
+    answer = b""
+    while len(answer) < 2:
+        chunk = s.recv(2 - len(answer))
+        if not chunk:
+            break
+        answer += chunk
+sys.stdout.write(answer.decode("ascii", "replace"))
+"""
+
+
+class LinkLocalZoneTests(NamespacePair, SynchronousTestCase):
+    """
+    A link-local peer is labelled with its zone (C{ip:fe80::1%vbN}, the
+    interface B saw it on), and an C{ip:} network with a zone
+    (C{ip:fe80::%eth0/64}) matches only peers of that interface: any host
+    on any link may take any link-local address, so the zone is all that
+    tells them apart.  It was left out of the match: a rule for one
+    interface's peers matched every interface's.
+    """
+
+    ADDRESS_A = "fe80::1"
+    ADDRESS_B = "fe80::2"
+    PREFIX = 64
+
+    def answer(self, port: int, *rules: str) -> tuple[str, str]:
+        """Host B's tcpd with C{rules} on C{port}: its answer to A's request."""
+        options = [f"--{action}={rule}" for action, rule in rules]
+        name = f"b{port}"
+        b, rundir_b, log_b = self.twistd(
+            self.ns_b, name, "--tcp", f"tcp6:{port}:interface=\\:\\:", *options
+        )
+        self.started(b, log_b, rundir_b, "ipc", "pong", "tcp")
+        done = subprocess.run(
+            ["ip", "netns", "exec", self.ns_a, sys.executable, "-c"]
+            + [_LINK_LOCAL_REQUEST, self.ADDRESS_B, str(port), self.link_a],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        self.assertEqual(done.stderr, "")
+        return done.stdout, read_text(log_b)
+
+    def test_otherInterfacesPeersNotAllowed(self) -> None:
+        """C{allow in pong ip:fe80::%lo/64}: a peer on the veth is not let in."""
+        answer, log = self.answer(PORT, ("allow", "in pong ip:fe80::%lo/64"))
+        self.assertEqual(answer, "ne", log)
+        self.assertIn(f"%{self.link_b}]:", log)  # the zone B saw it on
+
+    def test_thisInterfacesPeersMatched(self) -> None:
+        """
+        A deny for another interface's peers does not refuse this one's; an
+        allow for this one's lets it in.
+        """
+        answer, log = self.answer(
+            PORT + 1,
+            ("deny", "in pong ip:fe80::%lo/64"),
+            ("allow", f"in pong ip:fe80::%{self.link_b}/64"),
+        )
+        self.assertEqual(answer, "ok", log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from fnmatch import fnmatchcase
 
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from ipcd.policy import (
     RuleError,
     decide,
     names_exactly,
+    parse_grant,
     parse_rule,
     peer_matches,
 )
@@ -117,6 +119,24 @@ class ParseRuleTests(SynchronousTestCase):
         """An C{ip:} pattern with glob characters is a glob, not a network."""
         self.assertEqual(parse_rule("allow in pong ip:10.*").peer, "ip:10.*")
 
+    def test_ipMappedGlobRefused(self) -> None:
+        """
+        An C{ip:} glob in IPv4-mapped form (C{ip:::ffff:10.*}, as the log
+        prints a dual-stack listener's peer) is refused, saying how IPv4
+        peers are labelled: no label is spelled so, and such a deny would
+        let every peer in.  Other IPv6 globs are taken, those of
+        IPv4-translated addresses (C{::ffff:0:...}) too.
+        """
+        for glob in ("ip:::ffff:10.*", "ip:::FFFF:*", "ip:::ffff:0.*"):
+            with self.assertRaises(RuleError) as raised:
+                parse_rule(f"deny in * {glob}")
+            self.assertIn("labelled as IPv4 (ip:10.1.2.3)", str(raised.exception))
+            self.assertRaises(RuleError, parse_grant, f"secret {glob}")
+        for glob in ("ip:::ffff:0:*", "ip:2001:db8:*", "ip:*ffff*", "ip:::1*"):
+            self.assertEqual(parse_rule(f"deny in * {glob}").peer, glob)
+        # Only ip: labels are so: a route's host may be written so.
+        self.assertEqual(parse_rule("deny out * host:::ffff:*").peer, "host:::ffff:*")
+
     def test_ipNonStrictNetwork(self) -> None:
         """Host bits set in a CIDR are accepted (C{10.1.2.3/8} = C{10/8})."""
         self.assertEqual(
@@ -169,11 +189,49 @@ class PeerMatchesTests(SynchronousTestCase):
         """A link-local peer's scope (C{%eth0}) does not hide its address."""
         self.assertTrue(peer_matches("ip:fe80::/10", ["ip:fe80::1%eth0"]))
 
+    def test_ipv6ZoneMatters(self) -> None:
+        """
+        A network with a zone matches only peers of that interface (by name
+        or by index); one without, peers of every interface.
+        """
+        self.assertTrue(peer_matches("ip:fe80::%eth0/64", ["ip:fe80::1%eth0"]))
+        self.assertFalse(peer_matches("ip:fe80::%eth0/64", ["ip:fe80::1%eth1"]))
+        self.assertFalse(peer_matches("ip:fe80::1%eth0", ["ip:fe80::1%eth1"]))
+        # A peer whose zone is not known (udpd's) by its address alone.
+        self.assertTrue(peer_matches("ip:fe80::%eth0/64", ["ip:fe80::1"]))
+        self.assertTrue(peer_matches("ip:fe80::/64", ["ip:fe80::1%eth1"]))
+        lo = socket.if_nametoindex("lo")
+        self.assertTrue(peer_matches(f"ip:fe80::%{lo}/64", ["ip:fe80::1%lo"]))
+        self.assertTrue(peer_matches("ip:fe80::%lo/64", [f"ip:fe80::1%{lo}"]))
+        self.assertFalse(peer_matches(f"ip:fe80::%{lo + 1}/64", ["ip:fe80::1%lo"]))
+        self.assertFalse(peer_matches("ip:fe80::%nosuch0/64", ["ip:fe80::1%1"]))
+        self.assertFalse(peer_matches("ip:fe80::%nosuch0/64", ["ip:fe80::1%nosuch1"]))
+        # The same name, whether or not the interface is there now.
+        self.assertTrue(peer_matches("ip:fe80::%nosuch0/64", ["ip:fe80::1%nosuch0"]))
+
     def test_ipv4MappedV6(self) -> None:
         """A dual-stack listener's C{::ffff:a.b.c.d} peer is an IPv4 peer."""
         self.assertTrue(peer_matches("ip:127.0.0.0/8", ["ip:::ffff:127.0.0.1"]))
         self.assertTrue(peer_matches("ip:10.1.2.3", ["ip:::ffff:10.1.2.3"]))
         self.assertFalse(peer_matches("ip:10.0.0.0/8", ["ip:::ffff:11.0.0.1"]))
+
+    def test_ipv4MappedPattern(self) -> None:
+        """
+        A network or address written in IPv4-mapped form (C{::ffff:...},
+        as the log prints a dual-stack listener's peer) is the IPv4 one it
+        maps: it matches that IPv4 peer, however it is labelled.  (It
+        matched no one: a deny so written let its peer in.)
+        """
+        for label in ("ip:10.1.2.3", "ip:::ffff:10.1.2.3"):
+            self.assertIs(peer_matches("ip:::ffff:10.1.2.3", [label]), True)
+            self.assertIs(peer_matches("ip:::ffff:10.0.0.0/104", [label]), True)
+            self.assertIs(peer_matches("ip:::FFFF:0:0/96", [label]), True)
+            self.assertIs(peer_matches("ip:::ffff:11.0.0.0/104", [label]), False)
+        # IPv6 peers, and IPv4-translated addresses (not mapped), are not.
+        self.assertFalse(peer_matches("ip:::ffff:0:0/96", ["ip:::1"]))
+        self.assertFalse(peer_matches("ip:::ffff:0:0/96", ["ip:::ffff:0:a01:203"]))
+        self.assertTrue(peer_matches("ip:::ffff:0:0:0/96", ["ip:::ffff:0:a01:203"]))
+        self.assertFalse(peer_matches("ip:::ffff:0:0:0/96", ["ip:10.1.2.3"]))
 
     def test_versionsDoNotMix(self) -> None:
         self.assertFalse(peer_matches("ip:0.0.0.0/0", ["ip:::1"]))

@@ -956,3 +956,26 @@ class DualStackTests(TestCase):
         self.assertEqual(answer, b"ne", "let in over IPv4 past 'deny in pong ip:127.*'")
         answer = yield deferToThread(refused, host.port, b"pong")
         self.assertIn(b"denied by rule 1 (deny in pong ip:127.*)", answer)
+
+    @inlineCallbacks
+    def test_mappedAddressSeesAnIPv4Peer(self) -> Any:
+        """
+        A rule naming the peer as the log prints it (C{[::ffff:127.0.0.1]}),
+        an address or network in IPv4-mapped form, matches it: it matched
+        no one, and the deny let it in.
+        """
+        try:
+            socket.socket(socket.AF_INET6).close()
+        except OSError as e:
+            raise SkipTest(f"no IPv6 here: {e}") from None
+        for pattern in ("ip:::ffff:127.0.0.1", "ip:::ffff:127.0.0.0/104"):
+            host = yield start_host(
+                self,
+                [f"deny in pong {pattern}", "allow in pong"],
+                listen="tcp6:0:interface=\\:\\:",
+            )
+            sock, answer = yield deferToThread(raw_request, host.port, b"pong")
+            sock.close()
+            self.assertEqual(answer, b"ne", f"let in over IPv4 past {pattern}")
+            answer = yield deferToThread(refused, host.port, b"pong")
+            self.assertIn(f"denied by rule 1 (deny in pong {pattern})".encode(), answer)

@@ -7,8 +7,10 @@ in-process hosts, C{RUNDIR/ws}, and the limits websocketd enforces.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -60,7 +62,9 @@ from ipcd.test.wssupport import (
     TurnCounts,
     close_code,
     make_ca,
+    read_opening,
     start_ws_host,
+    upgrade_request,
     ws_accepted,
     ws_frame,
     ws_message,
@@ -717,6 +721,36 @@ class SlowReaderTests(TestCase):
         self.assertLess(growth, 48 * 1024 * 1024, f"RSS grew by {growth} bytes")
 
 
+def proxied_status(port: int, source: str, secure: bool) -> int:
+    """
+    The status of an opening handshake for pong on C{port}, after a PROXY
+    header naming C{source} (inside TLS when C{secure}, as Twisted reads it).
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    if secure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        sock = context.wrap_socket(sock)
+    with sock:
+        header = f"PROXY TCP4 {source} 127.0.0.1 4000 {port}\r\n".encode()
+        sock.sendall(header + upgrade_request("/pong", f"127.0.0.1:{port}"))
+        return read_opening(sock).status
+
+
+class NoDescriptorLeft:
+    """A reactor whose C{adoptStreamConnection} fails as at EMFILE."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> Any:  # noqa: N802
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
 class RouteTests(TestCase):
     """A libipc client on host A reaches pongd on host B through ws:// routes."""
 
@@ -815,6 +849,31 @@ class RouteTests(TestCase):
         self.assertEqual(protocol.readPauses.reasons, 0)
 
     @inlineCallbacks
+    def test_serviceConnectionNotTaken(self) -> Any:
+        """
+        A's reactor cannot take the client's end of the route (no
+        descriptor left: EMFILE) once the WebSocket to B opens: the client
+        is answered so at once, and nothing is left listed as a relay.  It
+        waited for the connect deadline, and the relay stayed listed.
+        """
+        joining = WebSocketOutbound.joinSocket
+
+        def no_descriptor(protocol: Any, reactor: Any, *args: Any, **kw: Any) -> Any:
+            return joining(protocol, NoDescriptorLeft(reactor), *args, **kw)
+
+        self.patch(WebSocketOutbound, "joinSocket", no_descriptor)
+        route = self.b.route("pong")
+        reply = yield self.lookupOnA(route)
+        self.assertEqual(len(reply.fds), 0)
+        self.assertEqual(
+            reply.data.decode(),
+            f"ne websocketd at {route}: cannot relay to the service: "
+            f"{os.strerror(errno.EMFILE)}",
+        )
+        relays = [r for r in self.a.broker.relays if r.daemon == "websocketd"]
+        self.assertEqual(relays, [])
+
+    @inlineCallbacks
     def test_remoteRefusalReachesTheClient(self) -> Any:
         """
         B refuses the service: A's client is refused with B's status and
@@ -873,6 +932,28 @@ class SecureRouteTests(TestCase):
         sock = reply.take_socket(self)
         answer = yield deferToThread(bounce, sock, b"over tls")
         self.assertEqual(answer, encode(b"over tls"))
+
+    @inlineCallbacks
+    def test_proxiedPeersAddress(self) -> Any:
+        """
+        Behind haproxy:ssl:, as behind haproxy:tcp:, the peer is the address
+        its PROXY header names (Twisted's wrapper reads it inside TLS): an
+        ip: rule sees it.  It saw the proxy's own address (TLS's transport),
+        so 'allow in pong ip:192.0.2.0/24' let in no one, and a rule for the
+        proxy's network would have let in everyone.
+        """
+        _ca, cert, key = make_ca(short_rundir(self, "ipcd-ca-"))
+        tls = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        for listen, secure in (
+            (f"haproxy:{tls}", True),
+            ("haproxy:" + WS_LISTEN, False),
+        ):
+            host = yield start_ws_host(
+                self, rules=["allow in pong ip:192.0.2.0/24"], listen=listen
+            )
+            for source, status in (("192.0.2.7", 101), ("198.51.100.7", 403)):
+                answer = yield deferToThread(proxied_status, host.port, source, secure)
+                self.assertEqual(answer, status, (listen, source))
 
     @inlineCallbacks
     def test_secureListeners(self) -> Any:

@@ -8,6 +8,7 @@ transport hands them, so that where one read ends is the test's choice.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from typing import Any
@@ -569,6 +570,50 @@ class HandshakeReadTests(TestCase):
         self.assertEqual(fed, [request])
         self.assertIsNone(protocol._backlog)
         self.assertEqual(self.joined, [])
+
+    @inlineCallbacks
+    def test_serviceConnectionNotTaken(self) -> Any:
+        """
+        The service's connection that the reactor cannot take when the
+        WebSocket opens (no descriptor left: EMFILE) closes the WebSocket
+        with 1011, and nothing is left of it: no relay in status, no bridge,
+        the connection lost.  It stayed open, the peer never read again,
+        and listed as a live relay for ever.
+        """
+        adopt = reactor.adoptStreamConnection
+        failed: list[int] = []
+
+        def no_descriptor(fd: int, family: int, factory: Any) -> Any:
+            if family != socket.AF_UNIX or failed:
+                return adopt(fd, family, factory)
+            failed.append(fd)
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+        self.patch(reactor, "adoptStreamConnection", no_descriptor)
+        sock, protocol = yield self.connect()
+        lost = calls_to(self, protocol, "connectionLost", lambda reason=None: None)
+        protocol.dataReceived(self.request() + ws_frame(b"early", BINARY))
+        opening = yield deferToThread(read_opening, sock)
+        self.assertEqual(opening.status, 101)
+        self.assertTrue(failed)
+        got = yield deferToThread(recv_until_close, sock)
+        self.assertEqual(close_code(got[-1][1]), 1011, got)
+        yield wait_until(lambda: lost, "the connection lost")
+        websocketd = self.host.service.getServiceNamed("websocketd")
+        self.assertEqual(websocketd.factory.bridges, set())
+        relays = [r for r in self.host.broker.relays if r.daemon == "websocketd"]
+        self.assertEqual(relays, [])
+        self.assertIsNone(protocol._backlog)
+        # The next request is served.
+        answer = yield deferToThread(bounce_once, self.host.port)
+        self.assertEqual(answer, (BINARY, b"again"))
+
+
+def bounce_once(port: int) -> tuple[int, bytes]:
+    """A WebSocket to pong on C{port}: one message, its echo."""
+    with ws_open(port, "/pong").sock as sock:
+        sock.sendall(ws_frame(b"again", BINARY))
+        return ws_recv(sock)
 
 
 def recv_until_close(sock: socket.socket) -> list[tuple[int, bytes]]:

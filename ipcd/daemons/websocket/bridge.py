@@ -39,6 +39,7 @@ from ipcd.daemons.websocket.frames import (
 )
 from ipcd.daemons.websocket.limits import (
     BACKLOG,
+    CLOSE_INTERNAL,
     CLOSE_NORMAL,
     CLOSE_TOO_BIG,
     PEER_FULL,
@@ -171,16 +172,14 @@ class WebSocketSide(BoundedPeer):
         idle: float,
         stats: RelayStats,
         bridges: set[WebSocketSide] | None = None,
-    ) -> None:
+    ) -> str | None:
         """
         Take C{sock} (a connected AF_UNIX socket) as the libipc end.  The
         bridge is listed in C{stats.registry} (for status) and C{bridges}
-        while it lives.
+        while it lives.  C{None} once joined; else why it could not (the
+        reactor could not take C{sock}: no descriptor left), the WebSocket
+        closed with 1011 and C{sock} too.
         """
-        self.stats, self.bridges = stats, bridges
-        began(stats)
-        if bridges is not None:
-            bridges.add(self)
         side = MessageSide(self)
         side.maxMessageSize = max_message_size
         side.idleTimeout = idle
@@ -189,8 +188,18 @@ class WebSocketSide(BoundedPeer):
         self._toWebSocket = Outbox(self.transport)  # type: ignore[attr-defined]
         try:
             reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, factory)
+        except OSError as e:
+            # Not left open (its reads paused until joined, for ever) nor
+            # listed as a relay that never ends.
+            why = f"cannot relay to the service: {e.strerror or e}"
+            self.failBound(CLOSE_INTERNAL, why)
+            return why
         finally:
             sock.close()  # the reactor holds its own duplicate
+        self.stats, self.bridges = stats, bridges
+        began(stats)
+        if bridges is not None:
+            bridges.add(self)
         self.messageSide = side
         self._toSocket = Outbox(side.transport)
         self._smallMax = self._smallMessageLimit()
@@ -199,6 +208,7 @@ class WebSocketSide(BoundedPeer):
         else:
             self._backlog = None
             self.readPauses.resume(BACKLOG)
+        return None
 
     # autobahn's per-message path, less what a bridge does not use: its
     # Twisted adapter's dataReceived and its sendData format a debug line

@@ -57,7 +57,7 @@ class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
             self.dropConnection(abort=True)
             return
         ours, theirs = factory.pair
-        self.joinSocket(
+        why = self.joinSocket(
             factory.reactor,
             ours,
             factory.max_message_size,
@@ -65,7 +65,10 @@ class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):
             factory.stats,
             factory.bridges,
         )
-        factory.result.callback(theirs)
+        if why is None:
+            factory.result.callback(theirs)
+        else:
+            factory.failed(why)
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         why, reason = tls_failure(reason)

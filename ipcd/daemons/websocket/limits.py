@@ -29,6 +29,7 @@ from ipcd.readpauses import ReadPauses
 CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
 
 # An opening handshake's head (request line or status line, and headers)
 # may be this long, its blank line included: nginx's and Node's default

@@ -145,8 +145,13 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
     _core: core.InboundHandshake | None = None
     _asking: Deferred[Any]
     _opened = False
+    _addressed: Any  # the transport as given, for the peer's address
 
     def makeConnection(self, transport: Any) -> None:  # noqa: N802
+        # The peer is who the transport as given says: under haproxy:ssl:,
+        # the PROXY header's address, which only the wrapper between it and
+        # TLS knows (the TLS transport's is the proxy's).
+        self._addressed = transport
         # autobahn reads TLS details off the TLS transport itself, not off
         # a wrapper that only says it is one (the connection limits').
         while ISSLTransport.providedBy(transport) and not isinstance(
@@ -169,7 +174,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             origin, request.headers.get("host", ""), settings["allowed_origins"]
         ):
             raise ConnectionDeny(403, f"origin {_status_reason(origin)} not allowed")
-        address = self.transport.getPeer()
+        address = self._addressed.getPeer()
         peer = remote_peer(address.host, address.port)
         self._core = handshake = core.InboundHandshake(peer, UpgradeAnswers())
         self.act(handshake.asked(request.path.removeprefix("/")))
@@ -223,7 +228,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             factory.broker.relays,
             daemon=SECTION,
         )
-        self.joinSocket(
+        why = self.joinSocket(
             factory.reactor,
             sock,
             factory.settings()["max_message_size"],
@@ -231,6 +236,12 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             stats,
             factory.bridges,
         )
+        if why is not None:  # ipcd's trouble (no descriptor left), not the peer's
+            factory.peerLog.error(
+                "websocketd: request from {who} failed: {why}",
+                who=str(handshake.who),
+                why=why,
+            )
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:  # noqa: N802, N803
         self.webSocketLost(wasClean)
