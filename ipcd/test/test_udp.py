@@ -129,6 +129,27 @@ class EndToEndTests(TwoHostsTestCase):
             self.assertEqual((stats.forward, stats.backward), (60014, 60014))
 
     @inlineCallbacks
+    def test_messagesOfOneWrite(self) -> Any:
+        """
+        Messages written at once, in runs of equal sizes and lone ones (sent
+        in runs, read in runs where the kernel does it): every one comes
+        back, in order, each counted once on both hosts.
+        """
+        sock = yield self.lookupOnA()
+        sizes = [100] * 40 + [30] + [1000] * 20 + [5] * 3
+        payloads = [b"%03d" % n + b"m" * (size - 3) for n, size in enumerate(sizes)]
+        sock.sendall(b"".join(map(encode, payloads)))
+        echoes = yield deferToThread(lambda: [read_message(sock) for _ in payloads])
+        self.assertEqual(echoes, payloads)
+        for stats in (self.a.session(), self.b.session()):
+            self.assertEqual(
+                (stats.sent, stats.received, stats.dropped, stats.lost),
+                (len(sizes), len(sizes), 0, 0),
+            )
+            self.assertEqual(stats.forward, sum(sizes))
+        sock.close()
+
+    @inlineCallbacks
     def test_upstreamBytes(self) -> Any:
         """The spec's bytes: pongd's framed echo, exactly."""
         sock = yield self.lookupOnA()

@@ -21,6 +21,7 @@ from twisted.internet.protocol import DatagramProtocol
 
 from ipcd.daemons.udp import READ_SIZE, SECTION
 from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.batch import read_in_batches, sender_for
 from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream_factory
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
@@ -161,6 +162,7 @@ async def dial(
     end = None
     try:
         udp.connect(address[0], address[1])
+        reader = read_in_batches(udp, connected=True)
         # Held until answered: a udpd that is this ipcd's own decides on
         # the HELLO then, and must not route it out again (a loop).
         local = udp.getHost()
@@ -182,15 +184,19 @@ async def dial(
     stats = SessionStats.of(
         client, "out", service, route, broker.relays, daemon=SECTION
     )
+    sender = sender_for(udp, refused=protocol.connectionRefused)
     session = Session(
         session_id,
-        udp.write,
+        udp.write if sender is None else sender.write,
         stats,
         reactor,
         settings["idle_timeout"],
         settings["max_datagram"],
         lambda session: udp.stopListening(),
+        send_all=None if sender is None else sender.send_all,
     )
+    if reader is not None:
+        session.pending = reader.pending
     protocol.session = session
     try:
         start_stream(

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from ipcd import inboundcore
 from ipcd.daemons.udp import SECTION
 from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.batch import BatchReader, sender_for
 from ipcd.daemons.udp.cookie import AddressCookies
 from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream_factory
 from ipcd.host import IDaemonHost
@@ -78,6 +79,8 @@ class UdpServer(DatagramProtocol):
     """
 
     noisy = False
+    # What reads the listener, once listening (L{ipcd.daemons.udp.batch}).
+    reader: BatchReader | None = None
 
     def __init__(
         self, broker: IDaemonHost, settings: Callable[[], Mapping[str, Any]]
@@ -251,15 +254,23 @@ class UdpServer(DatagramProtocol):
             self.broker.relays,
             daemon=SECTION,
         )
+        sender = sender_for(self.transport, address)
         session = Session(
             session_id,
-            lambda datagram: self.transport.write(datagram, address),
+            (
+                partial(self.transport.write, addr=address)
+                if sender is None
+                else sender.write
+            ),
             stats,
             self.reactor,
             self.settings()["idle_timeout"],
             self.max_datagram,
             self._ended,
+            send_all=None if sender is None else sender.send_all,
         )
+        if self.reader is not None:
+            session.pending = self.reader.pending
         self.sessions[session_id] = _Bound(session, address, nonce)
         self.hellos[key] = session
         try:
