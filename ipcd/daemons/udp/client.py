@@ -56,11 +56,17 @@ class SessionClient(DatagramProtocol):
         self.stopped = False
 
     def datagramReceived(self, datagram: bytes, address: Any) -> None:  # noqa: N802
+        session = self.session
+        head = udpwire.data_head(datagram)
+        if session is not None and head is not None and head[0] == session.id:
+            # The common case, the cheap way.
+            payload = datagram[udpwire.DATA_HEADER_SIZE :]
+            session.data(head[1], payload, len(datagram))
+            return
         try:
             parsed = udpwire.decode(datagram)
         except udpwire.Malformed:
             parsed = None
-        session = self.session
         if session is not None:
             if (
                 isinstance(parsed, udpwire.Data | udpwire.Close)

@@ -114,6 +114,13 @@ class UdpServer(DatagramProtocol):
         if len(datagram) > self.max_datagram:
             self._drop("too large")
             return
+        head = udpwire.data_head(datagram)
+        if head is not None:  # the common case, the cheap way
+            session = self._bound(head[0], address)
+            if session is not None:
+                payload = datagram[udpwire.DATA_HEADER_SIZE :]
+                session.data(head[1], payload, len(datagram))
+            return
         try:
             parsed = udpwire.decode(datagram)
         except udpwire.Malformed:
@@ -124,17 +131,24 @@ class UdpServer(DatagramProtocol):
                 self._hello(parsed, address, len(datagram))
         elif isinstance(parsed, udpwire.OtherVersion):
             self._other_version(parsed, address, len(datagram))
-        elif isinstance(parsed, udpwire.Data | udpwire.Close):
-            bound = self.sessions.get(parsed.session)
-            if bound is None:
-                self._drop("unknown session")
-            elif bound.address != address:
-                bound.session.spoofed()
-                self._drop("wrong address")
-            else:
-                bound.session.datagram(parsed, len(datagram))
+        elif isinstance(parsed, udpwire.Close):
+            session = self._bound(parsed.session, address)
+            if session is not None:
+                session.datagram(parsed, len(datagram))
         else:
             self._drop("malformed")  # OK, NO, VERIFY are not a server's to get
+
+    def _bound(self, session_id: bytes, address: Any) -> Session | None:
+        """The live session C{session_id} names, if C{address} is its peer's."""
+        bound = self.sessions.get(session_id)
+        if bound is None:
+            self._drop("unknown session")
+            return None
+        if bound.address != address:
+            bound.session.spoofed()
+            self._drop("wrong address")
+            return None
+        return bound.session
 
     def _answer(self, datagram: bytes, address: Any, limit: int) -> None:
         # Never larger than what it answers: no amplification.

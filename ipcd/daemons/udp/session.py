@@ -181,22 +181,27 @@ class Session:
     # From the peer (already matched to this session by id and address).
 
     def datagram(self, datagram: udpwire.Data | udpwire.Close, size: int) -> None:
-        if self.done:
-            return
         if isinstance(datagram, udpwire.Close):
-            self.end("closed by the peer", notify=False)
+            if not self.done:
+                self.end("closed by the peer", notify=False)
+            return
+        self.data(datagram.sequence, datagram.payload, size)
+
+    def data(self, sequence: int, payload: bytes, size: int) -> None:
+        """A DATA's sequence number and payload; C{size}: the datagram's."""
+        if self.done:
             return
         self._last = self.clock.seconds()
         stream = self.stream
-        if size > self.max_datagram or not self.stats.window.accept(datagram.sequence):
+        if size > self.max_datagram or not self.stats.window.accept(sequence):
             self.stats.dropped += 1
             return
         if stream is None or stream.congested:
             self.stats.dropped += 1  # accepted but nowhere to go: lost
             return
         self.stats.received += 1
-        self._count(len(datagram.payload), outgoing=False)
-        stream.deliver(datagram.payload)
+        self._count(len(payload), outgoing=False)
+        stream.deliver(payload)
 
     def spoofed(self) -> None:
         """A datagram with this session's id from another address."""
