@@ -18,10 +18,12 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ipcd.compat.twisted import buffered
 from ipcd.config import ConfigError, load_config
 from ipcd.control import format_status, request
 from ipcd.daemons import StartupError
 from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.session import OUTBOX_BOUND
 from ipcd.names import listen_unix
 from ipcd.options import Options
 from ipcd.test.support import (
@@ -554,6 +556,33 @@ class LimitTests(TwoHostsTestCase):
         first.close()
         yield wait_until(lambda: not self.b.sessions(), "the first session to end")
         yield self.assertServing()
+
+
+class SlowClientTests(TwoHostsTestCase):
+    @inlineCallbacks
+    def test_clientThatDoesNotReadBounded(self) -> Any:
+        """
+        A client that writes and never reads: once its socket is full, A
+        holds at most one transport buffer (64 KiB and a message) and what
+        waits for the end of a read (OUTBOX_BOUND and a message) for it;
+        the rest of the echoes are dropped and counted.
+        """
+        sock = yield self.lookupOnA()
+        self.addCleanup(sock.close)
+        message = encode(b"x" * 1000)
+
+        def flood() -> None:
+            for _ in range(40):
+                sock.sendall(message * 100)
+
+        yield deferToThread(flood)
+        stats = self.a.session()
+        stream = stats.end.__self__.stream  # type: ignore[union-attr]
+        yield wait_until(
+            lambda: stream.congested and stats.dropped > 0, "A to drop echoes"
+        )
+        held = buffered(stream.transport) + stream._waiting
+        self.assertLessEqual(held, 64 * 1024 + OUTBOX_BOUND + 2 * len(message))
 
 
 class InboundPathTests(TwoHostsTestCase):

@@ -43,8 +43,9 @@ MAX_SEGMENTS = 64
 _SEGMENT_SIZE = struct.Struct("=H")  # UDP_SEGMENT's value: a u16
 _GRO_SIZE = struct.Struct("=i")  # UDP_GRO's control message: an int
 _ANCILLARY = socket.CMSG_SPACE(_GRO_SIZE.size)
-# What one turn of the reactor reads from one port at most (a GRO run
-# read last may pass the datagrams by up to MAX_SEGMENTS - 1): Twisted's
+# What one turn of the reactor reads from one port at most (a GRO run read
+# last may pass the datagrams by the rest of that run: the kernel joins 64
+# at most, or its UDP_MAX_SEGMENTS of a local sender's): Twisted's
 # loop counts bytes only (256 KiB), so a flood of empty datagrams kept it
 # reading until the socket's buffer ran dry.
 DATAGRAM_BUDGET = 256

@@ -14,8 +14,8 @@ to and from one peer address on the other.
 A message larger than a datagram can carry is never cut: it is refused
 with a log line and the session ends.  Datagrams that arrive while the
 local stream's write buffer is full are dropped (and counted): a session
-never grows ipcd's memory past one buffer and what one turn of the
-reactor reads.
+never grows ipcd's memory past one buffer (and L{OUTBOX_BOUND} waiting
+for the end of a read).
 
 In batches both ways (L{ipcd.daemons.udp.batch}): the messages of one read
 of the local stream go out together (C{send_all}: runs of them in one
@@ -340,8 +340,12 @@ class SessionStream(wire.MessageProtocol):
 GATHERED_AT_MOST = 256
 # What a session's stream holds at most, delivered but not yet written,
 # before it is written at once rather than at the end of the UDP port's
-# read (its transport's own buffer, 64 KiB, marks it congested beyond).
-OUTBOX_BOUND = 64 * 1024
+# read.  Small beside the transport's own buffer (64 KiB, past which the
+# stream is congested and datagrams for it are dropped), so that a stream
+# holds little more than before the batches: 64 KiB and a message then,
+# now at most 16 KiB and a message more.  (32 messages of 100 bytes in
+# flight take 3.3 KiB.)
+OUTBOX_BOUND = 16 * 1024
 
 
 # A session's local stream.
