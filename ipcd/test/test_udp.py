@@ -55,7 +55,7 @@ from ipcd.test.udpsupport import (
 from ipcd.wire import encode
 
 OK = b"ok"
-B_RULES = ["deny in secret*", "allow in pong", "allow in closer"]
+B_RULES = ["deny in secret*", "allow in pong", "allow in closer", "allow in deaf"]
 
 
 class TwoHostsTestCase(TestCase):
@@ -558,6 +558,12 @@ class LimitTests(TwoHostsTestCase):
         yield self.assertServing()
 
 
+def selectables() -> set[Any]:
+    """The connections and ports the reactor reads or writes now."""
+    found = {*reactor.getReaders(), *reactor.getWriters()}
+    return {each for each in found if hasattr(each, "protocol")}  # no wakers
+
+
 class SlowClientTests(TwoHostsTestCase):
     @inlineCallbacks
     def test_clientThatDoesNotReadBounded(self) -> Any:
@@ -567,7 +573,13 @@ class SlowClientTests(TwoHostsTestCase):
         waits for the end of a read (OUTBOX_BOUND and a message) for it;
         the rest of the echoes are dropped and counted.
         """
+        before = selectables()
         sock = yield self.lookupOnA()
+        # Then (cleanups run last first) until the streams on both hosts,
+        # and pongd's connection, have written what they held and closed.
+        self.addCleanup(
+            wait_until, lambda: selectables() <= before, "the connections to close"
+        )
         self.addCleanup(sock.close)
         message = encode(b"x" * 1000)
 
@@ -705,6 +717,51 @@ class Closer(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.transport.loseConnection()
+
+
+class Deaf(Protocol):
+    """A local service that never reads, and never closes."""
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+
+
+class ClosingWhatIsHeldTests(TwoHostsTestCase):
+    @inlineCallbacks
+    def test_streamToADeafServiceCut(self) -> Any:
+        """
+        A session ends while B's stream holds what a service that does not
+        read was sent: B gives it a grace, then cuts the stream, rather
+        than hold it (a descriptor, a buffer) for as long as the service
+        lives, out of every count: a peer could leave one behind per
+        session it opens.  (pongd, which stops reading while its echoes
+        wait, was held so until its idle timeout.)
+        """
+        deaf: list[Deaf] = []
+
+        class Deafs(Factory):
+            def buildProtocol(self, addr: Any) -> Deaf:  # noqa: N802
+                deaf.append(Deaf())
+                return deaf[-1]
+
+        port = listen_unix(reactor, os.path.join(self.b.rundir, "deaf"), Deafs())
+        self.addCleanup(port.stopListening)
+        self.addCleanup(lambda: [each.transport.abortConnection() for each in deaf])
+        sock = yield self.lookupOnA("deaf")
+        self.addCleanup(sock.close)
+        stream = self.b.session().end.__self__.stream  # type: ignore[union-attr]
+        message = encode(b"x" * 1000)
+
+        def flood() -> None:
+            for _ in range(10):
+                sock.sendall(message * 100)
+
+        yield deferToThread(flood)
+        yield wait_until(lambda: stream.congested, "B's stream to fill")
+        sock.close()
+        yield wait_until(lambda: not self.b.sessions(), "B's session to end")
+        yield wait_until(lambda: not stream.transport.connected, "B's stream to close")
+        self.assertEqual(len(deaf), 1)
 
 
 class FdTests(TwoHostsTestCase):

@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.daemons.udp.session import (
+    CLOSE_GRACE,
     GATHERED_AT_MOST,
     OUTBOX_BOUND,
     Session,
@@ -100,11 +101,27 @@ class SessionTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
 
     def test_peerClose(self) -> None:
-        """A CLOSE from the peer ends the session without answering it."""
+        """
+        A CLOSE from the peer ends the session without answering it; the
+        idle deadline is gone, and the stream's grace ends with the stream.
+        """
         self.session.datagram(udpwire.Close(SESSION), 9)
         self.assertEqual(self.sent, [])
         self.assertEqual(self.ended, [self.session])
+        [cut] = self.clock.getDelayedCalls()
+        self.assertEqual(cut.time, CLOSE_GRACE)
+        self.stream.connectionLost(None)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cutAfterTheGrace(self) -> None:
+        """A stream that does not close in CLOSE_GRACE seconds is cut."""
+        cut: list[bool] = []
+        self.transport.abortConnection = lambda: cut.append(True)  # type: ignore[method-assign]
+        self.session.end("test")
+        self.clock.advance(CLOSE_GRACE - 0.1)
+        self.assertEqual(cut, [])
+        self.clock.advance(0.1)
+        self.assertEqual(cut, [True])
 
     def test_streamLostEndsOnce(self) -> None:
         self.stream.connectionLost(None)

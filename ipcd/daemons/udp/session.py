@@ -226,8 +226,7 @@ class Session:
             why=why,
         )
         if self.stream is not None and self.stream.transport is not None:
-            self.stream.send_waiting()  # the messages of the read under way
-            self.stream.transport.loseConnection()
+            self.stream.close(self.clock)
         ended(self.stats)
         self._on_end(self)
 
@@ -276,6 +275,7 @@ class SessionStream(wire.MessageProtocol):
     session: Session | None = None
     congested = False
     _waiting = 0  # bytes in the outbox, waiting for the end of a read
+    _cut: Any = None  # the end of the grace for what it holds, once closing
 
     def connectionMade(self) -> None:
         # Ours instead of MessageProtocol's reading pauser: what fills this
@@ -329,12 +329,31 @@ class SessionStream(wire.MessageProtocol):
     def stopProducing(self) -> None:  # noqa: N802
         pass
 
+    def close(self, clock: IReactorTime) -> None:
+        """
+        Close once what it holds is written (what waits for the end of a
+        read, then the transport's buffer), or after L{CLOSE_GRACE}
+        seconds: Twisted stops reading a closing connection, so a service
+        that stops reading until its own writes go through (pongd) would
+        hold it, out of every count, for as long as it lives.
+        """
+        self.send_waiting()
+        transport = self.transport
+        transport.loseConnection()
+        if getattr(transport, "connected", False) and self._cut is None:
+            self._cut = clock.callLater(CLOSE_GRACE, transport.abortConnection)
+
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
+        if self._cut is not None and self._cut.active():
+            self._cut.cancel()
         if self.session is not None:
             self.session.end("the local stream closed")
 
 
+# Seconds a session's local stream has, once the session is over, to take
+# what it is still owed before it is cut.
+CLOSE_GRACE = 2.0
 # How many DATA a read of the local stream gathers at most before they are
 # sent (four runs of the kernel's largest, MAX_SEGMENTS).
 GATHERED_AT_MOST = 256
