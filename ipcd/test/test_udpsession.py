@@ -206,6 +206,25 @@ class BatchTests(SessionTests):
             ],
         )
 
+    def test_endedWhileSendingWhatWasHeld(self) -> None:
+        """
+        Sending what a read held can end the session (the peer's refusal,
+        on the client's connected socket): the end runs once.
+        """
+        self.session.gather()  # as a read of the stream does
+        self.session.message(b"a")
+        self.session.message(b"b")
+
+        def refused(datagrams: list[bytes]) -> list[bytes]:
+            self.session.end("refused", notify=False)
+            return datagrams
+
+        self.session._send_all = refused
+        self.session.end("closing")
+        self.assertEqual(self.ended, [self.session])
+        self.assertEqual(self.sent, [])
+        self.assertNotIn(self.stats, self.registry)
+
     def test_deliveriesWaitForTheRead(self) -> None:
         """
         With a reader's C{pending} list: the messages of the datagrams read

@@ -214,6 +214,8 @@ class Session:
         if self.done:
             return
         self.sent()  # what the stream's read held: before the CLOSE
+        if self.done:
+            return  # sending it ended the session (the peer refused it)
         self.done = True
         if notify:
             self._transmit(udpwire.close(self.id))
