@@ -32,6 +32,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd import activation, control
 from ipcd.compat import twisted as compat_twisted
+from ipcd.daemons.udp import batch as udpbatch
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.lookupport import adopt
 from ipcd.routes import encode_lookup
@@ -585,7 +586,9 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
     def test_udpdDatagramSocket(self) -> None:
         """
         udpd's listener as a ListenDatagram= socket, by name: ipcd answers a
-        real udpd handshake on the very socket the test made.
+        real udpd handshake on the very socket the test made, and leaves it
+        as it came (no UDP_GRO: the option would stay on it for the next
+        process systemd gives it to, which may not know it).
         """
         udp = self.listening_tcp(socket.SOCK_DGRAM)
         process, _log = self.activated(
@@ -599,6 +602,8 @@ class ActivationTests(_Ipcd, SynchronousTestCase):
         self.addCleanup(client.close)
         answer, _got = handshake(client, udp.getsockname()[1])
         self.assertIsInstance(answer, udpwire.Accepted)
+        if sys.platform.startswith("linux"):
+            self.assertEqual(udp.getsockopt(udpbatch.SOL_UDP, udpbatch.UDP_GRO), 0)
         self.assertIn(self.stop(process), (0, -signal.SIGTERM))
 
     def test_udpdGivenAStream(self) -> None:

@@ -18,10 +18,12 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ipcd.compat.twisted import buffered
 from ipcd.config import ConfigError, load_config
 from ipcd.control import format_status, request
 from ipcd.daemons import StartupError
 from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.session import OUTBOX_BOUND
 from ipcd.names import listen_unix
 from ipcd.options import Options
 from ipcd.test.support import (
@@ -53,7 +55,7 @@ from ipcd.test.udpsupport import (
 from ipcd.wire import encode
 
 OK = b"ok"
-B_RULES = ["deny in secret*", "allow in pong", "allow in closer"]
+B_RULES = ["deny in secret*", "allow in pong", "allow in closer", "allow in deaf"]
 
 
 class TwoHostsTestCase(TestCase):
@@ -127,6 +129,27 @@ class EndToEndTests(TwoHostsTestCase):
                 (stats.sent, stats.received, stats.dropped, stats.lost), (4, 4, 0, 0)
             )
             self.assertEqual((stats.forward, stats.backward), (60014, 60014))
+
+    @inlineCallbacks
+    def test_messagesOfOneWrite(self) -> Any:
+        """
+        Messages written at once, in runs of equal sizes and lone ones (sent
+        in runs, read in runs where the kernel does it): every one comes
+        back, in order, each counted once on both hosts.
+        """
+        sock = yield self.lookupOnA()
+        sizes = [100] * 40 + [30] + [1000] * 20 + [5] * 3
+        payloads = [b"%03d" % n + b"m" * (size - 3) for n, size in enumerate(sizes)]
+        sock.sendall(b"".join(map(encode, payloads)))
+        echoes = yield deferToThread(lambda: [read_message(sock) for _ in payloads])
+        self.assertEqual(echoes, payloads)
+        for stats in (self.a.session(), self.b.session()):
+            self.assertEqual(
+                (stats.sent, stats.received, stats.dropped, stats.lost),
+                (len(sizes), len(sizes), 0, 0),
+            )
+            self.assertEqual(stats.forward, sum(sizes))
+        sock.close()
 
     @inlineCallbacks
     def test_upstreamBytes(self) -> Any:
@@ -535,6 +558,45 @@ class LimitTests(TwoHostsTestCase):
         yield self.assertServing()
 
 
+def selectables() -> set[Any]:
+    """The connections and ports the reactor reads or writes now."""
+    found = {*reactor.getReaders(), *reactor.getWriters()}
+    return {each for each in found if hasattr(each, "protocol")}  # no wakers
+
+
+class SlowClientTests(TwoHostsTestCase):
+    @inlineCallbacks
+    def test_clientThatDoesNotReadBounded(self) -> Any:
+        """
+        A client that writes and never reads: once its socket is full, A
+        holds at most one transport buffer (64 KiB and a message) and what
+        waits for the end of a read (OUTBOX_BOUND and a message) for it;
+        the rest of the echoes are dropped and counted.
+        """
+        before = selectables()
+        sock = yield self.lookupOnA()
+        # Then (cleanups run last first) until the streams on both hosts,
+        # and pongd's connection, have written what they held and closed.
+        self.addCleanup(
+            wait_until, lambda: selectables() <= before, "the connections to close"
+        )
+        self.addCleanup(sock.close)
+        message = encode(b"x" * 1000)
+
+        def flood() -> None:
+            for _ in range(40):
+                sock.sendall(message * 100)
+
+        yield deferToThread(flood)
+        stats = self.a.session()
+        stream = stats.end.__self__.stream  # type: ignore[union-attr]
+        yield wait_until(
+            lambda: stream.congested and stats.dropped > 0, "A to drop echoes"
+        )
+        held = buffered(stream.transport) + stream._waiting
+        self.assertLessEqual(held, 64 * 1024 + OUTBOX_BOUND + 2 * len(message))
+
+
 class InboundPathTests(TwoHostsTestCase):
     """
     B resolves a udp peer's request as every inbound daemon does: admin
@@ -655,6 +717,51 @@ class Closer(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.transport.loseConnection()
+
+
+class Deaf(Protocol):
+    """A local service that never reads, and never closes."""
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+
+
+class ClosingWhatIsHeldTests(TwoHostsTestCase):
+    @inlineCallbacks
+    def test_streamToADeafServiceCut(self) -> Any:
+        """
+        A session ends while B's stream holds what a service that does not
+        read was sent: B gives it a grace, then cuts the stream, rather
+        than hold it (a descriptor, a buffer) for as long as the service
+        lives, out of every count: a peer could leave one behind per
+        session it opens.  (pongd, which stops reading while its echoes
+        wait, was held so until its idle timeout.)
+        """
+        deaf: list[Deaf] = []
+
+        class Deafs(Factory):
+            def buildProtocol(self, addr: Any) -> Deaf:  # noqa: N802
+                deaf.append(Deaf())
+                return deaf[-1]
+
+        port = listen_unix(reactor, os.path.join(self.b.rundir, "deaf"), Deafs())
+        self.addCleanup(port.stopListening)
+        self.addCleanup(lambda: [each.transport.abortConnection() for each in deaf])
+        sock = yield self.lookupOnA("deaf")
+        self.addCleanup(sock.close)
+        stream = self.b.session().end.__self__.stream  # type: ignore[union-attr]
+        message = encode(b"x" * 1000)
+
+        def flood() -> None:
+            for _ in range(10):
+                sock.sendall(message * 100)
+
+        yield deferToThread(flood)
+        yield wait_until(lambda: stream.congested, "B's stream to fill")
+        sock.close()
+        yield wait_until(lambda: not self.b.sessions(), "B's session to end")
+        yield wait_until(lambda: not stream.transport.connected, "B's stream to close")
+        self.assertEqual(len(deaf), 1)
 
 
 class FdTests(TwoHostsTestCase):

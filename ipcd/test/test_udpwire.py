@@ -71,6 +71,25 @@ class FormatTests(SynchronousTestCase):
             udpwire.decode(datagram), udpwire.Data(SESSION, 2**40 + 3, b"bounce me")
         )
 
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=40), st.sampled_from(b"DHVONCX"))
+    def test_dataHeadAgreesWithDecode(self, rest: bytes, kind: int) -> None:
+        """
+        The per-message way (C{data_head}) reads a DATA as L{decode} does,
+        and says nothing of any other datagram, a truncated DATA included.
+        """
+        datagram = bytes([kind]) + rest
+        head = udpwire.data_head(datagram)
+        try:
+            parsed = udpwire.decode(datagram)
+        except udpwire.Malformed:
+            parsed = None
+        if isinstance(parsed, udpwire.Data):
+            self.assertEqual(head, (parsed.session, parsed.sequence))
+            self.assertEqual(datagram[udpwire.DATA_HEADER_SIZE :], parsed.payload)
+        else:
+            self.assertIsNone(head)
+
     def test_emptyMessage(self) -> None:
         """An empty libipc message is a DATA with no payload."""
         self.assertEqual(

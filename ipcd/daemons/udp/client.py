@@ -21,6 +21,7 @@ from twisted.internet.protocol import DatagramProtocol
 
 from ipcd.daemons.udp import READ_SIZE, SECTION
 from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.batch import read_in_batches, sender_for
 from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream_factory
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
@@ -55,11 +56,17 @@ class SessionClient(DatagramProtocol):
         self.stopped = False
 
     def datagramReceived(self, datagram: bytes, address: Any) -> None:  # noqa: N802
+        session = self.session
+        head = udpwire.data_head(datagram)
+        if session is not None and head is not None and head[0] == session.id:
+            # The common case, the cheap way.
+            payload = datagram[udpwire.DATA_HEADER_SIZE :]
+            session.data(head[1], payload, len(datagram))
+            return
         try:
             parsed = udpwire.decode(datagram)
         except udpwire.Malformed:
             parsed = None
-        session = self.session
         if session is not None:
             if (
                 isinstance(parsed, udpwire.Data | udpwire.Close)
@@ -161,6 +168,7 @@ async def dial(
     end = None
     try:
         udp.connect(address[0], address[1])
+        reader = read_in_batches(udp, connected=True)
         # Held until answered: a udpd that is this ipcd's own decides on
         # the HELLO then, and must not route it out again (a loop).
         local = udp.getHost()
@@ -182,15 +190,19 @@ async def dial(
     stats = SessionStats.of(
         client, "out", service, route, broker.relays, daemon=SECTION
     )
+    sender = sender_for(udp, refused=protocol.connectionRefused)
     session = Session(
         session_id,
-        udp.write,
+        udp.write if sender is None else sender.write,
         stats,
         reactor,
         settings["idle_timeout"],
         settings["max_datagram"],
         lambda session: udp.stopListening(),
+        send_all=None if sender is None else sender.send_all,
     )
+    if reader is not None:
+        session.pending = reader.pending
     protocol.session = session
     try:
         start_stream(

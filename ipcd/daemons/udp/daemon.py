@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
-from twisted.internet.protocol import DatagramProtocol
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -37,6 +36,7 @@ from ipcd.daemons import (
 from ipcd.daemons.listeners import DaemonService
 from ipcd.daemons.udp import READ_SIZE, SCHEME, SECTION
 from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.batch import read_in_batches
 from ipcd.daemons.udp.client import dial
 from ipcd.daemons.udp.server import UdpServer
 from ipcd.daemons.udp.session import SessionStats
@@ -162,8 +162,11 @@ class UdpEndpoint:
         self.reactor = reactor
         self.listen_at = listen
 
-    def listen(self, protocol: DatagramProtocol) -> Deferred[Any]:
+    def listen(self, protocol: UdpServer) -> Deferred[Any]:
         """The UDP port, or CannotListenError (said in one line at start)."""
+        return maybeDeferred(self._listen, protocol)
+
+    def _listen(self, protocol: UdpServer) -> Any:
         at = self.listen_at
         if isinstance(at, Adopted):
             from ipcd.activation import inherited_fd
@@ -172,18 +175,17 @@ class UdpEndpoint:
             # listens on a duplicate, leaves systemd's descriptor open, and
             # wants it non-blocking (or its read loop blocks the reactor).
             fd = inherited_fd(at.description)
-            return maybeDeferred(self._adopt, fd, at.family, protocol)
-        return maybeDeferred(
-            self.reactor.listenUDP,
-            at.port,
-            protocol,
-            interface=at.interface,
-            maxPacketSize=READ_SIZE,
+            os.set_blocking(fd, False)
+            port = self.reactor.adoptDatagramPort(fd, at.family, protocol, READ_SIZE)
+        else:
+            port = self.reactor.listenUDP(
+                at.port, protocol, interface=at.interface, maxPacketSize=READ_SIZE
+            )
+        # Read in batches; runs of datagrams (GRO) on udpd's own socket only.
+        protocol.reader = read_in_batches(
+            port, connected=False, gro=not isinstance(at, Adopted)
         )
-
-    def _adopt(self, fd: int, family: int, protocol: DatagramProtocol) -> Any:
-        os.set_blocking(fd, False)
-        return self.reactor.adoptDatagramPort(fd, family, protocol, READ_SIZE)
+        return port
 
 
 class UdpListener(EndpointListener):

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from ipcd import inboundcore
 from ipcd.daemons.udp import SECTION
 from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.batch import BatchReader, sender_for
 from ipcd.daemons.udp.cookie import AddressCookies
 from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream_factory
 from ipcd.host import IDaemonHost
@@ -78,6 +79,8 @@ class UdpServer(DatagramProtocol):
     """
 
     noisy = False
+    # What reads the listener, once listening (L{ipcd.daemons.udp.batch}).
+    reader: BatchReader | None = None
 
     def __init__(
         self, broker: IDaemonHost, settings: Callable[[], Mapping[str, Any]]
@@ -111,6 +114,13 @@ class UdpServer(DatagramProtocol):
         if len(datagram) > self.max_datagram:
             self._drop("too large")
             return
+        head = udpwire.data_head(datagram)
+        if head is not None:  # the common case, the cheap way
+            session = self._bound(head[0], address)
+            if session is not None:
+                payload = datagram[udpwire.DATA_HEADER_SIZE :]
+                session.data(head[1], payload, len(datagram))
+            return
         try:
             parsed = udpwire.decode(datagram)
         except udpwire.Malformed:
@@ -121,17 +131,24 @@ class UdpServer(DatagramProtocol):
                 self._hello(parsed, address, len(datagram))
         elif isinstance(parsed, udpwire.OtherVersion):
             self._other_version(parsed, address, len(datagram))
-        elif isinstance(parsed, udpwire.Data | udpwire.Close):
-            bound = self.sessions.get(parsed.session)
-            if bound is None:
-                self._drop("unknown session")
-            elif bound.address != address:
-                bound.session.spoofed()
-                self._drop("wrong address")
-            else:
-                bound.session.datagram(parsed, len(datagram))
+        elif isinstance(parsed, udpwire.Close):
+            session = self._bound(parsed.session, address)
+            if session is not None:
+                session.datagram(parsed, len(datagram))
         else:
             self._drop("malformed")  # OK, NO, VERIFY are not a server's to get
+
+    def _bound(self, session_id: bytes, address: Any) -> Session | None:
+        """The live session C{session_id} names, if C{address} is its peer's."""
+        bound = self.sessions.get(session_id)
+        if bound is None:
+            self._drop("unknown session")
+            return None
+        if bound.address != address:
+            bound.session.spoofed()
+            self._drop("wrong address")
+            return None
+        return bound.session
 
     def _answer(self, datagram: bytes, address: Any, limit: int) -> None:
         # Never larger than what it answers: no amplification.
@@ -251,15 +268,23 @@ class UdpServer(DatagramProtocol):
             self.broker.relays,
             daemon=SECTION,
         )
+        sender = sender_for(self.transport, address)
         session = Session(
             session_id,
-            lambda datagram: self.transport.write(datagram, address),
+            (
+                partial(self.transport.write, addr=address)
+                if sender is None
+                else sender.write
+            ),
             stats,
             self.reactor,
             self.settings()["idle_timeout"],
             self.max_datagram,
             self._ended,
+            send_all=None if sender is None else sender.send_all,
         )
+        if self.reader is not None:
+            session.pending = self.reader.pending
         self.sessions[session_id] = _Bound(session, address, nonce)
         self.hellos[key] = session
         try:

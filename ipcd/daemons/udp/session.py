@@ -14,7 +14,15 @@ to and from one peer address on the other.
 A message larger than a datagram can carry is never cut: it is refused
 with a log line and the session ends.  Datagrams that arrive while the
 local stream's write buffer is full are dropped (and counted): a session
-never grows ipcd's memory past one buffer.
+never grows ipcd's memory past one buffer (and L{OUTBOX_BOUND} waiting
+for the end of a read).
+
+In batches both ways (L{ipcd.daemons.udp.batch}): the messages of one read
+of the local stream go out together (C{send_all}: runs of them in one
+system call where the kernel takes them), and the messages the datagrams
+of one read of the UDP port carry are written to the local stream together
+when that read is done (C{pending}, the reader's list of streams to write),
+straight to its socket when it holds nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ipcd import wire
+from ipcd.daemons.outbox import Outbox
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.handoff import adopt_into_reactor
 from ipcd.reactors import IAdoptingReactor
@@ -66,9 +75,15 @@ class SessionStats(RelayStats):
 class Session:
     """
     Both ends of a session are one of these.  C{send} puts a datagram on
-    the wire towards the peer; C{clock} (an C{IReactorTime}) runs the idle
-    deadline; C{on_end} runs once when the session has ended.
+    the wire towards the peer (raising C{OSError} when it is lost), and
+    C{send_all}, when given, several in order (returning those lost);
+    C{clock} (an C{IReactorTime}) runs the idle deadline; C{on_end} runs
+    once when the session has ended.  C{pending}, when set, is the list
+    where the local stream waits to be written at the end of a read of the
+    UDP port; without it, each message is written at once.
     """
+
+    pending: list[SessionStream] | None = None
 
     log = Logger()
 
@@ -81,9 +96,13 @@ class Session:
         idle_timeout: float,
         max_datagram: int,
         on_end: Callable[[Session], None] = lambda session: None,
+        send_all: Callable[[list[bytes]], list[bytes]] | None = None,
     ) -> None:
         self.id = session_id
         self._send = send
+        self._send_all = send_all
+        # The DATA of the local stream's read under way, sent at its end.
+        self._gathered: list[bytes] | None = None
         self.stats = stats
         self.clock = clock
         self.idle_timeout = idle_timeout
@@ -111,11 +130,42 @@ class Session:
         """A message read from the local stream: one DATA datagram."""
         if self.done:
             return
-        self._last = self.clock.seconds()
         sequence, self._next = self._next, self._next + 1
-        if self._transmit(udpwire.data(self.id, sequence, payload)):
+        datagram = udpwire.data(self.id, sequence, payload)
+        gathered = self._gathered
+        if gathered is not None:
+            gathered.append(datagram)  # sent when the read is done
+            if len(gathered) >= GATHERED_AT_MOST:  # (or now: a read of
+                self._gathered = []  # tiny messages holds thousands)
+                self._send_gathered(gathered)
+            return
+        self._last = self.clock.seconds()
+        if self._transmit(datagram):
             self.stats.sent += 1
             self._count(len(payload), outgoing=True)
+
+    def gather(self) -> None:
+        """Hold the messages of a read of the local stream until L{sent}."""
+        if self._gathered is None:
+            self._gathered = []
+
+    def sent(self) -> None:
+        """Send the messages held since L{gather}, together."""
+        gathered, self._gathered = self._gathered, None
+        if gathered:
+            self._send_gathered(gathered)
+
+    def _send_gathered(self, gathered: list[bytes]) -> None:
+        self._last = self.clock.seconds()
+        if self._send_all is None or len(gathered) == 1:
+            lost = [datagram for datagram in gathered if not self._transmit(datagram)]
+        else:
+            lost = self._send_all(gathered)
+            self.stats.dropped += len(lost)
+        header = udpwire.DATA_HEADER_SIZE
+        size = sum(map(len, gathered)) - sum(map(len, lost))
+        self.stats.sent += len(gathered) - len(lost)
+        self._count(size - header * (len(gathered) - len(lost)), outgoing=True)
 
     def too_large(self, size: int) -> None:
         self.log.warn(
@@ -131,22 +181,27 @@ class Session:
     # From the peer (already matched to this session by id and address).
 
     def datagram(self, datagram: udpwire.Data | udpwire.Close, size: int) -> None:
-        if self.done:
-            return
         if isinstance(datagram, udpwire.Close):
-            self.end("closed by the peer", notify=False)
+            if not self.done:
+                self.end("closed by the peer", notify=False)
+            return
+        self.data(datagram.sequence, datagram.payload, size)
+
+    def data(self, sequence: int, payload: bytes, size: int) -> None:
+        """A DATA's sequence number and payload; C{size}: the datagram's."""
+        if self.done:
             return
         self._last = self.clock.seconds()
         stream = self.stream
-        if size > self.max_datagram or not self.stats.window.accept(datagram.sequence):
+        if size > self.max_datagram or not self.stats.window.accept(sequence):
             self.stats.dropped += 1
             return
         if stream is None or stream.congested:
             self.stats.dropped += 1  # accepted but nowhere to go: lost
             return
         self.stats.received += 1
-        self._count(len(datagram.payload), outgoing=False)
-        stream.deliver(datagram.payload)
+        self._count(len(payload), outgoing=False)
+        stream.deliver(payload)
 
     def spoofed(self) -> None:
         """A datagram with this session's id from another address."""
@@ -158,6 +213,9 @@ class Session:
         """End the session (once): a CLOSE to the peer, the stream closed."""
         if self.done:
             return
+        self.sent()  # what the stream's read held: before the CLOSE
+        if self.done:
+            return  # sending it ended the session (the peer refused it)
         self.done = True
         if notify:
             self._transmit(udpwire.close(self.id))
@@ -170,7 +228,7 @@ class Session:
             why=why,
         )
         if self.stream is not None and self.stream.transport is not None:
-            self.stream.transport.loseConnection()
+            self.stream.close(self.clock)
         ended(self.stats)
         self._on_end(self)
 
@@ -218,12 +276,25 @@ class SessionStream(wire.MessageProtocol):
     idleTimeout = 0  # the session keeps the idle deadline
     session: Session | None = None
     congested = False
+    _waiting = 0  # bytes in the outbox, waiting for the end of a read
+    _cut: Any = None  # the end of the grace for what it holds, once closing
 
     def connectionMade(self) -> None:
         # Ours instead of MessageProtocol's reading pauser: what fills this
         # stream's buffer comes from the network, which cannot be paused.
         self.transport.unregisterProducer()
         self.transport.registerProducer(self, True)
+        self.outbox = Outbox(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        session = self.session
+        if session is None:
+            return super().dataReceived(data)
+        session.gather()  # the read's messages: sent together at its end
+        try:
+            super().dataReceived(data)
+        finally:
+            session.sent()
 
     def messageReceived(self, payload: bytes) -> None:
         if self.session is not None:
@@ -234,7 +305,22 @@ class SessionStream(wire.MessageProtocol):
             self.session.too_large(size)
 
     def deliver(self, payload: bytes) -> None:
-        self.transport.write(wire.encode(payload))
+        """Write C{payload} framed: now, or when the UDP port's read is done."""
+        outbox = self.outbox
+        outbox.add(wire.encode(payload))
+        pending = self.session.pending if self.session is not None else None
+        self._waiting += len(payload) + wire.HEADER.size
+        if pending is None or self._waiting >= OUTBOX_BOUND:
+            # No wait; or, at the bound, now: a full stream is told so by
+            # its transport (congested) before more is read for it.
+            self.send_waiting()
+        elif len(outbox.pieces) == 1:
+            pending.append(self)
+
+    def send_waiting(self) -> None:
+        """Write what L{deliver} left in the outbox."""
+        self._waiting = 0
+        self.outbox.send()
 
     def pauseProducing(self) -> None:  # noqa: N802 (IPushProducer's names)
         self.congested = True
@@ -245,10 +331,42 @@ class SessionStream(wire.MessageProtocol):
     def stopProducing(self) -> None:  # noqa: N802
         pass
 
+    def close(self, clock: IReactorTime) -> None:
+        """
+        Close once what it holds is written (what waits for the end of a
+        read, then the transport's buffer), or after L{CLOSE_GRACE}
+        seconds: Twisted stops reading a closing connection, so a service
+        that stops reading until its own writes go through (pongd) would
+        hold it, out of every count, for as long as it lives.
+        """
+        self.send_waiting()
+        transport = self.transport
+        transport.loseConnection()
+        if getattr(transport, "connected", False) and self._cut is None:
+            self._cut = clock.callLater(CLOSE_GRACE, transport.abortConnection)
+
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
+        if self._cut is not None and self._cut.active():
+            self._cut.cancel()
         if self.session is not None:
             self.session.end("the local stream closed")
+
+
+# Seconds a session's local stream has, once the session is over, to take
+# what it is still owed before it is cut.
+CLOSE_GRACE = 2.0
+# How many DATA a read of the local stream gathers at most before they are
+# sent (four runs of the kernel's largest, MAX_SEGMENTS).
+GATHERED_AT_MOST = 256
+# What a session's stream holds at most, delivered but not yet written,
+# before it is written at once rather than at the end of the UDP port's
+# read.  Small beside the transport's own buffer (64 KiB, past which the
+# stream is congested and datagrams for it are dropped), so that a stream
+# holds little more than before the batches: 64 KiB and a message then,
+# now at most 16 KiB and a message more.  (32 messages of 100 bytes in
+# flight take 3.3 KiB.)
+OUTBOX_BOUND = 16 * 1024
 
 
 # A session's local stream.

@@ -140,6 +140,19 @@ def close(session: bytes) -> bytes:
     return _CLOSE.pack(CLOSE, session)
 
 
+def data_head(datagram: bytes) -> tuple[bytes, int] | None:
+    """
+    A DATA's session id and sequence number (its payload follows, from
+    L{DATA_HEADER_SIZE}), without making a value of it: the per-message
+    way.  C{None} for anything else, a truncated DATA included (L{decode}
+    says what it is).
+    """
+    if datagram[:1] != DATA or len(datagram) < _DATA.size:
+        return None
+    _, session, sequence = _DATA.unpack_from(datagram)
+    return session, sequence
+
+
 def decode(datagram: bytes) -> Datagram:
     """The datagram as a value; L{Malformed} when it is not one of udpd's."""
     kind = datagram[:1]

@@ -1,0 +1,298 @@
+"""
+udpd's datagrams in batches on real sockets: runs of datagrams sent in one
+sendmsg (GSO) arrive as the datagrams they were, to any receiver; runs read
+in one recvmsg (GRO) are cut apart again; a turn reads a bounded number.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.protocol import DatagramProtocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ipcd.daemons.udp import batch
+from ipcd.daemons.udp.batch import (
+    DATAGRAM_BUDGET,
+    MAX_SEGMENTS,
+    UDP_GRO,
+    UDP_SEGMENT,
+    BatchReader,
+    DatagramSender,
+)
+from ipcd.test.support import TIMEOUT
+
+
+def offload_missing() -> str | None:
+    """Why this kernel cannot be asked for UDP_SEGMENT and UDP_GRO, if not."""
+    if not sys.platform.startswith("linux"):
+        return "UDP_SEGMENT and UDP_GRO are Linux's"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.setsockopt(batch.SOL_UDP, UDP_GRO, 1)
+            sock.setsockopt(batch.SOL_UDP, UDP_SEGMENT, 100)
+        except OSError as e:
+            return f"this kernel has no UDP GSO/GRO ({e})"
+    return None
+
+
+class CountingSocket(socket.socket):
+    """A UDP socket that counts its system calls to send."""
+
+    calls = 0
+    refuse: int | None = None  # the errno its sendmsg fails with, if any
+
+    def send(self, *args: Any) -> int:
+        self.calls += 1
+        return super().send(*args)
+
+    def sendto(self, *args: Any) -> int:
+        self.calls += 1
+        return super().sendto(*args)
+
+    def sendmsg(self, *args: Any) -> int:
+        self.calls += 1
+        if self.refuse is not None:
+            raise OSError(self.refuse, "refused for the test")
+        return super().sendmsg(*args)
+
+
+def receiver(gro: bool = False) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    if gro:
+        sock.setsockopt(batch.SOL_UDP, UDP_GRO, 1)
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+def receive(sock: socket.socket, count: int) -> list[bytes]:
+    return [sock.recv(65536) for _ in range(count)]
+
+
+def datagrams(*runs: tuple[int, int]) -> list[bytes]:
+    """C{count} datagrams of C{size} bytes for each run, each one different."""
+    made = []
+    for count, size in runs:
+        for _ in range(count):
+            label = b"%d:" % len(made)
+            made.append(label + b"x" * (size - len(label)))
+    return made
+
+
+class SenderTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.peer = receiver()
+        self.addCleanup(self.peer.close)
+        self.sock = CountingSocket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(self.sock.close)
+        self.sock.bind(("127.0.0.1", 0))
+
+    def test_runsArriveAsTheirDatagrams(self) -> None:
+        """
+        Runs of equal sizes (longer than the kernel takes at once, one
+        ending shorter, one larger in total than one send may carry) and
+        lone ones: a receiver without GRO gets each datagram as it was,
+        in order; on Linux in one system call per run.
+        """
+        sent = datagrams(
+            (MAX_SEGMENTS + 6, 100),  # two runs: 64, then 6 and the 50 below
+            (1, 50),
+            (1, 300),
+            (40, 2000),  # 32 fit in one send (65,507 bytes), then 8
+            (3, 17),
+        )
+        sender = DatagramSender(self.sock, self.peer.getsockname())
+        self.assertEqual(sender.send_all(sent), [])
+        self.assertEqual(receive(self.peer, len(sent)), sent)
+        if offload_missing() is None:
+            self.assertTrue(sender.gso)
+            self.assertEqual(self.sock.calls, 6)
+
+    def test_connected(self) -> None:
+        """To the address the socket is connected to."""
+        self.sock.connect(self.peer.getsockname())
+        sent = datagrams((5, 120))
+        self.assertEqual(DatagramSender(self.sock).send_all(sent), [])
+        self.assertEqual(receive(self.peer, 5), sent)
+
+    def test_runRefusedForItsSize(self) -> None:
+        """
+        A run the kernel refuses for its segment size (larger than the
+        path's MTU) goes out one by one, and so do runs as large from then
+        on; smaller ones still go in runs.
+        """
+        sender = DatagramSender(self.sock, self.peer.getsockname())
+        sender.gso = True  # (so that the fallback is tested anywhere)
+        self.sock.refuse = errno.EINVAL
+        sent = datagrams((4, 1500))
+        self.assertEqual(sender.send_all(sent), [])
+        self.assertEqual(receive(self.peer, 4), sent)
+        self.assertEqual((sender.gso_below, self.sock.calls), (1500, 1 + 4))
+        self.sock.calls = 0
+        sender.send_all(datagrams((4, 1600)))
+        self.assertEqual(self.sock.calls, 4)
+        receive(self.peer, 4)
+
+    def test_offloadRefused(self) -> None:
+        """A kernel without the option: one by one from then on."""
+        sender = DatagramSender(self.sock, self.peer.getsockname())
+        sender.gso = True
+        self.sock.refuse = errno.ENOPROTOOPT
+        sent = datagrams((3, 100))
+        self.assertEqual(sender.send_all(sent), [])
+        self.assertFalse(sender.gso)
+        self.assertEqual(receive(self.peer, 3), sent)
+        self.sock.calls = 0
+        sender.send_all(datagrams((3, 100)))
+        self.assertEqual(self.sock.calls, 3)
+        receive(self.peer, 3)
+
+    def test_lostRunReturned(self) -> None:
+        """Any other error loses the run: returned, nothing sent."""
+        sender = DatagramSender(self.sock, self.peer.getsockname())
+        sender.gso = True
+        self.sock.refuse = errno.ENOBUFS
+        sent = datagrams((3, 100))
+        self.assertEqual(sender.send_all(sent), sent)
+        self.peer.settimeout(0)
+        self.assertRaises(BlockingIOError, self.peer.recv, 65536)
+
+    def test_refusedPeerTold(self) -> None:
+        """
+        Nobody listening at the connected address: the ICMP error comes
+        back on a later send, which calls C{refused} and loses the rest.
+        """
+        port = self.peer.getsockname()
+        self.peer.close()
+        told: list[bool] = []
+        self.sock.connect(port)
+        sender = DatagramSender(self.sock, refused=lambda: told.append(True))
+        lost = []
+        for _ in range(10):  # the error is the kernel's to deliver
+            lost += sender.send_all(datagrams((3, 100)))
+            if told:
+                break
+        self.assertEqual(told, [True])
+        self.assertTrue(lost)
+
+
+class Collect(DatagramProtocol):
+    def __init__(self) -> None:
+        self.got: list[tuple[bytes, Any]] = []
+
+    def datagramReceived(self, datagram: bytes, address: Any) -> None:  # noqa: N802
+        self.got.append((datagram, address))
+
+
+class ReaderTests(TestCase):
+    def setUp(self) -> None:
+        self.protocol = Collect()
+        self.port = reactor.listenUDP(0, self.protocol, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(self.sender.close)
+        self.sender.bind(("127.0.0.1", 0))
+        self.sender.connect(("127.0.0.1", self.port.getHost().port))
+        self.at = self.sender.getsockname()
+
+    def read(self, reader: Any, expected: int) -> list[int]:
+        """
+        Call C{reader.doRead} (the reactor not running it) until
+        C{expected} datagrams are in: how many each call got.
+        """
+        calls = []
+        sock = self.port.getHandle()
+        while len(self.protocol.got) < expected:
+            readable, _, _ = select.select([sock], [], [], TIMEOUT)
+            self.assertTrue(readable, "the datagrams did not come")
+            before = len(self.protocol.got)
+            reader.doRead()
+            calls.append(len(self.protocol.got) - before)
+        return calls
+
+    def test_runCutApart(self) -> None:
+        """
+        A run sent in one sendmsg is read in one recvmsg (GRO) and handed
+        over as the datagrams it was, each with the sender's address.
+        """
+        why = offload_missing()
+        if why is not None:
+            raise self.skipTest(why)
+        reader = BatchReader(self.port, connected=False)
+        self.assertTrue(reader.gro)
+        sent = datagrams((MAX_SEGMENTS - 1, 200), (1, 20))
+        self.sender.sendmsg(
+            sent, [(batch.SOL_UDP, UDP_SEGMENT, batch._SEGMENT_SIZE.pack(200))]
+        )
+        self.assertEqual(self.read(reader, len(sent)), [len(sent)])
+        self.assertEqual(self.protocol.got, [(d, self.at) for d in sent])
+
+    def test_withoutGro(self) -> None:
+        """Asked not to: one datagram per read, all of them, empty ones too."""
+        reader = BatchReader(self.port, connected=False, gro=False)
+        self.assertFalse(reader.gro)
+        sent = [b"", *datagrams((3, 200), (1, 20)), b""]
+        sender = DatagramSender(self.sender)
+        self.assertEqual(sender.send_all(sent), [])
+        self.read(reader, len(sent))
+        self.assertEqual(self.protocol.got, [(d, self.at) for d in sent])
+
+    def test_turnBounded(self) -> None:
+        """
+        A turn of the reactor reads DATAGRAM_BUDGET datagrams at most, even
+        tiny ones (Twisted's loop counts bytes only, 256 KiB, and read
+        three times as many empty ones in one turn).
+        """
+        self.port.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        reader = BatchReader(self.port, connected=False, gro=False)
+        count = 3 * DATAGRAM_BUDGET
+        for _ in range(count):
+            self.sender.send(b"")
+        calls = self.read(reader, count)
+        self.assertEqual(sum(calls), count)
+        self.assertLessEqual(max(calls), DATAGRAM_BUDGET)
+
+    def test_budgetCountsSegments(self) -> None:
+        """Datagrams read in runs count one each against the budget."""
+        why = offload_missing()
+        if why is not None:
+            raise self.skipTest(why)
+        reader = BatchReader(self.port, connected=False)
+        segment = batch._SEGMENT_SIZE.pack(20)
+        runs = 2 * DATAGRAM_BUDGET // MAX_SEGMENTS
+        for _ in range(runs):
+            self.sender.sendmsg(
+                datagrams((MAX_SEGMENTS, 20)), [(batch.SOL_UDP, UDP_SEGMENT, segment)]
+            )
+        calls = self.read(reader, runs * MAX_SEGMENTS)
+        self.assertLessEqual(max(calls), DATAGRAM_BUDGET)
+
+    def test_flushedAfterTheRead(self) -> None:
+        """What the datagrams left in L{pending} is written once they are read."""
+        reader = BatchReader(self.port, connected=False)
+        got = self.protocol.got
+        written: list[int] = []
+
+        class Stream:
+            def send_waiting(self) -> None:
+                written.append(len(got))
+
+        stream = Stream()
+
+        def received(datagram: bytes, address: Any) -> None:
+            got.append((datagram, address))
+            if stream not in reader.pending:
+                reader.pending.append(stream)
+
+        self.protocol.datagramReceived = received  # type: ignore[method-assign]
+        DatagramSender(self.sender).send_all(datagrams((3, 100)))
+        self.read(reader, 3)
+        self.assertEqual(written, [3])
+        self.assertEqual(reader.pending, [])
