@@ -189,14 +189,45 @@ class Handshaking(ClosesDescriptors, Protocol):
 
 
 class NetworkHandshake(Handshaking):
-    """A remote peer on a network listener, named by its address (C{ip:...})."""
+    """
+    A remote peer on a network listener, named by its address (C{ip:...}).
+    Behind Twisted's C{haproxy:} wrapper, that is the address the PROXY
+    header names: the wrapper passes bytes on only after the header, and
+    from then on its C{getPeer()} says that address (before, the proxy's,
+    which is what the connection limits count: see L{readdress}).
+    """
+
+    _connected: Any = None  # the address at connect
+    _addressed = False  # the peer's bytes came: any PROXY header was read
 
     def identify(self) -> Peer:
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        address = self.transport.getPeer()
+        self._connected = address = self.transport.getPeer()
         return remote_peer(address.host, address.port)
+
+    def readdress(self) -> None:
+        """
+        The peer as its transport names it now: a PROXY header's address, if
+        one was read since the connect (a header naming none, UNKNOWN or a
+        UNIX socket's, leaves the proxy's, as Twisted's wrapper does).
+        """
+        address = self.transport.getPeer()
+        if address != self._connected and hasattr(address, "host"):
+            self._connected = address
+            self.core.who = remote_peer(address.host, address.port)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        if not self._addressed:
+            self._addressed = True
+            self.readdress()
+        super().dataReceived(data)
+
+    def _tick(self) -> None:
+        if not self._addressed:  # (a header may have come, alone)
+            self.readdress()
+        super()._tick()
 
 
 class ControlHandshake(Handshaking):

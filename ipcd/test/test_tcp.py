@@ -283,6 +283,63 @@ class WrappersLetGoTests(TestCase):
         self.assertEqual([wrapper() for wrapper in made], [None] * len(made))
 
 
+def proxied(port: int, source: str, request: bytes) -> bytes:
+    """Through a PROXY header naming C{source}: C{request}, all tcpd says."""
+    header = f"PROXY TCP4 {source} 127.0.0.1 5555 {port}\r\n".encode()
+    with tcp_connect(port) as sock:
+        sock.sendall(header + request)
+        return recv_eof(sock)
+
+
+class ProxiedPeerTests(TestCase):
+    @inlineCallbacks
+    def test_peerIsTheHeadersAddress(self) -> Any:
+        """
+        On a C{haproxy:tcp:} listener, the peer (its ip: label, for the
+        rules) is the address its PROXY header names, as on websocketd's;
+        it was the proxy's own (named when it connects, before the header),
+        so 'allow in pong ip:10.0.0.0/8' let in no one.  The connection
+        limits count the proxy: one key, whatever addresses it names.
+        """
+        b = yield start_host(
+            self,
+            rules=["allow in pong ip:10.0.0.0/8"],
+            listen="haproxy:tcp:0:interface=127.0.0.1",
+        )
+        header = f"PROXY TCP4 10.1.2.3 127.0.0.1 5555 {b.port}\r\n".encode()
+        sock, answer = yield deferToThread(raw_request, b.port, header + b"pong")
+        self.addCleanup(sock.close)
+        self.assertEqual(answer, OK)
+        echo = yield deferToThread(bounce, sock)
+        self.assertEqual(echo, encode(b"bounce me"))
+        answer = yield deferToThread(proxied, b.port, "198.51.100.7", b"pong")
+        self.assertTrue(answer.startswith(b"ne "), answer)
+        self.assertIn(b"denied", answer)
+        limits = b.broker.limits_for("tcpd")
+        yield wait_until(lambda: limits.total == 1, "the refused one let go")
+        self.assertEqual(dict(limits.per_peer), {"ip:127.0.0.1/32": 1})
+
+    @inlineCallbacks
+    def test_headerNamingNoAddress(self) -> Any:
+        """
+        A PROXY v2 header naming a UNIX socket (no ip: address) leaves
+        the proxy's own address: Twisted's wrapper's getPeer() says the
+        UNIX address, which has no host.
+        """
+        b = yield start_host(
+            self,
+            rules=["allow in pong ip:127.0.0.1"],
+            listen="haproxy:tcp:0:interface=127.0.0.1",
+        )
+        path = b"/run/proxy.sock".ljust(108, b"\0")
+        header = b"\r\n\r\n\x00\r\nQUIT\n\x21\x31" + (216).to_bytes(2, "big")
+        sock, answer = yield deferToThread(
+            raw_request, b.port, header + path + path + b"pong"
+        )
+        self.addCleanup(sock.close)
+        self.assertEqual(answer, OK)
+
+
 class WrapperDeclarationTests(TestCase):
     @inlineCallbacks
     def test_noDeclarationWorkedOutPerConnection(self) -> Any:

@@ -205,7 +205,41 @@ class TlsdSilentPeerTests(TestCase):
         yield assert_no_fd_leak(before)
 
 
+def proxied_pong(port: int, source: str, client: Any = None) -> bytes:
+    """
+    Behind a PROXY header naming C{source}, over TLS (SNI sent; C{client}'s
+    certificate, if given): pong's answer, and an echo if ok; or all tlsd
+    says.
+    """
+    header = f"PROXY TCP4 {source} 127.0.0.1 4000 {port}\r\n".encode()
+    context = unverified_context()
+    if client is not None:
+        context.load_cert_chain(client.cert, client.key)
+    with socket.create_connection(("127.0.0.1", port), TIMEOUT) as raw:
+        raw.sendall(header)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(encode(b"pong"))
+            answer = recv_exactly(tls, len(encode(b"ok")))
+            if answer != encode(b"ok"):
+                return answer + recv_eof(tls)
+            tls.sendall(encode(b"over tls"))
+            return answer + recv_exactly(tls, len(encode(b"over tls")))
+
+
 class HaproxyListenerTests(TestCase):
+    def start_host(self, rule: str) -> Any:
+        """tlsd with a certificate on a haproxy:tcp: listener; C{rule}."""
+        issued = TestCA(short_rundir(self, "ipcd-lazy-ca-")).issue("localhost")
+        return start_tls_host(
+            self,
+            {
+                "certificate": issued.cert,
+                "key": issued.key,
+                "listen": "haproxy:tcp:0:interface=127.0.0.1",
+            },
+            rules=[rule],
+        )
+
     @inlineCallbacks
     def test_silentAfterTheHeader(self) -> Any:
         """
@@ -213,16 +247,7 @@ class HaproxyListenerTests(TestCase):
         PROXY header and then nothing holds no OpenSSL connection; one
         that goes on has its handshake (SNI sent), request and relay.
         """
-        issued = TestCA(short_rundir(self, "ipcd-lazy-ca-")).issue("localhost")
-        b = yield start_tls_host(
-            self,
-            {
-                "certificate": issued.cert,
-                "key": issued.key,
-                "listen": "haproxy:tcp:0:interface=127.0.0.1",
-            },
-            rules=["allow in pong"],
-        )
+        b = yield self.start_host("allow in pong")
         made = calls_to(self, ServerCreator, "serverConnectionForTLS", _one)
         header = f"PROXY TCP4 192.0.2.1 127.0.0.1 4000 {b.port}\r\n".encode()
         [silent] = yield deferToThread(connect_silent, b.port, 1)
@@ -231,20 +256,57 @@ class HaproxyListenerTests(TestCase):
         limits = b.broker.limits_for("tlsd")
         yield wait_until(lambda: limits.total == 1, "the peer held")
         self.assertEqual(made, [])
-
-        def speak() -> bytes:
-            context = unverified_context()
-            with socket.create_connection(("127.0.0.1", b.port), TIMEOUT) as raw:
-                raw.sendall(header)
-                with context.wrap_socket(raw, server_hostname="localhost") as tls:
-                    tls.sendall(encode(b"pong"))
-                    answer = recv_exactly(tls, len(encode(b"ok")))
-                    tls.sendall(encode(b"over tls"))
-                    return answer + recv_exactly(tls, len(encode(b"over tls")))
-
-        answer = yield deferToThread(speak)
+        answer = yield deferToThread(proxied_pong, b.port, "192.0.2.1")
         self.assertEqual(answer, encode(b"ok") + encode(b"over tls"))
         self.assertEqual(len(made), 1)
+
+    @inlineCallbacks
+    def test_peerIsTheHeadersAddress(self) -> Any:
+        """
+        tlsd behind C{haproxy:tcp:} (TLS inside the PROXY header): the
+        peer's ip: label is the address the header names, as websocketd's;
+        it was the proxy's own (named when it connects, before the header),
+        so 'allow in pong ip:10.0.0.0/8' let in no one.  The connection
+        limits count the proxy: one key, whatever addresses it names.
+        """
+        b = yield self.start_host("allow in pong ip:10.0.0.0/8")
+
+        # A peer held (its header read, then silent): counted as the proxy.
+        [held] = yield deferToThread(connect_silent, b.port, 1)
+        self.addCleanup(held.close)
+        held.sendall(f"PROXY TCP4 10.9.9.9 127.0.0.1 5555 {b.port}\r\n".encode())
+        answer = yield deferToThread(proxied_pong, b.port, "10.1.2.3")
+        self.assertEqual(answer, encode(b"ok") + encode(b"over tls"))
+        answer = yield deferToThread(proxied_pong, b.port, "198.51.100.7")
+        self.assertIn(b"denied", answer)
+        limits = b.broker.limits_for("tlsd")
+        yield wait_until(lambda: limits.total == 1, "the others to be let go")
+        self.assertEqual(dict(limits.per_peer), {"ip:127.0.0.1/32": 1})
+
+    @inlineCallbacks
+    def test_certificateLabelsKept(self) -> Any:
+        """
+        Behind C{haproxy:tcp:} with client certificates: the peer is the
+        header's address and keeps its certificate's labels (both the
+        rules and the relay see them).
+        """
+        ca = TestCA(short_rundir(self, "ipcd-lazy-ca-"))
+        server, client = ca.issue("localhost"), ca.issue("host-a")
+        b = yield start_tls_host(
+            self,
+            {
+                "certificate": server.cert,
+                "key": server.key,
+                "trust_roots": ca.path,
+                "verify_clients": True,
+                "listen": "haproxy:tcp:0:interface=127.0.0.1",
+            },
+            rules=["allow in pong cert:host-a"],
+        )
+        answer = yield deferToThread(proxied_pong, b.port, "10.1.2.3", client)
+        self.assertEqual(answer, encode(b"ok") + encode(b"over tls"))
+        [stats] = b.broker.relays
+        self.assertLessEqual({"ip:10.1.2.3", "cert:host-a"}, set(stats.labels))
 
 
 class WebSocketSilentPeerTests(TestCase):

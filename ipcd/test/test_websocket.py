@@ -721,10 +721,13 @@ class SlowReaderTests(TestCase):
         self.assertLess(growth, 48 * 1024 * 1024, f"RSS grew by {growth} bytes")
 
 
-def proxied_status(port: int, source: str, secure: bool) -> int:
+def proxied_status(
+    port: int, source: str, secure: bool, header: bytes | None = None
+) -> int:
     """
     The status of an opening handshake for pong on C{port}, after a PROXY
-    header naming C{source} (inside TLS when C{secure}, as Twisted reads it).
+    header naming C{source} (inside TLS when C{secure}, as Twisted reads it),
+    or after C{header} if given.
     """
     sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
     if secure:
@@ -733,7 +736,8 @@ def proxied_status(port: int, source: str, secure: bool) -> int:
         context.verify_mode = ssl.CERT_NONE
         sock = context.wrap_socket(sock)
     with sock:
-        header = f"PROXY TCP4 {source} 127.0.0.1 4000 {port}\r\n".encode()
+        if header is None:
+            header = f"PROXY TCP4 {source} 127.0.0.1 4000 {port}\r\n".encode()
         sock.sendall(header + upgrade_request("/pong", f"127.0.0.1:{port}"))
         return read_opening(sock).status
 
@@ -954,6 +958,23 @@ class SecureRouteTests(TestCase):
             for source, status in (("192.0.2.7", 101), ("198.51.100.7", 403)):
                 answer = yield deferToThread(proxied_status, host.port, source, secure)
                 self.assertEqual(answer, status, (listen, source))
+
+    @inlineCallbacks
+    def test_proxiedUnixPeerIsTheProxy(self) -> Any:
+        """
+        A PROXY v2 header naming a UNIX socket (no ip: address) leaves the
+        proxy's own address, as on tcpd and tlsd: Twisted's wrapper's
+        getPeer() says the UNIX address, which has no host.
+        """
+        host = yield start_ws_host(
+            self, rules=["allow in pong ip:127.0.0.1"], listen="haproxy:" + WS_LISTEN
+        )
+        path = b"/run/proxy.sock".ljust(108, b"\0")
+        header = b"\r\n\r\n\x00\r\nQUIT\n\x21\x31" + (216).to_bytes(2, "big")
+        answer = yield deferToThread(
+            proxied_status, host.port, "", False, header + path + path
+        )
+        self.assertEqual(answer, 101)
 
     @inlineCallbacks
     def test_secureListeners(self) -> Any:

@@ -35,6 +35,9 @@ class TlsInbound(TcpInbound):
     stats_type = TlsRelayStats
 
     def handshakeCompleted(self) -> None:  # noqa: N802 (Twisted's name)
+        # TLS's bytes follow any PROXY header: its address is known now.
+        self._addressed = True
+        self.readdress()
         connection = self.transport.getHandle()
         who = self.who
         labels = set(who.labels)
@@ -83,6 +86,8 @@ class TlsInbound(TcpInbound):
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         # (A TLS handshake that timed out is said already.)
         if self.core.securing and reason is not None:
+            if not self._addressed:  # (a header may have come before TLS)
+                self.readdress()
             identity = None
             unknown = False
             handle = compat_twisted.tls_connection(self.transport)

@@ -146,12 +146,14 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
     _asking: Deferred[Any]
     _opened = False
     _addressed: Any  # the transport as given, for the peer's address
+    _connected: Any  # its address at connect (a proxy's, before its header)
 
     def makeConnection(self, transport: Any) -> None:  # noqa: N802
         # The peer is who the transport as given says: under haproxy:ssl:,
         # the PROXY header's address, which only the wrapper between it and
         # TLS knows (the TLS transport's is the proxy's).
         self._addressed = transport
+        self._connected = transport.getPeer()
         # autobahn reads TLS details off the TLS transport itself, not off
         # a wrapper that only says it is one (the connection limits').
         while ISSLTransport.providedBy(transport) and not isinstance(
@@ -175,6 +177,8 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
         ):
             raise ConnectionDeny(403, f"origin {_status_reason(origin)} not allowed")
         address = self._addressed.getPeer()
+        if not hasattr(address, "host"):  # a header's UNIX socket: the proxy
+            address = self._connected
         peer = remote_peer(address.host, address.port)
         self._core = handshake = core.InboundHandshake(peer, UpgradeAnswers())
         self.act(handshake.asked(request.path.removeprefix("/")))
