@@ -183,6 +183,43 @@ class SenderTests(SynchronousTestCase):
         self.assertTrue(lost)
 
 
+class OldKernelSocket(socket.socket):
+    """
+    A UDP socket as a kernel before Linux 4.18 (or another without GSO)
+    has it: no UDP_SEGMENT option, and a C{sendmsg} that passes over the
+    control message it does not know, sending the run as one datagram.
+    """
+
+    def getsockopt(self, level: int, option: int, *args: Any) -> Any:
+        if (level, option) == (batch.SOL_UDP, UDP_SEGMENT):
+            raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+        return super().getsockopt(level, option, *args)
+
+    def sendmsg(self, buffers: Any, ancillary: Any = (), *args: Any) -> int:
+        kept = [c for c in ancillary if c[0] != batch.SOL_UDP]
+        return super().sendmsg(buffers, kept, *args)
+
+
+class OldKernelTests(SynchronousTestCase):
+    def test_noSegmentOptionNoRuns(self) -> None:
+        """
+        A kernel without UDP_SEGMENT does not refuse the control message:
+        it ignores it and would send a run as one datagram, the messages
+        run together.  The sender asks the socket first and sends one by
+        one there.
+        """
+        peer = receiver()
+        self.addCleanup(peer.close)
+        sock = OldKernelSocket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sender = DatagramSender(sock, peer.getsockname())
+        sent = datagrams((5, 100))
+        self.assertEqual(sender.send_all(sent), [])
+        self.assertEqual(receive(peer, 1), sent[:1])
+        self.assertEqual(receive(peer, 4), sent[1:])
+        self.assertFalse(sender.gso)
+
+
 class Collect(DatagramProtocol):
     def __init__(self) -> None:
         self.got: list[tuple[bytes, Any]] = []

@@ -79,6 +79,22 @@ def enable_gro(sock: socket.socket) -> bool:
     return True
 
 
+def gso_known(sock: socket.socket) -> bool:
+    """
+    Whether C{sock}'s kernel knows UDP_SEGMENT.  One that does not (Linux
+    before 4.18, or a sandbox's network stack) does not refuse the control
+    message: it passes over it and sends the run as one datagram, its
+    messages run together, so it is asked before the first run.
+    """
+    if not _OFFLOAD:
+        return False
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
+
+
 class DatagramSender:
     """
     Datagrams to one peer on C{sock}: to C{address}, or to the address it
@@ -96,7 +112,7 @@ class DatagramSender:
         self.sock = sock
         self.address = address
         self.refused = refused
-        self.gso = _OFFLOAD
+        self.gso = gso_known(sock)
         # Runs of segments this large or larger go out one by one: the
         # kernel refused one (a segment must fit the path's MTU).
         self.gso_below = MAX_UDP_PAYLOAD + 1
