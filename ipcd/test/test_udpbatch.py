@@ -26,6 +26,7 @@ from ipcd.daemons.udp.batch import (
     DatagramSender,
 )
 from ipcd.test.support import TIMEOUT
+from ipcd.test.udpsupport import can_forge, icmp_prohibited
 
 
 def offload_missing() -> str | None:
@@ -223,6 +224,10 @@ class OldKernelTests(SynchronousTestCase):
 class Collect(DatagramProtocol):
     def __init__(self) -> None:
         self.got: list[tuple[bytes, Any]] = []
+        self.refused = 0
+
+    def connectionRefused(self) -> None:  # noqa: N802
+        self.refused += 1
 
     def datagramReceived(self, datagram: bytes, address: Any) -> None:  # noqa: N802
         self.got.append((datagram, address))
@@ -333,3 +338,30 @@ class ReaderTests(TestCase):
         self.read(reader, 3)
         self.assertEqual(written, [3])
         self.assertEqual(reader.pending, [])
+
+
+class ConnectedReaderTests(TestCase):
+    def test_unreachableIsARefusal(self) -> None:
+        """
+        A connected port (a session's, dialled out) on which an ICMP error
+        other than "port unreachable" comes back (a firewall's REJECT on
+        the way: "administratively prohibited", EHOSTUNREACH) is told to
+        its protocol as a refusal, as "port unreachable" is, not raised:
+        the reactor would log a traceback for it and close the port.
+        """
+        why = can_forge()
+        if why is not None:
+            raise self.skipTest(why)
+        protocol = Collect()
+        port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        peer = receiver()
+        self.addCleanup(peer.close)
+        port.connect(*peer.getsockname())
+        reader = BatchReader(port, connected=True)
+        sock = port.getHandle()
+        icmp_prohibited(sock.getsockname(), peer.getsockname())
+        readable, _, _ = select.select([sock], [], [], TIMEOUT)
+        self.assertTrue(readable, "the ICMP error did not come")
+        reader.doRead()
+        self.assertEqual(protocol.refused, 1)

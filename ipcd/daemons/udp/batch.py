@@ -183,7 +183,8 @@ class BatchReader:
     Reads UDP port C{port} (a Twisted C{udp.Port}, its protocol's
     C{datagramReceived} called for each datagram) in place of Twisted's
     C{doRead}; C{connected}: whether its socket is connected (an error
-    there is the peer's refusal, told to C{connectionRefused}); C{gro}:
+    read there is the peer's refusal or unreachability, told to
+    C{connectionRefused}); C{gro}:
     whether to ask the kernel for runs of datagrams.  Not on a socket
     systemd keeps: the option would stay on it for the next process, which
     may not know it.
@@ -219,9 +220,14 @@ class BatchReader:
             except OSError as e:
                 if e.errno in _READ_NOTHING:
                     return
+                if self.connected:
+                    # The ICMP error the kernel kept for the peer: "port
+                    # unreachable" (ECONNREFUSED), or a firewall's REJECT
+                    # (EHOSTUNREACH, EACCES...).  Raised, the reactor would
+                    # log a traceback and close the port.
+                    protocol.connectionRefused()
+                    return
                 if e.errno == errno.ECONNREFUSED:
-                    if self.connected:
-                        protocol.connectionRefused()
                     return
                 raise
             if self.ipv6:
