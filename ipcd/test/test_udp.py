@@ -22,6 +22,7 @@ from ipcd.compat.twisted import buffered
 from ipcd.config import ConfigError, load_config
 from ipcd.control import format_status, request
 from ipcd.daemons import StartupError
+from ipcd.daemons.udp import session as session_module
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.daemons.udp.session import OUTBOX_BOUND
 from ipcd.names import listen_unix
@@ -726,27 +727,30 @@ class Deaf(Protocol):
         self.transport.pauseProducing()
 
 
+def deaf_service(case: TestCase, host: Any) -> list[Deaf]:
+    """A L{Deaf} service C{deaf} on C{host}: its connections, as they come."""
+    deaf: list[Deaf] = []
+
+    class Deafs(Factory):
+        def buildProtocol(self, addr: Any) -> Deaf:  # noqa: N802
+            deaf.append(Deaf())
+            return deaf[-1]
+
+    port = listen_unix(reactor, os.path.join(host.rundir, "deaf"), Deafs())
+    case.addCleanup(port.stopListening)
+    case.addCleanup(lambda: [each.transport.abortConnection() for each in deaf])
+    return deaf
+
+
 class ClosingWhatIsHeldTests(TwoHostsTestCase):
+    b_settings = {"max_sessions": 1}
+
     @inlineCallbacks
-    def test_streamToADeafServiceCut(self) -> Any:
+    def endWhileHeld(self) -> Any:
         """
-        A session ends while B's stream holds what a service that does not
-        read was sent: B gives it a grace, then cuts the stream, rather
-        than hold it (a descriptor, a buffer) for as long as the service
-        lives, out of every count: a peer could leave one behind per
-        session it opens.  (pongd, which stops reading while its echoes
-        wait, was held so until its idle timeout.)
+        A session to B's deaf service whose stream B has filled, then ended
+        from A: B's stream, still holding what it was sent.
         """
-        deaf: list[Deaf] = []
-
-        class Deafs(Factory):
-            def buildProtocol(self, addr: Any) -> Deaf:  # noqa: N802
-                deaf.append(Deaf())
-                return deaf[-1]
-
-        port = listen_unix(reactor, os.path.join(self.b.rundir, "deaf"), Deafs())
-        self.addCleanup(port.stopListening)
-        self.addCleanup(lambda: [each.transport.abortConnection() for each in deaf])
         sock = yield self.lookupOnA("deaf")
         self.addCleanup(sock.close)
         stream = self.b.session().end.__self__.stream  # type: ignore[union-attr]
@@ -760,8 +764,47 @@ class ClosingWhatIsHeldTests(TwoHostsTestCase):
         yield wait_until(lambda: stream.congested, "B's stream to fill")
         sock.close()
         yield wait_until(lambda: not self.b.sessions(), "B's session to end")
+        return stream
+
+    @inlineCallbacks
+    def test_streamToADeafServiceCut(self) -> Any:
+        """
+        A session ends while B's stream holds what a service that does not
+        read was sent: B gives it a grace, then cuts the stream, rather
+        than hold it (a descriptor, a buffer) for as long as the service
+        lives, out of every count: a peer could leave one behind per
+        session it opens.  (pongd, which stops reading while its echoes
+        wait, was held so until its idle timeout.)
+        """
+        deaf = deaf_service(self, self.b)
+        stream = yield self.endWhileHeld()
         yield wait_until(lambda: not stream.transport.connected, "B's stream to close")
         self.assertEqual(len(deaf), 1)
+
+    @inlineCallbacks
+    def test_streamHeldIsCounted(self) -> Any:
+        """
+        While its grace lasts, the stream of a session that ended still
+        counts against B's limits (max_sessions here, and its peer's
+        share): a peer that opens and ends sessions as fast as it can,
+        leaving each stream full, would otherwise hold a descriptor and up
+        to 144 KiB each for every session of the last two seconds.  Once
+        the stream is closed, its place is free.
+        """
+        self.patch(session_module, "CLOSE_GRACE", 3600.0)  # for as long as needed
+        deaf = deaf_service(self, self.b)
+        stream = yield self.endWhileHeld()
+        self.assertTrue(stream.transport.connected)
+        answer = yield self.refusedOnA("pong")
+        self.assertEqual(
+            answer,
+            f"ne udpd at 127.0.0.1:{self.b.port} refused 'pong': "
+            "too many sessions".encode(),
+        )
+        self.assertEqual(self.b.broker.limits_for("udpd").total, 1)  # its peer's
+        deaf[0].transport.abortConnection()
+        yield wait_until(lambda: not stream.transport.connected, "B's stream to close")
+        yield self.assertServing()
 
 
 class FdTests(TwoHostsTestCase):

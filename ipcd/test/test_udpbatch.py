@@ -26,6 +26,7 @@ from ipcd.daemons.udp.batch import (
     DatagramSender,
 )
 from ipcd.test.support import TIMEOUT
+from ipcd.test.udpsupport import can_forge, icmp_prohibited
 
 
 def offload_missing() -> str | None:
@@ -183,9 +184,50 @@ class SenderTests(SynchronousTestCase):
         self.assertTrue(lost)
 
 
+class OldKernelSocket(socket.socket):
+    """
+    A UDP socket as a kernel before Linux 4.18 (or another without GSO)
+    has it: no UDP_SEGMENT option, and a C{sendmsg} that passes over the
+    control message it does not know, sending the run as one datagram.
+    """
+
+    def getsockopt(self, level: int, option: int, *args: Any) -> Any:
+        if (level, option) == (batch.SOL_UDP, UDP_SEGMENT):
+            raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+        return super().getsockopt(level, option, *args)
+
+    def sendmsg(self, buffers: Any, ancillary: Any = (), *args: Any) -> int:
+        kept = [c for c in ancillary if c[0] != batch.SOL_UDP]
+        return super().sendmsg(buffers, kept, *args)
+
+
+class OldKernelTests(SynchronousTestCase):
+    def test_noSegmentOptionNoRuns(self) -> None:
+        """
+        A kernel without UDP_SEGMENT does not refuse the control message:
+        it ignores it and would send a run as one datagram, the messages
+        run together.  The sender asks the socket first and sends one by
+        one there.
+        """
+        peer = receiver()
+        self.addCleanup(peer.close)
+        sock = OldKernelSocket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sender = DatagramSender(sock, peer.getsockname())
+        sent = datagrams((5, 100))
+        self.assertEqual(sender.send_all(sent), [])
+        self.assertEqual(receive(peer, 1), sent[:1])
+        self.assertEqual(receive(peer, 4), sent[1:])
+        self.assertFalse(sender.gso)
+
+
 class Collect(DatagramProtocol):
     def __init__(self) -> None:
         self.got: list[tuple[bytes, Any]] = []
+        self.refused = 0
+
+    def connectionRefused(self) -> None:  # noqa: N802
+        self.refused += 1
 
     def datagramReceived(self, datagram: bytes, address: Any) -> None:  # noqa: N802
         self.got.append((datagram, address))
@@ -296,3 +338,30 @@ class ReaderTests(TestCase):
         self.read(reader, 3)
         self.assertEqual(written, [3])
         self.assertEqual(reader.pending, [])
+
+
+class ConnectedReaderTests(TestCase):
+    def test_unreachableIsARefusal(self) -> None:
+        """
+        A connected port (a session's, dialled out) on which an ICMP error
+        other than "port unreachable" comes back (a firewall's REJECT on
+        the way: "administratively prohibited", EHOSTUNREACH) is told to
+        its protocol as a refusal, as "port unreachable" is, not raised:
+        the reactor would log a traceback for it and close the port.
+        """
+        why = can_forge()
+        if why is not None:
+            raise self.skipTest(why)
+        protocol = Collect()
+        port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        peer = receiver()
+        self.addCleanup(peer.close)
+        port.connect(*peer.getsockname())
+        reader = BatchReader(port, connected=True)
+        sock = port.getHandle()
+        icmp_prohibited(sock.getsockname(), peer.getsockname())
+        readable, _, _ = select.select([sock], [], [], TIMEOUT)
+        self.assertTrue(readable, "the ICMP error did not come")
+        reader.doRead()
+        self.assertEqual(protocol.refused, 1)

@@ -346,6 +346,40 @@ def forged_hellos(port: int, count: int, service: bytes = b"pong") -> None:
                 time.sleep(0.01)  # as a paced attacker: not lost to a full buffer
 
 
+def icmp_prohibited(source: tuple[str, int], destination: tuple[str, int]) -> None:
+    """
+    An ICMP "communication administratively prohibited" (what a firewall's
+    REJECT sends) for a UDP datagram from loopback C{source} to
+    C{destination}, as the router on the way would send it back to
+    C{source}: a raw socket (L{can_forge}).
+    """
+
+    def checksum(data: bytes) -> int:
+        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        total = (total >> 16) + (total & 0xFFFF)
+        return ~(total + (total >> 16)) & 0xFFFF
+
+    udp = struct.pack("!HHHH", source[1], destination[1], 8, 0)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(udp),
+        0,
+        0,
+        64,
+        socket.IPPROTO_UDP,
+        0,
+        socket.inet_aton(source[0]),
+        socket.inet_aton(destination[0]),
+    )
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    icmp = struct.pack("!BBHI", 3, 13, 0, 0) + ip + udp  # unreachable: prohibited
+    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw:
+        raw.sendto(icmp, (source[0], 0))
+
+
 # ipcd in a subprocess, seen from /proc.
 
 

@@ -79,6 +79,22 @@ def enable_gro(sock: socket.socket) -> bool:
     return True
 
 
+def gso_known(sock: socket.socket) -> bool:
+    """
+    Whether C{sock}'s kernel knows UDP_SEGMENT.  One that does not (Linux
+    before 4.18, or a sandbox's network stack) does not refuse the control
+    message: it passes over it and sends the run as one datagram, its
+    messages run together, so it is asked before the first run.
+    """
+    if not _OFFLOAD:
+        return False
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
+
+
 class DatagramSender:
     """
     Datagrams to one peer on C{sock}: to C{address}, or to the address it
@@ -96,7 +112,7 @@ class DatagramSender:
         self.sock = sock
         self.address = address
         self.refused = refused
-        self.gso = _OFFLOAD
+        self.gso = gso_known(sock)
         # Runs of segments this large or larger go out one by one: the
         # kernel refused one (a segment must fit the path's MTU).
         self.gso_below = MAX_UDP_PAYLOAD + 1
@@ -167,7 +183,8 @@ class BatchReader:
     Reads UDP port C{port} (a Twisted C{udp.Port}, its protocol's
     C{datagramReceived} called for each datagram) in place of Twisted's
     C{doRead}; C{connected}: whether its socket is connected (an error
-    there is the peer's refusal, told to C{connectionRefused}); C{gro}:
+    read there is the peer's refusal or unreachability, told to
+    C{connectionRefused}); C{gro}:
     whether to ask the kernel for runs of datagrams.  Not on a socket
     systemd keeps: the option would stay on it for the next process, which
     may not know it.
@@ -203,9 +220,14 @@ class BatchReader:
             except OSError as e:
                 if e.errno in _READ_NOTHING:
                     return
+                if self.connected:
+                    # The ICMP error the kernel kept for the peer: "port
+                    # unreachable" (ECONNREFUSED), or a firewall's REJECT
+                    # (EHOSTUNREACH, EACCES...).  Raised, the reactor would
+                    # log a traceback and close the port.
+                    protocol.connectionRefused()
+                    return
                 if e.errno == errno.ECONNREFUSED:
-                    if self.connected:
-                        protocol.connectionRefused()
                     return
                 raise
             if self.ipv6:

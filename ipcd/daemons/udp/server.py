@@ -98,6 +98,8 @@ class UdpServer(DatagramProtocol):
         # ([limits] max_connections_per_peer, by address prefix).
         self.limits = broker.limits_for(SECTION)
         self.peer_keys: dict[tuple[Any, bytes], str] = {}
+        # Streams of ended sessions still open in their grace (counted).
+        self.held = 0
         self.cookies = AddressCookies(self.reactor)
         self.running = True
         # What a peer's HELLO can make it log (an unexpected failure, as
@@ -193,7 +195,7 @@ class UdpServer(DatagramProtocol):
             return
         if served is not None:
             return  # the broker is still connecting: the OK is on its way
-        if len(self.hellos) >= self.settings()["max_sessions"]:
+        if len(self.hellos) + self.held >= self.settings()["max_sessions"]:
             self.broker.counters["udp sessions refused: too many"] += 1
             refusal = udpwire.refusal(hello.nonce, "too many sessions", size)
             self._answer(refusal, address, size)
@@ -299,8 +301,26 @@ class UdpServer(DatagramProtocol):
 
     def _ended(self, session: Session) -> None:
         bound = self.sessions.pop(session.id, None)
-        if bound is not None:
-            self._forget((bound.address, bound.nonce))
+        if bound is None:
+            return
+        key = (bound.address, bound.nonce)
+        stream = session.stream
+        if stream is None or not stream.held:
+            self._forget(key)
+            return
+        # Its stream still holds what the service has not read, for up to
+        # its grace: counted until it closes, in max_sessions and in the
+        # peer's share, or a peer could leave one behind per session it
+        # opens and ends.
+        self.hellos.pop(key, None)
+        self.held += 1
+        stream.closed = partial(self._released, self.peer_keys.pop(key, None))
+
+    def _released(self, peer_key: str | None) -> None:
+        """A stream held past its session's end has closed."""
+        self.held -= 1
+        if peer_key is not None:
+            self.limits.release(peer_key)
 
     def _forget(self, key: tuple[Any, bytes]) -> None:
         """A HELLO's session (or request) is over: it counts no more."""

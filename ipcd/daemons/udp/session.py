@@ -278,6 +278,8 @@ class SessionStream(wire.MessageProtocol):
     congested = False
     _waiting = 0  # bytes in the outbox, waiting for the end of a read
     _cut: Any = None  # the end of the grace for what it holds, once closing
+    # Called once it has closed, when it outlived its session (L{held}).
+    closed: Callable[[], None] | None = None
 
     def connectionMade(self) -> None:
         # Ours instead of MessageProtocol's reading pauser: what fills this
@@ -345,12 +347,20 @@ class SessionStream(wire.MessageProtocol):
         if getattr(transport, "connected", False) and self._cut is None:
             self._cut = clock.callLater(CLOSE_GRACE, transport.abortConnection)
 
+    @property
+    def held(self) -> bool:
+        """Whether it is still open in its grace, its session over."""
+        return self._cut is not None and self._cut.active()
+
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
         if self._cut is not None and self._cut.active():
             self._cut.cancel()
         if self.session is not None:
             self.session.end("the local stream closed")
+        closed, self.closed = self.closed, None
+        if closed is not None:
+            closed()
 
 
 # Seconds a session's local stream has, once the session is over, to take
