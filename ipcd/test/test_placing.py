@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import threading
 from typing import Any
 
@@ -34,6 +35,7 @@ from ipcd.placing import PRIVATE_PREFIX, make_private, remove_abandoned
 from ipcd.startup import close_now
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
+    TIMEOUT,
     assert_no_fd_leak,
     fd_baseline,
     left_in,
@@ -313,6 +315,35 @@ class PlacingTests(TestCase):
             probe.connect(path)
             other.accept()[0].close()
         yield assert_no_fd_leak(before)
+
+    def test_outOfInodesAtTheMove(self) -> None:
+        """
+        RUNDIR's file system has no inode left when the socket, bound and
+        listening, is linked at its name (tmpfs counts each link): the start
+        fails in one error naming the path, with no port left to the
+        reactor and nothing left in RUNDIR.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("mounting a tmpfs takes root")
+        # Three inodes: RUNDIR, the private directory, the socket bound.
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "nr_inodes=3,mode=1770", "ipcd-full"]
+            + [self.rundir],
+            capture_output=True,
+            timeout=TIMEOUT,
+        )
+        if mounted.returncode != 0:
+            raise SkipTest(f"cannot mount a tmpfs: {mounted.stderr!r}")
+        self.addCleanup(
+            subprocess.run, ["umount", self.rundir], timeout=TIMEOUT, check=True
+        )
+        path = os.path.join(self.rundir, "pong")
+        error = self.assertRaises(CannotListenError, self.listen, "pong")
+        self.assertEqual(error.socketError.errno, errno.ENOSPC)
+        self.assertIn(path, str(error))
+        readers = self.reactor.getReaders()
+        self.assertEqual([r for r in readers if getattr(r, "place", 0) == path], [])
+        self.assertEqual(os.listdir(self.rundir), [])
 
     def test_ownNameTakenMeanwhile(self) -> None:
         """The same at ipcd's own name: replaced by ipcd's socket."""
