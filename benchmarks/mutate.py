@@ -97,16 +97,26 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "names": (
         "ipcd/names.py",
         None,
-        # test_api: the blocking client imports names.py without Twisted;
-        # test_systemd: RUNDIR's sockets adopted from systemd.
+        # Fastest first (--exitfirst).  test_placing, test_planted: the
+        # socket placed at its name, plants taken out; test_api's RootTests:
+        # the blocking client imports names.py without Twisted; groups
+        # refused (test_listener) and given by number (test_endpoints); an
+        # ipcd given RUNDIR/ipc by systemd (test_namedSockets).  Not all of
+        # test_config, test_api, test_systemd (50 s more, ipcd processes
+        # started): what they kill, these kill (session 36).
         (
             "test_promises",
+            "test_routes",
+            "test_api.RootTests",
+            "test_systemd.AdoptedPortTests",
+            "test_placing",
+            "test_backlogs",
+            "test_listener.SocketGroupTests",
+            "test_endpoints.ServerEndpointTests",
             "test_names",
             "test_rundir",
-            "test_routes",
-            "test_config",
-            "test_api",
-            "test_systemd",
+            "test_planted",
+            "test_systemd.ActivationTests.test_namedSockets",
         ),
     ),
     "config": (
@@ -275,6 +285,39 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
         "ipcd/daemons/udp/wire.py",
         None,
         ("test_udpwirebounds", "test_udpwire", "test_udpsession", "test_udp"),
+    ),
+    # The bound on 'ipcd reload' (a Clock's tests, then the control socket's).
+    "reloadgate": ("ipcd/reloadgate.py", None, ("test_reload",)),
+    # A request that left through a daemon and came back: each daemon's
+    # route loop, on a real ipcd.
+    "owndials": (
+        "ipcd/owndials.py",
+        None,
+        (
+            "test_owndials",
+            "test_tcp.RouteLoopTests",
+            "test_tls.RouteLoopTests",
+            "test_udp.RouteLoopTests",
+            "test_websocket.RouteLoopTests",
+        ),
+    ),
+    # Peers' labels, which policy matches, and a local peer's credentials,
+    # which access checks: SO_PEERCRED and SO_PEERGROUPS of real peer
+    # processes (test_peercache), the user and group databases and their
+    # cache; a remote peer's address.
+    "identity": (
+        "ipcd/identity.py",
+        None,
+        (
+            "test_owndials",
+            "test_peercache",
+            "test_lookups.LabelCacheTests",
+            "test_lookups.GroupChangeTests",
+            "test_operations",
+            "test_protocols",
+            "test_inboundcore",
+            "test_brokerpath",
+        ),
     ),
 }
 

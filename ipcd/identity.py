@@ -55,17 +55,29 @@ def credentials(sock: socket.socket | Any) -> tuple[int, int, int]:
 
 def _peer_groups_raw(sock: socket.socket | Any) -> bytes | None:
     """SO_PEERGROUPS as the kernel gives it; C{None} where it cannot."""
-    size = 64
-    while True:
-        try:
-            return sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * 4)
-        except OSError as e:
-            if e.errno == errno.ERANGE and size < _MAX_GROUPS:
-                size = _MAX_GROUPS
-                continue
-            if e.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
-                raise
-            return None
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 64 * 4)
+    except OSError as e:
+        if e.errno == errno.ERANGE:
+            # More than 64 groups: Python's getsockopt reads at most 1024
+            # bytes (it raised "buflen out of range" for a peer of 65 or more).
+            return _getsockopt_large(sock.fileno(), SO_PEERGROUPS, _MAX_GROUPS * 4)
+        if e.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+            raise
+        return None
+
+
+def _getsockopt_large(fd: int, option: int, size: int) -> bytes:
+    """C{getsockopt(fd, SOL_SOCKET, option)} into C{size} bytes, by libc."""
+    import ctypes  # only for a peer of many groups
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(size)
+    length = ctypes.c_uint32(size)  # socklen_t
+    if libc.getsockopt(fd, socket.SOL_SOCKET, option, buffer, ctypes.byref(length)):
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+    return buffer.raw[: length.value]
 
 
 def _database_groups(uid: int, gid: int) -> list[int]:

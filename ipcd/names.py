@@ -81,7 +81,7 @@ def socket_path(rundir: str, name: str) -> str:
     return os.path.join(rundir, validate_service_name(name))
 
 
-def clear_stale_socket(path: str, placing: bool = False) -> int | None:
+def clear_stale_socket(path: str) -> int | None:
     """
     Make C{path} free to bind: remove a stale socket left by a dead process,
     refuse (L{SocketInUse}) when a live process still accepts on it, and refuse
@@ -91,9 +91,6 @@ def clear_stale_socket(path: str, placing: bool = False) -> int | None:
     process's is a squatter's, live or not (a member of RUNDIR's group may
     bind one while ipcd is down, and would get every client's lookups): it
     is removed, and its owner's uid returned, for a warning; else C{None}.
-    With C{placing} (ipcd's socket is to be moved there, L{ipcd.placing}),
-    a socket at ipcd's own names is only checked, never removed: the move
-    replaces it in one step, so the name is never free for another to bind.
 
     All of it happens in the directory opened first, on the inode checked:
     a directory on the way renamed or replaced by a link meanwhile cannot
@@ -119,8 +116,6 @@ def clear_stale_socket(path: str, placing: bool = False) -> int | None:
                 _refuse_live(f"/proc/self/fd/{fd}", path)
         finally:
             os.close(fd)
-        if placing and name in OWN_NAMES:
-            return probed.st_uid if squatter else None
         try:
             now = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
@@ -320,7 +315,8 @@ def _listen_placed(
     if own:
         refuse_own_live(path)
     else:
-        clear_stale_socket(path, placing=True)
+        # Refused before anything is bound; the link's make_room checks again.
+        clear_stale_socket(path)
     try:
         placing = Placing(path, mode)
     except OSError as e:

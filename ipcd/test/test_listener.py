@@ -216,6 +216,21 @@ class SocketGroupTests(TestCase):
         capability): one line saying so and the way out, not "make RUNDIR
         writable", and nothing left in RUNDIR.
         """
+        self.check_refused()
+
+    def test_groupRefusedBoundAtTheName(self) -> None:
+        """
+        The same where ipcd binds at the name, then gives the group (a
+        Twisted without what L{ipcd.placing} needs): the socket bound is
+        closed and gone again.
+        """
+        from ipcd.compat.twisted import PREEXISTING_SOCKET
+
+        self.patch(PREEXISTING_SOCKET, "present", False)
+        self.patch(PREEXISTING_SOCKET, "said", True)  # no log line here
+        self.check_refused()
+
+    def check_refused(self) -> None:
         group = grp.getgrgid(os.getgid()).gr_name
         rundir = short_rundir(self)
         service = IPCDService(make_config(rundir, control={"group": group}), reactor)

@@ -31,7 +31,7 @@ from ipcd.names import (
     validate_service_name,
 )
 from ipcd.rundir import DEFAULT_RUNDIR, ensure_rundir, resolve_rundir, user_text
-from ipcd.test.support import stale_socket
+from ipcd.test.support import open_fds, stale_socket
 
 
 def short_tempdir(case: SynchronousTestCase) -> str:
@@ -378,6 +378,53 @@ class StaleSocketRaceTests(SynchronousTestCase):
         self.addCleanup(probe.close)
         probe.connect(self.path)  # still there, still listening
 
+    def test_movedAndLinkedTo(self) -> None:
+        """
+        The stale socket moved away and a symbolic link to it put at the
+        name: refused, and the link is not removed (only the socket checked
+        is ever removed, never a link that leads to it).
+        """
+        moved = os.path.join(self.base, "moved")
+
+        def link() -> None:
+            os.rename(self.path, moved)
+            os.symlink(moved, self.path)
+
+        self.during_probe(link)
+        error = self.assertRaises(SocketInUse, clear_stale_socket, self.path)
+        self.assertEqual(
+            str(error), f"{self.path} was replaced while checked; not removing it"
+        )
+        self.assertEqual(os.readlink(self.path), moved)
+
+
+class DescriptorTests(SynchronousTestCase):
+    """
+    Each socket cleared or checked at start (every listener's) closes what
+    it opened to look, whatever it finds there.
+    """
+
+    def test_noneKept(self) -> None:
+        rundir = short_tempdir(self)
+        stale = os.path.join(rundir, "stale")
+        live = os.path.join(rundir, "live")
+        own = os.path.join(rundir, OWN_NAMES[0])
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(server.close)
+        server.bind(live)
+        server.listen(1)
+        stale_socket(stale)
+        stale_socket(own)
+        file = os.path.join(rundir, "file")
+        open(file, "w").close()
+        before = open_fds()
+        self.assertIsNone(clear_stale_socket(stale))
+        self.assertRaises(SocketInUse, clear_stale_socket, live)
+        self.assertRaises(SocketInUse, clear_stale_socket, file)
+        names.refuse_own_live(own)
+        self.assertRaises(SocketInUse, names.refuse_own_live, live)
+        self.assertEqual(open_fds(), before)
+
 
 class ListenTests(TestCase):
     """L{listen_unix} with the real reactor."""
@@ -461,6 +508,38 @@ class ListenTests(TestCase):
         old.close()
         self.listen()
         self.assertEqual(mode_of(self.path), 0o660)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.settimeout(10)
+        client.connect(self.path)
+
+    def test_groupOfOtherDigitsRefused(self) -> None:
+        """
+        A group given by number is ASCII digits, as chgrp takes it: other
+        digits (Arabic-Indic "١٢", which int() reads as 12) name no group.
+        """
+        error = self.assertRaises(
+            ValueError,
+            listen_unix,
+            self.reactor,
+            self.path,
+            self.factory,
+            group="\u0661\u0662",
+        )
+        self.assertEqual(str(error), f"no such group '\u0661\u0662' for {self.path}")
+        self.assertFalse(os.path.lexists(self.path))
+
+    def test_staleReplacedBoundAtTheName(self) -> None:
+        """
+        Where ipcd binds at the name itself (a Twisted without what
+        L{ipcd.placing} needs), a stale socket there is removed first.
+        """
+        from ipcd.compat.twisted import PREEXISTING_SOCKET
+
+        self.patch(PREEXISTING_SOCKET, "present", False)
+        self.patch(PREEXISTING_SOCKET, "said", True)  # no log line here
+        stale_socket(self.path)
+        self.listen()
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(client.close)
         client.settimeout(10)
@@ -644,6 +723,24 @@ class HardLinkedSocketTests(TestCase):
         self.assertEqual(self.said, [])
         self.assertEqual(os.listdir(self.rundir), ["ipc"])
         self.assertUntouched(original)
+
+    def test_linkedFileTakenAtOnce(self) -> None:
+        """
+        A hard link to a file of ipcd's user (root's /etc/passwd, where
+        fs.protected_hardlinks is 0) at ipcd's name is no program's socket
+        being placed: taken out without waiting for it to go, and the file
+        it named is untouched.
+        """
+        with open(self.original, "w") as f:
+            f.write("precious")
+        os.link(self.original, self.path)
+        self.meanwhile(lambda: None)
+        self.listen()
+        self.assertEqual(self.paused, [])
+        self.assertEqual(len(self.said), 1)
+        with open(self.original) as f:
+            self.assertEqual(f.read(), "precious")
+        self.assertEqual(os.lstat(self.original).st_nlink, 1)
 
     def test_placingProgramRefused(self) -> None:
         """

@@ -78,6 +78,16 @@ class AddressTests(SynchronousTestCase):
         ):
             self.assertEqual(remote_peer(host, 9).labels, frozenset({label}))
 
+    def test_notAnAddress(self) -> None:
+        """
+        A peer's address that is no IP address (websocketd behind haproxy:
+        takes the PROXY header's text, whatever it is) is keyed and
+        labelled as given.
+        """
+        peer = remote_peer("proxied", 9)
+        self.assertEqual(peer.address, ("proxied", 9, "tcp"))
+        self.assertEqual(peer.labels, frozenset({"ip:proxied"}))
+
 
 class OwnDialsTests(SynchronousTestCase):
     def test_heldUntilDiscarded(self) -> None:
@@ -87,6 +97,23 @@ class OwnDialsTests(SynchronousTestCase):
         self.assertNotIn(("::1", 40001, "tcp"), dials)
         dials.discard(end)
         self.assertNotIn(("::1", 40000, "tcp"), dials)
+        self.assertEqual(len(dials), 0)
+
+    def test_sharedEnd(self) -> None:
+        """
+        Two dials from the same local address and port (the kernel may give
+        a connect's port again to a connect elsewhere: tcpd and tlsd both
+        dialling this ipcd): the first answered, the end is still held for
+        the other, whose request coming back here is still known as a loop;
+        let go once both are answered.
+        """
+        dials = OwnDials()
+        first = dials.add(("127.0.0.1", 40000))
+        second = dials.add(("127.0.0.1", 40000))
+        dials.discard(first)
+        self.assertIn(remote_peer("127.0.0.1", 40000).address, dials)
+        dials.discard(second)
+        self.assertNotIn(remote_peer("127.0.0.1", 40000).address, dials)
         self.assertEqual(len(dials), 0)
 
     def test_transportsApart(self) -> None:

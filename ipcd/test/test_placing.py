@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import threading
 from typing import Any
 
@@ -22,18 +23,21 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
+from ipcd import names
 from ipcd.compat.twisted import PLACED_START, PREEXISTING_SOCKET
 from ipcd.names import (
     BROKER_NAME,
     CONTROL_NAME,
     SocketInUse,
-    clear_stale_socket,
     listen_unix,
 )
 from ipcd.placing import PRIVATE_PREFIX, make_private, remove_abandoned
 from ipcd.startup import close_now
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
+    TIMEOUT,
+    assert_no_fd_leak,
+    fd_baseline,
     left_in,
     make_config,
     needs_root,
@@ -261,6 +265,86 @@ class PlacingTests(TestCase):
         probe.connect(path)
         self.assertIsNotNone(other.accept())
 
+    @inlineCallbacks
+    def test_serviceTakenOnceFree(self) -> Any:
+        """
+        A stale socket at a service's name when ipcd moves its own there,
+        and another process binding the name the moment ipcd's check has
+        removed it: refused in one line, the other's socket stays and
+        serves, and ipcd keeps no port nor descriptor of that start.
+        """
+        path = os.path.join(self.rundir, "pong")
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(other.close)
+
+        class StaleMeanwhile(Factory):
+            def doStart(self) -> None:  # noqa: N802 (Twisted's name)
+                stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                stale.bind(path)
+                stale.close()
+
+        real = names.clear_stale_socket
+
+        def then_taken(checked: str) -> Any:
+            was = os.path.lexists(checked)
+            cleared = real(checked)
+            if was:  # the stale one removed: the other is quicker
+                other.bind(checked)
+                other.listen(1)
+            return cleared
+
+        self.patch(names, "clear_stale_socket", then_taken)
+        # ipcd serves another name already: Twisted's first port holds a
+        # descriptor for good (reserved for accepts past the fd limit).
+        self.listen("ipc")
+        before = yield fd_baseline()
+        error = self.assertRaises(
+            SocketInUse,
+            listen_unix,
+            self.reactor,
+            path,
+            StaleMeanwhile.forProtocol(Protocol),
+        )
+        self.assertEqual(str(error), f"another process took {path} meanwhile")
+        self.assertEqual(sorted(os.listdir(self.rundir)), ["ipc", "pong"])
+        # No port of that start left to the reactor (on a descriptor closed,
+        # whose number the next socket opened takes).
+        readers = self.reactor.getReaders()
+        self.assertEqual([r for r in readers if getattr(r, "place", 0) == path], [])
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.connect(path)
+            other.accept()[0].close()
+        yield assert_no_fd_leak(before)
+
+    def test_outOfInodesAtTheMove(self) -> None:
+        """
+        RUNDIR's file system has no inode left when the socket, bound and
+        listening, is linked at its name (tmpfs counts each link): the start
+        fails in one error naming the path, with no port left to the
+        reactor and nothing left in RUNDIR.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("mounting a tmpfs takes root")
+        # Three inodes: RUNDIR, the private directory, the socket bound.
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "nr_inodes=3,mode=1770", "ipcd-full"]
+            + [self.rundir],
+            capture_output=True,
+            timeout=TIMEOUT,
+        )
+        if mounted.returncode != 0:
+            raise SkipTest(f"cannot mount a tmpfs: {mounted.stderr!r}")
+        self.addCleanup(
+            subprocess.run, ["umount", self.rundir], timeout=TIMEOUT, check=True
+        )
+        path = os.path.join(self.rundir, "pong")
+        error = self.assertRaises(CannotListenError, self.listen, "pong")
+        self.assertEqual(error.socketError.errno, errno.ENOSPC)
+        self.assertIn(path, str(error))
+        readers = self.reactor.getReaders()
+        self.assertEqual([r for r in readers if getattr(r, "place", 0) == path], [])
+        self.assertEqual(os.listdir(self.rundir), [])
+
     def test_ownNameTakenMeanwhile(self) -> None:
         """The same at ipcd's own name: replaced by ipcd's socket."""
         factory, _other = self.bound_meanwhile(BROKER_NAME)
@@ -302,16 +386,24 @@ class PlacingTests(TestCase):
 
     def test_ownNamesOnlyChecked(self) -> None:
         """
-        Placing, a socket at ipcd's own names is left for the move to
-        replace: the name is never free for another to bind.
+        Placing, a stale socket at ipcd's own names is left for the move to
+        replace: still there while ipcd's socket starts (after the check,
+        before the move), so the name is never free for another to bind.
         """
         path = os.path.join(self.rundir, BROKER_NAME)
         stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stale.bind(path)
         stale.close()
-        self.assertIsNone(clear_stale_socket(path, placing=True))
-        self.assertTrue(os.path.lexists(path))
-        port = self.listen(BROKER_NAME)
+        inode = os.lstat(path).st_ino
+        seen = []
+
+        class Looking(Factory):
+            def doStart(self) -> None:  # noqa: N802 (Twisted's name)
+                seen.append(os.lstat(path).st_ino)
+
+        port = listen_unix(self.reactor, path, Looking.forProtocol(Protocol))
+        self.addCleanup(close_now, port)
+        self.assertEqual(seen, [inode])
         st = os.lstat(path)
         self.assertEqual((st.st_dev, st.st_ino), port.inode)
 

@@ -359,6 +359,89 @@ class ReloadGateTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(gate.request()), {"ok": True})
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
+    def test_dueButNotYetRun(self) -> None:
+        """
+        A request that comes when the waiting reload is due, before the
+        reactor has run it (it handles I/O before timed calls), shares that
+        reload: one reload, not two back to back.
+        """
+        self.assertEqual(self.answer(self.gate.request()), 0)
+        waiting = self.gate.request()
+        self.clock.rightNow += 0.1  # due; its call not run yet
+        late = self.gate.request()
+        self.assertNoResult(late)
+        self.clock.advance(0)
+        self.assertEqual([self.answer(waiting), self.answer(late)], [1, 1])
+        self.assertEqual(self.gate.runs, 2)
+
+    def test_clockForwardDuringReload(self) -> None:
+        """
+        The wall clock set an hour forward during a reload: it is not taken
+        for an hour-long reload (nine hours' pause: every ipcd reload timed
+        out); the next runs within two seconds.
+        """
+
+        def run() -> dict[str, Any]:
+            self.clock.rightNow += 3600
+            return {"ok": True}
+
+        self.gate.run = run
+        self.successResultOf(self.gate.request())
+        self.clock.advance(1)
+        requested = self.gate.request()
+        self.assertNoResult(requested)
+        self.clock.advance(1)
+        self.successResultOf(requested)
+
+
+class DocumentedBoundTests(SynchronousTestCase):
+    """
+    ipcd's gate (its defaults) as docs/configuration.rst gives it: reloads
+    at most ten times a second, and after one that reads tlsd's CA bundle
+    (44 ms) the next 0.4 s later.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.took = 0.0
+        self.starts: list[float] = []
+
+        def run() -> dict[str, Any]:
+            self.starts.append(self.clock.seconds())
+            self.clock.rightNow += self.took
+            return {"ok": True}
+
+        self.gate = ReloadGate(run, self.clock)
+
+    def next_start(self, asked: float) -> float:
+        """
+        After a reload at 0 that took C{self.took}, when one asked at
+        C{asked} starts (the clock steps by 1 ms).
+        """
+        self.successResultOf(self.gate.request())
+        self.clock.rightNow = asked
+        requested = self.gate.request()
+        while not requested.called:
+            self.clock.advance(0.001)
+        return self.starts[-1]
+
+    def test_tenASecond(self) -> None:
+        """One asked within 0.1 s after a quick reload waits for 0.1 s."""
+        self.assertAlmostEqual(self.next_start(0.05), 0.1, delta=0.002)
+
+    def test_tenASecondCountedFromTheStart(self) -> None:
+        """
+        Each reload taking 8 ms, still ten a second: the next starts 0.1 s
+        after the last started, not 0.1 s after it ended.
+        """
+        self.took = 0.008
+        self.assertAlmostEqual(self.next_start(0.05), 0.1, delta=0.002)
+
+    def test_slowReloadPause(self) -> None:
+        """After a reload of 44 ms the next starts at 0.44 s: 0.396 s later."""
+        self.took = 0.044
+        self.assertAlmostEqual(self.next_start(0.1), 0.44, delta=0.002)
+
 
 class ReloadBoundTests(TestCase):
     @inlineCallbacks
