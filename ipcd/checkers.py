@@ -170,8 +170,9 @@ def check_server_endpoint(description: str) -> None:
         )
     try:
         kind = compat_twisted.endpoint_type(description)
-        # (haproxy:stdio: is Twisted's wrapper around stdio: no listener.)
-        listens_on = wrapped(description)[0]
+        # haproxy: Twisted's wrapper; the string it wraps is the listener
+        # (haproxy:stdio: is a wrapper around stdio: no listener).
+        listens_on, listens = wrapped(description)
     except (ValueError, IndexError) as e:
         raise Invalid(f"invalid endpoint string {description!r}: {e}") from None
     if listens_on == "stdio":
@@ -187,9 +188,7 @@ def check_server_endpoint(description: str) -> None:
             f"(known: {', '.join(known)})"
         )
     try:
-        # haproxy: Twisted's wrapper; the string it wraps is the listener.
-        kind, listens = wrapped(description)
-        port = _checked_arguments(kind, listens)
+        port = _checked_arguments(listens_on, listens)
     except (ValueError, TypeError, IndexError) as e:
         fixed = _colons_escaped(description)
         if fixed is not None:
