@@ -25,7 +25,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.daemons.tls import psk
-from ipcd.daemons.tls.handover import GuardedTLSListens, TLSFactory
 from ipcd.daemons.tls.material import (
     Material,
     MaterialError,
@@ -41,6 +40,7 @@ from ipcd.test.support import short_rundir
 from ipcd.test.test_pskfile import KEY, _pump
 from ipcd.test.test_tlsmaterial import settings
 from ipcd.test.tlssupport import TestCA
+from ipcd.tlsfactory import GuardedTLSListens, TLSFactory
 
 ALICE = {"alice": bytes.fromhex(KEY)}
 

@@ -2,7 +2,7 @@
 A TLS peer that connects and sends nothing costs no OpenSSL state: tlsd's
 listener and websocketd's C{ssl:} listener make OpenSSL's connection (and
 begin its handshake) at the peer's first byte, not at its connect
-(L{ipcd.daemons.tls.lazy}).  Its deadline and the listener's limits still
+(L{ipcd.lazytls}).  Its deadline and the listener's limits still
 run from the connect.  Real sockets, real in-process ipcd.
 """
 
@@ -20,7 +20,6 @@ from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from ipcd.daemons.tls.handover import TLSFactory
 from ipcd.daemons.tls.material import Material, ServerCreator
 from ipcd.framing import recv_exactly
 from ipcd.test.support import (
@@ -36,6 +35,7 @@ from ipcd.test.support import (
 from ipcd.test.tcpsupport import recv_eof
 from ipcd.test.tlssupport import ALICE_KEY, TestCA, secrets_file, start_tls_host
 from ipcd.test.wssupport import make_ca, start_ws_host, unverified_context
+from ipcd.tlsfactory import TLSFactory
 from ipcd.wire import encode
 
 # Under the per-peer maximum (128) three times over: none is refused.
@@ -348,7 +348,7 @@ class WebSocketSilentPeerTests(TestCase):
 
 
 class StartTests(SynchronousTestCase):
-    """L{ipcd.daemons.tls.lazy.LazyStart}'s calls before TLS starts."""
+    """L{ipcd.lazytls.LazyStart}'s calls before TLS starts."""
 
     def setUp(self) -> None:
         self.factory = TLSFactory(
