@@ -57,6 +57,7 @@ from ipcd.limits import (
 from ipcd.listener import EndpointListener
 from ipcd.listenerkeys import check_listener_key
 from ipcd.metrics import LATENCY_BUCKETS, Metrics, add_bytes
+from ipcd.tlsfactory import tls_listens
 from ipcd.wire import LOG_LINES_DROPPED
 
 # The listener's name (in the "ipcd: ready" line, and its limits').
@@ -396,7 +397,9 @@ def metrics_listener(
     unfit to listen on (a datagram socket, say).
     """
     check_listener_key(description)
-    endpoint = serverFromString(reactor, description)
+    # An ssl: one speaks tlsd's TLS: OpenSSL's connection waits for the
+    # peer's first byte (a silent peer held 47 KiB until its idle timeout).
+    endpoint = serverFromString(tls_listens(reactor, description), description)
     refuse_unfit_adopted(
         endpoint,
         f"the metrics listener {description!r}",

@@ -1,8 +1,9 @@
 """
 Twisted's TLS as ipcd speaks it, on tlsd's and websocketd's listeners and
-dials (L{TLSFactory}): what OpenSSL answers a peer that reads nothing is
-bounded (L{ipcd.owedtls}), a relay cannot half-close it, and on a server
-OpenSSL's connection waits for the peer's first byte (L{ipcd.lazytls}).  L{tls_listens} gives C{ssl:}
+dials and an C{ssl:} metrics listener (L{TLSFactory}): what OpenSSL
+answers a peer that reads nothing is bounded (L{ipcd.owedtls}), a relay
+cannot half-close it, and on a server OpenSSL's connection waits for the
+peer's first byte (L{ipcd.lazytls}).  L{tls_listens} gives C{ssl:}
 endpoint strings this TLS in place of Twisted's own.
 """
 
