@@ -8,6 +8,7 @@ run from the connect.  Real sockets, real in-process ipcd.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import socket
 import ssl
@@ -27,6 +28,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from ipcd import metricsweb
 from ipcd.daemons.tls.material import Material, ServerCreator
 from ipcd.framing import recv_exactly
+from ipcd.lazytls import LazyCreator, not_started
 from ipcd.metricsweb import MAX_CONNECTIONS_PER_PEER
 from ipcd.test.support import (
     TIMEOUT,
@@ -319,40 +321,86 @@ class HaproxyListenerTests(TestCase):
 
 class WebSocketSilentPeerTests(TestCase):
     @inlineCallbacks
-    def test_silentPeersBeginNoHandshake(self) -> Any:
-        """
-        On websocketd's C{ssl:} listener, a silent peer's OpenSSL
-        connection is made when it connects (autobahn reads it then) but
-        its handshake, and the buffers that go with it, wait for its first
-        byte; a real peer meanwhile opens its WebSocket.
-        """
+    def start(self) -> Any:
         _ca, cert, key = make_ca(short_rundir(self, "ipcd-lazy-ca-"))
         listen = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-        host = yield start_ws_host(self, listen=listen, open_handshake_timeout=60.0)
-        port = yield host.service.getServiceNamed("websocketd").listening()
-        tls = tls_factory(port)
-        handshakes = calls_to(self, Connection, "do_handshake", _one)
-        socks = yield deferToThread(connect_silent, host.port, SILENT)
+        self.host = yield start_ws_host(
+            self, listen=listen, open_handshake_timeout=60.0
+        )
+        service = self.host.service.getServiceNamed("websocketd")
+        self.tls = tls_factory((yield service.listening()))
+        self.websockets = service.listener.factory.wrappedFactory.connections
+        # Every OpenSSL connection the listener makes, and every handshake.
+        self.made = calls_to(self, LazyCreator, "make", _one)
+        self.handshakes = calls_to(self, Connection, "do_handshake", _one)
+
+    def secure_upgrade(self) -> tuple[ssl.SSLSocket, bytes]:
+        """
+        A WebSocket opened over TLS to pong (blocking): the TLS socket, and
+        what the server answered, to the end of its head.
+        """
+        raw = socket.create_connection(("127.0.0.1", self.host.port), TIMEOUT)
+        secured = unverified_context().wrap_socket(raw)
+        secured.sendall(
+            b"GET /pong HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head and (chunk := secured.recv(4096)):
+            head += chunk
+        return secured, head
+
+    @inlineCallbacks
+    def test_silentPeersHoldNoOpenSSL(self) -> Any:
+        """
+        On websocketd's C{ssl:} listener, a silent peer has no OpenSSL
+        connection of its own nor a handshake: autobahn, which reads a
+        TLS connection's handle at every connect, is given
+        L{not_started}'s (23 KiB a silent peer when it was each one's
+        own); a real peer meanwhile opens its WebSocket.
+        """
+        yield self.start()
+        socks = yield deferToThread(connect_silent, self.host.port, SILENT)
         self.addCleanup(close_all, socks)
-        yield wait_until(lambda: len(tls.protocols) >= SILENT, "the peers held")
-        self.assertEqual(handshakes, [])
-        limits = host.broker.limits_for("websocketd")
+        yield wait_until(lambda: len(self.tls.protocols) >= SILENT, "the peers held")
+        self.assertEqual((self.made, self.handshakes), ([], []))
+        limits = self.host.broker.limits_for("websocketd")
         self.assertEqual(limits.total, SILENT)
+        # What autobahn knows of them: TLS, not yet bound to a handshake.
+        for websocket in self.websockets:
+            details = websocket.transport_details
+            self.assertTrue(details.is_secure)
+            self.assertEqual(details.channel_id["tls-unique"], b"\0" * 32)
 
-        def secure_upgrade() -> bytes:
-            context = unverified_context()
-            with socket.create_connection(("127.0.0.1", host.port), TIMEOUT) as raw:
-                with context.wrap_socket(raw) as secured:
-                    secured.sendall(
-                        b"GET /pong HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                        b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                        b"Sec-WebSocket-Version: 13\r\n\r\n"
-                    )
-                    return secured.recv(12)
+        secured, head = yield deferToThread(self.secure_upgrade)
+        self.addCleanup(secured.close)
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head[:100])
+        self.assertEqual(len(self.made), 1)  # the real peer's alone
 
-        answer = yield deferToThread(secure_upgrade)
-        self.assertEqual(answer, b"HTTP/1.1 101")
+    @inlineCallbacks
+    def test_channelBindingIsTheConnections(self) -> Any:
+        """
+        Once its WebSocket opens, autobahn binds a peer to its own TLS
+        connection: the tls-unique it reads (the peer's Finished message,
+        hashed) is the one the peer sent, not L{not_started}'s nothing.
+        """
+        yield self.start()
+        secured, head = yield deferToThread(self.secure_upgrade)
+        self.addCleanup(secured.close)
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head[:100])
+        finished = secured.get_channel_binding("tls-unique")
+        self.assertIsNotNone(finished)
+        [websocket] = self.websockets
+        yield wait_until(
+            lambda: websocket.transport_details.channel_id["tls-unique"] != b"\0" * 32,
+            "autobahn to read the channel binding",
+        )
+        self.assertEqual(
+            websocket.transport_details.channel_id["tls-unique"],
+            hashlib.sha256(finished).digest(),
+        )
 
 
 def client_hello() -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
@@ -557,16 +605,29 @@ class StartTests(SynchronousTestCase):
         self.assertIsInstance(tls.getHandle(), Connection)
         self.assertTrue(transport.value().startswith(b"\x16\x03"))
 
-    def test_handleMadeEarlyIsTheOneUsed(self) -> None:
+    def test_handleBeforeTheFirstByte(self) -> None:
         """
-        A handle asked for before the first byte is made then (no
-        handshake yet), and is the one TLS goes on with.
+        Before the first byte, the handle is L{not_started} (one for all,
+        made by no creator), and tells what a connection tells before its
+        handshake: no peer's Finished message (what autobahn reads at a
+        WebSocket's connect), nor certificate; the first byte gives the
+        connection its own.
         """
-        early = self.tls.getHandle()
-        self.assertIsInstance(early, Connection)
-        self.assertIs(self.tls.getHandle(), early)
+        made = calls_to(self, self.factory.lazy_creator, "make", _one)
+        handle = self.tls.getHandle()
+        self.assertIsInstance(handle, Connection)
+        self.assertIs(handle, not_started())
+        other = self.factory.buildProtocol(None)
+        other.makeConnection(StringTransport())
+        self.assertIs(other.getHandle(), handle)
+        self.assertEqual(
+            (handle.get_peer_finished(), handle.get_peer_certificate()), (None, None)
+        )
+        self.assertEqual(made, [])
         self.tls.dataReceived(b"\x16")
-        self.assertIs(self.tls.getHandle(), early)
+        self.assertEqual(made, [1])
+        self.assertIsInstance(self.tls.getHandle(), Connection)
+        self.assertIsNot(self.tls.getHandle(), handle)
 
     def test_writeStartsTls(self) -> None:
         """What the application writes first waits for the handshake."""
