@@ -1,9 +1,10 @@
 """
 A TLS peer that connects and sends nothing costs no OpenSSL state: tlsd's
-listener and websocketd's C{ssl:} listener make OpenSSL's connection (and
-begin its handshake) at the peer's first byte, not at its connect
-(L{ipcd.lazytls}).  Its deadline and the listener's limits still
-run from the connect.  Real sockets, real in-process ipcd.
+listener, websocketd's C{ssl:} listener and an C{ssl:} metrics listener
+make OpenSSL's connection (and begin its handshake) at the peer's first
+byte, not at its connect (L{ipcd.lazytls}).  Its deadline and the
+listener's limits still run from the connect.  Real sockets, real
+in-process ipcd.
 """
 
 from __future__ import annotations
