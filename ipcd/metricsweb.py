@@ -57,6 +57,7 @@ from ipcd.limits import (
 from ipcd.listener import EndpointListener
 from ipcd.listenerkeys import check_listener_key
 from ipcd.metrics import LATENCY_BUCKETS, Metrics, add_bytes
+from ipcd.tlsfactory import tls_listens
 from ipcd.wire import LOG_LINES_DROPPED
 
 # The listener's name (in the "ipcd: ready" line, and its limits').
@@ -66,7 +67,8 @@ HINT = "use --metrics ENDPOINT with another port, or leave --metrics off"
 # What one listener serves at once (scrapers are few), and per address.
 MAX_CONNECTIONS = 16
 MAX_CONNECTIONS_PER_PEER = 4
-# Seconds a connection may stay idle (HTTP keep-alive between scrapes).
+# Seconds a connection has, from its connect, to send its request whole
+# (its TLS handshake included).
 IDLE_TIMEOUT = 60.0
 # The longest request body read (a scrape is a GET: it has none).
 MAX_BODY = 4096
@@ -250,8 +252,9 @@ class _BoundedRequest(Request):
 
 class _QuietChannel(HTTPChannel):
     """
-    An HTTP connection that serves one request, then closes, and times
-    out without a log line.
+    An HTTP connection that serves one request, which must come within
+    L{IDLE_TIMEOUT} of the connect, then closes; it times out without a
+    log line.
     """
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:  # noqa: N802 (Twisted's)
@@ -262,10 +265,17 @@ class _QuietChannel(HTTPChannel):
         request.responseHeaders.setRawHeaders(b"connection", [b"close"])
         return False
 
+    def resetTimeout(self) -> None:  # noqa: N802 (TimeoutMixin's name)
+        # twisted.web's begins the timer again at each read: a peer sending
+        # its head a byte a minute held one of the listener's 16 places for
+        # days.  The one request must come whole within IDLE_TIMEOUT of the
+        # connect (then the timer is off while it is answered).
+        pass
+
     def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin's hook)
         # twisted.web's says a line per connection, two if the peer does not
         # go: a peer's doing, as many as it likes.  After IDLE_TIMEOUT with
-        # no request, nothing is pending worth a graceful close.
+        # no whole request, nothing is pending worth a graceful close.
         self.transport.abortConnection()
 
 
@@ -396,7 +406,9 @@ def metrics_listener(
     unfit to listen on (a datagram socket, say).
     """
     check_listener_key(description)
-    endpoint = serverFromString(reactor, description)
+    # An ssl: one speaks tlsd's TLS: OpenSSL's connection waits for the
+    # peer's first byte (a silent peer held 47 KiB until its idle timeout).
+    endpoint = serverFromString(tls_listens(reactor, description), description)
     refuse_unfit_adopted(
         endpoint,
         f"the metrics listener {description!r}",

@@ -18,14 +18,13 @@ from twisted.internet.endpoints import serverFromString
 from ipcd import wire
 from ipcd.backlogs import with_backlog
 from ipcd.daemons import settings_of
-from ipcd.daemons.tls.handover import GuardedTLSListens
 from ipcd.host import IDaemonHost
 from ipcd.inbound import ControlHandshake, HandshakeFactory, Handshaking
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.listener import EndpointListener
-from ipcd.listenerkeys import wrapped
 from ipcd.relay import SocketRelays
 from ipcd.services import IPCService
+from ipcd.tlsfactory import tls_listens
 
 E = TypeVar("E")
 
@@ -140,14 +139,12 @@ def network_listener(
     """
     A listener on endpoint string C{listen} under the connection limits of
     C{name}; peers over them get C{refusal(reason)}.  An C{ssl:} one speaks
-    TLS as tlsd does (L{GuardedTLSListens}); the kernel queues
+    TLS as tlsd does (L{tls_listens}); the kernel queues
     L{ipcd.backlogs.TCP_BACKLOG} connects for it (a C{unix:} one,
     L{ipcd.backlogs.UNIX_BACKLOG}), unless C{listen} says.
     """
     limits = broker.limits_for(name)
-    reactor = broker.reactor
-    if wrapped(listen)[0] == "ssl":  # (haproxy:ssl: too)
-        reactor = GuardedTLSListens(reactor)
+    reactor = tls_listens(broker.reactor, listen)
 
     def peer_key(transport: Any) -> str:
         config = broker.config  # read per connection: reloads apply

@@ -7,6 +7,7 @@ by prometheus_client's own parser.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -347,6 +348,45 @@ class IdleTests(TestCase):
         limits = service.getServiceNamed("metrics").factory.limits
         yield wait_until(lambda: limits.total == 0, "the connections to end")
         self.assertEqual([formatEvent(e) for e in logged], [])
+
+    @inlineCallbacks
+    def test_requestComesWholeInTime(self) -> Any:
+        """
+        A request must come whole within IDLE_TIMEOUT of the connect: a
+        peer that sends its head a byte at a time, each before the idle
+        timeout, is cut at it (twisted.web's timer began again at each
+        read, so a byte a minute held one of the listener's 16 places for
+        days); the place is given back.
+        """
+        self.patch(metricsweb, "IDLE_TIMEOUT", 0.5)
+        rundir = short_rundir(self, "ipcd-metrics-")
+        config = make_config(rundir, metrics={"listen": LOOPBACK})
+        service = yield start_ipcd(self, config)
+        metrics = yield listening_port(service, "metrics")
+        limits = service.getServiceNamed("metrics").factory.limits
+
+        def trickle() -> bool:
+            """Whether the peer was cut before TIMEOUT's worth of bytes."""
+            address = ("127.0.0.1", metrics.getHost().port)
+            with socket.create_connection(address, TIMEOUT) as sock:
+                sock.sendall(b"GET /metrics HTTP/1.0\r\nX-Slow: ")
+                for _ in range(int(TIMEOUT / 0.05)):
+                    time.sleep(0.05)  # pacing: each byte well inside 0.5 s
+                    try:
+                        sock.sendall(b"x")
+                    except OSError:  # reset: cut
+                        return True
+                    if select.select([sock], [], [], 0)[0]:  # (no wait)
+                        try:
+                            if sock.recv(1) == b"":
+                                return True
+                        except OSError:  # reset: cut
+                            return True
+                return False
+
+        cut = yield deferToThread(trickle)
+        self.assertTrue(cut)
+        yield wait_until(lambda: limits.total == 0, "the peer to be let go")
 
 
 class Blocking:

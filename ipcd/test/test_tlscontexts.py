@@ -25,7 +25,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.daemons.tls import psk
-from ipcd.daemons.tls.handover import GuardedTLSListens, TLSFactory
 from ipcd.daemons.tls.material import (
     Material,
     MaterialError,
@@ -37,10 +36,12 @@ from ipcd.daemons.tls.material import (
     read_material,
     verify_error,
 )
+from ipcd.lazytls import LazyStart
 from ipcd.test.support import short_rundir
 from ipcd.test.test_pskfile import KEY, _pump
 from ipcd.test.test_tlsmaterial import settings
 from ipcd.test.tlssupport import TestCA
+from ipcd.tlsfactory import GuardedTLSListens, TLSFactory
 
 ALICE = {"alice": bytes.fromhex(KEY)}
 
@@ -157,6 +158,8 @@ def _handshaking(factory: Any) -> Connection:
     """The connection of a protocol of TLS C{factory}, its handshake begun."""
     tls = factory.buildProtocol(None)
     tls.makeConnection(StringTransport())
+    if isinstance(tls, LazyStart):  # a server's: the peer's first byte
+        tls.dataReceived(b"\x16")
     connection: Connection = tls.getHandle()
     return connection
 

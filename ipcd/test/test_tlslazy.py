@@ -1,14 +1,20 @@
 """
 A TLS peer that connects and sends nothing costs no OpenSSL state: tlsd's
-listener and websocketd's C{ssl:} listener make OpenSSL's connection (and
-begin its handshake) at the peer's first byte, not at its connect
-(L{ipcd.daemons.tls.lazy}).  Its deadline and the listener's limits still
-run from the connect.  Real sockets, real in-process ipcd.
+listener, websocketd's C{ssl:} listener and an C{ssl:} metrics listener
+make OpenSSL's connection (and begin its handshake) at the peer's first
+byte, not at its connect (L{ipcd.lazytls}).  Its deadline and the
+listener's limits still run from the connect.  Real sockets, real
+in-process ipcd.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import socket
+import ssl
+import subprocess
+import time
 from typing import Any
 
 from OpenSSL.SSL import Connection
@@ -18,11 +24,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from ipcd.daemons.tls.handover import TLSFactory
+from ipcd import metricsweb
 from ipcd.daemons.tls.material import Material, ServerCreator
 from ipcd.framing import recv_exactly
+from ipcd.lazytls import LazyCreator, not_started
+from ipcd.metricsweb import MAX_CONNECTIONS_PER_PEER
 from ipcd.test.support import (
     TIMEOUT,
     assert_no_fd_leak,
@@ -30,12 +38,15 @@ from ipcd.test.support import (
     calls_to,
     fd_baseline,
     lookup,
+    make_config,
     short_rundir,
+    start_ipcd,
     wait_until,
 )
-from ipcd.test.tcpsupport import recv_eof
+from ipcd.test.tcpsupport import abort, recv_eof
 from ipcd.test.tlssupport import ALICE_KEY, TestCA, secrets_file, start_tls_host
 from ipcd.test.wssupport import make_ca, start_ws_host, unverified_context
+from ipcd.tlsfactory import TLSFactory
 from ipcd.wire import encode
 
 # Under the per-peer maximum (128) three times over: none is refused.
@@ -311,44 +322,262 @@ class HaproxyListenerTests(TestCase):
 
 class WebSocketSilentPeerTests(TestCase):
     @inlineCallbacks
-    def test_silentPeersBeginNoHandshake(self) -> Any:
-        """
-        On websocketd's C{ssl:} listener, a silent peer's OpenSSL
-        connection is made when it connects (autobahn reads it then) but
-        its handshake, and the buffers that go with it, wait for its first
-        byte; a real peer meanwhile opens its WebSocket.
-        """
+    def start(self) -> Any:
         _ca, cert, key = make_ca(short_rundir(self, "ipcd-lazy-ca-"))
         listen = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-        host = yield start_ws_host(self, listen=listen, open_handshake_timeout=60.0)
-        port = yield host.service.getServiceNamed("websocketd").listening()
-        tls = tls_factory(port)
-        handshakes = calls_to(self, Connection, "do_handshake", _one)
-        socks = yield deferToThread(connect_silent, host.port, SILENT)
+        self.host = yield start_ws_host(
+            self, listen=listen, open_handshake_timeout=60.0
+        )
+        service = self.host.service.getServiceNamed("websocketd")
+        self.tls = tls_factory((yield service.listening()))
+        self.websockets = service.listener.factory.wrappedFactory.connections
+        # Every OpenSSL connection the listener makes, and every handshake.
+        self.made = calls_to(self, LazyCreator, "make", _one)
+        self.handshakes = calls_to(self, Connection, "do_handshake", _one)
+
+    def secure_upgrade(self) -> tuple[ssl.SSLSocket, bytes]:
+        """
+        A WebSocket opened over TLS to pong (blocking): the TLS socket, and
+        what the server answered, to the end of its head.
+        """
+        raw = socket.create_connection(("127.0.0.1", self.host.port), TIMEOUT)
+        secured = unverified_context().wrap_socket(raw)
+        secured.sendall(
+            b"GET /pong HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head and (chunk := secured.recv(4096)):
+            head += chunk
+        return secured, head
+
+    @inlineCallbacks
+    def test_silentPeersHoldNoOpenSSL(self) -> Any:
+        """
+        On websocketd's C{ssl:} listener, a silent peer has no OpenSSL
+        connection of its own nor a handshake: autobahn, which reads a
+        TLS connection's handle at every connect, is given
+        L{not_started}'s (23 KiB a silent peer when it was each one's
+        own); a real peer meanwhile opens its WebSocket.
+        """
+        yield self.start()
+        socks = yield deferToThread(connect_silent, self.host.port, SILENT)
         self.addCleanup(close_all, socks)
-        yield wait_until(lambda: len(tls.protocols) >= SILENT, "the peers held")
-        self.assertEqual(handshakes, [])
-        limits = host.broker.limits_for("websocketd")
+        yield wait_until(lambda: len(self.tls.protocols) >= SILENT, "the peers held")
+        self.assertEqual((self.made, self.handshakes), ([], []))
+        limits = self.host.broker.limits_for("websocketd")
         self.assertEqual(limits.total, SILENT)
+        # What autobahn knows of them: TLS, not yet bound to a handshake.
+        for websocket in self.websockets:
+            details = websocket.transport_details
+            self.assertTrue(details.is_secure)
+            self.assertEqual(details.channel_id["tls-unique"], b"\0" * 32)
 
-        def secure_upgrade() -> bytes:
+        secured, head = yield deferToThread(self.secure_upgrade)
+        self.addCleanup(secured.close)
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head[:100])
+        self.assertEqual(len(self.made), 1)  # the real peer's alone
+
+    @inlineCallbacks
+    def test_channelBindingIsTheConnections(self) -> Any:
+        """
+        Once its WebSocket opens, autobahn binds a peer to its own TLS
+        connection: the tls-unique it reads (the peer's Finished message,
+        hashed) is the one the peer sent, not L{not_started}'s nothing.
+        """
+        yield self.start()
+        secured, head = yield deferToThread(self.secure_upgrade)
+        self.addCleanup(secured.close)
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head[:100])
+        finished = secured.get_channel_binding("tls-unique")
+        self.assertIsNotNone(finished)
+        [websocket] = self.websockets
+        yield wait_until(
+            lambda: websocket.transport_details.channel_id["tls-unique"] != b"\0" * 32,
+            "autobahn to read the channel binding",
+        )
+        self.assertEqual(
+            websocket.transport_details.channel_id["tls-unique"],
+            hashlib.sha256(finished).digest(),
+        )
+
+
+def client_hello() -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
+    """A TLS client in memory (SNI localhost), and its ClientHello."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = unverified_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return tls, incoming, outgoing, outgoing.read()
+
+
+def scrape_hello_bytewise(port: int) -> bytes:
+    """
+    A scrape over TLS whose ClientHello goes one byte a segment (paced, so
+    that each comes in a read of its own); the answer, to the server's EOF.
+    """
+    tls, incoming, outgoing, hello = client_hello()
+    with socket.create_connection(("127.0.0.1", port), TIMEOUT) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for byte in hello:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.002)  # pacing only: nothing waits on it
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("closed in the handshake") from None
+                incoming.write(data)
+        tls.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        sock.sendall(outgoing.read())
+        answer = b""
+        while data := sock.recv(65536):  # to its close_notify (or EOF)
+            incoming.write(data)
+            try:
+                while chunk := tls.read(65536):
+                    answer += chunk
+            except ssl.SSLWantReadError:
+                continue
+            except ssl.SSLZeroReturnError:
+                pass
+            return answer  # read nothing: the close_notify
+        return answer
+
+
+def scrape_with_openssl(port: int) -> bytes:
+    """A scrape by C{openssl s_client} (the real command); what it printed."""
+    done = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-quiet"]
+        + ["-ign_eof", "-servername", "localhost"],
+        input=b"GET /metrics HTTP/1.0\r\n\r\n",
+        capture_output=True,
+        timeout=3 * TIMEOUT,
+        check=False,
+    )
+    return done.stdout
+
+
+class MetricsSilentPeerTests(TestCase):
+    """The metrics' C{ssl:} listener (L{ipcd.metricsweb}), real TLS peers."""
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        _ca, cert, key = make_ca(short_rundir(self, "ipcd-lazy-ca-"))
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        config = make_config(
+            short_rundir(self, "ipcd-lazy-metrics-"), metrics={"listen": listen}
+        )
+        service = yield start_ipcd(self, config)
+        listener = service.getServiceNamed("metrics")
+        port = yield listener.listening()
+        self.port = port.getHost().port
+        self.tls = tls_factory(port)
+        self.limits = listener.factory.limits
+        # Every OpenSSL connection made (the listener's and the tests'
+        # clients' are Python's ssl, not pyOpenSSL), and every handshake.
+        self.made = calls_to(self, Connection, "__init__", _one)
+        self.handshakes = calls_to(self, Connection, "do_handshake", _one)
+
+    @inlineCallbacks
+    def test_silentPeersHoldNoOpenSSL(self) -> Any:
+        """
+        Silent peers on the metrics' C{ssl:} listener hold no OpenSSL
+        connection and began no handshake (with Twisted's own TLS, 47 KiB
+        each), but count against its limits; a scrape meanwhile is answered.
+        """
+        yield self.start()
+        silent = MAX_CONNECTIONS_PER_PEER - 1  # room left for the scrape
+        socks = yield deferToThread(connect_silent, self.port, silent)
+        self.addCleanup(close_all, socks)
+        yield wait_until(lambda: self.limits.total == silent, "the peers held")
+        self.assertEqual((self.made, self.handshakes), ([], []))
+
+        def scrape() -> bytes:
             context = unverified_context()
-            with socket.create_connection(("127.0.0.1", host.port), TIMEOUT) as raw:
+            with socket.create_connection(("127.0.0.1", self.port), TIMEOUT) as raw:
                 with context.wrap_socket(raw) as secured:
-                    secured.sendall(
-                        b"GET /pong HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                        b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                        b"Sec-WebSocket-Version: 13\r\n\r\n"
-                    )
-                    return secured.recv(12)
+                    secured.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                    return recv_eof(secured)
 
-        answer = yield deferToThread(secure_upgrade)
-        self.assertEqual(answer, b"HTTP/1.1 101")
+        answer = yield deferToThread(scrape)
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200 "), answer[:100])
+        self.assertEqual(len(self.made), 1)  # the scrape's alone
+
+    @inlineCallbacks
+    def test_silentPeerDroppedAtTheDeadline(self) -> Any:
+        """
+        A peer that never speaks is dropped at the listener's idle timeout
+        (it bounds the TLS handshake too: none of its bytes reach HTTP), as
+        is one that sent a byte and then nothing; the first never cost an
+        OpenSSL connection.
+        """
+        self.patch(metricsweb, "IDLE_TIMEOUT", 0.5)
+        yield self.start()
+        before = yield fd_baseline()
+        silent, spoke = yield deferToThread(connect_silent, self.port, 2)
+        self.addCleanup(close_all, [silent, spoke])
+        spoke.sendall(b"\x16")
+        answers = yield deferToThread(lambda: (recv_eof(silent), recv_eof(spoke)))
+        self.assertEqual(answers, (b"", b""))
+        yield wait_until(lambda: self.limits.total == 0, "both to be let go")
+        self.assertEqual(len(self.made), 1)  # the one that spoke
+        close_all([silent, spoke])
+        yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
+    def test_hostilePeers(self) -> Any:
+        """
+        With a silent peer held: a first byte then a reset, half a
+        ClientHello then EOF, a ClientHello one byte a segment (then
+        served), C{openssl s_client} (served); then nothing is left: no
+        place under the limits, no wrapper, no descriptor.
+        """
+        if shutil.which("openssl") is None:
+            raise SkipTest("no openssl command")
+        yield self.start()
+        before = yield fd_baseline()
+        [silent] = yield deferToThread(connect_silent, self.port, 1)
+        self.addCleanup(silent.close)
+
+        def reset_after_a_byte() -> None:
+            [sock] = connect_silent(self.port, 1)
+            sock.sendall(b"\x16")
+            abort(sock)
+
+        def half_hello_then_eof() -> bytes:
+            hello = client_hello()[3]
+            [sock] = connect_silent(self.port, 1)
+            with sock:
+                sock.sendall(hello[: len(hello) // 2])
+                sock.shutdown(socket.SHUT_WR)
+                return recv_eof(sock)
+
+        yield deferToThread(reset_after_a_byte)
+        answer = yield deferToThread(half_hello_then_eof)
+        self.assertEqual(answer, b"")
+        answer = yield deferToThread(scrape_hello_bytewise, self.port)
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200 "), answer[:100])
+        answer = yield deferToThread(scrape_with_openssl, self.port)
+        self.assertIn(b"HTTP/1.0 200 ", answer[:200])
+        self.assertIn(b"ipcd_lookups_total", answer)
+        yield wait_until(lambda: self.limits.total == 1, "the others let go")
+        self.assertEqual(len(self.tls.protocols), 1)  # the silent one
+        silent.close()
+        yield wait_until(lambda: self.limits.total == 0, "the silent one let go")
+        self.assertEqual(len(self.tls.protocols), 0)
+        yield assert_no_fd_leak(before)
 
 
 class StartTests(SynchronousTestCase):
-    """L{ipcd.daemons.tls.lazy.LazyStart}'s calls before TLS starts."""
+    """L{ipcd.lazytls.LazyStart}'s calls before TLS starts."""
 
     def setUp(self) -> None:
         self.factory = TLSFactory(
@@ -377,16 +606,29 @@ class StartTests(SynchronousTestCase):
         self.assertIsInstance(tls.getHandle(), Connection)
         self.assertTrue(transport.value().startswith(b"\x16\x03"))
 
-    def test_handleMadeEarlyIsTheOneUsed(self) -> None:
+    def test_handleBeforeTheFirstByte(self) -> None:
         """
-        A handle asked for before the first byte is made then (no
-        handshake yet), and is the one TLS goes on with.
+        Before the first byte, the handle is L{not_started} (one for all,
+        made by no creator), and tells what a connection tells before its
+        handshake: no peer's Finished message (what autobahn reads at a
+        WebSocket's connect), nor certificate; the first byte gives the
+        connection its own.
         """
-        early = self.tls.getHandle()
-        self.assertIsInstance(early, Connection)
-        self.assertIs(self.tls.getHandle(), early)
+        made = calls_to(self, self.factory.lazy_creator, "make", _one)
+        handle = self.tls.getHandle()
+        self.assertIsInstance(handle, Connection)
+        self.assertIs(handle, not_started())
+        other = self.factory.buildProtocol(None)
+        other.makeConnection(StringTransport())
+        self.assertIs(other.getHandle(), handle)
+        self.assertEqual(
+            (handle.get_peer_finished(), handle.get_peer_certificate()), (None, None)
+        )
+        self.assertEqual(made, [])
         self.tls.dataReceived(b"\x16")
-        self.assertIs(self.tls.getHandle(), early)
+        self.assertEqual(made, [1])
+        self.assertIsInstance(self.tls.getHandle(), Connection)
+        self.assertIsNot(self.tls.getHandle(), handle)
 
     def test_writeStartsTls(self) -> None:
         """What the application writes first waits for the handshake."""

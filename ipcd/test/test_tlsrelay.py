@@ -18,6 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
+from ipcd import tlsfactory
 from ipcd.daemons.tls import handover
 from ipcd.daemons.tls.relay import detach
 from ipcd.test.support import assert_no_fd_leak, fd_baseline, wait_until
@@ -69,13 +70,13 @@ class SocketRelayTests(TlsTestCase):
         and buffers, about 50 KB) for the life of tlsd's listener.
         """
         made: list[weakref.ref[Any]] = []
-        register = handover.TLSFactory.registerProtocol
+        register = tlsfactory.TLSFactory.registerProtocol
 
         def registering(factory: Any, tls: Any) -> None:
             made.append(weakref.ref(tls))
             register(factory, tls)
 
-        self.patch(handover.TLSFactory, "registerProtocol", registering)
+        self.patch(tlsfactory.TLSFactory, "registerProtocol", registering)
         a, b = yield self.pong_on_engines(True, True)
         listener = b.service.getServiceNamed("tlsd").listener.factory
         self.assertEqual(list(listener.wrappedFactory.protocols), [])

@@ -43,7 +43,7 @@ from ipcd.daemons import (
 )
 from ipcd.daemons.listeners import DaemonService
 from ipcd.daemons.tls.dialer import TlsDialer, dial, refused
-from ipcd.daemons.tls.handover import TLSFactory, TlsRelayStats, relay_over
+from ipcd.daemons.tls.handover import TlsRelayStats, relay_over
 from ipcd.daemons.tls.inbound import TlsHandshakeFactory, TlsInbound
 from ipcd.daemons.tls.kswitch import kernel_tls_here
 from ipcd.daemons.tls.material import (
@@ -57,6 +57,7 @@ from ipcd.host import IDaemonHost
 from ipcd.reactors import IHostReactor
 from ipcd.relay import SocketRelays, TransportRelays
 from ipcd.routes import RemoteURI
+from ipcd.tlsfactory import TLSFactory
 
 SCHEME = "tls"
 SECTION = "tlsd"

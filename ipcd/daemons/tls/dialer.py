@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd.compat import twisted as compat_twisted
-from ipcd.daemons.tls.handover import TLSFactory, tls_summary
+from ipcd.daemons.tls.handover import tls_summary
 from ipcd.daemons.tls.inbound import why_failed
 from ipcd.daemons.tls.material import Material, client_creator, verify_error
 from ipcd.errors import Refused
@@ -23,6 +23,7 @@ from ipcd.inboundcore import MAX_HANDSHAKE, OK
 from ipcd.logs import printable
 from ipcd.owndials import OwnDials
 from ipcd.routes import host_port
+from ipcd.tlsfactory import TLSFactory
 
 
 @implementer(IHandshakeListener)

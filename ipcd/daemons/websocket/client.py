@@ -19,7 +19,6 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
-from ipcd.daemons.tls.handover import TLSFactory
 from ipcd.daemons.tls.material import MAX_MATERIAL_FILE
 from ipcd.daemons.websocket.bridge import WebSocketSide
 from ipcd.daemons.websocket.factories import (
@@ -36,6 +35,7 @@ from ipcd.reactors import IHostReactor
 from ipcd.regularfile import read_regular
 from ipcd.relay import RelayStats
 from ipcd.routes import host_port
+from ipcd.tlsfactory import TLSFactory
 
 
 class WebSocketOutbound(WebSocketSide, WebSocketClientProtocol):

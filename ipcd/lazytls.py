@@ -6,7 +6,7 @@ the handshake when the TCP connection is made: about 46 KiB a peer (the
 C{SSL} object, 17 KiB, and the handshake's buffers), held by a peer that
 connects and sends nothing until the handshake deadline drops it, 1,024
 of them per listener.  L{LazyStart} makes both when the peer's first byte
-comes, or when something asks for them first.
+comes, or when the application writes first.
 
 Everything else still happens when the TCP connection is made: the
 application protocol is connected (so its handshake deadline, the
@@ -18,9 +18,10 @@ what OpenSSL answers).  Until the first byte:
       handshake that had not begun (the application sees C{ConnectionLost});
     - C{loseConnection} aborts, as Twisted's TLS does before a handshake
       with nothing to send;
-    - C{getHandle} makes the OpenSSL connection alone, without its
-      handshake's buffers (autobahn reads it when a WebSocket connects);
-      the handshake takes that one later;
+    - C{getHandle} gives L{not_started}: one OpenSSL connection for all
+      that have not started, which never begins a handshake, so what it
+      tells is what any tells before its handshake (autobahn reads the
+      handle when a WebSocket connects: its C{get_peer_finished()}, None);
     - C{write} starts TLS at once (what is written goes after the handshake,
       as ever).
 
@@ -32,9 +33,10 @@ protocol set aside so that it is not connected twice.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
-from OpenSSL.SSL import Connection
+from OpenSSL.SSL import TLS_METHOD, Connection, Context
 from twisted.internet.interfaces import (
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
@@ -62,10 +64,7 @@ def lazy_for(context_factory: Any) -> LazyCreator | None:
 
 @implementer(IOpenSSLServerConnectionCreator)
 class LazyCreator:
-    """
-    Server connections of C{context_factory}, for L{LazyStart}: the one a
-    connection made early (for C{getHandle}) when there is one.
-    """
+    """Server connections of C{context_factory}, for L{LazyStart}."""
 
     def __init__(self, context_factory: Any) -> None:
         self.context_factory = context_factory
@@ -79,11 +78,19 @@ class LazyCreator:
         return Connection(factory.getContext(), None)
 
     def serverConnectionForTLS(self, tls: Any) -> Connection:  # noqa: N802
-        early = getattr(tls, "early_connection", None)
-        if early is not None:
-            tls.early_connection = None
-            return early
         return self.make(tls)
+
+
+@cache
+def not_started() -> Connection:
+    """
+    The handle of every L{LazyStart} whose TLS has not started: an OpenSSL
+    connection of a bare context, never given a byte nor a handshake, so
+    it has no peer, certificate, cipher or finished message, as no
+    connection has before its handshake.  One for all: autobahn reads a
+    handle as each WebSocket connects, and each peer's own cost 17 KiB.
+    """
+    return Connection(Context(TLS_METHOD), None)
 
 
 class _SetAside(Protocol):
@@ -98,7 +105,6 @@ class LazyStart(TLSMemoryBIOProtocol):
     """
 
     waiting = False  # TLS not started (yet, or ever: the connection ended first)
-    early_connection: Connection | None = None  # made for getHandle, not yet taken
 
     def makeConnection(self, transport: Any) -> None:  # noqa: N802
         # What Twisted's does, but the OpenSSL connection and its handshake.
@@ -139,13 +145,8 @@ class LazyStart(TLSMemoryBIOProtocol):
     def getHandle(self) -> Any:  # noqa: N802
         if not self.waiting:
             return super().getHandle()
-        if self.early_connection is None and self._open():
-            # As Twisted makes it, before its handshake begins.
-            connection = self.factory.lazy_creator.make(self)
-            connection.set_accept_state()
-            connection.set_app_data(self)
-            self.early_connection = connection
-        return self.early_connection
+        # None once it has ended without starting (nothing was made).
+        return not_started() if self._open() else None
 
     def getPeerCertificate(self) -> Any:  # noqa: N802
         return None if self.waiting else super().getPeerCertificate()
@@ -185,7 +186,6 @@ class LazyStart(TLSMemoryBIOProtocol):
             super().connectionLost(reason)
             return
         # Waiting for good: not connected, nothing starts TLS now.
-        self.early_connection = None
         self.connected = False
         # What Twisted's TLS says for a handshake cut before it ended.
         ProtocolWrapper.connectionLost(self, Failure(CONNECTION_LOST))
