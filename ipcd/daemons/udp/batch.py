@@ -117,17 +117,20 @@ class DatagramSender:
         # kernel refused one (a segment must fit the path's MTU).
         self.gso_below = MAX_UDP_PAYLOAD + 1
         self._to = () if address is None else (address,)
+        self.closed = False  # refused: the session has ended
 
     def write(self, datagram: bytes) -> None:
         """Send one datagram; OSError when it is lost."""
+        if self.closed:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "the session has ended")
         try:
             if self.address is None:
                 self.sock.send(datagram)
             else:
                 self.sock.sendto(datagram, self.address)
         except OSError as e:
-            if e.errno == errno.ECONNREFUSED and self.refused is not None:
-                self.refused()
+            if e.errno == errno.ECONNREFUSED:
+                self._refuse()
             raise
 
     def send(self, datagram: bytes) -> bool:
@@ -143,6 +146,8 @@ class DatagramSender:
         lost: list[bytes] = []
         i, count = 0, len(datagrams)
         while i < count:
+            if self.closed:  # refused on the way: the rest is not sent
+                return lost + datagrams[i:]
             size = len(datagrams[i])
             end = i + 1
             if self.gso and 0 < size < self.gso_below:
@@ -171,11 +176,17 @@ class DatagramSender:
             elif e.errno in _GSO_REFUSED:
                 self.gso = False
             else:
-                if e.errno == errno.ECONNREFUSED and self.refused is not None:
-                    self.refused()
+                if e.errno == errno.ECONNREFUSED:
+                    self._refuse()
                 return run
             return [datagram for datagram in run if not self.send(datagram)]
         return []
+
+    def _refuse(self) -> None:
+        if self.refused is not None:
+            # Before the call: what it does (end the session) sends nothing.
+            self.closed = True
+            self.refused()
 
 
 class BatchReader:
