@@ -36,7 +36,9 @@ def ask_destinations(sock: socket.socket) -> tuple[int, int] | None:
     Have the kernel tell, with each datagram C{sock} reads, the address it
     was sent to, if C{sock} is bound to every address (else it answers
     from its one address anyway): the (level, type) of that control
-    message, or C{None}.
+    message, or C{None}.  Safe on a socket systemd keeps for the next
+    process (unlike UDP_GRO): one that does not ask reads no control
+    message, and a datagram is one datagram all the same.
     """
     try:
         host = sock.getsockname()[0]
