@@ -340,7 +340,7 @@ def _guarded(path: str, info: os.stat_result) -> None:
 # resolved: /dev/fd, /proc/self/fd and /proc/thread-self/fd are
 # /proc/PID/fd or /proc/PID/task/TID/fd.  (bash's <(...) gives /dev/fd/63;
 # /dev/stdin is a link to /proc/self/fd/0.)
-_DESCRIPTORS = re.compile(r"/proc/\d+(/task/\d+)?/fd")
+_DESCRIPTORS = re.compile(r"/proc/[0-9]+(/task/[0-9]+)?/fd")  # (\d: any digit)
 # Links the kernel follows in one path walk (ELOOP beyond).
 _MAX_LINKS = 40
 

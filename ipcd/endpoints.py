@@ -395,6 +395,8 @@ class IPCClientParser:
 
 def _number(key: str, text: str, base: int) -> int:
     try:
+        if not text.isascii():  # int() reads '١٢' as 12, '０６００' as 0o600
+            raise ValueError(text)
         return int(text, base)
     except ValueError:
         kind = "an octal number" if base == 8 else "a number"

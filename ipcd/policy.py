@@ -104,9 +104,15 @@ def _check_peer_pattern(pattern: str, text: str, what: str = "rule") -> None:
         raise RuleError(f"{what} {text!r}: peer pattern must be '*' or KIND:VALUE")
     if kind == "ip" and not _has_glob(value):
         try:
-            ipaddress.ip_network(value, strict=False)
+            network = ipaddress.ip_network(value, strict=False)
         except ValueError:
             raise RuleError(f"{what} {text!r}: {value!r} is not an IP address or CIDR")
+        zone = getattr(network.network_address, "scope_id", None)
+        if zone is not None and not _zone_form(zone):
+            raise RuleError(
+                f"{what} {text!r}: zone {zone!r} is not an interface name "
+                "(at most 15 bytes) or index (ASCII digits)"
+            )
     elif kind == "ip" and _mapped_glob(value):
         # No label is spelled so: a deny written this way (as the log
         # prints a dual-stack listener's peer) would let that peer in.
@@ -183,9 +189,26 @@ def _same_zone(zone: str, wanted: str) -> bool:
     return index is not None and index == _zone_index(wanted)
 
 
+def _zone_form(zone: str) -> bool:
+    """
+    Whether C{zone} can name an interface: an index (up to 10 ASCII
+    digits), or a name as Linux takes one (under 16 bytes, no NUL, '/' or
+    space).  Anything else is refused with the rule: it matched nothing,
+    or raised when a peer came (a NUL, or more digits than int() reads).
+    """
+    if zone.isascii() and zone.isdigit():
+        return len(zone) <= 10
+    name = zone.encode("utf-8", "surrogateescape")
+    return (
+        len(name) < 16
+        and not any(c in zone for c in "\0/")
+        and not any(c.isspace() for c in zone)
+    )
+
+
 def _zone_index(zone: str) -> int | None:
     """The interface index of C{zone}; C{None}: no such interface (now)."""
-    if zone.isdigit():
+    if zone.isascii() and zone.isdigit():  # ('²' and '١' are names)
         return int(zone)
     try:
         return socket.if_nametoindex(zone)

@@ -44,6 +44,9 @@ from ipcd.wire import HEADER, LOG_LINES_DROPPED, encode
 TIMEOUT = 10.0
 # The repository root: twistd finds twisted/plugins/ipcd_plugin.py there.
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# ASCII digits to Arabic-Indic ones, which str.isdigit() and int() take
+# (int("١٢") is 12): never a number in what ipcd reads.
+ARABIC_INDIC = str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")
 
 
 def short_rundir(case: SynchronousTestCase, prefix: str = "ipcd-") -> str:

@@ -47,6 +47,7 @@ from ipcd.endpoints import (
 from ipcd.handoff import HandoffError, LookupRefused, adopt_into_reactor, scm_rights
 from ipcd.services.pongd import Pong
 from ipcd.test.support import (
+    ARABIC_INDIC,
     TIMEOUT,
     RunningIpcdTestCase,
     assert_no_fd_leak,
@@ -160,6 +161,21 @@ class ParserTests(SynchronousTestCase):
             ValueError, serverFromString, reactor, "ipc:pong:mode=rw"
         )
         self.assertEqual(str(error), "ipc: mode: expected an octal number, got 'rw'")
+
+    def test_numbersInAsciiDigits(self) -> None:
+        """
+        A mode or backlog in digits other than ASCII ones is refused:
+        C{int()} read C{'٦٠٠'} as 600 (mode=٠٦٠٠ was 0o600).
+        """
+        for key, value, kind in (
+            ("mode", "0600", "an octal number"),
+            ("backlog", "12", "a number"),
+        ):
+            other = value.translate(ARABIC_INDIC)
+            error = self.assertRaises(
+                ValueError, serverFromString, reactor, f"ipc:pong:{key}={other}"
+            )
+            self.assertEqual(str(error), f"ipc: {key}: expected {kind}, got {other!r}")
 
     def test_noServiceName(self) -> None:
         """

@@ -20,6 +20,7 @@ from ipcd.policy import (
     parse_rule,
     peer_matches,
 )
+from ipcd.test.support import ARABIC_INDIC
 
 ALICE = ("uid:1000", "gid:1000", "user:alice", "group:alice", "group:wheel")
 
@@ -208,6 +209,39 @@ class PeerMatchesTests(SynchronousTestCase):
         self.assertFalse(peer_matches("ip:fe80::%nosuch0/64", ["ip:fe80::1%nosuch1"]))
         # The same name, whether or not the interface is there now.
         self.assertTrue(peer_matches("ip:fe80::%nosuch0/64", ["ip:fe80::1%nosuch0"]))
+
+    def test_zoneIndexInAsciiDigits(self) -> None:
+        """
+        A zone is an index in ASCII digits only; in others (which
+        C{str.isdigit()} takes) it is a name: C{%²} raised from C{int()}
+        when a peer came, and C{%١} was index 1 (an interface named so is
+        not).
+        """
+        lo = socket.if_nametoindex("lo")
+        other = str(lo).translate(ARABIC_INDIC)
+        self.assertFalse(peer_matches(f"ip:fe80::%{other}/64", ["ip:fe80::1%lo"]))
+        self.assertFalse(peer_matches("ip:fe80::%²/64", ["ip:fe80::1%lo"]))
+        self.assertTrue(peer_matches("ip:fe80::%²/64", ["ip:fe80::1%²"]))
+        parse_rule(f"allow in * ip:fe80::%{other}/64")  # a name, if there is one
+
+    def test_zoneNoInterfaceCanHave(self) -> None:
+        """
+        A zone no interface can have is refused with the rule, in one line:
+        more digits than C{int()} reads, a NUL, or a name longer than
+        Linux's 15 bytes raised or matched nothing when a peer came.
+        """
+        for zone in ("9" * 5000, "99999999999", "a\0b", "x" * 16, "é" * 8):
+            for parse in (parse_rule, parse_grant):
+                text = f"allow in * ip:fe80::%{zone}/64"
+                if parse is parse_grant:
+                    text = f"svc ip:fe80::%{zone}/64"
+                with self.assertRaises(RuleError) as caught:
+                    parse(text)
+                self.assertIn(
+                    f"zone {zone!r} is not an interface name", str(caught.exception)
+                )
+        for zone in ("eth0", "4294967295", "x" * 15, "é" * 7):
+            parse_rule(f"allow in * ip:fe80::%{zone}/64")
 
     def test_ipv4MappedV6(self) -> None:
         """A dual-stack listener's C{::ffff:a.b.c.d} peer is an IPv4 peer."""

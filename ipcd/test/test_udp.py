@@ -28,6 +28,7 @@ from ipcd.daemons.udp.session import OUTBOX_BOUND
 from ipcd.names import listen_unix
 from ipcd.options import Options
 from ipcd.test.support import (
+    ARABIC_INDIC,
     TIMEOUT,
     RunningIpcdTestCase,
     assert_no_fd_leak,
@@ -867,6 +868,20 @@ class ConfigTests(SynchronousTestCase):
             Options().parseOptions(["--udp", "tcp:9001"])
         self.assertIn("[udpd] listen: expected a listener like", str(caught.exception))
 
+    def test_portInAsciiDigits(self) -> None:
+        """
+        A port in digits other than ASCII ones is refused when the
+        configuration loads, in one line: C{'²'} passed C{str.isdigit()}
+        and then raised from C{int()}, and C{'٩٠٠٠'} listened on 9000.
+        """
+        for listen in ("udp:²", "udp:٩٠٠٠", "udp:9000".translate(ARABIC_INDIC)):
+            with self.assertRaises(ConfigError) as caught:
+                load_config(None, {"udpd": {"listen": listen}}, {})
+            message = str(caught.exception)
+            self.assertIn("[udpd] listen: expected a listener like", message)
+            self.assertIn(repr(listen), message)
+            self.assertNotIn("\n", message)
+
     def test_systemdForms(self) -> None:
         """
         A socket systemd passes (ListenDatagram=), named as Twisted's
@@ -881,6 +896,8 @@ class ConfigTests(SynchronousTestCase):
             "systemd:index=0",
             "systemd:domain=INET:index=0:name=udpd",
             "systemd:domain=INET:index=x",
+            "systemd:domain=INET:index=²",
+            "systemd:domain=INET:index=١",  # (Twisted's int() reads it as 1)
             "systemd:domain=INET:index=",
             "systemd:domain=INET:domain=INET6:index=0",
             "systemd:domain=INET:index=0:interface=127.0.0.1",

@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd.daemons.udp import batch
@@ -24,7 +25,9 @@ from ipcd.daemons.udp.batch import (
     UDP_SEGMENT,
     BatchReader,
     DatagramSender,
+    sender_for,
 )
+from ipcd.daemons.udp.session import Session, SessionStats
 from ipcd.test.support import TIMEOUT
 from ipcd.test.udpsupport import can_forge, icmp_prohibited
 
@@ -182,6 +185,133 @@ class SenderTests(SynchronousTestCase):
                 break
         self.assertEqual(told, [True])
         self.assertTrue(lost)
+
+
+def refusal_pending(sock: socket.socket) -> socket.socket:
+    """
+    Connect C{sock} to a port nobody listens on and leave the kernel's
+    "port unreachable" pending on it (the next send fails with it), then
+    listen at that port again: the socket returned gets whatever C{sock}
+    still sends, as a service back on its port would.
+    """
+    gone = receiver()
+    address = gone.getsockname()
+    sock.connect(address)
+    gone.close()
+    sock.send(b"to nobody")
+    poller = select.poll()
+    poller.register(sock, select.POLLERR)
+    if not poller.poll(TIMEOUT * 1000):
+        raise AssertionError("the ICMP error did not come")
+    back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    back.bind(address)
+    back.settimeout(TIMEOUT)
+    return back
+
+
+def nothing_before(sock: socket.socket, marker: bytes = b"marker") -> bytes:
+    """
+    What C{sock} receives first once a marker is sent to it last: the
+    marker when nothing else came (no time to wait out).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+        other.sendto(marker, sock.getsockname())
+    return sock.recv(65536)
+
+
+class RefusedMidRunTests(SynchronousTestCase):
+    """
+    A refusal (the ICMP error of a session's peer, gone) that comes back
+    while a read's datagrams are being sent ends the session: nothing
+    more of them goes out, in runs or one by one.
+    """
+
+    def setUp(self) -> None:
+        self.sock = CountingSocket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(self.sock.close)
+        self.back = refusal_pending(self.sock)
+        self.addCleanup(self.back.close)
+        self.told: list[bool] = []
+        self.sender = DatagramSender(self.sock, refused=lambda: self.told.append(True))
+
+    def test_noRunAfterTheRefusal(self) -> None:
+        """The runs after the refused one are not sent: all are lost."""
+        sent = datagrams((3, 100), (3, 200), (3, 300))
+        self.assertEqual(self.sender.send_all(sent), sent)
+        self.assertEqual(self.told, [True])
+        self.assertEqual(nothing_before(self.back), b"marker")
+        self.assertFalse(self.sender.send(b"later"))
+        self.assertEqual(nothing_before(self.back), b"marker")
+        self.assertEqual(self.told, [True])
+
+    def test_notTheRestOfARunOneByOne(self) -> None:
+        """
+        A run refused for its size goes out one by one: a refusal of the
+        first of them loses the rest of the run (and what follows it).
+        """
+        self.sender.gso = True
+        self.sock.refuse = errno.EINVAL
+        sent = datagrams((4, 1500), (1, 10))
+        self.assertEqual(self.sender.send_all(sent), sent)
+        self.assertEqual(self.told, [True])
+        self.assertEqual(nothing_before(self.back), b"marker")
+
+
+class RefusedSessionTests(TestCase):
+    """
+    The same at a session's level, on a port of the reactor's: nothing is
+    sent for a session after it has ended.
+    """
+
+    def session(self, port: Any, sender: DatagramSender | None) -> Session:
+        session = Session(
+            b"S" * 8,
+            port.write if sender is None else sender.write,
+            SessionStats(direction="out", registry=set()),
+            Clock(),
+            idle_timeout=10.0,
+            max_datagram=1000,
+            send_all=None if sender is None else sender.send_all,
+        )
+        self.addCleanup(session.end, "test over", notify=False)
+        return session
+
+    def ended_by_refusal(self, sender: bool) -> tuple[Session, socket.socket]:
+        protocol = Collect()
+        port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        back = refusal_pending(port.getHandle())
+        self.addCleanup(back.close)
+        port.connect(*back.getsockname())  # (its socket already is)
+
+        def refused() -> None:
+            session.end("refused", notify=False)
+
+        protocol.connectionRefused = refused  # type: ignore[method-assign]
+        batched = sender_for(port, refused=refused) if sender else None
+        session = self.session(port, batched)
+        session.gather()
+        for i in range(6):  # two runs (of 3 and 3) in one read
+            session.message(b"m" * (10 + 10 * (i // 3)))
+        session.sent()
+        return session, back
+
+    def test_inRuns(self) -> None:
+        session, back = self.ended_by_refusal(sender=True)
+        self.assertTrue(session.done)
+        self.assertEqual(nothing_before(back), b"marker")
+        self.assertEqual((session.stats.sent, session.stats.dropped), (0, 6))
+
+    def test_oneByOne(self) -> None:
+        """
+        Twisted's own write (where a port has no socket of its own), which
+        tells the protocol of the refusal and raises nothing: the refused
+        datagram counts as sent, the rest as dropped.
+        """
+        session, back = self.ended_by_refusal(sender=False)
+        self.assertTrue(session.done)
+        self.assertEqual(nothing_before(back), b"marker")
+        self.assertEqual((session.stats.sent, session.stats.dropped), (1, 5))
 
 
 class OldKernelSocket(socket.socket):

@@ -407,6 +407,9 @@ class ListenTests(SynchronousTestCase):
             "udp:",
             "udp:x",
             "udp:70000",
+            "udp:²",  # str.isdigit()'s, which int() refuses (a traceback)
+            "udp:٩٠٠٠",  # Arabic-Indic digits, which int() reads as 9000
+            "udp:" + "9" * 5000,  # more digits than int() reads
             "udp:9000:interface=example.com",
             "udp:9000:backlog=5",
             9000,

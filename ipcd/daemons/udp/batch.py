@@ -32,6 +32,8 @@ from typing import Any, Protocol
 from twisted.logger import Logger
 
 from ipcd.daemons.udp import READ_SIZE
+from ipcd.daemons.udp import source as sources
+from ipcd.daemons.udp.source import NO_SOURCE, Source
 from ipcd.daemons.udp.wire import MAX_UDP_PAYLOAD
 
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
@@ -42,7 +44,8 @@ _OFFLOAD = sys.platform.startswith("linux")
 MAX_SEGMENTS = 64
 _SEGMENT_SIZE = struct.Struct("=H")  # UDP_SEGMENT's value: a u16
 _GRO_SIZE = struct.Struct("=i")  # UDP_GRO's control message: an int
-_ANCILLARY = socket.CMSG_SPACE(_GRO_SIZE.size)
+# A run's segment size, and where the datagram was sent (L{sources}).
+_ANCILLARY = socket.CMSG_SPACE(_GRO_SIZE.size) + sources.SPACE
 # What one turn of the reactor reads from one port at most (a GRO run read
 # last may pass the datagrams by the rest of that run: the kernel joins 64
 # at most, or its UDP_MAX_SEGMENTS of a local sender's): Twisted's
@@ -98,9 +101,13 @@ def gso_known(sock: socket.socket) -> bool:
 class DatagramSender:
     """
     Datagrams to one peer on C{sock}: to C{address}, or to the address it
-    is connected to (C{None}).  C{refused} is called when the kernel says
-    nobody listens there (ECONNREFUSED, on a connected socket).  Every
-    other error loses the datagram, as UDP does.
+    is connected to (C{None}); from the address C{source} names (a
+    L{sources.answer_from}), or from the one the kernel chooses.
+    C{refused} is called when the kernel says nobody listens there
+    (ECONNREFUSED, on a connected socket): it ends the session, so from
+    then on nothing more is sent, not even the rest of the datagrams being
+    sent (they are lost).  Every other error loses the datagram, as UDP
+    does.
     """
 
     def __init__(
@@ -108,26 +115,33 @@ class DatagramSender:
         sock: socket.socket,
         address: Any = None,
         refused: Callable[[], None] | None = None,
+        source: Source = NO_SOURCE,
     ) -> None:
         self.sock = sock
         self.address = address
         self.refused = refused
+        self.source = source
         self.gso = gso_known(sock)
         # Runs of segments this large or larger go out one by one: the
         # kernel refused one (a segment must fit the path's MTU).
         self.gso_below = MAX_UDP_PAYLOAD + 1
         self._to = () if address is None else (address,)
+        self.closed = False  # refused: the session has ended
 
     def write(self, datagram: bytes) -> None:
         """Send one datagram; OSError when it is lost."""
+        if self.closed:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "the session has ended")
         try:
-            if self.address is None:
+            if self.source:
+                self.sock.sendmsg([datagram], self.source, 0, *self._to)
+            elif self.address is None:
                 self.sock.send(datagram)
             else:
                 self.sock.sendto(datagram, self.address)
         except OSError as e:
-            if e.errno == errno.ECONNREFUSED and self.refused is not None:
-                self.refused()
+            if e.errno == errno.ECONNREFUSED:
+                self._refuse()
             raise
 
     def send(self, datagram: bytes) -> bool:
@@ -143,6 +157,8 @@ class DatagramSender:
         lost: list[bytes] = []
         i, count = 0, len(datagrams)
         while i < count:
+            if self.closed:  # refused on the way: the rest is not sent
+                return lost + datagrams[i:]
             size = len(datagrams[i])
             end = i + 1
             if self.gso and 0 < size < self.gso_below:
@@ -162,20 +178,25 @@ class DatagramSender:
     def _send_run(self, run: list[bytes], size: int) -> list[bytes]:
         """One sendmsg for C{run}, cut into C{size}-byte datagrams: the lost."""
         try:
-            self.sock.sendmsg(
-                run, [(SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(size))], 0, *self._to
-            )
+            segments = (SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(size))
+            self.sock.sendmsg(run, [*self.source, segments], 0, *self._to)
         except OSError as e:
             if e.errno in _SIZE_REFUSED:
                 self.gso_below = size
             elif e.errno in _GSO_REFUSED:
                 self.gso = False
             else:
-                if e.errno == errno.ECONNREFUSED and self.refused is not None:
-                    self.refused()
+                if e.errno == errno.ECONNREFUSED:
+                    self._refuse()
                 return run
             return [datagram for datagram in run if not self.send(datagram)]
         return []
+
+    def _refuse(self) -> None:
+        if self.refused is not None:
+            # Before the call: what it does (end the session) sends nothing.
+            self.closed = True
+            self.refused()
 
 
 class BatchReader:
@@ -191,7 +212,13 @@ class BatchReader:
 
     What the turn's datagrams left to write (the streams put in
     L{pending}) is written when the reading is done.
+
+    On a socket bound to every address, L{destination} is, while a
+    datagram is handed over, where it was sent (L{sources}), which
+    L{answer_from} makes the source of an answer.
     """
+
+    destination: bytes | None = None
 
     log = Logger()
 
@@ -201,6 +228,8 @@ class BatchReader:
         self.connected = connected
         self.gro = gro and enable_gro(self.sock)
         self.ipv6 = self.sock.family == socket.AF_INET6
+        # (Not on a connected socket: it sends from one address anyway.)
+        self._where = None if connected else sources.ask_destinations(self.sock)
         self.pending: list[Waiting] = []
         port.doRead = self.doRead  # IReadDescriptor's, for the reactor
 
@@ -236,6 +265,8 @@ class BatchReader:
             for level, kind, data in ancillary:
                 if level == SOL_UDP and kind == UDP_GRO:
                     segment = _GRO_SIZE.unpack_from(data)[0] or size
+                elif (level, kind) == self._where:
+                    self.destination = data
             received += size
             read = view[:size]
             if segment < size:  # a run: its datagrams, copied out first
@@ -248,6 +279,13 @@ class BatchReader:
                     protocol.datagramReceived(datagram, address)
                 except Exception:
                     self.log.failure("udpd: reading a datagram")
+
+    def answer_from(self) -> Source:
+        """The source of an answer to the datagram being handed over."""
+        where = self._where
+        if where is None:
+            return NO_SOURCE
+        return sources.answer_from(where[0], self.destination)
 
     def flush(self) -> None:
         """Send what the datagrams read left for the local streams."""
@@ -277,8 +315,11 @@ def read_in_batches(port: Any, connected: bool, gro: bool = True) -> BatchReader
 
 
 def sender_for(
-    port: Any, address: Any = None, refused: Callable[[], None] | None = None
+    port: Any,
+    address: Any = None,
+    refused: Callable[[], None] | None = None,
+    source: Source = NO_SOURCE,
 ) -> DatagramSender | None:
     """A L{DatagramSender} on C{port}'s socket; C{None} when it has none."""
     sock = _socket_of(port)
-    return None if sock is None else DatagramSender(sock, address, refused)
+    return None if sock is None else DatagramSender(sock, address, refused, source)

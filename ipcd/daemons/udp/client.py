@@ -26,6 +26,7 @@ from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
 from ipcd.identity import Peer
+from ipcd.limits import network_peer_key
 from ipcd.logs import printable
 from ipcd.routes import host_port
 from ipcd.sockets import host_addresses
@@ -145,6 +146,25 @@ async def handshake(
             timer.cancel()
 
 
+# The connection limits outbound sessions are counted in (per client: its
+# uid; per all: [limits] max_connections), as ipcd holds a UDP socket and
+# a stream for each while the client holds its end.
+OUTBOUND = "udp sessions out"
+
+
+def client_key(client: Peer, config: Any) -> str:
+    """
+    What C{client}'s sessions are counted under: its uid; a remote peer's
+    (one reaching a udp:// route through tcpd) address prefix.
+    """
+    if client.uid is not None:
+        return f"uid:{client.uid}"
+    if client.address is not None:
+        ipv4, ipv6 = config.peer_prefix_ipv4, config.peer_prefix_ipv6
+        return network_peer_key(client.address[0], ipv4, ipv6)
+    return "unknown"
+
+
 async def dial(
     broker: IDaemonHost,
     host: str,
@@ -156,59 +176,85 @@ async def dial(
 ) -> socket.socket:
     """
     Open a session with the udpd at C{host:port} for C{service}; return the
-    client's end of the socketpair whose other end is the session.
+    client's end of the socketpair whose other end is the session.  Counted
+    in L{OUTBOUND}'s limits from the start until the session ends, or a
+    client could have ipcd hold two descriptors for each session it opens
+    (with a peer of its own that answers every HELLO) until ipcd has none.
     """
-    reactor = broker.reactor
-    where = host_port(host, port)
-    family, address = (await host_addresses(reactor, host, port))[0]  # or Refused
-    nonce = secrets.token_bytes(udpwire.ID_SIZE)
-    protocol = SessionClient(nonce, service.encode("ascii"))
-    interface = "::" if family == socket.AF_INET6 else "0.0.0.0"
-    udp = reactor.listenUDP(0, protocol, interface=interface, maxPacketSize=READ_SIZE)
-    end = None
+    limits = broker.limits_for(OUTBOUND)
+    if limits.total >= limits.max_total:
+        limits.counters[f"{OUTBOUND}: refused, at the maximum"] += 1
+        raise Refused(f"too many udp sessions (at most {limits.max_total})")
+    key = client_key(client, broker.config)
+    reason = limits.admit(key)
+    if reason is not None:
+        raise Refused(reason)
+    counted = [key]
+
+    def release() -> None:
+        if counted:
+            limits.release(counted.pop())
+
     try:
-        udp.connect(address[0], address[1])
-        reader = read_in_batches(udp, connected=True)
-        # Held until answered: a udpd that is this ipcd's own decides on
-        # the HELLO then, and must not route it out again (a loop).
-        local = udp.getHost()
-        end = broker.own_dials.add((local.host, local.port), "udp")
-        try:
-            session_id = await handshake(
-                reactor, udp, protocol, settings["handshake_retry"]
-            )
-        except ConnectionRefusedError:
-            raise Refused(f"cannot reach udpd at {where}: connection refused")
-        except Refused as e:
-            raise Refused(f"udpd at {where} refused {service!r}: {e.reason}")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    except BaseException:
-        udp.stopListening()
-        raise
-    finally:
-        broker.own_dials.discard(end)
-    stats = SessionStats.of(
-        client, "out", service, route, broker.relays, daemon=SECTION
-    )
-    sender = sender_for(udp, refused=protocol.connectionRefused)
-    session = Session(
-        session_id,
-        udp.write if sender is None else sender.write,
-        stats,
-        reactor,
-        settings["idle_timeout"],
-        settings["max_datagram"],
-        lambda session: udp.stopListening(),
-        send_all=None if sender is None else sender.send_all,
-    )
-    if reader is not None:
-        session.pending = reader.pending
-    protocol.session = session
-    try:
-        start_stream(
-            reactor, ours, session, stream_factory(reactor, settings["max_datagram"])
+        reactor = broker.reactor
+        where = host_port(host, port)
+        family, address = (await host_addresses(reactor, host, port))[0]  # or Refused
+        nonce = secrets.token_bytes(udpwire.ID_SIZE)
+        protocol = SessionClient(nonce, service.encode("ascii"))
+        interface = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        udp = reactor.listenUDP(
+            0, protocol, interface=interface, maxPacketSize=READ_SIZE
         )
+        end = None
+        try:
+            udp.connect(address[0], address[1])
+            reader = read_in_batches(udp, connected=True)
+            # Held until answered: a udpd that is this ipcd's own decides on
+            # the HELLO then, and must not route it out again (a loop).
+            local = udp.getHost()
+            end = broker.own_dials.add((local.host, local.port), "udp")
+            try:
+                session_id = await handshake(
+                    reactor, udp, protocol, settings["handshake_retry"]
+                )
+            except ConnectionRefusedError:
+                raise Refused(f"cannot reach udpd at {where}: connection refused")
+            except Refused as e:
+                raise Refused(f"udpd at {where} refused {service!r}: {e.reason}")
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except BaseException:
+            udp.stopListening()
+            raise
+        finally:
+            broker.own_dials.discard(end)
+        stats = SessionStats.of(
+            client, "out", service, route, broker.relays, daemon=SECTION
+        )
+        sender = sender_for(udp, refused=protocol.connectionRefused)
+        session = Session(
+            session_id,
+            udp.write if sender is None else sender.write,
+            stats,
+            reactor,
+            settings["idle_timeout"],
+            settings["max_datagram"],
+            lambda session: (udp.stopListening(), release()),
+            send_all=None if sender is None else sender.send_all,
+        )
+        if reader is not None:
+            session.pending = reader.pending
+        protocol.session = session
+        try:
+            start_stream(
+                reactor,
+                ours,
+                session,
+                stream_factory(reactor, settings["max_datagram"]),
+            )
+        except BaseException:
+            theirs.close()
+            raise
+        return theirs
     except BaseException:
-        theirs.close()
+        release()  # (once: the session's end may have)
         raise
-    return theirs

@@ -87,7 +87,7 @@ def parse_listen(description: str) -> Listen | Adopted:
     if kind == "systemd":
         return _parse_adopted(description, rest)
     port_text, _, options = rest.partition(":")
-    if kind != "udp" or not port_text.isdigit() or int(port_text) > 65535:
+    if kind != "udp" or not _port_number(port_text):
         raise Expected(_LISTEN_FORM)
     interface = "127.0.0.1"  # loopback unless told otherwise
     if options:
@@ -99,6 +99,18 @@ def parse_listen(description: str) -> Listen | Adopted:
         except ValueError:
             raise Expected(f"{_LISTEN_FORM} (interface: an IP address)") from None
     return Listen(int(port_text), interface)
+
+
+def _ascii_digits(text: str) -> bool:
+    # Not str.isdigit alone: it takes '²' (which int() refuses) and '١٢'
+    # (which int() reads as 12, and Twisted's systemd: index with it).
+    return text.isascii() and text.isdigit()
+
+
+def _port_number(text: str) -> bool:
+    """Whether C{text} is a port number, 0 to 65535, in ASCII digits."""
+    # (Its length first: int() refuses more than 4,300 digits, raising.)
+    return _ascii_digits(text) and len(text) <= 5 and int(text) <= 65535
 
 
 def _parse_adopted(description: str, arguments: str) -> Adopted:
@@ -113,7 +125,7 @@ def _parse_adopted(description: str, arguments: str) -> Adopted:
         or len(which) != 1
         or not given.keys() <= {"domain", "index", "name"}
         or not all(value for _, _, value in pairs)
-        or ("index" in given and not given["index"].isdigit())
+        or ("index" in given and not _ascii_digits(given["index"]))
     ):
         raise Expected(
             f"{_LISTEN_FORM} (systemd: domain=INET or INET6, and index=N or name=NAME)"

@@ -28,6 +28,7 @@ from ipcd.daemons.udp import wire as udpwire
 from ipcd.daemons.udp.batch import BatchReader, sender_for
 from ipcd.daemons.udp.cookie import AddressCookies
 from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream_factory
+from ipcd.daemons.udp.source import NO_SOURCE, Source
 from ipcd.host import IDaemonHost
 from ipcd.identity import remote_peer
 from ipcd.inboundcore import InboundHandshake
@@ -68,6 +69,7 @@ class _Asking:
     """A HELLO whose service the broker is connecting."""
 
     core: InboundHandshake
+    source: Source = NO_SOURCE  # where the HELLO came to: answered from there
     pending: Deferred[Any] | None = None
 
 
@@ -129,8 +131,9 @@ class UdpServer(DatagramProtocol):
             self._drop("malformed")
             return
         if isinstance(parsed, udpwire.Hello):
-            if self._checked(parsed, address, len(datagram)):
-                self._hello(parsed, address, len(datagram))
+            source = self._source()
+            if self._checked(parsed, address, len(datagram), source):
+                self._hello(parsed, address, len(datagram), source)
         elif isinstance(parsed, udpwire.OtherVersion):
             self._other_version(parsed, address, len(datagram))
         elif isinstance(parsed, udpwire.Close):
@@ -152,16 +155,30 @@ class UdpServer(DatagramProtocol):
             return None
         return bound.session
 
-    def _answer(self, datagram: bytes, address: Any, limit: int) -> None:
+    def _source(self) -> Source:
+        """Where the datagram being read was sent: its answers' source."""
+        reader = self.reader
+        return NO_SOURCE if reader is None else reader.answer_from()
+
+    def _answer(
+        self, datagram: bytes, address: Any, limit: int, source: Source | None = None
+    ) -> None:
         # Never larger than what it answers: no amplification.
         if len(datagram) > limit:
             return
+        if source is None:
+            source = self._source()  # (answering the datagram being read)
         try:
-            self.transport.write(datagram, address)
+            if source:
+                self.transport.getHandle().sendmsg([datagram], source, 0, address)
+            else:
+                self.transport.write(datagram, address)
         except (OSError, MessageLengthError):
             self._drop("send failed")
 
-    def _checked(self, hello: udpwire.Hello, address: Any, size: int) -> bool:
+    def _checked(
+        self, hello: udpwire.Hello, address: Any, size: int, source: Source
+    ) -> bool:
         """
         Whether C{hello} carries the cookie its address was sent; if not,
         send it one (a VERIFY, smaller than the HELLO) and keep nothing: a
@@ -174,7 +191,7 @@ class UdpServer(DatagramProtocol):
             return True
         self.broker.counters["udp hellos answered with a cookie"] += 1
         cookie = cookies.issue(address, hello.nonce, hello.service)
-        self._answer(udpwire.verify(hello.nonce, cookie), address, size)
+        self._answer(udpwire.verify(hello.nonce, cookie), address, size, source)
         return False
 
     def _other_version(
@@ -187,18 +204,21 @@ class UdpServer(DatagramProtocol):
         )
         self._answer(udpwire.refusal(hello.nonce, reason, size), address, size)
 
-    def _hello(self, hello: udpwire.Hello, address: Any, size: int) -> None:
+    def _hello(
+        self, hello: udpwire.Hello, address: Any, size: int, source: Source
+    ) -> None:
         key = (address, hello.nonce)
         served = self.hellos.get(key)
         if isinstance(served, Session):  # our OK was lost: say it again
-            self._answer(udpwire.accepted(hello.nonce, served.id), address, size)
+            ok = udpwire.accepted(hello.nonce, served.id)
+            self._answer(ok, address, size, source)
             return
         if served is not None:
             return  # the broker is still connecting: the OK is on its way
         if len(self.hellos) + self.held >= self.settings()["max_sessions"]:
             self.broker.counters["udp sessions refused: too many"] += 1
             refusal = udpwire.refusal(hello.nonce, "too many sessions", size)
-            self._answer(refusal, address, size)
+            self._answer(refusal, address, size, source)
             return
         config = self.broker.config
         peer_key = network_peer_key(
@@ -206,11 +226,13 @@ class UdpServer(DatagramProtocol):
         )
         reason = self.limits.admit(peer_key)
         if reason is not None:  # one peer may not take every session
-            self._answer(udpwire.refusal(hello.nonce, reason, size), address, size)
+            refusal = udpwire.refusal(hello.nonce, reason, size)
+            self._answer(refusal, address, size, source)
             return
         self.peer_keys[key] = peer_key
         peer = remote_peer(address[0], address[1], "udp")
-        asking = _Asking(InboundHandshake(peer, HelloAnswers(hello.nonce, size)))
+        handshake = InboundHandshake(peer, HelloAnswers(hello.nonce, size))
+        asking = _Asking(handshake, source)
         self.hellos[key] = asking
         self._act(asking, key, size, asking.core.request(hello.service))
 
@@ -227,10 +249,10 @@ class UdpServer(DatagramProtocol):
                 asking.pending = d
                 d.addBoth(self._answered, asking, key, size)
             elif kind is inboundcore.Join:
-                self._session(action, asking.core, key, size)
+                self._session(action, asking, key, size)
             elif kind is inboundcore.Refuse:
                 self._forget(key)
-                self._answer(action.answer, key[0], size)
+                self._answer(action.answer, key[0], size, asking.source)
             elif kind is inboundcore.Cancel and asking.pending is not None:
                 asking.pending.cancel()
             elif kind is inboundcore.Discard:
@@ -253,12 +275,13 @@ class UdpServer(DatagramProtocol):
     def _session(
         self,
         join: inboundcore.Join,
-        handshake: InboundHandshake,
+        asking: _Asking,
         key: tuple[Any, bytes],
         size: int,
     ) -> None:
         """The service is connected: the session, then its OK."""
         address, nonce = key
+        handshake = asking.core
         session_id = secrets.token_bytes(udpwire.ID_SIZE)
         while session_id in self.sessions:  # 64 random bits: never, really
             session_id = secrets.token_bytes(udpwire.ID_SIZE)
@@ -270,7 +293,7 @@ class UdpServer(DatagramProtocol):
             self.broker.relays,
             daemon=SECTION,
         )
-        sender = sender_for(self.transport, address)
+        sender = sender_for(self.transport, address, source=asking.source)
         session = Session(
             session_id,
             (
@@ -297,7 +320,7 @@ class UdpServer(DatagramProtocol):
             )
             return  # ended: the peer's retries find nothing, then time out
         if not session.done:
-            self._answer(join.greeting(session_id), address, size)
+            self._answer(join.greeting(session_id), address, size, asking.source)
 
     def _ended(self, session: Session) -> None:
         bound = self.sessions.pop(session.id, None)

@@ -158,7 +158,15 @@ class Session:
     def _send_gathered(self, gathered: list[bytes]) -> None:
         self._last = self.clock.seconds()
         if self._send_all is None or len(gathered) == 1:
-            lost = [datagram for datagram in gathered if not self._transmit(datagram)]
+            # One by one; a refusal on the way ends the session (Twisted's
+            # write tells it without raising): the rest is lost, not sent.
+            lost = []
+            for datagram in gathered:
+                if self.done:
+                    self.stats.dropped += 1
+                    lost.append(datagram)
+                elif not self._transmit(datagram):
+                    lost.append(datagram)
         else:
             lost = self._send_all(gathered)
             self.stats.dropped += len(lost)

@@ -1,0 +1,73 @@
+"""
+Answers from the address the peer wrote to, on a listener bound to every
+address (C{0.0.0.0}, C{::}, or systemd's C{ListenDatagram=PORT}).
+
+The kernel sends a datagram from such a socket from the address its route
+to the peer prefers, which on a host of several addresses (a second
+address, IPv6's several on one interface, 127.0.0.2) need not be the one
+the peer sent to; the peer's udpd, whose socket is connected to that one,
+never sees the answer, and its handshake times out.  So the listener asks
+for each datagram's destination (C{IP_PKTINFO}, C{IPV6_RECVPKTINFO}), and
+what answers a peer (a HELLO's answer, a session's datagrams) goes out
+from that address (the same option, sent with it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+_IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, local (spec_dst), destination
+_IN6_PKTINFO = struct.Struct("=16si")  # destination, ifindex
+# What a read takes for it (the larger of the two).
+SPACE = socket.CMSG_SPACE(_IN6_PKTINFO.size)
+
+# An answer's control messages: none (the kernel chooses), or the source.
+Source = tuple[tuple[int, int, bytes], ...]
+NO_SOURCE: Source = ()
+
+
+def ask_destinations(sock: socket.socket) -> tuple[int, int] | None:
+    """
+    Have the kernel tell, with each datagram C{sock} reads, the address it
+    was sent to, if C{sock} is bound to every address (else it answers
+    from its one address anyway): the (level, type) of that control
+    message, or C{None}.  Safe on a socket systemd keeps for the next
+    process (unlike UDP_GRO): one that does not ask reads no control
+    message, and a datagram is one datagram all the same.
+    """
+    try:
+        host = sock.getsockname()[0]
+        if not ipaddress.ip_address(host.partition("%")[0]).is_unspecified:
+            return None
+        if sock.family == socket.AF_INET6:
+            # (An IPv4 peer's, on a dual-stack socket, comes as IPv4-mapped.)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            return socket.IPPROTO_IPV6, IPV6_PKTINFO
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        return socket.IPPROTO_IP, IP_PKTINFO
+    except (OSError, ValueError, IndexError):
+        return None  # not an IP socket, or no such option: as before
+
+
+def answer_from(level: int, info: bytes | None) -> Source:
+    """
+    The control message that sends an answer to a datagram from the
+    address it came to (C{info}: its C{IP_PKTINFO} or C{IPV6_PKTINFO}).
+    """
+    if info is None:
+        return NO_SOURCE
+    if level == socket.IPPROTO_IPV6:
+        address, index = _IN6_PKTINFO.unpack(info)
+        if address[0] == 0xFF:
+            return NO_SOURCE  # multicast: no address to answer from
+        if not (address[0] == 0xFE and address[1] & 0xC0 == 0x80):
+            index = 0  # the route chooses the way out; a link-local one's is its own
+        return ((level, IPV6_PKTINFO, _IN6_PKTINFO.pack(address, index)),)
+    # IPv4's local address (not the destination: a broadcast's is no source).
+    _, local, _ = _IN_PKTINFO.unpack(info)
+    return ((level, IP_PKTINFO, _IN_PKTINFO.pack(0, local, bytes(4))),)
