@@ -12,9 +12,14 @@ import re
 import subprocess
 import sys
 import tempfile
+import tomllib
+from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from ipcd.test.support import short_rundir
+from ipcd.test.test_config import CONFIG_PAGES, toml_blocks
 from ipcd.test.test_packaging import source_tree
 
 # :doc:`target` or :doc:`text <target>`; the same for :ref:.
@@ -107,3 +112,73 @@ class CrossReferenceTests(SynchronousTestCase):
                 timeout=300,
             )
         self.assertEqual(run.returncode, 0, run.stderr)
+
+
+# Files the examples name that no test machine has: a start that fails on
+# one of them, in one line, is the example's honest outcome.
+EXAMPLE_FILES = ("/etc/ipcd/",)
+
+
+class ExampleConfigsStartTests(TestCase):
+    @inlineCallbacks
+    def test_eachExampleStarts(self) -> Any:
+        """
+        Each TOML block of the docs, saved as a file, starts ipcd (the
+        C{ipcd} command's options and service tree: every daemon's check,
+        every listener listening) to its ready line, as an operator pasting
+        it would; only RUNDIR and the listeners' ports are this test's
+        (free ones, on the command line, which overrides the file).  An
+        example that names a file under /etc/ipcd stops the start in one
+        line naming it, and nothing else.
+        """
+        from twisted.internet import reactor
+
+        from ipcd.options import Options
+        from ipcd.tap import makeService
+
+        work = short_rundir(self, "ipcd-docex-")
+        started = ready = should = 0
+        for page in CONFIG_PAGES:
+            with open(os.path.join(docs_dir(), f"{page}.rst"), encoding="utf-8") as f:
+                blocks = toml_blocks(f.read())
+            for block in blocks:
+                path = os.path.join(work, f"{started}.toml")
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(block + "\n")
+                args = ["--config", path]
+                args += ["--rundir", os.path.join(work, f"run{started}")]
+                args += _free_listeners(tomllib.loads(block))
+                started += 1
+                should += not any(name in block for name in EXAMPLE_FILES)
+                where = f"docs/{page}.rst:\n{block}"
+                options = Options()
+                options.parseOptions(args)
+                try:
+                    service = makeService(options, reactor)
+                except SystemExit as e:
+                    line = str(e.code)
+                    self.assertEqual(len(line.splitlines()), 1, f"{where}\n{line}")
+                    self.assertTrue(
+                        any(name in block and name in line for name in EXAMPLE_FILES),
+                        f"{where}\n{line}",
+                    )
+                    continue
+                service.startService()
+                try:
+                    yield service.when_ready()
+                    ready += 1
+                finally:
+                    yield service.stopService()
+        self.assertGreaterEqual(started, 10)
+        self.assertEqual(ready, should)  # every one that names no such file
+
+
+def _free_listeners(config: dict) -> list[str]:
+    """Command-line listeners on free ports for what C{config} runs."""
+    args = ["--tcp", "tcp:0:interface=127.0.0.1", "--ws", "tcp:0:interface=127.0.0.1"]
+    args += ["--tls", "tcp:0:interface=127.0.0.1"]
+    if config.get("udpd", {}).get("enabled"):
+        args += ["--udp", "udp:0:interface=127.0.0.1"]
+    if "metrics" in config:
+        args += ["--metrics", "tcp:0:interface=127.0.0.1"]
+    return args
