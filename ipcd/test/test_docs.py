@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import importlib
+import inspect
 import os
 import re
 import subprocess
@@ -112,6 +114,76 @@ class CrossReferenceTests(SynchronousTestCase):
                 timeout=300,
             )
         self.assertEqual(run.returncode, 0, run.stderr)
+
+
+# ``ipcd.module.Name(a, b=1, *, c=None)``, as api.rst gives a signature.
+SIGNATURE = r"``(ipcd(?:\.\w+)+)\(([^`]*)\)``"
+
+
+def resolve(dotted: str) -> Any:
+    """The object C{dotted} names: a module, then attributes."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:]:
+            found = getattr(found, part)
+        return found
+    raise ImportError(dotted)
+
+
+def documented_default(text: str) -> tuple[bool, Any]:
+    """
+    (True, the value) for a default api.rst writes as a literal or a dotted
+    name (C{1048576}, C{None}, C{time.monotonic}); (False, None) for prose
+    (C{8 MiB}, C{...}).
+    """
+    try:
+        value = ast.literal_eval(text)
+        return value is not Ellipsis, value  # "...": said, not written
+    except (ValueError, SyntaxError):
+        pass
+    if re.fullmatch(r"[A-Za-z_]\w*(\.\w+)+", text):
+        try:
+            return True, resolve(text)
+        except (ImportError, AttributeError):
+            pass
+    return False, None
+
+
+class SignatureTests(SynchronousTestCase):
+    def test_apiSignaturesAsCoded(self) -> None:
+        """
+        Each signature docs/api.rst gives (C{``ipcd.x.Name(a, b=1)``}) names
+        parameters the code has, in its order, with the defaults it has
+        (where the doc writes a value, not prose).
+        """
+        with open(os.path.join(docs_dir(), "api.rst"), encoding="utf-8") as f:
+            text = re.sub(r"\s*\n\s*", " ", f.read())
+        checked = 0
+        for dotted, args in re.findall(SIGNATURE, text):
+            try:
+                parameters = inspect.signature(resolve(dotted)).parameters
+            except (TypeError, ValueError):
+                continue  # no signature to compare (a builtin's)
+            names = [name for name in parameters if name != "self"]
+            given = [a.strip() for a in args.split(",") if a.strip() not in ("", "*")]
+            # "files=("/etc/passwd", "/etc/group")": a comma inside a value.
+            given = [a for a in given if re.match(r"\w+(=|$)", a)]
+            where = f"{dotted}({args})"
+            order = []
+            for arg in given:
+                name, _, default = arg.partition("=")
+                self.assertIn(name, names, where)
+                order.append(names.index(name))
+                known, value = documented_default(default) if default else (0, 0)
+                if known:
+                    self.assertEqual(value, parameters[name].default, where)
+                    checked += 1
+            self.assertEqual(order, sorted(order), where)
+        self.assertGreater(checked, 20)
 
 
 # Files the examples name that no test machine has: a start that fails on
