@@ -254,3 +254,26 @@ def _free_listeners(config: dict) -> list[str]:
     if "metrics" in config:
         args += ["--metrics", "tcp:0:interface=127.0.0.1"]
     return args
+
+
+class MutationDocsTests(SynchronousTestCase):
+    def test_readmeNamesEveryMutatedModule(self) -> None:
+        """
+        README.rst's "Mutation testing" paragraph names (as C{``name``})
+        each module benchmarks/mutate.py mutates, and no other.
+        """
+        with open(os.path.join(source_tree(), "benchmarks", "mutate.py")) as f:
+            tree = ast.parse(f.read())
+        modules: set[str] = set()
+        for node in tree.body:
+            if isinstance(node, ast.AnnAssign | ast.Assign) and "MODULES" in {
+                getattr(t, "id", None)
+                for t in getattr(node, "targets", [getattr(node, "target", None)])
+            }:
+                assert isinstance(node.value, ast.Dict)
+                modules = {ast.literal_eval(k) for k in node.value.keys if k}
+        self.assertIn("routes", modules)
+        with open(os.path.join(source_tree(), "README.rst"), encoding="utf-8") as f:
+            readme = f.read()
+        paragraph = readme.split("**Mutation testing**", 1)[1].split("::\n", 1)[0]
+        self.assertEqual(set(re.findall(r"``(\w+)``", paragraph)), modules)
