@@ -68,10 +68,11 @@ def control(
     try:
         answer = request(command, rundir)
     except (OSError, ValueError, EOFError) as e:
-        path = socket_path(resolve_rundir(rundir), CONTROL_NAME)
+        directory = resolve_rundir(rundir)
+        path = socket_path(directory, CONTROL_NAME)
         print(
             f"ipcd {command}: cannot reach ipcd's control socket {path}: "
-            f"{_unreachable_why(e)}",
+            f"{_unreachable_why(e, directory)}",
             file=sys.stderr,
         )
         return 1
@@ -98,18 +99,51 @@ def control(
     return 0 if isinstance(answer, dict) and answer.get("ok", True) else 1
 
 
-def _unreachable_why(error: Exception) -> str:
+def _unreachable_why(error: Exception, rundir: str) -> str:
     """Why the control socket could not be asked, and the way out."""
     if isinstance(error, FileNotFoundError):
         return "no such socket (is ipcd running, with this --rundir?)"
     if isinstance(error, ConnectionRefusedError):
         return "nobody listens on it (ipcd is not running)"
     if isinstance(error, PermissionError):
+        closed = _unsearchable(rundir)
+        if closed is not None:
+            return closed
         return (
             "permission denied (ask as root, as ipcd's user or as a member "
             "of its [control] group)"
         )
     return str(error)
+
+
+def _unsearchable(rundir: str) -> str | None:
+    """
+    Why this user may not enter C{rundir}, with the way out; None if it may.
+    The [control] group's socket is no use to a member who cannot reach it:
+    ipcd makes RUNDIR 1770 for its own group, which the member need not be
+    in (and should not be: that group may add services).
+    """
+    import grp
+    import os
+    import stat
+
+    effective = os.access in os.supports_effective_ids
+    try:
+        if os.access(rundir, os.X_OK, effective_ids=effective):
+            return None
+        info = os.stat(rundir)
+    except OSError:
+        return None
+    try:
+        group = grp.getgrgid(info.st_gid).gr_name
+    except KeyError:
+        group = str(info.st_gid)
+    return (
+        f"permission denied: this user may not enter RUNDIR {rundir} (mode "
+        f"{stat.S_IMODE(info.st_mode):04o}, group {group}): ask as root, as "
+        f"ipcd's user or as a member of group {group}; to let ipcd's [control] "
+        f"group in, give it search permission alone: setfacl -m g:GROUP:x {rundir}"
+    )
 
 
 def _show(command: str, answer: Any, wide: bool) -> None:

@@ -9,6 +9,7 @@ docs show it.
 
 from __future__ import annotations
 
+import grp
 import io
 import json
 import os
@@ -116,21 +117,21 @@ class ControlTests(SynchronousTestCase):
             "listens on it (ipcd is not running)\n",
         )
 
-    def test_notAllowedSaysWhoMayAsk(self) -> None:
+    def ask_as_nobody(self, rundir_mode: int, socket_mode: int) -> tuple[Any, ...]:
         """
-        A user who may not connect to the control socket (0660, root's) is
-        told who may ask, not "[Errno 13] Permission denied".
+        C{ipcd status} asked by nobody of a control socket (C{socket_mode})
+        in RUNDIR (C{rundir_mode}): its exit status, output and error.
         """
         if os.geteuid() != 0:
             raise SkipTest("needs root: to ask as another user")
         nobody = pwd.getpwnam("nobody")
-        os.chmod(self.rundir, 0o755)
+        os.chmod(self.rundir, rundir_mode)
         path = os.path.join(self.rundir, "ipcd-control")
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(server.close)
         server.bind(path)
         self.addCleanup(os.unlink, path)
-        os.chmod(path, 0o660)
+        os.chmod(path, socket_mode)
         server.listen()
         asked = subprocess.run(
             [sys.executable, "-c", _STATUS_AS, str(nobody.pw_uid), self.rundir],
@@ -139,14 +140,45 @@ class ControlTests(SynchronousTestCase):
             text=True,
             timeout=120,
         )
+        return (asked.returncode, asked.stdout, asked.stderr)
+
+    def test_notAllowedSaysWhoMayAsk(self) -> None:
+        """
+        A user who may not connect to the control socket (0660, root's) is
+        told who may ask, not "[Errno 13] Permission denied".
+        """
+        path = os.path.join(self.rundir, "ipcd-control")
         self.assertEqual(
-            (asked.returncode, asked.stdout, asked.stderr),
+            self.ask_as_nobody(0o755, 0o660),
             (
                 1,
                 "",
                 f"ipcd status: cannot reach ipcd's control socket {path}: "
                 "permission denied (ask as root, as ipcd's user or as a member "
                 "of its [control] group)\n",
+            ),
+        )
+
+    def test_closedRundirSaysHowToOpenIt(self) -> None:
+        """
+        A user who may not enter RUNDIR (ipcd makes it 1770, for its own
+        group) is told so, and how to let ipcd's [control] group in, not
+        to be a member of the [control] group it may already be in.  The
+        socket (0666) would let anybody in: RUNDIR does not.
+        """
+        path = os.path.join(self.rundir, "ipcd-control")
+        group = grp.getgrgid(os.getegid()).gr_name
+        self.assertEqual(
+            self.ask_as_nobody(0o1770, 0o666),
+            (
+                1,
+                "",
+                f"ipcd status: cannot reach ipcd's control socket {path}: "
+                f"permission denied: this user may not enter RUNDIR {self.rundir} "
+                f"(mode 1770, group {group}): ask as root, as ipcd's user or as "
+                f"a member of group {group}; to let ipcd's [control] group in, "
+                f"give it search permission alone: setfacl -m g:GROUP:x "
+                f"{self.rundir}\n",
             ),
         )
 

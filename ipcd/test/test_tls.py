@@ -304,6 +304,29 @@ class ReloadSaysTests(TlsTestCase):
         )
 
 
+class ListenerTests(TlsTestCase):
+    @inlineCallbacks
+    def test_noKeysNoListenerSaysSo(self) -> Any:
+        """
+        tlsd with no certificate and no keys serves tls:// routes and
+        listens on nothing (as documented): one line says so and how to
+        make it listen; a tlsd with keys says no such thing.
+        """
+        yield self.psk_server(["allow in pong"], alice=ALICE_KEY)
+        said = [line for line in self.logged if "tlsd: no listener" in line]
+        self.assertEqual(said, [])
+        host = yield start_tls_host(self, {}, pongd=False)
+        self.assertIsNone(host.service.getServiceNamed("tlsd").listener)
+        said = [line for line in self.logged if "tlsd: no listener" in line]
+        self.assertEqual(
+            said,
+            [
+                f"tlsd: no listener on {TLS_LISTEN}: it listens once [tlsd] has "
+                "a certificate and key, or a psk_file (tls:// routes need neither)"
+            ],
+        )
+
+
 class RefusalTests(TlsTestCase):
     """
     Refused and logged, and B keeps serving with no fd growth.  B serves

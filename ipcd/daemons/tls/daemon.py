@@ -163,8 +163,20 @@ class TlsService(DaemonService):
                 settings["listen"], TLSFactory(_CurrentServer(state), False, inbound)
             )
         self.control(self.control_relays)
+        self._listen = settings["listen"]
         # tls:// routes go through this state (not a test double's, if set).
         broker.transports.setdefault(SCHEME, TlsOutbound(state))
+
+    def startService(self) -> None:  # noqa: N802 (Twisted's name)
+        super().startService()
+        if self.listener is None:
+            # Documented, but silent otherwise: an operator who gave --tls
+            # without keys would find nothing listening and no word why.
+            log.info(
+                "tlsd: no listener on {listen}: it listens once [tlsd] has a "
+                "certificate and key, or a psk_file (tls:// routes need neither)",
+                listen=self._listen,
+            )
 
     def reconfigured(self) -> None:
         """

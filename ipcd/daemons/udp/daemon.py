@@ -275,7 +275,8 @@ class UdpDaemon(ListeningDaemon):
     )
     default_listen = DEFAULT_LISTEN
     listen_doc = (
-        f"'udp:PORT[:interface=ADDRESS]' (e.g. {DEFAULT_LISTEN}), or "
+        f"'udp:PORT[:interface=ADDRESS]' (e.g. {DEFAULT_LISTEN}; "
+        "127.0.0.1 when no interface is given), or "
         "'systemd:domain=INET:name=NAME' for a socket systemd passes"
     )
     off_doc = "Do not run udpd (the default)."
