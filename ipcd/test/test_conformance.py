@@ -42,19 +42,15 @@ class AutobahnCasesTests(TestCase):
     timeout = 300
 
     @inlineCallbacks
-    def test_autobahnCases(self) -> Any:
-        """
-        Every selected case is OK, NON-STRICT or INFORMATIONAL, and every
-        closing handshake OK or INFORMATIONAL.
-        """
-        command = kosoku_command()
-        host = yield start_ws_host(self)
+    def _kosoku(
+        self, command: list[str], url: str, cases: list[str], parallel: int
+    ) -> Any:
+        """Run kosoku on C{cases}; its per-case results, and its own output."""
         reports = self.mktemp()
-        selection = [arg for case in CASES for arg in ("-i", case)]
-        url = f"ws://127.0.0.1:{host.port}/pong"
+        selection = [arg for case in cases for arg in ("-i", case)]
         result = yield deferToThread(
             subprocess.run,
-            [*command, url, *selection, "-p", "2", "-o", reports],
+            [*command, url, *selection, "-p", str(parallel), "-o", reports],
             capture_output=True,
             timeout=240,
             env=python_env(),
@@ -64,7 +60,32 @@ class AutobahnCasesTests(TestCase):
         output = (result.stdout + result.stderr).decode("utf-8", "replace")
         self.assertTrue(os.path.exists(index), output)
         with open(index) as f:
-            [cases] = json.load(f).values()
+            [results] = json.load(f).values()
+        return results, result.returncode, output
+
+    @inlineCallbacks
+    def test_autobahnCases(self) -> Any:
+        """
+        Every selected case is OK, NON-STRICT or INFORMATIONAL, and every
+        closing handshake OK or INFORMATIONAL.
+        """
+        command = kosoku_command()
+        host = yield start_ws_host(self)
+        url = f"ws://127.0.0.1:{host.port}/pong"
+        cases, returncode, output = yield self._kosoku(command, url, CASES, 2)
+        # The whole selection ran (kosoku 0.1.0: 250 cases).
+        self.assertGreaterEqual(len(cases), 250, output)
+        # "FAILED BY CLIENT" is kosoku giving up waiting (its case timeouts
+        # are fixed): on a loaded machine a case can run out of time.  Such
+        # cases run once more, alone; any other failure stands as it is.
+        waited = sorted(
+            name
+            for name, case in cases.items()
+            if case["behaviorClose"] == "FAILED BY CLIENT"
+        )
+        if waited:
+            again, returncode, output = yield self._kosoku(command, url, waited, 1)
+            cases.update(again)
         behaviors = Counter(case["behavior"] for case in cases.values())
         closes = Counter(case["behaviorClose"] for case in cases.values())
         failing = {
@@ -73,7 +94,5 @@ class AutobahnCasesTests(TestCase):
             if case["behavior"] not in PASSING
             or case["behaviorClose"] not in CLOSE_PASSING
         }
-        self.assertEqual(failing, {}, f"{behaviors} {closes}")
-        # The whole selection ran (kosoku 0.1.0: 250 cases).
-        self.assertGreaterEqual(len(cases), 250, f"{behaviors} {closes}")
-        self.assertEqual(result.returncode, 0, output)
+        self.assertEqual(failing, {}, f"{behaviors} {closes} run again: {waited}")
+        self.assertEqual(returncode, 0, output)
