@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 from twisted.application.service import IServiceCollection, MultiService
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import serverFromString
 
 from ipcd import wire
 from ipcd.backlogs import with_backlog
@@ -24,7 +23,9 @@ from ipcd.inbound import ControlHandshake, HandshakeFactory, Handshaking
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.listener import EndpointListener
 from ipcd.listenerkeys import wrapped
+from ipcd.proxied import proxied_endpoint
 from ipcd.relay import SocketRelays
+from ipcd.routes import host_port
 from ipcd.services import IPCService
 
 E = TypeVar("E")
@@ -142,7 +143,9 @@ def network_listener(
     C{name}; peers over them get C{refusal(reason)}.  An C{ssl:} one speaks
     TLS as tlsd does (L{GuardedTLSListens}); the kernel queues
     L{ipcd.backlogs.TCP_BACKLOG} connects for it (a C{unix:} one,
-    L{ipcd.backlogs.UNIX_BACKLOG}), unless C{listen} says.
+    L{ipcd.backlogs.UNIX_BACKLOG}), unless C{listen} says.  Behind
+    C{haproxy:}, ipcd reads the PROXY headers (L{ipcd.proxied}): a bad one
+    is a refusal, counted and logged as the limits' are.
     """
     limits = broker.limits_for(name)
     reactor = broker.reactor
@@ -155,11 +158,28 @@ def network_listener(
             transport.getPeer(), config.peer_prefix_ipv4, config.peer_prefix_ipv6
         )
 
+    def bad_header(proxy: Any, why: str) -> None:
+        # A refusal as the limits' are: counted, logged at their rate.
+        limits.counters[f"{name}: refused, bad PROXY header"] += 1
+        limits.log.warn(
+            "{listener}: refusing {proxy}: bad PROXY header: {why}",
+            listener=name,
+            proxy=_shown(proxy),
+            why=why,
+        )
+
+    endpoint = proxied_endpoint(reactor, with_backlog(listen), bad_header)
     return EndpointListener(
-        LimitedEndpoint(serverFromString(reactor, with_backlog(listen)), limits),
+        LimitedEndpoint(endpoint, limits),
         LimitedFactory(factory, limits, peer_key, refusal),
         listen,
     )
+
+
+def _shown(address: Any) -> str:
+    """A listener's peer, for a log line (a UNIX socket's has no host)."""
+    host = getattr(address, "host", None)
+    return "a UNIX socket's peer" if host is None else host_port(host, address.port)
 
 
 def control_socket(

@@ -9,6 +9,7 @@ run from the connect.  Real sockets, real in-process ipcd.
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any
 
 from OpenSSL.SSL import Connection
@@ -29,11 +30,12 @@ from ipcd.test.support import (
     bounce,
     calls_to,
     fd_baseline,
+    logged_lines,
     lookup,
     short_rundir,
     wait_until,
 )
-from ipcd.test.tcpsupport import recv_eof
+from ipcd.test.tcpsupport import BAD_PROXY_HEADERS, first_bytes, recv_eof
 from ipcd.test.tlssupport import ALICE_KEY, TestCA, secrets_file, start_tls_host
 from ipcd.test.wssupport import make_ca, start_ws_host, unverified_context
 from ipcd.wire import encode
@@ -282,6 +284,41 @@ class HaproxyListenerTests(TestCase):
         limits = b.broker.limits_for("tlsd")
         yield wait_until(lambda: limits.total == 1, "the others to be let go")
         self.assertEqual(dict(limits.per_peer), {"ip:127.0.0.1/32": 1})
+
+    @inlineCallbacks
+    def test_badHeaderRefused(self) -> Any:
+        """
+        tlsd behind C{haproxy:tcp:}: a PROXY header that names no plain
+        IP address of its family, or a port that is none, is refused
+        before TLS (no OpenSSL connection made): the connection cut,
+        counted and said in one line each (no failed TLS handshake said
+        besides).  Twisted's wrapper let C{evil} and C{%lo} in as the
+        peer's address, and the port C{x} out as a traceback.
+        """
+        b = yield self.start_host("allow in pong ip:*")
+        made = calls_to(self, ServerCreator, "serverConnectionForTLS", _one)
+        lines = logged_lines(self)
+        headers = BAD_PROXY_HEADERS[:1] + BAD_PROXY_HEADERS[3:6]
+        for header in headers:
+            hello = unverified_context().wrap_bio(
+                ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="x"
+            )
+            with self.assertRaises(ssl.SSLWantReadError):
+                hello.do_handshake()
+            answer = yield deferToThread(first_bytes, b.port, header + outgoing.read())
+            self.assertEqual(answer, b"", header)
+        counter = "tlsd: refused, bad PROXY header"
+        yield wait_until(
+            lambda: b.broker.counters[counter] == len(headers), "all counted"
+        )
+        limits = b.broker.limits_for("tlsd")
+        yield wait_until(lambda: limits.total == 0, "the refused let go")
+        said = [line for line in lines if "tlsd" in line or "TLS" in line]
+        self.assertEqual(len(said), len(headers), "\n".join(said))
+        self.assertTrue(all("bad PROXY header" in line for line in said), said)
+        self.assertEqual(made, [])
+        answer = yield deferToThread(proxied_pong, b.port, "192.0.2.1")
+        self.assertEqual(answer, encode(b"ok") + encode(b"over tls"))
 
     @inlineCallbacks
     def test_certificateLabelsKept(self) -> Any:
