@@ -9,7 +9,8 @@ single spaces, addresses in the text C{inet_pton} takes for the family
 the line announces (C{TCP4}: dotted decimal without leading zeros; C{TCP6}:
 no zone, no IPv4 text) and ports of 0 to 65535 without leading zeros; a
 version 2 block of the version and command, family and transport the
-specification defines, long enough for its addresses.  Anything else is a
+specification defines, long enough for its addresses, and at most
+L{V2_MAX} bytes in all.  Anything else is a
 L{BadHeader}: the connection is refused, never labelled.
 
 Twisted's own parser took any text as the address (C{ip:evil}, a zone,
@@ -29,6 +30,10 @@ V1_PREFIX = b"PROXY"
 V1_MAX = 107  # the longest line, its CRLF included
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V2_FIXED = 16  # signature, version and command, family, length
+# The longest version 2 header taken, TLVs included: what a peer holds
+# while it handshakes stays about 4 KiB (its length field allows 64 KiB,
+# which Twisted's reader held; a proxy's TLVs take a few hundred bytes).
+V2_MAX = 4096
 
 # Version 2's address families: (socket family, address block length).
 _V2_INET = {0x1: (socket.AF_INET, 12), 0x2: (socket.AF_INET6, 36)}
@@ -97,6 +102,8 @@ class HeaderReader:
         if buffer[:12] != V2_SIGNATURE:
             raise BadHeader("no PROXY header")
         end = _V2_FIXED + int.from_bytes(buffer[14:16], "big")
+        if end > V2_MAX:
+            raise BadHeader(f"a version 2 header of {end} bytes (at most {V2_MAX})")
         if len(buffer) < end:
             return None
         source, destination = parse_v2(bytes(buffer[:end]))

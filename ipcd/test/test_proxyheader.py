@@ -219,6 +219,22 @@ class VersionTwoTests(SynchronousTestCase):
                 read(data)
             self.assertEqual(str(caught.exception), why)
 
+    def test_long(self) -> None:
+        """
+        A header of more than 4 KiB (its TLVs) is refused as soon as its
+        length says so: Twisted's reader held up to 64 KiB a connection.
+        """
+        inet = bytes([192, 0, 2, 1, 198, 51, 100, 2]) + b"\x00\x01\x00\x02"
+        whole = v2(1, 0x11, inet + bytes(4096 - 16 - len(inet)))
+        self.assertEqual(
+            read(whole), Header(("192.0.2.1", 1), ("198.51.100.2", 2), b"")
+        )
+        with self.assertRaises(BadHeader) as caught:
+            read(v2(1, 0x11, inet, length=4096 - 16 + 1))
+        self.assertEqual(
+            str(caught.exception), "a version 2 header of 4097 bytes (at most 4096)"
+        )
+
     def test_waitsForTheWholeBlock(self) -> None:
         """The header is whole at 16 bytes plus its length, however it comes."""
         inet = bytes([192, 0, 2, 1, 198, 51, 100, 2]) + b"\x00\x01\x00\x02"
