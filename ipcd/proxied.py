@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from ipcd.listenerkeys import unwrapped
 from ipcd.proxyheader import BadHeader, HeaderReader
+from ipcd.routes import host_port
 
 # What a listener does with a refused header: (the proxy's address, why).
 Refused = Callable[[Any, str], None]
@@ -119,6 +120,32 @@ class ProxiedEndpoint:
 
     def listen(self, factory: Any) -> Any:
         return self._endpoint.listen(ProxyHeaderFactory(factory, self._refused))
+
+
+def counted_refusals(limits: Any) -> Refused:
+    """
+    What a listener under C{limits} (a L{ipcd.limits.ConnectionLimits})
+    does with a refused header: as with its limits' refusals, counted
+    (C{NAME: refused, bad PROXY header}) and logged at their rate.
+    """
+    name = limits.name
+
+    def refused(proxy: Any, why: str) -> None:
+        limits.counters[f"{name}: refused, bad PROXY header"] += 1
+        limits.log.warn(
+            "{listener}: refusing {proxy}: bad PROXY header: {why}",
+            listener=name,
+            proxy=_shown(proxy),
+            why=why,
+        )
+
+    return refused
+
+
+def _shown(address: Any) -> str:
+    """A listener's peer, for a log line (a UNIX socket's has no host)."""
+    host = getattr(address, "host", None)
+    return "a UNIX socket's peer" if host is None else host_port(host, address.port)
 
 
 def proxied_endpoint(

@@ -23,9 +23,8 @@ from ipcd.inbound import ControlHandshake, HandshakeFactory, Handshaking
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.listener import EndpointListener
 from ipcd.listenerkeys import wrapped
-from ipcd.proxied import proxied_endpoint
+from ipcd.proxied import counted_refusals, proxied_endpoint
 from ipcd.relay import SocketRelays
-from ipcd.routes import host_port
 from ipcd.services import IPCService
 
 E = TypeVar("E")
@@ -158,28 +157,13 @@ def network_listener(
             transport.getPeer(), config.peer_prefix_ipv4, config.peer_prefix_ipv6
         )
 
-    def bad_header(proxy: Any, why: str) -> None:
-        # A refusal as the limits' are: counted, logged at their rate.
-        limits.counters[f"{name}: refused, bad PROXY header"] += 1
-        limits.log.warn(
-            "{listener}: refusing {proxy}: bad PROXY header: {why}",
-            listener=name,
-            proxy=_shown(proxy),
-            why=why,
-        )
-
-    endpoint = proxied_endpoint(reactor, with_backlog(listen), bad_header)
+    refused = counted_refusals(limits)
+    endpoint = proxied_endpoint(reactor, with_backlog(listen), refused)
     return EndpointListener(
         LimitedEndpoint(endpoint, limits),
         LimitedFactory(factory, limits, peer_key, refusal),
         listen,
     )
-
-
-def _shown(address: Any) -> str:
-    """A listener's peer, for a log line (a UNIX socket's has no host)."""
-    host = getattr(address, "host", None)
-    return "a UNIX socket's peer" if host is None else host_port(host, address.port)
 
 
 def control_socket(
