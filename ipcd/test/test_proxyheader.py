@@ -5,6 +5,10 @@ reads them (its doc/proxy-protocol.txt), the rest refused with a reason.
 
 from __future__ import annotations
 
+import socket
+
+import hypothesis
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.proxyheader import V2_SIGNATURE, BadHeader, Header, HeaderReader
@@ -25,6 +29,53 @@ def v2_tcp6(source: bytes, destination: bytes, sport: int, dport: int) -> bytes:
 
 def read(data: bytes) -> Header | None:
     return HeaderReader().feed(data)
+
+
+# Headers and near-headers: v1 lines of fields good and bad, v2 blocks of
+# any version, command, family and bytes, and any bytes at all.
+_FIELD = st.one_of(
+    st.sampled_from(
+        [b"10.0.0.1", b"::1", b"::ffff:1.2.3.4", b"fe80::1%eth0", b"010.0.0.1"]
+        + [b"0", b"65535", b"65536", b"080", b"-1", b"x", b"", b"\xff", b"\x00"]
+    ),
+    st.binary(max_size=6),
+)
+_V1 = st.tuples(
+    st.sampled_from([b"TCP4", b"TCP6", b"UNKNOWN", b"TCP5"]),
+    st.lists(_FIELD, min_size=3, max_size=5),
+).map(lambda t: b" ".join([b"PROXY", t[0], *t[1]]) + b"\r\n")
+_V2 = st.tuples(st.integers(0, 255), st.integers(0, 255), st.binary(max_size=60)).map(
+    lambda t: V2_SIGNATURE + bytes(t[:2]) + len(t[2]).to_bytes(2, "big") + t[2]
+)
+_DATA = st.tuples(st.one_of(_V1, _V2, st.binary(max_size=40)), st.binary(max_size=8))
+
+
+class NoOtherErrorTests(SynchronousTestCase):
+    @hypothesis.settings(max_examples=500, deadline=None)
+    @hypothesis.given(_DATA, st.integers(1, 16))
+    def test_anyBytesAnyPieces(self, data: tuple[bytes, bytes], piece: int) -> None:
+        """
+        Whatever bytes come, in whatever pieces: more wanted (None), a
+        header, or a BadHeader, never another error (Twisted's let a
+        ValueError or UnicodeDecodeError out of its v1 parser); a header's
+        addresses are as inet_ntop writes them.
+        """
+        whole = data[0] + data[1]
+        reader = HeaderReader()
+        header = None
+        try:
+            for i in range(0, len(whole), piece):
+                header = reader.feed(whole[i : i + piece])
+                if header is not None:
+                    break
+        except BadHeader:
+            return
+        for end in (header.source, header.destination) if header else ():
+            if end is not None:
+                family = socket.AF_INET6 if ":" in end[0] else socket.AF_INET
+                text = socket.inet_ntop(family, socket.inet_pton(family, end[0]))
+                self.assertEqual(end[0], text)
+                self.assertTrue(0 <= end[1] <= 65535)
 
 
 class VersionOneTests(SynchronousTestCase):
