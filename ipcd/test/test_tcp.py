@@ -261,8 +261,9 @@ class WrappersLetGoTests(TestCase):
         Once a relay has taken a connection's socket, every protocol
         wrapper above it leaves its factory, as its connectionLost (which
         never comes now) would have made it: on a C{haproxy:} listener,
-        Twisted's PROXY-header wrapper kept every relayed connection, with
-        its transport, for good (about 3 KB each, measured).
+        the PROXY-header wrapper (Twisted's then, ipcd's now) kept every
+        relayed connection, with its transport, for good (about 3 KB each,
+        measured).
         """
         made: list[weakref.ref[Any]] = []
         register = WrappingFactory.registerProtocol
@@ -330,8 +331,8 @@ class ProxiedPeerTests(TestCase):
     def test_headerNamingNoAddress(self) -> Any:
         """
         A PROXY v2 header naming a UNIX socket (no ip: address) leaves
-        the proxy's own address: Twisted's wrapper's getPeer() says the
-        UNIX address, which has no host.
+        the proxy's own address (Twisted's wrapper's getPeer() said the
+        UNIX address, which has no host: tcpd's handshake crashed).
         """
         b = yield start_host(
             self,

@@ -964,7 +964,7 @@ class SecureRouteTests(TestCase):
     def test_proxiedPeersAddress(self) -> Any:
         """
         Behind haproxy:ssl:, as behind haproxy:tcp:, the peer is the address
-        its PROXY header names (Twisted's wrapper reads it inside TLS): an
+        its PROXY header names (read inside TLS, as Twisted did): an
         ip: rule sees it.  It saw the proxy's own address (TLS's transport),
         so 'allow in pong ip:192.0.2.0/24' let in no one, and a rule for the
         proxy's network would have let in everyone.
@@ -986,8 +986,8 @@ class SecureRouteTests(TestCase):
     def test_proxiedUnixPeerIsTheProxy(self) -> Any:
         """
         A PROXY v2 header naming a UNIX socket (no ip: address) leaves the
-        proxy's own address, as on tcpd and tlsd: Twisted's wrapper's
-        getPeer() says the UNIX address, which has no host.
+        proxy's own address, as on tcpd and tlsd (Twisted's wrapper's
+        getPeer() said the UNIX address, which has no host).
         """
         host = yield start_ws_host(
             self, rules=["allow in pong ip:127.0.0.1"], listen="haproxy:" + WS_LISTEN
