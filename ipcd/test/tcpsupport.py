@@ -241,7 +241,7 @@ BAD_PROXY_HEADERS = (
 
 
 def first_bytes(port: int, data: bytes, count: int = 2) -> bytes:
-    """Send C{data} to tcpd: the first C{count} bytes it answers (fewer if it cuts)."""
+    """Send C{data} to a listener: the first C{count} bytes of its answer."""
     with tcp_connect(port) as sock:
         sock.sendall(data)
         try:
