@@ -207,25 +207,38 @@ class TlsdSilentPeerTests(TestCase):
         yield assert_no_fd_leak(before)
 
 
-def proxied_pong(port: int, source: str, client: Any = None) -> bytes:
+def proxied_pong(
+    port: int, source: str, client: Any = None, keep: list[Any] | None = None
+) -> bytes:
     """
     Behind a PROXY header naming C{source}, over TLS (SNI sent; C{client}'s
     certificate, if given): pong's answer, and an echo if ok; or all tlsd
-    says.
+    says.  The connection is closed after, unless C{keep} (a list) is given:
+    then it is put there, open (its relay still running).
     """
     header = f"PROXY TCP4 {source} 127.0.0.1 4000 {port}\r\n".encode()
     context = unverified_context()
     if client is not None:
         context.load_cert_chain(client.cert, client.key)
-    with socket.create_connection(("127.0.0.1", port), TIMEOUT) as raw:
+    raw = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+    try:
         raw.sendall(header)
-        with context.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(encode(b"pong"))
-            answer = recv_exactly(tls, len(encode(b"ok")))
-            if answer != encode(b"ok"):
-                return answer + recv_eof(tls)
-            tls.sendall(encode(b"over tls"))
-            return answer + recv_exactly(tls, len(encode(b"over tls")))
+        tls = context.wrap_socket(raw, server_hostname="localhost")
+    except BaseException:
+        raw.close()
+        raise
+    try:
+        tls.sendall(encode(b"pong"))
+        answer = recv_exactly(tls, len(encode(b"ok")))
+        if answer != encode(b"ok"):
+            return answer + recv_eof(tls)
+        tls.sendall(encode(b"over tls"))
+        return answer + recv_exactly(tls, len(encode(b"over tls")))
+    finally:
+        if keep is None:
+            tls.close()
+        else:
+            keep.append(tls)
 
 
 class HaproxyListenerTests(TestCase):
@@ -340,7 +353,12 @@ class HaproxyListenerTests(TestCase):
             },
             rules=["allow in pong cert:host-a"],
         )
-        answer = yield deferToThread(proxied_pong, b.port, "10.1.2.3", client)
+        # Its relay read while it runs: once the peer closes, it may have
+        # ended before the test looks (seen once in a whole-suite run).
+        kept: list[Any] = []
+        answer = yield deferToThread(proxied_pong, b.port, "10.1.2.3", client, kept)
+        for sock in kept:
+            self.addCleanup(sock.close)
         self.assertEqual(answer, encode(b"ok") + encode(b"over tls"))
         [stats] = b.broker.relays
         self.assertLessEqual({"ip:10.1.2.3", "cert:host-a"}, set(stats.labels))
