@@ -191,10 +191,11 @@ class Handshaking(ClosesDescriptors, Protocol):
 class NetworkHandshake(Handshaking):
     """
     A remote peer on a network listener, named by its address (C{ip:...}).
-    Behind Twisted's C{haproxy:} wrapper, that is the address the PROXY
-    header names: the wrapper passes bytes on only after the header, and
-    from then on its C{getPeer()} says that address (before, the proxy's,
-    which is what the connection limits count: see L{readdress}).
+    Behind a C{haproxy:} listener, that is the address the PROXY header
+    names: ipcd's reader (L{ipcd.proxied}) passes bytes on only after the
+    header, checked, and from then on its C{getPeer()} says that address
+    (before, the proxy's, which is what the connection limits count: see
+    L{readdress}).
     """
 
     _connected: Any = None  # the address at connect
@@ -211,7 +212,7 @@ class NetworkHandshake(Handshaking):
         """
         The peer as its transport names it now: a PROXY header's address, if
         one was read since the connect (a header naming none, UNKNOWN or a
-        UNIX socket's, leaves the proxy's, as Twisted's wrapper does).
+        UNIX socket's, leaves the proxy's: L{ipcd.proxied}).
         """
         address = self.transport.getPeer()
         if address != self._connected and hasattr(address, "host"):

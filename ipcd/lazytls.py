@@ -48,6 +48,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ipcd.proxied import HeaderRefused
+
 
 def lazy_for(context_factory: Any) -> LazyCreator | None:
     """
@@ -187,5 +189,8 @@ class LazyStart(TLSMemoryBIOProtocol):
             return
         # Waiting for good: not connected, nothing starts TLS now.
         self.connected = False
-        # What Twisted's TLS says for a handshake cut before it ended.
-        ProtocolWrapper.connectionLost(self, Failure(CONNECTION_LOST))
+        # What Twisted's TLS says for a handshake cut before it ended; a
+        # refused PROXY header's end, which was said already, as it is.
+        if reason is None or not reason.check(HeaderRefused):
+            reason = Failure(CONNECTION_LOST)
+        ProtocolWrapper.connectionLost(self, reason)

@@ -307,7 +307,10 @@ def unix_peer_key(transport: Any) -> str:
 
 
 def network_peer_key(address: Any, ipv4_prefix: int, ipv6_prefix: int) -> str:
-    """The address prefix a network peer is counted under (C{10.1.2.3/32})."""
+    """
+    The address prefix a network peer is counted under (C{10.1.2.3/32});
+    a link-local peer's on its link (C{fe80::%eth0/64}).
+    """
     return _prefix_key(getattr(address, "host", str(address)), ipv4_prefix, ipv6_prefix)
 
 
@@ -316,14 +319,23 @@ def network_peer_key(address: Any, ipv4_prefix: int, ipv6_prefix: int) -> str:
 # with many addresses only costs each its parse, as before.
 @functools.lru_cache(maxsize=1024)
 def _prefix_key(host: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    address, _, zone = host.partition("%")
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return f"ip:{host}"
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
-    return f"ip:{ipaddress.ip_network(f'{ip}/{prefix}', strict=False)}"
+    network = ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
+    if zone:
+        # A zoned (link-local) address names a host only on its link, and
+        # any host of any link may take any: without the zone, every
+        # link-local peer of every interface was one peer (fe80::/64), and
+        # one of them could use up the others' share.  Written as an ip:
+        # pattern writes a zoned network.
+        return f"ip:{network.network_address}%{zone}/{prefix}"
+    return f"ip:{network}"
 
 
 class _Release:

@@ -27,11 +27,21 @@ def wrapped(description: str) -> tuple[str, str]:
     The type of endpoint string C{description} (lower case) and the string
     that listens: the one Twisted's C{haproxy:} wrapper wraps, if it is one.
     """
+    return unwrapped(description)[1:]
+
+
+def unwrapped(description: str) -> tuple[int, str, str]:
+    """
+    L{wrapped}'s type and string, after how many C{haproxy:} wrappers
+    (each reads a PROXY header of its own).
+    """
+    layers = 0
     kind = compat_twisted.endpoint_type(description)
     while kind == "haproxy":
         description = description.partition(":")[2]
         kind = compat_twisted.endpoint_type(description)
-    return kind, description
+        layers += 1
+    return layers, kind, description
 
 
 def check_listener_key(description: str) -> None:

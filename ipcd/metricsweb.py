@@ -33,7 +33,6 @@ from prometheus_client.core import (
 from prometheus_client.exposition import make_wsgi_app
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.http import HTTPChannel
@@ -57,6 +56,7 @@ from ipcd.limits import (
 from ipcd.listener import EndpointListener
 from ipcd.listenerkeys import check_listener_key
 from ipcd.metrics import LATENCY_BUCKETS, Metrics, add_bytes
+from ipcd.proxied import counted_refusals, proxied_endpoint
 from ipcd.tlsfactory import tls_listens
 from ipcd.wire import LOG_LINES_DROPPED
 
@@ -406,16 +406,21 @@ def metrics_listener(
     unfit to listen on (a datagram socket, say).
     """
     check_listener_key(description)
-    # An ssl: one speaks tlsd's TLS: OpenSSL's connection waits for the
-    # peer's first byte (a silent peer held 47 KiB until its idle timeout).
-    endpoint = serverFromString(tls_listens(reactor, description), description)
+    limits = ConnectionLimits(
+        NAME, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, reactor, counters
+    )
+    # Behind haproxy:, ipcd reads the PROXY header (Twisted's wrapper let a
+    # bad port out as a traceback, and a UNIX socket's header made every
+    # scrape a 500 with a traceback: WSGI wants an IP peer).  An ssl: one
+    # speaks tlsd's TLS: OpenSSL's connection waits for the peer's first
+    # byte (a silent peer held 47 KiB until its deadline).
+    endpoint = proxied_endpoint(
+        tls_listens(reactor, description), description, counted_refusals(limits)
+    )
     refuse_unfit_adopted(
         endpoint,
         f"the metrics listener {description!r}",
         HINT,
-    )
-    limits = ConnectionLimits(
-        NAME, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, reactor, counters
     )
     ipv4, ipv6 = peer_prefixes
     pool = scrape_pool()

@@ -13,6 +13,17 @@ Ends are kept by transport, address and port: TCP's ports are not UDP's,
 and a TCP peer on this host (another program, another ipcd) whose port is
 that of one of udpd's dials is no dial of ours (it was refused as a loop
 while ends were kept without their transport).
+
+Ends are kept without their zone (C{fe80::1%eth0} as C{fe80::1}): a dial
+may leave by one interface and come back in by another of the same link
+(a veth pair with both ends on this host, two NICs on one switch), and
+then its two ends' zones differ (measured: out of one end of a veth pair,
+in at the other, whose zone the peer has:
+L{ipcd.test.test_netns.OwnDialsAcrossLinksTests}).  Kept
+with its zone, such a dial would not be known, and a loop through it would
+go round until the limits stopped it.  What the zone-blind key costs: a
+peer of another link that took a link-local address and port of a dial
+in flight is taken for ours, and its own request, if routed on, refused.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 from twisted.application.service import IServiceCollection, MultiService
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import serverFromString
 
 from ipcd import wire
 from ipcd.backlogs import with_backlog
@@ -22,6 +21,7 @@ from ipcd.host import IDaemonHost
 from ipcd.inbound import ControlHandshake, HandshakeFactory, Handshaking
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.listener import EndpointListener
+from ipcd.proxied import counted_refusals, proxied_endpoint
 from ipcd.relay import SocketRelays
 from ipcd.services import IPCService
 from ipcd.tlsfactory import tls_listens
@@ -141,7 +141,9 @@ def network_listener(
     C{name}; peers over them get C{refusal(reason)}.  An C{ssl:} one speaks
     TLS as tlsd does (L{tls_listens}); the kernel queues
     L{ipcd.backlogs.TCP_BACKLOG} connects for it (a C{unix:} one,
-    L{ipcd.backlogs.UNIX_BACKLOG}), unless C{listen} says.
+    L{ipcd.backlogs.UNIX_BACKLOG}), unless C{listen} says.  Behind
+    C{haproxy:}, ipcd reads the PROXY headers (L{ipcd.proxied}): a bad one
+    is a refusal, counted and logged as the limits' are.
     """
     limits = broker.limits_for(name)
     reactor = tls_listens(broker.reactor, listen)
@@ -152,8 +154,10 @@ def network_listener(
             transport.getPeer(), config.peer_prefix_ipv4, config.peer_prefix_ipv6
         )
 
+    refused = counted_refusals(limits)
+    endpoint = proxied_endpoint(reactor, with_backlog(listen), refused)
     return EndpointListener(
-        LimitedEndpoint(serverFromString(reactor, with_backlog(listen)), limits),
+        LimitedEndpoint(endpoint, limits),
         LimitedFactory(factory, limits, peer_key, refusal),
         listen,
     )

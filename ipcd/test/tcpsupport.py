@@ -222,3 +222,39 @@ def abort(sock: socket.socket) -> None:
     """Close with a reset (SO_LINGER 0): the connection dies, no FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+# PROXY headers a haproxy: listener refuses (ipcd.proxyheader), each of
+# which Twisted's wrapper took: as the peer's address (ip:evil, ...), or
+# with a traceback (the port 'x', the byte 0xff: not UTF-8).
+BAD_PROXY_HEADERS = (
+    b"PROXY TCP4 evil 127.0.0.1 5555 9000\r\n",
+    b"PROXY TCP4 010.0.0.1 127.0.0.1 5555 9000\r\n",
+    b"PROXY TCP4 10.0.0.1%lo 127.0.0.1 5555 9000\r\n",
+    b"PROXY TCP6 fe80::1%lo ::1 5555 9000\r\n",
+    b"PROXY TCP4 ::1 127.0.0.1 5555 9000\r\n",
+    b"PROXY TCP4 10.0.0.1 127.0.0.1 x 9000\r\n",
+    b"PROXY TCP4 \xff 127.0.0.1 5555 9000\r\n",
+    b"PROXY TCP4 " + b"1" * 2000 + b" 127.0.0.1 5555 9000\r\n",
+    b"PROXY TCP4 10.0.0.1 evil 5555 9000\r\n",
+)
+
+
+def first_bytes(port: int, data: bytes, count: int = 2) -> bytes:
+    """Send C{data} to a listener: the first C{count} bytes of its answer."""
+    with tcp_connect(port) as sock:
+        sock.sendall(data)
+        try:
+            return recv_upto(sock, count)
+        except ConnectionResetError:
+            return b""
+
+
+def proxy_v2_tcp6(source: str, port: int) -> bytes:
+    """A PROXY v2 header: a TCP client at C{source} (IPv6) to C{[::1]:port}."""
+    block = socket.inet_pton(socket.AF_INET6, source) + socket.inet_pton(
+        socket.AF_INET6, "::1"
+    )
+    block += (5555).to_bytes(2, "big") + port.to_bytes(2, "big")
+    signature = b"\r\n\r\n\x00\r\nQUIT\n"
+    return signature + b"\x21\x21" + len(block).to_bytes(2, "big") + block

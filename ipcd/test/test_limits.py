@@ -245,7 +245,24 @@ class NetworkPeerKeyTests(SynchronousTestCase):
         self.assertEqual(network_peer_key("10.1.2.3", 24, 64), "ip:10.1.2.0/24")
         self.assertEqual(network_peer_key("2001:db8::1:2", 32, 64), "ip:2001:db8::/64")
         self.assertEqual(network_peer_key("::ffff:10.0.0.1", 32, 64), "ip:10.0.0.1/32")
-        self.assertEqual(network_peer_key("fe80::1%lo", 32, 64), "ip:fe80::/64")
+
+    def test_linkLocalOnItsLink(self) -> None:
+        """
+        A zoned (link-local) peer is counted on its link: fe80::1 of one
+        interface and fe80::1 of another are two hosts, and one of them
+        used up the other's share (every link-local peer was ip:fe80::/64).
+        """
+        for host, key in (
+            ("fe80::1%lo", "ip:fe80::%lo/64"),
+            ("fe80::1%eth0", "ip:fe80::%eth0/64"),
+            ("fe80::1%eth1", "ip:fe80::%eth1/64"),
+            ("fe80::1:2:3:4%eth1", "ip:fe80::%eth1/64"),
+            ("fe80::1", "ip:fe80::/64"),  # (udpd's: no zone)
+        ):
+            self.assertEqual(network_peer_key(host, 32, 64), key, host)
+        self.assertEqual(
+            network_peer_key("fe80::1%eth0", 32, 128), "ip:fe80::1%eth0/128"
+        )
 
     def test_parsedOncePerAddress(self) -> None:
         """

@@ -37,6 +37,7 @@ from ipcd.test.support import (
     TIMEOUT,
     bounce,
     free_port,
+    logged_lines,
     lookup,
     make_config,
     python_env,
@@ -676,6 +677,57 @@ class NetworkOnlyTests(TestCase):
         port = yield listener.listen()
         self.addCleanup(port.stopListening)
         self.assertEqual(port.getHost().host, "127.0.0.1")
+
+
+def proxied_get(port: int, header: bytes) -> bytes:
+    """A scrape at C{port} after PROXY C{header}: all it answers (b"" if cut)."""
+    with socket.create_connection(("127.0.0.1", port), TIMEOUT) as sock:
+        sock.sendall(header + b"GET /metrics HTTP/1.0\r\n\r\n")
+        try:
+            return recv_eof(sock)
+        except ConnectionResetError:
+            return b""
+
+
+class ProxiedScrapeTests(TestCase):
+    """The metrics' listener behind haproxy:tcp: reads PROXY headers as tcpd's."""
+
+    @inlineCallbacks
+    def test_headers(self) -> Any:
+        """
+        A header naming a UNIX socket (no IP address) leaves the proxy's,
+        and the scrape is served: Twisted's wrapper made the peer that UNIX
+        address, and WSGI answered every such scrape 500 with a traceback.
+        A bad header is cut, counted and logged in one line: Twisted's let
+        a port 'x' out as a traceback, and took 'evil' as the address.
+        """
+        from twisted.internet import reactor
+
+        counters: Counter[str] = Counter()
+        listener = metricsweb.metrics_listener(
+            reactor,
+            "haproxy:tcp:0:interface=127.0.0.1",
+            metricsweb.CollectorRegistry(),
+            counters,
+            (32, 64),
+        )
+        listener.startService()
+        self.addCleanup(listener.stopService)
+        port = (yield listener.listening()).getHost().port
+        lines = logged_lines(self)
+        path = b"/run/proxy.sock".ljust(108, b"\0")
+        unix = b"\r\n\r\n\x00\r\nQUIT\n\x21\x31" + (216).to_bytes(2, "big")
+        answer = yield deferToThread(proxied_get, port, unix + path + path)
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200 "), answer[:100])
+        for header in (
+            b"PROXY TCP4 10.0.0.1 127.0.0.1 x 9101\r\n",
+            b"PROXY TCP4 evil 127.0.0.1 5555 9101\r\n",
+        ):
+            answer = yield deferToThread(proxied_get, port, header)
+            self.assertEqual(answer, b"", header)
+        self.assertEqual(counters["metrics: refused, bad PROXY header"], 2)
+        said = [line for line in lines if "PROXY" in line]
+        self.assertEqual(len(said), 2, said)
 
 
 class DroppedLinesTests(SynchronousTestCase):

@@ -296,3 +296,159 @@ class LinkLocalZoneTests(NamespacePair, SynchronousTestCase):
             ("allow", f"in pong ip:fe80::%{self.link_b}/64"),
         )
         self.assertEqual(answer, "ok", log)
+
+
+# From namespace A, to B's link-local address out of each of A's two links
+# (argv: address, port, link 1, link 2): tcpd's answers to a request on link
+# 1 (kept open), another on link 1, and one on link 2.
+_TWO_LINKS_REQUESTS = """
+import socket, sys
+address, port, link1, link2 = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+held = []
+def ask(link):
+    s = socket.socket(socket.AF_INET6)
+    held.append(s)
+    s.settimeout(30)
+    s.connect((address, port, 0, socket.if_nametoindex(link)))
+    s.sendall(b"pong")
+    answer = b""
+    while len(answer) < 2:
+        chunk = s.recv(2 - len(answer))
+        if not chunk:
+            break
+        answer += chunk
+    return answer.decode("ascii", "replace")
+sys.stdout.write(" ".join([ask(link1), ask(link1), ask(link2)]))
+"""
+
+
+class LinkLocalPeerKeyTests(NamespacePair, SynchronousTestCase):
+    """
+    Two links between A and B, A at fe80::1 on both: B's tcpd counts a
+    link-local peer on its link (C{ip:fe80::%vbN/64}), so A's peer on one
+    link at its C{max_connections_per_peer} leaves the other link's its
+    share.  Without the zone both were C{ip:fe80::/64}, with every
+    link-local peer of every interface: one used up all the others' share.
+    """
+
+    ADDRESS_A = "fe80::1"
+    ADDRESS_B = "fe80::2"
+    PREFIX = 64
+
+    def setUp(self) -> None:
+        super().setUp()
+        tag = self.link_a[2:]
+        self.link_a2, self.link_b2 = f"wa{tag}", f"wb{tag}"
+        ip(
+            *["link", "add", self.link_a2, "netns", self.ns_a, "type", "veth"],
+            *["peer", "name", self.link_b2, "netns", self.ns_b],
+        )
+        for ns, link, address in [
+            (self.ns_a, self.link_a2, self.ADDRESS_A),
+            (self.ns_b, self.link_b2, self.ADDRESS_B),
+        ]:
+            cidr = f"{address}/{self.PREFIX}"
+            ip("-n", ns, "address", "add", cidr, "dev", link, "nodad")
+            ip("-n", ns, "link", "set", link, "up")
+
+    def test_eachLinkItsShare(self) -> None:
+        config = os.path.join(self.work, "b.toml")
+        with open(config, "w") as f:
+            f.write("[limits]\nmax_connections_per_peer = 1\n")
+        b, rundir_b, log_b = self.twistd(
+            self.ns_b,
+            "b",
+            "--config",
+            config,
+            "--tcp",
+            f"tcp6:{PORT}:interface=\\:\\:",
+            "--allow=in pong",
+        )
+        self.started(b, log_b, rundir_b, "ipc", "pong", "tcp")
+        done = subprocess.run(
+            ["ip", "netns", "exec", self.ns_a, sys.executable, "-c"]
+            + [_TWO_LINKS_REQUESTS, self.ADDRESS_B, str(PORT)]
+            + [self.link_a, self.link_a2],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        self.assertEqual(done.stderr, "")
+        log = read_text(log_b)
+        # Its link's share used up; the other link's peer is another peer.
+        self.assertEqual(done.stdout, "ok ne ok", log)
+        self.assertIn(f"too many connections from ip:fe80::%{self.link_b}/64", log)
+
+
+# In one namespace, a dial out of one end of a veth pair to the address of
+# its other end (argv: the two ends, the second's address): the zones of
+# the dial's local end and of the peer its listener sees, and whether
+# ipcd.owndials knows that peer for the dial (tcpd's dial holds its
+# getsockname(); the peer is named as Twisted names it, by getnameinfo).
+_CROSS_LINK_DIAL = """
+import socket, sys
+from ipcd.owndials import OwnDials, address_of
+out, into, address = sys.argv[1], sys.argv[2], sys.argv[3]
+listener = socket.socket(socket.AF_INET6)
+listener.bind(("::", 0))
+listener.listen(1)
+port = listener.getsockname()[1]
+dial = socket.socket(socket.AF_INET6)
+dial.settimeout(30)
+dial.connect((address, port, 0, socket.if_nametoindex(out)))
+own = OwnDials()
+own.add(dial.getsockname())
+listener.settimeout(30)
+accepted, peer = listener.accept()
+host = socket.getnameinfo(peer, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
+names = {socket.if_nametoindex(out): out, socket.if_nametoindex(into): into}
+print(names[dial.getsockname()[3]], host, address_of(host, peer[1]) in own)
+"""
+
+
+class OwnDialsAcrossLinksTests(SynchronousTestCase):
+    """
+    A self-dial may leave by one interface and come back in by another of
+    the same link (a veth pair with both ends here, two NICs on one
+    switch): its two ends' zones differ.  ipcd.owndials keeps ends without
+    their zone so that such a dial is still known as this ipcd's own (a
+    loop through it is refused, not routed round 128 times); a peer of
+    another link with the same link-local address and port as a dial in
+    flight is taken for one of ours, which costs only that peer's own
+    request routed on.
+    """
+
+    def setUp(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("network namespaces need root")
+        if shutil.which("ip") is None:
+            raise SkipTest("network namespaces need iproute2's ip command")
+        tag = f"{os.getpid() % 100000}{next(_names)}"
+        self.ns = f"ipcd-o{tag}"
+        try:
+            ip("netns", "add", self.ns)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise SkipTest(f"cannot create a network namespace: {e}")
+        self.addCleanup(ip, "netns", "del", self.ns)
+        self.out, self.into = f"oa{tag}", f"ob{tag}"
+        ip("-n", self.ns, "link", "add", self.out, "type", "veth", "peer", self.into)
+        for link, address in [(self.out, "fe80::2"), (self.into, "fe80::3")]:
+            ip("-n", self.ns, "address", "add", f"{address}/64", "dev", link, "nodad")
+            ip("-n", self.ns, "link", "set", link, "up")
+
+    def test_selfDialAcrossLinksKnown(self) -> None:
+        done = subprocess.run(
+            ["ip", "netns", "exec", self.ns, sys.executable, "-c", _CROSS_LINK_DIAL]
+            + [self.out, self.into, "fe80::3"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=python_env(),
+            stdin=subprocess.DEVNULL,
+        )
+        self.assertEqual(done.stderr, "")
+        # Out of one end, in at the other: two zones, one dial of ours.
+        self.assertEqual(
+            done.stdout.split(), [self.out, f"fe80::2%{self.into}", "True"]
+        )

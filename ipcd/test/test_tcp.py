@@ -18,13 +18,16 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, inlineCallbacks
 from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
 from twisted.internet.task import LoopingCall
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import declarations, providedBy
 
 from ipcd.daemons.tcp import TcpInbound, dial
 from ipcd.errors import Refused
+from ipcd.limits import LOG_PERIOD
 from ipcd.relay import READ_SIZE
 from ipcd.test.support import (
     TIMEOUT,
@@ -41,12 +44,16 @@ from ipcd.test.support import (
     open_fds,
     short_rundir,
     start_ipcd,
+    wait_rate_limited,
     wait_until,
 )
 from ipcd.test.tcpsupport import (
+    BAD_PROXY_HEADERS,
     abort,
     digest_service,
+    first_bytes,
     inbound_relays,
+    proxy_v2_tcp6,
     recv_all,
     recv_eof,
     recv_exactly,
@@ -254,8 +261,9 @@ class WrappersLetGoTests(TestCase):
         Once a relay has taken a connection's socket, every protocol
         wrapper above it leaves its factory, as its connectionLost (which
         never comes now) would have made it: on a C{haproxy:} listener,
-        Twisted's PROXY-header wrapper kept every relayed connection, with
-        its transport, for good (about 3 KB each, measured).
+        the PROXY-header wrapper (Twisted's then, ipcd's now) kept every
+        relayed connection, with its transport, for good (about 3 KB each,
+        measured).
         """
         made: list[weakref.ref[Any]] = []
         register = WrappingFactory.registerProtocol
@@ -323,8 +331,8 @@ class ProxiedPeerTests(TestCase):
     def test_headerNamingNoAddress(self) -> Any:
         """
         A PROXY v2 header naming a UNIX socket (no ip: address) leaves
-        the proxy's own address: Twisted's wrapper's getPeer() says the
-        UNIX address, which has no host.
+        the proxy's own address (Twisted's wrapper's getPeer() said the
+        UNIX address, which has no host: tcpd's handshake crashed).
         """
         b = yield start_host(
             self,
@@ -335,6 +343,73 @@ class ProxiedPeerTests(TestCase):
         header = b"\r\n\r\n\x00\r\nQUIT\n\x21\x31" + (216).to_bytes(2, "big")
         sock, answer = yield deferToThread(
             raw_request, b.port, header + path + path + b"pong"
+        )
+        self.addCleanup(sock.close)
+        self.assertEqual(answer, OK)
+
+    @inlineCallbacks
+    def test_badHeadersRefused(self) -> Any:
+        """
+        A PROXY header whose address is not a plain IP address of its
+        family (text, leading zeros, a zone, the other family), or whose
+        port is no port, or that is not one line of the protocol: the
+        connection is cut, nothing answered, no label made of it; each is
+        counted and logged at the rate of [limits] refusals, the limits
+        let go, and tcpd serves the next peer.  Twisted's wrapper let all
+        in (ip:evil matched 'allow in pong ip:*'), but for two whose bad
+        port or bytes escaped it as a traceback each.
+        """
+        b = yield start_host(
+            self,
+            rules=["allow in pong ip:*"],
+            listen="haproxy:tcp:0:interface=127.0.0.1",
+        )
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        for header in BAD_PROXY_HEADERS:
+            answer = yield deferToThread(first_bytes, b.port, header + b"pong")
+            self.assertEqual(answer, b"", header)
+        yield wait_rate_limited(
+            b.broker.counters,
+            "tcpd: refused, bad PROXY header",
+            logged,
+            "tcpd: refusing 127.0.0.1:",
+            len(BAD_PROXY_HEADERS),
+            timeout=LOG_PERIOD + TIMEOUT,
+        )
+        lines = [formatEvent(e) or "" for e in logged]
+        self.assertIn(
+            "bad PROXY header: 'evil' is not an IPv4 address", "\n".join(lines)
+        )
+        self.assertEqual(b.broker.counters["inbound requests"], 0)
+        limits = b.broker.limits_for("tcpd")
+        yield wait_until(lambda: limits.total == 0, "the refused let go")
+        sock, answer = yield deferToThread(
+            raw_request,
+            b.port,
+            f"PROXY TCP4 10.1.2.3 127.0.0.1 5555 {b.port}\r\n".encode() + b"pong",
+        )
+        self.addCleanup(sock.close)
+        self.assertEqual(answer, OK)
+
+    @inlineCallbacks
+    def test_headerAddressesCanonical(self) -> Any:
+        """
+        An IPv6 address in a PROXY header is labelled as the kernel writes
+        it, as a direct peer's is: a v2 header's was written in full
+        (ip:2001:db8:0:0:0:0:0:7) and a v1 header's as sent (2001:DB8::7),
+        so 'deny in pong ip:2001:db8::*' let both in.
+        """
+        b = yield start_host(
+            self,
+            rules=["deny in pong ip:2001:db8::*", "allow in pong"],
+            listen="haproxy:tcp:0:interface=127.0.0.1",
+        )
+        v1 = f"PROXY TCP6 2001:DB8::7 ::1 5555 {b.port}\r\n".encode()
+        for header in (proxy_v2_tcp6("2001:db8::7", b.port), v1):
+            answer = yield deferToThread(first_bytes, b.port, header + b"pong")
+            self.assertEqual(answer, b"ne", header)
+        sock, answer = yield deferToThread(
+            raw_request, b.port, proxy_v2_tcp6("2001:db9::7", b.port) + b"pong"
         )
         self.addCleanup(sock.close)
         self.assertEqual(answer, OK)

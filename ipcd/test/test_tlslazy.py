@@ -37,13 +37,14 @@ from ipcd.test.support import (
     bounce,
     calls_to,
     fd_baseline,
+    logged_lines,
     lookup,
     make_config,
     short_rundir,
     start_ipcd,
     wait_until,
 )
-from ipcd.test.tcpsupport import abort, recv_eof
+from ipcd.test.tcpsupport import BAD_PROXY_HEADERS, abort, first_bytes, recv_eof
 from ipcd.test.tlssupport import ALICE_KEY, TestCA, secrets_file, start_tls_host
 from ipcd.test.wssupport import make_ca, start_ws_host, unverified_context
 from ipcd.tlsfactory import TLSFactory
@@ -216,25 +217,38 @@ class TlsdSilentPeerTests(TestCase):
         yield assert_no_fd_leak(before)
 
 
-def proxied_pong(port: int, source: str, client: Any = None) -> bytes:
+def proxied_pong(
+    port: int, source: str, client: Any = None, keep: list[Any] | None = None
+) -> bytes:
     """
     Behind a PROXY header naming C{source}, over TLS (SNI sent; C{client}'s
     certificate, if given): pong's answer, and an echo if ok; or all tlsd
-    says.
+    says.  The connection is closed after, unless C{keep} (a list) is given:
+    then it is put there, open (its relay still running).
     """
     header = f"PROXY TCP4 {source} 127.0.0.1 4000 {port}\r\n".encode()
     context = unverified_context()
     if client is not None:
         context.load_cert_chain(client.cert, client.key)
-    with socket.create_connection(("127.0.0.1", port), TIMEOUT) as raw:
+    raw = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+    try:
         raw.sendall(header)
-        with context.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(encode(b"pong"))
-            answer = recv_exactly(tls, len(encode(b"ok")))
-            if answer != encode(b"ok"):
-                return answer + recv_eof(tls)
-            tls.sendall(encode(b"over tls"))
-            return answer + recv_exactly(tls, len(encode(b"over tls")))
+        tls = context.wrap_socket(raw, server_hostname="localhost")
+    except BaseException:
+        raw.close()
+        raise
+    try:
+        tls.sendall(encode(b"pong"))
+        answer = recv_exactly(tls, len(encode(b"ok")))
+        if answer != encode(b"ok"):
+            return answer + recv_eof(tls)
+        tls.sendall(encode(b"over tls"))
+        return answer + recv_exactly(tls, len(encode(b"over tls")))
+    finally:
+        if keep is None:
+            tls.close()
+        else:
+            keep.append(tls)
 
 
 class HaproxyListenerTests(TestCase):
@@ -295,6 +309,41 @@ class HaproxyListenerTests(TestCase):
         self.assertEqual(dict(limits.per_peer), {"ip:127.0.0.1/32": 1})
 
     @inlineCallbacks
+    def test_badHeaderRefused(self) -> Any:
+        """
+        tlsd behind C{haproxy:tcp:}: a PROXY header that names no plain
+        IP address of its family, or a port that is none, is refused
+        before TLS (no OpenSSL connection made): the connection cut,
+        counted and said in one line each (no failed TLS handshake said
+        besides).  Twisted's wrapper let C{evil} and C{%lo} in as the
+        peer's address, and the port C{x} out as a traceback.
+        """
+        b = yield self.start_host("allow in pong ip:*")
+        made = calls_to(self, ServerCreator, "serverConnectionForTLS", _one)
+        lines = logged_lines(self)
+        headers = BAD_PROXY_HEADERS[:1] + BAD_PROXY_HEADERS[3:6]
+        for header in headers:
+            hello = unverified_context().wrap_bio(
+                ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="x"
+            )
+            with self.assertRaises(ssl.SSLWantReadError):
+                hello.do_handshake()
+            answer = yield deferToThread(first_bytes, b.port, header + outgoing.read())
+            self.assertEqual(answer, b"", header)
+        counter = "tlsd: refused, bad PROXY header"
+        yield wait_until(
+            lambda: b.broker.counters[counter] == len(headers), "all counted"
+        )
+        limits = b.broker.limits_for("tlsd")
+        yield wait_until(lambda: limits.total == 0, "the refused let go")
+        said = [line for line in lines if "tlsd" in line or "TLS" in line]
+        self.assertEqual(len(said), len(headers), "\n".join(said))
+        self.assertTrue(all("bad PROXY header" in line for line in said), said)
+        self.assertEqual(made, [])
+        answer = yield deferToThread(proxied_pong, b.port, "192.0.2.1")
+        self.assertEqual(answer, encode(b"ok") + encode(b"over tls"))
+
+    @inlineCallbacks
     def test_certificateLabelsKept(self) -> Any:
         """
         Behind C{haproxy:tcp:} with client certificates: the peer is the
@@ -314,7 +363,12 @@ class HaproxyListenerTests(TestCase):
             },
             rules=["allow in pong cert:host-a"],
         )
-        answer = yield deferToThread(proxied_pong, b.port, "10.1.2.3", client)
+        # Its relay read while it runs: once the peer closes, it may have
+        # ended before the test looks (seen once in a whole-suite run).
+        kept: list[Any] = []
+        answer = yield deferToThread(proxied_pong, b.port, "10.1.2.3", client, kept)
+        for sock in kept:
+            self.addCleanup(sock.close)
         self.assertEqual(answer, encode(b"ok") + encode(b"over tls"))
         [stats] = b.broker.relays
         self.assertLessEqual({"ip:10.1.2.3", "cert:host-a"}, set(stats.labels))

@@ -46,12 +46,14 @@ from ipcd.test.support import (
     connect_unix,
     fd_baseline,
     free_port,
+    logged_lines,
     lookup,
     python_env,
     short_rundir,
     wait_rate_limited,
     wait_until,
 )
+from ipcd.test.tcpsupport import BAD_PROXY_HEADERS
 from ipcd.test.wssupport import (
     BINARY,
     CLOSE,
@@ -64,6 +66,7 @@ from ipcd.test.wssupport import (
     make_ca,
     read_opening,
     start_ws_host,
+    unverified_context,
     upgrade_request,
     ws_accepted,
     ws_frame,
@@ -742,6 +745,26 @@ def proxied_status(
         return read_opening(sock).status
 
 
+def proxied_answer(port: int, header: bytes, secure: bool) -> bytes:
+    """
+    websocketd's answer to an opening handshake for pong after C{header}
+    (inside TLS when C{secure}): its head, or all it says until it closes
+    or cuts the connection.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    if secure:
+        sock = unverified_context().wrap_socket(sock)
+    answer = b""
+    with sock:
+        try:
+            sock.sendall(header + upgrade_request("/pong", f"127.0.0.1:{port}"))
+            while b"\r\n\r\n" not in answer and (chunk := sock.recv(4096)):
+                answer += chunk
+        except (ConnectionResetError, ssl.SSLEOFError):
+            pass
+    return answer
+
+
 class NoDescriptorLeft:
     """A reactor whose C{adoptStreamConnection} fails as at EMFILE."""
 
@@ -941,7 +964,7 @@ class SecureRouteTests(TestCase):
     def test_proxiedPeersAddress(self) -> Any:
         """
         Behind haproxy:ssl:, as behind haproxy:tcp:, the peer is the address
-        its PROXY header names (Twisted's wrapper reads it inside TLS): an
+        its PROXY header names (read inside TLS, as Twisted did): an
         ip: rule sees it.  It saw the proxy's own address (TLS's transport),
         so 'allow in pong ip:192.0.2.0/24' let in no one, and a rule for the
         proxy's network would have let in everyone.
@@ -963,8 +986,8 @@ class SecureRouteTests(TestCase):
     def test_proxiedUnixPeerIsTheProxy(self) -> Any:
         """
         A PROXY v2 header naming a UNIX socket (no ip: address) leaves the
-        proxy's own address, as on tcpd and tlsd: Twisted's wrapper's
-        getPeer() says the UNIX address, which has no host.
+        proxy's own address, as on tcpd and tlsd (Twisted's wrapper's
+        getPeer() said the UNIX address, which has no host).
         """
         host = yield start_ws_host(
             self, rules=["allow in pong ip:127.0.0.1"], listen="haproxy:" + WS_LISTEN
@@ -975,6 +998,40 @@ class SecureRouteTests(TestCase):
             proxied_status, host.port, "", False, header + path + path
         )
         self.assertEqual(answer, 101)
+
+    @inlineCallbacks
+    def test_badProxyHeadersRefused(self) -> Any:
+        """
+        A PROXY header naming no plain IP address of its family (or a port
+        that is none) is refused, behind haproxy:tcp: and haproxy:ssl:
+        (inside TLS) alike: the connection cut with no answer, counted, and
+        said in one line each.  Twisted's wrapper let 'evil' and a zone in
+        as the peer's address (ip:evil: 101 under 'allow in pong ip:*'),
+        and the port 'x' out as a traceback.
+        """
+        _ca, cert, key = make_ca(short_rundir(self, "ipcd-ca-"))
+        tls = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        yield self.badHeadersRefused("haproxy:" + WS_LISTEN, False)
+        yield self.badHeadersRefused(f"haproxy:{tls}", True)
+
+    @inlineCallbacks
+    def badHeadersRefused(self, listen: str, secure: bool) -> Any:
+        host = yield start_ws_host(self, rules=["allow in pong ip:*"], listen=listen)
+        lines = logged_lines(self)
+        headers = BAD_PROXY_HEADERS[:1] + BAD_PROXY_HEADERS[3:6]
+        for header in headers:
+            answer = yield deferToThread(proxied_answer, host.port, header, secure)
+            self.assertEqual(answer, b"", (listen, header))
+        counters = host.broker.counters
+        counter = "websocketd: refused, bad PROXY header"
+        yield wait_until(lambda: counters[counter] == len(headers), "all counted")
+        limits = host.broker.limits_for("websocketd")
+        yield wait_until(lambda: limits.total == 0, "the refused let go")
+        said = [line for line in lines if line]
+        self.assertEqual(len(said), len(headers), "\n".join(said))
+        self.assertTrue(all("bad PROXY header" in line for line in said), said)
+        status = yield deferToThread(proxied_status, host.port, "10.1.2.3", secure)
+        self.assertEqual(status, 101, listen)
 
     @inlineCallbacks
     def test_secureListeners(self) -> Any:

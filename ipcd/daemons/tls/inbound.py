@@ -20,6 +20,7 @@ from ipcd.daemons.tls.handover import TlsRelayStats, relay_over, tls_summary
 from ipcd.daemons.tls.material import Material, certificate_labels
 from ipcd.inbound import HandshakeFactory
 from ipcd.logs import printable
+from ipcd.proxied import HeaderRefused
 from ipcd.relay import RelayStats
 
 if TYPE_CHECKING:
@@ -84,8 +85,13 @@ class TlsInbound(TcpInbound):
         )
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
-        # (A TLS handshake that timed out is said already.)
-        if self.core.securing and reason is not None:
+        # (A TLS handshake that timed out is said already; so is a refused
+        # PROXY header, before any TLS.)
+        if (
+            self.core.securing
+            and reason is not None
+            and not reason.check(HeaderRefused)
+        ):
             if not self._addressed:  # (a header may have come before TLS)
                 self.readdress()
             identity = None
