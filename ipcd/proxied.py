@@ -58,11 +58,12 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         super().__init__(factory, wrapped)
         self._reader: HeaderReader | None = HeaderReader()
         self._refused = False
+        self._unread = False  # closed from above before the header: not read
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
         reader = self._reader
         if reader is None:
-            if not self._refused:
+            if not (self._refused or self._unread):
                 self.wrappedProtocol.dataReceived(data)
             return
         try:
@@ -80,6 +81,35 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             self._host = _address(*header.destination)
         if header.rest:
             self.wrappedProtocol.dataReceived(header.rest)
+
+    def _closing(self) -> None:
+        # The protocols above end the connection before its header is
+        # whole (the limits refuse it as it connects, a deadline passes):
+        # no one reads what comes now, and it is no header to judge.  The
+        # limits' refusal reads and drops what came first, the header
+        # among it, so the peer's next bytes were refused as a bad header
+        # (counted, logged, and cut with a reset in its grace).
+        if self._reader is not None:
+            self._reader, self._unread = None, True
+
+    def loseConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        self._closing()
+        super().loseConnection()
+
+    def abortConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        self._closing()
+        self.transport.abortConnection()
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self.transport, name)
+        if name != "loseWriteConnection":
+            return found
+
+        def lose_write_connection() -> None:  # (only if the transport can)
+            self._closing()
+            found()
+
+        return lose_write_connection
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         if self._refused:

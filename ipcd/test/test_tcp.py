@@ -392,6 +392,49 @@ class ProxiedPeerTests(TestCase):
         self.assertEqual(answer, OK)
 
     @inlineCallbacks
+    def test_refusedAtTheLimitNoBadHeader(self) -> Any:
+        """
+        A proxy over [limits] sends a good header, has its refusal, then
+        sends on: that is one refusal, the limits', not a bad header too.
+        The limits' refusal reads and drops what came before it, the
+        header among it; the reader then took the proxy's next bytes for
+        its header, and refused them again: counted, logged ('bad PROXY
+        header: no PROXY header', blaming a good proxy) and cut at once.
+        """
+        b = yield start_host(
+            self,
+            rules=["allow in pong"],
+            listen="haproxy:tcp:0:interface=127.0.0.1",
+            limits={"max_connections_per_peer": 1},
+        )
+        header = f"PROXY TCP4 10.1.2.3 127.0.0.1 5555 {b.port}\r\n".encode()
+        held, answer = yield deferToThread(raw_request, b.port, header + b"pong")
+        self.addCleanup(held.close)
+        self.assertEqual(answer, OK)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        # Connected and the header sent before the reactor runs again: it
+        # is there to be dropped when the connection is accepted.
+        sock = tcp_connect(b.port)
+        self.addCleanup(sock.close)
+        sock.sendall(header)
+        counters = b.broker.counters
+        limit = "tcpd: refused, per-peer limit"
+        yield wait_until(lambda: counters[limit] == 1, "the refusal")
+        refusal = b"ne too many connections from ip:127.0.0.1/32 (at most 1)"
+        answer = yield deferToThread(recv_exactly, sock, len(refusal))
+        self.assertEqual(answer, refusal)
+        sock.sendall(b"pong")
+        rest = yield deferToThread(recv_eof, sock)
+        self.assertEqual(rest, b"")
+        sock.close()
+        limits = b.broker.limits_for("tcpd")
+        yield wait_until(lambda: not limits._cuts, "the refused connection gone")
+        self.assertEqual(counters["tcpd: refused, bad PROXY header"], 0)
+        lines = [formatEvent(event) or "" for event in logged]
+        self.assertEqual([line for line in lines if "PROXY" in line], [])
+        self.assertEqual(counters[limit], 1)
+
+    @inlineCallbacks
     def test_headerAddressesCanonical(self) -> Any:
         """
         An IPv6 address in a PROXY header is labelled as the kernel writes
