@@ -272,6 +272,13 @@ class _QuietChannel(HTTPChannel):
         # connect (then the timer is off while it is answered).
         pass
 
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802 (LineReceiver's)
+        # LineReceiver's closes the transport with this channel still its
+        # producer: over TLS the close waits for the producer to go, and a
+        # line over 16 KiB held its place, unanswered, to the deadline.
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.loseConnection()  # (the producer first)
+
     def timeoutConnection(self) -> None:  # noqa: N802 (TimeoutMixin's hook)
         # twisted.web's says a line per connection, two if the peer does not
         # go: a peer's doing, as many as it likes.  After IDLE_TIMEOUT with

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL.SSL import NO_OVERLAPPING_PROTOCOLS, Context
 from OpenSSL.SSL import Error as SSLError
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
@@ -21,6 +22,23 @@ from ipcd.owedtls import ASKED, OwedGuard
 
 # What is taken from OpenSSL's memory BIO at once: a TCP read's worth.
 _BIO_READ = 64 * 1024
+
+
+def _no_protocol(connection: Any, offered: list[bytes]) -> Any:
+    return NO_OVERLAPPING_PROTOCOLS  # no ALPN extension in the answer
+
+
+def without_alpn(context: Context) -> Context:
+    """
+    C{context}, whose server connections answer a client's ALPN offer
+    with no protocol, as a server that knows no ALPN would: ipcd speaks
+    none.  Twisted's C{CertificateOptions} contexts choose from the
+    protocols the application names, and with none answer C{b""}, which
+    ends the handshake (an C{internal error} alert): every client that
+    offers ALPN, as curl, browsers and Prometheus do, was refused.
+    """
+    context.set_alpn_select_callback(_no_protocol)
+    return context
 
 
 class _NoHalfClose(TLSMemoryBIOProtocol):
@@ -139,7 +157,8 @@ class GuardedTLSListens:
     speak TLS through L{TLSFactory} (what OpenSSL answers a peer, and it
     leaves unread, is bounded: L{OwedGuard}), as tlsd's do, in place of
     Twisted's own C{TLSMemoryBIOFactory}, which C{listenSSL} wraps the same
-    way around a TCP listener.
+    way around a TCP listener; a client's ALPN offer is answered with no
+    protocol (L{without_alpn}).
     """
 
     def __init__(self, reactor: Any) -> None:
@@ -156,6 +175,9 @@ class GuardedTLSListens:
         backlog: int = 50,
         interface: str = "",
     ) -> Any:
+        get_context = getattr(contextFactory, "getContext", None)
+        if get_context is not None:  # (C{ssl:} gives CertificateOptions)
+            without_alpn(get_context())  # the one its connections are made of
         tls = TLSFactory(contextFactory, False, factory)
         return self.reactor.listenTCP(port, tls, backlog, interface)
 

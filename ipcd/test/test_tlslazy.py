@@ -587,6 +587,26 @@ class MetricsSilentPeerTests(TestCase):
         yield assert_no_fd_leak(before)
 
     @inlineCallbacks
+    def test_overlongLineAnswered(self) -> Any:
+        """
+        A request line or header over 16 KiB (twisted.web's bound) is
+        answered 400 and closed at once: over TLS it was neither, and held
+        its place to the listener's deadline.
+        """
+        yield self.start()
+
+        def overlong() -> bytes:
+            context = unverified_context()
+            with socket.create_connection(("127.0.0.1", self.port), TIMEOUT) as raw:
+                with context.wrap_socket(raw) as secured:
+                    secured.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"x" * 17000)
+                    return recv_eof(secured)
+
+        answer = yield deferToThread(overlong)
+        self.assertEqual(answer, b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        yield wait_until(lambda: self.limits.total == 0, "the peer let go")
+
+    @inlineCallbacks
     def test_hostilePeers(self) -> Any:
         """
         With a silent peer held: a first byte then a reset, half a

@@ -45,6 +45,7 @@ from ipcd.compat import pyopenssl as compat_pyopenssl
 from ipcd.daemons.tls import psk
 from ipcd.daemons.tls.kswitch import watch
 from ipcd.regularfile import NotAFile, TooLarge, read_regular
+from ipcd.tlsfactory import without_alpn
 
 VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
 _OPENSSL_VERSIONS = {"1.2": 0x0303, "1.3": 0x0304}  # TLS1_2_VERSION, TLS1_3_VERSION
@@ -99,6 +100,7 @@ class Material:
             lowerMaximumSecurityTo=VERSIONS[self.max_version],
             **options,
         ).getContext()
+        without_alpn(context)  # a client offering ALPN is not refused
         if self.keys:
             psk.use_server_keys(context, self.keys)
             context.set_cipher_list(psk.TLS12_PSK_CIPHERS + b":" + CERT_CIPHERS)

@@ -47,6 +47,7 @@ from ipcd.identity import remote_peer
 from ipcd.limits import REFUSAL_GRACE, RateLimitedObserver
 from ipcd.logs import printable
 from ipcd.relay import RelayStats
+from ipcd.startup import address_text
 
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
@@ -268,7 +269,7 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
             # A peer's doing: at the peers' bounded rate, as refusals are.
             self.factory.peerLog.info(
                 "websocketd: TLS handshake with {peer} failed: {why}",
-                peer=printable(str(self.transport.getPeer())),
+                peer=printable(address_text(self.transport.getPeer())),
                 why=why,
             )
         self.factory.connections.discard(self)
