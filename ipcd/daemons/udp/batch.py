@@ -214,13 +214,12 @@ class BatchReader:
     What the turn's datagrams left to write (the streams put in
     L{pending}) is written when the reading is done.
 
-    On a socket bound to every address, L{destination} is, while a
-    datagram is handed over, where it was sent (L{sources}: the level and
-    data of its control message), which L{answer_from} makes the source of
-    an answer.
+    On a socket bound to every address, L{ancillary} holds, while a
+    datagram is handed over, where it was sent (L{sources}), which
+    L{answer_from} makes the source of an answer.
     """
 
-    destination: tuple[int, bytes] | None = None
+    ancillary: list[tuple[int, int, bytes]] = []  # (the datagram's)
 
     log = Logger()
 
@@ -246,7 +245,6 @@ class BatchReader:
     def _read(self) -> None:
         protocol = self.port.protocol
         recvmsg_into, buffers, view = self.sock.recvmsg_into, [_BUFFER], _VIEW
-        where = self._where
         datagrams = received = 0
         while datagrams < DATAGRAM_BUDGET and received < BYTE_BUDGET:
             try:
@@ -267,13 +265,11 @@ class BatchReader:
             if self.ipv6:
                 address = address[:2]  # as Twisted's: no flow or scope id
             segment = size
-            found = None
             for level, kind, data in ancillary:
-                if level == SOL_UDP and kind == UDP_GRO:
+                if kind == UDP_GRO and level == SOL_UDP:
                     segment = _GRO_SIZE.unpack_from(data)[0] or size
-                elif (level, kind) in where and (found is None or level == _IP):
-                    found = level, data  # (IPv4's first: a dual-stack's both)
-            self.destination = found  # (none: the kernel chooses)
+            # Where it was sent, read only to answer it (L{answer_from}).
+            self.ancillary = ancillary
             received += size
             read = view[:size]
             if segment < size:  # a run: its datagrams, copied out first
@@ -289,7 +285,12 @@ class BatchReader:
 
     def answer_from(self) -> Source:
         """The source of an answer to the datagram being handed over."""
-        found = self.destination
+        where, found = self._where, None
+        for level, kind, data in self.ancillary:
+            # IPv4's first: a dual-stack socket's IPv4 datagram has both.
+            if (level, kind) in where and (found is None or level == _IP):
+                found = level, data
+        # (None: the kernel chooses.)
         return NO_SOURCE if found is None else sources.answer_from(*found)
 
     def flush(self) -> None:
