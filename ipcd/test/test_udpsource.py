@@ -17,8 +17,10 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd.daemons.udp import source as sources
 from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.batch import DatagramSender
 from ipcd.test.support import TIMEOUT, bounce, lookup, wait_until
 from ipcd.test.test_udp import B_RULES, OK, has_ipv6_loopback
+from ipcd.test.test_udpbatch import offload_missing
 from ipcd.test.udpsupport import next_data, start_udp_host
 from ipcd.wire import encode
 
@@ -127,6 +129,44 @@ class BroadcastTests(TestCase):
         if not has_ipv6_loopback():
             raise self.skipTest("no IPv6 here")
         return self.hello_by_broadcast("udp:0:interface=::")
+
+
+class RunSourceTests(SynchronousTestCase):
+    """
+    A session's datagrams sent in runs (UDP_SEGMENT) carry the source with
+    the segment size: a peer connected to 127.0.0.2 takes them all.
+    """
+
+    def sent_from_second_address(self, family: int, listen: str, info: bytes) -> None:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind((listen, 0))
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(peer.close)
+        peer.bind(("127.0.0.1", 0))
+        peer.connect(("127.0.0.2", sock.getsockname()[1]))  # takes only that
+        peer.settimeout(TIMEOUT)
+        to = peer.getsockname()
+        if family == socket.AF_INET6:
+            to = ("::ffff:" + to[0], to[1])
+        source = sources.answer_from(socket.IPPROTO_IP, info)
+        sender = DatagramSender(sock, to, source=source)
+        sent = [b"%02d" % n + b"x" * 98 for n in range(20)]  # a run of 20
+        self.assertEqual(sender.send_all(sent), [])
+        self.assertEqual([peer.recv(65536) for _ in sent], sent)
+        if offload_missing() is None:
+            self.assertTrue(sender.gso)  # (one run: the source went with it)
+
+    def test_ipv4(self) -> None:
+        info = struct.pack("=i4s4s", 1, bytes([127, 0, 0, 2]), bytes([127, 0, 0, 2]))
+        self.sent_from_second_address(socket.AF_INET, "0.0.0.0", info)
+
+    def test_dualStack(self) -> None:
+        """An IPv4 peer of a :: socket: IP_PKTINFO on the IPv6 socket."""
+        if not has_ipv6_loopback():
+            raise self.skipTest("no IPv6 here")
+        info = struct.pack("=i4s4s", 1, bytes([127, 0, 0, 2]), bytes([127, 0, 0, 2]))
+        self.sent_from_second_address(socket.AF_INET6, "::", info)
 
 
 class AnswerFromTests(SynchronousTestCase):
