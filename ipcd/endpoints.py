@@ -395,7 +395,10 @@ class IPCClientParser:
 
 def _number(key: str, text: str, base: int) -> int:
     try:
-        if not text.isascii():  # int() reads '١٢' as 12, '０６００' as 0o600
+        # Digits only (a minus, for the range's message): int() reads '١٢'
+        # as 12, '０６００' and '0o6_00' as 0o600, ' +12' as 12.
+        digits = text.removeprefix("-")
+        if not (digits.isascii() and digits.isdigit()):
             raise ValueError(text)
         return int(text, base)
     except ValueError:

@@ -177,6 +177,22 @@ class ParserTests(SynchronousTestCase):
             )
             self.assertEqual(str(error), f"ipc: {key}: expected {kind}, got {other!r}")
 
+    def test_numbersInDigitsOnly(self) -> None:
+        """
+        Digits only, as the docs say: C{int()} also read a sign, spaces,
+        C{_} between digits and C{0o} (C{mode=0o6_00} was 0o600).
+        """
+        for key, value, kind in (
+            ("mode", "0o6_00", "an octal number"),
+            ("mode", "+600", "an octal number"),
+            ("backlog", " 12", "a number"),
+            ("backlog", "1_2", "a number"),
+        ):
+            error = self.assertRaises(
+                ValueError, serverFromString, reactor, f"ipc:pong:{key}={value}"
+            )
+            self.assertEqual(str(error), f"ipc: {key}: expected {kind}, got {value!r}")
+
     def test_noServiceName(self) -> None:
         """
         C{ipc} or C{ipc:} alone: an error saying the name is missing, not a

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
+import threading
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -19,9 +21,11 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from ipcd.daemons.udp.client import OUTBOUND
+from ipcd.daemons.udp.session import SessionStats
 from ipcd.test.support import TIMEOUT, as_user, lookup, needs_root, wait_until
 from ipcd.test.test_udp import B_RULES, OK
 from ipcd.test.udpsupport import start_udp_host
+from ipcd.wire import encode
 
 # A child under a uid that opens COUNT sessions (lookups whose sockets it
 # keeps), says how many it got, and holds them until its stdin closes.
@@ -125,3 +129,43 @@ class OutboundSessionLimitTests(TestCase):
         reply = yield deferToThread(lookup, a.rundir, self.route.encode())
         self.assertEqual(reply.data, OK)
         reply.take_socket(self)
+
+    @inlineCallbacks
+    def test_heldStreamStillCounted(self) -> Any:
+        """
+        A session that ends while its stream in ipcd still holds what the
+        client has not read (up to the stream's grace) counts until that
+        stream closes, as an inbound one does: counted out at the session's
+        end, a client not reading could end and open sessions faster than
+        their streams close, ipcd holding a descriptor for each.
+        """
+        a = yield start_udp_host(self, pongd=False)
+        limits = a.broker.limits_for(OUTBOUND)
+        reply = yield deferToThread(lookup, a.rundir, self.route.encode())
+        self.assertEqual(reply.data, OK)
+        sock = reply.take_socket(self)
+        [stats] = [s for s in a.broker.relays if isinstance(s, SessionStats)]
+        session = stats.end.__self__
+        message = encode(b"x" * 4000)
+
+        stop = threading.Event()
+
+        def write() -> None:  # pong's echoes, never read, fill the stream
+            while not stop.is_set():
+                sock.sendall(message)
+
+        writing = deferToThread(write)
+        try:
+            yield wait_until(lambda: session.stream.congested, "the stream full")
+        finally:
+            stop.set()
+            yield writing
+        sock.sendall(struct.pack("!I", 70000))  # too large: the session ends
+        yield wait_until(lambda: session.done, "the session's end")
+        self.assertTrue(session.stream.held)  # (what this test is about)
+        self.assertEqual(limits.total, 1)
+        sock.close()  # the stream's write fails: it closes
+        yield wait_until(lambda: limits.total == 0, "the stream counted out")
+        self.assertEqual(limits.per_peer, {})
+        # (B's stream to pongd, as full, closes within its grace too.)
+        yield wait_until(lambda: self.b.server.held == 0, "B's streams closed")

@@ -13,12 +13,15 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd.daemons.udp import source as sources
-from ipcd.test.support import bounce, lookup
+from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.batch import DatagramSender
+from ipcd.test.support import TIMEOUT, bounce, lookup, wait_until
 from ipcd.test.test_udp import B_RULES, OK, has_ipv6_loopback
-from ipcd.test.udpsupport import start_udp_host
+from ipcd.test.test_udpbatch import offload_missing
+from ipcd.test.udpsupport import next_data, start_udp_host
 from ipcd.wire import encode
 
 
@@ -56,6 +59,114 @@ class SecondAddressTests(TestCase):
         sock = b.server.transport.getHandle()
         level, option = socket.IPPROTO_IP, sources.IP_PKTINFO
         self.assertEqual(sock.getsockopt(level, option), 0)
+
+
+def broadcasting_socket() -> socket.socket:
+    """
+    An IPv4 socket that may send to 255.255.255.255 (the kernel loops a
+    broadcast back to this host's listeners); skips where there is no
+    route for it (a host of loopback only).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        try:  # (connecting sends nothing: a route to it, or not)
+            probe.connect(("255.255.255.255", 9))
+        except OSError as e:
+            raise SkipTest(f"no broadcast here: {e}")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    sock.bind(("0.0.0.0", 0))
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+class BroadcastTests(TestCase):
+    """
+    An IPv4 peer's HELLO to a broadcast address, to a listener bound to
+    every address: answered from this host's own address on the way (the
+    kernel's C{ipi_spec_dst}), never from the broadcast, which is no
+    source.  On a dual-stack C{::} listener the datagram's IPv6 control
+    message names only the IPv4-mapped broadcast: answering from it failed
+    (EINVAL), so the VERIFY, the OK and every DATA of the session were lost.
+    """
+
+    @inlineCallbacks
+    def hello_by_broadcast(self, listen: str) -> Any:
+        """A session opened and echoed, the HELLOs sent to the broadcast."""
+        b = yield start_udp_host(self, rules=B_RULES, listen=listen)
+        sock = broadcasting_socket()
+        self.addCleanup(sock.close)
+        counters = b.broker.counters
+        broadcast = ("255.255.255.255", b.port)
+        nonce = b"b" * udpwire.ID_SIZE
+        sock.sendto(udpwire.hello(nonce, b"pong"), broadcast)
+        yield wait_until(
+            lambda: counters["udp hellos answered with a cookie"], "the VERIFY"
+        )
+        self.assertEqual(counters["udp datagrams dropped: send failed"], 0)
+        answer, source = yield deferToThread(sock.recvfrom, 65536)
+        self.assertNotEqual(source[0], "255.255.255.255")
+        verify = udpwire.decode(answer)
+        self.assertIsInstance(verify, udpwire.Verify)
+        sock.sendto(udpwire.hello(nonce, b"pong", verify.cookie), broadcast)
+        answer, source = yield deferToThread(sock.recvfrom, 65536)
+        ok = udpwire.decode(answer)
+        self.assertIsInstance(ok, udpwire.Accepted)
+        # The session's DATA: from where the OK came (the peer's udpd
+        # connects to it), the echo back from there too.
+        sock.connect(source)
+        sock.send(udpwire.data(ok.session, 0, b"via broadcast"))
+        echo = yield deferToThread(next_data, sock)
+        self.assertEqual(echo.payload, b"via broadcast")
+        sock.send(udpwire.close(ok.session))
+        self.assertEqual(counters["udp datagrams dropped: send failed"], 0)
+
+    def test_everyIPv4Address(self) -> Any:
+        return self.hello_by_broadcast("udp:0:interface=0.0.0.0")
+
+    def test_dualStack(self) -> Any:
+        """(Unanswered before: the answers went out from the broadcast.)"""
+        if not has_ipv6_loopback():
+            raise self.skipTest("no IPv6 here")
+        return self.hello_by_broadcast("udp:0:interface=::")
+
+
+class RunSourceTests(SynchronousTestCase):
+    """
+    A session's datagrams sent in runs (UDP_SEGMENT) carry the source with
+    the segment size: a peer connected to 127.0.0.2 takes them all.
+    """
+
+    def sent_from_second_address(self, family: int, listen: str, info: bytes) -> None:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind((listen, 0))
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(peer.close)
+        peer.bind(("127.0.0.1", 0))
+        peer.connect(("127.0.0.2", sock.getsockname()[1]))  # takes only that
+        peer.settimeout(TIMEOUT)
+        to = peer.getsockname()
+        if family == socket.AF_INET6:
+            to = ("::ffff:" + to[0], to[1])
+        source = sources.answer_from(socket.IPPROTO_IP, info)
+        sender = DatagramSender(sock, to, source=source)
+        sent = [b"%02d" % n + b"x" * 98 for n in range(20)]  # a run of 20
+        self.assertEqual(sender.send_all(sent), [])
+        self.assertEqual([peer.recv(65536) for _ in sent], sent)
+        if offload_missing() is None:
+            self.assertTrue(sender.gso)  # (one run: the source went with it)
+
+    def test_ipv4(self) -> None:
+        info = struct.pack("=i4s4s", 1, bytes([127, 0, 0, 2]), bytes([127, 0, 0, 2]))
+        self.sent_from_second_address(socket.AF_INET, "0.0.0.0", info)
+
+    def test_dualStack(self) -> None:
+        """An IPv4 peer of a :: socket: IP_PKTINFO on the IPv6 socket."""
+        if not has_ipv6_loopback():
+            raise self.skipTest("no IPv6 here")
+        info = struct.pack("=i4s4s", 1, bytes([127, 0, 0, 2]), bytes([127, 0, 0, 2]))
+        self.sent_from_second_address(socket.AF_INET6, "::", info)
 
 
 class AnswerFromTests(SynchronousTestCase):

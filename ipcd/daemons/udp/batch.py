@@ -39,6 +39,7 @@ from ipcd.daemons.udp.wire import MAX_UDP_PAYLOAD
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
 UDP_GRO = getattr(socket, "UDP_GRO", 104)
+_IP = socket.IPPROTO_IP
 _OFFLOAD = sys.platform.startswith("linux")
 # The kernel's UDP_MAX_SEGMENTS (64 until Linux 6.11, 128 since).
 MAX_SEGMENTS = 64
@@ -213,12 +214,12 @@ class BatchReader:
     What the turn's datagrams left to write (the streams put in
     L{pending}) is written when the reading is done.
 
-    On a socket bound to every address, L{destination} is, while a
+    On a socket bound to every address, L{ancillary} holds, while a
     datagram is handed over, where it was sent (L{sources}), which
     L{answer_from} makes the source of an answer.
     """
 
-    destination: bytes | None = None
+    ancillary: list[tuple[int, int, bytes]] = []  # (the datagram's)
 
     log = Logger()
 
@@ -229,7 +230,9 @@ class BatchReader:
         self.gro = gro and enable_gro(self.sock)
         self.ipv6 = self.sock.family == socket.AF_INET6
         # (Not on a connected socket: it sends from one address anyway.)
-        self._where = None if connected else sources.ask_destinations(self.sock)
+        self._where = (
+            sources.NO_KINDS if connected else sources.ask_destinations(self.sock)
+        )
         self.pending: list[Waiting] = []
         port.doRead = self.doRead  # IReadDescriptor's, for the reactor
 
@@ -263,10 +266,10 @@ class BatchReader:
                 address = address[:2]  # as Twisted's: no flow or scope id
             segment = size
             for level, kind, data in ancillary:
-                if level == SOL_UDP and kind == UDP_GRO:
+                if kind == UDP_GRO and level == SOL_UDP:
                     segment = _GRO_SIZE.unpack_from(data)[0] or size
-                elif (level, kind) == self._where:
-                    self.destination = data
+            # Where it was sent, read only to answer it (L{answer_from}).
+            self.ancillary = ancillary
             received += size
             read = view[:size]
             if segment < size:  # a run: its datagrams, copied out first
@@ -282,10 +285,13 @@ class BatchReader:
 
     def answer_from(self) -> Source:
         """The source of an answer to the datagram being handed over."""
-        where = self._where
-        if where is None:
-            return NO_SOURCE
-        return sources.answer_from(where[0], self.destination)
+        where, found = self._where, None
+        for level, kind, data in self.ancillary:
+            # IPv4's first: a dual-stack socket's IPv4 datagram has both.
+            if (level, kind) in where and (found is None or level == _IP):
+                found = level, data
+        # (None: the kernel chooses.)
+        return NO_SOURCE if found is None else sources.answer_from(*found)
 
     def flush(self) -> None:
         """Send what the datagrams read left for the local streams."""

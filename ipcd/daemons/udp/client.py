@@ -195,6 +195,18 @@ async def dial(
         if counted:
             limits.release(counted.pop())
 
+    def ended(session: Session) -> None:
+        udp.stopListening()
+        stream = session.stream
+        if stream is not None and stream.held:
+            # Its stream still holds what the client has not read, for up
+            # to its grace: counted until it closes (as an inbound
+            # session's), or a client not reading could end sessions
+            # faster than their streams close.
+            stream.closed = release
+        else:
+            release()
+
     try:
         reactor = broker.reactor
         where = host_port(host, port)
@@ -238,7 +250,7 @@ async def dial(
             reactor,
             settings["idle_timeout"],
             settings["max_datagram"],
-            lambda session: (udp.stopListening(), release()),
+            ended,
             send_all=None if sender is None else sender.send_all,
         )
         if reader is not None:

@@ -23,41 +23,53 @@ IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, local (spec_dst), destination
 _IN6_PKTINFO = struct.Struct("=16si")  # destination, ifindex
-# What a read takes for it (the larger of the two).
-SPACE = socket.CMSG_SPACE(_IN6_PKTINFO.size)
+# What a read takes for them (both, on a dual-stack socket).
+SPACE = socket.CMSG_SPACE(_IN6_PKTINFO.size) + socket.CMSG_SPACE(_IN_PKTINFO.size)
+NO_KINDS: frozenset[tuple[int, int]] = frozenset()
 
 # An answer's control messages: none (the kernel chooses), or the source.
 Source = tuple[tuple[int, int, bytes], ...]
 NO_SOURCE: Source = ()
 
 
-def ask_destinations(sock: socket.socket) -> tuple[int, int] | None:
+def ask_destinations(sock: socket.socket) -> frozenset[tuple[int, int]]:
     """
     Have the kernel tell, with each datagram C{sock} reads, the address it
     was sent to, if C{sock} is bound to every address (else it answers
-    from its one address anyway): the (level, type) of that control
-    message, or C{None}.  Safe on a socket systemd keeps for the next
-    process (unlike UDP_GRO): one that does not ask reads no control
+    from its one address anyway): the (level, type) of those control
+    messages, none if not asked.  Safe on a socket systemd keeps for the
+    next process (unlike UDP_GRO): one that does not ask reads no control
     message, and a datagram is one datagram all the same.
     """
     try:
         host = sock.getsockname()[0]
         if not ipaddress.ip_address(host.partition("%")[0]).is_unspecified:
-            return None
-        if sock.family == socket.AF_INET6:
-            # (An IPv4 peer's, on a dual-stack socket, comes as IPv4-mapped.)
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
-            return socket.IPPROTO_IPV6, IPV6_PKTINFO
-        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        return socket.IPPROTO_IP, IP_PKTINFO
+            return NO_KINDS
+        if sock.family != socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            return frozenset({(socket.IPPROTO_IP, IP_PKTINFO)})
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
     except (OSError, ValueError, IndexError):
-        return None  # not an IP socket, or no such option: as before
+        return NO_KINDS  # not an IP socket, or no such option: as before
+    kinds = {(socket.IPPROTO_IPV6, IPV6_PKTINFO)}
+    # An IPv4 peer's datagram, on a dual-stack socket, comes with its
+    # destination IPv4-mapped: a broadcast's (192.0.2.255, 255.255.255.255)
+    # is no source (the answer fails, EINVAL or ENETUNREACH), so that
+    # datagram's IP_PKTINFO too, whose local address is one.
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    except OSError:
+        pass  # (IPv6 only: no IPv4 peers)
+    else:
+        kinds.add((socket.IPPROTO_IP, IP_PKTINFO))
+    return frozenset(kinds)
 
 
 def answer_from(level: int, info: bytes | None) -> Source:
     """
     The control message that sends an answer to a datagram from the
     address it came to (C{info}: its C{IP_PKTINFO} or C{IPV6_PKTINFO}).
+    An IPv4 one also serves on a dual-stack socket, to an IPv4-mapped peer.
     """
     if info is None:
         return NO_SOURCE
