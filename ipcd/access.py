@@ -29,7 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from ipcd.errors import Refused
+from ipcd.errors import REFUSED, Refused
 
 # The kernel's own bound on symbolic links in one path walk (ELOOP).
 MAX_SYMLINKS = 40
@@ -67,6 +67,8 @@ OTHERS: Credentials = _Others(-1, -1)
 
 class AccessDenied(Refused):
     """The client could not connect to this socket itself."""
+
+    public = REFUSED
 
 
 def permitted(st: os.stat_result, who: Credentials, want: int) -> bool:
@@ -254,7 +256,8 @@ def open_socket(
                     if last and not follow_last_symlink:
                         raise Refused(
                             f"{path} is a symbolic link; only the socket itself "
-                            "may be reached this way"
+                            "may be reached this way",
+                            public=REFUSED,
                         )
                     # Whoever asks (a grant's or a remote peer's exact
                     # walk too: the admin's word is for the path as the
@@ -321,7 +324,8 @@ def several_names(path: str, st: os.stat_result) -> Refused:
     """The refusal of socket C{path} (stat C{st}) for its other names."""
     return Refused(
         f"{path}: a socket of uid {st.st_uid} with {st.st_nlink} names (hard "
-        "links); a lookup reaches another user's socket only by its one name"
+        "links); a lookup reaches another user's socket only by its one name",
+        public=REFUSED,
     )
 
 
@@ -343,7 +347,8 @@ def _untrusted_link(path: str, st: os.stat_result) -> Refused:
         names, one = f" with {st.st_nlink} names (hard links)", ", by their one name"
     return Refused(
         f"{path}: a symbolic link of uid {st.st_uid}{names} on the way; a "
-        f"client's lookup follows only root's (or ipcd's) links{one}"
+        f"client's lookup follows only root's (or ipcd's) links{one}",
+        public=REFUSED,
     )
 
 

@@ -36,7 +36,7 @@ from ipcd.config import Config
 from ipcd.daemons import BoundOutbound, IOutbound, off_reason, settings_of
 from ipcd.daemons.external import ExternalDaemon
 from ipcd.decisionlog import DecisionLog, Request
-from ipcd.errors import Refused
+from ipcd.errors import NO_SUCH_SERVICE, REFUSED, Refused
 from ipcd.host import IDaemonHost
 from ipcd.identity import LabelCache, Peer
 from ipcd.limits import ConnectionLimits, own_uid_key
@@ -256,7 +256,7 @@ class Broker:
         try:
             name = validate_service_name(service)
         except InvalidServiceName as e:
-            return self._refuse(event, Refused(str(e)))
+            return self._refuse(event, Refused(str(e), public=NO_SUCH_SERVICE))
         # Policy first: a denied peer learns nothing about routes.
         if not self._police(event, [name]):
             return self._refuse(event, _denied(event))
@@ -465,14 +465,20 @@ class Broker:
         name, path = target.name, target.path
         own = self.own_sockets
         if name in own.names()[0]:
-            raise Refused(f"{name!r} is ipcd's own socket, never a lookup target")
+            raise Refused(
+                f"{name!r} is ipcd's own socket, never a lookup target",
+                public=REFUSED,
+            )
         try:
             if event.direction == "in":
                 opened = self._open_as_remote(event, target, again)
             else:
                 opened = self._open_as_client(event, target, again)
         except FileNotFoundError:
-            raise Refused(f"no route to service {name!r}: {path} does not exist")
+            raise Refused(
+                f"no route to service {name!r}: {path} does not exist",
+                public=NO_SUCH_SERVICE,
+            )
         except Refused:
             raise
         except OSError as e:
@@ -616,5 +622,6 @@ def _closing(opened: OpenedSocket) -> Any:
 
 def _denied(event: Request) -> Refused:
     return Refused(
-        f"{event.direction} connection to {event.service!r} {event.decision}"
+        f"{event.direction} connection to {event.service!r} {event.decision}",
+        public=REFUSED,
     )

@@ -5,9 +5,28 @@
 # the socket's buffer, so that it is written at once.
 MAX_REASON = 1000
 
+# What a remote peer is told of a refusal (L{Refused.public}): one of these,
+# never the reason, which may name RUNDIR's paths, the rules, uids and errno
+# text.  The reason goes to ipcd's log (the decision line) for the operator;
+# local clients, on the host already, get it whole.
+REFUSED = "refused"  # the policy or the socket's permissions say no
+NO_SUCH_SERVICE = "no such service"
+UNAVAILABLE = "unavailable"  # it exists, or may: it could not be reached
+BUSY = "busy"  # a limit: try again later
+
 
 class Refused(Exception):
-    """A lookup or connection that cannot be served, and why (one line)."""
+    """
+    A lookup or connection that cannot be served, and why (one line);
+    C{public}: what a remote peer is told (L{UNAVAILABLE} unless said).
+    """
+
+    public = UNAVAILABLE
+
+    def __init__(self, *args: object, public: str | None = None) -> None:
+        super().__init__(*args)
+        if public is not None:
+            self.public = public
 
     @property
     def reason(self) -> str:

@@ -59,6 +59,7 @@ class Handshaking(ClosesDescriptors, Protocol):
     requested = ""
     route = ""
     layer = ""  # the transport's own handshake first: L{InboundHandshake}'s
+    remote = True  # told a refusal's public text only: L{InboundHandshake}'s
     stats_type: type[RelayStats] = RelayStats
     core: InboundHandshake
     _timer: Any = None
@@ -83,6 +84,7 @@ class Handshaking(ClosesDescriptors, Protocol):
             factory.reactor.seconds(),
             factory.handshake_timeout,
             self.layer,
+            self.remote,
         )
         self.act(self.core.started())
 
@@ -238,6 +240,7 @@ class ControlHandshake(Handshaking):
     """
 
     direction = "out"
+    remote = False  # a local client: told the reason
 
     def identify(self) -> Peer:
         try:

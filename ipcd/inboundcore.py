@@ -215,7 +215,9 @@ class InboundHandshake:
     One peer's handshake.  C{who} is the peer (its labels for the policy);
     C{timeout} (seconds, or None) bounds the whole handshake from C{now};
     C{layer} names a handshake of the transport's own that comes first
-    (C{"TLS"}): until L{secured}, nothing is read.
+    (C{"TLS"}): until L{secured}, nothing is read.  C{remote}: a remote
+    peer, told only a refusal's L{Refused.public} (a local client, on a
+    daemon's control socket, is told the reason).
     """
 
     def __init__(
@@ -225,8 +227,10 @@ class InboundHandshake:
         now: float = 0.0,
         timeout: float | None = None,
         layer: str = "",
+        remote: bool = True,
     ) -> None:
         self.who = who
+        self.remote = remote
         self.framing = framing
         self.layer = layer
         self.state = SECURING if layer else READING
@@ -335,12 +339,12 @@ class InboundHandshake:
         """
         value = error.value if isinstance(error, Failure) else error
         if isinstance(value, Refused):
-            return self.refused(value.reason)
+            return self.refused(value.reason, value.public)
         return self.broke(error)
 
-    def refused(self, reason: str) -> list[Any]:
-        """The broker refused, for C{reason}."""
-        return self.refuse(reason) if self.state == ASKING else []
+    def refused(self, reason: str, public: str | None = None) -> list[Any]:
+        """The broker refused, for C{reason} (C{public}: what a peer is told)."""
+        return self.refuse(reason, public=public) if self.state == ASKING else []
 
     def broke(self, error: Any) -> list[Any]:
         """Asking the broker failed unexpectedly (C{error}, for the log)."""
@@ -348,13 +352,21 @@ class InboundHandshake:
             return []
         return [Unexpected(error), *self.refuse("internal error", internal=True)]
 
-    def refuse(self, reason: str, internal: bool = False) -> list[Any]:
-        """Refuse the peer now, for C{reason} (the adapter's own, or ours)."""
+    def refuse(
+        self, reason: str, internal: bool = False, public: str | None = None
+    ) -> list[Any]:
+        """
+        Refuse the peer now, for C{reason} (the adapter's own, or ours);
+        a remote peer is told C{public} when there is one: the broker's
+        reasons name local paths, rules, uids (the decision line has them).
+        Ours name nothing but the peer's own bytes.
+        """
         if self.state in (DONE, GONE):
             return []
         stop = [STOP] if self.state != ASKING and self._deadline else []
         self.state = DONE
-        return [*stop, Refuse(self.framing.no(reason, internal), reason)]
+        told = public if public and self.remote else reason
+        return [*stop, Refuse(self.framing.no(told, internal), reason)]
 
     def tick(self, now: float) -> list[Any]:
         """The time is C{now}: refuse if the handshake is past its deadline."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from ipcd.access import HeldDirectories, OpenedSocket
 from ipcd.config import Config
-from ipcd.errors import Refused
+from ipcd.errors import REFUSED, Refused
 from ipcd.names import OWN_NAMES, InvalidServiceName, socket_path
 from ipcd.owninodes import Inode, RundirInodes
 
@@ -100,7 +100,9 @@ class OwnSockets:
             rundir_stat = held.take_directory_stat()
         if opened.inode in self._own_inodes(rundir_stat):
             opened.close()
-            raise Refused(f"{path} is ipcd's own socket, never a lookup target")
+            raise Refused(
+                f"{path} is ipcd's own socket, never a lookup target", public=REFUSED
+            )
         return opened
 
     def inodes(self) -> set[Inode]:

@@ -165,7 +165,9 @@ class Client(WebSocketClientProtocol):
             factory.timer.cancel()
         if not factory.opened:
             why = self.wasNotCleanReason or reason or "closed"
-            if "denied by default" in str(why):
+            # (What ipcd tells a remote peer the policy refused; older ones
+            # said the rule.)
+            if str(why).endswith("[403]: refused") or "denied by default" in str(why):
                 service = urlsplit(factory.url).path.removeprefix("/")
                 why = (
                     f"{why} (that host's ipcd denies inbound connections unless "

@@ -388,6 +388,11 @@ def assert_refused(case: SynchronousTestCase, reply: Reply, *words: str) -> str:
     return text
 
 
+def assert_logged(case: SynchronousTestCase, lines: list[str], text: str) -> None:
+    """One of C{lines} (L{logged_lines}') says C{text}."""
+    case.assertTrue([line for line in lines if text in line], (text, lines))
+
+
 def recv_upto(sock: socket.socket, count: int) -> bytes:
     """Read C{count} bytes (fewer at EOF)."""
     data = b""
@@ -418,8 +423,13 @@ def assert_route_loop(case: TestCase, host: Any, scheme: str, port: int) -> Any:
     refused as a loop at the first hop, C{pong} routed the same way still
     goes the round, and nothing stays held in C{own_dials}.
     """
+    lines = logged_lines(case)
     reply = yield deferToThread(lookup, host.rundir, b"loopy")
-    assert_refused(case, reply, "route loop", "'loopy'")
+    # The daemon told its dialer, a remote peer for it, no more than this;
+    # the decision line says why.
+    told = assert_refused(case, reply, "loopy")
+    case.assertTrue(told.endswith(": unavailable"), told)
+    assert_logged(case, lines, "route loop: 'loopy'")
     case.assertEqual(host.broker.counters["inbound requests"], 1)
     route = f"pong;pong {scheme}://127.0.0.1:{port}/pong".encode()
     reply = yield deferToThread(lookup, host.rundir, route)

@@ -46,7 +46,9 @@ from ipcd.test.support import (
     ACL_USER_OBJ,
     accepts,
     as_user,
+    assert_logged,
     counted_pong,
+    logged_lines,
     lookup,
     make_config,
     needs_root,
@@ -728,15 +730,15 @@ class RemoteOwnSocketsTests(TestCase):
         os.chmod(os.path.join(host.rundir, "pong"), 0o666)
         os.symlink("ipcd-control", os.path.join(host.rundir, "ctl"))
         os.symlink("pong", os.path.join(host.rundir, "alias"))
-        for name in (b"ipcd-control", b"tcp", b"ipc"):
-            answer = yield self.ask(host.port, name)
-            self.assertEqual(
-                answer, b"ne '%s' is ipcd's own socket, never a lookup target" % name
-            )
+        lines = logged_lines(self)
+        for name in ("ipcd-control", "tcp", "ipc"):
+            answer = yield self.ask(host.port, name.encode())
+            self.assertEqual(answer, b"ne refused")  # (the peer is told no more)
+            assert_logged(self, lines, f"'{name}' is ipcd's own socket")
         for name in (b"ctl", b"alias"):
             answer = yield self.ask(host.port, name)
-            self.assertTrue(answer.startswith(b"ne "), answer)
-            self.assertIn(b"symbolic link", answer)
+            self.assertEqual(answer, b"ne refused")
+            assert_logged(self, lines, f"{name.decode()} is a symbolic link")
         self.assertEqual(host.broker.counters["connected"], 0)
 
         # pong itself is served.
@@ -754,8 +756,10 @@ class RemoteOwnSocketsTests(TestCase):
         path, factory = _private_socket(self)
         bus = os.path.join(host.rundir, "bus")
         os.link(path, bus)
+        lines = logged_lines(self)
         answer = yield self.ask(host.port, b"bus")
-        self.assertIn(b"a socket of uid 0 with 2 names", answer)
+        self.assertEqual(answer, b"ne refused")
+        assert_logged(self, lines, "a socket of uid 0 with 2 names")
         self.assertEqual(factory.connections, 0)
         self.assertEqual(
             status_report(host.broker)["inbound"]["bus"],
@@ -781,11 +785,14 @@ class RemoteOwnSocketsTests(TestCase):
         path, factory = _private_socket(self)
         os.symlink(os.path.dirname(path), app)
         os.lchown(app, ALICE.uid, ALICE.gid)
+        lines = logged_lines(self)
         answer = yield self.ask(host.port, b"app")
-        self.assertEqual(
-            answer,
-            b"ne %s/root.sock: a symbolic link of uid 61001 on the way; a "
-            b"client's lookup follows only root's (or ipcd's) links" % app.encode(),
+        self.assertEqual(answer, b"ne refused")
+        assert_logged(
+            self,
+            lines,
+            f"{app}/root.sock: a symbolic link of uid 61001 on the way; a "
+            "client's lookup follows only root's (or ipcd's) links",
         )
         self.assertEqual(factory.connections, 0)
 
@@ -818,9 +825,11 @@ class RemoteOwnSocketsTests(TestCase):
             f"{app}/root.sock: a symbolic link of uid 61001 on the way; a "
             "client's lookup follows only root's (or ipcd's) links"
         )
+        lines = logged_lines(self)
         for name in (b"app", b"granted"):
             answer = yield self.ask(host.port, name)
-            self.assertEqual(answer, b"ne " + refused.encode())
+            self.assertEqual(answer, b"ne refused")
+        assert_logged(self, lines, refused)
         inbound = status_report(host.broker)["inbound"]
         self.assertEqual(
             (inbound["app"], inbound["granted"]),
@@ -854,9 +863,11 @@ class RemoteOwnSocketsTests(TestCase):
         host = yield start_host(self, [f"allow in {name}" for name in names])
         for name, own in zip(names, ("ipcd-control", "tcp", "ipc"), strict=True):
             os.link(os.path.join(host.rundir, own), os.path.join(host.rundir, name))
+        lines = logged_lines(self)
         for name in names:
             answer = yield self.ask(host.port, name.encode())
-            self.assertIn(b"is ipcd's own socket", answer)
+            self.assertEqual(answer, b"ne refused")
+            assert_logged(self, lines, f"{name} is ipcd's own socket")
         self.assertEqual(host.broker.counters["connected"], 0)
         reach = status_report(host.broker)["inbound"]
         for name in names:

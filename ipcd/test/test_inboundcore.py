@@ -21,7 +21,7 @@ from ipcd.daemons.tls.inbound import TlsInbound
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.daemons.udp.server import HelloAnswers
 from ipcd.daemons.websocket.server import UpgradeAnswers
-from ipcd.errors import Refused
+from ipcd.errors import BUSY, NO_SUCH_SERVICE, REFUSED, UNAVAILABLE, Refused
 from ipcd.identity import Peer, remote_peer
 from ipcd.inbound import ControlHandshake
 from ipcd.inboundcore import (
@@ -64,8 +64,11 @@ def tlsd() -> InboundHandshake:
 
 
 def control() -> InboundHandshake:
-    """C{RUNDIR/SCHEME}'s: a framed URI."""
-    return InboundHandshake(PEER, ControlHandshake(None).framing(), NOW, TIMEOUT)
+    """C{RUNDIR/SCHEME}'s: a framed URI, from a local client."""
+    control = ControlHandshake(None)
+    return InboundHandshake(
+        PEER, control.framing(), NOW, TIMEOUT, remote=control.remote
+    )
 
 
 def websocketd() -> InboundHandshake:
@@ -112,11 +115,12 @@ class TcpdTests(SynchronousTestCase):
         framed.received(wire.encode(b"secret"))
         reason = "denied by default"
         self.assertEqual(
-            raw.failed(Refused(reason)), [Refuse(b"ne denied by default", reason)]
+            raw.failed(Refused(reason, public=REFUSED)),
+            [Refuse(b"ne refused", reason)],
         )
         self.assertEqual(
-            framed.failed(Failure(Refused(reason))),
-            [Refuse(wire.encode(b"ne denied by default"), reason)],
+            framed.failed(Failure(Refused(reason, public=REFUSED))),
+            [Refuse(wire.encode(b"ne refused"), reason)],
         )
         self.assertEqual(raw.opened(Socket())[0].__class__, Discard)
 
@@ -128,7 +132,24 @@ class TcpdTests(SynchronousTestCase):
         sock = Socket()
         self.assertEqual(accepted.answered(sock), [Join(sock, b"ok", b"")])
         [refuse] = refused.answered(Failure(Refused("denied by default")))
-        self.assertEqual(refuse.answer, b"ne denied by default")
+        self.assertEqual(refuse.answer, b"ne unavailable")  # (unless said)
+
+    def test_remotePeerToldOnlyThePublicText(self) -> None:
+        """
+        The broker's reason (local paths, rules) stays in the Refuse for the
+        log; a remote peer is told its public text, one of four.
+        """
+        for public in (REFUSED, NO_SUCH_SERVICE, UNAVAILABLE, BUSY):
+            core = tcpd()
+            core.received(b"pong")
+            reason = "no route to service 'pong': /run/ipc/pong does not exist"
+            [refuse] = core.failed(Refused(reason, public=public))
+            self.assertEqual(refuse, Refuse(b"ne " + public.encode(), reason))
+
+    def test_ownReasonsSaidWhole(self) -> None:
+        """The core's own reasons name only the peer's bytes: said whole."""
+        refuse = tcpd().received("pöng".encode())[-1]
+        self.assertEqual(refuse.answer, b"ne request is not ASCII")
 
     def test_internalError(self) -> None:
         """Anything but a refusal is logged and refused as ipcd's fault."""
@@ -281,6 +302,14 @@ class ControlTests(SynchronousTestCase):
         )
         self.assertEqual(refuse.answer, wire.encode(b"ne handshake too long"))
 
+    def test_localClientToldTheReason(self) -> None:
+        """A local client (upstream's ipcd) is on the host: told the reason."""
+        core = control()
+        core.received(wire.encode(b"tcp://127.0.0.1:9/pong"))
+        reason = "cannot connect to tcpd at 127.0.0.1:9: connection refused"
+        [refuse] = core.failed(Refused(reason))
+        self.assertEqual(refuse.answer, wire.encode(b"ne " + reason.encode()))
+
 
 class WebSocketdTests(SynchronousTestCase):
     """websocketd: the upgrade's path, answered with an HTTP status."""
@@ -301,12 +330,12 @@ class WebSocketdTests(SynchronousTestCase):
         return deny
 
     def test_noSuchService(self) -> None:
-        deny = self.deny(Refused("no route to service 'pong'"))
-        self.assertEqual((deny.code, deny.reason), (404, "no route to service 'pong'"))
+        deny = self.deny(Refused("no route to service 'pong'", public=NO_SUCH_SERVICE))
+        self.assertEqual((deny.code, deny.reason), (404, "no such service"))
 
     def test_denied(self) -> None:
-        deny = self.deny(Refused("denied by rule 2"))
-        self.assertEqual((deny.code, deny.reason), (403, "denied by rule 2"))
+        deny = self.deny(Refused("denied by rule 2", public=REFUSED))
+        self.assertEqual((deny.code, deny.reason), (403, "refused"))
 
     def test_reasonFitsAStatusLine(self) -> None:
         """A peer's name in the reason cannot add a header or run on."""
@@ -347,8 +376,8 @@ class UdpdTests(SynchronousTestCase):
         core = udpd()
         core.request(b"pong")
         reason = "denied by default"
-        [refuse] = core.failed(Refused(reason))
-        self.assertEqual(udpwire.decode(refuse.answer), udpwire.Refusal(NONCE, reason))
+        [refuse] = core.failed(Refused(reason, public=REFUSED))
+        self.assertEqual(udpwire.decode(refuse.answer), udpwire.Refusal(NONCE, REFUSED))
         self.assertLessEqual(len(refuse.answer), HELLO_SIZE)  # no amplification
 
     def test_notAscii(self) -> None:
@@ -359,7 +388,8 @@ class UdpdTests(SynchronousTestCase):
         )
 
     def test_longReasonFitsTheHello(self) -> None:
-        core = InboundHandshake(PEER, HelloAnswers(NONCE, 40))
+        # (A local one's: a remote peer's reasons are short.)
+        core = InboundHandshake(PEER, HelloAnswers(NONCE, 40), remote=False)
         core.request(b"pong")
         [refuse] = core.failed(Refused("x" * 500))
         self.assertLessEqual(len(refuse.answer), 40)

@@ -208,11 +208,19 @@ class TwoNamespacesMixin(NamespacePair):
         )
 
     def test_deniedAcrossNamespaces(self: Any) -> None:
-        """Without C{--allow in pong}, B refuses and A's client says why."""
+        """
+        Without C{--allow in pong}, B refuses: A's client says B refused
+        (all B tells a remote peer), B's log says why.
+        """
         route, rundir_a, log_a, log_b = self.start_hosts()
         result = pong_in(self.ns_a, rundir_a, route, "hello")
         self.assertEqual(result.returncode, 1, result)
-        self.assertIn(b"denied by default", result.stderr)
+        self.assertIn(b"refused 'pong': refused\n", result.stderr)
+        poll(
+            lambda: "denied by default" in read_text(log_b),
+            "host B to log why",
+            TIMEOUT,
+        )
 
 
 class IPv4NamespaceTests(TwoNamespacesMixin, SynchronousTestCase):

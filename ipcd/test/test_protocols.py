@@ -33,7 +33,7 @@ from ipcd.control import ControlFactory, format_status, status_report
 from ipcd.daemons import IOutbound
 from ipcd.daemons.tcp import TcpInbound
 from ipcd.daemons.tls.handover import TlsRelayStats
-from ipcd.errors import Refused
+from ipcd.errors import REFUSED, Refused
 from ipcd.identity import Peer
 from ipcd.inbound import ControlHandshake, HandshakeFactory
 from ipcd.limits import REFUSAL_GRACE
@@ -509,8 +509,8 @@ class TcpHandshakeTests(SynchronousTestCase):
     def test_raw_refusal_is_raw(self) -> None:
         protocol, transport = self.inbound()
         protocol.dataReceived(b"secret")
-        self.broker.inbound[0][2].errback(Refused("denied by default"))
-        self.assertEqual(transport.value(), b"ne denied by default")
+        self.broker.inbound[0][2].errback(Refused("denied by default", public=REFUSED))
+        self.assertEqual(transport.value(), b"ne refused")
         self.assertTrue(transport.disconnecting)
 
     def test_refusal_leaves_one_timer(self) -> None:
@@ -530,8 +530,8 @@ class TcpHandshakeTests(SynchronousTestCase):
     def test_framed_refusal_is_framed(self) -> None:
         protocol, transport = self.inbound()
         protocol.dataReceived(wire.encode(b"secret"))
-        self.broker.inbound[0][2].errback(Refused("denied by default"))
-        self.assertEqual(transport.value(), wire.encode(b"ne denied by default"))
+        self.broker.inbound[0][2].errback(Refused("denied by default", public=REFUSED))
+        self.assertEqual(transport.value(), wire.encode(b"ne refused"))
         self.assertTrue(transport.disconnecting)
 
     def test_internal_error_is_refused(self) -> None:

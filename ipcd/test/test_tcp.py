@@ -31,6 +31,7 @@ from ipcd.limits import LOG_PERIOD
 from ipcd.relay import READ_SIZE
 from ipcd.test.support import (
     TIMEOUT,
+    assert_logged,
     assert_no_fd_leak,
     assert_refused,
     assert_unexpected_bounded,
@@ -43,6 +44,7 @@ from ipcd.test.support import (
     make_config,
     open_fds,
     short_rundir,
+    stale_socket,
     start_ipcd,
     wait_rate_limited,
     wait_until,
@@ -69,6 +71,7 @@ B_RULES = [
     "deny in secret*",
     "allow in pong",
     "allow in missing",
+    "allow in stale",
     "allow in sink",
     "allow in digest",
     "allow in stalled",
@@ -186,8 +189,11 @@ class EndToEndTests(TwoHostsTestCase):
         fds = len(reply.fds)
         reply.close_fds()
         self.assertEqual(fds, 0)
-        self.assertTrue(reply.data.startswith(b"ne "), reply.data)
-        self.assertIn(b"denied by rule 1", reply.data)
+        # What B's tcpd told A (a remote peer), in A's own reason.
+        self.assertEqual(
+            reply.data,
+            f"ne tcpd at 127.0.0.1:{self.b.port} refused 'secret': refused".encode(),
+        )
 
     @inlineCallbacks
     def test_notATcpdIsNotEchoed(self) -> Any:
@@ -320,9 +326,10 @@ class ProxiedPeerTests(TestCase):
         self.assertEqual(answer, OK)
         echo = yield deferToThread(bounce, sock)
         self.assertEqual(echo, encode(b"bounce me"))
+        lines = logged_lines(self)
         answer = yield deferToThread(proxied, b.port, "198.51.100.7", b"pong")
-        self.assertTrue(answer.startswith(b"ne "), answer)
-        self.assertIn(b"denied", answer)
+        self.assertEqual(answer, b"ne refused")
+        assert_logged(self, lines, "198.51.100.7")
         limits = b.broker.limits_for("tcpd")
         yield wait_until(lambda: limits.total == 1, "the refused one let go")
         self.assertEqual(dict(limits.per_peer), {"ip:127.0.0.1/32": 1})
@@ -524,35 +531,53 @@ class HandshakeTests(TwoHostsTestCase):
         self.assertEqual(echo, encode(b"bounce me"))
 
     @inlineCallbacks
-    def assertRefused(self, request: bytes, *reasons: bytes) -> Any:
+    def assertRefused(self, request: bytes, told: bytes, *logged: str) -> Any:
+        """
+        The peer is told exactly C{ne told}; the decision line says each of
+        C{logged} (the whole reason, for the operator).
+        """
+        lines = logged_lines(self)
         answer = yield deferToThread(refused, self.b.port, request)
-        self.assertTrue(answer.startswith(b"ne "), answer)
-        for reason in reasons:
-            self.assertIn(reason, answer)
+        self.assertEqual(answer, b"ne " + told)
+        for reason in logged:
+            assert_logged(self, lines, reason)
         yield self.assertServing()
         return answer
 
     def test_unknownService(self) -> Any:
-        return self.assertRefused(b"missing", b"does not exist")
+        missing = f"{self.b.rundir}/missing does not exist"
+        return self.assertRefused(b"missing", b"no such service", missing)
 
     def test_deniedByDefault(self) -> Any:
         """No rule allows C{ipc}: the default for C{in} denies."""
-        return self.assertRefused(b"ipc", b"denied by default")
+        return self.assertRefused(b"ipc", b"refused", "denied by default")
 
     def test_deniedByRule(self) -> Any:
-        return self.assertRefused(b"secret", b"denied by rule 1 (deny in secret* *)")
+        rule = "denied by rule 1 (deny in secret* *)"
+        return self.assertRefused(b"secret", b"refused", rule)
+
+    def test_remotePeerToldNoLocalDetails(self) -> Any:
+        """
+        A remote peer learns "refused", "no such service", "unavailable"
+        or "busy", never RUNDIR's paths, the rules, uids or errno text:
+        those stay in the decision line.  A socket nobody listens on.
+        """
+        stale = os.path.join(self.b.rundir, "stale")
+        stale_socket(stale)
+        self.addCleanup(os.unlink, stale)
+        return self.assertRefused(b"stale", b"unavailable", f"stale socket {stale}")
 
     def test_invalidName(self) -> Any:
-        return self.assertRefused(b"../ipc")
+        return self.assertRefused(b"../ipc", b"no such service", "'../ipc'")
 
     def test_nulInName(self) -> Any:
-        return self.assertRefused(b"po\0ng")
+        return self.assertRefused(b"po\0ng", b"no such service")
 
     def test_notAscii(self) -> Any:
-        return self.assertRefused(b"p\xffng", b"not ASCII")
+        return self.assertRefused(b"p\xffng", b"request is not ASCII")
 
     def test_tooLongRawName(self) -> Any:
-        return self.assertRefused(b"p" * 300)
+        return self.assertRefused(b"p" * 300, b"no such service")
 
     @inlineCallbacks
     def test_longNameLoggedCut(self) -> Any:
@@ -562,7 +587,7 @@ class HandshakeTests(TwoHostsTestCase):
         of bounded size for each request a peer makes).
         """
         lines = logged_lines(self)
-        yield self.assertRefused(b"p" * 5000, b"longer than 255 bytes")
+        yield self.assertRefused(b"p" * 5000, b"no such service")
         said = [line for line in lines if "longer than 255 bytes" in line]
         self.assertTrue(said, lines)
         for line in said:
@@ -993,9 +1018,11 @@ class ControlSocketTests(TwoHostsTestCase):
         return self.assertControlRefused(b"udp://127.0.0.1:9/pong", b"tcp:// URIs only")
 
     def test_remoteRefusal(self) -> Any:
-        return self.assertControlRefused(
-            self.b.route("secret").encode(), b"denied by rule 1"
-        )
+        # B told this ipcd's tcpd (a remote peer) "refused"; the control
+        # socket's client (local) is told that whole.
+        port = self.b.port
+        told = f"tcpd at 127.0.0.1:{port} refused 'secret': refused".encode()
+        return self.assertControlRefused(self.b.route("secret").encode(), told)
 
 
 class StatsTests(TwoHostsTestCase):
@@ -1090,8 +1117,10 @@ class RouteLoopTests(TestCase):
         limits allow (128 from one lookup before).
         """
         rundir, _port, broker = yield self.start()
+        lines = logged_lines(self)
         reply = yield deferToThread(lookup, rundir, b"loopy")
-        assert_refused(self, reply, "route loop", "'loopy'")
+        assert_refused(self, reply, "'loopy': unavailable")
+        assert_logged(self, lines, "route loop: 'loopy'")
         self.assertEqual(broker.counters["inbound requests"], 1)
         self.assertEqual(len(broker.own_dials), 0)
 
@@ -1129,8 +1158,10 @@ class DualStackTests(TestCase):
         sock, answer = yield deferToThread(raw_request, host.port, b"pong")
         sock.close()
         self.assertEqual(answer, b"ne", "let in over IPv4 past 'deny in pong ip:127.*'")
+        lines = logged_lines(self)
         answer = yield deferToThread(refused, host.port, b"pong")
-        self.assertIn(b"denied by rule 1 (deny in pong ip:127.*)", answer)
+        self.assertEqual(answer, b"ne refused")
+        assert_logged(self, lines, "denied by rule 1 (deny in pong ip:127.*)")
 
     @inlineCallbacks
     def test_mappedAddressSeesAnIPv4Peer(self) -> Any:
@@ -1152,5 +1183,7 @@ class DualStackTests(TestCase):
             sock, answer = yield deferToThread(raw_request, host.port, b"pong")
             sock.close()
             self.assertEqual(answer, b"ne", f"let in over IPv4 past {pattern}")
+            lines = logged_lines(self)
             answer = yield deferToThread(refused, host.port, b"pong")
-            self.assertIn(f"denied by rule 1 (deny in pong {pattern})".encode(), answer)
+            self.assertEqual(answer, b"ne refused")
+            assert_logged(self, lines, f"denied by rule 1 (deny in pong {pattern})")

@@ -27,16 +27,19 @@ from ipcd.daemons.tls.material import Material, ServerCreator
 from ipcd.limits import LOG_BURST, LOG_PERIOD
 from ipcd.test.support import (
     TIMEOUT,
+    assert_logged,
     assert_no_fd_leak,
     assert_refused,
     bounce,
     connect_unix,
     fd_baseline,
     free_port,
+    logged_lines,
     lookup,
     make_config,
     recv_upto,
     short_rundir,
+    stale_socket,
     wait_rate_limited,
     wait_until,
 )
@@ -49,6 +52,7 @@ from ipcd.test.tlssupport import (
     secrets_file,
     start_tls_host,
 )
+from ipcd.test.wssupport import unverified_context
 from ipcd.wire import encode
 
 OK = b"ok"
@@ -243,7 +247,7 @@ class CertificateTests(TlsTestCase):
         alice = yield self.psk_client("alice", ALICE_KEY)
         bob = yield self.psk_client("bob", BOB_KEY)
         yield self.assertPong(alice, b.route("pong"))
-        yield self.assertRefused(bob, b.route("pong"), "denied")
+        yield self.assertRefused(bob, b.route("pong"), "'pong': refused")
 
 
 class ReloadTests(TlsTestCase):
@@ -482,7 +486,7 @@ class RefusalTests(TlsTestCase):
             self.assertNotIn(b"ok", answer)
         # Four bytes are no TLS record: the handshake deadline ends each.
         yield self.assertLogged("dropping 127.0.0.1", "no TLS handshake in time")
-        yield self.refusedThenServing(self.good, self.b.route("missing"), "denied")
+        yield self.refusedThenServing(self.good, self.b.route("missing"), "refused")
 
     @inlineCallbacks
     def test_stalledHandshake(self) -> Any:
@@ -500,7 +504,7 @@ class RefusalTests(TlsTestCase):
         counters = self.b.broker.counters
         self.assertEqual(counters["tlsd: TLS handshakes timed out"], 1)
         self.assertEqual(counters["tlsd: TLS handshakes failed"], 0)
-        yield self.refusedThenServing(self.good, self.b.route("missing"), "denied")
+        yield self.refusedThenServing(self.good, self.b.route("missing"), "refused")
 
 
 class OutboundTests(TlsTestCase):
@@ -562,6 +566,40 @@ class OutboundTests(TlsTestCase):
         yield assert_no_fd_leak(before)
 
 
+def tls_answer(port: int, request: bytes) -> bytes:
+    """All tlsd says to a TLS peer asking for C{request} (framed)."""
+    with socket.create_connection(("127.0.0.1", port), TIMEOUT) as raw:
+        with unverified_context().wrap_socket(raw) as tls:
+            tls.sendall(encode(request))
+            return recv_eof(tls)
+
+
+class RemoteRefusalTests(TlsTestCase):
+    @inlineCallbacks
+    def test_remotePeerToldNoLocalDetails(self) -> Any:
+        """
+        A TLS peer is told exactly "refused", "no such service" or
+        "unavailable": never RUNDIR's paths, the rule or errno text, which
+        the decision line keeps.
+        """
+        server = self.ca.issue("localhost")
+        b = yield start_tls_host(
+            self,
+            {"certificate": server.cert, "key": server.key},
+            rules=["deny in secret", "allow in missing", "allow in stale"],
+        )
+        stale_socket(os.path.join(b.rundir, "stale"))
+        lines = logged_lines(self)
+        for request, told, logged in (
+            (b"secret", b"refused", "denied by rule 1 (deny in secret *)"),
+            (b"missing", b"no such service", f"{b.rundir}/missing does not exist"),
+            (b"stale", b"unavailable", f"stale socket {b.rundir}/stale"),
+        ):
+            answer = yield deferToThread(tls_answer, b.port, request)
+            self.assertEqual(answer, encode(b"ne " + told))
+            assert_logged(self, lines, logged)
+
+
 class RouteLoopTests(TlsTestCase):
     @inlineCallbacks
     def test_routedOutAgainRefused(self) -> Any:
@@ -580,8 +618,10 @@ class RouteLoopTests(TlsTestCase):
             rules=["allow in loopy psk:alice", "allow in pong psk:alice"],
             routes={"loopy": f"tls://127.0.0.1:{port}/loopy"},
         )
+        lines = logged_lines(self)
         reply = yield deferToThread(lookup, host.rundir, b"loopy")
-        assert_refused(self, reply, "route loop", "'loopy'")
+        assert_refused(self, reply, "'loopy': unavailable")
+        assert_logged(self, lines, "route loop: 'loopy'")
         self.assertEqual(host.broker.counters["inbound requests"], 1)
         # The same ipcd, a name served here: a round trip through its tlsd.
         yield self.assertPong(host, f"tls://127.0.0.1:{port}/pong")

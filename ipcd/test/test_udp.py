@@ -31,6 +31,7 @@ from ipcd.test.support import (
     ARABIC_INDIC,
     TIMEOUT,
     RunningIpcdTestCase,
+    assert_logged,
     assert_no_fd_leak,
     assert_route_loop,
     assert_unexpected_bounded,
@@ -38,9 +39,11 @@ from ipcd.test.support import (
     connect_unix,
     fd_baseline,
     free_port,
+    logged_lines,
     lookup,
     recv_upto,
     short_rundir,
+    stale_socket,
     wait_until,
 )
 from ipcd.test.udpsupport import (
@@ -181,16 +184,43 @@ class EndToEndTests(TwoHostsTestCase):
 
     @inlineCallbacks
     def test_remoteRefusalReachesTheClient(self) -> Any:
-        """B's policy refusal comes back in A's C{ne}, with B's reason."""
+        """
+        B's policy refusal comes back in A's C{ne}, as B told A (a remote
+        peer): "refused"; B's decision line has the rule.
+        """
+        lines = logged_lines(self)
         answer = yield self.refusedOnA("secret")
         self.assertEqual(
             answer,
-            f"ne udpd at 127.0.0.1:{self.b.port} refused 'secret': in connection "
-            "to 'secret' denied by rule 1 (deny in secret* *)".encode(),
+            f"ne udpd at 127.0.0.1:{self.b.port} refused 'secret': refused".encode(),
         )
+        assert_logged(self, lines, "denied by rule 1 (deny in secret* *)")
         answer = yield self.refusedOnA("missing")
-        self.assertIn(b"refused 'missing': in connection to 'missing' denied", answer)
+        self.assertIn(b"refused 'missing': refused", answer)
         yield self.assertServing()
+
+    @inlineCallbacks
+    def test_remotePeerToldNoLocalDetails(self) -> Any:
+        """
+        A HELLO's NO says exactly "refused", "no such service" or
+        "unavailable": never RUNDIR's paths, the rule or errno text, which
+        B's decision line keeps.
+        """
+        b = yield start_udp_host(
+            self, rules=["deny in secret", "allow in missing", "allow in stale"]
+        )
+        stale_socket(os.path.join(b.rundir, "stale"))
+        lines = logged_lines(self)
+        sock = udp_socket()
+        self.addCleanup(sock.close)
+        for service, told, logged in (
+            (b"secret", "refused", "denied by rule 1 (deny in secret *)"),
+            (b"missing", "no such service", f"{b.rundir}/missing does not exist"),
+            (b"stale", "unavailable", f"stale socket {b.rundir}/stale"),
+        ):
+            answer, _ = yield deferToThread(handshake, sock, b.port, service)
+            self.assertEqual(answer, udpwire.Refusal(answer.nonce, told))
+            assert_logged(self, lines, logged)
 
     @inlineCallbacks
     def test_nobodyListening(self) -> Any:
@@ -400,7 +430,7 @@ class HostileDatagramTests(TwoHostsTestCase):
         refusal, got = yield deferToThread(handshake, sock, self.b.port, service)
         self.assertEqual(len(got), 2)
         self.assertTrue(all(len(answer) <= len(hello) for answer in got))
-        self.assertIn("denied by rule 1", refusal.reason)
+        self.assertEqual(refusal.reason, "refused")
         self.assertEqual(self.b.sessions(), [])
 
     @inlineCallbacks
@@ -552,8 +582,7 @@ class LimitTests(TwoHostsTestCase):
         answer = yield self.refusedOnA("pong")
         self.assertEqual(
             answer,
-            f"ne udpd at 127.0.0.1:{self.b.port} refused 'pong': "
-            "too many sessions".encode(),
+            f"ne udpd at 127.0.0.1:{self.b.port} refused 'pong': busy".encode(),
         )
         first.close()
         yield wait_until(lambda: not self.b.sessions(), "the first session to end")
@@ -636,8 +665,10 @@ class InboundPathTests(TwoHostsTestCase):
 
     @inlineCallbacks
     def test_ruleOnTheAddress(self) -> Any:
+        lines = logged_lines(self)
         answer = yield self.refusedOnA("pong")
-        self.assertIn(b"denied by rule 3 (deny in pong ip:127.0.0.1)", answer)
+        self.assertTrue(answer.endswith(b"refused 'pong': refused"), answer)
+        assert_logged(self, lines, "denied by rule 3 (deny in pong ip:127.0.0.1)")
 
 
 class PerPeerLimitTests(TwoHostsTestCase):
@@ -653,8 +684,12 @@ class PerPeerLimitTests(TwoHostsTestCase):
         """[limits] max_connections_per_peer holds per address, for udpd too."""
         first = yield self.lookupOnA()
         second = yield self.lookupOnA()
+        lines = logged_lines(self)
         answer = yield self.refusedOnA("pong")
-        self.assertIn(b"too many connections from ip:127.0.0.1/32 (at most 2)", answer)
+        self.assertTrue(answer.endswith(b"refused 'pong': busy"), answer)
+        assert_logged(
+            self, lines, "too many connections from ip:127.0.0.1/32 (at most 2)"
+        )
         self.assertEqual(self.b.broker.counters["udpd: refused, per-peer limit"], 1)
         first.close()
         yield wait_until(lambda: len(self.b.sessions()) == 1, "a session to end")
@@ -799,8 +834,7 @@ class ClosingWhatIsHeldTests(TwoHostsTestCase):
         answer = yield self.refusedOnA("pong")
         self.assertEqual(
             answer,
-            f"ne udpd at 127.0.0.1:{self.b.port} refused 'pong': "
-            "too many sessions".encode(),
+            f"ne udpd at 127.0.0.1:{self.b.port} refused 'pong': busy".encode(),
         )
         self.assertEqual(self.b.broker.limits_for("udpd").total, 1)  # its peer's
         deaf[0].transport.abortConnection()

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -39,6 +40,7 @@ from ipcd.names import listen_unix
 from ipcd.test.support import (
     TIMEOUT,
     assert_lines_bounded,
+    assert_logged,
     assert_no_fd_leak,
     assert_route_loop,
     assert_unexpected_bounded,
@@ -54,7 +56,7 @@ from ipcd.test.support import (
     wait_rate_limited,
     wait_until,
 )
-from ipcd.test.tcpsupport import BAD_PROXY_HEADERS
+from ipcd.test.tcpsupport import BAD_PROXY_HEADERS, recv_eof
 from ipcd.test.wssupport import (
     BINARY,
     CLOSE,
@@ -64,6 +66,7 @@ from ipcd.test.wssupport import (
     WS_LISTEN,
     TurnCounts,
     close_code,
+    connect_tcp,
     make_ca,
     read_opening,
     start_ws_host,
@@ -129,6 +132,19 @@ def refusal(
     opening = ws_open(port, path, origin, host_header=host)
     opening.sock.close()
     return opening.status, opening.reason
+
+
+def raw_upgrade(port: int, path: str) -> bytes:
+    """All websocketd sends a peer asking to upgrade C{path}, to its EOF."""
+    sock = connect_tcp("127.0.0.1", port, None, None, TIMEOUT)
+    with sock:
+        sock.sendall(upgrade_request(path, f"127.0.0.1:{port}"))
+        return recv_eof(sock)
+
+
+# What a peer asking for a service there is not reads: the status line,
+# no header, no body (nothing of RUNDIR's).
+NO_SUCH_SERVICE_ANSWER = b"HTTP/1.1 404 no such service\r\n\r\n"
 
 
 def websocketc(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
@@ -353,6 +369,31 @@ class InboundTests(TestCase):
         self.assertEqual((lines.returncode, lines.stdout), (0, b"one\ntwo\n"))
 
     @inlineCallbacks
+    def test_noDescriptorForTheServiceClosesUnavailable(self) -> Any:
+        """
+        No descriptor left to take the service's connection when the
+        WebSocket opens: the peer's close frame is 1011 "unavailable", no
+        errno text (it was "cannot relay to the service: Too many open
+        files"); the log says that.
+        """
+        joining = WebSocketInbound.joinSocket
+
+        def no_descriptor(protocol: Any, reactor: Any, *args: Any, **kw: Any) -> Any:
+            return joining(protocol, NoDescriptorLeft(reactor), *args, **kw)
+
+        self.patch(WebSocketInbound, "joinSocket", no_descriptor)
+        lines = logged_lines(self)
+        opening = yield deferToThread(ws_open, self.host.port, "/pong")
+        with opening.sock:
+            self.assertEqual(opening.status, 101)
+            frame = yield deferToThread(ws_recv, opening.sock)
+        self.assertEqual(frame, (CLOSE, struct.pack("!H", 1011) + b"unavailable"))
+        yield wait_until(
+            lambda: [line for line in lines if "cannot relay to the service" in line],
+            "the reason logged",
+        )
+
+    @inlineCallbacks
     def test_websocketcTellsRefusedFromUnreachable(self) -> Any:
         """Exit 3 with the reason for a refusal, 4 when nobody listens."""
         refused = yield deferToThread(websocketc, self.url("secret"), "x")
@@ -361,9 +402,8 @@ class InboundTests(TestCase):
         self.assertEqual(
             refused.stderr.decode(),
             f"websocketc: {self.url('secret')}: WebSocket connection upgrade failed "
-            "[403]: in connection to 'secret' denied by default (that host's ipcd "
-            'denies inbound connections unless a rule allows them: --allow "in '
-            'secret")\n',
+            "[403]: refused (that host's ipcd denies inbound connections unless "
+            'a rule allows them: --allow "in secret")\n',
         )
         free = socket.socket()
         free.bind(("127.0.0.1", 0))
@@ -384,9 +424,9 @@ class InboundTests(TestCase):
         """
         before = yield fd_baseline()
         denied = yield deferToThread(refusal, self.host.port, "/secret")
-        self.assertEqual(denied, (403, "in connection to 'secret' denied by default"))
+        self.assertEqual(denied, (403, "refused"))
         bad = yield deferToThread(refusal, self.host.port, "/a/b")
-        self.assertEqual(bad[0], 403)
+        self.assertEqual(bad, (404, "no such service"))
         for _ in range(20):
             status = yield deferToThread(refusal, self.host.port, "/secret")
             self.assertEqual(status[0], 403)
@@ -455,11 +495,16 @@ class InboundPathTests(TestCase):
 class UnknownServiceTests(TestCase):
     @inlineCallbacks
     def test_unknownServiceIs404(self) -> Any:
-        """An allowed name that no service listens on: 404 and the reason."""
+        """
+        An allowed name that no service listens on: 404 "no such service",
+        exactly what the peer reads (the status line, no body); RUNDIR's
+        path only in the decision line.
+        """
         host = yield start_ws_host(self, rules=["allow in nosuch"])
-        status, reason = yield deferToThread(refusal, host.port, "/nosuch")
-        self.assertEqual(status, 404)
-        self.assertIn("no route to service 'nosuch'", reason)
+        lines = logged_lines(self)
+        answer = yield deferToThread(raw_upgrade, host.port, "/nosuch")
+        self.assertEqual(answer, NO_SUCH_SERVICE_ANSWER)
+        assert_logged(self, lines, f"{host.rundir}/nosuch does not exist")
 
 
 class OriginTests(TestCase):
@@ -914,7 +959,7 @@ class RouteTests(TestCase):
         self.assertEqual(
             reply.data.decode(),
             f"ne websocketd at {route}: WebSocket connection upgrade failed "
-            "[403]: in connection to 'secret' denied by default",
+            "[403]: refused",
         )
 
     @inlineCallbacks

@@ -68,11 +68,12 @@ def start_ws_host(
     routes: dict[str, str] | None = None,
     dns: dict[str, Any] | None = None,
     ipcd: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
     **websocketd: Any,
 ) -> Any:
     """
     Start an ipcd with websocketd (and pongd); stopped after the test.
-    C{ipcd}: its C{[ipcd]} settings.
+    C{ipcd}, C{limits}: its C{[ipcd]}, C{[limits]} settings.
     """
     rundir = short_rundir(case, "ipcd-ws-")
     settings = {"listen": listen, "ping_interval": 0, **websocketd}
@@ -85,6 +86,7 @@ def start_ws_host(
         routes=routes or {},
         dns=dns or {},
         ipcd=ipcd or {},
+        limits=limits or {},
     )
     service = yield start_ipcd(case, config)
     port = yield service.getServiceNamed("websocketd").listening()

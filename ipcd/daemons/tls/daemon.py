@@ -25,12 +25,13 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from ipcd import outlimits
 from ipcd.checkers import Expected, boolean, positive_number
 from ipcd.daemons import (
     IOutbound,
@@ -53,6 +54,7 @@ from ipcd.daemons.tls.material import (
     ServerCreator,
     read_material,
 )
+from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
 from ipcd.reactors import IHostReactor
 from ipcd.relay import SocketRelays, TransportRelays
@@ -63,6 +65,8 @@ SCHEME = "tls"
 SECTION = "tlsd"
 DEFAULT_PORT = 9001
 DEFAULT_LISTEN = "tcp:9001:interface=127.0.0.1"
+# The connection limits tls:// relays are counted in (L{outlimits}).
+OUTBOUND = "tls relays out"
 
 log = Logger()
 
@@ -291,6 +295,13 @@ class TlsDaemon(ListeningDaemon):
             material = state.material()
         except MaterialError as e:
             return refused(str(e))
+        # Counted from here until the relay ends (its socketpair and the TLS
+        # connection are held in ipcd; a kernel TLS socket handed to the
+        # client ends it at once), or the dial fails.
+        try:
+            release = outlimits.admit(broker, OUTBOUND, "tls relays", client)
+        except Refused as e:
+            return fail(e)
         dialed = dial(
             broker, material, uri.host, port, target.service, state.kernel_tls()
         )
@@ -317,6 +328,7 @@ class TlsDaemon(ListeningDaemon):
                 daemon=SECTION,
                 tls={**dialer.tls, "peer": _server_identity(material, uri.host)},
             )
+            stats.on_end = release
             relay_over(
                 state,
                 dialer.transport,
@@ -329,7 +341,7 @@ class TlsDaemon(ListeningDaemon):
             )
             return given
 
-        return dialed.addCallback(joined)
+        return dialed.addCallback(joined).addErrback(outlimits.releasing(release))
 
     def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
         serves = self.enabled(settings) and bool(

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 
+from ipcd import outlimits
 from ipcd.daemons.udp import READ_SIZE, SECTION
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.daemons.udp.batch import read_in_batches, sender_for
@@ -26,7 +27,6 @@ from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
 from ipcd.identity import Peer
-from ipcd.limits import network_peer_key
 from ipcd.logs import printable
 from ipcd.routes import host_port
 from ipcd.sockets import host_addresses
@@ -146,23 +146,8 @@ async def handshake(
             timer.cancel()
 
 
-# The connection limits outbound sessions are counted in (per client: its
-# uid; per all: [limits] max_connections), as ipcd holds a UDP socket and
-# a stream for each while the client holds its end.
+# The connection limits outbound sessions are counted in (L{ipcd.outlimits}).
 OUTBOUND = "udp sessions out"
-
-
-def client_key(client: Peer, config: Any) -> str:
-    """
-    What C{client}'s sessions are counted under: its uid; a remote peer's
-    (one reaching a udp:// route through tcpd) address prefix.
-    """
-    if client.uid is not None:
-        return f"uid:{client.uid}"
-    if client.address is not None:
-        ipv4, ipv6 = config.peer_prefix_ipv4, config.peer_prefix_ipv6
-        return network_peer_key(client.address[0], ipv4, ipv6)
-    return "unknown"
 
 
 async def dial(
@@ -181,19 +166,7 @@ async def dial(
     client could have ipcd hold two descriptors for each session it opens
     (with a peer of its own that answers every HELLO) until ipcd has none.
     """
-    limits = broker.limits_for(OUTBOUND)
-    if limits.total >= limits.max_total:
-        limits.counters[f"{OUTBOUND}: refused, at the maximum"] += 1
-        raise Refused(f"too many udp sessions (at most {limits.max_total})")
-    key = client_key(client, broker.config)
-    reason = limits.admit(key)
-    if reason is not None:
-        raise Refused(reason)
-    counted = [key]
-
-    def release() -> None:
-        if counted:
-            limits.release(counted.pop())
+    release = outlimits.admit(broker, OUTBOUND, "udp sessions", client)
 
     def ended(session: Session) -> None:
         udp.stopListening()

@@ -29,6 +29,7 @@ from ipcd.daemons.udp.batch import BatchReader, sender_for
 from ipcd.daemons.udp.cookie import AddressCookies
 from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream_factory
 from ipcd.daemons.udp.source import NO_SOURCE, Source
+from ipcd.errors import BUSY
 from ipcd.host import IDaemonHost
 from ipcd.identity import remote_peer
 from ipcd.inboundcore import InboundHandshake
@@ -217,7 +218,7 @@ class UdpServer(DatagramProtocol):
             return  # the broker is still connecting: the OK is on its way
         if len(self.hellos) + self.held >= self.settings()["max_sessions"]:
             self.broker.counters["udp sessions refused: too many"] += 1
-            refusal = udpwire.refusal(hello.nonce, "too many sessions", size)
+            refusal = udpwire.refusal(hello.nonce, BUSY, size)
             self._answer(refusal, address, size, source)
             return
         config = self.broker.config
@@ -226,7 +227,7 @@ class UdpServer(DatagramProtocol):
         )
         reason = self.limits.admit(peer_key)
         if reason is not None:  # one peer may not take every session
-            refusal = udpwire.refusal(hello.nonce, reason, size)
+            refusal = udpwire.refusal(hello.nonce, BUSY, size)  # (logged)
             self._answer(refusal, address, size, source)
             return
         self.peer_keys[key] = peer_key

@@ -49,6 +49,7 @@ from ipcd.daemons.websocket.limits import (
     HeadReader,
     ReadPauses,
 )
+from ipcd.errors import UNAVAILABLE
 from ipcd.reactors import IAdoptingReactor
 from ipcd.relay import RelayStats, began, ended
 from ipcd.wire import HEADER, MessageProtocol
@@ -192,7 +193,9 @@ class WebSocketSide(BoundedPeer):
             # Not left open (its reads paused until joined, for ever) nor
             # listed as a relay that never ends.
             why = f"cannot relay to the service: {e.strerror or e}"
-            self.failBound(CLOSE_INTERNAL, why)
+            # The far side is a remote peer: told no errno text (why is
+            # logged, or told the local client, by the caller).
+            self.failBound(CLOSE_INTERNAL, UNAVAILABLE)
             return why
         finally:
             sock.close()  # the reactor holds its own duplicate

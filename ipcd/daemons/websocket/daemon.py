@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from ipcd import outlimits
 from ipcd.checkers import Expected, non_negative_number, positive_int, positive_number
 from ipcd.daemons import (
     IProtocolDaemon,
@@ -53,6 +54,8 @@ SCHEME = "ws"
 SECURE_SCHEME = "wss"
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 DEFAULT_PORTS = {SCHEME: 80, SECURE_SCHEME: 443}
+# The connection limits ws:// and wss:// relays are counted in (L{outlimits}).
+OUTBOUND = "websocket relays out"
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
 # What a peer reads at the connection limit, before any request.
 BUSY = b"HTTP/1.1 503 too many connections\r\nContent-Length: 0\r\n\r\n"
@@ -172,7 +175,14 @@ class WebSocketDaemon(ListeningDaemon):
             client, "out", target.service, str(uri), broker.relays, daemon=SECTION
         )
         try:
-            return connect_websocket(
+            # Counted from here until the bridge ends (its socketpair and
+            # connection are held in ipcd), or the dial fails.
+            release = outlimits.admit(broker, OUTBOUND, "websocket relays", client)
+        except Refused as e:
+            return fail(e)
+        stats.on_end = release
+        try:
+            dialed = connect_websocket(
                 broker.reactor,
                 uri.scheme,
                 uri.host,
@@ -185,7 +195,9 @@ class WebSocketDaemon(ListeningDaemon):
                 own_dials=broker.own_dials,
             )
         except Refused as e:
+            release()
             return fail(e)
+        return dialed.addErrback(outlimits.releasing(release))
 
     def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
         on = self.enabled(settings)

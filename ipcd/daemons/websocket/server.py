@@ -42,6 +42,7 @@ from ipcd.daemons.websocket.factories import (
     tls_failure,
 )
 from ipcd.daemons.websocket.page import page_response
+from ipcd.errors import NO_SUCH_SERVICE
 from ipcd.host import IDaemonHost
 from ipcd.identity import remote_peer
 from ipcd.limits import REFUSAL_GRACE, RateLimitedObserver
@@ -120,8 +121,9 @@ def _status_reason(reason: str) -> str:
 class UpgradeAnswers:
     """
     websocketd's framing of the answers (a L{Framing}): autobahn answers
-    the upgrade; a refusal is an HTTP status with the reason (404 for no
-    such service, 500 for ipcd's fault, else 403).
+    the upgrade; a refusal is an HTTP status with what a remote peer is
+    told (L{ipcd.errors}: 404 for no such service, 500 for ipcd's fault,
+    else 403).
     """
 
     def parse(self, buffer: bytes) -> tuple[bytes, bytes] | None:
@@ -133,7 +135,7 @@ class UpgradeAnswers:
     def no(self, reason: str, internal: bool = False) -> ConnectionDeny:
         if internal:
             return ConnectionDeny(500, reason)
-        code = 404 if reason.startswith("no route to service") else 403
+        code = 404 if reason == NO_SUCH_SERVICE else 403
         return ConnectionDeny(code, _status_reason(reason))
 
 
