@@ -319,6 +319,8 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
             "test_brokerpath",
         ),
     ),
+    # Listeners' connection limits, refusals and their rate-limited log.
+    "limits": ("ipcd/limits.py", None, ("test_limits",)),
 }
 
 # The survivors issue 14 named, as written there: (point, file, old, new).
