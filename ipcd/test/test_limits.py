@@ -11,22 +11,31 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import IFileDescriptorReceiver, IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.logger import Logger, formatEvent, globalLogPublisher
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from ipcd import limits as limits_module
+from ipcd.compat import twisted as compat_twisted
 from ipcd.limits import (
     LOG_BURST,
     REFUSAL_GRACE,
     ConnectionLimits,
+    LimitedEndpoint,
+    LimitedFactory,
     RateLimitedObserver,
     network_peer_key,
+    unix_peer_key,
 )
 from ipcd.test.support import (
     TIMEOUT,
@@ -51,18 +60,21 @@ from ipcd.test.support import (
 )
 from ipcd.test.tcpsupport import recv_eof, start_host
 from ipcd.test.wssupport import make_ca, start_ws_host, unverified_context
-from ipcd.wire import encode
+from ipcd.wire import LOG_LINES_DROPPED, encode
 
 
 class _Port:
     def __init__(self) -> None:
         self.reading = True
+        self.stops = self.starts = 0
 
     def stopReading(self) -> None:  # noqa: N802
         self.reading = False
+        self.stops += 1
 
     def startReading(self) -> None:  # noqa: N802
         self.reading = True
+        self.starts += 1
 
 
 class _Transport:
@@ -78,6 +90,16 @@ class _Transport:
 
     def abortConnection(self) -> None:  # noqa: N802
         self.aborted = True
+
+
+class _TlsTransport(_Transport):
+    """A transport that cannot half-close (TLS)."""
+
+    loseWriteConnection = None  # type: ignore[assignment]
+    closed = False
+
+    def loseConnection(self) -> None:  # noqa: N802
+        self.closed = True
 
 
 class ConnectionLimitsTests(SynchronousTestCase):
@@ -194,15 +216,104 @@ class ConnectionLimitsTests(SynchronousTestCase):
         self.limits.admit("uid:1")
         for _ in range(1000):
             self.limits.admit("uid:1")
+        self.assertEqual(LOG_BURST, 5)  # as docs/configuration.rst says
         self.assertEqual(len(self.events), LOG_BURST)
         self.assertEqual(self.limits.counters["ipc: refused, per-peer limit"], 1000)
-        # At the end of the period, one line says how many were left out.
-        self.clock.advance(60)
+        self.assertEqual(self.limits.counters[LOG_LINES_DROPPED], 1000 - LOG_BURST)
+        # At the end of the period (10 s), one line says how many were left out.
+        self.clock.advance(9.999)
+        self.assertEqual(len(self.events), LOG_BURST)
+        self.clock.advance(0.001)
         self.assertEqual(len(self.events), LOG_BURST + 1)
         self.assertEqual(self.events[-1]["ipcd_dropped"], 1000 - LOG_BURST)
         self.limits.admit("uid:1")
         self.assertEqual(len(self.events), LOG_BURST + 2)
         self.assertNotIn("ipcd_dropped", self.events[-1])
+
+    def test_documentedRefusalGrace(self) -> None:
+        """A refused peer has 1 s (docs/securing.rst) to read and close."""
+        transport = _Transport()
+        self.limits.refuse(transport, b"ne no")
+        self.clock.advance(0.999)
+        self.assertFalse(transport.aborted)
+        self.clock.advance(0.001)
+        self.assertTrue(transport.aborted)
+
+    def test_refusalClosesWithoutHalfClose(self) -> None:
+        """A transport that cannot half-close (TLS) is closed once it has sent."""
+        transport = _TlsTransport()
+        self.limits.refuse(transport, b"ne no")
+        self.assertEqual((transport.written, transport.closed), (b"ne no", True))
+
+    def test_lingeringCountedPerPeer(self) -> None:
+        """
+        At most 8 refused connections of one peer wait out their grace; one
+        gone makes room for one more, and a peer with none left is forgotten.
+        """
+        first = [_Transport() for _ in range(9)]
+        for transport in first:
+            self.limits.refuse(transport, b"", "uid:1")
+        self.assertEqual([t.aborted for t in first], [False] * 8 + [True])
+        for transport in first[:7]:
+            self.limits.refused_gone(transport)
+        second = [_Transport() for _ in range(8)]
+        for transport in second:
+            self.limits.refuse(transport, b"", "uid:1")
+        self.assertEqual([t.aborted for t in second], [False] * 7 + [True])
+        for transport in [first[7], *second[:7]]:
+            self.limits.refused_gone(transport)
+        self.assertEqual(dict(self.limits._lingering), {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_pausedOnceOverTheMaximum(self) -> None:
+        """
+        Connections accepted in the same turn may pass the maximum: the
+        listener is paused (and that counted and logged) once, and resumes
+        only below the maximum again.
+        """
+        for key in ("uid:1", "uid:2", "uid:3", "uid:4", "uid:5"):
+            self.limits.admit(key)
+        self.assertEqual(self.port.stops, 1)
+        self.assertEqual(self.limits.counters["ipc: paused at the connection limit"], 1)
+        self.assertEqual(
+            [formatEvent(e) for e in self.events],
+            ["ipc: 4 connections, the maximum: not accepting more until one ends"],
+        )
+        self.limits.release("uid:5")
+        self.assertFalse(self.port.reading, "4 connections: still the maximum")
+        self.limits.release("uid:4")
+        self.assertEqual((self.port.reading, self.port.starts), (True, 1))
+
+    def test_neverPausedNeverResumed(self) -> None:
+        """A listener the limits did not pause is not resumed by them."""
+        self.limits.admit("uid:1")
+        self.limits.release("uid:1")
+        self.assertEqual(self.port.starts, 0)
+
+    def test_roomByDefault(self) -> None:
+        """Without C{spare}, the last place is room."""
+        for key in ("uid:1", "uid:2", "uid:3"):
+            self.limits.admit(key)
+        self.assertTrue(self.limits.has_room("uid:4"))
+
+    def test_serviceMaximumOfOne(self) -> None:
+        """A service's maximum of 1 is a maximum (only 0 is none)."""
+        self.limits.service_maximum = lambda: 1
+        self.limits.admit("uid:1")
+        self.assertFalse(self.port.reading)
+
+    def test_acceptErrorsCounted(self) -> None:
+        """The accept errors Twisted logs through the port are counted, and logged."""
+        port = _Port()
+        port._logger = Logger(namespace="twisted.internet.tcp.Port")  # type: ignore
+        if not compat_twisted.count_accept_errors(port, lambda logger: logger):
+            raise SkipTest("this Twisted's ports have no _logger")
+        self.limits.listening(port)
+        port._logger.error("accept error: EMFILE")
+        self.assertEqual(self.limits.counters["ipc: accept errors"], 1)
+        self.assertEqual(
+            [formatEvent(e) for e in self.events], ["accept error: EMFILE"]
+        )
 
 
 class RateLimitedObserverTests(SynchronousTestCase):
@@ -238,6 +349,80 @@ class RateLimitedObserverTests(SynchronousTestCase):
         self.assertEqual(formatEvent(seen[-1]), "2 similar log lines left out; x 7")
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def observer(self, burst: int) -> tuple[list[dict[str, Any]], Clock, Any]:
+        """What a new observer passes on, its clock, and the observer."""
+        seen: list[dict[str, Any]] = []
+        clock = Clock()
+        return seen, clock, RateLimitedObserver(seen.append, clock, burst, period=10)
+
+    def test_firstEventAsItIs(self) -> None:
+        """Nothing left out yet: the first events pass unprefixed."""
+        seen, _clock, observer = self.observer(burst=2)
+        observer({"log_format": "x {i}", "i": 0})
+        self.assertEqual([formatEvent(e) for e in seen], ["x 0"])
+        self.assertNotIn("ipcd_dropped", seen[0])
+
+    def test_droppedCounted(self) -> None:
+        """Each line left out is counted in the counters given."""
+        counters: Counter[str] = Counter()
+        observer = RateLimitedObserver(
+            [].append, Clock(), burst=1, period=10, counters=counters
+        )
+        for i in range(4):
+            observer({"log_format": "x", "i": i})
+        self.assertEqual(counters, Counter({LOG_LINES_DROPPED: 3}))
+
+    def test_summaryAtTheEndOfThePeriod(self) -> None:
+        """
+        The summary comes when the period that began with its first line
+        ends, however late in it the lines were left out.
+        """
+        seen, clock, observer = self.observer(burst=1)
+        observer({"log_format": "x"})
+        clock.advance(9.5)
+        observer({"log_format": "x"})
+        clock.advance(0.49)
+        self.assertEqual(len(seen), 1)
+        clock.advance(0.01)
+        self.assertEqual((len(seen), seen[-1]["ipcd_dropped"]), (2, 1))
+
+    def test_summaryCountsInTheBurst(self) -> None:
+        """
+        A summary carried by an event is one of the new period's lines; the
+        period's own summary is due again for the lines left out after it.
+        """
+        seen, clock, observer = self.observer(burst=2)
+        for i in range(3):
+            observer({"log_format": "x {i}", "i": i})
+        clock.rightNow += 10  # the summary's call has not run
+        for i in range(3, 7):
+            observer({"log_format": "x {i}", "i": i})
+        self.assertEqual(
+            [formatEvent(e) for e in seen],
+            ["x 0", "x 1", "1 similar log lines left out; x 3", "x 4"],
+        )
+        clock.advance(10)
+        self.assertEqual(
+            formatEvent(seen[-1]),
+            "2 similar log lines left out in 10 s; the last: x 6",
+        )
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_flush(self) -> None:
+        """C{flush} says at once what was left out, and only once."""
+        seen, clock, observer = self.observer(burst=1)
+        for i in range(3):
+            observer({"log_format": "x {i}", "i": i})
+        observer.flush()
+        self.assertEqual(
+            formatEvent(seen[-1]),
+            "2 similar log lines left out in 10 s; the last: x 2",
+        )
+        self.assertEqual(clock.getDelayedCalls(), [])
+        observer.flush()
+        clock.advance(10)
+        self.assertEqual(len(seen), 2)
+
 
 class NetworkPeerKeyTests(SynchronousTestCase):
     def test_prefixes(self) -> None:
@@ -264,6 +449,14 @@ class NetworkPeerKeyTests(SynchronousTestCase):
             network_peer_key("fe80::1%eth0", 32, 128), "ip:fe80::1%eth0/128"
         )
 
+    def test_notAnAddress(self) -> None:
+        """A peer address that is no IP address is its own key."""
+        self.assertEqual(network_peer_key("peer-name", 32, 64), "ip:peer-name")
+
+    def test_unixPeerUnknown(self) -> None:
+        """A UNIX transport whose peer cannot be told is one peer, C{unknown}."""
+        self.assertEqual(unix_peer_key(object()), "uid:unknown")
+
     def test_parsedOncePerAddress(self) -> None:
         """
         A connection's key is most of its admission's cost (ipaddress: about
@@ -277,6 +470,144 @@ class NetworkPeerKeyTests(SynchronousTestCase):
         for n in range(1100):
             network_peer_key(f"10.0.{n // 250}.{n % 250}", 32, 64)
         self.assertEqual(limits_module._prefix_key.cache_info().currsize, 1024)
+
+
+@implementer(IHalfCloseableProtocol, IFileDescriptorReceiver)
+class _Wanting(Protocol):
+    """A protocol that takes half-closes and descriptors."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:  # noqa: N802
+        self.seen.append(descriptor)
+
+    def readConnectionLost(self) -> None:  # noqa: N802
+        self.seen.append("read lost")
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        self.seen.append("write lost")
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.seen.append("lost")
+
+
+class _Factory(Factory):
+    noisy = False
+
+    def __init__(self, protocol: type[Protocol]) -> None:
+        self.protocol = protocol
+        self.stopped = 0
+
+    def stopFactory(self) -> None:  # noqa: N802
+        self.stopped += 1
+
+
+class LimitedProtocolTests(SynchronousTestCase):
+    """A listener's connections through L{LimitedFactory}, on memory transports."""
+
+    def setUp(self) -> None:
+        self.limits = ConnectionLimits("ipc", 4, 1, Clock(), observer=[].append)
+
+    def connect(self, protocol: type[Protocol] = _Wanting, key: str = "uid:1") -> Any:
+        factory = LimitedFactory(
+            _Factory(protocol), self.limits, peer_key=lambda transport: key
+        )
+        wrapper = factory.buildProtocol(None)
+        wrapper.makeConnection(StringTransport())
+        return wrapper
+
+    def descriptor(self) -> int:
+        read, write = os.pipe()
+        os.close(write)
+        self.addCleanup(lambda: _close_quietly(read))
+        return read
+
+    def test_halfCloseWanted(self) -> None:
+        """Half-closes reach a wrapped protocol that takes them."""
+        wrapper = self.connect()
+        self.assertTrue(IHalfCloseableProtocol.providedBy(wrapper))
+        wrapper.readConnectionLost()
+        wrapper.writeConnectionLost()
+        self.assertEqual(wrapper.wrappedProtocol.seen, ["read lost", "write lost"])
+        self.assertFalse(IHalfCloseableProtocol.providedBy(self.connect(Protocol)))
+
+    def test_descriptors(self) -> None:
+        """
+        An admitted connection's descriptors go to a wrapped protocol that
+        takes them; any other's are closed.
+        """
+        wrapper = self.connect()
+        fd = self.descriptor()
+        wrapper.fileDescriptorReceived(fd)
+        self.assertEqual(wrapper.wrappedProtocol.seen, [fd])
+        os.fstat(fd)  # still open: the wrapped protocol's now
+        for wrapper in (self.connect(Protocol, "uid:2"), self.connect()):
+            fd = self.descriptor()
+            wrapper.fileDescriptorReceived(fd)  # the second: refused (1 per peer)
+            self.assertRaises(OSError, os.fstat, fd)
+            self.assertEqual(getattr(wrapper.wrappedProtocol, "seen", []), [])
+
+    def test_refusedHandOff(self) -> None:
+        """A refused connection handed off gives nothing back when it ends."""
+        self.connect()
+        refused = self.connect()
+        self.assertIsNone(refused.key)
+        refused.handOff()()
+        self.assertEqual(
+            (self.limits.total, dict(self.limits.per_peer)), (1, {"uid:1": 1})
+        )
+
+    def test_lostOnce(self) -> None:
+        """An admitted connection lost twice is released once."""
+        wrapper = self.connect()
+        wrapped = wrapper.wrappedProtocol
+        wrapper.connectionLost(None)
+        wrapper.connectionLost(None)
+        self.assertEqual((self.limits.total, dict(self.limits.per_peer)), (0, {}))
+        self.assertEqual(wrapped.seen, ["lost"])
+
+    def test_releaseIsSmall(self) -> None:
+        """What a relay keeps to give a place back has no dict of its own."""
+        release = self.connect().handOff()
+        self.assertFalse(hasattr(release, "__dict__"))
+        release()
+        self.assertEqual(self.limits.total, 0)
+
+    def test_factoryQuietAndStopped(self) -> None:
+        """
+        Starting and stopping is not logged per listener; stopping stops
+        the wrapped factory and says at once what the rate limit left out.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        limits = ConnectionLimits("ipc", 4, 1, Clock(), observer=events.append)
+        wrapped = _Factory(Protocol)
+        factory = LimitedFactory(wrapped, limits)
+        factory.doStart()
+        for i in range(LOG_BURST + 2):
+            limits.log.warn("line {i}", i=i)
+        factory.doStop()
+        self.assertEqual(wrapped.stopped, 1)
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [f"line {i}" for i in range(LOG_BURST)]
+            + ["2 similar log lines left out in 10 s; the last: line 6"],
+        )
+
+    def test_endpointAttributes(self) -> None:
+        """A limited endpoint shows the wrapped endpoint's attributes."""
+        wrapped = Clock()
+        wrapped.path = "/run/x"  # type: ignore[attr-defined]
+        self.assertEqual(LimitedEndpoint(wrapped, self.limits).path, "/run/x")
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 class SilentClientsTests(TestCase):

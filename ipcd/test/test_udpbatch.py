@@ -7,6 +7,7 @@ in one recvmsg (GRO) are cut apart again; a turn reads a bounded number.
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import sys
@@ -50,13 +51,18 @@ class CountingSocket(socket.socket):
 
     calls = 0
     refuse: int | None = None  # the errno its sendmsg fails with, if any
+    refuse_one: int | None = None  # the errno send and sendto fail with
 
     def send(self, *args: Any) -> int:
         self.calls += 1
+        if self.refuse_one is not None:
+            raise OSError(self.refuse_one, "refused for the test")
         return super().send(*args)
 
     def sendto(self, *args: Any) -> int:
         self.calls += 1
+        if self.refuse_one is not None:
+            raise OSError(self.refuse_one, "refused for the test")
         return super().sendto(*args)
 
     def sendmsg(self, *args: Any) -> int:
@@ -139,10 +145,11 @@ class SenderTests(SynchronousTestCase):
         self.assertEqual(sender.send_all(sent), [])
         self.assertEqual(receive(self.peer, 4), sent)
         self.assertEqual((sender.gso_below, self.sock.calls), (1500, 1 + 4))
-        self.sock.calls = 0
-        sender.send_all(datagrams((4, 1600)))
-        self.assertEqual(self.sock.calls, 4)
-        receive(self.peer, 4)
+        for size in (1500, 1600):  # that size again, and larger
+            self.sock.calls = 0
+            sender.send_all(datagrams((4, size)))
+            self.assertEqual(self.sock.calls, 4)
+            receive(self.peer, 4)
 
     def test_offloadRefused(self) -> None:
         """A kernel without the option: one by one from then on."""
@@ -160,31 +167,91 @@ class SenderTests(SynchronousTestCase):
 
     def test_lostRunReturned(self) -> None:
         """Any other error loses the run: returned, nothing sent."""
-        sender = DatagramSender(self.sock, self.peer.getsockname())
+        told: list[bool] = []
+        sender = DatagramSender(
+            self.sock, self.peer.getsockname(), refused=lambda: told.append(True)
+        )
         sender.gso = True
         self.sock.refuse = errno.ENOBUFS
         sent = datagrams((3, 100))
         self.assertEqual(sender.send_all(sent), sent)
         self.peer.settimeout(0)
         self.assertRaises(BlockingIOError, self.peer.recv, 65536)
+        self.assertEqual(told, [], "not a refusal")
 
-    def test_refusedPeerTold(self) -> None:
+    def test_lostOneByOne(self) -> None:
         """
-        Nobody listening at the connected address: the ICMP error comes
-        back on a later send, which calls C{refused} and loses the rest.
+        A lone datagram lost is returned, and C{send} says so; only
+        ECONNREFUSED is a refusal.
+        """
+        told: list[bool] = []
+        sender = DatagramSender(
+            self.sock, self.peer.getsockname(), refused=lambda: told.append(True)
+        )
+        self.sock.refuse_one = errno.ENOBUFS
+        lone = datagrams((1, 100))
+        self.assertEqual(sender.send_all(lone), lone)
+        self.assertIs(sender.send(lone[0]), False)
+        self.assertRaises(OSError, sender.write, lone[0])
+        self.assertEqual(told, [])
+        self.sock.refuse_one = None
+        self.assertIs(sender.send(lone[0]), True)
+        self.assertEqual(receive(self.peer, 1), lone)
+
+    def test_refusedWithNobodyToTell(self) -> None:
+        """A sender with no C{refused} loses what is refused, and goes on."""
+        sender = DatagramSender(self.sock, self.peer.getsockname())
+        sender.gso = True
+        self.sock.refuse = self.sock.refuse_one = errno.ECONNREFUSED
+        sent = datagrams((3, 100), (1, 300))
+        self.assertEqual(sender.send_all(sent), sent)
+        self.assertIs(sender.send(sent[0]), False)
+
+    def test_runsOfOneByte(self) -> None:
+        """
+        One-byte datagrams go in runs too; an empty one after a run goes
+        alone (in the run it would add nothing to the send: lost).
+        """
+        sender = DatagramSender(self.sock, self.peer.getsockname())
+        sent = [b"a", b"b", b"c", b"", b"", b"de", b"fg", b"h"]
+        self.assertEqual(sender.send_all(sent), [])
+        self.assertEqual(receive(self.peer, len(sent)), sent)
+        if offload_missing() is None:
+            # a, b, c; the empty ones; de, fg and h (a run's shorter last).
+            self.assertEqual(self.sock.calls, 4)
+
+    def refused_peer(self, gso: bool, count: int) -> tuple[list[bool], list[bytes]]:
+        """
+        Send runs of C{count} datagrams to a closed port, connected, until
+        the sender is told of the refusal (at most 10): told, and lost.
         """
         port = self.peer.getsockname()
         self.peer.close()
         told: list[bool] = []
         self.sock.connect(port)
         sender = DatagramSender(self.sock, refused=lambda: told.append(True))
+        sender.gso = sender.gso and gso
         lost = []
         for _ in range(10):  # the error is the kernel's to deliver
-            lost += sender.send_all(datagrams((3, 100)))
+            lost += sender.send_all(datagrams((count, 100)))
             if told:
                 break
+        return told, lost
+
+    def test_refusedPeerTold(self) -> None:
+        """
+        Nobody listening at the connected address: the ICMP error comes
+        back on a later send, which calls C{refused} and loses the rest.
+        """
+        told, lost = self.refused_peer(gso=True, count=3)
         self.assertEqual(told, [True])
         self.assertTrue(lost)
+
+    def test_refusedPeerToldOneByOne(self) -> None:
+        """The same, datagrams sent one by one (no runs, or lone ones)."""
+        told, lost = self.refused_peer(gso=False, count=1)
+        self.assertEqual(told, [True])
+        self.assertEqual(lost, datagrams((1, 100)))
 
 
 def refusal_pending(sock: socket.socket) -> socket.socket:
@@ -326,6 +393,11 @@ class OldKernelSocket(socket.socket):
             raise OSError(errno.ENOPROTOOPT, "Protocol not available")
         return super().getsockopt(level, option, *args)
 
+    def setsockopt(self, level: int, option: int, *args: Any) -> None:
+        if (level, option) == (batch.SOL_UDP, UDP_GRO):
+            raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+        super().setsockopt(level, option, *args)
+
     def sendmsg(self, buffers: Any, ancillary: Any = (), *args: Any) -> int:
         kept = [c for c in ancillary if c[0] != batch.SOL_UDP]
         return super().sendmsg(buffers, kept, *args)
@@ -343,12 +415,18 @@ class OldKernelTests(SynchronousTestCase):
         self.addCleanup(peer.close)
         sock = OldKernelSocket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(sock.close)
+        self.assertIs(batch.gso_known(sock), False)
         sender = DatagramSender(sock, peer.getsockname())
         sent = datagrams((5, 100))
         self.assertEqual(sender.send_all(sent), [])
         self.assertEqual(receive(peer, 1), sent[:1])
         self.assertEqual(receive(peer, 4), sent[1:])
         self.assertFalse(sender.gso)
+
+    def test_noGro(self) -> None:
+        """A kernel that refuses UDP_GRO: no runs to read."""
+        with OldKernelSocket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            self.assertIs(batch.enable_gro(sock), False)
 
 
 class Collect(DatagramProtocol):
@@ -410,6 +488,10 @@ class ReaderTests(TestCase):
         """Asked not to: one datagram per read, all of them, empty ones too."""
         reader = BatchReader(self.port, connected=False, gro=False)
         self.assertFalse(reader.gro)
+        if offload_missing() is None:
+            # Left as it was (a socket systemd keeps, for its next process).
+            sock = self.port.getHandle()
+            self.assertEqual(sock.getsockopt(batch.SOL_UDP, UDP_GRO), 0)
         sent = [b"", *datagrams((3, 200), (1, 20)), b""]
         sender = DatagramSender(self.sender)
         self.assertEqual(sender.send_all(sent), [])
@@ -429,7 +511,71 @@ class ReaderTests(TestCase):
             self.sender.send(b"")
         calls = self.read(reader, count)
         self.assertEqual(sum(calls), count)
+        self.assertEqual(calls[0], DATAGRAM_BUDGET)
         self.assertLessEqual(max(calls), DATAGRAM_BUDGET)
+
+    def test_turnBoundedInBytes(self) -> None:
+        """A turn reads until it has BYTE_BUDGET bytes (256 KiB), no further."""
+        self.port.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        reader = BatchReader(self.port, connected=False, gro=False)
+        # 7 x 32 KiB and 32,512 bytes: 1 KiB short of 256 KiB (255.75 KiB);
+        # 255 bytes: one short; the one byte that makes 256 KiB, and more.
+        sizes = [32768] * 7 + [32512, 255, 1, 1, 1, 1]
+        self.assertEqual(sum(sizes[:10]), batch.BYTE_BUDGET)
+        for size in sizes:
+            self.sender.send(b"x" * size)
+        calls = self.read(reader, len(sizes))
+        self.assertEqual(calls[0], 10)
+
+    def test_ipv6AddressAsTwistedGivesIt(self) -> None:
+        """An IPv6 sender's address is (host, port), as Twisted's doRead gives."""
+        protocol = Collect()
+        try:
+            port = reactor.listenUDP(0, protocol, interface="::1")
+        except Exception as e:
+            raise self.skipTest(f"no IPv6 loopback: {e}")
+        self.addCleanup(port.stopListening)
+        reader = BatchReader(port, connected=False)
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sender:
+            sender.bind(("::1", 0))
+            sender.sendto(b"six", ("::1", port.getHost().port))
+            readable, _, _ = select.select([port.getHandle()], [], [], TIMEOUT)
+            self.assertTrue(readable, "the datagram did not come")
+            reader.doRead()
+            self.assertEqual(protocol.got, [(b"six", sender.getsockname()[:2])])
+
+    def test_failuresLoggedAndPassed(self) -> None:
+        """
+        A datagram its protocol fails on, or a stream that fails to write,
+        is logged; the datagrams after it are still handed over and the
+        other streams still written.
+        """
+        reader = BatchReader(self.port, connected=False, gro=False)
+        got = self.protocol.got
+        written: list[str] = []
+
+        class Stream:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def send_waiting(self) -> None:
+                written.append(self.name)
+                if self.name == "bad":
+                    raise ZeroDivisionError("stream")
+
+        def received(datagram: bytes, address: Any) -> None:
+            got.append((datagram, address))
+            if datagram == b"bad":
+                raise ZeroDivisionError("datagram")
+
+        self.protocol.datagramReceived = received  # type: ignore[method-assign]
+        reader.pending.extend([Stream("bad"), Stream("good")])
+        for datagram in (b"bad", b"good"):
+            self.sender.send(datagram)
+        self.read(reader, 2)
+        self.assertEqual([d for d, _ in got], [b"bad", b"good"])
+        self.assertEqual(written, ["bad", "good"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)
 
     def test_budgetCountsSegments(self) -> None:
         """Datagrams read in runs count one each against the budget."""
@@ -495,3 +641,81 @@ class ConnectedReaderTests(TestCase):
         self.assertTrue(readable, "the ICMP error did not come")
         reader.doRead()
         self.assertEqual(protocol.refused, 1)
+
+
+class _FailingSocket:
+    """A UDP socket whose reads fail with C{error}."""
+
+    family = socket.AF_INET
+
+    def __init__(self, error: int) -> None:
+        self.error = error
+
+    def recvmsg_into(self, *args: Any) -> Any:
+        raise OSError(self.error, os.strerror(self.error))
+
+    def getsockname(self) -> Any:
+        return ("127.0.0.1", 9000)  # one address: no destinations asked
+
+
+class _Port:
+    """A UDP port's parts a L{BatchReader} uses, on C{sock}."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.protocol = Collect()
+
+    def getHandle(self) -> Any:  # noqa: N802
+        return self.sock
+
+
+class ReadErrorTests(SynchronousTestCase):
+    """What a failed read means, on a port that is connected or not."""
+
+    def read(self, error: int, connected: bool) -> Collect:
+        port = _Port(_FailingSocket(error))
+        BatchReader(port, connected=connected, gro=False).doRead()
+        return port.protocol
+
+    def test_nothingToRead(self) -> None:
+        for error in (errno.EAGAIN, errno.EINTR):
+            self.assertEqual(self.read(error, connected=True).refused, 0)
+
+    def test_connected(self) -> None:
+        """Any other error on a connected port is the peer's refusal."""
+        for error in (errno.ECONNREFUSED, errno.EHOSTUNREACH):
+            self.assertEqual(self.read(error, connected=True).refused, 1)
+
+    def test_notConnected(self) -> None:
+        """
+        A listener's port: a refusal left from an earlier send is passed
+        over; any other error is raised (the reactor's to log).
+        """
+        self.assertEqual(self.read(errno.ECONNREFUSED, connected=False).refused, 0)
+        error = self.assertRaises(OSError, self.read, errno.EBADF, False)
+        self.assertEqual(error.errno, errno.EBADF)
+
+
+class ForPortTests(TestCase):
+    """Readers and senders for Twisted's UDP ports, and for ports without a socket."""
+
+    def test_noSocket(self) -> None:
+        for port in (object(), _Port(None), _Port("not a socket")):
+            self.assertIsNone(batch.read_in_batches(port, connected=False))
+            self.assertIsNone(batch.sender_for(port))
+
+    def test_realPort(self) -> None:
+        port = reactor.listenUDP(0, Collect(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        reader = batch.read_in_batches(port, connected=True)
+        self.assertIsInstance(reader, BatchReader)
+        self.assertEqual(port.doRead, reader.doRead)
+        self.assertTrue(reader.connected)
+        self.assertEqual(reader.gro, offload_missing() is None)
+        told = lambda: None  # noqa: E731
+        sender = batch.sender_for(port, ("127.0.0.1", 9), told)
+        self.assertIsInstance(sender, DatagramSender)
+        self.assertEqual(
+            (sender.sock, sender.address, sender.refused),
+            (port.getHandle(), ("127.0.0.1", 9), told),
+        )

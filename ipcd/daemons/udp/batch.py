@@ -166,8 +166,10 @@ class DatagramSender:
                 limit = min(count, i + MAX_SEGMENTS, i + MAX_UDP_PAYLOAD // size)
                 while end < limit and len(datagrams[end]) == size:
                     end += 1
-                if end < limit and len(datagrams[end]) < size:
-                    end += 1  # a run may end with a shorter one
+                if end < limit and 0 < len(datagrams[end]) < size:
+                    # A run may end with a shorter one; not an empty one,
+                    # which would add nothing to the send and be lost.
+                    end += 1
             if end - i == 1:
                 if not self.send(datagrams[i]):
                     lost.append(datagrams[i])
