@@ -182,9 +182,12 @@ class LoopRoutesTests(TestCase):
         inbound = status_report(self.service.broker)["inbound"]
         users_link = (
             f"not reachable: {app}/root.sock: a symbolic link of uid {MALLORY} "
-            "on the way; a client's lookup follows only root's (or ipcd's) links"
+            "on the way; a remote peer's request follows only root's (or "
+            "ipcd's) links"
         )
         self.assertEqual(inbound["app"], users_link)
+        # Its walk as others (allow in *: Mallory's home is 0755) meets the
+        # link before any grant is asked.
         self.assertEqual(inbound["granted"], users_link)
         self.assertEqual(
             inbound["alias"],
@@ -195,7 +198,7 @@ class LoopRoutesTests(TestCase):
             inbound["gone"], f"not reachable: {home}/gone.sock does not exist"
         )
         # As the peers are answered.
-        for name in ("app", "alias"):
+        for name in ("app", "granted", "alias"):
             answer = yield deferToThread(ask_tcpd, self.tcp_port, name.encode())
             reason = inbound[name].removeprefix("not reachable: ")
             self.assertEqual(answer, b"ne " + reason.encode())
