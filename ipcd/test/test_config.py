@@ -839,6 +839,28 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         for name in ["ipcd", "pongd", "tcpd", "redirects", "routes", "rules", "grants"]:
             self.assertIn(name, message)
 
+    def test_keyThatDoesNotPrint(self) -> None:
+        """
+        A quoted key may hold any character: one that does not print (a
+        newline, a line separator) is shown escaped, as TOML quotes it, so
+        that the error stays one line (the key was shown as it was: two
+        lines, found by test_configfuzz); an empty key is shown quoted.
+        """
+        for text, where in (
+            ('"a\\nb" = 1\n', '"a\\nb": unknown key (known: '),
+            ('[tcpd]\n"\\r" = 1\n', '[tcpd] "\\r": unknown key (known: '),
+            ('"x\\u2028y\\"" = 1\n', '"x\\u2028y\\"": unknown key (known: '),
+            ('"" = 1\n', '"": unknown key (known: '),
+            ('"é \\t" = 1\n', '"é \\t": unknown key (known: '),
+            ('"é" = 1\n', "é: unknown key (known: "),
+        ):
+            message = self.error(text)
+            self.assertTrue(message.startswith(where), (text, message))
+            self.assertEqual(message.splitlines(), [message])
+        message = self.error('[redirects]\n"a\\u2028b" = "x"\n')
+        self.assertTrue(message.startswith('[redirects] "a\\u2028b": '), message)
+        self.assertEqual(message.splitlines(), [message])
+
     def test_sectionNotATable(self) -> None:
         self.assertIn("[ipcd]", self.error("ipcd = 3\n"))
 
@@ -870,6 +892,17 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
     def test_badToml(self) -> None:
         message = self.error("[ipcd\nlookup_timeout = 3\n")
         self.assertTrue(message.startswith("invalid TOML"), message)
+
+    def test_nestedTooDeeply(self) -> None:
+        """
+        Arrays or inline tables nested some hundred deep: one line, not
+        tomllib's RecursionError (found by test_configfuzz).
+        """
+        for opened, closed in (("[", "]"), ("{a = ", "}")):
+            self.assertEqual(
+                self.error(f"a = {opened * 100_000}1{closed * 100_000}\n"),
+                "invalid TOML: arrays or inline tables nested too deeply",
+            )
 
     def test_notUtf8(self) -> None:
         """A file in another encoding: one line, not tomllib's traceback."""
