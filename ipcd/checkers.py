@@ -347,6 +347,10 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
         raise ValueError("no socket path (unix:/run/ipcd/NAME.sock)")
     if kind in ("tcp", "tcp6", "tls", "ssl"):
         _check_interface(kind, _arguments(kind, listens).get("interface"))
+    if kind in _POSITIONS and "" in compat_twisted.endpoint_positionals(listens):
+        # A ':' too many: 'tcp:9101:' is tcp's interface of '' (every
+        # address), where [metrics] listen = 'tcp:9101' is 127.0.0.1.
+        raise ValueError("an empty argument (a ':' too many)")
     return port
 
 

@@ -677,6 +677,29 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             "interface=\\:\\:1)",
         )
 
+    def test_emptyArgument(self) -> None:
+        """
+        An empty argument by position (a ':' too many) is refused: for tcp
+        it was an interface of '', every address, so that a metrics
+        listener of 'tcp:9101:' was served on every address where
+        'tcp:9101' is on 127.0.0.1 only.
+        """
+        self.assertEqual(
+            self.error("[metrics]\nlisten = 'tcp:9101:'\n"),
+            "[metrics] listen: invalid endpoint 'tcp:9101:': a ':' at the end is "
+            "an empty argument (write 'tcp:9101')",
+        )
+        self.assertEqual(
+            load_config(None, {"metrics": {"listen": "tcp:9101"}}, {}).metrics,
+            "tcp:9101:interface=127.0.0.1",
+        )
+        for listen in ("tcp:9000::backlog=5", "haproxy:tcp:9000::5"):
+            self.assertEqual(
+                self.error(f"[tcpd]\nlisten = '{listen}'\n"),
+                f"[tcpd] listen: invalid endpoint '{listen}': an empty argument "
+                "(a ':' too many)",
+            )
+
     def test_nothingToListenOn(self) -> None:
         """
         Strings that name nothing to listen on are refused when the
