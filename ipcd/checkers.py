@@ -155,9 +155,9 @@ def check_server_endpoint(description: str) -> None:
     """
     Raise L{Invalid} unless Twisted's C{serverFromString} would accept
     C{description}: a known type (built in or a plugin) and, for the built-in
-    C{tcp} and C{unix} and Twisted's own C{tcp6} and C{tls} (in C{haproxy:}
-    or not), arguments their parsers take and that name something to
-    listen on.  Needs no reactor and listens on nothing, so a bad listener
+    C{tcp}, C{unix} and C{ssl} and Twisted's own C{tcp6} and C{tls} (in
+    C{haproxy:} or not), arguments their parsers take and that name
+    something to listen on.  Needs no reactor and listens on nothing, so a bad listener
     is refused when the configuration loads (and a reload with one keeps
     the old configuration).  Colons left unescaped in a value
     (C{interface=::1}) or at the end are said so, with a string that would
@@ -189,7 +189,6 @@ def _argument_error(description: str) -> str | None:
             "a '\\' at the end escapes nothing"
         )
     try:
-        kind = compat_twisted.endpoint_type(description)
         # haproxy: Twisted's wrapper; the string it wraps is the listener
         # (haproxy:stdio: is a wrapper around stdio: no listener).
         listens_on, listens = wrapped(description)
@@ -208,7 +207,10 @@ def _argument_error(description: str) -> str | None:
             f"{description!r} is no listener (it is ipcd's own standard input "
             "and output): give an endpoint peers connect to"
         )
-    for each in dict.fromkeys((kind, listens_on)):  # the wrapper, the wrapped
+    # The wrapper's type, then the wrapped one's (one parse less: Twisted's
+    # is some 50 us, at each reload).
+    kind = listens_on if listens == description else "haproxy"
+    for each in dict.fromkeys((kind, listens_on)):
         known = _known_server_endpoint_type(each)
         if known is not None:
             raise Invalid(
@@ -289,24 +291,24 @@ _POSITIONS = {
 }
 
 
-def _arguments(kind: str, listens: str) -> dict[str, str]:
+def _arguments(kind: str, listens: str) -> tuple[list[str], dict[str, str]]:
     """
-    The arguments of C{listens} (of type C{kind}) by name, unescaped;
-    TypeError (in Python's words, as Twisted's parser would raise at
-    start) for arguments its parser does not take.
+    The arguments of C{listens} (of type C{kind}): those given by position,
+    and all by name, unescaped; TypeError (in Python's words, as Twisted's
+    parser would raise at start) for arguments its parser does not take.
     """
     names = _POSITIONS[kind]
-    given = compat_twisted.endpoint_positionals(listens)
+    given, keywords = compat_twisted.endpoint_arguments(listens)
     if len(given) > len(names):
         raise TypeError(f"takes at most {len(names)} arguments ({', '.join(names)})")
     named = dict(zip(names, given, strict=False))
-    for name, value in compat_twisted.endpoint_keywords(listens).items():
+    for name, value in keywords.items():
         if name not in names:
             raise TypeError(f"got an unexpected keyword argument {name!r}")
         if name in named:
             raise TypeError(f"got multiple values for argument {name!r}")
         named[name] = value
-    return named
+    return given, named
 
 
 def _checked_arguments(kind: str, listens: str) -> int | None:
@@ -316,7 +318,9 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
     where that can be told without listening or reading a file; its port,
     where there is one.
     """
-    port: int | None = None
+    if kind not in _POSITIONS:
+        return None  # a plugin's: told only when it listens
+    positionals, given = _arguments(kind, listens)
     if kind == "tcp6":
         # Twisted's own plugin, which only builds a TCP6ServerEndpoint:
         # built here by the public way (no reactor: it is not listened
@@ -324,30 +328,24 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
         from twisted.internet.endpoints import serverFromString
 
         serverFromString(_NO_REACTOR, listens)
-        port = int(_arguments(kind, listens)["port"])
-    elif kind == "tls":
-        # Twisted's own plugin too, but building it reads its directory.
-        given = _arguments(kind, listens)
-        if not given.get("path"):
+        port: int | None = int(given["port"])
+    elif kind in ("tls", "ssl"):
+        # Twisted's own too, but their parsers read files: not run here.
+        if kind == "tls" and not given.get("path"):
             # Else the working directory's PEM files, on port 443.
             raise ValueError("no directory of PEM files (tls:DIRECTORY:port=N)")
-        port, _backlog = int(given.get("port", 443)), int(given.get("backlog", 50))
-    elif kind == "ssl":
-        # Its parser reads the key and certificate files: not run here.
-        given = _arguments(kind, listens)
-        if "port" not in given:
+        if kind == "ssl" and "port" not in given:
             raise TypeError("missing 1 required positional argument: 'port'")
-        port, _backlog = int(given["port"]), int(given.get("backlog", 50))
-    elif kind in compat_twisted.server_endpoint_types():
-        # tcp, unix.
+        port, _backlog = int(given.get("port", 443)), int(given.get("backlog", 50))
+    else:  # tcp, unix: their parsers are Twisted's built-in ones
         port = compat_twisted.check_server_arguments(listens)
-    if kind == "unix" and not _arguments(kind, listens).get("address"):
+    if kind == "unix" and not given.get("address"):
         # Twisted would bind '' (the abstract namespace) and leave its lock
         # file, '.lock', in ipcd's working directory.
         raise ValueError("no socket path (unix:/run/ipcd/NAME.sock)")
-    if kind in ("tcp", "tcp6", "tls", "ssl"):
-        _check_interface(kind, _arguments(kind, listens).get("interface"))
-    if kind in _POSITIONS and "" in compat_twisted.endpoint_positionals(listens):
+    if kind != "unix":
+        _check_interface(kind, given.get("interface"))
+    if "" in positionals:
         # A ':' too many: 'tcp:9101:' is tcp's interface of '' (every
         # address), where [metrics] listen = 'tcp:9101' is 127.0.0.1.
         raise ValueError("an empty argument (a ':' too many)")
