@@ -65,6 +65,13 @@ class _Others(Credentials):
 OTHERS: Credentials = _Others(-1, -1)
 
 
+# Whose walk meets a symbolic link that is not root's or ipcd's, as its
+# refusal says: each follows only theirs (L{open_socket}'s C{asking}).
+CLIENT = "a client's lookup"  # as the client, its own permissions
+GRANT = "a grant"  # the admin's grant, without a permission check
+REMOTE = "a remote peer's request"  # the inbound path (any listener)
+
+
 class AccessDenied(Refused):
     """The client could not connect to this socket itself."""
 
@@ -217,14 +224,20 @@ class OpenedSocket:
 
 
 def open_socket(
-    path: str, who: Credentials | None, *, follow_last_symlink: bool = True
+    path: str,
+    who: Credentials | None,
+    *,
+    follow_last_symlink: bool = True,
+    asking: str = CLIENT,
 ) -> OpenedSocket:
     """
     Open the socket at absolute C{path} as C{who} could (C{None}: no
     permission check, for the admin's own grants and remote peers; links
     are still only root's or ipcd's user's).  With
     C{follow_last_symlink} false, a symbolic link as the last component is
-    refused: only the directories above it are the admin's.
+    refused: only the directories above it are the admin's.  C{asking}
+    (L{CLIENT}, L{GRANT}, L{REMOTE}) is whose walk it is, for the refusal
+    of a user's link.
 
     Raises L{AccessDenied} when C{who} could not connect itself,
     C{FileNotFoundError} when a component is missing, and L{Refused} for
@@ -264,7 +277,7 @@ def open_socket(
                     # admin's, and a user who owns a directory on it could
                     # swap in a link to root's).
                     if not _trusted_link(child_st):
-                        raise _untrusted_link(path, child_st)
+                        raise _untrusted_link(path, child_st, asking)
                     links += 1
                     if links > MAX_SYMLINKS:
                         raise Refused(f"{path}: too many levels of symbolic links")
@@ -338,7 +351,7 @@ def _trusted_link(st: os.stat_result) -> bool:
     return st.st_uid in (0, os.geteuid()) and st.st_nlink == 1
 
 
-def _untrusted_link(path: str, st: os.stat_result) -> Refused:
+def _untrusted_link(path: str, st: os.stat_result, asking: str) -> Refused:
     # ipcd connects as itself (root), and the service sees that: a link
     # that a user made could lend ipcd's identity to any socket the user
     # may reach (the D-Bus system bus trusts uid 0 by SO_PEERCRED).
@@ -346,8 +359,8 @@ def _untrusted_link(path: str, st: os.stat_result) -> Refused:
     if st.st_nlink > 1:
         names, one = f" with {st.st_nlink} names (hard links)", ", by their one name"
     return Refused(
-        f"{path}: a symbolic link of uid {st.st_uid}{names} on the way; a "
-        f"client's lookup follows only root's (or ipcd's) links{one}",
+        f"{path}: a symbolic link of uid {st.st_uid}{names} on the way; "
+        f"{asking} follows only root's (or ipcd's) links{one}",
         public=REFUSED,
     )
 
@@ -447,16 +460,24 @@ class HeldDirectories:
             self._root = -1
 
     def open_socket(
-        self, path: str, who: Credentials | None, *, follow_last_symlink: bool = True
+        self,
+        path: str,
+        who: Credentials | None,
+        *,
+        follow_last_symlink: bool = True,
+        asking: str = CLIENT,
     ) -> OpenedSocket:
         """
-        L{open_socket}C{(path, who, follow_last_symlink=...)}, with the same
-        answer (C{who} C{None}: no permission check, a remote peer's).
+        L{open_socket}C{(path, who, follow_last_symlink=..., asking=...)},
+        with the same answer (C{who} C{None}: no permission check, a remote
+        peer's).
         """
         self._directory_stat = None
         head, _, last = path.rpartition("/")
         if head != self.directory or last in ("", ".", "..") or not self.hold():
-            return open_socket(path, who, follow_last_symlink=follow_last_symlink)
+            return open_socket(
+                path, who, follow_last_symlink=follow_last_symlink, asking=asking
+            )
         parent = self._root
         st = os.fstat(parent)
         for name, fd, dev, ino in self._chain:  # type: ignore[union-attr]
@@ -466,10 +487,14 @@ class HeldDirectories:
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
             except OSError:
                 self.close()
-                return open_socket(path, who, follow_last_symlink=follow_last_symlink)
+                return open_socket(
+                    path, who, follow_last_symlink=follow_last_symlink, asking=asking
+                )
             if st.st_ino != ino or st.st_dev != dev:
                 self.close()
-                return open_socket(path, who, follow_last_symlink=follow_last_symlink)
+                return open_socket(
+                    path, who, follow_last_symlink=follow_last_symlink, asking=asking
+                )
             parent = fd
         if who is not None and not may(parent, st, who, SEARCH):
             raise _denied(who, path)
@@ -487,4 +512,6 @@ class HeldDirectories:
         # A link is followed (or refused), a directory walked into, the
         # uncached way.
         os.close(child)
-        return open_socket(path, who, follow_last_symlink=follow_last_symlink)
+        return open_socket(
+            path, who, follow_last_symlink=follow_last_symlink, asking=asking
+        )

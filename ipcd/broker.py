@@ -25,7 +25,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ipcd.access import (
+    CLIENT,
+    GRANT,
     OTHERS,
+    REMOTE,
     AccessDenied,
     Credentials,
     OpenedSocket,
@@ -511,18 +514,27 @@ class Broker:
         """
         decision = event.decision
         if decision is not None and names_exactly(decision.rule, event.service):
-            opened = self._open_socket(target.path, None, follow_last_symlink=False)
+            opened = self._open_socket(
+                target.path, None, follow_last_symlink=False, asking=REMOTE
+            )
             event.access = f"rule {decision.index} names {event.service!r}"
             return opened
         try:
-            opened = self._open_socket(target.path, OTHERS, follow_last_symlink=False)
+            opened = self._open_socket(
+                target.path, OTHERS, follow_last_symlink=False, asking=REMOTE
+            )
         except AccessDenied as denied:
             return self._open_granted(event, target, denied, again)
         event.access = "others may connect"
         return opened
 
     def _open_socket(
-        self, path: str, who: Credentials | None, *, follow_last_symlink: bool = True
+        self,
+        path: str,
+        who: Credentials | None,
+        *,
+        follow_last_symlink: bool = True,
+        asking: str = CLIENT,
     ) -> OpenedSocket:
         """
         L{open_socket}, from RUNDIR's directories held open when they are
@@ -530,8 +542,12 @@ class Broker:
         """
         held = self.own_sockets.held
         if held is None:
-            return open_socket(path, who, follow_last_symlink=follow_last_symlink)
-        return held.open_socket(path, who, follow_last_symlink=follow_last_symlink)
+            return open_socket(
+                path, who, follow_last_symlink=follow_last_symlink, asking=asking
+            )
+        return held.open_socket(
+            path, who, follow_last_symlink=follow_last_symlink, asking=asking
+        )
 
     def _open_granted(
         self, event: Request, target: LocalTarget, denied: AccessDenied, again: bool
@@ -544,7 +560,9 @@ class Broker:
         index, grant = found
         # A grant is for the service's own socket, never through a link
         # that somebody with write access to RUNDIR could plant.
-        opened = self._open_socket(target.path, None, follow_last_symlink=False)
+        opened = self._open_socket(
+            target.path, None, follow_last_symlink=False, asking=GRANT
+        )
         event.access = f"granted by grant {index} ({grant})"
         if not again:
             self.counters["granted"] += 1

@@ -155,11 +155,31 @@ def check_server_endpoint(description: str) -> None:
     """
     Raise L{Invalid} unless Twisted's C{serverFromString} would accept
     C{description}: a known type (built in or a plugin) and, for the built-in
-    C{tcp} and C{unix} and Twisted's own C{tcp6} (in C{haproxy:} or not),
-    arguments their parsers take.  Needs no reactor and listens on nothing,
-    so a bad listener is refused when the configuration loads (and a reload
-    with one keeps the old configuration).  Colons left unescaped in a
-    value (C{interface=::1}) are said so, with the string that would do.
+    C{tcp}, C{unix} and C{ssl} and Twisted's own C{tcp6} and C{tls} (in
+    C{haproxy:} or not), arguments their parsers take and that name
+    something to listen on.  Needs no reactor and listens on nothing, so a bad listener
+    is refused when the configuration loads (and a reload with one keeps
+    the old configuration).  Colons left unescaped in a value
+    (C{interface=::1}) or at the end are said so, with a string that would
+    do: only one this check takes.
+    """
+    reason = _argument_error(description)
+    if reason is None:
+        return
+    repaired = _repaired(description)
+    if repaired is not None:
+        how, fixed = repaired
+        raise Invalid(f"invalid endpoint {description!r}: {how} (write '{fixed}')")
+    if re.search(r"=[^:=]*::", description):  # an IPv6 address, unescaped
+        reason += r" (a ':' inside a value is written '\:', as in interface=\:\:1)"
+    raise Invalid(f"invalid endpoint {description!r}: {reason}")
+
+
+def _argument_error(description: str) -> str | None:
+    """
+    Why the arguments of endpoint string C{description} are not ones its
+    parser takes, in a person's words (None: they are); L{Invalid} for
+    anything else wrong with it (its type, a port out of range).
     """
     # Twisted's own strports machinery: no reactor is imported by these.
     if compat_twisted.ends_in_lone_backslash(description):
@@ -169,48 +189,79 @@ def check_server_endpoint(description: str) -> None:
             "a '\\' at the end escapes nothing"
         )
     try:
-        kind = compat_twisted.endpoint_type(description)
         # haproxy: Twisted's wrapper; the string it wraps is the listener
         # (haproxy:stdio: is a wrapper around stdio: no listener).
         listens_on, listens = wrapped(description)
     except (ValueError, IndexError) as e:
         raise Invalid(f"invalid endpoint string {description!r}: {e}") from None
+    if not listens_on:
+        # haproxy: with nothing after it: Twisted says "Unknown endpoint
+        # type: ''" only when ipcd starts.
+        raise Invalid(
+            f"{description!r} wraps no listener: write one after 'haproxy:' "
+            "(haproxy:tcp:9000:interface=127.0.0.1)"
+        )
     if listens_on == "stdio":
         # Twisted's stdio: "listens" on ipcd's own stdin: one peer, no address.
         raise Invalid(
             f"{description!r} is no listener (it is ipcd's own standard input "
             "and output): give an endpoint peers connect to"
         )
-    known = _known_server_endpoint_type(kind)
-    if known is not None:
-        raise Invalid(
-            f"unknown endpoint type {kind!r} in {description!r} "
-            f"(known: {', '.join(known)})"
-        )
+    # The wrapper's type, then the wrapped one's (one parse less: Twisted's
+    # is some 50 us, at each reload).
+    kind = listens_on if listens == description else "haproxy"
+    for each in dict.fromkeys((kind, listens_on)):
+        known = _known_server_endpoint_type(each)
+        if known is not None:
+            raise Invalid(
+                f"unknown endpoint type {each!r} in {description!r} "
+                f"(known: {', '.join(known)})"
+            )
     try:
         port = _checked_arguments(listens_on, listens)
     except (ValueError, TypeError, IndexError) as e:
-        fixed = _colons_escaped(description)
-        if fixed is not None:
-            raise Invalid(
-                f"invalid endpoint {description!r}: a ':' inside a value is "
-                f"written '\\:' (write '{fixed}')"
-            ) from None
-        reason = _reason(e)
-        if "::" in description:
-            reason += r" (a ':' inside a value is written '\:', as in interface=\:\:1)"
-        raise Invalid(f"invalid endpoint {description!r}: {reason}") from None
+        return _reason(e)
     if port is not None and not 0 <= port <= 65535:
         raise Invalid(
             f"invalid endpoint {description!r}: port {port} is not 0 to 65535"
         )
+    return None
 
 
-def _colons_escaped(description: str) -> str | None:
+def _repaired(description: str) -> tuple[str, str] | None:
+    """
+    What is wrong with C{description}'s colons and the string that would
+    do, if one this check takes is found: each C{:} in a C{name=value}
+    escaped (C{interface=::1} is C{interface=\\:\\:1}), or the C{:} at its
+    end (an empty argument: Twisted's backlog of C{''}) left out, or both.
+    """
+    inside = r"a ':' inside a value is written '\:'"
+    at_end = "a ':' at the end is an empty argument"
+    trimmed = re.sub(r"(?<!\\)(\\\\)*:+$", r"\1", description)
+    for how, fixed in (
+        (inside, _colons_escaped(description)),
+        (at_end, trimmed),
+        (f"{inside}, and {at_end}", _colons_escaped(trimmed)),
+    ):
+        # (Shown as it is written, not repr'd: a character that is not
+        # printable, a newline say, would not be one line.)
+        if fixed != description and fixed.isprintable() and _takes(fixed):
+            return how, fixed
+    return None
+
+
+def _takes(description: str) -> bool:
+    """Whether the check takes C{description} (no suggestion sought)."""
+    try:
+        return _argument_error(description) is None
+    except Invalid:
+        return False
+
+
+def _colons_escaped(description: str) -> str:
     """
     C{description} with each C{:} in a C{name=value} written C{\\:} (all up
-    to the next C{name=}: C{interface=::1} is C{interface=\\:\\:1}), if
-    that is an endpoint string the check takes; else None.
+    to the next C{name=}).
     """
     parts = re.split(r"(?<!\\):", description)
     joined = [parts[0]]
@@ -221,26 +272,55 @@ def _colons_escaped(description: str) -> str | None:
         else:
             joined.append(part)
             in_value = "=" in part
-    fixed = ":".join(joined)
-    if fixed == description:
-        return None
-    try:
-        check_server_endpoint(fixed)
-    except Invalid:
-        return None
-    return fixed
+    return ":".join(joined)
 
 
 # What a built endpoint is given for a reactor: it is never listened on.
 _NO_REACTOR = object()
 
+# The arguments by position of the parsers checked here (Twisted's names).
+_POSITIONS = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "backlog", "interface"),
+    "tls": ("path", "port", "backlog", "interface"),
+    "unix": ("address", "mode", "backlog", "lockfile"),
+    "ssl": (
+        *("port", "privateKey", "certKey", "sslmethod", "interface", "backlog"),
+        *("extraCertChain", "dhParameters"),
+    ),
+}
+
+
+def _arguments(kind: str, listens: str) -> tuple[list[str], dict[str, str]]:
+    """
+    The arguments of C{listens} (of type C{kind}): those given by position,
+    and all by name, unescaped; TypeError (in Python's words, as Twisted's
+    parser would raise at start) for arguments its parser does not take.
+    """
+    names = _POSITIONS[kind]
+    given, keywords = compat_twisted.endpoint_arguments(listens)
+    if len(given) > len(names):
+        raise TypeError(f"takes at most {len(names)} arguments ({', '.join(names)})")
+    named = dict(zip(names, given, strict=False))
+    for name, value in keywords.items():
+        if name not in names:
+            raise TypeError(f"got an unexpected keyword argument {name!r}")
+        if name in named:
+            raise TypeError(f"got multiple values for argument {name!r}")
+        named[name] = value
+    return given, named
+
 
 def _checked_arguments(kind: str, listens: str) -> int | None:
     """
     Raise ValueError or TypeError unless the parser of C{listens} (of type
-    C{kind}) takes its arguments, where that can be told without listening
-    or reading a file; its port, where there is one.
+    C{kind}) takes its arguments and they name something to listen on,
+    where that can be told without listening or reading a file; its port,
+    where there is one.
     """
+    if kind not in _POSITIONS:
+        return None  # a plugin's: told only when it listens
+    positionals, given = _arguments(kind, listens)
     if kind == "tcp6":
         # Twisted's own plugin, which only builds a TCP6ServerEndpoint:
         # built here by the public way (no reactor: it is not listened
@@ -248,12 +328,51 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
         from twisted.internet.endpoints import serverFromString
 
         serverFromString(_NO_REACTOR, listens)
-        port = compat_twisted.endpoint_keywords(listens).get("port")
-        return int(port or compat_twisted.endpoint_positionals(listens)[0])
-    if kind in compat_twisted.server_endpoint_types() and kind != "ssl":
-        # tcp, unix (ssl's parser reads the key and certificate files).
-        return compat_twisted.check_server_arguments(listens)
-    return None  # a plugin's: told only when it listens
+        port: int | None = int(given["port"])
+    elif kind in ("tls", "ssl"):
+        # Twisted's own too, but their parsers read files: not run here.
+        if kind == "tls" and not given.get("path"):
+            # Else the working directory's PEM files, on port 443.
+            raise ValueError("no directory of PEM files (tls:DIRECTORY:port=N)")
+        if kind == "ssl" and "port" not in given:
+            raise TypeError("missing 1 required positional argument: 'port'")
+        port, _backlog = int(given.get("port", 443)), int(given.get("backlog", 50))
+    else:  # tcp, unix: their parsers are Twisted's built-in ones
+        port = compat_twisted.check_server_arguments(listens)
+    if kind == "unix" and not given.get("address"):
+        # Twisted would bind '' (the abstract namespace) and leave its lock
+        # file, '.lock', in ipcd's working directory.
+        raise ValueError("no socket path (unix:/run/ipcd/NAME.sock)")
+    if kind != "unix":
+        _check_interface(kind, given.get("interface"))
+    if "" in positionals:
+        # A ':' too many: 'tcp:9101:' is tcp's interface of '' (every
+        # address), where [metrics] listen = 'tcp:9101' is 127.0.0.1.
+        raise ValueError("an empty argument (a ':' too many)")
+    return port
+
+
+def _check_interface(kind: str, interface: str | None) -> None:
+    """
+    Raise ValueError if C{interface} is one a TCP port of C{kind} cannot
+    listen on as meant: Twisted takes a value with a ':' that is no IPv6
+    address for an IPv4 host name (found at start: none), and an empty one
+    for IPv4's every address, in a tcp6 or tls listener too.
+    """
+    if interface is None:
+        return
+    if ":" in interface and not _ipv6_address(interface):
+        raise ValueError(f"interface {interface!r} is no IPv6 address")
+    if not interface and kind in ("tcp6", "tls"):
+        raise ValueError(
+            "an empty interface= is IPv4's every address (IPv6's is interface=\\:\\:)"
+        )
+
+
+def _ipv6_address(text: str) -> bool:
+    from twisted.internet.abstract import isIPv6Address
+
+    return isIPv6Address(text)
 
 
 def _reason(error: Exception) -> str:

@@ -44,6 +44,25 @@ from ipcd.wire import DEFAULT_MAX_MESSAGE_SIZE
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says where and why."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(_cut(message))
+
+
+# The longest configuration error said whole.  A value is quoted in its
+# error, and a value may be as long as the file (16 MiB): said whole, that
+# was a line as long in the log, and an answer to 'ipcd reload' longer
+# than the control socket carries ("cannot reach ipcd's control socket").
+MAX_ERROR = 1000
+
+
+def _cut(message: str) -> str:
+    """C{message}, its middle left out if it is longer than L{MAX_ERROR}."""
+    if len(message) <= MAX_ERROR:
+        return message
+    head, tail = message[: MAX_ERROR * 2 // 3], message[-MAX_ERROR // 4 :]
+    left_out = len(message) - len(head) - len(tail)
+    return f"{head}... ({left_out} characters left out) ...{tail}"
+
 
 @dataclass(frozen=True)
 class Config:
@@ -135,7 +154,33 @@ _NAME_TABLES = ("redirects", "routes")
 
 
 def _where(source: str, section: str | None, key: str) -> str:
+    key = _key_shown(key)
     return f"{source}: [{section}] {key}" if section else f"{source}: {key}"
+
+
+def _key_shown(key: str) -> str:
+    """
+    A key as it is, or quoted as TOML quotes it when it is empty or has a
+    character that does not print: a key may hold any (a quoted key's
+    newline made an error of two lines).
+    """
+    if key and key.isprintable():
+        return key
+    quoted = (
+        c if c.isprintable() and c not in '"\\' else _TOML_ESCAPES.get(c, _unicode(c))
+        for c in key
+    )
+    return '"' + "".join(quoted) + '"'
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n"}
+_TOML_ESCAPES.update({"\f": "\\f", "\r": "\\r"})
+
+
+def _unicode(char: str) -> str:
+    """C{char} as a TOML escape: \\uXXXX, or \\UXXXXXXXX beyond 16 bits."""
+    code = ord(char)
+    return f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}"
 
 
 def _shown(value: Any) -> str:
@@ -393,6 +438,13 @@ def read_toml(path: str) -> dict[str, Any]:
         return tomllib.loads(data.decode("utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except RecursionError:
+        # tomllib parses arrays and inline tables by recursion: some
+        # hundred deep (fewer in a reload, deeper in the stack), Python's
+        # stack ends first, and that was a traceback.
+        raise ConfigError(
+            f"{path}: invalid TOML: arrays or inline tables nested too deeply"
+        ) from None
     except UnicodeDecodeError as e:  # TOML is UTF-8
         raise ConfigError(
             f"{path}: invalid TOML: not UTF-8 (byte 0x{e.object[e.start]:02x} at "

@@ -16,7 +16,9 @@ from collections.abc import Collection, Iterable
 from fnmatch import fnmatchcase
 
 from ipcd.access import (
+    GRANT,
     OTHERS,
+    REMOTE,
     AccessDenied,
     Credentials,
     OpenedSocket,
@@ -114,12 +116,12 @@ def _why(
             return f"reachable: rule {index} names it"
         return f"reachable: rule {index}, routed to {target}"
     if names_exactly(rule, name):
-        refused = _refused_unchecked(target.path)
+        refused = _refused_unchecked(target.path, REMOTE)
         if refused is not None:
             return f"not reachable: {refused}"
         return f"reachable: rule {index} names it"
     try:
-        opened = _walk(target.path, OTHERS)
+        opened = _walk(target.path, OTHERS, REMOTE)
     except AccessDenied:
         pass
     else:
@@ -130,7 +132,7 @@ def _why(
         return f"reachable: rule {index} is a glob and others may connect ({mode:04o})"
     for grant_index, grant in enumerate(config.grants, 1):
         if fnmatchcase(target.name, grant.service):  # for its peers
-            refused = _refused_unchecked(target.path)
+            refused = _refused_unchecked(target.path, GRANT)
             if refused is not None:
                 return f"not reachable: {refused}"
             return f"reachable: grant {grant_index} ({grant})"
@@ -142,14 +144,14 @@ def _why(
     return f"not reachable: rule {index} is a glob and others may not connect{shown}"
 
 
-def _walk(path: str, who: Credentials | None) -> OpenedSocket | str:
+def _walk(path: str, who: Credentials | None, asking: str) -> OpenedSocket | str:
     """
     The socket at C{path} as the broker opens it for a remote peer (never
     through a link as the last component), or why not (L{AccessDenied}
-    raised: C{who} may not connect).
+    raised: C{who} may not connect); C{asking} as for L{open_socket}.
     """
     try:
-        return open_socket(path, who, follow_last_symlink=False)
+        return open_socket(path, who, follow_last_symlink=False, asking=asking)
     except AccessDenied:
         raise
     except FileNotFoundError:
@@ -158,13 +160,14 @@ def _walk(path: str, who: Credentials | None) -> OpenedSocket | str:
         return str(getattr(e, "reason", None) or e)
 
 
-def _refused_unchecked(path: str) -> str | None:
+def _refused_unchecked(path: str, asking: str) -> str | None:
     """
     Why the broker's walk without a permission check (a rule naming the
-    service, a grant) refuses C{path}: only root's or ipcd's links on the
-    way, none as the last component; None if it would not.
+    service: L{REMOTE}, a grant: L{GRANT}) refuses C{path}: only root's or
+    ipcd's links on the way, none as the last component; None if it would
+    not.
     """
-    opened = _walk(path, None)
+    opened = _walk(path, None, asking)
     if isinstance(opened, str):
         return opened
     opened.close()

@@ -622,6 +622,36 @@ class ClientAccessTests(TestCase):
         self.assertEqual(self.log.events[-1]["access"], "granted by grant 1 (app *)")
 
     @inlineCallbacks
+    def test_usersLinkRefusedAsTheClientsLookup(self) -> Any:
+        """
+        A client's own walk meets a user's link on the admin's route: the
+        refusal says it is the client's lookup that follows only root's
+        (or ipcd's) links.
+        """
+        path, factory = self.public_socket()
+        route = _users_link_on_the_way(self, path)
+        yield self.start(routes={"app": f"unix://{route}"})
+        answer = yield self.lookup_as(ALICE, "app;")
+        self.assertEqual(answer["reply"], _users_link(route, "a client's lookup"))
+        self.assertEqual(factory.connections, 0)
+
+    @inlineCallbacks
+    def test_usersLinkRefusedAsTheGrant(self) -> Any:
+        """
+        A grant's walk (no permission check) meets a user's link: the
+        refusal says it is the grant that follows only root's links (it
+        said "a client's lookup", which stopped at Alice's home: Bob may
+        not search it).
+        """
+        path, factory = self.private_socket()
+        route = _users_link_on_the_way(self, path)
+        os.chmod(os.path.dirname(os.path.dirname(route)), 0o700)
+        yield self.start(grants=["app *"], routes={"app": f"unix://{route}"})
+        answer = yield self.lookup_as(BOB, "app;")
+        self.assertEqual(answer["reply"], _users_link(route, "a grant"))
+        self.assertEqual(factory.connections, 0)
+
+    @inlineCallbacks
     def test_adminRedirectGrantsNothing(self) -> Any:
         yield self.start(redirects={"x": "secret"})
         yield self.assertRefused(ALICE, "x;", "permission denied")
@@ -711,6 +741,29 @@ def _private_socket(case: SynchronousTestCase) -> tuple[str, Factory]:
     return path, factory
 
 
+def _users_link(route: str, whose: str) -> str:
+    """The refusal of C{route} through Alice's link, by C{whose} walk."""
+    return (
+        f"ne {route}: a symbolic link of uid {ALICE.uid} on the way; {whose} "
+        "follows only root's (or ipcd's) links"
+    )
+
+
+def _users_link_on_the_way(case: SynchronousTestCase, path: str) -> str:
+    """
+    Alice's link to the directory of socket C{path}, in her home (0755):
+    the path to the socket through it.
+    """
+    needs_root()
+    home = short_rundir(case, "ipcd-home-")
+    os.chmod(home, 0o755)
+    os.chown(home, ALICE.uid, ALICE.gid)
+    link = os.path.join(home, "app")
+    os.symlink(os.path.dirname(path), link)
+    os.lchown(link, ALICE.uid, ALICE.gid)
+    return os.path.join(link, os.path.basename(path))
+
+
 class RemoteOwnSocketsTests(TestCase):
     """Under C{allow in *}, remote peers still never reach ipcd's sockets."""
 
@@ -792,7 +845,7 @@ class RemoteOwnSocketsTests(TestCase):
             self,
             lines,
             f"{app}/root.sock: a symbolic link of uid 61001 on the way; a "
-            "client's lookup follows only root's (or ipcd's) links",
+            "remote peer's request follows only root's (or ipcd's) links",
         )
         self.assertEqual(factory.connections, 0)
 
@@ -821,19 +874,26 @@ class RemoteOwnSocketsTests(TestCase):
         # Others may not search her home: the glob's walk stops there, and
         # the grant's (no permission check) is the one to meet her link.
         os.chmod(home, 0o700)
-        refused = (
-            f"{app}/root.sock: a symbolic link of uid 61001 on the way; a "
-            "client's lookup follows only root's (or ipcd's) links"
-        )
+        refused = {
+            name: f"{app}/root.sock: a symbolic link of uid 61001 on the way; "
+            f"{whose} follows only root's (or ipcd's) links"
+            for name, whose in (
+                ("app", "a remote peer's request"),
+                ("granted", "a grant"),
+            )
+        }
         lines = logged_lines(self)
-        for name in (b"app", b"granted"):
-            answer = yield self.ask(host.port, name)
+        for name in ("app", "granted"):
+            answer = yield self.ask(host.port, name.encode())
             self.assertEqual(answer, b"ne refused")
-        assert_logged(self, lines, refused)
+            assert_logged(self, lines, refused[name])
         inbound = status_report(host.broker)["inbound"]
         self.assertEqual(
             (inbound["app"], inbound["granted"]),
-            (f"not reachable: {refused}",) * 2,
+            (
+                f"not reachable: {refused['app']}",
+                f"not reachable: {refused['granted']}",
+            ),
         )
         self.assertEqual(factory.connections, 0)
         os.lchown(app, 0, 0)
@@ -851,6 +911,36 @@ class RemoteOwnSocketsTests(TestCase):
             status_report(host.broker)["inbound"]["app"],
             f"not reachable: {app}/root.sock does not exist",
         )
+
+    @inlineCallbacks
+    def test_usersLinkRefusedAsTheRemotePeersRequest(self) -> Any:
+        """
+        A remote peer's walk meets a user's link on the admin's route,
+        whether a glob let it in (its walk as others) or a rule naming the
+        service (no permission check): the refusal says it is the remote
+        peer's request that follows only root's links (it said "a
+        client's lookup") in the decision line, and C{ipcd status} says the same.
+        """
+        public = short_rundir(self, "ipcd-public-")
+        os.chmod(public, 0o755)
+        path = os.path.join(public, "bus.sock")
+        factory = counted_pong(self, path)
+        os.chmod(path, 0o666)
+        route = _users_link_on_the_way(self, path)
+        host = yield start_host(
+            self,
+            ["allow in named", "allow in *"],
+            routes={name: f"unix://{route}" for name in ("named", "globbed")},
+        )
+        refused = _users_link(route, "a remote peer's request").removeprefix("ne ")
+        inbound = status_report(host.broker)["inbound"]
+        lines = logged_lines(self)
+        for name in ("named", "globbed"):
+            answer = yield self.ask(host.port, name.encode())
+            self.assertEqual(answer, b"ne refused")  # (the peer is told no more)
+            assert_logged(self, lines, refused)
+            self.assertEqual(inbound[name], f"not reachable: {refused}")
+        self.assertEqual(factory.connections, 0)
 
     @inlineCallbacks
     def test_hardLinksRefusedAndSaidSo(self) -> Any:

@@ -14,11 +14,22 @@ import subprocess
 import sys
 import textwrap
 import threading
+from typing import Any
 
+import hypothesis
+from hypothesis import HealthCheck, example, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from ipcd.checkers import non_negative_number, positive_number
+from ipcd.checkers import (
+    Invalid,
+    check_server_endpoint,
+    non_negative_number,
+    positive_number,
+)
 from ipcd.config import (
     _SCHEMA,
     MAX_CONFIG_FILE,
@@ -623,6 +634,154 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             "written '\\:', as in interface=\\:\\:1)",
         )
 
+    def test_colonAtTheEnd(self) -> None:
+        """
+        A ':' at the end is an empty argument (tcp6's backlog of ''): the
+        string suggested leaves it out, colons escaped or not; it suggested
+        escaping it into the address (C{interface=\\:\\:1\\:}), which the
+        check took and which failed at start.
+        """
+        for listen, how, fixed in (
+            (
+                r"tcp6:0:interface=\:\:1:",
+                "a ':' at the end is an empty argument",
+                r"tcp6:0:interface=\:\:1",
+            ),
+            (
+                "tcp6:0:interface=::1:",
+                "a ':' inside a value is written '\\:', and a ':' at the end is "
+                "an empty argument",
+                r"tcp6:0:interface=\:\:1",
+            ),
+            (
+                "tcp:0:interface=127.0.0.1::",
+                "a ':' at the end is an empty argument",
+                "tcp:0:interface=127.0.0.1",
+            ),
+        ):
+            self.assertEqual(
+                self.error(f"[tcpd]\nlisten = '{listen}'\n"),
+                f"[tcpd] listen: invalid endpoint {listen!r}: {how} (write '{fixed}')",
+            )
+            load_config(None, {"tcpd": {"listen": fixed}}, {})
+        # An address with a ':' that is no IPv6 one: Twisted takes it for
+        # an IPv4 host name, found at start (no such name).
+        listen = r"tcp6:0:interface=\:\:1\:"
+        self.assertEqual(
+            self.error(f"[tcpd]\nlisten = '{listen}'\n"),
+            f"[tcpd] listen: invalid endpoint {listen!r}: "
+            "interface '::1:' is no IPv6 address",
+        )
+        # A suggestion is shown as written: none where that is not one line.
+        listen = "tcp6:0:interface=::1:backlog=5\n"  # (int() takes "5\n")
+        self.assertEqual(
+            self.error('[tcpd]\nlisten = "tcp6:0:interface=::1:backlog=5\\n"\n'),
+            f"[tcpd] listen: invalid endpoint {listen!r}: got multiple values for "
+            "argument 'interface' (a ':' inside a value is written '\\:', as in "
+            "interface=\\:\\:1)",
+        )
+
+    def test_emptyArgument(self) -> None:
+        """
+        An empty argument by position (a ':' too many) is refused: for tcp
+        it was an interface of '', every address, so that a metrics
+        listener of 'tcp:9101:' was served on every address where
+        'tcp:9101' is on 127.0.0.1 only.
+        """
+        self.assertEqual(
+            self.error("[metrics]\nlisten = 'tcp:9101:'\n"),
+            "[metrics] listen: invalid endpoint 'tcp:9101:': a ':' at the end is "
+            "an empty argument (write 'tcp:9101')",
+        )
+        self.assertEqual(
+            load_config(None, {"metrics": {"listen": "tcp:9101"}}, {}).metrics,
+            "tcp:9101:interface=127.0.0.1",
+        )
+        for listen in ("tcp:9000::backlog=5", "haproxy:tcp:9000::5"):
+            self.assertEqual(
+                self.error(f"[tcpd]\nlisten = '{listen}'\n"),
+                f"[tcpd] listen: invalid endpoint '{listen}': an empty argument "
+                "(a ':' too many)",
+            )
+
+    def test_nothingToListenOn(self) -> None:
+        """
+        Strings that name nothing to listen on are refused when the
+        configuration loads, for every listener key, naming what is
+        missing: they passed, and failed at start (haproxy: with nothing
+        after it), or failed there leaving C{.lock} in ipcd's working
+        directory (a unix: listener with no path), or listened where the
+        string did not say (tls: with no directory: the working
+        directory's PEM files on every address's port 443; tcp6 with an
+        empty interface: IPv4's every address).
+        """
+        wraps_nothing = "wraps no listener: write one after 'haproxy:' (haproxy:tcp:"
+        no_path = "no socket path (unix:/run/ipcd/NAME.sock)"
+        for listen, reason in (
+            ("haproxy:", f"'haproxy:' {wraps_nothing}9000:interface=127.0.0.1)"),
+            ("haproxy:haproxy:", f"'haproxy:haproxy:' {wraps_nothing}"),
+            ("haproxy:unix:", f"invalid endpoint 'haproxy:unix:': {no_path}"),
+            ("unix:", f"invalid endpoint 'unix:': {no_path}"),
+            ("unix:address=", no_path),
+            ("unix::mode=660", f"invalid endpoint 'unix::mode=660': {no_path}"),
+            (
+                "tls:",
+                "invalid endpoint 'tls:': no directory of PEM files "
+                "(tls:DIRECTORY:port=N)",
+            ),
+            (
+                "tcp6:9000:interface=",
+                "an empty interface= is IPv4's every address (IPv6's is "
+                "interface=\\:\\:)",
+            ),
+            ("haproxy:foo:1", "unknown endpoint type 'foo' in 'haproxy:foo:1'"),
+        ):
+            for section in ("tcpd", "tlsd", "websocketd", "metrics"):
+                error = self.assertRaises(
+                    ConfigError, load_config, None, {section: {"listen": listen}}, {}
+                )
+                message = str(error)
+                self.assertTrue(
+                    message.startswith(f"command line: [{section}] listen: "), message
+                )
+                self.assertIn(reason, message)
+                self.assertNotIn("\n", message)
+        # What each names, given: taken.
+        for listen in (
+            "haproxy:tcp:9000",
+            "unix:/run/ipcd/tcpd.sock",
+            r"unix:\:",  # a socket named ':' in the working directory
+            "tls:/etc/ipcd/pems:port=8443",
+            r"tcp6:9000:interface=\:\:",
+            "tcp:9000:interface=",  # tcp's default: IPv4's every address
+        ):
+            config = load_config(None, {"tcpd": {"listen": listen}}, {})
+            self.assertEqual(tcp_listen(config), listen)
+
+    def test_tlsAndSslArguments(self) -> None:
+        """
+        Twisted's tls: listener (a directory of PEM files, by SNI) and its
+        ssl: one have their arguments checked as tcp6's are, without
+        reading a file or directory (they failed at start).
+        """
+        for listen, reason in (
+            ("tls:/d:port=99999", "port 99999 is not 0 to 65535"),
+            ("tls:/d:x", "'x' is not a whole number"),
+            ("tls:/d:colour=red", "got an unexpected keyword argument 'colour'"),
+            ("tls:/d:443:port=443", "got multiple values for argument 'port'"),
+            ("tls:/d:1:2:3:4", "takes at most 4 arguments (path, port, backlog, "),
+            (r"tls:/d:interface=1.2.3.4\:", "interface '1.2.3.4:' is no IPv6"),
+            ("ssl:x:privateKey=/k", "'x' is not a whole number"),
+            ("ssl:99999", "port 99999 is not 0 to 65535"),
+            ("ssl:0:colour=red", "got an unexpected keyword argument 'colour'"),
+            ("ssl:privateKey=/k", "missing 1 required positional argument: 'port'"),
+            (r"ssl:0:interface=1.2.3.4\:", "interface '1.2.3.4:' is no IPv6"),
+        ):
+            self.assertIn(
+                f"[tcpd] listen: invalid endpoint {listen!r}: {reason}",
+                self.error(f"[tcpd]\nlisten = '{listen}'\n"),
+            )
+
     def test_tcp6Arguments(self) -> None:
         """
         Twisted's tcp6 plugin's arguments are checked when the configuration
@@ -707,6 +866,28 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         for name in ["ipcd", "pongd", "tcpd", "redirects", "routes", "rules", "grants"]:
             self.assertIn(name, message)
 
+    def test_keyThatDoesNotPrint(self) -> None:
+        """
+        A quoted key may hold any character: one that does not print (a
+        newline, a line separator) is shown escaped, as TOML quotes it, so
+        that the error stays one line (the key was shown as it was: two
+        lines, found by test_configfuzz); an empty key is shown quoted.
+        """
+        for text, where in (
+            ('"a\\nb" = 1\n', '"a\\nb": unknown key (known: '),
+            ('[tcpd]\n"\\r" = 1\n', '[tcpd] "\\r": unknown key (known: '),
+            ('"x\\u2028y\\"" = 1\n', '"x\\u2028y\\"": unknown key (known: '),
+            ('"" = 1\n', '"": unknown key (known: '),
+            ('"é \\t" = 1\n', '"é \\t": unknown key (known: '),
+            ('"é" = 1\n', "é: unknown key (known: "),
+        ):
+            message = self.error(text)
+            self.assertTrue(message.startswith(where), (text, message))
+            self.assertEqual(message.splitlines(), [message])
+        message = self.error('[redirects]\n"a\\u2028b" = "x"\n')
+        self.assertTrue(message.startswith('[redirects] "a\\u2028b": '), message)
+        self.assertEqual(message.splitlines(), [message])
+
     def test_sectionNotATable(self) -> None:
         self.assertIn("[ipcd]", self.error("ipcd = 3\n"))
 
@@ -738,6 +919,17 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
     def test_badToml(self) -> None:
         message = self.error("[ipcd\nlookup_timeout = 3\n")
         self.assertTrue(message.startswith("invalid TOML"), message)
+
+    def test_nestedTooDeeply(self) -> None:
+        """
+        Arrays or inline tables nested some hundred deep: one line, not
+        tomllib's RecursionError (found by test_configfuzz).
+        """
+        for opened, closed in (("[", "]"), ("{a = ", "}")):
+            self.assertEqual(
+                self.error(f"a = {opened * 100_000}1{closed * 100_000}\n"),
+                "invalid TOML: arrays or inline tables nested too deeply",
+            )
 
     def test_notUtf8(self) -> None:
         """A file in another encoding: one line, not tomllib's traceback."""
@@ -784,6 +976,71 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             ConfigError, load_config, None, {"redirects": {"a": "../x"}}, {}
         )
         self.assertTrue(str(error).startswith("command line: [redirects] a: "))
+
+
+# Listeners on loopback with a colon too many or too few: IPv6's written
+# with each colon escaped or not, arguments by name or by position, and
+# ':' (or '\:') at the end.
+_IPV6_LOOPBACK = st.lists(st.sampled_from([":", "\\:"]), min_size=2, max_size=2).map(
+    lambda colons: f"{colons[0]}{colons[1]}1"
+)
+_LOOPBACK_LISTENERS = st.builds(
+    "{}{}{}".format,
+    st.sampled_from(["tcp", "tcp6", "haproxy:tcp", "haproxy:tcp6"]),
+    st.one_of(
+        st.builds(":0:interface={}".format, _IPV6_LOOPBACK),
+        st.just(":0:interface=127.0.0.1"),
+        st.builds(":interface={}:port=0".format, _IPV6_LOOPBACK),
+        st.builds(":0:interface={}:backlog=5".format, _IPV6_LOOPBACK),
+        st.builds(":port=0:backlog=5:interface={}".format, _IPV6_LOOPBACK),
+    ),
+    st.sampled_from(["", ":", "::", "\\:", ":\\:", "\\::"]),
+)
+
+
+class SuggestionListensTests(TestCase):
+    """
+    The string an endpoint error suggests (C{(write '...')}) is one that
+    listens: each is taken from the message and listened on, with
+    Twisted's C{serverFromString}, on loopback.
+    """
+
+    @inlineCallbacks
+    def test_suggestionListens(self) -> Any:
+        suggested: dict[str, str] = {}
+
+        @settings(
+            max_examples=300,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        )
+        @hypothesis.given(_LOOPBACK_LISTENERS)
+        @example(r"tcp6:0:interface=\:\:1:")  # suggested '...=\:\:1\:'
+        @example("tcp6:0:interface=::1:")
+        @example("tcp:0:interface=127.0.0.1:")  # suggested '...=127.0.0.1\:'
+        def collect(listen: str) -> None:
+            try:
+                check_server_endpoint(listen)
+            except Invalid as e:
+                found = re.search(r" \(write '(.*)'\)$", str(e))
+                if found is not None:
+                    suggested.setdefault(found.group(1), listen)
+
+        collect()
+        self.assertIn(r"tcp6:0:interface=\:\:1", suggested)
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory, Protocol
+
+        for fixed, listen in sorted(suggested.items()):
+            endpoint = serverFromString(reactor, fixed)
+            try:
+                port = yield endpoint.listen(Factory.forProtocol(Protocol))
+            except Exception as e:
+                self.fail(f"{listen!r}: suggested {fixed!r}, which fails: {e}")
+            try:
+                self.assertIn(port.getHost().host, ("127.0.0.1", "::1"), fixed)
+            finally:
+                yield port.stopListening()
 
 
 class NamesDescriptorTests(SynchronousTestCase):
@@ -1193,6 +1450,7 @@ _PROVOKED = {
     "[tcpd] listen: expected an endpoint string": ("[tcpd]\nlisten = 9000\n", []),
     "unknown endpoint type 'foo'": (None, ["--tcp", "foo:bar"]),
     "tcp6:9000:interface=::2": (None, ["--tcp", "tcp6:9000:interface=::2"]),
+    "'haproxy:' wraps no listener": (None, ["--tcp", "haproxy:"]),
     "no such group 'nosuchgroup'": ('[control]\ngroup = "nosuchgroup"\n', []),
     "lookup_timeot": ("[ipcd]\nlookup_timeot = 5\n", []),
     "(a week), got 1e+300": ("[limits]\nidle_timeout = 1e300\n", []),

@@ -184,9 +184,12 @@ class LoopRoutesTests(TestCase):
         inbound = status_report(self.service.broker)["inbound"]
         users_link = (
             f"not reachable: {app}/root.sock: a symbolic link of uid {MALLORY} "
-            "on the way; a client's lookup follows only root's (or ipcd's) links"
+            "on the way; a remote peer's request follows only root's (or "
+            "ipcd's) links"
         )
         self.assertEqual(inbound["app"], users_link)
+        # Its walk as others (allow in *: Mallory's home is 0755) meets the
+        # link before any grant is asked.
         self.assertEqual(inbound["granted"], users_link)
         self.assertEqual(
             inbound["alias"],
@@ -199,7 +202,7 @@ class LoopRoutesTests(TestCase):
         # As the decision lines say; the peers are told no more than this
         # (it told them the paths, the link's owner).
         lines = logged_lines(self)
-        for name in ("app", "alias"):
+        for name in ("app", "granted", "alias"):
             answer = yield deferToThread(ask_tcpd, self.tcp_port, name.encode())
             self.assertEqual(answer, b"ne refused")
             assert_logged(self, lines, inbound[name].removeprefix("not reachable: "))

@@ -630,11 +630,12 @@ class EndpointTests(SynchronousTestCase):
             error = self.assertRaises(ConfigError, self.listen, unix)
             self.assertIn("over TCP, not a UNIX socket", str(error))
         # Only systemd's own domain argument says UNIX (not an interface's
-        # name that has the same words in it).
+        # name that has the same words in it: an IPv6 address's scope here,
+        # as an interface with a ':' that is no IPv6 address is refused).
         for taken in (
             "systemd:domain=INET:index=0",
             "haproxy:tcp:9101:interface=127.0.0.1",
-            "tcp:9101:interface=a\\:domain=unix",
+            "tcp:9101:interface=fe80\\:\\:1%a\\:domain=unix",
         ):
             self.assertEqual(self.listen(taken), taken)
 

@@ -905,6 +905,22 @@ class DocumentedOutputTests(SynchronousTestCase):
         self.assertEqual(done.returncode, 1)
         self.assertEqual(json.loads(done.stdout), {"ok": False, "error": error})
 
+    def test_reloadRefusedWithAHugeValue(self) -> None:
+        """
+        A refused reload's error quotes the bad value: a value of 3 MB is
+        cut in the middle, and C{ipcd reload} says the refusal (the answer
+        was longer than the control socket carries, and the command said
+        it could not reach ipcd's control socket).
+        """
+        self.write('[ipcd]\nlookup_timeout = "' + "x" * 3_000_000 + '"\n')
+        done = self.ipcd("reload")
+        self.assertEqual((done.returncode, done.stdout), (1, ""), done.stderr[:300])
+        said = "ipcd reload: refused: ipcd.toml: [ipcd] lookup_timeout: expected a "
+        self.assertTrue(done.stderr.startswith(said), done.stderr[:300])
+        self.assertIn("x... (2999", done.stderr)
+        self.assertEqual(len(done.stderr.splitlines()), 1)
+        self.assertLess(len(done.stderr), 1100)
+
     def test_status(self) -> None:
         """
         C{ipcd status}: connections, counters, inbound, the configuration in

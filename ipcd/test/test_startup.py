@@ -173,6 +173,27 @@ class CommandFailureTests(SynchronousTestCase):
                 line,
             )
 
+    def test_nothingToListenOnRefusedAtLoad(self) -> None:
+        """
+        A listener that names nothing to listen on is a configuration
+        error, in one line naming the option's key and what is missing:
+        C{haproxy:} with nothing after it passed the check and failed at
+        start in Twisted's words; C{unix:} with no path failed at start
+        too, leaving C{.lock} in ipcd's working directory.
+        """
+        self.assertEqual(
+            self.twistd("--tcp", "haproxy:"),
+            "ipcd: command line: [tcpd] listen: 'haproxy:' wraps no listener: "
+            "write one after 'haproxy:' (haproxy:tcp:9000:interface=127.0.0.1)",
+        )
+        for listen in ("unix:", "haproxy:unix:"):
+            self.assertEqual(
+                self.ipcd("--no-tcp", "--ws", listen),
+                f"ipcd: command line: [websocketd] listen: invalid endpoint "
+                f"'{listen}': no socket path (unix:/run/ipcd/NAME.sock)",
+            )
+        self.assertEqual(os.listdir(self.work), ["out.log"])
+
     def test_pluginEndpointFails(self) -> None:
         """A plugin's endpoint that cannot be made: systemd passed no socket."""
         self.assertEqual(

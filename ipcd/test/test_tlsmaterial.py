@@ -191,6 +191,16 @@ class OptionsTests(SynchronousTestCase):
                 {"min_version": "1.1"},
                 "[tlsd] min_version: expected one of '1.2', '1.3'",
             ),
+            # A TOML array or table: one line, not a traceback (TypeError:
+            # unhashable type, found by test_configfuzz).
+            (
+                {"max_version": []},
+                "[tlsd] max_version: expected one of '1.2', '1.3', got []",
+            ),
+            (
+                {"min_version": {"a": 1}},
+                "[tlsd] min_version: expected one of '1.2', '1.3', got {'a': 1}",
+            ),
             ({"psk_file": 3}, "[tlsd] psk_file: expected a file name"),
             ({"psk_hosts": {"b": 1}}, "[tlsd] psk_hosts: expected a table of host"),
             ({"cert": "x"}, "[tlsd] cert: unknown key"),

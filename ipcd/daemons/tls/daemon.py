@@ -220,7 +220,8 @@ def _path(value: Any) -> str:
 
 
 def _version(value: Any) -> str:
-    if value not in VERSIONS:
+    # (A TOML array or table is no key of VERSIONS: unhashable, a TypeError.)
+    if not isinstance(value, str) or value not in VERSIONS:
         raise Expected(f"one of {', '.join(repr(v) for v in VERSIONS)}")
     return value
 
