@@ -90,7 +90,8 @@ class AlpnOfferedTests(TestCase):
         """
         tlsd's listener (certificate mode) completes the handshake of a
         client that offered ALPN, then reads tcpd's request as ever: an
-        empty service name is answered C{ne} (a framed refusal) and closed.
+        empty service name is answered C{ne} (a framed refusal, in the one
+        word a remote peer is told) and closed.
         """
         server = TestCA(short_rundir(self, "ipcd-alpn-ca-")).issue("server")
         host = yield start_tls_host(
@@ -98,4 +99,4 @@ class AlpnOfferedTests(TestCase):
         )
         chosen, answer = yield deferToThread(exchange, host.port, b"\0" * 64)
         self.assertIsNone(chosen)
-        self.assertEqual(answer[4:], b"ne empty service name")
+        self.assertEqual(answer[4:], b"ne no such service")
