@@ -194,6 +194,22 @@ class CommandFailureTests(SynchronousTestCase):
             )
         self.assertEqual(os.listdir(self.work), ["out.log"])
 
+    def test_numberNotInAsciiDigits(self) -> None:
+        """
+        A listener's port in another script's digits is refused in one line
+        naming it, by both commands: Twisted's int() read it, and ipcd
+        listened on that port (here one in use: 'address already in use').
+        """
+        port = busy_port(self)
+        arabic = str(port).translate({ord("0") + d: 0x0660 + d for d in range(10)})
+        listen = f"tcp:{arabic}:interface=127.0.0.1"
+        expected = (
+            f"ipcd: command line: [tcpd] listen: invalid endpoint {listen!r}: "
+            f"port {arabic!r} is not digits 0-9 only"
+        )
+        self.assertEqual(self.ipcd("--tcp", listen), expected)
+        self.assertEqual(self.twistd("--tcp", listen), expected)
+
     def test_pluginEndpointFails(self) -> None:
         """A plugin's endpoint that cannot be made: systemd passed no socket."""
         self.assertEqual(
@@ -662,6 +678,20 @@ class ReloadTests(SynchronousTestCase):
         answer = service.reload()
         self.assertFalse(answer["ok"])
         self.assertIn("unknown endpoint type 'foo'", answer["error"])
+        self.assertIs(service.config, before)
+
+    def test_numberNotInAsciiDigitsRefused(self) -> None:
+        """A reload with a listener's number in other digits keeps the old."""
+        service = self.service(self.config)
+        before = service.config
+        self.write("[websocketd]\nlisten = 'tcp:8080:backlog=\u0665\u0660'\n")
+        answer = service.reload()
+        self.assertFalse(answer["ok"])
+        self.assertIn(
+            "[websocketd] listen: invalid endpoint 'tcp:8080:backlog=\u0665\u0660': "
+            "backlog '\u0665\u0660' is not digits 0-9 only",
+            answer["error"],
+        )
         self.assertIs(service.config, before)
 
     def test_commandLineOnly(self) -> None:
