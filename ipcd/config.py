@@ -45,7 +45,7 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message says where and why."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(_cut(message))
+        super().__init__(bounded(message))
 
 
 # The longest configuration error said whole.  A value is quoted in its
@@ -55,7 +55,7 @@ class ConfigError(ValueError):
 MAX_ERROR = 1000
 
 
-def _cut(message: str) -> str:
+def bounded(message: str) -> str:
     """C{message}, its middle left out if it is longer than L{MAX_ERROR}."""
     if len(message) <= MAX_ERROR:
         return message

@@ -22,7 +22,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from ipcd.config import load_config
+from ipcd.config import MAX_ERROR, load_config
 from ipcd.daemons import StartupError
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
@@ -209,6 +209,34 @@ class CommandFailureTests(SynchronousTestCase):
         )
         self.assertEqual(self.ipcd("--tcp", listen), expected)
         self.assertEqual(self.twistd("--tcp", listen), expected)
+
+    def test_startErrorOnePrintableLine(self) -> None:
+        """
+        A start error is one printable line of bounded length whatever the
+        configuration names: it quotes a file name (or a host, a socket
+        path) as it is, and a newline in one made two lines, a terminal
+        escape reached the operator's terminal, and a name of 3 MB was a
+        line as long.
+        """
+        config = os.path.join(self.work, "ipcd.toml")
+        for name, said in (
+            ("/nonexistent/a\\u001b[2J\\nb", "/nonexistent/a\\x1b[2J\\x0ab"),
+            ("/" + "x" * 3_000_000, "/xxx"),
+        ):
+            with open(config, "w") as f:
+                f.write(f'[tlsd]\ncertificate = "{name}"\nkey = "/nonexistent/k"\n')
+            for line in (
+                self.ipcd("--config", config, "--no-tcp", "--no-ws"),
+                self.twistd("--config", config, "--no-tcp", "--no-ws"),
+            ):
+                self.assertTrue(
+                    line.startswith(f"ipcd: [tlsd] certificate: cannot read {said}"),
+                    line[:200],
+                )
+                self.assertTrue(line.isprintable(), line[:200])
+                self.assertLessEqual(len(line), len("ipcd: ") + MAX_ERROR, line[:200])
+                if said == "/xxx":
+                    self.assertIn("characters left out", line)
 
     def test_pluginEndpointFails(self) -> None:
         """A plugin's endpoint that cannot be made: systemd passed no socket."""
