@@ -322,6 +322,15 @@ def _arguments(kind: str, listens: str) -> tuple[list[str], dict[str, str]]:
     return given, named
 
 
+def named_arguments(kind: str, listens: str) -> dict[str, str]:
+    """
+    The arguments of listener C{listens} of a type checked here (C{kind}:
+    C{tcp}, C{ssl}, ...) by their names, whether given by position or
+    not; TypeError for arguments its parser does not take.
+    """
+    return _arguments(kind, listens)[1]
+
+
 def _checked_arguments(kind: str, listens: str) -> int | None:
     """
     Raise ValueError or TypeError unless the parser of C{listens} (of type

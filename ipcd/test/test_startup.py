@@ -24,6 +24,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from ipcd.config import MAX_ERROR, load_config
 from ipcd.daemons import StartupError
+from ipcd.listenerkeys import check_listener_key
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
     TIMEOUT,
@@ -298,6 +299,24 @@ class CommandFailureTests(SynchronousTestCase):
         fifo = os.path.join(self.work, "cert.fifo")
         os.mkfifo(fifo)
         listen = f"ssl:0:interface=127.0.0.1:privateKey={issued.key}:certKey={fifo}"
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--ws", listen),
+            f"ipcd: cannot make websocketd's listener '{listen}': certKey: {fifo} "
+            "is a FIFO, not a file: name the file itself (use --ws ENDPOINT or "
+            "--no-ws)",
+        )
+
+    def test_listenerFilesByPosition(self) -> None:
+        """
+        An ssl: listener's files given by position (Twisted's
+        C{ssl:PORT:KEY:CERT}) are the ones checked: the key was taken for
+        Twisted's default, C{server.pem}, and the listener refused.
+        """
+        issued = TestCA(self.work).issue("localhost")
+        check_listener_key(f"ssl:0:{issued.key}:{issued.cert}:TLS_METHOD:127.0.0.1")
+        fifo = os.path.join(self.work, "cert.fifo")
+        os.mkfifo(fifo)
+        listen = f"haproxy:ssl:0:{issued.key}:{fifo}"
         self.assertEqual(
             self.ipcd("--no-tcp", "--ws", listen),
             f"ipcd: cannot make websocketd's listener '{listen}': certKey: {fifo} "
