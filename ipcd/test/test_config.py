@@ -328,6 +328,57 @@ class RelativePathTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(config.rundir, os.path.join(os.getcwd(), "run"))
 
 
+class OperatorFormsTests(ConfigFileMixin, SynchronousTestCase):
+    """
+    The listener strings operators write, in every form Twisted's parsers
+    take (by name and by position, each option), load from a file for
+    every listener key: the checks made at load refuse none of them.
+    """
+
+    def test_operatorFormsLoad(self) -> None:
+        key, cert = "/etc/ipcd/key.pem", "/etc/ipcd/cert.pem"
+        tcp = (
+            "tcp:9000:interface=127.0.0.1",
+            "tcp:port=9000:interface=127.0.0.1:backlog=100",
+            "tcp:9000:127.0.0.1:64",
+            r"tcp:9000:interface=\:\:1",
+            "tcp:9000:interface=localhost",
+            r"tcp6:9000:interface=\:\:1",
+            r"tcp6:9000:20:\:\:1",
+            r"tcp6:port=9000:backlog=5:interface=fe80\:\:1%lo",
+            "tcp6:9000:interface=127.0.0.1",
+            "systemd:domain=INET:index=0",
+            "systemd:domain=INET6:index=1",
+            "systemd:domain=INET:name=tcpd",
+            "systemd:INET:0",
+        )
+        tls = (
+            f"ssl:8443:privateKey={key}:certKey={cert}:interface=0.0.0.0",
+            f"ssl:8443:privateKey={key}:certKey={cert}:sslmethod=TLS_METHOD:"
+            f"interface=127.0.0.1:backlog=50:extraCertChain=/etc/ipcd/chain.pem:"
+            "dhParameters=/etc/ipcd/dh.pem",
+            f"ssl:8443:{key}:{cert}:TLS_METHOD:127.0.0.1:50",
+            "tls:/etc/ipcd/pems:port=8443:interface=127.0.0.1",
+            r"tls:/etc/ipcd/pems:8443:20:\:\:1",
+        )
+        unix = (
+            "unix:/run/ipcd/ws.sock:mode=660:lockfile=1:backlog=10",
+            "unix:address=/run/ipcd/ws.sock:mode=0600:lockfile=0",
+            "systemd:domain=UNIX:index=0",
+            "ipc:wsd:rundir=/run/libipc:mode=0660:backlog=64:group=wheel",
+        )
+        for section, forms in (
+            ("tcpd", tcp),
+            ("websocketd", tcp + tls + unix),
+            ("metrics", tcp + tls),
+        ):
+            for listen in (*forms, *(f"haproxy:{form}" for form in forms)):
+                text = f"[{section}]\nlisten = '{listen}'\n"
+                config = load_config(self.write(text), None, {})
+                if section == "tcpd":
+                    self.assertEqual(tcp_listen(config), listen)
+
+
 class DocumentedExampleTests(ConfigFileMixin, SynchronousTestCase):
     def test_exampleLoads(self) -> None:
         """docs/configuration.rst's example loads on any system, as written."""
