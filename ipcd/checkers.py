@@ -338,6 +338,9 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
     where that can be told without listening or reading a file; its port,
     where there is one.
     """
+    if kind == "ipc":
+        _check_ipc(listens)
+        return None
     if kind not in _POSITIONS:
         return None  # a plugin's: told only when it listens
     positionals, given = _arguments(kind, listens)
@@ -373,6 +376,18 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
         # address), where [metrics] listen = 'tcp:9101' is 127.0.0.1.
         raise ValueError("an empty argument (a ':' too many)")
     return port
+
+
+def _check_ipc(listens: str) -> None:
+    """
+    Raise ValueError or TypeError unless ipcd's own C{ipc:} parser takes
+    C{listens}: it is pure (no reactor, no socket), so its name, mode and
+    backlog are refused now, and by a reload, not only at the next start.
+    """
+    from ipcd.endpoints import IPCServerParser
+
+    positionals, keywords = compat_twisted.endpoint_arguments(listens)
+    IPCServerParser().parseStreamServer(_NO_REACTOR, *positionals, **keywords)
 
 
 def _check_interface(kind: str, interface: str | None) -> None:

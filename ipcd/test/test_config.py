@@ -835,7 +835,8 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
 
     def test_numbersInAsciiDigits(self) -> None:
         """
-        Every number of a listener string is plain ASCII digits, and an
+        Every number of a listener string is plain ASCII digits (ipcd's own
+        ipc: said so only at start: it is checked at load too), and an
         interface is ASCII: Twisted reads the numbers with int(), which
         took other scripts' digits ('tcp:\u0669\u0660\u0660\u0660' listened on
         9000), a sign (a systemd index of -1 is the last socket passed),
@@ -879,6 +880,11 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             ("systemd:domain=INET:index=-1", f"index '-1' {digits}"),
             ("haproxy:systemd:INET:+0", f"index '+0' {digits}"),
             (
+                "ipc:wsd:mode=\u0666\u0666\u0660",
+                "ipc: mode: expected an octal number, got '\u0666\u0666\u0660'",
+            ),
+            ("haproxy:ipc:wsd:backlog=+5", "ipc: backlog: expected a number, got '+5'"),
+            (
                 "tcp:9000:interface=\uff11\uff12\uff17.0.0.1",
                 "interface '\uff11\uff12\uff17.0.0.1' is not ASCII (an address is "
                 "written in ASCII digits; a host name in its xn-- form)",
@@ -915,6 +921,7 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             "systemd:domain=INET:index=10",
             "haproxy:systemd:INET:0",
             "tcp:9000:interface=localhost",
+            "ipc:wsd:mode=0660:backlog=64",
         ):
             config = load_config(None, {"tcpd": {"listen": listen}}, {})
             self.assertEqual(tcp_listen(config), listen)
@@ -946,7 +953,8 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
     def test_pluginEndpointAccepted(self) -> None:
         """
         A plugin's type is accepted without building it (no reactor);
-        Twisted's tcp6 is built, with no reactor (test_tcp6Arguments).
+        Twisted's tcp6 and ipcd's own ipc: are built, with no reactor
+        (test_tcp6Arguments, test_numbersInAsciiDigits).
         """
         for listen in ("systemd:domain=INET:index=0", "tcp6:9000", "ipc:tcp"):
             config = load_config(None, {"tcpd": {"listen": listen}}, {})
