@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from ipcd import compat
 from ipcd.activation import inherited
 from ipcd.broker import Broker
-from ipcd.config import Config, ConfigError, bounded
+from ipcd.config import Config, ConfigError, one_line
 from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_report
 from ipcd.daemons import StartupError, settings_of
 from ipcd.endpoints import BROKER_NAME
@@ -33,7 +33,7 @@ from ipcd.instancelock import InstanceLock, lock_error, take_instance_lock
 from ipcd.limits import LimitedFactory
 from ipcd.listener import IListener, Outcome
 from ipcd.logbatch import batch_with
-from ipcd.logs import printable, text_observer
+from ipcd.logs import text_observer
 from ipcd.lookupprotocol import LookupFactory
 from ipcd.memtrim import MemoryTrim
 from ipcd.metrics import NO_METRICS, Metrics
@@ -464,7 +464,7 @@ def _start_failed(error: Exception) -> SystemExit:
     a newline in one made two lines, a terminal escape was written to the
     operator's terminal, and a name of 3 MB made a line as long.
     """
-    return SystemExit(f"ipcd: {bounded(printable(str(error)))}")
+    return SystemExit(f"ipcd: {one_line(str(error))}")
 
 
 def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDService:  # noqa: N802

@@ -239,6 +239,25 @@ class CommandFailureTests(SynchronousTestCase):
                 if said == "/xxx":
                     self.assertIn("characters left out", line)
 
+    def test_configFileNamePrintable(self) -> None:
+        """
+        A configuration error names the file as it is written, with what
+        does not print escaped: a newline in its name made two lines, and
+        an escape in it reached the terminal.
+        """
+        directory = os.path.join(self.work, "a\x1b[2J\nb")
+        os.mkdir(directory)
+        config = os.path.join(directory, "ipcd.toml")
+        with open(config, "w") as f:
+            f.write("[tcpd]\nlisten = 'tcp:x'\n")
+        shown = os.path.join(self.work, "a\\x1b[2J\\x0ab", "ipcd.toml")
+        expected = (
+            f"ipcd: {shown}: [tcpd] listen: invalid endpoint 'tcp:x': 'x' is not a "
+            "whole number"
+        )
+        self.assertEqual(self.ipcd("--config", config), expected)
+        self.assertEqual(self.twistd("--config", config), expected)
+
     def test_pluginEndpointFails(self) -> None:
         """A plugin's endpoint that cannot be made: systemd passed no socket."""
         self.assertEqual(
