@@ -439,15 +439,26 @@ def _keep_daemon_restart_keys(old: Config, new: Config) -> tuple[Config, list[st
     """
     C{new}, with the old values of the protocol daemons' restart keys that
     changed, and those keys as reported (C{SCHEME_KEY}: C{tcp_listen}).
+    Reported is only what a restart would change: nothing of a daemon off
+    before and after (it takes the new values), and of one turned on or
+    off, the key that turns it (C{tcp_enabled}, not its listener too).
     """
     changed: list[str] = []
     daemons = {section: dict(values) for section, values in new.daemons.items()}
     for daemon in old.registry.values():
         before, after = settings_of(old, daemon), settings_of(new, daemon)
-        for key in daemon.restart_keys:
-            if before[key] != after[key]:
-                changed.append(f"{daemon.scheme}_{key}")
-                daemons.setdefault(daemon.section, {})[key] = before[key]
+        on = daemon.enabled(before)
+        if not on and not daemon.enabled(after):
+            # Off either way (--no-tcp, or udpd's default): nothing is bound
+            # to its keys, and a restart would open nothing either.
+            continue
+        keys = [key for key in daemon.restart_keys if before[key] != after[key]]
+        for key in keys:
+            daemons.setdefault(daemon.section, {})[key] = before[key]
+        if on != daemon.enabled(after):
+            turning = [k for k in keys if daemon.enabled({**before, k: after[k]}) != on]
+            keys = turning or keys
+        changed += [f"{daemon.scheme}_{key}" for key in keys]
     if not changed:
         return new, []
     frozen = {section: MappingProxyType(values) for section, values in daemons.items()}

@@ -905,6 +905,23 @@ class DocumentedOutputTests(SynchronousTestCase):
         self.assertEqual(done.returncode, 1)
         self.assertEqual(json.loads(done.stdout), {"ok": False, "error": error})
 
+    def test_reloadOffDaemons(self) -> None:
+        """
+        ipcd runs with --no-tcp --no-ws --no-tls (and udpd off, its
+        default): the file's listeners for them changing is no restart
+        needed, as a restart would not open them either.  It said
+        C{reloaded; restart needed for tcp_listen, tls_listen, udp_listen,
+        ws_listen}.
+        """
+        self.write(
+            "[tcpd]\nlisten = 'tcp:9010'\n[tlsd]\nlisten = 'tcp:9011'\n"
+            "[websocketd]\nlisten = 'tcp:9012'\n[udpd]\nlisten = 'udp:9013'\n"
+        )
+        done = self.ipcd("reload")
+        self.assertEqual(
+            (done.returncode, done.stdout, done.stderr), (0, "reloaded\n", "")
+        )
+
     def test_reloadRefusedWithAHugeValue(self) -> None:
         """
         A refused reload's error quotes the bad value: a value of 3 MB is
