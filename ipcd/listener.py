@@ -61,6 +61,17 @@ class Outcome(Generic[T]):
             d.callback(self._result)  # type: ignore[arg-type]
 
 
+class CannotListen(SystemExit, Exception):
+    """
+    A listener outside ipcd's tree cannot listen when twistd starts it: the
+    message is the one line.  A C{SystemExit}, so that C{twistd -n} prints
+    that line and exits 1, no traceback; an C{Exception} too, so that a
+    daemonizing twistd reports it: twistd tells its waiting parent of an
+    C{Exception} only, and the parent, which holds the pipe it waits on
+    open itself, waited for ever on a bare C{SystemExit}, saying nothing.
+    """
+
+
 class IListener(Interface):
     """A service that listens on one endpoint, started by ipcd's tree."""
 
@@ -137,7 +148,7 @@ class EndpointListener(Service):
         self.listen().addErrback(heard)
         starting = False
         if now and not now[0].check(CancelledError):
-            raise SystemExit(f"{self.name or 'twistd'}: {self._why(now[0])}")
+            raise CannotListen(f"{self.name or 'twistd'}: {self._why(now[0])}")
 
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
         super().startService()
