@@ -40,6 +40,7 @@ from ipcd.test.support import (
 )
 from ipcd.test.test_daemons import with_testscheme
 from ipcd.test.test_inboundaccess import MALLORY
+from ipcd.test.wssupport import make_ca
 from ipcd.wire import encode
 
 
@@ -295,6 +296,62 @@ class CommandLineReloadTests(SynchronousTestCase):
             with self.subTest(argv=argv, after=after):
                 answer = self.reload(argv, before, after)
                 self.assertEqual(answer, {"ok": True, "restart_needed": restart})
+
+
+class TlsListenerReloadTests(SynchronousTestCase):
+    """
+    tlsd listens only with a certificate or keys, decided at start: a
+    reload reports its listener as needing a restart when that would open
+    or close it, at every reload until the restart, and not when it would
+    not listen either way.
+    """
+
+    def setUp(self) -> None:
+        self.work = short_rundir(self)
+        self.path = os.path.join(self.work, "ipcd.toml")
+        _ca, cert, key = make_ca(self.work)
+        self.keys = f"[tlsd]\ncertificate = '{cert}'\nkey = '{key}'\n"
+
+    def start(self, text: str) -> Any:
+        from ipcd.options import Options
+        from ipcd.tap import IPCDService
+
+        self.write(text)
+        options = Options()
+        rundir = os.path.join(self.work, "run")
+        argv = ["--rundir", rundir, "--config", self.path, "--no-tcp", "--no-ws"]
+        options.parseOptions(argv)
+        # Built, not started: tlsd's listener is made, or not, already.
+        return IPCDService(options.config, reactor, options.load_config)
+
+    def write(self, text: str) -> None:
+        with open(self.path, "w") as f:
+            f.write(text)
+
+    def test_noListenerEitherWay(self) -> None:
+        """Without keys, its listen changing is nothing a restart would open."""
+        service = self.start("")
+        self.write(f"[tlsd]\nlisten = '{ANY_PORT}'\n")
+        self.assertEqual(service.reload(), {"ok": True, "restart_needed": []})
+
+    def test_keysConfigured(self) -> None:
+        """
+        The first certificate and key: its listener runs after a restart,
+        said at this reload and the next (it said 'reloaded', and 'ipcd
+        status' showed a tls_listen nothing listened on).
+        """
+        service = self.start("")
+        self.write(self.keys)
+        for _ in range(2):
+            answer = service.reload()
+            self.assertEqual(answer, {"ok": True, "restart_needed": ["tls_listen"]})
+
+    def test_keysRemoved(self) -> None:
+        """No certificate or keys any more: its listener stops at a restart."""
+        service = self.start(self.keys)
+        self.write("")
+        answer = service.reload()
+        self.assertEqual(answer, {"ok": True, "restart_needed": ["tls_listen"]})
 
 
 class DaemonHookTests(TestCase):
