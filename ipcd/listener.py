@@ -11,6 +11,7 @@ so that one that cannot listen stops the start-up in one line.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any, Generic, TypeVar
 
@@ -156,14 +157,19 @@ class EndpointListener(Service):
             self.listen().addErrback(self._unheard)
 
     def _why(self, failure: Failure) -> str:
-        """Why it cannot listen, in one line naming where."""
+        """Why it cannot listen, in one line naming where, and the way out."""
+        path = getattr(self.endpoint, "path", None)
         if failure.check(SocketInUse):  # names the socket itself
-            return failure.getErrorMessage()
-        where = getattr(self.endpoint, "path", None) or self.description
+            return f"{failure.getErrorMessage()} (stop it, or use another RUNDIR)"
+        where = path or self.description
         cause = getattr(failure.value, "socketError", failure.value)
         code = getattr(cause, "errno", None)
         why = os.strerror(code).lower() if code else " ".join(str(cause).split())
-        return f"cannot listen on {where or self.endpoint}: {why}"
+        hint = ""
+        if path is not None and code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            directory = os.path.dirname(path)
+            hint = f" (make {directory} writable for this user, or use another RUNDIR)"
+        return f"cannot listen on {where or self.endpoint}: {why}{hint}"
 
     def _unheard(self, failure: Failure) -> None:
         if not failure.check(CancelledError):
