@@ -453,6 +453,7 @@ def _keep_daemon_restart_keys(
     section: whether its network listener runs now), L{_listener_keys}.
     """
     changed: list[str] = []
+    kept = False
     daemons = {section: dict(values) for section, values in new.daemons.items()}
     for daemon in old.registry.values():
         before, after = settings_of(old, daemon), settings_of(new, daemon)
@@ -464,6 +465,7 @@ def _keep_daemon_restart_keys(
         keys = [key for key in daemon.restart_keys if before[key] != after[key]]
         for key in keys:
             daemons.setdefault(daemon.section, {})[key] = before[key]
+            kept = True
         if on != daemon.enabled(after):
             turning = [k for k in keys if daemon.enabled({**before, k: after[k]}) != on]
             keys = turning or keys
@@ -471,8 +473,8 @@ def _keep_daemon_restart_keys(
             was = (listening or {}).get(daemon.section, False)
             keys = _listener_keys(daemon, was, after, keys)
         changed += [f"{daemon.scheme}_{key}" for key in keys]
-    if not changed:
-        return new, []
+    if not kept:
+        return new, changed
     frozen = {section: MappingProxyType(values) for section, values in daemons.items()}
     return replace(new, daemons=MappingProxyType(frozen)), changed
 

@@ -329,10 +329,16 @@ class TlsListenerReloadTests(SynchronousTestCase):
             f.write(text)
 
     def test_noListenerEitherWay(self) -> None:
-        """Without keys, its listen changing is nothing a restart would open."""
+        """
+        Without keys, its listen changing is nothing a restart would open;
+        the old value stays in force, as any restart key's, so that keys
+        configured later are reported against what runs.
+        """
         service = self.start("")
         self.write(f"[tlsd]\nlisten = '{ANY_PORT}'\n")
         self.assertEqual(service.reload(), {"ok": True, "restart_needed": []})
+        listen = service.config.daemons["tlsd"]["listen"]
+        self.assertEqual(listen, "tcp:9001:interface=127.0.0.1")
 
     def test_keysConfigured(self) -> None:
         """
