@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import struct
 import subprocess
 import sys
@@ -30,8 +31,11 @@ from ipcd.test.support import (
     TIMEOUT,
     as_user,
     bounce,
+    connect_unix,
     lookup,
     needs_root,
+    open_fds,
+    read_reply,
     short_rundir,
     wait_until,
 )
@@ -219,6 +223,58 @@ class WebSocketRelayLimitTests(OutboundLimitsMixin, TestCase):
 
     def start_near(self, limits: dict[str, int]) -> Any:
         return start_ws_host(self, pongd=False, rules=(), limits=limits)
+
+    @inlineCallbacks
+    def test_noDescriptorForTheBridge(self) -> Any:
+        """
+        ipcd out of descriptors for the bridge's socketpair (EMFILE, for
+        real: RLIMIT_NOFILE, every slot but the lookup's taken): the lookup
+        is refused and the place it took is given back.  It was kept for
+        good (only a Refused from the dial gave it back), one more each
+        time, until every ws:// lookup was refused as too many.
+        """
+        far = yield self.start_far()
+        route = f"pong;pong {far}/pong".encode()
+        a = yield self.start_near({})
+        limits = a.broker.limits_for(self.kind)
+        reply = yield deferToThread(lookup, a.rundir, route)  # (labels cached)
+        self.assertEqual(reply.data, OK)
+        reply.take_socket(self).close()
+        yield wait_until(lambda: limits.total == 0, "that relay counted out")
+        # Connected (in ipcd's backlog) before the descriptors run out:
+        # accepting it takes the one slot left.
+        sock = connect_unix(os.path.join(a.rundir, "ipc"))
+        self.addCleanup(sock.close)
+        held = _all_descriptors_but_one(self)
+        sock.sendall(encode(route))
+        reply = yield deferToThread(read_reply, sock)
+        for fd in held:
+            os.close(fd)
+        held.clear()
+        self.assertEqual(reply.fds, [])
+        self.assertEqual((limits.total, dict(limits.per_peer)), (0, {}))
+        # A refusal that says why (it was an unexpected error, a traceback).
+        why = "cannot relay to the service: Too many open files"
+        self.assertEqual(reply.data, f"ne websocketd at {far}/pong: {why}".encode())
+
+
+def _all_descriptors_but_one(case: TestCase) -> list[int]:
+    """
+    Take every descriptor this process may open but one (a lower soft
+    RLIMIT_NOFILE, the holes below it filled), until the returned ones are
+    closed (and after the test); the limit is restored after the test.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    case.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 2, hard))
+    held: list[int] = []
+    case.addCleanup(lambda: [os.close(fd) for fd in held])
+    try:
+        while True:
+            held.append(os.dup(0))
+    except OSError:
+        os.close(held.pop())
+    return held
 
 
 class TlsRelayLimitTests(OutboundLimitsMixin, TestCase):
