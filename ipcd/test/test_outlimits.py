@@ -19,7 +19,9 @@ import sys
 import threading
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -40,7 +42,7 @@ from ipcd.test.support import (
     wait_until,
 )
 from ipcd.test.test_udp import B_RULES
-from ipcd.test.tlssupport import ALICE_KEY, secrets_file, start_tls_host
+from ipcd.test.tlssupport import ALICE_KEY, TestCA, secrets_file, start_tls_host
 from ipcd.test.udpsupport import start_udp_host
 from ipcd.test.wssupport import start_ws_host
 from ipcd.wire import encode
@@ -292,3 +294,74 @@ class TlsRelayLimitTests(OutboundLimitsMixin, TestCase):
     def start_near(self, limits: dict[str, int]) -> Any:
         tlsd = {"psk_file": self.keys(), "psk_identity": "alice"}
         return start_tls_host(self, tlsd, pongd=False, limits=limits)
+
+    @inlineCallbacks
+    def answered_without_descriptors(self, free: int) -> Any:
+        """
+        A tls:// lookup whose far side says ok when ipcd has C{free}
+        descriptors left (EMFILE past them, for real); fires with the reply,
+        the far side's connection and the limits, once the descriptors are
+        back.
+        """
+        far = _AnsweringLater()
+        ca = TestCA(short_rundir(self, "ipcd-ca-"))
+        issued = ca.issue("far")
+        with open(issued.cert) as cert, open(issued.key) as key:
+            pem = cert.read() + key.read()
+        options = ssl.PrivateCertificate.loadPEM(pem).options()
+        port = reactor.listenSSL(0, far, options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        a = yield start_tls_host(self, {"trust_roots": ca.path}, pongd=False)
+        limits = a.broker.limits_for(self.kind)
+        self.where = f"localhost:{port.getHost().port}"
+        sock = connect_unix(os.path.join(a.rundir, "ipc"))
+        self.addCleanup(sock.close)
+        sock.sendall(encode(f"pong;pong tls://{self.where}/pong".encode()))
+        asked = yield far.asked
+        self.assertEqual(limits.total, 1)
+        held = _all_descriptors_but_one(self)
+        for _ in range(free - 1):
+            os.close(held.pop())
+        asked.transport.write(b"ok")
+        reply = yield deferToThread(read_reply, sock)
+        for fd in held:
+            os.close(fd)
+        held.clear()
+        return reply, asked, limits
+
+    @inlineCallbacks
+    def test_noDescriptorForTheSocketpair(self) -> Any:
+        """
+        The far side says ok when ipcd has one descriptor left, none for
+        the relay's socketpair: the lookup is refused, its place given
+        back, and the TLS connection closed.  It was left open (uncounted)
+        until the far side closed it.
+        """
+        reply, asked, limits = yield self.answered_without_descriptors(1)
+        self.assertEqual(reply.fds, [])
+        yield wait_until(lambda: asked.lost, "the TLS connection closed")
+        self.assertEqual((limits.total, dict(limits.per_peer)), (0, {}))
+        why = "cannot relay to the service: Too many open files"
+        self.assertEqual(reply.data, f"ne tlsd at {self.where}: {why}".encode())
+
+
+class _Asked(Protocol):
+    """A far tlsd's connection: its request, answered when the test says."""
+
+    lost = False
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        if not self.factory.asked.called:
+            self.factory.asked.callback(self)
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.lost = True
+
+
+class _AnsweringLater(Factory):
+    """A far tlsd that answers its one request when the test says."""
+
+    protocol = _Asked
+
+    def __init__(self) -> None:
+        self.asked: Deferred[_Asked] = Deferred()
