@@ -344,6 +344,23 @@ class TlsRelayLimitTests(OutboundLimitsMixin, TestCase):
         why = "cannot relay to the service: Too many open files"
         self.assertEqual(reply.data, f"ne tlsd at {self.where}: {why}".encode())
 
+    @inlineCallbacks
+    def test_noDescriptorForTheRelayEngine(self) -> Any:
+        """
+        Two left: the socketpair is made, and the relay engine's first
+        join finds none for its epoll.  The relay is refused as a stopped
+        engine's are: the client's end sees EOF, the TLS connection is
+        closed, the place given back.  The join raised, and left the relay
+        listed and counted for good, both connections open.
+        """
+        reply, asked, limits = yield self.answered_without_descriptors(2)
+        self.assertEqual(reply.data, OK)
+        sock = reply.take_socket(self)
+        eof = yield deferToThread(sock.recv, 1)
+        self.assertEqual(eof, b"")
+        yield wait_until(lambda: asked.lost, "the TLS connection closed")
+        self.assertEqual((limits.total, dict(limits.per_peer)), (0, {}))
+
 
 class _Asked(Protocol):
     """A far tlsd's connection: its request, answered when the test says."""
