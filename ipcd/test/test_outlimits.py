@@ -247,7 +247,7 @@ class WebSocketRelayLimitTests(OutboundLimitsMixin, TestCase):
         # accepting it takes the one slot left.
         sock = connect_unix(os.path.join(a.rundir, "ipc"))
         self.addCleanup(sock.close)
-        held = _all_descriptors_but_one(self)
+        held = _all_descriptors_but(self, 1)
         sock.sendall(encode(route))
         reply = yield deferToThread(read_reply, sock)
         for fd in held:
@@ -260,22 +260,23 @@ class WebSocketRelayLimitTests(OutboundLimitsMixin, TestCase):
         self.assertEqual(reply.data, f"ne websocketd at {far}/pong: {why}".encode())
 
 
-def _all_descriptors_but_one(case: TestCase) -> list[int]:
+def _all_descriptors_but(case: TestCase, free: int) -> list[int]:
     """
-    Take every descriptor this process may open but one (a lower soft
+    Take every descriptor this process may open but C{free} (a lower soft
     RLIMIT_NOFILE, the holes below it filled), until the returned ones are
     closed (and after the test); the limit is restored after the test.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     case.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 2, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 1 + free, hard))
     held: list[int] = []
     case.addCleanup(lambda: [os.close(fd) for fd in held])
     try:
         while True:
             held.append(os.dup(0))
     except OSError:
-        os.close(held.pop())
+        for _ in range(free):
+            os.close(held.pop())
     return held
 
 
@@ -319,9 +320,7 @@ class TlsRelayLimitTests(OutboundLimitsMixin, TestCase):
         sock.sendall(encode(f"pong;pong tls://{self.where}/pong".encode()))
         asked = yield far.asked
         self.assertEqual(limits.total, 1)
-        held = _all_descriptors_but_one(self)
-        for _ in range(free - 1):
-            os.close(held.pop())
+        held = _all_descriptors_but(self, free)
         asked.transport.write(b"ok")
         reply = yield deferToThread(read_reply, sock)
         for fd in held:
