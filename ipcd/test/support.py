@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -292,6 +293,28 @@ def fd_baseline() -> Any:
     """
     yield deferLater(reactor, 0, lambda: None)
     return open_fds()
+
+
+def take_descriptors(case: SynchronousTestCase, free: int) -> list[int]:
+    """
+    Take every descriptor this process may open but C{free} (a lower soft
+    RLIMIT_NOFILE, the holes below it filled), until the returned ones are
+    closed (and after the test); the limit is restored after the test.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    case.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 1 + free, hard))
+    held: list[int] = []
+    case.addCleanup(lambda: [os.close(fd) for fd in held])
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as e:
+        if e.errno != errno.EMFILE:
+            raise
+        for _ in range(free):
+            os.close(held.pop())
+    return held
 
 
 @inlineCallbacks

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import struct
 import subprocess
 import sys
@@ -36,9 +35,9 @@ from ipcd.test.support import (
     connect_unix,
     lookup,
     needs_root,
-    open_fds,
     read_reply,
     short_rundir,
+    take_descriptors,
     wait_until,
 )
 from ipcd.test.test_udp import B_RULES
@@ -247,7 +246,7 @@ class WebSocketRelayLimitTests(OutboundLimitsMixin, TestCase):
         # accepting it takes the one slot left.
         sock = connect_unix(os.path.join(a.rundir, "ipc"))
         self.addCleanup(sock.close)
-        held = _all_descriptors_but(self, 1)
+        held = take_descriptors(self, 1)
         sock.sendall(encode(route))
         reply = yield deferToThread(read_reply, sock)
         for fd in held:
@@ -258,26 +257,6 @@ class WebSocketRelayLimitTests(OutboundLimitsMixin, TestCase):
         # A refusal that says why (it was an unexpected error, a traceback).
         why = "cannot relay to the service: Too many open files"
         self.assertEqual(reply.data, f"ne websocketd at {far}/pong: {why}".encode())
-
-
-def _all_descriptors_but(case: TestCase, free: int) -> list[int]:
-    """
-    Take every descriptor this process may open but C{free} (a lower soft
-    RLIMIT_NOFILE, the holes below it filled), until the returned ones are
-    closed (and after the test); the limit is restored after the test.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    case.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 1 + free, hard))
-    held: list[int] = []
-    case.addCleanup(lambda: [os.close(fd) for fd in held])
-    try:
-        while True:
-            held.append(os.dup(0))
-    except OSError:
-        for _ in range(free):
-            os.close(held.pop())
-    return held
 
 
 class TlsRelayLimitTests(OutboundLimitsMixin, TestCase):
@@ -320,7 +299,7 @@ class TlsRelayLimitTests(OutboundLimitsMixin, TestCase):
         sock.sendall(encode(f"pong;pong tls://{self.where}/pong".encode()))
         asked = yield far.asked
         self.assertEqual(limits.total, 1)
-        held = _all_descriptors_but(self, free)
+        held = take_descriptors(self, free)
         asked.transport.write(b"ok")
         reply = yield deferToThread(read_reply, sock)
         for fd in held:
