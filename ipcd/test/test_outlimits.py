@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from ipcd.test.support import (
     read_reply,
     short_rundir,
     take_descriptors,
+    tcp_connecting,
     wait_until,
 )
 from ipcd.test.test_udp import B_RULES
@@ -276,6 +278,29 @@ class TlsRelayLimitTests(OutboundLimitsMixin, TestCase):
         return start_tls_host(self, tlsd, pongd=False, limits=limits)
 
     @inlineCallbacks
+    def test_givenUpWhileConnecting(self) -> Any:
+        """
+        A tls:// lookup given up while its TCP connect is under way (the
+        client goes; the broker's deadline is the same): the connect ends
+        with it.  It went on (Twisted's own deadline is 30 s), no longer
+        counted, and the connection it made was left open (a TLS
+        handshake nobody waited for): a client that went at once could
+        have ipcd hold any number of them.
+        """
+        port = _unanswered_port(self)
+        a = yield self.start_near({})
+        limits = a.broker.limits_for(self.kind)
+        sock = connect_unix(os.path.join(a.rundir, "ipc"))
+        self.addCleanup(sock.close)
+        sock.sendall(encode(f"pong;pong tls://127.0.0.1:{port}/pong".encode()))
+        yield wait_until(lambda: tcp_connecting(port), "ipcd connecting")
+        self.assertEqual(limits.total, 1)
+        sock.close()
+        yield wait_until(lambda: limits.total == 0, "the lookup given up")
+        # Ended as it was given up (else by Twisted's deadline, 30 s on).
+        self.assertEqual(tcp_connecting(port), 0)
+
+    @inlineCallbacks
     def answered_without_descriptors(self, free: int) -> Any:
         """
         A tls:// lookup whose far side says ok when ipcd has C{free}
@@ -338,6 +363,22 @@ class TlsRelayLimitTests(OutboundLimitsMixin, TestCase):
         self.assertEqual(eof, b"")
         yield wait_until(lambda: asked.lost, "the TLS connection closed")
         self.assertEqual((limits.total, dict(limits.per_peer)), (0, {}))
+
+
+def _unanswered_port(case: TestCase) -> int:
+    """
+    A port on 127.0.0.1 whose listener never accepts, its queue full with
+    one connection of the test's: the kernel answers no more SYNs, and a
+    connect to it stays under way.
+    """
+    listener = socket.socket()
+    case.addCleanup(listener.close)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    first = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+    case.addCleanup(first.close)
+    return port
 
 
 class _Asked(Protocol):
