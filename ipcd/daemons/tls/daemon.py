@@ -309,7 +309,13 @@ class TlsDaemon(ListeningDaemon):
 
         def joined(result: tuple[TlsDialer, bytes]) -> Deferred[socket.socket]:
             dialer, rest = result
-            ours, theirs = socket.socketpair()
+            try:
+                ours, theirs = socket.socketpair()
+            except OSError as e:  # no descriptor left for it (EMFILE)
+                # The TLS connection is closed, not left open uncounted.
+                dialer.transport.abortConnection()
+                why = f"cannot relay to the service: {e.strerror or e}"
+                raise Refused(f"tlsd at {dialer.where}: {why}") from None
             given: Deferred[socket.socket] = Deferred()
 
             def handed(sock: socket.socket | None) -> None:

@@ -197,9 +197,9 @@ class WebSocketDaemon(ListeningDaemon):
                 stats,
                 own_dials=broker.own_dials,
             )
-        except Refused as e:
-            release()
-            return fail(e)
+        except Exception:
+            release()  # whatever stopped it before it began
+            return fail()
         return dialed.addErrback(outlimits.releasing(release))
 
     def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
