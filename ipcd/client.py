@@ -21,7 +21,7 @@ from typing import Any
 
 from ipcd.framing import recv_message, send_message
 from ipcd.handoff import HandoffError, LookupRefused, receive_fd
-from ipcd.names import BROKER_NAME, socket_path, validate_service_name
+from ipcd.names import BROKER_NAME, checked_socket_path, validate_service_name
 from ipcd.routes import encode_lookup
 from ipcd.rundir import resolve_rundir
 
@@ -153,14 +153,16 @@ def connect(
     directory = resolve_rundir(rundir)
     if network is None:
         network = os.environ.get("IPC_NETWORK", "")
+    # The one socket connected to, judged before anything is opened.
+    path = checked_socket_path(directory, BROKER_NAME if network else service)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         if not network:
-            _connect_service(sock, socket_path(directory, service), timeout)
+            _connect_service(sock, path, timeout)
             sock.settimeout(None)
             return sock
-        _connect_ipcd(sock, socket_path(directory, BROKER_NAME), timeout)
+        _connect_ipcd(sock, path, timeout)
         try:
             send_message(sock, encode_lookup(service, network))
         except (BrokenPipeError, ConnectionResetError):

@@ -42,6 +42,7 @@ from ipcd.names import (
     BROKER_NAME,
     SOCKET_MODE,
     UNIX_BACKLOG,
+    checked_socket_path,
     listen_unix,
     socket_path,
     validate_service_name,
@@ -74,7 +75,7 @@ class IPCServerEndpoint:
     ) -> None:
         self._reactor = reactor
         self.name = validate_service_name(name)
-        self.path = socket_path(resolve_rundir(rundir), self.name)
+        self.path = checked_socket_path(resolve_rundir(rundir), self.name)
         if isinstance(mode, bool) or not isinstance(mode, int):
             raise TypeError(f"mode: expected permission bits (0o660), got {mode!r}")
         if not 0 <= mode <= 0o777:
@@ -175,6 +176,8 @@ class IPCClientEndpoint:
         self.rundir = resolve_rundir(rundir)
         self.network = os.environ.get("IPC_NETWORK") if network is None else network
         self._timeout = checked_timeout(timeout)
+        # The one socket connect() will reach: judged now, not in the reactor.
+        checked_socket_path(self.rundir, BROKER_NAME if self.network else self.service)
 
     def _unix(self, name: str, factory: IProtocolFactory) -> Deferred[Any]:
         """Connect to C{RUNDIR/NAME}; a failure names that path."""

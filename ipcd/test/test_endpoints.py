@@ -314,6 +314,79 @@ class ParserTests(SynchronousTestCase):
         )
 
 
+class RundirTests(SynchronousTestCase):
+    """
+    A rundir the kernel would not take as it is: refused when the endpoint
+    is made, naming it, on either side and whatever the string's type.
+    """
+
+    def setUp(self) -> None:
+        self.rundir = short_rundir(self)
+        self.pong = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(self.pong.close)
+        self.pong.bind(os.path.join(self.rundir, "pong"))
+        self.pong.listen()
+        self.pong.setblocking(False)
+
+    def refused(self, text: str) -> str:
+        """C{text}'s error, the same from either side."""
+        server = self.assertRaises(ValueError, serverFromString, reactor, text)
+        client = self.assertRaises(ValueError, clientFromString, reactor, text)
+        self.assertEqual(str(server), str(client))
+        return str(client)
+
+    def test_nulReachesNoOtherService(self) -> None:
+        """
+        A NUL in rundir: an AF_UNIX path ends there, so C{ipc:x} with
+        rundir C{RUNDIR/pong\\0} reached pong (and a server's listen failed
+        with C{embedded null byte}).
+        """
+        rundir = f"{self.rundir}/pong\0"
+        message = self.refused(f"ipc:x:rundir={rundir}")
+        self.assertEqual(
+            message,
+            f"rundir: {rundir!r} has a NUL character, where a socket path would end",
+        )
+        for network in ("", "x unix://x"):
+            self.assertRaises(
+                ValueError, IPCClientEndpoint, reactor, "x", rundir, network
+            )
+        self.assertRaises(ValueError, IPCServerEndpoint, reactor, "x", rundir)
+        self.assertRaises(BlockingIOError, self.pong.accept)  # nobody came
+
+    def test_socketPathTooLong(self) -> None:
+        """
+        A socket path over AF_UNIX's 107 bytes: refused when parsed (the
+        client endpoint's connect logged Twisted's C{TypeError} traceback,
+        then failed after its whole timeout; the server made the
+        directories, then failed).  Exactly 107 is taken.
+        """
+        longest = "/tmp/" + "d" * (107 - len("/tmp/") - len("/pong"))
+        self.assertEqual(
+            clientFromString(reactor, f"ipc:pong:rundir={longest}").rundir, longest
+        )
+        self.assertEqual(
+            serverFromString(reactor, f"ipc:pong:rundir={longest}").path,
+            longest + "/pong",
+        )
+        over = longest + "d"
+        message = self.refused(f"ipc:pong:rundir={over}")
+        self.assertTrue(
+            message.startswith("rundir: the socket path '/tmp/ddd"), message
+        )
+        self.assertTrue(
+            message.endswith(
+                "... is 108 bytes; AF_UNIX takes at most 107 "
+                "(a shorter rundir, or name)"
+            ),
+            message,
+        )
+        self.assertFalse(os.path.lexists(over))
+        # Through ipcd, only RUNDIR/ipc is connected to, which fits.
+        network = rf"ipc:pong:rundir={over}:network=pong unix\://pong"
+        self.assertEqual(clientFromString(reactor, network).rundir, over)
+
+
 # Pieces of ipc: strings, careless and hostile ones among them.
 # The parsers' own argument names among them (reactor=x was a TypeError).
 _PIECES = st.sampled_from(
