@@ -55,9 +55,60 @@ from ipcd.wire import encode
 # listen(2) takes an int (and the kernel caps it at net.core.somaxconn).
 _MAX_BACKLOG = 2**31 - 1
 
+
+def _arguments(description: str) -> list[tuple[str | None, str]]:
+    """
+    Endpoint string C{description}'s parts as Twisted's tokenizer reads
+    them, unescaped and in order: C{(key, value)} for C{key=value} (its
+    first unescaped C{=}), C{(None, text)} for a part given by position.
+    """
+    parts: list[tuple[str | None, str]] = []
+    key: str | None = None
+    text: list[str] = []
+    characters = iter(description)
+    for character in characters:
+        if character == "\\":
+            text.append(next(characters, ""))
+        elif character == ":":
+            parts.append((key, "".join(text)))
+            key, text = None, []
+        elif character == "=" and key is None:
+            key, text = "".join(text), []
+        else:
+            text.append(character)
+    parts.append((key, "".join(text)))
+    return parts
+
+
+def _no_repeated_parameter(description: str | bytes) -> None:
+    """
+    An C{ipc:} string giving a parameter twice: a ValueError naming it.
+    Twisted's tokenizer keeps the last one silently (C{timeout=1:timeout=2}
+    was 2 s), before ipcd's parser sees the string.
+    """
+    if not isinstance(description, str):
+        return  # not an ipc: string: its parsers take text
+    parts = _arguments(description)
+    kind, first = parts[0]
+    if kind is not None or first.upper() != IPCClientParser.prefix.upper():
+        return
+    seen: set[str] = set()
+    for key, _ in parts[1:]:
+        if key is None:
+            continue
+        if key in seen:
+            raise ValueError(
+                f"ipc: parameter {key!r} given twice: give it once (Twisted "
+                "would keep the last one given)"
+            )
+        seen.add(key)
+
+
 # ipc:pong\ (and any endpoint string ending so): a ValueError saying so,
-# not Twisted's tokenizer's RuntimeError.
+# not Twisted's tokenizer's RuntimeError; and ipc:pong:timeout=1:timeout=2,
+# which it reads as timeout=2.
 compat_twisted.refuse_lone_backslash()
+compat_twisted.check_endpoint_strings(_no_repeated_parameter)
 
 
 @implementer(IStreamServerEndpoint)

@@ -245,6 +245,51 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(serverFromString(reactor, "ipc:name=pong").name, "pong")
         self.assertEqual(clientFromString(reactor, "ipc:name=pong").service, "pong")
 
+    def test_parameterGivenTwice(self) -> None:
+        """
+        A parameter given twice: a ValueError naming it, on either side,
+        however its key is escaped or the type spelt (Twisted's tokenizer
+        kept the last one silently: C{timeout=1:timeout=2} was 2 s).
+        Other endpoint types' strings are Twisted's to judge.
+        """
+        for parse, texts in (
+            (
+                clientFromString,
+                [
+                    "ipc:pong:timeout=1:timeout=2",
+                    "IPC:pong:rundir=/a:network=:rundir=/b",
+                    r"ipc:pong:network=x:net\work=y",
+                ],
+            ),
+            (
+                serverFromString,
+                [
+                    "ipc:pong:mode=0600:mode=0666",
+                    "ipc:pong:backlog=1:group=a:backlog=2",
+                    "ipc:pong:group=a:group=b",
+                ],
+            ),
+        ):
+            for text in texts:
+                error = self.assertRaises(ValueError, parse, reactor, text)
+                key = text.rsplit(":", 1)[1].split("=")[0].replace("\\", "")
+                self.assertEqual(
+                    str(error),
+                    f"ipc: parameter {key!r} given twice: give it once (Twisted "
+                    "would keep the last one given)",
+                )
+        for parse in (clientFromString, serverFromString):
+            error = self.assertRaises(ValueError, parse, reactor, "ipc:name=a:name=b")
+            self.assertIn("parameter 'name' given twice", str(error))
+        # An escaped '=' or ':' is in a value, not a key.
+        text = r"ipc:pong:rundir=/a\=rundir\:rundir=b"
+        self.assertEqual(clientFromString(reactor, text).rundir, "/a=rundir:rundir=b")
+        self.assertEqual(
+            serverFromString(reactor, text).path, "/a=rundir:rundir=b/pong"
+        )
+        client = clientFromString(reactor, "tcp:host=a:port=1:port=2")
+        self.assertEqual(client._port, 2)
+
     def test_trailingBackslashUnderTwistd(self) -> None:
         """
         In a fresh C{twistd}, whose first endpoint string is the bad one
