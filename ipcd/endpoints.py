@@ -35,6 +35,7 @@ from ipcd.client import (
     EXPECTED_TIMEOUT,
     checked_timeout,
     no_ipcd,
+    timeout_option,
 )
 from ipcd.compat import twisted as compat_twisted
 from ipcd.handoff import MAX_REPLY, HandoffError, adopt_into_reactor, check_reply
@@ -440,7 +441,7 @@ class IPCClientParser:
         name = _named("ipc: client endpoint", name, unknown)
         _check_parts("ipc: client endpoint", name, extra, unknown, self.parameters)
         try:
-            seconds = checked_timeout(float(timeout))
+            seconds = timeout_option(timeout)
         except ValueError:
             why = f"ipc: timeout: {EXPECTED_TIMEOUT}, got {timeout!r}"
             raise ValueError(why) from None

@@ -507,6 +507,21 @@ class TimeoutTests(SynchronousTestCase):
             )
             self.assertIn(repr(value) if value == "x" else value, last)
 
+    def test_pongTimeoutInAsciiDecimal(self) -> None:
+        """
+        pong --timeout 1_0 (or ١, Arabic-Indic one): a usage error, not the
+        10 s and 1 s Python's float() read them as.
+        """
+        for value in ("1_0", "\u0661", " 1"):
+            err = io.StringIO()
+            self.patch(sys, "stderr", err)
+            exited = self.assertRaises(SystemExit, pong.main, ["--timeout", value])
+            self.assertEqual(exited.code, 2)
+            self.assertEqual(
+                err.getvalue().splitlines()[-1],
+                f"pong: error: argument --timeout: expected seconds, got {value!r}",
+            )
+
 
 class RundirTests(SynchronousTestCase):
     """A rundir the kernel would not take as it is: refused before connecting."""

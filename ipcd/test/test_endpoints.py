@@ -331,6 +331,32 @@ class ParserTests(SynchronousTestCase):
                 ValueError, IPCClientEndpoint, reactor, "pong", timeout=float(text)
             )
 
+    def test_timeoutInAsciiDecimal(self) -> None:
+        """
+        A timeout is a decimal number in ASCII digits, as C{mode} and
+        C{backlog} are: C{float()} read C{1_0} as 10 s, C{١} (Arabic-Indic
+        one) as 1 s and C{' 1'} as 1 s.
+        """
+        for text in ("1_0", "1".translate(ARABIC_INDIC), " 1", "1\n", "0x10", "1e"):
+            error = self.assertRaises(
+                ValueError, clientFromString, reactor, f"ipc:pong:timeout={text}"
+            )
+            self.assertEqual(
+                str(error),
+                "ipc: timeout: expected seconds, above 0 and at most 31536000 "
+                f"(a year), got {text!r}",
+            )
+        for text, seconds in (
+            ("2", 2),
+            ("0.5", 0.5),
+            (".5", 0.5),
+            ("2.", 2),
+            ("1e3", 1000),
+            ("+3", 3),
+        ):
+            endpoint = clientFromString(reactor, f"ipc:pong:timeout={text}")
+            self.assertEqual(endpoint._timeout, seconds)
+
     def test_modeAndBacklogOutOfRange(self) -> None:
         """
         Permission bits beyond 0777 (set-id, sticky) and a backlog below 1
