@@ -18,6 +18,7 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -544,6 +545,34 @@ class ServerEndpointTests(TestCase):
             port = yield endpoint.listen(Factory.forProtocol(Pong))
             self.assertEqual(os.lstat(self.path).st_gid, gid)
             yield port.stopListening()
+
+    @inlineCallbacks
+    def test_connectionsHostIsTheName(self) -> Any:
+        """
+        A connection's C{getHost()} is the service's socket, as the port's
+        is: it was the private path the socket was bound at before it was
+        moved to its name, C{/proc/self/fd/N/echo} (another descriptor of
+        the process by then).
+        """
+        hosts: list[Any] = []
+        lost: list[bool] = []
+
+        class Host(Protocol):
+            def connectionMade(self) -> None:
+                hosts.append(self.transport.getHost())
+
+            def connectionLost(self, reason: Any = None) -> None:
+                lost.append(True)
+
+        endpoint = serverFromString(reactor, f"ipc:echo:rundir={self.rundir}")
+        port = yield endpoint.listen(Factory.forProtocol(Host))
+        self.addCleanup(port.stopListening)
+        self.assertEqual(port.getHost(), UNIXAddress(self.path))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(self.path)
+            yield wait_until(lambda: hosts, "the connection to be accepted")
+        yield wait_until(lambda: lost, "the connection to close")
+        self.assertEqual(hosts, [UNIXAddress(self.path)])
 
     @inlineCallbacks
     def test_secondListenerFails(self) -> Any:
