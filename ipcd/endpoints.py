@@ -15,7 +15,12 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, execute
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.error import ConnectError, ConnectingCancelledError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionDone,
+)
+from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import (
     IFileDescriptorReceiver,
     IProtocolFactory,
@@ -26,6 +31,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpointStringParser,
 )
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -212,7 +218,8 @@ class IPCClientEndpoint:
 
     C{connect()} may be cancelled, and is after C{timeout} seconds
     (L{twisted.internet.defer.TimeoutError}): either closes the lookup
-    connection to ipcd.
+    connection to ipcd.  A listener whose backlog is full is tried again
+    until then.
     """
 
     def __init__(
@@ -234,7 +241,6 @@ class IPCClientEndpoint:
     def _unix(self, name: str, factory: IProtocolFactory) -> Deferred[Any]:
         """Connect to C{RUNDIR/NAME}; a failure names that path."""
         path = socket_path(self.rundir, name)
-        endpoint = UNIXClientEndpoint(self._reactor, path, timeout=self._timeout)
 
         def unreachable(failure: Failure) -> Failure:
             error = failure.value
@@ -248,7 +254,36 @@ class IPCClientEndpoint:
                 return Failure(type(error)(error.osError, text))
             return failure
 
-        return endpoint.connect(factory).addErrback(unreachable)
+        dialing = Deferred.fromCoroutine(self._dial(name, path, factory))
+        return dialing.addErrback(unreachable)
+
+    async def _dial(self, name: str, path: str, factory: IProtocolFactory) -> Any:
+        """
+        Connect to C{path}, trying again while its listener's backlog is
+        full, as the blocking client does, until the timeout.  AF_UNIX
+        refuses such a connect at once (EAGAIN), where Twisted's connector
+        failed with C{An error occurred while connecting: [Failure
+        instance: ... ConnectionDone ...]}.
+        """
+        timeout, pause, deadline = self._timeout, _FIRST_PAUSE, None
+        while True:
+            endpoint = UNIXClientEndpoint(self._reactor, path, timeout=timeout)
+            try:
+                return await endpoint.connect(factory)
+            except ConnectError as e:
+                if not _backlog_full(e):
+                    raise
+            now = self._reactor.seconds()  # (only here: a MemoryReactor has none)
+            deadline = now + self._timeout if deadline is None else deadline
+            if now + pause >= deadline:
+                what = "ipcd" if name == BROKER_NAME else f"service {name!r}"
+                raise ConnectTimeout(
+                    string=f"cannot reach {what} at {path}: its listener stayed "
+                    f"busy (backlog full) for {self._timeout:g} s"
+                )
+            await deferLater(self._reactor, pause, lambda: None)
+            timeout = deadline - self._reactor.seconds()
+            pause = min(pause * 2, _LAST_PAUSE)
 
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
         if not self.network:
@@ -289,6 +324,27 @@ class IPCClientEndpoint:
         return received.addCallback(
             lambda fd: adopt_into_reactor(self._reactor, fd, factory)
         )
+
+
+# A full backlog's connect is tried again after these pauses, doubling (the
+# blocking client's, ipcd.client._connect_unix).
+_FIRST_PAUSE = 0.0005
+_LAST_PAUSE = 0.05
+
+
+def _backlog_full(error: ConnectError) -> bool:
+    """
+    Whether a UNIX connect failed as Twisted's connector fails on a full
+    backlog: the EAGAIN taken for "in progress", then the unconnected
+    socket's hangup, a C{ConnectionDone} in a C{ConnectError} with no errno
+    (a refused or missing socket has its errno).
+    """
+    cause = error.args[0] if error.args else None
+    return (
+        error.osError is None
+        and isinstance(cause, Failure)
+        and cause.check(ConnectionDone) is not None
+    )
 
 
 def _named(endpoint: str, name: str, unknown: dict[str, str]) -> str:

@@ -683,6 +683,81 @@ class ClientEndpointTests(RunningIpcdTestCase):
         )
 
 
+class Closing(Protocol):
+    """C{lost} fires when its connection is gone."""
+
+    def __init__(self) -> None:
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+class CountingFactory(Factory):
+    """Counts its stops: one per connect attempt that made no connection."""
+
+    protocol = Closing
+    stops = 0
+
+    def stopFactory(self) -> None:  # noqa: N802 (Twisted's name)
+        self.stops += 1
+
+
+class BusyListenerTests(TestCase):
+    """A service whose listen backlog is full: waited for, as by the blocking client."""
+
+    def setUp(self) -> None:
+        rundir = short_rundir(self)
+        self.path = os.path.join(rundir, "busy")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(self.listener.close)
+        self.listener.bind(self.path)
+        self.listener.listen(0)
+        self.listener.setblocking(False)
+        # Connect until the kernel refuses one: the backlog is full.
+        while True:
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(filler.close)
+            filler.setblocking(False)
+            try:
+                filler.connect(self.path)
+            except BlockingIOError:
+                break
+        self.endpoint = clientFromString(reactor, f"ipc:busy:rundir={rundir}:network=")
+
+    @inlineCallbacks
+    def test_connectsOnceThereIsRoom(self) -> Any:
+        """
+        A connect while the backlog is full waits for room: Twisted's
+        connector failed at once with C{An error occurred while connecting:
+        [Failure instance: ... ConnectionDone ...]}.
+        """
+        factory = CountingFactory()
+        connecting = self.endpoint.connect(factory)
+        yield wait_until(lambda: factory.stops, "a connect refused for the backlog")
+        accepted, _ = self.listener.accept()  # room for one more
+        self.addCleanup(accepted.close)
+        protocol = yield connecting
+        self.assertIsInstance(protocol, Closing)
+        protocol.transport.loseConnection()
+        yield protocol.lost
+
+    @inlineCallbacks
+    def test_busyForTheWholeTimeout(self) -> Any:
+        """Busy until the timeout: an error naming the socket, and why."""
+        endpoint = IPCClientEndpoint(
+            reactor, "busy", os.path.dirname(self.path), "", 0.2
+        )
+        error = yield self.assertFailure(
+            endpoint.connect(CountingFactory()), ConnectError
+        )
+        self.assertIn(
+            f"cannot reach service 'busy' at {self.path}: its listener stayed busy "
+            "(backlog full) for 0.2 s",
+            str(error),
+        )
+
+
 class SilentBroker(Protocol):
     """Stands for an ipcd that reads a lookup and never answers."""
 
