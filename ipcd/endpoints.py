@@ -238,8 +238,13 @@ class IPCClientEndpoint:
         # The one socket connect() will reach: judged now, not in the reactor.
         checked_socket_path(self.rundir, BROKER_NAME if self.network else self.service)
 
-    def _unix(self, name: str, factory: IProtocolFactory) -> Deferred[Any]:
-        """Connect to C{RUNDIR/NAME}; a failure names that path."""
+    def _unix(
+        self, name: str, factory: IProtocolFactory, bounded: bool = True
+    ) -> Deferred[Any]:
+        """
+        Connect to C{RUNDIR/NAME}; a failure names that path.  Not
+        C{bounded}, a full backlog is waited on until the caller cancels.
+        """
         path = socket_path(self.rundir, name)
 
         def unreachable(failure: Failure) -> Failure:
@@ -254,10 +259,12 @@ class IPCClientEndpoint:
                 return Failure(type(error)(error.osError, text))
             return failure
 
-        dialing = Deferred.fromCoroutine(self._dial(name, path, factory))
+        dialing = Deferred.fromCoroutine(self._dial(name, path, factory, bounded))
         return dialing.addErrback(unreachable)
 
-    async def _dial(self, name: str, path: str, factory: IProtocolFactory) -> Any:
+    async def _dial(
+        self, name: str, path: str, factory: IProtocolFactory, bounded: bool
+    ) -> Any:
         """
         Connect to C{path}, trying again while its listener's backlog is
         full, as the blocking client does, until the timeout.  AF_UNIX
@@ -273,6 +280,10 @@ class IPCClientEndpoint:
             except ConnectError as e:
                 if not _backlog_full(e):
                     raise
+            if not bounded:
+                await deferLater(self._reactor, pause, lambda: None)
+                pause = min(pause * 2, _LAST_PAUSE)
+                continue
             now = self._reactor.seconds()  # (only here: a MemoryReactor has none)
             deadline = now + self._timeout if deadline is None else deadline
             if now + pause >= deadline:
@@ -303,7 +314,8 @@ class IPCClientEndpoint:
         received: Deferred[int] = Deferred(cancel)
         asking = Factory.forProtocol(build)
         asking.noisy = False  # no "Starting factory" line per connection
-        connecting = self._unix(BROKER_NAME, asking)
+        # Bounded by received's timeout, which says so as documented.
+        connecting = self._unix(BROKER_NAME, asking, bounded=False)
 
         def failed(failure: Failure) -> None:
             # Our own cancel: received fails with CancelledError right after.

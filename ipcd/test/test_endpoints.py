@@ -707,23 +707,28 @@ class BusyListenerTests(TestCase):
     """A service whose listen backlog is full: waited for, as by the blocking client."""
 
     def setUp(self) -> None:
-        rundir = short_rundir(self)
-        self.path = os.path.join(rundir, "busy")
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(self.listener.close)
-        self.listener.bind(self.path)
-        self.listener.listen(0)
-        self.listener.setblocking(False)
-        # Connect until the kernel refuses one: the backlog is full.
-        while True:
+        self.rundir = short_rundir(self)
+        self.path = os.path.join(self.rundir, "busy")
+        self.listener = self.busy(self.path)
+        self.endpoint = clientFromString(
+            reactor, f"ipc:busy:rundir={self.rundir}:network="
+        )
+
+    def busy(self, path: str) -> socket.socket:
+        """A listener at C{path} whose backlog is full."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.listen(0)
+        listener.setblocking(False)
+        while True:  # connect until the kernel refuses one
             filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.addCleanup(filler.close)
             filler.setblocking(False)
             try:
-                filler.connect(self.path)
+                filler.connect(path)
             except BlockingIOError:
-                break
-        self.endpoint = clientFromString(reactor, f"ipc:busy:rundir={rundir}:network=")
+                return listener
 
     @inlineCallbacks
     def test_connectsOnceThereIsRoom(self) -> Any:
@@ -741,6 +746,22 @@ class BusyListenerTests(TestCase):
         self.assertIsInstance(protocol, Closing)
         protocol.transport.loseConnection()
         yield protocol.lost
+
+    @inlineCallbacks
+    def test_busyIpcdTimesOutAsDocumented(self) -> Any:
+        """
+        Through ipcd, busy until the timeout: the lookup's documented
+        C{twisted.internet.defer.TimeoutError}, not the connect's own.
+        """
+        self.busy(os.path.join(self.rundir, "ipc"))
+        endpoint = IPCClientEndpoint(
+            reactor, "pong", self.rundir, "pong unix://pong", 0.2
+        )
+        error = yield self.assertFailure(
+            endpoint.connect(CountingFactory()), TimeoutError
+        )
+        where = os.path.join(self.rundir, "ipc")
+        self.assertEqual(str(error), f"no answer from ipcd at {where} within 0.2 s")
 
     @inlineCallbacks
     def test_busyForTheWholeTimeout(self) -> Any:
