@@ -129,7 +129,7 @@ class IPCServerEndpoint:
         rundir: str | None = None,
         mode: int = SOCKET_MODE,
         backlog: int = UNIX_BACKLOG,
-        group: str | None = None,
+        group: str | int | None = None,
     ) -> None:
         self._reactor = reactor
         self.name = validate_service_name(name)
@@ -145,7 +145,7 @@ class IPCServerEndpoint:
             )
         self._mode = mode
         self._backlog = backlog
-        self._group = group
+        self._group = _checked_group(group)
 
     def listen(self, factory: IProtocolFactory) -> Deferred[Any]:
         return execute(
@@ -157,6 +157,27 @@ class IPCServerEndpoint:
             self._backlog,
             self._group,
         )
+
+
+def _checked_group(group: str | int | None) -> str | None:
+    """
+    C{group} as the listen takes it, a name or a number (a gid given as an
+    int, its digits); else an error naming it, now: when listening, a gid
+    given as an int was a C{TypeError} from C{getgrnam}, a NUL C{embedded
+    null byte}.
+    """
+    if group is None:
+        return None
+    expected = f"group: expected a group name or number, got {group!r}"
+    if isinstance(group, bool) or not isinstance(group, str | int):
+        raise TypeError(expected)
+    if isinstance(group, int):
+        if group < 0:
+            raise ValueError(expected)
+        return str(group)
+    if not group or "\0" in group:
+        raise ValueError(expected)
+    return group
 
 
 @implementer(IFileDescriptorReceiver)

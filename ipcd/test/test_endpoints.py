@@ -547,6 +547,38 @@ class ServerEndpointTests(TestCase):
             yield port.stopListening()
 
     @inlineCallbacks
+    def test_groupAsAnInt(self) -> Any:
+        """
+        In Python, a gid may be an int (C{group=0}): it was a C{TypeError}
+        from C{getgrnam} when listening.
+        """
+        gid = os.getgid()
+        if os.geteuid() == 0:
+            gid = next((g.gr_gid for g in grp.getgrall() if g.gr_gid != gid), gid)
+        endpoint = IPCServerEndpoint(reactor, "echo", self.rundir, group=gid)
+        port = yield endpoint.listen(Factory.forProtocol(Pong))
+        self.addCleanup(port.stopListening)
+        self.assertEqual(os.lstat(self.path).st_gid, gid)
+
+    def test_groupCheckedWhenMade(self) -> None:
+        """
+        A group that names none (empty, a NUL, a negative gid, not text nor
+        a number) is refused when the endpoint is made, naming it: an empty
+        one was found only when listening, a NUL as C{embedded null byte}.
+        """
+        for text in ("ipc:echo:group=", "ipc:echo:group=a\0"):
+            error = self.assertRaises(ValueError, serverFromString, reactor, text)
+            self.assertTrue(str(error).startswith("group: expected a group "), error)
+        for group, kind in (("", ValueError), (-1, ValueError), (1.5, TypeError)):
+            error = self.assertRaises(
+                kind, IPCServerEndpoint, reactor, "echo", self.rundir, group=group
+            )
+            self.assertEqual(
+                str(error), f"group: expected a group name or number, got {group!r}"
+            )
+        self.assertFalse(os.path.lexists(self.path))
+
+    @inlineCallbacks
     def test_connectionsHostIsTheName(self) -> Any:
         """
         A connection's C{getHost()} is the service's socket, as the port's
