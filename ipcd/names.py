@@ -43,6 +43,10 @@ class InvalidServiceName(ValueError):
     """A service name that libipc cannot map to a socket in RUNDIR."""
 
 
+class SocketPathError(ValueError):
+    """A RUNDIR and name the kernel would not take as a socket path; one line."""
+
+
 class SocketInUse(RuntimeError):
     """Another live process already listens on the socket path."""
 
@@ -86,7 +90,7 @@ def socket_path(rundir: str, name: str) -> str:
 def checked_socket_path(rundir: str, name: str) -> str:
     """
     L{socket_path} in a RUNDIR a program gave (an endpoint's, the blocking
-    client's), or C{ValueError} naming C{rundir} when the kernel would not
+    client's), or L{SocketPathError} naming C{rundir} when the kernel would not
     take that path as it is: a NUL ends an AF_UNIX path there (a rundir
     C{/tmp/libipc-run/pong\\0} reached pong whatever the name asked), and a
     path over L{SUN_PATH_MAX} bytes failed deep in the reactor (a traceback
@@ -94,18 +98,18 @@ def checked_socket_path(rundir: str, name: str) -> str:
     """
     path = socket_path(rundir, name)
     if "\0" in rundir:
-        raise ValueError(
+        raise SocketPathError(
             f"rundir: {_shown(rundir)} has a NUL character, where a socket "
             "path would end"
         )
     try:
         size = len(os.fsencode(path))
     except UnicodeEncodeError:
-        raise ValueError(
+        raise SocketPathError(
             f"rundir: {_shown(rundir)} is no file name: it has a lone surrogate"
         ) from None
     if size > SUN_PATH_MAX:
-        raise ValueError(
+        raise SocketPathError(
             f"rundir: the socket path {_shown(path)} is {size} bytes; AF_UNIX "
             f"takes at most {SUN_PATH_MAX} (a shorter rundir, or name)"
         )
