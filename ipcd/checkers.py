@@ -288,6 +288,17 @@ _POSITIONS = {
         *("port", "privateKey", "certKey", "sslmethod", "interface", "backlog"),
         *("extraCertChain", "dhParameters"),
     ),
+    "systemd": ("domain", "index", "name"),
+}
+
+# The arguments that Twisted's parsers read with int(), and their base.
+_NUMBERS = {
+    "tcp": {"port": 10, "backlog": 10},
+    "tcp6": {"port": 10, "backlog": 10},
+    "tls": {"port": 10, "backlog": 10},
+    "ssl": {"port": 10, "backlog": 10},
+    "unix": {"mode": 8, "backlog": 10, "lockfile": 10},
+    "systemd": {"index": 10},
 }
 
 
@@ -311,6 +322,15 @@ def _arguments(kind: str, listens: str) -> tuple[list[str], dict[str, str]]:
     return given, named
 
 
+def named_arguments(kind: str, listens: str) -> dict[str, str]:
+    """
+    The arguments of listener C{listens} of a type checked here (C{kind}:
+    C{tcp}, C{ssl}, ...) by their names, whether given by position or
+    not; TypeError for arguments its parser does not take.
+    """
+    return _arguments(kind, listens)[1]
+
+
 def _checked_arguments(kind: str, listens: str) -> int | None:
     """
     Raise ValueError or TypeError unless the parser of C{listens} (of type
@@ -318,6 +338,9 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
     where that can be told without listening or reading a file; its port,
     where there is one.
     """
+    if kind == "ipc":
+        _check_ipc(listens)
+        return None
     if kind not in _POSITIONS:
         return None  # a plugin's: told only when it listens
     positionals, given = _arguments(kind, listens)
@@ -337,8 +360,11 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
         if kind == "ssl" and "port" not in given:
             raise TypeError("missing 1 required positional argument: 'port'")
         port, _backlog = int(given.get("port", 443)), int(given.get("backlog", 50))
+    elif kind == "systemd":
+        port = None  # its socket is systemd's: told at start
     else:  # tcp, unix: their parsers are Twisted's built-in ones
         port = compat_twisted.check_server_arguments(listens)
+    _check_numbers(kind, given)
     if kind == "unix" and not given.get("address"):
         # Twisted would bind '' (the abstract namespace) and leave its lock
         # file, '.lock', in ipcd's working directory.
@@ -350,6 +376,18 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
         # address), where [metrics] listen = 'tcp:9101' is 127.0.0.1.
         raise ValueError("an empty argument (a ':' too many)")
     return port
+
+
+def _check_ipc(listens: str) -> None:
+    """
+    Raise ValueError or TypeError unless ipcd's own C{ipc:} parser takes
+    C{listens}: it is pure (no reactor, no socket), so its name, mode and
+    backlog are refused now, and by a reload, not only at the next start.
+    """
+    from ipcd.endpoints import IPCServerParser
+
+    positionals, keywords = compat_twisted.endpoint_arguments(listens)
+    IPCServerParser().parseStreamServer(_NO_REACTOR, *positionals, **keywords)
 
 
 def _check_interface(kind: str, interface: str | None) -> None:
@@ -367,6 +405,36 @@ def _check_interface(kind: str, interface: str | None) -> None:
         raise ValueError(
             "an empty interface= is IPv4's every address (IPv6's is interface=\\:\\:)"
         )
+
+
+def _check_numbers(kind: str, given: dict[str, str]) -> None:
+    """
+    Raise ValueError naming the first number of C{given} (the arguments of
+    a C{kind} listener) not written in plain ASCII digits, and an
+    interface that is not ASCII.  Twisted reads them with int(), which
+    also takes other scripts' digits ('\u0669\u0660\u0660\u0660' is
+    9000), a sign ('+9000'; a systemd index of '-1' is the last socket),
+    '_' ('9_000'), spaces around, and in base 8 '0o'; and Python binds a
+    host name after IDNA's mapping ('\uff11\uff12\uff17.0.0.1' is
+    127.0.0.1).  A string that only listens as meant is one a person
+    reads as it is.
+    """
+    for name, base in _NUMBERS[kind].items():
+        value = given.get(name)
+        if value is not None and not _digits(value, base):
+            digits = "digits 0-7 (octal)" if base == 8 else "digits 0-9"
+            raise ValueError(f"{name} {value!r} is not {digits} only")
+    interface = given.get("interface")
+    if interface is not None and not interface.isascii():
+        raise ValueError(
+            f"interface {interface!r} is not ASCII (an address is written in "
+            "ASCII digits; a host name in its xn-- form)"
+        )
+
+
+def _digits(text: str, base: int) -> bool:
+    """Whether C{text} is one or more ASCII digits of C{base} (8 or 10)."""
+    return re.fullmatch("[0-7]+" if base == 8 else "[0-9]+", text) is not None
 
 
 def _ipv6_address(text: str) -> bool:

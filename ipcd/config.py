@@ -32,6 +32,7 @@ from ipcd.checkers import (
     prefix_length,
 )
 from ipcd.daemons import Registry, default_registry
+from ipcd.logs import printable
 from ipcd.names import InvalidServiceName, validate_service_name
 from ipcd.policy import Grant, Rule, RuleError, parse_grant, parse_rule
 from ipcd.regularfile import NotAFile, TooLarge, read_regular
@@ -45,7 +46,7 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message says where and why."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(_cut(message))
+        super().__init__(one_line(message))
 
 
 # The longest configuration error said whole.  A value is quoted in its
@@ -55,8 +56,13 @@ class ConfigError(ValueError):
 MAX_ERROR = 1000
 
 
-def _cut(message: str) -> str:
-    """C{message}, its middle left out if it is longer than L{MAX_ERROR}."""
+def one_line(message: str) -> str:
+    """
+    C{message} as one line to print: each character that does not print
+    escaped (a file's name may hold a newline or a terminal escape), its
+    middle left out if it is longer than L{MAX_ERROR}.
+    """
+    message = printable(message)
     if len(message) <= MAX_ERROR:
         return message
     head, tail = message[: MAX_ERROR * 2 // 3], message[-MAX_ERROR // 4 :]

@@ -59,7 +59,7 @@ def check_listener_key(description: str) -> None:
         read_private_key,
     )
 
-    keywords = compat_twisted.endpoint_keywords(listens)
+    keywords = _ssl_arguments(listens)
     key = keywords.get("privateKey", DEFAULT_PRIVATE_KEY)
     try:
         read_private_key("privateKey", key)
@@ -78,3 +78,17 @@ def check_listener_key(description: str) -> None:
             f"{e} (without certKey=, the certificate is read from privateKey=: "
             "name its file with certKey=)"
         ) from None
+
+
+def _ssl_arguments(listens: str) -> dict[str, str]:
+    """
+    The arguments of C{ssl:} listener C{listens} by their names, given by
+    position or not (C{ssl:443:KEY:CERT} is Twisted's too: its key was
+    taken for the default, C{server.pem}, and the listener refused).
+    """
+    from ipcd.checkers import named_arguments
+
+    try:
+        return named_arguments("ssl", listens)
+    except TypeError:  # arguments Twisted's parser takes not: refused there
+        return compat_twisted.endpoint_keywords(listens)

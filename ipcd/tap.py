@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from ipcd import compat
 from ipcd.activation import inherited
 from ipcd.broker import Broker
-from ipcd.config import Config, ConfigError
+from ipcd.config import Config, ConfigError, one_line
 from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_report
 from ipcd.daemons import StartupError, settings_of
 from ipcd.endpoints import BROKER_NAME
@@ -457,6 +457,16 @@ def _keep_daemon_restart_keys(old: Config, new: Config) -> tuple[Config, list[st
 _log = Logger(namespace="ipcd")
 
 
+def _start_failed(error: Exception) -> SystemExit:
+    """
+    The exit with C{error}'s one line: printable and bounded.  It quotes
+    what the configuration names as it is (a file, a host, a socket path):
+    a newline in one made two lines, a terminal escape was written to the
+    operator's terminal, and a name of 3 MB made a line as long.
+    """
+    return SystemExit(f"ipcd: {one_line(str(error))}")
+
+
 def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDService:  # noqa: N802
     """
     Build ipcd's service tree (nothing listens while it is built), then
@@ -487,12 +497,12 @@ def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDSe
         try:
             daemon.verify(reactor, settings_of(config, daemon))
         except StartupError as e:
-            raise SystemExit(f"ipcd: {e}") from None
+            raise _start_failed(e) from None
     try:
         service = IPCDService(config, reactor, options.load_config)
     except (StartupError, SocketPathError) as e:
         # SocketPathError: RUNDIR too long (or with a NUL) for its sockets.
-        raise SystemExit(f"ipcd: {e}") from None
+        raise _start_failed(e) from None
     twistd = getattr(options, "parent", None) or {}
     chosen = twistd.get("logger") or twistd.get("logfile")
     if twistd.get("nodaemon") and not chosen:
@@ -521,7 +531,7 @@ def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDSe
         service.privilegedStartService()
     except (UnsafeRundir, SocketInUse, StartupError) as e:
         service.unlock_rundir()
-        raise SystemExit(f"ipcd: {e}") from None
+        raise _start_failed(e) from None
     # What start-up made stays for ipcd's life: the cyclic collector (and
     # MemoryTrim's collections) need not walk it again; a full collection
     # takes about 1 ms instead of 50.

@@ -328,6 +328,57 @@ class RelativePathTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(config.rundir, os.path.join(os.getcwd(), "run"))
 
 
+class OperatorFormsTests(ConfigFileMixin, SynchronousTestCase):
+    """
+    The listener strings operators write, in every form Twisted's parsers
+    take (by name and by position, each option), load from a file for
+    every listener key: the checks made at load refuse none of them.
+    """
+
+    def test_operatorFormsLoad(self) -> None:
+        key, cert = "/etc/ipcd/key.pem", "/etc/ipcd/cert.pem"
+        tcp = (
+            "tcp:9000:interface=127.0.0.1",
+            "tcp:port=9000:interface=127.0.0.1:backlog=100",
+            "tcp:9000:127.0.0.1:64",
+            r"tcp:9000:interface=\:\:1",
+            "tcp:9000:interface=localhost",
+            r"tcp6:9000:interface=\:\:1",
+            r"tcp6:9000:20:\:\:1",
+            r"tcp6:port=9000:backlog=5:interface=fe80\:\:1%lo",
+            "tcp6:9000:interface=127.0.0.1",
+            "systemd:domain=INET:index=0",
+            "systemd:domain=INET6:index=1",
+            "systemd:domain=INET:name=tcpd",
+            "systemd:INET:0",
+        )
+        tls = (
+            f"ssl:8443:privateKey={key}:certKey={cert}:interface=0.0.0.0",
+            f"ssl:8443:privateKey={key}:certKey={cert}:sslmethod=TLS_METHOD:"
+            f"interface=127.0.0.1:backlog=50:extraCertChain=/etc/ipcd/chain.pem:"
+            "dhParameters=/etc/ipcd/dh.pem",
+            f"ssl:8443:{key}:{cert}:TLS_METHOD:127.0.0.1:50",
+            "tls:/etc/ipcd/pems:port=8443:interface=127.0.0.1",
+            r"tls:/etc/ipcd/pems:8443:20:\:\:1",
+        )
+        unix = (
+            "unix:/run/ipcd/ws.sock:mode=660:lockfile=1:backlog=10",
+            "unix:address=/run/ipcd/ws.sock:mode=0600:lockfile=0",
+            "systemd:domain=UNIX:index=0",
+            "ipc:wsd:rundir=/run/libipc:mode=0660:backlog=64:group=wheel",
+        )
+        for section, forms in (
+            ("tcpd", tcp),
+            ("websocketd", tcp + tls + unix),
+            ("metrics", tcp + tls),
+        ):
+            for listen in (*forms, *(f"haproxy:{form}" for form in forms)):
+                text = f"[{section}]\nlisten = '{listen}'\n"
+                config = load_config(self.write(text), None, {})
+                if section == "tcpd":
+                    self.assertEqual(tcp_listen(config), listen)
+
+
 class DocumentedExampleTests(ConfigFileMixin, SynchronousTestCase):
     def test_exampleLoads(self) -> None:
         """docs/configuration.rst's example loads on any system, as written."""
@@ -782,6 +833,99 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
                 self.error(f"[tcpd]\nlisten = '{listen}'\n"),
             )
 
+    def test_numbersInAsciiDigits(self) -> None:
+        """
+        Every number of a listener string is plain ASCII digits (ipcd's own
+        ipc: said so only at start: it is checked at load too), and an
+        interface is ASCII: Twisted reads the numbers with int(), which
+        took other scripts' digits ('tcp:\u0669\u0660\u0660\u0660' listened on
+        9000), a sign (a systemd index of -1 is the last socket passed),
+        '_', spaces and, in a mode, '0o'; and Python bound an interface
+        after IDNA's mapping ('\uff11\uff12\uff17.0.0.1' is 127.0.0.1).
+        Refused when the configuration loads, naming the argument and its
+        value, from a file and from the command line, for every listener.
+        """
+        digits, octal = "is not digits 0-9 only", "is not digits 0-7 (octal) only"
+        for listen, reason in (
+            (
+                "tcp:\u0669\u0660\u0660\u0660",
+                f"port '\u0669\u0660\u0660\u0660' {digits}",
+            ),
+            (
+                "tcp:\uff19\uff10\uff10\uff10",
+                f"port '\uff19\uff10\uff10\uff10' {digits}",
+            ),
+            ("tcp:+9000", f"port '+9000' {digits}"),
+            ("tcp:9_000", f"port '9_000' {digits}"),
+            ("tcp: 9000", f"port ' 9000' {digits}"),
+            ("tcp:9000:backlog=\u0665\u0660", f"backlog '\u0665\u0660' {digits}"),
+            ("tcp:9000:127.0.0.1:+50", f"backlog '+50' {digits}"),
+            (r"tcp6:port=9_000:interface=\:\:1", f"port '9_000' {digits}"),
+            ("haproxy:tcp6:9000:backlog=-0", f"backlog '-0' {digits}"),
+            (
+                "tls:/d:port=\u0669\u0660\u0660\u0660",
+                f"port '\u0669\u0660\u0660\u0660' {digits}",
+            ),
+            ("tls:/d:443: 50", f"backlog ' 50' {digits}"),
+            ("ssl:+443:privateKey=/k", f"port '+443' {digits}"),
+            ("ssl:443:backlog=5_0", f"backlog '5_0' {digits}"),
+            (
+                "unix:/run/t.sock:mode=\u0666\u0666\u0660",
+                f"mode '\u0666\u0666\u0660' {octal}",
+            ),
+            ("unix:/run/t.sock:mode=0o660", f"mode '0o660' {octal}"),
+            ("unix:/run/t.sock:660:+5", f"backlog '+5' {digits}"),
+            ("unix:/run/t.sock:lockfile=\u0661", f"lockfile '\u0661' {digits}"),
+            ("systemd:domain=INET:index=\u0660", f"index '\u0660' {digits}"),
+            ("systemd:domain=INET:index=-1", f"index '-1' {digits}"),
+            ("haproxy:systemd:INET:+0", f"index '+0' {digits}"),
+            (
+                "ipc:wsd:mode=\u0666\u0666\u0660",
+                "ipc: mode: expected an octal number, got '\u0666\u0666\u0660'",
+            ),
+            ("haproxy:ipc:wsd:backlog=+5", "ipc: backlog: expected a number, got '+5'"),
+            (
+                "tcp:9000:interface=\uff11\uff12\uff17.0.0.1",
+                "interface '\uff11\uff12\uff17.0.0.1' is not ASCII (an address is "
+                "written in ASCII digits; a host name in its xn-- form)",
+            ),
+            (
+                "tcp:9000:interface=127\u30020\u30020\u30021",
+                "interface '127\u30020\u30020\u30021' is not",
+            ),
+        ):
+            for section in ("tcpd", "websocketd", "metrics"):
+                if section == "metrics" and "unix:" in listen:
+                    continue  # (served over TCP only: refused all the same)
+                self.assertIn(
+                    f"[{section}] listen: invalid endpoint {listen!r}: {reason}",
+                    self.error(f"[{section}]\nlisten = '{listen}'\n"),
+                )
+                error = self.assertRaises(
+                    ConfigError, load_config, None, {section: {"listen": listen}}, {}
+                )
+                self.assertIn(
+                    f"command line: [{section}] listen: invalid endpoint "
+                    f"{listen!r}: {reason}",
+                    str(error),
+                )
+        # The same in plain digits: taken.
+        for listen in (
+            "tcp:9000",
+            "tcp:09000:127.0.0.1:50",
+            r"tcp6:port=9000:interface=\:\:1:backlog=0",
+            "tls:/d:443:50",
+            "ssl:443:privateKey=/k:backlog=50",
+            "unix:/run/t.sock:0660:5:0",
+            "unix:/run/t.sock:mode=777:lockfile=1",
+            "systemd:domain=INET:index=10",
+            "haproxy:systemd:INET:0",
+            "tcp:9000:interface=localhost",
+            "ipc:wsd:mode=0660:backlog=64",
+        ):
+            config = load_config(None, {"tcpd": {"listen": listen}}, {})
+            self.assertEqual(tcp_listen(config), listen)
+
     def test_tcp6Arguments(self) -> None:
         """
         Twisted's tcp6 plugin's arguments are checked when the configuration
@@ -809,7 +953,8 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
     def test_pluginEndpointAccepted(self) -> None:
         """
         A plugin's type is accepted without building it (no reactor);
-        Twisted's tcp6 is built, with no reactor (test_tcp6Arguments).
+        Twisted's tcp6 and ipcd's own ipc: are built, with no reactor
+        (test_tcp6Arguments, test_numbersInAsciiDigits).
         """
         for listen in ("systemd:domain=INET:index=0", "tcp6:9000", "ipc:tcp"):
             config = load_config(None, {"tcpd": {"listen": listen}}, {})
@@ -1451,6 +1596,7 @@ _PROVOKED = {
     "unknown endpoint type 'foo'": (None, ["--tcp", "foo:bar"]),
     "tcp6:9000:interface=::2": (None, ["--tcp", "tcp6:9000:interface=::2"]),
     "'haproxy:' wraps no listener": (None, ["--tcp", "haproxy:"]),
+    "port '+9000' is not digits": (None, ["--tcp", "tcp:+9000"]),
     "no such group 'nosuchgroup'": ('[control]\ngroup = "nosuchgroup"\n', []),
     "lookup_timeot": ("[ipcd]\nlookup_timeot = 5\n", []),
     "(a week), got 1e+300": ("[limits]\nidle_timeout = 1e300\n", []),

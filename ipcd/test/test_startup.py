@@ -22,8 +22,9 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from ipcd.config import load_config
+from ipcd.config import MAX_ERROR, load_config
 from ipcd.daemons import StartupError
+from ipcd.listenerkeys import check_listener_key
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
     TIMEOUT,
@@ -208,6 +209,69 @@ class CommandFailureTests(SynchronousTestCase):
             )
         self.assertEqual(os.listdir(self.work), ["out.log"])
 
+    def test_numberNotInAsciiDigits(self) -> None:
+        """
+        A listener's port in another script's digits is refused in one line
+        naming it, by both commands: Twisted's int() read it, and ipcd
+        listened on that port (here one in use: 'address already in use').
+        """
+        port = busy_port(self)
+        arabic = str(port).translate({ord("0") + d: 0x0660 + d for d in range(10)})
+        listen = f"tcp:{arabic}:interface=127.0.0.1"
+        expected = (
+            f"ipcd: command line: [tcpd] listen: invalid endpoint {listen!r}: "
+            f"port {arabic!r} is not digits 0-9 only"
+        )
+        self.assertEqual(self.ipcd("--tcp", listen), expected)
+        self.assertEqual(self.twistd("--tcp", listen), expected)
+
+    def test_startErrorOnePrintableLine(self) -> None:
+        """
+        A start error is one printable line of bounded length whatever the
+        configuration names: it quotes a file name (or a host, a socket
+        path) as it is, and a newline in one made two lines, a terminal
+        escape reached the operator's terminal, and a name of 3 MB was a
+        line as long.
+        """
+        config = os.path.join(self.work, "ipcd.toml")
+        for name, said in (
+            ("/nonexistent/a\\u001b[2J\\nb", "/nonexistent/a\\x1b[2J\\x0ab"),
+            ("/" + "x" * 3_000_000, "/xxx"),
+        ):
+            with open(config, "w") as f:
+                f.write(f'[tlsd]\ncertificate = "{name}"\nkey = "/nonexistent/k"\n')
+            for line in (
+                self.ipcd("--config", config, "--no-tcp", "--no-ws"),
+                self.twistd("--config", config, "--no-tcp", "--no-ws"),
+            ):
+                self.assertTrue(
+                    line.startswith(f"ipcd: [tlsd] certificate: cannot read {said}"),
+                    line[:200],
+                )
+                self.assertTrue(line.isprintable(), line[:200])
+                self.assertLessEqual(len(line), len("ipcd: ") + MAX_ERROR, line[:200])
+                if said == "/xxx":
+                    self.assertIn("characters left out", line)
+
+    def test_configFileNamePrintable(self) -> None:
+        """
+        A configuration error names the file as it is written, with what
+        does not print escaped: a newline in its name made two lines, and
+        an escape in it reached the terminal.
+        """
+        directory = os.path.join(self.work, "a\x1b[2J\nb")
+        os.mkdir(directory)
+        config = os.path.join(directory, "ipcd.toml")
+        with open(config, "w") as f:
+            f.write("[tcpd]\nlisten = 'tcp:x'\n")
+        shown = os.path.join(self.work, "a\\x1b[2J\\x0ab", "ipcd.toml")
+        expected = (
+            f"ipcd: {shown}: [tcpd] listen: invalid endpoint 'tcp:x': 'x' is not a "
+            "whole number"
+        )
+        self.assertEqual(self.ipcd("--config", config), expected)
+        self.assertEqual(self.twistd("--config", config), expected)
+
     def test_pluginEndpointFails(self) -> None:
         """A plugin's endpoint that cannot be made: systemd passed no socket."""
         self.assertEqual(
@@ -268,6 +332,24 @@ class CommandFailureTests(SynchronousTestCase):
         fifo = os.path.join(self.work, "cert.fifo")
         os.mkfifo(fifo)
         listen = f"ssl:0:interface=127.0.0.1:privateKey={issued.key}:certKey={fifo}"
+        self.assertEqual(
+            self.ipcd("--no-tcp", "--ws", listen),
+            f"ipcd: cannot make websocketd's listener '{listen}': certKey: {fifo} "
+            "is a FIFO, not a file: name the file itself (use --ws ENDPOINT or "
+            "--no-ws)",
+        )
+
+    def test_listenerFilesByPosition(self) -> None:
+        """
+        An ssl: listener's files given by position (Twisted's
+        C{ssl:PORT:KEY:CERT}) are the ones checked: the key was taken for
+        Twisted's default, C{server.pem}, and the listener refused.
+        """
+        issued = TestCA(self.work).issue("localhost")
+        check_listener_key(f"ssl:0:{issued.key}:{issued.cert}:TLS_METHOD:127.0.0.1")
+        fifo = os.path.join(self.work, "cert.fifo")
+        os.mkfifo(fifo)
+        listen = f"haproxy:ssl:0:{issued.key}:{fifo}"
         self.assertEqual(
             self.ipcd("--no-tcp", "--ws", listen),
             f"ipcd: cannot make websocketd's listener '{listen}': certKey: {fifo} "
@@ -676,6 +758,20 @@ class ReloadTests(SynchronousTestCase):
         answer = service.reload()
         self.assertFalse(answer["ok"])
         self.assertIn("unknown endpoint type 'foo'", answer["error"])
+        self.assertIs(service.config, before)
+
+    def test_numberNotInAsciiDigitsRefused(self) -> None:
+        """A reload with a listener's number in other digits keeps the old."""
+        service = self.service(self.config)
+        before = service.config
+        self.write("[websocketd]\nlisten = 'tcp:8080:backlog=\u0665\u0660'\n")
+        answer = service.reload()
+        self.assertFalse(answer["ok"])
+        self.assertIn(
+            "[websocketd] listen: invalid endpoint 'tcp:8080:backlog=\u0665\u0660': "
+            "backlog '\u0665\u0660' is not digits 0-9 only",
+            answer["error"],
+        )
         self.assertIs(service.config, before)
 
     def test_commandLineOnly(self) -> None:
