@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.internet import abstract, reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.testing import (
     EventLoggingObserver,
     MemoryReactorClock,
@@ -21,6 +22,7 @@ from twisted.internet.testing import (
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from ipcd import wire
 from ipcd.test.support import TIMEOUT, short_rundir
@@ -494,6 +496,40 @@ class BackpressureTests(SynchronousTestCase):
         protocol.makeConnection(transport)
         transport.write(b"w" * (Unsent.bufferSize + 1))
         self.assertTrue(transport.producerPaused)
+
+    def test_pausedThenClosingUnregisters(self) -> None:
+        """
+        Resumed while its transport is disconnecting (loseConnection came
+        while paused), the producer unregisters itself, so that the
+        transport may close; a transport that does not say it is
+        disconnecting (no such attribute: not one of Twisted's) is resumed.
+        """
+        protocol = Recorder()
+        transport = connected(protocol)
+        producer = transport.producer
+        producer.pauseProducing()
+        transport.loseConnection()
+        producer.resumeProducing()
+        self.assertIsNone(transport.producer)
+        self.assertEqual(transport.producerState, "paused")
+
+        @implementer(IConsumer)
+        class Bare:
+            producer: Any = None
+            resumed = 0
+
+            def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
+                self.producer = producer
+
+            def resumeProducing(self) -> None:  # noqa: N802
+                self.resumed += 1
+
+        bare = Bare()
+        protocol = Recorder()
+        protocol.makeConnection(bare)
+        bare.producer.resumeProducing()
+        self.assertEqual(bare.resumed, 1)
+        self.assertIsNotNone(bare.producer)
 
     def test_subclassConnectionMadeKeepsIt(self) -> None:
         class Own(Recorder):
