@@ -120,6 +120,20 @@ class CommandFailureTests(SynchronousTestCase):
             "--rundir)",
         )
 
+    def test_rundirTooLong(self) -> None:
+        """
+        A RUNDIR too long for its sockets' paths: one line naming it, and
+        nothing made (not a traceback, since the socket endpoints check
+        their paths when made).
+        """
+        path = os.path.join(self.work, "d" * (110 - len(self.work)))
+        line = self.refused(
+            [*IPCD, "--rundir", path, "--no-tcp", "--no-ws"], rundir=path
+        )
+        self.assertTrue(line.startswith("ipcd: rundir: the socket path '"), line)
+        self.assertIn("AF_UNIX takes at most 107 (a shorter rundir, or name)", line)
+        self.assertFalse(os.path.lexists(path))
+
     def test_rundirNotADirectory(self) -> None:
         path = os.path.join(self.work, "file")
         with open(path, "w"):

@@ -360,6 +360,12 @@ class SessionStream(wire.MessageProtocol):
         """Whether it is still open in its grace, its session over."""
         return self._cut is not None and self._cut.active()
 
+    def readConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
+        # The service's EOF ends the stream at once, as before
+        # MessageProtocol took half-closes (its producer, ours, would hold a
+        # close behind a full buffer).
+        self.transport.abortConnection()
+
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
         if self._cut is not None and self._cut.active():
