@@ -99,6 +99,13 @@ class FormatTests(SynchronousTestCase):
     def test_closeRoundTrip(self) -> None:
         self.assertEqual(udpwire.decode(udpwire.close(SESSION)), udpwire.Close(SESSION))
 
+    def test_pingAndPong(self) -> None:
+        """PING and PONG: their kind byte and the session id, 9 bytes."""
+        self.assertEqual(udpwire.ping(SESSION), b"P" + SESSION)
+        self.assertEqual(udpwire.pong(SESSION), b"Q" + SESSION)
+        self.assertEqual(udpwire.decode(udpwire.ping(SESSION)), udpwire.Ping(SESSION))
+        self.assertEqual(udpwire.decode(udpwire.pong(SESSION)), udpwire.Pong(SESSION))
+
     def test_refusalCutToFit(self) -> None:
         """A NO is never larger than the limit (the request it answers)."""
         reason = "in connection to 'x' denied by default"
@@ -127,7 +134,7 @@ class MalformedTests(SynchronousTestCase):
         self.assertMalformed(b"")
 
     def test_oneByte(self) -> None:
-        for kind in (b"H", b"O", b"N", b"D", b"C", b"\0", b"x"):
+        for kind in (b"H", b"O", b"N", b"D", b"C", b"P", b"Q", b"\0", b"x"):
             self.assertMalformed(kind)
 
     def test_unknownKind(self) -> None:
@@ -151,6 +158,8 @@ class MalformedTests(SynchronousTestCase):
             (udpwire.verify(NONCE, COOKIE), "VERIFY"),
             (udpwire.accepted(NONCE, SESSION), "OK"),
             (udpwire.close(SESSION), "CLOSE"),
+            (udpwire.ping(SESSION), "PING"),
+            (udpwire.pong(SESSION), "PONG"),
         ]:
             longer = datagram + b"x"
             with self.assertRaises(udpwire.Malformed) as caught:

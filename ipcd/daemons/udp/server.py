@@ -137,7 +137,7 @@ class UdpServer(DatagramProtocol):
                 self._hello(parsed, address, len(datagram), source)
         elif isinstance(parsed, udpwire.OtherVersion):
             self._other_version(parsed, address, len(datagram))
-        elif isinstance(parsed, udpwire.Close):
+        elif isinstance(parsed, udpwire.Close | udpwire.Ping | udpwire.Pong):
             session = self._bound(parsed.session, address)
             if session is not None:
                 session.datagram(parsed, len(datagram))
