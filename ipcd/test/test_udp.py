@@ -68,6 +68,7 @@ B_RULES = [
     "allow in closer",
     "allow in deaf",
     "allow in talker",
+    "allow in slammer",
 ]
 
 
@@ -440,6 +441,62 @@ class HostileDatagramTests(TwoHostsTestCase):
         self.assertTrue(all(len(answer) <= len(hello) for answer in got))
         self.assertEqual(refusal.reason, "refused")
         self.assertEqual(self.b.sessions(), [])
+
+    @inlineCallbacks
+    def test_replayedHelloOpensNothing(self) -> Any:
+        """
+        A HELLO with its cookie, sent again (as someone on the path who saw
+        it would, from the peer's address) while its session lives, gets
+        the same OK and opens nothing more; once that session has ended,
+        it gets a VERIFY with a new cookie (to the peer's address) and
+        opens nothing.  The new cookie, from the peer, opens a session.
+        """
+        sock = udp_socket()
+        self.addCleanup(sock.close)
+        answer, got = yield deferToThread(handshake, sock, self.b.port)
+        verify = udpwire.decode(got[0])
+        replay = udpwire.hello(verify.nonce, b"pong", verify.cookie)
+        to = ("127.0.0.1", self.b.port)
+
+        def send(datagram: bytes) -> udpwire.Datagram:
+            sock.sendto(datagram, to)
+            return udpwire.decode(sock.recv(65536))
+
+        again = yield deferToThread(send, replay)
+        self.assertEqual(again, answer)
+        self.assertEqual(len(self.b.sessions()), 1)
+        sock.sendto(udpwire.close(answer.session), to)
+        yield wait_until(lambda: not self.b.sessions(), "B's session to end")
+
+        refused = yield deferToThread(send, replay)
+        self.assertIsInstance(refused, udpwire.Verify)
+        self.assertNotEqual(refused.cookie, verify.cookie)
+        self.assertEqual(self.b.sessions(), [])
+        self.assertEqual(self.b.broker.counters["udp hellos with a spent cookie"], 1)
+        fresh = udpwire.hello(verify.nonce, b"pong", refused.cookie)
+        opened = yield deferToThread(send, fresh)
+        self.assertIsInstance(opened, udpwire.Accepted)
+        self.assertNotEqual(opened.session, answer.session)
+        self.assertEqual(len(self.b.sessions()), 1)
+        sock.sendto(udpwire.close(opened.session), to)
+
+    @inlineCallbacks
+    def test_okLostAndSessionOverStillConnects(self) -> Any:
+        """
+        A's udpd does not see B's OK, and B's session ends before A sends
+        its HELLO again (the service closed at once): B answers the spent
+        cookie with a VERIFY, and A's udpd, as it always has, sends the
+        HELLO again with the new cookie and gets its session.
+        """
+        local_service(self, self.b, "slammer", Slammer)
+        relay, port = lossy_relay(
+            self, self.b.port, loss=0, reorder=0, duplicate=0, drop_oks=1
+        )
+        sock = yield self.lookupOnA("slammer", port)
+        self.assertEqual(relay.drop_oks, 0)
+        closed = yield deferToThread(eof_within, sock)
+        self.assertTrue(closed)
+        self.assertEqual(self.b.broker.counters["udp hellos with a spent cookie"], 1)
 
     @inlineCallbacks
     def test_helloWithoutCookieKeepsNothing(self) -> Any:
@@ -929,6 +986,13 @@ class Closer(Protocol):
     """A local service that closes at the first byte."""
 
     def dataReceived(self, data: bytes) -> None:
+        self.transport.loseConnection()
+
+
+class Slammer(Protocol):
+    """A local service that closes as soon as it is connected."""
+
+    def connectionMade(self) -> None:
         self.transport.loseConnection()
 
 
