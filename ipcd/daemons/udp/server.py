@@ -28,7 +28,7 @@ from ipcd.daemons.udp import wire as udpwire
 from ipcd.daemons.udp.batch import BatchReader, sender_for
 from ipcd.daemons.udp.cookie import SPENT, AddressCookies
 from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream_factory
-from ipcd.daemons.udp.source import NO_SOURCE, Source
+from ipcd.daemons.udp.source import NO_SOURCE, Source, sockaddr_of
 from ipcd.errors import BUSY
 from ipcd.host import IDaemonHost
 from ipcd.identity import remote_peer
@@ -170,11 +170,12 @@ class UdpServer(DatagramProtocol):
             return
         if source is None:
             source = self._source()  # (answering the datagram being read)
+        to = sockaddr_of(address)
         try:
             if source:
-                self.transport.getHandle().sendmsg([datagram], source, 0, address)
+                self.transport.getHandle().sendmsg([datagram], source, 0, to)
             else:
-                self.transport.write(datagram, address)
+                self.transport.write(datagram, to)
         except (OSError, MessageLengthError):
             self._drop("send failed")
 
@@ -332,11 +333,12 @@ class UdpServer(DatagramProtocol):
             self.broker.relays,
             daemon=SECTION,
         )
-        sender = sender_for(self.transport, address, source=asking.source)
+        to = sockaddr_of(address)  # (with a link-local peer's scope id)
+        sender = sender_for(self.transport, to, source=asking.source)
         session = Session(
             session_id,
             (
-                partial(self.transport.write, addr=address)
+                partial(self.transport.write, addr=to)
                 if sender is None
                 else sender.write
             ),

@@ -14,9 +14,11 @@ from that address (the same option, sent with it).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import struct
+from typing import Any
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
@@ -83,3 +85,52 @@ def answer_from(level: int, info: bytes | None) -> Source:
     # IPv4's local address (not the destination: a broadcast's is no source).
     _, local, _ = _IN_PKTINFO.unpack(info)
     return ((level, IP_PKTINFO, _IN_PKTINFO.pack(0, local, bytes(4))),)
+
+
+# A link-local peer's zone: the interface it came in by.  Twisted's UDP
+# port (and socket's own 2-tuple addresses) drop it, and a link-local
+# address names a host only on its link: without it, every link's fe80::1
+# was one peer (one limits key, rules for one interface's peers matched
+# none), and what answered it went out the link the kernel's routes put
+# first.  So a peer's address keeps it in its host, as tcpd's peers do
+# (C{fe80::1%eth0}), and what is sent to it is sent with its scope id.
+
+
+@functools.lru_cache(maxsize=256)
+def zone_name(index: int) -> str:
+    """The interface C{index} names (its number when it has gone)."""
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return str(index)
+
+
+@functools.lru_cache(maxsize=256)
+def zone_index(zone: str) -> int:
+    """The index of interface C{zone} (a name, or a number)."""
+    if zone.isascii() and zone.isdigit():
+        return int(zone)
+    try:
+        return socket.if_nametoindex(zone)
+    except OSError:
+        return 0  # (gone: the send fails, as UDP loses a datagram)
+
+
+def peer_address(sockaddr: Any) -> tuple[str, int]:
+    """
+    A peer's address as udpd keeps it, from what C{recvmsg} gives: its
+    host (with its zone, for a link-local one) and port.
+    """
+    host, port = sockaddr[0], sockaddr[1]
+    if len(sockaddr) == 4 and sockaddr[3]:
+        return f"{host}%{zone_name(sockaddr[3])}", port
+    return host, port
+
+
+def sockaddr_of(address: Any) -> Any:
+    """What C{sendto} takes for a peer's address: its scope id, if zoned."""
+    host = address[0]
+    if "%" not in host:
+        return address  # (IPv4, and IPv6 but link-local: as it is)
+    bare, _, zone = host.partition("%")
+    return bare, address[1], 0, zone_index(zone)
