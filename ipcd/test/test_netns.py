@@ -454,10 +454,13 @@ class UdpLinkLocalTests(TwoLinks, SynchronousTestCase):
     an answer went out the link the kernel's routes put first.
     """
 
-    def sessions(self, allowed: list[str], *sessions: str) -> tuple[str, str]:
+    def sessions(
+        self, allowed: list[str], *sessions: str, interface: str = "::"
+    ) -> tuple[str, str]:
         """
-        B's udpd (one session per prefix, C{allow in pong} for each of the
-        links C{allowed}), then C{sessions} from A: A's answers, B's log.
+        B's udpd on C{interface} (one session per prefix, C{allow in pong}
+        for each of the links C{allowed}), then C{sessions} from A: A's
+        answers, B's log.
         """
         config = os.path.join(self.work, "b.toml")
         with open(config, "w") as f:
@@ -466,7 +469,8 @@ class UdpLinkLocalTests(TwoLinks, SynchronousTestCase):
         b, rundir_b, log_b = self.twistd(
             self.ns_b,
             "b",
-            *["--config", config, "--no-tcp", "--udp", f"udp:{PORT}:interface=::"],
+            *["--config", config, "--no-tcp"],
+            *["--udp", f"udp:{PORT}:interface={interface}"],
             *rules,
         )
         self.started(b, log_b, rundir_b, "ipc", "pong", "udp")
@@ -505,6 +509,19 @@ class UdpLinkLocalTests(TwoLinks, SynchronousTestCase):
             [self.link_b], f"{self.link_a2}:fe80::2", f"{self.link_a}:fe80::2"
         )
         self.assertEqual(answers, "NO:refused OK:hi", log)
+
+    def test_listenerOnOneLinksAddress(self) -> None:
+        """
+        C{udp:PORT:interface=fe80::2%vbN} listens on that link's address
+        (Twisted's bind left out the zone's scope id: ipcd did not start,
+        'invalid argument').
+        """
+        answers, log = self.sessions(
+            [self.link_b2],
+            f"{self.link_a2}:fe80::2",
+            interface=f"fe80::2%{self.link_b2}",
+        )
+        self.assertEqual(answers, "OK:hi", log)
 
 
 # In one namespace, a dial out of one end of a veth pair to the address of
