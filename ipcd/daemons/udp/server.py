@@ -261,7 +261,7 @@ class UdpServer(DatagramProtocol):
             self._verify(hello, address, size, source)
             return
         if spent is not None:  # (the cookies kept are bounded)
-            counted = "udp sessions refused: too many opened in 30 s"
+            counted = "udp sessions refused: too many opened lately"
             self._busy(counted, hello, address, size, source)
             return
         reason = self.limits.admit(peer_key)
