@@ -231,3 +231,10 @@ class ZoneTests(SynchronousTestCase):
         self.assertEqual(
             sources.sockaddr_of((f"fe80::1%{gone}", 1)), ("fe80::1", 1, 0, gone)
         )
+
+    def test_renamedInterfaceByItsIndex(self) -> None:
+        """A zone no interface has now, but read as one's: that index."""
+        self.addCleanup(sources._NAMES.clear)
+        sources._NAMES[7] = "renamed0"
+        self.assertEqual(sources.sockaddr_of(("fe80::1%renamed0", 1))[3], 7)
+        self.assertEqual(sources.sockaddr_of(("fe80::1%nosuch0", 1))[3], 0)

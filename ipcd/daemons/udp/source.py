@@ -14,7 +14,6 @@ from that address (the same option, sent with it).
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import socket
 import struct
@@ -96,24 +95,44 @@ def answer_from(level: int, info: bytes | None) -> Source:
 # (C{fe80::1%eth0}), and what is sent to it is sent with its scope id.
 
 
-@functools.lru_cache(maxsize=256)
+# Interface names by index, as read with datagrams: a link-local peer's
+# every datagram names its interface, and one call to the kernel each
+# would cost its DATA what its address check costs.  Kept (Linux does not
+# give an index again; a rename, rare, is not seen here) and read afresh
+# past 256.
+_NAMES: dict[int, str] = {}
+
+
 def zone_name(index: int) -> str:
-    """The interface C{index} names (its number when it has gone)."""
-    try:
-        return socket.if_indextoname(index)
-    except OSError:
-        return str(index)
+    """The interface C{index} names (its number, when it has none now)."""
+    name = _NAMES.get(index)
+    if name is None:
+        try:
+            name = socket.if_indextoname(index)
+        except OSError:
+            return str(index)  # (not kept: it may have one later)
+        if len(_NAMES) >= 256:
+            _NAMES.clear()
+        _NAMES[index] = name
+    return name
 
 
-@functools.lru_cache(maxsize=256)
 def zone_index(zone: str) -> int:
-    """The index of interface C{zone} (a name, or a number)."""
+    """
+    The index of interface C{zone} (a name, or a number), asked afresh:
+    once per session and per HELLO answered, and an interface that goes
+    and comes back (a VPN's, a USB adapter's) has another.
+    """
     if zone.isascii() and zone.isdigit():
         return int(zone)
     try:
         return socket.if_nametoindex(zone)
     except OSError:
-        return 0  # (gone: the send fails, as UDP loses a datagram)
+        pass
+    # Renamed since its datagrams named it so: the index they came with.
+    # (Its peers keep the old name in their labels until L{_NAMES} is read
+    # afresh.)  Else gone: the send fails, as UDP loses a datagram.
+    return next((at for at, name in _NAMES.items() if name == zone), 0)
 
 
 def peer_address(sockaddr: Any) -> tuple[str, int]:
