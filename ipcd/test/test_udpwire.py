@@ -177,6 +177,8 @@ class MalformedTests(SynchronousTestCase):
                 udpwire.verify(NONCE, COOKIE),
                 udpwire.accepted(NONCE, SESSION),
                 udpwire.close(SESSION),
+                udpwire.ping(SESSION),
+                udpwire.pong(SESSION),
                 udpwire.data(SESSION, 1, b"m"),
             ]
         ]
