@@ -330,6 +330,8 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
         None,
         ("test_udpbatch", "test_udp.EndToEndTests", "test_udp.IPv6Tests"),
     ),
+    # The PROXY protocol header a haproxy: listener reads: pure, its own tests.
+    "proxyheader": ("ipcd/proxyheader.py", None, ("test_proxyheader",)),
 }
 
 # The survivors issue 14 named, as written there: (point, file, old, new).
