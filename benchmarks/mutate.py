@@ -332,6 +332,8 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     ),
     # The PROXY protocol header a haproxy: listener reads: pure, its own tests.
     "proxyheader": ("ipcd/proxyheader.py", None, ("test_proxyheader",)),
+    # Outbound relays (udp://, ws://, tls://) counted per client and in all.
+    "outlimits": ("ipcd/outlimits.py", None, ("test_outlimits",)),
 }
 
 # The survivors issue 14 named, as written there: (point, file, old, new).
