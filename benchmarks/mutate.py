@@ -334,6 +334,8 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "proxyheader": ("ipcd/proxyheader.py", None, ("test_proxyheader",)),
     # Outbound relays (udp://, ws://, tls://) counted per client and in all.
     "outlimits": ("ipcd/outlimits.py", None, ("test_outlimits",)),
+    # udpd's answers from the address a peer wrote to (IP_PKTINFO).
+    "source": ("ipcd/daemons/udp/source.py", None, ("test_udpsource",)),
 }
 
 # The survivors issue 14 named, as written there: (point, file, old, new).
