@@ -336,6 +336,8 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "outlimits": ("ipcd/outlimits.py", None, ("test_outlimits",)),
     # udpd's answers from the address a peer wrote to (IP_PKTINFO).
     "source": ("ipcd/daemons/udp/source.py", None, ("test_udpsource",)),
+    # Inbound handshakes without I/O (every daemon's): its own tests.
+    "inboundcore": ("ipcd/inboundcore.py", None, ("test_inboundcore",)),
 }
 
 # The survivors issue 14 named, as written there: (point, file, old, new).
