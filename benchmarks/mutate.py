@@ -338,6 +338,8 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "source": ("ipcd/daemons/udp/source.py", None, ("test_udpsource",)),
     # Inbound handshakes without I/O (every daemon's): its own tests.
     "inboundcore": ("ipcd/inboundcore.py", None, ("test_inboundcore",)),
+    # SRV answers cached for their TTL, queries in flight bounded.
+    "srvcache": ("ipcd/srvcache.py", None, ("test_srv",)),
 }
 
 # The survivors issue 14 named, as written there: (point, file, old, new).
