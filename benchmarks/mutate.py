@@ -336,6 +336,16 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
             "test_udpsource",
         ),
     ),
+    # The PROXY protocol header a haproxy: listener reads: pure, its own tests.
+    "proxyheader": ("ipcd/proxyheader.py", None, ("test_proxyheader",)),
+    # Outbound relays (udp://, ws://, tls://) counted per client and in all.
+    "outlimits": ("ipcd/outlimits.py", None, ("test_outlimits",)),
+    # udpd's answers from the address a peer wrote to (IP_PKTINFO).
+    "source": ("ipcd/daemons/udp/source.py", None, ("test_udpsource",)),
+    # Inbound handshakes without I/O (every daemon's): its own tests.
+    "inboundcore": ("ipcd/inboundcore.py", None, ("test_inboundcore",)),
+    # SRV answers cached for their TTL, queries in flight bounded.
+    "srvcache": ("ipcd/srvcache.py", None, ("test_srv",)),
 }
 
 # The survivors issue 14 named, as written there: (point, file, old, new).

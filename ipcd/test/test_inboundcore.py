@@ -39,6 +39,7 @@ from ipcd.inboundcore import (
     Pause,
     Refuse,
     Unexpected,
+    request_text,
 )
 from ipcd.relay import READ_SIZE
 
@@ -170,6 +171,37 @@ class TcpdTests(SynchronousTestCase):
         )
         self.assertEqual(core.received(b"more"), [])  # refused: nothing more
 
+    def test_longestName(self) -> None:
+        """A framed name of 255 bytes is asked for (256: L{test_tooLong})."""
+        name = "a" * 255
+        self.assertEqual(
+            tcpd().received(wire.encode(name.encode())), [Deadline(None), Ask(name)]
+        )
+
+    def test_requested(self) -> None:
+        """What the peer asked for, kept for the adapter's log lines."""
+        core = tcpd()
+        self.assertEqual(core.requested, "")
+        core.received(b"pong")
+        self.assertEqual(core.requested, "pong")
+
+    def test_eventsOnceDone(self) -> None:
+        """
+        Once a socket came (opened or answered), the peer going cancels
+        nothing, a late failure refuses nothing, and a second request is
+        not asked: each says so with no action.
+        """
+        for answer in ("opened", "answered"):
+            core = tcpd()
+            core.received(b"pong")
+            getattr(core, answer)(Socket())
+            self.assertEqual(core.failed(Refused("late")), [], answer)
+            self.assertEqual(core.asked("again"), [], answer)
+            self.assertEqual(core.refuse("late"), [], answer)
+            self.assertEqual(core.lost(), [], answer)
+            sock = Socket()
+            self.assertEqual(core.answered(sock), [Discard(sock)], answer)
+
     def test_notAscii(self) -> None:
         [_, refuse] = tcpd().received("pöng".encode())
         self.assertEqual(
@@ -295,6 +327,21 @@ class ControlTests(SynchronousTestCase):
             core.opened(sock := Socket()), [Join(sock, wire.encode(b"ok"), b"")]
         )
 
+    def test_longestHandshake(self) -> None:
+        """
+        A URI of 4096 bytes, in pieces (4096 bytes held, not yet too many),
+        is asked for; one announced longer is refused.
+        """
+        uri = b"x" * MAX_HANDSHAKE
+        data = wire.encode(uri)
+        core = control()
+        self.assertEqual(core.received(data[:MAX_HANDSHAKE]), [])
+        self.assertEqual(
+            core.received(data[MAX_HANDSHAKE:]), [Deadline(None), Ask(uri.decode())]
+        )
+        [_, refuse] = control().received(wire.HEADER.pack(MAX_HANDSHAKE + 1))
+        self.assertEqual(refuse.reason, "request of 4097 bytes is too long")
+
     def test_handshakeTooLong(self) -> None:
         core = control()
         [_, refuse] = core.received(
@@ -309,6 +356,55 @@ class ControlTests(SynchronousTestCase):
         reason = "cannot connect to tcpd at 127.0.0.1:9: connection refused"
         [refuse] = core.failed(Refused(reason))
         self.assertEqual(refuse.answer, wire.encode(b"ne " + reason.encode()))
+
+
+class BeforeTheLayerTests(SynchronousTestCase):
+    """
+    Bytes that come before the transport's own handshake is done (no TLS
+    stack delivers any): held up to MAX_HANDSHAKE, read once it is done.
+    """
+
+    def core(self) -> InboundHandshake:
+        # A framed URI (up to MAX_HANDSHAKE) behind a layer: the bound shows.
+        return InboundHandshake(PEER, ControlHandshake(None).framing(), NOW, 5, "TLS")
+
+    def test_heldUpToTheBound(self) -> None:
+        """While 4096 bytes are held, more are still taken."""
+        core = self.core()
+        size = MAX_HANDSHAKE - wire.HEADER.size + 1
+        data = wire.encode(b"x" * size)
+        self.assertEqual(core.received(data[:MAX_HANDSHAKE]), [])
+        self.assertEqual(core.received(data[MAX_HANDSHAKE:]), [])
+        self.assertEqual(core.secured(PEER), [Deadline(None), Ask("x" * size)])
+
+    def test_notPastIt(self) -> None:
+        """Past 4096 held, the rest is dropped: the handshake is too long."""
+        core = self.core()
+        data = wire.encode(b"x" * (MAX_HANDSHAKE - wire.HEADER.size + 2))
+        self.assertEqual(core.received(data[: MAX_HANDSHAKE + 1]), [])
+        self.assertEqual(core.received(data[MAX_HANDSHAKE + 1 :]), [])
+        [_, refuse] = core.secured(PEER)
+        self.assertEqual(refuse.reason, "handshake too long")
+        self.assertEqual(core.secured(PEER), [])  # (secured once)
+
+
+class NoDeadlineTests(SynchronousTestCase):
+    """A handshake without a deadline of its own (websocketd's, udpd's)."""
+
+    def test_tickAndLoss(self) -> None:
+        """The time changes nothing; a peer going stops no timer."""
+        for make in (websocketd, udpd):
+            core = make()
+            self.assertEqual(core.tick(NOW), [])
+            self.assertEqual(core.lost(), [])
+
+
+class RequestTextTests(SynchronousTestCase):
+    def test_asciiOrRefused(self) -> None:
+        """L{request_text} (docs/api.rst): the text, or a refusal."""
+        self.assertEqual(request_text(b"pong"), "pong")
+        error = self.assertRaises(Refused, request_text, b"p\xf6ng")
+        self.assertEqual(error.reason, "request is not ASCII")
 
 
 class WebSocketdTests(SynchronousTestCase):

@@ -739,6 +739,56 @@ class HandedOverTests(SynchronousTestCase):
         self.assertEqual(ours.fileno(), -1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_graceFromItsAdding(self) -> None:
+        """The grace runs from when a socket was added, not from time 0."""
+        self.clock.advance(1)
+        ours, _client = self.pair()
+        self.handed.add(ours)
+        self.handed.sweep()
+        self.assertNotEqual(ours.fileno(), -1)
+
+    def test_laterOnesWaitTheirGrace(self) -> None:
+        """
+        One added later is kept when the first's grace ends, and closed at
+        the end of its own (the timer set again), its client still open.
+        """
+        first, _ = self.pair()
+        second, _ = self.pair()
+        self.handed.add(first)
+        self.clock.advance(0.03)
+        self.handed.add(second)
+        self.clock.advance(0.02)
+        self.assertEqual((first.fileno(), len(self.handed)), (-1, 1))
+        self.assertNotEqual(second.fileno(), -1)
+        self.clock.advance(0.05)
+        self.assertEqual((second.fileno(), len(self.handed)), (-1, 0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_addedAfterCloseAll(self) -> None:
+        """After close_all, one added is still closed after its grace."""
+        self.handed.add(self.pair()[0])
+        self.handed.close_all()
+        ours, _client = self.pair()
+        self.handed.add(ours)
+        self.clock.advance(0.05)
+        self.assertEqual(ours.fileno(), -1)
+
+    def test_defaults(self) -> None:
+        """
+        The lookup port's: 50 ms of grace (docs/api.rst), at most 256
+        waiting.
+        """
+        handed = HandedOver(self.clock)
+        socks = [self.pair()[0] for _ in range(257)]
+        for sock in socks:
+            handed.add(sock)
+        self.assertEqual([s.fileno() == -1 for s in socks[:2]], [True, False])
+        self.assertEqual(len(handed), 256)
+        self.clock.advance(0.049)
+        self.assertNotEqual(socks[-1].fileno(), -1)
+        self.clock.advance(0.001)
+        self.assertEqual(len(handed), 0)
+
 
 # docs/protocol.rst's "Reasons include" block: how to provoke each line
 # (None: pinned elsewhere, as it needs DNS, a loop through tcpd or a 5 s wait).

@@ -23,12 +23,15 @@ from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ipcd.config import Config
 from ipcd.daemons.tls.daemon import OUTBOUND as TLS_OUTBOUND
 from ipcd.daemons.udp.client import OUTBOUND as UDP_OUTBOUND
 from ipcd.daemons.udp.session import SessionStats
 from ipcd.daemons.websocket.daemon import OUTBOUND as WS_OUTBOUND
+from ipcd.identity import Peer
+from ipcd.outlimits import client_key
 from ipcd.test.support import (
     TIMEOUT,
     as_user,
@@ -149,8 +152,10 @@ class OutboundLimitsMixin:
             held.append(reply.take_socket(self))
         reply = yield deferToThread(lookup, a.rundir, route)
         self.assertEqual(reply.data, f"ne too many {self.what} (at most 2)".encode())
-        held.pop().close()
         limits = a.broker.limits_for(self.kind)
+        # Counted where 'ipcd status' shows the limits hit.
+        self.assertEqual(a.broker.counters[f"{self.kind}: refused, at the maximum"], 1)
+        held.pop().close()
         yield wait_until(lambda: limits.total == 1, "the closed relay counted out")
         nobody = f"pong;pong {far}/nosuch".encode()
         reply = yield deferToThread(lookup, a.rundir, nobody)
@@ -160,6 +165,28 @@ class OutboundLimitsMixin:
         self.assertEqual(reply.data, OK)
         echo = yield deferToThread(bounce, reply.take_socket(self), b"still")
         self.assertEqual(echo, encode(b"still"))
+
+
+class ClientKeyTests(SynchronousTestCase):
+    """What a client's relays are counted under (pure: L{client_key})."""
+
+    def test_keys(self) -> None:
+        """
+        A local client: its uid; a remote one (through an inbound daemon):
+        its address's prefix, as [limits] peer_prefix_ipv4 and _ipv6 say;
+        neither: one key for all of them.
+        """
+        config = Config(rundir="/r", peer_prefix_ipv4=24, peer_prefix_ipv6=48)
+        for peer, key in (
+            (Peer("local", uid=61002, address=("192.0.2.7", 5, "tcp")), "uid:61002"),
+            (Peer("v4", address=("192.0.2.7", 4000, "tcp")), "ip:192.0.2.0/24"),
+            (
+                Peer("v6", address=("2001:db8:1:2::9", 4000, "udp")),
+                "ip:2001:db8:1::/48",
+            ),
+            (Peer("neither"), "unknown"),
+        ):
+            self.assertEqual(client_key(peer, config), key, peer)
 
 
 class UdpSessionLimitTests(OutboundLimitsMixin, TestCase):

@@ -155,10 +155,33 @@ class VersionOneTests(SynchronousTestCase):
             (b"PROXY TCP5 192.0.2.1 192.0.2.2 1 2", "unknown protocol 'TCP5'"),
             (b"PROXY", "not a PROXY line"),
             (b"PROXYTCP4", "not a PROXY line"),
+            # "PROXY" must be a field of its own, not a word's beginning.
+            (b"PROXYX TCP4 192.0.2.1 192.0.2.2 1 2", "not a PROXY line"),
         ):
             with self.assertRaises(BadHeader, msg=line) as caught:
                 read(line + b"\r\n")
             self.assertIn(why, str(caught.exception), line)
+
+    def test_fieldShownShort(self) -> None:
+        """
+        A refused field is named in the log line whole up to 40 bytes, its
+        first 40 and "..." past that (a peer's kilobytes do not fill logs).
+        """
+        for size, shown in ((40, "'" + "Y" * 40 + "'"), (41, "'" + "Y" * 40 + "...'")):
+            with self.assertRaises(BadHeader) as caught:
+                read(b"PROXY " + b"Y" * size + b" 1.2.3.4 1.2.3.4 1 2\r\n")
+            self.assertEqual(str(caught.exception), f"unknown protocol {shown}")
+
+    def test_clientLinesAfter(self) -> None:
+        """
+        The header ends at its line's first CRLF, whatever the client's
+        bytes after it hold in the same read (an HTTP request's own lines).
+        """
+        rest = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+        self.assertEqual(
+            read(b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n" + rest),
+            Header(("192.0.2.1", 1), ("192.0.2.2", 2), rest),
+        )
 
     def test_long(self) -> None:
         """
@@ -199,6 +222,7 @@ class VersionOneTests(SynchronousTestCase):
             b"P\r\n",
             b"\x16\x03\x01",
             b"\r\n\r\n\x01",
+            b"\r\n\r\n\x00\r\nQUIT!",  # its 12th byte wrong: no need for 16
         ):
             with self.assertRaises(BadHeader, msg=data) as caught:
                 read(data)
@@ -213,6 +237,14 @@ class VersionTwoTests(SynchronousTestCase):
         self.assertEqual(
             read(v2(1, 0x11, block) + b"rest"),
             Header(("192.0.2.1", 256), ("198.51.100.2", 80), b"rest"),
+        )
+
+    def test_portsOfTwoBytes(self) -> None:
+        """Both ports are 16 bits, big-endian: their high bytes count."""
+        block = bytes([192, 0, 2, 1, 198, 51, 100, 2]) + b"\xff\xfe\x1f\x90"
+        self.assertEqual(
+            read(v2(1, 0x11, block)),
+            Header(("192.0.2.1", 65534), ("198.51.100.2", 8080), b""),
         )
 
     def test_tcp6Canonical(self) -> None:
@@ -242,7 +274,9 @@ class VersionTwoTests(SynchronousTestCase):
             v2(0, 0x00, b""),
             v2(0, 0xFF, b"xyz"),
             v2(1, 0x00, b""),
+            v2(1, 0x01, b""),  # no family: no address block needed
             v2(1, 0x10, inet),
+            v2(1, 0x10, inet[:4]),  # no transport: the block is ignored
             v2(1, 0x12, inet),
             v2(1, 0x31, bytes(216)),
             v2(1, 0x32, bytes(216)),
@@ -285,6 +319,13 @@ class VersionTwoTests(SynchronousTestCase):
         self.assertEqual(
             str(caught.exception), "a version 2 header of 4097 bytes (at most 4096)"
         )
+
+    def test_sixteenBytesWhole(self) -> None:
+        """
+        A header of no more than its 16 fixed bytes (a health check's LOCAL)
+        is whole when they are, before the client says anything.
+        """
+        self.assertEqual(read(v2(0, 0x00, b"")), Header(None, None, b""))
 
     def test_waitsForTheWholeBlock(self) -> None:
         """The header is whole at 16 bytes plus its length, however it comes."""

@@ -398,3 +398,117 @@ class WhyNotTests(SynchronousTestCase):
         ]:
             self.assertTrue(why_not(Failure(exception)).startswith(said), exception)
         self.assertNotIn("\x1b", why_not(Failure(OSError("a\x1b"))))
+
+
+def answer_of(owner: str, ttl: int, target: str = "a.org") -> Any:
+    """twisted.names' answer to an SRV query: one record of C{ttl}."""
+    record = dns.Record_SRV(0, 0, 1, target.encode(), ttl=ttl)
+    return ([dns.RRHeader(owner, dns.SRV, dns.IN, ttl, record)], [], [])
+
+
+class CacheTtlTests(SynchronousTestCase):
+    """How long answers and failures are kept, and what status shows of them."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)  # (expiries are times: not from 0)
+        self.asked: dict[str, list[Deferred[Any]]] = {}
+        bounds = TtlBounds(min_ttl=1, max_ttl=100, negative_ttl=10, max_names=2)
+        self.cache = SrvCache(self.query, self.clock, bounds)
+
+    def query(self, owner: str) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.asked.setdefault(owner, []).append(d)
+        return d
+
+    def resolved(self, owner: str, result: Any) -> Any:
+        """C{owner} resolved, DNS answering C{result} (or failing with it)."""
+        waiting = self.cache.resolve(owner)
+        query = self.asked[owner][-1]
+        if isinstance(result, Exception):
+            query.errback(result)
+        else:
+            query.callback(result)
+        return self.successResultOf(waiting)
+
+    def test_answerLivesItsTtl(self) -> None:
+        """
+        Kept while its TTL lasts (status shows the time left, to a tenth of
+        a second, never below 0), asked again from the moment it ends.
+        """
+        self.resolved(OWNER, answer_of(OWNER, 60))
+        target = {"target": "a.org", "port": 1, "priority": 0, "weight": 0}
+        self.assertEqual(
+            self.cache.status(), {OWNER: {"ttl_left": 60.0, "targets": [target]}}
+        )
+        self.assertEqual(self.cache._queries, {})  # nothing held once answered
+        # (Steps exact in binary: the clock's sums are exact too.)
+        self.clock.advance(0.25)
+        self.assertEqual(self.cache.status()[OWNER]["ttl_left"], 59.8)
+        self.clock.advance(59.5)
+        self.successResultOf(self.cache.resolve(OWNER))  # cached: not asked
+        self.assertEqual(len(self.asked[OWNER]), 1)
+        self.clock.advance(0.25)  # 60 s: ended
+        self.assertNoResult(self.cache.resolve(OWNER))
+        self.assertEqual(len(self.asked[OWNER]), 2)
+        self.clock.advance(1)
+        self.assertEqual(self.cache.status()[OWNER]["ttl_left"], 0)
+
+    def test_failuresLiveNegativeTtl(self) -> None:
+        """
+        A DNS failure, or an answer with no service in it, is kept for
+        negative_ttl, its reason shown instead of targets.
+        """
+        for result, said in (
+            (error.DNSNameError(dns.Message()), "no such name (NXDOMAIN)"),
+            (answer_of(OWNER, 60, "."), "decidedly not available"),
+        ):
+            self.asked.clear()
+            self.cache.answers.clear()
+            answer = self.resolved(OWNER, result)
+            self.assertIn(said, answer.error)
+            shown = self.cache.status()[OWNER]
+            self.assertEqual(
+                (shown["ttl_left"], set(shown)), (10, {"ttl_left", "error"})
+            )
+            self.clock.advance(9.75)
+            self.successResultOf(self.cache.resolve(OWNER))
+            self.clock.advance(0.25)
+            self.assertNoResult(self.cache.resolve(OWNER))
+            self.assertEqual(len(self.asked[OWNER]), 2)
+            self.asked[OWNER][-1].errback(error.DNSNameError(dns.Message()))
+
+    def test_answerNotUnderstood(self) -> None:
+        """
+        An answer the cache cannot read: the lookups waiting for it are
+        told so (never left waiting); the error goes on to be logged.
+        """
+        waiting = self.cache.resolve(OWNER)
+        query = self.asked[OWNER][0]
+        query.callback(None)  # (not twisted.names' answer tuple)
+        self.assertEqual(
+            self.successResultOf(waiting).error, "DNS answer not understood"
+        )
+        self.failureResultOf(query, TypeError)
+
+    def test_expiredGoFirst(self) -> None:
+        """
+        At max_names, answers that have ended go before the oldest live
+        one (including one ending this very moment); an owner answered
+        again is the newest.
+        """
+        a, b, c = (f"_{n}._tcp.example.org" for n in "abc")
+        self.resolved(a, answer_of(a, 100))
+        self.resolved(b, answer_of(b, 5))
+        self.clock.advance(5)  # b's last moment
+        self.resolved(c, answer_of(c, 100))
+        self.assertEqual(list(self.cache.status()), [a, c])
+        self.clock.advance(100)  # a and c ended
+        self.resolved(a, answer_of(a, 100))  # (a, answered again, newest)
+        self.assertEqual(list(self.cache.status()), [c, a])
+        self.resolved(b, answer_of(b, 100))
+        self.assertEqual(list(self.cache.status()), [a, b])
+
+    def test_defaults(self) -> None:
+        """TtlBounds' own defaults are [dns]'s (test_defaults above)."""
+        self.assertEqual(TtlBounds(), TtlBounds(5.0, 3600.0, 10.0, 256))

@@ -169,6 +169,75 @@ class RunSourceTests(SynchronousTestCase):
         self.sent_from_second_address(socket.AF_INET6, "::", info)
 
 
+class AskDestinationsTests(SynchronousTestCase):
+    """
+    Which sockets are asked for each datagram's destination, and that the
+    kernel then gives it (real sockets, a datagram from a real peer).
+    """
+
+    def datagram_to(
+        self, family: int, host: str, peer: tuple[int, str]
+    ) -> tuple[frozenset[tuple[int, int]], list[tuple[int, int, bytes]]]:
+        """
+        A socket of C{family} bound to C{host}, asked; a datagram to it
+        from C{peer} (family, address): what it was asked for, and the
+        control messages the datagram came with.
+        """
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind((host, 0))
+        sock.settimeout(TIMEOUT)
+        kinds = sources.ask_destinations(sock)
+        sender = socket.socket(peer[0], socket.SOCK_DGRAM)
+        self.addCleanup(sender.close)
+        sender.sendto(b"x", (peer[1], sock.getsockname()[1]))
+        data, ancillary, _, _ = sock.recvmsg(16, sources.SPACE)
+        self.assertEqual(data, b"x")
+        return kinds, ancillary
+
+    def test_everyIPv4Address(self) -> None:
+        kinds, ancillary = self.datagram_to(
+            socket.AF_INET, "0.0.0.0", (socket.AF_INET, "127.0.0.2")
+        )
+        self.assertEqual(kinds, {(socket.IPPROTO_IP, sources.IP_PKTINFO)})
+        [(level, kind, _)] = ancillary
+        self.assertEqual((level, kind), (socket.IPPROTO_IP, sources.IP_PKTINFO))
+
+    def test_everyIPv6Address(self) -> None:
+        """
+        On C{::}, an IPv6 peer's datagram names its destination (IPv4
+        peers' too, as IP_PKTINFO: L{BroadcastTests}).
+        """
+        if not has_ipv6_loopback():
+            raise self.skipTest("no IPv6 here")
+        kinds, ancillary = self.datagram_to(
+            socket.AF_INET6, "::", (socket.AF_INET6, "::1")
+        )
+        self.assertEqual(
+            kinds,
+            {
+                (socket.IPPROTO_IPV6, sources.IPV6_PKTINFO),
+                (socket.IPPROTO_IP, sources.IP_PKTINFO),
+            },
+        )
+        [(level, kind, data)] = ancillary
+        self.assertEqual((level, kind), (socket.IPPROTO_IPV6, sources.IPV6_PKTINFO))
+        self.assertEqual(data[:16], socket.inet_pton(socket.AF_INET6, "::1"))
+
+    def test_oneAddressOrNoIP(self) -> None:
+        """
+        A socket bound to one address, or no IP socket: nothing asked, an
+        empty set (what the reader looks control messages up in).
+        """
+        one = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(one.close)
+        one.bind(("127.0.0.1", 0))
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(unix.close)
+        for sock in (one, unix):
+            self.assertEqual(sources.ask_destinations(sock), frozenset(), sock)
+
+
 class AnswerFromTests(SynchronousTestCase):
     """Which source an answer is given, from the destination's control message."""
 
@@ -192,7 +261,13 @@ class AnswerFromTests(SynchronousTestCase):
     def test_ipv6(self) -> None:
         """The destination; the interface only for a link-local one."""
         level, option = socket.IPPROTO_IPV6, sources.IPV6_PKTINFO
-        for address, index in (("2001:db8::5", 0), ("fe80::5", 3), ("febf::5", 3)):
+        for address, index in (
+            ("2001:db8::5", 0),
+            ("fe80::5", 3),
+            ("febf::5", 3),
+            ("fec0::5", 0),  # (fe80::/10 only: both of its bytes count)
+            ("fd80::5", 0),
+        ):
             packed = socket.inet_pton(socket.AF_INET6, address)
             info = struct.pack("=16si", packed, 3)
             self.assertEqual(
