@@ -37,7 +37,7 @@ from ipcd.logs import text_observer
 from ipcd.lookupprotocol import LookupFactory
 from ipcd.memtrim import MemoryTrim
 from ipcd.metrics import NO_METRICS, Metrics
-from ipcd.names import SocketInUse, refuse_own_live, socket_path
+from ipcd.names import SocketInUse, SocketPathError, refuse_own_live, socket_path
 from ipcd.options import Options
 from ipcd.placing import remove_abandoned
 from ipcd.planted import ASIDE_PREFIX, sweep_aside
@@ -553,7 +553,8 @@ def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDSe
             raise _start_failed(e) from None
     try:
         service = IPCDService(config, reactor, options.load_config)
-    except StartupError as e:
+    except (StartupError, SocketPathError) as e:
+        # SocketPathError: RUNDIR too long (or with a NUL) for its sockets.
         raise _start_failed(e) from None
     twistd = getattr(options, "parent", None) or {}
     chosen = twistd.get("logger") or twistd.get("logfile")
