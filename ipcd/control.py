@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -40,10 +40,14 @@ from ipcd.wire import (
 CONTROL_MODE = 0o600
 
 
-def config_summary(config: Config) -> dict[str, Any]:
+def config_summary(
+    config: Config, listening: Mapping[str, bool] | None = None
+) -> dict[str, Any]:
     """
     The configuration in force, as plain JSON values; each protocol daemon
-    adds its own status lines (tcpd: C{tcp_listen}).
+    adds its own status lines (tcpd: C{tcp_listen}).  C{listening} (by
+    section: whether its network listener runs) corrects C{SCHEME_listen}
+    of a daemon whose listener runs only with some settings (L{listens}).
     """
     summary = {
         "source": config.source,
@@ -74,14 +78,24 @@ def config_summary(config: Config) -> dict[str, Any]:
         },
     }
     for daemon in config.registry.values():
-        summary.update(daemon.status(settings_of(config, daemon)))
+        settings = settings_of(config, daemon)
+        summary.update(daemon.status(settings))
+        if listening is not None and getattr(daemon, "listens", None) is not None:
+            # Whether it listens was decided at start (tlsd: by the keys
+            # then): the keys in force now would say what a restart does,
+            # an address nothing listens on, or none while it still does.
+            runs = listening.get(daemon.section, False)
+            summary[f"{daemon.scheme}_listen"] = settings["listen"] if runs else None
     return summary
 
 
-def status_report(broker: Any) -> dict[str, Any]:
+def status_report(
+    broker: Any, listening: Mapping[str, bool] | None = None
+) -> dict[str, Any]:
     """
     Live relayed connections, counters, what remote peers may reach
-    (L{inbound_reach}) and the configuration in force.
+    (L{inbound_reach}) and the configuration in force (L{config_summary},
+    with C{listening}).
     """
     now = time.monotonic()
     connections = sorted(
@@ -94,7 +108,7 @@ def status_report(broker: Any) -> dict[str, Any]:
             broker.config, broker.own_names(), broker.own_inodes()
         ),
         "dns": broker.srv.status(broker.config),
-        "config": config_summary(broker.config),
+        "config": config_summary(broker.config, listening),
     }
 
 

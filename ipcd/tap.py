@@ -113,7 +113,7 @@ class IPCDService(MultiService):
         # Reloads asked on the control socket: one per RELOAD_INTERVAL at most.
         self.reload_gate = ReloadGate(self.reload, reactor)
         handlers = {
-            "status": lambda: status_report(self.broker),
+            "status": lambda: status_report(self.broker, self.listening()),
             "reload": self.reload_gate.request,
         }
         limits = self.broker.limits_for(CONTROL_NAME)
@@ -257,11 +257,7 @@ class IPCDService(MultiService):
             if getattr(new, key) != getattr(self.config, key)
         ]
         new = replace(new, **{key: getattr(self.config, key) for key in restart})
-        # Whose network listener runs now (tlsd's may not, for want of keys).
-        listening = {
-            section: getattr(service, "listener", None) is not None
-            for section, service in self.daemon_services.items()
-        }
+        listening = self.listening()
         new, daemon_restart = _keep_daemon_restart_keys(self.config, new, listening)
         restart += daemon_restart
         if restart:
@@ -291,6 +287,16 @@ class IPCDService(MultiService):
                     "reload: [{section}] failed to apply it", section=section
                 )
         return {"ok": True, "restart_needed": restart}
+
+    def listening(self) -> dict[str, bool]:
+        """
+        Whose network listener runs now, by section (tlsd's may not, for
+        want of keys at start, whatever the keys in force now say).
+        """
+        return {
+            section: getattr(service, "listener", None) is not None
+            for section, service in self.daemon_services.items()
+        }
 
     def setServiceParent(self, parent: Any) -> None:  # noqa: N802
         super().setServiceParent(parent)

@@ -975,3 +975,75 @@ class DocumentedOutputTests(SynchronousTestCase):
             {"connections", "counters", "inbound", "config"}, set(answer)
         )
         self.assertEqual(answer["config"]["rundir"], self.rundir)
+
+
+class TlsStatusAfterReloadTests(SynchronousTestCase):
+    """
+    C{ipcd status}'s C{tls_listen}, from a real ipcd, says where tlsd's
+    listener runs, or none, across a reload that configures or removes its
+    certificate (whether it listens is decided at start).
+    """
+
+    def start(self, text: str) -> str:
+        """An ipcd (tlsd only) started with the file C{text}; its RUNDIR."""
+        from ipcd.test.wssupport import make_ca
+
+        work = short_rundir(self, "ipcd-tlsstatus-")
+        rundir = os.path.join(work, "run")
+        self.config = os.path.join(work, "ipcd.toml")
+        _ca, cert, key = make_ca(work)
+        self.keys = f"[tlsd]\ncertificate = '{cert}'\nkey = '{key}'\n"
+        self.keys += "listen = 'tcp:0:interface=127.0.0.1'\n"
+        self.write(self.keys if text == "keys" else text)
+        log = os.path.join(work, "ipcd.log")
+        args = ["-m", "ipcd.scripts.ipcd", "--config", self.config]
+        args += ["--rundir", rundir, "--no-tcp", "--no-ws"]
+        process = spawn(self, args, log, python_env(), work)
+        deadline = time.monotonic() + 6 * TIMEOUT
+        while "ipcd: ready" not in read_text(log):
+            self.assertIsNone(process.poll(), read_text(log))
+            self.assertLess(time.monotonic(), deadline, read_text(log))
+            time.sleep(0.05)
+        return rundir
+
+    def write(self, text: str) -> None:
+        with open(self.config, "w") as f:
+            f.write(text)
+
+    def ipcd(self, rundir: str, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "ipcd.scripts.ipcd", *args, "--rundir", rundir],
+            capture_output=True,
+            text=True,
+            env=python_env(),
+            timeout=6 * TIMEOUT,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return done.stdout
+
+    def tls_listen(self, rundir: str) -> Any:
+        return json.loads(self.ipcd(rundir, "status", "--json"))["config"]["tls_listen"]
+
+    def test_keysConfigured(self) -> None:
+        """
+        Keys configured by a reload: nothing listens until a restart, and
+        status says none (it said the old listen, tcp:9001).
+        """
+        rundir = self.start("")
+        self.assertIsNone(self.tls_listen(rundir))
+        self.write(self.keys)
+        answer = self.ipcd(rundir, "reload")
+        self.assertEqual(answer, "reloaded; restart needed for tls_listen\n")
+        self.assertIsNone(self.tls_listen(rundir))
+
+    def test_keysRemoved(self) -> None:
+        """
+        Keys removed by a reload: the listener runs until a restart (failing
+        every handshake), and status says where (it said none).
+        """
+        rundir = self.start("keys")
+        self.assertEqual(self.tls_listen(rundir), "tcp:0:interface=127.0.0.1")
+        self.write("")
+        answer = self.ipcd(rundir, "reload")
+        self.assertEqual(answer, "reloaded; restart needed for tls_listen\n")
+        self.assertEqual(self.tls_listen(rundir), "tcp:0:interface=127.0.0.1")
