@@ -307,14 +307,16 @@ class IPCClientEndpoint:
                 continue
             now = self._reactor.seconds()  # (only here: a MemoryReactor has none)
             deadline = now + self._timeout if deadline is None else deadline
-            if now + pause >= deadline:
+            if now + pause < deadline:
+                await deferLater(self._reactor, pause, lambda: None)
+                # A pause can end late on a loaded machine, past the deadline.
+                timeout = deadline - self._reactor.seconds()
+            if now + pause >= deadline or timeout <= 0:
                 what = "ipcd" if name == BROKER_NAME else f"service {name!r}"
                 raise ConnectTimeout(
                     string=f"cannot reach {what} at {path}: its listener stayed "
                     f"busy (backlog full) for {self._timeout:g} s"
                 )
-            await deferLater(self._reactor, pause, lambda: None)
-            timeout = deadline - self._reactor.seconds()
             pause = min(pause * 2, _LAST_PAUSE)
 
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:

@@ -75,13 +75,16 @@ class AutobahnCasesTests(TestCase):
         cases, returncode, output = yield self._kosoku(command, url, CASES, 2)
         # The whole selection ran (kosoku 0.1.0: 250 cases).
         self.assertGreaterEqual(len(cases), 250, output)
-        # "FAILED BY CLIENT" is kosoku giving up waiting (its case timeouts
-        # are fixed): on a loaded machine a case can run out of time.  Such
-        # cases run once more, alone; any other failure stands as it is.
+        # kosoku's case timeouts are fixed (the UTF-8 cases from 6.5 on kill
+        # the connection after 0.5 s): on a loaded machine a case can run
+        # out of time, seen as "FAILED BY CLIENT" or, when the echo came
+        # too late, as "FAILED" (6.6.7 once, at a load of 8).
+        # A failing case runs once more, alone; a failure then stands.
         waited = sorted(
             name
             for name, case in cases.items()
-            if case["behaviorClose"] == "FAILED BY CLIENT"
+            if case["behavior"] not in PASSING
+            or case["behaviorClose"] not in CLOSE_PASSING
         )
         if waited:
             again, returncode, output = yield self._kosoku(command, url, waited, 1)

@@ -810,6 +810,35 @@ class BusyListenerTests(TestCase):
             str(error),
         )
 
+    @inlineCallbacks
+    def test_busyPastTheDeadlineAfterALatePause(self) -> Any:
+        """
+        A pause that ends past the deadline (its timer late, on a loaded
+        machine) is the same timeout error: the connect was given the
+        negative time left, and Twisted's connector failed with an
+        AssertionError.
+        """
+        endpoint = IPCClientEndpoint(
+            LateTimers(reactor, 0.3), "busy", os.path.dirname(self.path), "", 0.2
+        )
+        error = yield self.assertFailure(
+            endpoint.connect(CountingFactory()), ConnectError
+        )
+        self.assertIn("its listener stayed busy (backlog full) for 0.2 s", str(error))
+
+
+class LateTimers:
+    """A reactor whose timers fire C{late} seconds after they are due."""
+
+    def __init__(self, reactor: Any, late: float) -> None:
+        self._reactor, self._late = reactor, late
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def callLater(self, delay: float, f: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._reactor.callLater(delay + self._late, f, *args, **kwargs)
+
 
 class SilentBroker(Protocol):
     """Stands for an ipcd that reads a lookup and never answers."""
