@@ -322,13 +322,19 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     # Listeners' connection limits, refusals and their rate-limited log.
     "limits": ("ipcd/limits.py", None, ("test_limits",)),
     # udpd's datagrams in batches (GSO, GRO): its own tests on real sockets
-    # first, then sessions end to end (IPv6: the address Twisted's way).
+    # first, then sessions end to end (IPv6: the address Twisted's way), and
+    # answers from the address each peer wrote to (test_udpsource).
     # Not test_systemd (15 s a run): test_udpbatch checks a socket read
     # with gro=False is left without UDP_GRO, as that test does.
     "batch": (
         "ipcd/daemons/udp/batch.py",
         None,
-        ("test_udpbatch", "test_udp.EndToEndTests", "test_udp.IPv6Tests"),
+        (
+            "test_udpbatch",
+            "test_udp.EndToEndTests",
+            "test_udp.IPv6Tests",
+            "test_udpsource",
+        ),
     ),
 }
 

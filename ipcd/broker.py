@@ -520,11 +520,20 @@ class Broker:
             event.access = f"rule {decision.index} names {event.service!r}"
             return opened
         try:
-            opened = self._open_socket(
-                target.path, OTHERS, follow_last_symlink=False, asking=REMOTE
-            )
-        except AccessDenied as denied:
-            return self._open_granted(event, target, denied, again)
+            try:
+                opened = self._open_socket(
+                    target.path, OTHERS, follow_last_symlink=False, asking=REMOTE
+                )
+            except AccessDenied as denied:
+                return self._open_granted(event, target, denied, again)
+        except Refused as e:
+            # Neither a rule naming it nor a grant lets this peer at the
+            # socket: what is there (a socket others may not use, a file, a
+            # user's link) is told as nothing, or the answers would list
+            # what exists behind the permissions.  The reason is logged.
+            if find_grant(self.config.grants, target.name, event.labels) is None:
+                e.public = NO_SUCH_SERVICE
+            raise
         event.access = "others may connect"
         return opened
 

@@ -15,13 +15,14 @@ C{IPCServerEndpoint} still name them, imported when first used.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from typing import Any
 
 from ipcd.framing import recv_message, send_message
 from ipcd.handoff import HandoffError, LookupRefused, receive_fd
-from ipcd.names import BROKER_NAME, socket_path, validate_service_name
+from ipcd.names import BROKER_NAME, checked_socket_path, validate_service_name
 from ipcd.routes import encode_lookup
 from ipcd.rundir import resolve_rundir
 
@@ -44,6 +45,13 @@ MAX_TIMEOUT = 365 * 24 * 3600.0
 EXPECTED_TIMEOUT = f"expected seconds, above 0 and at most {MAX_TIMEOUT:.0f} (a year)"
 
 _TWISTED_NAMES = ("IPCClientEndpoint", "IPCServerEndpoint")
+# Seconds as written: ASCII digits, a point, an exponent (and the words
+# float() takes, which checked_timeout then refuses, saying the range).
+# float() also reads '١' (Arabic-Indic one) as 1, '1_0' as 10, ' 1\n' as 1.
+_SECONDS = re.compile(
+    r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?(?i:nan|inf|infinity)"
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -75,12 +83,10 @@ def timeout_option(text: str) -> float:
     A C{--timeout} option's value (L{checked_timeout}): C{ValueError}
     saying what was expected, for the command's usage error.
     """
+    if not _SECONDS.fullmatch(text):
+        raise ValueError(f"expected seconds, got {text!r}")
     try:
-        seconds = float(text)
-    except ValueError:
-        raise ValueError(f"expected seconds, got {text!r}") from None
-    try:
-        return checked_timeout(seconds)
+        return checked_timeout(float(text))
     except ValueError:
         # As typed: "got '-1'", not the float's "got -1.0".
         raise ValueError(f"{EXPECTED_TIMEOUT}, got {text!r}") from None
@@ -153,14 +159,16 @@ def connect(
     directory = resolve_rundir(rundir)
     if network is None:
         network = os.environ.get("IPC_NETWORK", "")
+    # The one socket connected to, judged before anything is opened.
+    path = checked_socket_path(directory, BROKER_NAME if network else service)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         if not network:
-            _connect_service(sock, socket_path(directory, service), timeout)
+            _connect_service(sock, path, timeout)
             sock.settimeout(None)
             return sock
-        _connect_ipcd(sock, socket_path(directory, BROKER_NAME), timeout)
+        _connect_ipcd(sock, path, timeout)
         try:
             send_message(sock, encode_lookup(service, network))
         except (BrokenPipeError, ConnectionResetError):

@@ -15,7 +15,12 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, execute
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.error import ConnectError, ConnectingCancelledError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionDone,
+)
+from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import (
     IFileDescriptorReceiver,
     IProtocolFactory,
@@ -26,6 +31,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpointStringParser,
 )
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -35,6 +41,7 @@ from ipcd.client import (
     EXPECTED_TIMEOUT,
     checked_timeout,
     no_ipcd,
+    timeout_option,
 )
 from ipcd.compat import twisted as compat_twisted
 from ipcd.handoff import MAX_REPLY, HandoffError, adopt_into_reactor, check_reply
@@ -42,6 +49,7 @@ from ipcd.names import (
     BROKER_NAME,
     SOCKET_MODE,
     UNIX_BACKLOG,
+    checked_socket_path,
     listen_unix,
     socket_path,
     validate_service_name,
@@ -54,9 +62,60 @@ from ipcd.wire import encode
 # listen(2) takes an int (and the kernel caps it at net.core.somaxconn).
 _MAX_BACKLOG = 2**31 - 1
 
+
+def _arguments(description: str) -> list[tuple[str | None, str]]:
+    """
+    Endpoint string C{description}'s parts as Twisted's tokenizer reads
+    them, unescaped and in order: C{(key, value)} for C{key=value} (its
+    first unescaped C{=}), C{(None, text)} for a part given by position.
+    """
+    parts: list[tuple[str | None, str]] = []
+    key: str | None = None
+    text: list[str] = []
+    characters = iter(description)
+    for character in characters:
+        if character == "\\":
+            text.append(next(characters, ""))
+        elif character == ":":
+            parts.append((key, "".join(text)))
+            key, text = None, []
+        elif character == "=" and key is None:
+            key, text = "".join(text), []
+        else:
+            text.append(character)
+    parts.append((key, "".join(text)))
+    return parts
+
+
+def _no_repeated_parameter(description: str | bytes) -> None:
+    """
+    An C{ipc:} string giving a parameter twice: a ValueError naming it.
+    Twisted's tokenizer keeps the last one silently (C{timeout=1:timeout=2}
+    was 2 s), before ipcd's parser sees the string.
+    """
+    if not isinstance(description, str):
+        return  # not an ipc: string: its parsers take text
+    parts = _arguments(description)
+    kind, first = parts[0]
+    if kind is not None or first.upper() != IPCClientParser.prefix.upper():
+        return
+    seen: set[str] = set()
+    for key, _ in parts[1:]:
+        if key is None:
+            continue
+        if key in seen:
+            raise ValueError(
+                f"ipc: parameter {key!r} given twice: give it once (Twisted "
+                "would keep the last one given)"
+            )
+        seen.add(key)
+
+
 # ipc:pong\ (and any endpoint string ending so): a ValueError saying so,
-# not Twisted's tokenizer's RuntimeError.
+# not Twisted's tokenizer's RuntimeError; and ipc:pong:timeout=1:timeout=2,
+# which it reads as timeout=2.
 compat_twisted.refuse_lone_backslash()
+compat_twisted.check_endpoint_strings(_no_repeated_parameter)
 
 
 @implementer(IStreamServerEndpoint)
@@ -70,11 +129,11 @@ class IPCServerEndpoint:
         rundir: str | None = None,
         mode: int = SOCKET_MODE,
         backlog: int = UNIX_BACKLOG,
-        group: str | None = None,
+        group: str | int | None = None,
     ) -> None:
         self._reactor = reactor
         self.name = validate_service_name(name)
-        self.path = socket_path(resolve_rundir(rundir), self.name)
+        self.path = checked_socket_path(resolve_rundir(rundir), self.name)
         if isinstance(mode, bool) or not isinstance(mode, int):
             raise TypeError(f"mode: expected permission bits (0o660), got {mode!r}")
         if not 0 <= mode <= 0o777:
@@ -86,7 +145,7 @@ class IPCServerEndpoint:
             )
         self._mode = mode
         self._backlog = backlog
-        self._group = group
+        self._group = _checked_group(group)
 
     def listen(self, factory: IProtocolFactory) -> Deferred[Any]:
         return execute(
@@ -98,6 +157,27 @@ class IPCServerEndpoint:
             self._backlog,
             self._group,
         )
+
+
+def _checked_group(group: str | int | None) -> str | None:
+    """
+    C{group} as the listen takes it, a name or a number (a gid given as an
+    int, its digits); else an error naming it, now: when listening, a gid
+    given as an int was a C{TypeError} from C{getgrnam}, a NUL C{embedded
+    null byte}.
+    """
+    if group is None:
+        return None
+    expected = f"group: expected a group name or number, got {group!r}"
+    if isinstance(group, bool) or not isinstance(group, str | int):
+        raise TypeError(expected)
+    if isinstance(group, int):
+        if group < 0:
+            raise ValueError(expected)
+        return str(group)
+    if not group or "\0" in group:
+        raise ValueError(expected)
+    return group
 
 
 @implementer(IFileDescriptorReceiver)
@@ -159,7 +239,8 @@ class IPCClientEndpoint:
 
     C{connect()} may be cancelled, and is after C{timeout} seconds
     (L{twisted.internet.defer.TimeoutError}): either closes the lookup
-    connection to ipcd.
+    connection to ipcd.  A listener whose backlog is full is tried again
+    until then.
     """
 
     def __init__(
@@ -175,11 +256,17 @@ class IPCClientEndpoint:
         self.rundir = resolve_rundir(rundir)
         self.network = os.environ.get("IPC_NETWORK") if network is None else network
         self._timeout = checked_timeout(timeout)
+        # The one socket connect() will reach: judged now, not in the reactor.
+        checked_socket_path(self.rundir, BROKER_NAME if self.network else self.service)
 
-    def _unix(self, name: str, factory: IProtocolFactory) -> Deferred[Any]:
-        """Connect to C{RUNDIR/NAME}; a failure names that path."""
+    def _unix(
+        self, name: str, factory: IProtocolFactory, bounded: bool = True
+    ) -> Deferred[Any]:
+        """
+        Connect to C{RUNDIR/NAME}; a failure names that path.  Not
+        C{bounded}, a full backlog is waited on until the caller cancels.
+        """
         path = socket_path(self.rundir, name)
-        endpoint = UNIXClientEndpoint(self._reactor, path, timeout=self._timeout)
 
         def unreachable(failure: Failure) -> Failure:
             error = failure.value
@@ -193,7 +280,42 @@ class IPCClientEndpoint:
                 return Failure(type(error)(error.osError, text))
             return failure
 
-        return endpoint.connect(factory).addErrback(unreachable)
+        dialing = Deferred.fromCoroutine(self._dial(name, path, factory, bounded))
+        return dialing.addErrback(unreachable)
+
+    async def _dial(
+        self, name: str, path: str, factory: IProtocolFactory, bounded: bool
+    ) -> Any:
+        """
+        Connect to C{path}, trying again while its listener's backlog is
+        full, as the blocking client does, until the timeout.  AF_UNIX
+        refuses such a connect at once (EAGAIN), where Twisted's connector
+        failed with C{An error occurred while connecting: [Failure
+        instance: ... ConnectionDone ...]}.
+        """
+        timeout, pause, deadline = self._timeout, _FIRST_PAUSE, None
+        while True:
+            endpoint = UNIXClientEndpoint(self._reactor, path, timeout=timeout)
+            try:
+                return await endpoint.connect(factory)
+            except ConnectError as e:
+                if not _backlog_full(e):
+                    raise
+            if not bounded:
+                await deferLater(self._reactor, pause, lambda: None)
+                pause = min(pause * 2, _LAST_PAUSE)
+                continue
+            now = self._reactor.seconds()  # (only here: a MemoryReactor has none)
+            deadline = now + self._timeout if deadline is None else deadline
+            if now + pause >= deadline:
+                what = "ipcd" if name == BROKER_NAME else f"service {name!r}"
+                raise ConnectTimeout(
+                    string=f"cannot reach {what} at {path}: its listener stayed "
+                    f"busy (backlog full) for {self._timeout:g} s"
+                )
+            await deferLater(self._reactor, pause, lambda: None)
+            timeout = deadline - self._reactor.seconds()
+            pause = min(pause * 2, _LAST_PAUSE)
 
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
         if not self.network:
@@ -213,7 +335,8 @@ class IPCClientEndpoint:
         received: Deferred[int] = Deferred(cancel)
         asking = Factory.forProtocol(build)
         asking.noisy = False  # no "Starting factory" line per connection
-        connecting = self._unix(BROKER_NAME, asking)
+        # Bounded by received's timeout, which says so as documented.
+        connecting = self._unix(BROKER_NAME, asking, bounded=False)
 
         def failed(failure: Failure) -> None:
             # Our own cancel: received fails with CancelledError right after.
@@ -234,6 +357,27 @@ class IPCClientEndpoint:
         return received.addCallback(
             lambda fd: adopt_into_reactor(self._reactor, fd, factory)
         )
+
+
+# A full backlog's connect is tried again after these pauses, doubling (the
+# blocking client's, ipcd.client._connect_unix).
+_FIRST_PAUSE = 0.0005
+_LAST_PAUSE = 0.05
+
+
+def _backlog_full(error: ConnectError) -> bool:
+    """
+    Whether a UNIX connect failed as Twisted's connector fails on a full
+    backlog: the EAGAIN taken for "in progress", then the unconnected
+    socket's hangup, a C{ConnectionDone} in a C{ConnectError} with no errno
+    (a refused or missing socket has its errno).
+    """
+    cause = error.args[0] if error.args else None
+    return (
+        error.osError is None
+        and isinstance(cause, Failure)
+        and cause.check(ConnectionDone) is not None
+    )
 
 
 def _named(endpoint: str, name: str, unknown: dict[str, str]) -> str:
@@ -386,7 +530,7 @@ class IPCClientParser:
         name = _named("ipc: client endpoint", name, unknown)
         _check_parts("ipc: client endpoint", name, extra, unknown, self.parameters)
         try:
-            seconds = checked_timeout(float(timeout))
+            seconds = timeout_option(timeout)
         except ValueError:
             why = f"ipc: timeout: {EXPECTED_TIMEOUT}, got {timeout!r}"
             raise ValueError(why) from None

@@ -11,6 +11,7 @@ so that one that cannot listen stops the start-up in one line.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any, Generic, TypeVar
 
@@ -59,6 +60,17 @@ class Outcome(Generic[T]):
             d.errback(self._result)
         else:
             d.callback(self._result)  # type: ignore[arg-type]
+
+
+class CannotListen(SystemExit, Exception):
+    """
+    A listener outside ipcd's tree cannot listen when twistd starts it: the
+    message is the one line.  A C{SystemExit}, so that C{twistd -n} prints
+    that line and exits 1, no traceback; an C{Exception} too, so that a
+    daemonizing twistd reports it: twistd tells its waiting parent of an
+    C{Exception} only, and the parent, which holds the pipe it waits on
+    open itself, waited for ever on a bare C{SystemExit}, saying nothing.
+    """
 
 
 class IListener(Interface):
@@ -137,7 +149,7 @@ class EndpointListener(Service):
         self.listen().addErrback(heard)
         starting = False
         if now and not now[0].check(CancelledError):
-            raise SystemExit(f"{self.name or 'twistd'}: {self._why(now[0])}")
+            raise CannotListen(f"{self.name or 'twistd'}: {self._why(now[0])}")
 
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
         super().startService()
@@ -145,14 +157,19 @@ class EndpointListener(Service):
             self.listen().addErrback(self._unheard)
 
     def _why(self, failure: Failure) -> str:
-        """Why it cannot listen, in one line naming where."""
+        """Why it cannot listen, in one line naming where, and the way out."""
+        path = getattr(self.endpoint, "path", None)
         if failure.check(SocketInUse):  # names the socket itself
-            return failure.getErrorMessage()
-        where = getattr(self.endpoint, "path", None) or self.description
+            return f"{failure.getErrorMessage()} (stop it, or use another RUNDIR)"
+        where = path or self.description
         cause = getattr(failure.value, "socketError", failure.value)
         code = getattr(cause, "errno", None)
         why = os.strerror(code).lower() if code else " ".join(str(cause).split())
-        return f"cannot listen on {where or self.endpoint}: {why}"
+        hint = ""
+        if path is not None and code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            directory = os.path.dirname(path)
+            hint = f" (make {directory} writable for this user, or use another RUNDIR)"
+        return f"cannot listen on {where or self.endpoint}: {why}{hint}"
 
     def _unheard(self, failure: Failure) -> None:
         if not failure.check(CancelledError):

@@ -176,14 +176,24 @@ def _fast(reactor: Any, factory: Any) -> bool:
     return hasattr(factory, "serve_at_once") and isinstance(reactor, PosixReactorBase)
 
 
+class PlacedServer(unix.Server):
+    """A connection accepted by a L{PlacedPort}: its host is the port's."""
+
+    def getHost(self) -> UNIXAddress:  # noqa: N802 (Twisted's name)
+        # Twisted's getsockname() is the private path the socket was bound
+        # at, /proc/self/fd/N/NAME: another descriptor of the process now.
+        return self.server.getHost()
+
+
 class PlacedPort(unix.Port):
     """
     A port on a socket bound elsewhere and moved to its name when listening
-    (L{ipcd.placing}): its address is that name, and when it stops the
-    file there is removed only if it is still this socket's, never another
-    process's socket bound there since.
+    (L{ipcd.placing}): its address, and its connections' host, is that
+    name, and when it stops the file there is removed only if it is still
+    this socket's, never another process's socket bound there since.
     """
 
+    transport = PlacedServer
     place = ""
     inode: Inode | None = None
 

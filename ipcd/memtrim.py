@@ -130,6 +130,15 @@ class MemoryTrim(Service):
 
     def check(self) -> None:
         """Collect and trim if memory grew, at most as often as it helps."""
+        try:
+            self._check()
+        except OSError:
+            # The size unreadable for now (no descriptor left: EMFILE, when
+            # ipcd is most likely to need this): the next round looks again.
+            # Raised, it stopped the LoopingCall for good.
+            self.counters["memory checks skipped"] += 1
+
+    def _check(self) -> None:
         before = self.resident()
         if before - self.low < self.growth:
             self.low = min(self.low, before)

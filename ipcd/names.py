@@ -35,10 +35,16 @@ UNIX_BACKLOG = 128
 _SOCKET_UMASK = 0o117
 
 _NAME = re.compile(rb"[A-Za-z0-9._-]{1,255}")
+# The longest socket path: sun_path holds 108 bytes with its terminating NUL.
+SUN_PATH_MAX = 107
 
 
 class InvalidServiceName(ValueError):
     """A service name that libipc cannot map to a socket in RUNDIR."""
+
+
+class SocketPathError(ValueError):
+    """A RUNDIR and name the kernel would not take as a socket path; one line."""
 
 
 class SocketInUse(RuntimeError):
@@ -79,6 +85,40 @@ def _show(raw: bytes) -> str:
 def socket_path(rundir: str, name: str) -> str:
     """The path of service C{name}: C{RUNDIR/NAME}, no suffix."""
     return os.path.join(rundir, validate_service_name(name))
+
+
+def checked_socket_path(rundir: str, name: str) -> str:
+    """
+    L{socket_path} in a RUNDIR a program gave (an endpoint's, the blocking
+    client's), or L{SocketPathError} naming C{rundir} when the kernel would not
+    take that path as it is: a NUL ends an AF_UNIX path there (a rundir
+    C{/tmp/libipc-run/pong\\0} reached pong whatever the name asked), and a
+    path over L{SUN_PATH_MAX} bytes failed deep in the reactor (a traceback
+    logged, then the connect's whole timeout).
+    """
+    path = socket_path(rundir, name)
+    if "\0" in rundir:
+        raise SocketPathError(
+            f"rundir: {_shown(rundir)} has a NUL character, where a socket "
+            "path would end"
+        )
+    try:
+        size = len(os.fsencode(path))
+    except UnicodeEncodeError:
+        raise SocketPathError(
+            f"rundir: {_shown(rundir)} is no file name: it has a lone surrogate"
+        ) from None
+    if size > SUN_PATH_MAX:
+        raise SocketPathError(
+            f"rundir: the socket path {_shown(path)} is {size} bytes; AF_UNIX "
+            f"takes at most {SUN_PATH_MAX} (a shorter rundir, or name)"
+        )
+    return path
+
+
+def _shown(text: str) -> str:
+    """C{text}'s repr, its first 80 characters (a path may be any length)."""
+    return repr(text[:80]) + ("..." if len(text) > 80 else "")
 
 
 def clear_stale_socket(path: str) -> int | None:

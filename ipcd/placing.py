@@ -34,12 +34,10 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
+from ipcd.names import SUN_PATH_MAX
 from ipcd.planted import Taken, open_parent, take_name
 
 Inode = tuple[int, int]
-
-# sun_path holds 108 bytes with its terminating NUL.
-_SUN_PATH = 107
 
 
 class Placing:
@@ -52,7 +50,7 @@ class Placing:
     """
 
     def __init__(self, path: str, mode: int) -> None:
-        if len(os.fsencode(path)) > _SUN_PATH:
+        if len(os.fsencode(path)) > SUN_PATH_MAX:
             # Bound elsewhere it would listen, but nobody could connect.
             raise OSError(errno.ENAMETOOLONG, "AF_UNIX path too long", path)
         self.path = path
@@ -71,7 +69,7 @@ class Placing:
             self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.socket.setblocking(False)
             self.address = f"/proc/self/fd/{self._private}/{self.name}"
-            if len(os.fsencode(self.address)) > _SUN_PATH:
+            if len(os.fsencode(self.address)) > SUN_PATH_MAX:
                 self.address = f"/proc/self/fd/{self._private}/s"
             self._inner = os.path.basename(self.address)
             old = os.umask(0o777 & ~mode)

@@ -179,9 +179,10 @@ def _same_zone(zone: str, wanted: str) -> bool:
     it) is the pattern's C{wanted} one, by name or index (C{%2}).  ipaddress
     keeps a pattern's zone but leaves it out of C{in}: C{ip:fe80::%eth0/64}
     let in link-local peers of every interface, whose addresses any host on
-    those links may take.  A peer whose zone is not known (udpd's: Twisted's
-    UDP gives none) is matched by its address alone, as before, so that a
-    deny with a zone still refuses it.
+    those links may take.  A peer whose zone is not known is matched by its
+    address alone, as before, so that a deny with a zone still refuses it
+    (every daemon's link-local peers have theirs: udpd reads it with each
+    datagram, where Twisted's UDP gives none).
     """
     if zone == wanted or not zone:
         return True

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
@@ -37,7 +37,7 @@ from ipcd.logs import text_observer
 from ipcd.lookupprotocol import LookupFactory
 from ipcd.memtrim import MemoryTrim
 from ipcd.metrics import NO_METRICS, Metrics
-from ipcd.names import SocketInUse, refuse_own_live, socket_path
+from ipcd.names import SocketInUse, SocketPathError, refuse_own_live, socket_path
 from ipcd.options import Options
 from ipcd.placing import remove_abandoned
 from ipcd.planted import ASIDE_PREFIX, sweep_aside
@@ -257,7 +257,12 @@ class IPCDService(MultiService):
             if getattr(new, key) != getattr(self.config, key)
         ]
         new = replace(new, **{key: getattr(self.config, key) for key in restart})
-        new, daemon_restart = _keep_daemon_restart_keys(self.config, new)
+        # Whose network listener runs now (tlsd's may not, for want of keys).
+        listening = {
+            section: getattr(service, "listener", None) is not None
+            for section, service in self.daemon_services.items()
+        }
+        new, daemon_restart = _keep_daemon_restart_keys(self.config, new, listening)
         restart += daemon_restart
         if restart:
             self.log.warn(
@@ -435,23 +440,65 @@ class IPCDService(MultiService):
 _RESTART_KEYS = ("rundir", "pongd", "control_group", "metrics")
 
 
-def _keep_daemon_restart_keys(old: Config, new: Config) -> tuple[Config, list[str]]:
+def _keep_daemon_restart_keys(
+    old: Config, new: Config, listening: Mapping[str, bool] | None = None
+) -> tuple[Config, list[str]]:
     """
     C{new}, with the old values of the protocol daemons' restart keys that
     changed, and those keys as reported (C{SCHEME_KEY}: C{tcp_listen}).
+    Reported is only what a restart would change: nothing of a daemon off
+    before and after (it takes the new values), of one turned on or off,
+    the key that turns it (C{tcp_enabled}, not its listener too), and of
+    one whose listener runs only with some settings, by C{listening} (by
+    section: whether its network listener runs now), L{_listener_keys}.
     """
     changed: list[str] = []
+    kept = False
     daemons = {section: dict(values) for section, values in new.daemons.items()}
     for daemon in old.registry.values():
         before, after = settings_of(old, daemon), settings_of(new, daemon)
-        for key in daemon.restart_keys:
-            if before[key] != after[key]:
-                changed.append(f"{daemon.scheme}_{key}")
-                daemons.setdefault(daemon.section, {})[key] = before[key]
-    if not changed:
-        return new, []
+        on = daemon.enabled(before)
+        if not on and not daemon.enabled(after):
+            # Off either way (--no-tcp, or udpd's default): nothing is bound
+            # to its keys, and a restart would open nothing either.
+            continue
+        keys = [key for key in daemon.restart_keys if before[key] != after[key]]
+        for key in keys:
+            daemons.setdefault(daemon.section, {})[key] = before[key]
+            kept = True
+        if on != daemon.enabled(after):
+            turning = [k for k in keys if daemon.enabled({**before, k: after[k]}) != on]
+            keys = turning or keys
+        elif on:
+            was = (listening or {}).get(daemon.section, False)
+            keys = _listener_keys(daemon, was, after, keys)
+        changed += [f"{daemon.scheme}_{key}" for key in keys]
+    if not kept:
+        return new, changed
     frozen = {section: MappingProxyType(values) for section, values in daemons.items()}
     return replace(new, daemons=MappingProxyType(frozen)), changed
+
+
+def _listener_keys(
+    daemon: Any, was: bool, after: Mapping[str, Any], keys: list[str]
+) -> list[str]:
+    """
+    C{keys}, as a daemon that runs before and after the reload and whose
+    network listener runs only with some settings (its optional
+    C{listens(settings)}: tlsd's needs a certificate or keys) needs: no
+    C{listen} when it listens neither now (C{was}) nor with C{after} (a
+    restart would not open it either), C{listen} when C{after} would start
+    or stop it (only a restart does), at every reload until then.
+    """
+    listens = getattr(daemon, "listens", None)
+    if listens is None:
+        return keys
+    will = listens(after)
+    if not was and not will:
+        return [key for key in keys if key != "listen"]
+    if was != will and "listen" not in keys:
+        return [*keys, "listen"]
+    return keys
 
 
 _log = Logger(namespace="ipcd")
@@ -500,7 +547,8 @@ def makeService(options: Options, reactor: IHostReactor | None = None) -> IPCDSe
             raise _start_failed(e) from None
     try:
         service = IPCDService(config, reactor, options.load_config)
-    except StartupError as e:
+    except (StartupError, SocketPathError) as e:
+        # SocketPathError: RUNDIR too long (or with a NUL) for its sockets.
         raise _start_failed(e) from None
     twistd = getattr(options, "parent", None) or {}
     chosen = twistd.get("logger") or twistd.get("logfile")

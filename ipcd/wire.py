@@ -25,7 +25,12 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -187,7 +192,14 @@ class _ReadPauser:
 
     def resumeProducing(self) -> None:  # noqa: N802
         self.protocol._notIdle()  # our answers went out: bytes moved
-        self.transport.resumeProducing()
+        transport = self.transport
+        if getattr(transport, "disconnecting", False):
+            # loseConnection() came while we were paused: Twisted closes no
+            # connection with a producer registered (it resumes us instead),
+            # so the peer got every byte, then no EOF until the idle timeout.
+            transport.unregisterProducer()
+            return
+        transport.resumeProducing()
 
     def stopProducing(self) -> None:  # noqa: N802
         # Twisted's transports call this as the connection is lost, even for
@@ -195,6 +207,7 @@ class _ReadPauser:
         self.protocol._release()
 
 
+@implementer(IHalfCloseableProtocol)
 class MessageProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
     """
     Base class for libipc peers: override L{messageReceived}, call
@@ -373,6 +386,17 @@ class MessageProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
         except (AttributeError, OSError):
             pass
         return str(self.transport.getPeer())
+
+    def readConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
+        """
+        The peer half-closed: it sends nothing more (socat does so after its
+        request).  The connection closes once what was written has gone;
+        Twisted closed it at once, the answers to that request unsent.
+        """
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
+        """Our side was half-closed (C{loseWriteConnection}): nothing to do."""
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
         self._release()

@@ -23,9 +23,10 @@ The private names of Twisted that ipcd reads: here only.
         an endpoint string's arguments (C{_parse}): an C{ssl:} listener's
         key, whether a listener's string gives its backlog, the arguments
         of a listener checked when the configuration loads
-    L{refuse_lone_backslash}
-        Twisted's endpoint strings ending in a lone backslash refused with a
-        ValueError, not its tokenizer's RuntimeError (C{_parse} wrapped)
+    L{check_endpoint_strings}, L{refuse_lone_backslash}
+        checks run on every endpoint string before Twisted's tokenizer
+        (C{_parse} wrapped): one ending in a lone backslash refused with a
+        ValueError, not its tokenizer's RuntimeError
 
 Each answers the public, slower way (or "cannot tell", which callers take as
 the safe answer) when its name is gone; see L{ipcd.compat}.  No reactor is
@@ -215,16 +216,19 @@ def ends_in_lone_backslash(description: str | bytes) -> bool:
     return (len(description) - len(description.rstrip(backslash))) % 2 == 1
 
 
-def refuse_lone_backslash() -> None:
-    """
-    Have Twisted's endpoint strings refuse one ending in a lone C{\\} with
-    a ValueError saying so.  Twisted's tokenizer (C{endpoints._parse}, run
-    by C{serverFromString} and C{clientFromString} before any plugin is
-    asked) fails there with C{RuntimeError: generator raised
-    StopIteration}, where both document a ValueError.  Every other string
-    goes to Twisted's parser as it is.
+# What every endpoint string goes through before Twisted's tokenizer reads it.
+_STRING_CHECKS: list[Callable[[str | bytes], None]] = []
 
-    Importing L{ipcd.endpoints} calls this (ipcd's plugin, L{IPCService}
+
+def check_endpoint_strings(check: Callable[[str | bytes], None]) -> None:
+    """
+    Have C{check(description)} run on every endpoint string before
+    Twisted's tokenizer (C{endpoints._parse}, run by C{serverFromString} and
+    C{clientFromString} before any plugin is asked) reads it; C{check}
+    raises ValueError for a string to refuse.  Once per check, in the order
+    given; every other string goes to Twisted's parser as it is.
+
+    Importing L{ipcd.endpoints} installs ipcd's (ipcd's plugin, L{IPCService}
     and C{twistd ipcd} import it; C{twistd} loads every plugin that makes a
     service at start, this one among them).  A process that has not
     imported it yet tokenizes with Twisted's alone: Twisted loads endpoint
@@ -232,21 +236,38 @@ def refuse_lone_backslash() -> None:
     """
     if not (ENDPOINT_PARSE.present or ENDPOINT_PARSE.usable()):
         return
+    if check not in _STRING_CHECKS:
+        _STRING_CHECKS.append(check)
     endpoints = _endpoints()
     parse = endpoints._parse
-    if getattr(parse, "refuses_lone_backslash", False):
-        return  # done already
+    if getattr(parse, "checks_strings", False):
+        return  # wrapped already: it runs the list
 
     def checked(description: str | bytes) -> Any:
-        if ends_in_lone_backslash(description):
-            raise ValueError(
-                f"endpoint string {description!r} ends in a '\\' that escapes "
-                "nothing (a backslash itself is written '\\\\')"
-            )
+        for each in _STRING_CHECKS:
+            each(description)
         return parse(description)
 
-    checked.refuses_lone_backslash = True  # type: ignore[attr-defined]
+    checked.checks_strings = True  # type: ignore[attr-defined]
     endpoints._parse = checked
+
+
+def refuse_lone_backslash() -> None:
+    """
+    Have Twisted's endpoint strings refuse one ending in a lone C{\\} with
+    a ValueError saying so (L{check_endpoint_strings}).  Twisted's tokenizer
+    fails there with C{RuntimeError: generator raised StopIteration}, where
+    C{serverFromString} and C{clientFromString} document a ValueError.
+    """
+    check_endpoint_strings(_no_lone_backslash)
+
+
+def _no_lone_backslash(description: str | bytes) -> None:
+    if ends_in_lone_backslash(description):
+        raise ValueError(
+            f"endpoint string {description!r} ends in a '\\' that escapes "
+            "nothing (a backslash itself is written '\\\\')"
+        )
 
 
 def _unix_port_class() -> Any:

@@ -30,7 +30,7 @@ from zope.interface import implementer
 from ipcd.checkers import not_tls, positive_number
 from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting, listener_settings
 from ipcd.daemons.listeners import DaemonService
-from ipcd.errors import Refused
+from ipcd.errors import BUSY, Refused
 from ipcd.host import IDaemonHost
 from ipcd.inbound import NetworkHandshake
 from ipcd.inboundcore import MAX_HANDSHAKE, OK, Sniffed
@@ -50,6 +50,8 @@ SCHEME = "tcp"
 SECTION = "tcpd"
 DEFAULT_PORT = 9000
 DEFAULT_LISTEN = "tcp:9000:interface=127.0.0.1"
+# What a peer past [limits] is told (ipcd.errors).
+_AT_THE_LIMIT = b"ne " + BUSY.encode()
 
 
 async def dial(
@@ -131,7 +133,10 @@ class TcpService(DaemonService):
             settings["listen"],
             self.handshakes(self.relays, TcpInbound),
             # Before any request: upstream's raw form, as for a silent peer.
-            lambda reason: b"ne " + reason.encode(),
+            # The word a remote peer is told, not the reason, which names
+            # the limit and the key counted (behind haproxy:, the proxy's
+            # address): the limits log it.
+            lambda reason: _AT_THE_LIMIT,
         )
         self.control(self.relays)
 

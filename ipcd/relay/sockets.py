@@ -134,7 +134,21 @@ class SocketRelays(Pipes, RelayEngine):
 
     def _relay(self, join: Join) -> None:
         if self._watch is None:
-            self._watch = Watch(self)
+            try:
+                self._watch = Watch(self)
+            except OSError as e:
+                # No descriptor for the engine's epoll (EMFILE): this join
+                # is refused as a stopped engine's are, its ends closed
+                # and its stats ended (limits given back); the next tries
+                # again.  It was left in the registry, counted for good.
+                self.log.warn(
+                    "refusing the relay of {peer} for {service!r}: {error}",
+                    peer=join.stats.description,
+                    service=join.stats.service,
+                    error=e.strerror or e,
+                )
+                self._refuse(join)
+                return
             self._reactor.addReader(self._watch)
         stats = join.stats
         side_a = Side.of(self, join.a, stats, True)

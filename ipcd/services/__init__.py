@@ -30,7 +30,7 @@ class IPCService(EndpointListener):
         rundir: str | None = None,
         reactor: IHostReactor | None = None,
         mode: int = SOCKET_MODE,
-        group: str | None = None,
+        group: str | int | None = None,
         limits: ConnectionLimits | None = None,
     ) -> None:
         if not IProtocolFactory.providedBy(factory):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -292,6 +293,28 @@ def fd_baseline() -> Any:
     """
     yield deferLater(reactor, 0, lambda: None)
     return open_fds()
+
+
+def take_descriptors(case: SynchronousTestCase, free: int) -> list[int]:
+    """
+    Take every descriptor this process may open but C{free} (a lower soft
+    RLIMIT_NOFILE, the holes below it filled), until the returned ones are
+    closed (and after the test); the limit is restored after the test.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    case.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 1 + free, hard))
+    held: list[int] = []
+    case.addCleanup(lambda: [os.close(fd) for fd in held])
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as e:
+        if e.errno != errno.EMFILE:
+            raise
+        for _ in range(free):
+            os.close(held.pop())
+    return held
 
 
 @inlineCallbacks
@@ -701,8 +724,12 @@ def spawn(
     return process
 
 
-def tcp_listeners(pid: int) -> list[tuple[str, int]]:
-    """The TCP sockets process C{pid} listens on: (address, port)."""
+def _tcp_rows(pid: int | str) -> Iterator[tuple[str, str, str, int]]:
+    """
+    Process C{pid}'s TCP sockets, from C{/proc}: (local address, remote
+    address, state, size of an address in bytes), addresses as the kernel
+    writes them (hex C{ADDRESS:PORT}).
+    """
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -711,24 +738,39 @@ def tcp_listeners(pid: int) -> list[tuple[str, int]]:
             continue
         if target.startswith("socket:["):
             inodes.add(target[len("socket:[") : -1])
-    found = []
     for table, size in (("tcp", 4), ("tcp6", 16)):
         with open(f"/proc/{pid}/net/{table}") as f:
             next(f)
             for line in f:
                 fields = line.split()
-                local, state, inode = fields[1], fields[3], fields[9]
-                if state != "0A" or inode not in inodes:
-                    continue
-                address, port = local.split(":")
-                raw = bytes.fromhex(address)
-                if size == 4:
-                    host = socket.inet_ntop(socket.AF_INET, raw[::-1])
-                else:
-                    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-                    host = socket.inet_ntop(socket.AF_INET6, words)
-                found.append((host, int(port, 16)))
+                if fields[9] in inodes:
+                    yield fields[1], fields[2], fields[3], size
+
+
+def tcp_listeners(pid: int) -> list[tuple[str, int]]:
+    """The TCP sockets process C{pid} listens on: (address, port)."""
+    found = []
+    for local, _remote, state, size in _tcp_rows(pid):
+        if state != "0A":
+            continue
+        address, port = local.split(":")
+        raw = bytes.fromhex(address)
+        if size == 4:
+            host = socket.inet_ntop(socket.AF_INET, raw[::-1])
+        else:
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+            host = socket.inet_ntop(socket.AF_INET6, words)
+        found.append((host, int(port, 16)))
     return found
+
+
+def tcp_connecting(port: int, pid: int | str = "self") -> int:
+    """How many of process C{pid}'s TCP sockets are connecting to C{port} (SYN_SENT)."""
+    return sum(
+        1
+        for _local, remote, state, _size in _tcp_rows(pid)
+        if state == "02" and int(remote.split(":")[1], 16) == port
+    )
 
 
 def read_text(path: str) -> str:

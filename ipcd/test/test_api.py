@@ -317,6 +317,48 @@ class DocumentedExamplesTests(SynchronousTestCase):
         self.wait_for(process, os.path.join(self.rundir, "upper"))
         self.assertEqual(self.pong("-s", "upper", "hello"), "HELLO\n")
 
+    def test_upperServiceCannotListen(self) -> None:
+        """
+        upper.py whose socket another process listens on: twistd exits 1
+        with the line saying so, no traceback; daemonizing too (without
+        C{-n}), where twistd's parent waited for ever, saying nothing, and
+        left the pid file (the daemon's bare SystemExit never reached it).
+        """
+        code = example_after(self.rst, UPPER)
+        with open(os.path.join(self.rundir, "upper.py"), "w") as f:
+            f.write(code)
+        path = os.path.join(self.rundir, "upper")
+        holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(holder.close)
+        holder.bind(path)
+        holder.listen()
+        line = f"upper: another process is listening on {path}"
+        pidfile = os.path.join(self.rundir, "twistd.pid")
+        twistd = "from twisted.scripts.twistd import run; run()"
+        env = python_env(
+            RUNDIR=self.rundir, PYTHONPATH=self.rundir + ":" + support.REPO
+        )
+        for options in (["-n", "--pidfile="], [f"--pidfile={pidfile}"]):
+            with self.subTest(options=options):
+                done = subprocess.run(
+                    [sys.executable, "-c", twistd, *options, "--logfile=twistd.log"]
+                    + ["-y", "upper.py"],
+                    capture_output=True,
+                    text=True,
+                    timeout=TIMEOUT,
+                    env=env,
+                    cwd=self.rundir,
+                )
+                log = support.read_text(os.path.join(self.rundir, "twistd.log"))
+                self.assertEqual(done.returncode, 1, (done.stderr, log))
+                self.assertIn(line, done.stderr + log)
+                self.assertNotIn("Traceback", done.stderr + log)
+                self.assertFalse(os.path.exists(pidfile))
+        # What the daemonizing twistd's parent says on the terminal (its
+        # first 98 bytes: the whole line is in the log).
+        said = "ipcd.listener.CannotListen: upper: another process is listening on"
+        self.assertIn(said, done.stderr)
+
     def test_protocolDaemon(self) -> None:
         """
         The minimal daemon (echod), as a plugin of its own: ipcd runs it with

@@ -507,6 +507,53 @@ class TimeoutTests(SynchronousTestCase):
             )
             self.assertIn(repr(value) if value == "x" else value, last)
 
+    def test_pongTimeoutInAsciiDecimal(self) -> None:
+        """
+        pong --timeout 1_0 (or ١, Arabic-Indic one): a usage error, not the
+        10 s and 1 s Python's float() read them as.
+        """
+        for value in ("1_0", "\u0661", " 1"):
+            err = io.StringIO()
+            self.patch(sys, "stderr", err)
+            exited = self.assertRaises(SystemExit, pong.main, ["--timeout", value])
+            self.assertEqual(exited.code, 2)
+            self.assertEqual(
+                err.getvalue().splitlines()[-1],
+                f"pong: error: argument --timeout: expected seconds, got {value!r}",
+            )
+
+
+class RundirTests(SynchronousTestCase):
+    """A rundir the kernel would not take as it is: refused before connecting."""
+
+    def test_nulReachesNoOtherService(self) -> None:
+        """
+        An AF_UNIX path ends at a NUL: C{connect("x", rundir=RUNDIR/pong\\0)}
+        was connected to pong.
+        """
+        rundir = short_rundir(self)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as pong:
+            pong.bind(os.path.join(rundir, "pong"))
+            pong.listen()
+            pong.setblocking(False)
+            for network in ("", "x unix://x"):
+                error = self.assertRaises(
+                    ValueError, connect, "x", rundir=f"{rundir}/pong\0", network=network
+                )
+                self.assertIn("rundir: ", str(error))
+                self.assertIn("has a NUL character", str(error))
+            self.assertRaises(BlockingIOError, pong.accept)  # nobody came
+
+    def test_socketPathTooLong(self) -> None:
+        """
+        Over AF_UNIX's 107 bytes: a ValueError naming rundir, not the
+        socket module's C{OSError: AF_UNIX path too long}.
+        """
+        over = "/tmp/" + "d" * (108 - len("/tmp/") - len("/pong"))
+        error = self.assertRaises(ValueError, connect, "pong", rundir=over, network="")
+        self.assertIn("rundir: the socket path", str(error))
+        self.assertIn("is 108 bytes; AF_UNIX takes at most 107", str(error))
+
 
 class UsageStatusTests(SynchronousTestCase):
     """Each command's status for a usage error is the one its docs give."""

@@ -145,14 +145,20 @@ class ConfigAndOptionsTests(SynchronousTestCase):
             Options().parseOptions(["--testscheme", "tcp:0"])
 
     def test_reloadRestartKeys(self) -> None:
-        """A daemon's restart keys keep their old values on reload."""
+        """A running daemon's restart keys keep their old values on reload."""
         rundir = short_rundir(self)
-        first = self.load({"rundir": rundir, "tcpd": {"enabled": False}})
+        first = self.load(
+            {
+                "rundir": rundir,
+                "tcpd": {"enabled": False},
+                "testschemed": {"enabled": True},
+            }
+        )
         second = self.load(
             {
                 "rundir": rundir,
                 "tcpd": {"enabled": False},
-                "testschemed": {"listen": "tcp:1", "colour": "green"},
+                "testschemed": {"enabled": True, "listen": "tcp:1", "colour": "green"},
             }
         )
         service = IPCDService(first, reactor, lambda: second)

@@ -18,6 +18,7 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -245,6 +246,51 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(serverFromString(reactor, "ipc:name=pong").name, "pong")
         self.assertEqual(clientFromString(reactor, "ipc:name=pong").service, "pong")
 
+    def test_parameterGivenTwice(self) -> None:
+        """
+        A parameter given twice: a ValueError naming it, on either side,
+        however its key is escaped or the type spelt (Twisted's tokenizer
+        kept the last one silently: C{timeout=1:timeout=2} was 2 s).
+        Other endpoint types' strings are Twisted's to judge.
+        """
+        for parse, texts in (
+            (
+                clientFromString,
+                [
+                    "ipc:pong:timeout=1:timeout=2",
+                    "IPC:pong:rundir=/a:network=:rundir=/b",
+                    r"ipc:pong:network=x:net\work=y",
+                ],
+            ),
+            (
+                serverFromString,
+                [
+                    "ipc:pong:mode=0600:mode=0666",
+                    "ipc:pong:backlog=1:group=a:backlog=2",
+                    "ipc:pong:group=a:group=b",
+                ],
+            ),
+        ):
+            for text in texts:
+                error = self.assertRaises(ValueError, parse, reactor, text)
+                key = text.rsplit(":", 1)[1].split("=")[0].replace("\\", "")
+                self.assertEqual(
+                    str(error),
+                    f"ipc: parameter {key!r} given twice: give it once (Twisted "
+                    "would keep the last one given)",
+                )
+        for parse in (clientFromString, serverFromString):
+            error = self.assertRaises(ValueError, parse, reactor, "ipc:name=a:name=b")
+            self.assertIn("parameter 'name' given twice", str(error))
+        # An escaped '=' or ':' is in a value, not a key.
+        text = r"ipc:pong:rundir=/a\=rundir\:rundir=b"
+        self.assertEqual(clientFromString(reactor, text).rundir, "/a=rundir:rundir=b")
+        self.assertEqual(
+            serverFromString(reactor, text).path, "/a=rundir:rundir=b/pong"
+        )
+        client = clientFromString(reactor, "tcp:host=a:port=1:port=2")
+        self.assertEqual(client._port, 2)
+
     def test_trailingBackslashUnderTwistd(self) -> None:
         """
         In a fresh C{twistd}, whose first endpoint string is the bad one
@@ -286,6 +332,32 @@ class ParserTests(SynchronousTestCase):
                 ValueError, IPCClientEndpoint, reactor, "pong", timeout=float(text)
             )
 
+    def test_timeoutInAsciiDecimal(self) -> None:
+        """
+        A timeout is a decimal number in ASCII digits, as C{mode} and
+        C{backlog} are: C{float()} read C{1_0} as 10 s, C{١} (Arabic-Indic
+        one) as 1 s and C{' 1'} as 1 s.
+        """
+        for text in ("1_0", "1".translate(ARABIC_INDIC), " 1", "1\n", "0x10", "1e"):
+            error = self.assertRaises(
+                ValueError, clientFromString, reactor, f"ipc:pong:timeout={text}"
+            )
+            self.assertEqual(
+                str(error),
+                "ipc: timeout: expected seconds, above 0 and at most 31536000 "
+                f"(a year), got {text!r}",
+            )
+        for text, seconds in (
+            ("2", 2),
+            ("0.5", 0.5),
+            (".5", 0.5),
+            ("2.", 2),
+            ("1e3", 1000),
+            ("+3", 3),
+        ):
+            endpoint = clientFromString(reactor, f"ipc:pong:timeout={text}")
+            self.assertEqual(endpoint._timeout, seconds)
+
     def test_modeAndBacklogOutOfRange(self) -> None:
         """
         Permission bits beyond 0777 (set-id, sticky) and a backlog below 1
@@ -312,6 +384,79 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(
             str(error), "mode: expected permission bits (0o660), got '0600'"
         )
+
+
+class RundirTests(SynchronousTestCase):
+    """
+    A rundir the kernel would not take as it is: refused when the endpoint
+    is made, naming it, on either side and whatever the string's type.
+    """
+
+    def setUp(self) -> None:
+        self.rundir = short_rundir(self)
+        self.pong = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(self.pong.close)
+        self.pong.bind(os.path.join(self.rundir, "pong"))
+        self.pong.listen()
+        self.pong.setblocking(False)
+
+    def refused(self, text: str) -> str:
+        """C{text}'s error, the same from either side."""
+        server = self.assertRaises(ValueError, serverFromString, reactor, text)
+        client = self.assertRaises(ValueError, clientFromString, reactor, text)
+        self.assertEqual(str(server), str(client))
+        return str(client)
+
+    def test_nulReachesNoOtherService(self) -> None:
+        """
+        A NUL in rundir: an AF_UNIX path ends there, so C{ipc:x} with
+        rundir C{RUNDIR/pong\\0} reached pong (and a server's listen failed
+        with C{embedded null byte}).
+        """
+        rundir = f"{self.rundir}/pong\0"
+        message = self.refused(f"ipc:x:rundir={rundir}")
+        self.assertEqual(
+            message,
+            f"rundir: {rundir!r} has a NUL character, where a socket path would end",
+        )
+        for network in ("", "x unix://x"):
+            self.assertRaises(
+                ValueError, IPCClientEndpoint, reactor, "x", rundir, network
+            )
+        self.assertRaises(ValueError, IPCServerEndpoint, reactor, "x", rundir)
+        self.assertRaises(BlockingIOError, self.pong.accept)  # nobody came
+
+    def test_socketPathTooLong(self) -> None:
+        """
+        A socket path over AF_UNIX's 107 bytes: refused when parsed (the
+        client endpoint's connect logged Twisted's C{TypeError} traceback,
+        then failed after its whole timeout; the server made the
+        directories, then failed).  Exactly 107 is taken.
+        """
+        longest = "/tmp/" + "d" * (107 - len("/tmp/") - len("/pong"))
+        self.assertEqual(
+            clientFromString(reactor, f"ipc:pong:rundir={longest}").rundir, longest
+        )
+        self.assertEqual(
+            serverFromString(reactor, f"ipc:pong:rundir={longest}").path,
+            longest + "/pong",
+        )
+        over = longest + "d"
+        message = self.refused(f"ipc:pong:rundir={over}")
+        self.assertTrue(
+            message.startswith("rundir: the socket path '/tmp/ddd"), message
+        )
+        self.assertTrue(
+            message.endswith(
+                "... is 108 bytes; AF_UNIX takes at most 107 "
+                "(a shorter rundir, or name)"
+            ),
+            message,
+        )
+        self.assertFalse(os.path.lexists(over))
+        # Through ipcd, only RUNDIR/ipc is connected to, which fits.
+        network = rf"ipc:pong:rundir={over}:network=pong unix\://pong"
+        self.assertEqual(clientFromString(reactor, network).rundir, over)
 
 
 # Pieces of ipc: strings, careless and hostile ones among them.
@@ -400,6 +545,66 @@ class ServerEndpointTests(TestCase):
             port = yield endpoint.listen(Factory.forProtocol(Pong))
             self.assertEqual(os.lstat(self.path).st_gid, gid)
             yield port.stopListening()
+
+    @inlineCallbacks
+    def test_groupAsAnInt(self) -> Any:
+        """
+        In Python, a gid may be an int (C{group=0}): it was a C{TypeError}
+        from C{getgrnam} when listening.
+        """
+        gid = os.getgid()
+        if os.geteuid() == 0:
+            gid = next((g.gr_gid for g in grp.getgrall() if g.gr_gid != gid), gid)
+        endpoint = IPCServerEndpoint(reactor, "echo", self.rundir, group=gid)
+        port = yield endpoint.listen(Factory.forProtocol(Pong))
+        self.addCleanup(port.stopListening)
+        self.assertEqual(os.lstat(self.path).st_gid, gid)
+
+    def test_groupCheckedWhenMade(self) -> None:
+        """
+        A group that names none (empty, a NUL, a negative gid, not text nor
+        a number) is refused when the endpoint is made, naming it: an empty
+        one was found only when listening, a NUL as C{embedded null byte}.
+        """
+        for text in ("ipc:echo:group=", "ipc:echo:group=a\0"):
+            error = self.assertRaises(ValueError, serverFromString, reactor, text)
+            self.assertTrue(str(error).startswith("group: expected a group "), error)
+        for group, kind in (("", ValueError), (-1, ValueError), (1.5, TypeError)):
+            error = self.assertRaises(
+                kind, IPCServerEndpoint, reactor, "echo", self.rundir, group=group
+            )
+            self.assertEqual(
+                str(error), f"group: expected a group name or number, got {group!r}"
+            )
+        self.assertFalse(os.path.lexists(self.path))
+
+    @inlineCallbacks
+    def test_connectionsHostIsTheName(self) -> Any:
+        """
+        A connection's C{getHost()} is the service's socket, as the port's
+        is: it was the private path the socket was bound at before it was
+        moved to its name, C{/proc/self/fd/N/echo} (another descriptor of
+        the process by then).
+        """
+        hosts: list[Any] = []
+        lost: list[bool] = []
+
+        class Host(Protocol):
+            def connectionMade(self) -> None:
+                hosts.append(self.transport.getHost())
+
+            def connectionLost(self, reason: Any = None) -> None:
+                lost.append(True)
+
+        endpoint = serverFromString(reactor, f"ipc:echo:rundir={self.rundir}")
+        port = yield endpoint.listen(Factory.forProtocol(Host))
+        self.addCleanup(port.stopListening)
+        self.assertEqual(port.getHost(), UNIXAddress(self.path))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(self.path)
+            yield wait_until(lambda: hosts, "the connection to be accepted")
+        yield wait_until(lambda: lost, "the connection to close")
+        self.assertEqual(hosts, [UNIXAddress(self.path)])
 
     @inlineCallbacks
     def test_secondListenerFails(self) -> Any:
@@ -507,6 +712,102 @@ class ClientEndpointTests(RunningIpcdTestCase):
             protocol.transport.loseConnection()
         yield wait_until(
             lambda: all(p.lost.called for p in protocols), "connections to close"
+        )
+
+
+class Closing(Protocol):
+    """C{lost} fires when its connection is gone."""
+
+    def __init__(self) -> None:
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+class CountingFactory(Factory):
+    """Counts its stops: one per connect attempt that made no connection."""
+
+    protocol = Closing
+    stops = 0
+
+    def stopFactory(self) -> None:  # noqa: N802 (Twisted's name)
+        self.stops += 1
+
+
+class BusyListenerTests(TestCase):
+    """A service whose listen backlog is full: waited for, as by the blocking client."""
+
+    def setUp(self) -> None:
+        self.rundir = short_rundir(self)
+        self.path = os.path.join(self.rundir, "busy")
+        self.listener = self.busy(self.path)
+        self.endpoint = clientFromString(
+            reactor, f"ipc:busy:rundir={self.rundir}:network="
+        )
+
+    def busy(self, path: str) -> socket.socket:
+        """A listener at C{path} whose backlog is full."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.listen(0)
+        listener.setblocking(False)
+        while True:  # connect until the kernel refuses one
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(filler.close)
+            filler.setblocking(False)
+            try:
+                filler.connect(path)
+            except BlockingIOError:
+                return listener
+
+    @inlineCallbacks
+    def test_connectsOnceThereIsRoom(self) -> Any:
+        """
+        A connect while the backlog is full waits for room: Twisted's
+        connector failed at once with C{An error occurred while connecting:
+        [Failure instance: ... ConnectionDone ...]}.
+        """
+        factory = CountingFactory()
+        connecting = self.endpoint.connect(factory)
+        yield wait_until(lambda: factory.stops, "a connect refused for the backlog")
+        accepted, _ = self.listener.accept()  # room for one more
+        self.addCleanup(accepted.close)
+        protocol = yield connecting
+        self.assertIsInstance(protocol, Closing)
+        protocol.transport.loseConnection()
+        yield protocol.lost
+
+    @inlineCallbacks
+    def test_busyIpcdTimesOutAsDocumented(self) -> Any:
+        """
+        Through ipcd, busy until the timeout: the lookup's documented
+        C{twisted.internet.defer.TimeoutError}, not the connect's own.
+        """
+        self.busy(os.path.join(self.rundir, "ipc"))
+        endpoint = IPCClientEndpoint(
+            reactor, "pong", self.rundir, "pong unix://pong", 0.2
+        )
+        error = yield self.assertFailure(
+            endpoint.connect(CountingFactory()), TimeoutError
+        )
+        where = os.path.join(self.rundir, "ipc")
+        self.assertEqual(str(error), f"no answer from ipcd at {where} within 0.2 s")
+
+    @inlineCallbacks
+    def test_busyForTheWholeTimeout(self) -> Any:
+        """Busy until the timeout: an error naming the socket, and why."""
+        endpoint = IPCClientEndpoint(
+            reactor, "busy", os.path.dirname(self.path), "", 0.2
+        )
+        error = yield self.assertFailure(
+            endpoint.connect(CountingFactory()), ConnectError
+        )
+        self.assertIn(
+            f"cannot reach service 'busy' at {self.path}: its listener stayed busy "
+            "(backlog full) for 0.2 s",
+            str(error),
         )
 
 

@@ -114,6 +114,39 @@ class LoopRoutesTests(TestCase):
         self.assertEqual(self.service.broker.counters["access denied"], 4)
 
     @inlineCallbacks
+    def test_globTellsNothingOfWhatIsThere(self) -> Any:
+        """
+        Past C{allow in *}, a name the peer may not connect to is answered
+        as a name with nothing there, through every listener: root's 0600
+        socket, a file, a user's link.  They were C{refused} and
+        C{unavailable} against C{no such service}: a list of what RUNDIR
+        holds behind its permissions.  The decision line says why.
+        """
+        yield self.start(["allow in *"])
+        afile = os.path.join(self.rundir, "afile")
+        with open(afile, "w"):
+            os.chmod(afile, 0o600)
+        ulink = os.path.join(self.rundir, "ulink")
+        os.symlink("public", ulink)
+        os.lchown(ulink, MALLORY, MALLORY)
+        lines = logged_lines(self)
+        hidden = ("secret", "afile", "ulink")
+        for scheme in self.ports:
+            nothing = yield self.loop(scheme, "nosuch")
+            self.assertEqual(nothing["fds"], 0, nothing)
+            for name in hidden:
+                answer = yield self.loop(scheme, name)
+                told = answer["reply"].replace(name, "nosuch")
+                self.assertEqual(told, nothing["reply"], f"{scheme}: {name}")
+        for name in hidden:
+            answer = yield deferToThread(ask_tcpd, self.tcp_port, name.encode())
+            self.assertEqual(answer, b"ne no such service", name)
+        assert_logged(self, lines, f"others may not connect to {self.rundir}/secret")
+        assert_logged(self, lines, f"{afile} is not a socket")
+        assert_logged(self, lines, f"{ulink} is a symbolic link")
+        self.assertEqual(self.secret.connections, 0)
+
+    @inlineCallbacks
     def test_exactRuleLetsPeersIn(self) -> Any:
         """C{allow in secret} is the admin's word: remote peers get in."""
         yield self.start(["allow in secret", "allow in *"])

@@ -41,10 +41,12 @@ from ipcd.test.support import (
     TIMEOUT,
     accepts,
     as_user,
+    assert_logged,
     assert_no_fd_leak,
     bounce,
     connect_unix,
     fd_baseline,
+    logged_lines,
     make_config,
     needs_root,
     open_fds,
@@ -758,10 +760,13 @@ class TcpLimitsTests(TestCase):
         self.addCleanup(lambda: [sock.close() for sock in relays])
         for _ in range(2):
             relays.append((yield deferToThread(relay, "127.0.0.1")))
+        lines = logged_lines(self)
         answer = yield deferToThread(refused, "127.0.0.1")
-        self.assertEqual(
-            answer, b"ne too many connections from ip:127.0.0.1/32 (at most 2)"
-        )
+        # The word a remote peer is told; the reason (the limit, the key)
+        # is the operator's.
+        self.assertEqual(answer, b"ne busy")
+        reason = "too many connections from ip:127.0.0.1/32 (at most 2)"
+        assert_logged(self, lines, reason)
         # Another address is not affected.
         other = yield deferToThread(relay, "127.0.0.2")
         self.addCleanup(other.close)

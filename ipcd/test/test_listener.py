@@ -24,7 +24,13 @@ from ipcd.daemons import StartupError
 from ipcd.listener import EndpointListener, Outcome
 from ipcd.services import IPCService
 from ipcd.tap import IPCDService
-from ipcd.test.support import left_in, make_config, short_rundir
+from ipcd.test.support import (
+    left_in,
+    make_config,
+    needs_root,
+    run_python,
+    short_rundir,
+)
 
 FACTORY = Factory.forProtocol(Protocol)
 
@@ -278,7 +284,42 @@ class OwnApplicationTests(TestCase):
         second = IPCService("upper", FACTORY, rundir, reactor)
         error = self.assertRaises(SystemExit, second.privilegedStartService)
         path = os.path.join(rundir, "upper")
-        self.assertEqual(error.code, f"upper: another process is listening on {path}")
+        self.assertEqual(
+            error.code,
+            f"upper: another process is listening on {path} (stop it, or use "
+            "another RUNDIR)",
+        )
+
+    def test_rundirNotWritable(self) -> None:
+        """
+        A user who may not create its socket in RUNDIR is told which
+        directory, and the way out (it said only 'permission denied').
+        """
+        needs_root()
+        rundir = short_rundir(self)
+        os.chmod(rundir, 0o755)  # root's: others may enter, not write
+        code = (
+            "import os, sys\n"
+            "from twisted.internet import reactor\n"
+            "from ipcd.daemons import default_registry\n"
+            "from ipcd.services import IPCService\n"
+            "from ipcd.wire import MessageFactory, MessageProtocol\n"
+            "default_registry()  # read as root: the user may not read it\n"
+            "os.setgroups([]); os.setgid(61002); os.setuid(61002)\n"
+            "service = IPCService('upper', MessageFactory(MessageProtocol), "
+            "sys.argv[1], reactor)\n"
+            "try:\n"
+            "    service.privilegedStartService()\n"
+            "except SystemExit as e:\n"
+            "    print(e.code)\n"
+        )
+        out = run_python(code, rundir)
+        self.assertEqual(
+            out.stdout,
+            f"upper: cannot listen on {rundir}/upper: permission denied (make "
+            f"{rundir} writable for this user, or use another RUNDIR)\n",
+            out.stderr,
+        )
 
     def test_portTaken(self) -> None:
         port = taken_port(self)

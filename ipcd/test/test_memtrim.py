@@ -28,6 +28,7 @@ from ipcd.test.support import (
     read_text,
     short_rundir,
     spawn,
+    take_descriptors,
 )
 from ipcd.test.wssupport import BINARY, ws_frame, ws_open
 
@@ -142,6 +143,34 @@ class MemoryTrimTests(SynchronousTestCase):
         trim = MemoryTrim(self.clock, trim=lambda: None, resident=missing)
         self.assertIn("cannot read the resident size", self.started_alone(trim))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_noDescriptorLeft(self) -> None:
+        """
+        Out of descriptors when it looks (EMFILE, for real: C{/proc/self/
+        statm} cannot be opened): that round is skipped, and counted; the
+        next looks again.  The error stopped its timer for good, so memory
+        was never given back again (and stopping it raised).
+        """
+        collected: list[int] = []
+        trim = MemoryTrim(
+            self.clock,
+            self.counters,
+            trim=lambda: None,
+            collect=lambda: collected.append(1),
+            interval=5,
+            growth=0,  # every round that reads the size collects
+        )
+        trim.startService()
+        self.addCleanup(trim.stopService)
+        held = take_descriptors(self, 0)
+        self.clock.advance(5)
+        for fd in held:
+            os.close(fd)
+        held.clear()
+        self.assertEqual(collected, [])
+        self.assertEqual(self.counters["memory checks skipped"], 1)
+        self.clock.advance(5)
+        self.assertEqual(collected, [1])
 
     def test_glibc(self) -> None:
         """This system's C library has malloc_trim, and it runs."""

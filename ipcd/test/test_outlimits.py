@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
 import threading
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -30,13 +33,17 @@ from ipcd.test.support import (
     TIMEOUT,
     as_user,
     bounce,
+    connect_unix,
     lookup,
     needs_root,
+    read_reply,
     short_rundir,
+    take_descriptors,
+    tcp_connecting,
     wait_until,
 )
 from ipcd.test.test_udp import B_RULES
-from ipcd.test.tlssupport import ALICE_KEY, secrets_file, start_tls_host
+from ipcd.test.tlssupport import ALICE_KEY, TestCA, secrets_file, start_tls_host
 from ipcd.test.udpsupport import start_udp_host
 from ipcd.test.wssupport import start_ws_host
 from ipcd.wire import encode
@@ -220,6 +227,39 @@ class WebSocketRelayLimitTests(OutboundLimitsMixin, TestCase):
     def start_near(self, limits: dict[str, int]) -> Any:
         return start_ws_host(self, pongd=False, rules=(), limits=limits)
 
+    @inlineCallbacks
+    def test_noDescriptorForTheBridge(self) -> Any:
+        """
+        ipcd out of descriptors for the bridge's socketpair (EMFILE, for
+        real: RLIMIT_NOFILE, every slot but the lookup's taken): the lookup
+        is refused and the place it took is given back.  It was kept for
+        good (only a Refused from the dial gave it back), one more each
+        time, until every ws:// lookup was refused as too many.
+        """
+        far = yield self.start_far()
+        route = f"pong;pong {far}/pong".encode()
+        a = yield self.start_near({})
+        limits = a.broker.limits_for(self.kind)
+        reply = yield deferToThread(lookup, a.rundir, route)  # (labels cached)
+        self.assertEqual(reply.data, OK)
+        reply.take_socket(self).close()
+        yield wait_until(lambda: limits.total == 0, "that relay counted out")
+        # Connected (in ipcd's backlog) before the descriptors run out:
+        # accepting it takes the one slot left.
+        sock = connect_unix(os.path.join(a.rundir, "ipc"))
+        self.addCleanup(sock.close)
+        held = take_descriptors(self, 1)
+        sock.sendall(encode(route))
+        reply = yield deferToThread(read_reply, sock)
+        for fd in held:
+            os.close(fd)
+        held.clear()
+        self.assertEqual(reply.fds, [])
+        self.assertEqual((limits.total, dict(limits.per_peer)), (0, {}))
+        # A refusal that says why (it was an unexpected error, a traceback).
+        why = "cannot relay to the service: Too many open files"
+        self.assertEqual(reply.data, f"ne websocketd at {far}/pong: {why}".encode())
+
 
 class TlsRelayLimitTests(OutboundLimitsMixin, TestCase):
     kind, what = TLS_OUTBOUND, "tls relays"
@@ -236,3 +276,128 @@ class TlsRelayLimitTests(OutboundLimitsMixin, TestCase):
     def start_near(self, limits: dict[str, int]) -> Any:
         tlsd = {"psk_file": self.keys(), "psk_identity": "alice"}
         return start_tls_host(self, tlsd, pongd=False, limits=limits)
+
+    @inlineCallbacks
+    def test_givenUpWhileConnecting(self) -> Any:
+        """
+        A tls:// lookup given up while its TCP connect is under way (the
+        client goes; the broker's deadline is the same): the connect ends
+        with it.  It went on (Twisted's own deadline is 30 s), no longer
+        counted, and the connection it made was left open (a TLS
+        handshake nobody waited for): a client that went at once could
+        have ipcd hold any number of them.
+        """
+        port = _unanswered_port(self)
+        a = yield self.start_near({})
+        limits = a.broker.limits_for(self.kind)
+        sock = connect_unix(os.path.join(a.rundir, "ipc"))
+        self.addCleanup(sock.close)
+        sock.sendall(encode(f"pong;pong tls://127.0.0.1:{port}/pong".encode()))
+        yield wait_until(lambda: tcp_connecting(port), "ipcd connecting")
+        self.assertEqual(limits.total, 1)
+        sock.close()
+        yield wait_until(lambda: limits.total == 0, "the lookup given up")
+        # Ended as it was given up (else by Twisted's deadline, 30 s on).
+        self.assertEqual(tcp_connecting(port), 0)
+
+    @inlineCallbacks
+    def answered_without_descriptors(self, free: int) -> Any:
+        """
+        A tls:// lookup whose far side says ok when ipcd has C{free}
+        descriptors left (EMFILE past them, for real); fires with the reply,
+        the far side's connection and the limits, once the descriptors are
+        back.
+        """
+        far = _AnsweringLater()
+        ca = TestCA(short_rundir(self, "ipcd-ca-"))
+        issued = ca.issue("far")
+        with open(issued.cert) as cert, open(issued.key) as key:
+            pem = cert.read() + key.read()
+        options = ssl.PrivateCertificate.loadPEM(pem).options()
+        port = reactor.listenSSL(0, far, options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        a = yield start_tls_host(self, {"trust_roots": ca.path}, pongd=False)
+        limits = a.broker.limits_for(self.kind)
+        self.where = f"localhost:{port.getHost().port}"
+        sock = connect_unix(os.path.join(a.rundir, "ipc"))
+        self.addCleanup(sock.close)
+        sock.sendall(encode(f"pong;pong tls://{self.where}/pong".encode()))
+        asked = yield far.asked
+        self.assertEqual(limits.total, 1)
+        held = take_descriptors(self, free)
+        asked.transport.write(b"ok")
+        reply = yield deferToThread(read_reply, sock)
+        for fd in held:
+            os.close(fd)
+        held.clear()
+        return reply, asked, limits
+
+    @inlineCallbacks
+    def test_noDescriptorForTheSocketpair(self) -> Any:
+        """
+        The far side says ok when ipcd has one descriptor left, none for
+        the relay's socketpair: the lookup is refused, its place given
+        back, and the TLS connection closed.  It was left open (uncounted)
+        until the far side closed it.
+        """
+        reply, asked, limits = yield self.answered_without_descriptors(1)
+        self.assertEqual(reply.fds, [])
+        yield wait_until(lambda: asked.lost, "the TLS connection closed")
+        self.assertEqual((limits.total, dict(limits.per_peer)), (0, {}))
+        why = "cannot relay to the service: Too many open files"
+        self.assertEqual(reply.data, f"ne tlsd at {self.where}: {why}".encode())
+
+    @inlineCallbacks
+    def test_noDescriptorForTheRelayEngine(self) -> Any:
+        """
+        Two left: the socketpair is made, and the relay engine's first
+        join finds none for its epoll.  The relay is refused as a stopped
+        engine's are: the client's end sees EOF, the TLS connection is
+        closed, the place given back.  The join raised, and left the relay
+        listed and counted for good, both connections open.
+        """
+        reply, asked, limits = yield self.answered_without_descriptors(2)
+        self.assertEqual(reply.data, OK)
+        sock = reply.take_socket(self)
+        eof = yield deferToThread(sock.recv, 1)
+        self.assertEqual(eof, b"")
+        yield wait_until(lambda: asked.lost, "the TLS connection closed")
+        self.assertEqual((limits.total, dict(limits.per_peer)), (0, {}))
+
+
+def _unanswered_port(case: TestCase) -> int:
+    """
+    A port on 127.0.0.1 whose listener never accepts, its queue full with
+    one connection of the test's: the kernel answers no more SYNs, and a
+    connect to it stays under way.
+    """
+    listener = socket.socket()
+    case.addCleanup(listener.close)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    first = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+    case.addCleanup(first.close)
+    return port
+
+
+class _Asked(Protocol):
+    """A far tlsd's connection: its request, answered when the test says."""
+
+    lost = False
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        if not self.factory.asked.called:
+            self.factory.asked.callback(self)
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.lost = True
+
+
+class _AnsweringLater(Factory):
+    """A far tlsd that answers its one request when the test says."""
+
+    protocol = _Asked
+
+    def __init__(self) -> None:
+        self.asked: Deferred[_Asked] = Deferred()

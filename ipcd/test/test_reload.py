@@ -12,6 +12,7 @@ import socket
 import weakref
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -39,6 +40,7 @@ from ipcd.test.support import (
 )
 from ipcd.test.test_daemons import with_testscheme
 from ipcd.test.test_inboundaccess import MALLORY
+from ipcd.test.wssupport import make_ca
 from ipcd.wire import encode
 
 
@@ -244,6 +246,154 @@ class TlsListenerRefusedTests(TestCase):
             self.assertFalse(answer["ok"])
             self.assertTrue(answer["error"].startswith(expected), answer)
         self.assertTrue(service.getServiceNamed("tcpd").listener.running)
+
+
+# A listener that takes no fixed port, for a daemon the file turns on.
+ANY_PORT = "tcp:0:interface=127.0.0.1"
+
+
+class CommandLineReloadTests(SynchronousTestCase):
+    """
+    A reload reports as needing a restart only what a restart would change:
+    not a key the command line sets (it wins over the file, at the reload
+    too), nor one of a daemon that is off before and after (--no-tcp, or
+    udpd's default), whose listener a restart would not open either.
+    """
+
+    def reload(self, argv: list[str], before: str, after: str) -> Any:
+        """
+        The answer of a reload of C{twistd ipcd ARGV --config FILE} (the
+        file C{before} at start, C{after} at the reload), as ipcd's own
+        options load it.
+        """
+        from ipcd.options import Options
+        from ipcd.tap import IPCDService
+
+        work = short_rundir(self)
+        path = os.path.join(work, "ipcd.toml")
+        with open(path, "w") as f:
+            f.write(before)
+        options = Options()
+        rundir = os.path.join(work, "run")
+        options.parseOptions(["--rundir", rundir, "--config", path, *argv])
+        # Built, not started: a reload reads the file and compares.
+        service = IPCDService(options.config, reactor, options.load_config)
+        with open(path, "w") as f:
+            f.write(after)
+        return service.reload()
+
+    def test_switches(self) -> None:
+        off = "[tcpd]\nenabled = false\n[websocketd]\nenabled = false\n"
+        other = short_rundir(self)
+        cases = [
+            (["--no-tcp", "--no-ws"], "", f"[tcpd]\nlisten = '{ANY_PORT}'\n"),
+            (["--no-tls"], off, off + f"[tlsd]\nlisten = '{ANY_PORT}'\n"),
+            (["--no-ws", "--no-tcp"], "", f"[websocketd]\nlisten = '{ANY_PORT}'\n"),
+            # udpd is off unless asked for, with or without --no-udp.
+            ([], off, off + "[udpd]\nlisten = 'udp:0'\nmax_datagram = 1200\n"),
+            (["--no-udp"], off, off + "[udpd]\nenabled = true\nmax_datagram = 1200\n"),
+            # The command line's value is kept: nothing changes.
+            (["--tcp", ANY_PORT, "--no-ws"], "", "[tcpd]\nenabled = false\n"),
+            (["--tcp", ANY_PORT, "--no-ws"], "", "[tcpd]\nlisten = 'tcp:1'\n"),
+            (["--no-pongd"], off, off + "[pongd]\nenabled = true\n"),
+            (["--metrics", "0"], off, off + "[metrics]\nlisten = '9'\n"),
+        ]
+        for argv, before, after in cases:
+            with self.subTest(argv=argv, after=after):
+                answer = self.reload(argv, before, after)
+                self.assertEqual(answer, {"ok": True, "restart_needed": []})
+        # --rundir wins over the file's rundir.
+        answer = self.reload([], off, f"rundir = '{other}'\n" + off)
+        self.assertEqual(answer, {"ok": True, "restart_needed": []})
+
+    def test_stillReported(self) -> None:
+        """What a restart would change is reported as ever."""
+        off = "[websocketd]\nenabled = false\n"
+        tcpd = f"{off}[tcpd]\nlisten = '{ANY_PORT}'\n"
+        cases = [
+            ([], tcpd, f"{off}[tcpd]\nlisten = 'tcp:0'\n", ["tcp_listen"]),
+            # Turned off (its listener back to the default): the key that
+            # turns it, not its listener too.
+            ([], tcpd, f"{off}[tcpd]\nenabled = false\n", ["tcp_enabled"]),
+            (
+                ["--no-pongd"],
+                tcpd,
+                tcpd + "[control]\ngroup = 'root'\n",
+                ["control_group"],
+            ),
+            (
+                [],
+                tcpd,
+                tcpd + "[udpd]\nenabled = true\nmax_datagram = 1200\n",
+                ["udp_enabled"],
+            ),
+        ]
+        for argv, before, after, restart in cases:
+            with self.subTest(argv=argv, after=after):
+                answer = self.reload(argv, before, after)
+                self.assertEqual(answer, {"ok": True, "restart_needed": restart})
+
+
+class TlsListenerReloadTests(SynchronousTestCase):
+    """
+    tlsd listens only with a certificate or keys, decided at start: a
+    reload reports its listener as needing a restart when that would open
+    or close it, at every reload until the restart, and not when it would
+    not listen either way.
+    """
+
+    def setUp(self) -> None:
+        self.work = short_rundir(self)
+        self.path = os.path.join(self.work, "ipcd.toml")
+        _ca, cert, key = make_ca(self.work)
+        self.keys = f"[tlsd]\ncertificate = '{cert}'\nkey = '{key}'\n"
+
+    def start(self, text: str) -> Any:
+        from ipcd.options import Options
+        from ipcd.tap import IPCDService
+
+        self.write(text)
+        options = Options()
+        rundir = os.path.join(self.work, "run")
+        argv = ["--rundir", rundir, "--config", self.path, "--no-tcp", "--no-ws"]
+        options.parseOptions(argv)
+        # Built, not started: tlsd's listener is made, or not, already.
+        return IPCDService(options.config, reactor, options.load_config)
+
+    def write(self, text: str) -> None:
+        with open(self.path, "w") as f:
+            f.write(text)
+
+    def test_noListenerEitherWay(self) -> None:
+        """
+        Without keys, its listen changing is nothing a restart would open;
+        the old value stays in force, as any restart key's, so that keys
+        configured later are reported against what runs.
+        """
+        service = self.start("")
+        self.write(f"[tlsd]\nlisten = '{ANY_PORT}'\n")
+        self.assertEqual(service.reload(), {"ok": True, "restart_needed": []})
+        listen = service.config.daemons["tlsd"]["listen"]
+        self.assertEqual(listen, "tcp:9001:interface=127.0.0.1")
+
+    def test_keysConfigured(self) -> None:
+        """
+        The first certificate and key: its listener runs after a restart,
+        said at this reload and the next (it said 'reloaded', and 'ipcd
+        status' showed a tls_listen nothing listened on).
+        """
+        service = self.start("")
+        self.write(self.keys)
+        for _ in range(2):
+            answer = service.reload()
+            self.assertEqual(answer, {"ok": True, "restart_needed": ["tls_listen"]})
+
+    def test_keysRemoved(self) -> None:
+        """No certificate or keys any more: its listener stops at a restart."""
+        service = self.start(self.keys)
+        self.write("")
+        answer = service.reload()
+        self.assertEqual(answer, {"ok": True, "restart_needed": ["tls_listen"]})
 
 
 class DaemonHookTests(TestCase):

@@ -905,21 +905,57 @@ class DocumentedOutputTests(SynchronousTestCase):
         self.assertEqual(done.returncode, 1)
         self.assertEqual(json.loads(done.stdout), {"ok": False, "error": error})
 
+    def test_reloadOffDaemons(self) -> None:
+        """
+        ipcd runs with --no-tcp --no-ws --no-tls (and udpd off, its
+        default): the file's listeners for them changing is no restart
+        needed, as a restart would not open them either.  It said
+        C{reloaded; restart needed for tcp_listen, tls_listen, udp_listen,
+        ws_listen}.
+        """
+        self.write(
+            "[tcpd]\nlisten = 'tcp:9010'\n[tlsd]\nlisten = 'tcp:9011'\n"
+            "[websocketd]\nlisten = 'tcp:9012'\n[udpd]\nlisten = 'udp:9013'\n"
+        )
+        done = self.ipcd("reload")
+        self.assertEqual(
+            (done.returncode, done.stdout, done.stderr), (0, "reloaded\n", "")
+        )
+
     def test_reloadRefusedWithAHugeValue(self) -> None:
         """
-        A refused reload's error quotes the bad value: a value of 3 MB is
-        cut in the middle, and C{ipcd reload} says the refusal (the answer
-        was longer than the control socket carries, and the command said
-        it could not reach ipcd's control socket).
+        A refused reload's error quotes the bad value: a value of 1 MB (as
+        long as a file may be) is cut in the middle, and C{ipcd reload}
+        says the refusal (the answer was longer than the control socket
+        carries, and the command said it could not reach ipcd's control
+        socket).
         """
-        self.write('[ipcd]\nlookup_timeout = "' + "x" * 3_000_000 + '"\n')
+        self.write('[ipcd]\nlookup_timeout = "' + "x" * 1_000_000 + '"\n')
         done = self.ipcd("reload")
         self.assertEqual((done.returncode, done.stdout), (1, ""), done.stderr[:300])
         said = "ipcd reload: refused: ipcd.toml: [ipcd] lookup_timeout: expected a "
         self.assertTrue(done.stderr.startswith(said), done.stderr[:300])
-        self.assertIn("x... (2999", done.stderr)
+        self.assertIn("x... (999", done.stderr)
         self.assertEqual(len(done.stderr.splitlines()), 1)
         self.assertLess(len(done.stderr), 1100)
+
+    def test_reloadRefusesAHugeFile(self) -> None:
+        """
+        A configuration over 1 MiB is refused at the reload in one line, at
+        once, the old one kept.  Under the old bound (16 MiB) a 15 MiB file
+        of rules was parsed on ipcd's thread, 11 to 15 s with every lookup
+        waiting, and 'ipcd reload' timed out.
+        """
+        rule = '"allow in pong ip:10.0.0.0/8",\n'
+        self.write("rules = [\n" + rule * (2 * (1 << 20) // len(rule)) + "]\n")
+        done = self.ipcd("reload")
+        self.assertEqual(
+            (done.returncode, done.stdout, done.stderr),
+            (1, "", "ipcd reload: refused: ipcd.toml: larger than 1 MiB\n"),
+        )
+        self.write("")
+        done = self.ipcd("reload")
+        self.assertEqual((done.returncode, done.stdout), (0, "reloaded\n"))
 
     def test_status(self) -> None:
         """

@@ -144,6 +144,20 @@ class CommandFailureTests(SynchronousTestCase):
             "--rundir)",
         )
 
+    def test_rundirTooLong(self) -> None:
+        """
+        A RUNDIR too long for its sockets' paths: one line naming it, and
+        nothing made (not a traceback, since the socket endpoints check
+        their paths when made).
+        """
+        path = os.path.join(self.work, "d" * (110 - len(self.work)))
+        line = self.refused(
+            [*IPCD, "--rundir", path, "--no-tcp", "--no-ws"], rundir=path
+        )
+        self.assertTrue(line.startswith("ipcd: rundir: the socket path '"), line)
+        self.assertIn("AF_UNIX takes at most 107 (a shorter rundir, or name)", line)
+        self.assertFalse(os.path.lexists(path))
+
     def test_rundirNotADirectory(self) -> None:
         path = os.path.join(self.work, "file")
         with open(path, "w"):
@@ -241,12 +255,12 @@ class CommandFailureTests(SynchronousTestCase):
         configuration names: it quotes a file name (or a host, a socket
         path) as it is, and a newline in one made two lines, a terminal
         escape reached the operator's terminal, and a name of 3 MB was a
-        line as long.
+        line as long (now under the 1 MiB a configuration file may take).
         """
         config = os.path.join(self.work, "ipcd.toml")
         for name, said in (
             ("/nonexistent/a\\u001b[2J\\nb", "/nonexistent/a\\x1b[2J\\x0ab"),
-            ("/" + "x" * 3_000_000, "/xxx"),
+            ("/" + "x" * 1_000_000, "/xxx"),
         ):
             with open(config, "w") as f:
                 f.write(f'[tlsd]\ncertificate = "{name}"\nkey = "/nonexistent/k"\n')

@@ -13,6 +13,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
@@ -52,6 +53,7 @@ from ipcd.test.udpsupport import (
     eof_within,
     handshake,
     lossy_relay,
+    next_data,
     probe,
     read_message,
     start_udp_host,
@@ -60,7 +62,14 @@ from ipcd.test.udpsupport import (
 from ipcd.wire import encode
 
 OK = b"ok"
-B_RULES = ["deny in secret*", "allow in pong", "allow in closer", "allow in deaf"]
+B_RULES = [
+    "deny in secret*",
+    "allow in pong",
+    "allow in closer",
+    "allow in deaf",
+    "allow in talker",
+    "allow in slammer",
+]
 
 
 class TwoHostsTestCase(TestCase):
@@ -434,6 +443,62 @@ class HostileDatagramTests(TwoHostsTestCase):
         self.assertEqual(self.b.sessions(), [])
 
     @inlineCallbacks
+    def test_replayedHelloOpensNothing(self) -> Any:
+        """
+        A HELLO with its cookie, sent again (as someone on the path who saw
+        it would, from the peer's address) while its session lives, gets
+        the same OK and opens nothing more; once that session has ended,
+        it gets a VERIFY with a new cookie (to the peer's address) and
+        opens nothing.  The new cookie, from the peer, opens a session.
+        """
+        sock = udp_socket()
+        self.addCleanup(sock.close)
+        answer, got = yield deferToThread(handshake, sock, self.b.port)
+        verify = udpwire.decode(got[0])
+        replay = udpwire.hello(verify.nonce, b"pong", verify.cookie)
+        to = ("127.0.0.1", self.b.port)
+
+        def send(datagram: bytes) -> udpwire.Datagram:
+            sock.sendto(datagram, to)
+            return udpwire.decode(sock.recv(65536))
+
+        again = yield deferToThread(send, replay)
+        self.assertEqual(again, answer)
+        self.assertEqual(len(self.b.sessions()), 1)
+        sock.sendto(udpwire.close(answer.session), to)
+        yield wait_until(lambda: not self.b.sessions(), "B's session to end")
+
+        refused = yield deferToThread(send, replay)
+        self.assertIsInstance(refused, udpwire.Verify)
+        self.assertNotEqual(refused.cookie, verify.cookie)
+        self.assertEqual(self.b.sessions(), [])
+        self.assertEqual(self.b.broker.counters["udp hellos with a spent cookie"], 1)
+        fresh = udpwire.hello(verify.nonce, b"pong", refused.cookie)
+        opened = yield deferToThread(send, fresh)
+        self.assertIsInstance(opened, udpwire.Accepted)
+        self.assertNotEqual(opened.session, answer.session)
+        self.assertEqual(len(self.b.sessions()), 1)
+        sock.sendto(udpwire.close(opened.session), to)
+
+    @inlineCallbacks
+    def test_okLostAndSessionOverStillConnects(self) -> Any:
+        """
+        A's udpd does not see B's OK, and B's session ends before A sends
+        its HELLO again (the service closed at once): B answers the spent
+        cookie with a VERIFY, and A's udpd, as it always has, sends the
+        HELLO again with the new cookie and gets its session.
+        """
+        local_service(self, self.b, "slammer", Slammer)
+        relay, port = lossy_relay(
+            self, self.b.port, loss=0, reorder=0, duplicate=0, drop_oks=1
+        )
+        sock = yield self.lookupOnA("slammer", port)
+        self.assertEqual(relay.drop_oks, 0)
+        closed = yield deferToThread(eof_within, sock)
+        self.assertTrue(closed)
+        self.assertEqual(self.b.broker.counters["udp hellos with a spent cookie"], 1)
+
+    @inlineCallbacks
     def test_helloWithoutCookieKeepsNothing(self) -> Any:
         """
         A HELLO without a cookie (or with one that is not this address's)
@@ -715,6 +780,174 @@ class LifetimeTests(TwoHostsTestCase):
         self.assertTrue(any("idle for 0.3 s" in line for line in lines), lines)
 
 
+class Talker(Protocol):
+    """A local service that writes a message every 50 ms, whoever listens."""
+
+    def connectionMade(self) -> None:
+        self.loop = LoopingCall(self.transport.write, encode(b"tick"))
+        self.loop.start(0.05)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.loop.running:
+            self.loop.stop()
+
+
+def local_service(case: TestCase, host: Any, name: str, protocol: type) -> list[Any]:
+    """
+    A service C{name} on C{host} whose connections are C{protocol}s: the
+    list of them, as they come; each aborted after the test.
+    """
+    connections: list[Any] = []
+
+    class Connections(Factory):
+        def buildProtocol(self, addr: Any) -> Any:  # noqa: N802
+            connections.append(protocol())
+            return connections[-1]
+
+    port = listen_unix(reactor, os.path.join(host.rundir, name), Connections())
+    case.addCleanup(port.stopListening)
+    case.addCleanup(lambda: [each.transport.abortConnection() for each in connections])
+    return connections
+
+
+def talker_service(case: TestCase, host: Any) -> list[Talker]:
+    """A L{Talker} service C{talker} on C{host}: its connections."""
+    return local_service(case, host, "talker", Talker)
+
+
+def drain(sock: socket.socket) -> list[udpwire.Datagram]:
+    """Every datagram waiting on C{sock}, decoded."""
+    sock.settimeout(0)
+    got = []
+    try:
+        while True:
+            got.append(udpwire.decode(sock.recv(65536)))
+    except BlockingIOError:
+        return got
+    finally:
+        sock.settimeout(TIMEOUT)
+
+
+class PeerGoneTests(TwoHostsTestCase):
+    """
+    A session whose peer has gone (its host down, its address changed, its
+    udpd stopped without a CLOSE) ends once nothing came from the peer for
+    the idle timeout, even while this side's stream keeps writing: the
+    writes used to keep it, its stream and its place in the limits, for
+    as long as they went on.
+    """
+
+    a_settings = {"idle_timeout": 1.0}
+    b_settings = {"idle_timeout": 1.0}
+
+    @inlineCallbacks
+    def test_serviceWritingToAGonePeer(self) -> Any:
+        """
+        A plain peer opens a session to B's talker, takes a message, and
+        falls silent (its socket still open: no ICMP tells B anything).
+        B asks it (PINGs, unanswered), ends the session (a CLOSE) and
+        closes the talker's stream.
+        """
+        lines = self.logged()
+        talkers = talker_service(self, self.b)
+        sock = udp_socket()
+        self.addCleanup(sock.close)
+        answer, _ = yield deferToThread(handshake, sock, self.b.port, b"talker")
+        self.assertIsInstance(answer, udpwire.Accepted)
+        first = yield deferToThread(next_data, sock)
+        self.assertEqual(first.payload, b"tick")
+        yield wait_until(lambda: not self.b.sessions(), "B's session to end", 30)
+        yield wait_until(
+            lambda: not talkers[0].transport.connected, "the talker's stream to close"
+        )
+        kinds = [type(datagram) for datagram in drain(sock)]
+        self.assertIn(udpwire.Ping, kinds)
+        self.assertEqual(kinds[-1], udpwire.Close)
+        self.assertTrue(
+            any("nothing from the peer for 1 s" in line for line in lines), lines
+        )
+        self.assertEqual(self.b.broker.limits_for("udpd").total, 0)
+
+    @inlineCallbacks
+    def test_clientWritingToAGoneServer(self) -> Any:
+        """
+        A's client writes on while the udpd that answered its HELLO (a
+        plain socket here) has gone silent: A ends the session and the
+        client gets EOF.
+        """
+        with udp_socket() as server:
+
+            def answer_hello() -> bytes:
+                datagram, address = server.recvfrom(65536)
+                hello = udpwire.decode(datagram)
+                session_id = b"S" * udpwire.ID_SIZE
+                server.sendto(udpwire.accepted(hello.nonce, session_id), address)
+                return session_id
+
+            serving = deferToThread(answer_hello)
+            sock = yield self.lookupOnA("pong", server.getsockname()[1])
+            yield serving
+
+            def write_until_closed() -> bool:
+                sock.settimeout(0.05)
+                for _ in range(1200):  # a minute at most
+                    try:
+                        sock.sendall(encode(b"anyone there?"))
+                        if not sock.recv(65536):
+                            return True
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        return True
+                return False
+
+            closed = yield deferToThread(write_until_closed)
+            sock.close()
+            self.assertTrue(closed)
+            pings = [
+                datagram
+                for datagram in drain(server)
+                if isinstance(datagram, udpwire.Ping)
+            ]
+            self.assertTrue(pings)
+        yield wait_until(lambda: not self.a.sessions(), "A's session to end")
+
+
+class OneWaySessionTests(TwoHostsTestCase):
+    """
+    A session that carries messages one way only lives on: the side that
+    hears nothing asks (PING) and the other side's udpd answers (PONG).
+    """
+
+    b_settings = {"idle_timeout": 2.0}
+
+    @inlineCallbacks
+    def test_clientThatOnlyListens(self) -> Any:
+        """
+        A's client reads B's talker for three idle timeouts and writes
+        nothing; B's session is still there and the ticks still come.
+        """
+        lines = self.logged()
+        talker_service(self, self.b)
+        sock = yield self.lookupOnA("talker")
+        self.addCleanup(sock.close)
+        [stats] = self.b.sessions()
+
+        def listen() -> int:
+            deadline = reactor.seconds() + 6.0
+            count = 0
+            while reactor.seconds() < deadline:
+                if read_message(sock) != b"tick":
+                    return -1
+                count += 1
+            return count
+
+        ticks = yield deferToThread(listen)
+        self.assertGreater(ticks, 0)
+        self.assertEqual(self.b.sessions(), [stats])
+        self.assertFalse(any("closing the session" in line for line in lines), lines)
+
+
 class CloseTests(TwoHostsTestCase):
     """Sessions end by CLOSE datagrams (idle_timeout is 120 s here)."""
 
@@ -756,6 +989,13 @@ class Closer(Protocol):
         self.transport.loseConnection()
 
 
+class Slammer(Protocol):
+    """A local service that closes as soon as it is connected."""
+
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
+
+
 class Deaf(Protocol):
     """A local service that never reads, and never closes."""
 
@@ -765,17 +1005,7 @@ class Deaf(Protocol):
 
 def deaf_service(case: TestCase, host: Any) -> list[Deaf]:
     """A L{Deaf} service C{deaf} on C{host}: its connections, as they come."""
-    deaf: list[Deaf] = []
-
-    class Deafs(Factory):
-        def buildProtocol(self, addr: Any) -> Deaf:  # noqa: N802
-            deaf.append(Deaf())
-            return deaf[-1]
-
-    port = listen_unix(reactor, os.path.join(host.rundir, "deaf"), Deafs())
-    case.addCleanup(port.stopListening)
-    case.addCleanup(lambda: [each.transport.abortConnection() for each in deaf])
-    return deaf
+    return local_service(case, host, "deaf", Deaf)
 
 
 class ClosingWhatIsHeldTests(TwoHostsTestCase):

@@ -669,6 +669,45 @@ class _Port:
         return self.sock
 
 
+class _OneDatagramSocket:
+    """An IPv6 socket on one address that reads C{datagram} from C{sockaddr}."""
+
+    family = socket.AF_INET6
+
+    def __init__(self, datagram: bytes, sockaddr: Any) -> None:
+        self.datagram, self.sockaddr = datagram, sockaddr
+
+    def recvmsg_into(self, buffers: Any, *args: Any) -> Any:
+        if self.datagram is None:
+            raise BlockingIOError(errno.EAGAIN, "nothing more")
+        size = len(self.datagram)
+        buffers[0][:size], self.datagram = self.datagram, None
+        return size, [], 0, self.sockaddr
+
+    def getsockname(self) -> Any:
+        return ("fe80::2", 9000, 0, 1)  # one address: no destinations asked
+
+
+class PeerAddressTests(SynchronousTestCase):
+    """
+    An IPv6 peer's address as the reader hands it over: (host, port), a
+    link-local peer's host with its zone (the kernel's scope id, by name).
+    """
+
+    def read(self, sockaddr: Any) -> Any:
+        port = _Port(_OneDatagramSocket(b"x", sockaddr))
+        BatchReader(port, connected=False, gro=False).doRead()
+        [(_, address)] = port.protocol.got
+        return address
+
+    def test_linkLocalWithItsZone(self) -> None:
+        self.assertEqual(self.read(("fe80::1", 5000, 0, 1)), ("fe80::1%lo", 5000))
+
+    def test_otherwiseAsTwistedGivesIt(self) -> None:
+        """No scope id: no zone, whatever the flow label."""
+        self.assertEqual(self.read(("2001:db8::1", 5000, 7, 0)), ("2001:db8::1", 5000))
+
+
 class ReadErrorTests(SynchronousTestCase):
     """What a failed read means, on a port that is connected or not."""
 

@@ -100,6 +100,44 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(self.ended, [self.session])
         self.assertTrue(self.transport.disconnecting)
 
+    def test_peerGoneWhileThisSideWrites(self) -> None:
+        """
+        The stream writes every second and the peer sends nothing: a PING
+        at each quarter of idle_timeout of the peer's silence, then, at
+        idle_timeout, a CLOSE and the end, however recent the writes.
+        """
+        for _ in range(9):
+            self.clock.advance(1)
+            self.stream.dataReceived(encode(b"tick"))
+        pings = [d for d in self.sent if d == udpwire.ping(SESSION)]
+        self.assertEqual(len(pings), 3)  # at 2.5, 5 and 7.5 s
+        self.assertEqual(self.ended, [])
+        self.clock.advance(1)
+        self.assertEqual(self.sent[-1], udpwire.close(SESSION))
+        self.assertEqual(self.ended, [self.session])
+
+    def test_pongKeepsAOneWaySession(self) -> None:
+        """A PONG is the peer heard: a session that only sends lives on."""
+        seen = 0
+        for _ in range(40):
+            self.clock.advance(1)
+            if udpwire.ping(SESSION) in self.sent[seen:]:
+                self.session.datagram(udpwire.Pong(SESSION), 9)
+            seen = len(self.sent)
+            self.stream.dataReceived(encode(b"tick"))
+        self.assertEqual(self.ended, [])
+        self.assertIn(udpwire.ping(SESSION), self.sent)
+
+    def test_pingAnswered(self) -> None:
+        """A PING gets a PONG at once, and is the peer heard."""
+        self.session.datagram(udpwire.Ping(SESSION), 9)
+        self.assertEqual(self.sent, [udpwire.pong(SESSION)])
+
+    def test_idleSessionNotPinged(self) -> None:
+        """With no DATA either way, nobody is asked: it idles out as before."""
+        self.clock.advance(10)
+        self.assertEqual(self.sent, [udpwire.close(SESSION)])
+
     def test_peerClose(self) -> None:
         """
         A CLOSE from the peer ends the session without answering it; the

@@ -203,3 +203,38 @@ class AnswerFromTests(SynchronousTestCase):
         info = struct.pack("=16si", multicast, 3)
         self.assertEqual(sources.answer_from(level, info), ())
         self.assertEqual(sources.answer_from(level, None), ())
+
+
+class ZoneTests(SynchronousTestCase):
+    """A peer's zone, kept in its host and given back to sendto (pure)."""
+
+    def test_linkLocalPeerKeepsItsZone(self) -> None:
+        self.assertEqual(
+            sources.peer_address(("fe80::1", 9000, 0, 1)), ("fe80::1%lo", 9000)
+        )
+        self.assertEqual(
+            sources.sockaddr_of(("fe80::1%lo", 9000)), ("fe80::1", 9000, 0, 1)
+        )
+
+    def test_noZoneAsItWas(self) -> None:
+        for address in [("2001:db8::1", 9000, 0, 0), ("10.0.0.1", 9000)]:
+            kept = sources.peer_address(address)
+            self.assertEqual(kept, address[:2])
+            self.assertIs(sources.sockaddr_of(kept), kept)
+
+    def test_goneInterfaceByIndex(self) -> None:
+        """An interface gone since: its number stands for its name."""
+        gone = 2**31 - 1
+        self.assertEqual(
+            sources.peer_address(("fe80::1", 1, 0, gone)), (f"fe80::1%{gone}", 1)
+        )
+        self.assertEqual(
+            sources.sockaddr_of((f"fe80::1%{gone}", 1)), ("fe80::1", 1, 0, gone)
+        )
+
+    def test_renamedInterfaceByItsIndex(self) -> None:
+        """A zone no interface has now, but read as one's: that index."""
+        self.addCleanup(sources._NAMES.clear)
+        sources._NAMES[7] = "renamed0"
+        self.assertEqual(sources.sockaddr_of(("fe80::1%renamed0", 1))[3], 7)
+        self.assertEqual(sources.sockaddr_of(("fe80::1%nosuch0", 1))[3], 0)

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.checkers import Expected
 from ipcd.daemons.udp import wire as udpwire
-from ipcd.daemons.udp.cookie import PERIOD, AddressCookies
+from ipcd.daemons.udp.cookie import FULL, PERIOD, SPENT, AddressCookies
 from ipcd.daemons.udp.daemon import Listen, parse_listen
 
 NONCE = bytes(range(8))
@@ -99,6 +99,13 @@ class FormatTests(SynchronousTestCase):
     def test_closeRoundTrip(self) -> None:
         self.assertEqual(udpwire.decode(udpwire.close(SESSION)), udpwire.Close(SESSION))
 
+    def test_pingAndPong(self) -> None:
+        """PING and PONG: their kind byte and the session id, 9 bytes."""
+        self.assertEqual(udpwire.ping(SESSION), b"P" + SESSION)
+        self.assertEqual(udpwire.pong(SESSION), b"Q" + SESSION)
+        self.assertEqual(udpwire.decode(udpwire.ping(SESSION)), udpwire.Ping(SESSION))
+        self.assertEqual(udpwire.decode(udpwire.pong(SESSION)), udpwire.Pong(SESSION))
+
     def test_refusalCutToFit(self) -> None:
         """A NO is never larger than the limit (the request it answers)."""
         reason = "in connection to 'x' denied by default"
@@ -127,7 +134,7 @@ class MalformedTests(SynchronousTestCase):
         self.assertMalformed(b"")
 
     def test_oneByte(self) -> None:
-        for kind in (b"H", b"O", b"N", b"D", b"C", b"\0", b"x"):
+        for kind in (b"H", b"O", b"N", b"D", b"C", b"P", b"Q", b"\0", b"x"):
             self.assertMalformed(kind)
 
     def test_unknownKind(self) -> None:
@@ -151,6 +158,8 @@ class MalformedTests(SynchronousTestCase):
             (udpwire.verify(NONCE, COOKIE), "VERIFY"),
             (udpwire.accepted(NONCE, SESSION), "OK"),
             (udpwire.close(SESSION), "CLOSE"),
+            (udpwire.ping(SESSION), "PING"),
+            (udpwire.pong(SESSION), "PONG"),
         ]:
             longer = datagram + b"x"
             with self.assertRaises(udpwire.Malformed) as caught:
@@ -168,6 +177,8 @@ class MalformedTests(SynchronousTestCase):
                 udpwire.verify(NONCE, COOKIE),
                 udpwire.accepted(NONCE, SESSION),
                 udpwire.close(SESSION),
+                udpwire.ping(SESSION),
+                udpwire.pong(SESSION),
                 udpwire.data(SESSION, 1, b"m"),
             ]
         ]
@@ -267,6 +278,61 @@ class AddressCookieTests(SynchronousTestCase):
         cookie = self.cookies.issue(self.ADDRESS, NONCE, b"pong")
         self.clock.advance(5 * PERIOD)
         self.assertFalse(self.cookies.valid(cookie, self.ADDRESS, NONCE, b"pong"))
+
+
+class SpentCookieTests(SynchronousTestCase):
+    """A cookie opens one session; the cookies kept are bounded."""
+
+    ADDRESS = ("127.0.0.1", 4000)
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000 * PERIOD + 1)
+        self.cookies = AddressCookies(self.clock, per_source=3, in_all=5)
+
+    def good(self, nonce: bytes = NONCE) -> tuple[bytes, int]:
+        cookie = self.cookies.issue(self.ADDRESS, nonce, b"pong")
+        issued = self.cookies.issued_in(cookie, self.ADDRESS, nonce, b"pong")
+        assert issued is not None
+        return cookie, issued
+
+    def test_eachVerifyAnotherCookie(self) -> None:
+        """Two cookies for the same request differ, and both are good."""
+        first, second = self.good(), self.good()
+        self.assertNotEqual(first[0], second[0])
+
+    def test_spentOnce(self) -> None:
+        cookie, issued = self.good()
+        self.assertIsNone(self.cookies.spend(cookie, issued, "ip:a"))
+        self.assertEqual(self.cookies.spend(cookie, issued, "ip:a"), SPENT)
+        self.assertEqual(self.cookies.spend(cookie, issued, "ip:b"), SPENT)
+
+    def test_boundedPerSourceAndInAll(self) -> None:
+        """
+        Past its share a prefix is refused (FULL), not let replay; others
+        go on until all are full.  A spent cookie stays spent when full.
+        """
+        spent = [self.good(bytes([n]) * 8) for n in range(6)]
+        answers = [self.cookies.spend(c, at, "ip:a") for c, at in spent[:4]]
+        self.assertEqual(answers, [None, None, None, FULL])
+        answers = [self.cookies.spend(c, at, "ip:b") for c, at in spent[3:]]
+        self.assertEqual(answers, [None, None, FULL])
+        self.assertEqual(self.cookies.spend(*spent[0], "ip:a"), SPENT)
+
+    def test_forgottenOnceExpired(self) -> None:
+        """
+        A cookie is remembered as long as it is good, no longer: then its
+        place is free, and it is not good anyway.
+        """
+        cookie, issued = self.good()
+        self.cookies.spend(cookie, issued, "ip:a")
+        self.clock.advance(PERIOD)
+        self.assertEqual(self.cookies.spend(cookie, issued, "ip:a"), SPENT)
+        self.clock.advance(PERIOD)
+        self.assertFalse(self.cookies.valid(cookie, self.ADDRESS, NONCE, b"pong"))
+        for n in range(5):
+            new, at = self.good(bytes([n]) * 8)
+            self.assertIsNone(self.cookies.spend(new, at, f"ip:{n}"))
 
 
 class ReceiveWindowTests(SynchronousTestCase):

@@ -32,6 +32,7 @@ from ipcd.compat import autobahn as compat_autobahn
 from ipcd.compat.autobahn import Pretty
 from ipcd.daemons.websocket.bridge import FRAME_BUDGET
 from ipcd.daemons.websocket.client import WebSocketOutbound
+from ipcd.daemons.websocket.daemon import OUTBOUND as WS_OUTBOUND
 from ipcd.daemons.websocket.frames import small_server_frame
 from ipcd.daemons.websocket.limits import BACKLOG
 from ipcd.daemons.websocket.server import WebSocketInbound
@@ -53,6 +54,7 @@ from ipcd.test.support import (
     lookup,
     python_env,
     short_rundir,
+    stale_socket,
     wait_rate_limited,
     wait_until,
 )
@@ -505,6 +507,76 @@ class UnknownServiceTests(TestCase):
         answer = yield deferToThread(raw_upgrade, host.port, "/nosuch")
         self.assertEqual(answer, NO_SUCH_SERVICE_ANSWER)
         assert_logged(self, lines, f"{host.rundir}/nosuch does not exist")
+
+
+class StatusTests(TestCase):
+    """
+    Each word a remote peer is told, as a real client reads it over a real
+    socket: 403 refused (never), 404 no such service, 503 unavailable and
+    503 busy (try again later; busy with Retry-After), the reason phrase
+    the one word, no body; the daemon keeps serving, no fd leaks.
+    """
+
+    def opening(self, port: int, path: str) -> Any:
+        opening = ws_open(port, path)
+        with opening.sock as sock:
+            # Nothing after the head: no body, then the close.
+            rest = recv_eof(sock)
+        return opening.status, opening.reason, opening.headers, rest
+
+    @inlineCallbacks
+    def test_eachStatus(self) -> Any:
+        far = yield start_ws_host(self)
+        host = yield start_ws_host(
+            self,
+            rules=["allow in gone", "allow in nosuch", "allow in far"],
+            routes={"far": far.route("pong")},
+            limits={"max_connections": 1},
+        )
+        stale_socket(os.path.join(host.rundir, "gone"))
+        # A local client's ws:// relay takes the one place ws:// relays
+        # have on this ipcd: the peer's route to far is over the limit.
+        reply = yield deferToThread(
+            lookup, host.rundir, f"pong;pong {far.route('pong')}".encode()
+        )
+        self.assertEqual(reply.first, b"ok")
+        held = reply.take_socket(self)
+        before = yield fd_baseline()
+        answers = {}
+        for path in ("/pong", "/nosuch", "/gone", "/far"):
+            answers[path] = yield deferToThread(self.opening, host.port, path)
+        self.assertEqual(
+            answers,
+            {
+                "/pong": (403, "refused", {}, b""),
+                "/nosuch": (404, "no such service", {}, b""),
+                "/gone": (503, "unavailable", {}, b""),
+                "/far": (503, "busy", {"retry-after": "1"}, b""),
+            },
+        )
+        held.close()
+        limits = host.broker.limits_for(WS_OUTBOUND)
+        yield wait_until(lambda: limits.total == 0, "the local relay counted out")
+        replies = yield deferToThread(echo, host.port, [(b"far", TEXT)], "/far")
+        self.assertEqual(replies, [(TEXT, b"far")])
+        yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
+    def test_busyAtTheListener(self) -> Any:
+        """
+        Past [limits] max_connections_per_peer, before any request: 503
+        busy with Retry-After, as a limit in the handshake's answer.
+        """
+        host = yield start_ws_host(self, limits={"max_connections_per_peer": 1})
+        admitted = socket.create_connection(("127.0.0.1", host.port), TIMEOUT)
+        self.addCleanup(admitted.close)
+        limits = host.broker.limits_for("websocketd")
+        yield wait_until(lambda: limits.total == 1, "the first peer admitted")
+        answer = yield deferToThread(raw_upgrade, host.port, "/pong")
+        self.assertEqual(
+            answer,
+            b"HTTP/1.1 503 busy\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n",
+        )
 
 
 class OriginTests(TestCase):

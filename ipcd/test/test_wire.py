@@ -6,20 +6,26 @@ blocking sockets.
 from __future__ import annotations
 
 import mmap
+import os
 import socket
 from collections import Counter
 from typing import Any
 
-from twisted.internet import abstract
+from twisted.internet import abstract, reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.testing import (
     EventLoggingObserver,
     MemoryReactorClock,
     StringTransport,
 )
+from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from ipcd import wire
+from ipcd.test.support import TIMEOUT, short_rundir
 from ipcd.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER,
@@ -491,6 +497,40 @@ class BackpressureTests(SynchronousTestCase):
         transport.write(b"w" * (Unsent.bufferSize + 1))
         self.assertTrue(transport.producerPaused)
 
+    def test_pausedThenClosingUnregisters(self) -> None:
+        """
+        Resumed while its transport is disconnecting (loseConnection came
+        while paused), the producer unregisters itself, so that the
+        transport may close; a transport that does not say it is
+        disconnecting (no such attribute: not one of Twisted's) is resumed.
+        """
+        protocol = Recorder()
+        transport = connected(protocol)
+        producer = transport.producer
+        producer.pauseProducing()
+        transport.loseConnection()
+        producer.resumeProducing()
+        self.assertIsNone(transport.producer)
+        self.assertEqual(transport.producerState, "paused")
+
+        @implementer(IConsumer)
+        class Bare:
+            producer: Any = None
+            resumed = 0
+
+            def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
+                self.producer = producer
+
+            def resumeProducing(self) -> None:  # noqa: N802
+                self.resumed += 1
+
+        bare = Bare()
+        protocol = Recorder()
+        protocol.makeConnection(bare)
+        bare.producer.resumeProducing()
+        self.assertEqual(bare.resumed, 1)
+        self.assertIsNotNone(bare.producer)
+
     def test_subclassConnectionMadeKeepsIt(self) -> None:
         class Own(Recorder):
             def connectionMade(self) -> None:
@@ -504,6 +544,69 @@ class BackpressureTests(SynchronousTestCase):
 class Echo(MessageProtocol):
     def messageReceived(self, payload: bytes) -> None:
         self.sendMessage(payload)
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    """All C{sock} receives until EOF, within L{TIMEOUT} (else C{TimeoutError})."""
+    sock.settimeout(TIMEOUT)
+    received = b""
+    while chunk := sock.recv(1 << 20):
+        received += chunk
+    return received
+
+
+class Flood(MessageProtocol):
+    """Sends 2 MiB at once, which pauses it, then closes."""
+
+    def connectionMade(self) -> None:
+        for _ in range(32):
+            self.sendMessage(b"x" * 65536)
+        self.factory.paused.append(self.transport.producerPaused)
+        self.transport.loseConnection()
+
+
+class ClosingTests(TestCase):
+    """How a connection ends, on Twisted's real UNIX sockets."""
+
+    def listen(self, protocol: type[MessageProtocol]) -> socket.socket:
+        """A client connected to a new listener of C{protocol}, not accepted yet."""
+        path = os.path.join(short_rundir(self), "s")
+        factory = MessageFactory(protocol, clock=reactor)
+        factory.paused = []  # type: ignore[attr-defined]
+        self.factory = factory
+        port = reactor.listenUNIX(path, factory)
+        self.addCleanup(port.stopListening)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.connect(path)
+        return client
+
+    @inlineCallbacks
+    def test_halfClosedPeerGetsItsAnswers(self) -> Any:
+        """
+        A peer that half-closes after its request (as socat does), the
+        request and the EOF read in one turn: its answers are written, then
+        the connection closes.  Twisted closed it at the EOF, the answers
+        unsent: socat got nothing from pongd.
+        """
+        client = self.listen(Echo)
+        client.sendall(encode(b"a") + encode(b"b"))
+        client.shutdown(socket.SHUT_WR)  # both there before the accept
+        received = yield deferToThread(read_to_eof, client)
+        self.assertEqual(received, encode(b"a") + encode(b"b"))
+
+    @inlineCallbacks
+    def test_closeWhilePausedEnds(self) -> Any:
+        """
+        C{loseConnection()} while the write buffer is over its bound (the
+        producer paused): the peer gets every byte, then EOF.  Twisted
+        closes no connection with a producer registered, and resumed ours
+        instead: no EOF until the idle timeout.
+        """
+        client = self.listen(Flood)
+        received = yield deferToThread(read_to_eof, client)
+        self.assertEqual(received, encode(b"x" * 65536) * 32)
+        self.assertEqual(self.factory.paused, [True])  # type: ignore[attr-defined]
 
 
 class IdleTimeoutTests(SynchronousTestCase):

@@ -103,7 +103,8 @@ class LossyRelay(DatagramProtocol):
     C{target}: each datagram, either way, is dropped with probability
     C{loss}, sent twice with C{duplicate}, or held back until the next
     one has passed (C{reorder}); the first C{drop_hellos} HELLOs are lost,
-    and the first C{drop_cookied} of those carrying the server's cookie.
+    the first C{drop_cookied} of those carrying the server's cookie, and
+    the first C{drop_oks} OKs.
     Seeded: the same datagrams meet the same fate.
     """
 
@@ -118,10 +119,12 @@ class LossyRelay(DatagramProtocol):
         drop_hellos: int = 0,
         drop_cookied: int = 0,
         seed: int = 13,
+        drop_oks: int = 0,
     ) -> None:
         self.target = target
         self.loss, self.reorder, self.duplicate = loss, reorder, duplicate
         self.drop_hellos, self.drop_cookied = drop_hellos, drop_cookied
+        self.drop_oks = drop_oks
         self.random = random.Random(seed)
         self.client: Any = None
         self.held: dict[Any, bytes] = {}
@@ -133,6 +136,10 @@ class LossyRelay(DatagramProtocol):
         else:
             self.client, to = address, self.target
         if datagram[:1] == b"H" and self._lose_hello(datagram):
+            self.dropped += 1
+            return
+        if datagram[:1] == b"O" and self.drop_oks:
+            self.drop_oks -= 1
             self.dropped += 1
             return
         fate = self.random.random()

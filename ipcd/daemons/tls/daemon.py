@@ -317,7 +317,13 @@ class TlsDaemon(ListeningDaemon):
 
         def joined(result: tuple[TlsDialer, bytes]) -> Deferred[socket.socket]:
             dialer, rest = result
-            ours, theirs = socket.socketpair()
+            try:
+                ours, theirs = socket.socketpair()
+            except OSError as e:  # no descriptor left for it (EMFILE)
+                # The TLS connection is closed, not left open uncounted.
+                dialer.transport.abortConnection()
+                why = f"cannot relay to the service: {e.strerror or e}"
+                raise Refused(f"tlsd at {dialer.where}: {why}") from None
             given: Deferred[socket.socket] = Deferred()
 
             def handed(sock: socket.socket | None) -> None:
@@ -352,12 +358,15 @@ class TlsDaemon(ListeningDaemon):
 
         return dialed.addCallback(joined).addErrback(outlimits.releasing(release))
 
-    def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
-        serves = self.enabled(settings) and bool(
+    def listens(self, settings: Mapping[str, Any]) -> bool:
+        """Whether its listener runs: enabled, with a certificate or keys."""
+        return self.enabled(settings) and bool(
             settings["psk_file"] or settings["certificate"]
         )
+
+    def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:
         return {
-            "tls_listen": settings["listen"] if serves else None,
+            "tls_listen": settings["listen"] if self.listens(settings) else None,
             "tls_min_version": settings["min_version"],
             "tls_psk": bool(settings["psk_file"]),
             "tls_certificate": settings["certificate"] or None,

@@ -138,10 +138,14 @@ def dial(
     dialer: TlsDialer | None = None
 
     def cancel(_: Any) -> None:
-        if connecting is not None and not connecting.called:
-            connecting.cancel()
-        elif dialer is not None and dialer.transport is not None:
+        if dialer is not None and dialer.transport is not None:
             dialer.transport.abortConnection()
+        elif connecting is not None:
+            # Also once its name is resolved: HostnameEndpoint's Deferred is
+            # called then, waiting on its attempts, and cancelling it ends
+            # them.  Left alone (it was, when called), a TCP connect went on
+            # uncounted, and the connection it made stayed open.
+            connecting.cancel()
 
     done: Deferred[tuple[TlsDialer, bytes]] = Deferred(cancel)
 

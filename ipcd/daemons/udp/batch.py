@@ -265,7 +265,8 @@ class BatchReader:
                     return
                 raise
             if self.ipv6:
-                address = address[:2]  # as Twisted's: no flow or scope id
+                # As Twisted's (no flow id), but a link-local peer's zone.
+                address = sources.peer_address(address) if address[3] else address[:2]
             segment = size
             for level, kind, data in ancillary:
                 if kind == UDP_GRO and level == SOL_UDP:

@@ -70,7 +70,9 @@ class SessionClient(DatagramProtocol):
             parsed = None
         if session is not None:
             if (
-                isinstance(parsed, udpwire.Data | udpwire.Close)
+                isinstance(
+                    parsed, udpwire.Data | udpwire.Close | udpwire.Ping | udpwire.Pong
+                )
                 and parsed.session == session.id
             ):
                 session.datagram(parsed, len(datagram))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -40,6 +41,7 @@ from ipcd.daemons.udp.batch import read_in_batches
 from ipcd.daemons.udp.client import dial
 from ipcd.daemons.udp.server import UdpServer
 from ipcd.daemons.udp.session import SessionStats
+from ipcd.daemons.udp.source import sockaddr_of
 from ipcd.host import IDaemonHost
 from ipcd.listener import EndpointListener
 from ipcd.reactors import IHostReactor
@@ -189,6 +191,8 @@ class UdpEndpoint:
             fd = inherited_fd(at.description)
             os.set_blocking(fd, False)
             port = self.reactor.adoptDatagramPort(fd, at.family, protocol, READ_SIZE)
+        elif "%" in at.interface:
+            port = self._listen_zoned(at, protocol)
         else:
             port = self.reactor.listenUDP(
                 at.port, protocol, interface=at.interface, maxPacketSize=READ_SIZE
@@ -198,6 +202,24 @@ class UdpEndpoint:
             port, connected=False, gro=not isinstance(at, Adopted)
         )
         return port
+
+    def _listen_zoned(self, at: Listen, protocol: UdpServer) -> Any:
+        """
+        A listener on a link-local address of one link (C{fe80::2%eth0}):
+        Twisted binds (address, port), which drops the zone's scope id
+        (EINVAL), so the socket is bound here, with it, and adopted.
+        """
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(sockaddr_of((at.interface, at.port)))
+            return self.reactor.adoptDatagramPort(
+                sock.fileno(), socket.AF_INET6, protocol, READ_SIZE
+            )
+        except OSError as e:
+            raise CannotListenError(at.interface, at.port, e) from None
+        finally:
+            sock.close()  # (Twisted's port holds a duplicate)
 
 
 class UdpListener(EndpointListener):

@@ -26,9 +26,9 @@ from ipcd import inboundcore
 from ipcd.daemons.udp import SECTION
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.daemons.udp.batch import BatchReader, sender_for
-from ipcd.daemons.udp.cookie import AddressCookies
+from ipcd.daemons.udp.cookie import SPENT, AddressCookies
 from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream_factory
-from ipcd.daemons.udp.source import NO_SOURCE, Source
+from ipcd.daemons.udp.source import NO_SOURCE, Source, sockaddr_of
 from ipcd.errors import BUSY
 from ipcd.host import IDaemonHost
 from ipcd.identity import remote_peer
@@ -133,11 +133,12 @@ class UdpServer(DatagramProtocol):
             return
         if isinstance(parsed, udpwire.Hello):
             source = self._source()
-            if self._checked(parsed, address, len(datagram), source):
-                self._hello(parsed, address, len(datagram), source)
+            issued = self._checked(parsed, address, len(datagram), source)
+            if issued is not None:
+                self._hello(parsed, address, len(datagram), source, issued)
         elif isinstance(parsed, udpwire.OtherVersion):
             self._other_version(parsed, address, len(datagram))
-        elif isinstance(parsed, udpwire.Close):
+        elif isinstance(parsed, udpwire.Close | udpwire.Ping | udpwire.Pong):
             session = self._bound(parsed.session, address)
             if session is not None:
                 session.datagram(parsed, len(datagram))
@@ -169,31 +170,53 @@ class UdpServer(DatagramProtocol):
             return
         if source is None:
             source = self._source()  # (answering the datagram being read)
+        to = sockaddr_of(address)
         try:
             if source:
-                self.transport.getHandle().sendmsg([datagram], source, 0, address)
+                self.transport.getHandle().sendmsg([datagram], source, 0, to)
             else:
-                self.transport.write(datagram, address)
+                self.transport.write(datagram, to)
         except (OSError, MessageLengthError):
             self._drop("send failed")
 
     def _checked(
         self, hello: udpwire.Hello, address: Any, size: int, source: Source
-    ) -> bool:
+    ) -> int | None:
         """
-        Whether C{hello} carries the cookie its address was sent; if not,
-        send it one (a VERIFY, smaller than the HELLO) and keep nothing: a
-        forged source address never gets past this.
+        The period the cookie C{hello} carries was issued in, if it is the
+        one its address was sent; if not, send it one (a VERIFY, smaller
+        than the HELLO) and keep nothing: a forged source address never
+        gets past this.
         """
-        cookies = self.cookies
-        if hello.cookie != udpwire.NO_COOKIE and cookies.valid(
-            hello.cookie, address, hello.nonce, hello.service
-        ):
-            return True
+        if hello.cookie != udpwire.NO_COOKIE:
+            issued = self.cookies.issued_in(
+                hello.cookie, address, hello.nonce, hello.service
+            )
+            if issued is not None:
+                return issued
+        self._verify(hello, address, size, source)
+        return None
+
+    def _verify(
+        self, hello: udpwire.Hello, address: Any, size: int, source: Source
+    ) -> None:
+        """Answer C{hello} with a VERIFY carrying a new cookie."""
         self.broker.counters["udp hellos answered with a cookie"] += 1
-        cookie = cookies.issue(address, hello.nonce, hello.service)
+        cookie = self.cookies.issue(address, hello.nonce, hello.service)
         self._answer(udpwire.verify(hello.nonce, cookie), address, size, source)
-        return False
+
+    def _busy(
+        self,
+        counted: str,
+        hello: udpwire.Hello,
+        address: Any,
+        size: int,
+        source: Source,
+    ) -> None:
+        """Refuse C{hello} (a NO busy), counted under C{counted}."""
+        self.broker.counters[counted] += 1
+        refusal = udpwire.refusal(hello.nonce, BUSY, size)
+        self._answer(refusal, address, size, source)
 
     def _other_version(
         self, hello: udpwire.OtherVersion, address: Any, size: int
@@ -206,7 +229,12 @@ class UdpServer(DatagramProtocol):
         self._answer(udpwire.refusal(hello.nonce, reason, size), address, size)
 
     def _hello(
-        self, hello: udpwire.Hello, address: Any, size: int, source: Source
+        self,
+        hello: udpwire.Hello,
+        address: Any,
+        size: int,
+        source: Source,
+        issued: int,
     ) -> None:
         key = (address, hello.nonce)
         served = self.hellos.get(key)
@@ -217,14 +245,25 @@ class UdpServer(DatagramProtocol):
         if served is not None:
             return  # the broker is still connecting: the OK is on its way
         if len(self.hellos) + self.held >= self.settings()["max_sessions"]:
-            self.broker.counters["udp sessions refused: too many"] += 1
-            refusal = udpwire.refusal(hello.nonce, BUSY, size)
-            self._answer(refusal, address, size, source)
+            self._busy("udp sessions refused: too many", hello, address, size, source)
             return
         config = self.broker.config
         peer_key = network_peer_key(
             address[0], config.peer_prefix_ipv4, config.peer_prefix_ipv6
         )
+        spent = self.cookies.spend(hello.cookie, issued, peer_key)
+        if spent == SPENT:
+            # Its session has come and gone: a replay (whose VERIFY goes to
+            # the address it forged, and opens nothing), or a client that
+            # sends its HELLO again, not having seen our OK (which the new
+            # cookie lets in again).
+            self.broker.counters["udp hellos with a spent cookie"] += 1
+            self._verify(hello, address, size, source)
+            return
+        if spent is not None:  # (the cookies kept are bounded)
+            counted = "udp sessions refused: too many opened lately"
+            self._busy(counted, hello, address, size, source)
+            return
         reason = self.limits.admit(peer_key)
         if reason is not None:  # one peer may not take every session
             refusal = udpwire.refusal(hello.nonce, BUSY, size)  # (logged)
@@ -294,11 +333,12 @@ class UdpServer(DatagramProtocol):
             self.broker.relays,
             daemon=SECTION,
         )
-        sender = sender_for(self.transport, address, source=asking.source)
+        to = sockaddr_of(address)  # (with a link-local peer's scope id)
+        sender = sender_for(self.transport, to, source=asking.source)
         session = Session(
             session_id,
             (
-                partial(self.transport.write, addr=address)
+                partial(self.transport.write, addr=to)
                 if sender is None
                 else sender.write
             ),

@@ -111,8 +111,10 @@ class Session:
         self.stream: SessionStream | None = None
         self.done = False
         self._next = 0  # our next sequence number
-        self._last = clock.seconds()
-        self._timer = clock.callLater(idle_timeout, self._check_idle)
+        # When a DATA last moved either way, and when the peer was last
+        # heard from (any of its datagrams): the two deadlines.
+        self._moved = self._heard = clock.seconds()
+        self._timer = clock.callLater(idle_timeout / PINGS, self._check_idle)
         stats.end = self.end
         began(stats)
 
@@ -139,7 +141,7 @@ class Session:
                 self._gathered = []  # tiny messages holds thousands)
                 self._send_gathered(gathered)
             return
-        self._last = self.clock.seconds()
+        self._moved = self.clock.seconds()
         if self._transmit(datagram):
             self.stats.sent += 1
             self._count(len(payload), outgoing=True)
@@ -156,7 +158,7 @@ class Session:
             self._send_gathered(gathered)
 
     def _send_gathered(self, gathered: list[bytes]) -> None:
-        self._last = self.clock.seconds()
+        self._moved = self.clock.seconds()
         if self._send_all is None or len(gathered) == 1:
             # One by one; a refusal on the way ends the session (Twisted's
             # write tells it without raising): the rest is lost, not sent.
@@ -188,18 +190,26 @@ class Session:
 
     # From the peer (already matched to this session by id and address).
 
-    def datagram(self, datagram: udpwire.Data | udpwire.Close, size: int) -> None:
-        if isinstance(datagram, udpwire.Close):
-            if not self.done:
-                self.end("closed by the peer", notify=False)
+    def datagram(self, datagram: udpwire.Datagram, size: int) -> None:
+        """A DATA, CLOSE, PING or PONG of this session."""
+        if self.done:
             return
-        self.data(datagram.sequence, datagram.payload, size)
+        kind = type(datagram)
+        if kind is udpwire.Close:
+            self.end("closed by the peer", notify=False)
+        elif kind is udpwire.Ping:
+            self._heard = self.clock.seconds()
+            self._transmit(udpwire.pong(self.id))
+        elif kind is udpwire.Pong:
+            self._heard = self.clock.seconds()
+        elif kind is udpwire.Data:
+            self.data(datagram.sequence, datagram.payload, size)  # type: ignore[union-attr]
 
     def data(self, sequence: int, payload: bytes, size: int) -> None:
         """A DATA's sequence number and payload; C{size}: the datagram's."""
         if self.done:
             return
-        self._last = self.clock.seconds()
+        self._moved = self._heard = self.clock.seconds()
         stream = self.stream
         if size > self.max_datagram or not self.stats.window.accept(sequence):
             self.stats.dropped += 1
@@ -241,18 +251,39 @@ class Session:
         self._on_end(self)
 
     def _check_idle(self) -> None:
-        left = self._last + self.idle_timeout - self.clock.seconds()
-        if left > 0:
-            self._timer = self.clock.callLater(left, self._check_idle)
+        """
+        End the session when no DATA moved either way for C{idle_timeout}
+        (idle), or when the peer sent nothing for as long, whatever this
+        side sends (gone: its host down, its address changed, its udpd
+        stopped without a CLOSE).  A side that sends while its peer is
+        quiet asks it (a PING, L{PINGS} - 1 times in the timeout) whether
+        it is still there: a peer's udpd answers (a PONG), so a session
+        that carries messages one way only lives on.
+        """
+        now = self.clock.seconds()
+        timeout = self.idle_timeout
+        if now - self._moved >= timeout:
+            why, said = "idle", "idle for {timeout:g} s"
+        elif now - self._heard >= timeout:
+            why, said = "peer gone", "nothing from the peer for {timeout:g} s"
+        else:
+            step = timeout / PINGS
+            if now - self._heard >= step and self._moved > self._heard:
+                self._transmit(udpwire.ping(self.id))  # (sent, heard nothing)
+            wake = min(
+                self._moved + timeout - now,
+                self._heard + timeout - now,
+                step if now - self._heard >= step else self._heard + step - now,
+            )
+            self._timer = self.clock.callLater(wake, self._check_idle)
             return
         self.log.info(
-            "udpd: closing the session of {peer} for {service!r}: idle for "
-            "{timeout:g} s",
+            "udpd: closing the session of {peer} for {service!r}: " + said,
             peer=self.stats.description,
             service=self.stats.service,
-            timeout=self.idle_timeout,
+            timeout=timeout,
         )
-        self.end("idle")
+        self.end(why)
 
     def _count(self, size: int, outgoing: bool) -> None:
         # RelayStats.forward counts what the side that asked sends: the
@@ -360,6 +391,12 @@ class SessionStream(wire.MessageProtocol):
         """Whether it is still open in its grace, its session over."""
         return self._cut is not None and self._cut.active()
 
+    def readConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
+        # The service's EOF ends the stream at once, as before
+        # MessageProtocol took half-closes (its producer, ours, would hold a
+        # close behind a full buffer).
+        self.transport.abortConnection()
+
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
         if self._cut is not None and self._cut.active():
@@ -371,6 +408,10 @@ class SessionStream(wire.MessageProtocol):
             closed()
 
 
+# A session's liveness checks per idle timeout: a side whose peer has been
+# quiet for a quarter of it asks it (a PING) at each quarter, three times
+# before it gives the peer up.
+PINGS = 4
 # Seconds a session's local stream has, once the session is over, to take
 # what it is still owed before it is cut.
 CLOSE_GRACE = 2.0

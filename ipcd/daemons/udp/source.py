@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from typing import Any
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
@@ -83,3 +84,72 @@ def answer_from(level: int, info: bytes | None) -> Source:
     # IPv4's local address (not the destination: a broadcast's is no source).
     _, local, _ = _IN_PKTINFO.unpack(info)
     return ((level, IP_PKTINFO, _IN_PKTINFO.pack(0, local, bytes(4))),)
+
+
+# A link-local peer's zone: the interface it came in by.  Twisted's UDP
+# port (and socket's own 2-tuple addresses) drop it, and a link-local
+# address names a host only on its link: without it, every link's fe80::1
+# was one peer (one limits key, rules for one interface's peers matched
+# none), and what answered it went out the link the kernel's routes put
+# first.  So a peer's address keeps it in its host, as tcpd's peers do
+# (C{fe80::1%eth0}), and what is sent to it is sent with its scope id.
+
+
+# Interface names by index, as read with datagrams: a link-local peer's
+# every datagram names its interface, and one call to the kernel each
+# would cost its DATA what its address check costs.  Kept (Linux does not
+# give an index again; a rename, rare, is not seen here) and read afresh
+# past 256.
+_NAMES: dict[int, str] = {}
+
+
+def zone_name(index: int) -> str:
+    """The interface C{index} names (its number, when it has none now)."""
+    name = _NAMES.get(index)
+    if name is None:
+        try:
+            name = socket.if_indextoname(index)
+        except OSError:
+            return str(index)  # (not kept: it may have one later)
+        if len(_NAMES) >= 256:
+            _NAMES.clear()
+        _NAMES[index] = name
+    return name
+
+
+def zone_index(zone: str) -> int:
+    """
+    The index of interface C{zone} (a name, or a number), asked afresh:
+    once per session and per HELLO answered, and an interface that goes
+    and comes back (a VPN's, a USB adapter's) has another.
+    """
+    if zone.isascii() and zone.isdigit():
+        return int(zone)
+    try:
+        return socket.if_nametoindex(zone)
+    except OSError:
+        pass
+    # Renamed since its datagrams named it so: the index they came with.
+    # (Its peers keep the old name in their labels until L{_NAMES} is read
+    # afresh.)  Else gone: the send fails, as UDP loses a datagram.
+    return next((at for at, name in _NAMES.items() if name == zone), 0)
+
+
+def peer_address(sockaddr: Any) -> tuple[str, int]:
+    """
+    A peer's address as udpd keeps it, from what C{recvmsg} gives: its
+    host (with its zone, for a link-local one) and port.
+    """
+    host, port = sockaddr[0], sockaddr[1]
+    if len(sockaddr) == 4 and sockaddr[3]:
+        return f"{host}%{zone_name(sockaddr[3])}", port
+    return host, port
+
+
+def sockaddr_of(address: Any) -> Any:
+    """What C{sendto} takes for a peer's address: its scope id, if zoned."""
+    host = address[0]
+    if "%" not in host:
+        return address  # (IPv4, and IPv6 but link-local: as it is)
+    bare, _, zone = host.partition("%")
+    return bare, address[1], 0, zone_index(zone)

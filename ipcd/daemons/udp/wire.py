@@ -11,6 +11,8 @@ Every datagram starts with one kind byte:
     NO     'N' nonce(8) reason (UTF-8, as much as fits)
     DATA   'D' session(8) sequence(8, big-endian) message payload
     CLOSE  'C' session(8)
+    PING   'P' session(8)
+    PONG   'Q' session(8)
 
 A client's first HELLO has no cookie (zeros); the server answers it with a
 VERIFY carrying one (L{ipcd.daemons.udp.cookie}), keeping nothing, and
@@ -38,6 +40,9 @@ COOKIE_SIZE = 16
 NO_COOKIE = bytes(COOKIE_SIZE)  # a first HELLO's
 
 HELLO, VERIFY, OK, NO, DATA, CLOSE = b"H", b"V", b"O", b"N", b"D", b"C"
+# A side that sends DATA but hears nothing asks its peer whether it is
+# still there (PING); the peer's udpd answers at once (PONG).
+PING, PONG = b"P", b"Q"
 
 _HELLO = struct.Struct("!cB8s16sB")
 _VERIFY = struct.Struct("!c8s16s")
@@ -104,7 +109,25 @@ class Close:
     session: bytes
 
 
-Datagram = Hello | OtherVersion | Verify | Accepted | Refusal | Data | Close
+@dataclass(frozen=True)
+class Ping:
+    """Is the peer still there?  Answered by a L{Pong}."""
+
+    session: bytes
+
+
+@dataclass(frozen=True)
+class Pong:
+    """The answer to a L{Ping}: this side is still there."""
+
+    session: bytes
+
+
+Datagram = (
+    Hello | OtherVersion | Verify | Accepted | Refusal | Data | Close | Ping | Pong
+)
+# The datagrams a session takes from its peer, besides DATA.
+_SESSION_KINDS = {CLOSE: Close, PING: Ping, PONG: Pong}
 
 
 def hello(nonce: bytes, service: bytes, cookie: bytes = NO_COOKIE) -> bytes:
@@ -138,6 +161,14 @@ def data(session: bytes, sequence: int, payload: bytes) -> bytes:
 
 def close(session: bytes) -> bytes:
     return _CLOSE.pack(CLOSE, session)
+
+
+def ping(session: bytes) -> bytes:
+    return _CLOSE.pack(PING, session)
+
+
+def pong(session: bytes) -> bytes:
+    return _CLOSE.pack(PONG, session)
 
 
 def data_head(datagram: bytes) -> tuple[bytes, int] | None:
@@ -176,10 +207,12 @@ def decode(datagram: bytes) -> Datagram:
             _, nonce = _NO.unpack_from(datagram)
             reason = datagram[_NO.size :].decode("utf-8", "replace")
             return Refusal(nonce, reason)
-        if kind == CLOSE:
+        made = _SESSION_KINDS.get(kind)
+        if made is not None:  # CLOSE, PING, PONG: the session id alone
             if len(datagram) != _CLOSE.size:
-                raise Malformed(f"a CLOSE of {len(datagram)} bytes")
-            return Close(_CLOSE.unpack(datagram)[1])
+                name = made.__name__.upper()
+                raise Malformed(f"a {name} of {len(datagram)} bytes")
+            return made(_CLOSE.unpack(datagram)[1])
     except struct.error:
         raise Malformed(f"a truncated datagram of {len(datagram)} bytes") from None
     raise Malformed(f"unknown datagram kind {kind!r}")

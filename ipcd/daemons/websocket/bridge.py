@@ -127,6 +127,12 @@ class MessageSide(MessageProtocol):
         self.bridge.closeBridge(CLOSE_TOO_BIG, "message too big")
         self.transport.loseConnection()
 
+    def readConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
+        # The service's EOF ends its end at once, as before MessageProtocol
+        # took half-closes: what is queued for it is not waited for (the
+        # bridge's producers would hold a close behind a full buffer).
+        self.transport.abortConnection()
+
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
         super().connectionLost(reason)
         self.bridge.messageSideLost()

@@ -179,9 +179,13 @@ def connect_websocket(
     Until then the connection's local end is held in C{own_dials}.
     """
     url = f"{scheme}://{host_port(host, port)}/{service}"
-    factory = WebSocketOutboundFactory(
-        reactor, url, max_message_size, idle, settings, stats, bridges, own_dials
-    )
+    try:
+        factory = WebSocketOutboundFactory(
+            reactor, url, max_message_size, idle, settings, stats, bridges, own_dials
+        )
+    except OSError as e:  # no descriptor left for the socketpair (EMFILE)
+        why = f"cannot relay to the service: {e.strerror or e}"
+        raise Refused(f"websocketd at {url}: {why}") from None
     endpoint = HostnameEndpoint(reactor, host, port)
     if scheme == "wss":
         try:

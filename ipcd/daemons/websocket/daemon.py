@@ -41,7 +41,7 @@ from ipcd.daemons.websocket.limits import (
     DEFAULT_MAX_MESSAGE_FRAMES,
     DEFAULT_MESSAGE_TIMEOUT,
 )
-from ipcd.daemons.websocket.server import WebSocketInboundFactory
+from ipcd.daemons.websocket.server import RETRY_AFTER, WebSocketInboundFactory
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
 from ipcd.listenerkeys import wrapped
@@ -57,8 +57,11 @@ DEFAULT_PORTS = {SCHEME: 80, SECURE_SCHEME: 443}
 # The connection limits ws:// and wss:// relays are counted in (L{outlimits}).
 OUTBOUND = "websocket relays out"
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
-# What a peer reads at the connection limit, before any request.
-BUSY = b"HTTP/1.1 503 too many connections\r\nContent-Length: 0\r\n\r\n"
+# What a peer reads at the connection limit, before any request: busy, as
+# a limit is in the handshake's answer.
+BUSY = (
+    f"HTTP/1.1 503 busy\r\nRetry-After: {RETRY_AFTER}\r\nContent-Length: 0\r\n\r\n"
+).encode()
 
 
 def _origins(value: Any) -> tuple[str, ...]:
@@ -194,9 +197,9 @@ class WebSocketDaemon(ListeningDaemon):
                 stats,
                 own_dials=broker.own_dials,
             )
-        except Refused as e:
-            release()
-            return fail(e)
+        except Exception:
+            release()  # whatever stopped it before it began
+            return fail()
         return dialed.addErrback(outlimits.releasing(release))
 
     def status(self, settings: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -42,7 +42,7 @@ from ipcd.daemons.websocket.factories import (
     tls_failure,
 )
 from ipcd.daemons.websocket.page import page_response
-from ipcd.errors import NO_SUCH_SERVICE, UNAVAILABLE
+from ipcd.errors import BUSY, NO_SUCH_SERVICE, REFUSED, UNAVAILABLE
 from ipcd.host import IDaemonHost
 from ipcd.identity import listener_peer
 from ipcd.limits import REFUSAL_GRACE, RateLimitedObserver
@@ -52,6 +52,15 @@ from ipcd.relay import RelayStats
 from ipcd.startup import address_text
 
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+# The HTTP status of each word a remote peer is told (L{ipcd.errors}): what
+# may come back later (unavailable, busy) is 503, which clients and proxies
+# take for "try again", not 403, which says "never".
+STATUS = {REFUSED: 403, NO_SUCH_SERVICE: 404, UNAVAILABLE: 503, BUSY: 503}
+# Seconds a busy peer is told to wait (Retry-After): a limit frees as soon
+# as a connection ends, so a hint against retrying at once, not a promise.
+RETRY_AFTER = 1
+RETRY_HEADERS = [("Retry-After", str(RETRY_AFTER))]
 
 
 def _address_host(host: str) -> bool:
@@ -123,8 +132,8 @@ class UpgradeAnswers:
     """
     websocketd's framing of the answers (a L{Framing}): autobahn answers
     the upgrade; a refusal is an HTTP status with what a remote peer is
-    told (L{ipcd.errors}: 404 for no such service, 500 for ipcd's fault,
-    else 403).
+    told (L{STATUS}: 403 refused, 404 no such service, 503 unavailable or
+    busy; 500 for ipcd's fault, else 403).
     """
 
     def parse(self, buffer: bytes) -> tuple[bytes, bytes] | None:
@@ -136,8 +145,7 @@ class UpgradeAnswers:
     def no(self, reason: str, internal: bool = False) -> ConnectionDeny:
         if internal:
             return ConnectionDeny(500, reason)
-        code = 404 if reason == NO_SUCH_SERVICE else 403
-        return ConnectionDeny(code, _status_reason(reason))
+        return ConnectionDeny(STATUS.get(reason, 403), _status_reason(reason))
 
 
 class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
@@ -275,6 +283,18 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
     def closeGrace(self) -> float:  # noqa: N802
         # A refusal or the page (before it opened): a refused peer's grace.
         return super().closeGrace() if self._opened else REFUSAL_GRACE
+
+    def failHandshake(  # noqa: N802 (autobahn's name)
+        self,
+        reason: str,
+        code: int = 400,
+        responseHeaders: Any = None,  # noqa: N803
+    ) -> None:
+        # A denial raised in onConnect comes here without headers: a busy
+        # peer is told when to try again.
+        if (code, reason) == (STATUS[BUSY], BUSY) and responseHeaders is None:
+            responseHeaders = RETRY_HEADERS
+        super().failHandshake(reason, code, responseHeaders)
 
     def headTooLarge(self, reason: str) -> None:  # noqa: N802
         self.failHandshake(
