@@ -7,7 +7,8 @@ A TCP connect that finds the queue full is dropped, and the client's
 kernel sends it again only after a second (then three, then seven): a
 burst of connects past Twisted's default of 50, a flood or many honest
 clients at once, costs each good client behind it a second or more.  So
-the listeners of tcpd, tlsd and websocketd queue L{TCP_BACKLOG}, as many
+the listeners of tcpd, tlsd and websocketd (C{tcp:}, C{tcp6:}, C{ssl:},
+C{tls:}) queue L{TCP_BACKLOG}, as many
 as the listener itself holds (C{[limits] max_connections}): measured
 behind bursts of 1,000 connects from one peer, 22 of 30 good connects
 took a second or more with 50, 20 of 30 with 128, none with 1,024 (the
@@ -42,6 +43,7 @@ _BACKLOGS = {
     "tcp": (TCP_BACKLOG, 2),  # port, interface
     "tcp6": (TCP_BACKLOG, 1),  # port
     "ssl": (TCP_BACKLOG, 5),  # port, privateKey, certKey, sslmethod, interface
+    "tls": (TCP_BACKLOG, 2),  # path (of PEM files), port
     "unix": (UNIX_BACKLOG, 2),  # address, mode
 }
 

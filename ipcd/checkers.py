@@ -13,6 +13,7 @@ from __future__ import annotations
 import grp
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from ipcd.compat import twisted as compat_twisted
@@ -97,6 +98,22 @@ def endpoint(value: Any) -> str:
         raise Expected("an endpoint string like 'tcp:9000:interface=127.0.0.1'")
     check_server_endpoint(value)
     return value
+
+
+def not_tls(why: str) -> Callable[[Any], str]:
+    """
+    The check of a listener that may not speak TLS itself (C{ssl:},
+    C{tls:}, inside C{haproxy:} too): refused saying C{why}, and what to
+    write instead.
+    """
+
+    def check(value: Any) -> str:
+        value = endpoint(value)
+        if wrapped(value)[0] in ("ssl", "tls"):
+            raise Invalid(f"{value!r}: {why}")
+        return value
+
+    return check
 
 
 def metrics_endpoint(value: Any) -> str:

@@ -3,7 +3,10 @@ Who is on the other end: identity labels for policy and logs.
 
 Local clients are known by SO_PEERCRED (credentials at their connect());
 remote peers by address.  Labels are plain strings such as C{uid:1000},
-C{user:alice}, C{group:wheel}, C{ip:10.1.2.3}.
+C{user:alice}, C{group:wheel}, C{ip:10.1.2.3}.  A peer of a protocol
+daemon's listener on a UNIX socket (a local reverse proxy, relaying for a
+remote party) is a remote peer named by the uid that connected:
+C{unix:uid=33}, never C{uid:33} (L{listener_peer}).
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class Peer:
     # A remote peer's IP address, port and transport, as ipcd.owndials
     # keys them.
     address: tuple[str, int, str] | None = None
+    # What the limits count a remote peer with no address under (a UNIX
+    # listener's: unix:uid=N); None for the others (their uid or address).
+    key: str | None = None
 
     def __str__(self) -> str:
         return self.description
@@ -232,3 +238,37 @@ def remote_peer(host: str, port: int, transport: str = "tcp") -> Peer:
     # network pattern does.  An IPv6 address keeps its text (and scope).
     labels = frozenset({f"ip:{host if ':' in address[0] else address[0]}"})
     return Peer(host_port(host, port), labels, address=address)
+
+
+def unix_listener_peer(transport: Any) -> Peer:
+    """
+    The peer of a protocol daemon's listener on a UNIX socket (C{unix:},
+    C{systemd:domain=UNIX}): a local reverse proxy (nginx, HAProxy) that
+    relays for a remote party, so a remote peer (no credentials: "others"
+    for a socket, told a refusal's public word only), labelled and counted
+    by the uid that connected, C{unix:uid=33}.  Never C{uid:33}: a rule or
+    grant for local user 33 gives nothing to whoever that proxy relays.
+    One key per uid keeps what the limits hold bounded (a client's bound
+    path, which its address carries, is any name it likes).
+    """
+    from ipcd.daemons.outbox import socket_of  # (only for such a listener)
+
+    try:
+        # The socket's transport, under TLS and the other wrappers.
+        uid: int | str = credentials(socket_of(transport).getHandle())[1]
+    except (OSError, AttributeError):  # (not a socket's transport)
+        uid = "unknown"
+    label = f"unix:uid={uid}"
+    return Peer(label, frozenset({label}), key=label)
+
+
+def listener_peer(address: Any, transport: Any) -> Peer:
+    """
+    The remote peer of a protocol daemon's listener at C{address} (its
+    C{transport}'s C{getPeer()}, or a PROXY header's): by its IP address,
+    or a UNIX socket's peer (L{unix_listener_peer}).
+    """
+    host = getattr(address, "host", None)
+    if host is None:
+        return unix_listener_peer(transport)
+    return remote_peer(host, address.port)

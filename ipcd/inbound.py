@@ -38,7 +38,7 @@ from zope.interface import implementer
 from ipcd import inboundcore
 from ipcd.errors import Refused
 from ipcd.host import IDaemonHost
-from ipcd.identity import Peer, local_peer, remote_peer
+from ipcd.identity import Peer, listener_peer, local_peer, remote_peer
 from ipcd.inboundcore import Framed, FramedURI, Framing, InboundHandshake, Join
 from ipcd.limits import REFUSAL_GRACE, RateLimitedObserver
 from ipcd.nodescriptors import ClosesDescriptors
@@ -192,10 +192,12 @@ class Handshaking(ClosesDescriptors, Protocol):
 
 class NetworkHandshake(Handshaking):
     """
-    A remote peer on a network listener, named by its address (C{ip:...}).
-    Behind a C{haproxy:} listener, that is the address the PROXY header
-    names: ipcd's reader (L{ipcd.proxied}) passes bytes on only after the
-    header, checked, and from then on its C{getPeer()} says that address
+    A remote peer on a network listener, named by its address (C{ip:...});
+    on a UNIX socket, by the uid that connected (C{unix:uid=N}: still a
+    remote peer, L{ipcd.identity.unix_listener_peer}).  Behind a
+    C{haproxy:} listener, that is the address the PROXY header names:
+    ipcd's reader (L{ipcd.proxied}) passes bytes on only after the header,
+    checked, and from then on its C{getPeer()} says that address
     (before, the proxy's, which is what the connection limits count: see
     L{readdress}).
     """
@@ -208,7 +210,7 @@ class NetworkHandshake(Handshaking):
         if set_no_delay is not None:
             set_no_delay(True)
         self._connected = address = self.transport.getPeer()
-        return remote_peer(address.host, address.port)
+        return listener_peer(address, self.transport)
 
     def readdress(self) -> None:
         """

@@ -29,14 +29,14 @@ if TYPE_CHECKING:
 def client_key(client: Peer, config: Any) -> str:
     """
     What C{client}'s relays are counted under: its uid; a remote peer's
-    address prefix.
+    address prefix (a UNIX listener's peer: C{unix:uid=N}).
     """
     if client.uid is not None:
         return f"uid:{client.uid}"
     if client.address is not None:
         ipv4, ipv6 = config.peer_prefix_ipv4, config.peer_prefix_ipv6
         return network_peer_key(client.address[0], ipv4, ipv6)
-    return "unknown"
+    return client.key or "unknown"  # (a UNIX listener's peer: unix:uid=N)
 
 
 def admit(

@@ -165,14 +165,14 @@ def counted_refusals(limits: Any) -> Refused:
         limits.log.warn(
             "{listener}: refusing {proxy}: bad PROXY header: {why}",
             listener=name,
-            proxy=_shown(proxy),
+            proxy=shown_peer(proxy),
             why=why,
         )
 
     return refused
 
 
-def _shown(address: Any) -> str:
+def shown_peer(address: Any) -> str:
     """A listener's peer, for a log line (a UNIX socket's has no host)."""
     host = getattr(address, "host", None)
     return "a UNIX socket's peer" if host is None else host_port(host, address.port)

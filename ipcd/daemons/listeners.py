@@ -18,6 +18,7 @@ from ipcd import wire
 from ipcd.backlogs import with_backlog
 from ipcd.daemons import settings_of
 from ipcd.host import IDaemonHost
+from ipcd.identity import unix_listener_peer
 from ipcd.inbound import ControlHandshake, HandshakeFactory, Handshaking
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.listener import EndpointListener
@@ -149,9 +150,12 @@ def network_listener(
     reactor = tls_listens(broker.reactor, listen)
 
     def peer_key(transport: Any) -> str:
+        address = transport.getPeer()
+        if not hasattr(address, "host"):  # a UNIX socket's: one key per uid
+            return unix_listener_peer(transport).description
         config = broker.config  # read per connection: reloads apply
         return network_peer_key(
-            transport.getPeer(), config.peer_prefix_ipv4, config.peer_prefix_ipv6
+            address, config.peer_prefix_ipv4, config.peer_prefix_ipv6
         )
 
     refused = counted_refusals(limits)

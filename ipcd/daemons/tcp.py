@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorFDSet
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ipcd.checkers import positive_number
+from ipcd.checkers import not_tls, positive_number
 from ipcd.daemons import IProtocolDaemon, ListeningDaemon, Setting, listener_settings
 from ipcd.daemons.listeners import DaemonService
 from ipcd.errors import BUSY, Refused
@@ -151,7 +151,17 @@ class TcpDaemon(ListeningDaemon):
     scheme = SCHEME
     section = SECTION
     settings = (
-        *listener_settings(SECTION, DEFAULT_LISTEN),
+        *listener_settings(
+            SECTION,
+            DEFAULT_LISTEN,
+            # tcpd hands its peer's very socket on: under TLS, its client
+            # would read TLS records, and never an answer.
+            check_listen=not_tls(
+                "tcpd relays the connection's raw socket, so a TLS listener's "
+                "peers would never get an answer: listen on tcp: here, and "
+                "use tlsd (libipc over TLS) or websocketd's ssl: for TLS"
+            ),
+        ),
         Setting("handshake_timeout", positive_number, 5.0, "seconds"),
     )
     default_listen = DEFAULT_LISTEN

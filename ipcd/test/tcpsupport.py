@@ -43,7 +43,7 @@ class Host:
 
     service: IPCDService
     rundir: str
-    port: int
+    port: int | None  # (None on a unix: listener)
 
     @property
     def broker(self) -> Any:
@@ -74,7 +74,7 @@ def start_host(
     )
     service = yield start_ipcd(case, config)
     port = yield service.getServiceNamed("tcpd").listening()
-    host = Host(service, rundir, port.getHost().port)
+    host = Host(service, rundir, getattr(port.getHost(), "port", None))
     # Runs after the test's own cleanups (which close its sockets): relays
     # end in a turn or two of the reactor.
     case.addCleanup(

@@ -7,8 +7,11 @@ that complete only if the kernel has room for them).
 
 from __future__ import annotations
 
+import os
 import select
+import shutil
 import socket
+import subprocess
 import time
 from typing import Any
 
@@ -23,8 +26,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd.backlogs import TCP_BACKLOG, with_backlog
 from ipcd.names import UNIX_BACKLOG
-from ipcd.test.support import TIMEOUT
+from ipcd.test.support import TIMEOUT, short_rundir
 from ipcd.test.tcpsupport import start_host
+from ipcd.test.tlssupport import TestCA
+from ipcd.test.wssupport import start_ws_host
 
 # Connects made to a listener that accepts none: more than Twisted's
 # default backlog (50) lets the kernel complete.
@@ -40,6 +45,8 @@ class WithBacklogTests(SynchronousTestCase):
             (r"tcp6:9000:interface=\:\:1", TCP_BACKLOG),
             ("ssl:8443:privateKey=/k.pem:certKey=/c.pem", TCP_BACKLOG),
             ("haproxy:tcp:9000", TCP_BACKLOG),
+            ("tls:/etc/ipcd/pems:port=8443", TCP_BACKLOG),
+            ("tls:/etc/ipcd/pems:8443", TCP_BACKLOG),
             ("unix:/run/ipcd/tcp.sock:mode=660", UNIX_BACKLOG),
         ]:
             self.assertEqual(with_backlog(given), f"{given}:backlog={kind}")
@@ -50,6 +57,8 @@ class WithBacklogTests(SynchronousTestCase):
             "tcp:9000:backlog=10",
             "tcp:9000:127.0.0.1:10",
             "tcp6:9000:10",
+            "tls:/d:8443:10",
+            "tls:/d:port=8443:backlog=10",
             "unix:/x.sock:660:10",
             "haproxy:tcp:9000:backlog=10",
             "systemd:domain=INET:index=0",
@@ -169,3 +178,35 @@ class ListenerBacklogTests(TestCase):
         port.stopReading()  # accepts nothing: connects stay queued
         done = yield deferToThread(_completed, host.port, count, TIMEOUT)
         self.assertEqual(done, count)
+
+    @inlineCallbacks
+    def test_tlsListenerBacklog(self) -> Any:
+        """
+        A C{tls:} listener (Twisted's, a directory of PEM files) gets ipcd's
+        backlog too, as the kernel reports it (C{ss}: a listener's Send-Q):
+        it had Twisted's 50, its type missing from ipcd's table.
+        """
+        ss = shutil.which("ss")
+        if ss is None:
+            raise self.skipTest("no ss (iproute2) to read a listener's backlog")
+        with open("/proc/sys/net/core/somaxconn") as f:
+            expected = min(TCP_BACKLOG, int(f.read()))  # (the kernel's cap)
+        # (The CA's own .pem stays out of the listener's directory.)
+        issued = TestCA(short_rundir(self, "ipcd-ca-")).issue("localhost")
+        directory = short_rundir(self, "ipcd-pems-")
+        with open(os.path.join(directory, "localhost.pem"), "w") as pem:
+            for name in (issued.key, issued.cert):
+                with open(name) as part:
+                    pem.write(part.read())
+        host = yield start_ws_host(
+            self, listen=f"tls:{directory}:port=0:interface=127.0.0.1"
+        )
+        out = subprocess.run(
+            [ss, "-lntH", f"sport = :{host.port}"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=True,
+        ).stdout.split()
+        self.assertEqual(out[:1], ["LISTEN"], out)
+        self.assertEqual(int(out[2]), expected, out)  # Send-Q: the backlog

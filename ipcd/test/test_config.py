@@ -281,9 +281,10 @@ class FileTests(ConfigFileMixin, SynchronousTestCase):
         listens (where a missing one is one clear line), not when the
         configuration is checked: loading never opens them.
         """
-        path = self.write('[tcpd]\nlisten = "ssl:0:privateKey=/nonexistent/k.pem"\n')
+        listen = "ssl:0:privateKey=/nonexistent/k.pem"
+        path = self.write(f'[websocketd]\nlisten = "{listen}"\n')
         config = load_config(path, None, {})
-        self.assertEqual(tcp_listen(config), "ssl:0:privateKey=/nonexistent/k.pem")
+        self.assertEqual(config.daemons["websocketd"]["listen"], listen)
 
     def test_tcpdDisabled(self) -> None:
         """C{[tcpd] enabled = false} means no TCP listener at all."""
@@ -368,7 +369,8 @@ class OperatorFormsTests(ConfigFileMixin, SynchronousTestCase):
             "ipc:wsd:rundir=/run/libipc:mode=0660:backlog=64:group=wheel",
         )
         for section, forms in (
-            ("tcpd", tcp),
+            ("tcpd", tcp + unix),  # (a TLS one refused: ErrorTests)
+            ("tlsd", tcp + unix),
             ("websocketd", tcp + tls + unix),
             ("metrics", tcp + tls),
         ):
@@ -802,12 +804,15 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             "haproxy:tcp:9000",
             "unix:/run/ipcd/tcpd.sock",
             r"unix:\:",  # a socket named ':' in the working directory
-            "tls:/etc/ipcd/pems:port=8443",
             r"tcp6:9000:interface=\:\:",
             "tcp:9000:interface=",  # tcp's default: IPv4's every address
         ):
             config = load_config(None, {"tcpd": {"listen": listen}}, {})
             self.assertEqual(tcp_listen(config), listen)
+        # (A TLS listener is websocketd's: tcpd and tlsd refuse one.)
+        load_config(
+            None, {"websocketd": {"listen": "tls:/etc/ipcd/pems:port=8443"}}, {}
+        )
 
     def test_tlsAndSslArguments(self) -> None:
         """
@@ -914,8 +919,6 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             "tcp:9000",
             "tcp:09000:127.0.0.1:50",
             r"tcp6:port=9000:interface=\:\:1:backlog=0",
-            "tls:/d:443:50",
-            "ssl:443:privateKey=/k:backlog=50",
             "unix:/run/t.sock:0660:5:0",
             "unix:/run/t.sock:mode=777:lockfile=1",
             "systemd:domain=INET:index=10",
@@ -925,6 +928,8 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         ):
             config = load_config(None, {"tcpd": {"listen": listen}}, {})
             self.assertEqual(tcp_listen(config), listen)
+        for listen in ("tls:/d:443:50", "ssl:443:privateKey=/k:backlog=50"):
+            load_config(None, {"websocketd": {"listen": listen}}, {})
 
     def test_tcp6Arguments(self) -> None:
         """

@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import control
-from ipcd.config import load_config
+from ipcd.config import ConfigError, load_config
 from ipcd.identity import Peer
 from ipcd.reloadgate import RELOAD_INTERVAL, ReloadGate
 from ipcd.test.support import (
@@ -210,6 +210,42 @@ class SettingsAfterReloadTests(TestCase):
         self.assertEqual((yield deferToThread(echo)), b"")  # closed: too large
         self.assertEqual(service.reload(), {"ok": True, "restart_needed": []})
         self.assertEqual((yield deferToThread(echo)), message)
+
+
+class TlsListenerRefusedTests(TestCase):
+    @inlineCallbacks
+    def test_fileAndReload(self) -> Any:
+        """
+        A configuration file giving tcpd or tlsd a TLS listener (C{ssl:},
+        C{tls:}) is refused at load, and by a reload, which keeps the
+        listener running: tcpd's client got no answer on one, ever.
+        """
+        rundir = short_rundir(self)
+        path = os.path.join(rundir, "ipcd.toml")
+
+        def write(section: str, listen: str) -> None:
+            with open(path, "w") as f:
+                f.write(f'rundir = "{rundir}"\n[websocketd]\nenabled = false\n')
+                f.write(f"[{section}]\nlisten = '{listen}'\n")
+
+        def load() -> Any:
+            return load_config(path, None, {})
+
+        write("tcpd", "tcp:0:interface=127.0.0.1")
+        service = yield start_ipcd(self, load(), load)
+        for section, listen in (
+            ("tcpd", "ssl:9444:privateKey=/k.pem"),
+            ("tcpd", "tls:/d:9444"),
+            ("tlsd", "haproxy:tls:/d:9444"),
+        ):
+            write(section, listen)
+            expected = f"{path}: [{section}] listen: {listen!r}: {section} "
+            error = self.assertRaises(ConfigError, load)
+            self.assertTrue(str(error).startswith(expected), str(error))
+            answer = service.reload()
+            self.assertFalse(answer["ok"])
+            self.assertTrue(answer["error"].startswith(expected), answer)
+        self.assertTrue(service.getServiceNamed("tcpd").listener.running)
 
 
 # A listener that takes no fixed port, for a daemon the file turns on.

@@ -111,6 +111,30 @@ class CommandFailureTests(SynchronousTestCase):
         self.assertEqual(self.ipcd("--tcp", listen), expected)
         self.assertEqual(self.twistd("--tcp", listen), expected)
 
+    def test_tlsListenerOfTcpdOrTlsd(self) -> None:
+        """
+        tcpd or tlsd on a TLS listener (C{ssl:}, C{tls:}, inside
+        C{haproxy:} too) is refused at start, in one line with the way out:
+        it started, logged each lookup "ok", and its client never got an
+        answer (tcpd relays the raw socket, TLS-wrapped; tlsd speaks TLS
+        itself).  Nothing needs to listen, so no files need exist.
+        """
+        for option, listen, way_out in (
+            ("--tcp", "ssl:9444:privateKey=/k.pem", "listen on tcp: here"),
+            ("--tcp", "haproxy:tls:/d:9444", "listen on tcp: here"),
+            ("--tls", "tls:/d:9444", "write it as tcp:PORT"),
+            ("--tls", "haproxy:ssl:9444:privateKey=/k.pem", "write it as tcp:PORT"),
+        ):
+            line = self.ipcd(option, listen)
+            section = "tcpd" if option == "--tcp" else "tlsd"
+            self.assertTrue(
+                line.startswith(
+                    f"ipcd: command line: [{section}] listen: {listen!r}: "
+                ),
+                line,
+            )
+            self.assertIn(way_out, line)
+
     def test_rundirReadOnly(self) -> None:
         reason = read_only(self, self.rundir)
         self.assertEqual(

@@ -194,6 +194,6 @@ def start_tls_host(
     port = None
     if tls.listener is not None:
         listening = yield tls.listening()
-        port = listening.getHost().port
+        port = getattr(listening.getHost(), "port", None)  # (None: unix:)
     case.addCleanup(wait_until, lambda: not service.broker.relays, "relays to end")
     return TlsHost(service, rundir, port)

@@ -93,7 +93,7 @@ def start_ws_host(
     host = WsHost(
         service,
         rundir,
-        port.getHost().port,
+        getattr(port.getHost(), "port", None),  # (None: unix:)
         "wss" if listen.startswith("ssl:") else "ws",
     )
     case.addCleanup(wait_until, lambda: not service.broker.relays, "relays to end")

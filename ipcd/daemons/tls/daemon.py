@@ -32,7 +32,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ipcd import outlimits
-from ipcd.checkers import Expected, boolean, positive_number
+from ipcd.checkers import Expected, boolean, not_tls, positive_number
 from ipcd.daemons import (
     IOutbound,
     IProtocolDaemon,
@@ -250,7 +250,15 @@ class TlsDaemon(ListeningDaemon):
     scheme = SCHEME
     section = SECTION
     settings = (
-        *listener_settings(SECTION, DEFAULT_LISTEN),
+        *listener_settings(
+            SECTION,
+            DEFAULT_LISTEN,
+            check_listen=not_tls(
+                "tlsd speaks TLS on its listener itself, with [tlsd] "
+                "certificate and key: write it as tcp:PORT (or unix:PATH), "
+                "not ssl: or tls:"
+            ),
+        ),
         Setting("certificate", _path, "", "PEM certificate (and chain)", path=True),
         Setting("key", _path, "", "PEM private key of the certificate", path=True),
         Setting(

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -44,9 +44,10 @@ from ipcd.daemons.websocket.factories import (
 from ipcd.daemons.websocket.page import page_response
 from ipcd.errors import BUSY, NO_SUCH_SERVICE, REFUSED, UNAVAILABLE
 from ipcd.host import IDaemonHost
-from ipcd.identity import remote_peer
+from ipcd.identity import listener_peer
 from ipcd.limits import REFUSAL_GRACE, RateLimitedObserver
 from ipcd.logs import printable
+from ipcd.proxied import shown_peer
 from ipcd.relay import RelayStats
 from ipcd.startup import address_text
 
@@ -179,6 +180,23 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
         no_delay(self.transport)
 
     def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:  # noqa: N802
+        # autobahn answers any other exception "500 Internal server error:"
+        # with its text, to the peer: ipcd's trouble is logged, and the
+        # peer told the public word only.
+        return maybeDeferred(self._connect, request).addErrback(self._internal)
+
+    def _internal(self, failure: Failure) -> Any:
+        if failure.check(ConnectionDeny):
+            return failure
+        core = self._core
+        self.factory.peerLog.failure(
+            "websocketd: request from {who} failed",
+            failure,
+            who=str(core.who) if core else shown_peer(self._connected),
+        )
+        raise ConnectionDeny(ConnectionDeny.INTERNAL_SERVER_ERROR, UNAVAILABLE)
+
+    def _connect(self, request: ConnectionRequest) -> Deferred[Any]:
         settings = self.factory.settings()
         origin = request.origin
         headers = request.headers
@@ -190,7 +208,8 @@ class WebSocketInbound(WebSocketSide, WebSocketServerProtocol):
         address = self._addressed.getPeer()
         if not hasattr(address, "host"):  # a header's UNIX socket: the proxy
             address = self._connected
-        peer = remote_peer(address.host, address.port)
+        # (On a UNIX listener, the proxy's uid: ipcd.identity.listener_peer.)
+        peer = listener_peer(address, self._addressed)
         self._core = handshake = core.InboundHandshake(peer, UpgradeAnswers())
         self.act(handshake.asked(request.path.removeprefix("/")))
         return self._asking  # autobahn's answer: its result, or a denial
