@@ -10,6 +10,7 @@ import errno
 import os
 import select
 import socket
+import struct
 import sys
 from typing import Any
 
@@ -19,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd.daemons.udp import batch
+from ipcd.daemons.udp import source as sources
 from ipcd.daemons.udp.batch import (
     DATAGRAM_BUDGET,
     MAX_SEGMENTS,
@@ -29,6 +31,7 @@ from ipcd.daemons.udp.batch import (
     sender_for,
 )
 from ipcd.daemons.udp.session import Session, SessionStats
+from ipcd.daemons.udp.source import NO_SOURCE
 from ipcd.test.support import TIMEOUT
 from ipcd.test.udpsupport import can_forge, icmp_prohibited
 
@@ -757,4 +760,59 @@ class ForPortTests(TestCase):
         self.assertEqual(
             (sender.sock, sender.address, sender.refused),
             (port.getHandle(), ("127.0.0.1", 9), told),
+        )
+
+
+class ReaderAnswerFromTests(SynchronousTestCase):
+    """
+    Which of a datagram's control messages L{BatchReader.answer_from}
+    makes the answer's source: only the kinds the socket asked for, and
+    IPv4's when a dual-stack socket's IPv4 datagram carries both.
+    """
+
+    V4 = (socket.IPPROTO_IP, sources.IP_PKTINFO)
+    V6 = (socket.IPPROTO_IPV6, sources.IPV6_PKTINFO)
+
+    def reader(self, *ancillary: tuple[int, int, bytes]) -> BatchReader:
+        reader = BatchReader(
+            _Port(_OneDatagramSocket(b"", None)), connected=False, gro=False
+        )
+        reader._where = frozenset({self.V4, self.V6})
+        if ancillary:
+            reader.ancillary = list(ancillary)
+        return reader
+
+    def info(self) -> tuple[tuple[int, int, bytes], tuple[int, int, bytes]]:
+        """An IPv4 datagram's both messages on a dual-stack socket."""
+        v4 = struct.pack("=i4s4s", 2, bytes([10, 0, 0, 5]), bytes([10, 0, 0, 255]))
+        mapped = socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.255")
+        return (*self.V4, v4), (*self.V6, struct.pack("=16si", mapped, 2))
+
+    def test_nothingReadYet(self) -> None:
+        """Before any datagram: no source (the kernel chooses)."""
+        self.assertEqual(self.reader().answer_from(), NO_SOURCE)
+
+    def test_ipv4FirstWhateverTheOrder(self) -> None:
+        v4, v6 = self.info()
+        expected = sources.answer_from(socket.IPPROTO_IP, v4[2])
+        self.assertNotEqual(expected, NO_SOURCE)
+        self.assertEqual(self.reader(v4, v6).answer_from(), expected)
+        self.assertEqual(self.reader(v6, v4).answer_from(), expected)
+
+    def test_ipv6Alone(self) -> None:
+        """An IPv6 datagram's one message is its source."""
+        address = socket.inet_pton(socket.AF_INET6, "2001:db8::5")
+        v6 = (*self.V6, struct.pack("=16si", address, 0))
+        expected = sources.answer_from(socket.IPPROTO_IPV6, v6[2])
+        self.assertNotEqual(expected, NO_SOURCE)
+        self.assertEqual(self.reader(v6).answer_from(), expected)
+
+    def test_kindNotAskedForIgnored(self) -> None:
+        """A control message the socket did not ask for is no source."""
+        v4, _ = self.info()
+        other = (socket.SOL_SOCKET, 29, v4[2])  # (SO_TIMESTAMP's level)
+        self.assertEqual(self.reader(other).answer_from(), NO_SOURCE)
+        self.assertEqual(
+            self.reader(other, v4).answer_from(),
+            sources.answer_from(socket.IPPROTO_IP, v4[2]),
         )
