@@ -18,6 +18,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from ipcd.framing import recv_message, send_message
@@ -101,14 +102,24 @@ def no_ipcd(path: str, error: OSError | str) -> str:
     )
 
 
+def busy_pauses() -> Iterator[float]:
+    """
+    The pauses between connects to a listener whose backlog is full, here
+    and in L{ipcd.endpoints}: doubling from 0.5 ms to at most 50 ms.
+    """
+    pause = 0.0005
+    while True:
+        yield pause
+        pause = min(pause * 2, 0.05)
+
+
 def _connect_unix(sock: socket.socket, path: str, timeout: float | None) -> None:
     """
     connect(), waiting while the listener's backlog is full: AF_UNIX reports
     that as EAGAIN at once instead of waiting out the timeout.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    delay = 0.0005
-    while True:
+    for delay in busy_pauses():
         try:
             sock.connect(path)
             return
@@ -116,7 +127,6 @@ def _connect_unix(sock: socket.socket, path: str, timeout: float | None) -> None
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise TimeoutError(f"{path}: listener busy (backlog full)") from None
             time.sleep(delay)
-            delay = min(delay * 2, 0.05)
 
 
 def _connect_ipcd(sock: socket.socket, path: str, timeout: float | None) -> None:

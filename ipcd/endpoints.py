@@ -39,6 +39,7 @@ from zope.interface import implementer
 from ipcd.client import (
     DEFAULT_TIMEOUT,
     EXPECTED_TIMEOUT,
+    busy_pauses,
     checked_timeout,
     no_ipcd,
     timeout_option,
@@ -293,31 +294,33 @@ class IPCClientEndpoint:
         failed with C{An error occurred while connecting: [Failure
         instance: ... ConnectionDone ...]}.
         """
-        timeout, pause, deadline = self._timeout, _FIRST_PAUSE, None
-        while True:
+        timeout, deadline = self._timeout, None
+        for pause in busy_pauses():
             endpoint = UNIXClientEndpoint(self._reactor, path, timeout=timeout)
             try:
                 return await endpoint.connect(factory)
             except ConnectError as e:
                 if not _backlog_full(e):
                     raise
-            if not bounded:
-                await deferLater(self._reactor, pause, lambda: None)
-                pause = min(pause * 2, _LAST_PAUSE)
-                continue
-            now = self._reactor.seconds()  # (only here: a MemoryReactor has none)
-            deadline = now + self._timeout if deadline is None else deadline
-            if now + pause < deadline:
-                await deferLater(self._reactor, pause, lambda: None)
+            if bounded:
+                now = self._reactor.seconds()  # (only here: a MemoryReactor has none)
+                deadline = now + self._timeout if deadline is None else deadline
+                if now + pause >= deadline:
+                    raise self._busy(name, path)
+            await deferLater(self._reactor, pause, lambda: None)
+            if bounded:
                 # A pause can end late on a loaded machine, past the deadline.
                 timeout = deadline - self._reactor.seconds()
-            if now + pause >= deadline or timeout <= 0:
-                what = "ipcd" if name == BROKER_NAME else f"service {name!r}"
-                raise ConnectTimeout(
-                    string=f"cannot reach {what} at {path}: its listener stayed "
-                    f"busy (backlog full) for {self._timeout:g} s"
-                )
-            pause = min(pause * 2, _LAST_PAUSE)
+                if timeout <= 0:
+                    raise self._busy(name, path)
+
+    def _busy(self, name: str, path: str) -> ConnectTimeout:
+        """The error of a listener busy for the whole timeout."""
+        what = "ipcd" if name == BROKER_NAME else f"service {name!r}"
+        return ConnectTimeout(
+            string=f"cannot reach {what} at {path}: its listener stayed "
+            f"busy (backlog full) for {self._timeout:g} s"
+        )
 
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
         if not self.network:
@@ -359,12 +362,6 @@ class IPCClientEndpoint:
         return received.addCallback(
             lambda fd: adopt_into_reactor(self._reactor, fd, factory)
         )
-
-
-# A full backlog's connect is tried again after these pauses, doubling (the
-# blocking client's, ipcd.client._connect_unix).
-_FIRST_PAUSE = 0.0005
-_LAST_PAUSE = 0.05
 
 
 def _backlog_full(error: ConnectError) -> bool:

@@ -53,6 +53,7 @@ from ipcd.test.support import (
     RunningIpcdTestCase,
     assert_no_fd_leak,
     fd_baseline,
+    fill_backlog,
     run_python,
     set_network,
     short_rundir,
@@ -753,14 +754,8 @@ class BusyListenerTests(TestCase):
         listener.bind(path)
         listener.listen(0)
         listener.setblocking(False)
-        while True:  # connect until the kernel refuses one
-            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.addCleanup(filler.close)
-            filler.setblocking(False)
-            try:
-                filler.connect(path)
-            except BlockingIOError:
-                return listener
+        fill_backlog(self, path)
+        return listener
 
     @inlineCallbacks
     def test_connectsOnceThereIsRoom(self) -> Any:
