@@ -186,8 +186,8 @@ def _same_zone(zone: str, wanted: str) -> bool:
     """
     if zone == wanted or not zone:
         return True
-    index = _zone_index(zone)  # one interface, by another name or its index
-    return index is not None and index == _zone_index(wanted)
+    index = zone_index(zone)  # one interface, by another name or its index
+    return index is not None and index == zone_index(wanted)
 
 
 def _zone_form(zone: str) -> bool:
@@ -207,8 +207,11 @@ def _zone_form(zone: str) -> bool:
     )
 
 
-def _zone_index(zone: str) -> int | None:
-    """The interface index of C{zone}; C{None}: no such interface (now)."""
+def zone_index(zone: str) -> int | None:
+    """
+    The interface index of C{zone} (a name, or its number in ASCII
+    digits); C{None}: no such interface (now).
+    """
     if zone.isascii() and zone.isdigit():  # ('²' and '١' are names)
         return int(zone)
     try:

@@ -19,6 +19,8 @@ import socket
 import struct
 from typing import Any
 
+from ipcd import policy
+
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
@@ -123,12 +125,9 @@ def zone_index(zone: str) -> int:
     once per session and per HELLO answered, and an interface that goes
     and comes back (a VPN's, a USB adapter's) has another.
     """
-    if zone.isascii() and zone.isdigit():
-        return int(zone)
-    try:
-        return socket.if_nametoindex(zone)
-    except OSError:
-        pass
+    index = policy.zone_index(zone)
+    if index is not None:
+        return index
     # Renamed since its datagrams named it so: the index they came with.
     # (Its peers keep the old name in their labels until L{_NAMES} is read
     # afresh.)  Else gone: the send fails, as UDP loses a datagram.
