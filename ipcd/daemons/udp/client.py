@@ -70,9 +70,7 @@ class SessionClient(DatagramProtocol):
             parsed = None
         if session is not None:
             if (
-                isinstance(
-                    parsed, udpwire.Data | udpwire.Close | udpwire.Ping | udpwire.Pong
-                )
+                isinstance(parsed, udpwire.Data | udpwire.SessionDatagram)
                 and parsed.session == session.id
             ):
                 session.datagram(parsed, len(datagram))

@@ -138,7 +138,7 @@ class UdpServer(DatagramProtocol):
                 self._hello(parsed, address, len(datagram), source, issued)
         elif isinstance(parsed, udpwire.OtherVersion):
             self._other_version(parsed, address, len(datagram))
-        elif isinstance(parsed, udpwire.Close | udpwire.Ping | udpwire.Pong):
+        elif isinstance(parsed, udpwire.SessionDatagram):
             session = self._bound(parsed.session, address)
             if session is not None:
                 session.datagram(parsed, len(datagram))

@@ -128,6 +128,7 @@ Datagram = (
 )
 # The datagrams a session takes from its peer, besides DATA.
 _SESSION_KINDS = {CLOSE: Close, PING: Ping, PONG: Pong}
+SessionDatagram = Close | Ping | Pong  # (as isinstance takes them)
 
 
 def hello(nonce: bytes, service: bytes, cookie: bytes = NO_COOKIE) -> bytes:
