@@ -313,3 +313,31 @@ class ZoneTests(SynchronousTestCase):
         sources._NAMES[7] = "renamed0"
         self.assertEqual(sources.sockaddr_of(("fe80::1%renamed0", 1))[3], 7)
         self.assertEqual(sources.sockaddr_of(("fe80::1%nosuch0", 1))[3], 0)
+
+    def test_zoneWithAPercent(self) -> None:
+        """A zone is all after the host's first '%' (a name may hold one)."""
+        self.addCleanup(sources._NAMES.clear)
+        sources._NAMES[7] = "a%b"
+        self.assertEqual(sources.sockaddr_of(("fe80::1%a%b", 1)), ("fe80::1", 1, 0, 7))
+
+    def test_namesKeptBounded(self) -> None:
+        """
+        An index's name is kept (read once), and what is kept is read
+        afresh past 256 names.
+        """
+        self.addCleanup(sources._NAMES.clear)
+        sources._NAMES.clear()
+        self.assertEqual(sources.zone_name(1), "lo")
+        self.assertEqual(sources._NAMES, {1: "lo"})
+        sources._NAMES[1] = "kept"  # (read from what is kept, not the kernel)
+        self.assertEqual(sources.zone_name(1), "kept")
+        sources._NAMES.clear()
+        sources._NAMES.update({-n: f"x{n}" for n in range(1, 256)})  # 255 kept
+        sources.zone_name(1)
+        self.assertEqual(len(sources._NAMES), 256)
+        sources.zone_name(1)  # (kept: nothing read)
+        self.assertEqual(len(sources._NAMES), 256)
+        sources._NAMES.pop(1)
+        sources._NAMES[-256] = "x256"  # 256 kept: the next read starts afresh
+        self.assertEqual(sources.zone_name(1), "lo")
+        self.assertEqual(sources._NAMES, {1: "lo"})
