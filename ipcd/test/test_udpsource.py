@@ -322,13 +322,17 @@ class ZoneTests(SynchronousTestCase):
         """
         self.addCleanup(sources._NAMES.clear)
         sources._NAMES.clear()
+        names = {7: "1", 8: "\u00b2"}  # ('²' is a name: policy reads it so)
         real = socket.if_indextoname
         self.patch(
-            socket, "if_indextoname", lambda index: "1" if index == 7 else real(index)
+            socket, "if_indextoname", lambda index: names.get(index) or real(index)
         )
         kept = sources.peer_address(("fe80::1", 9000, 0, 7))
         self.assertEqual(kept, ("fe80::1%7", 9000))
         self.assertEqual(sources.sockaddr_of(kept), ("fe80::1", 9000, 0, 7))
+        kept = sources.peer_address(("fe80::1", 9000, 0, 8))
+        self.assertEqual(kept, ("fe80::1%\u00b2", 9000))
+        self.assertEqual(sources.sockaddr_of(kept), ("fe80::1", 9000, 0, 8))
 
     def test_zoneWithAPercent(self) -> None:
         """A zone is all after the host's first '%' (a name may hold one)."""
