@@ -523,6 +523,26 @@ class UdpLinkLocalTests(TwoLinks, SynchronousTestCase):
         )
         self.assertEqual(answers, "OK:hi", log)
 
+    def test_linkNamedInDigits(self) -> None:
+        """
+        A link whose interface is named in digits (link 2's, renamed so)
+        is known by its index, as a rule reads such a zone: its peer is
+        answered out of it, and matched by a rule for that index.  (Its
+        answers went by the interface whose index its name spelled, none
+        here: A got nothing.)
+        """
+        digits = "9" + self.link_b2[2:]
+        ip("-n", self.ns_b, "link", "set", self.link_b2, "down")
+        ip("-n", self.ns_b, "link", "set", self.link_b2, "name", digits)
+        ip("-n", self.ns_b, "link", "set", digits, "up")
+        cidr = f"{self.ADDRESS_B}/{self.PREFIX}"
+        ip("-n", self.ns_b, "address", "replace", cidr, "dev", digits, "nodad")
+        shown = ip("-n", self.ns_b, "-o", "link", "show", digits).stdout
+        index = shown.split(":", 1)[0]
+        answers, log = self.sessions([index], f"{self.link_a2}:fe80::2")
+        self.assertEqual(answers, "OK:hi", log)
+        self.assertIn(f"%{index}]", log)
+
 
 # In one namespace, a dial out of one end of a veth pair to the address of
 # its other end (argv: the two ends, the second's address): the zones of

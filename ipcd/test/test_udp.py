@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
@@ -25,6 +25,7 @@ from ipcd.control import format_status, request
 from ipcd.daemons import StartupError
 from ipcd.daemons.udp import session as session_module
 from ipcd.daemons.udp import wire as udpwire
+from ipcd.daemons.udp.cookie import AddressCookies
 from ipcd.daemons.udp.session import OUTBOX_BOUND
 from ipcd.names import listen_unix
 from ipcd.options import Options
@@ -56,6 +57,7 @@ from ipcd.test.udpsupport import (
     next_data,
     probe,
     read_message,
+    spend_cookies,
     start_udp_host,
     udp_socket,
 )
@@ -497,6 +499,30 @@ class HostileDatagramTests(TwoHostsTestCase):
         closed = yield deferToThread(eof_within, sock)
         self.assertTrue(closed)
         self.assertEqual(self.b.broker.counters["udp hellos with a spent cookie"], 1)
+
+    @inlineCallbacks
+    def test_fewPrefixesCannotLockOthersOut(self) -> Any:
+        """
+        Two addresses (prefixes) that spend cookies as fast as they can
+        (on a service they are refused) fill the record of cookies spent
+        in all (8 here; 32,768 by default): the next HELLO renews the
+        secrets instead of being refused busy, so a client from a third
+        address still connects.  A prefix past its own share (4 here) is
+        refused busy.  (Before, everyone was refused busy for as long as
+        the two kept the record full: 8 loopback addresses did it with
+        the default bounds in 11 s of one Python thread.)
+        """
+        # (Its own clock: no new period of the cookies within the test.)
+        self.b.server.cookies = AddressCookies(Clock(), per_source=4, in_all=8)
+        for host in ("127.0.0.2", "127.0.0.3"):
+            told = yield deferToThread(spend_cookies, self.b.port, host, 4, b"secret-x")
+            self.assertEqual(told, {"refused": 4})
+        told = yield deferToThread(spend_cookies, self.b.port, "127.0.0.2", 1)
+        self.assertEqual(told, {"busy": 1})
+        yield self.assertServing()  # (A's udpd, at 127.0.0.1)
+        counters = self.b.broker.counters
+        self.assertEqual(counters["udp cookie secrets renewed: too many spent"], 1)
+        self.assertEqual(counters["udp sessions refused: too many opened lately"], 1)
 
     @inlineCallbacks
     def test_helloWithoutCookieKeepsNothing(self) -> Any:

@@ -384,6 +384,44 @@ class RefusedSessionTests(TestCase):
         self.assertEqual((session.stats.sent, session.stats.dropped), (1, 5))
 
 
+class RefusedPingTests(SynchronousTestCase):
+    """A PING refused (its peer's udpd gone) ends the session and its timer."""
+
+    def test_noCheckAfterTheEnd(self) -> None:
+        """
+        The client's session sent DATA, then its remote udpd went away (the
+        kernel's "port unreachable" pending on its connected socket): the
+        PING at a quarter of idle_timeout is refused, which ends the
+        session, and no check of it is left on the clock (one was, and
+        went on PINGing a session over until idle_timeout).
+        """
+        clock = Clock()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        remote = receiver()
+        sock.connect(remote.getsockname())
+        session = Session(
+            b"S" * 8,
+            DatagramSender(sock, refused=lambda: session.end("refused", False)).write,
+            SessionStats(direction="out", registry=set()),
+            clock,
+            idle_timeout=10.0,
+            max_datagram=1000,
+        )
+        self.addCleanup(session.end, "test over", notify=False)
+        clock.advance(1)
+        session.message(b"to the remote udpd")
+        self.assertEqual(receive(remote, 1)[0][:1], b"D")
+        remote.close()
+        sock.send(b"to nobody")  # the kernel's answer: nobody listens
+        poller = select.poll()
+        poller.register(sock, select.POLLERR)
+        self.assertTrue(poller.poll(TIMEOUT * 1000), "the ICMP error did not come")
+        clock.advance(2.5)  # the peer quiet for a quarter: a PING, refused
+        self.assertTrue(session.done)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
 class OldKernelSocket(socket.socket):
     """
     A UDP socket as a kernel before Linux 4.18 (or another without GSO)

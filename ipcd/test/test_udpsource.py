@@ -314,6 +314,26 @@ class ZoneTests(SynchronousTestCase):
         self.assertEqual(sources.sockaddr_of(("fe80::1%renamed0", 1))[3], 7)
         self.assertEqual(sources.sockaddr_of(("fe80::1%nosuch0", 1))[3], 0)
 
+    def test_nameOfDigitsByItsIndex(self) -> None:
+        """
+        An interface named in digits (C{1}, index 7, a veth so named) is
+        known by its index: a zone of digits is read as an index (here as
+        by rules), and its peers' answers went out by index 1.
+        """
+        self.addCleanup(sources._NAMES.clear)
+        sources._NAMES.clear()
+        names = {7: "1", 8: "\u00b2"}  # ('²' is a name: policy reads it so)
+        real = socket.if_indextoname
+        self.patch(
+            socket, "if_indextoname", lambda index: names.get(index) or real(index)
+        )
+        kept = sources.peer_address(("fe80::1", 9000, 0, 7))
+        self.assertEqual(kept, ("fe80::1%7", 9000))
+        self.assertEqual(sources.sockaddr_of(kept), ("fe80::1", 9000, 0, 7))
+        kept = sources.peer_address(("fe80::1", 9000, 0, 8))
+        self.assertEqual(kept, ("fe80::1%\u00b2", 9000))
+        self.assertEqual(sources.sockaddr_of(kept), ("fe80::1", 9000, 0, 8))
+
     def test_zoneWithAPercent(self) -> None:
         """A zone is all after the host's first '%' (a name may hold one)."""
         self.addCleanup(sources._NAMES.clear)

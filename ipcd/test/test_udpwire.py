@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.checkers import Expected
 from ipcd.daemons.udp import wire as udpwire
-from ipcd.daemons.udp.cookie import FULL, PERIOD, SPENT, AddressCookies
+from ipcd.daemons.udp.cookie import FULL, PERIOD, RENEWED, SPENT, AddressCookies
 from ipcd.daemons.udp.daemon import Listen, parse_listen
 
 NONCE = bytes(range(8))
@@ -307,17 +307,38 @@ class SpentCookieTests(SynchronousTestCase):
         self.assertEqual(self.cookies.spend(cookie, issued, "ip:a"), SPENT)
         self.assertEqual(self.cookies.spend(cookie, issued, "ip:b"), SPENT)
 
-    def test_boundedPerSourceAndInAll(self) -> None:
+    def test_boundedPerSource(self) -> None:
         """
         Past its share a prefix is refused (FULL), not let replay; others
-        go on until all are full.  A spent cookie stays spent when full.
+        go on.  A spent cookie stays spent.
         """
-        spent = [self.good(bytes([n]) * 8) for n in range(6)]
+        spent = [self.good(bytes([n]) * 8) for n in range(5)]
         answers = [self.cookies.spend(c, at, "ip:a") for c, at in spent[:4]]
         self.assertEqual(answers, [None, None, None, FULL])
-        answers = [self.cookies.spend(c, at, "ip:b") for c, at in spent[3:]]
-        self.assertEqual(answers, [None, None, FULL])
+        self.assertIsNone(self.cookies.spend(*spent[4], "ip:b"))
         self.assertEqual(self.cookies.spend(*spent[0], "ip:a"), SPENT)
+
+    def test_fullInAllRenews(self) -> None:
+        """
+        The cookie that would pass the bound in all is taken, and the
+        secrets drawn anew (it was refused, and so was everyone else, for
+        as long as a few prefixes kept the record full): no cookie issued
+        before is good any more, spent or not, so none is kept and none can
+        be replayed; every prefix spends new ones, one at its share too.
+        """
+        out = [self.good(bytes([n]) * 8) for n in range(7)]
+        answers = [self.cookies.spend(c, at, "ip:a") for c, at in out[:3]]
+        answers += [self.cookies.spend(c, at, "ip:b") for c, at in out[3:5]]
+        self.assertEqual(answers, [None] * 5)
+        self.assertEqual(self.cookies.spend(*out[5], "ip:c"), RENEWED)
+        for n, (cookie, _) in enumerate(out):
+            nonce = bytes([n]) * 8
+            self.assertFalse(self.cookies.valid(cookie, self.ADDRESS, nonce, b"pong"))
+        # Room for in_all again (none kept), a prefix's share whole again.
+        again = [self.good(bytes([n]) * 8) for n in range(10, 15)]
+        answers = [self.cookies.spend(c, at, "ip:a") for c, at in again[:3]]
+        answers += [self.cookies.spend(c, at, "ip:d") for c, at in again[3:]]
+        self.assertEqual(answers, [None] * 5)
 
     def test_forgottenOnceExpired(self) -> None:
         """

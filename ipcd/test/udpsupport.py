@@ -294,6 +294,44 @@ def handshake(
     raise AssertionError(f"udpd at port {port} did not answer {tries} HELLOs")
 
 
+def spend_cookies(
+    port: int, host: str, count: int, service: bytes = b"pong"
+) -> dict[str, int]:
+    """
+    Spend C{count} of udpd's cookies from C{host} (a loopback address):
+    HELLOs, each with its own nonce, sent again with their VERIFY's
+    cookie, 128 at a time; the NOs' reasons that came back, counted (an
+    OK is counted as C{"OK"}, its session closed at once).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind((host, 0))
+        sock.settimeout(TIMEOUT)
+        to = ("127.0.0.1", port)
+        told: dict[str, int] = {}
+        for start in range(0, count, 128):
+            nonces = [secrets.token_bytes(8) for _ in range(min(128, count - start))]
+            for nonce in nonces:
+                sock.sendto(udpwire.hello(nonce, service), to)
+            cookies: dict[bytes, bytes] = {}
+            while len(cookies) < len(nonces):
+                verify = udpwire.decode(sock.recv(65536))
+                assert isinstance(verify, udpwire.Verify), verify
+                cookies[verify.nonce] = verify.cookie
+            for nonce, cookie in cookies.items():
+                sock.sendto(udpwire.hello(nonce, service, cookie), to)
+            for _ in cookies:
+                answer = udpwire.decode(sock.recv(65536))
+                if isinstance(answer, udpwire.Accepted):
+                    sock.sendto(udpwire.close(answer.session), to)
+                    reason = "OK"
+                else:
+                    assert isinstance(answer, udpwire.Refusal), answer
+                    reason = answer.reason
+                told[reason] = told.get(reason, 0) + 1
+        return told
+
+
 def open_session(sock: socket.socket, port: int) -> bytes:
     """A pong session from C{sock} (a plain peer); its id."""
     answer, _ = handshake(sock, port)

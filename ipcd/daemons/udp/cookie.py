@@ -13,12 +13,17 @@ Nothing is stored per peer that has not proved its address: a flood of
 HELLOs from forged addresses costs one HMAC and one small answer each, and
 no memory.
 
-A cookie opens one session (L{AddressCookies.spend}): the cookies that
-have are kept until they expire, so a HELLO seen on the path and sent
-again from the victim's address (a replay) opens nothing.  At most
-L{SPENT_PER_SOURCE} per address prefix per period, and L{SPENT_IN_ALL} in
-all, are kept; past them a HELLO is refused (busy), so the memory is
-bounded and a replay never gets through for want of room.
+A cookie is good for one HELLO's answer (L{AddressCookies.spend}): the
+cookies spent are kept until they expire, so a HELLO seen on the path and
+sent again from the victim's address (a replay) opens nothing.  At most
+L{SPENT_PER_SOURCE} per address prefix per period are kept (past them
+that prefix's HELLOs are refused, busy), and L{SPENT_IN_ALL} in all: the
+one that would pass it draws new secrets instead, so that every cookie
+issued until then is no longer good and none need be kept.  The memory is
+bounded, a replay never gets through for want of room, and a few prefixes
+that spend fast cannot lock the others out (they did, refused busy for as
+long as they kept it full): a client whose cookie the renewal took gets a
+VERIFY with a new one, one round trip more.
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ _SERIAL_SIZE = 4
 # (measured with tracemalloc).
 SPENT_PER_SOURCE = 4096
 SPENT_IN_ALL = 32768
-# What L{AddressCookies.spend} says of a cookie it refuses.
+# What L{AddressCookies.spend} says of a cookie it refuses ...
 SPENT, FULL = "spent", "full"
+# ... and of one it took that renewed the secrets (none spent is kept).
+RENEWED = "renewed"
 
 
 class AddressCookies:
@@ -91,21 +98,34 @@ class AddressCookies:
 
     def spend(self, cookie: bytes, issued: int, source: str) -> str | None:
         """
-        Spend a good C{cookie} (issued in period C{issued}) on a session for
-        address prefix C{source}: C{None}, or why not: L{SPENT} (it opened
-        one already) or L{FULL} (the prefix, or everyone, spent too many).
+        Spend a good C{cookie} (issued in period C{issued}) on a HELLO from
+        address prefix C{source}: C{None} or L{RENEWED} (taken; the latter
+        when it would have passed L{in_all}, and the secrets were drawn
+        anew), or why not: L{SPENT} (it was spent already) or L{FULL} (the
+        prefix spent too many).
         """
         spent = self._spent.setdefault(issued, set())
         if cookie in spent:
             return SPENT
         spenders = self._spenders.setdefault(issued, Counter())
-        if spenders[source] >= self.per_source or (
-            sum(map(len, self._spent.values())) >= self.in_all
-        ):
+        if spenders[source] >= self.per_source:
             return FULL
+        if sum(map(len, self._spent.values())) >= self.in_all:
+            # Not refused (everyone else would be, for as long as a few
+            # prefixes kept it full): no cookie issued until now is good
+            # any more, this one included, so none need be remembered.
+            self._renew()
+            return RENEWED
         spent.add(cookie)
         spenders[source] += 1
         return None
+
+    def _renew(self) -> None:
+        """New secrets for this period and the last: forget what was spent."""
+        self._current = secrets.token_bytes(_SECRET_SIZE)
+        self._previous = secrets.token_bytes(_SECRET_SIZE)
+        self._spent.clear()
+        self._spenders.clear()
 
     def _rotate(self) -> int:
         epoch = int(self.clock.seconds() // self.period)

@@ -26,7 +26,7 @@ from ipcd import inboundcore
 from ipcd.daemons.udp import SECTION
 from ipcd.daemons.udp import wire as udpwire
 from ipcd.daemons.udp.batch import BatchReader, sender_for
-from ipcd.daemons.udp.cookie import SPENT, AddressCookies
+from ipcd.daemons.udp.cookie import FULL, RENEWED, SPENT, AddressCookies
 from ipcd.daemons.udp.session import Session, SessionStats, start_stream, stream_factory
 from ipcd.daemons.udp.source import NO_SOURCE, Source, sockaddr_of
 from ipcd.errors import BUSY
@@ -260,10 +260,12 @@ class UdpServer(DatagramProtocol):
             self.broker.counters["udp hellos with a spent cookie"] += 1
             self._verify(hello, address, size, source)
             return
-        if spent is not None:  # (the cookies kept are bounded)
+        if spent == FULL:  # (the cookies kept per prefix are bounded)
             counted = "udp sessions refused: too many opened lately"
             self._busy(counted, hello, address, size, source)
             return
+        if spent == RENEWED:  # (and in all: the cookies out are void)
+            self.broker.counters["udp cookie secrets renewed: too many spent"] += 1
         reason = self.limits.admit(peer_key)
         if reason is not None:  # one peer may not take every session
             refusal = udpwire.refusal(hello.nonce, BUSY, size)  # (logged)

@@ -270,6 +270,10 @@ class Session:
             step = timeout / PINGS
             if now - self._heard >= step and self._moved > self._heard:
                 self._transmit(udpwire.ping(self.id))  # (sent, heard nothing)
+                if self.done:
+                    # Its refusal ended the session (the client's connected
+                    # socket: the remote udpd is gone): no next check.
+                    return
             wake = min(
                 self._moved + timeout - now,
                 self._heard + timeout - now,

@@ -106,13 +106,20 @@ _NAMES: dict[int, str] = {}
 
 
 def zone_name(index: int) -> str:
-    """The interface C{index} names (its number, when it has none now)."""
+    """
+    The interface C{index} names (its number, when it has none now, or
+    when its name is all ASCII digits: a zone of digits is read as an
+    index, by L{zone_index} as by rules, so interface C{1} of index 3 was
+    sent to by index 1, loopback's).
+    """
     name = _NAMES.get(index)
     if name is None:
         try:
             name = socket.if_indextoname(index)
         except OSError:
             return str(index)  # (not kept: it may have one later)
+        if name.isascii() and name.isdigit():
+            name = str(index)
         if len(_NAMES) >= 256:
             _NAMES.clear()
         _NAMES[index] = name
