@@ -218,6 +218,15 @@ def _argument_error(description: str) -> str | None:
             f"{description!r} wraps no listener: write one after 'haproxy:' "
             "(haproxy:tcp:9000:interface=127.0.0.1)"
         )
+    if listens_on == "autobahn":
+        # autobahn's plugin (installed with websocketd's autobahn): tcpd and
+        # tlsd relayed its raw socket (the peer got nothing), and the
+        # listener it wraps went unchecked (other scripts' digits listened).
+        raise Invalid(
+            f"{description!r}: autobahn: wraps its listener in WebSocket "
+            "framing, which no ipcd listener speaks (websocketd serves "
+            "WebSockets itself): write the listener it wraps"
+        )
     if listens_on == "stdio":
         # Twisted's stdio: "listens" on ipcd's own stdin: one peer, no address.
         raise Invalid(

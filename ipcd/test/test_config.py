@@ -641,6 +641,34 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         )
         self.assertNotIn("stdio", str(error))
 
+    def test_autobahnIsNoListener(self) -> None:
+        """
+        autobahn's C{autobahn:} endpoint (installed with autobahn, which
+        websocketd needs) wraps its listener in WebSocket framing, which no
+        ipcd listener speaks, and the listener it wraps was never checked:
+        refused when the config loads, for every listener.  It was taken:
+        tcpd on C{autobahn:tcp\\:...:url=...} answered its peers nothing,
+        logged nothing, and C{tcp\\:\u0661\u0669\u0660\u0660\u0660} in it listened on
+        port 19000, backlog 50.
+        """
+        inner = "tcp\\:\u0661\u0669\u0660\u0660\u0660\\:interface\\=127.0.0.1"
+        for listen in (
+            f"autobahn:{inner}:url=ws\\://localhost\\:19000",
+            "haproxy:autobahn:tcp\\:9000:url=ws\\://localhost\\:9000",
+            "AutoBahn:tcp\\:9000:url=ws\\://localhost\\:9000",
+        ):
+            for section in ("tcpd", "tlsd", "websocketd", "metrics"):
+                error = self.assertRaises(
+                    ConfigError, load_config, None, {section: {"listen": listen}}, {}
+                )
+                self.assertEqual(
+                    str(error),
+                    f"command line: [{section}] listen: {listen!r}: autobahn: "
+                    "wraps its listener in WebSocket framing, which no ipcd "
+                    "listener speaks (websocketd serves WebSockets itself): "
+                    "write the listener it wraps",
+                )
+
     def test_badEndpointArguments(self) -> None:
         """The built-in tcp and unix parsers check their arguments too."""
         self.assertEqual(
