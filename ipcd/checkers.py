@@ -387,6 +387,7 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
             raise TypeError("missing 1 required positional argument: 'port'")
         port, _backlog = int(given.get("port", 443)), int(given.get("backlog", 50))
     elif kind == "systemd":
+        _check_systemd(given)
         port = None  # its socket is systemd's: told at start
     else:  # tcp, unix: their parsers are Twisted's built-in ones
         port = compat_twisted.check_server_arguments(listens)
@@ -402,6 +403,28 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
         # address), where [metrics] listen = 'tcp:9101' is 127.0.0.1.
         raise ValueError("an empty argument (a ':' too many)")
     return port
+
+
+# The families a systemd: listener may name (Twisted reads AF_ and the word).
+_SYSTEMD_DOMAINS = ("INET", "INET6", "UNIX")
+
+
+def _check_systemd(given: dict[str, str]) -> None:
+    """
+    Raise ValueError unless a C{systemd:} listener's arguments C{given}
+    name a stream socket's family and the socket, by index or by name, one
+    of them: Twisted's parser said what was wrong only at start, in
+    Python's words (a missing positional argument 'domain').
+    """
+    domain = given.get("domain")
+    if domain is None:
+        raise ValueError("no domain= (INET, INET6 or UNIX)")
+    if domain not in _SYSTEMD_DOMAINS:
+        raise ValueError(f"domain {domain!r} is not INET, INET6 or UNIX")
+    if "index" in given and "name" in given:
+        raise ValueError("both index= and name= (one of them)")
+    if "index" not in given and "name" not in given:
+        raise ValueError("neither index= nor name= (one of them)")
 
 
 def _check_ipc(listens: str) -> None:

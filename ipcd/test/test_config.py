@@ -108,6 +108,28 @@ class ConfigFileMixin:
         )
         return message[len(path) + 2 :]
 
+    def listener_refused(
+        self,
+        listen: str,
+        reason: str,
+        sections: tuple[str, ...] = ("tcpd", "tlsd", "websocketd", "metrics"),
+    ) -> None:
+        """
+        Listener C{listen} is refused, C{invalid endpoint 'LISTEN': REASON},
+        from a file and from the command line, for each of C{sections}
+        (metrics, served over TCP only, refuses a UNIX one all the same).
+        """
+        for section in sections:
+            if section == "metrics" and "unix" in listen.lower():
+                continue
+            refusal = f"[{section}] listen: invalid endpoint {listen!r}: {reason}"
+            file_error = self.error(f"[{section}]\nlisten = '{listen}'\n")
+            self.assertIn(refusal, file_error)  # type: ignore[attr-defined]
+            error = self.assertRaises(  # type: ignore[attr-defined]
+                ConfigError, load_config, None, {section: {"listen": listen}}, {}
+            )
+            self.assertIn(f"command line: {refusal}", str(error))  # type: ignore[attr-defined]
+
 
 class DefaultsTests(SynchronousTestCase):
     def test_noFile(self) -> None:
@@ -669,6 +691,40 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
                     "write the listener it wraps",
                 )
 
+    def test_systemdArgumentsChecked(self) -> None:
+        """
+        A C{systemd:} listener names its socket's family (C{INET},
+        C{INET6} or C{UNIX}, as Twisted reads it: C{AF_} and the word) and
+        the socket, by index or by name, one of them: else refused when the
+        config loads.  They were taken, and ipcd's start failed in Python's
+        words (C{TypeError: _SystemdParser._parseServer() missing 1
+        required positional argument: 'domain'}, C{ValueError: Specify
+        exactly one of descriptor index or name}, C{AttributeError: module
+        'socket' has no attribute 'AF_inet'}), or a reload took them.
+        """
+        for listen, reason in (
+            ("systemd:index=0", "no domain= (INET, INET6 or UNIX)"),
+            ("systemd:name=tcpd", "no domain= (INET, INET6 or UNIX)"),
+            ("systemd:domain=inet:index=0", "domain 'inet' is not INET, INET6 or UNIX"),
+            ("systemd:domain=FOO:name=x", "domain 'FOO' is not INET, INET6 or UNIX"),
+            ("systemd:domain=PACKET:index=0", "domain 'PACKET' is not INET, INET6"),
+            ("systemd:domain=", "domain '' is not INET, INET6 or UNIX"),
+            ("systemd:domain=INET", "neither index= nor name= (one of them)"),
+            ("systemd:INET", "neither index= nor name= (one of them)"),
+            ("systemd:domain=UNIX:index=0:name=x", "both index= and name="),
+            ("systemd:INET:0:x", "both index= and name="),
+            ("haproxy:systemd:domain=INET6", "neither index= nor name="),
+        ):
+            self.listener_refused(listen, reason)
+        for listen in (
+            "systemd:domain=INET:index=0",
+            "systemd:domain=INET6:name=tcpd",
+            "systemd:UNIX:0",
+            "haproxy:systemd:domain=UNIX:name=tcpd",
+        ):
+            config = load_config(None, {"tcpd": {"listen": listen}}, {})
+            self.assertEqual(config.daemons["tcpd"]["listen"], listen)
+
     def test_badEndpointArguments(self) -> None:
         """The built-in tcp and unix parsers check their arguments too."""
         self.assertEqual(
@@ -927,21 +983,7 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
                 "interface '127\u30020\u30020\u30021' is not",
             ),
         ):
-            for section in ("tcpd", "websocketd", "metrics"):
-                if section == "metrics" and "unix:" in listen:
-                    continue  # (served over TCP only: refused all the same)
-                self.assertIn(
-                    f"[{section}] listen: invalid endpoint {listen!r}: {reason}",
-                    self.error(f"[{section}]\nlisten = '{listen}'\n"),
-                )
-                error = self.assertRaises(
-                    ConfigError, load_config, None, {section: {"listen": listen}}, {}
-                )
-                self.assertIn(
-                    f"command line: [{section}] listen: invalid endpoint "
-                    f"{listen!r}: {reason}",
-                    str(error),
-                )
+            self.listener_refused(listen, reason, ("tcpd", "websocketd", "metrics"))
         # The same in plain digits: taken.
         for listen in (
             "tcp:9000",
