@@ -19,7 +19,7 @@ from typing import Any
 from ipcd.compat import twisted as compat_twisted
 from ipcd.listenerkeys import wrapped
 from ipcd.names import OWN_NAMES, InvalidServiceName, validate_service_name
-from ipcd.routes import SCHEME
+from ipcd.routes import SCHEME, loose_ipv4
 
 
 class Expected(Exception):
@@ -443,11 +443,17 @@ def _check_interface(kind: str, interface: str | None) -> None:
     """
     Raise ValueError if C{interface} is one a TCP port of C{kind} cannot
     listen on as meant: Twisted takes a value with a ':' that is no IPv6
-    address for an IPv4 host name (found at start: none), and an empty one
-    for IPv4's every address, in a tcp6 or tls listener too.
+    address for an IPv4 host name (found at start: none), an empty one
+    for IPv4's every address, in a tcp6 or tls listener too, and inet_aton's
+    other spellings of an address for that address (C{0} for 0.0.0.0).
     """
     if interface is None:
         return
+    address = loose_ipv4(interface)
+    if address is not None:  # ('0' listened on 0.0.0.0, every address)
+        raise ValueError(
+            f"interface {interface!r} is {address} as a socket reads it (write that)"
+        )
     if ":" in interface and not _ipv6_address(interface):
         raise ValueError(f"interface {interface!r} is no IPv6 address")
     if not interface and kind in ("tcp6", "tls"):

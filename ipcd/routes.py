@@ -140,11 +140,11 @@ def check_host(host: str) -> str:
             raise ValueError("not a valid international (IDNA) host name") from None
         if _DOTTED.fullmatch(name):  # ('\uff11\uff10.1' is 10.1)
             return _ipv4(name)
-    if _C_NUMBERS.fullmatch(name) and _resolver_address(name):
+    address = loose_ipv4(name)
+    if address is not None:
         # inet_aton's other spellings, which the resolver reads so too: a
         # host:0x7f.1 label passed a deny for host:127.0.0.1, and the
         # connection went to 127.0.0.1.
-        address = socket.inet_ntoa(socket.inet_aton(name))
         raise ValueError(
             f"{_show(name)} is an IPv4 address as the resolver reads it "
             f"({address}): write that"
@@ -191,13 +191,20 @@ def _ipv4(host: str) -> str:
 _C_NUMBERS = re.compile(r"[0-9][0-9a-fA-FxX.]*")
 
 
-def _resolver_address(name: str) -> bool:
-    """Whether the resolver takes C{name} for an IPv4 address (inet_aton)."""
+def loose_ipv4(text: str) -> str | None:
+    """
+    The IPv4 address the resolver (and a socket's bind) reads C{text} as,
+    if C{text} is not that address as written: inet_aton's hex, octal and
+    short forms (C{0x7f.1}, C{010.0.0.1} is 8.0.0.1, C{0} is 0.0.0.0); else
+    None (an address as written, or no address).
+    """
+    if not _C_NUMBERS.fullmatch(text):
+        return None
     try:
-        socket.inet_aton(name)
+        address = socket.inet_ntoa(socket.inet_aton(text))
     except OSError:
-        return False
-    return True
+        return None
+    return None if address == text else address
 
 
 # An SRV owner's service label (RFC 6335 5.1): 1 to 15 letters, digits and

@@ -725,6 +725,28 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             config = load_config(None, {"tcpd": {"listen": listen}}, {})
             self.assertEqual(config.daemons["tcpd"]["listen"], listen)
 
+    def test_interfaceAsWritten(self) -> None:
+        """
+        An interface that a socket's bind reads as another IPv4 address
+        than it writes (inet_aton's short, octal and hex forms) is refused,
+        saying that address: C{tcp:9000:interface=0} listened on 0.0.0.0,
+        every address, and C{interface=010.0.0.1} is 8.0.0.1.
+        """
+        for listen, reason in (
+            ("tcp:9000:interface=0", "interface '0' is 0.0.0.0 as a socket"),
+            ("tcp:9000:interface=127.1", "interface '127.1' is 127.0.0.1 as"),
+            ("tcp:9000:interface=010.0.0.1", "interface '010.0.0.1' is 8.0.0.1"),
+            ("tcp:9000:interface=0x7f.1", "interface '0x7f.1' is 127.0.0.1"),
+            ("ssl:443:privateKey=/k:interface=0", "interface '0' is 0.0.0.0"),
+            ("haproxy:tcp6:9000:interface=0", "interface '0' is 0.0.0.0"),
+            ("tls:/d:443:interface=2130706433", "interface '2130706433' is 127"),
+        ):
+            self.listener_refused(listen, reason, ("tcpd", "websocketd"))
+        for interface in ("127.0.0.1", "0.0.0.0", "localhost", "host-0x7f.1"):
+            listen = f"tcp:9000:interface={interface}"
+            config = load_config(None, {"tcpd": {"listen": listen}}, {})
+            self.assertEqual(config.daemons["tcpd"]["listen"], listen)
+
     def test_badEndpointArguments(self) -> None:
         """The built-in tcp and unix parsers check their arguments too."""
         self.assertEqual(
