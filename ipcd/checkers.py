@@ -396,6 +396,14 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
         # Twisted would bind '' (the abstract namespace) and leave its lock
         # file, '.lock', in ipcd's working directory.
         raise ValueError("no socket path (unix:/run/ipcd/NAME.sock)")
+    if kind == "unix" and not given["address"].startswith("/"):
+        # A relative path ('@name' too: Twisted has no such abstract form)
+        # is bound in ipcd's working directory; an abstract one (NUL
+        # first) has no mode: any local user may connect.
+        raise ValueError(
+            f"socket path {given['address']!r} is not absolute "
+            "(unix:/run/ipcd/NAME.sock)"
+        )
     if kind != "unix":
         _check_interface(kind, given.get("interface"))
     if "" in positionals:

@@ -747,6 +747,34 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             config = load_config(None, {"tcpd": {"listen": listen}}, {})
             self.assertEqual(config.daemons["tcpd"]["listen"], listen)
 
+    def test_unixPathAbsolute(self) -> None:
+        """
+        A C{unix:} listener's path is absolute: a relative one (C{@name}
+        too, which Twisted takes for no abstract name) was bound in ipcd's
+        working directory, its lock file beside it, and an abstract one (a
+        NUL first, from a file) had no mode to say who may connect: any
+        local user named any address behind C{haproxy:unix:}.  Refused when
+        the configuration loads, from a file and the command line.
+        """
+        reason = "is not absolute"
+        for listen in (
+            "unix:tcpd.sock",
+            "unix:./tcpd.sock",
+            "unix:@tcpd",
+            "unix:address=run/tcpd.sock:mode=600",
+            "haproxy:unix:tcpd.sock",
+        ):
+            path = listen.rpartition("unix:")[2].removeprefix("address=")
+            path = path.partition(":")[0]
+            self.listener_refused(
+                listen, f"socket path {path!r} {reason}", ("tcpd", "websocketd")
+            )
+        error = self.assertRaises(
+            ConfigError, load_config, None, {"tcpd": {"listen": "unix:\0tcpd"}}, {}
+        )
+        self.assertIn(f"socket path '\\x00tcpd' {reason}", str(error))
+        self.assertTrue(str(error).isprintable(), str(error))
+
     def test_badEndpointArguments(self) -> None:
         """The built-in tcp and unix parsers check their arguments too."""
         self.assertEqual(
@@ -909,7 +937,7 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         for listen in (
             "haproxy:tcp:9000",
             "unix:/run/ipcd/tcpd.sock",
-            r"unix:\:",  # a socket named ':' in the working directory
+            r"unix:/run/ipcd/\:",  # a socket named ':' (a relative one: refused)
             r"tcp6:9000:interface=\:\:",
             "tcp:9000:interface=",  # tcp's default: IPv4's every address
         ):
