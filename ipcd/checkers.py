@@ -18,7 +18,12 @@ from typing import Any
 
 from ipcd.compat import twisted as compat_twisted
 from ipcd.listenerkeys import wrapped
-from ipcd.names import OWN_NAMES, InvalidServiceName, validate_service_name
+from ipcd.names import (
+    MAX_BACKLOG,
+    OWN_NAMES,
+    InvalidServiceName,
+    validate_service_name,
+)
 from ipcd.routes import SCHEME, loose_ipv4
 
 
@@ -487,6 +492,16 @@ def _check_numbers(kind: str, given: dict[str, str]) -> None:
         if value is not None and not _digits(value, base):
             digits = "digits 0-7 (octal)" if base == 8 else "digits 0-9"
             raise ValueError(f"{name} {value!r} is not {digits} only")
+    # Bounded as ipc:'s are: listen() takes a C int (more stopped the start
+    # in Python's words), and a mode past 777 set a socket's sticky bits.
+    backlog = given.get("backlog")
+    if backlog is not None and int(backlog) > MAX_BACKLOG:
+        raise ValueError(
+            f"backlog {backlog} is more than listen() takes ({MAX_BACKLOG})"
+        )
+    mode = given.get("mode")
+    if kind == "unix" and mode is not None and int(mode, 8) > 0o777:
+        raise ValueError(f"mode {mode} is more than permission bits (0-777)")
     interface = given.get("interface")
     if interface is not None and not interface.isascii():
         raise ValueError(

@@ -775,6 +775,37 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         self.assertIn(f"socket path '\\x00tcpd' {reason}", str(error))
         self.assertTrue(str(error).isprintable(), str(error))
 
+    def test_backlogAndModeBounded(self) -> None:
+        """
+        A backlog is at most what listen() takes (a C int), and a C{unix:}
+        mode is permission bits (at most 777, as C{ipc:}'s): taken, a larger
+        backlog stopped the start in Python's words (C{signed integer is
+        greater than maximum}), a mode of C{77777} made a socket of mode
+        7777 (anyone may connect), and a longer one C{Python int too large
+        to convert to C int}.
+        """
+        backlog = "backlog 2147483648 is more than listen() takes (2147483647)"
+        mode = "is more than permission bits (0-777)"
+        for listen, reason in (
+            ("tcp:9000:backlog=2147483648", backlog),
+            ("tcp:9000:127.0.0.1:2147483648", backlog),
+            (r"tcp6:9000:backlog=2147483648:interface=\:\:1", backlog),
+            ("tls:/d:443:backlog=2147483648", backlog),
+            ("ssl:443:privateKey=/k:backlog=2147483648", backlog),
+            ("unix:/run/t.sock:backlog=2147483648", backlog),
+            ("unix:/run/t.sock:mode=77777", f"mode 77777 {mode}"),
+            ("unix:/run/t.sock:mode=1777", f"mode 1777 {mode}"),
+            ("unix:/run/t.sock:" + "7" * 22, f"mode {'7' * 22} {mode}"),
+        ):
+            self.listener_refused(listen, reason, ("tcpd", "websocketd"))
+        for listen in (
+            "tcp:9000:backlog=2147483647",
+            "unix:/run/t.sock:mode=777:backlog=2147483647",
+            "unix:/run/t.sock:0000",
+        ):
+            config = load_config(None, {"tcpd": {"listen": listen}}, {})
+            self.assertEqual(config.daemons["tcpd"]["listen"], listen)
+
     def test_badEndpointArguments(self) -> None:
         """The built-in tcp and unix parsers check their arguments too."""
         self.assertEqual(
