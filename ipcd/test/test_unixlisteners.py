@@ -184,6 +184,46 @@ class OwnListenerTests(TestCase):
             assert_logged(self, lines, "is ipcd's own socket")
 
 
+class IpcListenerTests(TestCase):
+    @inlineCallbacks
+    def test_inIpcdsRundir(self) -> Any:
+        """
+        A daemon's C{ipc:NAME} listener with no C{rundir=} listens in
+        ipcd's RUNDIR: it listened in C{$RUNDIR}, else C{/tmp/libipc-run}
+        (the parser's default for programs), wherever ipcd's own was, and
+        in a directory a user may have made first.  It is ipcd's own socket
+        there too (a lookup of it is refused).
+        """
+        elsewhere = short_rundir(self, "ipcd-unixl-")
+        self.patch(os, "environ", {**os.environ, "RUNDIR": elsewhere})
+        b = yield start_host(self, [f"allow in pong {UID}"], listen="ipc:tcpd-in")
+        self.assertEqual(os.listdir(elsewhere), [])
+        port = yield b.service.getServiceNamed("tcpd").listening()
+        path = os.path.join(b.rundir, "tcpd-in")
+        self.assertEqual(os.fsdecode(port.getHost().name), path)
+        sock, answer = yield deferToThread(ask, path, b"pong")
+        self.addCleanup(sock.close)
+        self.assertEqual(answer, b"ok")
+        reply = yield deferToThread(lookup, b.rundir, b"tcpd-in")
+        assert_refused(self, reply)
+
+    def test_rundirWrittenEscaped(self) -> None:
+        """
+        The RUNDIR given to an C{ipc:} listener is read back as it is, a
+        C{:}, C{=} or C{\\} in it too; one that names its own is kept.
+        """
+        from ipcd.compat import twisted as compat_twisted
+        from ipcd.daemons.listeners import in_rundir
+
+        rundir = "/run/a:b=c\\d"
+        for listen in ("ipc:x", "haproxy:ipc:x:mode=0600"):
+            listens = in_rundir(listen, rundir).removeprefix("haproxy:")
+            keywords = compat_twisted.endpoint_keywords(listens)
+            self.assertEqual(keywords["rundir"], rundir)
+        for listen in ("ipc:x:rundir=/run/y", "unix:/run/x.sock", "tcp:9000"):
+            self.assertEqual(in_rundir(listen, rundir), listen)
+
+
 class WebsocketdOnAUnixSocketTests(TestCase):
     @inlineCallbacks
     def test_peerIsRemoteByUid(self) -> Any:
