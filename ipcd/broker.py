@@ -593,6 +593,10 @@ class Broker:
         """ipcd's in-process sockets are listening (or no longer)."""
         self.own_sockets.listening(listening)
 
+    def own_listener(self, address: Any) -> None:
+        """One of ipcd's listeners listens at C{address}: a UNIX one is own."""
+        self.own_sockets.add_listener(address)
+
     def _record(self, event: Request, target: Target | None, outcome: str) -> None:
         self.decision_log.record(event, target, outcome)
         self.metrics.decided(event, target, outcome)

@@ -18,8 +18,13 @@ from typing import Any
 
 from ipcd.compat import twisted as compat_twisted
 from ipcd.listenerkeys import wrapped
-from ipcd.names import OWN_NAMES, InvalidServiceName, validate_service_name
-from ipcd.routes import SCHEME
+from ipcd.names import (
+    MAX_BACKLOG,
+    OWN_NAMES,
+    InvalidServiceName,
+    validate_service_name,
+)
+from ipcd.routes import SCHEME, loose_ipv4
 
 
 class Expected(Exception):
@@ -218,6 +223,15 @@ def _argument_error(description: str) -> str | None:
             f"{description!r} wraps no listener: write one after 'haproxy:' "
             "(haproxy:tcp:9000:interface=127.0.0.1)"
         )
+    if listens_on == "autobahn":
+        # autobahn's plugin (installed with websocketd's autobahn): tcpd and
+        # tlsd relayed its raw socket (the peer got nothing), and the
+        # listener it wraps went unchecked (other scripts' digits listened).
+        raise Invalid(
+            f"{description!r}: autobahn: wraps its listener in WebSocket "
+            "framing, which no ipcd listener speaks (websocketd serves "
+            "WebSockets itself): write the listener it wraps"
+        )
     if listens_on == "stdio":
         # Twisted's stdio: "listens" on ipcd's own stdin: one peer, no address.
         raise Invalid(
@@ -378,6 +392,7 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
             raise TypeError("missing 1 required positional argument: 'port'")
         port, _backlog = int(given.get("port", 443)), int(given.get("backlog", 50))
     elif kind == "systemd":
+        _check_systemd(given)
         port = None  # its socket is systemd's: told at start
     else:  # tcp, unix: their parsers are Twisted's built-in ones
         port = compat_twisted.check_server_arguments(listens)
@@ -386,6 +401,14 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
         # Twisted would bind '' (the abstract namespace) and leave its lock
         # file, '.lock', in ipcd's working directory.
         raise ValueError("no socket path (unix:/run/ipcd/NAME.sock)")
+    if kind == "unix" and not given["address"].startswith("/"):
+        # A relative path ('@name' too: Twisted has no such abstract form)
+        # is bound in ipcd's working directory; an abstract one (NUL
+        # first) has no mode: any local user may connect.
+        raise ValueError(
+            f"socket path {given['address']!r} is not absolute "
+            "(unix:/run/ipcd/NAME.sock)"
+        )
     if kind != "unix":
         _check_interface(kind, given.get("interface"))
     if "" in positionals:
@@ -393,6 +416,28 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
         # address), where [metrics] listen = 'tcp:9101' is 127.0.0.1.
         raise ValueError("an empty argument (a ':' too many)")
     return port
+
+
+# The families a systemd: listener may name (Twisted reads AF_ and the word).
+_SYSTEMD_DOMAINS = ("INET", "INET6", "UNIX")
+
+
+def _check_systemd(given: dict[str, str]) -> None:
+    """
+    Raise ValueError unless a C{systemd:} listener's arguments C{given}
+    name a stream socket's family and the socket, by index or by name, one
+    of them: Twisted's parser said what was wrong only at start, in
+    Python's words (a missing positional argument 'domain').
+    """
+    domain = given.get("domain")
+    if domain is None:
+        raise ValueError("no domain= (INET, INET6 or UNIX)")
+    if domain not in _SYSTEMD_DOMAINS:
+        raise ValueError(f"domain {domain!r} is not INET, INET6 or UNIX")
+    if "index" in given and "name" in given:
+        raise ValueError("both index= and name= (one of them)")
+    if "index" not in given and "name" not in given:
+        raise ValueError("neither index= nor name= (one of them)")
 
 
 def _check_ipc(listens: str) -> None:
@@ -411,11 +456,17 @@ def _check_interface(kind: str, interface: str | None) -> None:
     """
     Raise ValueError if C{interface} is one a TCP port of C{kind} cannot
     listen on as meant: Twisted takes a value with a ':' that is no IPv6
-    address for an IPv4 host name (found at start: none), and an empty one
-    for IPv4's every address, in a tcp6 or tls listener too.
+    address for an IPv4 host name (found at start: none), an empty one
+    for IPv4's every address, in a tcp6 or tls listener too, and inet_aton's
+    other spellings of an address for that address (C{0} for 0.0.0.0).
     """
     if interface is None:
         return
+    address = loose_ipv4(interface)
+    if address is not None:  # ('0' listened on 0.0.0.0, every address)
+        raise ValueError(
+            f"interface {interface!r} is {address} as a socket reads it (write that)"
+        )
     if ":" in interface and not _ipv6_address(interface):
         raise ValueError(f"interface {interface!r} is no IPv6 address")
     if not interface and kind in ("tcp6", "tls"):
@@ -441,6 +492,16 @@ def _check_numbers(kind: str, given: dict[str, str]) -> None:
         if value is not None and not _digits(value, base):
             digits = "digits 0-7 (octal)" if base == 8 else "digits 0-9"
             raise ValueError(f"{name} {value!r} is not {digits} only")
+    # Bounded as ipc:'s are: listen() takes a C int (more stopped the start
+    # in Python's words), and a mode past 777 set a socket's sticky bits.
+    backlog = given.get("backlog")
+    if backlog is not None and int(backlog) > MAX_BACKLOG:
+        raise ValueError(
+            f"backlog {backlog} is more than listen() takes ({MAX_BACKLOG})"
+        )
+    mode = given.get("mode")
+    if kind == "unix" and mode is not None and int(mode, 8) > 0o777:
+        raise ValueError(f"mode {mode} is more than permission bits (0-777)")
     interface = given.get("interface")
     if interface is not None and not interface.isascii():
         raise ValueError(

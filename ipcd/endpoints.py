@@ -48,6 +48,7 @@ from ipcd.compat import twisted as compat_twisted
 from ipcd.handoff import MAX_REPLY, HandoffError, adopt_into_reactor, check_reply
 from ipcd.names import (
     BROKER_NAME,
+    MAX_BACKLOG,
     SOCKET_MODE,
     UNIX_BACKLOG,
     checked_socket_path,
@@ -59,9 +60,6 @@ from ipcd.reactors import IHostReactor
 from ipcd.routes import encode_lookup
 from ipcd.rundir import resolve_rundir
 from ipcd.wire import encode
-
-# listen(2) takes an int (and the kernel caps it at net.core.somaxconn).
-_MAX_BACKLOG = 2**31 - 1
 
 
 def _arguments(description: str) -> list[tuple[str | None, str]]:
@@ -140,9 +138,9 @@ class IPCServerEndpoint:
         if not 0 <= mode <= 0o777:
             # Set-id and sticky bits mean nothing on a socket.
             raise ValueError(f"mode: expected permission bits 0-0777, got {mode:#o}")
-        if not 1 <= backlog <= _MAX_BACKLOG:
+        if not 1 <= backlog <= MAX_BACKLOG:
             raise ValueError(
-                f"backlog: expected a number from 1 to {_MAX_BACKLOG}, got {backlog}"
+                f"backlog: expected a number from 1 to {MAX_BACKLOG}, got {backlog}"
             )
         self._mode = mode
         self._backlog = backlog

@@ -31,6 +31,8 @@ SOCKET_MODE = 0o660
 # Connects the kernel queues for a UNIX listener of ipcd's before it
 # accepts them: why not more, see ipcd.backlogs.
 UNIX_BACKLOG = 128
+# The most a listen() takes: an int (the kernel caps it at net.core.somaxconn).
+MAX_BACKLOG = 2**31 - 1
 # Upstream creates its sockets under umask(0o117): 0660 from the first instant.
 _SOCKET_UMASK = 0o117
 

@@ -39,6 +39,8 @@ class OwnSockets:
         self._config = config
         self._transports = transports
         self._fixed_inodes: set[Inode] | None = None
+        # The protocol daemons' listeners on UNIX sockets (L{add_listener}).
+        self._listeners: set[Inode] = set()
         # Other daemons' socket inodes, while RUNDIR is unchanged.
         self._other_inodes = RundirInodes()
         # RUNDIR and the directories above it, held open while ipcd's own
@@ -90,7 +92,29 @@ class OwnSockets:
         self._fixed_inodes = None
         self._hold(listening)
         if listening:
-            self._fixed_inodes = self._inodes(self.names()[1])
+            self._fixed_inodes = self._inodes(self.names()[1]) | self._listeners
+        else:
+            self._listeners.clear()
+
+    def add_listener(self, address: Any) -> None:
+        """
+        A listener of ipcd's listens at C{address} (its port's C{getHost()}):
+        on a UNIX socket (a protocol daemon's C{unix:PATH}), that socket is
+        ipcd's own too.  A lookup of it (in RUNDIR, or by any name for it)
+        made ipcd connect to it for the client, and the daemon took the
+        client for ipcd's own uid (C{unix:uid=0}), past rules for that uid.
+        """
+        name = getattr(address, "name", None)
+        if getattr(address, "host", None) is not None or not name:
+            return  # a network address, or an unnamed socket
+        try:
+            st = os.stat(name)  # (an abstract name, starting with NUL: none)
+        except (OSError, ValueError):
+            return
+        inode = (st.st_dev, st.st_ino)
+        self._listeners.add(inode)
+        if self._fixed_inodes is not None:
+            self._fixed_inodes.add(inode)
 
     def refuse_own(self, opened: OpenedSocket, path: str) -> OpenedSocket:
         """C{opened}, unless it is one of ipcd's own sockets: then refused."""

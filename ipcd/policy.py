@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -113,6 +114,14 @@ def _check_peer_pattern(pattern: str, text: str, what: str = "rule") -> None:
                 f"{what} {text!r}: zone {zone!r} is not an interface name "
                 "(at most 15 bytes) or index (ASCII digits)"
             )
+    elif kind == "unix" and not _unix_form(value):
+        # A UNIX listener's peer (ipcd.identity.unix_listener_peer): a deny
+        # written for it otherwise (unix:33, unix:user=www-data) let it in.
+        raise RuleError(
+            f"{what} {text!r}: no peer's label matches {pattern!r}: a peer "
+            "of a listener on a UNIX socket is labelled unix:uid=N (N its "
+            "uid in ASCII digits: unix:uid=33)"
+        )
     elif kind == "ip" and _mapped_glob(value):
         # No label is spelled so: a deny written this way (as the log
         # prints a dual-stack listener's peer) would let that peer in.
@@ -134,6 +143,20 @@ def _mapped_glob(value: str) -> bool:
     """Whether an C{ip:} glob matches only IPv4-mapped text (no label has it)."""
     value = value.lower()
     return value.startswith(_MAPPED) and not value.startswith(_MAPPED + "0:")
+
+
+# What a unix: pattern's value may be: uid= and the uid, as the label has
+# it; a glob, if what comes before its first glob character can begin that.
+_UNIX_UID = re.compile(r"uid=(0|[1-9][0-9]*)")
+_UNIX_UID_START = re.compile(r"(u(i(d(=(0|[1-9][0-9]*)?)?)?)?)?")
+
+
+def _unix_form(value: str) -> bool:
+    """Whether C{unix:VALUE} can match a label C{unix:uid=N}."""
+    if not _has_glob(value):
+        return _UNIX_UID.fullmatch(value) is not None
+    literal = re.split(r"[*?\[]", value, maxsplit=1)[0]
+    return _UNIX_UID_START.fullmatch(literal) is not None
 
 
 def _has_glob(value: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 
 from ipcd.names import InvalidServiceName, validate_service_name
@@ -130,19 +131,24 @@ def check_host(host: str) -> str:
     if not host.isprintable():
         raise ValueError("control characters are not allowed")
     if _DOTTED.fullmatch(host):
-        # Digits and dots are an address, never a name: the resolver would
-        # take "10.1" as 10.0.0.1.
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise ValueError("not a valid IPv4 address (a.b.c.d)") from None
-        return host
+        return _ipv4(host)
     name = host
     if not host.isascii():
         try:
             name = host.encode("idna").decode("ascii")
         except UnicodeError:
             raise ValueError("not a valid international (IDNA) host name") from None
+        if _DOTTED.fullmatch(name):  # ('\uff11\uff10.1' is 10.1)
+            return _ipv4(name)
+    address = loose_ipv4(name)
+    if address is not None:
+        # inet_aton's other spellings, which the resolver reads so too: a
+        # host:0x7f.1 label passed a deny for host:127.0.0.1, and the
+        # connection went to 127.0.0.1.
+        raise ValueError(
+            f"{_show(name)} is an IPv4 address as the resolver reads it "
+            f"({address}): write that"
+        )
     if len(name) > MAX_HOST_NAME:
         raise ValueError(
             f"a host name has at most {MAX_HOST_NAME} characters, not {len(name)}"
@@ -166,6 +172,39 @@ def check_host(host: str) -> str:
             except UnicodeError:
                 raise ValueError(f"label {_show(label)} is not valid IDNA") from None
     return name.lower()
+
+
+def _ipv4(host: str) -> str:
+    """
+    C{host}, digits and dots, if it is an IPv4 address as written: such a
+    host is never a name, and the resolver would take "10.1" as 10.0.0.1.
+    """
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError("not a valid IPv4 address (a.b.c.d)") from None
+    return host
+
+
+# What inet_aton's numbers are written in (C's: 0x7f, 0177, 127), and dots:
+# a name of other characters is no address (asked before inet_aton).
+_C_NUMBERS = re.compile(r"[0-9][0-9a-fA-FxX.]*")
+
+
+def loose_ipv4(text: str) -> str | None:
+    """
+    The IPv4 address the resolver (and a socket's bind) reads C{text} as,
+    if C{text} is not that address as written: inet_aton's hex, octal and
+    short forms (C{0x7f.1}, C{010.0.0.1} is 8.0.0.1, C{0} is 0.0.0.0); else
+    None (an address as written, or no address).
+    """
+    if not _C_NUMBERS.fullmatch(text):
+        return None
+    try:
+        address = socket.inet_ntoa(socket.inet_aton(text))
+    except OSError:
+        return None
+    return None if address == text else address
 
 
 # An SRV owner's service label (RFC 6335 5.1): 1 to 15 letters, digits and

@@ -351,9 +351,12 @@ class IPCDService(MultiService):
             # A daemon's own RUNDIR socket (RUNDIR/tcp, an IPCService) is
             # ipcd's business, not an address to tell: its network listener
             # is, on a UNIX socket too.
-            if owner is not None and isinstance(leaf, IPCService):
+            network = owner is not None and not isinstance(leaf, IPCService)
+            if owner is not None and not network:
                 name = None
-            listening = leaf.listening().addCallback(self._listener, name, opened)
+            listening = leaf.listening().addCallback(
+                self._listener, name, opened, network
+            )
             waits.append(listening.addErrback(self._cannot_listen, leaf))
         self._listening = True
         # ipcd's own sockets exist now, and stay what they are while it runs.
@@ -363,9 +366,16 @@ class IPCDService(MultiService):
             lambda failure: self._listeners_up.settle(failure.value.subFailure),
         )
 
-    def _listener(self, port: Any, name: str | None, opened: list[Any]) -> Any:
-        """Note where C{name} (pongd, tcpd, ...) listens, for L{log_ready}."""
+    def _listener(
+        self, port: Any, name: str | None, opened: list[Any], network: bool
+    ) -> Any:
+        """
+        Note where C{name} (pongd, tcpd, ...) listens, for L{log_ready};
+        a daemon's C{network} listener's socket is ipcd's own.
+        """
         opened.append(port)
+        if network:  # (on a UNIX socket: never a lookup target)
+            self.broker.own_listener(port.getHost())
         if name is not None:
             self.addresses.setdefault(name, []).append(address_text(port.getHost()))
         return port

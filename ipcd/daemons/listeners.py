@@ -16,12 +16,14 @@ from twisted.internet.defer import Deferred, fail
 
 from ipcd import wire
 from ipcd.backlogs import with_backlog
+from ipcd.compat import twisted as compat_twisted
 from ipcd.daemons import settings_of
 from ipcd.host import IDaemonHost
 from ipcd.identity import unix_listener_peer
 from ipcd.inbound import ControlHandshake, HandshakeFactory, Handshaking
 from ipcd.limits import LimitedEndpoint, LimitedFactory, network_peer_key
 from ipcd.listener import EndpointListener
+from ipcd.listenerkeys import wrapped
 from ipcd.proxied import counted_refusals, proxied_endpoint
 from ipcd.relay import SocketRelays
 from ipcd.services import IPCService
@@ -130,6 +132,23 @@ def handshakes(
     )
 
 
+def in_rundir(description: str, rundir: str) -> str:
+    """
+    Endpoint string C{description}; an C{ipc:} one that names no
+    C{rundir=} with ipcd's C{rundir}: the parser's default, for programs,
+    is C{$RUNDIR} or C{/tmp/libipc-run}, another directory than ipcd's
+    (perhaps one a user made first).
+    """
+    try:
+        kind, listens = wrapped(description)
+        if kind != "ipc" or "rundir" in compat_twisted.endpoint_keywords(listens):
+            return description
+    except (ValueError, IndexError):
+        return description  # (refused where it is checked)
+    escaped = "".join(f"\\{c}" if c in ":=\\" else c for c in rundir)
+    return f"{description}:rundir={escaped}"
+
+
 def network_listener(
     broker: IDaemonHost,
     name: str,
@@ -159,7 +178,8 @@ def network_listener(
         )
 
     refused = counted_refusals(limits)
-    endpoint = proxied_endpoint(reactor, with_backlog(listen), refused)
+    described = with_backlog(in_rundir(listen, broker.config.rundir))
+    endpoint = proxied_endpoint(reactor, described, refused)
     return EndpointListener(
         LimitedEndpoint(endpoint, limits),
         LimitedFactory(factory, limits, peer_key, refusal),

@@ -108,6 +108,28 @@ class ConfigFileMixin:
         )
         return message[len(path) + 2 :]
 
+    def listener_refused(
+        self,
+        listen: str,
+        reason: str,
+        sections: tuple[str, ...] = ("tcpd", "tlsd", "websocketd", "metrics"),
+    ) -> None:
+        """
+        Listener C{listen} is refused, C{invalid endpoint 'LISTEN': REASON},
+        from a file and from the command line, for each of C{sections}
+        (metrics, served over TCP only, refuses a UNIX one all the same).
+        """
+        for section in sections:
+            if section == "metrics" and "unix" in listen.lower():
+                continue
+            refusal = f"[{section}] listen: invalid endpoint {listen!r}: {reason}"
+            file_error = self.error(f"[{section}]\nlisten = '{listen}'\n")
+            self.assertIn(refusal, file_error)  # type: ignore[attr-defined]
+            error = self.assertRaises(  # type: ignore[attr-defined]
+                ConfigError, load_config, None, {section: {"listen": listen}}, {}
+            )
+            self.assertIn(f"command line: {refusal}", str(error))  # type: ignore[attr-defined]
+
 
 class DefaultsTests(SynchronousTestCase):
     def test_noFile(self) -> None:
@@ -641,6 +663,149 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         )
         self.assertNotIn("stdio", str(error))
 
+    def test_autobahnIsNoListener(self) -> None:
+        """
+        autobahn's C{autobahn:} endpoint (installed with autobahn, which
+        websocketd needs) wraps its listener in WebSocket framing, which no
+        ipcd listener speaks, and the listener it wraps was never checked:
+        refused when the config loads, for every listener.  It was taken:
+        tcpd on C{autobahn:tcp\\:...:url=...} answered its peers nothing,
+        logged nothing, and C{tcp\\:\u0661\u0669\u0660\u0660\u0660} in it listened on
+        port 19000, backlog 50.
+        """
+        inner = "tcp\\:\u0661\u0669\u0660\u0660\u0660\\:interface\\=127.0.0.1"
+        for listen in (
+            f"autobahn:{inner}:url=ws\\://localhost\\:19000",
+            "haproxy:autobahn:tcp\\:9000:url=ws\\://localhost\\:9000",
+            "AutoBahn:tcp\\:9000:url=ws\\://localhost\\:9000",
+        ):
+            for section in ("tcpd", "tlsd", "websocketd", "metrics"):
+                error = self.assertRaises(
+                    ConfigError, load_config, None, {section: {"listen": listen}}, {}
+                )
+                self.assertEqual(
+                    str(error),
+                    f"command line: [{section}] listen: {listen!r}: autobahn: "
+                    "wraps its listener in WebSocket framing, which no ipcd "
+                    "listener speaks (websocketd serves WebSockets itself): "
+                    "write the listener it wraps",
+                )
+
+    def test_systemdArgumentsChecked(self) -> None:
+        """
+        A C{systemd:} listener names its socket's family (C{INET},
+        C{INET6} or C{UNIX}, as Twisted reads it: C{AF_} and the word) and
+        the socket, by index or by name, one of them: else refused when the
+        config loads.  They were taken, and ipcd's start failed in Python's
+        words (C{TypeError: _SystemdParser._parseServer() missing 1
+        required positional argument: 'domain'}, C{ValueError: Specify
+        exactly one of descriptor index or name}, C{AttributeError: module
+        'socket' has no attribute 'AF_inet'}), or a reload took them.
+        """
+        for listen, reason in (
+            ("systemd:index=0", "no domain= (INET, INET6 or UNIX)"),
+            ("systemd:name=tcpd", "no domain= (INET, INET6 or UNIX)"),
+            ("systemd:domain=inet:index=0", "domain 'inet' is not INET, INET6 or UNIX"),
+            ("systemd:domain=FOO:name=x", "domain 'FOO' is not INET, INET6 or UNIX"),
+            ("systemd:domain=PACKET:index=0", "domain 'PACKET' is not INET, INET6"),
+            ("systemd:domain=", "domain '' is not INET, INET6 or UNIX"),
+            ("systemd:domain=INET", "neither index= nor name= (one of them)"),
+            ("systemd:INET", "neither index= nor name= (one of them)"),
+            ("systemd:domain=UNIX:index=0:name=x", "both index= and name="),
+            ("systemd:INET:0:x", "both index= and name="),
+            ("haproxy:systemd:domain=INET6", "neither index= nor name="),
+        ):
+            self.listener_refused(listen, reason)
+        for listen in (
+            "systemd:domain=INET:index=0",
+            "systemd:domain=INET6:name=tcpd",
+            "systemd:UNIX:0",
+            "haproxy:systemd:domain=UNIX:name=tcpd",
+        ):
+            config = load_config(None, {"tcpd": {"listen": listen}}, {})
+            self.assertEqual(config.daemons["tcpd"]["listen"], listen)
+
+    def test_interfaceAsWritten(self) -> None:
+        """
+        An interface that a socket's bind reads as another IPv4 address
+        than it writes (inet_aton's short, octal and hex forms) is refused,
+        saying that address: C{tcp:9000:interface=0} listened on 0.0.0.0,
+        every address, and C{interface=010.0.0.1} is 8.0.0.1.
+        """
+        for listen, reason in (
+            ("tcp:9000:interface=0", "interface '0' is 0.0.0.0 as a socket"),
+            ("tcp:9000:interface=127.1", "interface '127.1' is 127.0.0.1 as"),
+            ("tcp:9000:interface=010.0.0.1", "interface '010.0.0.1' is 8.0.0.1"),
+            ("tcp:9000:interface=0x7f.1", "interface '0x7f.1' is 127.0.0.1"),
+            ("ssl:443:privateKey=/k:interface=0", "interface '0' is 0.0.0.0"),
+            ("haproxy:tcp6:9000:interface=0", "interface '0' is 0.0.0.0"),
+            ("tls:/d:443:interface=2130706433", "interface '2130706433' is 127"),
+        ):
+            self.listener_refused(listen, reason, ("tcpd", "websocketd"))
+        for interface in ("127.0.0.1", "0.0.0.0", "localhost", "host-0x7f.1"):
+            listen = f"tcp:9000:interface={interface}"
+            config = load_config(None, {"tcpd": {"listen": listen}}, {})
+            self.assertEqual(config.daemons["tcpd"]["listen"], listen)
+
+    def test_unixPathAbsolute(self) -> None:
+        """
+        A C{unix:} listener's path is absolute: a relative one (C{@name}
+        too, which Twisted takes for no abstract name) was bound in ipcd's
+        working directory, its lock file beside it, and an abstract one (a
+        NUL first, from a file) had no mode to say who may connect: any
+        local user named any address behind C{haproxy:unix:}.  Refused when
+        the configuration loads, from a file and the command line.
+        """
+        reason = "is not absolute"
+        for listen in (
+            "unix:tcpd.sock",
+            "unix:./tcpd.sock",
+            "unix:@tcpd",
+            "unix:address=run/tcpd.sock:mode=600",
+            "haproxy:unix:tcpd.sock",
+        ):
+            path = listen.rpartition("unix:")[2].removeprefix("address=")
+            path = path.partition(":")[0]
+            self.listener_refused(
+                listen, f"socket path {path!r} {reason}", ("tcpd", "websocketd")
+            )
+        error = self.assertRaises(
+            ConfigError, load_config, None, {"tcpd": {"listen": "unix:\0tcpd"}}, {}
+        )
+        self.assertIn(f"socket path '\\x00tcpd' {reason}", str(error))
+        self.assertTrue(str(error).isprintable(), str(error))
+
+    def test_backlogAndModeBounded(self) -> None:
+        """
+        A backlog is at most what listen() takes (a C int), and a C{unix:}
+        mode is permission bits (at most 777, as C{ipc:}'s): taken, a larger
+        backlog stopped the start in Python's words (C{signed integer is
+        greater than maximum}), a mode of C{77777} made a socket of mode
+        7777 (anyone may connect), and a longer one C{Python int too large
+        to convert to C int}.
+        """
+        backlog = "backlog 2147483648 is more than listen() takes (2147483647)"
+        mode = "is more than permission bits (0-777)"
+        for listen, reason in (
+            ("tcp:9000:backlog=2147483648", backlog),
+            ("tcp:9000:127.0.0.1:2147483648", backlog),
+            (r"tcp6:9000:backlog=2147483648:interface=\:\:1", backlog),
+            ("tls:/d:443:backlog=2147483648", backlog),
+            ("ssl:443:privateKey=/k:backlog=2147483648", backlog),
+            ("unix:/run/t.sock:backlog=2147483648", backlog),
+            ("unix:/run/t.sock:mode=77777", f"mode 77777 {mode}"),
+            ("unix:/run/t.sock:mode=1777", f"mode 1777 {mode}"),
+            ("unix:/run/t.sock:" + "7" * 22, f"mode {'7' * 22} {mode}"),
+        ):
+            self.listener_refused(listen, reason, ("tcpd", "websocketd"))
+        for listen in (
+            "tcp:9000:backlog=2147483647",
+            "unix:/run/t.sock:mode=777:backlog=2147483647",
+            "unix:/run/t.sock:0000",
+        ):
+            config = load_config(None, {"tcpd": {"listen": listen}}, {})
+            self.assertEqual(config.daemons["tcpd"]["listen"], listen)
+
     def test_badEndpointArguments(self) -> None:
         """The built-in tcp and unix parsers check their arguments too."""
         self.assertEqual(
@@ -803,7 +968,7 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         for listen in (
             "haproxy:tcp:9000",
             "unix:/run/ipcd/tcpd.sock",
-            r"unix:\:",  # a socket named ':' in the working directory
+            r"unix:/run/ipcd/\:",  # a socket named ':' (a relative one: refused)
             r"tcp6:9000:interface=\:\:",
             "tcp:9000:interface=",  # tcp's default: IPv4's every address
         ):
@@ -899,21 +1064,7 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
                 "interface '127\u30020\u30020\u30021' is not",
             ),
         ):
-            for section in ("tcpd", "websocketd", "metrics"):
-                if section == "metrics" and "unix:" in listen:
-                    continue  # (served over TCP only: refused all the same)
-                self.assertIn(
-                    f"[{section}] listen: invalid endpoint {listen!r}: {reason}",
-                    self.error(f"[{section}]\nlisten = '{listen}'\n"),
-                )
-                error = self.assertRaises(
-                    ConfigError, load_config, None, {section: {"listen": listen}}, {}
-                )
-                self.assertIn(
-                    f"command line: [{section}] listen: invalid endpoint "
-                    f"{listen!r}: {reason}",
-                    str(error),
-                )
+            self.listener_refused(listen, reason, ("tcpd", "websocketd", "metrics"))
         # The same in plain digits: taken.
         for listen in (
             "tcp:9000",

@@ -138,6 +138,48 @@ class ParseRuleTests(SynchronousTestCase):
         # Only ip: labels are so: a route's host may be written so.
         self.assertEqual(parse_rule("deny out * host:::ffff:*").peer, "host:::ffff:*")
 
+    def test_unixPatternRefusedUnlessItCanMatch(self) -> None:
+        """
+        A C{unix:} pattern that no label can match (a UNIX listener's peer
+        is C{unix:uid=N}, N in ASCII digits, no leading zero) is refused, a
+        rule's and a grant's, saying how such a peer is labelled: taken, it
+        matched no one, and a deny of that proxy's (C{deny in * unix:33},
+        C{unix:user=www-data}) let it in.  Globs that can match are taken.
+        """
+        for pattern in (
+            "unix:uid=x",
+            "unix:33",
+            "unix:uid:33",
+            "unix:uid=033",
+            "unix:uid=+33",
+            "unix:uid=" + "33".translate(ARABIC_INDIC),
+            "unix:user=www-data",
+            "unix:user=*",
+            "unix:gid=*",
+            "unix:uid=unknown",
+        ):
+            with self.subTest(pattern=pattern):
+                with self.assertRaises(RuleError) as raised:
+                    parse_rule(f"deny in * {pattern}")
+                self.assertIn(
+                    "a peer of a listener on a UNIX socket is labelled "
+                    "unix:uid=N (N its uid in ASCII digits: unix:uid=33)",
+                    str(raised.exception),
+                )
+                self.assertRaises(RuleError, parse_grant, f"secret {pattern}")
+        for pattern in (
+            "unix:uid=0",
+            "unix:uid=33",
+            "unix:uid=4294967294",
+            "unix:uid=*",
+            "unix:*",
+            "unix:u*",
+            "unix:uid=1?",
+            "unix:uid=[0-9]*",
+            "unix:?id=33",
+        ):
+            self.assertEqual(parse_rule(f"allow in * {pattern}").peer, pattern)
+
     def test_ipNonStrictNetwork(self) -> None:
         """Host bits set in a CIDR are accepted (C{10.1.2.3/8} = C{10/8})."""
         self.assertEqual(

@@ -4,6 +4,8 @@ Tests for L{ipcd.routes}: lookup payloads, C{IPC_NETWORK} values and URIs.
 
 from __future__ import annotations
 
+import socket
+
 from hypothesis import example, given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -336,6 +338,18 @@ class URITests(SynchronousTestCase):
             ("\x00", "control characters are not allowed"),
             ("10.1", "not a valid IPv4 address"),
             ("1.2.3.256", "not a valid IPv4 address"),
+            # The resolver's other spellings of an address (inet_aton's:
+            # hex, octal, fewer parts): host:0x7f.1 passed a deny written
+            # for host:127.0.0.1 and reached 127.0.0.1.
+            ("0x7f.1", "an IPv4 address as the resolver reads it"),
+            ("0x7f000001", "an IPv4 address as the resolver reads it"),
+            ("0X7F.0.0.1", "an IPv4 address as the resolver reads it"),
+            ("1.0x2", "an IPv4 address as the resolver reads it"),
+            ("0xa.0x0.0.0x1", "an IPv4 address as the resolver reads it"),
+            # IDNA maps full-width digits and letters to ASCII: "10.1" and
+            # "0x7f.1" were taken as names in that form.
+            ("\uff11\uff10.1", "not a valid IPv4 address"),
+            ("\uff10x7f.1", "an IPv4 address as the resolver reads it"),
             ("ü" * 300, "not a valid international (IDNA) host name"),
             ("[1.2.3.4]", "not a valid IPv6 address"),
             ("[1::2::3]", "not a valid IPv6 address"),
@@ -354,6 +368,8 @@ class PropertyTests(SynchronousTestCase):
     @example("x" * 300)
     @example("xn--a.com")
     @example("a..b")
+    @example("0x7f.1")
+    @example("\uff11\uff10.1")
     def test_acceptedHostsResolve(self, host: str) -> None:
         """
         A host that passes is printable ASCII, at most 253 characters, and
@@ -367,6 +383,13 @@ class PropertyTests(SynchronousTestCase):
         self.assertTrue(checked.isascii() and checked.isprintable(), checked)
         self.assertLessEqual(len(checked), 253)
         checked.encode("idna")
+        # A name the resolver reads as an IPv4 address is that address as
+        # written ("0x7f.1" would be 127.0.0.1 under another host: label).
+        try:
+            address = socket.inet_aton(checked)
+        except OSError:
+            return
+        self.assertEqual(socket.inet_ntoa(address), checked)
 
     @given(st.binary(max_size=200))
     @example(b"pong;pong tcp://h:" + b"9" * 5000 + b"/p")

@@ -19,12 +19,16 @@ from twisted.trial.unittest import TestCase
 from ipcd.framing import encode
 from ipcd.test.support import (
     assert_logged,
+    assert_refused,
     bounce,
     connect_unix,
     counted_pong,
     logged_lines,
+    lookup,
+    make_config,
     recv_upto,
     short_rundir,
+    start_ipcd,
     wait_until,
 )
 from ipcd.test.tcpsupport import recv_eof, start_host
@@ -138,6 +142,86 @@ class TcpdOnAUnixSocketTests(TestCase):
         self.assertEqual(answer, b"ne refused")
         denied = f"in 'pong' for {UID}: in connection to 'pong' denied"
         assert_logged(self, lines, denied)
+
+
+class OwnListenerTests(TestCase):
+    """
+    A daemon's listener on a UNIX socket is one of ipcd's own sockets: a
+    lookup that reached it made ipcd connect to it for the client, and the
+    daemon took that client for ipcd's own uid (the connect was ipcd's):
+    user nobody, looking up C{RUNDIR/tcpd.sock} (mode 0666, Twisted's), was
+    C{unix:uid=0} to tcpd, past a rule for root's proxy.
+    """
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        """tcpd on C{RUNDIR/tcpd.sock} (and a second name for it); RUNDIR."""
+        rundir = short_rundir(self, "ipcd-unixl-")
+        path = os.path.join(rundir, "tcpd.sock")
+        config = make_config(
+            rundir,
+            tcpd={"listen": f"unix:{path}"},
+            rules=["allow in pong unix:uid=0"],  # ipcd's uid, here root
+        )
+        service = yield start_ipcd(self, config)
+        yield service.getServiceNamed("tcpd").listening()
+        os.symlink(path, os.path.join(rundir, "another"))
+        return rundir
+
+    @inlineCallbacks
+    def test_neverALookupTarget(self) -> Any:
+        """
+        A lookup of the listener's name in RUNDIR, or of another name for
+        it, is refused as ipcd's own socket (it was served).
+        """
+        rundir = yield self.start()
+        lines = logged_lines(self)
+        for name in ("tcpd.sock", "another"):
+            reply = yield deferToThread(lookup, rundir, name.encode())
+            for fd in reply.fds:  # (a socket handed over: closed after)
+                self.addCleanup(os.close, fd)
+            assert_refused(self, reply)
+            assert_logged(self, lines, "is ipcd's own socket")
+
+
+class IpcListenerTests(TestCase):
+    @inlineCallbacks
+    def test_inIpcdsRundir(self) -> Any:
+        """
+        A daemon's C{ipc:NAME} listener with no C{rundir=} listens in
+        ipcd's RUNDIR: it listened in C{$RUNDIR}, else C{/tmp/libipc-run}
+        (the parser's default for programs), wherever ipcd's own was, and
+        in a directory a user may have made first.  It is ipcd's own socket
+        there too (a lookup of it is refused).
+        """
+        elsewhere = short_rundir(self, "ipcd-unixl-")
+        self.patch(os, "environ", {**os.environ, "RUNDIR": elsewhere})
+        b = yield start_host(self, [f"allow in pong {UID}"], listen="ipc:tcpd-in")
+        self.assertEqual(os.listdir(elsewhere), [])
+        port = yield b.service.getServiceNamed("tcpd").listening()
+        path = os.path.join(b.rundir, "tcpd-in")
+        self.assertEqual(os.fsdecode(port.getHost().name), path)
+        sock, answer = yield deferToThread(ask, path, b"pong")
+        self.addCleanup(sock.close)
+        self.assertEqual(answer, b"ok")
+        reply = yield deferToThread(lookup, b.rundir, b"tcpd-in")
+        assert_refused(self, reply)
+
+    def test_rundirWrittenEscaped(self) -> None:
+        """
+        The RUNDIR given to an C{ipc:} listener is read back as it is, a
+        C{:}, C{=} or C{\\} in it too; one that names its own is kept.
+        """
+        from ipcd.compat import twisted as compat_twisted
+        from ipcd.daemons.listeners import in_rundir
+
+        rundir = "/run/a:b=c\\d"
+        for listen in ("ipc:x", "haproxy:ipc:x:mode=0600"):
+            listens = in_rundir(listen, rundir).removeprefix("haproxy:")
+            keywords = compat_twisted.endpoint_keywords(listens)
+            self.assertEqual(keywords["rundir"], rundir)
+        for listen in ("ipc:x:rundir=/run/y", "unix:/run/x.sock", "tcp:9000"):
+            self.assertEqual(in_rundir(listen, rundir), listen)
 
 
 class WebsocketdOnAUnixSocketTests(TestCase):
