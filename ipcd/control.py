@@ -93,9 +93,10 @@ def status_report(
     broker: Any, listening: Mapping[str, bool] | None = None
 ) -> dict[str, Any]:
     """
-    Live relayed connections, counters, what remote peers may reach
-    (L{inbound_reach}) and the configuration in force (L{config_summary},
-    with C{listening}).
+    Live relayed connections, counters, the connections each of ipcd's
+    limits counts now (L{ipcd.limits.ConnectionLimits.status}), what remote
+    peers may reach (L{inbound_reach}) and the configuration in force
+    (L{config_summary}, with C{listening}).
     """
     now = time.monotonic()
     connections = sorted(
@@ -104,6 +105,9 @@ def status_report(
     return {
         "connections": connections,
         "counters": dict(sorted(broker.counters.items())),
+        "limits": {
+            name: limits.status() for name, limits in sorted(broker.limits.items())
+        },
         "inbound": inbound_reach(
             broker.config, broker.own_names(), broker.own_inodes()
         ),
@@ -312,6 +316,7 @@ def format_status(report: dict[str, Any], wide: bool = False) -> str:
     lines.append("counters:")
     for name, value in report["counters"].items():
         lines.append(f"  {name}: {value}")
+    lines.extend(_limits_lines(report.get("limits", {})))
     lines.append("inbound:")
     for name, why in report.get("inbound", {}).items():
         lines.append(f"  {name}: {why}")
@@ -329,6 +334,27 @@ def format_status(report: dict[str, Any], wide: bool = False) -> str:
     if cut or fitted != lines:
         fitted.append(f"(cut to {STATUS_WIDTH} columns: ipcd status --wide or --json)")
     return "\n".join(fitted)
+
+
+def _limits_lines(limits: dict[str, Any]) -> list[str]:
+    """
+    How full each of ipcd's limits is: open, of at most how many, and the
+    peer with the most open (near its own maximum, it is refused next).
+    """
+    lines = ["limits:"] if limits else []
+    for name, state in limits.items():
+        line = (
+            f"  {name}: {state['open']} open of {state['max']}, "
+            f"{state['max_per_peer']} per peer"
+        )
+        busiest = state.get("busiest")
+        if busiest:
+            line += f"; busiest {busiest['peer']} with {busiest['open']}"
+            if busiest.get("exempt"):
+                # Held to no per-peer maximum: not near one, however many.
+                line += " (ipcd's own uid: no per-peer cap)"
+        lines.append(line)
+    return lines
 
 
 def _dns_lines(dns: dict[str, Any]) -> list[str]:

@@ -347,6 +347,43 @@ class ReloadAndStatusTests(TestCase):
         self.assertEqual(report["connections"], [])
 
     @inlineCallbacks
+    def test_status_shows_limits_in_use(self) -> Any:
+        """
+        How full each limit is: tcpd's listener with two relays from one
+        address, its maxima and that peer; in the text, one line each.
+        """
+        inst = _Instance(self, ["--allow", "in", "pong"])
+        yield inst.start(self)
+        for _ in range(2):
+            live = socket.create_connection(("127.0.0.1", inst.port), timeout=TIMEOUT)
+            self.addCleanup(live.close)
+            yield deferToThread(live.sendall, b"pong")
+            self.assertEqual((yield deferToThread(live.recv, 2)), b"ok")
+        report = yield deferToThread(control.request, "status", inst.rundir)
+        self.assertEqual(
+            report["limits"]["tcpd"],
+            {
+                "open": 2,
+                "max": 1024,
+                "max_per_peer": 128,
+                "busiest": {"peer": "ip:127.0.0.1/32", "open": 2, "exempt": False},
+            },
+        )
+        # This test's own uid is ipcd's: no per-peer maximum holds it.
+        control_socket = report["limits"]["ipcd-control"]["busiest"]
+        self.assertEqual((control_socket["open"], control_socket["exempt"]), (1, True))
+        lines = control.format_status(report).splitlines()
+        self.assertIn(
+            "  tcpd: 2 open of 1024, 128 per peer; busiest ip:127.0.0.1/32 with 2",
+            lines,
+        )
+        self.assertIn(
+            f"  ipcd-control: 1 open of 1024, 128 per peer; busiest uid:{os.getuid()} "
+            "with 1 (ipcd's own uid: no per-peer cap)",
+            lines,
+        )
+
+    @inlineCallbacks
     def test_control_socket_is_private(self) -> Any:
         inst = _Instance(self, [])
         yield inst.start(self)
