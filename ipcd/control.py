@@ -26,6 +26,7 @@ from ipcd.identity import credentials
 from ipcd.inboundreach import inbound_reach
 from ipcd.logs import printable
 from ipcd.names import CONTROL_NAME, socket_path
+from ipcd.reloads import instance_lines
 from ipcd.routes import host_port
 from ipcd.rundir import check_asked_rundir, resolve_rundir
 from ipcd.wire import (
@@ -90,19 +91,24 @@ def config_summary(
 
 
 def status_report(
-    broker: Any, listening: Mapping[str, bool] | None = None
+    broker: Any,
+    listening: Mapping[str, bool] | None = None,
+    instance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """
     Live relayed connections, counters, the connections each of ipcd's
     limits counts now (L{ipcd.limits.ConnectionLimits.status}), what remote
     peers may reach (L{inbound_reach}) and the configuration in force
-    (L{config_summary}, with C{listening}).
+    (L{config_summary}, with C{listening}); first, when given, the
+    C{instance} (L{ipcd.reloads.Reloads.status}: version, pid, uptime,
+    reloads).
     """
     now = time.monotonic()
     connections = sorted(
         (stats.as_dict(now) for stats in broker.relays), key=lambda c: -c["age"]
     )
     return {
+        **({} if instance is None else {"ipcd": dict(instance)}),
         "connections": connections,
         "counters": dict(sorted(broker.counters.items())),
         "limits": {
@@ -277,7 +283,7 @@ def format_status(report: dict[str, Any], wide: bool = False) -> str:
     L{STATUS_WIDTH} columns (long names cut, with a note saying so), or,
     C{wide}, whole and with each connection's details (TLS, datagrams).
     """
-    lines = []
+    lines = instance_lines(report["ipcd"]) if "ipcd" in report else []
     cut = False
     connections = report["connections"]
     lines.append(f"connections: {len(connections)}")

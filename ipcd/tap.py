@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
-from ipcd import compat
+from ipcd import compat, version
 from ipcd.activation import inherited
 from ipcd.broker import Broker
 from ipcd.config import Config, ConfigError, one_line
@@ -44,6 +44,7 @@ from ipcd.placing import remove_abandoned
 from ipcd.planted import ASIDE_PREFIX, sweep_aside
 from ipcd.reactors import IHostReactor
 from ipcd.reloadgate import STOPPING, ReloadGate
+from ipcd.reloads import Reloads
 from ipcd.rundir import UnsafeRundir, prepare_rundir
 from ipcd.sdnotify import Notifier, Readiness
 from ipcd.services import IPCService
@@ -113,8 +114,12 @@ class IPCDService(MultiService):
         ).setServiceParent(self)
         # Reloads asked on the control socket: one per RELOAD_INTERVAL at most.
         self.reload_gate = ReloadGate(self.reload_in_thread, reactor)
+        # Its reloads (and itself), for ipcd status.
+        self.reloads = Reloads()
         handlers = {
-            "status": lambda: status_report(self.broker, self.listening()),
+            "status": lambda: status_report(
+                self.broker, self.listening(), self.reloads.status(version())
+            ),
             "reload": self.reload_gate.request,
         }
         limits = self.broker.limits_for(CONTROL_NAME)
@@ -280,6 +285,7 @@ class IPCDService(MultiService):
         return self._told(self._reload(read))
 
     def _told(self, answer: dict[str, Any]) -> dict[str, Any]:
+        self.reloads.record(answer)
         if self.readiness is not None:
             self.readiness.reloaded(answer)
         return answer

@@ -959,20 +959,23 @@ class DocumentedOutputTests(SynchronousTestCase):
 
     def test_status(self) -> None:
         """
-        C{ipcd status}: connections, counters, inbound, the configuration in
-        force, in 100 columns; C{--json} has the same keys.
+        C{ipcd status}: the instance and its reloads, connections,
+        counters, limits, inbound, the configuration in force, in 100
+        columns; C{--json} has the same keys.
         """
         done = self.ipcd("status")
         self.assertEqual(done.returncode, 0, done.stderr)
         lines = done.stdout.splitlines()
-        self.assertEqual(lines[0], "connections: 0")
-        for heading in ("counters:", "inbound:", "config:"):
+        self.assertTrue(lines[0].startswith("ipcd: version "), lines[0])
+        self.assertEqual(lines[1:3], ["reloads: none", "connections: 0"])
+        for heading in ("counters:", "limits:", "inbound:", "config:"):
             self.assertIn(heading, lines)
         self.assertIn(f'  rundir: "{self.rundir}"', lines)
         self.assertLessEqual(max(len(line) for line in lines), 100)
         answer = json.loads(self.ipcd("status", "--json").stdout)
         self.assertLessEqual(
-            {"connections", "counters", "inbound", "config"}, set(answer)
+            {"ipcd", "connections", "counters", "limits", "inbound", "config"},
+            set(answer),
         )
         self.assertEqual(answer["config"]["rundir"], self.rundir)
 
