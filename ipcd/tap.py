@@ -26,7 +26,13 @@ from twisted.python.failure import Failure
 from ipcd import compat, version
 from ipcd.activation import inherited
 from ipcd.broker import Broker
-from ipcd.config import Config, ConfigError, one_line
+from ipcd.config import (
+    Config,
+    ConfigError,
+    changed_keys,
+    changes_text,
+    one_line,
+)
 from ipcd.control import CONTROL_MODE, CONTROL_NAME, ControlFactory, status_report
 from ipcd.daemons import StartupError, settings_of
 from ipcd.endpoints import BROKER_NAME
@@ -321,10 +327,14 @@ class IPCDService(MultiService):
                 "reload: changes to {keys} apply after a restart",
                 keys=", ".join(restart),
             )
+        # What an operator checks first: was the edit seen at all?
+        changed = changed_keys(self.config, new)
         self.config = self.broker.config = new
         self.log.info(
-            "configuration reloaded from {source}",
+            "configuration reloaded from {source}: {changes}",
             source=new.source or "the command line only (no --config file)",
+            changes=changes_text(changed),
+            changed=changed,
         )
         for section, service in self.daemon_services.items():
             # A daemon that reads files for its configuration (tlsd's keys)
@@ -342,7 +352,7 @@ class IPCDService(MultiService):
                 self.log.failure(
                     "reload: [{section}] failed to apply it", section=section
                 )
-        return {"ok": True, "restart_needed": restart}
+        return {"ok": True, "restart_needed": restart, "changed": changed}
 
     def listening(self) -> dict[str, bool]:
         """

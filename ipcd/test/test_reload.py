@@ -211,7 +211,10 @@ class SettingsAfterReloadTests(TestCase):
                 return recv_upto(sock, len(message))
 
         self.assertEqual((yield deferToThread(echo)), b"")  # closed: too large
-        self.assertEqual(service.reload(), {"ok": True, "restart_needed": []})
+        self.assertEqual(
+            service.reload(),
+            {"ok": True, "restart_needed": [], "changed": ["max_message_size"]},
+        )
         self.assertEqual((yield deferToThread(echo)), message)
 
 
@@ -304,10 +307,10 @@ class CommandLineReloadTests(SynchronousTestCase):
         for argv, before, after in cases:
             with self.subTest(argv=argv, after=after):
                 answer = self.reload(argv, before, after)
-                self.assertEqual(answer, {"ok": True, "restart_needed": []})
+                self.assertEqual((answer["ok"], answer["restart_needed"]), (True, []))
         # --rundir wins over the file's rundir.
         answer = self.reload([], off, f"rundir = '{other}'\n" + off)
-        self.assertEqual(answer, {"ok": True, "restart_needed": []})
+        self.assertEqual((answer["ok"], answer["restart_needed"]), (True, []))
 
     def test_stillReported(self) -> None:
         """What a restart would change is reported as ever."""
@@ -334,7 +337,9 @@ class CommandLineReloadTests(SynchronousTestCase):
         for argv, before, after, restart in cases:
             with self.subTest(argv=argv, after=after):
                 answer = self.reload(argv, before, after)
-                self.assertEqual(answer, {"ok": True, "restart_needed": restart})
+                self.assertEqual(
+                    (answer["ok"], answer["restart_needed"]), (True, restart)
+                )
 
 
 class TlsListenerReloadTests(SynchronousTestCase):
@@ -375,7 +380,9 @@ class TlsListenerReloadTests(SynchronousTestCase):
         """
         service = self.start("")
         self.write(f"[tlsd]\nlisten = '{ANY_PORT}'\n")
-        self.assertEqual(service.reload(), {"ok": True, "restart_needed": []})
+        self.assertEqual(
+            service.reload(), {"ok": True, "restart_needed": [], "changed": []}
+        )
         listen = service.config.daemons["tlsd"]["listen"]
         self.assertEqual(listen, "tcp:9001:interface=127.0.0.1")
 
@@ -389,14 +396,21 @@ class TlsListenerReloadTests(SynchronousTestCase):
         self.write(self.keys)
         for _ in range(2):
             answer = service.reload()
-            self.assertEqual(answer, {"ok": True, "restart_needed": ["tls_listen"]})
+            self.assertEqual(answer["restart_needed"], ["tls_listen"])
 
     def test_keysRemoved(self) -> None:
         """No certificate or keys any more: its listener stops at a restart."""
         service = self.start(self.keys)
         self.write("")
         answer = service.reload()
-        self.assertEqual(answer, {"ok": True, "restart_needed": ["tls_listen"]})
+        self.assertEqual(
+            answer,
+            {
+                "ok": True,
+                "restart_needed": ["tls_listen"],
+                "changed": ["[tlsd] certificate", "[tlsd] key"],
+            },
+        )
 
 
 class DaemonHookTests(TestCase):
@@ -430,7 +444,7 @@ class DaemonHookTests(TestCase):
         hooks["testschemed"].reconfigured = broken
         hooks["tlsd"].reconfigured = lambda: (told.append("tlsd"), tlsd_hook())
         answer = yield deferToThread(control.request, "reload", rundir)
-        self.assertEqual(answer, {"ok": True, "restart_needed": []})
+        self.assertEqual(answer, {"ok": True, "restart_needed": [], "changed": []})
         self.assertEqual(told, ["tlsd"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
@@ -687,7 +701,7 @@ class ReloadBoundTests(TestCase):
         service = yield start_ipcd(self, load(), load)
         clock = service.reload_gate.clock = Clock()
         first = yield deferToThread(control.request, "reload", rundir)
-        self.assertEqual(first, {"ok": True, "restart_needed": []})
+        self.assertEqual(first, {"ok": True, "restart_needed": [], "changed": []})
         asking = [deferToThread(control.request, "reload", rundir) for _ in range(4)]
         yield wait_until(lambda: service.reload_gate.waiting == 4, "4 waiting")
         self.assertEqual(len(loads), 2)  # at start, and the first reload
@@ -715,7 +729,7 @@ class ReloadBoundTests(TestCase):
         counters = service.broker.counters
         # A reload (read in a thread): the next one waits at the gate.
         first = yield service.reload_gate.request()
-        self.assertEqual(first, {"ok": True, "restart_needed": []})
+        self.assertEqual(first, {"ok": True, "restart_needed": [], "changed": []})
         asking = deferToThread(control.request, "reload", rundir)
         yield wait_until(lambda: service.reload_gate.waiting == 1, "1 waiting")
         # Connected after the one waiting, so timed out after its deadline
@@ -820,8 +834,9 @@ class ReadInAThreadTests(TestCase):
         yield wait_until(lambda: self.service.reload_gate.waiting == 1, "it waits")
         self.assertEqual(str(self.service.config.rules[0]), "deny local r1 *")
         self.release.set()
-        self.assertEqual((yield first), {"ok": True, "restart_needed": []})
-        self.assertEqual((yield second), {"ok": True, "restart_needed": []})
+        reloaded = {"ok": True, "restart_needed": [], "changed": ["rules"]}
+        self.assertEqual((yield first), reloaded)
+        self.assertEqual((yield second), reloaded)
         self.assertEqual(self.held, [True])
         self.assertEqual(str(self.service.config.rules[0]), "deny local r3 *")
         main = threading.main_thread().name
