@@ -14,7 +14,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -157,6 +157,41 @@ _SCHEMA: dict[str | None, dict[str, tuple[Any, str]]] = {
     },
 }
 _NAME_TABLES = ("redirects", "routes")
+# Each Config field as the file names it ("[limits] max_connections").
+_FILE_KEYS = {
+    name: key if section is None else f"[{section}] {key}"
+    for section, keys in _SCHEMA.items()
+    for key, (_, name) in keys.items()
+}
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """
+    The keys whose values differ from C{old} to C{new}, as the file names
+    them (C{rules}, C{[limits] max_connections}, C{[tcpd] listen}), in the
+    file's order: what a reload changed.
+    """
+    changed = [
+        _FILE_KEYS.get(f.name, f.name)
+        for f in fields(Config)
+        if f.compare
+        and f.name not in ("daemons", "source")
+        and getattr(old, f.name) != getattr(new, f.name)
+    ]
+    for section in sorted({*old.daemons, *new.daemons}):
+        before = old.daemons.get(section, {})
+        after = new.daemons.get(section, {})
+        changed += [
+            f"[{section}] {key}"
+            for key in sorted({*before, *after})
+            if before.get(key) != after.get(key)
+        ]
+    return changed
+
+
+def changes_text(changed: list[str]) -> str:
+    """What a reload changed, in words, as the log and C{ipcd reload} say it."""
+    return f"changed {', '.join(changed)}" if changed else "nothing changed"
 
 
 def _where(source: str, section: str | None, key: str) -> str:
@@ -368,11 +403,12 @@ def _check_route_schemes(
 
 
 # A configuration file larger than this is refused, not cut: ipcd reads and
-# parses it whole at start and at each reload, on the reactor's thread
-# (tomllib alone, half the time).  At 16 MiB of rules or routes a reload
+# parses it whole at start and at each reload (tomllib alone, half the
+# time).  At 16 MiB of rules or routes a reload on the reactor's thread
 # stopped every lookup and relay for 11 to 15 s, and 'ipcd reload' timed
-# out; at 1 MiB of routes a lookup waits 0.5 s at most; a real
-# configuration is some kilobytes.
+# out; 1 MiB of routes takes about 0.5 s, read in a thread now (the
+# reactor's longest pause meanwhile about 15 ms: the GIL, the collector);
+# a real configuration is some kilobytes.
 MAX_CONFIG_FILE = 1 << 20
 
 

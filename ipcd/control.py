@@ -26,6 +26,7 @@ from ipcd.identity import credentials
 from ipcd.inboundreach import inbound_reach
 from ipcd.logs import printable
 from ipcd.names import CONTROL_NAME, socket_path
+from ipcd.reloads import instance_lines
 from ipcd.routes import host_port
 from ipcd.rundir import check_asked_rundir, resolve_rundir
 from ipcd.wire import (
@@ -90,20 +91,29 @@ def config_summary(
 
 
 def status_report(
-    broker: Any, listening: Mapping[str, bool] | None = None
+    broker: Any,
+    listening: Mapping[str, bool] | None = None,
+    instance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """
-    Live relayed connections, counters, what remote peers may reach
-    (L{inbound_reach}) and the configuration in force (L{config_summary},
-    with C{listening}).
+    Live relayed connections, counters, the connections each of ipcd's
+    limits counts now (L{ipcd.limits.ConnectionLimits.status}), what remote
+    peers may reach (L{inbound_reach}) and the configuration in force
+    (L{config_summary}, with C{listening}); first, when given, the
+    C{instance} (L{ipcd.reloads.Reloads.status}: version, pid, uptime,
+    reloads).
     """
     now = time.monotonic()
     connections = sorted(
         (stats.as_dict(now) for stats in broker.relays), key=lambda c: -c["age"]
     )
     return {
+        **({} if instance is None else {"ipcd": dict(instance)}),
         "connections": connections,
         "counters": dict(sorted(broker.counters.items())),
+        "limits": {
+            name: limits.status() for name, limits in sorted(broker.limits.items())
+        },
         "inbound": inbound_reach(
             broker.config, broker.own_names(), broker.own_inodes()
         ),
@@ -273,7 +283,7 @@ def format_status(report: dict[str, Any], wide: bool = False) -> str:
     L{STATUS_WIDTH} columns (long names cut, with a note saying so), or,
     C{wide}, whole and with each connection's details (TLS, datagrams).
     """
-    lines = []
+    lines = instance_lines(report["ipcd"]) if "ipcd" in report else []
     cut = False
     connections = report["connections"]
     lines.append(f"connections: {len(connections)}")
@@ -312,6 +322,7 @@ def format_status(report: dict[str, Any], wide: bool = False) -> str:
     lines.append("counters:")
     for name, value in report["counters"].items():
         lines.append(f"  {name}: {value}")
+    lines.extend(_limits_lines(report.get("limits", {})))
     lines.append("inbound:")
     for name, why in report.get("inbound", {}).items():
         lines.append(f"  {name}: {why}")
@@ -329,6 +340,27 @@ def format_status(report: dict[str, Any], wide: bool = False) -> str:
     if cut or fitted != lines:
         fitted.append(f"(cut to {STATUS_WIDTH} columns: ipcd status --wide or --json)")
     return "\n".join(fitted)
+
+
+def _limits_lines(limits: dict[str, Any]) -> list[str]:
+    """
+    How full each of ipcd's limits is: open, of at most how many, and the
+    peer with the most open (near its own maximum, it is refused next).
+    """
+    lines = ["limits:"] if limits else []
+    for name, state in limits.items():
+        line = (
+            f"  {name}: {state['open']} open of {state['max']}, "
+            f"{state['max_per_peer']} per peer"
+        )
+        busiest = state.get("busiest")
+        if busiest:
+            line += f"; busiest {busiest['peer']} with {busiest['open']}"
+            if busiest.get("exempt"):
+                # Held to no per-peer maximum: not near one, however many.
+                line += " (ipcd's own uid: no per-peer cap)"
+        lines.append(line)
+    return lines
 
 
 def _dns_lines(dns: dict[str, Any]) -> list[str]:

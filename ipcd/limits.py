@@ -179,6 +179,26 @@ class ConnectionLimits:
         """
         return self.total + spare < self._maximum() and not self._peer_full(key)
 
+    def status(self) -> dict[str, Any]:
+        """
+        What C{ipcd status} says of them: connections open now, the maxima
+        in force, and the peer with the most (how near it is to its own).
+        """
+        busiest = max(self.per_peer.items(), key=lambda item: item[1], default=None)
+        return {
+            "open": self.total,
+            "max": self._maximum(),
+            "max_per_peer": self.max_per_peer,
+            "busiest": None
+            if busiest is None
+            else {
+                "peer": busiest[0],
+                "open": busiest[1],
+                # ipcd's own uid: not held to max_per_peer.
+                "exempt": busiest[0] in self.exempt,
+            },
+        }
+
     def _maximum(self) -> int:
         """Connections at once, past which the listener stops accepting."""
         if self.service_maximum is None:

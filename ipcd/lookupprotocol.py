@@ -23,7 +23,7 @@ from ipcd.handoff import send_ok
 from ipcd.identity import Peer, local_peer
 from ipcd.limits import ConnectionLimits
 from ipcd.lookup import Answer, ILookupBroker, reply_to, serve_lookup, unexpected
-from ipcd.sockets import discard_unread
+from ipcd.sockets import discard_unread, peer_closed
 from ipcd.wire import (
     TOO_LARGE_CLOSED,
     LimitLog,
@@ -113,6 +113,22 @@ class LookupProtocol(MessageProtocol):
         else:
             self._reply(answer)
 
+    def readConnectionLost(self) -> None:  # noqa: N802 (Twisted's name)
+        """
+        The client's EOF.  One that shut only its writing half after the
+        lookup (upstream clients may, socat does) still gets the answer the
+        broker is preparing: the connection stays open for it.  One that
+        closed altogether has nobody to answer: it goes, and with it the
+        connect made for it (cancelled in connectionLost).  Half a lookup
+        then EOF: C{ne}, which says so.
+        """
+        if self._pending is not None and not peer_closed(self.transport):
+            return  # answered (then closed) when the broker is done
+        if not self._answered and self._pending is None:
+            self._answer_no("lookup unfinished: the client stopped sending")
+            return
+        self.transport.loseConnection()
+
     def messageTooLarge(self, size: int) -> None:
         self._answer_no(f"lookup of {size} bytes exceeds {self.maxMessageSize} bytes")
 
@@ -144,7 +160,13 @@ class LookupProtocol(MessageProtocol):
         # O_NONBLOCK belongs to the shared open file, not to our fd: clients
         # (upstream's do a plain blocking read) must get a blocking socket.
         answer.setblocking(True)
-        send_ok(self.transport, fd)
+        try:
+            send_ok(self.transport, fd)
+        except OSError:
+            # The client closed after its EOF reached us (EPIPE): nobody to
+            # answer, and Twisted, no longer reading, would not notice.
+            self.transport.abortConnection()
+            return
         self.transport.loseConnection()
 
     def _answer_no(self, reason: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import select
 import socket
 from typing import Any
 
@@ -100,6 +101,24 @@ def discard_unread(transport: Any, limit: int = 256 * 1024) -> None:
             limit -= len(chunk)
     except OSError:
         pass  # nothing more now (EAGAIN), or the peer is gone
+
+
+def peer_closed(transport: Any) -> bool:
+    """
+    Whether the peer of a Twisted C{transport}'s socket has closed it, not
+    only shut its writing half: both read as EOF, but Linux polls a socket
+    whose peer is gone (or that shut both halves) as HUP.  C{False} when
+    there is no socket to ask.
+    """
+    try:
+        fd = transport.getHandle().fileno()
+    except (AttributeError, OSError):
+        return False
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(event & (select.POLLHUP | select.POLLERR) for _, event in poller.poll(0))
 
 
 def with_deadline(

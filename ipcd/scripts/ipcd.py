@@ -148,6 +148,7 @@ def _unsearchable(rundir: str) -> str | None:
 
 def _show(command: str, answer: Any, wide: bool) -> None:
     """An answer for people: raises what another shape of it makes raise."""
+    from ipcd.config import changes_text
     from ipcd.control import format_status
     from ipcd.logs import printable
 
@@ -155,14 +156,15 @@ def _show(command: str, answer: Any, wide: bool) -> None:
         print(format_status(answer, wide))
     elif answer.get("ok"):
         restart = answer.get("restart_needed")
-        print(
-            "reloaded"
-            + (
-                f"; restart needed for {printable(', '.join(map(str, restart)))}"
-                if restart
-                else ""
-            )
-        )
+        # (None: an ipcd older than this, which does not say.)
+        changed = answer.get("changed")
+        said = "reloaded"
+        if changed or (changed is not None and not restart):
+            # "nothing changed" alone: one that needs a restart changed that.
+            said += ": " + changes_text([str(key) for key in changed])
+        if restart:
+            said += f"; restart needed for {', '.join(map(str, restart))}"
+        print(printable(said))
     else:
         error = printable(str(answer.get("error")))
         print(f"ipcd reload: refused: {error}", file=sys.stderr)

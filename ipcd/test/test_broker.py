@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from typing import Any
 
 from twisted.internet.defer import gatherResults, inlineCallbacks
@@ -15,10 +16,12 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from ipcd.lookupprotocol import LookupProtocol
 from ipcd.test.support import (
     Reply,
     assert_no_fd_leak,
     bounce,
+    calls_to,
     connect_unix,
     fake_daemon,
     fd_baseline,
@@ -407,3 +410,86 @@ class ReplyShapeTests(BrokerTestCase):
         raw = encode(b"pong;") + encode(b"nosuch;")
         reply = yield deferToThread(raw_lookup, self.rundir, raw)
         yield self.assertWorks(reply)
+
+
+class HalfCloseTests(BrokerTestCase):
+    """
+    A client that shuts its writing half after its lookup (upstream clients
+    may; C{socat} does) still gets its answer and the descriptor, also when
+    the answer comes later; one that closed altogether is let go.
+    """
+
+    def half_closed(self, payload: bytes) -> socket.socket:
+        """A client that sent C{payload}, framed, and then shut its writing."""
+        sock = connect_unix(os.path.join(self.rundir, "ipc"))
+        self.addCleanup(sock.close)
+        sock.sendall(encode(payload))
+        sock.shutdown(socket.SHUT_WR)
+        return sock
+
+    @inlineCallbacks
+    def test_answerComesLater(self) -> Any:
+        """
+        The daemon accepts after the client's EOF reached ipcd: C{ok} and a
+        working fd all the same, and no fd left behind.
+        """
+        yield self.start(ipcd={"external_daemons": ["fake"]})
+        daemon = fake_daemon(self, self.rundir, mode="hold")
+        before = yield fd_baseline()
+        eofs = calls_to(self, LookupProtocol, "readConnectionLost", lambda p: p)
+        sock = yield deferToThread(self.half_closed, b"pong;pong fake://host:1/pong")
+        yield wait_until(lambda: daemon.held, "the lookup to reach the daemon")
+        yield wait_until(lambda: eofs, "ipcd to read the client's EOF")
+        daemon.release()
+        reply = yield deferToThread(read_reply, sock)
+        far = self.assertOk(reply)
+        echo = yield deferToThread(bounce, far, b"after a half-close")
+        self.assertEqual(echo, encode(b"after a half-close"))
+        far.close()
+        sock.close()
+        yield assert_no_fd_leak(before)
+
+    @inlineCallbacks
+    def test_answeredAtOnce(self) -> Any:
+        """A lookup answered at once (pongd): C{ok} and the fd, as usual."""
+        yield self.start()
+        for _ in range(5):
+            sock = yield deferToThread(self.half_closed, b"pong;")
+            yield self.assertWorks((yield deferToThread(read_reply, sock)))
+            sock.close()
+
+    @inlineCallbacks
+    def test_unfinishedLookup(self) -> Any:
+        """Half a lookup, then EOF: C{ne} says so, rather than a bare close."""
+        yield self.start()
+
+        def unfinished() -> Reply:
+            with connect_unix(os.path.join(self.rundir, "ipc")) as sock:
+                sock.sendall(encode(b"pong;")[:6])
+                sock.shutdown(socket.SHUT_WR)
+                return read_reply(sock)
+
+        reply = yield deferToThread(unfinished)
+        self.assertRefused(reply, b"lookup unfinished")
+        yield self.assertWorks((yield deferToThread(lookup, self.rundir, b"pong;")))
+
+    @inlineCallbacks
+    def test_closedAfterHalfClose(self) -> Any:
+        """
+        A client that half-closed, then closed before its answer came: the
+        socket that comes is closed, nothing is left open, ipcd serves on.
+        """
+        yield self.start(ipcd={"external_daemons": ["fake"]})
+        daemon = fake_daemon(self, self.rundir, mode="hold")
+        yield self.assertWorks((yield deferToThread(lookup, self.rundir, b"pong;")))
+        before = yield fd_baseline()
+        eofs = calls_to(self, LookupProtocol, "readConnectionLost", lambda p: p)
+        sock = yield deferToThread(self.half_closed, b"pong;pong fake://host:1/pong")
+        yield wait_until(lambda: daemon.held, "the lookup to reach the daemon")
+        yield wait_until(lambda: eofs, "ipcd to read the client's EOF")
+        [held] = daemon.held
+        sock.close()  # the answer then finds nobody (EPIPE)
+        daemon.release()
+        yield wait_until(lambda: held.lost.called, "ipcd to close the daemon's")
+        yield self.assertWorks((yield deferToThread(lookup, self.rundir, b"pong;")))
+        yield assert_no_fd_leak(before)

@@ -163,7 +163,14 @@ class ConfigAndOptionsTests(SynchronousTestCase):
         )
         service = IPCDService(first, reactor, lambda: second)
         answer = service.reload()
-        self.assertEqual(answer, {"ok": True, "restart_needed": ["testscheme_listen"]})
+        self.assertEqual(
+            answer,
+            {
+                "ok": True,
+                "restart_needed": ["testscheme_listen"],
+                "changed": ["[testschemed] colour"],
+            },
+        )
         settings = service.broker.config.daemons["testschemed"]
         self.assertEqual(settings["listen"], "tcp:0:interface=127.0.0.1")
         self.assertEqual(settings["colour"], "green")

@@ -20,17 +20,18 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from ipcd import control
-from ipcd.config import load_config
+from ipcd import control, version
+from ipcd.config import ConfigError, load_config
 from ipcd.identity import local_labels
 from ipcd.options import Options
+from ipcd.reloads import Reloads, instance_lines
 from ipcd.scripts.ipcd import join_words
 from ipcd.services import IPCService
 from ipcd.services.pongd import Pong
 from ipcd.tap import IPCDService
-from ipcd.test.support import as_user
+from ipcd.test.support import as_user, make_config, start_ipcd
 from ipcd.wire import encode
 
 TIMEOUT = 10
@@ -347,6 +348,43 @@ class ReloadAndStatusTests(TestCase):
         self.assertEqual(report["connections"], [])
 
     @inlineCallbacks
+    def test_status_shows_limits_in_use(self) -> Any:
+        """
+        How full each limit is: tcpd's listener with two relays from one
+        address, its maxima and that peer; in the text, one line each.
+        """
+        inst = _Instance(self, ["--allow", "in", "pong"])
+        yield inst.start(self)
+        for _ in range(2):
+            live = socket.create_connection(("127.0.0.1", inst.port), timeout=TIMEOUT)
+            self.addCleanup(live.close)
+            yield deferToThread(live.sendall, b"pong")
+            self.assertEqual((yield deferToThread(live.recv, 2)), b"ok")
+        report = yield deferToThread(control.request, "status", inst.rundir)
+        self.assertEqual(
+            report["limits"]["tcpd"],
+            {
+                "open": 2,
+                "max": 1024,
+                "max_per_peer": 128,
+                "busiest": {"peer": "ip:127.0.0.1/32", "open": 2, "exempt": False},
+            },
+        )
+        # This test's own uid is ipcd's: no per-peer maximum holds it.
+        control_socket = report["limits"]["ipcd-control"]["busiest"]
+        self.assertEqual((control_socket["open"], control_socket["exempt"]), (1, True))
+        lines = control.format_status(report).splitlines()
+        self.assertIn(
+            "  tcpd: 2 open of 1024, 128 per peer; busiest ip:127.0.0.1/32 with 2",
+            lines,
+        )
+        self.assertIn(
+            f"  ipcd-control: 1 open of 1024, 128 per peer; busiest uid:{os.getuid()} "
+            "with 1 (ipcd's own uid: no per-peer cap)",
+            lines,
+        )
+
+    @inlineCallbacks
     def test_control_socket_is_private(self) -> Any:
         inst = _Instance(self, [])
         yield inst.start(self)
@@ -354,3 +392,88 @@ class ReloadAndStatusTests(TestCase):
         self.assertEqual(mode, 0o600)
         answer = yield deferToThread(control.request, "bogus", inst.rundir)
         self.assertEqual(answer, {"ok": False, "error": "unknown command 'bogus'"})
+
+
+class InstanceLinesTests(SynchronousTestCase):
+    """L{ipcd.reloads}: the instance's lines, on a clock of the test's."""
+
+    def test_lines(self) -> None:
+        now = [1_800_000_000.0]
+        reloads = Reloads(lambda: now[0])
+        now[0] += 3 * 3600 + 25 * 60 + 7
+        self.assertEqual(
+            instance_lines(reloads.status("9.9")),
+            [
+                f"ipcd: version 9.9, pid {os.getpid()}, up 3h 25m (since "
+                "2027-01-15 08:00:00 UTC)",
+                "reloads: none",
+            ],
+        )
+        reloads.record({"ok": True, "restart_needed": ["pongd", "tcp_listen"]})
+        now[0] += 2 * 86400
+        reloads.record({"ok": True, "restart_needed": []})
+        lines = instance_lines(reloads.status("9.9"))
+        self.assertEqual(
+            lines[1:], ["reloads: 2, the last at 2027-01-17 11:25:07 UTC: reloaded"]
+        )
+        self.assertIn(", up 2d 3h (since ", lines[0])
+
+
+class InstanceStatusTests(TestCase):
+    """
+    C{ipcd status} says what runs (version, pid, since when) and how its
+    reloads went: a SIGHUP's is answered to nobody, and a refused one left
+    the old configuration in force with nothing in the status to say so.
+    """
+
+    @inlineCallbacks
+    def test_reloadsAsTheyWent(self) -> Any:
+        rundir = tempfile.mkdtemp(prefix="ipcd-ops-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, rundir, True)
+        loads = iter(
+            [
+                make_config(rundir, pongd={"enabled": False}),
+                ConfigError("ipcd.toml: [limits] max_connections: expected ..."),
+            ]
+        )
+
+        def load() -> Any:
+            loaded = next(loads)
+            if isinstance(loaded, ConfigError):
+                raise loaded
+            return loaded
+
+        service = yield start_ipcd(self, make_config(rundir), load)
+
+        def status() -> Any:
+            return deferToThread(control.request, "status", rundir)
+
+        report = yield status()
+        instance = report["ipcd"]
+        self.assertEqual(
+            (instance["version"], instance["pid"], instance["reloads"]),
+            (version(), os.getpid(), 0),
+        )
+        self.assertEqual(
+            (instance["last_reload"], instance["restart_needed"]), (None, [])
+        )
+        lines = control.format_status(report).splitlines()
+        self.assertTrue(lines[0].startswith(f"ipcd: version {version()}, pid "), lines)
+        self.assertEqual(lines[1], "reloads: none")
+        self.assertTrue(service.reload()["ok"])  # pongd: a restart's
+        self.assertFalse(service.reload()["ok"])  # refused: pongd still waits
+        instance = (yield status())["ipcd"]
+        self.assertEqual(instance["reloads"], 2)
+        last = instance["last_reload"]
+        self.assertEqual(
+            (last["ok"], last["error"]),
+            (False, "ipcd.toml: [limits] max_connections: expected ..."),
+        )
+        self.assertEqual(instance["restart_needed"], ["pongd"])
+        lines = control.format_status({**report, "ipcd": instance}, wide=True)
+        self.assertIn(
+            f"reloads: 2, the last at {last['at']}: refused: ipcd.toml: [limits] "
+            "max_connections: expected ...",
+            lines.splitlines(),
+        )
+        self.assertIn("restart needed for: pongd", lines.splitlines())

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import socket
+import threading
 import weakref
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -23,6 +25,7 @@ from ipcd.config import ConfigError, load_config
 from ipcd.identity import Peer
 from ipcd.reloadgate import RELOAD_INTERVAL, ReloadGate
 from ipcd.test.support import (
+    TIMEOUT,
     as_user,
     assert_no_fd_leak,
     bounce,
@@ -208,7 +211,10 @@ class SettingsAfterReloadTests(TestCase):
                 return recv_upto(sock, len(message))
 
         self.assertEqual((yield deferToThread(echo)), b"")  # closed: too large
-        self.assertEqual(service.reload(), {"ok": True, "restart_needed": []})
+        self.assertEqual(
+            service.reload(),
+            {"ok": True, "restart_needed": [], "changed": ["max_message_size"]},
+        )
         self.assertEqual((yield deferToThread(echo)), message)
 
 
@@ -301,10 +307,10 @@ class CommandLineReloadTests(SynchronousTestCase):
         for argv, before, after in cases:
             with self.subTest(argv=argv, after=after):
                 answer = self.reload(argv, before, after)
-                self.assertEqual(answer, {"ok": True, "restart_needed": []})
+                self.assertEqual((answer["ok"], answer["restart_needed"]), (True, []))
         # --rundir wins over the file's rundir.
         answer = self.reload([], off, f"rundir = '{other}'\n" + off)
-        self.assertEqual(answer, {"ok": True, "restart_needed": []})
+        self.assertEqual((answer["ok"], answer["restart_needed"]), (True, []))
 
     def test_stillReported(self) -> None:
         """What a restart would change is reported as ever."""
@@ -331,7 +337,9 @@ class CommandLineReloadTests(SynchronousTestCase):
         for argv, before, after, restart in cases:
             with self.subTest(argv=argv, after=after):
                 answer = self.reload(argv, before, after)
-                self.assertEqual(answer, {"ok": True, "restart_needed": restart})
+                self.assertEqual(
+                    (answer["ok"], answer["restart_needed"]), (True, restart)
+                )
 
 
 class TlsListenerReloadTests(SynchronousTestCase):
@@ -372,7 +380,9 @@ class TlsListenerReloadTests(SynchronousTestCase):
         """
         service = self.start("")
         self.write(f"[tlsd]\nlisten = '{ANY_PORT}'\n")
-        self.assertEqual(service.reload(), {"ok": True, "restart_needed": []})
+        self.assertEqual(
+            service.reload(), {"ok": True, "restart_needed": [], "changed": []}
+        )
         listen = service.config.daemons["tlsd"]["listen"]
         self.assertEqual(listen, "tcp:9001:interface=127.0.0.1")
 
@@ -386,14 +396,21 @@ class TlsListenerReloadTests(SynchronousTestCase):
         self.write(self.keys)
         for _ in range(2):
             answer = service.reload()
-            self.assertEqual(answer, {"ok": True, "restart_needed": ["tls_listen"]})
+            self.assertEqual(answer["restart_needed"], ["tls_listen"])
 
     def test_keysRemoved(self) -> None:
         """No certificate or keys any more: its listener stops at a restart."""
         service = self.start(self.keys)
         self.write("")
         answer = service.reload()
-        self.assertEqual(answer, {"ok": True, "restart_needed": ["tls_listen"]})
+        self.assertEqual(
+            answer,
+            {
+                "ok": True,
+                "restart_needed": ["tls_listen"],
+                "changed": ["[tlsd] certificate", "[tlsd] key"],
+            },
+        )
 
 
 class DaemonHookTests(TestCase):
@@ -427,7 +444,7 @@ class DaemonHookTests(TestCase):
         hooks["testschemed"].reconfigured = broken
         hooks["tlsd"].reconfigured = lambda: (told.append("tlsd"), tlsd_hook())
         answer = yield deferToThread(control.request, "reload", rundir)
-        self.assertEqual(answer, {"ok": True, "restart_needed": []})
+        self.assertEqual(answer, {"ok": True, "restart_needed": [], "changed": []})
         self.assertEqual(told, ["tlsd"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
@@ -579,6 +596,44 @@ class ReloadGateTests(SynchronousTestCase):
         self.clock.advance(1)
         self.successResultOf(requested)
 
+    def test_neverTwoAtOnce(self) -> None:
+        """
+        A reload that answers later (its file read in a thread): requests
+        meanwhile wait, however long it takes, and share the next one, run
+        once it has ended and the pause after it is over.
+        """
+        reading: list[Deferred[Any]] = []
+
+        def run() -> Deferred[Any]:
+            reading.append(Deferred())
+            return reading[-1]
+
+        self.gate.run = run
+        first = self.gate.request()
+        self.clock.advance(5)  # long past the interval: still running
+        waiting = [self.gate.request() for _ in range(3)]
+        self.assertEqual((len(reading), self.clock.getDelayedCalls()), (1, []))
+        reading[0].callback({"ok": "first"})
+        self.assertEqual(self.successResultOf(first), {"ok": "first"})
+        self.assertEqual([self.assertNoResult(d) for d in waiting], [None] * 3)
+        # It took 5 s (counted as MAX_TOOK): the pause after it is 1.8 s.
+        self.clock.advance(1.7)
+        self.assertEqual(len(reading), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(reading), 2)
+        reading[1].callback({"ok": "second"})
+        self.assertEqual({self.answer(d) for d in waiting}, {"second"})
+        self.assertEqual(self.gate.runs, 2)
+
+    def test_failsLater(self) -> None:
+        """A reload that fails later is logged and answered, as one that raises."""
+        self.gate.run = lambda: fail(RuntimeError("a daemon's bug"))
+        self.assertEqual(
+            self.successResultOf(self.gate.request()),
+            {"ok": False, "error": "reload failed: see ipcd's log"},
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
 
 class DocumentedBoundTests(SynchronousTestCase):
     """
@@ -646,7 +701,7 @@ class ReloadBoundTests(TestCase):
         service = yield start_ipcd(self, load(), load)
         clock = service.reload_gate.clock = Clock()
         first = yield deferToThread(control.request, "reload", rundir)
-        self.assertEqual(first, {"ok": True, "restart_needed": []})
+        self.assertEqual(first, {"ok": True, "restart_needed": [], "changed": []})
         asking = [deferToThread(control.request, "reload", rundir) for _ in range(4)]
         yield wait_until(lambda: service.reload_gate.waiting == 4, "4 waiting")
         self.assertEqual(len(loads), 2)  # at start, and the first reload
@@ -672,9 +727,9 @@ class ReloadBoundTests(TestCase):
         service = yield start_ipcd(self, load(), load)
         clock = service.reload_gate.clock = Clock()
         counters = service.broker.counters
-        # A reload: the next one waits at the gate.
-        first = self.successResultOf(service.reload_gate.request())
-        self.assertEqual(first, {"ok": True, "restart_needed": []})
+        # A reload (read in a thread): the next one waits at the gate.
+        first = yield service.reload_gate.request()
+        self.assertEqual(first, {"ok": True, "restart_needed": [], "changed": []})
         asking = deferToThread(control.request, "reload", rundir)
         yield wait_until(lambda: service.reload_gate.waiting == 1, "1 waiting")
         # Connected after the one waiting, so timed out after its deadline
@@ -729,3 +784,95 @@ class OldConfigurationFreedTests(TestCase):
         yield accept_until(server, answer)
         (yield answer).close()
         self.assertFreed(old)
+
+
+class ReadInAThreadTests(TestCase):
+    """
+    A reload asked on the control socket (or by SIGHUP) reads and parses the
+    file in a thread: ipcd serves on meanwhile (a 1 MiB file held every
+    lookup and relay 0.3 to 1 s); the result is applied on the reactor's
+    thread, and a reload asked meanwhile waits for the next.
+    """
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        self.rundir = rundir = short_rundir(self)
+        self.release = threading.Event()
+        self.parsing = threading.Event()
+        self.reads: list[str] = []  # the thread each read ran on
+        self.held: list[bool] = []  # whether the test let a held read go
+        self.hold = False
+
+        def load() -> Any:
+            self.reads.append(threading.current_thread().name)
+            if self.hold:
+                self.hold = False
+                self.parsing.set()
+                # Let go by the test, once it was served meanwhile; bounded:
+                # on the reactor's thread nobody could let it go.
+                self.held.append(self.release.wait(2 * TIMEOUT))
+            return make_config(rundir, rules=[f"deny local r{len(self.reads)}"])
+
+        self.service = yield start_ipcd(self, load(), load)
+        return self.service
+
+    @inlineCallbacks
+    def test_servedWhileParsing(self) -> Any:
+        """
+        While a reload's parse is held, a lookup is answered (a working fd
+        to pongd) and a second reload waits; let go, the first is applied,
+        then the second, each answered by its own read.
+        """
+        yield self.start()
+        self.hold = True
+        first = deferToThread(control.request, "reload", self.rundir, 4 * TIMEOUT)
+        yield wait_until(self.parsing.is_set, "the parse to begin")
+        reply = yield deferToThread(lookup, self.rundir, b"pong;")
+        with reply.take_socket(self) as sock:
+            self.assertEqual((yield deferToThread(bounce, sock)), encode(b"bounce me"))
+        second = deferToThread(control.request, "reload", self.rundir, 4 * TIMEOUT)
+        yield wait_until(lambda: self.service.reload_gate.waiting == 1, "it waits")
+        self.assertEqual(str(self.service.config.rules[0]), "deny local r1 *")
+        self.release.set()
+        reloaded = {"ok": True, "restart_needed": [], "changed": ["rules"]}
+        self.assertEqual((yield first), reloaded)
+        self.assertEqual((yield second), reloaded)
+        self.assertEqual(self.held, [True])
+        self.assertEqual(str(self.service.config.rules[0]), "deny local r3 *")
+        main = threading.main_thread().name
+        self.assertEqual([name == main for name in self.reads], [True, False, False])
+
+    @inlineCallbacks
+    def test_stoppedWhileParsing(self) -> Any:
+        """
+        ipcd stops while a reload's file is read: nothing is applied, and
+        the asker is told that ipcd is stopping.
+        """
+        yield self.start()
+        self.hold = True
+        asked = self.service.reload_gate.request()
+        yield wait_until(self.parsing.is_set, "the parse to begin")
+        yield self.service.stopService()
+        self.release.set()
+        self.assertEqual((yield asked), {"ok": False, "error": "ipcd is stopping"})
+        self.assertEqual(str(self.service.config.rules[0]), "deny local r1 *")
+
+    @inlineCallbacks
+    def test_hangupWaitsItsTurn(self) -> Any:
+        """
+        SIGHUP while a reload's file is read waits for the next reload, as
+        ipcd reload does: the configuration in force at the end is the one
+        read last.  (It reloaded at once, beside the gate: the read held
+        then applied last, its older file in force.)
+        """
+        yield self.start()
+        self.hold = True
+        first = self.service.reload_gate.request()
+        yield wait_until(self.parsing.is_set, "the parse to begin")
+        os.kill(os.getpid(), signal.SIGHUP)
+        yield wait_until(lambda: self.service.reload_gate.waiting == 1, "it waits")
+        self.release.set()
+        self.assertTrue((yield first)["ok"])
+        yield wait_until(lambda: len(self.reads) == 3, "the hangup's reload")
+        yield wait_until(lambda: self.service.reload_gate.waiting == 0, "it ran")
+        self.assertEqual(str(self.service.config.rules[0]), "deny local r3 *")

@@ -875,20 +875,32 @@ class DocumentedOutputTests(SynchronousTestCase):
 
     def test_reload(self) -> None:
         """
-        C{reloaded}, C{reloaded; restart needed for pongd} (exit 0), and a
-        refusal on stderr with exit 1; C{--json} the same as JSON.
+        C{reloaded: nothing changed}, C{reloaded: changed rules},
+        C{reloaded; restart needed for pongd} (exit 0), and a refusal on
+        stderr with exit 1; C{--json} the same as JSON.
         """
         docs = _configuration_rst()
         done = self.ipcd("reload")
-        self.assertEqual((done.returncode, done.stdout), (0, "reloaded\n"))
-        self.write("[pongd]\nenabled = false\n")
+        shown = "reloaded: nothing changed"
+        self.assertIn(f"``{shown}``", docs)
+        self.assertEqual((done.returncode, done.stdout), (0, shown + "\n"))
+        self.write('rules = ["deny local x"]\n[limits]\nidle_timeout = 9\n')
+        done = self.ipcd("reload")
+        shown = "reloaded: changed rules, [limits] idle_timeout"
+        self.assertIn(f"``{shown}``", docs)
+        self.assertEqual((done.returncode, done.stdout), (0, shown + "\n"))
+        self.write(
+            'rules = ["deny local x"]\n[limits]\nidle_timeout = 9\n'
+            "[pongd]\nenabled = false\n"
+        )
         done = self.ipcd("reload")
         shown = "reloaded; restart needed for pongd"
         self.assertIn(f"``{shown}``", docs)
         self.assertEqual((done.returncode, done.stdout), (0, shown + "\n"))
         done = self.ipcd("reload", "--json")
         self.assertEqual(
-            json.loads(done.stdout), {"ok": True, "restart_needed": ["pongd"]}
+            json.loads(done.stdout),
+            {"ok": True, "restart_needed": ["pongd"], "changed": []},
         )
         # A refused one: the error line of the docs' Errors section.
         self.write("[ipcd]\nlookup_timeot = 5\n")
@@ -918,8 +930,10 @@ class DocumentedOutputTests(SynchronousTestCase):
             "[websocketd]\nlisten = 'tcp:9012'\n[udpd]\nlisten = 'udp:9013'\n"
         )
         done = self.ipcd("reload")
+        changed = "[tcpd] listen, [tlsd] listen, [udpd] listen, [websocketd] listen"
         self.assertEqual(
-            (done.returncode, done.stdout, done.stderr), (0, "reloaded\n", "")
+            (done.returncode, done.stdout, done.stderr),
+            (0, f"reloaded: changed {changed}\n", ""),
         )
 
     def test_reloadRefusedWithAHugeValue(self) -> None:
@@ -955,24 +969,29 @@ class DocumentedOutputTests(SynchronousTestCase):
         )
         self.write("")
         done = self.ipcd("reload")
-        self.assertEqual((done.returncode, done.stdout), (0, "reloaded\n"))
+        self.assertEqual(
+            (done.returncode, done.stdout), (0, "reloaded: nothing changed\n")
+        )
 
     def test_status(self) -> None:
         """
-        C{ipcd status}: connections, counters, inbound, the configuration in
-        force, in 100 columns; C{--json} has the same keys.
+        C{ipcd status}: the instance and its reloads, connections,
+        counters, limits, inbound, the configuration in force, in 100
+        columns; C{--json} has the same keys.
         """
         done = self.ipcd("status")
         self.assertEqual(done.returncode, 0, done.stderr)
         lines = done.stdout.splitlines()
-        self.assertEqual(lines[0], "connections: 0")
-        for heading in ("counters:", "inbound:", "config:"):
+        self.assertTrue(lines[0].startswith("ipcd: version "), lines[0])
+        self.assertEqual(lines[1:3], ["reloads: none", "connections: 0"])
+        for heading in ("counters:", "limits:", "inbound:", "config:"):
             self.assertIn(heading, lines)
         self.assertIn(f'  rundir: "{self.rundir}"', lines)
         self.assertLessEqual(max(len(line) for line in lines), 100)
         answer = json.loads(self.ipcd("status", "--json").stdout)
         self.assertLessEqual(
-            {"connections", "counters", "inbound", "config"}, set(answer)
+            {"ipcd", "connections", "counters", "limits", "inbound", "config"},
+            set(answer),
         )
         self.assertEqual(answer["config"]["rundir"], self.rundir)
 
@@ -1033,7 +1052,11 @@ class TlsStatusAfterReloadTests(SynchronousTestCase):
         self.assertIsNone(self.tls_listen(rundir))
         self.write(self.keys)
         answer = self.ipcd(rundir, "reload")
-        self.assertEqual(answer, "reloaded; restart needed for tls_listen\n")
+        self.assertEqual(
+            answer,
+            "reloaded: changed [tlsd] certificate, [tlsd] key; restart needed for "
+            "tls_listen\n",
+        )
         self.assertIsNone(self.tls_listen(rundir))
 
     def test_keysRemoved(self) -> None:
@@ -1045,5 +1068,9 @@ class TlsStatusAfterReloadTests(SynchronousTestCase):
         self.assertEqual(self.tls_listen(rundir), "tcp:0:interface=127.0.0.1")
         self.write("")
         answer = self.ipcd(rundir, "reload")
-        self.assertEqual(answer, "reloaded; restart needed for tls_listen\n")
+        self.assertEqual(
+            answer,
+            "reloaded: changed [tlsd] certificate, [tlsd] key; restart needed for "
+            "tls_listen\n",
+        )
         self.assertEqual(self.tls_listen(rundir), "tcp:0:interface=127.0.0.1")

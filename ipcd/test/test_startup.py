@@ -806,7 +806,9 @@ class ReloadTests(SynchronousTestCase):
             formatEvent(e) for e in events if "reloaded" in e.get("log_format", "")
         ]
         self.assertEqual(
-            text, "configuration reloaded from the command line only (no --config file)"
+            text,
+            "configuration reloaded from the command line only (no --config file): "
+            "nothing changed",
         )
 
 

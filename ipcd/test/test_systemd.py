@@ -346,7 +346,9 @@ class ReadinessTests(_Ipcd, SynchronousTestCase):
 
         before = time.monotonic_ns() // 1000
         result = self.reload()
-        self.assertEqual((result.returncode, result.stdout), (0, b"reloaded\n"))
+        self.assertEqual(
+            (result.returncode, result.stdout), (0, b"reloaded: nothing changed\n")
+        )
         reloading = manager.receive()
         self.assertEqual(reloading["RELOADING"], "1", reloading)
         self.assertGreaterEqual(int(reloading["MONOTONIC_USEC"]), before)

@@ -22,7 +22,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd.compat import twisted as compat_twisted
+from ipcd.control import status_report
 from ipcd.daemons.outbox import socket_of
+from ipcd.daemons.websocket.daemon import OUTBOUND as WS_OUTBOUND
 from ipcd.daemons.websocket.limits import (
     MAX_HEAD,
     HeadReader,
@@ -33,10 +35,12 @@ from ipcd.names import listen_unix
 from ipcd.test.support import (
     TIMEOUT,
     assert_no_fd_leak,
+    bounce,
     fd_baseline,
     lookup,
     wait_until,
 )
+from ipcd.test.udpsupport import eof_within
 from ipcd.test.wssupport import (
     CLOSE,
     TEXT,
@@ -367,3 +371,75 @@ class StopTests(TestCase):
         stopped.set()
         answer = yield reading
         self.assertEqual(answer, b"")
+
+    @inlineCallbacks
+    def test_outboundBridgesEndOnStop(self) -> Any:
+        """
+        Stopping websocketd ends the ws:// bridges it holds for local
+        clients too, as it does the WebSocket peers': each client sees EOF,
+        the relays leave C{ipcd status} (and the live relays of the
+        metrics: the same set), and their places in C{[limits]} are given
+        back.  They stayed, counted, until each client closed its end.
+        """
+        far = yield start_ws_host(self)
+        near = yield start_ws_host(self, pongd=False, rules=())
+        limits = near.broker.limits_for(WS_OUTBOUND)
+        route = f"pong;pong {far.route('pong')}".encode()
+        clients = []
+        for _ in range(2):
+            reply = yield deferToThread(lookup, near.rundir, route)
+            self.assertEqual(reply.data, b"ok")
+            sock = reply.take_socket(self)
+            self.assertEqual((yield deferToThread(bounce, sock)), encode(b"bounce me"))
+            clients.append(sock)
+        self.assertEqual(limits.total, 2)
+        self.assertEqual(len(status_report(near.broker)["connections"]), 2)
+        yield near.service.getServiceNamed("websocketd").stopService()
+        for sock in clients:
+            self.assertTrue((yield deferToThread(eof_within, sock)))
+        yield wait_until(lambda: limits.total == 0, "their places given back")
+        self.assertEqual(dict(limits.per_peer), {})
+        self.assertEqual(status_report(near.broker)["connections"], [])
+        self.assertEqual(set(near.broker.relays), set())
+
+    @inlineCallbacks
+    def test_dialsGivenUpOnStop(self) -> Any:
+        """
+        A ws:// dial still in its opening handshake when websocketd stops
+        is given up: the lookup is refused (it would have opened a bridge
+        on the stopped websocketd, counted until its client closed), its
+        place given back, the far connection closed; a ws:// lookup after
+        the stop is refused.
+        """
+        silent: list[Protocol] = []
+        far = reactor.listenTCP(
+            0, Factory.forProtocol(lambda: _Silent(silent)), interface="127.0.0.1"
+        )
+        self.addCleanup(far.stopListening)
+        route = f"pong;pong ws://127.0.0.1:{far.getHost().port}/pong".encode()
+        near = yield start_ws_host(self, pongd=False, rules=())
+        limits = near.broker.limits_for(WS_OUTBOUND)
+        asking = deferToThread(lookup, near.rundir, route)
+        yield wait_until(lambda: silent, "the dial to connect")
+        self.assertEqual(limits.total, 1)
+        yield near.service.getServiceNamed("websocketd").stopService()
+        reply = yield asking
+        self.assertEqual(reply.fds, [])
+        self.assertTrue(reply.data.endswith(b": websocketd stopped"), reply.data)
+        self.assertEqual((limits.total, dict(limits.per_peer)), (0, {}))
+        yield wait_until(lambda: silent[0].transport is None, "the far side closed")
+        reply = yield deferToThread(lookup, near.rundir, route)
+        self.assertEqual(reply.data, b"ne websocketd has stopped")
+
+
+class _Silent(Protocol):
+    """A far side that accepts and never answers; lost: transport None."""
+
+    def __init__(self, made: list[Protocol]) -> None:
+        self.made = made
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.made.append(self)
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.transport = None

@@ -141,6 +141,11 @@ class WebSocketOutboundFactory(WebSocketClientFactory):
         for sock in self.pair:
             sock.close()
 
+    def stop(self, reason: str) -> None:
+        """Give the dial up (websocketd stops): the route is refused, C{reason}."""
+        self.failed(reason)  # first: said so, whatever the abort makes of it
+        self._cancel(self.result)
+
     def _cancel(self, result: Deferred[Any]) -> None:
         # The broker's connect deadline passed, or the client went away.
         self._close_pair()
@@ -172,11 +177,14 @@ def connect_websocket(
     stats: RelayStats,
     bridges: set[WebSocketSide] | None = None,
     own_dials: OwnDials | None = None,
+    dials: set[WebSocketOutboundFactory] | None = None,
 ) -> Deferred[socket.socket]:
     """
     Open a WebSocket to C{scheme://host:port/service}; fires with the
     client's end of a socketpair joined to it, or fails with L{Refused}.
-    Until then the connection's local end is held in C{own_dials}.
+    Until then the connection's local end is held in C{own_dials}, and its
+    factory in C{dials}; the bridge, once joined, is in C{bridges} while
+    it lives (so that a stopping websocketd can end them).
     """
     url = f"{scheme}://{host_port(host, port)}/{service}"
     try:
@@ -200,6 +208,14 @@ def connect_websocket(
     else:
         connecting = endpoint.connect(factory)
     factory.connecting = connecting
+    if dials is not None:
+        dials.add(factory)
+
+        def dialed(result: Any) -> Any:
+            dials.discard(factory)
+            return result
+
+        factory.result.addBoth(dialed)
 
     def unreachable(failure: Failure) -> None:
         factory.connecting = None

@@ -27,6 +27,7 @@ from zope.interface import implementer
 from ipcd import outlimits
 from ipcd.checkers import Expected, non_negative_number, positive_int, positive_number
 from ipcd.daemons import (
+    IOutbound,
     IProtocolDaemon,
     ListeningDaemon,
     Setting,
@@ -36,7 +37,12 @@ from ipcd.daemons import (
 )
 from ipcd.daemons.listeners import DaemonService
 from ipcd.daemons.websocket import SECTION
-from ipcd.daemons.websocket.client import connect_websocket, trust_root
+from ipcd.daemons.websocket.bridge import WebSocketSide
+from ipcd.daemons.websocket.client import (
+    WebSocketOutboundFactory,
+    connect_websocket,
+    trust_root,
+)
 from ipcd.daemons.websocket.limits import (
     DEFAULT_MAX_MESSAGE_FRAMES,
     DEFAULT_MESSAGE_TIMEOUT,
@@ -112,16 +118,53 @@ class WebSocketService(DaemonService):
             self.control(
                 self.relays, scheme=scheme, timeout_key="open_handshake_timeout"
             )
+        # ws:// and wss:// routes go through this service (not a test
+        # double's, if set), which ends their bridges and dials when it
+        # stops: they held their places in [limits] until each client
+        # closed its end.
+        self.outbound = OutboundHalf(self)
+        for scheme in (SCHEME, SECURE_SCHEME):
+            broker.transports.setdefault(scheme, self.outbound)
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
         stopped = super().stopService()
         self.factory.peerLog.flush()
+        self.outbound.stop()
         for bridge in list(self.factory.bridges):
             bridge.abortBridge()
         for connection in list(self.factory.connections):
             if connection.transport is not None:
                 connection.transport.abortConnection()  # in its handshake
         return stopped
+
+
+@implementer(IOutbound)
+class OutboundHalf:
+    """
+    websocketd's ws:// and wss:// routes, with the bridges it holds for
+    local clients and its dials towards them, which L{stop} ends.
+    """
+
+    scheme = SCHEME
+
+    def __init__(self, service: WebSocketService) -> None:
+        self.broker = service.broker
+        self.bridges: set[WebSocketSide] = set()
+        self.dials: set[WebSocketOutboundFactory] = set()
+        self.stopped = False
+
+    def connect(self, target: Any, client: Any) -> Deferred[socket.socket]:
+        if self.stopped:
+            return fail(Refused("websocketd has stopped"))
+        return websocketd.connect_with(self.broker, target, client, self)
+
+    def stop(self) -> None:
+        """End every bridge (both ends: the client sees EOF) and dial."""
+        self.stopped = True
+        for factory in list(self.dials):
+            factory.stop("websocketd stopped")
+        for bridge in list(self.bridges):
+            bridge.abortBridge()
 
 
 @implementer(IPlugin, IProtocolDaemon)
@@ -172,6 +215,16 @@ class WebSocketDaemon(ListeningDaemon):
     def connect(
         self, broker: IDaemonHost, target: Any, client: Any
     ) -> Deferred[socket.socket]:
+        return self.connect_with(broker, target, client, None)
+
+    def connect_with(
+        self,
+        broker: IDaemonHost,
+        target: Any,
+        client: Any,
+        half: OutboundHalf | None,
+    ) -> Deferred[socket.socket]:
+        """The outbound half, its bridges and dials kept in C{half}'s."""
         uri: RemoteURI = target.uri
         settings = settings_of(broker.config, self)
         stats = RelayStats.of(
@@ -195,7 +248,9 @@ class WebSocketDaemon(ListeningDaemon):
                 settings["max_message_size"],
                 broker.config.idle_timeout,
                 stats,
+                None if half is None else half.bridges,
                 own_dials=broker.own_dials,
+                dials=None if half is None else half.dials,
             )
         except Exception:
             release()  # whatever stopped it before it began
