@@ -59,6 +59,7 @@ from ipcd.host import IDaemonHost
 from ipcd.reactors import IHostReactor
 from ipcd.relay import SocketRelays, TransportRelays
 from ipcd.routes import RemoteURI
+from ipcd.sockets import unzoned
 from ipcd.tlsfactory import TLSFactory
 
 SCHEME = "tls"
@@ -382,6 +383,7 @@ class TlsDaemon(ListeningDaemon):
 
 
 def _server_identity(material: Material, host: str) -> str:
+    host = unzoned(host)  # (as the dialer checked it)
     identity = material.identity_for(host)
     return f"psk:{identity}" if identity else f"cert-san:{host}"
 

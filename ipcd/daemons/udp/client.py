@@ -192,6 +192,12 @@ async def dial(
         )
         end = None
         try:
+            if len(address) == 4 and address[3]:
+                # A link-local address's zone: Twisted's connect gives the
+                # socket (address, port), which has none (EINVAL), so its
+                # socket is connected with the scope id first; that binds
+                # it to the link, and Twisted's connect then keeps it.
+                udp.getHandle().connect(address)
             udp.connect(address[0], address[1])
             reader = read_in_batches(udp, connected=True)
             # Held until answered: a udpd that is this ipcd's own decides on

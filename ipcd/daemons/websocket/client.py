@@ -15,7 +15,6 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
@@ -35,6 +34,7 @@ from ipcd.reactors import IHostReactor
 from ipcd.regularfile import read_regular
 from ipcd.relay import RelayStats
 from ipcd.routes import host_port
+from ipcd.sockets import stream_endpoint, unzoned
 from ipcd.tlsfactory import TLSFactory
 
 
@@ -178,7 +178,10 @@ def connect_websocket(
     client's end of a socketpair joined to it, or fails with L{Refused}.
     Until then the connection's local end is held in C{own_dials}.
     """
-    url = f"{scheme}://{host_port(host, port)}/{service}"
+    # A zone is this host's own (RFC 6874): not in the URL the server sees
+    # (its Host header), nor what a certificate names.
+    named = unzoned(host)
+    url = f"{scheme}://{host_port(named, port)}/{service}"
     try:
         factory = WebSocketOutboundFactory(
             reactor, url, max_message_size, idle, settings, stats, bridges, own_dials
@@ -186,11 +189,11 @@ def connect_websocket(
     except OSError as e:  # no descriptor left for the socketpair (EMFILE)
         why = f"cannot relay to the service: {e.strerror or e}"
         raise Refused(f"websocketd at {url}: {why}") from None
-    endpoint = HostnameEndpoint(reactor, host, port)
+    endpoint = stream_endpoint(reactor, host, port)
     if scheme == "wss":
         try:
             options = ssl.optionsForClientTLS(
-                host, trustRoot=trust_root(settings["ca"])
+                named, trustRoot=trust_root(settings["ca"])
             )
         except (OSError, ssl.SSL.Error, ValueError) as e:
             factory._close_pair()
