@@ -49,11 +49,11 @@ from ipcd.services import IPCService
 from ipcd.services.pongd import pongd
 from ipcd.startup import (
     OWNERS,
-    address_text,
     cannot_listen,
     close_now,
     daemon_of,
     leaves,
+    listening_text,
     raise_open_files_limit,
 )
 from ipcd.wire import PartialMessageBudget
@@ -367,7 +367,7 @@ class IPCDService(MultiService):
         """Note where C{name} (pongd, tcpd, ...) listens, for L{log_ready}."""
         opened.append(port)
         if name is not None:
-            self.addresses.setdefault(name, []).append(address_text(port.getHost()))
+            self.addresses.setdefault(name, []).append(listening_text(port))
         return port
 
     def _cannot_listen(self, failure: Failure, leaf: Any) -> Failure:

@@ -514,7 +514,9 @@ class UdpLinkLocalTests(TwoLinks, SynchronousTestCase):
         """
         C{udp:PORT:interface=fe80::2%vbN} listens on that link's address
         (Twisted's bind left out the zone's scope id: ipcd did not start,
-        'invalid argument').
+        'invalid argument'), and its log line and ready line say so, with
+        the zone (they said C{[fe80::2]:9000}, any link's address: Twisted's
+        UDP port leaves the scope id out of getHost()).
         """
         answers, log = self.sessions(
             [self.link_b2],
@@ -522,6 +524,9 @@ class UdpLinkLocalTests(TwoLinks, SynchronousTestCase):
             interface=f"fe80::2%{self.link_b2}",
         )
         self.assertEqual(answers, "OK:hi", log)
+        where = f"[fe80::2%{self.link_b2}]:{PORT}"
+        self.assertIn(f"udpd listening on {where}\n", log)
+        self.assertIn(f"udpd {where}", log)  # the ready line
 
 
 # In one namespace, a dial out of one end of a veth pair to the address of
