@@ -270,15 +270,17 @@ class IPCDService(MultiService):
             "configuration reloaded from {source}",
             source=new.source or "the command line only (no --config file)",
         )
+        not_applied: list[str] = []
         for section, service in self.daemon_services.items():
             # A daemon that reads files for its configuration (tlsd's keys)
             # reads them now: what is wrong is said at the reload, not at
-            # its next peer, if one ever comes.
+            # its next peer, if one ever comes, and in the reload's answer
+            # (an unusable key kept the old ones: the log alone said so).
             reconfigured = getattr(service, "reconfigured", None)
             if reconfigured is None:
                 continue
             try:
-                reconfigured()
+                said = [one_line(str(why)) for why in reconfigured() or ()]
             except Exception:
                 # A third party's daemon's bug: the configuration is in force
                 # already; the other daemons are told, the reload answered
@@ -286,7 +288,12 @@ class IPCDService(MultiService):
                 self.log.failure(
                     "reload: [{section}] failed to apply it", section=section
                 )
-        return {"ok": True, "restart_needed": restart}
+                continue
+            not_applied += said
+        answer: dict[str, Any] = {"ok": True, "restart_needed": restart}
+        if not_applied:
+            answer["not_applied"] = not_applied
+        return answer
 
     def listening(self) -> dict[str, bool]:
         """
