@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from typing import Any
 
 from twisted.internet.defer import gatherResults, inlineCallbacks
@@ -380,6 +381,32 @@ class RoutingTests(BrokerTestCase):
         self.assertRefused(reply, b"missing")
         reply = yield deferToThread(lookup, self.rundir, b"p;p unix://pong")
         yield self.assertWorks(reply)
+
+
+class ZonedRouteRuleTests(BrokerTestCase):
+    @inlineCallbacks
+    def test_hostRulesSeeEverySpelling(self) -> Any:
+        """
+        A route to a link-local host names its link by interface name or
+        index: an C{out} rule for one spelling is a rule for the other, and
+        one for the address alone is one for every link's.  (Zoned routes
+        were refused when parsed; with the zone in the one C{host:} label, a
+        client got past C{deny out * host:fe80::2%lo} with C{%1}, and past
+        C{deny out * host:fe80::9} with any zone.)  Refused before any
+        connect: no link-local address is needed.
+        """
+        index = socket.if_nametoindex("lo")
+        yield self.start(
+            rules=["deny out * host:fe80::2%lo", "deny out * host:fe80::9"]
+        )
+        for payload, rule in [
+            (f"x;x tcp://[fe80::2%{index}]:9/x", b"denied by rule 1"),
+            ("x;x tcp://[fe80::2%lo]:9/x", b"denied by rule 1"),
+            ("x;x udp://[fe80::9%lo]:9/x", b"denied by rule 2"),
+            (f"x;x tls://[fe80::9%{index}]:9/x", b"denied by rule 2"),
+        ]:
+            reply = yield deferToThread(lookup, self.rundir, payload.encode())
+            self.assertRefused(reply, rule)
 
 
 class ReplyShapeTests(BrokerTestCase):
