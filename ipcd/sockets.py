@@ -346,12 +346,15 @@ def stream_endpoint(reactor: Any, host: str, port: int) -> Any:
     A TCP client endpoint to C{host:port}: Twisted's C{HostnameEndpoint},
     but C{TCP6ClientEndpoint} for a zoned link-local address, which
     C{HostnameEndpoint} resolves and then connects without its scope id
-    (EINVAL), where C{connectTCP} reads the zone itself.
+    (EINVAL), where C{connectTCP} reads the zone itself: given as the
+    interface's index, so that nothing is looked up by name in a thread.
+    L{Refused} (L{ip6_sockaddr}) when no interface has that name now.
     """
     from twisted.internet.endpoints import HostnameEndpoint, TCP6ClientEndpoint
 
     if "%" in host:
-        return TCP6ClientEndpoint(reactor, host, port)
+        bare, _, _, index = ip6_sockaddr(host, port)
+        return TCP6ClientEndpoint(reactor, f"{bare}%{index}", port)
     return HostnameEndpoint(reactor, host, port)
 
 

@@ -170,7 +170,10 @@ def dial(
     dialing = Factory.forProtocol(build)
     dialing.noisy = False  # no "Starting factory" line per route
     factory = TLSFactory(creator, True, dialing)
-    endpoint = stream_endpoint(broker.reactor, host, port)
+    try:
+        endpoint = stream_endpoint(broker.reactor, host, port)
+    except Refused as e:  # a zone no interface has
+        return refused(e.reason)
     connecting = endpoint.connect(factory)
     connecting.addErrback(failed)
     return done

@@ -123,6 +123,7 @@ class WebSocketOutboundFactory(WebSocketClientFactory):
         self.connecting: Deferred[Any] | None = None
         self.protocolInstance: WebSocketOutbound | None = None
         self.own_dials = own_dials  # ipcd.owndials
+        self.where = url  # as refusals say it (with a link-local zone)
 
     def buildProtocol(self, addr: Any) -> WebSocketOutbound:  # noqa: N802
         self.protocolInstance = super().buildProtocol(addr)
@@ -132,9 +133,8 @@ class WebSocketOutboundFactory(WebSocketClientFactory):
         """The WebSocket did not open (or closed before): refuse the route."""
         if not self.result.called:
             self._close_pair()
-            where = self.url
             self.result.errback(
-                Refused(f"websocketd at {where}: {printable(str(reason))}")
+                Refused(f"websocketd at {self.where}: {printable(str(reason))}")
             )
 
     def _close_pair(self) -> None:
@@ -182,14 +182,16 @@ def connect_websocket(
     # (its Host header), nor what a certificate names.
     named = unzoned(host)
     url = f"{scheme}://{host_port(named, port)}/{service}"
+    where = f"{scheme}://{host_port(host, port)}/{service}"
+    endpoint = stream_endpoint(reactor, host, port)  # (or Refused: no such link)
     try:
         factory = WebSocketOutboundFactory(
             reactor, url, max_message_size, idle, settings, stats, bridges, own_dials
         )
     except OSError as e:  # no descriptor left for the socketpair (EMFILE)
         why = f"cannot relay to the service: {e.strerror or e}"
-        raise Refused(f"websocketd at {url}: {why}") from None
-    endpoint = stream_endpoint(reactor, host, port)
+        raise Refused(f"websocketd at {where}: {why}") from None
+    factory.where = where
     if scheme == "wss":
         try:
             options = ssl.optionsForClientTLS(
@@ -197,7 +199,7 @@ def connect_websocket(
             )
         except (OSError, ssl.SSL.Error, ValueError) as e:
             factory._close_pair()
-            raise Refused(f"cannot verify {url}: bad ca {settings['ca']!r}: {e}")
+            raise Refused(f"cannot verify {where}: bad ca {settings['ca']!r}: {e}")
         # tlsd's TLS: what OpenSSL answers the server is bounded (OwedGuard).
         connecting = endpoint.connect(TLSFactory(options, True, factory))
     else:
