@@ -73,9 +73,15 @@ REMOTE = "a remote peer's request"  # the inbound path (any listener)
 
 
 class AccessDenied(Refused):
-    """The client could not connect to this socket itself."""
+    """
+    The client could not connect to this socket itself; C{at_socket}: for
+    the socket's own permission, past every directory on the way (False: a
+    directory it may not search, and what lies past it is not for it to
+    learn).
+    """
 
     public = REFUSED
+    at_socket = False
 
 
 def permitted(st: os.stat_result, who: Credentials, want: int) -> bool:
@@ -310,7 +316,7 @@ def _socket_at(
     if not stat.S_ISSOCK(st.st_mode):
         raise Refused(f"{path} is not a socket")
     if who is not None and not may(fd, st, who, WRITE):
-        raise _denied(who, path)
+        raise _denied(who, path, at_socket=True)
     if who is not None and st.st_nlink > 1 and st.st_uid != who.uid:
         # A hard link, like a user's symbolic link, could lend ipcd's
         # identity to a socket elsewhere (a user may make one where
@@ -365,10 +371,12 @@ def _untrusted_link(path: str, st: os.stat_result, asking: str) -> Refused:
     )
 
 
-def _denied(who: Credentials, path: str) -> AccessDenied:
+def _denied(who: Credentials, path: str, at_socket: bool = False) -> AccessDenied:
     # The same answer for a directory and the socket: no more is told than
     # the client's own connect() would tell it.
-    return AccessDenied(f"permission denied: {who} may not connect to {path}")
+    denied = AccessDenied(f"permission denied: {who} may not connect to {path}")
+    denied.at_socket = at_socket
+    return denied
 
 
 # Seconds before a directory that could not be held is tried again.

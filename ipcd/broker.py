@@ -473,21 +473,27 @@ class Broker:
                 public=REFUSED,
             )
         try:
-            if event.direction == "in":
-                opened = self._open_as_remote(event, target, again)
-            else:
-                opened = self._open_as_client(event, target, again)
-        except FileNotFoundError:
-            raise Refused(
-                f"no route to service {name!r}: {path} does not exist",
-                public=NO_SUCH_SERVICE,
-            )
-        except Refused:
+            try:
+                if event.direction == "in":
+                    opened = self._open_as_remote(event, target, again)
+                else:
+                    opened = self._open_as_client(event, target, again)
+            except FileNotFoundError:
+                raise Refused(
+                    f"no route to service {name!r}: {path} does not exist",
+                    public=NO_SUCH_SERVICE,
+                )
+            except Refused:
+                raise
+            except OSError as e:
+                raise Refused(f"cannot connect to service {name!r}: {e.strerror}")
+            # ipcd's own first (the clearer answer), then a second name.
+            return one_name(own.refuse_own(opened, path), path)
+        except Refused as e:
+            # The log keeps the reason; the client learns no more than its
+            # own walk would have shown it (L{_open_granted}).
+            e.told = event.unseen
             raise
-        except OSError as e:
-            raise Refused(f"cannot connect to service {name!r}: {e.strerror}")
-        # ipcd's own first (the clearer answer), then a second name.
-        return one_name(own.refuse_own(opened, path), path)
 
     def _open_as_client(
         self, event: Request, target: LocalTarget, again: bool
@@ -562,11 +568,22 @@ class Broker:
         self, event: Request, target: LocalTarget, denied: AccessDenied, again: bool
     ) -> OpenedSocket:
         """C{target}'s socket if a grant covers the peer, else L{AccessDenied}."""
+        event.unseen = None
         found = find_grant(self.config.grants, target.name, event.labels)
         if found is None:
             self.counters["access denied"] += 1
             raise AccessDenied(f"service {target.name!r}: {denied}") from None
         index, grant = found
+        if event.direction != "in" and not denied.at_socket:
+            # The client's walk stopped at a directory it may not search:
+            # what the grant's walk meets past it (a user's link and its
+            # uid, a second name, nothing at all) is not the client's to
+            # learn, or a grant would let it probe others' directories.
+            event.unseen = (
+                f"service {target.name!r}: {denied}; a grant covers it, but "
+                "its walk was refused past a directory the client may not "
+                "search (ipcd's log says why)"
+            )
         # A grant is for the service's own socket, never through a link
         # that somebody with write access to RUNDIR could plant.
         opened = self._open_socket(

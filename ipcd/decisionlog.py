@@ -51,6 +51,9 @@ class Request:
     # What the rules were last asked (the broker's decision key), so that a
     # reload while it connects can ask the new rules the same.
     policed: tuple[Any, ...] | None = None
+    # What a local client is told of a refusal of its socket instead of the
+    # reason, when a grant's walk went past a directory it may not search.
+    unseen: str | None = None
 
 
 class DecisionLog:

@@ -18,10 +18,14 @@ BUSY = "busy"  # a limit: try again later
 class Refused(Exception):
     """
     A lookup or connection that cannot be served, and why (one line);
-    C{public}: what a remote peer is told (L{UNAVAILABLE} unless said).
+    C{public}: what a remote peer is told (L{UNAVAILABLE} unless said);
+    C{told}: what a local client is told, when not the whole reason.
     """
 
     public = UNAVAILABLE
+    # None: the reason.  Set where the reason says more than the client may
+    # learn (a grant's walk past a directory it may not search: ipcd.broker).
+    told: str | None = None
 
     def __init__(self, *args: object, public: str | None = None) -> None:
         super().__init__(*args)
@@ -30,7 +34,15 @@ class Refused(Exception):
 
     @property
     def reason(self) -> str:
-        text = str(self)
-        if len(text) <= MAX_REASON:
-            return text
-        return text[: MAX_REASON - 3] + "..."
+        return _bounded(str(self))
+
+    @property
+    def told_locally(self) -> str:
+        """What a local client's C{ne} says: L{told}, else the reason."""
+        return self.reason if self.told is None else _bounded(self.told)
+
+
+def _bounded(text: str) -> str:
+    if len(text) <= MAX_REASON:
+        return text
+    return text[: MAX_REASON - 3] + "..."

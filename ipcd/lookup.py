@@ -87,14 +87,17 @@ def reply_to(answer: socket.socket | Failure) -> tuple[bytes, int | None]:
     wire form of an answer is decided, for both paths.
     """
     if isinstance(answer, Failure):
-        return b"ne " + reason_of(answer).encode("utf-8", "replace"), None
+        return b"ne " + reason_of(answer, told=True).encode("utf-8", "replace"), None
     return OK, answer.fileno()
 
 
-def reason_of(failure: Failure) -> str:
-    """What C{ne} says for C{failure}."""
+def reason_of(failure: Failure, told: bool = False) -> str:
+    """
+    Why C{failure}, for the log; C{told}: what the client's C{ne} says (a
+    refusal's L{Refused.told_locally}: the reason, or less).
+    """
     if failure.check(Refused):
-        return failure.value.reason
+        return failure.value.told_locally if told else failure.value.reason
     if failure.check(CancelledError):
         return "cancelled"
     return f"internal error: {printable(failure.getErrorMessage())}"

@@ -80,12 +80,20 @@ LISTENER_LIMITS = (
     ("paused at the connection limit", "max_connections"),
     ("lookups timed out", "lookup_timeout"),
 )
-# Counters of limits that are no one listener's: key, listener, setting.
+# Counters of limits that are no one listener's: key, listener, setting
+# (or the bound's name, where no setting raises it).
 OTHER_LIMITS = (
     ("closed over partial-message budget", "all", "partial_message_budget"),
     ("idle connections closed", "all", "idle_timeout"),
     ("control requests timed out", "control", "control_timeout"),
     ("udp sessions refused: too many", "udpd", "max_sessions"),
+    # No setting: udpd's bound on sessions opened while their cookies are
+    # good (ipcd.daemons.udp.cookie), which keeps a replayed HELLO out.
+    (
+        "udp sessions refused: too many opened lately",
+        "udpd",
+        "sessions_opened_lately",
+    ),
 )
 # The status counters of failed handshakes: the key's text after
 # "DAEMON: ", and the reason label.

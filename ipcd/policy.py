@@ -243,6 +243,28 @@ def zone_index(zone: str) -> int | None:
         return None
 
 
+def zoned_spellings(host: str) -> list[str]:
+    """
+    The other spellings of a route's zoned link-local C{host}
+    (C{fe80::2%eth0}): its interface by index and by name, as it is now
+    (C{fe80::2%3}), and the address alone, of every link (C{fe80::2}).
+    A C{host:} rule meant for that host matches however the route spells
+    its link: a C{deny out * host:fe80::2%eth0} was not a C{%3}'s, and
+    a C{deny out * host:fe80::2} no zoned one's.
+    """
+    bare, _, zone = host.partition("%")
+    spellings = {bare}
+    index = zone_index(zone)
+    if index is not None:
+        spellings.add(f"{bare}%{index}")
+        try:
+            spellings.add(f"{bare}%{socket.if_indextoname(index)}")
+        except OSError:
+            pass  # (no such interface now: the connect says so)
+    spellings.discard(host)
+    return sorted(spellings)
+
+
 def peer_matches(pattern: str, labels: Iterable[str]) -> bool:
     """Does C{pattern} match one of C{labels}?"""
     if pattern == "*":

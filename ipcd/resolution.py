@@ -3,7 +3,8 @@ Resolution: where a lookup goes, and which names the policy decides.
 
 Pure: a config, a service name and maybe the client's route in; a
 L{LocalTarget} or L{RemoteTarget} (or L{Refused}) out, with the names the
-policy must decide.  No reactor, no sockets.
+policy must decide.  No reactor, no sockets (a zoned link-local route's
+labels ask the kernel its interface's other name: L{destination_labels}).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from ipcd.config import Config
 from ipcd.errors import Refused
 from ipcd.names import socket_path
+from ipcd.policy import zoned_spellings
 from ipcd.routes import URI, LocalURI, PathURI, RemoteURI
 
 # Redirections and unix:// hops a lookup may take before it is called a loop.
@@ -132,10 +134,17 @@ def direction_of(target: Target) -> str:
 
 
 def destination_labels(target: Target) -> list[str]:
-    """For C{out}: the route's host and port, as labels besides the client's."""
+    """
+    For C{out}: the route's host and port, as labels besides the client's;
+    a zoned link-local host in each of its spellings (L{zoned_spellings}:
+    the one place this asks the kernel, for its interface's other name).
+    """
     if isinstance(target, LocalTarget):
         return []
-    labels = [f"host:{target.uri.host}"]
+    host = target.uri.host
+    labels = [f"host:{host}"]
+    if "%" in host:
+        labels += [f"host:{other}" for other in zoned_spellings(host)]
     if target.uri.port is not None:
         labels.append(f"port:{target.uri.port}")
     return labels

@@ -100,8 +100,15 @@ class Lookup:
 # one, a refusal or a log line, stays short).
 SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
 _AUTHORITY = re.compile(
-    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/\[\]]+))(?::(?P<port>[0-9]+))?"
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)(?:%(?P<zone>[^\]]*))?\]|(?P<host>[^:/\[\]]+))"
+    r"(?::(?P<port>[0-9]+))?"
 )
+# A link-local address's zone: an interface index (a 32-bit scope id, not
+# 0), or a name as Linux takes one (at most 15 bytes, no '/', ':' or
+# space), in ASCII; '%' and brackets would make the URI ambiguous.
+_ZONE_NAME = re.compile(r"[!-~]{1,15}")
+_ZONE_NOT_IN_NAME = set("/:%[]")
+MAX_ZONE_INDEX = 2**32 - 1
 # DNS names (RFC 1035, 1123): letters, digits and '-' inside labels.
 MAX_HOST_NAME = 253
 MAX_LABEL = 63
@@ -207,6 +214,34 @@ def loose_ipv4(text: str) -> str | None:
     return None if address == text else address
 
 
+def check_zone(zone: str, address: ipaddress.IPv6Address) -> str:
+    """
+    C{zone} as a route names the link of link-local C{address}
+    (C{[fe80::1%eth0]}, C{[fe80::1%2]}): an interface name or index, as
+    L{_ZONE_NAME} and L{MAX_ZONE_INDEX} say.  Any other address is on every
+    link alike, and a zone there would say nothing (the kernel ignores it).
+    Raises L{ValueError} saying what is wrong.
+    """
+    if not address.is_link_local:
+        raise ValueError(
+            f"a zone names the link of a link-local address (fe80::/10), and "
+            f"{address} is not one"
+        )
+    if zone.isascii() and zone.isdigit():
+        # Bounded before int(), as a port is.
+        if len(zone) > 10 or not 0 < int(zone) <= MAX_ZONE_INDEX:
+            raise ValueError(
+                f"zone {_show(zone, 16)}: an interface index is 1 to {MAX_ZONE_INDEX}"
+            )
+        return zone
+    if not _ZONE_NAME.fullmatch(zone) or _ZONE_NOT_IN_NAME & set(zone):
+        raise ValueError(
+            f"zone {_show(zone, 16)} is not an interface name (1 to 15 ASCII "
+            "letters, digits or marks, no '/', ':' or '%') or index"
+        )
+    return zone
+
+
 # An SRV owner's service label (RFC 6335 5.1): 1 to 15 letters, digits and
 # '-', at least one letter, no '-' first, last or twice in a row.
 _SRV_SERVICE = re.compile(r"(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9](?:-?[A-Za-z0-9])*")
@@ -277,9 +312,13 @@ def parse_uri(text: str) -> URI:
         if host is not None:
             try:
                 # One spelling of an address for rules (host:2001:db8::1).
-                host = str(ipaddress.IPv6Address(host))
+                address = ipaddress.IPv6Address(host)
             except ValueError as e:
                 raise ValueError(f"not a valid IPv6 address ({e})") from None
+            host = str(address)
+            zone = match.group("zone")
+            if zone is not None:
+                host = f"{host}%{check_zone(zone, address)}"
         elif match.group("host").startswith("_"):
             host = check_srv_owner(match.group("host"), scheme)
             if match.group("port") is not None:

@@ -32,6 +32,7 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from ipcd.errors import Refused
+from ipcd.policy import zone_index
 from ipcd.reactors import IFDReactor
 
 
@@ -333,6 +334,49 @@ async def resolve_host(
     return found
 
 
+def ip6_sockaddr(host: str, port: int) -> tuple[Any, ...]:
+    """
+    What C{connect} takes for IPv6 address C{host}: with the scope id of
+    its zone, if it has one (C{fe80::1%eth0}, C{fe80::1%2}: a route's,
+    checked by ipcd.routes).  A 2-tuple drops the zone (CPython sets scope
+    id 0), and the kernel refuses a link-local connect without one
+    (EINVAL).  L{Refused} when no interface has that name now.
+    """
+    bare, _, zone = host.partition("%")
+    if not zone:
+        return host, port
+    index = zone_index(zone)
+    if index is None:
+        raise Refused(f"cannot connect to [{host}]:{port}: no interface {zone!r}")
+    return bare, port, 0, index
+
+
+def unzoned(host: str) -> str:
+    """
+    C{host} without its zone (C{fe80::1} of C{fe80::1%eth0}): what a
+    certificate, a PSK identity or an HTTP C{Host} names, the same on
+    every link.
+    """
+    return host.partition("%")[0]
+
+
+def stream_endpoint(reactor: Any, host: str, port: int) -> Any:
+    """
+    A TCP client endpoint to C{host:port}: Twisted's C{HostnameEndpoint},
+    but C{TCP6ClientEndpoint} for a zoned link-local address, which
+    C{HostnameEndpoint} resolves and then connects without its scope id
+    (EINVAL), where C{connectTCP} reads the zone itself: given as the
+    interface's index, so that nothing is looked up by name in a thread.
+    L{Refused} (L{ip6_sockaddr}) when no interface has that name now.
+    """
+    from twisted.internet.endpoints import HostnameEndpoint, TCP6ClientEndpoint
+
+    if "%" in host:
+        bare, _, _, index = ip6_sockaddr(host, port)
+        return TCP6ClientEndpoint(reactor, f"{bare}%{index}", port)
+    return HostnameEndpoint(reactor, host, port)
+
+
 async def host_addresses(
     reactor: IReactorPluggableNameResolver, host: str, port: int
 ) -> list[tuple[int, Any]]:
@@ -345,8 +389,9 @@ async def host_addresses(
     except ValueError:
         pass
     else:
-        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-        return [(family, (host, port))]
+        if address.version == 4:
+            return [(socket.AF_INET, (host, port))]
+        return [(socket.AF_INET6, ip6_sockaddr(host, port))]
     try:
         return await resolve_host(reactor, host, port)
     except OSError as e:  # no address found

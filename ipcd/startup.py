@@ -54,6 +54,31 @@ def address_text(address: Any) -> str:
     return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
 
 
+def listening_text(port: Any) -> str:
+    """
+    Where C{port} listens, as L{address_text} says it: a listener on a
+    link-local address of one link with its zone (C{[fe80::2%eth0]:9000}),
+    which Twisted's UDP port leaves out of C{getHost()} (a TCP port's has
+    it): udpd's said C{[fe80::2]:9000}, which every link may have.
+    """
+    address = port.getHost()
+    host = getattr(address, "host", None)
+    handle = getattr(port, "getHandle", None)
+    if host is None or ":" not in host or "%" in host or handle is None:
+        return address_text(address)
+    sock = handle()
+    if not isinstance(sock, socket.socket) or sock.family != socket.AF_INET6:
+        return address_text(address)
+    scope = sock.getsockname()[3]
+    if not scope:
+        return address_text(address)
+    try:
+        zone = socket.if_indextoname(scope)
+    except OSError:
+        zone = str(scope)  # (an interface gone since: its index)
+    return f"[{host}%{zone}]:{address.port}"
+
+
 def close_now(port: Any) -> None:
     """
     Close a listening port at once.  stopListening() would close it (and

@@ -57,11 +57,11 @@ from ipcd.services import IPCService
 from ipcd.services.pongd import pongd
 from ipcd.startup import (
     OWNERS,
-    address_text,
     cannot_listen,
     close_now,
     daemon_of,
     leaves,
+    listening_text,
     raise_open_files_limit,
 )
 from ipcd.wire import PartialMessageBudget
@@ -336,15 +336,17 @@ class IPCDService(MultiService):
             changes=changes_text(changed),
             changed=changed,
         )
+        not_applied: list[str] = []
         for section, service in self.daemon_services.items():
             # A daemon that reads files for its configuration (tlsd's keys)
             # reads them now: what is wrong is said at the reload, not at
-            # its next peer, if one ever comes.
+            # its next peer, if one ever comes, and in the reload's answer
+            # (an unusable key kept the old ones: the log alone said so).
             reconfigured = getattr(service, "reconfigured", None)
             if reconfigured is None:
                 continue
             try:
-                reconfigured()
+                said = [one_line(str(why)) for why in reconfigured() or ()]
             except Exception:
                 # A third party's daemon's bug: the configuration is in force
                 # already; the other daemons are told, the reload answered
@@ -352,7 +354,16 @@ class IPCDService(MultiService):
                 self.log.failure(
                     "reload: [{section}] failed to apply it", section=section
                 )
-        return {"ok": True, "restart_needed": restart, "changed": changed}
+                continue
+            not_applied += said
+        answer: dict[str, Any] = {
+            "ok": True,
+            "restart_needed": restart,
+            "changed": changed,
+        }
+        if not_applied:
+            answer["not_applied"] = not_applied
+        return answer
 
     def listening(self) -> dict[str, bool]:
         """
@@ -443,7 +454,7 @@ class IPCDService(MultiService):
         if network:  # (on a UNIX socket: never a lookup target)
             self.broker.own_listener(port.getHost())
         if name is not None:
-            self.addresses.setdefault(name, []).append(address_text(port.getHost()))
+            self.addresses.setdefault(name, []).append(listening_text(port))
         return port
 
     def _cannot_listen(self, failure: Failure, leaf: Any) -> Failure:

@@ -100,8 +100,13 @@ class DaemonService(MultiService):
             return fail(RuntimeError(f"{section} has no network listener"))
         return self.listener.listening()
 
-    def reconfigured(self) -> None:
-        """A reload replaced the configuration (C{broker.config}): nothing here."""
+    def reconfigured(self) -> list[str]:
+        """
+        A reload replaced the configuration (C{broker.config}): nothing here.
+        A daemon that could not apply part of it returns what, each in one
+        line, for the reload's answer (C{not_applied}).
+        """
+        return []
 
     def settings(self) -> Mapping[str, Any]:
         """The daemon's current settings (read when used: reloads apply)."""

@@ -96,7 +96,11 @@ def control(
         )
         return 1
     # Every answer of ipcd's is an object; another shape is no success.
-    return 0 if isinstance(answer, dict) and answer.get("ok", True) else 1
+    if not isinstance(answer, dict):
+        return 1
+    # A reload that a daemon could not apply whole (tlsd kept its previous
+    # keys) did not do what was asked: ExecReload and scripts see it.
+    return 0 if answer.get("ok", True) and not answer.get("not_applied") else 1
 
 
 def _unreachable_why(error: Exception, rundir: str) -> str:
@@ -158,6 +162,9 @@ def _show(command: str, answer: Any, wide: bool) -> None:
         restart = answer.get("restart_needed")
         # (None: an ipcd older than this, which does not say.)
         changed = answer.get("changed")
+        not_applied = answer.get("not_applied", [])
+        if not isinstance(not_applied, list):
+            raise TypeError(f"not_applied: {type(not_applied).__name__}")
         said = "reloaded"
         if changed or (changed is not None and not restart):
             # "nothing changed" alone: one that needs a restart changed that.
@@ -165,6 +172,9 @@ def _show(command: str, answer: Any, wide: bool) -> None:
         if restart:
             said += f"; restart needed for {', '.join(map(str, restart))}"
         print(printable(said))
+        # In force, but not all of it: each part a daemon could not apply.
+        for why in not_applied:
+            print(f"ipcd reload: not applied: {printable(str(why))}", file=sys.stderr)
     else:
         error = printable(str(answer.get("error")))
         print(f"ipcd reload: refused: {error}", file=sys.stderr)

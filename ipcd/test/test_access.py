@@ -610,10 +610,14 @@ class ClientAccessTests(TestCase):
         os.symlink(os.path.dirname(path), app)
         os.lchown(app, ALICE.uid, ALICE.gid)
         # Her own walk stops at her home (no x, her choice): the grant's
-        # walk would be the one to meet her link.
+        # walk would be the one to meet her link (the log says so; she is
+        # told what a walk past her own stop tells: _past_her_search).
         os.chmod(home, 0o600)
-        yield self.assertRefused(
-            ALICE, "app;", f"{app}/root.sock: a symbolic link of uid 61001 on the way"
+        reply = yield self.assertRefused(ALICE, "app;")
+        self.assertEqual(reply, _past_her_search(ALICE, "app", f"{app}/root.sock"))
+        self.assertIn(
+            f"{app}/root.sock: a symbolic link of uid 61001 on the way",
+            self.log.events[-1]["outcome"],
         )
         self.assertEqual(factory.connections, 0)
         os.lchown(app, 0, 0)
@@ -639,17 +643,83 @@ class ClientAccessTests(TestCase):
     def test_usersLinkRefusedAsTheGrant(self) -> Any:
         """
         A grant's walk (no permission check) meets a user's link: the
-        refusal says it is the grant that follows only root's links (it
-        said "a client's lookup", which stopped at Alice's home: Bob may
-        not search it).
+        refusal in the log says it is the grant that follows only root's
+        links (it said "a client's lookup", which stopped at Alice's home:
+        Bob may not search it).  Bob is told no more than that his own
+        walk stopped and the grant's was refused past it: not her link,
+        nor her uid.
         """
         path, factory = self.private_socket()
         route = _users_link_on_the_way(self, path)
         os.chmod(os.path.dirname(os.path.dirname(route)), 0o700)
         yield self.start(grants=["app *"], routes={"app": f"unix://{route}"})
         answer = yield self.lookup_as(BOB, "app;")
-        self.assertEqual(answer["reply"], _users_link(route, "a grant"))
+        self.assertEqual(answer["reply"], _past_her_search(BOB, "app", route))
+        self.assertEqual(
+            "ne " + self.log.events[-1]["outcome"], _users_link(route, "a grant")
+        )
         self.assertEqual(factory.connections, 0)
+
+    @inlineCallbacks
+    def test_grantsWalkProbesNothingPastTheClientsSearch(self) -> Any:
+        """
+        Bob, granted a service the admin routes into Alice's home (0700:
+        he may not search it), cannot probe what she keeps there through
+        the grant: her link on the way, her link or a socket of hers with a
+        second name as the last component, a file, a directory, nothing
+        at all are told him alike, with no uid, and only the log says which
+        (the refusal named her link's uid 61001, and the socket's uid and
+        names).  Her socket there, as routed, is reached.
+        """
+        home = short_rundir(self, "ipcd-home-")
+        os.chown(home, ALICE.uid, ALICE.gid)
+        os.chmod(home, 0o700)
+        way = os.path.join(home, "way")
+        there = os.path.join(way, "app")
+        yield self.start(grants=["app *"], routes={"app": f"unix://{there}"})
+        elsewhere, factory = self.public_socket()
+        own = os.path.join(home, "own.sock")
+        self.serve(own)
+        os.chown(own, ALICE.uid, ALICE.gid)
+
+        def hers(make: Any, *args: Any) -> Any:
+            def plant() -> None:
+                os.mkdir(way)
+                make(*args)
+                os.lchown(args[-1], ALICE.uid, ALICE.gid)
+
+            return plant
+
+        def link_on_the_way() -> None:
+            os.symlink(os.path.dirname(elsewhere), way)
+            os.lchown(way, ALICE.uid, ALICE.gid)
+
+        plants = [
+            (link_on_the_way, f"{there}: a symbolic link of uid 61001 on the way"),
+            (hers(os.symlink, elsewhere, there), f"{there} is a symbolic link;"),
+            (hers(os.link, own, there), f"{there}: a socket of uid 61001 with 2"),
+            (hers(os.mknod, there), f"{there} is not a socket"),
+            (hers(os.mkdir, there), f"{there} is not a socket"),
+            (hers(lambda path: None, way), f"{there} does not exist"),
+            (lambda: None, f"{there} does not exist"),
+        ]
+        told = _past_her_search(BOB, "app", there)
+        for plant, logged in plants:
+            if os.path.islink(way):
+                os.unlink(way)
+            elif os.path.isdir(way):
+                subprocess.run(["rm", "-rf", way], check=True)
+            plant()
+            answer = yield self.lookup_as(BOB, "app;")
+            self.assertEqual(answer, {"reply": told, "fds": 0}, logged)
+            self.assertIn(logged, self.log.events[-1]["outcome"])
+        self.assertEqual(factory.connections, 0)
+        os.mkdir(way)
+        served = self.serve(there)
+        os.chown(there, ALICE.uid, ALICE.gid)
+        answer = yield self.lookup_as(BOB, "app;")
+        self.assertEqual(answer, {"reply": "ok", "fds": 1})
+        self.assertEqual(served.connections, 1)
 
     @inlineCallbacks
     def test_adminRedirectGrantsNothing(self) -> Any:
@@ -685,8 +755,10 @@ class ClientAccessTests(TestCase):
         self.assertIn("granted by grant 1", formatEvent(self.log.events[-1]))
         # Only to whom it names...
         yield self.assertRefused(CAROL, "secret;", "permission denied")
-        # ...and never through a link someone planted in RUNDIR.
-        yield self.assertRefused(ALICE, "evil;", "symbolic link")
+        # ...and never through a link someone planted in RUNDIR (it leads
+        # past a directory she may not search: the log says which).
+        yield self.assertRefused(ALICE, "evil;", "a grant covers it, but")
+        self.assertIn("evil is a symbolic link", self.log.events[-1]["outcome"])
         self.assertEqual(self.hidden.connections, 0)
         self.assertEqual(self.secret.connections, 1)
 
@@ -746,6 +818,19 @@ def _users_link(route: str, whose: str) -> str:
     return (
         f"ne {route}: a symbolic link of uid {ALICE.uid} on the way; {whose} "
         "follows only root's (or ipcd's) links"
+    )
+
+
+def _past_her_search(who: Credentials, service: str, path: str) -> str:
+    """
+    The refusal C{who} is told of C{service} at C{path} when its own walk
+    stopped at a directory it may not search and a grant's walk past it
+    was refused: the same whatever stopped the grant's.
+    """
+    return (
+        f"ne service {service!r}: permission denied: uid {who.uid} may not "
+        f"connect to {path}; a grant covers it, but its walk was refused past "
+        "a directory the client may not search (ipcd's log says why)"
     )
 
 

@@ -385,6 +385,68 @@ class RoutingTests(BrokerTestCase):
         yield self.assertWorks(reply)
 
 
+class ZonedRouteRuleTests(BrokerTestCase):
+    @inlineCallbacks
+    def test_hostRulesSeeEverySpelling(self) -> Any:
+        """
+        A route to a link-local host names its link by interface name or
+        index: an C{out} rule for one spelling is a rule for the other, and
+        one for the address alone is one for every link's.  (Zoned routes
+        were refused when parsed; with the zone in the one C{host:} label, a
+        client got past C{deny out * host:fe80::2%lo} with C{%1}, and past
+        C{deny out * host:fe80::9} with any zone.)  Refused before any
+        connect: no link-local address is needed.
+        """
+        index = socket.if_nametoindex("lo")
+        yield self.start(
+            rules=["deny out * host:fe80::2%lo", "deny out * host:fe80::9"]
+        )
+        for payload, rule in [
+            (f"x;x tcp://[fe80::2%{index}]:9/x", b"denied by rule 1"),
+            ("x;x tcp://[fe80::2%lo]:9/x", b"denied by rule 1"),
+            ("x;x udp://[fe80::9%lo]:9/x", b"denied by rule 2"),
+            (f"x;x tls://[fe80::9%{index}]:9/x", b"denied by rule 2"),
+        ]:
+            reply = yield deferToThread(lookup, self.rundir, payload.encode())
+            self.assertRefused(reply, rule)
+
+    @inlineCallbacks
+    def test_zoneOfNoLink(self) -> Any:
+        """
+        A zone no interface has, by name or index, is refused in one line
+        by every scheme, nothing left open, ipcd serving on (udp:// was
+        'internal error: [Errno 101] Network is unreachable' and an
+        unhandled error logged; tls:// and ws:// said 'Name or service not
+        known').
+        """
+        listen = "tcp:0:interface=127.0.0.1"
+        yield self.start(
+            tcpd={"listen": listen},
+            websocketd={"enabled": True, "listen": listen},
+            udpd={"enabled": True, "listen": "udp:0:interface=127.0.0.1"},
+        )
+        # A first lookup before the count: nothing lazily opened is counted.
+        reply = yield deferToThread(lookup, self.rundir, b"pong;")
+        yield self.assertWorks(reply)
+        before = yield fd_baseline()
+        for scheme in ("tcp", "udp", "tls", "ws"):
+            route = f"x;x {scheme}://[fe80::2%nosuch0]:9/x".encode()
+            reply = yield deferToThread(lookup, self.rundir, route)
+            self.assertEqual(
+                reply.data,
+                b"ne cannot connect to [fe80::2%nosuch0]:9: no interface 'nosuch0'",
+            )
+            reply.close_fds()
+            # An index: the kernel's word (no route here; no device), one line.
+            route = f"x;x {scheme}://[fe80::2%4000000000]:9/x".encode()
+            reply = yield deferToThread(lookup, self.rundir, route)
+            self.assertRefused(reply, b"[fe80::2%4000000000]:9")
+            self.assertNotIn(b"internal error", reply.data)
+        yield assert_no_fd_leak(before)
+        reply = yield deferToThread(lookup, self.rundir, b"pong;")
+        yield self.assertWorks(reply)
+
+
 class ReplyShapeTests(BrokerTestCase):
     @inlineCallbacks
     def test_okIsOneSendmsg(self) -> Any:

@@ -30,6 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from ipcd import metricsweb
 from ipcd.config import ConfigError, load_config
 from ipcd.control import config_summary
+from ipcd.daemons.udp import wire as udpwire
 from ipcd.limits import RateLimitedObserver
 from ipcd.metrics import NO_METRICS
 from ipcd.metricsweb import MAX_BODY, MAX_CONNECTIONS_PER_PEER
@@ -50,6 +51,7 @@ from ipcd.test.support import (
 )
 from ipcd.test.tcpsupport import recv_eof
 from ipcd.test.tlssupport import ALICE_KEY, secrets_file, start_tls_host
+from ipcd.test.udpsupport import handshake, start_udp_host, udp_socket
 from ipcd.wire import LOG_LINES_DROPPED, encode
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -318,6 +320,49 @@ def _send_and_read(sock: socket.socket, data: bytes) -> bytes:
     except OSError:
         pass
     return recv_eof(sock)
+
+
+class UdpLimitsTests(TestCase):
+    """udpd's limits hit, on a real udpd, from peers on plain UDP sockets."""
+
+    @inlineCallbacks
+    def test_sessionsOpenedLately(self) -> Any:
+        """
+        A HELLO refused because too many sessions were opened while their
+        cookies are good counts as udpd's C{sessions_opened_lately} limit
+        hit, as C{ipcd status} counts it (it was in neither the scrape nor
+        any other series).  The bound (4,096 sessions per address prefix
+        per cookie period) is lowered to 2 on the running udpd.
+        """
+        host = yield start_udp_host(
+            self, ["allow in pong"], config={"metrics": {"listen": LOOPBACK}}
+        )
+        host.server.cookies.per_source = 2
+        metrics = yield listening_port(host.service, "metrics")
+        counters = host.broker.counters
+        key = "udp sessions refused: too many opened lately"
+        answers = []
+        for _ in range(4):
+            sock = udp_socket()
+            self.addCleanup(sock.close)
+            answer, _ = yield deferToThread(handshake, sock, host.port)
+            answers.append(type(answer).__name__)
+            if isinstance(answer, udpwire.Accepted):
+                # Closed, so that only the cookies' bound refuses the next.
+                sock.sendto(udpwire.close(answer.session), ("127.0.0.1", host.port))
+                yield wait_until(lambda: not host.sessions(), "the session to end")
+        self.assertEqual(answers, ["Accepted", "Accepted", "Refusal", "Refusal"])
+        self.assertEqual(counters[key], 2)
+        samples = yield deferToThread(scrape, metrics.getHost().port)
+        self.assertEqual(
+            sample(
+                samples,
+                "ipcd_limits_hit_total",
+                limit="sessions_opened_lately",
+                listener="udpd",
+            ),
+            2,
+        )
 
 
 class IdleTests(TestCase):

@@ -514,7 +514,9 @@ class UdpLinkLocalTests(TwoLinks, SynchronousTestCase):
         """
         C{udp:PORT:interface=fe80::2%vbN} listens on that link's address
         (Twisted's bind left out the zone's scope id: ipcd did not start,
-        'invalid argument').
+        'invalid argument'), and its log line and ready line say so, with
+        the zone (they said C{[fe80::2]:9000}, any link's address: Twisted's
+        UDP port leaves the scope id out of getHost()).
         """
         answers, log = self.sessions(
             [self.link_b2],
@@ -522,6 +524,9 @@ class UdpLinkLocalTests(TwoLinks, SynchronousTestCase):
             interface=f"fe80::2%{self.link_b2}",
         )
         self.assertEqual(answers, "OK:hi", log)
+        where = f"[fe80::2%{self.link_b2}]:{PORT}"
+        self.assertIn(f"udpd listening on {where}\n", log)
+        self.assertIn(f"udpd {where}", log)  # the ready line
 
     def test_linkNamedInDigits(self) -> None:
         """
@@ -615,3 +620,87 @@ class OwnDialsAcrossLinksTests(SynchronousTestCase):
         self.assertEqual(
             done.stdout.split(), [self.out, f"fe80::2%{self.into}", "True"]
         )
+
+
+def _interface_index(ns: str, link: str) -> int:
+    """The index of interface C{link} in namespace C{ns}."""
+    return int(ip("-n", ns, "-o", "link", "show", "dev", link).stdout.split(":")[0])
+
+
+class ZonedRouteTests(TwoLinks, SynchronousTestCase):
+    """
+    Routes to a link-local address name its link: C{tcp://[fe80::2%LINK]},
+    C{udp://}, C{tls://}, C{ws://}, by interface name or index.  Host A reaches host
+    B's pongd at fe80::2 out of the link the zone names; B lets in only
+    the peers of its end of that link, so a route that left by the other
+    link (fe80::2 is B's address on both) would be refused.  The route
+    parser refused the zone ('invalid host'), and a connect without the
+    zone's scope id is refused by the kernel (EINVAL).
+    """
+
+    def start_hosts(self) -> tuple[str, str, str]:
+        """
+        B (tcpd, udpd, tlsd, websocketd on ::) and A (no pongd): A's RUNDIR,
+        both logs.
+        """
+        psk = os.path.join(self.work, "psk")
+        with open(psk, "w") as f:
+            f.write("alice:00112233445566778899aabbccddeeff\n")
+        os.chmod(psk, 0o600)
+        any_address = "\\\\:\\\\:"  # (TOML's escape of the endpoint's '\:')
+        config_b = os.path.join(self.work, "b.toml")
+        with open(config_b, "w") as f:
+            f.write(
+                f'rules = ["allow in pong ip:fe80::%{self.link_b2}/64"]\n'
+                f'[tcpd]\nlisten = "tcp6:{PORT}:interface={any_address}"\n'
+                f'[udpd]\nenabled = true\nlisten = "udp:{PORT}:interface=::"\n'
+                f'[tlsd]\nenabled = true\npsk_file = "{psk}"\n'
+                f'listen = "tcp6:{PORT + 1}:interface={any_address}"\n'
+                f'[websocketd]\nlisten = "tcp6:{PORT + 2}:interface={any_address}"\n'
+            )
+        config_a = os.path.join(self.work, "a.toml")
+        with open(config_a, "w") as f:
+            f.write(
+                f'[tcpd]\nlisten = "tcp:{PORT}:interface=127.0.0.1"\n'
+                '[udpd]\nenabled = true\nlisten = "udp:9000"\n'
+                f'[tlsd]\nenabled = true\npsk_file = "{psk}"\n'
+                'psk_identity = "alice"\n'
+                f'listen = "tcp:{PORT + 1}:interface=127.0.0.1"\n'
+            )
+        b, rundir_b, log_b = self.twistd(self.ns_b, "b", "--config", config_b)
+        a, rundir_a, log_a = self.twistd(
+            self.ns_a, "a", "--no-pongd", "--config", config_a
+        )
+        self.started(b, log_b, rundir_b, "ipc", "pong", "tcp", "udp", "tls", "ws")
+        self.started(a, log_a, rundir_a, "ipc", "tcp", "udp", "tls", "ws")
+        return rundir_a, log_a, log_b
+
+    def test_zonedRoutes(self) -> None:
+        rundir_a, log_a, log_b = self.start_hosts()
+        index = _interface_index(self.ns_a, self.link_a2)
+        schemes = [("tcp", PORT), ("udp", PORT), ("tls", PORT + 1), ("ws", PORT + 2)]
+        for scheme, port in schemes:
+            for zone in (self.link_a2, str(index)):
+                route = f"pong {scheme}://[fe80::2%{zone}]:{port}/pong"
+                result = pong_in(self.ns_a, rundir_a, route, "over", zone)
+                self.assertEqual(
+                    (result.returncode, result.stdout, result.stderr),
+                    (0, f"over {zone}\n".encode(), b""),
+                    f"{route}\nhost A:\n{read_text(log_a)}\nB:\n{read_text(log_b)}",
+                )
+        # The other link's peers are refused: the zone chose the link.
+        route = f"pong tcp://[fe80::2%{self.link_a}]:{PORT}/pong"
+        result = pong_in(self.ns_a, rundir_a, route, "hello")
+        self.assertEqual(result.returncode, 1, result)
+        self.assertIn(b"refused 'pong': refused\n", result.stderr)
+
+    def test_noSuchInterface(self) -> None:
+        """A zone that names no interface of A: one line, A keeps serving."""
+        rundir_a, log_a, log_b = self.start_hosts()
+        route = f"pong tcp://[fe80::2%nosuch0]:{PORT}/pong"
+        result = pong_in(self.ns_a, rundir_a, route, "hello")
+        self.assertEqual(result.returncode, 1, result)
+        self.assertIn(b"no interface 'nosuch0'", result.stderr)
+        route = f"pong tcp://[fe80::2%{self.link_a2}]:{PORT}/pong"
+        result = pong_in(self.ns_a, rundir_a, route, "again")
+        self.assertEqual(result.stdout, b"again\n", result)

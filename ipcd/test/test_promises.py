@@ -368,14 +368,16 @@ class RouteTests(SynchronousTestCase):
 
     def test_bracketsHoldAnAddress(self) -> None:
         """
-        Point 10: C{[...]} holds an IPv6 address, nothing else (not even a
-        scoped one, which C{IPv6Address} would take).
+        Point 10: C{[...]} holds an IPv6 address, nothing else: a zone only
+        on a link-local one, checked (C{IPv6Address} would take any text
+        after a '%'; test_routes.URITests.test_badZones).
         """
         for text in (
             "tcp://[foo]:1/x",
             "tcp://[]:1/x",
             "tcp://[10.0.0.1]:1/x",
-            "tcp://[fe80::1%eth0]:1/x",
+            "tcp://[::1%eth0]:1/x",
+            "tcp://[fe80::1%eth 0]:1/x",
             "tcp://[::1]x:1/x",
         ):
             self.assertRaises(RouteError, parse_uri, text)

@@ -442,7 +442,7 @@ class DaemonHookTests(TestCase):
         told = []
         tlsd_hook = hooks["tlsd"].reconfigured
         hooks["testschemed"].reconfigured = broken
-        hooks["tlsd"].reconfigured = lambda: (told.append("tlsd"), tlsd_hook())
+        hooks["tlsd"].reconfigured = lambda: (told.append("tlsd"), tlsd_hook())[1]
         answer = yield deferToThread(control.request, "reload", rundir)
         self.assertEqual(answer, {"ok": True, "restart_needed": [], "changed": []})
         self.assertEqual(told, ["tlsd"])

@@ -236,6 +236,55 @@ class URITests(SynchronousTestCase):
         assert isinstance(uri, RemoteURI)
         self.assertEqual(uri.hostport, "[::1]:9000")
 
+    def test_zones(self) -> None:
+        """
+        A link-local address names its link (C{%eth0}, or an interface index
+        C{%2}), kept in its host for the connect, the labels and the logs;
+        for every scheme (one parser).  It was refused: 'invalid host'.
+        """
+        for text, host in [
+            ("udp://[fe80::1%eth0]:9000/pong", "fe80::1%eth0"),
+            ("tcp://[FE80::0001%2]:9000/pong", "fe80::1%2"),
+            ("tls://[fe80::1%4294967295]/pong", "fe80::1%4294967295"),
+            ("ws://[febf::1%br-lan.10@x]/pong", "febf::1%br-lan.10@x"),
+            ("tcp://[fe80::1%abcdefghijklmno]/p", "fe80::1%abcdefghijklmno"),
+        ]:
+            uri = parse_uri(text)
+            assert isinstance(uri, RemoteURI)
+            self.assertEqual(uri.host, host)
+            self.assertEqual(uri.hostport.partition("]")[0], f"[{host}")
+
+    def test_badZones(self) -> None:
+        """
+        A zone only on a link-local address (fe80::/10: any other is on
+        every link), and only an interface name (ASCII, at most 15
+        characters, none of '/', ':', '%', brackets or space) or index (1
+        to 2**32-1): refused in one line saying so.
+        """
+        for host, why in [
+            ("[2001:db8::1%eth0]", "2001:db8::1 is not one"),
+            ("[::1%lo]", "a zone names the link of a link-local address"),
+            ("[fec0::1%eth0]", "fec0::1 is not one"),
+            ("[ff02::1%eth0]", "ff02::1 is not one"),
+            ("[::ffff:169.254.0.1%eth0]", "is not one"),
+            ("[fe80::1%]", "zone '' is not an interface name"),
+            ("[fe80::1%0]", "zone '0': an interface index is 1 to 4294967295"),
+            ("[fe80::1%4294967296]", "an interface index is 1 to"),
+            ("[fe80::1%" + "9" * 5000 + "]", "an interface index is 1 to"),
+            ("[fe80::1%abcdefghijklmnop]", "is not an interface name"),
+            ("[fe80::1%eth 0]", "zone 'eth 0' is not an interface name"),
+            ("[fe80::1%et\x00h]", "is not an interface name"),
+            ("[fe80::1%\x1b]", "zone '\\x1b' is not an interface name"),
+            ("[fe80::1%\u0663]", "is not an interface name"),  # not ASCII digits
+            ("[fe80::1%é]", "is not an interface name"),
+            ("[fe80::1%a%b]", "is not an interface name"),
+            ("[fe80::1%a[b]", "is not an interface name"),
+            ("[fe80::1%a:b]", "is not an interface name"),
+        ]:
+            self.assertBadHost(host, why)
+        self.assertRaises(RouteError, parse_uri, "tcp://[fe80::1%a/b]:1/p")
+        self.assertRaises(RouteError, parse_uri, "tcp://[fe80::1%a]b]:1/p")
+
     def test_hostPort(self) -> None:
         """An address and port as a URI writes them (and as logs show them)."""
         self.assertEqual(host_port("::1", 9000), "[::1]:9000")
@@ -354,13 +403,17 @@ class URITests(SynchronousTestCase):
             ("[1.2.3.4]", "not a valid IPv6 address"),
             ("[1::2::3]", "not a valid IPv6 address"),
         ]:
-            text = f"tcp://{host}:9000/pong"
-            error = self.assertRaises(RouteError, parse_uri, text)
-            message = str(error)
-            self.assertIn(why, message)
-            self.assertTrue(message.startswith("invalid host in URI 'tcp://"), message)
-            self.assertTrue(message.isprintable(), message)
-            self.assertLess(len(message), 200, message)
+            self.assertBadHost(host, why)
+
+    def assertBadHost(self, host: str, why: str) -> None:  # noqa: N802
+        """C{host} in a route is refused in one short line, saying C{why}."""
+        text = f"tcp://{host}:9000/pong"
+        error = self.assertRaises(RouteError, parse_uri, text)
+        message = str(error)
+        self.assertIn(why, message)
+        self.assertTrue(message.startswith("invalid host in URI 'tcp://"), message)
+        self.assertTrue(message.isprintable(), message)
+        self.assertLess(len(message), 200, message)
 
 
 class PropertyTests(SynchronousTestCase):

@@ -308,6 +308,7 @@ class ControlTests(SynchronousTestCase):
         cases = [
             ("reload", b"[1]", False),
             ("reload", b'{"ok": true, "restart_needed": 5}', False),
+            ("reload", b'{"ok": true, "not_applied": "x"}', False),
             ("status", b'"text"', False),
             ("status", b"[1]", True),
         ]
@@ -837,21 +838,27 @@ def _configuration_rst() -> str:
         return f.read()
 
 
-class DocumentedOutputTests(SynchronousTestCase):
+class _RunningIpcd(SynchronousTestCase):
     """
-    What C{ipcd reload} and C{ipcd status} print, as docs/configuration.rst
-    and docs/quickstart.rst show it, from a real ipcd.
+    A real ipcd (C{python -m ipcd.scripts.ipcd}, with C{OPTIONS}) in a
+    directory of its own, its configuration file C{ipcd.toml} (at first
+    L{configuration}), and the C{ipcd} command run against it.
     """
+
+    OPTIONS = ("--no-tcp", "--no-ws", "--no-tls")
+
+    def configuration(self) -> str:
+        return ""
 
     def setUp(self) -> None:
         self.work = short_rundir(self, "ipcd-docout-")
         self.rundir = os.path.join(self.work, "run")
         self.config = os.path.join(self.work, "ipcd.toml")
-        self.write("")
+        self.write(self.configuration())
         log = os.path.join(self.work, "ipcd.log")
         # Named as the docs name it: errors name the file as given.
         args = ["-m", "ipcd.scripts.ipcd", "--config", "ipcd.toml"]
-        args += ["--rundir", self.rundir, "--no-tcp", "--no-ws", "--no-tls"]
+        args += ["--rundir", self.rundir, *self.OPTIONS]
         process = spawn(self, args, log, python_env(), self.work)
         deadline = time.monotonic() + 6 * TIMEOUT
         while "ipcd: ready" not in read_text(log):
@@ -872,6 +879,13 @@ class DocumentedOutputTests(SynchronousTestCase):
             cwd=self.work,
             timeout=6 * TIMEOUT,
         )
+
+
+class DocumentedOutputTests(_RunningIpcd):
+    """
+    What C{ipcd reload} and C{ipcd status} print, as docs/configuration.rst
+    and docs/quickstart.rst show it, from a real ipcd.
+    """
 
     def test_reload(self) -> None:
         """
@@ -994,6 +1008,58 @@ class DocumentedOutputTests(SynchronousTestCase):
             set(answer),
         )
         self.assertEqual(answer["config"]["rundir"], self.rundir)
+
+
+class TlsKeysKeptTests(_RunningIpcd):
+    """
+    A reload whose tlsd key file became unusable keeps the previous keys,
+    and C{ipcd reload} says so (exit 1): it answered C{reloaded: nothing changed} (exit 0),
+    and only the log said that the new keys were not in force.
+    """
+
+    OPTIONS = ("--no-tcp", "--no-ws")
+
+    def configuration(self) -> str:
+        self.psk = os.path.join(self.work, "psk")
+        with open(self.psk, "w") as f:
+            f.write(f"alice:{'00' * 16}\n")
+        os.chmod(self.psk, 0o600)
+        return '[tlsd]\npsk_file = "psk"\nlisten = "tcp:0:interface=127.0.0.1"\n'
+
+    def test_reloadSaysKeysKept(self) -> None:
+        done = self.ipcd("reload")
+        self.assertEqual(
+            (done.returncode, done.stdout, done.stderr),
+            (0, "reloaded: nothing changed\n", ""),
+        )
+        os.chmod(self.psk, 0o644)
+        kept = (
+            "tlsd: keeping the previous keys and certificates: [tlsd] psk_file: "
+            f"{self.psk} is readable by group or others (mode 0644): chmod 600 "
+            f"{self.psk}"
+        )
+        done = self.ipcd("reload")
+        self.assertEqual(
+            (done.returncode, done.stdout, done.stderr),
+            (1, "reloaded: nothing changed\n", f"ipcd reload: not applied: {kept}\n"),
+        )
+        self.assertIn(
+            "ipcd reload: not applied: tlsd: keeping the previous keys",
+            _configuration_rst(),
+        )
+        done = self.ipcd("reload", "--json")
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(
+            json.loads(done.stdout),
+            {"ok": True, "restart_needed": [], "changed": [], "not_applied": [kept]},
+        )
+        # Usable again: read, and nothing more said.
+        os.chmod(self.psk, 0o600)
+        done = self.ipcd("reload")
+        self.assertEqual(
+            (done.returncode, done.stdout, done.stderr),
+            (0, "reloaded: nothing changed\n", ""),
+        )
 
 
 class TlsStatusAfterReloadTests(SynchronousTestCase):

@@ -5,6 +5,8 @@ direction, the destination's labels, and how it is written.
 
 from __future__ import annotations
 
+import socket
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from ipcd.resolution import (
@@ -34,3 +36,25 @@ class TargetTests(SynchronousTestCase):
         uri = RemoteURI("ws", "db.example", None, "db", "ws://db.example/db")
         target = RemoteTarget(uri, "db")
         self.assertEqual(destination_labels(target), ["host:db.example"])
+
+    def test_zonedHost(self) -> None:
+        """
+        A link-local host's link, by name and by index as the kernel has
+        them now, and the address alone: each a C{host:} label, so that a
+        rule for one spelling is a rule for them all.
+        """
+        index = socket.if_nametoindex("lo")
+        for zone, other in (("lo", str(index)), (str(index), "lo")):
+            target = RemoteTarget(parse_uri(f"tcp://[FE80::2%{zone}]:9/x"), "x")
+            self.assertEqual(
+                sorted(destination_labels(target)),
+                sorted(
+                    [f"host:fe80::2%{zone}", f"host:fe80::2%{other}"]
+                    + ["host:fe80::2", "port:9"]
+                ),
+            )
+        # An interface there is not (now): as written, and the address.
+        target = RemoteTarget(parse_uri("tcp://[fe80::2%nosuch0]/x"), "x")
+        self.assertEqual(
+            destination_labels(target), ["host:fe80::2%nosuch0", "host:fe80::2"]
+        )

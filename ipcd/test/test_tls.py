@@ -286,7 +286,10 @@ class ReloadSaysTests(TlsTestCase):
         a, b, server = yield self.certificateHosts()
         with open(server.cert, "w") as f:
             f.write("not a certificate")
-        self.assertTrue(b.service.reload()["ok"])
+        answer = b.service.reload()
+        self.assertTrue(answer["ok"])
+        [kept] = answer["not_applied"]  # (ipcd reload says it: test_scripts)
+        self.assertIn("tlsd: keeping the previous keys and certificates: ", kept)
         self.assertTrue(
             any("keeping the previous keys" in line for line in self.logged),
             self.logged,

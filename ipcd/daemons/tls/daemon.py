@@ -59,6 +59,7 @@ from ipcd.host import IDaemonHost
 from ipcd.reactors import IHostReactor
 from ipcd.relay import SocketRelays, TransportRelays
 from ipcd.routes import RemoteURI
+from ipcd.sockets import unzoned
 from ipcd.tlsfactory import TLSFactory
 
 SCHEME = "tls"
@@ -87,6 +88,9 @@ class TlsState:
         self._config: Any = None
         self._material: Material | None = None
         self._server: ServerCreator | None = None
+        # Why the files of the configuration in force could not be used (the
+        # previous keys kept), for the reload's answer; None: they are used.
+        self.kept: str | None = None
 
     def material(self) -> Material:
         """The files as of the current configuration (a reload reads them again)."""
@@ -97,9 +101,11 @@ class TlsState:
             except MaterialError as e:
                 if self._material is None:
                     raise
-                log.error("tlsd: keeping the previous keys and certificates: {e}", e=e)
+                self.kept = f"tlsd: keeping the previous keys and certificates: {e}"
+                log.error("{kept}", kept=self.kept)
             else:
                 self._material, self._server = material, None
+                self.kept = None
             self._config = config
         assert self._material is not None
         return self._material
@@ -182,11 +188,12 @@ class TlsService(DaemonService):
                 listen=self._listen,
             )
 
-    def reconfigured(self) -> None:
+    def reconfigured(self) -> list[str]:
         """
         Read the files at the reload, so that one that became unusable is
-        logged then (the previous keys stay); a listener left with no
-        certificate or key is said to fail every handshake.
+        logged then and said in the reload's answer (the previous keys
+        stay); a listener left with no certificate or key is said to fail
+        every handshake.
         """
         material = self.state.material()
         if self.listener is not None and not material.serves:
@@ -195,6 +202,7 @@ class TlsService(DaemonService):
                 "fails every handshake until they are configured again (or ipcd "
                 "restarts without it)"
             )
+        return [] if self.state.kept is None else [self.state.kept]
 
 
 @implementer(IOutbound)
@@ -382,6 +390,7 @@ class TlsDaemon(ListeningDaemon):
 
 
 def _server_identity(material: Material, host: str) -> str:
+    host = unzoned(host)  # (as the dialer checked it)
     identity = material.identity_for(host)
     return f"psk:{identity}" if identity else f"cert-san:{host}"
 

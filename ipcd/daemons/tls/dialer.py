@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -23,6 +22,7 @@ from ipcd.inboundcore import MAX_HANDSHAKE, OK
 from ipcd.logs import printable
 from ipcd.owndials import OwnDials
 from ipcd.routes import host_port
+from ipcd.sockets import stream_endpoint, unzoned
 from ipcd.tlsfactory import TLSFactory
 
 
@@ -152,7 +152,7 @@ def dial(
     def build() -> TlsDialer:
         nonlocal dialer
         dialer = TlsDialer(service, where, done, broker.own_dials)
-        dialer.psk_identity = material.identity_for(host) or None
+        dialer.psk_identity = material.identity_for(named) or None
         return dialer
 
     def failed(failure: Failure) -> None:
@@ -161,14 +161,19 @@ def dial(
         reason = getattr(failure.value, "strerror", None) or why_failed(failure)
         done.errback(Refused(f"cannot connect to tlsd at {where}: {reason}"))
 
+    # A certificate or a PSK identity names the address on every link.
+    named = unzoned(host)
     try:
-        creator = client_creator(material, host, watching)
+        creator = client_creator(material, named, watching)
     except Exception as e:  # a host name service_identity cannot check
         return refused(f"cannot speak TLS to {host!r}: {e}")
     dialing = Factory.forProtocol(build)
     dialing.noisy = False  # no "Starting factory" line per route
     factory = TLSFactory(creator, True, dialing)
-    endpoint = HostnameEndpoint(broker.reactor, host, port)
+    try:
+        endpoint = stream_endpoint(broker.reactor, host, port)
+    except Refused as e:  # a zone no interface has
+        return refused(e.reason)
     connecting = endpoint.connect(factory)
     connecting.addErrback(failed)
     return done

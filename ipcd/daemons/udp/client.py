@@ -192,7 +192,17 @@ async def dial(
         )
         end = None
         try:
-            udp.connect(address[0], address[1])
+            try:
+                if len(address) == 4 and address[3]:
+                    # A link-local address's zone: Twisted's connect gives
+                    # the socket (address, port), which has none (EINVAL),
+                    # so its socket is connected with the scope id first;
+                    # that binds it to the link, and Twisted's connect then
+                    # keeps it.
+                    udp.getHandle().connect(address)
+                udp.connect(address[0], address[1])
+            except OSError as e:  # (no route, or a link gone: ENODEV)
+                raise Refused(f"cannot reach udpd at {where}: {e.strerror}") from None
             reader = read_in_batches(udp, connected=True)
             # Held until answered: a udpd that is this ipcd's own decides on
             # the HELLO then, and must not route it out again (a loop).
@@ -208,6 +218,9 @@ async def dial(
                 raise Refused(f"udpd at {where} refused {service!r}: {e.reason}")
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except BaseException:
+            # Stopping fails the answer (SessionClient.stopProtocol), which
+            # nothing awaits when the connect failed: not an unhandled error.
+            protocol.answer.addErrback(lambda _: None)
             udp.stopListening()
             raise
         finally:

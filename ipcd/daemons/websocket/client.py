@@ -15,7 +15,6 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.python.failure import Failure
 
 from ipcd.compat import autobahn as compat_autobahn
@@ -35,6 +34,7 @@ from ipcd.reactors import IHostReactor
 from ipcd.regularfile import read_regular
 from ipcd.relay import RelayStats
 from ipcd.routes import host_port
+from ipcd.sockets import stream_endpoint, unzoned
 from ipcd.tlsfactory import TLSFactory
 
 
@@ -123,6 +123,7 @@ class WebSocketOutboundFactory(WebSocketClientFactory):
         self.connecting: Deferred[Any] | None = None
         self.protocolInstance: WebSocketOutbound | None = None
         self.own_dials = own_dials  # ipcd.owndials
+        self.where = url  # as refusals say it (with a link-local zone)
 
     def buildProtocol(self, addr: Any) -> WebSocketOutbound:  # noqa: N802
         self.protocolInstance = super().buildProtocol(addr)
@@ -132,9 +133,8 @@ class WebSocketOutboundFactory(WebSocketClientFactory):
         """The WebSocket did not open (or closed before): refuse the route."""
         if not self.result.called:
             self._close_pair()
-            where = self.url
             self.result.errback(
-                Refused(f"websocketd at {where}: {printable(str(reason))}")
+                Refused(f"websocketd at {self.where}: {printable(str(reason))}")
             )
 
     def _close_pair(self) -> None:
@@ -186,23 +186,28 @@ def connect_websocket(
     factory in C{dials}; the bridge, once joined, is in C{bridges} while
     it lives (so that a stopping websocketd can end them).
     """
-    url = f"{scheme}://{host_port(host, port)}/{service}"
+    # A zone is this host's own (RFC 6874): not in the URL the server sees
+    # (its Host header), nor what a certificate names.
+    named = unzoned(host)
+    url = f"{scheme}://{host_port(named, port)}/{service}"
+    where = f"{scheme}://{host_port(host, port)}/{service}"
+    endpoint = stream_endpoint(reactor, host, port)  # (or Refused: no such link)
     try:
         factory = WebSocketOutboundFactory(
             reactor, url, max_message_size, idle, settings, stats, bridges, own_dials
         )
     except OSError as e:  # no descriptor left for the socketpair (EMFILE)
         why = f"cannot relay to the service: {e.strerror or e}"
-        raise Refused(f"websocketd at {url}: {why}") from None
-    endpoint = HostnameEndpoint(reactor, host, port)
+        raise Refused(f"websocketd at {where}: {why}") from None
+    factory.where = where
     if scheme == "wss":
         try:
             options = ssl.optionsForClientTLS(
-                host, trustRoot=trust_root(settings["ca"])
+                named, trustRoot=trust_root(settings["ca"])
             )
         except (OSError, ssl.SSL.Error, ValueError) as e:
             factory._close_pair()
-            raise Refused(f"cannot verify {url}: bad ca {settings['ca']!r}: {e}")
+            raise Refused(f"cannot verify {where}: bad ca {settings['ca']!r}: {e}")
         # tlsd's TLS: what OpenSSL answers the server is bounded (OwedGuard).
         connecting = endpoint.connect(TLSFactory(options, True, factory))
     else:
