@@ -6,7 +6,8 @@ A reload asked by SIGHUP (C{systemctl reload}) is answered to nobody: its
 outcome was in the log only, and a refused one left the old configuration
 in force while the file said otherwise, with nothing in C{ipcd status} to
 tell.  Likewise the keys a reload could not apply (C{restart needed for
-pongd}) were said once, to whoever asked then.  L{Reloads} keeps both.
+pongd}) and what a daemon could not apply (tlsd's unusable new keys) were
+said once, to whoever asked then.  L{Reloads} keeps them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class Reloads:
         self.last = {"at": _at(self._clock()), "ok": bool(answer.get("ok"))}
         if "error" in answer:
             self.last["error"] = str(answer["error"])
+        if answer.get("not_applied"):
+            # In force but not whole (tlsd kept its old keys): a SIGHUP's
+            # was in the log only.
+            self.last["not_applied"] = [str(why) for why in answer["not_applied"]]
         if answer.get("ok"):
             self.restart_needed = [str(key) for key in answer["restart_needed"]]
 
@@ -80,6 +85,8 @@ def instance_lines(state: dict[str, Any]) -> list[str]:
         lines.append("reloads: none")
     else:
         outcome = "reloaded" if last["ok"] else f"refused: {last.get('error')}"
+        if last.get("not_applied"):
+            outcome += ", not applied: " + "; ".join(last["not_applied"])
         lines.append(
             f"reloads: {state['reloads']}, the last at {last['at']}: {outcome}"
         )

@@ -417,6 +417,17 @@ class InstanceLinesTests(SynchronousTestCase):
             lines[1:], ["reloads: 2, the last at 2027-01-17 11:25:07 UTC: reloaded"]
         )
         self.assertIn(", up 2d 3h (since ", lines[0])
+        # In force but not whole: what was not applied stays to be read.
+        reloads.record(
+            {"ok": True, "restart_needed": [], "not_applied": ["tlsd: keeping"]}
+        )
+        self.assertEqual(
+            instance_lines(reloads.status("9.9"))[1:],
+            [
+                "reloads: 3, the last at 2027-01-17 11:25:07 UTC: reloaded, "
+                "not applied: tlsd: keeping"
+            ],
+        )
 
 
 class InstanceStatusTests(TestCase):

@@ -1013,8 +1013,8 @@ class DocumentedOutputTests(_RunningIpcd):
 class TlsKeysKeptTests(_RunningIpcd):
     """
     A reload whose tlsd key file became unusable keeps the previous keys,
-    and C{ipcd reload} says so (exit 1): it answered C{reloaded: nothing changed} (exit 0),
-    and only the log said that the new keys were not in force.
+    and C{ipcd reload} says so (exit 1): it answered as for a reload in
+    force (exit 0), and only the log said that the new keys were not.
     """
 
     OPTIONS = ("--no-tcp", "--no-ws")
