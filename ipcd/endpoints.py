@@ -48,6 +48,7 @@ from ipcd.compat import twisted as compat_twisted
 from ipcd.handoff import MAX_REPLY, HandoffError, adopt_into_reactor, check_reply
 from ipcd.names import (
     BROKER_NAME,
+    MAX_GID,
     SOCKET_MODE,
     UNIX_BACKLOG,
     checked_socket_path,
@@ -140,10 +141,12 @@ class IPCServerEndpoint:
         if not 0 <= mode <= 0o777:
             # Set-id and sticky bits mean nothing on a socket.
             raise ValueError(f"mode: expected permission bits 0-0777, got {mode:#o}")
+        expected = f"backlog: expected a number from 1 to {_MAX_BACKLOG}"
+        if isinstance(backlog, bool) or not isinstance(backlog, int):
+            # Else a float failed only when listening, an str at '<='.
+            raise TypeError(f"{expected}, got {backlog!r}")
         if not 1 <= backlog <= _MAX_BACKLOG:
-            raise ValueError(
-                f"backlog: expected a number from 1 to {_MAX_BACKLOG}, got {backlog}"
-            )
+            raise ValueError(f"{expected}, got {backlog}")
         self._mode = mode
         self._backlog = backlog
         self._group = _checked_group(group)
@@ -165,7 +168,8 @@ def _checked_group(group: str | int | None) -> str | None:
     C{group} as the listen takes it, a name or a number (a gid given as an
     int, its digits); else an error naming it, now: when listening, a gid
     given as an int was a C{TypeError} from C{getgrnam}, a NUL C{embedded
-    null byte}.
+    null byte}, a gid past L{MAX_GID} an C{OverflowError} or (4294967295)
+    the socket left in the process's group.
     """
     if group is None:
         return None
@@ -173,7 +177,7 @@ def _checked_group(group: str | int | None) -> str | None:
     if isinstance(group, bool) or not isinstance(group, str | int):
         raise TypeError(expected)
     if isinstance(group, int):
-        if group < 0:
+        if not 0 <= group <= MAX_GID:
             raise ValueError(expected)
         return str(group)
     if not group or "\0" in group:

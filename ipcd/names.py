@@ -37,6 +37,9 @@ _SOCKET_UMASK = 0o117
 _NAME = re.compile(rb"[A-Za-z0-9._-]{1,255}")
 # The longest socket path: sun_path holds 108 bytes with its terminating NUL.
 SUN_PATH_MAX = 107
+# The largest gid a file can have: chown(2) takes (gid_t)-1, 4294967295, as
+# "leave the group as it is".
+MAX_GID = 2**32 - 2
 
 
 class InvalidServiceName(ValueError):
@@ -287,7 +290,9 @@ def listen_unix(
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             # No group of that name: a number is a gid, as chgrp takes it.
-            if not (group.isascii() and group.isdigit()):
+            if not (group.isascii() and group.isdigit()) or int(group) > MAX_GID:
+                # (4294967295 left the socket's group as it was; more was an
+                # OverflowError, "gid is less than minimum".)
                 raise ValueError(f"no such group {group!r} for {path}") from None
             gid = int(group)
     ensure_rundir(os.path.dirname(path) or ".")

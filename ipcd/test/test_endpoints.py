@@ -385,6 +385,16 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(
             str(error), "mode: expected permission bits (0o660), got '0600'"
         )
+        # And a backlog an int: a float failed only when listening, a
+        # string at a comparison, and True was a backlog of 1.
+        for backlog in (5.5, "5", True):
+            error = self.assertRaises(
+                TypeError, IPCServerEndpoint, reactor, "p", "/r", backlog=backlog
+            )
+            self.assertEqual(
+                str(error),
+                f"backlog: expected a number from 1 to 2147483647, got {backlog!r}",
+            )
 
 
 class RundirTests(SynchronousTestCase):
@@ -570,7 +580,10 @@ class ServerEndpointTests(TestCase):
         for text in ("ipc:echo:group=", "ipc:echo:group=a\0"):
             error = self.assertRaises(ValueError, serverFromString, reactor, text)
             self.assertTrue(str(error).startswith("group: expected a group "), error)
-        for group, kind in (("", ValueError), (-1, ValueError), (1.5, TypeError)):
+        # 4294967295 is chown's "leave the group": the socket stayed in the
+        # process's; past it, an OverflowError when listening.
+        refused = ("", -1, 2**32 - 1, 2**32, 2**40)
+        for group, kind in (*((g, ValueError) for g in refused), (1.5, TypeError)):
             error = self.assertRaises(
                 kind, IPCServerEndpoint, reactor, "echo", self.rundir, group=group
             )
@@ -578,6 +591,23 @@ class ServerEndpointTests(TestCase):
                 str(error), f"group: expected a group name or number, got {group!r}"
             )
         self.assertFalse(os.path.lexists(self.path))
+
+    @inlineCallbacks
+    def test_groupNumberNoGidCanBe(self) -> Any:
+        """
+        A number past the last gid, no group's name, is no such group when
+        listening: 4294967295 left the socket in the process's group
+        (chown's "leave it"), a larger one was an C{OverflowError}.
+        """
+        for group in ("4294967295", "99999999999999999999"):
+            endpoint = serverFromString(
+                reactor, f"ipc:echo:rundir={self.rundir}:group={group}"
+            )
+            listening = endpoint.listen(Factory.forProtocol(Pong))
+            listening.addCallback(lambda port: self.addCleanup(port.stopListening))
+            error = yield self.assertFailure(listening, ValueError)
+            self.assertEqual(str(error), f"no such group {group!r} for {self.path}")
+            self.assertFalse(os.path.lexists(self.path))
 
     @inlineCallbacks
     def test_connectionsHostIsTheName(self) -> Any:
