@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, execute
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import (
@@ -245,7 +246,8 @@ class IPCClientEndpoint:
     C{connect()} may be cancelled, and is after C{timeout} seconds
     (L{twisted.internet.defer.TimeoutError}): either closes the lookup
     connection to ipcd.  A listener whose backlog is full is tried again
-    until then.
+    until then.  Cancelled, it fails with C{CancelledError} through ipcd,
+    C{ConnectingCancelledError} when direct.
     """
 
     def __init__(
@@ -311,7 +313,12 @@ class IPCClientEndpoint:
                 deadline = now + self._timeout if deadline is None else deadline
                 if now + pause >= deadline:
                     raise self._busy(name, path)
-            await deferLater(self._reactor, pause, lambda: None)
+            try:
+                await deferLater(self._reactor, pause, lambda: None)
+            except CancelledError:
+                # As when cancelled while connecting (Twisted's endpoint's),
+                # not a CancelledError for a cancel between two connects.
+                raise ConnectingCancelledError(UNIXAddress(path)) from None
             if bounded:
                 # A pause can end late on a loaded machine, past the deadline.
                 timeout = deadline - self._reactor.seconds()

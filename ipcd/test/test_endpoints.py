@@ -26,7 +26,7 @@ from twisted.internet.defer import (
     inlineCallbacks,
 )
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.interfaces import (
     IStreamClientEndpointStringParserWithReactor,
     IStreamServerEndpointStringParser,
@@ -851,18 +851,40 @@ class BusyListenerTests(TestCase):
         )
         self.assertIn("its listener stayed busy (backlog full) for 0.2 s", str(error))
 
+    @inlineCallbacks
+    def test_cancelInAPause(self) -> Any:
+        """
+        Cancelled in a pause between two connects to the full backlog: the
+        C{ConnectingCancelledError} of a cancel while connecting (it was a
+        C{CancelledError}, the same cancel's error told apart by when it
+        came), the pause's timer gone, no descriptor left.
+        """
+        before = yield fd_baseline()
+        timers = LateTimers(reactor, 60.0)  # the pause lasts: cancelled in it
+        endpoint = IPCClientEndpoint(timers, "busy", self.rundir, "")
+        connecting = endpoint.connect(CountingFactory())
+        yield wait_until(lambda: timers.calls, "a pause after a refused connect")
+        connecting.cancel()
+        error = yield self.assertFailure(connecting, ConnectingCancelledError)
+        self.assertEqual(error.address, UNIXAddress(self.path))
+        self.assertEqual([call for call in timers.calls if call.active()], [])
+        yield assert_no_fd_leak(before)
+
 
 class LateTimers:
     """A reactor whose timers fire C{late} seconds after they are due."""
 
     def __init__(self, reactor: Any, late: float) -> None:
         self._reactor, self._late = reactor, late
+        self.calls: list[Any] = []  # the timers set through it
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reactor, name)
 
     def callLater(self, delay: float, f: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._reactor.callLater(delay + self._late, f, *args, **kwargs)
+        call = self._reactor.callLater(delay + self._late, f, *args, **kwargs)
+        self.calls.append(call)
+        return call
 
 
 class SilentBroker(Protocol):
