@@ -228,7 +228,10 @@ def refuse_own_live(path: str) -> None:
 
 
 def _refuse_live(address: str, path: str) -> None:
-    """Raise L{SocketInUse} if a process accepts on the socket at C{address}."""
+    """
+    Raise L{SocketInUse} if a process accepts on the socket at C{address},
+    or if this process may not connect to it, so cannot tell.
+    """
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)
     try:
@@ -239,6 +242,17 @@ def _refuse_live(address: str, path: str) -> None:
         if e.errno == errno.EAGAIN:
             # Backlog full: somebody is definitely listening.
             raise SocketInUse(f"another process is listening on {path}") from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            # Another user's socket without write permission for us (in a
+            # shared RUNDIR): it was a bare "[Errno 13] Permission denied",
+            # which IPCService read as RUNDIR not writable.
+            st = os.stat(address)
+            raise SocketInUse(
+                f"{path} is a socket of uid {st.st_uid} (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}) that this process may not "
+                "connect to: whether another process listens on it cannot be "
+                "told, so it is left there"
+            ) from None
         raise
     finally:
         probe.close()
