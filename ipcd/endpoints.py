@@ -300,6 +300,20 @@ class IPCClientEndpoint:
         failed with C{An error occurred while connecting: [Failure
         instance: ... ConnectionDone ...]}.
         """
+        # Started once for all the attempts: Twisted's connector starts and
+        # stops the factory for each, and a noisy one (Factory's default)
+        # logged "Starting factory" and "Stopping factory" every time, 45
+        # lines a second while the backlog stayed full.
+        factory.doStart()
+        try:
+            return await self._attempts(name, path, factory, bounded)
+        finally:
+            factory.doStop()
+
+    async def _attempts(
+        self, name: str, path: str, factory: IProtocolFactory, bounded: bool
+    ) -> Any:
+        """L{_dial}'s connects, and the pauses between them."""
         timeout, deadline = self._timeout, None
         for pause in busy_pauses():
             endpoint = UNIXClientEndpoint(self._reactor, path, timeout=timeout)

@@ -757,10 +757,13 @@ class Closing(Protocol):
 
 
 class CountingFactory(Factory):
-    """Counts its stops: one per connect attempt that made no connection."""
+    """Counts its starts and stops."""
 
     protocol = Closing
-    stops = 0
+    starts = stops = 0
+
+    def startFactory(self) -> None:  # noqa: N802 (Twisted's name)
+        self.starts += 1
 
     def stopFactory(self) -> None:  # noqa: N802 (Twisted's name)
         self.stops += 1
@@ -773,9 +776,6 @@ class BusyListenerTests(TestCase):
         self.rundir = short_rundir(self)
         self.path = os.path.join(self.rundir, "busy")
         self.listener = self.busy(self.path)
-        self.endpoint = clientFromString(
-            reactor, f"ipc:busy:rundir={self.rundir}:network="
-        )
 
     def busy(self, path: str) -> socket.socket:
         """A listener at C{path} whose backlog is full."""
@@ -792,17 +792,25 @@ class BusyListenerTests(TestCase):
         """
         A connect while the backlog is full waits for room: Twisted's
         connector failed at once with C{An error occurred while connecting:
-        [Failure instance: ... ConnectionDone ...]}.
+        [Failure instance: ... ConnectionDone ...]}.  The factory is
+        started once for all the connects, and stopped once the connection
+        ends: Twisted's connector started and stopped it for each (a
+        noisy factory logged both, 45 lines a second).
         """
+        timers = LateTimers(reactor, 0.0)  # the pauses between connects
+        endpoint = IPCClientEndpoint(timers, "busy", self.rundir, "")
         factory = CountingFactory()
-        connecting = self.endpoint.connect(factory)
-        yield wait_until(lambda: factory.stops, "a connect refused for the backlog")
+        connecting = endpoint.connect(factory)
+        yield wait_until(lambda: len(timers.calls) >= 2, "two connects refused")
         accepted, _ = self.listener.accept()  # room for one more
         self.addCleanup(accepted.close)
         protocol = yield connecting
         self.assertIsInstance(protocol, Closing)
+        self.assertEqual((factory.starts, factory.stops), (1, 0))
         protocol.transport.loseConnection()
         yield protocol.lost
+        yield wait_until(lambda: factory.stops, "the factory stopped")
+        self.assertEqual((factory.starts, factory.stops), (1, 1))
 
     @inlineCallbacks
     def test_busyIpcdTimesOutAsDocumented(self) -> Any:
