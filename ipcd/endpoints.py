@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, execute
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import (
@@ -49,6 +50,7 @@ from ipcd.handoff import MAX_REPLY, HandoffError, adopt_into_reactor, check_repl
 from ipcd.names import (
     BROKER_NAME,
     MAX_BACKLOG,
+    MAX_GID,
     SOCKET_MODE,
     UNIX_BACKLOG,
     checked_socket_path,
@@ -138,10 +140,12 @@ class IPCServerEndpoint:
         if not 0 <= mode <= 0o777:
             # Set-id and sticky bits mean nothing on a socket.
             raise ValueError(f"mode: expected permission bits 0-0777, got {mode:#o}")
+        expected = f"backlog: expected a number from 1 to {MAX_BACKLOG}"
+        if isinstance(backlog, bool) or not isinstance(backlog, int):
+            # Else a float failed only when listening, an str at '<='.
+            raise TypeError(f"{expected}, got {backlog!r}")
         if not 1 <= backlog <= MAX_BACKLOG:
-            raise ValueError(
-                f"backlog: expected a number from 1 to {MAX_BACKLOG}, got {backlog}"
-            )
+            raise ValueError(f"{expected}, got {backlog}")
         self._mode = mode
         self._backlog = backlog
         self._group = _checked_group(group)
@@ -163,7 +167,8 @@ def _checked_group(group: str | int | None) -> str | None:
     C{group} as the listen takes it, a name or a number (a gid given as an
     int, its digits); else an error naming it, now: when listening, a gid
     given as an int was a C{TypeError} from C{getgrnam}, a NUL C{embedded
-    null byte}.
+    null byte}, a gid past L{MAX_GID} an C{OverflowError} or (4294967295)
+    the socket left in the process's group.
     """
     if group is None:
         return None
@@ -171,7 +176,7 @@ def _checked_group(group: str | int | None) -> str | None:
     if isinstance(group, bool) or not isinstance(group, str | int):
         raise TypeError(expected)
     if isinstance(group, int):
-        if group < 0:
+        if not 0 <= group <= MAX_GID:
             raise ValueError(expected)
         return str(group)
     if not group or "\0" in group:
@@ -239,7 +244,8 @@ class IPCClientEndpoint:
     C{connect()} may be cancelled, and is after C{timeout} seconds
     (L{twisted.internet.defer.TimeoutError}): either closes the lookup
     connection to ipcd.  A listener whose backlog is full is tried again
-    until then.
+    until then.  Cancelled, it fails with C{CancelledError} through ipcd,
+    C{ConnectingCancelledError} when direct.
     """
 
     def __init__(
@@ -292,6 +298,20 @@ class IPCClientEndpoint:
         failed with C{An error occurred while connecting: [Failure
         instance: ... ConnectionDone ...]}.
         """
+        # Started once for all the attempts: Twisted's connector starts and
+        # stops the factory for each, and a noisy one (Factory's default)
+        # logged "Starting factory" and "Stopping factory" every time, 45
+        # lines a second while the backlog stayed full.
+        factory.doStart()
+        try:
+            return await self._attempts(name, path, factory, bounded)
+        finally:
+            factory.doStop()
+
+    async def _attempts(
+        self, name: str, path: str, factory: IProtocolFactory, bounded: bool
+    ) -> Any:
+        """L{_dial}'s connects, and the pauses between them."""
         timeout, deadline = self._timeout, None
         for pause in busy_pauses():
             endpoint = UNIXClientEndpoint(self._reactor, path, timeout=timeout)
@@ -305,7 +325,12 @@ class IPCClientEndpoint:
                 deadline = now + self._timeout if deadline is None else deadline
                 if now + pause >= deadline:
                     raise self._busy(name, path)
-            await deferLater(self._reactor, pause, lambda: None)
+            try:
+                await deferLater(self._reactor, pause, lambda: None)
+            except CancelledError:
+                # As when cancelled while connecting (Twisted's endpoint's),
+                # not a CancelledError for a cancel between two connects.
+                raise ConnectingCancelledError(UNIXAddress(path)) from None
             if bounded:
                 # A pause can end late on a loaded machine, past the deadline.
                 timeout = deadline - self._reactor.seconds()

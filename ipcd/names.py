@@ -39,6 +39,9 @@ _SOCKET_UMASK = 0o117
 _NAME = re.compile(rb"[A-Za-z0-9._-]{1,255}")
 # The longest socket path: sun_path holds 108 bytes with its terminating NUL.
 SUN_PATH_MAX = 107
+# The largest gid a file can have: chown(2) takes (gid_t)-1, 4294967295, as
+# "leave the group as it is".
+MAX_GID = 2**32 - 2
 
 
 class InvalidServiceName(ValueError):
@@ -227,7 +230,10 @@ def refuse_own_live(path: str) -> None:
 
 
 def _refuse_live(address: str, path: str) -> None:
-    """Raise L{SocketInUse} if a process accepts on the socket at C{address}."""
+    """
+    Raise L{SocketInUse} if a process accepts on the socket at C{address},
+    or if this process may not connect to it, so cannot tell.
+    """
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)
     try:
@@ -238,6 +244,17 @@ def _refuse_live(address: str, path: str) -> None:
         if e.errno == errno.EAGAIN:
             # Backlog full: somebody is definitely listening.
             raise SocketInUse(f"another process is listening on {path}") from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            # Another user's socket without write permission for us (in a
+            # shared RUNDIR): it was a bare "[Errno 13] Permission denied",
+            # which IPCService read as RUNDIR not writable.
+            st = os.stat(address)
+            raise SocketInUse(
+                f"{path} is a socket of uid {st.st_uid} (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}) that this process may not "
+                "connect to: whether another process listens on it cannot be "
+                "told, so it is left there"
+            ) from None
         raise
     finally:
         probe.close()
@@ -289,7 +306,9 @@ def listen_unix(
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             # No group of that name: a number is a gid, as chgrp takes it.
-            if not (group.isascii() and group.isdigit()):
+            if not (group.isascii() and group.isdigit()) or int(group) > MAX_GID:
+                # (4294967295 left the socket's group as it was; more was an
+                # OverflowError, "gid is less than minimum".)
                 raise ValueError(f"no such group {group!r} for {path}") from None
             gid = int(group)
     ensure_rundir(os.path.dirname(path) or ".")

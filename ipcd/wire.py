@@ -178,9 +178,9 @@ class PartialMessageBudget:
 class _ReadPauser:
     """
     A connection's transport's streaming producer: the transport pauses it
-    (we stop reading) while its write buffer holds more than its bound (64
-    KiB for Twisted's sockets), so a peer that does not read what we answer
-    cannot make us buffer without bound.
+    (we stop reading, and delivering what was read) while its write buffer
+    holds more than its bound (64 KiB for Twisted's sockets), so a peer that
+    does not read what we answer cannot make us buffer without bound.
     """
 
     def __init__(self, transport: Any, protocol: MessageProtocol) -> None:
@@ -188,10 +188,13 @@ class _ReadPauser:
         self.protocol = protocol
 
     def pauseProducing(self) -> None:  # noqa: N802 (IPushProducer's names)
+        # The rest of the read being delivered waits too (see dataReceived).
+        self.protocol._paused = True
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:  # noqa: N802
-        self.protocol._notIdle()  # our answers went out: bytes moved
+        protocol = self.protocol
+        protocol._notIdle()  # our answers went out: bytes moved
         transport = self.transport
         if getattr(transport, "disconnecting", False):
             # loseConnection() came while we were paused: Twisted closes no
@@ -199,7 +202,10 @@ class _ReadPauser:
             # so the peer got every byte, then no EOF until the idle timeout.
             transport.unregisterProducer()
             return
-        transport.resumeProducing()
+        protocol._paused = False
+        protocol._deliverUnread()
+        if not protocol._paused:  # its answers may have filled the buffer again
+            transport.resumeProducing()
 
     def stopProducing(self) -> None:  # noqa: N802
         # Twisted's transports call this as the connection is lost, even for
@@ -218,10 +224,11 @@ class MessageProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
     interval, when set); L{messageTooLarge} may be overridden to answer
     something first.
 
-    Bounded by default: the connection stops reading while its write buffer
-    is full; it is closed after C{idleTimeout} seconds (0: never) with no
-    byte in either direction, timed on C{clock} (default: the global
-    reactor); its partial message counts against C{partialBudget} if set.
+    Bounded by default: the connection stops reading, and delivering the
+    messages it has read, while its write buffer is full; it is closed
+    after C{idleTimeout} seconds (0: never) with no byte in either
+    direction, timed on C{clock} (default: the global reactor); its
+    partial message counts against C{partialBudget} if set.
     L{MessageFactory} sets all four.  A subclass that overrides
     C{connectionLost} calls this one; one that registers its own producer
     with the transport unregisters ours first.
@@ -244,6 +251,11 @@ class MessageProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
     _pieces: list[bytes] | tuple[()] = ()
     _have = 0
     _held = 0
+    # Paused by the transport (its write buffer full), and what is left of
+    # the read that was being delivered then: (the read, where the rest
+    # begins).  Delivered when resumed.
+    _paused = False
+    _unread: tuple[bytes, int] | None = None
 
     def makeConnection(self, transport: Any) -> None:  # noqa: N802
         # Here rather than in connectionMade, which subclasses override.
@@ -267,8 +279,26 @@ class MessageProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
         if self._discarding:
             return
         self._notIdle()
+        if self._unread is not None:
+            # Read while paused (a wrapper's own buffer): after the rest.
+            unread, offset = self._unread
+            self._unread = (unread[offset:] + data, 0)
+            if not self._paused:
+                self._deliverUnread()
+            return
+        self._deliver(data, 0)
+
+    def _deliverUnread(self) -> None:
+        """Deliver the rest of the read left when the transport paused us."""
+        if self._unread is not None and not self._discarding:
+            data, offset = self._unread
+            self._unread = None
+            self._deliver(data, offset)
+
+    def _deliver(self, data: bytes, offset: int) -> None:
+        """The messages in C{data} from C{offset} on, until paused."""
         view = memoryview(data)
-        offset, end = 0, len(data)
+        end = len(data)
         while True:
             if self._size is None:
                 if offset == end:
@@ -296,6 +326,13 @@ class MessageProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
             self._dropPartial()
             self.messageReceived(payload)
             if self._discarding:
+                return
+            if self._paused and offset < end:
+                # Our answers fill the write buffer: the rest of this read
+                # waits until they drain.  Else one read of small requests
+                # (16384 empty ones in 64 KiB) made its answers buffered
+                # all at once, whatever their size, from a peer not reading.
+                self._unread = (data, offset)
                 return
         if offset == end:
             return
@@ -405,6 +442,7 @@ class MessageProtocol(ClosesDescriptors, Protocol, TimeoutMixin):
         """Stop the idle timer and give the partial message's charge back."""
         self._discarding = True
         self.setTimeout(None)
+        self._unread = None
         self._dropPartial()
 
     def messageTooLarge(self, size: int) -> None:

@@ -26,7 +26,7 @@ from twisted.internet.defer import (
     inlineCallbacks,
 )
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.interfaces import (
     IStreamClientEndpointStringParserWithReactor,
     IStreamServerEndpointStringParser,
@@ -385,6 +385,16 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(
             str(error), "mode: expected permission bits (0o660), got '0600'"
         )
+        # And a backlog an int: a float failed only when listening, a
+        # string at a comparison, and True was a backlog of 1.
+        for backlog in (5.5, "5", True):
+            error = self.assertRaises(
+                TypeError, IPCServerEndpoint, reactor, "p", "/r", backlog=backlog
+            )
+            self.assertEqual(
+                str(error),
+                f"backlog: expected a number from 1 to 2147483647, got {backlog!r}",
+            )
 
 
 class RundirTests(SynchronousTestCase):
@@ -570,7 +580,10 @@ class ServerEndpointTests(TestCase):
         for text in ("ipc:echo:group=", "ipc:echo:group=a\0"):
             error = self.assertRaises(ValueError, serverFromString, reactor, text)
             self.assertTrue(str(error).startswith("group: expected a group "), error)
-        for group, kind in (("", ValueError), (-1, ValueError), (1.5, TypeError)):
+        # 4294967295 is chown's "leave the group": the socket stayed in the
+        # process's; past it, an OverflowError when listening.
+        refused = ("", -1, 2**32 - 1, 2**32, 2**40)
+        for group, kind in (*((g, ValueError) for g in refused), (1.5, TypeError)):
             error = self.assertRaises(
                 kind, IPCServerEndpoint, reactor, "echo", self.rundir, group=group
             )
@@ -578,6 +591,23 @@ class ServerEndpointTests(TestCase):
                 str(error), f"group: expected a group name or number, got {group!r}"
             )
         self.assertFalse(os.path.lexists(self.path))
+
+    @inlineCallbacks
+    def test_groupNumberNoGidCanBe(self) -> Any:
+        """
+        A number past the last gid, no group's name, is no such group when
+        listening: 4294967295 left the socket in the process's group
+        (chown's "leave it"), a larger one was an C{OverflowError}.
+        """
+        for group in ("4294967295", "99999999999999999999"):
+            endpoint = serverFromString(
+                reactor, f"ipc:echo:rundir={self.rundir}:group={group}"
+            )
+            listening = endpoint.listen(Factory.forProtocol(Pong))
+            listening.addCallback(lambda port: self.addCleanup(port.stopListening))
+            error = yield self.assertFailure(listening, ValueError)
+            self.assertEqual(str(error), f"no such group {group!r} for {self.path}")
+            self.assertFalse(os.path.lexists(self.path))
 
     @inlineCallbacks
     def test_connectionsHostIsTheName(self) -> Any:
@@ -727,10 +757,13 @@ class Closing(Protocol):
 
 
 class CountingFactory(Factory):
-    """Counts its stops: one per connect attempt that made no connection."""
+    """Counts its starts and stops."""
 
     protocol = Closing
-    stops = 0
+    starts = stops = 0
+
+    def startFactory(self) -> None:  # noqa: N802 (Twisted's name)
+        self.starts += 1
 
     def stopFactory(self) -> None:  # noqa: N802 (Twisted's name)
         self.stops += 1
@@ -743,9 +776,6 @@ class BusyListenerTests(TestCase):
         self.rundir = short_rundir(self)
         self.path = os.path.join(self.rundir, "busy")
         self.listener = self.busy(self.path)
-        self.endpoint = clientFromString(
-            reactor, f"ipc:busy:rundir={self.rundir}:network="
-        )
 
     def busy(self, path: str) -> socket.socket:
         """A listener at C{path} whose backlog is full."""
@@ -762,17 +792,25 @@ class BusyListenerTests(TestCase):
         """
         A connect while the backlog is full waits for room: Twisted's
         connector failed at once with C{An error occurred while connecting:
-        [Failure instance: ... ConnectionDone ...]}.
+        [Failure instance: ... ConnectionDone ...]}.  The factory is
+        started once for all the connects, and stopped once the connection
+        ends: Twisted's connector started and stopped it for each (a
+        noisy factory logged both, 45 lines a second).
         """
+        timers = LateTimers(reactor, 0.0)  # the pauses between connects
+        endpoint = IPCClientEndpoint(timers, "busy", self.rundir, "")
         factory = CountingFactory()
-        connecting = self.endpoint.connect(factory)
-        yield wait_until(lambda: factory.stops, "a connect refused for the backlog")
+        connecting = endpoint.connect(factory)
+        yield wait_until(lambda: len(timers.calls) >= 2, "two connects refused")
         accepted, _ = self.listener.accept()  # room for one more
         self.addCleanup(accepted.close)
         protocol = yield connecting
         self.assertIsInstance(protocol, Closing)
+        self.assertEqual((factory.starts, factory.stops), (1, 0))
         protocol.transport.loseConnection()
         yield protocol.lost
+        yield wait_until(lambda: factory.stops, "the factory stopped")
+        self.assertEqual((factory.starts, factory.stops), (1, 1))
 
     @inlineCallbacks
     def test_busyIpcdTimesOutAsDocumented(self) -> Any:
@@ -821,18 +859,40 @@ class BusyListenerTests(TestCase):
         )
         self.assertIn("its listener stayed busy (backlog full) for 0.2 s", str(error))
 
+    @inlineCallbacks
+    def test_cancelInAPause(self) -> Any:
+        """
+        Cancelled in a pause between two connects to the full backlog: the
+        C{ConnectingCancelledError} of a cancel while connecting (it was a
+        C{CancelledError}, the same cancel's error told apart by when it
+        came), the pause's timer gone, no descriptor left.
+        """
+        before = yield fd_baseline()
+        timers = LateTimers(reactor, 60.0)  # the pause lasts: cancelled in it
+        endpoint = IPCClientEndpoint(timers, "busy", self.rundir, "")
+        connecting = endpoint.connect(CountingFactory())
+        yield wait_until(lambda: timers.calls, "a pause after a refused connect")
+        connecting.cancel()
+        error = yield self.assertFailure(connecting, ConnectingCancelledError)
+        self.assertEqual(error.address, UNIXAddress(self.path))
+        self.assertEqual([call for call in timers.calls if call.active()], [])
+        yield assert_no_fd_leak(before)
+
 
 class LateTimers:
     """A reactor whose timers fire C{late} seconds after they are due."""
 
     def __init__(self, reactor: Any, late: float) -> None:
         self._reactor, self._late = reactor, late
+        self.calls: list[Any] = []  # the timers set through it
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reactor, name)
 
     def callLater(self, delay: float, f: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._reactor.callLater(delay + self._late, f, *args, **kwargs)
+        call = self._reactor.callLater(delay + self._late, f, *args, **kwargs)
+        self.calls.append(call)
+        return call
 
 
 class SilentBroker(Protocol):

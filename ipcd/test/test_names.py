@@ -31,7 +31,7 @@ from ipcd.names import (
     validate_service_name,
 )
 from ipcd.rundir import DEFAULT_RUNDIR, ensure_rundir, resolve_rundir, user_text
-from ipcd.test.support import open_fds, stale_socket
+from ipcd.test.support import open_fds, run_python, stale_socket
 
 
 def short_tempdir(case: SynchronousTestCase) -> str:
@@ -255,6 +255,42 @@ class StaleSocketTests(SynchronousTestCase):
         self.assertRaises(SocketInUse, clear_stale_socket, self.path)
         self.assertTrue(os.path.islink(self.path))
         self.assertTrue(os.path.lexists(target))
+
+    def test_mayNotConnect(self) -> None:
+        """
+        A socket this process may not connect to (another user's in a
+        shared RUNDIR; here mode 0000, under nobody when root): whether it
+        is live cannot be told, so it is refused, saying so, and left.  It
+        was a bare C{PermissionError: [Errno 13] Permission denied}, which
+        C{IPCService} took for a RUNDIR that is not writable.
+        """
+        os.chmod(self.rundir, 0o1777)
+        self.bound().close()
+        os.chmod(self.path, 0)
+        # Imported, then nobody (when root): modules are not readable then.
+        child = run_python(_CLEAR_AS_NOBODY, self.path)
+        self.assertEqual(child.stderr, "")
+        self.assertEqual(
+            child.stdout,
+            f"SocketInUse: {self.path} is a socket of uid {os.getuid()} (mode "
+            "0000) that this process may not connect to: whether another "
+            "process listens on it cannot be told, so it is left there\n",
+        )
+        self.assertTrue(stat.S_ISSOCK(os.lstat(self.path).st_mode))
+
+
+_CLEAR_AS_NOBODY = """
+import os, sys
+from ipcd.names import clear_stale_socket
+if os.getuid() == 0:
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+try:
+    clear_stale_socket(sys.argv[1])
+except Exception as e:
+    print(f"{type(e).__name__}: {e}")
+"""
 
 
 class SquatterTests(SynchronousTestCase):

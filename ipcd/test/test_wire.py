@@ -25,7 +25,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from ipcd import wire
-from ipcd.test.support import TIMEOUT, short_rundir
+from ipcd.compat.twisted import buffered
+from ipcd.test.support import TIMEOUT, short_rundir, wait_until
 from ipcd.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER,
@@ -531,6 +532,34 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(bare.resumed, 1)
         self.assertIsNotNone(bare.producer)
 
+    def test_restOfAReadWaitsUntilResumed(self) -> None:
+        """
+        Paused by its transport while delivering a read, the protocol
+        delivers nothing more of it (nor of what comes meanwhile) until
+        resumed; then the rest, in order, until paused again, and the
+        transport is read again once all of it went.
+        """
+
+        class Pauses(Recorder):
+            def messageReceived(self, payload: bytes) -> None:
+                super().messageReceived(payload)
+                if payload in (b"b", b"c"):  # its answers fill the buffer
+                    self.transport.producer.pauseProducing()
+
+        protocol = Pauses()
+        transport = connected(protocol)
+        stream = encode(b"a") + encode(b"b") + encode(b"c") + encode(b"dd")
+        protocol.dataReceived(stream[:-1])
+        self.assertEqual(protocol.messages, [b"a", b"b"])
+        protocol.dataReceived(stream[-1:])  # a wrapper's, while paused
+        self.assertEqual(protocol.messages, [b"a", b"b"])
+        transport.producer.resumeProducing()
+        self.assertEqual(protocol.messages, [b"a", b"b", b"c"])
+        self.assertEqual(transport.producerState, "paused")
+        transport.producer.resumeProducing()
+        self.assertEqual(protocol.messages, [b"a", b"b", b"c", b"dd"])
+        self.assertEqual(transport.producerState, "producing")
+
     def test_subclassConnectionMadeKeepsIt(self) -> None:
         class Own(Recorder):
             def connectionMade(self) -> None:
@@ -607,6 +636,55 @@ class ClosingTests(TestCase):
         received = yield deferToThread(read_to_eof, client)
         self.assertEqual(received, encode(b"x" * 65536) * 32)
         self.assertEqual(self.factory.paused, [True])  # type: ignore[attr-defined]
+
+
+class Amplifier(MessageProtocol):
+    """Answers each request with 1 KiB: its payload, repeated."""
+
+    def connectionMade(self) -> None:
+        self.factory.protocols.append(self)
+
+    def messageReceived(self, payload: bytes) -> None:
+        self.sendMessage(payload * (1024 // len(payload)))
+
+
+class AmplifyingTests(TestCase):
+    """A service whose answers are larger than the requests."""
+
+    @inlineCallbacks
+    def test_restOfAReadWaitsWhilePaused(self) -> Any:
+        """
+        A peer that sends a read's worth of small requests and does not
+        read: their answers are buffered up to C{writeBound}, the rest of
+        the read waits until they drain, then every answer goes out, in
+        order.  All of the read's requests were answered at once (here 11
+        MiB for 64 KiB of requests; 256 MiB for empty requests answered
+        with 16 KiB).
+        """
+        path = os.path.join(short_rundir(self), "s")
+        factory = MessageFactory(Amplifier, clock=reactor)
+        factory.protocols = []  # type: ignore[attr-defined]
+        port = reactor.listenUNIX(path, factory)
+        self.addCleanup(port.stopListening)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.connect(path)
+        requests = [i.to_bytes(2, "big") for i in range(65536 // 6)]
+        # All there before the accept: the service's first read has them.
+        client.sendall(b"".join(encode(request) for request in requests))
+        protocols = factory.protocols  # type: ignore[attr-defined]
+        yield wait_until(lambda: protocols, "the accept")
+        transport = protocols[0].transport
+        yield wait_until(lambda: transport.producerPaused, "the service paused")
+        held = buffered(transport)
+        self.assertLessEqual(held, WRITE_BOUND + 1028, "answers buffered")
+
+        def read_answers() -> list[bytes]:
+            client.settimeout(TIMEOUT)
+            return [recv_message(client) for _ in requests]
+
+        answers = yield deferToThread(read_answers)
+        self.assertEqual(answers, [request * 512 for request in requests])
 
 
 class IdleTimeoutTests(SynchronousTestCase):
