@@ -876,3 +876,31 @@ class ReadInAThreadTests(TestCase):
         yield wait_until(lambda: len(self.reads) == 3, "the hangup's reload")
         yield wait_until(lambda: self.service.reload_gate.waiting == 0, "it ran")
         self.assertEqual(str(self.service.config.rules[0]), "deny local r3 *")
+
+    @inlineCallbacks
+    def test_notQueuedBehindHostLookups(self) -> Any:
+        """
+        A reload is read in a thread of its own, not of the reactor's pool:
+        there, every route's host name is looked up (getaddrinfo), and a
+        lookup's deadline does not end that thread; any local user who may
+        name a route (allow_client_routes) filled the pool with names whose
+        DNS never answers, and each reload (ipcd reload, SIGHUP) waited
+        behind them, for as long as the user went on.  The pool's threads
+        held here stand in for those lookups.
+        """
+        service = yield self.start()
+        pool = reactor.getThreadPool()
+        lookups_end = threading.Event()
+        ended_by_timeout: list[bool] = []
+
+        def host_lookup() -> None:
+            # Bounded: without the fix the reload waits for these to end.
+            if not lookups_end.wait(TIMEOUT):
+                ended_by_timeout.append(True)
+
+        self.addCleanup(lookups_end.set)
+        for _ in range(pool.max):
+            pool.callInThread(host_lookup)
+        answer = yield service.reload_gate.request()
+        self.assertEqual((answer["ok"], ended_by_timeout), (True, []))
+        self.assertEqual(str(service.config.rules[0]), "deny local r2 *")
