@@ -284,8 +284,10 @@ class IPCDService(MultiService):
             return e
 
     def _apply_unless_stopped(self, read: Config | ConfigError | None) -> Any:
-        if not self.running:  # stopped while it was read: nothing to apply
-            return self._told(dict(STOPPING))
+        if not self.running:
+            # Stopped while it was read: nothing applied, nor told (systemd
+            # has STOPPING=1 already, its notifier closed), nor counted.
+            return dict(STOPPING)
         return self._apply(read)
 
     def _apply(self, read: Config | ConfigError | None) -> dict[str, Any]:
@@ -300,7 +302,8 @@ class IPCDService(MultiService):
 
     def _reload_failed(self, failure: Failure) -> Failure:
         """A bug: systemd is still told that the reload is over."""
-        self._told({"ok": False})
+        if self.running:
+            self._told({"ok": False})
         return failure  # (the gate logs it, and answers)
 
     def _reload(self, new: Config | ConfigError | None) -> dict[str, Any]:
