@@ -19,7 +19,6 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
@@ -46,6 +45,7 @@ from ipcd.memtrim import MemoryTrim
 from ipcd.metrics import NO_METRICS, Metrics
 from ipcd.names import SocketInUse, SocketPathError, refuse_own_live, socket_path
 from ipcd.options import Options
+from ipcd.ownthread import in_own_thread
 from ipcd.placing import remove_abandoned
 from ipcd.planted import ASIDE_PREFIX, sweep_aside
 from ipcd.reactors import IHostReactor
@@ -249,17 +249,19 @@ class IPCDService(MultiService):
 
     def reload_in_thread(self) -> Deferred[dict[str, Any]]:
         """
-        L{reload}, the file read, parsed and checked in a thread of the
-        reactor's pool, then applied on the reactor's thread: lookups and
-        relays go on meanwhile (1 MiB of routes took the reactor 0.3 to 1 s,
-        every lookup and relay held).  Only through L{reload_gate} (SIGHUP
-        and C{ipcd reload}), which never runs two at once.
+        L{reload}, the file read, parsed and checked in a thread of its own
+        (L{in_own_thread}: in the reactor's pool it queued behind any local
+        user's slow host name lookups), then applied on the reactor's
+        thread: lookups and relays go on meanwhile (1 MiB of routes took the
+        reactor 0.3 to 1 s, every lookup and relay held).  Only through
+        L{reload_gate} (SIGHUP and C{ipcd reload}), which never runs two at
+        once.
         """
-        pool = getattr(self.reactor, "getThreadPool", None)
-        if pool is None or self._reload_config is None:
+        threads = getattr(self.reactor, "callFromThread", None)
+        if threads is None or self._reload_config is None:
             return succeed(self.reload())  # (a test's reactor: no threads)
         self._reloading()
-        reading = deferToThreadPool(self.reactor, pool(), self._read)
+        reading = in_own_thread(self.reactor, self._read, "ipcd-reload")
         return reading.addCallback(self._apply_unless_stopped).addErrback(
             self._reload_failed
         )
@@ -282,8 +284,10 @@ class IPCDService(MultiService):
             return e
 
     def _apply_unless_stopped(self, read: Config | ConfigError | None) -> Any:
-        if not self.running:  # stopped while it was read: nothing to apply
-            return self._told(dict(STOPPING))
+        if not self.running:
+            # Stopped while it was read: nothing applied, nor told (systemd
+            # has STOPPING=1 already, its notifier closed), nor counted.
+            return dict(STOPPING)
         return self._apply(read)
 
     def _apply(self, read: Config | ConfigError | None) -> dict[str, Any]:
@@ -298,7 +302,8 @@ class IPCDService(MultiService):
 
     def _reload_failed(self, failure: Failure) -> Failure:
         """A bug: systemd is still told that the reload is over."""
-        self._told({"ok": False})
+        if self.running:
+            self._told({"ok": False})
         return failure  # (the gate logs it, and answers)
 
     def _reload(self, new: Config | ConfigError | None) -> dict[str, Any]:

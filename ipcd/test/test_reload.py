@@ -18,12 +18,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ipcd import control
 from ipcd.config import ConfigError, load_config
 from ipcd.identity import Peer
 from ipcd.reloadgate import RELOAD_INTERVAL, ReloadGate
+from ipcd.sdnotify import Notifier, Readiness
 from ipcd.test.support import (
     TIMEOUT,
     as_user,
@@ -43,6 +45,7 @@ from ipcd.test.support import (
 )
 from ipcd.test.test_daemons import with_testscheme
 from ipcd.test.test_inboundaccess import MALLORY
+from ipcd.test.test_systemd import Manager
 from ipcd.test.wssupport import make_ca
 from ipcd.wire import encode
 
@@ -873,6 +876,65 @@ class ReadInAThreadTests(TestCase):
         yield wait_until(lambda: self.service.reload_gate.waiting == 1, "it waits")
         self.release.set()
         self.assertTrue((yield first)["ok"])
-        yield wait_until(lambda: len(self.reads) == 3, "the hangup's reload")
-        yield wait_until(lambda: self.service.reload_gate.waiting == 0, "it ran")
+        # Applied (and counted), not only begun: its read is in a thread.
+        yield wait_until(lambda: self.service.reloads.count == 2, "it applied")
+        self.assertEqual(len(self.reads), 3)
         self.assertEqual(str(self.service.config.rules[0]), "deny local r3 *")
+
+    @inlineCallbacks
+    def test_notQueuedBehindHostLookups(self) -> Any:
+        """
+        A reload is read in a thread of its own, not of the reactor's pool:
+        there, every route's host name is looked up (getaddrinfo), and a
+        lookup's deadline does not end that thread; any local user who may
+        name a route (allow_client_routes) filled the pool with names whose
+        DNS never answers, and each reload (ipcd reload, SIGHUP) waited
+        behind them, for as long as the user went on.  The pool's threads
+        held here stand in for those lookups.
+        """
+        service = yield self.start()
+        pool = reactor.getThreadPool()
+        lookups_end = threading.Event()
+        ended_by_timeout: list[bool] = []
+
+        def host_lookup() -> None:
+            # Bounded: without the fix the reload waits for these to end.
+            if not lookups_end.wait(TIMEOUT):
+                ended_by_timeout.append(True)
+
+        self.addCleanup(lookups_end.set)
+        for _ in range(pool.max):
+            pool.callInThread(host_lookup)
+        answer = yield service.reload_gate.request()
+        self.assertEqual((answer["ok"], ended_by_timeout), (True, []))
+        self.assertEqual(str(service.config.rules[0]), "deny local r2 *")
+
+    @inlineCallbacks
+    def test_stoppedWhileParsingUnderSystemd(self) -> Any:
+        """
+        Under systemd, ipcd stopping while a reload's file is read: the
+        manager has RELOADING=1 then STOPPING=1, and nothing after.  The
+        late result told the notifier, closed at the stop, that the reload
+        was over: a warning 'cannot tell systemd ... Bad file descriptor
+        (ipcd serves on ...)' as ipcd stopped, and a refused reload counted
+        in ipcd status.
+        """
+        service = yield self.start()
+        path = os.path.join(short_rundir(self, "ipcd-sdn-"), "notify")
+        manager = Manager(self, path)
+        Readiness(Notifier(path), service).setServiceParent(service)
+        service.readiness = service.getServiceNamed("sd_notify")
+        self.assertEqual(manager.receive()["READY"], "1")
+        said: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(said.append)
+        self.addCleanup(globalLogPublisher.removeObserver, said.append)
+        self.hold = True
+        asked = service.reload_gate.request()
+        yield wait_until(self.parsing.is_set, "the parse to begin")
+        self.assertIn("RELOADING", manager.receive())
+        yield service.stopService()
+        self.assertEqual(manager.receive()["STOPPING"], "1")
+        self.release.set()
+        self.assertEqual((yield asked), {"ok": False, "error": "ipcd is stopping"})
+        warned = [e for e in said if "cannot tell systemd" in e.get("log_format", "")]
+        self.assertEqual((warned, service.reloads.count), ([], 0))
