@@ -346,6 +346,25 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "inboundcore": ("ipcd/inboundcore.py", None, ("test_inboundcore",)),
     # SRV answers cached for their TTL, queries in flight bounded.
     "srvcache": ("ipcd/srvcache.py", None, ("test_srv",)),
+    # The lookup port: its accept loop and hand-overs, placed and adopted
+    # ports (its own tests first, then the lookup path on real ipcds).
+    # Not test_lookups.UnexpectedFailureTests (20 s): test_lookupport
+    # sends EMFILE to Twisted's loop as it does.
+    "lookupport": (
+        "ipcd/lookupport.py",
+        None,
+        (
+            "test_lookupport",
+            "test_lookups.HandedOverTests",
+            "test_lookups.AnsweredAtOnceTests",
+            "test_names.ListenTests",
+            "test_systemd.AdoptedPortTests",
+            "test_planted.TakeNameTests",
+            "test_placing",
+            "test_broker",
+            "test_lookups.ConcurrentLookupTests",
+        ),
+    ),
 }
 
 # The survivors issue 14 named, as written there: (point, file, old, new).
