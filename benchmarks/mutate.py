@@ -365,6 +365,25 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
             "test_lookups.ConcurrentLookupTests",
         ),
     ),
+    # Sockets put at their names in one step: test_placing's own steps
+    # (other processes acting between make_private's, made for real),
+    # then the listeners that place.  Not test_instancelock.TwoAtOnceTests
+    # (60 s) nor test_planted.PlantedStartTests (ipcd processes).
+    "placing": (
+        "ipcd/placing.py",
+        None,
+        (
+            "test_placing",
+            "test_lookupport.PlacedAddressTests",
+            "test_planted.TakeNameTests",
+            "test_names.ListenTests",
+            "test_instancelock.LockTests",
+            "test_planted.SweepTests",
+            "test_listener.SocketGroupTests",
+            "test_names.HardLinkedSocketTests",
+            "test_planted.RacingMemberTests",
+        ),
+    ),
 }
 
 # The survivors issue 14 named, as written there: (point, file, old, new).
