@@ -20,7 +20,6 @@ from typing import Any
 from OpenSSL.SSL import TLS_METHOD, VERIFY_PEER, Connection, Context
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import (
-    IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
 )
 from twisted.internet.protocol import Factory, Protocol
@@ -33,7 +32,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from ipcd import metricsweb
-from ipcd.daemons.tls.material import Material, ServerCreator
+from ipcd.daemons.tls.material import Material, PskClientCreator, ServerCreator
 from ipcd.framing import recv_exactly
 from ipcd.lazytls import LazyCreator, not_started
 from ipcd.metricsweb import MAX_CONNECTIONS_PER_PEER
@@ -832,17 +831,6 @@ class _ContextFactory:
         return self.context
 
 
-@implementer(IOpenSSLClientConnectionCreator)
-class _ClientCreator:
-    def __init__(self, context: Context) -> None:
-        self.context = context
-
-    def clientConnectionForTLS(self, tls: Any) -> Connection:  # noqa: N802
-        connection = Connection(self.context, None)
-        connection.set_connect_state()
-        return connection
-
-
 class HandshakeTests(SynchronousTestCase):
     """
     A lazy server over an old-style context factory, its handshake with a
@@ -863,9 +851,9 @@ class HandshakeTests(SynchronousTestCase):
         factory = _ContextFactory(server_context)
         server = TLSFactory(factory, False, Factory.forProtocol(Protocol), Clock())
         self.assertIsInstance(server.lazy_creator, LazyCreator)
-        client = TLSMemoryBIOFactory(
-            _ClientCreator(client_context), True, Factory.forProtocol(Protocol)
-        )
+        # ipcd's client creator, on that context (no PSK: an address, no SNI).
+        creator = PskClientCreator(client_context, "127.0.0.1")
+        client = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(Protocol))
         self.client, self.server, self.pump = connectedServerAndClient(
             lambda: server.buildProtocol(None), lambda: client.buildProtocol(None)
         )
