@@ -384,6 +384,18 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
             "test_planted.RacingMemberTests",
         ),
     ),
+    # TLS made at a server peer's first byte: its own tests in memory
+    # first, then real peers on tlsd, websocketd and metrics' listeners.
+    "lazytls": (
+        "ipcd/lazytls.py",
+        None,
+        (
+            "test_tlslazy.StartTests",
+            "test_tlslazy.HandshakeTests",
+            "test_tlscontexts",
+            "test_tlslazy",
+        ),
+    ),
 }
 
 # The survivors issue 14 named, as written there: (point, file, old, new).
