@@ -346,6 +346,56 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
     "inboundcore": ("ipcd/inboundcore.py", None, ("test_inboundcore",)),
     # SRV answers cached for their TTL, queries in flight bounded.
     "srvcache": ("ipcd/srvcache.py", None, ("test_srv",)),
+    # The lookup port: its accept loop and hand-overs, placed and adopted
+    # ports (its own tests first, then the lookup path on real ipcds).
+    # Not test_lookups.UnexpectedFailureTests (20 s): test_lookupport
+    # sends EMFILE to Twisted's loop as it does.
+    "lookupport": (
+        "ipcd/lookupport.py",
+        None,
+        (
+            "test_lookupport",
+            "test_lookups.HandedOverTests",
+            "test_lookups.AnsweredAtOnceTests",
+            "test_names.ListenTests",
+            "test_systemd.AdoptedPortTests",
+            "test_planted.TakeNameTests",
+            "test_placing",
+            "test_broker",
+            "test_lookups.ConcurrentLookupTests",
+        ),
+    ),
+    # Sockets put at their names in one step: test_placing's own steps
+    # (other processes acting between make_private's, made for real),
+    # then the listeners that place.  Not test_instancelock.TwoAtOnceTests
+    # (60 s) nor test_planted.PlantedStartTests (ipcd processes).
+    "placing": (
+        "ipcd/placing.py",
+        None,
+        (
+            "test_placing",
+            "test_lookupport.PlacedAddressTests",
+            "test_planted.TakeNameTests",
+            "test_names.ListenTests",
+            "test_instancelock.LockTests",
+            "test_planted.SweepTests",
+            "test_listener.SocketGroupTests",
+            "test_names.HardLinkedSocketTests",
+            "test_planted.RacingMemberTests",
+        ),
+    ),
+    # TLS made at a server peer's first byte: its own tests in memory
+    # first, then real peers on tlsd, websocketd and metrics' listeners.
+    "lazytls": (
+        "ipcd/lazytls.py",
+        None,
+        (
+            "test_tlslazy.StartTests",
+            "test_tlslazy.HandshakeTests",
+            "test_tlscontexts",
+            "test_tlslazy",
+        ),
+    ),
 }
 
 # The survivors issue 14 named, as written there: (point, file, old, new).

@@ -66,7 +66,7 @@ class HandedOver:
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
-            sock.close()  # the client is gone: nothing in flight to wait for
+            sock.close()  # not shut (not connected, or refused): nothing to wait for
             return
         waiting = self._waiting
         waiting.append((self._clock.seconds(), sock))

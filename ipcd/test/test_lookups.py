@@ -773,6 +773,29 @@ class HandedOverTests(SynchronousTestCase):
         self.clock.advance(0.05)
         self.assertEqual(ours.fileno(), -1)
 
+    def test_notShutClosedAtOnce(self) -> None:
+        """
+        One whose writing half cannot be shut (a socket not connected; on
+        AF_UNIX, an LSM refusing the shutdown) is closed at once, not kept.
+        """
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        self.handed.add(sock)
+        self.assertEqual((sock.fileno(), len(self.handed)), (-1, 0))
+
+    def test_addedAfterTheTimerRanOut(self) -> None:
+        """
+        One added after the timer has closed every one (and so not been
+        set again) is still closed after its own grace.
+        """
+        self.handed.add(self.pair()[0])
+        self.clock.advance(0.05)
+        self.assertEqual((len(self.handed), self.clock.getDelayedCalls()), (0, []))
+        ours, _client = self.pair()
+        self.handed.add(ours)
+        self.clock.advance(0.05)
+        self.assertEqual(ours.fileno(), -1)
+
     def test_defaults(self) -> None:
         """
         The lookup port's: 50 ms of grace (docs/api.rst), at most 256

@@ -8,6 +8,7 @@ behind in RUNDIR.
 from __future__ import annotations
 
 import errno
+import fcntl
 import grp
 import os
 import signal
@@ -21,17 +22,26 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ipcd import names
+from ipcd import placing as placing_module
 from ipcd.compat.twisted import PLACED_START, PREEXISTING_SOCKET
 from ipcd.names import (
     BROKER_NAME,
     CONTROL_NAME,
+    SUN_PATH_MAX,
     SocketInUse,
     listen_unix,
 )
-from ipcd.placing import PRIVATE_PREFIX, make_private, remove_abandoned
+from ipcd.placing import (
+    PRIVATE_PREFIX,
+    Placing,
+    make_private,
+    remove_abandoned,
+    remove_if_same,
+    still_at,
+)
 from ipcd.startup import close_now
 from ipcd.tap import IPCDService
 from ipcd.test.support import (
@@ -41,8 +51,11 @@ from ipcd.test.support import (
     left_in,
     make_config,
     needs_root,
+    open_fds,
     read_only,
+    run_python,
     short_rundir,
+    take_descriptors,
     wait_until,
 )
 from ipcd.test.test_names import short_tempdir
@@ -527,3 +540,302 @@ class AbandonedTests(TestCase):
         os.chown(theirs, 65534, 65534)
         self.assertEqual(remove_abandoned(self.rundir), [])
         self.assertTrue(os.path.isdir(theirs))
+
+
+def _fds() -> list[int]:
+    return sorted(open_fds())
+
+
+class PlacingStepsTests(SynchronousTestCase):
+    """
+    L{Placing} itself, on real files: where and how it binds, what it
+    leaves (nothing, and no descriptor) when a step fails.
+    """
+
+    def setUp(self) -> None:
+        self.rundir = short_tempdir(self)
+        self.before = _fds()
+
+    def placed(self, path: str) -> Placing:
+        """A socket placed at C{path} (its link made: a name nobody has)."""
+        with Placing(path, 0o660) as placing:
+            self.assertIsInstance(placing, Placing)
+            assert placing.socket is not None
+            self.addCleanup(placing.socket.close)
+            placing.socket.listen(1)
+            placing.place(False, lambda: None)
+        return placing
+
+    def test_longestPath(self) -> None:
+        """A path of SUN_PATH_MAX bytes, the longest clients can connect to."""
+        name = "x" * (SUN_PATH_MAX - len(self.rundir) - 1)
+        path = os.path.join(self.rundir, name)
+        self.placed(path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)
+
+    def test_relativePath(self) -> None:
+        """A path without a directory: in the current one."""
+        here = os.getcwd()
+        os.chdir(self.rundir)
+        self.addCleanup(os.chdir, here)
+        self.placed("pong")
+        self.assertEqual(os.listdir(self.rundir), ["pong"])
+
+    def test_boundAtItsName(self) -> None:
+        """
+        The socket's own address is /proc/self/fd/N/NAME (what ss -x
+        shows), or /proc/self/fd/N/s where that would be too long.
+        """
+        here = os.getcwd()
+        os.chdir(self.rundir)
+        self.addCleanup(os.chdir, here)
+        # The private directory's descriptor: the second one free.
+        first, second = os.open("/", os.O_PATH), os.open("/", os.O_PATH)
+        os.close(first)
+        os.close(second)
+        prefix = f"/proc/self/fd/{second}/"
+        fits = "f" * (SUN_PATH_MAX - len(prefix))
+        for name, bound in ((fits, fits), ("g" + fits, "s")):
+            placing = self.placed(name)
+            assert placing.socket is not None
+            self.assertEqual(placing.socket.getsockname(), prefix + bound)
+            placing.socket.close()
+
+    def test_descriptorsNotInherited(self) -> None:
+        """No descriptor it holds goes to a program started meanwhile."""
+        with Placing(os.path.join(self.rundir, "pong"), 0o660):
+            held = set(_fds()) - set(self.before)
+            self.assertEqual(len(held), 3)  # RUNDIR, its private one, the socket
+            self.assertEqual([fd for fd in held if os.get_inheritable(fd)], [])
+
+    def test_notPlacedClosed(self) -> None:
+        """Left without being placed: its socket closed, nothing left behind."""
+        with Placing(os.path.join(self.rundir, "pong"), 0o660) as placing:
+            sock = placing.socket
+            assert sock is not None
+        self.assertEqual(sock.fileno(), -1)
+        self.assertEqual(os.listdir(self.rundir), [])
+        self.assertEqual(_fds(), self.before)
+
+    def test_outOfDescriptors(self) -> None:
+        """
+        EMFILE (for real) at each step that opens one: the error names the
+        path, and nothing is left behind, no descriptor kept or closed.
+        """
+        path = os.path.join(self.rundir, "pong")
+        # 1: RUNDIR opened, not its private directory; 2: not the socket.
+        for free in (1, 2):
+            held = take_descriptors(self, free)
+            error = self.assertRaises(OSError, Placing, path, 0o660)
+            while held:
+                os.close(held.pop())
+            self.assertEqual((error.errno, error.filename), (errno.EMFILE, path))
+            self.assertEqual(os.listdir(self.rundir), [])
+            self.assertEqual(_fds(), self.before)
+
+    def test_unexpectedError(self) -> None:
+        """Any other error (a caller's wrong mode): raised, nothing left."""
+        path = os.path.join(self.rundir, "pong")
+        self.assertRaises(TypeError, Placing, path, "0660")
+        self.assertEqual(os.listdir(self.rundir), [])
+        self.assertEqual(_fds(), self.before)
+
+    def test_ownerKept(self) -> None:
+        """Its group given, its owner stays this process's user."""
+        gid = os.getgroups()[0] if os.getgroups() else os.getegid()
+        with Placing(os.path.join(self.rundir, "pong"), 0o660) as placing:
+            assert placing.socket is not None
+            self.addCleanup(placing.socket.close)
+            placing.give_group(gid)
+            placing.place(False, lambda: None)
+        st = os.lstat(os.path.join(self.rundir, "pong"))
+        self.assertEqual((st.st_uid, st.st_gid), (os.geteuid(), gid))
+
+    def test_notRoot(self) -> None:
+        """
+        As a user that is not root, in a directory it may write and enter
+        but not read (mode 0300): placed, with its own group given.
+        """
+        needs_root()
+        os.chown(self.rundir, NOBODY, NOBODY)
+        os.chmod(self.rundir, 0o300)
+        out = run_python(_AS_NOBODY, str(NOBODY), self.rundir)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        st = os.lstat(os.path.join(self.rundir, "pong"))
+        self.assertEqual((st.st_uid, st.st_gid), (NOBODY, NOBODY))
+
+
+NOBODY = 65534
+
+# Placing as user NOBODY (argv[1]) in RUNDIR (argv[2]), its group given.
+_AS_NOBODY = """
+import os, sys
+from ipcd.placing import Placing
+uid, rundir = int(sys.argv[1]), sys.argv[2]
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)
+with Placing(os.path.join(rundir, "pong"), 0o660) as placing:
+    placing.give_group(uid)
+    placing.socket.listen(1)
+    placing.place(False, lambda: None)
+"""
+
+
+class MakePrivateTests(SynchronousTestCase):
+    """
+    L{make_private} when another process acts between its steps (a sweeper
+    of abandoned directories, or someone who may write RUNDIR): each step
+    of the other made, for real, where it would come.
+    """
+
+    def setUp(self) -> None:
+        self.rundir = short_tempdir(self)
+        self.parent = os.open(self.rundir, os.O_PATH | os.O_DIRECTORY)
+        self.addCleanup(os.close, self.parent)
+        self.before = _fds()
+        self.made: list[str] = []
+
+    def after_mkdir(self, then: Any) -> None:
+        """Call C{then(name)} right after make_private's first mkdir."""
+        mkdir = os.mkdir
+
+        def made(name: str, *args: Any, **kwargs: Any) -> None:
+            mkdir(name, *args, **kwargs)
+            self.made.append(name)
+            if len(self.made) == 1:
+                then(name)
+
+        self.patch(placing_module.os, "mkdir", made)
+
+    def make(self) -> str:
+        opened, name = make_private(self.parent, "RUNDIR/pong")
+        os.close(opened)
+        return name
+
+    def test_givesUpAfterEightTaken(self) -> None:
+        """Every name it draws taken: eight tries, then an error."""
+        drawn: list[None] = []
+
+        def token_hex(size: int) -> str:
+            drawn.append(None)
+            return "0" * 2 * size
+
+        self.patch(placing_module.secrets, "token_hex", token_hex)
+        os.mkdir(os.path.join(self.rundir, PRIVATE_PREFIX + "0" * 16))
+        error = self.assertRaises(FileExistsError, self.make)
+        self.assertEqual(error.filename, "RUNDIR/pong")
+        self.assertEqual(len(drawn), 8)
+
+    def test_sweptBeforeOpened(self) -> None:
+        """Removed before it is opened: made afresh."""
+        self.after_mkdir(lambda name: os.rmdir(name, dir_fd=self.parent))
+        name = self.make()
+        self.assertEqual(self.made[1:], [name])
+        self.assertEqual(_fds(), self.before)
+
+    def test_lockedBySweeper(self) -> None:
+        """Locked by a sweeper before it is locked: made afresh."""
+        sweeper: list[int] = []
+
+        def sweep(name: str) -> None:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.parent)
+            self.addCleanup(os.close, fd)
+            sweeper.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+
+        self.after_mkdir(sweep)
+        name = self.make()
+        self.assertEqual(self.made[1:], [name])
+        self.assertEqual(_fds(), sorted(self.before + sweeper))
+
+    def test_sweptBeforeLocked(self) -> None:
+        """Removed between its opening and its lock: made afresh."""
+        flock = fcntl.flock
+        swept: list[None] = []
+
+        def locked(fd: int, operation: int) -> None:
+            if not swept:
+                swept.append(None)
+                os.rmdir(self.made[0], dir_fd=self.parent)
+            flock(fd, operation)
+
+        self.after_mkdir(lambda name: self.patch(placing_module.fcntl, "flock", locked))
+        name = self.make()
+        self.assertEqual(self.made[1:], [name])
+        self.assertEqual(os.listdir(self.rundir), [name])
+        self.assertEqual(_fds(), self.before)
+
+    def test_replaced(self) -> None:
+        """Replaced by a directory others may enter: refused, not used."""
+
+        mkdir = os.mkdir  # before after_mkdir's
+
+        def replace(name: str) -> None:
+            os.rmdir(name, dir_fd=self.parent)
+            mkdir(name, dir_fd=self.parent)
+            os.chmod(os.path.join(self.rundir, name), 0o755)
+
+        self.after_mkdir(replace)
+        error = self.assertRaises(PermissionError, self.make)
+        self.assertEqual(error.filename, "RUNDIR/pong")
+        self.assertEqual(len(self.made), 1)
+        self.assertEqual(_fds(), self.before)
+
+
+class SweepTests(SynchronousTestCase):
+    """
+    L{remove_abandoned} touches only private directories (never through a
+    link, never one others may enter), L{remove_if_same} only the file it
+    placed; neither keeps a descriptor.
+    """
+
+    def setUp(self) -> None:
+        self.rundir = short_tempdir(self)
+        self.before = _fds()
+
+    def at(self, name: str) -> str:
+        return os.path.join(self.rundir, name)
+
+    def test_onlyPrivateDirectories(self) -> None:
+        other = self.at("other")
+        os.mkdir(other, 0o700)
+        with open(os.path.join(other, "kept"), "w"):
+            pass
+        # A link to it, a file and one others may enter, with the prefix.
+        os.symlink(other, self.at(PRIVATE_PREFIX + "1" * 16))
+        with open(self.at(PRIVATE_PREFIX + "2" * 16), "w"):
+            pass
+        os.chmod(self.at(PRIVATE_PREFIX + "2" * 16), 0o600)
+        wider = self.at(PRIVATE_PREFIX + "3" * 16)
+        os.mkdir(wider)
+        os.chmod(wider, 0o701)
+        everything = sorted(os.listdir(self.rundir))
+        self.assertEqual(remove_abandoned(self.rundir), [])
+        self.assertEqual(sorted(os.listdir(self.rundir)), everything)
+        self.assertEqual(os.listdir(other), ["kept"])
+        self.assertEqual(_fds(), self.before)
+
+    def test_stillAtNotThroughALink(self) -> None:
+        os.mkdir(self.at("private"))
+        os.symlink(self.at("private"), self.at("link"))
+        st = os.stat(self.at("private"))
+        parent = os.open(self.rundir, os.O_PATH | os.O_DIRECTORY)
+        self.addCleanup(os.close, parent)
+        self.assertIs(still_at(parent, "private", st), True)
+        self.assertIs(still_at(parent, "link", st), False)
+        self.assertIs(still_at(parent, "gone", st), False)
+
+    def test_removeIfSameNotThroughALink(self) -> None:
+        """A link put at the name, even to the socket placed, is not removed."""
+        bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(bound.close)
+        bound.bind(self.at("placed"))
+        st = os.lstat(self.at("placed"))
+        os.symlink(self.at("placed"), self.at("pong"))
+        remove_if_same(self.at("pong"), (st.st_dev, st.st_ino))
+        self.assertTrue(os.path.lexists(self.at("pong")))
+        remove_if_same(self.at("placed"), (st.st_dev, st.st_ino))
+        self.assertFalse(os.path.lexists(self.at("placed")))
+        self.assertEqual(_fds(), sorted([*self.before, bound.fileno()]))

@@ -851,11 +851,16 @@ class AdoptedPortTests(TestCase):
         path = systemds.getsockname()
         ours = socket.socket(fileno=os.dup(systemds.fileno()))
         ours.setblocking(False)
-        port = adopt(reactor, ours, Factory.forProtocol(Greeter), 0o600)
+        factory = Factory.forProtocol(Greeter)
+        port = adopt(reactor, ours, factory, 0o600)
         self.assertEqual(os.lstat(path).st_mode & 0o7777, 0o600)
         greeting = yield deferToThread(_greeting, path)
         self.assertEqual(greeting, b"hi")
         yield port.stopListening()
+        # Stopped as any port (its copy closed, its factory stopped), the
+        # file and systemd's socket aside.
+        stopped = (port.connected, factory.numPorts, ours.fileno())
+        self.assertEqual(stopped, (False, 0, -1))
         return systemds, path
 
     @inlineCallbacks

@@ -17,17 +17,22 @@ import subprocess
 import time
 from typing import Any
 
-from OpenSSL.SSL import Connection
+from OpenSSL.SSL import TLS_METHOD, VERIFY_PEER, Connection, Context
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import (
+    IOpenSSLContextFactory,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from ipcd import metricsweb
-from ipcd.daemons.tls.material import Material, ServerCreator
+from ipcd.daemons.tls.material import Material, PskClientCreator, ServerCreator
 from ipcd.framing import recv_exactly
 from ipcd.lazytls import LazyCreator, not_started
 from ipcd.metricsweb import MAX_CONNECTIONS_PER_PEER
@@ -776,3 +781,101 @@ class StartTests(SynchronousTestCase):
     def test_negotiatedNothingYet(self) -> None:
         self.assertIsNone(self.tls.negotiatedProtocol)
         self.assertIsNone(self.tls.getPeerCertificate())
+
+    def test_lostWithoutAReason(self) -> None:
+        """connectionLost() with no reason: told ConnectionLost all the same."""
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        reasons: list[Failure] = []
+        self.tls.wrappedProtocol.connectionLost = reasons.append
+        self.tls.connectionLost()
+        self.assertEqual([r.type for r in reasons], [ConnectionLost])
+
+    def producing(self) -> Any:
+        """A producer registered with the connection (a relay's)."""
+        from twisted.internet.testing import StringTransport as Producer
+
+        producer = Producer()
+        self.tls.registerProducer(producer, True)
+        self.assertIsNotNone(self.transport.producer)
+        return producer
+
+    def test_producerGoneAfterAnAbort(self) -> None:
+        """
+        Aborted before TLS started, its producer is unregistered without
+        TLS's shutdown (there is no TLS to shut), and it stays closing.
+        """
+        self.producing()
+        self.tls.loseConnection()
+        self.tls.unregisterProducer()
+        self.assertIsNone(self.transport.producer)
+        self.assertTrue(self.tls.disconnecting)
+
+    def test_producerGoneWhileOpen(self) -> None:
+        """Not closing: its producer unregistered, and it is not closing."""
+        self.producing()
+        self.tls.unregisterProducer()
+        self.assertIsNone(self.transport.producer)
+        self.assertFalse(self.tls.disconnecting)
+
+
+@implementer(IOpenSSLContextFactory)
+class _ContextFactory:
+    """An old-style context factory only (as some endpoint plugins give)."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    def getContext(self) -> Context:  # noqa: N802
+        return self.context
+
+
+class HandshakeTests(SynchronousTestCase):
+    """
+    A lazy server over an old-style context factory, its handshake with a
+    client (in memory, iosim) done: what it tells is its connection's.
+    """
+
+    def setUp(self) -> None:
+        ca = TestCA(short_rundir(self, "ipcd-lazy-ca-"))
+        server_context, client_context = Context(TLS_METHOD), Context(TLS_METHOD)
+        for context, name in ((server_context, "server"), (client_context, "peer")):
+            issued = ca.issue(name)
+            context.use_certificate_file(issued.cert)
+            context.use_privatekey_file(issued.key)
+        server_context.set_verify(VERIFY_PEER, lambda *args: True)
+        server_context.set_alpn_select_callback(lambda connection, offered: b"ipc")
+        client_context.set_alpn_protos([b"ipc"])
+        self.context = server_context
+        factory = _ContextFactory(server_context)
+        server = TLSFactory(factory, False, Factory.forProtocol(Protocol), Clock())
+        self.assertIsInstance(server.lazy_creator, LazyCreator)
+        # ipcd's client creator, on that context (no PSK: an address, no SNI).
+        creator = PskClientCreator(client_context, "127.0.0.1")
+        client = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(Protocol))
+        self.client, self.server, self.pump = connectedServerAndClient(
+            lambda: server.buildProtocol(None), lambda: client.buildProtocol(None)
+        )
+        self.pump.flush()
+
+    def test_itsConnections(self) -> None:
+        """Its connection, its context's; the protocol and peer it agreed."""
+        self.assertIs(self.server.getHandle().get_context(), self.context)
+        self.assertEqual(self.server.negotiatedProtocol, b"ipc")
+        peer = self.server.getPeerCertificate()
+        self.assertEqual(peer.get_subject().CN, "peer")
+
+    def test_shutAfterItsProducer(self) -> None:
+        """
+        As Twisted's TLS: closing waits for a producer registered, and TLS
+        is shut down (close_notify) when it goes.
+        """
+        from OpenSSL.SSL import SENT_SHUTDOWN
+
+        self.server.registerProducer(StringTransport(), True)
+        self.server.loseConnection()
+        self.assertFalse(self.server.getHandle().get_shutdown() & SENT_SHUTDOWN)
+        self.server.unregisterProducer()
+        self.assertTrue(self.server.getHandle().get_shutdown() & SENT_SHUTDOWN)
+        self.pump.flush()
