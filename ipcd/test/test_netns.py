@@ -708,14 +708,35 @@ class ZonedRouteTests(TwoLinks, SynchronousTestCase):
         and B refused them.
         """
         index = _interface_index(self.ns_a, self.link_a2)
-        renamed = str(index)
-        ip("-n", self.ns_a, "link", "set", self.link_a, "down")
-        ip("-n", self.ns_a, "link", "set", self.link_a, "name", renamed)
-        cidr = f"{self.ADDRESS_A}/{self.PREFIX}"
-        ip("-n", self.ns_a, "address", "replace", cidr, "dev", renamed, "nodad")
-        ip("-n", self.ns_a, "link", "set", renamed, "up")
+        self.rename(self.ns_a, self.link_a, str(index), self.ADDRESS_A)
         rundir_a, log_a, log_b = self.start_hosts()
         self.assert_over_second_link(rundir_a, log_a, log_b)
+
+    def test_peerOfInterfaceNamedAsAnIndex(self) -> None:
+        """
+        B's first link named as its second's index: B's rule for its second
+        link (C{ip:fe80::%SECOND/64}) still refuses the first link's peers,
+        over tcp, tls and ws.  Twisted names a TCP peer's zone by the
+        interface's name ('7'), which the rule read as index 7, the second
+        link's: A got in by the first link.
+        """
+        index = _interface_index(self.ns_b, self.link_b2)
+        self.rename(self.ns_b, self.link_b, str(index), self.ADDRESS_B)
+        rundir_a, log_a, log_b = self.start_hosts()
+        for scheme, port in [("tcp", PORT), ("tls", PORT + 1), ("ws", PORT + 2)]:
+            route = f"pong {scheme}://[fe80::2%{self.link_a}]:{port}/pong"
+            result = pong_in(self.ns_a, rundir_a, route, "hello")
+            self.assertEqual(result.returncode, 1, (result, read_text(log_b)))
+            self.assertTrue(result.stderr.endswith(b": refused\n"), result)
+        self.assert_over_second_link(rundir_a, log_a, log_b)
+
+    def rename(self, ns: str, link: str, name: str, address: str) -> None:
+        """Name C{link} of namespace C{ns} C{name}, its C{address} kept."""
+        ip("-n", ns, "link", "set", link, "down")
+        ip("-n", ns, "link", "set", link, "name", name)
+        cidr = f"{address}/{self.PREFIX}"
+        ip("-n", ns, "address", "replace", cidr, "dev", name, "nodad")
+        ip("-n", ns, "link", "set", name, "up")
 
     def test_noSuchInterface(self) -> None:
         """A zone that names no interface of A: one line, A keeps serving."""
