@@ -232,12 +232,32 @@ def local_peer(
 
 def remote_peer(host: str, port: int, transport: str = "tcp") -> Peer:
     """The L{Peer} of a remote address of C{transport} ("tcp" or "udp")."""
+    if transport == "tcp" and "%" in host:
+        host = _zone_as_rules_read(host)
     address = address_of(host, port, transport)
     # A dual-stack listener's IPv4 peer (::ffff:10.1.2.3) is labelled as the
     # IPv4 address it is: an ip: glob (deny in * ip:10.*) sees it as a
     # network pattern does.  An IPv6 address keeps its text (and scope).
     labels = frozenset({f"ip:{host if ':' in address[0] else address[0]}"})
     return Peer(host_port(host, port), labels, address=address)
+
+
+def _zone_as_rules_read(host: str) -> str:
+    """
+    A TCP peer's link-local C{host} with its zone as the rules read it.
+    Twisted names it by getnameinfo, which gives an interface's name, and
+    rules read a zone of digits as an index (L{ipcd.policy.zone_index}):
+    a peer of interface C{7} of index 3 matched C{ip:fe80::/64%7} and not
+    C{%3}.  Such a name is its index here, as udpd's peers have it
+    (ipcd.daemons.udp.source.zone_name); only a zone of digits is asked.
+    """
+    bare, _, zone = host.partition("%")
+    if not (zone.isascii() and zone.isdigit()):
+        return host
+    try:
+        return f"{bare}%{socket.if_nametoindex(zone)}"
+    except OSError:
+        return host  # (no interface so named: an index already)
 
 
 def unix_listener_peer(transport: Any) -> Peer:

@@ -91,8 +91,12 @@ def parse_rule(text: str, action: str | None = None) -> Rule:
     _check_peer_pattern(pattern, text)
     if pattern[:5].lower() == "host:":
         # Host names are in lower case (ipcd.routes.check_host), whatever
-        # case a route or a zone writes them in: so is the pattern.
-        pattern = pattern.lower()
+        # case a route or a zone writes them in: so is the pattern.  Not a
+        # link-local address's zone: Linux's interface names keep their
+        # case (Eth0 is not eth0), and so does the route's label, which a
+        # lowered deny never matched.
+        address, percent, zone = pattern.partition("%")
+        pattern = address.lower() + percent + zone
     return Rule(act, direction, service, pattern)
 
 

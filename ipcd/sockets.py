@@ -365,15 +365,26 @@ def stream_endpoint(reactor: Any, host: str, port: int) -> Any:
     A TCP client endpoint to C{host:port}: Twisted's C{HostnameEndpoint},
     but C{TCP6ClientEndpoint} for a zoned link-local address, which
     C{HostnameEndpoint} resolves and then connects without its scope id
-    (EINVAL), where C{connectTCP} reads the zone itself: given as the
-    interface's index, so that nothing is looked up by name in a thread.
+    (EINVAL), where C{connectTCP} reads the zone itself (C{getaddrinfo},
+    in the reactor's thread: a literal is never resolved in a thread).
     L{Refused} (L{ip6_sockaddr}) when no interface has that name now.
     """
     from twisted.internet.endpoints import HostnameEndpoint, TCP6ClientEndpoint
 
     if "%" in host:
         bare, _, _, index = ip6_sockaddr(host, port)
-        return TCP6ClientEndpoint(reactor, f"{bare}%{index}", port)
+        # Given by the name of the interface the rules were asked about:
+        # getaddrinfo reads a zone as a name first, and an interface may
+        # be named as another's index ('3'), which tcp:// and the rules
+        # read as an index: ws:// and tls:// went out of the other link.
+        try:
+            name = socket.if_indextoname(index)
+        except OSError:
+            zone = host.partition("%")[2]
+            raise Refused(
+                f"cannot connect to [{host}]:{port}: no interface {zone!r}"
+            ) from None
+        return TCP6ClientEndpoint(reactor, f"{bare}%{name}", port)
     return HostnameEndpoint(reactor, host, port)
 
 

@@ -675,8 +675,8 @@ class ZonedRouteTests(TwoLinks, SynchronousTestCase):
         self.started(a, log_a, rundir_a, "ipc", "tcp", "udp", "tls", "ws")
         return rundir_a, log_a, log_b
 
-    def test_zonedRoutes(self) -> None:
-        rundir_a, log_a, log_b = self.start_hosts()
+    def assert_over_second_link(self, rundir_a: str, log_a: str, log_b: str) -> None:
+        """Every scheme's route by A's second link's name and index leaves by it."""
         index = _interface_index(self.ns_a, self.link_a2)
         schemes = [("tcp", PORT), ("udp", PORT), ("tls", PORT + 1), ("ws", PORT + 2)]
         for scheme, port in schemes:
@@ -688,11 +688,55 @@ class ZonedRouteTests(TwoLinks, SynchronousTestCase):
                     (0, f"over {zone}\n".encode(), b""),
                     f"{route}\nhost A:\n{read_text(log_a)}\nB:\n{read_text(log_b)}",
                 )
+
+    def test_zonedRoutes(self) -> None:
+        rundir_a, log_a, log_b = self.start_hosts()
+        self.assert_over_second_link(rundir_a, log_a, log_b)
         # The other link's peers are refused: the zone chose the link.
         route = f"pong tcp://[fe80::2%{self.link_a}]:{PORT}/pong"
         result = pong_in(self.ns_a, rundir_a, route, "hello")
         self.assertEqual(result.returncode, 1, result)
         self.assertIn(b"refused 'pong': refused\n", result.stderr)
+
+    def test_interfaceNamedAsAnIndex(self) -> None:
+        """
+        A's first link named as its second's index: a route by the second's
+        name or index still leaves by the second, for every scheme.  tls://
+        and ws:// gave getaddrinfo the zone as an index, which it reads as
+        an interface's name first: they left by the first link (as ip and
+        ping would take '%7'), where tcp:// and the rules read an index,
+        and B refused them.
+        """
+        index = _interface_index(self.ns_a, self.link_a2)
+        self.rename(self.ns_a, self.link_a, str(index), self.ADDRESS_A)
+        rundir_a, log_a, log_b = self.start_hosts()
+        self.assert_over_second_link(rundir_a, log_a, log_b)
+
+    def test_peerOfInterfaceNamedAsAnIndex(self) -> None:
+        """
+        B's first link named as its second's index: B's rule for its second
+        link (C{ip:fe80::%SECOND/64}) still refuses the first link's peers,
+        over tcp, tls and ws.  Twisted names a TCP peer's zone by the
+        interface's name ('7'), which the rule read as index 7, the second
+        link's: A got in by the first link.
+        """
+        index = _interface_index(self.ns_b, self.link_b2)
+        self.rename(self.ns_b, self.link_b, str(index), self.ADDRESS_B)
+        rundir_a, log_a, log_b = self.start_hosts()
+        for scheme, port in [("tcp", PORT), ("tls", PORT + 1), ("ws", PORT + 2)]:
+            route = f"pong {scheme}://[fe80::2%{self.link_a}]:{port}/pong"
+            result = pong_in(self.ns_a, rundir_a, route, "hello")
+            self.assertEqual(result.returncode, 1, (result, read_text(log_b)))
+            self.assertTrue(result.stderr.endswith(b": refused\n"), result)
+        self.assert_over_second_link(rundir_a, log_a, log_b)
+
+    def rename(self, ns: str, link: str, name: str, address: str) -> None:
+        """Name C{link} of namespace C{ns} C{name}, its C{address} kept."""
+        ip("-n", ns, "link", "set", link, "down")
+        ip("-n", ns, "link", "set", link, "name", name)
+        cidr = f"{address}/{self.PREFIX}"
+        ip("-n", ns, "address", "replace", cidr, "dev", name, "nodad")
+        ip("-n", ns, "link", "set", name, "up")
 
     def test_noSuchInterface(self) -> None:
         """A zone that names no interface of A: one line, A keeps serving."""

@@ -9,6 +9,7 @@ import socket
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from ipcd.policy import decide, parse_rule
 from ipcd.resolution import (
     LocalTarget,
     RemoteTarget,
@@ -58,3 +59,19 @@ class TargetTests(SynchronousTestCase):
         self.assertEqual(
             destination_labels(target), ["host:fe80::2%nosuch0", "host:fe80::2"]
         )
+
+    def test_zoneCaseInRules(self) -> None:
+        """
+        A C{host:} rule's zone keeps its case, as the route's label does:
+        Linux's interface names are case-sensitive, and a deny for
+        C{[fe80::2%Eth0]} lowered to C{%eth0} let that route through.
+        """
+        target = RemoteTarget(parse_uri("tcp://[FE80::2%Eth0]:9/x"), "x")
+        labels = destination_labels(target)
+        for text in ("deny out * host:FE80::2%Eth0", "deny out * HOST:fe80::*%Eth0"):
+            rule = parse_rule(text)
+            self.assertEqual(rule.peer.partition("%")[2], "Eth0")
+            self.assertFalse(decide([rule], "out", ["x"], labels).allowed, text)
+        # The zone of one interface is not another's (eth0 is not Eth0).
+        rule = parse_rule("deny out * host:fe80::2%eth0")
+        self.assertTrue(decide([rule], "out", ["x"], labels).allowed)
