@@ -202,6 +202,21 @@ _UNSPECIFIED = (
 )
 
 
+def check_ipv6_host(text: str, zone: str | None) -> str:
+    """
+    The host a route's C{[TEXT%ZONE]} names, in one spelling for rules
+    (C{host:2001:db8::1}, its zone as written).  Raises L{ValueError}
+    saying what is wrong.
+    """
+    try:
+        address = ipaddress.IPv6Address(text)
+    except ValueError as e:
+        raise ValueError(f"not a valid IPv6 address ({e})") from None
+    zone = None if zone is None else check_zone(zone, address)
+    host = _ipv6(address)
+    return host if zone is None else f"{host}%{zone}"
+
+
 def _ipv6(address: ipaddress.IPv6Address) -> str:
     """
     C{address} as a route's host, unless another host: label is the one
@@ -336,16 +351,7 @@ def parse_uri(text: str) -> URI:
     host = match.group("v6")
     try:
         if host is not None:
-            try:
-                # One spelling of an address for rules (host:2001:db8::1).
-                address = ipaddress.IPv6Address(host)
-            except ValueError as e:
-                raise ValueError(f"not a valid IPv6 address ({e})") from None
-            zone = match.group("zone")
-            zone = None if zone is None else check_zone(zone, address)
-            host = _ipv6(address)
-            if zone is not None:
-                host = f"{host}%{zone}"
+            host = check_ipv6_host(host, match.group("zone"))
         elif match.group("host").startswith("_"):
             host = check_srv_owner(match.group("host"), scheme)
             if match.group("port") is not None:
