@@ -11,6 +11,7 @@ value came from is L{ipcd.config}'s to say.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import math
 import re
 from collections.abc import Callable
@@ -458,7 +459,8 @@ def _check_interface(kind: str, interface: str | None) -> None:
     listen on as meant: Twisted takes a value with a ':' that is no IPv6
     address for an IPv4 host name (found at start: none), an empty one
     for IPv4's every address, in a tcp6 or tls listener too, and inet_aton's
-    other spellings of an address for that address (C{0} for 0.0.0.0).
+    other spellings of an address for that address (C{0} for 0.0.0.0), and
+    an IPv4-mapped IPv6 address for its IPv4 one (C{::ffff:0:0}: every one).
     """
     if interface is None:
         return
@@ -469,6 +471,12 @@ def _check_interface(kind: str, interface: str | None) -> None:
         )
     if ":" in interface and not _ipv6_address(interface):
         raise ValueError(f"interface {interface!r} is no IPv6 address")
+    mapped = _ipv4_mapped(interface)
+    if mapped is not None:  # ('::ffff:0:0' listened on every IPv4 address)
+        raise ValueError(
+            f"interface {interface!r} is the IPv4 address {mapped} as a socket "
+            "reads it (write that, over IPv4)"
+        )
     if not interface and kind in ("tcp6", "tls"):
         raise ValueError(
             "an empty interface= is IPv4's every address (IPv6's is interface=\\:\\:)"
@@ -513,6 +521,15 @@ def _check_numbers(kind: str, given: dict[str, str]) -> None:
 def _digits(text: str, base: int) -> bool:
     """Whether C{text} is one or more ASCII digits of C{base} (8 or 10)."""
     return re.fullmatch("[0-7]+" if base == 8 else "[0-9]+", text) is not None
+
+
+def _ipv4_mapped(text: str) -> str | None:
+    """The IPv4 address that IPv6 address C{text} maps (C{::ffff:a.b.c.d})."""
+    try:
+        mapped = ipaddress.IPv6Address(text).ipv4_mapped
+    except ValueError:
+        return None  # (no IPv6 address; a zoned one is on a link, no IPv4)
+    return None if mapped is None else str(mapped)
 
 
 def _ipv6_address(text: str) -> bool:

@@ -126,6 +126,13 @@ def _check_peer_pattern(pattern: str, text: str, what: str = "rule") -> None:
             "of a listener on a UNIX socket is labelled unix:uid=N (N its "
             "uid in ASCII digits: unix:uid=33)"
         )
+    elif kind.lower() == "host" and (spelling := _host_spelling(value)):
+        # A deny written so never matched: every route's host: label is
+        # spelled as ipcd.routes spells it (host:0x7f.1 no more than
+        # host:0:0:0:0:0:0:0:1 or host:[::1], a glob of one character).
+        raise RuleError(
+            f"{what} {text!r}: no route's host is labelled {pattern!r}: {spelling}"
+        )
     elif kind == "ip" and _mapped_glob(value):
         # No label is spelled so: a deny written this way (as the log
         # prints a dual-stack listener's peer) would let that peer in.
@@ -135,6 +142,30 @@ def _check_peer_pattern(pattern: str, text: str, what: str = "rule") -> None:
             "(ip:10.1.2.3): write it for IPv4 (ip:10.*, ip:10.0.0.0/8; "
             "ip:0.0.0.0/0 for every IPv4 peer)"
         )
+
+
+def _host_spelling(value: str) -> str | None:
+    """
+    Why no route's C{host:} label is C{value} (a literal one: globs are
+    left alone, but an IPv6 address in brackets, itself a glob): the
+    spelling a route's host has (C{write host:::1}), or why no route has
+    that host; None when a route's label may be C{value}.
+    """
+    from ipcd.routes import check_host, check_ipv6_host
+
+    value = value.lower()  # (as parse_rule keeps it)
+    bracketed = value.startswith("[") and value.endswith("]")
+    if value.startswith("_") or (_has_glob(value) and not bracketed):
+        return None  # an SRV owner (its own checks), or a glob
+    try:
+        if bracketed or ":" in value:
+            address, _, zone = value.strip("[]").partition("%")
+            host = check_ipv6_host(address, zone if "%" in value else None)
+        else:
+            host = check_host(value)
+    except ValueError as e:
+        return str(e)
+    return None if host == value else f"write host:{host}"
 
 
 # The text an IPv4-mapped IPv6 address starts with, as the kernel and

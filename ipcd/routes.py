@@ -187,10 +187,51 @@ def _ipv4(host: str) -> str:
     host is never a name, and the resolver would take "10.1" as 10.0.0.1.
     """
     try:
-        ipaddress.IPv4Address(host)
+        address = ipaddress.IPv4Address(host)
     except ValueError:
         raise ValueError("not a valid IPv4 address (a.b.c.d)") from None
+    if address.is_unspecified:
+        raise ValueError(_UNSPECIFIED.format(host, "127.0.0.1"))
     return host
+
+
+# A route to "any address" connects to this host's loopback (Linux): its
+# host: label was not the address reached, and passed a deny for that.
+_UNSPECIFIED = (
+    "{} is no host's address: a connect to it reaches this host's loopback (write {})"
+)
+
+
+def check_ipv6_host(text: str, zone: str | None) -> str:
+    """
+    The host a route's C{[TEXT%ZONE]} names, in one spelling for rules
+    (C{host:2001:db8::1}, its zone as written).  Raises L{ValueError}
+    saying what is wrong.
+    """
+    try:
+        address = ipaddress.IPv6Address(text)
+    except ValueError as e:
+        raise ValueError(f"not a valid IPv6 address ({e})") from None
+    zone = None if zone is None else check_zone(zone, address)
+    host = _ipv6(address)
+    return host if zone is None else f"{host}%{zone}"
+
+
+def _ipv6(address: ipaddress.IPv6Address) -> str:
+    """
+    C{address} as a route's host, unless another host: label is the one
+    connected to: an IPv4-mapped address (C{::ffff:127.0.0.1}) is that
+    IPv4 address, and C{::} is the loopback, each past a deny written for
+    it (C{host:127.0.0.1}, C{host:::1}).
+    """
+    mapped = address.ipv4_mapped
+    if mapped is not None and mapped.is_unspecified:
+        raise ValueError(_UNSPECIFIED.format(address, "127.0.0.1"))
+    if mapped is not None:
+        raise ValueError(f"{address} is the IPv4 address {mapped}: write that")
+    if address.is_unspecified:
+        raise ValueError(_UNSPECIFIED.format(address, "[::1]"))
+    return str(address)
 
 
 # What inet_aton's numbers are written in (C's: 0x7f, 0177, 127), and dots:
@@ -310,15 +351,7 @@ def parse_uri(text: str) -> URI:
     host = match.group("v6")
     try:
         if host is not None:
-            try:
-                # One spelling of an address for rules (host:2001:db8::1).
-                address = ipaddress.IPv6Address(host)
-            except ValueError as e:
-                raise ValueError(f"not a valid IPv6 address ({e})") from None
-            host = str(address)
-            zone = match.group("zone")
-            if zone is not None:
-                host = f"{host}%{check_zone(zone, address)}"
+            host = check_ipv6_host(host, match.group("zone"))
         elif match.group("host").startswith("_"):
             host = check_srv_owner(match.group("host"), scheme)
             if match.group("port") is not None:

@@ -730,7 +730,9 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         An interface that a socket's bind reads as another IPv4 address
         than it writes (inet_aton's short, octal and hex forms) is refused,
         saying that address: C{tcp:9000:interface=0} listened on 0.0.0.0,
-        every address, and C{interface=010.0.0.1} is 8.0.0.1.
+        every address, and C{interface=010.0.0.1} is 8.0.0.1; so is an
+        IPv4-mapped IPv6 one (C{tcp6:9000:interface=::ffff:0:0} listened on
+        every IPv4 address: a connect to 127.0.0.1 reached it).
         """
         for listen, reason in (
             ("tcp:9000:interface=0", "interface '0' is 0.0.0.0 as a socket"),
@@ -740,10 +742,25 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
             ("ssl:443:privateKey=/k:interface=0", "interface '0' is 0.0.0.0"),
             ("haproxy:tcp6:9000:interface=0", "interface '0' is 0.0.0.0"),
             ("tls:/d:443:interface=2130706433", "interface '2130706433' is 127"),
+            # IPv4-mapped: '::ffff:0:0' listened on every IPv4 address.
+            (
+                "tcp6:9000:interface=\\:\\:ffff\\:0\\:0",
+                "interface '::ffff:0:0' is the IPv4 address 0.0.0.0 as a socket",
+            ),
+            (
+                "tls:/d:443:interface=\\:\\:FFFF\\:127.0.0.1",
+                "interface '::FFFF:127.0.0.1' is the IPv4 address 127.0.0.1",
+            ),
         ):
             self.listener_refused(listen, reason, ("tcpd", "websocketd"))
-        for interface in ("127.0.0.1", "0.0.0.0", "localhost", "host-0x7f.1"):
-            listen = f"tcp:9000:interface={interface}"
+        for listen in (
+            "tcp:9000:interface=127.0.0.1",
+            "tcp:9000:interface=0.0.0.0",
+            "tcp:9000:interface=localhost",
+            "tcp:9000:interface=host-0x7f.1",
+            "tcp6:9000:interface=\\:\\:1",
+            "tcp6:9000:interface=\\:\\:",
+        ):
             config = load_config(None, {"tcpd": {"listen": listen}}, {})
             self.assertEqual(config.daemons["tcpd"]["listen"], listen)
 

@@ -116,6 +116,48 @@ class ParseRuleTests(SynchronousTestCase):
         ]:
             self.assertEqual(parse_rule(text).peer, peer)
 
+    def test_hostPatternAsRoutesSpellIt(self) -> None:
+        """
+        A literal C{host:} pattern that no route's host is labelled is
+        refused, saying the label to write or why no route has that host:
+        C{deny out * host:0x7f.1} or C{host:0:0:0:0:0:0:0:1} never matched
+        (a route is labelled C{host:127.0.0.1}, C{host:::1}), and
+        C{host:[::1]} is a glob of one character.  Globs, SRV owners and
+        labels as routes spell them are taken.
+        """
+        for peer, why in [
+            ("host:0:0:0:0:0:0:0:1", "write host:::1"),
+            ("host:[::1]", "write host:::1"),
+            ("host:[fe80::1%eth0]", "write host:fe80::1%eth0"),
+            ("host:2001:db8:0::1", "write host:2001:db8::1"),
+            ("host:::ffff:127.0.0.1", "is the IPv4 address 127.0.0.1"),
+            ("host:0x7f.1", "as the resolver reads it (127.0.0.1)"),
+            ("host:127.1", "not a valid IPv4 address"),
+            ("host:127.0.0.1.", "not a valid IPv4 address"),
+            ("host:0.0.0.0", "0.0.0.0 is no host's address"),
+            ("host:db.example.", "empty label"),
+            ("host:bücher.example", "write host:xn--bcher-kva.example"),
+            ("host:2001:db8::1%eth0", "2001:db8::1 is not one"),
+        ]:
+            with self.assertRaises(RuleError) as raised:
+                parse_rule(f"deny out * {peer}")
+            message = str(raised.exception)
+            self.assertIn(f"no route's host is labelled {peer!r}: ", message)
+            self.assertIn(why, message)
+        for peer in (
+            "host:127.0.0.1",
+            "host:::1",
+            "host:2001:db8::1",
+            "host:fe80::1%eth0",
+            "host:fe80::1%3",
+            "host:db.example",
+            "host:xn--bcher-kva.example",
+            "host:_ipc._tcp.example.org",
+            "host:10.*",
+            "host:[ab]*.example",
+        ):
+            self.assertEqual(parse_rule(f"deny out * {peer}").peer, peer)
+
     def test_ipGlobAccepted(self) -> None:
         """An C{ip:} pattern with glob characters is a glob, not a network."""
         self.assertEqual(parse_rule("allow in pong ip:10.*").peer, "ip:10.*")
@@ -135,7 +177,7 @@ class ParseRuleTests(SynchronousTestCase):
             self.assertRaises(RuleError, parse_grant, f"secret {glob}")
         for glob in ("ip:::ffff:0:*", "ip:2001:db8:*", "ip:*ffff*", "ip:::1*"):
             self.assertEqual(parse_rule(f"deny in * {glob}").peer, glob)
-        # Only ip: labels are so: a route's host may be written so.
+        # Only ip: labels are so: a route's host may be (::ffff:0:a01:203).
         self.assertEqual(parse_rule("deny out * host:::ffff:*").peer, "host:::ffff:*")
 
     def test_unixPatternRefusedUnlessItCanMatch(self) -> None:

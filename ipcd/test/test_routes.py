@@ -405,6 +405,35 @@ class URITests(SynchronousTestCase):
         ]:
             self.assertBadHost(host, why)
 
+    def test_hostsReachingAnother(self) -> None:
+        """
+        An address whose connect reaches another host: label's address is
+        refused, naming that address: an IPv4-mapped one (the connect is
+        to the IPv4 address: C{[::ffff:127.0.0.1]} reached 127.0.0.1 past
+        C{deny out * host:127.0.0.1}) and the unspecified ones (Linux
+        connects them to the loopback: C{0.0.0.0} reached 127.0.0.1, C{[::]}
+        ::1).  Others that spell an address alike are one label already.
+        """
+        for host, why in [
+            ("[::ffff:127.0.0.1]", "::ffff:7f00:1 is the IPv4 address 127.0.0.1"),
+            ("[::ffff:7f00:1]", "is the IPv4 address 127.0.0.1: write that"),
+            ("[0:0:0:0:0:FFFF:127.0.0.1]", "is the IPv4 address 127.0.0.1"),
+            ("[::ffff:10.0.0.1]", "is the IPv4 address 10.0.0.1"),
+            ("0.0.0.0", "0.0.0.0 is no host's address"),
+            ("[::]", ":: is no host's address: a connect to it reaches this"),
+            ("[0::0]", "(write [::1])"),
+            ("[::ffff:0.0.0.0]", "no host's address: a connect to it reaches"),
+        ]:
+            self.assertBadHost(host, why)
+        for host, label in [
+            ("[0:0:0:0:0:0:0:1]", "::1"),
+            ("[::FFFF:0:7f00:1]", "::ffff:0:7f00:1"),  # (translated: unrouted)
+            ("[::127.0.0.1]", "::7f00:1"),  # (compatible: unrouted)
+        ]:
+            self.assertEqual(parse_uri(f"tcp://{host}:9000/p").host, label)
+        self.assertBadHost("127.0.0.1.", "not a valid IPv4 address")
+        self.assertBadHost("0x7f.1.", "empty label")
+
     def assertBadHost(self, host: str, why: str) -> None:  # noqa: N802
         """C{host} in a route is refused in one short line, saying C{why}."""
         text = f"tcp://{host}:9000/pong"
