@@ -31,9 +31,16 @@ from ipcd.checkers import (
     positive_number,
     prefix_length,
 )
+from ipcd.compat import twisted as compat_twisted
 from ipcd.daemons import Registry, default_registry
+from ipcd.listenerkeys import wrapped
 from ipcd.logs import printable
-from ipcd.names import InvalidServiceName, validate_service_name
+from ipcd.names import (
+    BROKER_NAME,
+    CONTROL_NAME,
+    InvalidServiceName,
+    validate_service_name,
+)
 from ipcd.policy import Grant, Rule, RuleError, parse_grant, parse_rule
 from ipcd.regularfile import NotAFile, TooLarge, read_regular
 from ipcd.routes import URI, RouteError, parse_uri
@@ -402,6 +409,48 @@ def _check_route_schemes(
             )
 
 
+def _check_listener_names(
+    merged: Mapping[str, Any],
+    daemons: Mapping[str, Mapping[str, Any]],
+    registry: Registry,
+    source: str,
+) -> None:
+    """
+    A daemon's C{ipc:NAME} listener in ipcd's RUNDIR takes a name nothing
+    else of ipcd's listens at: at one (C{ipc:pong}, C{ipc:tcp}) the start
+    failed saying "another process is listening", and that was ipcd.
+    """
+    rundir = os.path.normpath(merged["rundir"])
+    taken = {BROKER_NAME: "ipcd's lookup socket", CONTROL_NAME: "ipcd's control socket"}
+    if merged.get("pongd", True):
+        taken["pong"] = "pongd's socket"
+    for scheme in [*registry.schemes, *merged.get("external_daemons", ())]:
+        taken[scheme] = f"the socket of the {scheme}:// routes' daemon"
+    for daemon in registry.values():
+        settings = daemons[daemon.section]
+        listen = settings.get("listen")
+        if not isinstance(listen, str) or not daemon.enabled(settings):
+            continue
+        try:
+            kind, listens = wrapped(listen)
+            if kind != "ipc":
+                continue
+            positionals, keywords = compat_twisted.endpoint_arguments(listens)
+        except (ValueError, IndexError):
+            continue  # (refused where listeners are checked)
+        name = positionals[0] if positionals else keywords.get("name")
+        where = keywords.get("rundir")
+        if name is None or (where and os.path.normpath(where) != rundir):
+            continue
+        if name in taken:
+            raise ConfigError(
+                f"{source}: [{daemon.section}] listen: {printable(listen)!r}: "
+                f"{printable(name)!r} in RUNDIR is {taken[name]}: give the "
+                "listener another name"
+            )
+        taken[name] = f"[{daemon.section}]'s listener"
+
+
 # A configuration file larger than this is refused, not cut: ipcd reads and
 # parses it whole at start and at each reload (tomllib alone, half the
 # time).  At 16 MiB of rules or routes a reload on the reactor's thread
@@ -563,4 +612,5 @@ def load_config(
         else:
             where = path
         raise ConfigError(f"{where}: rundir: {e}") from None
+    _check_listener_names(merged, daemons, registry, path or "command line")
     return Config(source=path, registry=registry, **merged)

@@ -495,6 +495,41 @@ class RouteSchemeTests(ConfigFileMixin, SynchronousTestCase):
 
 
 class ErrorTests(ConfigFileMixin, SynchronousTestCase):
+    def test_ipcListenerNotAtIpcdsNames(self) -> None:
+        """
+        A daemon's C{ipc:} listener in RUNDIR at a name ipcd listens at
+        itself is refused at load, saying whose: the start failed saying
+        "another process is listening", which was ipcd.  Elsewhere, or
+        once the other is off, it is taken.
+        """
+        whose = {
+            "ipc:pong": "'pong' in RUNDIR is pongd's socket",
+            "ipc:ipc": "'ipc' in RUNDIR is ipcd's lookup socket",
+            "ipc:tcp": "'tcp' in RUNDIR is the socket of the tcp:// routes' daemon",
+            "haproxy:ipc:wss": "'wss' in RUNDIR is the socket of the wss://",
+        }
+        for listen, said in whose.items():
+            error = self.error(f"[tcpd]\nlisten = '{listen}'\n")
+            self.assertIn(f"[tcpd] listen: {listen!r}: {said}", error)
+        error = self.error(
+            "[tcpd]\nlisten = 'ipc:in'\n[websocketd]\nlisten = 'ipc:in'\n"
+        )
+        self.assertIn(
+            "[websocketd] listen: 'ipc:in': 'in' in RUNDIR is [tcpd]'s listener",
+            error,
+        )
+        error = self.assertRaises(
+            ConfigError, load_config, None, {"tcpd": {"listen": "ipc:pong"}}, {}
+        )
+        self.assertIn("command line: [tcpd] listen: 'ipc:pong'", str(error))
+        for taken in (
+            {"tcpd": {"listen": "ipc:pong"}, "pongd": {"enabled": False}},
+            {"tcpd": {"listen": "ipc:pong:rundir=/run/elsewhere"}},
+            {"tcpd": {"listen": "ipc:tcpd-in"}},
+        ):
+            config = load_config(None, taken, {})
+            self.assertEqual(config.daemons["tcpd"]["listen"], taken["tcpd"]["listen"])
+
     def test_notANumber(self) -> None:
         """The message names file, key, expectation and the value."""
         self.assertEqual(
@@ -1129,7 +1164,7 @@ class ErrorTests(ConfigFileMixin, SynchronousTestCase):
         Twisted's tcp6 and ipcd's own ipc: are built, with no reactor
         (test_tcp6Arguments, test_numbersInAsciiDigits).
         """
-        for listen in ("systemd:domain=INET:index=0", "tcp6:9000", "ipc:tcp"):
+        for listen in ("systemd:domain=INET:index=0", "tcp6:9000", "ipc:tcpd-in"):
             config = load_config(None, {"tcpd": {"listen": listen}}, {})
             self.assertEqual(tcp_listen(config), listen)
 
