@@ -334,6 +334,20 @@ _NUMBERS = {
 }
 
 
+def _check_ssl_method(method: str | None) -> None:
+    """
+    Raise ValueError if C{method} (ssl:'s sslmethod=) is given: Twisted
+    then sets no minimum version (its own is TLS 1.2), so TLSv1_METHOD made
+    a listener of TLS 1.0 only, and a name OpenSSL has not failed at start
+    in Python's words (AttributeError).
+    """
+    if method is not None:
+        raise ValueError(
+            f"sslmethod={method!r}: leave it out (with it Twisted sets no "
+            "minimum TLS version; without, TLS 1.2 at the least)"
+        )
+
+
 def _arguments(kind: str, listens: str) -> tuple[list[str], dict[str, str]]:
     """
     The arguments of C{listens} (of type C{kind}): those given by position,
@@ -391,6 +405,8 @@ def _checked_arguments(kind: str, listens: str) -> int | None:
             raise ValueError("no directory of PEM files (tls:DIRECTORY:port=N)")
         if kind == "ssl" and "port" not in given:
             raise TypeError("missing 1 required positional argument: 'port'")
+        if kind == "ssl":
+            _check_ssl_method(given.get("sslmethod"))
         port, _backlog = int(given.get("port", 443)), int(given.get("backlog", 50))
     elif kind == "systemd":
         _check_systemd(given)

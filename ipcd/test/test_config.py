@@ -377,10 +377,10 @@ class OperatorFormsTests(ConfigFileMixin, SynchronousTestCase):
         )
         tls = (
             f"ssl:8443:privateKey={key}:certKey={cert}:interface=0.0.0.0",
-            f"ssl:8443:privateKey={key}:certKey={cert}:sslmethod=TLS_METHOD:"
+            f"ssl:8443:privateKey={key}:certKey={cert}:"
             f"interface=127.0.0.1:backlog=50:extraCertChain=/etc/ipcd/chain.pem:"
             "dhParameters=/etc/ipcd/dh.pem",
-            f"ssl:8443:{key}:{cert}:TLS_METHOD:127.0.0.1:50",
+            f"ssl:8443:{key}:{cert}:interface=127.0.0.1:backlog=50",
             "tls:/etc/ipcd/pems:port=8443:interface=127.0.0.1",
             r"tls:/etc/ipcd/pems:8443:20:\:\:1",
         )
@@ -495,6 +495,29 @@ class RouteSchemeTests(ConfigFileMixin, SynchronousTestCase):
 
 
 class ErrorTests(ConfigFileMixin, SynchronousTestCase):
+    def test_sslMethodRefused(self) -> None:
+        """
+        An C{ssl:} listener's C{sslmethod=} is refused, by name or by
+        position: given one, Twisted sets no minimum TLS version (its own is
+        TLS 1.2), so C{TLSv1_METHOD} made websocketd's listener speak TLS
+        1.0 only, and a name OpenSSL has not failed at start in Python's
+        words.
+        """
+        files = "privateKey=/etc/ipcd/key.pem:certKey=/etc/ipcd/cert.pem"
+        for listen in (
+            f"ssl:8443:{files}:sslmethod=TLSv1_METHOD",
+            f"ssl:8443:{files}:sslmethod=TLS_METHOD",
+            f"ssl:8443:{files}:sslmethod=NO_SUCH_METHOD",
+            "ssl:8443:/etc/ipcd/key.pem:/etc/ipcd/cert.pem:TLSv1_METHOD",
+        ):
+            method = listen.rpartition(":")[2].partition("=")[2] or "TLSv1_METHOD"
+            self.listener_refused(
+                listen,
+                f"sslmethod={method!r}: leave it out (with it Twisted sets no "
+                "minimum TLS version; without, TLS 1.2 at the least)",
+                sections=("websocketd",),
+            )
+
     def test_ipcListenerNotAtIpcdsNames(self) -> None:
         """
         A daemon's C{ipc:} listener in RUNDIR at a name ipcd listens at
