@@ -347,8 +347,14 @@ def ip6_sockaddr(host: str, port: int) -> tuple[Any, ...]:
         return host, port
     index = zone_index(zone)
     if index is None:
-        raise Refused(f"cannot connect to [{host}]:{port}: no interface {zone!r}")
+        raise _no_interface(host, port)
     return bare, port, 0, index
+
+
+def _no_interface(host: str, port: int) -> Refused:
+    """A zoned C{host}'s connect, when no interface has its zone now."""
+    zone = host.partition("%")[2]
+    return Refused(f"cannot connect to [{host}]:{port}: no interface {zone!r}")
 
 
 def unzoned(host: str) -> str:
@@ -380,10 +386,7 @@ def stream_endpoint(reactor: Any, host: str, port: int) -> Any:
         try:
             name = socket.if_indextoname(index)
         except OSError:
-            zone = host.partition("%")[2]
-            raise Refused(
-                f"cannot connect to [{host}]:{port}: no interface {zone!r}"
-            ) from None
+            raise _no_interface(host, port) from None
         return TCP6ClientEndpoint(reactor, f"{bare}%{name}", port)
     return HostnameEndpoint(reactor, host, port)
 
